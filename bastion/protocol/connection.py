@@ -1,0 +1,446 @@
+"""The sans-IO connection: bytes in -> messages out, calls in -> bytes out.
+
+Theory of operation. A ``Connection`` is one end (client or server) of one
+bastion connection. The transport feeds it what it reads
+(``receive_data``/``receive_eof``) and gets back the messages the application
+must act on; the application calls ``send_*`` methods, and the transport writes
+whatever ``data_to_send`` returns. Some input produces output with no
+application call at all -- a Ping is answered, a call over the in-flight limit
+is refused -- which is why output is a buffer to drain, not a return value.
+
+Every message passes the connection state table and, when it belongs to a
+call, that call's state table (``bastion.protocol.state``). A violation by
+the peer raises ``RemoteProtocolError`` after queuing a GoAway that says why;
+the transport writes it and closes. A violation by us raises
+``LocalProtocolError`` and sends nothing.
+
+Rules this module enforces (docs/protocol.md sections 4-7): call ids strictly
+increase; frames for a call that has closed are dropped (they crossed a Cancel
+or a final answer on the wire); frames for a call never opened are an error;
+stream items spend credit the receiver granted; a server in DRAINING drops
+calls above the last id it announced; a server with ``max_inflight`` calls
+open refuses the next with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+
+from bastion.exceptions import LocalProtocolError, RemoteProtocolError
+from bastion.protocol.frames import FrameReader, FrameWriter
+from bastion.protocol.messages import (
+    PROTOCOL_VERSION,
+    Call,
+    Cancel,
+    ClientMessage,
+    Credit,
+    End,
+    Error,
+    GoAway,
+    Hello,
+    Item,
+    Message,
+    Ping,
+    Pong,
+    Result,
+    ServerMessage,
+    Welcome,
+)
+from bastion.protocol.state import (
+    CALL_TRANSITIONS,
+    CONNECTION_TRANSITIONS,
+    CallInput,
+    CallState,
+    ConnectionState,
+    Direction,
+    Role,
+)
+from bastion.status import Status
+
+__all__ = ["Connection", "ProtocolLimits"]
+
+#: A credit grant may not push a call's credit above this.
+MAX_CREDIT: Final = 2**31 - 1
+
+
+class ProtocolLimits(msgspec.Struct, frozen=True):
+    """Limits one end enforces on what it receives (docs/security.md, "Limits").
+
+    max_frame: largest frame body accepted after the handshake.
+    handshake_max_frame: largest frame accepted before it (pre-authentication).
+    max_inflight: calls a server lets one connection have open at once.
+    window: stream items the peer may send per call before it needs credit.
+    """
+
+    max_frame: int = 1_048_576
+    handshake_max_frame: int = 16_384
+    max_inflight: int = 1024
+    window: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("max_frame", "handshake_max_frame", "max_inflight", "window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_frame > 2**32 - 1 or self.handshake_max_frame > self.max_frame:
+            raise ValueError("need handshake_max_frame <= max_frame < 2**32")
+
+
+class _CallRecord:
+    __slots__ = ("send_credit", "recv_credit", "state")
+
+    def __init__(self, state: CallState, send_credit: int, recv_credit: int) -> None:
+        self.state = state
+        self.send_credit = send_credit
+        self.recv_credit = recv_credit
+
+
+_SEND, _RECV = Direction.SEND, Direction.RECV
+_FINISHED: Final = (Result, Error)
+
+
+class Connection:
+    """One end of a bastion connection, with no I/O of its own."""
+
+    def __init__(self, role: Role, limits: ProtocolLimits | None = None) -> None:
+        self.role = role
+        self.limits = limits or ProtocolLimits()
+        self.state = ConnectionState.IDLE
+        self._table = CONNECTION_TRANSITIONS[role]
+        self._reader: FrameReader[Message] = FrameReader(
+            ClientMessage if role is Role.SERVER else ServerMessage,
+            self.limits.handshake_max_frame if role is Role.SERVER else self.limits.max_frame,
+        )
+        # Until the peer tells us its limit, send nothing above the handshake cap.
+        self._writer = FrameWriter(self.limits.handshake_max_frame)
+        self._calls: dict[int, _CallRecord] = {}
+        self._highest_id = 0  # highest call id sent (client) or received (server)
+        self._peer_window = 0  # initial send credit per call, from the peer
+        self.last_id: int | None = None  # from a GoAway, sent or received
+        self.peer_max_inflight = self.limits.max_inflight
+        self.goaway: GoAway | None = None  # the one received, if any
+
+    # -- introspection --------------------------------------------------------
+
+    @property
+    def open_calls(self) -> int:
+        return len(self._calls)
+
+    @property
+    def highest_id(self) -> int:
+        return self._highest_id
+
+    def call_state(self, call_id: int) -> CallState:
+        record = self._calls.get(call_id)
+        if record is not None:
+            return record.state
+        return CallState.CLOSED if 0 < call_id <= self._highest_id else CallState.IDLE
+
+    def send_credit(self, call_id: int) -> int:
+        """Items we may send on ``call_id`` now (0 for a closed call)."""
+        record = self._calls.get(call_id)
+        return record.send_credit if record is not None else 0
+
+    # -- input ------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """Feed bytes read from the peer; return the messages to act on."""
+        if self.state is ConnectionState.CLOSED:
+            return []
+        try:
+            messages = self._reader.feed(data)
+            events: list[Message] = []
+            for message in messages:
+                if self._receive(message):
+                    events.append(message)
+                if self.state is ConnectionState.CLOSED:
+                    break
+            return events
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            raise
+
+    def receive_eof(self) -> None:
+        """The peer closed its end; every open call is over."""
+        self.state = ConnectionState.CLOSED
+        self._calls.clear()
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the peer since the last call, as one buffer."""
+        return self._writer.take()
+
+    @property
+    def pending_output(self) -> int:
+        return len(self._writer)
+
+    # -- handshake ------------------------------------------------------------
+
+    def send_hello(self, hello: Hello) -> None:
+        self._transition(_SEND, Hello)
+        self._writer.write(hello)
+
+    def send_welcome(self, welcome: Welcome) -> None:
+        self._transition(_SEND, Welcome)
+        self._writer.write(welcome)
+        self._reader.max_frame = self.limits.max_frame
+
+    def reject(self, status: Status, message: str) -> None:
+        """Refuse the handshake (server) with a coded reason, then close."""
+        self._transition(_SEND, GoAway)
+        self.last_id = 0
+        self._writer.write(GoAway(0, int(status), message))
+
+    # -- calls ------------------------------------------------------------------
+
+    def send_call(
+        self,
+        method: str,
+        args: Any,
+        *,
+        timeout_ms: int | None = None,
+        priority: int | None = None,
+        stream: bool = False,
+        metadata: dict[str, str] | None = None,
+    ) -> int:
+        """Start a call (client); returns its id."""
+        self._transition(_SEND, Call)
+        call_id = self._highest_id + 1
+        message = Call(call_id, method, args, timeout_ms, priority, stream, metadata)
+        self._writer.write(message)
+        self._highest_id = call_id
+        state = CALL_TRANSITIONS[CallState.IDLE, CallInput.SEND_CALL_STREAM if stream else CallInput.SEND_CALL]
+        self._calls[call_id] = _CallRecord(state, self._peer_window, self.limits.window)
+        return call_id
+
+    def send_result(self, call_id: int, value: Any) -> bool:
+        """Finish a call with OK (server). False if the call had already closed."""
+        return self._finish(call_id, Result(call_id, value))
+
+    def send_error(
+        self,
+        call_id: int,
+        status: Status,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        retry_after_ms: int | None = None,
+    ) -> bool:
+        """Finish a call with a status (server). False if it had already closed."""
+        return self._finish(call_id, Error(call_id, int(status), message, details, retry_after_ms))
+
+    def send_cancel(self, call_id: int) -> bool:
+        """Abandon a call (client). False if it had already closed."""
+        if not self._step_call(call_id, CallInput.SEND_CANCEL, local=True):
+            return False
+        self._transition(_SEND, Cancel)
+        self._writer.write(Cancel(call_id))
+        del self._calls[call_id]
+        return True
+
+    def send_item(self, call_id: int, value: Any) -> bool:
+        """Send one stream item, spending one credit. False if the call closed."""
+        record = self._calls.get(call_id)
+        if record is None:
+            return False
+        if record.send_credit <= 0:
+            raise LocalProtocolError(f"call {call_id}: no stream credit left")
+        self._transition(_SEND, Item)
+        self._step_call(call_id, CallInput.SEND_ITEM, local=True)
+        self._writer.write(Item(call_id, value))
+        record.send_credit -= 1
+        return True
+
+    def send_end(self, call_id: int) -> bool:
+        """Close our side of a call's stream (client). False if the call closed."""
+        if not self._step_call(call_id, CallInput.SEND_END, local=True):
+            return False
+        self._transition(_SEND, End)
+        self._writer.write(End(call_id))
+        return True
+
+    def grant(self, call_id: int, n: int) -> bool:
+        """Let the peer send ``n`` more items on ``call_id``."""
+        record = self._calls.get(call_id)
+        if record is None or n <= 0:
+            return False
+        self._transition(_SEND, Credit)
+        record.recv_credit = min(record.recv_credit + n, MAX_CREDIT)
+        self._writer.write(Credit(call_id, n))
+        return True
+
+    # -- connection control -------------------------------------------------
+
+    def send_ping(self, payload: int) -> None:
+        self._transition(_SEND, Ping)
+        self._writer.write(Ping(payload))
+
+    def send_goaway(self, status: Status = Status.OK, message: str = "") -> int:
+        """Stop taking new calls; returns the last call id that will be processed."""
+        if self.state is ConnectionState.HANDSHAKE and self.role is Role.SERVER:
+            self.reject(status, message)
+            return 0
+        if self.state not in (ConnectionState.OPEN, ConnectionState.DRAINING):
+            self.state = ConnectionState.CLOSED
+            return self._highest_id
+        self._transition(_SEND, GoAway)
+        if self.role is Role.SERVER:
+            self.last_id = self._highest_id
+        self._writer.write(GoAway(self._highest_id if self.role is Role.SERVER else 0, int(status), message))
+        return self._highest_id
+
+    def close(self) -> None:
+        self.state = ConnectionState.CLOSED
+        self._calls.clear()
+
+    # -- internals --------------------------------------------------------------
+
+    def _transition(self, direction: Direction, cls: type) -> None:
+        new = self._table.get((self.state, direction, cls))
+        if new is None:
+            what = f"{direction.value} {cls.__name__} in state {self.state.value}"
+            if direction is _RECV:
+                raise RemoteProtocolError(f"unexpected message: {what}")
+            raise LocalProtocolError(f"cannot {what}")
+        self.state = new
+
+    def _step_call(self, call_id: int, event: CallInput, *, local: bool) -> bool:
+        """Advance one call's machine. False: the call has closed, drop the frame."""
+        record = self._calls.get(call_id)
+        if record is None:
+            if 0 < call_id <= self._highest_id:
+                return False
+            if local:
+                raise LocalProtocolError(f"call {call_id} was never started")
+            raise RemoteProtocolError(f"call {call_id} was never started")
+        new = CALL_TRANSITIONS.get((record.state, event))
+        if new is None:
+            what = f"call {call_id}: {event.value} in state {record.state.value}"
+            if local:
+                raise LocalProtocolError(f"cannot {what}")
+            raise RemoteProtocolError(f"unexpected {what}")
+        record.state = new
+        return True
+
+    def _finish(self, call_id: int, message: Result | Error) -> bool:
+        if not self._step_call(call_id, CallInput.SEND_FINISH, local=True):
+            return False
+        self._transition(_SEND, type(message))
+        try:
+            self._writer.write(message)
+        except LocalProtocolError:
+            del self._calls[call_id]
+            raise
+        del self._calls[call_id]
+        return True
+
+    def _fail(self, exc: RemoteProtocolError) -> None:
+        if self.state is not ConnectionState.CLOSED:
+            last = self._highest_id if self.role is Role.SERVER else 0
+            self._writer.write(GoAway(last, int(exc.status), str(exc)[:512]))
+        self.state = ConnectionState.CLOSED
+        self._calls.clear()
+
+    def _receive(self, message: Message) -> bool:
+        """Apply one received message; True if the application should see it."""
+        cls = type(message)
+        if cls is Call:
+            return self._receive_call(message)  # type: ignore[arg-type]
+        self._transition(_RECV, cls)
+        if cls is Item:
+            return self._receive_item(message)  # type: ignore[arg-type]
+        if cls is Result or cls is Error:
+            return self._receive_finish(message)  # type: ignore[arg-type]
+        if cls is Credit:
+            return self._receive_credit(message)  # type: ignore[arg-type]
+        if cls is Cancel:
+            ok = self._step_call(message.id, CallInput.RECV_CANCEL, local=False)  # type: ignore[union-attr]
+            if ok:
+                del self._calls[message.id]  # type: ignore[union-attr]
+            return ok
+        if cls is End:
+            return self._step_call(message.id, CallInput.RECV_END, local=False)  # type: ignore[union-attr]
+        if cls is Ping:
+            self._writer.write(Pong(message.payload))  # type: ignore[union-attr]
+            return True
+        if cls is Hello:
+            return self._receive_hello(message)  # type: ignore[arg-type]
+        if cls is Welcome:
+            return self._receive_welcome(message)  # type: ignore[arg-type]
+        if cls is GoAway:
+            return self._receive_goaway(message)  # type: ignore[arg-type]
+        return True  # Pong
+
+    def _receive_hello(self, hello: Hello) -> bool:
+        if hello.version < PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"protocol version {hello.version} is not supported", Status.FAILED_PRECONDITION
+            )
+        if hello.window < 1 or hello.max_frame < 1024:
+            raise RemoteProtocolError("Hello: window must be >= 1 and max_frame >= 1024")
+        self._peer_window = hello.window
+        self._writer.max_frame = min(hello.max_frame, 2**32 - 1)
+        return True
+
+    def _receive_welcome(self, welcome: Welcome) -> bool:
+        if welcome.version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"server chose protocol version {welcome.version}", Status.FAILED_PRECONDITION
+            )
+        if welcome.window < 1 or welcome.max_frame < 1024 or welcome.max_inflight < 1:
+            raise RemoteProtocolError("Welcome: window, max_frame and max_inflight out of range")
+        self._peer_window = welcome.window
+        self._writer.max_frame = min(welcome.max_frame, 2**32 - 1)
+        self.peer_max_inflight = welcome.max_inflight
+        return True
+
+    def _receive_goaway(self, goaway: GoAway) -> bool:
+        self.goaway = goaway
+        if self.role is Role.CLIENT:
+            self.last_id = goaway.last_id if self.last_id is None else min(self.last_id, goaway.last_id)
+            for call_id in [i for i in self._calls if i > self.last_id]:
+                del self._calls[call_id]
+        return True
+
+    def _receive_call(self, call: Call) -> bool:
+        if call.id <= self._highest_id:
+            raise RemoteProtocolError(f"call id {call.id} is not above {self._highest_id}")
+        self._transition(_RECV, Call)
+        self._highest_id = call.id
+        if self.last_id is not None and call.id > self.last_id:
+            return False  # sent before the client saw our GoAway: never started
+        if len(self._calls) >= self.limits.max_inflight:
+            self._writer.write(
+                Error(call.id, int(Status.RESOURCE_EXHAUSTED), f"more than {self.limits.max_inflight} calls in flight")
+            )
+            return False
+        state = CALL_TRANSITIONS[CallState.IDLE, CallInput.RECV_CALL_STREAM if call.stream else CallInput.RECV_CALL]
+        self._calls[call.id] = _CallRecord(state, self._peer_window, self.limits.window)
+        return True
+
+    def _receive_item(self, item: Item) -> bool:
+        if not self._step_call(item.id, CallInput.RECV_ITEM, local=False):
+            return False
+        record = self._calls[item.id]
+        record.recv_credit -= 1
+        if record.recv_credit < 0:
+            raise RemoteProtocolError(f"call {item.id}: stream item sent without credit", Status.RESOURCE_EXHAUSTED)
+        return True
+
+    def _receive_finish(self, message: Result | Error) -> bool:
+        if not self._step_call(message.id, CallInput.RECV_FINISH, local=False):
+            return False
+        del self._calls[message.id]
+        return True
+
+    def _receive_credit(self, credit: Credit) -> bool:
+        record = self._calls.get(credit.id)
+        if record is None:
+            if credit.id > self._highest_id:
+                raise RemoteProtocolError(f"credit for call {credit.id}, which was never started")
+            return False
+        if credit.n < 1:
+            raise RemoteProtocolError(f"credit of {credit.n} items")
+        record.send_credit = min(record.send_credit + credit.n, MAX_CREDIT)
+        return True

@@ -1,0 +1,129 @@
+"""Framing (docs/protocol.md, section 2 "Framing").
+
+A frame is a 4-byte unsigned big-endian body length followed by that many
+bytes of MessagePack body. The length is checked against the receiver's limit
+as soon as its four bytes arrive, before any of the body is buffered, so a
+peer claiming 4 GB costs us four bytes. A zero length is illegal.
+
+Theory of operation: ``FrameReader`` decodes every whole frame of a read in
+one pass, straight from the bytes the transport handed over, and keeps only a
+trailing partial frame in a ``bytearray``. While that partial frame is still
+short of the length its header announced, further reads are only appended.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+import msgspec
+
+from bastion.exceptions import LocalProtocolError, RemoteProtocolError
+from bastion.status import Status
+
+__all__ = ["HEADER_SIZE", "MAX_FRAME_LIMIT", "FrameReader", "FrameWriter"]
+
+HEADER_SIZE = 4
+#: The largest frame limit the wire can express.
+MAX_FRAME_LIMIT = 2**32 - 1
+
+T = TypeVar("T")
+
+
+class FrameReader(Generic[T]):
+    """Turns a byte stream into decoded messages of type ``T``."""
+
+    def __init__(self, message_type: type[T] | object, max_frame: int) -> None:
+        self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(message_type)  # type: ignore[arg-type]
+        self._buffer = bytearray()
+        self._need = HEADER_SIZE  # bytes the partial frame in _buffer needs
+        self.max_frame = max_frame
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet decoded (a partial frame)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[T]:
+        """Add ``data`` and return every message it completes, in order.
+
+        Raises RemoteProtocolError for a bad length or an undecodable body; the
+        caller must then close the connection.
+        """
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            if len(buffer) < self._need:
+                return []
+            data = bytes(buffer)
+            buffer.clear()
+        elif not isinstance(data, bytes):
+            data = bytes(data)
+        # Decoded ``Raw`` fields keep views into ``data``; it is immutable bytes,
+        # so they stay valid after we return.
+        view = memoryview(data)
+        size = len(data)
+        pos = 0
+        out: list[T] = []
+        decode = self._decoder.decode
+        while size - pos >= HEADER_SIZE:
+            length = int.from_bytes(view[pos : pos + HEADER_SIZE], "big")
+            if length > self.max_frame:
+                raise RemoteProtocolError(
+                    f"frame of {length} bytes exceeds the limit of {self.max_frame}",
+                    Status.RESOURCE_EXHAUSTED,
+                )
+            if length == 0:
+                raise RemoteProtocolError("empty frame")
+            end = pos + HEADER_SIZE + length
+            if end > size:
+                self._need = end - pos
+                break
+            try:
+                out.append(decode(view[pos + HEADER_SIZE : end]))
+            except msgspec.DecodeError as exc:
+                raise RemoteProtocolError(f"malformed frame: {exc}") from None
+            pos = end
+        else:
+            self._need = HEADER_SIZE
+        if pos < size:
+            buffer += view[pos:]
+        return out
+
+
+class FrameWriter:
+    """Encodes messages into one outgoing buffer, each behind its length."""
+
+    def __init__(self, max_frame: int) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._buffer = bytearray()
+        self.max_frame = max_frame
+
+    def write(self, message: object) -> None:
+        """Append one frame; LocalProtocolError if its body exceeds ``max_frame``.
+
+        On error nothing is appended, so the caller may answer differently.
+        """
+        buffer = self._buffer
+        start = len(buffer)
+        try:
+            self._encoder.encode_into(message, buffer, start + HEADER_SIZE)
+        except (TypeError, ValueError, OverflowError) as exc:
+            del buffer[start:]
+            raise LocalProtocolError(f"cannot encode {type(message).__name__}: {exc}") from None
+        length = len(buffer) - start - HEADER_SIZE
+        if length > self.max_frame:
+            del buffer[start:]
+            raise LocalProtocolError(
+                f"frame of {length} bytes exceeds the peer's limit of {self.max_frame}",
+                Status.RESOURCE_EXHAUSTED,
+            )
+        buffer[start : start + HEADER_SIZE] = length.to_bytes(HEADER_SIZE, "big")
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def take(self) -> bytes:
+        """Return and clear everything written so far."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
