@@ -177,20 +177,27 @@ class Connection:
 
     # -- handshake ------------------------------------------------------------
 
+    # The handshake and GoAway sends write first and change state after, so a
+    # message too large for the peer (LocalProtocolError) changes nothing and
+    # may be retried smaller.
+
     def send_hello(self, hello: Hello) -> None:
-        self._transition(_SEND, Hello)
+        new = self._next_state(_SEND, Hello)
         self._writer.write(hello)
+        self.state = new
 
     def send_welcome(self, welcome: Welcome) -> None:
-        self._transition(_SEND, Welcome)
+        new = self._next_state(_SEND, Welcome)
         self._writer.write(welcome)
+        self.state = new
         self._reader.max_frame = self.limits.max_frame
 
     def reject(self, status: Status, message: str) -> None:
         """Refuse the handshake (server) with a coded reason, then close."""
-        self._transition(_SEND, GoAway)
-        self.last_id = 0
+        new = self._next_state(_SEND, GoAway)
         self._writer.write(GoAway(0, int(status), message))
+        self.state = new
+        self.last_id = 0
 
     # -- calls ------------------------------------------------------------------
 
@@ -232,6 +239,7 @@ class Connection:
 
     def send_cancel(self, call_id: int) -> bool:
         """Abandon a call (client). False if it had already closed."""
+        self._check_send(Cancel)
         if not self._step_call(call_id, CallInput.SEND_CANCEL, local=True):
             return False
         self._transition(_SEND, Cancel)
@@ -243,7 +251,8 @@ class Connection:
         """Send one stream item, spending one credit. False if the call closed."""
         record = self._calls.get(call_id)
         if record is None:
-            return False
+            self._check_send(Item)
+            return self._step_call(call_id, CallInput.SEND_ITEM, local=True)  # raises if never started
         if record.send_credit <= 0:
             raise LocalProtocolError(f"call {call_id}: no stream credit left")
         self._transition(_SEND, Item)
@@ -254,6 +263,7 @@ class Connection:
 
     def send_end(self, call_id: int) -> bool:
         """Close our side of a call's stream (client). False if the call closed."""
+        self._check_send(End)
         if not self._step_call(call_id, CallInput.SEND_END, local=True):
             return False
         self._transition(_SEND, End)
@@ -263,11 +273,16 @@ class Connection:
     def grant(self, call_id: int, n: int) -> bool:
         """Let the peer send ``n`` more items on ``call_id``."""
         record = self._calls.get(call_id)
-        if record is None or n <= 0:
+        if record is None:
+            self._check_send(Credit)
+            if not 0 < call_id <= self._highest_id:
+                raise LocalProtocolError(f"call {call_id} was never started")
+            return False
+        if n <= 0:
             return False
         self._transition(_SEND, Credit)
+        self._writer.write(Credit(call_id, n))  # first: if it cannot be sent, grant nothing
         record.recv_credit = min(record.recv_credit + n, MAX_CREDIT)
-        self._writer.write(Credit(call_id, n))
         return True
 
     # -- connection control -------------------------------------------------
@@ -284,10 +299,17 @@ class Connection:
         if self.state not in (ConnectionState.OPEN, ConnectionState.DRAINING):
             self.state = ConnectionState.CLOSED
             return self._highest_id
-        self._transition(_SEND, GoAway)
+        new = self._next_state(_SEND, GoAway)
+        last_id = 0
         if self.role is Role.SERVER:
-            self.last_id = self._highest_id
-        self._writer.write(GoAway(self._highest_id if self.role is Role.SERVER else 0, int(status), message))
+            # Calls received after an earlier GoAway raised _highest_id but never
+            # started: a second GoAway must not announce them.
+            last_id = self._highest_id if self.last_id is None else self.last_id
+        self._writer.write(GoAway(last_id, int(status), message))
+        self.state = new
+        if self.role is Role.SERVER:
+            self.last_id = last_id
+            return last_id
         return self._highest_id
 
     def close(self) -> None:
@@ -296,14 +318,29 @@ class Connection:
 
     # -- internals --------------------------------------------------------------
 
-    def _transition(self, direction: Direction, cls: type) -> None:
+    def _next_state(self, direction: Direction, cls: type) -> ConnectionState:
+        """The state after ``cls`` goes ``direction``; a protocol error if illegal."""
         new = self._table.get((self.state, direction, cls))
         if new is None:
             what = f"{direction.value} {cls.__name__} in state {self.state.value}"
             if direction is _RECV:
                 raise RemoteProtocolError(f"unexpected message: {what}")
             raise LocalProtocolError(f"cannot {what}")
-        self.state = new
+        return new
+
+    def _transition(self, direction: Direction, cls: type) -> None:
+        self.state = self._next_state(direction, cls)
+
+    def _check_send(self, cls: type) -> None:
+        """LocalProtocolError unless ``cls`` may be sent now, changing nothing.
+
+        Call-level sends check this before touching the call's state, so a
+        misuse (a client sending Result, a server sending End) cannot leave the
+        call half-advanced. Once CLOSED every call is over, and those sends
+        decline quietly in ``_step_call`` instead.
+        """
+        if self.state is not ConnectionState.CLOSED:
+            self._next_state(_SEND, cls)
 
     def _step_call(self, call_id: int, event: CallInput, *, local: bool) -> bool:
         """Advance one call's machine. False: the call has closed, drop the frame."""
@@ -324,21 +361,37 @@ class Connection:
         return True
 
     def _finish(self, call_id: int, message: Result | Error) -> bool:
+        self._check_send(type(message))
+        record = self._calls.get(call_id)
+        before = record.state if record is not None else None
         if not self._step_call(call_id, CallInput.SEND_FINISH, local=True):
             return False
         self._transition(_SEND, type(message))
         try:
             self._writer.write(message)
         except LocalProtocolError:
-            del self._calls[call_id]
+            # Nothing was sent (e.g. a Result over the peer's max_frame): the
+            # call stays open so the caller can answer with an Error instead.
+            assert record is not None and before is not None
+            record.state = before
             raise
         del self._calls[call_id]
         return True
 
     def _fail(self, exc: RemoteProtocolError) -> None:
         if self.state is not ConnectionState.CLOSED:
-            last = self._highest_id if self.role is Role.SERVER else 0
-            self._writer.write(GoAway(last, int(exc.status), str(exc)[:512]))
+            last = 0
+            if self.role is Role.SERVER:
+                last = self._highest_id if self.last_id is None else self.last_id
+            # The reason is a courtesy: if it does not fit the peer's limit
+            # (multi-byte text, a tiny handshake cap), send the code alone,
+            # and never let a LocalProtocolError replace the peer's error.
+            for reason in (str(exc)[:512], ""):
+                try:
+                    self._writer.write(GoAway(last, int(exc.status), reason))
+                    break
+                except LocalProtocolError:
+                    continue
         self.state = ConnectionState.CLOSED
         self._calls.clear()
 
@@ -437,7 +490,7 @@ class Connection:
     def _receive_credit(self, credit: Credit) -> bool:
         record = self._calls.get(credit.id)
         if record is None:
-            if credit.id > self._highest_id:
+            if not 0 < credit.id <= self._highest_id:
                 raise RemoteProtocolError(f"credit for call {credit.id}, which was never started")
             return False
         if credit.n < 1:

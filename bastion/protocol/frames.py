@@ -80,8 +80,13 @@ class FrameReader(Generic[T]):
                 break
             try:
                 out.append(decode(view[pos + HEADER_SIZE : end]))
-            except msgspec.DecodeError as exc:
-                raise RemoteProtocolError(f"malformed frame: {exc}") from None
+            except (ValueError, RecursionError) as exc:
+                # Besides DecodeError (a ValueError), msgspec lets through
+                # UnicodeDecodeError for a str field that is not UTF-8, and
+                # RecursionError for values nested too deeply (even inside a
+                # Raw field it only skips over).
+                reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+                raise RemoteProtocolError(f"malformed frame: {reason}") from None
             pos = end
         else:
             self._need = HEADER_SIZE

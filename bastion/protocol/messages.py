@@ -2,8 +2,10 @@
 
 Every frame body is one MessagePack array whose first element is the message's
 type code; the remaining elements are the fields below, in order. Structs are
-frozen, ``array_like`` and ``omit_defaults``, so trailing fields left at their
-default are not sent.
+frozen, ``array_like`` and ``omit_defaults``. Note that msgspec (0.22 at least)
+ignores ``omit_defaults`` for array-like structs (jcrist/msgspec#720), so today
+every field is sent; receivers accept frames with trailing defaulted fields
+left out either way (see the evolution rules below).
 
 Evolution rules (docs/protocol.md, section 9): new fields are only ever added
 at the end, with a default; a type code is never reused; a receiver ignores

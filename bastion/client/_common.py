@@ -1,0 +1,150 @@
+"""What the async and the sync client share: addresses, handshake, results, proxies.
+
+Both clients drive the same sans-IO ``Connection``; this module holds every
+decision that does not depend on how bytes move, so the two stay one logic
+with two thin transports.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+import msgspec
+
+from bastion._version import __version__
+from bastion.config import DEFAULT_PORT
+from bastion.exceptions import CallError, Unavailable, UsageError, error_for_status
+from bastion.protocol.connection import ProtocolLimits
+from bastion.protocol.messages import PROTOCOL_VERSION, Error, GoAway, Hello
+
+__all__ = ["MethodProxy", "ServiceProxy", "build_hello", "decode_value", "error_from", "parse_address"]
+
+_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
+CLIENT_NAME = f"bastion-py/{__version__}"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port``, ``:port``, ``host``, ``[v6]:port`` or ``bastion://host:port``."""
+    text = address.strip()
+    for scheme in ("bastion://", "bastions://", "tcp://"):
+        if text.startswith(scheme):
+            text = text[len(scheme) :]
+    text = text.rstrip("/")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    host = host or "127.0.0.1"
+    if not port_text:
+        return host, DEFAULT_PORT
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise UsageError(f"bad address {address!r}: port {port_text!r} is not a number") from None
+    if not 0 < port < 65536:
+        raise UsageError(f"bad address {address!r}: port out of range")
+    return host, port
+
+
+def resolve_token(token: str | None, token_file: str | os.PathLike[str] | None) -> str | None:
+    """The token to present: explicit, from a file, or from BASTION_TOKEN(_FILE)."""
+    if token is not None and token_file is not None:
+        raise UsageError("give token= or token_file=, not both")
+    if token is None and token_file is None:
+        token = os.environ.get("BASTION_TOKEN") or None
+        token_file = os.environ.get("BASTION_TOKEN_FILE") or None
+    if token is None and token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read token file {token_file}: {exc.strerror}") from None
+    return token
+
+
+def build_hello(limits: ProtocolLimits, token: str | None, name: str) -> Hello:
+    return Hello(
+        version=PROTOCOL_VERSION, client=name, token=token, window=limits.window, max_frame=limits.max_frame
+    )
+
+
+def decode_value(raw: msgspec.Raw) -> Any:
+    return _decoder.decode(raw)
+
+
+def error_from(message: Error) -> CallError:
+    retry = message.retry_after_ms / 1000 if message.retry_after_ms is not None else None
+    details = message.details if isinstance(message.details, dict) else None
+    return error_for_status(message.code, message.message, details=details, retry_after=retry)
+
+
+def goaway_error(goaway: GoAway | None, call_id: int | None = None) -> CallError:
+    """The error for a call the server will not process after ``goaway``."""
+    reason = goaway.message if goaway is not None and goaway.message else "server is going away"
+    if call_id is not None:
+        return Unavailable(f"call {call_id} was not started ({reason}); it is safe to retry", retry_after=0)
+    return Unavailable(reason)
+
+
+def check_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
+    if args is None:
+        return {}
+    if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
+        raise UsageError("arguments must be a mapping of names to values")
+    return dict(args)
+
+
+class _Caller(Protocol):
+    def call(self, method: str, /, **args: Any) -> Any: ...
+
+    def stream(self, method: str, items: Any = None, /, **args: Any) -> Any: ...
+
+    def upload(self, method: str, items: Any, /, **args: Any) -> Any: ...
+
+
+C = TypeVar("C", bound=_Caller)
+
+
+class MethodProxy(Generic[C]):
+    """``client.svc.method``: call it, or use ``.stream`` / ``.upload``."""
+
+    __slots__ = ("_caller", "_name")
+
+    def __init__(self, caller: C, name: str) -> None:
+        self._caller = caller
+        self._name = name
+
+    def __call__(self, **args: Any) -> Any:
+        return self._caller.call(self._name, **args)
+
+    def stream(self, items: Any = None, /, **args: Any) -> Any:
+        return self._caller.stream(self._name, items, **args)
+
+    def upload(self, items: Any, /, **args: Any) -> Any:
+        return self._caller.upload(self._name, items, **args)
+
+    def __repr__(self) -> str:
+        return f"<method {self._name}>"
+
+
+class ServiceProxy(Generic[C]):
+    """``client.svc``: attribute access names a method."""
+
+    __slots__ = ("_caller", "_service")
+
+    def __init__(self, caller: C, service: str) -> None:
+        self._caller = caller
+        self._service = service
+
+    def __getattr__(self, name: str) -> MethodProxy[C]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return MethodProxy(self._caller, f"{self._service}.{name}")
+
+    def __repr__(self) -> str:
+        return f"<service {self._service}>"

@@ -1,0 +1,218 @@
+"""The blocking client: the async client's surface, over a plain socket.
+
+It drives the same sans-IO core and shares its decisions (``_common``); only
+the way bytes move differs. One call runs at a time per ``SyncClient`` (a
+lock serialises threads); use several clients for parallel blocking calls.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from bastion.client._common import (
+    CLIENT_NAME,
+    ServiceProxy,
+    build_hello,
+    check_args,
+    decode_value,
+    error_from,
+    goaway_error,
+    parse_address,
+    resolve_token,
+)
+from bastion.exceptions import ConnectError, ConnectionClosed, DeadlineExceeded, error_for_status
+from bastion.protocol.connection import Connection, ProtocolLimits
+from bastion.protocol.messages import Credit, Error, GoAway, Item, Result, Welcome
+from bastion.protocol.state import ConnectionState, Role
+from bastion.transport.blocking import BlockingLink
+
+__all__ = ["SyncClient"]
+
+
+class SyncClient:
+    """A blocking bastion client with the same surface as ``Client``."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        token_file: str | None = None,
+        timeout: float | None = None,
+        connect_timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        limits: ProtocolLimits | None = None,
+        name: str = CLIENT_NAME,
+    ) -> None:
+        self.host, self.port = parse_address(address)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.limits = limits or ProtocolLimits()
+        self._token = resolve_token(token, token_file)
+        self._ssl = ssl_context
+        self._server_hostname = server_hostname
+        self._name = name
+        self._link: BlockingLink | None = None
+        self._lock = threading.RLock()
+        self.welcome: Welcome | None = None
+
+    def __repr__(self) -> str:
+        return f"SyncClient({self.host}:{self.port})"
+
+    def __enter__(self) -> SyncClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> ServiceProxy[SyncClient]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return ServiceProxy(self, name)
+
+    # -- connection -----------------------------------------------------------------
+
+    def connect(self) -> None:
+        with self._lock:
+            self._connection()
+
+    def _connection(self) -> BlockingLink:
+        link = self._link
+        if link is not None and not link.closed and link.core.state is ConnectionState.OPEN:
+            return link
+        if link is not None:
+            link.close()
+        core = Connection(Role.CLIENT, self.limits)
+        link = BlockingLink.connect(
+            core, self.host, self.port, timeout=self.connect_timeout,
+            ssl_context=self._ssl, server_hostname=self._server_hostname,
+        )
+        core.send_hello(build_hello(self.limits, self._token, self._name))
+        deadline = time.monotonic() + self.connect_timeout
+        try:
+            link.flush()
+            while True:
+                for event in link.receive(deadline):
+                    if isinstance(event, Welcome):
+                        self.welcome = event
+                        self._link = link
+                        return link
+                    if isinstance(event, GoAway):
+                        link.close()
+                        raise error_for_status(event.code, event.message or "handshake refused")
+        except (DeadlineExceeded, ConnectionClosed) as exc:
+            link.close()
+            raise ConnectError(f"handshake with {self.host}:{self.port} failed: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._link is not None:
+                self._link.close()
+                self._link = None
+
+    # -- calls ------------------------------------------------------------------------
+
+    def call(self, method: str, /, **args: Any) -> Any:
+        """Call ``method``; server-stream items are collected into a list."""
+        return self.invoke(method, args)
+
+    def invoke(
+        self,
+        method: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        metadata: dict[str, str] | None = None,
+        items: Iterable[Any] | None = None,
+    ) -> Any:
+        collected: list[Any] = []
+        result = None
+        for kind, value in self._run(method, args, timeout, priority, metadata, items):
+            if kind == "item":
+                collected.append(value)
+            else:
+                result = value
+        return collected if collected else result
+
+    def stream(self, method: str, items: Iterable[Any] | None = None, /, **args: Any) -> Iterator[Any]:
+        """Call a server-streaming method; yield its items as they arrive."""
+        for kind, value in self._run(method, args, None, None, None, items):
+            if kind == "item":
+                yield value
+
+    def upload(self, method: str, items: Iterable[Any], /, **args: Any) -> Any:
+        """Call a client-streaming method, sending ``items``; return its result."""
+        return self.invoke(method, args, items=items)
+
+    def _run(
+        self,
+        method: str,
+        args: Mapping[str, Any] | None,
+        timeout: float | None,
+        priority: int | None,
+        metadata: dict[str, str] | None,
+        items: Iterable[Any] | None,
+    ) -> Iterator[tuple[str, Any]]:
+        timeout = self.timeout if timeout is None else timeout
+        with self._lock:
+            link = self._connection()
+            core = link.core
+            deadline = None if timeout is None else time.monotonic() + timeout
+            call_id = core.send_call(
+                method, check_args(args), stream=items is not None, priority=priority, metadata=metadata,
+                timeout_ms=None if timeout is None else max(1, int(timeout * 1000)),
+            )
+            source = iter(items) if items is not None else None
+            finished = False
+            try:
+                while True:
+                    if source is not None:
+                        source = self._send_items(core, call_id, source)
+                    link.flush()
+                    for event in link.receive(deadline):
+                        if getattr(event, "id", None) != call_id and not isinstance(event, GoAway):
+                            continue
+                        if isinstance(event, Item):
+                            core.grant(call_id, 1)
+                            yield "item", decode_value(event.value)
+                        elif isinstance(event, Result):
+                            finished = True
+                            yield "result", decode_value(event.value)
+                            return
+                        elif isinstance(event, Error):
+                            finished = True
+                            raise error_from(event)
+                        elif isinstance(event, GoAway) and event.last_id < call_id:
+                            finished = True
+                            link.close()
+                            raise goaway_error(event, call_id)
+                        elif isinstance(event, Credit):
+                            pass  # send credit is tracked by the core
+            except DeadlineExceeded:
+                raise DeadlineExceeded(f"{method}: no answer within {timeout}s") from None
+            finally:
+                if not finished and not link.closed and core.send_cancel(call_id):
+                    try:
+                        link.flush()
+                    except ConnectionClosed:
+                        pass
+
+    @staticmethod
+    def _send_items(core: Connection, call_id: int, source: Iterator[Any]) -> Iterator[Any] | None:
+        """Send items while credit lasts; None once the stream is ended."""
+        while core.send_credit(call_id) > 0:
+            try:
+                item = next(source)
+            except StopIteration:
+                core.send_end(call_id)
+                return None
+            if not core.send_item(call_id, item):
+                return None
+        return source

@@ -1,0 +1,165 @@
+"""The server: listeners, sessions, statistics and graceful shutdown.
+
+Theory of operation. ``Server`` builds its method table once from the
+services it is given, listens with ``loop.create_server`` (one ``Link`` +
+``ServerSession`` per accepted connection) and keeps the set of live
+sessions. Shutdown is two-stage: stop accepting and send every session a
+GoAway naming the last call it will process; wait up to the grace period for
+the calls already accepted to answer; then cancel what is left and close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from bastion._version import __version__
+from bastion.config import ServerLimits
+from bastion.security.authn import AllowAnonymous, Authenticator
+from bastion.server.dispatch import MethodTable
+from bastion.server.session import ServerSession
+from bastion.service import Service
+from bastion.transport.aio import Link
+
+__all__ = ["Server"]
+
+log = logging.getLogger("bastion.server")
+audit_log = logging.getLogger("bastion.audit")
+
+
+class _Info:
+    """The narrow view of the server that services get (``ServerInfo``)."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    @property
+    def version(self) -> str:
+        return __version__
+
+    @property
+    def started_at(self) -> float:
+        return self._server.started_at
+
+    def stats(self) -> Mapping[str, int | float]:
+        return self._server.stats()
+
+    def describe(self) -> list[dict[str, Any]]:
+        return self._server.table.describe()
+
+
+class Server:
+    """A bastion server hosting ``services``."""
+
+    version = __version__
+
+    def __init__(
+        self,
+        services: Iterable[Service],
+        *,
+        limits: ServerLimits | None = None,
+        authenticator: Authenticator | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.table = MethodTable(services)
+        self.limits = limits or ServerLimits()
+        self.authenticator: Authenticator = authenticator or AllowAnonymous()
+        self.ssl_context = ssl_context
+        self.sessions: set[ServerSession] = set()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.executor = ThreadPoolExecutor(self.limits.threads, thread_name_prefix="bastion-handler")
+        self.info = _Info(self)
+        self.started_at = time.time()
+        self.draining = False
+        self._servers: list[asyncio.Server] = []
+        self._stopped = asyncio.Event()
+        self.addresses: list[tuple[str, int]] = []
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None) -> None:
+        """Listen on ``host:port`` (port 0 picks a free one; see ``addresses``)."""
+        loop = asyncio.get_running_loop()
+        kwargs: dict[str, Any] = {"ssl": self.ssl_context, "backlog": 1024}
+        if self.ssl_context is not None:
+            kwargs["ssl_handshake_timeout"] = self.limits.handshake_timeout
+        if sock is not None:
+            srv = await loop.create_server(self._new_link, sock=sock, **kwargs)
+        else:
+            srv = await loop.create_server(self._new_link, host, port, reuse_address=True, **kwargs)
+        self._servers.append(srv)
+        for s in srv.sockets:
+            addr = s.getsockname()
+            self.addresses.append((addr[0], addr[1]))
+        self.started_at = time.time()
+
+    def _new_link(self) -> Link:
+        self.counters["connections"] += 1
+        session = ServerSession(self)
+        return Link(session.core, session, write_high_water=self.limits.write_high_water)
+
+    @property
+    def port(self) -> int:
+        return self.addresses[0][1]
+
+    async def serve_forever(self, *, handle_signals: bool = True) -> None:
+        """Run until ``shutdown`` (or SIGTERM/SIGINT when ``handle_signals``)."""
+        if handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        await self._stopped.wait()
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("received %s: draining (grace period %.0fs)", signal.Signals(sig).name, self.limits.grace_period)
+        asyncio.get_running_loop().create_task(self.shutdown())
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, drain sessions for ``grace`` seconds, then cancel the rest."""
+        if self.draining:
+            await self._stopped.wait()
+            return
+        self.draining = True
+        grace = self.limits.grace_period if grace is None else grace
+        for srv in self._servers:
+            srv.close()
+        for session in list(self.sessions):
+            session.drain()
+        waits = [asyncio.ensure_future(s.wait_closed()) for s in list(self.sessions)]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=grace)
+            if pending:
+                log.warning("grace period over: cancelling %d connections' calls", len(pending))
+                for session in list(self.sessions):
+                    session.abort()
+                await asyncio.wait(pending, timeout=2)
+        for srv in self._servers:
+            await srv.wait_closed()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._stopped.set()
+
+    # -- observability ----------------------------------------------------------
+
+    def stats(self) -> dict[str, int | float]:
+        return {
+            "connections": len(self.sessions),
+            "connections_total": self.counters["connections"],
+            "calls_total": self.counters["calls"],
+            "calls_in_flight": sum(len(s.tasks) for s in self.sessions),
+            "internal_errors_total": self.counters["internal_errors"],
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+        }
+
+    def audit(self, event: str, **fields: Any) -> None:
+        """One JSON line on the ``bastion.audit`` logger; callers never pass secrets."""
+        record = {"time": round(time.time(), 3), "event": event, **fields}
+        audit_log.info(json.dumps(record, sort_keys=True))

@@ -1,0 +1,326 @@
+"""One client connection on the server: handshake, calls, streams, drain.
+
+Theory of operation. A ``ServerSession`` sits on a ``Link`` (the asyncio
+edge) and reacts to the messages the sans-IO core decodes. The handshake runs
+under one deadline from accept: a connection that has not completed it in
+``handshake_timeout`` seconds is closed whatever it trickles in. After the
+Welcome, each Call is admitted by the method table (exists, allowed, valid
+arguments) and, if admitted, runs as its own task; its answer goes back
+through the core and is flushed at the end of the loop turn together with
+any other answers ready by then. A Cancel cancels the task; the deadline a
+call carries bounds the task with ``asyncio.timeout_at``. Keepalive: a
+timer pings a silent connection and closes it if the Pong does not come.
+Draining: after GoAway, the session closes once its last call has answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from bastion.exceptions import CallError, LocalProtocolError, Unauthenticated
+from bastion.protocol.connection import Connection, ProtocolLimits
+from bastion.protocol.messages import (
+    PROTOCOL_VERSION,
+    Call,
+    Cancel,
+    Credit,
+    End,
+    GoAway,
+    Hello,
+    Item,
+    Message,
+    Pong,
+    Welcome,
+)
+from bastion.protocol.state import ConnectionState, Role
+from bastion.security.principal import ANONYMOUS, Principal
+from bastion.server.dispatch import Entry
+from bastion.server.streams import CreditGate, InputStream
+from bastion.service import Context
+from bastion.status import Status
+from bastion.transport.aio import Link
+
+if TYPE_CHECKING:
+    from bastion.server.server import Server
+
+__all__ = ["ServerSession"]
+
+log = logging.getLogger("bastion.server")
+_session_ids = itertools.count(1)
+
+
+class ServerSession:
+    """The server's side of one connection."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.id = next(_session_ids)
+        self.core = Connection(
+            Role.SERVER,
+            ProtocolLimits(
+                max_frame=self.limits.max_frame,
+                handshake_max_frame=self.limits.handshake_max_frame,
+                max_inflight=self.limits.max_inflight,
+                window=self.limits.window,
+            ),
+        )
+        self.link: Link | None = None
+        self.principal: Principal = ANONYMOUS
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self._inputs: dict[int, InputStream] = {}
+        self._gates: dict[int, CreditGate] = {}
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_seen = time.monotonic()
+        self._ping_outstanding = False
+        self._closed = asyncio.Event()
+
+    # -- Session protocol ---------------------------------------------------------
+
+    def on_connect(self, link: Link) -> None:
+        self.link = link
+        self.server.sessions.add(self)
+        self._timer = self._loop.call_later(self.limits.handshake_timeout, self._handshake_expired)
+
+    def on_close(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.server.sessions.discard(self)
+        for task in self.tasks.values():
+            task.cancel()
+        for stream in self._inputs.values():
+            stream.fail(asyncio.CancelledError())
+        for gate in self._gates.values():
+            gate.close()
+        self._closed.set()
+
+    def on_events(self, events: list[Message]) -> None:
+        self._last_seen = time.monotonic()
+        for event in events:
+            cls = type(event)
+            if cls is Call:
+                self._on_call(event)  # type: ignore[arg-type]
+            elif cls is Item:
+                stream = self._inputs.get(event.id)  # type: ignore[union-attr]
+                if stream is not None:
+                    stream.feed(event.value)  # type: ignore[union-attr]
+            elif cls is End:
+                stream = self._inputs.get(event.id)  # type: ignore[union-attr]
+                if stream is not None:
+                    stream.end()
+            elif cls is Credit:
+                gate = self._gates.get(event.id)  # type: ignore[union-attr]
+                if gate is not None:
+                    gate.open()
+            elif cls is Cancel:
+                task = self.tasks.get(event.id)  # type: ignore[union-attr]
+                if task is not None:
+                    task.cancel()
+            elif cls is Pong:
+                self._ping_outstanding = False
+            elif cls is Hello:
+                self._loop.create_task(self._handshake(event))  # type: ignore[arg-type]
+            elif cls is GoAway:
+                self._maybe_finish_drain()
+
+    # -- handshake ------------------------------------------------------------------
+
+    async def _handshake(self, hello: Hello) -> None:
+        assert self.link is not None
+        try:
+            principal = await self.server.authenticator.authenticate(hello.token, self.link.peer)
+        except Unauthenticated as exc:
+            self.server.audit("auth.failure", peer=self.link.peer, reason=exc.message)
+            self.core.reject(Status.UNAUTHENTICATED, exc.message)
+            self.link.close()
+            return
+        except Exception:
+            log.exception("authenticator failed")
+            self.core.reject(Status.INTERNAL, "authentication is unavailable")
+            self.link.close()
+            return
+        if self.link.closed or self.core.state is not ConnectionState.HANDSHAKE:
+            return
+        self.principal = principal
+        self.core.send_welcome(
+            Welcome(
+                version=PROTOCOL_VERSION,
+                server=f"bastion/{self.server.version}",
+                principal=principal.name,
+                max_frame=self.limits.max_frame,
+                max_inflight=self.limits.max_inflight,
+                window=self.limits.window,
+                ping_interval_ms=int(self.limits.ping_interval * 1000),
+            )
+        )
+        self.link.flush()
+        if self.server.draining:
+            self.drain()
+        self._arm_keepalive()
+
+    def _handshake_expired(self) -> None:
+        if self.core.state in (ConnectionState.IDLE, ConnectionState.HANDSHAKE) and self.link is not None:
+            self.core.send_goaway(Status.DEADLINE_EXCEEDED, "handshake timed out")
+            self.link.close()
+
+    # -- keepalive ------------------------------------------------------------------
+
+    def _arm_keepalive(self) -> None:
+        self._timer = self._loop.call_later(self.limits.ping_interval, self._keepalive)
+
+    def _keepalive(self) -> None:
+        link = self.link
+        if link is None or link.closed:
+            return
+        idle = time.monotonic() - self._last_seen
+        if self._ping_outstanding and idle >= self.limits.ping_timeout:
+            self.core.send_goaway(Status.UNAVAILABLE, "keepalive timed out")
+            link.close()
+            return
+        if idle >= self.limits.ping_interval and not self._ping_outstanding:
+            self._ping_outstanding = True
+            self.core.send_ping(int(time.monotonic() * 1000) & 0x7FFFFFFF)
+            link.flush()
+        delay = self.limits.ping_timeout if self._ping_outstanding else self.limits.ping_interval
+        self._timer = self._loop.call_later(delay, self._keepalive)
+
+    # -- calls ------------------------------------------------------------------------
+
+    def _on_call(self, call: Call) -> None:
+        self.server.counters["calls"] += 1
+        try:
+            entry = self.server.table.admit(call.method, self.principal)
+            args = entry.decode_args(call.args)
+        except CallError as exc:
+            if exc.status in (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED) and self.link is not None:
+                self.server.audit(
+                    "call.denied", peer=self.link.peer, principal=self.principal.name,
+                    method=call.method, status=exc.status.name,
+                )
+            self._answer_error(call.id, exc)
+            return
+        deadline = None
+        if call.timeout_ms is not None:
+            if call.timeout_ms <= 0:
+                self.core.send_error(call.id, Status.DEADLINE_EXCEEDED, "deadline passed before the call started")
+                return
+            deadline = time.monotonic() + call.timeout_ms / 1000
+        # Streams exist before the task runs: items may be in this very read.
+        if entry.input_decoder is not None:
+            stream = InputStream(entry.input_decoder, self.limits.window, functools.partial(self._grant, call.id))
+            self._inputs[call.id] = args[entry.spec.input_param] = stream  # type: ignore[index]
+        if entry.streams_out:
+            self._gates[call.id] = CreditGate()
+        self.tasks[call.id] = self._loop.create_task(self._run(call, entry, args, deadline))
+
+    async def _run(self, call: Call, entry: Entry, args: dict[str, Any], deadline: float | None) -> None:
+        call_id = call.id
+        spec = entry.spec
+        request_id = f"{self.id:x}-{call_id:x}"
+        timeout = asyncio.timeout_at(self._loop.time() + (deadline - time.monotonic())) if deadline else None
+        try:
+            if spec.context_param is not None:
+                args[spec.context_param] = Context(
+                    method=spec, principal=self.principal, request_id=request_id,
+                    peer=self.link.peer if self.link else "?", deadline=deadline,
+                    metadata=call.metadata or {}, server=self.server.info,
+                )
+            if timeout is None:
+                await self._invoke(call_id, entry, args)
+            else:
+                async with timeout:
+                    await self._invoke(call_id, entry, args)
+        except TimeoutError:
+            if timeout is not None and timeout.expired():
+                self.core.send_error(call_id, Status.DEADLINE_EXCEEDED, "deadline exceeded")
+            else:
+                self._internal_error(call_id, spec.full_name, request_id)
+        except CallError as exc:
+            self._answer_error(call_id, exc)
+        except asyncio.CancelledError:
+            # Client cancel: the core has closed the call, so this sends nothing.
+            # Shutdown: tell the client the call did not finish.
+            self.core.send_error(call_id, Status.UNAVAILABLE, "server shutting down", retry_after_ms=1000)
+        except LocalProtocolError as exc:
+            self.core.send_error(call_id, exc.status, f"{spec.full_name}: result cannot be sent: {exc}")
+        except Exception:
+            self._internal_error(call_id, spec.full_name, request_id)
+        finally:
+            self.tasks.pop(call_id, None)
+            self._inputs.pop(call_id, None)
+            gate = self._gates.pop(call_id, None)
+            if gate is not None:
+                gate.close()
+            if self.link is not None:
+                self.link.schedule_flush()
+            if self.server.draining:
+                self._maybe_finish_drain()
+
+    async def _invoke(self, call_id: int, entry: Entry, args: dict[str, Any]) -> None:
+        spec = entry.spec
+        if entry.streams_out:
+            gate = self._gates[call_id]
+            async for item in spec.handler(**args):
+                while self.core.send_credit(call_id) <= 0:
+                    await gate.wait()
+                if not self.core.send_item(call_id, item):
+                    return  # cancelled under us
+                assert self.link is not None
+                if self.link.writing_paused:
+                    self.link.flush()
+                    await self.link.drain()
+                else:
+                    self.link.schedule_flush()
+            self.core.send_result(call_id, None)
+        elif spec.is_async:
+            self.core.send_result(call_id, await spec.handler(**args))
+        else:
+            ctx = contextvars.copy_context()
+            func = functools.partial(ctx.run, spec.handler, **args)
+            self.core.send_result(call_id, await self._loop.run_in_executor(self.server.executor, func))
+
+    def _grant(self, call_id: int, n: int) -> None:
+        if self.core.grant(call_id, n) and self.link is not None:
+            self.link.schedule_flush()
+
+    def _answer_error(self, call_id: int, exc: CallError) -> None:
+        retry = int(exc.retry_after * 1000) if exc.retry_after is not None else None
+        self.core.send_error(call_id, exc.status, exc.message, details=exc.details or None, retry_after_ms=retry)
+
+    def _internal_error(self, call_id: int, method: str, request_id: str) -> None:
+        log.exception("handler %s failed (request id %s)", method, request_id)
+        self.server.counters["internal_errors"] += 1
+        self.core.send_error(call_id, Status.INTERNAL, f"internal error (request id {request_id})")
+
+    # -- drain -------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Send GoAway: finish the calls already accepted, start no more."""
+        if self.link is None or self.link.closed:
+            return
+        if self.core.state in (ConnectionState.OPEN, ConnectionState.DRAINING):
+            self.core.send_goaway(Status.OK, "server is draining")
+            self.link.flush()
+            self._maybe_finish_drain()
+        elif self.core.state is not ConnectionState.CLOSED and self.core.state is not ConnectionState.HANDSHAKE:
+            self.link.close()
+
+    def _maybe_finish_drain(self) -> None:
+        if not self.tasks and self.link is not None and self.core.state is ConnectionState.DRAINING:
+            self.link.close()
+
+    def abort(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        if self.link is not None:
+            self.link.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()

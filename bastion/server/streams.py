@@ -1,0 +1,109 @@
+"""Per-call stream plumbing on the server: client-stream input, credit waits.
+
+``InputStream`` is what a handler's ``AsyncIterator[T]`` parameter receives.
+Items arrive as undecoded ``Raw`` values (at most the window the server
+announced, so the queue is bounded by the protocol itself); each is decoded
+against the declared item type when the handler takes it, and credit is
+returned to the client in batches of half a window as items are consumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from bastion.exceptions import Cancelled, InvalidArgument
+
+__all__ = ["CreditGate", "InputStream"]
+
+
+class InputStream:
+    """An async iterator over one call's client-stream items."""
+
+    def __init__(
+        self,
+        decoder: msgspec.msgpack.Decoder[Any],
+        window: int,
+        grant: Callable[[int], None],
+    ) -> None:
+        self._decoder = decoder
+        self._items: deque[msgspec.Raw] = deque()
+        self._ended = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._batch = max(1, window // 2)
+        self._consumed = 0
+        self._grant = grant
+
+    def feed(self, raw: msgspec.Raw) -> None:
+        self._items.append(raw)
+        self._wake()
+
+    def end(self) -> None:
+        self._ended = True
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def __aiter__(self) -> InputStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._items:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        raw = self._items.popleft()
+        self._consumed += 1
+        if self._consumed >= self._batch:
+            self._grant(self._consumed)
+            self._consumed = 0
+        try:
+            return self._decoder.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise InvalidArgument(f"stream item: {exc}") from None
+
+
+class CreditGate:
+    """Lets a sender wait until the peer grants credit on one call."""
+
+    __slots__ = ("_closed", "_waiter")
+
+    def __init__(self) -> None:
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+
+    def open(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def close(self) -> None:
+        self._closed = True
+        self.open()
+
+    async def wait(self) -> None:
+        if self._closed:
+            raise Cancelled("call closed")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        if self._closed:
+            raise Cancelled("call closed")

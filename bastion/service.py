@@ -1,0 +1,314 @@
+"""Declaring services: plain type-hinted Python functions become remote methods.
+
+    svc = Service("greeter")
+
+    @svc.method(public=True, idempotent=True)
+    async def hello(name: str, times: int = 1) -> str:
+        return ", ".join([f"Hello, {name}!"] * times)
+
+The hints are the contract. Arguments are validated from them by msgspec
+before the handler runs; a bad argument is answered INVALID_ARGUMENT naming
+the field. Four shapes are recognised from the signature:
+
+* unary: ``def f(a: int) -> T`` (sync functions run in a thread pool);
+* server stream: an ``async def`` generator, ``-> AsyncIterator[T]``;
+* client stream: one parameter typed ``AsyncIterator[T]``, fed by the client;
+* bidirectional: both.
+
+A parameter typed ``Context`` receives the call's context (principal,
+deadline, request id, metadata, and the server's narrow ``ServerInfo``). This
+module knows nothing of the wire format.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import enum
+import inspect
+import re
+import time
+import typing
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Any, Protocol, TypeVar, overload
+
+import msgspec
+
+from bastion.exceptions import UsageError
+from bastion.security.principal import Principal
+
+__all__ = [
+    "Context",
+    "MethodKind",
+    "MethodSpec",
+    "ServerInfo",
+    "Service",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+class MethodKind(enum.Enum):
+    UNARY = "unary"
+    SERVER_STREAM = "server_stream"
+    CLIENT_STREAM = "client_stream"
+    BIDI_STREAM = "bidi_stream"
+
+
+class ServerInfo(Protocol):
+    """What a service may know of the server hosting it: nothing more."""
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    def stats(self) -> Mapping[str, int | float]: ...
+
+    def describe(self) -> list[dict[str, Any]]: ...
+
+
+class Context:
+    """Per-call facts a handler may ask for by declaring a ``Context`` parameter."""
+
+    __slots__ = ("deadline", "metadata", "method", "peer", "principal", "request_id", "server")
+
+    def __init__(
+        self,
+        *,
+        method: MethodSpec,
+        principal: Principal,
+        request_id: str,
+        peer: str,
+        deadline: float | None,
+        metadata: Mapping[str, str],
+        server: ServerInfo,
+    ) -> None:
+        self.method = method
+        self.principal = principal
+        self.request_id = request_id
+        self.peer = peer
+        self.deadline = deadline  # time.monotonic() value, or None
+        self.metadata = metadata
+        self.server = server
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the call's deadline, or None without one."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+
+class MethodSpec(msgspec.Struct, frozen=True):
+    """Everything the server needs to know about one method, built once."""
+
+    service: str
+    name: str
+    handler: Callable[..., Any]
+    kind: MethodKind
+    is_async: bool
+    args_type: type[msgspec.Struct]
+    result_type: Any
+    input_type: Any  # item type of the client stream, or None
+    input_param: str | None
+    context_param: str | None
+    public: bool = False
+    idempotent: bool = False
+    priority: int = 0
+    roles: frozenset[str] = frozenset()
+    doc: str = ""
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.service}.{self.name}"
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready description: names, flags and JSON Schemas."""
+        params = msgspec.json.schema(self.args_type)
+        defs = params.pop("$defs", {})
+        args = defs.pop(self.args_type.__name__, params)
+        out: dict[str, Any] = {
+            "name": self.full_name,
+            "kind": self.kind.value,
+            "doc": self.doc,
+            "public": self.public,
+            "idempotent": self.idempotent,
+            "priority": self.priority,
+            "roles": sorted(self.roles),
+            "params": args,
+            "result": _schema(self.result_type),
+        }
+        if self.input_type is not None:
+            out["input"] = _schema(self.input_type)
+        if defs:
+            out["$defs"] = defs
+        return out
+
+
+def _schema(tp: Any) -> Any:
+    try:
+        return msgspec.json.schema(tp)
+    except TypeError:
+        return {}
+
+
+class Service:
+    """A named group of methods."""
+
+    def __init__(self, name: str, *, doc: str = "") -> None:
+        if not _NAME.match(name):
+            raise UsageError(f"service name {name!r} must match {_NAME.pattern}")
+        self.name = name
+        self.doc = doc
+        self.methods: dict[str, MethodSpec] = {}
+
+    def __repr__(self) -> str:
+        return f"Service({self.name!r}, methods={sorted(self.methods)})"
+
+    @overload
+    def method(self, fn: F, /) -> F: ...
+
+    @overload
+    def method(
+        self,
+        *,
+        name: str | None = None,
+        public: bool = False,
+        idempotent: bool = False,
+        priority: int = 0,
+        roles: Iterable[str] = (),
+    ) -> Callable[[F], F]: ...
+
+    def method(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        public: bool = False,
+        idempotent: bool = False,
+        priority: int = 0,
+        roles: Iterable[str] = (),
+    ) -> F | Callable[[F], F]:
+        """Register ``fn`` as a method; usable bare or with options.
+
+        public: anonymous connections may call it (health, login).
+        idempotent: running it twice has the effect of once; clients may retry.
+        priority: default scheduling priority (higher runs first under load).
+        roles: roles a caller needs (an ``admin`` passes every check).
+        """
+
+        def register(func: F) -> F:
+            spec = build_spec(
+                self.name,
+                func,
+                name=name or func.__name__,
+                public=public,
+                idempotent=idempotent,
+                priority=priority,
+                roles=frozenset(roles),
+            )
+            if spec.name in self.methods:
+                raise UsageError(f"{spec.full_name} is declared twice")
+            self.methods[spec.name] = spec
+            return func
+
+        return register(fn) if fn is not None else register
+
+
+def build_spec(
+    service: str,
+    func: Callable[..., Any],
+    *,
+    name: str,
+    public: bool,
+    idempotent: bool,
+    priority: int,
+    roles: frozenset[str],
+) -> MethodSpec:
+    """Read a function's signature and hints into a ``MethodSpec``."""
+    full = f"{service}.{name}"
+    if not _NAME.match(name):
+        raise UsageError(f"method name {name!r} must match {_NAME.pattern}")
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception as exc:
+        raise UsageError(f"{full}: cannot resolve type hints: {exc}") from exc
+    signature = inspect.signature(func)
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    input_param = context_param = input_type = None
+    for param in signature.parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
+            raise UsageError(f"{full}: parameter {param.name!r} must be an ordinary named parameter")
+        if param.name not in hints:
+            raise UsageError(f"{full}: parameter {param.name!r} needs a type hint")
+        hint = hints[param.name]
+        if hint is Context:
+            context_param = param.name
+            continue
+        item = _async_iterator_item(hint)
+        if item is not None:
+            if input_param is not None:
+                raise UsageError(f"{full}: only one parameter may be a client stream")
+            input_param, input_type = param.name, item
+            continue
+        if param.default is param.empty:
+            fields.append((param.name, hint))
+        else:
+            fields.append((param.name, hint, param.default))
+    is_gen = inspect.isasyncgenfunction(func)
+    is_async = is_gen or inspect.iscoroutinefunction(func)
+    returns = hints.get("return", Any)
+    output_item = _async_iterator_item(returns)
+    if is_gen and output_item is None:
+        output_item = Any
+    if output_item is not None and not is_gen:
+        raise UsageError(f"{full}: a server stream must be an async generator function")
+    if not is_async and (input_param is not None or inspect.isgeneratorfunction(func)):
+        raise UsageError(f"{full}: streaming methods must be async")
+    kind = {
+        (False, False): MethodKind.UNARY,
+        (True, False): MethodKind.SERVER_STREAM,
+        (False, True): MethodKind.CLIENT_STREAM,
+        (True, True): MethodKind.BIDI_STREAM,
+    }[(output_item is not None, input_param is not None)]
+    try:
+        args_type = msgspec.defstruct(
+            full, fields, kw_only=True, forbid_unknown_fields=True, module=getattr(func, "__module__", None)
+        )
+        msgspec.msgpack.Decoder(args_type)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{full}: argument types are not supported: {exc}") from exc
+    return MethodSpec(
+        service=service,
+        name=name,
+        handler=func,
+        kind=kind,
+        is_async=is_async,
+        args_type=args_type,
+        result_type=output_item if output_item is not None else returns,
+        input_type=input_type,
+        input_param=input_param,
+        context_param=context_param,
+        public=public,
+        idempotent=idempotent,
+        priority=priority,
+        roles=roles,
+        doc=inspect.getdoc(func) or "",
+    )
+
+
+def _async_iterator_item(hint: Any) -> Any:
+    """``T`` for AsyncIterator[T] / AsyncIterable[T] / AsyncGenerator[T, ...], else None."""
+    origin = typing.get_origin(hint)
+    if origin in (
+        collections.abc.AsyncIterator,
+        collections.abc.AsyncIterable,
+        collections.abc.AsyncGenerator,
+    ):
+        args = typing.get_args(hint)
+        return args[0] if args else Any
+    if hint in (AsyncIterator, collections.abc.AsyncIterable, collections.abc.AsyncGenerator):
+        return Any
+    return None

@@ -1,0 +1,42 @@
+"""The built-in ``admin`` service: health, introspection and statistics.
+
+Written with the public service API only; it learns about the server through
+the narrow ``ServerInfo`` on its ``Context``, never through server internals.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from bastion.service import Context, Service
+
+__all__ = ["Health", "service"]
+
+service = Service("admin", doc="Server health, introspection and statistics.")
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: str
+    version: str
+    uptime: float
+
+
+@service.method(public=True, idempotent=True, priority=10)
+async def health(ctx: Context) -> Health:
+    """Whether the server is up, its version and uptime in seconds."""
+    return Health("ok", ctx.server.version, round(time.time() - ctx.server.started_at, 3))
+
+
+@service.method(idempotent=True)
+async def methods(ctx: Context) -> list[dict[str, Any]]:
+    """Every service and method this server offers, with argument and result schemas."""
+    return ctx.server.describe()
+
+
+@service.method(idempotent=True, roles=["admin"])
+async def stats(ctx: Context) -> dict[str, float]:
+    """Server counters: connections, calls, errors, uptime."""
+    return dict(ctx.server.stats())
