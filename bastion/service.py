@@ -180,7 +180,7 @@ class Service:
         roles: Iterable[str] = (),
     ) -> Callable[[F], F]: ...
 
-    def method(
+    def method(  # type: ignore[misc]  # mypy misreads the bare-decorator overload
         self,
         fn: F | None = None,
         /,

@@ -1,7 +1,12 @@
-"""The ``bastion`` command (filled in by the CLI module)."""
+"""The ``bastion`` command: ``serve``, ``call``, ``methods``.
+
+Business logic lives in the package; this layer parses arguments, reads the
+configuration at the entry point, and prints results (data to stdout,
+messages to stderr, a non-zero exit code on failure).
+"""
 
 from __future__ import annotations
 
+from bastion.cli.app import app, main
 
-def main() -> None:
-    raise SystemExit("bastion CLI: not built yet")
+__all__ = ["app", "main"]

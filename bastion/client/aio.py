@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -242,6 +242,9 @@ class Client:
         self._conn: _ClientConnection | None = None
         self._lock: asyncio.Lock | None = None
         self.welcome: Welcome | None = None
+        # Seam for bastion.testing: given the protocol factory, connect it to
+        # something other than a TCP socket (an in-memory server, say).
+        self._connector: Callable[[Callable[[], Link]], Awaitable[object]] | None = None
 
     def __repr__(self) -> str:
         return f"Client({self.host}:{self.port})"
@@ -281,13 +284,16 @@ class Client:
         conn = _ClientConnection(self.limits, self._token, self._name)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(
-                    lambda: Link(conn.core, conn),
-                    self.host,
-                    self.port,
-                    ssl=self._ssl,
-                    server_hostname=self._server_hostname if self._ssl is not None else None,
-                )
+                if self._connector is not None:
+                    await self._connector(lambda: Link(conn.core, conn))
+                else:
+                    await loop.create_connection(
+                        lambda: Link(conn.core, conn),
+                        self.host,
+                        self.port,
+                        ssl=self._ssl,
+                        server_hostname=self._server_hostname if self._ssl is not None else None,
+                    )
                 self.welcome = await conn.welcome
         except TimeoutError:
             if conn.link is not None:

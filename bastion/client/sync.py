@@ -7,6 +7,7 @@ lock serialises threads); use several clients for parallel blocking calls.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import threading
 import time
@@ -199,10 +200,8 @@ class SyncClient:
                 raise DeadlineExceeded(f"{method}: no answer within {timeout}s") from None
             finally:
                 if not finished and not link.closed and core.send_cancel(call_id):
-                    try:
+                    with contextlib.suppress(ConnectionClosed):
                         link.flush()
-                    except ConnectionClosed:
-                        pass
 
     @staticmethod
     def _send_items(core: Connection, call_id: int, source: Iterator[Any]) -> Iterator[Any] | None:

@@ -6,7 +6,7 @@ from typing import Final
 
 import msgspec
 
-__all__ = ["ANONYMOUS", "ADMIN_ROLE", "Principal"]
+__all__ = ["ADMIN_ROLE", "ANONYMOUS", "Principal"]
 
 #: Holders of this role pass every role check.
 ADMIN_ROLE: Final = "admin"

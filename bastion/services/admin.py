@@ -30,10 +30,24 @@ async def health(ctx: Context) -> Health:
     return Health("ok", ctx.server.version, round(time.time() - ctx.server.started_at, 3))
 
 
-@service.method(idempotent=True)
+@service.method(public=True, idempotent=True)
 async def methods(ctx: Context) -> list[dict[str, Any]]:
-    """Every service and method this server offers, with argument and result schemas."""
-    return ctx.server.describe()
+    """The services and methods the caller may call, with argument and result schemas.
+
+    Anonymous callers see only public methods; others see everything they hold
+    the roles for.
+    """
+    principal = ctx.principal
+    out = []
+    for svc in ctx.server.describe():
+        visible = [
+            m
+            for m in svc["methods"]
+            if m["public"] or (principal.authenticated and principal.has_roles(frozenset(m["roles"])))
+        ]
+        if visible:
+            out.append({**svc, "methods": visible})
+    return out
 
 
 @service.method(idempotent=True, roles=["admin"])

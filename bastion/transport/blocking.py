@@ -7,6 +7,7 @@ whatever the core queued. OS and ssl errors become ``TransportError``s here.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import time
@@ -89,7 +90,5 @@ class BlockingLink:
         if not self.closed:
             self.closed = True
             self.core.close()
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.close()
-            except OSError:
-                pass

@@ -1,0 +1,108 @@
+"""``bastion serve``: compose the server from the configuration and run it.
+
+This is an entry point: it reads the finished ``Config``, prepares the data
+directory, bootstraps the admin credential, imports user services, and runs
+the server on uvloop (where installed) until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from bastion._version import __version__
+from bastion.config import Config
+from bastion.exceptions import UsageError
+from bastion.security.authn import StaticTokens, new_token
+from bastion.security.principal import ADMIN_ROLE, Principal
+from bastion.server.server import Server
+from bastion.service import Service
+from bastion.services.admin import service as admin_service
+
+__all__ = ["ensure_admin_token", "load_services", "run"]
+
+log = logging.getLogger("bastion.server")
+
+
+def ensure_admin_token(path: Path) -> tuple[str, bool]:
+    """The admin token stored at ``path`` (mode 0600), created on first start."""
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        token = path.read_text().strip()
+        if token:
+            return token, False
+    token = new_token()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token, True
+
+
+def load_services(specs: list[str]) -> list[Service]:
+    """Import ``module:attribute`` for each spec; the attribute is a Service (or a list of them)."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    found: list[Service] = []
+    for spec in specs:
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise UsageError(f"--service {spec!r}: expected MODULE:ATTRIBUTE, e.g. myapp.api:service")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise UsageError(f"--service {spec!r}: cannot import {module_name}: {exc}") from None
+        value = getattr(module, attr, None)
+        items: list[object] = list(value) if isinstance(value, list | tuple) else [value]
+        services = [item for item in items if isinstance(item, Service)]
+        if not services or len(services) != len(items):
+            raise UsageError(f"--service {spec!r}: {attr} is not a bastion.Service")
+        found.extend(services)
+    return found
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run(config: Config, *, echo: Callable[[str], None]) -> int:
+    """Start the server described by ``config``; return the exit code."""
+    logging.basicConfig(
+        level=config.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token_path = data_dir / "admin.token"
+    token, created = ensure_admin_token(token_path)
+    services = [admin_service, *load_services(config.services)]
+    server = Server(
+        services,
+        limits=config.limits,
+        authenticator=StaticTokens({token: Principal("admin", frozenset({ADMIN_ROLE}))}),
+    )
+    del token
+
+    async def main() -> None:
+        try:
+            await server.start(config.host, config.port)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+        host, port = server.addresses[0][:2]
+        names = ", ".join(sorted(server.table.services))
+        echo(f"bastion {__version__} listening on {host}:{port} (services: {names})")
+        echo(f"admin token {'written to' if created else 'in'} {token_path.resolve()} (mode 0600)")
+        await server.serve_forever()
+        log.info("stopped")
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(main())
+    return 0
