@@ -89,7 +89,7 @@ class ProtocolLimits(msgspec.Struct, frozen=True):
 
 
 class _CallRecord:
-    __slots__ = ("send_credit", "recv_credit", "state")
+    __slots__ = ("recv_credit", "send_credit", "state")
 
     def __init__(self, state: CallState, send_credit: int, recv_credit: int) -> None:
         self.state = state
@@ -118,6 +118,7 @@ class Connection:
         self._calls: dict[int, _CallRecord] = {}
         self._highest_id = 0  # highest call id sent (client) or received (server)
         self._peer_window = 0  # initial send credit per call, from the peer
+        self._peer_max_frame = self.limits.max_frame  # from the Hello; applies after our Welcome
         self.last_id: int | None = None  # from a GoAway, sent or received
         self.peer_max_inflight = self.limits.max_inflight
         self.goaway: GoAway | None = None  # the one received, if any
@@ -155,7 +156,7 @@ class Connection:
             for message in messages:
                 if self._receive(message):
                     events.append(message)
-                if self.state is ConnectionState.CLOSED:
+                if self.state is ConnectionState.CLOSED:  # type: ignore[comparison-overlap]  # _receive may close
                     break
             return events
         except RemoteProtocolError as exc:
@@ -188,9 +189,10 @@ class Connection:
 
     def send_welcome(self, welcome: Welcome) -> None:
         new = self._next_state(_SEND, Welcome)
-        self._writer.write(welcome)
+        self._writer.write(welcome)  # within the handshake cap (docs/protocol.md 2.1)
         self.state = new
         self._reader.max_frame = self.limits.max_frame
+        self._writer.max_frame = self._peer_max_frame
 
     def reject(self, status: Status, message: str) -> None:
         """Refuse the handshake (server) with a coded reason, then close."""
@@ -271,18 +273,23 @@ class Connection:
         return True
 
     def grant(self, call_id: int, n: int) -> bool:
-        """Let the peer send ``n`` more items on ``call_id``."""
+        """Let the peer send ``n`` more items on ``call_id``.
+
+        ``n`` is cut so the peer never holds more than MAX_CREDIT; False if the
+        call has closed or there is nothing to grant.
+        """
         record = self._calls.get(call_id)
         if record is None:
             self._check_send(Credit)
             if not 0 < call_id <= self._highest_id:
                 raise LocalProtocolError(f"call {call_id} was never started")
             return False
+        n = min(n, MAX_CREDIT - record.recv_credit)
         if n <= 0:
             return False
         self._transition(_SEND, Credit)
-        self._writer.write(Credit(call_id, n))  # first: if it cannot be sent, grant nothing
-        record.recv_credit = min(record.recv_credit + n, MAX_CREDIT)
+        self._writer.write(Credit(call_id, n))
+        record.recv_credit += n
         return True
 
     # -- connection control -------------------------------------------------
@@ -432,8 +439,9 @@ class Connection:
             )
         if hello.window < 1 or hello.max_frame < 1024:
             raise RemoteProtocolError("Hello: window must be >= 1 and max_frame >= 1024")
-        self._peer_window = hello.window
-        self._writer.max_frame = min(hello.max_frame, 2**32 - 1)
+        self._peer_window = min(hello.window, MAX_CREDIT)
+        # Not yet: the Welcome, or a refusal, only has to fit the handshake cap.
+        self._peer_max_frame = min(hello.max_frame, 2**32 - 1)
         return True
 
     def _receive_welcome(self, welcome: Welcome) -> bool:
@@ -443,7 +451,7 @@ class Connection:
             )
         if welcome.window < 1 or welcome.max_frame < 1024 or welcome.max_inflight < 1:
             raise RemoteProtocolError("Welcome: window, max_frame and max_inflight out of range")
-        self._peer_window = welcome.window
+        self._peer_window = min(welcome.window, MAX_CREDIT)
         self._writer.max_frame = min(welcome.max_frame, 2**32 - 1)
         self.peer_max_inflight = welcome.max_inflight
         return True

@@ -33,7 +33,7 @@ class FrameReader(Generic[T]):
     """Turns a byte stream into decoded messages of type ``T``."""
 
     def __init__(self, message_type: type[T] | object, max_frame: int) -> None:
-        self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(message_type)  # type: ignore[arg-type]
+        self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(message_type)
         self._buffer = bytearray()
         self._need = HEADER_SIZE  # bytes the partial frame in _buffer needs
         self.max_frame = max_frame

@@ -50,7 +50,7 @@ class _Message(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True,
     pass
 
 
-class Hello(_Message, tag=1):
+class Hello(_Message, tag=1, frozen=True):
     """Client -> server, first frame: who is calling and how."""
 
     version: int
@@ -61,7 +61,7 @@ class Hello(_Message, tag=1):
     metadata: dict[str, str] = {}
 
 
-class Welcome(_Message, tag=2):
+class Welcome(_Message, tag=2, frozen=True):
     """Server -> client, answer to Hello: the limits this connection runs under."""
 
     version: int
@@ -74,7 +74,7 @@ class Welcome(_Message, tag=2):
     metadata: dict[str, str] = {}
 
 
-class Call(_Message, tag=3):
+class Call(_Message, tag=3, frozen=True):
     """Client -> server: start call ``id`` of ``method`` with named ``args``."""
 
     id: int
@@ -86,14 +86,14 @@ class Call(_Message, tag=3):
     metadata: dict[str, str] | None = None
 
 
-class Result(_Message, tag=4):
+class Result(_Message, tag=4, frozen=True):
     """Server -> client: call ``id`` finished with OK and ``value``."""
 
     id: int
     value: msgspec.Raw
 
 
-class Error(_Message, tag=5):
+class Error(_Message, tag=5, frozen=True):
     """Server -> client: call ``id`` finished with status ``code``."""
 
     id: int
@@ -103,45 +103,45 @@ class Error(_Message, tag=5):
     retry_after_ms: int | None = None
 
 
-class Cancel(_Message, tag=6):
+class Cancel(_Message, tag=6, frozen=True):
     """Client -> server: the client no longer wants call ``id``."""
 
     id: int
 
 
-class Item(_Message, tag=7):
+class Item(_Message, tag=7, frozen=True):
     """Either direction: one item of call ``id``'s stream; spends one credit."""
 
     id: int
     value: msgspec.Raw
 
 
-class End(_Message, tag=8):
+class End(_Message, tag=8, frozen=True):
     """Client -> server: the client's stream for call ``id`` is complete."""
 
     id: int
 
 
-class Credit(_Message, tag=9):
+class Credit(_Message, tag=9, frozen=True):
     """Either direction: the sender may send ``n`` more items on call ``id``."""
 
     id: int
     n: int
 
 
-class Ping(_Message, tag=10):
+class Ping(_Message, tag=10, frozen=True):
     """Either direction: please answer with a Pong carrying the same payload."""
 
     payload: int
 
 
-class Pong(_Message, tag=11):
+class Pong(_Message, tag=11, frozen=True):
     """Either direction: the answer to a Ping."""
 
     payload: int
 
 
-class GoAway(_Message, tag=12):
+class GoAway(_Message, tag=12, frozen=True):
     """Either direction: no new calls; calls with ids above ``last_id`` never started."""
 
     last_id: int

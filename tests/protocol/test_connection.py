@@ -237,6 +237,40 @@ def test_writer_adopts_the_peer_max_frame() -> None:
     assert error.code == Status.RESOURCE_EXHAUSTED
 
 
+def test_welcome_and_refusal_use_the_handshake_cap_not_hello_max_frame() -> None:
+    # docs/protocol.md 2.1: the Hello's max_frame covers frames *after* the
+    # Welcome; the Welcome and any refusal only have to fit the 16 KiB cap.
+    for refuse in (False, True):
+        pair = ConnectionPair()
+        pair.client.send_hello(hello_for(pair.client.limits, max_frame=1024))
+        pair.to_server()
+        if refuse:
+            pair.server.reject(Status.UNAUTHENTICATED, "x" * 3000)
+            [goaway] = pair.to_client()
+            assert isinstance(goaway, GoAway)
+            continue
+        pair.server.send_welcome(welcome_for(pair.server.limits, metadata={"k": "v" * 3000}))
+        [welcome] = pair.to_client()
+        assert isinstance(welcome, Welcome)
+        pair.client.send_call("m", None)
+        pair.to_server()
+        with pytest.raises(LocalProtocolError):
+            pair.server.send_result(1, "x" * 2000)
+
+
+@pytest.mark.parametrize("window", [2**31, 2**40, 2**63 - 1])
+def test_announced_windows_are_capped(window: int) -> None:
+    pair = ConnectionPair()
+    pair.handshake(
+        hello=hello_for(pair.client.limits, window=window),
+        welcome=welcome_for(pair.server.limits, window=window),
+    )
+    pair.client.send_call("m", None, stream=True)
+    pair.to_server()
+    assert pair.client.send_credit(1) == MAX_CREDIT
+    assert pair.server.send_credit(1) == MAX_CREDIT
+
+
 # -- calls ---------------------------------------------------------------------------
 
 
@@ -388,9 +422,7 @@ def test_server_frames_for_never_opened_calls_are_errors(message: Message) -> No
     assert_failed(pair.server)
 
 
-@pytest.mark.parametrize(
-    "message", [Result(2, raw(1)), Error(2, 1, ""), Item(2, raw(1)), Credit(2, 1), Credit(0, 1)]
-)
+@pytest.mark.parametrize("message", [Result(2, raw(1)), Error(2, 1, ""), Item(2, raw(1)), Credit(2, 1), Credit(0, 1)])
 def test_client_frames_for_never_opened_calls_are_errors(message: Message) -> None:
     pair = open_pair()
     pair.client.send_call("m", None, stream=True)
@@ -489,6 +521,15 @@ def test_grant_restores_credit() -> None:
     assert len(pair.to_server()) == 3
     with pytest.raises(LocalProtocolError):
         pair.client.send_item(1, 99)
+
+
+def test_grant_never_raises_the_peer_credit_above_the_cap() -> None:
+    pair = streaming_pair(window=4)
+    assert pair.server.grant(1, MAX_CREDIT)
+    assert not pair.server.grant(1, 1)  # nothing left to grant
+    [credit] = pair.to_client()
+    assert credit == Credit(1, MAX_CREDIT - 4)
+    assert pair.client.send_credit(1) == MAX_CREDIT
 
 
 def test_grant_of_nothing_is_refused() -> None:
@@ -620,6 +661,24 @@ def test_second_server_goaway_keeps_last_id() -> None:
     assert pair.client.last_id == 1
 
 
+def test_client_keeps_the_smallest_last_id() -> None:
+    pair = open_pair()
+    for _ in range(5):
+        pair.client.send_call("m", None)
+    pair.to_server()
+    pair.client.receive_data(frame(GoAway(2, 0, ""), GoAway(4, 0, "")))
+    assert pair.client.last_id == 2
+    assert [pair.client.call_state(i) for i in range(1, 6)] == [CallState.HALF_CLOSED_LOCAL] * 2 + [
+        CallState.CLOSED
+    ] * 3
+
+
+def test_unmatched_pong_is_harmless() -> None:
+    pair = open_pair()
+    assert pair.client.receive_data(frame(Pong(99))) == [Pong(99)]
+    assert pair.client.state is CS.OPEN
+
+
 def test_client_goaway() -> None:
     pair = open_pair()
     pair.client.send_call("m", None)
@@ -683,6 +742,35 @@ def test_goaway_fits_a_tiny_handshake_cap() -> None:
     assert goaway.message == ""
 
 
+def nested(depth: int) -> bytes:
+    """A MessagePack value ``depth`` arrays deep."""
+    return b"\x91" * (depth - 1) + b"\x90"
+
+
+def test_values_nested_100_deep_are_accepted() -> None:
+    # docs/protocol.md 3.2: at least 100 levels, counting the message array.
+    pair = open_pair()
+    [call] = pair.server.receive_data(raw_frame(b"\x94\x03\x01\xa1m" + nested(99)))
+    assert isinstance(call, Call)
+    pair.client.send_call("m", None)
+    body = b"\x95\x05\x01\x02\xa4deep\x81\xa1k" + nested(98)
+    [error] = pair.client.receive_data(raw_frame(body))
+    assert isinstance(error, Error)
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_values_nested_very_deep_are_a_protocol_error(role: Role) -> None:
+    pair = open_pair()
+    if role is Role.SERVER:
+        conn, body = pair.server, b"\x94\x03\x01\xa1m" + nested(50_000)
+    else:
+        pair.client.send_call("m", None)
+        conn, body = pair.client, b"\x95\x05\x01\x02\xa0\x81\xa1k" + nested(50_000)
+    with pytest.raises(RemoteProtocolError):
+        conn.receive_data(raw_frame(body))
+    assert_failed(conn)
+
+
 def test_eof_closes() -> None:
     pair = open_pair()
     pair.client.send_call("m", None)
@@ -736,9 +824,7 @@ junk_fields = st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8) | st.none()
 @given(
     role=st.sampled_from(list(Role)),
     frames=st.lists(
-        st.tuples(
-            st.integers(0, 15), st.lists(st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8) | st.none())
-        ),
+        st.tuples(st.integers(0, 15), st.lists(st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8) | st.none())),
         max_size=8,
     ),
 )

@@ -82,9 +82,7 @@ STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
     Welcome: st.builds(Welcome, ints, texts, texts, ints, ints, ints, ints, str_maps),
     Call: st.builds(Call, ints, texts, raws, opt_ints, opt_ints, st.booleans(), st.none() | str_maps),
     Result: st.builds(Result, ints, raws),
-    Error: st.builds(
-        Error, ints, ints, texts, st.none() | st.dictionaries(texts, plain, max_size=4), opt_ints
-    ),
+    Error: st.builds(Error, ints, ints, texts, st.none() | st.dictionaries(texts, plain, max_size=4), opt_ints),
     Cancel: st.builds(Cancel, ints),
     Item: st.builds(Item, ints, raws),
     End: st.builds(End, ints),
@@ -244,3 +242,42 @@ def test_server_only_message_rejected_by_server(cls: type) -> None:
 def test_client_only_message_rejected_by_client(cls: type) -> None:
     with pytest.raises(msgspec.ValidationError):
         SERVER_DECODER.decode(ENCODER.encode(_minimal(cls)))
+
+
+# -- strict field types (docs/protocol.md 3.2) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [10, True],  # bool for an int
+        [10, 1.0],  # float for an int
+        [10, "1"],  # str for an int
+        [3, 1, b"m", None],  # bin for a str
+        [3, 1, "m", None, None, None, 1],  # int for a bool
+        [3, 1, "m", None, None, None, None],  # nil for a bool with a default
+        [1, 1, "c", None, None],  # nil for Hello.window
+        [1, 1, "c", None, 16, 1024, None],  # nil for Hello.metadata
+        [1, 1, "c", None, 16, 1024, {"k": 1}],  # a non-str metadata value
+        [12, 0, 0, None],  # nil for GoAway.message
+        [5, 1, 2, "m", {1: "int key"}],  # a non-str details key
+    ],
+    ids=repr,
+)
+def test_wrong_field_type_rejected(fields: list[Any]) -> None:
+    body = msgspec.msgpack.encode(fields)
+    with pytest.raises(msgspec.ValidationError):
+        (SERVER_DECODER if fields[0] == 5 else CLIENT_DECODER).decode(body)
+
+
+def test_every_int_format_is_accepted() -> None:
+    # Senders should use the shortest encoding; receivers take any of them.
+    for encoded in (
+        b"\x05",
+        b"\xcc\x05",
+        b"\xcd\x00\x05",
+        b"\xce\x00\x00\x00\x05",
+        b"\xd0\x05",
+        b"\xd3" + bytes(7) + b"\x05",
+    ):
+        assert CLIENT_DECODER.decode(b"\x92\x0a" + encoded) == Ping(5)

@@ -39,9 +39,7 @@ def imported_modules(path: Path) -> list[str]:
             # ``from bastion import server`` names a module in its alias.
             names += [f"{module}.{alias.name}" for alias in node.names if module == "bastion"]
         elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__":
-            names += [
-                a.value for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str)
-            ]
+            names += [a.value for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str)]
     return names
 
 

@@ -1,0 +1,48 @@
+"""Configuration precedence: defaults < TOML file < environment < flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bastion.config import DEFAULT_PORT, Config, ServerLimits, load_config
+from bastion.exceptions import UsageError
+
+
+def test_defaults() -> None:
+    cfg = load_config(environ={})
+    assert cfg == Config()
+    assert (cfg.host, cfg.port, cfg.limits.max_inflight) == ("127.0.0.1", DEFAULT_PORT, 1024)
+
+
+def test_file_then_env_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "bastion.toml"
+    path.write_text('port = 9000\nhost = "0.0.0.0"\n[limits]\nmax_inflight = 300\nwindow = 8\n')
+    env = {"BASTION_PORT": "9100", "BASTION_LIMITS__WINDOW": "32"}
+    cfg = load_config(path, environ=env, overrides={"port": 9200, "host": None})
+    assert cfg.port == 9200  # flag beats env beats file
+    assert cfg.host == "0.0.0.0"  # an unset flag (None) does not override
+    assert cfg.limits == ServerLimits(max_inflight=300, window=32)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("bogus = 1\n", "unknown field `bogus`"),
+        ("[limits]\nmax_frame = -1\n", "must be positive"),
+        ("port = 70000\n", "port must be"),
+        ("port = [\n", "not valid TOML"),
+        ("[limits]\nhandshake_max_frame = 2000000\n", "must not exceed"),
+    ],
+)
+def test_bad_config_is_a_clear_usage_error(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=message):
+        load_config(path, environ={})
+
+
+def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="cannot read config file"):
+        load_config(tmp_path / "absent.toml", environ={})
