@@ -20,7 +20,7 @@ may put any encodable object there; the encoder writes it in place.
 
 from __future__ import annotations
 
-from typing import Any, Final, Union
+from typing import Any, Final
 
 import msgspec
 
@@ -149,6 +149,6 @@ class GoAway(_Message, tag=12, frozen=True):
     message: str = ""
 
 
-ClientMessage = Union[Hello, Call, Cancel, Item, End, Credit, Ping, Pong, GoAway]
-ServerMessage = Union[Welcome, Result, Error, Item, Credit, Ping, Pong, GoAway]
-Message = Union[Hello, Welcome, Call, Result, Error, Cancel, Item, End, Credit, Ping, Pong, GoAway]
+ClientMessage = Hello | Call | Cancel | Item | End | Credit | Ping | Pong | GoAway
+ServerMessage = Welcome | Result | Error | Item | Credit | Ping | Pong | GoAway
+Message = Hello | Welcome | Call | Result | Error | Cancel | Item | End | Credit | Ping | Pong | GoAway
