@@ -125,7 +125,7 @@ class MethodSpec(msgspec.Struct, frozen=True):
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description: names, flags and JSON Schemas."""
-        params = msgspec.json.schema(self.args_type)
+        params = _schema(self.args_type)  # {} for types JSON Schema cannot express
         defs = params.pop("$defs", {})
         args = defs.pop(self.args_type.__name__, params)
         out: dict[str, Any] = {
@@ -232,7 +232,7 @@ def build_spec(
     if not _NAME.match(name):
         raise UsageError(f"method name {name!r} must match {_NAME.pattern}")
     try:
-        hints = typing.get_type_hints(func)
+        hints = typing.get_type_hints(func, include_extras=True)  # keep Annotated constraints
     except Exception as exc:
         raise UsageError(f"{full}: cannot resolve type hints: {exc}") from exc
     signature = inspect.signature(func)

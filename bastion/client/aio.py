@@ -179,6 +179,21 @@ class _ClientConnection:
         if self.core.state is ConnectionState.DRAINING and not self.pending and self.link is not None:
             self.link.close()
 
+    def start_sender(
+        self, call_id: int, pending: _Pending, items: AsyncIterable[Any] | Iterable[Any]
+    ) -> asyncio.Future[None]:
+        """Send ``items`` in the background; if iterating them raises, the call fails with that error."""
+        sender = asyncio.ensure_future(self.send_items(call_id, pending, items))
+
+        def done(task: asyncio.Future[None]) -> None:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                self.cancel(call_id)
+                pending.fail(error)
+
+        sender.add_done_callback(done)
+        return sender
+
     async def send_items(self, call_id: int, pending: _Pending, items: AsyncIterable[Any] | Iterable[Any]) -> None:
         assert self.link is not None
         pending.credit = asyncio.Event()
@@ -306,8 +321,9 @@ class Client:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and conn.link is not None and not conn.closed:
-            for call_id in list(conn.pending):
+            for call_id, pending in list(conn.pending.items()):
                 conn.cancel(call_id)
+                pending.fail(ConnectionClosed("the client was closed"))  # wake whoever awaits it
             conn.link.close()
 
     # -- calls ----------------------------------------------------------------------
@@ -340,12 +356,14 @@ class Client:
             try:
                 async with asyncio.timeout(timeout):
                     if items is not None:
-                        sender = asyncio.ensure_future(conn.send_items(call_id, pending, items))
+                        sender = conn.start_sender(call_id, pending, items)
                         try:
                             return await self._collect(conn, call_id, pending)
                         finally:
                             sender.cancel()
                     return await self._collect(conn, call_id, pending)
+            except DeadlineExceeded:
+                raise  # the server's answer, as it sent it (it is also a TimeoutError)
             except TimeoutError:
                 conn.cancel(call_id)
                 raise DeadlineExceeded(f"{method}: no answer within {timeout}s") from None
@@ -369,7 +387,7 @@ class Client:
         """Call a server-streaming method and yield its items as they arrive."""
         conn = await self._connection()
         call_id, pending = conn.start(method, check_args(args), self.timeout, items is not None, {})
-        sender = asyncio.ensure_future(conn.send_items(call_id, pending, items)) if items is not None else None
+        sender = conn.start_sender(call_id, pending, items) if items is not None else None
         batch = max(1, self.limits.window // 2)
         consumed = 0
         try:
@@ -388,6 +406,8 @@ class Client:
                         continue
                     pending.done.result()  # raises the call's error, if any
                     return
+        except DeadlineExceeded:
+            raise  # the server's answer, as it sent it (it is also a TimeoutError)
         except TimeoutError:
             conn.cancel(call_id)
             raise DeadlineExceeded(f"{method}: stream did not finish within {self.timeout}s") from None

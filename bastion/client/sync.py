@@ -197,6 +197,8 @@ class SyncClient:
                         elif isinstance(event, Credit):
                             pass  # send credit is tracked by the core
             except DeadlineExceeded:
+                if finished:
+                    raise  # the server's answer, as it sent it
                 raise DeadlineExceeded(f"{method}: no answer within {timeout}s") from None
             finally:
                 if not finished and not link.closed and core.send_cancel(call_id):

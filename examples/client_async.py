@@ -1,0 +1,56 @@
+"""Call the greeter service (examples/greeter.py) with the async client.
+
+Start a server first, from the repository root::
+
+    bastion serve --service examples.greeter:service
+
+then::
+
+    python examples/client_async.py [ADDRESS] [TOKEN_FILE]
+
+ADDRESS defaults to $BASTION_ADDRESS, else 127.0.0.1:7400; TOKEN_FILE to
+$BASTION_TOKEN_FILE, else bastion-data/admin.token (written by ``bastion
+serve`` on first start) if it exists; without a token only the public
+``hello`` works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+
+from bastion import BastionError, Client
+
+DEFAULT_TOKEN_FILE = "bastion-data/admin.token"
+
+
+def settings(argv: list[str]) -> tuple[str, str | None]:
+    """The address and token file to use, from argv, then the environment, then defaults."""
+    address = argv[1] if len(argv) > 1 else os.environ.get("BASTION_ADDRESS", "127.0.0.1:7400")
+    token_file = argv[2] if len(argv) > 2 else os.environ.get("BASTION_TOKEN_FILE")
+    if token_file is None and os.path.exists(DEFAULT_TOKEN_FILE):
+        token_file = DEFAULT_TOKEN_FILE
+    return address, token_file
+
+
+async def chunks() -> AsyncIterator[bytes]:
+    for i in range(10):
+        yield bytes(1000 * i)
+
+
+async def main(address: str, token_file: str | None) -> None:
+    async with Client(address, token_file=token_file, timeout=10) as client:
+        print(await client.greeter.hello(name="async world", times=2))
+        print("2 + 3 =", await client.greeter.add(a=2, b=3))
+        async for i in client.stream("greeter.count", n=5):
+            print("count:", i)
+        print("uploaded", await client.greeter.total.upload(chunks()), "bytes")
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main(*settings(sys.argv)))
+    except BastionError as exc:
+        sys.exit(f"error: {type(exc).__name__}: {exc}")

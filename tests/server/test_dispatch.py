@@ -1,0 +1,332 @@
+"""Dispatch (bastion/server/dispatch.py and the call path in session.py).
+
+Every call passes the same checks before a handler runs: the method exists,
+the caller may call it, the arguments match the hints. Then what a handler
+raises becomes the call's status: a ``CallError`` travels as raised, anything
+else is INTERNAL with a request id and no detail. All through
+``bastion.testing``: real server, real client, no sockets.
+"""
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import pytest
+from msgspec import Meta
+
+import bastion.testing
+from bastion import (
+    CallError,
+    Context,
+    DeadlineExceeded,
+    InternalError,
+    InvalidArgument,
+    PermissionDenied,
+    Principal,
+    Service,
+    Unauthenticated,
+    Unimplemented,
+)
+from bastion.exceptions import error_for_status
+from bastion.status import Status
+from bastion.testing import ANONYMOUS
+
+SECRET = "hunter2-do-not-leak"
+
+service = Service("calc")
+
+
+@service.method
+async def add(a: int, b: int) -> int:
+    return a + b
+
+
+@service.method
+async def greet(name: str, times: int = 1, tags: list[str] | None = None) -> str:
+    return name * times
+
+
+@service.method
+async def page(size: Annotated[int, Meta(ge=1, le=100)] = 10) -> int:
+    return size
+
+
+@service.method
+async def total(xs: AsyncIterator[int]) -> int:
+    return sum([x async for x in xs])
+
+
+@service.method(public=True)
+async def ping() -> str:
+    return "pong"
+
+
+@service.method(public=True, roles=["ops"])
+async def public_ops() -> str:
+    return "ops"
+
+
+@service.method(roles=["ops"])
+async def restart(ctx: Context) -> str:
+    return f"restarted by {ctx.principal.name}"
+
+
+@service.method
+async def explode() -> None:
+    raise RuntimeError(f"database password is {SECRET}")
+
+
+@service.method
+def explode_in_thread() -> None:
+    raise ValueError(SECRET)
+
+
+@service.method
+async def fail(code: int, message: str, details: dict[str, Any], retry_after: float | None = None) -> None:
+    raise error_for_status(code, message, details=details, retry_after=retry_after)
+
+
+@service.method
+def fail_in_thread(code: int) -> None:
+    raise error_for_status(code, "from a thread", details={"where": "thread"})
+
+
+def run(coro: Any) -> Any:
+    async def guarded() -> Any:
+        async with asyncio.timeout(10):
+            return await coro
+
+    return asyncio.run(guarded())
+
+
+async def _error(client: Any, method: str, **args: Any) -> CallError:
+    with pytest.raises(CallError) as info:
+        await client.call(method, **args)
+    return info.value
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+def test_valid_arguments_reach_the_handler() -> None:
+    async def main() -> None:
+        async with bastion.testing.connect(service) as client:
+            assert await client.calc.add(a=2, b=3) == 5
+            assert await client.calc.greet(name="ab", times=2) == "abab"
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("args", "field", "problem"),
+    [
+        ({"a": "one", "b": 2}, "a", "Expected `int`, got `str`"),
+        ({"a": 1, "b": 2.5}, "b", "Expected `int`, got `float`"),
+        ({"a": 1}, "b", "missing argument"),
+        ({}, "a", "missing argument"),
+        ({"a": 1, "b": 2, "c": 3}, "c", "unknown field"),
+    ],
+    ids=["wrong-type", "float-for-int", "missing", "none-given", "unknown"],
+)
+def test_bad_arguments_are_invalid_argument_naming_the_field(args: dict[str, Any], field: str, problem: str) -> None:
+    async def main() -> CallError:
+        async with bastion.testing.connect(service) as client:
+            return await _error(client, "calc.add", **args)
+
+    error = run(main())
+    assert isinstance(error, InvalidArgument)
+    assert error.status is Status.INVALID_ARGUMENT
+    assert error.message.startswith("calc.add: ")
+    assert f"`{field}`" in error.message
+    assert problem in error.message
+
+
+def test_constraints_in_annotated_hints_are_enforced() -> None:
+    async def main() -> None:
+        async with bastion.testing.connect(service) as client:
+            assert await client.calc.page() == 10
+            assert await client.calc.page(size=100) == 100
+            with pytest.raises(InvalidArgument, match=r"Expected `int` <= 100 - at argument `size`"):
+                await client.calc.page(size=101)
+            with pytest.raises(InvalidArgument, match=r"Expected `int` >= 1 - at argument `size`"):
+                await client.calc.page(size=0)
+
+    run(main())
+
+
+def test_nested_argument_errors_name_the_path() -> None:
+    async def main() -> CallError:
+        async with bastion.testing.connect(service) as client:
+            return await _error(client, "calc.greet", name="x", tags=["ok", 7])
+
+    error = run(main())
+    assert isinstance(error, InvalidArgument)
+    assert "Expected `str`, got `int`" in error.message
+    assert "`tags[1]`" in error.message
+
+
+def test_a_bad_stream_item_is_invalid_argument() -> None:
+    async def main() -> None:
+        async with bastion.testing.connect(service) as client:
+            assert await client.calc.total.upload([1, 2, 3]) == 6
+            with pytest.raises(InvalidArgument, match="stream item"):
+                await client.calc.total.upload([1, "two", 3])
+
+    run(main())
+
+
+def test_the_connection_survives_bad_calls() -> None:
+    async def main() -> None:
+        async with bastion.testing.connect(service) as client:
+            for _ in range(3):
+                with pytest.raises(InvalidArgument):
+                    await client.calc.add(a="x", b=1)
+                with pytest.raises(Unimplemented):
+                    await client.calc.nope()
+            assert await client.calc.add(a=1, b=1) == 2
+
+    run(main())
+
+
+# -- methods -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["calc.nope", "nosuch.add", "calc", "calc.add.more", ""])
+def test_unknown_methods_are_unimplemented(method: str) -> None:
+    async def main() -> CallError:
+        async with bastion.testing.connect(service) as client:
+            return await _error(client, method)
+
+    error = run(main())
+    assert isinstance(error, Unimplemented)
+    assert error.status is Status.UNIMPLEMENTED
+
+
+# -- who may call --------------------------------------------------------------------------------
+
+
+def test_anonymous_callers_get_unauthenticated_for_non_public_methods() -> None:
+    async def main() -> None:
+        async with bastion.testing.connect(service, principal=ANONYMOUS) as client:
+            assert client.welcome is not None and client.welcome.principal == "anonymous"
+            with pytest.raises(Unauthenticated, match=r"calc\.add requires authentication"):
+                await client.calc.add(a=1, b=2)
+            # Unknown methods look the same, so an anonymous caller cannot probe for names.
+            with pytest.raises(Unauthenticated):
+                await client.calc.nope()
+            assert await client.calc.ping() == "pong"
+
+    run(main())
+
+
+def test_a_principal_without_the_role_gets_permission_denied() -> None:
+    async def main() -> None:
+        nobody = Principal("dave", frozenset({"viewer"}))
+        async with bastion.testing.MemoryServer(service) as memory:
+            with pytest.raises(PermissionDenied, match=r"calc\.restart requires role ops"):
+                await memory.client(principal=nobody).calc.restart()
+            with pytest.raises(PermissionDenied):
+                await memory.client(principal=ANONYMOUS).calc.public_ops()
+            ops = memory.client(principal=Principal("erin", frozenset({"ops"})))
+            assert await ops.calc.restart() == "restarted by erin"
+            assert await ops.calc.public_ops() == "ops"
+            assert await memory.client().calc.restart() == "restarted by tester"  # admin passes
+
+    run(main())
+
+
+def test_denied_calls_are_audited(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with bastion.testing.connect(service, principal=Principal("dave")) as client:
+            with pytest.raises(PermissionDenied):
+                await client.calc.restart()
+
+    with caplog.at_level(logging.INFO, logger="bastion.audit"):
+        run(main())
+    audits = [r.getMessage() for r in caplog.records if r.name == "bastion.audit"]
+    assert len(audits) == 1
+    assert '"event": "call.denied"' in audits[0]
+    assert '"method": "calc.restart"' in audits[0]
+    assert '"principal": "dave"' in audits[0]
+
+
+# -- what handlers raise -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["calc.explode", "calc.explode_in_thread"])
+def test_a_handler_exception_is_internal_and_its_text_stays_on_the_server(
+    method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> CallError:
+        async with bastion.testing.connect(service) as client:
+            error = await _error(client, method)
+            assert await client.calc.add(a=1, b=1) == 2  # the connection is fine
+            return error
+
+    with caplog.at_level(logging.ERROR, logger="bastion.server"):
+        error = run(main())
+    assert isinstance(error, InternalError)
+    assert SECRET not in repr(error) and SECRET not in str(error.details)
+    found = re.fullmatch(r"internal error \(request id ([0-9a-f]+-[0-9a-f]+)\)", error.message)
+    assert found is not None, error.message
+    request_id = found.group(1)
+    logged = [r for r in caplog.records if request_id in r.getMessage()]
+    assert len(logged) == 1
+    assert method in logged[0].getMessage()
+    assert logged[0].exc_info is not None and SECRET in str(logged[0].exc_info[1])
+
+
+def test_request_ids_differ_per_call() -> None:
+    async def main() -> list[str]:
+        async with bastion.testing.connect(service) as client:
+            return [(await _error(client, "calc.explode")).message for _ in range(3)]
+
+    assert len(set(run(main()))) == 3
+
+
+STATUSES = [status for status in Status if status is not Status.OK]
+
+
+def test_call_errors_travel_with_status_message_details_and_retry_after() -> None:
+    async def main() -> None:
+        async with bastion.testing.connect(service) as client:
+            for status in STATUSES:
+                args = {"code": int(status), "message": f"{status.name} happened", "details": {"n": int(status)}}
+                error = await _error(client, "calc.fail", **args, retry_after=1.5)
+                assert type(error) is type(error_for_status(status, "")), status
+                assert error.status is status
+                assert error.message == f"{status.name} happened"
+                assert error.details == {"n": int(status)}
+                assert error.retry_after == 1.5
+            error = await _error(client, "calc.fail", code=int(Status.NOT_FOUND), message="gone", details={})
+            assert error.retry_after is None and error.details == {}
+
+    run(main())
+
+
+def test_a_handler_raising_deadline_exceeded_is_not_an_internal_error() -> None:
+    async def main() -> None:
+        async with bastion.testing.connect(service) as client:
+            with pytest.raises(DeadlineExceeded) as info:
+                await client.invoke(
+                    "calc.fail",
+                    {"code": int(Status.DEADLINE_EXCEEDED), "message": "upstream slow", "details": {"up": "db"}},
+                    timeout=5,
+                )
+            assert info.value.message == "upstream slow"
+            assert info.value.details == {"up": "db"}
+
+    run(main())
+
+
+def test_call_errors_from_sync_handlers_travel_too() -> None:
+    async def main() -> None:
+        async with bastion.testing.connect(service) as client:
+            error = await _error(client, "calc.fail_in_thread", code=int(Status.FAILED_PRECONDITION))
+            assert error.status is Status.FAILED_PRECONDITION
+            assert error.message == "from a thread"
+            assert error.details == {"where": "thread"}
+
+    run(main())

@@ -1,0 +1,171 @@
+"""The public surface and the layering rule (ARCHITECTURE.md, "Layers").
+
+``bastion.__all__`` is sorted and complete; every module imports on its own
+(no import cycles hidden by import order); and the package's layers import
+only downward, checked on the source with ``ast``.
+"""
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import bastion
+
+PACKAGE = Path(bastion.__file__).parent
+ROOT = PACKAGE.parent
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = sorted(
+    _module_name(path)
+    for path in PACKAGE.rglob("*.py")
+    if path.name != "__main__.py"  # __main__ runs the CLI
+)
+
+
+def test_all_is_sorted_and_every_name_is_there() -> None:
+    assert bastion.__all__ == sorted(bastion.__all__)
+    assert len(set(bastion.__all__)) == len(bastion.__all__)
+    for name in bastion.__all__:
+        assert getattr(bastion, name, None) is not None, name
+
+
+def test_public_classes_are_defined_in_bastion() -> None:
+    for name in bastion.__all__:
+        value = getattr(bastion, name)
+        if isinstance(value, type):
+            assert value.__module__.startswith("bastion."), name
+
+
+def test_testing_is_a_submodule_not_a_root_export() -> None:
+    import bastion.testing
+
+    assert "testing" not in bastion.__all__
+    assert callable(bastion.testing.connect)
+
+
+def test_every_module_imports_on_its_own() -> None:
+    # One interpreter, but each module is imported with no bastion module
+    # loaded before it, so a cycle that only import order hides still fails.
+    script = textwrap.dedent(
+        """
+        import importlib, sys, traceback
+        failed = []
+        for name in sys.argv[1:]:
+            for loaded in [m for m in sys.modules if m == "bastion" or m.startswith("bastion.")]:
+                del sys.modules[loaded]
+            try:
+                importlib.import_module(name)
+            except Exception:
+                failed.append(name + ":\\n" + traceback.format_exc())
+        print("\\n".join(failed))
+        sys.exit(1 if failed else 0)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *MODULES], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "bastion.testing" in MODULES and "bastion.transport.memory" in MODULES
+
+
+# -- layering ---------------------------------------------------------------------------------
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, relative imports resolved, at any depth in the file."""
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                module = ".".join([*base, node.module] if node.module else base)
+            else:
+                module = node.module or ""
+            found.add(module)
+            # ``from bastion import exceptions`` imports bastion.exceptions
+            if module == "bastion" or module.startswith("bastion."):
+                found.update(f"{module}.{alias.name}" for alias in node.names)
+    found.discard("__future__")
+    return found
+
+
+def _files(layer: str) -> list[Path]:
+    files = sorted((PACKAGE / layer).rglob("*.py"))
+    assert files, f"no modules under bastion/{layer}"
+    return files
+
+
+def _within(module: str, allowed: tuple[str, ...]) -> bool:
+    return any(module == a or module.startswith(a + ".") for a in allowed)
+
+
+def _bastion_imports(path: Path) -> set[str]:
+    # Drop the names a ``from bastion.x import name`` adds when they are not modules.
+    out = set()
+    for module in _imports(path):
+        if module == "bastion" or module.startswith("bastion."):
+            parent = module.rpartition(".")[0]
+            if (ROOT / Path(*module.split("."))).with_suffix(".py").exists() or (
+                ROOT / Path(*module.split("."))
+            ).is_dir():
+                out.add(module)
+            elif parent:
+                out.add(parent)
+    return out
+
+
+def _third_party(path: Path) -> set[str]:
+    tops = {module.split(".")[0] for module in _imports(path)}
+    return {top for top in tops if top and top != "bastion" and top not in sys.stdlib_module_names}
+
+
+@pytest.mark.parametrize("path", _files("protocol"), ids=lambda p: p.name)
+def test_protocol_imports_only_exceptions_status_and_msgspec(path: Path) -> None:
+    allowed = ("bastion.protocol", "bastion.exceptions", "bastion.status")
+    assert {m for m in _bastion_imports(path) if not _within(m, allowed)} == set()
+    assert _third_party(path) <= {"msgspec"}
+    # Sans-IO: no event loop, sockets, TLS, threads or clocks.
+    forbidden = {"asyncio", "socket", "ssl", "selectors", "threading", "time", "concurrent"}
+    assert {m.split(".")[0] for m in _imports(path)} & forbidden == set()
+
+
+@pytest.mark.parametrize("path", _files("transport"), ids=lambda p: p.name)
+def test_transport_imports_only_protocol_and_below(path: Path) -> None:
+    allowed = (
+        "bastion.transport",
+        "bastion.protocol",
+        "bastion.exceptions",
+        "bastion.status",
+        "bastion.config",
+        "bastion.observability",
+    )
+    assert {m for m in _bastion_imports(path) if not _within(m, allowed)} == set()
+
+
+@pytest.mark.parametrize("path", _files("services"), ids=lambda p: p.name)
+def test_services_do_not_reach_into_the_server_or_client(path: Path) -> None:
+    forbidden = ("bastion.server", "bastion.client", "bastion.transport", "bastion.protocol")
+    assert {m for m in _bastion_imports(path) if _within(m, forbidden)} == set()
+
+
+def test_the_import_checker_sees_imports() -> None:
+    # Guard the guard: a file that imports upward must be caught.
+    session = PACKAGE / "server" / "session.py"
+    assert "bastion.transport.aio" in _bastion_imports(session)
+    assert "bastion.protocol.messages" in _bastion_imports(session)
+    assert "asyncio" in _imports(session)
