@@ -96,11 +96,12 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
             await server.start(config.host, config.port)
         except OSError as exc:
             raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+        server.install_signal_handlers()  # before the banner: readiness means SIGTERM drains
         host, port = server.addresses[0][:2]
         names = ", ".join(sorted(server.table.services))
         echo(f"bastion {__version__} listening on {host}:{port} (services: {names})")
         echo(f"admin token {'written to' if created else 'in'} {token_path.resolve()} (mode 0600)")
-        await server.serve_forever()
+        await server.serve_forever(handle_signals=False)
         log.info("stopped")
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:

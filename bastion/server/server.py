@@ -111,12 +111,21 @@ class Server:
     def port(self) -> int:
         return self.addresses[0][1]
 
+    def install_signal_handlers(self) -> None:
+        """Make SIGTERM/SIGINT start a graceful shutdown (call from the running loop).
+
+        Call it before announcing readiness: a signal that arrives after the
+        announcement but before the handlers exist would kill the process
+        outright instead of draining it.
+        """
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
     async def serve_forever(self, *, handle_signals: bool = True) -> None:
         """Run until ``shutdown`` (or SIGTERM/SIGINT when ``handle_signals``)."""
         if handle_signals:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._on_signal, sig)
+            self.install_signal_handlers()
         await self._stopped.wait()
 
     def _on_signal(self, sig: int) -> None:

@@ -16,6 +16,7 @@ Draining: after GoAway, the session closes once its last call has answered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import itertools
@@ -237,13 +238,15 @@ class ServerSession:
             else:
                 async with timeout:
                     await self._invoke(call_id, entry, args)
+        except CallError as exc:
+            # Before TimeoutError: DeadlineExceeded is both, and a handler's
+            # own DeadlineExceeded must reach the client as it was raised.
+            self._answer_error(call_id, exc)
         except TimeoutError:
             if timeout is not None and timeout.expired():
                 self.core.send_error(call_id, Status.DEADLINE_EXCEEDED, "deadline exceeded")
             else:
                 self._internal_error(call_id, spec.full_name, request_id)
-        except CallError as exc:
-            self._answer_error(call_id, exc)
         except asyncio.CancelledError:
             # Client cancel: the core has closed the call, so this sends nothing.
             # Shutdown: tell the client the call did not finish.
@@ -267,17 +270,19 @@ class ServerSession:
         spec = entry.spec
         if entry.streams_out:
             gate = self._gates[call_id]
-            async for item in spec.handler(**args):
-                while self.core.send_credit(call_id) <= 0:
-                    await gate.wait()
-                if not self.core.send_item(call_id, item):
-                    return  # cancelled under us
-                assert self.link is not None
-                if self.link.writing_paused:
-                    self.link.flush()
-                    await self.link.drain()
-                else:
-                    self.link.schedule_flush()
+            # aclosing: the generator's finally blocks run now, not at GC time.
+            async with contextlib.aclosing(spec.handler(**args)) as items:
+                async for item in items:
+                    while self.core.send_credit(call_id) <= 0:
+                        await gate.wait()
+                    if not self.core.send_item(call_id, item):
+                        return  # cancelled under us
+                    assert self.link is not None
+                    if self.link.writing_paused:
+                        self.link.flush()
+                        await self.link.drain()
+                    else:
+                        self.link.schedule_flush()
             self.core.send_result(call_id, None)
         elif spec.is_async:
             self.core.send_result(call_id, await spec.handler(**args))
@@ -317,7 +322,13 @@ class ServerSession:
             self.link.close()
 
     def abort(self) -> None:
-        for task in self.tasks.values():
+        """Grace period over: answer every call still running UNAVAILABLE, then close.
+
+        The answers are queued here, not left to the cancelled tasks: the link
+        closes before those tasks next run, so what they send would be lost.
+        """
+        for call_id, task in list(self.tasks.items()):
+            self.core.send_error(call_id, Status.UNAVAILABLE, "server shutting down", retry_after_ms=1000)
             task.cancel()
         if self.link is not None:
             self.link.close()

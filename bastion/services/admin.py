@@ -43,7 +43,8 @@ async def methods(ctx: Context) -> list[dict[str, Any]]:
         visible = [
             m
             for m in svc["methods"]
-            if m["public"] or (principal.authenticated and principal.has_roles(frozenset(m["roles"])))
+            if (m["public"] or principal.authenticated)
+            and (not m["roles"] or principal.has_roles(frozenset(m["roles"])))
         ]
         if visible:
             out.append({**svc, "methods": visible})

@@ -1,0 +1,207 @@
+"""The ``bastion`` command as a user runs it: real subprocesses, real exit codes."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import bastion
+from bastion import SyncClient
+from tests.support.server import SERVICE_FILE, LineReader, bastion_cli, clean_env, start_server
+
+WIDE = {"COLUMNS": "200"}  # keep rich from wrapping option names in help output
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ((), ["serve", "call", "methods", "--version"]),
+        (("serve",), ["--host", "--port", "--data-dir", "--config", "--service", "--log-level"]),
+        (("call",), ["address", "method", "arguments", "--token-file", "--timeout"]),
+        (("methods",), ["address", "--token-file", "--json", "--timeout"]),
+    ],
+    ids=["root", "serve", "call", "methods"],
+)
+def test_help(command: tuple[str, ...], expected: list[str]) -> None:
+    for flag in ("--help", "-h"):
+        result = bastion_cli(*command, flag, env=WIDE)
+        assert result.returncode == 0, result.stderr
+        assert "Usage:" in result.stdout
+        for word in expected:
+            assert word in result.stdout, (flag, word)
+        assert result.stderr == ""
+
+
+def test_version() -> None:
+    result = bastion_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"bastion {bastion.__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nocolon", "--service 'nocolon': expected MODULE:ATTRIBUTE"),
+        ("no_such_module_xyz:service", "--service 'no_such_module_xyz:service': cannot import no_such_module_xyz"),
+        ("demo_service:nothing", "--service 'demo_service:nothing': nothing is not a bastion.Service"),
+        ("demo_service:_mark", "--service 'demo_service:_mark': _mark is not a bastion.Service"),
+    ],
+)
+def test_bad_service_spec_exits_2(tmp_path: Path, spec: str, message: str) -> None:
+    shutil.copy(SERVICE_FILE, tmp_path / SERVICE_FILE.name)
+    result = bastion_cli(
+        "serve", "--port", "0", "--data-dir", str(tmp_path / "data"), "--service", spec, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""  # never claimed to be listening
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {message}"), lines
+
+
+def test_bad_option_values_exit_2(tmp_path: Path) -> None:
+    bad_port = bastion_cli("serve", "--port", "70000", "--data-dir", str(tmp_path / "data"))
+    assert bad_port.returncode == 2
+    assert "error: port must be 0..65535, got 70000" in bad_port.stderr
+
+    bad_address = bastion_cli("call", "127.0.0.1:notaport", "admin.health")
+    assert bad_address.returncode == 2
+    assert bad_address.stderr.splitlines() == [
+        "error: bad address '127.0.0.1:notaport': port 'notaport' is not a number"
+    ]
+
+    missing_token = bastion_cli("call", "127.0.0.1:1", "admin.health", "--token-file", str(tmp_path / "nope"))
+    assert missing_token.returncode == 2
+    assert missing_token.stderr.splitlines() == [
+        f"error: cannot read token file {tmp_path / 'nope'}: No such file or directory"
+    ]
+
+    missing_argument = bastion_cli("call")
+    assert missing_argument.returncode == 2
+
+
+def test_call_rejects_arguments_that_are_not_key_value(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "srv")
+    try:
+        token = str(server.token_file)
+        not_pair = bastion_cli("call", server.address, "demo.echo", "oops", "--token-file", token)
+        assert not_pair.returncode == 2
+        assert not_pair.stderr.splitlines() == ["error: argument 'oops' is not key=value"]
+        unknown = bastion_cli("call", server.address, "demo.echo_int", "nope=1", "--token-file", token)
+        assert unknown.returncode == 2
+        assert unknown.stderr.splitlines() == ["error: unknown argument 'nope' (the method takes: value)"]
+        not_int = bastion_cli("call", server.address, "demo.echo_int", "value=x7", "--token-file", token)
+        assert not_int.returncode == 2
+        assert "error: argument 'value'" in not_int.stderr
+    finally:
+        server.stop()
+
+
+def _bastion_command() -> list[str]:
+    script = Path(sys.executable).parent / "bastion"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "bastion"]
+
+
+def test_serve_port_0_prints_the_port_and_stops_on_sigterm(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    banner = re.compile(
+        rf"^bastion {re.escape(bastion.__version__)} listening on 127\.0\.0\.1:(\d+) \(services: admin\)$"
+    )
+
+    def serve() -> tuple[subprocess.Popen[str], list[str]]:
+        process = subprocess.Popen(
+            [*_bastion_command(), "serve", "--port", "0", "--data-dir", str(data_dir)],
+            cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        reader = LineReader(process.stdout)
+        deadline = time.monotonic() + 20
+        return process, [reader.next_line(deadline - time.monotonic()) or "" for _ in range(2)]
+
+    process, lines = serve()
+    try:
+        match = banner.match(lines[0])
+        assert match, lines
+        port = int(match[1])
+        assert port != 0
+        token_file = (data_dir / "admin.token").resolve()
+        assert lines[1] == f"admin token written to {token_file} (mode 0600)"
+        assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
+        with SyncClient(f"127.0.0.1:{port}", token_file=str(token_file), timeout=5) as client:
+            assert client.call("admin.health")["status"] == "ok"
+            assert client.call("admin.stats")["connections"] == 1
+        token = token_file.read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()  # type: ignore[union-attr]
+
+    # A second start keeps the token it already has (and picks a fresh port).
+    process, lines = serve()
+    try:
+        assert banner.match(lines[0]), lines
+        assert lines[1] == f"admin token in {token_file} (mode 0600)"
+        assert token_file.read_text() == token
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()  # type: ignore[union-attr]
+
+
+def test_serve_tightens_a_loose_token_file(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"  # where start_server points --data-dir
+    data_dir.mkdir(mode=0o700)
+    token_file = data_dir / "admin.token"
+    token_file.write_text("bst_preexisting-token\n")
+    token_file.chmod(0o644)
+    server = start_server(tmp_path)
+    try:
+        assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+        assert server.reader.next_line(5) == f"admin token in {token_file.resolve()} (mode 0600)"
+        with SyncClient(server.address, token="bst_preexisting-token", timeout=5) as client:
+            assert client.call("admin.stats")["connections"] == 1
+    finally:
+        assert server.stop() == 0
+
+
+def test_serve_on_a_taken_port_exits_2(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "first")
+    try:
+        start = time.monotonic()
+        second = bastion_cli(
+            "serve", "--port", str(server.port), "--data-dir", str(tmp_path / "second"), timeout=15
+        )
+        assert second.returncode == 2, second.stderr
+        assert f"error: cannot listen on 127.0.0.1:{server.port}" in second.stderr
+        assert time.monotonic() - start < 10
+        assert server.process.poll() is None
+        with SyncClient(server.address, timeout=5) as client:
+            assert client.call("admin.health")["status"] == "ok"
+    finally:
+        server.stop()
+
+
+def test_sigterm_right_after_the_banner_drains_and_exits_0(tmp_path: Path) -> None:
+    # Readiness (the banner) must mean SIGTERM is handled: it once killed the
+    # process outright when it came before the signal handlers were installed.
+    for i in range(3):
+        server = start_server(tmp_path / f"s{i}")
+        server.signal(signal.SIGTERM)
+        assert server.process.wait(timeout=10) == 0, server.log()
+        assert "received SIGTERM: draining" in server.log()

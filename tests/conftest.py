@@ -1,0 +1,43 @@
+"""Fixtures that run real ``bastion serve`` processes (see tests/support/server.py).
+
+``server`` is a fresh server per test, unpacking as ``(address, token_file,
+process)``; ``server_factory`` starts more, with extra environment (limits).
+Every process is stopped in the fixture's finalizer (SIGTERM, then SIGKILL
+if it will not go), and must have exited 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.server import ServerProcess, start_server
+
+#: Short enough that stopping a server with calls still running is quick.
+TEST_GRACE_PERIOD = "3"
+
+StartServer = Callable[..., ServerProcess]
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[StartServer]:
+    started: list[ServerProcess] = []
+
+    def start(env: dict[str, str] | None = None, name: str | None = None) -> ServerProcess:
+        workdir = tmp_path / (name or f"server{len(started)}")
+        proc = start_server(workdir, env={"BASTION_LIMITS__GRACE_PERIOD": TEST_GRACE_PERIOD, **(env or {})})
+        started.append(proc)
+        return proc
+
+    yield start
+    codes = {proc.pid: proc.stop() for proc in started}
+    # Every server, whatever the test did to it, must still shut down cleanly.
+    assert all(code == 0 for code in codes.values()), f"bastion serve exit codes: {codes}"
+
+
+@pytest.fixture
+def server(server_factory: StartServer) -> ServerProcess:
+    """A running ``bastion serve`` with the demo service, stopped after the test."""
+    return server_factory()

@@ -1,0 +1,91 @@
+"""The service the process-level tests host (copied into each server's cwd).
+
+``bastion serve --service demo_service:service`` imports it. Handlers that
+want to be observed from another process write marker files into the
+directory named by ``BASTION_TEST_MARKER_DIR``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from bastion import Service
+
+service = Service("demo", doc="Test service for the integration tests.")
+
+
+def _mark(name: str) -> None:
+    directory = os.environ.get("BASTION_TEST_MARKER_DIR")
+    if directory:
+        path = Path(directory) / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(os.getpid()))
+        tmp.rename(path)  # appears atomically to a poller
+
+
+@service.method
+async def echo(value: Any) -> Any:
+    """Return ``value`` unchanged."""
+    return value
+
+
+@service.method
+async def echo_str(value: str) -> str:
+    """Return the string ``value`` with its Python type name."""
+    return f"{type(value).__name__}:{value}"
+
+
+@service.method
+async def echo_int(value: int) -> str:
+    """Return the integer ``value`` with its Python type name."""
+    return f"{type(value).__name__}:{value}"
+
+
+@service.method
+async def length(text: str) -> int:
+    """The number of characters in ``text``."""
+    return len(text)
+
+
+@service.method
+async def slow(seconds: float) -> float:
+    """Sleep ``seconds``, then return them."""
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+@service.method
+async def sleep_then_return(seconds: float, tag: int) -> int:
+    """Sleep ``seconds``, then return ``tag``."""
+    await asyncio.sleep(seconds)
+    return tag
+
+
+@service.method
+async def count(n: int) -> AsyncIterator[int]:
+    """Stream 0, 1, ..., n-1."""
+    for i in range(n):
+        yield i
+
+
+@service.method
+async def watched(tag: str, seconds: float = 30.0) -> str:
+    """Sleep ``seconds``; leave marker files saying it started and if it was cancelled."""
+    _mark(f"started-{tag}")
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        _mark(f"cancelled-{tag}")
+        raise
+    _mark(f"finished-{tag}")
+    return tag
+
+
+@service.method
+async def fail(message: str) -> None:
+    """Raise a ValueError: the caller gets INTERNAL."""
+    raise ValueError(message)

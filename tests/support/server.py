@@ -1,0 +1,252 @@
+"""Start and stop real ``bastion serve`` processes on free loopback ports.
+
+``start_server`` copies ``demo_service.py`` into a working directory, runs
+``python -m bastion serve --port 0 --service demo_service:service`` there,
+and waits (with a deadline, never a fixed sleep) for the "listening on" line
+on stdout. ``ServerProcess.stop`` sends SIGTERM and falls back to SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SERVICE_FILE",
+    "LineReader",
+    "ServerProcess",
+    "bastion_cli",
+    "clean_env",
+    "read_rss_kib",
+    "start_server",
+    "wait_for",
+]
+
+SERVICE_FILE = Path(__file__).with_name("demo_service.py")
+SERVICE_SPEC = "demo_service:service"
+STARTUP_TIMEOUT = 20.0
+_LISTENING = re.compile(r"^bastion \S+ listening on (?P<host>\S+):(?P<port>\d+) \(services: (?P<services>.*)\)$")
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The test process's environment without any BASTION_* setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    env["NO_COLOR"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def bastion_cli(
+    *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None, timeout: float = 20.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m bastion ARGS`` to completion and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "bastion", *args],
+        cwd=cwd,
+        env=clean_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def read_rss_kib(pid: int) -> int:
+    """The resident set size of ``pid`` in KiB, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+class ServerProcess:
+    """A running ``bastion serve``; unpacks as ``(address, token_file, process)``."""
+
+    def __init__(
+        self, process: subprocess.Popen[str], address: str, workdir: Path, data_dir: Path, marker_dir: Path,
+        log_path: Path, reader: LineReader, banner: str,
+    ) -> None:
+        self.process = process
+        self.address = address
+        self.workdir = workdir
+        self.data_dir = data_dir
+        self.token_file = data_dir / "admin.token"
+        self.marker_dir = marker_dir
+        self.log_path = log_path
+        self.banner = banner
+        self.reader = reader
+        host, _, port = address.rpartition(":")
+        self.host, self.port = host, int(port)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.address, self.token_file, self.process))
+
+    def __repr__(self) -> str:
+        return f"<bastion serve pid={self.process.pid} at {self.address}>"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
+
+    def log(self) -> str:
+        """What the server has written to stderr so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stdout_lines(self) -> list[str]:
+        """Lines printed on stdout since the banner (without waiting)."""
+        return self.reader.drain()
+
+    def marker(self, name: str) -> Path:
+        return self.marker_dir / name
+
+    def wait_for_marker(self, name: str, timeout: float = 5.0) -> Path:
+        path = self.marker(name)
+        wait_for(path.exists, timeout, what=f"marker file {name} (server log:\n{self.log()})")
+        return path
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL; return the exit code."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.process.returncode
+
+
+class LineReader:
+    """Reads a process's stdout lines in a thread, so waits can have deadlines."""
+
+    def __init__(self, stream: Any) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.eof = False
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: Any) -> None:
+        try:
+            for line in stream:
+                self.lines.put(line.rstrip("\n"))
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.lines.put(None)
+
+    def next_line(self, timeout: float) -> str | None:
+        """The next line; None at end of file; AssertionError after ``timeout`` seconds."""
+        if self.eof:
+            return None
+        try:
+            line = self.lines.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            raise AssertionError(f"no output line within {timeout:.1f}s") from None
+        if line is None:
+            self.eof = True
+        return line
+
+    def drain(self) -> list[str]:
+        """Every line already read, without waiting."""
+        out = []
+        while not self.eof:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self.eof = True
+            else:
+                out.append(line)
+        return out
+
+
+def start_server(
+    workdir: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    timeout: float = STARTUP_TIMEOUT,
+) -> ServerProcess:
+    """Run ``bastion serve`` in ``workdir`` with the demo service; return once it listens."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(SERVICE_FILE, workdir / SERVICE_FILE.name)
+    data_dir = workdir / "data"
+    marker_dir = workdir / "markers"
+    marker_dir.mkdir(exist_ok=True)
+    log_path = workdir / "server.log"
+    full_env = clean_env({"BASTION_TEST_MARKER_DIR": str(marker_dir), "PYTHONUNBUFFERED": "1", **(env or {})})
+    command = [
+        sys.executable, "-m", "bastion", "serve",
+        "--host", "127.0.0.1", "--port", "0",
+        "--data-dir", str(data_dir),
+        "--service", SERVICE_SPEC,
+        *args,
+    ]
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            command, cwd=workdir, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=log_file, text=True, bufsize=1,
+        )
+    reader = LineReader(process.stdout)
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    try:
+        while True:
+            try:
+                line = reader.next_line(deadline - time.monotonic())
+            except AssertionError:
+                raise AssertionError(
+                    f"bastion serve did not start within {timeout}s; stdout: {seen}; stderr: {log_path.read_text()}"
+                ) from None
+            if line is None:
+                process.wait(5)
+                raise AssertionError(
+                    f"bastion serve exited with {process.returncode} before listening; stdout: {seen}; "
+                    f"stderr: {log_path.read_text()}"
+                )
+            seen.append(line)
+            match = _LISTENING.match(line)
+            if match:
+                break
+    except BaseException:
+        process.kill()
+        process.wait(5)
+        raise
+    address = f"{match['host']}:{match['port']}"
+    return ServerProcess(process, address, workdir, data_dir, marker_dir, log_path, reader, line)
