@@ -22,7 +22,7 @@ import msgspec
 
 from bastion.exceptions import UsageError
 
-__all__ = ["DEFAULT_PORT", "Config", "ServerLimits", "load_config"]
+__all__ = ["DEFAULT_PORT", "AuthConfig", "Config", "ServerLimits", "TLSConfig", "load_config"]
 
 DEFAULT_PORT = 7400
 ENV_PREFIX = "BASTION_"
@@ -64,6 +64,69 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError("limits.max_frame must be below 4 GiB")
 
 
+class TLSConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Transport security (docs/security.md, "TLS").
+
+    With no ``cert``/``key``, ``bastion serve`` creates a development CA and a
+    server certificate under ``<data_dir>/tls/`` on first start.
+
+    insecure: serve plaintext (refused on a non-loopback host unless ``force_insecure``).
+    cert, key: PEM files of a real certificate chain and its key (reloaded on SIGHUP).
+    min_version: "1.3" (default) or "1.2" (then AEAD cipher suites only).
+    client_auth: "none", "optional" or "required" client certificates (mutual TLS).
+    client_ca: PEM bundle trusted for client certificates (default: the dev CA).
+    crl: a PEM certificate revocation list checked against client certificates.
+    revoked_serials: client certificate serial numbers (hex or decimal) to refuse.
+    """
+
+    insecure: bool = False
+    force_insecure: bool = False
+    cert: str | None = None
+    key: str | None = None
+    min_version: str = "1.3"
+    client_auth: str = "none"
+    client_ca: str | None = None
+    crl: str | None = None
+    revoked_serials: list[str] = []
+
+    def __post_init__(self) -> None:
+        if self.min_version not in ("1.2", "1.3"):
+            raise UsageError(f'tls.min_version must be "1.2" or "1.3", got {self.min_version!r}')
+        if self.client_auth not in ("none", "optional", "required"):
+            raise UsageError(f"tls.client_auth must be none, optional or required, got {self.client_auth!r}")
+        if (self.cert is None) != (self.key is None):
+            raise UsageError("tls.cert and tls.key must be given together")
+
+
+class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Authentication and brute-force throttling (docs/security.md, "Authentication").
+
+    session_ttl: seconds a login's session token lives.
+    token_ttl: default lifetime of API tokens in seconds (0: no expiry).
+    revalidate_interval: seconds between re-checks of a connection's token
+        (expiry and revocation take effect within this; must be <= 5).
+    max_failures_per_source: failed logins from one address before it is throttled.
+    max_failures_per_user_source: failures for one (username, address) pair before lockout.
+    lockout: seconds a (username, address) pair stays locked.
+    max_failures_per_user_global: failures for one username from anywhere per hour
+        before that username is slowed everywhere.
+    """
+
+    session_ttl: float = 12 * 3600
+    token_ttl: float = 0
+    revalidate_interval: float = 2.0
+    max_failures_per_source: int = 20
+    max_failures_per_user_source: int = 5
+    lockout: float = 300.0
+    max_failures_per_user_global: int = 100
+
+    def __post_init__(self) -> None:
+        if not 0 < self.revalidate_interval <= 5:
+            raise UsageError("auth.revalidate_interval must be in (0, 5] seconds")
+        if self.session_ttl <= 0 or self.token_ttl < 0 or self.lockout <= 0:
+            raise UsageError("auth.session_ttl and auth.lockout must be positive, auth.token_ttl >= 0")
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything ``bastion serve`` needs."""
 
@@ -73,6 +136,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     services: list[str] = []  # "module:attribute" of extra Service objects
     log_level: str = "info"
     limits: ServerLimits = ServerLimits()
+    tls: TLSConfig = TLSConfig()
+    auth: AuthConfig = AuthConfig()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -81,9 +146,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 
 
+_LIST_KEYS = frozenset({"services", "revoked_serials"})
+
+
 def _env_overlay(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    sections = {"limits": ServerLimits.__struct_fields__}
+    sections = {
+        "limits": ServerLimits.__struct_fields__,
+        "tls": TLSConfig.__struct_fields__,
+        "auth": AuthConfig.__struct_fields__,
+    }
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or key in ("BASTION_TOKEN", "BASTION_TOKEN_FILE", "BASTION_CA"):
             continue
@@ -91,9 +163,9 @@ def _env_overlay(environ: Mapping[str, str]) -> dict[str, Any]:
         if "__" in name:
             section, _, sub = name.partition("__")
             if section in sections and sub in sections[section]:
-                out.setdefault(section, {})[sub] = _scalar(value)
-        elif name in Config.__struct_fields__ and name != "limits":
-            out[name] = value.split(",") if name == "services" else _scalar(value)
+                out.setdefault(section, {})[sub] = value.split(",") if sub in _LIST_KEYS else _scalar(value)
+        elif name in Config.__struct_fields__ and name not in sections:
+            out[name] = value.split(",") if name in _LIST_KEYS else _scalar(value)
     return out
 
 

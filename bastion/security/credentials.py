@@ -1,0 +1,79 @@
+"""Credential records and the small store interface security needs.
+
+Security defines what it must persist -- users, tokens, lockouts -- and
+``bastion.store`` implements it (SQLite embedded, PostgreSQL shared). Only
+digests of tokens and argon2id hashes of passwords are ever stored.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+__all__ = ["CredentialStore", "Token", "User"]
+
+
+class User(msgspec.Struct, frozen=True):
+    name: str
+    roles: frozenset[str] = frozenset()
+    password_hash: str | None = None  # argon2id, or None: token-only user
+    created_at: float = 0.0
+    disabled: bool = False
+
+
+class Token(msgspec.Struct, frozen=True):
+    """An API or session token, known only by its SHA-256 digest."""
+
+    id: str  # public handle for listing and revoking, not a secret
+    digest: str
+    user: str
+    kind: str = "api"  # "api" or "session"
+    label: str = ""
+    created_at: float = 0.0
+    expires_at: float | None = None
+    revoked_at: float | None = None
+
+    def valid_at(self, now: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+class CredentialStore(Protocol):
+    """What authentication needs from storage. All methods are async and durable:
+    a call that returned has been committed."""
+
+    async def create_user(self, user: User) -> bool:
+        """Insert; False if the name is taken."""
+        ...
+
+    async def get_user(self, name: str) -> User | None: ...
+
+    async def update_user(self, user: User) -> bool:
+        """Replace the record of ``user.name``; False if there is none."""
+        ...
+
+    async def delete_user(self, name: str) -> bool: ...
+
+    async def list_users(self) -> list[User]: ...
+
+    async def add_token(self, token: Token) -> None: ...
+
+    async def token_by_digest(self, digest: str) -> Token | None: ...
+
+    async def token_by_id(self, token_id: str) -> Token | None: ...
+
+    async def list_tokens(self, user: str | None = None) -> list[Token]: ...
+
+    async def revoke_token(self, token_id: str, at: float) -> bool:
+        """Mark revoked; False if unknown or already revoked."""
+        ...
+
+    async def revoke_user_tokens(self, user: str, at: float) -> int:
+        """Revoke every live token of ``user``; the number revoked."""
+        ...
+
+    async def get_lockout(self, key: str) -> float | None:
+        """The time until which ``key`` is locked out, if any."""
+        ...
+
+    async def set_lockout(self, key: str, until: float) -> None: ...
