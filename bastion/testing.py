@@ -43,7 +43,7 @@ from typing import Final
 from bastion.client.aio import Client
 from bastion.config import ServerLimits
 from bastion.exceptions import Unauthenticated
-from bastion.security.authn import new_token
+from bastion.security.authn import PeerInfo, new_token
 from bastion.security.principal import ADMIN_ROLE, ANONYMOUS, Principal
 from bastion.server.server import Server
 from bastion.service import Service
@@ -71,13 +71,16 @@ class _Identities:
         self._by_token[token] = principal
         return token
 
-    async def authenticate(self, token: str | None, peer: str) -> Principal:
+    async def authenticate(self, token: str | None, peer: PeerInfo) -> Principal:
         if token is None:
             return ANONYMOUS
         principal = self._by_token.get(token)
         if principal is None:
             raise Unauthenticated("invalid token")
         return principal
+
+    async def revalidate(self, principal: Principal) -> bool:
+        return True
 
 
 class MemoryServer:

@@ -1,59 +1,98 @@
 """Authentication in the handshake: a Hello's credentials -> a Principal.
 
 The server asks its ``Authenticator`` once per connection, before any call
-is dispatched. A connection without credentials is ``ANONYMOUS`` and may
-call only public methods; bad credentials refuse the handshake with
-UNAUTHENTICATED. Tokens are compared by their SHA-256 digest in constant
-time and never stored or logged in the clear.
+is dispatched, and then every few seconds asks it to ``revalidate`` the
+principal so that expiry and revocation reach long-lived connections. A
+connection without credentials is ``ANONYMOUS`` (or, over mutual TLS, the
+certificate's subject) and may call only public methods; bad credentials
+refuse the handshake with UNAUTHENTICATED. Tokens are looked up by their
+SHA-256 digest; the token itself is never stored or logged.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from bastion.exceptions import Unauthenticated
-from bastion.security.principal import ANONYMOUS, Principal
+import msgspec
 
-__all__ = ["AllowAnonymous", "Authenticator", "StaticTokens", "hash_token", "new_token"]
+from bastion.exceptions import Unauthenticated
+from bastion.security.audit import AuditLog
+from bastion.security.credentials import CredentialStore
+from bastion.security.principal import ANONYMOUS, Principal
+from bastion.security.throttle import LoginThrottle
+
+__all__ = [
+    "AllowAnonymous",
+    "Authenticator",
+    "PeerInfo",
+    "StaticTokens",
+    "StoreAuthenticator",
+    "hash_token",
+    "new_token",
+    "new_token_id",
+]
 
 TOKEN_PREFIX = "bst_"
+_TOKEN_SHAPE = re.compile(r"^bst_[A-Za-z0-9_-]{43}$")
 
 
 def new_token() -> str:
-    """A fresh API token: 256 random bits, URL-safe, with a recognisable prefix."""
+    """A fresh token: 256 random bits, URL-safe, with a recognisable prefix."""
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_token_id() -> str:
+    """A public handle for a token (for listing and revoking); not a secret."""
+    return "tok_" + secrets.token_hex(8)
 
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class PeerInfo(msgspec.Struct, frozen=True):
+    """Where a connection comes from."""
+
+    address: str  # "host:port"
+    host: str  # the source address alone, the key for per-source limits
+    tls_identity: str | None = None  # a verified client certificate's subject
+
+
 class Authenticator(Protocol):
-    async def authenticate(self, token: str | None, peer: str) -> Principal:
+    async def authenticate(self, token: str | None, peer: PeerInfo) -> Principal:
         """The principal for these credentials; raise Unauthenticated to refuse."""
+        ...
+
+    async def revalidate(self, principal: Principal) -> bool:
+        """False once the principal's credential has expired or been revoked."""
         ...
 
 
 class AllowAnonymous:
     """Everyone is anonymous; presenting a token is an error (none exist)."""
 
-    async def authenticate(self, token: str | None, peer: str) -> Principal:
+    async def authenticate(self, token: str | None, peer: PeerInfo) -> Principal:
         if token is not None:
             raise Unauthenticated("invalid token")
         return ANONYMOUS
 
+    async def revalidate(self, principal: Principal) -> bool:
+        return True
+
 
 class StaticTokens:
-    """A fixed set of tokens, held only as digests."""
+    """A fixed set of tokens, held only as digests (for tests and embedding)."""
 
     def __init__(self, tokens: Mapping[str, Principal]) -> None:
         self._by_digest = {hash_token(token): principal for token, principal in tokens.items()}
 
-    async def authenticate(self, token: str | None, peer: str) -> Principal:
+    async def authenticate(self, token: str | None, peer: PeerInfo) -> Principal:
         if token is None:
             return ANONYMOUS
         digest = hash_token(token)
@@ -65,3 +104,87 @@ class StaticTokens:
         if found is None:
             raise Unauthenticated("invalid token")
         return found
+
+    async def revalidate(self, principal: Principal) -> bool:
+        return True
+
+
+class StoreAuthenticator:
+    """Tokens and users from the credential store, failures throttled and audited."""
+
+    def __init__(
+        self,
+        store: CredentialStore,
+        throttle: LoginThrottle,
+        audit: AuditLog,
+        *,
+        cache_seconds: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._throttle = throttle
+        self._audit = audit
+        self._clock = clock
+        self._cache_seconds = cache_seconds
+        self._checked: dict[str, tuple[float, bool]] = {}  # token id -> (when, valid)
+
+    async def authenticate(self, token: str | None, peer: PeerInfo) -> Principal:
+        if token is None:
+            if peer.tls_identity is not None:
+                return await self._from_certificate(peer.tls_identity)
+            return ANONYMOUS
+        await self._throttle.check(None, peer.host)
+        reason, principal = await self._from_token(token)
+        if principal is None:
+            await self._throttle.failed(None, peer.host)
+            self._audit("auth.failure", peer=peer.address, mechanism="token", reason=reason)
+            raise Unauthenticated("invalid, expired or revoked token")
+        self._audit("auth.success", peer=peer.address, principal=principal.name, mechanism=principal.mechanism,
+                    token_id=principal.token_id)
+        return principal
+
+    async def _from_token(self, token: str) -> tuple[str, Principal | None]:
+        if not _TOKEN_SHAPE.match(token):
+            return "malformed token", None
+        record = await self._store.token_by_digest(hash_token(token))
+        now = self._clock()
+        if record is None:
+            return "unknown token", None
+        if record.revoked_at is not None:
+            return "revoked token", None
+        if record.expires_at is not None and now >= record.expires_at:
+            return "expired token", None
+        user = await self._store.get_user(record.user)
+        if user is None or user.disabled:
+            return "user disabled or deleted", None
+        principal = Principal(
+            user.name, user.roles, mechanism=record.kind, token_id=record.id, expires_at=record.expires_at
+        )
+        return "", principal
+
+    async def _from_certificate(self, subject: str) -> Principal:
+        user = await self._store.get_user(subject)
+        if user is not None and user.disabled:
+            raise Unauthenticated("certificate's user is disabled")
+        roles = user.roles if user is not None else frozenset()
+        return Principal(subject, roles, mechanism="mtls")
+
+    async def revalidate(self, principal: Principal) -> bool:
+        token_id = principal.token_id
+        now = self._clock()
+        if principal.expires_at is not None and now >= principal.expires_at:
+            return False
+        if token_id is None:
+            return True
+        cached = self._checked.get(token_id)
+        if cached is not None and now - cached[0] < self._cache_seconds:
+            return cached[1]
+        record = await self._store.token_by_id(token_id)
+        valid = record is not None and record.valid_at(now)
+        if valid:
+            user = await self._store.get_user(principal.name)
+            valid = user is not None and not user.disabled
+        if len(self._checked) > 10_000:
+            self._checked.clear()
+        self._checked[token_id] = (now, valid)
+        return valid

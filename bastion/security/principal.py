@@ -22,7 +22,9 @@ class Principal(msgspec.Struct, frozen=True):
     name: str
     roles: frozenset[str] = frozenset()
     authenticated: bool = True
-    mechanism: str = "token"
+    mechanism: str = "token"  # "token", "session", "mtls", "none"
+    token_id: str | None = None  # the credential to re-check for expiry and revocation
+    expires_at: float | None = None
 
     def has_roles(self, required: frozenset[str]) -> bool:
         return ADMIN_ROLE in self.roles or required <= self.roles

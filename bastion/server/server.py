@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import signal
 import socket
@@ -24,6 +23,7 @@ from typing import Any
 
 from bastion._version import __version__
 from bastion.config import ServerLimits
+from bastion.security.audit import AuditLog
 from bastion.security.authn import AllowAnonymous, Authenticator
 from bastion.server.dispatch import MethodTable
 from bastion.server.session import ServerSession
@@ -33,7 +33,6 @@ from bastion.transport.aio import Link
 __all__ = ["Server"]
 
 log = logging.getLogger("bastion.server")
-audit_log = logging.getLogger("bastion.audit")
 
 
 class _Info:
@@ -69,11 +68,15 @@ class Server:
         limits: ServerLimits | None = None,
         authenticator: Authenticator | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        audit: AuditLog | None = None,
+        revalidate_interval: float = 2.0,
     ) -> None:
         self.table = MethodTable(services)
         self.limits = limits or ServerLimits()
         self.authenticator: Authenticator = authenticator or AllowAnonymous()
         self.ssl_context = ssl_context
+        self.audit = audit or AuditLog()
+        self.revalidate_interval = revalidate_interval
         self.sessions: set[ServerSession] = set()
         self.counters: collections.Counter[str] = collections.Counter()
         self.executor = ThreadPoolExecutor(self.limits.threads, thread_name_prefix="bastion-handler")
@@ -167,8 +170,3 @@ class Server:
             "internal_errors_total": self.counters["internal_errors"],
             "uptime_seconds": round(time.time() - self.started_at, 3),
         }
-
-    def audit(self, event: str, **fields: Any) -> None:
-        """One JSON line on the ``bastion.audit`` logger; callers never pass secrets."""
-        record = {"time": round(time.time(), 3), "event": event, **fields}
-        audit_log.info(json.dumps(record, sort_keys=True))

@@ -24,7 +24,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from bastion.exceptions import CallError, LocalProtocolError, Unauthenticated
+from bastion.exceptions import CallError, LocalProtocolError, ResourceExhausted, Unauthenticated
 from bastion.protocol.connection import Connection, ProtocolLimits
 from bastion.protocol.messages import (
     PROTOCOL_VERSION,
@@ -40,6 +40,7 @@ from bastion.protocol.messages import (
     Welcome,
 )
 from bastion.protocol.state import ConnectionState, Role
+from bastion.security.authn import PeerInfo
 from bastion.security.principal import ANONYMOUS, Principal
 from bastion.server.dispatch import Entry
 from bastion.server.streams import CreditGate, InputStream
@@ -134,20 +135,23 @@ class ServerSession:
     # -- handshake ------------------------------------------------------------------
 
     async def _handshake(self, hello: Hello) -> None:
-        assert self.link is not None
+        link = self.link
+        assert link is not None
+        host = link.peer.rsplit(":", 1)[0].strip("[]")
+        peer = PeerInfo(link.peer, host, getattr(link, "tls_identity", None))
         try:
-            principal = await self.server.authenticator.authenticate(hello.token, self.link.peer)
-        except Unauthenticated as exc:
-            self.server.audit("auth.failure", peer=self.link.peer, reason=exc.message)
-            self.core.reject(Status.UNAUTHENTICATED, exc.message)
-            self.link.close()
+            principal = await self.server.authenticator.authenticate(hello.token, peer)
+        except (Unauthenticated, ResourceExhausted) as exc:
+            retry = f" (retry after {exc.retry_after:.1f}s)" if exc.retry_after else ""
+            self.core.reject(exc.status, exc.message + retry)
+            link.close()
             return
         except Exception:
             log.exception("authenticator failed")
             self.core.reject(Status.INTERNAL, "authentication is unavailable")
-            self.link.close()
+            link.close()
             return
-        if self.link.closed or self.core.state is not ConnectionState.HANDSHAKE:
+        if link.closed or self.core.state is not ConnectionState.HANDSHAKE:
             return
         self.principal = principal
         self.core.send_welcome(
@@ -161,10 +165,32 @@ class ServerSession:
                 ping_interval_ms=int(self.limits.ping_interval * 1000),
             )
         )
-        self.link.flush()
+        link.flush()
         if self.server.draining:
             self.drain()
         self._arm_keepalive()
+        if principal.token_id is not None or principal.expires_at is not None:
+            self._loop.create_task(self._revalidate_loop())
+
+    async def _revalidate_loop(self) -> None:
+        """Close the connection once its credential expires or is revoked."""
+        interval = self.server.revalidate_interval
+        while self.link is not None and not self.link.closed:
+            await asyncio.sleep(interval)
+            try:
+                valid = await self.server.authenticator.revalidate(self.principal)
+            except Exception:
+                log.exception("revalidation failed; keeping the connection for now")
+                continue
+            if not valid and self.link is not None and not self.link.closed:
+                self.server.audit("auth.revoked_connection", peer=self.link.peer, principal=self.principal.name,
+                                  token_id=self.principal.token_id)
+                for call_id, task in list(self.tasks.items()):
+                    self.core.send_error(call_id, Status.UNAUTHENTICATED, "credentials expired or revoked")
+                    task.cancel()
+                self.core.send_goaway(Status.UNAUTHENTICATED, "credentials expired or revoked")
+                self.link.close()
+                return
 
     def _handshake_expired(self) -> None:
         if self.core.state in (ConnectionState.IDLE, ConnectionState.HANDSHAKE) and self.link is not None:

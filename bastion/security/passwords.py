@@ -1,0 +1,54 @@
+"""Password hashing: argon2id through argon2-cffi, timing-equal for unknown users.
+
+Hashing costs ~0.1 s of CPU and 64 MiB by design, so verification runs in a
+thread and at most ``concurrency`` at once; a flood of logins queues instead
+of exhausting memory. ``verify`` for a user that does not exist still hashes
+(against a fixed dummy) so "no such user" and "wrong password" take the same
+time and give the same answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import argon2
+
+__all__ = ["PasswordHasher"]
+
+MIN_LENGTH = 8
+MAX_LENGTH = 1024
+
+
+class PasswordHasher:
+    def __init__(self, *, concurrency: int = 4, fast: bool = False) -> None:
+        # ``fast`` is for tests only: cheap parameters, same algorithm.
+        self._hasher = (
+            argon2.PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1) if fast else argon2.PasswordHasher()
+        )
+        self._dummy = self._hasher.hash("bastion-dummy-password")
+        self._slots = asyncio.Semaphore(concurrency)
+
+    @staticmethod
+    def check_policy(password: str) -> str | None:
+        """Why ``password`` is unacceptable, or None."""
+        if len(password) < MIN_LENGTH:
+            return f"password must have at least {MIN_LENGTH} characters"
+        if len(password) > MAX_LENGTH:
+            return f"password must have at most {MAX_LENGTH} characters"
+        return None
+
+    async def hash(self, password: str) -> str:
+        async with self._slots:
+            return await asyncio.to_thread(self._hasher.hash, password)
+
+    async def verify(self, stored: str | None, password: str) -> bool:
+        """True if ``password`` matches ``stored``; constant work when ``stored`` is None."""
+        async with self._slots:
+            return await asyncio.to_thread(self._verify, stored, password)
+
+    def _verify(self, stored: str | None, password: str) -> bool:
+        try:
+            ok = self._hasher.verify(stored or self._dummy, password[:MAX_LENGTH])
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+            return False
+        return ok and stored is not None

@@ -1,0 +1,138 @@
+"""Brute-force throttling of failed authentication.
+
+Three limits, so an attacker can neither guess fast nor lock a user out
+from everywhere:
+
+* per source address: a token bucket of failures (``burst`` at once, then
+  ``rate`` per second) -- bounds the guessing speed of one machine, while
+  a well-behaved client that reconnects often spends nothing;
+* per (username, source): after ``max_failures`` failures in a row the pair is
+  locked for ``lockout`` seconds (durable: kept in the credential store) --
+  the user can still log in from anywhere else;
+* per username, globally: a slow bucket (``global_per_hour``) -- bounds a
+  distributed attack on one account without locking it out quickly.
+
+Theory of operation: ``check`` runs before any password is verified and
+raises ResourceExhausted with a retry-after when a limit is hit (cheap, so a
+throttled attacker costs no argon2 work); ``failed``/``succeeded`` record the
+outcome. The clock is injected; nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from bastion.exceptions import ResourceExhausted
+from bastion.security.credentials import CredentialStore
+
+__all__ = ["LoginThrottle", "TokenBucket"]
+
+MAX_TRACKED = 100_000  # keys remembered in memory; the oldest are forgotten first
+
+
+class TokenBucket:
+    """``capacity`` tokens, refilled at ``rate`` per second."""
+
+    __slots__ = ("capacity", "rate", "stamp", "tokens")
+
+    def __init__(self, capacity: float, rate: float, now: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.tokens = capacity
+        self.stamp = now
+
+    def wait(self, now: float, n: float = 1.0) -> float:
+        """Seconds until ``n`` tokens will be there (0: now); takes nothing."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return 0.0 if self.tokens >= n else (n - self.tokens) / self.rate
+
+    def take(self, now: float, n: float = 1.0) -> float:
+        """0 if taken, else the seconds until ``n`` tokens will be there."""
+        wait = self.wait(now, n)
+        if not wait:
+            self.tokens -= n
+        return wait
+
+
+class _Buckets:
+    def __init__(self, capacity: float, rate: float) -> None:
+        self.capacity, self.rate = capacity, rate
+        self._items: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def wait(self, key: str, now: float) -> float:
+        bucket = self._items.get(key)
+        return 0.0 if bucket is None else bucket.wait(now)
+
+    def take(self, key: str, now: float) -> float:
+        bucket = self._items.get(key)
+        if bucket is None:
+            bucket = self._items[key] = TokenBucket(self.capacity, self.rate, now)
+            if len(self._items) > MAX_TRACKED:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(key)
+        return bucket.take(now)
+
+
+class LoginThrottle:
+    def __init__(
+        self,
+        store: CredentialStore,
+        *,
+        burst: int = 10,
+        rate: float = 5.0,
+        max_failures: int = 5,
+        lockout: float = 300.0,
+        global_per_hour: int = 100,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._sources = _Buckets(burst, rate)
+        self._users = _Buckets(global_per_hour, global_per_hour / 3600)
+        self._failures: OrderedDict[str, int] = OrderedDict()
+        self.max_failures = max_failures
+        self.lockout = lockout
+
+    @staticmethod
+    def _pair(username: str, source: str) -> str:
+        return f"login:{username}|{source}"
+
+    async def check(self, username: str | None, source: str) -> None:
+        """Raise ResourceExhausted if this attempt must not even be tried."""
+        now = self._clock()
+        wait = self._sources.wait(source, now)
+        if wait:
+            raise ResourceExhausted("too many failed attempts from this address", retry_after=wait)
+        if username is None:
+            return
+        wait = self._users.wait(username, now)
+        if wait:
+            raise ResourceExhausted("too many failed attempts; try again later", retry_after=wait)
+        until = await self._store.get_lockout(self._pair(username, source))
+        if until is not None and until > now:
+            raise ResourceExhausted("too many failed attempts; try again later", retry_after=until - now)
+
+    async def failed(self, username: str | None, source: str) -> bool:
+        """Record a failure; True if it locked the (username, source) pair."""
+        now = self._clock()
+        self._sources.take(source, now)
+        if username is None:
+            return False
+        self._users.take(username, now)  # spend from the slow global allowance
+        key = self._pair(username, source)
+        count = self._failures.pop(key, 0) + 1
+        self._failures[key] = count
+        if len(self._failures) > MAX_TRACKED:
+            self._failures.popitem(last=False)
+        if count >= self.max_failures:
+            self._failures.pop(key, None)
+            await self._store.set_lockout(key, now + self.lockout)
+            return True
+        return False
+
+    def succeeded(self, username: str, source: str) -> None:
+        self._failures.pop(self._pair(username, source), None)
