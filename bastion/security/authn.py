@@ -69,8 +69,9 @@ class Authenticator(Protocol):
         """The principal for these credentials; raise Unauthenticated to refuse."""
         ...
 
-    async def revalidate(self, principal: Principal) -> bool:
-        """False once the principal's credential has expired or been revoked."""
+    async def revalidate(self, principal: Principal) -> Principal | None:
+        """The principal as it stands now (roles may have changed), or None once
+        its credential has expired or been revoked."""
         ...
 
 
@@ -82,8 +83,8 @@ class AllowAnonymous:
             raise Unauthenticated("invalid token")
         return ANONYMOUS
 
-    async def revalidate(self, principal: Principal) -> bool:
-        return True
+    async def revalidate(self, principal: Principal) -> Principal | None:
+        return principal
 
 
 class StaticTokens:
@@ -105,8 +106,8 @@ class StaticTokens:
             raise Unauthenticated("invalid token")
         return found
 
-    async def revalidate(self, principal: Principal) -> bool:
-        return True
+    async def revalidate(self, principal: Principal) -> Principal | None:
+        return principal
 
 
 class StoreAuthenticator:
@@ -126,7 +127,7 @@ class StoreAuthenticator:
         self._audit = audit
         self._clock = clock
         self._cache_seconds = cache_seconds
-        self._checked: dict[str, tuple[float, bool]] = {}  # token id -> (when, valid)
+        self._checked: dict[str, tuple[float, Principal | None]] = {}  # token id -> (when, result)
 
     async def authenticate(self, token: str | None, peer: PeerInfo) -> Principal:
         if token is None:
@@ -169,22 +170,25 @@ class StoreAuthenticator:
         roles = user.roles if user is not None else frozenset()
         return Principal(subject, roles, mechanism="mtls")
 
-    async def revalidate(self, principal: Principal) -> bool:
+    async def revalidate(self, principal: Principal) -> Principal | None:
         token_id = principal.token_id
         now = self._clock()
         if principal.expires_at is not None and now >= principal.expires_at:
-            return False
+            return None
         if token_id is None:
-            return True
+            return principal
         cached = self._checked.get(token_id)
         if cached is not None and now - cached[0] < self._cache_seconds:
             return cached[1]
         record = await self._store.token_by_id(token_id)
-        valid = record is not None and record.valid_at(now)
-        if valid:
+        current: Principal | None = None
+        if record is not None and record.valid_at(now):
             user = await self._store.get_user(principal.name)
-            valid = user is not None and not user.disabled
+            if user is not None and not user.disabled:
+                current = principal if user.roles == principal.roles else msgspec.structs.replace(
+                    principal, roles=user.roles
+                )
         if len(self._checked) > 10_000:
             self._checked.clear()
-        self._checked[token_id] = (now, valid)
-        return valid
+        self._checked[token_id] = (now, current)
+        return current

@@ -178,11 +178,13 @@ class ServerSession:
         while self.link is not None and not self.link.closed:
             await asyncio.sleep(interval)
             try:
-                valid = await self.server.authenticator.revalidate(self.principal)
+                current = await self.server.authenticator.revalidate(self.principal)
             except Exception:
                 log.exception("revalidation failed; keeping the connection for now")
                 continue
-            if not valid and self.link is not None and not self.link.closed:
+            if current is not None:
+                self.principal = current  # roles may have changed
+            elif self.link is not None and not self.link.closed:
                 self.server.audit("auth.revoked_connection", peer=self.link.peer, principal=self.principal.name,
                                   token_id=self.principal.token_id)
                 for call_id, task in list(self.tasks.items()):

@@ -1,0 +1,267 @@
+"""The built-in ``auth`` service: login, identity, users, roles and tokens.
+
+Written with the public service API; it reaches storage only through the
+``CredentialStore`` interface. ``auth.login`` and ``auth.whoami`` are public;
+changing one's own password needs any authenticated identity; managing
+users, roles and tokens needs the ``admin`` role, which is checked before a
+handler runs, so a denial never reveals whether the target exists.
+
+Secrets: passwords arrive only as call arguments and are hashed with
+argon2id; tokens are returned once, at creation, and stored as digests.
+Neither ever reaches the audit log.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import msgspec
+
+from bastion.config import AuthConfig
+from bastion.exceptions import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+from bastion.security.audit import AuditLog
+from bastion.security.authn import hash_token, new_token, new_token_id
+from bastion.security.credentials import CredentialStore, Token, User
+from bastion.security.passwords import PasswordHasher
+from bastion.security.principal import ADMIN_ROLE
+from bastion.security.throttle import LoginThrottle
+from bastion.service import Context, Service
+
+__all__ = ["LoginResult", "TokenInfo", "UserInfo", "create_service"]
+
+_USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_ADMIN = [ADMIN_ROLE]
+
+
+class LoginResult(msgspec.Struct, frozen=True):
+    token: str
+    user: str
+    expires_at: float
+
+
+class NewToken(msgspec.Struct, frozen=True):
+    token: str
+    id: str
+    user: str
+    expires_at: float | None
+
+
+class UserInfo(msgspec.Struct, frozen=True):
+    name: str
+    roles: list[str]
+    created_at: float
+    disabled: bool
+    has_password: bool
+
+
+class TokenInfo(msgspec.Struct, frozen=True):
+    id: str
+    user: str
+    kind: str
+    label: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+
+class Identity(msgspec.Struct, frozen=True):
+    name: str
+    roles: list[str]
+    authenticated: bool
+    mechanism: str
+    token_id: str | None
+    expires_at: float | None
+
+
+def _source(ctx: Context) -> str:
+    return ctx.peer.rsplit(":", 1)[0].strip("[]")
+
+
+def _check_username(name: str) -> None:
+    if not _USERNAME.match(name):
+        raise InvalidArgument("a username is 1-64 letters, digits or . _ @ - and starts with a letter or digit")
+
+
+def _check_roles(roles: list[str]) -> frozenset[str]:
+    for role in roles:
+        if not _ROLE.match(role):
+            raise InvalidArgument(f"role {role!r}: roles are lowercase letters, digits, _ or -, at most 32")
+    return frozenset(roles)
+
+
+def _user_info(user: User) -> UserInfo:
+    return UserInfo(user.name, sorted(user.roles), user.created_at, user.disabled, user.password_hash is not None)
+
+
+def _token_info(token: Token) -> TokenInfo:
+    return TokenInfo(
+        token.id, token.user, token.kind, token.label, token.created_at, token.expires_at, token.revoked_at
+    )
+
+
+def create_service(
+    store: CredentialStore,
+    *,
+    hasher: PasswordHasher,
+    throttle: LoginThrottle,
+    audit: AuditLog,
+    config: AuthConfig | None = None,
+) -> Service:
+    """Build the ``auth`` service over ``store``."""
+    cfg = config or AuthConfig()
+    service = Service("auth", doc="Login, identity, users, roles and tokens.")
+
+    async def _issue(user: str, kind: str, label: str, ttl: float | None) -> NewToken:
+        token = new_token()
+        now = time.time()
+        expires = now + ttl if ttl else None
+        record = Token(new_token_id(), hash_token(token), user, kind, label, now, expires)
+        await store.add_token(record)
+        return NewToken(token, record.id, user, expires)
+
+    @service.method(public=True, priority=5)
+    async def login(ctx: Context, username: str, password: str) -> LoginResult:
+        """Exchange a username and password for a session token."""
+        source = _source(ctx)
+        await throttle.check(username, source)
+        user = await store.get_user(username)
+        stored = user.password_hash if user is not None and not user.disabled else None
+        if not await hasher.verify(stored, password):
+            locked = await throttle.failed(username, source)
+            audit("auth.login_failure", username=username, peer=ctx.peer, request_id=ctx.request_id)
+            if locked:
+                audit("auth.lockout", username=username, peer=ctx.peer, seconds=throttle.lockout)
+            raise Unauthenticated("invalid username or password")
+        throttle.succeeded(username, source)
+        issued = await _issue(username, "session", "login", cfg.session_ttl)
+        audit("auth.login", principal=username, peer=ctx.peer, token_id=issued.id, request_id=ctx.request_id)
+        assert issued.expires_at is not None
+        return LoginResult(issued.token, username, issued.expires_at)
+
+    @service.method
+    async def logout(ctx: Context) -> bool:
+        """Revoke the token this connection authenticated with."""
+        token_id = ctx.principal.token_id
+        if token_id is None:
+            return False
+        done = await store.revoke_token(token_id, time.time())
+        audit("auth.logout", principal=ctx.principal.name, peer=ctx.peer, token_id=token_id)
+        return done
+
+    @service.method(public=True, idempotent=True)
+    async def whoami(ctx: Context) -> Identity:
+        """The caller's identity, roles and credential."""
+        p = ctx.principal
+        return Identity(p.name, sorted(p.roles), p.authenticated, p.mechanism, p.token_id, p.expires_at)
+
+    @service.method
+    async def change_password(ctx: Context, old_password: str, new_password: str) -> bool:
+        """Change the caller's own password (the old one is required)."""
+        source = _source(ctx)
+        name = ctx.principal.name
+        await throttle.check(name, source)
+        user = await store.get_user(name)
+        if user is None or not await hasher.verify(user.password_hash, old_password):
+            await throttle.failed(name, source)
+            audit("auth.password_change_failure", principal=name, peer=ctx.peer)
+            raise Unauthenticated("the old password is wrong")
+        problem = PasswordHasher.check_policy(new_password)
+        if problem:
+            raise InvalidArgument(problem)
+        await store.update_user(msgspec.structs.replace(user, password_hash=await hasher.hash(new_password)))
+        audit("auth.password_changed", principal=name, peer=ctx.peer)
+        return True
+
+    @service.method(roles=_ADMIN)
+    async def create_user(
+        ctx: Context, name: str, password: str | None = None, roles: list[str] | None = None
+    ) -> UserInfo:
+        """Create a user (admin)."""
+        _check_username(name)
+        role_set = _check_roles(roles or [])
+        if password is not None and (problem := PasswordHasher.check_policy(password)):
+            raise InvalidArgument(problem)
+        digest = await hasher.hash(password) if password is not None else None
+        user = User(name, role_set, digest, time.time())
+        if not await store.create_user(user):
+            raise AlreadyExists(f"user {name!r} exists")
+        audit("admin.create_user", principal=ctx.principal.name, peer=ctx.peer, target=name, roles=sorted(role_set))
+        return _user_info(user)
+
+    async def _get(name: str) -> User:
+        user = await store.get_user(name)
+        if user is None:
+            raise NotFound(f"no user {name!r}")
+        return user
+
+    @service.method(roles=_ADMIN)
+    async def delete_user(ctx: Context, name: str) -> int:
+        """Delete a user and revoke all their tokens (admin); the number revoked."""
+        await _get(name)
+        revoked = await store.revoke_user_tokens(name, time.time())
+        await store.delete_user(name)
+        audit("admin.delete_user", principal=ctx.principal.name, peer=ctx.peer, target=name, revoked=revoked)
+        return revoked
+
+    @service.method(roles=_ADMIN, idempotent=True)
+    async def list_users(ctx: Context) -> list[UserInfo]:
+        """Every user (admin)."""
+        return [_user_info(u) for u in await store.list_users()]
+
+    @service.method(roles=_ADMIN, idempotent=True)
+    async def set_roles(ctx: Context, name: str, roles: list[str]) -> UserInfo:
+        """Replace a user's roles (admin); takes effect on their connections within seconds."""
+        user = msgspec.structs.replace(await _get(name), roles=_check_roles(roles))
+        await store.update_user(user)
+        audit("admin.set_roles", principal=ctx.principal.name, peer=ctx.peer, target=name, roles=sorted(roles))
+        return _user_info(user)
+
+    @service.method(roles=_ADMIN)
+    async def set_password(ctx: Context, name: str, password: str) -> bool:
+        """Set a user's password (admin)."""
+        if problem := PasswordHasher.check_policy(password):
+            raise InvalidArgument(problem)
+        user = await _get(name)
+        await store.update_user(msgspec.structs.replace(user, password_hash=await hasher.hash(password)))
+        audit("admin.set_password", principal=ctx.principal.name, peer=ctx.peer, target=name)
+        return True
+
+    @service.method(roles=_ADMIN, idempotent=True)
+    async def disable_user(ctx: Context, name: str, disabled: bool = True) -> UserInfo:
+        """Disable (or re-enable) a user (admin); their connections close within seconds."""
+        user = msgspec.structs.replace(await _get(name), disabled=disabled)
+        await store.update_user(user)
+        audit("admin.disable_user", principal=ctx.principal.name, peer=ctx.peer, target=name, disabled=disabled)
+        return _user_info(user)
+
+    @service.method(roles=_ADMIN)
+    async def create_token(
+        ctx: Context, user: str | None = None, label: str = "", ttl: float | None = None
+    ) -> NewToken:
+        """Create an API token for a user (admin; default: yourself). Shown once."""
+        name = user or ctx.principal.name
+        await _get(name)
+        if ttl is not None and ttl <= 0:
+            raise InvalidArgument("ttl must be positive seconds")
+        issued = await _issue(name, "api", label[:200], ttl if ttl is not None else (cfg.token_ttl or None))
+        audit("admin.create_token", principal=ctx.principal.name, peer=ctx.peer, target=name, token_id=issued.id)
+        return issued
+
+    @service.method(roles=_ADMIN, idempotent=True)
+    async def list_tokens(ctx: Context, user: str | None = None) -> list[TokenInfo]:
+        """Tokens (admin), optionally one user's; never the tokens themselves."""
+        return [_token_info(t) for t in await store.list_tokens(user)]
+
+    @service.method(roles=_ADMIN, idempotent=True)
+    async def revoke_token(ctx: Context, id: str) -> bool:
+        """Revoke a token by id (admin); connections using it close within seconds."""
+        done = await store.revoke_token(id, time.time())
+        if not done and await store.token_by_id(id) is None:
+            raise NotFound(f"no token {id!r}")
+        audit("admin.revoke_token", principal=ctx.principal.name, peer=ctx.peer, token_id=id)
+        return done
+
+    return service
+
