@@ -1,0 +1,95 @@
+"""Login throttling: per source, per (user, source) lockout, slow per-user global limit."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from bastion.exceptions import ResourceExhausted
+from bastion.security.throttle import LoginThrottle, TokenBucket
+from bastion.store import open_store
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    bucket = TokenBucket(2, 1.0, now=0.0)
+    assert bucket.take(0.0) == 0 and bucket.take(0.0) == 0
+    assert bucket.take(0.0) == pytest.approx(1.0)
+    assert bucket.take(0.5) == pytest.approx(0.5)
+    assert bucket.take(1.0) == 0
+
+
+def test_failures_from_one_source_are_rate_limited_others_are_not(tmp_path: Path) -> None:
+    async def main() -> None:
+        clock = Clock()
+        async with open_store(tmp_path / "s.db") as store:
+            throttle = LoginThrottle(store, burst=10, rate=5, max_failures=1000, clock=clock)
+            allowed = 0
+            for _ in range(100):  # 10 seconds of attempts every 0.1 s
+                try:
+                    await throttle.check("victim", "127.0.0.2")
+                except ResourceExhausted as exc:
+                    assert exc.retry_after is not None and exc.retry_after > 0
+                else:
+                    allowed += 1
+                    await throttle.failed("victim", "127.0.0.2")
+                clock.now += 0.1
+            assert allowed <= 10 + 5 * 10 + 1  # burst + rate x 10 s: at most ~6 a second
+            await throttle.check("someone", "127.0.0.3")  # another source is untouched
+
+    asyncio.run(main())
+
+
+def test_lockout_is_per_user_and_source_and_expires(tmp_path: Path) -> None:
+    async def main() -> None:
+        clock = Clock()
+        async with open_store(tmp_path / "s.db") as store:
+            throttle = LoginThrottle(store, max_failures=3, lockout=60, clock=clock)
+            for i in range(3):
+                locked = await throttle.failed("ada", "10.0.0.1")
+                assert locked is (i == 2)
+            with pytest.raises(ResourceExhausted):
+                await throttle.check("ada", "10.0.0.1")
+            await throttle.check("ada", "10.0.0.9")  # ada herself, elsewhere, is fine
+            await throttle.check("bob", "10.0.0.1")
+            clock.now += 61
+            await throttle.check("ada", "10.0.0.1")
+
+    asyncio.run(main())
+
+
+def test_success_resets_the_failure_count(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with open_store(tmp_path / "s.db") as store:
+            throttle = LoginThrottle(store, max_failures=3)
+            await throttle.failed("ada", "h")
+            await throttle.failed("ada", "h")
+            throttle.succeeded("ada", "h")
+            assert await throttle.failed("ada", "h") is False
+
+    asyncio.run(main())
+
+
+def test_global_per_user_limit_slows_a_distributed_attack(tmp_path: Path) -> None:
+    async def main() -> None:
+        clock = Clock()
+        async with open_store(tmp_path / "s.db") as store:
+            throttle = LoginThrottle(store, max_failures=1000, global_per_hour=5, clock=clock)
+            for i in range(5):
+                await throttle.check("ada", f"10.0.0.{i}")
+                await throttle.failed("ada", f"10.0.0.{i}")
+            with pytest.raises(ResourceExhausted):
+                await throttle.check("ada", "10.0.1.1")
+            clock.now += 3600 / 5
+            await throttle.check("ada", "10.0.1.1")
+
+    asyncio.run(main())

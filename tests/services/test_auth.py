@@ -1,0 +1,193 @@
+"""The auth service over a real SQLite store, through the in-memory pair."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import bastion
+from bastion.security.audit import AuditLog
+from bastion.security.authn import PeerInfo, StoreAuthenticator
+from bastion.security.passwords import PasswordHasher
+from bastion.security.principal import Principal
+from bastion.security.throttle import LoginThrottle
+from bastion.services.auth import create_service
+from bastion.store import open_store
+from bastion.testing import ANONYMOUS, TESTER, MemoryServer
+
+PASSWORD = "correct horse battery"
+PEER = PeerInfo("10.0.0.1:5000", "10.0.0.1")
+
+
+class World:
+    def __init__(self, server: MemoryServer, store: Any, audit_path: Path, authenticator: StoreAuthenticator) -> None:
+        self.server, self.store, self.audit_path, self.authenticator = server, store, audit_path, authenticator
+
+    def audit_text(self) -> str:
+        return self.audit_path.read_text()
+
+
+@asynccontextmanager
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with open_store(tmp_path / "bastion.db") as store:
+        audit = AuditLog(tmp_path / "audit.log")
+        throttle = LoginThrottle(store, max_failures=3, lockout=60)
+        service = create_service(store, hasher=PasswordHasher(fast=True), throttle=throttle, audit=audit)
+        async with MemoryServer([service]) as server:
+            yield World(server, store, tmp_path / "audit.log", StoreAuthenticator(store, throttle, audit))
+        audit.close()
+
+
+def run(test: Callable[[World], Awaitable[None]], tmp_path: Path) -> None:
+    async def main() -> None:
+        async with world(tmp_path) as w:
+            await test(w)
+
+    asyncio.run(main())
+
+
+def test_login_gives_a_token_that_authenticates(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        admin = w.server.client(principal=TESTER)
+        await admin.auth.create_user(name="ada", password=PASSWORD, roles=["user"])
+        result = await w.server.client(principal=ANONYMOUS).auth.login(username="ada", password=PASSWORD)
+        principal = await w.authenticator.authenticate(result["token"], PEER)
+        assert (principal.name, principal.roles, principal.mechanism) == ("ada", frozenset({"user"}), "session")
+        assert principal.expires_at == result["expires_at"]
+        audit = w.audit_text()
+        assert '"event": "auth.login"' in audit and '"event": "admin.create_user"' in audit
+        assert result["token"] not in audit and PASSWORD not in audit
+
+    run(test, tmp_path)
+
+
+def test_unknown_user_and_wrong_password_look_the_same(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        await w.server.client(principal=TESTER).auth.create_user(name="ada", password=PASSWORD)
+        anon = w.server.client(principal=ANONYMOUS)
+        errors = []
+        for username in ("ada", "nobody"):
+            with pytest.raises(bastion.Unauthenticated) as info:
+                await anon.auth.login(username=username, password="wrong password")
+            errors.append(info.value.message)
+        assert errors[0] == errors[1] == "invalid username or password"
+        assert w.audit_text().count("auth.login_failure") == 2
+
+    run(test, tmp_path)
+
+
+def test_repeated_failures_lock_the_pair_durably(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        await w.server.client(principal=TESTER).auth.create_user(name="ada", password=PASSWORD)
+        anon = w.server.client(principal=ANONYMOUS)
+        for _ in range(3):
+            with pytest.raises(bastion.Unauthenticated):
+                await anon.auth.login(username="ada", password="wrong password")
+        with pytest.raises(bastion.ResourceExhausted) as info:
+            await anon.auth.login(username="ada", password=PASSWORD)  # even the right one
+        assert info.value.retry_after is not None and 0 < info.value.retry_after <= 60
+        assert "auth.lockout" in w.audit_text()
+        lockouts = [key for key in ("login:ada|memory",) if await w.store.get_lockout(key)]
+        assert lockouts, "the lockout is kept in the store"
+
+    run(test, tmp_path)
+
+
+def test_admin_methods_are_denied_without_revealing_targets(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        user = w.server.client(principal=Principal("bob", frozenset({"user"})))
+        for name in ("exists", "does-not-exist"):
+            with pytest.raises(bastion.PermissionDenied) as info:
+                await user.auth.delete_user(name=name)
+            assert name not in info.value.message
+        with pytest.raises(bastion.Unauthenticated):
+            await w.server.client(principal=ANONYMOUS).auth.list_users()
+
+    run(test, tmp_path)
+
+
+def test_tokens_create_list_revoke(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        admin = w.server.client(principal=TESTER)
+        await admin.auth.create_user(name="svc", roles=["user"])
+        created = await admin.auth.create_token(user="svc", label="ci", ttl=3600)
+        principal = await w.authenticator.authenticate(created["token"], PEER)
+        assert principal.token_id == created["id"]
+        listed = await admin.auth.list_tokens(user="svc")
+        assert [t["id"] for t in listed] == [created["id"]]
+        assert created["token"] not in repr(listed)
+        assert await admin.auth.revoke_token(id=created["id"]) is True
+        w.authenticator._checked.clear()  # skip the one-second cache
+        assert await w.authenticator.revalidate(principal) is None
+        with pytest.raises(bastion.Unauthenticated):
+            await w.authenticator.authenticate(created["token"], PEER)
+        with pytest.raises(bastion.NotFound):
+            await admin.auth.revoke_token(id="tok_0000000000000000")
+
+    run(test, tmp_path)
+
+
+def test_deleting_a_user_revokes_their_tokens(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        admin = w.server.client(principal=TESTER)
+        await admin.auth.create_user(name="eve", password=PASSWORD)
+        first = await admin.auth.create_token(user="eve")
+        second = await admin.auth.create_token(user="eve")
+        assert await admin.auth.delete_user(name="eve") == 2
+        for token in (first["token"], second["token"]):
+            with pytest.raises(bastion.Unauthenticated):
+                await w.authenticator.authenticate(token, PEER)
+
+    run(test, tmp_path)
+
+
+def test_role_changes_reach_revalidation(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        admin = w.server.client(principal=TESTER)
+        await admin.auth.create_user(name="ada", roles=["user"])
+        token = (await admin.auth.create_token(user="ada"))["token"]
+        principal = await w.authenticator.authenticate(token, PEER)
+        await admin.auth.set_roles(name="ada", roles=["user", "ops"])
+        w.authenticator._checked.clear()
+        current = await w.authenticator.revalidate(principal)
+        assert current is not None and current.roles == frozenset({"user", "ops"})
+        await admin.auth.disable_user(name="ada")
+        w.authenticator._checked.clear()
+        assert await w.authenticator.revalidate(principal) is None
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [("not-a-token", "malformed token"), ("bst_" + "A" * 43, "unknown token")],
+)
+def test_bad_tokens_are_refused_and_audited(tmp_path: Path, token: str, reason: str) -> None:
+    async def test(w: World) -> None:
+        with pytest.raises(bastion.Unauthenticated):
+            await w.authenticator.authenticate(token, PEER)
+        assert reason in w.audit_text()
+        assert token not in w.audit_text()
+
+    run(test, tmp_path)
+
+
+def test_password_policy_and_validation(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        admin = w.server.client(principal=TESTER)
+        with pytest.raises(bastion.InvalidArgument, match="at least 8"):
+            await admin.auth.create_user(name="ada", password="short")
+        with pytest.raises(bastion.InvalidArgument, match="username"):
+            await admin.auth.create_user(name="../etc", password=PASSWORD)
+        with pytest.raises(bastion.InvalidArgument, match="role"):
+            await admin.auth.create_user(name="ada", roles=["Admin!"])
+        await admin.auth.create_user(name="ada", password=PASSWORD)
+        with pytest.raises(bastion.AlreadyExists):
+            await admin.auth.create_user(name="ada")
+
+    run(test, tmp_path)
