@@ -1,0 +1,439 @@
+"""The embedded store: one SQLite file, stdlib ``sqlite3``.
+
+Theory of operation
+-------------------
+
+The file is in WAL mode with ``synchronous=FULL``, so a committed transaction
+is on disk (fsynced WAL) before the commit returns, and readers never block
+the writer or each other.
+
+Writes: exactly one connection writes, and it lives on one dedicated thread
+(a single-worker executor). Callers never touch it: a write is a small
+function ``(connection) -> result`` queued with a future, and one asyncio
+task -- the writer task -- feeds that thread:
+
+1. wait for the first queued write, then take everything else already
+   queued (up to ``max_batch``) -- the *group*;
+2. on the writer thread: ``BEGIN IMMEDIATE``; run each write inside its own
+   ``SAVEPOINT`` (a write that raises is rolled back to its savepoint and
+   fails alone); ``COMMIT`` -- one fsync for the whole group;
+3. back on the loop: resolve each caller's future with its own result or
+   exception. If the ``COMMIT`` itself fails, nothing was committed and
+   every write in the group fails.
+
+While one group commits, new writes pile up in the queue and become the next
+group, so under load the number of transactions (and fsyncs) grows far
+slower than the number of writes, with no timer and no added latency when
+idle. A write's future resolves only after its group's ``COMMIT``: an
+acknowledged write is durable.
+
+Reads run on a small pool of ``query_only`` connections, one per thread of a
+reader executor, so several reads proceed at once while the writer commits.
+Each read is one statement, in its own implicit transaction, so it sees
+every write acknowledged before it started.
+
+Files: the database, ``-wal`` and ``-shm`` hold password hashes and token
+digests, so they are created with mode 0600 (SQLite gives the side files
+the database file's mode) and tightened to 0600 on every open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import sqlite3
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bastion.exceptions import AlreadyExists, BastionError, InternalError, NotFound, Unavailable, UsageError
+from bastion.security.credentials import Token, User
+from bastion.store.base import Store
+from bastion.store.migrations import MIGRATIONS, Migration, apply_migrations
+
+__all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+WriteFn = Callable[[sqlite3.Connection], Any]
+
+FILE_MODE = 0o600
+_SIDE_FILES = ("", "-wal", "-shm")
+
+
+class _Write:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: WriteFn, future: asyncio.Future[Any]) -> None:
+        self.fn = fn
+        self.future = future
+
+
+class SQLiteStore(Store):
+    """The SQLite backend. ``readers``: reader connections (and threads);
+    ``busy_timeout``: seconds to wait for another process's write lock;
+    ``max_batch``: most writes committed in one transaction."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        readers: int = 4,
+        busy_timeout: float = 5.0,
+        max_batch: int = 1024,
+        migrations: tuple[Migration, ...] = MIGRATIONS,
+    ) -> None:
+        if readers < 1 or max_batch < 1 or busy_timeout < 0:
+            raise UsageError("SQLiteStore needs readers >= 1, max_batch >= 1 and busy_timeout >= 0")
+        self.path = Path(path)
+        self._readers = readers
+        self._busy_timeout = busy_timeout
+        self._max_batch = max_batch
+        self._migrations = migrations
+        self._state = "new"  # new -> open -> closing -> closed (-> open again)
+        self._version = 0
+        self._stats = {"commits": 0, "writes": 0, "failed_commits": 0, "largest_batch": 0}
+        self._writer: sqlite3.Connection | None = None
+        self._writer_thread: ThreadPoolExecutor | None = None
+        self._reader_threads: ThreadPoolExecutor | None = None
+        self._idle_readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._queue: asyncio.Queue[_Write | None] | None = None
+        self._writer_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r}, {self._state})"
+
+    @property
+    def schema_version(self) -> int:
+        return self._version
+
+    @property
+    def stats(self) -> Mapping[str, int]:
+        return dict(self._stats)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._state in ("open", "closing"):
+            raise UsageError(f"{self!r} is already open")
+        loop = asyncio.get_running_loop()
+        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="bastion-store-writer")
+        self._reader_threads = ThreadPoolExecutor(self._readers, thread_name_prefix="bastion-store-reader")
+        try:
+            self._version = await loop.run_in_executor(self._writer_thread, self._open_files)
+        except BaseException:
+            await self._release()
+            raise
+        self._queue = asyncio.Queue()
+        self._writer_task = loop.create_task(self._write_loop(), name=f"bastion-store-writer {self.path}")
+        self._state = "open"
+
+    async def close(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "closing"
+        assert self._queue is not None and self._writer_task is not None
+        self._queue.put_nowait(None)  # after every write already queued
+        try:
+            await self._writer_task  # cancelling close() abandons the queued writes (they fail)
+        finally:
+            await self._release()
+            self._state = "closed"
+
+    def _open_files(self) -> int:
+        """On the writer thread: create the file 0600, connect, migrate, open the readers."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+        try:
+            self._writer = self._connect()
+            mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise UsageError(f"store {self.path}: the file system does not support WAL mode ({mode})")
+            version = apply_migrations(self._writer, self._migrations, label=f"store {self.path}")
+            for _ in range(self._readers):
+                reader = self._connect()
+                reader.execute("PRAGMA query_only=ON")
+                self._reader_conns.append(reader)
+                self._idle_readers.put(reader)
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(f"cannot open store {self.path}: {exc}") from exc
+        for suffix in _SIDE_FILES:
+            side = self.path.with_name(self.path.name + suffix)
+            if side.exists():
+                os.chmod(side, FILE_MODE)
+        return version
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions; we issue BEGIN ourselves.
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    async def _release(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._reader_threads is not None:
+            # Reads already running finish first; their connections are then idle.
+            await loop.run_in_executor(None, self._reader_threads.shutdown, True)
+            self._reader_threads = None
+        for conn in self._reader_conns:
+            conn.close()
+        self._reader_conns.clear()
+        self._idle_readers = queue.SimpleQueue()
+        if self._writer_thread is not None:
+            if self._writer is not None:
+                await loop.run_in_executor(self._writer_thread, self._writer.close)
+                self._writer = None
+            await loop.run_in_executor(None, self._writer_thread.shutdown, True)
+            self._writer_thread = None
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise UsageError(f"{self!r} is not open")
+
+    # -- the write path: queue -> writer task -> group commit on the writer thread -------
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        self._check_open()
+        assert self._queue is not None and self._writer_task is not None
+        if self._writer_task.done():
+            raise Unavailable("the store's writer has stopped")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Write(fn, future))
+        return await future
+
+    async def _write_loop(self) -> None:
+        assert self._queue is not None and self._writer_thread is not None
+        loop = asyncio.get_running_loop()
+        group: list[_Write] = []
+        try:
+            while True:
+                first = await self._queue.get()
+                if first is None:
+                    return
+                group, stop = self._take_group(first)
+                if group:
+                    fns = [w.fn for w in group]
+                    committed, outcomes = await loop.run_in_executor(self._writer_thread, self._commit, fns)
+                    self._resolve(group, committed, outcomes)
+                group = []
+                if stop:
+                    return
+        finally:
+            # Only reached with writes pending if this task was cancelled (the loop is
+            # going away): the group in flight may or may not have committed.
+            for write in group:
+                if not write.future.done():
+                    write.future.set_exception(Unavailable("the store closed during this write; it may not be saved"))
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is not None and not item.future.done():
+                    item.future.set_exception(Unavailable("the store closed before this write"))
+
+    def _take_group(self, first: _Write) -> tuple[list[_Write], bool]:
+        """``first`` and every write queued behind it (up to max_batch); True if close was asked."""
+        assert self._queue is not None
+        group = [first]
+        while len(group) < self._max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if item is None:
+                return [w for w in group if not w.future.done()], True
+            group.append(item)
+        return [w for w in group if not w.future.done()], False  # done: the caller was cancelled
+
+    def _commit(self, fns: list[WriteFn]) -> tuple[bool, list[tuple[bool, Any]]]:
+        """On the writer thread: run ``fns`` in one transaction, each in a savepoint.
+
+        Returns whether the transaction committed, and per write (ok, result or exception).
+        """
+        conn = self._writer
+        assert conn is not None
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn in fns:
+                outcomes.append(self._run_one(conn, fn))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):  # if even this fails, SQLite rolls back on its own
+                    conn.execute("ROLLBACK")
+            error = Unavailable(f"store write failed, nothing saved: {exc}")
+            error.__cause__ = exc
+            return False, [(False, error)] * len(fns)
+        return True, outcomes
+
+    @staticmethod
+    def _run_one(conn: sqlite3.Connection, fn: WriteFn) -> tuple[bool, Any]:
+        conn.execute("SAVEPOINT write")
+        try:
+            value = fn(conn)
+        except Exception as exc:
+            if not conn.in_transaction:  # SQLite abandoned the whole transaction (disk full, I/O)
+                raise sqlite3.OperationalError(f"transaction aborted: {exc}") from exc
+            conn.execute("ROLLBACK TO write")
+            conn.execute("RELEASE write")
+            return False, _translate(exc)
+        conn.execute("RELEASE write")
+        return True, value
+
+    def _resolve(self, group: list[_Write], committed: bool, outcomes: list[tuple[bool, Any]]) -> None:
+        if committed:
+            self._stats["commits"] += 1
+            self._stats["writes"] += len(group)
+            self._stats["largest_batch"] = max(self._stats["largest_batch"], len(group))
+        else:
+            self._stats["failed_commits"] += 1
+        for write, (ok, value) in zip(group, outcomes, strict=True):
+            if write.future.done():
+                continue
+            if ok:
+                write.future.set_result(value)
+            else:
+                write.future.set_exception(value)
+
+    # -- the read path: a pool of query_only connections on reader threads ---------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        self._check_open()
+        assert self._reader_threads is not None
+        return await asyncio.get_running_loop().run_in_executor(self._reader_threads, self._with_reader, fn)
+
+    def _with_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._idle_readers.get()  # never waits: one connection per reader thread
+        try:
+            return fn(conn)
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+        finally:
+            self._idle_readers.put(conn)
+
+    # -- users ----------------------------------------------------------------------------
+
+    async def create_user(self, user: User) -> bool:
+        return await self._write(_changes(_INSERT_USER, _user_row(user))) == 1
+
+    async def get_user(self, name: str) -> User | None:
+        row = await self._read(_one(f"SELECT {_USER_COLUMNS} FROM users WHERE name = ?", (name,)))
+        return None if row is None else _user(row)
+
+    async def update_user(self, user: User) -> bool:
+        name, *rest = _user_row(user)
+        return await self._write(_changes(_UPDATE_USER, (*rest, name))) == 1
+
+    async def delete_user(self, name: str) -> bool:
+        # Their tokens go too (ON DELETE CASCADE): a name reused later starts clean.
+        return await self._write(_changes("DELETE FROM users WHERE name = ?", (name,))) == 1
+
+    async def list_users(self) -> list[User]:
+        rows = await self._read(_all(f"SELECT {_USER_COLUMNS} FROM users ORDER BY name", ()))
+        return [_user(row) for row in rows]
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    async def add_token(self, token: Token) -> None:
+        row = (
+            token.id, token.digest, token.user, token.kind, token.label,
+            token.created_at, token.expires_at, token.revoked_at,
+        )  # fmt: skip
+
+        def insert(c: sqlite3.Connection) -> None:
+            try:
+                c.execute(f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+            except sqlite3.IntegrityError as exc:
+                if exc.sqlite_errorname == "SQLITE_CONSTRAINT_FOREIGNKEY":
+                    raise NotFound(f"no user {token.user!r}") from exc
+                raise AlreadyExists(f"token {token.id!r} or its digest is already stored") from exc
+
+        await self._write(insert)
+
+    async def token_by_digest(self, digest: str) -> Token | None:
+        row = await self._read(_one(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE digest = ?", (digest,)))
+        return None if row is None else Token(*row)
+
+    async def token_by_id(self, token_id: str) -> Token | None:
+        row = await self._read(_one(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = ?", (token_id,)))
+        return None if row is None else Token(*row)
+
+    async def list_tokens(self, user: str | None = None) -> list[Token]:
+        if user is None:
+            query = _all(f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id", ())
+        else:
+            query = _all(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE username = ? ORDER BY created_at, id", (user,))
+        return [Token(*row) for row in await self._read(query)]
+
+    async def revoke_token(self, token_id: str, at: float) -> bool:
+        sql = "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
+        return await self._write(_changes(sql, (at, token_id))) == 1
+
+    async def revoke_user_tokens(self, user: str, at: float) -> int:
+        return await self._write(_changes(_REVOKE_USER_TOKENS, (at, user, at)))
+
+    # -- lockouts -------------------------------------------------------------------------
+
+    async def get_lockout(self, key: str) -> float | None:
+        row = await self._read(_one("SELECT until FROM lockouts WHERE key = ?", (key,)))
+        return None if row is None else float(row[0])
+
+    async def set_lockout(self, key: str, until: float) -> None:
+        await self._write(_changes(_SET_LOCKOUT, (key, until)))
+
+
+# -- SQL and row mapping -------------------------------------------------------------------
+
+_USER_COLUMNS = "name, roles, password_hash, created_at, disabled"
+# In Token's field order, so a row unpacks straight into Token(*row).
+_TOKEN_COLUMNS = "id, digest, username, kind, label, created_at, expires_at, revoked_at"
+
+_INSERT_USER = f"INSERT INTO users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING"
+_UPDATE_USER = "UPDATE users SET roles = ?, password_hash = ?, created_at = ?, disabled = ? WHERE name = ?"
+# Live: neither revoked nor expired at ``at`` (Token.valid_at).
+_REVOKE_USER_TOKENS = (
+    "UPDATE tokens SET revoked_at = ? WHERE username = ? AND revoked_at IS NULL"
+    " AND (expires_at IS NULL OR expires_at > ?)"
+)
+_SET_LOCKOUT = "INSERT INTO lockouts (key, until) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET until = excluded.until"
+
+Row = tuple[Any, ...]
+
+
+def _changes(sql: str, args: Row) -> Callable[[sqlite3.Connection], int]:
+    """A write: run ``sql``, the number of rows it changed."""
+    return lambda conn: conn.execute(sql, args).rowcount
+
+
+def _one(sql: str, args: Row) -> Callable[[sqlite3.Connection], Row | None]:
+    return lambda conn: conn.execute(sql, args).fetchone()
+
+
+def _all(sql: str, args: Row) -> Callable[[sqlite3.Connection], list[Row]]:
+    return lambda conn: conn.execute(sql, args).fetchall()
+
+
+def _user_row(user: User) -> Row:
+    return (user.name, json.dumps(sorted(user.roles)), user.password_hash, user.created_at, int(user.disabled))
+
+
+def _user(row: Row) -> User:
+    name, roles, password_hash, created_at, disabled = row
+    return User(name, frozenset(json.loads(roles)), password_hash, float(created_at), bool(disabled))
+
+
+def _translate(exc: Exception) -> Exception:
+    """bastion errors pass through; SQLite's become bastion's, so no SQL error escapes the store."""
+    if isinstance(exc, BastionError) or not isinstance(exc, sqlite3.Error):
+        return exc
+    if isinstance(exc, sqlite3.OperationalError):  # busy, locked, I/O, disk full: try again later
+        error: Exception = Unavailable(f"store: {exc}")
+    else:
+        error = InternalError(f"store: {exc}")
+    error.__cause__ = exc
+    return error

@@ -1,0 +1,280 @@
+"""Every ``CredentialStore`` method, on every backend (see conftest.py).
+
+These are the contract bastion.security relies on: a call that returned was
+committed, duplicates are reported not raised (users) or raised as
+AlreadyExists (tokens), lists come back in a stable order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from bastion.exceptions import AlreadyExists, NotFound, UsageError
+from bastion.security.credentials import Token, User
+from bastion.store import LATEST_SCHEMA_VERSION, Store
+
+MakeStore = Callable[..., Store]  # the make_store fixture (conftest.py)
+
+ADA = User("ada", frozenset({"admin", "ops"}), "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA", 1700000000.5)
+
+
+def token(id: str, user: str = "ada", **fields: object) -> Token:
+    return Token(id=id, digest=f"digest-{id}", user=user, **fields)  # type: ignore[arg-type]
+
+
+async def add_users(store: Store, *names: str) -> None:
+    for name in names:
+        assert await store.create_user(User(name))
+
+
+# -- users --------------------------------------------------------------------------------------
+
+
+async def test_a_new_store_is_empty_and_at_the_latest_schema(store: Store) -> None:
+    assert store.schema_version == LATEST_SCHEMA_VERSION
+    assert await store.list_users() == []
+    assert await store.list_tokens() == []
+    assert await store.get_lockout("anything") is None
+
+
+async def test_a_created_user_reads_back_with_every_field(store: Store) -> None:
+    assert await store.create_user(ADA) is True
+    assert await store.get_user("ada") == ADA
+    token_only = User("bot", created_at=1.0, disabled=True)
+    assert await store.create_user(token_only)
+    assert await store.get_user("bot") == token_only
+
+
+async def test_creating_a_taken_name_returns_false_and_keeps_the_first(store: Store) -> None:
+    assert await store.create_user(ADA)
+    assert await store.create_user(User("ada", frozenset({"intruder"}))) is False
+    assert await store.get_user("ada") == ADA
+
+
+async def test_an_unknown_user_is_none(store: Store) -> None:
+    assert await store.get_user("nobody") is None
+
+
+async def test_update_replaces_the_whole_record(store: Store) -> None:
+    assert await store.create_user(ADA)
+    changed = User("ada", frozenset({"reader"}), None, 5.0, disabled=True)
+    assert await store.update_user(changed) is True
+    assert await store.get_user("ada") == changed
+
+
+async def test_updating_an_unknown_user_returns_false_and_creates_nothing(store: Store) -> None:
+    assert await store.update_user(ADA) is False
+    assert await store.get_user("ada") is None
+
+
+async def test_delete_user(store: Store) -> None:
+    await add_users(store, "ada", "bob")
+    assert await store.delete_user("ada") is True
+    assert await store.get_user("ada") is None
+    assert await store.delete_user("ada") is False
+    assert [u.name for u in await store.list_users()] == ["bob"]
+
+
+async def test_deleting_a_user_deletes_their_tokens_so_a_reused_name_starts_clean(store: Store) -> None:
+    await add_users(store, "ada", "bob")
+    await store.add_token(token("t1"))
+    await store.add_token(token("t2", user="bob"))
+    assert await store.delete_user("ada")
+    assert await store.token_by_digest("digest-t1") is None
+    assert await store.create_user(User("ada"))
+    assert await store.list_tokens("ada") == []
+    assert [t.id for t in await store.list_tokens()] == ["t2"]
+
+
+async def test_users_are_listed_by_name(store: Store) -> None:
+    await add_users(store, "carol", "ada", "bob")
+    assert [u.name for u in await store.list_users()] == ["ada", "bob", "carol"]
+
+
+async def test_names_and_roles_keep_unusual_characters(store: Store) -> None:
+    odd = User("Zoë 'O\"Brien'; DROP TABLE users;--", frozenset({"ünïcode", "with space", ""}))
+    assert await store.create_user(odd)
+    assert await store.get_user(odd.name) == odd
+    assert await store.list_users() == [odd]
+
+
+# -- tokens -------------------------------------------------------------------------------------
+
+
+async def test_a_token_is_found_by_digest_and_by_id_with_every_field(store: Store) -> None:
+    await add_users(store, "ada")
+    full = Token("t1", "d1", "ada", "session", "laptop", 10.0, 20.0, None)
+    await store.add_token(full)
+    assert await store.token_by_digest("d1") == full
+    assert await store.token_by_id("t1") == full
+    assert await store.token_by_digest("t1") is None  # an id is not a digest
+    assert await store.token_by_id("d1") is None
+    assert await store.token_by_digest("unknown") is None
+    assert await store.token_by_id("unknown") is None
+
+
+async def test_tokens_are_listed_per_user_or_all_in_creation_order(store: Store) -> None:
+    await add_users(store, "ada", "bob")
+    await store.add_token(token("c", created_at=3.0))
+    await store.add_token(token("a", user="bob", created_at=2.0))
+    await store.add_token(token("b", created_at=1.0))
+    await store.add_token(token("a2", created_at=3.0))  # same time: by id
+    assert [t.id for t in await store.list_tokens("ada")] == ["b", "a2", "c"]
+    assert [t.id for t in await store.list_tokens("bob")] == ["a"]
+    assert [t.id for t in await store.list_tokens()] == ["b", "a", "a2", "c"]
+    assert await store.list_tokens("nobody") == []
+
+
+async def test_a_duplicate_token_id_or_digest_is_already_exists(store: Store) -> None:
+    await add_users(store, "ada")
+    await store.add_token(token("t1"))
+    with pytest.raises(AlreadyExists):
+        await store.add_token(Token("t1", "another-digest", "ada"))
+    with pytest.raises(AlreadyExists):
+        await store.add_token(Token("t2", "digest-t1", "ada"))
+    assert [t.id for t in await store.list_tokens()] == ["t1"]
+
+
+async def test_a_token_for_an_unknown_user_is_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.add_token(token("t1", user="ghost"))
+    assert await store.list_tokens() == []
+
+
+async def test_revoking_a_token_marks_it_once(store: Store) -> None:
+    await add_users(store, "ada")
+    await store.add_token(token("t1"))
+    assert await store.revoke_token("t1", at=50.0) is True
+    revoked = await store.token_by_id("t1")
+    assert revoked is not None and revoked.revoked_at == 50.0 and not revoked.valid_at(60.0)
+    assert await store.revoke_token("t1", at=99.0) is False  # already revoked: the first time stands
+    again = await store.token_by_digest("digest-t1")
+    assert again is not None and again.revoked_at == 50.0
+    assert await store.revoke_token("unknown", at=1.0) is False
+
+
+async def test_revoking_a_users_tokens_counts_only_live_ones(store: Store) -> None:
+    await add_users(store, "ada", "bob")
+    await store.add_token(token("live"))
+    await store.add_token(token("live-until-later", expires_at=200.0))
+    await store.add_token(token("expired", expires_at=50.0))
+    await store.add_token(token("revoked", revoked_at=10.0))
+    await store.add_token(token("bobs", user="bob"))
+    assert await store.revoke_user_tokens("ada", at=100.0) == 2
+    by_id = {t.id: t for t in await store.list_tokens()}
+    assert by_id["live"].revoked_at == 100.0
+    assert by_id["live-until-later"].revoked_at == 100.0
+    assert by_id["expired"].revoked_at is None
+    assert by_id["revoked"].revoked_at == 10.0
+    assert by_id["bobs"].revoked_at is None
+    assert not any(t.valid_at(100.0) for t in await store.list_tokens("ada"))
+    assert await store.revoke_user_tokens("ada", at=101.0) == 0
+    assert await store.revoke_user_tokens("nobody", at=101.0) == 0
+
+
+# -- lockouts -----------------------------------------------------------------------------------
+
+
+async def test_lockouts_are_set_read_and_overwritten(store: Store) -> None:
+    assert await store.get_lockout("login:ada|10.0.0.1") is None
+    await store.set_lockout("login:ada|10.0.0.1", 1000.5)
+    assert await store.get_lockout("login:ada|10.0.0.1") == 1000.5
+    await store.set_lockout("login:ada|10.0.0.1", 500.0)  # replaced, even by an earlier time
+    assert await store.get_lockout("login:ada|10.0.0.1") == 500.0
+    assert await store.get_lockout("login:ada|10.0.0.2") is None
+
+
+# -- durability and lifecycle -------------------------------------------------------------------
+
+
+async def test_everything_written_is_there_after_close_and_reopen(make_store: MakeStore) -> None:
+    async with make_store() as store:
+        await add_users(store, "bob", "carol")
+        assert await store.create_user(ADA)
+        assert await store.update_user(User("bob", frozenset({"x"})))
+        assert await store.delete_user("carol")
+        await store.add_token(token("t1", created_at=1.0))
+        await store.add_token(token("t2", created_at=2.0, expires_at=9.0))
+        assert await store.revoke_token("t1", at=5.0)
+        await store.set_lockout("k", 42.0)
+        users, tokens = await store.list_users(), await store.list_tokens()
+    async with make_store() as again:
+        assert again.schema_version == LATEST_SCHEMA_VERSION
+        assert await again.list_users() == users == [ADA, User("bob", frozenset({"x"}))]
+        assert await again.list_tokens() == tokens
+        assert await again.get_lockout("k") == 42.0
+
+
+async def test_a_store_is_unusable_before_open_and_after_close(make_store: MakeStore) -> None:
+    store = make_store()
+    with pytest.raises(UsageError):
+        await store.get_user("ada")
+    async with store:
+        assert await store.create_user(ADA)
+    with pytest.raises(UsageError):
+        await store.create_user(User("bob"))
+    with pytest.raises(UsageError):
+        await store.list_users()
+    await store.close()  # idempotent
+    async with store:  # and it can be opened again
+        assert await store.get_user("ada") == ADA
+
+
+async def test_closing_finishes_every_write_already_made(make_store: MakeStore) -> None:
+    store = make_store()
+    await store.open()
+    writes = [asyncio.create_task(store.create_user(User(f"u{i:03}"))) for i in range(50)]
+    await asyncio.sleep(0)  # every write is queued, none answered yet
+    await store.close()
+    assert all(await asyncio.gather(*writes))
+    async with make_store() as again:
+        assert len(await again.list_users()) == 50
+
+
+# -- concurrency --------------------------------------------------------------------------------
+
+
+async def test_concurrent_creates_of_the_same_names_let_exactly_one_win_each(store: Store) -> None:
+    names = [f"user{i % 20}" for i in range(100)]
+    results = await asyncio.gather(*(store.create_user(User(name)) for name in names))
+    wins = [name for name, won in zip(names, results, strict=True) if won]
+    assert sorted(wins) == sorted(set(names))
+    assert len(await store.list_users()) == 20
+
+
+async def test_one_failing_write_among_concurrent_ones_fails_alone(store: Store) -> None:
+    await add_users(store, "ada")
+    await store.add_token(token("taken"))
+    attempts = [store.add_token(token(f"t{i}")) for i in range(20)]
+    attempts.insert(10, store.add_token(token("taken")))
+    results = await asyncio.gather(*attempts, return_exceptions=True)
+    assert isinstance(results[10], AlreadyExists)
+    assert [r for i, r in enumerate(results) if i != 10] == [None] * 20
+    assert len(await store.list_tokens("ada")) == 21
+
+
+async def test_reads_during_writes_see_only_whole_acknowledged_writes(store: Store) -> None:
+    done: list[str] = []
+
+    async def write() -> None:
+        for i in range(100):
+            name = f"u{i:03}"
+            assert await store.create_user(User(name, frozenset({"r"})))
+            done.append(name)
+
+    async def read() -> int:
+        reads = 0
+        while len(done) < 100:
+            acknowledged = list(done)
+            seen = {u.name: u for u in await store.list_users()}
+            assert set(acknowledged) <= set(seen)  # every acknowledged write is visible
+            assert all(u.roles == {"r"} for u in seen.values())
+            reads += 1
+            await asyncio.sleep(0)
+        return reads
+
+    _, *reads = await asyncio.gather(write(), read(), read(), read())
+    assert all(n > 0 for n in reads)

@@ -1,0 +1,232 @@
+"""What only the SQLite backend promises: its pragmas, file modes, group
+commit, savepoint isolation, concurrent readers, and that an acknowledged
+write survives the process being SIGKILLed. All on real files in tmp_path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from bastion.exceptions import Unavailable, UsageError
+from bastion.security.credentials import User
+from bastion.store import SQLiteStore, open_store
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# -- open_store --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["path", "pathlib", "url"])
+def test_open_store_picks_sqlite_for_a_path_or_sqlite_url(tmp_path: Path, form: str) -> None:
+    db = tmp_path / "a.db"
+    locations: dict[str, str | Path] = {"path": str(db), "pathlib": db, "url": f"sqlite:///{db}"}
+    location = locations[form]
+    store = open_store(location)
+    assert isinstance(store, SQLiteStore) and store.path == db
+
+
+def test_a_relative_sqlite_url_is_a_relative_path() -> None:
+    store = open_store("sqlite:///data/bastion.db")
+    assert isinstance(store, SQLiteStore) and store.path == Path("data/bastion.db")
+
+
+@pytest.mark.parametrize("url", ["postgresql://u@db/bastion", "postgres://db/x", "postgresql+asyncpg://db/x"])
+def test_postgresql_is_recognised_but_not_yet_supported(url: str) -> None:
+    with pytest.raises(UsageError, match="not yet supported"):
+        open_store(url)
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "mysql://db/x", "sqlite://relative.db", "sqlite:///", "sqlite:///:memory:"])
+def test_open_store_refuses_what_it_cannot_store_durably(bad: str) -> None:
+    with pytest.raises(UsageError):
+        open_store(bad)
+
+
+async def test_a_file_that_is_not_a_database_is_a_usage_error(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not an SQLite database, not even close" * 100)
+    with pytest.raises(UsageError, match="cannot open store"):
+        await SQLiteStore(junk).open()
+
+
+# -- pragmas and files --------------------------------------------------------------------------
+
+
+async def test_connections_use_wal_full_sync_and_foreign_keys(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "a.db") as store:
+        writer = await store._write(
+            lambda c: [c.execute(f"PRAGMA {p}").fetchone()[0] for p in ("journal_mode", "synchronous", "foreign_keys")]
+        )
+        assert writer == ["wal", 2, 1]  # synchronous 2 = FULL
+        reader = await store._read(
+            lambda c: [c.execute(f"PRAGMA {p}").fetchone()[0] for p in ("synchronous", "foreign_keys", "query_only")]
+        )
+        assert reader == [2, 1, 1]
+        with pytest.raises(Exception, match="readonly"):
+            await store._read(lambda c: c.execute("DELETE FROM users"))
+
+
+async def test_the_database_and_its_side_files_are_private(tmp_path: Path) -> None:
+    old = os.umask(0)  # even a careless umask must not expose password hashes
+    try:
+        async with SQLiteStore(tmp_path / "new" / "a.db") as store:
+            assert await store.create_user(User("ada"))
+            files = [tmp_path / "new" / f"a.db{suffix}" for suffix in ("", "-wal", "-shm")]
+            assert {f.name: mode(f) for f in files} == {f.name: 0o600 for f in files}
+    finally:
+        os.umask(old)
+
+
+async def test_opening_tightens_a_database_left_readable(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    async with SQLiteStore(db):
+        pass
+    db.chmod(0o644)
+    async with SQLiteStore(db) as store:
+        assert mode(db) == 0o600
+        assert await store.create_user(User("ada"))
+
+
+# -- group commit -------------------------------------------------------------------------------
+
+
+async def test_concurrent_writes_share_transactions(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "a.db") as store:
+        results = await asyncio.gather(*(store.create_user(User(f"u{i:03}")) for i in range(200)))
+        assert results == [True] * 200
+        assert store.stats["writes"] == 200
+        assert store.stats["commits"] <= 10, store.stats  # typically 2: the first write, then the rest
+        assert len(await store.list_users()) == 200
+
+
+async def test_sequential_writes_each_commit_before_returning(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "a.db") as store:
+        for i in range(5):
+            assert await store.create_user(User(f"u{i}"))
+            assert store.stats["commits"] == i + 1
+
+
+async def test_a_write_that_raises_is_rolled_back_alone_within_the_group(tmp_path: Path) -> None:
+    def half_done_then_fails(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO users (name) VALUES ('half')")
+        raise ValueError("changed my mind")
+
+    async with SQLiteStore(tmp_path / "a.db") as store:
+        before = store.stats["commits"]
+        results = await asyncio.gather(
+            store.create_user(User("a")),
+            store._write(half_done_then_fails),
+            store.create_user(User("b")),
+            return_exceptions=True,
+        )
+        assert results[0] is True and results[2] is True
+        assert isinstance(results[1], ValueError)
+        assert store.stats["commits"] == before + 1  # all three shared one transaction
+        assert [u.name for u in await store.list_users()] == ["a", "b"]  # no trace of 'half'
+
+
+async def test_a_failed_commit_fails_the_whole_group_and_the_store_carries_on(tmp_path: Path) -> None:
+    def breaks_the_commit(conn: sqlite3.Connection) -> None:
+        # A deferred foreign-key violation passes the statement and fails only at COMMIT.
+        conn.execute("PRAGMA defer_foreign_keys=ON")
+        conn.execute("INSERT INTO tokens (id, digest, username) VALUES ('t', 'd', 'ghost')")
+
+    async with SQLiteStore(tmp_path / "a.db") as store:
+        results = await asyncio.gather(
+            store.create_user(User("a")), store._write(breaks_the_commit), return_exceptions=True
+        )
+        assert [type(r) for r in results] == [Unavailable, Unavailable]
+        assert store.stats["failed_commits"] == 1
+        assert await store.list_users() == []  # nothing of the group was saved
+        assert await store.create_user(User("a"))  # and the next group commits normally
+        assert [u.name for u in await store.list_users()] == ["a"]
+
+
+async def test_max_batch_bounds_a_group(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "a.db", max_batch=10) as store:
+        assert all(await asyncio.gather(*(store.create_user(User(f"u{i:02}")) for i in range(50))))
+        assert store.stats["largest_batch"] == 10
+        assert store.stats["commits"] >= 5
+
+
+# -- concurrent readers -------------------------------------------------------------------------
+
+
+async def test_reads_run_in_parallel_and_are_not_held_up_by_a_commit(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "a.db", readers=4) as store:
+        assert await store.create_user(User("ada"))
+        # Four reads that each wait for the other three: only possible if they run at once.
+        barrier = threading.Barrier(4, timeout=5)
+        assert await asyncio.gather(*(store._read(lambda c: barrier.wait() >= 0) for _ in range(4))) == [True] * 4
+        # A write holding the writer does not hold up reads, which see the last commit.
+        release = threading.Event()
+        slow = asyncio.create_task(store._write(lambda c: (c.execute("DELETE FROM users"), release.wait(5))))
+        await asyncio.sleep(0.05)
+        assert [u.name for u in await store.list_users()] == ["ada"]
+        assert not slow.done()
+        release.set()
+        await slow
+        assert await store.list_users() == []
+
+
+# -- durability across a crash ------------------------------------------------------------------
+
+WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from bastion.security.credentials import User
+    from bastion.store import open_store
+
+    async def main(path):
+        async with open_store(path) as store:
+            async def writer(k):
+                i = 0
+                while True:
+                    name = f"w{k}-{i}"
+                    assert await store.create_user(User(name))
+                    print(name, flush=True)  # acknowledged: committed
+                    i += 1
+            await asyncio.gather(*(writer(k) for k in range(8)))
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+async def test_every_acknowledged_write_survives_sigkill(tmp_path: Path) -> None:
+    db = tmp_path / "crash.db"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, str(db), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    acknowledged: list[str] = []
+    try:
+        while len(acknowledged) < 400:  # kill it mid-stream, with writes in flight
+            line = await asyncio.wait_for(proc.stdout.readline(), 5)
+            assert line.endswith(b"\n"), (line, await proc.stderr.read() if proc.stderr else b"")
+            acknowledged.append(line.decode().strip())
+    finally:
+        proc.kill()  # SIGKILL: no close(), no atexit, no checkpoint
+    rest = await proc.stdout.read()
+    assert await proc.wait() == -9
+    acknowledged += [line.decode() for line in rest.split(b"\n")[:-1]]  # only complete lines were acknowledged
+    assert (tmp_path / "crash.db-wal").exists()  # the writes were still in the WAL, not checkpointed away
+    async with SQLiteStore(db) as store:
+        present = {u.name for u in await store.list_users()}
+    missing = set(acknowledged) - present
+    assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {sorted(missing)[:5]}"
