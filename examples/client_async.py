@@ -11,7 +11,8 @@ then::
 ADDRESS defaults to $BASTION_ADDRESS, else 127.0.0.1:7400; TOKEN_FILE to
 $BASTION_TOKEN_FILE, else bastion-data/admin.token (written by ``bastion
 serve`` on first start) if it exists; without a token only the public
-``hello`` works.
+``hello`` works. The server's certificate is verified against $BASTION_CA,
+else bastion-data/tls/ca.pem (the development CA) if it exists.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import AsyncIterator
 from bastion import BastionError, Client
 
 DEFAULT_TOKEN_FILE = "bastion-data/admin.token"
+#: The development CA ``bastion serve`` creates on first start (the server's TLS certificate chains to it).
+DEFAULT_CA = "bastion-data/tls/ca.pem"
 
 
 def settings(argv: list[str]) -> tuple[str, str | None]:
@@ -35,13 +38,18 @@ def settings(argv: list[str]) -> tuple[str, str | None]:
     return address, token_file
 
 
+def local_ca() -> str | None:
+    """The CA to verify the server with: $BASTION_CA (read by the client), else the local dev CA if present."""
+    return DEFAULT_CA if not os.environ.get("BASTION_CA") and os.path.exists(DEFAULT_CA) else None
+
+
 async def chunks() -> AsyncIterator[bytes]:
     for i in range(10):
         yield bytes(1000 * i)
 
 
 async def main(address: str, token_file: str | None) -> None:
-    async with Client(address, token_file=token_file, timeout=10) as client:
+    async with Client(address, token_file=token_file, timeout=10, ca=local_ca()) as client:
         print(await client.greeter.hello(name="async world", times=2))
         print("2 + 3 =", await client.greeter.add(a=2, b=3))
         async for i in client.stream("greeter.count", n=5):

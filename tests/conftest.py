@@ -3,7 +3,10 @@
 ``server`` is a fresh server per test, unpacking as ``(address, token_file,
 process)``; ``server_factory`` starts more, with extra environment (limits).
 Every process is stopped in the fixture's finalizer (SIGTERM, then SIGKILL
-if it will not go), and must have exited 0.
+if it will not go), and must have exited 0. Servers run TLS with
+certificates from the session's shared test CA, which every client in the
+test process trusts through ``BASTION_CA``; ``server_factory(insecure=True)``
+starts a plaintext one.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.server import ServerProcess, start_server
+from tests.support.server import ServerProcess, shared_ca, start_server
 
 #: Short enough that stopping a server with calls still running is quick.
 TEST_GRACE_PERIOD = "3"
@@ -21,13 +24,30 @@ TEST_GRACE_PERIOD = "3"
 StartServer = Callable[..., ServerProcess]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _trust_the_test_ca() -> Iterator[None]:
+    """Clients made in the test process trust the shared test CA (via BASTION_CA) by default."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BASTION_CA", str(shared_ca()))
+        yield
+
+
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[StartServer]:
     started: list[ServerProcess] = []
 
-    def start(env: dict[str, str] | None = None, name: str | None = None) -> ServerProcess:
+    def start(
+        env: dict[str, str] | None = None,
+        name: str | None = None,
+        *,
+        insecure: bool = False,
+        args: tuple[str, ...] = (),
+    ) -> ServerProcess:
         workdir = tmp_path / (name or f"server{len(started)}")
-        proc = start_server(workdir, env={"BASTION_LIMITS__GRACE_PERIOD": TEST_GRACE_PERIOD, **(env or {})})
+        proc = start_server(
+            workdir, env={"BASTION_LIMITS__GRACE_PERIOD": TEST_GRACE_PERIOD, **(env or {})},
+            insecure=insecure, args=args,
+        )
         started.append(proc)
         return proc
 

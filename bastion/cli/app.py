@@ -12,6 +12,7 @@ import msgspec
 import typer
 
 from bastion._version import __version__
+from bastion.cli.cert import cert_app
 from bastion.client.sync import SyncClient
 from bastion.config import load_config
 from bastion.exceptions import BastionError, CallError, TransportError, UsageError
@@ -42,6 +43,35 @@ TokenFile = Annotated[
 ]
 Timeout = Annotated[float | None, typer.Option("--timeout", help="Seconds to wait for an answer.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+CaFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca",
+        help="CA certificate to verify the server with (default: $BASTION_CA, else ./bastion-data/tls/ca.pem "
+        "if present, else the system trust store).",
+        show_default=False,
+    ),
+]
+ClientCert = Annotated[
+    Path | None, typer.Option("--cert", help="Client certificate (PEM) for mutual TLS.", show_default=False)
+]
+ClientKey = Annotated[
+    Path | None, typer.Option("--key", help="Key of the client certificate (PEM).", show_default=False)
+]
+Insecure = Annotated[
+    bool, typer.Option("--insecure", help="Plaintext, no TLS (only for a server started with --insecure).")
+]
+LOCAL_DEV_CA = Path("bastion-data") / "tls" / "ca.pem"
+
+
+class _TLSOptions:
+    def __init__(self, ca: Path | None, cert: Path | None, key: Path | None, insecure: bool) -> None:
+        if ca is None and not insecure and not os.environ.get("BASTION_CA") and LOCAL_DEV_CA.exists():
+            ca = LOCAL_DEV_CA
+        self.ca = str(ca) if ca is not None else None
+        self.cert = str(cert) if cert is not None else None
+        self.key = str(key) if key is not None else None
+        self.insecure = insecure
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -49,8 +79,11 @@ def _fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _client(address: str, token_file: Path | None, timeout: float | None) -> SyncClient:
-    return SyncClient(address, token_file=str(token_file) if token_file else None, timeout=timeout)
+def _client(address: str, token_file: Path | None, timeout: float | None, tls: _TLSOptions) -> SyncClient:
+    return SyncClient(
+        address, token_file=str(token_file) if token_file else None, timeout=timeout,
+        ca=tls.ca, cert=tls.cert, key=tls.key, insecure=tls.insecure,
+    )
 
 
 def _run_guarded(func: Any) -> Any:
@@ -91,11 +124,44 @@ def serve(
         list[str] | None, typer.Option("--service", help="Also host MODULE:ATTRIBUTE (a bastion.Service).")
     ] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning or error.")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Serve plaintext without TLS (loopback only; prints a warning).")
+    ] = False,
+    force_insecure: Annotated[
+        bool, typer.Option("--force-insecure", help="Allow --insecure on a non-loopback address.")
+    ] = False,
+    cert: Annotated[
+        Path | None, typer.Option("--cert", help="Server certificate chain (PEM); reloaded on SIGHUP.")
+    ] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="Private key of --cert (PEM).")] = None,
+    client_auth: Annotated[
+        str | None, typer.Option("--client-auth", help="Client certificates: none, optional or required.")
+    ] = None,
+    client_ca: Annotated[
+        Path | None, typer.Option("--client-ca", help="CA bundle for client certificates (default: the dev CA).")
+    ] = None,
+    crl: Annotated[Path | None, typer.Option("--crl", help="Certificate revocation list (PEM) for clients.")] = None,
+    tls_min_version: Annotated[
+        str | None, typer.Option("--tls-min-version", help='Lowest TLS version: "1.3" (default) or "1.2".')
+    ] = None,
 ) -> None:
-    """Start a server (the admin service plus any --service given)."""
+    """Start a server (the admin service plus any --service given). TLS is on unless --insecure."""
     from bastion.cli.serve import run
 
     overrides: dict[str, Any] = {"host": host, "port": port, "log_level": log_level}
+    tls: dict[str, Any] = {
+        "cert": str(cert) if cert else None,
+        "key": str(key) if key else None,
+        "client_auth": client_auth,
+        "client_ca": str(client_ca) if client_ca else None,
+        "crl": str(crl) if crl else None,
+        "min_version": tls_min_version,
+    }
+    if insecure:
+        tls["insecure"] = True
+    if force_insecure:
+        tls["force_insecure"] = True
+    overrides["tls"] = {k: v for k, v in tls.items() if v is not None}
     if data_dir is not None:
         overrides["data_dir"] = str(data_dir)
     if service:
@@ -118,12 +184,18 @@ def call(
     ] = None,
     token_file: TokenFile = None,
     timeout: Timeout = 30.0,
+    ca: CaFile = None,
+    cert: ClientCert = None,
+    key: ClientKey = None,
+    insecure: Insecure = False,
 ) -> None:
     """Call a method and print its result as JSON."""
     from bastion.cli.values import parse_arguments
 
+    tls = _TLSOptions(ca, cert, key, insecure)
+
     def run() -> Any:
-        with _client(address, token_file, timeout) as client:
+        with _client(address, token_file, timeout, tls) as client:
             params = _params_schema(client, method)
             args = parse_arguments(list(arguments or []), params)
             return client.call(method, **args)
@@ -182,11 +254,21 @@ def _type_name(schema: dict[str, Any]) -> str:
 
 
 @app.command()
-def methods(address: Address, token_file: TokenFile = None, as_json: AsJson = False, timeout: Timeout = 30.0) -> None:
+def methods(
+    address: Address,
+    token_file: TokenFile = None,
+    as_json: AsJson = False,
+    timeout: Timeout = 30.0,
+    ca: CaFile = None,
+    cert: ClientCert = None,
+    key: ClientKey = None,
+    insecure: Insecure = False,
+) -> None:
     """List the services and methods a server offers you, with signatures."""
+    tls = _TLSOptions(ca, cert, key, insecure)
 
     def run() -> Any:
-        with _client(address, token_file, timeout) as client:
+        with _client(address, token_file, timeout, tls) as client:
             return client.call("admin.methods")
 
     listing = _run_guarded(run)
@@ -203,6 +285,9 @@ def methods(address: Address, token_file: TokenFile = None, as_json: AsJson = Fa
             print(f"  {_signature(m)}{suffix}")
             if m.get("doc"):
                 print(f"      {m['doc'].splitlines()[0]}")
+
+
+app.add_typer(cert_app, name="cert")
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bastion._version import __version__
+from bastion.cli.cert import prepare_tls
 from bastion.config import Config
 from bastion.exceptions import UsageError
 from bastion.security.authn import StaticTokens, new_token
@@ -84,10 +85,15 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
     token_path = data_dir / "admin.token"
     token, created = ensure_admin_token(token_path)
     services = [admin_service, *load_services(config.services)]
+    tls = prepare_tls(config, warn=lambda line: print(line, file=sys.stderr, flush=True))
     server = Server(
         services,
         limits=config.limits,
         authenticator=StaticTokens({token: Principal("admin", frozenset({ADMIN_ROLE}))}),
+        ssl_context=tls.context,
+        cert_files=tls.cert_files,
+        crl_file=config.tls.crl,
+        revoked_serials=config.tls.revoked_serials,
     )
     del token
 
@@ -101,6 +107,8 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
         names = ", ".join(sorted(server.table.services))
         echo(f"bastion {__version__} listening on {host}:{port} (services: {names})")
         echo(f"admin token {'written to' if created else 'in'} {token_path.resolve()} (mode 0600)")
+        for line in tls.messages:
+            echo(line)
         await server.serve_forever(handle_signals=False)
         log.info("stopped")
 

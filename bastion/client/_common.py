@@ -8,6 +8,7 @@ with two thin transports.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -19,8 +20,17 @@ from bastion.config import DEFAULT_PORT
 from bastion.exceptions import CallError, Unavailable, UsageError, error_for_status
 from bastion.protocol.connection import ProtocolLimits
 from bastion.protocol.messages import PROTOCOL_VERSION, Error, GoAway, Hello
+from bastion.security.tls import client_context
 
-__all__ = ["MethodProxy", "ServiceProxy", "build_hello", "decode_value", "error_from", "parse_address"]
+__all__ = [
+    "ClientTLS",
+    "MethodProxy",
+    "ServiceProxy",
+    "build_hello",
+    "decode_value",
+    "error_from",
+    "parse_address",
+]
 
 _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
 CLIENT_NAME = f"bastion-py/{__version__}"
@@ -65,6 +75,65 @@ def resolve_token(token: str | None, token_file: str | os.PathLike[str] | None) 
         except OSError as exc:
             raise UsageError(f"cannot read token file {token_file}: {exc.strerror}") from None
     return token
+
+
+class ClientTLS:
+    """How a client secures its connections, decided once at construction.
+
+    TLS unless ``insecure``: an explicit ``ssl_context`` wins; else the server
+    is verified against ``ca`` (or the file named by ``BASTION_CA``), else
+    against the system trust store; ``cert``/``key`` add a client
+    certificate. The context is built on first use (in-memory clients never
+    need one).
+    """
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        ca: str | os.PathLike[str] | None = None,
+        cert: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
+    ) -> None:
+        if insecure and (ssl_context is not None or ca is not None or cert is not None or key is not None):
+            raise UsageError("insecure=True means plaintext: do not also give ssl_context=, ca=, cert= or key=")
+        if ssl_context is not None and (ca is not None or cert is not None or key is not None):
+            raise UsageError("give ssl_context= or ca=/cert=/key=, not both")
+        if key is not None and cert is None:
+            raise UsageError("key= needs cert=")
+        self.insecure = insecure
+        self.ca = ca if ca is not None or insecure or ssl_context is not None else os.environ.get("BASTION_CA") or None
+        self.cert, self.key = cert, key
+        self._context = ssl_context
+
+    def context(self) -> ssl.SSLContext | None:
+        """The client SSLContext, or None for plaintext."""
+        if self.insecure:
+            return None
+        if self._context is None:
+            self._context = client_context(self.ca, self.cert, self.key)
+        return self._context
+
+
+def silent_close_hint(tls: ClientTLS) -> str:
+    """What to add when the server closed a connection in the handshake without a word.
+
+    Plaintext: it is probably a TLS server. TLS: asyncio servers drop the
+    TLS alert that would say why a client certificate was refused, so the
+    close itself is the only sign.
+    """
+    if tls.insecure:
+        return "; the server may require TLS (this client is plaintext: insecure=True / --insecure)"
+    if tls.cert is not None:
+        return (
+            "; the server closed the connection right after TLS: it may have refused the client certificate "
+            "(revoked, expired, or from a CA it does not trust)"
+        )
+    return (
+        "; the server closed the connection right after TLS: it may require a client certificate "
+        "(cert= and key=, --cert and --key)"
+    )
 
 
 def build_hello(limits: ProtocolLimits, token: str | None, name: str) -> Hello:

@@ -12,6 +12,7 @@ locally, cancelling the call on the server when it runs out.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -21,6 +22,7 @@ import msgspec
 
 from bastion.client._common import (
     CLIENT_NAME,
+    ClientTLS,
     ServiceProxy,
     build_hello,
     check_args,
@@ -29,12 +31,15 @@ from bastion.client._common import (
     goaway_error,
     parse_address,
     resolve_token,
+    silent_close_hint,
 )
 from bastion.exceptions import ConnectError, ConnectionClosed, DeadlineExceeded, error_for_status
 from bastion.protocol.connection import Connection, ProtocolLimits
 from bastion.protocol.messages import Credit, Error, GoAway, Item, Message, Result, Welcome
 from bastion.protocol.state import ConnectionState, Role
+from bastion.security.tls import ALPN_PROTOCOL
 from bastion.transport.aio import Link, translate_error
+from bastion.transport.tls_errors import describe_tls_error
 
 __all__ = ["Client"]
 
@@ -84,6 +89,8 @@ class _ClientConnection:
         self.loop = asyncio.get_running_loop()
         self.welcome: asyncio.Future[Welcome] = self.loop.create_future()
         self.closed = False
+        #: The server closed the connection in the handshake without sending a byte.
+        self.closed_silently = False
         self.slots: asyncio.Semaphore | None = None
         self._token = hello_token
         self._name = name
@@ -92,6 +99,11 @@ class _ClientConnection:
 
     def on_connect(self, link: Link) -> None:
         self.link = link
+        if link.ssl_object is not None and link.alpn != ALPN_PROTOCOL:
+            if not self.welcome.done():
+                self.welcome.set_exception(ConnectError(f"the server did not agree to ALPN {ALPN_PROTOCOL}"))
+            link.abort()
+            return
         self.core.send_hello(build_hello(self.limits, self._token, self._name))
         self._token = None
         link.flush()
@@ -139,6 +151,7 @@ class _ClientConnection:
         self.closed = True
         error = translate_error(exc)
         if not self.welcome.done():
+            self.closed_silently = self.link is not None and not self.link.received_any
             self.welcome.set_exception(ConnectError(f"handshake failed: {error}"))
         for pending in self.pending.values():
             pending.fail(ConnectionClosed(str(error)))
@@ -231,6 +244,13 @@ class Client:
     ``await client.svc.method(a=1)``; server streams: ``async for x in
     client.stream("svc.method", ...)``; client streams: ``await
     client.upload("svc.method", items, ...)``.
+
+    TLS is the default: the server is verified against ``ca`` (a PEM file;
+    default: the file named by ``BASTION_CA``, else the system trust store),
+    by hostname (``server_hostname`` overrides the name checked);
+    ``cert``/``key`` present a client certificate for mutual TLS.
+    ``insecure=True`` connects in plaintext (only to a server started with
+    ``--insecure``).
     """
 
     def __init__(
@@ -245,13 +265,17 @@ class Client:
         server_hostname: str | None = None,
         limits: ProtocolLimits | None = None,
         name: str = CLIENT_NAME,
+        ca: str | os.PathLike[str] | None = None,
+        cert: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
     ) -> None:
         self.host, self.port = parse_address(address)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.limits = limits or ProtocolLimits()
         self._token = resolve_token(token, token_file)
-        self._ssl = ssl_context
+        self.tls = ClientTLS(ssl_context=ssl_context, ca=ca, cert=cert, key=key, insecure=insecure)
         self._server_hostname = server_hostname
         self._name = name
         self._conn: _ClientConnection | None = None
@@ -302,20 +326,34 @@ class Client:
                 if self._connector is not None:
                     await self._connector(lambda: Link(conn.core, conn))
                 else:
+                    context = self.tls.context()
                     await loop.create_connection(
                         lambda: Link(conn.core, conn),
                         self.host,
                         self.port,
-                        ssl=self._ssl,
-                        server_hostname=self._server_hostname if self._ssl is not None else None,
+                        ssl=context,
+                        server_hostname=(self._server_hostname or self.host) if context is not None else None,
+                        ssl_handshake_timeout=self.connect_timeout if context is not None else None,
                     )
                 self.welcome = await conn.welcome
         except TimeoutError:
             if conn.link is not None:
                 conn.link.abort()
             raise ConnectError(f"timed out connecting to {self.host}:{self.port}") from None
+        except ssl.SSLError as exc:
+            raise ConnectError(
+                f"TLS handshake with {self.host}:{self.port} failed: {describe_tls_error(exc)}"
+            ) from None
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            hint = "; does the server speak TLS?" if not self.tls.insecure else ""
+            raise ConnectError(
+                f"connection to {self.host}:{self.port} closed during the handshake ({exc.strerror or exc}){hint}"
+            ) from None
         except OSError as exc:
             raise ConnectError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+        except ConnectError as exc:
+            hint = silent_close_hint(self.tls) if conn.closed_silently else ""
+            raise ConnectError(f"{self.host}:{self.port}: {exc}{hint}") from None
         return conn
 
     async def close(self) -> None:

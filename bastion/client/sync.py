@@ -8,6 +8,7 @@ lock serialises threads); use several clients for parallel blocking calls.
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
 import threading
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 from bastion.client._common import (
     CLIENT_NAME,
+    ClientTLS,
     ServiceProxy,
     build_hello,
     check_args,
@@ -24,18 +26,20 @@ from bastion.client._common import (
     goaway_error,
     parse_address,
     resolve_token,
+    silent_close_hint,
 )
 from bastion.exceptions import ConnectError, ConnectionClosed, DeadlineExceeded, error_for_status
 from bastion.protocol.connection import Connection, ProtocolLimits
 from bastion.protocol.messages import Credit, Error, GoAway, Item, Result, Welcome
 from bastion.protocol.state import ConnectionState, Role
+from bastion.security.tls import ALPN_PROTOCOL
 from bastion.transport.blocking import BlockingLink
 
 __all__ = ["SyncClient"]
 
 
 class SyncClient:
-    """A blocking bastion client with the same surface as ``Client``."""
+    """A blocking bastion client with the same surface as ``Client`` (TLS settings included)."""
 
     def __init__(
         self,
@@ -49,13 +53,17 @@ class SyncClient:
         server_hostname: str | None = None,
         limits: ProtocolLimits | None = None,
         name: str = CLIENT_NAME,
+        ca: str | os.PathLike[str] | None = None,
+        cert: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
     ) -> None:
         self.host, self.port = parse_address(address)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.limits = limits or ProtocolLimits()
         self._token = resolve_token(token, token_file)
-        self._ssl = ssl_context
+        self.tls = ClientTLS(ssl_context=ssl_context, ca=ca, cert=cert, key=key, insecure=insecure)
         self._server_hostname = server_hostname
         self._name = name
         self._link: BlockingLink | None = None
@@ -92,7 +100,7 @@ class SyncClient:
         core = Connection(Role.CLIENT, self.limits)
         link = BlockingLink.connect(
             core, self.host, self.port, timeout=self.connect_timeout,
-            ssl_context=self._ssl, server_hostname=self._server_hostname,
+            ssl_context=self.tls.context(), server_hostname=self._server_hostname, alpn=ALPN_PROTOCOL,
         )
         core.send_hello(build_hello(self.limits, self._token, self._name))
         deadline = time.monotonic() + self.connect_timeout
@@ -109,7 +117,8 @@ class SyncClient:
                         raise error_for_status(event.code, event.message or "handshake refused")
         except (DeadlineExceeded, ConnectionClosed) as exc:
             link.close()
-            raise ConnectError(f"handshake with {self.host}:{self.port} failed: {exc}") from None
+            hint = silent_close_hint(self.tls) if isinstance(exc, ConnectionClosed) and not link.received_any else ""
+            raise ConnectError(f"handshake with {self.host}:{self.port} failed: {exc}{hint}") from None
 
     def close(self) -> None:
         with self._lock:

@@ -6,6 +6,19 @@ services it is given, listens with ``loop.create_server`` (one ``Link`` +
 sessions. Shutdown is two-stage: stop accepting and send every session a
 GoAway naming the last call it will process; wait up to the grace period for
 the calls already accepted to answer; then cancel what is left and close.
+
+TLS. With an ``ssl_context`` the listener is TLS. The protocol factory runs
+at accept, before the TLS handshake, and the session's handshake deadline
+starts there, so one deadline (``limits.handshake_timeout``) bounds the TLS
+handshake and the bastion handshake together; asyncio's own TLS handshake
+timeout is set to the same value. Once TLS is up (``_on_secure``) a
+connection that did not negotiate ALPN ``bastion/1`` is closed, the client
+certificate's identity is put on the Link (``link.tls_identity``, the
+subject, and ``link.peer_cert_identity``, subject and serial) for
+authentication to use, and a certificate whose serial is in
+``revoked_serials`` is refused with UNAUTHENTICATED. SIGHUP reloads the
+certificate, key (and CRL) from ``cert_files`` into the live context: new
+connections get the new certificate, established ones keep going.
 """
 
 from __future__ import annotations
@@ -23,11 +36,15 @@ from typing import Any
 
 from bastion._version import __version__
 from bastion.config import ServerLimits
+from bastion.exceptions import BastionError
 from bastion.security.audit import AuditLog
 from bastion.security.authn import AllowAnonymous, Authenticator
+from bastion.security.tls import ALPN_PROTOCOL, client_identity, parse_serial
+from bastion.security.tls import reload as reload_certificate
 from bastion.server.dispatch import MethodTable
 from bastion.server.session import ServerSession
 from bastion.service import Service
+from bastion.status import Status
 from bastion.transport.aio import Link
 
 __all__ = ["Server"]
@@ -70,11 +87,20 @@ class Server:
         ssl_context: ssl.SSLContext | None = None,
         audit: AuditLog | None = None,
         revalidate_interval: float = 2.0,
+        cert_files: tuple[str, str] | None = None,
+        crl_file: str | None = None,
+        revoked_serials: Iterable[int | str] = (),
     ) -> None:
+        """TLS: ``cert_files`` are the (certificate, key) paths SIGHUP reloads into
+        ``ssl_context``, ``crl_file`` a CRL reloaded with them; ``revoked_serials``
+        are client certificate serials to refuse (ints, decimal or 0x-hex strings)."""
         self.table = MethodTable(services)
         self.limits = limits or ServerLimits()
         self.authenticator: Authenticator = authenticator or AllowAnonymous()
         self.ssl_context = ssl_context
+        self.cert_files = cert_files
+        self.crl_file = crl_file
+        self.revoked_serials = frozenset(parse_serial(s) for s in revoked_serials)
         self.audit = audit or AuditLog()
         self.revalidate_interval = revalidate_interval
         self.sessions: set[ServerSession] = set()
@@ -106,9 +132,51 @@ class Server:
         self.started_at = time.time()
 
     def _new_link(self) -> Link:
+        # Called at accept, before any TLS handshake: the session's handshake
+        # deadline starts now (see ServerSession.accepted_at).
         self.counters["connections"] += 1
         session = ServerSession(self)
-        return Link(session.core, session, write_high_water=self.limits.write_high_water)
+        on_secure = self._on_secure if self.ssl_context is not None else None
+        return Link(session.core, session, write_high_water=self.limits.write_high_water, on_secure=on_secure)
+
+    def _on_secure(self, link: Link) -> None:
+        """TLS is up on ``link``: check ALPN, record the client certificate, refuse revoked ones."""
+        if link.ssl_object is None:
+            return
+        if link.alpn != ALPN_PROTOCOL:
+            self.counters["tls_refused"] += 1
+            self.audit("tls.refused", peer=link.peer, reason=f"ALPN {link.alpn!r} is not {ALPN_PROTOCOL}")
+            link.refuse(Status.FAILED_PRECONDITION, f"TLS ALPN must negotiate {ALPN_PROTOCOL}")
+            link.close()
+            return
+        identity = client_identity(link.ssl_object)
+        link.peer_cert_identity = identity
+        if identity is not None and identity.serial in self.revoked_serials:
+            self.counters["tls_refused"] += 1
+            self.audit("tls.refused", peer=link.peer, reason="client certificate revoked",
+                       subject=identity.subject, serial=f"0x{identity.serial:x}")
+            link.refuse(Status.UNAUTHENTICATED, "client certificate is revoked")
+
+    def reload_tls(self) -> bool:
+        """Load ``cert_files`` (and ``crl_file``) again into the live context; False if that failed.
+
+        A failed reload (a missing file, a key that does not match) keeps
+        the certificate already loaded. CRLs add up: a newer CRL from the
+        same CA (later lastUpdate) takes precedence over the one loaded
+        before; nothing already loaded can be unloaded short of a restart.
+        """
+        if self.ssl_context is None or self.cert_files is None:
+            return False
+        cert, key = self.cert_files
+        try:
+            serial = reload_certificate(self.ssl_context, cert, key)
+            if self.crl_file is not None:
+                self.ssl_context.load_verify_locations(cafile=self.crl_file)
+        except (BastionError, OSError) as exc:
+            log.error("TLS reload failed, keeping the current certificate: %s", exc)
+            return False
+        log.info("reloaded TLS certificate %s (serial 0x%x)", cert, serial)
+        return True
 
     @property
     def port(self) -> int:
@@ -124,6 +192,8 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.ssl_context is not None and self.cert_files is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.reload_tls)
 
     async def serve_forever(self, *, handle_signals: bool = True) -> None:
         """Run until ``shutdown`` (or SIGTERM/SIGINT when ``handle_signals``)."""

@@ -79,6 +79,9 @@ class ServerSession:
         self._inputs: dict[int, InputStream] = {}
         self._gates: dict[int, CreditGate] = {}
         self._loop = asyncio.get_running_loop()
+        # Made by the server's protocol factory at accept, before any TLS
+        # handshake: one deadline covers the TLS and the bastion handshakes.
+        self.accepted_at = self._loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self._last_seen = time.monotonic()
         self._ping_outstanding = False
@@ -89,7 +92,8 @@ class ServerSession:
     def on_connect(self, link: Link) -> None:
         self.link = link
         self.server.sessions.add(self)
-        self._timer = self._loop.call_later(self.limits.handshake_timeout, self._handshake_expired)
+        deadline = self.accepted_at + self.limits.handshake_timeout
+        self._timer = self._loop.call_at(deadline, self._handshake_expired)
 
     def on_close(self, exc: BaseException | None) -> None:
         if self._timer is not None:

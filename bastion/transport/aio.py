@@ -10,17 +10,29 @@ passes its high-water mark, ``drain()`` blocks senders until it empties.
 
 OS and ssl errors are translated here into ``TransportError`` subclasses;
 nothing above sees a raw ``OSError``.
+
+TLS. When the transport is TLS, ``connection_made`` runs after the TLS
+handshake; the Link records the ``ssl_object``, the negotiated ALPN protocol
+and then calls the ``on_secure`` hook it was given (the server's: it sets
+``tls_identity`` from the client certificate and may ``refuse`` the
+connection) before the session sees the connection. A refused connection
+never reaches the session's logic: its Hello is answered with a GoAway
+carrying the refusal reason, and it is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Protocol, cast
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 from bastion.exceptions import ConnectionClosed, ProtocolError, RemoteProtocolError, TransportError
 from bastion.protocol.connection import Connection
 from bastion.protocol.messages import Message
+from bastion.protocol.state import ConnectionState
+from bastion.status import Status
+from bastion.transport.tls_errors import describe_tls_error, looks_like_tls
 
 __all__ = ["Link", "Session", "translate_error"]
 
@@ -42,7 +54,7 @@ def translate_error(exc: BaseException | None) -> TransportError:
     if isinstance(exc, ProtocolError):
         return ConnectionClosed(f"protocol error: {exc}")
     if isinstance(exc, ssl.SSLError):
-        return ConnectionClosed(f"TLS error: {exc.reason or exc}")
+        return ConnectionClosed(describe_tls_error(exc))
     if isinstance(exc, OSError):
         return ConnectionClosed(f"connection failed: {exc.strerror or exc}")
     if exc is None:
@@ -53,13 +65,29 @@ def translate_error(exc: BaseException | None) -> TransportError:
 class Link(asyncio.Protocol):
     """Glue between one asyncio transport and one sans-IO ``Connection``."""
 
-    def __init__(self, core: Connection, session: Session, *, write_high_water: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        core: Connection,
+        session: Session,
+        *,
+        write_high_water: int = 1 << 20,
+        on_secure: Callable[[Link], None] | None = None,
+    ) -> None:
         self.core = core
         self.session = session
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.closed = False
         self.error: BaseException | None = None
+        #: TLS: the ssl object, the negotiated ALPN protocol, and (server side,
+        #: set by the ``on_secure`` hook) the verified client certificate's
+        #: ``(subject, serial)``; all None on a plaintext connection.
+        self.ssl_object: Any = None
+        self.alpn: str | None = None
+        self.peer_cert_identity: tuple[str, int] | None = None
+        self._on_secure = on_secure
+        self._refusal: tuple[Status, str] | None = None
+        self._received_any = False
         self._high_water = write_high_water
         self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
@@ -77,14 +105,30 @@ class Link(asyncio.Protocol):
             self.peer = f"{peer[0]}:{peer[1]}"
         elif peer:
             self.peer = str(peer)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.ssl_object = ssl_object
+            self.alpn = ssl_object.selected_alpn_protocol()
+        if self._on_secure is not None:
+            self._on_secure(self)
         self.session.on_connect(self)
 
     def data_received(self, data: bytes) -> None:
+        first = not self._received_any
+        self._received_any = True
         try:
             events = self.core.receive_data(data)
         except RemoteProtocolError as exc:
-            self.error = exc
+            if first and self.ssl_object is None and looks_like_tls(data):
+                self.error = ConnectionClosed("the peer speaks TLS, this end plaintext (drop the insecure setting)")
+            else:
+                self.error = exc
             self.close()
+            return
+        if self._refusal is not None:
+            if self.core.state is ConnectionState.HANDSHAKE:  # its Hello is in: answer it with the reason
+                self.core.reject(*self._refusal)
+                self.close()
             return
         if events:
             self.session.on_events(events)
@@ -115,6 +159,24 @@ class Link(asyncio.Protocol):
         self._drain_waiters.clear()
 
     # -- for the session --------------------------------------------------------
+
+    @property
+    def tls_identity(self) -> str | None:
+        """The verified client certificate's subject (its CN, else the whole subject), or None."""
+        return self.peer_cert_identity[0] if self.peer_cert_identity is not None else None
+
+    @property
+    def received_any(self) -> bool:
+        """Whether the peer has sent a single byte (above TLS) yet."""
+        return self._received_any
+
+    def refuse(self, status: Status, message: str) -> None:
+        """Never let this connection reach the session: answer its Hello with GoAway(status, message), close.
+
+        Until the Hello arrives the session's handshake deadline still runs,
+        so a refused peer that sends nothing is closed when it expires.
+        """
+        self._refusal = (status, message)
 
     def flush(self) -> None:
         """Write whatever the core has queued, now."""

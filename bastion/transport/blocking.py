@@ -15,6 +15,7 @@ import time
 from bastion.exceptions import ConnectError, ConnectionClosed, DeadlineExceeded, RemoteProtocolError
 from bastion.protocol.connection import Connection
 from bastion.protocol.messages import Message
+from bastion.transport.tls_errors import describe_tls_error, looks_like_tls
 
 __all__ = ["BlockingLink"]
 
@@ -26,6 +27,7 @@ class BlockingLink:
         self.core = core
         self.sock = sock
         self.closed = False
+        self.received_any = False
 
     @classmethod
     def connect(
@@ -37,16 +39,27 @@ class BlockingLink:
         timeout: float,
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        alpn: str | None = None,
     ) -> BlockingLink:
+        """Connect (and with ``ssl_context``, do the TLS handshake, insisting on ALPN ``alpn`` if given)."""
+        sock: socket.socket | None = None
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if ssl_context is not None:
                 sock = ssl_context.wrap_socket(sock, server_hostname=server_hostname or host)
         except ssl.SSLError as exc:
-            raise ConnectError(f"TLS handshake with {host}:{port} failed: {exc.reason or exc}") from None
+            _close_quietly(sock)
+            raise ConnectError(f"TLS handshake with {host}:{port} failed: {describe_tls_error(exc)}") from None
         except OSError as exc:
+            _close_quietly(sock)
+            if ssl_context is not None and sock is not None:
+                reason = f"connection closed during the TLS handshake ({exc.strerror or exc}); does it speak TLS?"
+                raise ConnectError(f"TLS handshake with {host}:{port} failed: {reason}") from None
             raise ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        if alpn is not None and isinstance(sock, ssl.SSLSocket) and sock.selected_alpn_protocol() != alpn:
+            _close_quietly(sock)
+            raise ConnectError(f"TLS handshake with {host}:{port} failed: the server did not agree to ALPN {alpn}")
         return cls(core, sock)
 
     def flush(self) -> None:
@@ -70,18 +83,25 @@ class BlockingLink:
             data = self.sock.recv(READ_SIZE)
         except TimeoutError:
             raise DeadlineExceeded("deadline exceeded") from None
-        except (OSError, ssl.SSLError) as exc:
+        except ssl.SSLError as exc:
             self.close()
-            raise ConnectionClosed(f"receive failed: {exc}") from None
+            raise ConnectionClosed(f"receive failed: {describe_tls_error(exc)}") from None
+        except OSError as exc:
+            self.close()
+            raise ConnectionClosed(f"receive failed: {exc.strerror or exc}") from None
         if not data:
             self.core.receive_eof()
             self.close()
             raise ConnectionClosed("connection closed by peer")
+        first = not self.received_any
+        self.received_any = True
         try:
             events = self.core.receive_data(data)
         except RemoteProtocolError as exc:
             self.flush()
             self.close()
+            if first and not isinstance(self.sock, ssl.SSLSocket) and looks_like_tls(data):
+                raise ConnectionClosed("the peer speaks TLS, this end plaintext (drop the insecure setting)") from None
             raise ConnectionClosed(f"protocol error: {exc}") from None
         self.flush()  # Pongs and the like
         return events
@@ -92,3 +112,9 @@ class BlockingLink:
             self.core.close()
             with contextlib.suppress(OSError):
                 self.sock.close()
+
+
+def _close_quietly(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.close()

@@ -4,6 +4,10 @@ Each attack must end in a GoAway naming the protocol error (docs/protocol.md
 5.4) and a closed connection, without disturbing anyone else: a client
 connected before the attacks keeps getting correct answers, and new clients
 can still connect afterwards.
+
+The raw sockets speak plaintext, so these servers run ``--insecure`` (the
+attacks are on the bastion framing, which is the same inside TLS); one
+variant runs over TLS to show the same answer comes back through it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import msgspec
 import pytest
 
 from bastion import SyncClient
+from bastion.security.tls import client_context
 from bastion.status import Status
 from tests.support.raw import CALL, GOAWAY, RESULT, RawPeer, frame
 from tests.support.server import ServerProcess, read_rss_kib
@@ -50,6 +55,12 @@ def send_ignoring_reset(peer: RawPeer, data: bytes) -> None:
         peer.send(data)
 
 
+@pytest.fixture
+def server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    """A plaintext (--insecure) server: the raw peers below write bytes straight onto TCP."""
+    return server_factory(insecure=True)
+
+
 def health_then(peer: RawPeer) -> None:
     """Hello, then one good call (id 1) answered, so a later GoAway must say last_id 1."""
     peer.hello()
@@ -71,6 +82,21 @@ def test_malformed_frame_after_hello_gets_goaway_and_close(server: ServerProcess
         assert goaway[2] == Status.INVALID_ARGUMENT
         assert isinstance(goaway[3], str) and 0 < len(goaway[3]) <= 512
         assert peer.wait_closed(timeout=5) < 5
+
+
+def test_malformed_frame_inside_tls_gets_goaway_and_close(server_factory: Callable[..., ServerProcess]) -> None:
+    tls_server = server_factory(name="tls")
+    assert tls_server.ca_file is not None
+    context = client_context(tls_server.ca_file)
+    body = GARBAGE_BODIES["not-msgpack"]
+    with RawPeer(tls_server.host, tls_server.port, ssl_context=context) as peer:
+        health_then(peer)
+        peer.send(len(body).to_bytes(4, "big") + body)
+        goaway = read_goaway(peer)
+        assert goaway[1:3] == [1, Status.INVALID_ARGUMENT]
+        assert peer.wait_closed(timeout=5) < 5
+    with SyncClient(tls_server.address, timeout=5) as client:
+        assert client.call("admin.health")["status"] == "ok"
 
 
 def test_a_first_frame_that_is_not_a_hello_is_refused(server: ServerProcess) -> None:
@@ -97,7 +123,7 @@ def test_4gb_length_prefix_gets_resource_exhausted_without_allocating(
         peer.wait_closed(timeout=5)
     growth_mb = (read_rss_kib(server.pid) - rss_before) / 1024
     assert growth_mb < 50, f"server RSS grew by {growth_mb:.1f} MB after a 4 GB length claim"
-    with SyncClient(server.address, timeout=5) as client:
+    with SyncClient(server.address, timeout=5, insecure=True) as client:
         assert client.call("admin.health")["status"] == "ok"
 
 
@@ -128,7 +154,7 @@ def test_good_clients_are_unaffected_by_all_attacks(server: ServerProcess) -> No
         ("4 GB length", lambda p: (p.hello(), p.send(FOUR_GB_LENGTH)), 8),
         ("1 MB random", lambda p: send_ignoring_reset(p, random_megabyte()), 8),
     ]
-    with SyncClient(address, token_file=str(token_file), timeout=5) as good:
+    with SyncClient(address, token_file=str(token_file), timeout=5, insecure=True) as good:
         assert good.call("demo.echo", value="before") == "before"
         for i, (name, attack, code) in enumerate(attacks):
             with RawPeer(server.host, server.port) as peer:
@@ -141,7 +167,7 @@ def test_good_clients_are_unaffected_by_all_attacks(server: ServerProcess) -> No
             assert good.call("demo.count", n=20) == list(range(20)), name
         stats = good.call("admin.stats")
     assert stats["internal_errors_total"] == 0
-    with SyncClient(address, token_file=str(token_file), timeout=5) as fresh:
+    with SyncClient(address, token_file=str(token_file), timeout=5, insecure=True) as fresh:
         assert fresh.call("demo.echo", value="new client") == "new client"
     assert (read_rss_kib(server.pid) - rss_before) / 1024 < 50
     assert server.process.poll() is None
@@ -153,12 +179,12 @@ def test_good_clients_are_unaffected_by_all_attacks(server: ServerProcess) -> No
 
 @pytest.fixture
 def impatient_server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
-    return server_factory(env={"BASTION_LIMITS__HANDSHAKE_TIMEOUT": "1"})
+    return server_factory(env={"BASTION_LIMITS__HANDSHAKE_TIMEOUT": "1"}, insecure=True)
 
 
 def test_silent_connection_is_closed_after_the_handshake_timeout(impatient_server: ServerProcess) -> None:
     server = impatient_server
-    with SyncClient(server.address, token_file=str(server.token_file), timeout=5) as good:
+    with SyncClient(server.address, token_file=str(server.token_file), timeout=5, insecure=True) as good:
         assert good.call("demo.echo", value=1) == 1
         start = time.monotonic()
         with RawPeer(server.host, server.port) as peer:
@@ -188,5 +214,5 @@ def test_trickled_hello_is_closed_after_the_handshake_timeout(impatient_server: 
         assert closed, "the whole Hello went through before the timeout: make it longer"
     elapsed = time.monotonic() - start
     assert 0.8 <= elapsed < 3, elapsed
-    with SyncClient(server.address, timeout=5) as client:
+    with SyncClient(server.address, timeout=5, insecure=True) as client:
         assert client.call("admin.health")["status"] == "ok"

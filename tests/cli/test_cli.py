@@ -24,12 +24,20 @@ WIDE = {"COLUMNS": "200"}  # keep rich from wrapping option names in help output
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
-        ((), ["serve", "call", "methods", "--version"]),
-        (("serve",), ["--host", "--port", "--data-dir", "--config", "--service", "--log-level"]),
-        (("call",), ["address", "method", "arguments", "--token-file", "--timeout"]),
-        (("methods",), ["address", "--token-file", "--json", "--timeout"]),
+        ((), ["serve", "call", "methods", "cert", "--version"]),
+        (
+            ("serve",),
+            [
+                "--host", "--port", "--data-dir", "--config", "--service", "--log-level", "--insecure",
+                "--force-insecure", "--cert", "--key", "--client-auth", "--client-ca", "--crl", "--tls-min-version",
+            ],
+        ),
+        (("call",), ["address", "method", "arguments", "--token-file", "--timeout", "--ca", "--cert", "--key",
+                     "--insecure"]),
+        (("methods",), ["address", "--token-file", "--json", "--timeout", "--ca", "--insecure"]),
+        (("cert",), ["create", "show", "renew", "client"]),
     ],
-    ids=["root", "serve", "call", "methods"],
+    ids=["root", "serve", "call", "methods", "cert"],
 )
 def test_help(command: tuple[str, ...], expected: list[str]) -> None:
     for flag in ("--help", "-h"):
@@ -124,7 +132,7 @@ def test_serve_port_0_prints_the_port_and_stops_on_sigterm(tmp_path: Path) -> No
         )
         reader = LineReader(process.stdout)
         deadline = time.monotonic() + 20
-        return process, [reader.next_line(deadline - time.monotonic()) or "" for _ in range(2)]
+        return process, [reader.next_line(deadline - time.monotonic()) or "" for _ in range(3)]
 
     process, lines = serve()
     try:
@@ -134,12 +142,15 @@ def test_serve_port_0_prints_the_port_and_stops_on_sigterm(tmp_path: Path) -> No
         assert port != 0
         token_file = (data_dir / "admin.token").resolve()
         assert lines[1] == f"admin token written to {token_file} (mode 0600)"
+        ca_file = (data_dir / "tls" / "ca.pem").resolve()
+        assert lines[2] == f"TLS on; CA certificate: {ca_file}"
         assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
         assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
-        with SyncClient(f"127.0.0.1:{port}", token_file=str(token_file), timeout=5) as client:
+        with SyncClient(f"127.0.0.1:{port}", token_file=str(token_file), timeout=5, ca=ca_file) as client:
             assert client.call("admin.health")["status"] == "ok"
             assert client.call("admin.stats")["connections"] == 1
         token = token_file.read_text()
+        ca = ca_file.read_bytes()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
     finally:
@@ -153,7 +164,9 @@ def test_serve_port_0_prints_the_port_and_stops_on_sigterm(tmp_path: Path) -> No
     try:
         assert banner.match(lines[0]), lines
         assert lines[1] == f"admin token in {token_file} (mode 0600)"
+        assert lines[2] == f"TLS on; CA certificate: {ca_file}"
         assert token_file.read_text() == token
+        assert ca_file.read_bytes() == ca  # the same CA: clients that trust it still connect
     finally:
         process.send_signal(signal.SIGTERM)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -20,11 +21,18 @@ def frame(message: Any) -> bytes:
 
 
 class RawPeer:
-    """A blocking TCP connection that speaks (or abuses) the wire protocol by hand."""
+    """A blocking TCP connection that speaks (or abuses) the wire protocol by hand.
 
-    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
+    With ``ssl_context`` the bytes go inside TLS (the handshake is done first).
+    """
+
+    def __init__(
+        self, host: str, port: int, timeout: float = 5.0, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ssl_context is not None:
+            self.sock = ssl_context.wrap_socket(self.sock, server_hostname=host)
         self._buffer = b""
 
     def __enter__(self) -> RawPeer:

@@ -4,11 +4,21 @@
 ``python -m bastion serve --port 0 --service demo_service:service`` there,
 and waits (with a deadline, never a fixed sleep) for the "listening on" line
 on stdout. ``ServerProcess.stop`` sends SIGTERM and falls back to SIGKILL.
+
+TLS. Test servers run with TLS, as real ones do. Every server's data
+directory is seeded with one development CA shared by the test session
+(``shared_ca``), so the server issues its own certificate from that CA and
+every client trusts it through ``BASTION_CA``: ``clean_env`` puts it in the
+environment of CLI subprocesses, and tests/conftest.py in the test
+process's own. ``start_server(..., insecure=True)`` runs a plaintext
+``--insecure`` server instead (for raw-socket tests).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import queue
 import re
@@ -16,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +40,7 @@ __all__ = [
     "bastion_cli",
     "clean_env",
     "read_rss_kib",
+    "shared_ca",
     "start_server",
     "wait_for",
 ]
@@ -39,12 +51,39 @@ STARTUP_TIMEOUT = 20.0
 _LISTENING = re.compile(r"^bastion \S+ listening on (?P<host>\S+):(?P<port>\d+) \(services: (?P<services>.*)\)$")
 
 
+@functools.cache
+def shared_ca() -> Path:
+    """The test session's development CA certificate (its key lies beside it), made on first use."""
+    from bastion.security.tls import ensure_dev_ca
+
+    directory = Path(tempfile.mkdtemp(prefix="bastion-test-ca-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    ca_path, _ = ensure_dev_ca(directory)
+    return ca_path
+
+
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The test process's environment without any BASTION_* setting, plus ``extra``."""
+    """The test process's environment without any BASTION_* setting, plus
+    ``BASTION_CA`` (the shared test CA) and ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
     env["NO_COLOR"] = "1"
+    env["BASTION_CA"] = str(shared_ca())
     env.update(extra or {})
     return env
+
+
+def seed_tls(data_dir: Path) -> None:
+    """Give ``data_dir`` the shared test CA, so the server's certificate is issued from it."""
+    tls_dir = data_dir / "tls"
+    if (tls_dir / "ca.pem").exists():
+        return
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tls_dir.mkdir(mode=0o700, exist_ok=True)
+    source = shared_ca()
+    shutil.copy(source, tls_dir / "ca.pem")
+    key = tls_dir / "ca.key"
+    shutil.copy(source.with_name("ca.key"), key)
+    key.chmod(0o600)
 
 
 def bastion_cli(
@@ -87,9 +126,12 @@ class ServerProcess:
 
     def __init__(
         self, process: subprocess.Popen[str], address: str, workdir: Path, data_dir: Path, marker_dir: Path,
-        log_path: Path, reader: LineReader, banner: str,
+        log_path: Path, reader: LineReader, banner: str, insecure: bool = False,
     ) -> None:
         self.process = process
+        self.insecure = insecure
+        #: The CA the server's certificate chains to (None for an --insecure server).
+        self.ca_file: Path | None = None if insecure else data_dir / "tls" / "ca.pem"
         self.address = address
         self.workdir = workdir
         self.data_dir = data_dir
@@ -202,11 +244,23 @@ def start_server(
     env: Mapping[str, str] | None = None,
     args: tuple[str, ...] = (),
     timeout: float = STARTUP_TIMEOUT,
+    insecure: bool = False,
+    seed_ca: bool = True,
+    data_dir: Path | None = None,
 ) -> ServerProcess:
-    """Run ``bastion serve`` in ``workdir`` with the demo service; return once it listens."""
+    """Run ``bastion serve`` in ``workdir`` with the demo service; return once it listens.
+
+    TLS with a certificate from the shared test CA (``seed_ca=False``: let the
+    server make its own dev CA), or plaintext with ``insecure``. ``data_dir``
+    defaults to ``<workdir>/data``.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copy(SERVICE_FILE, workdir / SERVICE_FILE.name)
-    data_dir = workdir / "data"
+    data_dir = data_dir or workdir / "data"
+    if insecure:
+        args = (*args, "--insecure")
+    elif seed_ca:
+        seed_tls(data_dir)
     marker_dir = workdir / "markers"
     marker_dir.mkdir(exist_ok=True)
     log_path = workdir / "server.log"
@@ -249,4 +303,4 @@ def start_server(
         process.wait(5)
         raise
     address = f"{match['host']}:{match['port']}"
-    return ServerProcess(process, address, workdir, data_dir, marker_dir, log_path, reader, line)
+    return ServerProcess(process, address, workdir, data_dir, marker_dir, log_path, reader, line, insecure)

@@ -1,0 +1,228 @@
+"""``bastion cert``: the development CA and server certificate; TLS set-up for ``bastion serve``.
+
+``create`` makes the dev CA and server certificate under ``<data-dir>/tls/``
+if they are missing (``bastion serve`` does the same on first start);
+``show`` prints what they are; ``renew`` issues a new server certificate
+(``--ca``: a new CA too) -- send the server SIGHUP to load it without
+dropping connections; ``client`` issues a client certificate from the dev CA
+for mutual TLS.
+
+``prepare_tls`` is what ``bastion serve`` calls: it turns ``config.tls``
+into the server's SSLContext (or refuses an unsafe plaintext set-up).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bastion.config import Config, load_config
+from bastion.exceptions import UsageError
+from bastion.security.tls import (
+    certificate_info,
+    ensure_dev_ca,
+    ensure_dev_tls,
+    issue_client_cert,
+    renew_dev_tls,
+    server_context,
+)
+
+__all__ = ["TLSSetup", "cert_app", "is_loopback", "prepare_tls", "server_hosts"]
+
+cert_app = typer.Typer(
+    name="cert",
+    help="Create, show and renew the development CA and server certificate (under <data-dir>/tls/).",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", help="Where bastion keeps its data (default ./bastion-data).")
+]
+Hosts = Annotated[
+    list[str] | None,
+    typer.Option("--host", help="Also name this host in the server certificate (repeatable)."),
+]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="TOML configuration file.")]
+
+INSECURE_WARNING = (
+    "WARNING: --insecure: serving PLAINTEXT. Anyone on the network path can read and alter "
+    "every message, tokens included. Use only for local development."
+)
+
+
+# -- bastion serve ---------------------------------------------------------------------
+
+
+@dataclass
+class TLSSetup:
+    """What ``bastion serve`` needs to run TLS (``context`` None: plaintext)."""
+
+    context: ssl.SSLContext | None = None
+    cert_files: tuple[str, str] | None = None
+    messages: list[str] = field(default_factory=list)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def server_hosts(host: str) -> list[str]:
+    """Names the dev certificate should carry for a server listening on ``host``."""
+    if host in ("", "0.0.0.0", "::", "*"):
+        return [socket.gethostname()]
+    return [host]
+
+
+def prepare_tls(config: Config, warn: Callable[[str], None]) -> TLSSetup:
+    """The server's TLS set-up from ``config.tls``; raises UsageError for an unsafe or broken one."""
+    tls = config.tls
+    if tls.insecure:
+        if not is_loopback(config.host) and not tls.force_insecure:
+            raise UsageError(
+                f"--insecure refuses to serve plaintext on the non-loopback address {config.host}: "
+                "add --force-insecure if you really mean it"
+            )
+        warn(INSECURE_WARNING)
+        return TLSSetup()
+    messages: list[str] = []
+    if tls.cert is not None and tls.key is not None:
+        cert, key = tls.cert, tls.key
+        messages.append(f"TLS on; certificate: {Path(cert).resolve()}")
+    else:
+        paths = ensure_dev_tls(config.data_dir, server_hosts(config.host))
+        cert, key = str(paths.cert), str(paths.key)
+        messages.append(f"TLS on; CA certificate: {paths.ca.resolve()}")
+    client_ca = tls.client_ca
+    if tls.client_auth != "none" and client_ca is None:
+        client_ca = str(ensure_dev_ca(config.data_dir)[0])
+    context = server_context(tls, cert, key, client_ca)
+    if tls.client_auth != "none":
+        messages.append(f"client certificates {tls.client_auth}; trusted CA: {Path(client_ca or '').resolve()}")
+    return TLSSetup(context, (cert, key), messages)
+
+
+# -- bastion cert ------------------------------------------------------------------------
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+def _settings(config: Path | None, data_dir: Path | None, hosts: list[str] | None) -> tuple[Path, list[str]]:
+    overrides: dict[str, Any] = {"data_dir": str(data_dir)} if data_dir is not None else {}
+    try:
+        cfg = load_config(config, overrides=overrides)
+    except UsageError as exc:
+        _fail(str(exc))
+        raise  # unreachable
+    return Path(cfg.data_dir), [*server_hosts(cfg.host), *(hosts or [])]
+
+
+def _print_info(label: str, path: Path) -> None:
+    info = certificate_info(path)
+    print(f"{label}: {info['path']}")
+    print(f"  subject:     {info['subject']}")
+    print(f"  issuer:      {info['issuer']}")
+    if info["sans"]:
+        print(f"  SANs:        {', '.join(info['sans'])}")
+    print(f"  serial:      {info['serial']}")
+    print(f"  valid from:  {info['not_before']}")
+    print(f"  expires:     {info['not_after']}")
+    print(f"  SHA-256:     {info['sha256']}")
+
+
+@cert_app.command("create")
+def create(data_dir: DataDir = None, host: Hosts = None, config: ConfigFile = None) -> None:
+    """Create the dev CA and server certificate if missing (keys mode 0600)."""
+    directory, hosts = _settings(config, data_dir, host)
+    try:
+        paths = ensure_dev_tls(directory, hosts)
+    except UsageError as exc:
+        _fail(str(exc))
+        return
+    print(f"CA certificate: {paths.ca.resolve()}")
+    print(f"server certificate: {paths.cert.resolve()}")
+    print(f"server key: {paths.key.resolve()} (mode 0600)")
+
+
+@cert_app.command("show")
+def show(
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    cert: Annotated[
+        list[Path] | None, typer.Option("--cert", help="Show this certificate file instead (repeatable).")
+    ] = None,
+) -> None:
+    """Print subject, SANs, serial, expiry and SHA-256 fingerprint of the CA and server certificates."""
+    try:
+        if cert:
+            for path in cert:
+                _print_info("certificate", path)
+            return
+        directory, _ = _settings(config, data_dir, None)
+        tls_dir = directory / "tls"
+        if not (tls_dir / "ca.pem").exists():
+            _fail(f"no development CA in {tls_dir}: run `bastion cert create` (or start the server)")
+        _print_info("CA certificate", tls_dir / "ca.pem")
+        if (tls_dir / "server.pem").exists():
+            _print_info("server certificate", tls_dir / "server.pem")
+    except UsageError as exc:
+        _fail(str(exc))
+
+
+@cert_app.command("renew")
+def renew(
+    data_dir: DataDir = None,
+    host: Hosts = None,
+    config: ConfigFile = None,
+    ca: Annotated[
+        bool, typer.Option("--ca", help="Also make a new CA (clients must then trust the new ca.pem).")
+    ] = False,
+) -> None:
+    """Issue a new server certificate now; a running server loads it on SIGHUP."""
+    directory, hosts = _settings(config, data_dir, host)
+    try:
+        paths = renew_dev_tls(directory, hosts, new_ca=ca)
+        info = certificate_info(paths.cert)
+    except UsageError as exc:
+        _fail(str(exc))
+        return
+    if ca:
+        print(f"new CA certificate: {paths.ca.resolve()}")
+    print(f"new server certificate: {paths.cert.resolve()} (serial {info['serial']}, expires {info['not_after']})")
+    print("send the running server SIGHUP to load it (connections stay up)")
+
+
+@cert_app.command("client")
+def client(
+    name: Annotated[str, typer.Argument(help="The certificate's subject CN (the principal it maps to).")],
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Directory for NAME.pem and NAME.key.")] = None,
+) -> None:
+    """Issue a client certificate from the dev CA, for mutual TLS."""
+    directory, _ = _settings(config, data_dir, None)
+    try:
+        cert_path, key_path = issue_client_cert(directory, name, out)
+        info = certificate_info(cert_path)
+    except UsageError as exc:
+        _fail(str(exc))
+        return
+    print(f"client certificate: {cert_path.resolve()} (serial {info['serial']})")
+    print(f"client key: {key_path.resolve()} (mode 0600)")

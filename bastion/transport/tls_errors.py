@@ -1,0 +1,66 @@
+"""Plain-language reasons for TLS failures, shared by the asyncio and blocking edges.
+
+OpenSSL reports failures as reason codes (``WRONG_VERSION_NUMBER``,
+``TLSV13_ALERT_CERTIFICATE_REQUIRED`` ...); ``describe_tls_error`` turns the
+ones a user can act on into a sentence that says what went wrong and, where
+it is clear, what to do.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+__all__ = ["describe_tls_error", "looks_like_tls"]
+
+# X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+_NAME_MISMATCH = frozenset({62, 64})
+
+_REASONS: dict[str, str] = {
+    "WRONG_VERSION_NUMBER": "server does not speak TLS (is it a plaintext --insecure server?)",
+    "RECORD_LAYER_FAILURE": "server does not speak TLS (is it a plaintext --insecure server?)",
+    "PACKET_LENGTH_TOO_LONG": "server does not speak TLS (is it a plaintext --insecure server?)",
+    "UNKNOWN_PROTOCOL": "server does not speak TLS (is it a plaintext --insecure server?)",
+    "HTTP_REQUEST": "peer is not a TLS endpoint",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate (give cert= and key=)",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "the server refused the client certificate: it is revoked",
+    "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust the client certificate's CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the server refused the client certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the server refused the client certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the server refused the client certificate: it has expired",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "the server refused the client certificate: unsupported certificate",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "no TLS version in common with the peer (bastion needs TLS 1.2 or later)",
+    "UNSUPPORTED_PROTOCOL": "no TLS version in common with the peer (bastion needs TLS 1.2 or later)",
+    "NO_PROTOCOLS_AVAILABLE": "no TLS version in common with the peer (bastion needs TLS 1.2 or later)",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "no TLS cipher suite or version in common with the peer",
+    "NO_SHARED_CIPHER": "no TLS cipher suite in common with the peer",
+    "TLSV1_ALERT_INSUFFICIENT_SECURITY": "no TLS cipher suite in common with the peer",
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": "the peer does not speak bastion/1 (ALPN)",
+    "DECRYPTION_FAILED_OR_BAD_RECORD_MAC": "a TLS record failed its integrity check (data altered in transit)",
+    "BAD_RECORD_MAC": "a TLS record failed its integrity check (data altered in transit)",
+    "SSLV3_ALERT_BAD_RECORD_MAC": "the peer saw a TLS record fail its integrity check (data altered in transit)",
+    "TLSV1_ALERT_DECRYPT_ERROR": "the peer could not decrypt a TLS record (data altered in transit?)",
+    "UNEXPECTED_EOF_WHILE_READING": "the peer closed the connection in the middle of TLS",
+}
+
+
+def describe_tls_error(exc: BaseException) -> str:
+    """One line saying why a TLS handshake or record failed."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or exc.reason or str(exc)
+        if exc.verify_code in _NAME_MISMATCH:
+            return f"hostname mismatch: {detail}"
+        return f"certificate verify failed: {detail}"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or ""
+        text = _REASONS.get(reason)
+        if text is not None:
+            return text
+        if isinstance(exc, ssl.SSLEOFError):
+            return "the peer closed the connection during TLS (does it speak TLS?)"
+        return f"TLS error: {reason or exc}"
+    return f"TLS error: {exc}"
+
+
+def looks_like_tls(data: bytes) -> bool:
+    """True when ``data`` starts like a TLS record (handshake or alert), as a TLS peer's first bytes do."""
+    return len(data) >= 2 and data[0] in (0x15, 0x16) and data[1] == 0x03
