@@ -1,4 +1,4 @@
-"""The ``bastion`` command: ``serve``, ``call``, ``methods``.
+"""The ``bastion`` command: ``serve``, ``call``, ``methods``, ``login``, ``user``, ``token``, ``cert``.
 
 Business logic lives in the package; this layer parses arguments, reads the
 configuration at the entry point, and prints results (data to stdout,
@@ -7,6 +7,11 @@ messages to stderr, a non-zero exit code on failure).
 
 from __future__ import annotations
 
-from bastion.cli.app import app, main
+__all__ = ["main"]
 
-__all__ = ["app", "main"]
+
+def main() -> None:
+    """Console-script entry point."""
+    from bastion.cli.app import main as run
+
+    run()

@@ -6,16 +6,29 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
-import msgspec
 import typer
 
 from bastion._version import __version__
+from bastion.cli.accounts import login, token_app, user_app
 from bastion.cli.cert import cert_app
+from bastion.cli.common import (
+    CA,
+    Address,
+    AsJson,
+    ClientCert,
+    ClientKey,
+    Insecure,
+    Timeout,
+    TokenFile,
+    _json,
+    _run_guarded,
+    connect,
+)
 from bastion.client.sync import SyncClient
 from bastion.config import load_config
-from bastion.exceptions import BastionError, CallError, TransportError, UsageError
+from bastion.exceptions import CallError
 from bastion.status import Status
 
 __all__ = ["app", "main"]
@@ -27,81 +40,6 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-EXIT_CALL_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-
-Address = Annotated[str, typer.Argument(help="Server address: HOST:PORT, :PORT or HOST (port 7400).")]
-TokenFile = Annotated[
-    Path | None,
-    typer.Option(
-        "--token-file",
-        help="File holding the API token (or set BASTION_TOKEN / BASTION_TOKEN_FILE).",
-        show_default=False,
-    ),
-]
-Timeout = Annotated[float | None, typer.Option("--timeout", help="Seconds to wait for an answer.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
-CaFile = Annotated[
-    Path | None,
-    typer.Option(
-        "--ca",
-        help="CA certificate to verify the server with (default: $BASTION_CA, else ./bastion-data/tls/ca.pem "
-        "if present, else the system trust store).",
-        show_default=False,
-    ),
-]
-ClientCert = Annotated[
-    Path | None, typer.Option("--cert", help="Client certificate (PEM) for mutual TLS.", show_default=False)
-]
-ClientKey = Annotated[
-    Path | None, typer.Option("--key", help="Key of the client certificate (PEM).", show_default=False)
-]
-Insecure = Annotated[
-    bool, typer.Option("--insecure", help="Plaintext, no TLS (only for a server started with --insecure).")
-]
-LOCAL_DEV_CA = Path("bastion-data") / "tls" / "ca.pem"
-
-
-class _TLSOptions:
-    def __init__(self, ca: Path | None, cert: Path | None, key: Path | None, insecure: bool) -> None:
-        if ca is None and not insecure and not os.environ.get("BASTION_CA") and LOCAL_DEV_CA.exists():
-            ca = LOCAL_DEV_CA
-        self.ca = str(ca) if ca is not None else None
-        self.cert = str(cert) if cert is not None else None
-        self.key = str(key) if key is not None else None
-        self.insecure = insecure
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    raise typer.Exit(code)
-
-
-def _client(address: str, token_file: Path | None, timeout: float | None, tls: _TLSOptions) -> SyncClient:
-    return SyncClient(
-        address, token_file=str(token_file) if token_file else None, timeout=timeout,
-        ca=tls.ca, cert=tls.cert, key=tls.key, insecure=tls.insecure,
-    )
-
-
-def _run_guarded(func: Any) -> Any:
-    try:
-        return func()
-    except UsageError as exc:
-        _fail(str(exc), EXIT_USAGE)
-    except CallError as exc:
-        _fail(f"{exc.status.name}: {exc.message}", EXIT_CALL_ERROR)
-    except TransportError as exc:
-        _fail(str(exc), EXIT_UNAVAILABLE)
-    except BastionError as exc:
-        _fail(str(exc), EXIT_CALL_ERROR)
-
-
-def _json(value: Any) -> str:
-    return msgspec.json.format(msgspec.json.encode(value), indent=2).decode()
-
 
 @app.callback(invoke_without_command=True)
 def _root(
@@ -184,7 +122,7 @@ def call(
     ] = None,
     token_file: TokenFile = None,
     timeout: Timeout = 30.0,
-    ca: CaFile = None,
+    ca: CA = None,
     cert: ClientCert = None,
     key: ClientKey = None,
     insecure: Insecure = False,
@@ -192,10 +130,8 @@ def call(
     """Call a method and print its result as JSON."""
     from bastion.cli.values import parse_arguments
 
-    tls = _TLSOptions(ca, cert, key, insecure)
-
     def run() -> Any:
-        with _client(address, token_file, timeout, tls) as client:
+        with connect(address, token_file, ca, insecure, cert=cert, key=key, timeout=timeout) as client:
             params = _params_schema(client, method)
             args = parse_arguments(list(arguments or []), params)
             return client.call(method, **args)
@@ -259,16 +195,14 @@ def methods(
     token_file: TokenFile = None,
     as_json: AsJson = False,
     timeout: Timeout = 30.0,
-    ca: CaFile = None,
+    ca: CA = None,
     cert: ClientCert = None,
     key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """List the services and methods a server offers you, with signatures."""
-    tls = _TLSOptions(ca, cert, key, insecure)
-
     def run() -> Any:
-        with _client(address, token_file, timeout, tls) as client:
+        with connect(address, token_file, ca, insecure, cert=cert, key=key, timeout=timeout) as client:
             return client.call("admin.methods")
 
     listing = _run_guarded(run)
@@ -288,6 +222,9 @@ def methods(
 
 
 app.add_typer(cert_app, name="cert")
+app.add_typer(user_app, name="user")
+app.add_typer(token_app, name="token")
+app.command()(login)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,30 +20,49 @@ from bastion._version import __version__
 from bastion.cli.cert import prepare_tls
 from bastion.config import Config
 from bastion.exceptions import UsageError
-from bastion.security.authn import StaticTokens, new_token
-from bastion.security.principal import ADMIN_ROLE, Principal
+from bastion.security.audit import AuditLog
+from bastion.security.authn import StoreAuthenticator, hash_token, new_token, new_token_id
+from bastion.security.credentials import Token, User
+from bastion.security.passwords import PasswordHasher
+from bastion.security.principal import ADMIN_ROLE
+from bastion.security.throttle import LoginThrottle
 from bastion.server.server import Server
 from bastion.service import Service
 from bastion.services.admin import service as admin_service
+from bastion.services.auth import create_service
+from bastion.store import Store, open_store
 
-__all__ = ["ensure_admin_token", "load_services", "run"]
+__all__ = ["bootstrap_admin", "load_services", "run"]
 
 log = logging.getLogger("bastion.server")
 
 
-def ensure_admin_token(path: Path) -> tuple[str, bool]:
-    """The admin token stored at ``path`` (mode 0600), created on first start."""
-    if path.exists():
-        if path.stat().st_mode & 0o077:
-            os.chmod(path, 0o600)
-        token = path.read_text().strip()
-        if token:
-            return token, False
+def _tighten(path: Path) -> bool:
+    """Make an existing secret file 0600; whether it exists."""
+    if not path.exists():
+        return False
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
+    return True
+
+
+async def bootstrap_admin(store: Store, path: Path) -> str:
+    """On an empty store: create the ``admin`` user and its API token in ``path`` (0600).
+
+    Returns how ``path`` relates to this start: "written to", "in" or "not in".
+    """
+    exists = _tighten(path)
+    if await store.list_users():
+        return "in" if exists else "not in"
+    now = time.time()
+    await store.create_user(User("admin", frozenset({ADMIN_ROLE}), None, now))
     token = new_token()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
-    return token, True
+    await store.add_token(Token(new_token_id(), hash_token(token), "admin", "api", "bootstrap", now))
+    return "written to"
 
 
 def load_services(specs: list[str]) -> list[Service]:
@@ -80,36 +100,53 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    user_services = load_services(config.services)
     data_dir = Path(config.data_dir)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    token_path = data_dir / "admin.token"
-    token, created = ensure_admin_token(token_path)
-    services = [admin_service, *load_services(config.services)]
     tls = prepare_tls(config, warn=lambda line: print(line, file=sys.stderr, flush=True))
-    server = Server(
-        services,
-        limits=config.limits,
-        authenticator=StaticTokens({token: Principal("admin", frozenset({ADMIN_ROLE}))}),
-        ssl_context=tls.context,
-        cert_files=tls.cert_files,
-        crl_file=config.tls.crl,
-        revoked_serials=config.tls.revoked_serials,
-    )
-    del token
 
     async def main() -> None:
-        try:
-            await server.start(config.host, config.port)
-        except OSError as exc:
-            raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
-        server.install_signal_handlers()  # before the banner: readiness means SIGTERM drains
-        host, port = server.addresses[0][:2]
-        names = ", ".join(sorted(server.table.services))
-        echo(f"bastion {__version__} listening on {host}:{port} (services: {names})")
-        echo(f"admin token {'written to' if created else 'in'} {token_path.resolve()} (mode 0600)")
-        for line in tls.messages:
-            echo(line)
-        await server.serve_forever(handle_signals=False)
+        async with open_store(data_dir / "bastion.db") as store:
+            token_path = data_dir / "admin.token"
+            token_state = await bootstrap_admin(store, token_path)
+            audit = AuditLog(data_dir / "audit.log")
+            auth = config.auth
+            throttle = LoginThrottle(
+                store,
+                max_failures=auth.max_failures_per_user_source,
+                lockout=auth.lockout,
+                global_per_hour=auth.max_failures_per_user_global,
+                burst=auth.max_failures_per_source,
+            )
+            auth_service = create_service(
+                store, hasher=PasswordHasher(), throttle=throttle, audit=audit, config=auth
+            )
+            server = Server(
+                [admin_service, auth_service, *user_services],
+                limits=config.limits,
+                authenticator=StoreAuthenticator(store, throttle, audit),
+                audit=audit,
+                revalidate_interval=auth.revalidate_interval,
+                ssl_context=tls.context,
+                cert_files=tls.cert_files,
+                crl_file=config.tls.crl,
+                revoked_serials=config.tls.revoked_serials,
+            )
+            try:
+                await server.start(config.host, config.port)
+            except OSError as exc:
+                raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+            server.install_signal_handlers()  # before the banner: readiness means SIGTERM drains
+            host, port = server.addresses[0][:2]
+            names = ", ".join(sorted(server.table.services))
+            echo(f"bastion {__version__} listening on {host}:{port} (services: {names})")
+            echo(f"admin token {token_state} {token_path.resolve()} (mode 0600)")
+            for line in tls.messages:
+                echo(line)
+            try:
+                await server.serve_forever(handle_signals=False)
+            finally:
+                audit.close()
         log.info("stopped")
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -122,7 +122,7 @@ def _bastion_command() -> list[str]:
 def test_serve_port_0_prints_the_port_and_stops_on_sigterm(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     banner = re.compile(
-        rf"^bastion {re.escape(bastion.__version__)} listening on 127\.0\.0\.1:(\d+) \(services: admin\)$"
+        rf"^bastion {re.escape(bastion.__version__)} listening on 127\.0\.0\.1:(\d+) \(services: admin, auth\)$"
     )
 
     def serve() -> tuple[subprocess.Popen[str], list[str]]:
@@ -179,15 +179,16 @@ def test_serve_port_0_prints_the_port_and_stops_on_sigterm(tmp_path: Path) -> No
 
 def test_serve_tightens_a_loose_token_file(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"  # where start_server points --data-dir
-    data_dir.mkdir(mode=0o700)
     token_file = data_dir / "admin.token"
-    token_file.write_text("bst_preexisting-token\n")
+    first = start_server(tmp_path)
+    assert first.stop() == 0
+    token = token_file.read_text().strip()
     token_file.chmod(0o644)
     server = start_server(tmp_path)
     try:
         assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
         assert server.reader.next_line(5) == f"admin token in {token_file.resolve()} (mode 0600)"
-        with SyncClient(server.address, token="bst_preexisting-token", timeout=5) as client:
+        with SyncClient(server.address, token=token, timeout=5) as client:
             assert client.call("admin.stats")["connections"] == 1
     finally:
         assert server.stop() == 0

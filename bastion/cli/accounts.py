@@ -1,0 +1,198 @@
+"""``bastion login``, ``bastion user …`` and ``bastion token …``.
+
+Secrets never travel as command-line flags: passwords are prompted for (or
+read from standard input with ``--password-stdin``), and tokens are written
+to files with mode 0600, never printed unless asked for with ``--show``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bastion.cli import common
+from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, connect, print_json, run_guarded
+
+__all__ = ["login", "token_app", "user_app"]
+
+user_app = typer.Typer(help="Manage users (admin).", no_args_is_help=True)
+token_app = typer.Typer(help="Manage API tokens (admin).", no_args_is_help=True)
+
+
+def _password(prompt: str, from_stdin: bool, confirm: bool = False) -> str:
+    if from_stdin:
+        value = sys.stdin.readline().rstrip("\n")
+    elif sys.stdin.isatty():
+        value = typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+    else:
+        common.fail("no terminal to ask for the password on; use --password-stdin", common.EXIT_USAGE)
+    if not value:
+        common.fail("empty password", common.EXIT_USAGE)
+    return value
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+
+
+PasswordStdin = Annotated[bool, typer.Option("--password-stdin", help="Read the password from standard input.")]
+
+
+def login(
+    address: Address,
+    user: Annotated[str, typer.Option("--user", "-u", help="Username.")],
+    save: Annotated[
+        Path | None, typer.Option("--save", help=f"Where to keep the session token (default {common.LOGIN_TOKEN}).")
+    ] = None,
+    password_stdin: PasswordStdin = False,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
+) -> None:
+    """Log in with a username and password; keep the session token in a 0600 file."""
+    password = _password("Password", password_stdin)
+    def run() -> Any:
+        with connect(address, None, ca, insecure, anonymous=True) as client:
+            return client.call("auth.login", username=user, password=password)
+
+    result = run_guarded(run)
+    path = save or common.LOGIN_TOKEN
+    _write_secret(path, result["token"])
+    print(f"logged in as {result['user']}; session token saved to {path} (mode 0600)", file=sys.stderr)
+
+
+def _admin_call(
+    address: str, token_file: Path | None, ca: Path | None, insecure: bool, method: str, **args: Any
+) -> Any:
+    def run() -> Any:
+        with connect(address, token_file, ca, insecure) as client:
+            return client.call(method, **args)
+
+    return run_guarded(run)
+
+
+@user_app.command("add")
+def user_add(
+    address: Address,
+    name: Annotated[str, typer.Argument(help="Username.")],
+    role: Annotated[list[str] | None, typer.Option("--role", "-r", help="A role to grant (repeatable).")] = None,
+    no_password: Annotated[bool, typer.Option("--no-password", help="A token-only user.")] = False,
+    password_stdin: PasswordStdin = False,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
+) -> None:
+    """Create a user; asks for the password unless --no-password."""
+    password = None if no_password else _password("Password", password_stdin, confirm=not password_stdin)
+    user = _admin_call(
+        address, token_file, ca, insecure, "auth.create_user", name=name, password=password, roles=role or []
+    )
+    print_json(user)
+
+
+@user_app.command("ls")
+def user_ls(address: Address, as_json: AsJson = False, token_file: TokenFile = None, ca: CA = None,
+    insecure: Insecure = False) -> None:
+    """List users."""
+    users = _admin_call(address, token_file, ca, insecure, "auth.list_users")
+    if as_json:
+        print_json(users)
+        return
+    for u in users:
+        flags = " (disabled)" if u["disabled"] else ""
+        print(f"{u['name']}\troles={','.join(u['roles']) or '-'}{flags}")
+
+
+@user_app.command("rm")
+def user_rm(address: Address, name: str, token_file: TokenFile = None, ca: CA = None,
+    insecure: Insecure = False) -> None:
+    """Delete a user and revoke their tokens."""
+    revoked = _admin_call(address, token_file, ca, insecure, "auth.delete_user", name=name)
+    print(f"deleted {name}; {revoked} token(s) revoked", file=sys.stderr)
+
+
+@user_app.command("passwd")
+def user_passwd(
+    address: Address,
+    name: str,
+    password_stdin: PasswordStdin = False,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
+) -> None:
+    """Set a user's password."""
+    password = _password("New password", password_stdin, confirm=not password_stdin)
+    _admin_call(address, token_file, ca, insecure, "auth.set_password", name=name, password=password)
+    print(f"password of {name} set", file=sys.stderr)
+
+
+@user_app.command("roles")
+def user_roles(
+    address: Address,
+    name: str,
+    role: Annotated[list[str] | None, typer.Option("--role", "-r", help="The complete new set (repeatable).")] = None,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
+) -> None:
+    """Replace a user's roles."""
+    print_json(_admin_call(address, token_file, ca, insecure, "auth.set_roles", name=name, roles=role or []))
+
+
+@token_app.command("create")
+def token_create(
+    address: Address,
+    user: Annotated[str | None, typer.Option("--user", "-u", help="Owner (default: yourself).")] = None,
+    label: Annotated[str, typer.Option("--label", help="A note to recognise it by.")] = "",
+    ttl: Annotated[float | None, typer.Option("--ttl", help="Lifetime in seconds.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the token to this file (mode 0600).")] = None,
+    show: Annotated[bool, typer.Option("--show", help="Print the token on stdout instead.")] = False,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
+) -> None:
+    """Create an API token; it is shown once (written to --out, or printed with --show)."""
+    if (out is None) == (not show):
+        common.fail("give exactly one of --out FILE or --show", common.EXIT_USAGE)
+    result = _admin_call(address, token_file, ca, insecure, "auth.create_token", user=user, label=label, ttl=ttl)
+    if out is not None:
+        _write_secret(out, result["token"])
+        print(f"token {result['id']} for {result['user']} written to {out} (mode 0600)", file=sys.stderr)
+    else:
+        print(result["token"])
+
+
+@token_app.command("ls")
+def token_ls(
+    address: Address,
+    user: Annotated[str | None, typer.Option("--user", "-u")] = None,
+    as_json: AsJson = False,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
+) -> None:
+    """List tokens (never the secrets)."""
+    tokens = _admin_call(address, token_file, ca, insecure, "auth.list_tokens", user=user)
+    if as_json:
+        print_json(tokens)
+        return
+    for t in tokens:
+        state = "revoked" if t["revoked_at"] else "live"
+        print(f"{t['id']}\t{t['user']}\t{t['kind']}\t{state}\t{t['label']}")
+
+
+@token_app.command("revoke")
+def token_revoke(address: Address, token_id: Annotated[str, typer.Argument(help="The token's id.")],
+                 token_file: TokenFile = None, ca: CA = None,
+    insecure: Insecure = False) -> None:
+    """Revoke a token; connections using it close within seconds."""
+    _admin_call(address, token_file, ca, insecure, "auth.revoke_token", id=token_id)
+    print(f"revoked {token_id}", file=sys.stderr)

@@ -1,0 +1,144 @@
+"""What the commands share: option types, connecting, errors, output.
+
+Credentials come from ``--token-file``, ``BASTION_TOKEN_FILE``/``BASTION_TOKEN``
+or the session token ``bastion login`` saved -- never from a flag that holds
+the secret itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import msgspec
+import typer
+
+from bastion.client.sync import SyncClient
+from bastion.exceptions import BastionError, CallError, TransportError, UsageError
+
+__all__ = [
+    "CA",
+    "EXIT_CALL_ERROR",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "LOGIN_TOKEN",
+    "Address",
+    "AsJson",
+    "Insecure",
+    "TokenFile",
+    "connect",
+    "fail",
+    "print_json",
+    "run_guarded",
+]
+
+LOGIN_TOKEN = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "bastion" / "session.token"
+
+EXIT_CALL_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+Address = Annotated[str, typer.Argument(help="Server address: HOST:PORT, :PORT or HOST (port 7400).")]
+TokenFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--token-file",
+        help="File holding the API token (or set BASTION_TOKEN / BASTION_TOKEN_FILE).",
+        show_default=False,
+    ),
+]
+Timeout = Annotated[float | None, typer.Option("--timeout", help="Seconds to wait for an answer.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+CA = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca",
+        help="CA certificate to verify the server with (default: $BASTION_CA, else ./bastion-data/tls/ca.pem "
+        "if present, else the system trust store).",
+        show_default=False,
+    ),
+]
+ClientCert = Annotated[
+    Path | None, typer.Option("--cert", help="Client certificate (PEM) for mutual TLS.", show_default=False)
+]
+ClientKey = Annotated[
+    Path | None, typer.Option("--key", help="Key of the client certificate (PEM).", show_default=False)
+]
+Insecure = Annotated[
+    bool, typer.Option("--insecure", help="Plaintext, no TLS (only for a server started with --insecure).")
+]
+LOCAL_DEV_CA = Path("bastion-data") / "tls" / "ca.pem"
+
+
+class _TLSOptions:
+    def __init__(self, ca: Path | None, cert: Path | None, key: Path | None, insecure: bool) -> None:
+        if ca is None and not insecure and not os.environ.get("BASTION_CA") and LOCAL_DEV_CA.exists():
+            ca = LOCAL_DEV_CA
+        self.ca = str(ca) if ca is not None else None
+        self.cert = str(cert) if cert is not None else None
+        self.key = str(key) if key is not None else None
+        self.insecure = insecure
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _client(address: str, token_file: Path | None, timeout: float | None, tls: _TLSOptions) -> SyncClient:
+    return SyncClient(
+        address, token_file=str(token_file) if token_file else None, timeout=timeout,
+        ca=tls.ca, cert=tls.cert, key=tls.key, insecure=tls.insecure,
+    )
+
+
+def _run_guarded(func: Any) -> Any:
+    try:
+        return func()
+    except UsageError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except CallError as exc:
+        _fail(f"{exc.status.name}: {exc.message}", EXIT_CALL_ERROR)
+    except TransportError as exc:
+        _fail(str(exc), EXIT_UNAVAILABLE)
+    except BastionError as exc:
+        _fail(str(exc), EXIT_CALL_ERROR)
+
+
+def _json(value: Any) -> str:
+    return msgspec.json.format(msgspec.json.encode(value), indent=2).decode()
+
+
+
+
+def connect(
+    address: str,
+    token_file: Path | None,
+    ca: Path | None,
+    insecure: bool,
+    *,
+    cert: Path | None = None,
+    key: Path | None = None,
+    timeout: float | None = 30.0,
+    anonymous: bool = False,
+) -> SyncClient:
+    """A client for a command: TLS options resolved, credentials from file or environment.
+
+    Without --token-file or BASTION_TOKEN(_FILE), the session token saved by
+    ``bastion login`` is used if there is one (not when ``anonymous``: logging
+    in must not depend on an old session).
+    """
+    from_env = os.environ.get("BASTION_TOKEN") or os.environ.get("BASTION_TOKEN_FILE")
+    if not anonymous and token_file is None and not from_env and LOGIN_TOKEN.exists():
+        token_file = LOGIN_TOKEN
+    return _client(address, token_file, timeout, _TLSOptions(ca, cert, key, insecure))
+
+
+def print_json(value: Any) -> None:
+    print(_json(value))
+
+
+fail = _fail
+run_guarded = _run_guarded
