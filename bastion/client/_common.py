@@ -155,6 +155,8 @@ def error_from(message: Error) -> CallError:
 def goaway_error(goaway: GoAway | None, call_id: int | None = None) -> CallError:
     """The error for a call the server will not process after ``goaway``."""
     reason = goaway.message if goaway is not None and goaway.message else "server is going away"
+    if goaway is not None and goaway.code not in (0, 14):  # not OK/UNAVAILABLE: the reason is the error
+        return error_for_status(goaway.code, reason)
     if call_id is not None:
         return Unavailable(f"call {call_id} was not started ({reason}); it is safe to retry", retry_after=0)
     return Unavailable(reason)

@@ -269,11 +269,13 @@ class Client:
         cert: str | os.PathLike[str] | None = None,
         key: str | os.PathLike[str] | None = None,
         insecure: bool = False,
+        source_address: str | None = None,
     ) -> None:
         self.host, self.port = parse_address(address)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.limits = limits or ProtocolLimits()
+        self.source_address = source_address  # local address to connect from (per-source limits)
         self._token = resolve_token(token, token_file)
         self.tls = ClientTLS(ssl_context=ssl_context, ca=ca, cert=cert, key=key, insecure=insecure)
         self._server_hostname = server_hostname
@@ -334,6 +336,7 @@ class Client:
                         ssl=context,
                         server_hostname=(self._server_hostname or self.host) if context is not None else None,
                         ssl_handshake_timeout=self.connect_timeout if context is not None else None,
+                        local_addr=(self.source_address, 0) if self.source_address else None,
                     )
                 self.welcome = await conn.welcome
         except TimeoutError:

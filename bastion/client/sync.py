@@ -57,11 +57,13 @@ class SyncClient:
         cert: str | os.PathLike[str] | None = None,
         key: str | os.PathLike[str] | None = None,
         insecure: bool = False,
+        source_address: str | None = None,
     ) -> None:
         self.host, self.port = parse_address(address)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.limits = limits or ProtocolLimits()
+        self.source_address = source_address  # local address to connect from (per-source limits)
         self._token = resolve_token(token, token_file)
         self.tls = ClientTLS(ssl_context=ssl_context, ca=ca, cert=cert, key=key, insecure=insecure)
         self._server_hostname = server_hostname
@@ -101,6 +103,7 @@ class SyncClient:
         link = BlockingLink.connect(
             core, self.host, self.port, timeout=self.connect_timeout,
             ssl_context=self.tls.context(), server_hostname=self._server_hostname, alpn=ALPN_PROTOCOL,
+            source_address=self.source_address,
         )
         core.send_hello(build_hello(self.limits, self._token, self._name))
         deadline = time.monotonic() + self.connect_timeout

@@ -21,6 +21,7 @@ import contextvars
 import functools
 import itertools
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -328,7 +329,7 @@ class ServerSession:
             self.link.schedule_flush()
 
     def _answer_error(self, call_id: int, exc: CallError) -> None:
-        retry = int(exc.retry_after * 1000) if exc.retry_after is not None else None
+        retry = math.ceil(exc.retry_after * 1000) if exc.retry_after is not None else None
         self.core.send_error(call_id, exc.status, exc.message, details=exc.details or None, retry_after_ms=retry)
 
     def _internal_error(self, call_id: int, method: str, request_id: str) -> None:

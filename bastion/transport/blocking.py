@@ -40,11 +40,13 @@ class BlockingLink:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         alpn: str | None = None,
+        source_address: str | None = None,
     ) -> BlockingLink:
         """Connect (and with ``ssl_context``, do the TLS handshake, insisting on ALPN ``alpn`` if given)."""
         sock: socket.socket | None = None
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            source = (source_address, 0) if source_address else None
+            sock = socket.create_connection((host, port), timeout=timeout, source_address=source)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if ssl_context is not None:
                 sock = ssl_context.wrap_socket(sock, server_hostname=server_hostname or host)

@@ -89,3 +89,10 @@ async def watched(tag: str, seconds: float = 30.0) -> str:
 async def fail(message: str) -> None:
     """Raise a ValueError: the caller gets INTERNAL."""
     raise ValueError(message)
+
+
+@service.method(roles=["ops"])
+async def ops_only(tag: str) -> str:
+    """Needs the ``ops`` role; leaves a marker file when it runs."""
+    _mark(f"ops-{tag}")
+    return tag
