@@ -66,6 +66,10 @@ class ServerInfo(Protocol):
 
     def stats(self) -> Mapping[str, int | float]: ...
 
+    def limits(self) -> Mapping[str, int | float]:
+        """The limits every connection runs under (frame size, calls in flight, ...)."""
+        ...
+
     def describe(self) -> list[dict[str, Any]]: ...
 
 

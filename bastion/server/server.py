@@ -34,6 +34,8 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import msgspec
+
 from bastion._version import __version__
 from bastion.config import ServerLimits
 from bastion.exceptions import BastionError
@@ -68,6 +70,9 @@ class _Info:
 
     def stats(self) -> Mapping[str, int | float]:
         return self._server.stats()
+
+    def limits(self) -> Mapping[str, int | float]:
+        return msgspec.structs.asdict(self._server.limits)
 
     def describe(self) -> list[dict[str, Any]]:
         return self._server.table.describe()

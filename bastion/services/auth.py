@@ -73,6 +73,7 @@ class Identity(msgspec.Struct, frozen=True):
     mechanism: str
     token_id: str | None
     expires_at: float | None
+    limits: dict[str, float]
 
 
 def _source(ctx: Context) -> str:
@@ -152,9 +153,10 @@ def create_service(
 
     @service.method(public=True, idempotent=True)
     async def whoami(ctx: Context) -> Identity:
-        """The caller's identity, roles and credential."""
+        """The caller's identity, roles, credential and the limits its connection runs under."""
         p = ctx.principal
-        return Identity(p.name, sorted(p.roles), p.authenticated, p.mechanism, p.token_id, p.expires_at)
+        limits = dict(ctx.server.limits())
+        return Identity(p.name, sorted(p.roles), p.authenticated, p.mechanism, p.token_id, p.expires_at, limits)
 
     @service.method
     async def change_password(ctx: Context, old_password: str, new_password: str) -> bool:

@@ -191,3 +191,14 @@ def test_password_policy_and_validation(tmp_path: Path) -> None:
             await admin.auth.create_user(name="ada")
 
     run(test, tmp_path)
+
+
+def test_whoami_shows_identity_roles_and_limits(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        me = await w.server.client(principal=Principal("bob", frozenset({"user"}))).auth.whoami()
+        assert (me["name"], me["roles"], me["authenticated"]) == ("bob", ["user"], True)
+        assert me["limits"]["max_inflight"] == w.server.server.limits.max_inflight
+        anon = await w.server.client(principal=ANONYMOUS).auth.whoami()
+        assert (anon["name"], anon["authenticated"]) == ("anonymous", False)
+
+    run(test, tmp_path)

@@ -87,7 +87,11 @@ def seed_tls(data_dir: Path) -> None:
 
 
 def bastion_cli(
-    *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None, timeout: float = 20.0
+    *args: str,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 20.0,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m bastion ARGS`` to completion and capture its output."""
     return subprocess.run(
@@ -98,6 +102,7 @@ def bastion_cli(
         text=True,
         timeout=timeout,
         check=False,
+        input=stdin if stdin is not None else "",
     )
 
 

@@ -1,0 +1,68 @@
+"""``bastion login``, ``bastion user …`` and ``bastion token …`` against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from bastion import SyncClient
+from tests.support.server import ServerProcess, bastion_cli
+
+PASSWORD = "a long enough password"
+
+
+def test_user_login_and_tokens_from_the_shell(server: ServerProcess, tmp_path: Path) -> None:
+    address, admin_token, _ = server
+    auth = ("--token-file", str(admin_token))
+
+    added = bastion_cli("user", "add", address, "ada", "-r", "user", "--password-stdin", *auth, stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["roles"] == ["user"]
+    listing = bastion_cli("user", "ls", address, "--json", *auth)
+    assert {u["name"] for u in json.loads(listing.stdout)} == {"admin", "ada"}
+
+    session = tmp_path / "session.token"
+    login = bastion_cli("login", address, "-u", "ada", "--password-stdin", "--save", str(session), stdin=PASSWORD)
+    assert login.returncode == 0, login.stderr
+    assert stat.S_IMODE(os.stat(session).st_mode) == 0o600
+    assert PASSWORD not in login.stdout + login.stderr
+    whoami = bastion_cli("call", address, "auth.whoami", "--token-file", str(session))
+    assert json.loads(whoami.stdout)["name"] == "ada"
+
+    wrong = bastion_cli("login", address, "-u", "ada", "--password-stdin", "--save", str(session), stdin="nope")
+    assert wrong.returncode == 1 and "UNAUTHENTICATED" in wrong.stderr
+
+    token_file = tmp_path / "api.token"
+    created = bastion_cli("token", "create", address, "-u", "ada", "--label", "ci", "--out", str(token_file), *auth)
+    assert created.returncode == 0, created.stderr
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    assert token_file.read_text().strip() not in created.stdout + created.stderr
+    tokens = json.loads(bastion_cli("token", "ls", address, "-u", "ada", "--json", *auth).stdout)
+    api = [t for t in tokens if t["label"] == "ci"]
+    assert len(api) == 1 and api[0]["revoked_at"] is None
+    revoked = bastion_cli("token", "revoke", address, api[0]["id"], *auth)
+    assert revoked.returncode == 0, revoked.stderr
+    refused = bastion_cli("call", address, "auth.whoami", "--token-file", str(token_file))
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+
+    removed = bastion_cli("user", "rm", address, "ada", *auth)
+    assert removed.returncode == 0, removed.stderr
+    with SyncClient(address, token_file=str(admin_token), timeout=5) as root:
+        assert [u["name"] for u in root.auth.list_users()] == ["admin"]
+
+
+def test_token_create_needs_a_destination(server: ServerProcess) -> None:
+    address, admin_token, _ = server
+    result = bastion_cli("token", "create", address, "--token-file", str(admin_token))
+    assert result.returncode == 2 and "exactly one of --out FILE or --show" in result.stderr
+
+
+def test_non_admins_cannot_manage_users(server: ServerProcess, tmp_path: Path) -> None:
+    address, admin_token, _ = server
+    with SyncClient(address, token_file=str(admin_token), timeout=5) as root:
+        root.auth.create_user(name="bob", roles=["user"])
+        (tmp_path / "bob.token").write_text(root.auth.create_token(user="bob")["token"])
+    result = bastion_cli("user", "ls", address, "--token-file", str(tmp_path / "bob.token"))
+    assert result.returncode == 1 and "PERMISSION_DENIED" in result.stderr
