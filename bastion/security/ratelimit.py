@@ -1,0 +1,521 @@
+"""Rate limits and quotas on calls: token buckets per caller, per method, per role.
+
+Theory of operation
+-------------------
+
+Every call is charged a *cost* (``costs[method]``, default 1) against a set of
+token buckets; it passes only if **every** applicable bucket holds that many
+tokens, and then (and only then) the cost is taken from all of them -- a
+refused call debits nothing. A bucket holds at most ``burst`` tokens and
+refills at ``rate`` tokens per second, so a caller may spend a burst at once
+and then ``rate`` per second.
+
+The applicable buckets of a call, all keyed by the caller's *identity* --
+the principal's name when authenticated, else the source address (IPv6
+sources are grouped by their ``/ipv6_prefix`` network, since one host
+usually owns a whole /64):
+
+* the caller's base bucket: ``per_principal`` for an authenticated principal,
+  ``per_source`` for an anonymous caller (never both);
+* for each role the caller holds, plus ``role = None`` ("everyone",
+  anonymous callers included), the *most specific* rule matching the method
+  name: an exact name beats a glob, among globs the one with more literal
+  characters wins (``kv.put`` > ``kv.*`` > ``*``), a tie goes to the rule
+  listed first. The winners of different roles all apply. So a specific rule
+  can raise or lower a broad one for the same role, while a caller holding
+  two limited roles is bound by both.
+
+A rule's bucket is per identity and per rule: ``kv.* 1000/s for role user``
+gives each user 1000 kv calls a second in total, not 1000 per method.
+Roles match literally: ``admin`` passes every *role check* (see
+principal.py) but is subject only to rules for roles it actually holds (and
+role-less rules), so a ``user`` rule limits an admin only if the admin also
+holds ``user``.
+
+A refused call raises ``ResourceExhausted`` naming the limit, with
+``retry_after`` = seconds until every bucket could pay the cost (assuming no
+other traffic) and ``details`` = {limit, rate, burst, cost}. A call costing
+more than some bucket's burst can never pass: it is refused without a
+retry_after. A cost of 0 exempts a method (e.g. a health check) from every
+limit.
+
+A cost above ``per_principal.burst``, or above the burst of a rule that
+would charge that (exactly named) method, is a configuration error; a cost
+above ``per_source.burst`` is allowed (such methods are then closed to
+anonymous callers, which is usually the point).
+
+``now`` (seconds) is injectable for tests; by default the in-memory limiter
+reads its ``clock`` (monotonic) and the Redis one uses Redis's TIME.
+
+Backends: ``RateLimiter`` (here) keeps buckets in process memory, capped at
+``max_tracked`` (least recently used forgotten first, i.e. refilled);
+``RedisRateLimiter`` (ratelimit_redis.py) keeps them in Redis so the limits
+hold across server replicas. Both implement the async ``Limiter`` protocol
+(``await limiter.check(...)``, ``await limiter.usage(...)``) so the server
+needs one code path; the in-memory one also offers ``check_sync`` and
+``usage_sync``, which never await. ``create_limiter(config)`` picks the
+backend from the configuration.
+
+Configuration, as the ``[rate_limits]`` TOML section::
+
+    [rate_limits]
+    per_principal = { rate = 1000, burst = 2000 }
+    per_source = { rate = 2000, burst = 4000 }
+    costs = { "kv.scan" = 10, "health.check" = 0 }
+
+    [[rate_limits.rules]]
+    method = "kv.put"
+    role = "user"
+    rate = 100
+    burst = 200
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+
+import msgspec
+
+from bastion.exceptions import ResourceExhausted, UsageError
+from bastion.security.principal import Principal
+from bastion.security.throttle import TokenBucket
+
+if TYPE_CHECKING:
+    from bastion.security.ratelimit_redis import RedisRateLimiter
+
+__all__ = [
+    "DEFAULT_REDIS_PREFIX",
+    "EPSILON",
+    "Limit",
+    "Limiter",
+    "RateLimitConfig",
+    "RateLimiter",
+    "RateRule",
+    "create_limiter",
+]
+
+DEFAULT_REDIS_PREFIX: Final = "bastion:rl:"
+_GLOB_CHARS: Final = frozenset("*?[")
+_MAX_PLANS: Final = 4096  # method names remembered; the cache is dropped when full
+_MIN_TRACKED: Final = 64
+#: Tokens a bucket may be short and still pay: refills are float arithmetic, and a caller
+#: pacing itself exactly at the rate must not be refused for a rounding error.
+EPSILON: Final = 1e-9
+
+
+class Limit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A token bucket's shape: ``burst`` tokens at once, refilled at ``rate`` per second."""
+
+    rate: float
+    burst: float
+
+
+class RateRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A limit on the methods matching ``method`` (an fnmatch glob) for holders of ``role``.
+
+    ``role = None`` applies to every caller, anonymous ones included.
+    """
+
+    method: str
+    rate: float
+    burst: float
+    role: str | None = None
+
+
+class RateLimitConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Rate limits and call costs (the ``[rate_limits]`` section; see the module docstring).
+
+    enabled: false turns every limit off.
+    per_principal: each authenticated principal's bucket over all its calls (none: unlimited).
+    per_source: each anonymous caller's bucket, per source address (none: unlimited).
+    rules: per-method, per-role limits (most specific method pattern per role wins).
+    costs: tokens a call to a method (exact name or glob) costs; default 1, 0 = exempt.
+    ipv6_prefix: anonymous IPv6 callers are grouped by this network prefix length.
+    max_tracked: buckets kept in memory (least recently used forgotten first).
+    redis_url: keep the buckets in Redis (shared by replicas), e.g. redis://host:6379/0.
+    redis_prefix: prefix of every Redis key.
+    redis_timeout: seconds a Redis command may take before the limiter counts it failed.
+    redis_fail_open: when Redis fails, limit per process from memory (true) or refuse
+        calls as UNAVAILABLE (false).
+    """
+
+    enabled: bool = True
+    per_principal: Limit | None = Limit(rate=1000.0, burst=2000.0)
+    per_source: Limit | None = Limit(rate=2000.0, burst=4000.0)
+    rules: list[RateRule] = []
+    costs: dict[str, float] = {}
+    ipv6_prefix: int = 64
+    max_tracked: int = 100_000
+    redis_url: str | None = None
+    redis_prefix: str = DEFAULT_REDIS_PREFIX
+    redis_timeout: float = 0.25
+    redis_fail_open: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("per_principal", "per_source"):
+            limit = getattr(self, name)
+            if limit is not None:
+                _check_rate(f"rate_limits.{name}", limit.rate, limit.burst)
+        seen: set[tuple[str, str | None]] = set()
+        for i, rule in enumerate(self.rules):
+            where = f"rate_limits.rules[{i}] ({rule.method!r}, role {rule.role!r})"
+            _check_pattern(f"rate_limits.rules[{i}].method", rule.method)
+            if rule.role is not None and (not rule.role or rule.role != rule.role.strip()):
+                raise UsageError(f"{where}: role must be a non-empty name without surrounding spaces, or absent")
+            _check_rate(where, rule.rate, rule.burst)
+            if (rule.method, rule.role) in seen:
+                raise UsageError(f"{where}: a rule for this method and role is already listed")
+            seen.add((rule.method, rule.role))
+        for method, cost in self.costs.items():
+            _check_pattern(f"rate_limits.costs key {method!r}", method)
+            if isinstance(cost, bool) or not isinstance(cost, int | float) or not math.isfinite(cost) or cost < 0:
+                raise UsageError(f"rate_limits.costs[{method!r}] must be a number >= 0, got {cost!r}")
+            self._check_cost_fits(method, cost)
+        if not 1 <= self.ipv6_prefix <= 128:
+            raise UsageError(f"rate_limits.ipv6_prefix must be 1..128, got {self.ipv6_prefix!r}")
+        if self.max_tracked < _MIN_TRACKED:
+            raise UsageError(f"rate_limits.max_tracked must be at least {_MIN_TRACKED}, got {self.max_tracked!r}")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise UsageError("rate_limits.redis_url must start with redis://, rediss:// or unix://")
+        if not self.redis_prefix:
+            raise UsageError("rate_limits.redis_prefix must not be empty")
+        if not (math.isfinite(self.redis_timeout) and self.redis_timeout > 0):
+            raise UsageError(f"rate_limits.redis_timeout must be a positive number, got {self.redis_timeout!r}")
+
+    def _check_cost_fits(self, method: str, cost: float) -> None:
+        """A cost above the burst of a bucket that would charge it refuses the method forever: a mistake.
+
+        Not checked against per_source: a small anonymous allowance that no
+        expensive (typically non-public) method fits in is a fair choice.
+        """
+        limit = self.per_principal
+        if limit is not None and cost > limit.burst:
+            raise UsageError(
+                f"rate_limits.costs[{method!r}] = {cost:g} exceeds rate_limits.per_principal.burst = "
+                f"{limit.burst:g}: such calls could never pass"
+            )
+        if _GLOB_CHARS.isdisjoint(method):  # an exact name: the rules that would charge it are known
+            for i, rule in _select_rules(method, self.rules):
+                if cost > rule.burst:
+                    raise UsageError(
+                        f"rate_limits.costs[{method!r}] = {cost:g} exceeds the burst {rule.burst:g} of "
+                        f"rate_limits.rules[{i}] ({rule.method!r}, role {rule.role!r}): such calls could never pass"
+                    )
+
+
+def _check_rate(where: str, rate: object, burst: object) -> None:
+    for name, value in (("rate", rate), ("burst", burst)):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        if not ok:
+            raise UsageError(f"{where}: {name} must be a positive number, got {value!r}")
+
+
+def _check_pattern(where: str, pattern: str) -> None:
+    if not pattern or any(c.isspace() for c in pattern):
+        raise UsageError(f"{where} must be a method name or glob (e.g. 'kv.put', 'kv.*', '*'), got {pattern!r}")
+
+
+def _select_rules(method: str, rules: Sequence[RateRule]) -> list[tuple[int, RateRule]]:
+    """(index, rule) of the most specific rule matching ``method`` for each role (None included)."""
+    best: dict[str | None, tuple[tuple[int, int], int, RateRule]] = {}
+    for i, rule in enumerate(rules):  # in listed order: a tie keeps the first
+        if fnmatch.fnmatchcase(method, rule.method):
+            rank = _specificity(rule.method)
+            if rule.role not in best or rank > best[rule.role][0]:
+                best[rule.role] = (rank, i, rule)
+    return [(i, rule) for _, i, rule in best.values()]
+
+
+def _specificity(pattern: str) -> tuple[int, int]:
+    """Bigger is more specific: exact names first, then globs by literal characters."""
+    if _GLOB_CHARS.isdisjoint(pattern):
+        return (1, len(pattern))
+    return (0, sum(c not in _GLOB_CHARS for c in pattern))
+
+
+# -- compiled configuration, shared by both backends ----------------------------------------------
+
+
+class _Bucket(msgspec.Struct, frozen=True):
+    """One applicable limit, as compiled from the configuration."""
+
+    index: int  # position among all limits (the in-memory bucket key)
+    key: str  # stable id (the Redis key suffix): "principal", "source" or "rule:<method>|<role>"
+    name: str  # how messages name it
+    method: str
+    role: str | None
+    rate: float
+    burst: float
+
+    def describe(self, tokens: float) -> dict[str, Any]:
+        return {
+            "limit": self.name,
+            "method": self.method,
+            "role": self.role,
+            "rate": self.rate,
+            "burst": self.burst,
+            "tokens": tokens,
+        }
+
+
+class _Plan(msgspec.Struct, frozen=True):
+    """What a call to one method is charged: its cost and the rules for it, by role."""
+
+    cost: float
+    rules: tuple[_Bucket, ...]  # at most one per role (None included)
+
+
+class _Compiled:
+    """The configuration turned into per-method plans (cached: the hot path is one dict lookup)."""
+
+    def __init__(self, config: RateLimitConfig) -> None:
+        self.config = config
+        limits: list[_Bucket] = []
+        self.principal: _Bucket | None = None
+        self.source: _Bucket | None = None
+        if config.per_principal is not None:
+            self.principal = _Bucket(
+                len(limits),
+                "principal",
+                "per-principal limit",
+                "*",
+                None,
+                config.per_principal.rate,
+                config.per_principal.burst,
+            )
+            limits.append(self.principal)
+        if config.per_source is not None:
+            self.source = _Bucket(
+                len(limits), "source", "per-source limit", "*", None, config.per_source.rate, config.per_source.burst
+            )
+            limits.append(self.source)
+        self.rules: list[_Bucket] = []
+        for rule in config.rules:
+            who = "everyone" if rule.role is None else f"role {rule.role}"
+            bucket = _Bucket(
+                len(limits),
+                f"rule:{rule.method}|{rule.role or '*'}",
+                f"limit on {rule.method} for {who}",
+                rule.method,
+                rule.role,
+                rule.rate,
+                rule.burst,
+            )
+            limits.append(bucket)
+            self.rules.append(bucket)
+        self._plans: dict[str, _Plan] = {}
+        self._ipv6_shift = 128 - config.ipv6_prefix
+
+    def plan(self, method: str) -> _Plan:
+        plan = self._plans.get(method)
+        if plan is None:
+            plan = self._compile(method)
+            if len(self._plans) >= _MAX_PLANS:  # only unknown method names could grow it this far
+                self._plans.clear()
+            self._plans[method] = plan
+        return plan
+
+    def _compile(self, method: str) -> _Plan:
+        rules = tuple(self.rules[i] for i, _ in _select_rules(method, self.config.rules))
+        cost = 1.0
+        cost_rank: tuple[int, int] | None = None
+        for pattern, value in self.config.costs.items():
+            if fnmatch.fnmatchcase(method, pattern):
+                rank = _specificity(pattern)
+                if cost_rank is None or rank > cost_rank:
+                    cost, cost_rank = float(value), rank
+        return _Plan(cost, rules)
+
+    def identity(self, principal: Principal, source: str) -> str:
+        if principal.authenticated:
+            return "principal:" + principal.name
+        return "source:" + self.source_key(source)
+
+    def source_key(self, source: str) -> str:
+        if ":" not in source:
+            return source
+        try:
+            address = ipaddress.IPv6Address(source)
+        except ValueError:
+            return source
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        network = int(address) >> self._ipv6_shift << self._ipv6_shift
+        return f"{ipaddress.IPv6Address(network)}/{128 - self._ipv6_shift}"
+
+    def applicable(self, principal: Principal, method: str) -> tuple[_Plan, list[_Bucket]]:
+        plan = self.plan(method)
+        base = self.principal if principal.authenticated else self.source
+        buckets = [] if base is None else [base]
+        roles = principal.roles
+        for bucket in plan.rules:
+            if bucket.role is None or bucket.role in roles:
+                buckets.append(bucket)
+        return plan, buckets
+
+    def all_for(self, principal: Principal) -> list[_Bucket]:
+        """Every limit that can apply to this principal (for usage reports)."""
+        base = self.principal if principal.authenticated else self.source
+        out = [] if base is None else [base]
+        out.extend(b for b in self.rules if b.role is None or b.role in principal.roles)
+        return out
+
+    @staticmethod
+    def refusal(bucket: _Bucket, wait: float, cost: float) -> ResourceExhausted:
+        details = {"limit": bucket.name, "rate": bucket.rate, "burst": bucket.burst, "cost": cost}
+        if cost > bucket.burst:
+            return ResourceExhausted(
+                f"rate limited: this call costs {cost:g}, more than the {bucket.name} "
+                f"allows at once (burst {bucket.burst:g})",
+                details=details,
+            )
+        return ResourceExhausted(
+            f"rate limited by the {bucket.name} ({bucket.rate:g}/s, burst {bucket.burst:g})",
+            details=details,
+            retry_after=wait,
+        )
+
+    def report(self, identity: str, limits: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "enabled": self.config.enabled,
+            "identity": identity,
+            "limits": limits,
+            "costs": {k: float(v) for k, v in self.config.costs.items()},
+            "default_cost": 1.0,
+        }
+
+
+# -- the backends -----------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Limiter(Protocol):
+    """What the server calls: ``check`` before dispatching a call, ``usage`` for whoami/limits."""
+
+    async def check(
+        self, principal: Principal, source: str, method: str, cost: float | None = None, now: float | None = None
+    ) -> None:
+        """Charge the call, or raise ResourceExhausted (with retry_after) and charge nothing."""
+        ...
+
+    async def usage(self, principal: Principal, source: str, now: float | None = None) -> dict[str, Any]:
+        """The caller's limits and the tokens it has left in each."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections (nothing for the in-memory limiter)."""
+        ...
+
+
+class RateLimiter:
+    """Token buckets in process memory; limits hold per server process.
+
+    Not thread-safe: call it from the event loop (check_sync never blocks).
+    ``clock`` supplies ``now`` when a call does not (monotonic seconds).
+    """
+
+    def __init__(self, config: RateLimitConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config or RateLimitConfig()
+        self._compiled = _Compiled(self.config)
+        self._clock = clock
+        self._buckets: OrderedDict[tuple[str, int], TokenBucket] = OrderedDict()
+        self._max = self.config.max_tracked
+
+    def __len__(self) -> int:
+        """Buckets currently tracked."""
+        return len(self._buckets)
+
+    async def check(
+        self, principal: Principal, source: str, method: str, cost: float | None = None, now: float | None = None
+    ) -> None:
+        self.check_sync(principal, source, method, cost, now)
+
+    def check_sync(
+        self, principal: Principal, source: str, method: str, cost: float | None = None, now: float | None = None
+    ) -> None:
+        """Charge ``cost`` (default: the method's configured cost) to every applicable bucket, or raise."""
+        if not self.config.enabled:
+            return
+        plan, limits = self._compiled.applicable(principal, method)
+        if cost is None:
+            cost = plan.cost
+        elif not (math.isfinite(cost) and cost >= 0):
+            raise ValueError(f"cost must be a finite number >= 0, got {cost!r}")
+        if cost == 0 or not limits:
+            return
+        if now is None:
+            now = self._clock()
+        ident = self._compiled.identity(principal, source)
+        items = self._buckets
+        worst = 0.0
+        refused: _Bucket | None = None
+        taken: list[TokenBucket] = []
+        for limit in limits:
+            key = (ident, limit.index)
+            bucket = items.get(key)
+            if bucket is None:
+                bucket = items[key] = TokenBucket(limit.burst, limit.rate, now)
+                if len(items) > self._max:
+                    items.popitem(last=False)
+            else:
+                items.move_to_end(key)
+            if cost > limit.burst:
+                raise self._compiled.refusal(limit, math.inf, cost)
+            if now > bucket.stamp:  # a clock stepping back refills nothing
+                bucket.tokens = min(limit.burst, bucket.tokens + (now - bucket.stamp) * limit.rate)
+                bucket.stamp = now
+            short = cost - bucket.tokens
+            if short > EPSILON and short / limit.rate > worst:
+                worst, refused = short / limit.rate, limit
+            taken.append(bucket)
+        if refused is not None:
+            raise self._compiled.refusal(refused, worst, cost)
+        for bucket in taken:
+            bucket.tokens -= cost
+
+    async def usage(self, principal: Principal, source: str, now: float | None = None) -> dict[str, Any]:
+        return self.usage_sync(principal, source, now)
+
+    def usage_sync(self, principal: Principal, source: str, now: float | None = None) -> dict[str, Any]:
+        """The caller's limits and tokens left, e.g.::
+
+            {"enabled": True, "identity": "principal:ada", "default_cost": 1.0, "costs": {"kv.scan": 10.0},
+             "limits": [{"limit": "per-principal limit", "method": "*", "role": None,
+                         "rate": 1000.0, "burst": 2000.0, "tokens": 1990.0}, ...]}
+
+        Reading changes nothing (not even which buckets are least recently used).
+        """
+        if now is None:
+            now = self._clock()
+        ident = self._compiled.identity(principal, source)
+        limits = []
+        for limit in self._compiled.all_for(principal):
+            bucket = self._buckets.get((ident, limit.index))
+            if bucket is None:
+                tokens = limit.burst
+            else:
+                tokens = min(limit.burst, bucket.tokens + max(0.0, now - bucket.stamp) * limit.rate)
+            limits.append(limit.describe(tokens))
+        return self._compiled.report(ident, limits)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def create_limiter(config: RateLimitConfig, *, clock: Callable[[], float] = time.monotonic) -> Limiter:
+    """The limiter the configuration asks for: Redis-backed if ``redis_url`` is set, else in memory.
+
+    ``clock`` is used by the in-memory limiter (and the Redis one's fail-open fallback).
+    """
+    if config.redis_url is None:
+        return RateLimiter(config, clock=clock)
+    from bastion.security.ratelimit_redis import RedisRateLimiter
+
+    limiter: RedisRateLimiter = RedisRateLimiter.from_url(config.redis_url, config, clock=clock)
+    return limiter
