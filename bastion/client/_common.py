@@ -16,6 +16,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import msgspec
 
 from bastion._version import __version__
+from bastion.client.policy import NotStarted
 from bastion.config import DEFAULT_PORT
 from bastion.exceptions import CallError, Unavailable, UsageError, error_for_status
 from bastion.protocol.connection import ProtocolLimits
@@ -158,7 +159,7 @@ def goaway_error(goaway: GoAway | None, call_id: int | None = None) -> CallError
     if goaway is not None and goaway.code not in (0, 14):  # not OK/UNAVAILABLE: the reason is the error
         return error_for_status(goaway.code, reason)
     if call_id is not None:
-        return Unavailable(f"call {call_id} was not started ({reason}); it is safe to retry", retry_after=0)
+        return NotStarted(f"call {call_id} was not started ({reason}); it is safe to retry", retry_after=0)
     return Unavailable(reason)
 
 

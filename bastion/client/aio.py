@@ -7,6 +7,14 @@ keyed by call id: unary calls wait on one future; streams read items from a
 small queue, returning credit to the server as they consume. The client
 sends the call's remaining time as ``timeout_ms`` and also enforces it
 locally, cancelling the call on the server when it runs out.
+
+Retries (``bastion.client.policy``). ``invoke`` tries a call again only when
+it fails retryably and is known idempotent -- ``idempotent=True``, or the
+server's ``admin.methods`` listing, fetched once per connection on the first
+such failure -- within the call's one deadline and the client's retry
+budget; a call the server's GoAway proves never started is replayed once on
+a new connection. Streams (``stream``) and one-shot input iterators are
+never retried.
 """
 
 from __future__ import annotations
@@ -33,7 +41,16 @@ from bastion.client._common import (
     resolve_token,
     silent_close_hint,
 )
-from bastion.exceptions import ConnectError, ConnectionClosed, DeadlineExceeded, error_for_status
+from bastion.client.policy import (
+    DEFAULT_RETRY,
+    LISTING_METHOD,
+    LISTING_TIMEOUT,
+    IdempotentMethods,
+    RetryBudget,
+    RetryPolicy,
+    is_replayable,
+)
+from bastion.exceptions import CallError, ConnectError, ConnectionClosed, DeadlineExceeded, error_for_status
 from bastion.protocol.connection import Connection, ProtocolLimits
 from bastion.protocol.messages import Credit, Error, GoAway, Item, Message, Result, Welcome
 from bastion.protocol.state import ConnectionState, Role
@@ -164,8 +181,9 @@ class _ClientConnection:
         return not self.closed and self.core.state is ConnectionState.OPEN
 
     def start(
-        self, method: str, args: Any, timeout: float | None, stream: bool, options: Mapping[str, Any]
+        self, method: str, args: dict[str, Any], timeout: float | None, stream: bool, options: Mapping[str, Any]
     ) -> tuple[int, _Pending]:
+        """Send a call (``args`` already checked by ``check_args``)."""
         if not self.usable:
             raise ConnectionClosed("connection is closed or draining")
         timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else None
@@ -251,6 +269,10 @@ class Client:
     ``cert``/``key`` present a client certificate for mutual TLS.
     ``insecure=True`` connects in plaintext (only to a server started with
     ``--insecure``).
+
+    ``retry`` is the ``RetryPolicy`` for failed calls (default: 3 attempts
+    with jittered exponential backoff, for idempotent calls only, under a
+    retry budget); None never retries, not even a call that never started.
     """
 
     def __init__(
@@ -270,6 +292,7 @@ class Client:
         key: str | os.PathLike[str] | None = None,
         insecure: bool = False,
         source_address: str | None = None,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
     ) -> None:
         self.host, self.port = parse_address(address)
         self.timeout = timeout
@@ -286,6 +309,19 @@ class Client:
         # Seam for bastion.testing: given the protocol factory, connect it to
         # something other than a TCP socket (an in-memory server, say).
         self._connector: Callable[[Callable[[], Link]], Awaitable[object]] | None = None
+        self.retry = retry
+        self._methods = IdempotentMethods()  # what the current connection's server declared idempotent
+        self._listing: asyncio.Future[None] | None = None
+
+    @property
+    def retry(self) -> RetryPolicy | None:
+        """The retry policy (None: never retry); setting it also gives the client a fresh budget."""
+        return self._retry
+
+    @retry.setter
+    def retry(self, policy: RetryPolicy | None) -> None:
+        self._retry = policy
+        self.retry_budget: RetryBudget | None = policy.new_budget() if policy is not None else None
 
     def __repr__(self) -> str:
         return f"Client({self.host}:{self.port})"
@@ -318,7 +354,13 @@ class Client:
             if self._conn is not None and self._conn.usable:
                 return self._conn
             self._conn = await self._open()
+            self._methods = IdempotentMethods(clock=self._clock)  # a new connection may be a new server
+            self._listing = None
             return self._conn
+
+    @property
+    def _clock(self) -> Callable[[], float]:
+        return self._retry.clock if self._retry is not None else DEFAULT_RETRY.clock
 
     async def _open(self) -> _ClientConnection:
         loop = asyncio.get_running_loop()
@@ -361,6 +403,9 @@ class Client:
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
+        if self._listing is not None:
+            self._listing.cancel()
+            self._listing = None
         if conn is not None and conn.link is not None and not conn.closed:
             for call_id, pending in list(conn.pending.items()):
                 conn.cancel(call_id)
@@ -385,15 +430,57 @@ class Client:
         priority: int | None = None,
         metadata: dict[str, str] | None = None,
         items: AsyncIterable[Any] | Iterable[Any] | None = None,
+        idempotent: bool | None = None,
     ) -> Any:
-        """The full form of ``call``: per-call timeout, priority, metadata, input stream."""
+        """The full form of ``call``: per-call timeout, priority, metadata, input stream.
+
+        ``idempotent``: True lets the client retry the call after a retryable
+        failure; False never retries it; None (default) asks the server's
+        method listing, once per connection, when it first matters. The
+        timeout covers every attempt and the waits between them.
+        """
         timeout = self.timeout if timeout is None else timeout
-        conn = await self._connection()
+        checked = check_args(args)
         options = {"priority": priority, "metadata": metadata}
+        retry, budget = self._retry, self.retry_budget
+        if retry is None or budget is None or not is_replayable(items):
+            return await self._attempt(method, checked, timeout, timeout, options, items)
+        budget.on_request()
+        deadline = None if timeout is None else retry.clock() + timeout
+        left = timeout
+        attempts = None
+        while True:
+            try:
+                return await self._attempt(method, checked, left, timeout, options, items)
+            except CallError as exc:
+                if not retry.may_retry(exc):
+                    raise
+                if attempts is None:
+                    attempts = retry.attempts(budget, deadline=deadline, idempotent=idempotent)
+                if attempts.needs_idempotency(exc):
+                    attempts.idempotent = await self._is_idempotent(method, attempts.remaining())
+                delay = attempts.next_delay(exc)
+                if delay is None:
+                    raise
+            if delay > 0:
+                await asyncio.sleep(delay)
+            left = attempts.remaining()
+
+    async def _attempt(
+        self,
+        method: str,
+        args: dict[str, Any],
+        timeout: float | None,
+        total: float | None,
+        options: Mapping[str, Any],
+        items: AsyncIterable[Any] | Iterable[Any] | None,
+    ) -> Any:
+        """One attempt at a call, with ``timeout`` seconds left of the call's ``total``."""
+        conn = await self._connection()
         if conn.slots is not None:
             await conn.slots.acquire()
         try:
-            call_id, pending = conn.start(method, check_args(args), timeout, items is not None, options)
+            call_id, pending = conn.start(method, args, timeout, items is not None, options)
             try:
                 async with asyncio.timeout(timeout):
                     if items is not None:
@@ -407,13 +494,38 @@ class Client:
                 raise  # the server's answer, as it sent it (it is also a TimeoutError)
             except TimeoutError:
                 conn.cancel(call_id)
-                raise DeadlineExceeded(f"{method}: no answer within {timeout}s") from None
+                raise DeadlineExceeded(f"{method}: no answer within {total}s") from None
             except asyncio.CancelledError:
                 conn.cancel(call_id)
                 raise
         finally:
             if conn.slots is not None:
                 conn.slots.release()
+
+    async def _is_idempotent(self, method: str, timeout: float | None) -> bool:
+        """Whether the server declares ``method`` idempotent; False when that cannot be learnt.
+
+        Concurrent failures share one fetch of the listing; each waits for it
+        at most ``timeout`` (the rest of its own deadline).
+        """
+        methods = self._methods
+        known = methods.lookup(method)
+        if known is not None:
+            return known
+        if self._listing is None or self._listing.done():
+            if not methods.should_fetch():
+                return False
+            self._listing = asyncio.ensure_future(self._fetch_listing(methods))
+        await asyncio.wait((self._listing,), timeout=timeout)  # neither raises its error nor cancels it
+        return bool(methods.lookup(method))
+
+    async def _fetch_listing(self, methods: IdempotentMethods) -> None:
+        try:
+            listing = await self._attempt(LISTING_METHOD, {}, LISTING_TIMEOUT, LISTING_TIMEOUT, {}, None)
+        except Exception as exc:  # whatever went wrong, the answer is "not idempotent" for now
+            methods.failed(exc)
+        else:
+            methods.learn(listing)
 
     async def _collect(self, conn: _ClientConnection, call_id: int, pending: _Pending) -> Any:
         pending.collect = True  # items are granted back as they arrive
@@ -427,7 +539,7 @@ class Client:
     ) -> AsyncIterator[Any]:
         """Call a server-streaming method and yield its items as they arrive."""
         conn = await self._connection()
-        call_id, pending = conn.start(method, check_args(args), self.timeout, items is not None, {})
+        call_id, pending = conn.start(method, check_args(args), self.timeout, items is not None, {})  # never retried
         sender = conn.start_sender(call_id, pending, items) if items is not None else None
         batch = max(1, self.limits.window // 2)
         consumed = 0

@@ -3,6 +3,8 @@
 It drives the same sans-IO core and shares its decisions (``_common``); only
 the way bytes move differs. One call runs at a time per ``SyncClient`` (a
 lock serialises threads); use several clients for parallel blocking calls.
+Retries follow the same ``RetryPolicy`` as the async client's (see
+``bastion.client.aio``); the waits between attempts hold no lock.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from bastion.client._common import (
@@ -28,7 +30,16 @@ from bastion.client._common import (
     resolve_token,
     silent_close_hint,
 )
-from bastion.exceptions import ConnectError, ConnectionClosed, DeadlineExceeded, error_for_status
+from bastion.client.policy import (
+    DEFAULT_RETRY,
+    LISTING_METHOD,
+    LISTING_TIMEOUT,
+    IdempotentMethods,
+    RetryBudget,
+    RetryPolicy,
+    is_replayable,
+)
+from bastion.exceptions import CallError, ConnectError, ConnectionClosed, DeadlineExceeded, error_for_status
 from bastion.protocol.connection import Connection, ProtocolLimits
 from bastion.protocol.messages import Credit, Error, GoAway, Item, Result, Welcome
 from bastion.protocol.state import ConnectionState, Role
@@ -38,8 +49,9 @@ from bastion.transport.blocking import BlockingLink
 __all__ = ["SyncClient"]
 
 
+
 class SyncClient:
-    """A blocking bastion client with the same surface as ``Client`` (TLS settings included)."""
+    """A blocking bastion client with the same surface as ``Client`` (TLS and retry settings included)."""
 
     def __init__(
         self,
@@ -58,6 +70,7 @@ class SyncClient:
         key: str | os.PathLike[str] | None = None,
         insecure: bool = False,
         source_address: str | None = None,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
     ) -> None:
         self.host, self.port = parse_address(address)
         self.timeout = timeout
@@ -71,6 +84,22 @@ class SyncClient:
         self._link: BlockingLink | None = None
         self._lock = threading.RLock()
         self.welcome: Welcome | None = None
+        self.retry = retry
+        self._methods = IdempotentMethods()  # what the current connection's server declared idempotent
+
+    @property
+    def retry(self) -> RetryPolicy | None:
+        """The retry policy (None: never retry); setting it also gives the client a fresh budget."""
+        return self._retry
+
+    @retry.setter
+    def retry(self, policy: RetryPolicy | None) -> None:
+        self._retry = policy
+        self.retry_budget: RetryBudget | None = policy.new_budget() if policy is not None else None
+
+    @property
+    def _clock(self) -> Callable[[], float]:
+        return self._retry.clock if self._retry is not None else DEFAULT_RETRY.clock
 
     def __repr__(self) -> str:
         return f"SyncClient({self.host}:{self.port})"
@@ -114,6 +143,7 @@ class SyncClient:
                     if isinstance(event, Welcome):
                         self.welcome = event
                         self._link = link
+                        self._methods = IdempotentMethods(clock=self._clock)  # maybe a new server
                         return link
                     if isinstance(event, GoAway):
                         link.close()
@@ -144,15 +174,69 @@ class SyncClient:
         priority: int | None = None,
         metadata: dict[str, str] | None = None,
         items: Iterable[Any] | None = None,
+        idempotent: bool | None = None,
+    ) -> Any:
+        """The full form of ``call``; ``idempotent`` and retries as for ``Client.invoke``."""
+        timeout = self.timeout if timeout is None else timeout
+        checked = check_args(args)
+        retry, budget = self._retry, self.retry_budget
+        if retry is None or budget is None or not is_replayable(items):
+            return self._attempt(method, checked, timeout, timeout, priority, metadata, items)
+        budget.on_request()
+        deadline = None if timeout is None else retry.clock() + timeout
+        left = timeout
+        attempts = None
+        while True:
+            try:
+                return self._attempt(method, checked, left, timeout, priority, metadata, items)
+            except CallError as exc:
+                if not retry.may_retry(exc):
+                    raise
+                if attempts is None:
+                    attempts = retry.attempts(budget, deadline=deadline, idempotent=idempotent)
+                if attempts.needs_idempotency(exc):
+                    attempts.idempotent = self._is_idempotent(method, attempts.remaining())
+                delay = attempts.next_delay(exc)
+                if delay is None:
+                    raise
+            if delay > 0:
+                time.sleep(delay)
+            left = attempts.remaining()
+
+    def _attempt(
+        self,
+        method: str,
+        args: dict[str, Any],
+        timeout: float | None,
+        total: float | None,
+        priority: int | None,
+        metadata: dict[str, str] | None,
+        items: Iterable[Any] | None,
     ) -> Any:
         collected: list[Any] = []
         result = None
-        for kind, value in self._run(method, args, timeout, priority, metadata, items):
+        for kind, value in self._run(method, args, timeout, priority, metadata, items, total):
             if kind == "item":
                 collected.append(value)
             else:
                 result = value
         return collected if collected else result
+
+    def _is_idempotent(self, method: str, timeout: float | None) -> bool:
+        """Whether the server declares ``method`` idempotent; False when that cannot be learnt."""
+        with self._lock:
+            methods = self._methods
+            known = methods.lookup(method)
+            if known is not None:
+                return known
+            if not methods.should_fetch():
+                return False
+            wait = LISTING_TIMEOUT if timeout is None else min(timeout, LISTING_TIMEOUT)
+            try:
+                methods.learn(self._attempt(LISTING_METHOD, {}, wait, wait, None, None, None))
+            except Exception as exc:  # whatever went wrong, the answer is "not idempotent" for now
+                methods.failed(exc)
+            return bool(methods.lookup(method))
 
     def stream(self, method: str, items: Iterable[Any] | None = None, /, **args: Any) -> Iterator[Any]:
         """Call a server-streaming method; yield its items as they arrive."""
@@ -172,8 +256,10 @@ class SyncClient:
         priority: int | None,
         metadata: dict[str, str] | None,
         items: Iterable[Any] | None,
+        total: float | None = None,
     ) -> Iterator[tuple[str, Any]]:
         timeout = self.timeout if timeout is None else timeout
+        total = timeout if total is None else total
         with self._lock:
             link = self._connection()
             core = link.core
@@ -211,7 +297,7 @@ class SyncClient:
             except DeadlineExceeded:
                 if finished:
                     raise  # the server's answer, as it sent it
-                raise DeadlineExceeded(f"{method}: no answer within {timeout}s") from None
+                raise DeadlineExceeded(f"{method}: no answer within {total}s") from None
             finally:
                 if not finished and not link.closed and core.send_cancel(call_id):
                     with contextlib.suppress(ConnectionClosed):
