@@ -1,0 +1,586 @@
+"""Call scheduling in front of dispatch: priority levels, fair queues, load shedding.
+
+Theory of operation. Every admitted call is handed to one server-wide
+``Scheduler`` as a *job* (a no-argument coroutine function) and gets a
+``Ticket`` back. At most ``max_concurrency`` jobs run at once; the rest wait.
+
+* Levels. A call's priority (``effective_priority``: the method's declared
+  priority, lowered but never raised by the caller) maps to one of three
+  levels: CONTROL (>= ``control_min_priority``: health, admin), INTERACTIVE
+  (>= ``interactive_min_priority``) and BATCH (below). A free slot goes to the
+  highest level with a waiting job. CONTROL may also use ``control_reserve``
+  slots beyond ``max_concurrency``, so a health check is answered even when
+  every ordinary slot is held by a slow call.
+* Fairness. Within a level each principal has its own FIFO and principals are
+  served round-robin (deficit round robin with unit cost), so a client with a
+  thousand queued calls delays another client's call by one call per round,
+  not by a thousand.
+* Bounds. At most ``principal_queue_limit`` waiting jobs per principal per
+  level, and ``queue_limit`` per level. Past the per-principal bound a call is
+  refused at once (RESOURCE_EXHAUSTED + retry-after). When a level is full, the
+  newest job of the longest queue among the next few principals in the ring
+  is pushed out instead, if that queue is longer than the newcomer's by two or
+  more; otherwise the newcomer is refused.
+* Deadlines. A job whose deadline has passed is answered DEADLINE_EXCEEDED
+  when it is submitted, or when it reaches the head of its queue or is shed;
+  it never runs. (No timer per job: a queued job past its deadline is answered
+  late, when its client has already given up, and only then leaves the queue.)
+* Shedding (CoDel-style), for INTERACTIVE and BATCH; CONTROL is never shed.
+  Detection is CoDel's: the signal is the queueing delay of the level's
+  oldest waiting job, looked at on every dispatch and every submission that
+  has to wait; when it has stayed at or above ``codel_target`` for a whole
+  ``codel_interval`` (a standing queue, not a burst) the level enters the
+  *dropping* state. It leaves it once that delay is below half the target, or
+  when a slot is free and nothing waits; a level that relapses within a few
+  intervals re-enters at once. While a level is dropping, lowest levels first:
+  (1) a newcomer to a level *below* a dropping one is refused at once (it
+  would only wait to be shed), and a newcomer to the dropping level itself is
+  refused at once when its queue already holds what the level starts in
+  ``codel_target`` (starts per second x target: Little's law); (2) when a slot
+  frees, jobs of the dropping level and of every level below it that have
+  waited twice the target are shed, oldest first, keeping enough to fill the
+  free slots. Shed and refused calls get UNAVAILABLE + retry-after at once.
+  Unlike packet CoDel there is no gradual drop rate: RPC clients do not back
+  off on one drop as TCP does, each refusal carries a retry-after, and
+  refusing at arrival answers at once instead of after a wait. Under
+  sustained overload the slots never idle, admitted calls wait about
+  ``codel_target`` (at most twice that; target + interval at the onset), and
+  most of the excess is refused on arrival, the rest once it has waited twice
+  the target (tests/server/test_scheduler.py simulates 3x overload).
+* Cost. ``submit``, ``cancel`` and each dispatch step are O(1) amortised
+  (``cancel`` is O(queue of that principal)); no timers, no background task.
+
+Everything runs on the event loop thread; ``submit`` is synchronous so the
+session can call it from ``data_received``. Callbacks (``on_reject``,
+``on_done``) are called synchronously, possibly while *another* session's
+call is being submitted (a pushed-out or shed victim); they must not call back
+into the scheduler, and exceptions they raise are logged and swallowed.
+
+Integration with ``ServerSession`` (bastion/server/session.py, as of writing):
+
+1. The server owns one ``Scheduler(config)`` (``server.scheduler``), built
+   from a ``[scheduler]`` config section (``SchedulerConfig``); one for the
+   whole server, since ``max_concurrency`` and fairness are server-wide.
+2. The session keeps ``self.tickets: dict[int, Ticket]`` where it keeps
+   ``self.tasks``. In ``_on_call`` the ``create_task`` + ``_track`` lines become::
+
+       ticket = self.server.scheduler.submit(
+           functools.partial(self._run, call, entry, args, deadline),
+           priority=effective_priority(entry.spec.priority, call.priority),
+           principal=self.principal.name,  # anonymous callers: key by peer host instead
+           deadline=deadline,              # time.monotonic() based, as today
+           on_reject=functools.partial(self._rejected, call.id),
+           on_done=functools.partial(self._ticket_done, call.id),
+       )
+       if ticket.state is not TicketState.REJECTED:
+           self.tickets[call.id] = ticket
+           self._queued.add(call.id)       # read backpressure counts scheduler-queued calls
+
+   ``on_reject`` may run inside ``submit`` (before the ticket is stored) or
+   later, from another call's dispatch. ``_rejected(call_id, status, message,
+   retry_after)`` sends ``core.send_error(call_id, status, message,
+   retry_after_ms=ceil(retry_after * 1000) if retry_after else None)``,
+   schedules a flush and forgets the call (pop it from ``tickets``,
+   ``_queued`` via ``_started``, ``_inputs``, ``_gates`` (closing the gate),
+   then ``_maybe_finish_drain`` if draining). ``_ticket_done(call_id)`` is
+   today's ``_task_done`` without the task argument: ``on_done`` runs for every
+   started job, also one cancelled before its first step, whose ``finally``
+   never runs; ``_run``'s ``finally`` keeps popping ``tickets`` instead of
+   ``tasks``.
+3. Cancel from the client: ``ticket = self.tickets.get(id)``; if set,
+   ``self.server.scheduler.cancel(ticket)``; if the ticket was still queued
+   (its state is now ``TicketState.CANCELLED``) forget the call as above:
+   nothing ran, the core has already closed the call, so nothing is sent.
+4. ``on_close``, ``abort``, revalidation, ``_check_idle`` and
+   ``_maybe_finish_drain`` use ``self.tickets`` where they use ``self.tasks``,
+   and ``scheduler.cancel(ticket)`` where they call ``task.cancel()`` (a queued
+   job is removed, a running one cancelled). ``on_close`` must cancel queued
+   tickets too, or they would start for a closed connection.
+5. Long-lived streams: a server or bidirectional stream holds its slot for its
+   whole life. To keep subscriptions from filling ``max_concurrency``, call
+   ``scheduler.detach(ticket)`` once the stream is established (e.g. when
+   ``_invoke`` sends its first item): the slot is freed, the task runs on.
+6. ``scheduler.stats()`` goes into the server's stats; the config section's
+   limits into ``ServerInfo.limits()`` and docs/security.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import msgspec
+
+from bastion.exceptions import UsageError
+from bastion.status import Status
+
+__all__ = ["Job", "Level", "OnReject", "Scheduler", "SchedulerConfig", "Ticket", "TicketState", "effective_priority"]
+
+log = logging.getLogger("bastion.server")
+
+#: A call ready to run: called once, with no arguments, when a slot is free.
+Job = Callable[[], Coroutine[Any, Any, object]]
+#: Told why a job will never run: (status, message, retry-after seconds or None).
+OnReject = Callable[[Status, str, "float | None"], None]
+
+_PUSH_OUT_SAMPLE = 8  # principals looked at to find the longest queue when a level is full
+_REENTER_INTERVALS = 8  # dropping again this soon after leaving skips the interval wait
+_EWMA_WEIGHT = 0.1
+
+
+class Level(enum.IntEnum):
+    """Scheduling levels; a higher level is always served first."""
+
+    BATCH = 0
+    INTERACTIVE = 1
+    CONTROL = 2
+
+
+_SERVICE_ORDER = (Level.CONTROL, Level.INTERACTIVE, Level.BATCH)
+_SHEDDABLE = (Level.INTERACTIVE, Level.BATCH)  # highest first
+
+
+def effective_priority(declared: int, requested: int | None) -> int:
+    """The priority a call runs at: the caller may lower the method's, never raise it."""
+    return declared if requested is None else min(declared, requested)
+
+
+class SchedulerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Limits of the call scheduler (server-wide).
+
+    max_concurrency: calls running at once; more wait in queues.
+    control_reserve: extra slots only CONTROL calls may use (health under overload).
+    queue_limit: waiting calls per level.
+    principal_queue_limit: waiting calls per principal per level (one flooder's share).
+    control_min_priority: priorities at or above this are CONTROL.
+    interactive_min_priority: priorities at or above this (and below control) are
+        INTERACTIVE; lower ones are BATCH.
+    codel_target: acceptable queueing delay in seconds; while a level is overloaded,
+        its newcomers are admitted for about this much waiting and calls that have
+        waited twice this long are shed.
+    codel_interval: seconds the delay must stay above target before shedding starts.
+    retry_after: seconds suggested to refused callers before trying again.
+    """
+
+    max_concurrency: int = 256
+    control_reserve: int = 8
+    queue_limit: int = 1024
+    principal_queue_limit: int = 128
+    control_min_priority: int = 10
+    interactive_min_priority: int = 0
+    codel_target: float = 0.05
+    codel_interval: float = 0.1
+    retry_after: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_concurrency", "queue_limit", "principal_queue_limit",
+                     "codel_target", "codel_interval", "retry_after"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"scheduler.{name} must be positive, got {getattr(self, name)!r}")
+        if self.control_reserve < 0:
+            raise UsageError(f"scheduler.control_reserve must not be negative, got {self.control_reserve!r}")
+        if self.control_min_priority <= self.interactive_min_priority:
+            raise UsageError("scheduler.control_min_priority must be above scheduler.interactive_min_priority")
+
+    def level_for(self, priority: int) -> Level:
+        if priority >= self.control_min_priority:
+            return Level.CONTROL
+        if priority >= self.interactive_min_priority:
+            return Level.INTERACTIVE
+        return Level.BATCH
+
+
+class TicketState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"  # the task finished, however it ended
+    REJECTED = "rejected"  # on_reject was called; the job never ran
+    CANCELLED = "cancelled"  # removed from its queue by cancel(); the job never ran
+
+
+class Ticket:
+    """One submitted job: its level, its state and, once started, its task."""
+
+    __slots__ = ("deadline", "detached", "enqueued_at", "job", "level", "on_done", "on_reject", "principal",
+                 "state", "task")
+
+    def __init__(
+        self, job: Job, level: Level, principal: str, deadline: float | None,
+        on_reject: OnReject, on_done: Callable[[], None] | None, now: float,
+    ) -> None:
+        self.job = job
+        self.level = level
+        self.principal = principal
+        self.deadline = deadline
+        self.on_reject = on_reject
+        self.on_done = on_done
+        self.enqueued_at = now
+        self.state = TicketState.QUEUED
+        self.task: asyncio.Task[object] | None = None
+        self.detached = False
+
+    def __repr__(self) -> str:
+        return f"<Ticket {self.level.name} {self.principal!r} {self.state.value}>"
+
+
+class _Queue:
+    """One level: a FIFO per principal served round-robin, plus the level's CoDel state.
+
+    A principal is in ``fifos`` exactly when it is in ``ring``, once; its FIFO
+    may be empty after a removal (dropped when the ring reaches it).
+    ``arrivals`` holds the level's tickets in arrival order, for the oldest
+    waiting one; tickets that left are dropped from it lazily, and it is
+    compacted when mostly stale. Every ticket in a FIFO is QUEUED, except one
+    just popped by ``pop()`` and about to be started or refused.
+    """
+
+    __slots__ = ("arrivals", "dropping", "fifos", "first_above", "left_at", "rate", "ring", "size",
+                 "window_count", "window_start")
+
+    def __init__(self) -> None:
+        self.fifos: dict[str, deque[Ticket]] = {}
+        self.ring: deque[str] = deque()
+        self.arrivals: deque[Ticket] = deque()
+        self.size = 0
+        self.dropping = False
+        self.first_above: float | None = None  # when a standing queue counts as overload
+        self.left_at: float | None = None  # when dropping last stopped
+        self.rate = 0.0  # jobs started per second, over the last full window
+        self.window_start: float | None = None
+        self.window_count = 0
+
+    def depth(self, principal: str) -> int:
+        fifo = self.fifos.get(principal)
+        return len(fifo) if fifo is not None else 0
+
+    def push(self, ticket: Ticket) -> None:
+        fifo = self.fifos.get(ticket.principal)
+        if fifo is None:
+            fifo = self.fifos[ticket.principal] = deque()
+            self.ring.append(ticket.principal)
+        fifo.append(ticket)
+        self.size += 1
+        self.arrivals.append(ticket)
+        if len(self.arrivals) > 2 * self.size + 64:
+            self.arrivals = deque(t for t in self.arrivals if t.state is TicketState.QUEUED)
+
+    def pop(self) -> Ticket | None:
+        """The next principal's oldest job, round-robin."""
+        while self.ring:
+            principal = self.ring.popleft()
+            fifo = self.fifos[principal]
+            if not fifo:
+                del self.fifos[principal]
+                continue
+            ticket = fifo.popleft()
+            self.size -= 1
+            if fifo:
+                self.ring.append(principal)
+            else:
+                del self.fifos[principal]
+            return ticket
+        return None
+
+    def oldest(self) -> Ticket | None:
+        arrivals = self.arrivals
+        while arrivals and arrivals[0].state is not TicketState.QUEUED:
+            arrivals.popleft()
+        return arrivals[0] if arrivals else None
+
+    def remove(self, ticket: Ticket) -> None:
+        fifo = self.fifos[ticket.principal]
+        if fifo[0] is ticket:  # its principal's oldest: the usual case
+            fifo.popleft()
+        else:
+            fifo.remove(ticket)
+        self.size -= 1
+
+    def pop_newest_of_longest(self, longer_than: int) -> Ticket | None:
+        """The newest job of the longest FIFO among the next few principals, if longer than given."""
+        longest: deque[Ticket] | None = None
+        seen = 0
+        for principal in self.ring:
+            fifo = self.fifos[principal]
+            if not fifo:
+                continue
+            if len(fifo) > longer_than and (longest is None or len(fifo) > len(longest)):
+                longest = fifo
+            seen += 1
+            if seen == _PUSH_OUT_SAMPLE:
+                break
+        if longest is None:
+            return None
+        self.size -= 1
+        return longest.pop()
+
+    def count_start(self, now: float, window: float) -> None:
+        if self.window_start is None:
+            self.window_start = now
+        self.window_count += 1
+        elapsed = now - self.window_start
+        if elapsed >= window:
+            self.rate = self.window_count / elapsed
+            self.window_start, self.window_count = now, 0
+
+
+class Scheduler:
+    """Decides which admitted call runs next, and which are refused (see the module docstring)."""
+
+    def __init__(self, config: SchedulerConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config or SchedulerConfig()
+        self._clock = clock
+        self._queues = {level: _Queue() for level in Level}
+        self._queued = 0
+        self._running = 0
+        self._counts = dict.fromkeys(
+            ("submitted", "started", "completed", "cancelled", "rejected_deadline",
+             "rejected_principal_limit", "rejected_queue_full", "rejected_shed"), 0)
+        self._delay_last = self._delay_ewma = self._delay_max = 0.0
+
+    def level_for(self, priority: int) -> Level:
+        return self.config.level_for(priority)
+
+    # -- the API the session uses -------------------------------------------------------------
+
+    def submit(
+        self,
+        job: Job,
+        *,
+        priority: int,
+        principal: str,
+        deadline: float | None,
+        on_reject: OnReject,
+        on_done: Callable[[], None] | None = None,
+    ) -> Ticket:
+        """Start ``job`` now, queue it, or refuse it through ``on_reject`` before returning.
+
+        ``deadline`` is on the scheduler's clock (``time.monotonic`` by default).
+        ``on_done`` is called once the started job's task is done, however it ended.
+        """
+        now = self._clock()
+        ticket = Ticket(job, self.config.level_for(priority), principal, deadline, on_reject, on_done, now)
+        self._counts["submitted"] += 1
+        if deadline is not None and deadline <= now:
+            self._reject(ticket, "deadline", Status.DEADLINE_EXCEEDED, "deadline passed before the call started")
+        elif self._may_start_now(ticket.level):
+            self._start(ticket, now)
+        else:
+            self._enqueue(ticket, now)
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> bool:
+        """Remove a queued job (never run, ``on_reject`` not called) or cancel a running one's task."""
+        if ticket.state is TicketState.QUEUED:
+            self._queues[ticket.level].remove(ticket)
+            self._queued -= 1
+            ticket.state = TicketState.CANCELLED
+            self._counts["cancelled"] += 1
+            return True
+        if ticket.state is TicketState.RUNNING and ticket.task is not None:
+            return ticket.task.cancel()
+        return False
+
+    def detach(self, ticket: Ticket) -> None:
+        """Free a running job's slot early; its task runs on (long-lived streams)."""
+        if ticket.state is TicketState.RUNNING and not ticket.detached:
+            ticket.detached = True
+            self._running -= 1
+            self._dispatch()
+
+    def stats(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {"running": self._running, "queued": self._queued}
+        for level in Level:
+            out[f"queued_{level.name.lower()}"] = self._queues[level].size
+        out.update(self._counts)
+        out["delay_last"] = self._delay_last
+        out["delay_ewma"] = self._delay_ewma
+        out["delay_max"] = self._delay_max
+        for level in _SHEDDABLE:
+            out[f"overloaded_{level.name.lower()}"] = int(self._queues[level].dropping)
+        return out
+
+    # -- admission -------------------------------------------------------------------------------
+
+    def _may_start_now(self, level: Level) -> bool:
+        cfg = self.config
+        if level is Level.CONTROL:
+            return self._running < cfg.max_concurrency + cfg.control_reserve and not self._queues[level].size
+        # Slots are refilled as soon as they free, so a free slot means nothing is waiting for it.
+        return self._running < cfg.max_concurrency and not self._queued
+
+    def _enqueue(self, ticket: Ticket, now: float) -> None:
+        cfg = self.config
+        level, name = ticket.level, ticket.level.name.lower()
+        queue = self._queues[level]
+        mine = queue.depth(ticket.principal)
+        if mine >= cfg.principal_queue_limit:
+            self._reject(ticket, "principal_limit", Status.RESOURCE_EXHAUSTED,
+                         f"too many calls queued for this caller (limit {cfg.principal_queue_limit})",
+                         cfg.retry_after)
+            return
+        if level is not Level.CONTROL:
+            self._codel(now, None)  # notices a standing queue even while no slot frees
+            if self._refuse_under_overload(queue, level):
+                self._reject(ticket, "shed", Status.UNAVAILABLE, f"server overloaded: shedding {name} calls",
+                             cfg.retry_after)
+                return
+        if queue.size >= cfg.queue_limit:
+            pushed = queue.pop_newest_of_longest(queue.depth(ticket.principal) + 1)
+            if pushed is None:
+                self._reject(ticket, "queue_full", Status.RESOURCE_EXHAUSTED, f"server busy: the {name} queue is full",
+                             cfg.retry_after)
+                return
+            self._queued -= 1
+            self._reject(pushed, "queue_full", Status.RESOURCE_EXHAUSTED, f"server busy: the {name} queue is full",
+                         cfg.retry_after)
+        queue.push(ticket)
+        self._queued += 1
+
+    def _refuse_under_overload(self, queue: _Queue, level: Level) -> bool:
+        if any(self._queues[above].dropping for above in _SHEDDABLE if above > level):
+            return True  # below a dropping level a newcomer would only wait to be shed
+        if queue.dropping:  # admit what the level starts within the target (Little's law)
+            return queue.size >= max(1.0, queue.rate * self.config.codel_target)
+        return False
+
+    def _reject(
+        self, ticket: Ticket, reason: str, status: Status, message: str, retry_after: float | None = None
+    ) -> None:
+        ticket.state = TicketState.REJECTED
+        self._counts[f"rejected_{reason}"] += 1
+        try:
+            ticket.on_reject(status, message, retry_after)
+        except Exception:
+            log.exception("scheduler: on_reject callback failed")
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def _start(self, ticket: Ticket, now: float) -> None:
+        delay = now - ticket.enqueued_at
+        self._delay_last = delay
+        self._delay_ewma += _EWMA_WEIGHT * (delay - self._delay_ewma)
+        self._delay_max = max(self._delay_max, delay)
+        if ticket.level is not Level.CONTROL:
+            self._queues[ticket.level].count_start(now, self.config.codel_interval)
+        ticket.state = TicketState.RUNNING
+        self._running += 1
+        self._counts["started"] += 1
+        try:
+            ticket.task = asyncio.get_running_loop().create_task(ticket.job())
+        except Exception:
+            log.exception("scheduler: could not start a job")
+            self._running -= 1
+            ticket.state = TicketState.DONE
+            self._counts["completed"] += 1
+            return
+        ticket.task.add_done_callback(functools.partial(self._finished, ticket))
+
+    def _finished(self, ticket: Ticket, task: asyncio.Task[object]) -> None:
+        ticket.state = TicketState.DONE
+        self._counts["completed"] += 1
+        if not ticket.detached:
+            self._running -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("scheduler: a job raised", exc_info=task.exception())
+        if ticket.on_done is not None:
+            try:
+                ticket.on_done()
+            except Exception:
+                log.exception("scheduler: on_done callback failed")
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        now = self._clock()
+        if self._queued:
+            self._codel(now, self.config.max_concurrency - self._running - self._queues[Level.CONTROL].size)
+        while (ticket := self._next(now)) is not None:
+            self._start(ticket, now)
+        if self._running < self.config.max_concurrency and not self._queued:
+            for level in _SHEDDABLE:  # a free slot and nobody waiting: no overload anywhere
+                self._stop_dropping(self._queues[level], now)
+
+    def _next(self, now: float) -> Ticket | None:
+        """The next job to start; jobs past their deadline are refused on the way."""
+        cfg = self.config
+        for level in _SERVICE_ORDER:
+            cap = cfg.max_concurrency + (cfg.control_reserve if level is Level.CONTROL else 0)
+            if self._running >= cap:
+                return None
+            queue = self._queues[level]
+            while (ticket := queue.pop()) is not None:
+                self._queued -= 1
+                if ticket.deadline is not None and ticket.deadline <= now:
+                    self._reject(ticket, "deadline", Status.DEADLINE_EXCEEDED,
+                                 "deadline passed while the call was queued")
+                    continue
+                return ticket
+        return None
+
+    # -- CoDel ---------------------------------------------------------------------------------------
+
+    def _codel(self, now: float, free: int | None) -> None:
+        """Update each sheddable level's state; with ``free`` slots about to be filled, shed too.
+
+        Only a dispatch (``free`` given) may end the dropping state: between
+        dispatches the oldest waiting job may be one just admitted, whose short
+        wait says nothing yet. Shedding applies to dropping levels and every
+        level below one, and keeps enough jobs to fill the free slots.
+        """
+        above_dropping = False
+        for level in _SHEDDABLE:  # highest first
+            queue = self._queues[level]
+            self._observe(queue, now, may_leave=free is not None)
+            if free is not None:
+                if queue.dropping or above_dropping:
+                    self._trim(queue, now, keep=max(0, free))
+                free -= queue.size
+            above_dropping = above_dropping or queue.dropping
+
+    def _observe(self, queue: _Queue, now: float, *, may_leave: bool) -> None:
+        oldest = queue.oldest()
+        if oldest is None:
+            return
+        cfg = self.config
+        delay = now - oldest.enqueued_at
+        if queue.dropping:
+            if may_leave and delay < cfg.codel_target / 2:
+                self._stop_dropping(queue, now)
+        elif delay < cfg.codel_target:
+            queue.first_above = None
+        elif queue.first_above is None:
+            recently = queue.left_at is not None and now - queue.left_at < _REENTER_INTERVALS * cfg.codel_interval
+            if recently:
+                queue.dropping = True
+            else:
+                queue.first_above = now + cfg.codel_interval
+        elif now >= queue.first_above:
+            queue.dropping = True
+
+    def _trim(self, queue: _Queue, now: float, keep: int) -> None:
+        """Shed the level's jobs that have waited twice the target or longer, oldest first, down to ``keep``."""
+        cfg = self.config
+        while (
+            queue.size > keep
+            and (oldest := queue.oldest()) is not None
+            and now - oldest.enqueued_at >= 2 * cfg.codel_target
+        ):
+            queue.remove(oldest)
+            self._queued -= 1
+            if oldest.deadline is not None and oldest.deadline <= now:
+                self._reject(oldest, "deadline", Status.DEADLINE_EXCEEDED, "deadline passed while the call was queued")
+            else:
+                self._reject(oldest, "shed", Status.UNAVAILABLE, "server overloaded: the call waited too long",
+                             cfg.retry_after)
+
+    @staticmethod
+    def _stop_dropping(queue: _Queue, now: float) -> None:
+        queue.first_above = None
+        if queue.dropping:
+            queue.dropping = False
+            queue.left_at = now
