@@ -21,6 +21,8 @@ from typing import Any
 import msgspec
 
 from bastion.exceptions import UsageError
+from bastion.security.ratelimit import RateLimitConfig
+from bastion.server.scheduler import SchedulerConfig
 
 __all__ = ["DEFAULT_PORT", "AuthConfig", "Config", "ServerLimits", "TLSConfig", "load_config"]
 
@@ -29,7 +31,7 @@ ENV_PREFIX = "BASTION_"
 
 
 class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Per-connection and per-server limits.
+    """Per-connection and per-server limits (docs/security.md, section 7, says what each blunts).
 
     max_frame: largest frame body after the handshake (bytes).
     handshake_max_frame: largest frame before authentication (bytes).
@@ -40,7 +42,42 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ping_timeout: seconds to wait for the Pong before closing.
     grace_period: seconds a draining server lets in-flight calls finish.
     threads: worker threads for synchronous handlers.
-    write_high_water: bytes buffered for a slow reader before senders wait.
+    write_high_water: bytes buffered for a slow reader before senders wait
+        (and the server stops reading from that connection).
+
+    Connection limits, checked at accept before any TLS work; a connection
+    over either is closed at once and counted:
+
+    max_connections: 10000 connections open at once (handshaking ones
+        included). Blunts fd and memory exhaustion by connection floods.
+    max_connections_per_source: 256 open connections from one IP address.
+        Blunts one host hoarding the server's connections.
+
+    Slow and idle peers:
+
+    idle_timeout: 300 s. A connection with no call open and no traffic but
+        pings for this long gets GoAway (OK, "idle timeout") and is closed.
+        Blunts idle connections piling up until max_connections.
+    write_stall_timeout: 10 s. A connection whose write buffer stays above
+        write_high_water this long is dropped (aborted, its buffer freed);
+        so is one whose buffer passes the hard cap of 4 x write_high_water +
+        max_frame at any time. Blunts a client that sends calls but never
+        reads the answers.
+    read_high_water: 256 calls accepted on one connection but not yet
+        started; at this many the server stops reading from the connection
+        until they start. Blunts a fast sender queuing work faster than the
+        server starts it.
+
+    Protocol abuse, counted per connection in fixed 10-second windows; over a
+    cap the connection gets GoAway(RESOURCE_EXHAUSTED) and is closed:
+
+    max_cancels_per_10s: 1000 Cancels of open calls ("too many
+        cancellations"). Blunts rapid reset: calls started and cancelled at
+        once, costing the server work while never counting as in flight.
+    max_pings_per_10s: 100 Pings ("ping flood"). Blunts Pong amplification.
+    max_refused_per_10s: 1000 Calls refused for the max_inflight limit ("too
+        many calls over max_inflight"). Blunts a client that ignores the limit
+        and makes the server answer an endless stream of refusals.
     """
 
     max_frame: int = 1_048_576
@@ -53,6 +90,14 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     grace_period: float = 30.0
     threads: int = 32
     write_high_water: int = 1_048_576
+    max_connections: int = 10_000
+    max_connections_per_source: int = 256
+    idle_timeout: float = 300.0
+    write_stall_timeout: float = 10.0
+    read_high_water: int = 256
+    max_cancels_per_10s: int = 1000
+    max_pings_per_10s: int = 100
+    max_refused_per_10s: int = 1000
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:
@@ -62,6 +107,11 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError("limits.handshake_max_frame must not exceed limits.max_frame")
         if self.max_frame > 2**32 - 1:
             raise UsageError("limits.max_frame must be below 4 GiB")
+
+    @property
+    def write_hard_limit(self) -> int:
+        """Bytes of unsent output at which a connection is dropped at once."""
+        return 4 * self.write_high_water + self.max_frame
 
 
 class TLSConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -138,6 +188,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     limits: ServerLimits = ServerLimits()
     tls: TLSConfig = TLSConfig()
     auth: AuthConfig = AuthConfig()
+    rate_limits: RateLimitConfig = RateLimitConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -155,6 +207,8 @@ def _env_overlay(environ: Mapping[str, str]) -> dict[str, Any]:
         "limits": ServerLimits.__struct_fields__,
         "tls": TLSConfig.__struct_fields__,
         "auth": AuthConfig.__struct_fields__,
+        "rate_limits": tuple(f for f in RateLimitConfig.__struct_fields__ if f not in ("rules", "costs")),
+        "scheduler": SchedulerConfig.__struct_fields__,
     }
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or key in ("BASTION_TOKEN", "BASTION_TOKEN_FILE", "BASTION_CA"):

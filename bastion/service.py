@@ -70,6 +70,10 @@ class ServerInfo(Protocol):
         """The limits every connection runs under (frame size, calls in flight, ...)."""
         ...
 
+    async def rate_usage(self, principal: Principal, peer: str) -> Mapping[str, Any]:
+        """The rate limits that apply to ``principal`` calling from ``peer``, and what is left."""
+        ...
+
     def describe(self) -> list[dict[str, Any]]: ...
 
 

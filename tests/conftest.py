@@ -6,7 +6,8 @@ Every process is stopped in the fixture's finalizer (SIGTERM, then SIGKILL
 if it will not go), and must have exited 0. Servers run TLS with
 certificates from the session's shared test CA, which every client in the
 test process trusts through ``BASTION_CA``; ``server_factory(insecure=True)``
-starts a plaintext one.
+starts a plaintext one. Tests marked ``slow`` are skipped unless selected
+with ``-m slow``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ from tests.support.server import ServerProcess, shared_ca, start_server
 TEST_GRACE_PERIOD = "3"
 
 StartServer = Callable[..., ServerProcess]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``slow`` tests (full-size checks) run only when asked for: ``pytest -m slow``."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="full-size check: run with -m slow")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -42,11 +53,12 @@ def server_factory(tmp_path: Path) -> Iterator[StartServer]:
         *,
         insecure: bool = False,
         args: tuple[str, ...] = (),
+        preexec_fn: Callable[[], None] | None = None,
     ) -> ServerProcess:
         workdir = tmp_path / (name or f"server{len(started)}")
         proc = start_server(
             workdir, env={"BASTION_LIMITS__GRACE_PERIOD": TEST_GRACE_PERIOD, **(env or {})},
-            insecure=insecure, args=args,
+            insecure=insecure, args=args, preexec_fn=preexec_fn,
         )
         started.append(proc)
         return proc

@@ -34,6 +34,8 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
         ("port = 70000\n", "port must be"),
         ("port = [\n", "not valid TOML"),
         ("[limits]\nhandshake_max_frame = 2000000\n", "must not exceed"),
+        ("[limits]\nidle_timeout = 0\n", "idle_timeout must be positive"),
+        ("[limits]\nmax_pings_per_10s = -1\n", "max_pings_per_10s must be positive"),
     ],
 )
 def test_bad_config_is_a_clear_usage_error(tmp_path: Path, text: str, message: str) -> None:
@@ -46,3 +48,11 @@ def test_bad_config_is_a_clear_usage_error(tmp_path: Path, text: str, message: s
 def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="cannot read config file"):
         load_config(tmp_path / "absent.toml", environ={})
+
+
+def test_connection_limits_come_from_the_environment() -> None:
+    env = {"BASTION_LIMITS__IDLE_TIMEOUT": "1", "BASTION_LIMITS__MAX_CONNECTIONS_PER_SOURCE": "8",
+           "BASTION_LIMITS__WRITE_STALL_TIMEOUT": "2.5"}
+    limits = load_config(environ=env).limits
+    assert (limits.idle_timeout, limits.max_connections_per_source, limits.write_stall_timeout) == (1, 8, 2.5)
+    assert limits.write_hard_limit == 4 * limits.write_high_water + limits.max_frame

@@ -25,6 +25,7 @@ from bastion.security.authn import StoreAuthenticator, hash_token, new_token, ne
 from bastion.security.credentials import Token, User
 from bastion.security.passwords import PasswordHasher
 from bastion.security.principal import ADMIN_ROLE
+from bastion.security.ratelimit import create_limiter
 from bastion.security.throttle import LoginThrottle
 from bastion.server.server import Server
 from bastion.service import Service
@@ -118,6 +119,7 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
                 global_per_hour=auth.max_failures_per_user_global,
                 burst=auth.max_failures_per_source,
             )
+            limiter = create_limiter(config.rate_limits)
             auth_service = create_service(
                 store, hasher=PasswordHasher(), throttle=throttle, audit=audit, config=auth
             )
@@ -131,6 +133,7 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
                 cert_files=tls.cert_files,
                 crl_file=config.tls.crl,
                 revoked_serials=config.tls.revoked_serials,
+                limiter=limiter,
             )
             try:
                 await server.start(config.host, config.port)
@@ -147,6 +150,7 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
                 await server.serve_forever(handle_signals=False)
             finally:
                 audit.close()
+                await limiter.aclose()
         log.info("stopped")
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -122,6 +122,9 @@ class Connection:
         self.last_id: int | None = None  # from a GoAway, sent or received
         self.peer_max_inflight = self.limits.max_inflight
         self.goaway: GoAway | None = None  # the one received, if any
+        #: Calls refused for max_inflight so far (server): the application never
+        #: sees them, but may want to count them as abuse.
+        self.refused_calls = 0
 
     # -- introspection --------------------------------------------------------
 
@@ -472,6 +475,7 @@ class Connection:
         if self.last_id is not None and call.id > self.last_id:
             return False  # sent before the client saw our GoAway: never started
         if len(self._calls) >= self.limits.max_inflight:
+            self.refused_calls += 1
             self._writer.write(
                 Error(call.id, int(Status.RESOURCE_EXHAUSTED), f"more than {self.limits.max_inflight} calls in flight")
             )

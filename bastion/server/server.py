@@ -1,17 +1,29 @@
 """The server: listeners, sessions, statistics and graceful shutdown.
 
 Theory of operation. ``Server`` builds its method table once from the
-services it is given, listens with ``loop.create_server`` (one ``Link`` +
+services it is given, listens on its own sockets (one ``Link`` +
 ``ServerSession`` per accepted connection) and keeps the set of live
 sessions. Shutdown is two-stage: stop accepting and send every session a
 GoAway naming the last call it will process; wait up to the grace period for
 the calls already accepted to answer; then cancel what is left and close.
 
-TLS. With an ``ssl_context`` the listener is TLS. The protocol factory runs
-at accept, before the TLS handshake, and the session's handshake deadline
-starts there, so one deadline (``limits.handshake_timeout``) bounds the TLS
-handshake and the bastion handshake together; asyncio's own TLS handshake
-timeout is set to the same value. Once TLS is up (``_on_secure``) a
+Accepting. Each listening socket has an accept loop of ours
+(``_accept_loop``) rather than the event loop's, so the connection limits
+are checked on the bare socket, before any TLS work: over
+``max_connections`` in total, or ``max_connections_per_source`` from one
+address, a connection is closed at once and counted. An accepted socket is
+handed to ``loop.connect_accepted_socket``; its slot is released when the
+session closes, or when the TLS handshake fails and no session ever
+starts. Out of file descriptors (EMFILE/ENFILE), the loop gives up a
+reserved descriptor to accept and close what is waiting (so those clients
+learn at once instead of hanging), takes it back, backs off briefly and
+carries on; it never dies.
+
+TLS. With an ``ssl_context`` connections are TLS. The session is made at
+accept, before the TLS handshake, and its handshake deadline starts there,
+so one deadline (``limits.handshake_timeout``) bounds the TLS handshake and
+the bastion handshake together; asyncio's own TLS handshake timeout is set
+to the same value. Once TLS is up (``_on_secure``) a
 connection that did not negotiate ALPN ``bastion/1`` is closed, the client
 certificate's identity is put on the Link (``link.tls_identity``, the
 subject, and ``link.peer_cert_identity``, subject and serial) for
@@ -25,7 +37,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import errno
 import logging
+import os
+import resource
 import signal
 import socket
 import ssl
@@ -41,6 +57,8 @@ from bastion.config import ServerLimits
 from bastion.exceptions import BastionError
 from bastion.security.audit import AuditLog
 from bastion.security.authn import AllowAnonymous, Authenticator
+from bastion.security.principal import Principal
+from bastion.security.ratelimit import Limiter, RateLimiter
 from bastion.security.tls import ALPN_PROTOCOL, client_identity, parse_serial
 from bastion.security.tls import reload as reload_certificate
 from bastion.server.dispatch import MethodTable
@@ -52,6 +70,10 @@ from bastion.transport.aio import Link
 __all__ = ["Server"]
 
 log = logging.getLogger("bastion.server")
+
+BACKLOG = 1024
+#: accept() errors that mean "out of descriptors or memory, for now".
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _Info:
@@ -74,6 +96,12 @@ class _Info:
     def limits(self) -> Mapping[str, int | float]:
         return msgspec.structs.asdict(self._server.limits)
 
+    async def rate_usage(self, principal: Principal, peer: str) -> Mapping[str, Any]:
+        limiter = self._server.limiter
+        if limiter is None:
+            return {"enabled": False}
+        return await limiter.usage(principal, peer.rsplit(":", 1)[0].strip("[]"))
+
     def describe(self) -> list[dict[str, Any]]:
         return self._server.table.describe()
 
@@ -95,6 +123,7 @@ class Server:
         cert_files: tuple[str, str] | None = None,
         crl_file: str | None = None,
         revoked_serials: Iterable[int | str] = (),
+        limiter: Limiter | None = None,
     ) -> None:
         """TLS: ``cert_files`` are the (certificate, key) paths SIGHUP reloads into
         ``ssl_context``, ``crl_file`` a CRL reloaded with them; ``revoked_serials``
@@ -108,41 +137,149 @@ class Server:
         self.revoked_serials = frozenset(parse_serial(s) for s in revoked_serials)
         self.audit = audit or AuditLog()
         self.revalidate_interval = revalidate_interval
+        # Rate limiting: an in-memory limiter is checked inline before a call is
+        # admitted; a shared (Redis) one is awaited in the call's task.
+        self.limiter = limiter
+        self.check_rate = limiter.check_sync if isinstance(limiter, RateLimiter) else None
+        self.check_rate_async = limiter.check if limiter is not None and self.check_rate is None else None
         self.sessions: set[ServerSession] = set()
         self.counters: collections.Counter[str] = collections.Counter()
         self.executor = ThreadPoolExecutor(self.limits.threads, thread_name_prefix="bastion-handler")
         self.info = _Info(self)
         self.started_at = time.time()
         self.draining = False
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[socket.socket] = []
+        self._accept_tasks: list[asyncio.Task[None]] = []
+        self._handshakes: set[asyncio.Task[None]] = set()  # connections still in the TLS handshake
+        self._open = 0  # accepted connections not yet closed (handshaking ones too)
+        self._per_source: dict[str, int] = {}
+        self._reserve_fd: int | None = None
         self._stopped = asyncio.Event()
         self.addresses: list[tuple[str, int]] = []
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None) -> None:
-        """Listen on ``host:port`` (port 0 picks a free one; see ``addresses``)."""
+        """Listen on ``host:port`` (port 0 picks a free one; see ``addresses``), or on ``sock``."""
         loop = asyncio.get_running_loop()
-        kwargs: dict[str, Any] = {"ssl": self.ssl_context, "backlog": 1024}
-        if self.ssl_context is not None:
-            kwargs["ssl_handshake_timeout"] = self.limits.handshake_timeout
-        if sock is not None:
-            srv = await loop.create_server(self._new_link, sock=sock, **kwargs)
-        else:
-            srv = await loop.create_server(self._new_link, host, port, reuse_address=True, **kwargs)
-        self._servers.append(srv)
-        for s in srv.sockets:
-            addr = s.getsockname()
+        listeners = [sock] if sock is not None else await _bind(host, port)
+        for listener in listeners:
+            listener.setblocking(False)
+            listener.listen(BACKLOG)
+            self._listeners.append(listener)
+            addr = listener.getsockname()
             self.addresses.append((addr[0], addr[1]))
+            self._accept_tasks.append(loop.create_task(self._accept_loop(listener)))
+        if self._reserve_fd is None:
+            self._reserve_fd = _open_reserve()
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < self.limits.max_connections + 64:
+            log.warning("the file descriptor limit (%d) is below limits.max_connections (%d): "
+                        "connections past it will be refused", soft, self.limits.max_connections)
         self.started_at = time.time()
 
-    def _new_link(self) -> Link:
-        # Called at accept, before any TLS handshake: the session's handshake
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept until cancelled, whatever accept() says."""
+        loop = asyncio.get_running_loop()
+        backoff = 0.0
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(listener)
+                self._admit(conn, addr)
+                for _ in range(BACKLOG):  # whatever else is waiting, without a trip through the loop
+                    conn, addr = listener.accept()
+                    conn.setblocking(False)
+                    self._admit(conn, addr)
+                backoff = 0.0
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                backoff = 0.0
+            except OSError as exc:
+                self.counters["accept_errors"] += 1
+                if exc.errno in _RESOURCE_ERRNOS:
+                    if not backoff:
+                        log.warning("cannot accept connections: %s; refusing new ones until some close", exc)
+                    self._shed(listener)
+                else:
+                    log.error("accept failed: %s", exc)
+                backoff = min(max(backoff * 2, 0.01), 0.5)
+                await asyncio.sleep(backoff)
+            except Exception:  # never let the accept loop die
+                log.exception("accept loop error")
+                await asyncio.sleep(0.1)
+
+    def _admit(self, conn: socket.socket, addr: Any) -> None:
+        """Check the connection limits on a just-accepted socket; start it or close it."""
+        source = addr[0] if isinstance(addr, tuple) else str(addr)
+        limits = self.limits
+        if self._open >= limits.max_connections or self._per_source.get(source, 0) >= limits.max_connections_per_source:
+            self.counters["rejected_connections"] += 1
+            if self._open < limits.max_connections:
+                self.counters["rejected_connections_per_source"] += 1
+            conn.close()
+            return
+        self._open += 1
+        self._per_source[source] = self._per_source.get(source, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._connect(conn, source))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _connect(self, conn: socket.socket, source: str) -> None:
+        """Run the (TLS and) transport setup of one accepted socket."""
+        link = self._new_link(source)
+        session = link.session
+        assert isinstance(session, ServerSession)
+        kwargs: dict[str, Any] = {}
+        if self.ssl_context is not None:
+            kwargs = {"ssl": self.ssl_context, "ssl_handshake_timeout": self.limits.handshake_timeout}
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: link, conn, **kwargs)
+        except Exception as exc:  # the TLS handshake failed or timed out; the loop closed the socket
+            log.debug("connection from %s failed before it started: %r", source, exc)
+            self.release(session)
+        except BaseException:
+            self.release(session)
+            raise
+
+    def _shed(self, listener: socket.socket) -> None:
+        """Out of descriptors: spend the reserved one to accept and close what is waiting."""
+        if self._reserve_fd is None:
+            self._reserve_fd = _open_reserve()
+            return
+        os.close(self._reserve_fd)
+        self._reserve_fd = None
+        try:
+            for _ in range(BACKLOG):
+                conn, _ = listener.accept()
+                conn.close()
+                self.counters["rejected_connections"] += 1
+        except OSError:
+            pass
+        finally:
+            self._reserve_fd = _open_reserve()
+
+    def release(self, session: ServerSession) -> None:
+        """Give back the connection slot ``session`` held (once; sessions not from a listener hold none)."""
+        if session.source is None or session.slot_released:
+            return
+        session.slot_released = True
+        self._open -= 1
+        left = self._per_source[session.source] - 1
+        if left:
+            self._per_source[session.source] = left
+        else:
+            del self._per_source[session.source]
+
+    def _new_link(self, source: str | None = None) -> Link:
+        # Made at accept, before any TLS handshake: the session's handshake
         # deadline starts now (see ServerSession.accepted_at).
         self.counters["connections"] += 1
-        session = ServerSession(self)
+        session = ServerSession(self, source)
         on_secure = self._on_secure if self.ssl_context is not None else None
-        return Link(session.core, session, write_high_water=self.limits.write_high_water, on_secure=on_secure)
+        limits = self.limits
+        return Link(
+            session.core, session, write_high_water=limits.write_high_water, write_hard_limit=limits.write_hard_limit,
+            write_stall_timeout=limits.write_stall_timeout, pause_reads_with_writes=True, on_secure=on_secure,
+        )
 
     def _on_secure(self, link: Link) -> None:
         """TLS is up on ``link``: check ALPN, record the client certificate, refuse revoked ones."""
@@ -217,8 +354,13 @@ class Server:
             return
         self.draining = True
         grace = self.limits.grace_period if grace is None else grace
-        for srv in self._servers:
-            srv.close()
+        for task in self._accept_tasks:
+            task.cancel()
+        await asyncio.gather(*self._accept_tasks, return_exceptions=True)
+        for listener in self._listeners:
+            listener.close()
+        for task in list(self._handshakes):  # not sessions yet: nothing to drain
+            task.cancel()
         for session in list(self.sessions):
             session.drain()
         waits = [asyncio.ensure_future(s.wait_closed()) for s in list(self.sessions)]
@@ -229,19 +371,67 @@ class Server:
                 for session in list(self.sessions):
                     session.abort()
                 await asyncio.wait(pending, timeout=2)
-        for srv in self._servers:
-            await srv.wait_closed()
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+            self._reserve_fd = None
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 
     # -- observability ----------------------------------------------------------
 
     def stats(self) -> dict[str, int | float]:
+        """Gauges and counters (``admin.stats``).
+
+        connections: sessions past the TLS handshake; connections_open: every
+        accepted connection not yet closed, handshaking ones included.
+        rejected_connections_total: closed at accept, over a connection limit
+        or for want of file descriptors; rejected_connections_per_source: those
+        over max_connections_per_source. closed_idle, closed_abuse,
+        closed_slow_reader: connections closed for idle_timeout, an abuse cap
+        (max_*_per_10s), or not reading their answers (write_stall_timeout or
+        the hard cap). accept_errors_total: accept() failures (EMFILE...).
+        """
+        counters = self.counters
         return {
             "connections": len(self.sessions),
-            "connections_total": self.counters["connections"],
-            "calls_total": self.counters["calls"],
+            "connections_open": self._open,
+            "connections_total": counters["connections"],
+            "calls_total": counters["calls"],
             "calls_in_flight": sum(len(s.tasks) for s in self.sessions),
-            "internal_errors_total": self.counters["internal_errors"],
+            "internal_errors_total": counters["internal_errors"],
+            "rejected_connections_total": counters["rejected_connections"],
+            "rejected_connections_per_source": counters["rejected_connections_per_source"],
+            "closed_idle": counters["closed_idle"],
+            "closed_abuse": counters["closed_abuse"],
+            "closed_slow_reader": counters["closed_slow_reader"],
+            "accept_errors_total": counters["accept_errors"],
             "uptime_seconds": round(time.time() - self.started_at, 3),
         }
+
+
+async def _bind(host: str, port: int) -> list[socket.socket]:
+    """Bound (not yet listening) sockets for every address ``host`` resolves to, as create_server would."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _open_reserve() -> int | None:
+    """A spare descriptor to give up when accept() runs out (None if even that fails)."""
+    with contextlib.suppress(OSError):
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return None

@@ -11,11 +11,24 @@ any other answers ready by then. A Cancel cancels the task; the deadline a
 call carries bounds the task with ``asyncio.timeout_at``. Keepalive: a
 timer pings a silent connection and closes it if the Pong does not come.
 Draining: after GoAway, the session closes once its last call has answered.
+
+Limits on the connection (docs/security.md, section 7). An idle timer closes
+a connection with no call open and no traffic but pings for
+``idle_timeout``. Cancels, Pings and Calls the core refused over
+``max_inflight`` are counted in fixed 10-second windows; past a cap the
+session sends GoAway(RESOURCE_EXHAUSTED) and closes. Calls accepted but not
+yet started (``_queued``) past ``read_high_water`` pause reading until they
+start. A finished unary handler waits while the peer is not reading before
+its answer is encoded (the Link stops reading meanwhile), so answers cannot
+pile up in memory; a peer that never reads is dropped by the Link. A task
+cancelled before it ever ran (a Call and its Cancel in one read) never runs
+its ``finally``, so the Cancel cleans up after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import functools
@@ -37,6 +50,7 @@ from bastion.protocol.messages import (
     Hello,
     Item,
     Message,
+    Ping,
     Pong,
     Welcome,
 )
@@ -56,13 +70,24 @@ __all__ = ["ServerSession"]
 
 log = logging.getLogger("bastion.server")
 _session_ids = itertools.count(1)
+#: Seconds in each window the abuse caps (``max_*_per_10s``) count in.
+ABUSE_WINDOW = 10.0
+#: What is counted -> (the ServerLimits field capping it per window, the GoAway reason).
+_ABUSE_CAPS = {
+    "cancels": ("max_cancels_per_10s", "too many cancellations"),
+    "pings": ("max_pings_per_10s", "ping flood"),
+    "refused": ("max_refused_per_10s", "too many calls over max_inflight"),
+}
 
 
 class ServerSession:
     """The server's side of one connection."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, source: str | None = None) -> None:
         self.server = server
+        #: The peer's IP address, counted against max_connections_per_source (None: not from a listener).
+        self.source = source
+        self.slot_released = False
         self.limits = server.limits
         self.id = next(_session_ids)
         self.core = Connection(
@@ -76,6 +101,7 @@ class ServerSession:
         )
         self.link: Link | None = None
         self.principal: Principal = ANONYMOUS
+        self.peer_host = "?"  # the source address alone, the key for per-source limits
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self._inputs: dict[int, InputStream] = {}
         self._gates: dict[int, CreditGate] = {}
@@ -87,6 +113,13 @@ class ServerSession:
         self._last_seen = time.monotonic()
         self._ping_outstanding = False
         self._closed = asyncio.Event()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_active = self._last_seen  # last traffic other than Ping/Pong, or a call's end
+        self._queued: set[int] = set()  # calls accepted whose handler has not started
+        self._queue_full = False  # reading paused for _queued
+        self._window_start = self._last_seen
+        self._abuse: collections.Counter[str] = collections.Counter()
+        self._refused_seen = 0
 
     # -- Session protocol ---------------------------------------------------------
 
@@ -99,6 +132,12 @@ class ServerSession:
     def on_close(self, exc: BaseException | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self.link is not None and self.link.dropped is not None:
+            self.server.counters["closed_slow_reader"] += 1
+            log.warning("dropped connection %s: %s", self.link.peer, self.link.dropped)
+        self.server.release(self)
         self.server.sessions.discard(self)
         for task in self.tasks.values():
             task.cancel()
@@ -109,7 +148,8 @@ class ServerSession:
         self._closed.set()
 
     def on_events(self, events: list[Message]) -> None:
-        self._last_seen = time.monotonic()
+        now = self._last_seen = time.monotonic()
+        pings = pongs = 0
         for event in events:
             cls = type(event)
             if cls is Call:
@@ -130,19 +170,38 @@ class ServerSession:
                 task = self.tasks.get(event.id)  # type: ignore[union-attr]
                 if task is not None:
                     task.cancel()
+                    if event.id in self._queued:  # type: ignore[union-attr]
+                        self._forget(event.id)  # type: ignore[union-attr]
+                if self._abused("cancels", now):
+                    return
             elif cls is Pong:
                 self._ping_outstanding = False
+                pongs += 1
+            elif cls is Ping:  # the core has queued the Pong
+                pings += 1
+                if self._abused("pings", now):
+                    return
             elif cls is Hello:
                 self._loop.create_task(self._handshake(event))  # type: ignore[arg-type]
             elif cls is GoAway:
                 self._maybe_finish_drain()
+        if pings + pongs < len(events) or not events:
+            self._last_active = now
+        refused = self.core.refused_calls - self._refused_seen
+        if refused:
+            self._refused_seen += refused
+            if self._abused("refused", now, refused):
+                return
+        if len(self._queued) >= self.limits.read_high_water and self.link is not None:
+            self._queue_full = True
+            self.link.pause_reading("queued calls")
 
     # -- handshake ------------------------------------------------------------------
 
     async def _handshake(self, hello: Hello) -> None:
         link = self.link
         assert link is not None
-        host = link.peer.rsplit(":", 1)[0].strip("[]")
+        host = self.peer_host = link.peer.rsplit(":", 1)[0].strip("[]")
         peer = PeerInfo(link.peer, host, getattr(link, "tls_identity", None))
         try:
             principal = await self.server.authenticator.authenticate(hello.token, peer)
@@ -174,6 +233,7 @@ class ServerSession:
         if self.server.draining:
             self.drain()
         self._arm_keepalive()
+        self._idle_timer = self._loop.call_later(self.limits.idle_timeout, self._check_idle)
         if principal.token_id is not None or principal.expires_at is not None:
             self._loop.create_task(self._revalidate_loop())
 
@@ -213,6 +273,8 @@ class ServerSession:
         link = self.link
         if link is None or link.closed:
             return
+        if link.reading_paused:  # our doing, not the peer's silence
+            self._last_seen = time.monotonic()
         idle = time.monotonic() - self._last_seen
         if self._ping_outstanding and idle >= self.limits.ping_timeout:
             self.core.send_goaway(Status.UNAVAILABLE, "keepalive timed out")
@@ -225,6 +287,70 @@ class ServerSession:
         delay = self.limits.ping_timeout if self._ping_outstanding else self.limits.ping_interval
         self._timer = self._loop.call_later(delay, self._keepalive)
 
+    # -- connection limits ---------------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        link = self.link
+        if link is None or link.closed or self.core.state is not ConnectionState.OPEN:
+            return
+        idle = time.monotonic() - self._last_active
+        if not self.tasks and idle >= self.limits.idle_timeout:
+            self.server.counters["closed_idle"] += 1
+            self.core.send_goaway(Status.OK, "idle timeout")
+            link.close()
+            return
+        delay = self.limits.idle_timeout - idle if not self.tasks else self.limits.idle_timeout
+        self._idle_timer = self._loop.call_later(max(delay, 0.001), self._check_idle)
+
+    def _abused(self, kind: str, now: float, n: int = 1) -> bool:
+        """Count ``n`` of ``kind`` in this window; past its cap, close the connection and say so."""
+        if now - self._window_start >= ABUSE_WINDOW:
+            self._window_start = now
+            self._abuse.clear()
+        self._abuse[kind] += n
+        limit, reason = _ABUSE_CAPS[kind]
+        if self._abuse[kind] <= getattr(self.limits, limit):
+            return False
+        self._close_for_abuse(reason)
+        return True
+
+    def _close_for_abuse(self, reason: str) -> None:
+        link = self.link
+        if link is None or link.closed or link.transport is None or link.transport.is_closing():
+            return
+        self.server.counters["closed_abuse"] += 1
+        self.server.audit("connection.abuse", peer=link.peer, principal=self.principal.name, reason=reason)
+        log.warning("closing connection %s: %s", link.peer, reason)
+        self.core.send_goaway(Status.RESOURCE_EXHAUSTED, reason)
+        link.close()
+
+    def _started(self, call_id: int) -> None:
+        queued = self._queued
+        queued.discard(call_id)
+        if self._queue_full and len(queued) <= self.limits.read_high_water // 2 and self.link is not None:
+            self._queue_full = False
+            self.link.resume_reading("queued calls")
+
+    def _ended(self, call_id: int) -> None:
+        self._last_active = time.monotonic()  # idleness counts from the end of the last call
+        self._started(call_id)  # in case it failed before its handler started
+
+    def _forget(self, call_id: int) -> None:
+        """A call cancelled before its task ever ran: that task's ``finally`` never will."""
+        self._started(call_id)
+        self.tasks.pop(call_id, None)
+        self._inputs.pop(call_id, None)
+        gate = self._gates.pop(call_id, None)
+        if gate is not None:
+            gate.close()
+        if self.server.draining:
+            self._maybe_finish_drain()
+
+    async def _writable(self) -> None:
+        """Wait while the peer is not taking what was already sent."""
+        while self.link is not None and self.link.writing_paused:
+            await self.link.drain()
+
     # -- calls ------------------------------------------------------------------------
 
     def _on_call(self, call: Call) -> None:
@@ -232,6 +358,8 @@ class ServerSession:
         try:
             entry = self.server.table.admit(call.method, self.principal)
             args = entry.decode_args(call.args)
+            if self.server.check_rate is not None:
+                self.server.check_rate(self.principal, self.peer_host, call.method)
         except CallError as exc:
             if exc.status in (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED) and self.link is not None:
                 self.server.audit(
@@ -253,6 +381,7 @@ class ServerSession:
         if entry.streams_out:
             self._gates[call.id] = CreditGate()
         self.tasks[call.id] = self._loop.create_task(self._run(call, entry, args, deadline))
+        self._queued.add(call.id)
 
     async def _run(self, call: Call, entry: Entry, args: dict[str, Any], deadline: float | None) -> None:
         call_id = call.id
@@ -260,6 +389,8 @@ class ServerSession:
         request_id = f"{self.id:x}-{call_id:x}"
         timeout = asyncio.timeout_at(self._loop.time() + (deadline - time.monotonic())) if deadline else None
         try:
+            if self.server.check_rate_async is not None:  # a shared (Redis) limiter answers asynchronously
+                await self.server.check_rate_async(self.principal, self.peer_host, spec.full_name)
             if spec.context_param is not None:
                 args[spec.context_param] = Context(
                     method=spec, principal=self.principal, request_id=request_id,
@@ -289,6 +420,7 @@ class ServerSession:
         except Exception:
             self._internal_error(call_id, spec.full_name, request_id)
         finally:
+            self._ended(call_id)
             self.tasks.pop(call_id, None)
             self._inputs.pop(call_id, None)
             gate = self._gates.pop(call_id, None)
@@ -300,6 +432,7 @@ class ServerSession:
                 self._maybe_finish_drain()
 
     async def _invoke(self, call_id: int, entry: Entry, args: dict[str, Any]) -> None:
+        self._started(call_id)
         spec = entry.spec
         if entry.streams_out:
             gate = self._gates[call_id]
@@ -318,11 +451,17 @@ class ServerSession:
                         self.link.schedule_flush()
             self.core.send_result(call_id, None)
         elif spec.is_async:
-            self.core.send_result(call_id, await spec.handler(**args))
+            result = await spec.handler(**args)
+            if self.link is not None and self.link.writing_paused:
+                await self._writable()
+            self.core.send_result(call_id, result)
         else:
             ctx = contextvars.copy_context()
             func = functools.partial(ctx.run, spec.handler, **args)
-            self.core.send_result(call_id, await self._loop.run_in_executor(self.server.executor, func))
+            result = await self._loop.run_in_executor(self.server.executor, func)
+            if self.link is not None and self.link.writing_paused:
+                await self._writable()
+            self.core.send_result(call_id, result)
 
     def _grant(self, call_id: int, n: int) -> None:
         if self.core.grant(call_id, n) and self.link is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 import msgspec
 
@@ -74,6 +75,7 @@ class Identity(msgspec.Struct, frozen=True):
     token_id: str | None
     expires_at: float | None
     limits: dict[str, float]
+    rate_limits: dict[str, Any]
 
 
 def _source(ctx: Context) -> str:
@@ -156,7 +158,8 @@ def create_service(
         """The caller's identity, roles, credential and the limits its connection runs under."""
         p = ctx.principal
         limits = dict(ctx.server.limits())
-        return Identity(p.name, sorted(p.roles), p.authenticated, p.mechanism, p.token_id, p.expires_at, limits)
+        usage = dict(await ctx.server.rate_usage(p, ctx.peer))
+        return Identity(p.name, sorted(p.roles), p.authenticated, p.mechanism, p.token_id, p.expires_at, limits, usage)
 
     @service.method
     async def change_password(ctx: Context, old_password: str, new_password: str) -> bool:

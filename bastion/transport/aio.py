@@ -7,6 +7,21 @@ in one ``transport.write``. Messages the session sends later, from tasks, are
 coalesced: the first one schedules a flush for the end of the loop turn, and
 the rest ride along. Writes honour backpressure: when the transport's buffer
 passes its high-water mark, ``drain()`` blocks senders until it empties.
+Output coalesced past the high-water mark is written at once instead of at
+the end of the turn, so the check above sees it.
+
+Backpressure on reads. ``pause_reading(reason)`` stops reading from the
+peer until every reason given has been released; the session uses it when it
+has too much work queued. A server Link (``pause_reads_with_writes``) also
+stops reading while its writes are paused: a peer that does not read what it
+is sent cannot make the server accept more work whose answers would pile up.
+
+Slow readers. With ``write_stall_timeout`` a Link whose write buffer is
+still above the high-water mark that long after writes paused drops the
+connection (``abort``: unsent output is discarded, its memory freed); with
+``write_hard_limit`` it drops the connection as soon as the buffer passes
+that size. ``dropped`` then says why. A ``close`` that cannot flush within
+``write_stall_timeout`` becomes an abort too.
 
 OS and ssl errors are translated here into ``TransportError`` subclasses;
 nothing above sees a raw ``OSError``.
@@ -71,6 +86,9 @@ class Link(asyncio.Protocol):
         session: Session,
         *,
         write_high_water: int = 1 << 20,
+        write_hard_limit: int | None = None,
+        write_stall_timeout: float | None = None,
+        pause_reads_with_writes: bool = False,
         on_secure: Callable[[Link], None] | None = None,
     ) -> None:
         self.core = core
@@ -93,6 +111,14 @@ class Link(asyncio.Protocol):
         self._flush_scheduled = False
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._hard_limit = write_hard_limit
+        self._stall_timeout = write_stall_timeout
+        self._pause_reads_with_writes = pause_reads_with_writes
+        self._read_holds: set[str] = set()
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        #: Why this Link dropped the connection itself (a peer that stopped reading), else None.
+        self.dropped: str | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------
 
@@ -130,8 +156,9 @@ class Link(asyncio.Protocol):
                 self.core.reject(*self._refusal)
                 self.close()
             return
-        if events:
-            self.session.on_events(events)
+        # Even with no events: the session counts traffic and abuse the core
+        # handled on its own (partial frames, calls refused over max_inflight).
+        self.session.on_events(events)
         self.flush()
 
     def eof_received(self) -> bool | None:
@@ -140,6 +167,9 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        for timer in (self._stall_timer, self._close_timer):
+            if timer is not None:
+                timer.cancel()
         self.core.close()
         error = self.error or exc
         for waiter in self._drain_waiters:
@@ -150,9 +180,17 @@ class Link(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
+        if self._pause_reads_with_writes:
+            self.pause_reading("writing")
+        if self._stall_timeout is not None and self._stall_timer is None:
+            self._stall_timer = self._loop.call_later(self._stall_timeout, self._check_stall)
 
     def resume_writing(self) -> None:
         self._paused = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        self.resume_reading("writing")
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -183,12 +221,16 @@ class Link(asyncio.Protocol):
         self._flush_scheduled = False
         if self.core.pending_output and self.transport is not None and not self.closed:
             self.transport.write(self.core.data_to_send())
+            if self._hard_limit is not None and self.transport.get_write_buffer_size() > self._hard_limit:
+                self.drop(f"the peer is not reading: over {self._hard_limit} bytes of output waiting")
 
     def schedule_flush(self) -> None:
-        """Write what the core has queued at the end of this loop turn."""
+        """Write what the core has queued at the end of this loop turn (now, if it is a lot)."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
+        elif self.core.pending_output >= self._high_water:
+            self.flush()
 
     @property
     def writing_paused(self) -> bool:
@@ -204,12 +246,54 @@ class Link(asyncio.Protocol):
         self._drain_waiters.append(waiter)
         await waiter
 
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading from the peer until ``resume_reading`` for every reason given."""
+        if not self._read_holds and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._read_holds.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason not in self._read_holds:
+            return
+        self._read_holds.discard(reason)
+        if not self._read_holds and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    @property
+    def reading_paused(self) -> bool:
+        return bool(self._read_holds)
+
     def close(self) -> None:
-        """Send what is queued (a GoAway, say), then close."""
+        """Send what is queued (a GoAway, say), then close.
+
+        With ``write_stall_timeout``, a peer that will not take those last
+        bytes within it is dropped: a closing connection must not hold its
+        buffer forever.
+        """
         self.flush()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+            if self._stall_timeout is not None and not self.closed:
+                self._close_timer = self._loop.call_later(self._stall_timeout, self.abort)
 
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def drop(self, reason: str) -> None:
+        """Abort the connection now, discarding unsent output; ``dropped`` records why."""
+        if self.closed or self.dropped is not None:
+            return
+        self.dropped = reason
+        self.error = ConnectionClosed(reason)
+        self.abort()
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        if not self._paused or self.closed or self.transport is None:
+            return
+        if self.transport.get_write_buffer_size() > self._high_water:
+            self.drop(f"the peer is not reading: output stalled for {self._stall_timeout:g}s")
+        else:  # draining, slowly: look again later
+            assert self._stall_timeout is not None
+            self._stall_timer = self._loop.call_later(self._stall_timeout, self._check_stall)

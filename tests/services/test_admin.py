@@ -129,10 +129,17 @@ def test_stats_counts_connections_calls_and_errors() -> None:
     before, after = run(main())
     assert set(before) == {
         "connections",
+        "connections_open",
         "connections_total",
         "calls_total",
         "calls_in_flight",
         "internal_errors_total",
+        "rejected_connections_total",
+        "rejected_connections_per_source",
+        "closed_idle",
+        "closed_abuse",
+        "closed_slow_reader",
+        "accept_errors_total",
         "uptime_seconds",
     }
     assert before["connections"] == 1 and before["connections_total"] == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,15 @@ async def slow(seconds: float) -> float:
     """Sleep ``seconds``, then return them."""
     await asyncio.sleep(seconds)
     return seconds
+
+
+@service.method
+async def spin(ms: float) -> float:
+    """Keep the event loop busy for ``ms`` milliseconds (a handler with a fixed CPU cost)."""
+    end = time.perf_counter() + ms / 1000
+    while time.perf_counter() < end:
+        pass
+    return ms
 
 
 @service.method

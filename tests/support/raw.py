@@ -23,13 +23,16 @@ def frame(message: Any) -> bytes:
 class RawPeer:
     """A blocking TCP connection that speaks (or abuses) the wire protocol by hand.
 
-    With ``ssl_context`` the bytes go inside TLS (the handshake is done first).
+    With ``ssl_context`` the bytes go inside TLS (the handshake is done first);
+    ``source`` is the local address to connect from (e.g. "127.0.0.2").
     """
 
     def __init__(
-        self, host: str, port: int, timeout: float = 5.0, ssl_context: ssl.SSLContext | None = None
+        self, host: str, port: int, timeout: float = 5.0, ssl_context: ssl.SSLContext | None = None,
+        source: str | None = None,
     ) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        source_address = (source, 0) if source else None
+        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=source_address)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if ssl_context is not None:
             self.sock = ssl_context.wrap_socket(self.sock, server_hostname=host)

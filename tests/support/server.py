@@ -252,12 +252,14 @@ def start_server(
     insecure: bool = False,
     seed_ca: bool = True,
     data_dir: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> ServerProcess:
     """Run ``bastion serve`` in ``workdir`` with the demo service; return once it listens.
 
     TLS with a certificate from the shared test CA (``seed_ca=False``: let the
     server make its own dev CA), or plaintext with ``insecure``. ``data_dir``
-    defaults to ``<workdir>/data``.
+    defaults to ``<workdir>/data``. ``preexec_fn`` runs in the child before
+    exec (e.g. to lower its file descriptor limit).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copy(SERVICE_FILE, workdir / SERVICE_FILE.name)
@@ -280,7 +282,7 @@ def start_server(
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
             command, cwd=workdir, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=log_file, text=True, bufsize=1,
+            stderr=log_file, text=True, bufsize=1, preexec_fn=preexec_fn,
         )
     reader = LineReader(process.stdout)
     deadline = time.monotonic() + timeout
