@@ -27,6 +27,7 @@ from bastion.security.passwords import PasswordHasher
 from bastion.security.principal import ADMIN_ROLE
 from bastion.security.ratelimit import create_limiter
 from bastion.security.throttle import LoginThrottle
+from bastion.server.scheduler import Scheduler
 from bastion.server.server import Server
 from bastion.service import Service
 from bastion.services.admin import service as admin_service
@@ -134,6 +135,7 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
                 crl_file=config.tls.crl,
                 revoked_serials=config.tls.revoked_serials,
                 limiter=limiter,
+                scheduler=Scheduler(config.scheduler),
             )
             try:
                 await server.start(config.host, config.port)

@@ -62,6 +62,7 @@ from bastion.security.ratelimit import Limiter, RateLimiter
 from bastion.security.tls import ALPN_PROTOCOL, client_identity, parse_serial
 from bastion.security.tls import reload as reload_certificate
 from bastion.server.dispatch import MethodTable
+from bastion.server.scheduler import Scheduler
 from bastion.server.session import ServerSession
 from bastion.service import Service
 from bastion.status import Status
@@ -124,6 +125,7 @@ class Server:
         crl_file: str | None = None,
         revoked_serials: Iterable[int | str] = (),
         limiter: Limiter | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         """TLS: ``cert_files`` are the (certificate, key) paths SIGHUP reloads into
         ``ssl_context``, ``crl_file`` a CRL reloaded with them; ``revoked_serials``
@@ -140,6 +142,7 @@ class Server:
         # Rate limiting: an in-memory limiter is checked inline before a call is
         # admitted; a shared (Redis) one is awaited in the call's task.
         self.limiter = limiter
+        self.scheduler = scheduler or Scheduler()
         self.check_rate = limiter.check_sync if isinstance(limiter, RateLimiter) else None
         self.check_rate_async = limiter.check if limiter is not None and self.check_rate is None else None
         self.sessions: set[ServerSession] = set()
@@ -397,7 +400,7 @@ class Server:
             "connections_open": self._open,
             "connections_total": counters["connections"],
             "calls_total": counters["calls"],
-            "calls_in_flight": sum(len(s.tasks) for s in self.sessions),
+            "calls_in_flight": sum(len(s.tickets) for s in self.sessions),
             "internal_errors_total": counters["internal_errors"],
             "rejected_connections_total": counters["rejected_connections"],
             "rejected_connections_per_source": counters["rejected_connections_per_source"],
@@ -405,6 +408,8 @@ class Server:
             "closed_abuse": counters["closed_abuse"],
             "closed_slow_reader": counters["closed_slow_reader"],
             "accept_errors_total": counters["accept_errors"],
+            "rejected_rate_limited": counters["rejected_rate_limited"],
+            **{f"scheduler_{key}": value for key, value in self.scheduler.stats().items()},
             "uptime_seconds": round(time.time() - self.started_at, 3),
         }
 

@@ -58,6 +58,7 @@ from bastion.protocol.state import ConnectionState, Role
 from bastion.security.authn import PeerInfo
 from bastion.security.principal import ANONYMOUS, Principal
 from bastion.server.dispatch import Entry
+from bastion.server.scheduler import Ticket, TicketState, effective_priority
 from bastion.server.streams import CreditGate, InputStream
 from bastion.service import Context
 from bastion.status import Status
@@ -102,7 +103,7 @@ class ServerSession:
         self.link: Link | None = None
         self.principal: Principal = ANONYMOUS
         self.peer_host = "?"  # the source address alone, the key for per-source limits
-        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.tickets: dict[int, Ticket] = {}  # calls admitted: queued in the scheduler or running
         self._inputs: dict[int, InputStream] = {}
         self._gates: dict[int, CreditGate] = {}
         self._loop = asyncio.get_running_loop()
@@ -139,8 +140,9 @@ class ServerSession:
             log.warning("dropped connection %s: %s", self.link.peer, self.link.dropped)
         self.server.release(self)
         self.server.sessions.discard(self)
-        for task in self.tasks.values():
-            task.cancel()
+        scheduler = self.server.scheduler
+        for ticket in list(self.tickets.values()):
+            scheduler.cancel(ticket)
         for stream in self._inputs.values():
             stream.fail(asyncio.CancelledError())
         for gate in self._gates.values():
@@ -167,10 +169,10 @@ class ServerSession:
                 if gate is not None:
                     gate.open()
             elif cls is Cancel:
-                task = self.tasks.get(event.id)  # type: ignore[union-attr]
-                if task is not None:
-                    task.cancel()
-                    if event.id in self._queued:  # type: ignore[union-attr]
+                ticket = self.tickets.get(event.id)  # type: ignore[union-attr]
+                if ticket is not None:
+                    self.server.scheduler.cancel(ticket)
+                    if ticket.state is TicketState.CANCELLED:  # still queued: it never ran
                         self._forget(event.id)  # type: ignore[union-attr]
                 if self._abused("cancels", now):
                     return
@@ -252,9 +254,9 @@ class ServerSession:
             elif self.link is not None and not self.link.closed:
                 self.server.audit("auth.revoked_connection", peer=self.link.peer, principal=self.principal.name,
                                   token_id=self.principal.token_id)
-                for call_id, task in list(self.tasks.items()):
+                for call_id, ticket in list(self.tickets.items()):
                     self.core.send_error(call_id, Status.UNAUTHENTICATED, "credentials expired or revoked")
-                    task.cancel()
+                    self.server.scheduler.cancel(ticket)
                 self.core.send_goaway(Status.UNAUTHENTICATED, "credentials expired or revoked")
                 self.link.close()
                 return
@@ -294,12 +296,12 @@ class ServerSession:
         if link is None or link.closed or self.core.state is not ConnectionState.OPEN:
             return
         idle = time.monotonic() - self._last_active
-        if not self.tasks and idle >= self.limits.idle_timeout:
+        if not self.tickets and idle >= self.limits.idle_timeout:
             self.server.counters["closed_idle"] += 1
             self.core.send_goaway(Status.OK, "idle timeout")
             link.close()
             return
-        delay = self.limits.idle_timeout - idle if not self.tasks else self.limits.idle_timeout
+        delay = self.limits.idle_timeout - idle if not self.tickets else self.limits.idle_timeout
         self._idle_timer = self._loop.call_later(max(delay, 0.001), self._check_idle)
 
     def _abused(self, kind: str, now: float, n: int = 1) -> bool:
@@ -336,15 +338,25 @@ class ServerSession:
         self._started(call_id)  # in case it failed before its handler started
 
     def _forget(self, call_id: int) -> None:
-        """A call cancelled before its task ever ran: that task's ``finally`` never will."""
-        self._started(call_id)
-        self.tasks.pop(call_id, None)
+        """Drop a call's state: it ended, or it never ran (cancelled or refused while
+        queued, or cancelled before its task's first step, so no ``finally`` runs)."""
+        self._ended(call_id)
+        self.tickets.pop(call_id, None)
         self._inputs.pop(call_id, None)
         gate = self._gates.pop(call_id, None)
         if gate is not None:
             gate.close()
+        if self.link is not None:
+            self.link.schedule_flush()
         if self.server.draining:
             self._maybe_finish_drain()
+
+    def _rejected(self, call_id: int, status: Status, message: str, retry_after: float | None) -> None:
+        """The scheduler refused a call (queue full, shed, deadline passed while queued)."""
+        self.server.counters[f"rejected_{status.name.lower()}"] += 1
+        retry = math.ceil(retry_after * 1000) if retry_after is not None else None
+        self.core.send_error(call_id, status, message, retry_after_ms=retry)
+        self._forget(call_id)
 
     async def _writable(self) -> None:
         """Wait while the peer is not taking what was already sent."""
@@ -361,6 +373,8 @@ class ServerSession:
             if self.server.check_rate is not None:
                 self.server.check_rate(self.principal, self.peer_host, call.method)
         except CallError as exc:
+            if exc.status is Status.RESOURCE_EXHAUSTED:
+                self.server.counters["rejected_rate_limited"] += 1
             if exc.status in (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED) and self.link is not None:
                 self.server.audit(
                     "call.denied", peer=self.link.peer, principal=self.principal.name,
@@ -380,8 +394,18 @@ class ServerSession:
             self._inputs[call.id] = args[entry.spec.input_param] = stream  # type: ignore[index]
         if entry.streams_out:
             self._gates[call.id] = CreditGate()
-        self.tasks[call.id] = self._loop.create_task(self._run(call, entry, args, deadline))
-        self._queued.add(call.id)
+        anonymous = not self.principal.authenticated
+        ticket = self.server.scheduler.submit(
+            functools.partial(self._run, call, entry, args, deadline),
+            priority=effective_priority(entry.spec.priority, call.priority),
+            principal=f"anonymous@{self.peer_host}" if anonymous else self.principal.name,
+            deadline=deadline,
+            on_reject=functools.partial(self._rejected, call.id),
+            on_done=functools.partial(self._forget, call.id),
+        )
+        if ticket.state is not TicketState.REJECTED:
+            self.tickets[call.id] = ticket
+            self._queued.add(call.id)
 
     async def _run(self, call: Call, entry: Entry, args: dict[str, Any], deadline: float | None) -> None:
         call_id = call.id
@@ -420,20 +444,16 @@ class ServerSession:
         except Exception:
             self._internal_error(call_id, spec.full_name, request_id)
         finally:
-            self._ended(call_id)
-            self.tasks.pop(call_id, None)
-            self._inputs.pop(call_id, None)
-            gate = self._gates.pop(call_id, None)
-            if gate is not None:
-                gate.close()
-            if self.link is not None:
-                self.link.schedule_flush()
-            if self.server.draining:
-                self._maybe_finish_drain()
+            self._forget(call_id)
 
     async def _invoke(self, call_id: int, entry: Entry, args: dict[str, Any]) -> None:
         self._started(call_id)
         spec = entry.spec
+        if entry.streams_out or entry.input_decoder is not None:
+            # A stream may live for hours: it must not hold a scheduler slot.
+            ticket = self.tickets.get(call_id)
+            if ticket is not None:
+                self.server.scheduler.detach(ticket)
         if entry.streams_out:
             gate = self._gates[call_id]
             # aclosing: the generator's finally blocks run now, not at GC time.
@@ -490,7 +510,7 @@ class ServerSession:
             self.link.close()
 
     def _maybe_finish_drain(self) -> None:
-        if not self.tasks and self.link is not None and self.core.state is ConnectionState.DRAINING:
+        if not self.tickets and self.link is not None and self.core.state is ConnectionState.DRAINING:
             self.link.close()
 
     def abort(self) -> None:
@@ -499,9 +519,9 @@ class ServerSession:
         The answers are queued here, not left to the cancelled tasks: the link
         closes before those tasks next run, so what they send would be lost.
         """
-        for call_id, task in list(self.tasks.items()):
+        for call_id, ticket in list(self.tickets.items()):
             self.core.send_error(call_id, Status.UNAVAILABLE, "server shutting down", retry_after_ms=1000)
-            task.cancel()
+            self.server.scheduler.cancel(ticket)
         if self.link is not None:
             self.link.close()
 

@@ -81,7 +81,7 @@ def test_a_call_cancelled_in_the_read_that_started_it_leaves_nothing_behind() ->
                 writer.write(Cancel(i))
             session.link.data_received(writer.take())
             await asyncio.sleep(0.01)
-            assert session.tasks == {}
+            assert session.tickets == {}
             assert memory.server.stats()["calls_in_flight"] == 0
 
     run(main())
