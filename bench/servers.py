@@ -110,6 +110,7 @@ async def start_grpc() -> tuple[int, Callable[[], Awaitable[None]]]:
 async def start_bastion() -> tuple[int, Callable[[], Awaitable[None]]]:
     from bastion import Principal, Server, Service
     from bastion.security.authn import StaticTokens
+    from bastion.security.ratelimit import RateLimitConfig, RateLimiter
 
     svc = Service("bench")
 
@@ -118,7 +119,10 @@ async def start_bastion() -> tuple[int, Callable[[], Awaitable[None]]]:
         return data
 
     auth = StaticTokens({BENCH_TOKEN: Principal("bench")})
-    server = Server([svc], authenticator=auth)
+    # The whole stack on: authentication, authorization, rate limiting (with
+    # limits high enough not to refuse the bench), the scheduler, validation.
+    limiter = RateLimiter(RateLimitConfig(per_principal=None))
+    server = Server([svc], authenticator=auth, limiter=limiter)
     await server.start("127.0.0.1", 0)
 
     async def stop() -> None:

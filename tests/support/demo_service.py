@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from bastion import Service
+from bastion import Context, Service
 
 service = Service("demo", doc="Test service for the integration tests.")
 
@@ -105,4 +105,13 @@ async def fail(message: str) -> None:
 async def ops_only(tag: str) -> str:
     """Needs the ``ops`` role; leaves a marker file when it runs."""
     _mark(f"ops-{tag}")
+    return tag
+
+
+@service.method(priority=-5)
+async def batch_work(ctx: Context, seconds: float, tag: int) -> int:
+    """Batch-priority work: sleeps ``seconds``; marks ``late-TAG`` if it started after its deadline."""
+    if ctx.deadline is not None and time.monotonic() > ctx.deadline:
+        _mark(f"late-{tag}")
+    await asyncio.sleep(seconds)
     return tag
