@@ -23,6 +23,7 @@ def test_health_answers_fast_while_batch_work_saturates_the_server(server_factor
         async with Client(server.address, token_file=str(server.token_file), timeout=30, retry=None) as worker, \
                 Client(server.address, timeout=5, retry=None) as monitor:
             stop = asyncio.Event()
+            saturated = asyncio.Event()  # set at the first refusal or expired deadline
 
             async def flood(offset: int) -> None:
                 tag = offset
@@ -35,16 +36,17 @@ def test_health_answers_fast_while_batch_work_saturates_the_server(server_factor
                     for result in await asyncio.gather(*batch, return_exceptions=True):
                         if isinstance(result, bastion.DeadlineExceeded):
                             outcomes["deadline"] += 1
+                            saturated.set()
                         elif isinstance(result, bastion.Unavailable | bastion.ResourceExhausted):
                             outcomes["shed"] += 1
+                            saturated.set()
                         elif isinstance(result, BaseException):
                             raise result
                         else:
                             outcomes["ok"] += 1
 
             floods = [asyncio.ensure_future(flood(n * 64)) for n in range(8)]
-            while outcomes["deadline"] + outcomes["shed"] == 0:  # until the server is saturated
-                await asyncio.sleep(0.05)
+            await asyncio.wait_for(saturated.wait(), timeout=20)
             for _ in range(500):
                 started = time.perf_counter()
                 assert (await monitor.admin.health())["status"] == "ok"
