@@ -20,7 +20,6 @@ never retried.
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -29,25 +28,19 @@ from typing import Any
 import msgspec
 
 from bastion.client._common import (
-    CLIENT_NAME,
-    ClientTLS,
     ServiceProxy,
     build_hello,
     check_args,
     decode_value,
     error_from,
     goaway_error,
-    parse_address,
-    resolve_token,
     silent_close_hint,
 )
+from bastion.client.base import ClientBase
 from bastion.client.policy import (
-    DEFAULT_RETRY,
     LISTING_METHOD,
     LISTING_TIMEOUT,
     IdempotentMethods,
-    RetryBudget,
-    RetryPolicy,
     is_replayable,
 )
 from bastion.exceptions import CallError, ConnectError, ConnectionClosed, DeadlineExceeded, error_for_status
@@ -254,77 +247,23 @@ async def _aiter(items: AsyncIterable[Any] | Iterable[Any]) -> AsyncIterator[Any
             yield item
 
 
-class Client:
+class Client(ClientBase):
     """An async bastion client.
 
     ``Client("host:port", token=..., timeout=...)``; use as ``async with`` or
     call ``close()``. Calls: ``await client.call("svc.method", a=1)`` or
     ``await client.svc.method(a=1)``; server streams: ``async for x in
     client.stream("svc.method", ...)``; client streams: ``await
-    client.upload("svc.method", items, ...)``.
-
-    TLS is the default: the server is verified against ``ca`` (a PEM file;
-    default: the file named by ``BASTION_CA``, else the system trust store),
-    by hostname (``server_hostname`` overrides the name checked);
-    ``cert``/``key`` present a client certificate for mutual TLS.
-    ``insecure=True`` connects in plaintext (only to a server started with
-    ``--insecure``).
-
-    ``retry`` is the ``RetryPolicy`` for failed calls (default: 3 attempts
-    with jittered exponential backoff, for idempotent calls only, under a
-    retry budget); None never retries, not even a call that never started.
+    client.upload("svc.method", items, ...)``. Settings: see ``ClientBase``.
     """
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        token: str | None = None,
-        token_file: str | None = None,
-        timeout: float | None = None,
-        connect_timeout: float = 10.0,
-        ssl_context: ssl.SSLContext | None = None,
-        server_hostname: str | None = None,
-        limits: ProtocolLimits | None = None,
-        name: str = CLIENT_NAME,
-        ca: str | os.PathLike[str] | None = None,
-        cert: str | os.PathLike[str] | None = None,
-        key: str | os.PathLike[str] | None = None,
-        insecure: bool = False,
-        source_address: str | None = None,
-        retry: RetryPolicy | None = DEFAULT_RETRY,
-    ) -> None:
-        self.host, self.port = parse_address(address)
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.limits = limits or ProtocolLimits()
-        self.source_address = source_address  # local address to connect from (per-source limits)
-        self._token = resolve_token(token, token_file)
-        self.tls = ClientTLS(ssl_context=ssl_context, ca=ca, cert=cert, key=key, insecure=insecure)
-        self._server_hostname = server_hostname
-        self._name = name
+    def _post_init(self) -> None:
         self._conn: _ClientConnection | None = None
         self._lock: asyncio.Lock | None = None
-        self.welcome: Welcome | None = None
         # Seam for bastion.testing: given the protocol factory, connect it to
         # something other than a TCP socket (an in-memory server, say).
         self._connector: Callable[[Callable[[], Link]], Awaitable[object]] | None = None
-        self.retry = retry
-        self._methods = IdempotentMethods()  # what the current connection's server declared idempotent
         self._listing: asyncio.Future[None] | None = None
-
-    @property
-    def retry(self) -> RetryPolicy | None:
-        """The retry policy (None: never retry); setting it also gives the client a fresh budget."""
-        return self._retry
-
-    @retry.setter
-    def retry(self, policy: RetryPolicy | None) -> None:
-        self._retry = policy
-        self.retry_budget: RetryBudget | None = policy.new_budget() if policy is not None else None
-
-    def __repr__(self) -> str:
-        return f"Client({self.host}:{self.port})"
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -357,10 +296,6 @@ class Client:
             self._methods = IdempotentMethods(clock=self._clock)  # a new connection may be a new server
             self._listing = None
             return self._conn
-
-    @property
-    def _clock(self) -> Callable[[], float]:
-        return self._retry.clock if self._retry is not None else DEFAULT_RETRY.clock
 
     async def _open(self) -> _ClientConnection:
         loop = asyncio.get_running_loop()

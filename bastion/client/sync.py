@@ -10,37 +10,29 @@ Retries follow the same ``RetryPolicy`` as the async client's (see
 from __future__ import annotations
 
 import contextlib
-import os
-import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from bastion.client._common import (
-    CLIENT_NAME,
-    ClientTLS,
     ServiceProxy,
     build_hello,
     check_args,
     decode_value,
     error_from,
     goaway_error,
-    parse_address,
-    resolve_token,
     silent_close_hint,
 )
+from bastion.client.base import ClientBase
 from bastion.client.policy import (
-    DEFAULT_RETRY,
     LISTING_METHOD,
     LISTING_TIMEOUT,
     IdempotentMethods,
-    RetryBudget,
-    RetryPolicy,
     is_replayable,
 )
 from bastion.exceptions import CallError, ConnectError, ConnectionClosed, DeadlineExceeded, error_for_status
-from bastion.protocol.connection import Connection, ProtocolLimits
+from bastion.protocol.connection import Connection
 from bastion.protocol.messages import Credit, Error, GoAway, Item, Result, Welcome
 from bastion.protocol.state import ConnectionState, Role
 from bastion.security.tls import ALPN_PROTOCOL
@@ -50,59 +42,12 @@ __all__ = ["SyncClient"]
 
 
 
-class SyncClient:
+class SyncClient(ClientBase):
     """A blocking bastion client with the same surface as ``Client`` (TLS and retry settings included)."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        token: str | None = None,
-        token_file: str | None = None,
-        timeout: float | None = None,
-        connect_timeout: float = 10.0,
-        ssl_context: ssl.SSLContext | None = None,
-        server_hostname: str | None = None,
-        limits: ProtocolLimits | None = None,
-        name: str = CLIENT_NAME,
-        ca: str | os.PathLike[str] | None = None,
-        cert: str | os.PathLike[str] | None = None,
-        key: str | os.PathLike[str] | None = None,
-        insecure: bool = False,
-        source_address: str | None = None,
-        retry: RetryPolicy | None = DEFAULT_RETRY,
-    ) -> None:
-        self.host, self.port = parse_address(address)
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.limits = limits or ProtocolLimits()
-        self.source_address = source_address  # local address to connect from (per-source limits)
-        self._token = resolve_token(token, token_file)
-        self.tls = ClientTLS(ssl_context=ssl_context, ca=ca, cert=cert, key=key, insecure=insecure)
-        self._server_hostname = server_hostname
-        self._name = name
+    def _post_init(self) -> None:
         self._link: BlockingLink | None = None
         self._lock = threading.RLock()
-        self.welcome: Welcome | None = None
-        self.retry = retry
-        self._methods = IdempotentMethods()  # what the current connection's server declared idempotent
-
-    @property
-    def retry(self) -> RetryPolicy | None:
-        """The retry policy (None: never retry); setting it also gives the client a fresh budget."""
-        return self._retry
-
-    @retry.setter
-    def retry(self, policy: RetryPolicy | None) -> None:
-        self._retry = policy
-        self.retry_budget: RetryBudget | None = policy.new_budget() if policy is not None else None
-
-    @property
-    def _clock(self) -> Callable[[], float]:
-        return self._retry.clock if self._retry is not None else DEFAULT_RETRY.clock
-
-    def __repr__(self) -> str:
-        return f"SyncClient({self.host}:{self.port})"
 
     def __enter__(self) -> SyncClient:
         self.connect()

@@ -1,0 +1,87 @@
+"""The settings both clients share: one constructor, one retry property.
+
+``Client`` and ``SyncClient`` take exactly the same keyword arguments; they
+differ only in how bytes move. Each adds its own connection state in
+``_post_init``.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Callable
+
+from bastion.client._common import CLIENT_NAME, ClientTLS, parse_address, resolve_token
+from bastion.client.policy import DEFAULT_RETRY, IdempotentMethods, RetryBudget, RetryPolicy
+from bastion.protocol.connection import ProtocolLimits
+from bastion.protocol.messages import Welcome
+
+__all__ = ["ClientBase"]
+
+
+class ClientBase:
+    """Address, credentials, TLS, timeouts and retry policy of a client.
+
+    TLS is the default: the server is verified against ``ca`` (a PEM file;
+    default: the file named by ``BASTION_CA``, else the system trust store),
+    by hostname (``server_hostname`` overrides the name checked);
+    ``cert``/``key`` present a client certificate for mutual TLS.
+    ``insecure=True`` connects in plaintext (only to a server started with
+    ``--insecure``). ``source_address`` is the local address to connect from.
+    ``retry`` is the ``RetryPolicy`` for failed calls (default: 3 attempts
+    with jittered exponential backoff, for idempotent calls only, under a
+    retry budget); None never retries, not even a call that never started.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        token_file: str | None = None,
+        timeout: float | None = None,
+        connect_timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        limits: ProtocolLimits | None = None,
+        name: str = CLIENT_NAME,
+        ca: str | os.PathLike[str] | None = None,
+        cert: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
+        source_address: str | None = None,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+    ) -> None:
+        self.host, self.port = parse_address(address)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.limits = limits or ProtocolLimits()
+        self.source_address = source_address
+        self._token = resolve_token(token, token_file)
+        self.tls = ClientTLS(ssl_context=ssl_context, ca=ca, cert=cert, key=key, insecure=insecure)
+        self._server_hostname = server_hostname
+        self._name = name
+        self.welcome: Welcome | None = None
+        self.retry = retry
+        self._methods = IdempotentMethods()  # what the current connection's server declared idempotent
+        self._post_init()
+
+    def _post_init(self) -> None:
+        """Set up the subclass's own connection state."""
+
+    @property
+    def retry(self) -> RetryPolicy | None:
+        """The retry policy (None: never retry); setting it also gives the client a fresh budget."""
+        return self._retry
+
+    @retry.setter
+    def retry(self, policy: RetryPolicy | None) -> None:
+        self._retry = policy
+        self.retry_budget: RetryBudget | None = policy.new_budget() if policy is not None else None
+
+    @property
+    def _clock(self) -> Callable[[], float]:
+        return self._retry.clock if self._retry is not None else DEFAULT_RETRY.clock
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.host}:{self.port})"
