@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 __all__ = ["ServerSession"]
 
 log = logging.getLogger("bastion.server")
+_REJECTED_KEY = {status: f"rejected_{status.name.lower()}" for status in Status}
 _session_ids = itertools.count(1)
 #: Seconds in each window the abuse caps (``max_*_per_10s``) count in.
 ABUSE_WINDOW = 10.0
@@ -351,9 +352,15 @@ class ServerSession:
         if self.server.draining:
             self._maybe_finish_drain()
 
+    def _forget_if_held(self, call_id: int) -> None:
+        """The scheduler's done-callback: only a task cancelled before its first step
+        still holds its call here (a task that ran has forgotten it in ``finally``)."""
+        if call_id in self.tickets:
+            self._forget(call_id)
+
     def _rejected(self, call_id: int, status: Status, message: str, retry_after: float | None) -> None:
         """The scheduler refused a call (queue full, shed, deadline passed while queued)."""
-        self.server.counters[f"rejected_{status.name.lower()}"] += 1
+        self.server.counters[_REJECTED_KEY[status]] += 1
         retry = math.ceil(retry_after * 1000) if retry_after is not None else None
         self.core.send_error(call_id, status, message, retry_after_ms=retry)
         self._forget(call_id)
@@ -401,7 +408,7 @@ class ServerSession:
             principal=f"anonymous@{self.peer_host}" if anonymous else self.principal.name,
             deadline=deadline,
             on_reject=functools.partial(self._rejected, call.id),
-            on_done=functools.partial(self._forget, call.id),
+            on_done=functools.partial(self._forget_if_held, call.id),
         )
         if ticket.state is not TicketState.REJECTED:
             self.tickets[call.id] = ticket
