@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 __all__ = ["ServerSession"]
 
 log = logging.getLogger("bastion.server")
+DENIALS_AUDITED = 20  # denied calls written to the audit log per connection per 10 s
 _REJECTED_KEY = {status: f"rejected_{status.name.lower()}" for status in Status}
 _session_ids = itertools.count(1)
 #: Seconds in each window the abuse caps (``max_*_per_10s``) count in.
@@ -104,6 +105,9 @@ class ServerSession:
         self.link: Link | None = None
         self.principal: Principal = ANONYMOUS
         self.peer_host = "?"  # the source address alone, the key for per-source limits
+        self._denial_window = 0.0  # start of the current 10 s audit window for denials
+        self._denials_logged = 0
+        self._denials_suppressed = 0
         self.tickets: dict[int, Ticket] = {}  # calls admitted: queued in the scheduler or running
         self._inputs: dict[int, InputStream] = {}
         self._gates: dict[int, CreditGate] = {}
@@ -352,6 +356,24 @@ class ServerSession:
         if self.server.draining:
             self._maybe_finish_drain()
 
+    def _audit_denial(self, method: str, status: Status) -> None:
+        """Audit a denied call; past DENIALS_AUDITED per connection per 10 s, count
+        instead of writing, so a denial flood cannot flood the audit log."""
+        if self.link is None:
+            return
+        now = time.monotonic()
+        if now - self._denial_window >= 10.0:
+            self._denial_window, self._denials_logged = now, 0
+        if self._denials_logged >= DENIALS_AUDITED:
+            self._denials_suppressed += 1
+            return
+        self._denials_logged += 1
+        suppressed, self._denials_suppressed = self._denials_suppressed, 0
+        self.server.audit(
+            "call.denied", peer=self.link.peer, principal=self.principal.name,
+            method=method, status=status.name, suppressed_before=suppressed or None,
+        )
+
     def _forget_if_held(self, call_id: int) -> None:
         """The scheduler's done-callback: only a task cancelled before its first step
         still holds its call here (a task that ran has forgotten it in ``finally``)."""
@@ -382,11 +404,8 @@ class ServerSession:
         except CallError as exc:
             if exc.status is Status.RESOURCE_EXHAUSTED:
                 self.server.counters["rejected_rate_limited"] += 1
-            if exc.status in (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED) and self.link is not None:
-                self.server.audit(
-                    "call.denied", peer=self.link.peer, principal=self.principal.name,
-                    method=call.method, status=exc.status.name,
-                )
+            if exc.status in (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED):
+                self._audit_denial(call.method, exc.status)
             self._answer_error(call.id, exc)
             return
         deadline = None

@@ -330,3 +330,28 @@ def test_call_errors_from_sync_handlers_travel_too() -> None:
             assert error.details == {"where": "thread"}
 
     run(main())
+
+
+def test_a_denial_flood_does_not_flood_the_audit_log(caplog: pytest.LogCaptureFixture) -> None:
+    from bastion.server.session import DENIALS_AUDITED
+
+    async def main() -> None:
+        async with bastion.testing.connect([_audit_flood_service()], principal=bastion.testing.ANONYMOUS) as client:
+            for _ in range(DENIALS_AUDITED + 30):
+                with pytest.raises(bastion.Unauthenticated):
+                    await client.call("flood.private")
+
+    with caplog.at_level(logging.INFO, logger="bastion.audit"):
+        asyncio.run(main())
+    denials = [r for r in caplog.records if r.name == "bastion.audit" and "call.denied" in r.getMessage()]
+    assert len(denials) == DENIALS_AUDITED
+
+
+def _audit_flood_service() -> bastion.Service:
+    svc = bastion.Service("flood")
+
+    @svc.method
+    async def private() -> None:
+        return None
+
+    return svc
