@@ -359,6 +359,19 @@ class _Compiled:
                 buckets.append(bucket)
         return plan, buckets
 
+    def charge(
+        self, principal: Principal, method: str, cost: float | None
+    ) -> tuple[float, list[_Bucket]] | None:
+        """The cost to charge and the buckets to charge it to; None when there is nothing to charge."""
+        plan, buckets = self.applicable(principal, method)
+        if cost is None:
+            cost = plan.cost
+        elif not (math.isfinite(cost) and cost >= 0):
+            raise ValueError(f"cost must be a finite number >= 0, got {cost!r}")
+        if cost == 0 or not buckets:
+            return None
+        return cost, buckets
+
     def all_for(self, principal: Principal) -> list[_Bucket]:
         """Every limit that can apply to this principal (for usage reports)."""
         base = self.principal if principal.authenticated else self.source
@@ -442,13 +455,10 @@ class RateLimiter:
         """Charge ``cost`` (default: the method's configured cost) to every applicable bucket, or raise."""
         if not self.config.enabled:
             return
-        plan, limits = self._compiled.applicable(principal, method)
-        if cost is None:
-            cost = plan.cost
-        elif not (math.isfinite(cost) and cost >= 0):
-            raise ValueError(f"cost must be a finite number >= 0, got {cost!r}")
-        if cost == 0 or not limits:
+        charge = self._compiled.charge(principal, method, cost)
+        if charge is None:
             return
+        cost, limits = charge
         if now is None:
             now = self._clock()
         ident = self._compiled.identity(principal, source)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol, cast
@@ -168,13 +167,10 @@ class RedisRateLimiter:
         """Charge the call to every applicable bucket in Redis, or raise ResourceExhausted and charge nothing."""
         if not self.config.enabled:
             return
-        plan, limits = self._compiled.applicable(principal, method)
-        if cost is None:
-            cost = plan.cost
-        elif not (math.isfinite(cost) and cost >= 0):
-            raise ValueError(f"cost must be a finite number >= 0, got {cost!r}")
-        if cost == 0 or not limits:
+        charge = self._compiled.charge(principal, method, cost)
+        if charge is None:
             return
+        cost, limits = charge
         for limit in limits:
             if cost > limit.burst:
                 raise self._compiled.refusal(limit, 0.0, cost)
