@@ -24,7 +24,18 @@ from bastion.exceptions import UsageError
 from bastion.security.ratelimit import RateLimitConfig
 from bastion.server.scheduler import SchedulerConfig
 
-__all__ = ["DEFAULT_PORT", "AuthConfig", "Config", "ServerLimits", "TLSConfig", "load_config"]
+__all__ = [
+    "DEFAULT_PORT",
+    "AuthConfig",
+    "BackupConfig",
+    "Config",
+    "FilesConfig",
+    "JobsConfig",
+    "KVConfig",
+    "ServerLimits",
+    "TLSConfig",
+    "load_config",
+]
 
 DEFAULT_PORT = 7400
 ENV_PREFIX = "BASTION_"
@@ -177,12 +188,86 @@ class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError("auth.session_ttl and auth.lockout must be positive, auth.token_ttl >= 0")
 
 
+class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``kv`` service.
+
+    max_key_bytes: longest key (UTF-8 bytes).
+    max_value_bytes: largest value (must fit a frame: below ``limits.max_frame``).
+    max_batch: most keys in one batch get/put.
+    max_page: most entries one ``list`` page returns.
+    history: changes kept for ``watch`` to resume from (older revisions are compacted).
+    """
+
+    max_key_bytes: int = 1024
+    max_value_bytes: int = 512 * 1024
+    max_batch: int = 256
+    max_page: int = 1000
+    history: int = 100_000
+
+
+class FilesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``files`` service.
+
+    directory: where file contents live (default ``<data_dir>/files``); replicas
+    sharing a PostgreSQL store must share this directory.
+    quota_bytes: bytes each user may own, finished files and open uploads together.
+    chunk_bytes: size of the chunks of a download stream.
+    upload_ttl: seconds an unfinished upload is kept for resuming.
+    """
+
+    directory: str = ""
+    quota_bytes: int = 10 * 1024**3
+    chunk_bytes: int = 256 * 1024
+    upload_ttl: float = 24 * 3600
+
+
+class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``jobs`` service.
+
+    modules: ``module:attribute`` of ``JobRegistry`` objects whose jobs may be submitted.
+    concurrency: jobs this server runs at once (each in its own process).
+    timeout: default wall-clock limit of a job in seconds.
+    memory_mb: default address-space limit of a job's process.
+    lease: seconds a runner's claim on a job lasts without renewal.
+    retention: seconds a finished job and its result are kept.
+    max_attempts: runs of a retryable job before it is marked failed.
+    """
+
+    modules: list[str] = []
+    concurrency: int = 2
+    timeout: float = 3600.0
+    memory_mb: int = 1024
+    lease: float = 30.0
+    retention: float = 7 * 24 * 3600
+    max_attempts: int = 3
+
+
+class BackupConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Backups (``admin.backup``, ``bastion backup``/``restore``).
+
+    directory: where archives are written (default ``<data_dir>/backups``).
+    interval: seconds between scheduled backups (0: none).
+    keep: scheduled archives kept; older ones are deleted.
+    passphrase_file: a file holding the passphrase that encrypts archives
+    (or set ``BASTION_BACKUP_PASSPHRASE``); never a flag.
+    """
+
+    directory: str = ""
+    interval: float = 0.0
+    keep: int = 7
+    passphrase_file: str | None = None
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything ``bastion serve`` needs."""
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     data_dir: str = "bastion-data"
+    # "" = <data_dir>/bastion.db; or sqlite:///path, or postgresql://user@host/db (a password
+    # goes in BASTION_STORE, PGPASSWORD, ~/.pgpass or store_password_file, never in a flag).
+    store: str = ""
+    store_password_file: str | None = None
     services: list[str] = []  # "module:attribute" of extra Service objects
     log_level: str = "info"
     limits: ServerLimits = ServerLimits()
@@ -190,6 +275,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     auth: AuthConfig = AuthConfig()
     rate_limits: RateLimitConfig = RateLimitConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    kv: KVConfig = KVConfig()
+    files: FilesConfig = FilesConfig()
+    jobs: JobsConfig = JobsConfig()
+    backup: BackupConfig = BackupConfig()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -198,7 +287,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 
 
-_LIST_KEYS = frozenset({"services", "revoked_serials"})
+_LIST_KEYS = frozenset({"services", "revoked_serials", "modules"})
 
 
 def _env_overlay(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -209,6 +298,10 @@ def _env_overlay(environ: Mapping[str, str]) -> dict[str, Any]:
         "auth": AuthConfig.__struct_fields__,
         "rate_limits": tuple(f for f in RateLimitConfig.__struct_fields__ if f not in ("rules", "costs")),
         "scheduler": SchedulerConfig.__struct_fields__,
+        "kv": KVConfig.__struct_fields__,
+        "files": FilesConfig.__struct_fields__,
+        "jobs": JobsConfig.__struct_fields__,
+        "backup": BackupConfig.__struct_fields__,
     }
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or key in ("BASTION_TOKEN", "BASTION_TOKEN_FILE", "BASTION_CA"):

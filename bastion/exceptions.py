@@ -198,9 +198,21 @@ class Unauthenticated(CallError):
 _BY_STATUS: dict[Status, type[CallError]] = {
     cls.status: cls
     for cls in (
-        Cancelled, UnknownError, InvalidArgument, DeadlineExceeded, NotFound,
-        AlreadyExists, PermissionDenied, ResourceExhausted, FailedPrecondition,
-        Aborted, OutOfRange, Unimplemented, InternalError, Unavailable, DataLoss,
+        Cancelled,
+        UnknownError,
+        InvalidArgument,
+        DeadlineExceeded,
+        NotFound,
+        AlreadyExists,
+        PermissionDenied,
+        ResourceExhausted,
+        FailedPrecondition,
+        Aborted,
+        OutOfRange,
+        Unimplemented,
+        InternalError,
+        Unavailable,
+        DataLoss,
         Unauthenticated,
     )
 }

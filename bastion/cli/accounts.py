@@ -59,6 +59,7 @@ def login(
 ) -> None:
     """Log in with a username and password; keep the session token in a 0600 file."""
     password = _password("Password", password_stdin)
+
     def run() -> Any:
         with connect(address, None, ca, insecure, anonymous=True) as client:
             return client.call("auth.login", username=user, password=password)
@@ -99,8 +100,9 @@ def user_add(
 
 
 @user_app.command("ls")
-def user_ls(address: Address, as_json: AsJson = False, token_file: TokenFile = None, ca: CA = None,
-    insecure: Insecure = False) -> None:
+def user_ls(
+    address: Address, as_json: AsJson = False, token_file: TokenFile = None, ca: CA = None, insecure: Insecure = False
+) -> None:
     """List users."""
     users = _admin_call(address, token_file, ca, insecure, "auth.list_users")
     if as_json:
@@ -112,8 +114,9 @@ def user_ls(address: Address, as_json: AsJson = False, token_file: TokenFile = N
 
 
 @user_app.command("rm")
-def user_rm(address: Address, name: str, token_file: TokenFile = None, ca: CA = None,
-    insecure: Insecure = False) -> None:
+def user_rm(
+    address: Address, name: str, token_file: TokenFile = None, ca: CA = None, insecure: Insecure = False
+) -> None:
     """Delete a user and revoke their tokens."""
     revoked = _admin_call(address, token_file, ca, insecure, "auth.delete_user", name=name)
     print(f"deleted {name}; {revoked} token(s) revoked", file=sys.stderr)
@@ -190,9 +193,13 @@ def token_ls(
 
 
 @token_app.command("revoke")
-def token_revoke(address: Address, token_id: Annotated[str, typer.Argument(help="The token's id.")],
-                 token_file: TokenFile = None, ca: CA = None,
-    insecure: Insecure = False) -> None:
+def token_revoke(
+    address: Address,
+    token_id: Annotated[str, typer.Argument(help="The token's id.")],
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
+) -> None:
     """Revoke a token; connections using it close within seconds."""
     _admin_call(address, token_file, ca, insecure, "auth.revoke_token", id=token_id)
     print(f"revoked {token_id}", file=sys.stderr)

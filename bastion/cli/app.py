@@ -12,6 +12,7 @@ import typer
 
 from bastion._version import __version__
 from bastion.cli.accounts import login, token_app, user_app
+from bastion.cli.backup import backup, restore
 from bastion.cli.cert import cert_app
 from bastion.cli.common import (
     CA,
@@ -26,6 +27,9 @@ from bastion.cli.common import (
     _run_guarded,
     connect,
 )
+from bastion.cli.files import files_app
+from bastion.cli.jobs import jobs_app
+from bastion.cli.kv import kv_app
 from bastion.client.sync import SyncClient
 from bastion.config import load_config
 from bastion.exceptions import CallError
@@ -40,6 +44,7 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
 
 @app.callback(invoke_without_command=True)
 def _root(
@@ -184,8 +189,7 @@ def _type_name(schema: dict[str, Any]) -> str:
         return f"list[{_type_name(schema.get('items', {}))}]"
     if kind == "string" and schema.get("contentEncoding") == "base64":
         return "bytes"
-    names = {"string": "str", "integer": "int", "number": "float", "boolean": "bool", "null": "None",
-             "object": "dict"}
+    names = {"string": "str", "integer": "int", "number": "float", "boolean": "bool", "null": "None", "object": "dict"}
     return names.get(str(kind), str(kind))
 
 
@@ -201,6 +205,7 @@ def methods(
     insecure: Insecure = False,
 ) -> None:
     """List the services and methods a server offers you, with signatures."""
+
     def run() -> Any:
         with connect(address, token_file, ca, insecure, cert=cert, key=key, timeout=timeout) as client:
             return client.call("admin.methods")
@@ -225,6 +230,11 @@ app.add_typer(cert_app, name="cert")
 app.add_typer(user_app, name="user")
 app.add_typer(token_app, name="token")
 app.command()(login)
+app.add_typer(kv_app, name="kv")
+app.add_typer(files_app, name="files")
+app.add_typer(jobs_app, name="jobs")
+app.command()(backup)
+app.command()(restore)
 
 
 def main() -> None:

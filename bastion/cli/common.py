@@ -89,8 +89,13 @@ def _fail(message: str, code: int) -> NoReturn:
 
 def _client(address: str, token_file: Path | None, timeout: float | None, tls: _TLSOptions) -> SyncClient:
     return SyncClient(
-        address, token_file=str(token_file) if token_file else None, timeout=timeout,
-        ca=tls.ca, cert=tls.cert, key=tls.key, insecure=tls.insecure,
+        address,
+        token_file=str(token_file) if token_file else None,
+        timeout=timeout,
+        ca=tls.ca,
+        cert=tls.cert,
+        key=tls.key,
+        insecure=tls.insecure,
     )
 
 
@@ -109,8 +114,6 @@ def _run_guarded(func: Any) -> Any:
 
 def _json(value: Any) -> str:
     return msgspec.json.format(msgspec.json.encode(value), indent=2).decode()
-
-
 
 
 def connect(

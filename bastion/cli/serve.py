@@ -15,11 +15,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from bastion._version import __version__
 from bastion.cli.cert import prepare_tls
 from bastion.config import Config
 from bastion.exceptions import UsageError
+from bastion.jobs import JobRegistry
 from bastion.security.audit import AuditLog
 from bastion.security.authn import StoreAuthenticator, hash_token, new_token, new_token_id
 from bastion.security.credentials import Token, User
@@ -30,13 +32,20 @@ from bastion.security.throttle import LoginThrottle
 from bastion.server.scheduler import Scheduler
 from bastion.server.server import Server
 from bastion.service import Service
-from bastion.services.admin import service as admin_service
+from bastion.services import Component, HostedComponent
+from bastion.services.admin import create_service as create_admin_service
 from bastion.services.auth import create_service
+from bastion.services.backup import Backups
+from bastion.services.files import Files
+from bastion.services.jobs import Jobs
+from bastion.services.kv import KV
 from bastion.store import Store, open_store
 
-__all__ = ["bootstrap_admin", "load_services", "run"]
+__all__ = ["bootstrap_admin", "load_job_registries", "load_services", "run", "store_location"]
 
 log = logging.getLogger("bastion.server")
+
+T = TypeVar("T")
 
 
 def _tighten(path: Path) -> bool:
@@ -67,26 +76,70 @@ async def bootstrap_admin(store: Store, path: Path) -> str:
     return "written to"
 
 
-def load_services(specs: list[str]) -> list[Service]:
-    """Import ``module:attribute`` for each spec; the attribute is a Service (or a list of them)."""
+def _import_objects(specs: list[str], kind: type[T], flag: str, example: str) -> list[T]:
+    """Import ``module:attribute`` for each spec; the attribute is a ``kind`` (or a list of them)."""
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    found: list[Service] = []
+    found: list[T] = []
     for spec in specs:
         module_name, _, attr = spec.partition(":")
         if not module_name or not attr:
-            raise UsageError(f"--service {spec!r}: expected MODULE:ATTRIBUTE, e.g. myapp.api:service")
+            raise UsageError(f"{flag} {spec!r}: expected MODULE:ATTRIBUTE, e.g. {example}")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise UsageError(f"--service {spec!r}: cannot import {module_name}: {exc}") from None
+            raise UsageError(f"{flag} {spec!r}: cannot import {module_name}: {exc}") from None
         value = getattr(module, attr, None)
         items: list[object] = list(value) if isinstance(value, list | tuple) else [value]
-        services = [item for item in items if isinstance(item, Service)]
-        if not services or len(services) != len(items):
-            raise UsageError(f"--service {spec!r}: {attr} is not a bastion.Service")
-        found.extend(services)
+        objects = [item for item in items if isinstance(item, kind)]
+        if not objects or len(objects) != len(items):
+            raise UsageError(f"{flag} {spec!r}: {attr} is not a {kind.__module__}.{kind.__name__}")
+        found.extend(objects)
     return found
+
+
+def load_services(specs: list[str]) -> list[Service]:
+    """Import ``module:attribute`` for each spec; the attribute is a Service (or a list of them)."""
+    return _import_objects(specs, Service, "--service", "myapp.api:service")
+
+
+def load_job_registries(specs: list[str]) -> list[JobRegistry]:
+    """Import ``module:attribute`` for each spec; the attribute is a JobRegistry."""
+    return _import_objects(specs, JobRegistry, "--jobs", "myapp.tasks:jobs")
+
+
+def store_location(config: Config) -> str:
+    """The store URL or path ``config`` names (default: ``<data_dir>/bastion.db``)."""
+    return config.store or str(Path(config.data_dir) / "bastion.db")
+
+
+def store_password(config: Config) -> str | None:
+    """The store's password from ``store_password_file`` (0600 expected), if one is set."""
+    if not config.store_password_file:
+        return None
+    path = Path(config.store_password_file)
+    try:
+        if path.stat().st_mode & 0o077:
+            log.warning("store password file %s is readable by others; chmod 600 it", path)
+        return path.read_text().strip() or None
+    except OSError as exc:
+        raise UsageError(f"cannot read store_password_file {path}: {exc.strerror}") from None
+
+
+def backup_passphrase(config: Config) -> bytes | None:
+    """The backup passphrase from ``BASTION_BACKUP_PASSPHRASE`` or ``backup.passphrase_file``."""
+    env = os.environ.get("BASTION_BACKUP_PASSPHRASE")
+    if env:
+        return env.encode()
+    if not config.backup.passphrase_file:
+        return None
+    try:
+        text = Path(config.backup.passphrase_file).read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read backup.passphrase_file: {exc.strerror}") from None
+    if not text:
+        raise UsageError("backup.passphrase_file is empty")
+    return text.encode()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -103,12 +156,15 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
         level=config.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     user_services = load_services(config.services)
+    registries = load_job_registries(config.jobs.modules)
     data_dir = Path(config.data_dir)
+    files_dir = Path(config.files.directory) if config.files.directory else data_dir / "files"
+    passphrase = backup_passphrase(config)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tls = prepare_tls(config, warn=lambda line: print(line, file=sys.stderr, flush=True))
 
     async def main() -> None:
-        async with open_store(data_dir / "bastion.db") as store:
+        async with open_store(store_location(config), password=store_password(config)) as store:
             token_path = data_dir / "admin.token"
             token_state = await bootstrap_admin(store, token_path)
             audit = AuditLog(data_dir / "audit.log")
@@ -121,11 +177,19 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
                 burst=auth.max_failures_per_source,
             )
             limiter = create_limiter(config.rate_limits)
-            auth_service = create_service(
-                store, hasher=PasswordHasher(), throttle=throttle, audit=audit, config=auth
+            auth_service = create_service(store, hasher=PasswordHasher(), throttle=throttle, audit=audit, config=auth)
+            backups = Backups(
+                store, data_dir=data_dir, files_dir=files_dir, config=config.backup, passphrase=passphrase
             )
+            hosted: list[HostedComponent] = [
+                KV(store, config.kv),
+                Files(store, files_dir, config.files),
+                Jobs(store, registries, config.jobs),
+            ]
+            components: list[Component] = [*hosted, backups]
+            builtin = [create_admin_service(backups), auth_service, *(c.service for c in hosted)]
             server = Server(
-                [admin_service, auth_service, *user_services],
+                [*builtin, *user_services],
                 limits=config.limits,
                 authenticator=StoreAuthenticator(store, throttle, audit),
                 audit=audit,
@@ -137,20 +201,15 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
                 limiter=limiter,
                 scheduler=Scheduler(config.scheduler),
             )
+            started: list[Component] = []
             try:
-                await server.start(config.host, config.port)
-            except OSError as exc:
-                raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
-            server.install_signal_handlers()  # before the banner: readiness means SIGTERM drains
-            host, port = server.addresses[0][:2]
-            names = ", ".join(sorted(server.table.services))
-            echo(f"bastion {__version__} listening on {host}:{port} (services: {names})")
-            echo(f"admin token {token_state} {token_path.resolve()} (mode 0600)")
-            for line in tls.messages:
-                echo(line)
-            try:
-                await server.serve_forever(handle_signals=False)
+                for component in components:
+                    await component.start()
+                    started.append(component)
+                await _serve(server, config, echo, token_state, token_path.resolve(), list(tls.messages))
             finally:
+                for component in reversed(started):
+                    await component.aclose()
                 audit.close()
                 await limiter.aclose()
         log.info("stopped")
@@ -158,3 +217,25 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
     return 0
+
+
+async def _serve(
+    server: Server,
+    config: Config,
+    echo: Callable[[str], None],
+    token_state: str,
+    token_path: Path,
+    tls_messages: list[str],
+) -> None:
+    try:
+        await server.start(config.host, config.port)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    server.install_signal_handlers()  # before the banner: readiness means SIGTERM drains
+    host, port = server.addresses[0][:2]
+    names = ", ".join(sorted(server.table.services))
+    echo(f"bastion {__version__} listening on {host}:{port} (services: {names})")
+    echo(f"admin token {token_state} {token_path} (mode 0600)")
+    for line in tls_messages:
+        echo(line)
+    await server.serve_forever(handle_signals=False)

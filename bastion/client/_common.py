@@ -138,9 +138,7 @@ def silent_close_hint(tls: ClientTLS) -> str:
 
 
 def build_hello(limits: ProtocolLimits, token: str | None, name: str) -> Hello:
-    return Hello(
-        version=PROTOCOL_VERSION, client=name, token=token, window=limits.window, max_frame=limits.max_frame
-    )
+    return Hello(version=PROTOCOL_VERSION, client=name, token=token, window=limits.window, max_frame=limits.max_frame)
 
 
 def decode_value(raw: msgspec.Raw) -> Any:

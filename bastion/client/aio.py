@@ -181,8 +181,12 @@ class _ClientConnection:
             raise ConnectionClosed("connection is closed or draining")
         timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else None
         call_id = self.core.send_call(
-            method, args, timeout_ms=timeout_ms, stream=stream,
-            priority=options.get("priority"), metadata=options.get("metadata"),
+            method,
+            args,
+            timeout_ms=timeout_ms,
+            stream=stream,
+            priority=options.get("priority"),
+            metadata=options.get("metadata"),
         )
         pending = self.pending[call_id] = _Pending(self.loop)
         assert self.link is not None
@@ -508,4 +512,3 @@ class Client(ClientBase):
     async def upload(self, method: str, items: AsyncIterable[Any] | Iterable[Any], /, **args: Any) -> Any:
         """Call a client-streaming method, sending ``items``; return its result."""
         return await self.invoke(method, args, items=items)
-

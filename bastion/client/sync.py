@@ -41,7 +41,6 @@ from bastion.transport.blocking import BlockingLink
 __all__ = ["SyncClient"]
 
 
-
 class SyncClient(ClientBase):
     """A blocking bastion client with the same surface as ``Client`` (TLS and retry settings included)."""
 
@@ -75,8 +74,13 @@ class SyncClient(ClientBase):
             link.close()
         core = Connection(Role.CLIENT, self.limits)
         link = BlockingLink.connect(
-            core, self.host, self.port, timeout=self.connect_timeout,
-            ssl_context=self.tls.context(), server_hostname=self._server_hostname, alpn=ALPN_PROTOCOL,
+            core,
+            self.host,
+            self.port,
+            timeout=self.connect_timeout,
+            ssl_context=self.tls.context(),
+            server_hostname=self._server_hostname,
+            alpn=ALPN_PROTOCOL,
             source_address=self.source_address,
         )
         core.send_hello(build_hello(self.limits, self._token, self._name))
@@ -210,7 +214,11 @@ class SyncClient(ClientBase):
             core = link.core
             deadline = None if timeout is None else time.monotonic() + timeout
             call_id = core.send_call(
-                method, check_args(args), stream=items is not None, priority=priority, metadata=metadata,
+                method,
+                check_args(args),
+                stream=items is not None,
+                priority=priority,
+                metadata=metadata,
                 timeout_ms=None if timeout is None else max(1, int(timeout * 1000)),
             )
             source = iter(items) if items is not None else None

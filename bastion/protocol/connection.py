@@ -437,9 +437,7 @@ class Connection:
 
     def _receive_hello(self, hello: Hello) -> bool:
         if hello.version < PROTOCOL_VERSION:
-            raise RemoteProtocolError(
-                f"protocol version {hello.version} is not supported", Status.FAILED_PRECONDITION
-            )
+            raise RemoteProtocolError(f"protocol version {hello.version} is not supported", Status.FAILED_PRECONDITION)
         if hello.window < 1 or hello.max_frame < 1024:
             raise RemoteProtocolError("Hello: window must be >= 1 and max_frame >= 1024")
         self._peer_window = min(hello.window, MAX_CREDIT)
@@ -449,9 +447,7 @@ class Connection:
 
     def _receive_welcome(self, welcome: Welcome) -> bool:
         if welcome.version != PROTOCOL_VERSION:
-            raise RemoteProtocolError(
-                f"server chose protocol version {welcome.version}", Status.FAILED_PRECONDITION
-            )
+            raise RemoteProtocolError(f"server chose protocol version {welcome.version}", Status.FAILED_PRECONDITION)
         if welcome.window < 1 or welcome.max_frame < 1024 or welcome.max_inflight < 1:
             raise RemoteProtocolError("Welcome: window, max_frame and max_inflight out of range")
         self._peer_window = min(welcome.window, MAX_CREDIT)

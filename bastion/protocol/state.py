@@ -99,9 +99,7 @@ _CLIENT_RECEIVES: Final = (Result, Error, Item, Credit, Ping, Pong)
 
 def _connection_table(role: Role) -> dict[tuple[ConnectionState, Direction, type], ConnectionState]:
     table: dict[tuple[ConnectionState, Direction, type], ConnectionState] = {}
-    sends, receives = (
-        (_CLIENT_SENDS, _CLIENT_RECEIVES) if role is Role.CLIENT else (_CLIENT_RECEIVES, _CLIENT_SENDS)
-    )
+    sends, receives = (_CLIENT_SENDS, _CLIENT_RECEIVES) if role is Role.CLIENT else (_CLIENT_RECEIVES, _CLIENT_SENDS)
     # Handshake.
     if role is Role.CLIENT:
         table[_C.IDLE, _S, Hello] = _C.HANDSHAKE

@@ -140,8 +140,13 @@ class StoreAuthenticator:
             await self._throttle.failed(None, peer.host)
             self._audit("auth.failure", peer=peer.address, mechanism="token", reason=reason)
             raise Unauthenticated("invalid, expired or revoked token")
-        self._audit("auth.success", peer=peer.address, principal=principal.name, mechanism=principal.mechanism,
-                    token_id=principal.token_id)
+        self._audit(
+            "auth.success",
+            peer=peer.address,
+            principal=principal.name,
+            mechanism=principal.mechanism,
+            token_id=principal.token_id,
+        )
         return principal
 
     async def _from_token(self, token: str) -> tuple[str, Principal | None]:
@@ -185,8 +190,8 @@ class StoreAuthenticator:
         if record is not None and record.valid_at(now):
             user = await self._store.get_user(principal.name)
             if user is not None and not user.disabled:
-                current = principal if user.roles == principal.roles else msgspec.structs.replace(
-                    principal, roles=user.roles
+                current = (
+                    principal if user.roles == principal.roles else msgspec.structs.replace(principal, roles=user.roles)
                 )
         if len(self._checked) > 10_000:
             self._checked.clear()

@@ -359,9 +359,7 @@ class _Compiled:
                 buckets.append(bucket)
         return plan, buckets
 
-    def charge(
-        self, principal: Principal, method: str, cost: float | None
-    ) -> tuple[float, list[_Bucket]] | None:
+    def charge(self, principal: Principal, method: str, cost: float | None) -> tuple[float, list[_Bucket]] | None:
         """The cost to charge and the buckets to charge it to; None when there is nothing to charge."""
         plan, buckets = self.applicable(principal, method)
         if cost is None:

@@ -179,8 +179,14 @@ class SchedulerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retry_after: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("max_concurrency", "queue_limit", "principal_queue_limit",
-                     "codel_target", "codel_interval", "retry_after"):
+        for name in (
+            "max_concurrency",
+            "queue_limit",
+            "principal_queue_limit",
+            "codel_target",
+            "codel_interval",
+            "retry_after",
+        ):
             if getattr(self, name) <= 0:
                 raise UsageError(f"scheduler.{name} must be positive, got {getattr(self, name)!r}")
         if self.control_reserve < 0:
@@ -207,12 +213,28 @@ class TicketState(enum.Enum):
 class Ticket:
     """One submitted job: its level, its state and, once started, its task."""
 
-    __slots__ = ("deadline", "detached", "enqueued_at", "job", "level", "on_done", "on_reject", "principal",
-                 "state", "task")
+    __slots__ = (
+        "deadline",
+        "detached",
+        "enqueued_at",
+        "job",
+        "level",
+        "on_done",
+        "on_reject",
+        "principal",
+        "state",
+        "task",
+    )
 
     def __init__(
-        self, job: Job, level: Level, principal: str, deadline: float | None,
-        on_reject: OnReject, on_done: Callable[[], None] | None, now: float,
+        self,
+        job: Job,
+        level: Level,
+        principal: str,
+        deadline: float | None,
+        on_reject: OnReject,
+        on_done: Callable[[], None] | None,
+        now: float,
     ) -> None:
         self.job = job
         self.level = level
@@ -240,8 +262,18 @@ class _Queue:
     just popped by ``pop()`` and about to be started or refused.
     """
 
-    __slots__ = ("arrivals", "dropping", "fifos", "first_above", "left_at", "rate", "ring", "size",
-                 "window_count", "window_start")
+    __slots__ = (
+        "arrivals",
+        "dropping",
+        "fifos",
+        "first_above",
+        "left_at",
+        "rate",
+        "ring",
+        "size",
+        "window_count",
+        "window_start",
+    )
 
     def __init__(self) -> None:
         self.fifos: dict[str, deque[Ticket]] = {}
@@ -339,8 +371,18 @@ class Scheduler:
         self._queued = 0
         self._running = 0
         self._counts = dict.fromkeys(
-            ("submitted", "started", "completed", "cancelled", "rejected_deadline",
-             "rejected_principal_limit", "rejected_queue_full", "rejected_shed"), 0)
+            (
+                "submitted",
+                "started",
+                "completed",
+                "cancelled",
+                "rejected_deadline",
+                "rejected_principal_limit",
+                "rejected_queue_full",
+                "rejected_shed",
+            ),
+            0,
+        )
         self._delay_last = self._delay_ewma = self._delay_max = 0.0
 
     def level_for(self, priority: int) -> Level:
@@ -420,25 +462,40 @@ class Scheduler:
         queue = self._queues[level]
         mine = queue.depth(ticket.principal)
         if mine >= cfg.principal_queue_limit:
-            self._reject(ticket, "principal_limit", Status.RESOURCE_EXHAUSTED,
-                         f"too many calls queued for this caller (limit {cfg.principal_queue_limit})",
-                         cfg.retry_after)
+            self._reject(
+                ticket,
+                "principal_limit",
+                Status.RESOURCE_EXHAUSTED,
+                f"too many calls queued for this caller (limit {cfg.principal_queue_limit})",
+                cfg.retry_after,
+            )
             return
         if level is not Level.CONTROL:
             self._codel(now, None)  # notices a standing queue even while no slot frees
             if self._refuse_under_overload(queue, level):
-                self._reject(ticket, "shed", Status.UNAVAILABLE, f"server overloaded: shedding {name} calls",
-                             cfg.retry_after)
+                self._reject(
+                    ticket, "shed", Status.UNAVAILABLE, f"server overloaded: shedding {name} calls", cfg.retry_after
+                )
                 return
         if queue.size >= cfg.queue_limit:
             pushed = queue.pop_newest_of_longest(queue.depth(ticket.principal) + 1)
             if pushed is None:
-                self._reject(ticket, "queue_full", Status.RESOURCE_EXHAUSTED, f"server busy: the {name} queue is full",
-                             cfg.retry_after)
+                self._reject(
+                    ticket,
+                    "queue_full",
+                    Status.RESOURCE_EXHAUSTED,
+                    f"server busy: the {name} queue is full",
+                    cfg.retry_after,
+                )
                 return
             self._queued -= 1
-            self._reject(pushed, "queue_full", Status.RESOURCE_EXHAUSTED, f"server busy: the {name} queue is full",
-                         cfg.retry_after)
+            self._reject(
+                pushed,
+                "queue_full",
+                Status.RESOURCE_EXHAUSTED,
+                f"server busy: the {name} queue is full",
+                cfg.retry_after,
+            )
         queue.push(ticket)
         self._queued += 1
 
@@ -516,8 +573,9 @@ class Scheduler:
             while (ticket := queue.pop()) is not None:
                 self._queued -= 1
                 if ticket.deadline is not None and ticket.deadline <= now:
-                    self._reject(ticket, "deadline", Status.DEADLINE_EXCEEDED,
-                                 "deadline passed while the call was queued")
+                    self._reject(
+                        ticket, "deadline", Status.DEADLINE_EXCEEDED, "deadline passed while the call was queued"
+                    )
                     continue
                 return ticket
         return None
@@ -575,8 +633,9 @@ class Scheduler:
             if oldest.deadline is not None and oldest.deadline <= now:
                 self._reject(oldest, "deadline", Status.DEADLINE_EXCEEDED, "deadline passed while the call was queued")
             else:
-                self._reject(oldest, "shed", Status.UNAVAILABLE, "server overloaded: the call waited too long",
-                             cfg.retry_after)
+                self._reject(
+                    oldest, "shed", Status.UNAVAILABLE, "server overloaded: the call waited too long", cfg.retry_after
+                )
 
     @staticmethod
     def _stop_dropping(queue: _Queue, now: float) -> None:

@@ -177,8 +177,12 @@ class Server:
             self._reserve_fd = _open_reserve()
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and soft < self.limits.max_connections + 64:
-            log.warning("the file descriptor limit (%d) is below limits.max_connections (%d): "
-                        "connections past it will be refused", soft, self.limits.max_connections)
+            log.warning(
+                "the file descriptor limit (%d) is below limits.max_connections (%d): "
+                "connections past it will be refused",
+                soft,
+                self.limits.max_connections,
+            )
         self.started_at = time.time()
 
     async def _accept_loop(self, listener: socket.socket) -> None:
@@ -280,8 +284,13 @@ class Server:
         on_secure = self._on_secure if self.ssl_context is not None else None
         limits = self.limits
         return Link(
-            session.core, session, write_high_water=limits.write_high_water, write_hard_limit=limits.write_hard_limit,
-            write_stall_timeout=limits.write_stall_timeout, pause_reads_with_writes=True, on_secure=on_secure,
+            session.core,
+            session,
+            write_high_water=limits.write_high_water,
+            write_hard_limit=limits.write_hard_limit,
+            write_stall_timeout=limits.write_stall_timeout,
+            pause_reads_with_writes=True,
+            on_secure=on_secure,
         )
 
     def _on_secure(self, link: Link) -> None:
@@ -298,8 +307,13 @@ class Server:
         link.peer_cert_identity = identity
         if identity is not None and identity.serial in self.revoked_serials:
             self.counters["tls_refused"] += 1
-            self.audit("tls.refused", peer=link.peer, reason="client certificate revoked",
-                       subject=identity.subject, serial=f"0x{identity.serial:x}")
+            self.audit(
+                "tls.refused",
+                peer=link.peer,
+                reason="client certificate revoked",
+                subject=identity.subject,
+                serial=f"0x{identity.serial:x}",
+            )
             link.refuse(Status.UNAUTHENTICATED, "client certificate is revoked")
 
     def reload_tls(self) -> bool:

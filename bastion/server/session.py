@@ -257,8 +257,12 @@ class ServerSession:
             if current is not None:
                 self.principal = current  # roles may have changed
             elif self.link is not None and not self.link.closed:
-                self.server.audit("auth.revoked_connection", peer=self.link.peer, principal=self.principal.name,
-                                  token_id=self.principal.token_id)
+                self.server.audit(
+                    "auth.revoked_connection",
+                    peer=self.link.peer,
+                    principal=self.principal.name,
+                    token_id=self.principal.token_id,
+                )
                 for call_id, ticket in list(self.tickets.items()):
                     self.core.send_error(call_id, Status.UNAUTHENTICATED, "credentials expired or revoked")
                     self.server.scheduler.cancel(ticket)
@@ -370,8 +374,12 @@ class ServerSession:
         self._denials_logged += 1
         suppressed, self._denials_suppressed = self._denials_suppressed, 0
         self.server.audit(
-            "call.denied", peer=self.link.peer, principal=self.principal.name,
-            method=method, status=status.name, suppressed_before=suppressed or None,
+            "call.denied",
+            peer=self.link.peer,
+            principal=self.principal.name,
+            method=method,
+            status=status.name,
+            suppressed_before=suppressed or None,
         )
 
     def _forget_if_held(self, call_id: int) -> None:
@@ -443,9 +451,13 @@ class ServerSession:
                 await self.server.check_rate_async(self.principal, self.peer_host, spec.full_name)
             if spec.context_param is not None:
                 args[spec.context_param] = Context(
-                    method=spec, principal=self.principal, request_id=request_id,
-                    peer=self.link.peer if self.link else "?", deadline=deadline,
-                    metadata=call.metadata or {}, server=self.server.info,
+                    method=spec,
+                    principal=self.principal,
+                    request_id=request_id,
+                    peer=self.link.peer if self.link else "?",
+                    deadline=deadline,
+                    metadata=call.metadata or {},
+                    server=self.server.info,
                 )
             if timeout is None:
                 await self._invoke(call_id, entry, args)

@@ -13,7 +13,7 @@ import msgspec
 
 from bastion.service import Context, Service
 
-__all__ = ["Health", "service"]
+__all__ = ["Health", "create_service", "service"]
 
 service = Service("admin", doc="Server health, introspection and statistics.")
 
@@ -55,3 +55,8 @@ async def methods(ctx: Context) -> list[dict[str, Any]]:
 async def stats(ctx: Context) -> dict[str, float]:
     """Server counters: connections, calls, errors, uptime."""
     return dict(ctx.server.stats())
+
+
+def create_service(backups: object | None = None) -> Service:
+    """The admin service of one server (being written: issue 5 adds ``backup`` here)."""
+    return service

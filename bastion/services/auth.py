@@ -269,4 +269,3 @@ def create_service(
         return done
 
     return service
-

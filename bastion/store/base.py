@@ -35,6 +35,9 @@ from typing import TYPE_CHECKING, Self
 
 from bastion.exceptions import UsageError
 from bastion.security.credentials import Token, User
+from bastion.store.files import FileStore
+from bastion.store.jobs import JobStore
+from bastion.store.kv import KVStore
 
 if TYPE_CHECKING:
     from bastion.security.credentials import CredentialStore
@@ -42,8 +45,8 @@ if TYPE_CHECKING:
 __all__ = ["Store", "open_store"]
 
 
-class Store(ABC):
-    """An async, durable store; structurally a ``CredentialStore``."""
+class Store(KVStore, FileStore, JobStore, ABC):
+    """An async, durable store; structurally a ``CredentialStore``, plus every storage domain."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -146,12 +149,13 @@ _SQLITE_PREFIX = "sqlite:///"
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+")
 
 
-def open_store(url_or_path: str | os.PathLike[str]) -> Store:
+def open_store(url_or_path: str | os.PathLike[str], *, password: str | None = None) -> Store:
     """The store for a path or URL, not yet opened (use ``async with``).
 
     A plain path or ``sqlite:///path`` (``sqlite:////abs/path`` for an absolute
     one, as in SQLAlchemy) selects SQLite. PostgreSQL URLs are recognised but
-    not supported yet.
+    not supported yet. ``password`` is the PostgreSQL password when it is kept
+    out of the URL (a file, the environment); SQLite ignores it.
     """
     text = os.fspath(url_or_path)
     if not text.strip():

@@ -53,6 +53,9 @@ from typing import Any, TypeVar
 from bastion.exceptions import AlreadyExists, BastionError, InternalError, NotFound, Unavailable, UsageError
 from bastion.security.credentials import Token, User
 from bastion.store.base import Store
+from bastion.store.files import SQLiteFiles
+from bastion.store.jobs import SQLiteJobs
+from bastion.store.kv import SQLiteKV
 from bastion.store.migrations import MIGRATIONS, Migration, apply_migrations
 
 __all__ = ["SQLiteStore"]
@@ -72,7 +75,7 @@ class _Write:
         self.future = future
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, Store):
     """The SQLite backend. ``readers``: reader connections (and threads);
     ``busy_timeout``: seconds to wait for another process's write lock;
     ``max_batch``: most writes committed in one transaction."""

@@ -1,0 +1,55 @@
+"""What a backend's domain mixins may use of the backend core.
+
+Each storage domain (``kv``, ``files``, ``jobs``) lives in its own module:
+its interface, its SQLite mixin and its PostgreSQL mixin side by side, so the
+two dialects of one domain are read and changed together. A mixin reaches its
+database only through the few members declared here, which the backend core
+(``SQLiteStore``, ``PostgresStore``) implements.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = ["PostgresAccess", "SQLiteAccess"]
+
+T = TypeVar("T")
+
+
+class SQLiteAccess:
+    """Members of ``SQLiteStore`` a SQLite mixin may use.
+
+    ``_write(fn)`` runs ``fn(conn)`` on the single writer connection inside its
+    own savepoint of a group commit and returns its result once the group is
+    durably committed; an exception raised by ``fn`` fails only that write.
+    ``_read(fn)`` runs ``fn(conn)`` on a ``query_only`` reader connection.
+    Both raise ``UsageError`` when the store is not open. ``_data_dir`` is the
+    directory the database lives in.
+    """
+
+    if TYPE_CHECKING:
+
+        async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+        async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+
+class PostgresAccess:
+    """Members of ``PostgresStore`` a PostgreSQL mixin may use.
+
+    ``_pool`` is the open ``asyncpg.Pool`` (every statement in autocommit
+    unless the mixin opens ``conn.transaction()``); ``_call(coro_fn)`` runs
+    ``coro_fn(conn)`` on a pooled connection and translates database errors
+    into bastion's (``Unavailable``/``InternalError``), so mixins should
+    prefer it over touching ``_pool`` directly.
+    """
+
+    if TYPE_CHECKING:
+        _pool: asyncpg.Pool[Any]
+
+        async def _call(self, fn: Callable[[asyncpg.Connection[Any]], Any]) -> Any: ...
