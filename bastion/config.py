@@ -196,6 +196,10 @@ class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_batch: most keys in one batch get/put.
     max_page: most entries one ``list`` page returns.
     history: changes kept for ``watch`` to resume from (older revisions are compacted).
+    sweep_interval: seconds between sweeps that remove expired keys and compact the history.
+    watch_buffer: changes buffered for one slow watcher before its stream ends (it resumes from a version).
+    watch_buffer_bytes: value bytes buffered for one slow watcher before its stream ends.
+    max_watchers: watch streams open at once on this server.
     """
 
     max_key_bytes: int = 1024
@@ -203,6 +207,15 @@ class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_batch: int = 256
     max_page: int = 1000
     history: int = 100_000
+    sweep_interval: float = 1.0
+    watch_buffer: int = 1024
+    watch_buffer_bytes: int = 8 * 1024 * 1024
+    max_watchers: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            if getattr(self, name) <= 0:
+                raise UsageError(f"kv.{name} must be positive, got {getattr(self, name)!r}")
 
 
 class FilesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -211,14 +224,26 @@ class FilesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     directory: where file contents live (default ``<data_dir>/files``); replicas
     sharing a PostgreSQL store must share this directory.
     quota_bytes: bytes each user may own, finished files and open uploads together.
-    chunk_bytes: size of the chunks of a download stream.
+    chunk_bytes: size of the chunks of a download stream (and the upload chunk size
+    suggested to clients); must fit a frame: below ``limits.max_frame``.
     upload_ttl: seconds an unfinished upload is kept for resuming.
+    blob_grace: seconds contents no file refers to any more are kept before the
+    sweep deletes them (so a backup being taken never misses a blob).
+    sweep_interval: seconds between sweeps of expired uploads and unreferenced contents.
     """
 
     directory: str = ""
     quota_bytes: int = 10 * 1024**3
     chunk_bytes: int = 256 * 1024
     upload_ttl: float = 24 * 3600
+    blob_grace: float = 3600.0
+    sweep_interval: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.quota_bytes < 0 or not 0 < self.chunk_bytes <= 1_000_000:
+            raise UsageError("files.quota_bytes must be >= 0 and files.chunk_bytes in 1..1000000")
+        if self.upload_ttl <= 0 or self.blob_grace < 0 or self.sweep_interval <= 0:
+            raise UsageError("files.upload_ttl and files.sweep_interval must be positive, files.blob_grace >= 0")
 
 
 class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -231,6 +256,10 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lease: seconds a runner's claim on a job lasts without renewal.
     retention: seconds a finished job and its result are kept.
     max_attempts: runs of a retryable job before it is marked failed.
+    max_pending: queued and running jobs one user may have at once.
+    max_result_bytes: largest result a job may return (MessagePack bytes; below ``limits.max_frame``).
+    poll_interval: seconds between looks at the shared queue and between store polls of
+        ``jobs.watch`` (jobs submitted to this server start at once).
     """
 
     modules: list[str] = []
@@ -240,6 +269,14 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lease: float = 30.0
     retention: float = 7 * 24 * 3600
     max_attempts: int = 3
+    max_pending: int = 1000
+    max_result_bytes: int = 512 * 1024
+    poll_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            if name != "modules" and getattr(self, name) <= 0:
+                raise UsageError(f"jobs.{name} must be positive, got {getattr(self, name)!r}")
 
 
 class BackupConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

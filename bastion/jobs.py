@@ -1,9 +1,233 @@
-"""Registering job functions for the ``jobs`` service (being written: issue 5)."""
+"""Registering job functions for the ``jobs`` service.
+
+A job is a plain, synchronous, type-hinted function defined at the top level
+of an importable module::
+
+    from bastion.jobs import JobRegistry, Progress
+
+    registry = JobRegistry()
+
+    @registry.job(timeout=600, memory_mb=512)
+    def resize(path: str, width: int, progress: Progress) -> dict[str, int]:
+        ...
+        progress(0.5, "halfway")
+        return {"width": width}
+
+and ``bastion serve --jobs myapp.tasks:registry`` offers it for submission.
+
+Theory of operation
+-------------------
+
+The hints are the contract, as for service methods: the arguments of a
+submission are validated from them by msgspec (unknown or missing fields and
+wrong types are INVALID_ARGUMENT) and stored as MessagePack. A parameter named
+``progress`` (or typed ``Progress``) is not an argument: the runner passes a
+callable that reports ``(fraction, message)`` back to the server.
+
+A job never runs in the server process. The runner starts a fresh Python
+process (``bastion.services.jobs_runner``) that imports the function by its
+module and qualified name, finds the ``JobSpec`` this decorator attached to
+it, decodes the stored arguments with that spec's argument type and calls it.
+The name a client submits only selects among registered jobs: nothing from
+the network chooses a module, a type or a function.
+"""
 
 from __future__ import annotations
 
-__all__ = ["JobRegistry"]
+import inspect
+import re
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, TypeVar, overload
+
+import msgspec
+
+from bastion.exceptions import InvalidArgument, UsageError
+
+__all__ = ["JOB_ATTRIBUTE", "JobRegistry", "JobSpec", "Progress", "build_job_spec"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+#: The attribute a registered function carries its ``JobSpec`` in (the runner reads it).
+JOB_ATTRIBUTE = "__bastion_job__"
+
+
+class Progress(Protocol):
+    """What a job calls to report how far it is: ``progress(0.25, "reading input")``.
+
+    ``fraction`` is clamped to [0, 1]; ``message`` is cut to 200 characters.
+    Calls are throttled, so a job may call it as often as it likes.
+    """
+
+    def __call__(self, fraction: float, message: str = "") -> None: ...
+
+
+class JobSpec(msgspec.Struct, frozen=True):
+    """One registered job function, read from its signature once."""
+
+    name: str
+    func: Callable[..., Any]
+    module: str
+    qualname: str
+    args_type: type[msgspec.Struct]
+    progress_param: str | None
+    retryable: bool = False
+    timeout: float | None = None
+    memory_mb: int | None = None
+    doc: str = ""
+
+    def validate(self, args: Mapping[str, Any]) -> bytes:
+        """Check ``args`` against the hints; the MessagePack the runner will decode.
+
+        Raises ``InvalidArgument`` naming the bad field.
+        """
+        try:
+            value = msgspec.convert(dict(args), self.args_type)
+        except msgspec.ValidationError as exc:
+            raise InvalidArgument(f"job {self.name!r}: {exc}") from None
+        return msgspec.msgpack.encode(value)
+
+    def decode_args(self, data: bytes) -> dict[str, Any]:
+        """The keyword arguments stored by ``validate`` (used in the job's process)."""
+        value = msgspec.msgpack.decode(data, type=self.args_type)
+        return {name: getattr(value, name) for name in self.args_type.__struct_fields__}
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready description: name, doc, limits and the JSON Schema of the arguments."""
+        try:
+            schema = msgspec.json.schema(self.args_type)
+        except TypeError:
+            schema = {}
+        defs = schema.pop("$defs", {})
+        params = defs.pop(self.args_type.__name__, schema)
+        out: dict[str, Any] = {
+            "name": self.name,
+            "doc": self.doc,
+            "retryable": self.retryable,
+            "timeout": self.timeout,
+            "memory_mb": self.memory_mb,
+            "params": params,
+        }
+        if defs:
+            out["$defs"] = defs
+        return out
+
+
+def build_job_spec(
+    func: Callable[..., Any],
+    *,
+    name: str | None = None,
+    retryable: bool = False,
+    timeout: float | None = None,
+    memory_mb: int | None = None,
+) -> JobSpec:
+    """Read a job function's signature and hints into a ``JobSpec``."""
+    label: str = name or str(getattr(func, "__name__", repr(func)))
+    if not _NAME.match(label):
+        raise UsageError(f"job name {label!r} must match {_NAME.pattern}")
+    if not inspect.isfunction(func) or inspect.iscoroutinefunction(func) or inspect.isgeneratorfunction(func):
+        raise UsageError(f"job {label!r}: a job is a plain (not async, not generator) function")
+    if "<locals>" in func.__qualname__ or func.__module__ in (None, "__main__"):
+        raise UsageError(f"job {label!r}: define it at the top level of an importable module")
+    if (timeout is not None and timeout <= 0) or (memory_mb is not None and memory_mb <= 0):
+        raise UsageError(f"job {label!r}: timeout and memory_mb must be positive")
+    try:
+        hints = typing.get_type_hints(func, include_extras=True)
+    except Exception as exc:
+        raise UsageError(f"job {label!r}: cannot resolve type hints: {exc}") from exc
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    progress_param = None
+    for param in inspect.signature(func).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
+            raise UsageError(f"job {label!r}: parameter {param.name!r} must be an ordinary named parameter")
+        hint = hints.get(param.name)
+        if param.name == "progress" or hint is Progress:
+            progress_param = param.name
+            continue
+        if hint is None:
+            raise UsageError(f"job {label!r}: parameter {param.name!r} needs a type hint")
+        fields.append((param.name, hint) if param.default is param.empty else (param.name, hint, param.default))
+    try:
+        args_type = msgspec.defstruct(
+            f"job.{label}", fields, kw_only=True, forbid_unknown_fields=True, module=func.__module__
+        )
+        msgspec.msgpack.Decoder(args_type)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"job {label!r}: argument types are not supported: {exc}") from exc
+    return JobSpec(
+        name=label,
+        func=func,
+        module=func.__module__,
+        qualname=func.__qualname__,
+        args_type=args_type,
+        progress_param=progress_param,
+        retryable=retryable,
+        timeout=timeout,
+        memory_mb=memory_mb,
+        doc=inspect.getdoc(func) or "",
+    )
 
 
 class JobRegistry:
     """The job functions a server may run, by name."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, JobSpec] = {}
+
+    def __repr__(self) -> str:
+        return f"JobRegistry({sorted(self.jobs)})"
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.jobs
+
+    def __iter__(self) -> Iterator[JobSpec]:
+        return iter(self.jobs.values())
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def get(self, name: str) -> JobSpec | None:
+        return self.jobs.get(name)
+
+    @overload
+    def job(self, fn: F, /) -> F: ...
+
+    @overload
+    def job(
+        self,
+        *,
+        name: str | None = None,
+        retryable: bool = False,
+        timeout: float | None = None,
+        memory_mb: int | None = None,
+    ) -> Callable[[F], F]: ...
+
+    def job(  # type: ignore[misc]  # mypy misreads the bare-decorator overload
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        retryable: bool = False,
+        timeout: float | None = None,
+        memory_mb: int | None = None,
+    ) -> F | Callable[[F], F]:
+        """Register ``fn`` as a job; usable bare or with options. The function is returned unchanged.
+
+        name: what clients submit (default: the function's name).
+        retryable: running it again after its runner was lost (a server crash)
+            is safe; it is re-queued instead of being marked failed.
+        timeout: wall-clock seconds before its process is killed (default: ``jobs.timeout``).
+        memory_mb: address-space limit of its process (default: ``jobs.memory_mb``).
+        """
+
+        def register(func: F) -> F:
+            spec = build_job_spec(func, name=name, retryable=retryable, timeout=timeout, memory_mb=memory_mb)
+            if spec.name in self.jobs:
+                raise UsageError(f"job {spec.name!r} is registered twice")
+            self.jobs[spec.name] = spec
+            setattr(func, JOB_ATTRIBUTE, spec)
+            return func
+
+        return register(fn) if fn is not None else register

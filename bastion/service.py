@@ -64,6 +64,11 @@ class ServerInfo(Protocol):
     @property
     def started_at(self) -> float: ...
 
+    @property
+    def draining(self) -> bool:
+        """True once the server is shutting down: it finishes calls it accepted but takes no new work."""
+        ...
+
     def stats(self) -> Mapping[str, int | float]: ...
 
     def limits(self) -> Mapping[str, int | float]:

@@ -12,12 +12,15 @@ with ``-m slow``.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.server import ServerProcess, shared_ca, start_server
+from tests.support.stores import drop_created_schemas, store_location
 
 #: Short enough that stopping a server with calls still running is quick.
 TEST_GRACE_PERIOD = "3"
@@ -57,8 +60,11 @@ def server_factory(tmp_path: Path) -> Iterator[StartServer]:
     ) -> ServerProcess:
         workdir = tmp_path / (name or f"server{len(started)}")
         proc = start_server(
-            workdir, env={"BASTION_LIMITS__GRACE_PERIOD": TEST_GRACE_PERIOD, **(env or {})},
-            insecure=insecure, args=args, preexec_fn=preexec_fn,
+            workdir,
+            env={"BASTION_LIMITS__GRACE_PERIOD": TEST_GRACE_PERIOD, **(env or {})},
+            insecure=insecure,
+            args=args,
+            preexec_fn=preexec_fn,
         )
         started.append(proc)
         return proc
@@ -73,3 +79,49 @@ def server_factory(tmp_path: Path) -> Iterator[StartServer]:
 def server(server_factory: StartServer) -> ServerProcess:
     """A running ``bastion serve`` with the demo service, stopped after the test."""
     return server_factory()
+
+
+# -- store backends (tests/support/stores.py) -------------------------------------------------
+
+#: Every backend a service test can run its store on; "postgresql" skips without BASTION_TEST_POSTGRES_DSN.
+STORE_BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Each store backend in turn: ``"sqlite"``, ``"postgresql"``."""
+    return str(request.param)
+
+
+@pytest.fixture
+def store_url(store_backend: str, tmp_path: Path) -> str:
+    """A fresh, empty store location of ``store_backend``: ``open_store(store_url)`` in process, or
+    ``server_factory(env={"BASTION_STORE": store_url})`` for a real server. Removed after the test."""
+    return store_location(store_backend, tmp_path, "service")
+
+
+@pytest.fixture(autouse=True)
+def _drop_test_schemas() -> Iterator[None]:
+    """Drop the PostgreSQL schemas ``store_location`` made for the test (nothing to do otherwise)."""
+    yield
+    drop_created_schemas()
+
+
+#: How long one ``async def`` test may run (the store suite keeps its own, shorter deadline).
+ASYNC_TEST_DEADLINE = 60.0
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run an ``async def`` test in a fresh event loop (``asyncio.run``) under a deadline; no plugin needed."""
+    test = pyfuncitem.obj
+    if not inspect.iscoroutinefunction(test):
+        return None
+    kwargs = {name: pyfuncitem.funcargs[name] for name in inspect.signature(test).parameters}
+
+    async def run() -> None:
+        async with asyncio.timeout(ASYNC_TEST_DEADLINE):
+            await test(**kwargs)
+
+    asyncio.run(run())
+    return True

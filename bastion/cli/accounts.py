@@ -115,11 +115,29 @@ def user_ls(
 
 @user_app.command("rm")
 def user_rm(
-    address: Address, name: str, token_file: TokenFile = None, ca: CA = None, insecure: Insecure = False
+    address: Address,
+    name: str,
+    transfer_to: Annotated[
+        str | None,
+        typer.Option(
+            "--transfer-to", help="Hand the user's keys, files and jobs to this user instead of deleting them."
+        ),
+    ] = None,
+    delete_data: Annotated[
+        bool,
+        typer.Option("--delete-data", help="Delete the user's keys, files and jobs (required without --transfer-to)."),
+    ] = False,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
 ) -> None:
-    """Delete a user and revoke their tokens."""
-    revoked = _admin_call(address, token_file, ca, insecure, "auth.delete_user", name=name)
-    print(f"deleted {name}; {revoked} token(s) revoked", file=sys.stderr)
+    """Delete a user, revoke their tokens, and hand over (--transfer-to) or delete (--delete-data) their data."""
+    if (transfer_to is None) == (not delete_data):
+        raise typer.BadParameter("choose what happens to the user's data: --transfer-to USER or --delete-data")
+    result = _admin_call(address, token_file, ca, insecure, "auth.delete_user", name=name, transfer_to=transfer_to)
+    moved = ", ".join(f"{n} {domain}" for domain, n in sorted(result["items"].items())) or "no data"
+    fate = f"handed to {transfer_to}" if transfer_to else "deleted"
+    print(f"deleted {name}; {result['tokens_revoked']} token(s) revoked; {moved} {fate}", file=sys.stderr)
 
 
 @user_app.command("passwd")

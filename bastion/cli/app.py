@@ -66,6 +66,18 @@ def serve(
     service: Annotated[
         list[str] | None, typer.Option("--service", help="Also host MODULE:ATTRIBUTE (a bastion.Service).")
     ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            help="Where data lives: a SQLite path or sqlite:///path (default <data-dir>/bastion.db), or "
+            "postgresql://user@host/db (no password here: use PGPASSWORD, ~/.pgpass or store_password_file).",
+        ),
+    ] = None,
+    jobs: Annotated[
+        list[str] | None,
+        typer.Option("--jobs", help="Offer the jobs of MODULE:ATTRIBUTE (a bastion.jobs.JobRegistry)."),
+    ] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning or error.")] = None,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="Serve plaintext without TLS (loopback only; prints a warning).")
@@ -109,12 +121,30 @@ def serve(
         overrides["data_dir"] = str(data_dir)
     if service:
         overrides["services"] = list(service)
+    if store is not None:
+        overrides["store"] = _store_flag(store)
+    if jobs:
+        overrides["jobs"] = {"modules": list(jobs)}
 
     def start() -> int:
         cfg = load_config(config, overrides=overrides)
         return run(cfg, echo=lambda line: print(line, flush=True))
 
     raise typer.Exit(_run_guarded(start))
+
+
+def _store_flag(url: str) -> str:
+    """``--store``'s value, refused if it carries a password (flags show up in ``ps`` and shell history)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    if "://" in url and (parts.password is not None or "password" in parse_qs(parts.query)):
+        raise typer.BadParameter(
+            "--store must not contain a password (command lines are visible to other users): "
+            "set BASTION_STORE in the environment, or use PGPASSWORD, ~/.pgpass or store_password_file",
+            param_hint="--store",
+        )
+    return url
 
 
 @app.command()

@@ -1,9 +1,190 @@
-"""``bastion kv …`` (being written: issue 5)."""
+"""``bastion kv get|put|rm|ls|watch``: the kv service from the shell.
+
+Values are bytes. ``put`` takes the value as its argument (UTF-8 text),
+``@FILE`` (the file's bytes) or ``-`` (standard input's bytes); ``get``
+writes the value's bytes to standard output unchanged, so
+``bastion kv get … > file`` round-trips any value. ``--json`` output encodes
+values in base64 (msgspec's JSON encoding of bytes).
+"""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
 import typer
+
+from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, connect, fail, print_json, run_guarded
 
 __all__ = ["kv_app"]
 
-kv_app = typer.Typer(help="The kv service.", no_args_is_help=True)
+kv_app = typer.Typer(
+    help="The kv service: keys with versions, compare-and-swap, TTLs and watches.", no_args_is_help=True
+)
+
+Key = Annotated[str, typer.Argument(help="The key.")]
+Namespace = Annotated[
+    str | None,
+    typer.Option("--namespace", "-n", help="A shared namespace, or ~USER (default: your own, ~YOURNAME)."),
+]
+IfVersion = Annotated[
+    int | None,
+    typer.Option("--if-version", help="Only if the key's version is this (0: only if it does not exist)."),
+]
+
+
+def _call(address: str, token_file: Path | None, ca: Path | None, insecure: bool, method: str, **args: Any) -> Any:
+    def run() -> Any:
+        with connect(address, token_file, ca, insecure) as client:
+            return client.call(method, **{k: v for k, v in args.items() if v is not None})
+
+    return run_guarded(run)
+
+
+def _value(text: str) -> bytes:
+    if text == "-":
+        return sys.stdin.buffer.read()
+    if text.startswith("@"):
+        try:
+            return Path(text[1:]).read_bytes()
+        except OSError as exc:
+            fail(f"cannot read {text[1:]}: {exc.strerror}", 2)
+    return text.encode()
+
+
+def _show(value: bytes | None) -> str:
+    if value is None:
+        return ""
+    try:
+        text = value.decode()
+    except UnicodeDecodeError:
+        return f"<{len(value)} bytes>"
+    return text if text.isprintable() and len(text) <= 80 else f"<{len(value)} bytes>"
+
+
+@kv_app.command("get")
+def get(
+    address: Address,
+    key: Key,
+    namespace: Namespace = None,
+    as_json: AsJson = False,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
+) -> None:
+    """Write a key's value to standard output (its version goes to standard error)."""
+    item = _call(address, token_file, ca, insecure, "kv.get", key=key, namespace=namespace)
+    if as_json:
+        print_json(item)
+        return
+    sys.stdout.buffer.write(item["value"])
+    sys.stdout.flush()
+    print(f"version {item['version']}", file=sys.stderr)
+
+
+@kv_app.command("put")
+def put(
+    address: Address,
+    key: Key,
+    value: Annotated[str, typer.Argument(help="The value: text, @FILE for a file's bytes, or - for stdin.")],
+    namespace: Namespace = None,
+    ttl: Annotated[float | None, typer.Option("--ttl", help="Seconds until the key expires.")] = None,
+    if_version: IfVersion = None,
+    content_type: Annotated[str, typer.Option("--content-type", help="A media type kept with the value.")] = "",
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
+) -> None:
+    """Set a key; print its new version."""
+    data = _value(value)
+    version = _call(
+        address, token_file, ca, insecure, "kv.put", key=key, value=data, namespace=namespace,
+        expected_version=if_version, ttl=ttl, content_type=content_type,
+    )  # fmt: skip
+    print(version)
+
+
+@kv_app.command("rm")
+def rm(
+    address: Address,
+    key: Key,
+    namespace: Namespace = None,
+    if_version: IfVersion = None,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
+) -> None:
+    """Delete a key (exit status 1 if there was none)."""
+    deleted = _call(
+        address, token_file, ca, insecure, "kv.delete", key=key, namespace=namespace, expected_version=if_version
+    )
+    if not deleted:
+        fail(f"no key {key!r}", 1)
+
+
+@kv_app.command("ls")
+def ls(
+    address: Address,
+    prefix: Annotated[str, typer.Argument(help="Only keys starting with this.")] = "",
+    namespace: Namespace = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="At most this many keys (default: all).")] = None,
+    as_json: AsJson = False,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
+) -> None:
+    """List keys by prefix, in byte order: key, version, size (every page, or up to --limit)."""
+
+    def run() -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        after = None
+        with connect(address, token_file, ca, insecure) as client:
+            while limit is None or len(items) < limit:
+                args: dict[str, Any] = {"prefix": prefix, "namespace": namespace, "after": after}
+                page = client.call("kv.list", keys_only=not as_json, **{k: v for k, v in args.items() if v is not None})
+                items += page["items"]
+                after = page["next"]
+                if after is None:
+                    break
+        return items[:limit] if limit is not None else items
+
+    items = run_guarded(run)
+    if as_json:
+        print_json(items)
+        return
+    for item in items:
+        print(f"{item['key']}\t{item['version']}")
+
+
+@kv_app.command("watch")
+def watch(
+    address: Address,
+    prefix: Annotated[str, typer.Argument(help="Only keys starting with this.")] = "",
+    namespace: Namespace = None,
+    from_version: Annotated[
+        int | None, typer.Option("--from-version", help="Replay the changes since this version first.")
+    ] = None,
+    as_json: AsJson = False,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
+) -> None:
+    """Print changes to keys under a prefix as they happen (one line each) until interrupted."""
+    args = {"prefix": prefix, "namespace": namespace, "from_version": from_version}
+
+    def run() -> None:
+        with connect(address, token_file, ca, insecure, timeout=None) as client:
+            for event in client.stream("kv.watch", **{k: v for k, v in args.items() if v is not None}):
+                if as_json:
+                    print(msgspec.json.encode(event).decode(), flush=True)
+                elif event["type"] == "start":
+                    print(f"# watching from version {event['version']}", file=sys.stderr, flush=True)
+                else:
+                    print(f"{event['version']}\t{event['type']}\t{event['key']}\t{_show(event['value'])}", flush=True)
+
+    try:
+        run_guarded(run)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None

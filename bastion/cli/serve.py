@@ -76,7 +76,7 @@ async def bootstrap_admin(store: Store, path: Path) -> str:
     return "written to"
 
 
-def _import_objects(specs: list[str], kind: type[T], flag: str, example: str) -> list[T]:
+def _import_objects(specs: list[str], kind: type[T], kind_name: str, flag: str, example: str) -> list[T]:
     """Import ``module:attribute`` for each spec; the attribute is a ``kind`` (or a list of them)."""
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -93,19 +93,19 @@ def _import_objects(specs: list[str], kind: type[T], flag: str, example: str) ->
         items: list[object] = list(value) if isinstance(value, list | tuple) else [value]
         objects = [item for item in items if isinstance(item, kind)]
         if not objects or len(objects) != len(items):
-            raise UsageError(f"{flag} {spec!r}: {attr} is not a {kind.__module__}.{kind.__name__}")
+            raise UsageError(f"{flag} {spec!r}: {attr} is not a {kind_name}")
         found.extend(objects)
     return found
 
 
 def load_services(specs: list[str]) -> list[Service]:
     """Import ``module:attribute`` for each spec; the attribute is a Service (or a list of them)."""
-    return _import_objects(specs, Service, "--service", "myapp.api:service")
+    return _import_objects(specs, Service, "bastion.Service", "--service", "myapp.api:service")
 
 
 def load_job_registries(specs: list[str]) -> list[JobRegistry]:
     """Import ``module:attribute`` for each spec; the attribute is a JobRegistry."""
-    return _import_objects(specs, JobRegistry, "--jobs", "myapp.tasks:jobs")
+    return _import_objects(specs, JobRegistry, "bastion.jobs.JobRegistry", "--jobs", "myapp.tasks:jobs")
 
 
 def store_location(config: Config) -> str:

@@ -91,6 +91,10 @@ class _Info:
     def started_at(self) -> float:
         return self._server.started_at
 
+    @property
+    def draining(self) -> bool:
+        return self._server.draining
+
     def stats(self) -> Mapping[str, int | float]:
         return self._server.stats()
 

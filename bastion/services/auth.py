@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -29,7 +30,11 @@ from bastion.security.principal import ADMIN_ROLE
 from bastion.security.throttle import LoginThrottle
 from bastion.service import Context, Service
 
-__all__ = ["LoginResult", "TokenInfo", "UserInfo", "create_service"]
+__all__ = ["DeletedUser", "LoginResult", "Reassign", "TokenInfo", "UserInfo", "create_service"]
+
+# Hands every item user ``old`` owns in one storage domain to user ``new`` (None: deletes them);
+# returns how many items changed. bastion serve passes the store's kv/files/jobs ones.
+Reassign = Callable[[str, str | None], Awaitable[int]]
 
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -65,6 +70,13 @@ class TokenInfo(msgspec.Struct, frozen=True):
     created_at: float
     expires_at: float | None
     revoked_at: float | None
+
+
+class DeletedUser(msgspec.Struct, frozen=True):
+    name: str
+    tokens_revoked: int
+    transferred_to: str | None  # None: their data was deleted
+    items: dict[str, int]  # per domain (kv, files, jobs): items handed over or deleted
 
 
 class Identity(msgspec.Struct, frozen=True):
@@ -111,8 +123,14 @@ def create_service(
     throttle: LoginThrottle,
     audit: AuditLog,
     config: AuthConfig | None = None,
+    owned_data: Mapping[str, Reassign] | None = None,
 ) -> Service:
-    """Build the ``auth`` service over ``store``."""
+    """Build the ``auth`` service over ``store``.
+
+    ``owned_data`` names, per storage domain, how to hand a deleted user's
+    data over or delete it (``auth.delete_user``).
+    """
+    domains = dict(owned_data or {})
     cfg = config or AuthConfig()
     service = Service("auth", doc="Login, identity, users, roles and tokens.")
 
@@ -202,13 +220,28 @@ def create_service(
         return user
 
     @service.method(roles=_ADMIN)
-    async def delete_user(ctx: Context, name: str) -> int:
-        """Delete a user and revoke all their tokens (admin); the number revoked."""
+    async def delete_user(ctx: Context, name: str, transfer_to: str | None = None) -> DeletedUser:
+        """Delete a user (admin): revoke their tokens, then hand their data (keys,
+        files, jobs) to ``transfer_to``, or delete it when none is given.
+
+        The tokens go first, so the user can no longer act while their data
+        moves. Safe to repeat if interrupted: it picks up where it stopped.
+        """
         await _get(name)
+        if transfer_to is not None:
+            if transfer_to == name:
+                raise InvalidArgument("transfer_to must be another user")
+            heir = await store.get_user(transfer_to)
+            if heir is None:
+                raise NotFound(f"no user {transfer_to!r} to transfer the data to")
         revoked = await store.revoke_user_tokens(name, time.time())
+        items = {domain: await reassign(name, transfer_to) for domain, reassign in domains.items()}
         await store.delete_user(name)
-        audit("admin.delete_user", principal=ctx.principal.name, peer=ctx.peer, target=name, revoked=revoked)
-        return revoked
+        audit(
+            "admin.delete_user", principal=ctx.principal.name, peer=ctx.peer, target=name, revoked=revoked,
+            transferred_to=transfer_to, items=items,
+        )  # fmt: skip
+        return DeletedUser(name, revoked, transfer_to, items)
 
     @service.method(roles=_ADMIN, idempotent=True)
     async def list_users(ctx: Context) -> list[UserInfo]:

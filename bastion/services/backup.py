@@ -1,16 +1,54 @@
-"""Backups behind ``admin.backup`` (being written: issue 5)."""
+"""Backups of a running server: on demand (``admin.backup``) and on a schedule.
+
+Theory of operation
+-------------------
+
+``Backups`` is a component: ``bastion serve`` starts it once the store is
+open and closes it before the store closes. It owns the backup directory
+(``backup.directory``, default ``<data_dir>/backups``, mode 0700) and one
+lock, so at most one backup runs at a time, whoever asked: a call to
+``backup()`` while another runs is refused with ``Unavailable`` rather than
+queued.
+
+The archive itself is made by ``bastion.store.backup``: for SQLite in a
+worker thread (the online backup API, never through the store's writer),
+for PostgreSQL with ``pg_dump`` in an exported snapshot. Archives are
+written 0600 under a temporary name and renamed when complete, so the
+directory only ever holds finished archives.
+
+Scheduling: with ``backup.interval`` > 0, a background task takes a backup
+every ``interval`` seconds (the first one ``interval`` after start), names
+it ``…-scheduled.bbk`` and then deletes all but the newest ``backup.keep``
+scheduled archives (on-demand archives are never deleted). A failure is
+logged and counted (``stats``), never fatal; the next attempt comes at the
+next interval.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from pathlib import Path
 
 from bastion.config import BackupConfig
+from bastion.exceptions import InvalidArgument, Unavailable
+from bastion.store import backup as archive
 from bastion.store.base import Store
 
 __all__ = ["Backups"]
 
+log = logging.getLogger("bastion.backup")
+
 
 class Backups:
+    """Backups of ``store`` and the blobs under ``files_dir``.
+
+    ``passphrase`` (from ``BASTION_BACKUP_PASSPHRASE`` or
+    ``backup.passphrase_file``) encrypts every archive when given.
+    """
+
     def __init__(
         self, store: Store, *, data_dir: Path, files_dir: Path, config: BackupConfig | None = None,
         passphrase: bytes | None = None,
@@ -20,9 +58,77 @@ class Backups:
         self.files_dir = files_dir
         self.config = config or BackupConfig()
         self.passphrase = passphrase
+        self.directory = Path(self.config.directory) if self.config.directory else data_dir / "backups"
+        #: Key-derivation cost (scrypt log2 n) for encrypted archives; tests lower it.
+        self.scrypt_log_n = archive.DEFAULT_SCRYPT_LOG_N
+        self.stats = {"backups_total": 0, "backups_failed": 0, "scheduled_total": 0, "scheduled_failed": 0}
+        self.last: archive.ArchiveInfo | None = None
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        if self.config.interval < 0 or self.config.keep < 1:
+            raise InvalidArgument("backup.interval must be >= 0 and backup.keep >= 1")
+
+    @property
+    def running(self) -> bool:
+        """Whether a backup is being taken right now."""
+        return self._lock.locked()
 
     async def start(self) -> None:
-        pass
+        if self.config.interval > 0 and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._schedule(), name="bastion-backup-scheduler")
 
     async def aclose(self) -> None:
-        pass
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def backup(self, *, scheduled: bool = False) -> archive.ArchiveInfo:
+        """Take a backup now; the finished archive. ``Unavailable`` if one is already running."""
+        if self._lock.locked():
+            raise Unavailable("a backup is already running; try again when it has finished")
+        async with self._lock:
+            name = archive.archive_name(time.time(), scheduled=scheduled)
+            try:
+                info = await self._take(self.directory / name)
+            except BaseException:
+                self.stats["backups_failed"] += 1
+                raise
+            self.stats["backups_total"] += 1
+            self.last = info
+            log.info("backup %s written: %d bytes, %s members", info.name, info.size, info.members)
+            return info
+
+    def list(self) -> list[archive.ArchiveInfo]:
+        """The archives in the backup directory, oldest first."""
+        return archive.list_archives(self.directory)
+
+    async def _take(self, out: Path) -> archive.ArchiveInfo:
+        path = getattr(self.store, "path", None)  # SQLiteStore
+        if isinstance(path, Path):
+            return await asyncio.to_thread(
+                archive.backup_sqlite, path, self.files_dir, out, self.passphrase, scrypt_log_n=self.scrypt_log_n
+            )
+        backup_postgres = getattr(archive, "backup_postgres", None)
+        if backup_postgres is None:
+            raise Unavailable(f"backups of {type(self.store).__name__} are not supported yet")
+        result: archive.ArchiveInfo = await backup_postgres(
+            self.store, self.files_dir, out, self.passphrase, scrypt_log_n=self.scrypt_log_n
+        )
+        return result
+
+    async def _schedule(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.interval)
+            try:
+                await self.backup(scheduled=True)
+                self.stats["scheduled_total"] += 1
+                removed = await asyncio.to_thread(archive.prune_scheduled, self.directory, self.config.keep)
+                if removed:
+                    log.info("backup retention: deleted %s", ", ".join(removed))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.stats["scheduled_failed"] += 1
+                log.error("scheduled backup failed: %s", exc)

@@ -1,25 +1,716 @@
-"""The built-in ``files`` service (being written: issue 5)."""
+"""The built-in ``files`` service: streamed, verified, resumable file storage.
+
+Theory of operation
+-------------------
+
+Identity. A file has a server-made id (``f-`` and 32 hex digits) and a name,
+a ``/``-separated path unique among its owner's files (``reports/q3.pdf``).
+Methods name a file by ``file_id``, or by ``name`` (with ``owner`` for
+someone else's file; default: the caller's). Names are labels in the
+database only: contents never live at a user-chosen path.
+
+Contents live under the files directory, outside the database:
+
+* ``blobs/<sha256[:2]>/<sha256>`` -- immutable, content-addressed, 0600 in
+  0700 directories; files with equal contents share one blob;
+* ``uploads/<upload id>`` -- uploads in progress.
+
+Upload, resumable. ``begin_upload(name, size, sha256)`` reserves ``size``
+of the owner's quota and returns an upload id. ``upload(upload_id, offset,
+<stream of bytes>)`` appends the stream at ``offset``, which must equal what
+the server holds (``upload_status`` tells an interrupted client where to
+continue). Chunks go to disk as they arrive -- the protocol's credit window
+bounds how many are in flight -- and into a running SHA-256; a resumed
+upload first re-hashes the part already on disk, reading it in bounded
+blocks. When the upload reaches its declared size it is fsynced, checked
+against the declared SHA-256 (a mismatch, or a byte too many, discards it
+with INVALID_ARGUMENT), moved into place as a blob (pinned against the
+sweep first, directory fsynced), and only then recorded as a file: an
+acknowledged upload survives a crash.
+
+Download. ``download`` streams ``chunk_bytes`` pieces read one at a time
+from the blob, from an optional ``offset``; ``stat`` (or the ``sha256``
+guard of ``download``) gives the size and SHA-256 the client verifies.
+Memory stays bounded by the credit window whatever the file size.
+
+Deletion is late. Deleting a file (or replacing its contents) never deletes
+a blob: the background sweep deletes blobs no file has named for longer than
+``blob_grace`` (so a backup being taken never misses one), expires uploads
+idle longer than ``upload_ttl``, and removes upload files whose record is
+gone. See bastion/store/files.py for how pins and sweep claims keep a blob
+being reused from being unlinked.
+
+Access. The owner and admins may do anything; a ``read`` share lets its
+grantees stat, list and download; a ``write`` share also lets them replace
+the contents and delete. Sharing and renaming are the owner's (and
+admins'). A file the caller cannot read is NOT_FOUND, exactly like a missing
+one; a file it can read but not change is PERMISSION_DENIED.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
 
 from bastion.config import FilesConfig
-from bastion.service import Service
-from bastion.store.files import FileStore
+from bastion.exceptions import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    Unavailable,
+)
+from bastion.security.principal import ADMIN_ROLE, Principal
+from bastion.service import Context, Service
+from bastion.store.files import FileRecord, FileShare, FileStore, UploadRecord
 
-__all__ = ["Files"]
+__all__ = ["FileInfo", "FilePage", "Files", "ShareInfo", "UploadInfo", "UploadResult", "Usage", "check_name"]
+
+log = logging.getLogger("bastion.files")
+
+T = TypeVar("T")
+
+MAX_NAME_BYTES = 1024
+MAX_PAGE = 1000
+#: Upload files younger than this are never taken for orphans (their record may be on its way).
+ORPHAN_AGE = 60.0
+#: How long a commit waits for a sweep that is deleting the same contents.
+PIN_WAIT = 10.0
+_HASH_BLOCK = 1024 * 1024
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_FILE_ID = re.compile(r"^f-[0-9a-f]{32}$")
+_UPLOAD_ID = re.compile(r"^u-[0-9a-f]{32}$")
+_GRANTEE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_RANK = {"read": 1, "write": 2, "owner": 3, "admin": 4}
+
+
+class FileInfo(msgspec.Struct, frozen=True):
+    """A file as a caller sees it; ``access`` is "owner", "admin", "write" or "read"."""
+
+    id: str
+    owner: str
+    name: str
+    size: int
+    sha256: str
+    created_at: float
+    updated_at: float
+    access: str
+
+
+class FilePage(msgspec.Struct, frozen=True):
+    """One page of ``files.list``; pass ``next`` as ``after`` for the next page (None: the last)."""
+
+    files: list[FileInfo]
+    next: str | None
+
+
+class UploadInfo(msgspec.Struct, frozen=True):
+    """An open upload: ``offset`` bytes of ``size`` are on the server; continue from there."""
+
+    upload_id: str
+    owner: str
+    name: str
+    size: int
+    sha256: str
+    offset: int
+    file_id: str | None
+    chunk_bytes: int
+    expires_at: float
+
+
+class UploadResult(msgspec.Struct, frozen=True):
+    """What an ``upload`` call achieved: ``complete`` with the ``file``, or ``offset`` so far."""
+
+    upload_id: str
+    offset: int
+    complete: bool
+    file: FileInfo | None
+
+
+class ShareInfo(msgspec.Struct, frozen=True):
+    file_id: str
+    kind: str
+    grantee: str
+    mode: str
+    created_at: float
+
+
+class Usage(msgspec.Struct, frozen=True):
+    """Bytes a user holds: finished files plus reserved by open uploads, against the quota."""
+
+    user: str
+    files_bytes: int
+    reserved_bytes: int
+    quota_bytes: int
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid file name; ``InvalidArgument`` saying why not."""
+    if not name:
+        raise InvalidArgument("a file name must not be empty")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise InvalidArgument(f"a file name is at most {MAX_NAME_BYTES} bytes (UTF-8)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidArgument("a file name must not contain NUL or other control characters")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise InvalidArgument(f"file name {name!r}: no leading, trailing or doubled '/', and no '.' or '..' segments")
+    return name
+
+
+def _check_sha256(value: str) -> str:
+    digest = value.lower()
+    if not _SHA256.match(digest):
+        raise InvalidArgument("sha256 must be 64 hexadecimal digits")
+    return digest
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(16)}"
+
+
+def _is_admin(principal: Principal) -> bool:
+    return ADMIN_ROLE in principal.roles
+
+
+def _info(record: FileRecord, access: str) -> FileInfo:
+    return FileInfo(
+        record.id, record.owner, record.name, record.size, record.sha256, record.created_at, record.updated_at, access
+    )
+
+
+def _share_info(share: FileShare) -> ShareInfo:
+    return ShareInfo(share.file_id, share.kind, share.grantee, share.mode, share.created_at)
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking I/O in a thread; if the caller is cancelled, still wait for the thread,
+    so no file descriptor is closed under a read or write in progress."""
+    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise
+
+
+# -- the files directory ---------------------------------------------------------------------
+
+
+class _Disk:
+    """Paths and blocking file operations under the files directory (called via ``_in_thread``)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.blobs = directory / "blobs"
+        self.uploads = directory / "uploads"
+
+    def prepare(self) -> None:
+        for path in (self.directory, self.blobs, self.uploads):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def blob(self, sha256: str) -> Path:
+        return self.blobs / sha256[:2] / sha256
+
+    def upload(self, upload_id: str) -> Path:
+        return self.uploads / upload_id
+
+    def create_upload(self, upload_id: str) -> None:
+        os.close(os.open(self.upload(upload_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+    def remove_upload(self, upload_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.upload(upload_id).unlink()
+
+    def remove_blob(self, sha256: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.blob(sha256).unlink()
+
+    def place(self, upload_id: str, sha256: str) -> None:
+        """Move a finished (fsynced) upload into place as blob ``sha256``, durably."""
+        target = self.blob(sha256)
+        target.parent.mkdir(mode=0o700, exist_ok=True)
+        os.replace(self.upload(upload_id), target)  # equal contents: replacing an existing blob is harmless
+        _fsync_dir(target.parent)
+
+    def orphans(self, known: Callable[[str], bool], older_than: float) -> list[str]:
+        """Upload files named like uploads, older than ``older_than``, that ``known`` does not claim."""
+        out = []
+        for entry in os.scandir(self.uploads):
+            if _UPLOAD_ID.match(entry.name) and entry.stat().st_mtime < older_than and not known(entry.name):
+                out.append(entry.name)
+        return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_prefix(fd: int, length: int) -> Any:
+    """A SHA-256 of the first ``length`` bytes of ``fd``, read in bounded blocks."""
+    hasher = hashlib.sha256()
+    position = 0
+    while position < length:
+        block = os.pread(fd, min(_HASH_BLOCK, length - position), position)
+        if not block:
+            break
+        hasher.update(block)
+        position += len(block)
+    return hasher
+
+
+def _append(fd: int, chunk: bytes, position: int, hasher: Any) -> None:
+    view = memoryview(chunk)
+    written = 0
+    while written < len(view):
+        written += os.pwrite(fd, view[written:], position + written)
+    hasher.update(chunk)
+
+
+def _open_upload(path: Path) -> tuple[int, int]:
+    """Open an upload file for writing, exclusively (another call writing it: ``FailedPrecondition``)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise FailedPrecondition(f"upload {path.name} is being written by another call") from None
+        raise
+    return fd, os.fstat(fd).st_size
+
+
+# -- the component ---------------------------------------------------------------------------
 
 
 class Files:
+    """The ``files`` service and its sweep; ``bastion serve`` starts and closes it."""
+
     def __init__(self, store: FileStore, directory: Path, config: FilesConfig | None = None) -> None:
         self.store = store
-        self.directory = directory
+        self.directory = Path(directory)
         self.config = config or FilesConfig()
+        self._disk = _Disk(self.directory)
+        self._sweeper: asyncio.Task[None] | None = None
         self.service = Service("files", doc="Streamed, verified, resumable file storage with quotas and sharing.")
+        self._declare(self.service)
+
+    def blob_path(self, sha256: str) -> Path:
+        """Where the contents with this SHA-256 live."""
+        return self._disk.blob(sha256)
 
     async def start(self) -> None:
-        pass
+        await _in_thread(self._disk.prepare)
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="bastion-files-sweep")
 
     async def aclose(self) -> None:
-        pass
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("files sweep failed; trying again in %.0f s", self.config.sweep_interval)
+            await asyncio.sleep(self.config.sweep_interval)
+
+    async def sweep(self, now: float | None = None) -> dict[str, int]:
+        """Expire idle uploads, delete long-unreferenced blobs and orphaned upload files; counts."""
+        now = time.time() if now is None else now
+        expired = await self.store.files_expire_uploads(now - self.config.upload_ttl)
+        for upload_id in expired:
+            await _in_thread(self._disk.remove_upload, upload_id)
+        token = secrets.token_hex(8)
+        claimed = await self.store.files_claim_blobs(now, self.config.blob_grace, token)
+        for sha256 in claimed:
+            await _in_thread(self._disk.remove_blob, sha256)
+        if claimed:
+            await self.store.files_forget_blobs(token, claimed)
+        open_ids = {u.id for u in await self.store.files_list_uploads(None)}
+        orphans = await _in_thread(self._disk.orphans, open_ids.__contains__, now - ORPHAN_AGE)
+        for upload_id in orphans:
+            if await self.store.files_get_upload(upload_id) is None:  # not begun since the listing
+                await _in_thread(self._disk.remove_upload, upload_id)
+        if expired or claimed or orphans:
+            log.info("files sweep: %d uploads expired, %d blobs deleted, %d orphans removed",
+                     len(expired), len(claimed), len(orphans))  # fmt: skip
+        return {"uploads_expired": len(expired), "blobs_deleted": len(claimed), "orphans_removed": len(orphans)}
+
+    # -- access ------------------------------------------------------------------------
+
+    async def _access(self, principal: Principal, record: FileRecord) -> str | None:
+        if record.owner == principal.name:
+            return "owner"
+        if _is_admin(principal):
+            return "admin"
+        best: str | None = None
+        for share in await self.store.files_shares(record.id):
+            mine = (share.kind == "user" and share.grantee == principal.name) or (
+                share.kind == "role" and share.grantee in principal.roles
+            )
+            if mine and (best is None or _RANK[share.mode] > _RANK[best]):
+                best = share.mode
+        return best
+
+    async def _find(
+        self, principal: Principal, file_id: str | None, name: str | None, owner: str | None, need: str
+    ) -> tuple[FileRecord, str]:
+        """The file named, if ``principal`` may ``need`` ("read", "write" or "owner") it."""
+        if (file_id is None) == (name is None):
+            raise InvalidArgument("name the file by exactly one of file_id or name")
+        record: FileRecord | None = None
+        if file_id is not None:
+            label = file_id
+            if _FILE_ID.match(file_id):
+                record = await self.store.files_get(file_id)
+        else:
+            assert name is not None
+            who = owner or principal.name
+            label = f"{who}:{name}" if owner else name
+            record = await self.store.files_get_by_name(who, check_name(name))
+        access = None if record is None else await self._access(principal, record)
+        if record is None or access is None:
+            raise NotFound(f"no file {label!r}")  # the same whether missing or not readable
+        if _RANK[access] < _RANK[need]:
+            what = "a read-only share" if access == "read" else "a share"
+            raise PermissionDenied(f"file {label!r}: {what} does not allow this (needs {need} access)")
+        return record, access
+
+    async def _own_upload(self, principal: Principal, upload_id: str) -> UploadRecord:
+        upload = await self.store.files_get_upload(upload_id) if _UPLOAD_ID.match(upload_id) else None
+        if upload is None or (upload.uploader != principal.name and not _is_admin(principal)):
+            raise NotFound(f"no upload {upload_id!r} (finished, cancelled or expired?)")
+        return upload
+
+    def _upload_info(self, upload: UploadRecord, offset: int) -> UploadInfo:
+        return UploadInfo(
+            upload.id, upload.owner, upload.name, upload.size, upload.sha256, offset, upload.file_id,
+            self.config.chunk_bytes, upload.updated_at + self.config.upload_ttl,
+        )  # fmt: skip
+
+    async def _offset(self, upload_id: str) -> int:
+        try:
+            return (await _in_thread(os.stat, self._disk.upload(upload_id))).st_size
+        except FileNotFoundError:
+            return 0
+
+    async def _discard(self, upload: UploadRecord) -> None:
+        await self.store.files_delete_upload(upload.id)
+        await _in_thread(self._disk.remove_upload, upload.id)
+
+    # -- upload ------------------------------------------------------------------------
+
+    async def begin_upload(
+        self,
+        principal: Principal,
+        *,
+        size: int,
+        sha256: str,
+        name: str | None = None,
+        overwrite: bool = False,
+        file_id: str | None = None,
+    ) -> UploadInfo:
+        if size < 0:
+            raise InvalidArgument("size must be >= 0")
+        digest = _check_sha256(sha256)
+        if file_id is not None:
+            if name is not None or overwrite:
+                raise InvalidArgument("replace a file's contents by file_id alone (no name, no overwrite)")
+            target, _ = await self._find(principal, file_id, None, None, "write")
+            owner, target_name = target.owner, target.name
+        elif name is not None:
+            owner, target_name = principal.name, check_name(name)
+        else:
+            raise InvalidArgument("give the new file's name, or the file_id whose contents to replace")
+        now = time.time()
+        upload = UploadRecord(
+            _new_id("u"), owner, principal.name, target_name, size, digest, file_id, overwrite, now, now
+        )
+        await self.store.files_begin_upload(upload, self.config.quota_bytes)
+        try:
+            await _in_thread(self._disk.create_upload, upload.id)
+        except BaseException:
+            await self.store.files_delete_upload(upload.id)
+            raise
+        return self._upload_info(upload, 0)
+
+    async def upload(
+        self, principal: Principal, upload_id: str, offset: int, chunks: AsyncIterator[bytes]
+    ) -> UploadResult:
+        upload = await self._own_upload(principal, upload_id)
+        fd, held = await _in_thread(_open_upload, self._disk.upload(upload.id))
+        try:
+            if offset != held:
+                raise FailedPrecondition(
+                    f"upload {upload.id} holds {held} bytes: continue from offset {held}, not {offset}"
+                )
+            await self.store.files_touch_upload(upload.id, time.time())
+            hasher = await _in_thread(_hash_prefix, fd, held)
+            position = held
+            async for chunk in chunks:
+                if position + len(chunk) > upload.size:
+                    await self._discard(upload)
+                    raise InvalidArgument(
+                        f"upload {upload.id}: more than the declared {upload.size} bytes; the upload is discarded"
+                    )
+                await _in_thread(_append, fd, chunk, position, hasher)
+                position += len(chunk)
+            if position < upload.size:
+                return UploadResult(upload.id, position, False, None)
+            await _in_thread(os.fsync, fd)
+            digest = hasher.hexdigest()
+            if digest != upload.sha256:
+                await self._discard(upload)
+                raise InvalidArgument(
+                    f"upload {upload.id}: the contents' SHA-256 is {digest}, not the declared {upload.sha256}; "
+                    "the upload is discarded"
+                )
+            record = await self._commit(upload)
+        finally:
+            await _in_thread(os.close, fd)
+        return UploadResult(
+            upload.id, position, True, _info(record, "owner" if record.owner == principal.name else "write")
+        )
+
+    async def _commit(self, upload: UploadRecord) -> FileRecord:
+        deadline = time.monotonic() + PIN_WAIT
+        while not await self.store.files_pin_blob(upload.sha256, upload.size, time.time()):
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"upload {upload.id}: the sweep is busy with these contents; send offset={upload.size} again"
+                )
+            await asyncio.sleep(0.05)  # a sweep is unlinking this very blob: let it finish
+        await _in_thread(self._disk.place, upload.id, upload.sha256)
+        try:
+            return await self.store.files_commit_upload(upload.id, _new_id("f"), time.time())
+        except Exception:
+            # The contents left uploads/ (an unreferenced blob now, swept later): the upload cannot go on.
+            with contextlib.suppress(Exception):
+                await self.store.files_delete_upload(upload.id)
+            raise
+
+    # -- download ----------------------------------------------------------------------
+
+    async def download(
+        self, principal: Principal, record: FileRecord, offset: int, sha256: str | None
+    ) -> AsyncIterator[bytes]:
+        if sha256 is not None and _check_sha256(sha256) != record.sha256:
+            raise FailedPrecondition(f"file {record.id} now has other contents (SHA-256 {record.sha256})")
+        if not 0 <= offset <= record.size:
+            raise OutOfRange(f"offset {offset} is outside the file (0..{record.size})")
+        try:
+            fd = await _in_thread(os.open, self._disk.blob(record.sha256), os.O_RDONLY)
+        except FileNotFoundError:
+            log.error("blob %s of file %s is missing", record.sha256, record.id)
+            raise DataLoss(f"the contents of file {record.id} are missing on the server") from None
+        try:
+            position = offset
+            while position < record.size:
+                chunk = await _in_thread(os.pread, fd, min(self.config.chunk_bytes, record.size - position), position)
+                if not chunk:
+                    raise DataLoss(f"the contents of file {record.id} are truncated on the server")
+                position += len(chunk)
+                yield chunk
+        finally:
+            await _in_thread(os.close, fd)
+
+    # -- the service -------------------------------------------------------------------
+
+    def _declare(self, svc: Service) -> None:
+        files = self
+        store = self.store
+
+        @svc.method
+        async def begin_upload(
+            ctx: Context,
+            size: int,
+            sha256: str,
+            name: str | None = None,
+            overwrite: bool = False,
+            file_id: str | None = None,
+        ) -> UploadInfo:
+            """Start an upload of ``size`` bytes with SHA-256 ``sha256``: a new file ``name`` (``overwrite``:
+            replace the caller's file of that name), or new contents for ``file_id`` (needs write access).
+            Reserves ``size`` of the owner's quota; returns the upload id to send the bytes to."""
+            return await files.begin_upload(
+                ctx.principal, size=size, sha256=sha256, name=name, overwrite=overwrite, file_id=file_id
+            )
+
+        @svc.method
+        async def upload(ctx: Context, upload_id: str, chunks: AsyncIterator[bytes], offset: int = 0) -> UploadResult:
+            """Append a stream of byte chunks to an upload at ``offset`` (what the server holds); at the
+            declared size the contents are verified and become the file."""
+            return await files.upload(ctx.principal, upload_id, offset, chunks)
+
+        @svc.method(idempotent=True)
+        async def upload_status(ctx: Context, upload_id: str) -> UploadInfo:
+            """An open upload and the offset to continue it from."""
+            found = await files._own_upload(ctx.principal, upload_id)
+            return files._upload_info(found, await files._offset(found.id))
+
+        @svc.method(idempotent=True)
+        async def uploads(ctx: Context) -> list[UploadInfo]:
+            """The caller's open uploads, oldest first."""
+            found = await store.files_list_uploads(ctx.principal.name)
+            return [files._upload_info(u, await files._offset(u.id)) for u in found]
+
+        @svc.method(idempotent=True)
+        async def cancel_upload(ctx: Context, upload_id: str) -> bool:
+            """Discard an open upload and release its reservation."""
+            await files._discard(await files._own_upload(ctx.principal, upload_id))
+            return True
+
+        @svc.method(idempotent=True)
+        async def stat(
+            ctx: Context, file_id: str | None = None, name: str | None = None, owner: str | None = None
+        ) -> FileInfo:
+            """A file's metadata: size, SHA-256, owner, times, and the caller's access."""
+            return _info(*await files._find(ctx.principal, file_id, name, owner, "read"))
+
+        @svc.method(name="list", idempotent=True)
+        async def list_files(
+            ctx: Context,
+            prefix: str = "",
+            owner: str | None = None,
+            all: bool = False,
+            after: str | None = None,
+            limit: int = 100,
+        ) -> FilePage:
+            """The caller's files and files shared with it, by (owner, name); ``all``: every file (admin)."""
+            if not 1 <= limit <= MAX_PAGE:
+                raise InvalidArgument(f"limit must be 1..{MAX_PAGE}")
+            if all and not _is_admin(ctx.principal):
+                raise PermissionDenied("listing every user's files needs the admin role")
+            key = None
+            if after is not None:
+                try:
+                    key = msgspec.json.decode(after, type=tuple[str, str])
+                except msgspec.DecodeError:
+                    raise InvalidArgument("after must be the 'next' of a previous page") from None
+            p = ctx.principal
+            viewer = None if all else p.name
+            records = await store.files_list(
+                viewer=viewer, roles=p.roles, owner=owner, prefix=prefix, after=key, limit=limit
+            )
+            infos = []
+            for record in records:
+                access = await files._access(p, record)
+                infos.append(_info(record, access or "admin"))
+            last = records[-1] if len(records) == limit else None
+            cursor = None if last is None else msgspec.json.encode((last.owner, last.name)).decode()
+            return FilePage(infos, cursor)
+
+        @svc.method
+        async def download(
+            ctx: Context,
+            file_id: str | None = None,
+            name: str | None = None,
+            owner: str | None = None,
+            offset: int = 0,
+            sha256: str | None = None,
+        ) -> AsyncIterator[bytes]:
+            """Stream a file's contents in chunks from ``offset``; ``sha256``: fail if the contents changed."""
+            record, _ = await files._find(ctx.principal, file_id, name, owner, "read")
+            async for chunk in files.download(ctx.principal, record, offset, sha256):
+                yield chunk
+
+        @svc.method
+        async def delete(
+            ctx: Context, file_id: str | None = None, name: str | None = None, owner: str | None = None
+        ) -> FileInfo:
+            """Delete a file (owner, write share or admin); its contents go at a later sweep."""
+            record, access = await files._find(ctx.principal, file_id, name, owner, "write")
+            deleted = await store.files_delete(record.id, time.time())
+            if deleted is None:
+                raise NotFound(f"no file {record.id!r}")
+            return _info(deleted, access)
+
+        @svc.method
+        async def rename(
+            ctx: Context, new_name: str, file_id: str | None = None, name: str | None = None, owner: str | None = None
+        ) -> FileInfo:
+            """Give a file a new name among its owner's files (owner or admin)."""
+            record, access = await files._find(ctx.principal, file_id, name, owner, "owner")
+            return _info(await store.files_rename(record.id, check_name(new_name), time.time()), access)
+
+        def _grantee(user: str | None, role: str | None) -> tuple[str, str]:
+            if (user is None) == (role is None):
+                raise InvalidArgument("give exactly one of user or role")
+            kind, grantee = ("user", user) if user is not None else ("role", role)
+            assert grantee is not None
+            if not _GRANTEE.match(grantee):
+                raise InvalidArgument(f"{kind} {grantee!r} is not a valid {kind} name")
+            return kind, grantee
+
+        @svc.method(idempotent=True)
+        async def share(
+            ctx: Context,
+            mode: str = "read",
+            user: str | None = None,
+            role: str | None = None,
+            file_id: str | None = None,
+            name: str | None = None,
+            owner: str | None = None,
+        ) -> ShareInfo:
+            """Share a file with a user or a role, ``mode`` "read" or "write" (owner or admin)."""
+            if mode not in ("read", "write"):
+                raise InvalidArgument('mode must be "read" or "write"')
+            kind, grantee = _grantee(user, role)
+            record, _ = await files._find(ctx.principal, file_id, name, owner, "owner")
+            grant = FileShare(record.id, kind, grantee, mode, time.time())
+            await store.files_share(grant)
+            return _share_info(grant)
+
+        @svc.method(idempotent=True)
+        async def unshare(
+            ctx: Context,
+            user: str | None = None,
+            role: str | None = None,
+            file_id: str | None = None,
+            name: str | None = None,
+            owner: str | None = None,
+        ) -> bool:
+            """Withdraw a share (owner or admin); False if there was none."""
+            kind, grantee = _grantee(user, role)
+            record, _ = await files._find(ctx.principal, file_id, name, owner, "owner")
+            return await store.files_unshare(record.id, kind, grantee)
+
+        @svc.method(idempotent=True)
+        async def shares(
+            ctx: Context, file_id: str | None = None, name: str | None = None, owner: str | None = None
+        ) -> list[ShareInfo]:
+            """The shares of a file (owner or admin)."""
+            record, _ = await files._find(ctx.principal, file_id, name, owner, "owner")
+            return [_share_info(s) for s in await store.files_shares(record.id)]
+
+        @svc.method(idempotent=True)
+        async def usage(ctx: Context, user: str | None = None) -> Usage:
+            """Bytes a user holds against the quota (another user's: admin)."""
+            who = user or ctx.principal.name
+            if who != ctx.principal.name and not _is_admin(ctx.principal):
+                raise PermissionDenied("another user's usage needs the admin role")
+            used, reserved = await store.files_usage(who)
+            return Usage(who, used, reserved, files.config.quota_bytes)

@@ -1,26 +1,441 @@
-"""The built-in ``jobs`` service (being written: issue 5)."""
+"""The built-in ``jobs`` service: submit registered job functions, watch them, cancel them.
+
+Theory of operation
+-------------------
+
+``Jobs`` is a component: the ``jobs`` service plus the runner that executes
+what it queues. Everything durable lives in the store's job queue
+(``bastion.store.jobs``); the component keeps only what dies with the
+process: the running jobs' processes and the events that wake watchers.
+
+* ``jobs.submit`` validates the arguments against the job's hints, stores a
+  ``queued`` row (owner = the caller) and wakes the dispatcher.
+* The dispatcher holds ``concurrency`` slots. For each free slot it claims
+  the oldest queued job this server can run (a name in its registries), then
+  looks again when a slot frees, when a job is submitted here, or every
+  ``poll_interval`` (jobs submitted to other replicas).
+* Each claimed job runs in its own process (``jobs_runner.JobProcess``),
+  killed at its wall-clock timeout. Beside it run a lease renewer (every
+  ``min(lease / 3, poll_interval)``, which also learns of a cancel asked on
+  another replica) and a progress writer (at most one write per
+  ``PROGRESS_INTERVAL``). A cancel asked on this server kills the process at
+  once. The job ends ``succeeded``, ``failed`` (with a reason: its
+  exception, a limit, a crash) or ``cancelled``.
+* A maintenance task recovers expired leases (jobs whose runner died) and
+  deletes finished jobs past ``retention``; it also runs once at start.
+* Closing kills the running processes and gives their jobs back: re-queued
+  if retryable with attempts left, otherwise failed ("server stopped while
+  it ran"). A job is never lost, whether the server stops or is killed.
+
+Only a job's owner, or an admin, can see, watch, cancel or fetch a job; to
+anyone else it does not exist (the same NOT_FOUND as an unknown id).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import msgspec
 
 from bastion.config import JobsConfig
-from bastion.jobs import JobRegistry
-from bastion.service import Service
-from bastion.store.jobs import JobStore
+from bastion.exceptions import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from bastion.jobs import JobRegistry, JobSpec
+from bastion.security.principal import ADMIN_ROLE
+from bastion.service import Context, Service
+from bastion.services.jobs_runner import Done, Failed, JobProcess, JobProtocolError, exit_reason
+from bastion.store.jobs import JOB_STATES, JobRecord, JobStore
 
-__all__ = ["Jobs"]
+__all__ = ["JobInfo", "JobResult", "JobStatus", "Jobs"]
+
+log = logging.getLogger("bastion.jobs")
+
+PROGRESS_INTERVAL = 0.25  # seconds between progress writes of one job
+SWEEP_INTERVAL = 60.0  # seconds between retention sweeps
+LOST_REASON = "runner lost (server stopped while it ran)"
+MAX_LIST = 1000
+
+
+class JobStatus(msgspec.Struct, frozen=True):
+    """What ``jobs.status``, ``jobs.list`` and ``jobs.watch`` report of a job."""
+
+    id: str
+    name: str
+    owner: str
+    state: str  # queued, running, succeeded, failed, cancelled
+    progress: float
+    message: str
+    error: str | None
+    attempts: int
+    retryable: bool
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    cancel_requested: bool
+
+
+class JobResult(msgspec.Struct, frozen=True):
+    """A finished job's outcome: ``result`` if it succeeded, else ``error``."""
+
+    id: str
+    state: str
+    result: Any
+    error: str | None
+
+
+class JobInfo(msgspec.Struct, frozen=True):
+    """A job function this server offers (``jobs.registered``)."""
+
+    name: str
+    doc: str
+    retryable: bool
+    timeout: float
+    memory_mb: int
+    params: dict[str, Any]
+
+
+def _status(job: JobRecord) -> JobStatus:
+    return JobStatus(
+        job.id, job.name, job.owner, job.state, job.progress, job.message, job.error, job.attempts, job.retryable,
+        job.created_at, job.started_at, job.finished_at, job.cancel_requested,
+    )  # fmt: skip
+
+
+def new_job_id() -> str:
+    """Time-ordered (milliseconds, hex) then random: ids sort by submission time."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
+
+
+class _Running:
+    """A job this server is running: its process and why it was stopped, if it was."""
+
+    def __init__(self, job: JobRecord) -> None:
+        self.job = job
+        self.process: JobProcess | None = None
+        self.stop: str | None = None  # "cancel", "timeout", "lost" or "shutdown"
+        self.progress: tuple[float, str] | None = None
+        self.progress_ready = asyncio.Event()
+
+    def halt(self, reason: str) -> None:
+        if self.stop is None:
+            self.stop = reason
+        if self.process is not None:
+            self.process.kill()
 
 
 class Jobs:
+    """The ``jobs`` component: its ``service`` and the runner behind it."""
+
     def __init__(self, store: JobStore, registries: Sequence[JobRegistry], config: JobsConfig | None = None) -> None:
         self.store = store
         self.registries = list(registries)
         self.config = config or JobsConfig()
+        self.specs: dict[str, JobSpec] = {}
+        for registry in self.registries:
+            for spec in registry:
+                self.specs.setdefault(spec.name, spec)
+        self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._running: dict[str, _Running] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self._changes: dict[str, asyncio.Event] = {}
+        self._wake: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._closed = False
         self.service = Service("jobs", doc="Computation jobs: submit, watch progress, cancel, fetch results.")
+        self._declare(self.service)
+
+    def __repr__(self) -> str:
+        return f"Jobs({sorted(self.specs)}, running={len(self._running)})"
+
+    # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        pass
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.config.concurrency)
+        await self._maintain(sweep=True)
+        self._background.append(asyncio.create_task(self._maintenance_loop(), name="bastion-jobs-maintenance"))
+        if self.specs:
+            self._background.append(asyncio.create_task(self._dispatch_loop(), name="bastion-jobs-dispatch"))
 
     async def aclose(self) -> None:
-        pass
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for running in list(self._running.values()):
+            running.halt("shutdown")
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- the runner -----------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        assert self._wake is not None and self._slots is not None
+        names = sorted(self.specs)
+        while True:
+            await self._slots.acquire()
+            self._wake.clear()
+            try:
+                job = await self.store.jobs_claim(self.runner_id, names, time.time(), self.config.lease)
+            except Exception:
+                log.exception("jobs: claiming a job failed; trying again")
+                job = None
+            if job is None:
+                self._slots.release()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
+                continue
+            task = asyncio.create_task(self._run(job), name=f"bastion-job {job.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        assert self._slots is not None
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("jobs: runner task failed", exc_info=task.exception())
+
+    async def _maintenance_loop(self) -> None:
+        last_sweep = time.monotonic()
+        while True:
+            await asyncio.sleep(max(0.2, min(self.config.lease / 2, self.config.poll_interval * 5)))
+            sweep = time.monotonic() - last_sweep >= SWEEP_INTERVAL
+            if sweep:
+                last_sweep = time.monotonic()
+            try:
+                await self._maintain(sweep=sweep)
+            except Exception:
+                log.exception("jobs: maintenance failed; trying again")
+
+    async def _maintain(self, *, sweep: bool) -> None:
+        now = time.time()
+        recovered = await self.store.jobs_recover(now, LOST_REASON)
+        if recovered:
+            log.warning("jobs: recovered jobs whose runner was lost: %s", recovered)
+            if recovered.get("queued") and self._wake is not None:
+                self._wake.set()
+        if sweep:
+            removed = await self.store.jobs_sweep(now - self.config.retention)
+            if removed:
+                log.info("jobs: deleted %d finished jobs past retention", removed)
+
+    async def _run(self, job: JobRecord) -> None:
+        running = _Running(job)
+        self._running[job.id] = running
+        self._notify(job.id)
+        helpers = [
+            asyncio.create_task(self._renew_loop(running)),
+            asyncio.create_task(self._progress_loop(running)),
+        ]
+        try:
+            state, result, error = await self._execute(self.specs[job.name], running)
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            del self._running[job.id]
+        try:
+            if running.stop == "lost":
+                log.warning("jobs: job %s was taken from this runner (lease lost); its process was killed", job.id)
+            elif running.stop == "shutdown":
+                after = await self.store.jobs_abandon(
+                    job.id, self.runner_id, "server stopped while it ran", time.time()
+                )
+                log.info("jobs: job %s stopped with the server: now %s", job.id, after)
+            else:
+                await self.store.jobs_finish(job.id, self.runner_id, state, now=time.time(), result=result, error=error)
+                log.info("jobs: job %s (%s) %s%s", job.id, job.name, state, f": {error}" if error else "")
+        finally:
+            self._notify(job.id)
+
+    async def _execute(self, spec: JobSpec, running: _Running) -> tuple[str, bytes | None, str | None]:
+        """Run the job's process to its end; (state, result, error)."""
+        job = running.job
+        try:
+            process = await JobProcess.start(
+                spec.module, spec.qualname, job.args,
+                memory_mb=job.memory_mb, max_result_bytes=self.config.max_result_bytes,
+            )  # fmt: skip
+        except OSError as exc:
+            return "failed", None, f"could not start the job's process: {exc.strerror or exc}"
+        running.process = process
+        if running.stop is not None:
+            process.kill()
+        timer = asyncio.get_running_loop().call_later(job.timeout, running.halt, "timeout")
+        outcome: Done | Failed | None = None
+        try:
+            async for message in process.messages():
+                if isinstance(message, Done | Failed):
+                    outcome = message
+                else:
+                    running.progress = (message.fraction, message.message)
+                    running.progress_ready.set()
+        except JobProtocolError as exc:
+            outcome = Failed(str(exc))
+            process.kill()
+        finally:
+            timer.cancel()
+            code = await process.wait()
+        if isinstance(outcome, Done):
+            return "succeeded", outcome.result, None
+        if running.stop == "cancel":
+            return "cancelled", None, "cancelled while running"
+        if running.stop == "timeout":
+            return "failed", None, f"timed out: killed at its limit of {job.timeout:g} s"
+        if isinstance(outcome, Failed):
+            return "failed", None, outcome.error
+        return "failed", None, exit_reason(code, job.memory_mb)
+
+    async def _renew_loop(self, running: _Running) -> None:
+        interval = min(self.config.lease / 3, self.config.poll_interval)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                outcome = await self.store.jobs_renew(running.job.id, self.runner_id, time.time() + self.config.lease)
+            except Exception:
+                log.exception("jobs: renewing the lease of %s failed; trying again", running.job.id)
+                continue
+            if outcome != "running":
+                running.halt("cancel" if outcome == "cancel" else "lost")
+
+    async def _progress_loop(self, running: _Running) -> None:
+        while True:
+            await running.progress_ready.wait()
+            running.progress_ready.clear()
+            assert running.progress is not None
+            fraction, message = running.progress
+            try:
+                await self.store.jobs_progress(running.job.id, self.runner_id, fraction, message)
+            except Exception:
+                log.exception("jobs: recording progress of %s failed", running.job.id)
+            self._notify(running.job.id)
+            await asyncio.sleep(PROGRESS_INTERVAL)  # throttle: at most one write per interval
+
+    # -- watchers -------------------------------------------------------------------------
+
+    def _notify(self, job_id: str) -> None:
+        event = self._changes.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    async def _changed(self, job_id: str, timeout: float) -> None:
+        event = self._changes.setdefault(job_id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    # -- the service ----------------------------------------------------------------------
+
+    async def _visible(self, ctx: Context, job_id: str) -> JobRecord:
+        job = await self.store.jobs_get(job_id) if len(job_id) <= 64 else None
+        if job is None or not (job.owner == ctx.principal.name or ADMIN_ROLE in ctx.principal.roles):
+            raise NotFound(f"no job {job_id!r}")
+        return job
+
+    def _declare(self, service: Service) -> None:
+        store, config = self.store, self.config
+
+        @service.method
+        async def submit(ctx: Context, name: str, args: dict[str, Any] | None = None) -> str:
+            """Queue the registered job ``name`` with ``args``; its id."""
+            spec = self.specs.get(name)
+            if spec is None:
+                raise NotFound(f"no job named {name!r} is registered here (jobs.registered lists them)")
+            data = spec.validate(args or {})
+            owner = ctx.principal.name
+            if await store.jobs_count(owner, ("queued", "running")) >= config.max_pending:
+                raise ResourceExhausted(
+                    f"you have {config.max_pending} jobs queued or running (the limit); wait for some to finish",
+                    retry_after=config.poll_interval,
+                )
+            job = JobRecord(
+                id=new_job_id(),
+                owner=owner,
+                name=name,
+                args=data,
+                retryable=spec.retryable,
+                max_attempts=config.max_attempts if spec.retryable else 1,
+                timeout=spec.timeout or config.timeout,
+                memory_mb=spec.memory_mb or config.memory_mb,
+                created_at=time.time(),
+            )
+            await store.jobs_submit(job)
+            if self._wake is not None:
+                self._wake.set()
+            return job.id
+
+        @service.method(idempotent=True)
+        async def status(ctx: Context, id: str) -> JobStatus:
+            """A job's state and progress."""
+            return _status(await self._visible(ctx, id))
+
+        @service.method(name="list", idempotent=True)
+        async def list_jobs(
+            ctx: Context, state: str | None = None, limit: int = 100, after: str | None = None
+        ) -> list[JobStatus]:
+            """Your jobs (an admin sees everyone's), oldest first; page with ``after`` = the last id seen."""
+            if state is not None and state not in JOB_STATES:
+                raise InvalidArgument(f"state must be one of {', '.join(JOB_STATES)}, not {state!r}")
+            if not 1 <= limit <= MAX_LIST:
+                raise InvalidArgument(f"limit must be 1..{MAX_LIST}")
+            owner = None if ADMIN_ROLE in ctx.principal.roles else ctx.principal.name
+            jobs = await store.jobs_list(owner=owner, state=state, limit=limit, after=after)
+            return [_status(job) for job in jobs]
+
+        @service.method(idempotent=True)
+        async def watch(ctx: Context, id: str) -> AsyncIterator[JobStatus]:
+            """The job's status now and at every change, until it finishes (call again after a reconnect)."""
+            job: JobRecord | None = await self._visible(ctx, id)
+            last = None
+            while job is not None:
+                current = _status(job)
+                if current != last:
+                    yield current
+                    last = current
+                if job.finished:
+                    return
+                await self._changed(id, config.poll_interval)
+                job = await store.jobs_get(id)
+            raise NotFound(f"job {id!r} was deleted")
+
+        @service.method(idempotent=True)
+        async def cancel(ctx: Context, id: str) -> JobStatus:
+            """Cancel a job: a queued one at once, a running one by killing its process. Finished: unchanged."""
+            await self._visible(ctx, id)
+            job = await store.jobs_cancel(id, time.time())
+            if job is None:
+                raise NotFound(f"no job {id!r}")
+            running = self._running.get(id)
+            if running is not None:
+                running.halt("cancel")
+            self._notify(id)
+            return _status(job)
+
+        @service.method(idempotent=True)
+        async def result(ctx: Context, id: str) -> JobResult:
+            """A finished job's result (or its failure reason); FAILED_PRECONDITION while it has not finished."""
+            job = await self._visible(ctx, id)
+            if not job.finished:
+                raise FailedPrecondition(f"job {id!r} is {job.state}; its result is not ready", retry_after=1.0)
+            value = msgspec.msgpack.decode(job.result) if job.result is not None else None
+            return JobResult(job.id, job.state, value, job.error)
+
+        @service.method(idempotent=True)
+        async def registered(ctx: Context) -> list[JobInfo]:
+            """The jobs this server runs, with the JSON Schema of their arguments."""
+            return [self._info(spec) for spec in sorted(self.specs.values(), key=lambda s: s.name)]
+
+    def _info(self, spec: JobSpec) -> JobInfo:
+        described = spec.describe()
+        timeout = spec.timeout or self.config.timeout
+        memory = spec.memory_mb or self.config.memory_mb
+        return JobInfo(spec.name, spec.doc, spec.retryable, timeout, memory, described["params"])

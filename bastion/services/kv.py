@@ -1,22 +1,607 @@
-"""The built-in ``kv`` service (being written: issue 5)."""
+"""The built-in ``kv`` service: namespaced keys with versions, compare-and-swap, TTLs and watches.
+
+Written with the public service API only; it reaches storage through the
+``KVStore`` interface (bastion/store/kv.py explains revisions and the change
+log).
+
+Theory of operation
+-------------------
+
+Access. Every call names a namespace or defaults to the caller's personal one,
+``~<name>``. Access is decided before any lookup, from the caller's identity
+and the namespace's access lists only, and every refusal reads the same
+("no access to namespace …"), so a refusal never tells whether a namespace or
+key exists. Owners use their ``~name``; ``readers``/``writers`` of a shared
+namespace ("user:NAME", "role:NAME") read / read and write; admins do all.
+
+Watches. A ``_Hub`` tails the store's change log and fans each change out to
+the watchers in this process. Writers never feed watchers directly: after a
+write commits, the service merely *nudges* the hub, whose single feeder task
+reads every change after the last one it delivered, in revision order, and
+offers each to every matching watcher. Because the feeder reads the durable
+log, watchers see exactly the committed changes, in order, with no gap --
+whoever wrote them (this process, the expiry sweep, another replica on a
+shared PostgreSQL, or the auth service handing over a deleted user's keys).
+Changes made elsewhere are picked up by a poll every ``POLL_INTERVAL`` while
+anyone watches; a PostgreSQL ``LISTEN``/``NOTIFY`` feed would simply call
+``nudge`` on notification (a later issue: cross-replica delivery).
+
+A watcher joins at the hub's position P (every change up to P has been
+delivered to the watchers before it). With ``from_version`` it first replays
+the log from that revision up to P, then takes live changes (all after P)
+from its buffer; it skips any revision it has already yielded, so replay and
+live neither overlap nor leave a gap. Each watcher's buffer is bounded
+(``watch_buffer`` changes, ``watch_buffer_bytes`` of values): the feeder
+only appends, never waits, so a slow watcher cannot hold up writers or other
+watchers. When a buffer overflows, that watcher stops receiving; its stream
+yields what it had and then ends with RESOURCE_EXHAUSTED carrying
+``resume_from`` (the version to pass as ``from_version`` to continue).
+
+Expiry. ``KV.start`` runs a sweep every ``sweep_interval`` seconds: it
+deletes expired keys (each logged as a ``delete``, so watchers see it) and
+trims the log to the newest ``history`` changes. Expired keys are invisible
+to reads at once, whether or not the sweep has run.
+"""
 
 from __future__ import annotations
 
-from bastion.config import KVConfig
-from bastion.service import Service
-from bastion.store.kv import KVStore
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import time
+from collections import deque
+from collections.abc import AsyncIterator
 
-__all__ = ["KV"]
+import msgspec
+
+from bastion.config import KVConfig
+from bastion.exceptions import (
+    AlreadyExists,
+    CallError,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+from bastion.security.principal import ADMIN_ROLE, Principal
+from bastion.service import Context, Service
+from bastion.store.kv import KVChange, KVEntry, KVNamespace, KVStore, KVWrite, personal_namespace
+
+__all__ = ["KV", "Item", "Page", "PutItem", "WatchEvent"]
+
+log = logging.getLogger("bastion.kv")
+
+POLL_INTERVAL = 1.0  # seconds between log polls while anyone watches (changes from other processes)
+FEED_PAGE = 1000  # changes the hub reads at once
+SWEEP_PAGE = 1000  # expired keys deleted per transaction
+_NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_ACL_ENTRY = re.compile(r"^(user|role):[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_MAX_CONTENT_TYPE = 255
+_ADMIN = [ADMIN_ROLE]
+
+
+class Item(msgspec.Struct, frozen=True):
+    """A key, its value and version (the revision of its last change)."""
+
+    key: str
+    value: bytes
+    version: int
+    content_type: str = ""
+    expires_at: float | None = None
+
+
+class PutItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One key of ``put_many``; fields as the arguments of ``put``."""
+
+    key: str
+    value: bytes
+    content_type: str = ""
+    expected_version: int | None = None
+    ttl: float | None = None
+
+
+class Page(msgspec.Struct, frozen=True):
+    """One page of ``list``; ``next`` is the ``after`` of the next page (None: this was the last)."""
+
+    items: list[Item]
+    next: str | None
+
+
+class WatchEvent(msgspec.Struct, frozen=True):
+    """One item of a ``watch`` stream.
+
+    ``type``: "start" (first item; ``version`` is the revision the watch is
+    consistent with: replayed changes are at most that, live ones above it),
+    "put" or "delete" (``value`` None; expiry included).
+    """
+
+    type: str
+    version: int
+    key: str = ""
+    value: bytes | None = None
+    content_type: str = ""
+
+
+class NamespaceInfo(msgspec.Struct, frozen=True):
+    name: str
+    readers: list[str]
+    writers: list[str]
+    created_at: float
+    created_by: str
+
+
+def _item(entry: KVEntry) -> Item:
+    return Item(entry.key, entry.value, entry.version, entry.content_type, entry.expires_at)
+
+
+def _event(change: KVChange) -> WatchEvent:
+    return WatchEvent(change.op, change.revision, change.key, change.value, change.content_type)
+
+
+def _namespace_info(ns: KVNamespace) -> NamespaceInfo:
+    return NamespaceInfo(ns.name, ns.readers, ns.writers, ns.created_at, ns.created_by)
+
+
+# -- the watch hub --------------------------------------------------------------------------
+
+
+class _Watcher:
+    """One watch stream's bounded buffer; ``offer`` never blocks."""
+
+    def __init__(self, namespace: str, prefix: str, max_items: int, max_bytes: int) -> None:
+        self.namespace, self.prefix = namespace, prefix
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self.buffer: deque[KVChange] = deque()
+        self.bytes = 0
+        self.overflowed = False
+        self.ended: CallError | None = None  # set by the hub: the stream ends with this after its buffer
+        self.wakeup = asyncio.Event()
+
+    def offer(self, change: KVChange) -> None:
+        if self.overflowed or change.namespace != self.namespace or not change.key.startswith(self.prefix):
+            return
+        size = len(change.value or b"")
+        if len(self.buffer) >= self.max_items or self.bytes + size > self.max_bytes:
+            self.overflowed = True
+        else:
+            self.buffer.append(change)
+            self.bytes += size
+        self.wakeup.set()
+
+    def take(self) -> KVChange | None:
+        if not self.buffer:
+            return None
+        change = self.buffer.popleft()
+        self.bytes -= len(change.value or b"")
+        return change
+
+    def end(self, error: CallError) -> None:
+        self.ended = error
+        self.wakeup.set()
+
+
+class _Hub:
+    """Tails the change log and fans changes out to this process's watchers (see the module docstring)."""
+
+    def __init__(self, store: KVStore) -> None:
+        self._store = store
+        self._watchers: set[_Watcher] = set()
+        self._position: int | None = None  # last revision delivered; None while nobody watches
+        self._lock = asyncio.Lock()  # the feeder's read-and-deliver step vs. a watcher joining
+        self._nudged = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._watchers)
+
+    def nudge(self) -> None:
+        """New changes may be in the log (a write committed here, or a notification from elsewhere)."""
+        if self._watchers:
+            self._nudged.set()
+
+    async def join(self, watcher: _Watcher) -> int:
+        """Add ``watcher``; the revision P up to which changes are not delivered to it live."""
+        async with self._lock:
+            if self._position is None:
+                self._position = (await self._store.kv_revisions()).current
+            self._watchers.add(watcher)
+            return self._position
+
+    def leave(self, watcher: _Watcher) -> None:
+        self._watchers.discard(watcher)
+        if not self._watchers:
+            self._position = None
+
+    def end_all(self, error: CallError) -> None:
+        for watcher in list(self._watchers):
+            watcher.end(error)
+        self._watchers.clear()
+        self._position = None
+
+    async def run(self) -> None:
+        """The feeder: deliver every new logged change, in order, whenever nudged (or polled)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL_INTERVAL):
+                    await self._nudged.wait()
+            self._nudged.clear()
+            try:
+                while await self._feed_once():
+                    pass
+            except CallError as exc:  # the store is unavailable: try again at the next nudge or poll
+                log.warning("kv watch feed: %s", exc.message)
+
+    async def _feed_once(self) -> bool:
+        """Deliver one page of changes; whether there may be more."""
+        async with self._lock:
+            if self._position is None or not self._watchers:
+                return False
+            after = self._position
+            changes = await self._store.kv_changes(after, None, FEED_PAGE)
+            if changes and changes[0].revision != after + 1:
+                # Compacted under us (a feed stalled for `history` changes): nobody can be served gaplessly.
+                self.end_all(_behind(after + 1, "the change history moved past it"))
+                return False
+            for change in changes:
+                for watcher in self._watchers:
+                    watcher.offer(change)
+            if changes:
+                self._position = changes[-1].revision
+            return len(changes) == FEED_PAGE
+
+
+def _behind(resume_from: int, why: str) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"watch fell behind ({why}); watch again with from_version={resume_from} to continue",
+        details={"resume_from": resume_from},
+    )
+
+
+# -- the component --------------------------------------------------------------------------
 
 
 class KV:
+    """The ``kv`` service over ``store``, with its expiry sweep and watch hub (a ``HostedComponent``)."""
+
     def __init__(self, store: KVStore, config: KVConfig | None = None) -> None:
         self.store = store
         self.config = config or KVConfig()
+        self.hub = _Hub(store)
+        self._tasks: list[asyncio.Task[None]] = []
         self.service = Service("kv", doc="Key-value storage with versions, compare-and-swap, TTLs and watches.")
+        _declare(self, self.service)
 
     async def start(self) -> None:
-        pass
+        if self._tasks:
+            return
+        self._tasks = [
+            asyncio.create_task(self.hub.run(), name="bastion-kv-watch-feed"),
+            asyncio.create_task(self._sweep_forever(), name="bastion-kv-sweep"),
+        ]
 
     async def aclose(self) -> None:
-        pass
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.hub.end_all(Unavailable("the kv service is stopping; watch again with from_version on a running server"))
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Remove expired keys and trim the change log once; how many keys expired."""
+        now = time.time() if now is None else now
+        total = 0
+        while True:
+            n = await self.store.kv_expire(now, SWEEP_PAGE)
+            total += n
+            if n < SWEEP_PAGE:
+                break
+        trimmed = await self.store.kv_compact(self.config.history)
+        if total or trimmed:
+            self.hub.nudge()
+        return total
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            try:
+                await self.sweep()
+            except CallError as exc:
+                log.warning("kv sweep: %s", exc.message)
+
+    # -- checks shared by the methods ------------------------------------------------------
+
+    async def namespace_for(self, principal: Principal, namespace: str | None, *, write: bool) -> str:
+        """The namespace a call acts on, once ``principal`` may read (or ``write``) it."""
+        if namespace is None or namespace == "":
+            return personal_namespace(principal.name)
+        if len(namespace) > 128:
+            raise InvalidArgument("namespace: a name of at most 128 characters")
+        if ADMIN_ROLE in principal.roles:
+            return namespace
+        if namespace.startswith("~"):
+            if namespace == personal_namespace(principal.name):
+                return namespace
+        else:
+            record = await self.store.kv_get_namespace(namespace)
+            if record is not None and _allowed(principal, record, write):
+                return namespace
+        raise PermissionDenied(f"no {'write' if write else 'read'} access to namespace {namespace!r}")
+
+    def check_key(self, key: str, what: str = "key") -> None:
+        if not key:
+            raise InvalidArgument(f"{what} must not be empty")
+        size = len(key.encode("utf-8", "surrogatepass"))
+        if size > self.config.max_key_bytes:
+            raise InvalidArgument(f"{what} is {size} bytes, over kv.max_key_bytes ({self.config.max_key_bytes})")
+        if "\x00" in key or any(0xD800 <= ord(c) <= 0xDFFF for c in key):
+            raise InvalidArgument(f"{what} must be valid text without NUL characters")
+
+    def check_write(self, item: PutItem, now: float) -> KVWrite:
+        self.check_key(item.key)
+        if len(item.value) > self.config.max_value_bytes:
+            raise InvalidArgument(
+                f"value of {item.key!r} is {len(item.value)} bytes, over kv.max_value_bytes "
+                f"({self.config.max_value_bytes})"
+            )
+        if len(item.content_type) > _MAX_CONTENT_TYPE:
+            raise InvalidArgument(f"content_type is longer than {_MAX_CONTENT_TYPE} characters")
+        if item.expected_version is not None and item.expected_version < 0:
+            raise InvalidArgument("expected_version must be 0 (must not exist) or a version")
+        expires = None
+        if item.ttl is not None:
+            if not (math.isfinite(item.ttl) and item.ttl > 0):
+                raise InvalidArgument("ttl must be a positive number of seconds")
+            expires = now + item.ttl
+        return KVWrite(item.key, item.value, item.content_type, item.expected_version, expires)
+
+    def check_batch(self, n: int, what: str) -> None:
+        if n > self.config.max_batch:
+            raise InvalidArgument(f"{n} {what} in one call, over kv.max_batch ({self.config.max_batch})")
+
+
+def _allowed(principal: Principal, ns: KVNamespace, write: bool) -> bool:
+    entries = ns.writers if write else [*ns.readers, *ns.writers]
+    if f"user:{principal.name}" in entries:
+        return True
+    return any(f"role:{role}" in entries for role in principal.roles)
+
+
+def _check_acl(entries: list[str], what: str) -> list[str]:
+    for entry in entries:
+        if not _ACL_ENTRY.match(entry):
+            raise InvalidArgument(f'{what}: {entry!r} is not "user:NAME" or "role:NAME"')
+    return sorted(set(entries))
+
+
+def _frame_budget(ctx: Context) -> int:
+    """Bytes of values one answer may carry: half a frame, leaving room for keys and framing."""
+    return int(ctx.server.limits().get("max_frame", 1_048_576)) // 2
+
+
+# -- the methods ----------------------------------------------------------------------------
+
+
+def _declare(kv: KV, service: Service) -> None:
+    store, cfg = kv.store, kv.config
+
+    @service.method(idempotent=True)
+    async def get(ctx: Context, key: str, namespace: str | None = None) -> Item:
+        """The value and version of ``key``; NOT_FOUND if it does not exist (or has expired)."""
+        ns = await kv.namespace_for(ctx.principal, namespace, write=False)
+        kv.check_key(key)
+        (entry,) = await store.kv_get_many(ns, [key], time.time())
+        if entry is None:
+            raise NotFound(f"no key {key!r} in namespace {ns!r}")
+        return _item(entry)
+
+    @service.method(idempotent=True)
+    async def get_many(ctx: Context, keys: list[str], namespace: str | None = None) -> list[Item | None]:
+        """Several keys at once, in the order asked; None for each one that does not exist."""
+        ns = await kv.namespace_for(ctx.principal, namespace, write=False)
+        kv.check_batch(len(keys), "keys")
+        for key in keys:
+            kv.check_key(key)
+        entries = await store.kv_get_many(ns, keys, time.time())
+        size = sum(len(e.value) for e in entries if e is not None)
+        if size > _frame_budget(ctx):
+            raise ResourceExhausted(
+                f"the {len(keys)} values come to {size} bytes, more than one answer carries "
+                f"({_frame_budget(ctx)}); ask for fewer keys at a time"
+            )
+        return [None if e is None else _item(e) for e in entries]
+
+    @service.method
+    async def put(
+        ctx: Context,
+        key: str,
+        value: bytes,
+        namespace: str | None = None,
+        expected_version: int | None = None,
+        ttl: float | None = None,
+        content_type: str = "",
+    ) -> int:
+        """Set ``key`` to ``value``; the new version.
+
+        ``expected_version``: 0 = only if the key does not exist; n = only if
+        its version is n (compare-and-swap; ABORTED otherwise). ``ttl``:
+        seconds until the key expires.
+        """
+        ns = await kv.namespace_for(ctx.principal, namespace, write=True)
+        now = time.time()
+        write = kv.check_write(PutItem(key, value, content_type, expected_version, ttl), now)
+        (version,) = await store.kv_put(ns, [write], now)
+        kv.hub.nudge()
+        return version
+
+    @service.method
+    async def put_many(ctx: Context, items: list[PutItem], namespace: str | None = None) -> list[int]:
+        """Put several keys atomically: all are written, or none (any mismatch: ABORTED); their new versions."""
+        ns = await kv.namespace_for(ctx.principal, namespace, write=True)
+        kv.check_batch(len(items), "items")
+        now = time.time()
+        writes = [kv.check_write(item, now) for item in items]
+        if len({w.key for w in writes}) != len(writes):
+            raise InvalidArgument("put_many: a key appears more than once")
+        if not writes:
+            return []
+        versions = await store.kv_put(ns, writes, now)
+        kv.hub.nudge()
+        return versions
+
+    @service.method
+    async def delete(ctx: Context, key: str, namespace: str | None = None, expected_version: int | None = None) -> bool:
+        """Delete ``key``; whether it existed. With ``expected_version``, only if it matches (ABORTED otherwise)."""
+        ns = await kv.namespace_for(ctx.principal, namespace, write=True)
+        kv.check_key(key)
+        if expected_version is not None and expected_version < 0:
+            raise InvalidArgument("expected_version must be 0 (must not exist) or a version")
+        revision = await store.kv_delete(ns, key, expected_version, time.time())
+        if revision:
+            kv.hub.nudge()
+        return revision > 0
+
+    @service.method(name="list", idempotent=True)
+    async def list_(
+        ctx: Context,
+        prefix: str = "",
+        namespace: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+        keys_only: bool = False,
+    ) -> Page:
+        """Keys starting with ``prefix``, in byte order, one page at a time.
+
+        Pass the page's ``next`` as ``after`` for the following page. A page
+        holds at most ``limit`` (default and maximum kv.max_page) items and
+        stops early to fit one answer; ``keys_only`` leaves values out.
+        """
+        ns = await kv.namespace_for(ctx.principal, namespace, write=False)
+        if prefix:
+            kv.check_key(prefix, "prefix")
+        if after is not None:
+            kv.check_key(after, "after")
+        limit = cfg.max_page if limit is None else limit
+        if not 0 < limit <= cfg.max_page:
+            raise InvalidArgument(f"limit must be 1..{cfg.max_page} (kv.max_page)")
+        entries = await store.kv_list(ns, prefix, after, limit + 1, time.time())
+        budget, items = _frame_budget(ctx), list[Item]()
+        for entry in entries[:limit]:
+            item = _item(entry)
+            if keys_only:
+                item = msgspec.structs.replace(item, value=b"")
+            budget -= len(item.value) + len(item.key)
+            if items and budget < 0:
+                break
+            items.append(item)
+        more = len(items) < len(entries)
+        return Page(items, items[-1].key if more else None)
+
+    @service.method
+    async def watch(
+        ctx: Context, prefix: str = "", namespace: str | None = None, from_version: int | None = None
+    ) -> AsyncIterator[WatchEvent]:
+        """A stream of changes to keys starting with ``prefix``: first a "start" item, then
+        "put"/"delete" items in version order, replayed from ``from_version`` if given, then live.
+
+        OUT_OF_RANGE if ``from_version`` is older than the kept history (the
+        message names the earliest available); RESOURCE_EXHAUSTED, with
+        ``resume_from`` in its details, if this watcher falls too far behind.
+        """
+        ns = await kv.namespace_for(ctx.principal, namespace, write=False)
+        if prefix:
+            kv.check_key(prefix, "prefix")
+        if from_version is not None and from_version < 1:
+            raise InvalidArgument("from_version must be a version (1 or more)")
+        if len(kv.hub) >= cfg.max_watchers:
+            raise ResourceExhausted(f"{cfg.max_watchers} watches are open on this server (kv.max_watchers)")
+        watcher = _Watcher(ns, prefix, cfg.watch_buffer, cfg.watch_buffer_bytes)
+        start = await kv.hub.join(watcher)
+        try:
+            yield WatchEvent("start", start)
+            last = start
+            if from_version is not None:
+                async for change in _replay(store, ns, prefix, from_version, start):
+                    yield _event(change)
+                last = max(start, from_version - 1)
+            while True:
+                live = watcher.take()
+                if live is not None:
+                    if live.revision > last:
+                        last = live.revision
+                        yield _event(live)
+                    continue
+                if watcher.ended is not None:
+                    raise watcher.ended
+                if watcher.overflowed:
+                    raise _behind(
+                        last + 1,
+                        f"more than {cfg.watch_buffer} changes or {cfg.watch_buffer_bytes} "
+                        "bytes waited for this stream",
+                    )
+                await watcher.wakeup.wait()
+                watcher.wakeup.clear()
+        finally:
+            kv.hub.leave(watcher)
+
+    @service.method(roles=_ADMIN)
+    async def create_namespace(
+        ctx: Context, name: str, readers: list[str] | None = None, writers: list[str] | None = None
+    ) -> NamespaceInfo:
+        """Create a shared namespace (admin) with its access lists of "user:NAME" / "role:NAME"."""
+        if not _NAMESPACE.match(name):
+            raise InvalidArgument("a namespace name is 1-64 lowercase letters, digits, '.', '_' or '-'")
+        record = KVNamespace(
+            name, _check_acl(readers or [], "readers"), _check_acl(writers or [], "writers"), time.time(),
+            ctx.principal.name,
+        )  # fmt: skip
+        if not await store.kv_create_namespace(record):
+            raise AlreadyExists(f"namespace {name!r} exists")
+        return _namespace_info(record)
+
+    @service.method(roles=_ADMIN, idempotent=True)
+    async def set_access(ctx: Context, name: str, readers: list[str], writers: list[str]) -> NamespaceInfo:
+        """Replace a shared namespace's access lists (admin)."""
+        record = await store.kv_update_namespace(name, _check_acl(readers, "readers"), _check_acl(writers, "writers"))
+        if record is None:
+            raise NotFound(f"no namespace {name!r}")
+        return _namespace_info(record)
+
+    @service.method(roles=_ADMIN)
+    async def delete_namespace(ctx: Context, name: str) -> int:
+        """Delete a shared namespace and every key in it (admin); how many keys were deleted."""
+        deleted = await store.kv_delete_namespace(name, time.time())
+        if deleted is None:
+            raise NotFound(f"no namespace {name!r}")
+        kv.hub.nudge()
+        return deleted
+
+    @service.method(idempotent=True)
+    async def namespaces(ctx: Context) -> list[NamespaceInfo]:
+        """The shared namespaces the caller may read (admin: all), by name."""
+        records = await store.kv_list_namespaces()
+        p = ctx.principal
+        return [_namespace_info(r) for r in records if ADMIN_ROLE in p.roles or _allowed(p, r, False)]
+
+
+async def _replay(store: KVStore, ns: str, prefix: str, from_version: int, upto: int) -> AsyncIterator[KVChange]:
+    """Logged changes of ``ns``/``prefix`` with ``from_version <= revision <= upto``, checked for compaction."""
+    after = from_version - 1
+    while after < upto:
+        changes = await store.kv_changes(after, upto, FEED_PAGE, ns, prefix)
+        compacted = (await store.kv_revisions()).compacted
+        if compacted > after:  # some of what we asked for was gone before we read it
+            raise OutOfRange(
+                f"version {after + 1} is no longer in the change history; the earliest available is "
+                f"{compacted + 1} (kv.history keeps the newest changes)",
+                details={"earliest": compacted + 1},
+            )
+        for change in changes:
+            yield change
+        if len(changes) < FEED_PAGE:
+            return
+        after = changes[-1].revision

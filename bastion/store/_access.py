@@ -46,7 +46,11 @@ class PostgresAccess:
     unless the mixin opens ``conn.transaction()``); ``_call(coro_fn)`` runs
     ``coro_fn(conn)`` on a pooled connection and translates database errors
     into bastion's (``Unavailable``/``InternalError``), so mixins should
-    prefer it over touching ``_pool`` directly.
+    prefer it over touching ``_pool`` directly. Pooled connections are not
+    reset when released (it saves a round trip per call), so a mixin never
+    leaves session state behind: no session-level ``SET``, session advisory
+    locks, ``LISTEN`` or ``WITH HOLD`` cursors on a pooled connection (use
+    ``SET LOCAL`` and ``pg_advisory_xact_lock`` inside a transaction).
     """
 
     if TYPE_CHECKING:

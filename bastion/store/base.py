@@ -2,9 +2,9 @@
 
 ``Store`` is what the rest of bastion sees of storage: the ``CredentialStore``
 that security defines (users, tokens, lockouts), plus a lifecycle. Backends
-implement it -- SQLite (``bastion.store.sqlite``, embedded, the default) now,
-PostgreSQL (shared between replicas) later -- and all of them pass the same
-test suite (tests/store/). No SQL leaves a backend.
+implement it -- SQLite (``bastion.store.sqlite``, embedded, the default) and
+PostgreSQL (``bastion.store.postgres``, shared between replicas) -- and both
+pass the same test suite (tests/store/). No SQL leaves a backend.
 
 Contract every backend keeps:
 
@@ -153,18 +153,24 @@ def open_store(url_or_path: str | os.PathLike[str], *, password: str | None = No
     """The store for a path or URL, not yet opened (use ``async with``).
 
     A plain path or ``sqlite:///path`` (``sqlite:////abs/path`` for an absolute
-    one, as in SQLAlchemy) selects SQLite. PostgreSQL URLs are recognised but
-    not supported yet. ``password`` is the PostgreSQL password when it is kept
-    out of the URL (a file, the environment); SQLite ignores it.
+    one, as in SQLAlchemy) selects SQLite. ``postgresql://…`` or
+    ``postgres://…`` (libpq URL syntax; ``postgresql+asyncpg://`` is accepted
+    too) selects PostgreSQL; query parameters libpq does not know are server
+    settings, so ``?search_path=tenant`` keeps the tables in schema
+    ``tenant``. ``password`` is the PostgreSQL password when it is kept out
+    of the URL (a file, the environment; PGPASSWORD and ~/.pgpass work as
+    with libpq); SQLite ignores it.
     """
     text = os.fspath(url_or_path)
     if not text.strip():
-        raise UsageError("store location is empty: give a file path or a sqlite:/// URL")
+        raise UsageError("store location is empty: give a file path, sqlite:///path or postgresql://…")
     if text.startswith(_POSTGRES_SCHEMES):
-        raise UsageError(
-            "the PostgreSQL store is not yet supported; use a SQLite path or sqlite:///path for now "
-            "(PostgreSQL will need the optional extra: pip install 'bastion[postgres]')"
-        )
+        if text.startswith("postgresql+") and not text.startswith("postgresql+asyncpg://"):
+            driver = text.split("://", 1)[0]
+            raise UsageError(f"unsupported store scheme {driver!r}: use postgresql://… (bastion uses asyncpg)")
+        from bastion.store.postgres import PostgresStore
+
+        return PostgresStore(text, password=password)
     if text.startswith(_SQLITE_PREFIX):
         text = text[len(_SQLITE_PREFIX) :]
         if not text or text == ":memory:":

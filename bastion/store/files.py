@@ -1,28 +1,923 @@
 """The ``files`` storage domain: interface, SQLite mixin, PostgreSQL mixin.
 
-(Being written: see issue 5.)
+Theory of operation
+-------------------
+
+The store keeps only metadata; file contents live on disk beside it (the
+``files`` service owns that directory). Four tables:
+
+``files``
+    one row per file: a random id, its owner, a per-owner path ``name``
+    (unique per owner), size, and the ``sha256`` of its contents, which names
+    the immutable blob ``<files dir>/blobs/<sha256[:2]>/<sha256>``. Two files
+    with the same contents share one blob.
+``file_shares``
+    grants on one file to a user or a role, ``read`` or ``write``; deleted
+    with the file.
+``file_uploads``
+    uploads in progress: who is charged for them (the owner of the file
+    being made or replaced), who may continue them (the uploader), the
+    declared size and SHA-256, and what they will become (a new name, or a
+    file whose contents they replace). An upload's reserved size counts
+    toward its owner's quota until it is committed or discarded.
+``file_blobs``
+    one row per blob on disk, and the bookkeeping that lets blobs be deleted
+    *late*: ``unreferenced_since`` is set when the last file naming a blob
+    goes, and the sweep deletes a blob only once that is older than a grace
+    period, so a backup that read the ``files`` table a moment ago still
+    finds every blob it names.
+
+Blob life cycle, safe against a sweep running concurrently (even on another
+replica): a commit first *pins* the blob row (``files_pin_blob``: live, not
+unreferenced, pinned for ten minutes), then moves the verified contents into
+place, then commits the file row (``files_commit_upload``). The sweep
+(``files_claim_blobs``) claims only rows that are unreferenced past the
+grace period and not pinned, by flipping them to ``deleting`` with its own
+claim token; it unlinks their blobs and then drops the rows
+(``files_forget_blobs``). A pin refuses a row in ``deleting`` (the caller
+waits for the sweep to finish), so a blob being put in place is never the
+one being unlinked. A claim left by a crashed sweep is taken over after ten
+minutes.
+
+Quotas: ``files_begin_upload`` checks and reserves in one transaction (on
+PostgreSQL under an advisory lock per owner), so concurrent uploads cannot
+together exceed a quota.
+
+The SQL is written once, with PostgreSQL's ``$n`` placeholders; SQLite reads
+the same statements with ``?n``.
 """
 
 from __future__ import annotations
 
-from abc import ABC
+import re
+import sqlite3
+import time
+from abc import ABC, abstractmethod
+from typing import Any
 
+import msgspec
+
+from bastion.exceptions import AlreadyExists, NotFound, ResourceExhausted
 from bastion.store._access import PostgresAccess, SQLiteAccess
 
-__all__ = ["POSTGRES_SCHEMA", "SQLITE_SCHEMA", "FileStore", "PostgresFiles", "SQLiteFiles"]
+__all__ = [
+    "POSTGRES_SCHEMA",
+    "SQLITE_SCHEMA",
+    "FileRecord",
+    "FileShare",
+    "FileStore",
+    "PostgresFiles",
+    "SQLiteFiles",
+    "UploadRecord",
+]
 
-# Schema migration statements of this domain (its migration version is fixed in migrations.py).
-SQLITE_SCHEMA: tuple[str, ...] = ()
-POSTGRES_SCHEMA: tuple[str, ...] = ()
+#: Seconds a pin keeps a blob from the sweep while a commit moves it into place.
+PIN_SECONDS = 600.0
+#: Seconds after which a sweep's unfinished claim (it crashed) may be taken over.
+CLAIM_SECONDS = 600.0
+
+
+class FileRecord(msgspec.Struct, frozen=True):
+    """A finished file."""
+
+    id: str
+    owner: str
+    name: str
+    size: int
+    sha256: str
+    created_at: float
+    updated_at: float
+
+
+class FileShare(msgspec.Struct, frozen=True):
+    """A grant on one file: ``kind`` is "user" or "role", ``mode`` "read" or "write"."""
+
+    file_id: str
+    kind: str
+    grantee: str
+    mode: str
+    created_at: float
+
+
+class UploadRecord(msgspec.Struct, frozen=True):
+    """An upload in progress.
+
+    ``owner`` is charged for it (and will own the result); ``uploader`` may
+    continue it. ``file_id`` is the file whose contents it replaces (None: it
+    creates ``name``; with ``overwrite``, an existing ``name`` of the owner
+    gets the new contents).
+    """
+
+    id: str
+    owner: str
+    uploader: str
+    name: str
+    size: int
+    sha256: str
+    file_id: str | None
+    overwrite: bool
+    created_at: float
+    updated_at: float
 
 
 class FileStore(ABC):
-    """What every backend offers for files."""
+    """What every backend offers for files (metadata only; contents are the service's)."""
+
+    @abstractmethod
+    async def files_get(self, file_id: str) -> FileRecord | None: ...
+
+    @abstractmethod
+    async def files_get_by_name(self, owner: str, name: str) -> FileRecord | None: ...
+
+    @abstractmethod
+    async def files_list(
+        self,
+        *,
+        viewer: str | None,
+        roles: frozenset[str] = frozenset(),
+        owner: str | None = None,
+        prefix: str = "",
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[FileRecord]:
+        """Files ordered by ``(owner, name)``, after ``after`` (an ``(owner, name)`` key).
+
+        ``viewer``: only files it owns or that are shared with it (as a user or
+        through one of ``roles``); None: every file. ``owner``: only that owner's.
+        ``prefix``: only names starting with it.
+        """
+
+    @abstractmethod
+    async def files_usage(self, owner: str) -> tuple[int, int]:
+        """Bytes ``owner`` holds: (finished files, reserved by open uploads)."""
+
+    @abstractmethod
+    async def files_delete(self, file_id: str, at: float) -> FileRecord | None:
+        """Delete a file and its shares; its blob becomes unreferenced if no file names it. The deleted record."""
+
+    @abstractmethod
+    async def files_rename(self, file_id: str, name: str, at: float) -> FileRecord:
+        """Rename within the owner's names; ``NotFound``, or ``AlreadyExists`` if the name is taken."""
+
+    # -- shares ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def files_share(self, share: FileShare) -> None:
+        """Add or replace the grant of ``(file_id, kind, grantee)``; ``NotFound`` for an unknown file."""
+
+    @abstractmethod
+    async def files_unshare(self, file_id: str, kind: str, grantee: str) -> bool: ...
+
+    @abstractmethod
+    async def files_shares(self, file_id: str) -> list[FileShare]:
+        """The grants on a file, by ``(kind, grantee)``."""
+
+    # -- uploads --------------------------------------------------------------------------
+
+    @abstractmethod
+    async def files_begin_upload(self, upload: UploadRecord, quota: int) -> None:
+        """Record an upload, reserving ``upload.size`` of its owner's ``quota``.
+
+        ``ResourceExhausted`` if finished files plus open uploads plus this one
+        would exceed ``quota``; ``AlreadyExists`` if it creates a name the owner
+        already has (and ``overwrite`` is false); ``NotFound`` if the file it
+        replaces does not exist.
+        """
+
+    @abstractmethod
+    async def files_get_upload(self, upload_id: str) -> UploadRecord | None: ...
+
+    @abstractmethod
+    async def files_list_uploads(self, uploader: str | None) -> list[UploadRecord]:
+        """Open uploads of ``uploader`` (every one if None), oldest first."""
+
+    @abstractmethod
+    async def files_touch_upload(self, upload_id: str, at: float) -> bool:
+        """Mark an upload active at ``at`` (it expires ``upload_ttl`` after its last activity)."""
+
+    @abstractmethod
+    async def files_delete_upload(self, upload_id: str) -> bool: ...
+
+    @abstractmethod
+    async def files_expire_uploads(self, before: float) -> list[str]:
+        """Delete uploads last active before ``before``; their ids."""
+
+    @abstractmethod
+    async def files_commit_upload(self, upload_id: str, new_id: str, at: float) -> FileRecord:
+        """Turn a finished upload into a file, in one transaction, and drop the upload.
+
+        A new file gets id ``new_id``; a replacement (``file_id``, or an
+        overwritten name) keeps its id, shares and ``created_at``, and the
+        blob it named may become unreferenced. The blob must have been pinned
+        (``files_pin_blob``) and put in place first. ``NotFound`` if the
+        upload or the file it replaces is gone; ``AlreadyExists`` if its name
+        was taken meanwhile.
+        """
+
+    # -- blobs ----------------------------------------------------------------------------
+
+    @abstractmethod
+    async def files_pin_blob(self, sha256: str, size: int, at: float) -> bool:
+        """Keep blob ``sha256`` from the sweep while a commit puts it in place.
+
+        False if a sweep is deleting it right now (wait and try again).
+        """
+
+    @abstractmethod
+    async def files_claim_blobs(self, now: float, grace: float, token: str, limit: int = 1000) -> list[str]:
+        """For the sweep: mark newly unreferenced blobs, then claim (as ``token``) those
+        unreferenced for more than ``grace`` seconds and not pinned; their SHA-256s."""
+
+    @abstractmethod
+    async def files_forget_blobs(self, token: str, sha256s: list[str]) -> int:
+        """Drop the rows of claimed blobs the sweep has unlinked."""
+
+    @abstractmethod
+    async def files_blob_referenced(self, sha256: str) -> bool:
+        """Whether a file names ``sha256`` or its blob row is live."""
+
+    # -- users ----------------------------------------------------------------------------
+
+    @abstractmethod
+    async def files_reassign_owner(self, old: str, new: str | None) -> int:
+        """Hand every file of ``old`` to ``new`` (delete them if None); the number of files changed.
+
+        Uploads of ``old`` are dropped and shares granted to the user ``old``
+        removed either way. A handed-over name that ``new`` already uses
+        becomes ``<name>~<file id>``.
+        """
+
+
+# -- schema ------------------------------------------------------------------------------
+
+SQLITE_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE files (
+        id         TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        size       INTEGER NOT NULL,
+        sha256     TEXT NOT NULL,           -- names the blob <files dir>/blobs/<sha256[:2]>/<sha256>
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        UNIQUE (owner, name)
+    )""",
+    "CREATE INDEX files_by_sha256 ON files (sha256)",
+    """CREATE TABLE file_shares (
+        file_id    TEXT NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+        kind       TEXT NOT NULL CHECK (kind IN ('user', 'role')),
+        grantee    TEXT NOT NULL,
+        mode       TEXT NOT NULL CHECK (mode IN ('read', 'write')),
+        created_at REAL NOT NULL,
+        PRIMARY KEY (file_id, kind, grantee)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX file_shares_by_grantee ON file_shares (kind, grantee)",
+    """CREATE TABLE file_uploads (
+        id         TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL,           -- charged for it, owns the result
+        uploader   TEXT NOT NULL,           -- may continue it
+        name       TEXT NOT NULL,
+        size       INTEGER NOT NULL,
+        sha256     TEXT NOT NULL,
+        file_id    TEXT,                    -- the file whose contents it replaces, or NULL
+        overwrite  INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    )""",
+    "CREATE INDEX file_uploads_by_owner ON file_uploads (owner)",
+    """CREATE TABLE file_blobs (
+        sha256             TEXT PRIMARY KEY,
+        size               INTEGER NOT NULL,
+        state              TEXT NOT NULL DEFAULT 'live' CHECK (state IN ('live', 'deleting')),
+        unreferenced_since REAL,
+        pinned_until       REAL,
+        claimed_by         TEXT,
+        claimed_at         REAL
+    ) WITHOUT ROWID""",
+)
+
+POSTGRES_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE files (
+        id         TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        size       BIGINT NOT NULL,
+        sha256     TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        UNIQUE (owner, name)
+    )""",
+    "CREATE INDEX files_by_sha256 ON files (sha256)",
+    """CREATE TABLE file_shares (
+        file_id    TEXT NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+        kind       TEXT NOT NULL CHECK (kind IN ('user', 'role')),
+        grantee    TEXT NOT NULL,
+        mode       TEXT NOT NULL CHECK (mode IN ('read', 'write')),
+        created_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (file_id, kind, grantee)
+    )""",
+    "CREATE INDEX file_shares_by_grantee ON file_shares (kind, grantee)",
+    """CREATE TABLE file_uploads (
+        id         TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL,
+        uploader   TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        size       BIGINT NOT NULL,
+        sha256     TEXT NOT NULL,
+        file_id    TEXT,
+        overwrite  BOOLEAN NOT NULL DEFAULT FALSE,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX file_uploads_by_owner ON file_uploads (owner)",
+    """CREATE TABLE file_blobs (
+        sha256             TEXT PRIMARY KEY,
+        size               BIGINT NOT NULL,
+        state              TEXT NOT NULL DEFAULT 'live' CHECK (state IN ('live', 'deleting')),
+        unreferenced_since DOUBLE PRECISION,
+        pinned_until       DOUBLE PRECISION,
+        claimed_by         TEXT,
+        claimed_at         DOUBLE PRECISION
+    )""",
+)
+
+# -- SQL shared by both dialects ($n placeholders; SQLite reads them as ?n) ----------------
+
+_FILE_COLUMNS = "id, owner, name, size, sha256, created_at, updated_at"
+_SHARE_COLUMNS = "file_id, kind, grantee, mode, created_at"
+_UPLOAD_COLUMNS = "id, owner, uploader, name, size, sha256, file_id, overwrite, created_at, updated_at"
+
+_GET = f"SELECT {_FILE_COLUMNS} FROM files WHERE id = $1"
+_GET_BY_NAME = f"SELECT {_FILE_COLUMNS} FROM files WHERE owner = $1 AND name = $2"
+_USAGE_FILES = "SELECT COALESCE(SUM(size), 0) FROM files WHERE owner = $1"
+_USAGE_UPLOADS = "SELECT COALESCE(SUM(size), 0) FROM file_uploads WHERE owner = $1"
+_DELETE = f"DELETE FROM files WHERE id = $1 RETURNING {_FILE_COLUMNS}"
+_RENAME = f"UPDATE files SET name = $2, updated_at = $3 WHERE id = $1 RETURNING {_FILE_COLUMNS}"
+_SHARE = (
+    f"INSERT INTO file_shares ({_SHARE_COLUMNS}) VALUES ($1, $2, $3, $4, $5) "
+    "ON CONFLICT (file_id, kind, grantee) DO UPDATE SET mode = excluded.mode, created_at = excluded.created_at"
+)
+_UNSHARE = "DELETE FROM file_shares WHERE file_id = $1 AND kind = $2 AND grantee = $3"
+_SHARES = f"SELECT {_SHARE_COLUMNS} FROM file_shares WHERE file_id = $1 ORDER BY kind, grantee"
+_INSERT_UPLOAD = f"INSERT INTO file_uploads ({_UPLOAD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_GET_UPLOAD = f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE id = $1"
+_UPLOADS_OF = f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE uploader = $1 ORDER BY created_at, id"
+_UPLOADS_ALL = f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads ORDER BY created_at, id"
+_TOUCH_UPLOAD = "UPDATE file_uploads SET updated_at = $2 WHERE id = $1"
+_DELETE_UPLOAD = "DELETE FROM file_uploads WHERE id = $1"
+_EXPIRE_UPLOADS = "DELETE FROM file_uploads WHERE updated_at < $1 RETURNING id"
+_INSERT_FILE = f"INSERT INTO files ({_FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING"
+_REPLACE_CONTENTS = f"UPDATE files SET size = $2, sha256 = $3, updated_at = $4 WHERE id = $1 RETURNING {_FILE_COLUMNS}"
+# The blob of a file is referenced again (a commit, or a file handed over).
+_BLOB_REFERENCED = "UPDATE file_blobs SET unreferenced_since = NULL WHERE sha256 = $1"
+# After a file went or changed contents: its old blob is unreferenced from now if no file names it.
+_BLOB_RELEASED = (
+    "UPDATE file_blobs SET unreferenced_since = $2 WHERE sha256 = $1 AND state = 'live' "
+    "AND NOT EXISTS (SELECT 1 FROM files WHERE files.sha256 = file_blobs.sha256)"
+)
+_PIN = (
+    "INSERT INTO file_blobs (sha256, size, state, unreferenced_since, pinned_until) VALUES ($1, $2, 'live', NULL, $3) "
+    "ON CONFLICT (sha256) DO UPDATE SET unreferenced_since = NULL, pinned_until = excluded.pinned_until "
+    "WHERE file_blobs.state = 'live'"
+)
+_BLOB_STATE = "SELECT state FROM file_blobs WHERE sha256 = $1"
+_MARK_UNREFERENCED = (
+    "UPDATE file_blobs SET unreferenced_since = $1 WHERE state = 'live' AND unreferenced_since IS NULL "
+    "AND NOT EXISTS (SELECT 1 FROM files WHERE files.sha256 = file_blobs.sha256)"
+)
+_CLAIMABLE = (
+    "((state = 'live' AND unreferenced_since < $3 AND (pinned_until IS NULL OR pinned_until < $1)"
+    " AND NOT EXISTS (SELECT 1 FROM files WHERE files.sha256 = file_blobs.sha256))"
+    " OR (state = 'deleting' AND claimed_at < $4))"
+)
+# The condition is repeated outside the subquery: on PostgreSQL a row another sweep (or a
+# pin) changed meanwhile is re-checked against it, so two sweeps never claim one blob.
+_CLAIM = (
+    "UPDATE file_blobs SET state = 'deleting', claimed_by = $2, claimed_at = $1 WHERE sha256 IN ("
+    f"SELECT sha256 FROM file_blobs WHERE {_CLAIMABLE} LIMIT $5) AND {_CLAIMABLE} RETURNING sha256"
+)
+_FORGET = "DELETE FROM file_blobs WHERE sha256 = $1 AND state = 'deleting' AND claimed_by = $2"
+_BLOB_IN_USE = (
+    "SELECT EXISTS (SELECT 1 FROM files WHERE sha256 = $1) "
+    "OR EXISTS (SELECT 1 FROM file_blobs WHERE sha256 = $1 AND state = 'live')"
+)
+_OWNED = f"SELECT {_FILE_COLUMNS} FROM files WHERE owner = $1 ORDER BY name"
+_DROP_UPLOADS_OF = "DELETE FROM file_uploads WHERE owner = $1 OR uploader = $1"
+_DROP_USER_SHARES = "DELETE FROM file_shares WHERE kind = 'user' AND grantee = $1"
+_HAND_OVER = "UPDATE files SET owner = $2, name = $3, updated_at = $4 WHERE id = $1"
+
+
+def _list_sql(viewer: bool, owner: bool, after: bool, n_roles: int) -> tuple[str, list[str]]:
+    """The ``files_list`` query and the order of its parameters (by name)."""
+    # Not LIKE: SQLite's ignores ASCII case, PostgreSQL's does not.
+    where = ["substr(name, 1, length(CAST($1 AS TEXT))) = CAST($1 AS TEXT)"]
+    params = ["pattern"]
+
+    def param(name: str) -> str:
+        params.append(name)
+        return f"${len(params)}"
+
+    if owner:
+        where.append(f"owner = {param('owner')}")
+    if after:
+        where.append(f"(owner, name) > ({param('after_owner')}, {param('after_name')})")
+    if viewer:
+        me = param("viewer")
+        grantees = [f"(s.kind = 'user' AND s.grantee = {me})"]
+        roles = [param(f"role{i}") for i in range(n_roles)]
+        if roles:
+            grantees.append(f"(s.kind = 'role' AND s.grantee IN ({', '.join(roles)}))")
+        where.append(
+            f"(owner = {me} OR EXISTS (SELECT 1 FROM file_shares s WHERE s.file_id = files.id "
+            f"AND ({' OR '.join(grantees)})))"
+        )
+    sql = f"SELECT {_FILE_COLUMNS} FROM files WHERE {' AND '.join(where)} ORDER BY owner, name LIMIT {param('limit')}"
+    return sql, params
+
+
+def _list_args(
+    params: list[str],
+    viewer: str | None,
+    roles: list[str],
+    owner: str | None,
+    prefix: str,
+    after: tuple[str, str] | None,
+    limit: int,
+) -> list[Any]:
+    values: dict[str, Any] = {"pattern": prefix, "viewer": viewer, "owner": owner, "limit": limit}
+    if after is not None:
+        values["after_owner"], values["after_name"] = after
+    values.update({f"role{i}": role for i, role in enumerate(roles)})
+    return [values[name] for name in params]
+
+
+def _quota_error(owner: str, used: int, size: int, quota: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"quota exceeded for {owner!r}: {used} bytes used or reserved + {size} requested > limit {quota} bytes"
+    )
+
+
+def _handed_name(name: str, file_id: str, taken: bool) -> str:
+    return f"{name}~{file_id}" if taken else name
+
+
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+
+
+def _sqlite(sql: str) -> str:
+    return _PLACEHOLDER.sub(r"?\1", sql)
+
+
+def _file(row: Any) -> FileRecord:
+    return FileRecord(str(row[0]), str(row[1]), str(row[2]), int(row[3]), str(row[4]), float(row[5]), float(row[6]))
+
+
+def _share(row: Any) -> FileShare:
+    return FileShare(str(row[0]), str(row[1]), str(row[2]), str(row[3]), float(row[4]))
+
+
+def _upload(row: Any) -> UploadRecord:
+    return UploadRecord(
+        str(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4]), str(row[5]),
+        None if row[6] is None else str(row[6]), bool(row[7]), float(row[8]), float(row[9]),
+    )  # fmt: skip
+
+
+def _upload_row(u: UploadRecord) -> tuple[Any, ...]:
+    return (u.id, u.owner, u.uploader, u.name, u.size, u.sha256, u.file_id, u.overwrite, u.created_at, u.updated_at)
+
+
+def _replace_target_missing(upload: UploadRecord) -> NotFound:
+    return NotFound(f"the file this upload replaces ({upload.file_id}) no longer exists; the upload is discarded")
+
+
+# -- SQLite ------------------------------------------------------------------------------
+
+_Q = {name: _sqlite(value) for name, value in list(globals().items()) if name.isupper() and isinstance(value, str)}
+Conn = sqlite3.Connection
 
 
 class SQLiteFiles(SQLiteAccess, FileStore):
-    pass
+    """``FileStore`` on the SQLite core (``_read``/``_write``)."""
+
+    async def files_get(self, file_id: str) -> FileRecord | None:
+        row = await self._read(lambda c: c.execute(_Q["_GET"], (file_id,)).fetchone())
+        return None if row is None else _file(row)
+
+    async def files_get_by_name(self, owner: str, name: str) -> FileRecord | None:
+        row = await self._read(lambda c: c.execute(_Q["_GET_BY_NAME"], (owner, name)).fetchone())
+        return None if row is None else _file(row)
+
+    async def files_list(
+        self,
+        *,
+        viewer: str | None,
+        roles: frozenset[str] = frozenset(),
+        owner: str | None = None,
+        prefix: str = "",
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[FileRecord]:
+        ordered = sorted(roles) if viewer is not None else []
+        sql, params = _list_sql(viewer is not None, owner is not None, after is not None, len(ordered))
+        args = _list_args(params, viewer, ordered, owner, prefix, after, limit)
+        rows = await self._read(lambda c: c.execute(_sqlite(sql), args).fetchall())
+        return [_file(row) for row in rows]
+
+    async def files_usage(self, owner: str) -> tuple[int, int]:
+        def usage(c: Conn) -> tuple[int, int]:
+            return int(c.execute(_Q["_USAGE_FILES"], (owner,)).fetchone()[0]), int(
+                c.execute(_Q["_USAGE_UPLOADS"], (owner,)).fetchone()[0]
+            )
+
+        return await self._read(usage)
+
+    async def files_delete(self, file_id: str, at: float) -> FileRecord | None:
+        def delete(c: Conn) -> FileRecord | None:
+            row = c.execute(_Q["_DELETE"], (file_id,)).fetchone()
+            if row is None:
+                return None
+            record = _file(row)
+            c.execute(_Q["_BLOB_RELEASED"], (record.sha256, at))
+            return record
+
+        return await self._write(delete)
+
+    async def files_rename(self, file_id: str, name: str, at: float) -> FileRecord:
+        def rename(c: Conn) -> FileRecord:
+            try:
+                row = c.execute(_Q["_RENAME"], (file_id, name, at)).fetchone()
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"a file named {name!r} already exists") from None
+            if row is None:
+                raise NotFound(f"no file {file_id}")
+            return _file(row)
+
+        return await self._write(rename)
+
+    async def files_share(self, share: FileShare) -> None:
+        def add(c: Conn) -> None:
+            try:
+                c.execute(_Q["_SHARE"], (share.file_id, share.kind, share.grantee, share.mode, share.created_at))
+            except sqlite3.IntegrityError:
+                raise NotFound(f"no file {share.file_id}") from None
+
+        await self._write(add)
+
+    async def files_unshare(self, file_id: str, kind: str, grantee: str) -> bool:
+        return await self._write(lambda c: c.execute(_Q["_UNSHARE"], (file_id, kind, grantee)).rowcount) == 1
+
+    async def files_shares(self, file_id: str) -> list[FileShare]:
+        rows = await self._read(lambda c: c.execute(_Q["_SHARES"], (file_id,)).fetchall())
+        return [_share(row) for row in rows]
+
+    async def files_begin_upload(self, upload: UploadRecord, quota: int) -> None:
+        def begin(c: Conn) -> None:
+            _sqlite_check_target(c, upload)
+            used = int(c.execute(_Q["_USAGE_FILES"], (upload.owner,)).fetchone()[0])
+            used += int(c.execute(_Q["_USAGE_UPLOADS"], (upload.owner,)).fetchone()[0])
+            if used + upload.size > quota:
+                raise _quota_error(upload.owner, used, upload.size, quota)
+            c.execute(_Q["_INSERT_UPLOAD"], _upload_row(upload))
+
+        await self._write(begin)
+
+    async def files_get_upload(self, upload_id: str) -> UploadRecord | None:
+        row = await self._read(lambda c: c.execute(_Q["_GET_UPLOAD"], (upload_id,)).fetchone())
+        return None if row is None else _upload(row)
+
+    async def files_list_uploads(self, uploader: str | None) -> list[UploadRecord]:
+        if uploader is None:
+            rows = await self._read(lambda c: c.execute(_Q["_UPLOADS_ALL"]).fetchall())
+        else:
+            rows = await self._read(lambda c: c.execute(_Q["_UPLOADS_OF"], (uploader,)).fetchall())
+        return [_upload(row) for row in rows]
+
+    async def files_touch_upload(self, upload_id: str, at: float) -> bool:
+        return await self._write(lambda c: c.execute(_Q["_TOUCH_UPLOAD"], (upload_id, at)).rowcount) == 1
+
+    async def files_delete_upload(self, upload_id: str) -> bool:
+        return await self._write(lambda c: c.execute(_Q["_DELETE_UPLOAD"], (upload_id,)).rowcount) == 1
+
+    async def files_expire_uploads(self, before: float) -> list[str]:
+        rows = await self._write(lambda c: c.execute(_Q["_EXPIRE_UPLOADS"], (before,)).fetchall())
+        return [str(row[0]) for row in rows]
+
+    async def files_commit_upload(self, upload_id: str, new_id: str, at: float) -> FileRecord:
+        def commit(c: Conn) -> FileRecord:
+            row = c.execute(_Q["_GET_UPLOAD"], (upload_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no upload {upload_id}")
+            up = _upload(row)
+            c.execute(_Q["_DELETE_UPLOAD"], (upload_id,))
+            target = _sqlite_target(c, up)
+            if target is None:
+                c.execute(_Q["_INSERT_FILE"], (new_id, up.owner, up.name, up.size, up.sha256, at, at))
+                record = FileRecord(new_id, up.owner, up.name, up.size, up.sha256, at, at)
+                if c.execute("SELECT changes()").fetchone()[0] != 1:
+                    raise AlreadyExists(f"a file named {up.name!r} already exists")
+            else:
+                record = _file(c.execute(_Q["_REPLACE_CONTENTS"], (target.id, up.size, up.sha256, at)).fetchone())
+            c.execute(_Q["_BLOB_REFERENCED"], (up.sha256,))
+            if target is not None and target.sha256 != up.sha256:
+                c.execute(_Q["_BLOB_RELEASED"], (target.sha256, at))
+            return record
+
+        return await self._write(commit)
+
+    async def files_pin_blob(self, sha256: str, size: int, at: float) -> bool:
+        def pin(c: Conn) -> bool:
+            c.execute(_Q["_PIN"], (sha256, size, at + PIN_SECONDS))
+            return bool(c.execute(_Q["_BLOB_STATE"], (sha256,)).fetchone()[0] == "live")
+
+        return await self._write(pin)
+
+    async def files_claim_blobs(self, now: float, grace: float, token: str, limit: int = 1000) -> list[str]:
+        def claim(c: Conn) -> list[str]:
+            c.execute(_Q["_MARK_UNREFERENCED"], (now,))
+            rows = c.execute(_Q["_CLAIM"], (now, token, now - grace, now - CLAIM_SECONDS, limit)).fetchall()
+            return [str(row[0]) for row in rows]
+
+        return await self._write(claim)
+
+    async def files_forget_blobs(self, token: str, sha256s: list[str]) -> int:
+        def forget(c: Conn) -> int:
+            return sum(c.execute(_Q["_FORGET"], (sha, token)).rowcount for sha in sha256s)
+
+        return await self._write(forget)
+
+    async def files_blob_referenced(self, sha256: str) -> bool:
+        return bool(await self._read(lambda c: c.execute(_Q["_BLOB_IN_USE"], (sha256,)).fetchone()[0]))
+
+    async def files_reassign_owner(self, old: str, new: str | None) -> int:
+        def reassign(c: Conn) -> int:
+            owned = [_file(row) for row in c.execute(_Q["_OWNED"], (old,)).fetchall()]
+            c.execute(_Q["_DROP_UPLOADS_OF"], (old,))
+            c.execute(_Q["_DROP_USER_SHARES"], (old,))
+            now = _now()
+            for record in owned:
+                if new is None:
+                    c.execute(_Q["_DELETE"], (record.id,)).fetchall()
+                    c.execute(_Q["_BLOB_RELEASED"], (record.sha256, now))
+                else:
+                    taken = c.execute(_Q["_GET_BY_NAME"], (new, record.name)).fetchone() is not None
+                    c.execute(_Q["_HAND_OVER"], (record.id, new, _handed_name(record.name, record.id, taken), now))
+            return len(owned)
+
+        return await self._write(reassign)
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _sqlite_target(c: Conn, up: UploadRecord) -> FileRecord | None:
+    """The file an upload replaces (None: it makes a new one); ``NotFound`` if that file is gone."""
+    if up.file_id is not None:
+        row = c.execute(_Q["_GET"], (up.file_id,)).fetchone()
+        if row is None:
+            raise _replace_target_missing(up)
+        return _file(row)
+    if up.overwrite:
+        row = c.execute(_Q["_GET_BY_NAME"], (up.owner, up.name)).fetchone()
+        return None if row is None else _file(row)
+    return None
+
+
+def _sqlite_check_target(c: Conn, up: UploadRecord) -> None:
+    if up.file_id is not None:
+        _sqlite_target(c, up)
+    elif not up.overwrite and c.execute(_Q["_GET_BY_NAME"], (up.owner, up.name)).fetchone() is not None:
+        raise AlreadyExists(f"{up.owner!r} already has a file named {up.name!r} (ask to overwrite it)")
+
+
+# -- PostgreSQL --------------------------------------------------------------------------
+
+PgConn = Any  # asyncpg.Connection; asyncpg is an optional dependency
+
+
+def _count(status: str) -> int:
+    """Rows affected, from asyncpg's command status ("UPDATE 3")."""
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 class PostgresFiles(PostgresAccess, FileStore):
-    pass
+    """``FileStore`` on the PostgreSQL core (``_call``)."""
+
+    async def _files_one(self, sql: str, *args: Any) -> Any:
+        async def one(conn: PgConn) -> Any:
+            return await conn.fetchrow(sql, *args)
+
+        return await self._call(one)
+
+    async def _files_all(self, sql: str, *args: Any) -> list[Any]:
+        async def fetch(conn: PgConn) -> list[Any]:
+            return list(await conn.fetch(sql, *args))
+
+        result: list[Any] = await self._call(fetch)
+        return result
+
+    async def _files_execute(self, sql: str, *args: Any) -> int:
+        async def execute(conn: PgConn) -> int:
+            return _count(await conn.execute(sql, *args))
+
+        result: int = await self._call(execute)
+        return result
+
+    async def files_get(self, file_id: str) -> FileRecord | None:
+        row = await self._files_one(_GET, file_id)
+        return None if row is None else _file(row)
+
+    async def files_get_by_name(self, owner: str, name: str) -> FileRecord | None:
+        row = await self._files_one(_GET_BY_NAME, owner, name)
+        return None if row is None else _file(row)
+
+    async def files_list(
+        self,
+        *,
+        viewer: str | None,
+        roles: frozenset[str] = frozenset(),
+        owner: str | None = None,
+        prefix: str = "",
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[FileRecord]:
+        ordered = sorted(roles) if viewer is not None else []
+        sql, params = _list_sql(viewer is not None, owner is not None, after is not None, len(ordered))
+        args = _list_args(params, viewer, ordered, owner, prefix, after, limit)
+        return [_file(row) for row in await self._files_all(sql, *args)]
+
+    async def files_usage(self, owner: str) -> tuple[int, int]:
+        row = await self._files_one(f"SELECT ({_USAGE_FILES}), ({_USAGE_UPLOADS})", owner)
+        return int(row[0]), int(row[1])
+
+    async def files_delete(self, file_id: str, at: float) -> FileRecord | None:
+        async def delete(conn: PgConn) -> FileRecord | None:
+            async with conn.transaction():
+                row = await conn.fetchrow(_DELETE, file_id)
+                if row is None:
+                    return None
+                record = _file(row)
+                await conn.execute(_BLOB_RELEASED, record.sha256, at)
+                return record
+
+        result: FileRecord | None = await self._call(delete)
+        return result
+
+    async def files_rename(self, file_id: str, name: str, at: float) -> FileRecord:
+        import asyncpg
+
+        async def rename(conn: PgConn) -> FileRecord:
+            try:
+                row = await conn.fetchrow(_RENAME, file_id, name, at)
+            except asyncpg.UniqueViolationError:
+                raise AlreadyExists(f"a file named {name!r} already exists") from None
+            if row is None:
+                raise NotFound(f"no file {file_id}")
+            return _file(row)
+
+        result: FileRecord = await self._call(rename)
+        return result
+
+    async def files_share(self, share: FileShare) -> None:
+        import asyncpg
+
+        async def add(conn: PgConn) -> None:
+            try:
+                await conn.execute(_SHARE, share.file_id, share.kind, share.grantee, share.mode, share.created_at)
+            except asyncpg.ForeignKeyViolationError:
+                raise NotFound(f"no file {share.file_id}") from None
+
+        await self._call(add)
+
+    async def files_unshare(self, file_id: str, kind: str, grantee: str) -> bool:
+        return await self._files_execute(_UNSHARE, file_id, kind, grantee) == 1
+
+    async def files_shares(self, file_id: str) -> list[FileShare]:
+        return [_share(row) for row in await self._files_all(_SHARES, file_id)]
+
+    async def files_begin_upload(self, upload: UploadRecord, quota: int) -> None:
+        async def begin(conn: PgConn) -> None:
+            async with conn.transaction():
+                # One reservation at a time per owner, across every replica.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext('bastion.files.quota'), hashtext($1))", upload.owner
+                )
+                await _pg_check_target(conn, upload)
+                row = await conn.fetchrow(f"SELECT ({_USAGE_FILES}), ({_USAGE_UPLOADS})", upload.owner)
+                used = int(row[0]) + int(row[1])
+                if used + upload.size > quota:
+                    raise _quota_error(upload.owner, used, upload.size, quota)
+                await conn.execute(_INSERT_UPLOAD, *_upload_row(upload))
+
+        await self._call(begin)
+
+    async def files_get_upload(self, upload_id: str) -> UploadRecord | None:
+        row = await self._files_one(_GET_UPLOAD, upload_id)
+        return None if row is None else _upload(row)
+
+    async def files_list_uploads(self, uploader: str | None) -> list[UploadRecord]:
+        rows = await (self._files_all(_UPLOADS_ALL) if uploader is None else self._files_all(_UPLOADS_OF, uploader))
+        return [_upload(row) for row in rows]
+
+    async def files_touch_upload(self, upload_id: str, at: float) -> bool:
+        return await self._files_execute(_TOUCH_UPLOAD, upload_id, at) == 1
+
+    async def files_delete_upload(self, upload_id: str) -> bool:
+        return await self._files_execute(_DELETE_UPLOAD, upload_id) == 1
+
+    async def files_expire_uploads(self, before: float) -> list[str]:
+        return [str(row[0]) for row in await self._files_all(_EXPIRE_UPLOADS, before)]
+
+    async def files_commit_upload(self, upload_id: str, new_id: str, at: float) -> FileRecord:
+        async def commit(conn: PgConn) -> FileRecord:
+            async with conn.transaction():
+                row = await conn.fetchrow(_DELETE_UPLOAD + f" RETURNING {_UPLOAD_COLUMNS}", upload_id)
+                if row is None:
+                    raise NotFound(f"no upload {upload_id}")
+                up = _upload(row)
+                target = await _pg_target(conn, up)
+                if target is None:
+                    status = await conn.execute(_INSERT_FILE, new_id, up.owner, up.name, up.size, up.sha256, at, at)
+                    if _count(status) != 1:
+                        raise AlreadyExists(f"a file named {up.name!r} already exists")
+                    record = FileRecord(new_id, up.owner, up.name, up.size, up.sha256, at, at)
+                else:
+                    record = _file(await conn.fetchrow(_REPLACE_CONTENTS, target.id, up.size, up.sha256, at))
+                await conn.execute(_BLOB_REFERENCED, up.sha256)
+                if target is not None and target.sha256 != up.sha256:
+                    await conn.execute(_BLOB_RELEASED, target.sha256, at)
+                return record
+
+        result: FileRecord = await self._call(commit)
+        return result
+
+    async def files_pin_blob(self, sha256: str, size: int, at: float) -> bool:
+        async def pin(conn: PgConn) -> bool:
+            async with conn.transaction():
+                await conn.execute(_PIN, sha256, size, at + PIN_SECONDS)
+                return bool(await conn.fetchval(_BLOB_STATE, sha256) == "live")
+
+        result: bool = await self._call(pin)
+        return result
+
+    async def files_claim_blobs(self, now: float, grace: float, token: str, limit: int = 1000) -> list[str]:
+        async def claim(conn: PgConn) -> list[str]:
+            async with conn.transaction():
+                await conn.execute(_MARK_UNREFERENCED, now)
+                rows = await conn.fetch(_CLAIM, now, token, now - grace, now - CLAIM_SECONDS, limit)
+                return [str(row[0]) for row in rows]
+
+        result: list[str] = await self._call(claim)
+        return result
+
+    async def files_forget_blobs(self, token: str, sha256s: list[str]) -> int:
+        async def forget(conn: PgConn) -> int:
+            async with conn.transaction():
+                return sum([_count(await conn.execute(_FORGET, sha, token)) for sha in sha256s])
+
+        result: int = await self._call(forget)
+        return result
+
+    async def files_blob_referenced(self, sha256: str) -> bool:
+        row = await self._files_one(_BLOB_IN_USE, sha256)
+        return bool(row[0])
+
+    async def files_reassign_owner(self, old: str, new: str | None) -> int:
+        async def reassign(conn: PgConn) -> int:
+            async with conn.transaction():
+                owned = [_file(row) for row in await conn.fetch(_OWNED, old)]
+                await conn.execute(_DROP_UPLOADS_OF, old)
+                await conn.execute(_DROP_USER_SHARES, old)
+                now = _now()
+                for record in owned:
+                    if new is None:
+                        await conn.fetch(_DELETE, record.id)
+                        await conn.execute(_BLOB_RELEASED, record.sha256, now)
+                    else:
+                        taken = await conn.fetchrow(_GET_BY_NAME, new, record.name) is not None
+                        name = _handed_name(record.name, record.id, taken)
+                        await conn.execute(_HAND_OVER, record.id, new, name, now)
+                return len(owned)
+
+        result: int = await self._call(reassign)
+        return result
+
+
+async def _pg_target(conn: PgConn, up: UploadRecord) -> FileRecord | None:
+    if up.file_id is not None:
+        row = await conn.fetchrow(_GET, up.file_id)
+        if row is None:
+            raise _replace_target_missing(up)
+        return _file(row)
+    if up.overwrite:
+        row = await conn.fetchrow(_GET_BY_NAME, up.owner, up.name)
+        return None if row is None else _file(row)
+    return None
+
+
+async def _pg_check_target(conn: PgConn, up: UploadRecord) -> None:
+    if up.file_id is not None:
+        await _pg_target(conn, up)
+    elif not up.overwrite and await conn.fetchrow(_GET_BY_NAME, up.owner, up.name) is not None:
+        raise AlreadyExists(f"{up.owner!r} already has a file named {up.name!r} (ask to overwrite it)")

@@ -1,28 +1,465 @@
-"""The ``jobs`` storage domain: interface, SQLite mixin, PostgreSQL mixin.
+"""The ``jobs`` storage domain: the durable queue, leases and results.
 
-(Being written: see issue 5.)
+Theory of operation
+-------------------
+
+One row per job, in one of five states::
+
+    queued ──claim──> running ──finish──> succeeded | failed | cancelled
+      │                  │
+      └─cancel─> cancelled   └─lease expired / abandoned─> queued (retryable, attempts left)
+                                                         or failed ("runner lost …")
+
+A runner *claims* the oldest queued job whose name it can run, in one
+statement that also sets ``runner`` and ``lease_until`` (SQLite: a single
+``UPDATE … WHERE id = (SELECT … LIMIT 1) RETURNING`` inside one write;
+PostgreSQL: the inner select takes ``FOR UPDATE SKIP LOCKED``, so replicas
+sharing the table never claim the same row and never wait on each other).
+While the job runs, the runner renews the lease; every later write of the
+runner (progress, finish) names the runner and changes nothing if the row
+is no longer its own, so a runner that lost its lease cannot overwrite what
+another runner or a recovery decided.
+
+Recovery turns every ``running`` row whose lease has expired (its runner
+died: the server was killed) into ``queued`` again when the job is retryable
+and has attempts left, into ``cancelled`` when a cancel was pending, and
+otherwise into ``failed`` with the reason given. No row ever leaves the
+table except through the retention sweep (finished jobs only) or
+``jobs_reassign_owner(…, None)``: a job never silently vanishes.
+
+Cancelling a queued job finishes it at once; cancelling a running one sets
+``cancel_requested``, which the runner holding it sees when it renews its
+lease (or at once, when the cancel arrives at the same server) and answers
+by killing the job's process and finishing it ``cancelled``.
 """
 
 from __future__ import annotations
 
-from abc import ABC
+import json
+import re
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Literal
 
+import msgspec
+
+from bastion.exceptions import AlreadyExists
 from bastion.store._access import PostgresAccess, SQLiteAccess
 
-__all__ = ["POSTGRES_SCHEMA", "SQLITE_SCHEMA", "JobStore", "PostgresJobs", "SQLiteJobs"]
+__all__ = [
+    "FINISHED_STATES",
+    "JOB_STATES",
+    "POSTGRES_SCHEMA",
+    "SQLITE_SCHEMA",
+    "JobRecord",
+    "JobStore",
+    "PostgresJobs",
+    "RenewOutcome",
+    "SQLiteJobs",
+]
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED_STATES = ("succeeded", "failed", "cancelled")
+RenewOutcome = Literal["running", "cancel", "lost"]
+
+
+class JobRecord(msgspec.Struct, frozen=True):
+    """One job as stored. ``args`` and ``result`` are MessagePack; times are UNIX seconds."""
+
+    id: str
+    owner: str
+    name: str
+    args: bytes
+    state: str = "queued"
+    retryable: bool = False
+    attempts: int = 0
+    max_attempts: int = 1
+    timeout: float = 3600.0
+    memory_mb: int = 1024
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: float = 0.0
+    message: str = ""
+    result: bytes | None = None
+    error: str | None = None
+    runner: str | None = None
+    lease_until: float | None = None
+    cancel_requested: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+
+_COLUMNS = (
+    "id, owner, name, args, state, retryable, attempts, max_attempts, timeout, memory_mb, created_at, "
+    "started_at, finished_at, progress, message, result, error, runner, lease_until, cancel_requested"
+)
+
+_TABLE = """CREATE TABLE jobs (
+    id               TEXT PRIMARY KEY,             -- time-ordered: listing by id lists by age
+    owner            TEXT NOT NULL,
+    name             TEXT NOT NULL,
+    args             {blob} NOT NULL,              -- MessagePack, validated against the job's hints
+    state            TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    retryable        {bool} NOT NULL,
+    attempts         INTEGER NOT NULL,
+    max_attempts     INTEGER NOT NULL,
+    timeout          {real} NOT NULL,
+    memory_mb        INTEGER NOT NULL,
+    created_at       {real} NOT NULL,
+    started_at       {real},
+    finished_at      {real},
+    progress         {real} NOT NULL,
+    message          TEXT NOT NULL,
+    result           {blob},
+    error            TEXT,
+    runner           TEXT,
+    lease_until      {real},
+    cancel_requested {bool} NOT NULL
+)"""
+
+_INDEXES = (
+    "CREATE INDEX jobs_queue ON jobs (state, id)",
+    "CREATE INDEX jobs_by_owner ON jobs (owner, id)",
+    "CREATE INDEX jobs_finished ON jobs (finished_at)",
+)
 
 # Schema migration statements of this domain (its migration version is fixed in migrations.py).
-SQLITE_SCHEMA: tuple[str, ...] = ()
-POSTGRES_SCHEMA: tuple[str, ...] = ()
+SQLITE_SCHEMA: tuple[str, ...] = (_TABLE.format(blob="BLOB", bool="INTEGER", real="REAL"), *_INDEXES)
+POSTGRES_SCHEMA: tuple[str, ...] = (
+    _TABLE.format(blob="BYTEA", bool="BOOLEAN", real="DOUBLE PRECISION"),
+    *_INDEXES,
+)
 
 
 class JobStore(ABC):
-    """What every backend offers for jobs."""
+    """What every backend offers for jobs (see the module docstring for the state machine)."""
+
+    @abstractmethod
+    async def jobs_submit(self, job: JobRecord) -> None:
+        """Insert a new job; ``AlreadyExists`` if its id is taken."""
+
+    @abstractmethod
+    async def jobs_get(self, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    async def jobs_list(
+        self, *, owner: str | None = None, state: str | None = None, limit: int = 100, after: str | None = None
+    ) -> list[JobRecord]:
+        """Jobs by id (oldest first), of ``owner`` (every owner if None), in ``state``, ids after ``after``."""
+
+    @abstractmethod
+    async def jobs_count(self, owner: str, states: Sequence[str]) -> int:
+        """How many jobs ``owner`` has in any of ``states``."""
+
+    @abstractmethod
+    async def jobs_claim(self, runner: str, names: Sequence[str], now: float, lease: float) -> JobRecord | None:
+        """Take the oldest queued job named in ``names``: running, held by ``runner`` until ``now + lease``."""
+
+    @abstractmethod
+    async def jobs_renew(self, job_id: str, runner: str, lease_until: float) -> RenewOutcome:
+        """Extend the lease: "running", "cancel" (a cancel is pending) or "lost" (no longer ours)."""
+
+    @abstractmethod
+    async def jobs_progress(self, job_id: str, runner: str, progress: float, message: str) -> bool:
+        """Record progress of a job ``runner`` holds; False if it no longer does."""
+
+    @abstractmethod
+    async def jobs_finish(
+        self, job_id: str, runner: str, state: str, *, now: float, result: bytes | None = None, error: str | None = None
+    ) -> bool:
+        """End a job ``runner`` holds in ``state`` (a finished state); False if it no longer holds it."""
+
+    @abstractmethod
+    async def jobs_cancel(self, job_id: str, now: float) -> JobRecord | None:
+        """Queued: cancelled now; running: cancel requested; finished: unchanged. The row after, or None."""
+
+    @abstractmethod
+    async def jobs_abandon(self, job_id: str, runner: str, reason: str, now: float) -> str | None:
+        """Give back a job ``runner`` holds (re-queued if retryable with attempts left, else failed
+        with ``reason``); the new state, or None if it did not hold it."""
+
+    @abstractmethod
+    async def jobs_recover(self, now: float, reason: str) -> dict[str, int]:
+        """Abandon every running job whose lease expired before ``now``; how many went to each state."""
+
+    @abstractmethod
+    async def jobs_sweep(self, before: float) -> int:
+        """Delete finished jobs that finished before ``before``; how many."""
+
+    @abstractmethod
+    async def jobs_reassign_owner(self, old: str, new: str | None) -> int:
+        """Hand every job of ``old`` to ``new``, or delete them when ``new`` is None; how many."""
+
+
+# -- SQL shared by both dialects (written with ?, numbered for PostgreSQL) -----------------
+
+_RETRY = "(retryable AND attempts < max_attempts AND NOT cancel_requested)"
+_ABANDON_SET = f"""state = CASE WHEN cancel_requested THEN 'cancelled' WHEN {_RETRY} THEN 'queued' ELSE 'failed' END,
+    error = CASE WHEN cancel_requested THEN 'cancelled (its runner was lost)' WHEN {_RETRY} THEN NULL ELSE ?t END,
+    finished_at = CASE WHEN {_RETRY} THEN NULL ELSE ?f END,
+    message = CASE WHEN {_RETRY} THEN 'queued again: its runner was lost' ELSE message END,
+    runner = NULL, lease_until = NULL"""
+_ABANDON = f"UPDATE jobs SET {_ABANDON_SET} WHERE id = ? AND runner = ? AND state = 'running' RETURNING state"
+_RECOVER = f"UPDATE jobs SET {_ABANDON_SET} WHERE state = 'running' AND lease_until < ? RETURNING state"
+_RENEW = "UPDATE jobs SET lease_until = ? WHERE id = ? AND runner = ? AND state = 'running' RETURNING cancel_requested"
+_PROGRESS = "UPDATE jobs SET progress = ?, message = ? WHERE id = ? AND runner = ? AND state = 'running'"
+_FINISH = (
+    "UPDATE jobs SET state = ?, finished_at = ?, result = ?, error = ?, runner = NULL, lease_until = NULL, "
+    "progress = CASE WHEN ?t = 'succeeded' THEN 1.0 ELSE progress END "
+    "WHERE id = ? AND runner = ? AND state = 'running'"
+)
+_CANCEL_QUEUED = (
+    "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = 'cancelled before it ran' "
+    "WHERE id = ? AND state = 'queued'"
+)
+_CANCEL_RUNNING = "UPDATE jobs SET cancel_requested = ? WHERE id = ? AND state = 'running'"
+_SWEEP = "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?"
+_COUNT = "SELECT count(*) FROM jobs WHERE owner = ? AND state IN ({})"
+_GET = f"SELECT {_COLUMNS} FROM jobs WHERE id = ?"
+_INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 20)})"
+_CLAIM_SET = (
+    "state = 'running', runner = ?, lease_until = ?, started_at = ?, attempts = attempts + 1, "
+    "cancel_requested = ?, progress = 0.0"
+)
+_SQLITE_CLAIM = (
+    f"UPDATE jobs SET {_CLAIM_SET} WHERE id = (SELECT id FROM jobs WHERE state = 'queued' "
+    f"AND name IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT 1) RETURNING {_COLUMNS}"
+)
+_POSTGRES_CLAIM = (
+    f"UPDATE jobs SET {_CLAIM_SET} WHERE id = (SELECT id FROM jobs WHERE state = 'queued' "
+    f"AND name = ANY(?::text[]) ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}"
+)
+
+
+_CASTS = {"": "", "t": "::text", "f": "::double precision"}
+
+
+def _numbered(sql: str) -> str:
+    """``?`` placeholders as PostgreSQL's ``$1, $2 …`` (``?t``/``?f``: typed text/double, where
+    PostgreSQL cannot infer a parameter's type)."""
+    counter = iter(range(1, 1000))
+    return re.sub(r"\?([tf]?)", lambda m: f"${next(counter)}{_CASTS[m[1]]}", sql)
+
+
+def _qmarks(sql: str) -> str:
+    """The same statement for SQLite: typed placeholders are plain ``?``."""
+    return re.sub(r"\?[tf]", "?", sql)
+
+
+_SQ = {"_ABANDON": _qmarks(_ABANDON), "_RECOVER": _qmarks(_RECOVER), "_FINISH": _qmarks(_FINISH)}
+
+
+def _row(job: JobRecord) -> tuple[Any, ...]:
+    return tuple(getattr(job, field) for field in JobRecord.__struct_fields__)
+
+
+def _record(row: Sequence[Any]) -> JobRecord:
+    values = list(row)
+    for index in (5, 19):  # retryable, cancel_requested: 0/1 in SQLite
+        values[index] = bool(values[index])
+    for index in (3, 15):  # args, result: memoryview/bytes
+        if values[index] is not None:
+            values[index] = bytes(values[index])
+    return JobRecord(*values)
+
+
+def _list_query(owner: str | None, state: str | None, limit: int, after: str | None) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    for clause, value in (("owner = ?", owner), ("state = ?", state), ("id > ?", after)):
+        if value is not None:
+            clauses.append(clause)
+            args.append(value)
+    where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+    args.append(max(0, limit))
+    return f"SELECT {_COLUMNS} FROM jobs {where}ORDER BY id LIMIT ?", args
+
+
+def _tally(states: Sequence[Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for (state,) in states:
+        out[str(state)] = out.get(str(state), 0) + 1
+    return out
 
 
 class SQLiteJobs(SQLiteAccess, JobStore):
-    pass
+    async def jobs_submit(self, job: JobRecord) -> None:
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(_INSERT, _sqlite_row(job))
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExists(f"job {job.id!r} exists") from exc
+
+        await self._write(insert)
+
+    async def jobs_get(self, job_id: str) -> JobRecord | None:
+        row = await self._read(lambda c: c.execute(_GET, (job_id,)).fetchone())
+        return None if row is None else _record(row)
+
+    async def jobs_list(
+        self, *, owner: str | None = None, state: str | None = None, limit: int = 100, after: str | None = None
+    ) -> list[JobRecord]:
+        sql, args = _list_query(owner, state, limit, after)
+        return [_record(r) for r in await self._read(lambda c: c.execute(sql, args).fetchall())]
+
+    async def jobs_count(self, owner: str, states: Sequence[str]) -> int:
+        sql = _COUNT.format(", ".join("?" * len(states)))
+        row = await self._read(lambda c: c.execute(sql, (owner, *states)).fetchone())
+        return int(row[0])
+
+    async def jobs_claim(self, runner: str, names: Sequence[str], now: float, lease: float) -> JobRecord | None:
+        args = (runner, now + lease, now, 0, json.dumps(list(names)))
+        row = await self._write(lambda c: c.execute(_SQLITE_CLAIM, args).fetchone())
+        return None if row is None else _record(row)
+
+    async def jobs_renew(self, job_id: str, runner: str, lease_until: float) -> RenewOutcome:
+        row = await self._write(lambda c: c.execute(_RENEW, (lease_until, job_id, runner)).fetchone())
+        return "lost" if row is None else "cancel" if row[0] else "running"
+
+    async def jobs_progress(self, job_id: str, runner: str, progress: float, message: str) -> bool:
+        args = (progress, message, job_id, runner)
+        return bool(await self._write(lambda c: c.execute(_PROGRESS, args).rowcount))
+
+    async def jobs_finish(
+        self, job_id: str, runner: str, state: str, *, now: float, result: bytes | None = None, error: str | None = None
+    ) -> bool:
+        _check_finished(state)
+        args = (state, now, result, error, state, job_id, runner)
+        return bool(await self._write(lambda c: c.execute(_SQ["_FINISH"], args).rowcount))
+
+    async def jobs_cancel(self, job_id: str, now: float) -> JobRecord | None:
+        def cancel(conn: sqlite3.Connection) -> JobRecord | None:
+            if not conn.execute(_CANCEL_QUEUED, (now, job_id)).rowcount:
+                conn.execute(_CANCEL_RUNNING, (1, job_id))
+            row = conn.execute(_GET, (job_id,)).fetchone()
+            return None if row is None else _record(row)
+
+        return await self._write(cancel)
+
+    async def jobs_abandon(self, job_id: str, runner: str, reason: str, now: float) -> str | None:
+        row = await self._write(lambda c: c.execute(_SQ["_ABANDON"], (reason, now, job_id, runner)).fetchone())
+        return None if row is None else str(row[0])
+
+    async def jobs_recover(self, now: float, reason: str) -> dict[str, int]:
+        return _tally(await self._write(lambda c: c.execute(_SQ["_RECOVER"], (reason, now, now)).fetchall()))
+
+    async def jobs_sweep(self, before: float) -> int:
+        return int(await self._write(lambda c: c.execute(_SWEEP, (before,)).rowcount))
+
+    async def jobs_reassign_owner(self, old: str, new: str | None) -> int:
+        if new is None:
+            return int(await self._write(lambda c: c.execute("DELETE FROM jobs WHERE owner = ?", (old,)).rowcount))
+        sql = "UPDATE jobs SET owner = ? WHERE owner = ?"
+        return int(await self._write(lambda c: c.execute(sql, (new, old)).rowcount))
+
+
+def _sqlite_row(job: JobRecord) -> tuple[Any, ...]:
+    row = list(_row(job))
+    row[5], row[19] = int(job.retryable), int(job.cancel_requested)
+    return tuple(row)
+
+
+def _check_finished(state: str) -> None:
+    if state not in FINISHED_STATES:
+        raise ValueError(f"a job finishes succeeded, failed or cancelled, not {state!r}")
+
+
+_PG = {
+    name: _numbered(sql)
+    for name, sql in {
+        "abandon": _ABANDON,
+        "recover": _RECOVER,
+        "renew": _RENEW,
+        "progress": _PROGRESS,
+        "finish": _FINISH,
+        "cancel_queued": _CANCEL_QUEUED,
+        "cancel_running": _CANCEL_RUNNING,
+        "sweep": _SWEEP,
+        "get": _GET,
+        "insert": _INSERT + " ON CONFLICT (id) DO NOTHING RETURNING id",
+        "claim": _POSTGRES_CLAIM,
+        "delete_owner": "DELETE FROM jobs WHERE owner = ?",
+        "reassign_owner": "UPDATE jobs SET owner = ? WHERE owner = ?",
+        "count": "SELECT count(*) FROM jobs WHERE owner = ? AND state = ANY(?::text[])",
+    }.items()
+}
+
+
+def _affected(status: str) -> int:
+    """Rows changed, from an asyncpg command status such as ``UPDATE 3``."""
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 class PostgresJobs(PostgresAccess, JobStore):
-    pass
+    async def _jobs_fetch(self, sql: str, *args: Any) -> list[Any]:
+        return list(await self._call(lambda conn: conn.fetch(sql, *args)))
+
+    async def _jobs_execute(self, sql: str, *args: Any) -> int:
+        return _affected(await self._call(lambda conn: conn.execute(sql, *args)))
+
+    async def jobs_submit(self, job: JobRecord) -> None:
+        rows = await self._jobs_fetch(_PG["insert"], *_row(job))
+        if not rows:
+            raise AlreadyExists(f"job {job.id!r} exists")
+
+    async def jobs_get(self, job_id: str) -> JobRecord | None:
+        rows = await self._jobs_fetch(_PG["get"], job_id)
+        return _record(rows[0]) if rows else None
+
+    async def jobs_list(
+        self, *, owner: str | None = None, state: str | None = None, limit: int = 100, after: str | None = None
+    ) -> list[JobRecord]:
+        sql, args = _list_query(owner, state, limit, after)
+        return [_record(r) for r in await self._jobs_fetch(_numbered(sql), *args)]
+
+    async def jobs_count(self, owner: str, states: Sequence[str]) -> int:
+        rows = await self._jobs_fetch(_PG["count"], owner, list(states))
+        return int(rows[0][0])
+
+    async def jobs_claim(self, runner: str, names: Sequence[str], now: float, lease: float) -> JobRecord | None:
+        rows = await self._jobs_fetch(_PG["claim"], runner, now + lease, now, False, list(names))
+        return _record(rows[0]) if rows else None
+
+    async def jobs_renew(self, job_id: str, runner: str, lease_until: float) -> RenewOutcome:
+        rows = await self._jobs_fetch(_PG["renew"], lease_until, job_id, runner)
+        return "lost" if not rows else "cancel" if rows[0][0] else "running"
+
+    async def jobs_progress(self, job_id: str, runner: str, progress: float, message: str) -> bool:
+        return bool(await self._jobs_execute(_PG["progress"], progress, message, job_id, runner))
+
+    async def jobs_finish(
+        self, job_id: str, runner: str, state: str, *, now: float, result: bytes | None = None, error: str | None = None
+    ) -> bool:
+        _check_finished(state)
+        return bool(await self._jobs_execute(_PG["finish"], state, now, result, error, state, job_id, runner))
+
+    async def jobs_cancel(self, job_id: str, now: float) -> JobRecord | None:
+        async def cancel(conn: Any) -> JobRecord | None:
+            async with conn.transaction():
+                if not _affected(await conn.execute(_PG["cancel_queued"], now, job_id)):
+                    await conn.execute(_PG["cancel_running"], True, job_id)
+                row = await conn.fetchrow(_PG["get"], job_id)
+            return None if row is None else _record(row)
+
+        result: JobRecord | None = await self._call(cancel)
+        return result
+
+    async def jobs_abandon(self, job_id: str, runner: str, reason: str, now: float) -> str | None:
+        rows = await self._jobs_fetch(_PG["abandon"], reason, now, job_id, runner)
+        return str(rows[0][0]) if rows else None
+
+    async def jobs_recover(self, now: float, reason: str) -> dict[str, int]:
+        return _tally(await self._jobs_fetch(_PG["recover"], reason, now, now))
+
+    async def jobs_sweep(self, before: float) -> int:
+        return await self._jobs_execute(_PG["sweep"], before)
+
+    async def jobs_reassign_owner(self, old: str, new: str | None) -> int:
+        if new is None:
+            return await self._jobs_execute(_PG["delete_owner"], old)
+        return await self._jobs_execute(_PG["reassign_owner"], new, old)

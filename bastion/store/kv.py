@@ -1,28 +1,793 @@
 """The ``kv`` storage domain: interface, SQLite mixin, PostgreSQL mixin.
 
-(Being written: see issue 5.)
+Theory of operation
+-------------------
+
+Keys live in *namespaces*. A user's personal namespace is ``~<user>``
+(``personal_namespace``) and exists implicitly; shared namespaces are rows of
+``kv_namespaces`` carrying their access lists. The store does not check
+access: the service does, before it calls the store.
+
+Revisions, as in etcd. One counter per store (``kv_meta.revision``) counts
+every change to every key; each changed key takes the next value, and a
+key's ``version`` is the revision of its last change, so versions are unique
+across the store and grow with time. Compare-and-swap compares a caller's
+``expected_version`` with the key's version (0: the key must not exist) in
+the same transaction that writes it; a mismatch raises ``Aborted``.
+
+The change log (``kv_log``) holds one row per change -- ``put`` with the new
+value, or ``delete`` (explicit, by namespace deletion, by a user's data being
+handed over, or by expiry) -- keyed by revision. It is what ``watch``
+replays, and what the service's hub tails to feed live watchers, so
+watchers see exactly the committed changes, in revision order, without gaps.
+``kv_compact`` trims it to the newest ``keep`` changes and records the
+highest revision removed (``compacted``).
+
+Revision allocation is race-free on both backends because every kv write
+reads and advances the counter inside its own transaction: SQLite has one
+writer; PostgreSQL takes the counter row ``FOR UPDATE`` first, which
+serialises kv writers across replicas, so revisions commit in order and a
+rolled-back transaction leaves no gap.
+
+Expiry: a key with ``expires_at <= now`` is invisible to every read at
+once; ``kv_expire`` (the service's sweep) deletes such keys and logs each
+as a ``delete``. A put over an expired key first logs its expiry.
+
+Every time is a float UNIX timestamp passed in by the caller (``now``), so
+the store has no clock of its own.
 """
 
 from __future__ import annotations
 
-from abc import ABC
+import json
+import sqlite3
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+import msgspec
+
+from bastion.exceptions import Aborted
 from bastion.store._access import PostgresAccess, SQLiteAccess
 
-__all__ = ["POSTGRES_SCHEMA", "SQLITE_SCHEMA", "KVStore", "PostgresKV", "SQLiteKV"]
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = [
+    "POSTGRES_SCHEMA",
+    "SQLITE_SCHEMA",
+    "KVChange",
+    "KVEntry",
+    "KVNamespace",
+    "KVRevisions",
+    "KVStore",
+    "KVWrite",
+    "PostgresKV",
+    "SQLiteKV",
+    "personal_namespace",
+    "prefix_end",
+]
+
+PERSONAL_PREFIX = "~"
+PUT, DELETE = "put", "delete"
 
 # Schema migration statements of this domain (its migration version is fixed in migrations.py).
-SQLITE_SCHEMA: tuple[str, ...] = ()
-POSTGRES_SCHEMA: tuple[str, ...] = ()
+SQLITE_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE kv_namespaces (
+        name       TEXT PRIMARY KEY,
+        readers    TEXT NOT NULL DEFAULT '[]',      -- JSON array of "user:NAME" / "role:NAME"
+        writers    TEXT NOT NULL DEFAULT '[]',
+        created_at REAL NOT NULL,
+        created_by TEXT NOT NULL DEFAULT ''
+    ) WITHOUT ROWID""",
+    """CREATE TABLE kv_keys (
+        namespace    TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        value        BLOB NOT NULL,
+        content_type TEXT NOT NULL DEFAULT '',
+        version      INTEGER NOT NULL,             -- revision of the last change
+        expires_at   REAL,
+        PRIMARY KEY (namespace, key)
+    )""",
+    "CREATE INDEX kv_keys_expiry ON kv_keys (expires_at) WHERE expires_at IS NOT NULL",
+    """CREATE TABLE kv_log (
+        revision     INTEGER PRIMARY KEY,
+        namespace    TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        op           TEXT NOT NULL CHECK (op IN ('put', 'delete')),
+        value        BLOB,                          -- the new value of a put
+        content_type TEXT NOT NULL DEFAULT '',
+        at           REAL NOT NULL
+    )""",
+    """CREATE TABLE kv_meta (
+        id        INTEGER PRIMARY KEY CHECK (id = 1),
+        revision  INTEGER NOT NULL,                 -- the latest revision handed out
+        compacted INTEGER NOT NULL                  -- log rows up to this revision are gone
+    )""",
+    "INSERT INTO kv_meta (id, revision, compacted) VALUES (1, 0, 0)",
+)
+POSTGRES_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE kv_namespaces (
+        name       TEXT COLLATE "C" PRIMARY KEY,
+        readers    TEXT NOT NULL DEFAULT '[]',
+        writers    TEXT NOT NULL DEFAULT '[]',
+        created_at DOUBLE PRECISION NOT NULL,
+        created_by TEXT NOT NULL DEFAULT ''
+    )""",
+    """CREATE TABLE kv_keys (
+        namespace    TEXT COLLATE "C" NOT NULL,
+        key          TEXT COLLATE "C" NOT NULL,    -- byte order, as SQLite: prefix ranges and cursors agree
+        value        BYTEA NOT NULL,
+        content_type TEXT NOT NULL DEFAULT '',
+        version      BIGINT NOT NULL,
+        expires_at   DOUBLE PRECISION,
+        PRIMARY KEY (namespace, key)
+    )""",
+    "CREATE INDEX kv_keys_expiry ON kv_keys (expires_at) WHERE expires_at IS NOT NULL",
+    """CREATE TABLE kv_log (
+        revision     BIGINT PRIMARY KEY,
+        namespace    TEXT COLLATE "C" NOT NULL,
+        key          TEXT COLLATE "C" NOT NULL,
+        op           TEXT NOT NULL CHECK (op IN ('put', 'delete')),
+        value        BYTEA,
+        content_type TEXT NOT NULL DEFAULT '',
+        at           DOUBLE PRECISION NOT NULL
+    )""",
+    """CREATE TABLE kv_meta (
+        id        INTEGER PRIMARY KEY CHECK (id = 1),
+        revision  BIGINT NOT NULL,
+        compacted BIGINT NOT NULL
+    )""",
+    "INSERT INTO kv_meta (id, revision, compacted) VALUES (1, 0, 0)",
+)
+
+
+def personal_namespace(user: str) -> str:
+    """The name of ``user``'s personal namespace."""
+    return PERSONAL_PREFIX + user
+
+
+def prefix_end(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with ``prefix`` (None: no bound)."""
+    chars = list(prefix)
+    while chars:
+        code = ord(chars.pop()) + 1
+        if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be stored: skip past them
+            code = 0xE000
+        if code <= 0x10FFFF:
+            return "".join(chars) + chr(code)
+    return None
+
+
+# -- records --------------------------------------------------------------------------------
+
+
+class KVEntry(msgspec.Struct, frozen=True):
+    """A live key: its value and the revision of its last change."""
+
+    key: str
+    value: bytes
+    version: int
+    content_type: str = ""
+    expires_at: float | None = None
+
+
+class KVWrite(msgspec.Struct, frozen=True):
+    """One key to put. ``expected_version``: None (any), 0 (must not exist) or the current version."""
+
+    key: str
+    value: bytes
+    content_type: str = ""
+    expected_version: int | None = None
+    expires_at: float | None = None
+
+
+class KVChange(msgspec.Struct, frozen=True):
+    """One row of the change log. ``value`` is None for a delete."""
+
+    revision: int
+    namespace: str
+    key: str
+    op: str
+    value: bytes | None
+    content_type: str
+    at: float
+
+
+class KVNamespace(msgspec.Struct, frozen=True):
+    """A shared namespace and its access lists ("user:NAME" or "role:NAME" entries)."""
+
+    name: str
+    readers: list[str] = []
+    writers: list[str] = []
+    created_at: float = 0.0
+    created_by: str = ""
+
+
+class KVRevisions(msgspec.Struct, frozen=True):
+    """``current``: the latest revision (0: no change yet); log rows up to ``compacted`` are gone."""
+
+    current: int
+    compacted: int
+
+
+def _mismatch(key: str, expected: int, actual: int) -> Aborted:
+    found = f"version {actual}" if actual else "no such key"
+    want = "no such key" if expected == 0 else f"version {expected}"
+    return Aborted(
+        f"compare-and-swap failed on {key!r}: expected {want}, found {found}",
+        details={"key": key, "expected_version": expected, "version": actual},
+    )
+
+
+def _check(key: str, expected: int | None, actual: int) -> None:
+    if expected is not None and expected != actual:
+        raise _mismatch(key, expected, actual)
+
+
+# -- the interface --------------------------------------------------------------------------
 
 
 class KVStore(ABC):
-    """What every backend offers for kv."""
+    """What every backend offers for kv. Every write is one transaction; see the module docstring."""
+
+    @abstractmethod
+    async def kv_get_many(self, namespace: str, keys: Sequence[str], now: float) -> list[KVEntry | None]:
+        """The live entry of each key (None: absent or expired), in the order asked."""
+
+    @abstractmethod
+    async def kv_put(self, namespace: str, writes: Sequence[KVWrite], now: float) -> list[int]:
+        """Put every write atomically (all or none); the new version of each.
+
+        A compare-and-swap mismatch raises ``Aborted`` and writes nothing.
+        """
+
+    @abstractmethod
+    async def kv_delete(self, namespace: str, key: str, expected_version: int | None, now: float) -> int:
+        """Delete ``key``; the revision of the delete, 0 if there was no live key (and none was expected).
+
+        ``expected_version`` as for ``KVWrite``; a mismatch raises ``Aborted``.
+        """
+
+    @abstractmethod
+    async def kv_list(self, namespace: str, prefix: str, after: str | None, limit: int, now: float) -> list[KVEntry]:
+        """Live entries whose key starts with ``prefix`` and sorts after ``after``, by key (bytewise)."""
+
+    @abstractmethod
+    async def kv_revisions(self) -> KVRevisions: ...
+
+    @abstractmethod
+    async def kv_changes(
+        self, after: int, upto: int | None, limit: int, namespace: str | None = None, prefix: str = ""
+    ) -> list[KVChange]:
+        """Logged changes with ``after < revision <= upto`` (no upper bound: None), by revision."""
+
+    @abstractmethod
+    async def kv_expire(self, now: float, limit: int) -> int:
+        """Delete up to ``limit`` keys expired at ``now``, logging each; how many."""
+
+    @abstractmethod
+    async def kv_compact(self, keep: int) -> int:
+        """Trim the change log to its newest ``keep`` changes; how many were removed."""
+
+    @abstractmethod
+    async def kv_create_namespace(self, namespace: KVNamespace) -> bool:
+        """Insert; False if the name is taken."""
+
+    @abstractmethod
+    async def kv_get_namespace(self, name: str) -> KVNamespace | None: ...
+
+    @abstractmethod
+    async def kv_update_namespace(self, name: str, readers: list[str], writers: list[str]) -> KVNamespace | None:
+        """Replace the access lists; the updated record, None if there is no such namespace."""
+
+    @abstractmethod
+    async def kv_delete_namespace(self, name: str, now: float) -> int | None:
+        """Delete the namespace and every key in it (each logged); keys deleted, None if unknown."""
+
+    @abstractmethod
+    async def kv_list_namespaces(self) -> list[KVNamespace]:
+        """Every shared namespace, by name."""
+
+    @abstractmethod
+    async def kv_reassign_owner(self, old: str, new: str | None) -> int:
+        """Hand user ``old``'s data to ``new`` (or delete it when None); items changed.
+
+        Keys of ``~old`` move to ``~new`` under ``from-<old>/`` (replacing any
+        key already there), each move logged as a delete and a put; access
+        list entries ``user:old`` become ``user:new`` (or are dropped).
+        Repeating it after an interruption finishes the job.
+        """
+
+
+def _heir_key(old: str, key: str) -> str:
+    return f"from-{old}/{key}"
+
+
+def _acl_replace(entries: list[str], old: str, new: str | None) -> list[str]:
+    gone = f"user:{old}"
+    out = [e for e in entries if e != gone]
+    if new is not None and len(out) != len(entries) and f"user:{new}" not in out:
+        out.append(f"user:{new}")
+    return sorted(out)
+
+
+# -- SQLite ---------------------------------------------------------------------------------
+
+_ENTRY_COLUMNS = "key, value, version, content_type, expires_at"
+_LIVE = "(expires_at IS NULL OR expires_at > ?)"
+_LOG_COLUMNS = "revision, namespace, key, op, value, content_type, at"
+_LOG_INSERT = f"INSERT INTO kv_log ({_LOG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_KEY_UPSERT = (
+    "INSERT INTO kv_keys (namespace, key, value, content_type, version, expires_at) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, content_type = excluded.content_type, "
+    "version = excluded.version, expires_at = excluded.expires_at"
+)
+
+
+def _entry(row: tuple[Any, ...]) -> KVEntry:
+    key, value, version, content_type, expires_at = row
+    return KVEntry(key, bytes(value), int(version), content_type, expires_at)
+
+
+def _change(row: tuple[Any, ...]) -> KVChange:
+    revision, namespace, key, op, value, content_type, at = row
+    return KVChange(int(revision), namespace, key, op, None if value is None else bytes(value), content_type, at)
+
+
+def _namespace(row: tuple[Any, ...]) -> KVNamespace:
+    name, readers, writers, created_at, created_by = row
+    return KVNamespace(name, json.loads(readers), json.loads(writers), float(created_at), created_by)
+
+
+def _range(prefix: str, after: str | None) -> tuple[str, str, list[Any]]:
+    """SQL conditions (``?`` placeholders) for keys starting with ``prefix`` and after ``after``."""
+    low = prefix if after is None or after < prefix else after
+    op = ">" if after is not None and after >= prefix else ">="
+    end = prefix_end(prefix)
+    if end is None:
+        return f"key {op} ?", "", [low]
+    return f"key {op} ?", "AND key < ?", [low, end]
+
+
+class _SQLiteTx:
+    """Changes made on the writer connection within one write: the counter and the log."""
+
+    def __init__(self, conn: sqlite3.Connection, now: float) -> None:
+        self.conn = conn
+        self.now = now
+        self.revision = int(conn.execute("SELECT revision FROM kv_meta WHERE id = 1").fetchone()[0])
+
+    def version(self, namespace: str, key: str) -> int:
+        """The key's live version (0: absent); logs and removes it first if it has expired."""
+        row = self.conn.execute(
+            "SELECT version, expires_at FROM kv_keys WHERE namespace = ? AND key = ?", (namespace, key)
+        ).fetchone()
+        if row is None:
+            return 0
+        if row[1] is not None and row[1] <= self.now:
+            self.delete(namespace, key)
+            return 0
+        return int(row[0])
+
+    def put(self, namespace: str, w: KVWrite) -> int:
+        self.revision += 1
+        self.conn.execute(_KEY_UPSERT, (namespace, w.key, w.value, w.content_type, self.revision, w.expires_at))
+        self.conn.execute(_LOG_INSERT, (self.revision, namespace, w.key, PUT, w.value, w.content_type, self.now))
+        return self.revision
+
+    def delete(self, namespace: str, key: str) -> int:
+        self.revision += 1
+        self.conn.execute("DELETE FROM kv_keys WHERE namespace = ? AND key = ?", (namespace, key))
+        self.conn.execute(_LOG_INSERT, (self.revision, namespace, key, DELETE, None, "", self.now))
+        return self.revision
+
+    def finish(self) -> None:
+        self.conn.execute("UPDATE kv_meta SET revision = ? WHERE id = 1", (self.revision,))
 
 
 class SQLiteKV(SQLiteAccess, KVStore):
-    pass
+    """kv on SQLite: every write is one function on the writer thread (one savepoint of a group commit)."""
+
+    async def kv_get_many(self, namespace: str, keys: Sequence[str], now: float) -> list[KVEntry | None]:
+        wanted = list(dict.fromkeys(keys))
+        marks = ", ".join("?" * len(wanted))
+        sql = f"SELECT {_ENTRY_COLUMNS} FROM kv_keys WHERE namespace = ? AND key IN ({marks}) AND {_LIVE}"
+        rows = await self._read(lambda c: c.execute(sql, (namespace, *wanted, now)).fetchall()) if wanted else []
+        found = {entry.key: entry for entry in map(_entry, rows)}
+        return [found.get(key) for key in keys]
+
+    async def kv_put(self, namespace: str, writes: Sequence[KVWrite], now: float) -> list[int]:
+        writes = list(writes)
+
+        def put(conn: sqlite3.Connection) -> list[int]:
+            tx = _SQLiteTx(conn, now)
+            versions = []
+            for w in writes:
+                _check(w.key, w.expected_version, tx.version(namespace, w.key))
+                versions.append(tx.put(namespace, w))
+            tx.finish()
+            return versions
+
+        return await self._write(put)
+
+    async def kv_delete(self, namespace: str, key: str, expected_version: int | None, now: float) -> int:
+        def delete(conn: sqlite3.Connection) -> int:
+            tx = _SQLiteTx(conn, now)
+            current = tx.version(namespace, key)
+            _check(key, expected_version, current)
+            revision = tx.delete(namespace, key) if current else 0
+            tx.finish()
+            return revision
+
+        return await self._write(delete)
+
+    async def kv_list(self, namespace: str, prefix: str, after: str | None, limit: int, now: float) -> list[KVEntry]:
+        low, high, args = _range(prefix, after)
+        sql = (
+            f"SELECT {_ENTRY_COLUMNS} FROM kv_keys WHERE namespace = ? AND {low} {high} AND {_LIVE} "
+            "ORDER BY key LIMIT ?"
+        )
+        rows = await self._read(lambda c: c.execute(sql, (namespace, *args, now, limit)).fetchall())
+        return [_entry(row) for row in rows]
+
+    async def kv_revisions(self) -> KVRevisions:
+        row = await self._read(lambda c: c.execute("SELECT revision, compacted FROM kv_meta WHERE id = 1").fetchone())
+        return KVRevisions(int(row[0]), int(row[1]))
+
+    async def kv_changes(
+        self, after: int, upto: int | None, limit: int, namespace: str | None = None, prefix: str = ""
+    ) -> list[KVChange]:
+        where: list[str] = ["revision > ?"]
+        args: list[Any] = [after]
+        if upto is not None:
+            where.append("revision <= ?")
+            args.append(upto)
+        if namespace is not None:
+            low, high, bounds = _range(prefix, None)
+            where.append(f"namespace = ? AND {low} {high}")
+            args += [namespace, *bounds]
+        sql = f"SELECT {_LOG_COLUMNS} FROM kv_log WHERE {' AND '.join(where)} ORDER BY revision LIMIT ?"
+        rows = await self._read(lambda c: c.execute(sql, (*args, limit)).fetchall())
+        return [_change(row) for row in rows]
+
+    async def kv_expire(self, now: float, limit: int) -> int:
+        def expire(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT namespace, key FROM kv_keys WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            tx = _SQLiteTx(conn, now)
+            for namespace, key in rows:
+                tx.delete(namespace, key)
+            tx.finish()
+            return len(rows)
+
+        return await self._write(expire)
+
+    async def kv_compact(self, keep: int) -> int:
+        def compact(conn: sqlite3.Connection) -> int:
+            revision, compacted = conn.execute("SELECT revision, compacted FROM kv_meta WHERE id = 1").fetchone()
+            cutoff = revision - keep
+            if cutoff <= compacted:
+                return 0
+            removed = conn.execute("DELETE FROM kv_log WHERE revision <= ?", (cutoff,)).rowcount
+            conn.execute("UPDATE kv_meta SET compacted = ? WHERE id = 1", (cutoff,))
+            return int(removed)
+
+        return await self._write(compact)
+
+    async def kv_create_namespace(self, namespace: KVNamespace) -> bool:
+        row = (
+            namespace.name, json.dumps(sorted(namespace.readers)), json.dumps(sorted(namespace.writers)),
+            namespace.created_at, namespace.created_by,
+        )  # fmt: skip
+        sql = (
+            "INSERT INTO kv_namespaces (name, readers, writers, created_at, created_by) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (name) DO NOTHING"
+        )
+        return bool(await self._write(lambda c: c.execute(sql, row).rowcount == 1))
+
+    async def kv_get_namespace(self, name: str) -> KVNamespace | None:
+        sql = "SELECT name, readers, writers, created_at, created_by FROM kv_namespaces WHERE name = ?"
+        row = await self._read(lambda c: c.execute(sql, (name,)).fetchone())
+        return None if row is None else _namespace(row)
+
+    async def kv_update_namespace(self, name: str, readers: list[str], writers: list[str]) -> KVNamespace | None:
+        sql = "UPDATE kv_namespaces SET readers = ?, writers = ? WHERE name = ?"
+        args = (json.dumps(sorted(readers)), json.dumps(sorted(writers)), name)
+        if not await self._write(lambda c: c.execute(sql, args).rowcount == 1):
+            return None
+        return await self.kv_get_namespace(name)
+
+    async def kv_delete_namespace(self, name: str, now: float) -> int | None:
+        def delete(conn: sqlite3.Connection) -> int | None:
+            if conn.execute("DELETE FROM kv_namespaces WHERE name = ?", (name,)).rowcount == 0:
+                return None
+            keys = conn.execute("SELECT key FROM kv_keys WHERE namespace = ?", (name,)).fetchall()
+            tx = _SQLiteTx(conn, now)
+            for (key,) in keys:
+                tx.delete(name, key)
+            tx.finish()
+            return len(keys)
+
+        return await self._write(delete)
+
+    async def kv_list_namespaces(self) -> list[KVNamespace]:
+        sql = "SELECT name, readers, writers, created_at, created_by FROM kv_namespaces ORDER BY name"
+        return [_namespace(row) for row in await self._read(lambda c: c.execute(sql).fetchall())]
+
+    async def kv_reassign_owner(self, old: str, new: str | None) -> int:
+        now = time.time()
+        source = personal_namespace(old)
+
+        def reassign(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT key, value, content_type, expires_at FROM kv_keys WHERE namespace = ?", (source,)
+            ).fetchall()
+            tx = _SQLiteTx(conn, now)
+            for key, value, content_type, expires_at in rows:
+                tx.delete(source, key)
+                if new is not None:
+                    tx.put(personal_namespace(new), KVWrite(_heir_key(old, key), value, content_type, None, expires_at))
+            tx.finish()
+            changed = len(rows)
+            for name, readers, writers in conn.execute(
+                "SELECT name, readers, writers FROM kv_namespaces ORDER BY name"
+            ).fetchall():
+                r, w = json.loads(readers), json.loads(writers)
+                r2, w2 = _acl_replace(r, old, new), _acl_replace(w, old, new)
+                if (r2, w2) != (sorted(r), sorted(w)):
+                    conn.execute(
+                        "UPDATE kv_namespaces SET readers = ?, writers = ? WHERE name = ?",
+                        (json.dumps(r2), json.dumps(w2), name),
+                    )
+                    changed += 1
+            return changed
+
+        return await self._write(reassign)
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------
+
+_PG_LOG_INSERT = f"INSERT INTO kv_log ({_LOG_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+_PG_KEY_UPSERT = (
+    "INSERT INTO kv_keys (namespace, key, value, content_type, version, expires_at) VALUES ($1, $2, $3, $4, $5, $6) "
+    "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, content_type = excluded.content_type, "
+    "version = excluded.version, expires_at = excluded.expires_at"
+)
+
+
+def _pg_range(prefix: str, after: str | None, first: int) -> tuple[str, list[Any]]:
+    """As ``_range``, with ``$n`` placeholders numbered from ``first``."""
+    low, high, args = _range(prefix, after)
+    sql = f"{low} {high}"
+    for i in range(len(args)):
+        sql = sql.replace("?", f"${first + i}", 1)
+    return sql, args
+
+
+class _PostgresTx:
+    """As ``_SQLiteTx``, on an asyncpg connection inside ``conn.transaction()``.
+
+    ``start`` locks the counter row: kv writers on every replica queue here, so
+    revisions are handed out and committed in order.
+    """
+
+    def __init__(self, conn: asyncpg.Connection[Any], now: float) -> None:
+        self.conn = conn
+        self.now = now
+        self.revision = 0
+
+    async def start(self) -> None:
+        self.revision = int(await self.conn.fetchval("SELECT revision FROM kv_meta WHERE id = 1 FOR UPDATE"))
+
+    async def version(self, namespace: str, key: str) -> int:
+        row = await self.conn.fetchrow(
+            "SELECT version, expires_at FROM kv_keys WHERE namespace = $1 AND key = $2", namespace, key
+        )
+        if row is None:
+            return 0
+        if row[1] is not None and row[1] <= self.now:
+            await self.delete(namespace, key)
+            return 0
+        return int(row[0])
+
+    async def put(self, namespace: str, w: KVWrite) -> int:
+        self.revision += 1
+        await self.conn.execute(_PG_KEY_UPSERT, namespace, w.key, w.value, w.content_type, self.revision, w.expires_at)
+        await self.conn.execute(_PG_LOG_INSERT, self.revision, namespace, w.key, PUT, w.value, w.content_type, self.now)
+        return self.revision
+
+    async def delete(self, namespace: str, key: str) -> int:
+        self.revision += 1
+        await self.conn.execute("DELETE FROM kv_keys WHERE namespace = $1 AND key = $2", namespace, key)
+        await self.conn.execute(_PG_LOG_INSERT, self.revision, namespace, key, DELETE, None, "", self.now)
+        return self.revision
+
+    async def finish(self) -> None:
+        await self.conn.execute("UPDATE kv_meta SET revision = $1 WHERE id = 1", self.revision)
 
 
 class PostgresKV(PostgresAccess, KVStore):
-    pass
+    """kv on PostgreSQL: every write is one transaction that first locks the revision counter."""
+
+    async def kv_get_many(self, namespace: str, keys: Sequence[str], now: float) -> list[KVEntry | None]:
+        sql = (
+            f"SELECT {_ENTRY_COLUMNS} FROM kv_keys WHERE namespace = $1 AND key = ANY($2::text[]) "
+            "AND (expires_at IS NULL OR expires_at > $3)"
+        )
+        rows = await self._call(lambda c: c.fetch(sql, namespace, list(set(keys)), now))
+        found = {entry.key: entry for entry in (_entry(tuple(r)) for r in rows)}
+        return [found.get(key) for key in keys]
+
+    async def kv_put(self, namespace: str, writes: Sequence[KVWrite], now: float) -> list[int]:
+        async def put(conn: asyncpg.Connection[Any]) -> list[int]:
+            async with conn.transaction():
+                tx = _PostgresTx(conn, now)
+                await tx.start()
+                versions = []
+                for w in writes:
+                    _check(w.key, w.expected_version, await tx.version(namespace, w.key))
+                    versions.append(await tx.put(namespace, w))
+                await tx.finish()
+                return versions
+
+        result: list[int] = await self._call(put)
+        return result
+
+    async def kv_delete(self, namespace: str, key: str, expected_version: int | None, now: float) -> int:
+        async def delete(conn: asyncpg.Connection[Any]) -> int:
+            async with conn.transaction():
+                tx = _PostgresTx(conn, now)
+                await tx.start()
+                current = await tx.version(namespace, key)
+                _check(key, expected_version, current)
+                revision = await tx.delete(namespace, key) if current else 0
+                await tx.finish()
+                return revision
+
+        return int(await self._call(delete))
+
+    async def kv_list(self, namespace: str, prefix: str, after: str | None, limit: int, now: float) -> list[KVEntry]:
+        cond, args = _pg_range(prefix, after, 2)
+        n = 2 + len(args)
+        sql = (
+            f"SELECT {_ENTRY_COLUMNS} FROM kv_keys WHERE namespace = $1 AND {cond} "
+            f"AND (expires_at IS NULL OR expires_at > ${n}) ORDER BY key LIMIT ${n + 1}"
+        )
+        rows = await self._call(lambda c: c.fetch(sql, namespace, *args, now, limit))
+        return [_entry(tuple(r)) for r in rows]
+
+    async def kv_revisions(self) -> KVRevisions:
+        row = await self._call(lambda c: c.fetchrow("SELECT revision, compacted FROM kv_meta WHERE id = 1"))
+        return KVRevisions(int(row[0]), int(row[1]))
+
+    async def kv_changes(
+        self, after: int, upto: int | None, limit: int, namespace: str | None = None, prefix: str = ""
+    ) -> list[KVChange]:
+        where: list[str] = ["revision > $1"]
+        args: list[Any] = [after]
+        if upto is not None:
+            args.append(upto)
+            where.append(f"revision <= ${len(args)}")
+        if namespace is not None:
+            args.append(namespace)
+            cond, bounds = _pg_range(prefix, None, len(args) + 1)
+            where.append(f"namespace = ${len(args)} AND {cond}")
+            args += bounds
+        args.append(limit)
+        sql = f"SELECT {_LOG_COLUMNS} FROM kv_log WHERE {' AND '.join(where)} ORDER BY revision LIMIT ${len(args)}"
+        rows = await self._call(lambda c: c.fetch(sql, *args))
+        return [_change(tuple(r)) for r in rows]
+
+    async def kv_expire(self, now: float, limit: int) -> int:
+        async def expire(conn: asyncpg.Connection[Any]) -> int:
+            async with conn.transaction():
+                tx = _PostgresTx(conn, now)
+                await tx.start()
+                rows = await conn.fetch(
+                    "SELECT namespace, key FROM kv_keys WHERE expires_at IS NOT NULL AND expires_at <= $1 LIMIT $2",
+                    now,
+                    limit,
+                )
+                for namespace, key in rows:
+                    await tx.delete(namespace, key)
+                await tx.finish()
+                return len(rows)
+
+        return int(await self._call(expire))
+
+    async def kv_compact(self, keep: int) -> int:
+        async def compact(conn: asyncpg.Connection[Any]) -> int:
+            async with conn.transaction():
+                row = await conn.fetchrow("SELECT revision, compacted FROM kv_meta WHERE id = 1 FOR UPDATE")
+                cutoff = int(row[0]) - keep
+                if cutoff <= int(row[1]):
+                    return 0
+                status = await conn.execute("DELETE FROM kv_log WHERE revision <= $1", cutoff)
+                await conn.execute("UPDATE kv_meta SET compacted = $1 WHERE id = 1", cutoff)
+                return int(status.split()[-1])
+
+        return int(await self._call(compact))
+
+    async def kv_create_namespace(self, namespace: KVNamespace) -> bool:
+        sql = (
+            "INSERT INTO kv_namespaces (name, readers, writers, created_at, created_by) VALUES ($1, $2, $3, $4, $5) "
+            "ON CONFLICT (name) DO NOTHING"
+        )
+        args = (
+            namespace.name, json.dumps(sorted(namespace.readers)), json.dumps(sorted(namespace.writers)),
+            namespace.created_at, namespace.created_by,
+        )  # fmt: skip
+        status = await self._call(lambda c: c.execute(sql, *args))
+        return bool(status == "INSERT 0 1")
+
+    async def kv_get_namespace(self, name: str) -> KVNamespace | None:
+        sql = "SELECT name, readers, writers, created_at, created_by FROM kv_namespaces WHERE name = $1"
+        row = await self._call(lambda c: c.fetchrow(sql, name))
+        return None if row is None else _namespace(tuple(row))
+
+    async def kv_update_namespace(self, name: str, readers: list[str], writers: list[str]) -> KVNamespace | None:
+        sql = "UPDATE kv_namespaces SET readers = $1, writers = $2 WHERE name = $3"
+        status = await self._call(
+            lambda c: c.execute(sql, json.dumps(sorted(readers)), json.dumps(sorted(writers)), name)
+        )
+        if status != "UPDATE 1":
+            return None
+        return await self.kv_get_namespace(name)
+
+    async def kv_delete_namespace(self, name: str, now: float) -> int | None:
+        async def delete(conn: asyncpg.Connection[Any]) -> int | None:
+            async with conn.transaction():
+                tx = _PostgresTx(conn, now)
+                await tx.start()
+                if await conn.execute("DELETE FROM kv_namespaces WHERE name = $1", name) == "DELETE 0":
+                    return None
+                keys = await conn.fetch("SELECT key FROM kv_keys WHERE namespace = $1 ORDER BY key", name)
+                for (key,) in keys:
+                    await tx.delete(name, key)
+                await tx.finish()
+                return len(keys)
+
+        result: int | None = await self._call(delete)
+        return result
+
+    async def kv_list_namespaces(self) -> list[KVNamespace]:
+        sql = "SELECT name, readers, writers, created_at, created_by FROM kv_namespaces ORDER BY name"
+        return [_namespace(tuple(r)) for r in await self._call(lambda c: c.fetch(sql))]
+
+    async def kv_reassign_owner(self, old: str, new: str | None) -> int:
+        now = time.time()
+        source = personal_namespace(old)
+
+        async def reassign(conn: asyncpg.Connection[Any]) -> int:
+            async with conn.transaction():
+                tx = _PostgresTx(conn, now)
+                await tx.start()
+                rows = await conn.fetch(
+                    "SELECT key, value, content_type, expires_at FROM kv_keys WHERE namespace = $1 ORDER BY key",
+                    source,
+                )
+                for key, value, content_type, expires_at in rows:
+                    await tx.delete(source, key)
+                    if new is not None:
+                        heir = KVWrite(_heir_key(old, key), bytes(value), content_type, None, expires_at)
+                        await tx.put(personal_namespace(new), heir)
+                await tx.finish()
+                changed = len(rows)
+                for name, readers, writers in await conn.fetch(
+                    "SELECT name, readers, writers FROM kv_namespaces ORDER BY name FOR UPDATE"
+                ):
+                    r, w = json.loads(readers), json.loads(writers)
+                    r2, w2 = _acl_replace(r, old, new), _acl_replace(w, old, new)
+                    if (r2, w2) != (sorted(r), sorted(w)):
+                        await conn.execute(
+                            "UPDATE kv_namespaces SET readers = $1, writers = $2 WHERE name = $3",
+                            json.dumps(r2), json.dumps(w2), name,
+                        )  # fmt: skip
+                        changed += 1
+                return changed
+
+        return int(await self._call(reassign))

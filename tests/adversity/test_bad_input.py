@@ -108,9 +108,7 @@ def test_a_first_frame_that_is_not_a_hello_is_refused(server: ServerProcess) -> 
 
 
 @pytest.mark.parametrize("handshake", [False, True], ids=["before-hello", "after-hello"])
-def test_4gb_length_prefix_gets_resource_exhausted_without_allocating(
-    server: ServerProcess, handshake: bool
-) -> None:
+def test_4gb_length_prefix_gets_resource_exhausted_without_allocating(server: ServerProcess, handshake: bool) -> None:
     rss_before = read_rss_kib(server.pid)
     with RawPeer(server.host, server.port) as peer:
         if handshake:

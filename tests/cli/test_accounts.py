@@ -47,8 +47,11 @@ def test_user_login_and_tokens_from_the_shell(server: ServerProcess, tmp_path: P
     refused = bastion_cli("call", address, "auth.whoami", "--token-file", str(token_file))
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
 
-    removed = bastion_cli("user", "rm", address, "ada", *auth)
+    undecided = bastion_cli("user", "rm", address, "ada", *auth)
+    assert undecided.returncode == 2 and "choose what happens to the user's data" in undecided.stderr
+    removed = bastion_cli("user", "rm", address, "ada", "--delete-data", *auth)
     assert removed.returncode == 0, removed.stderr
+    assert "deleted ada; 1 token(s) revoked" in removed.stderr
     with SyncClient(address, token_file=str(admin_token), timeout=5) as root:
         assert [u["name"] for u in root.auth.list_users()] == ["admin"]
 

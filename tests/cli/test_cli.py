@@ -122,7 +122,8 @@ def _bastion_command() -> list[str]:
 def test_serve_port_0_prints_the_port_and_stops_on_sigterm(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     banner = re.compile(
-        rf"^bastion {re.escape(bastion.__version__)} listening on 127\.0\.0\.1:(\d+) \(services: admin, auth\)$"
+        rf"^bastion {re.escape(bastion.__version__)} listening on 127\.0\.0\.1:(\d+) "
+        r"\(services: admin, auth, files, jobs, kv\)$"
     )
 
     def serve() -> tuple[subprocess.Popen[str], list[str]]:

@@ -84,6 +84,7 @@ def test_methods_lists_everything_for_an_admin() -> None:
     assert listing[0]["doc"] == admin.service.doc
     assert names(listing) == {
         "admin.health",
+        "admin.ready",
         "admin.methods",
         "admin.stats",
         "app.open_to_users",
@@ -101,7 +102,7 @@ def test_methods_shows_anonymous_callers_only_public_methods() -> None:
         async with bastion.testing.connect(SERVICES, principal=ANONYMOUS) as client:
             return await client.admin.methods()
 
-    assert names(run(main())) == {"admin.health", "admin.methods", "app.open_to_all"}
+    assert names(run(main())) == {"admin.health", "admin.ready", "admin.methods", "app.open_to_all"}
 
 
 def test_methods_shows_a_user_what_their_roles_allow() -> None:

@@ -138,7 +138,12 @@ def test_deleting_a_user_revokes_their_tokens(tmp_path: Path) -> None:
         await admin.auth.create_user(name="eve", password=PASSWORD)
         first = await admin.auth.create_token(user="eve")
         second = await admin.auth.create_token(user="eve")
-        assert await admin.auth.delete_user(name="eve") == 2
+        with pytest.raises(bastion.NotFound):
+            await admin.auth.delete_user(name="eve", transfer_to="nobody")
+        with pytest.raises(bastion.InvalidArgument):
+            await admin.auth.delete_user(name="eve", transfer_to="eve")
+        deleted = await admin.auth.delete_user(name="eve")
+        assert deleted == {"name": "eve", "tokens_revoked": 2, "transferred_to": None, "items": {}}
         for token in (first["token"], second["token"]):
             with pytest.raises(bastion.Unauthenticated):
                 await w.authenticator.authenticate(token, PEER)

@@ -8,11 +8,10 @@ Fixtures:
 ``store``
     ``make_store()``, already open when the test starts and closed after it.
 
-``BACKENDS`` lists the backends every parametrized test runs on. To add
-PostgreSQL, append "postgresql": its databases come from
-``BASTION_TEST_POSTGRES_DSN`` and its tests skip, with that reason, when the
-variable is unset. (Its fixture will also have to give each test a fresh,
-empty database.)
+``BACKENDS`` lists the backends every parametrized test runs on: SQLite
+(a file under ``tmp_path``) and PostgreSQL (a fresh schema of the database
+named by ``BASTION_TEST_POSTGRES_DSN``, dropped after the test; these tests
+skip, saying so, when the variable is unset). See tests/support/stores.py.
 
 Tests here may be ``async def``: the hook below runs each one in a fresh
 event loop under a deadline, the way the rest of the suite uses
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,23 +29,12 @@ from typing import Any
 import pytest
 
 from bastion.store import Store, open_store
+from tests.support.stores import store_location
 
-BACKENDS = ["sqlite"]
-POSTGRES_DSN_ENV = "BASTION_TEST_POSTGRES_DSN"
+BACKENDS = ["sqlite", "postgresql"]
 TEST_DEADLINE = 10.0
 
 MakeStore = Callable[..., Store]
-
-
-def store_location(backend: str, tmp_path: Path, name: str) -> str:
-    if backend == "sqlite":
-        return str(tmp_path / f"{name}.db")
-    if backend == "postgresql":
-        dsn = os.environ.get(POSTGRES_DSN_ENV)
-        if not dsn:
-            pytest.skip(f"set {POSTGRES_DSN_ENV} to run the store tests against PostgreSQL")
-        return dsn
-    raise AssertionError(f"unknown backend {backend!r}")
 
 
 @pytest.fixture(params=BACKENDS)

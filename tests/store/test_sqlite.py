@@ -45,11 +45,6 @@ def test_a_relative_sqlite_url_is_a_relative_path() -> None:
     assert isinstance(store, SQLiteStore) and store.path == Path("data/bastion.db")
 
 
-@pytest.mark.parametrize("url", ["postgresql://u@db/bastion", "postgres://db/x", "postgresql+asyncpg://db/x"])
-def test_postgresql_is_recognised_but_not_yet_supported(url: str) -> None:
-    with pytest.raises(UsageError, match="not yet supported"):
-        open_store(url)
-
 
 @pytest.mark.parametrize("bad", ["", "  ", "mysql://db/x", "sqlite://relative.db", "sqlite:///", "sqlite:///:memory:"])
 def test_open_store_refuses_what_it_cannot_store_durably(bad: str) -> None:

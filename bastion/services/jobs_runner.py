@@ -1,0 +1,274 @@
+"""One job in its own process: ``python -m bastion.services.jobs_runner``.
+
+Theory of operation
+-------------------
+
+The server (``JobProcess.start``) starts this module as a new process in a
+new session (so its process group holds the job and anything the job
+starts, and one ``killpg`` ends them all). The two talk over the child's
+standard streams, in frames of a 4-byte big-endian length and a MessagePack
+body:
+
+* stdin, server -> child: one ``RunRequest`` (module and qualified name of
+  the job function, its arguments as MessagePack, the memory limit, the
+  largest result allowed, the server's ``sys.path``). The server then keeps
+  stdin open and never writes again: end of file on stdin means the server
+  is gone (even killed with SIGKILL), and a watchdog thread then kills the
+  job's whole process group, so no job outlives its runner.
+* stdout, child -> server: ``Progress`` messages, then one ``Done`` (the
+  result, MessagePack) or ``Failed`` (a one-line reason). The child moves
+  its own stdout to stderr before importing the job, so what the job prints
+  lands in the server's log and cannot corrupt the channel.
+
+The child sets ``RLIMIT_AS`` before it imports the job's module, so a job
+that allocates past its limit gets ``MemoryError`` (reported as "out of
+memory") or dies; either way only its own process. The server reads every
+frame with a size cap and a typed decoder: a crashing, garbling or silent
+child ends as a ``failed`` job with a reason, never as a server error.
+Nothing here is pickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+import resource
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator
+from typing import IO, Any
+
+import msgspec
+
+__all__ = ["Done", "Failed", "JobProcess", "Progress", "RunRequest", "exit_reason", "main"]
+
+_HEADER = struct.Struct(">I")
+_PROGRESS_EVERY = 0.1  # seconds between progress frames from one job (the last one always goes)
+_MESSAGE_CHARS = 200
+
+
+class RunRequest(msgspec.Struct, frozen=True):
+    module: str
+    qualname: str
+    args: bytes
+    memory_mb: int
+    max_result_bytes: int
+    path: list[str]
+
+
+class Progress(msgspec.Struct, frozen=True, tag="progress"):
+    fraction: float
+    message: str = ""
+
+
+class Done(msgspec.Struct, frozen=True, tag="done"):
+    result: bytes  # MessagePack of the job's return value
+
+
+class Failed(msgspec.Struct, frozen=True, tag="failed"):
+    error: str
+
+
+Message = Progress | Done | Failed
+_decode_message = msgspec.msgpack.Decoder(Message).decode
+
+
+class JobProtocolError(Exception):
+    """The job's process broke the framing (a frame too large, or not a message)."""
+
+
+# -- the server's side -----------------------------------------------------------------------
+
+
+class JobProcess:
+    """A running job process, seen from the server."""
+
+    def __init__(self, process: asyncio.subprocess.Process, max_frame: int) -> None:
+        self.process = process
+        self.max_frame = max_frame
+
+    @classmethod
+    async def start(
+        cls, module: str, qualname: str, args: bytes, *, memory_mb: int, max_result_bytes: int
+    ) -> JobProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bastion.services.jobs_runner",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )  # fmt: skip
+        request = RunRequest(module, qualname, args, memory_mb, max_result_bytes, [p for p in sys.path if p])
+        body = msgspec.msgpack.encode(request)
+        assert process.stdin is not None
+        process.stdin.write(_HEADER.pack(len(body)) + body)
+        with contextlib.suppress(ConnectionError):
+            await process.stdin.drain()
+        return cls(process, max_result_bytes + 4096)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL the job's whole process group (idempotent)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    async def messages(self) -> AsyncIterator[Progress | Done | Failed]:
+        """Each message the job sends, until it closes its end; ``JobProtocolError`` on garbage."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        while True:
+            try:
+                header = await stdout.readexactly(_HEADER.size)
+            except asyncio.IncompleteReadError:
+                return
+            (size,) = _HEADER.unpack(header)
+            if size > self.max_frame:
+                raise JobProtocolError(f"the job's process sent a {size}-byte message (limit {self.max_frame})")
+            try:
+                body = await stdout.readexactly(size)
+                yield _decode_message(body)
+            except asyncio.IncompleteReadError:
+                return
+            except msgspec.DecodeError as exc:
+                raise JobProtocolError(f"the job's process sent a malformed message: {exc}") from None
+
+    async def wait(self) -> int:
+        """Wait for the process to exit (killing its group if it lingers), close its stdin; the exit code."""
+        code = await self.process.wait()
+        self.kill()  # anything the job left behind in its group
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        return code
+
+
+def exit_reason(code: int, memory_mb: int) -> str:
+    """Why a job's process ended without reporting a result."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = (
+            f" (perhaps out of memory: its limit is {memory_mb} MB)"
+            if -code in (signal.SIGKILL, signal.SIGSEGV)
+            else ""
+        )
+        return f"the job's process crashed: killed by {name}{hint}"
+    return f"the job's process exited with code {code} without a result"
+
+
+# -- the child's side -------------------------------------------------------------------------
+
+
+class _Channel:
+    def __init__(self, fd: int) -> None:
+        self._out = os.fdopen(fd, "wb", buffering=0)
+        self._lock = threading.Lock()
+
+    def send(self, message: Message) -> None:
+        body = msgspec.msgpack.encode(message)
+        with self._lock:
+            self._out.write(_HEADER.pack(len(body)) + body)
+
+
+class _Reporter:
+    """The ``progress`` callable a job receives."""
+
+    def __init__(self, channel: _Channel) -> None:
+        self._channel = channel
+        self._last = 0.0
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        fraction = min(1.0, max(0.0, float(fraction)))
+        now = time.monotonic()
+        if now - self._last < _PROGRESS_EVERY and fraction < 1.0:
+            return
+        self._last = now
+        self._channel.send(Progress(fraction, str(message)[:_MESSAGE_CHARS]))
+
+
+def _read_request(stream: IO[bytes]) -> RunRequest:
+    header = stream.read(_HEADER.size)
+    if len(header) != _HEADER.size:
+        raise SystemExit("bastion.services.jobs_runner: no request on stdin (it is started by bastion serve)")
+    (size,) = _HEADER.unpack(header)
+    return msgspec.msgpack.decode(stream.read(size), type=RunRequest)
+
+
+def _watch_parent(stream: IO[bytes]) -> None:
+    """Block on stdin; at end of file the server is gone: end the job's whole process group."""
+    with contextlib.suppress(OSError):
+        while stream.read(1):
+            pass
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _limit_memory(memory_mb: int) -> None:
+    limit = memory_mb * 1024 * 1024
+    with contextlib.suppress(ValueError, OSError):  # the hard limit may already be lower
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _load(request: RunRequest) -> Any:
+    from bastion.jobs import JOB_ATTRIBUTE, JobSpec
+
+    sys.path[:] = request.path
+    obj: Any = importlib.import_module(request.module)
+    for part in request.qualname.split("."):
+        obj = getattr(obj, part)
+    spec = getattr(obj, JOB_ATTRIBUTE, None)
+    if not isinstance(spec, JobSpec):
+        raise LookupError(f"{request.module}.{request.qualname} is not a registered job")
+    return spec
+
+
+def _run(request: RunRequest, channel: _Channel) -> Message:
+    try:
+        spec = _load(request)
+        kwargs = spec.decode_args(request.args)
+    except MemoryError:
+        return Failed(f"out of memory while loading the job (its limit is {request.memory_mb} MB)")
+    except Exception as exc:
+        traceback.print_exc()
+        return Failed(f"cannot load the job {request.module}:{request.qualname}: {type(exc).__name__}: {exc}")
+    if spec.progress_param is not None:
+        kwargs[spec.progress_param] = _Reporter(channel)
+    try:
+        value = spec.func(**kwargs)
+    except MemoryError:
+        return Failed(f"out of memory: the job's limit is {request.memory_mb} MB")
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the job ended without a result
+        traceback.print_exc()
+        return Failed(f"{type(exc).__name__}: {exc}"[:2000])
+    try:
+        result = msgspec.msgpack.encode(value)
+    except (TypeError, MemoryError) as exc:
+        return Failed(f"the job's result cannot be encoded: {exc}")
+    if len(result) > request.max_result_bytes:
+        return Failed(f"the job's result is {len(result)} bytes, over the limit of {request.max_result_bytes}")
+    return Done(result)
+
+
+def main() -> None:
+    channel_fd = os.dup(1)
+    os.dup2(2, 1)  # the job's prints go to the server's log, not into the channel
+    stdin = sys.stdin.buffer
+    request = _read_request(stdin)
+    threading.Thread(target=_watch_parent, args=(stdin,), name="bastion-job-watchdog", daemon=True).start()
+    _limit_memory(request.memory_mb)
+    channel = _Channel(channel_fd)
+    channel.send(_run(request, channel))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # not waiting for threads the job may have left running
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,610 @@
+"""The shared store: PostgreSQL through asyncpg, for several server replicas.
+
+Theory of operation
+-------------------
+
+``open()`` creates an ``asyncpg`` pool (``min_size``..``max_size``
+connections) and migrates the schema; every method then borrows one pooled
+connection for one statement (or one short transaction) and gives it back.
+PostgreSQL does the rest: each statement outside an explicit transaction
+commits on its own, and with ``synchronous_commit`` on (the server default,
+checked at open) a commit has reached the write-ahead log on disk before the
+call returns -- an acknowledged write is durable. There is no group commit
+of our own: the server already commits concurrent transactions with shared
+WAL flushes.
+
+Schema: ``POSTGRES_MIGRATIONS`` carries the same versions and descriptions
+as SQLite's list (bastion/store/migrations.py), version 1 here and the
+domain schemas (``kv``/``files``/``jobs`` ``.POSTGRES_SCHEMA``) from their
+modules. They are applied in one transaction that first takes a
+transaction-scoped advisory lock (``pg_advisory_xact_lock``) keyed on the
+current schema, so replicas starting at once migrate it exactly once: the
+first applies, the others wait, then find nothing left to do. A database at
+a newer version than this bastion knows is refused with ``UsageError``.
+
+Where the tables live: the first schema of the connection's ``search_path``.
+Unknown query parameters of the DSN are server settings, so
+``postgresql://host/db?search_path=tenant_a`` keeps one deployment in schema
+``tenant_a`` (which must exist; it is not created for you).
+
+Errors: the store never lets a driver exception out. ``_call`` (what the
+domain mixins use) turns connection loss, server shutdown, timeouts and
+serialization failures into ``Unavailable`` (try again), values PostgreSQL
+rejects (e.g. a NUL character in text) into ``InvalidArgument``, and
+anything else into ``InternalError``; bastion's own errors pass through.
+
+Secrets: the password comes from the ``password`` argument (a file or the
+environment, chosen by the caller), from libpq's ``PGPASSWORD`` /
+``~/.pgpass``, or from the DSN itself; ``repr`` and every message show the
+DSN with the password replaced by ``***``.
+
+Connections are shared, so a mixin leaves no session state behind: no
+``SET`` (use ``SET LOCAL`` inside a transaction), no session advisory locks
+(use ``pg_advisory_xact_lock``), no ``LISTEN`` on a pooled connection, no
+cursors ``WITH HOLD``. That lets the pool hand a connection back without the
+``RESET ALL`` round trip asyncpg would otherwise make on every release
+(an unfinished transaction is still rolled back).
+
+Closing waits for the calls already running (or waiting for a connection)
+to finish, then closes the pool; calls made after ``close`` began raise
+``UsageError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import asyncpg
+
+from bastion.exceptions import (
+    AlreadyExists,
+    BastionError,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    UsageError,
+)
+from bastion.security.credentials import Token, User
+from bastion.store import files, jobs, kv
+from bastion.store.base import Store
+from bastion.store.files import PostgresFiles
+from bastion.store.jobs import PostgresJobs
+from bastion.store.kv import PostgresKV
+from bastion.store.migrations import Migration
+
+__all__ = ["LATEST", "POSTGRES_MIGRATIONS", "PostgresStore", "redact_dsn"]
+
+T = TypeVar("T")
+Connection = Any  # asyncpg.Connection (asyncpg ships no type information)
+
+POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "users, tokens and lockouts",
+        (
+            # COLLATE "C": names sort by code point, exactly as in SQLite, whatever the
+            # database's locale. Domain tables referencing users (name) use it too.
+            """CREATE TABLE users (
+                name          TEXT COLLATE "C" PRIMARY KEY,
+                roles         TEXT[] NOT NULL DEFAULT '{}',  -- role names, sorted
+                password_hash TEXT,                          -- argon2id, or NULL: token-only user
+                created_at    DOUBLE PRECISION NOT NULL DEFAULT 0,
+                disabled      BOOLEAN NOT NULL DEFAULT FALSE
+            )""",
+            """CREATE TABLE tokens (
+                id         TEXT COLLATE "C" PRIMARY KEY,
+                digest     TEXT COLLATE "C" NOT NULL UNIQUE,  -- SHA-256 of the token; never the token
+                username   TEXT COLLATE "C" NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+                kind       TEXT NOT NULL DEFAULT 'api',
+                label      TEXT NOT NULL DEFAULT '',
+                created_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+                expires_at DOUBLE PRECISION,
+                revoked_at DOUBLE PRECISION
+            )""",
+            "CREATE INDEX tokens_by_user ON tokens (username, created_at, id)",
+            "CREATE INDEX tokens_by_time ON tokens (created_at, id)",
+            """CREATE TABLE lockouts (
+                key   TEXT COLLATE "C" PRIMARY KEY,
+                until DOUBLE PRECISION NOT NULL
+            )""",
+        ),
+    ),
+    # Same versions and descriptions as bastion/store/migrations.py.
+    Migration(2, "kv: namespaces, keys and the change log", kv.POSTGRES_SCHEMA),
+    Migration(3, "files: metadata, uploads and shares", files.POSTGRES_SCHEMA),
+    Migration(4, "jobs: the queue, leases and results", jobs.POSTGRES_SCHEMA),
+)
+
+LATEST = POSTGRES_MIGRATIONS[-1].version
+
+#: First key of the two-key advisory lock taken while migrating (the second is the schema's hash).
+MIGRATION_LOCK_CLASS = 0x0BA5_7104
+
+_CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
+    version     INTEGER PRIMARY KEY,
+    description TEXT NOT NULL,
+    applied_at  DOUBLE PRECISION NOT NULL
+)"""
+
+
+#: Connection parameters libpq accepts in a URI; the DSN's other query parameters are server settings.
+_LIBPQ_PARAMETERS = frozenset(
+    {
+        "host", "hostaddr", "port", "dbname", "user", "passfile", "channel_binding", "connect_timeout",
+        "client_encoding", "options", "application_name", "fallback_application_name", "keepalives",
+        "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout", "sslmode",
+        "sslcompression", "sslcert", "sslkey", "sslpassword", "sslrootcert", "sslcrl", "sslcrldir", "sslsni",
+        "requirepeer", "ssl_min_protocol_version", "ssl_max_protocol_version", "gssencmode", "krbsrvname",
+        "gsslib", "service", "target_session_attrs", "load_balance_hosts",
+    }
+)  # fmt: skip
+
+
+def _pgoptions_escape(value: str) -> str:
+    """A value for ``PGOPTIONS`` (backslash escapes spaces and backslashes)."""
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` with any password (in the authority or a ``password=`` parameter) replaced by ``***``."""
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+    except ValueError:
+        return "<unparsable DSN>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{hosts}"
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        if any(key.lower() == "password" for key, _ in pairs):
+            query = urllib.parse.urlencode(
+                [(key, "***" if key.lower() == "password" else value) for key, value in pairs], safe="*"
+            )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+class PostgresStore(PostgresKV, PostgresFiles, PostgresJobs, Store):
+    """The PostgreSQL backend.
+
+    ``dsn``: a libpq-style ``postgresql://`` URL; ``password``: used instead of
+    one in the DSN (kept out of URLs, logs and ``repr``); ``min_size`` /
+    ``max_size``: pooled connections; ``connect_timeout``: seconds to wait
+    for a connection; ``command_timeout``: seconds one statement may run
+    (None: no limit).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        password: str | None = None,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 10.0,
+        command_timeout: float | None = 60.0,
+        migrations: tuple[Migration, ...] = POSTGRES_MIGRATIONS,
+    ) -> None:
+        if not 0 <= min_size <= max_size or max_size < 1 or connect_timeout <= 0:
+            raise UsageError("PostgresStore needs 0 <= min_size <= max_size, max_size >= 1 and connect_timeout > 0")
+        if command_timeout is not None and command_timeout <= 0:
+            raise UsageError("PostgresStore needs command_timeout > 0 (or None)")
+        self._dsn = dsn
+        self._password = password
+        self._min_size = min_size
+        self._max_size = max_size
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._migrations = migrations
+        self._state = "new"  # new -> open -> closing -> closed (-> open again)
+        self._version = 0
+        self._stats = {"calls": 0, "failed_calls": 0, "reconnects": 0}
+        self._running = 0
+        self._idle: asyncio.Event | None = None
+        self._pool_or_none: Any = None
+        self._schema: str | None = None
+
+    @property
+    def dsn(self) -> str:
+        """The DSN with its password, if any, replaced by ``***``."""
+        return redact_dsn(self._dsn)
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.dsn!r}, {self._state})"
+
+    @property
+    def schema(self) -> str | None:
+        """The schema the tables live in (the first existing one of ``search_path``); None before ``open``."""
+        return self._schema
+
+    def libpq_connection(self) -> tuple[str, dict[str, str]]:
+        """How to reach this store from ``psql``/``pg_dump``/``pg_restore`` run as subprocesses.
+
+        Returns a libpq connection URI without the password and without the
+        server settings libpq does not accept in a URI, plus the environment
+        to add for the subprocess: ``PGPASSWORD`` when a password was given
+        (never a command-line argument) and ``PGOPTIONS`` carrying those
+        server settings (e.g. ``search_path``).
+        """
+        parts = urllib.parse.urlsplit(self._dsn)
+        scheme = "postgresql" if parts.scheme.startswith("postgres") else parts.scheme
+        env: dict[str, str] = {}
+        netloc = parts.netloc
+        userinfo, at, hosts = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            user, _, secret = userinfo.partition(":")
+            env["PGPASSWORD"] = urllib.parse.unquote(secret)
+            netloc = f"{user}@{hosts}"
+        keep: list[tuple[str, str]] = []
+        options: list[str] = []
+        for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+            if key == "password":
+                env["PGPASSWORD"] = value
+            elif key in _LIBPQ_PARAMETERS:
+                keep.append((key, value))
+            else:
+                options.append(f"-c {key}={_pgoptions_escape(value)}")
+        if self._password is not None:
+            env["PGPASSWORD"] = self._password
+        if options:
+            env["PGOPTIONS"] = " ".join(options)
+        uri = urllib.parse.urlunsplit((scheme, netloc, parts.path, urllib.parse.urlencode(keep), ""))
+        return uri, env
+
+    @property
+    def schema_version(self) -> int:
+        return self._version
+
+    @property
+    def stats(self) -> Mapping[str, int]:
+        counters = dict(self._stats)
+        pool = self._pool_or_none
+        counters["pool_size"] = pool.get_size() if pool is not None else 0
+        counters["pool_idle"] = pool.get_idle_size() if pool is not None else 0
+        return counters
+
+    @property
+    def _pool(self) -> Any:  # asyncpg.Pool; see bastion/store/_access.py
+        if self._state != "open" or self._pool_or_none is None:
+            raise UsageError(f"{self!r} is not open")
+        return self._pool_or_none
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._state in ("open", "closing"):
+            raise UsageError(f"{self!r} is already open")
+        pool = await self._create_pool()
+        try:
+            async with pool.acquire() as conn:
+                await self._check_durability(conn)
+                self._version = await self._migrate(conn)
+                self._schema = str(await conn.fetchval("SELECT current_schema()"))
+        except BaseException:
+            pool.terminate()
+            raise
+        self._pool_or_none = pool
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._state = "open"
+
+    async def close(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "closing"
+        assert self._idle is not None
+        pool = self._pool_or_none
+        try:
+            await self._idle.wait()  # every call accepted before close finishes
+            await pool.close()
+        except BaseException:
+            pool.terminate()  # close() was cancelled or failed: drop the connections
+            raise
+        finally:
+            self._pool_or_none = None
+            self._state = "closed"
+
+    async def _create_pool(self) -> Any:
+        dsn = self._dsn
+        if dsn.startswith("postgresql+asyncpg://"):  # SQLAlchemy's spelling
+            dsn = "postgresql://" + dsn[len("postgresql+asyncpg://") :]
+        kwargs: dict[str, Any] = {}
+        if self._password is not None:
+            kwargs["password"] = self._password
+        try:
+            return await asyncpg.create_pool(
+                dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+                reset=_keep_session,
+                **kwargs,
+            )
+        except (OSError, TimeoutError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
+            raise Unavailable(f"cannot reach PostgreSQL at {self.dsn}: {_describe(exc)}") from None
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+            # Bad password, unknown database or role, malformed DSN: configuration, not availability.
+            raise UsageError(f"cannot open PostgreSQL store {self.dsn}: {_describe(exc)}") from None
+
+    async def _check_durability(self, conn: Connection) -> None:
+        setting = await conn.fetchval("SELECT current_setting('synchronous_commit')")
+        if setting == "off":
+            raise UsageError(
+                f"PostgreSQL store {self.dsn}: synchronous_commit is off, so acknowledged writes could be lost "
+                "in a crash; turn it on for bastion's role or database"
+            )
+
+    async def _migrate(self, conn: Connection) -> int:
+        """Bring the schema up to the last migration, under the advisory lock; the version it is at."""
+        migrations = self._migrations
+        versions = [m.version for m in migrations]
+        if versions != list(range(1, len(versions) + 1)):
+            raise UsageError(f"migrations must be numbered 1, 2, 3 … in order, got {versions}")
+        latest = versions[-1] if versions else 0
+        try:
+            async with conn.transaction():
+                schema = await conn.fetchval("SELECT current_schema()")
+                if schema is None:
+                    path = await conn.fetchval("SELECT current_setting('search_path')")
+                    raise UsageError(
+                        f"PostgreSQL store {self.dsn}: no schema of search_path ({path}) exists; create it first"
+                    )
+                await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", MIGRATION_LOCK_CLASS, schema)
+                await conn.execute(_CREATE_VERSION_TABLE)
+                version = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
+                if version > latest:
+                    raise UsageError(
+                        f"PostgreSQL store {self.dsn} (schema {schema}) has schema version {version}, newer than "
+                        f"this bastion knows ({latest}); upgrade bastion, or restore a backup made by this version"
+                    )
+                for migration in migrations:
+                    if migration.version <= version:
+                        continue
+                    for statement in migration.statements:
+                        await conn.execute(statement)
+                    await conn.execute(
+                        "INSERT INTO schema_version (version, description, applied_at) VALUES ($1, $2, $3)",
+                        migration.version,
+                        migration.description,
+                        time.time(),
+                    )
+                    version = migration.version
+        except BastionError:
+            raise
+        except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise Unavailable(f"PostgreSQL store {self.dsn}: lost the connection while migrating: {exc}") from None
+        except asyncpg.PostgresError as exc:
+            raise UsageError(f"cannot open store {self.dsn}: migrating failed: {_describe(exc)}") from None
+        return version
+
+    # -- the one way to the database: _call ----------------------------------------------
+
+    async def _call(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run ``fn(conn)`` on a pooled connection; database errors become bastion's.
+
+        A pooled connection the server dropped while it sat idle (restart,
+        ``pg_terminate_backend``, a proxy's idle timeout) is found dead only
+        when used, before any statement reaches the server: the call is then
+        run once more on a fresh connection. ``fn`` should therefore do
+        several writes inside ``conn.transaction()``, which it needs for
+        atomicity anyway.
+        """
+        if self._state != "open":
+            raise UsageError(f"{self!r} is not open")
+        assert self._idle is not None
+        self._running += 1
+        self._idle.clear()
+        self._stats["calls"] += 1
+        try:
+            for attempt in (1, 2):
+                lost = True  # until a connection is acquired
+                try:
+                    async with self._pool_or_none.acquire() as conn:
+                        try:
+                            return await fn(conn)
+                        except Exception:
+                            lost = _is_closed(conn)
+                            raise
+                except Exception as exc:
+                    if attempt == 1 and lost and _unsent(exc):
+                        self._stats["reconnects"] += 1
+                        continue
+                    self._stats["failed_calls"] += 1
+                    error = _translate(exc, connection_lost=lost)
+                    if error is exc:
+                        raise
+                    raise error from exc
+            raise AssertionError("unreachable")
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
+
+    # -- users ----------------------------------------------------------------------------
+
+    async def create_user(self, user: User) -> bool:
+        return await self._call(_changes(_INSERT_USER, *_user_row(user))) == 1
+
+    async def get_user(self, name: str) -> User | None:
+        row = await self._call(_one(f"SELECT {_USER_COLUMNS} FROM users WHERE name = $1", name))
+        return None if row is None else _user(row)
+
+    async def update_user(self, user: User) -> bool:
+        return await self._call(_changes(_UPDATE_USER, *_user_row(user))) == 1
+
+    async def delete_user(self, name: str) -> bool:
+        # Their tokens go too (ON DELETE CASCADE): a name reused later starts clean.
+        return await self._call(_changes("DELETE FROM users WHERE name = $1", name)) == 1
+
+    async def list_users(self) -> list[User]:
+        rows = await self._call(_all(f"SELECT {_USER_COLUMNS} FROM users ORDER BY name"))
+        return [_user(row) for row in rows]
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    async def add_token(self, token: Token) -> None:
+        row = (
+            token.id, token.digest, token.user, token.kind, token.label,
+            token.created_at, token.expires_at, token.revoked_at,
+        )  # fmt: skip
+
+        async def insert(conn: Connection) -> None:
+            try:
+                await conn.execute(
+                    f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)", *row
+                )
+            except asyncpg.ForeignKeyViolationError:
+                raise NotFound(f"no user {token.user!r}") from None
+            except asyncpg.UniqueViolationError:
+                raise AlreadyExists(f"token {token.id!r} or its digest is already stored") from None
+
+        await self._call(insert)
+
+    async def token_by_digest(self, digest: str) -> Token | None:
+        row = await self._call(_one(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE digest = $1", digest))
+        return None if row is None else Token(*row)
+
+    async def token_by_id(self, token_id: str) -> Token | None:
+        row = await self._call(_one(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = $1", token_id))
+        return None if row is None else Token(*row)
+
+    async def list_tokens(self, user: str | None = None) -> list[Token]:
+        if user is None:
+            query = _all(f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id")
+        else:
+            query = _all(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE username = $1 ORDER BY created_at, id", user)
+        return [Token(*row) for row in await self._call(query)]
+
+    async def revoke_token(self, token_id: str, at: float) -> bool:
+        sql = "UPDATE tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL"
+        return await self._call(_changes(sql, at, token_id)) == 1
+
+    async def revoke_user_tokens(self, user: str, at: float) -> int:
+        return await self._call(_changes(_REVOKE_USER_TOKENS, at, user))
+
+    # -- lockouts -------------------------------------------------------------------------
+
+    async def get_lockout(self, key: str) -> float | None:
+        row = await self._call(_one("SELECT until FROM lockouts WHERE key = $1", key))
+        return None if row is None else float(row[0])
+
+    async def set_lockout(self, key: str, until: float) -> None:
+        await self._call(_changes(_SET_LOCKOUT, key, until))
+
+
+# -- SQL and row mapping -------------------------------------------------------------------
+
+_USER_COLUMNS = "name, roles, password_hash, created_at, disabled"
+# In Token's field order, so a row unpacks straight into Token(*row).
+_TOKEN_COLUMNS = "id, digest, username, kind, label, created_at, expires_at, revoked_at"
+
+_INSERT_USER = f"INSERT INTO users ({_USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING"
+_UPDATE_USER = "UPDATE users SET roles = $2, password_hash = $3, created_at = $4, disabled = $5 WHERE name = $1"
+# Live: neither revoked nor expired at ``at`` (Token.valid_at).
+_REVOKE_USER_TOKENS = (
+    "UPDATE tokens SET revoked_at = $1 WHERE username = $2 AND revoked_at IS NULL"
+    " AND (expires_at IS NULL OR expires_at > $1)"
+)
+_SET_LOCKOUT = (
+    "INSERT INTO lockouts (key, until) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET until = excluded.until"
+)
+
+
+def _changes(sql: str, *args: Any) -> Callable[[Connection], Awaitable[int]]:
+    """A write: run ``sql``, the number of rows it changed."""
+
+    async def run(conn: Connection) -> int:
+        status: str = await conn.execute(sql, *args)  # e.g. "INSERT 0 1", "UPDATE 3"
+        return int(status.rsplit(" ", 1)[-1])
+
+    return run
+
+
+def _one(sql: str, *args: Any) -> Callable[[Connection], Awaitable[Any]]:
+    async def run(conn: Connection) -> Any:
+        return await conn.fetchrow(sql, *args)
+
+    return run
+
+
+def _all(sql: str, *args: Any) -> Callable[[Connection], Awaitable[list[Any]]]:
+    async def run(conn: Connection) -> list[Any]:
+        return list(await conn.fetch(sql, *args))
+
+    return run
+
+
+def _user_row(user: User) -> tuple[Any, ...]:
+    return (user.name, sorted(user.roles), user.password_hash, user.created_at, user.disabled)
+
+
+def _user(row: Any) -> User:
+    name, roles, password_hash, created_at, disabled = row
+    return User(name, frozenset(roles), password_hash, float(created_at), bool(disabled))
+
+
+# SQLSTATE classes that mean "try again": 08 connection exception, 40 transaction rollback
+# (serialization failure, deadlock), 53 insufficient resources, 57 operator intervention
+# (shutdown, statement timeout), 55P03 lock not available.
+_RETRYABLE_CLASSES = ("08", "40", "53", "57")
+
+
+async def _keep_session(conn: Connection) -> None:
+    """The pool's reset on release: nothing beyond asyncpg's own (roll back a transaction left open).
+
+    asyncpg's default also runs ``RESET ALL; UNLISTEN *; …`` -- one more round
+    trip per call, a third of a simple call's time. bastion's SQL leaves no
+    session state behind (see the module docstring), so there is nothing to reset.
+    """
+
+
+def _is_closed(conn: Connection) -> bool:
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:  # the pool already took back a connection that died
+        return True
+
+
+def _unsent(exc: Exception) -> bool:
+    """Whether ``exc`` is asyncpg refusing to send on a connection it found broken (nothing reached the server)."""
+    if isinstance(exc, asyncpg.exceptions._base.DataError):  # bad arguments: a bug, not a dead connection
+        return False
+    return isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError))
+
+
+def _translate(exc: Exception, *, connection_lost: bool = False) -> Exception:
+    """bastion errors pass through; the driver's become bastion's, so no SQL error escapes the store."""
+    if isinstance(exc, BastionError):
+        return exc
+    error: Exception
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        if state.startswith(_RETRYABLE_CLASSES) or state == "55P03":
+            error = Unavailable(f"store: {_describe(exc)}")
+        elif state.startswith("22"):  # data exception: a value PostgreSQL cannot store
+            error = InvalidArgument(f"store: value rejected: {_describe(exc)}")
+        else:
+            error = InternalError(f"store: {_describe(exc)}")
+    elif isinstance(exc, (OSError, TimeoutError)) or (connection_lost and _unsent(exc)):
+        # The network, a statement running past command_timeout, a connection that died.
+        error = Unavailable(f"store: {_describe(exc)}")
+    elif isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)):
+        error = InternalError(f"store: {_describe(exc)}")  # misuse of the driver: a bug
+    else:
+        return exc  # a bug in the caller's function, not the database's: keep it as it is
+    return error
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

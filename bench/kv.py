@@ -1,0 +1,263 @@
+"""kv.put throughput: group commit vs single-row commits vs redis-server with appendfsync always.
+
+    .venv/bin/python bench/kv.py [--clients 64] [--duration 5] [--warmup 1] [--json out.json]
+
+Three points, one after another, each server alone in its own subprocess
+(pinned to CPU 0 when there are 2+ CPUs; the load generator to CPU 1):
+
+* ``bastion``: a bastion ``Server`` hosting the real ``kv`` service over a
+  ``SQLiteStore`` with its defaults (WAL, ``synchronous=FULL``, group commit
+  up to ``max_batch=1024`` writes per transaction) in a fresh temporary
+  directory, plaintext on 127.0.0.1, token authentication, rate limiter off.
+  ``--clients`` connections (one ``bastion.Client`` each, uvloop) call
+  ``kv.put`` in a closed loop: random keys from 100,000, 32-byte values.
+* ``single-row``: the same server and store with ``max_batch=1``: one
+  transaction, one fsync, per put -- what the store would do without group
+  commit. Same clients, same load.
+* ``redis``: ``redis-server --appendonly yes --appendfsync always`` on a free
+  port with its data in a temporary directory, measured with
+  ``redis-benchmark -c CLIENTS -t set -d 32 -r 100000`` (its own C client).
+
+Every bastion put that returned was durably committed (fsync) before its
+answer was sent. The table gives puts/s and the ratios bastion/single-row
+(the issue's target: at least 5x) and bastion/redis. Run it on a quiet
+machine: fsync latency dominates, and other disk traffic changes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TOKEN = "bst_bench-token-not-a-secret-0123456789abcdef"
+KEYSPACE = 100_000
+VALUE = bytes(range(32))
+STARTUP_DEADLINE = 20.0
+
+
+# -- the bastion server (``bench/kv.py --serve MAX_BATCH DIR``) -----------------------------
+
+
+async def _serve(max_batch: int, directory: str) -> None:
+    import signal
+
+    from bastion import Principal, Server
+    from bastion.security.authn import StaticTokens
+    from bastion.services.kv import KV
+    from bastion.store.sqlite import SQLiteStore
+
+    loop = asyncio.get_running_loop()
+    stopping = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stopping.done() or stopping.set_result(None))
+    async with SQLiteStore(Path(directory) / "bastion.db", max_batch=max_batch) as store:
+        kv = KV(store)
+        await kv.start()
+        server = Server([kv.service], authenticator=StaticTokens({TOKEN: Principal("bench")}))
+        await server.start("127.0.0.1", 0)
+        print(f"PORT {server.port}", flush=True)
+        await stopping
+        await server.shutdown(grace=1.0)
+        await kv.aclose()
+        stats = dict(store.stats)
+    print(f"STATS {json.dumps(stats)}", flush=True)
+
+
+class BastionProcess:
+    def __init__(self, max_batch: int, directory: str, cpu: int | None) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", str(max_batch), directory]
+        if cpu is not None:
+            cmd += ["--cpu", str(cpu)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        self.port = int(_read_line(self.proc, "PORT ").split()[1])
+
+    def stop(self) -> dict[str, int]:
+        self.proc.terminate()
+        stats = json.loads(_read_line(self.proc, "STATS ").split(" ", 1)[1])
+        self.proc.wait(10)
+        return dict(stats)
+
+
+def _read_line(proc: subprocess.Popen[str], prefix: str) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + STARTUP_DEADLINE
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if ready:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith(prefix):
+                return line.strip()
+    proc.kill()
+    raise RuntimeError(f"bench server: no {prefix.strip()} line within {STARTUP_DEADLINE:.0f}s")
+
+
+async def _drive(port: int, clients: int, warmup: float, duration: float) -> dict[str, Any]:
+    from bastion.client.aio import Client
+
+    conns = [Client(f"127.0.0.1:{port}", token=TOKEN, insecure=True, timeout=30) for _ in range(clients)]
+    for c in conns:
+        await c.connect()
+    counting = False
+    count = 0
+    latencies: list[float] = []
+    stop_at = time.monotonic() + warmup + duration
+
+    async def worker(c: Any) -> None:
+        nonlocal count
+        rng = random.Random(id(c))
+        while time.monotonic() < stop_at:
+            t0 = time.perf_counter()
+            await c.kv.put(key=f"key:{rng.randrange(KEYSPACE):06}", value=VALUE)
+            if counting:
+                count += 1
+                latencies.append(time.perf_counter() - t0)
+
+    tasks = [asyncio.create_task(worker(c)) for c in conns]
+    await asyncio.sleep(warmup)
+    counting, t0 = True, time.monotonic()
+    await asyncio.gather(*tasks)
+    elapsed = time.monotonic() - t0
+    for c in conns:
+        await c.close()
+    latencies.sort()
+    return {
+        "ops": count / elapsed,
+        "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else None,
+    }
+
+
+def bench_bastion(max_batch: int, opts: argparse.Namespace, cpus: tuple[int | None, int | None]) -> dict[str, Any]:
+    directory = tempfile.mkdtemp(prefix="bastion-bench-kv-")
+    try:
+        server = BastionProcess(max_batch, directory, cpus[0])
+        try:
+            if cpus[1] is not None:
+                os.sched_setaffinity(0, {cpus[1]})
+            import uvloop
+
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                result = runner.run(_drive(server.port, opts.clients, opts.warmup, opts.duration))
+        finally:
+            stats = server.stop()
+        result["writes_per_commit"] = stats["writes"] / max(1, stats["commits"])
+        return result
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- redis ----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bench_redis(opts: argparse.Namespace, cpus: tuple[int | None, int | None]) -> dict[str, Any]:
+    if not shutil.which("redis-server") or not shutil.which("redis-benchmark"):
+        return {"error": "redis-server / redis-benchmark not installed"}
+    directory = tempfile.mkdtemp(prefix="bastion-bench-redis-")
+    port = _free_port()
+
+    def pin(cpu: int | None) -> Any:
+        return (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
+
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+         "--appendfsync", "always", "--dir", directory],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pin(cpus[0]),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + STARTUP_DEADLINE
+        while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() != b"PONG":
+            if time.monotonic() > deadline or server.poll() is not None:
+                return {"error": "redis-server did not start"}
+            time.sleep(0.05)
+        requests = max(20_000, int(opts.duration * 40_000))
+        out = subprocess.run(
+            ["redis-benchmark", "-p", str(port), "-c", str(opts.clients), "-t", "set", "-d", "32",
+             "-r", str(KEYSPACE), "-n", str(requests), "--csv"],
+            capture_output=True, text=True, timeout=300, preexec_fn=pin(cpus[1]),
+        )  # fmt: skip
+        for line in out.stdout.splitlines():
+            fields = [f.strip('"') for f in line.split(",")]
+            if fields[0] == "SET":
+                return {"ops": float(fields[1]), "p50_ms": float(fields[5]) if len(fields) > 5 else None,
+                        "p99_ms": float(fields[7]) if len(fields) > 7 else None}  # fmt: skip
+        return {"error": f"no SET line in redis-benchmark output: {out.stdout[-300:]} {out.stderr[-300:]}"}
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--serve", nargs=2, metavar=("MAX_BATCH", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    if opts.serve:
+        if opts.cpu is not None:
+            os.sched_setaffinity(0, {opts.cpu})
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_serve(int(opts.serve[0]), opts.serve[1]))
+        return 0
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus: tuple[int | None, int | None] = (allowed[0], allowed[1]) if len(allowed) >= 2 else (None, None)
+    results = {
+        "bastion": bench_bastion(1024, opts, cpus),
+        "single-row": bench_bastion(1, opts, cpus),
+        "redis": bench_redis(opts, cpus),
+    }
+    os.sched_setaffinity(0, allowed)
+    print(f"\nkv.put / SET, {opts.clients} concurrent clients, {opts.duration:.0f} s measured per point\n")
+    print("| server | puts/s | p50 ms | p99 ms | writes per commit |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"| {name} | error: {r['error']} | | | |")
+            continue
+        per_commit = f"{r['writes_per_commit']:.1f}" if "writes_per_commit" in r else "-"
+        p50 = f"{r['p50_ms']:.2f}" if r.get("p50_ms") is not None else "-"
+        p99 = f"{r['p99_ms']:.2f}" if r.get("p99_ms") is not None else "-"
+        print(f"| {name} | {r['ops']:,.0f} | {p50} | {p99} | {per_commit} |")
+    base = results["bastion"]["ops"]
+    print(f"\nbastion / single-row commits: {base / results['single-row']['ops']:.1f}x (target >= 5x)")
+    if "ops" in results["redis"]:
+        print(f"bastion / redis (appendfsync always): {base / results['redis']['ops']:.2f}x")
+    if opts.json:
+        opts.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

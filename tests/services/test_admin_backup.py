@@ -1,0 +1,123 @@
+"""admin.backup / admin.backups / admin.ready and the Backups component, over a real SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bastion import PermissionDenied, Principal, Unavailable
+from bastion.config import BackupConfig
+from bastion.security.credentials import User
+from bastion.services.admin import create_service
+from bastion.services.backup import Backups
+from bastion.store import backup as archive
+from bastion.store.sqlite import SQLiteStore
+from bastion.testing import ANONYMOUS, MemoryServer
+
+OPS = Principal("olga", frozenset({"ops"}))
+
+
+def run(coro: Any) -> Any:
+    async def guarded() -> Any:
+        async with asyncio.timeout(20):
+            return await coro
+
+    return asyncio.run(guarded())
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` (counters of a background task) until true, failing after ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110 - a counter, not an event, is what the component offers
+            await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def hosted(tmp_path: Path, **config: Any) -> AsyncIterator[tuple[MemoryServer, Backups, SQLiteStore]]:
+    async with SQLiteStore(tmp_path / "bastion.db") as store:
+        backups = Backups(
+            store, data_dir=tmp_path, files_dir=tmp_path / "files", config=BackupConfig(**config), passphrase=None
+        )
+        await backups.start()
+        try:
+            async with MemoryServer([create_service(backups)]) as server:
+                yield server, backups, store
+        finally:
+            await backups.aclose()
+
+
+def test_admin_backup_returns_a_verified_archive_and_backups_lists_it(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with hosted(tmp_path) as (server, _, store):
+            await store.create_user(User("ada", frozenset(), None, 1.0))
+            client = server.client()
+            info = await client.admin.backup()
+            assert info["name"].startswith("bastion-backup-") and info["name"].endswith(".bbk")
+            assert info["backend"] == "sqlite" and info["schema_version"] == store.schema_version
+            assert info["encrypted"] is False and len(info["sha256"]) == 64
+            path = tmp_path / "backups" / info["name"]
+            assert path.stat().st_size == info["size"]
+            manifest = archive.verify_archive(path, None)
+            assert manifest.members[0].path == "db/bastion.db"
+            listed = await client.admin.backups()
+            assert [a["name"] for a in listed] == [info["name"]]
+            stats = await client.admin.stats()
+            assert stats["backups_total"] == 1 and stats["backups_failed"] == 0
+
+    run(main())
+
+
+def test_backup_methods_need_the_admin_role_and_ready_is_public(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with hosted(tmp_path) as (server, _, _):
+            with pytest.raises(PermissionDenied):
+                await server.client(principal=OPS).admin.backup()
+            with pytest.raises(PermissionDenied):
+                await server.client(principal=OPS).admin.backups()
+            assert await server.client(principal=ANONYMOUS).admin.ready() == {"ready": True, "status": "ready"}
+
+    run(main())
+
+
+def test_only_one_backup_runs_at_a_time(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with hosted(tmp_path) as (_, backups, _):
+            first = asyncio.create_task(backups.backup())
+            await asyncio.sleep(0)  # let it take the lock
+            assert backups.running
+            with pytest.raises(Unavailable, match="already running"):
+                await backups.backup()
+            await first
+            assert not backups.running
+
+    run(main())
+
+
+def test_scheduled_backups_run_and_keep_only_the_newest(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with hosted(tmp_path, interval=0.05, keep=2) as (_, backups, _):
+            manual = await backups.backup()  # on-demand archives are never pruned
+            await until(lambda: backups.stats["scheduled_total"] >= 4)
+        names = sorted(p.name for p in (tmp_path / "backups").iterdir())
+        scheduled = [n for n in names if n.endswith("-scheduled.bbk")]
+        assert manual.name in names
+        assert 1 <= len(scheduled) <= 3  # keep=2, plus perhaps one written after the last prune
+        assert backups.stats["scheduled_failed"] == 0
+
+    run(main())
+
+
+def test_a_failing_scheduled_backup_is_counted_not_fatal(tmp_path: Path) -> None:
+    async def main() -> None:
+        blocker = tmp_path / "not-a-dir"
+        blocker.write_text("a file where the backup directory should be")
+        async with hosted(tmp_path, interval=0.05, directory=str(blocker)) as (_, backups, _):
+            await until(lambda: backups.stats["scheduled_failed"] >= 2)
+            assert backups._task is not None and not backups._task.done()
+
+    run(main())

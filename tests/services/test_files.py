@@ -1,0 +1,352 @@
+"""The files service over a real SQLite store and a real files directory, through the in-memory pair."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import bastion
+from bastion.config import FilesConfig
+from bastion.security.principal import Principal
+from bastion.services.files import Files, check_name
+from bastion.store import open_store
+from bastion.store.files import PIN_SECONDS
+from bastion.testing import TESTER, MemoryServer
+
+ALICE = Principal("alice")
+BOB = Principal("bob")
+CAROL = Principal("carol", frozenset({"team"}))
+CHUNK = 64 * 1024
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def chunks(data: bytes, size: int = CHUNK) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+class World:
+    def __init__(self, server: MemoryServer, files: Files, directory: Path) -> None:
+        self.server, self.files, self.directory = server, files, directory
+        self.alice = server.client(principal=ALICE)
+        self.bob = server.client(principal=BOB)
+        self.carol = server.client(principal=CAROL)
+        self.admin = server.client(principal=TESTER)
+
+    async def put(self, client: bastion.Client, name: str, data: bytes, **kw: Any) -> dict[str, Any]:
+        info = await client.files.begin_upload(name=name, size=len(data), sha256=sha(data), **kw)
+        result = await client.upload("files.upload", chunks(data), upload_id=info["upload_id"])
+        assert result["complete"] is True
+        file: dict[str, Any] = result["file"]
+        return file
+
+    async def get(self, client: bastion.Client, **ref: Any) -> bytes:
+        return b"".join([c async for c in client.stream("files.download", **ref)])
+
+    def blobs(self) -> list[Path]:
+        return sorted(p for p in (self.directory / "blobs").rglob("*") if p.is_file())
+
+
+@asynccontextmanager
+async def world(tmp_path: Path, config: FilesConfig | None = None) -> AsyncIterator[World]:
+    async with open_store(tmp_path / "bastion.db") as store:
+        files = Files(store, tmp_path / "files", config or FilesConfig(quota_bytes=10_000_000, chunk_bytes=CHUNK))
+        await files.start()
+        try:
+            async with MemoryServer([files.service]) as server:
+                yield World(server, files, tmp_path / "files")
+        finally:
+            await files.aclose()
+
+
+def run(test: Callable[[World], Awaitable[None]], tmp_path: Path, config: FilesConfig | None = None) -> None:
+    async def main() -> None:
+        async with world(tmp_path, config) as w:
+            await asyncio.wait_for(test(w), 20)
+
+    asyncio.run(main())
+
+
+def test_upload_then_download_verifies_and_lays_out_blobs(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+
+    async def test(w: World) -> None:
+        file = await w.put(w.alice, "reports/q3.bin", data)
+        assert (file["name"], file["owner"], file["size"], file["sha256"]) == (
+            "reports/q3.bin",
+            "alice",
+            len(data),
+            sha(data),
+        )
+        assert await w.get(w.alice, name="reports/q3.bin") == data
+        assert await w.get(w.alice, file_id=file["id"], offset=100_000) == data[100_000:]
+        blob = w.directory / "blobs" / sha(data)[:2] / sha(data)
+        assert blob.read_bytes() == data
+        assert blob.stat().st_mode & 0o777 == 0o600 and blob.parent.stat().st_mode & 0o777 == 0o700
+        assert list((w.directory / "uploads").iterdir()) == []
+        stat = await w.alice.files.stat(name="reports/q3.bin")
+        assert stat["access"] == "owner" and stat["id"] == file["id"]
+        usage = await w.alice.files.usage()
+        assert (usage["files_bytes"], usage["reserved_bytes"]) == (len(data), 0)
+
+    run(test, tmp_path)
+
+
+def test_download_chunks_are_bounded_by_chunk_bytes(tmp_path: Path) -> None:
+    data = os.urandom(5 * CHUNK + 7)
+
+    async def test(w: World) -> None:
+        await w.put(w.alice, "a", data)
+        sizes = [len(c) async for c in w.alice.stream("files.download", name="a")]
+        assert sizes == [CHUNK] * 5 + [7]
+
+    run(test, tmp_path)
+
+
+def test_interrupted_upload_resumes_from_the_server_offset(tmp_path: Path) -> None:
+    data = os.urandom(400_000)
+
+    async def test(w: World) -> None:
+        info = await w.alice.files.begin_upload(name="big", size=len(data), sha256=sha(data))
+        part = await w.alice.upload("files.upload", chunks(data[:150_000]), upload_id=info["upload_id"])
+        assert (part["complete"], part["offset"]) == (False, 150_000)
+        status = await w.alice.files.upload_status(upload_id=info["upload_id"])
+        assert status["offset"] == 150_000
+        with pytest.raises(bastion.FailedPrecondition, match="continue from offset 150000"):
+            await w.alice.upload("files.upload", chunks(data[100_000:]), upload_id=info["upload_id"], offset=100_000)
+        done = await w.alice.upload("files.upload", chunks(data[150_000:]), upload_id=info["upload_id"], offset=150_000)
+        assert done["complete"] and done["file"]["sha256"] == sha(data)
+        assert await w.get(w.alice, name="big") == data
+        with pytest.raises(bastion.NotFound):
+            await w.alice.files.upload_status(upload_id=info["upload_id"])
+
+    run(test, tmp_path)
+
+
+def test_wrong_sha256_is_refused_and_the_upload_discarded(tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+
+    async def test(w: World) -> None:
+        info = await w.alice.files.begin_upload(name="x", size=len(data), sha256=sha(b"other"))
+        with pytest.raises(bastion.InvalidArgument, match=r"SHA-256 .* not the declared"):
+            await w.alice.upload("files.upload", chunks(data), upload_id=info["upload_id"])
+        with pytest.raises(bastion.NotFound):
+            await w.alice.files.upload_status(upload_id=info["upload_id"])
+        with pytest.raises(bastion.NotFound):
+            await w.alice.files.stat(name="x")
+        assert list((w.directory / "uploads").iterdir()) == [] and w.blobs() == []
+        assert (await w.alice.files.usage())["reserved_bytes"] == 0
+
+    run(test, tmp_path)
+
+
+def test_more_bytes_than_declared_are_refused(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        info = await w.alice.files.begin_upload(name="x", size=10, sha256=sha(b"0123456789"))
+        with pytest.raises(bastion.InvalidArgument, match="more than the declared 10 bytes"):
+            await w.alice.upload("files.upload", [b"0123456789A"], upload_id=info["upload_id"])
+        with pytest.raises(bastion.NotFound):
+            await w.alice.files.upload_status(upload_id=info["upload_id"])
+
+    run(test, tmp_path)
+
+
+def test_quota_counts_files_and_open_uploads(tmp_path: Path) -> None:
+    config = FilesConfig(quota_bytes=1000, chunk_bytes=CHUNK)
+
+    async def test(w: World) -> None:
+        await w.put(w.alice, "a", b"x" * 600)
+        await w.alice.files.begin_upload(name="b", size=300, sha256=sha(b"y" * 300))
+        with pytest.raises(
+            bastion.ResourceExhausted, match=r"900 bytes used or reserved \+ 200 requested > limit 1000"
+        ):
+            await w.alice.files.begin_upload(name="c", size=200, sha256=sha(b"z" * 200))
+        await w.bob.files.begin_upload(name="c", size=1000, sha256=sha(b"z" * 1000))  # quotas are per user
+        usage = await w.alice.files.usage()
+        assert (usage["files_bytes"], usage["reserved_bytes"], usage["quota_bytes"]) == (600, 300, 1000)
+        await w.alice.files.delete(name="a")
+        await w.alice.files.begin_upload(name="c", size=200, sha256=sha(b"z" * 200))
+
+    run(test, tmp_path, config)
+
+
+def test_sharing_read_write_roles_and_strangers(tmp_path: Path) -> None:
+    data = b"shared contents"
+
+    async def test(w: World) -> None:
+        file = await w.put(w.alice, "doc", data)
+        ref = {"file_id": file["id"]}
+        # A stranger cannot tell the file from a missing one.
+        missing = "no file 'f-" + "0" * 32 + "'"
+        for call in (w.bob.files.stat, w.bob.files.delete):
+            with pytest.raises(bastion.NotFound) as info:
+                await call(**ref)
+            assert info.value.message == f"no file {file['id']!r}"
+        with pytest.raises(bastion.NotFound) as other:
+            await w.bob.files.stat(file_id="f-" + "0" * 32)
+        assert other.value.message == missing
+        await w.alice.files.share(**ref, user="bob", mode="read")
+        assert await w.get(w.bob, **ref) == data
+        assert (await w.bob.files.stat(name="doc", owner="alice"))["access"] == "read"
+        with pytest.raises(bastion.PermissionDenied, match="read-only share"):
+            await w.bob.files.delete(**ref)
+        with pytest.raises(bastion.PermissionDenied):
+            await w.bob.files.begin_upload(file_id=file["id"], size=1, sha256=sha(b"!"))
+        with pytest.raises(bastion.PermissionDenied):
+            await w.bob.files.share(**ref, user="carol")
+        # A write share through a role: replace the contents, then delete.
+        await w.alice.files.share(**ref, role="team", mode="write")
+        grants = await w.alice.files.shares(**ref)
+        assert [(g["kind"], g["grantee"], g["mode"]) for g in grants] == [
+            ("role", "team", "write"),
+            ("user", "bob", "read"),
+        ]
+        new = b"carol's version"
+        info = await w.carol.files.begin_upload(file_id=file["id"], size=len(new), sha256=sha(new))
+        assert info["owner"] == "alice"
+        result = await w.carol.upload("files.upload", [new], upload_id=info["upload_id"])
+        assert result["file"]["id"] == file["id"] and result["file"]["owner"] == "alice"
+        assert await w.get(w.bob, **ref) == new
+        listed = await w.carol.files.list()
+        assert [(f["owner"], f["name"], f["access"]) for f in listed["files"]] == [("alice", "doc", "write")]
+        assert await w.alice.files.unshare(**ref, user="bob") is True
+        with pytest.raises(bastion.NotFound):
+            await w.bob.files.stat(**ref)
+        await w.carol.files.delete(**ref)
+        with pytest.raises(bastion.NotFound):
+            await w.alice.files.stat(**ref)
+
+    run(test, tmp_path)
+
+
+def test_list_pages_by_owner_and_name_and_admin_sees_all(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        for name in ("b/2", "a", "b/1", "c"):
+            await w.put(w.alice, name, name.encode())
+        await w.put(w.bob, "zzz", b"bob")
+        page = await w.alice.files.list(limit=2)
+        assert [f["name"] for f in page["files"]] == ["a", "b/1"] and page["next"]
+        page2 = await w.alice.files.list(limit=2, after=page["next"])
+        assert [f["name"] for f in page2["files"]] == ["b/2", "c"]
+        assert [f["name"] for f in (await w.alice.files.list(prefix="b/"))["files"]] == ["b/1", "b/2"]
+        assert (await w.alice.files.list(prefix="B/"))["files"] == []  # prefixes are case-sensitive
+        with pytest.raises(bastion.PermissionDenied):
+            await w.alice.files.list(all=True)
+        everyone = await w.admin.files.list(all=True)
+        assert [(f["owner"], f["access"]) for f in everyone["files"]][-1] == ("bob", "admin")
+        with pytest.raises(bastion.InvalidArgument):
+            await w.alice.files.list(after="not a cursor")
+
+    run(test, tmp_path)
+
+
+def test_names_are_validated() -> None:
+    assert check_name("reports/q3.pdf") == "reports/q3.pdf"
+    for bad in ("", "/abs", "a/../b", "a//b", "trailing/", ".", "nul\x00byte", "x" * 1025, "tab\there"):
+        with pytest.raises(bastion.InvalidArgument):
+            check_name(bad)
+
+
+def test_name_conflicts_overwrite_and_rename(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        first = await w.put(w.alice, "n", b"one")
+        with pytest.raises(bastion.AlreadyExists):
+            await w.alice.files.begin_upload(name="n", size=3, sha256=sha(b"two"))
+        second = await w.put(w.alice, "n", b"two", overwrite=True)
+        assert second["id"] == first["id"] and await w.get(w.alice, name="n") == b"two"
+        await w.put(w.alice, "m", b"m")
+        with pytest.raises(bastion.AlreadyExists):
+            await w.alice.files.rename(name="m", new_name="n")
+        renamed = await w.alice.files.rename(name="m", new_name="dir/m2")
+        assert renamed["name"] == "dir/m2"
+        with pytest.raises(bastion.InvalidArgument):
+            await w.alice.files.begin_upload(name="../etc/passwd", size=1, sha256=sha(b"x"))
+
+    run(test, tmp_path)
+
+
+def test_blobs_are_shared_and_swept_only_after_the_grace_period(tmp_path: Path) -> None:
+    config = FilesConfig(quota_bytes=10_000_000, chunk_bytes=CHUNK, blob_grace=100.0, sweep_interval=3600)
+
+    async def test(w: World) -> None:
+        data = b"same contents"
+        a = await w.put(w.alice, "a", data)
+        await w.put(w.bob, "b", data)
+        assert len(w.blobs()) == 1
+        await w.alice.files.delete(file_id=a["id"])
+        await w.bob.files.delete(name="b")
+        now = time.time()
+        assert (await w.files.sweep(now))["blobs_deleted"] == 0
+        assert len(w.blobs()) == 1  # within the grace period a backup may still want it
+        assert (await w.files.sweep(now + 101))["blobs_deleted"] == 0  # pinned by the last commit
+        assert (await w.files.sweep(now + PIN_SECONDS + 1))["blobs_deleted"] == 1
+        assert w.blobs() == []
+        # The same contents uploaded again come back.
+        await w.put(w.alice, "again", data)
+        assert await w.get(w.alice, name="again") == data
+
+    run(test, tmp_path, config)
+
+
+def test_sweep_expires_idle_uploads_and_orphans(tmp_path: Path) -> None:
+    config = FilesConfig(quota_bytes=10_000, chunk_bytes=CHUNK, upload_ttl=50.0)
+
+    async def test(w: World) -> None:
+        info = await w.alice.files.begin_upload(name="x", size=100, sha256=sha(b"x" * 100))
+        await w.alice.upload("files.upload", [b"x" * 10], upload_id=info["upload_id"])
+        orphan = w.directory / "uploads" / ("u-" + "1" * 32)
+        orphan.write_bytes(b"left behind")
+        os.utime(orphan, (0, 0))
+        now = time.time()
+        counts = await w.files.sweep(now + 60)
+        assert counts == {"uploads_expired": 1, "blobs_deleted": 0, "orphans_removed": 1}
+        assert list((w.directory / "uploads").iterdir()) == []
+        assert (await w.alice.files.usage())["reserved_bytes"] == 0
+        with pytest.raises(bastion.NotFound):
+            await w.alice.files.upload_status(upload_id=info["upload_id"])
+
+    run(test, tmp_path, config)
+
+
+def test_uploads_belong_to_their_uploader(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        info = await w.alice.files.begin_upload(name="x", size=3, sha256=sha(b"abc"))
+        for call in (w.bob.files.upload_status, w.bob.files.cancel_upload):
+            with pytest.raises(bastion.NotFound):
+                await call(upload_id=info["upload_id"])
+        with pytest.raises(bastion.NotFound):
+            await w.bob.upload("files.upload", [b"abc"], upload_id=info["upload_id"])
+        with pytest.raises(bastion.NotFound):
+            await w.alice.files.upload_status(upload_id="../../etc/passwd")
+        assert [u["upload_id"] for u in await w.alice.files.uploads()] == [info["upload_id"]]
+        assert await w.alice.files.cancel_upload(upload_id=info["upload_id"]) is True
+        assert await w.alice.files.uploads() == []
+
+    run(test, tmp_path)
+
+
+def test_empty_file_and_download_guards(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        empty = await w.put(w.alice, "empty", b"")
+        assert empty["size"] == 0 and await w.get(w.alice, name="empty") == b""
+        await w.put(w.alice, "f", b"hello")
+        with pytest.raises(bastion.FailedPrecondition, match="other contents"):
+            await w.get(w.alice, name="f", sha256=sha(b"something else"))
+        with pytest.raises(bastion.OutOfRange):
+            await w.get(w.alice, name="f", offset=6)
+        assert await w.get(w.alice, name="f", offset=5) == b""
+        with pytest.raises(bastion.InvalidArgument):
+            await w.alice.files.stat(name="f", file_id=empty["id"])
+
+    run(test, tmp_path)

@@ -1,0 +1,282 @@
+"""The jobs service over a real SQLite store, through the in-memory pair; jobs run in real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import bastion
+from bastion.client.aio import Client
+from bastion.config import JobsConfig
+from bastion.exceptions import UsageError
+from bastion.jobs import JobRegistry
+from bastion.security.principal import Principal
+from bastion.services.jobs import Jobs
+from bastion.store import open_store
+from bastion.testing import TESTER, MemoryServer
+from tests.support.demo_jobs import registry
+from tests.support.server import wait_for
+
+ADA = Principal("ada", frozenset({"user"}))
+BOB = Principal("bob", frozenset({"user"}))
+CONFIG = JobsConfig(concurrency=2, lease=1.5, poll_interval=0.2, memory_mb=512)
+
+
+class World:
+    def __init__(self, server: MemoryServer, jobs: Jobs, store: Any, tmp_path: Path) -> None:
+        self.server, self.jobs, self.store, self.dir = server, jobs, store, tmp_path
+
+    def client(self, principal: Principal = ADA) -> Client:
+        return self.server.client(principal=principal)
+
+
+@asynccontextmanager
+async def world(tmp_path: Path, config: JobsConfig = CONFIG) -> AsyncIterator[World]:
+    async with open_store(tmp_path / "bastion.db") as store:
+        jobs = Jobs(store, [registry], config)
+        await jobs.start()
+        try:
+            async with MemoryServer([jobs.service]) as server:
+                yield World(server, jobs, store, tmp_path)
+        finally:
+            await jobs.aclose()
+
+
+def run(test: Callable[[World], Awaitable[None]], tmp_path: Path, config: JobsConfig = CONFIG) -> None:
+    async def main() -> None:
+        async with asyncio.timeout(30), world(tmp_path, config) as w:
+            await test(w)
+
+    asyncio.run(main())
+
+
+async def finish(client: Client, job_id: str) -> dict[str, Any]:
+    """Watch the job to its end; the last status."""
+    last: dict[str, Any] = {}
+    async for status in client.stream("jobs.watch", id=job_id):
+        last = status
+    return last
+
+
+async def wait_file(path: Path, timeout: float = 10.0) -> str:
+    """The text of ``path`` once it exists (polled on a thread, under a deadline)."""
+    await asyncio.to_thread(wait_for, path.exists, timeout, what=str(path))
+    return await asyncio.to_thread(path.read_text)
+
+
+def test_a_job_runs_in_its_own_process_and_returns_its_result(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        job_id = await ada.jobs.submit(name="add", args={"a": 2, "b": 40})
+        final = await finish(ada, job_id)
+        assert (final["state"], final["progress"], final["owner"]) == ("succeeded", 1.0, "ada")
+        assert await ada.jobs.result(id=job_id) == {"id": job_id, "state": "succeeded", "result": 42, "error": None}
+        shifted = await ada.jobs.submit(name="shift", args={"point": {"x": 1, "y": 2}, "by": 3})
+        await finish(ada, shifted)
+        assert (await ada.jobs.result(id=shifted))["result"] == {"x": 4, "y": 5}
+
+    run(test, tmp_path)
+
+
+def test_progress_is_streamed_until_the_job_finishes(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        job_id = await ada.jobs.submit(name="steps", args={"n": 8, "delay": 0.15})
+        seen = [s async for s in ada.stream("jobs.watch", id=job_id)]
+        states = [s["state"] for s in seen]
+        assert states[-1] == "succeeded" and "running" in states
+        fractions = [s["progress"] for s in seen if s["state"] == "running"]
+        assert fractions == sorted(fractions) and any(0 < f < 1 for f in fractions)
+        assert any(s["message"].startswith("step ") for s in seen)
+        assert (await ada.jobs.result(id=job_id))["result"] == 8
+
+    run(test, tmp_path)
+
+
+def test_bad_submissions_are_refused_with_clear_errors(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        with pytest.raises(bastion.NotFound, match="no job named 'nope'"):
+            await ada.jobs.submit(name="nope", args={})
+        with pytest.raises(bastion.InvalidArgument, match="Expected `int`, got `str`"):
+            await ada.jobs.submit(name="add", args={"a": "x", "b": 1})
+        with pytest.raises(bastion.InvalidArgument, match="missing required field `b`"):
+            await ada.jobs.submit(name="add", args={"a": 1})
+        with pytest.raises(bastion.InvalidArgument, match="unknown field `c`"):
+            await ada.jobs.submit(name="add", args={"a": 1, "b": 2, "c": 3})
+        with pytest.raises(bastion.InvalidArgument, match="state must be one of"):
+            await ada.jobs.list(state="done")
+        assert await ada.jobs.list() == []  # nothing was queued by the refusals
+
+    run(test, tmp_path)
+
+
+def test_failures_are_reported_with_a_reason_and_break_nothing(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        cases = {
+            ("boom", '{"message": "no luck"}'): "ValueError: no luck",
+            ("hog", '{"mb": 1024}'): "out of memory: the job's limit is 200 MB",
+            ("oversleep", '{"seconds": 30}'): "timed out: killed at its limit of 1 s",
+            ("crash", '{"how": "exit"}'): "exited with code 3 without a result",
+            ("crash", '{"how": "abort"}'): "killed by SIGABRT",
+        }
+        import json
+
+        ids = {key: await ada.jobs.submit(name=key[0], args=json.loads(key[1])) for key in cases}
+        for key, job_id in ids.items():
+            final = await finish(ada, job_id)
+            assert final["state"] == "failed", (key, final)
+            assert cases[key] in final["error"], (key, final["error"])
+            assert (await ada.jobs.result(id=job_id))["error"] == final["error"]
+        # The runner is unharmed: a later job still runs, and prints do not corrupt the channel.
+        after = await ada.jobs.submit(name="chatty", args={"text": "still here"})
+        await finish(ada, after)
+        assert (await ada.jobs.result(id=after))["result"] == "still here"
+
+    run(test, tmp_path)
+
+
+def test_cancel_a_queued_and_a_running_job(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        args = {"directory": str(w.dir), "seconds": 30}
+        running = [await ada.jobs.submit(name="nap", args={**args, "tag": f"r{i}"}) for i in range(2)]
+        queued = await ada.jobs.submit(name="nap", args={**args, "tag": "q"})  # both slots are taken
+        pids = [int(await wait_file(w.dir / f"r{i}.pid")) for i in range(2)]
+        status = await ada.jobs.cancel(id=queued)
+        assert (status["state"], status["error"]) == ("cancelled", "cancelled before it ran")
+        status = await ada.jobs.cancel(id=running[0])
+        assert status["cancel_requested"] is True
+        final = await finish(ada, running[0])
+        assert (final["state"], final["error"]) == ("cancelled", "cancelled while running")
+        with pytest.raises(ProcessLookupError):
+            os.kill(pids[0], 0)  # the job's process is gone (and reaped)
+        os.kill(pids[1], 0)  # the other job is untouched
+        assert not (w.dir / "q.pid").exists()
+        assert (await ada.jobs.cancel(id=queued))["state"] == "cancelled"  # idempotent
+        await ada.jobs.cancel(id=running[1])
+        assert (await finish(ada, running[1]))["state"] == "cancelled"
+
+    run(test, tmp_path)
+
+
+def test_only_the_owner_or_an_admin_sees_a_job(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada, bob, admin = w.client(ADA), w.client(BOB), w.client(TESTER)
+        job_id = await ada.jobs.submit(name="add", args={"a": 1, "b": 1})
+        await finish(ada, job_id)
+        for call in ("status", "result", "cancel"):
+            with pytest.raises(bastion.NotFound) as info:
+                await getattr(bob.jobs, call)(id=job_id)
+            with pytest.raises(bastion.NotFound) as unknown:
+                await getattr(bob.jobs, call)(id="0" * 24)
+            assert info.value.message.replace(job_id, "X") == unknown.value.message.replace("0" * 24, "X")
+        with pytest.raises(bastion.NotFound):
+            await finish(bob, job_id)
+        assert await bob.jobs.list() == []
+        assert [s["id"] for s in await ada.jobs.list()] == [job_id]
+        assert [s["id"] for s in await admin.jobs.list()] == [job_id]
+        assert (await admin.jobs.result(id=job_id))["result"] == 2
+
+    run(test, tmp_path)
+
+
+def test_list_pages_and_filters_by_state(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        ids = [await ada.jobs.submit(name="add", args={"a": i, "b": 0}) for i in range(5)]
+        for job_id in ids:
+            await finish(ada, job_id)
+        first = await ada.jobs.list(limit=2)
+        rest = await ada.jobs.list(limit=10, after=first[-1]["id"])
+        assert [s["id"] for s in first + rest] == ids
+        assert len(await ada.jobs.list(state="succeeded")) == 5
+        assert await ada.jobs.list(state="queued") == []
+
+    run(test, tmp_path)
+
+
+def test_result_of_an_unfinished_job_is_a_failed_precondition(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        job_id = await ada.jobs.submit(name="nap", args={"directory": str(w.dir), "tag": "t", "seconds": 30})
+        with pytest.raises(bastion.FailedPrecondition, match="result is not ready"):
+            await ada.jobs.result(id=job_id)
+        await ada.jobs.cancel(id=job_id)
+
+    run(test, tmp_path)
+
+
+def test_pending_jobs_per_user_are_limited(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada, bob = w.client(ADA), w.client(BOB)
+        args = {"directory": str(w.dir), "seconds": 30}
+        first = [await ada.jobs.submit(name="nap", args={**args, "tag": f"a{i}"}) for i in range(2)]
+        with pytest.raises(bastion.ResourceExhausted, match="2 jobs queued or running"):
+            await ada.jobs.submit(name="add", args={"a": 1, "b": 1})
+        await bob.jobs.submit(name="add", args={"a": 1, "b": 1})  # others are not affected
+        for job_id in first:
+            await ada.jobs.cancel(id=job_id)
+
+    config = JobsConfig(concurrency=2, lease=1.5, poll_interval=0.2, max_pending=2)
+    run(test, tmp_path, config)
+
+
+def test_registered_lists_jobs_with_their_argument_schemas(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        listing = {j["name"]: j for j in await w.client().jobs.registered()}
+        assert {"add", "steps", "hog", "durable_nap"} <= set(listing)
+        add = listing["add"]
+        assert add["params"]["required"] == ["a", "b"] and add["params"]["properties"]["a"] == {"type": "integer"}
+        assert "progress" not in listing["steps"]["params"]["properties"]
+        assert (listing["hog"]["memory_mb"], listing["oversleep"]["timeout"]) == (200, 1.0)
+        assert listing["durable_nap"]["retryable"] is True and listing["add"]["retryable"] is False
+
+    run(test, tmp_path)
+
+
+def test_stopping_the_server_requeues_retryable_jobs_and_fails_the_rest(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with world(tmp_path) as w:
+            ada = w.client()
+            args = {"directory": str(tmp_path), "seconds": 30}
+            again = await ada.jobs.submit(name="durable_nap", args={**args, "tag": "again"})
+            once = await ada.jobs.submit(name="nap", args={**args, "tag": "once"})
+            pids = [int(await wait_file(tmp_path / f"{tag}.pid")) for tag in ("again", "once")]
+        # world() closed the component: both processes are gone, neither job is lost.
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        async with open_store(tmp_path / "bastion.db") as store:
+            requeued, failed = await store.jobs_get(again), await store.jobs_get(once)
+        assert requeued is not None and (requeued.state, requeued.attempts) == ("queued", 1)
+        assert failed is not None and (failed.state, failed.error) == ("failed", "server stopped while it ran")
+
+    asyncio.run(main())
+
+
+def test_registry_refuses_what_it_cannot_run() -> None:
+    reg = JobRegistry()
+
+    def local(a: int) -> int:
+        return a
+
+    with pytest.raises(UsageError, match="top level"):
+        reg.job(local)
+
+    async def coro(a: int) -> int:
+        return a
+
+    with pytest.raises(UsageError, match="plain"):
+        reg.job(coro)
+    with pytest.raises(UsageError, match="registered twice"):
+        reg_twice = JobRegistry()
+        reg_twice.job(registry.get("add").func)  # type: ignore[union-attr]
+        reg_twice.job(registry.get("add").func)  # type: ignore[union-attr]

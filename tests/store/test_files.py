@@ -1,0 +1,188 @@
+"""The ``files`` storage domain, the same on every backend (see conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bastion.exceptions import AlreadyExists, NotFound, ResourceExhausted
+from bastion.store import Store
+from bastion.store.files import PIN_SECONDS, FileShare, UploadRecord
+
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+T0 = 1_000_000.0
+
+
+def upload(
+    upload_id: str,
+    owner: str = "alice",
+    name: str = "doc",
+    size: int = 10,
+    sha256: str = SHA_A,
+    *,
+    file_id: str | None = None,
+    overwrite: bool = False,
+    uploader: str | None = None,
+    at: float = T0,
+) -> UploadRecord:
+    return UploadRecord(upload_id, owner, uploader or owner, name, size, sha256, file_id, overwrite, at, at)
+
+
+async def make_file(store: Store, upload_id: str, file_id: str, **kw: object) -> str:
+    record = upload(upload_id, **kw)  # type: ignore[arg-type]
+    await store.files_begin_upload(record, quota=10**12)
+    assert await store.files_pin_blob(record.sha256, record.size, T0)
+    return (await store.files_commit_upload(upload_id, file_id, T0)).id
+
+
+async def test_commit_turns_an_upload_into_a_file(store: Store) -> None:
+    await store.files_begin_upload(upload("u1"), quota=100)
+    assert (await store.files_get_upload("u1")) == upload("u1")
+    assert await store.files_usage("alice") == (0, 10)
+    assert await store.files_pin_blob(SHA_A, 10, T0)
+    record = await store.files_commit_upload("u1", "f1", T0 + 1)
+    assert (record.id, record.owner, record.name, record.size, record.sha256) == ("f1", "alice", "doc", 10, SHA_A)
+    assert await store.files_get("f1") == record
+    assert await store.files_get_by_name("alice", "doc") == record
+    assert await store.files_get_upload("u1") is None
+    assert await store.files_usage("alice") == (10, 0)
+    with pytest.raises(NotFound):
+        await store.files_commit_upload("u1", "f2", T0)
+
+
+async def test_quota_is_checked_and_reserved_atomically(store: Store) -> None:
+    await store.files_begin_upload(upload("u1", size=60), quota=100)
+    with pytest.raises(ResourceExhausted, match=r"60 bytes used or reserved \+ 50 requested > limit 100"):
+        await store.files_begin_upload(upload("u2", name="other", size=50), quota=100)
+    # Concurrent reservations cannot together pass the quota.
+    results = await asyncio.gather(
+        *(store.files_begin_upload(upload(f"c{i}", name=f"n{i}", size=10), quota=100) for i in range(8)),
+        return_exceptions=True,
+    )
+    assert sum(r is None for r in results) == 4
+    assert all(r is None or isinstance(r, ResourceExhausted) for r in results)
+    assert await store.files_usage("alice") == (0, 100)
+
+
+async def test_names_are_unique_per_owner_unless_overwriting(store: Store) -> None:
+    await make_file(store, "u1", "f1")
+    with pytest.raises(AlreadyExists):
+        await store.files_begin_upload(upload("u2"), quota=100)
+    await store.files_begin_upload(upload("u3", owner="bob"), quota=100)  # another owner's namespace
+    await store.files_begin_upload(upload("u4", sha256=SHA_B, size=5, overwrite=True), quota=100)
+    assert await store.files_pin_blob(SHA_B, 5, T0)
+    replaced = await store.files_commit_upload("u4", "ignored", T0 + 5)
+    assert (replaced.id, replaced.sha256, replaced.size, replaced.updated_at) == ("f1", SHA_B, 5, T0 + 5)
+    with pytest.raises(NotFound):
+        await store.files_begin_upload(upload("u5", file_id="missing"), quota=100)
+
+
+async def test_list_filters_by_viewer_shares_prefix_and_pages(store: Store) -> None:
+    for i, (owner, name) in enumerate(
+        [("alice", "a/1"), ("alice", "a/2"), ("alice", "b"), ("bob", "x"), ("carol", "y")]
+    ):
+        await make_file(store, f"u{i}", f"f{i}", owner=owner, name=name)
+    await store.files_share(FileShare("f3", "user", "alice", "read", T0))
+    await store.files_share(FileShare("f4", "role", "team", "write", T0))
+    seen = await store.files_list(viewer="alice")
+    assert [(f.owner, f.name) for f in seen] == [("alice", "a/1"), ("alice", "a/2"), ("alice", "b"), ("bob", "x")]
+    with_role = await store.files_list(viewer="alice", roles=frozenset({"team"}))
+    assert [f.id for f in with_role] == ["f0", "f1", "f2", "f3", "f4"]
+    assert [f.name for f in await store.files_list(viewer="alice", prefix="a/")] == ["a/1", "a/2"]
+    assert [f.name for f in await store.files_list(viewer="alice", prefix="A/")] == []
+    assert [f.name for f in await store.files_list(viewer="alice", prefix="a%")] == []
+    page = await store.files_list(viewer=None, limit=2, after=("alice", "a/2"))
+    assert [f.id for f in page] == ["f2", "f3"]
+    assert [f.id for f in await store.files_list(viewer=None, owner="carol")] == ["f4"]
+
+
+async def test_shares_add_replace_remove_and_go_with_the_file(store: Store) -> None:
+    await make_file(store, "u1", "f1")
+    await store.files_share(FileShare("f1", "user", "bob", "read", T0))
+    await store.files_share(FileShare("f1", "user", "bob", "write", T0 + 1))
+    await store.files_share(FileShare("f1", "role", "ops", "read", T0))
+    assert [(s.kind, s.grantee, s.mode) for s in await store.files_shares("f1")] == [
+        ("role", "ops", "read"),
+        ("user", "bob", "write"),
+    ]
+    with pytest.raises(NotFound):
+        await store.files_share(FileShare("nope", "user", "bob", "read", T0))
+    assert await store.files_unshare("f1", "role", "ops") is True
+    assert await store.files_unshare("f1", "role", "ops") is False
+    deleted = await store.files_delete("f1", T0)
+    assert deleted is not None and deleted.id == "f1"
+    assert await store.files_shares("f1") == []
+    assert await store.files_delete("f1", T0) is None
+
+
+async def test_rename(store: Store) -> None:
+    await make_file(store, "u1", "f1", name="one")
+    await make_file(store, "u2", "f2", name="two", sha256=SHA_B)
+    with pytest.raises(AlreadyExists):
+        await store.files_rename("f1", "two", T0)
+    assert (await store.files_rename("f1", "three", T0 + 1)).name == "three"
+    with pytest.raises(NotFound):
+        await store.files_rename("nope", "x", T0)
+
+
+async def test_blobs_are_claimed_only_when_unreferenced_past_grace_and_unpinned(store: Store) -> None:
+    await make_file(store, "u1", "f1")
+    await make_file(store, "u2", "f2", owner="bob")  # same contents, one blob
+    now = T0 + PIN_SECONDS + 10
+    assert await store.files_claim_blobs(now, 100, "s1") == []
+    await store.files_delete("f1", now)
+    assert await store.files_claim_blobs(now + 1000, 100, "s1") == []  # bob's file still names it
+    await store.files_delete("f2", now)
+    assert await store.files_claim_blobs(now + 50, 100, "s1") == []  # within the grace period
+    assert await store.files_blob_referenced(SHA_A)
+    assert await store.files_claim_blobs(now + 101, 100, "s1") == [SHA_A]
+    assert await store.files_claim_blobs(now + 102, 100, "s2") == []  # one claim at a time
+    assert not await store.files_pin_blob(SHA_A, 10, now + 102)  # being deleted: the committer waits
+    assert await store.files_forget_blobs("s2", [SHA_A]) == 0
+    assert await store.files_forget_blobs("s1", [SHA_A]) == 1
+    assert not await store.files_blob_referenced(SHA_A)
+    assert await store.files_pin_blob(SHA_A, 10, now + 103)
+
+
+async def test_a_crashed_sweeps_claim_is_taken_over(store: Store) -> None:
+    await make_file(store, "u1", "f1")
+    await store.files_delete("f1", T0)
+    later = T0 + PIN_SECONDS + 1
+    assert await store.files_claim_blobs(later, 0, "crashed") == [SHA_A]
+    assert await store.files_claim_blobs(later + 1, 0, "next") == []
+    assert await store.files_claim_blobs(later + 1000, 0, "next") == [SHA_A]
+    assert await store.files_forget_blobs("next", [SHA_A]) == 1
+
+
+async def test_uploads_touch_list_expire(store: Store) -> None:
+    await store.files_begin_upload(upload("u1", at=T0), quota=100)
+    await store.files_begin_upload(upload("u2", name="two", at=T0 + 1, uploader="bob"), quota=100)
+    assert [u.id for u in await store.files_list_uploads("alice")] == ["u1"]
+    assert [u.id for u in await store.files_list_uploads(None)] == ["u1", "u2"]
+    assert await store.files_touch_upload("u1", T0 + 100)
+    assert await store.files_expire_uploads(T0 + 50) == ["u2"]
+    assert await store.files_delete_upload("u1") is True
+    assert await store.files_delete_upload("u1") is False
+
+
+async def test_reassign_owner_hands_over_or_deletes(store: Store) -> None:
+    await make_file(store, "u1", "f1", owner="old", name="a")
+    await make_file(store, "u2", "f2", owner="old", name="clash", sha256=SHA_B)
+    await make_file(store, "u3", "f3", owner="new", name="clash", sha256=SHA_B)
+    await make_file(store, "u4", "f4", owner="third", name="t")
+    await store.files_share(FileShare("f4", "user", "old", "read", T0))
+    await store.files_begin_upload(upload("u5", owner="old", name="pending"), quota=100)
+    assert await store.files_reassign_owner("old", "new") == 2
+    assert [(f.id, f.name) for f in await store.files_list(viewer=None, owner="new")] == [
+        ("f1", "a"),
+        ("f3", "clash"),
+        ("f2", "clash~f2"),
+    ]
+    assert await store.files_shares("f4") == []  # a recreated "old" inherits nothing
+    assert await store.files_get_upload("u5") is None
+    assert await store.files_reassign_owner("new", None) == 3
+    assert await store.files_list(viewer=None, owner="new") == []
+    assert await store.files_usage("new") == (0, 0)
+    assert await store.files_reassign_owner("nobody", None) == 0

@@ -1,0 +1,149 @@
+"""The job queue of every store backend: claims, leases, recovery, cancel, retention, owners."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from bastion.exceptions import AlreadyExists
+from bastion.store import Store
+from bastion.store.jobs import JobRecord
+
+NAMES = ["add", "nap"]
+LOST = "runner lost (server stopped while it ran)"
+
+
+def job(job_id: str, owner: str = "ada", name: str = "add", **fields: object) -> JobRecord:
+    return JobRecord(id=job_id, owner=owner, name=name, args=b"\x80", created_at=1.0, **fields)  # type: ignore[arg-type]
+
+
+async def test_submit_get_and_list(store: Store) -> None:
+    await store.jobs_submit(job("j1"))
+    await store.jobs_submit(job("j2", owner="bob"))
+    await store.jobs_submit(job("j3"))
+    with pytest.raises(AlreadyExists):
+        await store.jobs_submit(job("j1"))
+    got = await store.jobs_get("j1")
+    assert got == job("j1")
+    assert await store.jobs_get("nope") is None
+    assert [j.id for j in await store.jobs_list(owner="ada")] == ["j1", "j3"]
+    assert [j.id for j in await store.jobs_list()] == ["j1", "j2", "j3"]
+    assert [j.id for j in await store.jobs_list(limit=1, after="j1")] == ["j2"]
+    assert await store.jobs_list(state="running") == []
+    assert await store.jobs_count("ada", ("queued", "running")) == 2
+
+
+async def test_claim_takes_the_oldest_runnable_job_once(store: Store) -> None:
+    await store.jobs_submit(job("j1", name="unknown"))
+    await store.jobs_submit(job("j2"))
+    await store.jobs_submit(job("j3", name="nap"))
+    first = await store.jobs_claim("r1", NAMES, 100.0, 30.0)
+    assert first is not None and first.id == "j2"
+    assert (first.state, first.runner, first.lease_until, first.started_at, first.attempts) == (
+        "running", "r1", 130.0, 100.0, 1,
+    )  # fmt: skip
+    second = await store.jobs_claim("r2", NAMES, 100.0, 30.0)
+    assert second is not None and second.id == "j3"
+    assert await store.jobs_claim("r3", NAMES, 100.0, 30.0) is None  # j1's name is not runnable here
+
+
+async def test_concurrent_claims_never_share_a_job(store: Store) -> None:
+    for i in range(20):
+        await store.jobs_submit(job(f"j{i:02d}"))
+    claims = await asyncio.gather(*(store.jobs_claim(f"r{i}", NAMES, 1.0, 30.0) for i in range(30)))
+    ids = [c.id for c in claims if c is not None]
+    assert sorted(ids) == [f"j{i:02d}" for i in range(20)]
+
+
+async def test_renew_progress_and_finish_only_for_the_holder(store: Store) -> None:
+    await store.jobs_submit(job("j1"))
+    await store.jobs_claim("r1", NAMES, 1.0, 30.0)
+    assert await store.jobs_renew("j1", "r1", 60.0) == "running"
+    assert await store.jobs_renew("j1", "intruder", 60.0) == "lost"
+    assert await store.jobs_progress("j1", "r1", 0.5, "half")
+    assert not await store.jobs_progress("j1", "intruder", 0.9, "no")
+    assert not await store.jobs_finish("j1", "intruder", "failed", now=2.0, error="no")
+    assert await store.jobs_finish("j1", "r1", "succeeded", now=3.0, result=b"\x2a")
+    done = await store.jobs_get("j1")
+    assert done is not None
+    assert (done.state, done.result, done.progress, done.finished_at, done.runner) == (
+        "succeeded", b"\x2a", 1.0, 3.0, None,
+    )  # fmt: skip
+    assert await store.jobs_renew("j1", "r1", 90.0) == "lost"  # finished: no longer held
+    with pytest.raises(ValueError):
+        await store.jobs_finish("j1", "r1", "running", now=4.0)
+
+
+async def test_cancel_queued_running_and_finished(store: Store) -> None:
+    for i in range(3):
+        await store.jobs_submit(job(f"j{i}"))
+    await store.jobs_claim("r1", NAMES, 1.0, 30.0)  # j0 runs
+    queued = await store.jobs_cancel("j1", 5.0)
+    assert queued is not None and (queued.state, queued.finished_at) == ("cancelled", 5.0)
+    running = await store.jobs_cancel("j0", 5.0)
+    assert running is not None and (running.state, running.cancel_requested) == ("running", True)
+    assert await store.jobs_renew("j0", "r1", 60.0) == "cancel"
+    assert await store.jobs_finish("j0", "r1", "cancelled", now=6.0, error="cancelled while running")
+    finished = await store.jobs_cancel("j0", 7.0)
+    assert finished is not None and (finished.state, finished.finished_at) == ("cancelled", 6.0)
+    assert await store.jobs_cancel("nope", 7.0) is None
+    assert await store.jobs_claim("r1", NAMES, 8.0, 30.0) == msgspec.structs.replace(
+        job("j2"), state="running", runner="r1", lease_until=38.0, started_at=8.0, attempts=1
+    )
+
+
+async def test_recovery_requeues_retryable_jobs_and_fails_the_rest(store: Store) -> None:
+    await store.jobs_submit(job("a-retry", retryable=True, max_attempts=2))
+    await store.jobs_submit(job("b-once"))
+    await store.jobs_submit(job("c-cancelling"))
+    await store.jobs_submit(job("d-fresh"))
+    for _ in range(3):
+        await store.jobs_claim("dead", NAMES, 1.0, 10.0)
+    await store.jobs_cancel("c-cancelling", 2.0)
+    await store.jobs_claim("alive", NAMES, 1.0, 100.0)  # lease still valid at 50
+    assert await store.jobs_recover(50.0, LOST) == {"queued": 1, "failed": 1, "cancelled": 1}
+    retry, once, cancelling, fresh = [await store.jobs_get(i) for i in ("a-retry", "b-once", "c-cancelling", "d-fresh")]
+    assert retry is not None and (retry.state, retry.runner, retry.attempts, retry.error) == ("queued", None, 1, None)
+    assert once is not None and (once.state, once.error, once.finished_at) == ("failed", LOST, 50.0)
+    assert cancelling is not None and cancelling.state == "cancelled"
+    assert fresh is not None and fresh.state == "running"
+    assert await store.jobs_recover(50.0, LOST) == {}
+    # The second run is the last attempt: losing it fails the job.
+    again = await store.jobs_claim("dead2", NAMES, 60.0, 10.0)
+    assert again is not None and (again.id, again.attempts) == ("a-retry", 2)
+    assert await store.jobs_recover(80.0, LOST) == {"failed": 1}
+
+
+async def test_abandon_gives_back_a_held_job(store: Store) -> None:
+    await store.jobs_submit(job("retry", retryable=True, max_attempts=3))
+    await store.jobs_submit(job("once"))
+    await store.jobs_claim("r1", NAMES, 1.0, 30.0)
+    await store.jobs_claim("r1", NAMES, 1.0, 30.0)
+    assert await store.jobs_abandon("retry", "someone else", "stopped", 2.0) is None
+    assert await store.jobs_abandon("retry", "r1", "stopped", 2.0) == "queued"
+    assert await store.jobs_abandon("once", "r1", "stopped", 2.0) == "failed"
+    once = await store.jobs_get("once")
+    assert once is not None and once.error == "stopped"
+
+
+async def test_sweep_deletes_only_old_finished_jobs(store: Store) -> None:
+    for i in range(3):
+        await store.jobs_submit(job(f"j{i}"))
+    await store.jobs_cancel("j0", 10.0)
+    await store.jobs_cancel("j1", 100.0)
+    await store.jobs_claim("r1", NAMES, 1.0, 1.0)  # j2: running, with an expired lease
+    assert await store.jobs_sweep(50.0) == 1
+    assert [j.id for j in await store.jobs_list()] == ["j1", "j2"]
+
+
+async def test_reassign_owner_hands_over_or_deletes(store: Store) -> None:
+    await store.jobs_submit(job("j1"))
+    await store.jobs_submit(job("j2"))
+    await store.jobs_submit(job("j3", owner="bob"))
+    assert await store.jobs_reassign_owner("ada", "cy") == 2
+    assert {j.id for j in await store.jobs_list(owner="cy")} == {"j1", "j2"}
+    assert await store.jobs_reassign_owner("cy", None) == 2
+    assert [j.id for j in await store.jobs_list()] == ["j3"]
+    assert await store.jobs_reassign_owner("nobody", None) == 0

@@ -1,0 +1,172 @@
+"""The kv domain of every backend: versions, compare-and-swap, lists, expiry, the change log, namespaces."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bastion.exceptions import Aborted
+from bastion.store import Store
+from bastion.store.kv import DELETE, PUT, KVNamespace, KVWrite, personal_namespace, prefix_end
+from tests.store.conftest import MakeStore
+
+NS = "~ada"
+NOW = 1_000_000.0
+
+
+def w(key: str, value: bytes = b"v", **kw: object) -> KVWrite:
+    return KVWrite(key, value, **kw)  # type: ignore[arg-type]
+
+
+def test_prefix_end() -> None:
+    assert prefix_end("ab") == "ac"
+    assert prefix_end("a\U0010ffff") == "b"
+    assert prefix_end("\U0010ffff") is None
+    assert prefix_end("a\ud7ff") == "a\ue000"
+    assert personal_namespace("ada") == "~ada"
+
+
+async def test_versions_are_store_wide_revisions(store: Store) -> None:
+    assert (await store.kv_revisions()).current == 0
+    assert await store.kv_put(NS, [w("a", b"1")], NOW) == [1]
+    assert await store.kv_put("~bob", [w("a", b"x")], NOW) == [2]
+    assert await store.kv_put(NS, [w("a", b"2"), w("b", b"3", content_type="text/plain")], NOW) == [3, 4]
+    a, b, c = await store.kv_get_many(NS, ["a", "b", "c"], NOW)
+    assert a is not None and (a.value, a.version) == (b"2", 3)
+    assert b is not None and (b.value, b.version, b.content_type) == (b"3", 4, "text/plain")
+    assert c is None
+    assert (await store.kv_revisions()).current == 4
+
+
+async def test_compare_and_swap(store: Store) -> None:
+    (v1,) = await store.kv_put(NS, [w("k", expected_version=0)], NOW)
+    with pytest.raises(Aborted) as info:
+        await store.kv_put(NS, [w("k", expected_version=0)], NOW)
+    assert info.value.details == {"key": "k", "expected_version": 0, "version": v1}
+    (v2,) = await store.kv_put(NS, [w("k", b"new", expected_version=v1)], NOW)
+    with pytest.raises(Aborted):
+        await store.kv_put(NS, [w("k", expected_version=v1)], NOW)
+    with pytest.raises(Aborted):
+        await store.kv_delete(NS, "k", v1, NOW)
+    assert await store.kv_delete(NS, "k", v2, NOW) > v2
+    assert await store.kv_delete(NS, "k", None, NOW) == 0  # already gone
+    with pytest.raises(Aborted):
+        await store.kv_put(NS, [w("k", expected_version=v2)], NOW)
+
+
+async def test_a_batch_is_all_or_nothing(store: Store) -> None:
+    await store.kv_put(NS, [w("taken")], NOW)
+    before = await store.kv_revisions()
+    with pytest.raises(Aborted):
+        await store.kv_put(NS, [w("fresh"), w("taken", expected_version=0)], NOW)
+    assert await store.kv_get_many(NS, ["fresh"], NOW) == [None]
+    assert await store.kv_revisions() == before
+    assert await store.kv_changes(0, None, 100) == await store.kv_changes(0, before.current, 100)
+
+
+async def test_concurrent_compare_and_swap_lets_exactly_one_win(store: Store) -> None:
+    results = await asyncio.gather(
+        *(store.kv_put(NS, [w("lock", str(i).encode(), expected_version=0)], NOW) for i in range(20)),
+        return_exceptions=True,
+    )
+    assert sum(not isinstance(r, BaseException) for r in results) == 1
+    assert all(isinstance(r, Aborted) for r in results if isinstance(r, BaseException))
+
+
+async def test_list_pages_by_key_within_a_prefix(store: Store) -> None:
+    keys = ["a", "app/1", "app/2", "app/3", "apq", "b", "é", "日本"]
+    await store.kv_put(NS, [w(k) for k in keys], NOW)
+    await store.kv_put("~other", [w("app/9")], NOW)
+    page = await store.kv_list(NS, "app/", None, 2, NOW)
+    assert [e.key for e in page] == ["app/1", "app/2"]
+    assert [e.key for e in await store.kv_list(NS, "app/", "app/2", 2, NOW)] == ["app/3"]
+    assert [e.key for e in await store.kv_list(NS, "", None, 100, NOW)] == keys  # byte order on both backends
+    assert [e.key for e in await store.kv_list(NS, "", "apq", 100, NOW)] == ["b", "é", "日本"]
+    assert [e.key for e in await store.kv_list(NS, "app", "a", 100, NOW)] == ["app/1", "app/2", "app/3"]
+
+
+async def test_expired_keys_are_invisible_then_swept_and_logged(store: Store) -> None:
+    await store.kv_put(NS, [w("short", expires_at=NOW + 10), w("long", expires_at=NOW + 100), w("forever")], NOW)
+    later = NOW + 10
+    assert await store.kv_get_many(NS, ["short", "long"], later) == [None, await _one(store, "long", later)]
+    assert [e.key for e in await store.kv_list(NS, "", None, 10, later)] == ["forever", "long"]
+    (v,) = await store.kv_put(NS, [w("cas", expires_at=NOW + 1)], NOW)
+    with pytest.raises(Aborted):  # an expired key counts as absent
+        await store.kv_put(NS, [w("cas", expected_version=v)], later)
+    before = (await store.kv_revisions()).current
+    assert await store.kv_expire(later, 100) == 2  # "short" and "cas"
+    assert await store.kv_expire(later, 100) == 0
+    changes = await store.kv_changes(before, None, 100)
+    assert sorted((c.op, c.key) for c in changes) == [(DELETE, "cas"), (DELETE, "short")]
+
+
+async def _one(store: Store, key: str, now: float) -> object:
+    return (await store.kv_get_many(NS, [key], now))[0]
+
+
+async def test_a_put_over_an_expired_key_logs_its_expiry_first(store: Store) -> None:
+    await store.kv_put(NS, [w("k", b"old", expires_at=NOW + 1)], NOW)
+    (v,) = await store.kv_put(NS, [w("k", b"new", expected_version=0)], NOW + 2)
+    changes = await store.kv_changes(1, None, 10)
+    assert [(c.op, c.key, c.revision) for c in changes] == [(DELETE, "k", v - 1), (PUT, "k", v)]
+
+
+async def test_the_change_log_filters_compacts_and_says_so(store: Store) -> None:
+    for i in range(10):
+        await store.kv_put(NS if i % 2 else "~bob", [w(f"p/{i}", str(i).encode())], NOW + i)
+    await store.kv_delete(NS, "p/9", None, NOW)
+    log = await store.kv_changes(0, None, 100)
+    assert [c.revision for c in log] == list(range(1, 12))
+    assert log[-1].op == DELETE and log[-1].value is None and log[0].value == b"0"
+    mine = await store.kv_changes(2, 9, 100, NS, "p/")
+    assert [(c.revision, c.key) for c in mine] == [(4, "p/3"), (6, "p/5"), (8, "p/7")]
+    assert await store.kv_compact(keep=4) == 7
+    assert await store.kv_compact(keep=4) == 0
+    assert await store.kv_revisions() == (await store.kv_revisions()).__class__(11, 7)
+    assert [c.revision for c in await store.kv_changes(0, None, 100)] == [8, 9, 10, 11]
+
+
+async def test_namespaces(store: Store) -> None:
+    ns = KVNamespace("team", ["role:dev"], ["user:ada"], NOW, "admin")
+    assert await store.kv_create_namespace(ns)
+    assert not await store.kv_create_namespace(ns)
+    assert await store.kv_get_namespace("team") == ns
+    updated = await store.kv_update_namespace("team", ["role:ops", "role:dev"], [])
+    assert updated is not None and updated.readers == ["role:dev", "role:ops"] and updated.writers == []
+    assert await store.kv_update_namespace("nope", [], []) is None
+    await store.kv_put("team", [w("a"), w("b")], NOW)
+    assert [n.name for n in await store.kv_list_namespaces()] == ["team"]
+    before = (await store.kv_revisions()).current
+    assert await store.kv_delete_namespace("team", NOW) == 2
+    assert await store.kv_delete_namespace("team", NOW) is None
+    assert await store.kv_get_many("team", ["a", "b"], NOW) == [None, None]
+    assert [c.op for c in await store.kv_changes(before, None, 10)] == [DELETE, DELETE]
+
+
+async def test_reassign_owner_hands_keys_over_or_deletes_them(store: Store) -> None:
+    await store.kv_put("~old", [w("a", b"1"), w("b/c", b"2", content_type="x/y")], NOW)
+    await store.kv_put("~heir", [w("mine")], NOW)
+    await store.kv_create_namespace(KVNamespace("team", ["user:old", "role:dev"], ["user:old"], NOW))
+    assert await store.kv_reassign_owner("old", "heir") == 3  # two keys, one namespace's lists
+    assert await store.kv_list("~old", "", None, 10, NOW) == []
+    moved = await store.kv_list("~heir", "", None, 10, NOW)
+    assert [(e.key, e.value, e.content_type) for e in moved] == [
+        ("from-old/a", b"1", ""), ("from-old/b/c", b"2", "x/y"), ("mine", b"v", ""),
+    ]  # fmt: skip
+    team = await store.kv_get_namespace("team")
+    assert team is not None and team.readers == ["role:dev", "user:heir"] and team.writers == ["user:heir"]
+    assert await store.kv_reassign_owner("old", "heir") == 0  # repeating finds nothing left
+    assert await store.kv_reassign_owner("heir", None) == 4
+    assert await store.kv_list("~heir", "", None, 10, NOW) == []
+    team = await store.kv_get_namespace("team")
+    assert team is not None and team.readers == ["role:dev"] and team.writers == []
+
+
+async def test_acknowledged_kv_writes_survive_reopening(make_store: MakeStore) -> None:
+    async with make_store() as store:
+        versions = await asyncio.gather(*(store.kv_put(NS, [w(f"k{i}", bytes([i]))], NOW) for i in range(50)))
+    async with make_store() as store:
+        entries = await store.kv_get_many(NS, [f"k{i}" for i in range(50)], NOW)
+        assert [(e.value, e.version) for e in entries if e] == [(bytes([i]), v) for i, (v,) in enumerate(versions)]
+        assert (await store.kv_revisions()).current == 50

@@ -1,0 +1,117 @@
+"""Job functions the jobs tests run (``registry``), one per way a job can end.
+
+Served in-process as ``tests.support.demo_jobs:registry`` and by real servers
+as ``demo_jobs:registry`` (with ``tests/support`` on ``PYTHONPATH``). Jobs
+that tests watch from outside write files into the ``directory`` they are
+given: ``<tag>.pid`` (their pid, as they start) and ``<tag>.runs`` (one line
+per run), so a test can see a job running, find its process, and count how
+many times it ran.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import msgspec
+
+from bastion.jobs import JobRegistry, Progress
+
+registry = JobRegistry()
+
+
+class Point(msgspec.Struct):
+    x: int
+    y: int
+
+
+def _started(directory: str, tag: str) -> None:
+    base = Path(directory)
+    with open(base / f"{tag}.runs", "a") as runs:
+        runs.write(f"{os.getpid()}\n")
+    tmp = base / f"{tag}.pid.tmp"
+    tmp.write_text(str(os.getpid()))
+    tmp.rename(base / f"{tag}.pid")  # appears atomically to a poller
+
+
+@registry.job
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@registry.job
+def shift(point: Point, by: int = 1) -> Point:
+    """Move a point diagonally (a Struct argument and result)."""
+    return Point(point.x + by, point.y + by)
+
+
+@registry.job
+def steps(n: int, delay: float, progress: Progress) -> int:
+    """Take ``n`` steps of ``delay`` seconds, reporting progress after each."""
+    for i in range(n):
+        time.sleep(delay)
+        progress((i + 1) / n, f"step {i + 1} of {n}")
+    return n
+
+
+@registry.job
+def boom(message: str) -> None:
+    """Raise ValueError(message)."""
+    raise ValueError(message)
+
+
+@registry.job(memory_mb=200)
+def hog(mb: int) -> int:
+    """Allocate ``mb`` MiB (over its 200 MB limit for large ``mb``)."""
+    block = bytearray(mb * 1024 * 1024)
+    return len(block)
+
+
+@registry.job(timeout=1.0)
+def oversleep(seconds: float) -> float:
+    """Sleep ``seconds`` (past its 1 s timeout for more than 1)."""
+    time.sleep(seconds)
+    return seconds
+
+
+@registry.job
+def crash(how: str) -> None:
+    """Die without a result: ``exit`` (os._exit(3)) or ``abort`` (SIGABRT)."""
+    if how == "abort":
+        os.abort()
+    os._exit(3)
+
+
+@registry.job
+def chatty(text: str) -> str:
+    """Print to stdout (which must not disturb the result channel), then return."""
+    print("noise on stdout", text, flush=True)
+    return text
+
+
+@registry.job
+def nap(directory: str, tag: str, seconds: float) -> str:
+    """Record the start, then sleep ``seconds``; not retryable."""
+    _started(directory, tag)
+    time.sleep(seconds)
+    return tag
+
+
+@registry.job(retryable=True)
+def durable_nap(directory: str, tag: str, seconds: float) -> str:
+    """Record the start, then sleep ``seconds``; retryable (a lost run is run again)."""
+    _started(directory, tag)
+    time.sleep(seconds)
+    return tag
+
+
+@registry.job
+def claim_once(directory: str, tag: str, seconds: float = 0.0) -> int:
+    """Create ``<directory>/<tag>`` exclusively (fails if the job already ran), then sleep; the runner's pid."""
+    fd = os.open(os.path.join(directory, tag), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    time.sleep(seconds)
+    return os.getppid()  # the server that ran it
