@@ -31,6 +31,7 @@ from bastion.exceptions import (
     UnknownError,
     UsageError,
 )
+from bastion.jobs import JobRegistry
 from bastion.security.principal import Principal
 from bastion.server.server import Server
 from bastion.service import Context, MethodKind, Service
@@ -52,6 +53,7 @@ __all__ = [
     "FailedPrecondition",
     "InternalError",
     "InvalidArgument",
+    "JobRegistry",
     "LocalProtocolError",
     "MethodKind",
     "NotFound",

@@ -26,6 +26,7 @@ from bastion.cli.common import (
     _json,
     _run_guarded,
     connect,
+    store_flag,
 )
 from bastion.cli.files import files_app
 from bastion.cli.jobs import jobs_app
@@ -122,7 +123,7 @@ def serve(
     if service:
         overrides["services"] = list(service)
     if store is not None:
-        overrides["store"] = _store_flag(store)
+        overrides["store"] = store_flag(store)
     if jobs:
         overrides["jobs"] = {"modules": list(jobs)}
 
@@ -131,20 +132,6 @@ def serve(
         return run(cfg, echo=lambda line: print(line, flush=True))
 
     raise typer.Exit(_run_guarded(start))
-
-
-def _store_flag(url: str) -> str:
-    """``--store``'s value, refused if it carries a password (flags show up in ``ps`` and shell history)."""
-    from urllib.parse import parse_qs, urlsplit
-
-    parts = urlsplit(url)
-    if "://" in url and (parts.password is not None or "password" in parse_qs(parts.query)):
-        raise typer.BadParameter(
-            "--store must not contain a password (command lines are visible to other users): "
-            "set BASTION_STORE in the environment, or use PGPASSWORD, ~/.pgpass or store_password_file",
-            param_hint="--store",
-        )
-    return url
 
 
 @app.command()

@@ -1,8 +1,15 @@
 """``bastion backup`` and ``bastion restore``.
 
 The passphrase that encrypts (or decrypts) an archive comes from
-``BASTION_BACKUP_PASSPHRASE`` or a file named with ``--passphrase-file`` --
-never from a flag holding the secret itself.
+``BASTION_BACKUP_PASSPHRASE`` or a file named with ``--passphrase-file`` (or
+``backup.passphrase_file`` of the configuration) -- never from a flag
+holding the secret itself.
+
+Where the store is comes from the same configuration ``bastion serve``
+reads (``--config`` file < ``BASTION_*`` environment < ``--data-dir`` /
+``--store`` flags), so a PostgreSQL DSN holding a password can live in
+``BASTION_STORE`` and its password in ``store_password_file``; ``--store``
+refuses one with a password.
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ from typing import Annotated, Any
 
 import typer
 
-from bastion.cli.common import CA, Insecure, TokenFile, connect, print_json, run_guarded
+from bastion.cli.common import CA, Insecure, TokenFile, connect, print_json, run_guarded, store_flag
+from bastion.config import Config, load_config
 from bastion.exceptions import InvalidArgument, UsageError
-from bastion.store import backup as archive
+from bastion.store.archive import ArchiveInfo, archive_name
+from bastion.store.backup import backup_postgres, backup_sqlite, restore_postgres, restore_sqlite, verify_archive
 
 __all__ = ["backup", "restore"]
 
@@ -41,8 +50,27 @@ PassphraseFile = Annotated[
 ]
 
 
-def passphrase(path: Path | None) -> bytes | None:
-    """The passphrase from ``path`` or the environment (None: no encryption)."""
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="The store: a SQLite path or sqlite:///path (default <data-dir>/bastion.db), or "
+        "postgresql://user@host/db?search_path=SCHEMA (no password here: use BASTION_STORE, PGPASSWORD, "
+        "~/.pgpass or store_password_file).",
+        show_default=False,
+    ),
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", help="The server's TOML configuration (store, data_dir, files and backup sections)."),
+]
+
+_POSTGRES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
+
+
+def passphrase(path: Path | None, config: Config | None = None) -> bytes | None:
+    """The passphrase from ``path``, else ``BASTION_BACKUP_PASSPHRASE``, else ``backup.passphrase_file``
+    of ``config`` (None: no encryption)."""
     if path is not None:
         try:
             text = path.read_text().strip()
@@ -52,7 +80,43 @@ def passphrase(path: Path | None) -> bytes | None:
             raise UsageError(f"--passphrase-file {path} is empty")
         return text.encode()
     env = os.environ.get(PASSPHRASE_ENV)
-    return env.encode() if env else None
+    if env:
+        return env.encode()
+    if config is not None and config.backup.passphrase_file:
+        from bastion.cli.serve import backup_passphrase
+
+        return backup_passphrase(config)
+    return None
+
+
+def _config(path: Path | None, data_dir: Path | None, store: str | None) -> Config:
+    """The configuration ``bastion serve`` would use: file < environment (BASTION_*) < these flags."""
+    overrides: dict[str, Any] = {}
+    if data_dir is not None:
+        overrides["data_dir"] = str(data_dir)
+    if store is not None:
+        overrides["store"] = store
+    return load_config(path, overrides=overrides)
+
+
+def _files_dir(config: Config, flag: Path | None) -> Path:
+    if flag is not None:
+        return flag
+    return Path(config.files.directory) if config.files.directory else Path(config.data_dir) / "files"
+
+
+def _sqlite_path(location: str) -> Path:
+    if location.startswith("sqlite:///"):
+        return Path(location[len("sqlite:///") :])
+    if "://" in location:
+        raise InvalidArgument(f"store {location.split('://')[0]}://…: give a postgresql:// URL or a SQLite path")
+    return Path(location)
+
+
+def _store_password(config: Config) -> str | None:
+    from bastion.cli.serve import store_password
+
+    return store_password(config)
 
 
 def backup(
@@ -62,6 +126,8 @@ def backup(
         typer.Option("--out", help="Archive to write (default <data-dir>/backups/bastion-backup-<time>.bbk)."),
     ] = None,
     files_dir: FilesDir = None,
+    store: StoreOption = None,
+    config: ConfigOption = None,
     passphrase_file: PassphraseFile = None,
     address: Annotated[
         str | None,
@@ -71,12 +137,13 @@ def backup(
     ca: CA = None,
     insecure: Insecure = False,
 ) -> None:
-    """Take a verified backup archive of a data directory: its store and file contents.
+    """Take a verified backup archive of a store and its file contents.
 
-    Safe while a server runs on the data directory (SQLite's online backup API
-    copies a consistent snapshot). With --address, the server takes the
-    backup itself into its backup directory (and encrypts it with its own
-    passphrase, if it has one).
+    Safe while a server runs on the store: SQLite's online backup API, or
+    for PostgreSQL (--store postgresql://…, or BASTION_STORE) pg_dump in one
+    exported snapshot, copy a consistent point in time. With --address, the
+    server takes the backup itself into its backup directory (and encrypts
+    it with its own passphrase, if it has one).
     """
     if address is not None:
 
@@ -86,15 +153,23 @@ def backup(
 
         print_json(run_guarded(remote))
         return
+    store = store_flag(store) if store is not None else None
 
-    def local() -> archive.ArchiveInfo:
-        directory = data_dir or Path("bastion-data")
-        db_path = directory / "bastion.db"
+    def local() -> ArchiveInfo:
+        from bastion.cli.serve import store_location
+
+        cfg = _config(config, data_dir, store)
+        directory = Path(cfg.data_dir)
+        target = out or directory / "backups" / archive_name(time.time())
+        secret = passphrase(passphrase_file, cfg)
+        files = _files_dir(cfg, files_dir)
+        location = store_location(cfg)
+        if location.startswith(_POSTGRES):
+            return asyncio.run(backup_postgres(location, files, target, secret, password=_store_password(cfg)))
+        db_path = _sqlite_path(location)
         if not db_path.is_file():
-            raise UsageError(f"no SQLite store at {db_path}: is --data-dir right?")
-        target = out or directory / "backups" / archive.archive_name(time.time())
-        secret = passphrase(passphrase_file)
-        return archive.backup_sqlite(db_path, files_dir or directory / "files", target, secret)
+            raise UsageError(f"no SQLite store at {db_path}: is --data-dir (or --store) right?")
+        return backup_sqlite(db_path, files, target, secret)
 
     info = run_guarded(local)
     print_json(info)
@@ -104,44 +179,47 @@ def backup(
 def restore(
     archive_path: Annotated[Path, typer.Argument(metavar="ARCHIVE", help="The archive to restore.")],
     data_dir: DataDir = None,
-    store: Annotated[
-        str | None,
-        typer.Option(
-            "--store",
-            help="Restore a PostgreSQL archive into this postgresql:// URL (no password here: use PGPASSWORD "
-            "or ~/.pgpass).",
-        ),
-    ] = None,
+    store: StoreOption = None,
+    config: ConfigOption = None,
     files_dir: FilesDir = None,
     passphrase_file: PassphraseFile = None,
     force: Annotated[
-        bool, typer.Option("--force", help="PostgreSQL: restore even if the target schema holds tables.")
+        bool,
+        typer.Option(
+            "--force",
+            help="PostgreSQL: restore even if the target schema is not empty, renaming it aside as "
+            "<schema>_pre_restore_<time> first.",
+        ),
     ] = False,
     check: Annotated[bool, typer.Option("--check", help="Only verify the archive; change nothing.")] = False,
 ) -> None:
-    """Verify a backup archive completely, then restore it into a data directory.
+    """Verify a backup archive completely, then restore it into a data directory or a PostgreSQL schema.
 
     Nothing is changed unless every byte of the archive checks out; the old
-    database and files are kept as <name>.pre-restore-<time>. Refuses to run
-    while a server uses the data directory.
+    database and files are kept as <name>.pre-restore-<time> (a PostgreSQL
+    schema as <schema>_pre_restore_<time>, only with --force). Refuses to run
+    while a server uses the SQLite data directory; stop the servers of a
+    PostgreSQL schema first.
     """
-    directory = data_dir or Path("bastion-data")
+    store = store_flag(store) if store is not None else None
 
     def run() -> Any:
-        secret = passphrase(passphrase_file)
+        from bastion.cli.serve import store_location
+
+        cfg = _config(config, data_dir, store)
+        directory = Path(cfg.data_dir)
+        secret = passphrase(passphrase_file, cfg)
         if check:
-            return archive.verify_archive(archive_path, secret, scratch=directory if directory.is_dir() else None)
-        files = files_dir or directory / "files"
-        if store is not None and store.startswith(("postgresql://", "postgres://")):
-            restore_postgres = getattr(archive, "restore_postgres", None)
-            if restore_postgres is None:
-                raise UsageError("restoring into PostgreSQL is not supported yet")
-            return asyncio.run(restore_postgres(archive_path, store, files, secret, force=force))
-        if store is not None and not store.startswith("sqlite:///"):
-            raise InvalidArgument(f"--store {store!r}: give a postgresql:// or sqlite:/// URL")
-        db_path = Path(store[len("sqlite:///") :]) if store else directory / "bastion.db"
+            return verify_archive(archive_path, secret, scratch=directory if directory.is_dir() else None)
+        files = _files_dir(cfg, files_dir)
+        location = store_location(cfg)
+        if location.startswith(_POSTGRES):
+            return asyncio.run(
+                restore_postgres(archive_path, location, files, secret, password=_store_password(cfg), force=force)
+            )
+        db_path = _sqlite_path(location)
         db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return archive.restore_sqlite(archive_path, db_path, files, secret)
+        return restore_sqlite(archive_path, db_path, files, secret)
 
     result = run_guarded(run)
     if check:
@@ -153,6 +231,7 @@ def restore(
             "restored": result.restored,
             "kept": result.kept,
             "backend": summary.backend,
+            "schema": summary.schema,
             "schema_version": summary.schema_version,
             "created_at": summary.created_at,
             "members": len(summary.members),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -32,6 +33,7 @@ __all__ = [
     "fail",
     "print_json",
     "run_guarded",
+    "store_flag",
 ]
 
 LOGIN_TOKEN = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "bastion" / "session.token"
@@ -141,6 +143,18 @@ def connect(
 
 def print_json(value: Any) -> None:
     print(_json(value))
+
+
+def store_flag(url: str) -> str:
+    """``--store``'s value, refused if it carries a password (flags show up in ``ps`` and shell history)."""
+    parts = urllib.parse.urlsplit(url)
+    if "://" in url and (parts.password is not None or "password" in urllib.parse.parse_qs(parts.query)):
+        raise typer.BadParameter(
+            "--store must not contain a password (command lines are visible to other users): "
+            "set BASTION_STORE in the environment, or use PGPASSWORD, ~/.pgpass or store_password_file",
+            param_hint="--store",
+        )
+    return url
 
 
 fail = _fail

@@ -20,7 +20,7 @@ import msgspec
 from bastion.exceptions import FailedPrecondition
 from bastion.security.principal import ADMIN_ROLE
 from bastion.service import Context, Service
-from bastion.store.backup import ArchiveInfo
+from bastion.store.archive import ArchiveInfo
 
 if TYPE_CHECKING:
     from bastion.services.backup import Backups

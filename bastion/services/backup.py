@@ -10,11 +10,14 @@ lock, so at most one backup runs at a time, whoever asked: a call to
 ``backup()`` while another runs is refused with ``Unavailable`` rather than
 queued.
 
-The archive itself is made by ``bastion.store.backup``: for SQLite in a
-worker thread (the online backup API, never through the store's writer),
-for PostgreSQL with ``pg_dump`` in an exported snapshot. Archives are
-written 0600 under a temporary name and renamed when complete, so the
-directory only ever holds finished archives.
+The archive itself is made by ``bastion.store.backup`` (in the format of
+``bastion.store.archive``): for SQLite in a worker thread (the online backup
+API, never through the store's writer), for PostgreSQL with ``pg_dump`` in a
+snapshot exported by a repeatable-read transaction on a connection from the
+store's pool (held for the length of the dump; the blobs to archive are
+listed in that same snapshot). Archives are written 0600 under a temporary
+name and renamed when complete, so the directory only ever holds finished
+archives.
 
 Scheduling: with ``backup.interval`` > 0, a background task takes a backup
 every ``interval`` seconds (the first one ``interval`` after start), names
@@ -34,8 +37,11 @@ from pathlib import Path
 
 from bastion.config import BackupConfig
 from bastion.exceptions import InvalidArgument, Unavailable
-from bastion.store import backup as archive
+from bastion.store import archive
+from bastion.store.backup import backup_postgres, backup_sqlite
 from bastion.store.base import Store
+from bastion.store.postgres import PostgresStore
+from bastion.store.sqlite import SQLiteStore
 
 __all__ = ["Backups"]
 
@@ -105,18 +111,14 @@ class Backups:
         return archive.list_archives(self.directory)
 
     async def _take(self, out: Path) -> archive.ArchiveInfo:
-        path = getattr(self.store, "path", None)  # SQLiteStore
-        if isinstance(path, Path):
+        store = self.store
+        if isinstance(store, SQLiteStore):
             return await asyncio.to_thread(
-                archive.backup_sqlite, path, self.files_dir, out, self.passphrase, scrypt_log_n=self.scrypt_log_n
+                backup_sqlite, store.path, self.files_dir, out, self.passphrase, scrypt_log_n=self.scrypt_log_n
             )
-        backup_postgres = getattr(archive, "backup_postgres", None)
-        if backup_postgres is None:
-            raise Unavailable(f"backups of {type(self.store).__name__} are not supported yet")
-        result: archive.ArchiveInfo = await backup_postgres(
-            self.store, self.files_dir, out, self.passphrase, scrypt_log_n=self.scrypt_log_n
-        )
-        return result
+        if isinstance(store, PostgresStore):
+            return await backup_postgres(store, self.files_dir, out, self.passphrase, scrypt_log_n=self.scrypt_log_n)
+        raise Unavailable(f"backups of {type(store).__name__} are not supported")
 
     async def _schedule(self) -> None:
         while True:

@@ -333,31 +333,43 @@ class KV:
         raise PermissionDenied(f"no {'write' if write else 'read'} access to namespace {namespace!r}")
 
     def check_key(self, key: str, what: str = "key") -> None:
+        try:
+            size = len(key.encode())  # strict UTF-8: a lone surrogate raises
+        except UnicodeEncodeError:
+            size = -1
+        if 0 < size <= self.config.max_key_bytes and "\x00" not in key:
+            return
         if not key:
             raise InvalidArgument(f"{what} must not be empty")
-        size = len(key.encode("utf-8", "surrogatepass"))
         if size > self.config.max_key_bytes:
             raise InvalidArgument(f"{what} is {size} bytes, over kv.max_key_bytes ({self.config.max_key_bytes})")
-        if "\x00" in key or any(0xD800 <= ord(c) <= 0xDFFF for c in key):
-            raise InvalidArgument(f"{what} must be valid text without NUL characters")
+        raise InvalidArgument(f"{what} must be valid text without NUL characters")
 
-    def check_write(self, item: PutItem, now: float) -> KVWrite:
-        self.check_key(item.key)
-        if len(item.value) > self.config.max_value_bytes:
+    def check_write(
+        self,
+        key: str,
+        value: bytes,
+        content_type: str,
+        expected_version: int | None,
+        ttl: float | None,
+        now: float,
+    ) -> KVWrite:
+        """The store's write for ``put``'s arguments, once they are within limits."""
+        self.check_key(key)
+        if len(value) > self.config.max_value_bytes:
             raise InvalidArgument(
-                f"value of {item.key!r} is {len(item.value)} bytes, over kv.max_value_bytes "
-                f"({self.config.max_value_bytes})"
+                f"value of {key!r} is {len(value)} bytes, over kv.max_value_bytes ({self.config.max_value_bytes})"
             )
-        if len(item.content_type) > _MAX_CONTENT_TYPE:
+        if len(content_type) > _MAX_CONTENT_TYPE:
             raise InvalidArgument(f"content_type is longer than {_MAX_CONTENT_TYPE} characters")
-        if item.expected_version is not None and item.expected_version < 0:
+        if expected_version is not None and expected_version < 0:
             raise InvalidArgument("expected_version must be 0 (must not exist) or a version")
         expires = None
-        if item.ttl is not None:
-            if not (math.isfinite(item.ttl) and item.ttl > 0):
+        if ttl is not None:
+            if not (math.isfinite(ttl) and ttl > 0):
                 raise InvalidArgument("ttl must be a positive number of seconds")
-            expires = now + item.ttl
-        return KVWrite(item.key, item.value, item.content_type, item.expected_version, expires)
+            expires = now + ttl
+        return KVWrite(key, value, content_type, expected_version, expires)
 
     def check_batch(self, n: int, what: str) -> None:
         if n > self.config.max_batch:
@@ -433,8 +445,8 @@ def _declare(kv: KV, service: Service) -> None:
         """
         ns = await kv.namespace_for(ctx.principal, namespace, write=True)
         now = time.time()
-        write = kv.check_write(PutItem(key, value, content_type, expected_version, ttl), now)
-        (version,) = await store.kv_put(ns, [write], now)
+        write = kv.check_write(key, value, content_type, expected_version, ttl, now)
+        (version,) = await store.kv_put(ns, (write,), now)
         kv.hub.nudge()
         return version
 
@@ -444,7 +456,7 @@ def _declare(kv: KV, service: Service) -> None:
         ns = await kv.namespace_for(ctx.principal, namespace, write=True)
         kv.check_batch(len(items), "items")
         now = time.time()
-        writes = [kv.check_write(item, now) for item in items]
+        writes = [kv.check_write(i.key, i.value, i.content_type, i.expected_version, i.ttl, now) for i in items]
         if len({w.key for w in writes}) != len(writes):
             raise InvalidArgument("put_many: a key appears more than once")
         if not writes:

@@ -1,10 +1,14 @@
-"""Backup archives: take one while the server writes, verify it, restore it.
+"""Backups of a store and its files, and restoring them: SQLite and PostgreSQL.
+
+Taking a backup gathers a consistent copy of the database and the blobs it
+refers to, and writes them as one ``.bbk`` archive (``bastion.store.archive``:
+the format, its framing, encryption and checks); restoring reads an archive
+back, checks it completely, and only then swaps it in.
 
 Theory of operation
 -------------------
 
-An archive is one file. Inside, a tar stream holds ``manifest.json`` first,
-then the members it lists, each with its size and SHA-256:
+An archive holds:
 
 * ``db/bastion.db`` -- a SQLite store, copied with SQLite's online backup
   API from a connection of our own (never the store's writer), so the
@@ -17,325 +21,78 @@ then the members it lists, each with its size and SHA-256:
   to (the ``sha256`` column of its ``files`` table; every blob when the
   snapshot has no such column).
 
-The tar stream is compressed (zlib) and cut into chunks, and the chunks are
-framed so that *every byte of the file* is checked, not only the members:
-
-    header  magic "BSTNBAK1" | version | flags | scrypt log2(n), r, p | 0 |
-            chunk size (u32) | salt (16) | check (32)
-    chunk*  payload (chunk size bytes; the last one shorter or empty) + tag (16)
-
-Encrypted (``passphrase``): scrypt(passphrase, salt) gives an AES-256-GCM
-key and an HMAC key. ``check`` is the header's HMAC-SHA256, so a wrong
-passphrase is told apart from damage. Each chunk is sealed with the nonce
-``counter (11 bytes) | last (1 byte)`` and the header as associated data:
-the STREAM construction (as in age), so a changed, dropped, reordered,
-truncated or appended chunk fails to open. The salt is random, so every
-archive has its own key and nonces never repeat under one key.
-
-Plain: ``check`` is the header's SHA-256 and each tag is the first 16 bytes
-of SHA-256(check | counter | last | payload). That detects any accidental
-damage (one flipped byte anywhere) but not a deliberate forgery -- only a
-passphrase gives that.
-
 Restore never trusts the archive before it has read all of it: members
-are extracted into a staging directory beside the target (only the paths a
-manifest may name, regular files only, sizes and hashes checked as they are
-written), the framing is read to its authenticated last chunk, the SQLite
-copy passes ``integrity_check``; only then is the old data renamed aside
+are extracted into a staging directory beside the target and every byte is
+checked (``archive.read_archive``), the SQLite copy passes
+``integrity_check``; only then is the old data renamed aside
 (``<name>.pre-restore-<ts>``) and the staged data renamed into place.
+
+PostgreSQL: ``pg_dump`` and ``pg_restore`` reach the database through
+their environment (``PGHOST``, ``PGUSER``, ``PGDATABASE``, ``PGPASSWORD``,
+``PGOPTIONS`` … from ``PostgresStore.libpq_connection()``), never their
+command line. Restoring verifies the archive as above and reads the dump
+back (``pg_restore --list``); a non-empty target schema is refused unless
+``force``, which renames it ``<schema>_pre_restore_<ts>``; then ``pg_restore
+--single-transaction --exit-on-error`` recreates the schema under its
+archived name (a dump names its schema in every statement), renamed to the
+target afterwards if that differs -- which needs the archived name free in
+the target database. Then the blobs are swapped in as for SQLite.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import hashlib
-import hmac
-import io
+import logging
 import os
 import re
-import secrets
 import shutil
 import sqlite3
-import struct
-import tarfile
+import subprocess
 import time
-import zlib
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import Any
 
+import asyncpg
 import msgspec
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from bastion._version import __version__
-from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
-from bastion.store.migrations import LATEST, current_version
+from bastion.exceptions import BastionError, DataLoss, FailedPrecondition, InvalidArgument, Unavailable, UsageError
+from bastion.store.archive import (
+    BLOB_PATH,
+    DEFAULT_SCRYPT_LOG_N,
+    FILE_MODE,
+    POSTGRES_MEMBER,
+    SQLITE_MEMBER,
+    ArchiveInfo,
+    Manifest,
+    fsync_dir,
+    read_archive,
+    staging_dir,
+    write_archive,
+)
+from bastion.store.migrations import current_version
+from bastion.store.postgres import PostgresStore, redact_dsn
 
 __all__ = [
-    "ARCHIVE_SUFFIX",
-    "ArchiveInfo",
-    "Manifest",
-    "Member",
     "RestoreResult",
-    "archive_name",
+    "backup_postgres",
     "backup_sqlite",
     "check_not_in_use",
-    "list_archives",
-    "prune_scheduled",
-    "read_archive",
+    "restore_postgres",
     "restore_sqlite",
     "snapshot_sqlite",
     "verify_archive",
-    "write_archive",
 ]
 
-FORMAT = "bastion-backup"
-FORMAT_VERSION = 1
-ARCHIVE_SUFFIX = ".bbk"
-MAGIC = b"BSTNBAK1"
-CHUNK_SIZE = 64 * 1024
-TAG_SIZE = 16
-SALT_SIZE = 16
-DEFAULT_SCRYPT_LOG_N = 17  # 128 MiB, ~0.5 s: the cost of one passphrase guess
-MANIFEST = "manifest.json"
-SQLITE_MEMBER = "db/bastion.db"
-POSTGRES_MEMBER = "db/postgres.dump"
-MAX_MANIFEST = 256 * 1024 * 1024
-FILE_MODE = 0o600
-
-_FLAG_ENCRYPTED = 1
-_FLAG_ZLIB = 2
-_HEADER = struct.Struct(">8sBBBBBBI16s")  # _magic, version, flags, log_n, r, p, reserved, chunk, salt
-_HEADER_SIZE = _HEADER.size + 32
-_BLOB_PATH = re.compile(r"files/blobs/([0-9a-f]{2})/([0-9a-f]{64})")
-_NAME = re.compile(r"bastion-backup-(\d{8}T\d{6}\.\d{6}Z)(-scheduled)?" + re.escape(ARCHIVE_SUFFIX))
-
-
-# -- records ------------------------------------------------------------------------------------
-
-
-class Member(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One archived file: its path in the archive, size in bytes and SHA-256 (hex)."""
-
-    path: str
-    size: int
-    sha256: str
-
-
-class Manifest(msgspec.Struct, frozen=True):
-    """What an archive holds. ``blobs`` is "referenced" (the blobs the snapshot's
-    files table names) or "all" (every blob found: the snapshot had no such table)."""
-
-    format: str
-    format_version: int
-    bastion_version: str
-    schema_version: int
-    backend: str  # "sqlite" or "postgresql"
-    created_at: float
-    blobs: str
-    members: list[Member]
-    schema: str | None = None  # PostgreSQL: the schema dumped
-
-
-class ArchiveInfo(msgspec.Struct, frozen=True):
-    """A finished archive (``admin.backup``'s answer and ``admin.backups``' rows)."""
-
-    name: str
-    size: int
-    sha256: str
-    encrypted: bool
-    created_at: float
-    backend: str | None = None
-    schema_version: int | None = None
-    members: int | None = None
-    blobs: int | None = None
-    content_bytes: int | None = None  # sum of the member sizes (before compression)
+log = logging.getLogger("bastion.backup")
 
 
 class RestoreResult(msgspec.Struct, frozen=True):
     manifest: Manifest
     restored: list[str]  # what was put in place
     kept: list[str]  # where the old data went (renamed aside, not deleted)
-
-
-def archive_name(at: float, *, scheduled: bool = False) -> str:
-    """``bastion-backup-<UTC time to the microsecond>[-scheduled].bbk``: names sort by time."""
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(at)) + f".{int(at % 1 * 1e6):06d}Z"
-    return f"bastion-backup-{stamp}{'-scheduled' if scheduled else ''}{ARCHIVE_SUFFIX}"
-
-
-# -- framing: every byte of the file is checked ------------------------------------------------------
-
-
-def _keys(passphrase: bytes, salt: bytes, log_n: int, r: int, p: int) -> tuple[bytes, bytes]:
-    derived = Scrypt(salt=salt, length=64, n=2**log_n, r=r, p=p).derive(passphrase)
-    return derived[:32], derived[32:]
-
-
-def _nonce(counter: int, last: bool) -> bytes:
-    return counter.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
-
-
-class _Sealer:
-    """Seals and opens chunks: AES-256-GCM (encrypted) or a SHA-256 tag (plain)."""
-
-    def __init__(self, header: bytes, key: bytes | None) -> None:
-        self.header = header
-        self.aead = AESGCM(key) if key is not None else None
-
-    def seal(self, counter: int, last: bool, data: bytes) -> bytes:
-        if self.aead is not None:
-            return self.aead.encrypt(_nonce(counter, last), data, self.header)
-        return data + self._tag(counter, last, data)
-
-    def open(self, counter: int, last: bool, sealed: bytes) -> bytes:
-        if self.aead is not None:
-            try:
-                return self.aead.decrypt(_nonce(counter, last), sealed, self.header)
-            except InvalidTag:
-                message = f"archive is corrupt or was tampered with (chunk {counter} fails to authenticate)"
-                raise DataLoss(message) from None
-        data, tag = sealed[:-TAG_SIZE], sealed[-TAG_SIZE:]
-        if not hmac.compare_digest(tag, self._tag(counter, last, data)):
-            raise DataLoss(f"archive is corrupt (chunk {counter} fails its checksum)")
-        return data
-
-    def _tag(self, counter: int, last: bool, data: bytes) -> bytes:
-        return hashlib.sha256(self.header[-32:] + _nonce(counter, last) + data).digest()[:TAG_SIZE]
-
-
-class _FramedWriter(io.RawIOBase):
-    """A write-only stream: compresses, chunks and seals what is written into ``out``."""
-
-    def __init__(self, out: BinaryIO, passphrase: bytes | None, log_n: int) -> None:
-        flags = _FLAG_ZLIB | (_FLAG_ENCRYPTED if passphrase else 0)
-        salt = secrets.token_bytes(SALT_SIZE)
-        fields = _HEADER.pack(MAGIC, FORMAT_VERSION, flags, log_n if passphrase else 0, 8, 1, 0, CHUNK_SIZE, salt)
-        key = None
-        if passphrase:
-            key, mac_key = _keys(passphrase, salt, log_n, 8, 1)
-            check = hmac.new(mac_key, fields, hashlib.sha256).digest()
-        else:
-            check = hashlib.sha256(fields).digest()
-        self._sealer = _Sealer(fields + check, key)
-        self._out = out
-        self._zlib = zlib.compressobj(1)
-        self._pending = bytearray()
-        self._counter = 0
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self._emit(fields + check)
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self._pending += self._zlib.compress(view)
-        while len(self._pending) > CHUNK_SIZE:  # keep one back: the last chunk must be flagged
-            self._emit(self._sealer.seal(self._counter, False, bytes(self._pending[:CHUNK_SIZE])))
-            del self._pending[:CHUNK_SIZE]
-            self._counter += 1
-        return len(view)
-
-    def finish(self) -> None:
-        self._pending += self._zlib.flush()
-        while len(self._pending) > CHUNK_SIZE:
-            self._emit(self._sealer.seal(self._counter, False, bytes(self._pending[:CHUNK_SIZE])))
-            del self._pending[:CHUNK_SIZE]
-            self._counter += 1
-        self._emit(self._sealer.seal(self._counter, True, bytes(self._pending)))
-        self._pending.clear()
-
-    def _emit(self, data: bytes) -> None:
-        self._out.write(data)
-        self.digest.update(data)
-        self.size += len(data)
-
-
-class _FramedReader(io.RawIOBase):
-    """A read-only stream of the tar bytes inside an archive, checked chunk by chunk."""
-
-    def __init__(self, src: BinaryIO, passphrase: bytes | None) -> None:
-        raw = _read_exact(src, _HEADER_SIZE)
-        if len(raw) < _HEADER_SIZE or not raw.startswith(MAGIC):
-            raise DataLoss("not a bastion backup archive (bad header)")
-        _magic, version, flags, log_n, r, p, _, chunk, salt = _HEADER.unpack(raw[: _HEADER.size])
-        fields, check = raw[: _HEADER.size], raw[_HEADER.size :]
-        if version != FORMAT_VERSION or not flags & _FLAG_ZLIB or not 1024 <= chunk <= 16 * 1024 * 1024:
-            raise DataLoss(f"archive header is corrupt or from an unknown format (version {version})")
-        self.encrypted = bool(flags & _FLAG_ENCRYPTED)
-        key = None
-        if self.encrypted:
-            if not passphrase:
-                raise InvalidArgument(
-                    "this archive is encrypted: give its passphrase (BASTION_BACKUP_PASSPHRASE or a passphrase file)"
-                )
-            if not (10 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 4):
-                raise DataLoss("archive header is corrupt (key derivation parameters out of range)")
-            key, mac_key = _keys(passphrase, salt, log_n, r, p)
-            if not hmac.compare_digest(check, hmac.new(mac_key, fields, hashlib.sha256).digest()):
-                raise InvalidArgument("wrong passphrase for this archive (or its header is damaged)")
-        elif not hmac.compare_digest(check, hashlib.sha256(fields).digest()):
-            raise DataLoss("archive header is corrupt (checksum mismatch)")
-        self._sealer = _Sealer(raw, key)
-        self._src = src
-        self._piece = chunk + TAG_SIZE
-        self._next = _read_exact(src, self._piece)
-        self._counter = 0
-        self._zlib = zlib.decompressobj()
-        self._buffer = bytearray()
-        self._last = False  # the last chunk has been opened
-        self._done = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, target: Any) -> int:
-        view = memoryview(target).cast("B")
-        while not self._buffer and not self._done:
-            self._fill()
-        n = min(len(view), len(self._buffer))
-        view[:n] = self._buffer[:n]
-        del self._buffer[:n]
-        return n
-
-    def _fill(self) -> None:
-        if not self._zlib.unconsumed_tail:
-            sealed = self._next
-            if self._last or len(sealed) < TAG_SIZE:
-                raise DataLoss("archive is truncated")
-            self._next = _read_exact(self._src, self._piece) if len(sealed) == self._piece else b""
-            self._last = not self._next
-            data = self._sealer.open(self._counter, self._last, sealed)
-            self._counter += 1
-        else:
-            data = self._zlib.unconsumed_tail
-        self._buffer += self._zlib.decompress(data, CHUNK_SIZE * 4)
-        if self._last and not self._zlib.unconsumed_tail:
-            if not self._zlib.eof or self._zlib.unused_data:
-                raise DataLoss("archive is corrupt (compressed stream ends badly)")
-            self._done = True
-
-    def drain(self) -> None:
-        """Read (and so check) everything left, through the authenticated last chunk."""
-        while not self._done:
-            self._buffer.clear()
-            self._fill()
-        self._buffer.clear()
-
-
-def _read_exact(src: BinaryIO, n: int) -> bytes:
-    parts = []
-    while n > 0:
-        part = src.read(n)
-        if not part:
-            break
-        parts.append(part)
-        n -= len(part)
-    return b"".join(parts)
 
 
 # -- taking a backup -----------------------------------------------------------------------------------
@@ -403,117 +160,7 @@ def blob_members(files_dir: Path, hashes: list[str] | None) -> tuple[list[tuple[
 
 
 def _is_blob(path: Path) -> bool:
-    return path.is_file() and _BLOB_PATH.fullmatch(f"files/blobs/{path.parent.name}/{path.name}") is not None
-
-
-def write_archive(
-    out_path: Path,
-    *,
-    backend: str,
-    schema_version: int,
-    created_at: float,
-    db_member: tuple[str, Path],
-    blobs: tuple[list[tuple[str, Path]], str],
-    passphrase: bytes | None,
-    schema: str | None = None,
-    scrypt_log_n: int = DEFAULT_SCRYPT_LOG_N,
-) -> ArchiveInfo:
-    """Write the archive to ``out_path`` (via a 0600 temporary beside it, renamed at the end).
-
-    Blob sizes come from the file system and their hashes from their names;
-    both are checked while the blob is copied in, so a damaged blob fails
-    the backup instead of being archived.
-    """
-    members = [_member(db_member[0], db_member[1])]
-    for path, file in blobs[0]:
-        try:
-            members.append(Member(path, file.stat().st_size, file.name))
-        except FileNotFoundError:
-            raise Unavailable(f"blob {file.name} vanished while the backup ran; try again") from None
-    manifest = Manifest(
-        FORMAT, FORMAT_VERSION, __version__, schema_version, backend, created_at, blobs[1], members, schema
-    )
-    tmp = out_path.with_name(f".{out_path.name}.partial")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            framed = _FramedWriter(raw, passphrase, scrypt_log_n)
-            with tarfile.open(fileobj=framed, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                data = msgspec.json.encode(manifest)
-                tar.addfile(_tarinfo(MANIFEST, len(data), manifest.created_at), io.BytesIO(data))
-                sources = [db_member[1], *(file for _, file in blobs[0])]
-                for member, source in zip(members, sources, strict=True):
-                    _add_checked(tar, member, source, manifest.created_at)
-            framed.finish()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.rename(tmp, out_path)
-        _fsync_dir(out_path.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return _info(out_path.name, framed.size, framed.digest.hexdigest(), bool(passphrase), manifest)
-
-
-def _member(path: str, file: Path) -> Member:
-    digest = hashlib.sha256()
-    size = 0
-    with open(file, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-            size += len(block)
-    return Member(path, size, digest.hexdigest())
-
-
-def _tarinfo(name: str, size: int, mtime: float) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mode = FILE_MODE
-    info.mtime = int(mtime)
-    return info
-
-
-class _HashingReader:
-    def __init__(self, f: IO[bytes]) -> None:
-        self.f = f
-        self.digest = hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.digest.update(data)
-        return data
-
-
-def _add_checked(tar: tarfile.TarFile, member: Member, source: Path, mtime: float) -> None:
-    try:
-        f = open(source, "rb")  # noqa: SIM115 - closed below
-    except FileNotFoundError:
-        raise Unavailable(f"{member.path} vanished while the backup ran; try again") from None
-    with f:
-        reader = _HashingReader(f)
-        try:
-            tar.addfile(_tarinfo(member.path, member.size, mtime), reader)
-        except OSError as exc:  # shorter than its size said
-            raise DataLoss(f"{member.path} changed while it was archived: {exc}") from exc
-    if reader.digest.hexdigest() != member.sha256:
-        raise DataLoss(f"{member.path} does not match its SHA-256 (a damaged blob?); the backup was not written")
-
-
-def _info(name: str, size: int, sha256: str, encrypted: bool, manifest: Manifest) -> ArchiveInfo:
-    blob_count = sum(1 for m in manifest.members if m.path.startswith("files/"))
-    return ArchiveInfo(
-        name, size, sha256, encrypted, manifest.created_at, manifest.backend, manifest.schema_version,
-        len(manifest.members), blob_count, sum(m.size for m in manifest.members),
-    )  # fmt: skip
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return path.is_file() and BLOB_PATH.fullmatch(f"files/blobs/{path.parent.name}/{path.name}") is not None
 
 
 def backup_sqlite(
@@ -530,7 +177,7 @@ def backup_sqlite(
     Blocking (run it in a thread); safe while a server runs on the store.
     """
     out_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with _staging(out_path.parent) as staging:
+    with staging_dir(out_path.parent) as staging:
         copy = staging / "bastion.db"
         created_at = time.time() if now is None else now
         version = snapshot_sqlite(db_path, copy)
@@ -541,54 +188,20 @@ def backup_sqlite(
         )  # fmt: skip
 
 
-def list_archives(directory: Path) -> list[ArchiveInfo]:
-    """The archives in ``directory`` by name (so by time), read from their names and headers only."""
-    if not directory.is_dir():
-        return []
-    out = []
-    for path in sorted(directory.iterdir()):
-        match = _NAME.fullmatch(path.name)
-        if not match or not path.is_file():
-            continue
-        with open(path, "rb") as f:
-            header = f.read(_HEADER.size)
-        encrypted = len(header) == _HEADER.size and header.startswith(MAGIC) and bool(header[9] & _FLAG_ENCRYPTED)
-        stamp = time.strptime(match[1][:15], "%Y%m%dT%H%M%S")
-        created = float(time.mktime(stamp) - time.timezone) + int(match[1][16:22]) / 1e6
-        out.append(ArchiveInfo(path.name, path.stat().st_size, "", encrypted, created))
-    return out
+# -- verifying ----------------------------------------------------------------------------------------
 
 
-def prune_scheduled(directory: Path, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` scheduled archives; the names deleted."""
-    scheduled = [p for p in sorted(directory.iterdir()) if (m := _NAME.fullmatch(p.name)) and m[2]]
-    doomed = scheduled[: max(0, len(scheduled) - keep)]
-    for path in doomed:
-        path.unlink(missing_ok=True)
-    return [p.name for p in doomed]
+def verify_archive(archive: Path, passphrase: bytes | None, *, scratch: Path | None = None) -> Manifest:
+    """Check every byte of ``archive`` and the database it holds (extracting into a temporary directory,
+    then removing it)."""
+    with staging_dir(scratch or archive.parent) as staging:
+        return _read_checked(archive, staging, passphrase)
 
 
-# -- reading and verifying -------------------------------------------------------------------------------
-
-
-def read_archive(archive: Path, staging: Path, passphrase: bytes | None) -> Manifest:
-    """Check all of ``archive`` and extract its members under ``staging`` (which must be empty).
-
-    Raises ``DataLoss`` for anything corrupt or tampered with, and
-    ``InvalidArgument`` for a missing or wrong passphrase; on error,
-    ``staging`` may hold partial files (the caller removes it).
-    """
-    try:
-        src = open(archive, "rb")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read archive {archive}: {exc.strerror}") from None
-    with src:
-        reader = _FramedReader(src, passphrase)
-        try:
-            manifest = _extract(reader, staging)
-        except (tarfile.TarError, EOFError, zlib.error) as exc:
-            raise DataLoss(f"archive is corrupt: {exc}") from exc
-        reader.drain()
+def _read_checked(archive: Path, staging: Path, passphrase: bytes | None) -> Manifest:
+    """``read_archive`` (every byte checked, members extracted under ``staging``), then the database
+    member's own check: a SQLite copy must pass ``integrity_check``."""
+    manifest = read_archive(archive, staging, passphrase)
     if manifest.backend == "sqlite":
         conn = sqlite3.connect(f"file:{staging / SQLITE_MEMBER}?mode=ro", uri=True)
         try:
@@ -598,92 +211,6 @@ def read_archive(archive: Path, staging: Path, passphrase: bytes | None) -> Mani
         finally:
             conn.close()
     return manifest
-
-
-def _extract(reader: _FramedReader, staging: Path) -> Manifest:
-    with tarfile.open(fileobj=reader, mode="r|") as tar:
-        first = tar.next()
-        if first is None or first.name != MANIFEST or not first.isreg() or first.size > MAX_MANIFEST:
-            raise DataLoss("archive is corrupt: it does not start with its manifest")
-        manifest = _decode_manifest(_read_member(tar, first))
-        expected = {m.path: m for m in manifest.members}
-        seen: set[str] = set()
-        while (info := tar.next()) is not None:
-            member = expected.get(info.name)
-            if member is None or info.name in seen or not info.isreg() or info.size != member.size:
-                raise DataLoss(f"archive is corrupt: unexpected member {info.name[:200]!r}")
-            seen.add(info.name)
-            _copy_member(tar, info, member, staging)
-    missing = set(expected) - seen
-    if missing:
-        raise DataLoss(f"archive is incomplete: {len(missing)} members missing, e.g. {sorted(missing)[0]!r}")
-    return manifest
-
-
-def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
-    f = tar.extractfile(info)
-    assert f is not None
-    return f.read()
-
-
-def _decode_manifest(data: bytes) -> Manifest:
-    try:
-        manifest = msgspec.json.decode(data, type=Manifest)
-    except msgspec.ValidationError as exc:
-        raise DataLoss(f"archive manifest is invalid: {exc}") from None
-    if manifest.format != FORMAT or manifest.format_version != FORMAT_VERSION:
-        raise DataLoss(f"unknown archive format {manifest.format!r} version {manifest.format_version}")
-    if manifest.backend not in ("sqlite", "postgresql"):
-        raise DataLoss(f"archive manifest names an unknown backend {manifest.backend[:40]!r}")
-    db = SQLITE_MEMBER if manifest.backend == "sqlite" else POSTGRES_MEMBER
-    paths = [m.path for m in manifest.members]
-    if paths.count(db) != 1 or len(set(paths)) != len(paths):
-        raise DataLoss("archive manifest is invalid: the database member is missing or a path repeats")
-    for m in manifest.members:
-        blob = _BLOB_PATH.fullmatch(m.path)
-        if m.path != db and not (blob and blob[2].startswith(blob[1]) and blob[2] == m.sha256):
-            raise DataLoss(f"archive manifest names a path it may not: {m.path[:200]!r}")
-        if m.size < 0 or not re.fullmatch(r"[0-9a-f]{64}", m.sha256):
-            raise DataLoss(f"archive manifest entry {m.path!r} is invalid")
-    if manifest.schema_version > LATEST:
-        raise FailedPrecondition(
-            f"the archive has schema version {manifest.schema_version}, newer than this bastion knows ({LATEST})"
-        )
-    return manifest
-
-
-def _copy_member(tar: tarfile.TarFile, info: tarfile.TarInfo, member: Member, staging: Path) -> None:
-    target = staging / member.path  # member.path was checked against the allowed shapes
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    f = tar.extractfile(info)
-    assert f is not None
-    digest = hashlib.sha256()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    with os.fdopen(fd, "wb") as out:
-        while block := f.read(1 << 20):
-            digest.update(block)
-            out.write(block)
-        out.flush()
-        os.fsync(out.fileno())
-    if digest.hexdigest() != member.sha256:
-        raise DataLoss(f"archive is corrupt: {member.path} does not match its SHA-256")
-
-
-def verify_archive(archive: Path, passphrase: bytes | None, *, scratch: Path | None = None) -> Manifest:
-    """Check every byte of ``archive`` (extracting into a temporary directory, then removing it)."""
-    with _staging(scratch or archive.parent) as staging:
-        return read_archive(archive, staging, passphrase)
-
-
-@contextlib.contextmanager
-def _staging(parent: Path) -> Iterator[Path]:
-    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = parent / f".restore-staging-{os.getpid()}-{secrets.token_hex(4)}"
-    path.mkdir(mode=0o700)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- restoring --------------------------------------------------------------------------------------------
@@ -726,8 +253,8 @@ def restore_sqlite(
     """
     check_not_in_use(db_path)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now or time.time()))
-    with _staging(db_path.parent) as staging:
-        manifest = read_archive(archive, staging, passphrase)
+    with staging_dir(db_path.parent) as staging:
+        manifest = _read_checked(archive, staging, passphrase)
         if manifest.backend != "sqlite":
             raise InvalidArgument(f"this archive holds a {manifest.backend} store: restore it with --store URL")
         check_not_in_use(db_path)
@@ -742,7 +269,7 @@ def restore_sqlite(
         restored = [str(db_path)]
         kept += _swap_files(staging / "files", files_dir, stamp)
         restored.append(str(files_dir))
-        _fsync_dir(db_path.parent)
+        fsync_dir(db_path.parent)
     return RestoreResult(manifest, restored, kept)
 
 
@@ -769,3 +296,379 @@ def _free(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.name}.{n}")
     return candidate
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------------
+
+#: libpq connection parameters and the environment variables that carry them to pg_dump/pg_restore.
+#: (keepalives*, tcp_user_timeout, fallback_application_name and sslpassword have none: not passed.)
+_LIBPQ_ENV = {
+    "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE", "user": "PGUSER",
+    "passfile": "PGPASSFILE", "channel_binding": "PGCHANNELBINDING", "connect_timeout": "PGCONNECT_TIMEOUT",
+    "client_encoding": "PGCLIENTENCODING", "options": "PGOPTIONS", "application_name": "PGAPPNAME",
+    "sslmode": "PGSSLMODE", "sslcompression": "PGSSLCOMPRESSION", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY",
+    "sslrootcert": "PGSSLROOTCERT", "sslcrl": "PGSSLCRL", "sslcrldir": "PGSSLCRLDIR", "sslsni": "PGSSLSNI",
+    "requirepeer": "PGREQUIREPEER", "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
+    "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION", "gssencmode": "PGGSSENCMODE",
+    "krbsrvname": "PGKRBSRVNAME", "gsslib": "PGGSSLIB", "service": "PGSERVICE",
+    "target_session_attrs": "PGTARGETSESSIONATTRS", "load_balance_hosts": "PGLOADBALANCEHOSTS",
+}  # fmt: skip
+
+#: How long pg_dump waits for a table lock (an ALTER TABLE running elsewhere) before giving up.
+PG_LOCK_WAIT_TIMEOUT = "60s"
+_PG_DUMP_MAGIC = b"PGDMP"
+_IDENTIFIER_MAX = 63  # PostgreSQL truncates longer names
+
+
+def pg_environment(store: PostgresStore) -> dict[str, str]:
+    """The environment for ``pg_dump``/``pg_restore`` to reach ``store``'s database.
+
+    Everything -- host, port, user, database, password, server settings such
+    as ``search_path`` -- goes in ``PG*`` variables on top of this process's
+    own environment (so ``PGPASSWORD`` or ``~/.pgpass`` work as for the
+    store), never on the command line where other users could read it.
+    """
+    uri, extra = store.libpq_connection()
+    parts = urllib.parse.urlsplit(uri)
+    env: dict[str, str] = {}
+    userinfo, at, hostlist = parts.netloc.rpartition("@")
+    if at and userinfo:
+        env["PGUSER"] = urllib.parse.unquote(userinfo.partition(":")[0])
+    hosts, ports = [], []
+    for item in hostlist.split(",") if hostlist else []:
+        if item.startswith("["):  # [IPv6]:port
+            host, _, rest = item[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _, port = item.partition(":")
+        hosts.append(urllib.parse.unquote(host))
+        ports.append(port)
+    if any(hosts):
+        env["PGHOST"] = ",".join(hosts)
+    if any(ports):
+        env["PGPORT"] = ",".join(ports)
+    dbname = urllib.parse.unquote(parts.path.lstrip("/"))
+    if dbname:
+        env["PGDATABASE"] = dbname
+    for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        name = _LIBPQ_ENV.get(key)
+        if name is not None:
+            env[name] = value
+    if "PGOPTIONS" in env and "PGOPTIONS" in extra:  # libpq's options= and the DSN's server settings
+        extra = {**extra, "PGOPTIONS": f"{env['PGOPTIONS']} {extra['PGOPTIONS']}"}
+    env.update(extra)  # PGPASSWORD, PGOPTIONS (server settings)
+    # bastion's own settings (BASTION_STORE may hold a password, BASTION_BACKUP_PASSPHRASE does) stay here.
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith("BASTION_")}
+    return {**inherited, **env}
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise FailedPrecondition(f"{name} is not installed (or not on PATH): install the PostgreSQL client tools")
+    return path
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _check_tool(name: str, returncode: int | None, stderr: bytes) -> None:
+    """Raise if a pg tool failed; log its warnings otherwise."""
+    text = stderr.decode("utf-8", "replace").strip()
+    if returncode != 0 or re.search(r"^\S+: error: ", text, re.MULTILINE):
+        tail = text[-2000:] or "no message"
+        raise Unavailable(f"{name} failed (exit status {returncode}): {tail}")
+    if text:
+        log.warning("%s: %s", name, text[-2000:])
+
+
+async def _run_tool(args: list[str], env: Mapping[str, str], stdout: int) -> None:
+    """Run a pg tool to completion (killed if the caller is cancelled); raise if it failed."""
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, env=dict(env)
+    )
+    try:
+        _, err = await proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    _check_tool(Path(args[0]).name, proc.returncode, err)
+
+
+def _toc(pg_restore: str, dump: Path) -> list[str]:
+    """The table of contents of a custom-format dump (``pg_restore --list``); checks that it reads back."""
+    with open(dump, "rb") as f:
+        if f.read(len(_PG_DUMP_MAGIC)) != _PG_DUMP_MAGIC:
+            raise DataLoss(f"{dump.name} is not a pg_dump custom-format archive")
+    done = subprocess.run([pg_restore, "--list", str(dump)], capture_output=True, check=False)
+    if done.returncode != 0:
+        message = done.stderr.decode("utf-8", "replace").strip()[-2000:]
+        raise DataLoss(f"the database dump does not read back (pg_restore --list): {message}")
+    return done.stdout.decode("utf-8", "replace").splitlines()
+
+
+class _Snapshot(msgspec.Struct):
+    created_at: float
+    schema: str
+    version: int
+    hashes: list[str] | None
+
+
+async def _snapshot_and_dump(conn: Any, pg_dump: str, env: Mapping[str, str], dest: Path) -> _Snapshot:
+    """In one repeatable-read, read-only transaction: export its snapshot, read what the archive
+    needs, and run ``pg_dump`` in that same snapshot (the transaction stays open until it is done)."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        snapshot_id = str(await conn.fetchval("SELECT pg_export_snapshot()"))
+        created_at = time.time()
+        schema = await conn.fetchval("SELECT current_schema()")
+        if schema is None:
+            path = await conn.fetchval("SELECT current_setting('search_path')")
+            raise FailedPrecondition(f"no schema of the store's search_path ({path}) exists: nothing to back up")
+        if await conn.fetchval("SELECT to_regclass('schema_version')") is None:
+            raise FailedPrecondition(f"schema {schema!r} holds no bastion store (it has no schema_version table)")
+        version = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
+        has_files = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()"
+            " AND table_name = 'files' AND column_name = 'sha256')"
+        )
+        hashes = None
+        if has_files:
+            rows = await conn.fetch("SELECT DISTINCT sha256 FROM files WHERE sha256 IS NOT NULL ORDER BY 1")
+            hashes = [str(row[0]) for row in rows]
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        try:
+            args = [
+                pg_dump, "--format=custom", "--no-owner", "--no-password", f"--snapshot={snapshot_id}",
+                f"--schema={_quote(schema)}", f"--lock-wait-timeout={PG_LOCK_WAIT_TIMEOUT}",
+            ]  # fmt: skip
+            await _run_tool(args, env, fd)
+        finally:
+            os.close(fd)
+    return _Snapshot(created_at, str(schema), version, hashes)
+
+
+@contextlib.asynccontextmanager
+async def _connect(dsn: str, password: str | None) -> AsyncIterator[Any]:
+    """A connection of its own to ``dsn``'s database (no pool, no migration); errors become bastion's."""
+    shown = redact_dsn(dsn)
+    if dsn.startswith("postgresql+asyncpg://"):
+        dsn = "postgresql://" + dsn[len("postgresql+asyncpg://") :]
+    try:
+        conn = await asyncpg.connect(dsn, password=password, timeout=10)
+    except (OSError, TimeoutError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
+        raise Unavailable(f"cannot reach PostgreSQL at {shown}: {exc}") from None
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+        raise UsageError(f"cannot connect to PostgreSQL at {shown}: {exc}") from None
+    try:
+        yield conn
+    except BastionError:
+        raise
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise Unavailable(f"PostgreSQL at {shown}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        await conn.close()
+
+
+async def backup_postgres(
+    source: PostgresStore | str,
+    files_dir: Path,
+    out_path: Path,
+    passphrase: bytes | None,
+    *,
+    password: str | None = None,
+    scrypt_log_n: int = DEFAULT_SCRYPT_LOG_N,
+) -> ArchiveInfo:
+    """Back up a PostgreSQL store and the blobs it refers to into ``out_path``.
+
+    ``source`` is an open ``PostgresStore`` (its pool lends the connection)
+    or a ``postgresql://`` DSN (a connection of its own; the store is *not*
+    migrated, so a database an older bastion wrote is archived as it is),
+    with ``password`` kept out of the DSN. The schema archived is the
+    store's: the first existing schema of the DSN's ``search_path``.
+
+    One repeatable-read transaction exports its snapshot, lists the blobs
+    the ``files`` table names, and stays open while ``pg_dump --snapshot``
+    dumps the schema in that very snapshot: the database and the blob list
+    are one point in time, while writes go on. The dump goes to a 0600
+    temporary file beside ``out_path``, is read back with ``pg_restore
+    --list``, then archived as ``db/postgres.dump``.
+    """
+    store = source if isinstance(source, PostgresStore) else PostgresStore(source, password=password)
+    pg_dump, pg_restore = _tool("pg_dump"), _tool("pg_restore")
+    env = pg_environment(store)
+    out_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with staging_dir(out_path.parent) as staging:
+        dump = staging / "postgres.dump"
+
+        async def run(conn: Any) -> _Snapshot:
+            return await _snapshot_and_dump(conn, pg_dump, env, dump)
+
+        if isinstance(source, PostgresStore):
+            snap = await source._call(run)  # a pooled connection; errors translated by the store
+        else:
+            async with _connect(source, password) as conn:
+                snap = await run(conn)
+        await asyncio.to_thread(_toc, pg_restore, dump)
+        blobs = blob_members(files_dir, snap.hashes)
+        return await asyncio.to_thread(
+            lambda: write_archive(
+                out_path, backend="postgresql", schema_version=snap.version, created_at=snap.created_at,
+                db_member=(POSTGRES_MEMBER, dump), blobs=blobs, passphrase=passphrase, schema=snap.schema,
+                scrypt_log_n=scrypt_log_n,
+            )
+        )  # fmt: skip
+
+
+def _search_path(setting: str) -> list[str]:
+    """The schema names of a ``search_path`` value, unquoted (unquoted names fold to lower case)."""
+    names = []
+    for item in re.findall(r'\s*("(?:[^"]|"")*"|[^,]+)\s*(?:,|$)', setting):
+        item = item.strip()
+        if item.startswith('"') and item.endswith('"') and len(item) >= 2:
+            names.append(item[1:-1].replace('""', '"'))
+        elif item:
+            names.append(item.lower())
+    return names
+
+
+async def _target_schema(conn: Any) -> str:
+    """The schema a store opened with this connection's settings would use, once it exists:
+    the first of ``search_path`` (``$user`` only if that schema exists), else ``public``."""
+    setting = str(await conn.fetchval("SELECT current_setting('search_path')"))
+    for name in _search_path(setting):
+        if name == "$user":
+            user = str(await conn.fetchval("SELECT current_user"))
+            if await _schema_objects(conn, user) is not None:
+                return user
+            continue
+        return name
+    return "public"
+
+
+async def _schema_objects(conn: Any, schema: str) -> int | None:
+    """How many tables, sequences, views, functions and types ``schema`` holds; None if it does not exist."""
+    value = await conn.fetchval(
+        """SELECT (SELECT count(*) FROM pg_class WHERE relnamespace = n.oid)
+                + (SELECT count(*) FROM pg_proc WHERE pronamespace = n.oid)
+                + (SELECT count(*) FROM pg_type WHERE typnamespace = n.oid AND typtype IN ('d', 'e', 'r', 'm'))
+           FROM pg_namespace n WHERE nspname = $1""",
+        schema,
+    )
+    return None if value is None else int(value)
+
+
+async def _check_target(conn: Any, schema: str, force: bool) -> int | None:
+    objects = await _schema_objects(conn, schema)
+    if objects and not force:
+        raise FailedPrecondition(
+            f"the target schema {schema!r} is not empty ({objects} tables, sequences, functions or types): "
+            "restore into an empty or new schema, or pass --force to rename it aside first"
+        )
+    return objects
+
+
+async def _aside_name(conn: Any, schema: str, stamp: str) -> str:
+    suffix = f"_pre_restore_{stamp}"
+    base = schema.encode()[: _IDENTIFIER_MAX - len(suffix) - 4].decode("utf-8", "ignore") + suffix
+    name, n = base, 0
+    while await _schema_objects(conn, name) is not None:
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def _without_schema_entries(toc: list[str]) -> list[str]:
+    """The dump's table of contents minus creating (and commenting on, granting on) the schema itself,
+    for restoring into a schema that exists already."""
+    skip = re.compile(r"^\d+; \d+ \d+ (SCHEMA - |COMMENT - SCHEMA |ACL - SCHEMA )")
+    return [line for line in toc if not skip.match(line)]
+
+
+async def restore_postgres(
+    archive: Path,
+    dsn: str,
+    files_dir: Path,
+    passphrase: bytes | None,
+    *,
+    password: str | None = None,
+    schema: str | None = None,
+    force: bool = False,
+    now: float | None = None,
+) -> RestoreResult:
+    """Verify ``archive`` completely, then restore its PostgreSQL dump into ``dsn`` and its blobs into ``files_dir``.
+
+    The target schema is ``schema``, else the one a store opened with
+    ``dsn`` would use (the first of its ``search_path``; ``public``
+    without one). A target holding anything is refused unless ``force``:
+    then it is renamed ``<schema>_pre_restore_<time>`` (kept, not dropped).
+
+    ``pg_restore --single-transaction --exit-on-error`` recreates the schema
+    under the name it had when archived (the dump names it in every
+    statement); a different target name is reached by renaming it afterwards,
+    which needs the archived name to be free in the target database. Stop
+    the servers using the target first: a server connected meanwhile would
+    see the schema disappear and come back.
+    """
+    target_store = PostgresStore(dsn, password=password)  # never opened: how to reach the database
+    pg_restore = _tool("pg_restore")
+    env = pg_environment(target_store)
+    stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime(now or time.time()))
+    async with _connect(dsn, password) as conn:
+        target = schema or await _target_schema(conn)
+        await _check_target(conn, target, force)  # fail fast, before reading a large archive
+        with staging_dir(files_dir.parent) as staging:
+            manifest = await asyncio.to_thread(_read_checked, archive, staging, passphrase)
+            if manifest.backend != "postgresql":
+                raise InvalidArgument(
+                    f"this archive holds a {manifest.backend} store: restore it with --data-dir, not into PostgreSQL"
+                )
+            archived = manifest.schema or "public"
+            dump = staging / POSTGRES_MEMBER
+            toc = await asyncio.to_thread(_toc, pg_restore, dump)
+            objects = await _check_target(conn, target, force)
+            if archived != target and await _schema_objects(conn, archived) is not None:
+                raise FailedPrecondition(
+                    f"the archive holds schema {archived!r}, which exists in the target database: pg_restore can "
+                    f"only recreate that name (then renamed to {target!r}); restore into another database, or "
+                    f"rename {archived!r} first"
+                )
+            kept: list[str] = []
+            aside = None
+            if objects:  # and force
+                aside = await _aside_name(conn, target, stamp)
+                await conn.execute(f"ALTER SCHEMA {_quote(target)} RENAME TO {_quote(aside)}")
+                kept.append(f"schema {aside}")
+                log.warning("restore: schema %s renamed to %s", target, aside)
+            created = False
+            try:
+                args = [pg_restore, "--no-owner", "--single-transaction", "--exit-on-error", "--no-password"]
+                if archived == target and await _schema_objects(conn, target) is not None:
+                    listing = staging / "toc.list"
+                    listing.write_text("\n".join(_without_schema_entries(toc)) + "\n")
+                    args.append(f"--use-list={listing}")
+                # Host, user, database, password: from the environment (a conninfo with "=" is not a name).
+                args += ["--dbname=application_name=bastion-restore", str(dump)]
+                await _run_tool(args, env, subprocess.DEVNULL)
+                created = archived != target
+                if archived != target:
+                    async with conn.transaction():
+                        if await _schema_objects(conn, target) is not None:  # empty (checked): nothing lost
+                            await conn.execute(f"DROP SCHEMA {_quote(target)} RESTRICT")
+                        await conn.execute(f"ALTER SCHEMA {_quote(archived)} RENAME TO {_quote(target)}")
+                    created = False
+                version = await conn.fetchval(f"SELECT max(version) FROM {_quote(target)}.schema_version")
+                if version != manifest.schema_version:
+                    raise DataLoss(
+                        f"the restored schema is at version {version}, the archive said {manifest.schema_version}"
+                    )
+            except BaseException:
+                if created:
+                    await conn.execute(f"DROP SCHEMA IF EXISTS {_quote(archived)} CASCADE")
+                if aside is not None and await _schema_objects(conn, target) is None:
+                    await conn.execute(f"ALTER SCHEMA {_quote(aside)} RENAME TO {_quote(target)}")
+                raise
+            kept += _swap_files(staging / "files", files_dir, stamp.replace("_", "T"))
+    return RestoreResult(manifest, [f"schema {target}", str(files_dir)], kept)

@@ -324,6 +324,8 @@ _KEY_UPSERT = (
     "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, content_type = excluded.content_type, "
     "version = excluded.version, expires_at = excluded.expires_at"
 )
+# As _KEY_UPSERT, but an expired key is left alone (no row changed); the 7th argument is ``now``.
+_KEY_UPSERT_LIVE = f"{_KEY_UPSERT} WHERE kv_keys.expires_at IS NULL OR kv_keys.expires_at > ?"
 
 
 def _entry(row: tuple[Any, ...]) -> KVEntry:
@@ -352,12 +354,28 @@ def _range(prefix: str, after: str | None) -> tuple[str, str, list[Any]]:
 
 
 class _SQLiteTx:
-    """Changes made on the writer connection within one write: the counter and the log."""
+    """Changes made on the writer connection within one write: the counter and the log.
 
-    def __init__(self, conn: sqlite3.Connection, now: float) -> None:
+    The counter is read from ``kv_meta`` once per transaction (group commit),
+    not once per write: ``counter`` caches it with the store's transaction
+    serial, which is safe because the group holds the database's write lock
+    from ``BEGIN IMMEDIATE`` to ``COMMIT`` (another process sharing the file
+    reads it afresh in its own next transaction). ``finish`` stores the
+    advanced counter in ``kv_meta`` and in the cache; a write that raises
+    before ``finish`` leaves the cache as it found it, as its savepoint's
+    rollback leaves the table.
+    """
+
+    __slots__ = ("conn", "counter", "now", "revision")
+
+    def __init__(self, conn: sqlite3.Connection, now: float, counter: list[int], serial: int) -> None:
         self.conn = conn
         self.now = now
-        self.revision = int(conn.execute("SELECT revision FROM kv_meta WHERE id = 1").fetchone()[0])
+        self.counter = counter  # [transaction serial, revision] of the store, shared by its writes
+        if counter[0] != serial:
+            counter[0] = serial
+            counter[1] = int(conn.execute("SELECT revision FROM kv_meta WHERE id = 1").fetchone()[0])
+        self.revision = counter[1]
 
     def version(self, namespace: str, key: str) -> int:
         """The key's live version (0: absent); logs and removes it first if it has expired."""
@@ -372,10 +390,26 @@ class _SQLiteTx:
         return int(row[0])
 
     def put(self, namespace: str, w: KVWrite) -> int:
+        """Write ``w`` over whatever ``namespace``/``w.key`` holds; its new version."""
         self.revision += 1
         self.conn.execute(_KEY_UPSERT, (namespace, w.key, w.value, w.content_type, self.revision, w.expires_at))
         self.conn.execute(_LOG_INSERT, (self.revision, namespace, w.key, PUT, w.value, w.content_type, self.now))
         return self.revision
+
+    def put_unchecked(self, namespace: str, w: KVWrite) -> int:
+        """``put`` for a write without ``expected_version``: no read first, unless the key has expired.
+
+        The upsert leaves an expired key alone (its WHERE); then the expiry is
+        logged first, as ``version`` would have, and the put follows it.
+        """
+        revision = self.revision + 1
+        args = (namespace, w.key, w.value, w.content_type, revision, w.expires_at, self.now)
+        if self.conn.execute(_KEY_UPSERT_LIVE, args).rowcount == 0:
+            self.delete(namespace, w.key)
+            return self.put(namespace, w)
+        self.revision = revision
+        self.conn.execute(_LOG_INSERT, (revision, namespace, w.key, PUT, w.value, w.content_type, self.now))
+        return revision
 
     def delete(self, namespace: str, key: str) -> int:
         self.revision += 1
@@ -385,10 +419,24 @@ class _SQLiteTx:
 
     def finish(self) -> None:
         self.conn.execute("UPDATE kv_meta SET revision = ? WHERE id = 1", (self.revision,))
+        self.counter[1] = self.revision
 
 
 class SQLiteKV(SQLiteAccess, KVStore):
     """kv on SQLite: every write is one function on the writer thread (one savepoint of a group commit)."""
+
+    if TYPE_CHECKING:
+        _tx_serial: int  # SQLiteStore: transactions begun by the writer (see bastion/store/sqlite.py)
+
+    _kv_counter: list[int]  # see _SQLiteTx; set by _kv_tx on first use
+
+    def _kv_tx(self, conn: sqlite3.Connection, now: float) -> _SQLiteTx:
+        """On the writer thread, inside a write: the counter and log of this write."""
+        try:
+            counter = self._kv_counter
+        except AttributeError:
+            counter = self._kv_counter = [-1, 0]
+        return _SQLiteTx(conn, now, counter, self._tx_serial)
 
     async def kv_get_many(self, namespace: str, keys: Sequence[str], now: float) -> list[KVEntry | None]:
         wanted = list(dict.fromkeys(keys))
@@ -402,11 +450,14 @@ class SQLiteKV(SQLiteAccess, KVStore):
         writes = list(writes)
 
         def put(conn: sqlite3.Connection) -> list[int]:
-            tx = _SQLiteTx(conn, now)
+            tx = self._kv_tx(conn, now)
             versions = []
             for w in writes:
-                _check(w.key, w.expected_version, tx.version(namespace, w.key))
-                versions.append(tx.put(namespace, w))
+                if w.expected_version is None:
+                    versions.append(tx.put_unchecked(namespace, w))
+                else:
+                    _check(w.key, w.expected_version, tx.version(namespace, w.key))
+                    versions.append(tx.put(namespace, w))
             tx.finish()
             return versions
 
@@ -414,7 +465,7 @@ class SQLiteKV(SQLiteAccess, KVStore):
 
     async def kv_delete(self, namespace: str, key: str, expected_version: int | None, now: float) -> int:
         def delete(conn: sqlite3.Connection) -> int:
-            tx = _SQLiteTx(conn, now)
+            tx = self._kv_tx(conn, now)
             current = tx.version(namespace, key)
             _check(key, expected_version, current)
             revision = tx.delete(namespace, key) if current else 0
@@ -458,7 +509,7 @@ class SQLiteKV(SQLiteAccess, KVStore):
                 "SELECT namespace, key FROM kv_keys WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
                 (now, limit),
             ).fetchall()
-            tx = _SQLiteTx(conn, now)
+            tx = self._kv_tx(conn, now)
             for namespace, key in rows:
                 tx.delete(namespace, key)
             tx.finish()
@@ -506,7 +557,7 @@ class SQLiteKV(SQLiteAccess, KVStore):
             if conn.execute("DELETE FROM kv_namespaces WHERE name = ?", (name,)).rowcount == 0:
                 return None
             keys = conn.execute("SELECT key FROM kv_keys WHERE namespace = ?", (name,)).fetchall()
-            tx = _SQLiteTx(conn, now)
+            tx = self._kv_tx(conn, now)
             for (key,) in keys:
                 tx.delete(name, key)
             tx.finish()
@@ -526,7 +577,7 @@ class SQLiteKV(SQLiteAccess, KVStore):
             rows = conn.execute(
                 "SELECT key, value, content_type, expires_at FROM kv_keys WHERE namespace = ?", (source,)
             ).fetchall()
-            tx = _SQLiteTx(conn, now)
+            tx = self._kv_tx(conn, now)
             for key, value, content_type, expires_at in rows:
                 tx.delete(source, key)
                 if new is not None:
@@ -556,6 +607,22 @@ _PG_KEY_UPSERT = (
     "INSERT INTO kv_keys (namespace, key, value, content_type, version, expires_at) VALUES ($1, $2, $3, $4, $5, $6) "
     "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, content_type = excluded.content_type, "
     "version = excluded.version, expires_at = excluded.expires_at"
+)
+
+
+# One statement for a put without expected_version: lock and advance the counter, upsert the key
+# unless an expired key is in the way (the upsert's WHERE: then no version comes back), log the put.
+# The upsert acts on the newest committed row whatever the statement's snapshot, so nothing here
+# reads a stale key. Returns the revision taken and the new version (NULL: an expired key was left alone).
+_PG_PUT_LIVE = (
+    "WITH m AS (UPDATE kv_meta SET revision = revision + 1 WHERE id = 1 RETURNING revision), "
+    "up AS (INSERT INTO kv_keys (namespace, key, value, content_type, version, expires_at) "
+    "SELECT $1::text, $2::text, $3::bytea, $4::text, m.revision, $5::float8 FROM m "
+    "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, content_type = excluded.content_type, "
+    "version = excluded.version, expires_at = excluded.expires_at "
+    "WHERE kv_keys.expires_at IS NULL OR kv_keys.expires_at > $6::float8 RETURNING version), "
+    f"lg AS (INSERT INTO kv_log ({_LOG_COLUMNS}) SELECT version, $1, $2, 'put', $3, $4, $6 FROM up) "
+    "SELECT (SELECT revision FROM m), (SELECT version FROM up)"
 )
 
 
@@ -623,6 +690,9 @@ class PostgresKV(PostgresAccess, KVStore):
         return [found.get(key) for key in keys]
 
     async def kv_put(self, namespace: str, writes: Sequence[KVWrite], now: float) -> list[int]:
+        if all(w.expected_version is None for w in writes):
+            return await self._kv_put_unchecked(namespace, writes, now)
+
         async def put(conn: asyncpg.Connection[Any]) -> list[int]:
             async with conn.transaction():
                 tx = _PostgresTx(conn, now)
@@ -632,6 +702,28 @@ class PostgresKV(PostgresAccess, KVStore):
                     _check(w.key, w.expected_version, await tx.version(namespace, w.key))
                     versions.append(await tx.put(namespace, w))
                 await tx.finish()
+                return versions
+
+        result: list[int] = await self._call(put)
+        return result
+
+    async def _kv_put_unchecked(self, namespace: str, writes: Sequence[KVWrite], now: float) -> list[int]:
+        """``kv_put`` without compare-and-swap: one statement per write (``_PG_PUT_LIVE``)."""
+
+        async def put(conn: asyncpg.Connection[Any]) -> list[int]:
+            async with conn.transaction():
+                versions = []
+                for w in writes:
+                    taken, version = await conn.fetchrow(
+                        _PG_PUT_LIVE, namespace, w.key, w.value, w.content_type, w.expires_at, now
+                    )
+                    if version is None:  # an expired key: log its expiry at the revision taken, then put
+                        tx = _PostgresTx(conn, now)
+                        tx.revision = int(taken) - 1
+                        await tx.delete(namespace, w.key)
+                        version = await tx.put(namespace, w)
+                        await tx.finish()
+                    versions.append(int(version))
                 return versions
 
         result: list[int] = await self._call(put)

@@ -27,6 +27,15 @@ slower than the number of writes, with no timer and no added latency when
 idle. A write's future resolves only after its group's ``COMMIT``: an
 acknowledged write is durable.
 
+``_tx_serial`` counts the transactions begun; a write function may use it to
+cache, for the rest of its group, something it read inside the transaction
+(the write lock is held from ``BEGIN IMMEDIATE`` to ``COMMIT``, so no other
+process can change it meanwhile). A write that caches must undo its change
+to the cache if it raises, since its savepoint is rolled back.
+
+The queue is a plain deque plus one wake-up future for the writer task:
+``_write`` is on every write's path, so it stays a few attribute operations.
+
 Reads run on a small pool of ``query_only`` connections, one per thread of a
 reader executor, so several reads proceed at once while the writer commits.
 Each read is one statement, in its own implicit transaction, so it sees
@@ -45,6 +54,7 @@ import json
 import os
 import queue
 import sqlite3
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -104,8 +114,10 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, Store):
         self._reader_threads: ThreadPoolExecutor | None = None
         self._idle_readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._reader_conns: list[sqlite3.Connection] = []
-        self._queue: asyncio.Queue[_Write | None] | None = None
+        self._queue: deque[_Write | None] = deque()
+        self._wakeup: asyncio.Future[None] | None = None  # set while the writer task waits for work
         self._writer_task: asyncio.Task[None] | None = None
+        self._tx_serial = 0  # transactions begun on the writer connection (see the module docstring)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r}, {self._state})"
@@ -131,7 +143,7 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, Store):
         except BaseException:
             await self._release()
             raise
-        self._queue = asyncio.Queue()
+        self._queue = deque()
         self._writer_task = loop.create_task(self._write_loop(), name=f"bastion-store-writer {self.path}")
         self._state = "open"
 
@@ -139,8 +151,8 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, Store):
         if self._state != "open":
             return
         self._state = "closing"
-        assert self._queue is not None and self._writer_task is not None
-        self._queue.put_nowait(None)  # after every write already queued
+        assert self._writer_task is not None
+        self._enqueue(None)  # after every write already queued
         try:
             await self._writer_task  # cancelling close() abandons the queued writes (they fail)
         finally:
@@ -202,21 +214,38 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, Store):
     # -- the write path: queue -> writer task -> group commit on the writer thread -------
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        self._check_open()
-        assert self._queue is not None and self._writer_task is not None
+        if self._state != "open":
+            raise UsageError(f"{self!r} is not open")
+        assert self._writer_task is not None
         if self._writer_task.done():
             raise Unavailable("the store's writer has stopped")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Write(fn, future))
+        self._enqueue(_Write(fn, future))
         return await future
 
+    def _enqueue(self, item: _Write | None) -> None:
+        self._queue.append(item)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def _next_write(self) -> _Write | None:
+        """The oldest queued item, waiting for one if need be."""
+        while not self._queue:
+            self._wakeup = asyncio.get_running_loop().create_future()
+            try:
+                await self._wakeup
+            finally:
+                self._wakeup = None
+        return self._queue.popleft()
+
     async def _write_loop(self) -> None:
-        assert self._queue is not None and self._writer_thread is not None
+        assert self._writer_thread is not None
         loop = asyncio.get_running_loop()
         group: list[_Write] = []
         try:
             while True:
-                first = await self._queue.get()
+                first = await self._next_write()
                 if first is None:
                     return
                 group, stop = self._take_group(first)
@@ -233,20 +262,17 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, Store):
             for write in group:
                 if not write.future.done():
                     write.future.set_exception(Unavailable("the store closed during this write; it may not be saved"))
-            while not self._queue.empty():
-                item = self._queue.get_nowait()
+            while self._queue:
+                item = self._queue.popleft()
                 if item is not None and not item.future.done():
                     item.future.set_exception(Unavailable("the store closed before this write"))
 
     def _take_group(self, first: _Write) -> tuple[list[_Write], bool]:
         """``first`` and every write queued behind it (up to max_batch); True if close was asked."""
-        assert self._queue is not None
         group = [first]
-        while len(group) < self._max_batch:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                break
+        queued = self._queue
+        while queued and len(group) < self._max_batch:
+            item = queued.popleft()
             if item is None:
                 return [w for w in group if not w.future.done()], True
             group.append(item)
@@ -261,6 +287,7 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, Store):
         assert conn is not None
         outcomes: list[tuple[bool, Any]] = []
         try:
+            self._tx_serial += 1
             conn.execute("BEGIN IMMEDIATE")
             for fn in fns:
                 outcomes.append(self._run_one(conn, fn))

@@ -4,20 +4,26 @@ Acceptance: a backup taken while a client keeps writing, restored into a
 fresh data directory, holds exactly the writes up to one point in time
 (every write acknowledged before the backup started, none after it ended);
 an archive with one flipped byte is refused and changes nothing; restoring
-over a data directory a server is using is refused.
+over a data directory a server is using is refused. On PostgreSQL (with
+``BASTION_TEST_POSTGRES_DSN``): ``admin.backup`` of a ``--store postgresql://``
+server, and ``bastion restore --store`` refusing a non-empty schema unless
+``--force``.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import urllib.parse
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from bastion import NotFound, SyncClient
 from tests.conftest import StartServer
 from tests.support.server import ServerProcess, bastion_cli, start_server, wait_for
+from tests.support.stores import postgres_dsn, run_sync, store_location
 
 
 class Writer:
@@ -133,3 +139,60 @@ def test_a_flipped_byte_is_refused_and_changes_nothing(
     good = bastion_cli("restore", str(archive), "--data-dir", str(target), env=env)
     assert good.returncode == 0, good.stderr
     assert any(p.name.startswith("bastion.db.pre-restore-") for p in target.iterdir())
+
+
+def test_postgres_backup_through_the_server_and_restore_with_force(server_factory: StartServer, tmp_path: Path) -> None:
+    """``bastion serve --store postgresql://…``: admin.backup during use; ``bastion restore --store`` refuses
+    the live schema, then with --force renames it aside and brings back exactly the archived state."""
+    url = store_location("postgresql", tmp_path, "service")  # skips without BASTION_TEST_POSTGRES_DSN
+    schema = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["search_path"][0]
+    server = server_factory(env={"BASTION_STORE": url})
+    with SyncClient(server.address, token_file=str(server.token_file), timeout=10) as client:
+        for i in range(20):
+            client.kv.put(key=f"k{i:06d}", value=b"v" * 100)
+        info = client.admin.backup()
+        client.kv.put(key="late", value=b"after the backup")
+    assert (info["backend"], info["encrypted"]) == ("postgresql", False)
+    archive = server.data_dir / "backups" / info["name"]
+    assert archive.stat().st_size == info["size"]
+    direct = bastion_cli(
+        "backup", "--store", url, "--data-dir", str(server.data_dir), "--out", str(tmp_path / "direct.bbk")
+    )
+    assert direct.returncode == 0, direct.stderr
+    assert json.loads(direct.stdout)["backend"] == "postgresql"
+    with_password = bastion_cli("backup", "--store", url.replace("postgres@", "postgres:secret@", 1))
+    assert with_password.returncode == 2 and "must not contain a password" in with_password.stderr
+
+    refused = bastion_cli("restore", str(archive), "--store", url, "--data-dir", str(tmp_path / "restored"))
+    assert refused.returncode == 1 and "not empty" in refused.stderr
+    assert server.stop() == 0
+    try:
+        done = bastion_cli(
+            "restore", str(archive), "--force", "--data-dir", str(tmp_path / "restored"),
+            env={"BASTION_STORE": url},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        kept = json.loads(done.stdout)["kept"]
+        assert any(k.startswith(f"schema {schema}_pre_restore_") for k in kept)
+        restored = start_server(tmp_path / "restored-server", data_dir=server.data_dir, env={"BASTION_STORE": url})
+        try:
+            present = keys_present(restored, server.token_file, 25)
+            with (
+                SyncClient(restored.address, token_file=str(server.token_file), timeout=10) as client,
+                pytest.raises(NotFound),
+            ):
+                client.kv.get(key="late")
+        finally:
+            assert restored.stop() == 0
+        assert present == 20
+    finally:
+        run_sync(lambda: _drop_like(f"{schema}_"))
+
+
+async def _drop_like(prefix: str) -> None:
+    conn = await asyncpg.connect(postgres_dsn(), timeout=10)
+    try:
+        for row in await conn.fetch("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, $1)", prefix):
+            await conn.execute(f'DROP SCHEMA "{row[0]}" CASCADE')
+    finally:
+        await conn.close()

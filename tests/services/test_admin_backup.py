@@ -15,7 +15,7 @@ from bastion.config import BackupConfig
 from bastion.security.credentials import User
 from bastion.services.admin import create_service
 from bastion.services.backup import Backups
-from bastion.store import backup as archive
+from bastion.store.backup import verify_archive
 from bastion.store.sqlite import SQLiteStore
 from bastion.testing import ANONYMOUS, MemoryServer
 
@@ -62,7 +62,7 @@ def test_admin_backup_returns_a_verified_archive_and_backups_lists_it(tmp_path: 
             assert info["encrypted"] is False and len(info["sha256"]) == 64
             path = tmp_path / "backups" / info["name"]
             assert path.stat().st_size == info["size"]
-            manifest = archive.verify_archive(path, None)
+            manifest = verify_archive(path, None)
             assert manifest.members[0].path == "db/bastion.db"
             listed = await client.admin.backups()
             assert [a["name"] for a in listed] == [info["name"]]

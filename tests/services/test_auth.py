@@ -19,6 +19,9 @@ from bastion.security.throttle import LoginThrottle
 from bastion.services.auth import create_service
 from bastion.store import open_store
 from bastion.testing import ANONYMOUS, TESTER, MemoryServer
+from tests.support.stores import service_store
+
+pytestmark = pytest.mark.usefixtures("service_backend")
 
 PASSWORD = "correct horse battery"
 PEER = PeerInfo("10.0.0.1:5000", "10.0.0.1")
@@ -34,7 +37,7 @@ class World:
 
 @asynccontextmanager
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with open_store(tmp_path / "bastion.db") as store:
+    async with open_store(service_store(tmp_path)) as store:
         audit = AuditLog(tmp_path / "audit.log")
         throttle = LoginThrottle(store, max_failures=3, lockout=60)
         service = create_service(store, hasher=PasswordHasher(fast=True), throttle=throttle, audit=audit)

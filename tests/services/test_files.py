@@ -20,6 +20,9 @@ from bastion.services.files import Files, check_name
 from bastion.store import open_store
 from bastion.store.files import PIN_SECONDS
 from bastion.testing import TESTER, MemoryServer
+from tests.support.stores import service_store
+
+pytestmark = pytest.mark.usefixtures("service_backend")
 
 ALICE = Principal("alice")
 BOB = Principal("bob")
@@ -60,7 +63,7 @@ class World:
 
 @asynccontextmanager
 async def world(tmp_path: Path, config: FilesConfig | None = None) -> AsyncIterator[World]:
-    async with open_store(tmp_path / "bastion.db") as store:
+    async with open_store(service_store(tmp_path)) as store:
         files = Files(store, tmp_path / "files", config or FilesConfig(quota_bytes=10_000_000, chunk_bytes=CHUNK))
         await files.start()
         try:

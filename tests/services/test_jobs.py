@@ -22,6 +22,9 @@ from bastion.store import open_store
 from bastion.testing import TESTER, MemoryServer
 from tests.support.demo_jobs import registry
 from tests.support.server import wait_for
+from tests.support.stores import service_store
+
+pytestmark = pytest.mark.usefixtures("service_backend")
 
 ADA = Principal("ada", frozenset({"user"}))
 BOB = Principal("bob", frozenset({"user"}))
@@ -38,7 +41,7 @@ class World:
 
 @asynccontextmanager
 async def world(tmp_path: Path, config: JobsConfig = CONFIG) -> AsyncIterator[World]:
-    async with open_store(tmp_path / "bastion.db") as store:
+    async with open_store(service_store(tmp_path)) as store:
         jobs = Jobs(store, [registry], config)
         await jobs.start()
         try:
@@ -254,7 +257,7 @@ def test_stopping_the_server_requeues_retryable_jobs_and_fails_the_rest(tmp_path
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
-        async with open_store(tmp_path / "bastion.db") as store:
+        async with open_store(service_store(tmp_path)) as store:
             requeued, failed = await store.jobs_get(again), await store.jobs_get(once)
         assert requeued is not None and (requeued.state, requeued.attempts) == ("queued", 1)
         assert failed is not None and (failed.state, failed.error) == ("failed", "server stopped while it ran")

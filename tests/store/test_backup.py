@@ -1,4 +1,5 @@
-"""Backup archives (bastion/store/backup.py): real SQLite files, real blobs on disk."""
+"""Backups and their archives (bastion/store/backup.py, bastion/store/archive.py): real SQLite files, real
+PostgreSQL schemas, real blobs on disk."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import hashlib
 import os
 import sqlite3
 import time
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument
 from bastion.security.credentials import User
-from bastion.store import backup as archive
+from bastion.store import PostgresStore, archive, backup, open_store
 from bastion.store.sqlite import SQLiteStore
+from tests.support.stores import postgres_dsn, run_sync, store_location
 
 FAST = 10  # scrypt log2(n) for tests: the format accepts 10..20; the default is 17
 
@@ -65,7 +71,7 @@ def test_round_trip_restores_the_database_and_the_referenced_blobs(
 ) -> None:
     db, files, digests = source
     out = tmp_path / "backups" / archive.archive_name(time.time())
-    info = archive.backup_sqlite(db, files, out, passphrase, scrypt_log_n=FAST)
+    info = backup.backup_sqlite(db, files, out, passphrase, scrypt_log_n=FAST)
     assert info.encrypted is bool(passphrase)
     assert info.size == out.stat().st_size and info.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
     assert (info.backend, info.members, info.blobs) == ("sqlite", 3, 2)  # the orphan blob is not referenced
@@ -73,7 +79,7 @@ def test_round_trip_restores_the_database_and_the_referenced_blobs(
 
     target = tmp_path / "restored"
     target.mkdir()
-    result = archive.restore_sqlite(out, target / "bastion.db", target / "files", passphrase)
+    result = backup.restore_sqlite(out, target / "bastion.db", target / "files", passphrase)
     assert result.kept == []
     assert users_in(target / "bastion.db") == users_in(db)
     for digest in digests:
@@ -86,13 +92,13 @@ def test_round_trip_restores_the_database_and_the_referenced_blobs(
 def test_restoring_again_keeps_the_old_data_aside(tmp_path: Path, source: tuple[Path, Path, list[str]]) -> None:
     db, files, _ = source
     out = tmp_path / "a.bbk"
-    archive.backup_sqlite(db, files, out, None)
+    backup.backup_sqlite(db, files, out, None)
     target = tmp_path / "restored"
     target.mkdir()
-    archive.restore_sqlite(out, target / "bastion.db", target / "files", None)
+    backup.restore_sqlite(out, target / "bastion.db", target / "files", None)
     with contextlib.closing(sqlite3.connect(target / "bastion.db")) as conn, conn:
         conn.execute("DELETE FROM users")
-    result = archive.restore_sqlite(out, target / "bastion.db", target / "files", None)
+    result = backup.restore_sqlite(out, target / "bastion.db", target / "files", None)
     assert len(users_in(target / "bastion.db")) == 50
     kept = [Path(p) for p in result.kept]
     assert {p.name.split(".pre-restore-")[0] for p in kept} == {"bastion.db", "files"}
@@ -113,7 +119,7 @@ def test_one_flipped_byte_anywhere_is_refused_and_nothing_changes(
 ) -> None:
     db, files, _ = source
     out = tmp_path / "a.bbk"
-    archive.backup_sqlite(db, files, out, passphrase, scrypt_log_n=FAST)
+    backup.backup_sqlite(db, files, out, passphrase, scrypt_log_n=FAST)
     size = out.stat().st_size
     position = {"magic": 2, "header": 10, "salt": 25, "manifest": 100, "middle": size // 2, "last byte": size - 1}
     flip(out, position[where])
@@ -123,7 +129,7 @@ def test_one_flipped_byte_anywhere_is_refused_and_nothing_changes(
     (target / "bastion.db").write_bytes(b"the old database")
     before = sorted(p.name for p in target.iterdir())
     with pytest.raises((DataLoss, InvalidArgument)) as caught:
-        archive.restore_sqlite(out, target / "bastion.db", target / "files", passphrase)
+        backup.restore_sqlite(out, target / "bastion.db", target / "files", passphrase)
     if where not in ("salt", "header") or not passphrase:  # a damaged encrypted header reads as a wrong passphrase
         assert caught.type is DataLoss
     assert "corrupt" in str(caught.value) or "damaged" in str(caught.value) or "not a bastion" in str(caught.value)
@@ -137,24 +143,24 @@ def test_truncated_or_extended_archives_are_refused(
 ) -> None:
     db, files, _ = source
     out = tmp_path / "a.bbk"
-    archive.backup_sqlite(db, files, out, passphrase, scrypt_log_n=FAST)
+    backup.backup_sqlite(db, files, out, passphrase, scrypt_log_n=FAST)
     data = out.read_bytes()
     for damaged in (data[:-1], data[: len(data) // 2], data[:70], data + b"\0", data + data[66:]):
         out.write_bytes(damaged)
         with pytest.raises(DataLoss):
-            archive.verify_archive(out, passphrase)
+            backup.verify_archive(out, passphrase)
 
 
 def test_encrypted_archives_need_the_right_passphrase(tmp_path: Path, source: tuple[Path, Path, list[str]]) -> None:
     db, files, _ = source
     out = tmp_path / "a.bbk"
-    archive.backup_sqlite(db, files, out, b"right", scrypt_log_n=FAST)
+    backup.backup_sqlite(db, files, out, b"right", scrypt_log_n=FAST)
     assert b"user0001" not in out.read_bytes()  # encrypted, not merely checksummed
     with pytest.raises(InvalidArgument, match="wrong passphrase"):
-        archive.verify_archive(out, b"wrong")
+        backup.verify_archive(out, b"wrong")
     with pytest.raises(InvalidArgument, match="encrypted: give its passphrase"):
-        archive.verify_archive(out, None)
-    assert archive.verify_archive(out, b"right").backend == "sqlite"
+        backup.verify_archive(out, None)
+    assert backup.verify_archive(out, b"right").backend == "sqlite"
 
 
 def test_a_damaged_blob_fails_the_backup_instead_of_being_archived(
@@ -165,7 +171,7 @@ def test_a_damaged_blob_fails_the_backup_instead_of_being_archived(
     flip(blob, 5)
     out = tmp_path / "a.bbk"
     with pytest.raises(DataLoss, match="does not match its SHA-256"):
-        archive.backup_sqlite(db, files, out, None)
+        backup.backup_sqlite(db, files, out, None)
     assert list(tmp_path.glob("*.bbk")) == [] and list(tmp_path.glob(".*partial")) == []
 
 
@@ -174,15 +180,15 @@ def test_restore_refuses_a_database_another_process_has_open(
 ) -> None:
     db, files, _ = source
     out = tmp_path / "a.bbk"
-    archive.backup_sqlite(db, files, out, None)
+    backup.backup_sqlite(db, files, out, None)
 
     async def while_open() -> None:
         async with SQLiteStore(db):
             with pytest.raises(FailedPrecondition, match="in use"):
-                archive.restore_sqlite(out, db, files, None)
+                backup.restore_sqlite(out, db, files, None)
 
     asyncio.run(while_open())
-    archive.restore_sqlite(out, db, files, None)  # closed: fine
+    backup.restore_sqlite(out, db, files, None)  # closed: fine
 
 
 def test_backup_while_writes_continue_holds_exactly_a_prefix_of_them(tmp_path: Path) -> None:
@@ -206,7 +212,7 @@ def test_backup_while_writes_continue_holds_exactly_a_prefix_of_them(tmp_path: P
             task = asyncio.create_task(writer())
             await warmed_up.wait()
             before = acknowledged
-            await asyncio.to_thread(archive.backup_sqlite, db, tmp_path / "files", out, None)
+            await asyncio.to_thread(backup.backup_sqlite, db, tmp_path / "files", out, None)
             after = acknowledged
             stop.set()
             await task
@@ -215,7 +221,7 @@ def test_backup_while_writes_continue_holds_exactly_a_prefix_of_them(tmp_path: P
     before, after = asyncio.run(main())
     target = tmp_path / "restored"
     target.mkdir()
-    archive.restore_sqlite(out, target / "bastion.db", target / "files", None)
+    backup.restore_sqlite(out, target / "bastion.db", target / "files", None)
     names = users_in(target / "bastion.db")
     assert names == [f"u{i:06d}" for i in range(len(names))]  # a prefix: one consistent point in time
     assert before <= len(names) <= after + 1  # +1: the write in flight may have committed, unacknowledged
@@ -251,6 +257,192 @@ def test_highly_compressible_members_round_trip(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("INSERT INTO files VALUES ('z', 'user0000', 'zeros', 5000000, ?, 1.0, 1.0)", (digest,))
     out = tmp_path / "a.bbk"
-    info = archive.backup_sqlite(db, files, out, b"pw", scrypt_log_n=FAST)
+    info = backup.backup_sqlite(db, files, out, b"pw", scrypt_log_n=FAST)
     assert info.blobs == 3 and info.size < 100_000
-    assert archive.verify_archive(out, b"pw").blobs == "referenced"
+    assert backup.verify_archive(out, b"pw").blobs == "referenced"
+
+
+# -- PostgreSQL (skipped without BASTION_TEST_POSTGRES_DSN) --------------------------------------------
+
+
+def schema_of(dsn: str) -> str:
+    return urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)["search_path"][0]
+
+
+async def sql(query: str, *args: Any) -> list[Any]:
+    conn = await asyncpg.connect(postgres_dsn(), timeout=10)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+async def schemas_like(prefix: str) -> list[str]:
+    rows = await sql("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, $1) ORDER BY 1", prefix)
+    return [row[0] for row in rows]
+
+
+async def pg_users(schema: str) -> list[str]:
+    return [row[0] for row in await sql(f'SELECT name FROM "{schema}".users ORDER BY name')]
+
+
+@pytest.fixture
+def pg_cleanup() -> Iterator[list[str]]:
+    """Prefixes of schemas a test made besides store_location's (renamed aside, restored): dropped after it."""
+    prefixes: list[str] = []
+    yield prefixes
+
+    async def drop() -> None:
+        for prefix in prefixes:
+            for name in await schemas_like(prefix):
+                await sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+    if prefixes:
+        run_sync(drop)
+
+
+async def pg_store_with_users(tmp_path: Path, n: int) -> tuple[str, Path]:
+    """A migrated PostgreSQL store (its DSN) with users u000000… and one referenced blob in ``files``."""
+    dsn = store_location("postgresql", tmp_path, "live")
+    files = tmp_path / "files"
+    digest = make_blob(files, b"referenced " * 100)
+    make_blob(files, b"an orphan blob")
+    async with open_store(dsn) as store:
+        for i in range(n):
+            await store.create_user(User(f"u{i:06d}", frozenset(), None, 1.0))
+        await sql(
+            f'INSERT INTO "{schema_of(dsn)}".files (id, owner, name, size, sha256, created_at, updated_at)'
+            " VALUES ('f0', 'u000000', 'n', 1100, $1, 1.0, 1.0)",
+            digest,
+        )
+    return dsn, files
+
+
+async def test_postgres_backup_during_writes_restores_exactly_a_prefix(tmp_path: Path, pg_cleanup: list[str]) -> None:
+    live = store_location("postgresql", tmp_path, "live")
+    pg_cleanup.append(schema_of(live) + "_")
+    files = tmp_path / "files"
+    digests = [make_blob(files, os.urandom(70_000)), make_blob(files, b"hello" * 1000)]
+    make_blob(files, b"orphan: no file row names me")
+    out = tmp_path / "backups" / archive.archive_name(time.time())
+    async with open_store(live) as store:
+        rows = [(f"f{i}", "u000000", f"n{i}", 1, d, 1.0, 1.0) for i, d in enumerate(digests)]
+        await sql(
+            f'INSERT INTO "{schema_of(live)}".files (id, owner, name, size, sha256, created_at, updated_at)'
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],"
+            " $6::float8[], $7::float8[])",
+            *map(list, zip(*rows, strict=True)),
+        )
+        acknowledged = 0
+        stop, warmed_up = asyncio.Event(), asyncio.Event()
+
+        async def writer() -> None:
+            nonlocal acknowledged
+            while not stop.is_set():
+                await store.create_user(User(f"u{acknowledged:06d}", frozenset(), None, 1.0))
+                acknowledged += 1
+                if acknowledged == 100:
+                    warmed_up.set()
+
+        task = asyncio.create_task(writer())
+        await warmed_up.wait()
+        before = acknowledged
+        info = await backup.backup_postgres(store, files, out, b"pw", scrypt_log_n=FAST)
+        after = acknowledged
+        stop.set()
+        await task
+    assert (info.backend, info.members, info.blobs, info.encrypted) == ("postgresql", 3, 2, True)
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert backup.verify_archive(out, b"pw").schema == schema_of(live)
+    assert await pg_users(schema_of(live)) != []  # the source is untouched
+
+    # Into a fresh schema of another name: the dump recreates its own schema name, so free it first.
+    await sql(f'ALTER SCHEMA "{schema_of(live)}" RENAME TO "{schema_of(live)}_src"')
+    target = store_location("postgresql", tmp_path, "restored")  # exists, empty
+    result = await backup.restore_postgres(out, target, tmp_path / "restored-files", b"pw")
+    assert result.restored[0] == f"schema {schema_of(target)}" and result.kept == []
+    names = await pg_users(schema_of(target))
+    assert names == [f"u{i:06d}" for i in range(len(names))]  # a prefix: one consistent point in time
+    assert before <= len(names) <= after + 1  # +1: the write in flight may have committed, unacknowledged
+    restored_blobs = sorted(p.name for p in (tmp_path / "restored-files" / "blobs").rglob("*") if p.is_file())
+    assert restored_blobs == sorted(digests)  # the referenced ones, not the orphan
+    assert await schemas_like(schema_of(live)) == [f"{schema_of(live)}_src"]  # nothing left under the old name
+    async with open_store(target) as restored:  # a working store: migrated already, same rows
+        assert restored.schema_version == info.schema_version
+        assert (await restored.get_user("u000000")) is not None
+        record = await restored.files_get("f0")
+        assert record is not None and record.sha256 == digests[0]
+
+
+async def test_postgres_restore_refuses_a_non_empty_schema_unless_forced(tmp_path: Path, pg_cleanup: list[str]) -> None:
+    dsn, files = await pg_store_with_users(tmp_path, 5)
+    schema = schema_of(dsn)
+    pg_cleanup.append(schema + "_")
+    out = tmp_path / "a.bbk"
+    info = await backup.backup_postgres(dsn, files, out, None)  # from a DSN: a connection of its own
+    assert (info.backend, info.blobs) == ("postgresql", 1)
+    async with open_store(dsn) as store:
+        await store.create_user(User("late", frozenset(), None, 1.0))
+    before = await pg_users(schema)
+
+    with pytest.raises(FailedPrecondition, match="not empty"):
+        await backup.restore_postgres(out, dsn, tmp_path / "files-restored", None)
+    assert await pg_users(schema) == before and "late" in before
+    assert await schemas_like(schema) == [schema] and not (tmp_path / "files-restored").exists()
+
+    result = await backup.restore_postgres(out, dsn, tmp_path / "files-restored", None, force=True)
+    aside = result.kept[0].removeprefix("schema ")
+    assert aside.startswith(f"{schema}_pre_restore_")
+    assert await pg_users(aside) == before  # kept, not dropped
+    assert await pg_users(schema) == [f"u{i:06d}" for i in range(5)]
+
+    # An existing but empty schema of the archived name (e.g. made by a DBA, with its grants) is used as it is.
+    await sql(f'DROP SCHEMA "{schema}" CASCADE')
+    await sql(f'CREATE SCHEMA "{schema}"')
+    await backup.restore_postgres(out, dsn, tmp_path / "files-restored", None)
+    assert await pg_users(schema) == [f"u{i:06d}" for i in range(5)]
+
+
+async def test_postgres_a_flipped_byte_or_the_wrong_archive_is_refused_and_changes_nothing(
+    tmp_path: Path, pg_cleanup: list[str]
+) -> None:
+    dsn, files = await pg_store_with_users(tmp_path, 3)
+    pg_cleanup.append(schema_of(dsn) + "_")
+    out = tmp_path / "a.bbk"
+    await backup.backup_postgres(dsn, files, out, None)
+    good = out.read_bytes()
+    target = store_location("postgresql", tmp_path, "restored")
+    for position in (100, len(good) // 2, len(good) - 1):
+        flip(out, position)
+        with pytest.raises(DataLoss, match="corrupt"):
+            await backup.restore_postgres(out, target, tmp_path / "files-restored", None)
+        out.write_bytes(good)
+        assert await schemas_like(schema_of(target)) == [schema_of(target)]  # still there, still empty
+        assert await sql(f"SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = relnamespace "
+                         f"WHERE nspname = '{schema_of(target)}'") == []  # fmt: skip
+        assert not (tmp_path / "files-restored").exists()
+
+    # The archived schema's name is taken (by the source itself): refused, told why.
+    with pytest.raises(FailedPrecondition, match="exists in the target database"):
+        await backup.restore_postgres(out, target, tmp_path / "files-restored", None)
+    # A SQLite archive is not restored into PostgreSQL.
+    db, sqlite_files, _ = await asyncio.to_thread(make_data_dir, tmp_path / "sqlite", 2)
+    backup.backup_sqlite(db, sqlite_files, tmp_path / "s.bbk", None)
+    with pytest.raises(InvalidArgument, match="holds a sqlite store"):
+        await backup.restore_postgres(tmp_path / "s.bbk", target, tmp_path / "files-restored", None)
+    assert await schemas_like(schema_of(target)) == [schema_of(target)]
+
+
+def test_pg_tools_get_the_connection_and_password_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BASTION_STORE", "postgresql://u:not-for-children@h/db")
+    monkeypatch.setenv("BASTION_BACKUP_PASSPHRASE", "nor this")
+    dsn = "postgresql://alice:s%3Acret@db1:5433,db2/app%20db?sslmode=require&search_path=tenant&application_name=x"
+    env = backup.pg_environment(PostgresStore(dsn))
+    assert {k: env[k] for k in env if k.startswith("PG")} == {
+        "PGUSER": "alice", "PGPASSWORD": "s:cret", "PGHOST": "db1,db2", "PGPORT": "5433,", "PGDATABASE": "app db",
+        "PGSSLMODE": "require", "PGAPPNAME": "x", "PGOPTIONS": "-c search_path=tenant",
+    }  # fmt: skip
+    assert not any(k.startswith("BASTION_") for k in env)
+    assert backup.pg_environment(PostgresStore("postgresql://bob@h/db", password="from a file"))["PGPASSWORD"] == (
+        "from a file"
+    )

@@ -112,6 +112,36 @@ async def test_a_put_over_an_expired_key_logs_its_expiry_first(store: Store) -> 
     assert [(c.op, c.key, c.revision) for c in changes] == [(DELETE, "k", v - 1), (PUT, "k", v)]
 
 
+async def test_a_plain_put_over_an_expired_key_logs_its_expiry_first(store: Store) -> None:
+    # Without expected_version the put skips reading the key: this checks its expired-key path.
+    await store.kv_put(NS, [w("k", b"old", expires_at=NOW + 1), w("live", expires_at=NOW + 100)], NOW)
+    versions = await store.kv_put(NS, [w("a"), w("k", b"new"), w("live", b"2")], NOW + 2)
+    assert versions == [3, 5, 6]
+    changes = await store.kv_changes(2, None, 10)
+    assert [(c.op, c.key, c.revision, c.value) for c in changes] == [
+        (PUT, "a", 3, b"v"), (DELETE, "k", 4, None), (PUT, "k", 5, b"new"), (PUT, "live", 6, b"2"),
+    ]  # fmt: skip
+    (k,) = await store.kv_get_many(NS, ["k"], NOW + 2)
+    assert k is not None and (k.value, k.version, k.expires_at) == (b"new", 5, None)
+    assert (await store.kv_revisions()).current == 6
+
+
+async def test_failed_writes_among_concurrent_ones_leave_no_gap_in_revisions(store: Store) -> None:
+    # Concurrent writes share a transaction on SQLite (group commit); the ones that fail must
+    # give their revisions back, or watchers would see a gap.
+    await store.kv_put(NS, [w("taken")], NOW)
+    attempts = [
+        store.kv_put(NS, [w(f"k{i}")] if i % 3 else [w(f"k{i}"), w("taken", expected_version=0)], NOW)
+        for i in range(12)
+    ]
+    results = await asyncio.gather(*attempts, return_exceptions=True)
+    assert sum(isinstance(r, Aborted) for r in results) == 4
+    versions = sorted(v for r in results if isinstance(r, list) for v in r)
+    assert versions == list(range(2, 10))
+    assert [c.revision for c in await store.kv_changes(0, None, 100)] == list(range(1, 10))
+    assert (await store.kv_revisions()).current == 9
+
+
 async def test_the_change_log_filters_compacts_and_says_so(store: Store) -> None:
     for i in range(10):
         await store.kv_put(NS if i % 2 else "~bob", [w(f"p/{i}", str(i).encode())], NOW + i)

@@ -126,3 +126,11 @@ async def _execute(dsn: str, *statements: str) -> None:
             await conn.execute(statement)
     finally:
         await conn.close()
+
+
+service_backends: dict[Path, str] = {}  # tmp_path of the running test -> backend (tests/services/conftest.py)
+
+
+def service_store(tmp_path: Path) -> str:
+    """The store location of the running service test: its ``service_backend``'s, else SQLite."""
+    return store_location(service_backends.get(tmp_path, "sqlite"), tmp_path, "service")

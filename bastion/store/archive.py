@@ -1,0 +1,584 @@
+"""The ``.bbk`` backup archive format: write one, read it back checking every byte.
+
+This module knows nothing of databases: it frames, seals and checks a tar
+stream of members that ``bastion.store.backup`` gathers (a database copy or
+dump, and blobs) and hands back, extracted into a staging directory, only
+what passes every check.
+
+Theory of operation
+-------------------
+
+An archive is one file. Inside, a tar stream holds ``manifest.json`` first,
+then the members it lists, each with its size and SHA-256:
+
+* ``db/bastion.db`` (a SQLite store) or ``db/postgres.dump`` (a PostgreSQL
+  schema, ``pg_dump --format=custom``) -- exactly one of them, as the
+  manifest's ``backend`` says;
+* ``files/blobs/<sha[:2]>/<sha>`` -- file contents, each named by its own
+  SHA-256 (the manifest's ``blobs`` says whether these are the blobs the
+  snapshot refers to or every blob found).
+
+The tar stream is compressed (zlib) and cut into chunks, and the chunks are
+framed so that *every byte of the file* is checked, not only the members:
+
+    header  magic "BSTNBAK1" | version | flags | scrypt log2(n), r, p | 0 |
+            chunk size (u32) | salt (16) | check (32)
+    chunk*  payload (chunk size bytes; the last one shorter or empty) + tag (16)
+
+Encrypted (``passphrase``): scrypt(passphrase, salt) gives an AES-256-GCM
+key and an HMAC key. ``check`` is the header's HMAC-SHA256, so a wrong
+passphrase is told apart from damage. Each chunk is sealed with the nonce
+``counter (11 bytes) | last (1 byte)`` and the header as associated data:
+the STREAM construction (as in age), so a changed, dropped, reordered,
+truncated or appended chunk fails to open. The salt is random, so every
+archive has its own key and nonces never repeat under one key.
+
+Plain: ``check`` is the header's SHA-256 and each tag is the first 16 bytes
+of SHA-256(check | counter | last | payload). That detects any accidental
+damage (one flipped byte anywhere) but not a deliberate forgery -- only a
+passphrase gives that.
+
+Writing goes to a 0600 temporary beside the target, fsynced and renamed into
+place at the end, so a directory of archives only ever holds finished ones;
+each member's size and SHA-256 are checked as it is copied in. Reading
+(``read_archive``) never trusts the archive before it has read all of it:
+members are extracted into a staging directory (only the paths a manifest
+may name, regular files only, sizes and hashes checked as they are
+written) and the framing is read to its authenticated last chunk. Checking
+what a member holds (a database's own integrity) is the caller's part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import io
+import os
+import re
+import secrets
+import shutil
+import struct
+import tarfile
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+import msgspec
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from bastion._version import __version__
+from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
+from bastion.store.migrations import LATEST
+
+__all__ = [
+    "ARCHIVE_SUFFIX",
+    "ArchiveInfo",
+    "Manifest",
+    "Member",
+    "archive_name",
+    "fsync_dir",
+    "list_archives",
+    "prune_scheduled",
+    "read_archive",
+    "staging_dir",
+    "write_archive",
+]
+
+FORMAT = "bastion-backup"
+FORMAT_VERSION = 1
+ARCHIVE_SUFFIX = ".bbk"
+MAGIC = b"BSTNBAK1"
+CHUNK_SIZE = 64 * 1024
+TAG_SIZE = 16
+SALT_SIZE = 16
+DEFAULT_SCRYPT_LOG_N = 17  # 128 MiB, ~0.5 s: the cost of one passphrase guess
+MANIFEST = "manifest.json"
+SQLITE_MEMBER = "db/bastion.db"
+POSTGRES_MEMBER = "db/postgres.dump"
+MAX_MANIFEST = 256 * 1024 * 1024
+FILE_MODE = 0o600
+
+_FLAG_ENCRYPTED = 1
+_FLAG_ZLIB = 2
+_HEADER = struct.Struct(">8sBBBBBBI16s")  # _magic, version, flags, log_n, r, p, reserved, chunk, salt
+_HEADER_SIZE = _HEADER.size + 32
+#: The path of a blob in an archive: files/blobs/<sha[:2]>/<sha>.
+BLOB_PATH = re.compile(r"files/blobs/([0-9a-f]{2})/([0-9a-f]{64})")
+_NAME = re.compile(r"bastion-backup-(\d{8}T\d{6}\.\d{6}Z)(-scheduled)?" + re.escape(ARCHIVE_SUFFIX))
+
+
+# -- records ------------------------------------------------------------------------------------
+
+
+class Member(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One archived file: its path in the archive, size in bytes and SHA-256 (hex)."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+class Manifest(msgspec.Struct, frozen=True):
+    """What an archive holds. ``blobs`` is "referenced" (the blobs the snapshot's
+    files table names) or "all" (every blob found: the snapshot had no such table)."""
+
+    format: str
+    format_version: int
+    bastion_version: str
+    schema_version: int
+    backend: str  # "sqlite" or "postgresql"
+    created_at: float
+    blobs: str
+    members: list[Member]
+    schema: str | None = None  # PostgreSQL: the schema dumped
+
+
+class ArchiveInfo(msgspec.Struct, frozen=True):
+    """A finished archive (``admin.backup``'s answer and ``admin.backups``' rows)."""
+
+    name: str
+    size: int
+    sha256: str
+    encrypted: bool
+    created_at: float
+    backend: str | None = None
+    schema_version: int | None = None
+    members: int | None = None
+    blobs: int | None = None
+    content_bytes: int | None = None  # sum of the member sizes (before compression)
+
+
+def archive_name(at: float, *, scheduled: bool = False) -> str:
+    """``bastion-backup-<UTC time to the microsecond>[-scheduled].bbk``: names sort by time."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(at)) + f".{int(at % 1 * 1e6):06d}Z"
+    return f"bastion-backup-{stamp}{'-scheduled' if scheduled else ''}{ARCHIVE_SUFFIX}"
+
+
+# -- framing: every byte of the file is checked ------------------------------------------------------
+
+
+def _keys(passphrase: bytes, salt: bytes, log_n: int, r: int, p: int) -> tuple[bytes, bytes]:
+    derived = Scrypt(salt=salt, length=64, n=2**log_n, r=r, p=p).derive(passphrase)
+    return derived[:32], derived[32:]
+
+
+def _nonce(counter: int, last: bool) -> bytes:
+    return counter.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
+
+
+class _Sealer:
+    """Seals and opens chunks: AES-256-GCM (encrypted) or a SHA-256 tag (plain)."""
+
+    def __init__(self, header: bytes, key: bytes | None) -> None:
+        self.header = header
+        self.aead = AESGCM(key) if key is not None else None
+
+    def seal(self, counter: int, last: bool, data: bytes) -> bytes:
+        if self.aead is not None:
+            return self.aead.encrypt(_nonce(counter, last), data, self.header)
+        return data + self._tag(counter, last, data)
+
+    def open(self, counter: int, last: bool, sealed: bytes) -> bytes:
+        if self.aead is not None:
+            try:
+                return self.aead.decrypt(_nonce(counter, last), sealed, self.header)
+            except InvalidTag:
+                message = f"archive is corrupt or was tampered with (chunk {counter} fails to authenticate)"
+                raise DataLoss(message) from None
+        data, tag = sealed[:-TAG_SIZE], sealed[-TAG_SIZE:]
+        if not hmac.compare_digest(tag, self._tag(counter, last, data)):
+            raise DataLoss(f"archive is corrupt (chunk {counter} fails its checksum)")
+        return data
+
+    def _tag(self, counter: int, last: bool, data: bytes) -> bytes:
+        return hashlib.sha256(self.header[-32:] + _nonce(counter, last) + data).digest()[:TAG_SIZE]
+
+
+class _FramedWriter(io.RawIOBase):
+    """A write-only stream: compresses, chunks and seals what is written into ``out``."""
+
+    def __init__(self, out: BinaryIO, passphrase: bytes | None, log_n: int) -> None:
+        flags = _FLAG_ZLIB | (_FLAG_ENCRYPTED if passphrase else 0)
+        salt = secrets.token_bytes(SALT_SIZE)
+        fields = _HEADER.pack(MAGIC, FORMAT_VERSION, flags, log_n if passphrase else 0, 8, 1, 0, CHUNK_SIZE, salt)
+        key = None
+        if passphrase:
+            key, mac_key = _keys(passphrase, salt, log_n, 8, 1)
+            check = hmac.new(mac_key, fields, hashlib.sha256).digest()
+        else:
+            check = hashlib.sha256(fields).digest()
+        self._sealer = _Sealer(fields + check, key)
+        self._out = out
+        self._zlib = zlib.compressobj(1)
+        self._pending = bytearray()
+        self._counter = 0
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self._emit(fields + check)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._pending += self._zlib.compress(view)
+        while len(self._pending) > CHUNK_SIZE:  # keep one back: the last chunk must be flagged
+            self._emit(self._sealer.seal(self._counter, False, bytes(self._pending[:CHUNK_SIZE])))
+            del self._pending[:CHUNK_SIZE]
+            self._counter += 1
+        return len(view)
+
+    def finish(self) -> None:
+        self._pending += self._zlib.flush()
+        while len(self._pending) > CHUNK_SIZE:
+            self._emit(self._sealer.seal(self._counter, False, bytes(self._pending[:CHUNK_SIZE])))
+            del self._pending[:CHUNK_SIZE]
+            self._counter += 1
+        self._emit(self._sealer.seal(self._counter, True, bytes(self._pending)))
+        self._pending.clear()
+
+    def _emit(self, data: bytes) -> None:
+        self._out.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+
+
+class _FramedReader(io.RawIOBase):
+    """A read-only stream of the tar bytes inside an archive, checked chunk by chunk."""
+
+    def __init__(self, src: BinaryIO, passphrase: bytes | None) -> None:
+        raw = _read_exact(src, _HEADER_SIZE)
+        if len(raw) < _HEADER_SIZE or not raw.startswith(MAGIC):
+            raise DataLoss("not a bastion backup archive (bad header)")
+        _magic, version, flags, log_n, r, p, _, chunk, salt = _HEADER.unpack(raw[: _HEADER.size])
+        fields, check = raw[: _HEADER.size], raw[_HEADER.size :]
+        if version != FORMAT_VERSION or not flags & _FLAG_ZLIB or not 1024 <= chunk <= 16 * 1024 * 1024:
+            raise DataLoss(f"archive header is corrupt or from an unknown format (version {version})")
+        self.encrypted = bool(flags & _FLAG_ENCRYPTED)
+        key = None
+        if self.encrypted:
+            if not passphrase:
+                raise InvalidArgument(
+                    "this archive is encrypted: give its passphrase (BASTION_BACKUP_PASSPHRASE or a passphrase file)"
+                )
+            if not (10 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 4):
+                raise DataLoss("archive header is corrupt (key derivation parameters out of range)")
+            key, mac_key = _keys(passphrase, salt, log_n, r, p)
+            if not hmac.compare_digest(check, hmac.new(mac_key, fields, hashlib.sha256).digest()):
+                raise InvalidArgument("wrong passphrase for this archive (or its header is damaged)")
+        elif not hmac.compare_digest(check, hashlib.sha256(fields).digest()):
+            raise DataLoss("archive header is corrupt (checksum mismatch)")
+        self._sealer = _Sealer(raw, key)
+        self._src = src
+        self._piece = chunk + TAG_SIZE
+        self._next = _read_exact(src, self._piece)
+        self._counter = 0
+        self._zlib = zlib.decompressobj()
+        self._buffer = bytearray()
+        self._last = False  # the last chunk has been opened
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        view = memoryview(target).cast("B")
+        while not self._buffer and not self._done:
+            self._fill()
+        n = min(len(view), len(self._buffer))
+        view[:n] = self._buffer[:n]
+        del self._buffer[:n]
+        return n
+
+    def _fill(self) -> None:
+        if not self._zlib.unconsumed_tail:
+            sealed = self._next
+            if self._last or len(sealed) < TAG_SIZE:
+                raise DataLoss("archive is truncated")
+            self._next = _read_exact(self._src, self._piece) if len(sealed) == self._piece else b""
+            self._last = not self._next
+            data = self._sealer.open(self._counter, self._last, sealed)
+            self._counter += 1
+        else:
+            data = self._zlib.unconsumed_tail
+        self._buffer += self._zlib.decompress(data, CHUNK_SIZE * 4)
+        if self._last and not self._zlib.unconsumed_tail:
+            if not self._zlib.eof or self._zlib.unused_data:
+                raise DataLoss("archive is corrupt (compressed stream ends badly)")
+            self._done = True
+
+    def drain(self) -> None:
+        """Read (and so check) everything left, through the authenticated last chunk."""
+        while not self._done:
+            self._buffer.clear()
+            self._fill()
+        self._buffer.clear()
+
+
+def _read_exact(src: BinaryIO, n: int) -> bytes:
+    parts = []
+    while n > 0:
+        part = src.read(n)
+        if not part:
+            break
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
+
+
+# -- writing ----------------------------------------------------------------------------------------
+
+
+def write_archive(
+    out_path: Path,
+    *,
+    backend: str,
+    schema_version: int,
+    created_at: float,
+    db_member: tuple[str, Path],
+    blobs: tuple[list[tuple[str, Path]], str],
+    passphrase: bytes | None,
+    schema: str | None = None,
+    scrypt_log_n: int = DEFAULT_SCRYPT_LOG_N,
+) -> ArchiveInfo:
+    """Write the archive to ``out_path`` (via a 0600 temporary beside it, renamed at the end).
+
+    Blob sizes come from the file system and their hashes from their names;
+    both are checked while the blob is copied in, so a damaged blob fails
+    the backup instead of being archived.
+    """
+    members = [_member(db_member[0], db_member[1])]
+    for path, file in blobs[0]:
+        try:
+            members.append(Member(path, file.stat().st_size, file.name))
+        except FileNotFoundError:
+            raise Unavailable(f"blob {file.name} vanished while the backup ran; try again") from None
+    manifest = Manifest(
+        FORMAT, FORMAT_VERSION, __version__, schema_version, backend, created_at, blobs[1], members, schema
+    )
+    tmp = out_path.with_name(f".{out_path.name}.partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            framed = _FramedWriter(raw, passphrase, scrypt_log_n)
+            with tarfile.open(fileobj=framed, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                data = msgspec.json.encode(manifest)
+                tar.addfile(_tarinfo(MANIFEST, len(data), manifest.created_at), io.BytesIO(data))
+                sources = [db_member[1], *(file for _, file in blobs[0])]
+                for member, source in zip(members, sources, strict=True):
+                    _add_checked(tar, member, source, manifest.created_at)
+            framed.finish()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.rename(tmp, out_path)
+        fsync_dir(out_path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return _info(out_path.name, framed.size, framed.digest.hexdigest(), bool(passphrase), manifest)
+
+
+def _member(path: str, file: Path) -> Member:
+    digest = hashlib.sha256()
+    size = 0
+    with open(file, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return Member(path, size, digest.hexdigest())
+
+
+def _tarinfo(name: str, size: int, mtime: float) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = FILE_MODE
+    info.mtime = int(mtime)
+    return info
+
+
+class _HashingReader:
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.digest = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.digest.update(data)
+        return data
+
+
+def _add_checked(tar: tarfile.TarFile, member: Member, source: Path, mtime: float) -> None:
+    try:
+        f = open(source, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        raise Unavailable(f"{member.path} vanished while the backup ran; try again") from None
+    with f:
+        reader = _HashingReader(f)
+        try:
+            tar.addfile(_tarinfo(member.path, member.size, mtime), reader)
+        except OSError as exc:  # shorter than its size said
+            raise DataLoss(f"{member.path} changed while it was archived: {exc}") from exc
+    if reader.digest.hexdigest() != member.sha256:
+        raise DataLoss(f"{member.path} does not match its SHA-256 (a damaged blob?); the backup was not written")
+
+
+def _info(name: str, size: int, sha256: str, encrypted: bool, manifest: Manifest) -> ArchiveInfo:
+    blob_count = sum(1 for m in manifest.members if m.path.startswith("files/"))
+    return ArchiveInfo(
+        name, size, sha256, encrypted, manifest.created_at, manifest.backend, manifest.schema_version,
+        len(manifest.members), blob_count, sum(m.size for m in manifest.members),
+    )  # fmt: skip
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- a directory of archives ---------------------------------------------------------------------------
+
+
+def list_archives(directory: Path) -> list[ArchiveInfo]:
+    """The archives in ``directory`` by name (so by time), read from their names and headers only."""
+    if not directory.is_dir():
+        return []
+    out = []
+    for path in sorted(directory.iterdir()):
+        match = _NAME.fullmatch(path.name)
+        if not match or not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            header = f.read(_HEADER.size)
+        encrypted = len(header) == _HEADER.size and header.startswith(MAGIC) and bool(header[9] & _FLAG_ENCRYPTED)
+        stamp = time.strptime(match[1][:15], "%Y%m%dT%H%M%S")
+        created = float(time.mktime(stamp) - time.timezone) + int(match[1][16:22]) / 1e6
+        out.append(ArchiveInfo(path.name, path.stat().st_size, "", encrypted, created))
+    return out
+
+
+def prune_scheduled(directory: Path, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` scheduled archives; the names deleted."""
+    scheduled = [p for p in sorted(directory.iterdir()) if (m := _NAME.fullmatch(p.name)) and m[2]]
+    doomed = scheduled[: max(0, len(scheduled) - keep)]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return [p.name for p in doomed]
+
+
+# -- reading and verifying -------------------------------------------------------------------------------
+
+
+def read_archive(archive: Path, staging: Path, passphrase: bytes | None) -> Manifest:
+    """Check all of ``archive`` and extract its members under ``staging`` (which must be empty).
+
+    Every byte of the file is checked: the framing to its authenticated last
+    chunk, the manifest, each member's size and SHA-256. What a member holds
+    is not looked into (``bastion.store.backup`` checks the database).
+
+    Raises ``DataLoss`` for anything corrupt or tampered with, and
+    ``InvalidArgument`` for a missing or wrong passphrase; on error,
+    ``staging`` may hold partial files (the caller removes it).
+    """
+    try:
+        src = open(archive, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read archive {archive}: {exc.strerror}") from None
+    with src:
+        reader = _FramedReader(src, passphrase)
+        try:
+            manifest = _extract(reader, staging)
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise DataLoss(f"archive is corrupt: {exc}") from exc
+        reader.drain()
+    return manifest
+
+
+def _extract(reader: _FramedReader, staging: Path) -> Manifest:
+    with tarfile.open(fileobj=reader, mode="r|") as tar:
+        first = tar.next()
+        if first is None or first.name != MANIFEST or not first.isreg() or first.size > MAX_MANIFEST:
+            raise DataLoss("archive is corrupt: it does not start with its manifest")
+        manifest = _decode_manifest(_read_member(tar, first))
+        expected = {m.path: m for m in manifest.members}
+        seen: set[str] = set()
+        while (info := tar.next()) is not None:
+            member = expected.get(info.name)
+            if member is None or info.name in seen or not info.isreg() or info.size != member.size:
+                raise DataLoss(f"archive is corrupt: unexpected member {info.name[:200]!r}")
+            seen.add(info.name)
+            _copy_member(tar, info, member, staging)
+    missing = set(expected) - seen
+    if missing:
+        raise DataLoss(f"archive is incomplete: {len(missing)} members missing, e.g. {sorted(missing)[0]!r}")
+    return manifest
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(info)
+    assert f is not None
+    return f.read()
+
+
+def _decode_manifest(data: bytes) -> Manifest:
+    try:
+        manifest = msgspec.json.decode(data, type=Manifest)
+    except msgspec.ValidationError as exc:
+        raise DataLoss(f"archive manifest is invalid: {exc}") from None
+    if manifest.format != FORMAT or manifest.format_version != FORMAT_VERSION:
+        raise DataLoss(f"unknown archive format {manifest.format!r} version {manifest.format_version}")
+    if manifest.backend not in ("sqlite", "postgresql"):
+        raise DataLoss(f"archive manifest names an unknown backend {manifest.backend[:40]!r}")
+    db = SQLITE_MEMBER if manifest.backend == "sqlite" else POSTGRES_MEMBER
+    paths = [m.path for m in manifest.members]
+    if paths.count(db) != 1 or len(set(paths)) != len(paths):
+        raise DataLoss("archive manifest is invalid: the database member is missing or a path repeats")
+    for m in manifest.members:
+        blob = BLOB_PATH.fullmatch(m.path)
+        if m.path != db and not (blob and blob[2].startswith(blob[1]) and blob[2] == m.sha256):
+            raise DataLoss(f"archive manifest names a path it may not: {m.path[:200]!r}")
+        if m.size < 0 or not re.fullmatch(r"[0-9a-f]{64}", m.sha256):
+            raise DataLoss(f"archive manifest entry {m.path!r} is invalid")
+    if manifest.schema_version > LATEST:
+        raise FailedPrecondition(
+            f"the archive has schema version {manifest.schema_version}, newer than this bastion knows ({LATEST})"
+        )
+    return manifest
+
+
+def _copy_member(tar: tarfile.TarFile, info: tarfile.TarInfo, member: Member, staging: Path) -> None:
+    target = staging / member.path  # member.path was checked against the allowed shapes
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    f = tar.extractfile(info)
+    assert f is not None
+    digest = hashlib.sha256()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    with os.fdopen(fd, "wb") as out:
+        while block := f.read(1 << 20):
+            digest.update(block)
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    if digest.hexdigest() != member.sha256:
+        raise DataLoss(f"archive is corrupt: {member.path} does not match its SHA-256")
+
+
+@contextlib.contextmanager
+def staging_dir(parent: Path) -> Iterator[Path]:
+    """A new private (0700) directory under ``parent``, removed with all it holds on exit."""
+    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = parent / f".restore-staging-{os.getpid()}-{secrets.token_hex(4)}"
+    path.mkdir(mode=0o700)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
