@@ -60,6 +60,8 @@ async def _serve(max_batch: int, directory: str) -> None:
     from bastion.services.kv import KV
     from bastion.store.sqlite import SQLiteStore
 
+    if os.environ.get("BENCH_SWITCH"):
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH"]))
     loop = asyncio.get_running_loop()
     stopping = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -107,7 +109,15 @@ def _read_line(proc: subprocess.Popen[str], prefix: str) -> str:
     raise RuntimeError(f"bench server: no {prefix.strip()} line within {STARTUP_DEADLINE:.0f}s")
 
 
-async def _drive(port: int, clients: int, warmup: float, duration: float) -> dict[str, Any]:
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    if os.environ.get("BENCH_CPU_SPLIT"):
+        print(f"pid {pid} utime {int(fields[11])} stime {int(fields[12])}", file=sys.stderr)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _drive(port: int, clients: int, warmup: float, duration: float, server_pid: int) -> dict[str, Any]:
     from bastion.client.aio import Client
 
     conns = [Client(f"127.0.0.1:{port}", token=TOKEN, insecure=True, timeout=30) for _ in range(clients)]
@@ -131,13 +141,17 @@ async def _drive(port: int, clients: int, warmup: float, duration: float) -> dic
     tasks = [asyncio.create_task(worker(c)) for c in conns]
     await asyncio.sleep(warmup)
     counting, t0 = True, time.monotonic()
+    client_cpu0, server_cpu0 = time.process_time(), _cpu_seconds(server_pid)
     await asyncio.gather(*tasks)
     elapsed = time.monotonic() - t0
+    client_cpu, server_cpu = time.process_time() - client_cpu0, _cpu_seconds(server_pid) - server_cpu0
     for c in conns:
         await c.close()
     latencies.sort()
     return {
         "ops": count / elapsed,
+        "server_cpu_us": 1e6 * server_cpu / max(1, count),
+        "client_cpu_us": 1e6 * client_cpu / max(1, count),
         "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
         "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else None,
     }
@@ -153,7 +167,7 @@ def bench_bastion(max_batch: int, opts: argparse.Namespace, cpus: tuple[int | No
             import uvloop
 
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                result = runner.run(_drive(server.port, opts.clients, opts.warmup, opts.duration))
+                result = runner.run(_drive(server.port, opts.clients, opts.warmup, opts.duration, server.proc.pid))
         finally:
             stats = server.stop()
         result["writes_per_commit"] = stats["writes"] / max(1, stats["commits"])
@@ -240,16 +254,17 @@ def main() -> int:
     }
     os.sched_setaffinity(0, allowed)
     print(f"\nkv.put / SET, {opts.clients} concurrent clients, {opts.duration:.0f} s measured per point\n")
-    print("| server | puts/s | p50 ms | p99 ms | writes per commit |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| server | puts/s | p50 ms | p99 ms | writes per commit | server CPU µs/put | client CPU µs/put |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         if "error" in r:
-            print(f"| {name} | error: {r['error']} | | | |")
+            print(f"| {name} | error: {r['error']} | | | | | |")
             continue
         per_commit = f"{r['writes_per_commit']:.1f}" if "writes_per_commit" in r else "-"
         p50 = f"{r['p50_ms']:.2f}" if r.get("p50_ms") is not None else "-"
         p99 = f"{r['p99_ms']:.2f}" if r.get("p99_ms") is not None else "-"
-        print(f"| {name} | {r['ops']:,.0f} | {p50} | {p99} | {per_commit} |")
+        cpu = [f"{r[k]:.0f}" if k in r else "-" for k in ("server_cpu_us", "client_cpu_us")]
+        print(f"| {name} | {r['ops']:,.0f} | {p50} | {p99} | {per_commit} | {cpu[0]} | {cpu[1]} |")
     base = results["bastion"]["ops"]
     print(f"\nbastion / single-row commits: {base / results['single-row']['ops']:.1f}x (target >= 5x)")
     if "ops" in results["redis"]:

@@ -28,11 +28,15 @@ class SQLiteAccess:
     own savepoint of a group commit and returns its result once the group is
     durably committed; an exception raised by ``fn`` fails only that write.
     ``_read(fn)`` runs ``fn(conn)`` on a ``query_only`` reader connection.
+    ``_tx_serial`` counts transactions begun on the writer; a write may cache
+    values it read inside the transaction under it (the group holds the
+    write lock from ``BEGIN IMMEDIATE`` to ``COMMIT``).
     Both raise ``UsageError`` when the store is not open. ``_data_dir`` is the
     directory the database lives in.
     """
 
     if TYPE_CHECKING:
+        _tx_serial: int
 
         async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
 

@@ -425,9 +425,6 @@ class _SQLiteTx:
 class SQLiteKV(SQLiteAccess, KVStore):
     """kv on SQLite: every write is one function on the writer thread (one savepoint of a group commit)."""
 
-    if TYPE_CHECKING:
-        _tx_serial: int  # SQLiteStore: transactions begun by the writer (see bastion/store/sqlite.py)
-
     _kv_counter: list[int]  # see _SQLiteTx; set by _kv_tx on first use
 
     def _kv_tx(self, conn: sqlite3.Connection, now: float) -> _SQLiteTx:
