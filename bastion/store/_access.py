@@ -24,19 +24,30 @@ T = TypeVar("T")
 class SQLiteAccess:
     """Members of ``SQLiteStore`` a SQLite mixin may use.
 
-    ``_write(fn)`` runs ``fn(conn)`` on the single writer connection inside its
-    own savepoint of a group commit and returns its result once the group is
-    durably committed; an exception raised by ``fn`` fails only that write.
+    ``_write(fn)`` runs ``fn(conn)`` on the single writer connection as one
+    write of a group commit and returns its result once the group is durably
+    committed; an exception raised by ``fn`` fails only that write (nothing
+    it did is saved). ``fn`` may be called more than once, each time in a new
+    transaction, and only the last call's result counts: it must act only
+    through ``conn`` (anything else it changes must be harmless to repeat,
+    e.g. a cache keyed by ``_tx_serial``), and never commit, roll back or
+    touch savepoints itself.
     ``_read(fn)`` runs ``fn(conn)`` on a ``query_only`` reader connection.
     ``_tx_serial`` counts transactions begun on the writer; a write may cache
     values it read inside the transaction under it (the group holds the
     write lock from ``BEGIN IMMEDIATE`` to ``COMMIT``).
+    ``_before_commit`` maps a name to a hook ``hook(conn)`` that a write may
+    register; each runs once, after the group's last write and just before
+    its ``COMMIT``, and the map is emptied when the transaction ends. A hook
+    runs even if the write that registered it failed after registering, so
+    it must be right either way. See bastion/store/sqlite.py.
     Both raise ``UsageError`` when the store is not open. ``_data_dir`` is the
     directory the database lives in.
     """
 
     if TYPE_CHECKING:
         _tx_serial: int
+        _before_commit: dict[str, Callable[[sqlite3.Connection], None]]
 
         async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
 

@@ -43,7 +43,7 @@ import json
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -360,18 +360,30 @@ class _SQLiteTx:
     not once per write: ``counter`` caches it with the store's transaction
     serial, which is safe because the group holds the database's write lock
     from ``BEGIN IMMEDIATE`` to ``COMMIT`` (another process sharing the file
-    reads it afresh in its own next transaction). ``finish`` stores the
-    advanced counter in ``kv_meta`` and in the cache; a write that raises
-    before ``finish`` leaves the cache as it found it, as its savepoint's
-    rollback leaves the table.
+    reads it afresh in its own next transaction). ``finish`` advances the
+    cache and registers the before-commit hook ``store_revision``, which
+    writes the cache's final value to ``kv_meta`` once, just before the
+    group's ``COMMIT`` (see bastion/store/sqlite.py). ``finish`` is each
+    write's last step, so only a write that succeeds reaches it: a write that
+    raises leaves the cache as it found it, as its savepoint's rollback leaves
+    the tables. A write run again in a new transaction (a new serial) reads
+    the counter afresh.
     """
 
-    __slots__ = ("conn", "counter", "now", "revision")
+    __slots__ = ("conn", "counter", "hooks", "now", "revision")
 
-    def __init__(self, conn: sqlite3.Connection, now: float, counter: list[int], serial: int) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        now: float,
+        counter: list[int],
+        serial: int,
+        hooks: dict[str, Callable[[sqlite3.Connection], None]],
+    ) -> None:
         self.conn = conn
         self.now = now
         self.counter = counter  # [transaction serial, revision] of the store, shared by its writes
+        self.hooks = hooks
         if counter[0] != serial:
             counter[0] = serial
             counter[1] = int(conn.execute("SELECT revision FROM kv_meta WHERE id = 1").fetchone()[0])
@@ -418,8 +430,14 @@ class _SQLiteTx:
         return self.revision
 
     def finish(self) -> None:
-        self.conn.execute("UPDATE kv_meta SET revision = ? WHERE id = 1", (self.revision,))
-        self.counter[1] = self.revision
+        if self.revision != self.counter[1]:
+            self.counter[1] = self.revision
+            if "kv" not in self.hooks:
+                self.hooks["kv"] = self.store_revision
+
+    def store_revision(self, conn: sqlite3.Connection) -> None:
+        """The before-commit hook: the transaction's last revision into ``kv_meta``."""
+        conn.execute("UPDATE kv_meta SET revision = ? WHERE id = 1", (self.counter[1],))
 
 
 class SQLiteKV(SQLiteAccess, KVStore):
@@ -433,7 +451,7 @@ class SQLiteKV(SQLiteAccess, KVStore):
             counter = self._kv_counter
         except AttributeError:
             counter = self._kv_counter = [-1, 0]
-        return _SQLiteTx(conn, now, counter, self._tx_serial)
+        return _SQLiteTx(conn, now, counter, self._tx_serial, self._before_commit)
 
     async def kv_get_many(self, namespace: str, keys: Sequence[str], now: float) -> list[KVEntry | None]:
         wanted = list(dict.fromkeys(keys))
@@ -516,7 +534,8 @@ class SQLiteKV(SQLiteAccess, KVStore):
 
     async def kv_compact(self, keep: int) -> int:
         def compact(conn: sqlite3.Connection) -> int:
-            revision, compacted = conn.execute("SELECT revision, compacted FROM kv_meta WHERE id = 1").fetchone()
+            revision = self._kv_tx(conn, 0.0).revision  # kv_meta's is stored only at commit
+            compacted = conn.execute("SELECT compacted FROM kv_meta WHERE id = 1").fetchone()[0]
             cutoff = revision - keep
             if cutoff <= compacted:
                 return 0
@@ -579,7 +598,6 @@ class SQLiteKV(SQLiteAccess, KVStore):
                 tx.delete(source, key)
                 if new is not None:
                     tx.put(personal_namespace(new), KVWrite(_heir_key(old, key), value, content_type, None, expires_at))
-            tx.finish()
             changed = len(rows)
             for name, readers, writers in conn.execute(
                 "SELECT name, readers, writers FROM kv_namespaces ORDER BY name"
@@ -592,6 +610,7 @@ class SQLiteKV(SQLiteAccess, KVStore):
                         (json.dumps(r2), json.dumps(w2), name),
                     )
                     changed += 1
+            tx.finish()  # last: nothing after it may fail, or the counter would run ahead of the log
             return changed
 
         return await self._write(reassign)

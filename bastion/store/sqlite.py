@@ -14,24 +14,50 @@ task -- the writer task -- feeds that thread:
 
 1. wait for the first queued write, then take everything else already
    queued (up to ``max_batch``) -- the *group*;
-2. on the writer thread: ``BEGIN IMMEDIATE``; run each write inside its own
-   ``SAVEPOINT`` (a write that raises is rolled back to its savepoint and
-   fails alone); ``COMMIT`` -- one fsync for the whole group;
+2. on the writer thread: ``BEGIN IMMEDIATE``; run each write; run the
+   *before-commit hooks* the writes registered; ``COMMIT`` -- one fsync for
+   the whole group;
 3. back on the loop: resolve each caller's future with its own result or
    exception. If the ``COMMIT`` itself fails, nothing was committed and
    every write in the group fails.
 
-While one group commits, new writes pile up in the queue and become the next
-group, so under load the number of transactions (and fsyncs) grows far
-slower than the number of writes, with no timer and no added latency when
-idle. A write's future resolves only after its group's ``COMMIT``: an
-acknowledged write is durable.
+A write that raises fails alone: nothing it did is saved, and the others in
+its group commit. Step 2 gets there in one of two modes:
+
+- *optimistic* (the usual): the writes run back to back, with nothing
+  between them. If one raises, the whole transaction is rolled back and the
+  group runs again, isolated;
+- *isolated*: each write runs inside its own ``SAVEPOINT``; one that raises
+  is rolled back to its savepoint (``ROLLBACK TO``) and the rest go on.
+
+A savepoint costs two statements (``SAVEPOINT``, ``RELEASE``) per write, and
+every statement lets go of the GIL and must win it back from the event loop,
+so the optimistic mode is what makes a busy group cheap. After a group has
+had to run again, the next ``_ISOLATED_GROUPS`` groups go straight to the
+isolated mode: a steady stream of failing writes (compare-and-swap misses)
+costs at most one extra run every that many groups, never one per group.
+
+Hence the contract of a write function: it may be called more than once,
+each time in a new transaction (and so with a new ``_tx_serial``); only the
+result of the last call is returned. It must act only on the connection it
+is given -- or, outside the database, only in ways that are harmless to
+repeat and keyed to ``_tx_serial`` -- and never end the transaction or
+touch savepoints itself.
 
 ``_tx_serial`` counts the transactions begun; a write function may use it to
 cache, for the rest of its group, something it read inside the transaction
 (the write lock is held from ``BEGIN IMMEDIATE`` to ``COMMIT``, so no other
 process can change it meanwhile). A write that caches must undo its change
 to the cache if it raises, since its savepoint is rolled back.
+
+``_before_commit`` holds the hooks of the current transaction: a write may
+put ``name -> hook(connection)`` there (the same name again replaces it), and
+each hook runs once, in order of first registration, after the last write
+and just before ``COMMIT``; a hook that raises fails the whole group. A hook
+runs even if the write that registered it was then rolled back to its
+savepoint, so it must be right either way -- e.g. kv stores the revision
+counter there once per group, from the cache only successful writes advance,
+instead of once per write. The hooks are dropped when the transaction ends.
 
 The queue is a plain deque plus one wake-up future for the writer task:
 ``_write`` is on every write's path, so it stays a few attribute operations.
@@ -72,9 +98,16 @@ __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
 WriteFn = Callable[[sqlite3.Connection], Any]
+Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
 
 FILE_MODE = 0o600
 _SIDE_FILES = ("", "-wal", "-shm")
+# After a group that had to run again, this many groups run isolated (see the module docstring).
+_ISOLATED_GROUPS = 16
+
+
+class _Aborted(Exception):
+    """SQLite ended the transaction inside a write: the whole group fails (``__cause__``: why)."""
 
 
 class _Write:
@@ -108,7 +141,7 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, Store):
         self._migrations = migrations
         self._state = "new"  # new -> open -> closing -> closed (-> open again)
         self._version = 0
-        self._stats = {"commits": 0, "writes": 0, "failed_commits": 0, "largest_batch": 0}
+        self._stats = {"commits": 0, "writes": 0, "failed_commits": 0, "largest_batch": 0, "rerun_groups": 0}
         self._writer: sqlite3.Connection | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
         self._reader_threads: ThreadPoolExecutor | None = None
@@ -118,6 +151,8 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, Store):
         self._wakeup: asyncio.Future[None] | None = None  # set while the writer task waits for work
         self._writer_task: asyncio.Task[None] | None = None
         self._tx_serial = 0  # transactions begun on the writer connection (see the module docstring)
+        self._before_commit: dict[str, Callable[[sqlite3.Connection], None]] = {}  # this transaction's hooks
+        self._isolated_groups = 0  # groups still to run isolated before trying the optimistic mode again
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r}, {self._state})"
@@ -278,44 +313,81 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, Store):
             group.append(item)
         return [w for w in group if not w.future.done()], False  # done: the caller was cancelled
 
-    def _commit(self, fns: list[WriteFn]) -> tuple[bool, list[tuple[bool, Any]]]:
-        """On the writer thread: run ``fns`` in one transaction, each in a savepoint.
+    def _commit(self, fns: list[WriteFn]) -> tuple[bool, list[Outcome]]:
+        """On the writer thread: run ``fns`` in one transaction (see the module docstring).
 
         Returns whether the transaction committed, and per write (ok, result or exception).
         """
         conn = self._writer
         assert conn is not None
-        outcomes: list[tuple[bool, Any]] = []
         try:
-            self._tx_serial += 1
-            conn.execute("BEGIN IMMEDIATE")
-            for fn in fns:
-                outcomes.append(self._run_one(conn, fn))
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+            if self._isolated_groups:
+                self._isolated_groups -= 1
+            else:
+                outcomes = self._transaction(conn, fns, isolated=False)
+                if outcomes is not None:
+                    return True, outcomes
+                self._isolated_groups = _ISOLATED_GROUPS
+                self._stats["rerun_groups"] += 1  # the writer thread is this counter's only writer
+            outcomes = self._transaction(conn, fns, isolated=True)
+            assert outcomes is not None
+            return True, outcomes
+        except Exception as exc:  # the group fails, the writer carries on
+            self._before_commit.clear()
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):  # if even this fails, SQLite rolls back on its own
                     conn.execute("ROLLBACK")
-            error = Unavailable(f"store write failed, nothing saved: {exc}")
-            error.__cause__ = exc
+            aborted = isinstance(exc, _Aborted)
+            cause = exc.__cause__ if aborted and exc.__cause__ is not None else exc
+            kind = Unavailable if aborted or isinstance(cause, sqlite3.Error) else InternalError
+            error = kind(f"store write failed, nothing saved: {cause}")
+            error.__cause__ = cause
             return False, [(False, error)] * len(fns)
-        return True, outcomes
+
+    def _transaction(self, conn: sqlite3.Connection, fns: list[WriteFn], isolated: bool) -> list[Outcome] | None:
+        """One transaction over ``fns``, committed; None if an optimistic run met a write that raised
+        (the transaction is then rolled back). Raises if the transaction itself fails."""
+        self._tx_serial += 1
+        conn.execute("BEGIN IMMEDIATE")
+        if isolated:
+            outcomes = [self._run_isolated(conn, fn) for fn in fns]
+        else:
+            outcomes = []
+            for fn in fns:
+                try:
+                    value = fn(conn)
+                except Exception as exc:
+                    if not conn.in_transaction:  # SQLite abandoned the whole transaction (disk full, I/O)
+                        raise _Aborted from exc
+                    self._before_commit.clear()
+                    conn.execute("ROLLBACK")
+                    return None
+                if not conn.in_transaction:  # the write swallowed an error that ended the transaction
+                    raise _Aborted from sqlite3.OperationalError("the transaction ended inside a write")
+                outcomes.append((True, value))
+        hooks = self._before_commit
+        if hooks:
+            for hook in list(hooks.values()):
+                hook(conn)
+            hooks.clear()
+        conn.execute("COMMIT")
+        return outcomes
 
     @staticmethod
-    def _run_one(conn: sqlite3.Connection, fn: WriteFn) -> tuple[bool, Any]:
+    def _run_isolated(conn: sqlite3.Connection, fn: WriteFn) -> Outcome:
         conn.execute("SAVEPOINT write")
         try:
             value = fn(conn)
         except Exception as exc:
             if not conn.in_transaction:  # SQLite abandoned the whole transaction (disk full, I/O)
-                raise sqlite3.OperationalError(f"transaction aborted: {exc}") from exc
+                raise _Aborted from exc
             conn.execute("ROLLBACK TO write")
             conn.execute("RELEASE write")
             return False, _translate(exc)
         conn.execute("RELEASE write")
         return True, value
 
-    def _resolve(self, group: list[_Write], committed: bool, outcomes: list[tuple[bool, Any]]) -> None:
+    def _resolve(self, group: list[_Write], committed: bool, outcomes: list[Outcome]) -> None:
         if committed:
             self._stats["commits"] += 1
             self._stats["writes"] += len(group)

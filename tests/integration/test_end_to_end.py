@@ -133,7 +133,7 @@ def test_cli_methods_json_and_text(server: ServerProcess) -> None:
     listing = bastion_cli("methods", address, "--json", "--token-file", str(token_file))
     assert listing.returncode == 0, listing.stderr
     services = {svc["name"]: svc for svc in json.loads(listing.stdout)}
-    assert set(services) == {"admin", "auth", "demo"}
+    assert set(services) == {"admin", "auth", "demo", "files", "jobs", "kv"}
     demo = {m["name"]: m for m in services["demo"]["methods"]}
     assert {"demo.echo", "demo.slow", "demo.sleep_then_return", "demo.count", "demo.watched"} <= set(demo)
     assert demo["demo.echo_int"]["params"]["properties"]["value"]["type"] == "integer"
@@ -147,7 +147,7 @@ def test_cli_methods_json_and_text(server: ServerProcess) -> None:
     anonymous = bastion_cli("methods", address, "--json")
     assert anonymous.returncode == 0, anonymous.stderr
     visible = {m["name"] for svc in json.loads(anonymous.stdout) for m in svc["methods"]}
-    assert visible == {"admin.health", "admin.methods", "auth.login", "auth.whoami"}
+    assert visible == {"admin.health", "admin.methods", "admin.ready", "auth.login", "auth.whoami"}
 
 
 def test_cli_call_error_exits_1_with_one_line(server: ServerProcess) -> None:

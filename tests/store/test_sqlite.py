@@ -13,11 +13,12 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from bastion.exceptions import Unavailable, UsageError
+from bastion.exceptions import InternalError, Unavailable, UsageError
 from bastion.security.credentials import User
 from bastion.store import SQLiteStore, open_store
 
@@ -43,7 +44,6 @@ def test_open_store_picks_sqlite_for_a_path_or_sqlite_url(tmp_path: Path, form: 
 def test_a_relative_sqlite_url_is_a_relative_path() -> None:
     store = open_store("sqlite:///data/bastion.db")
     assert isinstance(store, SQLiteStore) and store.path == Path("data/bastion.db")
-
 
 
 @pytest.mark.parametrize("bad", ["", "  ", "mysql://db/x", "sqlite://relative.db", "sqlite:///", "sqlite:///:memory:"])
@@ -132,7 +132,110 @@ async def test_a_write_that_raises_is_rolled_back_alone_within_the_group(tmp_pat
         assert results[0] is True and results[2] is True
         assert isinstance(results[1], ValueError)
         assert store.stats["commits"] == before + 1  # all three shared one transaction
+        assert store.stats["rerun_groups"] == 1  # tried without savepoints, then again with them
         assert [u.name for u in await store.list_users()] == ["a", "b"]  # no trace of 'half'
+
+
+async def test_a_group_that_runs_again_runs_every_write_again_in_a_new_transaction(tmp_path: Path) -> None:
+    calls: list[tuple[str, int]] = []
+
+    async with SQLiteStore(tmp_path / "a.db") as store:
+
+        def counted(name: str) -> Callable[[sqlite3.Connection], int]:
+            def insert(conn: sqlite3.Connection) -> int:
+                calls.append((name, store._tx_serial))
+                conn.execute("INSERT INTO users (name) VALUES (?)", (name,))
+                return len(calls)
+
+            return insert
+
+        def fails(conn: sqlite3.Connection) -> None:
+            calls.append(("fails", store._tx_serial))
+            conn.execute("INSERT INTO users (name) VALUES ('partial')")
+            raise ValueError("no")
+
+        results = await asyncio.gather(
+            store._write(counted("a")), store._write(fails), store._write(counted("b")), return_exceptions=True
+        )
+        # First run: a, then fails (b never ran); the rerun, one transaction later, runs all three.
+        first, again = calls[0][1], calls[0][1] + 1
+        assert calls == [("a", first), ("fails", first), ("a", again), ("fails", again), ("b", again)]
+        assert results[0] == 3 and results[2] == 5  # each write returns its last run's result
+        assert isinstance(results[1], ValueError)
+        assert [u.name for u in await store.list_users()] == ["a", "b"]  # once each, nothing partial
+
+
+async def test_after_a_rerun_groups_run_isolated_for_a_while(tmp_path: Path) -> None:
+    # A steady stream of failing writes must not run every group twice.
+    def fails(conn: sqlite3.Connection) -> None:
+        raise ValueError("no")
+
+    async with SQLiteStore(tmp_path / "a.db") as store:
+        for i in range(40):
+            ok, failed = await asyncio.gather(
+                store.create_user(User(f"u{i:02}")), store._write(fails), return_exceptions=True
+            )
+            assert ok is True and isinstance(failed, ValueError)
+        assert store.stats["commits"] == 40
+        assert 1 <= store.stats["rerun_groups"] <= 3, store.stats  # one rerun per 17 groups at most
+        assert len(await store.list_users()) == 40
+
+
+async def test_a_write_that_ends_the_transaction_fails_its_group(tmp_path: Path) -> None:
+    # Against the contract, but must not let later writes run outside a transaction.
+    async with SQLiteStore(tmp_path / "a.db") as store:
+        results = await asyncio.gather(
+            store.create_user(User("a")),
+            store._write(lambda c: c.execute("ROLLBACK")),
+            store.create_user(User("b")),
+            return_exceptions=True,
+        )
+        assert [type(r) for r in results] == [Unavailable] * 3
+        assert await store.list_users() == []
+        assert await store.create_user(User("c"))
+        assert [u.name for u in await store.list_users()] == ["c"]
+
+
+# -- before-commit hooks ------------------------------------------------------------------------
+
+
+async def test_before_commit_hooks_run_once_per_group_after_the_last_write(tmp_path: Path) -> None:
+    seen: list[list[str]] = []
+
+    async with SQLiteStore(tmp_path / "a.db") as store:
+
+        def hook(conn: sqlite3.Connection) -> None:
+            seen.append([row[0] for row in conn.execute("SELECT name FROM users ORDER BY name")])
+
+        def insert_and_hook(name: str) -> Callable[[sqlite3.Connection], None]:
+            def insert(conn: sqlite3.Connection) -> None:
+                conn.execute("INSERT INTO users (name) VALUES (?)", (name,))
+                store._before_commit["test"] = hook
+
+            return insert
+
+        await asyncio.gather(*(store._write(insert_and_hook(f"u{i}")) for i in range(5)), store.create_user(User("z")))
+        assert seen == [["u0", "u1", "u2", "u3", "u4", "z"]]  # once, seeing every write of the group
+        assert store._before_commit == {}
+        await store.create_user(User("later"))
+        assert len(seen) == 1  # not carried into the next transaction
+
+
+async def test_a_failing_hook_fails_its_group_and_is_dropped(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "a.db") as store:
+
+        def broken_hook(conn: sqlite3.Connection) -> None:
+            raise RuntimeError("hook bug")
+
+        def registers(conn: sqlite3.Connection) -> None:
+            store._before_commit["test"] = broken_hook
+
+        results = await asyncio.gather(store.create_user(User("a")), store._write(registers), return_exceptions=True)
+        assert [type(r) for r in results] == [InternalError, InternalError]
+        assert store.stats["failed_commits"] == 1
+        assert await store.list_users() == []
+        assert await store.create_user(User("b"))  # the hook is gone with its transaction
+        assert [u.name for u in await store.list_users()] == ["b"]
 
 
 async def test_a_failed_commit_fails_the_whole_group_and_the_store_carries_on(tmp_path: Path) -> None:
