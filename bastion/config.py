@@ -16,7 +16,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -305,6 +305,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # goes in BASTION_STORE, PGPASSWORD, ~/.pgpass or store_password_file, never in a flag).
     store: str = ""
     store_password_file: str | None = None
+    # Worker processes sharing the listening port (SO_REUSEPORT); "auto": one per core.
+    workers: int | Literal["auto"] = 1
+    # Addresses (or CIDR networks) of load balancers allowed to send a PROXY protocol v2
+    # header; a connection from one of them must start with it, others must not.
+    trusted_proxies: list[str] = []
     services: list[str] = []  # "module:attribute" of extra Service objects
     log_level: str = "info"
     limits: ServerLimits = ServerLimits()
@@ -318,13 +323,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backup: BackupConfig = BackupConfig()
 
     def __post_init__(self) -> None:
+        if self.workers != "auto" and not 1 <= self.workers <= 256:
+            raise UsageError(f"workers must be 1..256 or auto, got {self.workers}")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port must be 0..65535, got {self.port}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise UsageError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 
 
-_LIST_KEYS = frozenset({"services", "revoked_serials", "modules"})
+_LIST_KEYS = frozenset({"services", "revoked_serials", "modules", "trusted_proxies"})
 
 
 def _env_overlay(environ: Mapping[str, str]) -> dict[str, Any]:
