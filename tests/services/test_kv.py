@@ -17,6 +17,9 @@ from bastion.security.principal import Principal
 from bastion.services.kv import KV
 from bastion.store import open_store
 from bastion.testing import ANONYMOUS, TESTER, MemoryServer
+from tests.support.stores import service_store
+
+pytestmark = pytest.mark.usefixtures("service_backend")
 
 ADA = Principal("ada", frozenset())
 BOB = Principal("bob", frozenset({"dev"}))
@@ -35,7 +38,7 @@ class World:
 
 @asynccontextmanager
 async def world(tmp_path: Path, config: KVConfig | None = None) -> AsyncIterator[World]:
-    async with open_store(tmp_path / "bastion.db") as store:
+    async with open_store(service_store(tmp_path)) as store:
         kv = KV(store, config or KVConfig(sweep_interval=3600))
         await kv.start()
         try:
