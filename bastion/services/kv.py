@@ -22,9 +22,12 @@ offers each to every matching watcher. Because the feeder reads the durable
 log, watchers see exactly the committed changes, in order, with no gap --
 whoever wrote them (this process, the expiry sweep, another replica on a
 shared PostgreSQL, or the auth service handing over a deleted user's keys).
-Changes made elsewhere are picked up by a poll every ``POLL_INTERVAL`` while
-anyone watches; a PostgreSQL ``LISTEN``/``NOTIFY`` feed would simply call
-``nudge`` on notification (a later issue: cross-replica delivery).
+Changes made by other processes sharing the store (replicas on PostgreSQL,
+workers on one SQLite file) reach this feed two ways: on PostgreSQL a
+``NOTIFY`` from the log's trigger (``Store.listen("kv")``) nudges it within
+milliseconds of the other replica's commit, and on every backend a poll
+every ``POLL_INTERVAL`` while anyone watches catches whatever a lost
+notification (or SQLite, which has none) would miss.
 
 A watcher joins at the hub's position P (every change up to P has been
 delivered to the watchers before it). With ``from_version`` it first replays
@@ -52,7 +55,7 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 
@@ -75,7 +78,7 @@ __all__ = ["KV", "Item", "Page", "PutItem", "WatchEvent"]
 
 log = logging.getLogger("bastion.kv")
 
-POLL_INTERVAL = 1.0  # seconds between log polls while anyone watches (changes from other processes)
+POLL_INTERVAL = 0.5  # seconds between log polls while anyone watches (changes from other processes)
 FEED_PAGE = 1000  # changes the hub reads at once
 SWEEP_PAGE = 1000  # expired keys deleted per transaction
 _NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -271,18 +274,24 @@ class KV:
         self.config = config or KVConfig()
         self.hub = _Hub(store)
         self._tasks: list[asyncio.Task[None]] = []
+        self._unlisten: Callable[[], Awaitable[None]] | None = None
         self.service = Service("kv", doc="Key-value storage with versions, compare-and-swap, TTLs and watches.")
         _declare(self, self.service)
 
     async def start(self) -> None:
         if self._tasks:
             return
+        # Replicas sharing a PostgreSQL store hear of each other's writes at once; otherwise the poll finds them.
+        self._unlisten = await self.store.listen("kv", self.hub.nudge)
         self._tasks = [
             asyncio.create_task(self.hub.run(), name="bastion-kv-watch-feed"),
             asyncio.create_task(self._sweep_forever(), name="bastion-kv-sweep"),
         ]
 
     async def aclose(self) -> None:
+        unlisten, self._unlisten = self._unlisten, None
+        if unlisten is not None:
+            await unlisten()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()

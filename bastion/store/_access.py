@@ -10,13 +10,13 @@ database only through the few members declared here, which the backend core
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ["PostgresAccess", "SQLiteAccess"]
+__all__ = ["Notifying", "PostgresAccess", "SQLiteAccess"]
 
 T = TypeVar("T")
 
@@ -72,3 +72,19 @@ class PostgresAccess:
         _pool: asyncpg.Pool[Any]
 
         async def _call(self, fn: Callable[[asyncpg.Connection[Any]], Any]) -> Any: ...
+
+
+class Notifying:
+    """Notifications between processes sharing a store; part of every ``Store``."""
+
+    async def listen(self, channel: str, callback: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:
+        """Call ``callback()`` whenever another process sharing this store notifies ``channel``.
+
+        For changes made by other replicas, sooner than a poll would see them.
+        Delivery is a hint, not a log: a notification can be lost (a dropped
+        connection), so ``callback`` is also called after every reconnect, and
+        users still read the durable state (e.g. kv's change log) and keep a
+        slow poll. Returns how to stop listening, or None when this backend
+        has no notifications (SQLite: poll).
+        """
+        return None

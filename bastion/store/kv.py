@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from bastion.exceptions import Aborted
-from bastion.store._access import PostgresAccess, SQLiteAccess
+from bastion.store._access import Notifying, PostgresAccess, SQLiteAccess
 
 if TYPE_CHECKING:
     import asyncpg
@@ -140,6 +140,14 @@ POSTGRES_SCHEMA: tuple[str, ...] = (
         compacted BIGINT NOT NULL
     )""",
     "INSERT INTO kv_meta (id, revision, compacted) VALUES (1, 0, 0)",
+    # Tell the other replicas' watch feeds (Store.listen("kv")) that the log grew; delivered
+    # at commit, once per transaction, with the schema as payload.
+    """CREATE FUNCTION kv_log_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('bastion_kv', current_schema());
+        RETURN NULL;
+    END $$""",
+    "CREATE TRIGGER kv_log_notify AFTER INSERT ON kv_log FOR EACH STATEMENT EXECUTE FUNCTION kv_log_notify()",
 )
 
 
@@ -229,7 +237,7 @@ def _check(key: str, expected: int | None, actual: int) -> None:
 # -- the interface --------------------------------------------------------------------------
 
 
-class KVStore(ABC):
+class KVStore(Notifying, ABC):
     """What every backend offers for kv. Every write is one transaction; see the module docstring."""
 
     @abstractmethod

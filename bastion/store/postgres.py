@@ -53,6 +53,8 @@ to finish, then closes the pool; calls made after ``close`` began raise
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
@@ -70,12 +72,15 @@ from bastion.exceptions import (
     UsageError,
 )
 from bastion.security.credentials import Token, User
-from bastion.store import files, jobs, kv
+from bastion.store import files, idempotency, jobs, kv
 from bastion.store.base import Store
 from bastion.store.files import PostgresFiles
+from bastion.store.idempotency import PostgresIdempotency
 from bastion.store.jobs import PostgresJobs
 from bastion.store.kv import PostgresKV
 from bastion.store.migrations import Migration
+
+log = logging.getLogger("bastion.store")
 
 __all__ = ["LATEST", "POSTGRES_MIGRATIONS", "PostgresStore", "redact_dsn"]
 
@@ -118,6 +123,7 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "kv: namespaces, keys and the change log", kv.POSTGRES_SCHEMA),
     Migration(3, "files: metadata, uploads and shares", files.POSTGRES_SCHEMA),
     Migration(4, "jobs: the queue, leases and results", jobs.POSTGRES_SCHEMA),
+    Migration(5, "idempotency keys: first results of retried calls", idempotency.POSTGRES_SCHEMA),
 )
 
 LATEST = POSTGRES_MIGRATIONS[-1].version
@@ -172,7 +178,7 @@ def redact_dsn(dsn: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-class PostgresStore(PostgresKV, PostgresFiles, PostgresJobs, Store):
+class PostgresStore(PostgresKV, PostgresFiles, PostgresJobs, PostgresIdempotency, Store):
     """The PostgreSQL backend.
 
     ``dsn``: a libpq-style ``postgresql://`` URL; ``password``: used instead of
@@ -211,6 +217,7 @@ class PostgresStore(PostgresKV, PostgresFiles, PostgresJobs, Store):
         self._idle: asyncio.Event | None = None
         self._pool_or_none: Any = None
         self._schema: str | None = None
+        self._listeners: set[asyncio.Task[None]] = set()
 
     @property
     def dsn(self) -> str:
@@ -303,6 +310,11 @@ class PostgresStore(PostgresKV, PostgresFiles, PostgresJobs, Store):
         self._state = "closing"
         assert self._idle is not None
         pool = self._pool_or_none
+        for task in list(self._listeners):
+            task.cancel()
+        for task in list(self._listeners):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         try:
             await self._idle.wait()  # every call accepted before close finishes
             await pool.close()
@@ -335,6 +347,69 @@ class PostgresStore(PostgresKV, PostgresFiles, PostgresJobs, Store):
         except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
             # Bad password, unknown database or role, malformed DSN: configuration, not availability.
             raise UsageError(f"cannot open PostgreSQL store {self.dsn}: {_describe(exc)}") from None
+
+    # -- notifications between replicas (LISTEN/NOTIFY) ----------------------------------
+
+    async def listen(self, channel: str, callback: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:
+        """``Store.listen`` on PostgreSQL: ``LISTEN bastion_<channel>`` on a connection of its own.
+
+        Notifications carry the schema they come from as their payload, so
+        deployments in other schemas of the same database are not heard. The
+        connection is outside the pool (pooled connections keep no session
+        state) and is re-opened with backoff when it drops; ``callback`` runs
+        after each (re)connect, since notifications sent meanwhile are lost.
+        """
+        if self._state != "open":
+            raise UsageError(f"{self!r} is not open")
+        task = asyncio.get_running_loop().create_task(
+            self._listen_forever(f"bastion_{channel}", callback), name=f"bastion-store-listen {channel}"
+        )
+        self._listeners.add(task)
+        task.add_done_callback(self._listeners.discard)
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        return stop
+
+    async def _listen_forever(self, channel: str, callback: Callable[[], None]) -> None:
+        schema = self._schema
+
+        def heard(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            if payload == schema:
+                callback()
+
+        delay = 0.1
+        while True:
+            lost = asyncio.Event()
+            conn: Any = None
+            try:
+                conn = await self._connect_one()
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+                await conn.add_listener(channel, heard)
+                delay = 0.1
+                callback()  # whatever was notified while we were not listening
+                await lost.wait()
+                log.warning("store %s: lost the notification connection; reconnecting", self.dsn)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("store %s: cannot listen for notifications (%s); retrying", self.dsn, _describe(exc))
+            finally:
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.close(timeout=2))
+            self._stats["reconnects"] += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _connect_one(self) -> Any:
+        """One connection outside the pool, with the pool's settings."""
+        dsn = self._dsn
+        if dsn.startswith("postgresql+asyncpg://"):
+            dsn = "postgresql://" + dsn[len("postgresql+asyncpg://") :]
+        kwargs: dict[str, Any] = {} if self._password is None else {"password": self._password}
+        return await asyncpg.connect(dsn, timeout=self._connect_timeout, **kwargs)
 
     async def _check_durability(self, conn: Connection) -> None:
         setting = await conn.fetchval("SELECT current_setting('synchronous_commit')")
