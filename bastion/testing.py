@@ -48,7 +48,6 @@ from bastion.security.principal import ADMIN_ROLE, ANONYMOUS, Principal
 from bastion.server.server import Server
 from bastion.service import Service
 from bastion.transport.aio import Link
-from bastion.transport.memory import connect_pair
 
 __all__ = ["ANONYMOUS", "TESTER", "MemoryServer", "connect"]
 
@@ -120,7 +119,7 @@ class MemoryServer:
         return client
 
     async def _connect(self, client_protocol: Callable[[], Link]) -> None:
-        connect_pair(self.server._new_link(), client_protocol())
+        self.server.connect_memory(client_protocol())
 
     async def aclose(self) -> None:
         """Close every client, then shut the server down."""

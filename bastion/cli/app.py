@@ -100,6 +100,10 @@ def serve(
     tls_min_version: Annotated[
         str | None, typer.Option("--tls-min-version", help='Lowest TLS version: "1.3" (default) or "1.2".')
     ] = None,
+    workers: Annotated[
+        str | None,
+        typer.Option("--workers", help="Worker processes sharing the port: a number (default 1) or auto (per core)."),
+    ] = None,
 ) -> None:
     """Start a server (the admin service plus any --service given). TLS is on unless --insecure."""
     from bastion.cli.serve import run
@@ -126,6 +130,8 @@ def serve(
         overrides["store"] = store_flag(store)
     if jobs:
         overrides["jobs"] = {"modules": list(jobs)}
+    if workers is not None:
+        overrides["workers"] = int(workers) if workers.strip().isdigit() else workers.strip()
 
     def start() -> int:
         cfg = load_config(config, overrides=overrides)

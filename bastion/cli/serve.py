@@ -3,6 +3,18 @@
 This is an entry point: it reads the finished ``Config``, prepares the data
 directory, bootstraps the admin credential, imports user services, and runs
 the server on uvloop (where installed) until SIGTERM/SIGINT.
+
+With ``workers`` above 1 (``--workers N|auto``) this process does the
+one-time work (data directory, TLS certificates, store migrations, the admin
+credential), binds the port and becomes the supervisor of N worker
+processes (bastion/server/supervisor.py). Each worker is
+``python -m bastion.cli.serve FD``: it gets the finished configuration from
+the supervisor, composes the same server, serves on its own SO_REUSEPORT
+socket, and keeps its rate-limit and login-throttle buckets in the table
+the supervisor shares with every worker (ratelimit_shared.py) unless a
+Redis limiter is configured. Worker 0 is the leader: it alone runs the
+once-per-server background work (kv and files sweeps, job recovery and
+retention, scheduled backups); its replacement takes over if it dies.
 """
 
 from __future__ import annotations
@@ -11,14 +23,18 @@ import asyncio
 import importlib
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import msgspec
 
 from bastion._version import __version__
-from bastion.cli.cert import prepare_tls
+from bastion.cli.cert import TLSSetup, prepare_tls
 from bastion.config import Config
 from bastion.exceptions import UsageError
 from bastion.jobs import JobRegistry
@@ -27,10 +43,13 @@ from bastion.security.authn import StoreAuthenticator, hash_token, new_token, ne
 from bastion.security.credentials import Token, User
 from bastion.security.passwords import PasswordHasher
 from bastion.security.principal import ADMIN_ROLE
-from bastion.security.ratelimit import create_limiter
+from bastion.security.ratelimit import Limiter, create_limiter
+from bastion.security.ratelimit_shared import SharedRateLimiter, SharedTable
 from bastion.security.throttle import LoginThrottle
+from bastion.server.dispatch import IdempotencyKeys
 from bastion.server.scheduler import Scheduler
 from bastion.server.server import Server
+from bastion.server.supervisor import Supervisor, WorkerChannel, bind_listeners, resolve_workers
 from bastion.service import Service
 from bastion.services import Component, HostedComponent
 from bastion.services.admin import create_service as create_admin_service
@@ -41,7 +60,7 @@ from bastion.services.jobs import Jobs
 from bastion.services.kv import KV
 from bastion.store import Store, open_store
 
-__all__ = ["bootstrap_admin", "load_job_registries", "load_services", "run", "store_location"]
+__all__ = ["bootstrap_admin", "load_job_registries", "load_services", "run", "store_location", "worker_main"]
 
 log = logging.getLogger("bastion.server")
 
@@ -150,73 +169,118 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run(config: Config, *, echo: Callable[[str], None]) -> int:
-    """Start the server described by ``config``; return the exit code."""
+def _configure_logging(level: str, worker: int | None = None) -> None:
+    who = "" if worker is None else f"[worker {worker}]"
     logging.basicConfig(
-        level=config.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=level.upper(), stream=sys.stderr, format=f"%(asctime)s %(levelname)s %(name)s{who}: %(message)s"
     )
+
+
+def run(config: Config, *, echo: Callable[[str], None]) -> int:
+    """Start the server described by ``config``; return the exit code.
+
+    With ``config.workers`` above 1 this process becomes the supervisor of
+    that many worker processes (bastion/server/supervisor.py); else it serves.
+    """
+    _configure_logging(config.log_level)
+    workers = resolve_workers(config.workers)
+    load_services(config.services)  # fail here, not in every worker, if they cannot be imported
+    load_job_registries(config.jobs.modules)
+    backup_passphrase(config)
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tls = prepare_tls(config, warn=lambda line: print(line, file=sys.stderr, flush=True))
+    if workers > 1:
+        return _supervise(config, workers, tls.messages, echo)
+
+    async def main() -> None:
+        await _compose_and_serve(config, _Role(), echo, list(tls.messages), tls)
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(main())
+    return 0
+
+
+@dataclass(frozen=True)
+class _Role:
+    """What this process is: the only server (the defaults), or one worker of several."""
+
+    channel: WorkerChannel | None = None
+    shared: SharedTable | None = None
+
+    @property
+    def leader(self) -> bool:
+        return self.channel is None or self.channel.leader
+
+
+async def _compose_and_serve(
+    config: Config, role: _Role, echo: Callable[[str], None], tls_messages: list[str], tls: TLSSetup
+) -> None:
     user_services = load_services(config.services)
     registries = load_job_registries(config.jobs.modules)
     data_dir = Path(config.data_dir)
     files_dir = Path(config.files.directory) if config.files.directory else data_dir / "files"
     passphrase = backup_passphrase(config)
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tls = prepare_tls(config, warn=lambda line: print(line, file=sys.stderr, flush=True))
-
-    async def main() -> None:
-        async with open_store(store_location(config), password=store_password(config)) as store:
-            token_path = data_dir / "admin.token"
-            token_state = await bootstrap_admin(store, token_path)
-            audit = AuditLog(data_dir / "audit.log")
-            auth = config.auth
-            throttle = LoginThrottle(
-                store,
-                max_failures=auth.max_failures_per_user_source,
-                lockout=auth.lockout,
-                global_per_hour=auth.max_failures_per_user_global,
-                burst=auth.max_failures_per_source,
-            )
+    async with open_store(store_location(config), password=store_password(config)) as store:
+        token_path = data_dir / "admin.token"
+        token_state = "in" if role.channel is not None else await bootstrap_admin(store, token_path)
+        audit = AuditLog(data_dir / "audit.log")
+        auth = config.auth
+        throttle = LoginThrottle(
+            store,
+            max_failures=auth.max_failures_per_user_source,
+            lockout=auth.lockout,
+            global_per_hour=auth.max_failures_per_user_global,
+            burst=auth.max_failures_per_source,
+            shared=role.shared,
+        )
+        limiter: Limiter
+        if role.shared is not None and config.rate_limits.redis_url is None:
+            limiter = SharedRateLimiter(config.rate_limits, role.shared)
+        else:
             limiter = create_limiter(config.rate_limits)
-            auth_service = create_service(store, hasher=PasswordHasher(), throttle=throttle, audit=audit, config=auth)
-            backups = Backups(
-                store, data_dir=data_dir, files_dir=files_dir, config=config.backup, passphrase=passphrase
-            )
-            hosted: list[HostedComponent] = [
-                KV(store, config.kv),
-                Files(store, files_dir, config.files),
-                Jobs(store, registries, config.jobs),
-            ]
-            components: list[Component] = [*hosted, backups]
-            builtin = [create_admin_service(backups), auth_service, *(c.service for c in hosted)]
-            server = Server(
-                [*builtin, *user_services],
-                limits=config.limits,
-                authenticator=StoreAuthenticator(store, throttle, audit),
-                audit=audit,
-                revalidate_interval=auth.revalidate_interval,
-                ssl_context=tls.context,
-                cert_files=tls.cert_files,
-                crl_file=config.tls.crl,
-                revoked_serials=config.tls.revoked_serials,
-                limiter=limiter,
-                scheduler=Scheduler(config.scheduler),
-            )
-            started: list[Component] = []
-            try:
-                for component in components:
-                    await component.start()
-                    started.append(component)
-                await _serve(server, config, echo, token_state, token_path.resolve(), list(tls.messages))
-            finally:
-                for component in reversed(started):
-                    await component.aclose()
-                audit.close()
-                await limiter.aclose()
-        log.info("stopped")
-
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(main())
-    return 0
+        auth_service = create_service(store, hasher=PasswordHasher(), throttle=throttle, audit=audit, config=auth)
+        leader = role.leader
+        backups = Backups(
+            store, data_dir=data_dir, files_dir=files_dir, config=config.backup, passphrase=passphrase, leader=leader
+        )
+        hosted: list[HostedComponent] = [
+            KV(store, config.kv, leader=leader),
+            Files(store, files_dir, config.files, leader=leader),
+            Jobs(store, registries, config.jobs, leader=leader),
+        ]
+        components: list[Component] = [*hosted, backups]
+        builtin = [create_admin_service(backups), auth_service, *(c.service for c in hosted)]
+        server = Server(
+            [*builtin, *user_services],
+            limits=config.limits,
+            authenticator=StoreAuthenticator(store, throttle, audit),
+            audit=audit,
+            revalidate_interval=auth.revalidate_interval,
+            ssl_context=tls.context,
+            cert_files=tls.cert_files,
+            crl_file=config.tls.crl,
+            revoked_serials=config.tls.revoked_serials,
+            limiter=limiter,
+            scheduler=Scheduler(config.scheduler),
+            trusted_proxies=config.trusted_proxies,
+            idempotency=IdempotencyKeys(store),
+        )
+        started: list[Component] = []
+        try:
+            for component in components:
+                await component.start()
+                started.append(component)
+            if role.channel is None:
+                await _serve(server, config, echo, token_state, token_path.resolve(), tls_messages)
+            else:
+                await _serve_worker(server, role.channel)
+        finally:
+            for component in reversed(started):
+                await component.aclose()
+            audit.close()
+            await limiter.aclose()
+    log.info("stopped")
 
 
 async def _serve(
@@ -239,3 +303,91 @@ async def _serve(
     for line in tls_messages:
         echo(line)
     await server.serve_forever(handle_signals=False)
+
+
+async def _serve_worker(server: Server, channel: WorkerChannel) -> None:
+    """Serve on the sockets the supervisor handed over; drain when told to or when it goes away."""
+    for sock in channel.listeners:
+        await server.start(sock=sock)
+    server.install_signal_handlers()
+    stopping: list[asyncio.Task[None]] = []
+
+    def orphaned() -> None:
+        log.warning("the supervisor has exited: draining")
+        stopping.append(asyncio.get_running_loop().create_task(server.shutdown()))
+
+    channel.watch(orphaned)
+    channel.ready({"pid": os.getpid(), "services": sorted(server.table.services)})
+    await server.serve_forever(handle_signals=False)
+    channel.close()
+
+
+# -- several workers ---------------------------------------------------------------------------
+
+
+#: Keys the login throttle may remember in the shared table (its three maps).
+_THROTTLE_KEYS = 3 * 100_000
+
+
+def _supervise(config: Config, workers: int, tls_messages: list[str], echo: Callable[[str], None]) -> int:
+    """Bootstrap the data once, bind the port, and supervise ``workers`` worker processes."""
+    data_dir = Path(config.data_dir)
+    token_path = data_dir / "admin.token"
+
+    async def bootstrap() -> str:
+        async with open_store(store_location(config), password=store_password(config)) as store:  # migrates
+            return await bootstrap_admin(store, token_path)
+
+    token_state = asyncio.run(bootstrap())
+    try:
+        listeners = bind_listeners(config.host, config.port, workers)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    shared = SharedTable.create(config.rate_limits.max_tracked + _THROTTLE_KEYS)
+    host, port = listeners[0][0].getsockname()[:2]
+
+    def announce(reports: list[dict[str, Any]]) -> None:
+        names = ", ".join(reports[0].get("services", []))
+        echo(f"bastion {__version__} listening on {host}:{port} (services: {names})")
+        echo(f"admin token {token_state} {token_path.resolve()} (mode 0600)")
+        for line in tls_messages:
+            echo(line)
+        log.info("%d workers serving: pids %s", len(reports), ", ".join(str(r.get("pid")) for r in reports))
+
+    payload = {"config": msgspec.to_builtins(config), "shared_fd": shared.fileno()}
+    supervisor = Supervisor(
+        [sys.executable, "-m", "bastion.cli.serve"],
+        listeners,
+        payload,
+        on_ready=announce,
+        grace=config.limits.grace_period,
+        extra_fds=[shared.fileno()],
+    )
+    try:
+        code = supervisor.run()
+    finally:
+        shared.close()
+    log.info("stopped")
+    return code
+
+
+def worker_main(argv: list[str]) -> int:
+    """A worker process's entry point: ``python -m bastion.cli.serve FD`` (started by the supervisor)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the server's own handler (TLS reload) is in
+    channel = WorkerChannel.open(int(argv[0]))
+    payload = channel.payload
+    config = msgspec.convert(payload["config"], Config)
+    _configure_logging(config.log_level, channel.index)
+    shared = SharedTable(int(payload["shared_fd"]))
+    tls = prepare_tls(config, warn=lambda line: None)  # the supervisor has shown the warnings
+
+    async def main() -> None:
+        await _compose_and_serve(config, _Role(channel, shared), lambda line: None, [], tls)
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(main())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))

@@ -15,14 +15,26 @@ such failure -- within the call's one deadline and the client's retry
 budget; a call the server's GoAway proves never started is replayed once on
 a new connection. Streams (``stream``) and one-shot input iterators are
 never retried.
+
+Several servers (``Client(["a:7400", "b:7400"])``, bastion/client/balancer.py).
+Each endpoint keeps its own connection; each call goes to the endpoint
+``Balancer.pick`` chooses, skipping those whose circuit breaker is open. A
+connection that cannot be opened opens the next endpoint's at once (the call
+never started). A call whose connection is lost after it was sent is retried
+on another endpoint only if it is idempotent -- declared so, or carrying an
+idempotency key (``invoke(..., idempotency_key=...)``: the server remembers
+its first answer) -- under the same retry budget. A background task checks
+every endpoint's ``admin.ready`` each ``health_interval`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
+import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -36,6 +48,7 @@ from bastion.client._common import (
     goaway_error,
     silent_close_hint,
 )
+from bastion.client.balancer import Balancer, BreakerState, Endpoint, expand_endpoints
 from bastion.client.base import ClientBase
 from bastion.client.policy import (
     LISTING_METHOD,
@@ -43,7 +56,15 @@ from bastion.client.policy import (
     IdempotentMethods,
     is_replayable,
 )
-from bastion.exceptions import CallError, ConnectError, ConnectionClosed, DeadlineExceeded, error_for_status
+from bastion.exceptions import (
+    CallError,
+    ConnectError,
+    ConnectionClosed,
+    DeadlineExceeded,
+    Unavailable,
+    UsageError,
+    error_for_status,
+)
 from bastion.protocol.connection import Connection, ProtocolLimits
 from bastion.protocol.messages import Credit, Error, GoAway, Item, Message, Result, Welcome
 from bastion.protocol.state import ConnectionState, Role
@@ -99,6 +120,7 @@ class _ClientConnection:
         self.loop = asyncio.get_running_loop()
         self.welcome: asyncio.Future[Welcome] = self.loop.create_future()
         self.closed = False
+        self.went_away = False  # the server sent GoAway (it is draining)
         #: The server closed the connection in the handshake without sending a byte.
         self.closed_silently = False
         self.slots: asyncio.Semaphore | None = None
@@ -152,6 +174,7 @@ class _ClientConnection:
             exc = error_for_status(goaway.code, goaway.message or "handshake refused")
             self.welcome.set_exception(exc)
             return
+        self.went_away = True
         for call_id in [i for i in self.pending if i > goaway.last_id]:
             self.pending.pop(call_id).fail(goaway_error(goaway, call_id))
         if not self.pending and self.link is not None:
@@ -242,6 +265,17 @@ class _ClientConnection:
             self.link.schedule_flush()
 
 
+class _Slot:
+    """One endpoint of a balanced client and its connection."""
+
+    __slots__ = ("conn", "endpoint", "lock")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.conn: _ClientConnection | None = None
+        self.lock = asyncio.Lock()
+
+
 async def _aiter(items: AsyncIterable[Any] | Iterable[Any]) -> AsyncIterator[Any]:
     if isinstance(items, AsyncIterable):
         async for item in items:
@@ -268,6 +302,9 @@ class Client(ClientBase):
         # something other than a TCP socket (an in-memory server, say).
         self._connector: Callable[[Callable[[], Link]], Awaitable[object]] | None = None
         self._listing: asyncio.Future[None] | None = None
+        self._balancer: Balancer | None = None
+        self._slots: dict[int, _Slot] = {}  # id(endpoint) -> slot
+        self._health: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -288,6 +325,8 @@ class Client(ClientBase):
         await self._connection()
 
     async def _connection(self) -> _ClientConnection:
+        if self.balanced:
+            return (await self._checkout(()))[1]
         conn = self._conn
         if conn is not None and conn.usable:
             return conn
@@ -301,7 +340,125 @@ class Client(ClientBase):
             self._listing = None
             return self._conn
 
-    async def _open(self) -> _ClientConnection:
+    # -- balancing ------------------------------------------------------------------
+
+    async def _endpoints(self) -> Balancer:
+        """The balancer, made on first use (host names resolved then)."""
+        if self._balancer is None:
+            loop = asyncio.get_running_loop()
+            resolved: dict[tuple[str, int], list[str]] = {}
+            for host, port in self._addresses:
+                try:
+                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                except OSError as exc:
+                    raise ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+                resolved[host, port] = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            if self._balancer is None:
+                endpoints = expand_endpoints(self._addresses, lambda h, p: resolved[h, p], self._make_breaker)
+                self._balancer = Balancer(endpoints, random=self._random)
+                self._slots = {id(e): _Slot(e) for e in endpoints}
+                if self.health_interval is not None:
+                    self._health = asyncio.ensure_future(self._health_loop(self.health_interval))
+        return self._balancer
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """The endpoints of a balanced client (empty before its first call)."""
+        return list(self._balancer.endpoints) if self._balancer is not None else []
+
+    async def _checkout(self, tried: Sequence[Endpoint]) -> tuple[_Slot, _ClientConnection]:
+        """A connected endpoint for the next call: picked, avoiding ``tried``; others tried if it cannot connect."""
+        balancer = await self._endpoints()
+        failed = list(tried)
+        error: BaseException | None = None
+        for _ in range(len(balancer.endpoints)):
+            endpoint = balancer.pick(failed)
+            if error is not None and endpoint in failed:
+                break  # every endpoint failed this call
+            slot = self._slots[id(endpoint)]
+            try:
+                conn = await self._slot_connection(slot)
+                if endpoint.breaker.state is not BreakerState.CLOSED and not await self._probe(slot, conn):
+                    raise ConnectError(f"{endpoint.address} is not ready")
+                return slot, conn
+            except ConnectError as exc:
+                endpoint.breaker.on_failure()
+                failed.append(endpoint)
+                error = exc
+        assert error is not None
+        raise error
+
+    async def _slot_connection(self, slot: _Slot) -> _ClientConnection:
+        conn = slot.conn
+        if conn is not None and conn.usable:
+            return conn
+        async with slot.lock:
+            conn = slot.conn
+            if conn is not None and conn.usable:
+                return conn
+            if conn is not None and conn.went_away:
+                slot.endpoint.breaker.trip()  # draining: elsewhere for a while
+                slot.conn = None
+                raise ConnectError(f"{slot.endpoint.address} is draining")
+            endpoint = slot.endpoint
+            slot.conn = await self._open(endpoint.host, endpoint.port, endpoint.server_hostname)
+            return slot.conn
+
+    async def _probe(self, slot: _Slot, conn: _ClientConnection) -> bool:
+        """A half-open endpoint's trial: ``admin.ready``; the breaker learns the answer."""
+        breaker = slot.endpoint.breaker
+        if not breaker.begin_trial():
+            return breaker.state is BreakerState.CLOSED
+        try:
+            answer = await self._call_on(conn, "admin.ready", {}, 2.0, 2.0, {}, None)
+            ok = isinstance(answer, dict) and answer.get("ready") is True
+        except (CallError, ConnectionClosed, ConnectError):
+            ok = False
+        if ok:
+            breaker.on_success()
+        else:
+            breaker.trip()
+        return ok
+
+    async def _health_loop(self, interval: float) -> None:
+        """Every ``interval`` seconds: ``admin.ready`` on every endpoint whose breaker is not open."""
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.gather(*(self._check(slot, interval) for slot in list(self._slots.values())))
+
+    async def _check(self, slot: _Slot, interval: float) -> None:
+        breaker = slot.endpoint.breaker
+        if breaker.state is BreakerState.OPEN:
+            return
+        try:
+            conn = await self._slot_connection(slot)
+        except ConnectError:
+            breaker.on_failure()
+            return
+        if breaker.state is BreakerState.HALF_OPEN:
+            await self._probe(slot, conn)
+            return
+        try:
+            answer = await self._call_on(conn, "admin.ready", {}, min(2.0, interval), min(2.0, interval), {}, None)
+        except (ConnectionClosed, ConnectError):
+            breaker.on_failure()
+            return
+        except CallError:
+            return  # e.g. no admin service: health checks say nothing here
+        if isinstance(answer, dict) and answer.get("ready") is False:
+            breaker.trip()
+
+    @property
+    def _random(self) -> Callable[[], float]:
+        return self._retry.random if self._retry is not None else random.random
+
+    # -- connections ---------------------------------------------------------------
+
+    async def _open(
+        self, host: str | None = None, port: int | None = None, hostname: str | None = None
+    ) -> _ClientConnection:
+        host = self.host if host is None else host
+        port = self.port if port is None else port
         loop = asyncio.get_running_loop()
         conn = _ClientConnection(self.limits, self._token, self._name)
         try:
@@ -312,10 +469,10 @@ class Client(ClientBase):
                     context = self.tls.context()
                     await loop.create_connection(
                         lambda: Link(conn.core, conn),
-                        self.host,
-                        self.port,
+                        host,
+                        port,
                         ssl=context,
-                        server_hostname=(self._server_hostname or self.host) if context is not None else None,
+                        server_hostname=(self._server_hostname or hostname or host) if context is not None else None,
                         ssl_handshake_timeout=self.connect_timeout if context is not None else None,
                         local_addr=(self.source_address, 0) if self.source_address else None,
                     )
@@ -323,28 +480,36 @@ class Client(ClientBase):
         except TimeoutError:
             if conn.link is not None:
                 conn.link.abort()
-            raise ConnectError(f"timed out connecting to {self.host}:{self.port}") from None
+            raise ConnectError(f"timed out connecting to {host}:{port}") from None
         except ssl.SSLError as exc:
-            raise ConnectError(
-                f"TLS handshake with {self.host}:{self.port} failed: {describe_tls_error(exc)}"
-            ) from None
+            raise ConnectError(f"TLS handshake with {host}:{port} failed: {describe_tls_error(exc)}") from None
         except (ConnectionResetError, BrokenPipeError) as exc:
             hint = "; does the server speak TLS?" if not self.tls.insecure else ""
             raise ConnectError(
-                f"connection to {self.host}:{self.port} closed during the handshake ({exc.strerror or exc}){hint}"
+                f"connection to {host}:{port} closed during the handshake ({exc.strerror or exc}){hint}"
             ) from None
         except OSError as exc:
-            raise ConnectError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+            raise ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
         except ConnectError as exc:
             hint = silent_close_hint(self.tls) if conn.closed_silently else ""
-            raise ConnectError(f"{self.host}:{self.port}: {exc}{hint}") from None
+            raise ConnectError(f"{host}:{port}: {exc}{hint}") from None
         return conn
 
     async def close(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
+            self._health = None
+        for slot in self._slots.values():
+            self._close_conn(slot.conn)
+            slot.conn = None
         conn, self._conn = self._conn, None
         if self._listing is not None:
             self._listing.cancel()
             self._listing = None
+        self._close_conn(conn)
+
+    @staticmethod
+    def _close_conn(conn: _ClientConnection | None) -> None:
         if conn is not None and conn.link is not None and not conn.closed:
             for call_id, pending in list(conn.pending.items()):
                 conn.cancel(call_id)
@@ -370,6 +535,7 @@ class Client(ClientBase):
         metadata: dict[str, str] | None = None,
         items: AsyncIterable[Any] | Iterable[Any] | None = None,
         idempotent: bool | None = None,
+        idempotency_key: str | bool | None = None,
     ) -> Any:
         """The full form of ``call``: per-call timeout, priority, metadata, input stream.
 
@@ -377,28 +543,43 @@ class Client(ClientBase):
         failure; False never retries it; None (default) asks the server's
         method listing, once per connection, when it first matters. The
         timeout covers every attempt and the waits between them.
+        ``idempotency_key``: a key (True: a new random one) the server
+        remembers the call's first answer under, so the call may be retried
+        -- even after a lost connection, on another server -- and still take
+        effect once (unary calls only; sent as metadata ``idempotency-key``).
         """
         timeout = self.timeout if timeout is None else timeout
         checked = check_args(args)
+        metadata = self._with_key(metadata, idempotency_key)
+        if metadata is not None and "idempotency-key" in metadata:
+            if items is not None:
+                raise UsageError("idempotency keys apply to unary calls only, not streams")
+            idempotent = True  # the server answers a repeat with the first result
         options = {"priority": priority, "metadata": metadata}
         retry, budget = self._retry, self.retry_budget
         if retry is None or budget is None or not is_replayable(items):
-            return await self._attempt(method, checked, timeout, timeout, options, items)
+            return await self._attempt(method, checked, timeout, timeout, options, items, [])
         budget.on_request()
         deadline = None if timeout is None else retry.clock() + timeout
         left = timeout
         attempts = None
+        tried: list[Endpoint] = []  # endpoints this call failed on: the next attempt goes elsewhere
         while True:
             try:
-                return await self._attempt(method, checked, left, timeout, options, items)
-            except CallError as exc:
-                if not retry.may_retry(exc):
+                return await self._attempt(method, checked, left, timeout, options, items, tried)
+            except (CallError, ConnectionClosed) as exc:
+                reason: BaseException = exc
+                if isinstance(exc, ConnectionClosed):
+                    if not self.balanced:
+                        raise
+                    reason = Unavailable(f"connection lost: {exc}")  # it may have started: idempotent only
+                if not retry.may_retry(reason):
                     raise
                 if attempts is None:
                     attempts = retry.attempts(budget, deadline=deadline, idempotent=idempotent)
-                if attempts.needs_idempotency(exc):
+                if attempts.needs_idempotency(reason):
                     attempts.idempotent = await self._is_idempotent(method, attempts.remaining())
-                delay = attempts.next_delay(exc)
+                delay = attempts.next_delay(reason)
                 if delay is None:
                     raise
             if delay > 0:
@@ -413,9 +594,50 @@ class Client(ClientBase):
         total: float | None,
         options: Mapping[str, Any],
         items: AsyncIterable[Any] | Iterable[Any] | None,
+        tried: list[Endpoint],
     ) -> Any:
-        """One attempt at a call, with ``timeout`` seconds left of the call's ``total``."""
-        conn = await self._connection()
+        """One attempt at a call, with ``timeout`` seconds left of the call's ``total``.
+
+        Balanced: on an endpoint not in ``tried``, if one is left; adds the
+        endpoint to ``tried`` if the attempt fails there.
+        """
+        if not self.balanced:
+            return await self._call_on(await self._connection(), method, args, timeout, total, options, items)
+        slot, conn = await self._checkout(tried)
+        endpoint = slot.endpoint
+        endpoint.outstanding += 1
+        try:
+            result = await self._call_on(conn, method, args, timeout, total, options, items)
+        except ConnectionClosed:
+            endpoint.breaker.on_failure()
+            tried.append(endpoint)
+            raise
+        except CallError as exc:
+            if exc.status in self._retry_statuses:
+                tried.append(endpoint)
+                if conn.went_away:
+                    endpoint.breaker.trip()
+            raise
+        finally:
+            endpoint.outstanding -= 1
+        endpoint.breaker.on_success()
+        return result
+
+    @property
+    def _retry_statuses(self) -> frozenset[Any]:
+        return self._retry.retryable if self._retry is not None else frozenset()
+
+    async def _call_on(
+        self,
+        conn: _ClientConnection,
+        method: str,
+        args: dict[str, Any],
+        timeout: float | None,
+        total: float | None,
+        options: Mapping[str, Any],
+        items: AsyncIterable[Any] | Iterable[Any] | None,
+    ) -> Any:
+        """One attempt at a call on ``conn``."""
         if conn.slots is not None:
             await conn.slots.acquire()
         try:
@@ -460,7 +682,7 @@ class Client(ClientBase):
 
     async def _fetch_listing(self, methods: IdempotentMethods) -> None:
         try:
-            listing = await self._attempt(LISTING_METHOD, {}, LISTING_TIMEOUT, LISTING_TIMEOUT, {}, None)
+            listing = await self._attempt(LISTING_METHOD, {}, LISTING_TIMEOUT, LISTING_TIMEOUT, {}, None, [])
         except Exception as exc:  # whatever went wrong, the answer is "not idempotent" for now
             methods.failed(exc)
         else:

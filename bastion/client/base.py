@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 
-from bastion.client._common import CLIENT_NAME, ClientTLS, parse_address, resolve_token
+from bastion.client._common import CLIENT_NAME, ClientTLS, resolve_token
+from bastion.client.balancer import CircuitBreaker, parse_endpoints
 from bastion.client.policy import DEFAULT_RETRY, IdempotentMethods, RetryBudget, RetryPolicy
 from bastion.protocol.connection import ProtocolLimits
 from bastion.protocol.messages import Welcome
@@ -31,11 +33,19 @@ class ClientBase:
     ``retry`` is the ``RetryPolicy`` for failed calls (default: 3 attempts
     with jittered exponential backoff, for idempotent calls only, under a
     retry budget); None never retries, not even a call that never started.
+
+    Several servers: ``address`` may be a list of addresses, a comma-separated
+    string, or ``dns:///name:port`` (every address the name resolves to). The
+    client then balances calls over them and fails over between them (see
+    bastion/client/balancer.py): ``breaker`` makes each endpoint's
+    ``CircuitBreaker``; ``health_interval`` is how often (seconds) the async
+    client checks every endpoint's ``admin.ready`` (None: only when a breaker
+    half-opens).
     """
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         token: str | None = None,
         token_file: str | None = None,
@@ -51,8 +61,13 @@ class ClientBase:
         insecure: bool = False,
         source_address: str | None = None,
         retry: RetryPolicy | None = DEFAULT_RETRY,
+        breaker: Callable[[], CircuitBreaker] = CircuitBreaker,
+        health_interval: float | None = 5.0,
     ) -> None:
-        self.host, self.port = parse_address(address)
+        self._addresses, self.balanced = parse_endpoints(address)
+        self.host, self.port = self._addresses[0]
+        self._make_breaker = breaker
+        self.health_interval = health_interval
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.limits = limits or ProtocolLimits()
@@ -83,5 +98,15 @@ class ClientBase:
     def _clock(self) -> Callable[[], float]:
         return self._retry.clock if self._retry is not None else DEFAULT_RETRY.clock
 
+    @staticmethod
+    def _with_key(metadata: dict[str, str] | None, idempotency_key: str | bool | None) -> dict[str, str] | None:
+        """``metadata`` plus the call's idempotency key (True: a new random one)."""
+        if idempotency_key is None or idempotency_key is False:
+            return metadata
+        key = uuid.uuid4().hex if idempotency_key is True else idempotency_key
+        return {**(metadata or {}), "idempotency-key": key}
+
     def __repr__(self) -> str:
+        if self.balanced:
+            return f"{type(self).__name__}({','.join(f'{h}:{p}' for h, p in self._addresses)})"
         return f"{type(self).__name__}({self.host}:{self.port})"

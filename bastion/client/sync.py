@@ -5,11 +5,19 @@ the way bytes move differs. One call runs at a time per ``SyncClient`` (a
 lock serialises threads); use several clients for parallel blocking calls.
 Retries follow the same ``RetryPolicy`` as the async client's (see
 ``bastion.client.aio``); the waits between attempts hold no lock.
+
+Several servers (a list of addresses, see ``ClientBase``): the client keeps
+one connection, to an endpoint the ``Balancer`` picks (one call at a time
+leaves nothing to weigh but health); a connection that cannot be opened, is
+lost, or is drained moves it to another endpoint, and calls are retried
+there as the async client does. There is no background health check: a
+half-open endpoint is tried with ``admin.ready`` before a call goes to it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -24,6 +32,7 @@ from bastion.client._common import (
     goaway_error,
     silent_close_hint,
 )
+from bastion.client.balancer import Balancer, Endpoint, expand_endpoints
 from bastion.client.base import ClientBase
 from bastion.client.policy import (
     LISTING_METHOD,
@@ -31,7 +40,15 @@ from bastion.client.policy import (
     IdempotentMethods,
     is_replayable,
 )
-from bastion.exceptions import CallError, ConnectError, ConnectionClosed, DeadlineExceeded, error_for_status
+from bastion.exceptions import (
+    CallError,
+    ConnectError,
+    ConnectionClosed,
+    DeadlineExceeded,
+    Unavailable,
+    UsageError,
+    error_for_status,
+)
 from bastion.protocol.connection import Connection
 from bastion.protocol.messages import Credit, Error, GoAway, Item, Result, Welcome
 from bastion.protocol.state import ConnectionState, Role
@@ -47,6 +64,8 @@ class SyncClient(ClientBase):
     def _post_init(self) -> None:
         self._link: BlockingLink | None = None
         self._lock = threading.RLock()
+        self._balancer: Balancer | None = None
+        self._endpoint: Endpoint | None = None  # the endpoint of ``_link``
 
     def __enter__(self) -> SyncClient:
         self.connect()
@@ -66,20 +85,82 @@ class SyncClient(ClientBase):
         with self._lock:
             self._connection()
 
-    def _connection(self) -> BlockingLink:
+    def _connection(self, tried: list[Endpoint] | None = None) -> BlockingLink:
         link = self._link
         if link is not None and not link.closed and link.core.state is ConnectionState.OPEN:
             return link
         if link is not None:
+            if link.core.state is not ConnectionState.OPEN and self._endpoint is not None and not link.closed:
+                self._endpoint.breaker.trip()  # drained (GoAway): elsewhere for a while
             link.close()
+            self._link = None
+        if not self.balanced:
+            return self._connect_to(self.host, self.port, self._server_hostname)
+        balancer = self._endpoints()
+        failed = list(tried or ())
+        error: ConnectError | None = None
+        for _ in range(len(balancer.endpoints)):
+            endpoint = balancer.pick(failed)
+            if error is not None and endpoint in failed:
+                break
+            try:
+                link = self._connect_to(endpoint.host, endpoint.port, self._server_hostname or endpoint.server_hostname)
+                self._endpoint = endpoint
+                if endpoint.breaker.begin_trial():
+                    self._probe(endpoint)
+                return link
+            except ConnectError as exc:
+                endpoint.breaker.on_failure()
+                failed.append(endpoint)
+                error = exc
+        assert error is not None
+        raise error
+
+    def _endpoints(self) -> Balancer:
+        if self._balancer is None:
+
+            def resolve(host: str, port: int) -> list[str]:
+                try:
+                    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                except OSError as exc:
+                    raise ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+                return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+            endpoints = expand_endpoints(self._addresses, resolve, self._make_breaker)
+            random = self._retry.random if self._retry is not None else None
+            self._balancer = Balancer(endpoints, random=random) if random is not None else Balancer(endpoints)
+        return self._balancer
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """The endpoints of a balanced client (empty before its first call)."""
+        return list(self._balancer.endpoints) if self._balancer is not None else []
+
+    def _probe(self, endpoint: Endpoint) -> None:
+        """A half-open endpoint's trial, on the new link: ``admin.ready``; ConnectError if it fails."""
+        try:
+            answer = self._attempt("admin.ready", {}, 2.0, 2.0, None, None, None)
+            ok = isinstance(answer, dict) and answer.get("ready") is True
+        except (CallError, ConnectionClosed, ConnectError):
+            ok = False
+        if ok:
+            endpoint.breaker.on_success()
+            return
+        endpoint.breaker.trip()
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        raise ConnectError(f"{endpoint.address} is not ready")
+
+    def _connect_to(self, host: str, port: int, server_hostname: str | None) -> BlockingLink:
         core = Connection(Role.CLIENT, self.limits)
         link = BlockingLink.connect(
             core,
-            self.host,
-            self.port,
+            host,
+            port,
             timeout=self.connect_timeout,
             ssl_context=self.tls.context(),
-            server_hostname=self._server_hostname,
+            server_hostname=server_hostname,
             alpn=ALPN_PROTOCOL,
             source_address=self.source_address,
         )
@@ -100,7 +181,7 @@ class SyncClient(ClientBase):
         except (DeadlineExceeded, ConnectionClosed) as exc:
             link.close()
             hint = silent_close_hint(self.tls) if isinstance(exc, ConnectionClosed) and not link.received_any else ""
-            raise ConnectError(f"handshake with {self.host}:{self.port} failed: {exc}{hint}") from None
+            raise ConnectError(f"handshake with {host}:{port} failed: {exc}{hint}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -124,10 +205,16 @@ class SyncClient(ClientBase):
         metadata: dict[str, str] | None = None,
         items: Iterable[Any] | None = None,
         idempotent: bool | None = None,
+        idempotency_key: str | bool | None = None,
     ) -> Any:
-        """The full form of ``call``; ``idempotent`` and retries as for ``Client.invoke``."""
+        """The full form of ``call``; ``idempotent``, ``idempotency_key`` and retries as for ``Client.invoke``."""
         timeout = self.timeout if timeout is None else timeout
         checked = check_args(args)
+        metadata = self._with_key(metadata, idempotency_key)
+        if metadata is not None and "idempotency-key" in metadata:
+            if items is not None:
+                raise UsageError("idempotency keys apply to unary calls only, not streams")
+            idempotent = True
         retry, budget = self._retry, self.retry_budget
         if retry is None or budget is None or not is_replayable(items):
             return self._attempt(method, checked, timeout, timeout, priority, metadata, items)
@@ -138,19 +225,40 @@ class SyncClient(ClientBase):
         while True:
             try:
                 return self._attempt(method, checked, left, timeout, priority, metadata, items)
-            except CallError as exc:
-                if not retry.may_retry(exc):
+            except (CallError, ConnectionClosed) as exc:
+                reason: BaseException = exc
+                if isinstance(exc, ConnectionClosed):
+                    if not self.balanced:
+                        raise
+                    reason = Unavailable(f"connection lost: {exc}")  # it may have started: idempotent only
+                if self.balanced:
+                    self._leave(exc, retry.retryable)
+                if not retry.may_retry(reason):
                     raise
                 if attempts is None:
                     attempts = retry.attempts(budget, deadline=deadline, idempotent=idempotent)
-                if attempts.needs_idempotency(exc):
+                if attempts.needs_idempotency(reason):
                     attempts.idempotent = self._is_idempotent(method, attempts.remaining())
-                delay = attempts.next_delay(exc)
+                delay = attempts.next_delay(reason)
                 if delay is None:
                     raise
             if delay > 0:
                 time.sleep(delay)
             left = attempts.remaining()
+
+    def _leave(self, exc: BaseException, retryable: frozenset[Any]) -> None:
+        """After a failed attempt: drop the endpoint's connection if it was lost, drained or unavailable."""
+        endpoint = self._endpoint
+        if endpoint is None:
+            return
+        if isinstance(exc, ConnectionClosed):
+            endpoint.breaker.on_failure()
+        elif not isinstance(exc, Unavailable):  # a rate limit is no reason to move
+            return
+        with self._lock:
+            if self._link is not None:
+                self._link.close()
+                self._link = None
 
     def _attempt(
         self,

@@ -16,6 +16,11 @@ Theory of operation: ``check`` runs before any password is verified and
 raises ResourceExhausted with a retry-after when a limit is hit (cheap, so a
 throttled attacker costs no argon2 work); ``failed``/``succeeded`` record the
 outcome. The clock is injected; nothing here sleeps.
+
+Several workers (``bastion serve --workers N``): pass ``shared``, the
+workers' ``SharedTable`` (ratelimit_shared.py), and the per-source and
+per-user buckets and the failure counts live there, so they hold across
+the workers as they do in one process; lockouts are in the store anyway.
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from bastion.exceptions import ResourceExhausted
 from bastion.security.credentials import CredentialStore
+
+if TYPE_CHECKING:
+    from bastion.security.ratelimit_shared import SharedTable
 
 __all__ = ["LoginThrottle", "TokenBucket"]
 
@@ -77,6 +86,33 @@ class _Buckets:
         return bucket.take(now)
 
 
+class _Counts:
+    """Counters per key, the oldest forgotten first past MAX_TRACKED."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, int] = OrderedDict()
+
+    def add(self, key: str) -> int:
+        count = self._items.pop(key, 0) + 1
+        self._items[key] = count
+        if len(self._items) > MAX_TRACKED:
+            self._items.popitem(last=False)
+        return count
+
+    def pop(self, key: str) -> None:
+        self._items.pop(key, None)
+
+
+class _BucketMap(Protocol):
+    def wait(self, key: str, now: float) -> float: ...
+    def take(self, key: str, now: float) -> float: ...
+
+
+class _CountMap(Protocol):
+    def add(self, key: str) -> int: ...
+    def pop(self, key: str) -> None: ...
+
+
 class LoginThrottle:
     def __init__(
         self,
@@ -88,12 +124,23 @@ class LoginThrottle:
         lockout: float = 300.0,
         global_per_hour: int = 100,
         clock: Callable[[], float] = time.time,
+        shared: SharedTable | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
-        self._sources = _Buckets(burst, rate)
-        self._users = _Buckets(global_per_hour, global_per_hour / 3600)
-        self._failures: OrderedDict[str, int] = OrderedDict()
+        self._sources: _BucketMap
+        self._users: _BucketMap
+        self._failures: _CountMap
+        if shared is None:
+            self._sources = _Buckets(burst, rate)
+            self._users = _Buckets(global_per_hour, global_per_hour / 3600)
+            self._failures = _Counts()
+        else:
+            from bastion.security.ratelimit_shared import SharedBuckets, SharedCounts
+
+            self._sources = SharedBuckets(shared, "login-source", burst, rate)
+            self._users = SharedBuckets(shared, "login-user", global_per_hour, global_per_hour / 3600)
+            self._failures = SharedCounts(shared, "login-failures")
         self.max_failures = max_failures
         self.lockout = lockout
 
@@ -124,15 +171,12 @@ class LoginThrottle:
             return False
         self._users.take(username, now)  # spend from the slow global allowance
         key = self._pair(username, source)
-        count = self._failures.pop(key, 0) + 1
-        self._failures[key] = count
-        if len(self._failures) > MAX_TRACKED:
-            self._failures.popitem(last=False)
+        count = self._failures.add(key)
         if count >= self.max_failures:
-            self._failures.pop(key, None)
+            self._failures.pop(key)
             await self._store.set_lockout(key, now + self.lockout)
             return True
         return False
 
     def succeeded(self, username: str, source: str) -> None:
-        self._failures.pop(self._pair(username, source), None)
+        self._failures.pop(self._pair(username, source))

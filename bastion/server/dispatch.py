@@ -7,26 +7,58 @@ the caller may call it (UNAUTHENTICATED for anonymous callers of non-public
 methods, PERMISSION_DENIED for missing roles), and the arguments match the
 method's hints (INVALID_ARGUMENT naming the field). Nothing here runs a
 handler.
+
+``IdempotencyKeys`` is the server half of idempotency keys: a unary call
+whose metadata carries ``idempotency-key`` claims (principal, key) in the
+store before its handler runs (``begin``), and its answer is recorded
+(``finish``) before it is sent, so a retry of the call -- on this replica or
+any other sharing the store -- gets the first answer back instead of running
+it again. A retryable failure (UNAVAILABLE, RESOURCE_EXHAUSTED,
+DEADLINE_EXCEEDED, CANCELLED) gives the claim back (``release``). A retry
+that finds the first execution still running waits for it a little, then
+answers UNAVAILABLE (retry later); one whose first execution was abandoned
+(its lease ran out: the server died mid-call) answers ABORTED, since whether
+it took effect is unknown; a key reused for a different method or arguments
+answers FAILED_PRECONDITION. See bastion/store/idempotency.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import msgspec
 
 from bastion.exceptions import (
+    Aborted,
+    FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
     Unauthenticated,
+    Unavailable,
     Unimplemented,
     UsageError,
 )
 from bastion.security.principal import Principal
 from bastion.service import MethodKind, MethodSpec, Service
+from bastion.status import Status
+from bastion.store.idempotency import IdempotencyRecord, IdempotencyStore
 
-__all__ = ["Entry", "MethodTable"]
+__all__ = ["IDEMPOTENCY_KEY", "Entry", "IdempotencyKeys", "MethodTable"]
+
+log = logging.getLogger("bastion.server")
+
+#: The call metadata key that carries an idempotency key.
+IDEMPOTENCY_KEY = "idempotency-key"
+#: The longest idempotency key accepted, in characters.
+MAX_IDEMPOTENCY_KEY = 200
+#: Failures after which a call may run again under the same key: its claim is given back.
+RELEASED_ON = frozenset({Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED, Status.DEADLINE_EXCEEDED, Status.CANCELLED})
 
 
 class Entry:
@@ -95,3 +127,122 @@ class MethodTable:
             }
             for service in self.services.values()
         ]
+
+
+class IdempotencyKeys:
+    """Claims, records and replays answers by (principal, idempotency key), in a shared store.
+
+    ``window``: seconds an answer is remembered (default 24 hours).
+    ``lease``: seconds a claim of a call without a deadline lasts before it
+    counts as abandoned (a call with a deadline holds it until then, plus a
+    second). ``wait``: how long a retry waits for a first execution still
+    running before answering UNAVAILABLE; ``poll``: how often it looks.
+    """
+
+    def __init__(
+        self,
+        store: IdempotencyStore,
+        *,
+        window: float = 86400.0,
+        lease: float = 60.0,
+        wait: float = 2.0,
+        poll: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if window <= 0 or lease <= 0:
+            raise UsageError("IdempotencyKeys: window and lease must be positive")
+        self.store = store
+        self.window = window
+        self.lease = lease
+        self.wait = wait
+        self.poll = poll
+        self._clock = clock
+        self._next_sweep = 0.0
+
+    @staticmethod
+    def key_of(metadata: Mapping[str, str] | None) -> str | None:
+        """The idempotency key a call's metadata carries, checked; None if it carries none."""
+        if not metadata or IDEMPOTENCY_KEY not in metadata:
+            return None
+        key = metadata[IDEMPOTENCY_KEY]
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isprintable():
+            raise InvalidArgument(
+                f"metadata {IDEMPOTENCY_KEY!r} must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters"
+            )
+        return key
+
+    async def begin(
+        self, principal: str, key: str, method: str, args: bytes, timeout: float | None
+    ) -> str | IdempotencyRecord:
+        """Claim ``key`` for this call: the claim's owner id (run the call), or the first answer to replay.
+
+        Raises FAILED_PRECONDITION if ``key`` was used for another method or
+        other arguments, UNAVAILABLE if the first execution is still running
+        after ``wait``, ABORTED if it was abandoned mid-call.
+        """
+        now = self._clock()
+        digest = hashlib.sha256(method.encode() + b"\0" + args).digest()
+        owner = secrets.token_hex(8)
+        lease = self.lease if timeout is None else timeout + 1.0
+        claim = IdempotencyRecord(
+            principal, key, method, digest, "running", owner, None, None, None, now, now + self.window, now + lease
+        )
+        if now >= self._next_sweep:
+            self._next_sweep = now + 60.0
+            await self._sweep(now)
+        found = await self.store.idempotency_begin(claim, now)
+        if found is None:
+            return owner
+        stop = now + (self.wait if timeout is None else min(self.wait, max(0.0, timeout - 0.1)))
+        while True:
+            if found.method != method or found.digest != digest:
+                raise FailedPrecondition(
+                    f"idempotency key {key!r} was already used for a different call "
+                    f"({found.method} with other arguments); use a new key for a new call",
+                    details={"method": found.method},
+                )
+            if found.state == "done":
+                return found
+            now = self._clock()
+            if found.lease_until <= now:
+                raise Aborted(
+                    f"the first call with idempotency key {key!r} was interrupted (its server stopped) and may "
+                    "or may not have taken effect; check, then retry with a new key"
+                )
+            if now >= stop:
+                raise Unavailable(f"a call with idempotency key {key!r} is still running; retry later", retry_after=0.5)
+            await asyncio.sleep(self.poll)
+            again = await self.store.idempotency_get(principal, key)
+            if again is None or again.expires_at <= self._clock():  # given back: claim it now
+                return await self.begin(principal, key, method, args, timeout)
+            found = again
+
+    async def finish(
+        self, principal: str, key: str, owner: str, status: Status, message: str | None, value: bytes | None
+    ) -> None:
+        """Record the call's answer under its claim."""
+        if not await self.store.idempotency_finish(principal, key, owner, int(status), message, value):
+            log.warning("idempotency key of %s was taken over before its answer was recorded", principal)
+
+    async def release(self, principal: str, key: str, owner: str) -> None:
+        """Give the claim back: the call failed retryably and may run again."""
+        try:
+            await self.store.idempotency_release(principal, key, owner)
+        except Exception:  # the lease runs out on its own
+            log.warning("could not release an idempotency key of %s", principal, exc_info=True)
+
+    async def _sweep(self, now: float) -> None:
+        try:
+            await self.store.idempotency_expire(now, 1000)
+        except Exception:
+            log.warning("could not delete expired idempotency keys", exc_info=True)
+
+    @staticmethod
+    def replay(record: IdempotencyRecord) -> tuple[Status, str | None, msgspec.Raw | None]:
+        """The first answer as (status, error message, encoded value)."""
+        try:
+            status = Status(record.status or 0)
+        except ValueError:
+            status = Status.UNKNOWN
+        value = msgspec.Raw(record.value) if record.value is not None else None
+        return status, record.message, value

@@ -31,6 +31,19 @@ authentication to use, and a certificate whose serial is in
 ``revoked_serials`` is refused with UNAUTHENTICATED. SIGHUP reloads the
 certificate, key (and CRL) from ``cert_files`` into the live context: new
 connections get the new certificate, established ones keep going.
+
+Behind a load balancer. A connection from an address in ``trusted_proxies``
+(IPs or CIDR networks) must start with a PROXY protocol v2 header
+(bastion/protocol/proxy.py), read from the bare socket before any TLS, byte
+for byte so nothing of the TLS handshake is consumed, under the same
+handshake deadline. The client address it carries then stands for the peer
+everywhere: the per-source connection limit (the balancer's own address is
+counted only against ``max_connections``), rate limits, login throttles,
+``Context.peer`` and the audit log. A LOCAL header (the balancer's own
+connection, e.g. a health check) keeps the real endpoints. A trusted
+connection without a valid header is closed and counted
+(``rejected_proxy_header_total``). From any other address no header is
+ever looked for: one sent anyway is just bytes that break the protocol.
 """
 
 from __future__ import annotations
@@ -39,6 +52,8 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
+import ipaddress
 import logging
 import os
 import resource
@@ -46,7 +61,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -54,14 +69,15 @@ import msgspec
 
 from bastion._version import __version__
 from bastion.config import ServerLimits
-from bastion.exceptions import BastionError
+from bastion.exceptions import BastionError, UsageError
+from bastion.protocol.proxy import Command, ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 from bastion.security.audit import AuditLog
 from bastion.security.authn import AllowAnonymous, Authenticator
 from bastion.security.principal import Principal
 from bastion.security.ratelimit import Limiter, RateLimiter
 from bastion.security.tls import ALPN_PROTOCOL, client_identity, parse_serial
 from bastion.security.tls import reload as reload_certificate
-from bastion.server.dispatch import MethodTable
+from bastion.server.dispatch import IdempotencyKeys, MethodTable
 from bastion.server.scheduler import Scheduler
 from bastion.server.session import ServerSession
 from bastion.service import Service
@@ -130,10 +146,17 @@ class Server:
         revoked_serials: Iterable[int | str] = (),
         limiter: Limiter | None = None,
         scheduler: Scheduler | None = None,
+        trusted_proxies: Iterable[str] = (),
+        idempotency: IdempotencyKeys | None = None,
     ) -> None:
         """TLS: ``cert_files`` are the (certificate, key) paths SIGHUP reloads into
         ``ssl_context``, ``crl_file`` a CRL reloaded with them; ``revoked_serials``
-        are client certificate serials to refuse (ints, decimal or 0x-hex strings)."""
+        are client certificate serials to refuse (ints, decimal or 0x-hex strings).
+        ``trusted_proxies``: addresses or CIDR networks of load balancers whose
+        connections start with a PROXY protocol v2 header (UsageError if one is
+        not an address or network). ``idempotency``: where the first results of
+        calls carrying an ``idempotency-key`` are kept (shared by replicas through
+        the store); without it such calls are refused."""
         self.table = MethodTable(services)
         self.limits = limits or ServerLimits()
         self.authenticator: Authenticator = authenticator or AllowAnonymous()
@@ -141,6 +164,8 @@ class Server:
         self.cert_files = cert_files
         self.crl_file = crl_file
         self.revoked_serials = frozenset(parse_serial(s) for s in revoked_serials)
+        self.trusted_proxies = _parse_networks(trusted_proxies)
+        self.idempotency = idempotency
         self.audit = audit or AuditLog()
         self.revalidate_interval = revalidate_interval
         # Rate limiting: an in-memory limiter is checked inline before a call is
@@ -222,26 +247,87 @@ class Server:
         """Check the connection limits on a just-accepted socket; start it or close it."""
         source = addr[0] if isinstance(addr, tuple) else str(addr)
         limits = self.limits
-        if self._open >= limits.max_connections or self._per_source.get(source, 0) >= limits.max_connections_per_source:
+        proxied = bool(self.trusted_proxies) and self._is_trusted_proxy(source)
+        if self._open >= limits.max_connections or (
+            not proxied and self._per_source.get(source, 0) >= limits.max_connections_per_source
+        ):
             self.counters["rejected_connections"] += 1
             if self._open < limits.max_connections:
                 self.counters["rejected_connections_per_source"] += 1
             conn.close()
             return
         self._open += 1
-        self._per_source[source] = self._per_source.get(source, 0) + 1
-        task = asyncio.get_running_loop().create_task(self._connect(conn, source))
+        if proxied:  # the per-source limit applies to the client the header names
+            coro = self._connect_proxied(conn, source)
+        else:
+            self._per_source[source] = self._per_source.get(source, 0) + 1
+            coro = self._connect(conn, source)
+        task = asyncio.get_running_loop().create_task(coro)
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
-    async def _connect(self, conn: socket.socket, source: str) -> None:
-        """Run the (TLS and) transport setup of one accepted socket."""
-        link = self._new_link(source)
+    def _is_trusted_proxy(self, source: str) -> bool:
+        try:
+            address = ipaddress.ip_address(source)
+        except ValueError:  # not an IP (a Unix socket)
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted_proxies)
+
+    async def _connect_proxied(self, conn: socket.socket, proxy: str) -> None:
+        """Read the PROXY header of a connection from a trusted balancer, then set it up as the client's.
+
+        Holds one slot of ``max_connections`` (taken in ``_admit``); the
+        per-source slot is taken here, for the client the header names.
+        """
+        loop = asyncio.get_running_loop()
+        accepted_at = loop.time()
+        try:
+            async with asyncio.timeout(self.limits.handshake_timeout):
+                header = await _read_proxy_header(loop, conn)
+        except (ProxyHeaderError, TimeoutError, OSError) as exc:
+            reason = "no PROXY header within the handshake timeout" if isinstance(exc, TimeoutError) else str(exc)
+            self.counters["rejected_proxy_header"] += 1
+            log.warning("closing connection from trusted proxy %s: %s", proxy, reason)
+            self._open -= 1
+            conn.close()
+            return
+        except BaseException:
+            self._open -= 1
+            conn.close()
+            raise
+        source = header.source[0] if header.command is Command.PROXY and header.source is not None else proxy
+        if self._per_source.get(source, 0) >= self.limits.max_connections_per_source:
+            self.counters["rejected_connections"] += 1
+            self.counters["rejected_connections_per_source"] += 1
+            self._open -= 1
+            conn.close()
+            return
+        self._per_source[source] = self._per_source.get(source, 0) + 1
+        if header.command is Command.PROXY:
+            self.counters["proxied_connections"] += 1
+        await self._connect(conn, source, header, accepted_at)
+
+    async def _connect(
+        self, conn: socket.socket, source: str, proxy: ProxyHeader | None = None, accepted_at: float | None = None
+    ) -> None:
+        """Run the (TLS and) transport setup of one accepted socket.
+
+        ``proxy``: its PROXY header (its client address becomes the peer);
+        ``accepted_at``: when it was accepted, if earlier than now (the
+        handshake deadline counts from then).
+        """
+        link = self._new_link(source, proxy.peer if proxy is not None else None)
         session = link.session
         assert isinstance(session, ServerSession)
+        timeout = self.limits.handshake_timeout
+        if accepted_at is not None:
+            session.accepted_at = accepted_at
+            timeout = max(accepted_at + timeout - asyncio.get_running_loop().time(), 0.001)
         kwargs: dict[str, Any] = {}
         if self.ssl_context is not None:
-            kwargs = {"ssl": self.ssl_context, "ssl_handshake_timeout": self.limits.handshake_timeout}
+            kwargs = {"ssl": self.ssl_context, "ssl_handshake_timeout": timeout}
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: link, conn, **kwargs)
         except Exception as exc:  # the TLS handshake failed or timed out; the loop closed the socket
@@ -280,12 +366,24 @@ class Server:
         else:
             del self._per_source[session.source]
 
-    def _new_link(self, source: str | None = None) -> Link:
+    def connect_memory(self, protocol: asyncio.Protocol, *, peer: str | None = None) -> None:
+        """Join a client protocol to a new session in memory, as if it connected from ``peer``
+        ("host:port"; None: an unnamed in-memory peer). bastion.testing and the HTTP gateway use
+        this: such a session passes authentication, limits and the scheduler like any other."""
+        from bastion.transport.memory import connect_pair
+
+        connect_pair(self._new_link(None, peer), protocol)
+
+    def _new_link(self, source: str | None = None, peer: str | None = None) -> Link:
         # Made at accept, before any TLS handshake: the session's handshake
-        # deadline starts now (see ServerSession.accepted_at).
+        # deadline starts now (see ServerSession.accepted_at). ``peer``: the
+        # client's "host:port" from a PROXY header, put on the Link (which
+        # set the socket's peer name) before anything reads it.
         self.counters["connections"] += 1
         session = ServerSession(self, source)
         on_secure = self._on_secure if self.ssl_context is not None else None
+        if peer is not None:
+            on_secure = functools.partial(self._on_proxied, peer, on_secure)
         limits = self.limits
         return Link(
             session.core,
@@ -296,6 +394,12 @@ class Server:
             pause_reads_with_writes=True,
             on_secure=on_secure,
         )
+
+    @staticmethod
+    def _on_proxied(peer: str, on_secure: Callable[[Link], None] | None, link: Link) -> None:
+        link.peer = peer
+        if on_secure is not None:
+            on_secure(link)
 
     def _on_secure(self, link: Link) -> None:
         """TLS is up on ``link``: check ALPN, record the client certificate, refuse revoked ones."""
@@ -411,6 +515,10 @@ class Server:
         closed_slow_reader: connections closed for idle_timeout, an abuse cap
         (max_*_per_10s), or not reading their answers (write_stall_timeout or
         the hard cap). accept_errors_total: accept() failures (EMFILE...).
+        proxied_connections_total: connections from a trusted proxy whose
+        PROXY header named a client (not LOCAL ones, such as health checks);
+        rejected_proxy_header_total: connections from a trusted proxy closed
+        for a missing, malformed or late header.
         """
         counters = self.counters
         return {
@@ -427,8 +535,11 @@ class Server:
             "closed_slow_reader": counters["closed_slow_reader"],
             "accept_errors_total": counters["accept_errors"],
             "rejected_rate_limited": counters["rejected_rate_limited"],
+            "proxied_connections_total": counters["proxied_connections"],
+            "rejected_proxy_header_total": counters["rejected_proxy_header"],
             **{f"scheduler_{key}": value for key, value in self.scheduler.stats().items()},
             "uptime_seconds": round(time.time() - self.started_at, 3),
+            "pid": os.getpid(),  # which worker answered, under ``bastion serve --workers``
         }
 
 
@@ -451,6 +562,29 @@ async def _bind(host: str, port: int) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+async def _read_proxy_header(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> ProxyHeader:
+    """Read one PROXY v2 header off ``conn``, not a byte more (what follows is the client's)."""
+    reader = ProxyHeaderReader()
+    while True:
+        data = await loop.sock_recv(conn, reader.needed)
+        if not data:
+            raise ProxyHeaderError("the connection closed before a complete PROXY header")
+        header = reader.feed(data)
+        if header is not None:
+            return header
+
+
+def _parse_networks(entries: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``trusted_proxies`` as networks (a bare address is a /32 or /128)."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise UsageError(f"trusted_proxies: {entry!r} is not an IP address or CIDR network") from None
+    return tuple(networks)
 
 
 def _open_reserve() -> int | None:

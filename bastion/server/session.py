@@ -23,6 +23,15 @@ its answer is encoded (the Link stops reading meanwhile), so answers cannot
 pile up in memory; a peer that never reads is dropped by the Link. A task
 cancelled before it ever ran (a Call and its Cancel in one read) never runs
 its ``finally``, so the Cancel cleans up after it.
+
+Idempotency keys (``IdempotencyKeys`` in bastion/server/dispatch.py). A
+unary call whose metadata carries ``idempotency-key`` claims the key before
+its handler runs; a claim already answered is replayed instead of running
+the handler. The answer is recorded before it is sent, so a client that lost
+the connection and retries elsewhere gets it. Streams refuse a key
+(INVALID_ARGUMENT), and so does a server without ``server.idempotency``
+(FAILED_PRECONDITION): a key the server would ignore is a promise it
+cannot keep.
 """
 
 from __future__ import annotations
@@ -38,7 +47,16 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from bastion.exceptions import CallError, LocalProtocolError, ResourceExhausted, Unauthenticated
+import msgspec
+
+from bastion.exceptions import (
+    CallError,
+    FailedPrecondition,
+    InvalidArgument,
+    LocalProtocolError,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from bastion.protocol.connection import Connection, ProtocolLimits
 from bastion.protocol.messages import (
     PROTOCOL_VERSION,
@@ -57,7 +75,7 @@ from bastion.protocol.messages import (
 from bastion.protocol.state import ConnectionState, Role
 from bastion.security.authn import PeerInfo
 from bastion.security.principal import ANONYMOUS, Principal
-from bastion.server.dispatch import Entry
+from bastion.server.dispatch import RELEASED_ON, Entry, IdempotencyKeys
 from bastion.server.scheduler import Ticket, TicketState, effective_priority
 from bastion.server.streams import CreditGate, InputStream
 from bastion.service import Context
@@ -407,6 +425,8 @@ class ServerSession:
         try:
             entry = self.server.table.admit(call.method, self.principal)
             args = entry.decode_args(call.args)
+            if call.metadata:
+                self._idempotency_key(call, entry)  # refuse a bad or unusable key now; claimed when the call runs
             if self.server.check_rate is not None:
                 self.server.check_rate(self.principal, self.peer_host, call.method)
         except CallError as exc:
@@ -459,7 +479,9 @@ class ServerSession:
                     metadata=call.metadata or {},
                     server=self.server.info,
                 )
-            if timeout is None:
+            if call.metadata and IdempotencyKeys.key_of(call.metadata) is not None:
+                await self._run_once(call, entry, args, deadline, timeout)
+            elif timeout is None:
                 await self._invoke(call_id, entry, args)
             else:
                 async with timeout:
@@ -484,7 +506,72 @@ class ServerSession:
         finally:
             self._forget(call_id)
 
-    async def _invoke(self, call_id: int, entry: Entry, args: dict[str, Any]) -> None:
+    # -- idempotency keys -----------------------------------------------------------------
+
+    def _idempotency_key(self, call: Call, entry: Entry) -> str | None:
+        """The call's idempotency key, if it carries one it may use; else raise."""
+        key = IdempotencyKeys.key_of(call.metadata)
+        if key is None:
+            return None
+        if entry.streams_out or entry.input_decoder is not None:
+            raise InvalidArgument(f"{call.method}: idempotency keys apply to unary calls only, not streams")
+        if self.server.idempotency is None:
+            raise FailedPrecondition("this server does not keep idempotency keys (it has no shared store)")
+        return key
+
+    def _key_owner(self) -> str:
+        return self.principal.name if self.principal.authenticated else f"anonymous@{self.peer_host}"
+
+    async def _run_once(
+        self,
+        call: Call,
+        entry: Entry,
+        args: dict[str, Any],
+        deadline: float | None,
+        timeout: asyncio.Timeout | None,
+    ) -> None:
+        """Run a call under its idempotency key: replay the first answer, or run it and record its answer."""
+        keys = self.server.idempotency
+        assert keys is not None
+        key = self._idempotency_key(call, entry)
+        assert key is not None
+        principal = self._key_owner()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        claimed = await keys.begin(principal, key, call.method, bytes(call.args), left)
+        if not isinstance(claimed, str):
+            self._started(call.id)
+            status, message, value = keys.replay(claimed)
+            if status is Status.OK:
+                self.core.send_result(call.id, value)
+            else:
+                self.core.send_error(call.id, status, message or status.name)
+            return
+        owner = claimed
+        try:
+            if timeout is None:
+                encoded = await self._invoke(call.id, entry, args, record=True)
+            else:
+                async with timeout:
+                    encoded = await self._invoke(call.id, entry, args, record=True)
+        except CallError as exc:
+            if exc.status in RELEASED_ON:
+                await keys.release(principal, key, owner)
+            else:
+                await keys.finish(principal, key, owner, exc.status, exc.message, None)
+            raise
+        except (TimeoutError, asyncio.CancelledError):
+            self._loop.create_task(keys.release(principal, key, owner))  # not awaited: we may be cancelled
+            raise
+        except Exception:
+            await keys.finish(principal, key, owner, Status.INTERNAL, "internal error (the first attempt failed)", None)
+            raise
+        await keys.finish(principal, key, owner, Status.OK, None, encoded)
+        if self.link is not None and self.link.writing_paused:
+            await self._writable()
+        self.core.send_result(call.id, msgspec.Raw(encoded) if encoded is not None else None)
+
+    async def _invoke(self, call_id: int, entry: Entry, args: dict[str, Any], *, record: bool = False) -> Any:
+        """Run the handler and send its answer; with ``record``, return the encoded result unsent instead."""
         self._started(call_id)
         spec = entry.spec
         if entry.streams_out or entry.input_decoder is not None:
@@ -510,6 +597,8 @@ class ServerSession:
             self.core.send_result(call_id, None)
         elif spec.is_async:
             result = await spec.handler(**args)
+            if record:
+                return msgspec.msgpack.encode(result)
             if self.link is not None and self.link.writing_paused:
                 await self._writable()
             self.core.send_result(call_id, result)
@@ -517,6 +606,8 @@ class ServerSession:
             ctx = contextvars.copy_context()
             func = functools.partial(ctx.run, spec.handler, **args)
             result = await self._loop.run_in_executor(self.server.executor, func)
+            if record:
+                return msgspec.msgpack.encode(result)
             if self.link is not None and self.link.writing_paused:
                 await self._writable()
             self.core.send_result(call_id, result)

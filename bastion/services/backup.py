@@ -57,9 +57,11 @@ class Backups:
 
     def __init__(
         self, store: Store, *, data_dir: Path, files_dir: Path, config: BackupConfig | None = None,
-        passphrase: bytes | None = None,
+        passphrase: bytes | None = None, leader: bool = True,
     ) -> None:  # fmt: skip
+        """``leader``: take the scheduled backups here (with several workers, only worker 0 does)."""
         self.store = store
+        self.leader = leader
         self.data_dir = data_dir
         self.files_dir = files_dir
         self.config = config or BackupConfig()
@@ -80,7 +82,7 @@ class Backups:
         return self._lock.locked()
 
     async def start(self) -> None:
-        if self.config.interval > 0 and self._task is None:
+        if self.leader and self.config.interval > 0 and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._schedule(), name="bastion-backup-scheduler")
 
     async def aclose(self) -> None:

@@ -305,8 +305,12 @@ def _open_upload(path: Path) -> tuple[int, int]:
 class Files:
     """The ``files`` service and its sweep; ``bastion serve`` starts and closes it."""
 
-    def __init__(self, store: FileStore, directory: Path, config: FilesConfig | None = None) -> None:
+    def __init__(
+        self, store: FileStore, directory: Path, config: FilesConfig | None = None, *, leader: bool = True
+    ) -> None:
+        """``leader``: run the sweep here (with several workers, only worker 0 does)."""
         self.store = store
+        self.leader = leader
         self.directory = Path(directory)
         self.config = config or FilesConfig()
         self._disk = _Disk(self.directory)
@@ -320,7 +324,8 @@ class Files:
 
     async def start(self) -> None:
         await _in_thread(self._disk.prepare)
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="bastion-files-sweep")
+        if self.leader:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="bastion-files-sweep")
 
     async def aclose(self) -> None:
         if self._sweeper is not None:

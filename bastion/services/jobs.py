@@ -133,8 +133,14 @@ class _Running:
 class Jobs:
     """The ``jobs`` component: its ``service`` and the runner behind it."""
 
-    def __init__(self, store: JobStore, registries: Sequence[JobRegistry], config: JobsConfig | None = None) -> None:
+    def __init__(
+        self, store: JobStore, registries: Sequence[JobRegistry], config: JobsConfig | None = None, *,
+        leader: bool = True,
+    ) -> None:  # fmt: skip
+        """``leader``: recover lost jobs and delete old ones here (with several workers, only worker 0
+        does; every worker runs jobs)."""
         self.store = store
+        self.leader = leader
         self.registries = list(registries)
         self.config = config or JobsConfig()
         self.specs: dict[str, JobSpec] = {}
@@ -160,8 +166,9 @@ class Jobs:
     async def start(self) -> None:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(self.config.concurrency)
-        await self._maintain(sweep=True)
-        self._background.append(asyncio.create_task(self._maintenance_loop(), name="bastion-jobs-maintenance"))
+        if self.leader:
+            await self._maintain(sweep=True)
+            self._background.append(asyncio.create_task(self._maintenance_loop(), name="bastion-jobs-maintenance"))
         if self.specs:
             self._background.append(asyncio.create_task(self._dispatch_loop(), name="bastion-jobs-dispatch"))
 

@@ -269,9 +269,11 @@ def _behind(resume_from: int, why: str) -> ResourceExhausted:
 class KV:
     """The ``kv`` service over ``store``, with its expiry sweep and watch hub (a ``HostedComponent``)."""
 
-    def __init__(self, store: KVStore, config: KVConfig | None = None) -> None:
+    def __init__(self, store: KVStore, config: KVConfig | None = None, *, leader: bool = True) -> None:
+        """``leader``: run the expiry sweep here (with several workers, only worker 0 does)."""
         self.store = store
         self.config = config or KVConfig()
+        self.leader = leader
         self.hub = _Hub(store)
         self._tasks: list[asyncio.Task[None]] = []
         self._unlisten: Callable[[], Awaitable[None]] | None = None
@@ -283,10 +285,9 @@ class KV:
             return
         # Replicas sharing a PostgreSQL store hear of each other's writes at once; otherwise the poll finds them.
         self._unlisten = await self.store.listen("kv", self.hub.nudge)
-        self._tasks = [
-            asyncio.create_task(self.hub.run(), name="bastion-kv-watch-feed"),
-            asyncio.create_task(self._sweep_forever(), name="bastion-kv-sweep"),
-        ]
+        self._tasks = [asyncio.create_task(self.hub.run(), name="bastion-kv-watch-feed")]
+        if self.leader:
+            self._tasks.append(asyncio.create_task(self._sweep_forever(), name="bastion-kv-sweep"))
 
     async def aclose(self) -> None:
         unlisten, self._unlisten = self._unlisten, None

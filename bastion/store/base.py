@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Self
 from bastion.exceptions import UsageError
 from bastion.security.credentials import Token, User
 from bastion.store.files import FileStore
+from bastion.store.idempotency import IdempotencyStore
 from bastion.store.jobs import JobStore
 from bastion.store.kv import KVStore
 
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["Store", "open_store"]
 
 
-class Store(KVStore, FileStore, JobStore, ABC):
+class Store(KVStore, FileStore, JobStore, IdempotencyStore, ABC):
     """An async, durable store; structurally a ``CredentialStore``, plus every storage domain."""
 
     # -- lifecycle ------------------------------------------------------------------------

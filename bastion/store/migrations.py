@@ -19,7 +19,7 @@ import sqlite3
 import time
 
 from bastion.exceptions import UsageError
-from bastion.store import files, jobs, kv
+from bastion.store import files, idempotency, jobs, kv
 
 __all__ = ["LATEST", "MIGRATIONS", "Migration", "apply_migrations", "current_version"]
 
@@ -70,6 +70,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "kv: namespaces, keys and the change log", kv.SQLITE_SCHEMA),
     Migration(3, "files: metadata, uploads and shares", files.SQLITE_SCHEMA),
     Migration(4, "jobs: the queue, leases and results", jobs.SQLITE_SCHEMA),
+    Migration(5, "idempotency keys: first results of retried calls", idempotency.SQLITE_SCHEMA),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -90,6 +90,7 @@ from bastion.exceptions import AlreadyExists, BastionError, InternalError, NotFo
 from bastion.security.credentials import Token, User
 from bastion.store.base import Store
 from bastion.store.files import SQLiteFiles
+from bastion.store.idempotency import SQLiteIdempotency
 from bastion.store.jobs import SQLiteJobs
 from bastion.store.kv import SQLiteKV
 from bastion.store.migrations import MIGRATIONS, Migration, apply_migrations
@@ -118,7 +119,7 @@ class _Write:
         self.future = future
 
 
-class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, Store):
+class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, Store):
     """The SQLite backend. ``readers``: reader connections (and threads);
     ``busy_timeout``: seconds to wait for another process's write lock;
     ``max_batch``: most writes committed in one transaction."""

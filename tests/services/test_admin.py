@@ -144,7 +144,10 @@ def test_stats_counts_connections_calls_and_errors() -> None:
         "closed_slow_reader",
         "accept_errors_total",
         "rejected_rate_limited",
+        "proxied_connections_total",
+        "rejected_proxy_header_total",
         "uptime_seconds",
+        "pid",
     }
     assert before["connections"] == 1 and before["connections_total"] == 1
     assert before["calls_in_flight"] == 1  # the stats call itself

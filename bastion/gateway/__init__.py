@@ -1,0 +1,14 @@
+"""The HTTP gateway: JSON-RPC 2.0 over HTTP and WebSocket, plain JSON routes, OpenAPI.
+
+A second door into the same server: every call goes through the server's own
+authentication, authorization, rate limits and scheduler (see bridge.py).
+``create_app(server, config)`` builds the Starlette application;
+``serve(server, config)`` runs it with uvicorn inside the running event loop.
+"""
+
+from bastion.gateway.app import Gateway, create_app
+from bastion.gateway.bridge import Bridge, Caller
+from bastion.gateway.config import GatewayConfig
+from bastion.gateway.runner import GatewayServer, serve
+
+__all__ = ["Bridge", "Caller", "Gateway", "GatewayConfig", "GatewayServer", "create_app", "serve"]

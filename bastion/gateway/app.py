@@ -1,0 +1,666 @@
+"""The HTTP gateway: JSON-RPC 2.0 over POST /rpc and WebSocket /ws, plain POST /v1 routes.
+
+Theory of operation. ``create_app`` builds a Starlette application around a
+``Bridge`` (bridge.py), which sends every call over an in-memory bastion
+connection into the same ``Server`` -- so authentication, authorization,
+rate limits, the scheduler and argument validation are the server's own,
+call by call. This module only translates: HTTP and JSON-RPC in, the bridge's
+results and ``CallError``s out.
+
+Surface::
+
+    POST /rpc                    JSON-RPC 2.0: one call or a batch (jsonrpc.py)
+    GET  /ws                     JSON-RPC over WebSocket, plus server streams
+    POST /v1/{service}/{method}  body: the arguments as a JSON object; answer: the result
+    POST /v1/auth/login          body {username, password}: sets the session cookie
+    POST /logout                 revokes the session cookie's token, clears the cookies
+    GET  /openapi.json           OpenAPI 3.1 (openapi.py); ``rpc.discover`` answers OpenRPC
+    GET  /livez /readyz /healthz liveness; readiness (503 while starting or draining)
+    GET  /metrics, /             reserved (Prometheus metrics, the web console)
+
+Credentials. ``Authorization: Bearer <token>`` or, for browsers, the
+``bastion_session`` cookie that ``POST /v1/auth/login`` sets (HttpOnly,
+Secure, SameSite=Strict, Path=/; the token never appears in a response body).
+A bearer header wins over the cookie. Cookie-authenticated requests need CSRF
+proof, double-submit style: login also sets a readable ``bastion_csrf``
+cookie, and every cookie-authenticated POST must echo it in an
+``X-CSRF-Token`` header (a page on another site can neither read the cookie
+nor set the header). Independently, any POST carrying an ``Origin`` header
+that is neither the gateway's own origin nor in ``cors_origins`` is refused
+with 403.
+
+Limits. A body whose Content-Length exceeds ``max_body`` is answered 413
+before a byte of it is read; a chunked body is counted as it arrives and
+refused at the first byte past the limit. JSON nested deeper than
+``max_json_depth`` is refused (-32600 / 400) before it is decoded; a batch of
+more than ``max_batch`` calls is refused whole (-32600).
+
+WebSocket. The upgrade is refused (403) when its ``Origin`` is not the
+gateway's own and not in ``ws_origins`` (cross-site WebSocket hijacking); a
+client without an Origin (not a browser) is let through. Credentials: a
+bearer header, the session cookie, or a first message
+``{"jsonrpc":"2.0","method":"auth","params":{"token":"..."},"id":1}``.
+Each text message is a JSON-RPC request or batch, answered as over /rpc, and
+calls run concurrently. A call to a server-stream method (``kv.watch``,
+``jobs.watch``) sends each item as a notification
+``{"jsonrpc":"2.0","method":"stream.item","params":{"id":<call id>,"item":...}}``
+and then its response (result ``{"items": n}``, or the error that ended it);
+``stream.cancel`` with ``{"id": <call id>}`` stops one (it then ends with
+CANCELLED). A stream call needs an id (string or number) not already in use
+by a stream on the connection.
+
+Headers. Every response carries Content-Security-Policy ``default-src
+'self'; frame-ancestors 'none'``, X-Content-Type-Options nosniff,
+X-Frame-Options DENY and Referrer-Policy no-referrer; API responses also
+Cache-Control no-store. CORS is off unless ``cors_origins`` lists origins
+(then exactly those, for GET/POST with the Authorization, Content-Type and
+X-CSRF-Token headers, without credentials).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from bastion.exceptions import (
+    CallError,
+    Cancelled,
+    ConnectError,
+    ConnectionClosed,
+    FailedPrecondition,
+    InternalError,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from bastion.gateway import jsonrpc
+from bastion.gateway.bridge import Bridge, Caller
+from bastion.gateway.config import GatewayConfig
+from bastion.gateway.openapi import openapi_document, openrpc_document
+from bastion.server.server import Server
+from bastion.service import MethodKind
+from bastion.status import Status
+
+__all__ = ["CSRF_COOKIE", "CSRF_HEADER", "SESSION_COOKIE", "Gateway", "create_app", "http_status"]
+
+log = logging.getLogger("bastion.gateway")
+
+SESSION_COOKIE = "bastion_session"
+CSRF_COOKIE = "bastion_csrf"
+CSRF_HEADER = "x-csrf-token"
+
+_SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
+    (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
+_NO_STORE = (b"cache-control", b"no-store")
+
+_HTTP_STATUS = {
+    Status.OK: 200,
+    Status.CANCELLED: 499,
+    Status.UNKNOWN: 500,
+    Status.INVALID_ARGUMENT: 400,
+    Status.DEADLINE_EXCEEDED: 504,
+    Status.NOT_FOUND: 404,
+    Status.ALREADY_EXISTS: 409,
+    Status.PERMISSION_DENIED: 403,
+    Status.RESOURCE_EXHAUSTED: 429,
+    Status.FAILED_PRECONDITION: 400,
+    Status.ABORTED: 409,
+    Status.OUT_OF_RANGE: 400,
+    Status.UNIMPLEMENTED: 404,
+    Status.INTERNAL: 500,
+    Status.UNAVAILABLE: 503,
+    Status.DATA_LOSS: 500,
+    Status.UNAUTHENTICATED: 401,
+}
+_STREAMS = (MethodKind.SERVER_STREAM, MethodKind.BIDI_STREAM)
+_encoder = msgspec.json.Encoder()
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def http_status(status: Status) -> int:
+    """The HTTP status a /v1 route answers for a bastion status."""
+    return _HTTP_STATUS.get(status, 500)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Gateway:
+    """What the routes share: the server, its bridge, the settings and the readiness flag."""
+
+    def __init__(self, server: Server, config: GatewayConfig, bridge: Bridge) -> None:
+        self.server = server
+        self.config = config
+        self.bridge = bridge
+        #: False until the runner has the listener up; /readyz answers 503 meanwhile.
+        self.started = True
+        self._openapi: bytes | None = None
+        self._openrpc: dict[str, Any] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.server.draining
+
+    def openapi(self) -> bytes:
+        if self._openapi is None:
+            self._openapi = _encoder.encode(openapi_document(self.server.table))
+        return self._openapi
+
+    def openrpc(self) -> dict[str, Any]:
+        if self._openrpc is None:
+            self._openrpc = openrpc_document(self.server.table)
+        return self._openrpc
+
+
+# -- responses and request helpers ------------------------------------------------------
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_encoder.encode(body), status, headers=headers, media_type="application/json")
+
+
+def _error_body(exc: CallError) -> dict[str, Any]:
+    error: dict[str, Any] = {"status": exc.status.name, "code": int(exc.status), "message": exc.message}
+    if exc.details:
+        error["details"] = exc.details
+    if exc.retry_after is not None:
+        error["retry_after"] = exc.retry_after
+    return {"error": error}
+
+
+def _error(exc: CallError) -> Response:
+    headers = {"retry-after": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after is not None else None
+    return _json(_error_body(exc), http_status(exc.status), headers)
+
+
+def _as_call_error(exc: Exception) -> CallError:
+    """Anything a bridged call raised, as the CallError to answer with."""
+    if isinstance(exc, CallError):
+        return exc
+    if isinstance(exc, ConnectError | ConnectionClosed):
+        return Unavailable(f"the server is unavailable: {exc}")
+    log.error("gateway call failed", exc_info=exc)
+    return InternalError("internal error")
+
+
+def _caller_address(conn: HTTPConnection) -> str:
+    client = conn.client
+    return f"{client.host}:{client.port}" if client is not None else "unknown:0"
+
+
+def _own_origin(conn: HTTPConnection) -> str:
+    scheme = {"ws": "http", "wss": "https"}.get(conn.url.scheme, conn.url.scheme)
+    return f"{scheme}://{conn.headers.get('host', '')}"
+
+
+def _bearer(conn: HTTPConnection) -> str | None:
+    """The bearer token, None without an Authorization header; Unauthenticated if it is not Bearer."""
+    header = conn.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
+    return token
+
+
+def _check_csrf(request: Request) -> None:
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    header = request.headers.get(CSRF_HEADER, "")
+    if not cookie or not header or not hmac.compare_digest(cookie.encode(), header.encode()):
+        raise PermissionDenied(f"cookie-authenticated requests need the {CSRF_COOKIE} cookie echoed in {CSRF_HEADER}")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (``_TooLarge``) at the first byte past ``limit``, however it is framed."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> Response:
+    body = {"error": {"status": "RESOURCE_EXHAUSTED", "code": 8, "message": f"request body over {limit} bytes"}}
+    return _json(body, 413, {"connection": "close"})
+
+
+# -- middleware ------------------------------------------------------------------------------
+
+
+class _Guard:
+    """Security headers on every response; Content-Length over ``max_body`` -> 413 before reading."""
+
+    def __init__(self, app: ASGIApp, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        api = not scope["path"].startswith("/static/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += _SECURITY_HEADERS
+                if api:
+                    headers.append(_NO_STORE)
+                message["headers"] = headers
+            await send(message)
+
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    length = -1
+                if length < 0 or length > self.max_body:
+                    response = _too_large(self.max_body) if length > 0 else _json({"error": "bad Content-Length"}, 400)
+                    await response(scope, receive, send_with_headers)
+                    return
+        await self.app(scope, receive, send_with_headers)
+
+
+# -- the application -------------------------------------------------------------------------
+
+
+def create_app(server: Server, config: GatewayConfig | None = None, *, bridge: Bridge | None = None) -> Starlette:
+    """The gateway's ASGI application for ``server`` (see the module docstring).
+
+    Credentials are checked by ``server.authenticator`` in the bridged
+    connections' handshakes (bridge.py): no second authenticator. The
+    ``Gateway`` state is ``app.state.gateway``.
+    """
+    config = config or GatewayConfig()
+    gateway = Gateway(server, config, bridge or Bridge(server, idle=config.idle_seconds))
+    routes = _Routes(gateway)
+    middleware = [Middleware(_Guard, max_body=config.max_body)]
+    if config.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(config.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", "X-CSRF-Token"],
+                allow_credentials=False,
+                max_age=600,
+            )
+        )
+    app = Starlette(
+        routes=[
+            Route("/rpc", routes.rpc, methods=["POST"]),
+            WebSocketRoute("/ws", routes.websocket),
+            Route("/v1/auth/login", routes.login, methods=["POST"]),
+            Route("/logout", routes.logout, methods=["POST"]),
+            Route("/v1/{service}/{method}", routes.v1, methods=["POST"]),
+            Route("/openapi.json", routes.openapi, methods=["GET"]),
+            Route("/livez", routes.livez, methods=["GET"]),
+            Route("/readyz", routes.readyz, methods=["GET"]),
+            Route("/healthz", routes.readyz, methods=["GET"]),
+            Route("/metrics", routes.reserved, methods=["GET"]),
+            Route("/", routes.reserved, methods=["GET"]),
+        ],
+        middleware=middleware,
+        lifespan=_lifespan,
+    )
+    app.state.gateway = gateway
+    return app
+
+
+class _Routes:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.config = gateway.config
+        self.bridge = gateway.bridge
+
+    # -- credentials -----------------------------------------------------------------
+
+    def _origin_allowed(self, conn: HTTPConnection, allowed: list[str]) -> bool:
+        origin = conn.headers.get("origin")
+        return origin is None or origin == _own_origin(conn) or origin in allowed
+
+    def _caller(self, request: Request) -> Caller:
+        """The request's caller; raises PermissionDenied (origin, CSRF) or Unauthenticated."""
+        if not self._origin_allowed(request, self.config.cors_origins):
+            raise PermissionDenied(f"requests from origin {request.headers.get('origin')!r} are not allowed")
+        token = _bearer(request)
+        if token is None:
+            token = request.cookies.get(SESSION_COOKIE) or None
+            if token is not None:
+                _check_csrf(request)
+        return Caller(token, _caller_address(request))
+
+    # -- JSON-RPC ----------------------------------------------------------------------
+
+    async def _run(self, caller: Caller, call: jsonrpc.Request) -> dict[str, Any] | None:
+        """One JSON-RPC call through the bridge: its response, None for a notification."""
+        method = call.method
+        try:
+            if method == "rpc.discover":
+                result: Any = self.gateway.openrpc()
+            elif method.startswith("rpc."):
+                raise Unimplemented(f"unknown method {method!r}")
+            else:
+                kind = self.bridge.kind(method)
+                if kind in _STREAMS:
+                    raise FailedPrecondition(f"{method} is a server stream: call it over the WebSocket at /ws")
+                if kind is MethodKind.CLIENT_STREAM:
+                    raise Unimplemented(f"{method} takes an input stream, which the gateway does not carry")
+                result = await self.bridge.call(caller, method, call.params)
+        except Exception as exc:  # every failure becomes an error object
+            if call.is_notification:
+                return None
+            return {"jsonrpc": "2.0", "error": jsonrpc.error_object(_as_call_error(exc)), "id": call.id}
+        if call.is_notification:
+            return None
+        return jsonrpc.result_response(call.id, result)
+
+    async def _answer(self, caller: Caller, body: bytes) -> Any:
+        """The JSON-RPC answer to ``body`` (None: nothing to send)."""
+        try:
+            batch, entries = jsonrpc.parse(body, max_depth=self.config.max_json_depth, max_batch=self.config.max_batch)
+        except jsonrpc.BodyError as exc:
+            return exc.response
+        results = await asyncio.gather(
+            *(self._run(caller, e) if isinstance(e, jsonrpc.Request) else _ready(e) for e in entries)
+        )
+        answers = [r for r in results if r is not None]
+        if not answers:
+            return None
+        return answers if batch else answers[0]
+
+    async def rpc(self, request: Request) -> Response:
+        try:
+            caller = self._caller(request)
+            body = await _read_body(request, self.config.max_body)
+        except _TooLarge:
+            return _too_large(self.config.max_body)
+        except CallError as exc:
+            response = {"jsonrpc": "2.0", "error": jsonrpc.error_object(exc), "id": None}
+            return _json(response, http_status(exc.status))
+        answer = await self._answer(caller, body)
+        if answer is None:
+            return Response(status_code=204)
+        return _json(answer)
+
+    # -- plain routes ---------------------------------------------------------------------
+
+    async def _object_body(self, request: Request) -> dict[str, Any]:
+        body = await _read_body(request, self.config.max_body)
+        if not body.strip():
+            return {}
+        if jsonrpc.json_depth(body, self.config.max_json_depth) > self.config.max_json_depth:
+            raise InvalidArgument(f"JSON nested deeper than {self.config.max_json_depth} levels")
+        try:
+            args = msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise InvalidArgument(f"the body is not JSON: {exc}") from None
+        if not isinstance(args, dict):
+            raise InvalidArgument("the body must be a JSON object of named arguments")
+        return args
+
+    async def v1(self, request: Request) -> Response:
+        method = f"{request.path_params['service']}.{request.path_params['method']}"
+        try:
+            caller = self._caller(request)
+            args = await self._object_body(request)
+            kind = self.bridge.kind(method)
+            if kind in _STREAMS:
+                raise FailedPrecondition(f"{method} is a server stream: call it over the WebSocket at /ws")
+            if kind is MethodKind.CLIENT_STREAM:
+                raise Unimplemented(f"{method} takes an input stream, which the gateway does not carry")
+            result = await self.bridge.call(caller, method, args)
+        except _TooLarge:
+            return _too_large(self.config.max_body)
+        except Exception as exc:
+            return _error(_as_call_error(exc))
+        return _json(result)
+
+    async def login(self, request: Request) -> Response:
+        try:
+            if not self._origin_allowed(request, self.config.cors_origins):
+                raise PermissionDenied(f"requests from origin {request.headers.get('origin')!r} are not allowed")
+            args = await self._object_body(request)
+            result = await self.bridge.call(Caller(None, _caller_address(request)), "auth.login", args)
+        except _TooLarge:
+            return _too_large(self.config.max_body)
+        except Exception as exc:
+            return _error(_as_call_error(exc))
+        csrf = secrets.token_urlsafe(32)
+        expires_at = float(result["expires_at"])
+        response = _json({"user": result["user"], "expires_at": expires_at, "csrf_token": csrf})
+        max_age = max(0, int(expires_at - time.time()))
+        secure = self.config.cookie_secure
+        response.set_cookie(
+            SESSION_COOKIE, result["token"], max_age=max_age, path="/", secure=secure, httponly=True, samesite="strict"
+        )
+        response.set_cookie(
+            CSRF_COOKIE, csrf, max_age=max_age, path="/", secure=secure, httponly=False, samesite="strict"
+        )
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        token = request.cookies.get(SESSION_COOKIE) or None
+        done = False
+        try:
+            if token is not None:
+                _check_csrf(request)
+                caller = Caller(token, _caller_address(request))
+                try:
+                    done = bool(await self.bridge.call(caller, "auth.logout", {}))
+                except Unauthenticated:
+                    done = False  # already expired or revoked: clearing the cookie is all there is to do
+                await self.bridge.forget(caller)
+        except Exception as exc:
+            return _error(_as_call_error(exc))
+        response = _json({"logged_out": done})
+        secure = self.config.cookie_secure
+        response.delete_cookie(SESSION_COOKIE, path="/", secure=secure, httponly=True, samesite="strict")
+        response.delete_cookie(CSRF_COOKIE, path="/", secure=secure, httponly=False, samesite="strict")
+        return response
+
+    async def openapi(self, request: Request) -> Response:
+        return Response(self.gateway.openapi(), media_type="application/json")
+
+    async def livez(self, request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        if self.gateway.server.draining:
+            return _json({"status": "draining"}, 503)
+        if not self.gateway.started:
+            return _json({"status": "starting"}, 503)
+        return _json({"status": "ready"})
+
+    async def reserved(self, request: Request) -> Response:
+        return _json({"error": {"status": "NOT_FOUND", "code": 5, "message": "not available yet"}}, 404)
+
+    # -- WebSocket ---------------------------------------------------------------------------
+
+    async def websocket(self, ws: WebSocket) -> None:
+        if not self._origin_allowed(ws, self.config.ws_origins):
+            log.info("refused WebSocket from origin %r", ws.headers.get("origin"))
+            await ws.close(code=1008)  # before accept: the upgrade is answered 403
+            return
+        try:
+            token = _bearer(ws)
+        except Unauthenticated:
+            await ws.close(code=1008)
+            return
+        if token is None:
+            token = ws.cookies.get(SESSION_COOKIE) or None
+        await ws.accept()
+        await _WebSocketSession(self, ws, Caller(token, _caller_address(ws))).run()
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    yield
+    await app.state.gateway.bridge.aclose()
+
+
+async def _ready(value: dict[str, Any]) -> dict[str, Any]:
+    return value
+
+
+class _WebSocketSession:
+    """One /ws connection: JSON-RPC messages in, responses and stream items out."""
+
+    def __init__(self, routes: _Routes, ws: WebSocket, caller: Caller) -> None:
+        self.routes = routes
+        self.ws = ws
+        self.caller = caller
+        self.first = True
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.streams: dict[Any, asyncio.Task[None]] = {}
+        self.cancelled: set[Any] = set()  # stream ids a client's stream.cancel stopped
+        self.send_lock = asyncio.Lock()
+
+    async def send(self, message: Any) -> None:
+        async with self.send_lock:
+            await self.ws.send_text(_encoder.encode(message).decode())
+
+    async def run(self) -> None:
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                data = message.get("bytes") or (message.get("text") or "").encode()
+                self._spawn(self.handle(data))
+        except WebSocketDisconnect:
+            return
+        finally:
+            for task in list(self.tasks):
+                task.cancel()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def handle(self, data: bytes) -> None:
+        config = self.routes.config
+        first, self.first = self.first, False
+        try:
+            batch, entries = jsonrpc.parse(data, max_depth=config.max_json_depth, max_batch=config.max_batch)
+        except jsonrpc.BodyError as exc:
+            await self.send(exc.response)
+            return
+        if first and not batch and isinstance(entries[0], jsonrpc.Request) and entries[0].method == "auth":
+            await self._auth(entries[0])
+            return
+        plain: list[Any] = []
+        for entry in entries:
+            if isinstance(entry, jsonrpc.Request):
+                if entry.method == "stream.cancel":
+                    plain.append(self._cancel(entry))
+                    continue
+                if self.routes.bridge.kind(entry.method) in _STREAMS:
+                    self._start_stream(entry)
+                    continue
+                plain.append(self.routes._run(self.caller, entry))
+            else:
+                plain.append(_ready(entry))
+        results = [r for r in await asyncio.gather(*plain) if r is not None]
+        if results:
+            await self.send(results if batch else results[0])
+
+    async def _auth(self, call: jsonrpc.Request) -> None:
+        params = call.params if isinstance(call.params, dict) else {}
+        token = params.get("token")
+        if not isinstance(token, str) or not token:
+            await self.send(jsonrpc.error_response(call.id, jsonrpc.INVALID_PARAMS, 'auth: "token" must be a string'))
+            return
+        caller = Caller(token, self.caller.address)
+        try:
+            await self.routes.bridge.check(caller)
+        except Exception as exc:
+            if not call.is_notification:
+                await self.send({"jsonrpc": "2.0", "error": jsonrpc.error_object(_as_call_error(exc)), "id": call.id})
+            return
+        self.caller = caller
+        if not call.is_notification:
+            await self.send(jsonrpc.result_response(call.id, {"authenticated": True}))
+
+    async def _cancel(self, call: jsonrpc.Request) -> dict[str, Any] | None:
+        params = call.params
+        target = params.get("id") if isinstance(params, dict) else (params[0] if params else None)
+        task = self.streams.get(target)
+        if task is not None:
+            self.cancelled.add(target)
+            task.cancel()
+        return None if call.is_notification else jsonrpc.result_response(call.id, task is not None)
+
+    def _start_stream(self, call: jsonrpc.Request) -> None:
+        if call.is_notification or call.id is None or call.id in self.streams:
+            reason = "needs an id" if call.is_notification or call.id is None else "id is already in use"
+            error = jsonrpc.error_response(
+                None if call.is_notification else call.id, jsonrpc.INVALID_REQUEST, f"a stream call {reason}"
+            )
+            self._spawn(self.send(error))
+            return
+        task = asyncio.ensure_future(self._stream(call))
+        self.streams[call.id] = task
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _stream(self, call: jsonrpc.Request) -> None:
+        count = 0
+        try:
+            try:
+                async for item in self.routes.bridge.stream(self.caller, call.method, call.params):
+                    count += 1
+                    await self.send(
+                        {"jsonrpc": "2.0", "method": "stream.item", "params": {"id": call.id, "item": item}}
+                    )
+            except asyncio.CancelledError:
+                self.streams.pop(call.id, None)
+                if call.id not in self.cancelled:
+                    raise  # the connection is closing
+                self.cancelled.discard(call.id)
+                error = jsonrpc.error_object(Cancelled("stream cancelled by the client"))
+                await self.send({"jsonrpc": "2.0", "error": error, "id": call.id})
+                return
+            except Exception as exc:
+                self.streams.pop(call.id, None)
+                await self.send({"jsonrpc": "2.0", "error": jsonrpc.error_object(_as_call_error(exc)), "id": call.id})
+                return
+            self.streams.pop(call.id, None)
+            await self.send(jsonrpc.result_response(call.id, {"items": count}))
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # the socket is gone: nobody to tell

@@ -1,0 +1,219 @@
+"""The bridge: HTTP callers' calls, sent over in-memory bastion connections to the same server.
+
+Theory of operation. The gateway is a second door into the one server, not
+a second rule set, so it never authenticates, authorizes, rate-limits or
+schedules anything itself. For each caller -- a credential (bearer token,
+session cookie's token, or none) from one client address -- the bridge
+keeps an in-memory bastion connection (a real ``Client`` joined to a real
+``ServerSession`` by bastion/transport/memory.py), whose ``Hello`` carries
+that credential and whose peer address is the HTTP client's. So the server's
+own handshake authenticates it with the server's ``Authenticator`` (login
+throttles and per-source limits see the real address), and every call on it
+passes session admission, the method table's checks (existence, roles,
+argument validation), the rate limiter and the scheduler exactly as a call
+from a native client does; revalidation closes the connection once its
+token is revoked, as for any connection.
+
+Connections are pooled by (SHA-256 of the credential, client host) and
+closed after ``idle`` seconds unused; past ``max_clients`` the least
+recently used is closed first. A connection the server closed (idle
+timeout, GoAway, revocation) is simply reopened on next use -- with the
+handshake, and so the credential check, done again.
+
+Arguments. JSON has no bytes, so a ``bytes`` parameter arrives as a base64
+string. Before sending, the bridge converts the JSON arguments with the
+method's own argument type (``msgspec.convert``, strict), which turns base64
+into bytes; if that conversion fails, the arguments go as they are and the
+server refuses them with its own INVALID_ARGUMENT -- after its own
+authentication and authorization checks, in the native order, so a caller
+learns nothing here it would not learn natively. Positional ``params`` are
+matched to the parameters in declaration order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+
+from bastion.client.aio import Client
+from bastion.client.policy import RetryPolicy
+from bastion.server.server import Server
+from bastion.service import MethodKind
+from bastion.transport.aio import Link
+
+__all__ = ["Bridge", "Caller"]
+
+
+class Caller(msgspec.Struct, frozen=True):
+    """Who is calling: a credential (None: anonymous) from ``address`` ("host:port")."""
+
+    token: str | None
+    address: str
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0].strip("[]")
+
+    def key(self) -> tuple[str, str]:
+        digest = hashlib.sha256(self.token.encode()).hexdigest() if self.token is not None else ""
+        return digest, self.host
+
+
+class _Pooled:
+    __slots__ = ("busy", "client", "last_used")
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.last_used = time.monotonic()
+        self.busy = 0
+
+
+class Bridge:
+    """Calls into ``server`` on behalf of HTTP callers (see the module docstring)."""
+
+    def __init__(self, server: Server, *, idle: float = 60.0, max_clients: int = 4096) -> None:
+        self.server = server
+        self.idle = idle
+        self.max_clients = max_clients
+        self._pool: collections.OrderedDict[tuple[str, str], _Pooled] = collections.OrderedDict()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- the method table, read-only --------------------------------------------------
+
+    def kind(self, method: str) -> MethodKind | None:
+        entry = self.server.table.entries.get(method)
+        return entry.spec.kind if entry is not None else None
+
+    def arguments(self, method: str, params: dict[str, Any] | list[Any] | None) -> dict[str, Any]:
+        """JSON ``params`` as the arguments to send (see "Arguments" above)."""
+        entry = self.server.table.entries.get(method)
+        if params is None:
+            args: dict[str, Any] = {}
+        elif isinstance(params, list):
+            names = entry.fields if entry is not None else ()
+            args = {names[i] if i < len(names) else f"positional[{i}]": value for i, value in enumerate(params)}
+        else:
+            args = params
+        if entry is None:
+            return args
+        try:
+            converted = msgspec.convert(args, entry.spec.args_type)
+        except (msgspec.ValidationError, TypeError):
+            return args  # the server refuses them, in its own order of checks
+        return {name: getattr(converted, name) for name in entry.fields}
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def call(self, caller: Caller, method: str, params: dict[str, Any] | list[Any] | None) -> Any:
+        """Call ``method``; its result, or the call's ``CallError``.
+
+        The connection's handshake errors (UNAUTHENTICATED for a bad token,
+        RESOURCE_EXHAUSTED from the login throttle) are raised the same way.
+        """
+        pooled = self._checkout(caller)
+        try:
+            return await pooled.client.invoke(method, self.arguments(method, params))
+        finally:
+            self._checkin(pooled, caller)
+
+    async def check(self, caller: Caller) -> None:
+        """Open (or reuse) the caller's connection: raises UNAUTHENTICATED for a bad credential."""
+        pooled = self._checkout(caller)
+        try:
+            await pooled.client.connect()
+        finally:
+            self._checkin(pooled, caller)
+
+    async def forget(self, caller: Caller) -> None:
+        """Close the caller's connection now (after a logout, say)."""
+        pooled = self._pool.pop(caller.key(), None)
+        if pooled is not None:
+            await pooled.client.close()
+
+    async def stream(
+        self, caller: Caller, method: str, params: dict[str, Any] | list[Any] | None
+    ) -> AsyncIterator[Any]:
+        """Call a server-streaming method; yield its items."""
+        pooled = self._checkout(caller)
+        try:
+            async for item in pooled.client.stream(method, **self.arguments(method, params)):
+                yield item
+        finally:
+            self._checkin(pooled, caller)
+
+    # -- the pool ------------------------------------------------------------------------
+
+    def _checkout(self, caller: Caller) -> _Pooled:
+        key = caller.key()
+        pooled = self._pool.get(key)
+        if pooled is None:
+            client = Client("memory", token=caller.token, retry=_NO_RETRY, health_interval=None)
+            client._connector = self._connector(caller.address)  # the seam bastion.testing uses too
+            pooled = self._pool[key] = _Pooled(client)
+            self._evict()
+            if self._sweeper is None or self._sweeper.done():
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        else:
+            self._pool.move_to_end(key)
+        pooled.busy += 1
+        return pooled
+
+    def _checkin(self, pooled: _Pooled, caller: Caller) -> None:
+        pooled.busy -= 1
+        pooled.last_used = time.monotonic()
+        if pooled.client.welcome is None and not pooled.busy:
+            # Never got through a handshake (a bad token, say): keep nothing for it.
+            key = caller.key()
+            if self._pool.get(key) is pooled:
+                del self._pool[key]
+            asyncio.get_running_loop().create_task(pooled.client.close())
+
+    def _connector(self, address: str) -> Callable[[Callable[[], Link]], Any]:
+        server = self.server
+
+        async def connect(client_protocol: Callable[[], Link]) -> None:
+            # A session like an accepted socket's, minus the connection slot,
+            # whose peer is the HTTP client.
+            server.connect_memory(client_protocol(), peer=address)
+
+        return connect
+
+    def _evict(self) -> None:
+        while len(self._pool) > self.max_clients:
+            for key, pooled in self._pool.items():
+                if not pooled.busy:
+                    del self._pool[key]
+                    asyncio.get_running_loop().create_task(pooled.client.close())
+                    break
+            else:
+                return  # every one is in use: let the pool run over for now
+
+    async def _sweep(self) -> None:
+        while self._pool:
+            await asyncio.sleep(max(self.idle / 4, 0.05))
+            cutoff = time.monotonic() - self.idle
+            for key, pooled in list(self._pool.items()):
+                if not pooled.busy and pooled.last_used < cutoff:
+                    del self._pool[key]
+                    await pooled.client.close()
+
+    def __len__(self) -> int:
+        return len(self._pool)
+
+    async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        pool, self._pool = self._pool, collections.OrderedDict()
+        for pooled in pool.values():
+            await pooled.client.close()
+
+
+#: The gateway never retries: an HTTP caller decides for itself, as a native one does.
+_NO_RETRY: RetryPolicy | None = None

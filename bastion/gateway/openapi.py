@@ -1,0 +1,160 @@
+"""OpenAPI 3.1 and OpenRPC documents, generated from the server's method table.
+
+Both come from the same place the native ``admin.methods`` listing does: each
+method's argument type (a msgspec Struct) and result type, turned into JSON
+Schema by ``msgspec.json.schema_components`` with every named type once
+under ``components/schemas``. A type JSON Schema cannot express gets an
+empty schema (anything). Each unary method is ``POST /v1/{service}/{method}``
+(its argument object as the body, its result as the 200 body); stream
+methods are listed for /ws in OpenRPC only. The documents are built once per
+server and cached; they describe the API surface, not who may call what
+(``x-bastion-roles`` / ``x-bastion-public`` say that, and the server enforces it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from bastion._version import __version__
+from bastion.server.dispatch import MethodTable
+from bastion.service import MethodKind, MethodSpec
+
+__all__ = ["openapi_document", "openrpc_document"]
+
+_REF = "#/components/schemas/{name}"
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "status": {"type": "string"},
+                "code": {"type": "integer"},
+                "message": {"type": "string"},
+                "details": {"type": "object"},
+            },
+            "required": ["status", "code", "message"],
+        }
+    },
+    "required": ["error"],
+}
+# HTTP status -> description, for the error responses every method may give.
+_ERRORS = {
+    "400": "Invalid argument, failed precondition or out of range",
+    "401": "Authentication required or credentials invalid",
+    "403": "Permission denied (or a missing CSRF token)",
+    "404": "No such method",
+    "409": "Already exists or aborted (a version mismatch)",
+    "413": "Body too large",
+    "429": "Rate limited (see Retry-After)",
+    "500": "Internal error",
+    "503": "Unavailable",
+    "504": "Deadline exceeded",
+}
+
+
+def _components(specs: list[MethodSpec]) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], dict[str, Any]]:
+    """(params schema, result schema) per spec, and the shared components."""
+    types: list[Any] = []
+    for spec in specs:
+        types += [spec.args_type, spec.result_type]
+    schemas: list[dict[str, Any]] = []
+    components: dict[str, Any] = {}
+    try:
+        found, components = msgspec.json.schema_components(types, ref_template=_REF)
+        schemas = list(found)
+    except TypeError:  # one type cannot be expressed: do each alone, giving that one {}
+        for tp in types:
+            try:
+                (schema,), more = msgspec.json.schema_components([tp], ref_template=_REF)
+            except TypeError:
+                schema, more = {}, {}
+            schemas.append(schema)
+            components.update(more)
+    return [(schemas[2 * i], schemas[2 * i + 1]) for i in range(len(specs))], components
+
+
+def _specs(table: MethodTable) -> list[MethodSpec]:
+    return [spec for service in table.services.values() for spec in service.methods.values()]
+
+
+def openapi_document(table: MethodTable, *, title: str = "bastion") -> dict[str, Any]:
+    """The OpenAPI 3.1 document for ``POST /v1/{service}/{method}``."""
+    specs = [spec for spec in _specs(table) if spec.kind is MethodKind.UNARY]
+    pairs, components = _components(specs)
+    paths: dict[str, Any] = {}
+    for spec, (params, result) in zip(specs, pairs, strict=True):
+        responses: dict[str, Any] = {
+            "200": {"description": "The result", "content": {"application/json": {"schema": result}}}
+        }
+        for code in _ERRORS:
+            responses[code] = {"$ref": f"#/components/responses/E{code}"}
+        operation: dict[str, Any] = {
+            "operationId": spec.full_name,
+            "summary": spec.doc.split("\n", 1)[0],
+            "description": spec.doc,
+            "tags": [spec.service],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": params}}},
+            "responses": responses,
+            "x-bastion-roles": sorted(spec.roles),
+            "x-bastion-public": spec.public,
+            "x-bastion-idempotent": spec.idempotent,
+        }
+        if spec.public:
+            operation["security"] = [{}, {"bearer": []}, {"cookie": []}]
+        paths[f"/v1/{spec.service}/{spec.name}"] = {"post": operation}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": __version__},
+        "paths": paths,
+        "security": [{"bearer": []}, {"cookie": []}],
+        "tags": [{"name": name, "description": service.doc} for name, service in table.services.items()],
+        "components": {
+            "schemas": {**components, "Error": _ERROR_SCHEMA},
+            "responses": {
+                f"E{code}": {
+                    "description": text,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                }
+                for code, text in _ERRORS.items()
+            },
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": "bastion_session"},
+            },
+        },
+    }
+
+
+def openrpc_document(table: MethodTable, *, title: str = "bastion") -> dict[str, Any]:
+    """The OpenRPC 1.2 document ``rpc.discover`` answers (every method; streams are for /ws)."""
+    specs = _specs(table)
+    pairs, components = _components(specs)
+    methods = []
+    for spec, (params, result) in zip(specs, pairs, strict=True):
+        resolved = components.get(spec.args_type.__name__, params)
+        props: dict[str, Any] = resolved.get("properties", {})
+        required = set(resolved.get("required", []))
+        methods.append(
+            {
+                "name": spec.full_name,
+                "summary": spec.doc.split("\n", 1)[0],
+                "description": spec.doc,
+                "paramStructure": "either",
+                "params": [
+                    {"name": name, "required": name in required, "schema": schema} for name, schema in props.items()
+                ],
+                "result": {"name": "result", "schema": result},
+                "x-bastion-kind": spec.kind.value,
+                "x-bastion-roles": sorted(spec.roles),
+                "x-bastion-public": spec.public,
+            }
+        )
+    return {
+        "openrpc": "1.2.6",
+        "info": {"title": title, "version": __version__},
+        "methods": methods,
+        "components": {"schemas": components},
+    }

@@ -1,0 +1,113 @@
+"""Serving the gateway: uvicorn inside the server's own event loop.
+
+``serve`` binds the listening socket itself (port 0 picks a free one, read
+back from ``GatewayServer.port``), then runs ``uvicorn.Server.serve`` as a
+task of the running loop -- the loop the bastion ``Server`` runs in, so the
+bridge's in-memory connections need no thread hops. uvicorn's own signal
+handling is turned off: the bastion server owns SIGTERM/SIGINT and drains;
+``GatewayServer.aclose`` stops the gateway (call it after the server's
+shutdown has begun, so /readyz has answered 503 meanwhile).
+
+TLS: with ``cert_files`` (certificate, key) -- the bastion server's own
+files -- the gateway serves HTTPS and WSS with the same certificate (a
+context of its own: the server's context negotiates ALPN ``bastion/1``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from bastion.exceptions import UsageError
+from bastion.gateway.app import Gateway, create_app
+from bastion.gateway.config import GatewayConfig
+from bastion.server.server import Server
+
+__all__ = ["GatewayServer", "serve"]
+
+
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the bastion server handles signals
+
+
+class GatewayServer:
+    """A running gateway: ``port``, ``url``, ``gateway`` (routes' state), ``aclose()``."""
+
+    def __init__(
+        self, uv: _Uvicorn, task: asyncio.Task[None], sock: socket.socket, gateway: Gateway, tls: bool
+    ) -> None:
+        self._uvicorn = uv
+        self._task = task
+        self._sock = sock
+        self.gateway = gateway
+        address = sock.getsockname()
+        self.host: str = address[0]
+        self.port: int = address[1]
+        self.url = f"{'https' if tls else 'http'}://{self.host}:{self.port}"
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Stop accepting, let requests in progress finish (up to ``timeout``), close the bridge."""
+        self._uvicorn.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except TimeoutError:
+            self._uvicorn.force_exit = True
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        finally:
+            self._sock.close()
+            await self.gateway.bridge.aclose()
+
+
+async def serve(
+    server: Server,
+    config: GatewayConfig | None = None,
+    *,
+    host: str = "127.0.0.1",
+    cert_files: tuple[str, str] | None = None,
+) -> GatewayServer:
+    """Start the gateway for ``server`` on ``host:config.http_port``; returns once it accepts connections."""
+    config = config or GatewayConfig()
+    app = create_app(server, config)
+    gateway: Gateway = app.state.gateway
+    gateway.started = False
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP (proto 0 would
+    # leave Nagle on, and a response written as head + body would wait for the client's delayed ACK).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, config.http_port))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"gateway: cannot listen on {host}:{config.http_port}: {exc.strerror or exc}") from None
+    uv_config = uvicorn.Config(
+        app,
+        http="httptools",
+        ws="websockets-sansio",
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        ws_max_size=config.max_body,
+        ssl_certfile=cert_files[0] if cert_files else None,
+        ssl_keyfile=cert_files[1] if cert_files else None,
+        server_header=False,
+        date_header=True,
+    )
+    uv = _Uvicorn(uv_config)
+    task = asyncio.get_running_loop().create_task(uv.serve(sockets=[sock]))
+    while not uv.started:
+        if task.done():
+            sock.close()
+            task.result()  # raises what stopped it
+            raise UsageError("gateway: uvicorn stopped before it started")
+        await asyncio.sleep(0.01)
+    gateway.started = True
+    return GatewayServer(uv, task, sock, gateway, cert_files is not None)

@@ -1,0 +1,305 @@
+"""Rate-limit and login-throttle state shared by the worker processes of one server.
+
+Theory of operation
+-------------------
+
+With ``bastion serve --workers N`` every worker admits calls, so per-process
+token buckets would let a caller spend N times its allowance (the kernel
+spreads its connections over the workers). Unless a Redis limiter is
+configured, the buckets live instead in one ``SharedTable``: a fixed-size
+hash table in a shared memory mapping that the supervisor creates (an
+anonymous ``memfd``, or an unlinked temporary file where there is none) and
+every worker maps. It outlives any one worker, so a restarted worker finds
+the buckets as they were.
+
+Layout: a 64-byte header (magic, version, slot count, a random 16-byte
+hash key), then ``slots`` records of 40 bytes: a 16-byte key digest (all
+zero: free), two float64 values ``a`` and ``b`` (a token bucket's tokens
+and time stamp, or a counter and its time stamp) and a float64 ``used``
+(monotonic time of the last use). A key is hashed with keyed BLAKE2b (so
+callers cannot aim collisions at someone else's bucket) and looked up by
+linear probing over ``PROBE`` slots; when they are all taken, the least
+recently used one is reused -- forgetting a bucket refills it, exactly as
+the in-memory limiter forgets its least recently used buckets. The table
+is sized at twice the number of keys to remember, so that is rare.
+
+Locking: one POSIX record lock (``fcntl.lockf``) over the whole table,
+held for the few microseconds a check takes. POSIX locks belong to the
+process and are dropped when it dies, so a worker killed in the middle of a
+check cannot wedge the others (at worst one bucket misses one debit).
+Everything is called from the event loop thread only.
+
+Cost: a check of two buckets takes a few microseconds more than the
+in-memory limiter (two system calls for the lock, the digests, the struct
+reads); see the "Several workers" section of docs/operations.md.
+Counting in the store instead would cost a durable write per call; asking
+the supervisor, a round trip per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import math
+import mmap
+import os
+import secrets
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Final
+
+from bastion.security.principal import Principal
+from bastion.security.ratelimit import EPSILON, RateLimitConfig, RateLimiter
+
+__all__ = ["PROBE", "SharedBuckets", "SharedCounts", "SharedRateLimiter", "SharedTable"]
+
+_MAGIC: Final = b"BSTNSHM1"
+_HEADER = struct.Struct("<8sII16s")  # magic, version, slots, hash key
+_HEADER_SIZE: Final = 64
+_VALUES = struct.Struct("<ddd")  # a, b, used
+_SLOT_SIZE: Final = 40  # 16-byte digest + _VALUES
+_EMPTY: Final = bytes(16)
+_DIGEST_CACHE: Final = 4096
+#: Slots probed for a key before the least recently used of them is reused.
+PROBE: Final = 8
+
+
+class SharedTable:
+    """A hash table of (a, b) float pairs in shared memory; see the module docstring."""
+
+    def __init__(self, fd: int) -> None:
+        """Map the table already in ``fd`` (made by ``create``)."""
+        self._fd = fd
+        size = os.fstat(fd).st_size
+        if size < _HEADER_SIZE:
+            raise ValueError("not a bastion shared table: too short")
+        self._map = mmap.mmap(fd, size)
+        magic, version, slots, key = _HEADER.unpack_from(self._map, 0)
+        if magic != _MAGIC or version != 1 or size != _HEADER_SIZE + slots * _SLOT_SIZE or slots & (slots - 1):
+            raise ValueError("not a bastion shared table")
+        self.slots: int = slots
+        self._key: bytes = key
+        self._mask: int = slots - 1
+        self._digests: dict[str, bytes] = {}
+
+    @classmethod
+    def create(cls, keys: int) -> SharedTable:
+        """A new table with room for about ``keys`` keys (rounded up to a power of two, times two)."""
+        slots = 1 << max(6, (2 * keys - 1).bit_length())
+        size = _HEADER_SIZE + slots * _SLOT_SIZE
+        try:
+            fd = os.memfd_create("bastion-shared", 0)
+        except (AttributeError, OSError):
+            directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            handle, path = tempfile.mkstemp(prefix="bastion-shared-", dir=directory)
+            os.unlink(path)
+            fd = handle
+        os.ftruncate(fd, size)  # sparse: pages exist once touched
+        os.pwrite(fd, _HEADER.pack(_MAGIC, 1, slots, secrets.token_bytes(16)), 0)
+        return cls(fd)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
+
+    def lock(self) -> None:
+        """Take the table's lock (excludes other processes, not other threads); ``unlock`` in a finally."""
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+
+    def unlock(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """``lock`` ... ``unlock`` as a context manager (for paths where 2 us do not matter)."""
+        self.lock()
+        try:
+            yield
+        finally:
+            self.unlock()
+
+    def digest(self, key: str) -> bytes:
+        """``key``'s 16-byte keyed hash (the recent ones are remembered: hashing costs more than a lookup)."""
+        digest = self._digests.get(key)
+        if digest is None:
+            digest = hashlib.blake2b(key.encode(), digest_size=16, key=self._key).digest()
+            if len(self._digests) >= _DIGEST_CACHE:
+                self._digests.clear()
+            self._digests[key] = digest
+        return digest
+
+    def find(self, digest: bytes) -> int | None:
+        """The offset of the slot holding ``digest``, or None (hold the lock)."""
+        start = int.from_bytes(digest[:8], "little")
+        view = self._map
+        for i in range(PROBE):
+            offset = _HEADER_SIZE + ((start + i) & self._mask) * _SLOT_SIZE
+            stored = view[offset : offset + 16]
+            if stored == digest:
+                return offset
+            if stored == _EMPTY:
+                return None
+        return None
+
+    def claim(self, digest: bytes, a: float, b: float) -> int:
+        """The offset of ``digest``'s slot, made with values (a, b) if it is not there (hold the lock)."""
+        start = int.from_bytes(digest[:8], "little")
+        view = self._map
+        victim, oldest = -1, math.inf
+        for i in range(PROBE):
+            offset = _HEADER_SIZE + ((start + i) & self._mask) * _SLOT_SIZE
+            stored = view[offset : offset + 16]
+            if stored == digest:
+                return offset
+            if stored == _EMPTY:
+                victim = offset
+                break
+            used = _VALUES.unpack_from(view, offset + 16)[2]
+            if used < oldest:
+                victim, oldest = offset, used
+        view[victim : victim + 16] = digest
+        _VALUES.pack_into(view, victim + 16, a, b, time.monotonic())
+        return victim
+
+    def get(self, offset: int) -> tuple[float, float]:
+        a, b, _ = _VALUES.unpack_from(self._map, offset + 16)
+        return a, b
+
+    def put(self, offset: int, a: float, b: float) -> None:
+        _VALUES.pack_into(self._map, offset + 16, a, b, time.monotonic())
+
+
+def _refill(tokens: float, stamp: float, now: float, rate: float, burst: float) -> tuple[float, float]:
+    if now > stamp:  # a clock stepping back refills nothing
+        return min(burst, tokens + (now - stamp) * rate), now
+    return tokens, stamp
+
+
+class SharedRateLimiter(RateLimiter):
+    """The in-memory limiter's rules with its buckets in a ``SharedTable`` (limits hold across workers).
+
+    A ``RateLimiter``, so the server checks it inline, before a call is admitted.
+    """
+
+    def __init__(
+        self, config: RateLimitConfig | None, table: SharedTable, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(config, clock=clock)
+        self._table = table
+
+    def _key(self, ident: str, index: int) -> bytes:
+        return self._table.digest(f"rl|{index}|{ident}")
+
+    def check_sync(
+        self, principal: Principal, source: str, method: str, cost: float | None = None, now: float | None = None
+    ) -> None:
+        if not self.config.enabled:
+            return
+        charge = self._compiled.charge(principal, method, cost)
+        if charge is None:
+            return
+        cost, limits = charge
+        for limit in limits:
+            if cost > limit.burst:
+                raise self._compiled.refusal(limit, math.inf, cost)
+        if now is None:
+            now = self._clock()
+        ident = self._compiled.identity(principal, source)
+        digests = [self._key(ident, limit.index) for limit in limits]
+        table = self._table
+        worst = 0.0
+        refused = None
+        slots = []
+        table.lock()
+        try:
+            for limit, digest in zip(limits, digests, strict=True):
+                offset = table.claim(digest, limit.burst, now)
+                tokens, _ = _refill(*table.get(offset), now, limit.rate, limit.burst)
+                short = cost - tokens
+                if short > EPSILON and short / limit.rate > worst:
+                    worst, refused = short / limit.rate, limit
+                slots.append((offset, tokens))
+            if refused is None:
+                for offset, tokens in slots:
+                    table.put(offset, tokens - cost, now)
+        finally:
+            table.unlock()
+        if refused is not None:
+            raise self._compiled.refusal(refused, worst, cost)
+
+    def usage_sync(self, principal: Principal, source: str, now: float | None = None) -> dict[str, Any]:
+        if now is None:
+            now = self._clock()
+        ident = self._compiled.identity(principal, source)
+        limits = []
+        table = self._table
+        with table.locked():
+            for limit in self._compiled.all_for(principal):
+                offset = table.find(self._key(ident, limit.index))
+                if offset is None:
+                    tokens = limit.burst
+                else:
+                    tokens, _ = _refill(*table.get(offset), now, limit.rate, limit.burst)
+                limits.append(limit.describe(tokens))
+        return self._compiled.report(ident, limits)
+
+
+class SharedBuckets:
+    """Token buckets per key in a ``SharedTable`` (the login throttle's; the API of its in-memory ones)."""
+
+    def __init__(self, table: SharedTable, namespace: str, capacity: float, rate: float) -> None:
+        self._table = table
+        self._prefix = namespace + "|"
+        self.capacity, self.rate = capacity, rate
+
+    def wait(self, key: str, now: float, n: float = 1.0) -> float:
+        """Seconds until ``n`` tokens will be there (0: now); takes nothing."""
+        table = self._table
+        with table.locked():
+            offset = table.find(table.digest(self._prefix + key))
+            if offset is None:
+                return 0.0
+            tokens, _ = _refill(*table.get(offset), now, self.rate, self.capacity)
+        return 0.0 if tokens >= n else (n - tokens) / self.rate
+
+    def take(self, key: str, now: float, n: float = 1.0) -> float:
+        """0 if taken, else the seconds until ``n`` tokens will be there."""
+        table = self._table
+        with table.locked():
+            offset = table.claim(table.digest(self._prefix + key), self.capacity, now)
+            tokens, stamp = _refill(*table.get(offset), now, self.rate, self.capacity)
+            if tokens >= n:
+                table.put(offset, tokens - n, stamp)
+                return 0.0
+        return (n - tokens) / self.rate
+
+
+class SharedCounts:
+    """Counters per key in a ``SharedTable`` (the login throttle's failures in a row)."""
+
+    def __init__(self, table: SharedTable, namespace: str) -> None:
+        self._table = table
+        self._prefix = namespace + "|"
+
+    def add(self, key: str) -> int:
+        """Count one more; the new count."""
+        table = self._table
+        with table.locked():
+            offset = table.claim(table.digest(self._prefix + key), 0.0, 0.0)
+            count = table.get(offset)[0] + 1
+            table.put(offset, count, 0.0)
+        return int(count)
+
+    def pop(self, key: str) -> None:
+        """Forget the count (start again from 0)."""
+        table = self._table
+        with table.locked():
+            offset = table.find(table.digest(self._prefix + key))
+            if offset is not None:
+                table.put(offset, 0.0, 0.0)

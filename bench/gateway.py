@@ -1,0 +1,175 @@
+"""Gateway cost per small call vs a bare Starlette-on-uvicorn JSON echo, measured in the same run.
+
+    .venv/bin/python bench/gateway.py [--connections 32] [--duration 4] [--warmup 1] [--json out.json]
+
+A server subprocess (pinned to CPU 0 when there are 2+ CPUs; the load
+generator to CPU 1) runs, in one event loop, a bastion ``Server`` hosting a
+one-method ``bench.echo`` service behind the gateway (``bastion.gateway.serve``,
+uvicorn + httptools, token authentication, rate limiter off), and a bare
+Starlette app on the same uvicorn settings whose only route decodes the JSON
+body and answers it. Each point is measured alone (the other port idle):
+
+* ``bare``: ``POST /echo`` ``{"value": 1}`` on the bare app;
+* ``v1``: ``POST /v1/bench/echo`` ``{"value": 1}`` with ``Authorization: Bearer``;
+* ``rpc``: ``POST /rpc`` with one JSON-RPC call to ``bench.echo``.
+
+The load generator is a small asyncio HTTP/1.1 client: ``--connections``
+keep-alive connections, each sending one request after another (closed
+loop). The table gives calls/s, mean latency, and each gateway point's cost
+per call relative to ``bare`` (server-side throughput ratio; the issue's
+target: within 1.3x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "bst_" + "b" * 43
+
+
+# -- server side (subprocess) ------------------------------------------------------------------
+
+
+async def _serve() -> None:
+    import msgspec
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from bastion import Service
+    from bastion.gateway import GatewayConfig, serve
+    from bastion.security.authn import StaticTokens
+    from bastion.security.principal import Principal
+    from bastion.server.server import Server
+
+    service = Service("bench")
+
+    @service.method
+    async def echo(value: Any) -> Any:
+        return value
+
+    server = Server([service], authenticator=StaticTokens({TOKEN: Principal("bench", frozenset())}))
+    gateway = await serve(server, GatewayConfig(http_port=0))
+
+    async def bare(request: Request) -> Response:
+        return Response(msgspec.json.encode(msgspec.json.decode(await request.body())), media_type="application/json")
+
+    app = Starlette(routes=[Route("/echo", bare, methods=["POST"])])
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, http="httptools", lifespan="off", log_level="warning",
+                            access_log=False)  # fmt: skip
+    uv = uvicorn.Server(config)
+    task = asyncio.get_running_loop().create_task(uv.serve())
+    while not uv.started:  # uvicorn offers no event for this
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    bare_port = uv.servers[0].sockets[0].getsockname()[1]
+    print(json.dumps({"gateway": gateway.port, "bare": bare_port}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
+    uv.should_exit = True
+    await task
+    await gateway.aclose()
+
+
+# -- load generator -------------------------------------------------------------------------------
+
+
+def _request(path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+async def _connection(port: int, request: bytes, stop: float, latencies: list[float], expect: bytes) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            body = await reader.readexactly(length)
+            if not head.startswith(b"HTTP/1.1 200") or expect not in body:
+                raise RuntimeError(f"unexpected answer: {head[:40]!r} {body[:80]!r}")
+            latencies.append(time.perf_counter() - start)
+    finally:
+        writer.close()
+
+
+async def _measure(port: int, request: bytes, expect: bytes, connections: int, duration: float) -> dict[str, float]:
+    latencies: list[float] = []
+    stop = time.perf_counter() + duration
+    started = time.perf_counter()
+    await asyncio.gather(*(_connection(port, request, stop, latencies, expect) for _ in range(connections)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "calls_per_s": len(latencies) / elapsed,
+        "mean_ms": 1000 * sum(latencies) / len(latencies),
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
+        "calls": len(latencies),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(_serve())
+        return
+    cpus = os.cpu_count() or 1
+    cmd = [sys.executable, __file__, "--serve"]
+    if cpus >= 2:
+        cmd = ["taskset", "-c", "0", *cmd]
+        os.sched_setaffinity(0, {1})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stdout is not None
+        ports = json.loads(proc.stdout.readline())
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        rpc_body = b'{"jsonrpc":"2.0","method":"bench.echo","params":{"value":1},"id":1}'
+        points = {
+            "bare": (ports["bare"], _request("/echo", b'{"value":1}', {}), b'{"value":1}'),
+            "v1": (ports["gateway"], _request("/v1/bench/echo", b'{"value":1}', auth), b"1"),
+            "rpc": (ports["gateway"], _request("/rpc", rpc_body, auth), b'"result":1'),
+        }
+        results: dict[str, dict[str, float]] = {}
+        for name, (port, request, expect) in points.items():
+            asyncio.run(_measure(port, request, expect, args.connections, args.warmup))
+            results[name] = asyncio.run(_measure(port, request, expect, args.connections, args.duration))
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(30)
+    bare = results["bare"]["calls_per_s"]
+    print(f"{'point':6} {'calls/s':>10} {'mean ms':>9} {'p99 ms':>8} {'cost vs bare':>13}")
+    for name, r in results.items():
+        r["cost_vs_bare"] = bare / r["calls_per_s"]
+        print(f"{name:6} {r['calls_per_s']:10.0f} {r['mean_ms']:9.2f} {r['p99_ms']:8.2f} {r['cost_vs_bare']:12.2f}x")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
