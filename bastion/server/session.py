@@ -144,6 +144,7 @@ class ServerSession:
         self._window_start = self._last_seen
         self._abuse: collections.Counter[str] = collections.Counter()
         self._refused_seen = 0
+        self._timing: dict[int, tuple[int, float]] = {}  # admitted call -> (metrics method row, perf_counter at start)
 
     # -- Session protocol ---------------------------------------------------------
 
@@ -231,6 +232,8 @@ class ServerSession:
         try:
             principal = await self.server.authenticator.authenticate(hello.token, peer)
         except (Unauthenticated, ResourceExhausted) as exc:
+            throttled = exc.status is Status.RESOURCE_EXHAUSTED
+            self.server.counters["auth_failures_throttled" if throttled else "auth_failures_credentials"] += 1
             retry = f" (retry after {exc.retry_after:.1f}s)" if exc.retry_after else ""
             self.core.reject(exc.status, exc.message + retry)
             link.close()
@@ -245,7 +248,7 @@ class ServerSession:
         self.principal = principal
         self.core.send_welcome(
             Welcome(
-                version=PROTOCOL_VERSION,
+                version=min(hello.version, PROTOCOL_VERSION),  # the highest both speak (docs/protocol.md 4.2)
                 server=f"bastion/{self.server.version}",
                 principal=principal.name,
                 max_frame=self.limits.max_frame,
@@ -367,6 +370,7 @@ class ServerSession:
     def _forget(self, call_id: int) -> None:
         """Drop a call's state: it ended, or it never ran (cancelled or refused while
         queued, or cancelled before its task's first step, so no ``finally`` runs)."""
+        self._record(call_id, Status.CANCELLED)  # unless counted already
         self._ended(call_id)
         self.tickets.pop(call_id, None)
         self._inputs.pop(call_id, None)
@@ -411,7 +415,14 @@ class ServerSession:
         self.server.counters[_REJECTED_KEY[status]] += 1
         retry = math.ceil(retry_after * 1000) if retry_after is not None else None
         self.core.send_error(call_id, status, message, retry_after_ms=retry)
+        self._record(call_id, status)
         self._forget(call_id)
+
+    def _record(self, call_id: int, status: int) -> None:
+        """Count an admitted call's answer in the server's metrics (once: the first status wins)."""
+        timing = self._timing.pop(call_id, None)
+        if timing is not None:
+            self.server.metrics.record_since(timing[0], status, timing[1])
 
     async def _writable(self) -> None:
         """Wait while the peer is not taking what was already sent."""
@@ -422,6 +433,8 @@ class ServerSession:
 
     def _on_call(self, call: Call) -> None:
         self.server.counters["calls"] += 1
+        started = time.perf_counter()
+        metrics = self.server.metrics
         try:
             entry = self.server.table.admit(call.method, self.principal)
             args = entry.decode_args(call.args)
@@ -433,13 +446,16 @@ class ServerSession:
             if exc.status is Status.RESOURCE_EXHAUSTED:
                 self.server.counters["rejected_rate_limited"] += 1
             if exc.status in (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED):
+                self.server.counters["auth_failures_denied"] += 1
                 self._audit_denial(call.method, exc.status)
             self._answer_error(call.id, exc)
+            metrics.record_since(metrics.method_index(call.method), exc.status, started)
             return
         deadline = None
         if call.timeout_ms is not None:
             if call.timeout_ms <= 0:
                 self.core.send_error(call.id, Status.DEADLINE_EXCEEDED, "deadline passed before the call started")
+                metrics.record_since(metrics.method_index(call.method), Status.DEADLINE_EXCEEDED, started)
                 return
             deadline = time.monotonic() + call.timeout_ms / 1000
         # Streams exist before the task runs: items may be in this very read.
@@ -449,6 +465,7 @@ class ServerSession:
         if entry.streams_out:
             self._gates[call.id] = CreditGate()
         anonymous = not self.principal.authenticated
+        self._timing[call.id] = (metrics.method_index(call.method), started)  # before submit: it may reject
         ticket = self.server.scheduler.submit(
             functools.partial(self._run, call, entry, args, deadline),
             priority=effective_priority(entry.spec.priority, call.priority),
@@ -466,6 +483,7 @@ class ServerSession:
         spec = entry.spec
         request_id = f"{self.id:x}-{call_id:x}"
         timeout = asyncio.timeout_at(self._loop.time() + (deadline - time.monotonic())) if deadline else None
+        status = Status.OK  # for the metrics
         try:
             if self.server.check_rate_async is not None:  # a shared (Redis) limiter answers asynchronously
                 await self.server.check_rate_async(self.principal, self.peer_host, spec.full_name)
@@ -489,21 +507,28 @@ class ServerSession:
         except CallError as exc:
             # Before TimeoutError: DeadlineExceeded is both, and a handler's
             # own DeadlineExceeded must reach the client as it was raised.
+            status = exc.status
             self._answer_error(call_id, exc)
         except TimeoutError:
             if timeout is not None and timeout.expired():
+                status = Status.DEADLINE_EXCEEDED
                 self.core.send_error(call_id, Status.DEADLINE_EXCEEDED, "deadline exceeded")
             else:
+                status = Status.INTERNAL
                 self._internal_error(call_id, spec.full_name, request_id)
         except asyncio.CancelledError:
             # Client cancel: the core has closed the call, so this sends nothing.
             # Shutdown: tell the client the call did not finish.
+            status = Status.UNAVAILABLE if self.server.draining else Status.CANCELLED
             self.core.send_error(call_id, Status.UNAVAILABLE, "server shutting down", retry_after_ms=1000)
         except LocalProtocolError as exc:
+            status = exc.status
             self.core.send_error(call_id, exc.status, f"{spec.full_name}: result cannot be sent: {exc}")
         except Exception:
+            status = Status.INTERNAL
             self._internal_error(call_id, spec.full_name, request_id)
         finally:
+            self._record(call_id, status)
             self._forget(call_id)
 
     # -- idempotency keys -----------------------------------------------------------------

@@ -3,38 +3,90 @@
 ``MIGRATIONS`` is ordered by version, starting at 1, with no gaps. Each one
 is a few statements run in the same transaction as the ``schema_version`` row
 that records it, so a crash leaves the database at one version or the next,
-never in between. Reopening applies nothing twice; a database recorded at a
-version newer than ``LATEST`` was written by a newer bastion and is refused
-rather than misread.
+never in between. Reopening applies nothing twice.
+
+Rolling upgrades
+----------------
+
+During an upgrade, replicas of bastion N and N+1 share one database: the
+first N+1 replica migrates it, and N replicas keep running -- and must be
+able to restart -- on the newer schema. So each migration declares whether
+it is ``compatible``: code of the previous version still works on the
+migrated schema (additive changes -- new tables, new nullable columns or
+columns with defaults, new indexes -- whose data old code may ignore), or
+not (renames, drops, new constraints old code would break, changed
+meanings). From the list, ``compatible_from(migrations, v)`` is the lowest
+schema version whose code may use a database at version ``v``: the version
+of the last incompatible migration up to ``v`` (the first migration counts
+as one).
+
+The database records that number in the one-row ``schema_compat`` table
+(created by migration 6; every later migration run updates it in the same
+transaction). Opening a database at a version newer than the code's latest
+is then allowed when the recorded number is at most the code's latest --
+with a warning naming both versions, and without touching the schema --
+and refused otherwise, as it is when nothing is recorded (a database
+migrated by a bastion that did not record compatibility).
 
 Rules for adding one: append, never edit or renumber a released migration;
-keep each backward-compatible for at least one release when possible. The
-statements here are SQLite's; the PostgreSQL backend will carry its own list
-with the same version numbers, so both report the same ``schema_version``.
+prefer compatible migrations, and split a breaking change over two releases
+(docs/operations.md, "Rolling upgrades"). The statements here are SQLite's;
+the PostgreSQL backend carries its own list (bastion/store/postgres.py) with
+the same versions, descriptions and compatibility, so both report the same
+``schema_version``.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 
 from bastion.exceptions import UsageError
 from bastion.store import files, idempotency, jobs, kv
 
-__all__ = ["LATEST", "MIGRATIONS", "Migration", "apply_migrations", "current_version"]
+__all__ = [
+    "LATEST",
+    "MIGRATIONS",
+    "SQLITE_COMPAT_SCHEMA",
+    "Migration",
+    "apply_migrations",
+    "check_newer_schema",
+    "compatible_from",
+    "current_version",
+    "recorded_compatible_from",
+]
+
+log = logging.getLogger("bastion.store")
 
 
 class Migration:
-    __slots__ = ("description", "statements", "version")
+    """Schema version ``version``: what it is for, its statements, and whether
+    code of version ``version - 1`` still works once it is applied."""
 
-    def __init__(self, version: int, description: str, statements: tuple[str, ...]) -> None:
+    __slots__ = ("compatible", "description", "statements", "version")
+
+    def __init__(
+        self, version: int, description: str, statements: tuple[str, ...], *, compatible: bool = False
+    ) -> None:
         self.version = version
         self.description = description
         self.statements = statements
+        self.compatible = compatible
 
     def __repr__(self) -> str:
-        return f"Migration({self.version}, {self.description!r})"
+        flag = ", compatible=True" if self.compatible else ""
+        return f"Migration({self.version}, {self.description!r}{flag})"
 
+
+#: The one-row table recording the lowest schema version whose code may use the database.
+SQLITE_COMPAT_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE schema_compat (
+        id           INTEGER PRIMARY KEY CHECK (id = 1),
+        min_version  INTEGER NOT NULL,   -- code knowing at least this schema version may use the database
+        updated_at   REAL NOT NULL
+    )""",
+)
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -67,10 +119,14 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     # Each domain keeps its schema beside its SQL (bastion/store/<domain>.py); the
     # version numbers are fixed here, and the PostgreSQL list uses the same ones.
-    Migration(2, "kv: namespaces, keys and the change log", kv.SQLITE_SCHEMA),
-    Migration(3, "files: metadata, uploads and shares", files.SQLITE_SCHEMA),
-    Migration(4, "jobs: the queue, leases and results", jobs.SQLITE_SCHEMA),
-    Migration(5, "idempotency keys: first results of retried calls", idempotency.SQLITE_SCHEMA),
+    # New tables only, so each is compatible with the code before it.
+    Migration(2, "kv: namespaces, keys and the change log", kv.SQLITE_SCHEMA, compatible=True),
+    Migration(3, "files: metadata, uploads and shares", files.SQLITE_SCHEMA, compatible=True),
+    Migration(4, "jobs: the queue, leases and results", jobs.SQLITE_SCHEMA, compatible=True),
+    Migration(5, "idempotency keys: first results of retried calls", idempotency.SQLITE_SCHEMA, compatible=True),
+    Migration(
+        6, "schema compatibility: the oldest code that may use the database", SQLITE_COMPAT_SCHEMA, compatible=True
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version
@@ -81,14 +137,59 @@ _CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
     applied_at  REAL NOT NULL
 )"""
 
+#: Records ``compatible_from`` (parameters: min_version, updated_at).
+_RECORD_COMPAT = (
+    "INSERT INTO schema_compat (id, min_version, updated_at) VALUES (1, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET min_version = excluded.min_version, updated_at = excluded.updated_at"
+)
+
+
+def compatible_from(migrations: tuple[Migration, ...], version: int) -> int:
+    """The lowest schema version whose code may use a database at ``version`` (``migrations`` up to it)."""
+    floor = 0
+    for migration in migrations:
+        if migration.version > version:
+            break
+        if not migration.compatible or floor == 0:
+            floor = migration.version
+    return floor
+
+
+def check_newer_schema(version: int, recorded_from: int | None, latest: int, *, label: str) -> None:
+    """Decide about a database at ``version`` > ``latest``, the newest version this code knows.
+
+    ``recorded_from`` is the database's ``schema_compat.min_version`` (None: not
+    recorded). Raises ``UsageError`` unless the newer schema declared code of
+    ``latest`` compatible; logs a warning when it did.
+    """
+    if recorded_from is not None and recorded_from <= latest:
+        log.warning(
+            "%s has schema version %d, newer than this bastion knows (%d); using it, because it declares code "
+            "of schema version %d and later compatible (a rolling upgrade is under way: upgrade this replica)",
+            label, version, latest, recorded_from,
+        )  # fmt: skip
+        return
+    needs = "" if recorded_from is None else f" and needs code of schema version {recorded_from} or later"
+    raise UsageError(
+        f"{label} has schema version {version}, newer than this bastion knows ({latest}){needs}; "
+        "upgrade bastion, or restore a backup made by this version"
+    )
+
 
 def current_version(conn: sqlite3.Connection) -> int:
     """The highest version recorded in ``conn``'s database (0: none)."""
-    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone()
-    if exists is None:
+    if not _has_table(conn, "schema_version"):
         return 0
     row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
     return int(row[0]) if row and row[0] is not None else 0
+
+
+def recorded_compatible_from(conn: sqlite3.Connection) -> int | None:
+    """The database's ``schema_compat.min_version`` (None: not recorded)."""
+    if not _has_table(conn, "schema_compat"):
+        return None
+    row = conn.execute("SELECT min_version FROM schema_compat WHERE id = 1").fetchone()
+    return int(row[0]) if row is not None else None
 
 
 def apply_migrations(
@@ -98,7 +199,9 @@ def apply_migrations(
 
     ``conn`` must be in autocommit mode (``isolation_level=None``). Everything
     happens in one ``BEGIN IMMEDIATE`` transaction, so two processes opening
-    the same new file do not both migrate it.
+    the same new file do not both migrate it. A database at a newer version
+    is left alone: opened if it declares this code compatible
+    (``check_newer_schema``), refused with ``UsageError`` otherwise.
     """
     _check_order(migrations)
     latest = migrations[-1].version if migrations else 0
@@ -107,10 +210,8 @@ def apply_migrations(
         conn.execute(_CREATE_VERSION_TABLE)
         version = current_version(conn)
         if version > latest:
-            raise UsageError(
-                f"{label} has schema version {version}, newer than this bastion knows ({latest}); "
-                "upgrade bastion, or restore a backup made by this version"
-            )
+            check_newer_schema(version, recorded_compatible_from(conn), latest, label=label)
+        applied = False
         for migration in migrations:
             if migration.version <= version:
                 continue
@@ -121,12 +222,20 @@ def apply_migrations(
                 (migration.version, migration.description, time.time()),
             )
             version = migration.version
+            applied = True
+        if applied and _has_table(conn, "schema_compat"):
+            conn.execute(_RECORD_COMPAT, (compatible_from(migrations, version), time.time()))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:  # some errors end the transaction themselves
             conn.execute("ROLLBACK")
         raise
     return version
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
+    return row is not None
 
 
 def _check_order(migrations: tuple[Migration, ...]) -> None:

@@ -20,7 +20,10 @@ modules. They are applied in one transaction that first takes a
 transaction-scoped advisory lock (``pg_advisory_xact_lock``) keyed on the
 current schema, so replicas starting at once migrate it exactly once: the
 first applies, the others wait, then find nothing left to do. A database at
-a newer version than this bastion knows is refused with ``UsageError``.
+a newer version than this bastion knows is opened (with a warning) when its
+``schema_compat`` row says code of this version may use it -- a rolling
+upgrade -- and refused with ``UsageError`` otherwise (see
+bastion/store/migrations.py).
 
 Where the tables live: the first schema of the connection's ``search_path``.
 Unknown query parameters of the DSN are server settings, so
@@ -72,13 +75,13 @@ from bastion.exceptions import (
     UsageError,
 )
 from bastion.security.credentials import Token, User
-from bastion.store import files, idempotency, jobs, kv
+from bastion.store import files, idempotency, jobs, kv, observe
 from bastion.store.base import Store
 from bastion.store.files import PostgresFiles
 from bastion.store.idempotency import PostgresIdempotency
 from bastion.store.jobs import PostgresJobs
 from bastion.store.kv import PostgresKV
-from bastion.store.migrations import Migration
+from bastion.store.migrations import Migration, check_newer_schema, compatible_from
 
 log = logging.getLogger("bastion.store")
 
@@ -119,11 +122,23 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
-    # Same versions and descriptions as bastion/store/migrations.py.
-    Migration(2, "kv: namespaces, keys and the change log", kv.POSTGRES_SCHEMA),
-    Migration(3, "files: metadata, uploads and shares", files.POSTGRES_SCHEMA),
-    Migration(4, "jobs: the queue, leases and results", jobs.POSTGRES_SCHEMA),
-    Migration(5, "idempotency keys: first results of retried calls", idempotency.POSTGRES_SCHEMA),
+    # Same versions, descriptions and compatibility as bastion/store/migrations.py.
+    Migration(2, "kv: namespaces, keys and the change log", kv.POSTGRES_SCHEMA, compatible=True),
+    Migration(3, "files: metadata, uploads and shares", files.POSTGRES_SCHEMA, compatible=True),
+    Migration(4, "jobs: the queue, leases and results", jobs.POSTGRES_SCHEMA, compatible=True),
+    Migration(5, "idempotency keys: first results of retried calls", idempotency.POSTGRES_SCHEMA, compatible=True),
+    Migration(
+        6,
+        "schema compatibility: the oldest code that may use the database",
+        (
+            """CREATE TABLE schema_compat (
+                id           INTEGER PRIMARY KEY CHECK (id = 1),
+                min_version  INTEGER NOT NULL,   -- code knowing at least this schema version may use the database
+                updated_at   DOUBLE PRECISION NOT NULL
+            )""",
+        ),
+        compatible=True,
+    ),
 )
 
 LATEST = POSTGRES_MIGRATIONS[-1].version
@@ -136,6 +151,15 @@ _CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
     description TEXT NOT NULL,
     applied_at  DOUBLE PRECISION NOT NULL
 )"""
+
+#: Whether schema $1 has the schema_compat table (migration 6); not ``to_regclass``, which searches the whole path.
+_HAS_COMPAT_TABLE = "SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = $1 AND tablename = 'schema_compat'"
+
+#: Records ``compatible_from`` (see bastion/store/migrations.py) in the one-row schema_compat table.
+_RECORD_COMPAT = (
+    "INSERT INTO schema_compat (id, min_version, updated_at) VALUES (1, $1, $2) "
+    "ON CONFLICT (id) DO UPDATE SET min_version = excluded.min_version, updated_at = excluded.updated_at"
+)
 
 
 #: Connection parameters libpq accepts in a URI; the DSN's other query parameters are server settings.
@@ -437,11 +461,12 @@ class PostgresStore(PostgresKV, PostgresFiles, PostgresJobs, PostgresIdempotency
                 await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", MIGRATION_LOCK_CLASS, schema)
                 await conn.execute(_CREATE_VERSION_TABLE)
                 version = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
+                has_compat = bool(await conn.fetchval(_HAS_COMPAT_TABLE, schema))
                 if version > latest:
-                    raise UsageError(
-                        f"PostgreSQL store {self.dsn} (schema {schema}) has schema version {version}, newer than "
-                        f"this bastion knows ({latest}); upgrade bastion, or restore a backup made by this version"
-                    )
+                    recorded = await conn.fetchval("SELECT min_version FROM schema_compat") if has_compat else None
+                    label = f"PostgreSQL store {self.dsn} (schema {schema})"
+                    check_newer_schema(version, None if recorded is None else int(recorded), latest, label=label)
+                applied = False
                 for migration in migrations:
                     if migration.version <= version:
                         continue
@@ -454,6 +479,9 @@ class PostgresStore(PostgresKV, PostgresFiles, PostgresJobs, PostgresIdempotency
                         time.time(),
                     )
                     version = migration.version
+                    applied = True
+                if applied and await conn.fetchval(_HAS_COMPAT_TABLE, schema):
+                    await conn.execute(_RECORD_COMPAT, compatible_from(migrations, version), time.time())
         except BastionError:
             raise
         except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
@@ -480,6 +508,7 @@ class PostgresStore(PostgresKV, PostgresFiles, PostgresJobs, PostgresIdempotency
         self._running += 1
         self._idle.clear()
         self._stats["calls"] += 1
+        started = time.perf_counter()
         try:
             for attempt in (1, 2):
                 lost = True  # until a connection is acquired
@@ -501,6 +530,7 @@ class PostgresStore(PostgresKV, PostgresFiles, PostgresJobs, PostgresIdempotency
                     raise error from exc
             raise AssertionError("unreachable")
         finally:
+            observe.done("call", started)
             self._running -= 1
             if self._running == 0:
                 self._idle.set()

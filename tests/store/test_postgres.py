@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -72,7 +73,10 @@ def closed_port() -> int:
 
 
 def test_the_migration_list_matches_sqlites_version_for_version() -> None:
-    assert [(m.version, m.description) for m in POSTGRES_MIGRATIONS] == [(m.version, m.description) for m in MIGRATIONS]
+    def summary(migrations: tuple[Migration, ...]) -> list[tuple[int, str, bool]]:
+        return [(m.version, m.description, m.compatible) for m in migrations]
+
+    assert summary(POSTGRES_MIGRATIONS) == summary(MIGRATIONS)
     assert MIGRATIONS[-1].version == LATEST
 
 
@@ -125,14 +129,84 @@ async def test_a_new_migration_is_applied_to_an_old_schema_keeping_its_data(tmp_
     assert "notes" in await tables(schema_of(location))
 
 
-async def test_a_schema_from_a_newer_bastion_is_refused(tmp_path: Path) -> None:
+async def compat(schema: str) -> int | None:
+    rows = await admin_fetch(f'SELECT min_version FROM "{schema}".schema_compat')
+    return rows[0][0] if rows else None
+
+
+#: A later schema: one more table (additive, so the code before it still works) ...
+NOTES = Migration(LATEST + 1, "notes", ("CREATE TABLE notes (id BIGINT PRIMARY KEY, body TEXT)",), compatible=True)
+#: ... and one that code before it must not use (a dropped column).
+BREAKING = Migration(LATEST + 1, "tokens lose their label", ("ALTER TABLE tokens DROP COLUMN label",))
+
+
+async def test_a_schema_records_the_oldest_code_that_may_use_it(tmp_path: Path) -> None:
+    location = store_location("postgresql", tmp_path, "main")
+    schema = schema_of(location)
+    async with PostgresStore(location, migrations=POSTGRES_MIGRATIONS[:5]) as store:  # bastion before migration 6
+        assert store.schema_version == 5
+        assert await store.create_user(User("ada"))
+    assert "schema_compat" not in await tables(schema)
+    async with PostgresStore(location) as store:
+        assert store.schema_version == LATEST
+        assert await store.get_user("ada") == User("ada")
+    assert await compat(schema) == 1
+    async with PostgresStore(location, migrations=(*POSTGRES_MIGRATIONS, NOTES)):
+        pass
+    assert await compat(schema) == 1  # notes only adds a table
+
+
+async def test_a_newer_compatible_schema_is_used_by_older_code_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    location = store_location("postgresql", tmp_path, "main")
+    schema = schema_of(location)
+    async with PostgresStore(location, migrations=(*POSTGRES_MIGRATIONS, NOTES)) as new:  # replica N+1 migrates
+        assert await new.create_user(User("ada"))
+        before = await recorded(schema)
+        with caplog.at_level(logging.WARNING, logger="bastion.store"):
+            async with PostgresStore(location) as old:  # replica N (re)starts beside it
+                assert old.schema_version == LATEST + 1
+                assert await old.get_user("ada") == User("ada")
+                assert await old.create_user(User("bob"))
+                assert await new.get_user("bob") == User("bob")
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"has schema version {LATEST + 1}, newer than this bastion knows ({LATEST})" in warning.getMessage()
+    assert f"(schema {schema})" in warning.getMessage()
+    assert await recorded(schema) == before  # the old code migrated nothing
+    assert await compat(schema) == 1
+
+
+async def test_a_newer_incompatible_schema_is_refused(tmp_path: Path) -> None:
+    location = store_location("postgresql", tmp_path, "main")
+    schema = schema_of(location)
+    async with open_store(location) as store:
+        assert await store.create_user(User("ada"))
+    async with PostgresStore(location, migrations=(*POSTGRES_MIGRATIONS, BREAKING)) as store:
+        assert store.schema_version == LATEST + 1
+    assert await compat(schema) == LATEST + 1
+    store = open_store(location)
+    with pytest.raises(
+        UsageError,
+        match=rf"schema version {LATEST + 1}, newer than this bastion knows \({LATEST}\) "
+        rf"and needs code of schema version {LATEST + 1} or later; upgrade bastion",
+    ):
+        await store.open()
+    with pytest.raises(UsageError):
+        await store.get_user("ada")  # it did not half-open
+    assert [v for v, _ in await recorded(schema)][-1] == LATEST + 1
+    assert await compat(schema) == LATEST + 1
+
+
+async def test_a_schema_from_a_newer_bastion_without_a_compatibility_record_is_refused(tmp_path: Path) -> None:
     location = store_location("postgresql", tmp_path, "main")
     schema = schema_of(location)
     async with open_store(location) as store:
         assert await store.create_user(User("ada"))
     await admin_fetch(f"INSERT INTO \"{schema}\".schema_version VALUES ($1, 'from the future', 0)", LATEST + 1)
+    await admin_fetch(f'DELETE FROM "{schema}".schema_compat')  # as a bastion that does not record it leaves it
     store = open_store(location)
-    with pytest.raises(UsageError, match=rf"schema version {LATEST + 1}, newer than this bastion knows \({LATEST}\)"):
+    with pytest.raises(UsageError, match=rf"schema version {LATEST + 1}, newer than this bastion knows \({LATEST}\);"):
         await store.open()
     with pytest.raises(UsageError):
         await store.get_user("ada")  # it did not half-open
