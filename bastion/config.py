@@ -30,6 +30,7 @@ __all__ = [
     "BackupConfig",
     "Config",
     "FilesConfig",
+    "GatewayConfig",
     "JobsConfig",
     "KVConfig",
     "ServerLimits",
@@ -295,6 +296,38 @@ class BackupConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     passphrase_file: str | None = None
 
 
+class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The HTTP/JSON-RPC/WebSocket gateway (docs/gateway.md).
+
+    http_port: TCP port on ``host`` (0 picks a free one; ``--http-port``).
+    enabled: serve the gateway at all (``--no-http`` turns it off).
+    cors_origins: origins allowed to call the API from a browser page served
+    elsewhere (empty: CORS off). ws_origins: origins allowed to open /ws
+    besides the gateway's own (empty: same origin only). max_body: the
+    largest request body or WebSocket message, in bytes. max_batch: the most
+    calls in one JSON-RPC batch. max_json_depth: the deepest nesting of
+    arrays and objects accepted. cookie_secure: mark session cookies
+    ``Secure`` (turn off only for plaintext development servers).
+    idle_seconds: an unused bridged connection is closed after this long.
+    """
+
+    http_port: int = 7401
+    enabled: bool = True
+    cors_origins: list[str] = []
+    ws_origins: list[str] = []
+    max_body: int = 1 << 20
+    max_batch: int = 100
+    max_json_depth: int = 32
+    cookie_secure: bool = True
+    idle_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.http_port <= 65535:
+            raise UsageError(f"gateway.http_port must be 0..65535, got {self.http_port}")
+        if self.max_body <= 0 or self.max_batch <= 0 or self.max_json_depth <= 0 or self.idle_seconds <= 0:
+            raise UsageError("gateway.max_body, max_batch, max_json_depth and idle_seconds must be positive")
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything ``bastion serve`` needs."""
 
@@ -321,6 +354,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     files: FilesConfig = FilesConfig()
     jobs: JobsConfig = JobsConfig()
     backup: BackupConfig = BackupConfig()
+    gateway: GatewayConfig = GatewayConfig()
 
     def __post_init__(self) -> None:
         if self.workers != "auto" and not 1 <= self.workers <= 256:
@@ -331,7 +365,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 
 
-_LIST_KEYS = frozenset({"services", "revoked_serials", "modules", "trusted_proxies"})
+_LIST_KEYS = frozenset({"services", "revoked_serials", "modules", "trusted_proxies", "cors_origins", "ws_origins"})
 
 
 def _env_overlay(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -346,6 +380,7 @@ def _env_overlay(environ: Mapping[str, str]) -> dict[str, Any]:
         "files": FilesConfig.__struct_fields__,
         "jobs": JobsConfig.__struct_fields__,
         "backup": BackupConfig.__struct_fields__,
+        "gateway": GatewayConfig.__struct_fields__,
     }
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or key in ("BASTION_TOKEN", "BASTION_TOKEN_FILE", "BASTION_CA"):

@@ -104,6 +104,11 @@ def serve(
         str | None,
         typer.Option("--workers", help="Worker processes sharing the port: a number (default 1) or auto (per core)."),
     ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option("--http-port", help="Port of the HTTP/JSON-RPC gateway; 0 picks a free one (default 7401)."),
+    ] = None,
+    no_http: Annotated[bool, typer.Option("--no-http", help="Do not serve the HTTP gateway.")] = False,
 ) -> None:
     """Start a server (the admin service plus any --service given). TLS is on unless --insecure."""
     from bastion.cli.serve import run
@@ -132,6 +137,10 @@ def serve(
         overrides["jobs"] = {"modules": list(jobs)}
     if workers is not None:
         overrides["workers"] = int(workers) if workers.strip().isdigit() else workers.strip()
+    gateway: dict[str, Any] = {"http_port": http_port}
+    if no_http:
+        gateway["enabled"] = False
+    overrides["gateway"] = {k: v for k, v in gateway.items() if v is not None}
 
     def start() -> int:
         cfg = load_config(config, overrides=overrides)

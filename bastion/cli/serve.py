@@ -15,15 +15,27 @@ the supervisor shares with every worker (ratelimit_shared.py) unless a
 Redis limiter is configured. Worker 0 is the leader: it alone runs the
 once-per-server background work (kv and files sweeps, job recovery and
 retention, scheduled backups); its replacement takes over if it dies.
+
+The HTTP gateway (bastion/gateway/, ``[gateway]``) runs in the same event
+loop as the server, on its own port (``--http-port``, default 7401; off
+with ``--no-http``), with the same certificate. It starts once the native
+port listens, and the banner's second line is ``gateway listening on URL``.
+On SIGTERM the server drains first -- /readyz answers 503 meanwhile -- and
+then the gateway closes. With workers, the supervisor binds the gateway's
+port too (one SO_REUSEPORT socket per worker), every worker serves it, and
+/metrics adds up every worker's numbers through the snapshots they publish
+in ``<data_dir>/metrics`` (bastion/observability/metrics.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +49,10 @@ from bastion._version import __version__
 from bastion.cli.cert import TLSSetup, prepare_tls
 from bastion.config import Config
 from bastion.exceptions import UsageError
+from bastion.gateway.runner import GatewayServer
+from bastion.gateway.runner import serve as serve_gateway
 from bastion.jobs import JobRegistry
+from bastion.observability.metrics import WorkerSnapshots, server_snapshot
 from bastion.security.audit import AuditLog
 from bastion.security.authn import StoreAuthenticator, hash_token, new_token, new_token_id
 from bastion.security.credentials import Token, User
@@ -59,6 +74,7 @@ from bastion.services.files import Files
 from bastion.services.jobs import Jobs
 from bastion.services.kv import KV
 from bastion.store import Store, open_store
+from bastion.store import observe as store_observe
 
 __all__ = ["bootstrap_admin", "load_job_registries", "load_services", "run", "store_location", "worker_main"]
 
@@ -191,7 +207,7 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tls = prepare_tls(config, warn=lambda line: print(line, file=sys.stderr, flush=True))
     if workers > 1:
-        return _supervise(config, workers, tls.messages, echo)
+        return _supervise(config, workers, tls.messages, echo, tls.cert_files is not None)
 
     async def main() -> None:
         await _compose_and_serve(config, _Role(), echo, list(tls.messages), tls)
@@ -266,16 +282,18 @@ async def _compose_and_serve(
             trusted_proxies=config.trusted_proxies,
             idempotency=IdempotencyKeys(store),
         )
+        store_observe.observer = server.metrics.observe_store
         started: list[Component] = []
         try:
             for component in components:
                 await component.start()
                 started.append(component)
             if role.channel is None:
-                await _serve(server, config, echo, token_state, token_path.resolve(), tls_messages)
+                await _serve(server, config, echo, token_state, token_path.resolve(), tls_messages, tls)
             else:
-                await _serve_worker(server, role.channel)
+                await _serve_worker(server, role.channel, config, tls)
         finally:
+            store_observe.observer = None
             for component in reversed(started):
                 await component.aclose()
             audit.close()
@@ -290,25 +308,49 @@ async def _serve(
     token_state: str,
     token_path: Path,
     tls_messages: list[str],
+    tls: TLSSetup,
 ) -> None:
     try:
         await server.start(config.host, config.port)
     except OSError as exc:
         raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    gateway: GatewayServer | None = None
+    if config.gateway.enabled:
+        try:
+            gateway = await serve_gateway(server, config.gateway, host=config.host, cert_files=tls.cert_files)
+        except BaseException:
+            await server.shutdown(0)
+            raise
     server.install_signal_handlers()  # before the banner: readiness means SIGTERM drains
     host, port = server.addresses[0][:2]
     names = ", ".join(sorted(server.table.services))
     echo(f"bastion {__version__} listening on {host}:{port} (services: {names})")
+    if gateway is not None:
+        echo(f"gateway listening on {gateway.url}")
     echo(f"admin token {token_state} {token_path} (mode 0600)")
     for line in tls_messages:
         echo(line)
-    await server.serve_forever(handle_signals=False)
+    try:
+        await server.serve_forever(handle_signals=False)  # returns once drained: /readyz said 503 meanwhile
+    finally:
+        if gateway is not None:
+            await gateway.aclose()
 
 
-async def _serve_worker(server: Server, channel: WorkerChannel) -> None:
+#: Seconds between a worker's publications of its metrics snapshot.
+METRICS_PUBLISH_INTERVAL = 1.0
+
+
+async def _serve_worker(server: Server, channel: WorkerChannel, config: Config, tls: TLSSetup) -> None:
     """Serve on the sockets the supervisor handed over; drain when told to or when it goes away."""
     for sock in channel.listeners:
         await server.start(sock=sock)
+    payload = channel.payload
+    snapshots = WorkerSnapshots(Path(payload["metrics_dir"]), channel.index, channel.count)
+    gateway: GatewayServer | None = None
+    if channel.http_listeners:
+        gateway = await serve_gateway(server, config.gateway, cert_files=tls.cert_files, sockets=channel.http_listeners)
+        gateway.gateway.metrics_snapshot = lambda: snapshots.gather(server_snapshot(server))
     server.install_signal_handlers()
     stopping: list[asyncio.Task[None]] = []
 
@@ -316,10 +358,26 @@ async def _serve_worker(server: Server, channel: WorkerChannel) -> None:
         log.warning("the supervisor has exited: draining")
         stopping.append(asyncio.get_running_loop().create_task(server.shutdown()))
 
+    async def publish() -> None:
+        while True:
+            try:
+                snapshots.publish(server_snapshot(server))
+            except OSError as exc:
+                log.warning("cannot publish metrics to %s: %s", snapshots.directory, exc.strerror or exc)
+            await asyncio.sleep(METRICS_PUBLISH_INTERVAL)
+
+    publisher = asyncio.get_running_loop().create_task(publish())
     channel.watch(orphaned)
     channel.ready({"pid": os.getpid(), "services": sorted(server.table.services)})
-    await server.serve_forever(handle_signals=False)
-    channel.close()
+    try:
+        await server.serve_forever(handle_signals=False)
+    finally:
+        publisher.cancel()
+        with contextlib.suppress(OSError):
+            snapshots.publish(server_snapshot(server))  # the last counts, for a replacement to continue from
+        if gateway is not None:
+            await gateway.aclose()
+        channel.close()
 
 
 # -- several workers ---------------------------------------------------------------------------
@@ -329,7 +387,19 @@ async def _serve_worker(server: Server, channel: WorkerChannel) -> None:
 _THROTTLE_KEYS = 3 * 100_000
 
 
-def _supervise(config: Config, workers: int, tls_messages: list[str], echo: Callable[[str], None]) -> int:
+def _metrics_dir(data_dir: Path) -> Path:
+    """``<data_dir>/metrics``, emptied of an earlier run's worker snapshots."""
+    directory = data_dir / "metrics"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    for path in directory.glob("*worker-*.json*"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return directory
+
+
+def _supervise(
+    config: Config, workers: int, tls_messages: list[str], echo: Callable[[str], None], tls_on: bool = True
+) -> int:
     """Bootstrap the data once, bind the port, and supervise ``workers`` worker processes."""
     data_dir = Path(config.data_dir)
     token_path = data_dir / "admin.token"
@@ -343,18 +413,35 @@ def _supervise(config: Config, workers: int, tls_messages: list[str], echo: Call
         listeners = bind_listeners(config.host, config.port, workers)
     except OSError as exc:
         raise UsageError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    http_listeners: list[list[socket.socket]] = []
+    if config.gateway.enabled:
+        try:
+            http_listeners = bind_listeners(config.host, config.gateway.http_port, workers)
+        except OSError as exc:
+            for group in listeners:
+                for sock in group:
+                    sock.close()
+            raise UsageError(
+                f"gateway: cannot listen on {config.host}:{config.gateway.http_port}: {exc.strerror}"
+            ) from None
+    metrics_dir = _metrics_dir(data_dir)
     shared = SharedTable.create(config.rate_limits.max_tracked + _THROTTLE_KEYS)
     host, port = listeners[0][0].getsockname()[:2]
 
     def announce(reports: list[dict[str, Any]]) -> None:
         names = ", ".join(reports[0].get("services", []))
         echo(f"bastion {__version__} listening on {host}:{port} (services: {names})")
+        if http_listeners:
+            http_host, http_port = http_listeners[0][0].getsockname()[:2]
+            scheme = "https" if tls_on else "http"
+            shown = f"[{http_host}]" if ":" in http_host else http_host
+            echo(f"gateway listening on {scheme}://{shown}:{http_port}")
         echo(f"admin token {token_state} {token_path.resolve()} (mode 0600)")
         for line in tls_messages:
             echo(line)
         log.info("%d workers serving: pids %s", len(reports), ", ".join(str(r.get("pid")) for r in reports))
 
-    payload = {"config": msgspec.to_builtins(config), "shared_fd": shared.fileno()}
+    payload = {"config": msgspec.to_builtins(config), "shared_fd": shared.fileno(), "metrics_dir": str(metrics_dir)}
     supervisor = Supervisor(
         [sys.executable, "-m", "bastion.cli.serve"],
         listeners,
@@ -362,6 +449,7 @@ def _supervise(config: Config, workers: int, tls_messages: list[str], echo: Call
         on_ready=announce,
         grace=config.limits.grace_period,
         extra_fds=[shared.fileno()],
+        http_listeners=http_listeners,
     )
     try:
         code = supervisor.run()

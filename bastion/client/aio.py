@@ -13,7 +13,10 @@ it fails retryably and is known idempotent -- ``idempotent=True``, or the
 server's ``admin.methods`` listing, fetched once per connection on the first
 such failure -- within the call's one deadline and the client's retry
 budget; a call the server's GoAway proves never started is replayed once on
-a new connection. Streams (``stream``) and one-shot input iterators are
+a new connection. A lost connection counts as a retryable failure too
+(the call may have run: idempotent or keyed calls only); the retry opens a
+new connection, which through a load balancer's one address may reach
+another server. Streams (``stream``) and one-shot input iterators are
 never retried.
 
 Several servers (``Client(["a:7400", "b:7400"])``, bastion/client/balancer.py).
@@ -75,6 +78,10 @@ from bastion.transport.tls_errors import describe_tls_error
 __all__ = ["Client"]
 
 _END = object()
+
+
+class _ClientClosed(ConnectionClosed):
+    """A call's connection was closed by ``Client.close``: never retried."""
 
 
 class _Pending:
@@ -367,14 +374,21 @@ class Client(ClientBase):
         return list(self._balancer.endpoints) if self._balancer is not None else []
 
     async def _checkout(self, tried: Sequence[Endpoint]) -> tuple[_Slot, _ClientConnection]:
-        """A connected endpoint for the next call: picked, avoiding ``tried``; others tried if it cannot connect."""
+        """A connected endpoint for the next call: picked, avoiding ``tried``; others tried if it cannot connect.
+
+        ``tried`` is a preference: when every other endpoint cannot be
+        reached, the call goes back to one it already failed on (that one
+        answered, if retryably), rather than failing with a connect error.
+        """
         balancer = await self._endpoints()
-        failed = list(tried)
+        failed: list[Endpoint] = []  # could not connect, in this checkout
         error: BaseException | None = None
         for _ in range(len(balancer.endpoints)):
-            endpoint = balancer.pick(failed)
-            if error is not None and endpoint in failed:
-                break  # every endpoint failed this call
+            endpoint = balancer.pick([*failed, *tried])
+            if endpoint in failed:
+                endpoint = balancer.pick(failed)  # only endpoints this call already tried are left
+                if endpoint in failed:
+                    break  # none can be reached
             slot = self._slots[id(endpoint)]
             try:
                 conn = await self._slot_connection(slot)
@@ -513,7 +527,7 @@ class Client(ClientBase):
         if conn is not None and conn.link is not None and not conn.closed:
             for call_id, pending in list(conn.pending.items()):
                 conn.cancel(call_id)
-                pending.fail(ConnectionClosed("the client was closed"))  # wake whoever awaits it
+                pending.fail(_ClientClosed("the client was closed"))  # wake whoever awaits it
             conn.link.close()
 
     # -- calls ----------------------------------------------------------------------
@@ -569,10 +583,12 @@ class Client(ClientBase):
                 return await self._attempt(method, checked, left, timeout, options, items, tried)
             except (CallError, ConnectionClosed) as exc:
                 reason: BaseException = exc
+                if isinstance(exc, _ClientClosed):
+                    raise
                 if isinstance(exc, ConnectionClosed):
-                    if not self.balanced:
-                        raise
-                    reason = Unavailable(f"connection lost: {exc}")  # it may have started: idempotent only
+                    # It may have started: idempotent (or keyed) calls only, on a new connection -- to another
+                    # endpoint, or through the one address (a load balancer) to whichever server it picks.
+                    reason = Unavailable(f"connection lost: {exc}")
                 if not retry.may_retry(reason):
                     raise
                 if attempts is None:

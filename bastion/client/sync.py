@@ -228,9 +228,9 @@ class SyncClient(ClientBase):
             except (CallError, ConnectionClosed) as exc:
                 reason: BaseException = exc
                 if isinstance(exc, ConnectionClosed):
-                    if not self.balanced:
-                        raise
-                    reason = Unavailable(f"connection lost: {exc}")  # it may have started: idempotent only
+                    # It may have started: idempotent (or keyed) calls only, on a new connection -- to another
+                    # endpoint, or through the one address (a load balancer) to whichever server it picks.
+                    reason = Unavailable(f"connection lost: {exc}")
                 if self.balanced:
                     self._leave(exc, retry.retryable)
                 if not retry.may_retry(reason):

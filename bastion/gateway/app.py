@@ -16,7 +16,8 @@ Surface::
     POST /logout                 revokes the session cookie's token, clears the cookies
     GET  /openapi.json           OpenAPI 3.1 (openapi.py); ``rpc.discover`` answers OpenRPC
     GET  /livez /readyz /healthz liveness; readiness (503 while starting or draining)
-    GET  /metrics, /             reserved (Prometheus metrics, the web console)
+    GET  /metrics                Prometheus text format (bastion/observability/metrics.py)
+    GET  / and /static/...       the web console (static files in bastion/gateway/static/)
 
 Credentials. ``Authorization: Bearer <token>`` or, for browsers, the
 ``bastion_session`` cookie that ``POST /v1/auth/login`` sets (HttpOnly,
@@ -34,6 +35,14 @@ before a byte of it is read; a chunked body is counted as it arrives and
 refused at the first byte past the limit. JSON nested deeper than
 ``max_json_depth`` is refused (-32600 / 400) before it is decoded; a batch of
 more than ``max_batch`` calls is refused whole (-32600).
+
+Uploads. A client-stream method whose items are ``bytes`` (``files.upload``)
+is carried by ``POST /v1/{service}/{method}`` with ``Content-Type:
+application/octet-stream``: the arguments are the query string, the body is
+the stream, passed on as it arrives. One request carries at most
+``max_body`` bytes, so a large file is sent as several requests at
+increasing offsets (``files.upload`` is resumable). Same credentials and
+CSRF rule as any POST.
 
 WebSocket. The upgrade is refused (403) when its ``Origin`` is not the
 gateway's own and not in ``ws_origins`` (cross-site WebSocket hijacking); a
@@ -66,7 +75,8 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -74,8 +84,9 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bastion.exceptions import (
@@ -95,6 +106,8 @@ from bastion.gateway import jsonrpc
 from bastion.gateway.bridge import Bridge, Caller
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.openapi import openapi_document, openrpc_document
+from bastion.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from bastion.observability.metrics import render, server_snapshot
 from bastion.server.server import Server
 from bastion.service import MethodKind
 from bastion.status import Status
@@ -135,6 +148,8 @@ _HTTP_STATUS = {
     Status.UNAUTHENTICATED: 401,
 }
 _STREAMS = (MethodKind.SERVER_STREAM, MethodKind.BIDI_STREAM)
+#: The web console's files (index.html, app.js, app.css), shipped in the package.
+STATIC_DIR = Path(__file__).with_name("static")
 _encoder = msgspec.json.Encoder()
 
 Scope = MutableMapping[str, Any]
@@ -162,6 +177,8 @@ class Gateway:
         self.bridge = bridge
         #: False until the runner has the listener up; /readyz answers 503 meanwhile.
         self.started = True
+        #: What /metrics shows: this server's numbers (``bastion serve --workers`` adds the other workers').
+        self.metrics_snapshot: Callable[[], Mapping[str, Any]] = lambda: server_snapshot(server)
         self._openapi: bytes | None = None
         self._openrpc: dict[str, Any] | None = None
 
@@ -289,7 +306,11 @@ class _Guard:
                 except ValueError:
                     length = -1
                 if length < 0 or length > self.max_body:
-                    response = _too_large(self.max_body) if length > 0 else _json({"error": "bad Content-Length"}, 400)
+                    response = (
+                        _too_large(self.max_body)
+                        if length > 0
+                        else _json(_error_body(InvalidArgument("bad Content-Length")), 400)
+                    )
                     await response(scope, receive, send_with_headers)
                     return
         await self.app(scope, receive, send_with_headers)
@@ -331,8 +352,9 @@ def create_app(server: Server, config: GatewayConfig | None = None, *, bridge: B
             Route("/livez", routes.livez, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
             Route("/healthz", routes.readyz, methods=["GET"]),
-            Route("/metrics", routes.reserved, methods=["GET"]),
-            Route("/", routes.reserved, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
+            Route("/", routes.console, methods=["GET"]),
+            Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
         ],
         middleware=middleware,
         lifespan=_lifespan,
@@ -437,8 +459,10 @@ class _Routes:
         method = f"{request.path_params['service']}.{request.path_params['method']}"
         try:
             caller = self._caller(request)
-            args = await self._object_body(request)
             kind = self.bridge.kind(method)
+            if kind is MethodKind.CLIENT_STREAM and _is_octet_stream(request):
+                return _json(await self._upload(request, caller, method))
+            args = await self._object_body(request)
             if kind in _STREAMS:
                 raise FailedPrecondition(f"{method} is a server stream: call it over the WebSocket at /ws")
             if kind is MethodKind.CLIENT_STREAM:
@@ -449,6 +473,37 @@ class _Routes:
         except Exception as exc:
             return _error(_as_call_error(exc))
         return _json(result)
+
+    async def _upload(self, request: Request, caller: Caller, method: str) -> Any:
+        """A bytes client stream: arguments from the query string, the body passed on as it arrives."""
+        entry = self.gateway.server.table.entries[method]
+        if entry.spec.input_type is not bytes:
+            raise Unimplemented(f"{method} takes an input stream of items other than bytes: not carried over HTTP")
+        try:
+            converted = msgspec.convert(dict(request.query_params), entry.spec.args_type, strict=False)
+        except (msgspec.ValidationError, TypeError) as exc:
+            raise InvalidArgument(f"{method}: bad query arguments: {exc}") from None
+        args = {name: getattr(converted, name) for name in entry.fields}
+        limit = self.config.max_body
+        over = False
+
+        async def body() -> AsyncIterator[bytes]:
+            # A chunked body past the limit ends the stream there (what came before was passed on, as a
+            # dropped connection would leave it) and the request is answered 413.
+            nonlocal over
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    over = True
+                    return
+                if chunk:
+                    yield chunk
+
+        result = await self.bridge.upload(caller, method, args, body())
+        if over:
+            raise _TooLarge
+        return result
 
     async def login(self, request: Request) -> Response:
         try:
@@ -506,6 +561,13 @@ class _Routes:
             return _json({"status": "starting"}, 503)
         return _json({"status": "ready"})
 
+    async def console(self, request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
+
+    async def metrics(self, request: Request) -> Response:
+        body = render(self.gateway.metrics_snapshot())
+        return Response(body, media_type=METRICS_CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
     async def reserved(self, request: Request) -> Response:
         return _json({"error": {"status": "NOT_FOUND", "code": 5, "message": "not available yet"}}, 404)
 
@@ -531,6 +593,10 @@ class _Routes:
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     yield
     await app.state.gateway.bridge.aclose()
+
+
+def _is_octet_stream(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/octet-stream"
 
 
 async def _ready(value: dict[str, Any]) -> dict[str, Any]:
@@ -620,7 +686,8 @@ class _WebSocketSession:
     async def _cancel(self, call: jsonrpc.Request) -> dict[str, Any] | None:
         params = call.params
         target = params.get("id") if isinstance(params, dict) else (params[0] if params else None)
-        task = self.streams.get(target)
+        # Stream ids are strings or numbers; anything else (a list, say) names no stream.
+        task = self.streams.get(target) if isinstance(target, str | int | float) else None
         if task is not None:
             self.cancelled.add(target)
             task.cancel()

@@ -27,7 +27,10 @@ into bytes; if that conversion fails, the arguments go as they are and the
 server refuses them with its own INVALID_ARGUMENT -- after its own
 authentication and authorization checks, in the native order, so a caller
 learns nothing here it would not learn natively. Positional ``params`` are
-matched to the parameters in declaration order.
+matched to the parameters in declaration order. JSON can say what MessagePack
+cannot (an integer past 64 bits, say): such arguments are refused with
+INVALID_ARGUMENT before anything is sent (a frame past the size limit with
+RESOURCE_EXHAUSTED), whatever the method.
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ import asyncio
 import collections
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
 import msgspec
 
 from bastion.client.aio import Client
 from bastion.client.policy import RetryPolicy
+from bastion.exceptions import LocalProtocolError, error_for_status
 from bastion.server.server import Server
 from bastion.service import MethodKind
 from bastion.transport.aio import Link
@@ -119,6 +123,8 @@ class Bridge:
         pooled = self._checkout(caller)
         try:
             return await pooled.client.invoke(method, self.arguments(method, params))
+        except LocalProtocolError as exc:
+            raise _unsendable(exc) from None
         finally:
             self._checkin(pooled, caller)
 
@@ -144,6 +150,18 @@ class Bridge:
         try:
             async for item in pooled.client.stream(method, **self.arguments(method, params)):
                 yield item
+        except LocalProtocolError as exc:
+            raise _unsendable(exc) from None
+        finally:
+            self._checkin(pooled, caller)
+
+    async def upload(self, caller: Caller, method: str, args: dict[str, Any], items: AsyncIterable[bytes]) -> Any:
+        """Call a client-stream method, sending ``items``; its result."""
+        pooled = self._checkout(caller)
+        try:
+            return await pooled.client.upload(method, items, **args)
+        except LocalProtocolError as exc:
+            raise _unsendable(exc) from None
         finally:
             self._checkin(pooled, caller)
 
@@ -213,6 +231,11 @@ class Bridge:
         pool, self._pool = self._pool, collections.OrderedDict()
         for pooled in pool.values():
             await pooled.client.close()
+
+
+def _unsendable(exc: LocalProtocolError) -> Exception:
+    """The coded error for arguments the native protocol cannot carry (nothing was sent)."""
+    return error_for_status(int(exc.status), f"the arguments cannot be sent: {exc}")
 
 
 #: The gateway never retries: an HTTP caller decides for itself, as a native one does.

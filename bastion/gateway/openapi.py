@@ -5,7 +5,9 @@ method's argument type (a msgspec Struct) and result type, turned into JSON
 Schema by ``msgspec.json.schema_components`` with every named type once
 under ``components/schemas``. A type JSON Schema cannot express gets an
 empty schema (anything). Each unary method is ``POST /v1/{service}/{method}``
-(its argument object as the body, its result as the 200 body); stream
+(its argument object as the body, its result as the 200 body; the body is
+optional when every parameter has a default, as the gateway reads an empty
+body as ``{}``); stream
 methods are listed for /ws in OpenRPC only. The documents are built once per
 server and cached; they describe the API surface, not who may call what
 (``x-bastion-roles`` / ``x-bastion-public`` say that, and the server enforces it).
@@ -96,7 +98,10 @@ def openapi_document(table: MethodTable, *, title: str = "bastion") -> dict[str,
             "summary": spec.doc.split("\n", 1)[0],
             "description": spec.doc,
             "tags": [spec.service],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": params}}},
+            "requestBody": {
+                "required": any(field.required for field in msgspec.structs.fields(spec.args_type)),
+                "content": {"application/json": {"schema": params}},
+            },
             "responses": responses,
             "x-bastion-roles": sorted(spec.roles),
             "x-bastion-public": spec.public,

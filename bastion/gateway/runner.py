@@ -1,7 +1,9 @@
 """Serving the gateway: uvicorn inside the server's own event loop.
 
 ``serve`` binds the listening socket itself (port 0 picks a free one, read
-back from ``GatewayServer.port``), then runs ``uvicorn.Server.serve`` as a
+back from ``GatewayServer.port``) -- or takes sockets already bound
+(``sockets``: a worker of ``bastion serve --workers N`` gets its
+SO_REUSEPORT sockets from the supervisor) -- then runs ``uvicorn.Server.serve`` as a
 task of the running loop -- the loop the bastion ``Server`` runs in, so the
 bridge's in-memory connections need no thread hops. uvicorn's own signal
 handling is turned off: the bastion server owns SIGTERM/SIGINT and drains;
@@ -27,7 +29,7 @@ from bastion.gateway.app import Gateway, create_app
 from bastion.gateway.config import GatewayConfig
 from bastion.server.server import Server
 
-__all__ = ["GatewayServer", "serve"]
+__all__ = ["GatewayServer", "bind", "serve"]
 
 
 class _Uvicorn(uvicorn.Server):
@@ -40,16 +42,17 @@ class GatewayServer:
     """A running gateway: ``port``, ``url``, ``gateway`` (routes' state), ``aclose()``."""
 
     def __init__(
-        self, uv: _Uvicorn, task: asyncio.Task[None], sock: socket.socket, gateway: Gateway, tls: bool
+        self, uv: _Uvicorn, task: asyncio.Task[None], sockets: list[socket.socket], gateway: Gateway, tls: bool
     ) -> None:
         self._uvicorn = uv
         self._task = task
-        self._sock = sock
+        self._sockets = sockets
         self.gateway = gateway
-        address = sock.getsockname()
+        address = sockets[0].getsockname()
         self.host: str = address[0]
         self.port: int = address[1]
-        self.url = f"{'https' if tls else 'http'}://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.port}"
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Stop accepting, let requests in progress finish (up to ``timeout``), close the bridge."""
@@ -62,7 +65,8 @@ class GatewayServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         finally:
-            self._sock.close()
+            for sock in self._sockets:
+                sock.close()
             await self.gateway.bridge.aclose()
 
 
@@ -72,22 +76,14 @@ async def serve(
     *,
     host: str = "127.0.0.1",
     cert_files: tuple[str, str] | None = None,
+    sockets: list[socket.socket] | None = None,
 ) -> GatewayServer:
-    """Start the gateway for ``server`` on ``host:config.http_port``; returns once it accepts connections."""
+    """Start the gateway for ``server`` on ``host:config.http_port`` (or on ``sockets``); returns once it accepts."""
     config = config or GatewayConfig()
     app = create_app(server, config)
     gateway: Gateway = app.state.gateway
     gateway.started = False
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP (proto 0 would
-    # leave Nagle on, and a response written as head + body would wait for the client's delayed ACK).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, config.http_port))
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"gateway: cannot listen on {host}:{config.http_port}: {exc.strerror or exc}") from None
+    sockets = sockets or [bind(host, config.http_port)]
     uv_config = uvicorn.Config(
         app,
         http="httptools",
@@ -102,12 +98,28 @@ async def serve(
         date_header=True,
     )
     uv = _Uvicorn(uv_config)
-    task = asyncio.get_running_loop().create_task(uv.serve(sockets=[sock]))
+    task = asyncio.get_running_loop().create_task(uv.serve(sockets=sockets))
     while not uv.started:
         if task.done():
-            sock.close()
+            for sock in sockets:
+                sock.close()
             task.result()  # raises what stopped it
             raise UsageError("gateway: uvicorn stopped before it started")
         await asyncio.sleep(0.01)
     gateway.started = True
-    return GatewayServer(uv, task, sock, gateway, cert_files is not None)
+    return GatewayServer(uv, task, sockets, gateway, cert_files is not None)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (not yet listening); UsageError if it cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP (proto 0 would
+    # leave Nagle on, and a response written as head + body would wait for the client's delayed ACK).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"gateway: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock

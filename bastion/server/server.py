@@ -70,6 +70,7 @@ import msgspec
 from bastion._version import __version__
 from bastion.config import ServerLimits
 from bastion.exceptions import BastionError, UsageError
+from bastion.observability.stats import CallStats
 from bastion.protocol.proxy import Command, ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 from bastion.security.audit import AuditLog
 from bastion.security.authn import AllowAnonymous, Authenticator
@@ -176,6 +177,8 @@ class Server:
         self.check_rate_async = limiter.check if limiter is not None and self.check_rate is None else None
         self.sessions: set[ServerSession] = set()
         self.counters: collections.Counter[str] = collections.Counter()
+        #: Calls by method and status, latencies (bastion/observability: read by /metrics).
+        self.metrics = CallStats(self.table.entries)
         self.executor = ThreadPoolExecutor(self.limits.threads, thread_name_prefix="bastion-handler")
         self.info = _Info(self)
         self.started_at = time.time()

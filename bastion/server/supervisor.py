@@ -23,7 +23,9 @@ open across the restart: connections that arrive for a dead worker wait in
 its socket's queue and are served by the replacement, instead of being
 refused (a shared single socket would spread connections by whichever
 worker is idle, but the kernel would wake every worker for each one, and
-one worker tends to take a burst all to itself).
+one worker tends to take a burst all to itself). ``http_listeners`` are a
+second set bound the same way (the HTTP gateway's port): each worker gets
+its own group of those too, in the hello's ``http_listeners``.
 
 Workers. A worker is a fresh interpreter (``command`` plus the number of
 its end of a socket pair, e.g. ``python -m bastion.cli.serve 5``), never a
@@ -172,12 +174,14 @@ class Supervisor:
         on_ready: Callable[[list[dict[str, Any]]], None],
         grace: float,
         extra_fds: Sequence[int] = (),
+        http_listeners: Sequence[Sequence[socket.socket]] = (),
         env: Mapping[str, str] | None = None,
         restart_limit: int = len(RESTART_DELAYS),
         stable_after: float = 10.0,
     ) -> None:
         self.command = list(command)
         self.listeners = [list(group) for group in listeners]
+        self.http_listeners = [list(group) for group in http_listeners] or [[] for _ in self.listeners]
         self.payload = payload
         self.on_ready = on_ready
         self.grace = grace
@@ -272,7 +276,7 @@ class Supervisor:
         self._kill_at = time.monotonic() + self.grace + KILL_MARGIN
 
     def _close_listeners(self) -> None:
-        for group in self.listeners:
+        for group in [*self.listeners, *self.http_listeners]:
             for sock in group:
                 sock.close()
 
@@ -287,18 +291,25 @@ class Supervisor:
     def _spawn(self, worker: _Worker) -> None:
         ours, theirs = socket.socketpair()
         sockets = self.listeners[worker.index]
+        http_sockets = self.http_listeners[worker.index]
         hello = {
             "index": worker.index,
             "count": len(self.workers),
             "supervisor": os.getpid(),
             "listeners": [s.fileno() for s in sockets],
+            "http_listeners": [s.fileno() for s in http_sockets],
             "payload": self.payload,
         }
         body = json.dumps(hello).encode()
         try:
             process = subprocess.Popen(
                 [*self.command, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(), *(s.fileno() for s in sockets), *self.extra_fds),
+                pass_fds=(
+                    theirs.fileno(),
+                    *(s.fileno() for s in sockets),
+                    *(s.fileno() for s in http_sockets),
+                    *self.extra_fds,
+                ),
                 stdin=subprocess.DEVNULL,
                 env=self.env,
             )
@@ -422,6 +433,8 @@ class WorkerChannel:
         self.supervisor: int = int(hello["supervisor"])
         self.payload: Any = hello["payload"]
         self.listeners = [socket.socket(fileno=int(fd)) for fd in hello["listeners"]]
+        #: The HTTP gateway's sockets (empty when the supervisor bound none).
+        self.http_listeners = [socket.socket(fileno=int(fd)) for fd in hello.get("http_listeners", [])]
 
     @classmethod
     def open(cls, fd: int, timeout: float = 30.0) -> WorkerChannel:

@@ -80,6 +80,7 @@ import json
 import os
 import queue
 import sqlite3
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -88,6 +89,7 @@ from typing import Any, TypeVar
 
 from bastion.exceptions import AlreadyExists, BastionError, InternalError, NotFound, Unavailable, UsageError
 from bastion.security.credentials import Token, User
+from bastion.store import observe
 from bastion.store.base import Store
 from bastion.store.files import SQLiteFiles
 from bastion.store.idempotency import SQLiteIdempotency
@@ -256,8 +258,12 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, Store):
         if self._writer_task.done():
             raise Unavailable("the store's writer has stopped")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
         self._enqueue(_Write(fn, future))
-        return await future
+        try:
+            return await future
+        finally:
+            observe.done("write", started)
 
     def _enqueue(self, item: _Write | None) -> None:
         self._queue.append(item)
@@ -408,7 +414,11 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, Store):
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._check_open()
         assert self._reader_threads is not None
-        return await asyncio.get_running_loop().run_in_executor(self._reader_threads, self._with_reader, fn)
+        started = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._reader_threads, self._with_reader, fn)
+        finally:
+            observe.done("read", started)
 
     def _with_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._idle_readers.get()  # never waits: one connection per reader thread

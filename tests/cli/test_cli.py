@@ -128,12 +128,15 @@ def test_serve_port_0_prints_the_port_and_stops_on_sigterm(tmp_path: Path) -> No
 
     def serve() -> tuple[subprocess.Popen[str], list[str]]:
         process = subprocess.Popen(
-            [*_bastion_command(), "serve", "--port", "0", "--data-dir", str(data_dir)],
+            [*_bastion_command(), "serve", "--port", "0", "--http-port", "0", "--data-dir", str(data_dir)],
             cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         reader = LineReader(process.stdout)
         deadline = time.monotonic() + 20
-        return process, [reader.next_line(deadline - time.monotonic()) or "" for _ in range(3)]
+        lines = [reader.next_line(deadline - time.monotonic()) or "" for _ in range(4)]
+        assert re.fullmatch(r"gateway listening on https://127\.0\.0\.1:\d+", lines[1]), lines
+        del lines[1]
+        return process, lines
 
     process, lines = serve()
     try:

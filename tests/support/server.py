@@ -12,6 +12,12 @@ every client trusts it through ``BASTION_CA``: ``clean_env`` puts it in the
 environment of CLI subprocesses, and tests/conftest.py in the test
 process's own. ``start_server(..., insecure=True)`` runs a plaintext
 ``--insecure`` server instead (for raw-socket tests).
+
+HTTP gateway. Test servers run with ``--no-http`` (most tests speak the
+native protocol, and a server starts faster without the gateway) unless
+``start_server(..., http=True)``: then the gateway listens on a free port
+(``--http-port 0``) and ``ServerProcess.gateway_url`` is its base URL, read
+from the banner's second line ("gateway listening on URL").
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ SERVICE_FILE = Path(__file__).with_name("demo_service.py")
 SERVICE_SPEC = "demo_service:service"
 STARTUP_TIMEOUT = 20.0
 _LISTENING = re.compile(r"^bastion \S+ listening on (?P<host>\S+):(?P<port>\d+) \(services: (?P<services>.*)\)$")
+_GATEWAY = re.compile(r"^gateway listening on (?P<url>\S+)$")
 
 
 @functools.cache
@@ -147,6 +154,8 @@ class ServerProcess:
         self.reader = reader
         host, _, port = address.rpartition(":")
         self.host, self.port = host, int(port)
+        #: The HTTP gateway's base URL, e.g. "https://127.0.0.1:41234" (None: started without it).
+        self.gateway_url: str | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.address, self.token_file, self.process))
@@ -253,17 +262,23 @@ def start_server(
     seed_ca: bool = True,
     data_dir: Path | None = None,
     preexec_fn: Callable[[], None] | None = None,
+    http: bool = False,
 ) -> ServerProcess:
     """Run ``bastion serve`` in ``workdir`` with the demo service; return once it listens.
 
     TLS with a certificate from the shared test CA (``seed_ca=False``: let the
     server make its own dev CA), or plaintext with ``insecure``. ``data_dir``
     defaults to ``<workdir>/data``. ``preexec_fn`` runs in the child before
-    exec (e.g. to lower its file descriptor limit).
+    exec (e.g. to lower its file descriptor limit). ``http``: also serve the
+    HTTP gateway on a free port (``gateway_url``); else ``--no-http`` (unless
+    ``args`` say ``--http-port`` or ``--no-http`` themselves).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copy(SERVICE_FILE, workdir / SERVICE_FILE.name)
     data_dir = data_dir or workdir / "data"
+    wants_http = http or "--http-port" in args
+    if "--http-port" not in args and "--no-http" not in args:
+        args = (*args, "--http-port", "0") if http else (*args, "--no-http")
     if insecure:
         args = (*args, "--insecure")
     elif seed_ca:
@@ -305,9 +320,19 @@ def start_server(
             match = _LISTENING.match(line)
             if match:
                 break
+        banner = line
+        gateway_url = None
+        if wants_http and "--no-http" not in args:
+            line = reader.next_line(deadline - time.monotonic())
+            gateway = _GATEWAY.match(line or "")
+            if gateway is None:
+                raise AssertionError(f"expected the gateway line after the banner, got {line!r}")
+            gateway_url = gateway["url"]
     except BaseException:
         process.kill()
         process.wait(5)
         raise
     address = f"{match['host']}:{match['port']}"
-    return ServerProcess(process, address, workdir, data_dir, marker_dir, log_path, reader, line, insecure)
+    server = ServerProcess(process, address, workdir, data_dir, marker_dir, log_path, reader, banner, insecure)
+    server.gateway_url = gateway_url
+    return server

@@ -1,0 +1,1015 @@
+/* bastion web console.
+ *
+ * Plain JavaScript, no library and no build step; served by the gateway with
+ * a strict CSP (script-src 'self'), so there is no inline script or style.
+ *
+ * Theory of operation. Unary calls go to POST /v1/{service}/{method} with the
+ * session cookie the gateway set at login, echoing the readable bastion_csrf
+ * cookie in X-CSRF-Token (double-submit CSRF proof). Server streams (kv.watch,
+ * jobs.watch, files.download) run over one WebSocket at /ws, as JSON-RPC
+ * calls whose items arrive as "stream.item" notifications. Uploads hash the
+ * file in the browser (incremental SHA-256), open it with files.begin_upload,
+ * then send it in chunks as raw bodies to POST /v1/files/upload?upload_id=&offset=
+ * (the gateway carries bytes client streams that way). JSON has no bytes:
+ * byte values (kv values, file chunks) travel as base64.
+ */
+"use strict";
+
+// -- small DOM helpers ------------------------------------------------------------------
+
+const $ = (sel) => document.querySelector(sel);
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props || {})) {
+    if (value === undefined || value === null) continue;
+    if (key === "text") node.textContent = value;
+    else if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else node.setAttribute(key, value === true ? "" : String(value));
+  }
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+let toastTimer = null;
+function toast(message, bad) {
+  const box = $("#toast");
+  box.textContent = message;
+  box.className = bad ? "bad" : "";
+  box.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { box.hidden = true; }, bad ? 8000 : 3000);
+}
+
+function showError(err) {
+  console.warn(err); // shown to the user in the toast; not a page error
+  toast(err && err.message ? err.message : String(err), true);
+}
+
+const fmtTime = (t) => (t ? new Date(t * 1000).toLocaleString() : "");
+const fmtBytes = (n) => (n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(1)} KiB` : `${(n / 1048576).toFixed(1)} MiB`);
+
+// -- bytes --------------------------------------------------------------------------------
+
+function toBase64(bytes) {
+  let s = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+  return btoa(s);
+}
+
+function fromBase64(text) {
+  const s = atob(text || "");
+  const out = new Uint8Array(s.length);
+  for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
+  return out;
+}
+
+const utf8 = new TextEncoder();
+const utf8Decoder = new TextDecoder("utf-8", { fatal: false });
+
+// SHA-256 (FIPS 180-4), incremental, so a file is hashed slice by slice (crypto.subtle has no
+// streaming digest and needs a secure context).
+const K256 = new Uint32Array([
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+]);
+
+class Sha256 {
+  constructor() {
+    this.h = new Uint32Array([0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19]);
+    this.buf = new Uint8Array(64);
+    this.bufLen = 0;
+    this.length = 0;
+    this.w = new Uint32Array(64);
+  }
+
+  update(data) {
+    let i = 0;
+    this.length += data.length;
+    if (this.bufLen) {
+      const n = Math.min(64 - this.bufLen, data.length);
+      this.buf.set(data.subarray(0, n), this.bufLen);
+      this.bufLen += n;
+      i = n;
+      if (this.bufLen < 64) return;
+      this.block(this.buf, 0);
+      this.bufLen = 0;
+    }
+    for (; i + 64 <= data.length; i += 64) this.block(data, i);
+    if (i < data.length) {
+      this.buf.set(data.subarray(i), 0);
+      this.bufLen = data.length - i;
+    }
+  }
+
+  block(d, o) {
+    const w = this.w;
+    for (let t = 0; t < 16; t++) w[t] = (d[o + 4 * t] << 24) | (d[o + 4 * t + 1] << 16) | (d[o + 4 * t + 2] << 8) | d[o + 4 * t + 3];
+    for (let t = 16; t < 64; t++) {
+      const x = w[t - 15], y = w[t - 2];
+      const s0 = ((x >>> 7) | (x << 25)) ^ ((x >>> 18) | (x << 14)) ^ (x >>> 3);
+      const s1 = ((y >>> 17) | (y << 15)) ^ ((y >>> 19) | (y << 13)) ^ (y >>> 10);
+      w[t] = (w[t - 16] + s0 + w[t - 7] + s1) | 0;
+    }
+    let [a, b, c, e0, e, f, g, h] = this.h;
+    for (let t = 0; t < 64; t++) {
+      const S1 = ((e >>> 6) | (e << 26)) ^ ((e >>> 11) | (e << 21)) ^ ((e >>> 25) | (e << 7));
+      const t1 = (h + S1 + ((e & f) ^ (~e & g)) + K256[t] + w[t]) | 0;
+      const S0 = ((a >>> 2) | (a << 30)) ^ ((a >>> 13) | (a << 19)) ^ ((a >>> 22) | (a << 10));
+      const t2 = (S0 + ((a & b) ^ (a & c) ^ (b & c))) | 0;
+      h = g; g = f; f = e; e = (e0 + t1) | 0; e0 = c; c = b; b = a; a = (t1 + t2) | 0;
+    }
+    const H = this.h;
+    H[0] += a; H[1] += b; H[2] += c; H[3] += e0; H[4] += e; H[5] += f; H[6] += g; H[7] += h;
+  }
+
+  hex() {
+    const bits = this.length * 8;
+    const pad = new Uint8Array((this.bufLen < 56 ? 56 : 120) - this.bufLen + 8);
+    pad[0] = 0x80;
+    const view = new DataView(pad.buffer);
+    view.setUint32(pad.length - 8, Math.floor(bits / 0x100000000));
+    view.setUint32(pad.length - 4, bits >>> 0);
+    this.update(pad);
+    return Array.from(this.h, (v) => v.toString(16).padStart(8, "0")).join("");
+  }
+}
+
+// -- calls --------------------------------------------------------------------------------
+
+function cookie(name) {
+  for (const part of document.cookie.split(";")) {
+    const [key, ...rest] = part.trim().split("=");
+    if (key === name) return decodeURIComponent(rest.join("="));
+  }
+  return "";
+}
+
+class CallError extends Error {
+  constructor(status, message, httpStatus) {
+    super(`${status}: ${message}`);
+    this.status = status;
+    this.httpStatus = httpStatus;
+  }
+}
+
+async function errorFrom(response) {
+  let body = null;
+  try { body = await response.json(); } catch (_) { /* not JSON */ }
+  const error = body && body.error;
+  if (error && typeof error === "object") return new CallError(error.status, error.message, response.status);
+  return new CallError("HTTP " + response.status, response.statusText, response.status);
+}
+
+/** One unary call: POST /v1/{service}/{method}; its result, or a thrown CallError. */
+async function api(method, params) {
+  const dot = method.indexOf(".");
+  const response = await fetch(`/v1/${method.slice(0, dot)}/${method.slice(dot + 1)}`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", "X-CSRF-Token": cookie("bastion_csrf") },
+    body: JSON.stringify(params || {}),
+    credentials: "same-origin",
+  });
+  if (!response.ok) {
+    const err = await errorFrom(response);
+    if (response.status === 401 && state.user) loggedOut("Your session has ended: log in again.");
+    throw err;
+  }
+  return response.json();
+}
+
+/** The WebSocket at /ws: JSON-RPC calls, and server streams delivered as stream.item notifications. */
+class Socket {
+  constructor() {
+    this.ws = null;
+    this.opening = null;
+    this.nextId = 1;
+    this.pending = new Map(); // id -> {resolve, reject, onItem}
+  }
+
+  open() {
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) return Promise.resolve(this.ws);
+    if (this.opening) return this.opening;
+    this.opening = new Promise((resolve, reject) => {
+      const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
+      ws.onopen = () => { this.ws = ws; this.opening = null; resolve(ws); };
+      ws.onerror = () => { this.opening = null; reject(new Error("cannot open the WebSocket")); };
+      ws.onclose = () => {
+        if (this.ws === ws) this.ws = null;
+        for (const [, call] of this.pending) call.reject(new CallError("UNAVAILABLE", "the WebSocket closed"));
+        this.pending.clear();
+      };
+      ws.onmessage = (event) => this.receive(JSON.parse(event.data));
+    });
+    return this.opening;
+  }
+
+  receive(message) {
+    for (const m of Array.isArray(message) ? message : [message]) {
+      if (m.method === "stream.item") {
+        const call = this.pending.get(m.params.id);
+        if (call && call.onItem) call.onItem(m.params.item);
+        continue;
+      }
+      const call = this.pending.get(m.id);
+      if (!call) continue;
+      this.pending.delete(m.id);
+      if (m.error) {
+        const data = m.error.data || {};
+        call.reject(new CallError(data.status || m.error.code, m.error.message));
+      } else call.resolve(m.result);
+    }
+  }
+
+  /** Start a server stream; returns {done: Promise, cancel()}. */
+  stream(method, params, onItem) {
+    const id = this.nextId++;
+    const done = new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject, onItem });
+    });
+    this.open().then(
+      (ws) => ws.send(JSON.stringify({ jsonrpc: "2.0", method, params: params || {}, id })),
+      (err) => { const call = this.pending.get(id); this.pending.delete(id); if (call) call.reject(err); },
+    );
+    return {
+      done,
+      cancel: () => {
+        if (this.ws && this.pending.has(id)) {
+          this.ws.send(JSON.stringify({ jsonrpc: "2.0", method: "stream.cancel", params: { id } }));
+        }
+      },
+    };
+  }
+
+  close() {
+    if (this.ws) this.ws.close();
+    this.ws = null;
+  }
+}
+
+const state = { user: null, roles: [], socket: new Socket(), tab: null, timers: [] };
+
+// -- log in / out -------------------------------------------------------------------------
+
+async function start() {
+  for (const link of document.querySelectorAll("#nav a")) {
+    link.addEventListener("click", (event) => { event.preventDefault(); showTab(link.dataset.tab); });
+  }
+  $("#login-form").addEventListener("submit", login);
+  $("#logout").addEventListener("click", logout);
+  setupUsers();
+  setupKV();
+  setupFiles();
+  setupJobs();
+  setupExplorer();
+  try {
+    const me = await api("auth.whoami");
+    if (me.authenticated) return loggedIn(me);
+  } catch (_) { /* not logged in */ }
+  loggedOut();
+}
+
+async function login(event) {
+  event.preventDefault();
+  $("#login-error").textContent = "";
+  const response = await fetch("/v1/auth/login", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ username: $("#login-user").value, password: $("#login-password").value }),
+    credentials: "same-origin",
+  });
+  if (!response.ok) {
+    $("#login-error").textContent = (await errorFrom(response)).message;
+    return;
+  }
+  $("#login-password").value = "";
+  loggedIn(await api("auth.whoami"));
+}
+
+async function logout() {
+  try {
+    await fetch("/logout", { method: "POST", headers: { "X-CSRF-Token": cookie("bastion_csrf") }, credentials: "same-origin" });
+  } finally {
+    loggedOut();
+  }
+}
+
+function loggedIn(me) {
+  state.user = me.name;
+  state.roles = me.roles || [];
+  $("#who").textContent = `${me.name}${state.roles.length ? " (" + state.roles.join(", ") + ")" : ""}`;
+  $("#login-view").hidden = true;
+  $("#nav").hidden = false;
+  $("#logout").hidden = false;
+  showTab((location.hash || "#dashboard").slice(1));
+}
+
+function loggedOut(message) {
+  state.user = null;
+  state.socket.close();
+  for (const t of state.timers) clearInterval(t);
+  state.timers = [];
+  dashboard.stop();
+  $("#who").textContent = "";
+  $("#nav").hidden = true;
+  $("#logout").hidden = true;
+  for (const tab of document.querySelectorAll(".tab")) tab.hidden = true;
+  $("#login-view").hidden = false;
+  if (message) $("#login-error").textContent = message;
+}
+
+const loaders = {};
+
+function showTab(name) {
+  if (!document.getElementById(`tab-${name}`)) name = "dashboard";
+  state.tab = name;
+  history.replaceState(null, "", `#${name}`);
+  for (const tab of document.querySelectorAll(".tab")) tab.hidden = tab.id !== `tab-${name}`;
+  for (const link of document.querySelectorAll("#nav a")) link.classList.toggle("active", link.dataset.tab === name);
+  if (name === "dashboard") dashboard.start(); else dashboard.stop();
+  if (loaders[name]) loaders[name]().catch(showError);
+}
+
+// -- dashboard ----------------------------------------------------------------------------
+
+const COLORS = ["#2457c5", "#d97706", "#b42318", "#067647", "#7c3aed"];
+
+/** A line chart of the last `size` samples of one or more series, drawn on a canvas. */
+class Chart {
+  constructor(canvas, labels, size = 90) {
+    this.canvas = canvas;
+    this.labels = labels;
+    this.size = size;
+    this.data = labels.map(() => []);
+  }
+
+  push(values) {
+    values.forEach((v, i) => {
+      const series = this.data[i];
+      series.push(v);
+      if (series.length > this.size) series.shift();
+    });
+    this.canvas.dataset.samples = String(this.data[0].length);
+    this.draw();
+  }
+
+  draw() {
+    const canvas = this.canvas;
+    const ratio = window.devicePixelRatio || 1;
+    const width = canvas.clientWidth || 460, height = canvas.clientHeight || 150;
+    if (canvas.width !== Math.round(width * ratio)) { canvas.width = Math.round(width * ratio); canvas.height = Math.round(height * ratio); }
+    const ctx = canvas.getContext("2d");
+    ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+    ctx.clearRect(0, 0, width, height);
+    let max = 0;
+    for (const series of this.data) for (const v of series) if (v !== null && v > max) max = v;
+    max = niceMax(max);
+    const left = 44, top = 18, right = width - 6, bottom = height - 16;
+    ctx.font = "11px system-ui, sans-serif";
+    ctx.strokeStyle = "#e2e5ea";
+    ctx.fillStyle = "#6b7280";
+    ctx.lineWidth = 1;
+    for (let i = 0; i <= 4; i++) {
+      const y = bottom - ((bottom - top) * i) / 4;
+      ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(right, y); ctx.stroke();
+      ctx.fillText(fmtNumber((max * i) / 4), 2, y + 4);
+    }
+    ctx.fillText(`last ${this.size} s`, left, height - 3);
+    const step = (right - left) / (this.size - 1);
+    let legendX = left;
+    this.data.forEach((series, i) => {
+      ctx.strokeStyle = COLORS[i % COLORS.length];
+      ctx.lineWidth = 1.8;
+      ctx.beginPath();
+      let pen = false;
+      const offset = this.size - series.length;
+      series.forEach((v, j) => {
+        if (v === null) { pen = false; return; }
+        const x = left + (offset + j) * step, y = bottom - ((bottom - top) * v) / max;
+        if (pen) ctx.lineTo(x, y); else ctx.moveTo(x, y);
+        pen = true;
+      });
+      ctx.stroke();
+      const last = series.length ? series[series.length - 1] : null;
+      const text = `${this.labels[i]} ${last === null ? "–" : fmtNumber(last)}`;
+      ctx.fillStyle = COLORS[i % COLORS.length];
+      ctx.fillRect(legendX, 5, 8, 8);
+      ctx.fillStyle = "#1d2330";
+      ctx.fillText(text, legendX + 11, 13);
+      legendX += ctx.measureText(text).width + 24;
+    });
+  }
+}
+
+function niceMax(v) {
+  if (v <= 0) return 1;
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  for (const m of [1, 2, 2.5, 5, 10]) if (v <= m * p) return m * p;
+  return 10 * p;
+}
+
+function fmtNumber(v) {
+  if (v === null || v === undefined || Number.isNaN(v)) return "–";
+  if (Math.abs(v) >= 1e6) return (v / 1e6).toFixed(1) + "M";
+  if (Math.abs(v) >= 1e4) return (v / 1e3).toFixed(1) + "k";
+  if (Number.isInteger(v)) return String(v);
+  return Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 10 ? v.toFixed(1) : v.toFixed(2);
+}
+
+/** Cumulative bucket counts of the call-latency histogram in a Prometheus text exposition, by `le`. */
+function latencyBuckets(text) {
+  const families = new Map();
+  for (const line of text.split("\n")) {
+    if (!line || line[0] === "#") continue;
+    const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*)_bucket\{(.*)\}\s+(\S+)/.exec(line);
+    if (!match) continue;
+    const [, name, labels, value] = match;
+    if (!/call|request|rpc/.test(name) || !/second|duration|latency/.test(name)) continue;
+    const le = /(?:^|,)le="([^"]+)"/.exec(labels);
+    if (!le) continue;
+    const bound = le[1] === "+Inf" ? Infinity : Number(le[1]);
+    if (!families.has(name)) families.set(name, new Map());
+    const buckets = families.get(name);
+    buckets.set(bound, (buckets.get(bound) || 0) + Number(value));
+  }
+  let best = null;
+  for (const [name, buckets] of families) if (!best || /call/.test(name) && !/call/.test(best[0])) best = [name, buckets];
+  return best;
+}
+
+/** The q-quantile (seconds) of the calls between two cumulative histograms, or null without calls. */
+function quantile(now, before, q) {
+  const bounds = [...now.keys()].sort((a, b) => a - b);
+  const delta = bounds.map((b) => now.get(b) - ((before && before.get(b)) || 0));
+  const total = delta[delta.length - 1];
+  if (!(total > 0)) return null;
+  const target = q * total;
+  let lowerBound = 0, lowerCount = 0;
+  for (let i = 0; i < bounds.length; i++) {
+    if (delta[i] >= target) {
+      if (bounds[i] === Infinity) return lowerBound;
+      const span = delta[i] - lowerCount;
+      return lowerBound + (bounds[i] - lowerBound) * (span > 0 ? (target - lowerCount) / span : 1);
+    }
+    lowerBound = bounds[i];
+    lowerCount = delta[i];
+  }
+  return lowerBound;
+}
+
+const dashboard = {
+  timer: null,
+  previous: null,
+  previousBuckets: null,
+  metricsMissing: 0,
+  charts: null,
+
+  start() {
+    if (this.timer) return;
+    if (!this.charts) {
+      this.charts = {
+        rate: new Chart($("#chart-rate"), ["calls/s"]),
+        latency: new Chart($("#chart-latency"), ["p50", "p95", "p99"]),
+        errors: new Chart($("#chart-errors"), ["errors/s"]),
+        connections: new Chart($("#chart-connections"), ["connections", "in flight"]),
+        queue: new Chart($("#chart-queue"), ["queued", "running"]),
+      };
+    }
+    this.tick();
+    this.timer = setInterval(() => this.tick(), 1000);
+  },
+
+  stop() {
+    clearInterval(this.timer);
+    this.timer = null;
+  },
+
+  async tick() {
+    let stats;
+    try {
+      stats = await api("admin.stats");
+    } catch (err) {
+      $("#dash-note").textContent = err.httpStatus === 403
+        ? "The dashboard needs the admin role (admin.stats)."
+        : `admin.stats failed: ${err.message}`;
+      return;
+    }
+    const now = performance.now() / 1000;
+    const errors = (stats.internal_errors_total || 0) + (stats.rejected_rate_limited || 0) +
+      Object.entries(stats).filter(([k]) => k.startsWith("scheduler_rejected_")).reduce((sum, [, v]) => sum + v, 0);
+    const previous = this.previous;
+    this.previous = { t: now, calls: stats.calls_total, errors };
+    $("#dash-note").textContent = `pid ${stats.pid ?? "?"} · updated ${new Date().toLocaleTimeString()}`;
+    $("#stat-calls").textContent = fmtNumber(stats.calls_total);
+    $("#stat-connections").textContent = fmtNumber(stats.connections);
+    $("#stat-queue").textContent = `${fmtNumber(stats.scheduler_queued ?? 0)} / ${fmtNumber(stats.scheduler_running ?? 0)}`;
+    $("#stat-uptime").textContent = fmtDuration(stats.uptime_seconds);
+    const latency = await this.latency(stats);
+    $("#stat-latency").textContent = latency[0] === null ? "–" : `${fmtNumber(latency[0])} / ${fmtNumber(latency[2])}`;
+    this.charts.connections.push([stats.connections, stats.calls_in_flight]);
+    this.charts.queue.push([stats.scheduler_queued ?? 0, stats.scheduler_running ?? 0]);
+    this.charts.latency.push(latency);
+    if (!previous) return;
+    const dt = Math.max(now - previous.t, 0.001);
+    const rate = Math.max(0, (stats.calls_total - previous.calls) / dt);
+    const errorRate = Math.max(0, (errors - previous.errors) / dt);
+    $("#stat-rate").textContent = fmtNumber(rate);
+    $("#stat-errors").textContent = fmtNumber(errorRate);
+    this.charts.rate.push([rate]);
+    this.charts.errors.push([errorRate]);
+  },
+
+  /** [p50, p95, p99] in ms from /metrics' latency histogram; without /metrics, the scheduler's queue delay. */
+  async latency(stats) {
+    if (this.metricsMissing > 0) {
+      this.metricsMissing--;
+    } else {
+      try {
+        const response = await fetch("/metrics", { credentials: "same-origin" });
+        const found = response.ok ? latencyBuckets(await response.text()) : null;
+        if (found) {
+          const [name, buckets] = found;
+          const before = this.previousBuckets;
+          this.previousBuckets = buckets;
+          $("#latency-caption").textContent = `call latency percentiles (ms), from /metrics ${name}`;
+          if (!before) return [null, null, null];
+          return [0.5, 0.95, 0.99].map((q) => { const v = quantile(buckets, before, q); return v === null ? null : v * 1000; });
+        }
+      } catch (_) { /* fall through */ }
+      this.metricsMissing = 30; // look again in 30 s
+    }
+    $("#latency-caption").textContent = "scheduler queue delay (ms): last, average, max (no latency histogram at /metrics)";
+    const ms = (v) => (typeof v === "number" ? v * 1000 : null);
+    return [ms(stats.scheduler_delay_last), ms(stats.scheduler_delay_ewma), ms(stats.scheduler_delay_max)];
+  },
+};
+
+function fmtDuration(s) {
+  if (s === undefined) return "–";
+  if (s < 120) return `${Math.round(s)} s`;
+  if (s < 7200) return `${Math.round(s / 60)} min`;
+  return `${(s / 3600).toFixed(1)} h`;
+}
+
+// -- users and tokens ---------------------------------------------------------------------
+
+function setupUsers() {
+  loaders.users = loadUsers;
+  $("#user-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      await api("auth.create_user", {
+        name: $("#user-name").value.trim(),
+        password: $("#user-password").value || null,
+        roles: splitRoles($("#user-roles").value),
+      });
+      toast(`user ${$("#user-name").value} created`);
+      event.target.reset();
+      await loadUsers();
+    } catch (err) { showError(err); }
+  });
+  $("#token-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      const ttl = $("#token-ttl").value;
+      const made = await api("auth.create_token", {
+        user: $("#token-user").value.trim() || null,
+        label: $("#token-label").value,
+        ttl: ttl ? Number(ttl) : null,
+      });
+      const box = $("#token-new");
+      box.textContent = `New token for ${made.user} (shown once, copy it now): ${made.token}`;
+      box.hidden = false;
+      event.target.reset();
+      await loadUsers();
+    } catch (err) { showError(err); }
+  });
+}
+
+const splitRoles = (text) => text.split(",").map((r) => r.trim()).filter(Boolean);
+
+async function loadUsers() {
+  const [users, tokens] = await Promise.all([api("auth.list_users"), api("auth.list_tokens", {})]);
+  const body = $("#users-table tbody");
+  body.replaceChildren(...users.map((u) => {
+    const roles = el("input", { value: u.roles.join(", "), "aria-label": `roles of ${u.name}` });
+    return el("tr", { dataset: { user: u.name } },
+      el("td", { text: u.name }),
+      el("td", {}, roles),
+      el("td", { text: u.has_password ? "yes" : "no" }),
+      el("td", { text: u.disabled ? "yes" : "no" }),
+      el("td", {},
+        el("button", { class: "small", text: "Set roles", onclick: async () => {
+          try { await api("auth.set_roles", { name: u.name, roles: splitRoles(roles.value) }); toast(`roles of ${u.name} set`); await loadUsers(); } catch (err) { showError(err); }
+        } }),
+        " ",
+        el("button", { class: "small", text: u.disabled ? "Enable" : "Disable", onclick: async () => {
+          try { await api("auth.disable_user", { name: u.name, disabled: !u.disabled }); await loadUsers(); } catch (err) { showError(err); }
+        } })));
+  }));
+  $("#tokens-table tbody").replaceChildren(...tokens.map((t) => el("tr", { dataset: { token: t.id } },
+    el("td", { class: "mono", text: t.id }),
+    el("td", { text: t.user }),
+    el("td", { text: t.kind }),
+    el("td", { text: t.label }),
+    el("td", { text: t.expires_at ? fmtTime(t.expires_at) : "never" }),
+    el("td", { text: t.revoked_at ? fmtTime(t.revoked_at) : "" }),
+    el("td", {}, t.revoked_at ? null : el("button", { class: "small danger", text: "Revoke", onclick: async () => {
+      try { await api("auth.revoke_token", { id: t.id }); toast(`token ${t.id} revoked`); await loadUsers(); } catch (err) { showError(err); }
+    } })))));
+}
+
+// -- key-value ----------------------------------------------------------------------------
+
+const kv = { watch: null, refresh: null };
+
+const kvNamespace = () => $("#kv-namespace").value.trim() || null;
+
+function setupKV() {
+  loaders.kv = loadKV;
+  $("#kv-filter").addEventListener("submit", (event) => { event.preventDefault(); loadKV().catch(showError); if (kv.watch) startWatch(); });
+  $("#kv-watch").addEventListener("change", () => (($("#kv-watch").checked) ? startWatch() : stopWatch()));
+  $("#kv-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const version = $("#kv-version").value;
+    try {
+      const v = await api("kv.put", {
+        key: $("#kv-key").value,
+        value: toBase64(utf8.encode($("#kv-value").value)),
+        namespace: kvNamespace(),
+        expected_version: version === "" ? null : Number(version),
+      });
+      $("#kv-version").value = v;
+      toast(`${$("#kv-key").value} is now version ${v}`);
+      await loadKV();
+    } catch (err) { showError(err); }
+  });
+  $("#kv-delete").addEventListener("click", async () => {
+    const version = $("#kv-version").value;
+    try {
+      const gone = await api("kv.delete", { key: $("#kv-key").value, namespace: kvNamespace(), expected_version: version === "" ? null : Number(version) });
+      toast(gone ? `${$("#kv-key").value} deleted` : "no such key");
+      $("#kv-version").value = "";
+      await loadKV();
+    } catch (err) { showError(err); }
+  });
+}
+
+async function loadKV() {
+  const page = await api("kv.list", { prefix: $("#kv-prefix").value, namespace: kvNamespace(), limit: 200 });
+  $("#kv-table tbody").replaceChildren(...page.items.map((item) => {
+    const text = utf8Decoder.decode(fromBase64(item.value));
+    return el("tr", { dataset: { key: item.key } },
+      el("td", { class: "mono", text: item.key }),
+      el("td", { text: item.version }),
+      el("td", { class: "mono", text: text.length > 120 ? text.slice(0, 120) + "…" : text }),
+      el("td", {}, el("button", { class: "small", text: "Edit", onclick: () => {
+        $("#kv-key").value = item.key;
+        $("#kv-value").value = text;
+        $("#kv-version").value = item.version;
+      } })));
+  }));
+}
+
+function startWatch() {
+  stopWatch();
+  const events = $("#kv-events");
+  const handle = state.socket.stream("kv.watch", { prefix: $("#kv-prefix").value, namespace: kvNamespace() }, (change) => {
+    if (change.type === "start") {
+      events.append(el("li", { class: "muted", text: `watching from version ${change.version}` }));
+      return;
+    }
+    const value = change.value === null || change.value === undefined ? "" : ` = ${utf8Decoder.decode(fromBase64(change.value)).slice(0, 80)}`;
+    events.append(el("li", { dataset: { type: change.type, key: change.key }, text: `v${change.version} ${change.type} ${change.key}${value}` }));
+    events.scrollTop = events.scrollHeight;
+    clearTimeout(kv.refresh);
+    kv.refresh = setTimeout(() => loadKV().catch(showError), 150);
+  });
+  kv.watch = handle;
+  handle.done.then(
+    () => { if (kv.watch === handle) { kv.watch = null; $("#kv-watch").checked = false; } },
+    (err) => {
+      if (kv.watch !== handle) return;
+      kv.watch = null;
+      $("#kv-watch").checked = false;
+      if (err.status !== "CANCELLED") showError(err);
+    });
+}
+
+function stopWatch() {
+  if (kv.watch) { const w = kv.watch; kv.watch = null; w.cancel(); }
+}
+
+// -- files --------------------------------------------------------------------------------
+
+const UPLOAD_REQUEST_BYTES = 512 * 1024; // one request's body; the gateway's max_body is 1 MiB by default
+const HASH_SLICE = 4 * 1024 * 1024;
+
+function setupFiles() {
+  loaders.files = loadFiles;
+  $("#upload-form").addEventListener("submit", (event) => { event.preventDefault(); upload().catch(showError); });
+}
+
+async function loadFiles() {
+  const page = await api("files.list", { limit: 1000 });
+  $("#files-table tbody").replaceChildren(...page.files.map((f) => el("tr", { dataset: { name: f.name, owner: f.owner } },
+    el("td", { text: f.owner }),
+    el("td", { text: f.name }),
+    el("td", { text: fmtBytes(f.size) }),
+    el("td", { class: "mono", text: f.sha256.slice(0, 16) + "…", title: f.sha256 }),
+    el("td", { text: fmtTime(f.updated_at) }),
+    el("td", {},
+      el("button", { class: "small", text: "Download", onclick: () => download(f).catch(showError) }),
+      " ",
+      el("button", { class: "small danger", text: "Delete", onclick: async () => {
+        try { await api("files.delete", { file_id: f.id }); toast(`${f.name} deleted`); await loadFiles(); } catch (err) { showError(err); }
+      } })))));
+}
+
+function setBar(id, fraction) {
+  document.getElementById(id).style.width = `${Math.round(Math.min(1, Math.max(0, fraction)) * 100)}%`;
+}
+
+async function upload() {
+  const file = $("#upload-input").files[0];
+  if (!file) return;
+  const name = $("#upload-name").value.trim() || file.name;
+  const status = $("#upload-status");
+  const hasher = new Sha256();
+  for (let at = 0; at < file.size; at += HASH_SLICE) {
+    hasher.update(new Uint8Array(await file.slice(at, at + HASH_SLICE).arrayBuffer()));
+    status.textContent = `hashing ${name}: ${fmtBytes(Math.min(file.size, at + HASH_SLICE))} of ${fmtBytes(file.size)}`;
+  }
+  const sha256 = hasher.hex();
+  const info = await api("files.begin_upload", { name, size: file.size, sha256, overwrite: $("#upload-overwrite").checked });
+  let offset = info.offset;
+  let result = null;
+  do {
+    const chunk = file.slice(offset, offset + UPLOAD_REQUEST_BYTES);
+    result = await sendChunk(info.upload_id, offset, chunk, (loaded) => {
+      setBar("upload-bar", file.size ? (offset + loaded) / file.size : 1);
+      status.textContent = `uploading ${name}: ${fmtBytes(offset + loaded)} of ${fmtBytes(file.size)}`;
+    });
+    offset = result.offset;
+  } while (!result.complete);
+  setBar("upload-bar", 1);
+  status.textContent = `uploaded ${name} (${fmtBytes(file.size)}, SHA-256 ${sha256.slice(0, 16)}…)`;
+  status.dataset.done = name;
+  await loadFiles();
+}
+
+/** One raw-body request of an upload, with progress events (fetch has none for uploads). */
+function sendChunk(uploadId, offset, blob, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", `/v1/files/upload?upload_id=${encodeURIComponent(uploadId)}&offset=${offset}`);
+    xhr.setRequestHeader("Content-Type", "application/octet-stream");
+    xhr.setRequestHeader("X-CSRF-Token", cookie("bastion_csrf"));
+    xhr.upload.onprogress = (event) => onProgress(event.loaded);
+    xhr.onload = () => {
+      let body = null;
+      try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
+      if (xhr.status === 200) resolve(body);
+      else reject(body && body.error ? new CallError(body.error.status, body.error.message, xhr.status) : new Error(`upload failed: HTTP ${xhr.status}`));
+    };
+    xhr.onerror = () => reject(new Error("upload failed: network error"));
+    xhr.send(blob);
+  });
+}
+
+async function download(file) {
+  const status = $("#download-status");
+  const parts = [];
+  let received = 0;
+  setBar("download-bar", 0);
+  await state.socket.stream("files.download", { file_id: file.id }, (chunk) => {
+    const bytes = fromBase64(chunk);
+    parts.push(bytes);
+    received += bytes.length;
+    setBar("download-bar", file.size ? received / file.size : 1);
+    status.textContent = `downloading ${file.name}: ${fmtBytes(received)} of ${fmtBytes(file.size)}`;
+  }).done;
+  setBar("download-bar", 1);
+  status.textContent = `downloaded ${file.name} (${fmtBytes(received)})`;
+  const url = URL.createObjectURL(new Blob(parts, { type: "application/octet-stream" }));
+  const link = el("a", { href: url, download: file.name });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+// -- jobs ---------------------------------------------------------------------------------
+
+const jobs = { registered: [], watches: new Map(), getArgs: () => ({}) };
+const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
+
+function setupJobs() {
+  loaders.jobs = loadJobs;
+  $("#job-name").addEventListener("change", jobFormFor);
+  $("#jobs-refresh").addEventListener("click", () => loadJobs().catch(showError));
+  $("#job-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      const id = await api("jobs.submit", { name: $("#job-name").value, args: jobs.getArgs() });
+      toast(`job ${id} submitted`);
+      await loadJobs();
+    } catch (err) { showError(err); }
+  });
+}
+
+function jobFormFor() {
+  const job = jobs.registered.find((j) => j.name === $("#job-name").value);
+  $("#job-doc").textContent = job ? job.doc || "" : "";
+  jobs.getArgs = schemaForm($("#job-args"), job ? job.params : {});
+}
+
+async function loadJobs() {
+  if (!jobs.registered.length) {
+    jobs.registered = await api("jobs.registered");
+    $("#job-name").replaceChildren(...jobs.registered.map((j) => el("option", { value: j.name, text: j.name })));
+    jobFormFor();
+  }
+  const list = await api("jobs.list", { limit: 1000 });
+  $("#jobs-table tbody").replaceChildren(...list.reverse().map(jobRow));
+  for (const job of list) if (!FINISHED.has(job.state)) watchJob(job.id);
+}
+
+function jobRow(job) {
+  const row = el("tr", { id: `job-${job.id}`, dataset: { job: job.id } },
+    el("td", { class: "mono", text: job.id }),
+    el("td", { text: job.name }),
+    el("td", { class: "state" }),
+    el("td", {}, el("div", { class: "progress small" }, el("div", { class: "bar" })), el("span")),
+    el("td"),
+    el("td", {}, el("button", { class: "small danger", text: "Cancel", onclick: async () => {
+      try { fillJobRow(row, await api("jobs.cancel", { id: job.id })); } catch (err) { showError(err); }
+    } })));
+  fillJobRow(row, job);
+  return row;
+}
+
+/** Show `job` in its row, in place: the row and its Cancel button stay the same elements while the job
+ * reports progress, so a click is never lost to a re-render between mouse down and up. */
+function fillJobRow(row, job) {
+  const finished = FINISHED.has(job.state);
+  row.dataset.state = job.state;
+  const cells = row.cells;
+  cells[2].className = `state state-${job.state}`;
+  cells[2].textContent = job.state + (job.cancel_requested && !finished ? " (cancelling)" : "");
+  cells[3].querySelector(".bar").style.width = `${Math.round(job.progress * 100)}%`;
+  cells[3].querySelector("span").textContent = ` ${Math.round(job.progress * 100)}%`;
+  cells[4].textContent = job.error || job.message || "";
+  cells[5].hidden = false;
+  const button = cells[5].querySelector("button");
+  if (button) button.hidden = finished;
+}
+
+function updateJob(job) {
+  const row = document.getElementById(`job-${job.id}`);
+  if (row) fillJobRow(row, job);
+}
+
+function watchJob(id) {
+  if (jobs.watches.has(id)) return;
+  const handle = state.socket.stream("jobs.watch", { id }, updateJob);
+  jobs.watches.set(id, handle);
+  const forget = () => jobs.watches.delete(id);
+  handle.done.then(forget, (err) => { forget(); if (err.status !== "CANCELLED") showError(err); });
+}
+
+// -- method explorer ----------------------------------------------------------------------
+
+const explorer = { method: null, getArgs: () => ({}), running: null };
+
+function setupExplorer() {
+  loaders.explorer = loadMethods;
+  $("#method-form").addEventListener("submit", (event) => { event.preventDefault(); tryCall().catch(showError); });
+}
+
+async function loadMethods() {
+  const services = await api("admin.methods");
+  const list = $("#methods-list");
+  list.replaceChildren();
+  for (const svc of services) {
+    list.append(el("li", { class: "service", text: svc.name, title: svc.doc || "" }));
+    for (const m of svc.methods) {
+      const link = el("a", { href: "#explorer", text: m.name, dataset: { method: m.name } });
+      link.addEventListener("click", (event) => { event.preventDefault(); pickMethod(m, link); });
+      list.append(el("li", {}, link));
+    }
+  }
+}
+
+function pickMethod(m, link) {
+  for (const a of document.querySelectorAll("#methods-list a")) a.classList.toggle("active", a === link);
+  explorer.method = m;
+  $("#method-title").textContent = m.name;
+  $("#method-doc").textContent = m.doc || "";
+  const flags = [m.kind, m.public ? "public" : "authenticated", m.idempotent ? "idempotent" : null, m.roles.length ? `roles: ${m.roles.join(", ")}` : null];
+  $("#method-flags").textContent = flags.filter(Boolean).join(" · ");
+  $("#method-schema").textContent = JSON.stringify({ params: m.params, result: m.result, input: m.input }, null, 2);
+  $("#method-result").textContent = "";
+  explorer.getArgs = schemaForm($("#method-args"), m.params);
+  const button = $("#method-call");
+  button.disabled = m.kind === "client_stream";
+  button.textContent = m.kind === "client_stream" ? "Input streams: use the Files tab" : m.kind === "unary" ? "Call" : "Start stream";
+}
+
+async function tryCall() {
+  const m = explorer.method;
+  if (!m) return;
+  const out = $("#method-result");
+  const args = explorer.getArgs();
+  if (m.kind === "unary") {
+    out.textContent = "…";
+    try {
+      out.textContent = JSON.stringify(await api(m.name, args), null, 2);
+    } catch (err) {
+      out.textContent = `error ${err.message}`;
+    }
+    return;
+  }
+  if (explorer.running) { explorer.running.cancel(); return; }
+  const items = [];
+  out.textContent = "";
+  const button = $("#method-call");
+  button.textContent = "Stop stream";
+  const handle = state.socket.stream(m.name, args, (item) => {
+    items.push(item);
+    out.textContent += JSON.stringify(item) + "\n";
+  });
+  explorer.running = handle;
+  try {
+    const end = await handle.done;
+    out.textContent += `-- end: ${JSON.stringify(end)}\n`;
+  } catch (err) {
+    out.textContent += `-- ${err.message}\n`;
+  } finally {
+    explorer.running = null;
+    button.textContent = "Start stream";
+  }
+}
+
+// -- forms generated from JSON Schema ------------------------------------------------------
+
+function schemaType(prop) {
+  const options = prop.anyOf || prop.oneOf;
+  if (options) {
+    const real = options.filter((o) => o.type !== "null");
+    return { type: real.length === 1 ? real[0].type || "json" : "json", nullable: real.length < options.length, base64: real.length === 1 && real[0].contentEncoding === "base64" };
+  }
+  return { type: prop.type || "json", nullable: false, base64: prop.contentEncoding === "base64" };
+}
+
+/** Inputs for the properties of an object schema, in `container`; returns a function reading the arguments. */
+function schemaForm(container, schema) {
+  container.replaceChildren();
+  const props = (schema && schema.properties) || {};
+  const required = new Set((schema && schema.required) || []);
+  const readers = [];
+  for (const [name, prop] of Object.entries(props)) {
+    const { type, nullable, base64 } = schemaType(prop);
+    let input;
+    if (type === "boolean") {
+      input = el("select", {}, el("option", { value: "", text: "(default)" }), el("option", { value: "true", text: "true" }), el("option", { value: "false", text: "false" }));
+    } else if (type === "integer" || type === "number") {
+      input = el("input", { type: "number", step: type === "integer" ? "1" : "any" });
+    } else if (type === "string") {
+      input = el("input", { type: "text" });
+    } else {
+      input = el("textarea", { rows: 3, placeholder: "JSON" });
+    }
+    input.dataset.arg = name;
+    if ("default" in prop && prop.default !== null) input.placeholder = `default: ${JSON.stringify(prop.default)}`;
+    const note = `${type === "json" ? "JSON" : type}${base64 ? ", base64" : ""}${nullable ? ", optional" : ""}`;
+    container.append(el("label", {}, `${name}${required.has(name) ? " *" : ""} `, el("span", { class: "muted", text: `(${note})` }), input));
+    readers.push(() => {
+      const raw = input.value;
+      if (raw === "") return null;
+      if (type === "boolean") return [name, raw === "true"];
+      if (type === "integer" || type === "number") return [name, Number(raw)];
+      if (type === "string") return [name, raw];
+      try { return [name, JSON.parse(raw)]; } catch (_) { throw new Error(`${name}: not valid JSON`); }
+    });
+  }
+  if (!readers.length) container.append(el("p", { class: "muted", text: "No arguments." }));
+  return () => {
+    const args = {};
+    for (const read of readers) { const pair = read(); if (pair) args[pair[0]] = pair[1]; }
+    return args;
+  };
+}
+
+document.addEventListener("DOMContentLoaded", () => { start().catch(showError); });

@@ -1,0 +1,87 @@
+"""A real ``bastion serve`` with its HTTP gateway, and a headless Chromium to drive it.
+
+``console_world`` (one per module) runs ``bastion serve --http-port 0`` as a
+separate process (tests/support/server.py), with TLS from the test session's
+CA, the built-in services, and the demo jobs (``tests/support/demo_jobs.py``
+as ``demo_jobs:registry``, with short lease and poll intervals). The
+bootstrap ``admin`` gets a password through the native protocol, so the
+browser can log in. Tests talk to it as outside clients do: the browser over
+HTTPS/WSS, bastion's ``SyncClient`` natively (verifying the certificate).
+
+``browser`` launches Debian's Chromium (``/usr/bin/chromium``, installed by
+.ci/run; never a Playwright browser download) headless. The page context
+uses ``ignore_https_errors=True``: Chromium keeps its own trust store (NSS),
+which the test does not modify, so it does not trust the test CA; the
+native client in the same tests does verify the certificate against it.
+
+Screenshots go to ``test-artifacts/screenshots/`` at the repository root
+(git-ignored), kept for a human to look at after the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bastion.client.sync import SyncClient
+from tests.support.server import ServerProcess, start_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+PASSWORD = "correct horse battery"
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
+
+
+class ConsoleWorld:
+    """The running server: ``url`` (the gateway), ``native`` (host:port), ``token`` (admin's API token)."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        assert server.gateway_url is not None
+        self.server = server
+        self.url: str = server.gateway_url
+        self.native = server.address
+        self.token = server.token
+
+
+@pytest.fixture(scope="module")
+def console_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleWorld]:
+    env = {
+        "PYTHONPATH": str(SUPPORT),
+        "BASTION_JOBS__MODULES": "demo_jobs:registry",
+        "BASTION_JOBS__LEASE": "1.5",
+        "BASTION_JOBS__POLL_INTERVAL": "0.2",
+        "BASTION_LIMITS__GRACE_PERIOD": "2",
+    }
+    server = start_server(tmp_path_factory.mktemp("console"), env=env, http=True)
+    try:
+        world = ConsoleWorld(server)
+        with SyncClient(world.native, token=world.token, timeout=30) as admin:
+            admin.call("auth.set_password", name="admin", password=PASSWORD)
+        yield world
+    finally:
+        code = server.stop()
+    assert code == 0, f"bastion serve exited with {code}:\n{server.log()}"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def screenshot(page: Any, name: str) -> Path:
+    """Save a full-page screenshot as test-artifacts/screenshots/<name>.png; its path."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path

@@ -1,0 +1,185 @@
+"""``GET /metrics`` on a real ``bastion serve`` (one process, and ``--workers 2``).
+
+Calls are made through the native protocol and through the gateway, then
+the scrape is parsed with prometheus-client's own parser (and checked with
+``promtool check metrics`` where Debian's ``prometheus`` package is
+installed) and the counts compared with what was done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bastion import SyncClient
+from bastion.exceptions import CallError, InternalError, Unauthenticated
+from tests.support.server import ServerProcess, start_server, wait_for
+
+HTTP = ("--http-port", "0")
+GRACE = {"BASTION_LIMITS__GRACE_PERIOD": "3"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = start_server(tmp_path_factory.mktemp("metrics"), env=GRACE, http=True)
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def _context(server: ServerProcess) -> ssl.SSLContext:
+    assert server.ca_file is not None
+    return ssl.create_default_context(cafile=str(server.ca_file))
+
+
+def _get(server: ServerProcess, path: str) -> tuple[int, str, str]:
+    assert server.gateway_url is not None
+    with urllib.request.urlopen(server.gateway_url + path, context=_context(server), timeout=10) as response:
+        return response.status, response.headers["Content-Type"], response.read().decode()
+
+
+def _rpc(server: ServerProcess, method: str, params: dict[str, Any]) -> Any:
+    assert server.gateway_url is not None
+    body = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1}).encode()
+    request = urllib.request.Request(
+        server.gateway_url + "/rpc",
+        data=body,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {server.token}"},
+    )
+    with urllib.request.urlopen(request, context=_context(server), timeout=10) as response:
+        return json.loads(response.read())
+
+
+def scrape(server: ServerProcess) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """{sample name: {sorted labels: value}} of one scrape."""
+    status, content_type, text = _get(server, "/metrics")
+    assert status == 200
+    assert content_type.startswith("text/plain; version=0.0.4")
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **labels: str) -> float:
+    return samples.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+
+def test_metrics_count_calls_by_method_and_status(served: ServerProcess) -> None:
+    before = scrape(served)
+    with SyncClient(served.address, token=served.token, timeout=10, retry=None) as client:
+        for i in range(5):
+            assert client.call("demo.echo", value=i) == i
+        for _ in range(2):
+            with pytest.raises(InternalError):
+                client.call("demo.fail", message="boom")
+        with pytest.raises(CallError):
+            client.call("nosuch.method-" + "x" * 40)
+        client.call("kv.put", key="metrics/k", value=b"v")
+    assert _rpc(served, "demo.echo", {"value": "via http"})["result"] == "via http"
+    with pytest.raises(Unauthenticated):
+        SyncClient(served.address, token="not-a-token", timeout=10, retry=None).connect()
+
+    after = scrape(served)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("bastion_calls_total", method="demo.echo", status="OK") == 6  # 5 native + 1 over /rpc
+    assert delta("bastion_calls_total", method="demo.fail", status="INTERNAL") == 2
+    assert delta("bastion_calls_total", method="other", status="UNIMPLEMENTED") == 1
+    assert delta("bastion_calls_total", method="kv.put", status="OK") == 1
+    assert delta("bastion_call_duration_seconds_count", method="demo.echo") == 6
+    assert delta("bastion_call_duration_seconds_bucket", method="demo.echo", le="+Inf") == 6
+    assert delta("bastion_call_duration_seconds_sum", method="demo.echo") > 0
+    assert delta("bastion_auth_failures_total", reason="credentials") >= 1
+    assert delta("bastion_connections_total") >= 2
+    assert delta("bastion_store_operation_duration_seconds_count", operation="write") >= 1
+    assert value(after, "bastion_calls_in_flight") == 0
+    assert value(after, "bastion_workers") == 1
+    assert value(after, "bastion_scheduler_queue_length", priority="normal") == 0
+    assert "bastion_rejections_total" in after and "bastion_connections_open" in after
+    (build,) = after["bastion_build_info"]
+    assert dict(build)["version"] and dict(build)["python"]
+
+    # Low cardinality: method labels are the server's own methods (plus "other"), whatever was asked.
+    methods = {dict(labels)["method"] for labels in after["bastion_calls_total"]}
+    assert methods <= {"other", *_served_methods(served)}
+    assert not any("nosuch" in method for method in methods)
+
+
+def _served_methods(server: ServerProcess) -> set[str]:
+    with SyncClient(server.address, token=server.token, timeout=10, retry=None) as client:
+        services = client.call("admin.methods")
+    names = {(service["name"], method["name"]) for service in services for method in service["methods"]}
+    return {name if "." in name else f"{service}.{name}" for service, name in names}
+
+
+def test_metrics_pass_promtool(served: ServerProcess) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    _, _, text = _get(served, "/metrics")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_metrics_add_up_every_worker(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "workers", env=GRACE, args=("--workers", "2", *HTTP))
+    try:
+        assert server.gateway_url is not None
+        calls_by_pid: dict[int, int] = {}
+        made = 0
+        for _ in range(60):  # new connections until both workers have answered some calls
+            with SyncClient(server.address, token=server.token, timeout=10, retry=None) as client:
+                pid = int(client.call("admin.stats")["pid"])
+                for i in range(3):
+                    client.call("demo.echo", value=i)
+                made += 3
+                calls_by_pid[pid] = calls_by_pid.get(pid, 0) + 3
+            if len(calls_by_pid) == 2 and made >= 12:
+                break
+        assert len(calls_by_pid) == 2, f"only workers {sorted(calls_by_pid)} answered"
+
+        # Whichever worker answers the scrape, it adds the other's published counts (at most ~1 s old).
+        def complete() -> dict[str, Any] | None:
+            samples = scrape(server)
+            echoed = value(samples, "bastion_calls_total", method="demo.echo", status="OK")
+            return samples if echoed == made else None
+
+        samples = wait_for(complete, timeout=10, interval=0.2, what=f"{made} demo.echo calls in /metrics")
+        assert value(samples, "bastion_workers") == 2
+        assert value(samples, "bastion_call_duration_seconds_count", method="demo.echo") == made
+        # Counters never go backwards from one scrape to the next, whichever worker answers.
+        for _ in range(5):
+            again = scrape(server)
+            assert value(again, "bastion_calls_total", method="demo.echo", status="OK") == made
+
+        # A worker killed outright is replaced; the replacement carries on from its last published counts.
+        victim = min(calls_by_pid)
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> bool:
+            with SyncClient(server.address, token=server.token, timeout=10, retry=None) as client:
+                return int(client.call("admin.stats")["pid"]) not in calls_by_pid
+
+        wait_for(replaced, timeout=20, interval=0.1, what="a replacement worker to answer")
+        for _ in range(5):
+            samples = scrape(server)
+            assert value(samples, "bastion_calls_total", method="demo.echo", status="OK") == made
+            assert value(samples, "bastion_workers") == 2
+    finally:
+        assert server.stop() == 0, server.log()
