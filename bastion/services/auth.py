@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from bastion.config import AuthConfig
-from bastion.exceptions import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+from bastion.exceptions import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
 from bastion.security.audit import AuditLog
 from bastion.security.authn import hash_token, new_token, new_token_id
 from bastion.security.credentials import CredentialStore, Token, User
@@ -213,6 +213,20 @@ def create_service(
         audit("admin.create_user", principal=ctx.principal.name, peer=ctx.peer, target=name, roles=sorted(role_set))
         return _user_info(user)
 
+    def _enabled_admin(user: User | None) -> bool:
+        return user is not None and ADMIN_ROLE in user.roles and not user.disabled
+
+    async def _keep_an_admin(before: User, after: User | None) -> None:
+        """Refuse a change after which no enabled user would hold the admin role (a locked-out server)."""
+        if not _enabled_admin(before) or _enabled_admin(after):
+            return
+        name = before.name
+        others = [u for u in await store.list_users() if u.name != name and _enabled_admin(u)]
+        if not others:
+            raise FailedPrecondition(
+                f"{name!r} is the last enabled admin: give another user the {ADMIN_ROLE!r} role first"
+            )
+
     async def _get(name: str) -> User:
         user = await store.get_user(name)
         if user is None:
@@ -227,7 +241,7 @@ def create_service(
         The tokens go first, so the user can no longer act while their data
         moves. Safe to repeat if interrupted: it picks up where it stopped.
         """
-        await _get(name)
+        await _keep_an_admin(await _get(name), None)
         if transfer_to is not None:
             if transfer_to == name:
                 raise InvalidArgument("transfer_to must be another user")
@@ -251,7 +265,9 @@ def create_service(
     @service.method(roles=_ADMIN, idempotent=True)
     async def set_roles(ctx: Context, name: str, roles: list[str]) -> UserInfo:
         """Replace a user's roles (admin); takes effect on their connections within seconds."""
-        user = msgspec.structs.replace(await _get(name), roles=_check_roles(roles))
+        before = await _get(name)
+        user = msgspec.structs.replace(before, roles=_check_roles(roles))
+        await _keep_an_admin(before, user)
         await store.update_user(user)
         audit("admin.set_roles", principal=ctx.principal.name, peer=ctx.peer, target=name, roles=sorted(roles))
         return _user_info(user)
@@ -269,7 +285,9 @@ def create_service(
     @service.method(roles=_ADMIN, idempotent=True)
     async def disable_user(ctx: Context, name: str, disabled: bool = True) -> UserInfo:
         """Disable (or re-enable) a user (admin); their connections close within seconds."""
-        user = msgspec.structs.replace(await _get(name), disabled=disabled)
+        before = await _get(name)
+        user = msgspec.structs.replace(before, disabled=disabled)
+        await _keep_an_admin(before, user)
         await store.update_user(user)
         audit("admin.disable_user", principal=ctx.principal.name, peer=ctx.peer, target=name, disabled=disabled)
         return _user_info(user)

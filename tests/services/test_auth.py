@@ -210,3 +210,24 @@ def test_whoami_shows_identity_roles_and_limits(tmp_path: Path) -> None:
         assert (anon["name"], anon["authenticated"]) == ("anonymous", False)
 
     run(test, tmp_path)
+
+
+def test_the_last_enabled_admin_cannot_be_removed(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        admin = w.server.client(principal=TESTER)
+        await admin.auth.create_user(name="root", password=PASSWORD, roles=["admin"])
+        await admin.auth.create_user(name="eve", password=PASSWORD, roles=["ops"])
+        for attempt in (
+            admin.auth.delete_user(name="root"),
+            admin.auth.set_roles(name="root", roles=["ops"]),
+            admin.auth.disable_user(name="root"),
+        ):
+            with pytest.raises(bastion.FailedPrecondition, match="last enabled admin"):
+                await attempt
+        assert await admin.auth.set_roles(name="eve", roles=[]) is not None  # not an admin: no guard
+        await admin.auth.set_roles(name="eve", roles=["admin"])
+        assert (await admin.auth.disable_user(name="root"))["disabled"] is True  # eve is still an admin
+        with pytest.raises(bastion.FailedPrecondition):
+            await admin.auth.delete_user(name="eve")
+
+    run(test, tmp_path)
