@@ -11,13 +11,13 @@ from bastion.testing import MemoryServer
 
 service = Service("flaky")
 runs: list[int] = []
-started = asyncio.Event()  # a handler began; reset per test
+started: list[asyncio.Event] = []  # set when a handler began; a fresh one per test (per event loop)
 
 
 @service.method(idempotent=True)
 async def read(tag: int) -> int:
     runs.append(tag)
-    started.set()
+    started[0].set()
     if len(runs) == 1:
         await asyncio.sleep(30)  # the test drops the connection under this first run
     return tag
@@ -26,13 +26,13 @@ async def read(tag: int) -> int:
 @service.method
 async def write(tag: int) -> int:
     runs.append(tag)
-    started.set()
+    started[0].set()
     await asyncio.sleep(30)
     return tag
 
 
 async def drop_connections_once_started(memory: MemoryServer) -> None:
-    await started.wait()
+    await started[0].wait()
     for session in list(memory.server.sessions):
         assert session.link is not None
         session.link.abort()  # as if the server behind a load balancer died
@@ -41,7 +41,7 @@ async def drop_connections_once_started(memory: MemoryServer) -> None:
 def test_an_idempotent_call_is_retried_on_a_new_connection_after_the_old_one_is_lost() -> None:
     async def main() -> None:
         runs.clear()
-        started.clear()
+        started[:] = [asyncio.Event()]
         async with MemoryServer(service) as memory:
             client = memory.client(timeout=10)
             dropper = asyncio.ensure_future(drop_connections_once_started(memory))
@@ -56,7 +56,7 @@ def test_an_idempotent_call_is_retried_on_a_new_connection_after_the_old_one_is_
 def test_a_non_idempotent_call_is_not_retried_after_a_lost_connection() -> None:
     async def main() -> None:
         runs.clear()
-        started.clear()
+        started[:] = [asyncio.Event()]
         async with MemoryServer(service) as memory:
             client = memory.client(timeout=10)
             dropper = asyncio.ensure_future(drop_connections_once_started(memory))
