@@ -854,7 +854,10 @@ function jobRow(job) {
     el("td", {}, el("div", { class: "progress small" }, el("div", { class: "bar" })), el("span")),
     el("td"),
     el("td", {}, el("button", { class: "small danger", text: "Cancel", onclick: async () => {
-      try { fillJobRow(row, await api("jobs.cancel", { id: job.id })); } catch (err) { showError(err); }
+      try {
+        fillJobRow(row, await api("jobs.cancel", { id: job.id }));
+        followJob(job.id).catch(showError);
+      } catch (err) { showError(err); }
     } })));
   fillJobRow(row, job);
   return row;
@@ -886,7 +889,19 @@ function watchJob(id) {
   const handle = state.socket.stream("jobs.watch", { id }, updateJob);
   jobs.watches.set(id, handle);
   const forget = () => jobs.watches.delete(id);
-  handle.done.then(forget, (err) => { forget(); if (err.status !== "CANCELLED") showError(err); });
+  handle.done.then(() => { forget(); followJob(id).catch(showError); },
+                   (err) => { forget(); if (err.status !== "CANCELLED") showError(err); followJob(id).catch(showError); });
+}
+
+/** Poll a job's status until it has finished (at most a minute): the row shows the final state even if
+ * its watch stream ended early or a notification was missed. */
+async function followJob(id) {
+  for (let i = 0; i < 120; i++) {
+    const job = await api("jobs.status", { id });
+    updateJob(job);
+    if (FINISHED.has(job.state)) return;
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
 }
 
 // -- method explorer ----------------------------------------------------------------------
