@@ -201,6 +201,7 @@ class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     watch_buffer: changes buffered for one slow watcher before its stream ends (it resumes from a version).
     watch_buffer_bytes: value bytes buffered for one slow watcher before its stream ends.
     max_watchers: watch streams open at once on this server.
+    max_watchers_per_user: watch streams one user may have open on this server.
     """
 
     max_key_bytes: int = 1024
@@ -212,6 +213,7 @@ class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     watch_buffer: int = 1024
     watch_buffer_bytes: int = 8 * 1024 * 1024
     max_watchers: int = 1024
+    max_watchers_per_user: int = 64
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:

@@ -114,6 +114,9 @@ from bastion.status import Status
 
 __all__ = ["CSRF_COOKIE", "CSRF_HEADER", "SESSION_COOKIE", "Gateway", "create_app", "http_status"]
 
+WS_MAX_PENDING = 64  # messages of one WebSocket handled at once
+WS_MAX_STREAMS = 64  # server streams open on one WebSocket
+
 log = logging.getLogger("bastion.gateway")
 
 SESSION_COOKIE = "bastion_session"
@@ -615,6 +618,8 @@ class _WebSocketSession:
         self.streams: dict[Any, asyncio.Task[None]] = {}
         self.cancelled: set[Any] = set()  # stream ids a client's stream.cancel stopped
         self.send_lock = asyncio.Lock()
+        # Messages being handled at once: past this the socket is not read (TCP pushes back on the client).
+        self.pending = asyncio.Semaphore(WS_MAX_PENDING)
 
     async def send(self, message: Any) -> None:
         async with self.send_lock:
@@ -627,12 +632,19 @@ class _WebSocketSession:
                 if message["type"] == "websocket.disconnect":
                     return
                 data = message.get("bytes") or (message.get("text") or "").encode()
-                self._spawn(self.handle(data))
+                await self.pending.acquire()
+                self._spawn(self._handle_then_release(data))
         except WebSocketDisconnect:
             return
         finally:
             for task in list(self.tasks):
                 task.cancel()
+
+    async def _handle_then_release(self, data: bytes) -> None:
+        try:
+            await self.handle(data)
+        finally:
+            self.pending.release()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -694,8 +706,13 @@ class _WebSocketSession:
         return None if call.is_notification else jsonrpc.result_response(call.id, task is not None)
 
     def _start_stream(self, call: jsonrpc.Request) -> None:
-        if call.is_notification or call.id is None or call.id in self.streams:
-            reason = "needs an id" if call.is_notification or call.id is None else "id is already in use"
+        if call.is_notification or call.id is None or call.id in self.streams or len(self.streams) >= WS_MAX_STREAMS:
+            if call.is_notification or call.id is None:
+                reason = "needs an id"
+            elif call.id in self.streams:
+                reason = "id is already in use"
+            else:
+                reason = f"would pass {WS_MAX_STREAMS} streams open on this socket; cancel one first"
             error = jsonrpc.error_response(
                 None if call.is_notification else call.id, jsonrpc.INVALID_REQUEST, f"a stream call {reason}"
             )

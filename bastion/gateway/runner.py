@@ -103,6 +103,9 @@ async def serve(
         ssl_keyfile=cert_files[1] if cert_files else None,
         server_header=False,
         date_header=True,
+        # The client address drives login throttles, per-source limits and the audit log: never
+        # take it from X-Forwarded-For (uvicorn trusts it from loopback by default).
+        proxy_headers=False,
     )
     uv = _Uvicorn(uv_config)
     task = asyncio.get_running_loop().create_task(uv.serve(sockets=sockets))

@@ -466,6 +466,8 @@ class Files:
         self, principal: Principal, upload_id: str, offset: int, chunks: AsyncIterator[bytes]
     ) -> UploadResult:
         upload = await self._own_upload(principal, upload_id)
+        if upload.file_id is not None:  # replacing a file: the write share may have been revoked since
+            await self._find(principal, upload.file_id, None, None, "write")
         fd, held = await _in_thread(_open_upload, self._disk.upload(upload.id))
         try:
             if offset != held:

@@ -155,8 +155,8 @@ def _namespace_info(ns: KVNamespace) -> NamespaceInfo:
 class _Watcher:
     """One watch stream's bounded buffer; ``offer`` never blocks."""
 
-    def __init__(self, namespace: str, prefix: str, max_items: int, max_bytes: int) -> None:
-        self.namespace, self.prefix = namespace, prefix
+    def __init__(self, namespace: str, prefix: str, max_items: int, max_bytes: int, owner: str = "") -> None:
+        self.namespace, self.prefix, self.owner = namespace, prefix, owner
         self.max_items, self.max_bytes = max_items, max_bytes
         self.buffer: deque[KVChange] = deque()
         self.bytes = 0
@@ -212,6 +212,10 @@ class _Hub:
                 self._position = (await self._store.kv_revisions()).current
             self._watchers.add(watcher)
             return self._position
+
+    def count(self, owner: str) -> int:
+        """Watches ``owner`` has open."""
+        return sum(1 for watcher in self._watchers if watcher.owner == owner)
 
     def leave(self, watcher: _Watcher) -> None:
         self._watchers.discard(watcher)
@@ -541,7 +545,12 @@ def _declare(kv: KV, service: Service) -> None:
             raise InvalidArgument("from_version must be a version (1 or more)")
         if len(kv.hub) >= cfg.max_watchers:
             raise ResourceExhausted(f"{cfg.max_watchers} watches are open on this server (kv.max_watchers)")
-        watcher = _Watcher(ns, prefix, cfg.watch_buffer, cfg.watch_buffer_bytes)
+        mine = kv.hub.count(ctx.principal.name)
+        if mine >= cfg.max_watchers_per_user:
+            raise ResourceExhausted(
+                f"you have {mine} watches open on this server (kv.max_watchers_per_user); close some first"
+            )
+        watcher = _Watcher(ns, prefix, cfg.watch_buffer, cfg.watch_buffer_bytes, ctx.principal.name)
         start = await kv.hub.join(watcher)
         try:
             yield WatchEvent("start", start)

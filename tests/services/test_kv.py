@@ -329,3 +329,18 @@ def test_the_sweep_runs_in_the_background(tmp_path: Path) -> None:
         await stream.aclose()  # type: ignore[attr-defined]
 
     run(test, tmp_path, KVConfig(sweep_interval=0.05))
+
+
+def test_one_user_cannot_hold_every_watch(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        streams = [w.ada.stream("kv.watch", prefix=f"p{i}/") for i in range(2)]
+        for stream in streams:
+            assert (await anext(stream))["type"] == "start"
+        with pytest.raises(bastion.ResourceExhausted, match="max_watchers_per_user"):
+            await anext(w.ada.stream("kv.watch"))
+        bob = w.bob.stream("kv.watch")  # another user is not held up by ada's watches
+        assert (await anext(bob))["type"] == "start"
+        for stream in [*streams, bob]:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    run(test, tmp_path, KVConfig(sweep_interval=3600, max_watchers_per_user=2))
