@@ -371,12 +371,15 @@ class Connection:
         return True
 
     def _finish(self, call_id: int, message: Result | Error) -> bool:
-        self._check_send(type(message))
+        cls = type(message)
+        # _check_send, keeping the state it finds: applied below if the call is open.
+        new = self._next_state(_SEND, cls) if self.state is not ConnectionState.CLOSED else None
         record = self._calls.get(call_id)
         before = record.state if record is not None else None
         if not self._step_call(call_id, CallInput.SEND_FINISH, local=True):
             return False
-        self._transition(_SEND, type(message))
+        assert new is not None  # a call is open, so the connection is not CLOSED
+        self.state = new
         try:
             self._writer.write(message)
         except LocalProtocolError:

@@ -13,8 +13,12 @@ whose metadata carries ``idempotency-key`` claims (principal, key) in the
 store before its handler runs (``begin``), and its answer is recorded
 (``finish``) before it is sent, so a retry of the call -- on this replica or
 any other sharing the store -- gets the first answer back instead of running
-it again. A retryable failure (UNAVAILABLE, RESOURCE_EXHAUSTED,
-DEADLINE_EXCEEDED, CANCELLED) gives the claim back (``release``). A retry
+it again. A failure that proves the call had no effect (RESOURCE_EXHAUSTED:
+a quota or limit refused it) gives the claim back (``release``), so a retry
+runs it. A call that may have taken effect before it stopped -- cancelled
+(its connection dropped), past its deadline, or UNAVAILABLE from the store
+("may not be saved") -- keeps its claim: it is neither recorded nor given
+back, so a retry never runs it twice. A retry
 that finds the first execution still running waits for it a little, then
 answers UNAVAILABLE (retry later); one whose first execution was abandoned
 (its lease ran out: the server died mid-call) answers ABORTED, since whether
@@ -57,8 +61,11 @@ log = logging.getLogger("bastion.server")
 IDEMPOTENCY_KEY = "idempotency-key"
 #: The longest idempotency key accepted, in characters.
 MAX_IDEMPOTENCY_KEY = 200
-#: Failures after which a call may run again under the same key: its claim is given back.
-RELEASED_ON = frozenset({Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED, Status.DEADLINE_EXCEEDED, Status.CANCELLED})
+#: Failures that prove the call had no effect: its claim is given back and a retry runs it.
+RELEASED_ON = frozenset({Status.RESOURCE_EXHAUSTED})
+#: Failures after which the effect is unknown: the claim is kept until its lease runs out
+#: (a retry meanwhile answers UNAVAILABLE, then ABORTED: "outcome unknown").
+UNKNOWN_ON = frozenset({Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.CANCELLED})
 
 
 class Entry:
@@ -82,7 +89,7 @@ class Entry:
             raise InvalidArgument(f"{self.spec.full_name}: {_describe(exc)}") from None
         except msgspec.DecodeError as exc:
             raise InvalidArgument(f"{self.spec.full_name}: arguments are not a map: {exc}") from None
-        return {name: getattr(args, name) for name in self.fields}
+        return msgspec.structs.asdict(args)  # in C: every field by attribute name, as ``fields``
 
 
 def _describe(exc: msgspec.ValidationError) -> str:

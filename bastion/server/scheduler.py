@@ -384,6 +384,7 @@ class Scheduler:
             0,
         )
         self._delay_last = self._delay_ewma = self._delay_max = 0.0
+        self._levels: dict[int, Level] = {}  # priority -> level, as config.level_for says (a method has one)
 
     def level_for(self, priority: int) -> Level:
         return self.config.level_for(priority)
@@ -406,7 +407,10 @@ class Scheduler:
         ``on_done`` is called once the started job's task is done, however it ended.
         """
         now = self._clock()
-        ticket = Ticket(job, self.config.level_for(priority), principal, deadline, on_reject, on_done, now)
+        level = self._levels.get(priority)
+        if level is None:
+            level = self._levels[priority] = self.config.level_for(priority)
+        ticket = Ticket(job, level, principal, deadline, on_reject, on_done, now)
         self._counts["submitted"] += 1
         if deadline is not None and deadline <= now:
             self._reject(ticket, "deadline", Status.DEADLINE_EXCEEDED, "deadline passed before the call started")
@@ -556,11 +560,13 @@ class Scheduler:
         now = self._clock()
         if self._queued:
             self._codel(now, self.config.max_concurrency - self._running - self._queues[Level.CONTROL].size)
-        while (ticket := self._next(now)) is not None:
-            self._start(ticket, now)
+            while (ticket := self._next(now)) is not None:
+                self._start(ticket, now)
         if self._running < self.config.max_concurrency and not self._queued:
             for level in _SHEDDABLE:  # a free slot and nobody waiting: no overload anywhere
-                self._stop_dropping(self._queues[level], now)
+                queue = self._queues[level]
+                if queue.dropping or queue.first_above is not None:
+                    self._stop_dropping(queue, now)
 
     def _next(self, now: float) -> Ticket | None:
         """The next job to start; jobs past their deadline are refused on the way."""

@@ -8,7 +8,8 @@ Welcome, each Call is admitted by the method table (exists, allowed, valid
 arguments) and, if admitted, runs as its own task; its answer goes back
 through the core and is flushed at the end of the loop turn together with
 any other answers ready by then. A Cancel cancels the task; the deadline a
-call carries bounds the task with ``asyncio.timeout_at``. Keepalive: a
+call carries bounds its handler with one timer that cancels the task
+(``_arm_deadline``; no timer without a deadline). Keepalive: a
 timer pings a silent connection and closes it if the Pong does not come.
 Draining: after GoAway, the session closes once its last call has answered.
 
@@ -75,7 +76,7 @@ from bastion.protocol.messages import (
 from bastion.protocol.state import ConnectionState, Role
 from bastion.security.authn import PeerInfo
 from bastion.security.principal import ANONYMOUS, Principal
-from bastion.server.dispatch import RELEASED_ON, Entry, IdempotencyKeys
+from bastion.server.dispatch import RELEASED_ON, UNKNOWN_ON, Entry, IdempotencyKeys
 from bastion.server.scheduler import Ticket, TicketState, effective_priority
 from bastion.server.streams import CreditGate, InputStream
 from bastion.service import Context
@@ -145,6 +146,7 @@ class ServerSession:
         self._abuse: collections.Counter[str] = collections.Counter()
         self._refused_seen = 0
         self._timing: dict[int, tuple[int, float]] = {}  # admitted call -> (metrics method row, perf_counter at start)
+        self._expired: set[int] = set()  # running calls whose deadline timer has cancelled them
 
     # -- Session protocol ---------------------------------------------------------
 
@@ -367,11 +369,12 @@ class ServerSession:
         self._last_active = time.monotonic()  # idleness counts from the end of the last call
         self._started(call_id)  # in case it failed before its handler started
 
-    def _forget(self, call_id: int) -> None:
-        """Drop a call's state: it ended, or it never ran (cancelled or refused while
+    def _forget(self, call_id: int, status: Status = Status.CANCELLED) -> None:
+        """Drop a call's state: it ended with ``status``, or it never ran (cancelled or refused while
         queued, or cancelled before its task's first step, so no ``finally`` runs)."""
-        self._record(call_id, Status.CANCELLED)  # unless counted already
+        self._record(call_id, status)  # unless counted already
         self._ended(call_id)
+        self._expired.discard(call_id)
         self.tickets.pop(call_id, None)
         self._inputs.pop(call_id, None)
         gate = self._gates.pop(call_id, None)
@@ -415,8 +418,7 @@ class ServerSession:
         self.server.counters[_REJECTED_KEY[status]] += 1
         retry = math.ceil(retry_after * 1000) if retry_after is not None else None
         self.core.send_error(call_id, status, message, retry_after_ms=retry)
-        self._record(call_id, status)
-        self._forget(call_id)
+        self._forget(call_id, status)
 
     def _record(self, call_id: int, status: int) -> None:
         """Count an admitted call's answer in the server's metrics (once: the first status wins)."""
@@ -432,16 +434,18 @@ class ServerSession:
     # -- calls ------------------------------------------------------------------------
 
     def _on_call(self, call: Call) -> None:
-        self.server.counters["calls"] += 1
+        server = self.server
+        server.counters["calls"] += 1
         started = time.perf_counter()
-        metrics = self.server.metrics
+        metrics = server.metrics
+        call_id = call.id
         try:
-            entry = self.server.table.admit(call.method, self.principal)
+            entry = server.table.admit(call.method, self.principal)
             args = entry.decode_args(call.args)
             if call.metadata:
                 self._idempotency_key(call, entry)  # refuse a bad or unusable key now; claimed when the call runs
-            if self.server.check_rate is not None:
-                self.server.check_rate(self.principal, self.peer_host, call.method)
+            if server.check_rate is not None:
+                server.check_rate(self.principal, self.peer_host, call.method)
         except CallError as exc:
             if exc.status is Status.RESOURCE_EXHAUSTED:
                 self.server.counters["rejected_rate_limited"] += 1
@@ -457,32 +461,31 @@ class ServerSession:
                 self.core.send_error(call.id, Status.DEADLINE_EXCEEDED, "deadline passed before the call started")
                 metrics.record_since(metrics.method_index(call.method), Status.DEADLINE_EXCEEDED, started)
                 return
-            deadline = time.monotonic() + call.timeout_ms / 1000
+            deadline = self._last_seen + call.timeout_ms / 1000  # on_events read the clock just now
         # Streams exist before the task runs: items may be in this very read.
         if entry.input_decoder is not None:
-            stream = InputStream(entry.input_decoder, self.limits.window, functools.partial(self._grant, call.id))
-            self._inputs[call.id] = args[entry.spec.input_param] = stream  # type: ignore[index]
+            stream = InputStream(entry.input_decoder, self.limits.window, functools.partial(self._grant, call_id))
+            self._inputs[call_id] = args[entry.spec.input_param] = stream  # type: ignore[index]
         if entry.streams_out:
-            self._gates[call.id] = CreditGate()
-        anonymous = not self.principal.authenticated
-        self._timing[call.id] = (metrics.method_index(call.method), started)  # before submit: it may reject
-        ticket = self.server.scheduler.submit(
+            self._gates[call_id] = CreditGate()
+        principal = self.principal
+        self._timing[call_id] = (metrics.method_index(call.method), started)  # before submit: it may reject
+        ticket = server.scheduler.submit(
             functools.partial(self._run, call, entry, args, deadline),
             priority=effective_priority(entry.spec.priority, call.priority),
-            principal=f"anonymous@{self.peer_host}" if anonymous else self.principal.name,
+            principal=principal.name if principal.authenticated else f"anonymous@{self.peer_host}",
             deadline=deadline,
-            on_reject=functools.partial(self._rejected, call.id),
-            on_done=functools.partial(self._forget_if_held, call.id),
+            on_reject=functools.partial(self._rejected, call_id),
+            on_done=functools.partial(self._forget_if_held, call_id),
         )
         if ticket.state is not TicketState.REJECTED:
-            self.tickets[call.id] = ticket
-            self._queued.add(call.id)
+            self.tickets[call_id] = ticket
+            self._queued.add(call_id)
 
     async def _run(self, call: Call, entry: Entry, args: dict[str, Any], deadline: float | None) -> None:
         call_id = call.id
         spec = entry.spec
         request_id = f"{self.id:x}-{call_id:x}"
-        timeout = asyncio.timeout_at(self._loop.time() + (deadline - time.monotonic())) if deadline else None
         status = Status.OK  # for the metrics
         try:
             if self.server.check_rate_async is not None:  # a shared (Redis) limiter answers asynchronously
@@ -498,29 +501,29 @@ class ServerSession:
                     server=self.server.info,
                 )
             if call.metadata and IdempotencyKeys.key_of(call.metadata) is not None:
-                await self._run_once(call, entry, args, deadline, timeout)
-            elif timeout is None:
+                await self._run_once(call, entry, args, deadline)
+            elif deadline is None:
                 await self._invoke(call_id, entry, args)
             else:
-                async with timeout:
+                timer = self._arm_deadline(call_id, deadline)
+                try:
                     await self._invoke(call_id, entry, args)
+                finally:
+                    timer.cancel()
         except CallError as exc:
             # Before TimeoutError: DeadlineExceeded is both, and a handler's
             # own DeadlineExceeded must reach the client as it was raised.
             status = exc.status
             self._answer_error(call_id, exc)
-        except TimeoutError:
-            if timeout is not None and timeout.expired():
+        except asyncio.CancelledError:
+            if call_id in self._expired:  # our deadline timer cancelled the task
                 status = Status.DEADLINE_EXCEEDED
                 self.core.send_error(call_id, Status.DEADLINE_EXCEEDED, "deadline exceeded")
             else:
-                status = Status.INTERNAL
-                self._internal_error(call_id, spec.full_name, request_id)
-        except asyncio.CancelledError:
-            # Client cancel: the core has closed the call, so this sends nothing.
-            # Shutdown: tell the client the call did not finish.
-            status = Status.UNAVAILABLE if self.server.draining else Status.CANCELLED
-            self.core.send_error(call_id, Status.UNAVAILABLE, "server shutting down", retry_after_ms=1000)
+                # Client cancel: the core has closed the call, so this sends nothing.
+                # Shutdown: tell the client the call did not finish.
+                status = Status.UNAVAILABLE if self.server.draining else Status.CANCELLED
+                self.core.send_error(call_id, Status.UNAVAILABLE, "server shutting down", retry_after_ms=1000)
         except LocalProtocolError as exc:
             status = exc.status
             self.core.send_error(call_id, exc.status, f"{spec.full_name}: result cannot be sent: {exc}")
@@ -528,8 +531,23 @@ class ServerSession:
             status = Status.INTERNAL
             self._internal_error(call_id, spec.full_name, request_id)
         finally:
-            self._record(call_id, status)
-            self._forget(call_id)
+            self._forget(call_id, status)
+
+    def _arm_deadline(self, call_id: int, deadline: float) -> asyncio.TimerHandle:
+        """Cancel the running task (this call's) at ``deadline`` (``time.monotonic``), marking the call expired.
+
+        ``asyncio.timeout_at`` without its per-call context manager: one timer,
+        cancelled by the caller once the guarded await is over. The
+        CancelledError reaches ``_run``, which answers DEADLINE_EXCEEDED.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        return self._loop.call_at(self._loop.time() + (deadline - time.monotonic()), self._expire, call_id, task)
+
+    def _expire(self, call_id: int, task: asyncio.Task[Any]) -> None:
+        if not task.done():
+            self._expired.add(call_id)
+            task.cancel()
 
     # -- idempotency keys -----------------------------------------------------------------
 
@@ -540,6 +558,10 @@ class ServerSession:
             return None
         if entry.streams_out or entry.input_decoder is not None:
             raise InvalidArgument(f"{call.method}: idempotency keys apply to unary calls only, not streams")
+        if entry.spec.public:
+            # Public methods need no key (login, whoami...), and their answers (session tokens) must
+            # not be kept in the store; anonymous callers must not create durable records either.
+            raise InvalidArgument(f"{call.method}: idempotency keys are not accepted on public methods")
         if self.server.idempotency is None:
             raise FailedPrecondition("this server does not keep idempotency keys (it has no shared store)")
         return key
@@ -553,7 +575,6 @@ class ServerSession:
         entry: Entry,
         args: dict[str, Any],
         deadline: float | None,
-        timeout: asyncio.Timeout | None,
     ) -> None:
         """Run a call under its idempotency key: replay the first answer, or run it and record its answer."""
         keys = self.server.idempotency
@@ -572,21 +593,23 @@ class ServerSession:
                 self.core.send_error(call.id, status, message or status.name)
             return
         owner = claimed
+        timer = self._arm_deadline(call.id, deadline) if deadline is not None else None
         try:
-            if timeout is None:
+            try:
                 encoded = await self._invoke(call.id, entry, args, record=True)
-            else:
-                async with timeout:
-                    encoded = await self._invoke(call.id, entry, args, record=True)
+            finally:
+                if timer is not None:  # the deadline bounds the handler, not the bookkeeping below
+                    timer.cancel()
         except CallError as exc:
             if exc.status in RELEASED_ON:
                 await keys.release(principal, key, owner)
+            elif exc.status in UNKNOWN_ON:
+                pass  # it may have taken effect: keep the claim (see bastion/server/dispatch.py)
             else:
                 await keys.finish(principal, key, owner, exc.status, exc.message, None)
             raise
-        except (TimeoutError, asyncio.CancelledError):
-            self._loop.create_task(keys.release(principal, key, owner))  # not awaited: we may be cancelled
-            raise
+        except (TimeoutError, asyncio.CancelledError):  # deadline, client cancel, lost connection or shutdown
+            raise  # its writes may have committed: keep the claim, so a retry never runs it twice
         except Exception:
             await keys.finish(principal, key, owner, Status.INTERNAL, "internal error (the first attempt failed)", None)
             raise

@@ -218,7 +218,9 @@ class Link(asyncio.Protocol):
 
     def flush(self) -> None:
         """Write whatever the core has queued, now."""
-        self._flush_scheduled = False
+        # A flush already scheduled stays scheduled (it finds little or nothing
+        # to write): clearing the flag here would let the same loop turn
+        # schedule a second one.
         if self.core.pending_output and self.transport is not None and not self.closed:
             self.transport.write(self.core.data_to_send())
             if self._hard_limit is not None and self.transport.get_write_buffer_size() > self._hard_limit:
@@ -228,9 +230,13 @@ class Link(asyncio.Protocol):
         """Write what the core has queued at the end of this loop turn (now, if it is a lot)."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self.flush)
+            self._loop.call_soon(self._scheduled_flush)
         elif self.core.pending_output >= self._high_water:
             self.flush()
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
 
     @property
     def writing_paused(self) -> bool:
