@@ -44,19 +44,7 @@ the stream, passed on as it arrives. One request carries at most
 increasing offsets (``files.upload`` is resumable). Same credentials and
 CSRF rule as any POST.
 
-WebSocket. The upgrade is refused (403) when its ``Origin`` is not the
-gateway's own and not in ``ws_origins`` (cross-site WebSocket hijacking); a
-client without an Origin (not a browser) is let through. Credentials: a
-bearer header, the session cookie, or a first message
-``{"jsonrpc":"2.0","method":"auth","params":{"token":"..."},"id":1}``.
-Each text message is a JSON-RPC request or batch, answered as over /rpc, and
-calls run concurrently. A call to a server-stream method (``kv.watch``,
-``jobs.watch``) sends each item as a notification
-``{"jsonrpc":"2.0","method":"stream.item","params":{"id":<call id>,"item":...}}``
-and then its response (result ``{"items": n}``, or the error that ended it);
-``stream.cancel`` with ``{"id": <call id>}`` stops one (it then ends with
-CANCELLED). A stream call needs an id (string or number) not already in use
-by a stream on the connection.
+WebSocket. Origin check, credentials, messages and server streams on /ws: see ws.py.
 
 Headers. Every response carries Content-Security-Policy ``default-src
 'self'; frame-ancestors 'none'``, X-Content-Type-Options nosniff,
@@ -87,25 +75,24 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from bastion.exceptions import (
     CallError,
-    Cancelled,
-    ConnectError,
-    ConnectionClosed,
     FailedPrecondition,
-    InternalError,
     InvalidArgument,
     PermissionDenied,
     Unauthenticated,
-    Unavailable,
     Unimplemented,
 )
 from bastion.gateway import jsonrpc
+from bastion.gateway._shared import _STREAMS, _as_call_error, _encoder, _ready
 from bastion.gateway.bridge import Bridge, Caller
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.openapi import openapi_document, openrpc_document
+from bastion.gateway.ws import WS_MAX_PENDING as WS_MAX_PENDING  # re-exported: importable from here as before
+from bastion.gateway.ws import WS_MAX_STREAMS as WS_MAX_STREAMS
+from bastion.gateway.ws import _WebSocketSession
 from bastion.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from bastion.observability.metrics import render, server_snapshot
 from bastion.server.server import Server
@@ -113,9 +100,6 @@ from bastion.service import MethodKind
 from bastion.status import Status
 
 __all__ = ["CSRF_COOKIE", "CSRF_HEADER", "SESSION_COOKIE", "Gateway", "create_app", "http_status"]
-
-WS_MAX_PENDING = 64  # messages of one WebSocket handled at once
-WS_MAX_STREAMS = 64  # server streams open on one WebSocket
 
 log = logging.getLogger("bastion.gateway")
 
@@ -150,10 +134,8 @@ _HTTP_STATUS = {
     Status.DATA_LOSS: 500,
     Status.UNAUTHENTICATED: 401,
 }
-_STREAMS = (MethodKind.SERVER_STREAM, MethodKind.BIDI_STREAM)
 #: The web console's files (index.html, app.js, app.css), shipped in the package.
 STATIC_DIR = Path(__file__).with_name("static")
-_encoder = msgspec.json.Encoder()
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -219,16 +201,6 @@ def _error_body(exc: CallError) -> dict[str, Any]:
 def _error(exc: CallError) -> Response:
     headers = {"retry-after": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after is not None else None
     return _json(_error_body(exc), http_status(exc.status), headers)
-
-
-def _as_call_error(exc: Exception) -> CallError:
-    """Anything a bridged call raised, as the CallError to answer with."""
-    if isinstance(exc, CallError):
-        return exc
-    if isinstance(exc, ConnectError | ConnectionClosed):
-        return Unavailable(f"the server is unavailable: {exc}")
-    log.error("gateway call failed", exc_info=exc)
-    return InternalError("internal error")
 
 
 def _caller_address(conn: HTTPConnection) -> str:
@@ -600,151 +572,3 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
 
 def _is_octet_stream(request: Request) -> bool:
     return request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/octet-stream"
-
-
-async def _ready(value: dict[str, Any]) -> dict[str, Any]:
-    return value
-
-
-class _WebSocketSession:
-    """One /ws connection: JSON-RPC messages in, responses and stream items out."""
-
-    def __init__(self, routes: _Routes, ws: WebSocket, caller: Caller) -> None:
-        self.routes = routes
-        self.ws = ws
-        self.caller = caller
-        self.first = True
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.streams: dict[Any, asyncio.Task[None]] = {}
-        self.cancelled: set[Any] = set()  # stream ids a client's stream.cancel stopped
-        self.send_lock = asyncio.Lock()
-        # Messages being handled at once: past this the socket is not read (TCP pushes back on the client).
-        self.pending = asyncio.Semaphore(WS_MAX_PENDING)
-
-    async def send(self, message: Any) -> None:
-        async with self.send_lock:
-            await self.ws.send_text(_encoder.encode(message).decode())
-
-    async def run(self) -> None:
-        try:
-            while True:
-                message = await self.ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                data = message.get("bytes") or (message.get("text") or "").encode()
-                await self.pending.acquire()
-                self._spawn(self._handle_then_release(data))
-        except WebSocketDisconnect:
-            return
-        finally:
-            for task in list(self.tasks):
-                task.cancel()
-
-    async def _handle_then_release(self, data: bytes) -> None:
-        try:
-            await self.handle(data)
-        finally:
-            self.pending.release()
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def handle(self, data: bytes) -> None:
-        config = self.routes.config
-        first, self.first = self.first, False
-        try:
-            batch, entries = jsonrpc.parse(data, max_depth=config.max_json_depth, max_batch=config.max_batch)
-        except jsonrpc.BodyError as exc:
-            await self.send(exc.response)
-            return
-        if first and not batch and isinstance(entries[0], jsonrpc.Request) and entries[0].method == "auth":
-            await self._auth(entries[0])
-            return
-        plain: list[Any] = []
-        for entry in entries:
-            if isinstance(entry, jsonrpc.Request):
-                if entry.method == "stream.cancel":
-                    plain.append(self._cancel(entry))
-                    continue
-                if self.routes.bridge.kind(entry.method) in _STREAMS:
-                    self._start_stream(entry)
-                    continue
-                plain.append(self.routes._run(self.caller, entry))
-            else:
-                plain.append(_ready(entry))
-        results = [r for r in await asyncio.gather(*plain) if r is not None]
-        if results:
-            await self.send(results if batch else results[0])
-
-    async def _auth(self, call: jsonrpc.Request) -> None:
-        params = call.params if isinstance(call.params, dict) else {}
-        token = params.get("token")
-        if not isinstance(token, str) or not token:
-            await self.send(jsonrpc.error_response(call.id, jsonrpc.INVALID_PARAMS, 'auth: "token" must be a string'))
-            return
-        caller = Caller(token, self.caller.address)
-        try:
-            await self.routes.bridge.check(caller)
-        except Exception as exc:
-            if not call.is_notification:
-                await self.send({"jsonrpc": "2.0", "error": jsonrpc.error_object(_as_call_error(exc)), "id": call.id})
-            return
-        self.caller = caller
-        if not call.is_notification:
-            await self.send(jsonrpc.result_response(call.id, {"authenticated": True}))
-
-    async def _cancel(self, call: jsonrpc.Request) -> dict[str, Any] | None:
-        params = call.params
-        target = params.get("id") if isinstance(params, dict) else (params[0] if params else None)
-        # Stream ids are strings or numbers; anything else (a list, say) names no stream.
-        task = self.streams.get(target) if isinstance(target, str | int | float) else None
-        if task is not None:
-            self.cancelled.add(target)
-            task.cancel()
-        return None if call.is_notification else jsonrpc.result_response(call.id, task is not None)
-
-    def _start_stream(self, call: jsonrpc.Request) -> None:
-        if call.is_notification or call.id is None or call.id in self.streams or len(self.streams) >= WS_MAX_STREAMS:
-            if call.is_notification or call.id is None:
-                reason = "needs an id"
-            elif call.id in self.streams:
-                reason = "id is already in use"
-            else:
-                reason = f"would pass {WS_MAX_STREAMS} streams open on this socket; cancel one first"
-            error = jsonrpc.error_response(
-                None if call.is_notification else call.id, jsonrpc.INVALID_REQUEST, f"a stream call {reason}"
-            )
-            self._spawn(self.send(error))
-            return
-        task = asyncio.ensure_future(self._stream(call))
-        self.streams[call.id] = task
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _stream(self, call: jsonrpc.Request) -> None:
-        count = 0
-        try:
-            try:
-                async for item in self.routes.bridge.stream(self.caller, call.method, call.params):
-                    count += 1
-                    await self.send(
-                        {"jsonrpc": "2.0", "method": "stream.item", "params": {"id": call.id, "item": item}}
-                    )
-            except asyncio.CancelledError:
-                self.streams.pop(call.id, None)
-                if call.id not in self.cancelled:
-                    raise  # the connection is closing
-                self.cancelled.discard(call.id)
-                error = jsonrpc.error_object(Cancelled("stream cancelled by the client"))
-                await self.send({"jsonrpc": "2.0", "error": error, "id": call.id})
-                return
-            except Exception as exc:
-                self.streams.pop(call.id, None)
-                await self.send({"jsonrpc": "2.0", "error": jsonrpc.error_object(_as_call_error(exc)), "id": call.id})
-                return
-            self.streams.pop(call.id, None)
-            await self.send(jsonrpc.result_response(call.id, {"items": count}))
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            pass  # the socket is gone: nobody to tell

@@ -9,11 +9,9 @@ Methods name a file by ``file_id``, or by ``name`` (with ``owner`` for
 someone else's file; default: the caller's). Names are labels in the
 database only: contents never live at a user-chosen path.
 
-Contents live under the files directory, outside the database:
-
-* ``blobs/<sha256[:2]>/<sha256>`` -- immutable, content-addressed, 0600 in
-  0700 directories; files with equal contents share one blob;
-* ``uploads/<upload id>`` -- uploads in progress.
+Contents live under the files directory, outside the database: blobs
+named by their SHA-256 and uploads in progress; bastion/services/files_disk.py
+lays them out and does the blocking I/O.
 
 Upload, resumable. ``begin_upload(name, size, sha256)`` reserves ``size``
 of the owner's quota and returns an upload id. ``upload(upload_id, offset,
@@ -51,17 +49,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
-import hashlib
 import logging
 import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import msgspec
 
@@ -77,13 +71,12 @@ from bastion.exceptions import (
 )
 from bastion.security.principal import ADMIN_ROLE, Principal
 from bastion.service import Context, Service
+from bastion.services.files_disk import _UPLOAD_ID, _append, _Disk, _hash_prefix, _in_thread, _open_upload
 from bastion.store.files import FileRecord, FileShare, FileStore, UploadRecord
 
 __all__ = ["FileInfo", "FilePage", "Files", "ShareInfo", "UploadInfo", "UploadResult", "Usage", "check_name"]
 
 log = logging.getLogger("bastion.files")
-
-T = TypeVar("T")
 
 MAX_NAME_BYTES = 1024
 MAX_PAGE = 1000
@@ -91,10 +84,8 @@ MAX_PAGE = 1000
 ORPHAN_AGE = 60.0
 #: How long a commit waits for a sweep that is deleting the same contents.
 PIN_WAIT = 10.0
-_HASH_BLOCK = 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FILE_ID = re.compile(r"^f-[0-9a-f]{32}$")
-_UPLOAD_ID = re.compile(r"^u-[0-9a-f]{32}$")
 _GRANTEE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _RANK = {"read": 1, "write": 2, "owner": 3, "admin": 4}
 
@@ -195,108 +186,6 @@ def _info(record: FileRecord, access: str) -> FileInfo:
 
 def _share_info(share: FileShare) -> ShareInfo:
     return ShareInfo(share.file_id, share.kind, share.grantee, share.mode, share.created_at)
-
-
-async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run blocking I/O in a thread; if the caller is cancelled, still wait for the thread,
-    so no file descriptor is closed under a read or write in progress."""
-    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await future
-        raise
-
-
-# -- the files directory ---------------------------------------------------------------------
-
-
-class _Disk:
-    """Paths and blocking file operations under the files directory (called via ``_in_thread``)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.blobs = directory / "blobs"
-        self.uploads = directory / "uploads"
-
-    def prepare(self) -> None:
-        for path in (self.directory, self.blobs, self.uploads):
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-    def blob(self, sha256: str) -> Path:
-        return self.blobs / sha256[:2] / sha256
-
-    def upload(self, upload_id: str) -> Path:
-        return self.uploads / upload_id
-
-    def create_upload(self, upload_id: str) -> None:
-        os.close(os.open(self.upload(upload_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-
-    def remove_upload(self, upload_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.upload(upload_id).unlink()
-
-    def remove_blob(self, sha256: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.blob(sha256).unlink()
-
-    def place(self, upload_id: str, sha256: str) -> None:
-        """Move a finished (fsynced) upload into place as blob ``sha256``, durably."""
-        target = self.blob(sha256)
-        target.parent.mkdir(mode=0o700, exist_ok=True)
-        os.replace(self.upload(upload_id), target)  # equal contents: replacing an existing blob is harmless
-        _fsync_dir(target.parent)
-
-    def orphans(self, known: Callable[[str], bool], older_than: float) -> list[str]:
-        """Upload files named like uploads, older than ``older_than``, that ``known`` does not claim."""
-        out = []
-        for entry in os.scandir(self.uploads):
-            if _UPLOAD_ID.match(entry.name) and entry.stat().st_mtime < older_than and not known(entry.name):
-                out.append(entry.name)
-        return out
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _hash_prefix(fd: int, length: int) -> Any:
-    """A SHA-256 of the first ``length`` bytes of ``fd``, read in bounded blocks."""
-    hasher = hashlib.sha256()
-    position = 0
-    while position < length:
-        block = os.pread(fd, min(_HASH_BLOCK, length - position), position)
-        if not block:
-            break
-        hasher.update(block)
-        position += len(block)
-    return hasher
-
-
-def _append(fd: int, chunk: bytes, position: int, hasher: Any) -> None:
-    view = memoryview(chunk)
-    written = 0
-    while written < len(view):
-        written += os.pwrite(fd, view[written:], position + written)
-    hasher.update(chunk)
-
-
-def _open_upload(path: Path) -> tuple[int, int]:
-    """Open an upload file for writing, exclusively (another call writing it: ``FailedPrecondition``)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-            raise FailedPrecondition(f"upload {path.name} is being written by another call") from None
-        raise
-    return fd, os.fstat(fd).st_size
 
 
 # -- the component ---------------------------------------------------------------------------
