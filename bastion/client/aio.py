@@ -115,6 +115,55 @@ class _Pending:
         if self.credit is not None:
             self.credit.set()
 
+    def expire(self) -> None:
+        """The call's deadline timer: fail it with ``_Expired`` unless it has ended."""
+        self.fail(_Expired())
+
+
+class _Expired(Exception):
+    """A call's own deadline passed before its answer came (never the server's DEADLINE_EXCEEDED)."""
+
+
+class _Slots:
+    """How many more calls the server lets this connection have open (its ``max_inflight``).
+
+    ``asyncio.Semaphore`` without its per-acquire scan of waiters: a free slot
+    is taken with no await at all, and a freed one goes to the longest waiter.
+    """
+
+    __slots__ = ("free", "loop", "waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
+        self.loop = loop
+        self.free = size
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            return
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self.waiters.append(waiter)
+        try:
+            await waiter  # release hands its slot over by resolving this
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot as we were cancelled: pass it on
+            else:
+                self.waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
+
+
+_NO_OPTIONS: Mapping[str, Any] = {}
+
 
 class _ClientConnection:
     """The client's side of one connection (a ``Session`` for ``Link``)."""
@@ -130,7 +179,7 @@ class _ClientConnection:
         self.went_away = False  # the server sent GoAway (it is draining)
         #: The server closed the connection in the handshake without sending a byte.
         self.closed_silently = False
-        self.slots: asyncio.Semaphore | None = None
+        self.slots: _Slots | None = None
         self._token = hello_token
         self._name = name
 
@@ -170,7 +219,7 @@ class _ClientConnection:
                 if pending is not None and pending.credit is not None:
                     pending.credit.set()
             elif cls is Welcome:
-                self.slots = asyncio.Semaphore(event.max_inflight)  # type: ignore[union-attr]
+                self.slots = _Slots(self.loop, event.max_inflight)  # type: ignore[union-attr]
                 if not self.welcome.done():
                     self.welcome.set_result(event)  # type: ignore[arg-type]
             elif cls is GoAway:
@@ -537,7 +586,8 @@ class Client(ClientBase):
 
         For a server-streaming method, the items are collected into a list.
         """
-        return await self.invoke(method, args)
+        # Keyword arguments are a fresh dict with str keys: nothing for check_args to do.
+        return await self._invoke(method, args, self.timeout, _NO_OPTIONS, None, None)
 
     async def invoke(
         self,
@@ -570,6 +620,18 @@ class Client(ClientBase):
                 raise UsageError("idempotency keys apply to unary calls only, not streams")
             idempotent = True  # the server answers a repeat with the first result
         options = {"priority": priority, "metadata": metadata}
+        return await self._invoke(method, checked, timeout, options, items, idempotent)
+
+    async def _invoke(
+        self,
+        method: str,
+        checked: dict[str, Any],
+        timeout: float | None,
+        options: Mapping[str, Any],
+        items: AsyncIterable[Any] | Iterable[Any] | None,
+        idempotent: bool | None,
+    ) -> Any:
+        """``invoke`` with its arguments checked: the attempts, retried as the policy allows."""
         retry, budget = self._retry, self.retry_budget
         if retry is None or budget is None or not is_replayable(items):
             return await self._attempt(method, checked, timeout, timeout, options, items, [])
@@ -618,7 +680,10 @@ class Client(ClientBase):
         endpoint to ``tried`` if the attempt fails there.
         """
         if not self.balanced:
-            return await self._call_on(await self._connection(), method, args, timeout, total, options, items)
+            conn = self._conn
+            if conn is None or not conn.usable:
+                conn = await self._connection()
+            return await self._call_on(conn, method, args, timeout, total, options, items)
         slot, conn = await self._checkout(tried)
         endpoint = slot.endpoint
         endpoint.outstanding += 1
@@ -653,31 +718,34 @@ class Client(ClientBase):
         options: Mapping[str, Any],
         items: AsyncIterable[Any] | Iterable[Any] | None,
     ) -> Any:
-        """One attempt at a call on ``conn``."""
-        if conn.slots is not None:
-            await conn.slots.acquire()
+        """One attempt at a call on ``conn``.
+
+        The deadline is one timer that fails the call's future (``_Expired``),
+        not an ``asyncio.timeout`` per call.
+        """
+        slots = conn.slots
+        if slots is not None:
+            await slots.acquire()
         try:
             call_id, pending = conn.start(method, args, timeout, items is not None, options)
+            timer = conn.loop.call_later(timeout, pending.expire) if timeout is not None else None
+            sender = conn.start_sender(call_id, pending, items) if items is not None else None
             try:
-                async with asyncio.timeout(timeout):
-                    if items is not None:
-                        sender = conn.start_sender(call_id, pending, items)
-                        try:
-                            return await self._collect(conn, call_id, pending)
-                        finally:
-                            sender.cancel()
-                    return await self._collect(conn, call_id, pending)
-            except DeadlineExceeded:
-                raise  # the server's answer, as it sent it (it is also a TimeoutError)
-            except TimeoutError:
+                return await self._collect(conn, call_id, pending)
+            except _Expired:
                 conn.cancel(call_id)
                 raise DeadlineExceeded(f"{method}: no answer within {total}s") from None
             except asyncio.CancelledError:
                 conn.cancel(call_id)
                 raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                if sender is not None:
+                    sender.cancel()
         finally:
-            if conn.slots is not None:
-                conn.slots.release()
+            if slots is not None:
+                slots.release()
 
     async def _is_idempotent(self, method: str, timeout: float | None) -> bool:
         """Whether the server declares ``method`` idempotent; False when that cannot be learnt.

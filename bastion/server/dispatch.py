@@ -71,7 +71,7 @@ UNKNOWN_ON = frozenset({Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.CAN
 class Entry:
     """One method, ready to dispatch."""
 
-    __slots__ = ("decoder", "fields", "input_decoder", "spec", "streams_out")
+    __slots__ = ("decoder", "fields", "input_decoder", "metric_row", "spec", "streams_out")
 
     def __init__(self, spec: MethodSpec) -> None:
         self.spec = spec
@@ -81,6 +81,8 @@ class Entry:
             msgspec.msgpack.Decoder(spec.input_type) if spec.input_param is not None else None
         )
         self.streams_out = spec.kind in (MethodKind.SERVER_STREAM, MethodKind.BIDI_STREAM)
+        #: The method's row in the server's CallStats (the server sets it; -1: not counted apart).
+        self.metric_row = -1
 
     def decode_args(self, raw: msgspec.Raw) -> dict[str, Any]:
         try:

@@ -144,6 +144,7 @@ class Level(enum.IntEnum):
 
 _SERVICE_ORDER = (Level.CONTROL, Level.INTERACTIVE, Level.BATCH)
 _SHEDDABLE = (Level.INTERACTIVE, Level.BATCH)  # highest first
+_CONTROL = Level.CONTROL
 
 
 def effective_priority(declared: int, requested: int | None) -> int:
@@ -208,6 +209,9 @@ class TicketState(enum.Enum):
     DONE = "done"  # the task finished, however it ended
     REJECTED = "rejected"  # on_reject was called; the job never ran
     CANCELLED = "cancelled"  # removed from its queue by cancel(); the job never ran
+
+
+_RUNNING, _DONE = TicketState.RUNNING, TicketState.DONE
 
 
 class Ticket:
@@ -370,6 +374,8 @@ class Scheduler:
         self._queues = {level: _Queue() for level in Level}
         self._queued = 0
         self._running = 0
+        #: CoDel state may be set (a queue formed since the last time a free slot found none).
+        self._codel_dirty = False
         self._counts = dict.fromkeys(
             (
                 "submitted",
@@ -414,7 +420,7 @@ class Scheduler:
         self._counts["submitted"] += 1
         if deadline is not None and deadline <= now:
             self._reject(ticket, "deadline", Status.DEADLINE_EXCEEDED, "deadline passed before the call started")
-        elif self._may_start_now(ticket.level):
+        elif self._may_start_now(level):
             self._start(ticket, now)
         else:
             self._enqueue(ticket, now)
@@ -526,24 +532,26 @@ class Scheduler:
         delay = now - ticket.enqueued_at
         self._delay_last = delay
         self._delay_ewma += _EWMA_WEIGHT * (delay - self._delay_ewma)
-        self._delay_max = max(self._delay_max, delay)
-        if ticket.level is not Level.CONTROL:
-            self._queues[ticket.level].count_start(now, self.config.codel_interval)
-        ticket.state = TicketState.RUNNING
+        if delay > self._delay_max:
+            self._delay_max = delay
+        level = ticket.level
+        if level is not _CONTROL:
+            self._queues[level].count_start(now, self.config.codel_interval)
+        ticket.state = _RUNNING
         self._running += 1
         self._counts["started"] += 1
         try:
-            ticket.task = asyncio.get_running_loop().create_task(ticket.job())
+            task = ticket.task = asyncio.get_running_loop().create_task(ticket.job())
         except Exception:
             log.exception("scheduler: could not start a job")
             self._running -= 1
-            ticket.state = TicketState.DONE
+            ticket.state = _DONE
             self._counts["completed"] += 1
             return
-        ticket.task.add_done_callback(functools.partial(self._finished, ticket))
+        task.add_done_callback(functools.partial(self._finished, ticket))
 
     def _finished(self, ticket: Ticket, task: asyncio.Task[object]) -> None:
-        ticket.state = TicketState.DONE
+        ticket.state = _DONE
         self._counts["completed"] += 1
         if not ticket.detached:
             self._running -= 1
@@ -554,15 +562,18 @@ class Scheduler:
                 ticket.on_done()
             except Exception:
                 log.exception("scheduler: on_done callback failed")
-        self._dispatch()
+        if self._queued or self._codel_dirty:
+            self._dispatch()
 
     def _dispatch(self) -> None:
         now = self._clock()
         if self._queued:
+            self._codel_dirty = True
             self._codel(now, self.config.max_concurrency - self._running - self._queues[Level.CONTROL].size)
             while (ticket := self._next(now)) is not None:
                 self._start(ticket, now)
         if self._running < self.config.max_concurrency and not self._queued:
+            self._codel_dirty = False
             for level in _SHEDDABLE:  # a free slot and nobody waiting: no overload anywhere
                 queue = self._queues[level]
                 if queue.dropping or queue.first_above is not None:

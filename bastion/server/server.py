@@ -179,6 +179,8 @@ class Server:
         self.counters: collections.Counter[str] = collections.Counter()
         #: Calls by method and status, latencies (bastion/observability: read by /metrics).
         self.metrics = CallStats(self.table.entries)
+        for name, entry in self.table.entries.items():
+            entry.metric_row = self.metrics.method_index(name)
         self.executor = ThreadPoolExecutor(self.limits.threads, thread_name_prefix="bastion-handler")
         self.info = _Info(self)
         self.started_at = time.time()

@@ -91,6 +91,7 @@ __all__ = ["ServerSession"]
 log = logging.getLogger("bastion.server")
 DENIALS_AUDITED = 20  # denied calls written to the audit log per connection per 10 s
 _REJECTED_KEY = {status: f"rejected_{status.name.lower()}" for status in Status}
+_OK = Status.OK
 _session_ids = itertools.count(1)
 #: Seconds in each window the abuse caps (``max_*_per_10s``) count in.
 ABUSE_WINDOW = 10.0
@@ -365,21 +366,22 @@ class ServerSession:
             self._queue_full = False
             self.link.resume_reading("queued calls")
 
-    def _ended(self, call_id: int) -> None:
-        self._last_active = time.monotonic()  # idleness counts from the end of the last call
-        self._started(call_id)  # in case it failed before its handler started
-
     def _forget(self, call_id: int, status: Status = Status.CANCELLED) -> None:
         """Drop a call's state: it ended with ``status``, or it never ran (cancelled or refused while
         queued, or cancelled before its task's first step, so no ``finally`` runs)."""
         self._record(call_id, status)  # unless counted already
-        self._ended(call_id)
-        self._expired.discard(call_id)
+        self._last_active = time.monotonic()  # idleness counts from the end of the last call
+        if call_id in self._queued:  # it failed before its handler started
+            self._started(call_id)
+        if self._expired:
+            self._expired.discard(call_id)
         self.tickets.pop(call_id, None)
-        self._inputs.pop(call_id, None)
-        gate = self._gates.pop(call_id, None)
-        if gate is not None:
-            gate.close()
+        if self._inputs:
+            self._inputs.pop(call_id, None)
+        if self._gates:
+            gate = self._gates.pop(call_id, None)
+            if gate is not None:
+                gate.close()
         if self.link is not None:
             self.link.schedule_flush()
         if self.server.draining:
@@ -469,7 +471,7 @@ class ServerSession:
         if entry.streams_out:
             self._gates[call_id] = CreditGate()
         principal = self.principal
-        self._timing[call_id] = (metrics.method_index(call.method), started)  # before submit: it may reject
+        self._timing[call_id] = (entry.metric_row, started)  # before submit: it may reject
         ticket = server.scheduler.submit(
             functools.partial(self._run, call, entry, args, deadline),
             priority=effective_priority(entry.spec.priority, call.priority),
@@ -485,8 +487,7 @@ class ServerSession:
     async def _run(self, call: Call, entry: Entry, args: dict[str, Any], deadline: float | None) -> None:
         call_id = call.id
         spec = entry.spec
-        request_id = f"{self.id:x}-{call_id:x}"
-        status = Status.OK  # for the metrics
+        status = _OK  # for the metrics
         try:
             if self.server.check_rate_async is not None:  # a shared (Redis) limiter answers asynchronously
                 await self.server.check_rate_async(self.principal, self.peer_host, spec.full_name)
@@ -494,7 +495,7 @@ class ServerSession:
                 args[spec.context_param] = Context(
                     method=spec,
                     principal=self.principal,
-                    request_id=request_id,
+                    request_id=self._request_id(call_id),
                     peer=self.link.peer if self.link else "?",
                     deadline=deadline,
                     metadata=call.metadata or {},
@@ -529,9 +530,13 @@ class ServerSession:
             self.core.send_error(call_id, exc.status, f"{spec.full_name}: result cannot be sent: {exc}")
         except Exception:
             status = Status.INTERNAL
-            self._internal_error(call_id, spec.full_name, request_id)
+            self._internal_error(call_id, spec.full_name, self._request_id(call_id))
         finally:
             self._forget(call_id, status)
+
+    def _request_id(self, call_id: int) -> str:
+        """The id a call's Context and its internal-error log line carry: session and call."""
+        return f"{self.id:x}-{call_id:x}"
 
     def _arm_deadline(self, call_id: int, deadline: float) -> asyncio.TimerHandle:
         """Cancel the running task (this call's) at ``deadline`` (``time.monotonic``), marking the call expired.
@@ -540,14 +545,13 @@ class ServerSession:
         cancelled by the caller once the guarded await is over. The
         CancelledError reaches ``_run``, which answers DEADLINE_EXCEEDED.
         """
-        task = asyncio.current_task()
-        assert task is not None
-        return self._loop.call_at(self._loop.time() + (deadline - time.monotonic()), self._expire, call_id, task)
+        return self._loop.call_at(self._loop.time() + (deadline - time.monotonic()), self._expire, call_id)
 
-    def _expire(self, call_id: int, task: asyncio.Task[Any]) -> None:
-        if not task.done():
+    def _expire(self, call_id: int) -> None:
+        ticket = self.tickets.get(call_id)  # the running call's ticket holds its task
+        if ticket is not None and ticket.task is not None and not ticket.task.done():
             self._expired.add(call_id)
-            task.cancel()
+            ticket.task.cancel()
 
     # -- idempotency keys -----------------------------------------------------------------
 
