@@ -99,6 +99,16 @@ class _CallRecord:
 
 _SEND, _RECV = Direction.SEND, Direction.RECV
 _FINISHED: Final = (Result, Error)
+_CLOSED: Final = ConnectionState.CLOSED
+_CALL_CLOSED: Final = CallState.CLOSED
+_SEND_FINISH, _RECV_FINISH = CallInput.SEND_FINISH, CallInput.RECV_FINISH
+#: A new call's state, by (direction, stream).
+_NEW_CALL: Final = {
+    (_SEND, False): CALL_TRANSITIONS[CallState.IDLE, CallInput.SEND_CALL],
+    (_SEND, True): CALL_TRANSITIONS[CallState.IDLE, CallInput.SEND_CALL_STREAM],
+    (_RECV, False): CALL_TRANSITIONS[CallState.IDLE, CallInput.RECV_CALL],
+    (_RECV, True): CALL_TRANSITIONS[CallState.IDLE, CallInput.RECV_CALL_STREAM],
+}
 
 
 class Connection:
@@ -151,15 +161,16 @@ class Connection:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """Feed bytes read from the peer; return the messages to act on."""
-        if self.state is ConnectionState.CLOSED:
+        if self.state is _CLOSED:
             return []
         try:
             messages = self._reader.feed(data)
             events: list[Message] = []
+            receive = self._receive
             for message in messages:
-                if self._receive(message):
+                if receive(message):
                     events.append(message)
-                if self.state is ConnectionState.CLOSED:  # type: ignore[comparison-overlap]  # _receive may close
+                if self.state is _CLOSED:  # type: ignore[comparison-overlap]  # _receive may close
                     break
             return events
         except RemoteProtocolError as exc:
@@ -217,13 +228,13 @@ class Connection:
         metadata: dict[str, str] | None = None,
     ) -> int:
         """Start a call (client); returns its id."""
-        self._transition(_SEND, Call)
+        new = self._table.get((self.state, _SEND, Call))
+        self.state = new if new is not None else self._next_state(_SEND, Call)
         call_id = self._highest_id + 1
         message = Call(call_id, method, args, timeout_ms, priority, stream, metadata)
         self._writer.write(message)
         self._highest_id = call_id
-        state = CALL_TRANSITIONS[CallState.IDLE, CallInput.SEND_CALL_STREAM if stream else CallInput.SEND_CALL]
-        self._calls[call_id] = _CallRecord(state, self._peer_window, self.limits.window)
+        self._calls[call_id] = _CallRecord(_NEW_CALL[_SEND, stream], self._peer_window, self.limits.window)
         return call_id
 
     def send_result(self, call_id: int, value: Any) -> bool:
@@ -371,23 +382,21 @@ class Connection:
         return True
 
     def _finish(self, call_id: int, message: Result | Error) -> bool:
-        cls = type(message)
+        state = self.state
         # _check_send, keeping the state it finds: applied below if the call is open.
-        new = self._next_state(_SEND, cls) if self.state is not ConnectionState.CLOSED else None
+        new = None
+        if state is not _CLOSED:
+            new = self._table.get((state, _SEND, type(message)))
+            if new is None:
+                self._next_state(_SEND, type(message))  # raises
         record = self._calls.get(call_id)
-        before = record.state if record is not None else None
-        if not self._step_call(call_id, CallInput.SEND_FINISH, local=True):
-            return False
+        if record is None or CALL_TRANSITIONS.get((record.state, _SEND_FINISH)) is not _CALL_CLOSED:
+            return self._step_call(call_id, _SEND_FINISH, local=True)  # False, or the error that explains
         assert new is not None  # a call is open, so the connection is not CLOSED
+        # Nothing changes until the frame is written: one too large for the peer (a
+        # Result over its max_frame) leaves the call open, to be answered with an Error.
+        self._writer.write(message)
         self.state = new
-        try:
-            self._writer.write(message)
-        except LocalProtocolError:
-            # Nothing was sent (e.g. a Result over the peer's max_frame): the
-            # call stays open so the caller can answer with an Error instead.
-            assert record is not None and before is not None
-            record.state = before
-            raise
         del self._calls[call_id]
         return True
 
@@ -413,7 +422,8 @@ class Connection:
         cls = type(message)
         if cls is Call:
             return self._receive_call(message)  # type: ignore[arg-type]
-        self._transition(_RECV, cls)
+        new = self._table.get((self.state, _RECV, cls))
+        self.state = new if new is not None else self._next_state(_RECV, cls)
         if cls is Item:
             return self._receive_item(message)  # type: ignore[arg-type]
         if cls is Result or cls is Error:
@@ -467,20 +477,22 @@ class Connection:
         return True
 
     def _receive_call(self, call: Call) -> bool:
-        if call.id <= self._highest_id:
-            raise RemoteProtocolError(f"call id {call.id} is not above {self._highest_id}")
-        self._transition(_RECV, Call)
-        self._highest_id = call.id
-        if self.last_id is not None and call.id > self.last_id:
+        call_id = call.id
+        if call_id <= self._highest_id:
+            raise RemoteProtocolError(f"call id {call_id} is not above {self._highest_id}")
+        new = self._table.get((self.state, _RECV, Call))
+        self.state = new if new is not None else self._next_state(_RECV, Call)
+        self._highest_id = call_id
+        if self.last_id is not None and call_id > self.last_id:
             return False  # sent before the client saw our GoAway: never started
-        if len(self._calls) >= self.limits.max_inflight:
+        limits = self.limits
+        if len(self._calls) >= limits.max_inflight:
             self.refused_calls += 1
             self._writer.write(
-                Error(call.id, int(Status.RESOURCE_EXHAUSTED), f"more than {self.limits.max_inflight} calls in flight")
+                Error(call_id, int(Status.RESOURCE_EXHAUSTED), f"more than {limits.max_inflight} calls in flight")
             )
             return False
-        state = CALL_TRANSITIONS[CallState.IDLE, CallInput.RECV_CALL_STREAM if call.stream else CallInput.RECV_CALL]
-        self._calls[call.id] = _CallRecord(state, self._peer_window, self.limits.window)
+        self._calls[call_id] = _CallRecord(_NEW_CALL[_RECV, call.stream], self._peer_window, limits.window)
         return True
 
     def _receive_item(self, item: Item) -> bool:
@@ -493,7 +505,11 @@ class Connection:
         return True
 
     def _receive_finish(self, message: Result | Error) -> bool:
-        if not self._step_call(message.id, CallInput.RECV_FINISH, local=False):
+        record = self._calls.get(message.id)
+        if record is not None and CALL_TRANSITIONS.get((record.state, _RECV_FINISH)) is _CALL_CLOSED:
+            del self._calls[message.id]
+            return True
+        if not self._step_call(message.id, _RECV_FINISH, local=False):  # False, or the error that explains
             return False
         del self._calls[message.id]
         return True

@@ -103,6 +103,7 @@ __all__ = [
 DEFAULT_REDIS_PREFIX: Final = "bastion:rl:"
 _GLOB_CHARS: Final = frozenset("*?[")
 _MAX_PLANS: Final = 4096  # method names remembered; the cache is dropped when full
+_UNKNOWN: Final[Any] = object()
 _MIN_TRACKED: Final = 64
 #: Tokens a bucket may be short and still pay: refills are float arithmetic, and a caller
 #: pacing itself exactly at the rate must not be refused for a rounding error.
@@ -437,6 +438,8 @@ class RateLimiter:
         self._clock = clock
         self._buckets: OrderedDict[tuple[str, int], TokenBucket] = OrderedDict()
         self._max = self.config.max_tracked
+        #: What a call at its configured cost charges, by (name, roles, authenticated, method).
+        self._charges: dict[tuple[str, frozenset[str], bool, str], tuple[float, list[_Bucket]] | None] = {}
 
     def __len__(self) -> int:
         """Buckets currently tracked."""
@@ -453,7 +456,16 @@ class RateLimiter:
         """Charge ``cost`` (default: the method's configured cost) to every applicable bucket, or raise."""
         if not self.config.enabled:
             return
-        charge = self._compiled.charge(principal, method, cost)
+        if cost is None:  # the usual case: what the principal's calls to the method charge is known
+            known = (principal.name, principal.roles, principal.authenticated, method)
+            charge = self._charges.get(known, _UNKNOWN)
+            if charge is _UNKNOWN:
+                charge = self._compiled.charge(principal, method, None)
+                if len(self._charges) >= _MAX_PLANS:
+                    self._charges.clear()
+                self._charges[known] = charge
+        else:
+            charge = self._compiled.charge(principal, method, cost)
         if charge is None:
             return
         cost, limits = charge

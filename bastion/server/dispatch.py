@@ -71,7 +71,7 @@ UNKNOWN_ON = frozenset({Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.CAN
 class Entry:
     """One method, ready to dispatch."""
 
-    __slots__ = ("decoder", "fields", "input_decoder", "metric_row", "spec", "streams_out")
+    __slots__ = ("decoder", "fields", "input_decoder", "metric_row", "spec", "streams_out", "unary_async")
 
     def __init__(self, spec: MethodSpec) -> None:
         self.spec = spec
@@ -83,6 +83,8 @@ class Entry:
         self.streams_out = spec.kind in (MethodKind.SERVER_STREAM, MethodKind.BIDI_STREAM)
         #: The method's row in the server's CallStats (the server sets it; -1: not counted apart).
         self.metric_row = -1
+        #: An ``async def`` returning one value: the usual call, run without the general path's detours.
+        self.unary_async = spec.is_async and spec.input_param is None and not self.streams_out
 
     def decode_args(self, raw: msgspec.Raw) -> dict[str, Any]:
         try:
