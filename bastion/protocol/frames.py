@@ -7,8 +7,9 @@ peer claiming 4 GB costs us four bytes. A zero length is illegal.
 
 Theory of operation: ``FrameReader`` decodes every whole frame of a read in
 one pass, straight from the bytes the transport handed over, and keeps only a
-trailing partial frame in a ``bytearray``. While that partial frame is still
-short of the length its header announced, further reads are only appended.
+trailing partial frame, as a list of the reads that brought it. While that
+partial frame is still short of the length its header announced, further reads
+are only appended to the list; once it is whole they are joined, one copy.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ HEADER_SIZE = 4
 MAX_FRAME_LIMIT = 2**32 - 1
 
 T = TypeVar("T")
+#: Reads shorter than this are gathered into one part of a partial frame.
+_SMALL_READ = 4096
 
 
 class FrameReader(Generic[T]):
@@ -34,14 +37,17 @@ class FrameReader(Generic[T]):
 
     def __init__(self, message_type: type[T] | object, max_frame: int) -> None:
         self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(message_type)
-        self._buffer = bytearray()
-        self._need = HEADER_SIZE  # bytes the partial frame in _buffer needs
+        # The trailing partial frame, as the reads that brought it: joined once,
+        # when it is whole, so a large frame is copied once, not once per read.
+        self._parts: list[bytes | bytearray] = []
+        self._buffered = 0
+        self._need = HEADER_SIZE  # bytes the partial frame in _parts needs
         self.max_frame = max_frame
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet decoded (a partial frame)."""
-        return len(self._buffer)
+        return self._buffered
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[T]:
         """Add ``data`` and return every message it completes, in order.
@@ -49,15 +55,22 @@ class FrameReader(Generic[T]):
         Raises RemoteProtocolError for a bad length or an undecodable body; the
         caller must then close the connection.
         """
-        buffer = self._buffer
-        if buffer:
-            buffer += data
-            if len(buffer) < self._need:
-                return []
-            data = bytes(buffer)
-            buffer.clear()
-        elif not isinstance(data, bytes):
+        if not isinstance(data, bytes):
             data = bytes(data)
+        if self._buffered:
+            parts = self._parts
+            if len(data) >= _SMALL_READ:
+                parts.append(data)
+            elif type(parts[-1]) is bytearray:  # small reads share one part: a peer that
+                parts[-1] += data  # trickles bytes must not cost an object per read
+            else:
+                parts.append(bytearray(data))
+            self._buffered += len(data)
+            if self._buffered < self._need:
+                return []
+            data = b"".join(self._parts)
+            self._parts.clear()
+            self._buffered = 0
         # Decoded ``Raw`` fields keep views into ``data``; it is immutable bytes,
         # so they stay valid after we return.
         view = memoryview(data)
@@ -91,7 +104,8 @@ class FrameReader(Generic[T]):
         else:
             self._need = HEADER_SIZE
         if pos < size:
-            buffer += view[pos:]
+            self._parts.append(data[pos:] if pos else data)
+            self._buffered = size - pos
         return out
 
 

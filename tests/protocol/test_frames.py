@@ -117,6 +117,30 @@ def test_any_split_decodes_the_same(messages: list[Message], data: st.DataObject
     assert r.buffered == 0
 
 
+def test_large_frame_in_large_reads_decodes_once_whole() -> None:
+    payload = bytes(range(256)) * 1024  # 256 KiB, as a file chunk
+    data = frame(Item(1, raw(payload)), Ping(7))
+    r = reader(max_frame=len(data))
+    out: list[Message] = []
+    for start in range(0, len(data), 65536):
+        out += r.feed(data[start : start + 65536])
+    assert normalise(out) == normalise([Item(1, raw(payload)), Ping(7)])
+    assert r.buffered == 0
+
+
+def test_trickled_partial_frame_is_gathered_into_few_parts() -> None:
+    # A peer sending a frame a byte per read must not cost an object per byte.
+    data = frame(Item(1, raw(b"y" * 20_000)))
+    r = reader()
+    for i in range(len(data) - 1):
+        assert r.feed(data[i : i + 1]) == []
+    assert r.buffered == len(data) - 1
+    assert len(r._parts) <= 2
+    [item] = r.feed(data[-1:])
+    assert isinstance(item, Item)
+    assert msgspec.msgpack.decode(item.value) == b"y" * 20_000
+
+
 def test_partial_frame_is_buffered_until_complete() -> None:
     data = frame(Item(1, raw(b"x" * 1000)))
     r = reader()
