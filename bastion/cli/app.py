@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from bastion import allocator
 from bastion._version import __version__
 from bastion.cli.accounts import login, token_app, user_app
 from bastion.cli.backup import backup, restore
@@ -31,6 +32,8 @@ from bastion.cli.common import (
 from bastion.cli.files import files_app
 from bastion.cli.jobs import jobs_app
 from bastion.cli.kv import kv_app
+from bastion.cli.messages import messages_app
+from bastion.cli.topics import topics_app
 from bastion.client.sync import SyncClient
 from bastion.config import load_config
 from bastion.exceptions import CallError
@@ -54,6 +57,7 @@ def _root(
     if version:
         print(f"bastion {__version__}")
         raise typer.Exit(0)
+    allocator.tune()  # servers and file transfers move large frames (bastion/allocator.py)
 
 
 @app.command()
@@ -265,6 +269,8 @@ app.command()(login)
 app.add_typer(kv_app, name="kv")
 app.add_typer(files_app, name="files")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(messages_app, name="messages")
+app.add_typer(topics_app, name="topics")
 app.command()(backup)
 app.command()(restore)
 
