@@ -40,3 +40,14 @@ def test_tuned_process_reuses_large_buffers() -> None:
     # Untuned, glibc hands freed memory back to the kernel again and again and faults it
     # in afresh (zeroed) page by page; tuned, the buffers come back from the heap.
     assert faults_untuned > 10 * max(faults, 100)
+
+
+def test_settle_gc_freezes_startup_state_and_collects_young_objects_less_often() -> None:
+    code = (
+        "import gc; from bastion.allocator import settle_gc, YOUNG_GC_THRESHOLD; "
+        "state = [[i] for i in range(1000)]; settle_gc(); "
+        "print(gc.get_freeze_count() >= 1000, gc.get_threshold()[0] == YOUNG_GC_THRESHOLD, "
+        "not any(o is state for o in gc.get_objects()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "True"]
