@@ -182,8 +182,8 @@ class Connection:
         self.state = ConnectionState.CLOSED
         self._calls.clear()
 
-    def data_to_send(self) -> bytes:
-        """Everything queued for the peer since the last call, as one buffer."""
+    def data_to_send(self) -> bytearray:
+        """Everything queued for the peer since the last call, as one buffer (the caller's to keep)."""
         return self._writer.take()
 
     @property

@@ -141,8 +141,7 @@ class FrameWriter:
     def __len__(self) -> int:
         return len(self._buffer)
 
-    def take(self) -> bytes:
-        """Return and clear everything written so far."""
-        data = bytes(self._buffer)
-        self._buffer.clear()
+    def take(self) -> bytearray:
+        """Return everything written so far, and start a new buffer (no copy: the caller owns it now)."""
+        data, self._buffer = self._buffer, bytearray()
         return data
