@@ -33,7 +33,6 @@ import os
 import random
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -117,12 +116,25 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _drive(port: int, clients: int, warmup: float, duration: float, server_pid: int) -> dict[str, Any]:
+HOT_KEYS = 1024  # keys kv.get reads (all written first)
+
+
+async def _drive(
+    port: int, clients: int, warmup: float, duration: float, server_pid: int, op: str = "put"
+) -> dict[str, Any]:
+    """``clients`` connections calling ``kv.<op>`` in a closed loop: random keys, 32-byte values."""
     from bastion.client.aio import Client
 
     conns = [Client(f"127.0.0.1:{port}", token=TOKEN, insecure=True, timeout=30) for _ in range(clients)]
     for c in conns:
         await c.connect()
+    if op == "get":
+
+        async def preload(c: Any, first: int) -> None:  # one call in flight per client, like the load
+            for i in range(first, HOT_KEYS, clients):
+                await c.kv.put(key=f"hot:{i:04}", value=VALUE)
+
+        await asyncio.gather(*(preload(c, i) for i, c in enumerate(conns)))
     counting = False
     count = 0
     latencies: list[float] = []
@@ -133,7 +145,10 @@ async def _drive(port: int, clients: int, warmup: float, duration: float, server
         rng = random.Random(id(c))
         while time.monotonic() < stop_at:
             t0 = time.perf_counter()
-            await c.kv.put(key=f"key:{rng.randrange(KEYSPACE):06}", value=VALUE)
+            if op == "get":
+                await c.kv.get(key=f"hot:{rng.randrange(HOT_KEYS):04}")
+            else:
+                await c.kv.put(key=f"key:{rng.randrange(KEYSPACE):06}", value=VALUE)
             if counting:
                 count += 1
                 latencies.append(time.perf_counter() - t0)
@@ -157,8 +172,13 @@ async def _drive(port: int, clients: int, warmup: float, duration: float, server
     }
 
 
-def bench_bastion(max_batch: int, opts: argparse.Namespace, cpus: tuple[int | None, int | None]) -> dict[str, Any]:
+def bench_bastion(
+    max_batch: int, opts: argparse.Namespace, cpus: tuple[int | None, int | None], ops: tuple[str, ...] = ("put",)
+) -> dict[str, dict[str, Any]]:
+    """Run each of ``ops`` ("put", "get") in turn against one fresh server; results by op."""
     directory = tempfile.mkdtemp(prefix="bastion-bench-kv-")
+    allowed = os.sched_getaffinity(0)
+    results = {}
     try:
         server = BastionProcess(max_batch, directory, cpus[0])
         try:
@@ -167,11 +187,16 @@ def bench_bastion(max_batch: int, opts: argparse.Namespace, cpus: tuple[int | No
             import uvloop
 
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                result = runner.run(_drive(server.port, opts.clients, opts.warmup, opts.duration, server.proc.pid))
+                for op in ops:
+                    drive = _drive(server.port, opts.clients, opts.warmup, opts.duration, server.proc.pid, op)
+                    results[op] = runner.run(drive)
         finally:
+            os.sched_setaffinity(0, allowed)
             stats = server.stop()
-        result["writes_per_commit"] = stats["writes"] / max(1, stats["commits"])
-        return result
+        if "put" in results:
+            # Commits also count the hot keys written before kv.get: nothing else writes.
+            results["put"]["writes_per_commit"] = stats["writes"] / max(1, stats["commits"])
+        return results
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -179,48 +204,24 @@ def bench_bastion(max_batch: int, opts: argparse.Namespace, cpus: tuple[int | No
 # -- redis ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def bench_redis(opts: argparse.Namespace, cpus: tuple[int | None, int | None]) -> dict[str, Any]:
-    if not shutil.which("redis-server") or not shutil.which("redis-benchmark"):
-        return {"error": "redis-server / redis-benchmark not installed"}
-    directory = tempfile.mkdtemp(prefix="bastion-bench-redis-")
-    port = _free_port()
+    """SET with ``appendfsync always``, measured by redis-benchmark (bench/redisref.py)."""
+    from redisref import RedisServer, missing, run_benchmark
 
-    def pin(cpu: int | None) -> Any:
-        return (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
-
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-         "--appendfsync", "always", "--dir", directory],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pin(cpus[0]),
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + STARTUP_DEADLINE
-        while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() != b"PONG":
-            if time.monotonic() > deadline or server.poll() is not None:
-                return {"error": "redis-server did not start"}
-            time.sleep(0.05)
+    reason = missing()
+    if reason is not None:
+        return {"error": reason}
+    with RedisServer(cpus[0], durable=True) as server:
         requests = max(20_000, int(opts.duration * 40_000))
-        out = subprocess.run(
-            ["redis-benchmark", "-p", str(port), "-c", str(opts.clients), "-t", "set", "-d", "32",
-             "-r", str(KEYSPACE), "-n", str(requests), "--csv"],
-            capture_output=True, text=True, timeout=300, preexec_fn=pin(cpus[1]),
-        )  # fmt: skip
-        for line in out.stdout.splitlines():
-            fields = [f.strip('"') for f in line.split(",")]
-            if fields[0] == "SET":
-                return {"ops": float(fields[1]), "p50_ms": float(fields[5]) if len(fields) > 5 else None,
-                        "p99_ms": float(fields[7]) if len(fields) > 7 else None}  # fmt: skip
-        return {"error": f"no SET line in redis-benchmark output: {out.stdout[-300:]} {out.stderr[-300:]}"}
-    finally:
-        server.terminate()
-        server.wait(10)
-        shutil.rmtree(directory, ignore_errors=True)
+        rows = run_benchmark(server, "set", clients=opts.clients, requests=requests, cpu=cpus[1], keyspace=KEYSPACE)
+    row = rows["SET"]
+    return {
+        "ops": row["rps"],
+        "p50_ms": row["p50_us"] / 1000,
+        "p99_ms": row["p99_us"] / 1000,
+        "server_cpu_us": row["server_cpu_us_per_call"],
+        "client_cpu_us": row["client_cpu_us_per_call"],
+    }
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -235,8 +236,9 @@ def main() -> int:
     parser.add_argument("--serve", nargs=2, metavar=("MAX_BATCH", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    for path in (HERE, ROOT):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
     if opts.serve:
         if opts.cpu is not None:
             os.sched_setaffinity(0, {opts.cpu})
@@ -248,8 +250,8 @@ def main() -> int:
     allowed = sorted(os.sched_getaffinity(0))
     cpus: tuple[int | None, int | None] = (allowed[0], allowed[1]) if len(allowed) >= 2 else (None, None)
     results = {
-        "bastion": bench_bastion(1024, opts, cpus),
-        "single-row": bench_bastion(1, opts, cpus),
+        "bastion": bench_bastion(1024, opts, cpus)["put"],
+        "single-row": bench_bastion(1, opts, cpus)["put"],
         "redis": bench_redis(opts, cpus),
     }
     os.sched_setaffinity(0, allowed)

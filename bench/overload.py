@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TOKEN = "bst_overload-bench-token-not-a-secret-0123456789"
 
-SERVER = r'''
+SERVER = r"""
 import asyncio, os, sys, time
 import uvloop
 from bastion import Principal, Server, Service
@@ -60,7 +60,7 @@ async def main():
     await server.shutdown(1)
 
 uvloop.run(main())
-'''
+"""
 
 
 async def closed_loop(client, seconds: float, concurrency: int) -> float:  # type: ignore[no-untyped-def]
@@ -118,7 +118,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
     proc = subprocess.Popen(  # noqa: ASYNC220  # once, before any load
         [sys.executable, "-c", SERVER, TOKEN, str(args.slots)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -128,9 +130,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         port = int(line.split()[1])
         if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
             os.sched_setaffinity(0, {1})
-        clients = [
-            bastion.Client(f"127.0.0.1:{port}", token=TOKEN, insecure=True, retry=None) for _ in range(4)
-        ]
+        clients = [bastion.Client(f"127.0.0.1:{port}", token=TOKEN, insecure=True, retry=None) for _ in range(4)]
         for c in clients:
             await c.connect()
         await closed_loop(clients[0], 1.0, 16)  # warm-up
@@ -138,9 +138,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         rows: list[dict[str, float]] = []
         for factor in args.factors:
             per_client = capacity * factor / len(clients)
-            results = await asyncio.gather(
-                *[open_loop(c, per_client, args.duration, args.deadline) for c in clients]
-            )
+            results = await asyncio.gather(*[open_loop(c, per_client, args.duration, args.deadline) for c in clients])
             row = {key: sum(r[key] for r in results) for key in results[0]}
             row["factor"] = factor
             row["goodput_vs_peak"] = row["goodput_per_s"] / capacity

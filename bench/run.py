@@ -30,7 +30,20 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
-from servers import BASTION_METHOD, BENCH_TOKEN, GRPC_METHOD  # noqa: E402
+from servers import BASTION_METHOD, BENCH_TOKEN, BENCH_TOKENS, GRPC_METHOD  # noqa: E402
+
+__all__ = [
+    "OPENERS",
+    "ServerProcess",
+    "StartupError",
+    "bastion_client",
+    "cpu_busy",
+    "cpu_ticks",
+    "percentile",
+    "pick_cpus",
+    "process_cpu_seconds",
+    "run_point",
+]
 
 SERVERS = ("floor", "grpc", "bastion")
 PAYLOAD = bytes(range(32))
@@ -39,6 +52,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 NOISE_THRESHOLD = 0.10  # foreign busy fraction of a pinned CPU that makes a point suspect
 
 Call = Callable[[], Awaitable[bytes]]
+Close = Callable[[], Awaitable[None]]
 
 
 class StartupError(RuntimeError):
@@ -51,12 +65,14 @@ class StartupError(RuntimeError):
 class ServerProcess:
     """One benchmark server subprocess; ``port`` once it said it is listening."""
 
-    def __init__(self, kind: str, cpu: int | None) -> None:
+    def __init__(self, kind: str, cpu: int | None, tls: Path | None = None) -> None:
         self.kind = kind
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
         cmd = [sys.executable, str(HERE / "servers.py"), kind]
         if cpu is not None:
             cmd += ["--cpu", str(cpu)]
+        if tls is not None:
+            cmd += ["--tls", str(tls)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
         self.port = self._wait_port(time.monotonic() + STARTUP_DEADLINE)
 
@@ -100,6 +116,10 @@ class ServerProcess:
     def cpu_seconds(self) -> float:
         """utime + stime of the server process (all its threads), in seconds."""
         return process_cpu_seconds(self.pid)
+
+    def memory_kib(self) -> dict[str, int]:
+        """The server's resident set now (``rss``) and its peak so far (``hwm``), in KiB."""
+        return process_memory_kib(self.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -180,41 +200,78 @@ class _FloorClientProtocol(asyncio.Protocol):
         return fut
 
 
-async def open_floor(port: int) -> tuple[Call, Callable[[], Awaitable[None]]]:
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_connection(_FloorClientProtocol, "127.0.0.1", port)
+async def open_floor(port: int, tls: Path | None = None, connections: int = 1) -> tuple[list[Call], Close]:
+    """``connections`` floor client connections (TLS with the certificates in ``tls``); one call per connection."""
+    from certs import floor_client_context
 
-    def call() -> Awaitable[bytes]:
-        return proto.call(PAYLOAD)
+    loop = asyncio.get_running_loop()
+    context = floor_client_context(tls) if tls is not None else None
+    conns = [
+        await loop.create_connection(_FloorClientProtocol, "127.0.0.1", port, ssl=context) for _ in range(connections)
+    ]
+
+    def caller(proto: _FloorClientProtocol) -> Call:
+        def call() -> Awaitable[bytes]:
+            return proto.call(PAYLOAD)
+
+        return call
 
     async def close() -> None:
-        transport.close()
+        for transport, _ in conns:
+            transport.close()
 
-    return call, close
+    return [caller(proto) for _, proto in conns], close
 
 
-async def open_grpc(port: int) -> tuple[Call, Callable[[], Awaitable[None]]]:
+async def open_grpc(port: int, tls: Path | None = None, connections: int = 1) -> tuple[list[Call], Close]:
+    """``connections`` grpc.aio channels (TLS with the certificates in ``tls``); one call per channel."""
     import grpc
 
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    await asyncio.wait_for(channel.channel_ready(), 10)
-    stub = channel.unary_unary(GRPC_METHOD)  # no serializers: bytes in, bytes out
+    channels = []
+    for _ in range(connections):
+        # Distinct channel args keep grpc from sharing one subchannel between the channels.
+        options = [("bench.channel", len(channels))]
+        if tls is None:
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+        else:
+            creds = grpc.ssl_channel_credentials(root_certificates=(tls / "ca.pem").read_bytes())
+            channel = grpc.aio.secure_channel(f"localhost:{port}", creds, options=options)
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        channels.append(channel)
 
-    def call() -> Awaitable[bytes]:
-        return stub(PAYLOAD)
+    def caller(channel: Any) -> Call:
+        stub = channel.unary_unary(GRPC_METHOD)  # no serializers: bytes in, bytes out
+
+        def call() -> Awaitable[bytes]:
+            return stub(PAYLOAD)  # type: ignore[no-any-return]
+
+        return call
 
     async def close() -> None:
-        await channel.close()
+        for channel in channels:
+            await channel.close()
 
-    return call, close
+    return [caller(channel) for channel in channels], close
 
 
-async def open_bastion(port: int) -> tuple[Call, Callable[[], Awaitable[None]]]:
+def bastion_client(port: int, tls: Path | None, token: str | None = BENCH_TOKEN, **options: Any) -> Any:
+    """A public ``bastion.Client`` for the bench server (TLS with the certificates in ``tls``)."""
+    from certs import bastion_client_context
+
     import bastion
 
     address = f"127.0.0.1:{port}"
+    if tls is None:
+        return bastion.Client(address, token=token, insecure=True, **options)
+    return bastion.Client(address, token=token, ssl_context=bastion_client_context(tls), **options)
+
+
+async def open_bastion(port: int, tls: Path | None = None, connections: int = 1) -> tuple[list[Call], Close]:
+    """``connections`` public ``bastion.Client`` objects, each with its own bench token; one call per client."""
+    import bastion
+
     # Auth must really be on: an anonymous caller is refused.
-    anon = bastion.Client(address, timeout=5, insecure=True)
+    anon = bastion_client(port, tls, token=None, timeout=5)
     try:
         await anon.call(BASTION_METHOD, data=PAYLOAD)
     except (bastion.Unauthenticated, bastion.PermissionDenied):
@@ -224,16 +281,21 @@ async def open_bastion(port: int) -> tuple[Call, Callable[[], Awaitable[None]]]:
     finally:
         await anon.close()
 
-    client = bastion.Client(address, token=BENCH_TOKEN, insecure=True, retry=None)
-    await client.connect()
+    clients = [bastion_client(port, tls, BENCH_TOKENS[i % len(BENCH_TOKENS)]) for i in range(connections)]
+    for client in clients:
+        await client.connect()
 
-    def call() -> Awaitable[bytes]:
-        return client.call(BASTION_METHOD, data=PAYLOAD)
+    def caller(client: Any) -> Call:
+        def call() -> Awaitable[bytes]:
+            return client.call(BASTION_METHOD, data=PAYLOAD)  # type: ignore[no-any-return]
+
+        return call
 
     async def close() -> None:
-        await client.close()
+        for client in clients:
+            await client.close()
 
-    return call, close
+    return [caller(client) for client in clients], close
 
 
 OPENERS = {"floor": open_floor, "grpc": open_grpc, "bastion": open_bastion}
@@ -250,7 +312,7 @@ def percentile(sorted_ns: list[int], q: float) -> float:
 
 
 async def run_point(
-    call: Call,
+    calls: list[Call],
     server: ServerProcess,
     concurrency: int,
     warmup: float,
@@ -261,7 +323,7 @@ async def run_point(
     measuring = False
     stop = False
 
-    async def worker() -> None:
+    async def worker(call: Call) -> None:
         clock = time.perf_counter_ns
         record = latencies.append
         while not stop:
@@ -273,7 +335,8 @@ async def run_point(
             if measuring:
                 record(t1 - t0)
 
-    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    # ``concurrency`` callers in all, spread evenly over the connections.
+    tasks = [asyncio.create_task(worker(calls[i % len(calls)])) for i in range(concurrency)]
 
     async def wait(seconds: float) -> None:
         done, _ = await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_EXCEPTION)
@@ -328,9 +391,9 @@ async def bench_server(
     server: ServerProcess, levels: list[int], warmup: float, duration: float, cpus: tuple[int | None, int | None]
 ) -> list[dict]:
     async with asyncio.timeout(20):
-        call, close = await OPENERS[server.kind](server.port)
+        calls, close = await OPENERS[server.kind](server.port)
     try:
-        return [await run_point(call, server, c, warmup, duration, cpus) for c in levels]
+        return [await run_point(calls, server, c, warmup, duration, cpus) for c in levels]
     finally:
         await close()
 
@@ -455,6 +518,16 @@ def process_cpu_seconds(pid: int | str) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def process_memory_kib(pid: int | str) -> dict[str, int]:
+    """VmRSS and VmHWM (peak resident set) of a process, in KiB, from /proc/<pid>/status."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line[2:5].lower()] = int(line.split()[1])
+    return out
+
+
 def cpu_busy(cpus: list[int], seconds: float = 0.3) -> dict[int, float]:
     """Fraction of time each CPU was busy over a short sample (before any server starts)."""
     a = cpu_ticks(cpus)
@@ -495,8 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         for cpu, frac in cpu_busy([server_cpu, client_cpu]).items():
             if frac > 0.15:
                 print(
-                    f"warning: CPU {cpu} is {frac:.0%} busy with other work before the run; "
-                    "results will be noisy",
+                    f"warning: CPU {cpu} is {frac:.0%} busy with other work before the run; results will be noisy",
                     file=sys.stderr,
                 )
     header = (

@@ -187,7 +187,7 @@ def _limiter_check_cost(n: int = 200_000) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
     parser.add_argument("--connections", type=int, default=16)
@@ -196,7 +196,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def measure(args: argparse.Namespace, *, verbose: bool = False) -> dict[str, Any]:
+    """One point per worker count in ``args.workers``, their ratio (last / first) and the limiter micro-bench."""
     try:
         import uvloop
 
@@ -204,7 +208,6 @@ def main() -> None:
     except ImportError:
         loop_factory = None
 
-    print(f"{os.cpu_count()} CPUs; handler spins {args.spin_ms} ms; {args.connections} connections x {args.depth} deep")
     results: dict[str, Any] = {"cpus": os.cpu_count(), "points": {}}
     for count in [int(w) for w in args.workers.split(",")]:
         directory = Path(tempfile.mkdtemp(prefix="bastion-bench-workers-"))
@@ -216,17 +219,27 @@ def main() -> None:
             server.stop()
             shutil.rmtree(directory, ignore_errors=True)
         results["points"][count] = point
-        print(
-            f"workers={count}: {point['calls_per_s']:8.0f} calls/s   server CPU {point['server_cpu_per_s']:.2f} s/s   "
-            f"client CPU {point['client_cpu_per_s']:.2f} s/s   connections per worker {point['connections_per_worker']}"
-        )
+        if verbose:
+            print(
+                f"workers={count}: {point['calls_per_s']:8.0f} calls/s   "
+                f"server CPU {point['server_cpu_per_s']:.2f} s/s   client CPU {point['client_cpu_per_s']:.2f} s/s   "
+                f"connections per worker {point['connections_per_worker']}"
+            )
     counts = list(results["points"])
     if len(counts) > 1:
-        ratio = results["points"][counts[-1]]["calls_per_s"] / results["points"][counts[0]]["calls_per_s"]
-        results["ratio"] = ratio
-        print(f"ratio workers={counts[-1]} / workers={counts[0]}: {ratio:.2f}x")
-    cost = _limiter_check_cost()
-    results["rate_limit_check"] = cost
+        results["ratio"] = results["points"][counts[-1]]["calls_per_s"] / results["points"][counts[0]]["calls_per_s"]
+    results["rate_limit_check"] = _limiter_check_cost()
+    return results
+
+
+def main() -> None:
+    args = parse_args()
+    print(f"{os.cpu_count()} CPUs; handler spins {args.spin_ms} ms; {args.connections} connections x {args.depth} deep")
+    results = measure(args, verbose=True)
+    counts = list(results["points"])
+    if "ratio" in results:
+        print(f"ratio workers={counts[-1]} / workers={counts[0]}: {results['ratio']:.2f}x")
+    cost = results["rate_limit_check"]
     print(f"one rate-limit check (2 buckets): in memory {cost['memory_us']:.2f} us, shared {cost['shared_us']:.2f} us")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
