@@ -13,6 +13,7 @@ docs/security.md.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,18 +24,23 @@ import msgspec
 from bastion.exceptions import UsageError
 from bastion.security.ratelimit import RateLimitConfig
 from bastion.server.scheduler import SchedulerConfig
+from bastion.services.topics_syntax import pattern_error
 
 __all__ = [
     "DEFAULT_PORT",
     "AuthConfig",
     "BackupConfig",
     "Config",
+    "DurableTopic",
     "FilesConfig",
     "GatewayConfig",
     "JobsConfig",
     "KVConfig",
+    "MessagesConfig",
     "ServerLimits",
     "TLSConfig",
+    "TopicRule",
+    "TopicsConfig",
     "load_config",
 ]
 
@@ -221,6 +227,132 @@ class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise UsageError(f"kv.{name} must be positive, got {getattr(self, name)!r}")
 
 
+class DurableTopic(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Topics matching ``pattern`` are durable: kept as a log with offsets.
+
+    keep: messages kept per topic (0: no count limit).
+    max_age: seconds a message is kept (0: no age limit); at least one of the two is set.
+    """
+
+    pattern: str
+    keep: int = 100_000
+    max_age: float = 0.0
+
+
+class TopicRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Who may publish and subscribe to topics matching ``pattern``.
+
+    Each list holds "user:NAME", "role:NAME" or "*" (anyone signed in).
+    """
+
+    pattern: str
+    publish: list[str] = []
+    subscribe: list[str] = []
+
+
+class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The topics of the ``messages`` service (publish/subscribe); see docs/services.md.
+
+    max_topic_length: longest topic name or pattern (characters).
+    max_payload_bytes: largest payload (its MessagePack encoding); must fit a frame.
+    max_headers: most headers on one message; max_header_bytes: their total size.
+    subscriber_buffer: messages buffered for one slow subscriber before it is told it lagged.
+    subscriber_buffer_bytes: payload bytes buffered for one slow subscriber, likewise.
+    max_subscribers: subscriptions open at once on this server.
+    max_subscribers_per_user: subscriptions one user may have open on this server.
+    relay_seconds: seconds a live message stays in the store for the other processes sharing it.
+    sweep_interval: seconds between retention sweeps (on the leader).
+    durable: the durable topics (the first matching entry applies); every other topic is live.
+    rules: who may publish and subscribe (besides admins, and each user in ``user.<name>.>``).
+    """
+
+    max_topic_length: int = 255
+    max_payload_bytes: int = 256 * 1024
+    max_headers: int = 16
+    max_header_bytes: int = 4096
+    subscriber_buffer: int = 1024
+    subscriber_buffer_bytes: int = 8 * 1024 * 1024
+    max_subscribers: int = 4096
+    max_subscribers_per_user: int = 64
+    relay_seconds: float = 30.0
+    sweep_interval: float = 5.0
+    durable: list[DurableTopic] = []
+    rules: list[TopicRule] = []
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            if name not in ("durable", "rules") and getattr(self, name) <= 0:
+                raise UsageError(f"messages.topics.{name} must be positive, got {getattr(self, name)!r}")
+        for i, durable in enumerate(self.durable):
+            self._check_pattern(f"messages.topics.durable[{i}].pattern", durable.pattern)
+            if durable.keep < 0 or durable.max_age < 0 or not (durable.keep or durable.max_age):
+                raise UsageError(
+                    f"messages.topics.durable[{i}]: keep and max_age must be >= 0, and one of them positive"
+                )
+        for i, rule in enumerate(self.rules):
+            self._check_pattern(f"messages.topics.rules[{i}].pattern", rule.pattern)
+            for entry in (*rule.publish, *rule.subscribe):
+                if entry != "*" and not _ACCESS_ENTRY.fullmatch(entry):
+                    raise UsageError(f'topics.rules[{i}]: {entry!r} is not "user:NAME", "role:NAME" or "*"')
+
+    def _check_pattern(self, where: str, pattern: str) -> None:
+        error = pattern_error(pattern, self.max_topic_length)
+        if error is not None:
+            raise UsageError(f"{where}: {error}")
+
+
+_ACCESS_ENTRY = re.compile(r"(user|role):[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+class MessagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``messages`` service: the mailbox limits here, the topics' in ``topics`` (``[messages.topics]``).
+
+    max_recipients: most mailboxes one send delivers to (after expanding ``role:NAME``).
+    max_body_bytes: largest body (its bytes, or the JSON of a structured body); must fit a frame.
+    max_subject_bytes: longest subject (UTF-8 bytes).
+    max_headers: most headers on one message; max_header_bytes: their names and values together.
+    max_attachments: most files attached to one message.
+    mailbox_messages: messages one mailbox may hold; a send to a full mailbox is refused.
+    mailbox_bytes: bytes (bodies, subjects, headers) one mailbox may hold, likewise.
+    send_rate: deliveries (messages times recipients) per minute per sender; 0: no limit.
+    send_burst: deliveries a sender may make at once before ``send_rate`` applies.
+    client_id_ttl: seconds a send's client_id is remembered (a retry within it is stored once).
+    max_page: most messages one ``inbox`` page returns.
+    max_watchers: mailbox watches open at once on this server.
+    max_watchers_per_user: mailbox watches one user may have open on this server.
+    sweep_interval: seconds between sweeps forgetting expired client_ids (on the leader).
+    """
+
+    max_recipients: int = 100
+    max_body_bytes: int = 256 * 1024
+    max_subject_bytes: int = 1024
+    max_headers: int = 32
+    max_header_bytes: int = 8192
+    max_attachments: int = 16
+    mailbox_messages: int = 10_000
+    mailbox_bytes: int = 100 * 1024**2
+    send_rate: float = 600.0
+    send_burst: float = 600.0
+    client_id_ttl: float = 7 * 24 * 3600.0
+    max_page: int = 500
+    max_watchers: int = 1024
+    max_watchers_per_user: int = 16
+    sweep_interval: float = 300.0
+    topics: TopicsConfig = TopicsConfig()
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            if name not in ("topics", "send_rate") and getattr(self, name) <= 0:
+                raise UsageError(f"messages.{name} must be positive, got {getattr(self, name)!r}")
+        if self.send_rate < 0:
+            raise UsageError(f"messages.send_rate must be >= 0 (0: no limit), got {self.send_rate!r}")
+        if self.send_rate and self.send_burst < self.max_recipients:
+            raise UsageError(
+                f"messages.send_burst ({self.send_burst:g}) must be at least messages.max_recipients "
+                f"({self.max_recipients}), or a send to that many could never pass"
+            )
+
+
 class FilesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The ``files`` service.
 
@@ -357,6 +489,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     jobs: JobsConfig = JobsConfig()
     backup: BackupConfig = BackupConfig()
     gateway: GatewayConfig = GatewayConfig()
+    messages: MessagesConfig = MessagesConfig()
 
     def __post_init__(self) -> None:
         if self.workers != "auto" and not 1 <= self.workers <= 256:
@@ -383,6 +516,7 @@ def _env_overlay(environ: Mapping[str, str]) -> dict[str, Any]:
         "jobs": JobsConfig.__struct_fields__,
         "backup": BackupConfig.__struct_fields__,
         "gateway": GatewayConfig.__struct_fields__,
+        "messages": tuple(f for f in MessagesConfig.__struct_fields__ if f != "topics"),
     }
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or key in ("BASTION_TOKEN", "BASTION_TOKEN_FILE", "BASTION_CA"):

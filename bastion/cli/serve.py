@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from bastion import allocator
 from bastion._version import __version__
 from bastion.cli.cert import TLSSetup, prepare_tls
 from bastion.config import Config
@@ -73,6 +74,7 @@ from bastion.services.backup import Backups
 from bastion.services.files import Files
 from bastion.services.jobs import Jobs
 from bastion.services.kv import KV
+from bastion.services.messages import Messages
 from bastion.store import Store, open_store
 from bastion.store import observe as store_observe
 
@@ -255,7 +257,16 @@ async def _compose_and_serve(
             limiter = SharedRateLimiter(config.rate_limits, role.shared)
         else:
             limiter = create_limiter(config.rate_limits)
-        auth_service = create_service(store, hasher=PasswordHasher(), throttle=throttle, audit=audit, config=auth)
+        # What auth.delete_user hands over or deletes (mailboxes go with the user row itself).
+        owned_data = {
+            "kv": store.kv_reassign_owner,
+            "files": store.files_reassign_owner,
+            "jobs": store.jobs_reassign_owner,
+            "idempotency": store.idempotency_reassign_owner,
+        }
+        auth_service = create_service(
+            store, hasher=PasswordHasher(), throttle=throttle, audit=audit, config=auth, owned_data=owned_data
+        )
         leader = role.leader
         backups = Backups(
             store, data_dir=data_dir, files_dir=files_dir, config=config.backup, passphrase=passphrase, leader=leader
@@ -264,6 +275,7 @@ async def _compose_and_serve(
             KV(store, config.kv, leader=leader),
             Files(store, files_dir, config.files, leader=leader),
             Jobs(store, registries, config.jobs, leader=leader),
+            Messages(store, config.messages, leader=leader),
         ]
         components: list[Component] = [*hosted, backups]
         builtin = [create_admin_service(backups), auth_service, *(c.service for c in hosted)]
@@ -322,6 +334,7 @@ async def _serve(
             await server.shutdown(0)
             raise
     server.install_signal_handlers()  # before the banner: readiness means SIGTERM drains
+    allocator.settle_gc()  # start-up is over: keep the collector off what it built
     host, port = server.addresses[0][:2]
     names = ", ".join(sorted(server.table.services))
     echo(f"bastion {__version__} listening on {host}:{port} (services: {names})")
@@ -352,6 +365,7 @@ async def _serve_worker(server: Server, channel: WorkerChannel, config: Config, 
         gateway = await serve_gateway(server, config.gateway, cert_files=tls.cert_files, sockets=channel.http_listeners)
         gateway.gateway.metrics_snapshot = lambda: snapshots.gather(server_snapshot(server))
     server.install_signal_handlers()
+    allocator.settle_gc()
     stopping: list[asyncio.Task[None]] = []
 
     def orphaned() -> None:

@@ -39,6 +39,8 @@ from bastion.store.files import FileStore
 from bastion.store.idempotency import IdempotencyStore
 from bastion.store.jobs import JobStore
 from bastion.store.kv import KVStore
+from bastion.store.mail import MailStore
+from bastion.store.topics import TopicStore
 
 if TYPE_CHECKING:
     from bastion.security.credentials import CredentialStore
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["Store", "open_store"]
 
 
-class Store(KVStore, FileStore, JobStore, IdempotencyStore, ABC):
+class Store(KVStore, FileStore, JobStore, IdempotencyStore, MailStore, TopicStore, ABC):
     """An async, durable store; structurally a ``CredentialStore``, plus every storage domain."""
 
     # -- lifecycle ------------------------------------------------------------------------

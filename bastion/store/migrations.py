@@ -43,7 +43,7 @@ import sqlite3
 import time
 
 from bastion.exceptions import UsageError
-from bastion.store import files, idempotency, jobs, kv
+from bastion.store import files, idempotency, jobs, kv, mail, topics
 
 __all__ = [
     "LATEST",
@@ -126,6 +126,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "idempotency keys: first results of retried calls", idempotency.SQLITE_SCHEMA, compatible=True),
     Migration(
         6, "schema compatibility: the oldest code that may use the database", SQLITE_COMPAT_SCHEMA, compatible=True
+    ),
+    Migration(7, "messages: mailboxes, sends and sender rate buckets", mail.SQLITE_SCHEMA, compatible=True),
+    Migration(
+        8, "messages: the topic log (durable topics and relayed live messages)", topics.SQLITE_SCHEMA, compatible=True
     ),
 )
 

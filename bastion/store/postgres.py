@@ -75,13 +75,15 @@ from bastion.exceptions import (
     UsageError,
 )
 from bastion.security.credentials import Token, User
-from bastion.store import files, idempotency, jobs, kv, observe
+from bastion.store import files, idempotency, jobs, kv, mail, observe, topics
 from bastion.store.base import Store
 from bastion.store.files import PostgresFiles
 from bastion.store.idempotency import PostgresIdempotency
 from bastion.store.jobs import PostgresJobs
 from bastion.store.kv import PostgresKV
+from bastion.store.mail import PostgresMail
 from bastion.store.migrations import Migration, check_newer_schema, compatible_from
+from bastion.store.topics import PostgresTopics
 
 log = logging.getLogger("bastion.store")
 
@@ -138,6 +140,10 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
         compatible=True,
+    ),
+    Migration(7, "messages: mailboxes, sends and sender rate buckets", mail.POSTGRES_SCHEMA, compatible=True),
+    Migration(
+        8, "messages: the topic log (durable topics and relayed live messages)", topics.POSTGRES_SCHEMA, compatible=True
     ),
 )
 
@@ -202,7 +208,7 @@ def redact_dsn(dsn: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-class PostgresStore(PostgresKV, PostgresFiles, PostgresJobs, PostgresIdempotency, Store):
+class PostgresStore(PostgresKV, PostgresFiles, PostgresJobs, PostgresIdempotency, PostgresMail, PostgresTopics, Store):
     """The PostgreSQL backend.
 
     ``dsn``: a libpq-style ``postgresql://`` URL; ``password``: used instead of

@@ -95,7 +95,9 @@ from bastion.store.files import SQLiteFiles
 from bastion.store.idempotency import SQLiteIdempotency
 from bastion.store.jobs import SQLiteJobs
 from bastion.store.kv import SQLiteKV
+from bastion.store.mail import SQLiteMail
 from bastion.store.migrations import MIGRATIONS, Migration, apply_migrations
+from bastion.store.topics import SQLiteTopics
 
 __all__ = ["SQLiteStore"]
 
@@ -121,7 +123,7 @@ class _Write:
         self.future = future
 
 
-class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, Store):
+class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMail, SQLiteTopics, Store):
     """The SQLite backend. ``readers``: reader connections (and threads);
     ``busy_timeout``: seconds to wait for another process's write lock;
     ``max_batch``: most writes committed in one transaction."""

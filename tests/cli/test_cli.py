@@ -123,7 +123,7 @@ def test_serve_port_0_prints_the_port_and_stops_on_sigterm(tmp_path: Path) -> No
     data_dir = tmp_path / "data"
     banner = re.compile(
         rf"^bastion {re.escape(bastion.__version__)} listening on 127\.0\.0\.1:(\d+) "
-        r"\(services: admin, auth, files, jobs, kv\)$"
+        r"\(services: admin, auth, files, jobs, kv, messages\)$"
     )
 
     def serve() -> tuple[subprocess.Popen[str], list[str]]:

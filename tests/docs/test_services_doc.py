@@ -28,11 +28,12 @@ from bastion.services.backup import Backups
 from bastion.services.files import Files
 from bastion.services.jobs import Jobs
 from bastion.services.kv import KV
+from bastion.services.messages import Messages
 from bastion.store.sqlite import SQLiteStore
 
 DOC = Path(__file__).parents[2] / "docs" / "services.md"
-SERVICES = ("admin", "auth", "kv", "files", "jobs")
-CLI_GROUPS = ("kv", "files", "jobs", "user", "token")
+SERVICES = ("admin", "auth", "kv", "files", "jobs", "messages")
+CLI_GROUPS = ("kv", "files", "jobs", "messages", "topics", "user", "token")
 CLI_COMMANDS = ("backup", "restore")
 
 
@@ -41,7 +42,9 @@ def builtin_services(tmp_path: Path) -> list[Service]:
     backups = Backups(store, data_dir=tmp_path, files_dir=tmp_path / "files")
     throttle = LoginThrottle(store)
     auth = create_auth(store, hasher=PasswordHasher(fast=True), throttle=throttle, audit=AuditLog(None))
-    hosted = [KV(store).service, Files(store, tmp_path / "files").service, Jobs(store, []).service]
+    hosted = [
+        KV(store).service, Files(store, tmp_path / "files").service, Jobs(store, []).service, Messages(store).service,
+    ]  # fmt: skip
     return [create_admin(backups), auth, *hosted]
 
 

@@ -133,7 +133,7 @@ def test_cli_methods_json_and_text(server: ServerProcess) -> None:
     listing = bastion_cli("methods", address, "--json", "--token-file", str(token_file))
     assert listing.returncode == 0, listing.stderr
     services = {svc["name"]: svc for svc in json.loads(listing.stdout)}
-    assert set(services) == {"admin", "auth", "demo", "files", "jobs", "kv"}
+    assert set(services) == {"admin", "auth", "demo", "files", "jobs", "kv", "messages"}
     demo = {m["name"]: m for m in services["demo"]["methods"]}
     assert {"demo.echo", "demo.slow", "demo.sleep_then_return", "demo.count", "demo.watched"} <= set(demo)
     assert demo["demo.echo_int"]["params"]["properties"]["value"]["type"] == "integer"

@@ -258,7 +258,7 @@ def test_highly_compressible_members_round_trip(tmp_path: Path) -> None:
         conn.execute("INSERT INTO files VALUES ('z', 'user0000', 'zeros', 5000000, ?, 1.0, 1.0)", (digest,))
     out = tmp_path / "a.bbk"
     info = backup.backup_sqlite(db, files, out, b"pw", scrypt_log_n=FAST)
-    assert info.blobs == 3 and info.size < 100_000
+    assert info.blobs == 3 and info.size < 200_000  # the 5 MB blob compressed; the rest is the database
     assert backup.verify_archive(out, b"pw").blobs == "referenced"
 
 

@@ -1,0 +1,637 @@
+"""The mailboxes of the ``messages`` service: store-and-forward messages between users, as email does.
+
+Written with the public service API only; storage is the ``MailStore``
+interface (bastion/store/mail.py explains ids, atomic sends, retries,
+quotas and the sender's token bucket).
+
+Theory of operation
+-------------------
+
+Sending. ``send`` checks every argument against the ``[messages]`` limits,
+expands ``role:NAME`` recipients to the role's users at that moment,
+resolves attachments to files the sender owns, then stores the whole send
+in one transaction: either every recipient's mailbox gets its copy or none
+does, and the call returns only once that is committed. The sender is
+always the caller's principal; no argument can set it (a header named
+``from`` is kept as an ordinary header and never shown as the sender).
+Attachments are then shared read-only with each recipient (a recipient who
+already has a share keeps it); a retried send repeats the sharing, so a
+crash between the commit and the shares heals on retry.
+
+Access. Every method acts on the caller's own mailbox only, named by the
+principal -- never by an argument -- and message ids are per mailbox, so
+no call can even name another user's message: an id that is not in the
+caller's mailbox is NOT_FOUND, with the same message whether it was never
+there, was deleted, or exists in someone else's mailbox.
+
+Watching. ``watch`` tails the caller's mailbox by id. Ids grow with commit
+order and are never reused (see the store), so "every message with an id
+above the last one yielded" is exactly the new mail, and a watch resumed
+with ``from_id`` misses nothing. A watcher keeps no buffer: when woken it
+reads the next page from the store itself, so a slow watcher holds no
+memory and never holds up a sender. It is woken three ways: a send in
+this process nudges the recipients' watchers directly; on PostgreSQL the
+mail trigger's ``NOTIFY`` (``Store.listen("mail")``) makes the hub poll at
+once; and while anyone watches, the hub polls the watched mailboxes' heads
+(one query for all of them) every ``POLL_INTERVAL``, which catches mail
+from other worker processes on one SQLite file and lost notifications.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from bastion.config import MessagesConfig
+from bastion.exceptions import (
+    CallError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+from bastion.security.principal import Principal
+from bastion.service import Context, Service
+from bastion.services.files import check_name
+from bastion.store.base import Store
+from bastion.store.files import FileShare
+from bastion.store.mail import MailAttachment, MailDraft, MailItem, MailLimits
+
+__all__ = ["Attachment", "InboxPage", "MailEvent", "MailboxInfo", "Mailboxes", "Message", "Sent", "Summary"]
+
+log = logging.getLogger("bastion.messages")
+
+POLL_INTERVAL = 0.5  # seconds between head polls while anyone watches (mail from other processes)
+WATCH_PAGE = 64  # messages a watcher reads from the store at once
+_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_HEADER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+_MAX_DEPTH = 32  # nesting of a structured body
+
+
+# -- what the methods answer ----------------------------------------------------------------
+
+
+class Attachment(msgspec.Struct, frozen=True):
+    """A file of the ``files`` service attached by reference; the recipient may download it by ``file_id``."""
+
+    file_id: str
+    name: str
+    owner: str
+    size: int
+    sha256: str
+
+
+class Message(msgspec.Struct, frozen=True):
+    """One message of the caller's mailbox.
+
+    ``id``: its id in this mailbox; ``send_id``: the send's id, the same in
+    every recipient's copy; ``sender``: who sent it (the "from", set by the
+    server); ``to``: the addresses as the sender wrote them; ``body``: the
+    bytes, or empty when the body is structured (``data``, None otherwise).
+    """
+
+    id: int
+    send_id: int
+    sender: str
+    to: list[str]
+    subject: str
+    body: bytes
+    data: Any
+    headers: dict[str, str]
+    attachments: list[Attachment]
+    size: int
+    sent_at: float
+    read: bool
+
+
+class Summary(msgspec.Struct, frozen=True):
+    """One line of the inbox: a message without its body, headers and attachment details."""
+
+    id: int
+    send_id: int
+    sender: str
+    to: list[str]
+    subject: str
+    size: int
+    sent_at: float
+    read: bool
+    attachments: int
+
+
+class InboxPage(msgspec.Struct, frozen=True):
+    """One page of ``inbox``; ``next`` is the ``cursor`` of the following page (None: this was the last)."""
+
+    messages: list[Summary]
+    next: int | None
+
+
+class Sent(msgspec.Struct, frozen=True):
+    """A stored send: its id, the users it was delivered to, when; ``duplicate``: an earlier send's answer."""
+
+    id: int
+    recipients: list[str]
+    sent_at: float
+    duplicate: bool
+
+
+class MailboxInfo(msgspec.Struct, frozen=True):
+    """The caller's mailbox: unread and total messages, bytes held, and its quotas."""
+
+    unread: int
+    total: int
+    bytes: int
+    max_messages: int
+    max_bytes: int
+
+
+class MailEvent(msgspec.Struct, frozen=True):
+    """One item of a ``watch`` stream: first "start" (``id``: the newest id in the mailbox then), then "mail"."""
+
+    type: str
+    id: int
+    message: Message | None = None
+
+
+def _message(item: MailItem) -> Message:
+    body, data = (b"", msgspec.json.decode(item.body)) if item.body_kind == "json" else (item.body, None)
+    attachments = [Attachment(a.file_id, a.name, a.owner, a.size, a.sha256) for a in item.attachments]
+    return Message(
+        item.id, item.send_id, item.sender, item.to, item.subject, body, data, item.headers, attachments,
+        item.size, item.sent_at, item.read,
+    )  # fmt: skip
+
+
+def _summary(item: MailItem) -> Summary:
+    return Summary(
+        item.id, item.send_id, item.sender, item.to, item.subject, item.size, item.sent_at, item.read,
+        len(item.attachments),
+    )  # fmt: skip
+
+
+def _not_found(id_: int) -> NotFound:
+    return NotFound(f"no message {id_} in your mailbox")  # the same words as the store's
+
+
+# -- argument checks ------------------------------------------------------------------------
+
+
+def _text(value: str, what: str, limit: int, key: str) -> int:
+    """The UTF-8 size of ``value``, once it is valid text without NUL within ``limit`` bytes."""
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} must be valid text") from None
+    if "\x00" in value:
+        raise InvalidArgument(f"{what} must not contain NUL characters")
+    if size > limit:
+        raise InvalidArgument(f"{what} is {size} bytes, over {key} ({limit})")
+    return size
+
+
+def _check_data(value: Any, depth: int = 0) -> None:
+    """A structured body is JSON-like: null, booleans, numbers, text, lists and objects with text keys."""
+    if depth > _MAX_DEPTH:
+        raise InvalidArgument(f"data: nested more than {_MAX_DEPTH} levels deep")
+    if value is None or isinstance(value, (bool, int, str)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidArgument("data: numbers must be finite")
+    elif isinstance(value, list):
+        for item in value:
+            _check_data(item, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidArgument("data: object keys must be text")
+            _check_data(item, depth + 1)
+    else:
+        raise InvalidArgument(f"data: {type(value).__name__} is not JSON-like (send bytes as body instead)")
+
+
+def _body(cfg: MessagesConfig, body: bytes, data: Any) -> tuple[bytes, str]:
+    """The stored body and its kind ("bytes" or "json")."""
+    kind = "bytes"
+    if data is not None:
+        if body:
+            raise InvalidArgument("give the body as bytes (body) or structured (data), not both")
+        _check_data(data)
+        body, kind = msgspec.json.encode(data), "json"
+    if len(body) > cfg.max_body_bytes:
+        raise InvalidArgument(f"the body is {len(body)} bytes, over messages.max_body_bytes ({cfg.max_body_bytes})")
+    return body, kind
+
+
+def _headers(cfg: MessagesConfig, headers: dict[str, str]) -> int:
+    """The headers' size, once they are within limits."""
+    if len(headers) > cfg.max_headers:
+        raise InvalidArgument(f"{len(headers)} headers, over messages.max_headers ({cfg.max_headers})")
+    size = 0
+    for name, value in headers.items():
+        if not _HEADER.match(name):
+            raise InvalidArgument(f"header name {name!r}: 1-64 letters, digits, '_', '.' or '-'")
+        size += len(name) + _text(value, f"header {name!r}", cfg.max_header_bytes, "messages.max_header_bytes")
+    if size > cfg.max_header_bytes:
+        raise InvalidArgument(f"the headers are {size} bytes, over messages.max_header_bytes ({cfg.max_header_bytes})")
+    return size
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(msgspec.msgpack.encode(parts)).hexdigest()
+
+
+# -- the watch hub --------------------------------------------------------------------------
+
+
+class _Watcher:
+    """One watch stream: its mailbox, the last id it yielded, and how to wake it."""
+
+    def __init__(self, owner: str, last: int) -> None:
+        self.owner = owner
+        self.last = last
+        self.wakeup = asyncio.Event()
+        self.ended: CallError | None = None  # set by the hub: the stream ends with this
+
+    def end(self, error: CallError) -> None:
+        self.ended = error
+        self.wakeup.set()
+
+
+class _Hub:
+    """Wakes this process's watchers when their mailbox may have new mail (see the module docstring)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._watchers: dict[str, set[_Watcher]] = {}
+        self._poked = asyncio.Event()
+
+    def __len__(self) -> int:
+        return sum(len(group) for group in self._watchers.values())
+
+    def count(self, owner: str) -> int:
+        return len(self._watchers.get(owner, ()))
+
+    def join(self, watcher: _Watcher) -> None:
+        self._watchers.setdefault(watcher.owner, set()).add(watcher)
+
+    def leave(self, watcher: _Watcher) -> None:
+        group = self._watchers.get(watcher.owner)
+        if group is not None:
+            group.discard(watcher)
+            if not group:
+                del self._watchers[watcher.owner]
+
+    def end_all(self, error: CallError) -> None:
+        for group in self._watchers.values():
+            for watcher in group:
+                watcher.end(error)
+        self._watchers.clear()
+
+    def nudge(self, owners: list[str]) -> None:
+        """Mail was committed to these mailboxes, here."""
+        for owner in owners:
+            for watcher in self._watchers.get(owner, ()):
+                watcher.wakeup.set()
+
+    def poke(self) -> None:
+        """Mail may have arrived from elsewhere: poll now."""
+        if self._watchers:
+            self._poked.set()
+
+    async def run(self) -> None:
+        """Poll the watched mailboxes' heads whenever poked, and every ``POLL_INTERVAL`` while anyone watches."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL_INTERVAL):
+                    await self._poked.wait()
+            self._poked.clear()
+            if not self._watchers:
+                continue
+            try:
+                heads = await self._store.mail_heads(sorted(self._watchers))
+            except CallError as exc:  # the store is unavailable: try again at the next poll
+                log.warning("mail watch poll: %s", exc.message)
+                continue
+            for owner, head in heads.items():
+                for watcher in self._watchers.get(owner, ()):
+                    if head > watcher.last:
+                        watcher.wakeup.set()
+
+
+# -- the component --------------------------------------------------------------------------
+
+
+class Mailboxes:
+    """The mailbox methods of ``messages``, their watch hub and client_id sweep (see the module docstring)."""
+
+    def __init__(self, store: Store, config: MessagesConfig | None = None, *, leader: bool = True) -> None:
+        """``leader``: run the sweep here (with several workers, only worker 0 does)."""
+        self.store = store
+        self.config = config or MessagesConfig()
+        self.leader = leader
+        self.hub = _Hub(store)
+        self.limits = MailLimits(
+            self.config.mailbox_messages, self.config.mailbox_bytes, self.config.send_rate, self.config.send_burst
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unlisten: Callable[[], Awaitable[None]] | None = None
+
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        self._unlisten = await self.store.listen("mail", self.hub.poke)
+        self._tasks = [asyncio.create_task(self.hub.run(), name="bastion-mail-watch-poll")]
+        if self.leader:
+            self._tasks.append(asyncio.create_task(self._sweep_forever(), name="bastion-mail-sweep"))
+
+    async def aclose(self) -> None:
+        unlisten, self._unlisten = self._unlisten, None
+        if unlisten is not None:
+            await unlisten()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.hub.end_all(Unavailable("the messages service is stopping; watch again with from_id on a running server"))
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Forget the client_ids of sends older than ``client_id_ttl`` once; how many."""
+        now = time.time() if now is None else now
+        return await self.store.mail_forget_sends(now - self.config.client_id_ttl)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            try:
+                await self.sweep()
+            except CallError as exc:
+                log.warning("mail sweep: %s", exc.message)
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def recipients(self, to: list[str]) -> list[str]:
+        """The users ``to`` names, each once, with every ``role:NAME`` expanded to that role's users now."""
+        cfg = self.config
+        if not to:
+            raise InvalidArgument("to: name at least one recipient (a user, or role:NAME)")
+        users: set[str] = set()
+        roles: set[str] = set()
+        for entry in to:
+            if entry.startswith("role:"):
+                if not _ROLE.match(entry[5:]):
+                    raise InvalidArgument(f"to: {entry!r} is not a valid role:NAME")
+                roles.add(entry[5:])
+            elif _USER.match(entry):
+                users.add(entry)
+            else:
+                raise InvalidArgument(f"to: {entry!r} is not a user name or role:NAME")
+        if roles:
+            everyone = await self.store.list_users()
+            for role in sorted(roles):
+                members = {u.name for u in everyone if role in u.roles}
+                if not members:
+                    raise NotFound(f"to: no user holds role {role!r}")
+                users |= members
+        if len(users) > cfg.max_recipients:
+            raise InvalidArgument(f"{len(users)} recipients, over messages.max_recipients ({cfg.max_recipients})")
+        return sorted(users)
+
+    async def attachments(self, principal: Principal, names: list[str]) -> list[MailAttachment]:
+        """The sender's own files named ``names`` (sharing a file is its owner's decision)."""
+        if len(names) > self.config.max_attachments:
+            raise InvalidArgument(
+                f"{len(names)} attachments, over messages.max_attachments ({self.config.max_attachments})"
+            )
+        out: list[MailAttachment] = []
+        for name in dict.fromkeys(names):
+            record = await self.store.files_get_by_name(principal.name, check_name(name))
+            if record is None:
+                raise NotFound(f"attachments: you have no file {name!r}")
+            out.append(MailAttachment(record.id, record.name, record.owner, record.size, record.sha256))
+        return out
+
+    async def share(self, attachments: list[MailAttachment], recipients: list[str], now: float) -> None:
+        """Give each recipient a read share of each attachment, unless they can already read it."""
+        for attachment in attachments:
+            shares = await self.store.files_shares(attachment.file_id)
+            holders = {s.grantee for s in shares if s.kind == "user"} | {attachment.owner}
+            for user in recipients:
+                if user in holders:
+                    continue
+                try:
+                    await self.store.files_share(FileShare(attachment.file_id, "user", user, "read", now))
+                except NotFound:  # deleted since it was attached: nothing left to share
+                    log.info("attachment %s was deleted before it could be shared", attachment.file_id)
+                    break
+
+    async def send(
+        self,
+        principal: Principal,
+        to: list[str],
+        subject: str,
+        body: bytes,
+        data: Any,
+        headers: dict[str, str],
+        attachments: list[str],
+        client_id: str | None,
+    ) -> Sent:
+        cfg = self.config
+        if client_id is not None and not _CLIENT_ID.match(client_id):
+            raise InvalidArgument("client_id: 1-128 printable ASCII characters without spaces")
+        subject_size = _text(subject, "subject", cfg.max_subject_bytes, "messages.max_subject_bytes")
+        stored, kind = _body(cfg, body, data)
+        size = len(stored) + subject_size + _headers(cfg, headers)
+        recipients = await self.recipients(to)
+        files = await self.attachments(principal, attachments)
+        now = time.time()
+        digest = _digest(to, subject, stored, kind, sorted(headers.items()), sorted(attachments))
+        draft = MailDraft(
+            principal.name, recipients, list(to), subject, stored, kind, dict(headers), files, size, now,
+            client_id, digest,
+        )  # fmt: skip
+        try:
+            sent = await self.store.mail_send(draft, self.limits)
+        except ResourceExhausted as exc:
+            raise _named(exc) from None
+        except NotFound:
+            raise await self._which_missing(principal, recipients) from None
+        if not sent.duplicate:
+            self.hub.nudge(sent.recipients)
+        await self.share(files, sent.recipients, now)
+        return Sent(sent.id, sent.recipients, sent.at, sent.duplicate)
+
+    async def _which_missing(self, principal: Principal, recipients: list[str]) -> CallError:
+        if await self.store.get_user(principal.name) is None:  # e.g. a client certificate with no user
+            return PermissionDenied(f"sending mail needs a user account, and {principal.name!r} has none")
+        for name in recipients:
+            if await self.store.get_user(name) is None:
+                return NotFound(f"to: no user {name!r}; nothing was sent")
+        return NotFound("a recipient was deleted during the send; nothing was sent")
+
+    # -- the mailbox ------------------------------------------------------------------------
+
+    async def watch(self, principal: Principal, from_id: int | None) -> AsyncGenerator[MailEvent, None]:
+        cfg = self.config
+        if from_id is not None and from_id < 1:
+            raise InvalidArgument("from_id must be a message id (1 or more)")
+        if len(self.hub) >= cfg.max_watchers:
+            raise ResourceExhausted(
+                f"{cfg.max_watchers} mailbox watches are open on this server (messages.max_watchers)"
+            )
+        mine = self.hub.count(principal.name)
+        if mine >= cfg.max_watchers_per_user:
+            raise ResourceExhausted(
+                f"you have {mine} mailbox watches open on this server (messages.max_watchers_per_user); close some"
+            )
+        head = (await self.store.mail_stats(principal.name)).last_id
+        watcher = _Watcher(principal.name, head if from_id is None else from_id - 1)
+        self.hub.join(watcher)
+        try:
+            yield MailEvent("start", head)
+            while True:
+                watcher.wakeup.clear()  # before reading: mail committed after the read wakes us again
+                page = await self.store.mail_list(
+                    principal.name, watcher.last, WATCH_PAGE, unread_only=False, newest_first=False, bodies=True
+                )
+                for item in page:
+                    watcher.last = item.id
+                    yield MailEvent("mail", item.id, _message(item))
+                if watcher.ended is not None:
+                    raise watcher.ended
+                if len(page) < WATCH_PAGE:
+                    await watcher.wakeup.wait()
+        finally:
+            self.hub.leave(watcher)
+
+    def declare(self, service: Service) -> None:
+        """Add the mailbox methods to ``service``."""
+        _declare(self, service)
+
+
+def _named(exc: ResourceExhausted) -> ResourceExhausted:
+    """The store's refusal, naming the setting that caused it."""
+    limit = exc.details.get("limit")
+    key = {"messages": "mailbox_messages", "bytes": "mailbox_bytes"}.get(str(limit), "send_rate")
+    return ResourceExhausted(f"{exc.message} (messages.{key})", details=exc.details, retry_after=exc.retry_after)
+
+
+def _frame_budget(ctx: Context) -> int:
+    """Bytes one answer may carry: half a frame, leaving room for framing."""
+    return int(ctx.server.limits().get("max_frame", 1_048_576)) // 2
+
+
+# -- the methods ----------------------------------------------------------------------------
+
+
+def _declare(mail: Mailboxes, service: Service) -> None:
+    store, cfg = mail.store, mail.config
+
+    @service.method
+    async def send(
+        ctx: Context,
+        to: list[str],
+        subject: str = "",
+        body: bytes = b"",
+        data: Any = None,
+        headers: dict[str, str] | None = None,
+        attachments: list[str] | None = None,
+        client_id: str | None = None,
+    ) -> Sent:
+        """Send a message to users and ``role:NAME`` groups; stored durably in every mailbox, or in none.
+
+        The sender is you (there is no "from" argument). ``body`` is bytes,
+        or ``data`` a structured (JSON-like) body. ``attachments`` names
+        your files; each recipient gets a read share. A retry with the same
+        ``client_id`` is stored once and answers the first send's result.
+        """
+        return await mail.send(ctx.principal, to, subject, body, data, headers or {}, attachments or [], client_id)
+
+    @service.method(idempotent=True)
+    async def inbox(
+        ctx: Context,
+        unread_only: bool = False,
+        limit: int | None = None,
+        cursor: int | None = None,
+        oldest_first: bool = False,
+    ) -> InboxPage:
+        """Your messages without bodies, newest first (``oldest_first``: the other way), one page at a time.
+
+        Pass a page's ``next`` as ``cursor`` for the following page. A page
+        holds at most ``limit`` (default and maximum messages.max_page).
+        """
+        limit = cfg.max_page if limit is None else limit
+        if not 0 < limit <= cfg.max_page:
+            raise InvalidArgument(f"limit must be 1..{cfg.max_page} (messages.max_page)")
+        items = await store.mail_list(
+            ctx.principal.name, cursor, limit + 1, unread_only=unread_only, newest_first=not oldest_first,
+            bodies=False,
+        )  # fmt: skip
+        budget, page = _frame_budget(ctx), list[Summary]()
+        for item in items[:limit]:
+            budget -= 64 + len(item.subject) + sum(len(t) + 2 for t in item.to)
+            if page and budget < 0:
+                break
+            page.append(_summary(item))
+        return InboxPage(page, page[-1].id if len(page) < len(items) else None)
+
+    @service.method(idempotent=True)
+    async def read(ctx: Context, id: int) -> Message:
+        """One of your messages, whole; marks it read. NOT_FOUND if your mailbox has no such id."""
+        item = await store.mail_get(ctx.principal.name, id, mark_read=True)
+        if item is None:
+            raise _not_found(id)
+        return _message(item)
+
+    @service.method(idempotent=True)
+    async def mark(ctx: Context, ids: list[int], read: bool = True) -> int:
+        """Mark messages read (or unread: ``read=false``); how many changed.
+
+        All or none: NOT_FOUND names an id your mailbox does not hold.
+        """
+        _check_ids(ids, cfg)
+        return await store.mail_mark(ctx.principal.name, ids, read)
+
+    @service.method(idempotent=True)
+    async def delete(ctx: Context, ids: list[int]) -> int:
+        """Delete messages; how many. All or none: NOT_FOUND names an id your mailbox does not hold."""
+        _check_ids(ids, cfg)
+        return await store.mail_delete(ctx.principal.name, ids)
+
+    @service.method(idempotent=True)
+    async def unread(ctx: Context) -> MailboxInfo:
+        """Your mailbox's unread and total messages, bytes held, and its quotas."""
+        stats = await store.mail_stats(ctx.principal.name)
+        return MailboxInfo(stats.unread, stats.count, stats.bytes, cfg.mailbox_messages, cfg.mailbox_bytes)
+
+    @service.method
+    async def watch(ctx: Context, from_id: int | None = None) -> AsyncIterator[MailEvent]:
+        """A stream of your new mail: a "start" item, then a "mail" item per message, whole, in id order.
+
+        With ``from_id``, messages from that id on are replayed first (pass
+        the last id you saw plus one to resume without a gap).
+        """
+        async with contextlib.aclosing(mail.watch(ctx.principal, from_id)) as events:
+            async for event in events:
+                yield event
+
+
+def _check_ids(ids: list[int], cfg: MessagesConfig) -> None:
+    if len(ids) > cfg.max_page:
+        raise InvalidArgument(f"{len(ids)} ids in one call, over messages.max_page ({cfg.max_page})")
+    for id_ in ids:
+        if id_ < 1:
+            raise _not_found(id_)

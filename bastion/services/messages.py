@@ -1,0 +1,50 @@
+"""The built-in ``messages`` service: messages between clients, through the server.
+
+Two patterns on the same storage, security and limits, so nobody needs a
+separate broker for ordinary messaging:
+
+* mailboxes (bastion/services/mail.py): store-and-forward, as email does --
+  ``send`` puts a message in each recipient's mailbox, where it waits until
+  fetched (``inbox``, ``read``, ``mark``, ``delete``, ``unread``, ``watch``);
+* topics (bastion/services/topics.py): publish/subscribe -- ``publish``
+  reaches the current subscribers of a topic, and durable topics keep a log
+  a subscriber resumes from by offset.
+
+``Messages`` is the hosted component ``bastion serve`` runs: one service
+whose methods both halves declare, started mailboxes first and closed in
+the reverse order.
+"""
+
+from __future__ import annotations
+
+from bastion.config import MessagesConfig
+from bastion.service import Service
+from bastion.services.mail import Mailboxes
+from bastion.services.topics import Topics
+from bastion.store.base import Store
+
+__all__ = ["Messages"]
+
+
+class Messages:
+    """The ``messages`` service over ``store``: mailboxes and topics (a ``HostedComponent``)."""
+
+    def __init__(self, store: Store, config: MessagesConfig | None = None, *, leader: bool = True) -> None:
+        """``leader``: run the background sweeps here (with several workers, only worker 0 does)."""
+        self.config = config or MessagesConfig()
+        self.service = Service(
+            "messages",
+            doc="Messages between clients: mailboxes (store-and-forward, as email) and topics (publish/subscribe).",
+        )
+        self.mail = Mailboxes(store, self.config, leader=leader)
+        self.topics = Topics(store, self.config.topics, leader=leader)
+        self.mail.declare(self.service)
+        self.topics.declare(self.service)
+
+    async def start(self) -> None:
+        await self.mail.start()
+        await self.topics.start()
+
+    async def aclose(self) -> None:
+        await self.topics.aclose()
+        await self.mail.aclose()

@@ -1,0 +1,363 @@
+"""Topics of the ``messages`` service: publish/subscribe, live or durable, across replicas.
+
+Written with the public service API only; the ``Messages`` component
+(bastion/services/messages.py) builds a ``Topics`` and lets it add its
+methods to the one ``messages`` service: ``publish``, ``subscribe`` and
+``topic_info``.
+
+Theory of operation
+-------------------
+
+Names and access: bastion/services/topics_syntax.py (NATS-style names and
+wildcards) and bastion/services/topics_hub.py (who may publish and
+subscribe; the hub feeding subscribers).
+
+Live and durable. A topic matching an entry of ``[messages.topics]
+durable`` is *durable*: each publish is appended to the store's topic log
+with the topic's next offset and committed before ``publish`` returns that
+offset; retention (``keep`` messages, ``max_age`` seconds) trims the oldest.
+Every other topic is *live*: its messages also pass through the log, so that
+every process sharing the store delivers them, but without an offset, and
+they are removed after ``relay_seconds`` -- a subscriber gets a live message
+only if it was subscribed when the message was published (at most once).
+
+Resuming. ``subscribe(topic, from_offset=N)`` on one durable topic joins the
+hub at its position P (every message up to P has been delivered to the
+subscribers before it), replays the topic's log from offset N up to P, then
+takes live messages (all after P) from its buffer, skipping any offset it
+has already yielded: replay and live neither overlap nor leave a gap.
+
+Retention runs on the leader (``leader=True``; with several workers, worker
+0): every ``sweep_interval`` seconds it trims each durable topic to its
+``keep``/``max_age`` and removes live messages older than ``relay_seconds``.
+Trims by several replicas at once are safe (each is one transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from bastion.config import DurableTopic, TopicsConfig
+from bastion.exceptions import CallError, InvalidArgument, OutOfRange, PermissionDenied, ResourceExhausted, Unavailable
+from bastion.service import Context, Service
+from bastion.services.topics_hub import Hub, Subscriber, TopicAccess, TopicEvent, event
+from bastion.services.topics_syntax import is_wildcard, matches, pattern_error, topic_error
+from bastion.store.topics import TopicStore
+
+__all__ = ["TopicEvent", "TopicInfo", "Topics"]
+
+log = logging.getLogger("bastion.topics")
+
+REPLAY_PAGE = 256  # messages read at once when replaying a durable topic
+SWEEP_PAGE = 1000  # messages removed per transaction by retention
+HEADS_PAGE = 500  # durable topics the sweep reads at once
+
+
+class TopicInfo(msgspec.Struct, frozen=True):
+    """What ``topic_info`` tells: whether the topic is durable, its kept offsets, and the caller's access.
+
+    ``first_offset .. last_offset`` are kept (none when first > last; both 0:
+    nothing was ever published to it durably).
+    """
+
+    topic: str
+    durable: bool
+    first_offset: int
+    last_offset: int
+    may_publish: bool
+    may_subscribe: bool
+
+
+class Topics:
+    """Publish/subscribe over ``store`` for the ``messages`` service (a ``Component``)."""
+
+    def __init__(self, store: TopicStore, config: TopicsConfig | None = None, *, leader: bool = True) -> None:
+        """``leader``: run the retention sweep here (with several workers, only worker 0 does)."""
+        self.store = store
+        self.config = config or TopicsConfig()
+        self.leader = leader
+        self.access = TopicAccess(self.config.rules)
+        self.hub = Hub(store)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unlisten: Callable[[], Awaitable[None]] | None = None
+
+    def declare(self, service: Service) -> None:
+        """Add ``publish``, ``subscribe`` and ``topic_info`` to ``service``."""
+        _declare(self, service)
+
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        # Replicas sharing a PostgreSQL store hear of each other's publishes at once; otherwise the poll finds them.
+        self._unlisten = await self.store.listen("topics", self.hub.nudge)
+        self._tasks = [asyncio.create_task(self.hub.run(), name="bastion-topics-feed")]
+        if self.leader:
+            self._tasks.append(asyncio.create_task(self._sweep_forever(), name="bastion-topics-sweep"))
+
+    async def aclose(self) -> None:
+        unlisten, self._unlisten = self._unlisten, None
+        if unlisten is not None:
+            await unlisten()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.hub.end_all(Unavailable, "the messages service is stopping")
+
+    def durable_for(self, topic: str) -> DurableTopic | None:
+        """The retention of ``topic`` if it is durable (the first matching ``durable`` entry), else None."""
+        return next((d for d in self.config.durable if matches(d.pattern, topic)), None)
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Apply retention once: trim durable topics, remove old live messages; how many messages went."""
+        now = time.time() if now is None else now
+        total = await self._drain(lambda: self.store.topics_trim_live(now - self.config.relay_seconds, SWEEP_PAGE))
+        after = ""
+        while True:
+            heads = await self.store.topics_heads(after, HEADS_PAGE)
+            for head in heads:
+                durable = self.durable_for(head.topic)
+                if durable is None:
+                    continue  # no longer declared durable: kept as it is until it is again
+                upto = head.last_offset - durable.keep if durable.keep else 0
+                older = now - durable.max_age if durable.max_age else None
+                if upto >= head.first_offset or older is not None:
+                    total += await self._drain(
+                        functools.partial(self.store.topics_trim, head.topic, upto, older, SWEEP_PAGE)
+                    )
+            if len(heads) < HEADS_PAGE:
+                return total
+            after = heads[-1].topic
+
+    @staticmethod
+    async def _drain(step: Callable[[], Awaitable[int]]) -> int:
+        total = 0
+        while True:
+            n = await step()
+            total += n
+            if n < SWEEP_PAGE:
+                return total
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            try:
+                await self.sweep()
+            except CallError as exc:
+                log.warning("topics sweep: %s", exc.message)
+
+    # -- checks shared by the methods ------------------------------------------------------
+
+    def check_topic(self, topic: str) -> None:
+        error = topic_error(topic, self.config.max_topic_length)
+        if error is not None:
+            raise InvalidArgument(error)
+
+    def check_headers(self, headers: dict[str, str]) -> None:
+        cfg = self.config
+        if len(headers) > cfg.max_headers:
+            raise InvalidArgument(f"{len(headers)} headers, over messages.topics.max_headers ({cfg.max_headers})")
+        size = sum(len(k.encode(errors="replace")) + len(v.encode(errors="replace")) for k, v in headers.items())
+        if size > cfg.max_header_bytes:
+            raise InvalidArgument(
+                f"headers are {size} bytes, over messages.topics.max_header_bytes ({cfg.max_header_bytes})"
+            )
+        if any(not k for k in headers):
+            raise InvalidArgument("a header name must not be empty")
+
+    def encode_payload(self, payload: Any) -> bytes:
+        encoded = msgspec.msgpack.encode(payload)
+        if len(encoded) > self.config.max_payload_bytes:
+            raise InvalidArgument(
+                f"payload is {len(encoded)} bytes, over messages.topics.max_payload_bytes "
+                f"({self.config.max_payload_bytes})"
+            )
+        return encoded
+
+
+# -- subscribing ----------------------------------------------------------------------------
+
+
+class _Subscription:
+    """One ``subscribe`` call: its checks, its replay, and what it has delivered (for the lagged error)."""
+
+    def __init__(self, topics: Topics, ctx: Context, pattern: str, from_offset: int | None) -> None:
+        self.topics, self.pattern, self.from_offset = topics, pattern, from_offset
+        self.single = not is_wildcard(pattern)
+        self.last: dict[str, int] = {}  # durable topic -> the last offset yielded (or skipped as already seen)
+        cfg = topics.config
+        self.subscriber = Subscriber(
+            pattern, ctx.principal, topics.access, cfg.subscriber_buffer, cfg.subscriber_buffer_bytes
+        )
+
+    def check(self) -> None:
+        topics, cfg, principal = self.topics, self.topics.config, self.subscriber.principal
+        error = pattern_error(self.pattern, cfg.max_topic_length)
+        if error is not None:
+            raise InvalidArgument(error)
+        if self.from_offset is not None:
+            if self.from_offset < 0:
+                raise InvalidArgument("from_offset must be an offset (1 or more), or 0 for the earliest kept")
+            if not self.single or topics.durable_for(self.pattern) is None:
+                raise InvalidArgument("from_offset needs one durable topic as the pattern (no wildcards)")
+        readable = (
+            topics.access.may_subscribe(principal, self.pattern)
+            if self.single
+            else topics.access.may_subscribe_some(principal, self.pattern)
+        )
+        if not readable:
+            raise PermissionDenied(f"no subscribe access to {self.pattern!r}")
+        if len(topics.hub) >= cfg.max_subscribers:
+            raise ResourceExhausted(
+                f"{cfg.max_subscribers} subscriptions are open on this server (messages.topics.max_subscribers)"
+            )
+        mine = topics.hub.count(principal.name)
+        if mine >= cfg.max_subscribers_per_user:
+            raise ResourceExhausted(
+                f"you have {mine} subscriptions open on this server (messages.topics.max_subscribers_per_user); "
+                "close some first"
+            )
+
+    async def replay(self, upto: int) -> AsyncIterator[TopicEvent]:
+        """The durable topic's messages from ``from_offset`` with seq up to ``upto``, checked for trimming."""
+        store, topic = self.topics.store, self.pattern
+        assert self.from_offset is not None
+        head = await store.topics_head(topic)
+        first = head.first_offset if head is not None else 1
+        expected = first if self.from_offset == 0 else self.from_offset
+        self.last[topic] = expected - 1
+        while True:
+            if expected < first:
+                raise OutOfRange(
+                    f"offset {expected} of {topic!r} is no longer kept; the earliest kept is {first}",
+                    details={"earliest": first},
+                )
+            page = await store.topics_replay(topic, expected, upto, REPLAY_PAGE)
+            if page and page[0].offset != expected:  # trimmed between our reads
+                first = page[0].offset or expected
+                continue
+            for message in page:
+                offset = message.offset or 0
+                self.last[topic], expected = offset, offset + 1
+                yield event(message)
+            if len(page) < REPLAY_PAGE:
+                if not page:
+                    head = await store.topics_head(topic)
+                    if head is not None and head.first_offset > expected:
+                        first = head.first_offset
+                        continue
+                return
+
+    def fresh(self, topic: str, offset: int | None) -> bool:
+        """Whether a live message is new to this stream (a durable offset not yielded yet)."""
+        if offset is None:
+            return True
+        if offset <= self.last.get(topic, 0):
+            return False
+        self.last[topic] = offset
+        return True
+
+    def ending(self, kind: type[CallError], why: str) -> CallError:
+        """The error that ends the stream: ``why``, what was dropped, and where to resume each durable topic."""
+        sub = self.subscriber
+        resume = dict(sub.first_dropped)
+        for topic, offset in self.last.items():
+            resume.setdefault(topic, offset + 1)
+        details: dict[str, Any] = {"dropped": sub.dropped}
+        message = f"subscription to {self.pattern!r} ended ({why})"
+        if sub.dropped:
+            message += f": {sub.dropped} messages were dropped"
+        if self.single and self.pattern in resume:
+            details["resume_from"] = resume[self.pattern]
+            message += f"; subscribe again with from_offset={resume[self.pattern]} to continue"
+        elif resume:
+            details["resume_offsets"] = resume
+            message += "; resume each durable topic from its offset in resume_offsets"
+        return kind(message, details=details)
+
+
+def _declare(topics: Topics, service: Service) -> None:
+    store, cfg = topics.store, topics.config
+
+    @service.method
+    async def publish(ctx: Context, topic: str, payload: Any, headers: dict[str, str] | None = None) -> int | None:
+        """Publish ``payload`` (bytes or any structured value) to ``topic``; its offset if the topic is
+        durable (stored before this returns), None if it is live.
+
+        Subscribers see the caller as the publisher: it cannot be set by the caller.
+        """
+        topics.check_topic(topic)
+        if not topics.access.may_publish(ctx.principal, topic):
+            raise PermissionDenied(f"no publish access to topic {topic!r}")
+        headers = headers or {}
+        topics.check_headers(headers)
+        encoded = topics.encode_payload(payload)
+        durable = topics.durable_for(topic) is not None
+        _, offset = await store.topics_append(topic, durable, ctx.principal.name, encoded, headers, time.time())
+        topics.hub.nudge()
+        return offset
+
+    @service.method
+    async def subscribe(ctx: Context, pattern: str, from_offset: int | None = None) -> AsyncIterator[TopicEvent]:
+        """A stream of the messages published to topics matching ``pattern`` (wildcards ``*`` and ``>``)
+        that the caller may read: first a "start" item, then "message" items.
+
+        ``from_offset`` (one durable topic only): replay from that offset (0:
+        the earliest kept) before going live, with nothing missed or repeated
+        at the seam; OUT_OF_RANGE if it is no longer kept. A subscriber that
+        falls ``subscriber_buffer`` messages behind is ended with
+        RESOURCE_EXHAUSTED: ``dropped`` counts what it missed, and
+        ``resume_from`` (one topic) or ``resume_offsets`` (a pattern) say where
+        to resume durable topics.
+        """
+        sub = _Subscription(topics, ctx, pattern, from_offset)
+        sub.check()
+        subscriber = sub.subscriber
+        start = await topics.hub.join(subscriber)
+        try:
+            yield TopicEvent("start", pattern)
+            if from_offset is not None:
+                async for item in sub.replay(start):
+                    yield item
+            while True:
+                taken = subscriber.take()
+                if taken is not None:
+                    message, item = taken
+                    if sub.fresh(message.topic, message.offset):
+                        yield item
+                    continue
+                if subscriber.ended is not None:
+                    raise sub.ending(*subscriber.ended)
+                if subscriber.overflowed:
+                    raise sub.ending(
+                        ResourceExhausted,
+                        f"it fell behind: more than {cfg.subscriber_buffer} messages or "
+                        f"{cfg.subscriber_buffer_bytes} bytes waited for it",
+                    )
+                await subscriber.wakeup.wait()
+                subscriber.wakeup.clear()
+        finally:
+            topics.hub.leave(subscriber)
+
+    @service.method(idempotent=True)
+    async def topic_info(ctx: Context, topic: str) -> TopicInfo:
+        """Whether ``topic`` is durable, the offsets it keeps, and whether the caller may publish and subscribe."""
+        topics.check_topic(topic)
+        may_publish = topics.access.may_publish(ctx.principal, topic)
+        may_subscribe = topics.access.may_subscribe(ctx.principal, topic)
+        if not (may_publish or may_subscribe):
+            raise PermissionDenied(f"no access to topic {topic!r}")
+        durable = topics.durable_for(topic) is not None
+        head = await store.topics_head(topic) if durable and may_subscribe else None
+        first, last = (head.first_offset, head.last_offset) if head is not None else (0, 0)
+        return TopicInfo(topic, durable, first, last, may_publish, may_subscribe)

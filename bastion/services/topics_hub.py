@@ -1,0 +1,252 @@
+"""The topics fan-out: who may use which topic, and the hub that feeds this process's subscribers.
+
+Theory of operation
+-------------------
+
+Access (``TopicAccess``). Admins may publish and subscribe to every topic;
+every user may use their own space ``user.<name>.>``
+(``topics_syntax.personal_pattern``); anything else needs a rule of
+``[[messages.topics.rules]]`` whose pattern matches the topic and whose
+``publish`` / ``subscribe`` list names the user ("user:NAME"), one of their
+roles ("role:NAME") or everyone signed in ("*"). Rules only grant; there is
+no deny. A subscription's pattern must overlap something the subscriber may
+read, and each message is then checked against the subscriber's access
+before it is buffered, so a wide pattern (``>``) delivers only the topics
+the subscriber may read.
+
+The hub (``Hub``). Publishers never feed subscribers directly: a publish
+appends to the store's topic log (bastion/store/topics.py) and nudges the
+hub, whose single feeder task reads every message after the last one it
+delivered, in commit order, and offers each to every subscriber of this
+process. So subscribers see exactly what was committed, in order, whoever
+published it: this process, a worker sharing the SQLite file (found by the
+poll every ``POLL_INTERVAL`` while anyone subscribes), or a replica sharing
+PostgreSQL (whose commit notifies ``Store.listen("topics")``, nudging the
+hub within milliseconds). If the feed finds that durable messages it had
+not read yet were trimmed, no subscriber here can be served without a gap:
+each is ended with the lagged error, naming where to resume.
+
+Subscribers (``Subscriber``). Each has a bounded buffer (messages and
+payload bytes); ``offer`` only appends, never waits, so a subscriber that
+stops reading holds up neither publishers nor other subscribers. When its
+buffer is full it *overflows*: it takes nothing more, counts what it misses
+and remembers, per durable topic, the first offset it missed; its stream
+yields what was buffered and then ends with RESOURCE_EXHAUSTED carrying
+those offsets (``resume_from``) and the count (``dropped``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import Any
+
+import msgspec
+
+from bastion.config import TopicRule
+from bastion.exceptions import CallError, ResourceExhausted
+from bastion.security.principal import ADMIN_ROLE, Principal
+from bastion.services.topics_syntax import matches, overlaps, personal_pattern
+from bastion.store.topics import TopicMessage, TopicStore
+
+__all__ = ["POLL_INTERVAL", "Hub", "Subscriber", "TopicAccess", "TopicEvent"]
+
+log = logging.getLogger("bastion.topics")
+
+POLL_INTERVAL = 0.25  # seconds between log polls while anyone subscribes (messages from other processes)
+FEED_PAGE = 256  # messages the hub reads at once
+_ACCESS_CACHE = 1024  # topics whose access one subscriber remembers
+_FIRST_DROPPED = 1024  # durable topics whose first missed offset one subscriber remembers
+
+
+class TopicEvent(msgspec.Struct, frozen=True):
+    """One item of a ``subscribe`` stream.
+
+    ``type``: "start" (first item: from here on, messages are live) or
+    "message". ``offset``: the message's offset in its durable topic (None:
+    a live topic). ``publisher``: who published it, as authenticated by the
+    server. ``time``: when it was published (UNIX seconds).
+    """
+
+    type: str
+    topic: str = ""
+    offset: int | None = None
+    publisher: str = ""
+    payload: Any = None
+    headers: dict[str, str] = {}
+    time: float = 0.0
+
+
+def event(message: TopicMessage) -> TopicEvent:
+    payload = msgspec.msgpack.decode(message.payload)
+    return TopicEvent("message", message.topic, message.offset, message.publisher, payload, message.headers, message.at)
+
+
+class TopicAccess:
+    """Who may publish and subscribe to what (see the module docstring)."""
+
+    def __init__(self, rules: list[TopicRule]) -> None:
+        self._publish = [(r.pattern, frozenset(r.publish)) for r in rules if r.publish]
+        self._subscribe = [(r.pattern, frozenset(r.subscribe)) for r in rules if r.subscribe]
+
+    def may_publish(self, principal: Principal, topic: str) -> bool:
+        return self._may(self._publish, principal, topic)
+
+    def may_subscribe(self, principal: Principal, topic: str) -> bool:
+        return self._may(self._subscribe, principal, topic)
+
+    def may_subscribe_some(self, principal: Principal, pattern: str) -> bool:
+        """Whether some topic matching ``pattern`` may be read by ``principal``."""
+        if ADMIN_ROLE in principal.roles or overlaps(pattern, personal_pattern(principal.name)):
+            return True
+        names = _names(principal)
+        return any(overlaps(pattern, p) for p, entries in self._subscribe if entries & names)
+
+    def _may(self, rules: list[tuple[str, frozenset[str]]], principal: Principal, topic: str) -> bool:
+        if ADMIN_ROLE in principal.roles or matches(personal_pattern(principal.name), topic):
+            return True
+        names = _names(principal)
+        return any(entries & names and matches(p, topic) for p, entries in rules)
+
+
+def _names(principal: Principal) -> frozenset[str]:
+    return frozenset({"*", f"user:{principal.name}", *(f"role:{role}" for role in principal.roles)})
+
+
+class Subscriber:
+    """One subscription's bounded buffer; ``offer`` never blocks."""
+
+    def __init__(self, pattern: str, principal: Principal, access: TopicAccess, max_items: int, max_bytes: int) -> None:
+        self.pattern, self.principal, self.access = pattern, principal, access
+        self.owner = principal.name
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self.buffer: deque[tuple[TopicMessage, TopicEvent]] = deque()
+        self.bytes = 0
+        self.overflowed = False
+        self.dropped = 0
+        self.first_dropped: dict[str, int] = {}  # durable topic -> the first offset not buffered
+        # Set by the hub: the stream ends, after its buffer, with this error class and reason.
+        self.ended: tuple[type[CallError], str] | None = None
+        self.wakeup = asyncio.Event()
+        self._readable: dict[str, bool] = {}
+
+    def wants(self, message: TopicMessage) -> bool:
+        if self.ended is not None or not matches(self.pattern, message.topic):
+            return False
+        allowed = self._readable.get(message.topic)
+        if allowed is None:
+            if len(self._readable) >= _ACCESS_CACHE:
+                self._readable.clear()
+            allowed = self._readable[message.topic] = self.access.may_subscribe(self.principal, message.topic)
+        return allowed
+
+    def offer(self, message: TopicMessage, item: TopicEvent) -> None:
+        size = len(message.payload)
+        if not self.overflowed and (len(self.buffer) >= self.max_items or self.bytes + size > self.max_bytes):
+            self.overflowed = True
+        if self.overflowed:
+            self.dropped += 1
+            if message.offset is not None and len(self.first_dropped) < _FIRST_DROPPED:
+                self.first_dropped.setdefault(message.topic, message.offset)
+        else:
+            self.buffer.append((message, item))
+            self.bytes += size
+        self.wakeup.set()
+
+    def take(self) -> tuple[TopicMessage, TopicEvent] | None:
+        if not self.buffer:
+            return None
+        message, item = self.buffer.popleft()
+        self.bytes -= len(message.payload)
+        return message, item
+
+    def end(self, kind: type[CallError], why: str) -> None:
+        self.ended = (kind, why)
+        self.wakeup.set()
+
+
+class Hub:
+    """Tails the topic log and fans messages out to this process's subscribers (see the module docstring)."""
+
+    def __init__(self, store: TopicStore) -> None:
+        self._store = store
+        self._subscribers: set[Subscriber] = set()
+        self._position: int | None = None  # last seq delivered; None while nobody subscribes
+        self._lock = asyncio.Lock()  # the feeder's read-and-deliver step vs. a subscriber joining
+        self._nudged = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._subscribers)
+
+    def nudge(self) -> None:
+        """New messages may be in the log (a publish committed here, or a notification from elsewhere)."""
+        if self._subscribers:
+            self._nudged.set()
+
+    async def join(self, subscriber: Subscriber) -> int:
+        """Add ``subscriber``; the seq P after which messages reach it live."""
+        async with self._lock:
+            if self._position is None:
+                self._position = (await self._store.topics_position()).seq
+            self._subscribers.add(subscriber)
+            return self._position
+
+    def count(self, owner: str) -> int:
+        """Subscriptions ``owner`` has open."""
+        return sum(1 for s in self._subscribers if s.owner == owner)
+
+    def leave(self, subscriber: Subscriber) -> None:
+        self._subscribers.discard(subscriber)
+        if not self._subscribers:
+            self._position = None
+
+    def end_all(self, kind: type[CallError], why: str) -> None:
+        for subscriber in list(self._subscribers):
+            subscriber.end(kind, why)
+        self._subscribers.clear()
+        self._position = None
+
+    async def run(self) -> None:
+        """The feeder: deliver every new message, in order, whenever nudged (or polled)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL_INTERVAL):
+                    await self._nudged.wait()
+            self._nudged.clear()
+            try:
+                while await self._feed_once():
+                    pass
+            except CallError as exc:  # the store is unavailable: try again at the next nudge or poll
+                log.warning("topics feed: %s", exc.message)
+
+    async def _feed_once(self) -> bool:
+        """Deliver one page of messages; whether there may be more."""
+        async with self._lock:
+            if self._position is None or not self._subscribers:
+                return False
+            after = self._position
+            messages, trimmed = await self._store.topics_feed(after, FEED_PAGE)
+            if self._position is None:  # the last subscriber left meanwhile (leaving takes no lock)
+                return False
+            if trimmed > after:
+                # Durable messages were trimmed before this feed read them: nobody here can go on gaplessly.
+                self.end_all(ResourceExhausted, "messages it had not delivered yet were trimmed by retention")
+                return False
+            for message in messages:
+                item: TopicEvent | None = None
+                for subscriber in self._subscribers:
+                    if subscriber.wants(message):
+                        if item is None:
+                            try:
+                                item = event(message)
+                            except msgspec.DecodeError:  # not written by bastion: skip it, keep the feed alive
+                                log.error(
+                                    "topics feed: message %d of %r is not valid; skipped", message.seq, message.topic
+                                )
+                                break
+                        subscriber.offer(message, item)
+            if messages:
+                self._position = messages[-1].seq
+            return len(messages) == FEED_PAGE

@@ -1,0 +1,383 @@
+"""The ``topics`` storage domain (publish/subscribe): interface, SQLite mixin, PostgreSQL mixin.
+
+Theory of operation
+-------------------
+
+One table, ``topic_log``, carries every published message that must reach
+another process or outlive its publish: the *durable* messages (kept, with a
+per-topic ``msg_offset`` 1, 2, 3 …, until retention trims them) and the
+*live* messages, which are kept only briefly (``msg_offset`` NULL) so that
+every server process sharing the store -- replicas on PostgreSQL, workers on
+one SQLite file -- can relay them to its own subscribers. Which topics are
+durable, and how long anything is kept, is the service's business: the store
+only appends, reads and trims.
+
+Order. ``seq`` numbers every message of the store, durable or live, in commit
+order: each append reads and advances the one counter (``topic_meta.seq``)
+inside its own transaction -- SQLite has one writer; PostgreSQL locks the
+counter row first, which serialises publishers across replicas -- so rows
+become visible in ``seq`` order and a reader tailing ``seq > P`` never skips
+one that commits later. A topic's offsets follow its ``seq`` order.
+``topic_heads`` holds each durable topic's first kept and last offset.
+
+Trimming removes a durable topic's oldest messages only (its log is always a
+contiguous range of offsets, ``first_offset .. last_offset``), and records
+in ``topic_meta.trimmed`` the highest ``seq`` it ever removed, so a reader
+that was behind can tell it may have missed something. Live rows are
+removed by age and are not counted there: live delivery is at most once.
+
+On PostgreSQL a trigger on ``topic_log`` notifies ``bastion_topics`` at each
+commit (``Store.listen("topics")``), so other replicas read new messages
+within milliseconds instead of at their next poll.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from bastion.store._access import Notifying, PostgresAccess, SQLiteAccess
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = [
+    "POSTGRES_SCHEMA",
+    "SQLITE_SCHEMA",
+    "PostgresTopics",
+    "SQLiteTopics",
+    "TopicHead",
+    "TopicMessage",
+    "TopicPosition",
+    "TopicStore",
+]
+
+# Schema migration statements of this domain (its migration version is fixed in migrations.py).
+SQLITE_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE topic_log (
+        seq        INTEGER PRIMARY KEY,             -- commit order of every message in the store
+        topic      TEXT NOT NULL,
+        msg_offset INTEGER,                         -- offset in a durable topic; NULL: a live message
+        publisher  TEXT NOT NULL,                   -- the authenticated principal that published it
+        payload    BLOB NOT NULL,                   -- MessagePack of the published value
+        headers    TEXT NOT NULL DEFAULT '{}',      -- JSON object of text to text
+        at         REAL NOT NULL
+    )""",
+    "CREATE UNIQUE INDEX topic_log_offsets ON topic_log (topic, msg_offset) WHERE msg_offset IS NOT NULL",
+    "CREATE INDEX topic_log_live ON topic_log (at) WHERE msg_offset IS NULL",
+    """CREATE TABLE topic_heads (
+        topic        TEXT PRIMARY KEY,
+        first_offset INTEGER NOT NULL,              -- the oldest offset kept (last_offset + 1: none kept)
+        last_offset  INTEGER NOT NULL               -- the latest offset handed out
+    ) WITHOUT ROWID""",
+    """CREATE TABLE topic_meta (
+        id      INTEGER PRIMARY KEY CHECK (id = 1),
+        seq     INTEGER NOT NULL,                   -- the latest seq handed out
+        trimmed INTEGER NOT NULL                    -- the highest seq of a durable message trimmed
+    )""",
+    "INSERT INTO topic_meta (id, seq, trimmed) VALUES (1, 0, 0)",
+)
+POSTGRES_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE topic_log (
+        seq        BIGINT PRIMARY KEY,
+        topic      TEXT COLLATE "C" NOT NULL,
+        msg_offset BIGINT,
+        publisher  TEXT NOT NULL,
+        payload    BYTEA NOT NULL,
+        headers    TEXT NOT NULL DEFAULT '{}',
+        at         DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE UNIQUE INDEX topic_log_offsets ON topic_log (topic, msg_offset) WHERE msg_offset IS NOT NULL",
+    "CREATE INDEX topic_log_live ON topic_log (at) WHERE msg_offset IS NULL",
+    """CREATE TABLE topic_heads (
+        topic        TEXT COLLATE "C" PRIMARY KEY,
+        first_offset BIGINT NOT NULL,
+        last_offset  BIGINT NOT NULL
+    )""",
+    """CREATE TABLE topic_meta (
+        id      INTEGER PRIMARY KEY CHECK (id = 1),
+        seq     BIGINT NOT NULL,
+        trimmed BIGINT NOT NULL
+    )""",
+    "INSERT INTO topic_meta (id, seq, trimmed) VALUES (1, 0, 0)",
+    # Tell the other replicas' feeds (Store.listen("topics")) that the log grew; delivered at
+    # commit, once per transaction, with the schema as payload.
+    """CREATE FUNCTION topic_log_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('bastion_topics', current_schema());
+        RETURN NULL;
+    END $$""",
+    "CREATE TRIGGER topic_log_notify AFTER INSERT ON topic_log FOR EACH STATEMENT EXECUTE FUNCTION topic_log_notify()",
+)
+
+_HEADERS = msgspec.json.Decoder(dict[str, str])
+_COLUMNS = "seq, topic, msg_offset, publisher, payload, headers, at"
+
+
+# -- records --------------------------------------------------------------------------------
+
+
+class TopicMessage(msgspec.Struct, frozen=True):
+    """One row of the log: ``offset`` is None for a live message; ``payload`` is MessagePack."""
+
+    seq: int
+    topic: str
+    offset: int | None
+    publisher: str
+    payload: bytes
+    headers: dict[str, str]
+    at: float
+
+
+class TopicHead(msgspec.Struct, frozen=True):
+    """A durable topic's kept offsets: ``first_offset .. last_offset`` (none kept when first > last)."""
+
+    topic: str
+    first_offset: int
+    last_offset: int
+
+
+class TopicPosition(msgspec.Struct, frozen=True):
+    """``seq``: the latest message's (0: none yet); ``trimmed``: the highest seq of a trimmed durable message."""
+
+    seq: int
+    trimmed: int
+
+
+def _message(row: tuple[Any, ...]) -> TopicMessage:
+    seq, topic, offset, publisher, payload, headers, at = row
+    return TopicMessage(
+        int(seq), topic, None if offset is None else int(offset), publisher, bytes(payload), _HEADERS.decode(headers),
+        float(at),
+    )  # fmt: skip
+
+
+# One statement, so one snapshot: the meta row, joined with the page of messages (if any).
+_FEED = (
+    f"SELECT m.trimmed, l.* FROM topic_meta m LEFT JOIN (SELECT {_COLUMNS} FROM topic_log "
+    "WHERE seq > {after} ORDER BY seq LIMIT {limit}) l ON 1 = 1 WHERE m.id = 1 ORDER BY l.seq"
+)
+
+
+def _feed(rows: list[Any]) -> tuple[list[TopicMessage], int]:
+    trimmed = int(rows[0][0])
+    return [_message(tuple(row[1:])) for row in rows if row[1] is not None], trimmed
+
+
+def _trim_cut(rows: list[Any], upto_offset: int, older_than: float | None) -> tuple[int, int]:
+    """The offset and highest seq of the longest prefix of ``rows`` (seq, offset, at) to remove; (0, 0): none."""
+    cut = top = 0
+    for seq, offset, at in rows:
+        if offset > upto_offset and (older_than is None or at >= older_than):
+            break
+        cut, top = int(offset), max(top, int(seq))
+    return cut, top
+
+
+# -- the interface --------------------------------------------------------------------------
+
+
+class TopicStore(Notifying, ABC):
+    """What every backend offers for topics. Every write is one transaction; see the module docstring."""
+
+    @abstractmethod
+    async def topics_append(
+        self, topic: str, durable: bool, publisher: str, payload: bytes, headers: dict[str, str], at: float
+    ) -> tuple[int, int | None]:
+        """Append one message, committed before this returns; its ``(seq, offset)`` (offset None: live)."""
+
+    @abstractmethod
+    async def topics_position(self) -> TopicPosition: ...
+
+    @abstractmethod
+    async def topics_feed(self, after: int, limit: int) -> tuple[list[TopicMessage], int]:
+        """Messages with ``seq > after``, durable and live, by seq; and ``trimmed`` as of the same moment.
+
+        Read in one snapshot, so ``trimmed > after`` says exactly that a durable
+        message after ``after`` was trimmed before it could be read.
+        """
+
+    @abstractmethod
+    async def topics_replay(self, topic: str, from_offset: int, upto: int, limit: int) -> list[TopicMessage]:
+        """Durable messages of ``topic`` with ``offset >= from_offset`` and ``seq <= upto``, by offset."""
+
+    @abstractmethod
+    async def topics_head(self, topic: str) -> TopicHead | None:
+        """The durable topic's offsets; None if nothing was ever published to it durably."""
+
+    @abstractmethod
+    async def topics_heads(self, after: str, limit: int) -> list[TopicHead]:
+        """Durable topics named after ``after`` (bytewise), by name."""
+
+    @abstractmethod
+    async def topics_trim(self, topic: str, upto_offset: int, older_than: float | None, limit: int) -> int:
+        """Remove up to ``limit`` of ``topic``'s oldest durable messages: those up to ``upto_offset``, then
+        on while they are older than ``older_than`` (None: no age limit); how many were removed."""
+
+    @abstractmethod
+    async def topics_trim_live(self, older_than: float, limit: int) -> int:
+        """Remove up to ``limit`` live messages appended before ``older_than``; how many."""
+
+
+# -- SQLite ---------------------------------------------------------------------------------
+
+_SQLITE_INSERT = f"INSERT INTO topic_log ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_SQLITE_NEXT_OFFSET = (
+    "INSERT INTO topic_heads (topic, first_offset, last_offset) VALUES (?, 1, 1) "
+    "ON CONFLICT (topic) DO UPDATE SET last_offset = last_offset + 1 RETURNING last_offset"
+)
+
+
+class SQLiteTopics(SQLiteAccess, TopicStore):
+    """topics on SQLite: an append is one write of a group commit (one writer, so seq order is commit order)."""
+
+    async def topics_append(
+        self, topic: str, durable: bool, publisher: str, payload: bytes, headers: dict[str, str], at: float
+    ) -> tuple[int, int | None]:
+        encoded = msgspec.json.encode(headers).decode()
+
+        def append(conn: sqlite3.Connection) -> tuple[int, int | None]:
+            seq = int(conn.execute("UPDATE topic_meta SET seq = seq + 1 WHERE id = 1 RETURNING seq").fetchone()[0])
+            offset = int(conn.execute(_SQLITE_NEXT_OFFSET, (topic,)).fetchone()[0]) if durable else None
+            conn.execute(_SQLITE_INSERT, (seq, topic, offset, publisher, payload, encoded, at))
+            return seq, offset
+
+        return await self._write(append)
+
+    async def topics_position(self) -> TopicPosition:
+        row = await self._read(lambda c: c.execute("SELECT seq, trimmed FROM topic_meta WHERE id = 1").fetchone())
+        return TopicPosition(int(row[0]), int(row[1]))
+
+    async def topics_feed(self, after: int, limit: int) -> tuple[list[TopicMessage], int]:
+        sql = _FEED.format(after="?", limit="?")
+        return _feed(await self._read(lambda c: c.execute(sql, (after, limit)).fetchall()))
+
+    async def topics_replay(self, topic: str, from_offset: int, upto: int, limit: int) -> list[TopicMessage]:
+        sql = (
+            f"SELECT {_COLUMNS} FROM topic_log WHERE topic = ? AND msg_offset >= ? AND seq <= ? "
+            "ORDER BY msg_offset LIMIT ?"
+        )
+        rows = await self._read(lambda c: c.execute(sql, (topic, from_offset, upto, limit)).fetchall())
+        return [_message(r) for r in rows]
+
+    async def topics_head(self, topic: str) -> TopicHead | None:
+        sql = "SELECT topic, first_offset, last_offset FROM topic_heads WHERE topic = ?"
+        row = await self._read(lambda c: c.execute(sql, (topic,)).fetchone())
+        return None if row is None else TopicHead(row[0], int(row[1]), int(row[2]))
+
+    async def topics_heads(self, after: str, limit: int) -> list[TopicHead]:
+        sql = "SELECT topic, first_offset, last_offset FROM topic_heads WHERE topic > ? ORDER BY topic LIMIT ?"
+        rows = await self._read(lambda c: c.execute(sql, (after, limit)).fetchall())
+        return [TopicHead(r[0], int(r[1]), int(r[2])) for r in rows]
+
+    async def topics_trim(self, topic: str, upto_offset: int, older_than: float | None, limit: int) -> int:
+        def trim(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT seq, msg_offset, at FROM topic_log WHERE topic = ? AND msg_offset IS NOT NULL "
+                "ORDER BY msg_offset LIMIT ?",
+                (topic, limit),
+            ).fetchall()
+            cut, top = _trim_cut(rows, upto_offset, older_than)
+            if not cut:
+                return 0
+            removed = conn.execute(
+                "DELETE FROM topic_log WHERE topic = ? AND msg_offset IS NOT NULL AND msg_offset <= ?", (topic, cut)
+            ).rowcount
+            conn.execute("UPDATE topic_heads SET first_offset = ? WHERE topic = ?", (cut + 1, topic))
+            conn.execute("UPDATE topic_meta SET trimmed = max(trimmed, ?) WHERE id = 1", (top,))
+            return int(removed)
+
+        return await self._write(trim)
+
+    async def topics_trim_live(self, older_than: float, limit: int) -> int:
+        sql = (
+            "DELETE FROM topic_log WHERE seq IN "
+            "(SELECT seq FROM topic_log WHERE msg_offset IS NULL AND at < ? ORDER BY at LIMIT ?)"
+        )
+        return int(await self._write(lambda c: c.execute(sql, (older_than, limit)).rowcount))
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------
+
+# One statement: lock and advance the counter (serialising publishers on every replica, so seq
+# order is commit order), take the topic's next offset when durable ($2), append the message.
+_PG_APPEND = (
+    "WITH m AS (UPDATE topic_meta SET seq = seq + 1 WHERE id = 1 RETURNING seq), "
+    "h AS (INSERT INTO topic_heads (topic, first_offset, last_offset) SELECT $1::text, 1, 1 FROM m WHERE $2::bool "
+    "ON CONFLICT (topic) DO UPDATE SET last_offset = topic_heads.last_offset + 1 RETURNING last_offset), "
+    f"lg AS (INSERT INTO topic_log ({_COLUMNS}) "
+    "SELECT m.seq, $1, (SELECT last_offset FROM h), $3, $4, $5, $6 FROM m RETURNING seq, msg_offset) "
+    "SELECT seq, msg_offset FROM lg"
+)
+
+
+class PostgresTopics(PostgresAccess, TopicStore):
+    """topics on PostgreSQL: every append is one statement that first locks the seq counter."""
+
+    async def topics_append(
+        self, topic: str, durable: bool, publisher: str, payload: bytes, headers: dict[str, str], at: float
+    ) -> tuple[int, int | None]:
+        encoded = msgspec.json.encode(headers).decode()
+        row = await self._call(lambda c: c.fetchrow(_PG_APPEND, topic, durable, publisher, payload, encoded, at))
+        return int(row[0]), None if row[1] is None else int(row[1])
+
+    async def topics_position(self) -> TopicPosition:
+        row = await self._call(lambda c: c.fetchrow("SELECT seq, trimmed FROM topic_meta WHERE id = 1"))
+        return TopicPosition(int(row[0]), int(row[1]))
+
+    async def topics_feed(self, after: int, limit: int) -> tuple[list[TopicMessage], int]:
+        sql = _FEED.format(after="$1", limit="$2")
+        return _feed([tuple(r) for r in await self._call(lambda c: c.fetch(sql, after, limit))])
+
+    async def topics_replay(self, topic: str, from_offset: int, upto: int, limit: int) -> list[TopicMessage]:
+        sql = (
+            f"SELECT {_COLUMNS} FROM topic_log WHERE topic = $1 AND msg_offset >= $2 AND seq <= $3 "
+            "ORDER BY msg_offset LIMIT $4"
+        )
+        rows = await self._call(lambda c: c.fetch(sql, topic, from_offset, upto, limit))
+        return [_message(tuple(r)) for r in rows]
+
+    async def topics_head(self, topic: str) -> TopicHead | None:
+        sql = "SELECT topic, first_offset, last_offset FROM topic_heads WHERE topic = $1"
+        row = await self._call(lambda c: c.fetchrow(sql, topic))
+        return None if row is None else TopicHead(row[0], int(row[1]), int(row[2]))
+
+    async def topics_heads(self, after: str, limit: int) -> list[TopicHead]:
+        sql = "SELECT topic, first_offset, last_offset FROM topic_heads WHERE topic > $1 ORDER BY topic LIMIT $2"
+        rows = await self._call(lambda c: c.fetch(sql, after, limit))
+        return [TopicHead(r[0], int(r[1]), int(r[2])) for r in rows]
+
+    async def topics_trim(self, topic: str, upto_offset: int, older_than: float | None, limit: int) -> int:
+        async def trim(conn: asyncpg.Connection[Any]) -> int:
+            async with conn.transaction():
+                # The counter's lock first, as publishers take it: trims (every replica's leader sweeps)
+                # and appends then queue in one order, never deadlock.
+                await conn.execute("SELECT 1 FROM topic_meta WHERE id = 1 FOR UPDATE")
+                rows = await conn.fetch(
+                    "SELECT seq, msg_offset, at FROM topic_log WHERE topic = $1 AND msg_offset IS NOT NULL "
+                    "ORDER BY msg_offset LIMIT $2",
+                    topic,
+                    limit,
+                )
+                cut, top = _trim_cut([tuple(r) for r in rows], upto_offset, older_than)
+                if not cut:
+                    return 0
+                status = await conn.execute(
+                    "DELETE FROM topic_log WHERE topic = $1 AND msg_offset IS NOT NULL AND msg_offset <= $2", topic, cut
+                )
+                await conn.execute("UPDATE topic_heads SET first_offset = $1 WHERE topic = $2", cut + 1, topic)
+                await conn.execute("UPDATE topic_meta SET trimmed = greatest(trimmed, $1) WHERE id = 1", top)
+                return int(status.split()[-1])
+
+        return int(await self._call(trim))
+
+    async def topics_trim_live(self, older_than: float, limit: int) -> int:
+        sql = (
+            "DELETE FROM topic_log WHERE seq IN "
+            "(SELECT seq FROM topic_log WHERE msg_offset IS NULL AND at < $1 ORDER BY at LIMIT $2)"
+        )
+        status = await self._call(lambda c: c.execute(sql, older_than, limit))
+        return int(status.split()[-1])

@@ -1,0 +1,108 @@
+"""Topics across real ``bastion serve`` processes: replicas on PostgreSQL, a slow subscriber over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import bastion
+from bastion.client.aio import Client
+from tests.support.stores import store_location
+
+CONFIG = """
+[messages.topics]
+subscriber_buffer = {buffer}
+
+[[messages.topics.durable]]
+pattern = "orders.>"
+keep = 10000
+"""
+
+
+def config_file(tmp_path: Path, buffer: int = 1024) -> str:
+    path = tmp_path / "bastion.toml"
+    path.write_text(CONFIG.format(buffer=buffer))
+    return str(path)
+
+
+def test_a_subscriber_on_one_replica_gets_what_is_published_on_another_within_a_second(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    env = {"BASTION_STORE": store_location("postgresql", tmp_path, "shared"), "BASTION_CONFIG": config_file(tmp_path)}
+    a = server_factory(env=env, name="a")
+    b = server_factory(env=env, name="b")
+    token = (a if a.token_file.exists() else b).token
+
+    async def main() -> list[float]:
+        async with Client(a.address, token=token, timeout=10) as on_a, Client(b.address, token=token) as on_b:
+            me = (await on_b.auth.whoami())["name"]
+            live = on_a.stream("messages.subscribe", pattern="chat.>").__aiter__()
+            kept = on_a.stream("messages.subscribe", pattern="orders.eu", from_offset=0).__aiter__()
+            assert (await anext(live))["type"] == (await anext(kept))["type"] == "start"
+            delays = []
+            for i in range(5):
+                sent = time.monotonic()
+                assert await on_b.messages.publish(topic="chat.lobby", payload={"i": i}) is None
+                offset = await on_b.messages.publish(topic="orders.eu", payload=i)
+                async with asyncio.timeout(1.0):
+                    message, durable = await anext(live), await anext(kept)
+                delays.append(time.monotonic() - sent)
+                assert (message["topic"], message["payload"], message["publisher"]) == ("chat.lobby", {"i": i}, me)
+                assert (durable["offset"], durable["payload"]) == (offset, i) and offset == i + 1
+            await kept.aclose()  # type: ignore[attr-defined]
+            # Disconnected from A; B goes on publishing; resuming on A from the next offset misses nothing.
+            for i in range(5, 10):
+                await on_b.messages.publish(topic="orders.eu", payload=i)
+            resumed = on_a.stream("messages.subscribe", pattern="orders.eu", from_offset=6).__aiter__()
+            await anext(resumed)
+            await on_b.messages.publish(topic="orders.eu", payload=10)
+            got = [await anext(resumed) for _ in range(6)]
+            assert [(m["offset"], m["payload"]) for m in got] == [(o, o - 1) for o in range(6, 12)]
+            await resumed.aclose()  # type: ignore[attr-defined]
+            await live.aclose()  # type: ignore[attr-defined]
+            return delays
+
+    delays = asyncio.run(main())
+    assert max(delays) < 1.0, delays
+
+
+def test_a_subscriber_that_stops_reading_holds_up_no_one_over_tcp(server_factory: Any, tmp_path: Path) -> None:
+    server = server_factory(env={"BASTION_CONFIG": config_file(tmp_path, buffer=16)})
+    total = 3000
+    payload = b"x" * 1000
+
+    async def main() -> None:
+        async with (
+            Client(server.address, token=server.token, timeout=10) as publisher,
+            Client(server.address, token=server.token, timeout=10) as fast_client,
+            Client(server.address, token=server.token, timeout=10) as slow_client,
+        ):
+            slow = slow_client.stream("messages.subscribe", pattern="orders.eu").__aiter__()
+            fast = fast_client.stream("messages.subscribe", pattern="orders.>").__aiter__()
+            assert (await anext(slow))["type"] == (await anext(fast))["type"] == "start"
+            offsets: list[int] = []
+
+            async def read_fast() -> None:
+                while len(offsets) < total:
+                    offsets.append((await anext(fast))["offset"])
+
+            reader = asyncio.create_task(read_fast())
+            for _ in range(total):  # the slow subscriber never reads meanwhile
+                await publisher.messages.publish(topic="orders.eu", payload=payload)
+            async with asyncio.timeout(30):
+                await reader
+            assert offsets == list(range(1, total + 1))
+            got: list[int] = []
+            with pytest.raises(bastion.ResourceExhausted, match="from_offset=") as info:
+                async for message in slow:
+                    got.append(message["offset"])
+            resume = info.value.details["resume_from"]
+            assert got == list(range(1, resume)) and resume < total  # bounded: far fewer than were published
+            assert info.value.details["dropped"] > 0
+            await fast.aclose()  # type: ignore[attr-defined]
+
+    asyncio.run(main())

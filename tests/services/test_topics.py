@@ -1,0 +1,408 @@
+"""Topics of the messages service over a real store (both backends), through the in-memory client/server pair."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import bastion
+from bastion.config import DurableTopic, TopicRule, TopicsConfig
+from bastion.security.principal import Principal
+from bastion.service import Service
+from bastion.services.topics import Topics
+from bastion.store import Store, open_store
+from bastion.testing import TESTER, MemoryServer
+from tests.support.stores import service_store
+
+pytestmark = pytest.mark.usefixtures("service_backend")
+
+ADA = Principal("ada", frozenset())
+BOB = Principal("bob", frozenset({"dev"}))
+EVE = Principal("eve", frozenset())
+DEADLINE = 15.0
+RULES = [
+    TopicRule("chat.>", publish=["role:dev", "user:ada"], subscribe=["role:dev", "user:ada"]),
+    TopicRule("news.>", publish=["user:ada"], subscribe=["*"]),
+    TopicRule("orders.>", publish=["user:ada"], subscribe=["user:ada", "role:dev"]),
+]
+CONFIG = TopicsConfig(rules=RULES, durable=[DurableTopic("orders.>", keep=1000)], sweep_interval=3600)
+
+
+class World:
+    def __init__(self, server: MemoryServer, topics: Topics, store: Store) -> None:
+        self.server, self.topics, self.store = server, topics, store
+        self.admin = server.client(principal=TESTER)
+        self.ada = server.client(principal=ADA)
+        self.bob = server.client(principal=BOB)
+        self.eve = server.client(principal=EVE)
+
+
+def topics_service(topics: Topics) -> Service:
+    service = Service("messages")
+    topics.declare(service)
+    return service
+
+
+@asynccontextmanager
+async def world(tmp_path: Path, config: TopicsConfig) -> AsyncIterator[World]:
+    async with open_store(service_store(tmp_path)) as store:
+        topics = Topics(store, config)
+        await topics.start()
+        try:
+            async with MemoryServer([topics_service(topics)]) as server:
+                yield World(server, topics, store)
+        finally:
+            await topics.aclose()
+
+
+def run(test: Callable[[World], Awaitable[None]], tmp_path: Path, config: TopicsConfig = CONFIG) -> None:
+    async def main() -> None:
+        async with asyncio.timeout(DEADLINE), world(tmp_path, config) as w:
+            await test(w)
+
+    asyncio.run(main())
+
+
+async def subscribed(client: Any, pattern: str, **args: Any) -> AsyncIterator[Any]:
+    """A subscription stream, once its "start" item says it is live."""
+    stream = client.stream("messages.subscribe", pattern=pattern, **args)
+    start = await anext(stream)
+    assert start["type"] == "start"
+    return stream  # type: ignore[no-any-return]
+
+
+async def take(stream: AsyncIterator[Any], n: int) -> list[Any]:
+    return [await anext(stream) for _ in range(n)]
+
+
+def test_live_messages_reach_current_subscribers_with_the_server_set_publisher(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        assert await w.ada.messages.publish(topic="chat.lobby", payload=b"before anyone listens") is None
+        bob = await subscribed(w.bob, "chat.*")
+        sent = time.time()
+        assert await w.ada.messages.publish(topic="chat.lobby", payload=b"hi", headers={"publisher": "admin"}) is None
+        await w.bob.messages.publish(topic="chat.dev", payload={"text": "structured", "n": [1, 2.5, None]})
+        await w.ada.messages.publish(topic="chat.lobby.deep", payload=b"not matched by chat.*")
+        await w.ada.messages.publish(topic="chat.lobby", payload="last")
+        first, second, third = await take(bob, 3)
+        # The publisher is who the server authenticated; a header cannot claim otherwise.
+        assert (first["topic"], first["publisher"], first["payload"], first["offset"]) == (
+            "chat.lobby",
+            "ada",
+            b"hi",
+            None,
+        )
+        assert first["headers"] == {"publisher": "admin"} and sent - 1 <= first["time"] <= time.time() + 1
+        assert (second["publisher"], second["payload"]) == ("bob", {"text": "structured", "n": [1, 2.5, None]})
+        assert third["payload"] == "last"
+        with pytest.raises(bastion.InvalidArgument):
+            await w.ada.messages.publish(topic="chat.lobby", payload=b"x", publisher="admin")
+        await bob.aclose()  # type: ignore[attr-defined]
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("topic", "why"),
+    [("", "1 to"), ("a..b", "not valid"), ("a.*", "not valid"), ("a.>", "not valid"), ("a b", "not valid"),
+     (".a", "not valid"), ("a.", "not valid"), ("x" * 256, "1 to 255"), ("caf\u00e9", "not valid")],
+)  # fmt: skip
+def test_bad_topic_names_are_invalid_argument(tmp_path: Path, topic: str, why: str) -> None:
+    async def test(w: World) -> None:
+        with pytest.raises(bastion.InvalidArgument, match=why):
+            await w.admin.messages.publish(topic=topic, payload=b"")
+        with pytest.raises(bastion.InvalidArgument):
+            await w.admin.messages.topic_info(topic=topic)
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize("pattern", ["", "a.>.b", "a.b>", "a.**", ">.a", "a..b", "a.*x"])
+def test_bad_patterns_are_invalid_argument(tmp_path: Path, pattern: str) -> None:
+    async def test(w: World) -> None:
+        with pytest.raises(bastion.InvalidArgument):
+            await anext(w.admin.stream("messages.subscribe", pattern=pattern))
+
+    run(test, tmp_path)
+
+
+def test_access_rules_personal_space_and_admins(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        with pytest.raises(bastion.PermissionDenied, match="no publish access"):
+            await w.eve.messages.publish(topic="chat.lobby", payload=b"x")
+        with pytest.raises(bastion.PermissionDenied, match="no publish access"):
+            await w.eve.messages.publish(topic="user.ada.inbox", payload=b"x")  # another user's space
+        with pytest.raises(bastion.PermissionDenied, match="no subscribe access"):
+            await anext(w.eve.stream("messages.subscribe", pattern="chat.>"))
+        with pytest.raises(bastion.PermissionDenied, match="no subscribe access"):
+            await anext(w.eve.stream("messages.subscribe", pattern="user.ada.>"))
+        with pytest.raises(bastion.PermissionDenied):
+            await w.eve.messages.topic_info(topic="chat.lobby")
+        # Everyone: their own space; news for everyone; a wide pattern delivers only what eve may read.
+        mine = await subscribed(w.eve, "user.eve.>")
+        wide = await subscribed(w.eve, ">")
+        admin = await subscribed(w.admin, ">")
+        await w.eve.messages.publish(topic="user.eve.notes", payload=b"note")
+        await w.ada.messages.publish(topic="chat.lobby", payload=b"secret")
+        await w.admin.messages.publish(topic="anything.at.all", payload=b"admin")
+        await w.ada.messages.publish(topic="news.today", payload=b"news")
+        assert [m["payload"] for m in await take(mine, 1)] == [b"note"]
+        assert [m["topic"] for m in await take(wide, 2)] == ["user.eve.notes", "news.today"]
+        assert [m["topic"] for m in await take(admin, 4)] == [
+            "user.eve.notes",
+            "chat.lobby",
+            "anything.at.all",
+            "news.today",
+        ]
+        info = await w.eve.messages.topic_info(topic="news.today")
+        assert (info["may_publish"], info["may_subscribe"], info["durable"]) == (False, True, False)
+        for stream in (mine, wide, admin):
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    run(test, tmp_path)
+
+
+def test_a_dotted_user_name_owns_its_space_without_reaching_another_users(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        dotted = w.server.client(principal=Principal("ada.l", frozenset()))
+        await dotted.messages.publish(topic="user.ada~l.x", payload=b"ok")
+        with pytest.raises(bastion.PermissionDenied):
+            await dotted.messages.publish(topic="user.ada.l.x", payload=b"x")  # inside ada's space
+        with pytest.raises(bastion.PermissionDenied):
+            await w.ada.messages.publish(topic="user.ada~l.x", payload=b"x")
+
+    run(test, tmp_path)
+
+
+def test_durable_topics_give_offsets_and_resume_from_one_missing_nothing(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        offsets = [await w.ada.messages.publish(topic="orders.eu", payload={"n": i}) for i in range(5)]
+        assert offsets == [1, 2, 3, 4, 5]
+        assert await w.ada.messages.publish(topic="orders.us", payload={"n": 0}) == 1  # per-topic offsets
+        stream = await subscribed(w.bob, "orders.eu", from_offset=3)
+        got = await take(stream, 3)
+        assert [(m["offset"], m["payload"]["n"]) for m in got] == [(3, 2), (4, 3), (5, 4)]
+        await w.ada.messages.publish(topic="orders.eu", payload={"n": 5})
+        assert (await anext(stream))["offset"] == 6
+        await stream.aclose()  # type: ignore[attr-defined]
+        # Disconnected: meanwhile more is published; resuming from the next offset misses nothing.
+        for i in range(6, 9):
+            await w.ada.messages.publish(topic="orders.eu", payload={"n": i})
+        again = await subscribed(w.bob, "orders.eu", from_offset=7)
+        assert [m["offset"] for m in await take(again, 3)] == [7, 8, 9]
+        await again.aclose()  # type: ignore[attr-defined]
+        earliest = await subscribed(w.bob, "orders.eu", from_offset=0)
+        assert [m["offset"] for m in await take(earliest, 2)] == [1, 2]
+        await earliest.aclose()  # type: ignore[attr-defined]
+        info = await w.bob.messages.topic_info(topic="orders.eu")
+        assert (info["durable"], info["first_offset"], info["last_offset"]) == (True, 1, 9)
+
+    run(test, tmp_path)
+
+
+def test_from_offset_needs_one_durable_topic(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        for pattern in ("orders.*", "chat.lobby"):
+            with pytest.raises(bastion.InvalidArgument, match="one durable topic"):
+                await anext(w.ada.stream("messages.subscribe", pattern=pattern, from_offset=1))
+        with pytest.raises(bastion.InvalidArgument, match="from_offset"):
+            await anext(w.ada.stream("messages.subscribe", pattern="orders.eu", from_offset=-1))
+
+    run(test, tmp_path)
+
+
+def test_replay_and_live_meet_without_gap_or_duplicate_under_concurrent_publishing(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        total = 300
+
+        halfway = asyncio.Event()
+
+        async def publish() -> None:
+            for i in range(total):
+                await w.ada.messages.publish(topic="orders.seam", payload=i)
+                if i == 50:
+                    halfway.set()
+
+        publisher = asyncio.create_task(publish())
+        await halfway.wait()
+        stream = await subscribed(w.bob, "orders.seam", from_offset=1)  # joins mid-stream
+        got = await take(stream, total)
+        await publisher
+        assert [m["offset"] for m in got] == list(range(1, total + 1))
+        assert [m["payload"] for m in got] == list(range(total))
+        await stream.aclose()  # type: ignore[attr-defined]
+
+    run(test, tmp_path)
+
+
+def test_retention_trims_and_resuming_from_a_trimmed_offset_is_out_of_range(tmp_path: Path) -> None:
+    config = TopicsConfig(rules=RULES, durable=[DurableTopic("orders.>", keep=3)], sweep_interval=3600)
+
+    async def test(w: World) -> None:
+        for i in range(10):
+            await w.ada.messages.publish(topic="orders.eu", payload=i)
+        assert await w.topics.sweep() == 7
+        with pytest.raises(bastion.OutOfRange, match="earliest kept is 8") as info:
+            await take(w.bob.stream("messages.subscribe", pattern="orders.eu", from_offset=2), 2)
+        assert info.value.details["earliest"] == 8
+        stream = await subscribed(w.bob, "orders.eu", from_offset=0)
+        assert [m["payload"] for m in await take(stream, 3)] == [7, 8, 9]
+        await stream.aclose()  # type: ignore[attr-defined]
+
+    run(test, tmp_path, config)
+
+
+def test_retention_by_age_and_live_relay_expiry(tmp_path: Path) -> None:
+    config = TopicsConfig(rules=RULES, durable=[DurableTopic("orders.>", keep=0, max_age=60)], sweep_interval=3600)
+
+    async def test(w: World) -> None:
+        for i in range(4):
+            await w.ada.messages.publish(topic="orders.eu", payload=i)
+        await w.ada.messages.publish(topic="chat.lobby", payload=b"live")
+        assert await w.topics.sweep(now=time.time() + 20) == 0  # young enough (relay_seconds is 30)
+        assert await w.topics.sweep(now=time.time() + 61) == 5  # 4 durable, 1 live relayed
+        info = await w.ada.messages.topic_info(topic="orders.eu")
+        assert (info["first_offset"], info["last_offset"]) == (5, 4)
+        assert await w.ada.messages.publish(topic="orders.eu", payload=4) == 5
+
+    run(test, tmp_path, config)
+
+
+def slow_config(buffer: int) -> TopicsConfig:
+    return TopicsConfig(rules=RULES, durable=[DurableTopic("orders.>")], sweep_interval=3600, subscriber_buffer=buffer)
+
+
+def test_a_subscriber_that_stops_reading_holds_up_no_one_and_is_told_where_to_resume(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        total = 300
+        slow = await subscribed(w.bob, "orders.eu")
+        fast = await subscribed(w.ada, "orders.eu")
+        received: list[int] = []
+
+        async def read_fast() -> None:
+            async for message in fast:
+                received.append(message["offset"])
+                if len(received) == total:
+                    return
+
+        reader = asyncio.create_task(read_fast())
+        started = time.monotonic()
+        for i in range(total):  # the publisher never waits for the slow subscriber
+            await w.ada.messages.publish(topic="orders.eu", payload=i)
+        publishing = time.monotonic() - started
+        await reader
+        assert received == list(range(1, total + 1))  # the other subscriber got every one
+        # The slow subscriber's buffer on the server stayed bounded.
+        buffers = [len(s.buffer) for s in w.topics.hub._subscribers]
+        assert len(buffers) == 2 and max(buffers) <= 8, buffers
+        got = []
+        with pytest.raises(bastion.ResourceExhausted, match="from_offset=") as info:
+            async for message in slow:
+                got.append(message["offset"])
+        details = info.value.details
+        assert details["dropped"] > 0 and details["resume_from"] == got[-1] + 1
+        assert got == list(range(1, details["resume_from"]))
+        rest = await subscribed(w.bob, "orders.eu", from_offset=details["resume_from"])
+        assert [m["offset"] for m in await take(rest, total - len(got))] == list(range(len(got) + 1, total + 1))
+        await rest.aclose()  # type: ignore[attr-defined]
+        assert publishing < DEADLINE / 2
+
+    run(test, tmp_path, slow_config(8))
+
+
+def test_a_slow_live_subscriber_is_told_how_many_it_dropped(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        slow = await subscribed(w.bob, "chat.>")
+        for i in range(100):
+            await w.ada.messages.publish(topic="chat.lobby", payload=i)
+        got = []
+        with pytest.raises(bastion.ResourceExhausted, match="messages were dropped") as info:
+            async for message in slow:
+                got.append(message["payload"])
+        assert got == list(range(len(got)))
+        # Counted until the stream ended (a message the feed had not reached yet is not counted).
+        assert 0 < info.value.details["dropped"] <= 100 - len(got)
+        assert "resume_from" not in info.value.details
+
+    run(test, tmp_path, slow_config(4))
+
+
+def test_limits_on_payload_headers_and_subscriptions(tmp_path: Path) -> None:
+    config = TopicsConfig(
+        rules=RULES, max_payload_bytes=100, max_headers=2, max_subscribers=3, max_subscribers_per_user=2,
+        sweep_interval=3600,
+    )  # fmt: skip
+
+    async def test(w: World) -> None:
+        with pytest.raises(bastion.InvalidArgument, match="max_payload_bytes"):
+            await w.ada.messages.publish(topic="chat.x", payload=b"x" * 200)
+        with pytest.raises(bastion.InvalidArgument, match="max_headers"):
+            await w.ada.messages.publish(topic="chat.x", payload=b"", headers={"a": "1", "b": "2", "c": "3"})
+        with pytest.raises(bastion.InvalidArgument, match="max_header_bytes"):
+            await w.ada.messages.publish(topic="chat.x", payload=b"", headers={"a": "x" * 5000})
+        streams = [await subscribed(w.ada, "chat.>") for _ in range(2)]
+        with pytest.raises(bastion.ResourceExhausted, match="max_subscribers_per_user"):
+            await anext(w.ada.stream("messages.subscribe", pattern="chat.>"))
+        streams.append(await subscribed(w.bob, "chat.>"))
+        with pytest.raises(bastion.ResourceExhausted, match=r"max_subscribers\)"):
+            await anext(w.eve.stream("messages.subscribe", pattern="news.>"))
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+        assert len(w.topics.hub) == 0 or await _eventually(lambda: len(w.topics.hub) == 0)
+
+    run(test, tmp_path, config)
+
+
+async def _eventually(check: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + 5
+    while not check():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    return True
+
+
+def test_subscribers_end_unavailable_with_where_to_resume_when_the_service_stops(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        stream = await subscribed(w.bob, "orders.eu")
+        await w.ada.messages.publish(topic="orders.eu", payload=0)
+        assert (await anext(stream))["offset"] == 1
+        await w.topics.aclose()
+        with pytest.raises(bastion.Unavailable, match="from_offset=2") as info:
+            await anext(stream)
+        assert info.value.details["resume_from"] == 2
+
+    run(test, tmp_path)
+
+
+def test_another_process_on_the_same_store_delivers_within_a_second(tmp_path: Path) -> None:
+    """Two Topics on one store, as two workers (SQLite) or replicas (PostgreSQL) would be."""
+
+    async def test(w: World) -> None:
+        other = Topics(w.store, CONFIG)
+        await other.start()
+        try:
+            async with MemoryServer([topics_service(other)]) as server:
+                remote = server.client(principal=ADA)
+                stream = await subscribed(w.bob, "chat.>")
+                durable = await subscribed(w.bob, "orders.eu", from_offset=1)
+                for i in range(3):
+                    sent = time.monotonic()
+                    await remote.messages.publish(topic="chat.lobby", payload=i)
+                    offset = await remote.messages.publish(topic="orders.eu", payload=i)
+                    async with asyncio.timeout(1.0):
+                        live, kept = await anext(stream), await anext(durable)
+                    assert time.monotonic() - sent < 1.0
+                    assert (live["payload"], live["publisher"]) == (i, "ada")
+                    assert (kept["payload"], kept["offset"]) == (i, offset)
+                await stream.aclose()  # type: ignore[attr-defined]
+                await durable.aclose()  # type: ignore[attr-defined]
+        finally:
+            await other.aclose()
+
+    run(test, tmp_path)
