@@ -111,7 +111,7 @@ def _drop_test_schemas() -> Iterator[None]:
 ASYNC_TEST_DEADLINE = 60.0
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     """Run an ``async def`` test in a fresh event loop (``asyncio.run``) under a deadline; no plugin needed."""
     test = pyfuncitem.obj

@@ -78,6 +78,7 @@ from bastion.security.principal import Principal
 from bastion.security.ratelimit import Limiter, RateLimiter
 from bastion.security.tls import ALPN_PROTOCOL, client_identity, parse_serial
 from bastion.security.tls import reload as reload_certificate
+from bastion.server.deadlines import Deadlines
 from bastion.server.dispatch import IdempotencyKeys, MethodTable
 from bastion.server.scheduler import Scheduler
 from bastion.server.session import ServerSession
@@ -179,6 +180,7 @@ class Server:
         self.counters: collections.Counter[str] = collections.Counter()
         #: Calls by method and status, latencies (bastion/observability: read by /metrics).
         self.metrics = CallStats(self.table.entries)
+        self.deadlines = Deadlines()
         for name, entry in self.table.entries.items():
             entry.metric_row = self.metrics.method_index(name)
         self.executor = ThreadPoolExecutor(self.limits.threads, thread_name_prefix="bastion-handler")

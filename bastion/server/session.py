@@ -8,8 +8,8 @@ Welcome, each Call is admitted by the method table (exists, allowed, valid
 arguments) and, if admitted, runs as its own task; its answer goes back
 through the core and is flushed at the end of the loop turn together with
 any other answers ready by then. A Cancel cancels the task; the deadline a
-call carries bounds its handler with one timer that cancels the task
-(``_arm_deadline``; no timer without a deadline). Keepalive: a
+call carries bounds its handler: the server's deadline slots cancel the
+task if it is still running then (``_arm_deadline``; bastion/server/deadlines.py). Keepalive: a
 timer pings a silent connection and closes it if the Pong does not come.
 Draining: after GoAway, the session closes once its last call has answered.
 
@@ -507,24 +507,24 @@ class ServerSession:
             if call.metadata and IdempotencyKeys.key_of(call.metadata) is not None:
                 await self._run_once(call, entry, args, deadline)
             elif entry.unary_async:  # _invoke's path for it, inline: the usual call, one coroutine fewer
-                timer = self._arm_deadline(call_id, deadline) if deadline is not None else None
+                slot = self._arm_deadline(call_id, deadline) if deadline is not None else None
                 try:
                     self._started(call_id)
                     result = await spec.handler(**args)
                 finally:
-                    if timer is not None:
-                        timer.cancel()
+                    if slot is not None:
+                        self.server.deadlines.disarm(slot, self, call_id)
                 if self.link is not None and self.link.writing_paused:
                     await self._writable()
                 self.core.send_result(call_id, result)
             elif deadline is None:
                 await self._invoke(call_id, entry, args)
             else:
-                timer = self._arm_deadline(call_id, deadline)
+                slot = self._arm_deadline(call_id, deadline)
                 try:
                     await self._invoke(call_id, entry, args)
                 finally:
-                    timer.cancel()
+                    self.server.deadlines.disarm(slot, self, call_id)
         except CallError as exc:
             # Before TimeoutError: DeadlineExceeded is both, and a handler's
             # own DeadlineExceeded must reach the client as it was raised.
@@ -552,14 +552,16 @@ class ServerSession:
         """The id a call's Context and its internal-error log line carry: session and call."""
         return f"{self.id:x}-{call_id:x}"
 
-    def _arm_deadline(self, call_id: int, deadline: float) -> asyncio.TimerHandle:
+    def _arm_deadline(self, call_id: int, deadline: float) -> int:
         """Cancel the running task (this call's) at ``deadline`` (``time.monotonic``), marking the call expired.
 
-        ``asyncio.timeout_at`` without its per-call context manager: one timer,
-        cancelled by the caller once the guarded await is over. The
+        ``asyncio.timeout_at`` without its per-call context manager or timer:
+        the server's ``Deadlines`` holds the call in a 10 ms slot (returned,
+        for the caller to disarm once the guarded await is over). The
         CancelledError reaches ``_run``, which answers DEADLINE_EXCEEDED.
         """
-        return self._loop.call_at(self._loop.time() + (deadline - time.monotonic()), self._expire, call_id)
+        when = self._loop.time() + (deadline - time.monotonic())
+        return self.server.deadlines.arm(self._loop, when, self, call_id)
 
     def _expire(self, call_id: int) -> None:
         ticket = self.tickets.get(call_id)  # the running call's ticket holds its task
@@ -611,13 +613,13 @@ class ServerSession:
                 self.core.send_error(call.id, status, message or status.name)
             return
         owner = claimed
-        timer = self._arm_deadline(call.id, deadline) if deadline is not None else None
+        slot = self._arm_deadline(call.id, deadline) if deadline is not None else None
         try:
             try:
                 encoded = await self._invoke(call.id, entry, args, record=True)
             finally:
-                if timer is not None:  # the deadline bounds the handler, not the bookkeeping below
-                    timer.cancel()
+                if slot is not None:  # the deadline bounds the handler, not the bookkeeping below
+                    self.server.deadlines.disarm(slot, self, call.id)
         except CallError as exc:
             if exc.status in RELEASED_ON:
                 await keys.release(principal, key, owner)

@@ -1,0 +1,60 @@
+"""Call deadlines for a whole server, in slots of ``RESOLUTION`` seconds.
+
+A loop timer per call (``call_at``, then ``cancel`` when the handler
+answers first, which is nearly always) is most of what a deadline costs on a
+busy server. ``Deadlines`` groups calls by the slot their deadline falls in:
+arming a call adds it to its slot's dict and disarming removes it, both
+O(1), and one loop timer per slot -- started by the slot's first call, kept
+until it fires even if its calls all answer -- expires what is left. A
+deadline therefore fires between 0 and ``RESOLUTION`` seconds late, never
+early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Protocol
+
+__all__ = ["RESOLUTION", "Deadlines", "Expirable"]
+
+#: Seconds per slot: how late a deadline may fire at most.
+RESOLUTION = 0.01
+
+
+class Expirable(Protocol):
+    """What holds calls with deadlines (a session)."""
+
+    def _expire(self, call_id: int) -> None: ...
+
+
+class Deadlines:
+    """The armed deadlines of one event loop's calls."""
+
+    def __init__(self, resolution: float = RESOLUTION) -> None:
+        self.resolution = resolution
+        self._slots: dict[int, dict[tuple[Expirable, int], None]] = {}
+
+    def __len__(self) -> int:
+        """Calls armed and not yet disarmed or expired."""
+        return sum(len(calls) for calls in self._slots.values())
+
+    def arm(self, loop: asyncio.AbstractEventLoop, when: float, holder: Expirable, call_id: int) -> int:
+        """Expire ``holder``'s call ``call_id`` at loop time ``when`` (or a little later); its slot, to disarm."""
+        slot = math.ceil(when / self.resolution)
+        calls = self._slots.get(slot)
+        if calls is None:
+            calls = self._slots[slot] = {}
+            loop.call_at(slot * self.resolution, self._fire, slot)
+        calls[holder, call_id] = None
+        return slot
+
+    def disarm(self, slot: int, holder: Expirable, call_id: int) -> None:
+        """The call ended in time (or was never armed in ``slot``): forget it."""
+        calls = self._slots.get(slot)
+        if calls is not None:
+            calls.pop((holder, call_id), None)
+
+    def _fire(self, slot: int) -> None:
+        for holder, call_id in self._slots.pop(slot, {}):
+            holder._expire(call_id)
