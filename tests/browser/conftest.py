@@ -20,6 +20,7 @@ Screenshots go to ``test-artifacts/screenshots/`` at the repository root
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 PASSWORD = "correct horse battery"
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 SUPPORT = Path(__file__).resolve().parents[1] / "support"
+TIMEOUT_MS = 15_000  # a page's default wait
 
 
 class ConsoleWorld:
@@ -77,6 +79,36 @@ def browser() -> Iterator[Any]:
             yield chromium
         finally:
             chromium.close()
+
+
+class PageLog:
+    """Console errors, page errors and requests that left the gateway's origin."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+        self.errors: list[str] = []
+        self.foreign: list[str] = []
+
+    def attach(self, page: Any) -> None:
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on(
+            "request",
+            lambda r: None if r.url.startswith((self.origin, "blob:", "data:")) else self.foreign.append(r.url),
+        )
+
+
+def wait_js(page: Any, expression: str, timeout: float = TIMEOUT_MS / 1000) -> None:
+    """Poll a JavaScript expression until it is truthy.
+
+    Not ``page.wait_for_function``: that evaluates its predicate with ``eval``
+    inside the page, which the console's CSP (rightly) forbids.
+    """
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not true in {timeout} s: {expression}")
+        page.wait_for_timeout(50)
 
 
 def screenshot(page: Any, name: str) -> Path:

@@ -17,7 +17,6 @@ import hashlib
 import os
 import re
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,7 @@ import pytest
 
 from bastion.client.sync import SyncClient
 from bastion.exceptions import CallError, NotFound
-from tests.browser.conftest import PASSWORD, ConsoleWorld, screenshot
-
-TIMEOUT_MS = 15_000
+from tests.browser.conftest import PASSWORD, TIMEOUT_MS, ConsoleWorld, PageLog, screenshot, wait_js
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +33,6 @@ def native(console_world: ConsoleWorld) -> Iterator[SyncClient]:
     """A native client (TLS verified against the test CA) holding the admin's API token."""
     with SyncClient(console_world.native, token=console_world.token, timeout=30) as client:
         yield client
-
-
-class PageLog:
-    """Console errors, page errors and requests that left the gateway's origin."""
-
-    def __init__(self, origin: str) -> None:
-        self.origin = origin
-        self.errors: list[str] = []
-        self.foreign: list[str] = []
-
-    def attach(self, page: Any) -> None:
-        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: self.errors.append(str(e)))
-        page.on(
-            "request",
-            lambda r: None if r.url.startswith((self.origin, "blob:", "data:")) else self.foreign.append(r.url),
-        )
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +57,6 @@ def number(text: str) -> float:
     match = re.fullmatch(r"([0-9.]+)([kM]?)", text.strip())
     assert match, f"not a number: {text!r}"
     return float(match.group(1)) * {"": 1, "k": 1e3, "M": 1e6}[match.group(2)]
-
-
-def wait_js(page: Any, expression: str, timeout: float = TIMEOUT_MS / 1000) -> None:
-    """Poll a JavaScript expression until it is truthy.
-
-    Not ``page.wait_for_function``: that evaluates its predicate with ``eval``
-    inside the page, which the console's CSP (rightly) forbids.
-    """
-    deadline = time.monotonic() + timeout
-    while not page.evaluate(expression):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not true in {timeout} s: {expression}")
-        page.wait_for_timeout(50)
 
 
 def test_login_refused_then_accepted(page: Any, console_world: ConsoleWorld) -> None:

@@ -6,12 +6,16 @@
  * Theory of operation. Unary calls go to POST /v1/{service}/{method} with the
  * session cookie the gateway set at login, echoing the readable bastion_csrf
  * cookie in X-CSRF-Token (double-submit CSRF proof). Server streams (kv.watch,
- * jobs.watch, files.download) run over one WebSocket at /ws, as JSON-RPC
- * calls whose items arrive as "stream.item" notifications. Uploads hash the
+ * jobs.watch, files.download, messages.watch, messages.subscribe) run over one
+ * WebSocket at /ws, as JSON-RPC calls whose items arrive as "stream.item"
+ * notifications; an error ending a stream carries the server's status and
+ * details (a lagged subscription's dropped count and resume offset). Uploads hash the
  * file in the browser (incremental SHA-256), open it with files.begin_upload,
  * then send it in chunks as raw bodies to POST /v1/files/upload?upload_id=&offset=
  * (the gateway carries bytes client streams that way). JSON has no bytes:
- * byte values (kv values, file chunks) travel as base64.
+ * byte values (kv values, file chunks, mail bodies) travel as base64. Data
+ * from other users (mail, topic payloads) only ever enters the page as text
+ * (textContent), never as HTML.
  */
 "use strict";
 
@@ -157,10 +161,11 @@ function cookie(name) {
 }
 
 class CallError extends Error {
-  constructor(status, message, httpStatus) {
+  constructor(status, message, httpStatus, details) {
     super(`${status}: ${message}`);
     this.status = status;
     this.httpStatus = httpStatus;
+    this.details = details || {};
   }
 }
 
@@ -168,7 +173,7 @@ async function errorFrom(response) {
   let body = null;
   try { body = await response.json(); } catch (_) { /* not JSON */ }
   const error = body && body.error;
-  if (error && typeof error === "object") return new CallError(error.status, error.message, response.status);
+  if (error && typeof error === "object") return new CallError(error.status, error.message, response.status, error.details);
   return new CallError("HTTP " + response.status, response.statusText, response.status);
 }
 
@@ -227,7 +232,7 @@ class Socket {
       this.pending.delete(m.id);
       if (m.error) {
         const data = m.error.data || {};
-        call.reject(new CallError(data.status || m.error.code, m.error.message));
+        call.reject(new CallError(data.status || m.error.code, m.error.message, undefined, data.details));
       } else call.resolve(m.result);
     }
   }
@@ -272,6 +277,8 @@ async function start() {
   setupKV();
   setupFiles();
   setupJobs();
+  setupInbox();
+  setupTopics();
   setupExplorer();
   try {
     const me = await api("auth.whoami");
@@ -313,10 +320,13 @@ function loggedIn(me) {
   $("#nav").hidden = false;
   $("#logout").hidden = false;
   showTab((location.hash || "#dashboard").slice(1));
+  startMailWatch();
 }
 
 function loggedOut(message) {
   state.user = null;
+  stopMailWatch();
+  stopSubscription();
   state.socket.close();
   for (const t of state.timers) clearInterval(t);
   state.timers = [];
@@ -902,6 +912,319 @@ async function followJob(id) {
     if (FINISHED.has(job.state)) return;
     await new Promise((resolve) => setTimeout(resolve, 500));
   }
+}
+
+// -- inbox --------------------------------------------------------------------------------
+
+// Everything a message holds (sender, subject, headers, body) is written with textContent, never as HTML.
+const INBOX_PAGE = 20;
+const inbox = {
+  cursors: [null], // the cursor of each page up to the one shown (null: the newest page)
+  next: null, // the cursor of the page after the one shown (null: it is the last)
+  open: null, // the message shown, whole
+  fresh: new Set(), // ids that arrived live since the page loaded
+  watch: null,
+  retry: null,
+  delay: 1000, // before the watch is opened again after it failed; doubles up to 30 s
+  draftId: null, // the client_id of the draft being sent: a resubmitted draft is stored once
+};
+
+function setupInbox() {
+  loaders.inbox = loadInbox;
+  $("#inbox-refresh").addEventListener("click", () => loadInbox().catch(showError));
+  $("#inbox-unread-only").addEventListener("change", () => { inbox.cursors = [null]; loadInbox().catch(showError); });
+  $("#inbox-newer").addEventListener("click", () => { inbox.cursors.pop(); loadInbox().catch(showError); });
+  $("#inbox-older").addEventListener("click", () => { inbox.cursors.push(inbox.next); loadInbox().catch(showError); });
+  $("#inbox-all").addEventListener("change", () => {
+    for (const box of document.querySelectorAll("#inbox-table tbody input[type=checkbox]")) box.checked = $("#inbox-all").checked;
+  });
+  $("#inbox-mark-read").addEventListener("click", () => markMail(selectedMail(), true).catch(showError));
+  $("#inbox-mark-unread").addEventListener("click", () => markMail(selectedMail(), false).catch(showError));
+  $("#inbox-delete").addEventListener("click", () => deleteMail(selectedMail()).catch(showError));
+  $("#message-unread").addEventListener("click", () => { if (inbox.open) markMail([inbox.open.id], false).catch(showError); });
+  $("#message-delete").addEventListener("click", () => { if (inbox.open) deleteMail([inbox.open.id]).catch(showError); });
+  $("#message-reply").addEventListener("click", () => {
+    const m = inbox.open;
+    if (!m) return;
+    $("#compose-to").value = m.sender;
+    $("#compose-subject").value = /^re:/i.test(m.subject) ? m.subject : `Re: ${m.subject}`;
+    $("#compose-body").focus();
+  });
+  $("#compose-form").addEventListener("input", () => { inbox.draftId = null; });
+  $("#compose-form").addEventListener("submit", (event) => { event.preventDefault(); sendMail().catch(showError); });
+}
+
+const selectedMail = () => Array.from(document.querySelectorAll("#inbox-table tbody input[type=checkbox]:checked"), (box) => Number(box.value));
+
+async function loadInbox() {
+  const cursor = inbox.cursors[inbox.cursors.length - 1];
+  const [page] = await Promise.all([
+    api("messages.inbox", { unread_only: $("#inbox-unread-only").checked, limit: INBOX_PAGE, cursor }),
+    loadUnread(),
+  ]);
+  inbox.next = page.next;
+  $("#inbox-all").checked = false;
+  $("#inbox-table tbody").replaceChildren(...page.messages.map(mailRow));
+  if (!page.messages.length) {
+    $("#inbox-table tbody").append(el("tr", {}, el("td", { colspan: 5, class: "muted", text: cursor === null ? "No messages." : "No more messages." })));
+  }
+  $("#inbox-newer").disabled = inbox.cursors.length < 2;
+  $("#inbox-older").disabled = page.next === null;
+  $("#inbox-page").textContent = `page ${inbox.cursors.length}`;
+}
+
+function mailRow(m) {
+  const open = inbox.open && inbox.open.id === m.id;
+  const classes = [m.read ? "" : "unread", inbox.fresh.has(m.id) ? "fresh" : "", open ? "open" : ""].filter(Boolean).join(" ");
+  return el("tr", { class: classes, dataset: { id: m.id, read: m.read ? "yes" : "no" } },
+    el("td", {}, el("input", { type: "checkbox", value: m.id, "aria-label": `select message ${m.id}` })),
+    el("td", { text: m.sender }),
+    el("td", {}, el("a", { href: "#inbox", text: m.subject || "(no subject)", onclick: (event) => { event.preventDefault(); readMail(m.id).catch(showError); } }),
+      m.attachments ? el("span", { class: "muted", text: ` 📎${m.attachments}` }) : null),
+    el("td", { text: fmtTime(m.sent_at) }),
+    el("td", { text: fmtBytes(m.size) }));
+}
+
+async function loadUnread() {
+  const info = await api("messages.unread");
+  const badge = $("#nav-unread");
+  badge.textContent = String(info.unread);
+  badge.hidden = info.unread === 0;
+  $("#inbox-counts").textContent = `${info.unread} unread of ${info.total} · ${fmtBytes(info.bytes)} of ${fmtBytes(info.max_bytes)}`;
+  return info;
+}
+
+/** A message body as text: structured data as JSON; bytes as UTF-8 text when they are that, else a hex summary. */
+function bodyText(m) {
+  if (m.data !== null && m.data !== undefined) return { kind: "JSON", text: JSON.stringify(m.data, null, 2) };
+  const bytes = fromBase64(m.body);
+  if (!bytes.length) return { kind: "empty", text: "" };
+  try {
+    return { kind: "text", text: new TextDecoder("utf-8", { fatal: true }).decode(bytes) };
+  } catch (_) {
+    const shown = bytes.subarray(0, 256);
+    const hex = Array.from(shown, (b) => b.toString(16).padStart(2, "0")).join(" ").replace(/((?:\S\S ){16})/g, "$1\n");
+    return { kind: "binary", text: `${fmtBytes(bytes.length)}, not UTF-8 text; ${shown.length < bytes.length ? "the first 256 bytes" : "hex"}:\n${hex}` };
+  }
+}
+
+async function readMail(id) {
+  const m = await api("messages.read", { id });
+  inbox.open = m;
+  const body = bodyText(m);
+  const fields = el("dl", { class: "fields" });
+  const field = (name, value) => fields.append(el("dt", { text: name }), el("dd", {}, value));
+  field("subject", m.subject || "(no subject)");
+  field("from", m.sender);
+  field("to", m.to.join(", "));
+  field("sent", fmtTime(m.sent_at));
+  field("size", fmtBytes(m.size));
+  for (const [name, value] of Object.entries(m.headers)) field(name, el("span", { class: "mono", text: value }));
+  for (const a of m.attachments) {
+    field("attachment", el("span", {}, `${a.name} (${fmtBytes(a.size)}, from ${a.owner}) `,
+      el("button", { class: "small", text: "Download", onclick: () => download({ id: a.file_id, name: a.name, size: a.size }).catch(showError) })));
+  }
+  $("#message-view").replaceChildren(fields, el("pre", { class: "body", id: "message-body", dataset: { kind: body.kind, id: m.id }, text: body.text }));
+  $("#message-actions").hidden = false;
+  inbox.fresh.delete(id);
+  await loadInbox();
+}
+
+async function markMail(ids, read) {
+  if (!ids.length) return;
+  const changed = await api("messages.mark", { ids, read });
+  toast(`${changed} message${changed === 1 ? "" : "s"} marked ${read ? "read" : "unread"}`);
+  await loadInbox();
+}
+
+async function deleteMail(ids) {
+  if (!ids.length) return;
+  const gone = await api("messages.delete", { ids });
+  toast(`${gone} message${gone === 1 ? "" : "s"} deleted`);
+  if (inbox.open && ids.includes(inbox.open.id)) {
+    inbox.open = null;
+    $("#message-view").replaceChildren(el("p", { class: "muted", text: "Pick a message to read it." }));
+    $("#message-actions").hidden = true;
+  }
+  await loadInbox();
+}
+
+function newClientId() {
+  const bytes = new Uint8Array(16);
+  crypto.getRandomValues(bytes);
+  return "console-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function sendMail() {
+  const to = $("#compose-to").value.split(",").map((t) => t.trim()).filter(Boolean);
+  inbox.draftId = inbox.draftId || newClientId();
+  const sent = await api("messages.send", {
+    to,
+    subject: $("#compose-subject").value,
+    body: toBase64(utf8.encode($("#compose-body").value)),
+    client_id: inbox.draftId,
+  });
+  toast(`sent to ${sent.recipients.join(", ")}${sent.duplicate ? " (already sent)" : ""}`);
+  $("#compose-form").reset();
+  inbox.draftId = null;
+  if (sent.recipients.includes(state.user)) await loadInbox();
+}
+
+/** messages.watch while logged in: new mail updates the unread count at once, and the list when it shows the newest page. */
+function startMailWatch() {
+  stopMailWatch();
+  const live = $("#inbox-live");
+  const handle = state.socket.stream("messages.watch", {}, (event) => {
+    if (event.type === "start") {
+      live.textContent = "● live";
+      live.dataset.live = "yes";
+      inbox.delay = 1000;
+      loadUnread().catch(showError);
+      return;
+    }
+    inbox.fresh.add(event.id);
+    const m = event.message;
+    toast(`New mail from ${m.sender}: ${m.subject || "(no subject)"}`);
+    loadUnread().catch(showError);
+    if (state.tab === "inbox" && inbox.cursors.length === 1) loadInbox().catch(showError);
+  });
+  inbox.watch = handle;
+  const ended = (err) => {
+    if (inbox.watch !== handle) return;
+    inbox.watch = null;
+    live.dataset.live = "no";
+    if (err && (err.status === "UNIMPLEMENTED" || err.status === "PERMISSION_DENIED")) { live.textContent = ""; return; }
+    live.textContent = "reconnecting…";
+    inbox.retry = setTimeout(() => { if (state.user) startMailWatch(); }, inbox.delay);
+    inbox.delay = Math.min(30000, inbox.delay * 2);
+  };
+  handle.done.then(() => ended(null), ended);
+}
+
+function stopMailWatch() {
+  clearTimeout(inbox.retry);
+  if (inbox.watch) { const w = inbox.watch; inbox.watch = null; w.cancel(); }
+}
+
+// -- topics -------------------------------------------------------------------------------
+
+const TAIL_ROWS = 500; // the oldest rows of the tail are dropped past this
+const topics = { sub: null, count: 0 };
+
+function setupTopics() {
+  loaders.topics = async () => {
+    const own = `user.${(state.user || "").replaceAll(".", "~")}`;
+    if (!$("#sub-pattern").value) $("#sub-pattern").value = `${own}.>`;
+    if (!$("#pub-topic").value) $("#pub-topic").value = `${own}.notes`;
+  };
+  $("#sub-form").addEventListener("submit", (event) => { event.preventDefault(); subscribe(); });
+  $("#sub-stop").addEventListener("click", stopSubscription);
+  $("#sub-clear").addEventListener("click", () => { $("#tail-table tbody").replaceChildren(); $("#sub-lagged").hidden = true; });
+  $("#pub-form").addEventListener("submit", (event) => { event.preventDefault(); publish().catch(showError); });
+}
+
+function payloadText(payload) {
+  return typeof payload === "string" ? payload : JSON.stringify(payload);
+}
+
+function tailRow(item) {
+  const headers = Object.entries(item.headers || {}).map(([k, v]) => `${k}=${v}`).join(" ");
+  return el("tr", { dataset: { topic: item.topic, offset: item.offset ?? "" } },
+    el("td", { text: new Date(item.time * 1000).toLocaleTimeString() }),
+    el("td", { class: "mono", text: item.topic }),
+    el("td", { text: item.offset === null || item.offset === undefined ? "live" : String(item.offset) }),
+    el("td", { text: item.publisher }),
+    el("td", { class: "mono payload" }, payloadText(item.payload), headers ? el("div", { class: "muted", text: headers }) : null));
+}
+
+function subscribe() {
+  stopSubscription();
+  const pattern = $("#sub-pattern").value.trim();
+  const offset = $("#sub-offset").value;
+  const params = { pattern };
+  if (offset !== "") params.from_offset = Number(offset);
+  const status = $("#sub-status");
+  const box = $("#tail-box");
+  const body = $("#tail-table tbody");
+  $("#sub-lagged").hidden = true;
+  status.textContent = `subscribing to ${pattern}…`;
+  status.dataset.state = "opening";
+  topics.count = 0;
+  const handle = state.socket.stream("messages.subscribe", params, (item) => {
+    if (item.type === "start") {
+      status.textContent = `subscribed to ${item.topic}${offset !== "" ? ` from offset ${offset}` : ""}: live`;
+      status.dataset.state = "live";
+      return;
+    }
+    const atBottom = box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
+    body.append(tailRow(item));
+    while (body.rows.length > TAIL_ROWS) body.rows[0].remove();
+    if (atBottom) box.scrollTop = box.scrollHeight;
+    topics.count++;
+    if (item.offset !== null && item.offset !== undefined) $("#sub-offset").placeholder = `from offset (last: ${item.offset})`;
+  });
+  topics.sub = handle;
+  $("#sub-start").disabled = true;
+  $("#sub-stop").disabled = false;
+  const finish = (text, err) => {
+    if (topics.sub !== handle) return;
+    const lagged = err && err.status === "RESOURCE_EXHAUSTED" && "dropped" in err.details;
+    if (lagged) text = "ended by the server: this subscriber fell behind";
+    topics.sub = null;
+    $("#sub-start").disabled = false;
+    $("#sub-stop").disabled = true;
+    status.textContent = `${text} (${topics.count} message${topics.count === 1 ? "" : "s"} received)`;
+    status.dataset.state = err && err.status !== "CANCELLED" ? "failed" : "ended";
+    if (lagged) showLagged(err, params);
+    else if (err && err.status !== "CANCELLED") showError(err);
+  };
+  handle.done.then(() => finish("the subscription ended"), (err) => finish(err.status === "CANCELLED" ? "stopped" : `ended: ${err.message}`, err));
+}
+
+/** The server ended a subscriber that fell behind: say what was lost, and offer to resume where it can. */
+function showLagged(err, params) {
+  const box = $("#sub-lagged");
+  const d = err.details;
+  const resume = d.resume_from ?? null;
+  const others = d.resume_offsets ? Object.entries(d.resume_offsets).map(([t, o]) => `${t} from ${o}`).join(", ") : "";
+  const parts = [
+    el("strong", { text: `Lagged: ${d.dropped} message${d.dropped === 1 ? "" : "s"} dropped. ` }),
+    el("span", { text: err.message }),
+  ];
+  if (others) parts.push(el("div", { text: `Durable topics resume: ${others}` }));
+  if (resume !== null) {
+    parts.push(el("div", {}, el("button", { class: "small", id: "sub-resume", text: `Resume from offset ${resume}`, onclick: () => {
+      $("#sub-pattern").value = params.pattern;
+      $("#sub-offset").value = String(resume);
+      subscribe();
+    } })));
+  }
+  box.replaceChildren(...parts);
+  box.dataset.dropped = String(d.dropped);
+  box.hidden = false;
+}
+
+function stopSubscription() {
+  if (topics.sub) topics.sub.cancel();
+}
+
+async function publish() {
+  const topic = $("#pub-topic").value.trim();
+  const raw = $("#pub-payload").value;
+  let payload = raw;
+  if ($("#pub-json").checked) {
+    try { payload = JSON.parse(raw); } catch (_) { throw new Error("the payload is not valid JSON"); }
+  }
+  const headers = {};
+  for (const pair of $("#pub-headers").value.split(",").map((p) => p.trim()).filter(Boolean)) {
+    const eq = pair.indexOf("=");
+    if (eq < 1) throw new Error(`header ${pair}: write it as key=value`);
+    headers[pair.slice(0, eq).trim()] = pair.slice(eq + 1).trim();
+  }
+  const offset = await api("messages.publish", { topic, payload, headers });
+  const result = $("#pub-result");
+  result.textContent = offset === null ? `published to ${topic} (live: delivered to its current subscribers)` : `published to ${topic} at offset ${offset}`;
+  result.dataset.offset = offset === null ? "" : String(offset);
 }
 
 // -- method explorer ----------------------------------------------------------------------
