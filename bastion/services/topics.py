@@ -276,7 +276,7 @@ class _Subscription:
         details: dict[str, Any] = {"dropped": sub.dropped}
         message = f"subscription to {self.pattern!r} ended ({why})"
         if sub.dropped:
-            message += f": {sub.dropped} messages were dropped"
+            message += f": {sub.dropped} {'message was' if sub.dropped == 1 else 'messages were'} dropped"
         if self.single and self.pattern in resume:
             details["resume_from"] = resume[self.pattern]
             message += f"; subscribe again with from_offset={resume[self.pattern]} to continue"
