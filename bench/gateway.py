@@ -75,6 +75,10 @@ async def _serve() -> None:
             task.result()
         await asyncio.sleep(0.01)
     bare_port = uv.servers[0].sockets[0].getsockname()[1]
+    from bastion import allocator
+
+    allocator.tune()  # what bastion serve does at start; the bare app shares the process
+    allocator.settle_gc()
     print(json.dumps({"gateway": gateway.port, "bare": bare_port}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
     uv.should_exit = True

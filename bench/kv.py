@@ -70,6 +70,10 @@ async def _serve(max_batch: int, directory: str) -> None:
         await kv.start()
         server = Server([kv.service], authenticator=StaticTokens({TOKEN: Principal("bench")}))
         await server.start("127.0.0.1", 0)
+        from bastion import allocator
+
+        allocator.tune()  # what bastion serve does at start
+        allocator.settle_gc()
         print(f"PORT {server.port}", flush=True)
         await stopping
         await server.shutdown(grace=1.0)

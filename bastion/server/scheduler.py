@@ -420,7 +420,11 @@ class Scheduler:
         self._counts["submitted"] += 1
         if deadline is not None and deadline <= now:
             self._reject(ticket, "deadline", Status.DEADLINE_EXCEEDED, "deadline passed before the call started")
-        elif self._may_start_now(level):
+        elif (
+            self._running < self.config.max_concurrency and not self._queued  # _may_start_now, inline
+            if level is not _CONTROL
+            else self._may_start_now(level)
+        ):
             self._start(ticket, now)
         else:
             self._enqueue(ticket, now)

@@ -370,7 +370,9 @@ class ServerSession:
     def _forget(self, call_id: int, status: Status = Status.CANCELLED) -> None:
         """Drop a call's state: it ended with ``status``, or it never ran (cancelled or refused while
         queued, or cancelled before its task's first step, so no ``finally`` runs)."""
-        self._record(call_id, status)  # unless counted already
+        timing = self._timing.pop(call_id, None)  # _record, inline: count it unless counted already
+        if timing is not None:
+            self.server.metrics.record_since(timing[0], status, timing[1])
         self._last_active = time.monotonic()  # idleness counts from the end of the last call
         if call_id in self._queued:  # it failed before its handler started
             self._started(call_id)
