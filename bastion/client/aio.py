@@ -2,9 +2,10 @@
 
 Theory of operation. ``Client`` opens one connection lazily and reuses it for
 every call; if the server sends GoAway, calls already accepted finish on the
-old connection and the next call opens a new one. Each call is a ``_Pending``
-keyed by call id: unary calls wait on one future; streams read items from a
-small queue, returning credit to the server as they consume. The client
+old connection and the next call opens a new one. Each call is a ``Pending``
+(bastion/client/_connection.py, with the connection's side of it) keyed by
+call id: unary calls wait on one future; streams read items from a small
+queue, returning credit to the server as they consume. The client
 sends the call's remaining time as ``timeout_ms`` and also enforces it
 locally, cancelling the call on the server when it runs out.
 
@@ -36,21 +37,16 @@ import asyncio
 import random
 import socket
 import ssl
-from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import msgspec
-
 from bastion.client._common import (
     ServiceProxy,
-    build_hello,
     check_args,
     decode_value,
-    error_from,
-    goaway_error,
     silent_close_hint,
 )
+from bastion.client._connection import ClientClosed, ClientConnection, Expired, Pending
 from bastion.client.balancer import Balancer, BreakerState, Endpoint, expand_endpoints
 from bastion.client.base import ClientBase
 from bastion.client.policy import (
@@ -66,259 +62,13 @@ from bastion.exceptions import (
     DeadlineExceeded,
     Unavailable,
     UsageError,
-    error_for_status,
 )
-from bastion.protocol.connection import Connection, ProtocolLimits
-from bastion.protocol.messages import Credit, Error, GoAway, Item, Message, Result, Welcome
-from bastion.protocol.state import ConnectionState, Role
-from bastion.security.tls import ALPN_PROTOCOL
-from bastion.transport.aio import Link, translate_error
+from bastion.transport.aio import Link
 from bastion.transport.tls_errors import describe_tls_error
 
 __all__ = ["Client"]
 
-_END = object()
-
-
-class _ClientClosed(ConnectionClosed):
-    """A call's connection was closed by ``Client.close``: never retried."""
-
-
-class _Pending:
-    """One call's client-side state."""
-
-    __slots__ = ("collect", "credit", "done", "items", "waiter")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.done: asyncio.Future[Any] = loop.create_future()
-        self.items: deque[msgspec.Raw] = deque()
-        self.waiter: asyncio.Future[None] | None = None
-        self.credit: asyncio.Event | None = None
-        self.collect = False
-
-    def wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    def finish(self, value: Any) -> None:
-        if not self.done.done():
-            self.done.set_result(value)
-        self.wake()
-        if self.credit is not None:
-            self.credit.set()
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
-            self.done.exception()  # mark retrieved: a stream may never look
-        self.wake()
-        if self.credit is not None:
-            self.credit.set()
-
-    def expire(self) -> None:
-        """The call's deadline timer: fail it with ``_Expired`` unless it has ended."""
-        self.fail(_Expired())
-
-
-class _Expired(Exception):
-    """A call's own deadline passed before its answer came (never the server's DEADLINE_EXCEEDED)."""
-
-
-class _Slots:
-    """How many more calls the server lets this connection have open (its ``max_inflight``).
-
-    ``asyncio.Semaphore`` without its per-acquire scan of waiters: a free slot
-    is taken with no await at all, and a freed one goes to the longest waiter.
-    """
-
-    __slots__ = ("free", "loop", "waiters")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
-        self.loop = loop
-        self.free = size
-        self.waiters: deque[asyncio.Future[None]] = deque()
-
-    async def acquire(self) -> None:
-        if self.free > 0 and not self.waiters:
-            self.free -= 1
-            return
-        waiter: asyncio.Future[None] = self.loop.create_future()
-        self.waiters.append(waiter)
-        try:
-            await waiter  # release hands its slot over by resolving this
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # handed a slot as we were cancelled: pass it on
-            else:
-                self.waiters.remove(waiter)
-            raise
-
-    def release(self) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self.free += 1
-
-
 _NO_OPTIONS: Mapping[str, Any] = {}
-
-
-class _ClientConnection:
-    """The client's side of one connection (a ``Session`` for ``Link``)."""
-
-    def __init__(self, limits: ProtocolLimits, hello_token: str | None, name: str) -> None:
-        self.core = Connection(Role.CLIENT, limits)
-        self.limits = limits
-        self.link: Link | None = None
-        self.pending: dict[int, _Pending] = {}
-        self.loop = asyncio.get_running_loop()
-        self.welcome: asyncio.Future[Welcome] = self.loop.create_future()
-        self.closed = False
-        self.went_away = False  # the server sent GoAway (it is draining)
-        #: The server closed the connection in the handshake without sending a byte.
-        self.closed_silently = False
-        self.slots: _Slots | None = None
-        self._token = hello_token
-        self._name = name
-
-    # -- Session ----------------------------------------------------------------------
-
-    def on_connect(self, link: Link) -> None:
-        self.link = link
-        if link.ssl_object is not None and link.alpn != ALPN_PROTOCOL:
-            if not self.welcome.done():
-                self.welcome.set_exception(ConnectError(f"the server did not agree to ALPN {ALPN_PROTOCOL}"))
-            link.abort()
-            return
-        self.core.send_hello(build_hello(self.limits, self._token, self._name))
-        self._token = None
-        link.flush()
-
-    def on_events(self, events: list[Message]) -> None:
-        for event in events:
-            cls = type(event)
-            if cls is Result:
-                pending = self.pending.pop(event.id, None)  # type: ignore[union-attr]
-                if pending is not None:
-                    pending.finish(event.value)  # type: ignore[union-attr]
-            elif cls is Item:
-                pending = self.pending.get(event.id)  # type: ignore[union-attr]
-                if pending is not None:
-                    pending.items.append(event.value)  # type: ignore[union-attr]
-                    if pending.collect:
-                        self.grant(event.id, 1)  # type: ignore[union-attr]
-                    pending.wake()
-            elif cls is Error:
-                pending = self.pending.pop(event.id, None)  # type: ignore[union-attr]
-                if pending is not None:
-                    pending.fail(error_from(event))  # type: ignore[arg-type]
-            elif cls is Credit:
-                pending = self.pending.get(event.id)  # type: ignore[union-attr]
-                if pending is not None and pending.credit is not None:
-                    pending.credit.set()
-            elif cls is Welcome:
-                self.slots = _Slots(self.loop, event.max_inflight)  # type: ignore[union-attr]
-                if not self.welcome.done():
-                    self.welcome.set_result(event)  # type: ignore[arg-type]
-            elif cls is GoAway:
-                self._on_goaway(event)  # type: ignore[arg-type]
-
-    def _on_goaway(self, goaway: GoAway) -> None:
-        if not self.welcome.done():
-            exc = error_for_status(goaway.code, goaway.message or "handshake refused")
-            self.welcome.set_exception(exc)
-            return
-        self.went_away = True
-        for call_id in [i for i in self.pending if i > goaway.last_id]:
-            self.pending.pop(call_id).fail(goaway_error(goaway, call_id))
-        if not self.pending and self.link is not None:
-            self.link.close()
-
-    def on_close(self, exc: BaseException | None) -> None:
-        self.closed = True
-        error = translate_error(exc)
-        if not self.welcome.done():
-            self.closed_silently = self.link is not None and not self.link.received_any
-            self.welcome.set_exception(ConnectError(f"handshake failed: {error}"))
-        for pending in self.pending.values():
-            pending.fail(ConnectionClosed(str(error)))
-        self.pending.clear()
-
-    # -- calls --------------------------------------------------------------------------
-
-    @property
-    def usable(self) -> bool:
-        return not self.closed and self.core.state is ConnectionState.OPEN
-
-    def start(
-        self, method: str, args: dict[str, Any], timeout: float | None, stream: bool, options: Mapping[str, Any]
-    ) -> tuple[int, _Pending]:
-        """Send a call (``args`` already checked by ``check_args``)."""
-        if not self.usable:
-            raise ConnectionClosed("connection is closed or draining")
-        timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else None
-        call_id = self.core.send_call(
-            method,
-            args,
-            timeout_ms=timeout_ms,
-            stream=stream,
-            priority=options.get("priority"),
-            metadata=options.get("metadata"),
-        )
-        pending = self.pending[call_id] = _Pending(self.loop)
-        assert self.link is not None
-        self.link.schedule_flush()
-        return call_id, pending
-
-    def cancel(self, call_id: int) -> None:
-        self.pending.pop(call_id, None)
-        if self.core.send_cancel(call_id) and self.link is not None:
-            self.link.schedule_flush()
-        self._close_if_drained()
-
-    def grant(self, call_id: int, n: int) -> None:
-        if self.core.grant(call_id, n) and self.link is not None:
-            self.link.schedule_flush()
-
-    def _close_if_drained(self) -> None:
-        if self.core.state is ConnectionState.DRAINING and not self.pending and self.link is not None:
-            self.link.close()
-
-    def start_sender(
-        self, call_id: int, pending: _Pending, items: AsyncIterable[Any] | Iterable[Any]
-    ) -> asyncio.Future[None]:
-        """Send ``items`` in the background; if iterating them raises, the call fails with that error."""
-        sender = asyncio.ensure_future(self.send_items(call_id, pending, items))
-
-        def done(task: asyncio.Future[None]) -> None:
-            error = None if task.cancelled() else task.exception()
-            if error is not None:
-                self.cancel(call_id)
-                pending.fail(error)
-
-        sender.add_done_callback(done)
-        return sender
-
-    async def send_items(self, call_id: int, pending: _Pending, items: AsyncIterable[Any] | Iterable[Any]) -> None:
-        assert self.link is not None
-        pending.credit = asyncio.Event()
-        async for item in _aiter(items):
-            while self.core.send_credit(call_id) <= 0:
-                if pending.done.done():
-                    return
-                pending.credit.clear()
-                await pending.credit.wait()
-            if not self.core.send_item(call_id, item):
-                return
-            if self.link.writing_paused:
-                self.link.flush()
-                await self.link.drain()
-            else:
-                self.link.schedule_flush()
-        if self.core.send_end(call_id):
-            self.link.schedule_flush()
 
 
 class _Slot:
@@ -328,17 +78,8 @@ class _Slot:
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
-        self.conn: _ClientConnection | None = None
+        self.conn: ClientConnection | None = None
         self.lock = asyncio.Lock()
-
-
-async def _aiter(items: AsyncIterable[Any] | Iterable[Any]) -> AsyncIterator[Any]:
-    if isinstance(items, AsyncIterable):
-        async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item
 
 
 class Client(ClientBase):
@@ -352,7 +93,7 @@ class Client(ClientBase):
     """
 
     def _post_init(self) -> None:
-        self._conn: _ClientConnection | None = None
+        self._conn: ClientConnection | None = None
         self._lock: asyncio.Lock | None = None
         # Seam for bastion.testing: given the protocol factory, connect it to
         # something other than a TCP socket (an in-memory server, say).
@@ -380,7 +121,7 @@ class Client(ClientBase):
         """Open the connection now (calls otherwise open it on first use)."""
         await self._connection()
 
-    async def _connection(self) -> _ClientConnection:
+    async def _connection(self) -> ClientConnection:
         if self.balanced:
             return (await self._checkout(()))[1]
         conn = self._conn
@@ -422,7 +163,7 @@ class Client(ClientBase):
         """The endpoints of a balanced client (empty before its first call)."""
         return list(self._balancer.endpoints) if self._balancer is not None else []
 
-    async def _checkout(self, tried: Sequence[Endpoint]) -> tuple[_Slot, _ClientConnection]:
+    async def _checkout(self, tried: Sequence[Endpoint]) -> tuple[_Slot, ClientConnection]:
         """A connected endpoint for the next call: picked, avoiding ``tried``; others tried if it cannot connect.
 
         ``tried`` is a preference: when every other endpoint cannot be
@@ -451,7 +192,7 @@ class Client(ClientBase):
         assert error is not None
         raise error
 
-    async def _slot_connection(self, slot: _Slot) -> _ClientConnection:
+    async def _slot_connection(self, slot: _Slot) -> ClientConnection:
         conn = slot.conn
         if conn is not None and conn.usable:
             return conn
@@ -467,7 +208,7 @@ class Client(ClientBase):
             slot.conn = await self._open(endpoint.host, endpoint.port, endpoint.server_hostname)
             return slot.conn
 
-    async def _probe(self, slot: _Slot, conn: _ClientConnection) -> bool:
+    async def _probe(self, slot: _Slot, conn: ClientConnection) -> bool:
         """A half-open endpoint's trial: ``admin.ready``; the breaker learns the answer."""
         breaker = slot.endpoint.breaker
         if not breaker.begin_trial():
@@ -519,11 +260,11 @@ class Client(ClientBase):
 
     async def _open(
         self, host: str | None = None, port: int | None = None, hostname: str | None = None
-    ) -> _ClientConnection:
+    ) -> ClientConnection:
         host = self.host if host is None else host
         port = self.port if port is None else port
         loop = asyncio.get_running_loop()
-        conn = _ClientConnection(self.limits, self._token, self._name)
+        conn = ClientConnection(self.limits, self._token, self._name)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if self._connector is not None:
@@ -572,11 +313,11 @@ class Client(ClientBase):
         self._close_conn(conn)
 
     @staticmethod
-    def _close_conn(conn: _ClientConnection | None) -> None:
+    def _close_conn(conn: ClientConnection | None) -> None:
         if conn is not None and conn.link is not None and not conn.closed:
             for call_id, pending in list(conn.pending.items()):
                 conn.cancel(call_id)
-                pending.fail(_ClientClosed("the client was closed"))  # wake whoever awaits it
+                pending.fail(ClientClosed("the client was closed"))  # wake whoever awaits it
             conn.link.close()
 
     # -- calls ----------------------------------------------------------------------
@@ -645,7 +386,7 @@ class Client(ClientBase):
                 return await self._attempt(method, checked, left, timeout, options, items, tried)
             except (CallError, ConnectionClosed) as exc:
                 reason: BaseException = exc
-                if isinstance(exc, _ClientClosed):
+                if isinstance(exc, ClientClosed):
                     raise
                 if isinstance(exc, ConnectionClosed):
                     # It may have started: idempotent (or keyed) calls only, on a new connection -- to another
@@ -710,7 +451,7 @@ class Client(ClientBase):
 
     async def _call_on(
         self,
-        conn: _ClientConnection,
+        conn: ClientConnection,
         method: str,
         args: dict[str, Any],
         timeout: float | None,
@@ -720,7 +461,7 @@ class Client(ClientBase):
     ) -> Any:
         """One attempt at a call on ``conn``.
 
-        The deadline is one timer that fails the call's future (``_Expired``),
+        The deadline is one timer that fails the call's future (``Expired``),
         not an ``asyncio.timeout`` per call.
         """
         slots = conn.slots
@@ -732,7 +473,7 @@ class Client(ClientBase):
             sender = conn.start_sender(call_id, pending, items) if items is not None else None
             try:
                 return await self._collect(conn, call_id, pending)
-            except _Expired:
+            except Expired:
                 conn.cancel(call_id)
                 raise DeadlineExceeded(f"{method}: no answer within {total}s") from None
             except asyncio.CancelledError:
@@ -772,7 +513,7 @@ class Client(ClientBase):
         else:
             methods.learn(listing)
 
-    async def _collect(self, conn: _ClientConnection, call_id: int, pending: _Pending) -> Any:
+    async def _collect(self, conn: ClientConnection, call_id: int, pending: Pending) -> Any:
         pending.collect = True  # items are granted back as they arrive
         raw = await pending.done
         if pending.items:
