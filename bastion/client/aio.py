@@ -46,7 +46,7 @@ from bastion.client._common import (
     decode_value,
     silent_close_hint,
 )
-from bastion.client._connection import ClientClosed, ClientConnection, Expired, Pending
+from bastion.client._connection import ClientClosed, ClientConnection, Expired
 from bastion.client.balancer import Balancer, BreakerState, Endpoint, expand_endpoints
 from bastion.client.base import ClientBase
 from bastion.client.policy import (
@@ -405,7 +405,27 @@ class Client(ClientBase):
                 await asyncio.sleep(delay)
             left = attempts.remaining()
 
-    async def _attempt(
+    def _attempt(
+        self,
+        method: str,
+        args: dict[str, Any],
+        timeout: float | None,
+        total: float | None,
+        options: Mapping[str, Any],
+        items: AsyncIterable[Any] | Iterable[Any] | None,
+        tried: list[Endpoint],
+    ) -> Awaitable[Any]:
+        """One attempt at a call (``_attempt_on_endpoint``), with ``timeout`` seconds left of the call's ``total``.
+
+        On a single-server client's open connection, the call itself: one
+        coroutine fewer for the usual call.
+        """
+        conn = self._conn
+        if conn is not None and not self.balanced and conn.usable:
+            return self._call_on(conn, method, args, timeout, total, options, items)
+        return self._attempt_on_endpoint(method, args, timeout, total, options, items, tried)
+
+    async def _attempt_on_endpoint(
         self,
         method: str,
         args: dict[str, Any],
@@ -415,16 +435,13 @@ class Client(ClientBase):
         items: AsyncIterable[Any] | Iterable[Any] | None,
         tried: list[Endpoint],
     ) -> Any:
-        """One attempt at a call, with ``timeout`` seconds left of the call's ``total``.
+        """``_attempt``, connecting first if need be.
 
         Balanced: on an endpoint not in ``tried``, if one is left; adds the
         endpoint to ``tried`` if the attempt fails there.
         """
         if not self.balanced:
-            conn = self._conn
-            if conn is None or not conn.usable:
-                conn = await self._connection()
-            return await self._call_on(conn, method, args, timeout, total, options, items)
+            return await self._call_on(await self._connection(), method, args, timeout, total, options, items)
         slot, conn = await self._checkout(tried)
         endpoint = slot.endpoint
         endpoint.outstanding += 1
@@ -472,7 +489,11 @@ class Client(ClientBase):
             timer = conn.loop.call_later(timeout, pending.expire) if timeout is not None else None
             sender = conn.start_sender(call_id, pending, items) if items is not None else None
             try:
-                return await self._collect(conn, call_id, pending)
+                pending.collect = True  # stream items are granted back as they arrive
+                raw = await pending.done
+                if pending.items:
+                    return [decode_value(r) for r in pending.items]
+                return decode_value(raw)
             except Expired:
                 conn.cancel(call_id)
                 raise DeadlineExceeded(f"{method}: no answer within {total}s") from None
@@ -512,13 +533,6 @@ class Client(ClientBase):
             methods.failed(exc)
         else:
             methods.learn(listing)
-
-    async def _collect(self, conn: ClientConnection, call_id: int, pending: Pending) -> Any:
-        pending.collect = True  # items are granted back as they arrive
-        raw = await pending.done
-        if pending.items:
-            return [decode_value(r) for r in pending.items]
-        return decode_value(raw)
 
     async def stream(
         self, method: str, items: AsyncIterable[Any] | Iterable[Any] | None = None, /, **args: Any
