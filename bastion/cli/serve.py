@@ -77,6 +77,7 @@ from bastion.services.kv import KV
 from bastion.services.messages import Messages
 from bastion.store import Store, open_store
 from bastion.store import observe as store_observe
+from bastion.store.sqlite import SQLiteStore
 
 __all__ = ["bootstrap_admin", "load_job_registries", "load_services", "run", "store_location", "worker_main"]
 
@@ -268,6 +269,7 @@ async def _compose_and_serve(
             store, hasher=PasswordHasher(), throttle=throttle, audit=audit, config=auth, owned_data=owned_data
         )
         leader = role.leader
+        is_sqlite = isinstance(store, SQLiteStore)
         backups = Backups(
             store, data_dir=data_dir, files_dir=files_dir, config=config.backup, passphrase=passphrase, leader=leader
         )
@@ -275,7 +277,8 @@ async def _compose_and_serve(
             KV(store, config.kv, leader=leader),
             Files(store, files_dir, config.files, leader=leader),
             Jobs(store, registries, config.jobs, leader=leader),
-            Messages(store, config.messages, leader=leader),
+            # Live topic messages go through the store only when another process may share it.
+            Messages(store, config.messages, leader=leader, relay=role.channel is not None or not is_sqlite),
         ]
         components: list[Component] = [*hosted, backups]
         builtin = [create_admin_service(backups), auth_service, *(c.service for c in hosted)]

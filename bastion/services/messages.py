@@ -29,15 +29,18 @@ __all__ = ["Messages"]
 class Messages:
     """The ``messages`` service over ``store``: mailboxes and topics (a ``HostedComponent``)."""
 
-    def __init__(self, store: Store, config: MessagesConfig | None = None, *, leader: bool = True) -> None:
-        """``leader``: run the background sweeps here (with several workers, only worker 0 does)."""
+    def __init__(
+        self, store: Store, config: MessagesConfig | None = None, *, leader: bool = True, relay: bool = True
+    ) -> None:
+        """``leader``: run the background sweeps here (with several workers, only worker 0 does).
+        ``relay``: other processes share the store (see ``Topics``)."""
         self.config = config or MessagesConfig()
         self.service = Service(
             "messages",
             doc="Messages between clients: mailboxes (store-and-forward, as email) and topics (publish/subscribe).",
         )
         self.mail = Mailboxes(store, self.config, leader=leader)
-        self.topics = Topics(store, self.config.topics, leader=leader)
+        self.topics = Topics(store, self.config.topics, leader=leader, relay=relay)
         self.mail.declare(self.service)
         self.topics.declare(self.service)
 

@@ -79,11 +79,21 @@ class TopicInfo(msgspec.Struct, frozen=True):
 class Topics:
     """Publish/subscribe over ``store`` for the ``messages`` service (a ``Component``)."""
 
-    def __init__(self, store: TopicStore, config: TopicsConfig | None = None, *, leader: bool = True) -> None:
-        """``leader``: run the retention sweep here (with several workers, only worker 0 does)."""
+    def __init__(
+        self, store: TopicStore, config: TopicsConfig | None = None, *, leader: bool = True, relay: bool = True
+    ) -> None:
+        """``leader``: run the retention sweep here (with several workers, only worker 0 does).
+
+        ``relay``: other processes share the store (workers on one SQLite
+        file, replicas on PostgreSQL), so live messages go through its log to
+        reach their subscribers. Without it (one process alone on its store,
+        what ``bastion serve`` runs by default) a live message goes straight to
+        this process's subscribers and the store never sees it.
+        """
         self.store = store
         self.config = config or TopicsConfig()
         self.leader = leader
+        self.relay = relay
         self.access = TopicAccess(self.config.rules)
         self.hub = Hub(store)
         self._tasks: list[asyncio.Task[None]] = []
@@ -303,6 +313,9 @@ def _declare(topics: Topics, service: Service) -> None:
         topics.check_headers(headers)
         encoded = topics.encode_payload(payload)
         durable = topics.durable_for(topic) is not None
+        if not durable and not topics.relay:  # nobody else shares the store: straight to our subscribers
+            topics.hub.deliver_live(topic, ctx.principal.name, encoded, headers, time.time())
+            return None
         _, offset = await store.topics_append(topic, durable, ctx.principal.name, encoded, headers, time.time())
         topics.hub.nudge()
         return offset

@@ -14,9 +14,8 @@ read, and each message is then checked against the subscriber's access
 before it is buffered, so a wide pattern (``>``) delivers only the topics
 the subscriber may read.
 
-The hub (``Hub``). Publishers never feed subscribers directly: a publish
-appends to the store's topic log (bastion/store/topics.py) and nudges the
-hub, whose single feeder task reads every message after the last one it
+The hub (``Hub``). A publish appends to the store's topic log
+(bastion/store/topics.py) and nudges the hub, whose single feeder task reads every message after the last one it
 delivered, in commit order, and offers each to every subscriber of this
 process. So subscribers see exactly what was committed, in order, whoever
 published it: this process, a worker sharing the SQLite file (found by the
@@ -24,7 +23,9 @@ poll every ``POLL_INTERVAL`` while anyone subscribes), or a replica sharing
 PostgreSQL (whose commit notifies ``Store.listen("topics")``, nudging the
 hub within milliseconds). If the feed finds that durable messages it had
 not read yet were trimmed, no subscriber here can be served without a gap:
-each is ended with the lagged error, naming where to resume.
+each is ended with the lagged error, naming where to resume. One exception:
+a live message published by a process alone on its store (``Topics(relay=
+False)``) goes straight to its subscribers (``deliver_live``), never stored.
 
 Subscribers (``Subscriber``). Each has a bounded buffer (messages and
 payload bytes); ``offer`` only appends, never waits, so a subscriber that
@@ -59,6 +60,7 @@ POLL_INTERVAL = 0.25  # seconds between log polls while anyone subscribes (messa
 FEED_PAGE = 256  # messages the hub reads at once
 _ACCESS_CACHE = 1024  # topics whose access one subscriber remembers
 _FIRST_DROPPED = 1024  # durable topics whose first missed offset one subscriber remembers
+_ROUTES = 4096  # topics whose subscribers the hub remembers
 
 
 class TopicEvent(msgspec.Struct, frozen=True):
@@ -176,6 +178,9 @@ class Hub:
         self._position: int | None = None  # last seq delivered; None while nobody subscribes
         self._lock = asyncio.Lock()  # the feeder's read-and-deliver step vs. a subscriber joining
         self._nudged = asyncio.Event()
+        #: Topic -> the subscribers that want it: matching each message against every
+        #: subscriber's pattern and access once per topic, not once per message.
+        self._routes: dict[str, list[Subscriber]] = {}
 
     def __len__(self) -> int:
         return len(self._subscribers)
@@ -191,6 +196,7 @@ class Hub:
             if self._position is None:
                 self._position = (await self._store.topics_position()).seq
             self._subscribers.add(subscriber)
+            self._routes.clear()
             return self._position
 
     def count(self, owner: str) -> int:
@@ -199,6 +205,7 @@ class Hub:
 
     def leave(self, subscriber: Subscriber) -> None:
         self._subscribers.discard(subscriber)
+        self._routes.clear()
         if not self._subscribers:
             self._position = None
 
@@ -206,6 +213,7 @@ class Hub:
         for subscriber in list(self._subscribers):
             subscriber.end(kind, why)
         self._subscribers.clear()
+        self._routes.clear()
         self._position = None
 
     async def run(self) -> None:
@@ -235,18 +243,30 @@ class Hub:
                 self.end_all(ResourceExhausted, "messages it had not delivered yet were trimmed by retention")
                 return False
             for message in messages:
-                item: TopicEvent | None = None
-                for subscriber in self._subscribers:
-                    if subscriber.wants(message):
-                        if item is None:
-                            try:
-                                item = event(message)
-                            except msgspec.DecodeError:  # not written by bastion: skip it, keep the feed alive
-                                log.error(
-                                    "topics feed: message %d of %r is not valid; skipped", message.seq, message.topic
-                                )
-                                break
-                        subscriber.offer(message, item)
+                try:
+                    self._fan_out(message)
+                except msgspec.DecodeError:  # not written by bastion: skip it, keep the feed alive
+                    log.error("topics feed: message %d of %r is not valid; skipped", message.seq, message.topic)
             if messages:
                 self._position = messages[-1].seq
             return len(messages) == FEED_PAGE
+
+    def deliver_live(self, topic: str, publisher: str, payload: bytes, headers: dict[str, str], at: float) -> None:
+        """Offer a live message published here to this process's subscribers, bypassing the log
+        (``Topics(relay=False)``: no other process shares the store)."""
+        if self._subscribers:
+            self._fan_out(TopicMessage(0, topic, None, publisher, payload, headers, at))
+
+    def _fan_out(self, message: TopicMessage) -> None:
+        """Offer ``message`` to every subscriber that wants it; DecodeError if its payload is not MessagePack."""
+        route = self._routes.get(message.topic)
+        if route is None:
+            if len(self._routes) >= _ROUTES:
+                self._routes.clear()
+            route = self._routes[message.topic] = [s for s in self._subscribers if s.wants(message)]
+        item: TopicEvent | None = None
+        for subscriber in route:
+            if subscriber.ended is None:
+                if item is None:
+                    item = event(message)
+                subscriber.offer(message, item)

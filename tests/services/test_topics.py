@@ -50,9 +50,9 @@ def topics_service(topics: Topics) -> Service:
 
 
 @asynccontextmanager
-async def world(tmp_path: Path, config: TopicsConfig) -> AsyncIterator[World]:
+async def world(tmp_path: Path, config: TopicsConfig, relay: bool = True) -> AsyncIterator[World]:
     async with open_store(service_store(tmp_path)) as store:
-        topics = Topics(store, config)
+        topics = Topics(store, config, relay=relay)
         await topics.start()
         try:
             async with MemoryServer([topics_service(topics)]) as server:
@@ -61,9 +61,11 @@ async def world(tmp_path: Path, config: TopicsConfig) -> AsyncIterator[World]:
             await topics.aclose()
 
 
-def run(test: Callable[[World], Awaitable[None]], tmp_path: Path, config: TopicsConfig = CONFIG) -> None:
+def run(
+    test: Callable[[World], Awaitable[None]], tmp_path: Path, config: TopicsConfig = CONFIG, relay: bool = True
+) -> None:
     async def main() -> None:
-        async with asyncio.timeout(DEADLINE), world(tmp_path, config) as w:
+        async with asyncio.timeout(DEADLINE), world(tmp_path, config, relay) as w:
             await test(w)
 
     asyncio.run(main())
@@ -81,7 +83,8 @@ async def take(stream: AsyncIterator[Any], n: int) -> list[Any]:
     return [await anext(stream) for _ in range(n)]
 
 
-def test_live_messages_reach_current_subscribers_with_the_server_set_publisher(tmp_path: Path) -> None:
+@pytest.mark.parametrize("relay", [True, False], ids=["relayed", "alone"])
+def test_live_messages_reach_current_subscribers_with_the_server_set_publisher(tmp_path: Path, relay: bool) -> None:
     async def test(w: World) -> None:
         assert await w.ada.messages.publish(topic="chat.lobby", payload=b"before anyone listens") is None
         bob = await subscribed(w.bob, "chat.*")
@@ -104,8 +107,11 @@ def test_live_messages_reach_current_subscribers_with_the_server_set_publisher(t
         with pytest.raises(bastion.InvalidArgument):
             await w.ada.messages.publish(topic="chat.lobby", payload=b"x", publisher="admin")
         await bob.aclose()  # type: ignore[attr-defined]
+        # Relayed, live messages pass through the store's log for other processes; alone, never.
+        logged, _ = await w.store.topics_feed(0, 100)
+        assert len([m for m in logged if m.offset is None]) == (5 if relay else 0)
 
-    run(test, tmp_path)
+    run(test, tmp_path, relay=relay)
 
 
 @pytest.mark.parametrize(
