@@ -25,6 +25,8 @@ from bastion.transport.aio import Link, translate_error
 
 __all__ = ["ClientClosed", "ClientConnection", "Expired", "Pending", "Slots", "aiter_items"]
 
+_OPEN = ConnectionState.OPEN
+
 
 class ClientClosed(ConnectionClosed):
     """A call's connection was closed by ``Client.close``: never retried."""
@@ -49,7 +51,8 @@ class Pending:
     def finish(self, value: Any) -> None:
         if not self.done.done():
             self.done.set_result(value)
-        self.wake()
+        if self.waiter is not None:  # a stream reading items
+            self.wake()
         if self.credit is not None:
             self.credit.set()
 
@@ -84,9 +87,15 @@ class Slots:
         self.free = size
         self.waiters: deque[asyncio.Future[None]] = deque()
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take a free slot now, if there is one and nobody waits for it."""
         if self.free > 0 and not self.waiters:
             self.free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
         waiter: asyncio.Future[None] = self.loop.create_future()
         self.waiters.append(waiter)
@@ -193,13 +202,13 @@ class ClientConnection:
 
     @property
     def usable(self) -> bool:
-        return not self.closed and self.core.state is ConnectionState.OPEN
+        return not self.closed and self.core.state is _OPEN
 
     def start(
         self, method: str, args: dict[str, Any], timeout: float | None, stream: bool, options: Mapping[str, Any]
     ) -> tuple[int, Pending]:
         """Send a call (``args`` already checked by ``check_args``)."""
-        if not self.usable:
+        if self.closed or self.core.state is not _OPEN:  # not self.usable
             raise ConnectionClosed("connection is closed or draining")
         timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else None
         call_id = self.core.send_call(

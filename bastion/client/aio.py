@@ -37,7 +37,16 @@ import asyncio
 import random
 import socket
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Any
 
 from bastion.client._common import (
@@ -322,13 +331,15 @@ class Client(ClientBase):
 
     # -- calls ----------------------------------------------------------------------
 
-    async def call(self, method: str, /, **args: Any) -> Any:
-        """Call ``method`` with named arguments; return its result.
+    def call(self, method: str, /, **args: Any) -> Coroutine[Any, Any, Any]:
+        """Call ``method`` with named arguments; await it for the result.
 
         For a server-streaming method, the items are collected into a list.
+        (A plain function returning the call's coroutine, so the usual call
+        runs one coroutine fewer; ``await client.call(...)`` reads the same.)
         """
         # Keyword arguments are a fresh dict with str keys: nothing for check_args to do.
-        return await self._invoke(method, args, self.timeout, _NO_OPTIONS, None, None)
+        return self._invoke(method, args, self.timeout, _NO_OPTIONS, None, None)
 
     async def invoke(
         self,
@@ -482,7 +493,7 @@ class Client(ClientBase):
         not an ``asyncio.timeout`` per call.
         """
         slots = conn.slots
-        if slots is not None:
+        if slots is not None and not slots.try_acquire():  # no coroutine for the usual free slot
             await slots.acquire()
         try:
             call_id, pending = conn.start(method, args, timeout, items is not None, options)
