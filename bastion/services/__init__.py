@@ -8,11 +8,15 @@ started after the store opens and closed before it closes.
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Protocol
 
 from bastion.service import Service
+from bastion.store._access import Notifying
 
-__all__ = ["Component", "HostedComponent"]
+__all__ = ["Background", "Component", "HostedComponent"]
 
 
 class Component(Protocol):
@@ -30,3 +34,39 @@ class HostedComponent(Component, Protocol):
 
     @property
     def service(self) -> Service: ...
+
+
+class Background:
+    """A component's background tasks and its store notifications, started and stopped together.
+
+    ``start`` listens on the store's ``channel`` (other processes' changes:
+    ``on_notify``) and starts one task per ``(name, coroutine function)``;
+    ``stop`` stops listening, then cancels the tasks and waits for them.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unlisten: Callable[[], Awaitable[None]] | None = None
+
+    async def start(
+        self,
+        store: Notifying,
+        channel: str,
+        on_notify: Callable[[], None],
+        work: Iterable[tuple[str, Callable[[], Coroutine[Any, Any, None]]]],
+    ) -> None:
+        if self._tasks:
+            return
+        self._unlisten = await store.listen(channel, on_notify)
+        self._tasks = [asyncio.create_task(run(), name=name) for name, run in work]
+
+    async def stop(self) -> None:
+        unlisten, self._unlisten = self._unlisten, None
+        if unlisten is not None:
+            await unlisten()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -55,7 +55,7 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import msgspec
 
@@ -72,6 +72,7 @@ from bastion.exceptions import (
 )
 from bastion.security.principal import ADMIN_ROLE, Principal
 from bastion.service import Context, Service
+from bastion.services import Background
 from bastion.store.kv import KVChange, KVEntry, KVNamespace, KVStore, KVWrite, personal_namespace
 
 __all__ = ["KV", "Item", "Page", "PutItem", "WatchEvent"]
@@ -279,30 +280,19 @@ class KV:
         self.config = config or KVConfig()
         self.leader = leader
         self.hub = _Hub(store)
-        self._tasks: list[asyncio.Task[None]] = []
-        self._unlisten: Callable[[], Awaitable[None]] | None = None
+        self._background = Background()
         self.service = Service("kv", doc="Key-value storage with versions, compare-and-swap, TTLs and watches.")
         _declare(self, self.service)
 
     async def start(self) -> None:
-        if self._tasks:
-            return
         # Replicas sharing a PostgreSQL store hear of each other's writes at once; otherwise the poll finds them.
-        self._unlisten = await self.store.listen("kv", self.hub.nudge)
-        self._tasks = [asyncio.create_task(self.hub.run(), name="bastion-kv-watch-feed")]
+        work = [("bastion-kv-watch-feed", self.hub.run)]
         if self.leader:
-            self._tasks.append(asyncio.create_task(self._sweep_forever(), name="bastion-kv-sweep"))
+            work.append(("bastion-kv-sweep", self._sweep_forever))
+        await self._background.start(self.store, "kv", self.hub.nudge, work)
 
     async def aclose(self) -> None:
-        unlisten, self._unlisten = self._unlisten, None
-        if unlisten is not None:
-            await unlisten()
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.stop()
         self.hub.end_all(Unavailable("the kv service is stopping; watch again with from_version on a running server"))
 
     async def sweep(self, now: float | None = None) -> int:

@@ -46,7 +46,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import msgspec
@@ -62,6 +62,7 @@ from bastion.exceptions import (
 )
 from bastion.security.principal import Principal
 from bastion.service import Context, Service
+from bastion.services import Background
 from bastion.services.files import check_name
 from bastion.store.base import Store
 from bastion.store.files import FileShare
@@ -345,27 +346,16 @@ class Mailboxes:
         self.limits = MailLimits(
             self.config.mailbox_messages, self.config.mailbox_bytes, self.config.send_rate, self.config.send_burst
         )
-        self._tasks: list[asyncio.Task[None]] = []
-        self._unlisten: Callable[[], Awaitable[None]] | None = None
+        self._background = Background()
 
     async def start(self) -> None:
-        if self._tasks:
-            return
-        self._unlisten = await self.store.listen("mail", self.hub.poke)
-        self._tasks = [asyncio.create_task(self.hub.run(), name="bastion-mail-watch-poll")]
+        work = [("bastion-mail-watch-poll", self.hub.run)]
         if self.leader:
-            self._tasks.append(asyncio.create_task(self._sweep_forever(), name="bastion-mail-sweep"))
+            work.append(("bastion-mail-sweep", self._sweep_forever))
+        await self._background.start(self.store, "mail", self.hub.poke, work)
 
     async def aclose(self) -> None:
-        unlisten, self._unlisten = self._unlisten, None
-        if unlisten is not None:
-            await unlisten()
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.stop()
         self.hub.end_all(Unavailable("the messages service is stopping; watch again with from_id on a running server"))
 
     async def sweep(self, now: float | None = None) -> int:

@@ -36,7 +36,6 @@ Trims by several replicas at once are safe (each is one transaction).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -48,6 +47,7 @@ import msgspec
 from bastion.config import DurableTopic, TopicsConfig
 from bastion.exceptions import CallError, InvalidArgument, OutOfRange, PermissionDenied, ResourceExhausted, Unavailable
 from bastion.service import Context, Service
+from bastion.services import Background
 from bastion.services.topics_hub import Hub, Subscriber, TopicAccess, TopicEvent, event
 from bastion.services.topics_syntax import is_wildcard, matches, pattern_error, topic_error
 from bastion.store.topics import TopicStore
@@ -96,32 +96,21 @@ class Topics:
         self.relay = relay
         self.access = TopicAccess(self.config.rules)
         self.hub = Hub(store)
-        self._tasks: list[asyncio.Task[None]] = []
-        self._unlisten: Callable[[], Awaitable[None]] | None = None
+        self._background = Background()
 
     def declare(self, service: Service) -> None:
         """Add ``publish``, ``subscribe`` and ``topic_info`` to ``service``."""
         _declare(self, service)
 
     async def start(self) -> None:
-        if self._tasks:
-            return
         # Replicas sharing a PostgreSQL store hear of each other's publishes at once; otherwise the poll finds them.
-        self._unlisten = await self.store.listen("topics", self.hub.nudge)
-        self._tasks = [asyncio.create_task(self.hub.run(), name="bastion-topics-feed")]
+        work = [("bastion-topics-feed", self.hub.run)]
         if self.leader:
-            self._tasks.append(asyncio.create_task(self._sweep_forever(), name="bastion-topics-sweep"))
+            work.append(("bastion-topics-sweep", self._sweep_forever))
+        await self._background.start(self.store, "topics", self.hub.nudge, work)
 
     async def aclose(self) -> None:
-        unlisten, self._unlisten = self._unlisten, None
-        if unlisten is not None:
-            await unlisten()
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.stop()
         self.hub.end_all(Unavailable, "the messages service is stopping")
 
     def durable_for(self, topic: str) -> DurableTopic | None:
