@@ -305,8 +305,8 @@ def _declare(topics: Topics, service: Service) -> None:
         if not durable and not topics.relay:  # nobody else shares the store: straight to our subscribers
             topics.hub.deliver_live(topic, ctx.principal.name, encoded, headers, time.time())
             return None
-        _, offset = await store.topics_append(topic, durable, ctx.principal.name, encoded, headers, time.time())
-        topics.hub.nudge()
+        seq, offset = await store.topics_append(topic, durable, ctx.principal.name, encoded, headers, time.time())
+        topics.hub.appended(seq)
         return offset
 
     @service.method

@@ -25,7 +25,10 @@ hub within milliseconds). If the feed finds that durable messages it had
 not read yet were trimmed, no subscriber here can be served without a gap:
 each is ended with the lagged error, naming where to resume. One exception:
 a live message published by a process alone on its store (``Topics(relay=
-False)``) goes straight to its subscribers (``deliver_live``), never stored.
+False)``) goes straight to its subscribers (``deliver_live``), never stored --
+unless the feed has yet to deliver a message this process appended before
+it: then it waits for the feed to get there, so that what one client
+publishes arrives in the order it was published, live or durable.
 
 Subscribers (``Subscriber``). Each has a bounded buffer (messages and
 payload bytes); ``offer`` only appends, never waits, so a subscriber that
@@ -61,6 +64,7 @@ FEED_PAGE = 256  # messages the hub reads at once
 _ACCESS_CACHE = 1024  # topics whose access one subscriber remembers
 _FIRST_DROPPED = 1024  # durable topics whose first missed offset one subscriber remembers
 _ROUTES = 4096  # topics whose subscribers the hub remembers
+_HELD = 4096  # live messages held behind this process's undelivered appends
 
 
 class TopicEvent(msgspec.Struct, frozen=True):
@@ -181,6 +185,10 @@ class Hub:
         #: Topic -> the subscribers that want it: matching each message against every
         #: subscriber's pattern and access once per topic, not once per message.
         self._routes: dict[str, list[Subscriber]] = {}
+        self._appended = 0  # the last seq this process appended to the log
+        #: Live messages published here while the feed had not yet delivered this process's
+        #: earlier appends, each after the seq it must follow: a publisher's messages arrive in order.
+        self._held: deque[tuple[int, TopicMessage]] = deque()
 
     def __len__(self) -> int:
         return len(self._subscribers)
@@ -189,6 +197,11 @@ class Hub:
         """New messages may be in the log (a publish committed here, or a notification from elsewhere)."""
         if self._subscribers:
             self._nudged.set()
+
+    def appended(self, seq: int) -> None:
+        """This process committed message ``seq`` to the log: deliver it (and hold later live ones behind it)."""
+        self._appended = max(self._appended, seq)
+        self.nudge()
 
     async def join(self, subscriber: Subscriber) -> int:
         """Add ``subscriber``; the seq P after which messages reach it live."""
@@ -208,12 +221,14 @@ class Hub:
         self._routes.clear()
         if not self._subscribers:
             self._position = None
+            self._held.clear()
 
     def end_all(self, kind: type[CallError], why: str) -> None:
         for subscriber in list(self._subscribers):
             subscriber.end(kind, why)
         self._subscribers.clear()
         self._routes.clear()
+        self._held.clear()
         self._position = None
 
     async def run(self) -> None:
@@ -249,13 +264,23 @@ class Hub:
                     log.error("topics feed: message %d of %r is not valid; skipped", message.seq, message.topic)
             if messages:
                 self._position = messages[-1].seq
+            held, position = self._held, self._position
+            while held and held[0][0] <= position:
+                self._fan_out(held.popleft()[1])
             return len(messages) == FEED_PAGE
 
     def deliver_live(self, topic: str, publisher: str, payload: bytes, headers: dict[str, str], at: float) -> None:
         """Offer a live message published here to this process's subscribers, bypassing the log
         (``Topics(relay=False)``: no other process shares the store)."""
-        if self._subscribers:
-            self._fan_out(TopicMessage(0, topic, None, publisher, payload, headers, at))
+        if not self._subscribers:
+            return
+        message = TopicMessage(0, topic, None, publisher, payload, headers, at)
+        if self._position is not None and self._position < self._appended:  # the feed is behind our own appends
+            self._held.append((self._appended, message))
+            if len(self._held) <= _HELD:
+                return
+            message = self._held.popleft()[1]  # bounded: past _HELD, order yields to memory
+        self._fan_out(message)
 
     def _fan_out(self, message: TopicMessage) -> None:
         """Offer ``message`` to every subscriber that wants it; DecodeError if its payload is not MessagePack."""

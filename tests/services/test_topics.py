@@ -412,3 +412,20 @@ def test_another_process_on_the_same_store_delivers_within_a_second(tmp_path: Pa
             await other.aclose()
 
     run(test, tmp_path)
+
+
+def test_a_publishers_durable_and_live_messages_arrive_in_the_order_published(tmp_path: Path) -> None:
+    # Alone on its store, a live message skips the log -- but never overtakes the
+    # durable messages its publisher sent before it.
+    async def test(w: World) -> None:
+        sub = await subscribed(w.admin, ">")
+        sent = []
+        for i in range(20):
+            topic = "orders.eu" if i % 3 else "chat.lobby"
+            await w.ada.messages.publish(topic=topic, payload=i)
+            sent.append((topic, i))
+        got = [(item["topic"], item["payload"]) for item in await take(sub, len(sent))]
+        assert got == sent
+        await sub.aclose()  # type: ignore[attr-defined]
+
+    run(test, tmp_path, relay=False)
