@@ -257,15 +257,17 @@ class Hub:
                 # Durable messages were trimmed before this feed read them: nobody here can go on gaplessly.
                 self.end_all(ResourceExhausted, "messages it had not delivered yet were trimmed by retention")
                 return False
+            held = self._held
             for message in messages:
                 try:
                     self._fan_out(message)
                 except msgspec.DecodeError:  # not written by bastion: skip it, keep the feed alive
                     log.error("topics feed: message %d of %r is not valid; skipped", message.seq, message.topic)
+                while held and held[0][0] <= message.seq:  # live ones published right after this one
+                    self._fan_out(held.popleft()[1])
             if messages:
                 self._position = messages[-1].seq
-            held, position = self._held, self._position
-            while held and held[0][0] <= position:
+            while held and held[0][0] <= self._position:
                 self._fan_out(held.popleft()[1])
             return len(messages) == FEED_PAGE
 
