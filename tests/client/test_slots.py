@@ -1,0 +1,83 @@
+"""The async client keeps its calls in flight within the server's max_inflight (``Slots``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import bastion.testing
+from bastion import Service
+from bastion.client._connection import Slots
+from bastion.server.server import ServerLimits
+
+
+def run(coro: object) -> None:
+    async def guarded() -> None:
+        async with asyncio.timeout(20):
+            await coro  # type: ignore[misc]
+
+    asyncio.run(guarded())
+
+
+def test_free_slots_are_taken_at_once_then_callers_wait_their_turn_in_order() -> None:
+    async def main() -> None:
+        slots = Slots(asyncio.get_running_loop(), 2)
+        assert slots.try_acquire() and slots.try_acquire()
+        assert not slots.try_acquire()
+        order: list[int] = []
+
+        async def wait(n: int) -> None:
+            await slots.acquire()
+            order.append(n)
+
+        waiters = [asyncio.create_task(wait(n)) for n in range(3)]
+        await asyncio.sleep(0)  # let them queue
+        assert order == [] and len(slots.waiters) == 3
+        slots.release()
+        slots.release()
+        await asyncio.sleep(0)
+        assert order == [0, 1]  # the longest waiters first
+        assert not slots.try_acquire()  # nobody may jump the queue past the third waiter
+        slots.release()
+        await asyncio.gather(*waiters)
+        assert order == [0, 1, 2] and slots.free == 0
+
+    run(main())
+
+
+def test_a_cancelled_waiter_gives_up_its_place_and_a_slot_it_was_handed_goes_on() -> None:
+    async def main() -> None:
+        slots = Slots(asyncio.get_running_loop(), 1)
+        assert slots.try_acquire()
+        first = asyncio.create_task(slots.acquire())
+        second = asyncio.create_task(slots.acquire())
+        await asyncio.sleep(0)
+        first.cancel()  # still waiting: it leaves the queue
+        await asyncio.sleep(0)
+        assert first.cancelled() and len(slots.waiters) == 1
+        third = asyncio.create_task(slots.acquire())
+        await asyncio.sleep(0)
+        slots.release()  # handed to second ...
+        second.cancel()  # ... which is cancelled before it runs: the slot passes to third
+        await third
+        assert second.cancelled() and slots.free == 0 and not slots.waiters
+
+    run(main())
+
+
+service = Service("probe")
+
+
+@service.method
+async def hold(seconds: float) -> int:
+    await asyncio.sleep(seconds)
+    return 1
+
+
+def test_more_calls_than_max_inflight_wait_for_slots_instead_of_being_refused() -> None:
+    async def main() -> None:
+        limits = ServerLimits(max_inflight=2)
+        async with bastion.testing.connect(service, limits=limits, timeout=10) as client:
+            results = await asyncio.gather(*(client.probe.hold(seconds=0.01) for _ in range(10)))
+        assert results == [1] * 10
+
+    run(main())
