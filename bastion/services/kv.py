@@ -78,6 +78,8 @@ from bastion.store.kv import KVChange, KVEntry, KVNamespace, KVStore, KVWrite, p
 __all__ = ["KV", "Item", "Page", "PutItem", "WatchEvent"]
 
 log = logging.getLogger("bastion.kv")
+#: Seconds between checks that a watcher may still read its namespace (while changes flow to it).
+ACCESS_RECHECK = 2.0
 
 POLL_INTERVAL = 0.5  # seconds between log polls while anyone watches (changes from other processes)
 FEED_PAGE = 1000  # changes the hub reads at once
@@ -549,9 +551,15 @@ def _declare(kv: KV, service: Service) -> None:
                 async for change in _replay(store, ns, prefix, from_version, start):
                     yield _event(change)
                 last = max(start, from_version - 1)
+            checked = time.monotonic()
             while True:
                 live = watcher.take()
                 if live is not None:
+                    if time.monotonic() - checked >= ACCESS_RECHECK:
+                        # The namespace's access lists may have changed (or it was deleted) since the watch
+                        # began: PERMISSION_DENIED ends the stream before another change goes out.
+                        await kv.namespace_for(ctx.principal, namespace, write=False)
+                        checked = time.monotonic()
                     if live.revision > last:
                         last = live.revision
                         yield _event(live)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import bastion
+import bastion.services.kv
 from bastion.client.aio import Client
 from bastion.config import KVConfig
 from bastion.security.principal import Principal
@@ -259,6 +260,25 @@ def test_watch_sees_deletes_and_other_writers_and_only_its_namespace(tmp_path: P
         assert start["version"] < v
         assert (put["type"], put["key"], put["value"], put["version"]) == ("put", "x", b"2", v)
         assert (delete["type"], delete["value"], delete["version"]) == ("delete", None, v + 1)
+
+    run(test, tmp_path)
+
+
+def test_a_watcher_whose_read_access_is_withdrawn_gets_no_further_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bastion.services.kv, "ACCESS_RECHECK", 0.0)  # check before every change
+
+    async def test(w: World) -> None:
+        await w.admin.kv.create_namespace(name="team", readers=["user:ada"], writers=["role:dev"])
+        stream = w.ada.stream("kv.watch", namespace="team")
+        await anext(stream)
+        await w.bob.kv.put(key="x", value=b"1", namespace="team")
+        assert (await anext(stream))["value"] == b"1"
+        await w.admin.kv.set_access(name="team", readers=[], writers=["role:dev"])
+        await w.bob.kv.put(key="x", value=b"secret", namespace="team")
+        with pytest.raises(bastion.PermissionDenied, match="no read access to namespace 'team'"):
+            await anext(stream)
 
     run(test, tmp_path)
 
