@@ -359,11 +359,6 @@ class Jobs:
                 raise NotFound(f"no job named {name!r} is registered here (jobs.registered lists them)")
             data = spec.validate(args or {})
             owner = ctx.principal.name
-            if await store.jobs_count(owner, ("queued", "running")) >= config.max_pending:
-                raise ResourceExhausted(
-                    f"you have {config.max_pending} jobs queued or running (the limit); wait for some to finish",
-                    retry_after=config.poll_interval,
-                )
             job = JobRecord(
                 id=new_job_id(),
                 owner=owner,
@@ -375,7 +370,11 @@ class Jobs:
                 memory_mb=spec.memory_mb or config.memory_mb,
                 created_at=time.time(),
             )
-            await store.jobs_submit(job)
+            if not await store.jobs_submit(job, max_pending=config.max_pending):
+                raise ResourceExhausted(
+                    f"you have {config.max_pending} jobs queued or running (the limit); wait for some to finish",
+                    retry_after=config.poll_interval,
+                )
             if self._wake is not None:
                 self._wake.set()
             return job.id

@@ -61,6 +61,8 @@ __all__ = [
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
+#: The states that count against ``max_pending``.
+PENDING_STATES = ("queued", "running")
 RenewOutcome = Literal["running", "cancel", "lost"]
 
 
@@ -139,8 +141,13 @@ class JobStore(ABC):
     """What every backend offers for jobs (see the module docstring for the state machine)."""
 
     @abstractmethod
-    async def jobs_submit(self, job: JobRecord) -> None:
-        """Insert a new job; ``AlreadyExists`` if its id is taken."""
+    async def jobs_submit(self, job: JobRecord, *, max_pending: int | None = None) -> bool:
+        """Insert a new job; ``AlreadyExists`` if its id is taken.
+
+        ``max_pending``: only if its owner has fewer jobs queued or running,
+        counted in the same transaction, so concurrent submits cannot overshoot
+        (False: at the limit, nothing inserted).
+        """
 
     @abstractmethod
     async def jobs_get(self, job_id: str) -> JobRecord | None: ...
@@ -287,14 +294,20 @@ def _tally(states: Sequence[Any]) -> dict[str, int]:
 
 
 class SQLiteJobs(SQLiteAccess, JobStore):
-    async def jobs_submit(self, job: JobRecord) -> None:
-        def insert(conn: sqlite3.Connection) -> None:
+    async def jobs_submit(self, job: JobRecord, *, max_pending: int | None = None) -> bool:
+        def insert(conn: sqlite3.Connection) -> bool:
+            # The writer runs one write at a time: the count cannot change before the insert.
+            if max_pending is not None:
+                (pending,) = conn.execute(_COUNT.format("?, ?"), (job.owner, *PENDING_STATES)).fetchone()
+                if pending >= max_pending:
+                    return False
             try:
                 conn.execute(_INSERT, _sqlite_row(job))
             except sqlite3.IntegrityError as exc:
                 raise AlreadyExists(f"job {job.id!r} exists") from exc
+            return True
 
-        await self._write(insert)
+        return await self._write(insert)
 
     async def jobs_get(self, job_id: str) -> JobRecord | None:
         row = await self._read(lambda c: c.execute(_GET, (job_id,)).fetchone())
@@ -385,6 +398,7 @@ _PG = {
         "delete_owner": "DELETE FROM jobs WHERE owner = ?",
         "reassign_owner": "UPDATE jobs SET owner = ? WHERE owner = ?",
         "count": "SELECT count(*) FROM jobs WHERE owner = ? AND state = ANY(?::text[])",
+        "lock_owner": "SELECT pg_advisory_xact_lock(hashtext(?))",
     }.items()
 }
 
@@ -402,10 +416,23 @@ class PostgresJobs(PostgresAccess, JobStore):
     async def _jobs_execute(self, sql: str, *args: Any) -> int:
         return _affected(await self._call(lambda conn: conn.execute(sql, *args)))
 
-    async def jobs_submit(self, job: JobRecord) -> None:
-        rows = await self._jobs_fetch(_PG["insert"], *_row(job))
+    async def jobs_submit(self, job: JobRecord, *, max_pending: int | None = None) -> bool:
+        async def insert(conn: Any) -> list[Any] | None:  # an asyncpg connection
+            async with conn.transaction():
+                if max_pending is not None:
+                    # Concurrent submits of one owner (any replica) take turns until this transaction ends.
+                    await conn.execute(_PG["lock_owner"], f"bastion.jobs.pending:{job.owner}")
+                    pending = await conn.fetchval(_PG["count"], job.owner, list(PENDING_STATES))
+                    if pending >= max_pending:
+                        return None
+                return list(await conn.fetch(_PG["insert"], *_row(job)))
+
+        rows = await self._call(insert)
+        if rows is None:
+            return False
         if not rows:
             raise AlreadyExists(f"job {job.id!r} exists")
+        return True
 
     async def jobs_get(self, job_id: str) -> JobRecord | None:
         rows = await self._jobs_fetch(_PG["get"], job_id)

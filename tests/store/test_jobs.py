@@ -19,6 +19,14 @@ def job(job_id: str, owner: str = "ada", name: str = "add", **fields: object) ->
     return JobRecord(id=job_id, owner=owner, name=name, args=b"\x80", created_at=1.0, **fields)  # type: ignore[arg-type]
 
 
+async def test_concurrent_submits_never_overshoot_max_pending(store: Store) -> None:
+    await store.jobs_submit(job("done", state="succeeded"))  # finished jobs do not count
+    submitted = await asyncio.gather(*(store.jobs_submit(job(f"j{i:02d}"), max_pending=5) for i in range(20)))
+    assert submitted.count(True) == 5
+    assert await store.jobs_submit(job("other", owner="bob"), max_pending=5)  # each owner has their own limit
+    assert await store.jobs_count("ada", ("queued", "running")) == 5
+
+
 async def test_submit_get_and_list(store: Store) -> None:
     await store.jobs_submit(job("j1"))
     await store.jobs_submit(job("j2", owner="bob"))
