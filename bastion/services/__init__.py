@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
+from bastion.exceptions import CallError
 from bastion.service import Service
 from bastion.store._access import Notifying
 
-__all__ = ["Background", "Component", "HostedComponent"]
+__all__ = ["Background", "Component", "HostedComponent", "every", "on_wakeup"]
 
 
 class Component(Protocol):
@@ -70,3 +72,31 @@ class Background:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def on_wakeup(
+    wakeup: asyncio.Event, interval: float, step: Callable[[], Awaitable[object]], log: logging.Logger, what: str
+) -> None:
+    """Run ``step`` whenever ``wakeup`` is set, and at least every ``interval`` seconds (a poll), forever.
+
+    A store that fails (``CallError``) is logged and tried again at the next wakeup or poll.
+    """
+    while True:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval):
+                await wakeup.wait()
+        wakeup.clear()
+        try:
+            await step()
+        except CallError as exc:
+            log.warning("%s: %s", what, exc.message)
+
+
+async def every(interval: float, step: Callable[[], Awaitable[object]], log: logging.Logger, what: str) -> None:
+    """Run ``step`` every ``interval`` seconds, forever; a ``CallError`` is logged and the next run goes ahead."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await step()
+        except CallError as exc:
+            log.warning("%s: %s", what, exc.message)

@@ -49,7 +49,6 @@ to reads at once, whether or not the sweep has run.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import re
@@ -72,7 +71,7 @@ from bastion.exceptions import (
 )
 from bastion.security.principal import ADMIN_ROLE, Principal
 from bastion.service import Context, Service
-from bastion.services import Background
+from bastion.services import Background, every, on_wakeup
 from bastion.store.kv import KVChange, KVEntry, KVNamespace, KVStore, KVWrite, personal_namespace
 
 __all__ = ["KV", "Item", "Page", "PutItem", "WatchEvent"]
@@ -233,16 +232,11 @@ class _Hub:
 
     async def run(self) -> None:
         """The feeder: deliver every new logged change, in order, whenever nudged (or polled)."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(POLL_INTERVAL):
-                    await self._nudged.wait()
-            self._nudged.clear()
-            try:
-                while await self._feed_once():
-                    pass
-            except CallError as exc:  # the store is unavailable: try again at the next nudge or poll
-                log.warning("kv watch feed: %s", exc.message)
+        await on_wakeup(self._nudged, POLL_INTERVAL, self._feed_all, log, "kv watch feed")
+
+    async def _feed_all(self) -> None:
+        while await self._feed_once():
+            pass
 
     async def _feed_once(self) -> bool:
         """Deliver one page of changes; whether there may be more."""
@@ -312,12 +306,7 @@ class KV:
         return total
 
     async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.sweep_interval)
-            try:
-                await self.sweep()
-            except CallError as exc:
-                log.warning("kv sweep: %s", exc.message)
+        await every(self.config.sweep_interval, self.sweep, log, "kv sweep")
 
     # -- checks shared by the methods ------------------------------------------------------
 

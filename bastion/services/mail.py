@@ -62,7 +62,7 @@ from bastion.exceptions import (
 )
 from bastion.security.principal import Principal
 from bastion.service import Context, Service
-from bastion.services import Background
+from bastion.services import Background, every, on_wakeup
 from bastion.services.files import check_name
 from bastion.store.base import Store
 from bastion.store.files import FileShare
@@ -313,22 +313,16 @@ class _Hub:
 
     async def run(self) -> None:
         """Poll the watched mailboxes' heads whenever poked, and every ``POLL_INTERVAL`` while anyone watches."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(POLL_INTERVAL):
-                    await self._poked.wait()
-            self._poked.clear()
-            if not self._watchers:
-                continue
-            try:
-                heads = await self._store.mail_heads(sorted(self._watchers))
-            except CallError as exc:  # the store is unavailable: try again at the next poll
-                log.warning("mail watch poll: %s", exc.message)
-                continue
-            for owner, head in heads.items():
-                for watcher in self._watchers.get(owner, ()):
-                    if head > watcher.last:
-                        watcher.wakeup.set()
+        await on_wakeup(self._poked, POLL_INTERVAL, self._poll, log, "mail watch poll")
+
+    async def _poll(self) -> None:
+        if not self._watchers:
+            return
+        heads = await self._store.mail_heads(sorted(self._watchers))
+        for owner, head in heads.items():
+            for watcher in self._watchers.get(owner, ()):
+                if head > watcher.last:
+                    watcher.wakeup.set()
 
 
 # -- the component --------------------------------------------------------------------------
@@ -364,12 +358,7 @@ class Mailboxes:
         return await self.store.mail_forget_sends(now - self.config.client_id_ttl)
 
     async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.sweep_interval)
-            try:
-                await self.sweep()
-            except CallError as exc:
-                log.warning("mail sweep: %s", exc.message)
+        await every(self.config.sweep_interval, self.sweep, log, "mail sweep")
 
     # -- sending ----------------------------------------------------------------------------
 

@@ -35,7 +35,6 @@ Trims by several replicas at once are safe (each is one transaction).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -47,7 +46,7 @@ import msgspec
 from bastion.config import DurableTopic, TopicsConfig
 from bastion.exceptions import CallError, InvalidArgument, OutOfRange, PermissionDenied, ResourceExhausted, Unavailable
 from bastion.service import Context, Service
-from bastion.services import Background
+from bastion.services import Background, every
 from bastion.services.topics_hub import Hub, Subscriber, TopicAccess, TopicEvent, event
 from bastion.services.topics_syntax import is_wildcard, matches, pattern_error, topic_error
 from bastion.store.topics import TopicStore
@@ -148,12 +147,7 @@ class Topics:
                 return total
 
     async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.sweep_interval)
-            try:
-                await self.sweep()
-            except CallError as exc:
-                log.warning("topics sweep: %s", exc.message)
+        await every(self.config.sweep_interval, self.sweep, log, "topics sweep")
 
     # -- checks shared by the methods ------------------------------------------------------
 

@@ -42,7 +42,6 @@ those offsets (``resume_from``) and the count (``dropped``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from typing import Any
@@ -52,6 +51,7 @@ import msgspec
 from bastion.config import TopicRule
 from bastion.exceptions import CallError, ResourceExhausted
 from bastion.security.principal import ADMIN_ROLE, Principal
+from bastion.services import on_wakeup
 from bastion.services.topics_syntax import matches, overlaps, personal_pattern
 from bastion.store.topics import TopicMessage, TopicStore
 
@@ -233,16 +233,11 @@ class Hub:
 
     async def run(self) -> None:
         """The feeder: deliver every new message, in order, whenever nudged (or polled)."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(POLL_INTERVAL):
-                    await self._nudged.wait()
-            self._nudged.clear()
-            try:
-                while await self._feed_once():
-                    pass
-            except CallError as exc:  # the store is unavailable: try again at the next nudge or poll
-                log.warning("topics feed: %s", exc.message)
+        await on_wakeup(self._nudged, POLL_INTERVAL, self._feed_all, log, "topics feed")
+
+    async def _feed_all(self) -> None:
+        while await self._feed_once():
+            pass
 
     async def _feed_once(self) -> bool:
         """Deliver one page of messages; whether there may be more."""
