@@ -145,6 +145,23 @@ def print_json(value: Any) -> None:
     print(_json(value))
 
 
+def collect_pages(
+    client: SyncClient, method: str, *, items: str, cursor: str, most: int | None = None, **args: Any
+) -> list[dict[str, Any]]:
+    """Every item of a paged listing (``items`` of each page; ``next`` is the next page's ``cursor``
+    argument), or the first ``most``. Arguments that are None are left out."""
+    found: list[dict[str, Any]] = []
+    position = None
+    while most is None or len(found) < most:
+        given = {**args, cursor: position}
+        page = client.call(method, **{k: v for k, v in given.items() if v is not None})
+        found += page[items]
+        position = page["next"]
+        if position is None:
+            break
+    return found[:most] if most is not None else found
+
+
 def store_flag(url: str) -> str:
     """``--store``'s value, refused if it carries a password (flags show up in ``ps`` and shell history)."""
     parts = urllib.parse.urlsplit(url)

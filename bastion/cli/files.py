@@ -37,7 +37,7 @@ from rich.progress import (
 )
 
 from bastion.cli import common
-from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, connect, print_json, run_guarded
+from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, collect_pages, connect, print_json, run_guarded
 from bastion.client.sync import SyncClient
 from bastion.exceptions import DataLoss, NotFound
 
@@ -257,15 +257,11 @@ def ls(
     """List your files and those shared with you."""
 
     def run() -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = []
-        after = None
         with connect(address, token_file, ca, insecure) as client:
-            while True:
-                page = client.call("files.list", prefix=prefix, owner=owner, all=all_users, after=after, limit=1000)
-                found.extend(page["files"])
-                after = page["next"]
-                if after is None:
-                    return found
+            return collect_pages(
+                client, "files.list", items="files", cursor="after",
+                prefix=prefix, owner=owner, all=all_users, limit=1000,
+            )  # fmt: skip
 
     files = run_guarded(run)
     if as_json:

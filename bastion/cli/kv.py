@@ -16,7 +16,18 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
-from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, connect, fail, print_json, run_guarded
+from bastion.cli.common import (
+    CA,
+    Address,
+    AsJson,
+    Insecure,
+    TokenFile,
+    collect_pages,
+    connect,
+    fail,
+    print_json,
+    run_guarded,
+)
 
 __all__ = ["kv_app"]
 
@@ -138,17 +149,11 @@ def ls(
     """List keys by prefix, in byte order: key, version, size (every page, or up to --limit)."""
 
     def run() -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
-        after = None
         with connect(address, token_file, ca, insecure) as client:
-            while limit is None or len(items) < limit:
-                args: dict[str, Any] = {"prefix": prefix, "namespace": namespace, "after": after}
-                page = client.call("kv.list", keys_only=not as_json, **{k: v for k, v in args.items() if v is not None})
-                items += page["items"]
-                after = page["next"]
-                if after is None:
-                    break
-        return items[:limit] if limit is not None else items
+            return collect_pages(
+                client, "kv.list", items="items", cursor="after", most=limit,
+                prefix=prefix, namespace=namespace, keys_only=not as_json,
+            )  # fmt: skip
 
     items = run_guarded(run)
     if as_json:

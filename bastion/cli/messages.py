@@ -18,7 +18,18 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
-from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, connect, fail, print_json, run_guarded
+from bastion.cli.common import (
+    CA,
+    Address,
+    AsJson,
+    Insecure,
+    TokenFile,
+    collect_pages,
+    connect,
+    fail,
+    print_json,
+    run_guarded,
+)
 
 __all__ = ["messages_app"]
 
@@ -119,17 +130,11 @@ def inbox(
     """List your messages, newest first: id, a * if unread, date, sender, subject."""
 
     def run() -> list[dict[str, Any]]:
-        messages: list[dict[str, Any]] = []
-        cursor = None
         with connect(address, token_file, ca, insecure) as client:
-            while limit is None or len(messages) < limit:
-                args = {"unread_only": unread, "oldest_first": oldest_first, "cursor": cursor}
-                page = client.call("messages.inbox", **{k: v for k, v in args.items() if v is not None})
-                messages += page["messages"]
-                cursor = page["next"]
-                if cursor is None:
-                    break
-        return messages[:limit] if limit is not None else messages
+            return collect_pages(
+                client, "messages.inbox", items="messages", cursor="cursor", most=limit,
+                unread_only=unread, oldest_first=oldest_first,
+            )  # fmt: skip
 
     messages = run_guarded(run)
     if as_json:
