@@ -107,39 +107,23 @@ Integration with ``ServerSession`` (bastion/server/session.py, as of writing):
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 import msgspec
 
 from bastion.exceptions import UsageError
+from bastion.server.tickets import Job, Level, LevelQueue, OnReject, Ticket, TicketState
 from bastion.status import Status
 
 __all__ = ["Job", "Level", "OnReject", "Scheduler", "SchedulerConfig", "Ticket", "TicketState", "effective_priority"]
 
 log = logging.getLogger("bastion.server")
 
-#: A call ready to run: called once, with no arguments, when a slot is free.
-Job = Callable[[], Coroutine[Any, Any, object]]
-#: Told why a job will never run: (status, message, retry-after seconds or None).
-OnReject = Callable[[Status, str, "float | None"], None]
-
-_PUSH_OUT_SAMPLE = 8  # principals looked at to find the longest queue when a level is full
 _REENTER_INTERVALS = 8  # dropping again this soon after leaving skips the interval wait
 _EWMA_WEIGHT = 0.1
-
-
-class Level(enum.IntEnum):
-    """Scheduling levels; a higher level is always served first."""
-
-    BATCH = 0
-    INTERACTIVE = 1
-    CONTROL = 2
 
 
 _SERVICE_ORDER = (Level.CONTROL, Level.INTERACTIVE, Level.BATCH)
@@ -203,166 +187,7 @@ class SchedulerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return Level.BATCH
 
 
-class TicketState(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"  # the task finished, however it ended
-    REJECTED = "rejected"  # on_reject was called; the job never ran
-    CANCELLED = "cancelled"  # removed from its queue by cancel(); the job never ran
-
-
 _RUNNING, _DONE = TicketState.RUNNING, TicketState.DONE
-
-
-class Ticket:
-    """One submitted job: its level, its state and, once started, its task."""
-
-    __slots__ = (
-        "deadline",
-        "detached",
-        "enqueued_at",
-        "job",
-        "level",
-        "on_done",
-        "on_reject",
-        "principal",
-        "state",
-        "task",
-    )
-
-    def __init__(
-        self,
-        job: Job,
-        level: Level,
-        principal: str,
-        deadline: float | None,
-        on_reject: OnReject,
-        on_done: Callable[[], None] | None,
-        now: float,
-    ) -> None:
-        self.job = job
-        self.level = level
-        self.principal = principal
-        self.deadline = deadline
-        self.on_reject = on_reject
-        self.on_done = on_done
-        self.enqueued_at = now
-        self.state = TicketState.QUEUED
-        self.task: asyncio.Task[object] | None = None
-        self.detached = False
-
-    def __repr__(self) -> str:
-        return f"<Ticket {self.level.name} {self.principal!r} {self.state.value}>"
-
-
-class _Queue:
-    """One level: a FIFO per principal served round-robin, plus the level's CoDel state.
-
-    A principal is in ``fifos`` exactly when it is in ``ring``, once; its FIFO
-    may be empty after a removal (dropped when the ring reaches it).
-    ``arrivals`` holds the level's tickets in arrival order, for the oldest
-    waiting one; tickets that left are dropped from it lazily, and it is
-    compacted when mostly stale. Every ticket in a FIFO is QUEUED, except one
-    just popped by ``pop()`` and about to be started or refused.
-    """
-
-    __slots__ = (
-        "arrivals",
-        "dropping",
-        "fifos",
-        "first_above",
-        "left_at",
-        "rate",
-        "ring",
-        "size",
-        "window_count",
-        "window_start",
-    )
-
-    def __init__(self) -> None:
-        self.fifos: dict[str, deque[Ticket]] = {}
-        self.ring: deque[str] = deque()
-        self.arrivals: deque[Ticket] = deque()
-        self.size = 0
-        self.dropping = False
-        self.first_above: float | None = None  # when a standing queue counts as overload
-        self.left_at: float | None = None  # when dropping last stopped
-        self.rate = 0.0  # jobs started per second, over the last full window
-        self.window_start: float | None = None
-        self.window_count = 0
-
-    def depth(self, principal: str) -> int:
-        fifo = self.fifos.get(principal)
-        return len(fifo) if fifo is not None else 0
-
-    def push(self, ticket: Ticket) -> None:
-        fifo = self.fifos.get(ticket.principal)
-        if fifo is None:
-            fifo = self.fifos[ticket.principal] = deque()
-            self.ring.append(ticket.principal)
-        fifo.append(ticket)
-        self.size += 1
-        self.arrivals.append(ticket)
-        if len(self.arrivals) > 2 * self.size + 64:
-            self.arrivals = deque(t for t in self.arrivals if t.state is TicketState.QUEUED)
-
-    def pop(self) -> Ticket | None:
-        """The next principal's oldest job, round-robin."""
-        while self.ring:
-            principal = self.ring.popleft()
-            fifo = self.fifos[principal]
-            if not fifo:
-                del self.fifos[principal]
-                continue
-            ticket = fifo.popleft()
-            self.size -= 1
-            if fifo:
-                self.ring.append(principal)
-            else:
-                del self.fifos[principal]
-            return ticket
-        return None
-
-    def oldest(self) -> Ticket | None:
-        arrivals = self.arrivals
-        while arrivals and arrivals[0].state is not TicketState.QUEUED:
-            arrivals.popleft()
-        return arrivals[0] if arrivals else None
-
-    def remove(self, ticket: Ticket) -> None:
-        fifo = self.fifos[ticket.principal]
-        if fifo[0] is ticket:  # its principal's oldest: the usual case
-            fifo.popleft()
-        else:
-            fifo.remove(ticket)
-        self.size -= 1
-
-    def pop_newest_of_longest(self, longer_than: int) -> Ticket | None:
-        """The newest job of the longest FIFO among the next few principals, if longer than given."""
-        longest: deque[Ticket] | None = None
-        seen = 0
-        for principal in self.ring:
-            fifo = self.fifos[principal]
-            if not fifo:
-                continue
-            if len(fifo) > longer_than and (longest is None or len(fifo) > len(longest)):
-                longest = fifo
-            seen += 1
-            if seen == _PUSH_OUT_SAMPLE:
-                break
-        if longest is None:
-            return None
-        self.size -= 1
-        return longest.pop()
-
-    def count_start(self, now: float, window: float) -> None:
-        if self.window_start is None:
-            self.window_start = now
-        self.window_count += 1
-        elapsed = now - self.window_start
-        if elapsed >= window:
-            self.rate = self.window_count / elapsed
-            self.window_start, self.window_count = now, 0
 
 
 class Scheduler:
@@ -371,7 +196,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config or SchedulerConfig()
         self._clock = clock
-        self._queues = {level: _Queue() for level in Level}
+        self._queues = {level: LevelQueue() for level in Level}
         self._queued = 0
         self._running = 0
         #: CoDel state may be set (a queue formed since the last time a free slot found none).
@@ -513,7 +338,7 @@ class Scheduler:
         queue.push(ticket)
         self._queued += 1
 
-    def _refuse_under_overload(self, queue: _Queue, level: Level) -> bool:
+    def _refuse_under_overload(self, queue: LevelQueue, level: Level) -> bool:
         if any(self._queues[above].dropping for above in _SHEDDABLE if above > level):
             return True  # below a dropping level a newcomer would only wait to be shed
         if queue.dropping:  # admit what the level starts within the target (Little's law)
@@ -621,7 +446,7 @@ class Scheduler:
                 free -= queue.size
             above_dropping = above_dropping or queue.dropping
 
-    def _observe(self, queue: _Queue, now: float, *, may_leave: bool) -> None:
+    def _observe(self, queue: LevelQueue, now: float, *, may_leave: bool) -> None:
         oldest = queue.oldest()
         if oldest is None:
             return
@@ -641,7 +466,7 @@ class Scheduler:
         elif now >= queue.first_above:
             queue.dropping = True
 
-    def _trim(self, queue: _Queue, now: float, keep: int) -> None:
+    def _trim(self, queue: LevelQueue, now: float, keep: int) -> None:
         """Shed the level's jobs that have waited twice the target or longer, oldest first, down to ``keep``."""
         cfg = self.config
         while (
@@ -659,7 +484,7 @@ class Scheduler:
                 )
 
     @staticmethod
-    def _stop_dropping(queue: _Queue, now: float) -> None:
+    def _stop_dropping(queue: LevelQueue, now: float) -> None:
         queue.first_above = None
         if queue.dropping:
             queue.dropping = False

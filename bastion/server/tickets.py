@@ -1,0 +1,193 @@
+"""What the scheduler (bastion/server/scheduler.py) keeps: tickets, and each level's fair queue.
+
+A ``Ticket`` is one submitted job: its ``Level``, its state and, once it
+runs, its task. A ``LevelQueue`` holds one level's waiting tickets -- a FIFO
+per principal, served round-robin -- and that level's CoDel state, which
+the scheduler reads and updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from bastion.status import Status
+
+__all__ = ["Job", "Level", "LevelQueue", "OnReject", "Ticket", "TicketState"]
+
+#: A call ready to run: called once, with no arguments, when a slot is free.
+Job = Callable[[], Coroutine[Any, Any, object]]
+#: Told why a job will never run: (status, message, retry-after seconds or None).
+OnReject = Callable[[Status, str, "float | None"], None]
+
+_PUSH_OUT_SAMPLE = 8  # principals looked at to find the longest queue when a level is full
+
+
+class Level(enum.IntEnum):
+    """Scheduling levels; a higher level is always served first."""
+
+    BATCH = 0
+    INTERACTIVE = 1
+    CONTROL = 2
+
+
+class TicketState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"  # the task finished, however it ended
+    REJECTED = "rejected"  # on_reject was called; the job never ran
+    CANCELLED = "cancelled"  # removed from its queue by cancel(); the job never ran
+
+
+class Ticket:
+    """One submitted job: its level, its state and, once started, its task."""
+
+    __slots__ = (
+        "deadline",
+        "detached",
+        "enqueued_at",
+        "job",
+        "level",
+        "on_done",
+        "on_reject",
+        "principal",
+        "state",
+        "task",
+    )
+
+    def __init__(
+        self,
+        job: Job,
+        level: Level,
+        principal: str,
+        deadline: float | None,
+        on_reject: OnReject,
+        on_done: Callable[[], None] | None,
+        now: float,
+    ) -> None:
+        self.job = job
+        self.level = level
+        self.principal = principal
+        self.deadline = deadline
+        self.on_reject = on_reject
+        self.on_done = on_done
+        self.enqueued_at = now
+        self.state = TicketState.QUEUED
+        self.task: asyncio.Task[object] | None = None
+        self.detached = False
+
+    def __repr__(self) -> str:
+        return f"<Ticket {self.level.name} {self.principal!r} {self.state.value}>"
+
+
+class LevelQueue:
+    """One level: a FIFO per principal served round-robin, plus the level's CoDel state.
+
+    A principal is in ``fifos`` exactly when it is in ``ring``, once; its FIFO
+    may be empty after a removal (dropped when the ring reaches it).
+    ``arrivals`` holds the level's tickets in arrival order, for the oldest
+    waiting one; tickets that left are dropped from it lazily, and it is
+    compacted when mostly stale. Every ticket in a FIFO is QUEUED, except one
+    just popped by ``pop()`` and about to be started or refused.
+    """
+
+    __slots__ = (
+        "arrivals",
+        "dropping",
+        "fifos",
+        "first_above",
+        "left_at",
+        "rate",
+        "ring",
+        "size",
+        "window_count",
+        "window_start",
+    )
+
+    def __init__(self) -> None:
+        self.fifos: dict[str, deque[Ticket]] = {}
+        self.ring: deque[str] = deque()
+        self.arrivals: deque[Ticket] = deque()
+        self.size = 0
+        self.dropping = False
+        self.first_above: float | None = None  # when a standing queue counts as overload
+        self.left_at: float | None = None  # when dropping last stopped
+        self.rate = 0.0  # jobs started per second, over the last full window
+        self.window_start: float | None = None
+        self.window_count = 0
+
+    def depth(self, principal: str) -> int:
+        fifo = self.fifos.get(principal)
+        return len(fifo) if fifo is not None else 0
+
+    def push(self, ticket: Ticket) -> None:
+        fifo = self.fifos.get(ticket.principal)
+        if fifo is None:
+            fifo = self.fifos[ticket.principal] = deque()
+            self.ring.append(ticket.principal)
+        fifo.append(ticket)
+        self.size += 1
+        self.arrivals.append(ticket)
+        if len(self.arrivals) > 2 * self.size + 64:
+            self.arrivals = deque(t for t in self.arrivals if t.state is TicketState.QUEUED)
+
+    def pop(self) -> Ticket | None:
+        """The next principal's oldest job, round-robin."""
+        while self.ring:
+            principal = self.ring.popleft()
+            fifo = self.fifos[principal]
+            if not fifo:
+                del self.fifos[principal]
+                continue
+            ticket = fifo.popleft()
+            self.size -= 1
+            if fifo:
+                self.ring.append(principal)
+            else:
+                del self.fifos[principal]
+            return ticket
+        return None
+
+    def oldest(self) -> Ticket | None:
+        arrivals = self.arrivals
+        while arrivals and arrivals[0].state is not TicketState.QUEUED:
+            arrivals.popleft()
+        return arrivals[0] if arrivals else None
+
+    def remove(self, ticket: Ticket) -> None:
+        fifo = self.fifos[ticket.principal]
+        if fifo[0] is ticket:  # its principal's oldest: the usual case
+            fifo.popleft()
+        else:
+            fifo.remove(ticket)
+        self.size -= 1
+
+    def pop_newest_of_longest(self, longer_than: int) -> Ticket | None:
+        """The newest job of the longest FIFO among the next few principals, if longer than given."""
+        longest: deque[Ticket] | None = None
+        seen = 0
+        for principal in self.ring:
+            fifo = self.fifos[principal]
+            if not fifo:
+                continue
+            if len(fifo) > longer_than and (longest is None or len(fifo) > len(longest)):
+                longest = fifo
+            seen += 1
+            if seen == _PUSH_OUT_SAMPLE:
+                break
+        if longest is None:
+            return None
+        self.size -= 1
+        return longest.pop()
+
+    def count_start(self, now: float, window: float) -> None:
+        if self.window_start is None:
+            self.window_start = now
+        self.window_count += 1
+        elapsed = now - self.window_start
+        if elapsed >= window:
+            self.rate = self.window_count / elapsed
+            self.window_start, self.window_count = now, 0
