@@ -4,7 +4,7 @@
 
 A server subprocess (pinned to CPU 0 when there are 2+ CPUs; the load
 generator to CPU 1) runs, in one event loop, a bastion ``Server`` hosting a
-one-method ``bench.echo`` service behind the gateway (``bastion.gateway.serve``,
+one-method ``bench.echo`` service, on uvloop as ``bastion serve`` runs, behind the gateway (``bastion.gateway.serve``,
 uvicorn + httptools, token authentication, rate limiter off), and a bare
 Starlette app on the same uvicorn settings whose only route decodes the JSON
 body and answers it. Each point is measured alone (the other port idle):
@@ -139,7 +139,10 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(_serve())
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the loop `bastion serve` runs on
+            runner.run(_serve())
         return
     cpus = os.cpu_count() or 1
     cmd = [sys.executable, __file__, "--serve"]

@@ -2,7 +2,7 @@
 
 A second door into the same server: every call goes through the server's own
 authentication, authorization, rate limits and scheduler (see bridge.py).
-``create_app(server, config)`` builds the Starlette application;
+``create_app(server, config)`` builds the ASGI application (front.py, around Starlette);
 ``serve(server, config)`` runs it with uvicorn inside the running event loop.
 """
 

@@ -86,9 +86,15 @@ from bastion.exceptions import (
     Unimplemented,
 )
 from bastion.gateway import jsonrpc
+from bastion.gateway._http import NO_STORE as _NO_STORE
+from bastion.gateway._http import SECURITY_HEADERS as _SECURITY_HEADERS
+from bastion.gateway._http import TooLarge as _TooLarge
+from bastion.gateway._http import error_body as _error_body
+from bastion.gateway._http import http_status, parse_bearer, too_large_body
 from bastion.gateway._shared import _STREAMS, _as_call_error, _encoder, _ready
 from bastion.gateway.bridge import Bridge, Caller
 from bastion.gateway.config import GatewayConfig
+from bastion.gateway.front import Front
 from bastion.gateway.openapi import openapi_document, openrpc_document
 from bastion.gateway.ws import WS_MAX_PENDING as WS_MAX_PENDING  # re-exported: importable from here as before
 from bastion.gateway.ws import WS_MAX_STREAMS as WS_MAX_STREAMS
@@ -97,7 +103,6 @@ from bastion.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from bastion.observability.metrics import render, server_snapshot
 from bastion.server.server import Server
 from bastion.service import MethodKind
-from bastion.status import Status
 
 __all__ = ["CSRF_COOKIE", "CSRF_HEADER", "SESSION_COOKIE", "Gateway", "create_app", "http_status"]
 
@@ -107,33 +112,6 @@ SESSION_COOKIE = "bastion_session"
 CSRF_COOKIE = "bastion_csrf"
 CSRF_HEADER = "x-csrf-token"
 
-_SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
-    (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-]
-_NO_STORE = (b"cache-control", b"no-store")
-
-_HTTP_STATUS = {
-    Status.OK: 200,
-    Status.CANCELLED: 499,
-    Status.UNKNOWN: 500,
-    Status.INVALID_ARGUMENT: 400,
-    Status.DEADLINE_EXCEEDED: 504,
-    Status.NOT_FOUND: 404,
-    Status.ALREADY_EXISTS: 409,
-    Status.PERMISSION_DENIED: 403,
-    Status.RESOURCE_EXHAUSTED: 429,
-    Status.FAILED_PRECONDITION: 400,
-    Status.ABORTED: 409,
-    Status.OUT_OF_RANGE: 400,
-    Status.UNIMPLEMENTED: 404,
-    Status.INTERNAL: 500,
-    Status.UNAVAILABLE: 503,
-    Status.DATA_LOSS: 500,
-    Status.UNAUTHENTICATED: 401,
-}
 #: The web console's files (index.html, app.js, app.css), shipped in the package.
 STATIC_DIR = Path(__file__).with_name("static")
 
@@ -142,15 +120,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-def http_status(status: Status) -> int:
-    """The HTTP status a /v1 route answers for a bastion status."""
-    return _HTTP_STATUS.get(status, 500)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class Gateway:
@@ -189,15 +158,6 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(_encoder.encode(body), status, headers=headers, media_type="application/json")
 
 
-def _error_body(exc: CallError) -> dict[str, Any]:
-    error: dict[str, Any] = {"status": exc.status.name, "code": int(exc.status), "message": exc.message}
-    if exc.details:
-        error["details"] = exc.details
-    if exc.retry_after is not None:
-        error["retry_after"] = exc.retry_after
-    return {"error": error}
-
-
 def _error(exc: CallError) -> Response:
     headers = {"retry-after": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after is not None else None
     return _json(_error_body(exc), http_status(exc.status), headers)
@@ -215,14 +175,7 @@ def _own_origin(conn: HTTPConnection) -> str:
 
 def _bearer(conn: HTTPConnection) -> str | None:
     """The bearer token, None without an Authorization header; Unauthenticated if it is not Bearer."""
-    header = conn.headers.get("authorization")
-    if header is None:
-        return None
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
-    return token
+    return parse_bearer(conn.headers.get("authorization"))
 
 
 def _check_csrf(request: Request) -> None:
@@ -245,8 +198,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _too_large(limit: int) -> Response:
-    body = {"error": {"status": "RESOURCE_EXHAUSTED", "code": 8, "message": f"request body over {limit} bytes"}}
-    return _json(body, 413, {"connection": "close"})
+    return _json(too_large_body(limit), 413, {"connection": "close"})
 
 
 # -- middleware ------------------------------------------------------------------------------
@@ -294,12 +246,13 @@ class _Guard:
 # -- the application -------------------------------------------------------------------------
 
 
-def create_app(server: Server, config: GatewayConfig | None = None, *, bridge: Bridge | None = None) -> Starlette:
+def create_app(server: Server, config: GatewayConfig | None = None, *, bridge: Bridge | None = None) -> Front:
     """The gateway's ASGI application for ``server`` (see the module docstring).
 
     Credentials are checked by ``server.authenticator`` in the bridged
-    connections' handshakes (bridge.py): no second authenticator. The
-    ``Gateway`` state is ``app.state.gateway``.
+    sessions' handshakes (bridge.py): no second authenticator. The
+    ``Gateway`` state is ``app.state.gateway``. The hot routes are answered
+    by ``Front`` (front.py), the rest by the Starlette application it wraps.
     """
     config = config or GatewayConfig()
     gateway = Gateway(server, config, bridge or Bridge(server, idle=config.idle_seconds))
@@ -335,7 +288,7 @@ def create_app(server: Server, config: GatewayConfig | None = None, *, bridge: B
         lifespan=_lifespan,
     )
     app.state.gateway = gateway
-    return app
+    return Front(app, routes)
 
 
 class _Routes:
@@ -386,19 +339,20 @@ class _Routes:
             return None
         return jsonrpc.result_response(call.id, result)
 
-    async def _answer(self, caller: Caller, body: bytes) -> Any:
+    async def answer(self, caller: Caller, body: bytes) -> Any:
         """The JSON-RPC answer to ``body`` (None: nothing to send)."""
         try:
             batch, entries = jsonrpc.parse(body, max_depth=self.config.max_json_depth, max_batch=self.config.max_batch)
         except jsonrpc.BodyError as exc:
             return exc.response
+        if not batch:  # one call: no tasks to run it beside others
+            (entry,) = entries
+            return await self._run(caller, entry) if isinstance(entry, jsonrpc.Request) else entry
         results = await asyncio.gather(
             *(self._run(caller, e) if isinstance(e, jsonrpc.Request) else _ready(e) for e in entries)
         )
         answers = [r for r in results if r is not None]
-        if not answers:
-            return None
-        return answers if batch else answers[0]
+        return answers or None
 
     async def rpc(self, request: Request) -> Response:
         try:
@@ -409,15 +363,15 @@ class _Routes:
         except CallError as exc:
             response = {"jsonrpc": "2.0", "error": jsonrpc.error_object(exc), "id": None}
             return _json(response, http_status(exc.status))
-        answer = await self._answer(caller, body)
+        answer = await self.answer(caller, body)
         if answer is None:
             return Response(status_code=204)
         return _json(answer)
 
     # -- plain routes ---------------------------------------------------------------------
 
-    async def _object_body(self, request: Request) -> dict[str, Any]:
-        body = await _read_body(request, self.config.max_body)
+    def _object_args(self, body: bytes) -> dict[str, Any]:
+        """A /v1 body's arguments: a JSON object (an empty body: none)."""
         if not body.strip():
             return {}
         if jsonrpc.json_depth(body, self.config.max_json_depth) > self.config.max_json_depth:
@@ -437,17 +391,22 @@ class _Routes:
             kind = self.bridge.kind(method)
             if kind is MethodKind.CLIENT_STREAM and _is_octet_stream(request):
                 return _json(await self._upload(request, caller, method))
-            args = await self._object_body(request)
-            if kind in _STREAMS:
-                raise FailedPrecondition(f"{method} is a server stream: call it over the WebSocket at /ws")
-            if kind is MethodKind.CLIENT_STREAM:
-                raise Unimplemented(f"{method} takes an input stream, which the gateway does not carry")
-            result = await self.bridge.call(caller, method, args)
+            result = await self.call_v1(caller, method, await _read_body(request, self.config.max_body))
         except _TooLarge:
             return _too_large(self.config.max_body)
         except Exception as exc:
             return _error(_as_call_error(exc))
         return _json(result)
+
+    async def call_v1(self, caller: Caller, method: str, body: bytes) -> Any:
+        """A /v1 call once its body is read (the front takes this way too): its result, or raises."""
+        kind = self.bridge.kind(method)
+        args = self._object_args(body)
+        if kind in _STREAMS:
+            raise FailedPrecondition(f"{method} is a server stream: call it over the WebSocket at /ws")
+        if kind is MethodKind.CLIENT_STREAM:
+            raise Unimplemented(f"{method} takes an input stream, which the gateway does not carry")
+        return await self.bridge.call(caller, method, args)
 
     async def _upload(self, request: Request, caller: Caller, method: str) -> Any:
         """A bytes client stream: arguments from the query string, the body passed on as it arrives."""
@@ -484,7 +443,7 @@ class _Routes:
         try:
             if not self._origin_allowed(request, self.config.cors_origins):
                 raise PermissionDenied(f"requests from origin {request.headers.get('origin')!r} are not allowed")
-            args = await self._object_body(request)
+            args = self._object_args(await _read_body(request, self.config.max_body))
             result = await self.bridge.call(Caller(None, _caller_address(request)), "auth.login", args)
         except _TooLarge:
             return _too_large(self.config.max_body)

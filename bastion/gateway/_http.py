@@ -1,0 +1,79 @@
+"""What the gateway's two HTTP doors share: status codes, error bodies, headers, credentials.
+
+The Starlette routes (app.py) and the plain-ASGI front for the hot routes
+(front.py) answer the same way from these, so a request gets the same answer
+whichever door took it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bastion.exceptions import CallError, Unauthenticated
+from bastion.status import Status
+
+__all__ = ["NO_STORE", "SECURITY_HEADERS", "TooLarge", "error_body", "http_status", "parse_bearer", "too_large_body"]
+
+#: On every response.
+SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
+    (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
+#: On every API response (everything but the console's static files).
+NO_STORE = (b"cache-control", b"no-store")
+
+_HTTP_STATUS = {
+    Status.OK: 200,
+    Status.CANCELLED: 499,
+    Status.UNKNOWN: 500,
+    Status.INVALID_ARGUMENT: 400,
+    Status.DEADLINE_EXCEEDED: 504,
+    Status.NOT_FOUND: 404,
+    Status.ALREADY_EXISTS: 409,
+    Status.PERMISSION_DENIED: 403,
+    Status.RESOURCE_EXHAUSTED: 429,
+    Status.FAILED_PRECONDITION: 400,
+    Status.ABORTED: 409,
+    Status.OUT_OF_RANGE: 400,
+    Status.UNIMPLEMENTED: 404,
+    Status.INTERNAL: 500,
+    Status.UNAVAILABLE: 503,
+    Status.DATA_LOSS: 500,
+    Status.UNAUTHENTICATED: 401,
+}
+
+
+class TooLarge(Exception):
+    """A body went past the gateway's ``max_body``: answered 413."""
+
+
+def http_status(status: Status) -> int:
+    """The HTTP status a /v1 route answers for a bastion status."""
+    return _HTTP_STATUS.get(status, 500)
+
+
+def error_body(exc: CallError) -> dict[str, Any]:
+    """A /v1 error answer: ``{"error": {status, code, message[, details][, retry_after]}}``."""
+    error: dict[str, Any] = {"status": exc.status.name, "code": int(exc.status), "message": exc.message}
+    if exc.details:
+        error["details"] = exc.details
+    if exc.retry_after is not None:
+        error["retry_after"] = exc.retry_after
+    return {"error": error}
+
+
+def too_large_body(limit: int) -> dict[str, Any]:
+    return {"error": {"status": "RESOURCE_EXHAUSTED", "code": 8, "message": f"request body over {limit} bytes"}}
+
+
+def parse_bearer(header: str | None) -> str | None:
+    """The token of an Authorization header (None without one); Unauthenticated if it is not Bearer."""
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
+    return token

@@ -1,0 +1,203 @@
+"""The gateway's front: its two hot routes answered in plain ASGI, everything else by Starlette.
+
+Theory of operation. Every API call a program makes through the gateway is a
+``POST /rpc`` or ``POST /v1/{service}/{method}`` with a bearer token. For
+those, Starlette's middleware stack, router, request and response objects
+cost about as much per call as the call itself does inside the server, so
+``Front`` answers them here, in plain ASGI, and hands every other request --
+and every one it does not fully understand -- to the Starlette application
+unchanged (app.py). It answers with the same code the Starlette routes run
+(``_Routes.answer`` for JSON-RPC, ``_Routes.call_v1`` for /v1) and the same
+checks, in the same order:
+
+1. a Content-Length that is not a number is answered 400, one over
+   ``max_body`` 413, before a byte of the body is read;
+2. an ``Origin`` that is neither the gateway's own nor in ``cors_origins``
+   is refused (403), and an Authorization header that is not ``Bearer
+   <token>`` is answered 401;
+3. the body is read up to ``max_body`` however it is framed (413 past it);
+4. the call goes through the bridge, so the server authenticates,
+   authorizes, rate-limits, validates and schedules it;
+5. every answer carries the security headers and ``Cache-Control:
+   no-store``, as the Starlette routes' do.
+
+What goes to Starlette instead: any other path or method, a request without
+an Authorization header (the session cookie and its CSRF check are
+Starlette's), a request with an ``Origin`` header when CORS is on (the CORS
+middleware answers those), an octet-stream upload to /v1, ``/v1/auth/login``,
+WebSockets and the lifespan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+
+from bastion.exceptions import CallError, InvalidArgument, PermissionDenied
+from bastion.gateway import jsonrpc
+from bastion.gateway._http import (
+    NO_STORE,
+    SECURITY_HEADERS,
+    TooLarge,
+    error_body,
+    http_status,
+    parse_bearer,
+    too_large_body,
+)
+from bastion.gateway._shared import _as_call_error, _encoder
+from bastion.gateway.bridge import Caller
+
+if TYPE_CHECKING:
+    from bastion.gateway.app import _Routes
+
+__all__ = ["Front"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: The request headers the front reads (ASGI gives names in lower case).
+_WANTED = frozenset({b"authorization", b"origin", b"content-length", b"content-type", b"host"})
+_OCTETS = "application/octet-stream"
+_JSON_HEADERS = [(b"content-type", b"application/json"), *SECURITY_HEADERS, NO_STORE]
+
+
+class Front:
+    """The ASGI application ``create_app`` returns: the hot routes here, the rest to ``app``."""
+
+    def __init__(self, app: Starlette, routes: _Routes) -> None:
+        self.app: ASGIApp = app
+        self.routes = routes
+        self.config = routes.config
+        self.state = app.state  # ``state.gateway``
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            if path == "/rpc":
+                method = None
+            elif path.startswith("/v1/") and path != "/v1/auth/login":
+                service, _, name = path[4:].partition("/")
+                if not service or not name or "/" in name:
+                    await self.app(scope, receive, send)  # not a route: Starlette's 404
+                    return
+                method = f"{service}.{name}"
+            else:
+                await self.app(scope, receive, send)
+                return
+            headers = _headers(scope)
+            if b"authorization" not in headers or (b"origin" in headers and self.config.cors_origins):
+                await self.app(scope, receive, send)
+                return
+            media = headers.get(b"content-type")
+            if method is not None and media not in (None, b"application/json") and _media_type(media) == _OCTETS:
+                await self.app(scope, receive, send)  # an upload: streamed by the Starlette route
+                return
+            await self._serve(scope, receive, send, headers, method)
+            return
+        await self.app(scope, receive, send)
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], method: str | None
+    ) -> None:
+        """One hot request: ``method`` is the /v1 method's full name, None for /rpc."""
+        limit = self.config.max_body
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                size = -1
+            if size > limit:
+                await _respond(send, 413, _encoder.encode(too_large_body(limit)), [(b"connection", b"close")])
+                return
+            if size < 0:
+                await _respond(send, 400, _encoder.encode(error_body(InvalidArgument("bad Content-Length"))))
+                return
+        try:
+            caller = self._caller(scope, headers)
+            body = await _read_body(receive, limit)
+            if body is None:
+                return  # the client went away: nobody to answer
+            if method is None:
+                answer = await self.routes.answer(caller, body)
+                if answer is None:
+                    await send({"type": "http.response.start", "status": 204, "headers": [*SECURITY_HEADERS, NO_STORE]})
+                    await send({"type": "http.response.body", "body": b""})
+                    return
+                await _respond(send, 200, _encoder.encode(answer))
+                return
+            result = await self.routes.call_v1(caller, method, body)
+        except TooLarge:
+            await _respond(send, 413, _encoder.encode(too_large_body(limit)), [(b"connection", b"close")])
+            return
+        except Exception as exc:
+            error = _as_call_error(exc)
+            if method is None:  # before the body was parsed: one error object
+                body = _encoder.encode({"jsonrpc": "2.0", "error": jsonrpc.error_object(error), "id": None})
+                await _respond(send, http_status(error.status), body)
+            else:
+                await _respond(send, http_status(error.status), _encoder.encode(error_body(error)), _retry(error))
+            return
+        await _respond(send, 200, _encoder.encode(result))
+
+    def _caller(self, scope: Scope, headers: dict[bytes, bytes]) -> Caller:
+        """As ``_Routes._caller`` for a bearer request: the origin check, then the token."""
+        origin = headers.get(b"origin")
+        if origin is not None:
+            own = f"{scope.get('scheme', 'http')}://{headers.get(b'host', b'').decode('latin-1')}"
+            text = origin.decode("latin-1")
+            if text != own and text not in self.config.cors_origins:
+                raise PermissionDenied(f"requests from origin {text!r} are not allowed")
+        token = parse_bearer(headers[b"authorization"].decode("latin-1"))
+        client = scope.get("client")
+        return Caller(token, f"{client[0]}:{client[1]}" if client else "unknown:0")
+
+
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    """The headers the front reads, the first of each name (as Starlette's ``headers.get``)."""
+    found: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        if name in _WANTED and name not in found:
+            found[name] = value
+    return found
+
+
+def _media_type(value: bytes) -> str:
+    return value.decode("latin-1").split(";")[0].strip().lower()
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The body, refused (``TooLarge``) at the first byte past ``limit``; None if the client disconnected."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _retry(error: CallError) -> list[tuple[bytes, bytes]]:
+    if error.retry_after is None:
+        return []
+    return [(b"retry-after", str(max(1, math.ceil(error.retry_after))).encode())]
+
+
+async def _respond(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-length", str(len(body)).encode()), *_JSON_HEADERS]
+    if extra:
+        headers += extra
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
