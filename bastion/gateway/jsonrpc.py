@@ -66,6 +66,9 @@ _SPEC_CODES: Final = {
     Status.INTERNAL: INTERNAL_ERROR,
 }
 _MISSING: Final = object()
+_MEMBERS: Final = frozenset({"jsonrpc", "method", "params", "id"})
+_ID_TYPES: Final = (str, int, float)
+_PARAMS_TYPES: Final = (dict, list)
 _decoder: Final = msgspec.json.Decoder()
 # A JSON string, escapes included; what is left once strings are cut out has only structural brackets.
 _STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -142,7 +145,7 @@ def validate(obj: Any) -> Request | dict[str, Any]:
     valid_id = (
         ident is _MISSING
         or ident is None
-        or (isinstance(ident, str | int | float) and ident is not True and ident is not False)
+        or (isinstance(ident, _ID_TYPES) and ident is not True and ident is not False)
     )
     answer_id = ident if valid_id and ident is not _MISSING else None
     if obj.get("jsonrpc") != "2.0":
@@ -153,11 +156,11 @@ def validate(obj: Any) -> Request | dict[str, Any]:
     if not isinstance(method, str):
         return error_response(answer_id, INVALID_REQUEST, 'Invalid Request: "method" must be a string')
     params = obj.get("params")
-    if "params" in obj and not isinstance(params, dict | list):
+    if "params" in obj and not isinstance(params, _PARAMS_TYPES):
         return error_response(answer_id, INVALID_REQUEST, 'Invalid Request: "params" must be an object or an array')
-    extra = set(obj) - {"jsonrpc", "method", "params", "id"}
-    if extra:
-        return error_response(answer_id, INVALID_REQUEST, f"Invalid Request: unexpected member {sorted(extra)[0]!r}")
+    if not _MEMBERS.issuperset(obj):
+        extra = sorted(set(obj) - _MEMBERS)[0]
+        return error_response(answer_id, INVALID_REQUEST, f"Invalid Request: unexpected member {extra!r}")
     return Request(method, params, answer_id, ident is _MISSING)
 
 

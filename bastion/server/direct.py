@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -91,7 +92,9 @@ class DirectSession(ServerSession):
             if not self.open:
                 raise core.gone()
             core.waiting[call_id] = future
-            self.on_events([Call(call_id, method, msgspec.Raw(args), timeout_ms=timeout_ms)])
+            # ``on_events`` for one Call, without what only a wire needs (read pauses, refused frames).
+            self._last_seen = self._last_active = time.monotonic()
+            self._on_call(Call(call_id, method, msgspec.Raw(args), timeout_ms=timeout_ms))
             return await future
         except asyncio.CancelledError:
             if core.waiting.pop(call_id, None) is not None:  # still running: cancel it, as a Cancel frame would

@@ -235,7 +235,8 @@ class Scheduler:
         """Start ``job`` now, queue it, or refuse it through ``on_reject`` before returning.
 
         ``deadline`` is on the scheduler's clock (``time.monotonic`` by default).
-        ``on_done`` is called once the started job's task is done, however it ended.
+        ``on_done`` is called once the started job has ended, however it ended (one
+        cancelled before its first step: once its task is done).
         """
         now = self._clock()
         level = self._levels.get(priority)
@@ -263,8 +264,11 @@ class Scheduler:
             ticket.state = TicketState.CANCELLED
             self._counts["cancelled"] += 1
             return True
-        if ticket.state is TicketState.RUNNING and ticket.task is not None:
-            return ticket.task.cancel()
+        task = ticket.task
+        if ticket.state is TicketState.RUNNING and task is not None:
+            if not ticket.started and not task.done():  # it will never run _run_job's finally
+                task.add_done_callback(functools.partial(self._finished, ticket))
+            return task.cancel()
         return False
 
     def detach(self, ticket: Ticket) -> None:
@@ -370,22 +374,39 @@ class Scheduler:
         self._running += 1
         self._counts["started"] += 1
         try:
-            task = ticket.task = asyncio.get_running_loop().create_task(ticket.job())
+            ticket.task = asyncio.get_running_loop().create_task(self._run_job(ticket))
         except Exception:
             log.exception("scheduler: could not start a job")
             self._running -= 1
             ticket.state = _DONE
             self._counts["completed"] += 1
-            return
-        task.add_done_callback(functools.partial(self._finished, ticket))
 
-    def _finished(self, ticket: Ticket, task: asyncio.Task[object]) -> None:
+    async def _run_job(self, ticket: Ticket) -> None:
+        """A started job, reporting its end itself: no done-callback (another loop turn) per job.
+
+        A task cancelled before its first step never runs this body, so ``cancel`` adds a
+        done-callback for exactly that case.
+        """
+        ticket.started = True
+        ended = True
+        try:
+            await ticket.job()
+        except GeneratorExit:
+            ended = False  # closed unfinished as its loop went away: nothing runs any more
+            raise
+        except Exception:
+            log.exception("scheduler: a job raised")
+        finally:
+            if ended:
+                self._finished(ticket)
+
+    def _finished(self, ticket: Ticket, task: object = None) -> None:
+        if ticket.state is _DONE:
+            return  # reported already
         ticket.state = _DONE
         self._counts["completed"] += 1
         if not ticket.detached:
             self._running -= 1
-        if not task.cancelled() and task.exception() is not None:
-            log.error("scheduler: a job raised", exc_info=task.exception())
         if ticket.on_done is not None:
             try:
                 ticket.on_done()

@@ -168,9 +168,8 @@ class ServerSession:
             log.warning("dropped connection %s: %s", self.link.peer, self.link.dropped)
         self.server.release(self)
         self.server.sessions.discard(self)
-        scheduler = self.server.scheduler
-        for ticket in list(self.tickets.values()):
-            scheduler.cancel(ticket)
+        for call_id, ticket in list(self.tickets.items()):
+            self._cancel(call_id, ticket)
         for stream in self._inputs.values():
             stream.fail(asyncio.CancelledError())
         for gate in self._gates.values():
@@ -199,9 +198,7 @@ class ServerSession:
             elif cls is Cancel:
                 ticket = self.tickets.get(event.id)  # type: ignore[union-attr]
                 if ticket is not None:
-                    self.server.scheduler.cancel(ticket)
-                    if ticket.state is TicketState.CANCELLED:  # still queued: it never ran
-                        self._forget(event.id)  # type: ignore[union-attr]
+                    self._cancel(event.id, ticket)  # type: ignore[union-attr]
                 if self._abused("cancels", now):
                     return
             elif cls is Pong:
@@ -290,7 +287,7 @@ class ServerSession:
                 )
                 for call_id, ticket in list(self.tickets.items()):
                     self.core.send_error(call_id, Status.UNAUTHENTICATED, "credentials expired or revoked")
-                    self.server.scheduler.cancel(ticket)
+                    self._cancel(call_id, ticket)
                 self.core.send_goaway(Status.UNAUTHENTICATED, "credentials expired or revoked")
                 self.link.close()
                 return
@@ -412,10 +409,11 @@ class ServerSession:
             suppressed_before=suppressed or None,
         )
 
-    def _forget_if_held(self, call_id: int) -> None:
-        """The scheduler's done-callback: only a task cancelled before its first step
-        still holds its call here (a task that ran has forgotten it in ``finally``)."""
-        if call_id in self.tickets:
+    def _cancel(self, call_id: int, ticket: Ticket) -> None:
+        """Cancel a call's job. One that will never run -- still queued, or its task not yet
+        begun (a Call and its Cancel in one read) -- is forgotten now: no ``finally`` of its will."""
+        self.server.scheduler.cancel(ticket)
+        if ticket.state is TicketState.CANCELLED or not ticket.started:
             self._forget(call_id)
 
     def _rejected(self, call_id: int, status: Status, message: str, retry_after: float | None) -> None:
@@ -483,7 +481,6 @@ class ServerSession:
             principal=principal.name if principal.authenticated else f"anonymous@{self.peer_host}",
             deadline=deadline,
             on_reject=functools.partial(self._rejected, call_id),
-            on_done=functools.partial(self._forget_if_held, call_id),
         )
         if ticket.state is not _REJECTED:
             self.tickets[call_id] = ticket
@@ -720,7 +717,7 @@ class ServerSession:
         """
         for call_id, ticket in list(self.tickets.items()):
             self.core.send_error(call_id, Status.UNAVAILABLE, "server shutting down", retry_after_ms=1000)
-            self.server.scheduler.cancel(ticket)
+            self._cancel(call_id, ticket)
         if self.link is not None:
             self.link.close()
 

@@ -54,6 +54,7 @@ class Ticket:
         "on_done",
         "on_reject",
         "principal",
+        "started",
         "state",
         "task",
     )
@@ -77,6 +78,7 @@ class Ticket:
         self.enqueued_at = now
         self.state = TicketState.QUEUED
         self.task: asyncio.Task[object] | None = None
+        self.started = False  # its task has begun running the job
         self.detached = False
 
     def __repr__(self) -> str:
