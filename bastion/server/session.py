@@ -1,23 +1,19 @@
 """One client connection on the server: handshake, calls, streams, drain.
 
 Theory of operation. A ``ServerSession`` sits on a ``Link`` (the asyncio
-edge) and reacts to the messages the sans-IO core decodes. The handshake runs
-under one deadline from accept: a connection that has not completed it in
-``handshake_timeout`` seconds is closed whatever it trickles in. After the
-Welcome, each Call is admitted by the method table (exists, allowed, valid
-arguments) and, if admitted, runs as its own task; its answer goes back
-through the core and is flushed at the end of the loop turn together with
-any other answers ready by then. A Cancel cancels the task; the deadline a
-call carries bounds its handler: the server's deadline slots cancel the
-task if it is still running then (``_arm_deadline``; bastion/server/deadlines.py). Keepalive: a
-timer pings a silent connection and closes it if the Pong does not come.
-Draining: after GoAway, the session closes once its last call has answered.
+edge) and reacts to the messages the sans-IO core decodes. Its upkeep of the
+connection -- the handshake under one deadline from accept, revalidation of
+the credential, keepalive, the idle timer and the abuse caps -- is
+``SessionUpkeep`` (upkeep.py). After the Welcome, each Call is admitted by
+the method table (exists, allowed, valid arguments) and, if admitted, runs as
+its own task; its answer goes back through the core and is flushed at the
+end of the loop turn together with any other answers ready by then. A Cancel
+cancels the task; the deadline a call carries bounds its handler: the
+server's deadline slots cancel the task if it is still running then
+(``_arm_deadline``; bastion/server/deadlines.py). Draining: after GoAway, the
+session closes once its last call has answered.
 
-Limits on the connection (docs/security.md, section 7). An idle timer closes
-a connection with no call open and no traffic but pings for
-``idle_timeout``. Cancels, Pings and Calls the core refused over
-``max_inflight`` are counted in fixed 10-second windows; past a cap the
-session sends GoAway(RESOURCE_EXHAUSTED) and closes. Calls accepted but not
+Limits on the calls (docs/security.md, section 7). Calls accepted but not
 yet started (``_queued``) past ``read_high_water`` pause reading until they
 start. A finished unary handler waits while the peer is not reading before
 its answer is encoded (the Link stops reading meanwhile), so answers cannot
@@ -55,12 +51,9 @@ from bastion.exceptions import (
     FailedPrecondition,
     InvalidArgument,
     LocalProtocolError,
-    ResourceExhausted,
-    Unauthenticated,
 )
 from bastion.protocol.connection import Connection, ProtocolLimits
 from bastion.protocol.messages import (
-    PROTOCOL_VERSION,
     Call,
     Cancel,
     Credit,
@@ -71,14 +64,15 @@ from bastion.protocol.messages import (
     Message,
     Ping,
     Pong,
-    Welcome,
 )
 from bastion.protocol.state import ConnectionState, Role
-from bastion.security.authn import PeerInfo
 from bastion.security.principal import ANONYMOUS, Principal
 from bastion.server.dispatch import RELEASED_ON, UNKNOWN_ON, Entry, IdempotencyKeys
 from bastion.server.scheduler import Ticket, TicketState, effective_priority
 from bastion.server.streams import CreditGate, InputStream
+from bastion.server.upkeep import ABUSE_WINDOW as ABUSE_WINDOW  # re-exported: importable from here as before
+from bastion.server.upkeep import DENIALS_AUDITED as DENIALS_AUDITED
+from bastion.server.upkeep import SessionUpkeep
 from bastion.service import Context
 from bastion.status import Status
 from bastion.transport.aio import Link
@@ -89,23 +83,14 @@ if TYPE_CHECKING:
 __all__ = ["ServerSession"]
 
 log = logging.getLogger("bastion.server")
-DENIALS_AUDITED = 20  # denied calls written to the audit log per connection per 10 s
 _REJECTED_KEY = {status: f"rejected_{status.name.lower()}" for status in Status}
 _OK = Status.OK
 _REJECTED = TicketState.REJECTED
 _session_ids = itertools.count(1)
-#: Seconds in each window the abuse caps (``max_*_per_10s``) count in.
-ABUSE_WINDOW = 10.0
-#: What is counted -> (the ServerLimits field capping it per window, the GoAway reason).
-_ABUSE_CAPS = {
-    "cancels": ("max_cancels_per_10s", "too many cancellations"),
-    "pings": ("max_pings_per_10s", "ping flood"),
-    "refused": ("max_refused_per_10s", "too many calls over max_inflight"),
-}
 
 
-class ServerSession:
-    """The server's side of one connection."""
+class ServerSession(SessionUpkeep):
+    """The server's side of one connection (its upkeep of the connection: upkeep.py)."""
 
     def __init__(self, server: Server, source: str | None = None) -> None:
         self.server = server
@@ -223,140 +208,6 @@ class ServerSession:
             self._queue_full = True
             self.link.pause_reading("queued calls")
 
-    # -- handshake ------------------------------------------------------------------
-
-    async def _handshake(self, hello: Hello) -> None:
-        link = self.link
-        assert link is not None
-        host = self.peer_host = link.peer.rsplit(":", 1)[0].strip("[]")
-        peer = PeerInfo(link.peer, host, getattr(link, "tls_identity", None))
-        try:
-            principal = await self.server.authenticator.authenticate(hello.token, peer)
-        except (Unauthenticated, ResourceExhausted) as exc:
-            throttled = exc.status is Status.RESOURCE_EXHAUSTED
-            self.server.counters["auth_failures_throttled" if throttled else "auth_failures_credentials"] += 1
-            retry = f" (retry after {exc.retry_after:.1f}s)" if exc.retry_after else ""
-            self.core.reject(exc.status, exc.message + retry)
-            link.close()
-            return
-        except Exception:
-            log.exception("authenticator failed")
-            self.core.reject(Status.INTERNAL, "authentication is unavailable")
-            link.close()
-            return
-        if link.closed or self.core.state is not ConnectionState.HANDSHAKE:
-            return
-        self.principal = principal
-        self.core.send_welcome(
-            Welcome(
-                version=min(hello.version, PROTOCOL_VERSION),  # the highest both speak (docs/protocol.md 4.2)
-                server=f"bastion/{self.server.version}",
-                principal=principal.name,
-                max_frame=self.limits.max_frame,
-                max_inflight=self.limits.max_inflight,
-                window=self.limits.window,
-                ping_interval_ms=int(self.limits.ping_interval * 1000),
-            )
-        )
-        link.flush()
-        if self.server.draining:
-            self.drain()
-        self._arm_keepalive()
-        self._idle_timer = self._loop.call_later(self.limits.idle_timeout, self._check_idle)
-        if principal.token_id is not None or principal.expires_at is not None:
-            self._loop.create_task(self._revalidate_loop())
-
-    async def _revalidate_loop(self) -> None:
-        """Close the connection once its credential expires or is revoked."""
-        interval = self.server.revalidate_interval
-        while self.link is not None and not self.link.closed:
-            await asyncio.sleep(interval)
-            try:
-                current = await self.server.authenticator.revalidate(self.principal)
-            except Exception:
-                log.exception("revalidation failed; keeping the connection for now")
-                continue
-            if current is not None:
-                self.principal = current  # roles may have changed
-            elif self.link is not None and not self.link.closed:
-                self.server.audit(
-                    "auth.revoked_connection",
-                    peer=self.link.peer,
-                    principal=self.principal.name,
-                    token_id=self.principal.token_id,
-                )
-                for call_id, ticket in list(self.tickets.items()):
-                    self.core.send_error(call_id, Status.UNAUTHENTICATED, "credentials expired or revoked")
-                    self._cancel(call_id, ticket)
-                self.core.send_goaway(Status.UNAUTHENTICATED, "credentials expired or revoked")
-                self.link.close()
-                return
-
-    def _handshake_expired(self) -> None:
-        if self.core.state in (ConnectionState.IDLE, ConnectionState.HANDSHAKE) and self.link is not None:
-            self.core.send_goaway(Status.DEADLINE_EXCEEDED, "handshake timed out")
-            self.link.close()
-
-    # -- keepalive ------------------------------------------------------------------
-
-    def _arm_keepalive(self) -> None:
-        self._timer = self._loop.call_later(self.limits.ping_interval, self._keepalive)
-
-    def _keepalive(self) -> None:
-        link = self.link
-        if link is None or link.closed:
-            return
-        if link.reading_paused:  # our doing, not the peer's silence
-            self._last_seen = time.monotonic()
-        idle = time.monotonic() - self._last_seen
-        if self._ping_outstanding and idle >= self.limits.ping_timeout:
-            self.core.send_goaway(Status.UNAVAILABLE, "keepalive timed out")
-            link.close()
-            return
-        if idle >= self.limits.ping_interval and not self._ping_outstanding:
-            self._ping_outstanding = True
-            self.core.send_ping(int(time.monotonic() * 1000) & 0x7FFFFFFF)
-            link.flush()
-        delay = self.limits.ping_timeout if self._ping_outstanding else self.limits.ping_interval
-        self._timer = self._loop.call_later(delay, self._keepalive)
-
-    # -- connection limits ---------------------------------------------------------------
-
-    def _check_idle(self) -> None:
-        link = self.link
-        if link is None or link.closed or self.core.state is not ConnectionState.OPEN:
-            return
-        idle = time.monotonic() - self._last_active
-        if not self.tickets and idle >= self.limits.idle_timeout:
-            self.server.counters["closed_idle"] += 1
-            self.core.send_goaway(Status.OK, "idle timeout")
-            link.close()
-            return
-        delay = self.limits.idle_timeout - idle if not self.tickets else self.limits.idle_timeout
-        self._idle_timer = self._loop.call_later(max(delay, 0.001), self._check_idle)
-
-    def _abused(self, kind: str, now: float, n: int = 1) -> bool:
-        """Count ``n`` of ``kind`` in this window; past its cap, close the connection and say so."""
-        if now - self._window_start >= ABUSE_WINDOW:
-            self._window_start = now
-            self._abuse.clear()
-        self._abuse[kind] += n
-        limit, reason = _ABUSE_CAPS[kind]
-        if self._abuse[kind] <= getattr(self.limits, limit):
-            return False
-        self._close_for_abuse(reason)
-        return True
-
-    def _close_for_abuse(self, reason: str) -> None:
-        link = self.link
-        if link is None or link.closed or link.transport is None or link.transport.is_closing():
-            return
-        self.server.counters["closed_abuse"] += 1
-        self.server.audit("connection.abuse", peer=link.peer, principal=self.principal.name, reason=reason)
-        log.warning("closing connection %s: %s", link.peer, reason)
-        self.core.send_goaway(Status.RESOURCE_EXHAUSTED, reason)
-        link.close()
-
     def _started(self, call_id: int) -> None:
         queued = self._queued
         queued.discard(call_id)
@@ -386,28 +237,6 @@ class ServerSession:
             self.link.schedule_flush()
         if self.server.draining:
             self._maybe_finish_drain()
-
-    def _audit_denial(self, method: str, status: Status) -> None:
-        """Audit a denied call; past DENIALS_AUDITED per connection per 10 s, count
-        instead of writing, so a denial flood cannot flood the audit log."""
-        if self.link is None:
-            return
-        now = time.monotonic()
-        if now - self._denial_window >= 10.0:
-            self._denial_window, self._denials_logged = now, 0
-        if self._denials_logged >= DENIALS_AUDITED:
-            self._denials_suppressed += 1
-            return
-        self._denials_logged += 1
-        suppressed, self._denials_suppressed = self._denials_suppressed, 0
-        self.server.audit(
-            "call.denied",
-            peer=self.link.peer,
-            principal=self.principal.name,
-            method=method,
-            status=status.name,
-            suppressed_before=suppressed or None,
-        )
 
     def _cancel(self, call_id: int, ticket: Ticket) -> None:
         """Cancel a call's job. One that will never run -- still queued, or its task not yet
