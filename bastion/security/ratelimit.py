@@ -265,6 +265,10 @@ class _Bucket(msgspec.Struct, frozen=True):
         }
 
 
+#: A call's charge: its cost, its limits, and their bucket keys (None: the caller is keyed by source).
+_Charge = tuple[float, list[_Bucket], list[tuple[str, int]] | None]
+
+
 class _Plan(msgspec.Struct, frozen=True):
     """What a call to one method is charged: its cost and the rules for it, by role."""
 
@@ -439,7 +443,7 @@ class RateLimiter:
         self._buckets: OrderedDict[tuple[str, int], TokenBucket] = OrderedDict()
         self._max = self.config.max_tracked
         #: What a call at its configured cost charges, by (name, roles, authenticated, method).
-        self._charges: dict[tuple[str, frozenset[str], bool, str], tuple[float, list[_Bucket]] | None] = {}
+        self._charges: dict[tuple[str, frozenset[str], bool, str], _Charge | None] = {}
 
     def __len__(self) -> int:
         """Buckets currently tracked."""
@@ -460,24 +464,25 @@ class RateLimiter:
             known = (principal.name, principal.roles, principal.authenticated, method)
             charge = self._charges.get(known, _UNKNOWN)
             if charge is _UNKNOWN:
-                charge = self._compiled.charge(principal, method, None)
+                charge = self._charge(principal, source, method, None)
                 if len(self._charges) >= _MAX_PLANS:
                     self._charges.clear()
                 self._charges[known] = charge
         else:
-            charge = self._compiled.charge(principal, method, cost)
+            charge = self._charge(principal, source, method, cost)
         if charge is None:
             return
-        cost, limits = charge
+        cost, limits, keys = charge
+        if keys is None:  # anonymous: keyed by the source address
+            ident = self._compiled.identity(principal, source)
+            keys = [(ident, limit.index) for limit in limits]
         if now is None:
             now = self._clock()
-        ident = self._compiled.identity(principal, source)
         items = self._buckets
         worst = 0.0
         refused: _Bucket | None = None
         taken: list[TokenBucket] = []
-        for limit in limits:
-            key = (ident, limit.index)
+        for limit, key in zip(limits, keys, strict=True):
             bucket = items.get(key)
             if bucket is None:
                 bucket = items[key] = TokenBucket(limit.burst, limit.rate, now)
@@ -485,10 +490,12 @@ class RateLimiter:
                     items.popitem(last=False)
             else:
                 items.move_to_end(key)
-            if cost > limit.burst:
+            burst = limit.burst
+            if cost > burst:
                 raise self._compiled.refusal(limit, math.inf, cost)
             if now > bucket.stamp:  # a clock stepping back refills nothing
-                bucket.tokens = min(limit.burst, bucket.tokens + (now - bucket.stamp) * limit.rate)
+                tokens = bucket.tokens + (now - bucket.stamp) * limit.rate
+                bucket.tokens = tokens if tokens < burst else burst
                 bucket.stamp = now
             short = cost - bucket.tokens
             if short > EPSILON and short / limit.rate > worst:
@@ -498,6 +505,17 @@ class RateLimiter:
             raise self._compiled.refusal(refused, worst, cost)
         for bucket in taken:
             bucket.tokens -= cost
+
+    def _charge(self, principal: Principal, source: str, method: str, cost: float | None) -> _Charge | None:
+        """What a call charges: its cost, its limits and, for an authenticated principal, their bucket keys."""
+        charge = self._compiled.charge(principal, method, cost)
+        if charge is None:
+            return None
+        cost, limits = charge
+        if not principal.authenticated:
+            return cost, limits, None
+        ident = self._compiled.identity(principal, source)
+        return cost, limits, [(ident, limit.index) for limit in limits]
 
     async def usage(self, principal: Principal, source: str, now: float | None = None) -> dict[str, Any]:
         return self.usage_sync(principal, source, now)
