@@ -33,7 +33,8 @@ __all__ = [
     "parse_address",
 ]
 
-_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
+#: Decodes a call's raw answer (or stream item) to plain values.
+DECODER: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
 CLIENT_NAME = f"bastion-py/{__version__}"
 
 
@@ -142,7 +143,7 @@ def build_hello(limits: ProtocolLimits, token: str | None, name: str) -> Hello:
 
 
 def decode_value(raw: msgspec.Raw) -> Any:
-    return _decoder.decode(raw)
+    return DECODER.decode(raw)
 
 
 def error_from(message: Error) -> CallError:

@@ -1,14 +1,18 @@
 """The async client's side of one connection: its calls in flight, their deadlines, its stream credit.
 
 ``ClientConnection`` is the ``Session`` a ``Link`` drives (bastion/transport/aio.py):
-it turns the core's events into the results of ``Pending`` calls, and
-``Client`` (bastion/client/aio.py) starts calls on it. ``Slots`` bounds the
-calls in flight by the server's ``max_inflight``.
+it turns the core's events into the answers of its calls -- a unary call's
+bare future, or a ``Pending`` for a call with a stream -- and ``Client``
+(bastion/client/aio.py) starts calls on it. ``Slots`` bounds the calls in
+flight by the server's ``max_inflight``; a call gives its slot back when it
+leaves the connection, however it ends. ``Deadlines`` fails the calls whose
+own deadline passes, with one loop timer per slot of time, not per call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from typing import Any
@@ -23,7 +27,20 @@ from bastion.protocol.state import ConnectionState, Role
 from bastion.security.tls import ALPN_PROTOCOL
 from bastion.transport.aio import Link, translate_error
 
-__all__ = ["ClientClosed", "ClientConnection", "Expired", "Pending", "Slots", "aiter_items"]
+__all__ = [
+    "NO_OPTIONS",
+    "CallOptions",
+    "ClientClosed",
+    "ClientConnection",
+    "Deadlines",
+    "Expired",
+    "InFlight",
+    "Pending",
+    "Slots",
+    "aiter_items",
+    "expire",
+    "fail",
+]
 
 _OPEN = ConnectionState.OPEN
 
@@ -33,16 +50,23 @@ class ClientClosed(ConnectionClosed):
 
 
 class Pending:
-    """One call's client-side state."""
+    """The client-side state of a call with a stream either way (a unary call is a bare future).
 
-    __slots__ = ("collect", "credit", "done", "items", "waiter")
+    ``done`` is the call's answer: the Result's raw value -- or, for a call
+    that ``collect``s the items it is sent (the unary form of a stream),
+    the list of their raw values when any came. ``slot``: the call holds
+    one of the connection's ``Slots``, given back when it ends.
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.done: asyncio.Future[Any] = loop.create_future()
+    __slots__ = ("collect", "credit", "done", "items", "slot", "waiter")
+
+    def __init__(self, done: asyncio.Future[Any], *, slot: bool) -> None:
+        self.done = done
         self.items: deque[msgspec.Raw] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.credit: asyncio.Event | None = None
         self.collect = False
+        self.slot = slot
 
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -50,7 +74,7 @@ class Pending:
 
     def finish(self, value: Any) -> None:
         if not self.done.done():
-            self.done.set_result(value)
+            self.done.set_result(list(self.items) if self.collect and self.items else value)
         if self.waiter is not None:  # a stream reading items
             self.wake()
         if self.credit is not None:
@@ -64,9 +88,84 @@ class Pending:
         if self.credit is not None:
             self.credit.set()
 
-    def expire(self) -> None:
-        """The call's deadline timer: fail it with ``Expired`` unless it has ended."""
-        self.fail(Expired())
+
+#: A call's options on the hot path (``start_unary``): its priority and its metadata.
+CallOptions = tuple[int | None, dict[str, str] | None]
+NO_OPTIONS: CallOptions = (None, None)
+
+#: A call in flight, as its connection keeps it: a unary call's bare future
+#: (its result is the Result's raw value), or a ``Pending``.
+InFlight = asyncio.Future[Any] | Pending
+
+
+def fail(call: InFlight, exc: BaseException) -> None:
+    """End a call in flight with ``exc`` (unless it has ended)."""
+    if isinstance(call, Pending):
+        call.fail(exc)
+    elif not call.done():
+        call.set_exception(exc)
+        call.exception()  # mark retrieved: its caller may be gone
+
+
+def _holds_slot(call: InFlight) -> bool:
+    return not isinstance(call, Pending) or call.slot
+
+
+def expire(answer: asyncio.Future[Any]) -> None:
+    """A call's deadline timer: fail its answer with ``Expired`` unless it has come."""
+    if not answer.done():
+        answer.set_exception(Expired())
+
+
+#: Seconds per deadline slot: how late a call's own deadline may fire, at most.
+DEADLINE_RESOLUTION = 0.01
+
+
+class Deadlines:
+    """The deadlines of one connection's calls, in slots of ``resolution`` seconds.
+
+    A loop timer per call (``call_later``, then ``cancel`` when the answer
+    comes first, which is nearly always) would be most of what a deadline
+    costs. Instead calls are grouped by the slot their deadline falls in:
+    arming a call adds its answer to its slot's dict and disarming removes
+    it, both O(1), and one loop timer per slot -- started by the slot's
+    first call, kept until it fires even if its calls all answer -- fails
+    what is left with ``Expired``. A deadline therefore fires between 0 and
+    ``resolution`` seconds late, never early. (The server's deadlines work
+    the same way: bastion/server/deadlines.py.)
+    """
+
+    __slots__ = ("armed", "loop", "resolution")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float = DEADLINE_RESOLUTION) -> None:
+        self.loop = loop
+        self.resolution = resolution
+        #: slot number -> the answers whose deadline falls in it (a dict: ordered, O(1) removal)
+        self.armed: dict[int, dict[asyncio.Future[Any], None]] = {}
+
+    def __len__(self) -> int:
+        """Calls armed and not yet disarmed or expired."""
+        return sum(len(answers) for answers in self.armed.values())
+
+    def arm(self, answer: asyncio.Future[Any], timeout: float) -> int:
+        """Fail ``answer`` with ``Expired`` ``timeout`` seconds from now (or a little later); its slot, to disarm."""
+        slot = math.ceil((self.loop.time() + timeout) / self.resolution)
+        answers = self.armed.get(slot)
+        if answers is None:
+            answers = self.armed[slot] = {}
+            self.loop.call_at(slot * self.resolution, self._fire, slot)
+        answers[answer] = None
+        return slot
+
+    def disarm(self, slot: int, answer: asyncio.Future[Any]) -> None:
+        """The call ended in time (or its slot fired already): forget it."""
+        answers = self.armed.get(slot)
+        if answers is not None:
+            answers.pop(answer, None)
+
+    def _fire(self, slot: int) -> None:
+        for answer in self.armed.pop(slot, ()):
+            expire(answer)
 
 
 class Expired(Exception):
@@ -108,23 +207,31 @@ class Slots:
                 self.waiters.remove(waiter)
             raise
 
-    def release(self) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
+    def release(self, n: int = 1) -> None:
+        """Give back ``n`` slots: to the longest waiters first, the rest become free."""
+        waiters = self.waiters
+        while n and waiters:
+            waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
-        self.free += 1
+                n -= 1
+        self.free += n
 
 
 class ClientConnection:
-    """The client's side of one connection (a ``Session`` for ``Link``)."""
+    """The client's side of one connection (a ``Session`` for ``Link``).
+
+    ``pending`` maps each call in flight to its answer. A call holding one of
+    the ``slots`` (every call but a server stream's) gives it back when it
+    leaves ``pending``: answered, cancelled, or failed with the connection --
+    the answers in one read give theirs back together.
+    """
 
     def __init__(self, limits: ProtocolLimits, hello_token: str | None, name: str) -> None:
         self.core = Connection(Role.CLIENT, limits)
         self.limits = limits
         self.link: Link | None = None
-        self.pending: dict[int, Pending] = {}
+        self.pending: dict[int, InFlight] = {}
         self.loop = asyncio.get_running_loop()
         self.welcome: asyncio.Future[Welcome] = self.loop.create_future()
         self.closed = False
@@ -132,6 +239,7 @@ class ClientConnection:
         #: The server closed the connection in the handshake without sending a byte.
         self.closed_silently = False
         self.slots: Slots | None = None
+        self.deadlines = Deadlines(self.loop)
         self._token = hello_token
         self._name = name
 
@@ -149,33 +257,55 @@ class ClientConnection:
         link.flush()
 
     def on_events(self, events: list[Message]) -> None:
+        pending = self.pending
+        freed = 0  # slots the calls answered here held
         for event in events:
+            if type(event) is Result:
+                call = pending.pop(event.id, None)
+                if call is None:
+                    continue
+                if type(call) is Pending:
+                    freed += call.slot
+                    call.finish(event.value)
+                    continue
+                freed += 1  # the usual answer: a unary call's bare future
+                try:  # noqa: SIM105 - free when nothing is raised; suppress() is a context manager per answer
+                    call.set_result(event.value)  # type: ignore[union-attr]
+                except asyncio.InvalidStateError:  # it expired, or its caller was cancelled
+                    pass
+                continue
             cls = type(event)
-            if cls is Result:
-                pending = self.pending.pop(event.id, None)  # type: ignore[union-attr]
-                if pending is not None:
-                    pending.finish(event.value)  # type: ignore[union-attr]
-            elif cls is Item:
-                pending = self.pending.get(event.id)  # type: ignore[union-attr]
-                if pending is not None:
-                    pending.items.append(event.value)  # type: ignore[union-attr]
-                    if pending.collect:
-                        self.grant(event.id, 1)  # type: ignore[union-attr]
-                    pending.wake()
+            if cls is Item:
+                self._on_item(event)  # type: ignore[arg-type]
             elif cls is Error:
-                pending = self.pending.pop(event.id, None)  # type: ignore[union-attr]
-                if pending is not None:
-                    pending.fail(error_from(event))  # type: ignore[arg-type]
+                call = pending.pop(event.id, None)  # type: ignore[union-attr]
+                if call is not None:
+                    freed += _holds_slot(call)
+                    fail(call, error_from(event))  # type: ignore[arg-type]
             elif cls is Credit:
-                pending = self.pending.get(event.id)  # type: ignore[union-attr]
-                if pending is not None and pending.credit is not None:
-                    pending.credit.set()
+                call = pending.get(event.id)  # type: ignore[union-attr]
+                if type(call) is Pending and call.credit is not None:
+                    call.credit.set()
             elif cls is Welcome:
                 self.slots = Slots(self.loop, event.max_inflight)  # type: ignore[union-attr]
                 if not self.welcome.done():
                     self.welcome.set_result(event)  # type: ignore[arg-type]
             elif cls is GoAway:
                 self._on_goaway(event)  # type: ignore[arg-type]
+        if freed:
+            self._release(freed)
+
+    def _on_item(self, item: Item) -> None:
+        call = self.pending.get(item.id)
+        if call is None:
+            return
+        if not isinstance(call, Pending):  # a unary call to a server stream: it collects the items
+            call = self.pending[item.id] = Pending(call, slot=True)
+            call.collect = True
+        call.items.append(item.value)
+        if call.collect:
+            self.grant(item.id, 1)
+        call.wake()
 
     def _on_goaway(self, goaway: GoAway) -> None:
         if not self.welcome.done():
@@ -184,7 +314,7 @@ class ClientConnection:
             return
         self.went_away = True
         for call_id in [i for i in self.pending if i > goaway.last_id]:
-            self.pending.pop(call_id).fail(goaway_error(goaway, call_id))
+            fail(self._forget(call_id), goaway_error(goaway, call_id))  # type: ignore[arg-type]
         if not self.pending and self.link is not None:
             self.link.close()
 
@@ -194,9 +324,12 @@ class ClientConnection:
         if not self.welcome.done():
             self.closed_silently = self.link is not None and not self.link.received_any
             self.welcome.set_exception(ConnectError(f"handshake failed: {error}"))
-        for pending in self.pending.values():
-            pending.fail(ConnectionClosed(str(error)))
+        calls = list(self.pending.values())
         self.pending.clear()
+        for call in calls:
+            fail(call, ConnectionClosed(str(error)))
+        # Callers waiting for a slot get one, and find the connection closed.
+        self._release(sum(_holds_slot(call) for call in calls))
 
     # -- calls --------------------------------------------------------------------------
 
@@ -204,10 +337,43 @@ class ClientConnection:
     def usable(self) -> bool:
         return not self.closed and self.core.state is _OPEN
 
+    def start_unary(
+        self, method: str, args: dict[str, Any], timeout: float | None, options: CallOptions
+    ) -> tuple[int, asyncio.Future[Any], asyncio.Future[None] | None] | None:
+        """Send a unary call in a free slot (``args`` already checked); its answer will come in the future returned.
+
+        None if no slot is free, or callers wait for one: wait in turn
+        (``Slots.acquire``), then ``start``. The usual call's way, with no
+        ``Pending`` and no await. (The None in the answer: it has no sender.)
+        """
+        core = self.core
+        if core.state is not _OPEN:  # not self.usable (closed: the core is closed too)
+            raise ConnectionClosed("connection is closed or draining")
+        slots: Slots = self.slots  # type: ignore[assignment]  # open: the Welcome came
+        if slots.free <= 0 or slots.waiters:  # not slots.try_acquire(), without the call
+            return None
+        priority, metadata = options
+        timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else None
+        call_id = core.send_call(method, args, timeout_ms, priority, False, metadata)
+        slots.free -= 1  # taken once the call is sent: a call too large to send takes none
+        answer = self.pending[call_id] = self.loop.create_future()
+        self.link.schedule_flush()  # type: ignore[union-attr]  # open, so connected
+        return call_id, answer, None
+
     def start(
-        self, method: str, args: dict[str, Any], timeout: float | None, stream: bool, options: Mapping[str, Any]
+        self,
+        method: str,
+        args: dict[str, Any],
+        timeout: float | None,
+        stream: bool,
+        options: Mapping[str, Any],
+        *,
+        slot: bool = False,
     ) -> tuple[int, Pending]:
-        """Send a call (``args`` already checked by ``check_args``)."""
+        """Send a call (``args`` already checked by ``check_args``) with a ``Pending``; ``slot``: it holds one.
+
+        ``options``: its ``priority`` and ``metadata``, if any.
+        """
         if self.closed or self.core.state is not _OPEN:  # not self.usable
             raise ConnectionClosed("connection is closed or draining")
         timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else None
@@ -219,20 +385,37 @@ class ClientConnection:
             priority=options.get("priority"),
             metadata=options.get("metadata"),
         )
-        pending = self.pending[call_id] = Pending(self.loop)
+        pending = self.pending[call_id] = Pending(self.loop.create_future(), slot=slot)
         assert self.link is not None
         self.link.schedule_flush()
         return call_id, pending
 
     def cancel(self, call_id: int) -> None:
-        self.pending.pop(call_id, None)
+        self._forget(call_id)
         if self.core.send_cancel(call_id) and self.link is not None:
             self.link.schedule_flush()
         self._close_if_drained()
 
+    def abandon(self, exc: BaseException) -> None:
+        """Cancel every call in flight and fail it with ``exc`` (wakes whoever awaits it)."""
+        for call_id, call in list(self.pending.items()):
+            self.cancel(call_id)
+            fail(call, exc)
+
     def grant(self, call_id: int, n: int) -> None:
         if self.core.grant(call_id, n) and self.link is not None:
             self.link.schedule_flush()
+
+    def _forget(self, call_id: int) -> InFlight | None:
+        """Take a call out of ``pending``, giving back its slot."""
+        call = self.pending.pop(call_id, None)
+        if call is not None and _holds_slot(call):
+            self._release(1)
+        return call
+
+    def _release(self, n: int) -> None:
+        if self.slots is not None:
+            self.slots.release(n)
 
     def _close_if_drained(self) -> None:
         if self.core.state is ConnectionState.DRAINING and not self.pending and self.link is not None:

@@ -2,12 +2,19 @@
 
 Theory of operation. ``Client`` opens one connection lazily and reuses it for
 every call; if the server sends GoAway, calls already accepted finish on the
-old connection and the next call opens a new one. Each call is a ``Pending``
-(bastion/client/_connection.py, with the connection's side of it) keyed by
-call id: unary calls wait on one future; streams read items from a small
-queue, returning credit to the server as they consume. The client
-sends the call's remaining time as ``timeout_ms`` and also enforces it
-locally, cancelling the call on the server when it runs out.
+old connection and the next call opens a new one. Each call is kept by the
+connection (bastion/client/_connection.py) under its call id: a unary call as
+a bare future its answer resolves; a call with a stream as a ``Pending``,
+whose items wait in a small queue, returning credit to the server as they
+are consumed. The client sends the call's remaining time as ``timeout_ms``
+and also enforces it locally (the connection's ``Deadlines``), cancelling
+the call on the server when it runs out.
+
+The usual call -- ``call`` on a single-server client whose connection is
+open -- is one coroutine (``_call_on``) doing no more than it must: it takes
+a free slot, sends the call and awaits its answer with no ``Pending``, no
+timer of its own and no coroutine per attempt; the retry loop
+(``_retrying``) starts only if that attempt fails.
 
 Retries (``bastion.client.policy``). ``invoke`` tries a call again only when
 it fails retryably and is known idempotent -- ``idempotent=True``, or the
@@ -49,13 +56,16 @@ from collections.abc import (
 )
 from typing import Any
 
+import msgspec
+
 from bastion.client._common import (
+    DECODER,
     ServiceProxy,
     check_args,
     decode_value,
     silent_close_hint,
 )
-from bastion.client._connection import ClientClosed, ClientConnection, Expired
+from bastion.client._connection import NO_OPTIONS, CallOptions, ClientClosed, ClientConnection, Expired
 from bastion.client.balancer import Balancer, BreakerState, Endpoint, expand_endpoints
 from bastion.client.base import ClientBase
 from bastion.client.policy import (
@@ -72,12 +82,28 @@ from bastion.exceptions import (
     Unavailable,
     UsageError,
 )
+from bastion.protocol.state import ConnectionState
 from bastion.transport.aio import Link
 from bastion.transport.tls_errors import describe_tls_error
 
 __all__ = ["Client"]
 
-_NO_OPTIONS: Mapping[str, Any] = {}
+_OPEN = ConnectionState.OPEN
+_decode = DECODER.decode
+
+
+class _Retry(msgspec.Struct, frozen=True, gc=False):
+    """What a call's retries need to know: whether it is idempotent (None: ask), and its deadline.
+
+    (A Struct: one is made per call, in C.)
+    """
+
+    idempotent: bool | None
+    deadline: float | None
+
+
+#: The plan of the usual call (no deadline, idempotent if the server says so), made once: it is frozen.
+_PLAIN_RETRY = _Retry(None, None)
 
 
 class _Slot:
@@ -100,6 +126,15 @@ class Client(ClientBase):
     client.stream("svc.method", ...)``; client streams: ``await
     client.upload("svc.method", items, ...)``. Settings: see ``ClientBase``.
     """
+
+    #: Whether ``_attempt`` is this class's own. The usual call's first attempt
+    #: then skips it (one call fewer); a subclass that overrides it (to count
+    #: attempts, say) sees every attempt, that one too.
+    _own_attempt = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._own_attempt = cls._attempt is Client._attempt
 
     def _post_init(self) -> None:
         self._conn: ClientConnection | None = None
@@ -223,7 +258,7 @@ class Client(ClientBase):
         if not breaker.begin_trial():
             return breaker.state is BreakerState.CLOSED
         try:
-            answer = await self._call_on(conn, "admin.ready", {}, 2.0, 2.0, {}, None)
+            answer = await self._call_on(conn, "admin.ready", {}, 2.0, 2.0, NO_OPTIONS, None)
             ok = isinstance(answer, dict) and answer.get("ready") is True
         except (CallError, ConnectionClosed, ConnectError):
             ok = False
@@ -252,7 +287,9 @@ class Client(ClientBase):
             await self._probe(slot, conn)
             return
         try:
-            answer = await self._call_on(conn, "admin.ready", {}, min(2.0, interval), min(2.0, interval), {}, None)
+            answer = await self._call_on(
+                conn, "admin.ready", {}, min(2.0, interval), min(2.0, interval), NO_OPTIONS, None
+            )
         except (ConnectionClosed, ConnectError):
             breaker.on_failure()
             return
@@ -324,9 +361,7 @@ class Client(ClientBase):
     @staticmethod
     def _close_conn(conn: ClientConnection | None) -> None:
         if conn is not None and conn.link is not None and not conn.closed:
-            for call_id, pending in list(conn.pending.items()):
-                conn.cancel(call_id)
-                pending.fail(ClientClosed("the client was closed"))  # wake whoever awaits it
+            conn.abandon(ClientClosed("the client was closed"))
             conn.link.close()
 
     # -- calls ----------------------------------------------------------------------
@@ -339,7 +374,21 @@ class Client(ClientBase):
         runs one coroutine fewer; ``await client.call(...)`` reads the same.)
         """
         # Keyword arguments are a fresh dict with str keys: nothing for check_args to do.
-        return self._invoke(method, args, self.timeout, _NO_OPTIONS, None, None)
+        timeout, retry, budget, conn = self.timeout, self._retry, self.retry_budget, self._conn
+        if (
+            retry is not None
+            and budget is not None
+            and conn is not None
+            and conn.core.state is _OPEN  # conn.usable, without the call
+            and not conn.closed
+            and self._own_attempt
+        ):
+            # What _invoke does in this case -- retries on, the connection open --
+            # done here: one call fewer for the commonest thing a client does.
+            budget.on_request()
+            plan = _PLAIN_RETRY if timeout is None else _Retry(None, retry.clock() + timeout)
+            return self._call_on(conn, method, args, timeout, timeout, NO_OPTIONS, None, plan)
+        return self._invoke(method, args, timeout, NO_OPTIONS, None, None)
 
     async def invoke(
         self,
@@ -371,47 +420,80 @@ class Client(ClientBase):
             if items is not None:
                 raise UsageError("idempotency keys apply to unary calls only, not streams")
             idempotent = True  # the server answers a repeat with the first result
-        options = {"priority": priority, "metadata": metadata}
-        return await self._invoke(method, checked, timeout, options, items, idempotent)
+        return await self._invoke(method, checked, timeout, (priority, metadata), items, idempotent)
 
-    async def _invoke(
+    def _invoke(
         self,
         method: str,
         checked: dict[str, Any],
         timeout: float | None,
-        options: Mapping[str, Any],
+        options: CallOptions,
         items: AsyncIterable[Any] | Iterable[Any] | None,
         idempotent: bool | None,
-    ) -> Any:
-        """``invoke`` with its arguments checked: the attempts, retried as the policy allows."""
+    ) -> Coroutine[Any, Any, Any]:
+        """``invoke`` with its arguments checked: the call's coroutine, its attempts retried as the policy allows.
+
+        The usual call -- retries on, one server, its connection open -- is one
+        coroutine: its first attempt (``_attempt``: ``_call_on``), which hands
+        over to the retry loop (``_retrying``) only if it fails.
+        """
         retry, budget = self._retry, self.retry_budget
-        if retry is None or budget is None or not is_replayable(items):
-            return await self._attempt(method, checked, timeout, timeout, options, items, [])
+        if retry is None or budget is None or not (items is None or is_replayable(items)):
+            return self._attempt(method, checked, timeout, timeout, options, items, [])
         budget.on_request()
-        deadline = None if timeout is None else retry.clock() + timeout
+        if timeout is None and idempotent is None:
+            plan = _PLAIN_RETRY
+        else:
+            plan = _Retry(idempotent, None if timeout is None else retry.clock() + timeout)
+        conn = self._conn  # never set on a balanced client
+        if conn is not None and conn.core.state is _OPEN and not conn.closed:  # conn.usable, without the call
+            if self._own_attempt:  # what _attempt does here
+                return self._call_on(conn, method, checked, timeout, timeout, options, items, plan)
+            return self._attempt(method, checked, timeout, timeout, options, items, [], plan)
+        return self._retrying(method, checked, timeout, options, items, plan, None)
+
+    async def _retrying(
+        self,
+        method: str,
+        checked: dict[str, Any],
+        timeout: float | None,
+        options: CallOptions,
+        items: AsyncIterable[Any] | Iterable[Any] | None,
+        plan: _Retry,
+        failure: CallError | ConnectionClosed | None,
+    ) -> Any:
+        """The attempts at a call, each after the one before failed retryably, within its deadline and budget.
+
+        ``failure``: the first attempt's error, when that attempt was made already.
+        """
+        retry, budget = self._retry, self.retry_budget
+        assert retry is not None and budget is not None
         left = timeout
         attempts = None
         tried: list[Endpoint] = []  # endpoints this call failed on: the next attempt goes elsewhere
         while True:
-            try:
-                return await self._attempt(method, checked, left, timeout, options, items, tried)
-            except (CallError, ConnectionClosed) as exc:
-                reason: BaseException = exc
-                if isinstance(exc, ClientClosed):
-                    raise
-                if isinstance(exc, ConnectionClosed):
-                    # It may have started: idempotent (or keyed) calls only, on a new connection -- to another
-                    # endpoint, or through the one address (a load balancer) to whichever server it picks.
-                    reason = Unavailable(f"connection lost: {exc}")
-                if not retry.may_retry(reason):
-                    raise
-                if attempts is None:
-                    attempts = retry.attempts(budget, deadline=deadline, idempotent=idempotent)
-                if attempts.needs_idempotency(reason):
-                    attempts.idempotent = await self._is_idempotent(method, attempts.remaining())
-                delay = attempts.next_delay(reason)
-                if delay is None:
-                    raise
+            if failure is None:
+                try:
+                    return await self._attempt(method, checked, left, timeout, options, items, tried)
+                except (CallError, ConnectionClosed) as exc:
+                    failure = exc
+            reason: BaseException = failure
+            if isinstance(failure, ClientClosed):
+                raise failure
+            if isinstance(failure, ConnectionClosed):
+                # It may have started: idempotent (or keyed) calls only, on a new connection -- to another
+                # endpoint, or through the one address (a load balancer) to whichever server it picks.
+                reason = Unavailable(f"connection lost: {failure}")
+            if not retry.may_retry(reason):
+                raise failure
+            if attempts is None:
+                attempts = retry.attempts(budget, deadline=plan.deadline, idempotent=plan.idempotent)
+            if attempts.needs_idempotency(reason):
+                attempts.idempotent = await self._is_idempotent(method, attempts.remaining())
+            delay = attempts.next_delay(reason)
+            if delay is None:
+                raise failure
+            failure = None
             if delay > 0:
                 await asyncio.sleep(delay)
             left = attempts.remaining()
@@ -422,18 +504,23 @@ class Client(ClientBase):
         args: dict[str, Any],
         timeout: float | None,
         total: float | None,
-        options: Mapping[str, Any],
+        options: CallOptions,
         items: AsyncIterable[Any] | Iterable[Any] | None,
         tried: list[Endpoint],
-    ) -> Awaitable[Any]:
+        retry: _Retry | None = None,
+    ) -> Coroutine[Any, Any, Any]:
         """One attempt at a call (``_attempt_on_endpoint``), with ``timeout`` seconds left of the call's ``total``.
 
         On a single-server client's open connection, the call itself: one
-        coroutine fewer for the usual call.
+        coroutine fewer for the usual call. ``retry``: the call's first
+        attempt, on such a connection, which goes on to the retry loop if it
+        fails (see ``_invoke``).
         """
-        conn = self._conn
-        if conn is not None and not self.balanced and conn.usable:
-            return self._call_on(conn, method, args, timeout, total, options, items)
+        conn = self._conn  # never set on a balanced client
+        if conn is not None and conn.core.state is _OPEN and not conn.closed:  # conn.usable, without the call
+            return self._call_on(conn, method, args, timeout, total, options, items, retry)
+        if retry is not None:  # closed since _invoke looked (a subclass awaited something first): connect again
+            return self._retrying(method, args, total, options, items, retry, None)
         return self._attempt_on_endpoint(method, args, timeout, total, options, items, tried)
 
     async def _attempt_on_endpoint(
@@ -442,7 +529,7 @@ class Client(ClientBase):
         args: dict[str, Any],
         timeout: float | None,
         total: float | None,
-        options: Mapping[str, Any],
+        options: CallOptions,
         items: AsyncIterable[Any] | Iterable[Any] | None,
         tried: list[Endpoint],
     ) -> Any:
@@ -484,27 +571,26 @@ class Client(ClientBase):
         args: dict[str, Any],
         timeout: float | None,
         total: float | None,
-        options: Mapping[str, Any],
+        options: CallOptions,
         items: AsyncIterable[Any] | Iterable[Any] | None,
+        retry: _Retry | None = None,
     ) -> Any:
-        """One attempt at a call on ``conn``.
+        """One attempt at a call on ``conn``; with ``retry``, a call's first, which ``_retrying`` continues if it fails.
 
-        The deadline is one timer that fails the call's future (``Expired``),
-        not an ``asyncio.timeout`` per call.
+        A unary call's answer is a bare future, awaited right here. Its
+        deadline is armed in the connection's ``Deadlines``, which fail it
+        (``Expired``) if it is still waiting then: no loop timer, nor
+        ``asyncio.timeout``, per call. The call's slot is given back by the
+        connection, when the call leaves it.
         """
-        slots = conn.slots
-        if slots is not None and not slots.try_acquire():  # no coroutine for the usual free slot
-            await slots.acquire()
         try:
-            call_id, pending = conn.start(method, args, timeout, items is not None, options)
-            timer = conn.loop.call_later(timeout, pending.expire) if timeout is not None else None
-            sender = conn.start_sender(call_id, pending, items) if items is not None else None
+            started = conn.start_unary(method, args, timeout, options) if items is None else None
+            if started is None:
+                started = await self._start_in_turn(conn, method, args, timeout, options, items)
+            call_id, answer, sender = started
+            slot = conn.deadlines.arm(answer, timeout) if timeout is not None else None
             try:
-                pending.collect = True  # stream items are granted back as they arrive
-                raw = await pending.done
-                if pending.items:
-                    return [decode_value(r) for r in pending.items]
-                return decode_value(raw)
+                raw = await answer
             except Expired:
                 conn.cancel(call_id)
                 raise DeadlineExceeded(f"{method}: no answer within {total}s") from None
@@ -512,13 +598,49 @@ class Client(ClientBase):
                 conn.cancel(call_id)
                 raise
             finally:
-                if timer is not None:
-                    timer.cancel()
+                if slot is not None:
+                    conn.deadlines.disarm(slot, answer)
                 if sender is not None:
                     sender.cancel()
-        finally:
+        except (CallError, ConnectionClosed) as exc:
+            if retry is None:
+                raise
+            failure = exc
+        else:
+            if type(raw) is list:  # a stream's items, collected
+                return [_decode(r) for r in raw]
+            return _decode(raw)
+        return await self._retrying(method, args, total, options, items, retry, failure)
+
+    @staticmethod
+    async def _start_in_turn(
+        conn: ClientConnection,
+        method: str,
+        args: dict[str, Any],
+        timeout: float | None,
+        options: CallOptions,
+        items: AsyncIterable[Any] | Iterable[Any] | None,
+    ) -> tuple[int, asyncio.Future[Any], asyncio.Future[None] | None]:
+        """``_call_on``'s start when ``start_unary`` cannot: a call with an input stream, or no slot free.
+
+        Takes a slot, waiting its turn for one, then starts the call (and
+        the sender of ``items``); the call's id, its answer and its sender.
+        """
+        slots = conn.slots
+        if slots is not None and not slots.try_acquire():
+            await slots.acquire()
+        try:
+            priority, metadata = options
+            call_id, pending = conn.start(
+                method, args, timeout, items is not None, {"priority": priority, "metadata": metadata}, slot=True
+            )
+            pending.collect = True  # stream items are granted back as they arrive
+            sender = conn.start_sender(call_id, pending, items) if items is not None else None
+            return call_id, pending.done, sender
+        except BaseException:
             if slots is not None:
-                slots.release()
+                slots.release()  # the call never started: its slot is still ours
+            raise
 
     async def _is_idempotent(self, method: str, timeout: float | None) -> bool:
         """Whether the server declares ``method`` idempotent; False when that cannot be learnt.
@@ -539,7 +661,7 @@ class Client(ClientBase):
 
     async def _fetch_listing(self, methods: IdempotentMethods) -> None:
         try:
-            listing = await self._attempt(LISTING_METHOD, {}, LISTING_TIMEOUT, LISTING_TIMEOUT, {}, None, [])
+            listing = await self._attempt(LISTING_METHOD, {}, LISTING_TIMEOUT, LISTING_TIMEOUT, NO_OPTIONS, None, [])
         except Exception as exc:  # whatever went wrong, the answer is "not idempotent" for now
             methods.failed(exc)
         else:

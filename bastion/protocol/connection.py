@@ -88,13 +88,16 @@ class ProtocolLimits(msgspec.Struct, frozen=True):
             raise ValueError("need handshake_max_frame <= max_frame < 2**32")
 
 
-class _CallRecord:
-    __slots__ = ("recv_credit", "send_credit", "state")
+class _CallRecord(msgspec.Struct, gc=False):
+    """One open call: its state and its stream credit both ways.
 
-    def __init__(self, state: CallState, send_credit: int, recv_credit: int) -> None:
-        self.state = state
-        self.send_credit = send_credit
-        self.recv_credit = recv_credit
+    A Struct, not a class with ``__init__``: one is made per call, in C.
+    (``gc=False``: it holds an enum member and two ints, never a cycle.)
+    """
+
+    state: CallState
+    send_credit: int
+    recv_credit: int
 
 
 _SEND, _RECV = Direction.SEND, Direction.RECV
@@ -102,6 +105,10 @@ _FINISHED: Final = (Result, Error)
 _CLOSED: Final = ConnectionState.CLOSED
 _CALL_CLOSED: Final = CallState.CLOSED
 _SEND_FINISH, _RECV_FINISH = CallInput.SEND_FINISH, CallInput.RECV_FINISH
+#: The call states a received Result or Error closes (any other is the peer's error).
+_FINISHABLE: Final = frozenset(
+    state for (state, event), new in CALL_TRANSITIONS.items() if event is _RECV_FINISH and new is _CALL_CLOSED
+)
 #: A new call's state, by (direction, stream).
 _NEW_CALL: Final = {
     (_SEND, False): CALL_TRANSITIONS[CallState.IDLE, CallInput.SEND_CALL],
@@ -109,6 +116,8 @@ _NEW_CALL: Final = {
     (_RECV, False): CALL_TRANSITIONS[CallState.IDLE, CallInput.RECV_CALL],
     (_RECV, True): CALL_TRANSITIONS[CallState.IDLE, CallInput.RECV_CALL_STREAM],
 }
+#: ``_NEW_CALL[_SEND, stream]``, indexed by ``stream`` alone (the client's hot path).
+_SENT_CALL: Final = (_NEW_CALL[_SEND, False], _NEW_CALL[_SEND, True])
 
 
 class Connection:
@@ -119,6 +128,10 @@ class Connection:
         self.limits = limits or ProtocolLimits()
         self.state = ConnectionState.IDLE
         self._table = CONNECTION_TRANSITIONS[role]
+        # The states in which sending a Call (a client's) or receiving a Result (a
+        # client's again) is legal and changes nothing: their hot paths check these.
+        self._calling = self._unchanged_by(_SEND, Call)
+        self._answerable = self._unchanged_by(_RECV, Result)
         self._reader: FrameReader[Message] = FrameReader(
             ClientMessage if role is Role.SERVER else ServerMessage,
             self.limits.handshake_max_frame if role is Role.SERVER else self.limits.max_frame,
@@ -126,6 +139,7 @@ class Connection:
         # Until the peer tells us its limit, send nothing above the handshake cap.
         self._writer = FrameWriter(self.limits.handshake_max_frame)
         self._calls: dict[int, _CallRecord] = {}
+        self._window = self.limits.window  # initial receive credit per call, for the peer
         self._highest_id = 0  # highest call id sent (client) or received (server)
         self._peer_window = 0  # initial send credit per call, from the peer
         self._peer_max_frame = self.limits.max_frame  # from the Hello; applies after our Welcome
@@ -135,6 +149,12 @@ class Connection:
         #: Calls refused for max_inflight so far (server): the application never
         #: sees them, but may want to count them as abuse.
         self.refused_calls = 0
+
+    def _unchanged_by(self, direction: Direction, cls: type) -> frozenset[ConnectionState]:
+        """The states ``cls`` going ``direction`` may leave as they are (per the state table)."""
+        return frozenset(
+            state for (state, way, kind), new in self._table.items() if (way, kind, new) == (direction, cls, state)
+        )
 
     # -- introspection --------------------------------------------------------
 
@@ -166,12 +186,24 @@ class Connection:
         try:
             messages = self._reader.feed(data)
             events: list[Message] = []
-            receive = self._receive
+            receive, keep = self._receive, events.append
+            calls = self._calls
+            answerable = self.state in self._answerable
             for message in messages:
+                if answerable and type(message) is Result:
+                    # ``_receive`` for the usual message, inline (a client gets one per
+                    # call): the answer to an open call closes it, in a state it leaves as it is.
+                    record = calls.pop(message.id, None)
+                    if record is not None:
+                        if record.state in _FINISHABLE:
+                            keep(message)
+                            continue
+                        calls[message.id] = record  # not to be closed so: _receive says why
                 if receive(message):
-                    events.append(message)
+                    keep(message)
                 if self.state is _CLOSED:  # type: ignore[comparison-overlap]  # _receive may close
                     break
+                answerable = self.state in self._answerable  # or change the state otherwise
             return events
         except RemoteProtocolError as exc:
             self._fail(exc)
@@ -188,7 +220,7 @@ class Connection:
 
     @property
     def pending_output(self) -> int:
-        return len(self._writer)
+        return len(self._writer.buffer)
 
     # -- handshake ------------------------------------------------------------
 
@@ -221,20 +253,19 @@ class Connection:
         self,
         method: str,
         args: Any,
-        *,
         timeout_ms: int | None = None,
         priority: int | None = None,
         stream: bool = False,
         metadata: dict[str, str] | None = None,
     ) -> int:
-        """Start a call (client); returns its id."""
-        new = self._table.get((self.state, _SEND, Call))
-        self.state = new if new is not None else self._next_state(_SEND, Call)
+        """Start a call (client); returns its id. (Options may be passed by position: the async client's hot path.)"""
+        if self.state not in self._calling:  # else the state stays as it is
+            self.state = self._next_state(_SEND, Call)
         call_id = self._highest_id + 1
         message = Call(call_id, method, args, timeout_ms, priority, stream, metadata)
         self._writer.write(message)
         self._highest_id = call_id
-        self._calls[call_id] = _CallRecord(_NEW_CALL[_SEND, stream], self._peer_window, self.limits.window)
+        self._calls[call_id] = _CallRecord(_SENT_CALL[stream], self._peer_window, self._window)
         return call_id
 
     def send_result(self, call_id: int, value: Any) -> bool:
@@ -424,10 +455,16 @@ class Connection:
             return self._receive_call(message)  # type: ignore[arg-type]
         new = self._table.get((self.state, _RECV, cls))
         self.state = new if new is not None else self._next_state(_RECV, cls)
+        if cls is Result or cls is Error:
+            # The usual answer to the usual call, closed here (``_receive_finish``
+            # without its call: a client receives one of these per call).
+            record = self._calls.get(message.id)  # type: ignore[union-attr]
+            if record is not None and record.state in _FINISHABLE:
+                del self._calls[message.id]  # type: ignore[union-attr]
+                return True
+            return self._receive_finish(message)  # type: ignore[arg-type]
         if cls is Item:
             return self._receive_item(message)  # type: ignore[arg-type]
-        if cls is Result or cls is Error:
-            return self._receive_finish(message)  # type: ignore[arg-type]
         if cls is Credit:
             return self._receive_credit(message)  # type: ignore[arg-type]
         if cls is Cancel:
@@ -505,10 +542,7 @@ class Connection:
         return True
 
     def _receive_finish(self, message: Result | Error) -> bool:
-        record = self._calls.get(message.id)
-        if record is not None and CALL_TRANSITIONS.get((record.state, _RECV_FINISH)) is _CALL_CLOSED:
-            del self._calls[message.id]
-            return True
+        """A Result or Error ``_receive`` could not simply close a call with: dropped, or the error that explains."""
         if not self._step_call(message.id, _RECV_FINISH, local=False):  # False, or the error that explains
             return False
         del self._calls[message.id]

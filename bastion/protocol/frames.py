@@ -14,6 +14,7 @@ are only appended to the list; once it is whole they are joined, one copy.
 
 from __future__ import annotations
 
+import struct
 from typing import Generic, TypeVar
 
 import msgspec
@@ -30,6 +31,8 @@ MAX_FRAME_LIMIT = 2**32 - 1
 T = TypeVar("T")
 #: Reads shorter than this are gathered into one part of a partial frame.
 _SMALL_READ = 4096
+#: The length header, read and written in place (no slice, no bytes object per frame).
+_HEADER = struct.Struct(">I")
 
 
 class FrameReader(Generic[T]):
@@ -77,22 +80,24 @@ class FrameReader(Generic[T]):
         size = len(data)
         pos = 0
         out: list[T] = []
-        decode = self._decoder.decode
+        decode, append = self._decoder.decode, out.append
+        read_header = _HEADER.unpack_from
+        max_frame = self.max_frame
         while size - pos >= HEADER_SIZE:
-            length = int.from_bytes(view[pos : pos + HEADER_SIZE], "big")
-            if length > self.max_frame:
-                raise RemoteProtocolError(
-                    f"frame of {length} bytes exceeds the limit of {self.max_frame}",
-                    Status.RESOURCE_EXHAUSTED,
-                )
-            if length == 0:
+            (length,) = read_header(data, pos)
+            if not length or length > max_frame:
+                if length:
+                    raise RemoteProtocolError(
+                        f"frame of {length} bytes exceeds the limit of {max_frame}", Status.RESOURCE_EXHAUSTED
+                    )
                 raise RemoteProtocolError("empty frame")
-            end = pos + HEADER_SIZE + length
+            body = pos + HEADER_SIZE
+            end = body + length
             if end > size:
                 self._need = end - pos
                 break
             try:
-                out.append(decode(view[pos + HEADER_SIZE : end]))
+                append(decode(view[body:end]))
             except (ValueError, RecursionError) as exc:
                 # Besides DecodeError (a ValueError), msgspec lets through
                 # UnicodeDecodeError for a str field that is not UTF-8, and
@@ -110,11 +115,16 @@ class FrameReader(Generic[T]):
 
 
 class FrameWriter:
-    """Encodes messages into one outgoing buffer, each behind its length."""
+    """Encodes messages into one outgoing buffer, each behind its length.
+
+    ``buffer`` holds the frames written since the last ``take``: read its
+    length to see how much output waits (``len(writer)`` says the same, one
+    call slower).
+    """
 
     def __init__(self, max_frame: int) -> None:
-        self._encoder = msgspec.msgpack.Encoder()
-        self._buffer = bytearray()
+        self._encode_into = msgspec.msgpack.Encoder().encode_into
+        self.buffer = bytearray()
         self.max_frame = max_frame
 
     def write(self, message: object) -> None:
@@ -122,10 +132,10 @@ class FrameWriter:
 
         On error nothing is appended, so the caller may answer differently.
         """
-        buffer = self._buffer
+        buffer = self.buffer
         start = len(buffer)
         try:
-            self._encoder.encode_into(message, buffer, start + HEADER_SIZE)
+            self._encode_into(message, buffer, start + HEADER_SIZE)
         except (TypeError, ValueError, OverflowError) as exc:
             del buffer[start:]
             raise LocalProtocolError(f"cannot encode {type(message).__name__}: {exc}") from None
@@ -136,12 +146,12 @@ class FrameWriter:
                 f"frame of {length} bytes exceeds the peer's limit of {self.max_frame}",
                 Status.RESOURCE_EXHAUSTED,
             )
-        buffer[start : start + HEADER_SIZE] = length.to_bytes(HEADER_SIZE, "big")
+        _HEADER.pack_into(buffer, start, length)
 
     def __len__(self) -> int:
-        return len(self._buffer)
+        return len(self.buffer)
 
     def take(self) -> bytearray:
         """Return everything written so far, and start a new buffer (no copy: the caller owns it now)."""
-        data, self._buffer = self._buffer, bytearray()
+        data, self.buffer = self.buffer, bytearray()
         return data
