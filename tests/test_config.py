@@ -51,8 +51,11 @@ def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_connection_limits_come_from_the_environment() -> None:
-    env = {"BASTION_LIMITS__IDLE_TIMEOUT": "1", "BASTION_LIMITS__MAX_CONNECTIONS_PER_SOURCE": "8",
-           "BASTION_LIMITS__WRITE_STALL_TIMEOUT": "2.5"}
+    env = {
+        "BASTION_LIMITS__IDLE_TIMEOUT": "1",
+        "BASTION_LIMITS__MAX_CONNECTIONS_PER_SOURCE": "8",
+        "BASTION_LIMITS__WRITE_STALL_TIMEOUT": "2.5",
+    }
     limits = load_config(environ=env).limits
     assert (limits.idle_timeout, limits.max_connections_per_source, limits.write_stall_timeout) == (1, 8, 2.5)
     assert limits.write_hard_limit == 4 * limits.write_high_water + limits.max_frame

@@ -51,8 +51,7 @@ def _many_descriptors() -> Iterator[None]:
 
 
 def client(server: ServerProcess, **kwargs: Any) -> SyncClient:
-    return SyncClient(server.address, token_file=str(server.token_file), timeout=10, insecure=server.insecure,
-                      **kwargs)
+    return SyncClient(server.address, token_file=str(server.token_file), timeout=10, insecure=server.insecure, **kwargs)
 
 
 def stats(server: ServerProcess) -> dict[str, Any]:
@@ -109,7 +108,9 @@ def goaway_seen(peer: RawPeer) -> list[Any] | None:
 def slowloris(plan: dict[str, Any]) -> Iterator[tuple[subprocess.Popen[str], LineReader]]:
     """Run tests/support/slowloris.py with ``plan`` until it says it is ready; stop it (stdin EOF) after."""
     attacker = subprocess.Popen(
-        [sys.executable, str(SLOWLORIS), json.dumps(plan)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        [sys.executable, str(SLOWLORIS), json.dumps(plan)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         text=True,
     )
     reader = LineReader(attacker.stdout)
@@ -137,12 +138,27 @@ def test_slowloris_connections_are_closed_at_the_deadline_and_bystanders_keep_th
     baseline = {name: p99(call_latencies(s)) for name, s in (("tls", tls), ("plain", plain))}
 
     half = attackers // 2
-    plan = {"duration": 60, "targets": [
-        {"host": tls.host, "port": tls.port, "count": half, "sources": SOURCES[:8],
-         "payload": STALLED_CLIENT_HELLO.hex(), "first": len(TLS_RECORD_START)},
-        {"host": plain.host, "port": plain.port, "count": attackers - half, "sources": SOURCES[8:],
-         "payload": TRICKLED_HELLO.hex(), "first": 1},
-    ]}
+    plan = {
+        "duration": 60,
+        "targets": [
+            {
+                "host": tls.host,
+                "port": tls.port,
+                "count": half,
+                "sources": SOURCES[:8],
+                "payload": STALLED_CLIENT_HELLO.hex(),
+                "first": len(TLS_RECORD_START),
+            },
+            {
+                "host": plain.host,
+                "port": plain.port,
+                "count": attackers - half,
+                "sources": SOURCES[8:],
+                "payload": TRICKLED_HELLO.hex(),
+                "first": 1,
+            },
+        ],
+    }
     with slowloris(plan) as (attacker, reader):
         during_attack = stats(tls)["connections_open"], stats(plain)["connections_open"]
         under = {name: p99(call_latencies(s)) for name, s in (("tls", tls), ("plain", plain))}
@@ -151,9 +167,12 @@ def test_slowloris_connections_are_closed_at_the_deadline_and_bystanders_keep_th
         attacker.stdin.close()  # stop: each slot waits for its last connection to be closed
         results = [json.loads(line) for line in (reader.next_line(40), reader.next_line(5)) if line]
 
-    report = {"baseline_p99_ms": {k: round(v * 1000, 2) for k, v in baseline.items()},
-              "attack_p99_ms": {k: round(v * 1000, 2) for k, v in under.items()},
-              "open_during_attack": during_attack, "attackers": results}
+    report = {
+        "baseline_p99_ms": {k: round(v * 1000, 2) for k, v in baseline.items()},
+        "attack_p99_ms": {k: round(v * 1000, 2) for k, v in under.items()},
+        "open_during_attack": during_attack,
+        "attackers": results,
+    }
     print(json.dumps(report))
     assert len(results) == 2, report
     for result in results:
@@ -220,8 +239,9 @@ def test_the_257th_connection_from_one_address_is_closed_before_tls(
 
 
 def test_connections_over_the_total_limit_are_closed(server_factory: Callable[..., ServerProcess]) -> None:
-    server = server_factory(env={"BASTION_LIMITS__MAX_CONNECTIONS": "4", "BASTION_LIMITS__HANDSHAKE_TIMEOUT": "60"},
-                            insecure=True)
+    server = server_factory(
+        env={"BASTION_LIMITS__MAX_CONNECTIONS": "4", "BASTION_LIMITS__HANDSHAKE_TIMEOUT": "60"}, insecure=True
+    )
     hoard = [RawPeer(server.host, server.port, source=source) for source in SOURCES[:4]]
     try:
         for peer in hoard:
@@ -288,8 +308,9 @@ def test_a_client_that_never_reads_is_dropped_and_server_memory_stays_bounded(
 # -- protocol abuse ----------------------------------------------------------------------------------
 
 
-def flood(peer: RawPeer, batch: Callable[[int], bytes], per_batch: int, limit: int,
-          bystander: SyncClient) -> tuple[int, list[Any]]:
+def flood(
+    peer: RawPeer, batch: Callable[[int], bytes], per_batch: int, limit: int, bystander: SyncClient
+) -> tuple[int, list[Any]]:
     """Send batches until the server answers with a GoAway; (units sent by then, that GoAway).
 
     Each batch ends with a Ping whose Pong says the server has read the batch
@@ -325,8 +346,9 @@ def test_rapid_reset_is_closed_after_a_bounded_number_of_cancels(
     limit = 1000
 
     def pairs(start: int) -> bytes:
-        return b"".join(frame([CALL, i, "demo.slow", {"seconds": 30}]) + frame([CANCEL, i])
-                        for i in range(start + 1, start + 51))
+        return b"".join(
+            frame([CALL, i, "demo.slow", {"seconds": 30}]) + frame([CANCEL, i]) for i in range(start + 1, start + 51)
+        )
 
     with client(server) as bystander, RawPeer(server.host, server.port) as peer:
         peer.hello(server.token)

@@ -28,12 +28,26 @@ WIDE = {"COLUMNS": "200"}  # keep rich from wrapping option names in help output
         (
             ("serve",),
             [
-                "--host", "--port", "--data-dir", "--config", "--service", "--log-level", "--insecure",
-                "--force-insecure", "--cert", "--key", "--client-auth", "--client-ca", "--crl", "--tls-min-version",
+                "--host",
+                "--port",
+                "--data-dir",
+                "--config",
+                "--service",
+                "--log-level",
+                "--insecure",
+                "--force-insecure",
+                "--cert",
+                "--key",
+                "--client-auth",
+                "--client-ca",
+                "--crl",
+                "--tls-min-version",
             ],
         ),
-        (("call",), ["address", "method", "arguments", "--token-file", "--timeout", "--ca", "--cert", "--key",
-                     "--insecure"]),
+        (
+            ("call",),
+            ["address", "method", "arguments", "--token-file", "--timeout", "--ca", "--cert", "--key", "--insecure"],
+        ),
         (("methods",), ["address", "--token-file", "--json", "--timeout", "--ca", "--insecure"]),
         (("cert",), ["create", "show", "renew", "client"]),
     ],
@@ -66,9 +80,7 @@ def test_version() -> None:
 )
 def test_bad_service_spec_exits_2(tmp_path: Path, spec: str, message: str) -> None:
     shutil.copy(SERVICE_FILE, tmp_path / SERVICE_FILE.name)
-    result = bastion_cli(
-        "serve", "--port", "0", "--data-dir", str(tmp_path / "data"), "--service", spec, cwd=tmp_path
-    )
+    result = bastion_cli("serve", "--port", "0", "--data-dir", str(tmp_path / "data"), "--service", spec, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stdout == ""  # never claimed to be listening
     lines = result.stderr.splitlines()
@@ -129,7 +141,11 @@ def test_serve_port_0_prints_the_port_and_stops_on_sigterm(tmp_path: Path) -> No
     def serve() -> tuple[subprocess.Popen[str], list[str]]:
         process = subprocess.Popen(
             [*_bastion_command(), "serve", "--port", "0", "--http-port", "0", "--data-dir", str(data_dir)],
-            cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            cwd=tmp_path,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         reader = LineReader(process.stdout)
         deadline = time.monotonic() + 20
@@ -202,9 +218,7 @@ def test_serve_on_a_taken_port_exits_2(tmp_path: Path) -> None:
     server = start_server(tmp_path / "first")
     try:
         start = time.monotonic()
-        second = bastion_cli(
-            "serve", "--port", str(server.port), "--data-dir", str(tmp_path / "second"), timeout=15
-        )
+        second = bastion_cli("serve", "--port", str(server.port), "--data-dir", str(tmp_path / "second"), timeout=15)
         assert second.returncode == 2, second.stderr
         assert f"error: cannot listen on 127.0.0.1:{server.port}" in second.stderr
         assert time.monotonic() - start < 10

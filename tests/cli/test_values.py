@@ -12,8 +12,15 @@ from bastion.exceptions import UsageError
 
 Args = msgspec.defstruct(
     "demo.args",
-    [("name", str), ("n", int, 1), ("ratio", float, 0.5), ("flag", bool, False), ("tags", list[str], []),
-     ("data", bytes, b""), ("maybe", int | None, None)],
+    [
+        ("name", str),
+        ("n", int, 1),
+        ("ratio", float, 0.5),
+        ("flag", bool, False),
+        ("tags", list[str], []),
+        ("data", bytes, b""),
+        ("maybe", int | None, None),
+    ],
     kw_only=True,
 )
 SCHEMA = msgspec.json.schema(Args)["$defs"]["demo.args"]

@@ -35,8 +35,10 @@ def test_a_greedy_client_is_limited_and_a_nice_one_is_not(server_factory, tmp_pa
         ok = 0
         retry_afters: list[float] = []
         nice_ok = nice_failed = 0
-        async with Client(server.address, token=greedy_token, timeout=10, retry=None) as greedy, \
-                Client(server.address, token=nice_token, timeout=10, retry=None) as nice:
+        async with (
+            Client(server.address, token=greedy_token, timeout=10, retry=None) as greedy,
+            Client(server.address, token=nice_token, timeout=10, retry=None) as nice,
+        ):
 
             async def hammer() -> None:  # 1000 calls/s for 2 s: 50x the 20/s limit
                 nonlocal ok

@@ -11,9 +11,7 @@ from bastion.client.aio import Client
 from tests.support.stores import store_location
 
 
-def test_a_watch_on_one_replica_sees_a_put_through_another_within_a_second(
-    server_factory: Any, tmp_path: Path
-) -> None:
+def test_a_watch_on_one_replica_sees_a_put_through_another_within_a_second(server_factory: Any, tmp_path: Path) -> None:
     location = store_location("postgresql", tmp_path, "shared")
     a = server_factory(env={"BASTION_STORE": location}, name="a")
     b = server_factory(env={"BASTION_STORE": location}, name="b")

@@ -20,8 +20,10 @@ def test_health_answers_fast_while_batch_work_saturates_the_server(server_factor
     async def main() -> tuple[list[float], dict[str, int], int]:
         outcomes = {"ok": 0, "deadline": 0, "shed": 0}
         health_latencies: list[float] = []
-        async with Client(server.address, token_file=str(server.token_file), timeout=30, retry=None) as worker, \
-                Client(server.address, timeout=5, retry=None) as monitor:
+        async with (
+            Client(server.address, token_file=str(server.token_file), timeout=30, retry=None) as worker,
+            Client(server.address, timeout=5, retry=None) as monitor,
+        ):
             stop = asyncio.Event()
             saturated = asyncio.Event()  # set at the first refusal or expired deadline
 

@@ -81,8 +81,14 @@ def test_server_certificate_is_renewed_near_expiry_or_for_a_new_host(tmp_path: P
     assert "10.1.2.3" in _sans(_cert(moved.cert))
 
     # A certificate 10 days from expiry is replaced; the CA stays (clients keep trusting it).
-    expiring, key = tls._issue(ca, tls._read_key(tmp_path / "tls" / "ca.key"), "old",
-                               ExtendedKeyUsageOID.SERVER_AUTH, tls._san_entries([]), days=10)
+    expiring, key = tls._issue(
+        ca,
+        tls._read_key(tmp_path / "tls" / "ca.key"),
+        "old",
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        tls._san_entries([]),
+        days=10,
+    )
     tls._write_key(paths.key, key)
     tls._write_cert(paths.cert, expiring)
     renewed = _cert(tls.ensure_dev_tls(tmp_path).cert)
@@ -224,8 +230,9 @@ def test_cli_finds_the_local_dev_ca(tmp_path: Path) -> None:
     try:
         found = bastion_cli("call", server.address, "admin.health", cwd=tmp_path, env={"BASTION_CA": ""})
         assert found.returncode == 0, found.stderr
-        elsewhere = bastion_cli("call", server.address, "admin.health", cwd=tmp_path / "markers",
-                                env={"BASTION_CA": ""})
+        elsewhere = bastion_cli(
+            "call", server.address, "admin.health", cwd=tmp_path / "markers", env={"BASTION_CA": ""}
+        )
         assert elsewhere.returncode == 3
         assert "certificate verify failed" in elsewhere.stderr
     finally:
@@ -298,8 +305,13 @@ def test_cert_commands_create_show_renew_and_issue(tmp_path: Path) -> None:
     shown = bastion_cli("cert", "show", "--data-dir", data)
     assert shown.returncode == 0, shown.stderr
     leaf = _cert(tmp_path / "data" / "tls" / "server.pem")
-    for text in ("subject:", "SANs:        localhost, 127.0.0.1, ::1, node7.example", f"0x{leaf.serial_number:x}",
-                 "expires:", "SHA-256:"):
+    for text in (
+        "subject:",
+        "SANs:        localhost, 127.0.0.1, ::1, node7.example",
+        f"0x{leaf.serial_number:x}",
+        "expires:",
+        "SHA-256:",
+    ):
         assert text in shown.stdout, text
 
     renewed = bastion_cli("cert", "renew", "--data-dir", data)

@@ -61,8 +61,13 @@ class Harness:
         self.gate = asyncio.Semaphore(0)
 
     def submit(
-        self, name: str, priority: int = INTERACTIVE, principal: str = "p", deadline: float | None = None,
-        *, hold: bool = True,
+        self,
+        name: str,
+        priority: int = INTERACTIVE,
+        principal: str = "p",
+        deadline: float | None = None,
+        *,
+        hold: bool = True,
     ) -> Ticket:
         async def job() -> None:
             self.ran.append(name)
@@ -76,7 +81,11 @@ class Harness:
             self.rejected_at[name] = self.clock.now
 
         return self.scheduler.submit(
-            job, priority=priority, principal=principal, deadline=deadline, on_reject=on_reject,
+            job,
+            priority=priority,
+            principal=principal,
+            deadline=deadline,
+            on_reject=on_reject,
             on_done=lambda: self.finished.append(name),
         )
 
@@ -111,11 +120,19 @@ def test_the_caller_may_lower_a_methods_priority_but_never_raise_it() -> None:
 def test_priorities_map_to_levels() -> None:
     config = SchedulerConfig()
     assert [config.level_for(p) for p in (100, 10, 9, 0, -1, -100)] == [
-        Level.CONTROL, Level.CONTROL, Level.INTERACTIVE, Level.INTERACTIVE, Level.BATCH, Level.BATCH,
+        Level.CONTROL,
+        Level.CONTROL,
+        Level.INTERACTIVE,
+        Level.INTERACTIVE,
+        Level.BATCH,
+        Level.BATCH,
     ]
     shifted = SchedulerConfig(control_min_priority=5, interactive_min_priority=-3)
     assert [shifted.level_for(p) for p in (5, 4, -3, -4)] == [
-        Level.CONTROL, Level.INTERACTIVE, Level.INTERACTIVE, Level.BATCH,
+        Level.CONTROL,
+        Level.INTERACTIVE,
+        Level.INTERACTIVE,
+        Level.BATCH,
     ]
 
 
@@ -165,8 +182,14 @@ def test_higher_levels_run_first_fifo_within_a_level() -> None:
     async def body() -> None:
         h = Harness()
         h.submit("blocker")
-        for name, priority in [("b1", BATCH), ("i1", INTERACTIVE), ("c1", CONTROL),
-                               ("b2", BATCH), ("i2", 5), ("c2", 50)]:
+        for name, priority in [
+            ("b1", BATCH),
+            ("i1", INTERACTIVE),
+            ("c1", CONTROL),
+            ("b2", BATCH),
+            ("i2", 5),
+            ("c2", 50),
+        ]:
             h.submit(name, priority)
         await h.drain()
         assert h.ran == ["blocker", "c1", "c2", "i1", "i2", "b1", "b2"]
@@ -225,8 +248,13 @@ def test_one_flooding_principal_does_not_starve_another() -> None:
 
         for principal, count in (("A", 1000), ("B", 10)):
             for _ in range(count):
-                scheduler.submit(functools.partial(job, principal), priority=INTERACTIVE, principal=principal,
-                                 deadline=None, on_reject=lambda status, *_: rejected.append(status))
+                scheduler.submit(
+                    functools.partial(job, principal),
+                    priority=INTERACTIVE,
+                    principal=principal,
+                    deadline=None,
+                    on_reject=lambda status, *_: rejected.append(status),
+                )
         await all_done.wait()
         assert not rejected
         last_b = max(i for i, who in enumerate(completed) if who == "B")
@@ -538,10 +566,24 @@ def test_stats_report_queues_counts_and_queueing_delay() -> None:
         assert 0 < stats["delay_ewma"] < stats["delay_max"]
         assert (stats["submitted"], stats["started"], stats["completed"]) == (5, 5, 5)
         assert set(stats) == {
-            "running", "queued", "queued_batch", "queued_interactive", "queued_control",
-            "submitted", "started", "completed", "cancelled",
-            "rejected_deadline", "rejected_principal_limit", "rejected_queue_full", "rejected_shed",
-            "delay_last", "delay_ewma", "delay_max", "overloaded_batch", "overloaded_interactive",
+            "running",
+            "queued",
+            "queued_batch",
+            "queued_interactive",
+            "queued_control",
+            "submitted",
+            "started",
+            "completed",
+            "cancelled",
+            "rejected_deadline",
+            "rejected_principal_limit",
+            "rejected_queue_full",
+            "rejected_shed",
+            "delay_last",
+            "delay_ewma",
+            "delay_max",
+            "overloaded_batch",
+            "overloaded_interactive",
         }
 
     run(body)
@@ -552,8 +594,14 @@ def test_random_workloads_keep_the_books_balanced() -> None:
 
     async def body() -> None:
         rng = random.Random(1234)
-        h = Harness(max_concurrency=3, control_reserve=1, queue_limit=12, principal_queue_limit=3,
-                    codel_target=0.2, codel_interval=0.4)
+        h = Harness(
+            max_concurrency=3,
+            control_reserve=1,
+            queue_limit=12,
+            principal_queue_limit=3,
+            codel_target=0.2,
+            codel_interval=0.4,
+        )
         peak = 0
         tickets: dict[str, Ticket] = {}
         for n in range(1500):
@@ -561,8 +609,9 @@ def test_random_workloads_keep_the_books_balanced() -> None:
             if op < 0.55:
                 name = f"j{n}"
                 deadline = h.clock.now + rng.choice([0.02, 0.2, 5.0]) if rng.random() < 0.3 else None
-                tickets[name] = h.submit(name, rng.choice([CONTROL, INTERACTIVE, 3, BATCH]),
-                                         f"p{rng.randrange(6)}", deadline)
+                tickets[name] = h.submit(
+                    name, rng.choice([CONTROL, INTERACTIVE, 3, BATCH]), f"p{rng.randrange(6)}", deadline
+                )
             elif op < 0.65:
                 live = [t for t in tickets.values() if t.state in (TicketState.QUEUED, TicketState.RUNNING)]
                 if live:
@@ -587,8 +636,20 @@ def test_random_workloads_keep_the_books_balanced() -> None:
         rejected = sum(int(v) for k, v in stats.items() if k.startswith("rejected_"))
         assert stats["submitted"] == len(tickets) == stats["completed"] + rejected + stats["cancelled"]
         assert (stats["running"], stats["queued"]) == (0, 0)
-        assert min(stats[k] for k in ("rejected_deadline", "rejected_principal_limit", "rejected_queue_full",
-                                      "rejected_shed", "cancelled", "completed")) > 0
+        assert (
+            min(
+                stats[k]
+                for k in (
+                    "rejected_deadline",
+                    "rejected_principal_limit",
+                    "rejected_queue_full",
+                    "rejected_shed",
+                    "cancelled",
+                    "completed",
+                )
+            )
+            > 0
+        )
 
     run(body)
 

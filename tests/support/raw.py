@@ -28,7 +28,11 @@ class RawPeer:
     """
 
     def __init__(
-        self, host: str, port: int, timeout: float = 5.0, ssl_context: ssl.SSLContext | None = None,
+        self,
+        host: str,
+        port: int,
+        timeout: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
         source: str | None = None,
     ) -> None:
         source_address = (source, 0) if source else None

@@ -137,8 +137,16 @@ class ServerProcess:
     """A running ``bastion serve``; unpacks as ``(address, token_file, process)``."""
 
     def __init__(
-        self, process: subprocess.Popen[str], address: str, workdir: Path, data_dir: Path, marker_dir: Path,
-        log_path: Path, reader: LineReader, banner: str, insecure: bool = False,
+        self,
+        process: subprocess.Popen[str],
+        address: str,
+        workdir: Path,
+        data_dir: Path,
+        marker_dir: Path,
+        log_path: Path,
+        reader: LineReader,
+        banner: str,
+        insecure: bool = False,
     ) -> None:
         self.process = process
         self.insecure = insecure
@@ -288,16 +296,31 @@ def start_server(
     log_path = workdir / "server.log"
     full_env = clean_env({"BASTION_TEST_MARKER_DIR": str(marker_dir), "PYTHONUNBUFFERED": "1", **(env or {})})
     command = [
-        sys.executable, "-m", "bastion", "serve",
-        "--host", "127.0.0.1", "--port", "0",
-        "--data-dir", str(data_dir),
-        "--service", SERVICE_SPEC,
+        sys.executable,
+        "-m",
+        "bastion",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        "--service",
+        SERVICE_SPEC,
         *args,
     ]
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
-            command, cwd=workdir, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=log_file, text=True, bufsize=1, preexec_fn=preexec_fn,
+            command,
+            cwd=workdir,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+            bufsize=1,
+            preexec_fn=preexec_fn,
         )
     reader = LineReader(process.stdout)
     deadline = time.monotonic() + timeout
