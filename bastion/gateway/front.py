@@ -21,7 +21,9 @@ checks, in the same order:
 5. every answer carries the security headers and ``Cache-Control:
    no-store``, as the Starlette routes' do.
 
-What goes to Starlette instead: any other path or method, a request without
+What goes to Starlette instead: any other path or method, anything under a
+``root_path`` (Starlette strips it before routing), a request with two
+Content-Length headers, a request without
 an Authorization header (the session cookie and its CSRF check are
 Starlette's), a request with an ``Origin`` header when CORS is on (the CORS
 middleware answers those), an octet-stream upload to /v1, ``/v1/auth/login``,
@@ -77,7 +79,7 @@ class Front:
         self.state = app.state  # ``state.gateway``
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
             path: str = scope["path"]
             if path == "/rpc":
                 method = None
@@ -91,7 +93,11 @@ class Front:
                 await self.app(scope, receive, send)
                 return
             headers = _headers(scope)
-            if b"authorization" not in headers or (b"origin" in headers and self.config.cors_origins):
+            if (
+                headers is None
+                or b"authorization" not in headers
+                or (b"origin" in headers and self.config.cors_origins)
+            ):
                 await self.app(scope, receive, send)
                 return
             media = headers.get(b"content-type")
@@ -159,12 +165,18 @@ class Front:
         return Caller(token, f"{client[0]}:{client[1]}" if client else "unknown:0")
 
 
-def _headers(scope: Scope) -> dict[bytes, bytes]:
-    """The headers the front reads, the first of each name (as Starlette's ``headers.get``)."""
+def _headers(scope: Scope) -> dict[bytes, bytes] | None:
+    """The headers the front reads, the first of each name (as Starlette's ``headers.get``).
+
+    None for a request with two Content-Lengths: Starlette's guard, which checks each, answers it.
+    """
     found: dict[bytes, bytes] = {}
     for name, value in scope["headers"]:
-        if name in _WANTED and name not in found:
-            found[name] = value
+        if name in _WANTED:
+            if name not in found:
+                found[name] = value
+            elif name == b"content-length":
+                return None
     return found
 
 

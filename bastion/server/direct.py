@@ -18,7 +18,8 @@ to MessagePack -- so one the wire could not carry (unencodable, or larger
 than a client's ``max_frame``) fails as it would natively, with the session's
 own "result cannot be sent" error -- and decoded again. A call past
 ``max_inflight`` waits for a free slot, as a native client's would (the
-longest waiter first).
+longest waiter first). A credential longer than ``handshake_max_frame`` is
+refused, as a native Hello that long would be.
 
 Unary calls only: a stream needs the wire's credit and items, so the bridge
 carries streams over an in-memory connection instead.
@@ -27,14 +28,13 @@ carries streams over an in-memory connection instead.
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from bastion.exceptions import CallError, LocalProtocolError, Unavailable, error_for_status
+from bastion.exceptions import CallError, FailedPrecondition, LocalProtocolError, Unavailable, error_for_status
 from bastion.protocol.connection import ProtocolLimits
 from bastion.protocol.messages import PROTOCOL_VERSION, Call, Cancel, GoAway, Hello, Welcome
 from bastion.protocol.state import ConnectionState
@@ -62,8 +62,8 @@ class DirectSession(ServerSession):
         self._direct_link = _DirectLink(self, peer)
         self._token = token
         self._ids = itertools.count(1)
-        self._calls = 0  # in flight, at most ``max_inflight``
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._slots = asyncio.Semaphore(self.limits.max_inflight)  # FIFO; a wake-up lost to a cancel is passed on
+        server.counters["connections"] += 1
 
     @property
     def open(self) -> bool:
@@ -73,8 +73,16 @@ class DirectSession(ServerSession):
     async def start(self) -> None:
         """The handshake: raises the server's own refusal (UNAUTHENTICATED, RESOURCE_EXHAUSTED...)."""
         self.on_connect(self._direct_link)  # type: ignore[arg-type]
-        await self._handshake(Hello(version=PROTOCOL_VERSION, client="bastion-gateway", token=self._token))
         core: _DirectCore = self.core  # type: ignore[assignment]
+        token = self._token
+        if token is not None and len(token) > self.limits.handshake_max_frame:
+            core.reject(Status.UNAUTHENTICATED, "the credential is too long")  # natively: a Hello over the limit
+        else:
+            try:
+                await self._handshake(Hello(version=PROTOCOL_VERSION, client="bastion-gateway", token=token))
+            except BaseException:  # cancelled mid-handshake: nothing half-open is left behind
+                self.close()
+                raise
         if core.refusal is not None:
             self.close()
             raise core.refusal
@@ -82,41 +90,27 @@ class DirectSession(ServerSession):
     async def call(self, method: str, args: bytes, timeout: float | None = None) -> Any:
         """Call ``method`` with MessagePack-encoded named ``args``; its result, or its CallError."""
         core: _DirectCore = self.core  # type: ignore[assignment]
-        if self._calls >= self.limits.max_inflight:
-            await self._free_slot()
-        self._calls += 1
-        call_id = next(self._ids)
-        future: asyncio.Future[Any] = self._loop.create_future()
-        timeout_ms = None if timeout is None else max(0, int(timeout * 1000))
-        try:
+        entry = self.server.table.entries.get(method)
+        if entry is not None and (entry.streams_out or entry.input_decoder is not None):
+            raise FailedPrecondition(f"{method} is a stream: a direct session carries unary calls only")
+        async with self._slots:
             if not self.open:
                 raise core.gone()
+            call_id = next(self._ids)
+            future: asyncio.Future[Any] = self._loop.create_future()
             core.waiting[call_id] = future
-            # ``on_events`` for one Call, without what only a wire needs (read pauses, refused frames).
-            self._last_seen = self._last_active = time.monotonic()
-            self._on_call(Call(call_id, method, msgspec.Raw(args), timeout_ms=timeout_ms))
-            return await future
-        except asyncio.CancelledError:
-            if core.waiting.pop(call_id, None) is not None:  # still running: cancel it, as a Cancel frame would
-                self.on_events([Cancel(call_id)])
-            raise
-        finally:
-            self._calls -= 1
-            while self._waiters:  # the slot goes to the longest waiter
-                waiter = self._waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
-
-    async def _free_slot(self) -> None:
-        while self._calls >= self.limits.max_inflight:
-            waiter = self._loop.create_future()
-            self._waiters.append(waiter)
+            timeout_ms = None if timeout is None else max(0, int(timeout * 1000))
             try:
-                await waiter
+                # ``on_events`` for one Call, without what only a wire needs (read pauses, refused frames).
+                self._last_seen = self._last_active = time.monotonic()
+                self._on_call(Call(call_id, method, msgspec.Raw(args), timeout_ms=timeout_ms))
+                return await future
+            except asyncio.CancelledError:
+                if core.waiting.pop(call_id, None) is not None:  # still running: cancel it, as a Cancel frame would
+                    self.on_events([Cancel(call_id)])
+                raise
             finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
+                core.waiting.pop(call_id, None)  # answered, or failed before it was admitted
 
     def close(self) -> None:
         self._direct_link.close()

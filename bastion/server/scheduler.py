@@ -107,6 +107,7 @@ Integration with ``ServerSession`` (bastion/server/session.py, as of writing):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import time
@@ -339,6 +340,7 @@ class Scheduler:
                 f"server busy: the {name} queue is full",
                 cfg.retry_after,
             )
+        ticket.context = contextvars.copy_context()
         queue.push(ticket)
         self._queued += 1
 
@@ -374,7 +376,8 @@ class Scheduler:
         self._running += 1
         self._counts["started"] += 1
         try:
-            ticket.task = asyncio.get_running_loop().create_task(self._run_job(ticket))
+            # A queued job runs in its submitter's context, not in that of the job whose end started it.
+            ticket.task = asyncio.get_running_loop().create_task(self._run_job(ticket), context=ticket.context)
         except Exception:
             log.exception("scheduler: could not start a job")
             self._running -= 1

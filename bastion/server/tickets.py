@@ -9,6 +9,7 @@ the scheduler reads and updates.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -46,6 +47,7 @@ class Ticket:
     """One submitted job: its level, its state and, once started, its task."""
 
     __slots__ = (
+        "context",
         "deadline",
         "detached",
         "enqueued_at",
@@ -79,6 +81,7 @@ class Ticket:
         self.state = TicketState.QUEUED
         self.task: asyncio.Task[object] | None = None
         self.started = False  # its task has begun running the job
+        self.context: contextvars.Context | None = None  # a queued job's: its submitter's context
         self.detached = False
 
     def __repr__(self) -> str:

@@ -8,7 +8,7 @@ native client gets, and limits, cancellation, deadlines and drain must hold.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -18,6 +18,7 @@ from bastion import Service
 from bastion.config import ServerLimits
 from bastion.exceptions import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
@@ -25,7 +26,7 @@ from bastion.exceptions import (
     Unavailable,
     Unimplemented,
 )
-from bastion.security.authn import StaticTokens
+from bastion.security.authn import PeerInfo, StaticTokens
 from bastion.security.principal import Principal
 from bastion.server.direct import MAX_RESULT, DirectSession
 from bastion.server.server import Server
@@ -70,6 +71,11 @@ async def huge() -> bytes:
 @service.method(roles={"user"})
 async def unsendable() -> Any:
     return object()
+
+
+@service.method(roles={"user"})
+async def numbers() -> AsyncIterator[int]:
+    yield 1
 
 
 @service.method(roles={"user"})
@@ -192,3 +198,54 @@ async def test_draining_finishes_calls_then_refuses_new_ones() -> None:
     async with asyncio.timeout(5):
         await shutdown
     assert session not in server.sessions  # closed once its last call answered
+
+
+async def test_a_slot_handed_to_a_caller_cancelled_meanwhile_goes_to_the_next() -> None:
+    session = await opened(make_server(max_inflight=1))
+    first = asyncio.ensure_future(session.call("direct.hold", args()))
+    await until(lambda: probe.running == 1)
+    second = asyncio.ensure_future(session.call("direct.hold", args()))
+    third = asyncio.ensure_future(session.call("direct.hold", args()))
+    await asyncio.sleep(0)  # both wait for the slot
+    loop = asyncio.get_running_loop()
+    # The first call's end hands the slot to the second; cancel the second before it runs.
+    first.add_done_callback(lambda _: loop.call_soon(second.cancel))
+    probe.release.set()
+    assert await first == 1
+    async with asyncio.timeout(5):
+        assert await third == 1
+    assert second.cancelled()
+
+
+class Pondering(StaticTokens):
+    """An authenticator that takes its time (a password hash, a database): until ``decided`` is set."""
+
+    def __init__(self, tokens: dict[str, Principal]) -> None:
+        super().__init__(tokens)
+        self.decided = asyncio.Event()
+
+    async def authenticate(self, token: str | None, peer: PeerInfo) -> Principal:
+        await self.decided.wait()
+        return await super().authenticate(token, peer)
+
+
+async def test_a_handshake_cancelled_midway_leaves_no_session() -> None:
+    authenticator = Pondering({TOKEN: Principal("ada", frozenset({"user"}))})
+    server = Server([service], authenticator=authenticator)
+    session = DirectSession(server, PEER, TOKEN)
+    start = asyncio.ensure_future(session.start())
+    await until(lambda: session in server.sessions)
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    assert session not in server.sessions
+
+
+async def test_streams_and_overlong_credentials_are_refused() -> None:
+    server = make_server()
+    session = await opened(server)
+    with pytest.raises(FailedPrecondition, match="unary calls only"):
+        await session.call("direct.numbers", args())
+    with pytest.raises(Unauthenticated, match="too long"):
+        await opened(server, "bst_" + "x" * server.limits.handshake_max_frame)
+    assert server.sessions == {session}

@@ -8,6 +8,7 @@ that wait on a semaphore, so the test decides when each job finishes
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import random
@@ -689,5 +690,34 @@ def test_at_three_times_capacity_the_slot_never_idles_delay_stays_bounded_and_ba
         assert sum(1 for w in shed_waits if w == 0) > 0.6 * len(shed_waits)
         assert max(shed_waits) <= 0.05 + 0.1 + 0.02  # the first episode: target + interval
         assert len(h.ran) + len(h.rejected) + int(h.stats["queued"]) == len(submitted_at)
+
+    run(body)
+
+
+def test_a_queued_job_runs_in_its_submitters_context_not_in_the_job_before_it() -> None:
+    user: contextvars.ContextVar[str | None] = contextvars.ContextVar("user", default=None)
+    seen: dict[str, str | None] = {}
+
+    async def body() -> None:
+        scheduler = Scheduler(SchedulerConfig(max_concurrency=1))
+        release = asyncio.Event()
+
+        async def first() -> None:
+            user.set("alice")  # what a handler may set: a logging context, the current user...
+            await release.wait()
+
+        async def second() -> None:
+            seen["second"] = user.get()
+
+        def reject(status: Status, message: str, retry_after: float | None) -> None:
+            raise AssertionError("nothing is refused here")
+
+        scheduler.submit(first, priority=INTERACTIVE, principal="alice", deadline=None, on_reject=reject)
+        queued = scheduler.submit(second, priority=INTERACTIVE, principal="bob", deadline=None, on_reject=reject)
+        assert queued.state is TicketState.QUEUED
+        await settle()
+        release.set()
+        await settle()
+        assert seen == {"second": None}
 
     run(body)
