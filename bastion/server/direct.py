@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from bastion._slots import Slots
 from bastion.exceptions import CallError, FailedPrecondition, LocalProtocolError, Unavailable, error_for_status
 from bastion.protocol.connection import ProtocolLimits
 from bastion.protocol.messages import PROTOCOL_VERSION, Call, Cancel, GoAway, Hello, Welcome
@@ -62,7 +63,7 @@ class DirectSession(ServerSession):
         self._direct_link = _DirectLink(self, peer)
         self._token = token
         self._ids = itertools.count(1)
-        self._slots = asyncio.Semaphore(self.limits.max_inflight)  # FIFO; a wake-up lost to a cancel is passed on
+        self._slots = Slots(self._loop, self.limits.max_inflight)
         server.counters["connections"] += 1
 
     @property
@@ -93,24 +94,27 @@ class DirectSession(ServerSession):
         entry = self.server.table.entries.get(method)
         if entry is not None and (entry.streams_out or entry.input_decoder is not None):
             raise FailedPrecondition(f"{method} is a stream: a direct session carries unary calls only")
-        async with self._slots:
+        slots = self._slots
+        if not slots.try_acquire():
+            await slots.acquire()
+        call_id = next(self._ids)
+        try:
             if not self.open:
                 raise core.gone()
-            call_id = next(self._ids)
             future: asyncio.Future[Any] = self._loop.create_future()
             core.waiting[call_id] = future
             timeout_ms = None if timeout is None else max(0, int(timeout * 1000))
-            try:
-                # ``on_events`` for one Call, without what only a wire needs (read pauses, refused frames).
-                self._last_seen = self._last_active = time.monotonic()
-                self._on_call(Call(call_id, method, msgspec.Raw(args), timeout_ms=timeout_ms))
-                return await future
-            except asyncio.CancelledError:
-                if core.waiting.pop(call_id, None) is not None:  # still running: cancel it, as a Cancel frame would
-                    self.on_events([Cancel(call_id)])
-                raise
-            finally:
-                core.waiting.pop(call_id, None)  # answered, or failed before it was admitted
+            # ``on_events`` for one Call, without what only a wire needs (read pauses, refused frames).
+            self._last_seen = self._last_active = time.monotonic()
+            self._on_call(Call(call_id, method, msgspec.Raw(args), timeout_ms=timeout_ms))
+            return await future
+        except asyncio.CancelledError:
+            if core.waiting.pop(call_id, None) is not None:  # still running: cancel it, as a Cancel frame would
+                self.on_events([Cancel(call_id)])
+            raise
+        finally:
+            core.waiting.pop(call_id, None)  # answered, or failed before it was admitted
+            slots.release()
 
     def close(self) -> None:
         self._direct_link.close()

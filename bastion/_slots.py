@@ -1,0 +1,59 @@
+"""In-flight slots: how many more calls a connection may have open (its ``max_inflight``).
+
+The async client bounds its calls by the server's ``max_inflight`` with
+these (bastion/client/_connection.py); the gateway's direct sessions bound
+theirs the same way (bastion/server/direct.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+__all__ = ["Slots"]
+
+
+class Slots:
+    """How many more calls the server lets this connection have open (its ``max_inflight``).
+
+    ``asyncio.Semaphore`` without its per-acquire scan of waiters: a free slot
+    is taken with no await at all, and a freed one goes to the longest waiter.
+    """
+
+    __slots__ = ("free", "loop", "waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
+        self.loop = loop
+        self.free = size
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    def try_acquire(self) -> bool:
+        """Take a free slot now, if there is one and nobody waits for it."""
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
+            return
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self.waiters.append(waiter)
+        try:
+            await waiter  # release hands its slot over by resolving this
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot as we were cancelled: pass it on
+            else:
+                self.waiters.remove(waiter)
+            raise
+
+    def release(self, n: int = 1) -> None:
+        """Give back ``n`` slots: to the longest waiters first, the rest become free."""
+        waiters = self.waiters
+        while n and waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                n -= 1
+        self.free += n
