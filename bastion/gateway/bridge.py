@@ -162,7 +162,9 @@ class Bridge:
                     f"the arguments cannot be sent: {len(args)} bytes exceed the server's limit of "
                     f"{self.server.limits.max_frame}"
                 )
-            door = await self._door(pooled, caller)
+            door = pooled.door
+            if door is None or not door.open:
+                door = await self._door(pooled, caller)
             return await door.call(method, args)
         finally:
             self._checkin(pooled, caller)

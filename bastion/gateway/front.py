@@ -127,7 +127,13 @@ class Front:
                 return
         try:
             caller = self._caller(scope, headers)
-            body = await _read_body(receive, limit)
+            first = await receive()
+            if first["type"] == "http.request" and not first.get("more_body", False):
+                body = first.get("body", b"")  # the usual small body: one message
+                if len(body) > limit:
+                    raise TooLarge
+            else:
+                body = await _read_body(receive, limit, first)
             if body is None:
                 return  # the client went away: nobody to answer
             if method is None:
@@ -184,12 +190,13 @@ def _media_type(value: bytes) -> str:
     return value.decode("latin-1").split(";")[0].strip().lower()
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The body, refused (``TooLarge``) at the first byte past ``limit``; None if the client disconnected."""
+async def _read_body(receive: Receive, limit: int, first: Message) -> bytes | None:
+    """The body whose first message is ``first``, refused (``TooLarge``) at the first byte past ``limit``;
+    None if the client disconnected."""
     chunks: list[bytes] = []
     size = 0
+    message = first
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             return None
         chunk = message.get("body", b"")
@@ -198,7 +205,8 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             raise TooLarge
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return b"".join(chunks)
+        message = await receive()
 
 
 def _retry(error: CallError) -> list[tuple[bytes, bytes]]:
