@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ["Notifying", "PostgresAccess", "SQLiteAccess"]
+__all__ = ["BatchFn", "Notifying", "PostgresAccess", "SQLiteAccess"]
 
 T = TypeVar("T")
+#: A batched write: ``batch(conn, items)``, one result per item (see ``SQLiteAccess``).
+BatchFn = Callable[[sqlite3.Connection, list[Any]], list[Any]]
 
 
 class SQLiteAccess:
@@ -32,6 +34,11 @@ class SQLiteAccess:
     through ``conn`` (anything else it changes must be harmless to repeat,
     e.g. a cache keyed by ``_tx_serial``), and never commit, roll back or
     touch savepoints itself.
+    ``_write_batched(batch, item)`` is ``_write`` for ``item`` of a batched
+    write: ``batch(conn, items)`` writes the items of neighbouring writes of
+    the same ``batch`` at once and returns one result per item, in order;
+    alone (and after a batch raised) an item is written as ``batch(conn,
+    [item])``. ``batch`` keeps the contract of ``fn``.
     ``_read(fn)`` runs ``fn(conn)`` on a ``query_only`` reader connection.
     ``_tx_serial`` counts transactions begun on the writer; a write may cache
     values it read inside the transaction under it (the group holds the
@@ -50,6 +57,8 @@ class SQLiteAccess:
         _before_commit: dict[str, Callable[[sqlite3.Connection], None]]
 
         async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+        async def _write_batched(self, batch: BatchFn, item: Any) -> Any: ...
 
         async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
 

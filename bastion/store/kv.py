@@ -334,6 +334,8 @@ _KEY_UPSERT = (
 )
 # As _KEY_UPSERT, but an expired key is left alone (no row changed); the 7th argument is ``now``.
 _KEY_UPSERT_LIVE = f"{_KEY_UPSERT} WHERE kv_keys.expires_at IS NULL OR kv_keys.expires_at > ?"
+# Whether any stored key has expired at ``?`` (the partial index kv_keys_expiry answers it).
+_ANY_EXPIRED = "SELECT 1 FROM kv_keys WHERE expires_at <= ? LIMIT 1"
 
 
 def _entry(row: tuple[Any, ...]) -> KVEntry:
@@ -359,6 +361,10 @@ def _range(prefix: str, after: str | None) -> tuple[str, str, list[Any]]:
     if end is None:
         return f"key {op} ?", "", [low]
     return f"key {op} ?", "AND key < ?", [low, end]
+
+
+# One kv_put call in a batch: its namespace, its writes and its time.
+_Puts = tuple[str, list[KVWrite], float]
 
 
 class _SQLiteTx:
@@ -431,6 +437,45 @@ class _SQLiteTx:
         self.conn.execute(_LOG_INSERT, (revision, namespace, w.key, PUT, w.value, w.content_type, self.now))
         return revision
 
+    def none_expired(self, puts: list[_Puts]) -> bool:
+        """Whether no key ``puts`` write can have expired when they are written.
+
+        True when no stored key has expired at the latest of their times and
+        none of their own expiry times is as early: then every put of the
+        batch finds its key live or absent, whatever the order.
+        """
+        latest = max(now for _, _, now in puts)
+        for _, writes, _ in puts:
+            for w in writes:
+                if w.expires_at is not None and w.expires_at <= latest:
+                    return False
+        return self.conn.execute(_ANY_EXPIRED, (latest,)).fetchone() is None
+
+    def put_rows(self, puts: list[_Puts]) -> list[list[int]]:
+        """``put`` of every write of ``puts``, in order: one ``executemany`` per table; their versions.
+
+        Only when ``none_expired(puts)``: no put has an expiry to log first.
+        (One statement per row, not multi-row ``VALUES``: a statement that
+        writes many rows makes SQLite keep a statement journal, which costs
+        more than the statements it saves.)
+        """
+        keys: list[tuple[Any, ...]] = []
+        log: list[tuple[Any, ...]] = []
+        versions: list[list[int]] = []
+        revision = self.revision
+        for namespace, writes, now in puts:
+            mine = []
+            for w in writes:
+                revision += 1
+                keys.append((namespace, w.key, w.value, w.content_type, revision, w.expires_at))
+                log.append((revision, namespace, w.key, PUT, w.value, w.content_type, now))
+                mine.append(revision)
+            versions.append(mine)
+        self.conn.executemany(_KEY_UPSERT, keys)
+        self.conn.executemany(_LOG_INSERT, log)
+        self.revision = revision
+        return versions
+
     def delete(self, namespace: str, key: str) -> int:
         self.revision += 1
         self.conn.execute("DELETE FROM kv_keys WHERE namespace = ? AND key = ?", (namespace, key))
@@ -471,6 +516,9 @@ class SQLiteKV(SQLiteAccess, KVStore):
 
     async def kv_put(self, namespace: str, writes: Sequence[KVWrite], now: float) -> list[int]:
         writes = list(writes)
+        if all(w.expected_version is None for w in writes):
+            versions: list[int] = await self._write_batched(self._kv_put_unchecked, (namespace, writes, now))
+            return versions
 
         def put(conn: sqlite3.Connection) -> list[int]:
             tx = self._kv_tx(conn, now)
@@ -485,6 +533,24 @@ class SQLiteKV(SQLiteAccess, KVStore):
             return versions
 
         return await self._write(put)
+
+    def _kv_put_unchecked(self, conn: sqlite3.Connection, puts: list[_Puts]) -> list[list[int]]:
+        """The batched write of ``kv_put`` calls without compare-and-swap: each one's versions.
+
+        Usually one ``executemany`` per table for the whole batch (``put_rows``);
+        when some key may have expired, each put the careful way instead
+        (``put_unchecked``: an expired key's expiry is logged first).
+        """
+        tx = self._kv_tx(conn, puts[-1][2])
+        if tx.none_expired(puts):
+            versions = tx.put_rows(puts)
+        else:
+            versions = []
+            for namespace, writes, now in puts:
+                tx.now = now
+                versions.append([tx.put_unchecked(namespace, w) for w in writes])
+        tx.finish()
+        return versions
 
     async def kv_delete(self, namespace: str, key: str, expected_version: int | None, now: float) -> int:
         def delete(conn: sqlite3.Connection) -> int:

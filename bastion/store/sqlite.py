@@ -59,6 +59,25 @@ savepoint, so it must be right either way -- e.g. kv stores the revision
 counter there once per group, from the cache only successful writes advance,
 instead of once per write. The hooks are dropped when the transaction ends.
 
+*Batched writes*: a write queued with ``_write_batched(runner, item)`` is an
+``item`` for ``runner(connection, items) -> results``, which writes several
+items at once (kv: one ``executemany`` per table for a whole run of puts,
+instead of two statements and their Python around each put). In
+the optimistic mode, each run of such writes that sit next to each other in
+the group with the same ``runner`` is one call of it (one result per item,
+in order); in the isolated mode, and so whenever a batch raised, each item
+runs alone, as ``runner(connection, [item])`` in its own savepoint. A runner
+is a write function over many items and keeps the same contract; it may
+raise only as a whole (the group then runs again, isolated), so every item
+it is given must be one it can write.
+
+The writer thread is a plain thread fed by a ``SimpleQueue`` that settles
+each job's asyncio future with ``call_soon_threadsafe`` (``_WriterThread``):
+the hand-off to it and back happens once per group, and a one-worker
+``ThreadPoolExecutor`` costs about twice the CPU for it (its locks,
+semaphore and chained futures), which on a busy server is CPU the event
+loop does not get.
+
 The queue is a plain deque plus one wake-up future for the writer task:
 ``_write`` is on every write's path, so it stays a few attribute operations.
 
@@ -66,6 +85,14 @@ Reads run on a small pool of ``query_only`` connections, one per thread of a
 reader executor, so several reads proceed at once while the writer commits.
 Each read is one statement, in its own implicit transaction, so it sees
 every write acknowledged before it started.
+
+Parameters: ``sqlite3`` looks for an adapter for every parameter that is
+not an int, float, str or bytearray, and for ``bytes`` and ``None`` finds
+none only after raising and swallowing an ``AttributeError`` -- a few
+microseconds per value, on every kv put. The module registers identity
+adapters for those two types, so each is one dictionary hit; nothing
+changes in what is stored (and an adapter the application registered for
+either type first is left in place).
 
 Files: the database, ``-wal`` and ``-shm`` hold password hashes and token
 digests, so they are created with mode 0600 (SQLite gives the side files
@@ -76,13 +103,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import queue
 import sqlite3
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -90,6 +119,7 @@ from typing import Any, TypeVar
 from bastion.exceptions import AlreadyExists, BastionError, InternalError, NotFound, Unavailable, UsageError
 from bastion.security.credentials import Token, User
 from bastion.store import observe
+from bastion.store._access import BatchFn
 from bastion.store.base import Store
 from bastion.store.files import SQLiteFiles
 from bastion.store.idempotency import SQLiteIdempotency
@@ -111,16 +141,91 @@ _SIDE_FILES = ("", "-wal", "-shm")
 _ISOLATED_GROUPS = 16
 
 
+def _same(value: T) -> T:
+    return value
+
+
+def _null(value: None) -> None:
+    return None
+
+
+# Identity adapters: see "Parameters" in the module docstring. (Process-wide, and the same values result;
+# never in place of an adapter the application registered itself.)
+if (bytes, sqlite3.PrepareProtocol) not in sqlite3.adapters:
+    sqlite3.register_adapter(bytes, _same)
+if (type(None), sqlite3.PrepareProtocol) not in sqlite3.adapters:
+    sqlite3.register_adapter(type(None), _null)
+
+
 class _Aborted(Exception):
     """SQLite ended the transaction inside a write: the whole group fails (``__cause__``: why)."""
 
 
-class _Write:
-    __slots__ = ("fn", "future")
+_Job = tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]  # fn, its future, the future's loop
 
-    def __init__(self, fn: WriteFn, future: asyncio.Future[Any]) -> None:
+
+class _WriterThread:
+    """The thread of the writer connection: runs the functions given to ``run``, one at a time, in order.
+
+    ``run(fn)`` queues ``fn`` and returns an asyncio future the thread settles
+    with its result (or exception) through ``call_soon_threadsafe``; cancelling
+    that future does not stop ``fn``, which still runs in its turn. ``stop``
+    lets every queued function run, then ends the thread.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((fn, future, loop))
+        return future
+
+    async def stop(self) -> None:
+        self._jobs.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def _main(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, future, loop = job
+            try:
+                outcome: Outcome = (True, fn())
+            except BaseException as exc:  # handed to the caller, as an executor would
+                outcome = (False, exc)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                loop.call_soon_threadsafe(_settle, future, outcome)
+
+
+def _settle(future: asyncio.Future[Any], outcome: Outcome) -> None:
+    if future.done():  # its caller was cancelled
+        return
+    ok, value = outcome
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+class _Write:
+    """A queued write: ``fn(connection)``, or ``item`` for ``batch(connection, items)`` (batched)."""
+
+    __slots__ = ("batch", "fn", "future", "item")
+
+    def __init__(self, fn: WriteFn | None, future: asyncio.Future[Any], batch: BatchFn | None, item: Any) -> None:
         self.fn = fn
         self.future = future
+        self.batch = batch
+        self.item = item
+
+    def run(self, conn: sqlite3.Connection) -> Any:
+        """This write alone."""
+        if self.batch is not None:
+            return self.batch(conn, [self.item])[0]
+        assert self.fn is not None
+        return self.fn(conn)
 
 
 class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMail, SQLiteTopics, Store):
@@ -148,7 +253,7 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
         self._version = 0
         self._stats = {"commits": 0, "writes": 0, "failed_commits": 0, "largest_batch": 0, "rerun_groups": 0}
         self._writer: sqlite3.Connection | None = None
-        self._writer_thread: ThreadPoolExecutor | None = None
+        self._writer_thread: _WriterThread | None = None
         self._reader_threads: ThreadPoolExecutor | None = None
         self._idle_readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._reader_conns: list[sqlite3.Connection] = []
@@ -176,10 +281,10 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
         if self._state in ("open", "closing"):
             raise UsageError(f"{self!r} is already open")
         loop = asyncio.get_running_loop()
-        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="bastion-store-writer")
+        self._writer_thread = _WriterThread("bastion-store-writer")
         self._reader_threads = ThreadPoolExecutor(self._readers, thread_name_prefix="bastion-store-reader")
         try:
-            self._version = await loop.run_in_executor(self._writer_thread, self._open_files)
+            self._version = await self._writer_thread.run(self._open_files)
         except BaseException:
             await self._release()
             raise
@@ -242,9 +347,9 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
         self._idle_readers = queue.SimpleQueue()
         if self._writer_thread is not None:
             if self._writer is not None:
-                await loop.run_in_executor(self._writer_thread, self._writer.close)
+                await self._writer_thread.run(self._writer.close)
                 self._writer = None
-            await loop.run_in_executor(None, self._writer_thread.shutdown, True)
+            await self._writer_thread.stop()
             self._writer_thread = None
 
     def _check_open(self) -> None:
@@ -253,15 +358,25 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
 
     # -- the write path: queue -> writer task -> group commit on the writer thread -------
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    # _write and _write_batched hand back _queue_write's coroutine rather than awaiting it in one of
+    # their own: one coroutine less on every write's path, and the same checks when it is awaited.
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> Coroutine[Any, Any, T]:
+        return self._queue_write(fn, None, None)
+
+    def _write_batched(self, batch: BatchFn, item: Any) -> Coroutine[Any, Any, Any]:
+        """``item``, written by ``batch`` with its neighbours in the group (see the module docstring)."""
+        return self._queue_write(None, batch, item)
+
+    async def _queue_write(self, fn: WriteFn | None, batch: BatchFn | None, item: Any) -> Any:
         if self._state != "open":
             raise UsageError(f"{self!r} is not open")
         assert self._writer_task is not None
         if self._writer_task.done():
             raise Unavailable("the store's writer has stopped")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         started = time.perf_counter()
-        self._enqueue(_Write(fn, future))
+        self._enqueue(_Write(fn, future, batch, item))
         try:
             return await future
         finally:
@@ -284,8 +399,8 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
         return self._queue.popleft()
 
     async def _write_loop(self) -> None:
-        assert self._writer_thread is not None
-        loop = asyncio.get_running_loop()
+        writer = self._writer_thread
+        assert writer is not None
         group: list[_Write] = []
         try:
             while True:
@@ -294,8 +409,7 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
                     return
                 group, stop = self._take_group(first)
                 if group:
-                    fns = [w.fn for w in group]
-                    committed, outcomes = await loop.run_in_executor(self._writer_thread, self._commit, fns)
+                    committed, outcomes = await writer.run(functools.partial(self._commit, group))
                     self._resolve(group, committed, outcomes)
                 group = []
                 if stop:
@@ -322,10 +436,11 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
             group.append(item)
         return [w for w in group if not w.future.done()], False  # done: the caller was cancelled
 
-    def _commit(self, fns: list[WriteFn]) -> tuple[bool, list[Outcome]]:
-        """On the writer thread: run ``fns`` in one transaction (see the module docstring).
+    def _commit(self, writes: list[_Write]) -> tuple[bool, list[Outcome]]:
+        """On the writer thread: run ``writes`` in one transaction (see the module docstring).
 
         Returns whether the transaction committed, and per write (ok, result or exception).
+        Only reads the writes' functions and items: their futures belong to the event loop.
         """
         conn = self._writer
         assert conn is not None
@@ -333,12 +448,12 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
             if self._isolated_groups:
                 self._isolated_groups -= 1
             else:
-                outcomes = self._transaction(conn, fns, isolated=False)
+                outcomes = self._transaction(conn, writes, isolated=False)
                 if outcomes is not None:
                     return True, outcomes
                 self._isolated_groups = _ISOLATED_GROUPS
                 self._stats["rerun_groups"] += 1  # the writer thread is this counter's only writer
-            outcomes = self._transaction(conn, fns, isolated=True)
+            outcomes = self._transaction(conn, writes, isolated=True)
             assert outcomes is not None
             return True, outcomes
         except Exception as exc:  # the group fails, the writer carries on
@@ -351,20 +466,20 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
             kind = Unavailable if aborted or isinstance(cause, sqlite3.Error) else InternalError
             error = kind(f"store write failed, nothing saved: {cause}")
             error.__cause__ = cause
-            return False, [(False, error)] * len(fns)
+            return False, [(False, error)] * len(writes)
 
-    def _transaction(self, conn: sqlite3.Connection, fns: list[WriteFn], isolated: bool) -> list[Outcome] | None:
-        """One transaction over ``fns``, committed; None if an optimistic run met a write that raised
+    def _transaction(self, conn: sqlite3.Connection, writes: list[_Write], isolated: bool) -> list[Outcome] | None:
+        """One transaction over ``writes``, committed; None if an optimistic run met a write that raised
         (the transaction is then rolled back). Raises if the transaction itself fails."""
         self._tx_serial += 1
         conn.execute("BEGIN IMMEDIATE")
         if isolated:
-            outcomes = [self._run_isolated(conn, fn) for fn in fns]
+            outcomes = [self._run_isolated(conn, write) for write in writes]
         else:
             outcomes = []
-            for fn in fns:
+            for run in _runs(writes):
                 try:
-                    value = fn(conn)
+                    values = _run_together(conn, run)
                 except Exception as exc:
                     if not conn.in_transaction:  # SQLite abandoned the whole transaction (disk full, I/O)
                         raise _Aborted from exc
@@ -373,7 +488,7 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
                     return None
                 if not conn.in_transaction:  # the write swallowed an error that ended the transaction
                     raise _Aborted from sqlite3.OperationalError("the transaction ended inside a write")
-                outcomes.append((True, value))
+                outcomes += [(True, value) for value in values]
         hooks = self._before_commit
         if hooks:
             for hook in list(hooks.values()):
@@ -383,10 +498,10 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
         return outcomes
 
     @staticmethod
-    def _run_isolated(conn: sqlite3.Connection, fn: WriteFn) -> Outcome:
+    def _run_isolated(conn: sqlite3.Connection, write: _Write) -> Outcome:
         conn.execute("SAVEPOINT write")
         try:
-            value = fn(conn)
+            value = write.run(conn)
         except Exception as exc:
             if not conn.in_transaction:  # SQLite abandoned the whole transaction (disk full, I/O)
                 raise _Aborted from exc
@@ -500,6 +615,30 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
 
     async def set_lockout(self, key: str, until: float) -> None:
         await self._write(_changes(_SET_LOCKOUT, (key, until)))
+
+
+def _runs(writes: list[_Write]) -> list[list[_Write]]:
+    """``writes`` cut into runs: each plain write alone, neighbouring batched writes of one batch together."""
+    runs: list[list[_Write]] = []
+    batch: BatchFn | None = None
+    for write in writes:
+        if write.batch is None or write.batch != batch:
+            runs.append([write])
+        else:
+            runs[-1].append(write)
+        batch = write.batch
+    return runs
+
+
+def _run_together(conn: sqlite3.Connection, run: list[_Write]) -> list[Any]:
+    """The results of a run of ``_runs``: one call of its batch, or its one plain write."""
+    first = run[0]
+    if first.batch is None:
+        return [first.run(conn)]
+    values = first.batch(conn, [write.item for write in run])
+    if len(values) != len(run):
+        raise InternalError(f"a batched write gave {len(values)} results for {len(run)} items")
+    return values
 
 
 # -- SQL and row mapping -------------------------------------------------------------------

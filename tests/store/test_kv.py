@@ -126,6 +126,56 @@ async def test_a_plain_put_over_an_expired_key_logs_its_expiry_first(store: Stor
     assert (await store.kv_revisions()).current == 6
 
 
+async def test_concurrent_plain_puts_each_get_their_own_dense_versions(store: Store) -> None:
+    # On SQLite concurrent puts without compare-and-swap are written together (one batch).
+    calls = [store.kv_put(NS if i % 2 else "~bob", [w(f"k{i % 3}", str(i).encode())], NOW) for i in range(9)]
+    calls.append(store.kv_put(NS, [w("x"), w("y", expires_at=NOW + 60)], NOW))
+    results = await asyncio.gather(*calls)
+    assert sorted(v for r in results for v in r) == list(range(1, 12))
+    assert len(results[-1]) == 2 and results[-1][1] == results[-1][0] + 1  # put_many: consecutive
+    if isinstance(store, SQLiteStore):  # one group, in call order
+        assert results == [[1], [2], [3], [4], [5], [6], [7], [8], [9], [10, 11]]
+    changes = await store.kv_changes(0, None, 100)
+    assert [c.revision for c in changes] == list(range(1, 12))
+    last: dict[tuple[str, str], tuple[int, bytes]] = {}  # (namespace, key): (version, value) of its last put
+    for i, (version,) in enumerate(results[:9]):
+        where = (NS if i % 2 else "~bob", f"k{i % 3}")
+        last[where] = max(last.get(where, (0, b"")), (version, str(i).encode()))
+    for (ns, key), expected in last.items():
+        (entry,) = await store.kv_get_many(ns, [key], NOW)
+        assert entry is not None and (entry.version, entry.value) == expected
+    (y,) = await store.kv_get_many(NS, ["y"], NOW)
+    assert y is not None and y.expires_at == NOW + 60
+
+
+async def test_concurrent_plain_puts_over_an_expired_key_log_its_expiry_first(store: Store) -> None:
+    await store.kv_put(NS, [w("k", b"old", expires_at=NOW + 1)], NOW)
+    later = NOW + 2
+    results = await asyncio.gather(*(store.kv_put(NS, [w(key, b"new")], later) for key in ("a", "k", "b")))
+    versions = [v for r in results for v in r]
+    changes = await store.kv_changes(1, None, 10)
+    assert [c.revision for c in changes] == list(range(2, 6))
+    (k_version,) = results[1]
+    assert [(c.op, c.key) for c in changes if c.key == "k"] == [(DELETE, "k"), (PUT, "k")]
+    assert next(c.revision for c in changes if c.op == DELETE) == k_version - 1
+    assert sorted([*versions, k_version - 1]) == list(range(2, 6))
+    (k,) = await store.kv_get_many(NS, ["k"], later)
+    assert k is not None and (k.value, k.version, k.expires_at) == (b"new", k_version, None)
+
+
+async def test_a_key_that_expires_between_two_concurrent_plain_puts_is_logged_expired(store: Store) -> None:
+    # Both puts may share one batch on SQLite: the second still finds the first's key expired.
+    first, second = await asyncio.gather(
+        store.kv_put(NS, [w("k", b"1", expires_at=NOW + 1)], NOW), store.kv_put(NS, [w("k", b"2")], NOW + 2)
+    )
+    changes = await store.kv_changes(0, None, 10)
+    if first[0] < second[0]:  # SQLite always; PostgreSQL may run them either way round
+        assert [(c.op, c.revision) for c in changes] == [(PUT, 1), (DELETE, 2), (PUT, 3)]
+        assert second == [3]
+    (k,) = await store.kv_get_many(NS, ["k"], NOW + 2)
+    assert k is not None and k.version == max(first[0], second[0])
+
+
 async def test_failed_writes_among_concurrent_ones_leave_no_gap_in_revisions(store: Store) -> None:
     # Concurrent writes share a transaction on SQLite (group commit); the ones that fail must
     # give their revisions back, or watchers would see a gap.

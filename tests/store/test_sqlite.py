@@ -15,6 +15,7 @@ import textwrap
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -260,6 +261,64 @@ async def test_max_batch_bounds_a_group(tmp_path: Path) -> None:
         assert all(await asyncio.gather(*(store.create_user(User(f"u{i:02}")) for i in range(50))))
         assert store.stats["largest_batch"] == 10
         assert store.stats["commits"] >= 5
+
+
+# -- batched writes -----------------------------------------------------------------------------
+
+
+async def test_neighbouring_batched_writes_run_in_one_call_of_their_batch(tmp_path: Path) -> None:
+    calls: list[list[str]] = []
+
+    def batch(conn: sqlite3.Connection, items: list[Any]) -> list[Any]:
+        calls.append(list(items))
+        conn.executemany("INSERT INTO users (name) VALUES (?)", [(item,) for item in items])
+        return [f"{item}!" for item in items]
+
+    async with SQLiteStore(tmp_path / "a.db") as store:
+        results = await asyncio.gather(
+            store._write_batched(batch, "a"),
+            store._write_batched(batch, "b"),
+            store.create_user(User("plain")),
+            store._write_batched(batch, "c"),
+            store._write_batched(batch, "d"),
+            store._write_batched(batch, "e"),
+        )
+        assert results == ["a!", "b!", True, "c!", "d!", "e!"]  # each item its own result
+        assert calls == [["a", "b"], ["c", "d", "e"]]  # a plain write in between cuts the run
+        assert store.stats["commits"] == 1
+        assert [u.name for u in await store.list_users()] == ["a", "b", "c", "d", "e", "plain"]
+
+
+async def test_a_batch_that_raises_runs_again_one_item_at_a_time(tmp_path: Path) -> None:
+    calls: list[list[str]] = []
+
+    def batch(conn: sqlite3.Connection, items: list[Any]) -> list[Any]:
+        calls.append(list(items))
+        for item in items:
+            conn.execute("INSERT INTO users (name) VALUES (?)", (item,))
+            if item == "bad":
+                raise ValueError("bad item")
+        return [len(calls)] * len(items)
+
+    async with SQLiteStore(tmp_path / "a.db") as store:
+        results = await asyncio.gather(
+            *(store._write_batched(batch, item) for item in ("a", "bad", "b")), return_exceptions=True
+        )
+        assert calls == [["a", "bad", "b"], ["a"], ["bad"], ["b"]]  # together, then isolated
+        assert results[0] == 2 and results[2] == 4 and isinstance(results[1], ValueError)
+        assert store.stats["rerun_groups"] == 1
+        assert [u.name for u in await store.list_users()] == ["a", "b"]  # nothing of the bad item
+
+
+async def test_a_batch_must_give_one_result_per_item(tmp_path: Path) -> None:
+    def short(conn: sqlite3.Connection, items: list[Any]) -> list[Any]:
+        return [None]
+
+    async with SQLiteStore(tmp_path / "a.db") as store:
+        results = await asyncio.gather(*(store._write_batched(short, i) for i in range(3)), return_exceptions=True)
+        # Together the batch breaks its contract (the group runs again, isolated); alone it keeps it.
+        assert results == [None, None, None]
+        assert store.stats["rerun_groups"] == 1
 
 
 # -- concurrent readers -------------------------------------------------------------------------
