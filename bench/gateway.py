@@ -1,6 +1,6 @@
 """Gateway cost per small call vs a bare Starlette-on-uvicorn JSON echo, measured in the same run.
 
-    .venv/bin/python bench/gateway.py [--connections 32] [--duration 4] [--warmup 1] [--json out.json]
+    .venv/bin/python bench/gateway.py [--connections 32] [--duration 4] [--warmup 1] [--repeat 3] [--json out.json]
 
 A server subprocess (pinned to CPU 0 when there are 2+ CPUs; the load
 generator to CPU 1) runs, in one event loop, a bastion ``Server`` hosting a
@@ -15,9 +15,11 @@ body and answers it. Each point is measured alone (the other port idle):
 
 The load generator is a small asyncio HTTP/1.1 client: ``--connections``
 keep-alive connections, each sending one request after another (closed
-loop). The table gives calls/s, mean latency, and each gateway point's cost
-per call relative to ``bare`` (server-side throughput ratio; the issue's
-target: within 1.3x).
+loop). The table gives calls/s, mean latency, the server process's CPU per
+call (from /proc: the cost, whether or not the load generator saturates the
+server), and each gateway point's cost per call relative to ``bare`` (the
+issue's target: within 1.3x). Each point runs ``--repeat`` times, the points
+interleaved; the table shows the median.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +36,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "bench") not in sys.path:
+    sys.path.insert(0, str(ROOT / "bench"))
+
+from run import process_cpu_seconds  # noqa: E402
+
 TOKEN = "bst_" + "b" * 43
 
 
@@ -115,17 +123,22 @@ async def _connection(port: int, request: bytes, stop: float, latencies: list[fl
         writer.close()
 
 
-async def _measure(port: int, request: bytes, expect: bytes, connections: int, duration: float) -> dict[str, float]:
+async def _measure(
+    port: int, request: bytes, expect: bytes, connections: int, duration: float, server_pid: int | None = None
+) -> dict[str, float]:
     latencies: list[float] = []
     stop = time.perf_counter() + duration
+    cpu_before = process_cpu_seconds(server_pid) if server_pid is not None else 0.0
     started = time.perf_counter()
     await asyncio.gather(*(_connection(port, request, stop, latencies, expect) for _ in range(connections)))
     elapsed = time.perf_counter() - started
+    cpu = process_cpu_seconds(server_pid) - cpu_before if server_pid is not None else 0.0
     latencies.sort()
     return {
         "calls_per_s": len(latencies) / elapsed,
         "mean_ms": 1000 * sum(latencies) / len(latencies),
         "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
+        "server_cpu_us_per_call": 1e6 * cpu / len(latencies),
         "calls": len(latencies),
     }
 
@@ -135,6 +148,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -161,21 +175,33 @@ def main() -> None:
             "v1": (ports["gateway"], _request("/v1/bench/echo", b'{"value":1}', auth), b"1"),
             "rpc": (ports["gateway"], _request("/rpc", rpc_body, auth), b'"result":1'),
         }
-        results: dict[str, dict[str, float]] = {}
-        for name, (port, request, expect) in points.items():
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in points}
+        for port, request, expect in points.values():
             asyncio.run(_measure(port, request, expect, args.connections, args.warmup))
-            results[name] = asyncio.run(_measure(port, request, expect, args.connections, args.duration))
+        for _ in range(args.repeat):  # interleaved, so a noisy moment hits one sample of each
+            for name, (port, request, expect) in points.items():
+                runs[name].append(
+                    asyncio.run(_measure(port, request, expect, args.connections, args.duration, proc.pid))
+                )
     finally:
         if proc.stdin is not None:
             proc.stdin.close()
         proc.wait(30)
-    bare = results["bare"]["calls_per_s"]
-    print(f"{'point':6} {'calls/s':>10} {'mean ms':>9} {'p99 ms':>8} {'cost vs bare':>13}")
+    results = {
+        name: {key: statistics.median(r[key] for r in samples) for key in samples[0]} for name, samples in runs.items()
+    }
+    bare = results["bare"]["server_cpu_us_per_call"]
+    print(f"{'point':6} {'calls/s':>10} {'mean ms':>9} {'p99 ms':>8} {'server us/call':>15} {'cost vs bare':>13}")
     for name, r in results.items():
-        r["cost_vs_bare"] = bare / r["calls_per_s"]
-        print(f"{name:6} {r['calls_per_s']:10.0f} {r['mean_ms']:9.2f} {r['p99_ms']:8.2f} {r['cost_vs_bare']:12.2f}x")
+        r["cost_vs_bare"] = r["server_cpu_us_per_call"] / bare
+        spread = [s["server_cpu_us_per_call"] / bare for s in runs[name]] if name != "bare" else []
+        extra = f"  ({min(spread):.2f}-{max(spread):.2f})" if spread else ""
+        print(
+            f"{name:6} {r['calls_per_s']:10.0f} {r['mean_ms']:9.2f} {r['p99_ms']:8.2f} "
+            f"{r['server_cpu_us_per_call']:15.1f} {r['cost_vs_bare']:12.2f}x{extra}"
+        )
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps({"median": results, "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":
