@@ -9,7 +9,8 @@ Points (bench/README.md says what each measures and how to read it):
 
 * ``unary``: 32-byte echo calls at 1, 16 and 128 concurrent callers over
   one connection (ping-pong), and pipelined (16 connections x 64 in flight),
-  against the raw asyncio+uvloop+msgspec floor, grpc.aio and bastion (the
+  against the raw asyncio+uvloop+msgspec floor (one write per read, and the
+  issue's "minimal" one: a write per answer), grpc.aio and bastion (the
   whole stack on), each plaintext and TLS: calls/s, p50/p99, server and
   client CPU per call (bench/run.py's machinery);
 * ``redis``: redis-server GET measured by redis-benchmark at the same
@@ -90,7 +91,7 @@ def bench_unary(opts: argparse.Namespace, certs: Path, cpus: Cpus, notes: list[s
     # One event loop for the whole section: grpc.aio binds its poller to the first loop it
     # runs on. grpc last: its client threads stay in this process afterwards.
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        for kind, tls in [(kind, tls) for kind in ("floor", "bastion", "grpc") for tls in (None, certs)]:
+        for kind, tls in [(k, t) for k in ("floor", "floor-minimal", "bastion", "grpc") for t in (None, certs)]:
             server = ServerProcess(kind, cpus[0], tls)
             try:
                 samples = runner.run(_unary_samples(server, tls, opts, cpus, notes))

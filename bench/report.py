@@ -91,6 +91,12 @@ def targets(results: dict[str, Any]) -> list[Target]:
             lambda x: x <= 1.5,
         ),
         Target(
+            f"server CPU/call bastion+tls / minimal floor+tls, a write per answer ({at})",
+            "info",
+            _ratio(get("bastion+tls", at, cpu), get("floor-minimal+tls", at, cpu)),
+            None,
+        ),
+        Target(
             f"server CPU/call grpc+tls / bastion+tls ({at})",
             ">= 10x",
             _ratio(get("grpc+tls", at, cpu), get("bastion+tls", at, cpu)),

@@ -298,7 +298,7 @@ async def open_bastion(port: int, tls: Path | None = None, connections: int = 1)
     return [caller(client) for client in clients], close
 
 
-OPENERS = {"floor": open_floor, "grpc": open_grpc, "bastion": open_bastion}
+OPENERS = {"floor": open_floor, "floor-minimal": open_floor, "grpc": open_grpc, "bastion": open_bastion}
 
 
 # -- measurement ----------------------------------------------------------------------------

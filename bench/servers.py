@@ -1,7 +1,8 @@
 """Benchmark servers, one per subprocess: ``python bench/servers.py KIND [--cpu N] [--tls DIR]``.
 
 KIND is ``floor`` (raw asyncio.Protocol, length-prefixed msgspec-msgpack
-frames), ``grpc`` (grpc.aio generic bytes handler) or ``bastion`` (a
+frames, one write per read), ``floor-minimal`` (the same, one write per
+answer: the issue's "minimal" reference), ``grpc`` (grpc.aio generic bytes handler) or ``bastion`` (a
 ``Server`` with the whole stack on: token authentication, a role check, a
 rate limit, the scheduler and msgspec validation). Each runs on uvloop,
 listens on 127.0.0.1 with an ephemeral port, prints ``PORT <n>`` on stdout
@@ -84,12 +85,38 @@ class FloorProtocol(asyncio.Protocol):
             self._transport.write(b"".join(out))
 
 
-async def start_floor(tls: Path | None) -> tuple[int, Callable[[], Awaitable[None]]]:
+class MinimalFloorProtocol(FloorProtocol):
+    """The floor as the performance issue describes it -- "a minimal ... echo server" -- answering
+    each frame with its own write (uvloop sends it at once: a send, and a TLS record, per call)."""
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos = 0
+        end = len(buf)
+        decode, encode, transport = self._decode, self._encode, self._transport
+        while end - pos >= _HEADER:
+            size = int.from_bytes(buf[pos : pos + _HEADER], "big")
+            if end - pos - _HEADER < size:
+                break
+            start = pos + _HEADER
+            call_id, payload = decode(memoryview(buf)[start : start + size])
+            pos = start + size
+            body = encode((call_id, payload))
+            if transport is not None:
+                transport.write(len(body).to_bytes(_HEADER, "big") + body)
+        if pos:
+            del buf[:pos]
+
+
+async def start_floor(
+    tls: Path | None, protocol: type[FloorProtocol] = FloorProtocol
+) -> tuple[int, Callable[[], Awaitable[None]]]:
     from certs import floor_server_context
 
     loop = asyncio.get_running_loop()
     context = floor_server_context(tls) if tls is not None else None
-    server = await loop.create_server(FloorProtocol, "127.0.0.1", 0, backlog=1024, ssl=context)
+    server = await loop.create_server(protocol, "127.0.0.1", 0, backlog=1024, ssl=context)
     port = server.sockets[0].getsockname()[1]
 
     async def stop() -> None:
@@ -181,8 +208,13 @@ async def start_bastion(tls: Path | None) -> tuple[int, Callable[[], Awaitable[N
     return server.port, stop
 
 
+async def start_minimal_floor(tls: Path | None) -> tuple[int, Callable[[], Awaitable[None]]]:
+    return await start_floor(tls, MinimalFloorProtocol)
+
+
 STARTERS: dict[str, Callable[[Path | None], Awaitable[tuple[int, Callable[[], Awaitable[None]]]]]] = {
     "floor": start_floor,
+    "floor-minimal": start_minimal_floor,
     "grpc": start_grpc,
     "bastion": start_bastion,
 }
