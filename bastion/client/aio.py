@@ -11,10 +11,10 @@ and also enforces it locally (the connection's ``Deadlines``), cancelling
 the call on the server when it runs out.
 
 The usual call -- ``call`` on a single-server client whose connection is
-open -- is one coroutine (``_call_on``) doing no more than it must: it takes
-a free slot, sends the call and awaits its answer with no ``Pending``, no
-timer of its own and no coroutine per attempt; the retry loop
-(``_retrying``) starts only if that attempt fails.
+open -- is one coroutine (``_call_on``, handed back by ``_invoke``) doing
+no more than it must: it takes a free slot, sends the call and awaits its
+answer with no ``Pending``, no timer of its own and no coroutine per
+attempt; the retry loop (``_retrying``) starts only if that attempt fails.
 
 Retries (``bastion.client.policy``). ``invoke`` tries a call again only when
 it fails retryably and is known idempotent -- ``idempotent=True``, or the
@@ -374,21 +374,7 @@ class Client(ClientBase):
         runs one coroutine fewer; ``await client.call(...)`` reads the same.)
         """
         # Keyword arguments are a fresh dict with str keys: nothing for check_args to do.
-        timeout, retry, budget, conn = self.timeout, self._retry, self.retry_budget, self._conn
-        if (
-            retry is not None
-            and budget is not None
-            and conn is not None
-            and conn.core.state is _OPEN  # conn.usable, without the call
-            and not conn.closed
-            and self._own_attempt
-        ):
-            # What _invoke does in this case -- retries on, the connection open --
-            # done here: one call fewer for the commonest thing a client does.
-            budget.on_request()
-            plan = _PLAIN_RETRY if timeout is None else _Retry(None, retry.clock() + timeout)
-            return self._call_on(conn, method, args, timeout, timeout, NO_OPTIONS, None, plan)
-        return self._invoke(method, args, timeout, NO_OPTIONS, None, None)
+        return self._invoke(method, args, self.timeout, NO_OPTIONS, None, None)
 
     async def invoke(
         self,
