@@ -7,12 +7,23 @@ whichever door took it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from bastion.exceptions import CallError, Unauthenticated
+from bastion.exceptions import CallError, InvalidArgument, Unauthenticated
 from bastion.status import Status
 
-__all__ = ["NO_STORE", "SECURITY_HEADERS", "TooLarge", "error_body", "http_status", "parse_bearer", "too_large_body"]
+__all__ = [
+    "NO_STORE",
+    "SECURITY_HEADERS",
+    "TooLarge",
+    "error_body",
+    "http_status",
+    "length_refusal",
+    "parse_bearer",
+    "retry_after",
+    "too_large_body",
+]
 
 #: On every response.
 SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
@@ -77,3 +88,22 @@ def parse_bearer(header: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
     return token
+
+
+def retry_after(exc: CallError) -> str | None:
+    """The ``Retry-After`` header's value for an error that carries a retry-after (whole seconds, at least 1)."""
+    return None if exc.retry_after is None else str(max(1, math.ceil(exc.retry_after)))
+
+
+def length_refusal(value: bytes, limit: int) -> tuple[int, dict[str, Any]] | None:
+    """The answer (status, body) to a Content-Length that is not a number (400) or is over ``limit``
+    (413, sent before a byte of the body is read); None when the body may be read."""
+    try:
+        length = int(value)
+    except ValueError:
+        length = -1
+    if length > limit:
+        return 413, too_large_body(limit)
+    if length < 0:
+        return 400, error_body(InvalidArgument("bad Content-Length"))
+    return None

@@ -60,7 +60,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
@@ -90,7 +89,7 @@ from bastion.gateway._http import NO_STORE as _NO_STORE
 from bastion.gateway._http import SECURITY_HEADERS as _SECURITY_HEADERS
 from bastion.gateway._http import TooLarge as _TooLarge
 from bastion.gateway._http import error_body as _error_body
-from bastion.gateway._http import http_status, parse_bearer, too_large_body
+from bastion.gateway._http import http_status, length_refusal, parse_bearer, retry_after, too_large_body
 from bastion.gateway._shared import _STREAMS, _as_call_error, _encoder, _ready
 from bastion.gateway.bridge import Bridge, Caller
 from bastion.gateway.config import GatewayConfig
@@ -159,7 +158,8 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def _error(exc: CallError) -> Response:
-    headers = {"retry-after": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after is not None else None
+    retry = retry_after(exc)
+    headers = {"retry-after": retry} if retry is not None else None
     return _json(_error_body(exc), http_status(exc.status), headers)
 
 
@@ -227,19 +227,11 @@ class _Guard:
             await send(message)
 
         for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    length = -1
-                if length < 0 or length > self.max_body:
-                    response = (
-                        _too_large(self.max_body)
-                        if length > 0
-                        else _json(_error_body(InvalidArgument("bad Content-Length")), 400)
-                    )
-                    await response(scope, receive, send_with_headers)
-                    return
+            if name == b"content-length" and (refusal := length_refusal(value, self.max_body)) is not None:
+                status, body = refusal
+                response = _json(body, status, {"connection": "close"} if status == 413 else None)
+                await response(scope, receive, send_with_headers)
+                return
         await self.app(scope, receive, send_with_headers)
 
 
@@ -334,7 +326,7 @@ class _Routes:
         except Exception as exc:  # every failure becomes an error object
             if call.is_notification:
                 return None
-            return {"jsonrpc": "2.0", "error": jsonrpc.error_object(_as_call_error(exc)), "id": call.id}
+            return jsonrpc.failure(call.id, _as_call_error(exc))
         if call.is_notification:
             return None
         return jsonrpc.result_response(call.id, result)
@@ -361,8 +353,7 @@ class _Routes:
         except _TooLarge:
             return _too_large(self.config.max_body)
         except CallError as exc:
-            response = {"jsonrpc": "2.0", "error": jsonrpc.error_object(exc), "id": None}
-            return _json(response, http_status(exc.status))
+            return _json(jsonrpc.failure(None, exc), http_status(exc.status))
         answer = await self.answer(caller, body)
         if answer is None:
             return Response(status_code=204)

@@ -32,13 +32,12 @@ WebSockets and the lifespan.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 
-from bastion.exceptions import CallError, InvalidArgument, PermissionDenied
+from bastion.exceptions import CallError, PermissionDenied
 from bastion.gateway import jsonrpc
 from bastion.gateway._http import (
     NO_STORE,
@@ -46,7 +45,9 @@ from bastion.gateway._http import (
     TooLarge,
     error_body,
     http_status,
+    length_refusal,
     parse_bearer,
+    retry_after,
     too_large_body,
 )
 from bastion.gateway._shared import _as_call_error, _encoder
@@ -66,6 +67,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: The request headers the front reads (ASGI gives names in lower case).
 _WANTED = frozenset({b"authorization", b"origin", b"content-length", b"content-type", b"host"})
 _OCTETS = "application/octet-stream"
+_CLOSE = [(b"connection", b"close")]
 _JSON_HEADERS = [(b"content-type", b"application/json"), *SECURITY_HEADERS, NO_STORE]
 
 
@@ -114,17 +116,10 @@ class Front:
         """One hot request: ``method`` is the /v1 method's full name, None for /rpc."""
         limit = self.config.max_body
         length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                size = int(length)
-            except ValueError:
-                size = -1
-            if size > limit:
-                await _respond(send, 413, _encoder.encode(too_large_body(limit)), [(b"connection", b"close")])
-                return
-            if size < 0:
-                await _respond(send, 400, _encoder.encode(error_body(InvalidArgument("bad Content-Length"))))
-                return
+        if length is not None and (refusal := length_refusal(length, limit)) is not None:
+            status, refused = refusal
+            await _respond(send, status, _encoder.encode(refused), _CLOSE if status == 413 else None)
+            return
         try:
             caller = self._caller(scope, headers)
             first = await receive()
@@ -146,13 +141,12 @@ class Front:
                 return
             result = await self.routes.call_v1(caller, method, body)
         except TooLarge:
-            await _respond(send, 413, _encoder.encode(too_large_body(limit)), [(b"connection", b"close")])
+            await _respond(send, 413, _encoder.encode(too_large_body(limit)), _CLOSE)
             return
         except Exception as exc:
             error = _as_call_error(exc)
             if method is None:  # before the body was parsed: one error object
-                body = _encoder.encode({"jsonrpc": "2.0", "error": jsonrpc.error_object(error), "id": None})
-                await _respond(send, http_status(error.status), body)
+                await _respond(send, http_status(error.status), _encoder.encode(jsonrpc.failure(None, error)))
             else:
                 await _respond(send, http_status(error.status), _encoder.encode(error_body(error)), _retry(error))
             return
@@ -210,9 +204,8 @@ async def _read_body(receive: Receive, limit: int, first: Message) -> bytes | No
 
 
 def _retry(error: CallError) -> list[tuple[bytes, bytes]]:
-    if error.retry_after is None:
-        return []
-    return [(b"retry-after", str(max(1, math.ceil(error.retry_after))).encode())]
+    value = retry_after(error)
+    return [] if value is None else [(b"retry-after", value.encode())]
 
 
 async def _respond(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:

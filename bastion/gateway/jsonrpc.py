@@ -47,6 +47,7 @@ __all__ = [
     "error_code",
     "error_object",
     "error_response",
+    "failure",
     "json_depth",
     "parse",
     "parse_any",
@@ -214,6 +215,11 @@ def error_object(exc: CallError) -> dict[str, Any]:
     if exc.retry_after is not None:
         data["retry_after"] = exc.retry_after
     return {"code": error_code(exc.status), "message": exc.message, "data": data}
+
+
+def failure(ident: Any, exc: CallError) -> dict[str, Any]:
+    """The response to call ``ident`` that failed with ``exc``."""
+    return {"jsonrpc": "2.0", "error": error_object(exc), "id": ident}
 
 
 def error_response(ident: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:

@@ -121,7 +121,7 @@ class _WebSocketSession:
             await self.routes.bridge.check(caller)
         except Exception as exc:
             if not call.is_notification:
-                await self.send({"jsonrpc": "2.0", "error": jsonrpc.error_object(_as_call_error(exc)), "id": call.id})
+                await self.send(jsonrpc.failure(call.id, _as_call_error(exc)))
             return
         self.caller = caller
         if not call.is_notification:
@@ -174,7 +174,7 @@ class _WebSocketSession:
                 return
             except Exception as exc:
                 self.streams.pop(call.id, None)
-                await self.send({"jsonrpc": "2.0", "error": jsonrpc.error_object(_as_call_error(exc)), "id": call.id})
+                await self.send(jsonrpc.failure(call.id, _as_call_error(exc)))
                 return
             self.streams.pop(call.id, None)
             await self.send(jsonrpc.result_response(call.id, {"items": count}))
