@@ -61,11 +61,9 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-import msgspec
 
 from bastion._version import __version__
 from bastion.config import ServerLimits
@@ -74,7 +72,6 @@ from bastion.observability.stats import CallStats
 from bastion.protocol.proxy import Command, ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 from bastion.security.audit import AuditLog
 from bastion.security.authn import AllowAnonymous, Authenticator
-from bastion.security.principal import Principal
 from bastion.security.ratelimit import Limiter, RateLimiter
 from bastion.security.tls import ALPN_PROTOCOL, client_identity, parse_serial
 from bastion.security.tls import reload as reload_certificate
@@ -82,6 +79,7 @@ from bastion.server.deadlines import Deadlines
 from bastion.server.dispatch import IdempotencyKeys, MethodTable
 from bastion.server.scheduler import Scheduler
 from bastion.server.session import ServerSession
+from bastion.server.view import ServerView
 from bastion.service import Service
 from bastion.status import Status
 from bastion.transport.aio import Link
@@ -93,40 +91,6 @@ log = logging.getLogger("bastion.server")
 BACKLOG = 1024
 #: accept() errors that mean "out of descriptors or memory, for now".
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-class _Info:
-    """The narrow view of the server that services get (``ServerInfo``)."""
-
-    def __init__(self, server: Server) -> None:
-        self._server = server
-
-    @property
-    def version(self) -> str:
-        return __version__
-
-    @property
-    def started_at(self) -> float:
-        return self._server.started_at
-
-    @property
-    def draining(self) -> bool:
-        return self._server.draining
-
-    def stats(self) -> Mapping[str, int | float]:
-        return self._server.stats()
-
-    def limits(self) -> Mapping[str, int | float]:
-        return msgspec.structs.asdict(self._server.limits)
-
-    async def rate_usage(self, principal: Principal, peer: str) -> Mapping[str, Any]:
-        limiter = self._server.limiter
-        if limiter is None:
-            return {"enabled": False}
-        return await limiter.usage(principal, peer.rsplit(":", 1)[0].strip("[]"))
-
-    def describe(self) -> list[dict[str, Any]]:
-        return self._server.table.describe()
 
 
 class Server:
@@ -184,7 +148,7 @@ class Server:
         for name, entry in self.table.entries.items():
             entry.metric_row = self.metrics.method_index(name)
         self.executor = ThreadPoolExecutor(self.limits.threads, thread_name_prefix="bastion-handler")
-        self.info = _Info(self)
+        self.info = ServerView(self)
         self.started_at = time.time()
         self.draining = False
         self._listeners: list[socket.socket] = []

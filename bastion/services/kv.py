@@ -14,8 +14,8 @@ and the namespace's access lists only, and every refusal reads the same
 key exists. Owners use their ``~name``; ``readers``/``writers`` of a shared
 namespace ("user:NAME", "role:NAME") read / read and write; admins do all.
 
-Watches. A ``_Hub`` tails the store's change log and fans each change out to
-the watchers in this process. Writers never feed watchers directly: after a
+Watches. A ``Hub`` (kv_watch.py) tails the store's change log and fans each
+change out to the watchers in this process. Writers never feed watchers directly: after a
 write commits, the service merely *nudges* the hub, whose single feeder task
 reads every change after the last one it delivered, in revision order, and
 offers each to every matching watcher. Because the feeder reads the durable
@@ -48,12 +48,10 @@ to reads at once, whether or not the sweep has run.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import re
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -61,17 +59,18 @@ import msgspec
 from bastion.config import KVConfig
 from bastion.exceptions import (
     AlreadyExists,
-    CallError,
     InvalidArgument,
     NotFound,
-    OutOfRange,
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
 from bastion.security.principal import ADMIN_ROLE, Principal
 from bastion.service import Context, Service
-from bastion.services import Background, every, on_wakeup
+from bastion.services import Background, every
+from bastion.services.kv_watch import FEED_PAGE as FEED_PAGE  # re-exported: importable from here as before
+from bastion.services.kv_watch import POLL_INTERVAL as POLL_INTERVAL
+from bastion.services.kv_watch import Hub, Watcher, behind, replay
 from bastion.store.kv import KVChange, KVEntry, KVNamespace, KVStore, KVWrite, personal_namespace
 
 __all__ = ["KV", "Item", "Page", "PutItem", "WatchEvent"]
@@ -80,8 +79,6 @@ log = logging.getLogger("bastion.kv")
 #: Seconds between checks that a watcher may still read its namespace (while changes flow to it).
 ACCESS_RECHECK = 2.0
 
-POLL_INTERVAL = 0.5  # seconds between log polls while anyone watches (changes from other processes)
-FEED_PAGE = 1000  # changes the hub reads at once
 SWEEP_PAGE = 1000  # expired keys deleted per transaction
 _NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _ACL_ENTRY = re.compile(r"^(user|role):[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -151,119 +148,6 @@ def _namespace_info(ns: KVNamespace) -> NamespaceInfo:
     return NamespaceInfo(ns.name, ns.readers, ns.writers, ns.created_at, ns.created_by)
 
 
-# -- the watch hub --------------------------------------------------------------------------
-
-
-class _Watcher:
-    """One watch stream's bounded buffer; ``offer`` never blocks."""
-
-    def __init__(self, namespace: str, prefix: str, max_items: int, max_bytes: int, owner: str = "") -> None:
-        self.namespace, self.prefix, self.owner = namespace, prefix, owner
-        self.max_items, self.max_bytes = max_items, max_bytes
-        self.buffer: deque[KVChange] = deque()
-        self.bytes = 0
-        self.overflowed = False
-        self.ended: CallError | None = None  # set by the hub: the stream ends with this after its buffer
-        self.wakeup = asyncio.Event()
-
-    def offer(self, change: KVChange) -> None:
-        if self.overflowed or change.namespace != self.namespace or not change.key.startswith(self.prefix):
-            return
-        size = len(change.value or b"")
-        if len(self.buffer) >= self.max_items or self.bytes + size > self.max_bytes:
-            self.overflowed = True
-        else:
-            self.buffer.append(change)
-            self.bytes += size
-        self.wakeup.set()
-
-    def take(self) -> KVChange | None:
-        if not self.buffer:
-            return None
-        change = self.buffer.popleft()
-        self.bytes -= len(change.value or b"")
-        return change
-
-    def end(self, error: CallError) -> None:
-        self.ended = error
-        self.wakeup.set()
-
-
-class _Hub:
-    """Tails the change log and fans changes out to this process's watchers (see the module docstring)."""
-
-    def __init__(self, store: KVStore) -> None:
-        self._store = store
-        self._watchers: set[_Watcher] = set()
-        self._position: int | None = None  # last revision delivered; None while nobody watches
-        self._lock = asyncio.Lock()  # the feeder's read-and-deliver step vs. a watcher joining
-        self._nudged = asyncio.Event()
-
-    def __len__(self) -> int:
-        return len(self._watchers)
-
-    def nudge(self) -> None:
-        """New changes may be in the log (a write committed here, or a notification from elsewhere)."""
-        if self._watchers:
-            self._nudged.set()
-
-    async def join(self, watcher: _Watcher) -> int:
-        """Add ``watcher``; the revision P up to which changes are not delivered to it live."""
-        async with self._lock:
-            if self._position is None:
-                self._position = (await self._store.kv_revisions()).current
-            self._watchers.add(watcher)
-            return self._position
-
-    def count(self, owner: str) -> int:
-        """Watches ``owner`` has open."""
-        return sum(1 for watcher in self._watchers if watcher.owner == owner)
-
-    def leave(self, watcher: _Watcher) -> None:
-        self._watchers.discard(watcher)
-        if not self._watchers:
-            self._position = None
-
-    def end_all(self, error: CallError) -> None:
-        for watcher in list(self._watchers):
-            watcher.end(error)
-        self._watchers.clear()
-        self._position = None
-
-    async def run(self) -> None:
-        """The feeder: deliver every new logged change, in order, whenever nudged (or polled)."""
-        await on_wakeup(self._nudged, POLL_INTERVAL, self._feed_all, log, "kv watch feed")
-
-    async def _feed_all(self) -> None:
-        while await self._feed_once():
-            pass
-
-    async def _feed_once(self) -> bool:
-        """Deliver one page of changes; whether there may be more."""
-        async with self._lock:
-            if self._position is None or not self._watchers:
-                return False
-            after = self._position
-            changes = await self._store.kv_changes(after, None, FEED_PAGE)
-            if changes and changes[0].revision != after + 1:
-                # Compacted under us (a feed stalled for `history` changes): nobody can be served gaplessly.
-                self.end_all(_behind(after + 1, "the change history moved past it"))
-                return False
-            for change in changes:
-                for watcher in self._watchers:
-                    watcher.offer(change)
-            if changes:
-                self._position = changes[-1].revision
-            return len(changes) == FEED_PAGE
-
-
-def _behind(resume_from: int, why: str) -> ResourceExhausted:
-    return ResourceExhausted(
-        f"watch fell behind ({why}); watch again with from_version={resume_from} to continue",
-        details={"resume_from": resume_from},
-    )
-
-
 # -- the component --------------------------------------------------------------------------
 
 
@@ -275,7 +159,7 @@ class KV:
         self.store = store
         self.config = config or KVConfig()
         self.leader = leader
-        self.hub = _Hub(store)
+        self.hub = Hub(store)
         self._background = Background()
         self.service = Service("kv", doc="Key-value storage with versions, compare-and-swap, TTLs and watches.")
         _declare(self, self.service)
@@ -531,13 +415,13 @@ def _declare(kv: KV, service: Service) -> None:
             raise ResourceExhausted(
                 f"you have {mine} watches open on this server (kv.max_watchers_per_user); close some first"
             )
-        watcher = _Watcher(ns, prefix, cfg.watch_buffer, cfg.watch_buffer_bytes, ctx.principal.name)
+        watcher = Watcher(ns, prefix, cfg.watch_buffer, cfg.watch_buffer_bytes, ctx.principal.name)
         start = await kv.hub.join(watcher)
         try:
             yield WatchEvent("start", start)
             last = start
             if from_version is not None:
-                async for change in _replay(store, ns, prefix, from_version, start):
+                async for change in replay(store, ns, prefix, from_version, start):
                     yield _event(change)
                 last = max(start, from_version - 1)
             checked = time.monotonic()
@@ -556,7 +440,7 @@ def _declare(kv: KV, service: Service) -> None:
                 if watcher.ended is not None:
                     raise watcher.ended
                 if watcher.overflowed:
-                    raise _behind(
+                    raise behind(
                         last + 1,
                         f"more than {cfg.watch_buffer} changes or {cfg.watch_buffer_bytes} "
                         "bytes waited for this stream",
@@ -604,22 +488,3 @@ def _declare(kv: KV, service: Service) -> None:
         records = await store.kv_list_namespaces()
         p = ctx.principal
         return [_namespace_info(r) for r in records if ADMIN_ROLE in p.roles or _allowed(p, r, False)]
-
-
-async def _replay(store: KVStore, ns: str, prefix: str, from_version: int, upto: int) -> AsyncIterator[KVChange]:
-    """Logged changes of ``ns``/``prefix`` with ``from_version <= revision <= upto``, checked for compaction."""
-    after = from_version - 1
-    while after < upto:
-        changes = await store.kv_changes(after, upto, FEED_PAGE, ns, prefix)
-        compacted = (await store.kv_revisions()).compacted
-        if compacted > after:  # some of what we asked for was gone before we read it
-            raise OutOfRange(
-                f"version {after + 1} is no longer in the change history; the earliest available is "
-                f"{compacted + 1} (kv.history keeps the newest changes)",
-                details={"earliest": compacted + 1},
-            )
-        for change in changes:
-            yield change
-        if len(changes) < FEED_PAGE:
-            return
-        after = changes[-1].revision
