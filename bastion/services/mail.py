@@ -31,7 +31,7 @@ with ``from_id`` misses nothing. A watcher keeps no buffer: when woken it
 reads the next page from the store itself, so a slow watcher holds no
 memory and never holds up a sender. It is woken three ways: a send in
 this process nudges the recipients' watchers directly; on PostgreSQL the
-mail trigger's ``NOTIFY`` (``Store.listen("mail")``) makes the hub poll at
+mail trigger's ``NOTIFY`` (``Store.listen("mail")``) makes the hub (mail_watch.py) poll at
 once; and while anyone watches, the hub polls the watched mailboxes' heads
 (one query for all of them) every ``POLL_INTERVAL``, which catches mail
 from other worker processes on one SQLite file and lost notifications.
@@ -39,7 +39,6 @@ from other worker processes on one SQLite file and lost notifications.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
@@ -62,8 +61,10 @@ from bastion.exceptions import (
 )
 from bastion.security.principal import Principal
 from bastion.service import Context, Service
-from bastion.services import Background, every, on_wakeup
+from bastion.services import Background, every
 from bastion.services.files import check_name
+from bastion.services.mail_watch import POLL_INTERVAL as POLL_INTERVAL  # re-exported: importable as before
+from bastion.services.mail_watch import Hub, Watcher
 from bastion.store.base import Store
 from bastion.store.files import FileShare
 from bastion.store.mail import MailAttachment, MailDraft, MailItem, MailLimits
@@ -72,7 +73,6 @@ __all__ = ["Attachment", "InboxPage", "MailEvent", "MailboxInfo", "Mailboxes", "
 
 log = logging.getLogger("bastion.messages")
 
-POLL_INTERVAL = 0.5  # seconds between head polls while anyone watches (mail from other processes)
 WATCH_PAGE = 64  # messages a watcher reads from the store at once
 _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -253,78 +253,6 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(msgspec.msgpack.encode(parts)).hexdigest()
 
 
-# -- the watch hub --------------------------------------------------------------------------
-
-
-class _Watcher:
-    """One watch stream: its mailbox, the last id it yielded, and how to wake it."""
-
-    def __init__(self, owner: str, last: int) -> None:
-        self.owner = owner
-        self.last = last
-        self.wakeup = asyncio.Event()
-        self.ended: CallError | None = None  # set by the hub: the stream ends with this
-
-    def end(self, error: CallError) -> None:
-        self.ended = error
-        self.wakeup.set()
-
-
-class _Hub:
-    """Wakes this process's watchers when their mailbox may have new mail (see the module docstring)."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._watchers: dict[str, set[_Watcher]] = {}
-        self._poked = asyncio.Event()
-
-    def __len__(self) -> int:
-        return sum(len(group) for group in self._watchers.values())
-
-    def count(self, owner: str) -> int:
-        return len(self._watchers.get(owner, ()))
-
-    def join(self, watcher: _Watcher) -> None:
-        self._watchers.setdefault(watcher.owner, set()).add(watcher)
-
-    def leave(self, watcher: _Watcher) -> None:
-        group = self._watchers.get(watcher.owner)
-        if group is not None:
-            group.discard(watcher)
-            if not group:
-                del self._watchers[watcher.owner]
-
-    def end_all(self, error: CallError) -> None:
-        for group in self._watchers.values():
-            for watcher in group:
-                watcher.end(error)
-        self._watchers.clear()
-
-    def nudge(self, owners: list[str]) -> None:
-        """Mail was committed to these mailboxes, here."""
-        for owner in owners:
-            for watcher in self._watchers.get(owner, ()):
-                watcher.wakeup.set()
-
-    def poke(self) -> None:
-        """Mail may have arrived from elsewhere: poll now."""
-        if self._watchers:
-            self._poked.set()
-
-    async def run(self) -> None:
-        """Poll the watched mailboxes' heads whenever poked, and every ``POLL_INTERVAL`` while anyone watches."""
-        await on_wakeup(self._poked, POLL_INTERVAL, self._poll, log, "mail watch poll")
-
-    async def _poll(self) -> None:
-        if not self._watchers:
-            return
-        heads = await self._store.mail_heads(sorted(self._watchers))
-        for owner, head in heads.items():
-            for watcher in self._watchers.get(owner, ()):
-                if head > watcher.last:
-                    watcher.wakeup.set()
-
-
 # -- the component --------------------------------------------------------------------------
 
 
@@ -336,7 +264,7 @@ class Mailboxes:
         self.store = store
         self.config = config or MessagesConfig()
         self.leader = leader
-        self.hub = _Hub(store)
+        self.hub = Hub(store)
         self.limits = MailLimits(
             self.config.mailbox_messages, self.config.mailbox_bytes, self.config.send_rate, self.config.send_burst
         )
@@ -477,7 +405,7 @@ class Mailboxes:
                 f"you have {mine} mailbox watches open on this server (messages.max_watchers_per_user); close some"
             )
         head = (await self.store.mail_stats(principal.name)).last_id
-        watcher = _Watcher(principal.name, head if from_id is None else from_id - 1)
+        watcher = Watcher(principal.name, head if from_id is None else from_id - 1)
         self.hub.join(watcher)
         try:
             yield MailEvent("start", head)
