@@ -37,6 +37,7 @@ def test_a_single_call_is_parsed_as_the_general_path_parses_it(call: dict[str, A
     if one is not None:  # the fast path may decline (the general one answers); what it accepts, it reads alike
         assert entries == [one]
 
+
 def test_the_usual_call_takes_the_fast_path() -> None:
     body = b'{"jsonrpc":"2.0","method":"kv.get","params":{"key":"k"},"id":7}'
     assert jsonrpc.single_call(body) == jsonrpc.Request("kv.get", {"key": "k"}, 7)

@@ -24,4 +24,3 @@ def service_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
     service_backends[tmp_path] = backend
     yield backend
     service_backends.pop(tmp_path, None)
-
