@@ -29,7 +29,9 @@ answers FAILED_PRECONDITION. See bastion/store/idempotency.py.
 from __future__ import annotations
 
 import asyncio
+import dis
 import hashlib
+import inspect
 import logging
 import secrets
 import time
@@ -71,7 +73,7 @@ UNKNOWN_ON = frozenset({Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.CAN
 class Entry:
     """One method, ready to dispatch."""
 
-    __slots__ = ("decoder", "fields", "input_decoder", "metric_row", "spec", "streams_out", "unary_async")
+    __slots__ = ("decoder", "fields", "inline", "input_decoder", "metric_row", "spec", "streams_out", "unary_async")
 
     def __init__(self, spec: MethodSpec) -> None:
         self.spec = spec
@@ -85,6 +87,8 @@ class Entry:
         self.metric_row = -1
         #: An ``async def`` returning one value: the usual call, run without the general path's detours.
         self.unary_async = spec.is_async and spec.input_param is None and not self.streams_out
+        #: Its handler cannot suspend: the session may run it to its end at once, without a task.
+        self.inline = self.unary_async and never_suspends(spec.handler)
 
     def decode_args(self, raw: msgspec.Raw) -> dict[str, Any]:
         try:
@@ -94,6 +98,30 @@ class Entry:
         except msgspec.DecodeError as exc:
             raise InvalidArgument(f"{self.spec.full_name}: arguments are not a map: {exc}") from None
         return msgspec.structs.asdict(args)  # in C: every field by attribute name, as ``fields``
+
+
+#: The opcodes through which a coroutine can give up control: ``await``, ``async for`` and ``async with``.
+_SUSPENDING = frozenset(
+    {"GET_AWAITABLE", "SEND", "YIELD_VALUE", "GET_AITER", "GET_ANEXT", "BEFORE_ASYNC_WITH", "END_ASYNC_FOR"}
+)
+
+
+def never_suspends(handler: Callable[..., Any]) -> bool:
+    """Whether ``handler`` is an ``async def`` (or a method of one) with no ``await``, ``async for``
+    or ``async with`` in its body: its coroutine always ends in its first step.
+
+    Such a handler is run by the session there and then, in a copy of the
+    context, instead of in a task of its own (no task to create, schedule and
+    collect: the usual cost of a call on Python 3.11). Since it cannot suspend,
+    nothing can interleave with it, cancel it or outlive it, so it behaves as
+    in a task, except that ``asyncio.current_task()`` is None while it runs.
+    Anything else -- a wrapper, a partial, a callable object -- is not inspected
+    and runs in a task.
+    """
+    func = getattr(handler, "__func__", handler)  # a bound method's function
+    if not inspect.iscoroutinefunction(func) or not inspect.isfunction(func):
+        return False
+    return not any(instruction.opname in _SUSPENDING for instruction in dis.get_instructions(func.__code__))
 
 
 def _describe(exc: msgspec.ValidationError) -> str:

@@ -257,6 +257,30 @@ class Scheduler:
             self._enqueue(ticket, now)
         return ticket
 
+    def run_inline(self, priority: int) -> bool:
+        """Admit a job that ends before control returns to the loop (a handler that cannot suspend),
+        counted as started and completed at once, if it may start now; False: ``submit`` it.
+
+        It may start when ``submit`` would start it (a free slot, nobody queued at a
+        sheddable level): it holds its slot for no loop turn at all, so nothing else
+        could have used it. Control-level jobs keep their reserved path.
+        """
+        level = self._levels.get(priority)
+        if level is None:
+            level = self._levels[priority] = self.config.level_for(priority)
+        if level is _CONTROL or self._queued or self._running >= self.config.max_concurrency:
+            return False
+        counts = self._counts
+        counts["submitted"] += 1
+        counts["started"] += 1
+        counts["completed"] += 1
+        self._delay_last = 0.0
+        self._delay_ewma -= _EWMA_WEIGHT * self._delay_ewma
+        self._queues[level].count_start(self._clock(), self.config.codel_interval)
+        if self._codel_dirty:  # as _finished would: a free slot and nobody waiting ends any overload
+            self._dispatch()
+        return True
+
     def cancel(self, ticket: Ticket) -> bool:
         """Remove a queued job (never run, ``on_reject`` not called) or cancel a running one's task."""
         if ticket.state is TicketState.QUEUED:

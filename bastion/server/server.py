@@ -151,6 +151,8 @@ class Server:
         self.info = ServerView(self)
         self.started_at = time.time()
         self.draining = False
+        #: Calls running inline (ServerSession._run_inline) right now: in flight without a ticket.
+        self.inline_running = 0
         self._listeners: list[socket.socket] = []
         self._accept_tasks: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()  # connections still in the TLS handshake
@@ -497,7 +499,7 @@ class Server:
             "connections_open": self._open,
             "connections_total": counters["connections"],
             "calls_total": counters["calls"],
-            "calls_in_flight": sum(len(s.tickets) for s in self.sessions),
+            "calls_in_flight": sum(len(s.tickets) for s in self.sessions) + self.inline_running,
             "internal_errors_total": counters["internal_errors"],
             "rejected_connections_total": counters["rejected_connections"],
             "rejected_connections_per_source": counters["rejected_connections_per_source"],

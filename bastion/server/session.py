@@ -73,7 +73,7 @@ from bastion.server.streams import CreditGate, InputStream
 from bastion.server.upkeep import ABUSE_WINDOW as ABUSE_WINDOW  # re-exported: importable from here as before
 from bastion.server.upkeep import DENIALS_AUDITED as DENIALS_AUDITED
 from bastion.server.upkeep import SessionUpkeep
-from bastion.service import Context
+from bastion.service import Context, MethodSpec
 from bastion.status import Status
 from bastion.transport.aio import Link
 
@@ -300,13 +300,25 @@ class ServerSession(SessionUpkeep):
             self._inputs[call_id] = args[entry.spec.input_param] = stream  # type: ignore[index]
         if entry.streams_out:
             self._gates[call_id] = CreditGate()
+        priority = entry.spec.priority
+        if call.priority is not None:
+            priority = effective_priority(priority, call.priority)
+        if (
+            entry.inline
+            and server.check_rate_async is None
+            and (not call.metadata or IdempotencyKeys.key_of(call.metadata) is None)
+            and not (self.link is not None and self.link.writing_paused)  # else its answer must wait
+            and server.scheduler.run_inline(priority)
+        ):
+            metrics.record_since(entry.metric_row, self._run_inline(call, entry, args, deadline), started)
+            if server.draining:
+                self._maybe_finish_drain()
+            return
         principal = self.principal
         self._timing[call_id] = (entry.metric_row, started)  # before submit: it may reject
         ticket = server.scheduler.submit(
             functools.partial(self._run, call, entry, args, deadline),
-            priority=entry.spec.priority
-            if call.priority is None
-            else effective_priority(entry.spec.priority, call.priority),
+            priority=priority,
             principal=principal.name if principal.authenticated else f"anonymous@{self.peer_host}",
             deadline=deadline,
             on_reject=functools.partial(self._rejected, call_id),
@@ -323,15 +335,7 @@ class ServerSession(SessionUpkeep):
             if self.server.check_rate_async is not None:  # a shared (Redis) limiter answers asynchronously
                 await self.server.check_rate_async(self.principal, self.peer_host, spec.full_name)
             if spec.context_param is not None:
-                args[spec.context_param] = Context(
-                    method=spec,
-                    principal=self.principal,
-                    request_id=self._request_id(call_id),
-                    peer=self.link.peer if self.link else "?",
-                    deadline=deadline,
-                    metadata=call.metadata or {},
-                    server=self.server.info,
-                )
+                args[spec.context_param] = self._context(call, spec, deadline)
             if call.metadata and IdempotencyKeys.key_of(call.metadata) is not None:
                 await self._run_once(call, entry, args, deadline)
             elif entry.unary_async:  # _invoke's path for it, inline: the usual call, one coroutine fewer
@@ -353,28 +357,69 @@ class ServerSession(SessionUpkeep):
                     await self._invoke(call_id, entry, args)
                 finally:
                     self.server.deadlines.disarm(slot, self, call_id)
-        except CallError as exc:
-            # Before TimeoutError: DeadlineExceeded is both, and a handler's
-            # own DeadlineExceeded must reach the client as it was raised.
-            status = exc.status
-            self._answer_error(call_id, exc)
-        except asyncio.CancelledError:
-            if call_id in self._expired:  # our deadline timer cancelled the task
-                status = Status.DEADLINE_EXCEEDED
-                self.core.send_error(call_id, Status.DEADLINE_EXCEEDED, "deadline exceeded")
-            else:
-                # Client cancel: the core has closed the call, so this sends nothing.
-                # Shutdown: tell the client the call did not finish.
-                status = Status.UNAVAILABLE if self.server.draining else Status.CANCELLED
-                self.core.send_error(call_id, Status.UNAVAILABLE, "server shutting down", retry_after_ms=1000)
-        except LocalProtocolError as exc:
-            status = exc.status
-            self.core.send_error(call_id, exc.status, f"{spec.full_name}: result cannot be sent: {exc}")
-        except Exception:
-            status = Status.INTERNAL
-            self._internal_error(call_id, spec.full_name, self._request_id(call_id))
+        except (Exception, asyncio.CancelledError) as exc:
+            status = self._failed(call_id, spec, exc)
         finally:
             self._forget(call_id, status)
+
+    def _run_inline(self, call: Call, entry: Entry, args: dict[str, Any], deadline: float | None) -> Status:
+        """Run a handler that cannot suspend (``Entry.inline``) to its end now, and answer; its status.
+
+        ``_run`` without the task: the handler's coroutine ends in its first step,
+        taken here in a copy of the context (as a task would run it). No deadline
+        or cancel can reach it: it gives them no await to arrive at.
+        """
+        call_id = call.id
+        spec = entry.spec
+        server = self.server
+        server.inline_running += 1  # in flight (admin.stats) while it runs
+        try:
+            if spec.context_param is not None:
+                args[spec.context_param] = self._context(call, spec, deadline)
+            coro = spec.handler(**args)
+            try:
+                contextvars.copy_context().run(coro.send, None)
+            except StopIteration as stop:
+                self.core.send_result(call_id, stop.value)
+                return _OK
+            coro.close()  # never_suspends said it could not get here
+            raise RuntimeError(f"{spec.full_name} suspended although it has no await")
+        except (Exception, asyncio.CancelledError) as exc:
+            return self._failed(call_id, spec, exc)
+        finally:
+            server.inline_running -= 1
+
+    def _failed(self, call_id: int, spec: MethodSpec, exc: BaseException) -> Status:
+        """Answer a call whose handler (or its answer) failed with ``exc``; the status it ended with."""
+        if isinstance(exc, CallError):
+            # Before TimeoutError: DeadlineExceeded is both, and a handler's
+            # own DeadlineExceeded must reach the client as it was raised.
+            self._answer_error(call_id, exc)
+            return exc.status
+        if isinstance(exc, asyncio.CancelledError):
+            if call_id in self._expired:  # our deadline timer cancelled the task
+                self.core.send_error(call_id, Status.DEADLINE_EXCEEDED, "deadline exceeded")
+                return Status.DEADLINE_EXCEEDED
+            # Client cancel: the core has closed the call, so this sends nothing.
+            # Shutdown: tell the client the call did not finish.
+            self.core.send_error(call_id, Status.UNAVAILABLE, "server shutting down", retry_after_ms=1000)
+            return Status.UNAVAILABLE if self.server.draining else Status.CANCELLED
+        if isinstance(exc, LocalProtocolError):
+            self.core.send_error(call_id, exc.status, f"{spec.full_name}: result cannot be sent: {exc}")
+            return exc.status
+        self._internal_error(call_id, spec.full_name, self._request_id(call_id))
+        return Status.INTERNAL
+
+    def _context(self, call: Call, spec: MethodSpec, deadline: float | None) -> Context:
+        return Context(
+            method=spec,
+            principal=self.principal,
+            request_id=self._request_id(call.id),
+            peer=self.link.peer if self.link else "?",
+            deadline=deadline,
+            metadata=call.metadata or {},
+            server=self.server.info,
+        )
 
     def _request_id(self, call_id: int) -> str:
         """The id a call's Context and its internal-error log line carry: session and call."""

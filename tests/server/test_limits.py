@@ -26,6 +26,9 @@ service = Service("queue")
 
 @service.method
 async def echo(i: int) -> int:
+    # It awaits, so each call is queued for a task of its own: a handler with no
+    # await runs inline and never queues (tests/server/test_inline.py).
+    await asyncio.sleep(0)
     return i
 
 
