@@ -265,8 +265,16 @@ class _Bucket(msgspec.Struct, frozen=True):
         }
 
 
-#: A call's charge: its cost, its limits, and their bucket keys (None: the caller is keyed by source).
-_Charge = tuple[float, list[_Bucket], list[tuple[str, int]] | None]
+#: One bucket a call is charged to: its key in the limiter's map, its rate, its burst, its limit.
+_Step = tuple[str, float, float, _Bucket]
+#: A call's charge: its cost, its steps (None: an anonymous caller, keyed by source address), its
+#: limits, and the first of them whose burst is below the cost (None: the call can pass).
+_Charge = tuple[float, list[_Step] | None, list[_Bucket], _Bucket | None]
+
+
+def _bucket_key(identity: str, limit: _Bucket) -> str:
+    """A bucket's key in memory: the caller's identity and the limit (a str keeps its hash)."""
+    return f"{identity}#{limit.index}"
 
 
 class _Plan(msgspec.Struct, frozen=True):
@@ -434,16 +442,25 @@ class RateLimiter:
 
     Not thread-safe: call it from the event loop (check_sync never blocks).
     ``clock`` supplies ``now`` when a call does not (monotonic seconds).
+
+    The hot path. What a principal's call to a method charges (its cost, and
+    each bucket's key, rate and burst) is worked out once per principal object
+    and method (``_known``; a session keeps one principal object, so this is per
+    connection) and looked up by identity after that. Buckets stay an exact
+    least-recently-used map: every charge moves its buckets to the young end,
+    so a flood of new identities evicts the idle ones, never a busy caller's
+    (whose bucket would come back full).
     """
 
     def __init__(self, config: RateLimitConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config or RateLimitConfig()
         self._compiled = _Compiled(self.config)
-        self._clock = clock
-        self._buckets: OrderedDict[tuple[str, int], TokenBucket] = OrderedDict()
+        self.clock = clock
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._max = self.config.max_tracked
-        #: What a call at its configured cost charges, by (name, roles, authenticated, method).
-        self._charges: dict[tuple[str, frozenset[str], bool, str], _Charge | None] = {}
+        self._enabled = self.config.enabled
+        #: id(principal) -> (principal, {method: its charge at the configured cost}).
+        self._known: dict[int, tuple[Principal, dict[str, _Charge | None]]] = {}
 
     def __len__(self) -> int:
         """Buckets currently tracked."""
@@ -458,48 +475,53 @@ class RateLimiter:
         self, principal: Principal, source: str, method: str, cost: float | None = None, now: float | None = None
     ) -> None:
         """Charge ``cost`` (default: the method's configured cost) to every applicable bucket, or raise."""
-        if not self.config.enabled:
+        if not self._enabled:
             return
-        if cost is None:  # the usual case: what the principal's calls to the method charge is known
-            known = (principal.name, principal.roles, principal.authenticated, method)
-            charge = self._charges.get(known, _UNKNOWN)
+        if cost is None:  # the usual case: what this principal's calls to the method charge is known
+            known = self._known.get(id(principal))
+            if known is None or known[0] is not principal:  # new, or another object at a reused address
+                if len(self._known) >= _MAX_PLANS:
+                    self._known.clear()
+                known = self._known[id(principal)] = (principal, {})
+            charges = known[1]
+            charge = charges.get(method, _UNKNOWN)
             if charge is _UNKNOWN:
                 charge = self._charge(principal, source, method, None)
-                if len(self._charges) >= _MAX_PLANS:
-                    self._charges.clear()
-                self._charges[known] = charge
+                if len(charges) >= _MAX_PLANS:
+                    charges.clear()
+                charges[method] = charge
         else:
             charge = self._charge(principal, source, method, cost)
         if charge is None:
             return
-        cost, limits, keys = charge
-        if keys is None:  # anonymous: keyed by the source address
-            ident = self._compiled.identity(principal, source)
-            keys = [(ident, limit.index) for limit in limits]
+        cost, steps, limits, beyond = charge
+        if beyond is not None:  # more than some bucket ever holds
+            raise self._compiled.refusal(beyond, math.inf, cost)
+        if steps is None:  # anonymous: keyed by the source address, which the charge cannot know
+            steps = self._steps(limits, principal, source)
         if now is None:
-            now = self._clock()
+            now = self.clock()
         items = self._buckets
         worst = 0.0
         refused: _Bucket | None = None
         taken: list[TokenBucket] = []
-        for limit, key in zip(limits, keys, strict=True):
+        for key, rate, burst, limit in steps:
             bucket = items.get(key)
             if bucket is None:
-                bucket = items[key] = TokenBucket(limit.burst, limit.rate, now)
+                bucket = items[key] = TokenBucket(burst, rate, now)
                 if len(items) > self._max:
                     items.popitem(last=False)
             else:
                 items.move_to_end(key)
-            burst = limit.burst
-            if cost > burst:
-                raise self._compiled.refusal(limit, math.inf, cost)
+            tokens = bucket.tokens
             if now > bucket.stamp:  # a clock stepping back refills nothing
-                tokens = bucket.tokens + (now - bucket.stamp) * limit.rate
-                bucket.tokens = tokens if tokens < burst else burst
+                tokens += (now - bucket.stamp) * rate
+                if tokens > burst:
+                    tokens = burst
+                bucket.tokens = tokens
                 bucket.stamp = now
-            short = cost - bucket.tokens
-            if short > EPSILON and short / limit.rate > worst:
-                worst, refused = short / limit.rate, limit
+            if cost - tokens > EPSILON and (cost - tokens) / rate > worst:
+                worst, refused = (cost - tokens) / rate, limit
             taken.append(bucket)
         if refused is not None:
             raise self._compiled.refusal(refused, worst, cost)
@@ -507,15 +529,19 @@ class RateLimiter:
             bucket.tokens -= cost
 
     def _charge(self, principal: Principal, source: str, method: str, cost: float | None) -> _Charge | None:
-        """What a call charges: its cost, its limits and, for an authenticated principal, their bucket keys."""
+        """What a call charges: its cost, its buckets' steps (for an authenticated principal), its limits,
+        and the first limit whose burst is below the cost (if any: the call can never pass)."""
         charge = self._compiled.charge(principal, method, cost)
         if charge is None:
             return None
         cost, limits = charge
-        if not principal.authenticated:
-            return cost, limits, None
+        beyond = next((limit for limit in limits if cost > limit.burst), None)
+        steps = self._steps(limits, principal, source) if principal.authenticated else None
+        return cost, steps, limits, beyond
+
+    def _steps(self, limits: list[_Bucket], principal: Principal, source: str) -> list[_Step]:
         ident = self._compiled.identity(principal, source)
-        return cost, limits, [(ident, limit.index) for limit in limits]
+        return [(_bucket_key(ident, limit), limit.rate, limit.burst, limit) for limit in limits]
 
     async def usage(self, principal: Principal, source: str, now: float | None = None) -> dict[str, Any]:
         return self.usage_sync(principal, source, now)
@@ -530,11 +556,11 @@ class RateLimiter:
         Reading changes nothing (not even which buckets are least recently used).
         """
         if now is None:
-            now = self._clock()
+            now = self.clock()
         ident = self._compiled.identity(principal, source)
         limits = []
         for limit in self._compiled.all_for(principal):
-            bucket = self._buckets.get((ident, limit.index))
+            bucket = self._buckets.get(_bucket_key(ident, limit))
             if bucket is None:
                 tokens = limit.burst
             else:

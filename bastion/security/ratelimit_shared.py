@@ -209,7 +209,7 @@ class SharedRateLimiter(RateLimiter):
             if cost > limit.burst:
                 raise self._compiled.refusal(limit, math.inf, cost)
         if now is None:
-            now = self._clock()
+            now = self.clock()
         ident = self._compiled.identity(principal, source)
         digests = [self._key(ident, limit.index) for limit in limits]
         table = self._table
@@ -235,7 +235,7 @@ class SharedRateLimiter(RateLimiter):
 
     def usage_sync(self, principal: Principal, source: str, now: float | None = None) -> dict[str, Any]:
         if now is None:
-            now = self._clock()
+            now = self.clock()
         ident = self._compiled.identity(principal, source)
         limits = []
         table = self._table

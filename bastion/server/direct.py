@@ -106,6 +106,7 @@ class DirectSession(ServerSession):
             timeout_ms = None if timeout is None else max(0, int(timeout * 1000))
             # ``on_events`` for one Call, without what only a wire needs (read pauses, refused frames).
             self._last_seen = self._last_active = time.monotonic()
+            self._read_at = time.perf_counter()
             self._on_call(Call(call_id, method, msgspec.Raw(args), timeout_ms=timeout_ms))
             return await future
         except asyncio.CancelledError:

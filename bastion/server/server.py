@@ -72,6 +72,7 @@ from bastion.observability.stats import CallStats
 from bastion.protocol.proxy import Command, ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 from bastion.security.audit import AuditLog
 from bastion.security.authn import AllowAnonymous, Authenticator
+from bastion.security.principal import Principal
 from bastion.security.ratelimit import Limiter, RateLimiter
 from bastion.security.tls import ALPN_PROTOCOL, client_identity, parse_serial
 from bastion.security.tls import reload as reload_certificate
@@ -138,7 +139,13 @@ class Server:
         # admitted; a shared (Redis) one is awaited in the call's task.
         self.limiter = limiter
         self.scheduler = scheduler or Scheduler()
-        self.check_rate = limiter.check_sync if isinstance(limiter, RateLimiter) else None
+        self.check_rate: Callable[[Principal, str, str, float | None, float | None], None] | None = None
+        if isinstance(limiter, RateLimiter):
+            if limiter.clock is time.monotonic:  # sessions pass the time.monotonic() of the read as ``now``
+                self.check_rate = limiter.check_sync
+            else:  # a limiter on a clock of its own reads it
+                check = limiter.check_sync
+                self.check_rate = lambda principal, source, method, cost, now: check(principal, source, method, cost)
         self.check_rate_async = limiter.check if limiter is not None and self.check_rate is None else None
         self.sessions: set[ServerSession] = set()
         self.counters: collections.Counter[str] = collections.Counter()

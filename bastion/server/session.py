@@ -123,6 +123,7 @@ class ServerSession(SessionUpkeep):
         self.accepted_at = self._loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self._last_seen = time.monotonic()
+        self._read_at = time.perf_counter()  # the latest read's arrival, for its calls' latency
         self._ping_outstanding = False
         self._closed = asyncio.Event()
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -163,6 +164,7 @@ class ServerSession(SessionUpkeep):
 
     def on_events(self, events: list[Message]) -> None:
         now = self._last_seen = time.monotonic()
+        self._read_at = time.perf_counter()  # when this read's calls arrived (their latency counts from it)
         pings = pongs = 0
         for event in events:
             cls = type(event)
@@ -268,7 +270,7 @@ class ServerSession(SessionUpkeep):
     def _on_call(self, call: Call) -> None:
         server = self.server
         server.counters["calls"] += 1
-        started = time.perf_counter()
+        started = self._read_at
         metrics = server.metrics
         call_id = call.id
         try:
@@ -277,7 +279,7 @@ class ServerSession(SessionUpkeep):
             if call.metadata:
                 self._idempotency_key(call, entry)  # refuse a bad or unusable key now; claimed when the call runs
             if server.check_rate is not None:
-                server.check_rate(self.principal, self.peer_host, call.method)
+                server.check_rate(self.principal, self.peer_host, call.method, None, self._last_seen)
         except CallError as exc:
             if exc.status is Status.RESOURCE_EXHAUSTED:
                 self.server.counters["rejected_rate_limited"] += 1

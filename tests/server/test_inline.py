@@ -214,3 +214,21 @@ def test_inline_calls_are_rate_limited() -> None:
             await client.call("inl.echo", value=3)
 
     run(body, limiter=limiter)
+
+
+def test_a_limiter_on_its_own_clock_is_charged_on_that_clock() -> None:
+    """Sessions hand an in-memory limiter the time of the read, unless it has a clock of its own."""
+    now = [1000.0]
+    limiter = RateLimiter(RateLimitConfig(per_principal=Limit(rate=1, burst=2)), clock=lambda: now[0])
+
+    async def body(client: bastion.Client, server: Server) -> None:
+        assert [await client.call("inl.echo", value=i) for i in range(2)] == [0, 1]
+        with pytest.raises(bastion.ResourceExhausted) as refused:
+            await client.call("inl.echo", value=2)
+        assert refused.value.retry_after == pytest.approx(1.0)
+        now[0] += 1.0  # one token back, on the limiter's clock alone
+        assert await client.call("inl.echo", value=3) == 3
+        with pytest.raises(bastion.ResourceExhausted):
+            await client.call("inl.echo", value=4)
+
+    run(body, limiter=limiter)
