@@ -109,6 +109,10 @@ _SEND_FINISH, _RECV_FINISH = CallInput.SEND_FINISH, CallInput.RECV_FINISH
 _FINISHABLE: Final = frozenset(
     state for (state, event), new in CALL_TRANSITIONS.items() if event is _RECV_FINISH and new is _CALL_CLOSED
 )
+#: The call states an answer we send (Result or Error) closes.
+_ANSWERABLE_CALL: Final = frozenset(
+    state for (state, event), new in CALL_TRANSITIONS.items() if event is _SEND_FINISH and new is _CALL_CLOSED
+)
 #: A new call's state, by (direction, stream).
 _NEW_CALL: Final = {
     (_SEND, False): CALL_TRANSITIONS[CallState.IDLE, CallInput.SEND_CALL],
@@ -132,6 +136,9 @@ class Connection:
         # client's again) is legal and changes nothing: their hot paths check these.
         self._calling = self._unchanged_by(_SEND, Call)
         self._answerable = self._unchanged_by(_RECV, Result)
+        # And the server's: receiving a Call, sending a Result or an Error.
+        self._accepting = self._unchanged_by(_RECV, Call)
+        self._answering = self._unchanged_by(_SEND, Result) & self._unchanged_by(_SEND, Error)
         self._reader: FrameReader[Message] = FrameReader(
             ClientMessage if role is Role.SERVER else ServerMessage,
             self.limits.handshake_max_frame if role is Role.SERVER else self.limits.max_frame,
@@ -190,6 +197,12 @@ class Connection:
             calls = self._calls
             answerable = self.state in self._answerable
             for message in messages:
+                if type(message) is Call:  # the server's usual message: straight to its own check
+                    if self._receive_call(message):
+                        keep(message)
+                    if self.state is _CLOSED:  # type: ignore[comparison-overlap]
+                        break
+                    continue
                 if answerable and type(message) is Result:
                     # ``_receive`` for the usual message, inline (a client gets one per
                     # call): the answer to an open call closes it, in a state it leaves as it is.
@@ -413,6 +426,13 @@ class Connection:
         return True
 
     def _finish(self, call_id: int, message: Result | Error) -> bool:
+        record = self._calls.get(call_id)
+        if record is not None and record.state in _ANSWERABLE_CALL and self.state in self._answering:
+            # The usual answer to an open call, in a state it leaves as it is: the checks
+            # below, precomputed. Nothing changes unless the frame is written.
+            self._writer.write(message)
+            del self._calls[call_id]
+            return True
         state = self.state
         # _check_send, keeping the state it finds: applied below if the call is open.
         new = None
@@ -517,8 +537,9 @@ class Connection:
         call_id = call.id
         if call_id <= self._highest_id:
             raise RemoteProtocolError(f"call id {call_id} is not above {self._highest_id}")
-        new = self._table.get((self.state, _RECV, Call))
-        self.state = new if new is not None else self._next_state(_RECV, Call)
+        if self.state not in self._accepting:
+            new = self._table.get((self.state, _RECV, Call))
+            self.state = new if new is not None else self._next_state(_RECV, Call)
         self._highest_id = call_id
         if self.last_id is not None and call_id > self.last_id:
             return False  # sent before the client saw our GoAway: never started

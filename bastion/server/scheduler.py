@@ -276,7 +276,11 @@ class Scheduler:
         counts["completed"] += 1
         self._delay_last = 0.0
         self._delay_ewma -= _EWMA_WEIGHT * self._delay_ewma
-        self._queues[level].count_start(self._clock(), self.config.codel_interval)
+        queue = self._queues[level]
+        if queue.window_start is not None:  # count_start without a clock reading: the next one
+            queue.window_count += 1  # closes the window, over the time it really took
+        else:
+            queue.count_start(self._clock(), self.config.codel_interval)
         if self._codel_dirty:  # as _finished would: a free slot and nobody waiting ends any overload
             self._dispatch()
         return True
