@@ -84,16 +84,19 @@ def targets(results: dict[str, Any]) -> list[Target]:
     kv = results.get("kv", {})
     at = "c=16"
     return [
+        # The issue's floor is "a minimal raw asyncio+uvloop+msgspec length-prefixed echo
+        # server" at "~16 µs" with TLS: floor-minimal, a write per answer. floor (a write per
+        # read) is a stronger floor of our own making; its ratios are reported beside.
         Target(
-            f"server CPU/call bastion+tls / floor+tls ({at})",
+            f"server CPU/call bastion+tls / the issue's minimal floor+tls ({at})",
             "<= 1.5x",
-            _ratio(get("bastion+tls", at, cpu), get("floor+tls", at, cpu)),
+            _ratio(get("bastion+tls", at, cpu), get("floor-minimal+tls", at, cpu)),
             lambda x: x <= 1.5,
         ),
         Target(
-            f"server CPU/call bastion+tls / minimal floor+tls, a write per answer ({at})",
+            f"server CPU/call bastion+tls / floor+tls, a write per read ({at})",
             "info",
-            _ratio(get("bastion+tls", at, cpu), get("floor-minimal+tls", at, cpu)),
+            _ratio(get("bastion+tls", at, cpu), get("floor+tls", at, cpu)),
             None,
         ),
         Target(
@@ -103,16 +106,22 @@ def targets(results: dict[str, Any]) -> list[Target]:
             lambda x: x >= 10,
         ),
         Target(
-            "server CPU/call bastion+tls / floor+tls (pipelined)",
+            "server CPU/call bastion+tls / the issue's minimal floor+tls (pipelined)",
             "<= 1.5x",
-            _ratio(get("bastion+tls", "pipelined", cpu), get("floor+tls", "pipelined", cpu)),
+            _ratio(get("bastion+tls", "pipelined", cpu), get("floor-minimal+tls", "pipelined", cpu)),
             lambda x: x <= 1.5,
         ),
         Target(
-            "server CPU/call bastion / floor, plaintext (pipelined)",
+            "server CPU/call bastion / the issue's minimal floor, plaintext (pipelined)",
             "<= 1.5x",
-            _ratio(get("bastion", "pipelined", cpu), get("floor", "pipelined", cpu)),
+            _ratio(get("bastion", "pipelined", cpu), get("floor-minimal", "pipelined", cpu)),
             lambda x: x <= 1.5,
+        ),
+        Target(
+            "server CPU/call bastion+tls / floor+tls, a write per read (pipelined)",
+            "info",
+            _ratio(get("bastion+tls", "pipelined", cpu), get("floor+tls", "pipelined", cpu)),
+            None,
         ),
         Target(
             f"client CPU/call bastion.Client+tls / floor client+tls ({at})",

@@ -296,26 +296,26 @@ class ServerSession(SessionUpkeep):
                 metrics.record_since(metrics.method_index(call.method), Status.DEADLINE_EXCEEDED, started)
                 return
             deadline = self._last_seen + call.timeout_ms / 1000  # on_events read the clock just now
-        # Streams exist before the task runs: items may be in this very read.
-        if entry.input_decoder is not None:
-            stream = InputStream(entry.input_decoder, self.limits.window, functools.partial(self._grant, call_id))
-            self._inputs[call_id] = args[entry.spec.input_param] = stream  # type: ignore[index]
-        if entry.streams_out:
-            self._gates[call_id] = CreditGate()
         priority = entry.spec.priority
         if call.priority is not None:
             priority = effective_priority(priority, call.priority)
-        if (
-            entry.inline
-            and server.check_rate_async is None
-            and (not call.metadata or IdempotencyKeys.key_of(call.metadata) is None)
-            and not (self.link is not None and self.link.writing_paused)  # else its answer must wait
-            and server.scheduler.run_inline(priority)
-        ):
-            metrics.record_since(entry.metric_row, self._run_inline(call, entry, args, deadline), started)
-            if server.draining:
-                self._maybe_finish_drain()
-            return
+        if entry.inline:  # unary, so no streams to set up
+            if (
+                server.check_rate_async is None
+                and (not call.metadata or IdempotencyKeys.key_of(call.metadata) is None)
+                and not (self.link is not None and self.link.writing_paused)  # else its answer must wait
+                and server.scheduler.run_inline(priority)
+            ):
+                metrics.record_since(entry.metric_row, self._run_inline(call, entry, args, deadline), started)
+                if server.draining:
+                    self._maybe_finish_drain()
+                return
+        else:  # streams exist before the task runs: items may be in this very read
+            if entry.input_decoder is not None:
+                stream = InputStream(entry.input_decoder, self.limits.window, functools.partial(self._grant, call_id))
+                self._inputs[call_id] = args[entry.spec.input_param] = stream  # type: ignore[index]
+            if entry.streams_out:
+                self._gates[call_id] = CreditGate()
         principal = self.principal
         self._timing[call_id] = (entry.metric_row, started)  # before submit: it may reject
         ticket = server.scheduler.submit(
