@@ -103,6 +103,19 @@ class CallStats:
         latency.counts[method][bisect_left(latency.buckets, seconds)] += 1
         latency.sums[method] += seconds
 
+    def record_together(self, answered: list[tuple[int, int]], started: float) -> None:
+        """Count calls answered together -- those one read brought and the session answered at
+        once, whose answers leave in one write -- each ``(method row, status)``, timed as one
+        from ``started`` (a ``time.perf_counter()`` reading: the read's arrival)."""
+        seconds = time.perf_counter() - started
+        calls, latency = self.calls, self.latency
+        counts, sums = latency.counts, latency.sums
+        bucket = bisect_left(latency.buckets, seconds)
+        for method, status in answered:
+            calls[method][status] += 1
+            counts[method][bucket] += 1
+            sums[method] += seconds
+
     def observe_store(self, kind: str, seconds: float) -> None:
         """The store's timing hook (bastion/store/observe.py)."""
         self.store.observe_named(kind, seconds)

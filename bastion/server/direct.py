@@ -108,6 +108,7 @@ class DirectSession(ServerSession):
             self._last_seen = self._last_active = time.monotonic()
             self._read_at = time.perf_counter()
             self._on_call(Call(call_id, method, msgspec.Raw(args), timeout_ms=timeout_ms))
+            self._count_answered()
             return await future
         except asyncio.CancelledError:
             if core.waiting.pop(call_id, None) is not None:  # still running: cancel it, as a Cancel frame would

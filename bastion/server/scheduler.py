@@ -216,6 +216,7 @@ class Scheduler:
             0,
         )
         self._delay_last = self._delay_ewma = self._delay_max = 0.0
+        self._inline = 0  # jobs run by run_inline
         self._levels: dict[int, Level] = {}  # priority -> level, as config.level_for says (a method has one)
 
     def level_for(self, priority: int) -> Level:
@@ -270,10 +271,7 @@ class Scheduler:
             level = self._levels[priority] = self.config.level_for(priority)
         if level is _CONTROL or self._queued or self._running >= self.config.max_concurrency:
             return False
-        counts = self._counts
-        counts["submitted"] += 1
-        counts["started"] += 1
-        counts["completed"] += 1
+        self._inline += 1  # submitted, started and completed (stats() adds them in)
         self._delay_last = 0.0
         self._delay_ewma -= _EWMA_WEIGHT * self._delay_ewma
         queue = self._queues[level]
@@ -312,6 +310,8 @@ class Scheduler:
         for level in Level:
             out[f"queued_{level.name.lower()}"] = self._queues[level].size
         out.update(self._counts)
+        for key in ("submitted", "started", "completed"):
+            out[key] += self._inline
         out["delay_last"] = self._delay_last
         out["delay_ewma"] = self._delay_ewma
         out["delay_max"] = self._delay_max

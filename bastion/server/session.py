@@ -124,6 +124,8 @@ class ServerSession(SessionUpkeep):
         self._timer: asyncio.TimerHandle | None = None
         self._last_seen = time.monotonic()
         self._read_at = time.perf_counter()  # the latest read's arrival, for its calls' latency
+        #: Calls of the current read answered inline, (metrics row, status): counted at its end.
+        self._answered: list[tuple[int, int]] = []
         self._ping_outstanding = False
         self._closed = asyncio.Event()
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -165,50 +167,60 @@ class ServerSession(SessionUpkeep):
     def on_events(self, events: list[Message]) -> None:
         now = self._last_seen = time.monotonic()
         self._read_at = time.perf_counter()  # when this read's calls arrived (their latency counts from it)
-        pings = pongs = 0
-        for event in events:
-            cls = type(event)
-            if cls is Call:
-                self._on_call(event)  # type: ignore[arg-type]
-            elif cls is Item:
-                stream = self._inputs.get(event.id)  # type: ignore[union-attr]
-                if stream is not None:
-                    stream.feed(event.value)  # type: ignore[union-attr]
-            elif cls is End:
-                stream = self._inputs.get(event.id)  # type: ignore[union-attr]
-                if stream is not None:
-                    stream.end()
-            elif cls is Credit:
-                gate = self._gates.get(event.id)  # type: ignore[union-attr]
-                if gate is not None:
-                    gate.open()
-            elif cls is Cancel:
-                ticket = self.tickets.get(event.id)  # type: ignore[union-attr]
-                if ticket is not None:
-                    self._cancel(event.id, ticket)  # type: ignore[union-attr]
-                if self._abused("cancels", now):
+        try:
+            pings = pongs = 0
+            for event in events:
+                cls = type(event)
+                if cls is Call:
+                    self._on_call(event)  # type: ignore[arg-type]
+                elif cls is Item:
+                    stream = self._inputs.get(event.id)  # type: ignore[union-attr]
+                    if stream is not None:
+                        stream.feed(event.value)  # type: ignore[union-attr]
+                elif cls is End:
+                    stream = self._inputs.get(event.id)  # type: ignore[union-attr]
+                    if stream is not None:
+                        stream.end()
+                elif cls is Credit:
+                    gate = self._gates.get(event.id)  # type: ignore[union-attr]
+                    if gate is not None:
+                        gate.open()
+                elif cls is Cancel:
+                    ticket = self.tickets.get(event.id)  # type: ignore[union-attr]
+                    if ticket is not None:
+                        self._cancel(event.id, ticket)  # type: ignore[union-attr]
+                    if self._abused("cancels", now):
+                        return
+                elif cls is Pong:
+                    self._ping_outstanding = False
+                    pongs += 1
+                elif cls is Ping:  # the core has queued the Pong
+                    pings += 1
+                    if self._abused("pings", now):
+                        return
+                elif cls is Hello:
+                    self._loop.create_task(self._handshake(event))  # type: ignore[arg-type]
+                elif cls is GoAway:
+                    self._maybe_finish_drain()
+            if pings + pongs < len(events) or not events:
+                self._last_active = now
+            refused = self.core.refused_calls - self._refused_seen
+            if refused:
+                self._refused_seen += refused
+                if self._abused("refused", now, refused):
                     return
-            elif cls is Pong:
-                self._ping_outstanding = False
-                pongs += 1
-            elif cls is Ping:  # the core has queued the Pong
-                pings += 1
-                if self._abused("pings", now):
-                    return
-            elif cls is Hello:
-                self._loop.create_task(self._handshake(event))  # type: ignore[arg-type]
-            elif cls is GoAway:
-                self._maybe_finish_drain()
-        if pings + pongs < len(events) or not events:
-            self._last_active = now
-        refused = self.core.refused_calls - self._refused_seen
-        if refused:
-            self._refused_seen += refused
-            if self._abused("refused", now, refused):
-                return
-        if len(self._queued) >= self.limits.read_high_water and self.link is not None:
-            self._queue_full = True
-            self.link.pause_reading("queued calls")
+            if len(self._queued) >= self.limits.read_high_water and self.link is not None:
+                self._queue_full = True
+                self.link.pause_reading("queued calls")
+        finally:
+            self._count_answered()
+
+    def _count_answered(self) -> None:
+        """Count the calls answered inline since the last time in the server's metrics, as one
+        batch: their answers leave together, at the end of the read that brought them."""
+        if self._answered:
+            self.server.metrics.record_together(self._answered, self._read_at)
+            self._answered = []
 
     def _started(self, call_id: int) -> None:
         queued = self._queued
@@ -306,7 +318,7 @@ class ServerSession(SessionUpkeep):
                 and not (self.link is not None and self.link.writing_paused)  # else its answer must wait
                 and server.scheduler.run_inline(priority)
             ):
-                metrics.record_since(entry.metric_row, self._run_inline(call, entry, args, deadline), started)
+                self._answered.append((entry.metric_row, self._run_inline(call, entry, args, deadline)))
                 if server.draining:
                     self._maybe_finish_drain()
                 return

@@ -156,6 +156,12 @@ def test_an_inline_call_answers_runs_without_a_task_and_in_a_fresh_context() -> 
         counts = server.scheduler.stats()
         assert counts["submitted"] == counts["started"] == counts["completed"] == 52
         assert counts["running"] == 0
+        # Counted in the metrics per read, as a batch: every call, its status, its latency.
+        snapshot = server.metrics.snapshot()
+        assert snapshot["calls"]["inl.echo"] == {"OK": 50}
+        assert snapshot["calls"]["inl.where"] == {"OK": 2}
+        *buckets, total = snapshot["latency"]["inl.echo"]
+        assert sum(buckets) == 50 and 0 < total < 50 * 5
 
     run(body)
 
