@@ -319,6 +319,8 @@ class ServerSession(SessionUpkeep):
                 and server.scheduler.run_inline(priority)
             ):
                 self._answered.append((entry.metric_row, self._run_inline(call, entry, args, deadline)))
+                if self.link is not None:  # written at the read's end, or now if that is a lot:
+                    self.link.schedule_flush()  # then writing may pause, and the next answer waits
                 if server.draining:
                     self._maybe_finish_drain()
                 return

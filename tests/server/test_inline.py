@@ -15,10 +15,12 @@ import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 import bastion
 from bastion import Principal, Server, Service
+from bastion.protocol.messages import Call, Hello
 from bastion.security.authn import StaticTokens
 from bastion.security.ratelimit import Limit, RateLimitConfig, RateLimiter
 from bastion.server.dispatch import MethodTable, never_suspends
@@ -238,3 +240,42 @@ def test_a_limiter_on_its_own_clock_is_charged_on_that_clock() -> None:
             await client.call("inl.echo", value=4)
 
     run(body, limiter=limiter)
+
+
+def test_a_peer_that_does_not_read_cannot_make_inline_answers_pile_up() -> None:
+    """One read of 200 calls, each answered with 256 KiB, from a peer that reads nothing yet:
+    the answers are written as they pass the high-water mark, writing pauses, and the calls
+    after that wait in tasks for the peer -- the server holds about a megabyte, not 50 MiB."""
+    size, count = 256 * 1024, 200
+
+    async def body(client: bastion.Client, server: Server) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+        def frames(*messages: object) -> bytes:
+            return b"".join(len(m).to_bytes(4, "big") + m for m in map(msgspec.msgpack.encode, messages))
+
+        async def read() -> list[Any]:
+            length = int.from_bytes(await reader.readexactly(4), "big")
+            return msgspec.msgpack.decode(await reader.readexactly(length))  # type: ignore[no-any-return]
+
+        writer.write(frames(Hello(1, "raw-test/1", TOKEN)))
+        assert (await read())[0] == 2  # Welcome
+        args = msgspec.Raw(msgspec.msgpack.encode({"size": size}))
+        writer.write(frames(*(Call(i, "inl.big", args) for i in range(1, count + 1))))  # one write
+        while server.stats()["calls_total"] < count:  # noqa: ASYNC110 - polls the server's own count
+            await asyncio.sleep(0.005)
+        host, port = writer.get_extra_info("sockname")[:2]
+        (session,) = [s for s in server.sessions if s.link is not None and s.link.peer == f"{host}:{port}"]
+        assert session.link is not None and session.link.transport is not None
+        held = session.core.pending_output + session.link.transport.get_write_buffer_size()
+        assert held < 4 * size + (1 << 20), held  # the high-water mark (1 MiB) and a frame or so
+        assert server.stats()["calls_in_flight"] > 0  # the rest wait for the peer in their tasks
+        answers: dict[int, int] = {}
+        while len(answers) < count:
+            kind, call_id, value, *_ = await read()
+            assert kind == 4, (kind, call_id, value)  # Result
+            answers[call_id] = len(value)
+        assert answers == dict.fromkeys(range(1, count + 1), size)
+        writer.close()
+
+    run(body)
