@@ -137,6 +137,9 @@ class ServerSession(SessionUpkeep):
         self._refused_seen = 0
         self._timing: dict[int, tuple[int, float]] = {}  # admitted call -> (metrics method row, perf_counter at start)
         self._expired: set[int] = set()  # running calls whose deadline timer has cancelled them
+        #: Methods this connection's principal was admitted to, with that principal (the table's
+        #: checks depend on nothing else; a revalidated principal is a new object and checks again).
+        self._admitted: dict[str, tuple[Principal, Entry]] = {}
 
     # -- Session protocol ---------------------------------------------------------
 
@@ -286,7 +289,12 @@ class ServerSession(SessionUpkeep):
         metrics = server.metrics
         call_id = call.id
         try:
-            entry = server.table.admit(call.method, self.principal)
+            admitted = self._admitted.get(call.method)
+            if admitted is not None and admitted[0] is self.principal:
+                entry = admitted[1]
+            else:  # first call to the method, or the principal changed (revalidated: a new object)
+                entry = server.table.admit(call.method, self.principal)
+                self._admitted[call.method] = (self.principal, entry)
             args = entry.decode_args(call.args)
             if call.metadata:
                 self._idempotency_key(call, entry)  # refuse a bad or unusable key now; claimed when the call runs

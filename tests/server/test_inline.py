@@ -279,3 +279,47 @@ def test_a_peer_that_does_not_read_cannot_make_inline_answers_pile_up() -> None:
         writer.close()
 
     run(body)
+
+
+class Demoting(StaticTokens):
+    """Tokens whose principal loses every role once ``demoted`` is set (seen at revalidation)."""
+
+    demoted = False
+
+    async def revalidate(self, principal: Principal) -> Principal | None:
+        if self.demoted:
+            return Principal(principal.name, frozenset(), token_id=principal.token_id)
+        return principal
+
+
+def test_a_role_lost_at_revalidation_is_enforced_on_the_open_connection() -> None:
+    """The session remembers which methods its principal was admitted to, for that principal
+    object only: a revalidated principal is checked afresh."""
+    svc = Service("roles")
+
+    @svc.method(roles=["user"])
+    async def guarded() -> str:
+        return "in"
+
+    authenticator = Demoting({TOKEN: Principal("ada", frozenset({"user"}), token_id="t1")})
+
+    async def main() -> None:
+        server = Server([svc], authenticator=authenticator, revalidate_interval=0.02)
+        await server.start("127.0.0.1", 0)
+        try:
+            async with bastion.Client(f"127.0.0.1:{server.port}", token=TOKEN, insecure=True, timeout=5) as client:
+                assert await client.call("roles.guarded") == "in"
+                assert await client.call("roles.guarded") == "in"  # admitted from the session's memory
+                authenticator.demoted = True
+                deadline = asyncio.get_running_loop().time() + 5
+                while True:
+                    try:
+                        await client.call("roles.guarded")
+                    except bastion.PermissionDenied:
+                        break
+                    assert asyncio.get_running_loop().time() < deadline, "the lost role was never enforced"
+                    await asyncio.sleep(0.01)
+        finally:
+            await server.shutdown(grace=1)
+
+    asyncio.run(main())
