@@ -11,7 +11,7 @@ and also enforces it locally (the connection's ``Deadlines``), cancelling
 the call on the server when it runs out.
 
 The usual call -- ``call`` on a single-server client whose connection is
-open -- is one coroutine (``_call_on``, handed back by ``_invoke``) doing
+open -- is one coroutine (``_CallPath.call_on``, handed back by ``invoke``) doing
 no more than it must: it takes a free slot, sends the call and awaits its
 answer with no ``Pending``, no timer of its own and no coroutine per
 attempt; the retry loop (``_retrying``) starts only if that attempt fails.
@@ -72,6 +72,8 @@ from bastion.client.policy import (
     LISTING_METHOD,
     LISTING_TIMEOUT,
     IdempotentMethods,
+    RetryBudget,
+    RetryPolicy,
     is_replayable,
 )
 from bastion.exceptions import (
@@ -106,6 +108,138 @@ class _Retry(msgspec.Struct, frozen=True, gc=False):
 _PLAIN_RETRY = _Retry(None, None)
 
 
+class _CallPath:
+    """A client's usual call, and what it reads of the client, where reading it is fast.
+
+    ``Client`` defines ``__getattr__`` (its service proxies), which puts every
+    attribute lookup on a client -- its methods' too -- on CPython's slow
+    path: a few hundred instructions each, thousands per call. So the usual
+    call reads the client once (``client._path``) and everything else from
+    here, a class with slots: the client's timeout, retry policy and budget
+    live here (the client's properties of those names read and write them),
+    and so does a single-server client's connection.
+    """
+
+    __slots__ = ("budget", "client", "conn", "own_attempt", "retry", "timeout")
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.conn: ClientConnection | None = None  # never set on a balanced client
+        self.timeout: float | None = None
+        self.retry: RetryPolicy | None = None
+        self.budget: RetryBudget | None = None
+        #: Whether ``_attempt`` is the client class's own (see ``Client._own_attempt``).
+        self.own_attempt = type(client)._own_attempt
+
+    def invoke(
+        self,
+        method: str,
+        checked: dict[str, Any],
+        timeout: float | None,
+        options: CallOptions,
+        items: AsyncIterable[Any] | Iterable[Any] | None,
+        idempotent: bool | None,
+    ) -> Coroutine[Any, Any, Any]:
+        """``Client.invoke``, its arguments checked: the call's coroutine, its attempts retried as the policy allows.
+
+        The usual call -- retries on, one server, its connection open -- is one
+        coroutine: its first attempt (``call_on``), which hands over to the
+        retry loop (``Client._retrying``) only if it fails.
+        """
+        retry, budget = self.retry, self.budget
+        if retry is None or budget is None or not (items is None or is_replayable(items)):
+            return self.client._attempt(method, checked, timeout, timeout, options, items, [])
+        budget.requests += 1  # budget.on_request(), inline: one method call fewer per call
+        if timeout is None and idempotent is None:
+            plan = _PLAIN_RETRY
+        else:
+            plan = _Retry(idempotent, None if timeout is None else retry.clock() + timeout)
+        conn = self.conn
+        if conn is not None and conn.core.state is _OPEN and not conn.closed:  # conn.usable, without the call
+            if self.own_attempt:  # what _attempt does here
+                return self.call_on(conn, method, checked, timeout, timeout, options, items, plan)
+            return self.client._attempt(method, checked, timeout, timeout, options, items, [], plan)
+        return self.client._retrying(method, checked, timeout, options, items, plan, None)
+
+    async def call_on(
+        self,
+        conn: ClientConnection,
+        method: str,
+        args: dict[str, Any],
+        timeout: float | None,
+        total: float | None,
+        options: CallOptions,
+        items: AsyncIterable[Any] | Iterable[Any] | None,
+        retry: _Retry | None = None,
+    ) -> Any:
+        """One attempt at a call on ``conn``; with ``retry``, a call's first, which ``_retrying`` continues if it fails.
+
+        A unary call's answer is a bare future, awaited right here. Its
+        deadline is armed in the connection's ``Deadlines``, which fail it
+        (``Expired``) if it is still waiting then: no loop timer, nor
+        ``asyncio.timeout``, per call. The call's slot is given back by the
+        connection, when the call leaves it.
+        """
+        try:
+            started = conn.start_unary(method, args, timeout, options) if items is None else None
+            if started is None:
+                started = await _start_in_turn(conn, method, args, timeout, options, items)
+            call_id, answer, sender = started
+            slot = conn.deadlines.arm(answer, timeout) if timeout is not None else None
+            try:
+                raw = await answer
+            except Expired:
+                conn.cancel(call_id)
+                raise DeadlineExceeded(f"{method}: no answer within {total}s") from None
+            except asyncio.CancelledError:
+                conn.cancel(call_id)
+                raise
+            finally:
+                if slot is not None:
+                    conn.deadlines.disarm(slot, answer)
+                if sender is not None:
+                    sender.cancel()
+        except (CallError, ConnectionClosed) as exc:
+            if retry is None:
+                raise
+            failure = exc
+        else:
+            if type(raw) is list:  # a stream's items, collected
+                return [_decode(r) for r in raw]
+            return _decode(raw)
+        return await self.client._retrying(method, args, total, options, items, retry, failure)
+
+
+async def _start_in_turn(
+    conn: ClientConnection,
+    method: str,
+    args: dict[str, Any],
+    timeout: float | None,
+    options: CallOptions,
+    items: AsyncIterable[Any] | Iterable[Any] | None,
+) -> tuple[int, asyncio.Future[Any], asyncio.Future[None] | None]:
+    """``_CallPath.call_on``'s start when ``start_unary`` cannot: a call with an input stream, or no slot free.
+
+    Takes a slot, waiting its turn for one, then starts the call (and
+    the sender of ``items``); the call's id, its answer and its sender.
+    """
+    slots = conn.slots
+    if slots is not None and not slots.try_acquire():
+        await slots.acquire()
+    try:
+        priority, metadata = options
+        call_id, pending = conn.start(
+            method, args, timeout, items is not None, {"priority": priority, "metadata": metadata}, slot=True
+        )
+        pending.collect = True  # stream items are granted back as they arrive
+        sender = conn.start_sender(call_id, pending, items) if items is not None else None
+        return call_id, pending.done, sender
+    except BaseException:
+        if slots is not None:
+            slots.release()  # the call never started: its slot is still ours
+        raise
+
+
 class _Slot:
     """One endpoint of a balanced client and its connection."""
 
@@ -136,8 +270,8 @@ class Client(ClientBase):
         super().__init_subclass__(**kwargs)
         cls._own_attempt = cls._attempt is Client._attempt
 
-    def _post_init(self) -> None:
-        self._conn: ClientConnection | None = None
+    def _init_state(self) -> None:
+        self._path = _CallPath(self)  # first: the settings ClientBase sets next live in it
         self._lock: asyncio.Lock | None = None
         # Seam for bastion.testing: given the protocol factory, connect it to
         # something other than a TCP socket (an in-memory server, say).
@@ -158,6 +292,43 @@ class Client(ClientBase):
         if name.startswith("_"):
             raise AttributeError(name)
         return ServiceProxy(self, name)
+
+    # -- what the usual call reads: kept in ``_path`` (see ``_CallPath``) ---------------
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a call may take, every attempt included (None: no limit); ``invoke`` may set its own."""
+        return self._path.timeout
+
+    @timeout.setter
+    def timeout(self, timeout: float | None) -> None:
+        self._path.timeout = timeout
+
+    @property
+    def _retry(self) -> RetryPolicy | None:
+        return self._path.retry
+
+    @_retry.setter
+    def _retry(self, policy: RetryPolicy | None) -> None:
+        self._path.retry = policy
+
+    @property
+    def retry_budget(self) -> RetryBudget | None:
+        """The retry budget this client's calls draw on (set with ``retry``)."""
+        return self._path.budget
+
+    @retry_budget.setter
+    def retry_budget(self, budget: RetryBudget | None) -> None:
+        self._path.budget = budget
+
+    @property
+    def _conn(self) -> ClientConnection | None:
+        """A single-server client's connection (None before the first call, and after ``close``)."""
+        return self._path.conn
+
+    @_conn.setter
+    def _conn(self, conn: ClientConnection | None) -> None:
+        self._path.conn = conn
 
     # -- connection ---------------------------------------------------------------
 
@@ -258,7 +429,7 @@ class Client(ClientBase):
         if not breaker.begin_trial():
             return breaker.state is BreakerState.CLOSED
         try:
-            answer = await self._call_on(conn, "admin.ready", {}, 2.0, 2.0, NO_OPTIONS, None)
+            answer = await self._path.call_on(conn, "admin.ready", {}, 2.0, 2.0, NO_OPTIONS, None)
             ok = isinstance(answer, dict) and answer.get("ready") is True
         except (CallError, ConnectionClosed, ConnectError):
             ok = False
@@ -287,7 +458,7 @@ class Client(ClientBase):
             await self._probe(slot, conn)
             return
         try:
-            answer = await self._call_on(
+            answer = await self._path.call_on(
                 conn, "admin.ready", {}, min(2.0, interval), min(2.0, interval), NO_OPTIONS, None
             )
         except (ConnectionClosed, ConnectError):
@@ -374,7 +545,8 @@ class Client(ClientBase):
         runs one coroutine fewer; ``await client.call(...)`` reads the same.)
         """
         # Keyword arguments are a fresh dict with str keys: nothing for check_args to do.
-        return self._invoke(method, args, self.timeout, NO_OPTIONS, None, None)
+        path = self._path  # the one lookup on the client itself (see _CallPath)
+        return path.invoke(method, args, path.timeout, NO_OPTIONS, None, None)
 
     async def invoke(
         self,
@@ -406,37 +578,7 @@ class Client(ClientBase):
             if items is not None:
                 raise UsageError("idempotency keys apply to unary calls only, not streams")
             idempotent = True  # the server answers a repeat with the first result
-        return await self._invoke(method, checked, timeout, (priority, metadata), items, idempotent)
-
-    def _invoke(
-        self,
-        method: str,
-        checked: dict[str, Any],
-        timeout: float | None,
-        options: CallOptions,
-        items: AsyncIterable[Any] | Iterable[Any] | None,
-        idempotent: bool | None,
-    ) -> Coroutine[Any, Any, Any]:
-        """``invoke`` with its arguments checked: the call's coroutine, its attempts retried as the policy allows.
-
-        The usual call -- retries on, one server, its connection open -- is one
-        coroutine: its first attempt (``_attempt``: ``_call_on``), which hands
-        over to the retry loop (``_retrying``) only if it fails.
-        """
-        retry, budget = self._retry, self.retry_budget
-        if retry is None or budget is None or not (items is None or is_replayable(items)):
-            return self._attempt(method, checked, timeout, timeout, options, items, [])
-        budget.on_request()
-        if timeout is None and idempotent is None:
-            plan = _PLAIN_RETRY
-        else:
-            plan = _Retry(idempotent, None if timeout is None else retry.clock() + timeout)
-        conn = self._conn  # never set on a balanced client
-        if conn is not None and conn.core.state is _OPEN and not conn.closed:  # conn.usable, without the call
-            if self._own_attempt:  # what _attempt does here
-                return self._call_on(conn, method, checked, timeout, timeout, options, items, plan)
-            return self._attempt(method, checked, timeout, timeout, options, items, [], plan)
-        return self._retrying(method, checked, timeout, options, items, plan, None)
+        return await self._path.invoke(method, checked, timeout, (priority, metadata), items, idempotent)
 
     async def _retrying(
         self,
@@ -500,12 +642,13 @@ class Client(ClientBase):
         On a single-server client's open connection, the call itself: one
         coroutine fewer for the usual call. ``retry``: the call's first
         attempt, on such a connection, which goes on to the retry loop if it
-        fails (see ``_invoke``).
+        fails (see ``_CallPath.invoke``).
         """
-        conn = self._conn  # never set on a balanced client
+        path = self._path
+        conn = path.conn
         if conn is not None and conn.core.state is _OPEN and not conn.closed:  # conn.usable, without the call
-            return self._call_on(conn, method, args, timeout, total, options, items, retry)
-        if retry is not None:  # closed since _invoke looked (a subclass awaited something first): connect again
+            return path.call_on(conn, method, args, timeout, total, options, items, retry)
+        if retry is not None:  # closed since invoke looked (a subclass awaited something first): connect again
             return self._retrying(method, args, total, options, items, retry, None)
         return self._attempt_on_endpoint(method, args, timeout, total, options, items, tried)
 
@@ -525,12 +668,12 @@ class Client(ClientBase):
         endpoint to ``tried`` if the attempt fails there.
         """
         if not self.balanced:
-            return await self._call_on(await self._connection(), method, args, timeout, total, options, items)
+            return await self._path.call_on(await self._connection(), method, args, timeout, total, options, items)
         slot, conn = await self._checkout(tried)
         endpoint = slot.endpoint
         endpoint.outstanding += 1
         try:
-            result = await self._call_on(conn, method, args, timeout, total, options, items)
+            result = await self._path.call_on(conn, method, args, timeout, total, options, items)
         except ConnectionClosed:
             endpoint.breaker.on_failure()
             tried.append(endpoint)
@@ -549,84 +692,6 @@ class Client(ClientBase):
     @property
     def _retry_statuses(self) -> frozenset[Any]:
         return self._retry.retryable if self._retry is not None else frozenset()
-
-    async def _call_on(
-        self,
-        conn: ClientConnection,
-        method: str,
-        args: dict[str, Any],
-        timeout: float | None,
-        total: float | None,
-        options: CallOptions,
-        items: AsyncIterable[Any] | Iterable[Any] | None,
-        retry: _Retry | None = None,
-    ) -> Any:
-        """One attempt at a call on ``conn``; with ``retry``, a call's first, which ``_retrying`` continues if it fails.
-
-        A unary call's answer is a bare future, awaited right here. Its
-        deadline is armed in the connection's ``Deadlines``, which fail it
-        (``Expired``) if it is still waiting then: no loop timer, nor
-        ``asyncio.timeout``, per call. The call's slot is given back by the
-        connection, when the call leaves it.
-        """
-        try:
-            started = conn.start_unary(method, args, timeout, options) if items is None else None
-            if started is None:
-                started = await self._start_in_turn(conn, method, args, timeout, options, items)
-            call_id, answer, sender = started
-            slot = conn.deadlines.arm(answer, timeout) if timeout is not None else None
-            try:
-                raw = await answer
-            except Expired:
-                conn.cancel(call_id)
-                raise DeadlineExceeded(f"{method}: no answer within {total}s") from None
-            except asyncio.CancelledError:
-                conn.cancel(call_id)
-                raise
-            finally:
-                if slot is not None:
-                    conn.deadlines.disarm(slot, answer)
-                if sender is not None:
-                    sender.cancel()
-        except (CallError, ConnectionClosed) as exc:
-            if retry is None:
-                raise
-            failure = exc
-        else:
-            if type(raw) is list:  # a stream's items, collected
-                return [_decode(r) for r in raw]
-            return _decode(raw)
-        return await self._retrying(method, args, total, options, items, retry, failure)
-
-    @staticmethod
-    async def _start_in_turn(
-        conn: ClientConnection,
-        method: str,
-        args: dict[str, Any],
-        timeout: float | None,
-        options: CallOptions,
-        items: AsyncIterable[Any] | Iterable[Any] | None,
-    ) -> tuple[int, asyncio.Future[Any], asyncio.Future[None] | None]:
-        """``_call_on``'s start when ``start_unary`` cannot: a call with an input stream, or no slot free.
-
-        Takes a slot, waiting its turn for one, then starts the call (and
-        the sender of ``items``); the call's id, its answer and its sender.
-        """
-        slots = conn.slots
-        if slots is not None and not slots.try_acquire():
-            await slots.acquire()
-        try:
-            priority, metadata = options
-            call_id, pending = conn.start(
-                method, args, timeout, items is not None, {"priority": priority, "metadata": metadata}, slot=True
-            )
-            pending.collect = True  # stream items are granted back as they arrive
-            sender = conn.start_sender(call_id, pending, items) if items is not None else None
-            return call_id, pending.done, sender
-        except BaseException:
-            if slots is not None:
-                slots.release()  # the call never started: its slot is still ours
-            raise
 
     async def _is_idempotent(self, method: str, timeout: float | None) -> bool:
         """Whether the server declares ``method`` idempotent; False when that cannot be learnt.

@@ -2,7 +2,7 @@
 
 ``Client`` and ``SyncClient`` take exactly the same keyword arguments; they
 differ only in how bytes move. Each adds its own connection state in
-``_post_init``.
+``_init_state``.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class ClientBase:
         breaker: Callable[[], CircuitBreaker] = CircuitBreaker,
         health_interval: float | None = 5.0,
     ) -> None:
+        self._init_state()
         self._addresses, self.balanced = parse_endpoints(address)
         self.host, self.port = self._addresses[0]
         self._make_breaker = breaker
@@ -79,10 +80,9 @@ class ClientBase:
         self.welcome: Welcome | None = None
         self.retry = retry
         self._methods = IdempotentMethods()  # what the current connection's server declared idempotent
-        self._post_init()
 
-    def _post_init(self) -> None:
-        """Set up the subclass's own connection state."""
+    def _init_state(self) -> None:
+        """Set up the subclass's own connection state: first, so the settings may be kept in it."""
 
     @property
     def retry(self) -> RetryPolicy | None:

@@ -67,11 +67,12 @@ class RetryBudget:
     times: when everything fails, retries add at most ``ratio`` to the load,
     yet a client that sends little can still retry a little.
 
-    ``on_request`` is one counter increment (it runs on every call); the
-    bucket is brought up to date only when a retry is considered.
+    ``on_request`` is one counter increment (it runs on every call; the
+    async client's usual call adds to ``requests`` itself, a method call
+    fewer); the bucket is brought up to date only when a retry is considered.
     """
 
-    __slots__ = ("_clock", "_requests", "_tokens", "_updated", "capacity", "min_per_second", "ratio")
+    __slots__ = ("_clock", "_tokens", "_updated", "capacity", "min_per_second", "ratio", "requests")
 
     def __init__(
         self,
@@ -90,7 +91,8 @@ class RetryBudget:
         self.capacity = capacity
         self._clock = clock
         self._tokens = capacity
-        self._requests = 0
+        #: Requests made since the bucket was last brought up to date.
+        self.requests = 0
         self._updated = clock()
 
     def __repr__(self) -> str:
@@ -101,7 +103,7 @@ class RetryBudget:
 
     def on_request(self) -> None:
         """A call was made (count it; retries are not calls)."""
-        self._requests += 1
+        self.requests += 1
 
     def can_retry(self) -> bool:
         """Whether the budget has a retry left (it does not take it: see ``on_retry``)."""
@@ -118,8 +120,8 @@ class RetryBudget:
 
     def _refill(self) -> float:
         now = self._clock()
-        earned = self.ratio * self._requests + self.min_per_second * max(0.0, now - self._updated)
-        self._requests = 0
+        earned = self.ratio * self.requests + self.min_per_second * max(0.0, now - self._updated)
+        self.requests = 0
         self._updated = now
         self._tokens = min(self.capacity, self._tokens + earned)
         return self._tokens

@@ -61,7 +61,7 @@ __all__ = ["SyncClient"]
 class SyncClient(ClientBase):
     """A blocking bastion client with the same surface as ``Client`` (TLS and retry settings included)."""
 
-    def _post_init(self) -> None:
+    def _init_state(self) -> None:
         self._link: BlockingLink | None = None
         self._lock = threading.RLock()
         self._balancer: Balancer | None = None

@@ -21,6 +21,7 @@ import bastion.testing
 from bastion import ConnectionClosed, DeadlineExceeded, InvalidArgument, Service, Unavailable
 from bastion.client._connection import ClientConnection, Slots
 from bastion.client.aio import Client
+from bastion.client.policy import RetryPolicy
 from bastion.server.server import ServerLimits
 
 service = Service("hot")
@@ -175,6 +176,35 @@ def test_a_subclass_overriding_attempt_sees_every_attempt_the_first_included() -
                 assert counting.attempts == 4  # one call, three attempts
             finally:
                 await counting.close()
+
+    run(main())
+
+
+def test_settings_changed_after_construction_apply_to_the_next_call() -> None:
+    """The usual call reads timeout, retry policy and budget from the client's ``_path``: setting them reaches it."""
+
+    async def main() -> None:
+        async with bastion.testing.connect(service) as client:
+            assert await client.call("hot.echo", value=1) == 1
+            client.timeout = 0.05
+            assert client.timeout == 0.05
+            with pytest.raises(DeadlineExceeded, match=r"hot.hang: no answer within 0.05s"):
+                await client.call("hot.hang")
+            client.timeout = None
+            client.retry = RetryPolicy(base_delay=0.001)
+            budget = client.retry_budget
+            assert budget is not None and budget.requests == 0
+            for i in range(3):
+                assert await client.call("hot.echo", value=i) == i
+            assert budget.requests == 3  # every call counted, on the usual call's path too
+            failures["left"] = 1
+            assert await client.invoke("hot.flaky", idempotent=True) == "ok"  # retried
+            client.retry = None
+            assert client.retry_budget is None
+            failures["left"] = 1
+            with pytest.raises(Unavailable):
+                await client.invoke("hot.flaky", idempotent=True)  # no retry policy: no retry
+            assert_idle(connection(client))
 
     run(main())
 
