@@ -145,6 +145,9 @@ class Connection:
         )
         # Until the peer tells us its limit, send nothing above the handshake cap.
         self._writer = FrameWriter(self.limits.handshake_max_frame)
+        #: The frames waiting to be sent: ``len(output.buffer)`` is ``pending_output``, read
+        #: without a property call (the transport checks it once per call it flushes).
+        self.output = self._writer
         self._calls: dict[int, _CallRecord] = {}
         self._window = self.limits.window  # initial receive credit per call, for the peer
         self._highest_id = 0  # highest call id sent (client) or received (server)

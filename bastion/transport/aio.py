@@ -92,6 +92,7 @@ class Link(asyncio.Protocol):
         on_secure: Callable[[Link], None] | None = None,
     ) -> None:
         self.core = core
+        self._output = core.output
         self.session = session
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -231,7 +232,7 @@ class Link(asyncio.Protocol):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush)
-        elif self.core.pending_output >= self._high_water:
+        elif len(self._output.buffer) >= self._high_water:  # core.pending_output, without the property
             self.flush()
 
     def _scheduled_flush(self) -> None:

@@ -24,6 +24,8 @@ class FakeCore:
 
     def __init__(self) -> None:
         self.out = bytearray()
+        self.output = self  # the FrameWriter's place: ``output.buffer`` is what waits
+        self.buffer = self.out
 
     def queue(self, n: int) -> None:
         self.out += b"x" * n
