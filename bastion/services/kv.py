@@ -212,10 +212,13 @@ class KV:
         raise PermissionDenied(f"no {'write' if write else 'read'} access to namespace {namespace!r}")
 
     def check_key(self, key: str, what: str = "key") -> None:
-        try:
-            size = len(key.encode())  # strict UTF-8: a lone surrogate raises
-        except UnicodeEncodeError:
-            size = -1
+        if key.isascii():  # O(1) in CPython, and then characters are bytes: no encoded copy to measure
+            size = len(key)
+        else:
+            try:
+                size = len(key.encode())  # strict UTF-8: a lone surrogate raises
+            except UnicodeEncodeError:
+                size = -1
         if 0 < size <= self.config.max_key_bytes and "\x00" not in key:
             return
         if not key:
@@ -283,7 +286,10 @@ def _declare(kv: KV, service: Service) -> None:
     @service.method(idempotent=True)
     async def get(ctx: Context, key: str, namespace: str | None = None) -> Item:
         """The value and version of ``key``; NOT_FOUND if it does not exist (or has expired)."""
-        ns = await kv.namespace_for(ctx.principal, namespace, write=False)
+        if namespace:
+            ns = await kv.namespace_for(ctx.principal, namespace, write=False)
+        else:  # the caller's own: namespace_for's first case, without a coroutine to create and run
+            ns = personal_namespace(ctx.principal.name)
         kv.check_key(key)
         (entry,) = await store.kv_get_many(ns, [key], time.time())
         if entry is None:
@@ -322,7 +328,10 @@ def _declare(kv: KV, service: Service) -> None:
         its version is n (compare-and-swap; ABORTED otherwise). ``ttl``:
         seconds until the key expires.
         """
-        ns = await kv.namespace_for(ctx.principal, namespace, write=True)
+        if namespace:
+            ns = await kv.namespace_for(ctx.principal, namespace, write=True)
+        else:  # the caller's own: namespace_for's first case, without a coroutine to create and run
+            ns = personal_namespace(ctx.principal.name)
         now = time.time()
         write = kv.check_write(key, value, content_type, expected_version, ttl, now)
         (version,) = await store.kv_put(ns, (write,), now)

@@ -48,7 +48,8 @@ class SQLiteAccess:
     its ``COMMIT``, and the map is emptied when the transaction ends. A hook
     runs even if the write that registered it failed after registering, so
     it must be right either way. See bastion/store/sqlite.py.
-    Both raise ``UsageError`` when the store is not open. ``_data_dir`` is the
+    ``_write_batched`` returns an awaitable, not a coroutine. All three raise
+    ``UsageError`` when the store is not open. ``_data_dir`` is the
     directory the database lives in.
     """
 
@@ -58,7 +59,7 @@ class SQLiteAccess:
 
         async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
 
-        async def _write_batched(self, batch: BatchFn, item: Any) -> Any: ...
+        def _write_batched(self, batch: BatchFn, item: Any) -> Awaitable[Any]: ...
 
         async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
 

@@ -39,11 +39,12 @@ the store has no clock of its own.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -245,10 +246,12 @@ class KVStore(Notifying, ABC):
         """The live entry of each key (None: absent or expired), in the order asked."""
 
     @abstractmethod
-    async def kv_put(self, namespace: str, writes: Sequence[KVWrite], now: float) -> list[int]:
+    def kv_put(self, namespace: str, writes: Sequence[KVWrite], now: float) -> Awaitable[list[int]]:
         """Put every write atomically (all or none); the new version of each.
 
         A compare-and-swap mismatch raises ``Aborted`` and writes nothing.
+        (An awaitable rather than a coroutine, so SQLite can hand back its
+        queued write's future; PostgreSQL's is a coroutine.)
         """
 
     @abstractmethod
@@ -327,6 +330,9 @@ _ENTRY_COLUMNS = "key, value, version, content_type, expires_at"
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
 _LOG_COLUMNS = "revision, namespace, key, op, value, content_type, at"
 _LOG_INSERT = f"INSERT INTO kv_log ({_LOG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+# A put's log row, its op written into the statement: one parameter fewer to bind per put (a text
+# parameter is copied into a fresh allocation by SQLite).
+_LOG_INSERT_PUT = f"INSERT INTO kv_log ({_LOG_COLUMNS}) VALUES (?, ?, ?, '{PUT}', ?, ?, ?)"
 _KEY_UPSERT = (
     "INSERT INTO kv_keys (namespace, key, value, content_type, version, expires_at) VALUES (?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, content_type = excluded.content_type, "
@@ -419,7 +425,7 @@ class _SQLiteTx:
         """Write ``w`` over whatever ``namespace``/``w.key`` holds; its new version."""
         self.revision += 1
         self.conn.execute(_KEY_UPSERT, (namespace, w.key, w.value, w.content_type, self.revision, w.expires_at))
-        self.conn.execute(_LOG_INSERT, (self.revision, namespace, w.key, PUT, w.value, w.content_type, self.now))
+        self.conn.execute(_LOG_INSERT_PUT, (self.revision, namespace, w.key, w.value, w.content_type, self.now))
         return self.revision
 
     def put_unchecked(self, namespace: str, w: KVWrite) -> int:
@@ -434,7 +440,7 @@ class _SQLiteTx:
             self.delete(namespace, w.key)
             return self.put(namespace, w)
         self.revision = revision
-        self.conn.execute(_LOG_INSERT, (revision, namespace, w.key, PUT, w.value, w.content_type, self.now))
+        self.conn.execute(_LOG_INSERT_PUT, (revision, namespace, w.key, w.value, w.content_type, self.now))
         return revision
 
     def none_expired(self, puts: list[_Puts]) -> bool:
@@ -468,11 +474,11 @@ class _SQLiteTx:
             for w in writes:
                 revision += 1
                 keys.append((namespace, w.key, w.value, w.content_type, revision, w.expires_at))
-                log.append((revision, namespace, w.key, PUT, w.value, w.content_type, now))
+                log.append((revision, namespace, w.key, w.value, w.content_type, now))
                 mine.append(revision)
             versions.append(mine)
         self.conn.executemany(_KEY_UPSERT, keys)
-        self.conn.executemany(_LOG_INSERT, log)
+        self.conn.executemany(_LOG_INSERT_PUT, log)
         self.revision = revision
         return versions
 
@@ -514,25 +520,27 @@ class SQLiteKV(SQLiteAccess, KVStore):
         found = {entry.key: entry for entry in map(_entry, rows)}
         return [found.get(key) for key in keys]
 
-    async def kv_put(self, namespace: str, writes: Sequence[KVWrite], now: float) -> list[int]:
+    def kv_put(self, namespace: str, writes: Sequence[KVWrite], now: float) -> Awaitable[list[int]]:
+        # Not a coroutine: the caller awaits the queued write itself (see SQLiteStore._write_batched).
         writes = list(writes)
-        if all(w.expected_version is None for w in writes):
-            versions: list[int] = await self._write_batched(self._kv_put_unchecked, (namespace, writes, now))
-            return versions
+        for w in writes:
+            if w.expected_version is not None:
+                return self._write(functools.partial(self._kv_put_checked, namespace, writes, now))
+        versions: Awaitable[list[int]] = self._write_batched(self._kv_put_unchecked, (namespace, writes, now))
+        return versions
 
-        def put(conn: sqlite3.Connection) -> list[int]:
-            tx = self._kv_tx(conn, now)
-            versions = []
-            for w in writes:
-                if w.expected_version is None:
-                    versions.append(tx.put_unchecked(namespace, w))
-                else:
-                    _check(w.key, w.expected_version, tx.version(namespace, w.key))
-                    versions.append(tx.put(namespace, w))
-            tx.finish()
-            return versions
-
-        return await self._write(put)
+    def _kv_put_checked(self, namespace: str, writes: list[KVWrite], now: float, conn: sqlite3.Connection) -> list[int]:
+        """The write of ``kv_put`` calls with compare-and-swap: each key's version read first."""
+        tx = self._kv_tx(conn, now)
+        versions = []
+        for w in writes:
+            if w.expected_version is None:
+                versions.append(tx.put_unchecked(namespace, w))
+            else:
+                _check(w.key, w.expected_version, tx.version(namespace, w.key))
+                versions.append(tx.put(namespace, w))
+        tx.finish()
+        return versions
 
     def _kv_put_unchecked(self, conn: sqlite3.Connection, puts: list[_Puts]) -> list[list[int]]:
         """The batched write of ``kv_put`` calls without compare-and-swap: each one's versions.

@@ -79,7 +79,14 @@ semaphore and chained futures), which on a busy server is CPU the event
 loop does not get.
 
 The queue is a plain deque plus one wake-up future for the writer task:
-``_write`` is on every write's path, so it stays a few attribute operations.
+queuing is on every write's path, so it stays a few attribute operations.
+A write is a ``_Write`` object that queues itself when awaited, as a
+coroutine would, and then waits on its own future; ``_write_batched`` hands
+it back as it is, so a kv put's ``await`` reaches the future through no
+coroutine of the store's (``_write`` wraps it in one: callers may make a
+task of it). The store keeps the loop it was opened on rather than asking
+``asyncio.get_running_loop()``, which on Python 3.11 makes a ``getpid()``
+system call each time.
 
 Reads run on a small pool of ``query_only`` connections, one per thread of a
 reader executor, so several reads proceed at once while the writer commits.
@@ -111,7 +118,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -141,20 +148,15 @@ _SIDE_FILES = ("", "-wal", "-shm")
 _ISOLATED_GROUPS = 16
 
 
-def _same(value: T) -> T:
-    return value
-
-
-def _null(value: None) -> None:
-    return None
-
-
 # Identity adapters: see "Parameters" in the module docstring. (Process-wide, and the same values result;
-# never in place of an adapter the application registered itself.)
+# never in place of an adapter the application registered itself.) Both are C methods, not Python
+# functions, so adapting a value runs no Python frame: ``bytes.__bytes__(b)`` is ``b`` itself (adapters
+# are looked up by exact type), and an empty dictionary's ``get`` answers None for any key.
+_NOTHING: dict[object, None] = {}
 if (bytes, sqlite3.PrepareProtocol) not in sqlite3.adapters:
-    sqlite3.register_adapter(bytes, _same)
+    sqlite3.register_adapter(bytes, bytes.__bytes__)
 if (type(None), sqlite3.PrepareProtocol) not in sqlite3.adapters:
-    sqlite3.register_adapter(type(None), _null)
+    sqlite3.register_adapter(type(None), _NOTHING.get)
 
 
 class _Aborted(Exception):
@@ -210,15 +212,26 @@ def _settle(future: asyncio.Future[Any], outcome: Outcome) -> None:
 
 
 class _Write:
-    """A queued write: ``fn(connection)``, or ``item`` for ``batch(connection, items)`` (batched)."""
+    """A write: ``fn(connection)``, or ``item`` for ``batch(connection, items)`` (batched).
 
-    __slots__ = ("batch", "fn", "future", "item")
+    Awaiting it queues it (``SQLiteStore._submit``) and waits for its future:
+    the caller's ``await`` reaches the future with no coroutine in between,
+    and a write is queued when it is awaited, as a coroutine's would be.
+    """
 
-    def __init__(self, fn: WriteFn | None, future: asyncio.Future[Any], batch: BatchFn | None, item: Any) -> None:
+    __slots__ = ("batch", "fn", "future", "item", "started", "store")
+
+    future: asyncio.Future[Any]  # set when queued
+
+    def __init__(self, store: SQLiteStore, fn: WriteFn | None, batch: BatchFn | None, item: Any) -> None:
+        self.store = store
         self.fn = fn
-        self.future = future
         self.batch = batch
         self.item = item
+        self.started = 0.0  # time.perf_counter() when queued (for observe); 0: not queued yet
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return (yield from self.store._submit(self))
 
     def run(self, conn: sqlite3.Connection) -> Any:
         """This write alone."""
@@ -260,6 +273,7 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
         self._queue: deque[_Write | None] = deque()
         self._wakeup: asyncio.Future[None] | None = None  # set while the writer task waits for work
         self._writer_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the writer task's, while open
         self._tx_serial = 0  # transactions begun on the writer connection (see the module docstring)
         self._before_commit: dict[str, Callable[[sqlite3.Connection], None]] = {}  # this transaction's hooks
         self._isolated_groups = 0  # groups still to run isolated before trying the optimistic mode again
@@ -289,6 +303,7 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
             await self._release()
             raise
         self._queue = deque()
+        self._loop = loop
         self._writer_task = loop.create_task(self._write_loop(), name=f"bastion-store-writer {self.path}")
         self._state = "open"
 
@@ -303,6 +318,7 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
         finally:
             await self._release()
             self._state = "closed"
+            self._loop = None
 
     def _open_files(self) -> int:
         """On the writer thread: create the file 0600, connect, migrate, open the readers."""
@@ -358,29 +374,32 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
 
     # -- the write path: queue -> writer task -> group commit on the writer thread -------
 
-    # _write and _write_batched hand back _queue_write's coroutine rather than awaiting it in one of
-    # their own: one coroutine less on every write's path, and the same checks when it is awaited.
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        result: T = await _Write(self, fn, None, None)
+        return result
 
-    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> Coroutine[Any, Any, T]:
-        return self._queue_write(fn, None, None)
+    def _write_batched(self, batch: BatchFn, item: Any) -> Awaitable[Any]:
+        """``item``, written by ``batch`` with its neighbours in the group (see the module docstring).
 
-    def _write_batched(self, batch: BatchFn, item: Any) -> Coroutine[Any, Any, Any]:
-        """``item``, written by ``batch`` with its neighbours in the group (see the module docstring)."""
-        return self._queue_write(None, batch, item)
+        The write itself, an awaitable (``_Write.__await__``), not a coroutine as ``_write``: the
+        caller's await goes straight to the write's future, with no coroutine frame to create and to
+        pass through on resumption -- this is every kv put's path.
+        """
+        return _Write(self, None, batch, item)
 
-    async def _queue_write(self, fn: WriteFn | None, batch: BatchFn | None, item: Any) -> Any:
+    def _submit(self, write: _Write) -> asyncio.Future[Any]:
+        """Queue ``write`` (being awaited); its future."""
         if self._state != "open":
             raise UsageError(f"{self!r} is not open")
-        assert self._writer_task is not None
+        assert self._writer_task is not None and self._loop is not None
         if self._writer_task.done():
             raise Unavailable("the store's writer has stopped")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        started = time.perf_counter()
-        self._enqueue(_Write(fn, future, batch, item))
-        try:
-            return await future
-        finally:
-            observe.done("write", started)
+        if write.started:
+            raise RuntimeError("a store write can be awaited only once")
+        write.future = self._loop.create_future()
+        write.started = time.perf_counter()
+        self._enqueue(write)
+        return write.future
 
     def _enqueue(self, item: _Write | None) -> None:
         self._queue.append(item)
@@ -391,7 +410,8 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
     async def _next_write(self) -> _Write | None:
         """The oldest queued item, waiting for one if need be."""
         while not self._queue:
-            self._wakeup = asyncio.get_running_loop().create_future()
+            assert self._loop is not None
+            self._wakeup = self._loop.create_future()
             try:
                 await self._wakeup
             finally:
@@ -525,15 +545,18 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
                 write.future.set_result(value)
             else:
                 write.future.set_exception(value)
+        if observe.observer is not None:
+            for write in group:
+                observe.done("write", write.started)
 
     # -- the read path: a pool of query_only connections on reader threads ---------------
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._check_open()
-        assert self._reader_threads is not None
+        assert self._reader_threads is not None and self._loop is not None
         started = time.perf_counter()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._reader_threads, self._with_reader, fn)
+            return await self._loop.run_in_executor(self._reader_threads, self._with_reader, fn)
         finally:
             observe.done("read", started)
 

@@ -131,6 +131,23 @@ def test_limits_name_themselves(tmp_path: Path) -> None:
     run(test, tmp_path, KVConfig(sweep_interval=3600, max_key_bytes=8, max_value_bytes=16, max_page=3))
 
 
+def test_key_limits_count_utf8_bytes_and_the_empty_namespace_is_the_callers_own(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        assert await w.ada.kv.put(key="k" * 8, value=b"1")  # ASCII: 8 characters, 8 bytes
+        assert await w.ada.kv.put(key="é" * 4, value=b"2")  # 4 characters, 8 bytes
+        with pytest.raises(bastion.InvalidArgument, match=r"is 10 bytes, over kv.max_key_bytes \(8\)"):
+            await w.ada.kv.put(key="é" * 5, value=b"")  # 5 characters, 10 bytes
+        with pytest.raises(bastion.InvalidArgument, match="valid text"):
+            w.kv.check_key("a\ud800")  # a lone surrogate has no UTF-8 form
+        v = await w.ada.kv.put(key="mine", value=b"3", namespace="")
+        assert (await w.ada.kv.get(key="mine", namespace="~ada"))["version"] == v
+        assert (await w.ada.kv.get(key="mine", namespace=""))["version"] == v
+        with pytest.raises(bastion.NotFound):
+            await w.bob.kv.get(key="mine", namespace="")
+
+    run(test, tmp_path, KVConfig(sweep_interval=3600, max_key_bytes=8))
+
+
 def test_list_pages_with_a_cursor(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         await w.ada.kv.put_many(items=[{"key": f"p/{i:02}", "value": bytes([i])} for i in range(7)])

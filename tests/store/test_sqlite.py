@@ -289,6 +289,24 @@ async def test_neighbouring_batched_writes_run_in_one_call_of_their_batch(tmp_pa
         assert [u.name for u in await store.list_users()] == ["a", "b", "c", "d", "e", "plain"]
 
 
+async def test_a_batched_write_is_queued_when_awaited_and_only_once(tmp_path: Path) -> None:
+    calls: list[list[str]] = []
+
+    def batch(conn: sqlite3.Connection, items: list[Any]) -> list[Any]:
+        calls.append(list(items))
+        return [f"{item}!" for item in items]
+
+    async with SQLiteStore(tmp_path / "a.db") as store:
+        later = store._write_batched(batch, "later")  # not queued yet: nothing awaits it
+        assert await store._write_batched(batch, "now") == "now!"
+        assert calls == [["now"]]
+        assert await later == "later!"
+        assert calls == [["now"], ["later"]]
+        with pytest.raises(RuntimeError, match="only once"):
+            await later
+        assert store.stats["writes"] == 2
+
+
 async def test_a_batch_that_raises_runs_again_one_item_at_a_time(tmp_path: Path) -> None:
     calls: list[list[str]] = []
 
