@@ -217,6 +217,7 @@ class Scheduler:
         )
         self._delay_last = self._delay_ewma = self._delay_max = 0.0
         self._inline = 0  # jobs run by run_inline
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop jobs run on (the first one's)
         self._levels: dict[int, Level] = {}  # priority -> level, as config.level_for says (a method has one)
 
     def level_for(self, priority: int) -> Level:
@@ -405,7 +406,10 @@ class Scheduler:
         self._counts["started"] += 1
         try:
             # A queued job runs in its submitter's context, not in that of the job whose end started it.
-            ticket.task = asyncio.get_running_loop().create_task(self._run_job(ticket), context=ticket.context)
+            loop = self._loop
+            if loop is None or not loop.is_running():  # get_running_loop() makes a getpid() call on 3.11
+                loop = self._loop = asyncio.get_running_loop()
+            ticket.task = loop.create_task(self._run_job(ticket), context=ticket.context)
         except Exception:
             log.exception("scheduler: could not start a job")
             self._running -= 1
