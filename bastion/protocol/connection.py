@@ -176,6 +176,10 @@ class Connection:
     def highest_id(self) -> int:
         return self._highest_id
 
+    def is_open(self, call_id: int) -> bool:
+        """Whether ``call_id`` is open: started, and neither answered nor cancelled yet."""
+        return call_id in self._calls
+
     def call_state(self, call_id: int) -> CallState:
         record = self._calls.get(call_id)
         if record is not None:

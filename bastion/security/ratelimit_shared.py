@@ -220,14 +220,16 @@ class SharedRateLimiter(RateLimiter):
         try:
             for limit, digest in zip(limits, digests, strict=True):
                 offset = table.claim(digest, limit.burst, now)
-                tokens, _ = _refill(*table.get(offset), now, limit.rate, limit.burst)
+                # Another worker may have charged the bucket at a later time than ``now`` (the
+                # time this call's read arrived): its stamp stays, or the interval would refill twice.
+                tokens, stamp = _refill(*table.get(offset), now, limit.rate, limit.burst)
                 short = cost - tokens
                 if short > EPSILON and short / limit.rate > worst:
                     worst, refused = short / limit.rate, limit
-                slots.append((offset, tokens))
+                slots.append((offset, tokens, stamp))
             if refused is None:
-                for offset, tokens in slots:
-                    table.put(offset, tokens - cost, now)
+                for offset, tokens, stamp in slots:
+                    table.put(offset, tokens - cost, stamp)
         finally:
             table.unlock()
         if refused is not None:

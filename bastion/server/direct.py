@@ -153,6 +153,9 @@ class _DirectCore:
         self.state = ConnectionState.CLOSED
         self.refusal = error_for_status(int(status), message)
 
+    def is_open(self, call_id: int) -> bool:
+        return call_id in self.waiting
+
     # -- answers ----------------------------------------------------------------------------
 
     def send_result(self, call_id: int, value: Any) -> bool:

@@ -7,7 +7,10 @@ the credential, keepalive, the idle timer and the abuse caps -- is
 ``SessionUpkeep`` (upkeep.py). After the Welcome, each Call is admitted by
 the method table (exists, allowed, valid arguments) and, if admitted, runs as
 its own task; its answer goes back through the core and is flushed at the
-end of the loop turn together with any other answers ready by then. A Cancel
+end of the loop turn together with any other answers ready by then. A
+handler that cannot suspend (``Entry.inline``: no await in its body) runs
+at once instead, without a task, when the scheduler has a slot free and
+nothing queued (``_run_inline``); its answer leaves with the read's others. A Cancel
 cancels the task; the deadline a call carries bounds its handler: the
 server's deadline slots cancel the task if it is still running then
 (``_arm_deadline``; bastion/server/deadlines.py). Draining: after GoAway, the
@@ -320,17 +323,21 @@ class ServerSession(SessionUpkeep):
         if call.priority is not None:
             priority = effective_priority(priority, call.priority)
         if entry.inline:  # unary, so no streams to set up
+            link = self.link
+            if not self.core.is_open(call_id) or (link is not None and link.dropped is not None):
+                # Its Cancel came later in this very read (the core has closed it), or the
+                # connection was dropped: a task would be cancelled before its first step.
+                self._answered.append((entry.metric_row, Status.CANCELLED))
+                return
             if (
                 server.check_rate_async is None
                 and (not call.metadata or IdempotencyKeys.key_of(call.metadata) is None)
-                and not (self.link is not None and self.link.writing_paused)  # else its answer must wait
+                and not (link is not None and link.writing_paused)  # else its answer must wait
                 and server.scheduler.run_inline(priority)
             ):
                 self._answered.append((entry.metric_row, self._run_inline(call, entry, args, deadline)))
-                if self.link is not None:  # written at the read's end, or now if that is a lot:
-                    self.link.schedule_flush()  # then writing may pause, and the next answer waits
-                if server.draining:
-                    self._maybe_finish_drain()
+                if link is not None:  # written at the read's end, or now if that is a lot:
+                    link.schedule_flush()  # then writing may pause, and the next answer waits
                 return
         else:  # streams exist before the task runs: items may be in this very read
             if entry.input_decoder is not None:
@@ -422,14 +429,14 @@ class ServerSession(SessionUpkeep):
             return exc.status
         if isinstance(exc, asyncio.CancelledError):
             if call_id in self._expired:  # our deadline timer cancelled the task
-                self.core.send_error(call_id, Status.DEADLINE_EXCEEDED, "deadline exceeded")
+                self._send_error(call_id, Status.DEADLINE_EXCEEDED, "deadline exceeded")
                 return Status.DEADLINE_EXCEEDED
             # Client cancel: the core has closed the call, so this sends nothing.
             # Shutdown: tell the client the call did not finish.
-            self.core.send_error(call_id, Status.UNAVAILABLE, "server shutting down", retry_after_ms=1000)
+            self._send_error(call_id, Status.UNAVAILABLE, "server shutting down", retry_after=1.0)
             return Status.UNAVAILABLE if self.server.draining else Status.CANCELLED
         if isinstance(exc, LocalProtocolError):
-            self.core.send_error(call_id, exc.status, f"{spec.full_name}: result cannot be sent: {exc}")
+            self._send_error(call_id, exc.status, f"{spec.full_name}: result cannot be sent: {exc}")
             return exc.status
         self._internal_error(call_id, spec.full_name, self._request_id(call_id))
         return Status.INTERNAL
@@ -582,8 +589,30 @@ class ServerSession(SessionUpkeep):
             self.link.schedule_flush()
 
     def _answer_error(self, call_id: int, exc: CallError) -> None:
-        retry = math.ceil(exc.retry_after * 1000) if exc.retry_after is not None else None
-        self.core.send_error(call_id, exc.status, exc.message, details=exc.details or None, retry_after_ms=retry)
+        self._send_error(call_id, exc.status, exc.message, exc.details or None, exc.retry_after)
+
+    def _send_error(
+        self,
+        call_id: int,
+        status: Status,
+        message: str,
+        details: dict[str, Any] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        """Answer ``call_id`` with ``status``; if the answer cannot be sent as it is (details that do
+        not encode, a retry_after that is no number of milliseconds, a frame over the peer's limit),
+        with the status and a short message alone: every call is answered, and the others go on."""
+        try:
+            retry = math.ceil(retry_after * 1000) if retry_after is not None else None
+            self.core.send_error(call_id, status, message, details=details, retry_after_ms=retry)
+        except (LocalProtocolError, OverflowError, ValueError, TypeError) as exc:
+            log.warning(
+                "call %d: its %s answer could not be sent as it was (%s); sent without details",
+                call_id,
+                status.name,
+                exc,
+            )
+            self.core.send_error(call_id, status, f"{status.name} (the full answer could not be sent)")
 
     def _internal_error(self, call_id: int, method: str, request_id: str) -> None:
         log.exception("handler %s failed (request id %s)", method, request_id)
