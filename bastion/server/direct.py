@@ -233,6 +233,9 @@ class _DirectLink:
     def schedule_flush(self) -> None:
         pass
 
+    def flush_if_full(self) -> None:
+        pass
+
     def pause_reading(self, reason: str) -> None:
         pass
 

@@ -330,8 +330,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
                 and server.scheduler.run_inline(priority)
             ):
                 self._answered.append((entry.metric_row, self._run_inline(call, entry, args, deadline)))
-                if link is not None:  # written at the read's end, or now if that is a lot:
-                    link.schedule_flush()  # then writing may pause, and the next answer waits
+                if link is not None:  # written at the end of the read, or now if that is a lot:
+                    link.flush_if_full()  # then writing may pause, and the next answer waits
                 return
         else:  # streams exist before the task runs: items may be in this very read
             if entry.input_decoder is not None:

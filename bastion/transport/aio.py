@@ -235,6 +235,12 @@ class Link(asyncio.Protocol):
         elif len(self._output.buffer) >= self._high_water:  # core.pending_output, without the property
             self.flush()
 
+    def flush_if_full(self) -> None:
+        """Write what the core has queued now if it is past the high-water mark; else leave it to
+        whoever flushes next (the end of ``data_received``, for what a read's calls answered)."""
+        if len(self._output.buffer) >= self._high_water:
+            self.flush()
+
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
         self.flush()
