@@ -1,0 +1,177 @@
+"""The async client's usual call, read off ``Client.__getattr__``'s slow path (``CallPath``).
+
+``Client`` defines ``__getattr__`` (its service proxies), which puts every
+attribute lookup on a client on CPython's slow path. The usual call -- one
+server, its connection open -- reads the client once (``client._path``) and
+everything else from here: the retry plan of a call (``_Retry``), its first
+attempt (``CallPath.call_on``), which hands over to ``Client._retrying``
+only if it fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from bastion.client._common import DECODER
+from bastion.client._connection import CallOptions, ClientConnection, Expired
+from bastion.client.policy import RetryBudget, RetryPolicy, is_replayable
+from bastion.exceptions import CallError, ConnectionClosed, DeadlineExceeded
+from bastion.protocol.state import ConnectionState
+
+if TYPE_CHECKING:
+    from bastion.client.aio import Client
+
+__all__ = ["PLAIN_RETRY", "CallPath", "Retry", "start_in_turn"]
+
+_OPEN = ConnectionState.OPEN
+_decode = DECODER.decode
+
+
+class Retry(msgspec.Struct, frozen=True, gc=False):
+    """What a call's retries need to know: whether it is idempotent (None: ask), and its deadline.
+
+    (A Struct: one is made per call, in C.)
+    """
+
+    idempotent: bool | None
+    deadline: float | None
+
+
+#: The plan of the usual call (no deadline, idempotent if the server says so), made once: it is frozen.
+PLAIN_RETRY = Retry(None, None)
+
+
+class CallPath:
+    """A client's usual call, and what it reads of the client, where reading it is fast.
+
+    ``Client`` defines ``__getattr__`` (its service proxies), which puts every
+    attribute lookup on a client -- its methods' too -- on CPython's slow
+    path: a few hundred instructions each, thousands per call. So the usual
+    call reads the client once (``client._path``) and everything else from
+    here, a class with slots: the client's timeout, retry policy and budget
+    live here (the client's properties of those names read and write them),
+    and so does a single-server client's connection.
+    """
+
+    __slots__ = ("budget", "client", "conn", "own_attempt", "retry", "timeout")
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.conn: ClientConnection | None = None  # never set on a balanced client
+        self.timeout: float | None = None
+        self.retry: RetryPolicy | None = None
+        self.budget: RetryBudget | None = None
+        #: Whether ``_attempt`` is the client class's own (see ``Client._own_attempt``).
+        self.own_attempt = type(client)._own_attempt
+
+    def invoke(
+        self,
+        method: str,
+        checked: dict[str, Any],
+        timeout: float | None,
+        options: CallOptions,
+        items: AsyncIterable[Any] | Iterable[Any] | None,
+        idempotent: bool | None,
+    ) -> Coroutine[Any, Any, Any]:
+        """``Client.invoke``, its arguments checked: the call's coroutine, its attempts retried as the policy allows.
+
+        The usual call -- retries on, one server, its connection open -- is one
+        coroutine: its first attempt (``call_on``), which hands over to the
+        retry loop (``Client._retrying``) only if it fails.
+        """
+        retry, budget = self.retry, self.budget
+        if retry is None or budget is None or not (items is None or is_replayable(items)):
+            return self.client._attempt(method, checked, timeout, timeout, options, items, [])
+        budget.requests += 1  # budget.on_request(), inline: one method call fewer per call
+        if timeout is None and idempotent is None:
+            plan = PLAIN_RETRY
+        else:
+            plan = Retry(idempotent, None if timeout is None else retry.clock() + timeout)
+        conn = self.conn
+        if conn is not None and conn.core.state is _OPEN and not conn.closed:  # conn.usable, without the call
+            if self.own_attempt:  # what _attempt does here
+                return self.call_on(conn, method, checked, timeout, timeout, options, items, plan)
+            return self.client._attempt(method, checked, timeout, timeout, options, items, [], plan)
+        return self.client._retrying(method, checked, timeout, options, items, plan, None)
+
+    async def call_on(
+        self,
+        conn: ClientConnection,
+        method: str,
+        args: dict[str, Any],
+        timeout: float | None,
+        total: float | None,
+        options: CallOptions,
+        items: AsyncIterable[Any] | Iterable[Any] | None,
+        retry: Retry | None = None,
+    ) -> Any:
+        """One attempt at a call on ``conn``; with ``retry``, a call's first, which ``_retrying`` continues if it fails.
+
+        A unary call's answer is a bare future, awaited right here. Its
+        deadline is armed in the connection's ``Deadlines``, which fail it
+        (``Expired``) if it is still waiting then: no loop timer, nor
+        ``asyncio.timeout``, per call. The call's slot is given back by the
+        connection, when the call leaves it.
+        """
+        try:
+            started = conn.start_unary(method, args, timeout, options) if items is None else None
+            if started is None:
+                started = await start_in_turn(conn, method, args, timeout, options, items)
+            call_id, answer, sender = started
+            slot = conn.deadlines.arm(answer, timeout) if timeout is not None else None
+            try:
+                raw = await answer
+            except Expired:
+                conn.cancel(call_id)
+                raise DeadlineExceeded(f"{method}: no answer within {total}s") from None
+            except asyncio.CancelledError:
+                conn.cancel(call_id)
+                raise
+            finally:
+                if slot is not None:
+                    conn.deadlines.disarm(slot, answer)
+                if sender is not None:
+                    sender.cancel()
+        except (CallError, ConnectionClosed) as exc:
+            if retry is None:
+                raise
+            failure = exc
+        else:
+            if type(raw) is list:  # a stream's items, collected
+                return [_decode(r) for r in raw]
+            return _decode(raw)
+        return await self.client._retrying(method, args, total, options, items, retry, failure)
+
+
+async def start_in_turn(
+    conn: ClientConnection,
+    method: str,
+    args: dict[str, Any],
+    timeout: float | None,
+    options: CallOptions,
+    items: AsyncIterable[Any] | Iterable[Any] | None,
+) -> tuple[int, asyncio.Future[Any], asyncio.Future[None] | None]:
+    """``CallPath.call_on``'s start when ``start_unary`` cannot: a call with an input stream, or no slot free.
+
+    Takes a slot, waiting its turn for one, then starts the call (and
+    the sender of ``items``); the call's id, its answer and its sender.
+    """
+    slots = conn.slots
+    if slots is not None and not slots.try_acquire():
+        await slots.acquire()
+    try:
+        priority, metadata = options
+        call_id, pending = conn.start(
+            method, args, timeout, items is not None, {"priority": priority, "metadata": metadata}, slot=True
+        )
+        pending.collect = True  # stream items are granted back as they arrive
+        sender = conn.start_sender(call_id, pending, items) if items is not None else None
+        return call_id, pending.done, sender
+    except BaseException:
+        if slots is not None:
+            slots.release()  # the call never started: its slot is still ours
+        raise
