@@ -266,12 +266,6 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         self.core.send_error(call_id, status, message, retry_after_ms=retry)
         self._forget(call_id, status)
 
-    def _record(self, call_id: int, status: int) -> None:
-        """Count an admitted call's answer in the server's metrics (once: the first status wins)."""
-        timing = self._timing.pop(call_id, None)
-        if timing is not None:
-            self.server.metrics.record_since(timing[0], status, timing[1])
-
     async def _writable(self) -> None:
         """Wait while the peer is not taking what was already sent."""
         while self.link is not None and self.link.writing_paused:
