@@ -109,6 +109,8 @@ _SEND_FINISH, _RECV_FINISH = CallInput.SEND_FINISH, CallInput.RECV_FINISH
 _FINISHABLE: Final = frozenset(
     state for (state, event), new in CALL_TRANSITIONS.items() if event is _RECV_FINISH and new is _CALL_CLOSED
 )
+#: A Call's tag: the first element of its array on the wire (messages.py: tagged, array_like).
+_CALL_TAG: Final = Call.__struct_config__.tag
 #: The call states an answer we send (Result or Error) closes.
 _ANSWERABLE_CALL: Final = frozenset(
     state for (state, event), new in CALL_TRANSITIONS.items() if event is _SEND_FINISH and new is _CALL_CLOSED
@@ -282,8 +284,10 @@ class Connection:
         if self.state not in self._calling:  # else the state stays as it is
             self.state = self._next_state(_SEND, Call)
         call_id = self._highest_id + 1
-        message = Call(call_id, method, args, timeout_ms, priority, stream, metadata)
-        self._writer.write(message)
+        # The Call's array as a tuple of its fields in wire order: the bytes the Struct encodes
+        # to, without making the Struct (the client's hot path; tests/protocol/test_connection.py
+        # holds the two equal, field for field).
+        self._writer.write((_CALL_TAG, call_id, method, args, timeout_ms, priority, stream, metadata), "Call")
         self._highest_id = call_id
         self._calls[call_id] = _CallRecord(_SENT_CALL[stream], self._peer_window, self._window)
         return call_id

@@ -127,10 +127,11 @@ class FrameWriter:
         self.buffer = bytearray()
         self.max_frame = max_frame
 
-    def write(self, message: object) -> None:
+    def write(self, message: object, name: str | None = None) -> None:
         """Append one frame; LocalProtocolError if its body exceeds ``max_frame``.
 
         On error nothing is appended, so the caller may answer differently.
+        ``name``: what errors call the message (default: its type's name).
         """
         buffer = self.buffer
         start = len(buffer)
@@ -138,7 +139,7 @@ class FrameWriter:
             self._encode_into(message, buffer, start + HEADER_SIZE)
         except (TypeError, ValueError, OverflowError) as exc:
             del buffer[start:]
-            raise LocalProtocolError(f"cannot encode {type(message).__name__}: {exc}") from None
+            raise LocalProtocolError(f"cannot encode {name or type(message).__name__}: {exc}") from None
         length = len(buffer) - start - HEADER_SIZE
         if length > self.max_frame:
             del buffer[start:]

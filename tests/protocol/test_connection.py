@@ -274,6 +274,41 @@ def test_announced_windows_are_capped(window: int) -> None:
 # -- calls ---------------------------------------------------------------------------
 
 
+def test_call_fields_are_the_wire_order_send_call_encodes() -> None:
+    """send_call encodes a tuple in Call's field order, not a Call: if Call changes, so must it."""
+    assert Call.__struct_fields__ == ("id", "method", "args", "timeout_ms", "priority", "stream", "metadata")
+
+
+@FAST
+@given(
+    method=st.text(min_size=1, max_size=40),
+    args=st.dictionaries(st.text(max_size=8), st.integers(-(2**63), 2**63 - 1) | st.binary(max_size=16), max_size=3),
+    timeout_ms=st.none() | st.integers(1, 2**31),
+    priority=st.none() | st.integers(-10, 10),
+    stream=st.booleans(),
+    metadata=st.none() | st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=2),
+)
+def test_send_call_puts_on_the_wire_exactly_the_call(
+    method: str,
+    args: dict[str, object],
+    timeout_ms: int | None,
+    priority: int | None,
+    stream: bool,
+    metadata: dict[str, str] | None,
+) -> None:
+    pair = open_pair()
+    call_id = pair.client.send_call(method, args, timeout_ms, priority, stream, metadata)
+    (sent,) = decode_output(pair.client.data_to_send(), Role.CLIENT)
+    assert sent == Call(call_id, method, raw(args), timeout_ms, priority, stream, metadata)
+
+
+def test_a_call_that_cannot_be_encoded_is_named_and_changes_nothing() -> None:
+    pair = open_pair()
+    with pytest.raises(LocalProtocolError, match="cannot encode Call"):
+        pair.client.send_call("svc.method", {"x": object()})
+    assert pair.client.open_calls == 0 and pair.client.data_to_send() == b""
+
+
 def test_unary_call() -> None:
     pair = open_pair()
     call_id = pair.client.send_call("Echo.say", {"text": "hi"}, timeout_ms=500, metadata={"k": "v"})
