@@ -302,6 +302,30 @@ def test_send_call_puts_on_the_wire_exactly_the_call(
     assert sent == Call(call_id, method, raw(args), timeout_ms, priority, stream, metadata)
 
 
+@FAST
+@given(value=st.none() | st.integers(-(2**63), 2**63 - 1) | st.binary(max_size=16) | st.text(max_size=16))
+def test_send_result_puts_on_the_wire_exactly_the_result(value: object) -> None:
+    """send_result writes a tuple in Result's field order, not a Result (as send_call, a Call)."""
+    assert Result.__struct_fields__ == ("id", "value")
+    pair = open_pair()
+    call_id = pair.client.send_call("svc.method", {})
+    pair.to_server()
+    assert pair.server.send_result(call_id, value)
+    (sent,) = decode_output(pair.server.data_to_send(), Role.SERVER)
+    assert sent == Result(call_id, raw(value))
+
+
+def test_a_result_that_cannot_be_encoded_is_named_and_leaves_the_call_open() -> None:
+    pair = open_pair()
+    call_id = pair.client.send_call("svc.method", {})
+    pair.to_server()
+    before = pair.server.call_state(call_id)
+    with pytest.raises(LocalProtocolError, match="cannot encode Result"):
+        pair.server.send_result(call_id, object())
+    assert pair.server.call_state(call_id) is before  # still open: to be answered with an Error instead
+    assert pair.server.send_error(call_id, Status.INTERNAL, "no")
+
+
 def test_a_call_that_cannot_be_encoded_is_named_and_changes_nothing() -> None:
     pair = open_pair()
     with pytest.raises(LocalProtocolError, match="cannot encode Call"):
