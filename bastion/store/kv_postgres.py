@@ -1,0 +1,317 @@
+"""The ``kv`` storage domain on PostgreSQL (``PostgresKV``): see kv.py for how it works."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from bastion.store._access import PostgresAccess
+from bastion.store.kv import (
+    DELETE,
+    ENTRY_COLUMNS,
+    LOG_COLUMNS,
+    PUT,
+    KVChange,
+    KVEntry,
+    KVNamespace,
+    KVRevisions,
+    KVStore,
+    KVWrite,
+    acl_replace,
+    change_of,
+    check_version,
+    entry_of,
+    heir_key,
+    key_range,
+    namespace_of,
+    personal_namespace,
+)
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = ["PostgresKV"]
+
+_PG_LOG_INSERT = f"INSERT INTO kv_log ({LOG_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+_PG_KEY_UPSERT = (
+    "INSERT INTO kv_keys (namespace, key, value, content_type, version, expires_at) VALUES ($1, $2, $3, $4, $5, $6) "
+    "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, content_type = excluded.content_type, "
+    "version = excluded.version, expires_at = excluded.expires_at"
+)
+
+
+# One statement for a put without expected_version: lock and advance the counter, upsert the key
+# unless an expired key is in the way (the upsert's WHERE: then no version comes back), log the put.
+# The upsert acts on the newest committed row whatever the statement's snapshot, so nothing here
+# reads a stale key. Returns the revision taken and the new version (NULL: an expired key was left alone).
+_PG_PUT_LIVE = (
+    "WITH m AS (UPDATE kv_meta SET revision = revision + 1 WHERE id = 1 RETURNING revision), "
+    "up AS (INSERT INTO kv_keys (namespace, key, value, content_type, version, expires_at) "
+    "SELECT $1::text, $2::text, $3::bytea, $4::text, m.revision, $5::float8 FROM m "
+    "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, content_type = excluded.content_type, "
+    "version = excluded.version, expires_at = excluded.expires_at "
+    "WHERE kv_keys.expires_at IS NULL OR kv_keys.expires_at > $6::float8 RETURNING version), "
+    f"lg AS (INSERT INTO kv_log ({LOG_COLUMNS}) SELECT version, $1, $2, 'put', $3, $4, $6 FROM up) "
+    "SELECT (SELECT revision FROM m), (SELECT version FROM up)"
+)
+
+
+def _pg_range(prefix: str, after: str | None, first: int) -> tuple[str, list[Any]]:
+    """As ``key_range``, with ``$n`` placeholders numbered from ``first``."""
+    low, high, args = key_range(prefix, after)
+    sql = f"{low} {high}"
+    for i in range(len(args)):
+        sql = sql.replace("?", f"${first + i}", 1)
+    return sql, args
+
+
+class _PostgresTx:
+    """As ``_SQLiteTx``, on an asyncpg connection inside ``conn.transaction()``.
+
+    ``start`` locks the counter row: kv writers on every replica queue here, so
+    revisions are handed out and committed in order.
+    """
+
+    def __init__(self, conn: asyncpg.Connection[Any], now: float) -> None:
+        self.conn = conn
+        self.now = now
+        self.revision = 0
+
+    async def start(self) -> None:
+        self.revision = int(await self.conn.fetchval("SELECT revision FROM kv_meta WHERE id = 1 FOR UPDATE"))
+
+    async def version(self, namespace: str, key: str) -> int:
+        row = await self.conn.fetchrow(
+            "SELECT version, expires_at FROM kv_keys WHERE namespace = $1 AND key = $2", namespace, key
+        )
+        if row is None:
+            return 0
+        if row[1] is not None and row[1] <= self.now:
+            await self.delete(namespace, key)
+            return 0
+        return int(row[0])
+
+    async def put(self, namespace: str, w: KVWrite) -> int:
+        self.revision += 1
+        await self.conn.execute(_PG_KEY_UPSERT, namespace, w.key, w.value, w.content_type, self.revision, w.expires_at)
+        await self.conn.execute(_PG_LOG_INSERT, self.revision, namespace, w.key, PUT, w.value, w.content_type, self.now)
+        return self.revision
+
+    async def delete(self, namespace: str, key: str) -> int:
+        self.revision += 1
+        await self.conn.execute("DELETE FROM kv_keys WHERE namespace = $1 AND key = $2", namespace, key)
+        await self.conn.execute(_PG_LOG_INSERT, self.revision, namespace, key, DELETE, None, "", self.now)
+        return self.revision
+
+    async def finish(self) -> None:
+        await self.conn.execute("UPDATE kv_meta SET revision = $1 WHERE id = 1", self.revision)
+
+
+class PostgresKV(PostgresAccess, KVStore):
+    """kv on PostgreSQL: every write is one transaction that first locks the revision counter."""
+
+    async def kv_get_many(self, namespace: str, keys: Sequence[str], now: float) -> list[KVEntry | None]:
+        sql = (
+            f"SELECT {ENTRY_COLUMNS} FROM kv_keys WHERE namespace = $1 AND key = ANY($2::text[]) "
+            "AND (expires_at IS NULL OR expires_at > $3)"
+        )
+        rows = await self._call(lambda c: c.fetch(sql, namespace, list(set(keys)), now))
+        found = {entry.key: entry for entry in (entry_of(tuple(r)) for r in rows)}
+        return [found.get(key) for key in keys]
+
+    async def kv_put(self, namespace: str, writes: Sequence[KVWrite], now: float) -> list[int]:
+        if all(w.expected_version is None for w in writes):
+            return await self._kv_put_unchecked(namespace, writes, now)
+
+        async def put(conn: asyncpg.Connection[Any]) -> list[int]:
+            async with conn.transaction():
+                tx = _PostgresTx(conn, now)
+                await tx.start()
+                versions = []
+                for w in writes:
+                    check_version(w.key, w.expected_version, await tx.version(namespace, w.key))
+                    versions.append(await tx.put(namespace, w))
+                await tx.finish()
+                return versions
+
+        result: list[int] = await self._call(put)
+        return result
+
+    async def _kv_put_unchecked(self, namespace: str, writes: Sequence[KVWrite], now: float) -> list[int]:
+        """``kv_put`` without compare-and-swap: one statement per write (``_PG_PUT_LIVE``)."""
+
+        async def put(conn: asyncpg.Connection[Any]) -> list[int]:
+            async with conn.transaction():
+                versions = []
+                for w in writes:
+                    taken, version = await conn.fetchrow(
+                        _PG_PUT_LIVE, namespace, w.key, w.value, w.content_type, w.expires_at, now
+                    )
+                    if version is None:  # an expired key: log its expiry at the revision taken, then put
+                        tx = _PostgresTx(conn, now)
+                        tx.revision = int(taken) - 1
+                        await tx.delete(namespace, w.key)
+                        version = await tx.put(namespace, w)
+                        await tx.finish()
+                    versions.append(int(version))
+                return versions
+
+        result: list[int] = await self._call(put)
+        return result
+
+    async def kv_delete(self, namespace: str, key: str, expected_version: int | None, now: float) -> int:
+        async def delete(conn: asyncpg.Connection[Any]) -> int:
+            async with conn.transaction():
+                tx = _PostgresTx(conn, now)
+                await tx.start()
+                current = await tx.version(namespace, key)
+                check_version(key, expected_version, current)
+                revision = await tx.delete(namespace, key) if current else 0
+                await tx.finish()
+                return revision
+
+        return int(await self._call(delete))
+
+    async def kv_list(self, namespace: str, prefix: str, after: str | None, limit: int, now: float) -> list[KVEntry]:
+        cond, args = _pg_range(prefix, after, 2)
+        n = 2 + len(args)
+        sql = (
+            f"SELECT {ENTRY_COLUMNS} FROM kv_keys WHERE namespace = $1 AND {cond} "
+            f"AND (expires_at IS NULL OR expires_at > ${n}) ORDER BY key LIMIT ${n + 1}"
+        )
+        rows = await self._call(lambda c: c.fetch(sql, namespace, *args, now, limit))
+        return [entry_of(tuple(r)) for r in rows]
+
+    async def kv_revisions(self) -> KVRevisions:
+        row = await self._call(lambda c: c.fetchrow("SELECT revision, compacted FROM kv_meta WHERE id = 1"))
+        return KVRevisions(int(row[0]), int(row[1]))
+
+    async def kv_changes(
+        self, after: int, upto: int | None, limit: int, namespace: str | None = None, prefix: str = ""
+    ) -> list[KVChange]:
+        where: list[str] = ["revision > $1"]
+        args: list[Any] = [after]
+        if upto is not None:
+            args.append(upto)
+            where.append(f"revision <= ${len(args)}")
+        if namespace is not None:
+            args.append(namespace)
+            cond, bounds = _pg_range(prefix, None, len(args) + 1)
+            where.append(f"namespace = ${len(args)} AND {cond}")
+            args += bounds
+        args.append(limit)
+        sql = f"SELECT {LOG_COLUMNS} FROM kv_log WHERE {' AND '.join(where)} ORDER BY revision LIMIT ${len(args)}"
+        rows = await self._call(lambda c: c.fetch(sql, *args))
+        return [change_of(tuple(r)) for r in rows]
+
+    async def kv_expire(self, now: float, limit: int) -> int:
+        async def expire(conn: asyncpg.Connection[Any]) -> int:
+            async with conn.transaction():
+                tx = _PostgresTx(conn, now)
+                await tx.start()
+                rows = await conn.fetch(
+                    "SELECT namespace, key FROM kv_keys WHERE expires_at IS NOT NULL AND expires_at <= $1 LIMIT $2",
+                    now,
+                    limit,
+                )
+                for namespace, key in rows:
+                    await tx.delete(namespace, key)
+                await tx.finish()
+                return len(rows)
+
+        return int(await self._call(expire))
+
+    async def kv_compact(self, keep: int) -> int:
+        async def compact(conn: asyncpg.Connection[Any]) -> int:
+            async with conn.transaction():
+                row = await conn.fetchrow("SELECT revision, compacted FROM kv_meta WHERE id = 1 FOR UPDATE")
+                cutoff = int(row[0]) - keep
+                if cutoff <= int(row[1]):
+                    return 0
+                status = await conn.execute("DELETE FROM kv_log WHERE revision <= $1", cutoff)
+                await conn.execute("UPDATE kv_meta SET compacted = $1 WHERE id = 1", cutoff)
+                return int(status.split()[-1])
+
+        return int(await self._call(compact))
+
+    async def kv_create_namespace(self, namespace: KVNamespace) -> bool:
+        sql = (
+            "INSERT INTO kv_namespaces (name, readers, writers, created_at, created_by) VALUES ($1, $2, $3, $4, $5) "
+            "ON CONFLICT (name) DO NOTHING"
+        )
+        args = (
+            namespace.name, json.dumps(sorted(namespace.readers)), json.dumps(sorted(namespace.writers)),
+            namespace.created_at, namespace.created_by,
+        )  # fmt: skip
+        status = await self._call(lambda c: c.execute(sql, *args))
+        return bool(status == "INSERT 0 1")
+
+    async def kv_get_namespace(self, name: str) -> KVNamespace | None:
+        sql = "SELECT name, readers, writers, created_at, created_by FROM kv_namespaces WHERE name = $1"
+        row = await self._call(lambda c: c.fetchrow(sql, name))
+        return None if row is None else namespace_of(tuple(row))
+
+    async def kv_update_namespace(self, name: str, readers: list[str], writers: list[str]) -> KVNamespace | None:
+        sql = "UPDATE kv_namespaces SET readers = $1, writers = $2 WHERE name = $3"
+        status = await self._call(
+            lambda c: c.execute(sql, json.dumps(sorted(readers)), json.dumps(sorted(writers)), name)
+        )
+        if status != "UPDATE 1":
+            return None
+        return await self.kv_get_namespace(name)
+
+    async def kv_delete_namespace(self, name: str, now: float) -> int | None:
+        async def delete(conn: asyncpg.Connection[Any]) -> int | None:
+            async with conn.transaction():
+                tx = _PostgresTx(conn, now)
+                await tx.start()
+                if await conn.execute("DELETE FROM kv_namespaces WHERE name = $1", name) == "DELETE 0":
+                    return None
+                keys = await conn.fetch("SELECT key FROM kv_keys WHERE namespace = $1 ORDER BY key", name)
+                for (key,) in keys:
+                    await tx.delete(name, key)
+                await tx.finish()
+                return len(keys)
+
+        result: int | None = await self._call(delete)
+        return result
+
+    async def kv_list_namespaces(self) -> list[KVNamespace]:
+        sql = "SELECT name, readers, writers, created_at, created_by FROM kv_namespaces ORDER BY name"
+        return [namespace_of(tuple(r)) for r in await self._call(lambda c: c.fetch(sql))]
+
+    async def kv_reassign_owner(self, old: str, new: str | None) -> int:
+        now = time.time()
+        source = personal_namespace(old)
+
+        async def reassign(conn: asyncpg.Connection[Any]) -> int:
+            async with conn.transaction():
+                tx = _PostgresTx(conn, now)
+                await tx.start()
+                rows = await conn.fetch(
+                    "SELECT key, value, content_type, expires_at FROM kv_keys WHERE namespace = $1 ORDER BY key",
+                    source,
+                )
+                for key, value, content_type, expires_at in rows:
+                    await tx.delete(source, key)
+                    if new is not None:
+                        heir = KVWrite(heir_key(old, key), bytes(value), content_type, None, expires_at)
+                        await tx.put(personal_namespace(new), heir)
+                await tx.finish()
+                changed = len(rows)
+                for name, readers, writers in await conn.fetch(
+                    "SELECT name, readers, writers FROM kv_namespaces ORDER BY name FOR UPDATE"
+                ):
+                    r, w = json.loads(readers), json.loads(writers)
+                    r2, w2 = acl_replace(r, old, new), acl_replace(w, old, new)
+                    if (r2, w2) != (sorted(r), sorted(w)):
+                        await conn.execute(
+                            "UPDATE kv_namespaces SET readers = $1, writers = $2 WHERE name = $3",
+                            json.dumps(r2), json.dumps(w2), name,
+                        )  # fmt: skip
+                        changed += 1
+                return changed
+
+        return int(await self._call(reassign))

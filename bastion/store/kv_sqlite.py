@@ -1,0 +1,377 @@
+"""The ``kv`` storage domain on SQLite (``SQLiteKV``): see kv.py for how it works."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from bastion.store._access import SQLiteAccess
+from bastion.store.kv import (
+    DELETE,
+    ENTRY_COLUMNS,
+    LOG_COLUMNS,
+    PUT,
+    KVChange,
+    KVEntry,
+    KVNamespace,
+    KVRevisions,
+    KVStore,
+    KVWrite,
+    acl_replace,
+    change_of,
+    check_version,
+    entry_of,
+    heir_key,
+    key_range,
+    namespace_of,
+    personal_namespace,
+)
+
+__all__ = ["SQLiteKV"]
+
+_LIVE = "(expires_at IS NULL OR expires_at > ?)"
+_LOG_INSERT = f"INSERT INTO kv_log ({LOG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+# A put's log row, its op written into the statement: one parameter fewer to bind per put (a text
+# parameter is copied into a fresh allocation by SQLite).
+_LOG_INSERT_PUT = f"INSERT INTO kv_log ({LOG_COLUMNS}) VALUES (?, ?, ?, '{PUT}', ?, ?, ?)"
+_KEY_UPSERT = (
+    "INSERT INTO kv_keys (namespace, key, value, content_type, version, expires_at) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, content_type = excluded.content_type, "
+    "version = excluded.version, expires_at = excluded.expires_at"
+)
+# As _KEY_UPSERT, but an expired key is left alone (no row changed); the 7th argument is ``now``.
+_KEY_UPSERT_LIVE = f"{_KEY_UPSERT} WHERE kv_keys.expires_at IS NULL OR kv_keys.expires_at > ?"
+# Whether any stored key has expired at ``?`` (the partial index kv_keys_expiry answers it).
+_ANY_EXPIRED = "SELECT 1 FROM kv_keys WHERE expires_at <= ? LIMIT 1"
+
+
+# One kv_put call in a batch: its namespace, its writes and its time.
+_Puts = tuple[str, list[KVWrite], float]
+
+
+class _SQLiteTx:
+    """Changes made on the writer connection within one write: the counter and the log.
+
+    The counter is read from ``kv_meta`` once per transaction (group commit),
+    not once per write: ``counter`` caches it with the store's transaction
+    serial, which is safe because the group holds the database's write lock
+    from ``BEGIN IMMEDIATE`` to ``COMMIT`` (another process sharing the file
+    reads it afresh in its own next transaction). ``finish`` advances the
+    cache and registers the before-commit hook ``store_revision``, which
+    writes the cache's final value to ``kv_meta`` once, just before the
+    group's ``COMMIT`` (see bastion/store/sqlite.py). ``finish`` is each
+    write's last step, so only a write that succeeds reaches it: a write that
+    raises leaves the cache as it found it, as its savepoint's rollback leaves
+    the tables. A write run again in a new transaction (a new serial) reads
+    the counter afresh.
+    """
+
+    __slots__ = ("conn", "counter", "hooks", "now", "revision")
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        now: float,
+        counter: list[int],
+        serial: int,
+        hooks: dict[str, Callable[[sqlite3.Connection], None]],
+    ) -> None:
+        self.conn = conn
+        self.now = now
+        self.counter = counter  # [transaction serial, revision] of the store, shared by its writes
+        self.hooks = hooks
+        if counter[0] != serial:
+            counter[0] = serial
+            counter[1] = int(conn.execute("SELECT revision FROM kv_meta WHERE id = 1").fetchone()[0])
+        self.revision = counter[1]
+
+    def version(self, namespace: str, key: str) -> int:
+        """The key's live version (0: absent); logs and removes it first if it has expired."""
+        row = self.conn.execute(
+            "SELECT version, expires_at FROM kv_keys WHERE namespace = ? AND key = ?", (namespace, key)
+        ).fetchone()
+        if row is None:
+            return 0
+        if row[1] is not None and row[1] <= self.now:
+            self.delete(namespace, key)
+            return 0
+        return int(row[0])
+
+    def put(self, namespace: str, w: KVWrite) -> int:
+        """Write ``w`` over whatever ``namespace``/``w.key`` holds; its new version."""
+        self.revision += 1
+        self.conn.execute(_KEY_UPSERT, (namespace, w.key, w.value, w.content_type, self.revision, w.expires_at))
+        self.conn.execute(_LOG_INSERT_PUT, (self.revision, namespace, w.key, w.value, w.content_type, self.now))
+        return self.revision
+
+    def put_unchecked(self, namespace: str, w: KVWrite) -> int:
+        """``put`` for a write without ``expected_version``: no read first, unless the key has expired.
+
+        The upsert leaves an expired key alone (its WHERE); then the expiry is
+        logged first, as ``version`` would have, and the put follows it.
+        """
+        revision = self.revision + 1
+        args = (namespace, w.key, w.value, w.content_type, revision, w.expires_at, self.now)
+        if self.conn.execute(_KEY_UPSERT_LIVE, args).rowcount == 0:
+            self.delete(namespace, w.key)
+            return self.put(namespace, w)
+        self.revision = revision
+        self.conn.execute(_LOG_INSERT_PUT, (revision, namespace, w.key, w.value, w.content_type, self.now))
+        return revision
+
+    def none_expired(self, puts: list[_Puts]) -> bool:
+        """Whether no key ``puts`` write can have expired when they are written.
+
+        True when no stored key has expired at the latest of their times and
+        none of their own expiry times is as early: then every put of the
+        batch finds its key live or absent, whatever the order.
+        """
+        latest = max(now for _, _, now in puts)
+        for _, writes, _ in puts:
+            for w in writes:
+                if w.expires_at is not None and w.expires_at <= latest:
+                    return False
+        return self.conn.execute(_ANY_EXPIRED, (latest,)).fetchone() is None
+
+    def put_rows(self, puts: list[_Puts]) -> list[list[int]]:
+        """``put`` of every write of ``puts``, in order: one ``executemany`` per table; their versions.
+
+        Only when ``none_expired(puts)``: no put has an expiry to log first.
+        (One statement per row, not multi-row ``VALUES``: a statement that
+        writes many rows makes SQLite keep a statement journal, which costs
+        more than the statements it saves.)
+        """
+        keys: list[tuple[Any, ...]] = []
+        log: list[tuple[Any, ...]] = []
+        versions: list[list[int]] = []
+        revision = self.revision
+        for namespace, writes, now in puts:
+            mine = []
+            for w in writes:
+                revision += 1
+                keys.append((namespace, w.key, w.value, w.content_type, revision, w.expires_at))
+                log.append((revision, namespace, w.key, w.value, w.content_type, now))
+                mine.append(revision)
+            versions.append(mine)
+        self.conn.executemany(_KEY_UPSERT, keys)
+        self.conn.executemany(_LOG_INSERT_PUT, log)
+        self.revision = revision
+        return versions
+
+    def delete(self, namespace: str, key: str) -> int:
+        self.revision += 1
+        self.conn.execute("DELETE FROM kv_keys WHERE namespace = ? AND key = ?", (namespace, key))
+        self.conn.execute(_LOG_INSERT, (self.revision, namespace, key, DELETE, None, "", self.now))
+        return self.revision
+
+    def finish(self) -> None:
+        if self.revision != self.counter[1]:
+            self.counter[1] = self.revision
+            if "kv" not in self.hooks:
+                self.hooks["kv"] = self.store_revision
+
+    def store_revision(self, conn: sqlite3.Connection) -> None:
+        """The before-commit hook: the transaction's last revision into ``kv_meta``."""
+        conn.execute("UPDATE kv_meta SET revision = ? WHERE id = 1", (self.counter[1],))
+
+
+class SQLiteKV(SQLiteAccess, KVStore):
+    """kv on SQLite: every write is one function on the writer thread (one savepoint of a group commit)."""
+
+    _kv_counter: list[int]  # see _SQLiteTx; set by _kv_tx on first use
+
+    def _kv_tx(self, conn: sqlite3.Connection, now: float) -> _SQLiteTx:
+        """On the writer thread, inside a write: the counter and log of this write."""
+        try:
+            counter = self._kv_counter
+        except AttributeError:
+            counter = self._kv_counter = [-1, 0]
+        return _SQLiteTx(conn, now, counter, self._tx_serial, self._before_commit)
+
+    async def kv_get_many(self, namespace: str, keys: Sequence[str], now: float) -> list[KVEntry | None]:
+        wanted = list(dict.fromkeys(keys))
+        marks = ", ".join("?" * len(wanted))
+        sql = f"SELECT {ENTRY_COLUMNS} FROM kv_keys WHERE namespace = ? AND key IN ({marks}) AND {_LIVE}"
+        rows = await self._read(lambda c: c.execute(sql, (namespace, *wanted, now)).fetchall()) if wanted else []
+        found = {entry.key: entry for entry in map(entry_of, rows)}
+        return [found.get(key) for key in keys]
+
+    def kv_put(self, namespace: str, writes: Sequence[KVWrite], now: float) -> Awaitable[list[int]]:
+        # Not a coroutine: the caller awaits the queued write itself (see SQLiteStore._write_batched).
+        writes = list(writes)
+        for w in writes:
+            if w.expected_version is not None:
+                return self._write(functools.partial(self._kv_put_checked, namespace, writes, now))
+        versions: Awaitable[list[int]] = self._write_batched(self._kv_put_unchecked, (namespace, writes, now))
+        return versions
+
+    def _kv_put_checked(self, namespace: str, writes: list[KVWrite], now: float, conn: sqlite3.Connection) -> list[int]:
+        """The write of ``kv_put`` calls with compare-and-swap: each key's version read first."""
+        tx = self._kv_tx(conn, now)
+        versions = []
+        for w in writes:
+            if w.expected_version is None:
+                versions.append(tx.put_unchecked(namespace, w))
+            else:
+                check_version(w.key, w.expected_version, tx.version(namespace, w.key))
+                versions.append(tx.put(namespace, w))
+        tx.finish()
+        return versions
+
+    def _kv_put_unchecked(self, conn: sqlite3.Connection, puts: list[_Puts]) -> list[list[int]]:
+        """The batched write of ``kv_put`` calls without compare-and-swap: each one's versions.
+
+        Usually one ``executemany`` per table for the whole batch (``put_rows``);
+        when some key may have expired, each put the careful way instead
+        (``put_unchecked``: an expired key's expiry is logged first).
+        """
+        tx = self._kv_tx(conn, puts[-1][2])
+        if tx.none_expired(puts):
+            versions = tx.put_rows(puts)
+        else:
+            versions = []
+            for namespace, writes, now in puts:
+                tx.now = now
+                versions.append([tx.put_unchecked(namespace, w) for w in writes])
+        tx.finish()
+        return versions
+
+    async def kv_delete(self, namespace: str, key: str, expected_version: int | None, now: float) -> int:
+        def delete(conn: sqlite3.Connection) -> int:
+            tx = self._kv_tx(conn, now)
+            current = tx.version(namespace, key)
+            check_version(key, expected_version, current)
+            revision = tx.delete(namespace, key) if current else 0
+            tx.finish()
+            return revision
+
+        return await self._write(delete)
+
+    async def kv_list(self, namespace: str, prefix: str, after: str | None, limit: int, now: float) -> list[KVEntry]:
+        low, high, args = key_range(prefix, after)
+        sql = (
+            f"SELECT {ENTRY_COLUMNS} FROM kv_keys WHERE namespace = ? AND {low} {high} AND {_LIVE} ORDER BY key LIMIT ?"
+        )
+        rows = await self._read(lambda c: c.execute(sql, (namespace, *args, now, limit)).fetchall())
+        return [entry_of(row) for row in rows]
+
+    async def kv_revisions(self) -> KVRevisions:
+        row = await self._read(lambda c: c.execute("SELECT revision, compacted FROM kv_meta WHERE id = 1").fetchone())
+        return KVRevisions(int(row[0]), int(row[1]))
+
+    async def kv_changes(
+        self, after: int, upto: int | None, limit: int, namespace: str | None = None, prefix: str = ""
+    ) -> list[KVChange]:
+        where: list[str] = ["revision > ?"]
+        args: list[Any] = [after]
+        if upto is not None:
+            where.append("revision <= ?")
+            args.append(upto)
+        if namespace is not None:
+            low, high, bounds = key_range(prefix, None)
+            where.append(f"namespace = ? AND {low} {high}")
+            args += [namespace, *bounds]
+        sql = f"SELECT {LOG_COLUMNS} FROM kv_log WHERE {' AND '.join(where)} ORDER BY revision LIMIT ?"
+        rows = await self._read(lambda c: c.execute(sql, (*args, limit)).fetchall())
+        return [change_of(row) for row in rows]
+
+    async def kv_expire(self, now: float, limit: int) -> int:
+        def expire(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT namespace, key FROM kv_keys WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            tx = self._kv_tx(conn, now)
+            for namespace, key in rows:
+                tx.delete(namespace, key)
+            tx.finish()
+            return len(rows)
+
+        return await self._write(expire)
+
+    async def kv_compact(self, keep: int) -> int:
+        def compact(conn: sqlite3.Connection) -> int:
+            revision = self._kv_tx(conn, 0.0).revision  # kv_meta's is stored only at commit
+            compacted = conn.execute("SELECT compacted FROM kv_meta WHERE id = 1").fetchone()[0]
+            cutoff = revision - keep
+            if cutoff <= compacted:
+                return 0
+            removed = conn.execute("DELETE FROM kv_log WHERE revision <= ?", (cutoff,)).rowcount
+            conn.execute("UPDATE kv_meta SET compacted = ? WHERE id = 1", (cutoff,))
+            return int(removed)
+
+        return await self._write(compact)
+
+    async def kv_create_namespace(self, namespace: KVNamespace) -> bool:
+        row = (
+            namespace.name, json.dumps(sorted(namespace.readers)), json.dumps(sorted(namespace.writers)),
+            namespace.created_at, namespace.created_by,
+        )  # fmt: skip
+        sql = (
+            "INSERT INTO kv_namespaces (name, readers, writers, created_at, created_by) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (name) DO NOTHING"
+        )
+        return bool(await self._write(lambda c: c.execute(sql, row).rowcount == 1))
+
+    async def kv_get_namespace(self, name: str) -> KVNamespace | None:
+        sql = "SELECT name, readers, writers, created_at, created_by FROM kv_namespaces WHERE name = ?"
+        row = await self._read(lambda c: c.execute(sql, (name,)).fetchone())
+        return None if row is None else namespace_of(row)
+
+    async def kv_update_namespace(self, name: str, readers: list[str], writers: list[str]) -> KVNamespace | None:
+        sql = "UPDATE kv_namespaces SET readers = ?, writers = ? WHERE name = ?"
+        args = (json.dumps(sorted(readers)), json.dumps(sorted(writers)), name)
+        if not await self._write(lambda c: c.execute(sql, args).rowcount == 1):
+            return None
+        return await self.kv_get_namespace(name)
+
+    async def kv_delete_namespace(self, name: str, now: float) -> int | None:
+        def delete(conn: sqlite3.Connection) -> int | None:
+            if conn.execute("DELETE FROM kv_namespaces WHERE name = ?", (name,)).rowcount == 0:
+                return None
+            keys = conn.execute("SELECT key FROM kv_keys WHERE namespace = ?", (name,)).fetchall()
+            tx = self._kv_tx(conn, now)
+            for (key,) in keys:
+                tx.delete(name, key)
+            tx.finish()
+            return len(keys)
+
+        return await self._write(delete)
+
+    async def kv_list_namespaces(self) -> list[KVNamespace]:
+        sql = "SELECT name, readers, writers, created_at, created_by FROM kv_namespaces ORDER BY name"
+        return [namespace_of(row) for row in await self._read(lambda c: c.execute(sql).fetchall())]
+
+    async def kv_reassign_owner(self, old: str, new: str | None) -> int:
+        now = time.time()
+        source = personal_namespace(old)
+
+        def reassign(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT key, value, content_type, expires_at FROM kv_keys WHERE namespace = ?", (source,)
+            ).fetchall()
+            tx = self._kv_tx(conn, now)
+            for key, value, content_type, expires_at in rows:
+                tx.delete(source, key)
+                if new is not None:
+                    tx.put(personal_namespace(new), KVWrite(heir_key(old, key), value, content_type, None, expires_at))
+            changed = len(rows)
+            for name, readers, writers in conn.execute(
+                "SELECT name, readers, writers FROM kv_namespaces ORDER BY name"
+            ).fetchall():
+                r, w = json.loads(readers), json.loads(writers)
+                r2, w2 = acl_replace(r, old, new), acl_replace(w, old, new)
+                if (r2, w2) != (sorted(r), sorted(w)):
+                    conn.execute(
+                        "UPDATE kv_namespaces SET readers = ?, writers = ? WHERE name = ?",
+                        (json.dumps(r2), json.dumps(w2), name),
+                    )
+                    changed += 1
+            tx.finish()  # last: nothing after it may fail, or the counter would run ahead of the log
+            return changed
+
+        return await self._write(reassign)
