@@ -1,4 +1,6 @@
-"""The ``mail`` storage domain (the mailboxes of the ``messages`` service): interface, SQLite, PostgreSQL.
+"""The ``mail`` storage domain (the mailboxes of the ``messages`` service): interface and records.
+
+The backends are mail_sqlite.py and mail_postgres.py.
 
 Theory of operation
 -------------------
@@ -51,18 +53,17 @@ replicas.
 from __future__ import annotations
 
 import math
-import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from bastion.exceptions import AlreadyExists, NotFound, ResourceExhausted, Unavailable
-from bastion.store._access import Notifying, PostgresAccess, SQLiteAccess
+from bastion.exceptions import AlreadyExists, NotFound, ResourceExhausted
+from bastion.store._access import Notifying
 
 if TYPE_CHECKING:
-    import asyncpg
+    pass
 
 __all__ = [
     "POSTGRES_SCHEMA",
@@ -74,8 +75,6 @@ __all__ = [
     "MailSent",
     "MailStats",
     "MailStore",
-    "PostgresMail",
-    "SQLiteMail",
 ]
 
 # Schema migration statements of this domain (its migration version is fixed in migrations.py).
@@ -385,18 +384,6 @@ def _list_sql(
     return sql + f" ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT {mark.format(len(args))}"
 
 
-# -- SQLite ---------------------------------------------------------------------------------
-
-_BOX_UPSERT = (
-    "INSERT INTO mail_boxes (owner, last_id, count, unread, bytes) VALUES (?, 1, 1, 1, ?) "
-    "ON CONFLICT (owner) DO UPDATE SET last_id = last_id + 1, count = count + 1, unread = unread + 1, "
-    "bytes = bytes + excluded.bytes RETURNING last_id, count, bytes"
-)
-_MESSAGE_INSERT = f"INSERT INTO mail_messages ({_ITEM_COLUMNS}) VALUES ({', '.join('?' * 13)})"
-_SEND_INSERT = "INSERT INTO mail_sends (sender, client_id, digest, recipients, at) VALUES (?, ?, ?, ?, ?)"
-_SEND_FIND = "SELECT id, digest, recipients, at FROM mail_sends WHERE sender = ? AND client_id = ?"
-
-
 def _prior(row: Sequence[Any] | None, draft: MailDraft) -> MailSent | None:
     """The earlier send ``row`` (found by client_id) as this send's answer; None if there was none."""
     if row is None:
@@ -405,278 +392,3 @@ def _prior(row: Sequence[Any] | None, draft: MailDraft) -> MailSent | None:
     if digest != draft.digest:
         raise _reused(str(draft.client_id))
     return MailSent(int(id_), _strings.decode(recipients), float(at), duplicate=True)
-
-
-def _sqlite_send(conn: sqlite3.Connection, d: MailDraft, limits: MailLimits) -> MailSent:
-    if d.client_id is not None:
-        prior = _prior(conn.execute(_SEND_FIND, (d.sender, d.client_id)).fetchone(), d)
-        if prior is not None:
-            return prior
-    try:
-        if limits.rate > 0:
-            row = conn.execute("SELECT tokens, at FROM mail_senders WHERE sender = ?", (d.sender,)).fetchone()
-            tokens, at = (limits.burst, d.at) if row is None else (float(row[0]), float(row[1]))
-            tokens = _charge(tokens, at, len(d.recipients), limits, d.at)
-            conn.execute(
-                "INSERT INTO mail_senders (sender, tokens, at) VALUES (?, ?, ?) "
-                "ON CONFLICT (sender) DO UPDATE SET tokens = excluded.tokens, at = excluded.at",
-                (d.sender, tokens, d.at),
-            )
-        recipients = _encode(d.recipients).decode()
-        send_id = conn.execute(_SEND_INSERT, (d.sender, d.client_id, d.digest, recipients, d.at)).lastrowid
-        fields = (
-            _encode(d.to).decode(), d.subject, d.body, d.body_kind, _encode(d.headers).decode(),
-            _encode(d.attachments).decode(), d.size, d.at, 0,
-        )  # fmt: skip
-        for owner in sorted(d.recipients):
-            id_, count, size = conn.execute(_BOX_UPSERT, (owner, d.size)).fetchone()
-            full = _full(owner, limits.max_messages, limits.max_bytes, count, size)
-            if full is not None:
-                raise full
-            conn.execute(_MESSAGE_INSERT, (owner, id_, send_id, d.sender, *fields))
-    except sqlite3.IntegrityError as exc:
-        if exc.sqlite_errorname == "SQLITE_CONSTRAINT_FOREIGNKEY":
-            raise NotFound("a recipient (or the sender) is not a user any more; nothing was sent") from None
-        raise
-    assert send_id is not None
-    return MailSent(int(send_id), list(d.recipients), d.at)
-
-
-def _sqlite_found(conn: sqlite3.Connection, owner: str, ids: Sequence[int]) -> set[int]:
-    wanted = sorted(set(ids))
-    marks = ", ".join("?" * len(wanted))
-    rows = conn.execute(f"SELECT id FROM mail_messages WHERE owner = ? AND id IN ({marks})", (owner, *wanted))
-    return {int(r[0]) for r in rows}
-
-
-class SQLiteMail(SQLiteAccess, MailStore):
-    """Mailboxes on SQLite: every change is one write of the group commit."""
-
-    async def mail_send(self, draft: MailDraft, limits: MailLimits) -> MailSent:
-        return await self._write(lambda conn: _sqlite_send(conn, draft, limits))
-
-    async def mail_get(self, owner: str, id: int, *, mark_read: bool = False) -> MailItem | None:
-        sql = f"SELECT {_ITEM_COLUMNS} FROM mail_messages WHERE owner = ? AND id = ?"
-        if not mark_read:
-            row = await self._read(lambda conn: conn.execute(sql, (owner, id)).fetchone())
-            return None if row is None else _item(row)
-
-        def read(conn: sqlite3.Connection) -> MailItem | None:
-            marked = "UPDATE mail_messages SET read = 1 WHERE owner = ? AND id = ? AND read = 0"
-            if conn.execute(marked, (owner, id)).rowcount:
-                conn.execute("UPDATE mail_boxes SET unread = unread - 1 WHERE owner = ?", (owner,))
-            row = conn.execute(sql, (owner, id)).fetchone()
-            return None if row is None else _item(row)
-
-        return await self._write(read)
-
-    async def mail_list(
-        self, owner: str, after: int | None, limit: int, *, unread_only: bool, newest_first: bool, bodies: bool
-    ) -> list[MailItem]:
-        args: list[Any] = [owner]
-        sql = _list_sql(args, "?", "X''", after, limit, unread_only, newest_first, bodies)
-        return [_item(r) for r in await self._read(lambda conn: conn.execute(sql, args).fetchall())]
-
-    async def mail_mark(self, owner: str, ids: Sequence[int], read: bool) -> int:
-        def mark(conn: sqlite3.Connection) -> int:
-            missing = _missing(ids, _sqlite_found(conn, owner, ids))
-            if missing is not None:
-                raise missing
-            wanted = sorted(set(ids))
-            marks = ", ".join("?" * len(wanted))
-            sql = f"UPDATE mail_messages SET read = ? WHERE owner = ? AND read = ? AND id IN ({marks})"
-            changed = conn.execute(sql, (int(read), owner, int(not read), *wanted)).rowcount
-            delta = -changed if read else changed
-            conn.execute("UPDATE mail_boxes SET unread = unread + ? WHERE owner = ?", (delta, owner))
-            return int(changed)
-
-        return await self._write(mark) if ids else 0
-
-    async def mail_delete(self, owner: str, ids: Sequence[int]) -> int:
-        def delete(conn: sqlite3.Connection) -> int:
-            missing = _missing(ids, _sqlite_found(conn, owner, ids))
-            if missing is not None:
-                raise missing
-            wanted = sorted(set(ids))
-            sql = (
-                f"DELETE FROM mail_messages WHERE owner = ? AND id IN ({', '.join('?' * len(wanted))}) "
-                "RETURNING size, read"
-            )
-            rows = conn.execute(sql, (owner, *wanted)).fetchall()
-            size, unread = sum(r[0] for r in rows), sum(1 for r in rows if not r[1])
-            conn.execute(
-                "UPDATE mail_boxes SET count = count - ?, unread = unread - ?, bytes = bytes - ? WHERE owner = ?",
-                (len(rows), unread, size, owner),
-            )
-            return len(rows)
-
-        return await self._write(delete) if ids else 0
-
-    async def mail_stats(self, owner: str) -> MailStats:
-        sql = f"SELECT {_STATS_COLUMNS} FROM mail_boxes WHERE owner = ?"
-        return _stats(await self._read(lambda conn: conn.execute(sql, (owner,)).fetchone()))
-
-    async def mail_heads(self, owners: Sequence[str]) -> dict[str, int]:
-        if not owners:
-            return {}
-        sql = f"SELECT owner, last_id FROM mail_boxes WHERE owner IN ({', '.join('?' * len(owners))})"
-        rows = await self._read(lambda conn: conn.execute(sql, tuple(owners)).fetchall())
-        return {owner: int(last) for owner, last in rows}
-
-    async def mail_forget_sends(self, before: float) -> int:
-        return await self._write(lambda conn: conn.execute("DELETE FROM mail_sends WHERE at < ?", (before,)).rowcount)
-
-
-# -- PostgreSQL -----------------------------------------------------------------------------
-
-# The upsert locks the mailbox row until commit: concurrent deliveries to one mailbox queue here.
-_PG_BOX_UPSERT = (
-    "INSERT INTO mail_boxes (owner, last_id, count, unread, bytes) VALUES ($1, 1, 1, 1, $2) "
-    "ON CONFLICT (owner) DO UPDATE SET last_id = mail_boxes.last_id + 1, count = mail_boxes.count + 1, "
-    "unread = mail_boxes.unread + 1, bytes = mail_boxes.bytes + excluded.bytes RETURNING last_id, count, bytes"
-)
-# One statement per send: every recipient's copy, with the ids the upserts handed out.
-_PG_MESSAGES_INSERT = (
-    f"INSERT INTO mail_messages ({_ITEM_COLUMNS}) "
-    "SELECT o, i, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, FALSE FROM unnest($1::text[], $2::bigint[]) AS t (o, i)"
-)
-# Waits for a concurrent send with the same client_id to finish; no row back: it (or an older one) exists.
-_PG_SEND_INSERT = (
-    "INSERT INTO mail_sends (sender, client_id, digest, recipients, at) VALUES ($1, $2, $3, $4, $5) "
-    "ON CONFLICT (sender, client_id) DO NOTHING RETURNING id"
-)
-_PG_SEND_FIND = "SELECT id, digest, recipients, at FROM mail_sends WHERE sender = $1 AND client_id = $2"
-# Locks the sender's bucket row (made full if new) until commit.
-_PG_BUCKET = (
-    "INSERT INTO mail_senders (sender, tokens, at) VALUES ($1, $2, $3) "
-    "ON CONFLICT (sender) DO UPDATE SET sender = excluded.sender RETURNING tokens, at"
-)
-
-
-async def _pg_send(conn: asyncpg.Connection[Any], d: MailDraft, limits: MailLimits) -> MailSent:
-    import asyncpg
-
-    try:
-        async with conn.transaction():
-            recipients = _encode(d.recipients).decode()
-            send_id = await conn.fetchval(_PG_SEND_INSERT, d.sender, d.client_id, d.digest, recipients, d.at)
-            if send_id is None:
-                prior = _prior(await conn.fetchrow(_PG_SEND_FIND, d.sender, d.client_id), d)
-                if prior is None:  # forgotten by the sweep since the insert found it: rare, and safe to retry
-                    raise Unavailable("the send with this client_id was just being forgotten; try again")
-                return prior
-            if limits.rate > 0:
-                tokens, at = await conn.fetchrow(_PG_BUCKET, d.sender, limits.burst, d.at)
-                tokens = _charge(float(tokens), float(at), len(d.recipients), limits, d.at)
-                await conn.execute(
-                    "UPDATE mail_senders SET tokens = $2, at = $3 WHERE sender = $1", d.sender, tokens, d.at
-                )
-            owners, ids = sorted(d.recipients), []
-            for owner in owners:
-                id_, count, size = await conn.fetchrow(_PG_BOX_UPSERT, owner, d.size)
-                full = _full(owner, limits.max_messages, limits.max_bytes, int(count), int(size))
-                if full is not None:
-                    raise full
-                ids.append(int(id_))
-            await conn.execute(
-                _PG_MESSAGES_INSERT, owners, ids, send_id, d.sender, _encode(d.to).decode(), d.subject, d.body,
-                d.body_kind, _encode(d.headers).decode(), _encode(d.attachments).decode(), d.size, d.at,
-            )  # fmt: skip
-            return MailSent(int(send_id), list(d.recipients), d.at)
-    except asyncpg.ForeignKeyViolationError:
-        raise NotFound("a recipient (or the sender) is not a user any more; nothing was sent") from None
-
-
-async def _pg_found(conn: asyncpg.Connection[Any], owner: str, ids: Sequence[int]) -> set[int]:
-    """The ``ids`` present in ``owner``'s mailbox, once its row is locked (every change locks it first)."""
-    await conn.execute("SELECT 1 FROM mail_boxes WHERE owner = $1 FOR UPDATE", owner)
-    rows = await conn.fetch("SELECT id FROM mail_messages WHERE owner = $1 AND id = ANY($2::bigint[])", owner, ids)
-    return {int(r[0]) for r in rows}
-
-
-class PostgresMail(PostgresAccess, MailStore):
-    """Mailboxes on PostgreSQL: every change is one transaction holding the mailbox row's lock."""
-
-    async def mail_send(self, draft: MailDraft, limits: MailLimits) -> MailSent:
-        result: MailSent = await self._call(lambda conn: _pg_send(conn, draft, limits))
-        return result
-
-    async def mail_get(self, owner: str, id: int, *, mark_read: bool = False) -> MailItem | None:
-        sql = f"SELECT {_ITEM_COLUMNS} FROM mail_messages WHERE owner = $1 AND id = $2"
-        if not mark_read:
-            row = await self._call(lambda conn: conn.fetchrow(sql, owner, id))
-            return None if row is None else _item(tuple(row))
-
-        async def read(conn: asyncpg.Connection[Any]) -> MailItem | None:
-            async with conn.transaction():
-                if await _pg_found(conn, owner, [id]):
-                    marked = "UPDATE mail_messages SET read = TRUE WHERE owner = $1 AND id = $2 AND NOT read"
-                    if await conn.execute(marked, owner, id) == "UPDATE 1":
-                        await conn.execute("UPDATE mail_boxes SET unread = unread - 1 WHERE owner = $1", owner)
-                row = await conn.fetchrow(sql, owner, id)
-                return None if row is None else _item(tuple(row))
-
-        result: MailItem | None = await self._call(read)
-        return result
-
-    async def mail_list(
-        self, owner: str, after: int | None, limit: int, *, unread_only: bool, newest_first: bool, bodies: bool
-    ) -> list[MailItem]:
-        args: list[Any] = [owner]
-        sql = _list_sql(args, "${}", "''::bytea", after, limit, unread_only, newest_first, bodies)
-        rows = await self._call(lambda conn: conn.fetch(sql, *args))
-        return [_item(tuple(r)) for r in rows]
-
-    async def mail_mark(self, owner: str, ids: Sequence[int], read: bool) -> int:
-        wanted = sorted(set(ids))
-
-        async def mark(conn: asyncpg.Connection[Any]) -> int:
-            async with conn.transaction():
-                missing = _missing(ids, await _pg_found(conn, owner, wanted))
-                if missing is not None:
-                    raise missing
-                sql = "UPDATE mail_messages SET read = $3 WHERE owner = $1 AND id = ANY($2::bigint[]) AND read <> $3"
-                changed = int((await conn.execute(sql, owner, wanted, read)).split()[-1])
-                delta = -changed if read else changed
-                await conn.execute("UPDATE mail_boxes SET unread = unread + $2 WHERE owner = $1", owner, delta)
-                return changed
-
-        return int(await self._call(mark)) if wanted else 0
-
-    async def mail_delete(self, owner: str, ids: Sequence[int]) -> int:
-        wanted = sorted(set(ids))
-
-        async def delete(conn: asyncpg.Connection[Any]) -> int:
-            async with conn.transaction():
-                missing = _missing(ids, await _pg_found(conn, owner, wanted))
-                if missing is not None:
-                    raise missing
-                rows = await conn.fetch(
-                    "DELETE FROM mail_messages WHERE owner = $1 AND id = ANY($2::bigint[]) RETURNING size, read",
-                    owner, wanted,
-                )  # fmt: skip
-                size, unread = sum(int(r[0]) for r in rows), sum(1 for r in rows if not r[1])
-                await conn.execute(
-                    "UPDATE mail_boxes SET count = count - $2, unread = unread - $3, bytes = bytes - $4 "
-                    "WHERE owner = $1",
-                    owner, len(rows), unread, size,
-                )  # fmt: skip
-                return len(rows)
-
-        return int(await self._call(delete)) if wanted else 0
-
-    async def mail_stats(self, owner: str) -> MailStats:
-        sql = f"SELECT {_STATS_COLUMNS} FROM mail_boxes WHERE owner = $1"
-        row = await self._call(lambda conn: conn.fetchrow(sql, owner))
-        return _stats(None if row is None else tuple(row))
-
-    async def mail_heads(self, owners: Sequence[str]) -> dict[str, int]:
-        if not owners:
-            return {}
-        sql = "SELECT owner, last_id FROM mail_boxes WHERE owner = ANY($1::text[])"
-        rows = await self._call(lambda conn: conn.fetch(sql, list(owners)))
-        return {r[0]: int(r[1]) for r in rows}
-
-    async def mail_forget_sends(self, before: float) -> int:
-        status = await self._call(lambda conn: conn.execute("DELETE FROM mail_sends WHERE at < $1", before))
-        return int(status.split()[-1])

@@ -81,7 +81,7 @@ from bastion.store.files import PostgresFiles
 from bastion.store.idempotency import PostgresIdempotency
 from bastion.store.jobs import PostgresJobs
 from bastion.store.kv_postgres import PostgresKV
-from bastion.store.mail import PostgresMail
+from bastion.store.mail_postgres import PostgresMail
 from bastion.store.migrations import Migration, check_newer_schema, compatible_from
 from bastion.store.topics import PostgresTopics
 

@@ -132,7 +132,7 @@ from bastion.store.files import SQLiteFiles
 from bastion.store.idempotency import SQLiteIdempotency
 from bastion.store.jobs import SQLiteJobs
 from bastion.store.kv_sqlite import SQLiteKV
-from bastion.store.mail import SQLiteMail
+from bastion.store.mail_sqlite import SQLiteMail
 from bastion.store.migrations import MIGRATIONS, Migration, apply_migrations
 from bastion.store.topics import SQLiteTopics
 
