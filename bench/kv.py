@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/kv.py [--clients 64] [--duration 5] [--warmup 1] [--json out.json]
 
-Three points, one after another, each server alone in its own subprocess
+Four points, one after another, each server alone in its own subprocess
 (pinned to CPU 0 when there are 2+ CPUs; the load generator to CPU 1):
 
 * ``bastion``: a bastion ``Server`` hosting the real ``kv`` service over a
@@ -14,14 +14,25 @@ Three points, one after another, each server alone in its own subprocess
 * ``single-row``: the same server and store with ``max_batch=1``: one
   transaction, one fsync, per put -- what the store would do without group
   commit. Same clients, same load.
+* ``sqlite alone``: no server, no network: one process (pinned like the
+  server) writing the same rows as the store's batched ``kv.put`` -- an upsert
+  into ``kv_keys``, an insert into ``kv_log``, the ``kv_meta`` revision -- in
+  transactions of ``--clients`` puts each (the most a group commit can gather
+  from that many callers), with the store's own schema and pragmas (WAL,
+  ``synchronous=FULL``). The cost of any server that commits kv.put to
+  SQLite on this machine, before its own work: its CPU per put, on the
+  server's one core, bounds the puts/s any such server can reach (commits
+  overlap the server's other work, so the bound is CPU, not this point's
+  serial puts/s).
 * ``redis``: ``redis-server --appendonly yes --appendfsync always`` on a free
   port with its data in a temporary directory, measured with
   ``redis-benchmark -c CLIENTS -t set -d 32 -r 100000`` (its own C client).
 
 Every bastion put that returned was durably committed (fsync) before its
 answer was sent. The table gives puts/s and the ratios bastion/single-row
-(the issue's target: at least 5x) and bastion/redis. Run it on a quiet
-machine: fsync latency dominates, and other disk traffic changes it.
+(the issue's target: at least 5x) and bastion/redis, and that bound as a
+ratio to redis. Run it on a quiet machine: fsync latency dominates, and
+other disk traffic changes it.
 """
 
 from __future__ import annotations
@@ -82,6 +93,73 @@ async def _serve(max_batch: int, directory: str) -> None:
     print(f"STATS {json.dumps(stats)}", flush=True)
 
 
+# -- SQLite alone (``bench/kv.py --engine BATCH DIR SECONDS``) -----------------------------------
+
+
+def _engine(batch: int, directory: str, seconds: float) -> None:
+    """Commit batches of ``batch`` kv.put rows for ``seconds``; print puts/s and CPU µs per put."""
+    import sqlite3
+
+    from bastion.store.kv_sqlite import _KEY_UPSERT, _LOG_INSERT_PUT
+    from bastion.store.sqlite import SQLiteStore
+
+    path = Path(directory) / "bastion.db"
+
+    async def create() -> None:  # the store's schema, by its own migrations
+        async with SQLiteStore(path):
+            pass
+
+    asyncio.run(create())
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # the store's pragmas (SQLiteStore._connect)
+    rng = random.Random(0)
+    revision = 0
+
+    def commit() -> None:
+        nonlocal revision
+        keys, log = [], []
+        for _ in range(batch):
+            revision += 1
+            key = f"key:{rng.randrange(KEYSPACE):06}"
+            keys.append(("~bench", key, VALUE, "", revision, None))
+            log.append((revision, "~bench", key, VALUE, "", time.time()))
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(_KEY_UPSERT, keys)
+        conn.executemany(_LOG_INSERT_PUT, log)
+        conn.execute("UPDATE kv_meta SET revision = ? WHERE id = 1", (revision,))
+        conn.execute("COMMIT")
+
+    warm_until = time.monotonic() + 1.0
+    while time.monotonic() < warm_until:
+        commit()
+    puts, cpu0, t0 = 0, os.times(), time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        commit()
+        puts += batch
+    cpu1, elapsed = os.times(), time.monotonic() - t0
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    result = {"ops": puts / elapsed, "server_cpu_us": 1e6 * cpu / puts, "writes_per_commit": float(batch)}
+    print(f"ENGINE {json.dumps(result)}", flush=True)
+
+
+def bench_engine(opts: argparse.Namespace, cpus: tuple[int | None, int | None]) -> dict[str, Any]:
+    """SQLite alone: the store's kv.put rows in commits of ``opts.clients``, pinned as the server is."""
+    directory = tempfile.mkdtemp(prefix="bastion-bench-sqlite-")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", str(opts.clients), directory, str(opts.duration)]
+    if cpus[0] is not None:
+        cmd += ["--cpu", str(cpus[0])]
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        try:
+            line = _read_line(proc, "ENGINE ", opts.duration + STARTUP_DEADLINE)
+        finally:
+            proc.wait(10)
+        return dict(json.loads(line.split(" ", 1)[1]))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class BastionProcess:
     def __init__(self, max_batch: int, directory: str, cpu: int | None) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", str(max_batch), directory]
@@ -97,9 +175,9 @@ class BastionProcess:
         return dict(stats)
 
 
-def _read_line(proc: subprocess.Popen[str], prefix: str) -> str:
+def _read_line(proc: subprocess.Popen[str], prefix: str, within: float = STARTUP_DEADLINE) -> str:
     assert proc.stdout is not None
-    deadline = time.monotonic() + STARTUP_DEADLINE
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
         if ready:
@@ -109,7 +187,7 @@ def _read_line(proc: subprocess.Popen[str], prefix: str) -> str:
             if line.startswith(prefix):
                 return line.strip()
     proc.kill()
-    raise RuntimeError(f"bench server: no {prefix.strip()} line within {STARTUP_DEADLINE:.0f}s")
+    raise RuntimeError(f"bench server: no {prefix.strip()} line within {within:.0f}s")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -238,14 +316,18 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--serve", nargs=2, metavar=("MAX_BATCH", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--engine", nargs=3, metavar=("BATCH", "DIR", "SECONDS"), help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     for path in (HERE, ROOT):
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
+    if opts.cpu is not None and (opts.serve or opts.engine):
+        os.sched_setaffinity(0, {opts.cpu})
+    if opts.engine:
+        _engine(int(opts.engine[0]), opts.engine[1], float(opts.engine[2]))
+        return 0
     if opts.serve:
-        if opts.cpu is not None:
-            os.sched_setaffinity(0, {opts.cpu})
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -256,6 +338,7 @@ def main() -> int:
     results = {
         "bastion": bench_bastion(1024, opts, cpus)["put"],
         "single-row": bench_bastion(1, opts, cpus)["put"],
+        "sqlite alone": bench_engine(opts, cpus),
         "redis": bench_redis(opts, cpus),
     }
     os.sched_setaffinity(0, allowed)
@@ -275,6 +358,12 @@ def main() -> int:
     print(f"\nbastion / single-row commits: {base / results['single-row']['ops']:.1f}x (target >= 5x)")
     if "ops" in results["redis"]:
         print(f"bastion / redis (appendfsync always): {base / results['redis']['ops']:.2f}x")
+        # Commits overlap the server's other work, so the ceiling is CPU, not the serial rate above.
+        ceiling = 1e6 / results["sqlite alone"]["server_cpu_us"]
+        print(
+            f"sqlite alone: {results['sqlite alone']['server_cpu_us']:.0f} µs of CPU per put, so at most "
+            f"{ceiling:,.0f} puts/s on one core = {ceiling / results['redis']['ops']:.2f}x redis, with no server at all"
+        )
     if opts.json:
         opts.json.write_text(json.dumps(results, indent=2))
     return 0

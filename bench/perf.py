@@ -207,6 +207,8 @@ def bench_kv(opts: argparse.Namespace, cpus: Cpus) -> dict[str, Any]:
     keys = ("ops", "p50_ms", "p99_ms", "server_cpu_us", "client_cpu_us")
     bastion = [kv_bench.bench_bastion(1024, args, cpus, ops=("put", "get")) for _ in range(opts.repeat)]
     out = {op: summarize([b[op] for b in bastion], (*keys, "writes_per_commit")) for op in ("put", "get")}
+    engine = [kv_bench.bench_engine(args, cpus) for _ in range(opts.repeat)]
+    out["sqlite_alone"] = summarize(engine, ("ops", "server_cpu_us"))
     if redisref.missing() is None:
         out["redis_set"] = summarize([kv_bench.bench_redis(args, cpus) for _ in range(opts.repeat)], keys)
     return {**out, "runs": bastion}
@@ -240,7 +242,12 @@ def render(results: dict[str, Any], checks: list[Target]) -> str:
     kv_rows = [
         [name, fmt(kv[op], "ops", 0), fmt(kv[op], "p50_ms", 2), fmt(kv[op], "p99_ms", 2),
          fmt(kv[op], "server_cpu_us", 0), fmt(kv[op], "client_cpu_us", 0)]
-        for op, name in (("put", "bastion kv.put"), ("get", "bastion kv.get"), ("redis_set", "redis SET, fsync always"))
+        for op, name in (
+            ("put", "bastion kv.put"),
+            ("get", "bastion kv.get"),
+            ("sqlite_alone", "sqlite alone: kv.put's rows, 64 per commit, no server"),
+            ("redis_set", "redis SET, fsync always"),
+        )
         if op in kv
     ]  # fmt: skip
     verdicts = [[t.name, "-" if t.value is None else f"{t.value:.2f}", t.bound, t.verdict] for t in checks]

@@ -70,6 +70,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _per_second(micros: float | None) -> float | None:
+    """How many of something costing ``micros`` µs of CPU one core does per second."""
+    return 1e6 / micros if micros else None
+
+
 def targets(results: dict[str, Any]) -> list[Target]:
     """The issue's targets (full stack = bastion over TLS), from one run's results."""
     unary = {(r["server"], r["point"]): r for r in results.get("unary", [])}
@@ -153,6 +158,13 @@ def targets(results: dict[str, Any]) -> list[Target]:
             ">= 0.5x",
             _ratio(kv.get("put", {}).get("ops"), kv.get("redis_set", {}).get("ops")),
             lambda x: x >= 0.5,
+        ),
+        # SQLite's own CPU per put bounds any server committing to it on one core (1e6 / µs puts/s).
+        Target(
+            "kv.put bound by SQLite's CPU alone (no server) / redis SET appendfsync always",
+            "info",
+            _ratio(_per_second(kv.get("sqlite_alone", {}).get("server_cpu_us")), kv.get("redis_set", {}).get("ops")),
+            None,
         ),
         Target(
             "bastion serve --workers 2 / --workers 1 (calls/s)", "info", results.get("workers", {}).get("ratio"), None
