@@ -7,7 +7,9 @@ Identity. A file has a server-made id (``f-`` and 32 hex digits) and a name,
 a ``/``-separated path unique among its owner's files (``reports/q3.pdf``).
 Methods name a file by ``file_id``, or by ``name`` (with ``owner`` for
 someone else's file; default: the caller's). Names are labels in the
-database only: contents never live at a user-chosen path.
+database only: contents never live at a user-chosen path. The name rules
+(``check_name``) and the records the methods return are in
+bastion/services/files_records.py.
 
 Contents live under the files directory, outside the database: blobs
 named by their SHA-256 and uploads in progress; bastion/services/files_disk.py
@@ -72,102 +74,32 @@ from bastion.exceptions import (
 from bastion.security.principal import ADMIN_ROLE, Principal
 from bastion.service import Context, Service
 from bastion.services.files_disk import _UPLOAD_ID, _append, _Disk, _hash_prefix, _in_thread, _open_upload
+from bastion.services.files_records import (
+    FileInfo,
+    FilePage,
+    ShareInfo,
+    UploadInfo,
+    UploadResult,
+    Usage,
+    _check_sha256,
+    _info,
+    _share_info,
+    check_name,
+)
 from bastion.store.files import FileRecord, FileShare, FileStore, UploadRecord
 
 __all__ = ["FileInfo", "FilePage", "Files", "ShareInfo", "UploadInfo", "UploadResult", "Usage", "check_name"]
 
 log = logging.getLogger("bastion.files")
 
-MAX_NAME_BYTES = 1024
 MAX_PAGE = 1000
 #: Upload files younger than this are never taken for orphans (their record may be on its way).
 ORPHAN_AGE = 60.0
 #: How long a commit waits for a sweep that is deleting the same contents.
 PIN_WAIT = 10.0
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FILE_ID = re.compile(r"^f-[0-9a-f]{32}$")
 _GRANTEE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _RANK = {"read": 1, "write": 2, "owner": 3, "admin": 4}
-
-
-class FileInfo(msgspec.Struct, frozen=True):
-    """A file as a caller sees it; ``access`` is "owner", "admin", "write" or "read"."""
-
-    id: str
-    owner: str
-    name: str
-    size: int
-    sha256: str
-    created_at: float
-    updated_at: float
-    access: str
-
-
-class FilePage(msgspec.Struct, frozen=True):
-    """One page of ``files.list``; pass ``next`` as ``after`` for the next page (None: the last)."""
-
-    files: list[FileInfo]
-    next: str | None
-
-
-class UploadInfo(msgspec.Struct, frozen=True):
-    """An open upload: ``offset`` bytes of ``size`` are on the server; continue from there."""
-
-    upload_id: str
-    owner: str
-    name: str
-    size: int
-    sha256: str
-    offset: int
-    file_id: str | None
-    chunk_bytes: int
-    expires_at: float
-
-
-class UploadResult(msgspec.Struct, frozen=True):
-    """What an ``upload`` call achieved: ``complete`` with the ``file``, or ``offset`` so far."""
-
-    upload_id: str
-    offset: int
-    complete: bool
-    file: FileInfo | None
-
-
-class ShareInfo(msgspec.Struct, frozen=True):
-    file_id: str
-    kind: str
-    grantee: str
-    mode: str
-    created_at: float
-
-
-class Usage(msgspec.Struct, frozen=True):
-    """Bytes a user holds: finished files plus reserved by open uploads, against the quota."""
-
-    user: str
-    files_bytes: int
-    reserved_bytes: int
-    quota_bytes: int
-
-
-def check_name(name: str) -> str:
-    """``name`` if it is a valid file name; ``InvalidArgument`` saying why not."""
-    if not name:
-        raise InvalidArgument("a file name must not be empty")
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        raise InvalidArgument(f"a file name is at most {MAX_NAME_BYTES} bytes (UTF-8)")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise InvalidArgument("a file name must not contain NUL or other control characters")
-    if any(part in ("", ".", "..") for part in name.split("/")):
-        raise InvalidArgument(f"file name {name!r}: no leading, trailing or doubled '/', and no '.' or '..' segments")
-    return name
-
-
-def _check_sha256(value: str) -> str:
-    digest = value.lower()
-    if not _SHA256.match(digest):
-        raise InvalidArgument("sha256 must be 64 hexadecimal digits")
-    return digest
 
 
 def _new_id(prefix: str) -> str:
@@ -176,16 +108,6 @@ def _new_id(prefix: str) -> str:
 
 def _is_admin(principal: Principal) -> bool:
     return ADMIN_ROLE in principal.roles
-
-
-def _info(record: FileRecord, access: str) -> FileInfo:
-    return FileInfo(
-        record.id, record.owner, record.name, record.size, record.sha256, record.created_at, record.updated_at, access
-    )
-
-
-def _share_info(share: FileShare) -> ShareInfo:
-    return ShareInfo(share.file_id, share.kind, share.grantee, share.mode, share.created_at)
 
 
 # -- the component ---------------------------------------------------------------------------

@@ -36,13 +36,14 @@ back (``pg_restore --list``); a non-empty target schema is refused unless
 --single-transaction --exit-on-error`` recreates the schema under its
 archived name (a dump names its schema in every statement), renamed to the
 target afterwards if that differs -- which needs the archived name free in
-the target database. Then the blobs are swapped in as for SQLite.
+the target database. Then the blobs are swapped in as for SQLite. The
+pieces of this (the tools' environment, the snapshot, the target schema)
+are in bastion/store/backup_pg.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
@@ -50,15 +51,12 @@ import shutil
 import sqlite3
 import subprocess
 import time
-import urllib.parse
-from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import msgspec
 
-from bastion.exceptions import BastionError, DataLoss, FailedPrecondition, InvalidArgument, Unavailable, UsageError
+from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
 from bastion.store.archive import (
     BLOB_PATH,
     DEFAULT_SCRYPT_LOG_N,
@@ -72,8 +70,23 @@ from bastion.store.archive import (
     staging_dir,
     write_archive,
 )
+from bastion.store.backup_pg import (
+    _aside_name,
+    _check_target,
+    _connect,
+    _quote,
+    _run_tool,
+    _schema_objects,
+    _Snapshot,
+    _snapshot_and_dump,
+    _target_schema,
+    _toc,
+    _tool,
+    _without_schema_entries,
+    pg_environment,
+)
 from bastion.store.migrations import current_version
-from bastion.store.postgres import PostgresStore, redact_dsn
+from bastion.store.postgres import PostgresStore
 
 __all__ = [
     "RestoreResult",
@@ -300,177 +313,6 @@ def _free(path: Path) -> Path:
 
 # -- PostgreSQL ---------------------------------------------------------------------------------------
 
-#: libpq connection parameters and the environment variables that carry them to pg_dump/pg_restore.
-#: (keepalives*, tcp_user_timeout, fallback_application_name and sslpassword have none: not passed.)
-_LIBPQ_ENV = {
-    "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE", "user": "PGUSER",
-    "passfile": "PGPASSFILE", "channel_binding": "PGCHANNELBINDING", "connect_timeout": "PGCONNECT_TIMEOUT",
-    "client_encoding": "PGCLIENTENCODING", "options": "PGOPTIONS", "application_name": "PGAPPNAME",
-    "sslmode": "PGSSLMODE", "sslcompression": "PGSSLCOMPRESSION", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY",
-    "sslrootcert": "PGSSLROOTCERT", "sslcrl": "PGSSLCRL", "sslcrldir": "PGSSLCRLDIR", "sslsni": "PGSSLSNI",
-    "requirepeer": "PGREQUIREPEER", "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
-    "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION", "gssencmode": "PGGSSENCMODE",
-    "krbsrvname": "PGKRBSRVNAME", "gsslib": "PGGSSLIB", "service": "PGSERVICE",
-    "target_session_attrs": "PGTARGETSESSIONATTRS", "load_balance_hosts": "PGLOADBALANCEHOSTS",
-}  # fmt: skip
-
-#: How long pg_dump waits for a table lock (an ALTER TABLE running elsewhere) before giving up.
-PG_LOCK_WAIT_TIMEOUT = "60s"
-_PG_DUMP_MAGIC = b"PGDMP"
-_IDENTIFIER_MAX = 63  # PostgreSQL truncates longer names
-
-
-def pg_environment(store: PostgresStore) -> dict[str, str]:
-    """The environment for ``pg_dump``/``pg_restore`` to reach ``store``'s database.
-
-    Everything -- host, port, user, database, password, server settings such
-    as ``search_path`` -- goes in ``PG*`` variables on top of this process's
-    own environment (so ``PGPASSWORD`` or ``~/.pgpass`` work as for the
-    store), never on the command line where other users could read it.
-    """
-    uri, extra = store.libpq_connection()
-    parts = urllib.parse.urlsplit(uri)
-    env: dict[str, str] = {}
-    userinfo, at, hostlist = parts.netloc.rpartition("@")
-    if at and userinfo:
-        env["PGUSER"] = urllib.parse.unquote(userinfo.partition(":")[0])
-    hosts, ports = [], []
-    for item in hostlist.split(",") if hostlist else []:
-        if item.startswith("["):  # [IPv6]:port
-            host, _, rest = item[1:].partition("]")
-            port = rest[1:] if rest.startswith(":") else ""
-        else:
-            host, _, port = item.partition(":")
-        hosts.append(urllib.parse.unquote(host))
-        ports.append(port)
-    if any(hosts):
-        env["PGHOST"] = ",".join(hosts)
-    if any(ports):
-        env["PGPORT"] = ",".join(ports)
-    dbname = urllib.parse.unquote(parts.path.lstrip("/"))
-    if dbname:
-        env["PGDATABASE"] = dbname
-    for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
-        name = _LIBPQ_ENV.get(key)
-        if name is not None:
-            env[name] = value
-    if "PGOPTIONS" in env and "PGOPTIONS" in extra:  # libpq's options= and the DSN's server settings
-        extra = {**extra, "PGOPTIONS": f"{env['PGOPTIONS']} {extra['PGOPTIONS']}"}
-    env.update(extra)  # PGPASSWORD, PGOPTIONS (server settings)
-    # bastion's own settings (BASTION_STORE may hold a password, BASTION_BACKUP_PASSPHRASE does) stay here.
-    inherited = {key: value for key, value in os.environ.items() if not key.startswith("BASTION_")}
-    return {**inherited, **env}
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise FailedPrecondition(f"{name} is not installed (or not on PATH): install the PostgreSQL client tools")
-    return path
-
-
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
-
-
-def _check_tool(name: str, returncode: int | None, stderr: bytes) -> None:
-    """Raise if a pg tool failed; log its warnings otherwise."""
-    text = stderr.decode("utf-8", "replace").strip()
-    if returncode != 0 or re.search(r"^\S+: error: ", text, re.MULTILINE):
-        tail = text[-2000:] or "no message"
-        raise Unavailable(f"{name} failed (exit status {returncode}): {tail}")
-    if text:
-        log.warning("%s: %s", name, text[-2000:])
-
-
-async def _run_tool(args: list[str], env: Mapping[str, str], stdout: int) -> None:
-    """Run a pg tool to completion (killed if the caller is cancelled); raise if it failed."""
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, env=dict(env)
-    )
-    try:
-        _, err = await proc.communicate()
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    _check_tool(Path(args[0]).name, proc.returncode, err)
-
-
-def _toc(pg_restore: str, dump: Path) -> list[str]:
-    """The table of contents of a custom-format dump (``pg_restore --list``); checks that it reads back."""
-    with open(dump, "rb") as f:
-        if f.read(len(_PG_DUMP_MAGIC)) != _PG_DUMP_MAGIC:
-            raise DataLoss(f"{dump.name} is not a pg_dump custom-format archive")
-    done = subprocess.run([pg_restore, "--list", str(dump)], capture_output=True, check=False)
-    if done.returncode != 0:
-        message = done.stderr.decode("utf-8", "replace").strip()[-2000:]
-        raise DataLoss(f"the database dump does not read back (pg_restore --list): {message}")
-    return done.stdout.decode("utf-8", "replace").splitlines()
-
-
-class _Snapshot(msgspec.Struct):
-    created_at: float
-    schema: str
-    version: int
-    hashes: list[str] | None
-
-
-async def _snapshot_and_dump(conn: Any, pg_dump: str, env: Mapping[str, str], dest: Path) -> _Snapshot:
-    """In one repeatable-read, read-only transaction: export its snapshot, read what the archive
-    needs, and run ``pg_dump`` in that same snapshot (the transaction stays open until it is done)."""
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        snapshot_id = str(await conn.fetchval("SELECT pg_export_snapshot()"))
-        created_at = time.time()
-        schema = await conn.fetchval("SELECT current_schema()")
-        if schema is None:
-            path = await conn.fetchval("SELECT current_setting('search_path')")
-            raise FailedPrecondition(f"no schema of the store's search_path ({path}) exists: nothing to back up")
-        if await conn.fetchval("SELECT to_regclass('schema_version')") is None:
-            raise FailedPrecondition(f"schema {schema!r} holds no bastion store (it has no schema_version table)")
-        version = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
-        has_files = await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()"
-            " AND table_name = 'files' AND column_name = 'sha256')"
-        )
-        hashes = None
-        if has_files:
-            rows = await conn.fetch("SELECT DISTINCT sha256 FROM files WHERE sha256 IS NOT NULL ORDER BY 1")
-            hashes = [str(row[0]) for row in rows]
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-        try:
-            args = [
-                pg_dump, "--format=custom", "--no-owner", "--no-password", f"--snapshot={snapshot_id}",
-                f"--schema={_quote(schema)}", f"--lock-wait-timeout={PG_LOCK_WAIT_TIMEOUT}",
-            ]  # fmt: skip
-            await _run_tool(args, env, fd)
-        finally:
-            os.close(fd)
-    return _Snapshot(created_at, str(schema), version, hashes)
-
-
-@contextlib.asynccontextmanager
-async def _connect(dsn: str, password: str | None) -> AsyncIterator[Any]:
-    """A connection of its own to ``dsn``'s database (no pool, no migration); errors become bastion's."""
-    shown = redact_dsn(dsn)
-    if dsn.startswith("postgresql+asyncpg://"):
-        dsn = "postgresql://" + dsn[len("postgresql+asyncpg://") :]
-    try:
-        conn = await asyncpg.connect(dsn, password=password, timeout=10)
-    except (OSError, TimeoutError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
-        raise Unavailable(f"cannot reach PostgreSQL at {shown}: {exc}") from None
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
-        raise UsageError(f"cannot connect to PostgreSQL at {shown}: {exc}") from None
-    try:
-        yield conn
-    except BastionError:
-        raise
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise Unavailable(f"PostgreSQL at {shown}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        await conn.close()
-
 
 async def backup_postgres(
     source: PostgresStore | str,
@@ -520,71 +362,6 @@ async def backup_postgres(
                 scrypt_log_n=scrypt_log_n,
             )
         )  # fmt: skip
-
-
-def _search_path(setting: str) -> list[str]:
-    """The schema names of a ``search_path`` value, unquoted (unquoted names fold to lower case)."""
-    names = []
-    for item in re.findall(r'\s*("(?:[^"]|"")*"|[^,]+)\s*(?:,|$)', setting):
-        item = item.strip()
-        if item.startswith('"') and item.endswith('"') and len(item) >= 2:
-            names.append(item[1:-1].replace('""', '"'))
-        elif item:
-            names.append(item.lower())
-    return names
-
-
-async def _target_schema(conn: Any) -> str:
-    """The schema a store opened with this connection's settings would use, once it exists:
-    the first of ``search_path`` (``$user`` only if that schema exists), else ``public``."""
-    setting = str(await conn.fetchval("SELECT current_setting('search_path')"))
-    for name in _search_path(setting):
-        if name == "$user":
-            user = str(await conn.fetchval("SELECT current_user"))
-            if await _schema_objects(conn, user) is not None:
-                return user
-            continue
-        return name
-    return "public"
-
-
-async def _schema_objects(conn: Any, schema: str) -> int | None:
-    """How many tables, sequences, views, functions and types ``schema`` holds; None if it does not exist."""
-    value = await conn.fetchval(
-        """SELECT (SELECT count(*) FROM pg_class WHERE relnamespace = n.oid)
-                + (SELECT count(*) FROM pg_proc WHERE pronamespace = n.oid)
-                + (SELECT count(*) FROM pg_type WHERE typnamespace = n.oid AND typtype IN ('d', 'e', 'r', 'm'))
-           FROM pg_namespace n WHERE nspname = $1""",
-        schema,
-    )
-    return None if value is None else int(value)
-
-
-async def _check_target(conn: Any, schema: str, force: bool) -> int | None:
-    objects = await _schema_objects(conn, schema)
-    if objects and not force:
-        raise FailedPrecondition(
-            f"the target schema {schema!r} is not empty ({objects} tables, sequences, functions or types): "
-            "restore into an empty or new schema, or pass --force to rename it aside first"
-        )
-    return objects
-
-
-async def _aside_name(conn: Any, schema: str, stamp: str) -> str:
-    suffix = f"_pre_restore_{stamp}"
-    base = schema.encode()[: _IDENTIFIER_MAX - len(suffix) - 4].decode("utf-8", "ignore") + suffix
-    name, n = base, 0
-    while await _schema_objects(conn, name) is not None:
-        n += 1
-        name = f"{base}_{n}"
-    return name
-
-
-def _without_schema_entries(toc: list[str]) -> list[str]:
-    """The dump's table of contents minus creating (and commenting on, granting on) the schema itself,
-    for restoring into a schema that exists already."""
-    skip = re.compile(r"^\d+; \d+ \d+ (SCHEMA - |COMMENT - SCHEMA |ACL - SCHEMA )")
-    return [line for line in toc if not skip.match(line)]
 
 
 async def restore_postgres(

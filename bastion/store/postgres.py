@@ -34,12 +34,14 @@ Errors: the store never lets a driver exception out. ``_call`` (what the
 domain mixins use) turns connection loss, server shutdown, timeouts and
 serialization failures into ``Unavailable`` (try again), values PostgreSQL
 rejects (e.g. a NUL character in text) into ``InvalidArgument``, and
-anything else into ``InternalError``; bastion's own errors pass through.
+anything else into ``InternalError``; bastion's own errors pass through
+(bastion/store/postgres_errors.py).
 
 Secrets: the password comes from the ``password`` argument (a file or the
 environment, chosen by the caller), from libpq's ``PGPASSWORD`` /
 ``~/.pgpass``, or from the DSN itself; ``repr`` and every message show the
-DSN with the password replaced by ``***``.
+DSN with the password replaced by ``***`` (``redact_dsn``,
+bastion/store/postgres_dsn.py).
 
 Connections are shared, so a mixin leaves no session state behind: no
 ``SET`` (use ``SET LOCAL`` inside a transaction), no session advisory locks
@@ -65,24 +67,18 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from bastion.exceptions import (
-    AlreadyExists,
-    BastionError,
-    InternalError,
-    InvalidArgument,
-    NotFound,
-    Unavailable,
-    UsageError,
-)
-from bastion.security.credentials import Token, User
+from bastion.exceptions import BastionError, Unavailable, UsageError
 from bastion.store import files, idempotency, jobs, kv, mail, observe, topics
 from bastion.store.base import Store
+from bastion.store.credentials_postgres import PostgresCredentials
 from bastion.store.files import PostgresFiles
 from bastion.store.idempotency import PostgresIdempotency
 from bastion.store.jobs import PostgresJobs
 from bastion.store.kv_postgres import PostgresKV
 from bastion.store.mail_postgres import PostgresMail
 from bastion.store.migrations import Migration, check_newer_schema, compatible_from
+from bastion.store.postgres_dsn import _LIBPQ_PARAMETERS, _pgoptions_escape, redact_dsn
+from bastion.store.postgres_errors import _describe, _is_closed, _translate, _unsent
 from bastion.store.topics import PostgresTopics
 
 log = logging.getLogger("bastion.store")
@@ -168,47 +164,16 @@ _RECORD_COMPAT = (
 )
 
 
-#: Connection parameters libpq accepts in a URI; the DSN's other query parameters are server settings.
-_LIBPQ_PARAMETERS = frozenset(
-    {
-        "host", "hostaddr", "port", "dbname", "user", "passfile", "channel_binding", "connect_timeout",
-        "client_encoding", "options", "application_name", "fallback_application_name", "keepalives",
-        "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout", "sslmode",
-        "sslcompression", "sslcert", "sslkey", "sslpassword", "sslrootcert", "sslcrl", "sslcrldir", "sslsni",
-        "requirepeer", "ssl_min_protocol_version", "ssl_max_protocol_version", "gssencmode", "krbsrvname",
-        "gsslib", "service", "target_session_attrs", "load_balance_hosts",
-    }
-)  # fmt: skip
-
-
-def _pgoptions_escape(value: str) -> str:
-    """A value for ``PGOPTIONS`` (backslash escapes spaces and backslashes)."""
-    return value.replace("\\", "\\\\").replace(" ", "\\ ")
-
-
-def redact_dsn(dsn: str) -> str:
-    """``dsn`` with any password (in the authority or a ``password=`` parameter) replaced by ``***``."""
-    try:
-        parts = urllib.parse.urlsplit(dsn)
-    except ValueError:
-        return "<unparsable DSN>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hosts = netloc.rpartition("@")
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{hosts}"
-    query = parts.query
-    if query:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        if any(key.lower() == "password" for key, _ in pairs):
-            query = urllib.parse.urlencode(
-                [(key, "***" if key.lower() == "password" else value) for key, value in pairs], safe="*"
-            )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-class PostgresStore(PostgresKV, PostgresFiles, PostgresJobs, PostgresIdempotency, PostgresMail, PostgresTopics, Store):
+class PostgresStore(
+    PostgresCredentials,
+    PostgresKV,
+    PostgresFiles,
+    PostgresJobs,
+    PostgresIdempotency,
+    PostgresMail,
+    PostgresTopics,
+    Store,
+):
     """The PostgreSQL backend.
 
     ``dsn``: a libpq-style ``postgresql://`` URL; ``password``: used instead of
@@ -541,134 +506,6 @@ class PostgresStore(PostgresKV, PostgresFiles, PostgresJobs, PostgresIdempotency
             if self._running == 0:
                 self._idle.set()
 
-    # -- users ----------------------------------------------------------------------------
-
-    async def create_user(self, user: User) -> bool:
-        return await self._call(_changes(_INSERT_USER, *_user_row(user))) == 1
-
-    async def get_user(self, name: str) -> User | None:
-        row = await self._call(_one(f"SELECT {_USER_COLUMNS} FROM users WHERE name = $1", name))
-        return None if row is None else _user(row)
-
-    async def update_user(self, user: User) -> bool:
-        return await self._call(_changes(_UPDATE_USER, *_user_row(user))) == 1
-
-    async def delete_user(self, name: str) -> bool:
-        # Their tokens go too (ON DELETE CASCADE): a name reused later starts clean.
-        return await self._call(_changes("DELETE FROM users WHERE name = $1", name)) == 1
-
-    async def list_users(self) -> list[User]:
-        rows = await self._call(_all(f"SELECT {_USER_COLUMNS} FROM users ORDER BY name"))
-        return [_user(row) for row in rows]
-
-    # -- tokens ---------------------------------------------------------------------------
-
-    async def add_token(self, token: Token) -> None:
-        row = (
-            token.id, token.digest, token.user, token.kind, token.label,
-            token.created_at, token.expires_at, token.revoked_at,
-        )  # fmt: skip
-
-        async def insert(conn: Connection) -> None:
-            try:
-                await conn.execute(
-                    f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)", *row
-                )
-            except asyncpg.ForeignKeyViolationError:
-                raise NotFound(f"no user {token.user!r}") from None
-            except asyncpg.UniqueViolationError:
-                raise AlreadyExists(f"token {token.id!r} or its digest is already stored") from None
-
-        await self._call(insert)
-
-    async def token_by_digest(self, digest: str) -> Token | None:
-        row = await self._call(_one(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE digest = $1", digest))
-        return None if row is None else Token(*row)
-
-    async def token_by_id(self, token_id: str) -> Token | None:
-        row = await self._call(_one(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = $1", token_id))
-        return None if row is None else Token(*row)
-
-    async def list_tokens(self, user: str | None = None) -> list[Token]:
-        if user is None:
-            query = _all(f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id")
-        else:
-            query = _all(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE username = $1 ORDER BY created_at, id", user)
-        return [Token(*row) for row in await self._call(query)]
-
-    async def revoke_token(self, token_id: str, at: float) -> bool:
-        sql = "UPDATE tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL"
-        return await self._call(_changes(sql, at, token_id)) == 1
-
-    async def revoke_user_tokens(self, user: str, at: float) -> int:
-        return await self._call(_changes(_REVOKE_USER_TOKENS, at, user))
-
-    # -- lockouts -------------------------------------------------------------------------
-
-    async def get_lockout(self, key: str) -> float | None:
-        row = await self._call(_one("SELECT until FROM lockouts WHERE key = $1", key))
-        return None if row is None else float(row[0])
-
-    async def set_lockout(self, key: str, until: float) -> None:
-        await self._call(_changes(_SET_LOCKOUT, key, until))
-
-
-# -- SQL and row mapping -------------------------------------------------------------------
-
-_USER_COLUMNS = "name, roles, password_hash, created_at, disabled"
-# In Token's field order, so a row unpacks straight into Token(*row).
-_TOKEN_COLUMNS = "id, digest, username, kind, label, created_at, expires_at, revoked_at"
-
-_INSERT_USER = f"INSERT INTO users ({_USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING"
-_UPDATE_USER = "UPDATE users SET roles = $2, password_hash = $3, created_at = $4, disabled = $5 WHERE name = $1"
-# Live: neither revoked nor expired at ``at`` (Token.valid_at).
-_REVOKE_USER_TOKENS = (
-    "UPDATE tokens SET revoked_at = $1 WHERE username = $2 AND revoked_at IS NULL"
-    " AND (expires_at IS NULL OR expires_at > $1)"
-)
-_SET_LOCKOUT = (
-    "INSERT INTO lockouts (key, until) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET until = excluded.until"
-)
-
-
-def _changes(sql: str, *args: Any) -> Callable[[Connection], Awaitable[int]]:
-    """A write: run ``sql``, the number of rows it changed."""
-
-    async def run(conn: Connection) -> int:
-        status: str = await conn.execute(sql, *args)  # e.g. "INSERT 0 1", "UPDATE 3"
-        return int(status.rsplit(" ", 1)[-1])
-
-    return run
-
-
-def _one(sql: str, *args: Any) -> Callable[[Connection], Awaitable[Any]]:
-    async def run(conn: Connection) -> Any:
-        return await conn.fetchrow(sql, *args)
-
-    return run
-
-
-def _all(sql: str, *args: Any) -> Callable[[Connection], Awaitable[list[Any]]]:
-    async def run(conn: Connection) -> list[Any]:
-        return list(await conn.fetch(sql, *args))
-
-    return run
-
-
-def _user_row(user: User) -> tuple[Any, ...]:
-    return (user.name, sorted(user.roles), user.password_hash, user.created_at, user.disabled)
-
-
-def _user(row: Any) -> User:
-    name, roles, password_hash, created_at, disabled = row
-    return User(name, frozenset(roles), password_hash, float(created_at), bool(disabled))
-
-
-# SQLSTATE classes that mean "try again": 08 connection exception, 40 transaction rollback
-# (serialization failure, deadlock), 53 insufficient resources, 57 operator intervention
-# (shutdown, statement timeout), 55P03 lock not available.
-_RETRYABLE_CLASSES = ("08", "40", "53", "57")
-
 
 async def _keep_session(conn: Connection) -> None:
     """The pool's reset on release: nothing beyond asyncpg's own (roll back a transaction left open).
@@ -677,45 +514,3 @@ async def _keep_session(conn: Connection) -> None:
     trip per call, a third of a simple call's time. bastion's SQL leaves no
     session state behind (see the module docstring), so there is nothing to reset.
     """
-
-
-def _is_closed(conn: Connection) -> bool:
-    try:
-        return bool(conn.is_closed())
-    except asyncpg.InterfaceError:  # the pool already took back a connection that died
-        return True
-
-
-def _unsent(exc: Exception) -> bool:
-    """Whether ``exc`` is asyncpg refusing to send on a connection it found broken (nothing reached the server)."""
-    if isinstance(exc, asyncpg.exceptions._base.DataError):  # bad arguments: a bug, not a dead connection
-        return False
-    return isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError))
-
-
-def _translate(exc: Exception, *, connection_lost: bool = False) -> Exception:
-    """bastion errors pass through; the driver's become bastion's, so no SQL error escapes the store."""
-    if isinstance(exc, BastionError):
-        return exc
-    error: Exception
-    if isinstance(exc, asyncpg.PostgresError):
-        state = getattr(exc, "sqlstate", None) or ""
-        if state.startswith(_RETRYABLE_CLASSES) or state == "55P03":
-            error = Unavailable(f"store: {_describe(exc)}")
-        elif state.startswith("22"):  # data exception: a value PostgreSQL cannot store
-            error = InvalidArgument(f"store: value rejected: {_describe(exc)}")
-        else:
-            error = InternalError(f"store: {_describe(exc)}")
-    elif isinstance(exc, (OSError, TimeoutError)) or (connection_lost and _unsent(exc)):
-        # The network, a statement running past command_timeout, a connection that died.
-        error = Unavailable(f"store: {_describe(exc)}")
-    elif isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)):
-        error = InternalError(f"store: {_describe(exc)}")  # misuse of the driver: a bug
-    else:
-        return exc  # a bug in the caller's function, not the database's: keep it as it is
-    return error
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

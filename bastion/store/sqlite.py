@@ -72,11 +72,11 @@ raise only as a whole (the group then runs again, isolated), so every item
 it is given must be one it can write.
 
 The writer thread is a plain thread fed by a ``SimpleQueue`` that settles
-each job's asyncio future with ``call_soon_threadsafe`` (``_WriterThread``):
-the hand-off to it and back happens once per group, and a one-worker
-``ThreadPoolExecutor`` costs about twice the CPU for it (its locks,
-semaphore and chained futures), which on a busy server is CPU the event
-loop does not get.
+each job's asyncio future with ``call_soon_threadsafe`` (``_WriterThread``,
+in sqlite_writer.py): the hand-off to it and back happens once per group, and
+a one-worker ``ThreadPoolExecutor`` costs about twice the CPU for it (its
+locks, semaphore and chained futures), which on a busy server is CPU the
+event loop does not get.
 
 The queue is a plain deque plus one wake-up future for the writer task:
 queuing is on every write's path, so it stays a few attribute operations.
@@ -111,36 +111,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import queue
 import sqlite3
-import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bastion.exceptions import AlreadyExists, BastionError, InternalError, NotFound, Unavailable, UsageError
-from bastion.security.credentials import Token, User
+from bastion.exceptions import BastionError, InternalError, Unavailable, UsageError
 from bastion.store import observe
 from bastion.store._access import BatchFn
 from bastion.store.base import Store
+from bastion.store.credentials_sqlite import SQLiteCredentials
 from bastion.store.files import SQLiteFiles
 from bastion.store.idempotency import SQLiteIdempotency
 from bastion.store.jobs import SQLiteJobs
 from bastion.store.kv_sqlite import SQLiteKV
 from bastion.store.mail_sqlite import SQLiteMail
 from bastion.store.migrations import MIGRATIONS, Migration, apply_migrations
+from bastion.store.sqlite_writer import Outcome, _run_together, _runs, _Write, _WriterThread
 from bastion.store.topics import SQLiteTopics
 
 __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
-WriteFn = Callable[[sqlite3.Connection], Any]
-Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
 
 FILE_MODE = 0o600
 _SIDE_FILES = ("", "-wal", "-shm")
@@ -163,85 +160,9 @@ class _Aborted(Exception):
     """SQLite ended the transaction inside a write: the whole group fails (``__cause__``: why)."""
 
 
-_Job = tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]  # fn, its future, the future's loop
-
-
-class _WriterThread:
-    """The thread of the writer connection: runs the functions given to ``run``, one at a time, in order.
-
-    ``run(fn)`` queues ``fn`` and returns an asyncio future the thread settles
-    with its result (or exception) through ``call_soon_threadsafe``; cancelling
-    that future does not stop ``fn``, which still runs in its turn. ``stop``
-    lets every queued function run, then ends the thread.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
-
-    def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((fn, future, loop))
-        return future
-
-    async def stop(self) -> None:
-        self._jobs.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-
-    def _main(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, future, loop = job
-            try:
-                outcome: Outcome = (True, fn())
-            except BaseException as exc:  # handed to the caller, as an executor would
-                outcome = (False, exc)
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
-                loop.call_soon_threadsafe(_settle, future, outcome)
-
-
-def _settle(future: asyncio.Future[Any], outcome: Outcome) -> None:
-    if future.done():  # its caller was cancelled
-        return
-    ok, value = outcome
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
-
-
-class _Write:
-    """A write: ``fn(connection)``, or ``item`` for ``batch(connection, items)`` (batched).
-
-    Awaiting it queues it (``SQLiteStore._submit``) and waits for its future:
-    the caller's ``await`` reaches the future with no coroutine in between,
-    and a write is queued when it is awaited, as a coroutine's would be.
-    """
-
-    __slots__ = ("batch", "fn", "future", "item", "started", "store")
-
-    future: asyncio.Future[Any]  # set when queued
-
-    def __init__(self, store: SQLiteStore, fn: WriteFn | None, batch: BatchFn | None, item: Any) -> None:
-        self.store = store
-        self.fn = fn
-        self.batch = batch
-        self.item = item
-        self.started = 0.0  # time.perf_counter() when queued (for observe); 0: not queued yet
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return (yield from self.store._submit(self))
-
-    def run(self, conn: sqlite3.Connection) -> Any:
-        """This write alone."""
-        if self.batch is not None:
-            return self.batch(conn, [self.item])[0]
-        assert self.fn is not None
-        return self.fn(conn)
-
-
-class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMail, SQLiteTopics, Store):
+class SQLiteStore(
+    SQLiteCredentials, SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMail, SQLiteTopics, Store
+):
     """The SQLite backend. ``readers``: reader connections (and threads);
     ``busy_timeout``: seconds to wait for another process's write lock;
     ``max_batch``: most writes committed in one transaction."""
@@ -568,140 +489,6 @@ class SQLiteStore(SQLiteKV, SQLiteFiles, SQLiteJobs, SQLiteIdempotency, SQLiteMa
             raise _translate(exc) from exc
         finally:
             self._idle_readers.put(conn)
-
-    # -- users ----------------------------------------------------------------------------
-
-    async def create_user(self, user: User) -> bool:
-        return await self._write(_changes(_INSERT_USER, _user_row(user))) == 1
-
-    async def get_user(self, name: str) -> User | None:
-        row = await self._read(_one(f"SELECT {_USER_COLUMNS} FROM users WHERE name = ?", (name,)))
-        return None if row is None else _user(row)
-
-    async def update_user(self, user: User) -> bool:
-        name, *rest = _user_row(user)
-        return await self._write(_changes(_UPDATE_USER, (*rest, name))) == 1
-
-    async def delete_user(self, name: str) -> bool:
-        # Their tokens go too (ON DELETE CASCADE): a name reused later starts clean.
-        return await self._write(_changes("DELETE FROM users WHERE name = ?", (name,))) == 1
-
-    async def list_users(self) -> list[User]:
-        rows = await self._read(_all(f"SELECT {_USER_COLUMNS} FROM users ORDER BY name", ()))
-        return [_user(row) for row in rows]
-
-    # -- tokens ---------------------------------------------------------------------------
-
-    async def add_token(self, token: Token) -> None:
-        row = (
-            token.id, token.digest, token.user, token.kind, token.label,
-            token.created_at, token.expires_at, token.revoked_at,
-        )  # fmt: skip
-
-        def insert(c: sqlite3.Connection) -> None:
-            try:
-                c.execute(f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
-            except sqlite3.IntegrityError as exc:
-                if exc.sqlite_errorname == "SQLITE_CONSTRAINT_FOREIGNKEY":
-                    raise NotFound(f"no user {token.user!r}") from exc
-                raise AlreadyExists(f"token {token.id!r} or its digest is already stored") from exc
-
-        await self._write(insert)
-
-    async def token_by_digest(self, digest: str) -> Token | None:
-        row = await self._read(_one(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE digest = ?", (digest,)))
-        return None if row is None else Token(*row)
-
-    async def token_by_id(self, token_id: str) -> Token | None:
-        row = await self._read(_one(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = ?", (token_id,)))
-        return None if row is None else Token(*row)
-
-    async def list_tokens(self, user: str | None = None) -> list[Token]:
-        if user is None:
-            query = _all(f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id", ())
-        else:
-            query = _all(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE username = ? ORDER BY created_at, id", (user,))
-        return [Token(*row) for row in await self._read(query)]
-
-    async def revoke_token(self, token_id: str, at: float) -> bool:
-        sql = "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
-        return await self._write(_changes(sql, (at, token_id))) == 1
-
-    async def revoke_user_tokens(self, user: str, at: float) -> int:
-        return await self._write(_changes(_REVOKE_USER_TOKENS, (at, user, at)))
-
-    # -- lockouts -------------------------------------------------------------------------
-
-    async def get_lockout(self, key: str) -> float | None:
-        row = await self._read(_one("SELECT until FROM lockouts WHERE key = ?", (key,)))
-        return None if row is None else float(row[0])
-
-    async def set_lockout(self, key: str, until: float) -> None:
-        await self._write(_changes(_SET_LOCKOUT, (key, until)))
-
-
-def _runs(writes: list[_Write]) -> list[list[_Write]]:
-    """``writes`` cut into runs: each plain write alone, neighbouring batched writes of one batch together."""
-    runs: list[list[_Write]] = []
-    batch: BatchFn | None = None
-    for write in writes:
-        if write.batch is None or write.batch != batch:
-            runs.append([write])
-        else:
-            runs[-1].append(write)
-        batch = write.batch
-    return runs
-
-
-def _run_together(conn: sqlite3.Connection, run: list[_Write]) -> list[Any]:
-    """The results of a run of ``_runs``: one call of its batch, or its one plain write."""
-    first = run[0]
-    if first.batch is None:
-        return [first.run(conn)]
-    values = first.batch(conn, [write.item for write in run])
-    if len(values) != len(run):
-        raise InternalError(f"a batched write gave {len(values)} results for {len(run)} items")
-    return values
-
-
-# -- SQL and row mapping -------------------------------------------------------------------
-
-_USER_COLUMNS = "name, roles, password_hash, created_at, disabled"
-# In Token's field order, so a row unpacks straight into Token(*row).
-_TOKEN_COLUMNS = "id, digest, username, kind, label, created_at, expires_at, revoked_at"
-
-_INSERT_USER = f"INSERT INTO users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING"
-_UPDATE_USER = "UPDATE users SET roles = ?, password_hash = ?, created_at = ?, disabled = ? WHERE name = ?"
-# Live: neither revoked nor expired at ``at`` (Token.valid_at).
-_REVOKE_USER_TOKENS = (
-    "UPDATE tokens SET revoked_at = ? WHERE username = ? AND revoked_at IS NULL"
-    " AND (expires_at IS NULL OR expires_at > ?)"
-)
-_SET_LOCKOUT = "INSERT INTO lockouts (key, until) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET until = excluded.until"
-
-Row = tuple[Any, ...]
-
-
-def _changes(sql: str, args: Row) -> Callable[[sqlite3.Connection], int]:
-    """A write: run ``sql``, the number of rows it changed."""
-    return lambda conn: conn.execute(sql, args).rowcount
-
-
-def _one(sql: str, args: Row) -> Callable[[sqlite3.Connection], Row | None]:
-    return lambda conn: conn.execute(sql, args).fetchone()
-
-
-def _all(sql: str, args: Row) -> Callable[[sqlite3.Connection], list[Row]]:
-    return lambda conn: conn.execute(sql, args).fetchall()
-
-
-def _user_row(user: User) -> Row:
-    return (user.name, json.dumps(sorted(user.roles)), user.password_hash, user.created_at, int(user.disabled))
-
-
-def _user(row: Row) -> User:
-    name, roles, password_hash, created_at, disabled = row
-    return User(name, frozenset(json.loads(roles)), password_hash, float(created_at), bool(disabled))
 
 
 def _translate(exc: Exception) -> Exception:

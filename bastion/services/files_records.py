@@ -1,0 +1,112 @@
+"""The files service's records -- what its methods return -- and the checks of the names and hashes callers give.
+
+A ``FileInfo`` is a file as one caller sees it (with that caller's access);
+``UploadInfo`` and ``UploadResult`` describe an upload in progress and what
+one ``upload`` call achieved. ``check_name`` holds the rules for a file name
+(bastion/services/files.py, "Identity"); ``_info`` and ``_share_info`` make
+records from the store's.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from bastion.exceptions import InvalidArgument
+from bastion.store.files import FileRecord, FileShare
+
+__all__ = ["FileInfo", "FilePage", "ShareInfo", "UploadInfo", "UploadResult", "Usage", "check_name"]
+
+MAX_NAME_BYTES = 1024
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class FileInfo(msgspec.Struct, frozen=True):
+    """A file as a caller sees it; ``access`` is "owner", "admin", "write" or "read"."""
+
+    id: str
+    owner: str
+    name: str
+    size: int
+    sha256: str
+    created_at: float
+    updated_at: float
+    access: str
+
+
+class FilePage(msgspec.Struct, frozen=True):
+    """One page of ``files.list``; pass ``next`` as ``after`` for the next page (None: the last)."""
+
+    files: list[FileInfo]
+    next: str | None
+
+
+class UploadInfo(msgspec.Struct, frozen=True):
+    """An open upload: ``offset`` bytes of ``size`` are on the server; continue from there."""
+
+    upload_id: str
+    owner: str
+    name: str
+    size: int
+    sha256: str
+    offset: int
+    file_id: str | None
+    chunk_bytes: int
+    expires_at: float
+
+
+class UploadResult(msgspec.Struct, frozen=True):
+    """What an ``upload`` call achieved: ``complete`` with the ``file``, or ``offset`` so far."""
+
+    upload_id: str
+    offset: int
+    complete: bool
+    file: FileInfo | None
+
+
+class ShareInfo(msgspec.Struct, frozen=True):
+    file_id: str
+    kind: str
+    grantee: str
+    mode: str
+    created_at: float
+
+
+class Usage(msgspec.Struct, frozen=True):
+    """Bytes a user holds: finished files plus reserved by open uploads, against the quota."""
+
+    user: str
+    files_bytes: int
+    reserved_bytes: int
+    quota_bytes: int
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid file name; ``InvalidArgument`` saying why not."""
+    if not name:
+        raise InvalidArgument("a file name must not be empty")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise InvalidArgument(f"a file name is at most {MAX_NAME_BYTES} bytes (UTF-8)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidArgument("a file name must not contain NUL or other control characters")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise InvalidArgument(f"file name {name!r}: no leading, trailing or doubled '/', and no '.' or '..' segments")
+    return name
+
+
+def _check_sha256(value: str) -> str:
+    digest = value.lower()
+    if not _SHA256.match(digest):
+        raise InvalidArgument("sha256 must be 64 hexadecimal digits")
+    return digest
+
+
+def _info(record: FileRecord, access: str) -> FileInfo:
+    return FileInfo(
+        record.id, record.owner, record.name, record.size, record.sha256, record.created_at, record.updated_at, access
+    )
+
+
+def _share_info(share: FileShare) -> ShareInfo:
+    return ShareInfo(share.file_id, share.kind, share.grantee, share.mode, share.created_at)
