@@ -48,7 +48,7 @@ class SQLiteAccess:
     its ``COMMIT``, and the map is emptied when the transaction ends. A hook
     runs even if the write that registered it failed after registering, so
     it must be right either way. See bastion/store/sqlite.py.
-    ``_write_batched`` returns an awaitable, not a coroutine. All three raise
+    ``_write_batched`` and ``_read`` return awaitables, not coroutines. All three raise
     ``UsageError`` when the store is not open. ``_data_dir`` is the
     directory the database lives in.
     """
@@ -61,7 +61,7 @@ class SQLiteAccess:
 
         def _write_batched(self, batch: BatchFn, item: Any) -> Awaitable[Any]: ...
 
-        async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+        def _read(self, fn: Callable[[sqlite3.Connection], T]) -> Awaitable[T]: ...
 
 
 class PostgresAccess:

@@ -88,10 +88,13 @@ task of it). The store keeps the loop it was opened on rather than asking
 ``asyncio.get_running_loop()``, which on Python 3.11 makes a ``getpid()``
 system call each time.
 
-Reads run on a small pool of ``query_only`` connections, one per thread of a
-reader executor, so several reads proceed at once while the writer commits.
-Each read is one statement, in its own implicit transaction, so it sees
-every write acknowledged before it started.
+Reads run on a small pool of ``query_only`` connections, a thread each
+(``Readers``, bastion/store/sqlite_readers.py), so several reads proceed at
+once while the writer commits. The reads queued in one turn of the loop are
+handed to the threads together, shared out among them, and come back
+together: the hand-off is paid per batch, not per read. Each read is one
+statement, in its own implicit transaction, so it sees every write
+acknowledged before it was queued.
 
 Parameters: ``sqlite3`` looks for an adapter for every parameter that is
 not an int, float, str or bytearray, and for ``bytes`` and ``None`` finds
@@ -112,12 +115,10 @@ import asyncio
 import contextlib
 import functools
 import os
-import queue
 import sqlite3
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -132,6 +133,7 @@ from bastion.store.jobs import SQLiteJobs
 from bastion.store.kv_sqlite import SQLiteKV
 from bastion.store.mail_sqlite import SQLiteMail
 from bastion.store.migrations import MIGRATIONS, Migration, apply_migrations
+from bastion.store.sqlite_readers import Readers
 from bastion.store.sqlite_writer import Outcome, _run_together, _runs, _Write, _WriterThread
 from bastion.store.topics import SQLiteTopics
 
@@ -188,8 +190,7 @@ class SQLiteStore(
         self._stats = {"commits": 0, "writes": 0, "failed_commits": 0, "largest_batch": 0, "rerun_groups": 0}
         self._writer: sqlite3.Connection | None = None
         self._writer_thread: _WriterThread | None = None
-        self._reader_threads: ThreadPoolExecutor | None = None
-        self._idle_readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._reader_pool: Readers | None = None  # while open
         self._reader_conns: list[sqlite3.Connection] = []
         self._queue: deque[_Write | None] = deque()
         self._wakeup: asyncio.Future[None] | None = None  # set while the writer task waits for work
@@ -217,12 +218,12 @@ class SQLiteStore(
             raise UsageError(f"{self!r} is already open")
         loop = asyncio.get_running_loop()
         self._writer_thread = _WriterThread("bastion-store-writer")
-        self._reader_threads = ThreadPoolExecutor(self._readers, thread_name_prefix="bastion-store-reader")
         try:
             self._version = await self._writer_thread.run(self._open_files)
         except BaseException:
             await self._release()
             raise
+        self._reader_pool = Readers(self._reader_conns, loop, _translate)
         self._queue = deque()
         self._loop = loop
         self._writer_task = loop.create_task(self._write_loop(), name=f"bastion-store-writer {self.path}")
@@ -255,7 +256,6 @@ class SQLiteStore(
                 reader = self._connect()
                 reader.execute("PRAGMA query_only=ON")
                 self._reader_conns.append(reader)
-                self._idle_readers.put(reader)
         except sqlite3.DatabaseError as exc:
             raise UsageError(f"cannot open store {self.path}: {exc}") from exc
         for suffix in _SIDE_FILES:
@@ -273,15 +273,13 @@ class SQLiteStore(
         return conn
 
     async def _release(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._reader_threads is not None:
-            # Reads already running finish first; their connections are then idle.
-            await loop.run_in_executor(None, self._reader_threads.shutdown, True)
-            self._reader_threads = None
+        if self._reader_pool is not None:
+            # Reads already queued run first; their connections are then idle.
+            await self._reader_pool.stop()
+            self._reader_pool = None
         for conn in self._reader_conns:
             conn.close()
         self._reader_conns.clear()
-        self._idle_readers = queue.SimpleQueue()
         if self._writer_thread is not None:
             if self._writer is not None:
                 await self._writer_thread.run(self._writer.close)
@@ -470,25 +468,14 @@ class SQLiteStore(
             for write in group:
                 observe.done("write", write.started)
 
-    # -- the read path: a pool of query_only connections on reader threads ---------------
+    # -- the read path: query_only connections on reader threads (sqlite_readers) ----------
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        self._check_open()
-        assert self._reader_threads is not None and self._loop is not None
-        started = time.perf_counter()
-        try:
-            return await self._loop.run_in_executor(self._reader_threads, self._with_reader, fn)
-        finally:
-            observe.done("read", started)
-
-    def _with_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._idle_readers.get()  # never waits: one connection per reader thread
-        try:
-            return fn(conn)
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
-        finally:
-            self._idle_readers.put(conn)
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> Awaitable[T]:
+        """``fn(conn)`` on a reader connection, handed over with this loop turn's other reads; its future."""
+        if self._state != "open":
+            raise UsageError(f"{self!r} is not open")
+        assert self._reader_pool is not None
+        return self._reader_pool.read(fn)
 
 
 def _translate(exc: Exception) -> Exception:
