@@ -71,7 +71,7 @@ from bastion.exceptions import BastionError, Unavailable, UsageError
 from bastion.store import files, idempotency, jobs, kv, mail, observe, topics
 from bastion.store.base import Store
 from bastion.store.credentials_postgres import PostgresCredentials
-from bastion.store.files import PostgresFiles
+from bastion.store.files_postgres import PostgresFiles
 from bastion.store.idempotency import PostgresIdempotency
 from bastion.store.jobs import PostgresJobs
 from bastion.store.kv_postgres import PostgresKV

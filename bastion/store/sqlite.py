@@ -127,7 +127,7 @@ from bastion.store import observe
 from bastion.store._access import BatchFn
 from bastion.store.base import Store
 from bastion.store.credentials_sqlite import SQLiteCredentials
-from bastion.store.files import SQLiteFiles
+from bastion.store.files_sqlite import SQLiteFiles
 from bastion.store.idempotency import SQLiteIdempotency
 from bastion.store.jobs import SQLiteJobs
 from bastion.store.kv_sqlite import SQLiteKV

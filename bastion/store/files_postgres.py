@@ -1,0 +1,289 @@
+"""The ``files`` storage domain on PostgreSQL (``PostgresFiles``): see files.py for how it works."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bastion.exceptions import AlreadyExists, NotFound
+from bastion.store._access import PostgresAccess
+from bastion.store.files import (  # the domain's records, its SQL and the row helpers both backends share
+    _BLOB_IN_USE,
+    _BLOB_REFERENCED,
+    _BLOB_RELEASED,
+    _BLOB_STATE,
+    _CLAIM,
+    _DELETE,
+    _DELETE_UPLOAD,
+    _DROP_UPLOADS_OF,
+    _DROP_USER_SHARES,
+    _EXPIRE_UPLOADS,
+    _FORGET,
+    _GET,
+    _GET_BY_NAME,
+    _GET_UPLOAD,
+    _HAND_OVER,
+    _INSERT_FILE,
+    _INSERT_UPLOAD,
+    _MARK_UNREFERENCED,
+    _OWNED,
+    _PIN,
+    _RENAME,
+    _REPLACE_CONTENTS,
+    _SHARE,
+    _SHARES,
+    _TOUCH_UPLOAD,
+    _UNSHARE,
+    _UPLOAD_COLUMNS,
+    _UPLOADS_ALL,
+    _UPLOADS_OF,
+    _USAGE_FILES,
+    _USAGE_UPLOADS,
+    CLAIM_SECONDS,
+    PIN_SECONDS,
+    FileRecord,
+    FileShare,
+    FileStore,
+    UploadRecord,
+    _file,
+    _handed_name,
+    _list_args,
+    _list_sql,
+    _now,
+    _quota_error,
+    _replace_target_missing,
+    _share,
+    _upload,
+    _upload_row,
+)
+
+__all__ = ["PostgresFiles"]
+
+PgConn = Any  # asyncpg.Connection; asyncpg is an optional dependency
+
+
+def _count(status: str) -> int:
+    """Rows affected, from asyncpg's command status ("UPDATE 3")."""
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+class PostgresFiles(PostgresAccess, FileStore):
+    """``FileStore`` on the PostgreSQL core (``_call``)."""
+
+    async def _files_one(self, sql: str, *args: Any) -> Any:
+        async def one(conn: PgConn) -> Any:
+            return await conn.fetchrow(sql, *args)
+
+        return await self._call(one)
+
+    async def _files_all(self, sql: str, *args: Any) -> list[Any]:
+        async def fetch(conn: PgConn) -> list[Any]:
+            return list(await conn.fetch(sql, *args))
+
+        result: list[Any] = await self._call(fetch)
+        return result
+
+    async def _files_execute(self, sql: str, *args: Any) -> int:
+        async def execute(conn: PgConn) -> int:
+            return _count(await conn.execute(sql, *args))
+
+        result: int = await self._call(execute)
+        return result
+
+    async def files_get(self, file_id: str) -> FileRecord | None:
+        row = await self._files_one(_GET, file_id)
+        return None if row is None else _file(row)
+
+    async def files_get_by_name(self, owner: str, name: str) -> FileRecord | None:
+        row = await self._files_one(_GET_BY_NAME, owner, name)
+        return None if row is None else _file(row)
+
+    async def files_list(
+        self,
+        *,
+        viewer: str | None,
+        roles: frozenset[str] = frozenset(),
+        owner: str | None = None,
+        prefix: str = "",
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[FileRecord]:
+        ordered = sorted(roles) if viewer is not None else []
+        sql, params = _list_sql(viewer is not None, owner is not None, after is not None, len(ordered))
+        args = _list_args(params, viewer, ordered, owner, prefix, after, limit)
+        return [_file(row) for row in await self._files_all(sql, *args)]
+
+    async def files_usage(self, owner: str) -> tuple[int, int]:
+        row = await self._files_one(f"SELECT ({_USAGE_FILES}), ({_USAGE_UPLOADS})", owner)
+        return int(row[0]), int(row[1])
+
+    async def files_delete(self, file_id: str, at: float) -> FileRecord | None:
+        async def delete(conn: PgConn) -> FileRecord | None:
+            async with conn.transaction():
+                row = await conn.fetchrow(_DELETE, file_id)
+                if row is None:
+                    return None
+                record = _file(row)
+                await conn.execute(_BLOB_RELEASED, record.sha256, at)
+                return record
+
+        result: FileRecord | None = await self._call(delete)
+        return result
+
+    async def files_rename(self, file_id: str, name: str, at: float) -> FileRecord:
+        import asyncpg
+
+        async def rename(conn: PgConn) -> FileRecord:
+            try:
+                row = await conn.fetchrow(_RENAME, file_id, name, at)
+            except asyncpg.UniqueViolationError:
+                raise AlreadyExists(f"a file named {name!r} already exists") from None
+            if row is None:
+                raise NotFound(f"no file {file_id}")
+            return _file(row)
+
+        result: FileRecord = await self._call(rename)
+        return result
+
+    async def files_share(self, share: FileShare) -> None:
+        import asyncpg
+
+        async def add(conn: PgConn) -> None:
+            try:
+                await conn.execute(_SHARE, share.file_id, share.kind, share.grantee, share.mode, share.created_at)
+            except asyncpg.ForeignKeyViolationError:
+                raise NotFound(f"no file {share.file_id}") from None
+
+        await self._call(add)
+
+    async def files_unshare(self, file_id: str, kind: str, grantee: str) -> bool:
+        return await self._files_execute(_UNSHARE, file_id, kind, grantee) == 1
+
+    async def files_shares(self, file_id: str) -> list[FileShare]:
+        return [_share(row) for row in await self._files_all(_SHARES, file_id)]
+
+    async def files_begin_upload(self, upload: UploadRecord, quota: int) -> None:
+        async def begin(conn: PgConn) -> None:
+            async with conn.transaction():
+                # One reservation at a time per owner, across every replica.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext('bastion.files.quota'), hashtext($1))", upload.owner
+                )
+                await _pg_check_target(conn, upload)
+                row = await conn.fetchrow(f"SELECT ({_USAGE_FILES}), ({_USAGE_UPLOADS})", upload.owner)
+                used = int(row[0]) + int(row[1])
+                if used + upload.size > quota:
+                    raise _quota_error(upload.owner, used, upload.size, quota)
+                await conn.execute(_INSERT_UPLOAD, *_upload_row(upload))
+
+        await self._call(begin)
+
+    async def files_get_upload(self, upload_id: str) -> UploadRecord | None:
+        row = await self._files_one(_GET_UPLOAD, upload_id)
+        return None if row is None else _upload(row)
+
+    async def files_list_uploads(self, uploader: str | None) -> list[UploadRecord]:
+        rows = await (self._files_all(_UPLOADS_ALL) if uploader is None else self._files_all(_UPLOADS_OF, uploader))
+        return [_upload(row) for row in rows]
+
+    async def files_touch_upload(self, upload_id: str, at: float) -> bool:
+        return await self._files_execute(_TOUCH_UPLOAD, upload_id, at) == 1
+
+    async def files_delete_upload(self, upload_id: str) -> bool:
+        return await self._files_execute(_DELETE_UPLOAD, upload_id) == 1
+
+    async def files_expire_uploads(self, before: float) -> list[str]:
+        return [str(row[0]) for row in await self._files_all(_EXPIRE_UPLOADS, before)]
+
+    async def files_commit_upload(self, upload_id: str, new_id: str, at: float) -> FileRecord:
+        async def commit(conn: PgConn) -> FileRecord:
+            async with conn.transaction():
+                row = await conn.fetchrow(_DELETE_UPLOAD + f" RETURNING {_UPLOAD_COLUMNS}", upload_id)
+                if row is None:
+                    raise NotFound(f"no upload {upload_id}")
+                up = _upload(row)
+                target = await _pg_target(conn, up)
+                if target is None:
+                    status = await conn.execute(_INSERT_FILE, new_id, up.owner, up.name, up.size, up.sha256, at, at)
+                    if _count(status) != 1:
+                        raise AlreadyExists(f"a file named {up.name!r} already exists")
+                    record = FileRecord(new_id, up.owner, up.name, up.size, up.sha256, at, at)
+                else:
+                    record = _file(await conn.fetchrow(_REPLACE_CONTENTS, target.id, up.size, up.sha256, at))
+                await conn.execute(_BLOB_REFERENCED, up.sha256)
+                if target is not None and target.sha256 != up.sha256:
+                    await conn.execute(_BLOB_RELEASED, target.sha256, at)
+                return record
+
+        result: FileRecord = await self._call(commit)
+        return result
+
+    async def files_pin_blob(self, sha256: str, size: int, at: float) -> bool:
+        async def pin(conn: PgConn) -> bool:
+            async with conn.transaction():
+                await conn.execute(_PIN, sha256, size, at + PIN_SECONDS)
+                return bool(await conn.fetchval(_BLOB_STATE, sha256) == "live")
+
+        result: bool = await self._call(pin)
+        return result
+
+    async def files_claim_blobs(self, now: float, grace: float, token: str, limit: int = 1000) -> list[str]:
+        async def claim(conn: PgConn) -> list[str]:
+            async with conn.transaction():
+                await conn.execute(_MARK_UNREFERENCED, now)
+                rows = await conn.fetch(_CLAIM, now, token, now - grace, now - CLAIM_SECONDS, limit)
+                return [str(row[0]) for row in rows]
+
+        result: list[str] = await self._call(claim)
+        return result
+
+    async def files_forget_blobs(self, token: str, sha256s: list[str]) -> int:
+        async def forget(conn: PgConn) -> int:
+            async with conn.transaction():
+                return sum([_count(await conn.execute(_FORGET, sha, token)) for sha in sha256s])
+
+        result: int = await self._call(forget)
+        return result
+
+    async def files_blob_referenced(self, sha256: str) -> bool:
+        row = await self._files_one(_BLOB_IN_USE, sha256)
+        return bool(row[0])
+
+    async def files_reassign_owner(self, old: str, new: str | None) -> int:
+        async def reassign(conn: PgConn) -> int:
+            async with conn.transaction():
+                owned = [_file(row) for row in await conn.fetch(_OWNED, old)]
+                await conn.execute(_DROP_UPLOADS_OF, old)
+                await conn.execute(_DROP_USER_SHARES, old)
+                now = _now()
+                for record in owned:
+                    if new is None:
+                        await conn.fetch(_DELETE, record.id)
+                        await conn.execute(_BLOB_RELEASED, record.sha256, now)
+                    else:
+                        taken = await conn.fetchrow(_GET_BY_NAME, new, record.name) is not None
+                        name = _handed_name(record.name, record.id, taken)
+                        await conn.execute(_HAND_OVER, record.id, new, name, now)
+                return len(owned)
+
+        result: int = await self._call(reassign)
+        return result
+
+
+async def _pg_target(conn: PgConn, up: UploadRecord) -> FileRecord | None:
+    if up.file_id is not None:
+        row = await conn.fetchrow(_GET, up.file_id)
+        if row is None:
+            raise _replace_target_missing(up)
+        return _file(row)
+    if up.overwrite:
+        row = await conn.fetchrow(_GET_BY_NAME, up.owner, up.name)
+        return None if row is None else _file(row)
+    return None
+
+
+async def _pg_check_target(conn: PgConn, up: UploadRecord) -> None:
+    if up.file_id is not None:
+        await _pg_target(conn, up)
+    elif not up.overwrite and await conn.fetchrow(_GET_BY_NAME, up.owner, up.name) is not None:
+        raise AlreadyExists(f"{up.owner!r} already has a file named {up.name!r} (ask to overwrite it)")
