@@ -220,10 +220,10 @@ class SQLiteStore(
         self._writer_thread = _WriterThread("bastion-store-writer")
         try:
             self._version = await self._writer_thread.run(self._open_files)
+            self._reader_pool = Readers(self._reader_conns, loop, _translate)
         except BaseException:
             await self._release()
             raise
-        self._reader_pool = Readers(self._reader_conns, loop, _translate)
         self._queue = deque()
         self._loop = loop
         self._writer_task = loop.create_task(self._write_loop(), name=f"bastion-store-writer {self.path}")
@@ -479,7 +479,15 @@ class SQLiteStore(
 
 
 def _translate(exc: Exception) -> Exception:
-    """bastion errors pass through; SQLite's become bastion's, so no SQL error escapes the store."""
+    """bastion errors pass through; SQLite's become bastion's, so no SQL error escapes the store.
+
+    A StopIteration (``next()`` on a cursor with no row) becomes an InternalError: a future
+    refuses it, and the writer, setting it on a write's future, would stop for good.
+    """
+    if isinstance(exc, StopIteration):
+        stopped = InternalError(f"store: a store function raised {exc!r}")
+        stopped.__cause__ = exc
+        return stopped
     if isinstance(exc, BastionError) or not isinstance(exc, sqlite3.Error):
         return exc
     if isinstance(exc, sqlite3.OperationalError):  # busy, locked, I/O, disk full: try again later

@@ -100,11 +100,81 @@ async def test_a_cancelled_read_leaves_the_rest_of_its_batch_answered(db: Path) 
     await readers.stop()
 
 
+def loop_errors() -> list[dict[str, object]]:
+    """What reaches the running loop's exception handler from now on."""
+    seen: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: seen.append(context))
+    return seen
+
+
 async def test_stop_runs_every_read_queued_before_it(db: Path) -> None:
+    errors = loop_errors()
     readers = Readers([connect(db), connect(db)], asyncio.get_running_loop(), translate, batch_size=3)
     futures = [readers.read(value_of(k)) for k in range(20)]  # not yet handed over: stop does it
     await readers.stop()  # the threads have ended: every read ran, its answer is on its way to the loop
     assert await asyncio.wait_for(asyncio.gather(*futures), 5) == [f"v{k}" for k in range(20)]
+    await asyncio.sleep(0)  # the end-of-turn hand-off read() scheduled has run: it found nothing to do
+    assert errors == []
+
+
+async def test_a_read_raising_anything_fails_alone_and_its_thread_reads_on(db: Path) -> None:
+    errors = loop_errors()
+    readers = Readers([connect(db)], asyncio.get_running_loop(), translate)
+
+    def exits(c: sqlite3.Connection) -> str:
+        raise SystemExit(3)
+
+    def stops(c: sqlite3.Connection) -> str:
+        return str(next(iter(c.execute("SELECT v FROM t WHERE k = -1"))))  # no row: StopIteration
+
+    def bad_translate(exc: Exception) -> Exception:
+        raise ValueError("the translation failed")
+
+    outcomes = await asyncio.gather(
+        readers.read(value_of(1)), readers.read(exits), readers.read(stops), readers.read(value_of(2)),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert outcomes[0] == "v1" and outcomes[3] == "v2"
+    assert isinstance(outcomes[1], SystemExit) and outcomes[1].code == 3
+    assert isinstance(outcomes[2], RuntimeError) and isinstance(outcomes[2].__cause__, StopIteration)
+    assert await readers.read(value_of(3)) == "v3"  # the one thread lives on
+    await readers.stop()
+    odd = Readers([connect(db)], asyncio.get_running_loop(), bad_translate)
+    broken = odd.read(lambda c: c.execute("SELECT nope FROM t").fetchone())
+    with pytest.raises(ValueError, match="the translation failed"):
+        await broken
+    assert await odd.read(value_of(4)) == "v4"
+    await odd.stop()
+    assert errors == []
+
+
+async def test_no_read_waits_behind_a_slow_one_while_a_thread_is_free(db: Path) -> None:
+    readers = Readers([connect(db), connect(db)], asyncio.get_running_loop(), translate)
+    release = threading.Event()
+    slow = readers.read(lambda c: release.wait(10))
+    fast = [readers.read(value_of(k)) for k in range(8)]  # the same turn: the other thread takes them
+    try:
+        assert await asyncio.wait_for(asyncio.gather(*fast), 5) == [f"v{k}" for k in range(8)]
+        assert not slow.done()
+    finally:
+        release.set()
+    assert await slow is True
+    await readers.stop()
+
+
+async def test_a_read_cancelled_before_it_starts_is_skipped(db: Path) -> None:
+    readers = Readers([connect(db)], asyncio.get_running_loop(), translate)
+    release = threading.Event()
+    ran: list[int] = []
+    slow = readers.read(lambda c: release.wait(5))
+    await asyncio.sleep(0)  # handed over: the one thread is busy with it
+    skipped = readers.read(lambda c: ran.append(1))
+    kept = readers.read(lambda c: ran.append(2))
+    skipped.cancel()
+    release.set()
+    await asyncio.gather(slow, kept)
+    assert ran == [2] and skipped.cancelled()
+    await readers.stop()
 
 
 async def test_the_store_answers_many_concurrent_reads_and_sees_each_acknowledged_write(tmp_path: Path) -> None:
@@ -114,3 +184,20 @@ async def test_the_store_answers_many_concurrent_reads_and_sees_each_acknowledge
             users = await asyncio.gather(*(store.get_user(f"u{i}") for i in range(round_ + 1)))
             assert [u.name for u in users if u is not None] == [f"u{i}" for i in range(round_ + 1)]
         assert await asyncio.gather(*(store.get_user("nobody") for _ in range(50))) == [None] * 50
+
+
+async def test_store_functions_raising_stopiteration_fail_alone_and_the_writer_carries_on(tmp_path: Path) -> None:
+    from bastion.exceptions import InternalError
+
+    def no_row(c: sqlite3.Connection) -> object:
+        return next(iter(c.execute("SELECT name FROM users WHERE name = 'nobody'")))
+
+    async with SQLiteStore(tmp_path / "a.db") as store:
+        with pytest.raises(InternalError, match="StopIteration"):
+            await store._read(no_row)
+        write, created = await asyncio.gather(
+            store._write(no_row), store.create_user(User("ada")), return_exceptions=True
+        )
+        assert isinstance(write, InternalError) and created is True
+        assert await store.create_user(User("bob"))  # the writer is still writing
+        assert [u.name for u in await store.list_users()] == ["ada", "bob"]
