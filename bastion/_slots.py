@@ -44,7 +44,7 @@ class Slots:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # handed a slot as we were cancelled: pass it on
-            else:
+            elif waiter in self.waiters:  # (a release since the cancel may have dropped it already)
                 self.waiters.remove(waiter)
             raise
 

@@ -30,6 +30,7 @@ from bastion.transport.aio import Link, translate_error
 
 __all__ = [
     "NO_OPTIONS",
+    "WRITE_HIGH_WATER",
     "CallOptions",
     "ClientClosed",
     "ClientConnection",
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 _OPEN = ConnectionState.OPEN
+#: ``Future.set_result``, unbound: ``answer.set_result`` is a method lookup the interpreter does
+#: not cache for a Future (it has an instance dict), once per answer.
+_set_result = asyncio.Future.set_result
 
 
 class ClientClosed(ConnectionClosed):
@@ -90,7 +94,11 @@ class Pending:
             self.credit.set()
 
 
-#: A call's options on the hot path (``start_unary``): its priority and its metadata.
+#: The write buffer's high-water mark of a client's ``Link`` (its ``write_high_water``): output
+#: queued past it is written at once, not at the end of the loop turn (``CallPath.call`` too).
+WRITE_HIGH_WATER = 1 << 20
+
+#: A call's options on the hot path (``CallPath.call_on``): its priority and its metadata.
 CallOptions = tuple[int | None, dict[str, str] | None]
 NO_OPTIONS: CallOptions = (None, None)
 
@@ -225,7 +233,7 @@ class ClientConnection:
                     continue
                 freed += 1  # the usual answer: a unary call's bare future
                 try:  # noqa: SIM105 - free when nothing is raised; suppress() is a context manager per answer
-                    call.set_result(event.value)  # type: ignore[union-attr]
+                    _set_result(call, event.value)  # type: ignore[arg-type]
                 except asyncio.InvalidStateError:  # it expired, or its caller was cancelled
                     pass
                 continue
@@ -291,29 +299,6 @@ class ClientConnection:
     @property
     def usable(self) -> bool:
         return not self.closed and self.core.state is _OPEN
-
-    def start_unary(
-        self, method: str, args: dict[str, Any], timeout: float | None, options: CallOptions
-    ) -> tuple[int, asyncio.Future[Any], asyncio.Future[None] | None] | None:
-        """Send a unary call in a free slot (``args`` already checked); its answer will come in the future returned.
-
-        None if no slot is free, or callers wait for one: wait in turn
-        (``Slots.acquire``), then ``start``. The usual call's way, with no
-        ``Pending`` and no await. (The None in the answer: it has no sender.)
-        """
-        core = self.core
-        if core.state is not _OPEN:  # not self.usable (closed: the core is closed too)
-            raise ConnectionClosed("connection is closed or draining")
-        slots: Slots = self.slots  # type: ignore[assignment]  # open: the Welcome came
-        if slots.free <= 0 or slots.waiters:  # not slots.try_acquire(), without the call
-            return None
-        priority, metadata = options
-        timeout_ms = max(1, int(timeout * 1000)) if timeout is not None else None
-        call_id = core.send_call(method, args, timeout_ms, priority, False, metadata)
-        slots.free -= 1  # taken once the call is sent: a call too large to send takes none
-        answer = self.pending[call_id] = self.loop.create_future()
-        self.link.schedule_flush()  # type: ignore[union-attr]  # open, so connected
-        return call_id, answer, None
 
     def start(
         self,

@@ -2,10 +2,12 @@
 
 ``Client`` defines ``__getattr__`` (its service proxies), which puts every
 attribute lookup on a client on CPython's slow path. The usual call -- one
-server, its connection open -- reads the client once (``client._path``) and
-everything else from here: the retry plan of a call (``_Retry``), its first
-attempt (``CallPath.call_on``), which hands over to ``Client._retrying``
-only if it fails.
+server, its connection open -- reads the client at most once and everything
+else from here: a single-server client's ``call`` is ``CallPath.call``
+itself, one coroutine that plans the call's retries (``Retry``), sends it and
+awaits its answer, and hands over to ``Client._retrying`` only if it fails.
+Other calls (``invoke``, a balanced client's) make their first attempt with
+``CallPath.call_on``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from bastion.client._common import DECODER
-from bastion.client._connection import CallOptions, ClientConnection, Expired
+from bastion.client._connection import NO_OPTIONS, WRITE_HIGH_WATER, CallOptions, ClientConnection, Expired, Slots
 from bastion.client.policy import RetryBudget, RetryPolicy, is_replayable
 from bastion.exceptions import CallError, ConnectionClosed, DeadlineExceeded
 from bastion.protocol.state import ConnectionState
+from bastion.transport.aio import Link
 
 if TYPE_CHECKING:
     from bastion.client.aio import Client
@@ -29,6 +32,10 @@ __all__ = ["PLAIN_RETRY", "CallPath", "Retry", "start_in_turn"]
 
 _OPEN = ConnectionState.OPEN
 _decode = DECODER.decode
+#: A unary call's answer: ``asyncio.Future()``, which takes the running loop itself, costs half what
+#: ``loop.create_future()`` does (uvloop's passes the loop by keyword); the loops bastion runs on
+#: (asyncio's, uvloop) make that same C Future either way.
+_Future = asyncio.Future
 
 
 class Retry(msgspec.Struct, frozen=True, gc=False):
@@ -98,6 +105,68 @@ class CallPath:
             return self.client._attempt(method, checked, timeout, timeout, options, items, [], plan)
         return self.client._retrying(method, checked, timeout, options, items, plan, None)
 
+    async def call(self, method: str, /, **args: Any) -> Any:
+        """``Client.call`` on a single-server client: the call's one coroutine (see ``Client._init_state``).
+
+        On an open connection, ``invoke``'s usual case, and ``call_on``'s
+        steps for a unary call with no options, inline: the call sent in a
+        free slot, its answer awaited and decoded, in this one coroutine;
+        ``Client._retrying`` takes over only if it fails. Otherwise (no
+        connection yet, or it closed) ``invoke``, which connects.
+        """
+        # Keyword arguments are a fresh dict with str keys: nothing for check_args to do.
+        conn = self.conn
+        timeout = self.timeout
+        if conn is None or (core := conn.core).state is not _OPEN:
+            return await self.invoke(method, args, timeout, NO_OPTIONS, None, None)
+        retry, budget = self.retry, self.budget
+        if retry is None or budget is None:
+            plan = None
+        else:
+            budget.requests += 1  # budget.on_request(), inline
+            plan = PLAIN_RETRY if timeout is None else Retry(None, retry.clock() + timeout)
+        try:
+            slots: Slots = conn.slots  # type: ignore[assignment]  # open: the Welcome came
+            if slots.free > 0:  # slots.try_acquire(), without the call (a slot is never free while others wait)
+                call_id = core.send_call(method, args, None if timeout is None else max(1, int(timeout * 1000)))
+                slots.free -= 1  # taken once the call is sent: a call too large to send takes none
+                answer = conn.pending[call_id] = _Future()  # of the running loop: conn.loop, as calls run on it
+                link: Link = conn.link  # type: ignore[assignment]  # open, so connected
+                # ``link.schedule_flush()``, called only when it has something to do: the first call
+                # of a loop turn schedules the flush its others share, and, past the link's
+                # high-water mark, a call writes what is queued at once.
+                if not link.flush_scheduled or len(core.output.buffer) >= WRITE_HIGH_WATER:
+                    link.schedule_flush()
+            else:
+                call_id, answer, _ = await start_in_turn(conn, method, args, timeout, NO_OPTIONS, None)
+            if timeout is None:
+                try:
+                    raw = await answer
+                except asyncio.CancelledError:
+                    conn.cancel(call_id)
+                    raise
+            else:
+                slot = conn.deadlines.arm(answer, timeout)
+                try:
+                    raw = await answer
+                except Expired:
+                    conn.cancel(call_id)
+                    raise DeadlineExceeded(f"{method}: no answer within {timeout}s") from None
+                except asyncio.CancelledError:
+                    conn.cancel(call_id)
+                    raise
+                finally:
+                    conn.deadlines.disarm(slot, answer)
+        except (CallError, ConnectionClosed) as exc:
+            if plan is None:
+                raise
+            failure = exc
+        else:
+            if type(raw) is list:  # a stream's items, collected
+                return [_decode(r) for r in raw]
+            return _decode(raw)
+        return await self.client._retrying(method, args, timeout, NO_OPTIONS, None, plan, failure)
+
     async def call_on(
         self,
         conn: ClientConnection,
@@ -116,12 +185,29 @@ class CallPath:
         (``Expired``) if it is still waiting then: no loop timer, nor
         ``asyncio.timeout``, per call. The call's slot is given back by the
         connection, when the call leaves it.
+
+        ``CallPath.call`` repeats these steps for the plain call (no options, no
+        items), inline in its own coroutine rather than handing over to this one:
+        a coroutine and a call fewer on every call. Keep the two in step.
         """
         try:
-            started = conn.start_unary(method, args, timeout, options) if items is None else None
-            if started is None:
-                started = await start_in_turn(conn, method, args, timeout, options, items)
-            call_id, answer, sender = started
+            core = conn.core
+            if core.state is not _OPEN:  # not conn.usable (closed: the core is closed too)
+                raise ConnectionClosed("connection is closed or draining")
+            slots: Slots = conn.slots  # type: ignore[assignment]  # open: the Welcome came
+            if items is None and slots.free > 0 and not slots.waiters:
+                # The usual start, inline: the call sent in a free slot (not slots.try_acquire(), without
+                # the call), its answer a bare future in ``pending``, no ``Pending`` and no await.
+                priority, metadata = options
+                call_id = core.send_call(
+                    method, args, None if timeout is None else max(1, int(timeout * 1000)), priority, False, metadata
+                )
+                slots.free -= 1  # taken once the call is sent: a call too large to send takes none
+                answer = conn.pending[call_id] = _Future()
+                conn.link.schedule_flush()  # type: ignore[union-attr]  # open, so connected
+                sender = None
+            else:
+                call_id, answer, sender = await start_in_turn(conn, method, args, timeout, options, items)
             slot = conn.deadlines.arm(answer, timeout) if timeout is not None else None
             try:
                 raw = await answer
@@ -155,7 +241,7 @@ async def start_in_turn(
     options: CallOptions,
     items: AsyncIterable[Any] | Iterable[Any] | None,
 ) -> tuple[int, asyncio.Future[Any], asyncio.Future[None] | None]:
-    """``CallPath.call_on``'s start when ``start_unary`` cannot: a call with an input stream, or no slot free.
+    """``CallPath.call_on``'s start when its usual one cannot: a call with an input stream, or no slot free.
 
     Takes a slot, waiting its turn for one, then starts the call (and
     the sender of ``items``); the call's id, its answer and its sender.

@@ -11,10 +11,11 @@ and also enforces it locally (the connection's ``Deadlines``), cancelling
 the call on the server when it runs out.
 
 The usual call -- ``call`` on a single-server client whose connection is
-open -- is one coroutine (``CallPath.call_on``, handed back by ``invoke``) doing
-no more than it must: it takes a free slot, sends the call and awaits its
-answer with no ``Pending``, no timer of its own and no coroutine per
-attempt; the retry loop (``_retrying``) starts only if that attempt fails.
+open -- is one coroutine (``CallPath.call``, which such a client's ``call``
+is) doing no more than it must: it takes a free slot, sends the call and
+awaits its answer with no ``Pending``, no timer of its own, no coroutine per
+attempt and one flush per loop turn shared with the turn's other calls; the
+retry loop (``_retrying``) starts only if that attempt fails.
 
 Retries (``bastion.client.policy``). ``invoke`` tries a call again only when
 it fails retryably and is known idempotent -- ``idempotent=True``, or the
@@ -63,7 +64,7 @@ from bastion.client._common import (
     decode_value,
     silent_close_hint,
 )
-from bastion.client._connection import NO_OPTIONS, CallOptions, ClientClosed, ClientConnection
+from bastion.client._connection import NO_OPTIONS, WRITE_HIGH_WATER, CallOptions, ClientClosed, ClientConnection
 from bastion.client._path import CallPath, Retry
 from bastion.client.balancer import Balancer, BreakerState, Endpoint, expand_endpoints
 from bastion.client.base import ClientBase
@@ -124,6 +125,12 @@ class Client(ClientBase):
 
     def _init_state(self) -> None:
         self._path = CallPath(self)  # first: the settings ClientBase sets next live in it
+        if type(self).call is _CLIENT_CALL and self._own_attempt and not self.balanced:
+            # ``client.call`` is then ``CallPath.call`` itself, found in the instance's dict: the
+            # usual call is one coroutine, makes no bound method and never looks up ``_path`` (see
+            # ``CallPath``). A subclass that overrides ``call`` or ``_attempt`` keeps ``Client.call``,
+            # and so do clients made while ``Client.call`` is replaced (a test's mock, say).
+            self.call = self._path.call  # type: ignore[method-assign]
         self._lock: asyncio.Lock | None = None
         # Seam for bastion.testing: given the protocol factory, connect it to
         # something other than a TCP socket (an in-memory server, say).
@@ -337,11 +344,11 @@ class Client(ClientBase):
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if self._connector is not None:
-                    await self._connector(lambda: Link(conn.core, conn))
+                    await self._connector(lambda: Link(conn.core, conn, write_high_water=WRITE_HIGH_WATER))
                 else:
                     context = self.tls.context()
                     await loop.create_connection(
-                        lambda: Link(conn.core, conn),
+                        lambda: Link(conn.core, conn, write_high_water=WRITE_HIGH_WATER),
                         host,
                         port,
                         ssl=context,
@@ -393,8 +400,11 @@ class Client(ClientBase):
         """Call ``method`` with named arguments; await it for the result.
 
         For a server-streaming method, the items are collected into a list.
-        (A plain function returning the call's coroutine, so the usual call
-        runs one coroutine fewer; ``await client.call(...)`` reads the same.)
+        (A single-server client's ``call`` is ``CallPath.call``, bound in
+        ``_init_state``: this one serves balanced clients and subclasses
+        that override ``call`` or ``_attempt``. A plain function returning
+        the call's coroutine, so such a call runs one coroutine fewer;
+        ``await client.call(...)`` reads the same.)
         """
         # Keyword arguments are a fresh dict with str keys: nothing for check_args to do.
         path = self._path  # the one lookup on the client itself (see CallPath)
@@ -609,3 +619,7 @@ class Client(ClientBase):
     async def upload(self, method: str, items: AsyncIterable[Any] | Iterable[Any], /, **args: Any) -> Any:
         """Call a client-streaming method, sending ``items``; return its result."""
         return await self.invoke(method, args, items=items)
+
+
+#: ``Client.call`` as defined (see ``Client._init_state``).
+_CLIENT_CALL = Client.call

@@ -64,8 +64,8 @@ class ClientBase:
         breaker: Callable[[], CircuitBreaker] = CircuitBreaker,
         health_interval: float | None = 5.0,
     ) -> None:
-        self._init_state()
         self._addresses, self.balanced = parse_endpoints(address)
+        self._init_state()
         self.host, self.port = self._addresses[0]
         self._make_breaker = breaker
         self.health_interval = health_interval
@@ -82,7 +82,10 @@ class ClientBase:
         self._methods = IdempotentMethods()  # what the current connection's server declared idempotent
 
     def _init_state(self) -> None:
-        """Set up the subclass's own connection state: first, so the settings may be kept in it."""
+        """Set up the subclass's own connection state: before the settings, so they may be kept in it.
+
+        (The addresses, and ``balanced``, are known by then.)
+        """
 
     @property
     def retry(self) -> RetryPolicy | None:

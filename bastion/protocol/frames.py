@@ -22,7 +22,15 @@ import msgspec
 from bastion.exceptions import LocalProtocolError, RemoteProtocolError
 from bastion.status import Status
 
-__all__ = ["HEADER_SIZE", "MAX_FRAME_LIMIT", "FrameReader", "FrameWriter"]
+__all__ = [
+    "HEADER",
+    "HEADER_SIZE",
+    "MAX_FRAME_LIMIT",
+    "FrameReader",
+    "FrameWriter",
+    "encode_error",
+    "pack_header",
+]
 
 HEADER_SIZE = 4
 #: The largest frame limit the wire can express.
@@ -32,7 +40,14 @@ T = TypeVar("T")
 #: Reads shorter than this are gathered into one part of a partial frame.
 _SMALL_READ = 4096
 #: The length header, read and written in place (no slice, no bytes object per frame).
-_HEADER = struct.Struct(">I")
+HEADER = struct.Struct(">I")
+#: ``HEADER.pack_into``, bound once: a module that imports ``HEADER`` would look ``pack_into`` up per call.
+pack_header = HEADER.pack_into
+
+
+def encode_error(name: str, exc: Exception) -> LocalProtocolError:
+    """The error for a message (``name``) msgspec could not encode."""
+    return LocalProtocolError(f"cannot encode {name}: {exc}")
 
 
 class FrameReader(Generic[T]):
@@ -81,7 +96,7 @@ class FrameReader(Generic[T]):
         pos = 0
         out: list[T] = []
         decode, append = self._decoder.decode, out.append
-        read_header = _HEADER.unpack_from
+        read_header = HEADER.unpack_from
         max_frame = self.max_frame
         while size - pos >= HEADER_SIZE:
             (length,) = read_header(data, pos)
@@ -123,7 +138,11 @@ class FrameWriter:
     """
 
     def __init__(self, max_frame: int) -> None:
-        self._encode_into = msgspec.msgpack.Encoder().encode_into
+        #: msgspec's ``encode_into``, this writer's own (an Encoder keeps state while it encodes: one per
+        #: connection, never shared between threads). A caller that writes a frame itself
+        #: (``Connection.send_call``) encodes the body after a ``HEADER_SIZE`` gap, checks its length
+        #: against ``max_frame`` (``too_large``), then packs the header in the gap (``pack_header``).
+        self.encode_into = msgspec.msgpack.Encoder().encode_into
         self.buffer = bytearray()
         self.max_frame = max_frame
 
@@ -136,18 +155,21 @@ class FrameWriter:
         buffer = self.buffer
         start = len(buffer)
         try:
-            self._encode_into(message, buffer, start + HEADER_SIZE)
+            self.encode_into(message, buffer, start + HEADER_SIZE)
         except (TypeError, ValueError, OverflowError) as exc:
             del buffer[start:]
-            raise LocalProtocolError(f"cannot encode {name or type(message).__name__}: {exc}") from None
+            raise encode_error(name or type(message).__name__, exc) from None
         length = len(buffer) - start - HEADER_SIZE
         if length > self.max_frame:
             del buffer[start:]
-            raise LocalProtocolError(
-                f"frame of {length} bytes exceeds the peer's limit of {self.max_frame}",
-                Status.RESOURCE_EXHAUSTED,
-            )
-        _HEADER.pack_into(buffer, start, length)
+            raise self.too_large(length)
+        HEADER.pack_into(buffer, start, length)
+
+    def too_large(self, length: int) -> LocalProtocolError:
+        """The error for a frame body of ``length`` bytes, over ``max_frame``."""
+        return LocalProtocolError(
+            f"frame of {length} bytes exceeds the peer's limit of {self.max_frame}", Status.RESOURCE_EXHAUSTED
+        )
 
     def __len__(self) -> int:
         return len(self.buffer)

@@ -109,7 +109,8 @@ class Link(asyncio.Protocol):
         self._received_any = False
         self._high_water = write_high_water
         self._loop = asyncio.get_running_loop()
-        self._flush_scheduled = False
+        #: A flush is scheduled for the end of this loop turn (``schedule_flush``); read-only outside.
+        self.flush_scheduled = False
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._hard_limit = write_hard_limit
@@ -229,8 +230,8 @@ class Link(asyncio.Protocol):
 
     def schedule_flush(self) -> None:
         """Write what the core has queued at the end of this loop turn (now, if it is a lot)."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush)
         elif len(self._output.buffer) >= self._high_water:  # core.pending_output, without the property
             self.flush()
@@ -242,7 +243,7 @@ class Link(asyncio.Protocol):
             self.flush()
 
     def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
+        self.flush_scheduled = False
         self.flush()
 
     @property

@@ -1,12 +1,15 @@
 """The async client's usual call: a bare future per unary call, slots given back by the connection.
 
-``ClientConnection.start_unary`` sends a unary call in a free slot with no
-``Pending`` and no await; the call's slot is given back when the call leaves
-the connection's ``pending`` -- answered, failed, cancelled, expired, or lost
-with the connection. These tests check each way out gives the slot back and
-leaves nothing behind, that a unary call to a server stream still collects its
-items, and that a subclass overriding ``_attempt`` sees every attempt, the
-usual call's first one included.
+``CallPath.call`` (a single-server client's ``call``) sends a unary call in a
+free slot with no ``Pending`` and no await, in one coroutine; the call's slot
+is given back when the call leaves the connection's ``pending`` -- answered,
+failed, cancelled, expired, or lost with the connection. These tests check
+each way out gives the slot back and leaves nothing behind, that a unary call
+to a server stream still collects its items, that a subclass overriding
+``_attempt`` sees every attempt, the usual call's first one included, that
+the calls of one loop turn are written together (output past the write
+buffer's high-water mark at once), and what the usual call's frame puts on
+the wire.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import pytest
 
 import bastion.testing
 from bastion import ConnectionClosed, DeadlineExceeded, InvalidArgument, Service, Unavailable
-from bastion.client._connection import ClientConnection, Slots
+from bastion.client._connection import WRITE_HIGH_WATER, ClientConnection, Slots
+from bastion.client._path import CallPath
 from bastion.client.aio import Client
 from bastion.client.policy import RetryPolicy
 from bastion.server.server import ServerLimits
@@ -230,5 +234,69 @@ def test_slots_release_many_at_once_to_the_waiters_first() -> None:
         slots.release(3)  # two go to the waiters, one is free
         await asyncio.gather(*waiters)
         assert slots.free == 1 and not slots.waiters
+
+    run(main())
+
+
+def test_a_single_server_clients_call_is_one_coroutine_that_create_task_runs() -> None:
+    async def main() -> None:
+        async with bastion.testing.connect(service) as client:
+            assert client.call.__func__ is CallPath.call  # type: ignore[attr-defined]  # bound on the client
+            call = client.call("hot.echo", value=1)
+            assert asyncio.iscoroutine(call)
+            assert await asyncio.create_task(call) == 1
+            assert_idle(connection(client))
+
+    run(main())
+
+
+class OverridingClient(Client):
+    def call(self, method: str, /, **args: Any) -> Any:
+        return super().call(method, **args)
+
+
+def test_balanced_clients_and_subclasses_that_override_call_or_attempt_keep_client_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Client("127.0.0.1:7400").call.__func__ is CallPath.call  # type: ignore[attr-defined]
+    with monkeypatch.context() as patched:  # a test replacing Client.call reaches the clients it makes then
+        replacement = OverridingClient.call
+        patched.setattr(Client, "call", replacement)
+        assert Client("127.0.0.1:7400").call.__func__ is replacement  # type: ignore[attr-defined]
+    assert Client(["127.0.0.1:7400", "127.0.0.1:7401"]).call.__func__ is Client.call  # type: ignore[attr-defined]
+    assert OverridingClient("127.0.0.1:7400").call.__func__ is OverridingClient.call  # type: ignore[attr-defined]
+    assert CountingClient("127.0.0.1:7400").call.__func__ is Client.call  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        async with bastion.testing.MemoryServer([service]) as memory:
+            overriding = OverridingClient("memory", token=memory.client()._token)
+            overriding._connector = memory._connect
+            try:
+                assert await overriding.call("hot.echo", value=3) == 3  # before the connection, and on it
+                assert await overriding.call("hot.echo", value=4) == 4
+            finally:
+                await overriding.close()
+
+    run(main())
+
+
+def test_the_calls_of_one_loop_turn_are_written_together_and_output_past_the_mark_at_once() -> None:
+    async def main() -> None:
+        async with bastion.testing.connect(service) as client:
+            conn = connection(client)
+            value = b"x" * 65536
+            n = 40  # 2.6 MB of calls, started in one loop turn: past WRITE_HIGH_WATER twice
+            queued: list[int] = []
+
+            async def look() -> None:  # runs after the calls' first steps, before the flush they scheduled
+                queued.append(len(conn.core.output.buffer))
+
+            calls = [asyncio.ensure_future(client.call("hot.echo", value=value)) for _ in range(n)]
+            await asyncio.ensure_future(look())
+            assert 0 < queued[0] < WRITE_HIGH_WATER  # the rest was written as it passed the mark
+            assert await asyncio.gather(*calls) == [value] * n
+            for i in range(3):  # one at a time: each call finds nothing queued, and schedules a flush
+                assert await client.call("hot.echo", value=i) == i
+            assert_idle(conn)
 
     run(main())

@@ -64,6 +64,49 @@ def test_a_cancelled_waiter_gives_up_its_place_and_a_slot_it_was_handed_goes_on(
     run(main())
 
 
+def test_a_waiter_cancelled_just_before_a_release_ends_cancelled_and_the_slot_is_free() -> None:
+    async def main() -> None:
+        slots = Slots(asyncio.get_running_loop(), 1)
+        assert slots.try_acquire()
+        waiting = asyncio.create_task(slots.acquire())
+        await asyncio.sleep(0)
+        waiting.cancel()  # its waiter is cancelled now; the task learns it on its next step
+        slots.release()  # passes over the cancelled waiter: the slot becomes free
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert waiting.cancelled()  # not a ValueError from removing a waiter already gone
+        assert slots.free == 1 and not slots.waiters
+
+    run(main())
+
+
+def test_a_slot_is_never_free_while_callers_wait_for_one() -> None:
+    """``CallPath.call`` takes a free slot without looking at the waiters: none wait while one is free."""
+
+    async def main() -> None:
+        slots = Slots(asyncio.get_running_loop(), 2)
+
+        def check() -> None:
+            assert not (slots.free > 0 and slots.waiters)
+
+        assert slots.try_acquire() and slots.try_acquire()
+        waiters = [asyncio.create_task(slots.acquire()) for _ in range(4)]
+        await asyncio.sleep(0)
+        check()
+        waiters[1].cancel()  # leaves the queue
+        await asyncio.sleep(0)
+        check()
+        for n in (1, 2, 3):  # to the waiters first, then free
+            slots.release(n)
+            check()
+            await asyncio.sleep(0)
+            check()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        # The three waiters served hold their slots; the last three given back are free.
+        assert slots.free == 3 and not slots.waiters
+
+    run(main())
+
+
 service = Service("probe")
 
 
