@@ -1,0 +1,177 @@
+"""A balanced async client's endpoints: picking one per call, connecting it, and health checks.
+
+``BalancedEndpoints`` is the part of ``Client`` (bastion/client/aio.py) that
+only a client given several addresses uses: the ``Balancer`` made on its
+first call (host names resolved then), one ``_Slot`` per endpoint holding
+its connection, the checkout that picks a connected endpoint for a call
+(avoiding those the call already failed on), the half-open breaker's trial
+call and the periodic ``admin.ready`` health checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from bastion.client._connection import NO_OPTIONS, ClientConnection
+from bastion.client.balancer import Balancer, BreakerState, CircuitBreaker, Endpoint, expand_endpoints
+from bastion.exceptions import CallError, ConnectError, ConnectionClosed
+
+if TYPE_CHECKING:
+    from bastion.client._path import CallPath
+    from bastion.client.policy import RetryPolicy
+
+__all__ = ["BalancedEndpoints"]
+
+
+class _Slot:
+    """One endpoint of a balanced client and its connection."""
+
+    __slots__ = ("conn", "endpoint", "lock")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.conn: ClientConnection | None = None
+        self.lock = asyncio.Lock()
+
+
+class BalancedEndpoints:
+    """``Client``'s endpoints when it is balanced (see the module docstring)."""
+
+    if TYPE_CHECKING:  # what it uses of Client (and ClientBase)
+        _addresses: list[tuple[str, int]]
+        _make_breaker: Callable[[], CircuitBreaker]
+        health_interval: float | None
+        _path: CallPath
+        _balancer: Balancer | None
+        _slots: dict[int, _Slot]
+        _health: asyncio.Task[None] | None
+
+        @property
+        def _retry(self) -> RetryPolicy | None: ...
+
+        async def _open(
+            self, host: str | None = None, port: int | None = None, hostname: str | None = None
+        ) -> ClientConnection: ...
+
+    async def _endpoints(self) -> Balancer:
+        """The balancer, made on first use (host names resolved then)."""
+        if self._balancer is None:
+            loop = asyncio.get_running_loop()
+            resolved: dict[tuple[str, int], list[str]] = {}
+            for host, port in self._addresses:
+                try:
+                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                except OSError as exc:
+                    raise ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+                resolved[host, port] = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            if self._balancer is None:
+                endpoints = expand_endpoints(self._addresses, lambda h, p: resolved[h, p], self._make_breaker)
+                self._balancer = Balancer(endpoints, random=self._random)
+                self._slots = {id(e): _Slot(e) for e in endpoints}
+                if self.health_interval is not None:
+                    self._health = asyncio.ensure_future(self._health_loop(self.health_interval))
+        return self._balancer
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """The endpoints of a balanced client (empty before its first call)."""
+        return list(self._balancer.endpoints) if self._balancer is not None else []
+
+    async def _checkout(self, tried: Sequence[Endpoint]) -> tuple[_Slot, ClientConnection]:
+        """A connected endpoint for the next call: picked, avoiding ``tried``; others tried if it cannot connect.
+
+        ``tried`` is a preference: when every other endpoint cannot be
+        reached, the call goes back to one it already failed on (that one
+        answered, if retryably), rather than failing with a connect error.
+        """
+        balancer = await self._endpoints()
+        failed: list[Endpoint] = []  # could not connect, in this checkout
+        error: BaseException | None = None
+        for _ in range(len(balancer.endpoints)):
+            endpoint = balancer.pick([*failed, *tried])
+            if endpoint in failed:
+                endpoint = balancer.pick(failed)  # only endpoints this call already tried are left
+                if endpoint in failed:
+                    break  # none can be reached
+            slot = self._slots[id(endpoint)]
+            try:
+                conn = await self._slot_connection(slot)
+                if endpoint.breaker.state is not BreakerState.CLOSED and not await self._probe(slot, conn):
+                    raise ConnectError(f"{endpoint.address} is not ready")
+                return slot, conn
+            except ConnectError as exc:
+                endpoint.breaker.on_failure()
+                failed.append(endpoint)
+                error = exc
+        assert error is not None
+        raise error
+
+    async def _slot_connection(self, slot: _Slot) -> ClientConnection:
+        conn = slot.conn
+        if conn is not None and conn.usable:
+            return conn
+        async with slot.lock:
+            conn = slot.conn
+            if conn is not None and conn.usable:
+                return conn
+            if conn is not None and conn.went_away:
+                slot.endpoint.breaker.trip()  # draining: elsewhere for a while
+                slot.conn = None
+                raise ConnectError(f"{slot.endpoint.address} is draining")
+            endpoint = slot.endpoint
+            slot.conn = await self._open(endpoint.host, endpoint.port, endpoint.server_hostname)
+            return slot.conn
+
+    async def _probe(self, slot: _Slot, conn: ClientConnection) -> bool:
+        """A half-open endpoint's trial: ``admin.ready``; the breaker learns the answer."""
+        breaker = slot.endpoint.breaker
+        if not breaker.begin_trial():
+            return breaker.state is BreakerState.CLOSED
+        try:
+            answer = await self._path.call_on(conn, "admin.ready", {}, 2.0, 2.0, NO_OPTIONS, None)
+            ok = isinstance(answer, dict) and answer.get("ready") is True
+        except (CallError, ConnectionClosed, ConnectError):
+            ok = False
+        if ok:
+            breaker.on_success()
+        else:
+            breaker.trip()
+        return ok
+
+    async def _health_loop(self, interval: float) -> None:
+        """Every ``interval`` seconds: ``admin.ready`` on every endpoint whose breaker is not open."""
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.gather(*(self._check(slot, interval) for slot in list(self._slots.values())))
+
+    async def _check(self, slot: _Slot, interval: float) -> None:
+        breaker = slot.endpoint.breaker
+        if breaker.state is BreakerState.OPEN:
+            return
+        try:
+            conn = await self._slot_connection(slot)
+        except ConnectError:
+            breaker.on_failure()
+            return
+        if breaker.state is BreakerState.HALF_OPEN:
+            await self._probe(slot, conn)
+            return
+        try:
+            answer = await self._path.call_on(
+                conn, "admin.ready", {}, min(2.0, interval), min(2.0, interval), NO_OPTIONS, None
+            )
+        except (ConnectionClosed, ConnectError):
+            breaker.on_failure()
+            return
+        except CallError:
+            return  # e.g. no admin service: health checks say nothing here
+        if isinstance(answer, dict) and answer.get("ready") is False:
+            breaker.trip()
+
+    @property
+    def _random(self) -> Callable[[], float]:
+        return self._retry.random if self._retry is not None else random.random
