@@ -30,6 +30,7 @@ import msgspec
 
 from bastion.exceptions import LocalProtocolError, RemoteProtocolError
 from bastion.protocol.frames import HEADER_SIZE, FrameReader, FrameWriter, encode_error, pack_header
+from bastion.protocol.limits import ProtocolLimits
 from bastion.protocol.messages import (
     PROTOCOL_VERSION,
     Call,
@@ -59,33 +60,10 @@ from bastion.protocol.state import (
 )
 from bastion.status import Status
 
-__all__ = ["Connection", "ProtocolLimits"]
+__all__ = ["Connection", "ProtocolLimits"]  # ProtocolLimits: bastion/protocol/limits.py, kept importable here
 
 #: A credit grant may not push a call's credit above this.
 MAX_CREDIT: Final = 2**31 - 1
-
-
-class ProtocolLimits(msgspec.Struct, frozen=True):
-    """Limits one end enforces on what it receives (docs/security.md, "Limits").
-
-    max_frame: largest frame body accepted after the handshake.
-    handshake_max_frame: largest frame accepted before it (pre-authentication).
-    max_inflight: calls a server lets one connection have open at once.
-    window: stream items the peer may send per call before it needs credit.
-    """
-
-    max_frame: int = 1_048_576
-    handshake_max_frame: int = 16_384
-    max_inflight: int = 1024
-    window: int = 16
-
-    def __post_init__(self) -> None:
-        for name in ("max_frame", "handshake_max_frame", "max_inflight", "window"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_frame > 2**32 - 1 or self.handshake_max_frame > self.max_frame:
-            raise ValueError("need handshake_max_frame <= max_frame < 2**32")
 
 
 class _CallRecord(msgspec.Struct, gc=False):
