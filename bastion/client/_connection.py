@@ -337,7 +337,14 @@ class ClientConnection:
         self._close_if_drained()
 
     def abandon(self, exc: BaseException) -> None:
-        """Cancel every call in flight and fail it with ``exc`` (wakes whoever awaits it)."""
+        """Cancel every call in flight and fail it with ``exc`` (wakes whoever awaits it); calls
+        waiting for a slot fail with it too, before the slots the cancels free could start them."""
+        slots = self.slots
+        if slots is not None and slots.waiters:
+            waiters, slots.waiters = slots.waiters, deque()
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
         for call_id, call in list(self.pending.items()):
             self.cancel(call_id)
             fail(call, exc)

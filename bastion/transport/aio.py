@@ -231,8 +231,8 @@ class Link(asyncio.Protocol):
     def schedule_flush(self) -> None:
         """Write what the core has queued at the end of this loop turn (now, if it is a lot)."""
         if not self.flush_scheduled:
+            self._loop.call_soon(self._scheduled_flush)  # first: if it raises (a closed loop), none is scheduled
             self.flush_scheduled = True
-            self._loop.call_soon(self._scheduled_flush)
         elif len(self._output.buffer) >= self._high_water:  # core.pending_output, without the property
             self.flush()
 

@@ -124,3 +124,26 @@ def test_more_calls_than_max_inflight_wait_for_slots_instead_of_being_refused() 
         assert results == [1] * 10
 
     run(main())
+
+
+def test_closing_the_client_fails_the_calls_waiting_for_a_slot_and_opens_no_new_connection() -> None:
+    async def main() -> None:
+        limits = ServerLimits(max_inflight=1)
+        async with bastion.testing.connect(service, limits=limits, timeout=10) as client:
+            running = asyncio.ensure_future(client.probe.hold(seconds=0.5))
+            waiting = asyncio.ensure_future(client.probe.hold(seconds=0.01))
+            for _ in range(100):  # until the second call waits for the slot the first holds
+                await asyncio.sleep(0.005)
+                conn = client._conn
+                if conn is not None and conn.slots is not None and conn.slots.waiters:
+                    break
+            else:
+                raise AssertionError("the second call never waited for a slot")
+            await client.close()
+            outcomes = await asyncio.gather(running, waiting, return_exceptions=True)
+            # Both fail as closed: the waiter is not started on the closing connection, nor
+            # retried on a new one (the client stays closed, with no connection open).
+            assert [type(o).__name__ for o in outcomes] == ["ClientClosed", "ClientClosed"], outcomes
+            assert client._conn is None
+
+    run(main())
