@@ -270,7 +270,10 @@ class Client(BalancedEndpoints, ClientBase):
         ``_init_state``: this one serves balanced clients and subclasses
         that override ``call`` or ``_attempt``. A plain function returning
         the call's coroutine, so such a call runs one coroutine fewer;
-        ``await client.call(...)`` reads the same.)
+        ``await client.call(...)`` reads the same. So replacing ``Client.call``
+        on the class -- a test's mock -- reaches the clients made after it, not
+        those that exist: patch the instance for those.) A client belongs to
+        the event loop it connected on; call it from that loop only.
         """
         # Keyword arguments are a fresh dict with str keys: nothing for check_args to do.
         path = self._path  # the one lookup on the client itself (see CallPath)
