@@ -34,19 +34,29 @@ class Slots:
             return True
         return False
 
-    async def acquire(self) -> None:
+    async def acquire(self, timeout: float | None = None) -> bool:
+        """Take a slot, waiting in turn for one; False if none came within ``timeout`` seconds."""
         if self.try_acquire():
-            return
+            return True
         waiter: asyncio.Future[None] = self.loop.create_future()
         self.waiters.append(waiter)
+        timer = None if timeout is None else self.loop.call_later(max(0.0, timeout), _give_up, waiter)
         try:
             await waiter  # release hands its slot over by resolving this
+        except _GaveUp:
+            if waiter in self.waiters:  # (release skips a waiter that is done, dropping it)
+                self.waiters.remove(waiter)
+            return False
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.release()  # handed a slot as we were cancelled: pass it on
             elif waiter in self.waiters:  # (a release since the cancel may have dropped it already)
                 self.waiters.remove(waiter)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return True
 
     def release(self, n: int = 1) -> None:
         """Give back ``n`` slots: to the longest waiters first, the rest become free."""
@@ -57,3 +67,12 @@ class Slots:
                 waiter.set_result(None)
                 n -= 1
         self.free += n
+
+
+class _GaveUp(Exception):
+    """A waiter's ``timeout`` passed before a slot came to it."""
+
+
+def _give_up(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(_GaveUp())

@@ -137,16 +137,17 @@ class CallPath:
                 # high-water mark, a call writes what is queued at once.
                 if not link.flush_scheduled or len(core.output.buffer) >= WRITE_HIGH_WATER:
                     link.schedule_flush()
+                left = timeout
             else:
-                call_id, answer, _ = await start_in_turn(conn, method, args, timeout, NO_OPTIONS, None)
-            if timeout is None:
+                call_id, answer, _, left = await start_in_turn(conn, method, args, timeout, NO_OPTIONS, None)
+            if left is None:
                 try:
                     raw = await answer
                 except asyncio.CancelledError:
                     conn.cancel(call_id)
                     raise
             else:
-                slot = conn.deadlines.arm(answer, timeout)
+                slot = conn.deadlines.arm(answer, left)
                 try:
                     raw = await answer
                 except Expired:
@@ -207,7 +208,7 @@ class CallPath:
                 conn.link.schedule_flush()  # type: ignore[union-attr]  # open, so connected
                 sender = None
             else:
-                call_id, answer, sender = await start_in_turn(conn, method, args, timeout, options, items)
+                call_id, answer, sender, timeout = await start_in_turn(conn, method, args, timeout, options, items)
             slot = conn.deadlines.arm(answer, timeout) if timeout is not None else None
             try:
                 raw = await answer
@@ -240,15 +241,24 @@ async def start_in_turn(
     timeout: float | None,
     options: CallOptions,
     items: AsyncIterable[Any] | Iterable[Any] | None,
-) -> tuple[int, asyncio.Future[Any], asyncio.Future[None] | None]:
+) -> tuple[int, asyncio.Future[Any], asyncio.Future[None] | None, float | None]:
     """``CallPath.call_on``'s start when its usual one cannot: a call with an input stream, or no slot free.
 
     Takes a slot, waiting its turn for one, then starts the call (and
-    the sender of ``items``); the call's id, its answer and its sender.
+    the sender of ``items``); the call's id, its answer, its sender and
+    what is left of ``timeout``. The wait counts against ``timeout``: a
+    call that gets no slot within it fails with DeadlineExceeded, unsent,
+    and one that does is sent, and armed, with only the rest.
     """
     slots = conn.slots
     if slots is not None and not slots.try_acquire():
-        await slots.acquire()
+        if timeout is None:
+            await slots.acquire()
+        else:  # the wait is part of the call's time: what is left of it goes to the server
+            waited_from = conn.loop.time()
+            if not await slots.acquire(timeout):
+                raise DeadlineExceeded(f"{method}: no free slot within {timeout}s (max_inflight calls in flight)")
+            timeout = max(0.0, timeout - (conn.loop.time() - waited_from))
     try:
         priority, metadata = options
         call_id, pending = conn.start(
@@ -256,7 +266,7 @@ async def start_in_turn(
         )
         pending.collect = True  # stream items are granted back as they arrive
         sender = conn.start_sender(call_id, pending, items) if items is not None else None
-        return call_id, pending.done, sender
+        return call_id, pending.done, sender, timeout
     except BaseException:
         if slots is not None:
             slots.release()  # the call never started: its slot is still ours

@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from bastion._slots import Slots
-from bastion.exceptions import CallError, FailedPrecondition, LocalProtocolError, Unavailable, error_for_status
+from bastion.exceptions import (
+    CallError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    LocalProtocolError,
+    Unavailable,
+    error_for_status,
+)
 from bastion.protocol.connection import ProtocolLimits
 from bastion.protocol.messages import PROTOCOL_VERSION, Call, Cancel, GoAway, Hello, Welcome
 from bastion.protocol.state import ConnectionState
@@ -96,7 +103,13 @@ class DirectSession(ServerSession):
             raise FailedPrecondition(f"{method} is a stream: a direct session carries unary calls only")
         slots = self._slots
         if not slots.try_acquire():
-            await slots.acquire()
+            if timeout is None:
+                await slots.acquire()
+            else:  # the wait is part of the call's time, as on a client's connection
+                waited_from = self._loop.time()
+                if not await slots.acquire(timeout):
+                    raise DeadlineExceeded(f"{method}: no free slot within {timeout}s (max_inflight calls in flight)")
+                timeout = timeout - (self._loop.time() - waited_from)
         call_id = next(self._ids)
         try:
             if not self.open:

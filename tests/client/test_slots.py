@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 import bastion.testing
-from bastion import Service
+from bastion import DeadlineExceeded, Service
 from bastion.client._connection import Slots
 from bastion.server.server import ServerLimits
 
@@ -107,6 +109,40 @@ def test_a_slot_is_never_free_while_callers_wait_for_one() -> None:
     run(main())
 
 
+def test_a_waiter_with_a_timeout_gives_up_its_place_when_no_slot_comes() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        slots = Slots(loop, 1)
+        assert slots.try_acquire()
+        started = loop.time()
+        assert await slots.acquire(0.05) is False
+        assert loop.time() - started >= 0.05 and not slots.waiters
+        slots.release()  # nobody waits: the slot is free again, not handed to the one that gave up
+        assert slots.free == 1
+        assert await slots.acquire(0.05) is True and slots.free == 0  # taken at once
+        waiting = asyncio.create_task(slots.acquire(5.0))
+        await asyncio.sleep(0)
+        slots.release()  # in time
+        assert await waiting is True and slots.free == 0 and not slots.waiters
+
+    run(main())
+
+
+def test_a_waiter_failed_then_cancelled_does_not_give_back_a_slot_it_never_had() -> None:
+    async def main() -> None:
+        slots = Slots(asyncio.get_running_loop(), 1)
+        assert slots.try_acquire()
+        waiting = asyncio.create_task(slots.acquire())
+        await asyncio.sleep(0)
+        slots.waiters[0].set_exception(ConnectionError("closed"))  # as a closing connection fails its waiters
+        waiting.cancel()  # before the task learns of it
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert waiting.cancelled()
+        assert slots.free == 0  # the one slot is still held by its taker: none was made up
+
+    run(main())
+
+
 service = Service("probe")
 
 
@@ -145,5 +181,40 @@ def test_closing_the_client_fails_the_calls_waiting_for_a_slot_and_opens_no_new_
             # retried on a new one (the client stays closed, with no connection open).
             assert [type(o).__name__ for o in outcomes] == ["ClientClosed", "ClientClosed"], outcomes
             assert client._conn is None
+
+    run(main())
+
+
+def test_the_wait_for_a_slot_counts_against_the_calls_timeout() -> None:
+    async def main() -> None:
+        limits = ServerLimits(max_inflight=1)
+        async with bastion.testing.connect(service, limits=limits) as client:
+            loop = asyncio.get_running_loop()
+            running = asyncio.ensure_future(client.probe.hold(seconds=5.0))
+            for _ in range(200):  # until the first call holds the one slot
+                await asyncio.sleep(0.005)
+                conn = client._conn
+                if conn is not None and conn.slots is not None and conn.slots.free == 0:
+                    break
+            started = loop.time()
+            with pytest.raises(DeadlineExceeded, match="no free slot"):
+                await client.invoke("probe.hold", {"seconds": 0.0}, timeout=0.1)
+            assert 0.1 <= loop.time() - started < 2.0  # not until the first call ends, 5 s on
+            # A slot that comes late leaves the call only the rest of its time.
+            waiting = asyncio.ensure_future(client.invoke("probe.hold", {"seconds": 5.0}, timeout=0.6))
+            await asyncio.sleep(0.4)
+            started = loop.time()
+            running.cancel()  # frees the slot: the waiter is sent with about 0.2 s left
+            with pytest.raises(DeadlineExceeded):
+                await waiting
+            assert loop.time() - started < 0.5  # not the whole 0.6 s again
+            # Calls on the client's default timeout take the inline path's waiting branch.
+            running = asyncio.ensure_future(client.invoke("probe.hold", {"seconds": 5.0}, timeout=10.0))
+            await asyncio.sleep(0.05)
+            client.timeout = 0.1
+            with pytest.raises(DeadlineExceeded, match="no free slot"):
+                await client.probe.hold(seconds=0.0)
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
 
     run(main())

@@ -217,6 +217,27 @@ async def test_a_slot_handed_to_a_caller_cancelled_meanwhile_goes_to_the_next() 
     assert second.cancelled()
 
 
+async def test_the_wait_for_a_slot_counts_against_the_calls_deadline() -> None:
+    session = await opened(make_server(max_inflight=1))
+    first = asyncio.ensure_future(session.call("direct.hold", args()))
+    await until(lambda: probe.running == 1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(DeadlineExceeded, match="no free slot"):  # the slot never came: never started
+        await session.call("direct.hold", args(), timeout=0.1)
+    assert 0.1 <= loop.time() - started < 2.0
+    assert probe.most == 1 and not session._slots.waiters
+    # A slot that comes late leaves the call only the rest of its time.
+    waiting = asyncio.ensure_future(session.call("direct.hold", args(), timeout=0.6))
+    await asyncio.sleep(0.4)
+    started = loop.time()
+    first.cancel()  # frees the slot: the waiter is sent with about 0.2 s left, and holds till then
+    with pytest.raises(DeadlineExceeded):
+        await waiting
+    assert loop.time() - started < 0.5  # not the whole 0.6 s again
+    assert first.cancelled()
+
+
 class Pondering(StaticTokens):
     """An authenticator that takes its time (a password hash, a database): until ``decided`` is set."""
 
