@@ -13,6 +13,7 @@ Neither ever reaches the audit log.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -299,8 +300,8 @@ def create_service(
         """Create an API token for a user (admin; default: yourself). Shown once."""
         name = user or ctx.principal.name
         await _get(name)
-        if ttl is not None and ttl <= 0:
-            raise InvalidArgument("ttl must be positive seconds")
+        if ttl is not None and not (math.isfinite(ttl) and ttl > 0):  # NaN and inf would store no expiry at all
+            raise InvalidArgument("ttl must be a positive, finite number of seconds")
         issued = await _issue(name, "api", label[:200], ttl if ttl is not None else (cfg.token_ttl or None))
         audit("admin.create_token", principal=ctx.principal.name, peer=ctx.peer, target=name, token_id=issued.id)
         return issued

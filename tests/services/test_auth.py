@@ -135,6 +135,18 @@ def test_tokens_create_list_revoke(tmp_path: Path) -> None:
     run(test, tmp_path)
 
 
+@pytest.mark.parametrize("ttl", [0.0, -5.0, float("nan"), float("inf")])
+def test_a_token_ttl_that_is_not_a_positive_finite_time_is_refused(tmp_path: Path, ttl: float) -> None:
+    async def test(w: World) -> None:
+        admin = w.server.client(principal=TESTER)
+        await admin.auth.create_user(name="svc", roles=["user"])
+        with pytest.raises(bastion.InvalidArgument, match="ttl"):
+            await admin.auth.create_token(user="svc", ttl=ttl)  # NaN or inf: stored as no expiry at all
+        assert await admin.auth.list_tokens(user="svc") == []
+
+    run(test, tmp_path)
+
+
 def test_deleting_a_user_revokes_their_tokens(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         admin = w.server.client(principal=TESTER)
