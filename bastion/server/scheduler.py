@@ -372,6 +372,9 @@ class Scheduler:
         ticket.context = contextvars.copy_context()
         queue.push(ticket)
         self._queued += 1
+        # The _codel above may have set overload state, and cancels may empty the queue with
+        # no dispatch: the next free slot must still find the state and clear it.
+        self._codel_dirty = True
 
     def _refuse_under_overload(self, queue: LevelQueue, level: Level) -> bool:
         if any(self._queues[above].dropping for above in _SHEDDABLE if above > level):

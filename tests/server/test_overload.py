@@ -1,0 +1,107 @@
+"""Overload protection on a real server (in-process, loopback TCP): the scheduler's CoDel
+state (bastion/server/scheduler.py) as calls queue, give up, start inline and stall.
+
+One slot, a 20 ms target and a 50 ms interval, so a standing queue forms in a
+fraction of a second; the tests poll the scheduler's own counts with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import bastion
+from bastion import Principal, Server, Service
+from bastion.security.authn import StaticTokens
+from bastion.server.scheduler import Scheduler, SchedulerConfig
+
+TOKEN = "bst_overload-test-token-0123456789abcdef"
+ADA = Principal("ada", frozenset({"user"}))
+TARGET, INTERVAL = 0.02, 0.05
+
+release = asyncio.Event()  # replaced per test (an Event binds to its first loop)
+
+
+def make_service() -> Service:
+    svc = Service("ovl")
+
+    @svc.method
+    async def echo(value: int) -> int:  # never suspends: runs inline when a slot is free
+        return value
+
+    @svc.method
+    async def hold() -> str:
+        await release.wait()
+        return "held"
+
+    @svc.method(priority=-1)
+    async def batch(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "done"
+
+    return svc
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.002)
+
+
+def run(body: Callable[[bastion.Client, Server], Awaitable[None]]) -> None:
+    async def main() -> None:
+        global release
+        release = asyncio.Event()
+        config = SchedulerConfig(max_concurrency=1, control_reserve=0, codel_target=TARGET, codel_interval=INTERVAL)
+        server = Server([make_service()], authenticator=StaticTokens({TOKEN: ADA}), scheduler=Scheduler(config))
+        await server.start("127.0.0.1", 0)
+        try:
+            async with asyncio.timeout(30):
+                async with bastion.Client(
+                    f"127.0.0.1:{server.port}", token=TOKEN, insecure=True, timeout=10, retry=None
+                ) as client:
+                    await body(client, server)
+        finally:
+            release.set()
+            await server.shutdown(grace=1)
+
+    asyncio.run(main())
+
+
+async def overload(client: bastion.Client, server: Server) -> list[asyncio.Future[Any]]:
+    """Hold the only slot and queue interactive calls until the level is dropping; the calls queued."""
+    stats = server.scheduler.stats
+    held = asyncio.ensure_future(client.call("ovl.hold"))
+    await until(lambda: stats()["running"] == 1, "the slot to be held")
+    queued: list[asyncio.Future[Any]] = [held]
+    while not stats()["overloaded_interactive"]:  # each newcomer looks at the oldest one's wait
+        queued.append(asyncio.ensure_future(client.call("ovl.echo", value=len(queued))))
+        await until(lambda: stats()["submitted"] >= len(queued), "the call to reach the scheduler")
+        assert len(queued) < 1000, "the interactive level never started dropping"
+        await asyncio.sleep(TARGET / 2)
+    return queued
+
+
+def test_queued_calls_that_give_up_do_not_leave_the_server_shedding_when_idle() -> None:
+    """The clients of a standing queue cancel (or disconnect); the slow call ends. The server is
+    idle, so nothing is overloaded -- before the fix the dropping state stayed, and every batch
+    call that had to wait even a moment was refused UNAVAILABLE at once, however long after."""
+
+    async def body(client: bastion.Client, server: Server) -> None:
+        stats = server.scheduler.stats
+        held, *waiting = await overload(client, server)
+        for call in waiting:  # gave up: each sends a Cancel (the one refused is answered already)
+            call.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        await until(lambda: stats()["queued"] == 0, "the cancels to empty the queue")
+        release.set()
+        assert await held == "held"
+        await until(lambda: stats()["running"] == 0, "the slow call to end")
+        assert await client.call("ovl.echo", value=1) == 1  # inline: a free slot and nobody waiting
+        assert stats()["overloaded_interactive"] == stats()["overloaded_batch"] == 0
+        # Two batch calls for the one slot: the second waits for the first, and is not refused.
+        assert await asyncio.gather(*(client.call("ovl.batch", seconds=0.05) for _ in range(2))) == ["done"] * 2
+
+    run(body)
