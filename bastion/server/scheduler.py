@@ -345,7 +345,7 @@ class Scheduler:
             return
         if level is not Level.CONTROL:
             self._codel(now, None)  # notices a standing queue even while no slot frees
-            if self._refuse_under_overload(queue, level):
+            if self._refuse_under_overload(queue, level, now):
                 self._reject(
                     ticket, "shed", Status.UNAVAILABLE, f"server overloaded: shedding {name} calls", cfg.retry_after
                 )
@@ -376,11 +376,12 @@ class Scheduler:
         # no dispatch: the next free slot must still find the state and clear it.
         self._codel_dirty = True
 
-    def _refuse_under_overload(self, queue: LevelQueue, level: Level) -> bool:
+    def _refuse_under_overload(self, queue: LevelQueue, level: Level, now: float) -> bool:
         if any(self._queues[above].dropping for above in _SHEDDABLE if above > level):
             return True  # below a dropping level a newcomer would only wait to be shed
         if queue.dropping:  # admit what the level starts within the target (Little's law)
-            return queue.size >= max(1.0, queue.rate * self.config.codel_target)
+            cfg = self.config
+            return queue.size >= max(1.0, queue.start_rate(now, cfg.codel_interval) * cfg.codel_target)
         return False
 
     def _reject(

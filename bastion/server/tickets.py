@@ -188,6 +188,19 @@ class LevelQueue:
         self.size -= 1
         return longest.pop()
 
+    def start_rate(self, now: float, window: float) -> float:
+        """Jobs started per second, over the last full window, closing the open one if it is full.
+
+        A start closes a full window (``count_start``), but a stalled level starts
+        nothing, and inline starts are counted without a clock reading: without
+        this, the rate of a busy spell would hold through the stall after it.
+        """
+        start = self.window_start
+        if start is not None and now - start >= window:
+            self.rate = self.window_count / (now - start)
+            self.window_start, self.window_count = now, 0
+        return self.rate
+
     def count_start(self, now: float, window: float) -> None:
         if self.window_start is None:
             self.window_start = now

@@ -1,8 +1,9 @@
 """Overload protection on a real server (in-process, loopback TCP): the scheduler's CoDel
 state (bastion/server/scheduler.py) as calls queue, give up, start inline and stall.
 
-One slot, a 20 ms target and a 50 ms interval, so a standing queue forms in a
-fraction of a second; the tests poll the scheduler's own counts with a deadline.
+One slot and the default CoDel timings (a 50 ms target, a 100 ms interval), so
+a standing queue forms in a fraction of a second; the tests poll the scheduler's
+own counts with a deadline.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import Any
 import bastion
 from bastion import Principal, Server, Service
 from bastion.security.authn import StaticTokens
-from bastion.server.scheduler import Scheduler, SchedulerConfig
+from bastion.server.scheduler import Scheduler, SchedulerConfig, TicketState
 
 TOKEN = "bst_overload-test-token-0123456789abcdef"
 ADA = Principal("ada", frozenset({"user"}))
-TARGET, INTERVAL = 0.02, 0.05
+TARGET, INTERVAL = 0.05, 0.1  # the defaults
 
 release = asyncio.Event()  # replaced per test (an Event binds to its first loop)
 
@@ -28,6 +29,11 @@ def make_service() -> Service:
 
     @svc.method
     async def echo(value: int) -> int:  # never suspends: runs inline when a slot is free
+        return value
+
+    @svc.method
+    async def nap(value: int) -> int:  # suspends: runs in a task
+        await asyncio.sleep(0)
         return value
 
     @svc.method
@@ -105,3 +111,70 @@ def test_queued_calls_that_give_up_do_not_leave_the_server_shedding_when_idle() 
         assert await asyncio.gather(*(client.call("ovl.batch", seconds=0.05) for _ in range(2))) == ["done"] * 2
 
     run(body)
+
+
+def test_a_stalled_server_refuses_newcomers_at_once_after_a_busy_spell_of_inline_calls() -> None:
+    """Thousands of inline calls a second, then the server stalls: its one slot held, nothing starts.
+    The dropping level admits what it starts within the target -- nothing now -- so newcomers are
+    refused at once. Before the fix the start rate was measured in windows that only a start could
+    close, so the busy spell's rate held through the stall (inline starts are counted without a
+    clock reading: the spell's window closed at the stall's first start), and newcomers were
+    queued, rate x target of them, to wait it out."""
+
+    async def body(client: bastion.Client, server: Server) -> None:
+        for _ in range(400):
+            assert await asyncio.gather(*(client.call("ovl.echo", value=i) for i in range(10))) == list(range(10))
+        await asyncio.sleep(INTERVAL)  # the spell's window is full when the stall begins
+        held, *waiting = await overload(client, server)
+        newcomers = [asyncio.ensure_future(client.call("ovl.echo", value=i)) for i in range(5)]
+        try:
+            await asyncio.wait(newcomers, timeout=2)
+            queued = sum(1 for call in newcomers if not call.done())
+            assert queued == 0, f"{queued} of {len(newcomers)} newcomers queued behind the stall"
+            assert all(isinstance(call.exception(), bastion.Unavailable) for call in newcomers)
+        finally:
+            release.set()
+            assert await held == "held"
+            await asyncio.gather(*waiting, *newcomers, return_exceptions=True)
+
+    run(body)
+
+
+def test_a_stall_after_busy_task_traffic_refuses_newcomers_at_once() -> None:
+    """The same for calls run in tasks, on a fake clock (the windows' edges are then exact):
+    a thousand calls a second, then a stall."""
+
+    async def body() -> None:
+        now = [1000.0]
+        scheduler = Scheduler(SchedulerConfig(max_concurrency=1, control_reserve=0), clock=lambda: now[0])
+        gate = asyncio.Semaphore(0)
+        refused: list[int] = []
+
+        async def job() -> None:
+            await gate.acquire()
+
+        def submit(n: int) -> TicketState:
+            ticket = scheduler.submit(
+                job, priority=0, principal=f"p{n}", deadline=None, on_reject=lambda *_: refused.append(n)
+            )
+            return ticket.state
+
+        for n in range(1000):  # one call per millisecond, none waits
+            assert submit(n) is TicketState.RUNNING
+            now[0] += 0.001
+            gate.release()
+            for _ in range(4):
+                await asyncio.sleep(0)
+        now[0] += 0.1  # a quiet interval: the stall's first start closes the traffic's last window
+        assert submit(1000) is TicketState.RUNNING  # it never ends: the stall
+        submit(1001)
+        now[0] += 0.06
+        submit(1002)  # the oldest has waited past the target: the interval starts
+        now[0] += 0.11
+        states = [submit(n) for n in range(1003, 1013)]
+        assert scheduler.stats()["overloaded_interactive"] == 1
+        assert states == [TicketState.REJECTED] * 10, states  # before the fix: all queued
+        for _ in range(3):
+            gate.release()
+
+    asyncio.run(body())
