@@ -53,9 +53,15 @@ class TokenBucket:
         self.stamp = now
 
     def wait(self, now: float, n: float = 1.0) -> float:
-        """Seconds until ``n`` tokens will be there (0: now); takes nothing."""
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+        """Seconds until ``n`` tokens will be there (0: now); takes nothing.
+
+        A clock stepping back (the throttle's is the wall clock) refills nothing and
+        takes nothing: else the bucket would owe the whole step, refusing until the
+        clock had caught up again.
+        """
+        if now > self.stamp:
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
         return 0.0 if self.tokens >= n else (n - self.tokens) / self.rate
 
     def take(self, now: float, n: float = 1.0) -> float:

@@ -93,3 +93,39 @@ def test_global_per_user_limit_slows_a_distributed_attack(tmp_path: Path) -> Non
             await throttle.check("ada", "10.0.1.1")
 
     asyncio.run(main())
+
+
+def test_a_wall_clock_stepping_back_locks_nobody_out(tmp_path: Path) -> None:
+    """The throttle runs on the wall clock, which NTP or an operator may step back. One failed
+    login, then the clock goes back an hour: before the fix the buckets owed the hour (5/s from
+    the source's, 100/h from the user's), refusing that address for an hour and the user
+    everywhere for over a minute; the shared buckets (several workers) already refilled nothing."""
+
+    async def main() -> None:
+        clock = Clock()
+        async with open_store(tmp_path / "s.db") as store:
+            throttle = LoginThrottle(store, clock=clock)
+            await throttle.check("ada", "10.0.0.1")
+            await throttle.failed("ada", "10.0.0.1")  # a typo
+            clock.now -= 3600
+            await throttle.check("ada", "10.0.0.1")
+            await throttle.check("ada", "10.0.0.9")
+            await throttle.check("bob", "10.0.0.1")
+            # Nor does going back refill: a source that spent its burst stays throttled.
+            for _ in range(10):
+                await throttle.failed(None, "10.0.0.2")
+            with pytest.raises(ResourceExhausted):
+                await throttle.check(None, "10.0.0.2")
+            clock.now -= 60
+            with pytest.raises(ResourceExhausted):
+                await throttle.check(None, "10.0.0.2")
+
+    asyncio.run(main())
+
+
+def test_token_bucket_ignores_a_clock_stepping_back() -> None:
+    bucket = TokenBucket(2, 1.0, now=100.0)
+    assert bucket.take(100.0) == 0
+    assert bucket.wait(40.0) == 0  # one token left, not 1 - 60
+    assert bucket.take(40.0) == 0 and bucket.take(40.0) == pytest.approx(1.0)
+    assert bucket.take(101.0) == 0  # refilled from the last stamp it saw (100), not from 40
