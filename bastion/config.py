@@ -193,6 +193,11 @@ class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError("auth.revalidate_interval must be in (0, 5] seconds")
         if self.session_ttl <= 0 or self.token_ttl < 0 or self.lockout <= 0:
             raise UsageError("auth.session_ttl and auth.lockout must be positive, auth.token_ttl >= 0")
+        # A bucket of 0 never holds the token a failure costs: 0 would mean "refuse for ever
+        # after one failure" (and a global allowance of 0 refills at 0 per second).
+        for name in ("max_failures_per_source", "max_failures_per_user_source", "max_failures_per_user_global"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"auth.{name} must be at least 1, got {getattr(self, name)!r}")
 
 
 class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -36,6 +36,9 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
         ("[limits]\nhandshake_max_frame = 2000000\n", "must not exceed"),
         ("[limits]\nidle_timeout = 0\n", "idle_timeout must be positive"),
         ("[limits]\nmax_pings_per_10s = -1\n", "max_pings_per_10s must be positive"),
+        ("[auth]\nmax_failures_per_user_global = 0\n", "max_failures_per_user_global must be at least 1"),
+        ("[auth]\nmax_failures_per_source = -3\n", "max_failures_per_source must be at least 1"),
+        ("[auth]\nmax_failures_per_user_source = 0\n", "max_failures_per_user_source must be at least 1"),
     ],
 )
 def test_bad_config_is_a_clear_usage_error(tmp_path: Path, text: str, message: str) -> None:

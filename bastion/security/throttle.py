@@ -25,12 +25,13 @@ the workers as they do in one process; lockouts are in the store anyway.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from bastion.exceptions import ResourceExhausted
+from bastion.exceptions import ResourceExhausted, UsageError
 from bastion.security.credentials import CredentialStore
 
 if TYPE_CHECKING:
@@ -132,6 +133,11 @@ class LoginThrottle:
         clock: Callable[[], float] = time.time,
         shared: SharedTable | None = None,
     ) -> None:
+        if min(burst, max_failures, global_per_hour) < 1 or not 0 < rate < math.inf or not lockout > 0:
+            raise UsageError(
+                "LoginThrottle: burst, max_failures and global_per_hour must be at least 1, "
+                "rate and lockout positive (a bucket of 0 could never be paid)"
+            )
         self._store = store
         self._clock = clock
         self._sources: _BucketMap

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 
 import pytest
 
-from bastion.exceptions import ResourceExhausted
+from bastion.exceptions import ResourceExhausted, UsageError
 from bastion.security.throttle import LoginThrottle, TokenBucket
 from bastion.store import open_store
 
@@ -129,3 +130,19 @@ def test_token_bucket_ignores_a_clock_stepping_back() -> None:
     assert bucket.wait(40.0) == 0  # one token left, not 1 - 60
     assert bucket.take(40.0) == 0 and bucket.take(40.0) == pytest.approx(1.0)
     assert bucket.take(101.0) == 0  # refilled from the last stamp it saw (100), not from 40
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"global_per_hour": 0}, {"burst": 0}, {"max_failures": 0}, {"rate": 0.0}, {"rate": math.inf}, {"lockout": -1.0}],
+)
+def test_limits_that_could_never_be_paid_are_a_usage_error(tmp_path: Path, options: dict[str, float]) -> None:
+    """Before, global_per_hour=0 made every failed login raise ZeroDivisionError (answered INTERNAL,
+    and every later attempt at that user too), and burst=0 refused an address for ever after one failure."""
+
+    async def main() -> None:
+        async with open_store(tmp_path / "s.db") as store:
+            with pytest.raises(UsageError, match="at least 1"):
+                LoginThrottle(store, **options)  # type: ignore[arg-type]
+
+    asyncio.run(main())
