@@ -124,6 +124,7 @@ __all__ = ["Job", "Level", "OnReject", "Scheduler", "SchedulerConfig", "Ticket",
 log = logging.getLogger("bastion.server")
 
 _REENTER_INTERVALS = 8  # dropping again this soon after leaving skips the interval wait
+_MAX_CACHED_PRIORITIES = 256  # a caller may send any integer (docs/protocol.md, 6.6): cache a few
 _EWMA_WEIGHT = 0.1
 
 
@@ -218,10 +219,18 @@ class Scheduler:
         self._delay_last = self._delay_ewma = self._delay_max = 0.0
         self._inline = 0  # jobs run by run_inline
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop jobs run on (the first one's)
-        self._levels: dict[int, Level] = {}  # priority -> level, as config.level_for says (a method has one)
+        self._levels: dict[int, Level] = {}  # priority -> level, for the first priorities seen (_level_of)
 
     def level_for(self, priority: int) -> Level:
         return self.config.level_for(priority)
+
+    def _level_of(self, priority: int) -> Level:
+        """``level_for``, remembered for the first few priorities seen: callers choose theirs (any
+        integer below the method's), so remembering every one would grow without limit."""
+        level = self.config.level_for(priority)
+        if len(self._levels) < _MAX_CACHED_PRIORITIES:
+            self._levels[priority] = level
+        return level
 
     # -- the API the session uses -------------------------------------------------------------
 
@@ -244,7 +253,7 @@ class Scheduler:
         now = self._clock()
         level = self._levels.get(priority)
         if level is None:
-            level = self._levels[priority] = self.config.level_for(priority)
+            level = self._level_of(priority)
         ticket = Ticket(job, level, principal, deadline, on_reject, on_done, now)
         self._counts["submitted"] += 1
         if deadline is not None and deadline <= now:
@@ -269,7 +278,7 @@ class Scheduler:
         """
         level = self._levels.get(priority)
         if level is None:
-            level = self._levels[priority] = self.config.level_for(priority)
+            level = self._level_of(priority)
         if level is _CONTROL or self._queued or self._running >= self.config.max_concurrency:
             return False
         self._inline += 1  # submitted, started and completed (stats() adds them in)

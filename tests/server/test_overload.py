@@ -178,3 +178,19 @@ def test_a_stall_after_busy_task_traffic_refuses_newcomers_at_once() -> None:
             gate.release()
 
     asyncio.run(body())
+
+
+def test_callers_choosing_ever_new_priorities_do_not_grow_the_server() -> None:
+    """Any integer is a valid priority (docs/protocol.md, 6.6), and a caller may lower its calls'.
+    The scheduler cached the level of every priority it was sent, for ever: a client sending each
+    call at a new priority grew the server's memory by an entry a call, without limit."""
+
+    async def body(client: bastion.Client, server: Server) -> None:
+        for start in range(1, 20_001, 500):
+            calls = (client.invoke("ovl.echo", {"value": p}, priority=-p) for p in range(start, start + 500))
+            assert await asyncio.gather(*calls) == list(range(start, start + 500))
+        assert await client.invoke("ovl.batch", {"seconds": 0}, priority=-(2**63)) == "done"
+        assert len(server.scheduler._levels) <= 1024
+        assert server.scheduler.stats()["completed"] == 20_001
+
+    run(body)
