@@ -7,7 +7,10 @@ arming a call adds it to its slot's dict and disarming removes it, both
 O(1), and one loop timer per slot -- started by the slot's first call, kept
 until it fires even if its calls all answer -- expires what is left. A
 deadline therefore fires between 0 and ``RESOLUTION`` seconds late, never
-early.
+early. A slot kept for nothing costs a timer until then, which a caller
+spreading its timeouts over days would pile up (any ``timeout_ms`` is
+valid): once there are many slots, the empty ones are dropped and their
+timers cancelled (``_sweep``, amortised O(1) per new slot).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ __all__ = ["RESOLUTION", "Deadlines", "Expirable"]
 
 #: Seconds per slot: how late a deadline may fire at most.
 RESOLUTION = 0.01
+_SWEEP_MIN = 1024  # slots kept before the empty ones are looked for
 
 
 class Expirable(Protocol):
@@ -34,6 +38,8 @@ class Deadlines:
     def __init__(self, resolution: float = RESOLUTION) -> None:
         self.resolution = resolution
         self._slots: dict[int, dict[tuple[Expirable, int], None]] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}  # each slot's
+        self._sweep_at = _SWEEP_MIN
 
     def __len__(self) -> int:
         """Calls armed and not yet disarmed or expired."""
@@ -44,8 +50,10 @@ class Deadlines:
         slot = math.ceil(when / self.resolution)
         calls = self._slots.get(slot)
         if calls is None:
+            if len(self._slots) >= self._sweep_at:
+                self._sweep()
             calls = self._slots[slot] = {}
-            loop.call_at(slot * self.resolution, self._fire, slot)
+            self._timers[slot] = loop.call_at(slot * self.resolution, self._fire, slot)
         calls[holder, call_id] = None
         return slot
 
@@ -55,6 +63,16 @@ class Deadlines:
         if calls is not None:
             calls.pop((holder, call_id), None)
 
+    def _sweep(self) -> None:
+        """Drop the slots whose calls have all answered, and their timers; sweep again only once
+        the slots have doubled, so each new slot pays O(1) for it."""
+        slots, timers = self._slots, self._timers
+        for slot in [slot for slot, calls in slots.items() if not calls]:
+            del slots[slot]
+            timers.pop(slot).cancel()
+        self._sweep_at = max(_SWEEP_MIN, 2 * len(slots))
+
     def _fire(self, slot: int) -> None:
+        self._timers.pop(slot, None)
         for holder, call_id in self._slots.pop(slot, {}):
             holder._expire(call_id)

@@ -48,3 +48,24 @@ async def test_a_disarmed_call_is_never_expired_and_others_in_its_slot_still_are
     # The slot fired once, for both: call 1 was not in it any more, and nothing is left to fire.
     assert set(holder.expired) == {2}
     assert len(deadlines) == 0
+
+
+async def test_slots_emptied_by_answers_are_dropped_and_the_rest_still_fire() -> None:
+    """Past a thousand slots the empty ones are dropped with their timers (a caller may spread its
+    timeouts over days); the calls still armed fire as before, the disarmed ones never."""
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(resolution=0.0001)  # many slots within a fraction of a second
+    start = loop.time() + 0.05
+    kept = set(range(0, 1500, 100))
+    holder = Holder(loop, expect=len(kept) + 1500)
+    slots = {call_id: deadlines.arm(loop, start + call_id * 0.0001, holder, call_id) for call_id in range(1500)}
+    for call_id, slot in slots.items():
+        if call_id not in kept:
+            deadlines.disarm(slot, holder, call_id)
+    for call_id in range(1500, 3000):  # the first of these sweeps the 1485 empty slots
+        deadlines.arm(loop, start + call_id * 0.0001, holder, call_id)
+    timers = sum(not handle.cancelled() for handle in loop._scheduled)  # type: ignore[attr-defined]
+    assert timers <= len(kept) + 1500 + 5  # not one per slot ever armed
+    await asyncio.wait_for(holder.all_in.wait(), 5)
+    assert set(holder.expired) == kept | set(range(1500, 3000))
+    assert len(deadlines) == 0

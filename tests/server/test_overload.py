@@ -194,3 +194,27 @@ def test_callers_choosing_ever_new_priorities_do_not_grow_the_server() -> None:
         assert server.scheduler.stats()["completed"] == 20_001
 
     run(body)
+
+
+def test_answered_calls_with_far_deadlines_leave_no_timers_behind() -> None:
+    """A running call's deadline sits in a 10 ms slot whose loop timer is kept until it fires, even
+    once its calls have all answered: cheap when deadlines share slots, but a caller spreading its
+    calls' timeouts over a long horizon (any timeout_ms is valid) left a timer and a slot per call
+    for the whole horizon -- a day here, 20,000 of them, all answered long ago."""
+
+    async def body(client: bastion.Client, server: Server) -> None:
+        loop = asyncio.get_running_loop()
+        fire = server.deadlines._fire
+
+        def timers() -> int:  # the server's deadline timers armed on the loop
+            return sum(h._callback == fire and not h.cancelled() for h in loop._scheduled)  # type: ignore[attr-defined]
+
+        for start in range(0, 20_000, 100):
+            calls = (
+                client.invoke("ovl.nap", {"value": i}, timeout=86_400 + i * 0.01) for i in range(start, start + 100)
+            )
+            assert await asyncio.gather(*calls) == list(range(start, start + 100))
+        assert len(server.deadlines) == 0  # every call answered and disarmed
+        assert timers() < 5_000
+
+    run(body)
