@@ -110,6 +110,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -166,16 +167,14 @@ class SchedulerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retry_after: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_concurrency",
-            "queue_limit",
-            "principal_queue_limit",
-            "codel_target",
-            "codel_interval",
-            "retry_after",
-        ):
+        for name in ("max_concurrency", "queue_limit", "principal_queue_limit"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"scheduler.{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("codel_target", "codel_interval", "retry_after"):
+            # NaN compares false with everything, and an infinite retry_after is no number of
+            # milliseconds: a refusal carrying it could not be sent, and its call went unanswered.
+            if not 0 < getattr(self, name) < math.inf:
+                raise UsageError(f"scheduler.{name} must be positive and finite, got {getattr(self, name)!r}")
         if self.control_reserve < 0:
             raise UsageError(f"scheduler.control_reserve must not be negative, got {self.control_reserve!r}")
         if self.control_min_priority <= self.interactive_min_priority:

@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -146,6 +147,9 @@ def test_priorities_map_to_levels() -> None:
         ({"codel_target": 0.0}, "codel_target must be positive"),
         ({"codel_interval": -0.1}, "codel_interval must be positive"),
         ({"retry_after": 0}, "retry_after must be positive"),
+        ({"retry_after": math.inf}, "retry_after must be positive and finite"),
+        ({"codel_target": math.nan}, "codel_target must be positive and finite"),
+        ({"codel_interval": math.inf}, "codel_interval must be positive and finite"),
         ({"control_reserve": -1}, "control_reserve must not be negative"),
         ({"control_min_priority": 0, "interactive_min_priority": 0}, "control_min_priority must be above"),
     ],
