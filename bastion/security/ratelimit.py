@@ -178,6 +178,7 @@ class RateLimitConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             if isinstance(cost, bool) or not isinstance(cost, int | float) or not math.isfinite(cost) or cost < 0:
                 raise UsageError(f"rate_limits.costs[{method!r}] must be a number >= 0, got {cost!r}")
             self._check_cost_fits(method, cost)
+        self._check_default_cost_fits()
         if not 1 <= self.ipv6_prefix <= 128:
             raise UsageError(f"rate_limits.ipv6_prefix must be 1..128, got {self.ipv6_prefix!r}")
         if self.max_tracked < _MIN_TRACKED:
@@ -208,6 +209,16 @@ class RateLimitConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                         f"rate_limits.costs[{method!r}] = {cost:g} exceeds the burst {rule.burst:g} of "
                         f"rate_limits.rules[{i}] ({rule.method!r}, role {rule.role!r}): such calls could never pass"
                     )
+
+    def _check_default_cost_fits(self) -> None:
+        """The default cost, 1, is a cost too: a burst below it that charges it never lets a call pass."""
+        limits = [(f"rules[{i}] ({r.method!r}, role {r.role!r})", r) for i, r in enumerate(self.rules)]
+        if self.per_principal is not None:  # charges every method: "*" stands for them
+            limits.append(("per_principal", RateRule("*", self.per_principal.rate, self.per_principal.burst)))
+        for where, rule in limits:
+            exact = where == "per_principal" or _GLOB_CHARS.isdisjoint(rule.method)
+            if rule.burst < 1 and exact and not any(fnmatch.fnmatchcase(rule.method, p) for p in self.costs):
+                raise UsageError(f"rate_limits.{where}: burst {rule.burst:g} is below the default cost 1 it charges")
 
 
 def _check_rate(where: str, rate: object, burst: object) -> None:

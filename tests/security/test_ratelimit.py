@@ -418,6 +418,14 @@ def test_unknown_keys_are_errors() -> None:
             {"rules": [{"method": "kv.*", "role": "user", "rate": 1, "burst": 5}], "costs": {"kv.scan": 6}},
             r"costs\['kv\.scan'\] = 6 exceeds the burst 5 of rate_limits\.rules\[0\]",
         ),
+        (
+            {"per_principal": {"rate": 100, "burst": 0.5}},
+            r"per_principal: burst 0\.5 is below the default cost 1",
+        ),
+        (
+            {"rules": [{"method": "kv.put", "rate": 10, "burst": 0.5}]},
+            r"rules\[0\] \('kv\.put', role None\): burst 0\.5 is below the default cost 1",
+        ),
         ({"ipv6_prefix": 0}, r"ipv6_prefix must be 1\.\.128"),
         ({"max_tracked": 10}, r"max_tracked must be at least"),
         ({"redis_url": "http://x"}, r"redis_url must start with redis://"),
@@ -437,6 +445,16 @@ def test_a_cost_above_the_anonymous_burst_is_allowed_but_never_passes_anonymousl
         limiter.check_sync(ANONYMOUS, "192.0.2.1", "kv.scan", now=0.0)
     assert info.value.retry_after is None
     assert allowed(limiter, 1, ADA, "kv.scan") == 1
+
+
+def test_a_burst_below_one_is_fine_when_the_calls_it_charges_cost_less() -> None:
+    """Before, a burst below the default cost was accepted and every call it charged was refused for
+    ever (an explicit cost of 1 was already a usage error); with costs to match it is a valid choice."""
+    config = RateLimitConfig(per_principal=Limit(rate=1, burst=0.5), costs={"*": 0.25})
+    assert allowed(RateLimiter(config), 5, ADA, "kv.get") == 2
+    rules = [RateRule(method="kv.put", rate=1, burst=0.5)]
+    config = RateLimitConfig(per_principal=None, rules=rules, costs={"kv.*": 0.5})
+    assert allowed(RateLimiter(config), 5, ADA, "kv.put") == 1
 
 
 def test_a_cost_above_a_superseded_rules_burst_is_fine() -> None:
