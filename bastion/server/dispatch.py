@@ -63,6 +63,8 @@ log = logging.getLogger("bastion.server")
 IDEMPOTENCY_KEY = "idempotency-key"
 #: The longest idempotency key accepted, in characters.
 MAX_IDEMPOTENCY_KEY = 200
+#: Most expired idempotency keys one sweep deletes (one store write).
+_SWEEP_BATCH = 1000
 #: Failures that prove the call had no effect: its claim is given back and a retry runs it.
 RELEASED_ON = frozenset({Status.RESOURCE_EXHAUSTED})
 #: Failures after which the effect is unknown: the claim is kept until its lease runs out
@@ -229,7 +231,8 @@ class IdempotencyKeys:
         )
         if now >= self._next_sweep:
             self._next_sweep = now + 60.0
-            await self._sweep(now)
+            if await self._sweep(now):
+                self._next_sweep = now  # a full batch: more may be left, so the next call sweeps again
         found = await self.store.idempotency_begin(claim, now)
         if found is None:
             return owner
@@ -271,11 +274,18 @@ class IdempotencyKeys:
         except Exception:  # the lease runs out on its own
             log.warning("could not release an idempotency key of %s", principal, exc_info=True)
 
-    async def _sweep(self, now: float) -> None:
+    async def _sweep(self, now: float) -> bool:
+        """Delete one batch of expired keys; whether the batch was full.
+
+        A batch a minute would not keep up with more than that many keyed calls a
+        minute (the table would grow without bound), so a full batch has the next
+        call sweep again: at most one batch per call, while there is a backlog.
+        """
         try:
-            await self.store.idempotency_expire(now, 1000)
+            return await self.store.idempotency_expire(now, _SWEEP_BATCH) >= _SWEEP_BATCH
         except Exception:
             log.warning("could not delete expired idempotency keys", exc_info=True)
+            return False
 
     @staticmethod
     def replay(record: IdempotencyRecord) -> tuple[Status, str | None, msgspec.Raw | None]:

@@ -50,3 +50,20 @@ async def test_release_lets_a_retry_claim_and_expiry_forgets(store: Store) -> No
     assert await store.idempotency_get("ada", "k2") is None  # type: ignore[attr-defined]
     assert await store.idempotency_reassign_owner("ada", "bob") == 1  # type: ignore[attr-defined]
     assert await store.idempotency_get("ada", "k1") is None  # type: ignore[attr-defined]
+
+
+async def test_expired_keys_are_deleted_as_fast_as_calls_make_them(store: Store) -> None:
+    """The server's sweep deletes at most one batch (1000) of expired keys at a time: while a batch
+    comes back full, the next call sweeps again, instead of one batch a minute -- which, with more
+    than 1000 keyed calls a minute, would let the table grow without bound."""
+    from bastion.server.dispatch import IdempotencyKeys
+
+    backlog = 2500
+    await asyncio.gather(*(store.idempotency_begin(claim(f"o{i}", key=f"old{i}"), 100.0) for i in range(backlog)))  # type: ignore[attr-defined]
+    clock = [200.0]  # every claim above expired at 160
+    keys = IdempotencyKeys(store, window=60, clock=lambda: clock[0])  # type: ignore[arg-type]
+    for i in range(3):  # three keyed calls within a second of each other
+        assert isinstance(await keys.begin("ada", f"new{i}", "kv.put", b"args", None), str)
+        clock[0] += 0.3
+    assert await store.idempotency_expire(200.0, 10 * backlog) == 0  # type: ignore[attr-defined]
+    assert all(await asyncio.gather(*(store.idempotency_get("ada", f"new{i}") for i in range(3))))  # type: ignore[attr-defined]
