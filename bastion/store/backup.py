@@ -30,9 +30,11 @@ checked (``archive.read_archive``), the SQLite copy passes
 PostgreSQL: ``pg_dump`` and ``pg_restore`` reach the database through
 their environment (``PGHOST``, ``PGUSER``, ``PGDATABASE``, ``PGPASSWORD``,
 ``PGOPTIONS`` … from ``PostgresStore.libpq_connection()``), never their
-command line. Restoring verifies the archive as above and reads the dump
-back (``pg_restore --list``); a non-empty target schema is refused unless
-``force``, which renames it ``<schema>_pre_restore_<ts>``; then ``pg_restore
+command line. Restoring verifies the archive as above, reads the dump
+back (``pg_restore --list``) and checks its ``schema_version`` rows
+against the manifest, before it changes anything; a non-empty target
+schema is refused unless ``force``, which renames it
+``<schema>_pre_restore_<ts>``; then ``pg_restore
 --single-transaction --exit-on-error`` recreates the schema under its
 archived name (a dump names its schema in every statement), renamed to the
 target afterwards if that differs -- which needs the archived name free in
@@ -74,6 +76,7 @@ from bastion.store.backup_pg import (
     _aside_name,
     _check_target,
     _connect,
+    _dump_version,
     _quote,
     _run_tool,
     _schema_objects,
@@ -405,6 +408,12 @@ async def restore_postgres(
             archived = manifest.schema or "public"
             dump = staging / POSTGRES_MEMBER
             toc = await asyncio.to_thread(_toc, pg_restore, dump)
+            dumped = await asyncio.to_thread(_dump_version, pg_restore, dump, archived)
+            if dumped != manifest.schema_version:
+                raise DataLoss(
+                    f"the archive's dump is at schema version {dumped}, its manifest says "
+                    f"{manifest.schema_version}: the archive is inconsistent; nothing was changed"
+                )
             objects = await _check_target(conn, target, force)
             if archived != target and await _schema_objects(conn, archived) is not None:
                 raise FailedPrecondition(

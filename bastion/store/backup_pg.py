@@ -148,6 +148,33 @@ def _toc(pg_restore: str, dump: Path) -> list[str]:
     return done.stdout.decode("utf-8", "replace").splitlines()
 
 
+def _dump_version(pg_restore: str, dump: Path, schema: str) -> int:
+    """The highest row of ``schema.schema_version`` in a custom-format dump (0: none), read from the dump.
+
+    Lets a restore compare it with the manifest before it changes anything
+    (a mismatch found only after ``pg_restore`` would leave the restored
+    schema in place, the old one renamed aside).
+    """
+    args = [pg_restore, "--data-only", f"--schema={schema}", "--table=schema_version", "--file=-", str(dump)]
+    done = subprocess.run(args, capture_output=True, check=False)
+    if done.returncode != 0:
+        message = done.stderr.decode("utf-8", "replace").strip()[-2000:]
+        raise DataLoss(f"the database dump does not read back (pg_restore --data-only): {message}")
+    versions: list[int] = []
+    copying = False
+    for line in done.stdout.decode("utf-8", "replace").splitlines():
+        if copying and line == "\\.":
+            copying = False
+        elif copying:
+            try:
+                versions.append(int(line.split("\t", 1)[0]))
+            except ValueError:
+                raise DataLoss(f"the dump's schema_version table holds a bad row: {line[:80]!r}") from None
+        elif line.startswith("COPY ") and line.endswith(" FROM stdin;"):
+            copying = True
+    return max(versions, default=0)
+
+
 # -- a backup's snapshot -------------------------------------------------------------------------------
 
 

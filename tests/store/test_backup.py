@@ -433,6 +433,41 @@ async def test_postgres_a_flipped_byte_or_the_wrong_archive_is_refused_and_chang
     assert await schemas_like(schema_of(target)) == [schema_of(target)]
 
 
+def reseal_with_version(src: Path, dest: Path, schema_version: int) -> None:
+    """A plain archive like ``src`` whose manifest claims another schema version (its members untouched)."""
+    with archive.staging_dir(dest.parent) as staging:
+        manifest = archive.read_archive(src, staging, None)
+        db = next(m.path for m in manifest.members if m.path.startswith("db/"))
+        archive.write_archive(
+            dest, backend=manifest.backend, schema_version=schema_version, created_at=manifest.created_at,
+            db_member=(db, staging / db), passphrase=None, schema=manifest.schema,
+            blobs=([(m.path, staging / m.path) for m in manifest.members if m.path != db], manifest.blobs),
+        )  # fmt: skip
+
+
+async def test_postgres_an_archive_whose_dump_is_not_at_its_manifests_version_changes_nothing(
+    tmp_path: Path, pg_cleanup: list[str]
+) -> None:
+    """Refused before the target schema is touched: not restored, then found wrong with the old schema aside."""
+    dsn, files = await pg_store_with_users(tmp_path, 3)
+    schema = schema_of(dsn)
+    pg_cleanup.append(schema + "_")
+    good = tmp_path / "good.bbk"
+    info = await backup.backup_postgres(dsn, files, good, None)
+    assert info.schema_version is not None
+    out = tmp_path / "a.bbk"
+    reseal_with_version(good, out, info.schema_version - 1)
+    async with open_store(dsn) as store:
+        await store.create_user(User("late", frozenset(), None, 1.0))
+    before = await pg_users(schema)
+
+    with pytest.raises(DataLoss, match="version"):
+        await backup.restore_postgres(out, dsn, tmp_path / "files-restored", None, force=True)
+    assert await schemas_like(schema) == [schema]  # nothing renamed aside
+    assert await pg_users(schema) == before and "late" in before
+    assert not (tmp_path / "files-restored").exists()
+
+
 def test_pg_tools_get_the_connection_and_password_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BASTION_STORE", "postgresql://u:not-for-children@h/db")
     monkeypatch.setenv("BASTION_BACKUP_PASSPHRASE", "nor this")
