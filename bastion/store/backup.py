@@ -38,7 +38,8 @@ schema is refused unless ``force``, which renames it
 --single-transaction --exit-on-error`` recreates the schema under its
 archived name (a dump names its schema in every statement), renamed to the
 target afterwards if that differs -- which needs the archived name free in
-the target database. Then the blobs are swapped in as for SQLite. The
+the target database. The blobs are swapped in as for SQLite, before
+``pg_restore`` runs: renames, which its failure can undo. The
 pieces of this (the tools' environment, the snapshot, the target schema)
 are in bastion/store/backup_pg.py.
 """
@@ -46,6 +47,7 @@ are in bastion/store/backup_pg.py.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import re
@@ -53,6 +55,7 @@ import shutil
 import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +268,9 @@ def restore_sqlite(
 
     The old database (with its ``-wal``/``-shm``) and files directory are
     renamed to ``<name>.pre-restore-<ts>``; nothing is deleted. Nothing is
-    changed at all unless the whole archive checks out.
+    changed at all unless the whole archive checks out, and a failure while
+    putting it in place (e.g. a files directory that cannot be renamed: a
+    mount point) moves everything back.
     """
     check_not_in_use(db_path)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now or time.time()))
@@ -275,33 +280,70 @@ def restore_sqlite(
             raise InvalidArgument(f"this archive holds a {manifest.backend} store: restore it with --store URL")
         check_not_in_use(db_path)
         kept: list[str] = []
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            old = db_path.with_name(db_path.name + suffix)
-            if old.exists():
-                aside = _free(db_path.with_name(f"{db_path.name}.pre-restore-{stamp}{suffix}"))
-                os.rename(old, aside)
-                kept.append(str(aside))
-        os.rename(staging / SQLITE_MEMBER, db_path)
-        restored = [str(db_path)]
-        kept += _swap_files(staging / "files", files_dir, stamp)
-        restored.append(str(files_dir))
-        fsync_dir(db_path.parent)
-    return RestoreResult(manifest, restored, kept)
+        moves = _Moves()
+        try:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                old = db_path.with_name(db_path.name + suffix)
+                if old.exists():
+                    aside = _free(db_path.with_name(f"{db_path.name}.pre-restore-{stamp}{suffix}"))
+                    moves.rename(old, aside)
+                    kept.append(str(aside))
+            moves.rename(staging / SQLITE_MEMBER, db_path)
+            kept += _swap_files(staging / "files", files_dir, stamp, moves)
+            fsync_dir(db_path.parent)
+        except BaseException as exc:
+            moves.undo()
+            if isinstance(exc, OSError):
+                raise _not_put_in_place(exc) from exc
+            raise
+    return RestoreResult(manifest, [str(db_path), str(files_dir)], kept)
 
 
-def _swap_files(staged: Path, files_dir: Path, stamp: str) -> list[str]:
+class _Moves:
+    """What a restore did to put the restored data in place, undone (newest first) if a later step fails."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[str, Callable[[], None]]] = []
+
+    def rename(self, src: Path, dst: Path) -> None:
+        os.rename(src, dst)
+        self._undo.append((f"move {dst} back to {src}", lambda: os.rename(dst, src)))
+
+    def copy(self, src: Path, dst: Path) -> None:
+        self._undo.append((f"remove {dst}", lambda: shutil.rmtree(dst, ignore_errors=True)))  # partial too
+        shutil.copytree(src, dst)
+
+    def undo(self) -> None:
+        while self._undo:
+            what, step = self._undo.pop()
+            try:
+                step()
+            except OSError as exc:
+                log.error("restore failed, and could not %s: %s", what, exc)
+
+
+def _not_put_in_place(exc: OSError) -> FailedPrecondition:
+    return FailedPrecondition(f"cannot put the restored data in place ({exc}); the old data was moved back")
+
+
+def _swap_files(staged: Path, files_dir: Path, stamp: str, moves: _Moves) -> list[str]:
     kept = []
-    if files_dir.exists():
-        aside = _free(files_dir.with_name(f"{files_dir.name}.pre-restore-{stamp}"))
-        os.rename(files_dir, aside)
-        kept.append(str(aside))
-    files_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not staged.exists():
-        staged.mkdir(mode=0o700)
     try:
-        os.rename(staged, files_dir)
-    except OSError:  # another file system: copy (the staged copy was verified already)
-        shutil.copytree(staged, files_dir)
+        if files_dir.exists():
+            aside = _free(files_dir.with_name(f"{files_dir.name}.pre-restore-{stamp}"))
+            moves.rename(files_dir, aside)
+            kept.append(str(aside))
+        files_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not staged.exists():
+            staged.mkdir(mode=0o700)
+        try:
+            moves.rename(staged, files_dir)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            moves.copy(staged, files_dir)  # another file system (the staged copy was verified already)
+    except OSError as exc:
+        raise _not_put_in_place(exc) from exc
     return kept
 
 
@@ -429,7 +471,10 @@ async def restore_postgres(
                 kept.append(f"schema {aside}")
                 log.warning("restore: schema %s renamed to %s", target, aside)
             created = False
+            moves = _Moves()
             try:
+                # The files first: renames, which a failure of pg_restore can undo (not so a restored schema).
+                kept += _swap_files(staging / "files", files_dir, stamp.replace("_", "T"), moves)
                 args = [pg_restore, "--no-owner", "--single-transaction", "--exit-on-error", "--no-password"]
                 if archived == target and await _schema_objects(conn, target) is not None:
                     listing = staging / "toc.list"
@@ -451,10 +496,10 @@ async def restore_postgres(
                         f"the restored schema is at version {version}, the archive said {manifest.schema_version}"
                     )
             except BaseException:
+                moves.undo()
                 if created:
                     await conn.execute(f"DROP SCHEMA IF EXISTS {_quote(archived)} CASCADE")
                 if aside is not None and await _schema_objects(conn, target) is None:
                     await conn.execute(f"ALTER SCHEMA {_quote(aside)} RENAME TO {_quote(target)}")
                 raise
-            kept += _swap_files(staging / "files", files_dir, stamp.replace("_", "T"))
     return RestoreResult(manifest, [f"schema {target}", str(files_dir)], kept)

@@ -191,6 +191,31 @@ def test_restore_refuses_a_database_another_process_has_open(
     backup.restore_sqlite(out, db, files, None)  # closed: fine
 
 
+def test_a_restore_that_cannot_put_the_files_in_place_moves_the_old_database_back(
+    tmp_path: Path, source: tuple[Path, Path, list[str]]
+) -> None:
+    """The files directory cannot be renamed aside (here: its aside name is too long; in life, e.g. a mount
+    point): refused after the database was already swapped, the restored one must not stay in place."""
+    db, files, _ = source
+    out = tmp_path / "a.bbk"
+    backup.backup_sqlite(db, files, out, None)
+    target = tmp_path / "restored"
+    target.mkdir()
+    backup.restore_sqlite(out, target / "bastion.db", target / "files", None)
+    with contextlib.closing(sqlite3.connect(target / "bastion.db")) as conn, conn:
+        conn.execute("DELETE FROM users WHERE name != 'user0000'")
+    stuck = target / ("f" * 250)  # "<name>.pre-restore-<time>" is longer than a file name may be
+    stuck.mkdir()
+    (stuck / "kept").write_bytes(b"old files")
+    before = sorted(p.name for p in target.iterdir())
+
+    with pytest.raises(FailedPrecondition, match="cannot put the restored data in place"):
+        backup.restore_sqlite(out, target / "bastion.db", stuck, None)
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert users_in(target / "bastion.db") == ["user0000"]  # the old database, not the archive's
+    assert (stuck / "kept").read_bytes() == b"old files"
+
+
 def test_backup_while_writes_continue_holds_exactly_a_prefix_of_them(tmp_path: Path) -> None:
     """Every write acknowledged before the backup started is in it; nothing after it ended is."""
     db = tmp_path / "live" / "bastion.db"
@@ -431,6 +456,30 @@ async def test_postgres_a_flipped_byte_or_the_wrong_archive_is_refused_and_chang
     with pytest.raises(InvalidArgument, match="holds a sqlite store"):
         await backup.restore_postgres(tmp_path / "s.bbk", target, tmp_path / "files-restored", None)
     assert await schemas_like(schema_of(target)) == [schema_of(target)]
+
+
+async def test_postgres_a_restore_that_cannot_put_the_files_in_place_changes_nothing(
+    tmp_path: Path, pg_cleanup: list[str]
+) -> None:
+    """The files directory cannot be renamed aside (its aside name is too long; in life, e.g. a mount point):
+    the schema renamed aside comes back, and the archive's schema is not left in its place."""
+    dsn, files = await pg_store_with_users(tmp_path, 3)
+    schema = schema_of(dsn)
+    pg_cleanup.append(schema + "_")
+    out = tmp_path / "a.bbk"
+    await backup.backup_postgres(dsn, files, out, None)
+    async with open_store(dsn) as store:
+        await store.create_user(User("late", frozenset(), None, 1.0))
+    before = await pg_users(schema)
+    stuck = tmp_path / ("f" * 250)  # "<name>.pre-restore-<time>" is longer than a file name may be
+    stuck.mkdir()
+    (stuck / "kept").write_bytes(b"old files")
+
+    with pytest.raises(FailedPrecondition, match="cannot put the restored data in place"):
+        await backup.restore_postgres(out, dsn, stuck, None, force=True)
+    assert await schemas_like(schema) == [schema]
+    assert await pg_users(schema) == before and "late" in before
+    assert sorted(p.name for p in stuck.iterdir()) == ["kept"]
 
 
 def reseal_with_version(src: Path, dest: Path, schema_version: int) -> None:
