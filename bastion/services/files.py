@@ -110,6 +110,10 @@ def _is_admin(principal: Principal) -> bool:
     return ADMIN_ROLE in principal.roles
 
 
+def _no_upload(upload_id: str) -> NotFound:
+    return NotFound(f"no upload {upload_id!r} (finished, cancelled or expired?)")
+
+
 # -- the component ---------------------------------------------------------------------------
 
 
@@ -218,7 +222,7 @@ class Files:
     async def _own_upload(self, principal: Principal, upload_id: str) -> UploadRecord:
         upload = await self.store.files_get_upload(upload_id) if _UPLOAD_ID.match(upload_id) else None
         if upload is None or (upload.uploader != principal.name and not _is_admin(principal)):
-            raise NotFound(f"no upload {upload_id!r} (finished, cancelled or expired?)")
+            raise _no_upload(upload_id)
         return upload
 
     def _upload_info(self, upload: UploadRecord, offset: int) -> UploadInfo:
@@ -321,7 +325,13 @@ class Files:
                     f"upload {upload.id}: the sweep is busy with these contents; send offset={upload.size} again"
                 )
             await asyncio.sleep(0.05)  # a sweep is unlinking this very blob: let it finish
-        await _in_thread(self._disk.place, upload.id, upload.sha256)
+        try:
+            await _in_thread(self._disk.place, upload.id, upload.sha256)
+        except FileNotFoundError:
+            # Cancelled (or expired) while its bytes were arriving: the upload file went with the record
+            # (and if the record is still there, the bytes it stands for are not).
+            await self.store.files_delete_upload(upload.id)
+            raise _no_upload(upload.id) from None
         try:
             return await self.store.files_commit_upload(upload.id, _new_id("f"), time.time())
         except Exception:

@@ -322,6 +322,42 @@ def test_sweep_expires_idle_uploads_and_orphans(tmp_path: Path) -> None:
     run(test, tmp_path, config)
 
 
+async def offset_reaches(client: bastion.Client, upload_id: str, offset: int, timeout: float = 10.0) -> None:
+    """Poll ``upload_status`` (with a deadline) until the server holds ``offset`` bytes of the upload."""
+    deadline = time.monotonic() + timeout
+    while (await client.files.upload_status(upload_id=upload_id))["offset"] < offset:
+        assert time.monotonic() < deadline, f"upload {upload_id} never reached offset {offset}"
+        await asyncio.sleep(0.01)
+
+
+def test_an_upload_cancelled_while_its_bytes_arrive_ends_not_found(tmp_path: Path) -> None:
+    data = os.urandom(4 * CHUNK)
+
+    async def test(w: World) -> None:
+        info = await w.alice.files.begin_upload(name="x", size=len(data), sha256=sha(data))
+        go_on = asyncio.Event()
+
+        async def slow() -> AsyncIterator[bytes]:
+            yield data[:CHUNK]
+            await go_on.wait()
+            for chunk in chunks(data[CHUNK:]):
+                yield chunk
+
+        upload = asyncio.create_task(w.alice.upload("files.upload", slow(), upload_id=info["upload_id"]))
+        await offset_reaches(w.alice, info["upload_id"], CHUNK)
+        assert await w.alice.files.cancel_upload(upload_id=info["upload_id"]) is True
+        go_on.set()
+        with pytest.raises(bastion.NotFound, match="finished, cancelled or expired"):
+            await upload  # was INTERNAL: the cancelled upload's file was gone when it was put in place
+        with pytest.raises(bastion.NotFound):
+            await w.alice.files.stat(name="x")
+        assert (await w.alice.files.usage())["reserved_bytes"] == 0
+        assert list((w.directory / "uploads").iterdir()) == [] and w.blobs() == []
+        assert (await w.put(w.alice, "x", data))["size"] == len(data)  # and the name is free
+
+    run(test, tmp_path)
+
+
 def test_uploads_belong_to_their_uploader(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         info = await w.alice.files.begin_upload(name="x", size=3, sha256=sha(b"abc"))
