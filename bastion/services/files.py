@@ -97,6 +97,8 @@ MAX_PAGE = 1000
 ORPHAN_AGE = 60.0
 #: How long a commit waits for a sweep that is deleting the same contents.
 PIN_WAIT = 10.0
+#: At most this many seconds (and a quarter of ``upload_ttl``) between an upload stream's marks of activity.
+TOUCH_INTERVAL = 60.0
 _FILE_ID = re.compile(r"^f-[0-9a-f]{32}$")
 _GRANTEE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _RANK = {"read": 1, "write": 2, "owner": 3, "admin": 4}
@@ -292,6 +294,8 @@ class Files:
             await self.store.files_touch_upload(upload.id, time.time())
             hasher = await _in_thread(_hash_prefix, fd, held)
             position = held
+            # Bytes arriving are activity: keep the upload from expiring under a slow stream.
+            touch_every, touched = min(self.config.upload_ttl / 4, TOUCH_INTERVAL), time.monotonic()
             async for chunk in chunks:
                 if position + len(chunk) > upload.size:
                     await self._discard(upload)
@@ -300,6 +304,10 @@ class Files:
                     )
                 await _in_thread(_append, fd, chunk, position, hasher)
                 position += len(chunk)
+                if time.monotonic() - touched >= touch_every:
+                    touched = time.monotonic()
+                    if not await self.store.files_touch_upload(upload.id, time.time()):
+                        raise _no_upload(upload.id)  # cancelled or expired meanwhile: stop taking its bytes
             if position < upload.size:
                 return UploadResult(upload.id, position, False, None)
             await _in_thread(os.fsync, fd)

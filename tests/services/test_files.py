@@ -358,6 +358,29 @@ def test_an_upload_cancelled_while_its_bytes_arrive_ends_not_found(tmp_path: Pat
     run(test, tmp_path)
 
 
+def test_an_upload_whose_bytes_keep_arriving_does_not_expire(tmp_path: Path) -> None:
+    config = FilesConfig(quota_bytes=10_000_000, chunk_bytes=CHUNK, upload_ttl=1.0)
+    data = os.urandom(100 * 1024)
+    swept: list[dict[str, int]] = []
+
+    async def test(w: World) -> None:
+        info = await w.alice.files.begin_upload(name="slow", size=len(data), sha256=sha(data))
+        started = time.monotonic()
+
+        async def trickle() -> AsyncIterator[bytes]:  # a slow client: a KiB every 50 ms, for longer than upload_ttl
+            for i, chunk in enumerate(chunks(data, 1024)):
+                if i and not swept and time.monotonic() - started > 1.5:
+                    swept.append(await w.files.sweep())
+                yield chunk
+                await asyncio.sleep(0.05)
+
+        done = await w.alice.upload("files.upload", trickle(), upload_id=info["upload_id"])
+        assert swept == [{"uploads_expired": 0, "blobs_deleted": 0, "orphans_removed": 0}]
+        assert done["complete"] and await w.get(w.alice, name="slow") == data
+
+    run(test, tmp_path, config)
+
+
 def test_uploads_belong_to_their_uploader(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         info = await w.alice.files.begin_upload(name="x", size=3, sha256=sha(b"abc"))
