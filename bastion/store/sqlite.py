@@ -122,7 +122,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bastion.exceptions import BastionError, InternalError, Unavailable, UsageError
+from bastion.exceptions import BastionError, InternalError, InvalidArgument, Unavailable, UsageError
 from bastion.store import observe
 from bastion.store._access import BatchFn
 from bastion.store.base import Store
@@ -482,12 +482,18 @@ def _translate(exc: Exception) -> Exception:
     """bastion errors pass through; SQLite's become bastion's, so no SQL error escapes the store.
 
     A StopIteration (``next()`` on a cursor with no row) becomes an InternalError: a future
-    refuses it, and the writer, setting it on a write's future, would stop for good.
+    refuses it, and the writer, setting it on a write's future, would stop for good. An
+    OverflowError is the sqlite3 module refusing an integer past SQLite's 64 bits (a caller's
+    id or offset of 2**63): INVALID_ARGUMENT, as PostgreSQL's refusal of the same value is.
     """
     if isinstance(exc, StopIteration):
         stopped = InternalError(f"store: a store function raised {exc!r}")
         stopped.__cause__ = exc
         return stopped
+    if isinstance(exc, OverflowError):
+        rejected = InvalidArgument(f"store: value rejected: {exc}")
+        rejected.__cause__ = exc
+        return rejected
     if isinstance(exc, BastionError) or not isinstance(exc, sqlite3.Error):
         return exc
     if isinstance(exc, sqlite3.OperationalError):  # busy, locked, I/O, disk full: try again later

@@ -7,7 +7,7 @@ import asyncio
 import msgspec
 import pytest
 
-from bastion.exceptions import AlreadyExists, NotFound, ResourceExhausted
+from bastion.exceptions import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from bastion.security.credentials import User
 from bastion.store import Store
 from bastion.store.mail import MailAttachment, MailDraft, MailLimits, MailStats
@@ -102,6 +102,16 @@ async def test_read_mark_and_delete_keep_the_counters_and_never_reuse_an_id(stor
     await store.mail_send(draft("ada", ["bob"], "later"), ROOMY)
     listed = await store.mail_list("bob", None, 9, unread_only=False, newest_first=True, bodies=False)
     assert [m.id for m in listed] == [4, 1]
+
+
+async def test_an_id_past_64_bits_is_invalid_argument_in_reads_and_writes(store: Store) -> None:
+    await users(store, "ada", "bob")
+    await store.mail_send(draft("ada", ["bob"]), ROOMY)
+    for mark_read in (False, True):  # a read, and a write of the group commit
+        with pytest.raises(InvalidArgument, match="value rejected"):
+            await store.mail_get("bob", 2**63, mark_read=mark_read)
+    item = await store.mail_get("bob", 1, mark_read=True)
+    assert item is not None and item.read and (await store.mail_stats("bob")).unread == 0
 
 
 async def test_a_client_id_is_stored_once_and_must_not_change_its_message(store: Store) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from bastion.exceptions import InvalidArgument
 from bastion.store import Store
 from bastion.store.topics import TopicPosition
 from tests.store.conftest import MakeStore
@@ -103,3 +106,13 @@ async def test_the_log_survives_reopening(make_store: MakeStore) -> None:
         (message,) = await store.topics_replay("t", 1, 10, 10)
         assert (message.payload, message.offset) == (b"kept", 1)
         assert await store.topics_append("t", True, "ada", b"next", {}, NOW) == (2, 2)
+
+
+async def test_an_integer_past_64_bits_is_invalid_argument_on_every_backend(store: Store) -> None:
+    await store.topics_append("orders.eu", True, "ada", b"\x01", {}, NOW)
+    for offset in (2**63, 2**64 - 1):  # what a client's uint64 may hold; SQLite's INTEGER cannot
+        with pytest.raises(InvalidArgument, match="value rejected"):
+            await store.topics_replay("orders.eu", offset, 10, 10)
+        with pytest.raises(InvalidArgument, match="value rejected"):
+            await store.topics_feed(offset, 10)
+    assert [m.offset for m in await store.topics_replay("orders.eu", 1, 10, 10)] == [1]  # nothing else changed
