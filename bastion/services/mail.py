@@ -79,6 +79,7 @@ _ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _HEADER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 _MAX_DEPTH = 32  # nesting of a structured body
+MAX_ID = 2**63 - 1  # the largest id a mailbox can hold (the stores' 64-bit integers); clients may send larger
 
 
 # -- what the methods answer ----------------------------------------------------------------
@@ -393,8 +394,8 @@ class Mailboxes:
 
     async def watch(self, principal: Principal, from_id: int | None) -> AsyncGenerator[MailEvent, None]:
         cfg = self.config
-        if from_id is not None and from_id < 1:
-            raise InvalidArgument("from_id must be a message id (1 or more)")
+        if from_id is not None and not 1 <= from_id <= MAX_ID + 1:
+            raise InvalidArgument(f"from_id must be a message id (1 to {MAX_ID + 1})")
         if len(self.hub) >= cfg.max_watchers:
             raise ResourceExhausted(
                 f"{cfg.max_watchers} mailbox watches are open on this server (messages.max_watchers)"
@@ -483,6 +484,8 @@ def _declare(mail: Mailboxes, service: Service) -> None:
         limit = cfg.max_page if limit is None else limit
         if not 0 < limit <= cfg.max_page:
             raise InvalidArgument(f"limit must be 1..{cfg.max_page} (messages.max_page)")
+        if cursor is not None and cursor > MAX_ID:
+            raise InvalidArgument("cursor must be the 'next' of a previous page")
         items = await store.mail_list(
             ctx.principal.name, cursor, limit + 1, unread_only=unread_only, newest_first=not oldest_first,
             bodies=False,
@@ -498,7 +501,7 @@ def _declare(mail: Mailboxes, service: Service) -> None:
     @service.method(idempotent=True)
     async def read(ctx: Context, id: int) -> Message:
         """One of your messages, whole; marks it read. NOT_FOUND if your mailbox has no such id."""
-        item = await store.mail_get(ctx.principal.name, id, mark_read=True)
+        item = await store.mail_get(ctx.principal.name, id, mark_read=True) if 1 <= id <= MAX_ID else None
         if item is None:
             raise _not_found(id)
         return _message(item)
@@ -540,5 +543,5 @@ def _check_ids(ids: list[int], cfg: MessagesConfig) -> None:
     if len(ids) > cfg.max_page:
         raise InvalidArgument(f"{len(ids)} ids in one call, over messages.max_page ({cfg.max_page})")
     for id_ in ids:
-        if id_ < 1:
+        if not 1 <= id_ <= MAX_ID:
             raise _not_found(id_)

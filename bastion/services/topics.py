@@ -58,6 +58,7 @@ log = logging.getLogger("bastion.topics")
 REPLAY_PAGE = 256  # messages read at once when replaying a durable topic
 SWEEP_PAGE = 1000  # messages removed per transaction by retention
 HEADS_PAGE = 500  # durable topics the sweep reads at once
+MAX_OFFSET = 2**63 - 1  # the largest offset a topic can hold (the stores' 64-bit integers); clients may send larger
 
 
 class TopicInfo(msgspec.Struct, frozen=True):
@@ -199,8 +200,8 @@ class _Subscription:
         if error is not None:
             raise InvalidArgument(error)
         if self.from_offset is not None:
-            if self.from_offset < 0:
-                raise InvalidArgument("from_offset must be an offset (1 or more), or 0 for the earliest kept")
+            if not 0 <= self.from_offset <= MAX_OFFSET:
+                raise InvalidArgument(f"from_offset must be an offset (1 to {MAX_OFFSET}), or 0 for the earliest kept")
             if not self.single or topics.durable_for(self.pattern) is None:
                 raise InvalidArgument("from_offset needs one durable topic as the pattern (no wildcards)")
         readable = (

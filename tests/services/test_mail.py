@@ -148,6 +148,27 @@ def test_another_users_message_is_not_found_exactly_like_a_missing_one(tmp_path:
     run(test, tmp_path)
 
 
+def test_ids_past_what_a_mailbox_can_hold_are_not_found_and_cursors_invalid(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        await w.ada.messages.send(to=["bob"], subject="one")
+        for huge in (2**63, 2**64 - 1):  # a client may send any uint64; the stores hold 64-bit signed ids
+            for call in (
+                w.bob.messages.read(id=huge),
+                w.bob.messages.mark(ids=[huge]),
+                w.bob.messages.delete(ids=[huge]),
+            ):
+                with pytest.raises(bastion.NotFound) as info:  # was the store refusing the value
+                    await call
+                assert info.value.message == f"no message {huge} in your mailbox"
+            with pytest.raises(bastion.InvalidArgument, match="cursor"):
+                await w.bob.messages.inbox(cursor=huge)
+        with pytest.raises(bastion.InvalidArgument, match="from_id"):
+            await anext(w.bob.stream("messages.watch", from_id=2**64 - 1))
+        assert (await w.bob.messages.read(id=1))["subject"] == "one"
+
+    run(test, tmp_path)
+
+
 def test_the_sender_is_the_principal_and_a_forged_from_is_ignored(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         await w.eve.messages.send(to=["bob"], subject="from the boss", headers={"from": "ada", "From": "admin"})
