@@ -108,6 +108,13 @@ def _status(job: JobRecord) -> JobStatus:
     )  # fmt: skip
 
 
+def _storable(text: str) -> str:
+    """A job's own words (its failure, its progress message) with NUL escaped: PostgreSQL text cannot
+    hold one, and a refused finish would leave the job running until its lease ran out (and then re-run
+    it as if its runner were lost). Escaped on every backend, so both report the same."""
+    return text.replace("\x00", "\\x00")
+
+
 def new_job_id() -> str:
     """Time-ordered (milliseconds, hex) then random: ids sort by submission time."""
     return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
@@ -285,7 +292,7 @@ class Jobs:
                 if isinstance(message, Done | Failed):
                     outcome = message
                 else:
-                    running.progress = (message.fraction, message.message)
+                    running.progress = (message.fraction, _storable(message.message))
                     running.progress_ready.set()
         except JobProtocolError as exc:
             outcome = Failed(str(exc))
@@ -300,7 +307,7 @@ class Jobs:
         if running.stop == "timeout":
             return "failed", None, f"timed out: killed at its limit of {job.timeout:g} s"
         if isinstance(outcome, Failed):
-            return "failed", None, outcome.error
+            return "failed", None, _storable(outcome.error)
         return "failed", None, exit_reason(code, job.memory_mb)
 
     async def _renew_loop(self, running: _Running) -> None:

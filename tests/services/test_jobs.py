@@ -146,6 +146,20 @@ def test_failures_are_reported_with_a_reason_and_break_nothing(tmp_path: Path) -
     run(test, tmp_path)
 
 
+def test_a_failure_reason_and_progress_message_holding_nul_are_recorded_as_the_jobs_own(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        job_id = await ada.jobs.submit(name="report_then_fail", args={"message": "bad\x00byte"})
+        seen = [s async for s in ada.stream("jobs.watch", id=job_id)]
+        final = seen[-1]
+        # On PostgreSQL (text cannot hold NUL) the finish was refused: the job stayed running until its
+        # lease ran out, was re-run as if its runner were lost, and ended "runner lost (server stopped …)".
+        assert (final["state"], final["error"], final["attempts"]) == ("failed", "ValueError: bad\\x00byte", 1)
+        assert any(s["message"] == "bad\\x00byte" for s in seen)
+
+    run(test, tmp_path)
+
+
 def test_cancel_a_queued_and_a_running_job(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         ada = w.client()

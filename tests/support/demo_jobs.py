@@ -62,6 +62,14 @@ def boom(message: str) -> None:
     raise ValueError(message)
 
 
+@registry.job(retryable=True)
+def report_then_fail(message: str, progress: Progress) -> None:
+    """Report ``message`` as progress, then raise ValueError(message) (retryable: a failure is still final)."""
+    progress(0.5, message)
+    time.sleep(0.6)  # long enough for the server to record the progress
+    raise ValueError(message)
+
+
 @registry.job(memory_mb=200)
 def hog(mb: int) -> int:
     """Allocate ``mb`` MiB (over its 200 MB limit for large ``mb``)."""
