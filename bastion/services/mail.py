@@ -405,10 +405,13 @@ class Mailboxes:
             raise ResourceExhausted(
                 f"you have {mine} mailbox watches open on this server (messages.max_watchers_per_user); close some"
             )
-        head = (await self.store.mail_stats(principal.name)).last_id
-        watcher = Watcher(principal.name, head if from_id is None else from_id - 1)
+        # Joined before the first await, so that watches opened at once count each other against the limits.
+        watcher = Watcher(principal.name, 0 if from_id is None else from_id - 1)
         self.hub.join(watcher)
         try:
+            head = (await self.store.mail_stats(principal.name)).last_id
+            if from_id is None:
+                watcher.last = head
             yield MailEvent("start", head)
             while True:
                 watcher.wakeup.clear()  # before reading: mail committed after the read wakes us again

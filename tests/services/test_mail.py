@@ -355,6 +355,26 @@ def test_watches_are_limited_per_user(tmp_path: Path) -> None:
     run(test, tmp_path, MessagesConfig(send_rate=0, max_watchers_per_user=1))
 
 
+def test_watches_opened_at_once_cannot_all_pass_the_limits(tmp_path: Path) -> None:
+    async def opened(stream: AsyncIterator[Any]) -> str:
+        try:
+            return str((await anext(stream))["type"])
+        except bastion.ResourceExhausted as e:
+            return "per user" if "max_watchers_per_user" in e.message else "server"
+
+    async def test(w: World) -> None:
+        # Each checked the limits, then read its mailbox's head before joining: all used to pass.
+        mine = [w.bob.stream("messages.watch") for _ in range(6)]
+        assert sorted(await asyncio.gather(*map(opened, mine))) == ["per user"] * 4 + ["start"] * 2
+        others = [w.ada.stream("messages.watch") for _ in range(2)]
+        assert sorted(await asyncio.gather(*map(opened, others))) == ["server", "start"]
+        assert len(w.mail.hub) == 3
+        for stream in mine + others:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    run(test, tmp_path, MessagesConfig(send_rate=0, max_watchers=3, max_watchers_per_user=2))
+
+
 def test_deleting_a_user_deletes_their_mailbox(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         await w.ada.messages.send(to=["eve", "bob"], subject="bye")
