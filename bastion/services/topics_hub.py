@@ -189,9 +189,11 @@ class Hub:
         #: Live messages published here while the feed had not yet delivered this process's
         #: earlier appends, each after the seq it must follow: a publisher's messages arrive in order.
         self._held: deque[tuple[int, TopicMessage]] = deque()
+        #: Subscribers whose ``join`` waits (for the lock, or the log's position): they count against the limits.
+        self._joining: list[Subscriber] = []
 
     def __len__(self) -> int:
-        return len(self._subscribers)
+        return len(self._subscribers) + len(self._joining)
 
     def nudge(self) -> None:
         """New messages may be in the log (a publish committed here, or a notification from elsewhere)."""
@@ -204,17 +206,24 @@ class Hub:
         self.nudge()
 
     async def join(self, subscriber: Subscriber) -> int:
-        """Add ``subscriber``; the seq P after which messages reach it live."""
-        async with self._lock:
-            if self._position is None:
-                self._position = (await self._store.topics_position()).seq
-            self._subscribers.add(subscriber)
-            self._routes.clear()
-            return self._position
+        """Add ``subscriber``; the seq P after which messages reach it live.
+
+        It counts (``len``, ``count``) from the call on, before the first await: subscriptions
+        checked against the limits at once cannot all pass while each waits here."""
+        self._joining.append(subscriber)
+        try:
+            async with self._lock:
+                if self._position is None:
+                    self._position = (await self._store.topics_position()).seq
+                self._subscribers.add(subscriber)
+                self._routes.clear()
+                return self._position
+        finally:
+            self._joining.remove(subscriber)
 
     def count(self, owner: str) -> int:
         """Subscriptions ``owner`` has open."""
-        return sum(1 for s in self._subscribers if s.owner == owner)
+        return sum(1 for s in (*self._subscribers, *self._joining) if s.owner == owner)
 
     def leave(self, subscriber: Subscriber) -> None:
         self._subscribers.discard(subscriber)

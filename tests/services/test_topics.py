@@ -366,6 +366,28 @@ def test_limits_on_payload_headers_and_subscriptions(tmp_path: Path) -> None:
     run(test, tmp_path, config)
 
 
+def test_subscriptions_opened_at_once_cannot_all_pass_the_limits(tmp_path: Path) -> None:
+    config = TopicsConfig(rules=RULES, max_subscribers=3, max_subscribers_per_user=2, sweep_interval=3600)
+
+    async def opened(stream: AsyncIterator[Any]) -> str:
+        try:
+            return str((await anext(stream))["type"])
+        except bastion.ResourceExhausted as e:
+            return "per user" if "max_subscribers_per_user" in e.message else "server"
+
+    async def test(w: World) -> None:
+        # Each checked the limits, then waited to join the hub: all used to pass (6 open of a limit of 2).
+        mine = [w.ada.stream("messages.subscribe", pattern="chat.>") for _ in range(6)]
+        assert sorted(await asyncio.gather(*map(opened, mine))) == ["per user"] * 4 + ["start"] * 2
+        others = [w.bob.stream("messages.subscribe", pattern="chat.>") for _ in range(2)]
+        assert sorted(await asyncio.gather(*map(opened, others))) == ["server", "start"]
+        assert len(w.topics.hub) == 3
+        for stream in mine + others:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    run(test, tmp_path, config)
+
+
 async def _eventually(check: Callable[[], bool]) -> bool:
     deadline = time.monotonic() + 5
     while not check():
