@@ -286,6 +286,9 @@ class Jobs:
         if running.stop is not None:
             process.kill()
         timer = asyncio.get_running_loop().call_later(job.timeout, running.halt, "timeout")
+        # Once the job's process exits, what it left in its group (forked children holding the channel
+        # open) is killed with it, so the channel ends with the job, not with its leftovers.
+        reaper = asyncio.create_task(process.exited())
         outcome: Done | Failed | None = None
         try:
             async for message in process.messages():
@@ -298,7 +301,10 @@ class Jobs:
             outcome = Failed(str(exc))
             process.kill()
         finally:
-            timer.cancel()
+            try:
+                await reaper  # under the timer still: a job that closed its channel is not waited for forever
+            finally:
+                timer.cancel()
             code = await process.wait()
         if isinstance(outcome, Done):
             return "succeeded", outcome.result, None

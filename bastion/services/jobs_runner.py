@@ -37,6 +37,7 @@ import os
 import resource
 import signal
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -51,6 +52,7 @@ __all__ = ["Done", "Failed", "JobProcess", "Progress", "RunRequest", "exit_reaso
 _HEADER = struct.Struct(">I")
 _PROGRESS_EVERY = 0.1  # seconds between progress frames from one job (the last one always goes)
 _MESSAGE_CHARS = 200
+_STREAM_LIMIT = 2**16  # the buffer limit of the job's stdout reader (asyncio's default)
 
 
 class RunRequest(msgspec.Struct, frozen=True):
@@ -86,29 +88,48 @@ class JobProtocolError(Exception):
 # -- the server's side -----------------------------------------------------------------------
 
 
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's protocol of ``create_subprocess_exec``, plus an event set when the process itself exits.
+
+    ``Process.wait`` also waits for the pipes to close, and a child the job forked (a worker pool
+    left open) holds them for as long as it lives."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=_STREAM_LIMIT, loop=loop)
+        self.exited = asyncio.Event()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        self.exited.set()
+
+
 class JobProcess:
     """A running job process, seen from the server."""
 
-    def __init__(self, process: asyncio.subprocess.Process, max_frame: int) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, protocol: _Protocol, max_frame: int) -> None:
         self.process = process
         self.max_frame = max_frame
+        self._protocol = protocol
 
     @classmethod
     async def start(
         cls, module: str, qualname: str, args: bytes, *, memory_mb: int, max_result_bytes: int
     ) -> JobProcess:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bastion.services.jobs_runner",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        loop = asyncio.get_running_loop()
+        protocol = _Protocol(loop)
+        transport, _ = await loop.subprocess_exec(
+            lambda: protocol, sys.executable, "-m", "bastion.services.jobs_runner",
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
             start_new_session=True,
         )  # fmt: skip
+        process = asyncio.subprocess.Process(transport, protocol, loop)  # as create_subprocess_exec makes it
         request = RunRequest(module, qualname, args, memory_mb, max_result_bytes, [p for p in sys.path if p])
         body = msgspec.msgpack.encode(request)
         assert process.stdin is not None
         process.stdin.write(_HEADER.pack(len(body)) + body)
         with contextlib.suppress(ConnectionError):
             await process.stdin.drain()
-        return cls(process, max_result_bytes + 4096)
+        return cls(process, protocol, max_result_bytes + 4096)
 
     @property
     def pid(self) -> int:
@@ -138,6 +159,12 @@ class JobProcess:
                 return
             except msgspec.DecodeError as exc:
                 raise JobProtocolError(f"the job's process sent a malformed message: {exc}") from None
+
+    async def exited(self) -> None:
+        """Return once the job's own process has exited, having killed what it left in its group
+        (not ``wait()``: see ``_Protocol``)."""
+        await self._protocol.exited.wait()
+        self.kill()
 
     async def wait(self) -> int:
         """Wait for the process to exit (killing its group if it lingers), close its stdin; the exit code."""

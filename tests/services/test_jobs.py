@@ -160,6 +160,23 @@ def test_a_failure_reason_and_progress_message_holding_nul_are_recorded_as_the_j
     run(test, tmp_path)
 
 
+def test_a_job_ends_when_its_process_does_whatever_its_forked_children_hold_open(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        started = asyncio.get_running_loop().time()
+        returned = await ada.jobs.submit(name="leave_a_child", args={"seconds": 60})
+        died = await ada.jobs.submit(name="leave_a_child", args={"seconds": 60, "then": "exit"})
+        # Each stayed "running" (holding a slot) until its child let go of the result channel: here a
+        # minute, for a forked worker pool left open, the job's whole timeout.
+        final = await finish(ada, returned)
+        assert final["state"] == "succeeded" and isinstance((await ada.jobs.result(id=returned))["result"], int)
+        final = await finish(ada, died)
+        assert final["state"] == "failed" and "exited with code 3 without a result" in final["error"]
+        assert asyncio.get_running_loop().time() - started < 20
+
+    run(test, tmp_path)
+
+
 def test_cancel_a_queued_and_a_running_job(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         ada = w.client()

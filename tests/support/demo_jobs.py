@@ -70,6 +70,19 @@ def report_then_fail(message: str, progress: Progress) -> None:
     raise ValueError(message)
 
 
+@registry.job
+def leave_a_child(seconds: float, then: str = "return") -> int:
+    """Fork a child that lingers ``seconds`` holding every descriptor it inherited (as a forked worker
+    pool left open does), then at once return its pid (``then="exit"``: die with code 3 instead)."""
+    child = os.fork()
+    if child == 0:
+        time.sleep(seconds)
+        os._exit(0)
+    if then == "exit":
+        os._exit(3)
+    return child
+
+
 @registry.job(memory_mb=200)
 def hog(mb: int) -> int:
     """Allocate ``mb`` MiB (over its 200 MB limit for large ``mb``)."""
