@@ -10,6 +10,7 @@ records from the store's.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import msgspec
 
@@ -88,7 +89,7 @@ def check_name(name: str) -> str:
         raise InvalidArgument("a file name must not be empty")
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         raise InvalidArgument(f"a file name is at most {MAX_NAME_BYTES} bytes (UTF-8)")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if any(unicodedata.category(c) == "Cc" for c in name):  # C0, DEL and C1 (U+0080..U+009F: NEL, CSI …)
         raise InvalidArgument("a file name must not contain NUL or other control characters")
     if any(part in ("", ".", "..") for part in name.split("/")):
         raise InvalidArgument(f"file name {name!r}: no leading, trailing or doubled '/', and no '.' or '..' segments")

@@ -256,7 +256,9 @@ def test_list_pages_by_owner_and_name_and_admin_sees_all(tmp_path: Path) -> None
 
 def test_names_are_validated() -> None:
     assert check_name("reports/q3.pdf") == "reports/q3.pdf"
-    for bad in ("", "/abs", "a/../b", "a//b", "trailing/", ".", "nul\x00byte", "x" * 1025, "tab\there"):
+    assert check_name("café/日本語 ü\u00a0x") == "café/日本語 ü\u00a0x"  # non-ASCII text is fine
+    bad_names = ("", "/abs", "a/../b", "a//b", "trailing/", ".", "nul\x00byte", "x" * 1025, "tab\there", "del\x7f")
+    for bad in (*bad_names, "csi\x9b2J", "next\x85line", "c1\x80"):  # C1 controls too (they were accepted)
         with pytest.raises(bastion.InvalidArgument):
             check_name(bad)
 
