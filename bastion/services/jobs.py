@@ -159,6 +159,7 @@ class Jobs:
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._changes: dict[str, asyncio.Event] = {}
+        self._watchers: dict[str, int] = {}  # job id -> watches waiting on its event (dropped at none)
         self._wake: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
@@ -350,8 +351,17 @@ class Jobs:
 
     async def _changed(self, job_id: str, timeout: float) -> None:
         event = self._changes.setdefault(job_id, asyncio.Event())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        self._watchers[job_id] = self._watchers.get(job_id, 0) + 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+        finally:
+            # The last watch of a job that ran elsewhere (no _notify here) must not leave its event behind.
+            left = self._watchers.pop(job_id) - 1
+            if left:
+                self._watchers[job_id] = left
+            elif self._changes.get(job_id) is event:
+                del self._changes[job_id]
 
     # -- the service ----------------------------------------------------------------------
 

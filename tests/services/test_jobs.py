@@ -177,6 +177,30 @@ def test_a_job_ends_when_its_process_does_whatever_its_forked_children_hold_open
     run(test, tmp_path)
 
 
+def test_watching_jobs_another_replica_runs_leaves_nothing_behind(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with open_store(service_store(tmp_path)) as store:
+            runner, front = Jobs(store, [registry], CONFIG), Jobs(store, [], CONFIG)  # two replicas of one store
+            await runner.start()
+            await front.start()
+            try:
+                async with MemoryServer([runner.service]) as back, MemoryServer([front.service]) as server:
+                    ids = [
+                        await back.client(principal=ADA).jobs.submit(name="add", args={"a": i, "b": 1})
+                        for i in range(5)
+                    ]
+                    ada = server.client(principal=ADA)
+                    assert [(await finish(ada, job_id))["state"] for job_id in ids] == ["succeeded"] * 5
+                    # Each watch used to leave an event for its job behind for good: only a job's own runner
+                    # wakes (and drops) it, and this replica ran none.
+                    assert front._changes == {} and front._watchers == {}
+            finally:
+                await front.aclose()
+                await runner.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
 def test_cancel_a_queued_and_a_running_job(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         ada = w.client()
