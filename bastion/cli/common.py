@@ -7,6 +7,7 @@ the secret itself.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import urllib.parse
@@ -51,7 +52,16 @@ TokenFile = Annotated[
         show_default=False,
     ),
 ]
-Timeout = Annotated[float | None, typer.Option("--timeout", help="Seconds to wait for an answer.")]
+
+
+def _seconds(value: float | None) -> float | None:
+    """``--timeout``: a number of seconds above 0 (nan, inf, 0 and negatives would fail later, or never end)."""
+    if value is not None and not 0 < value < math.inf:
+        raise typer.BadParameter(f"{value} is not a number of seconds above 0", param_hint="--timeout")
+    return value
+
+
+Timeout = Annotated[float | None, typer.Option("--timeout", help="Seconds to wait for an answer.", callback=_seconds)]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 CA = Annotated[
     Path | None,
