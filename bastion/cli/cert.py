@@ -124,12 +124,19 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _reason(exc: Exception) -> str:
+    """A usage error's message; for a file or directory that cannot be used, which one and why."""
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else str(exc.strerror or exc)
+    return str(exc)
+
+
 def _settings(config: Path | None, data_dir: Path | None, hosts: list[str] | None) -> tuple[Path, list[str]]:
     overrides: dict[str, Any] = {"data_dir": str(data_dir)} if data_dir is not None else {}
     try:
         cfg = load_config(config, overrides=overrides)
-    except UsageError as exc:
-        _fail(str(exc))
+    except (UsageError, OSError) as exc:
+        _fail(_reason(exc))
         raise  # unreachable
     return Path(cfg.data_dir), [*server_hosts(cfg.host), *(hosts or [])]
 
@@ -153,8 +160,8 @@ def create(data_dir: DataDir = None, host: Hosts = None, config: ConfigFile = No
     directory, hosts = _settings(config, data_dir, host)
     try:
         paths = ensure_dev_tls(directory, hosts)
-    except UsageError as exc:
-        _fail(str(exc))
+    except (UsageError, OSError) as exc:
+        _fail(_reason(exc))
         return
     print(f"CA certificate: {paths.ca.resolve()}")
     print(f"server certificate: {paths.cert.resolve()}")
@@ -182,8 +189,8 @@ def show(
         _print_info("CA certificate", tls_dir / "ca.pem")
         if (tls_dir / "server.pem").exists():
             _print_info("server certificate", tls_dir / "server.pem")
-    except UsageError as exc:
-        _fail(str(exc))
+    except (UsageError, OSError) as exc:
+        _fail(_reason(exc))
 
 
 @cert_app.command("renew")
@@ -200,8 +207,8 @@ def renew(
     try:
         paths = renew_dev_tls(directory, hosts, new_ca=ca)
         info = certificate_info(paths.cert)
-    except UsageError as exc:
-        _fail(str(exc))
+    except (UsageError, OSError) as exc:
+        _fail(_reason(exc))
         return
     if ca:
         print(f"new CA certificate: {paths.ca.resolve()}")
@@ -221,8 +228,8 @@ def client(
     try:
         cert_path, key_path = issue_client_cert(directory, name, out)
         info = certificate_info(cert_path)
-    except UsageError as exc:
-        _fail(str(exc))
+    except (UsageError, OSError) as exc:
+        _fail(_reason(exc))
         return
     print(f"client certificate: {cert_path.resolve()} (serial {info['serial']})")
     print(f"client key: {key_path.resolve()} (mode 0600)")

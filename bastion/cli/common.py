@@ -122,6 +122,9 @@ def _run_guarded(func: Any) -> Any:
         _fail(str(exc), EXIT_UNAVAILABLE)
     except BastionError as exc:
         _fail(str(exc), EXIT_CALL_ERROR)
+    except OSError as exc:  # a local file or directory the command cannot use
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        _fail(f"{where}{exc.strerror or exc}", EXIT_USAGE)
 
 
 def _json(value: Any) -> str:

@@ -39,7 +39,7 @@ from rich.progress import (
 from bastion.cli import common
 from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, collect_pages, connect, print_json, run_guarded
 from bastion.client.sync import SyncClient
-from bastion.exceptions import DataLoss, NotFound
+from bastion.exceptions import DataLoss, NotFound, UsageError
 
 __all__ = ["files_app"]
 
@@ -224,7 +224,10 @@ def get(
 def _download(client: SyncClient, info: dict[str, Any], path: Path, progress: Progress) -> None:
     tmp = path.with_name(f".{path.name}.bastion-part")
     hasher = hashlib.sha256()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f, progress as bar:
             task = bar.add_task(f"get {info['name']}", total=info["size"])

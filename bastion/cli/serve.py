@@ -207,7 +207,10 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
     load_job_registries(config.jobs.modules)
     backup_passphrase(config)
     data_dir = Path(config.data_dir)
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the data directory {data_dir}: {exc.strerror}") from None
     tls = prepare_tls(config, warn=lambda line: print(line, file=sys.stderr, flush=True))
     if workers > 1:
         return _supervise(config, workers, tls.messages, echo, tls.cert_files is not None)

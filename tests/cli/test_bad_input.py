@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.support.server import ServerProcess, bastion_cli
@@ -15,3 +17,29 @@ def test_a_timeout_that_is_not_seconds_above_0_exits_2(server: ServerProcess, va
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert f"Invalid value for --timeout: {float(value)} is not a number of seconds above 0" in result.stderr
+
+
+def test_a_data_directory_that_cannot_be_made_exits_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    serve = bastion_cli("serve", "--port", "0", "--no-http", "--data-dir", str(blocker / "data"))
+    assert serve.returncode == 2, serve.stderr
+    assert serve.stdout == ""
+    assert serve.stderr.splitlines() == [f"error: cannot create the data directory {blocker / 'data'}: Not a directory"]
+    create = bastion_cli("cert", "create", "--data-dir", str(blocker / "data"))
+    assert create.returncode == 2, create.stderr
+    assert create.stderr.splitlines() == [f"error: {blocker / 'data' / 'tls'}: Not a directory"]
+
+
+def test_a_download_to_a_directory_that_cannot_hold_it_exits_2(server: ServerProcess, tmp_path: Path) -> None:
+    auth = ("--token-file", str(server.token_file))
+    source = tmp_path / "hello.txt"
+    source.write_text("hello")
+    assert bastion_cli("files", "put", server.address, str(source), *auth).returncode == 0
+    for dest, reason in [
+        (tmp_path / "missing" / "out", "No such file or directory"),
+        (source / "out", "Not a directory"),
+    ]:
+        result = bastion_cli("files", "get", server.address, "hello.txt", str(dest), *auth)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.splitlines() == [f"error: cannot write {dest}: {reason}"]
