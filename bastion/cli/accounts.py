@@ -7,8 +7,10 @@ to files with mode 0600, never printed unless asked for with ``--show``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,12 +37,36 @@ def _password(prompt: str, from_stdin: bool, confirm: bool = False) -> str:
     return value
 
 
-def _write_secret(path: Path, secret: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
+@contextlib.contextmanager
+def _secret_file(path: Path) -> Iterator[Callable[[str], None]]:
+    """The 0600 file a secret the server is about to make will be written to, opened first.
+
+    A path that cannot be written fails here, before the call: otherwise the
+    server would hold a live token (or session) whose secret nobody ever saw.
+    Nothing is truncated until the secret is there to write, and a file made
+    here is removed again if the call fails.
+    """
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    except OSError as exc:
+        common.fail(f"cannot write {path}: {exc.strerror}", common.EXIT_USAGE)
+
+    def write(secret: str) -> None:
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, 0)
+        os.write(fd, (secret + "\n").encode())
+
+    written = False
+    try:
+        yield write
+        written = True
+    finally:
+        os.close(fd)
+        if not written and not existed:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 PasswordStdin = Annotated[bool, typer.Option("--password-stdin", help="Read the password from standard input.")]
@@ -64,9 +90,10 @@ def login(
         with connect(address, None, ca, insecure, anonymous=True) as client:
             return client.call("auth.login", username=user, password=password)
 
-    result = run_guarded(run)
     path = save or common.LOGIN_TOKEN
-    _write_secret(path, result["token"])
+    with _secret_file(path) as write:
+        result = run_guarded(run)
+        write(result["token"])
     print(f"logged in as {result['user']}; session token saved to {path} (mode 0600)", file=sys.stderr)
 
 
@@ -183,12 +210,17 @@ def token_create(
     """Create an API token; it is shown once (written to --out, or printed with --show)."""
     if (out is None) == (not show):
         common.fail("give exactly one of --out FILE or --show", common.EXIT_USAGE)
-    result = _admin_call(address, token_file, ca, insecure, "auth.create_token", user=user, label=label, ttl=ttl)
-    if out is not None:
-        _write_secret(out, result["token"])
-        print(f"token {result['id']} for {result['user']} written to {out} (mode 0600)", file=sys.stderr)
-    else:
-        print(result["token"])
+    if out is None:
+        print(
+            _admin_call(address, token_file, ca, insecure, "auth.create_token", user=user, label=label, ttl=ttl)[
+                "token"
+            ]
+        )
+        return
+    with _secret_file(out) as write:
+        result = _admin_call(address, token_file, ca, insecure, "auth.create_token", user=user, label=label, ttl=ttl)
+        write(result["token"])
+    print(f"token {result['id']} for {result['user']} written to {out} (mode 0600)", file=sys.stderr)
 
 
 @token_app.command("ls")

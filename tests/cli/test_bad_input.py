@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,30 @@ def test_a_download_to_a_directory_that_cannot_hold_it_exits_2(server: ServerPro
         result = bastion_cli("files", "get", server.address, "hello.txt", str(dest), *auth)
         assert result.returncode == 2, result.stderr
         assert result.stderr.splitlines() == [f"error: cannot write {dest}: {reason}"]
+
+
+def test_a_token_with_nowhere_to_go_is_never_made(server: ServerProcess, tmp_path: Path) -> None:
+    auth = ("--token-file", str(server.token_file))
+
+    def tokens() -> list[str]:
+        listing = bastion_cli("token", "ls", server.address, "--json", *auth)
+        assert listing.returncode == 0, listing.stderr
+        return [t["id"] for t in json.loads(listing.stdout)]
+
+    before = tokens()
+    result = bastion_cli("token", "create", server.address, "--out", str(tmp_path), *auth)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"error: cannot write {tmp_path}: Is a directory"]
+    assert tokens() == before  # no live token whose secret nobody saw
+
+    # A refused call leaves no file behind, and an old file as it was.
+    out = tmp_path / "new.token"
+    refused = bastion_cli("token", "create", server.address, "--out", str(out), "--token-file", "/dev/null")
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    assert not out.exists()
+    old = tmp_path / "old.token"
+    old.write_text("old\n")
+    refused = bastion_cli("token", "create", server.address, "--out", str(old), "--token-file", "/dev/null")
+    assert refused.returncode == 1 and old.read_text() == "old\n"
+    login = bastion_cli("login", server.address, "-u", "admin", "--password-stdin", "--save", str(tmp_path), stdin="x")
+    assert login.returncode == 2 and login.stderr.splitlines() == [f"error: cannot write {tmp_path}: Is a directory"]
