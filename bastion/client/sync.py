@@ -16,6 +16,7 @@ half-open endpoint is tried with ``admin.ready`` before a call goes to it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import socket
 import threading
@@ -50,7 +51,7 @@ from bastion.exceptions import (
     error_for_status,
 )
 from bastion.protocol.connection import Connection
-from bastion.protocol.messages import Credit, Error, GoAway, Item, Result, Welcome
+from bastion.protocol.messages import Credit, Error, GoAway, Item, Message, Result, Welcome
 from bastion.protocol.state import ConnectionState, Role
 from bastion.security.tls import ALPN_PROTOCOL
 from bastion.transport.blocking import BlockingLink
@@ -66,6 +67,10 @@ class SyncClient(ClientBase):
         self._lock = threading.RLock()
         self._balancer: Balancer | None = None
         self._endpoint: Endpoint | None = None  # the endpoint of ``_link``
+        # What the socket brought for a call other than the one reading it: a call made while a
+        # stream is being read (in the same thread: the lock is reentrant) reads the stream's
+        # items too, and keeps them here until the stream reads on. Keyed by call id.
+        self._backlog: dict[int, collections.deque[Message]] = {}
 
     def __enter__(self) -> SyncClient:
         self.connect()
@@ -173,6 +178,7 @@ class SyncClient(ClientBase):
                     if isinstance(event, Welcome):
                         self.welcome = event
                         self._link = link
+                        self._backlog = {}  # call ids start again on this connection
                         self._methods = IdempotentMethods(clock=self._clock)  # maybe a new server
                         return link
                     if isinstance(event, GoAway):
@@ -331,14 +337,20 @@ class SyncClient(ClientBase):
             )
             source = iter(items) if items is not None else None
             finished = False
+            backlog = self._backlog
+            mine: collections.deque[Message] = collections.deque()
+            backlog[call_id] = mine
             try:
                 while True:
                     if source is not None:
                         source = self._send_items(core, call_id, source)
                     link.flush()
-                    for event in link.receive(deadline):
-                        if getattr(event, "id", None) != call_id and not isinstance(event, GoAway):
-                            continue
+                    if mine:
+                        events = list(mine)
+                        mine.clear()
+                    else:
+                        events = _sort_out(link.receive(deadline), call_id, backlog)
+                    for event in events:
                         if isinstance(event, Item):
                             core.grant(call_id, 1)
                             yield "item", decode_value(event.value)
@@ -360,6 +372,8 @@ class SyncClient(ClientBase):
                     raise  # the server's answer, as it sent it
                 raise DeadlineExceeded(f"{method}: no answer within {total}s") from None
             finally:
+                if backlog.get(call_id) is mine:
+                    del backlog[call_id]
                 if not finished and not link.closed and core.send_cancel(call_id):
                     with contextlib.suppress(ConnectionClosed):
                         link.flush()
@@ -376,3 +390,25 @@ class SyncClient(ClientBase):
             if not core.send_item(call_id, item):
                 return None
         return source
+
+
+def _sort_out(events: list[Message], call_id: int, backlog: dict[int, collections.deque[Message]]) -> list[Message]:
+    """The events for call ``call_id``; those for the client's other calls in progress go to their backlogs.
+
+    A GoAway concerns every call. Events for no call in progress (the late
+    answer of a cancelled call) are dropped.
+    """
+    mine: list[Message] = []
+    for event in events:
+        if isinstance(event, GoAway):
+            for other, kept in backlog.items():
+                if other != call_id:
+                    kept.append(event)
+            mine.append(event)
+        elif getattr(event, "id", None) == call_id:
+            mine.append(event)
+        else:
+            waiting = backlog.get(getattr(event, "id", -1))
+            if waiting is not None:
+                waiting.append(event)
+    return mine
