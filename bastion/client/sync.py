@@ -33,6 +33,7 @@ from bastion.client._common import (
     goaway_error,
     silent_close_hint,
 )
+from bastion.client._connection import ClientClosed
 from bastion.client.balancer import Balancer, Endpoint, expand_endpoints
 from bastion.client.base import ClientBase
 from bastion.client.policy import (
@@ -57,6 +58,9 @@ from bastion.security.tls import ALPN_PROTOCOL
 from bastion.transport.blocking import BlockingLink
 
 __all__ = ["SyncClient"]
+
+#: How often ``close`` aborts the connection of a call running in another thread until that call lets go.
+_CLOSE_POLL = 0.05
 
 
 class SyncClient(ClientBase):
@@ -190,10 +194,24 @@ class SyncClient(ClientBase):
             raise ConnectError(f"handshake with {host}:{port} failed: {exc}{hint}") from None
 
     def close(self) -> None:
-        with self._lock:
+        """Close the connection. A call in progress in another thread fails at once with ``ClientClosed``.
+
+        That call holds the lock, and may wait on the socket for as long as
+        its timeout (none: for ever): its link is aborted until the lock is
+        free, so ``close`` returns promptly whatever the server does.
+        """
+        acquired = self._lock.acquire(blocking=False)
+        while not acquired:
+            link = self._link
+            if link is not None:
+                link.abort()
+            acquired = self._lock.acquire(timeout=_CLOSE_POLL)
+        try:
             if self._link is not None:
                 self._link.close()
                 self._link = None
+        finally:
+            self._lock.release()
 
     # -- calls ------------------------------------------------------------------------
 
@@ -232,6 +250,8 @@ class SyncClient(ClientBase):
             try:
                 return self._attempt(method, checked, left, timeout, priority, metadata, items)
             except (CallError, ConnectionClosed) as exc:
+                if isinstance(exc, ClientClosed):
+                    raise
                 reason: BaseException = exc
                 if isinstance(exc, ConnectionClosed):
                     # It may have started: idempotent (or keyed) calls only, on a new connection -- to another
@@ -371,6 +391,11 @@ class SyncClient(ClientBase):
                 if finished:
                     raise  # the server's answer, as it sent it
                 raise DeadlineExceeded(f"{method}: no answer within {total}s") from None
+            except ConnectionClosed:
+                if link.aborted:
+                    link.close()
+                    raise ClientClosed("the client was closed") from None
+                raise
             finally:
                 if backlog.get(call_id) is mine:
                     del backlog[call_id]

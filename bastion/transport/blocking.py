@@ -28,6 +28,8 @@ class BlockingLink:
         self.sock = sock
         self.closed = False
         self.received_any = False
+        #: ``abort`` was called: the owner's next read or write fails, and it knows why.
+        self.aborted = False
 
     @classmethod
     def connect(
@@ -107,6 +109,16 @@ class BlockingLink:
             raise ConnectionClosed(f"protocol error: {exc}") from None
         self.flush()  # Pongs and the like
         return events
+
+    def abort(self) -> None:
+        """Make a ``receive`` blocked in another thread return at once (with ConnectionClosed); thread-safe.
+
+        It shuts the TCP socket down under the TLS layer (whose state belongs
+        to the thread using it); the owner closes the link when it sees that.
+        """
+        self.aborted = True
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
     def close(self) -> None:
         if not self.closed:

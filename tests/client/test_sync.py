@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from typing import Any
+
 from bastion import SyncClient
+from bastion.client._connection import ClientClosed
 from tests.support.server import ServerProcess
 
 
@@ -14,3 +19,27 @@ def test_a_call_made_while_a_stream_is_read_leaves_the_streams_items_to_it(serve
             assert client.call("demo.echo", value=item) == item  # reads the socket while the stream waits
         assert seen == list(range(2000))
         assert client.call("demo.echo", value="after") == "after"
+
+
+def test_close_from_another_thread_fails_the_call_in_progress_at_once(server: ServerProcess) -> None:
+    client = SyncClient(server.address, token_file=str(server.token_file))  # no timeout: it would wait 30 s
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["result"] = client.invoke("demo.watched", {"tag": "t", "seconds": 30}, idempotent=True)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    server.wait_for_marker("started-t")
+    started = time.monotonic()
+    client.close()
+    assert time.monotonic() - started < 2.0
+    caller.join(5.0)
+    assert not caller.is_alive()
+    assert isinstance(outcome.get("error"), ClientClosed), outcome  # and not retried, idempotent as it is
+    server.wait_for_marker("cancelled-t")  # the server saw the connection go and cancelled the call
+    assert client.call("demo.echo", value=1) == 1  # a closed client connects again when used
+    client.close()
