@@ -3,6 +3,9 @@
 It drives the same sans-IO core and shares its decisions (``_common``); only
 the way bytes move differs. One call runs at a time per ``SyncClient`` (a
 lock serialises threads); use several clients for parallel blocking calls.
+``close`` from another thread fails the call in progress at once
+(``ClientClosed``). A forked child opens its own connection on its first
+call: the parent's socket and TLS state stay the parent's.
 Retries follow the same ``RetryPolicy`` as the async client's (see
 ``bastion.client.aio``); the waits between attempts hold no lock.
 
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -59,6 +64,17 @@ from bastion.transport.blocking import BlockingLink
 
 __all__ = ["SyncClient"]
 
+#: Every SyncClient not yet collected: a forked child must not use its parent's connections.
+_LIVE: weakref.WeakSet[SyncClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_LIVE):
+        client._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 #: How often ``close`` aborts the connection of a call running in another thread until that call lets go.
 _CLOSE_POLL = 0.05
 
@@ -75,6 +91,22 @@ class SyncClient(ClientBase):
         # stream is being read (in the same thread: the lock is reentrant) reads the stream's
         # items too, and keeps them here until the stream reads on. Keyed by call id.
         self._backlog: dict[int, collections.deque[Message]] = {}
+        _LIVE.add(self)
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's connection unused, and the lock a parent thread may hold.
+
+        The socket, and its TLS state, are the parent's: a child that wrote to
+        it would break the parent's connection (and read the parent's answers).
+        Closing the child's copy of the descriptor leaves the parent's intact.
+        """
+        self._lock = threading.RLock()
+        self._backlog = {}
+        link, self._link = self._link, None
+        if link is not None:
+            with contextlib.suppress(OSError):
+                link.sock.close()
+            link.closed = True
 
     def __enter__(self) -> SyncClient:
         self.connect()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from typing import Any
+
+import pytest
 
 from bastion import SyncClient
 from bastion.client._connection import ClientClosed
@@ -43,3 +47,31 @@ def test_close_from_another_thread_fails_the_call_in_progress_at_once(server: Se
     server.wait_for_marker("cancelled-t")  # the server saw the connection go and cancelled the call
     assert client.call("demo.echo", value=1) == 1  # a closed client connects again when used
     client.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_opens_its_own_connection_and_leaves_the_parents_alone(server: ServerProcess) -> None:
+    with SyncClient(server.address, token_file=str(server.token_file), timeout=10) as client:
+        assert client.call("demo.echo", value="parent") == "parent"
+        busy: dict[str, Any] = {}
+        # A call in progress in another thread holds the client's lock across the fork.
+        worker = threading.Thread(target=lambda: busy.update(result=client.call("demo.watched", tag="w", seconds=2)))
+        worker.start()
+        server.wait_for_marker("started-w")
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: answer through the pipe, whatever happens
+            signal.alarm(10)
+            try:
+                answer = repr(client.call("demo.echo", value="child"))
+            except BaseException as exc:
+                answer = f"error {exc!r}"
+            os.write(write_end, answer.encode())
+            os._exit(0)
+        os.close(write_end)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(read_end, "rb") as pipe:
+            assert (status, pipe.read().decode()) == (0, "'child'")
+        worker.join(10)
+        assert busy == {"result": "w"}
+        assert client.call("demo.echo", value="parent again") == "parent again"
