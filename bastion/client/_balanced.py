@@ -17,7 +17,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from bastion.client._connection import NO_OPTIONS, ClientConnection
-from bastion.client.balancer import Balancer, BreakerState, CircuitBreaker, Endpoint, expand_endpoints
+from bastion.client.balancer import (
+    Balancer,
+    BreakerState,
+    CircuitBreaker,
+    Endpoint,
+    expand_endpoints,
+    trial_passed,
+)
 from bastion.exceptions import CallError, ConnectError, ConnectionClosed
 
 if TYPE_CHECKING:
@@ -132,10 +139,9 @@ class BalancedEndpoints:
         if not breaker.begin_trial():
             return breaker.state is BreakerState.CLOSED
         try:
-            answer = await self._path.call_on(conn, "admin.ready", {}, 2.0, 2.0, NO_OPTIONS, None)
-            ok = isinstance(answer, dict) and answer.get("ready") is True
-        except (CallError, ConnectionClosed, ConnectError):
-            ok = False
+            ok = trial_passed(await self._path.call_on(conn, "admin.ready", {}, 2.0, 2.0, NO_OPTIONS, None), None)
+        except (CallError, ConnectionClosed, ConnectError) as exc:
+            ok = trial_passed(None, exc)
         if ok:
             breaker.on_success()
         else:

@@ -15,7 +15,10 @@ ready in an active health check -- open it: no calls go there for
 ``reset_timeout`` seconds, doubling (with jitter) each time it opens again,
 up to ``max_reset_timeout`` -- the client's reconnect backoff. Then it is
 half-open: one trial (a health check, ``admin.ready``) is let through; a
-success closes it, a failure opens it again. A go-away (the server is
+success closes it, a failure opens it again. A server that answers the trial
+with UNIMPLEMENTED, UNAUTHENTICATED or PERMISSION_DENIED is up and answering,
+only without a readiness check for this client (no admin service, say): that
+is a success (``trial_passed``), or such an endpoint could never come back. A go-away (the server is
 draining) opens it at once. When every endpoint is open the balancer still
 picks one (the soonest to half-open), so a call fails with the real error
 rather than an invented one.
@@ -32,7 +35,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from bastion.client._common import parse_address
-from bastion.exceptions import UsageError
+from bastion.exceptions import CallError, UsageError
+from bastion.status import Status
 
 __all__ = [
     "DNS_SCHEME",
@@ -43,6 +47,7 @@ __all__ = [
     "expand_endpoints",
     "is_ip",
     "parse_endpoints",
+    "trial_passed",
 ]
 
 Clock = Callable[[], float]
@@ -140,6 +145,17 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.state.value}, failures={self._failures})"
+
+
+#: Answers to a trial's ``admin.ready`` that show a server up, only without a readiness check for this client.
+_ANSWERING = frozenset({Status.UNIMPLEMENTED, Status.UNAUTHENTICATED, Status.PERMISSION_DENIED})
+
+
+def trial_passed(answer: object, error: BaseException | None) -> bool:
+    """Whether a half-open endpoint's trial passed: ``admin.ready``'s ``answer``, or the ``error`` it failed with."""
+    if error is not None:
+        return isinstance(error, CallError) and error.status in _ANSWERING
+    return isinstance(answer, dict) and answer.get("ready") is True
 
 
 class Endpoint:

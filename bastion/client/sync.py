@@ -39,7 +39,7 @@ from bastion.client._common import (
     silent_close_hint,
 )
 from bastion.client._connection import ClientClosed
-from bastion.client.balancer import Balancer, Endpoint, expand_endpoints
+from bastion.client.balancer import Balancer, Endpoint, expand_endpoints, trial_passed
 from bastion.client.base import ClientBase
 from bastion.client.policy import (
     LISTING_METHOD,
@@ -180,10 +180,9 @@ class SyncClient(ClientBase):
     def _probe(self, endpoint: Endpoint) -> None:
         """A half-open endpoint's trial, on the new link: ``admin.ready``; ConnectError if it fails."""
         try:
-            answer = self._attempt("admin.ready", {}, 2.0, 2.0, None, None, None)
-            ok = isinstance(answer, dict) and answer.get("ready") is True
-        except (CallError, ConnectionClosed, ConnectError):
-            ok = False
+            ok = trial_passed(self._attempt("admin.ready", {}, 2.0, 2.0, None, None, None), None)
+        except (CallError, ConnectionClosed, ConnectError) as exc:
+            ok = trial_passed(None, exc)
         if ok:
             endpoint.breaker.on_success()
             return
