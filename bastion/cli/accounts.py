@@ -200,7 +200,7 @@ def token_create(
     address: Address,
     user: Annotated[str | None, typer.Option("--user", "-u", help="Owner (default: yourself).")] = None,
     label: Annotated[str, typer.Option("--label", help="A note to recognise it by.")] = "",
-    ttl: Annotated[float | None, typer.Option("--ttl", help="Lifetime in seconds.")] = None,
+    ttl: Annotated[float | None, typer.Option("--ttl", help="Lifetime in seconds.", callback=common.seconds)] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write the token to this file (mode 0600).")] = None,
     show: Annotated[bool, typer.Option("--show", help="Print the token on stdout instead.")] = False,
     token_file: TokenFile = None,

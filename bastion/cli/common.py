@@ -34,6 +34,7 @@ __all__ = [
     "fail",
     "print_json",
     "run_guarded",
+    "seconds",
     "store_flag",
 ]
 
@@ -54,14 +55,18 @@ TokenFile = Annotated[
 ]
 
 
-def _seconds(value: float | None) -> float | None:
-    """``--timeout``: a number of seconds above 0 (nan, inf, 0 and negatives would fail later, or never end)."""
+def seconds(param: typer.CallbackParam, value: float | None) -> float | None:
+    """An option's number of seconds, above 0 and finite (``callback=seconds``).
+
+    nan, inf, 0 and negatives fail later, never end, or -- a token's --ttl of
+    nan -- are taken as no limit at all.
+    """
     if value is not None and not 0 < value < math.inf:
-        raise typer.BadParameter(f"{value} is not a number of seconds above 0", param_hint="--timeout")
+        raise typer.BadParameter(f"{value} is not a number of seconds above 0", param_hint=param.opts[0])
     return value
 
 
-Timeout = Annotated[float | None, typer.Option("--timeout", help="Seconds to wait for an answer.", callback=_seconds)]
+Timeout = Annotated[float | None, typer.Option("--timeout", help="Seconds to wait for an answer.", callback=seconds)]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 CA = Annotated[
     Path | None,

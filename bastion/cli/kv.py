@@ -27,6 +27,7 @@ from bastion.cli.common import (
     fail,
     print_json,
     run_guarded,
+    seconds,
 )
 
 __all__ = ["kv_app"]
@@ -101,7 +102,7 @@ def put(
     key: Key,
     value: Annotated[str, typer.Argument(help="The value: text, @FILE for a file's bytes, or - for stdin.")],
     namespace: Namespace = None,
-    ttl: Annotated[float | None, typer.Option("--ttl", help="Seconds until the key expires.")] = None,
+    ttl: Annotated[float | None, typer.Option("--ttl", help="Seconds until the key expires.", callback=seconds)] = None,
     if_version: IfVersion = None,
     content_type: Annotated[str, typer.Option("--content-type", help="A media type kept with the value.")] = "",
     token_file: TokenFile = None,

@@ -71,3 +71,16 @@ def test_a_token_with_nowhere_to_go_is_never_made(server: ServerProcess, tmp_pat
     assert refused.returncode == 1 and old.read_text() == "old\n"
     login = bastion_cli("login", server.address, "-u", "admin", "--password-stdin", "--save", str(tmp_path), stdin="x")
     assert login.returncode == 2 and login.stderr.splitlines() == [f"error: cannot write {tmp_path}: Is a directory"]
+
+
+def test_a_ttl_of_nan_is_refused_not_taken_as_no_expiry(server: ServerProcess) -> None:
+    auth = ("--token-file", str(server.token_file))
+    for value in ("nan", "inf", "0"):
+        token = bastion_cli("token", "create", server.address, "--show", "--ttl", value, *auth)
+        assert token.returncode == 2, token.stdout + token.stderr
+        assert f"Invalid value for --ttl: {float(value)} is not a number of seconds above 0" in token.stderr
+        assert token.stdout == ""
+        put = bastion_cli("kv", "put", server.address, "k", "v", "--ttl", value, *auth)
+        assert put.returncode == 2 and "Invalid value for --ttl" in put.stderr
+    listing = bastion_cli("token", "ls", server.address, "--json", *auth)
+    assert [t["label"] for t in json.loads(listing.stdout)] == ["bootstrap"]  # no token that never expires
