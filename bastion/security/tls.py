@@ -433,7 +433,9 @@ def _load_chain(context: ssl.SSLContext, cert: str | os.PathLike[str], key: str 
     try:
         context.load_cert_chain(cert, key)
     except FileNotFoundError as exc:
-        raise UsageError(f"cannot read TLS certificate or key: {exc.filename}: {exc.strerror}") from None
+        # ssl names no file (filename None): say which of the two is missing.
+        missing = next((path for path in (cert, key) if not os.path.exists(path)), exc.filename)
+        raise UsageError(f"cannot read TLS certificate or key: {missing}: {exc.strerror}") from None
     except ssl.SSLError as exc:
         raise UsageError(f"cannot load TLS certificate {cert} with key {key}: {exc.reason or exc}") from None
     except OSError as exc:

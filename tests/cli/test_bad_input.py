@@ -84,3 +84,15 @@ def test_a_ttl_of_nan_is_refused_not_taken_as_no_expiry(server: ServerProcess) -
         assert put.returncode == 2 and "Invalid value for --ttl" in put.stderr
     listing = bastion_cli("token", "ls", server.address, "--json", *auth)
     assert [t["label"] for t in json.loads(listing.stdout)] == ["bootstrap"]  # no token that never expires
+
+
+def test_a_missing_client_certificate_or_key_is_named(server: ServerProcess, tmp_path: Path) -> None:
+    assert server.ca_file is not None
+    present = server.ca_file  # a file that exists, standing in for the other half of the pair
+    for cert, key in [(tmp_path / "no.pem", present), (present, tmp_path / "no.key")]:
+        result = bastion_cli("call", server.address, "admin.health", "--cert", str(cert), "--key", str(key))
+        assert result.returncode == 2, result.stderr
+        missing = cert if cert != present else key
+        assert result.stderr.splitlines() == [
+            f"error: cannot read TLS certificate or key: {missing}: No such file or directory"
+        ]
