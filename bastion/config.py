@@ -448,6 +448,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     arrays and objects accepted. cookie_secure: mark session cookies
     ``Secure`` (turn off only for plaintext development servers).
     idle_seconds: an unused bridged connection is closed after this long.
+    header_timeout: seconds a client has to send a request's line and headers
+    (and a new connection to send its first byte) before its connection is closed.
     """
 
     http_port: int = 7401
@@ -459,12 +461,21 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_json_depth: int = 32
     cookie_secure: bool = True
     idle_seconds: float = 60.0
+    header_timeout: float = 20.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:
             raise UsageError(f"gateway.http_port must be 0..65535, got {self.http_port}")
-        if self.max_body <= 0 or self.max_batch <= 0 or self.max_json_depth <= 0 or self.idle_seconds <= 0:
-            raise UsageError("gateway.max_body, max_batch, max_json_depth and idle_seconds must be positive")
+        if (
+            self.max_body <= 0
+            or self.max_batch <= 0
+            or self.max_json_depth <= 0
+            or self.idle_seconds <= 0
+            or self.header_timeout <= 0
+        ):
+            raise UsageError(
+                "gateway.max_body, max_batch, max_json_depth, idle_seconds and header_timeout must be positive"
+            )
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

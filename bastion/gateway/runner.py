@@ -13,6 +13,9 @@ shutdown has begun, so /readyz has answered 503 meanwhile).
 TLS: with ``cert_files`` (certificate, key) -- the bastion server's own
 files -- the gateway serves HTTPS and WSS with the same certificate (a
 context of its own: the server's context negotiates ALPN ``bastion/1``).
+
+HTTP is uvicorn's httptools protocol with the request line and headers bounded
+in size (431 past 64 KiB) and in time (``header_timeout``): _protocol.py.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from bastion.exceptions import UsageError
+from bastion.gateway._protocol import bounded_protocol
 from bastion.gateway.app import Gateway, create_app
 from bastion.gateway.config import GatewayConfig
 from bastion.server.server import Server
@@ -93,7 +97,7 @@ async def serve(
     sockets = sockets or [bind(host, config.http_port)]
     uv_config = uvicorn.Config(
         app,
-        http="httptools",
+        http=bounded_protocol(config.header_timeout),  # httptools, with the request head bounded
         ws="websockets-sansio",
         lifespan="off",
         log_level="warning",
