@@ -7,7 +7,8 @@ WebSocket. The upgrade is refused (403) when its ``Origin`` is not the
 gateway's own and not in ``ws_origins`` (cross-site WebSocket hijacking); a
 client without an Origin (not a browser) is let through. Credentials: a
 bearer header, the session cookie, or a first message
-``{"jsonrpc":"2.0","method":"auth","params":{"token":"..."},"id":1}``.
+``{"jsonrpc":"2.0","method":"auth","params":{"token":"..."},"id":1}``
+(the messages after it run once it is answered, as whom it authenticated).
 Each text message is a JSON-RPC request or batch, answered as over /rpc, and
 calls run concurrently. A call to a server-stream method (``kv.watch``,
 ``jobs.watch``) sends each item as a notification
@@ -46,6 +47,9 @@ class _WebSocketSession:
         self.ws = ws
         self.caller = caller
         self.first = True
+        # Set once the first message is known not to be an "auth", or once that "auth" is answered: the
+        # messages after it wait, so that a client need not wait for the answer to call as whom it names.
+        self.settled = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.streams: dict[Any, asyncio.Task[None]] = {}
         self.cancelled: set[Any] = set()  # stream ids a client's stream.cancel stopped
@@ -86,14 +90,21 @@ class _WebSocketSession:
     async def handle(self, data: bytes) -> None:
         config = self.routes.config
         first, self.first = self.first, False
+        if not first:
+            await self.settled.wait()
         try:
             batch, entries = jsonrpc.parse(data, max_depth=config.max_json_depth, max_batch=config.max_batch)
         except jsonrpc.BodyError as exc:
+            self.settled.set()
             await self.send(exc.response)
             return
         if first and not batch and isinstance(entries[0], jsonrpc.Request) and entries[0].method == "auth":
-            await self._auth(entries[0])
+            try:
+                await self._auth(entries[0])
+            finally:
+                self.settled.set()
             return
+        self.settled.set()
         plain: list[Any] = []
         for entry in entries:
             if isinstance(entry, jsonrpc.Request):

@@ -300,6 +300,23 @@ def test_kv_watch_over_websocket_delivers_changes_and_cancels(world: World) -> N
         assert answers["w1"]["error"]["data"]["status"] == "CANCELLED"
 
 
+def test_calls_sent_right_after_a_websocket_auth_run_as_its_user(world: World) -> None:
+    """A client need not wait for the "auth" answer: what it sends next runs as the user it named."""
+    auth = rpc("auth", {"token": world.tokens["ada"]}, 0)
+    for _ in range(10):
+        with ws_connect(ws_url(world)) as ws:
+            ws.send(msgspec.json.encode(auth).decode())
+            for ident in range(1, 6):
+                ws.send(msgspec.json.encode(rpc("auth.whoami", ident=ident)).decode())
+            ws.send(msgspec.json.encode(rpc("kv.watch", {"prefix": "after-auth/"}, "w")).decode())
+            answers = [ws_recv(ws) for _ in range(7)]
+            assert answers[0] == {"jsonrpc": "2.0", "result": {"authenticated": True}, "id": 0}
+            names = {a["id"]: a["result"]["name"] for a in answers if a.get("id") in range(1, 6)}
+            assert names == dict.fromkeys(range(1, 6), "ada")
+            items = [a for a in answers if a.get("method") == "stream.item"]
+            assert [i["params"]["item"]["type"] for i in items] == ["start"]
+
+
 # -- curl ----------------------------------------------------------------------------------------------
 
 
