@@ -6,8 +6,9 @@ import logging
 from typing import Any
 
 import msgspec
+from starlette.requests import ClientDisconnect
 
-from bastion.exceptions import CallError, ConnectError, ConnectionClosed, InternalError, Unavailable
+from bastion.exceptions import CallError, Cancelled, ConnectError, ConnectionClosed, InternalError, Unavailable
 from bastion.service import MethodKind
 
 log = logging.getLogger("bastion.gateway")
@@ -22,6 +23,8 @@ def _as_call_error(exc: Exception) -> CallError:
         return exc
     if isinstance(exc, ConnectError | ConnectionClosed):
         return Unavailable(f"the server is unavailable: {exc}")
+    if isinstance(exc, ClientDisconnect):  # went away before its body was read: nobody to answer, nothing wrong here
+        return Cancelled("the client disconnected")
     log.error("gateway call failed", exc_info=exc)
     return InternalError("internal error")
 

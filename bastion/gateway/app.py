@@ -70,7 +70,7 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
@@ -352,8 +352,9 @@ class _Routes:
             body = await _read_body(request, self.config.max_body)
         except _TooLarge:
             return _too_large(self.config.max_body)
-        except CallError as exc:
-            return _json(jsonrpc.failure(None, exc), http_status(exc.status))
+        except (CallError, ClientDisconnect) as exc:
+            error = _as_call_error(exc)
+            return _json(jsonrpc.failure(None, error), http_status(error.status))
         answer = await self.answer(caller, body)
         if answer is None:
             return Response(status_code=204)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import socket
 import subprocess
 from pathlib import Path
@@ -17,7 +18,7 @@ from websockets.sync.client import connect as ws_connect
 import bastion
 from bastion.client.aio import Client
 from bastion.gateway.jsonrpc import json_depth
-from tests.gateway.conftest import LIMITED_BURST, PASSWORD, World, bearer, http, start_world
+from tests.gateway.conftest import LIMITED_BURST, PASSWORD, World, bearer, http, start_world, wait_for
 
 RPC = "/rpc"
 
@@ -183,6 +184,37 @@ def test_oversized_bodies_are_refused_before_reading(world: World) -> None:
     head = b"POST /v1/demo/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     body = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n0\r\n\r\n"
     assert _raw_exchange(world, head, body).startswith(b"HTTP/1.1 413")
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("path", ["/rpc", "/v1/demo/echo", "/v1/auth/login"])
+def test_a_client_leaving_mid_body_is_not_logged_as_an_error(world: World, path: str) -> None:
+    """Any client can hang up halfway through a body: that is no server error, with no traceback to log."""
+    assert world.gateway is not None
+    records = _Records()
+    loggers = [logging.getLogger(name) for name in ("bastion.gateway", "uvicorn.error")]
+    for logger in loggers:
+        logger.addHandler(records)
+    tasks = world.gateway._uvicorn.server_state.tasks
+    try:
+        with socket.create_connection((world.gateway.host, world.gateway.port), timeout=10) as sock:
+            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            sock.sendall(head.encode() + b'{"value"')
+            wait_for(lambda: len(tasks) == 1)  # the request is being served: its body read
+        wait_for(lambda: not tasks)  # and it is done with
+    finally:
+        for logger in loggers:
+            logger.removeHandler(records)
+    assert [r.getMessage() for r in records.records] == []
+    assert http(world, "GET", "/livez").status == 200
 
 
 def test_json_depth_is_bounded(world: World) -> None:
