@@ -340,6 +340,7 @@ class _Routes:
         if not batch:  # one call: no tasks to run it beside others
             (entry,) = entries
             return await self._run(caller, entry) if isinstance(entry, jsonrpc.Request) else entry
+        entries = jsonrpc.discover_once(entries)
         results = await asyncio.gather(
             *(self._run(caller, e) if isinstance(e, jsonrpc.Request) else _ready(e) for e in entries)
         )

@@ -44,6 +44,7 @@ __all__ = [
     "PARSE_ERROR",
     "BodyError",
     "Request",
+    "discover_once",
     "error_code",
     "error_object",
     "error_response",
@@ -173,6 +174,23 @@ def parse_any(body: bytes, *, max_batch: int) -> tuple[bool, list[Request | dict
             )
         return True, [validate(element) for element in decoded]
     return False, [validate(decoded)]
+
+
+def discover_once(entries: list[Request | dict[str, Any]]) -> list[Request | dict[str, Any]]:
+    """A batch's entries with every ``rpc.discover`` call after the first refused (-32600).
+
+    The document is public and tens of KB: a batch of them from anyone would
+    answer a few KB with megabytes. One per batch is all a client needs.
+    """
+    seen = False
+    kept: list[Request | dict[str, Any]] = []
+    for entry in entries:
+        if isinstance(entry, Request) and entry.method == "rpc.discover" and not entry.is_notification:
+            if seen:
+                entry = error_response(entry.id, INVALID_REQUEST, "Invalid Request: rpc.discover once per batch")
+            seen = True
+        kept.append(entry)
+    return kept
 
 
 def validate(obj: Any) -> Request | dict[str, Any]:

@@ -106,7 +106,7 @@ class _WebSocketSession:
             return
         self.settled.set()
         plain: list[Any] = []
-        for entry in entries:
+        for entry in jsonrpc.discover_once(entries) if batch else entries:
             if isinstance(entry, jsonrpc.Request):
                 if entry.method == "stream.cancel":
                     plain.append(self._cancel(entry))

@@ -217,6 +217,23 @@ def test_a_client_leaving_mid_body_is_not_logged_as_an_error(world: World, path:
     assert http(world, "GET", "/livez").status == 200
 
 
+def test_a_batch_answers_the_public_document_once(world: World) -> None:
+    """rpc.discover needs no credentials and answers tens of KB: a batch of them is not a megabyte amplifier."""
+    batch = [rpc("rpc.discover", ident=i) for i in range(99)] + [rpc("demo.echo", {"value": 1}, ident="e")]
+    for auth in ({}, bearer(world, "ada")):  # the Starlette routes and the front
+        reply = http(world, "POST", RPC, batch, headers=auth)
+        assert reply.status == 200
+        answers = {a["id"]: a for a in reply.json()}
+        assert answers[0]["result"]["openrpc"]
+        assert all(answers[i]["error"]["code"] == -32600 for i in range(1, 99))
+        assert ("result" in answers["e"]) is bool(auth)
+        assert len(reply.body) < 2 * len(http(world, "POST", RPC, rpc("rpc.discover")).body)
+    with ws_connect(ws_url(world)) as ws:
+        ws.send(msgspec.json.encode(batch).decode())
+        answers = {a["id"]: a for a in ws_recv(ws)}
+        assert answers[0]["result"]["openrpc"] and answers[98]["error"]["code"] == -32600
+
+
 def test_json_depth_is_bounded(world: World) -> None:
     deep: Any = 1
     for _ in range(world.config.max_json_depth + 5):
