@@ -128,6 +128,7 @@ def expire(answer: asyncio.Future[Any]) -> None:
 
 #: Seconds per deadline slot: how late a call's own deadline may fire, at most.
 DEADLINE_RESOLUTION = 0.01
+_SWEEP_MIN = 1024  # deadline slots kept before the empty ones are looked for
 
 
 class Deadlines:
@@ -140,17 +141,22 @@ class Deadlines:
     it, both O(1), and one loop timer per slot -- started by the slot's
     first call, kept until it fires even if its calls all answer -- fails
     what is left with ``Expired``. A deadline therefore fires between 0 and
-    ``resolution`` seconds late, never early. (The server's deadlines work
-    the same way: bastion/server/deadlines.py.)
+    ``resolution`` seconds late, never early. A slot kept for nothing costs a
+    timer until then, which calls with timeouts spread over days would pile
+    up: once there are many slots, the empty ones are dropped and their
+    timers cancelled (``_sweep``, amortised O(1) per new slot). (The server's
+    deadlines work the same way: bastion/server/deadlines.py.)
     """
 
-    __slots__ = ("armed", "loop", "resolution")
+    __slots__ = ("armed", "loop", "resolution", "sweep_at", "timers")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float = DEADLINE_RESOLUTION) -> None:
         self.loop = loop
         self.resolution = resolution
         #: slot number -> the answers whose deadline falls in it (a dict: ordered, O(1) removal)
         self.armed: dict[int, dict[asyncio.Future[Any], None]] = {}
+        self.timers: dict[int, asyncio.TimerHandle] = {}  # each slot's
+        self.sweep_at = _SWEEP_MIN
 
     def __len__(self) -> int:
         """Calls armed and not yet disarmed or expired."""
@@ -161,8 +167,10 @@ class Deadlines:
         slot = math.ceil((self.loop.time() + timeout) / self.resolution)
         answers = self.armed.get(slot)
         if answers is None:
+            if len(self.armed) >= self.sweep_at:
+                self._sweep()
             answers = self.armed[slot] = {}
-            self.loop.call_at(slot * self.resolution, self._fire, slot)
+            self.timers[slot] = self.loop.call_at(slot * self.resolution, self._fire, slot)
         answers[answer] = None
         return slot
 
@@ -172,7 +180,17 @@ class Deadlines:
         if answers is not None:
             answers.pop(answer, None)
 
+    def _sweep(self) -> None:
+        """Drop the slots whose calls have all ended, and their timers; sweep again only once the
+        slots have doubled, so each new slot pays O(1) for it."""
+        armed, timers = self.armed, self.timers
+        for slot in [slot for slot, answers in armed.items() if not answers]:
+            del armed[slot]
+            timers.pop(slot).cancel()
+        self.sweep_at = max(_SWEEP_MIN, 2 * len(armed))
+
     def _fire(self, slot: int) -> None:
+        self.timers.pop(slot, None)
         for answer in self.armed.pop(slot, ()):
             expire(answer)
 

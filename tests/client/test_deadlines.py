@@ -83,3 +83,29 @@ def test_an_answer_that_came_first_is_not_touched_by_its_slot_firing() -> None:
         deadlines.disarm(12345, answer)  # disarming an unknown or fired slot is harmless
 
     run(main())
+
+
+def test_slots_emptied_by_answers_are_dropped_with_their_timers_and_the_rest_still_fire() -> None:
+    """A client spreading its timeouts over days would keep a timer per slot ever armed; past a
+    thousand slots the empty ones are dropped, and the answers still armed expire as before."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        deadlines = Deadlines(loop, 0.0001)  # many slots within a fraction of a second
+        answers: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(3000)]
+        kept = set(range(0, 1500, 100))
+        slots = [deadlines.arm(answer, 0.05 + n * 0.0001) for n, answer in enumerate(answers[:1500])]
+        for n, slot in enumerate(slots):
+            if n not in kept:
+                deadlines.disarm(slot, answers[n])
+        for n in range(1500, 3000):  # the first of these sweeps the 1485 empty slots
+            deadlines.arm(answers[n], 0.05 + n * 0.0001)
+        live = sum(not handle.cancelled() for handle in loop._scheduled)  # type: ignore[attr-defined]
+        assert live <= len(kept) + 1500 + 5  # not one per slot ever armed
+        expected = [answers[n] for n in sorted(kept | set(range(1500, 3000)))]
+        results = await asyncio.gather(*expected, return_exceptions=True)
+        assert all(isinstance(r, Expired) for r in results)
+        assert not any(answers[n].done() for n in range(1500) if n not in kept)
+        assert len(deadlines) == 0 and not deadlines.timers
+
+    run(main())
