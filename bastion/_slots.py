@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+from bastion.exceptions import DeadlineExceeded
+
 __all__ = ["Slots"]
 
 
@@ -57,6 +59,20 @@ class Slots:
             if timer is not None:
                 timer.cancel()
         return True
+
+    async def acquire_within(self, timeout: float | None, what: str) -> float | None:
+        """Take a slot, waiting in turn for one; what is left of ``timeout`` then.
+
+        The wait is part of a call's time: if no slot comes within ``timeout``,
+        DeadlineExceeded (naming ``what``), and the call is never sent.
+        """
+        if timeout is None:
+            await self.acquire()
+            return None
+        waited_from = self.loop.time()
+        if not await self.acquire(timeout):
+            raise DeadlineExceeded(f"{what}: no free slot within {timeout}s (max_inflight calls in flight)")
+        return max(0.0, timeout - (self.loop.time() - waited_from))
 
     def release(self, n: int = 1) -> None:
         """Give back ``n`` slots: to the longest waiters first, the rest become free."""

@@ -252,13 +252,7 @@ async def start_in_turn(
     """
     slots = conn.slots
     if slots is not None and not slots.try_acquire():
-        if timeout is None:
-            await slots.acquire()
-        else:  # the wait is part of the call's time: what is left of it goes to the server
-            waited_from = conn.loop.time()
-            if not await slots.acquire(timeout):
-                raise DeadlineExceeded(f"{method}: no free slot within {timeout}s (max_inflight calls in flight)")
-            timeout = max(0.0, timeout - (conn.loop.time() - waited_from))
+        timeout = await slots.acquire_within(timeout, method)  # what is left of it goes to the server
     try:
         priority, metadata = options
         call_id, pending = conn.start(

@@ -37,7 +37,6 @@ import msgspec
 from bastion._slots import Slots
 from bastion.exceptions import (
     CallError,
-    DeadlineExceeded,
     FailedPrecondition,
     LocalProtocolError,
     Unavailable,
@@ -103,13 +102,7 @@ class DirectSession(ServerSession):
             raise FailedPrecondition(f"{method} is a stream: a direct session carries unary calls only")
         slots = self._slots
         if not slots.try_acquire():
-            if timeout is None:
-                await slots.acquire()
-            else:  # the wait is part of the call's time, as on a client's connection
-                waited_from = self._loop.time()
-                if not await slots.acquire(timeout):
-                    raise DeadlineExceeded(f"{method}: no free slot within {timeout}s (max_inflight calls in flight)")
-                timeout = timeout - (self._loop.time() - waited_from)
+            timeout = await slots.acquire_within(timeout, method)  # as on a client's connection
         call_id = next(self._ids)
         try:
             if not self.open:

@@ -205,7 +205,4 @@ class LevelQueue:
         if self.window_start is None:
             self.window_start = now
         self.window_count += 1
-        elapsed = now - self.window_start
-        if elapsed >= window:
-            self.rate = self.window_count / elapsed
-            self.window_start, self.window_count = now, 0
+        self.start_rate(now, window)  # closes the window once it is full
