@@ -50,6 +50,7 @@ what a member holds (a database's own integrity) is the caller's part.
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import hashlib
 import hmac
@@ -461,7 +462,7 @@ def list_archives(directory: Path) -> list[ArchiveInfo]:
             header = f.read(_HEADER.size)
         encrypted = len(header) == _HEADER.size and header.startswith(MAGIC) and bool(header[9] & _FLAG_ENCRYPTED)
         stamp = time.strptime(match[1][:15], "%Y%m%dT%H%M%S")
-        created = float(time.mktime(stamp) - time.timezone) + int(match[1][16:22]) / 1e6
+        created = float(calendar.timegm(stamp)) + int(match[1][16:22]) / 1e6  # the name is UTC
         out.append(ArchiveInfo(path.name, path.stat().st_size, "", encrypted, created))
     return out
 

@@ -8,6 +8,8 @@ import contextlib
 import hashlib
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -273,6 +275,25 @@ def test_archives_are_listed_by_time_and_old_scheduled_ones_pruned(tmp_path: Pat
     removed = archive.prune_scheduled(tmp_path, keep=1)
     assert removed == [names[0], names[2]]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[1::2], names[4], "notes.txt"])
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/New_York", "Australia/Sydney"])
+def test_archive_times_are_read_as_utc_whatever_the_local_zone_and_its_daylight_saving(
+    tmp_path: Path, zone: str
+) -> None:
+    """Names carry UTC; reading them back must not depend on the zone or on whether DST is on (July, January)."""
+    times = [1_720_000_000.25, 1_704_100_000.5]  # mid-July 2024, end of December 2023
+    for at in times:
+        (tmp_path / archive.archive_name(at)).write_bytes(b"x")
+    script = (
+        "import sys; from pathlib import Path; from bastion.store import archive; "
+        "print(*[a.created_at for a in archive.list_archives(Path(sys.argv[1]))])"
+    )
+    env = {**os.environ, "TZ": zone, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True, check=True, timeout=60
+    )
+    assert [float(v) for v in out.stdout.split()] == sorted(times)
 
 
 def test_highly_compressible_members_round_trip(tmp_path: Path) -> None:
