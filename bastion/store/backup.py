@@ -24,7 +24,7 @@ An archive holds:
 Restore never trusts the archive before it has read all of it: members
 are extracted into a staging directory beside the target and every byte is
 checked (``archive.read_archive``), the SQLite copy passes
-``integrity_check``; only then is the old data renamed aside
+``integrity_check`` and is at the manifest's schema version; only then is the old data renamed aside
 (``<name>.pre-restore-<ts>``) and the staged data renamed into place.
 
 PostgreSQL: ``pg_dump`` and ``pg_restore`` reach the database through
@@ -219,16 +219,23 @@ def verify_archive(archive: Path, passphrase: bytes | None, *, scratch: Path | N
 
 def _read_checked(archive: Path, staging: Path, passphrase: bytes | None) -> Manifest:
     """``read_archive`` (every byte checked, members extracted under ``staging``), then the database
-    member's own check: a SQLite copy must pass ``integrity_check``."""
+    member's own checks: a SQLite copy must pass ``integrity_check`` and be at the manifest's schema
+    version (as ``restore_postgres`` checks the dump's)."""
     manifest = read_archive(archive, staging, passphrase)
     if manifest.backend == "sqlite":
         conn = sqlite3.connect(f"file:{staging / SQLITE_MEMBER}?mode=ro", uri=True)
         try:
             _check_integrity(conn, "the archived database")
+            version = current_version(conn)
         except sqlite3.DatabaseError as exc:
             raise DataLoss(f"the archived database is unreadable: {exc}") from exc
         finally:
             conn.close()
+        if version != manifest.schema_version:
+            raise DataLoss(
+                f"the archived database is at schema version {version}, its manifest says "
+                f"{manifest.schema_version}: the archive is inconsistent; nothing was changed"
+            )
     return manifest
 
 

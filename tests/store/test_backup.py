@@ -153,6 +153,30 @@ def test_truncated_or_extended_archives_are_refused(
             backup.verify_archive(out, passphrase)
 
 
+def test_an_archive_whose_database_is_not_at_its_manifests_version_is_refused_and_changes_nothing(
+    tmp_path: Path, source: tuple[Path, Path, list[str]]
+) -> None:
+    """A well-formed archive whose manifest names another schema version than its SQLite copy holds: the
+    restore (and verify) refuse it with DataLoss, as the PostgreSQL restore does, before touching anything."""
+    db, files, _ = source
+    good = tmp_path / "good.bbk"
+    info = backup.backup_sqlite(db, files, good, None, scrypt_log_n=FAST)
+    assert info.schema_version is not None
+    out = tmp_path / "a.bbk"
+    reseal_with_version(good, out, info.schema_version - 1)
+    target = tmp_path / "restored"
+    target.mkdir()
+    (target / "bastion.db").write_bytes(b"the old database")
+    before = sorted(p.name for p in target.iterdir())
+
+    with pytest.raises(DataLoss, match="schema version"):
+        backup.verify_archive(out, None)
+    with pytest.raises(DataLoss, match="schema version"):
+        backup.restore_sqlite(out, target / "bastion.db", target / "files", None)
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert (target / "bastion.db").read_bytes() == b"the old database"
+
+
 def test_encrypted_archives_need_the_right_passphrase(tmp_path: Path, source: tuple[Path, Path, list[str]]) -> None:
     db, files, _ = source
     out = tmp_path / "a.bbk"
