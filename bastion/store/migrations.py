@@ -46,6 +46,7 @@ from bastion.exceptions import UsageError
 from bastion.store import files, idempotency, jobs, kv, mail, topics
 
 __all__ = [
+    "CODE_POINT_ORDER",
     "LATEST",
     "MIGRATIONS",
     "SQLITE_COMPAT_SCHEMA",
@@ -87,6 +88,9 @@ SQLITE_COMPAT_SCHEMA: tuple[str, ...] = (
         updated_at   REAL NOT NULL
     )""",
 )
+
+#: Migration 9's description (both backends).
+CODE_POINT_ORDER = "text keys of files, shares, uploads and jobs sort by code point on every backend"
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -131,6 +135,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         8, "messages: the topic log (durable topics and relayed live messages)", topics.SQLITE_SCHEMA, compatible=True
     ),
+    # PostgreSQL's version 9 gives the text columns listings order by COLLATE "C"; SQLite
+    # compares them bytewise already (BINARY), so here it only keeps the versions in step.
+    Migration(9, CODE_POINT_ORDER, (), compatible=True),
 )
 
 LATEST = MIGRATIONS[-1].version

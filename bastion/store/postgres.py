@@ -76,7 +76,7 @@ from bastion.store.idempotency import PostgresIdempotency
 from bastion.store.jobs import PostgresJobs
 from bastion.store.kv_postgres import PostgresKV
 from bastion.store.mail_postgres import PostgresMail
-from bastion.store.migrations import Migration, check_newer_schema, compatible_from
+from bastion.store.migrations import CODE_POINT_ORDER, Migration, check_newer_schema, compatible_from
 from bastion.store.postgres_dsn import _LIBPQ_PARAMETERS, _pgoptions_escape, redact_dsn
 from bastion.store.postgres_errors import _describe, _is_closed, _translate, _unsent
 from bastion.store.topics import PostgresTopics
@@ -140,6 +140,21 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "messages: mailboxes, sends and sender rate buckets", mail.POSTGRES_SCHEMA, compatible=True),
     Migration(
         8, "messages: the topic log (durable topics and relayed live messages)", topics.POSTGRES_SCHEMA, compatible=True
+    ),
+    # Migrations 3 and 4 left these columns, which listings order and page by, in the
+    # database's collation: in an en_US one files.list sorted "a" < "B" < "_x" unlike
+    # SQLite, and a page cursor from one backend's order skipped rows on the other.
+    # Same type, new collation: no table rewrite; the indexes on them are rebuilt.
+    Migration(
+        9,
+        CODE_POINT_ORDER,
+        (
+            'ALTER TABLE files ALTER COLUMN owner TYPE TEXT COLLATE "C", ALTER COLUMN name TYPE TEXT COLLATE "C"',
+            'ALTER TABLE file_shares ALTER COLUMN grantee TYPE TEXT COLLATE "C"',
+            'ALTER TABLE file_uploads ALTER COLUMN id TYPE TEXT COLLATE "C"',
+            'ALTER TABLE jobs ALTER COLUMN id TYPE TEXT COLLATE "C"',
+        ),
+        compatible=True,
     ),
 )
 
