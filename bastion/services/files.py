@@ -45,6 +45,13 @@ grantees stat, list and download; a ``write`` share also lets them replace
 the contents and delete. Sharing and renaming are the owner's (and
 admins'). A file the caller cannot read is NOT_FOUND, exactly like a missing
 one; a file it can read but not change is PERMISSION_DENIED.
+
+Uploads and quotas. An upload is charged to the owner of what it makes:
+new contents begun through a write share reserve the *owner's* quota. So the
+owner sees those uploads (``uploads``, ``upload_status``, naming the
+uploader) and may ``cancel_upload`` them, releasing the reservation at once;
+only the uploader (or an admin) sends their bytes. Withdrawing the share
+stops further bytes; cancelling releases the quota.
 """
 
 from __future__ import annotations
@@ -221,16 +228,21 @@ class Files:
             raise PermissionDenied(f"file {label!r}: {what} does not allow this (needs {need} access)")
         return record, access
 
-    async def _own_upload(self, principal: Principal, upload_id: str) -> UploadRecord:
+    async def _own_upload(self, principal: Principal, upload_id: str, *, or_charged: bool = False) -> UploadRecord:
+        """The upload, if ``principal`` began it (or is an admin); ``or_charged``: also if it is charged
+        to ``principal``'s quota (the owner may see and cancel it, not send its bytes)."""
         upload = await self.store.files_get_upload(upload_id) if _UPLOAD_ID.match(upload_id) else None
-        if upload is None or (upload.uploader != principal.name and not _is_admin(principal)):
+        if upload is None:
+            raise _no_upload(upload_id)
+        mine = upload.uploader == principal.name or (or_charged and upload.owner == principal.name)
+        if not mine and not _is_admin(principal):
             raise _no_upload(upload_id)
         return upload
 
     def _upload_info(self, upload: UploadRecord, offset: int) -> UploadInfo:
         return UploadInfo(
             upload.id, upload.owner, upload.name, upload.size, upload.sha256, offset, upload.file_id,
-            self.config.chunk_bytes, upload.updated_at + self.config.upload_ttl,
+            self.config.chunk_bytes, upload.updated_at + self.config.upload_ttl, upload.uploader,
         )  # fmt: skip
 
     async def _offset(self, upload_id: str) -> int:
@@ -403,20 +415,21 @@ class Files:
 
         @svc.method(idempotent=True)
         async def upload_status(ctx: Context, upload_id: str) -> UploadInfo:
-            """An open upload and the offset to continue it from."""
-            found = await files._own_upload(ctx.principal, upload_id)
+            """An open upload (the caller's, or one charged to its quota) and the offset to continue it from."""
+            found = await files._own_upload(ctx.principal, upload_id, or_charged=True)
             return files._upload_info(found, await files._offset(found.id))
 
         @svc.method(idempotent=True)
         async def uploads(ctx: Context) -> list[UploadInfo]:
-            """The caller's open uploads, oldest first."""
-            found = await store.files_list_uploads(ctx.principal.name)
+            """The caller's open uploads and those charged to its quota (others' new contents for its
+            files, each naming its ``uploader``), oldest first."""
+            found = await store.files_list_uploads(ctx.principal.name, charged=True)
             return [files._upload_info(u, await files._offset(u.id)) for u in found]
 
         @svc.method(idempotent=True)
         async def cancel_upload(ctx: Context, upload_id: str) -> bool:
-            """Discard an open upload and release its reservation."""
-            await files._discard(await files._own_upload(ctx.principal, upload_id))
+            """Discard an open upload (the caller's, or one charged to its quota) and release its reservation."""
+            await files._discard(await files._own_upload(ctx.principal, upload_id, or_charged=True))
             return True
 
         @svc.method(idempotent=True)

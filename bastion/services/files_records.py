@@ -44,7 +44,10 @@ class FilePage(msgspec.Struct, frozen=True):
 
 
 class UploadInfo(msgspec.Struct, frozen=True):
-    """An open upload: ``offset`` bytes of ``size`` are on the server; continue from there."""
+    """An open upload: ``offset`` bytes of ``size`` are on the server; continue from there.
+
+    ``owner`` is charged for it; ``uploader`` (who may continue it) differs when a write share let
+    another user begin new contents for the owner's file."""
 
     upload_id: str
     owner: str
@@ -55,6 +58,7 @@ class UploadInfo(msgspec.Struct, frozen=True):
     file_id: str | None
     chunk_bytes: int
     expires_at: float
+    uploader: str = ""
 
 
 class UploadResult(msgspec.Struct, frozen=True):

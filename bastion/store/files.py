@@ -184,8 +184,9 @@ class FileStore(ABC):
     async def files_get_upload(self, upload_id: str) -> UploadRecord | None: ...
 
     @abstractmethod
-    async def files_list_uploads(self, uploader: str | None) -> list[UploadRecord]:
-        """Open uploads of ``uploader`` (every one if None), oldest first."""
+    async def files_list_uploads(self, uploader: str | None, *, charged: bool = False) -> list[UploadRecord]:
+        """Open uploads of ``uploader`` (every one if None), oldest first; ``charged``: also the uploads
+        charged to ``uploader``'s quota (others' new contents for its files)."""
 
     @abstractmethod
     async def files_touch_upload(self, upload_id: str, at: float) -> bool:
@@ -357,6 +358,9 @@ _SHARES = f"SELECT {_SHARE_COLUMNS} FROM file_shares WHERE file_id = $1 ORDER BY
 _INSERT_UPLOAD = f"INSERT INTO file_uploads ({_UPLOAD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 _GET_UPLOAD = f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE id = $1"
 _UPLOADS_OF = f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE uploader = $1 ORDER BY created_at, id"
+_UPLOADS_CHARGED = (
+    f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE uploader = $1 OR owner = $1 ORDER BY created_at, id"
+)
 _UPLOADS_ALL = f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads ORDER BY created_at, id"
 _TOUCH_UPLOAD = "UPDATE file_uploads SET updated_at = $2 WHERE id = $1"
 _DELETE_UPLOAD = "DELETE FROM file_uploads WHERE id = $1"

@@ -35,6 +35,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _UNSHARE,
     _UPLOAD_COLUMNS,
     _UPLOADS_ALL,
+    _UPLOADS_CHARGED,
     _UPLOADS_OF,
     _USAGE_FILES,
     _USAGE_UPLOADS,
@@ -182,8 +183,11 @@ class PostgresFiles(PostgresAccess, FileStore):
         row = await self._files_one(_GET_UPLOAD, upload_id)
         return None if row is None else _upload(row)
 
-    async def files_list_uploads(self, uploader: str | None) -> list[UploadRecord]:
-        rows = await (self._files_all(_UPLOADS_ALL) if uploader is None else self._files_all(_UPLOADS_OF, uploader))
+    async def files_list_uploads(self, uploader: str | None, *, charged: bool = False) -> list[UploadRecord]:
+        if uploader is None:
+            rows = await self._files_all(_UPLOADS_ALL)
+        else:
+            rows = await self._files_all(_UPLOADS_CHARGED if charged else _UPLOADS_OF, uploader)
         return [_upload(row) for row in rows]
 
     async def files_touch_upload(self, upload_id: str, at: float) -> bool:

@@ -121,11 +121,12 @@ class SQLiteFiles(SQLiteAccess, FileStore):
         row = await self._read(lambda c: c.execute(_Q["_GET_UPLOAD"], (upload_id,)).fetchone())
         return None if row is None else _upload(row)
 
-    async def files_list_uploads(self, uploader: str | None) -> list[UploadRecord]:
+    async def files_list_uploads(self, uploader: str | None, *, charged: bool = False) -> list[UploadRecord]:
         if uploader is None:
             rows = await self._read(lambda c: c.execute(_Q["_UPLOADS_ALL"]).fetchall())
         else:
-            rows = await self._read(lambda c: c.execute(_Q["_UPLOADS_OF"], (uploader,)).fetchall())
+            sql = _Q["_UPLOADS_CHARGED" if charged else "_UPLOADS_OF"]
+            rows = await self._read(lambda c: c.execute(sql, (uploader,)).fetchall())
         return [_upload(row) for row in rows]
 
     async def files_touch_upload(self, upload_id: str, at: float) -> bool:

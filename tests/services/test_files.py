@@ -400,6 +400,38 @@ def test_uploads_belong_to_their_uploader(tmp_path: Path) -> None:
     run(test, tmp_path)
 
 
+def test_the_owner_sees_and_cancels_uploads_another_user_charged_to_their_quota(tmp_path: Path) -> None:
+    """A write share lets bob begin new contents for alice's file, reserving alice's quota: alice must be able
+    to find out why her quota is reserved, by whom, and release it -- not wait out upload_ttl."""
+    config = FilesConfig(quota_bytes=1000, chunk_bytes=CHUNK)
+
+    async def test(w: World) -> None:
+        doc = await w.put(w.alice, "doc", b"x" * 100)
+        await w.alice.files.share(file_id=doc["id"], user="bob", mode="write")
+        taken = await w.bob.files.begin_upload(file_id=doc["id"], size=900, sha256=sha(b"y" * 900))
+        assert (await w.alice.files.usage())["reserved_bytes"] == 900
+        with pytest.raises(bastion.ResourceExhausted):
+            await w.alice.files.begin_upload(name="mine", size=10, sha256=sha(b"z" * 10))
+
+        listed = await w.alice.files.uploads()
+        assert [(u["upload_id"], u["owner"], u["uploader"], u["size"]) for u in listed] == [
+            (taken["upload_id"], "alice", "bob", 900)
+        ]
+        assert (await w.alice.files.upload_status(upload_id=taken["upload_id"]))["uploader"] == "bob"
+        with pytest.raises(bastion.NotFound):  # the owner may stop it, not send its bytes
+            await w.alice.upload("files.upload", [b"y" * 900], upload_id=taken["upload_id"])
+        assert await w.alice.files.cancel_upload(upload_id=taken["upload_id"]) is True
+        assert (await w.alice.files.usage())["reserved_bytes"] == 0
+        assert await w.bob.files.uploads() == []
+        with pytest.raises(bastion.NotFound):
+            await w.bob.upload("files.upload", [b"y" * 900], upload_id=taken["upload_id"])
+        await w.alice.files.begin_upload(name="mine", size=10, sha256=sha(b"z" * 10))
+        # Carol, a stranger to both, still sees none of it.
+        assert await w.carol.files.uploads() == []
+
+    run(test, tmp_path, config)
+
+
 def test_empty_file_and_download_guards(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         empty = await w.put(w.alice, "empty", b"")

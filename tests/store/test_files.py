@@ -161,6 +161,11 @@ async def test_uploads_touch_list_expire(store: Store) -> None:
     await store.files_begin_upload(upload("u2", name="two", at=T0 + 1, uploader="bob"), quota=100)
     assert [u.id for u in await store.files_list_uploads("alice")] == ["u1"]
     assert [u.id for u in await store.files_list_uploads(None)] == ["u1", "u2"]
+    # u2 is bob's upload charged to alice: hers to see with charged=True, not bob's owner view of anything.
+    assert [u.id for u in await store.files_list_uploads("alice", charged=True)] == ["u1", "u2"]
+    assert [u.id for u in await store.files_list_uploads("bob")] == ["u2"]
+    assert [u.id for u in await store.files_list_uploads("bob", charged=True)] == ["u2"]
+    assert await store.files_list_uploads("carol", charged=True) == []
     assert await store.files_touch_upload("u1", T0 + 100)
     assert await store.files_expire_uploads(T0 + 50) == ["u2"]
     assert await store.files_delete_upload("u1") is True
