@@ -99,6 +99,10 @@ class Entry:
             raise InvalidArgument(f"{self.spec.full_name}: {_describe(exc)}") from None
         except msgspec.DecodeError as exc:
             raise InvalidArgument(f"{self.spec.full_name}: arguments are not a map: {exc}") from None
+        except UnicodeDecodeError:
+            # ``Call.args`` is Raw: the frame decoder skipped over it, so text that is not UTF-8
+            # shows up here first, and msgspec raises it as no DecodeError.
+            raise InvalidArgument(f"{self.spec.full_name}: arguments hold text that is not UTF-8") from None
         return msgspec.structs.asdict(args)  # in C: every field by attribute name, as ``fields``
 
 

@@ -78,6 +78,8 @@ class InputStream:
             return self._decoder.decode(raw)
         except msgspec.ValidationError as exc:
             raise InvalidArgument(f"stream item: {exc}") from None
+        except UnicodeDecodeError:  # an Item's value is Raw: its text was not checked on arrival
+            raise InvalidArgument("stream item: text that is not UTF-8") from None
 
 
 class CreditGate:

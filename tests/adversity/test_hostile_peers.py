@@ -1,0 +1,180 @@
+"""Hostile peers against a real server on loopback TCP, found by a review of the protocol core.
+
+Each test drives an in-process ``Server`` over real TCP with raw frames (a
+client library would never send these), and checks the project's rules:
+bad input gets a coded answer and loses nothing else, the server keeps
+serving, and nothing is left behind. Anything asyncio would report as an
+unhandled error (an exception out of a protocol callback, a task that died
+with an exception nobody retrieved) fails the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from bastion import Principal, Server, ServerLimits, Service
+from bastion.protocol.messages import Call, Hello
+from bastion.security.authn import StaticTokens
+from bastion.status import Status
+
+TOKEN = "bst_hostile-peer-review-token-0123456789ab"
+ADA = Principal("ada", frozenset({"user"}))
+HELLO, WELCOME, RESULT, ERROR, GOAWAY = 1, 2, 4, 5, 12
+#: A MessagePack str of two bytes that are not UTF-8 (the frame decoder skips over ``Raw`` fields).
+BAD_UTF8 = b"\xa2\xff\xfe"
+
+
+def make_service() -> Service:
+    svc = Service("hp")
+
+    @svc.method
+    async def echo(value: Any) -> Any:
+        return value
+
+    @svc.method
+    async def shout(text: str) -> str:  # no await: runs inline
+        return text.upper()
+
+    @svc.method
+    async def shout_in_task(text: str) -> str:
+        await asyncio.sleep(0)
+        return text.upper()
+
+    @svc.method
+    async def join(parts: AsyncIterator[str]) -> str:
+        return "".join([part async for part in parts])
+
+    return svc
+
+
+def frame(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+def encode(message: object) -> bytes:
+    return frame(msgspec.msgpack.encode(message))
+
+
+class Raw:
+    """A client speaking frames directly over TCP."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, server: Server, *, hello: bool = True) -> Raw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        raw = cls(reader, writer)
+        if hello:
+            raw.send(encode(Hello(1, "hostile/1", TOKEN)))
+            assert (await raw.read())[0] == WELCOME
+        return raw
+
+    def send(self, *frames: bytes) -> None:
+        """All of ``frames`` in one write (one read, on loopback)."""
+        self.writer.write(b"".join(frames))
+
+    async def read(self, timeout: float = 5.0) -> list[Any]:
+        async with asyncio.timeout(timeout):
+            length = int.from_bytes(await self.reader.readexactly(4), "big")
+            return msgspec.msgpack.decode(await self.reader.readexactly(length))  # type: ignore[no-any-return]
+
+    async def answers_until(self, call_id: int) -> dict[int, list[Any]]:
+        """Every answer (Result, Error) read up to and including ``call_id``'s, by call id."""
+        answers: dict[int, list[Any]] = {}
+        while call_id not in answers:
+            message = await self.read()
+            assert message[0] != GOAWAY, message
+            if message[0] in (RESULT, ERROR):
+                answers[message[1]] = message
+        return answers
+
+    async def closed(self, timeout: float = 5.0) -> list[list[Any]]:
+        """Read until the server closes the connection; the messages read on the way."""
+        seen = []
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    seen.append(await self.read(timeout))
+                except (asyncio.IncompleteReadError, ConnectionResetError):
+                    return seen
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def call_frame(call_id: int, method: str, args: bytes, *, stream: bool = False) -> bytes:
+    """A Call whose ``args`` are the MessagePack bytes given, as they are."""
+    head = msgspec.msgpack.encode([3, call_id, method])[1:]  # without the array header
+    tail = msgspec.msgpack.encode([None, None, stream, None])[1:]
+    return frame(b"\x98" + head + args + tail)
+
+
+def run(body: Callable[[Server], Awaitable[None]], limits: ServerLimits | None = None) -> None:
+    """Run ``body`` against a fresh server; fail on anything asyncio reports as unhandled."""
+    unhandled: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context))
+        server = Server([make_service()], authenticator=StaticTokens({TOKEN: ADA}), limits=limits)
+        await server.start("127.0.0.1", 0)
+        try:
+            async with asyncio.timeout(20):
+                await body(server)
+        finally:
+            await server.shutdown(grace=1)
+
+    asyncio.run(main())
+    assert not unhandled, [context.get("exception") or context.get("message") for context in unhandled]
+
+
+# -- arguments and stream items that are not UTF-8 ------------------------------------------------------
+
+
+def test_arguments_that_are_not_utf8_are_invalid_argument_and_lose_nothing() -> None:
+    """``Call.args`` is a ``Raw`` field: the frame decoder skips over it, so a str in it that is not
+    UTF-8 first shows up when the arguments are decoded, as UnicodeDecodeError -- which is no
+    msgspec.DecodeError. It escaped ``_on_call`` into ``Link.data_received``: asyncio's "fatal error
+    on transport", the connection reset without a word, the other calls of the read lost."""
+
+    async def body(server: Server) -> None:
+        raw = await Raw.connect(server)
+        raw.send(
+            call_frame(1, "hp.shout", b"\x81\xa4text" + BAD_UTF8),  # a str argument
+            call_frame(2, "hp.shout_in_task", b"\x81\xa4text" + BAD_UTF8),
+            call_frame(3, "hp.echo", b"\x81" + BAD_UTF8 + b"\x01"),  # an argument name
+            encode(Call(4, "hp.shout", msgspec.Raw(msgspec.msgpack.encode({"text": "still here"})))),
+        )
+        answers = await raw.answers_until(4)
+        for call_id in (1, 2, 3):
+            assert answers[call_id][:3] == [ERROR, call_id, Status.INVALID_ARGUMENT], answers[call_id]
+            assert "UTF-8" in answers[call_id][3], answers[call_id]
+        assert answers[4] == [RESULT, 4, "STILL HERE"]
+        raw.close()
+
+    run(body)
+
+
+def test_a_stream_item_that_is_not_utf8_fails_its_call_invalid_argument() -> None:
+    """A client-stream item is decoded when the handler takes it; one that is not UTF-8 failed the
+    call INTERNAL (an unexpected exception, logged with its traceback), not INVALID_ARGUMENT."""
+
+    async def body(server: Server) -> None:
+        raw = await Raw.connect(server)
+        raw.send(
+            call_frame(1, "hp.join", b"\x80", stream=True),
+            encode([7, 1, "fine"]),
+            frame(b"\x93\x07\x01" + BAD_UTF8),
+            encode([8, 1]),
+        )
+        answer = (await raw.answers_until(1))[1]
+        assert answer[:3] == [ERROR, 1, Status.INVALID_ARGUMENT], answer
+        assert "UTF-8" in answer[3], answer
+        assert server.counters["internal_errors"] == 0
+        raw.close()
+
+    run(body)
