@@ -93,13 +93,11 @@ class SessionUpkeep:
             throttled = exc.status is Status.RESOURCE_EXHAUSTED
             self.server.counters["auth_failures_throttled" if throttled else "auth_failures_credentials"] += 1
             retry = f" (retry after {exc.retry_after:.1f}s)" if exc.retry_after else ""
-            self.core.reject(exc.status, exc.message + retry)
-            link.close()
+            self._refuse(exc.status, exc.message + retry)
             return
         except Exception:
             log.exception("authenticator failed")
-            self.core.reject(Status.INTERNAL, "authentication is unavailable")
-            link.close()
+            self._refuse(Status.INTERNAL, "authentication is unavailable")
             return
         if link.closed or self.core.state is not ConnectionState.HANDSHAKE:
             return
@@ -122,6 +120,15 @@ class SessionUpkeep:
         self._idle_timer = self._loop.call_later(self.limits.idle_timeout, self._check_idle)
         if principal.token_id is not None or principal.expires_at is not None:
             self._loop.create_task(self._revalidate_loop())
+
+    def _refuse(self, status: Status, message: str) -> None:
+        """Refuse the Hello and close, unless the connection is gone already (the peer hung up, or
+        the handshake deadline closed it while the authenticator was deciding): nothing to tell."""
+        link = self.link
+        if link is None or link.closed or self.core.state is not ConnectionState.HANDSHAKE:
+            return
+        self.core.reject(status, message)
+        link.close()
 
     async def _revalidate_loop(self) -> None:
         """Close the connection once its credential expires or is revoked."""

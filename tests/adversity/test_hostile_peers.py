@@ -11,14 +11,17 @@ with an exception nobody retrieved) fails the test.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
 
 from bastion import Principal, Server, ServerLimits, Service
+from bastion.exceptions import Unauthenticated
 from bastion.protocol.messages import Call, Hello
-from bastion.security.authn import StaticTokens
+from bastion.protocol.state import ConnectionState
+from bastion.security.authn import PeerInfo, StaticTokens
 from bastion.status import Status
 
 TOKEN = "bst_hostile-peer-review-token-0123456789ab"
@@ -114,13 +117,41 @@ def call_frame(call_id: int, method: str, args: bytes, *, stream: bool = False) 
     return frame(b"\x98" + head + args + tail)
 
 
-def run(body: Callable[[Server], Awaitable[None]], limits: ServerLimits | None = None) -> None:
+class SlowRefusal:
+    """An authenticator that takes ``seconds`` to refuse every token (a slow credential store)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.refused = 0
+
+    async def authenticate(self, token: str | None, peer: PeerInfo) -> Principal:
+        await asyncio.sleep(self.seconds)
+        self.refused += 1
+        raise Unauthenticated("invalid token")
+
+    async def revalidate(self, principal: Principal) -> Principal | None:
+        return principal
+
+
+async def poll(predicate: Callable[[], Any], what: str, timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds, looking every 5 ms; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def run(
+    body: Callable[[Server], Awaitable[None]], limits: ServerLimits | None = None, authenticator: Any = None
+) -> None:
     """Run ``body`` against a fresh server; fail on anything asyncio reports as unhandled."""
     unhandled: list[dict[str, Any]] = []
 
     async def main() -> None:
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context))
-        server = Server([make_service()], authenticator=StaticTokens({TOKEN: ADA}), limits=limits)
+        authenticator_ = authenticator or StaticTokens({TOKEN: ADA})
+        server = Server([make_service()], authenticator=authenticator_, limits=limits)
         await server.start("127.0.0.1", 0)
         try:
             async with asyncio.timeout(20):
@@ -178,3 +209,33 @@ def test_a_stream_item_that_is_not_utf8_fails_its_call_invalid_argument() -> Non
         raw.close()
 
     run(body)
+
+
+# -- a refusal that comes after the connection is gone ------------------------------------------------------
+
+
+def test_a_hello_refused_after_its_connection_closed_leaves_no_failed_task() -> None:
+    """The authenticator may answer after the connection is gone: the client hung up, or the
+    handshake deadline closed it. Refusing the Hello then raised LocalProtocolError ("cannot send
+    GoAway in state closed") in the handshake task: "Task exception was never retrieved", with two
+    tracebacks, in the server's log for every such Hello -- a log flood any unauthenticated peer
+    could cause by sending a bad token and hanging up."""
+    slow = SlowRefusal(0.3)
+
+    async def body(server: Server) -> None:
+        hung_up = await Raw.connect(server, hello=False)
+        hung_up.send(encode(Hello(1, "hostile/1", "bst_not-a-token")))
+
+        def handshaking() -> bool:
+            return any(session.core.state is ConnectionState.HANDSHAKE for session in server.sessions)
+
+        await poll(handshaking, "the server to read the Hello")  # its refusal is on its way
+        hung_up.close()
+        timed_out = await Raw.connect(server, hello=False)  # the handshake deadline (0.1 s) passes first
+        timed_out.send(encode(Hello(1, "hostile/1", "bst_not-a-token")))
+        messages = await timed_out.closed()
+        assert [m[:3] for m in messages] == [[GOAWAY, 0, Status.DEADLINE_EXCEEDED]], messages
+        await poll(lambda: slow.refused == 2, "both Hellos to be refused")
+        timed_out.close()
+
+    run(body, limits=ServerLimits(handshake_timeout=0.1), authenticator=slow)
