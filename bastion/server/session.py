@@ -83,6 +83,7 @@ log = logging.getLogger("bastion.server")
 _REJECTED_KEY = {status: f"rejected_{status.name.lower()}" for status in Status}
 _OK = Status.OK
 _REJECTED = TicketState.REJECTED
+_DRAINING = ConnectionState.DRAINING
 _session_ids = itertools.count(1)
 
 
@@ -249,7 +250,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
                 gate.close()
         if self.link is not None:
             self.link.schedule_flush()
-        if self.server.draining:
+        if self.core.state is _DRAINING:  # a GoAway went one way or the other: close after the last call
             self._maybe_finish_drain()
 
     def _cancel(self, call_id: int, ticket: Ticket) -> None:

@@ -48,6 +48,11 @@ def make_service() -> Service:
         return text.upper()
 
     @svc.method
+    async def nap(seconds: float) -> float:
+        await asyncio.sleep(seconds)
+        return seconds
+
+    @svc.method
     async def join(parts: AsyncIterator[str]) -> str:
         return "".join([part async for part in parts])
 
@@ -239,3 +244,25 @@ def test_a_hello_refused_after_its_connection_closed_leaves_no_failed_task() -> 
         timed_out.close()
 
     run(body, limits=ServerLimits(handshake_timeout=0.1), authenticator=slow)
+
+
+# -- a client's GoAway -----------------------------------------------------------------------------------------
+
+
+def test_after_a_client_goaway_the_connection_ends_when_its_calls_finish() -> None:
+    """A client's GoAway(0, OK) says it will start no more calls: "the connection ends when open
+    calls finish" (docs/protocol.md 8.2). With no call open the server closed at once; with calls
+    open it closed nothing when they finished (only a draining server looked), and its idle timer
+    stopped looking too (it only closes OPEN connections): the connection stayed open as long as
+    the client answered pings, past idle_timeout, holding a connection slot."""
+
+    async def body(server: Server) -> None:
+        raw = await Raw.connect(server)
+        nap = msgspec.Raw(msgspec.msgpack.encode({"seconds": 0.2}))
+        raw.send(encode(Call(1, "hp.nap", nap)), encode(Call(2, "hp.nap", nap)), encode([GOAWAY, 0, 0, ""]))
+        messages = await raw.closed(timeout=3)  # well before idle_timeout
+        assert sorted(m[:3] for m in messages) == [[RESULT, 1, 0.2], [RESULT, 2, 0.2]], messages
+        await poll(lambda: not server.sessions, "the session to close")
+        raw.close()
+
+    run(body, limits=ServerLimits(idle_timeout=60))
