@@ -75,7 +75,18 @@ UNKNOWN_ON = frozenset({Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.CAN
 class Entry:
     """One method, ready to dispatch."""
 
-    __slots__ = ("decoder", "fields", "inline", "input_decoder", "metric_row", "spec", "streams_out", "unary_async")
+    __slots__ = (
+        "decoder",
+        "fields",
+        "inline",
+        "input_decoder",
+        "metric_row",
+        "spec",
+        "stream_mismatch",
+        "streams_in",
+        "streams_out",
+        "unary_async",
+    )
 
     def __init__(self, spec: MethodSpec) -> None:
         self.spec = spec
@@ -85,6 +96,14 @@ class Entry:
             msgspec.msgpack.Decoder(spec.input_type) if spec.input_param is not None else None
         )
         self.streams_out = spec.kind in (MethodKind.SERVER_STREAM, MethodKind.BIDI_STREAM)
+        #: Whether the method takes an input stream: what a Call's ``stream`` flag must say (docs/protocol.md 7.1).
+        self.streams_in = spec.input_param is not None
+        #: The refusal of a Call whose ``stream`` flag says otherwise.
+        self.stream_mismatch = (
+            f"{spec.full_name} takes an input stream: call it with stream true"
+            if self.streams_in
+            else f"{spec.full_name} takes no input stream: call it with stream false"
+        )
         #: The method's row in the server's CallStats (the server sets it; -1: not counted apart).
         self.metric_row = -1
         #: An ``async def`` returning one value: the usual call, run without the general path's detours.

@@ -46,6 +46,7 @@ import msgspec
 
 from bastion.exceptions import (
     CallError,
+    InvalidArgument,
     LocalProtocolError,
 )
 from bastion.protocol.connection import Connection, ProtocolLimits
@@ -287,6 +288,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
             else:  # first call to the method, or the principal changed (revalidated: a new object)
                 entry = server.table.admit(call.method, self.principal)
                 self._admitted[call.method] = (self.principal, entry)
+            if call.stream is not entry.streams_in:  # bools: msgspec decodes the singletons
+                raise InvalidArgument(entry.stream_mismatch)
             args = entry.decode_args(call.args)
             if call.metadata:
                 self._idempotency_key(call, entry)  # refuse a bad or unusable key now; claimed when the call runs

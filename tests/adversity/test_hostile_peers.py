@@ -266,3 +266,34 @@ def test_after_a_client_goaway_the_connection_ends_when_its_calls_finish() -> No
         raw.close()
 
     run(body, limits=ServerLimits(idle_timeout=60))
+
+
+# -- a stream flag that does not match the method ---------------------------------------------------------------
+
+
+def test_a_call_whose_stream_flag_does_not_match_the_method_is_invalid_argument() -> None:
+    """docs/protocol.md 7.1 and 9.1: a Call whose ``stream`` flag does not match the method is
+    answered INVALID_ARGUMENT. It was not checked: a client-stream method called with ``stream``
+    false waited for items the client could never send (an Item or End on the call is a protocol
+    error), so the call hung until cancelled, holding its in-flight slot; a unary method called
+    with ``stream`` true ran, and the Items sent on it were dropped without a word."""
+
+    async def body(server: Server) -> None:
+        raw = await Raw.connect(server)
+        no_args = msgspec.Raw(b"\x80")
+        raw.send(
+            encode(Call(1, "hp.join", no_args)),  # a client stream, sent as unary
+            encode(Call(2, "hp.echo", msgspec.Raw(msgspec.msgpack.encode({"value": 1})), stream=True)),
+            encode(Call(3, "hp.shout", msgspec.Raw(msgspec.msgpack.encode({"text": "x"})), stream=True)),  # inline
+            encode(Call(4, "hp.join", no_args, stream=True)),
+            encode([7, 4, "fine"]),
+            encode([8, 4]),
+        )
+        answers = await raw.answers_until(4)
+        for call_id in (1, 2, 3):
+            assert answers[call_id][:3] == [ERROR, call_id, Status.INVALID_ARGUMENT], answers
+            assert "stream" in answers[call_id][3], answers
+        assert answers[4] == [RESULT, 4, "fine"]
+        raw.close()
+
+    run(body)
