@@ -38,10 +38,13 @@ if TYPE_CHECKING:
     from bastion.config import ServerLimits
     from bastion.server.server import Server
 
-__all__ = ["ABUSE_WINDOW", "DENIALS_AUDITED", "SessionUpkeep"]
+__all__ = ["ABUSE_WINDOW", "AUDITED_METHOD_CHARS", "DENIALS_AUDITED", "SessionUpkeep"]
 
 log = logging.getLogger("bastion.server")
 DENIALS_AUDITED = 20  # denied calls written to the audit log per connection per 10 s
+#: The most characters of a denied call's method name the audit record keeps: the name is the
+#: peer's, as long as its frame allows (a real one is a few dozen characters).
+AUDITED_METHOD_CHARS = 200
 #: Seconds in each window the abuse caps (``max_*_per_10s``) count in.
 ABUSE_WINDOW = 10.0
 #: What is counted -> (the ServerLimits field capping it per window, the GoAway reason).
@@ -234,6 +237,8 @@ class SessionUpkeep:
             return
         self._denials_logged += 1
         suppressed, self._denials_suppressed = self._denials_suppressed, 0
+        if len(method) > AUDITED_METHOD_CHARS:
+            method = f"{method[:AUDITED_METHOD_CHARS]}... ({len(method)} characters)"
         self.server.audit(
             "call.denied",
             peer=self.link.peer,

@@ -11,8 +11,10 @@ with an exception nobody retrieved) fails the test.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,6 +23,7 @@ from bastion import Principal, Server, ServerLimits, Service
 from bastion.exceptions import Unauthenticated
 from bastion.protocol.messages import Call, Hello
 from bastion.protocol.state import ConnectionState
+from bastion.security.audit import AuditLog
 from bastion.security.authn import PeerInfo, StaticTokens
 from bastion.status import Status
 
@@ -148,7 +151,10 @@ async def poll(predicate: Callable[[], Any], what: str, timeout: float = 5.0) ->
 
 
 def run(
-    body: Callable[[Server], Awaitable[None]], limits: ServerLimits | None = None, authenticator: Any = None
+    body: Callable[[Server], Awaitable[None]],
+    limits: ServerLimits | None = None,
+    authenticator: Any = None,
+    audit: AuditLog | None = None,
 ) -> None:
     """Run ``body`` against a fresh server; fail on anything asyncio reports as unhandled."""
     unhandled: list[dict[str, Any]] = []
@@ -156,7 +162,7 @@ def run(
     async def main() -> None:
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context))
         authenticator_ = authenticator or StaticTokens({TOKEN: ADA})
-        server = Server([make_service()], authenticator=authenticator_, limits=limits)
+        server = Server([make_service()], authenticator=authenticator_, limits=limits, audit=audit)
         await server.start("127.0.0.1", 0)
         try:
             async with asyncio.timeout(20):
@@ -297,3 +303,28 @@ def test_a_call_whose_stream_flag_does_not_match_the_method_is_invalid_argument(
         raw.close()
 
     run(body)
+
+
+# -- the audit log ---------------------------------------------------------------------------------------------------
+
+
+def test_a_denied_call_with_a_huge_method_name_writes_a_short_audit_record(tmp_path: Path) -> None:
+    """Every denied call is audited (up to 20 per connection per 10 s), and the record named the
+    method as the peer wrote it: a Call whose method name fills the frame (1 MiB) wrote 1 MiB to the
+    audit file and as much again to the log, on the event loop, for each denial -- an anonymous peer
+    could write megabytes per second to the server's disk from each of its connections."""
+    audit_path = tmp_path / "audit.jsonl"
+
+    async def body(server: Server) -> None:
+        raw = await Raw.connect(server, hello=False)
+        raw.send(encode(Hello(1, "hostile/1")))  # anonymous
+        assert (await raw.read())[0] == WELCOME
+        raw.send(encode(Call(1, "x" * 100_000, msgspec.Raw(b"\x80"))))
+        answer = (await raw.answers_until(1))[1]
+        assert answer[:3] == [ERROR, 1, Status.UNAUTHENTICATED], answer[:3]
+        raw.close()
+
+    run(body, audit=AuditLog(audit_path))
+    (line,) = [line for line in audit_path.read_text().splitlines() if '"call.denied"' in line]
+    assert len(line) < 1000, len(line)
+    assert json.loads(line)["method"].startswith("xxxx")
