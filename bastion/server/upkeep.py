@@ -119,6 +119,8 @@ class SessionUpkeep:
         link.flush()
         if self.server.draining:
             self.drain()
+        if self._timer is not None:  # the handshake deadline's: the keepalive timer takes its place
+            self._timer.cancel()
         self._arm_keepalive()
         self._idle_timer = self._loop.call_later(self.limits.idle_timeout, self._check_idle)
         if principal.token_id is not None or principal.expires_at is not None:

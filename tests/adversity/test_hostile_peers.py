@@ -25,6 +25,7 @@ from bastion.protocol.messages import Call, Hello
 from bastion.protocol.state import ConnectionState
 from bastion.security.audit import AuditLog
 from bastion.security.authn import PeerInfo, StaticTokens
+from bastion.server.session import ServerSession
 from bastion.status import Status
 
 TOKEN = "bst_hostile-peer-review-token-0123456789ab"
@@ -328,3 +329,26 @@ def test_a_denied_call_with_a_huge_method_name_writes_a_short_audit_record(tmp_p
     (line,) = [line for line in audit_path.read_text().splitlines() if '"call.denied"' in line]
     assert len(line) < 1000, len(line)
     assert json.loads(line)["method"].startswith("xxxx")
+
+
+# -- what a closed connection leaves behind ------------------------------------------------------------------
+
+
+def test_a_closed_connection_leaves_no_live_timer() -> None:
+    """The handshake deadline's timer was never cancelled once the handshake succeeded: the
+    keepalive timer took its place in ``_timer``, and ``on_close`` cancelled only that. So every
+    connection left a live timer, holding its whole session (core, link, buffers) until
+    ``handshake_timeout`` after its accept -- at a high connection rate, thousands of closed
+    sessions kept alive."""
+
+    async def body(server: Server) -> None:
+        loop = asyncio.get_running_loop()
+        raws = [await Raw.connect(server) for _ in range(20)]
+        for raw in raws:
+            raw.close()
+        await poll(lambda: not server.sessions, "the sessions to close")
+        scheduled = loop._scheduled  # type: ignore[attr-defined]
+        live = [h for h in scheduled if not h.cancelled() and isinstance(h._callback.__self__, ServerSession)]
+        assert not live, live[:3]
+
+    run(body, limits=ServerLimits(handshake_timeout=60))
