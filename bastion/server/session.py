@@ -128,6 +128,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         self._ping_outstanding = False
         self._closed = asyncio.Event()
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._revalidation: asyncio.Task[None] | None = None  # re-checks a revocable credential
         self._last_active = self._last_seen  # last traffic other than Ping/Pong, or a call's end
         self._queued: set[int] = set()  # calls accepted whose handler has not started
         self._queue_full = False  # reading paused for _queued
@@ -153,6 +154,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
             self._timer.cancel()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        if self._revalidation is not None:
+            self._revalidation.cancel()
         if self.link is not None and self.link.dropped is not None:
             self.server.counters["closed_slow_reader"] += 1
             log.warning("dropped connection %s: %s", self.link.peer, self.link.dropped)

@@ -68,6 +68,7 @@ class SessionUpkeep:
     _loop: asyncio.AbstractEventLoop
     _timer: asyncio.TimerHandle | None
     _idle_timer: asyncio.TimerHandle | None
+    _revalidation: asyncio.Task[None] | None
     _last_seen: float
     _last_active: float
     _ping_outstanding: bool
@@ -124,7 +125,7 @@ class SessionUpkeep:
         self._arm_keepalive()
         self._idle_timer = self._loop.call_later(self.limits.idle_timeout, self._check_idle)
         if principal.token_id is not None or principal.expires_at is not None:
-            self._loop.create_task(self._revalidate_loop())
+            self._revalidation = self._loop.create_task(self._revalidate_loop())  # on_close cancels it
 
     def _refuse(self, status: Status, message: str) -> None:
         """Refuse the Hello and close, unless the connection is gone already (the peer hung up, or

@@ -156,6 +156,7 @@ def run(
     limits: ServerLimits | None = None,
     authenticator: Any = None,
     audit: AuditLog | None = None,
+    revalidate_interval: float = 2.0,
 ) -> None:
     """Run ``body`` against a fresh server; fail on anything asyncio reports as unhandled."""
     unhandled: list[dict[str, Any]] = []
@@ -163,7 +164,13 @@ def run(
     async def main() -> None:
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context))
         authenticator_ = authenticator or StaticTokens({TOKEN: ADA})
-        server = Server([make_service()], authenticator=authenticator_, limits=limits, audit=audit)
+        server = Server(
+            [make_service()],
+            authenticator=authenticator_,
+            limits=limits,
+            audit=audit,
+            revalidate_interval=revalidate_interval,
+        )
         await server.start("127.0.0.1", 0)
         try:
             async with asyncio.timeout(20):
@@ -352,3 +359,24 @@ def test_a_closed_connection_leaves_no_live_timer() -> None:
         assert not live, live[:3]
 
     run(body, limits=ServerLimits(handshake_timeout=60))
+
+
+def test_a_closed_connection_leaves_no_revalidation_task() -> None:
+    """A connection whose credential can be revoked runs a task re-checking it every
+    ``revalidate_interval``; nothing stopped it when the connection closed, so it slept on, holding
+    the session, until its next turn (up to 5 s in ``bastion serve``)."""
+    revocable = Principal("ada", frozenset({"user"}), token_id="tok_review")
+
+    async def body(server: Server) -> None:
+        raws = [await Raw.connect(server) for _ in range(5)]
+        for raw in raws:
+            raw.close()
+        await poll(lambda: not server.sessions, "the sessions to close")
+        await asyncio.sleep(0)  # a task cancelled now has ended by the next turn
+
+        def revalidating() -> list[asyncio.Task[Any]]:
+            return [t for t in asyncio.all_tasks() if "_revalidate_loop" in repr(t.get_coro())]
+
+        assert not revalidating(), revalidating()[:2]
+
+    run(body, authenticator=StaticTokens({TOKEN: revocable}), revalidate_interval=60)
