@@ -29,7 +29,7 @@ from typing import Any, Final
 import msgspec
 
 from bastion.exceptions import LocalProtocolError, RemoteProtocolError
-from bastion.protocol.frames import HEADER_SIZE, FrameReader, FrameWriter, encode_error, pack_header
+from bastion.protocol.frames import ENCODE_ERRORS, HEADER_SIZE, FrameReader, FrameWriter, encode_error, pack_header
 from bastion.protocol.limits import ProtocolLimits
 from bastion.protocol.messages import (
     PROTOCOL_VERSION,
@@ -276,7 +276,7 @@ class Connection:
         encode = writer.encode_into
         try:
             encode(fields, buffer, start + HEADER_SIZE)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except ENCODE_ERRORS as exc:
             del buffer[start:]
             raise encode_error("Call", exc) from None
         length = len(buffer) - start - HEADER_SIZE

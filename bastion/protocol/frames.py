@@ -23,6 +23,7 @@ from bastion.exceptions import LocalProtocolError, RemoteProtocolError
 from bastion.status import Status
 
 __all__ = [
+    "ENCODE_ERRORS",
     "HEADER",
     "HEADER_SIZE",
     "MAX_FRAME_LIMIT",
@@ -43,6 +44,11 @@ _SMALL_READ = 4096
 HEADER = struct.Struct(">I")
 #: ``HEADER.pack_into``, bound once: a module that imports ``HEADER`` would look ``pack_into`` up per call.
 pack_header = HEADER.pack_into
+
+
+#: What msgspec raises for a value it cannot encode. RecursionError (a value nested too deeply, or
+#: containing itself) comes after part of the value was written: the writer must take it back too.
+ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError)
 
 
 def encode_error(name: str, exc: Exception) -> LocalProtocolError:
@@ -156,7 +162,7 @@ class FrameWriter:
         start = len(buffer)
         try:
             self.encode_into(message, buffer, start + HEADER_SIZE)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except ENCODE_ERRORS as exc:
             del buffer[start:]
             raise encode_error(name or type(message).__name__, exc) from None
         length = len(buffer) - start - HEADER_SIZE

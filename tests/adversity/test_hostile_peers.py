@@ -35,6 +35,13 @@ HELLO, WELCOME, RESULT, ERROR, GOAWAY = 1, 2, 4, 5, 12
 BAD_UTF8 = b"\xa2\xff\xfe"
 
 
+def self_containing() -> list[Any]:
+    """A value msgspec cannot encode: it raises RecursionError partway through."""
+    value: list[Any] = [1, "two"]
+    value.append(value)
+    return value
+
+
 def make_service() -> Service:
     svc = Service("hp")
 
@@ -50,6 +57,15 @@ def make_service() -> Service:
     async def shout_in_task(text: str) -> str:
         await asyncio.sleep(0)
         return text.upper()
+
+    @svc.method
+    async def tangle() -> Any:  # no await: runs inline
+        return self_containing()
+
+    @svc.method
+    async def tangle_in_task() -> Any:
+        await asyncio.sleep(0)
+        return self_containing()
 
     @svc.method
     async def nap(seconds: float) -> float:
@@ -380,3 +396,32 @@ def test_a_closed_connection_leaves_no_revalidation_task() -> None:
         assert not revalidating(), revalidating()[:2]
 
     run(body, authenticator=StaticTokens({TOKEN: revocable}), revalidate_interval=60)
+
+
+# -- an answer too deep to encode --------------------------------------------------------------------------
+
+
+def test_a_result_too_deep_to_encode_fails_its_call_not_the_connection() -> None:
+    """A handler's result that msgspec cannot encode for its depth (here it contains itself) raised
+    RecursionError from the encoder after part of it was written into the output buffer. The call
+    was answered INTERNAL (logged as a handler failure), but the partial frame went first: the
+    client saw a corrupt frame and dropped the connection, with every other call on it."""
+
+    async def body(server: Server) -> None:
+        raw = await Raw.connect(server)
+        no_args = msgspec.Raw(b"\x80")
+        raw.send(
+            encode(Call(1, "hp.tangle", no_args)),
+            encode(Call(2, "hp.tangle_in_task", no_args)),
+            encode(Call(3, "hp.echo", msgspec.Raw(msgspec.msgpack.encode({"value": "still here"})))),
+        )
+        answers = await raw.answers_until(3)
+        if 2 not in answers:  # its task may answer after the inline calls
+            answers.update(await raw.answers_until(2))
+        for call_id in (1, 2):  # answered as any result that cannot be encoded is
+            assert answers[call_id][:2] == [ERROR, call_id], answers[call_id]
+            assert "result cannot be sent" in answers[call_id][3], answers[call_id]
+        assert answers[3] == [RESULT, 3, "still here"]
+        raw.close()
+
+    run(body)

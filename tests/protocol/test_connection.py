@@ -333,6 +333,35 @@ def test_a_call_that_cannot_be_encoded_is_named_and_changes_nothing() -> None:
     assert pair.client.open_calls == 0 and pair.client.data_to_send() == b""
 
 
+def self_containing() -> list[object]:
+    """A value msgspec cannot encode: it raises RecursionError partway through, bytes already written."""
+    value: list[object] = [1, "two"]
+    value.append(value)
+    return value
+
+
+def test_a_value_too_deep_to_encode_leaves_no_partial_frame_behind() -> None:
+    """msgspec raises RecursionError (no TypeError or ValueError) for a value nested too deeply to
+    encode, after writing part of it into the output buffer. Those bytes stayed there, behind a
+    header never filled in: the next flush sent the peer a corrupt frame, killing the connection
+    and every call on it. Now such a value is a LocalProtocolError, like any that cannot be
+    encoded, and the buffer holds what it held before."""
+    pair = open_pair()
+    with pytest.raises(LocalProtocolError, match="cannot encode Call"):
+        pair.client.send_call("svc.method", {"x": self_containing()})
+    assert pair.client.open_calls == 0 and pair.client.data_to_send() == b""
+    call_id = pair.client.send_call("svc.method", {})
+    pair.to_server()
+    with pytest.raises(LocalProtocolError, match="cannot encode Result"):
+        pair.server.send_result(call_id, self_containing())
+    with pytest.raises(LocalProtocolError, match="cannot encode Error"):
+        pair.server.send_error(call_id, Status.INTERNAL, "no", details={"loop": self_containing()})
+    assert pair.server.data_to_send() == b""
+    assert pair.server.send_result(call_id, "fine")
+    (sent,) = decode_output(pair.server.data_to_send(), Role.SERVER)
+    assert sent == Result(call_id, raw("fine"))
+
+
 def test_unary_call() -> None:
     pair = open_pair()
     call_id = pair.client.send_call("Echo.say", {"text": "hi"}, timeout_ms=500, metadata={"k": "v"})
