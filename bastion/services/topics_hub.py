@@ -85,8 +85,17 @@ class TopicEvent(msgspec.Struct, frozen=True):
     time: float = 0.0
 
 
+_RAW = msgspec.msgpack.Decoder(msgspec.Raw)
+
+
 def event(message: TopicMessage) -> TopicEvent:
-    payload = msgspec.msgpack.decode(message.payload)
+    """The stream item of ``message``; DecodeError if its payload is not one whole MessagePack value.
+
+    The payload stays encoded (``msgspec.Raw``, written into each subscriber's frames as it is): a
+    buffered message then holds its encoded bytes -- what ``subscriber_buffer_bytes`` counts -- and
+    not the Python objects they decode to, which can take many times the space (an empty map is
+    one byte encoded, 64 decoded)."""
+    payload = _RAW.decode(message.payload)
     return TopicEvent("message", message.topic, message.offset, message.publisher, payload, message.headers, message.at)
 
 

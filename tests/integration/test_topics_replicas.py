@@ -11,6 +11,7 @@ import pytest
 
 import bastion
 from bastion.client.aio import Client
+from tests.support.server import read_rss_kib
 from tests.support.stores import store_location
 
 CONFIG = """
@@ -104,5 +105,39 @@ def test_a_subscriber_that_stops_reading_holds_up_no_one_over_tcp(server_factory
             assert got == list(range(1, resume)) and resume < total  # bounded: far fewer than were published
             assert info.value.details["dropped"] > 0
             await fast.aclose()  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
+def test_a_slow_subscribers_buffer_holds_payload_bytes_not_the_objects_they_decode_to(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    """subscriber_buffer_bytes bounds the server's memory: 50 KB of empty maps must not take 3.6 MB each."""
+    path = tmp_path / "bastion.toml"
+    path.write_text("[messages.topics]\nsubscriber_buffer_bytes = 1048576\n")
+    server = server_factory(env={"BASTION_CONFIG": str(path)})
+    payload: list[Any] = [{}] * 50_000  # 50 KB of MessagePack; 64 bytes a map once decoded
+
+    async def main() -> None:
+        async with (
+            Client(server.address, token=server.token, timeout=30) as publisher,
+            Client(server.address, token=server.token, timeout=30) as slow_client,
+        ):
+            topic = f"user.{(await publisher.auth.whoami())['name']}.bulk"
+            for _ in range(5):  # warm up: the server decodes each publish's arguments once, then frees them
+                await publisher.messages.publish(topic=topic, payload=payload)
+            before = read_rss_kib(server.pid)
+            slow = slow_client.stream("messages.subscribe", pattern=topic).__aiter__()
+            assert (await anext(slow))["type"] == "start"
+            for _ in range(60):  # about 20 fit the 1 MiB buffer; the slow subscriber reads none meanwhile
+                await publisher.messages.publish(topic=topic, payload=payload)
+            grown = (read_rss_kib(server.pid) - before) / 1024
+            assert grown < 24, f"the server grew by {grown:.0f} MiB holding a 1 MiB subscriber buffer"
+            got = 0
+            with pytest.raises(bastion.ResourceExhausted, match="fell behind"):
+                async for message in slow:
+                    assert message["payload"] == payload
+                    got += 1
+            assert 0 < got < 60
 
     asyncio.run(main())

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import bastion
@@ -452,3 +453,17 @@ def test_a_publishers_durable_and_live_messages_arrive_in_the_order_published(tm
         await sub.aclose()  # type: ignore[attr-defined]
 
     run(test, tmp_path, relay=False)
+
+
+def test_a_logged_message_that_is_not_one_messagepack_value_is_skipped_and_the_feed_goes_on(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        sub = await subscribed(w.bob, "chat.>")
+        good = msgspec.msgpack.encode({"n": 1})
+        for bad in (good[:-1], good + b"\x00", b"\xc1"):  # truncated, trailing bytes, no such opcode
+            seq, _ = await w.store.topics_append("chat.lobby", False, "ada", bad, {}, time.time())
+            w.topics.hub.appended(seq)
+        await w.ada.messages.publish(topic="chat.lobby", payload={"n": 2})
+        assert (await anext(sub))["payload"] == {"n": 2}
+        await sub.aclose()  # type: ignore[attr-defined]
+
+    run(test, tmp_path)
