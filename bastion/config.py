@@ -312,13 +312,13 @@ _ACCESS_ENTRY = re.compile(r"(user|role):[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 class MessagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The ``messages`` service: the mailbox limits here, the topics' in ``topics`` (``[messages.topics]``).
 
-    max_recipients: most mailboxes one send delivers to (after expanding ``role:NAME``).
+    max_recipients: most mailboxes one send delivers to (after expanding ``role:NAME``), and most addresses in ``to``.
     max_body_bytes: largest body (its bytes, or the JSON of a structured body); must fit a frame.
     max_subject_bytes: longest subject (UTF-8 bytes).
     max_headers: most headers on one message; max_header_bytes: their names and values together.
     max_attachments: most files attached to one message.
     mailbox_messages: messages one mailbox may hold; a send to a full mailbox is refused.
-    mailbox_bytes: bytes (bodies, subjects, headers) one mailbox may hold, likewise.
+    mailbox_bytes: bytes (bodies, subjects, headers, addresses) one mailbox may hold, likewise.
     send_rate: deliveries (messages times recipients) per minute per sender; 0: no limit.
     send_burst: deliveries a sender may make at once before ``send_rate`` applies.
     client_id_ttl: seconds a send's client_id is remembered (a retry within it is stored once).

@@ -362,13 +362,17 @@ class Mailboxes:
             raise InvalidArgument("client_id: 1-128 printable ASCII characters without spaces")
         subject_size = _text(subject, "subject", cfg.max_subject_bytes, "messages.max_subject_bytes")
         stored, kind = _body(cfg, body, data)
-        size = len(stored) + subject_size + _headers(cfg, headers)
+        # Every copy stores the addresses: each once, as many as there may be recipients, and counted.
+        to = list(dict.fromkeys(to))
+        if len(to) > cfg.max_recipients:
+            raise InvalidArgument(f"{len(to)} addresses, over messages.max_recipients ({cfg.max_recipients})")
         recipients = await self.recipients(to)
+        size = len(stored) + subject_size + _headers(cfg, headers) + sum(len(address) for address in to)
         files = await self.attachments(principal, attachments)
         now = time.time()
         digest = _digest(to, subject, stored, kind, sorted(headers.items()), sorted(attachments))
         draft = MailDraft(
-            principal.name, recipients, list(to), subject, stored, kind, dict(headers), files, size, now,
+            principal.name, recipients, to, subject, stored, kind, dict(headers), files, size, now,
             client_id, digest,
         )  # fmt: skip
         try:

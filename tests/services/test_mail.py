@@ -79,8 +79,10 @@ def test_send_inbox_read_mark_delete_and_counts(tmp_path: Path) -> None:
             (1, "hello", "ada", False),
         ]  # fmt: skip — newest first
         assert page["next"] is None and page["messages"][1]["send_id"] == sent["id"]
+        addresses = len("bob") + len("cy") + len("bob")  # each copy counts its "to"
         assert await w.bob.messages.unread() == {
-            "unread": 2, "total": 2, "bytes": 8 + 5 + 4 + 6, "max_messages": 10_000, "max_bytes": 100 * 1024**2,
+            "unread": 2, "total": 2, "bytes": 8 + 5 + 4 + 6 + addresses, "max_messages": 10_000,
+            "max_bytes": 100 * 1024**2,
         }  # fmt: skip
         message = await w.bob.messages.read(id=1)
         assert (message["body"], message["data"], message["headers"], message["read"]) == (
@@ -201,6 +203,22 @@ def test_roles_expand_to_their_users_at_send_time(tmp_path: Path) -> None:
     run(test, tmp_path)
 
 
+def test_addresses_are_bounded_stored_once_each_and_counted_against_the_quota(tmp_path: Path) -> None:
+    # "to" is stored in every copy: unbounded and uncounted, one send of 100 000 "bob"s put ~800 KB
+    # in bob's mailbox while its byte count grew by the subject alone.
+    async def test(w: World) -> None:
+        sent = await w.ada.messages.send(to=["bob"] * 100_000 + ["role:ops", "bob"], subject="s")
+        assert sent["recipients"] == ["bob", "cy"]
+        message = await w.bob.messages.read(id=1)
+        assert message["to"] == ["bob", "role:ops"]  # each address once, in the order first written
+        assert message["size"] == len("s") + len("bob") + len("role:ops")
+        assert (await w.cy.messages.unread())["bytes"] == message["size"]
+        with pytest.raises(bastion.InvalidArgument, match=r"3 addresses, over messages\.max_recipients \(2\)"):
+            await w.ada.messages.send(to=["bob", "cy", "role:ops"])  # two users, but three addresses
+
+    run(test, tmp_path, MessagesConfig(send_rate=0, max_recipients=2))
+
+
 def test_a_retried_send_is_stored_once(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         first = await w.ada.messages.send(to=["bob"], subject="once", body=b"x", client_id="msg-1")
@@ -252,7 +270,7 @@ def test_limits_refuse_with_clear_errors(tmp_path: Path) -> None:
         with pytest.raises(bastion.InvalidArgument, match=r"over messages\.max_subject_bytes \(16\)"):
             await send(to=["bob"], subject="s" * 17)
         with pytest.raises(bastion.InvalidArgument, match=r"3 recipients, over messages\.max_recipients \(2\)"):
-            await send(to=["bob", "cy", "eve"])
+            await send(to=["role:ops", "eve"])  # two addresses, three users
         with pytest.raises(bastion.InvalidArgument, match=r"messages\.max_headers"):
             await send(to=["bob"], headers={"a": "1", "b": "2", "c": "3"})
         with pytest.raises(bastion.InvalidArgument, match=r"messages\.max_header_bytes"):
