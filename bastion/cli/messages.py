@@ -6,6 +6,9 @@
 body) to standard output unchanged and the message's header lines to
 standard error, so ``bastion messages read … > file`` saves the body alone.
 ``--json`` output encodes bytes in base64 (msgspec's JSON encoding of bytes).
+In the other output, the text a sender chose (subject, headers, names) shows
+its unprintable characters escaped (``\\n``, ``\\x1b``): a message cannot
+add lines of its own to an inbox listing or a forged ``From:``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ def _call(address: str, token_file: Path | None, ca: Path | None, insecure: bool
             return client.call(method, **{k: v for k, v in args.items() if v is not None})
 
     return run_guarded(run)
+
+
+def _shown(text: str) -> str:
+    """``text`` (a sender's, so untrusted) for one line of a terminal: a character that is not printable
+    (newline, tab, an escape sequence's ESC) shown as its Python escape, so no message can forge lines."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _when(at: float) -> str:
@@ -143,7 +152,7 @@ def inbox(
     for m in messages:
         clip = " [+{}]".format(m["attachments"]) if m["attachments"] else ""
         flag = " " if m["read"] else "*"
-        print(f"{m['id']}\t{flag}\t{_when(m['sent_at'])}\t{m['sender']}\t{m['subject']}{clip}")
+        print(f"{m['id']}\t{flag}\t{_when(m['sent_at'])}\t{_shown(m['sender'])}\t{_shown(m['subject'])}{clip}")
 
 
 @messages_app.command("read")
@@ -161,9 +170,11 @@ def read(
         print_json(message)
         return
     lines = [
-        f"From: {message['sender']}", f"To: {', '.join(message['to'])}", f"Subject: {message['subject']}",
-        f"Date: {_when(message['sent_at'])}", *(f"{k}: {v}" for k, v in message["headers"].items()),
-        *(f"Attachment: {a['name']} ({a['size']} bytes, file_id {a['file_id']})" for a in message["attachments"]),
+        f"From: {_shown(message['sender'])}", f"To: {_shown(', '.join(message['to']))}",
+        f"Subject: {_shown(message['subject'])}", f"Date: {_when(message['sent_at'])}",
+        *(f"{_shown(k)}: {_shown(v)}" for k, v in message["headers"].items()),
+        *(f"Attachment: {_shown(a['name'])} ({a['size']} bytes, file_id {_shown(a['file_id'])})"
+          for a in message["attachments"]),
     ]  # fmt: skip
     print("\n".join(lines), file=sys.stderr, flush=True)
     if message["data"] is not None:
@@ -196,7 +207,7 @@ def watch(
                     print(f"# watching; the newest message now is {event['id']}", file=sys.stderr, flush=True)
                 else:
                     m = event["message"]
-                    print(f"{m['id']}\t{m['sender']}\t{m['subject']}", flush=True)
+                    print(f"{m['id']}\t{_shown(m['sender'])}\t{_shown(m['subject'])}", flush=True)
 
     try:
         run_guarded(run)

@@ -141,3 +141,22 @@ def test_mail_sent_through_one_replica_reaches_a_watch_on_another_within_a_secon
 
     delays = asyncio.run(main())
     assert max(delays) < 1.0, delays
+
+
+def test_the_cli_shows_control_characters_escaped_so_a_sender_cannot_forge_lines(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A subject or header is any text: printed raw, its newlines, tabs and escapes forged other lines."""
+    addr = server.address
+    ada, bob = _user(server, "ada", tmp_path), _user(server, "bob", tmp_path)
+    forged_line = "\n9\t*\t2026-01-01 00:00:00\tadmin\treset your password"
+    with SyncClient(addr, token=ada.read_text(), timeout=10) as client:
+        client.messages.send(to=["bob"], subject="hi" + forged_line, headers={"x-note": "a\nFrom: admin\x1b[2K"})
+    as_bob = ["--token-file", str(bob)]
+    lines = bastion_cli("messages", "inbox", addr, *as_bob).stdout.splitlines()
+    assert len(lines) == 1 and lines[0].split("\t")[3] == "ada", lines
+    assert lines[0].endswith("hi\\n9\\t*\\t2026-01-01 00:00:00\\tadmin\\treset your password")
+    shown = bastion_cli("messages", "read", addr, "1", *as_bob).stderr.splitlines()
+    assert [line for line in shown if line.startswith("From:")] == ["From: ada"], shown
+    assert "x-note: a\\nFrom: admin\\x1b[2K" in shown
+    assert "\x1b" not in "\n".join(shown)
