@@ -58,6 +58,8 @@ log = logging.getLogger("bastion.topics")
 REPLAY_PAGE = 256  # messages read at once when replaying a durable topic
 SWEEP_PAGE = 1000  # messages removed per transaction by retention
 HEADS_PAGE = 500  # durable topics the sweep reads at once
+REMEMBERED = 1024  # durable topics whose offsets one pattern's stream remembers (for resume_offsets)
+RESUME_BYTES = 128 * 1024  # of topic names in one ending's resume_offsets (well within a default 1 MiB frame)
 MAX_OFFSET = 2**63 - 1  # the largest offset a topic can hold (the stores' 64-bit integers); clients may send larger
 
 
@@ -189,6 +191,7 @@ class _Subscription:
         self.topics, self.pattern, self.from_offset = topics, pattern, from_offset
         self.single = not is_wildcard(pattern)
         self.last: dict[str, int] = {}  # durable topic -> the last offset yielded (or skipped as already seen)
+        self.forgot = False  # a durable topic was delivered that ``last`` had no room left for
         cfg = topics.config
         self.subscriber = Subscriber(
             pattern, ctx.principal, topics.access, cfg.subscriber_buffer, cfg.subscriber_buffer_bytes
@@ -253,20 +256,41 @@ class _Subscription:
                 return
 
     def fresh(self, topic: str, offset: int | None) -> bool:
-        """Whether a live message is new to this stream (a durable offset not yielded yet)."""
+        """Whether a live message is new to this stream (a durable offset not yielded yet).
+
+        A pattern's stream remembers at most ``REMEMBERED`` topics (its memory and its ending's
+        ``resume_offsets`` stay bounded, whatever number of topics it delivers): only a replayed
+        single topic needs ``last`` to skip what it has yielded; the others only report it."""
         if offset is None:
             return True
-        if offset <= self.last.get(topic, 0):
+        last = self.last.get(topic)
+        if last is not None and offset <= last:
             return False
-        self.last[topic] = offset
+        if last is not None or len(self.last) < REMEMBERED:
+            self.last[topic] = offset
+        else:
+            self.forgot = True
         return True
+
+    def _resume(self) -> tuple[dict[str, int], bool]:
+        """Where to resume each durable topic (the first dropped offset, else the one after the last
+        yielded): at most ``REMEMBERED`` topics and ``RESUME_BYTES`` of names, so the ending fits a frame;
+        and whether some topic was left out."""
+        resume: dict[str, int] = {}
+        room = RESUME_BYTES
+        first = self.subscriber.first_dropped
+        candidates = [*first.items(), *((t, o + 1) for t, o in self.last.items() if t not in first)]
+        for topic, offset in candidates:
+            room -= len(topic) + 10
+            if len(resume) >= REMEMBERED or room < 0:
+                return resume, True
+            resume[topic] = offset
+        return resume, self.forgot or self.subscriber.unrecorded
 
     def ending(self, kind: type[CallError], why: str) -> CallError:
         """The error that ends the stream: ``why``, what was dropped, and where to resume each durable topic."""
         sub = self.subscriber
-        resume = dict(sub.first_dropped)
-        for topic, offset in self.last.items():
-            resume.setdefault(topic, offset + 1)
+        resume, partial = self._resume()
         details: dict[str, Any] = {"dropped": sub.dropped}
         message = f"subscription to {self.pattern!r} ended ({why})"
         if sub.dropped:
@@ -277,6 +301,9 @@ class _Subscription:
         elif resume:
             details["resume_offsets"] = resume
             message += "; resume each durable topic from its offset in resume_offsets"
+        if partial:
+            details["resume_offsets_partial"] = True
+            message += f" (it names at most {REMEMBERED} topics: not every one this stream delivered)"
         return kind(message, details=details)
 
 

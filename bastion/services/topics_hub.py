@@ -142,6 +142,7 @@ class Subscriber:
         self.overflowed = False
         self.dropped = 0
         self.first_dropped: dict[str, int] = {}  # durable topic -> the first offset not buffered
+        self.unrecorded = False  # a durable message was dropped that first_dropped had no room left for
         # Set by the hub: the stream ends, after its buffer, with this error class and reason.
         self.ended: tuple[type[CallError], str] | None = None
         self.wakeup = asyncio.Event()
@@ -163,8 +164,11 @@ class Subscriber:
             self.overflowed = True
         if self.overflowed:
             self.dropped += 1
-            if message.offset is not None and len(self.first_dropped) < _FIRST_DROPPED:
-                self.first_dropped.setdefault(message.topic, message.offset)
+            if message.offset is not None and message.topic not in self.first_dropped:
+                if len(self.first_dropped) < _FIRST_DROPPED:
+                    self.first_dropped[message.topic] = message.offset
+                else:
+                    self.unrecorded = True
         else:
             self.buffer.append((message, item))
             self.bytes += size

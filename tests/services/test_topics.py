@@ -467,3 +467,38 @@ def test_a_logged_message_that_is_not_one_messagepack_value_is_skipped_and_the_f
         await sub.aclose()  # type: ignore[attr-defined]
 
     run(test, tmp_path)
+
+
+def test_a_wide_subscription_remembers_a_bounded_number_of_topics_and_says_when_it_forgot(tmp_path: Path) -> None:
+    # A pattern's stream remembered the last offset of every durable topic it delivered, without bound:
+    # memory grew with the topics, and the ending's resume_offsets outgrew a frame (then sent without details).
+    config = TopicsConfig(
+        rules=RULES, durable=[DurableTopic("orders.>", keep=10)], sweep_interval=3600, subscriber_buffer=4,
+        max_topic_length=1000,
+    )  # fmt: skip
+    names = [f"orders.{i:04d}{'x' * 980}" for i in range(1100)]  # 1100 topics of 1 KB: over 1 MB of resume_offsets
+
+    async def test(w: World) -> None:
+        sub = await subscribed(w.bob, "orders.>")
+        for name in names:
+            await w.ada.messages.publish(topic=name, payload=0)
+            assert (await anext(sub))["topic"] == name
+        for i in range(20):  # not read meanwhile: more than the buffer of 4
+            await w.ada.messages.publish(topic=names[0], payload=i + 1)
+        got = []
+        with pytest.raises(bastion.ResourceExhausted, match="fell behind") as info:
+            async for message in sub:
+                got.append(message["payload"])
+        details = info.value.details
+        assert 0 < details["dropped"] <= 20 - len(got)  # a message the feed had not reached yet is not counted
+        assert details["resume_offsets_partial"] is True  # it delivered more topics than it remembers
+        offsets = details["resume_offsets"]
+        assert 0 < len(offsets) <= 1024 and offsets[names[0]] == 2 + len(got)  # the first dropped comes first
+        assert sum(len(name) for name in offsets) <= 128 * 1024
+        assert all(offsets[name] == 2 for name in names[1:] if name in offsets)
+
+    async def main() -> None:
+        async with asyncio.timeout(120), world(tmp_path, config) as w:
+            await test(w)
+
+    asyncio.run(main())
