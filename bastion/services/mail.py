@@ -74,10 +74,11 @@ __all__ = ["Attachment", "InboxPage", "MailEvent", "MailboxInfo", "Mailboxes", "
 log = logging.getLogger("bastion.messages")
 
 WATCH_PAGE = 64  # messages a watcher reads from the store at once
-_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-_ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-_HEADER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+# Used with fullmatch: "$" would also match before a final newline ("bob\n").
+_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+_ROLE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_HEADER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_CLIENT_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
 _MAX_DEPTH = 32  # nesting of a structured body
 MAX_ID = 2**63 - 1  # the largest id a mailbox can hold (the stores' 64-bit integers); clients may send larger
 
@@ -242,7 +243,7 @@ def _headers(cfg: MessagesConfig, headers: dict[str, str]) -> int:
         raise InvalidArgument(f"{len(headers)} headers, over messages.max_headers ({cfg.max_headers})")
     size = 0
     for name, value in headers.items():
-        if not _HEADER.match(name):
+        if not _HEADER.fullmatch(name):
             raise InvalidArgument(f"header name {name!r}: 1-64 letters, digits, '_', '.' or '-'")
         size += len(name) + _text(value, f"header {name!r}", cfg.max_header_bytes, "messages.max_header_bytes")
     if size > cfg.max_header_bytes:
@@ -300,10 +301,10 @@ class Mailboxes:
         roles: set[str] = set()
         for entry in to:
             if entry.startswith("role:"):
-                if not _ROLE.match(entry[5:]):
+                if not _ROLE.fullmatch(entry[5:]):
                     raise InvalidArgument(f"to: {entry!r} is not a valid role:NAME")
                 roles.add(entry[5:])
-            elif _USER.match(entry):
+            elif _USER.fullmatch(entry):
                 users.add(entry)
             else:
                 raise InvalidArgument(f"to: {entry!r} is not a user name or role:NAME")
@@ -358,7 +359,7 @@ class Mailboxes:
         client_id: str | None,
     ) -> Sent:
         cfg = self.config
-        if client_id is not None and not _CLIENT_ID.match(client_id):
+        if client_id is not None and not _CLIENT_ID.fullmatch(client_id):
             raise InvalidArgument("client_id: 1-128 printable ASCII characters without spaces")
         subject_size = _text(subject, "subject", cfg.max_subject_bytes, "messages.max_subject_bytes")
         stored, kind = _body(cfg, body, data)

@@ -219,6 +219,22 @@ def test_addresses_are_bounded_stored_once_each_and_counted_against_the_quota(tm
     run(test, tmp_path, MessagesConfig(send_rate=0, max_recipients=2))
 
 
+def test_a_trailing_newline_does_not_pass_for_a_valid_name(tmp_path: Path) -> None:
+    # "$" also matches before a final newline: "x-kind\n" passed as a header name, "bob\n" as an address.
+    async def test(w: World) -> None:
+        send = w.ada.messages.send
+        with pytest.raises(bastion.InvalidArgument, match="header name"):
+            await send(to=["bob"], headers={"x-kind\n": "1"})
+        for address in ("bob\n", "role:ops\n"):
+            with pytest.raises(bastion.InvalidArgument, match="to: "):
+                await send(to=[address])
+        with pytest.raises(bastion.InvalidArgument, match="client_id"):
+            await send(to=["bob"], client_id="c-1\n")
+        assert (await w.bob.messages.unread())["total"] == 0
+
+    run(test, tmp_path)
+
+
 def test_a_retried_send_is_stored_once(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         first = await w.ada.messages.send(to=["bob"], subject="once", body=b"x", client_id="msg-1")
