@@ -41,6 +41,7 @@ class HeadBoundedProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_head = True  # the next bytes belong to a request's head
+        self._head_begun = False  # a request's head has begun and is not complete
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
 
@@ -57,7 +58,7 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         super().data_received(data)
         if not self._in_head or self.transport.is_closing():
             return
-        if self._head_timer is None:  # a head that came whole in one read (the usual case) needs no timer
+        if self._head_timer is None and self._head_begun:  # a head that came whole in one read needs no timer
             self._arm_head_timer()
         if in_head:
             # The head began before this chunk and is still not complete: all of it was head. (A head
@@ -66,8 +67,13 @@ class HeadBoundedProtocol(HttpToolsProtocol):
             if self._head_bytes > MAX_HEAD:
                 self._refuse_head()
 
+    def on_message_begin(self) -> None:
+        self._head_begun = True
+        super().on_message_begin()
+
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_begun = False
         self._head_bytes = 0
         self._disarm_head_timer()
         super().on_headers_complete()

@@ -17,7 +17,7 @@ import pytest
 
 from bastion.gateway import GatewayConfig
 from bastion.gateway._protocol import MAX_HEAD
-from tests.gateway.conftest import World, http, start_world
+from tests.gateway.conftest import World, bearer, http, start_world
 
 HEADER_TIMEOUT = 0.5
 
@@ -105,3 +105,11 @@ def test_keep_alive_requests_are_not_cut_off(quick: World) -> None:
                 data += chunk
             assert data.startswith(b"HTTP/1.1 200 ")
             time.sleep(HEADER_TIMEOUT / 2)  # idle between requests, each time less than the timeout
+
+
+def test_an_answer_slower_than_the_head_timeout_is_delivered(quick: World) -> None:
+    """The head timeout bounds the client's head, not the server's answer: a call that takes longer than
+    ``header_timeout`` (its request came whole in one read) still gets its answer on its connection."""
+    seconds = HEADER_TIMEOUT * 3
+    reply = http(quick, "POST", "/v1/demo/slow", {"seconds": seconds}, headers=bearer(quick, "ada"))
+    assert reply.status == 200 and reply.json() == seconds
