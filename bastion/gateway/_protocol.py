@@ -11,6 +11,10 @@ and hold them (and their file descriptors) for ever. So here:
 - a head not complete ``head_timeout`` seconds after its first byte -- or a
   new connection silent that long -- gets its connection closed.
 
+The answers written here (431, and uvicorn's 400 to a request it cannot
+parse) carry the security headers and ``Cache-Control`` of every other
+answer (``_http.py``).
+
 Between requests uvicorn's own keep-alive timeout closes an idle connection;
 the body and the response are the application's (``max_body``, flow control).
 """
@@ -22,15 +26,14 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from bastion.gateway._http import NO_STORE, SECURITY_HEADERS
+
 __all__ = ["MAX_HEAD", "HeadBoundedProtocol", "bounded_protocol"]
 
 #: The most bytes of a request line and headers one request may have (cookies and a bearer token fit many times).
 MAX_HEAD = 64 * 1024
 
-_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
-    b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-)
+_HEADERS = b"".join(name + b": " + value + b"\r\n" for name, value in [*SECURITY_HEADERS, NO_STORE])
 
 
 class HeadBoundedProtocol(HttpToolsProtocol):
@@ -83,6 +86,10 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
 
+    def send_400_response(self, msg: str) -> None:
+        self.transport.write(self._plain_answer(b"400 Bad Request", msg))
+        self.transport.close()
+
     def _arm_head_timer(self) -> None:
         self._disarm_head_timer()
         self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
@@ -100,9 +107,17 @@ class HeadBoundedProtocol(HttpToolsProtocol):
     def _refuse_head(self) -> None:
         self._disarm_head_timer()
         if self.cycle is None or self.cycle.response_complete:  # not in the middle of another response
-            message = f"request line and headers over {MAX_HEAD} bytes".encode()
-            self.transport.write(_TOO_LARGE % (len(message), message))
+            message = f"request line and headers over {MAX_HEAD} bytes"
+            self.transport.write(self._plain_answer(b"431 Request Header Fields Too Large", message))
         self.transport.close()
+
+    def _plain_answer(self, status: bytes, message: str) -> bytes:
+        """A complete ``text/plain`` answer that closes the connection, with the headers every answer carries."""
+        body = message.encode()
+        head = [b"HTTP/1.1 ", status, b"\r\ncontent-type: text/plain; charset=utf-8\r\n"]
+        head.append(b"content-length: %d\r\nconnection: close\r\n" % len(body))
+        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        return b"".join([*head, _HEADERS, b"\r\n", body])
 
 
 def bounded_protocol(head_timeout: float) -> type[HeadBoundedProtocol]:

@@ -503,12 +503,13 @@ class _Routes:
     async def websocket(self, ws: WebSocket) -> None:
         if not self._origin_allowed(ws, self.config.ws_origins):
             log.info("refused WebSocket from origin %r", ws.headers.get("origin"))
-            await ws.close(code=1008)  # before accept: the upgrade is answered 403
+            origin = ws.headers.get("origin")
+            await _refuse_upgrade(ws, PermissionDenied(f"WebSockets from origin {origin!r} are not allowed"))
             return
         try:
             token = _bearer(ws)
-        except Unauthenticated:
-            await ws.close(code=1008)
+        except Unauthenticated as exc:
+            await _refuse_upgrade(ws, exc)
             return
         if token is None:
             token = ws.cookies.get(SESSION_COOKIE) or None
@@ -520,6 +521,14 @@ class _Routes:
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     yield
     await app.state.gateway.bridge.aclose()
+
+
+async def _refuse_upgrade(ws: WebSocket, exc: CallError) -> None:
+    """Answer a WebSocket upgrade 403 (before accept) with the error and the headers every answer carries
+    (the ``_Guard`` middleware sees only HTTP requests)."""
+    response = _json(_error_body(exc), 403)
+    response.raw_headers += [*_SECURITY_HEADERS, _NO_STORE]
+    await ws.send_denial_response(response)
 
 
 def _is_octet_stream(request: Request) -> bool:

@@ -193,6 +193,17 @@ def bearer(world: World, user: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {world.tokens[user]}"}
 
 
+#: The headers every answer of the gateway's carries (an API answer: cache-control too), with their values.
+SECURITY_HEADERS = ("content-security-policy", "x-content-type-options", "x-frame-options", "referrer-policy")
+
+
+def assert_security_headers(world: World, headers: Any) -> None:
+    """``headers`` (any mapping with ``get``) carry the same security headers as a normal answer does."""
+    normal = http(world, "GET", "/livez").headers
+    for name in (*SECURITY_HEADERS, "cache-control"):
+        assert headers.get(name) == normal[name], (name, headers.get(name))
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -18,7 +18,16 @@ from websockets.sync.client import connect as ws_connect
 import bastion
 from bastion.client.aio import Client
 from bastion.gateway.jsonrpc import json_depth
-from tests.gateway.conftest import LIMITED_BURST, PASSWORD, World, bearer, http, start_world, wait_for
+from tests.gateway.conftest import (
+    LIMITED_BURST,
+    PASSWORD,
+    World,
+    assert_security_headers,
+    bearer,
+    http,
+    start_world,
+    wait_for,
+)
 
 RPC = "/rpc"
 
@@ -323,6 +332,8 @@ def test_websocket_origin_allow_list(world: World) -> None:
     with pytest.raises(InvalidStatus) as info:
         ws_connect(ws_url(world), origin="https://evil.example")  # type: ignore[arg-type]
     assert info.value.response.status_code == 403
+    assert_security_headers(world, info.value.response.headers)  # as every other answer
+    assert msgspec.json.decode(info.value.response.body)["error"]["status"] == "PERMISSION_DENIED"
     with ws_connect(ws_url(world), origin=world.url) as ws:  # type: ignore[arg-type]
         ws.send(msgspec.json.encode(rpc("auth.whoami")).decode())
         assert ws_recv(ws)["result"]["name"] == "anonymous"

@@ -17,7 +17,7 @@ import pytest
 
 from bastion.gateway import GatewayConfig
 from bastion.gateway._protocol import MAX_HEAD
-from tests.gateway.conftest import World, bearer, http, start_world
+from tests.gateway.conftest import World, assert_security_headers, bearer, http, start_world
 
 HEADER_TIMEOUT = 0.5
 
@@ -61,6 +61,27 @@ def test_a_request_head_past_the_limit_is_refused(world: World, head: bytes, fil
     assert b"connection: close" in answer
     assert http(world, "POST", "/v1/demo/echo", {"value": 1}).status == 401  # serving everyone else
     assert http(world, "GET", "/livez").status == 200
+
+
+def _fields(answer: bytes) -> dict[str, str]:
+    """The header fields of a raw HTTP answer, names in lower case."""
+    lines = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
+    return {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+
+
+def test_the_answers_the_protocol_writes_carry_the_security_headers(world: World) -> None:
+    """The 431 (head too large) and the 400 (a request that cannot be parsed) are written by the HTTP
+    protocol, not the application: they carry the security headers all the same."""
+    with _connect(world) as sock:
+        sock.sendall(b"GET /" + b"a" * (MAX_HEAD + 64))
+        too_large = _answer(sock)
+    with _connect(world) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        garbled = _answer(sock)
+    assert too_large.startswith(b"HTTP/1.1 431 ") and garbled.startswith(b"HTTP/1.1 400 "), (too_large, garbled)
+    for answer in (too_large, garbled):
+        assert_security_headers(world, _fields(answer))
+        assert _fields(answer)["connection"] == "close"
 
 
 def test_a_large_head_within_the_limit_is_served(world: World) -> None:
