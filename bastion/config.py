@@ -12,6 +12,7 @@ docs/security.md.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -450,6 +451,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     idle_seconds: an unused bridged connection is closed after this long.
     header_timeout: seconds a client has to send a request's line and headers
     (and a new connection to send its first byte) before its connection is closed.
+    body_timeout, body_min_rate: a request body has ``body_timeout`` seconds, plus
+    one more per ``body_min_rate`` bytes received (a sustained bytes/s), else 408.
     """
 
     http_port: int = 7401
@@ -462,20 +465,17 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cookie_secure: bool = True
     idle_seconds: float = 60.0
     header_timeout: float = 20.0
+    body_timeout: float = 20.0
+    body_min_rate: float = 500.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:
             raise UsageError(f"gateway.http_port must be 0..65535, got {self.http_port}")
-        if (
-            self.max_body <= 0
-            or self.max_batch <= 0
-            or self.max_json_depth <= 0
-            or self.idle_seconds <= 0
-            or self.header_timeout <= 0
-        ):
-            raise UsageError(
-                "gateway.max_body, max_batch, max_json_depth, idle_seconds and header_timeout must be positive"
-            )
+        if self.max_body <= 0 or self.max_batch <= 0 or self.max_json_depth <= 0 or self.idle_seconds <= 0:
+            raise UsageError("gateway.max_body, max_batch, max_json_depth and idle_seconds must be positive")
+        for name in ("header_timeout", "body_timeout", "body_min_rate"):
+            if not 0 < getattr(self, name) < math.inf:  # (NaN fails both)
+                raise UsageError(f"gateway.{name} must be positive and finite, got {getattr(self, name)}")
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -1,22 +1,28 @@
-"""The gateway's HTTP/1.1 protocol: uvicorn's httptools protocol with a bounded request head.
+"""The gateway's HTTP/1.1 protocol: uvicorn's httptools protocol with a bounded request head and body pace.
 
 uvicorn's httptools protocol keeps every byte of a request's line and headers
 until the head is complete, with no limit on their size and no deadline: one
 client could send an endless URL or endless headers on a single connection
 and the process held all of it (hundreds of MB, and more as Python objects),
 or open connections and send nothing -- or a header every few seconds --
-and hold them (and their file descriptors) for ever. So here:
+and hold them (and their file descriptors) for ever. Nor does it bound how
+slowly a body may come: a byte every few seconds held a request (and its
+route's task) open for as long as the client liked. So here:
 
 - a head over ``MAX_HEAD`` bytes is answered 431 and the connection closed;
 - a head not complete ``head_timeout`` seconds after its first byte -- or a
-  new connection silent that long -- gets its connection closed.
+  new connection silent that long -- gets its connection closed;
+- a body must keep pace (Apache's ``RequestReadTimeout body=20,MinRate=500``):
+  it has ``body_timeout`` seconds, and every byte received buys
+  ``1 / body_min_rate`` seconds more; past that the request is answered 408
+  (or, if its answer has begun, the connection just closed) and the
+  connection closed. The clock runs only while the gateway is reading: not
+  while the application has not yet taken what came (flow control), nor
+  before it asks for a body sent with ``Expect: 100-continue``.
 
-The answers written here (431, and uvicorn's 400 to a request it cannot
-parse) carry the security headers and ``Cache-Control`` of every other
-answer (``_http.py``).
-
+These answers carry the same security headers as every other (``_http.py``).
 Between requests uvicorn's own keep-alive timeout closes an idle connection;
-the body and the response are the application's (``max_body``, flow control).
+the body's size and the response are the application's (``max_body``, flow control).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bastion.gateway._http import NO_STORE, SECURITY_HEADERS
@@ -36,10 +43,31 @@ MAX_HEAD = 64 * 1024
 _HEADERS = b"".join(name + b": " + value + b"\r\n" for name, value in [*SECURITY_HEADERS, NO_STORE])
 
 
+class _Flow(FlowControl):
+    """uvicorn's read/write flow control, telling the protocol when reading stops and resumes."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: HeadBoundedProtocol) -> None:
+        super().__init__(transport)
+        self.protocol: HeadBoundedProtocol | None = protocol  # None once the connection is gone (no cycle left)
+
+    def pause_reading(self) -> None:
+        super().pause_reading()
+        if self.protocol is not None and self.protocol._in_body:
+            self.protocol._update_body_clock()
+
+    def resume_reading(self) -> None:  # also called each time the application asks for more body
+        super().resume_reading()
+        if self.protocol is not None and self.protocol._in_body:
+            self.protocol._update_body_clock()
+
+
 class HeadBoundedProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` with the request head bounded in size and time (see the module docstring)."""
+    """``HttpToolsProtocol`` with the request head bounded in size and time and the body's pace bounded
+    (see the module docstring)."""
 
     head_timeout = 20.0
+    body_timeout = 20.0
+    body_min_rate = 500.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -47,19 +75,32 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         self._head_begun = False  # a request's head has begun and is not complete
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._in_body = False  # a request's head is complete and its body is not
+        self._body_bytes = 0
+        self._body_used = 0.0  # seconds the body's clock ran before _body_since
+        self._body_since: float | None = None  # when the body's clock last started; None: stopped
+        self._body_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = _Flow(transport, self)
         self._arm_head_timer()  # a connection that never sends a byte is closed too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
+        self._end_body()
         super().connection_lost(exc)
+        if isinstance(self.flow, _Flow):
+            self.flow.protocol = None
 
     def data_received(self, data: bytes) -> None:
         in_head = self._in_head
         super().data_received(data)
-        if not self._in_head or self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self._in_body and self._body_since is None:  # a body that came whole in one read needs no clock
+            self._update_body_clock()
+        if not self._in_head:
             return
         if self._head_timer is None and self._head_begun:  # a head that came whole in one read needs no timer
             self._arm_head_timer()
@@ -80,8 +121,17 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._disarm_head_timer()
         super().on_headers_complete()
+        # (An upgrade to a WebSocket has no body: the connection is the WebSocket protocol's from here.)
+        self._in_body = not (self.parser.should_upgrade() and self._should_upgrade())
+        self._body_bytes = 0
+        self._body_used = 0.0
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._end_body()
         super().on_message_complete()
         self._in_head = True
         self._head_bytes = 0
@@ -89,6 +139,8 @@ class HeadBoundedProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         self.transport.write(self._plain_answer(b"400 Bad Request", msg))
         self.transport.close()
+
+    # -- the head ----------------------------------------------------------------------------
 
     def _arm_head_timer(self) -> None:
         self._disarm_head_timer()
@@ -111,8 +163,60 @@ class HeadBoundedProtocol(HttpToolsProtocol):
             self.transport.write(self._plain_answer(b"431 Request Header Fields Too Large", message))
         self.transport.close()
 
+    # -- the body's pace ---------------------------------------------------------------------
+
+    def _update_body_clock(self) -> None:
+        """Run the body's clock while the gateway reads the body; stop it while reading is paused or
+        the application has not yet asked for a body that waits for ``100 Continue``."""
+        cycle = self.cycle
+        running = (
+            self._in_body
+            and not self.flow.read_paused
+            and not (cycle is not None and cycle.waiting_for_100_continue)
+            and not self.transport.is_closing()
+        )
+        if running and self._body_since is None:
+            self._body_since = self.loop.time()
+            self._arm_body_timer(self._body_budget() - self._body_used)
+        elif not running and self._body_since is not None:
+            self._body_used += self.loop.time() - self._body_since
+            self._body_since = None
+            self._disarm_body_timer()
+
+    def _body_budget(self) -> float:
+        """Seconds the body may have taken so far: ``body_timeout``, plus what the bytes received bought."""
+        return self.body_timeout + self._body_bytes / self.body_min_rate
+
+    def _arm_body_timer(self, delay: float) -> None:
+        self._disarm_body_timer()
+        self._body_timer = self.loop.call_later(max(delay, 0.0), self._body_clock_rang)
+
+    def _disarm_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _end_body(self) -> None:
+        self._in_body = False
+        self._body_since = None
+        self._disarm_body_timer()
+
+    def _body_clock_rang(self) -> None:
+        self._body_timer = None
+        if self._body_since is None or self.transport.is_closing():
+            return
+        left = self._body_budget() - self._body_used - (self.loop.time() - self._body_since)
+        if left > 0:  # bytes came meanwhile and bought more time
+            self._arm_body_timer(left)
+            return
+        self._end_body()
+        if self.cycle is None or not self.cycle.response_started:
+            message = f"the request body came slower than {self.body_min_rate:g} bytes/s"
+            self.transport.write(self._plain_answer(b"408 Request Timeout", message))
+        self.transport.close()
+
     def _plain_answer(self, status: bytes, message: str) -> bytes:
-        """A complete ``text/plain`` answer that closes the connection, with the headers every answer carries."""
+        """A complete ``text/plain`` answer that closes the connection, with the usual headers."""
         body = message.encode()
         head = [b"HTTP/1.1 ", status, b"\r\ncontent-type: text/plain; charset=utf-8\r\n"]
         head.append(b"content-length: %d\r\nconnection: close\r\n" % len(body))
@@ -120,6 +224,9 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         return b"".join([*head, _HEADERS, b"\r\n", body])
 
 
-def bounded_protocol(head_timeout: float) -> type[HeadBoundedProtocol]:
-    """The protocol class for uvicorn (it makes one per connection), with this ``head_timeout``."""
-    return type("HeadBoundedProtocol", (HeadBoundedProtocol,), {"head_timeout": head_timeout})
+def bounded_protocol(
+    head_timeout: float, body_timeout: float = 20.0, body_min_rate: float = 500.0
+) -> type[HeadBoundedProtocol]:
+    """The protocol class for uvicorn (it makes one per connection), with these bounds."""
+    attributes = {"head_timeout": head_timeout, "body_timeout": body_timeout, "body_min_rate": body_min_rate}
+    return type("HeadBoundedProtocol", (HeadBoundedProtocol,), attributes)

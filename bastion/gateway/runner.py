@@ -15,7 +15,8 @@ files -- the gateway serves HTTPS and WSS with the same certificate (a
 context of its own: the server's context negotiates ALPN ``bastion/1``).
 
 HTTP is uvicorn's httptools protocol with the request line and headers bounded
-in size (431 past 64 KiB) and in time (``header_timeout``): _protocol.py.
+in size (431 past 64 KiB) and in time (``header_timeout``), and a request
+body's pace bounded (``body_timeout``, ``body_min_rate``; 408): _protocol.py.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ async def serve(
     sockets = sockets or [bind(host, config.http_port)]
     uv_config = uvicorn.Config(
         app,
-        http=bounded_protocol(config.header_timeout),  # httptools, with the request head bounded
+        # httptools, with the request head bounded and the body's pace too
+        http=bounded_protocol(config.header_timeout, config.body_timeout, config.body_min_rate),
         ws="websockets-sansio",
         lifespan="off",
         log_level="warning",

@@ -3,12 +3,15 @@
 A request's line and headers are held in memory until they are complete:
 past ``MAX_HEAD`` bytes the request is answered 431 and the connection
 closed; a head not complete within ``header_timeout`` (or a new connection
-that sends nothing that long) has its connection closed. Real server, raw
-sockets.
+that sends nothing that long) has its connection closed. A body must keep
+pace (``body_timeout``, ``body_min_rate``) or is answered 408. Real server,
+raw sockets.
 """
 
 from __future__ import annotations
 
+import logging
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -20,12 +23,18 @@ from bastion.gateway._protocol import MAX_HEAD
 from tests.gateway.conftest import World, assert_security_headers, bearer, http, start_world
 
 HEADER_TIMEOUT = 0.5
+BODY_TIMEOUT = 0.5
+BODY_MIN_RATE = 100.0
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    """A world whose gateway gives a request head ``HEADER_TIMEOUT`` seconds."""
-    w = start_world(tmp_path_factory.mktemp("quick"), GatewayConfig(http_port=0, header_timeout=HEADER_TIMEOUT))
+    """A world whose gateway gives a request head ``HEADER_TIMEOUT`` seconds, and a body ``BODY_TIMEOUT``
+    seconds plus one per ``BODY_MIN_RATE`` bytes."""
+    config = GatewayConfig(
+        http_port=0, header_timeout=HEADER_TIMEOUT, body_timeout=BODY_TIMEOUT, body_min_rate=BODY_MIN_RATE
+    )
+    w = start_world(tmp_path_factory.mktemp("quick"), config)
     yield w
     w.stop()
 
@@ -134,3 +143,74 @@ def test_an_answer_slower_than_the_head_timeout_is_delivered(quick: World) -> No
     seconds = HEADER_TIMEOUT * 3
     reply = http(quick, "POST", "/v1/demo/slow", {"seconds": seconds}, headers=bearer(quick, "ada"))
     assert reply.status == 200 and reply.json() == seconds
+
+
+def _post_head(world: World, length: int) -> bytes:
+    token = world.tokens["ada"]
+    return (
+        f"POST /v1/demo/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def _trickle(sock: socket.socket, pieces: list[bytes], interval: float, limit: float) -> bytes:
+    """Send ``pieces`` one per ``interval`` (for at most ``limit`` seconds) until the server answers;
+    then everything it sends until it closes (b"" if it never answered)."""
+    deadline = time.monotonic() + limit
+    for piece in pieces:
+        readable, _, _ = select.select([sock], [], [], interval)
+        if readable or time.monotonic() > deadline:
+            break
+        sock.sendall(piece)
+    else:
+        select.select([sock], [], [], limit)
+    readable, _, _ = select.select([sock], [], [], 0)
+    return _answer(sock) if readable else b""
+
+
+def test_a_body_trickled_slowly_is_answered_408(quick: World, caplog: pytest.LogCaptureFixture) -> None:
+    """A body slower than ``body_min_rate`` (here 10 bytes/s against 100) is answered 408 and its connection
+    closed once it has used up ``body_timeout`` plus what its bytes bought (about 0.56 s here); the route
+    waiting for it ends quietly."""
+    body = b'{"value": "' + b"x" * 200 + b'"}'
+    with _connect(quick) as sock:
+        sock.sendall(_post_head(quick, len(body)))
+        started = time.monotonic()
+        answer = _trickle(sock, [body[i : i + 1] for i in range(len(body))], 0.1, limit=5.0)
+        took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert took < BODY_TIMEOUT + 3
+    fields = _fields(answer)
+    assert fields["connection"] == "close"
+    assert_security_headers(quick, fields)
+    assert http(quick, "POST", "/v1/demo/echo", {"value": 1}, headers=bearer(quick, "ada")).json() == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_a_body_that_never_comes_is_answered_408(quick: World) -> None:
+    with _connect(quick) as sock:
+        sock.sendall(_post_head(quick, 20))
+        started = time.monotonic()
+        answer = _trickle(sock, [], 0.1, limit=5.0)
+        assert time.monotonic() - started < BODY_TIMEOUT + 3
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+
+
+def test_a_body_at_a_fair_pace_is_served_however_long_it_takes(quick: World) -> None:
+    """Each byte buys time: a body at 5x ``body_min_rate`` that takes three times ``body_timeout`` is served."""
+    text = "y" * 700
+    body = b'{"value": "' + text.encode() + b'"}'
+    pieces = [body[i : i + 50] for i in range(0, len(body), 50)]  # 50 bytes every 0.1 s: 500 bytes/s
+    with _connect(quick) as sock:
+        sock.sendall(_post_head(quick, len(body)))
+        started = time.monotonic()
+        for piece in pieces:
+            sock.sendall(piece)
+            time.sleep(0.1)  # the client's pace, not a wait for the server
+        assert time.monotonic() - started > BODY_TIMEOUT * 2
+        data = b""
+        while not data.endswith(f'"{text}"'.encode()):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ")
