@@ -368,7 +368,9 @@ async def _serve_worker(server: Server, channel: WorkerChannel, config: Config, 
     snapshots = WorkerSnapshots(Path(payload["metrics_dir"]), channel.index, channel.count)
     gateway: GatewayServer | None = None
     if channel.http_listeners:
-        gateway = await serve_gateway(server, config.gateway, cert_files=tls.cert_files, sockets=channel.http_listeners)
+        gateway = await serve_gateway(
+            server, config.gateway, host=config.host, cert_files=tls.cert_files, sockets=channel.http_listeners
+        )
         gateway.gateway.metrics_snapshot = lambda: snapshots.gather(server_snapshot(server))
     server.install_signal_handlers()
     allocator.settle_gc()

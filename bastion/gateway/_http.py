@@ -7,7 +7,9 @@ whichever door took it.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+from collections.abc import Collection
 from typing import Any
 
 from bastion.exceptions import CallError, InvalidArgument, Unauthenticated
@@ -20,6 +22,7 @@ __all__ = [
     "error_body",
     "http_status",
     "length_refusal",
+    "origin_allowed",
     "parse_bearer",
     "retry_after",
     "too_large_body",
@@ -107,3 +110,43 @@ def length_refusal(value: bytes, limit: int) -> tuple[int, dict[str, Any]] | Non
     if length < 0:
         return 400, error_body(InvalidArgument("bad Content-Length"))
     return None
+
+
+def origin_allowed(
+    origin: str | None, scheme: str, host: str | None, allowed: Collection[str], names: Collection[str]
+) -> bool:
+    """Whether a request with this ``Origin`` header may go on: none (not a browser's cross-origin
+    request), one of ``allowed`` (``cors_origins`` or ``ws_origins``), or the gateway's own origin.
+
+    The own origin is ``scheme://<Host header>``, but the Host header is the browser's own word for
+    the name it connected to, so a DNS-rebinding page (``http://evil.example:7401``, its name
+    re-pointed at the gateway's address) would match it. So the Host counts only where rebinding
+    cannot reach: over TLS (the browser checked the gateway's certificate for that name), or a host
+    that is an IP address, ``localhost``, or one of ``names`` (the host the gateway is configured
+    to listen on). A plaintext gateway served under another name lists its origin in the settings.
+    """
+    if origin is None or origin in allowed:
+        return True
+    if host is None:
+        return False
+    scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
+    if origin != f"{scheme}://{host}":
+        return False
+    return scheme == "https" or _unrebindable(host, names)
+
+
+def _unrebindable(host: str, names: Collection[str]) -> bool:
+    """Whether a Host header's name is an IP address, ``localhost`` or one of ``names`` (any port)."""
+    if host.startswith("["):
+        name = host[1 : host.find("]")]
+    else:
+        before, colon, port = host.rpartition(":")
+        name = before if colon and port.isdigit() else host
+    name = name.lower()
+    if name == "localhost" or name in names:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True

@@ -28,7 +28,9 @@ cookie, and every cookie-authenticated POST must echo it in an
 ``X-CSRF-Token`` header (a page on another site can neither read the cookie
 nor set the header). Independently, any POST carrying an ``Origin`` header
 that is neither the gateway's own origin nor in ``cors_origins`` is refused
-with 403.
+with 403. The own origin is ``scheme://<Host>`` only where DNS rebinding
+cannot forge it: over TLS, or when the Host is an IP address, ``localhost``
+or the host the gateway listens on (``origin_allowed`` in _http.py).
 
 Limits. A body whose Content-Length exceeds ``max_body`` is answered 413
 before a byte of it is read; a chunked body is counted as it arrives and
@@ -89,7 +91,14 @@ from bastion.gateway._http import NO_STORE as _NO_STORE
 from bastion.gateway._http import SECURITY_HEADERS as _SECURITY_HEADERS
 from bastion.gateway._http import TooLarge as _TooLarge
 from bastion.gateway._http import error_body as _error_body
-from bastion.gateway._http import http_status, length_refusal, parse_bearer, retry_after, too_large_body
+from bastion.gateway._http import (
+    http_status,
+    length_refusal,
+    origin_allowed,
+    parse_bearer,
+    retry_after,
+    too_large_body,
+)
 from bastion.gateway._shared import _STREAMS, _as_call_error, _encoder, _ready
 from bastion.gateway.bridge import Bridge, Caller
 from bastion.gateway.config import GatewayConfig
@@ -124,10 +133,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 class Gateway:
     """What the routes share: the server, its bridge, the settings and the readiness flag."""
 
-    def __init__(self, server: Server, config: GatewayConfig, bridge: Bridge) -> None:
+    def __init__(self, server: Server, config: GatewayConfig, bridge: Bridge, host: str | None = None) -> None:
         self.server = server
         self.config = config
         self.bridge = bridge
+        #: Host names the gateway is configured to serve: its own origin counts under them over plaintext too.
+        self.names: frozenset[str] = frozenset({host.strip("[]").lower()} if host else ())
         #: False until the runner has the listener up; /readyz answers 503 meanwhile.
         self.started = True
         #: What /metrics shows: this server's numbers (``bastion serve --workers`` adds the other workers').
@@ -166,11 +177,6 @@ def _error(exc: CallError) -> Response:
 def _caller_address(conn: HTTPConnection) -> str:
     client = conn.client
     return f"{client.host}:{client.port}" if client is not None else "unknown:0"
-
-
-def _own_origin(conn: HTTPConnection) -> str:
-    scheme = {"ws": "http", "wss": "https"}.get(conn.url.scheme, conn.url.scheme)
-    return f"{scheme}://{conn.headers.get('host', '')}"
 
 
 def _bearer(conn: HTTPConnection) -> str | None:
@@ -238,16 +244,21 @@ class _Guard:
 # -- the application -------------------------------------------------------------------------
 
 
-def create_app(server: Server, config: GatewayConfig | None = None, *, bridge: Bridge | None = None) -> Front:
+def create_app(
+    server: Server, config: GatewayConfig | None = None, *, bridge: Bridge | None = None, host: str | None = None
+) -> Front:
     """The gateway's ASGI application for ``server`` (see the module docstring).
 
+    ``host`` is the name or address the gateway is configured to listen on
+    (``bastion serve --host``): a page served under that name is on the
+    gateway's own origin even over plaintext (``origin_allowed`` in _http.py).
     Credentials are checked by ``server.authenticator`` in the bridged
     sessions' handshakes (bridge.py): no second authenticator. The
     ``Gateway`` state is ``app.state.gateway``. The hot routes are answered
     by ``Front`` (front.py), the rest by the Starlette application it wraps.
     """
     config = config or GatewayConfig()
-    gateway = Gateway(server, config, bridge or Bridge(server, idle=config.idle_seconds))
+    gateway = Gateway(server, config, bridge or Bridge(server, idle=config.idle_seconds), host)
     routes = _Routes(gateway)
     middleware = [Middleware(_Guard, max_body=config.max_body)]
     if config.cors_origins:
@@ -292,8 +303,9 @@ class _Routes:
     # -- credentials -----------------------------------------------------------------
 
     def _origin_allowed(self, conn: HTTPConnection, allowed: list[str]) -> bool:
-        origin = conn.headers.get("origin")
-        return origin is None or origin == _own_origin(conn) or origin in allowed
+        headers = conn.headers
+        scheme = conn.scope.get("scheme", "http")
+        return origin_allowed(headers.get("origin"), scheme, headers.get("host"), allowed, self.gateway.names)
 
     def _caller(self, request: Request) -> Caller:
         """The request's caller; raises PermissionDenied (origin, CSRF) or Unauthenticated."""

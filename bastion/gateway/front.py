@@ -12,8 +12,8 @@ checks, in the same order:
 
 1. a Content-Length that is not a number is answered 400, one over
    ``max_body`` 413, before a byte of the body is read;
-2. an ``Origin`` that is neither the gateway's own nor in ``cors_origins``
-   is refused (403), and an Authorization header that is not ``Bearer
+2. an ``Origin`` that is neither the gateway's own (``origin_allowed``) nor
+   in ``cors_origins`` is refused (403), and an Authorization header that is not ``Bearer
    <token>`` is answered 401;
 3. the body is read up to ``max_body`` however it is framed (413 past it);
 4. the call goes through the bridge, so the server authenticates,
@@ -46,6 +46,7 @@ from bastion.gateway._http import (
     error_body,
     http_status,
     length_refusal,
+    origin_allowed,
     parse_bearer,
     retry_after,
     too_large_body,
@@ -78,6 +79,7 @@ class Front:
         self.app: ASGIApp = app
         self.routes = routes
         self.config = routes.config
+        self.names = routes.gateway.names
         self.state = app.state  # ``state.gateway``
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -156,9 +158,12 @@ class Front:
         """As ``_Routes._caller`` for a bearer request: the origin check, then the token."""
         origin = headers.get(b"origin")
         if origin is not None:
-            own = f"{scope.get('scheme', 'http')}://{headers.get(b'host', b'').decode('latin-1')}"
             text = origin.decode("latin-1")
-            if text != own and text not in self.config.cors_origins:
+            host = headers.get(b"host")
+            scheme = scope.get("scheme", "http")
+            if not origin_allowed(
+                text, scheme, None if host is None else host.decode("latin-1"), self.config.cors_origins, self.names
+            ):
                 raise PermissionDenied(f"requests from origin {text!r} are not allowed")
         token = parse_bearer(headers[b"authorization"].decode("latin-1"))
         client = scope.get("client")

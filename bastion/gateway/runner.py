@@ -90,9 +90,11 @@ async def serve(
     cert_files: tuple[str, str] | None = None,
     sockets: list[socket.socket] | None = None,
 ) -> GatewayServer:
-    """Start the gateway for ``server`` on ``host:config.http_port`` (or on ``sockets``); returns once it accepts."""
+    """Start the gateway for ``server`` on ``host:config.http_port`` (or on ``sockets``); returns once it accepts.
+
+    ``host`` also names the gateway: a page served under it is on the gateway's own origin (app.py)."""
     config = config or GatewayConfig()
-    app = create_app(server, config)
+    app = create_app(server, config, host=host)
     gateway: Gateway = app.state.gateway
     gateway.started = False
     sockets = sockets or [bind(host, config.http_port)]

@@ -4,7 +4,8 @@
 hands the accepted socket to a ``_WebSocketSession``.
 
 WebSocket. The upgrade is refused (403) when its ``Origin`` is not the
-gateway's own and not in ``ws_origins`` (cross-site WebSocket hijacking); a
+gateway's own (``origin_allowed`` in _http.py: DNS rebinding cannot pass for
+it) and not in ``ws_origins`` (cross-site WebSocket hijacking); a
 client without an Origin (not a browser) is let through. Credentials: a
 bearer header, the session cookie, or a first message
 ``{"jsonrpc":"2.0","method":"auth","params":{"token":"..."},"id":1}``
