@@ -4,7 +4,7 @@ Read only at the entry points (the CLI, or a program constructing a Server);
 everything below receives the finished, validated, frozen objects. Unknown
 keys are errors, not silently ignored. Environment variables are
 ``BASTION_<KEY>`` for top-level keys and ``BASTION_<SECTION>__<KEY>`` for
-keys in a section (e.g. ``BASTION_LIMITS__MAX_FRAME``).
+keys in a section (e.g. ``BASTION_LIMITS__MAX_FRAME``; bastion/config_env.py).
 
 Every limit is listed with its default and the attack it blunts in
 docs/security.md.
@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from bastion.config_env import overlay
 from bastion.exceptions import UsageError
 from bastion.security.ratelimit import RateLimitConfig
 from bastion.server.scheduler import SchedulerConfig
@@ -46,7 +47,6 @@ __all__ = [
 ]
 
 DEFAULT_PORT = 7400
-ENV_PREFIX = "BASTION_"
 
 
 class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -516,46 +516,6 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 
 
-_LIST_KEYS = frozenset({"services", "revoked_serials", "modules", "trusted_proxies", "cors_origins", "ws_origins"})
-
-
-def _env_overlay(environ: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    sections = {
-        "limits": ServerLimits.__struct_fields__,
-        "tls": TLSConfig.__struct_fields__,
-        "auth": AuthConfig.__struct_fields__,
-        "rate_limits": tuple(f for f in RateLimitConfig.__struct_fields__ if f not in ("rules", "costs")),
-        "scheduler": SchedulerConfig.__struct_fields__,
-        "kv": KVConfig.__struct_fields__,
-        "files": FilesConfig.__struct_fields__,
-        "jobs": JobsConfig.__struct_fields__,
-        "backup": BackupConfig.__struct_fields__,
-        "gateway": GatewayConfig.__struct_fields__,
-        "messages": tuple(f for f in MessagesConfig.__struct_fields__ if f != "topics"),
-    }
-    for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX) or key in ("BASTION_TOKEN", "BASTION_TOKEN_FILE", "BASTION_CA"):
-            continue
-        name = key[len(ENV_PREFIX) :].lower()
-        if "__" in name:
-            section, _, sub = name.partition("__")
-            if section in sections and sub in sections[section]:
-                out.setdefault(section, {})[sub] = value.split(",") if sub in _LIST_KEYS else _scalar(value)
-        elif name in Config.__struct_fields__ and name not in sections:
-            out[name] = value.split(",") if name in _LIST_KEYS else _scalar(value)
-    return out
-
-
-def _scalar(value: str) -> Any:
-    for convert in (int, float):
-        try:
-            return convert(value)
-        except ValueError:
-            pass
-    return value
-
-
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
@@ -583,9 +543,12 @@ def load_config(
             raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
-    data = _merge(data, _env_overlay(env))
+    from_env, origins = overlay(Config, env)
+    data = _merge(data, from_env)
     data = _merge(data, overrides or {})
     try:
         return msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise UsageError(f"invalid configuration: {exc}") from None
+        where = str(exc).rpartition(" - at `")[2].rstrip("`")
+        source = f" (from {origins[where]})" if where in origins else ""
+        raise UsageError(f"invalid configuration: {exc}{source}") from None

@@ -67,3 +67,45 @@ def test_connection_limits_come_from_the_environment() -> None:
     limits = load_config(environ=env).limits
     assert (limits.idle_timeout, limits.max_connections_per_source, limits.write_stall_timeout) == (1, 8, 2.5)
     assert limits.write_hard_limit == 4 * limits.write_high_water + limits.max_frame
+
+
+def test_environment_values_are_read_as_their_keys_types() -> None:
+    # The text used to be guessed into a number first: "1.2" became a float, refused for a str key.
+    env = {
+        "BASTION_TLS__MIN_VERSION": "1.2",
+        "BASTION_DATA_DIR": "2024",
+        "BASTION_WORKERS": "3",
+        "BASTION_GATEWAY__COOKIE_SECURE": "false",
+        "BASTION_LIMITS__WRITE_STALL_TIMEOUT": "2.5",
+        "BASTION_JOBS__MODULES": "a:jobs,b:jobs",
+    }
+    cfg = load_config(environ=env)
+    assert (cfg.tls.min_version, cfg.data_dir, cfg.workers) == ("1.2", "2024", 3)
+    assert (cfg.gateway.cookie_secure, cfg.limits.write_stall_timeout) == (False, 2.5)
+    assert cfg.jobs.modules == ["a:jobs", "b:jobs"]
+
+
+def test_nested_sections_can_be_set_from_the_environment() -> None:
+    cfg = load_config(environ={"BASTION_MESSAGES__TOPICS__MAX_SUBSCRIBERS": "7"})
+    assert cfg.messages.topics.max_subscribers == 7
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BASTION_LIMITS__MAX_FRAMES": "5"}, "BASTION_LIMITS__MAX_FRAMES: limits has no key 'max_frames'"),
+        ({"BASTION_MESSAGES__TOPICS__MAX_SUBSCRIBER": "5"}, "messages.topics has no key 'max_subscriber'"),
+        ({"BASTION_RATE_LIMITS__RULES": "x"}, "rate_limits.rules cannot be set from the environment"),
+        ({"BASTION_LIMITS": "5"}, "limits is a section; set its keys as BASTION_LIMITS__<KEY>"),
+        ({"BASTION_PORT__X": "5"}, "port is a single value, not a section"),
+        ({"BASTION_LIMITS__MAX_FRAME": "big"}, r"at `\$.limits.max_frame` \(from BASTION_LIMITS__MAX_FRAME\)"),
+    ],
+)
+def test_a_misnamed_or_mistyped_environment_variable_is_an_error_naming_it(env: dict[str, str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        load_config(environ=env)
+
+
+def test_other_bastion_variables_are_left_alone() -> None:
+    env = {"BASTION_TOKEN": "t", "BASTION_CA": "ca.pem", "BASTION_BACKUP_PASSPHRASE": "p", "BASTION_TEST__X": "1"}
+    assert load_config(environ=env) == Config()
