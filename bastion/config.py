@@ -47,6 +47,16 @@ __all__ = [
 ]
 
 DEFAULT_PORT = 7400
+#: The largest integer a Welcome can carry to clients (MessagePack int64).
+_WIRE_INT_MAX = 2**63 - 1
+
+
+def _check_finite(struct: msgspec.Struct, section: str) -> None:
+    """Refuse NaN (it passes every ``<= 0`` check) and infinity: neither is a number of seconds or bytes."""
+    for name in struct.__struct_fields__:
+        value = getattr(struct, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{section}.{name} must be a finite number, got {value!r}")
 
 
 class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -119,9 +129,16 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_refused_per_10s: int = 1000
 
     def __post_init__(self) -> None:
+        _check_finite(self, "limits")
         for name in self.__struct_fields__:
             if getattr(self, name) <= 0:
                 raise UsageError(f"limits.{name} must be positive, got {getattr(self, name)!r}")
+        # Sent to every client in its Welcome: a value that cannot be encoded would fail every handshake.
+        for name, value in (("max_inflight", self.max_inflight), ("window", self.window)):
+            if value > _WIRE_INT_MAX:
+                raise UsageError(f"limits.{name} must be below 2**63, got {value!r}")
+        if self.ping_interval * 1000 > _WIRE_INT_MAX:
+            raise UsageError(f"limits.ping_interval is too large, got {self.ping_interval!r}")
         if self.handshake_max_frame > self.max_frame:
             raise UsageError("limits.handshake_max_frame must not exceed limits.max_frame")
         if self.max_frame > 2**32 - 1:
@@ -190,6 +207,7 @@ class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_failures_per_user_global: int = 100
 
     def __post_init__(self) -> None:
+        _check_finite(self, "auth")
         if not 0 < self.revalidate_interval <= 5:
             raise UsageError("auth.revalidate_interval must be in (0, 5] seconds")
         if self.session_ttl <= 0 or self.token_ttl < 0 or self.lockout <= 0:
@@ -228,6 +246,7 @@ class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_watchers_per_user: int = 64
 
     def __post_init__(self) -> None:
+        _check_finite(self, "kv")
         for name in self.__struct_fields__:
             if getattr(self, name) <= 0:
                 raise UsageError(f"kv.{name} must be positive, got {getattr(self, name)!r}")
@@ -286,11 +305,13 @@ class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rules: list[TopicRule] = []
 
     def __post_init__(self) -> None:
+        _check_finite(self, "messages.topics")
         for name in self.__struct_fields__:
             if name not in ("durable", "rules") and getattr(self, name) <= 0:
                 raise UsageError(f"messages.topics.{name} must be positive, got {getattr(self, name)!r}")
         for i, durable in enumerate(self.durable):
             self._check_pattern(f"messages.topics.durable[{i}].pattern", durable.pattern)
+            _check_finite(durable, f"messages.topics.durable[{i}]")
             if durable.keep < 0 or durable.max_age < 0 or not (durable.keep or durable.max_age):
                 raise UsageError(
                     f"messages.topics.durable[{i}]: keep and max_age must be >= 0, and one of them positive"
@@ -347,6 +368,7 @@ class MessagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     topics: TopicsConfig = TopicsConfig()
 
     def __post_init__(self) -> None:
+        _check_finite(self, "messages")
         for name in self.__struct_fields__:
             if name not in ("topics", "send_rate") and getattr(self, name) <= 0:
                 raise UsageError(f"messages.{name} must be positive, got {getattr(self, name)!r}")
@@ -381,6 +403,7 @@ class FilesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sweep_interval: float = 60.0
 
     def __post_init__(self) -> None:
+        _check_finite(self, "files")
         if self.quota_bytes < 0 or not 0 < self.chunk_bytes <= 1_000_000:
             raise UsageError("files.quota_bytes must be >= 0 and files.chunk_bytes in 1..1000000")
         if self.upload_ttl <= 0 or self.blob_grace < 0 or self.sweep_interval <= 0:
@@ -415,6 +438,7 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     poll_interval: float = 1.0
 
     def __post_init__(self) -> None:
+        _check_finite(self, "jobs")
         for name in self.__struct_fields__:
             if name != "modules" and getattr(self, name) <= 0:
                 raise UsageError(f"jobs.{name} must be positive, got {getattr(self, name)!r}")
@@ -434,6 +458,13 @@ class BackupConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     interval: float = 0.0
     keep: int = 7
     passphrase_file: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "backup")
+        if self.interval < 0 or self.keep < 1:
+            raise UsageError(
+                f"backup.interval must be >= 0 and backup.keep at least 1, got {self.interval}, {self.keep}"
+            )
 
 
 class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -469,6 +500,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     body_min_rate: float = 500.0
 
     def __post_init__(self) -> None:
+        _check_finite(self, "gateway")
         if not 0 <= self.http_port <= 65535:
             raise UsageError(f"gateway.http_port must be 0..65535, got {self.http_port}")
         if self.max_body <= 0 or self.max_batch <= 0 or self.max_json_depth <= 0 or self.idle_seconds <= 0:

@@ -109,3 +109,47 @@ def test_a_misnamed_or_mistyped_environment_variable_is_an_error_naming_it(env: 
 def test_other_bastion_variables_are_left_alone() -> None:
     env = {"BASTION_TOKEN": "t", "BASTION_CA": "ca.pem", "BASTION_BACKUP_PASSPHRASE": "p", "BASTION_TEST__X": "1"}
     assert load_config(environ=env) == Config()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("BASTION_LIMITS__GRACE_PERIOD", "inf"),
+        ("BASTION_LIMITS__IDLE_TIMEOUT", "nan"),
+        ("BASTION_LIMITS__PING_INTERVAL", "inf"),
+        ("BASTION_AUTH__SESSION_TTL", "nan"),
+        ("BASTION_KV__SWEEP_INTERVAL", "nan"),
+        ("BASTION_FILES__SWEEP_INTERVAL", "inf"),
+        ("BASTION_FILES__BLOB_GRACE", "nan"),
+        ("BASTION_JOBS__LEASE", "nan"),
+        ("BASTION_MESSAGES__SWEEP_INTERVAL", "nan"),
+        ("BASTION_BACKUP__INTERVAL", "nan"),
+        ("BASTION_GATEWAY__IDLE_SECONDS", "inf"),
+    ],
+)
+def test_nan_and_infinity_are_refused_naming_the_key(key: str, value: str) -> None:
+    # NaN passes every "<= 0" check; neither is a number of seconds. Both were accepted.
+    name = key[len("BASTION_") :].lower().replace("__", ".")
+    with pytest.raises(UsageError, match=rf"{name} must be a finite number, got {value}"):
+        load_config(environ={key: value})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[limits]\nping_interval = inf\n", "limits.ping_interval must be a finite number"),
+        ("[limits]\nping_interval = 1e300\n", "limits.ping_interval is too large"),
+        ("[limits]\nwindow = 18446744073709551615\n", "limits.window must be below 2"),
+        ("[backup]\ninterval = -1\n", "backup.interval must be >= 0 and backup.keep at least 1, got -1.0, 7"),
+        ("[backup]\nkeep = 0\n", "backup.interval must be >= 0 and backup.keep at least 1, got 0.0, 0"),
+        (
+            '[[messages.topics.durable]]\npattern = "a.>"\nmax_age = nan\n',
+            r"messages.topics.durable\[0\].max_age must be a finite number",
+        ),
+    ],
+)
+def test_values_no_server_could_run_with_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=message):
+        load_config(path, environ={})

@@ -32,6 +32,17 @@ def test_a_data_directory_that_cannot_be_made_exits_2(tmp_path: Path) -> None:
     assert create.stderr.splitlines() == [f"error: {blocker / 'data' / 'tls'}: Not a directory"]
 
 
+def test_serve_refuses_an_infinite_ping_interval_instead_of_failing_every_handshake(tmp_path: Path) -> None:
+    # It used to start, print its banner, and then fail every handshake (OverflowError building
+    # the Welcome): a server that looks up but serves no one.
+    env = {"BASTION_LIMITS__PING_INTERVAL": "inf"}
+    serve = bastion_cli("serve", "--port", "0", "--no-http", "--data-dir", str(tmp_path / "data"), env=env, timeout=15)
+    assert serve.returncode == 2, serve.stderr
+    assert "listening on" not in serve.stdout
+    assert "Traceback" not in serve.stderr
+    assert "error: limits.ping_interval must be a finite number, got inf" in serve.stderr
+
+
 def test_a_download_to_a_directory_that_cannot_hold_it_exits_2(server: ServerProcess, tmp_path: Path) -> None:
     auth = ("--token-file", str(server.token_file))
     source = tmp_path / "hello.txt"
