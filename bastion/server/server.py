@@ -430,7 +430,7 @@ class Server:
         return self.addresses[0][1]
 
     def install_signal_handlers(self) -> None:
-        """Make SIGTERM/SIGINT start a graceful shutdown (call from the running loop).
+        """Make SIGTERM/SIGINT start a graceful shutdown and SIGHUP reload TLS (call from the running loop).
 
         Call it before announcing readiness: a signal that arrives after the
         announcement but before the handlers exist would kill the process
@@ -439,8 +439,15 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        # SIGHUP is handled even with nothing to reload: its default action would end the
+        # process at once, undrained (a reload sent to a plaintext server killed it).
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+
+    def _on_hangup(self) -> None:
         if self.ssl_context is not None and self.cert_files is not None:
-            loop.add_signal_handler(signal.SIGHUP, self.reload_tls)
+            self.reload_tls()
+        else:
+            log.info("received SIGHUP: no TLS certificate to reload; still serving")
 
     async def serve_forever(self, *, handle_signals: bool = True) -> None:
         """Run until ``shutdown`` (or SIGTERM/SIGINT when ``handle_signals``)."""

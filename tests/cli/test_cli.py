@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -237,3 +238,24 @@ def test_sigterm_right_after_the_banner_drains_and_exits_0(tmp_path: Path) -> No
         server.signal(signal.SIGTERM)
         assert server.process.wait(timeout=10) == 0, server.log()
         assert "received SIGTERM: draining" in server.log()
+
+
+def test_sighup_to_a_plaintext_server_neither_kills_it_nor_its_calls(tmp_path: Path) -> None:
+    # SIGHUP reloads the TLS certificate; a plaintext server had no handler, so SIGHUP's
+    # default action ended the process at once, its calls in flight lost.
+    server = start_server(tmp_path / "s", insecure=True)
+    try:
+        with SyncClient(server.address, token=server.token, insecure=True, timeout=10, retry=None) as client:
+            result: list[object] = []
+            thread = threading.Thread(target=lambda: result.append(client.demo.watched(tag="hup", seconds=1.0)))
+            thread.start()
+            server.wait_for_marker("started-hup")
+            server.signal(signal.SIGHUP)
+            thread.join(10)
+            assert result == ["hup"], server.log()
+            assert server.process.poll() is None
+            assert client.call("admin.health")["status"] == "ok"
+        assert "received SIGHUP: no TLS certificate to reload" in server.log()
+        assert server.stop() == 0
+    finally:
+        server.stop()
