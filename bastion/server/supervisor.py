@@ -46,8 +46,9 @@ the same index and sockets, after a delay that doubles with each quick
 failure (``RESTART_DELAYS``); a worker that ran ``stable_after`` seconds
 starts the count again. After ``restart_limit`` quick failures in a row the
 supervisor gives up: it logs why, stops every worker and exits 1. A worker
-that exits before the server first became ready is a start-up failure: the
-supervisor stops the others and exits 1 at once.
+that exits (or cannot be started at all) before the server first became
+ready is a start-up failure: the supervisor stops the others and exits 1 at
+once.
 
 Signals. SIGTERM and SIGINT start a graceful stop: the supervisor closes
 its copies of the listening sockets (so once the workers close theirs the
@@ -210,7 +211,8 @@ class Supervisor:
         self._selector.register(wake_r, selectors.EVENT_READ, None)
         try:
             for worker in self.workers:
-                self._spawn(worker)
+                if not self._stopping:
+                    self._spawn(worker)
             while self._stopping is False or any(w.process is not None for w in self.workers):
                 for key, _ in self._selector.select(self._timeout()):
                     if key.data is None:
@@ -313,11 +315,17 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 env=self.env,
             )
-        except OSError as exc:
+        except OSError as exc:  # e.g. EAGAIN (process table full), EMFILE, ENOMEM, ENOENT
             theirs.close()
             ours.close()
             log.error("cannot start worker %d: %s", worker.index, exc)
-            self._failed(worker, time.monotonic())
+            # A failure that quick counts from this attempt, not the last start (which may be long
+            # past stable_after: the count would go back to one every time and never give up).
+            worker.started = time.monotonic()
+            if not self._announced:  # a start-up failure, like a worker that exits while starting
+                self.stop(1)
+            else:
+                self._failed(worker, worker.started)
             return
         theirs.close()
         worker.process, worker.channel, worker.inbox = process, ours, b""
