@@ -37,6 +37,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ from bastion.security.ratelimit_shared import SharedRateLimiter, SharedTable
 from bastion.security.throttle import LoginThrottle
 from bastion.server.dispatch import IdempotencyKeys
 from bastion.server.scheduler import Scheduler
-from bastion.server.server import Server
+from bastion.server.server import HANDLER_THREAD_PREFIX, Server
 from bastion.server.supervisor import Supervisor, WorkerChannel, bind_listeners, resolve_workers
 from bastion.service import Service
 from bastion.services import Component, HostedComponent
@@ -220,7 +221,34 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
+    _leave_stuck_handlers(0)
     return 0
+
+
+#: Seconds the handler threads get, once the server has stopped, to finish before the process leaves them.
+HANDLER_EXIT_WAIT = 1.0
+
+
+def _leave_stuck_handlers(code: int) -> None:
+    """Exit now (``code``) if a synchronous handler's thread is still busy after the drain.
+
+    The drain answered its call UNAVAILABLE when the grace period ran out,
+    but a thread cannot be cancelled, and the interpreter joins the
+    executor's threads before it exits: one handler stuck in a blocking call
+    would keep the stopped server's process alive for as long as it blocks.
+    """
+    deadline = time.monotonic() + HANDLER_EXIT_WAIT
+    for thread in threading.enumerate():
+        if thread.name.startswith(HANDLER_THREAD_PREFIX):
+            thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threading.enumerate() if t.name.startswith(HANDLER_THREAD_PREFIX) and t.is_alive()]
+    if not stuck:
+        return
+    log.warning("%d handler thread(s) still busy after the drain: exiting without waiting for them", len(stuck))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass(frozen=True)
@@ -496,6 +524,7 @@ def worker_main(argv: list[str]) -> int:
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
+    _leave_stuck_handlers(0)
     return 0
 
 

@@ -90,6 +90,8 @@ __all__ = ["Server"]
 log = logging.getLogger("bastion.server")
 
 BACKLOG = 1024
+#: The names of the threads that run synchronous handlers start with this.
+HANDLER_THREAD_PREFIX = "bastion-handler"
 #: accept() errors that mean "out of descriptors or memory, for now".
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -154,7 +156,7 @@ class Server:
         self.deadlines = Deadlines()
         for name, entry in self.table.entries.items():
             entry.metric_row = self.metrics.method_index(name)
-        self.executor = ThreadPoolExecutor(self.limits.threads, thread_name_prefix="bastion-handler")
+        self.executor = ThreadPoolExecutor(self.limits.threads, thread_name_prefix=HANDLER_THREAD_PREFIX)
         self.info = ServerView(self)
         self.started_at = time.time()
         self.draining = False

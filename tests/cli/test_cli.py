@@ -17,7 +17,7 @@ import pytest
 
 import bastion
 from bastion import SyncClient
-from tests.support.server import SERVICE_FILE, LineReader, bastion_cli, clean_env, start_server
+from tests.support.server import SERVICE_FILE, LineReader, bastion_cli, clean_env, start_server, wait_for
 
 WIDE = {"COLUMNS": "200"}  # keep rich from wrapping option names in help output
 
@@ -257,5 +257,54 @@ def test_sighup_to_a_plaintext_server_neither_kills_it_nor_its_calls(tmp_path: P
             assert client.call("admin.health")["status"] == "ok"
         assert "received SIGHUP: no TLS certificate to reload" in server.log()
         assert server.stop() == 0
+    finally:
+        server.stop()
+
+
+BLOCKING_SERVICE = '''
+import time
+
+from bastion import Service
+
+service = Service("blocking", doc="A synchronous handler that blocks its thread.")
+
+
+@service.method
+def nap(seconds: float) -> float:
+    """Block a handler thread for ``seconds``."""
+    time.sleep(seconds)
+    return seconds
+'''
+
+
+def test_a_handler_thread_stuck_past_the_grace_period_does_not_keep_the_process_alive(tmp_path: Path) -> None:
+    # The drain answered the call UNAVAILABLE at the end of the grace period and logged "stopped",
+    # but the interpreter then joined the handler thread: the process lived as long as it blocked.
+    workdir = tmp_path / "s"
+    workdir.mkdir()
+    (workdir / "blocking_service.py").write_text(BLOCKING_SERVICE)
+    env = {"BASTION_LIMITS__GRACE_PERIOD": "1"}
+    server = start_server(workdir, env=env, args=("--service", "blocking_service:service"), insecure=True)
+    try:
+        outcome: list[object] = []
+
+        def call() -> None:
+            with SyncClient(server.address, token=server.token, insecure=True, timeout=60, retry=None) as client:
+                try:
+                    outcome.append(client.blocking.nap(seconds=40.0))
+                except bastion.BastionError as exc:
+                    outcome.append(exc)
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        with SyncClient(server.address, token=server.token, insecure=True, timeout=10) as admin:
+            wait_for(lambda: admin.call("admin.stats")["calls_in_flight"] >= 2, timeout=10, what="the call to run")
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.process.wait(timeout=15) == 0, server.log()
+        assert time.monotonic() - started < 10
+        thread.join(5)
+        assert len(outcome) == 1 and isinstance(outcome[0], bastion.Unavailable), outcome
+        assert "handler thread(s) still busy after the drain" in server.log()
     finally:
         server.stop()
