@@ -575,6 +575,8 @@ def load_config(
             raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"config file {path} is not UTF-8 text") from None
     from_env, origins = overlay(Config, env)
     data = _merge(data, from_env)
     data = _merge(data, overrides or {})

@@ -153,3 +153,10 @@ def test_values_no_server_could_run_with_are_refused(tmp_path: Path, text: str, 
     path.write_text(text)
     with pytest.raises(UsageError, match=message):
         load_config(path, environ={})
+
+
+def test_a_config_file_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'data_dir = "caf\xe9"\n')  # was an uncaught UnicodeDecodeError: a traceback
+    with pytest.raises(UsageError, match="is not UTF-8 text"):
+        load_config(path, environ={})

@@ -76,6 +76,8 @@ def passphrase(path: Path | None, config: Config | None = None) -> bytes | None:
             text = path.read_text().strip()
         except OSError as exc:
             raise UsageError(f"cannot read --passphrase-file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--passphrase-file {path} is not UTF-8 text") from None
         if not text:
             raise UsageError(f"--passphrase-file {path} is empty")
         return text.encode()

@@ -163,6 +163,8 @@ def store_password(config: Config) -> str | None:
         return path.read_text().strip() or None
     except OSError as exc:
         raise UsageError(f"cannot read store_password_file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:  # said without the bytes: they are a secret
+        raise UsageError(f"store_password_file {path} is not UTF-8 text") from None
 
 
 def backup_passphrase(config: Config) -> bytes | None:
@@ -176,6 +178,8 @@ def backup_passphrase(config: Config) -> bytes | None:
         text = Path(config.backup.passphrase_file).read_text().strip()
     except OSError as exc:
         raise UsageError(f"cannot read backup.passphrase_file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError("backup.passphrase_file is not UTF-8 text") from None
     if not text:
         raise UsageError("backup.passphrase_file is empty")
     return text.encode()

@@ -43,6 +43,36 @@ def test_serve_refuses_an_infinite_ping_interval_instead_of_failing_every_handsh
     assert "error: limits.ping_interval must be a finite number, got inf" in serve.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "message"),
+    [
+        ("BASTION_STORE_PASSWORD_FILE", "store_password_file {path} is not UTF-8 text"),
+        ("BASTION_BACKUP__PASSPHRASE_FILE", "backup.passphrase_file is not UTF-8 text"),
+        ("BASTION_CONFIG", "config file {path} is not UTF-8 text"),
+    ],
+)
+def test_a_secret_or_config_file_that_is_not_utf8_exits_2_without_showing_it(
+    tmp_path: Path, variable: str, message: str
+) -> None:
+    path = tmp_path / "secret"
+    path.write_bytes(b"s3cr\xe9t-value\n")
+    path.chmod(0o600)
+    env = {variable: str(path)}
+    serve = bastion_cli("serve", "--port", "0", "--no-http", "--data-dir", str(tmp_path / "data"), env=env)
+    assert serve.returncode == 2, serve.stderr
+    assert "Traceback" not in serve.stderr and "s3cr" not in serve.stderr
+    assert serve.stderr.splitlines()[-1] == "error: " + message.format(path=path)
+
+
+def test_a_backup_passphrase_file_that_is_not_utf8_exits_2_without_showing_it(tmp_path: Path) -> None:
+    path = tmp_path / "passphrase"
+    path.write_bytes(b"s3cr\xe9t-value\n")
+    result = bastion_cli("backup", "--data-dir", str(tmp_path / "data"), "--passphrase-file", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "s3cr" not in result.stderr
+    assert result.stderr.splitlines()[-1] == f"error: --passphrase-file {path} is not UTF-8 text"
+
+
 def test_a_download_to_a_directory_that_cannot_hold_it_exits_2(server: ServerProcess, tmp_path: Path) -> None:
     auth = ("--token-file", str(server.token_file))
     source = tmp_path / "hello.txt"
