@@ -522,6 +522,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     store_password_file: str | None = None
     # Worker processes sharing the listening port (SO_REUSEPORT); "auto": one per core.
     workers: int | Literal["auto"] = 1
+    # Seconds a worker's event loop may go without a heartbeat before the supervisor kills
+    # (and so restarts) it: a hung worker would leave its share of new connections hanging. 0: never.
+    worker_timeout: float = 30.0
     # Addresses (or CIDR networks) of load balancers allowed to send a PROXY protocol v2
     # header; a connection from one of them must start with it, others must not.
     trusted_proxies: list[str] = []
@@ -544,6 +547,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError(f"workers must be 1..256 or auto, got {self.workers}")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port must be 0..65535, got {self.port}")
+        if not 0 <= self.worker_timeout < math.inf:
+            raise UsageError(f"worker_timeout must be a finite number of seconds >= 0, got {self.worker_timeout!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise UsageError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
 

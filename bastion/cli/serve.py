@@ -504,6 +504,7 @@ def _supervise(
         grace=config.limits.grace_period,
         extra_fds=[shared.fileno()],
         http_listeners=http_listeners,
+        hang_timeout=config.worker_timeout or None,
     )
     try:
         code = supervisor.run()

@@ -41,6 +41,13 @@ worker reads end-of-file and drains. Linux workers also ask for SIGTERM
 when their parent dies (``PR_SET_PDEATHSIG``), which covers a worker still
 starting up.
 
+Hung workers. A worker's event loop writes an empty line to the pair every
+``HEARTBEAT`` seconds once it is ready. With ``hang_timeout`` set, a ready
+worker silent for that long (a stopped process, a deadlock, a handler
+that never yields) is killed with SIGKILL and so restarted as any dead
+worker is: otherwise its socket would keep taking its share of the new
+connections, and leave every one of them hanging.
+
 Restarts. A worker that exits while the server runs is started again, with
 the same index and sockets, after a delay that doubles with each quick
 failure (``RESTART_DELAYS``); a worker that ran ``stable_after`` seconds
@@ -95,6 +102,8 @@ BACKLOG = 1024
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 #: Seconds past the grace period after which a worker that has not exited is killed.
 KILL_MARGIN = 5.0
+#: Seconds between a ready worker's heartbeats (empty lines on its pair).
+HEARTBEAT = 1.0
 _HELLO_LIMIT = 16 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1
 
@@ -151,6 +160,7 @@ class _Worker:
     inbox: bytes = b""
     started: float = 0.0
     ready: bool = False
+    heard: float = 0.0  # when the worker last wrote to its pair (monotonic)
     failures: int = 0  # quick failures in a row
     restart_at: float | None = None
     report: dict[str, Any] = field(default_factory=dict)
@@ -163,7 +173,8 @@ class Supervisor:
     (JSON-serialisable) goes to every worker in its hello; ``extra_fds`` are
     inherited by every worker (e.g. shared memory); ``on_ready`` is called
     once, with the workers' ready reports in index order, when all have
-    started. ``grace`` is the workers' drain period.
+    started. ``grace`` is the workers' drain period. ``hang_timeout``: kill a
+    ready worker whose heartbeats stop for that many seconds (None: never).
     """
 
     def __init__(
@@ -179,6 +190,7 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         restart_limit: int = len(RESTART_DELAYS),
         stable_after: float = 10.0,
+        hang_timeout: float | None = None,
     ) -> None:
         self.command = list(command)
         self.listeners = [list(group) for group in listeners]
@@ -190,6 +202,7 @@ class Supervisor:
         self.env = dict(env) if env is not None else None
         self.restart_limit = restart_limit
         self.stable_after = stable_after
+        self.hang_timeout = hang_timeout
         self.workers = [_Worker(i) for i in range(len(self.listeners))]
         self.restarts = 0
         self._announced = False
@@ -235,6 +248,8 @@ class Supervisor:
         times = [w.restart_at for w in self.workers if w.restart_at is not None]
         if self._kill_at is not None:
             times.append(self._kill_at)
+        if self.hang_timeout is not None and not self._stopping:
+            times.extend(w.heard + self.hang_timeout for w in self.workers if w.ready and w.process is not None)
         if not times:
             return None
         return max(0.0, min(times) - time.monotonic())
@@ -256,6 +271,8 @@ class Supervisor:
             if worker.restart_at is not None and worker.restart_at <= now and not self._stopping:
                 worker.restart_at = None
                 self._spawn(worker)
+        if self.hang_timeout is not None and not self._stopping:
+            self._kill_hung(now, self.hang_timeout)
         if self._kill_at is not None and now >= self._kill_at:
             self._kill_at = None
             for worker in self.workers:
@@ -264,6 +281,15 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         worker.process.kill()
                     self._exit_code = 1
+
+    def _kill_hung(self, now: float, timeout: float) -> None:
+        for worker in self.workers:
+            if worker.ready and worker.process is not None and now - worker.heard >= timeout:
+                pid = worker.process.pid
+                log.error("worker %d (pid %d) has not answered for %.0f s: killing it", worker.index, pid, timeout)
+                worker.ready = False  # reaped (and restarted) as any worker that died
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
 
     def stop(self, code: int) -> None:
         """Stop every worker gracefully; ``run`` then returns ``code`` (or 1 if a worker failed to stop)."""
@@ -348,9 +374,12 @@ class Supervisor:
         if not data:
             self._drop_channel(worker)
             return
+        worker.heard = time.monotonic()
         worker.inbox += data
         while b"\n" in worker.inbox:
             line, _, worker.inbox = worker.inbox.partition(b"\n")
+            if not line:  # a heartbeat
+                continue
             try:
                 report = json.loads(line)
             except ValueError:
@@ -443,6 +472,7 @@ class WorkerChannel:
         self.listeners = [socket.socket(fileno=int(fd)) for fd in hello["listeners"]]
         #: The HTTP gateway's sockets (empty when the supervisor bound none).
         self.http_listeners = [socket.socket(fileno=int(fd)) for fd in hello.get("http_listeners", [])]
+        self._beat: Any = None  # the heartbeat's asyncio.TimerHandle, once watching
 
     @classmethod
     def open(cls, fd: int, timeout: float = 30.0) -> WorkerChannel:
@@ -476,11 +506,18 @@ class WorkerChannel:
             self._sock.sendall(json.dumps(dict(report)).encode() + b"\n")
 
     def watch(self, on_orphaned: Callable[[], None]) -> None:
-        """Call ``on_orphaned`` (once, in the running loop) when the supervisor goes away."""
+        """Call ``on_orphaned`` (once, in the running loop) when the supervisor goes away; send heartbeats."""
         import asyncio
 
         loop = asyncio.get_running_loop()
         self._sock.setblocking(False)
+
+        def beat() -> None:
+            with contextlib.suppress(OSError):  # a full pair (BlockingIOError) or a gone supervisor
+                self._sock.send(b"\n", socket.MSG_DONTWAIT)
+            self._beat = loop.call_later(HEARTBEAT, beat)
+
+        self._beat = loop.call_later(HEARTBEAT, beat)
 
         def readable() -> None:
             try:
@@ -496,6 +533,8 @@ class WorkerChannel:
         loop.add_reader(self._sock.fileno(), readable)
 
     def close(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
         self._sock.close()
 
 

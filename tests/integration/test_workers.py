@@ -215,6 +215,33 @@ def test_the_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_a_hung_worker_is_killed_and_replaced(tmp_path: Path) -> None:
+    # A stopped (or deadlocked) worker used to go unnoticed: the kernel kept handing its socket a
+    # share of the new connections, and each of them hung until the client gave up.
+    with _running(tmp_path, env={"BASTION_WORKER_TIMEOUT": "2"}) as server:
+        clients = _one_per_worker(server)
+        _close_all(clients)
+        hung, other = sorted(clients)
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            wait_for(lambda: not _alive(hung), timeout=10, what="the supervisor to kill the hung worker")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGCONT)
+        assert "has not answered for 2 s: killing it" in server.log()
+
+        def replaced() -> bool:
+            try:
+                now = _one_per_worker(server, limit=20)
+            except (AssertionError, bastion.BastionError):
+                return False
+            _close_all(now)
+            return other in now and hung not in now
+
+        wait_for(replaced, timeout=15, interval=0.2, what="a replacement worker")
+        assert _alive(other), "the live worker, heartbeating, is left alone"
+
+
 RATE_CONFIG = """
 [rate_limits]
 rules = [{ method = "demo.echo", role = "user", rate = 1, burst = 10 }]
