@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from bastion.config_env import overlay
+from bastion.config_env import merge, overlay
 from bastion.exceptions import UsageError
 from bastion.security.ratelimit import RateLimitConfig
 from bastion.server.scheduler import SchedulerConfig
@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 DEFAULT_PORT = 7400
+#: Room left in a frame for the rest of an upload chunk's message (call id, argument names...).
+_ENVELOPE = 1024
 #: The largest integer a Welcome can carry to clients (MessagePack int64).
 _WIRE_INT_MAX = 2**63 - 1
 
@@ -551,16 +553,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError(f"worker_timeout must be a finite number of seconds >= 0, got {self.worker_timeout!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise UsageError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+        self._check_fits_a_frame()
 
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
-        elif value is not None:
-            out[key] = value
-    return out
+    def _check_fits_a_frame(self) -> None:
+        """Clients upload files in ``chunk_bytes`` chunks: over the frame limit, every upload would fail."""
+        limit, chunk = self.limits.max_frame, self.files.chunk_bytes
+        if chunk + _ENVELOPE >= limit:
+            raise UsageError(
+                f"files.chunk_bytes ({chunk}) must be below limits.max_frame ({limit}) by more than {_ENVELOPE} "
+                "bytes: clients upload in chunks of that size"
+            )
 
 
 def load_config(
@@ -583,8 +585,8 @@ def load_config(
         except UnicodeDecodeError:
             raise UsageError(f"config file {path} is not UTF-8 text") from None
     from_env, origins = overlay(Config, env)
-    data = _merge(data, from_env)
-    data = _merge(data, overrides or {})
+    data = merge(data, from_env)
+    data = merge(data, overrides or {})
     try:
         return msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:

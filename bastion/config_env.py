@@ -30,7 +30,7 @@ import msgspec
 
 from bastion.exceptions import UsageError
 
-__all__ = ["overlay"]
+__all__ = ["merge", "overlay"]
 
 PREFIX = "BASTION_"
 
@@ -85,3 +85,14 @@ def _scalar(kind: Any) -> bool:
     if origin is typing.Union or origin is types.UnionType:
         return all(_scalar(arg) for arg in typing.get_args(kind))
     return False
+
+
+def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base``: sections merge key by key, and a None (an unset flag) changes nothing."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        elif value is not None:
+            out[key] = value
+    return out

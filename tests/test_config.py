@@ -160,3 +160,24 @@ def test_a_config_file_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None
     path.write_bytes(b'data_dir = "caf\xe9"\n')  # was an uncaught UnicodeDecodeError: a traceback
     with pytest.raises(UsageError, match="is not UTF-8 text"):
         load_config(path, environ={})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[limits]\nmax_frame = 65536\n",  # with the default chunk_bytes (256 KiB)
+        "[limits]\nmax_frame = 300000\n[files]\nchunk_bytes = 299500\n",
+    ],
+)
+def test_an_upload_chunk_size_over_the_frame_limit_is_refused(tmp_path: Path, text: str) -> None:
+    # Clients are told to upload in chunk_bytes chunks: each one was over the frame limit, so every upload failed.
+    path = tmp_path / "frame.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=r"files.chunk_bytes \(\d+\) must be below limits.max_frame"):
+        load_config(path, environ={})
+
+
+def test_a_smaller_frame_works_with_a_chunk_size_that_fits_it(tmp_path: Path) -> None:
+    path = tmp_path / "small.toml"
+    path.write_text("[limits]\nmax_frame = 65536\n[files]\nchunk_bytes = 32768\n")
+    assert load_config(path, environ={}).files.chunk_bytes == 32768
