@@ -181,19 +181,30 @@ class StoreAuthenticator:
         if principal.expires_at is not None and now >= principal.expires_at:
             return None
         if token_id is None:
-            return principal
-        cached = self._checked.get(token_id)
+            if principal.mechanism != "mtls":
+                return principal
+            key = "mtls:" + principal.name  # a certificate's user: disabled or roles changed since
+        else:
+            key = token_id
+        cached = self._checked.get(key)
         if cached is not None and now - cached[0] < self._cache_seconds:
             return cached[1]
-        record = await self._store.token_by_id(token_id)
         current: Principal | None = None
-        if record is not None and record.valid_at(now):
+        if token_id is None:
             user = await self._store.get_user(principal.name)
-            if user is not None and not user.disabled:
-                current = (
-                    principal if user.roles == principal.roles else msgspec.structs.replace(principal, roles=user.roles)
-                )
+            if user is None or not user.disabled:
+                current = _with_roles(principal, user.roles if user is not None else frozenset())
+        else:
+            record = await self._store.token_by_id(token_id)
+            if record is not None and record.valid_at(now):
+                user = await self._store.get_user(principal.name)
+                if user is not None and not user.disabled:
+                    current = _with_roles(principal, user.roles)
         if len(self._checked) > 10_000:
             self._checked.clear()
-        self._checked[token_id] = (now, current)
+        self._checked[key] = (now, current)
         return current
+
+
+def _with_roles(principal: Principal, roles: frozenset[str]) -> Principal:
+    return principal if roles == principal.roles else msgspec.structs.replace(principal, roles=roles)

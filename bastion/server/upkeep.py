@@ -124,7 +124,7 @@ class SessionUpkeep:
             self._timer.cancel()
         self._arm_keepalive()
         self._idle_timer = self._loop.call_later(self.limits.idle_timeout, self._check_idle)
-        if principal.token_id is not None or principal.expires_at is not None:
+        if principal.token_id is not None or principal.expires_at is not None or principal.mechanism == "mtls":
             self._revalidation = self._loop.create_task(self._revalidate_loop())  # on_close cancels it
 
     def _refuse(self, status: Status, message: str) -> None:

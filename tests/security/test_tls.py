@@ -15,10 +15,11 @@ import signal
 import socket
 import ssl
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trustme
 from cryptography import x509
@@ -30,7 +31,12 @@ from bastion import Client, ConnectError, Server, SyncClient, Unauthenticated
 from bastion.cli.cert import INSECURE_WARNING, prepare_tls
 from bastion.config import Config, TLSConfig
 from bastion.security import tls
+from bastion.security.audit import AuditLog
+from bastion.security.authn import StoreAuthenticator
+from bastion.security.credentials import User
+from bastion.security.throttle import LoginThrottle
 from bastion.services.admin import service as admin_service
+from bastion.store import open_store
 from tests.support.server import ServerProcess, bastion_cli, start_server, wait_for
 
 # -- the development CA and certificates -------------------------------------------------------
@@ -353,10 +359,12 @@ class MTLS:
 
 
 @contextlib.asynccontextmanager
-async def mtls_server(directory: Path, config: TLSConfig, **kwargs: Any) -> AsyncIterator[MTLS]:
+async def mtls_server(
+    directory: Path, config: TLSConfig, services: Sequence[bastion.Service] = (), **kwargs: Any
+) -> AsyncIterator[MTLS]:
     paths = tls.ensure_dev_tls(directory)
     context = tls.server_context(config, paths.cert, paths.key, paths.ca)
-    server = Server([admin_service], ssl_context=context, **kwargs)
+    server = Server([admin_service, *services], ssl_context=context, **kwargs)
     await server.start("127.0.0.1", 0)
     try:
         yield MTLS(directory, server)
@@ -433,6 +441,45 @@ def test_revoked_client_certificates_are_refused(tmp_path: Path) -> None:
             assert m.server.counters["calls"] == 0
             async with Client(m.address, ca=m.ca, cert=alice_cert, key=alice_key, timeout=5) as client:
                 assert (await client.call("admin.health"))["status"] == "ok"
+
+    run(main())
+
+
+def test_a_client_certificate_users_disabling_and_role_changes_reach_open_connections(tmp_path: Path) -> None:
+    """As for tokens (docs/security.md 3): mTLS connections are revalidated too."""
+    ops = bastion.Service("ops")
+
+    @ops.method(roles=["ops"])
+    async def work() -> str:
+        return "done"
+
+    async def refused(client: Client) -> bool:
+        try:
+            await client.call("ops.work")
+        except (bastion.PermissionDenied, Unauthenticated, bastion.ConnectError, bastion.Unavailable):
+            return True
+        return False
+
+    async def main() -> None:
+        async with open_store(tmp_path / "s.db") as store:
+            audit = AuditLog(tmp_path / "audit.log")
+            authenticator = StoreAuthenticator(store, LoginThrottle(store), audit, cache_seconds=0)
+            await store.create_user(User("alice", frozenset({"ops"})))
+            await store.create_user(User("bob", frozenset({"ops"})))
+            kwargs: dict[str, Any] = {"authenticator": authenticator, "revalidate_interval": 0.1}
+            async with mtls_server(tmp_path, TLSConfig(client_auth="required"), services=[ops], **kwargs) as m:
+                for name, change in (("alice", {"roles": frozenset()}), ("bob", {"disabled": True})):
+                    cert, key, _ = m.client_cert(name)
+                    async with Client(m.address, ca=m.ca, cert=cert, key=key, timeout=5, retry=None) as client:
+                        assert await client.call("ops.work") == "done"
+                        user = await store.get_user(name)
+                        assert user is not None
+                        await store.update_user(msgspec.structs.replace(user, **change))
+                        deadline = asyncio.get_running_loop().time() + 5
+                        while not await refused(client):
+                            assert asyncio.get_running_loop().time() < deadline, f"{name} still served after {change}"
+                            await asyncio.sleep(0.05)
+            audit.close()
 
     run(main())
 
