@@ -18,6 +18,10 @@ When Redis cannot be reached (or takes longer than ``redis_timeout``), the
 limiter by default fails open to an in-memory limiter -- the limits then
 hold per replica instead of across them -- and logs a warning at most once
 a minute; with ``redis_fail_open = false`` it refuses calls as UNAVAILABLE.
+A failure also stops the limiter asking Redis for ``RETRY_AFTER`` seconds;
+then one check at a time tries it again (the others answer as if it failed)
+until one gets through. So a Redis that hangs costs one ``redis_timeout``
+per second, not one per call, and does not pile up waiting checks.
 
 The ``redis`` package is optional: ``pip install 'bastion[redis]'``.
 """
@@ -28,7 +32,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, Protocol, TypeVar, cast
 
 from bastion.exceptions import Unavailable, UsageError
 from bastion.security.principal import Principal
@@ -37,9 +41,12 @@ from bastion.security.ratelimit import RateLimitConfig, RateLimiter, _Bucket, _C
 __all__ = ["SCRIPT", "RedisRateLimiter"]
 
 log = logging.getLogger("bastion.ratelimit")
+T = TypeVar("T")
 
 _INSTALL_HINT: Final = "the Redis rate limiter needs the redis package: pip install 'bastion[redis]'"
 _WARN_EVERY: Final = 60.0  # seconds between "Redis is failing" warnings
+#: Seconds after a failure during which Redis is not asked (then one check at a time tries it).
+RETRY_AFTER: Final = 1.0
 
 #: KEYS: one hash per bucket. ARGV: now ('' = Redis TIME), cost, then rate and burst per key.
 #: Returns {1} when charged, or {0, index of the bucket that waits longest (1-based), wait seconds}.
@@ -137,6 +144,8 @@ class RedisRateLimiter:
         self._local = RateLimiter(self.config, clock=clock)  # the fail-open fallback
         self._clock = clock
         self._warned_at: float | None = None
+        self._down_until = 0.0  # time.monotonic() before which Redis is not asked (0.0: it is healthy)
+        self._probing = False  # a check is trying Redis again after a failure
         self._script = SCRIPT
         self._sha = hashlib.sha1(SCRIPT.encode()).hexdigest()
 
@@ -180,7 +189,7 @@ class RedisRateLimiter:
         for limit in limits:
             args += (repr(limit.rate), repr(limit.burst))
         try:
-            result = await self._eval(keys, args)
+            result = await self._ask(self._eval(keys, args))
         except self._errors as exc:
             await self._failed(exc)
             self._local.check_sync(principal, source, method, cost, now)
@@ -197,6 +206,32 @@ class RedisRateLimiter:
             await self._client.script_load(self._script)
             result = await self._client.evalsha(self._sha, len(keys), *keys, *args)
         return cast(list[Any], result)
+
+    async def _ask(self, command: Awaitable[T]) -> T:
+        """Await ``command`` unless Redis failed in the last ``RETRY_AFTER`` seconds or is being retried.
+
+        Skipped, it raises ``_Skipped`` (one of ``self._errors``) at once.
+        """
+        if not self._down_until:  # healthy: the usual path, one test
+            try:
+                return await command
+            except self._errors:
+                self._down_until = time.monotonic() + RETRY_AFTER
+                raise
+        if self._probing or time.monotonic() < self._down_until:
+            _close(command)
+            raise _Skipped("skipped while Redis is failing")
+        self._probing = True
+        try:
+            result = await command
+        except self._errors:
+            self._down_until = time.monotonic() + RETRY_AFTER
+            raise
+        finally:
+            self._probing = False
+        self._down_until = 0.0
+        log.info("Redis rate limiter answering again")
+        return result
 
     async def _failed(self, exc: BaseException) -> None:
         """Fail open (log, at most once a minute) or closed (UNAVAILABLE)."""
@@ -216,10 +251,7 @@ class RedisRateLimiter:
         ident = self._compiled.identity(principal, source)
         buckets = self._compiled.all_for(principal)
         try:
-            if now is None:
-                seconds, micros = await self._client.time()
-                now = int(seconds) + int(micros) / 1e6
-            states = [await self._client.hmget(self.key(ident, b), ["t", "s"]) for b in buckets]
+            states, at = await self._ask(self._read(ident, buckets, now))
         except self._errors as exc:
             await self._failed(exc)
             return await self._local.usage(principal, source, now)
@@ -229,9 +261,15 @@ class RedisRateLimiter:
                 tokens = bucket.burst
             else:
                 stamp = float(_text(s))
-                tokens = min(bucket.burst, float(_text(t)) + max(0.0, now - stamp) * bucket.rate)
+                tokens = min(bucket.burst, float(_text(t)) + max(0.0, at - stamp) * bucket.rate)
             limits.append(bucket.describe(tokens))
         return self._compiled.report(ident, limits)
+
+    async def _read(self, ident: str, buckets: list[_Bucket], now: float | None) -> tuple[list[Any], float]:
+        if now is None:
+            seconds, micros = await self._client.time()
+            now = int(seconds) + int(micros) / 1e6
+        return [await self._client.hmget(self.key(ident, b), ["t", "s"]) for b in buckets], now
 
     async def aclose(self) -> None:
         """Close the client if this limiter made it (``from_url``)."""
@@ -244,6 +282,16 @@ class RedisRateLimiter:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+class _Skipped(OSError):
+    """Redis was not asked: it failed moments ago (see ``RedisRateLimiter._ask``)."""
+
+
+def _close(command: Awaitable[Any]) -> None:
+    close = getattr(command, "close", None)  # a coroutine never awaited: no "never awaited" warning
+    if close is not None:
+        close()
 
 
 def _text(value: Any) -> str:

@@ -8,13 +8,19 @@ deletes only its own keys.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -279,3 +285,70 @@ def test_without_the_redis_package_the_error_says_how_to_install_it(monkeypatch:
         RedisRateLimiter.from_url("redis://127.0.0.1:6379/0")
     with pytest.raises(UsageError, match="redis package"):
         create_limiter(RateLimitConfig(redis_url="redis://127.0.0.1:6379/0"))
+
+
+# -- a Redis of our own, stopped and killed ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def own_redis(tmp: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of this test's own on a free port (to stop or kill), and its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    break
+            assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0", proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("fail_open", [True, False], ids=["open", "closed"])
+def test_a_stalled_redis_does_not_hold_up_every_call(tmp_path: Any, fail_open: bool) -> None:
+    """A Redis that stops answering (SIGSTOP: a long fork, a partition) costs one timeout, not one per call."""
+
+    async def main(url: str, proc: subprocess.Popen[bytes]) -> None:
+        config = RateLimitConfig(per_principal=BIG, redis_timeout=0.25, redis_fail_open=fail_open)
+        prefix = f"bastion:rl:test:{uuid.uuid4().hex}:"
+        async with RedisRateLimiter.from_url(url, config, prefix=prefix) as limiter:
+            await limiter.check(ADA, "x", "kv.get")  # Redis is up
+            os.kill(proc.pid, signal.SIGSTOP)
+            started = time.monotonic()
+            for _ in range(20):  # each one waited out redis_timeout: 5 s at least
+                try:
+                    await limiter.check(ADA, "x", "kv.get")
+                except Unavailable:
+                    assert not fail_open
+            assert time.monotonic() - started < 2.0
+            os.kill(proc.pid, signal.SIGCONT)
+            # Redis is asked again once it is back: the bucket there is charged (its stamp moves on).
+            client = redis_asyncio.Redis.from_url(url)
+            key = limiter.key(f"principal:{ADA.name}", limiter._compiled.all_for(ADA)[0])
+            before = float(await client.hget(key, "s"))
+            deadline = time.monotonic() + 10
+            while True:
+                with contextlib.suppress(Unavailable):
+                    await limiter.check(ADA, "x", "kv.get")
+                if float(await client.hget(key, "s")) > before:
+                    break
+                assert time.monotonic() < deadline, "the limiter never went back to Redis"
+                await asyncio.sleep(0.05)
+            await client.aclose()
+
+    with own_redis(str(tmp_path)) as (url, proc):
+        asyncio.run(main(url, proc))
