@@ -287,6 +287,7 @@ async def _compose_and_serve(
             global_per_hour=auth.max_failures_per_user_global,
             burst=auth.max_failures_per_source,
             shared=role.shared,
+            ipv6_prefix=config.rate_limits.ipv6_prefix,
         )
         limiter: Limiter
         if role.shared is not None and config.rate_limits.redis_url is None:

@@ -73,7 +73,6 @@ Configuration, as the ``[rate_limits]`` TOML section::
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 import math
 import time
 from collections import OrderedDict
@@ -84,7 +83,7 @@ import msgspec
 
 from bastion.exceptions import ResourceExhausted, UsageError
 from bastion.security.principal import Principal
-from bastion.security.throttle import TokenBucket
+from bastion.security.throttle import TokenBucket, source_key
 
 if TYPE_CHECKING:
     from bastion.security.ratelimit_redis import RedisRateLimiter
@@ -334,7 +333,7 @@ class _Compiled:
             limits.append(bucket)
             self.rules.append(bucket)
         self._plans: dict[str, _Plan] = {}
-        self._ipv6_shift = 128 - config.ipv6_prefix
+        self._ipv6_prefix = config.ipv6_prefix
 
     def plan(self, method: str) -> _Plan:
         plan = self._plans.get(method)
@@ -362,16 +361,7 @@ class _Compiled:
         return "source:" + self.source_key(source)
 
     def source_key(self, source: str) -> str:
-        if ":" not in source:
-            return source
-        try:
-            address = ipaddress.IPv6Address(source)
-        except ValueError:
-            return source
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        network = int(address) >> self._ipv6_shift << self._ipv6_shift
-        return f"{ipaddress.IPv6Address(network)}/{128 - self._ipv6_shift}"
+        return source_key(source, self._ipv6_prefix)
 
     def applicable(self, principal: Principal, method: str) -> tuple[_Plan, list[_Bucket]]:
         plan = self.plan(method)

@@ -5,7 +5,9 @@ from everywhere:
 
 * per source address: a token bucket of failures (``burst`` at once, then
   ``rate`` per second) -- bounds the guessing speed of one machine, while
-  a well-behaved client that reconnects often spends nothing;
+  a well-behaved client that reconnects often spends nothing. An IPv6
+  source is its ``/ipv6_prefix`` network (64: one host usually owns a whole
+  /64, as the rate limiter assumes), so hopping addresses gains nothing;
 * per (username, source): after ``max_failures`` failures in a row the pair is
   locked for ``lockout`` seconds (durable: kept in the credential store) --
   the user can still log in from anywhere else;
@@ -25,6 +27,7 @@ the workers as they do in one process; lockouts are in the store anyway.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections import OrderedDict
@@ -37,9 +40,23 @@ from bastion.security.credentials import CredentialStore
 if TYPE_CHECKING:
     from bastion.security.ratelimit_shared import SharedTable
 
-__all__ = ["LoginThrottle", "TokenBucket"]
+__all__ = ["LoginThrottle", "TokenBucket", "source_key"]
 
 MAX_TRACKED = 100_000  # keys remembered in memory; the oldest are forgotten first
+
+
+def source_key(source: str, ipv6_prefix: int = 64) -> str:
+    """The key limits per source use: an IPv4 address as is (IPv4-mapped IPv6 too), an IPv6 one's network."""
+    if ":" not in source:
+        return source
+    try:
+        address = ipaddress.IPv6Address(source)
+    except ValueError:
+        return source
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    shift = 128 - ipv6_prefix
+    return f"{ipaddress.IPv6Address(int(address) >> shift << shift)}/{ipv6_prefix}"
 
 
 class TokenBucket:
@@ -132,12 +149,16 @@ class LoginThrottle:
         global_per_hour: int = 100,
         clock: Callable[[], float] = time.time,
         shared: SharedTable | None = None,
+        ipv6_prefix: int = 64,
     ) -> None:
         if min(burst, max_failures, global_per_hour) < 1 or not 0 < rate < math.inf or not lockout > 0:
             raise UsageError(
                 "LoginThrottle: burst, max_failures and global_per_hour must be at least 1, "
                 "rate and lockout positive (a bucket of 0 could never be paid)"
             )
+        if not 1 <= ipv6_prefix <= 128:
+            raise UsageError(f"LoginThrottle: ipv6_prefix must be 1..128, got {ipv6_prefix!r}")
+        self.ipv6_prefix = ipv6_prefix
         self._store = store
         self._clock = clock
         self._sources: _BucketMap
@@ -162,6 +183,7 @@ class LoginThrottle:
 
     async def check(self, username: str | None, source: str) -> None:
         """Raise ResourceExhausted if this attempt must not even be tried."""
+        source = source_key(source, self.ipv6_prefix)
         now = self._clock()
         wait = self._sources.wait(source, now)
         if wait:
@@ -177,6 +199,7 @@ class LoginThrottle:
 
     async def failed(self, username: str | None, source: str) -> bool:
         """Record a failure; True if it locked the (username, source) pair."""
+        source = source_key(source, self.ipv6_prefix)
         now = self._clock()
         self._sources.take(source, now)
         if username is None:
@@ -191,4 +214,4 @@ class LoginThrottle:
         return False
 
     def succeeded(self, username: str, source: str) -> None:
-        self._failures.pop(self._pair(username, source))
+        self._failures.pop(self._pair(username, source_key(source, self.ipv6_prefix)))

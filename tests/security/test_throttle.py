@@ -146,3 +146,34 @@ def test_limits_that_could_never_be_paid_are_a_usage_error(tmp_path: Path, optio
                 LoginThrottle(store, **options)  # type: ignore[arg-type]
 
     asyncio.run(main())
+
+
+def test_ipv6_sources_are_throttled_by_network_not_by_address(tmp_path: Path) -> None:
+    """One host owns a whole /64 (as the rate limiter assumes): hopping addresses in it resets nothing."""
+
+    async def main() -> None:
+        async with open_store(tmp_path / "s.db") as store:
+            throttle = LoginThrottle(store, burst=5, rate=1, max_failures=3, lockout=60, clock=Clock())
+            allowed = 0
+            for i in range(1, 50):  # one guess from each of 49 addresses of 2001:db8:1:2::/64, all at once
+                try:
+                    await throttle.check(f"user{i}", f"2001:db8:1:2::{i:x}")
+                except ResourceExhausted:
+                    continue
+                allowed += 1
+                await throttle.failed(f"user{i}", f"2001:db8:1:2::{i:x}")
+            assert allowed == 5  # the source's burst, not one per address
+            await throttle.check("someone", "2001:db8:1:3::1")  # the next /64 is someone else
+
+            lock = LoginThrottle(store, max_failures=3, lockout=60, clock=Clock())
+            for i in range(3):
+                await lock.failed("ada", f"2001:db8:9:9::{i + 1}")
+            with pytest.raises(ResourceExhausted):  # the (ada, /64) pair is locked, whichever address asks
+                await lock.check("ada", "2001:db8:9:9::abcd")
+            await lock.check("ada", "2001:db8:9:a::1")
+            for _ in range(3):  # an IPv4 client is the same source as itself written IPv4-mapped
+                await lock.failed("bob", "::ffff:10.0.0.7")
+            with pytest.raises(ResourceExhausted):
+                await lock.check("bob", "10.0.0.7")
+
+    asyncio.run(main())
