@@ -47,8 +47,11 @@ class PasswordHasher:
             return await asyncio.to_thread(self._verify, stored, password)
 
     def _verify(self, stored: str | None, password: str) -> bool:
+        # No stored password is longer than MAX_LENGTH (check_policy), so a longer one is wrong; it is
+        # cut for the work (bounded) but checked against the dummy, never passing as its first part.
+        too_long = len(password) > MAX_LENGTH
         try:
-            ok = self._hasher.verify(stored or self._dummy, password[:MAX_LENGTH])
+            ok = self._hasher.verify(self._dummy if too_long else stored or self._dummy, password[:MAX_LENGTH])
         except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
             return False
-        return ok and stored is not None
+        return ok and stored is not None and not too_long

@@ -243,3 +243,17 @@ def test_the_last_enabled_admin_cannot_be_removed(tmp_path: Path) -> None:
             await admin.auth.delete_user(name="eve")
 
     run(test, tmp_path)
+
+
+def test_a_password_is_exactly_itself_even_past_the_longest_allowed(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        longest = "p" * 1024
+        await w.server.client(principal=TESTER).auth.create_user(name="ada", password=longest)
+        anon = w.server.client(principal=ANONYMOUS)
+        for wrong in (longest + "x", longest + "p" * 100):
+            with pytest.raises(bastion.Unauthenticated):
+                await anon.auth.login(username="ada", password=wrong)
+        assert (await anon.auth.login(username="ada", password=longest))["user"] == "ada"
+
+    run(test, tmp_path)
+
