@@ -143,6 +143,15 @@ def create_service(
         await store.add_token(record)
         return NewToken(token, record.id, user, expires)
 
+    async def _end_sessions(user: str, keep: str | None) -> int:
+        """Revoke ``user``'s live session tokens (logins with the old password) but ``keep``; how many."""
+        now = time.time()
+        ended = 0
+        for token in await store.list_tokens(user):
+            if token.kind == "session" and token.id != keep and token.valid_at(now):
+                ended += await store.revoke_token(token.id, now)
+        return ended
+
     @service.method(public=True, priority=5)
     async def login(ctx: Context, username: str, password: str) -> LoginResult:
         """Exchange a username and password for a session token."""
@@ -195,7 +204,8 @@ def create_service(
         if problem:
             raise InvalidArgument(problem)
         await store.update_user(msgspec.structs.replace(user, password_hash=await hasher.hash(new_password)))
-        audit("auth.password_changed", principal=name, peer=ctx.peer)
+        ended = await _end_sessions(name, keep=ctx.principal.token_id)
+        audit("auth.password_changed", principal=name, peer=ctx.peer, revoked_sessions=ended)
         return True
 
     @service.method(roles=_ADMIN)
@@ -280,7 +290,8 @@ def create_service(
             raise InvalidArgument(problem)
         user = await _get(name)
         await store.update_user(msgspec.structs.replace(user, password_hash=await hasher.hash(password)))
-        audit("admin.set_password", principal=ctx.principal.name, peer=ctx.peer, target=name)
+        ended = await _end_sessions(name, keep=None)
+        audit("admin.set_password", principal=ctx.principal.name, peer=ctx.peer, target=name, revoked_sessions=ended)
         return True
 
     @service.method(roles=_ADMIN, idempotent=True)

@@ -257,3 +257,29 @@ def test_a_password_is_exactly_itself_even_past_the_longest_allowed(tmp_path: Pa
 
     run(test, tmp_path)
 
+
+def test_a_password_change_ends_the_other_sessions(tmp_path: Path) -> None:
+    """Whoever logged in with the old password is out once it changes; API tokens and the caller stay."""
+
+    async def test(w: World) -> None:
+        admin = w.server.client(principal=TESTER)
+        await admin.auth.create_user(name="ada", password=PASSWORD)
+        anon = w.server.client(principal=ANONYMOUS)
+        mine, stolen = [(await anon.auth.login(username="ada", password=PASSWORD))["token"] for _ in range(2)]
+        api = (await admin.auth.create_token(user="ada"))["token"]
+        me = await w.authenticator.authenticate(mine, PEER)
+        assert await w.server.client(principal=me).auth.change_password(
+            old_password=PASSWORD, new_password="a new password"
+        )
+        with pytest.raises(bastion.Unauthenticated):
+            await w.authenticator.authenticate(stolen, PEER)
+        for kept in (mine, api):
+            await w.authenticator.authenticate(kept, PEER)
+        # An admin resetting the password ends every session of the user.
+        assert await admin.auth.set_password(name="ada", password="another password")
+        with pytest.raises(bastion.Unauthenticated):
+            await w.authenticator.authenticate(mine, PEER)
+        await w.authenticator.authenticate(api, PEER)
+        assert "revoked_sessions" in w.audit_text()
+
+    run(test, tmp_path)
