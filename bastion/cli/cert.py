@@ -14,6 +14,7 @@ into the server's SSLContext (or refuses an unsafe plaintext set-up).
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import ssl
 import sys
@@ -103,6 +104,7 @@ def prepare_tls(config: Config, warn: Callable[[str], None]) -> TLSSetup:
     if tls.cert is not None and tls.key is not None:
         cert, key = tls.cert, tls.key
         messages.append(f"TLS on; certificate: {Path(cert).resolve()}")
+        _warn_loose_key(key, warn)
     else:
         paths = ensure_dev_tls(config.data_dir, server_hosts(config.host))
         cert, key = str(paths.cert), str(paths.key)
@@ -114,6 +116,16 @@ def prepare_tls(config: Config, warn: Callable[[str], None]) -> TLSSetup:
     if tls.client_auth != "none":
         messages.append(f"client certificates {tls.client_auth}; trusted CA: {Path(client_ca or '').resolve()}")
     return TLSSetup(context, (cert, key), messages)
+
+
+def _warn_loose_key(key: str, warn: Callable[[str], None]) -> None:
+    """Warn when users other than the key's owner may read it (docs/security.md: mode 0600)."""
+    try:
+        mode = os.stat(key).st_mode & 0o777
+    except OSError:
+        return  # loading it says what is wrong
+    if mode & 0o077:
+        warn(f"WARNING: TLS key {key} has mode {mode:04o}: others can read it; chmod 600 it")
 
 
 # -- bastion cert ------------------------------------------------------------------------

@@ -160,6 +160,21 @@ def test_insecure_is_refused_off_loopback_unless_forced(tmp_path: Path) -> None:
     assert not (tmp_path / "tls").exists()
 
 
+def test_a_server_key_others_can_read_is_warned_about(tmp_path: Path) -> None:
+    leaf = trustme.CA().issue_cert("server.example")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    config = Config(data_dir=str(tmp_path), tls=TLSConfig(cert=str(cert), key=str(key)))
+    for mode, warned in ((0o644, True), (0o640, True), (0o600, False), (0o400, False)):
+        os.chmod(key, mode)
+        warnings: list[str] = []
+        assert prepare_tls(config, warnings.append).context is not None
+        assert [w for w in warnings if "chmod 600" in w and str(key) in w] == (
+            [f"WARNING: TLS key {key} has mode {mode:04o}: others can read it; chmod 600 it"] if warned else []
+        )
+
+
 # -- real servers ---------------------------------------------------------------------------------
 
 
