@@ -156,12 +156,16 @@ def create_service(
     async def login(ctx: Context, username: str, password: str) -> LoginResult:
         """Exchange a username and password for a session token."""
         source = _source(ctx)
-        await throttle.check(username, source)
-        user = await store.get_user(username)
+        # A name no user can have is an unknown user, throttled per source only: it keys no
+        # lockout and is logged cut short, so anonymous guesses cannot grow the store or the log.
+        name: str | None = username if _USERNAME.match(username) else None
+        await throttle.check(name, source)
+        user = await store.get_user(username) if name is not None else None
         stored = user.password_hash if user is not None and not user.disabled else None
         if not await hasher.verify(stored, password):
-            locked = await throttle.failed(username, source)
-            audit("auth.login_failure", username=username, peer=ctx.peer, request_id=ctx.request_id)
+            locked = await throttle.failed(name, source)
+            shown = username if name is not None else f"{username[:64]!r}... ({len(username)} characters)"
+            audit("auth.login_failure", username=shown, peer=ctx.peer, request_id=ctx.request_id)
             if locked:
                 audit("auth.lockout", username=username, peer=ctx.peer, seconds=throttle.lockout)
             raise Unauthenticated("invalid username or password")

@@ -283,3 +283,20 @@ def test_a_password_change_ends_the_other_sessions(tmp_path: Path) -> None:
         assert "revoked_sessions" in w.audit_text()
 
     run(test, tmp_path)
+
+
+def test_a_login_with_an_impossible_username_stores_and_logs_no_more_than_a_username(tmp_path: Path) -> None:
+    """An anonymous caller must not grow the lockout table or the audit log by the megabyte."""
+
+    async def test(w: World) -> None:
+        anon = w.server.client(principal=ANONYMOUS)
+        huge = "u" * 200_000
+        for _ in range(3):  # max_failures in this world: a valid name would be locked now
+            with pytest.raises(bastion.Unauthenticated) as info:
+                await anon.auth.login(username=huge, password="wrong password")
+            assert info.value.message == "invalid username or password"  # as for any unknown user
+        assert await w.store.get_lockout(f"login:{huge}|memory") is None
+        assert len(w.audit_text()) < 3_000
+        assert w.audit_text().count("auth.login_failure") == 3
+
+    run(test, tmp_path)
