@@ -62,6 +62,7 @@ class PeerInfo(msgspec.Struct, frozen=True):
     address: str  # "host:port"
     host: str  # the source address alone, the key for per-source limits
     tls_identity: str | None = None  # a verified client certificate's subject
+    tls_expires_at: float | None = None  # and its expiry (Unix time): the connection's end
 
 
 class Authenticator(Protocol):
@@ -132,7 +133,7 @@ class StoreAuthenticator:
     async def authenticate(self, token: str | None, peer: PeerInfo) -> Principal:
         if token is None:
             if peer.tls_identity is not None:
-                return await self._from_certificate(peer.tls_identity)
+                return await self._from_certificate(peer.tls_identity, peer.tls_expires_at)
             return ANONYMOUS
         await self._throttle.check(None, peer.host)
         reason, principal = await self._from_token(token)
@@ -168,12 +169,12 @@ class StoreAuthenticator:
         )
         return "", principal
 
-    async def _from_certificate(self, subject: str) -> Principal:
+    async def _from_certificate(self, subject: str, expires_at: float | None) -> Principal:
         user = await self._store.get_user(subject)
         if user is not None and user.disabled:
             raise Unauthenticated("certificate's user is disabled")
         roles = user.roles if user is not None else frozenset()
-        return Principal(subject, roles, mechanism="mtls")
+        return Principal(subject, roles, mechanism="mtls", expires_at=expires_at)
 
     async def revalidate(self, principal: Principal) -> Principal | None:
         token_id = principal.token_id

@@ -50,6 +50,7 @@ __all__ = [
     "TLSIdentity",
     "TLSPaths",
     "certificate_info",
+    "client_certificate",
     "client_context",
     "client_identity",
     "create_crl",
@@ -510,6 +511,12 @@ def client_context(
 
 def client_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> TLSIdentity | None:
     """The verified peer certificate's (subject, serial), or None when the peer sent none."""
+    found = client_certificate(ssl_object)
+    return None if found is None else found[0]
+
+
+def client_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> tuple[TLSIdentity, float] | None:
+    """The verified peer certificate's (subject, serial) and expiry (Unix time), or None when it sent none."""
     if ssl_object is None:
         return None
     der = ssl_object.getpeercert(binary_form=True)
@@ -518,7 +525,7 @@ def client_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> TLSIden
     cert = x509.load_der_x509_certificate(der)
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     subject = str(names[0].value) if names else cert.subject.rfc4514_string()
-    return TLSIdentity(subject, cert.serial_number)
+    return TLSIdentity(subject, cert.serial_number), cert.not_valid_after_utc.timestamp()
 
 
 def reload(context: ssl.SSLContext, cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> int:

@@ -74,7 +74,7 @@ from bastion.security.audit import AuditLog
 from bastion.security.authn import AllowAnonymous, Authenticator
 from bastion.security.principal import Principal
 from bastion.security.ratelimit import Limiter, RateLimiter
-from bastion.security.tls import ALPN_PROTOCOL, client_identity, parse_serial
+from bastion.security.tls import ALPN_PROTOCOL, client_certificate, parse_serial
 from bastion.security.tls import reload as reload_certificate
 from bastion.server.deadlines import Deadlines
 from bastion.server.dispatch import IdempotencyKeys, MethodTable
@@ -393,8 +393,10 @@ class Server:
             link.refuse(Status.FAILED_PRECONDITION, f"TLS ALPN must negotiate {ALPN_PROTOCOL}")
             link.close()
             return
-        identity = client_identity(link.ssl_object)
+        found = client_certificate(link.ssl_object)
+        identity = None if found is None else found[0]
         link.peer_cert_identity = identity
+        link.peer_cert_expires = None if found is None else found[1]
         if identity is not None and identity.serial in self.revoked_serials:
             self.counters["tls_refused"] += 1
             self.audit(

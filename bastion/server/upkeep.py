@@ -90,7 +90,7 @@ class SessionUpkeep:
         link = self.link
         assert link is not None
         host = self.peer_host = link.peer.rsplit(":", 1)[0].strip("[]")
-        peer = PeerInfo(link.peer, host, getattr(link, "tls_identity", None))
+        peer = PeerInfo(link.peer, host, getattr(link, "tls_identity", None), getattr(link, "peer_cert_expires", None))
         try:
             principal = await self.server.authenticator.authenticate(hello.token, peer)
         except (Unauthenticated, ResourceExhausted) as exc:

@@ -100,10 +100,11 @@ class Link(asyncio.Protocol):
         self.error: BaseException | None = None
         #: TLS: the ssl object, the negotiated ALPN protocol, and (server side,
         #: set by the ``on_secure`` hook) the verified client certificate's
-        #: ``(subject, serial)``; all None on a plaintext connection.
+        #: ``(subject, serial)`` and its expiry (Unix time); all None on a plaintext connection.
         self.ssl_object: Any = None
         self.alpn: str | None = None
         self.peer_cert_identity: tuple[str, int] | None = None
+        self.peer_cert_expires: float | None = None
         self._on_secure = on_secure
         self._refusal: tuple[Status, str] | None = None
         self._received_any = False

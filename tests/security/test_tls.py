@@ -499,6 +499,36 @@ def test_a_client_certificate_users_disabling_and_role_changes_reach_open_connec
     run(main())
 
 
+def test_a_connection_ends_when_its_client_certificate_expires(tmp_path: Path) -> None:
+    """TLS checks a certificate's dates once, in the handshake; the server ends the connection at its expiry."""
+
+    async def main() -> None:
+        async with open_store(tmp_path / "s.db") as store:
+            audit = AuditLog(tmp_path / "audit.log")
+            authenticator = StoreAuthenticator(store, LoginThrottle(store), audit)
+            kwargs: dict[str, Any] = {"authenticator": authenticator, "revalidate_interval": 0.1}
+            async with mtls_server(tmp_path, TLSConfig(client_auth="required"), **kwargs) as m:
+                ca_cert, ca_key = _cert(m.ca), tls._read_key(tmp_path / "tls" / "ca.key")
+                leaf, key = tls._issue(ca_cert, ca_key, "carol", ExtendedKeyUsageOID.CLIENT_AUTH, days=4 / 86400)
+                cert_path, key_path = tmp_path / "carol.pem", tmp_path / "carol.key"
+                tls._write_cert(cert_path, leaf)
+                tls._write_key(key_path, key)
+                async with Client(m.address, ca=m.ca, cert=cert_path, key=key_path, timeout=5, retry=None) as client:
+                    assert (await client.call("admin.health"))["status"] == "ok"
+                    deadline = leaf.not_valid_after_utc.timestamp() + 5
+                    while True:
+                        try:
+                            await client.call("admin.health")
+                        except (Unauthenticated, ConnectError, bastion.Unavailable):
+                            break
+                        assert datetime.datetime.now().timestamp() < deadline, "served past the certificate's expiry"
+                        await asyncio.sleep(0.1)
+                    assert datetime.datetime.now().timestamp() >= leaf.not_valid_after_utc.timestamp()
+            audit.close()
+
+    run(main())
+
+
 # -- what the clients make of peers that are not bastion servers ---------------------------------------
 
 
