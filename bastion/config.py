@@ -234,6 +234,8 @@ class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     watch_buffer_bytes: value bytes buffered for one slow watcher before its stream ends.
     max_watchers: watch streams open at once on this server.
     max_watchers_per_user: watch streams one user may have open on this server.
+    quota_keys: keys one namespace (a user's own, or a shared one) may hold; a put past it is refused.
+    quota_bytes: bytes (keys, values and content types) one namespace may hold, likewise.
     """
 
     max_key_bytes: int = 1024
@@ -246,6 +248,8 @@ class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     watch_buffer_bytes: int = 8 * 1024 * 1024
     max_watchers: int = 1024
     max_watchers_per_user: int = 64
+    quota_keys: int = 1_000_000
+    quota_bytes: int = 1024**3
 
     def __post_init__(self) -> None:
         _check_finite(self, "kv")

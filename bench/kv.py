@@ -16,7 +16,8 @@ Four points, one after another, each server alone in its own subprocess
   commit. Same clients, same load.
 * ``sqlite alone``: no server, no network: one process (pinned like the
   server) writing the same rows as the store's batched ``kv.put`` -- an upsert
-  into ``kv_keys``, an insert into ``kv_log``, the ``kv_meta`` revision -- in
+  into ``kv_keys`` (its usage counted by trigger, read once per commit for the
+  quota), an insert into ``kv_log``, the ``kv_meta`` revision -- in
   transactions of ``--clients`` puts each (the most a group commit can gather
   from that many callers), with the store's own schema and pragmas (WAL,
   ``synchronous=FULL``). What any server that commits kv.put to SQLite
@@ -101,7 +102,7 @@ def _engine(batch: int, directory: str, seconds: float) -> None:
     """Commit batches of ``batch`` kv.put rows for ``seconds``; print puts/s and CPU µs per put."""
     import sqlite3
 
-    from bastion.store.kv_sqlite import _KEY_UPSERT, _LOG_INSERT_PUT
+    from bastion.store.kv_sqlite import _KEY_UPSERT, _LOG_INSERT_PUT, _USAGE
     from bastion.store.sqlite import SQLiteStore
 
     path = Path(directory) / "bastion.db"
@@ -126,6 +127,7 @@ def _engine(batch: int, directory: str, seconds: float) -> None:
             keys.append(("~bench", key, VALUE, "", revision, None))
             log.append((revision, "~bench", key, VALUE, "", time.time()))
         conn.execute("BEGIN IMMEDIATE")
+        conn.execute(_USAGE, ("~bench",)).fetchone()  # the quota check of a batch that fits (kv_sqlite.py)
         conn.executemany(_KEY_UPSERT, keys)
         conn.executemany(_LOG_INSERT_PUT, log)
         conn.execute("UPDATE kv_meta SET revision = ? WHERE id = 1", (revision,))

@@ -40,6 +40,13 @@ watchers. When a buffer overflows, that watcher stops receiving; its stream
 yields what it had and then ends with RESOURCE_EXHAUSTED carrying
 ``resume_from`` (the version to pass as ``from_version`` to continue).
 
+Quotas. Each namespace may hold ``kv.quota_keys`` keys and ``kv.quota_bytes``
+bytes (keys, values and content types); a put or put_many that would take it
+past either is refused RESOURCE_EXHAUSTED and writes nothing (the store
+checks, in the write's own transaction: bastion/store/kv.py). Deletes and
+expiry always go through, so a full namespace is emptied the usual way.
+``usage`` tells a namespace's reader where it stands.
+
 Expiry. ``KV.start`` runs a sweep every ``sweep_interval`` seconds: it
 deletes expired keys (each logged as a ``delete``, so watchers see it) and
 trims the log to the newest ``history`` changes. Expired keys are invisible
@@ -71,9 +78,9 @@ from bastion.services import Background, every
 from bastion.services.kv_watch import FEED_PAGE as FEED_PAGE  # re-exported: importable from here as before
 from bastion.services.kv_watch import POLL_INTERVAL as POLL_INTERVAL
 from bastion.services.kv_watch import Hub, Watcher, behind, replay
-from bastion.store.kv import KVChange, KVEntry, KVNamespace, KVStore, KVWrite, personal_namespace
+from bastion.store.kv import KVChange, KVEntry, KVNamespace, KVQuota, KVStore, KVWrite, personal_namespace
 
-__all__ = ["KV", "Item", "Page", "PutItem", "WatchEvent"]
+__all__ = ["KV", "Item", "Page", "PutItem", "Usage", "WatchEvent"]
 
 log = logging.getLogger("bastion.kv")
 #: Seconds between checks that a watcher may still read its namespace (while changes flow to it).
@@ -128,6 +135,16 @@ class WatchEvent(msgspec.Struct, frozen=True):
     content_type: str = ""
 
 
+class Usage(msgspec.Struct, frozen=True):
+    """What a namespace holds against its quota: keys, and their keys', values' and content types' bytes."""
+
+    namespace: str
+    keys: int
+    bytes: int
+    quota_keys: int
+    quota_bytes: int
+
+
 class NamespaceInfo(msgspec.Struct, frozen=True):
     name: str
     readers: list[str]
@@ -160,6 +177,7 @@ class KV:
         self.config = config or KVConfig()
         self.leader = leader
         self.hub = Hub(store)
+        self.quota = KVQuota(self.config.quota_keys, self.config.quota_bytes)
         self._background = Background()
         self.service = Service("kv", doc="Key-value storage with versions, compare-and-swap, TTLs and watches.")
         _declare(self, self.service)
@@ -334,7 +352,7 @@ def _declare(kv: KV, service: Service) -> None:
             ns = personal_namespace(ctx.principal.name)
         now = time.time()
         write = kv.check_write(key, value, content_type, expected_version, ttl, now)
-        (version,) = await store.kv_put(ns, (write,), now)
+        (version,) = await store.kv_put(ns, (write,), now, kv.quota)
         kv.hub.nudge()
         return version
 
@@ -349,7 +367,7 @@ def _declare(kv: KV, service: Service) -> None:
             raise InvalidArgument("put_many: a key appears more than once")
         if not writes:
             return []
-        versions = await store.kv_put(ns, writes, now)
+        versions = await store.kv_put(ns, writes, now, kv.quota)
         kv.hub.nudge()
         return versions
 
@@ -364,6 +382,13 @@ def _declare(kv: KV, service: Service) -> None:
         if revision:
             kv.hub.nudge()
         return revision > 0
+
+    @service.method(idempotent=True)
+    async def usage(ctx: Context, namespace: str | None = None) -> Usage:
+        """The keys and bytes a namespace holds (expired keys until the sweep removes them) and its quota."""
+        ns = await kv.namespace_for(ctx.principal, namespace, write=False)
+        held = await store.kv_usage(ns)
+        return Usage(ns, held.keys, held.bytes, kv.quota.keys, kv.quota.bytes)
 
     @service.method(name="list", idempotent=True)
     async def list_(

@@ -33,6 +33,17 @@ Expiry: a key with ``expires_at <= now`` is invisible to every read at
 once; ``kv_expire`` (the service's sweep) deletes such keys and logs each
 as a ``delete``. A put over an expired key first logs its expiry.
 
+Usage and quotas. ``kv_usage`` holds each namespace's live keys and bytes
+(key, value and content type, in UTF-8 bytes), kept by triggers on
+``kv_keys``: every path that changes a key -- a put, a delete, expiry, a
+namespace deleted, a user's keys handed over, a restore -- counts itself,
+and code that predates the table counts too (the migration is compatible).
+A put given a ``KVQuota`` is refused (``ResourceExhausted``, nothing
+written) when the namespace would then hold more keys or bytes than it
+allows. The check costs one read of the namespace's usage row while the
+put plainly fits (every write counted as a new key); only near the limit is
+it exact (write, read the row again, undo if over).
+
 Every time is a float UNIX timestamp passed in by the caller (``now``), so
 the store has no clock of its own.
 """
@@ -42,11 +53,11 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
-from bastion.exceptions import Aborted
+from bastion.exceptions import Aborted, ResourceExhausted
 from bastion.store._access import Notifying
 
 __all__ = [
@@ -55,11 +66,14 @@ __all__ = [
     "KVChange",
     "KVEntry",
     "KVNamespace",
+    "KVQuota",
     "KVRevisions",
     "KVStore",
+    "KVUsage",
     "KVWrite",
     "personal_namespace",
     "prefix_end",
+    "write_bytes",
 ]
 
 PERSONAL_PREFIX = "~"
@@ -144,6 +158,74 @@ POSTGRES_SCHEMA: tuple[str, ...] = (
 )
 
 
+# Migration 10: each namespace's usage, kept by triggers (see "Usage and quotas" above).
+_SQLITE_ROW_BYTES = "length(CAST({0}.key AS BLOB)) + length({0}.value) + length(CAST({0}.content_type AS BLOB))"
+SQLITE_USAGE_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE kv_usage (
+        namespace TEXT PRIMARY KEY,
+        keys      INTEGER NOT NULL,                 -- live keys (and expired ones not yet swept)
+        bytes     INTEGER NOT NULL                  -- their keys, values and content types, UTF-8 bytes
+    ) WITHOUT ROWID""",
+    f"""CREATE TRIGGER kv_usage_insert AFTER INSERT ON kv_keys BEGIN
+        INSERT INTO kv_usage (namespace, keys, bytes) VALUES (NEW.namespace, 1, {_SQLITE_ROW_BYTES.format("NEW")})
+        ON CONFLICT (namespace) DO UPDATE SET keys = keys + 1, bytes = bytes + excluded.bytes;
+    END""",
+    # Every put over a live key comes here: the key is the same (the upsert's conflict target), and
+    # only a content type that changed is measured again (a CAST to BLOB copies the text).
+    """CREATE TRIGGER kv_usage_update AFTER UPDATE ON kv_keys
+        WHEN OLD.namespace = NEW.namespace AND OLD.key = NEW.key BEGIN
+        UPDATE kv_usage SET bytes = bytes + length(NEW.value) - length(OLD.value)
+            + CASE WHEN NEW.content_type = OLD.content_type THEN 0
+                   ELSE length(CAST(NEW.content_type AS BLOB)) - length(CAST(OLD.content_type AS BLOB)) END
+        WHERE namespace = NEW.namespace;
+    END""",
+    f"""CREATE TRIGGER kv_usage_move AFTER UPDATE ON kv_keys
+        WHEN OLD.namespace <> NEW.namespace OR OLD.key <> NEW.key BEGIN
+        UPDATE kv_usage SET keys = keys - 1, bytes = bytes - ({_SQLITE_ROW_BYTES.format("OLD")})
+        WHERE namespace = OLD.namespace;
+        INSERT INTO kv_usage (namespace, keys, bytes) VALUES (NEW.namespace, 1, {_SQLITE_ROW_BYTES.format("NEW")})
+        ON CONFLICT (namespace) DO UPDATE SET keys = keys + 1, bytes = bytes + excluded.bytes;
+    END""",
+    f"""CREATE TRIGGER kv_usage_delete AFTER DELETE ON kv_keys BEGIN
+        UPDATE kv_usage SET keys = keys - 1, bytes = bytes - ({_SQLITE_ROW_BYTES.format("OLD")})
+        WHERE namespace = OLD.namespace;
+    END""",
+    f"""INSERT INTO kv_usage (namespace, keys, bytes)
+        SELECT namespace, count(*), sum({_SQLITE_ROW_BYTES.format("kv_keys")}) FROM kv_keys GROUP BY namespace""",
+)
+_PG_ROW_BYTES = "octet_length({0}.key) + octet_length({0}.value) + octet_length({0}.content_type)"
+POSTGRES_USAGE_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE kv_usage (
+        namespace TEXT COLLATE "C" PRIMARY KEY,
+        keys      BIGINT NOT NULL,
+        bytes     BIGINT NOT NULL
+    )""",
+    f"""CREATE FUNCTION kv_usage_track() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'UPDATE' AND OLD.namespace = NEW.namespace AND OLD.key = NEW.key THEN
+            UPDATE kv_usage SET bytes = bytes + octet_length(NEW.value) - octet_length(OLD.value)
+                + octet_length(NEW.content_type) - octet_length(OLD.content_type)
+            WHERE namespace = NEW.namespace;
+            RETURN NULL;
+        END IF;
+        IF TG_OP <> 'INSERT' THEN
+            UPDATE kv_usage SET keys = keys - 1, bytes = bytes - ({_PG_ROW_BYTES.format("OLD")})
+            WHERE namespace = OLD.namespace;
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
+            INSERT INTO kv_usage (namespace, keys, bytes) VALUES (NEW.namespace, 1, {_PG_ROW_BYTES.format("NEW")})
+            ON CONFLICT (namespace) DO UPDATE SET keys = kv_usage.keys + 1, bytes = kv_usage.bytes + excluded.bytes;
+        END IF;
+        RETURN NULL;
+    END $$""",
+    # Created before the backfill: it locks kv_keys against writers until the migration commits.
+    "CREATE TRIGGER kv_usage_track AFTER INSERT OR UPDATE OR DELETE ON kv_keys "
+    "FOR EACH ROW EXECUTE FUNCTION kv_usage_track()",
+    f"""INSERT INTO kv_usage (namespace, keys, bytes)
+        SELECT namespace, count(*), sum({_PG_ROW_BYTES.format("kv_keys")}) FROM kv_keys GROUP BY namespace""",
+)
+
+
 def personal_namespace(user: str) -> str:
     """The name of ``user``'s personal namespace."""
     return PERSONAL_PREFIX + user
@@ -206,6 +288,43 @@ class KVNamespace(msgspec.Struct, frozen=True):
     created_by: str = ""
 
 
+class KVQuota(NamedTuple):
+    """The most keys and bytes (keys, values and content types, UTF-8) one namespace may hold."""
+
+    keys: int
+    bytes: int
+
+
+class KVUsage(NamedTuple):
+    """What one namespace holds: live keys (and expired ones the sweep has not removed yet), and their bytes."""
+
+    keys: int
+    bytes: int
+
+
+def _text_bytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def write_bytes(w: KVWrite) -> int:
+    """The bytes ``w`` counts toward its namespace's usage once written."""
+    return _text_bytes(w.key) + len(w.value) + _text_bytes(w.content_type)
+
+
+def quota_error(namespace: str, usage: KVUsage, quota: KVQuota) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"namespace {namespace!r} is full: this write would leave it {usage.keys} keys and {usage.bytes} bytes, "
+        f"over its quota of {quota.keys} keys (kv.quota_keys) or {quota.bytes} bytes (kv.quota_bytes); "
+        "delete some keys first",
+        details={"namespace": namespace, "keys": usage.keys, "bytes": usage.bytes,
+                 "quota_keys": quota.keys, "quota_bytes": quota.bytes},
+    )  # fmt: skip
+
+
+def over_quota(usage: KVUsage, quota: KVQuota) -> bool:
+    return usage.keys > quota.keys or usage.bytes > quota.bytes
+
+
 class KVRevisions(msgspec.Struct, frozen=True):
     """``current``: the latest revision (0: no change yet); log rows up to ``compacted`` are gone."""
 
@@ -238,13 +357,21 @@ class KVStore(Notifying, ABC):
         """The live entry of each key (None: absent or expired), in the order asked."""
 
     @abstractmethod
-    def kv_put(self, namespace: str, writes: Sequence[KVWrite], now: float) -> Awaitable[list[int]]:
+    def kv_put(
+        self, namespace: str, writes: Sequence[KVWrite], now: float, quota: KVQuota | None = None
+    ) -> Awaitable[list[int]]:
         """Put every write atomically (all or none); the new version of each.
 
-        A compare-and-swap mismatch raises ``Aborted`` and writes nothing.
-        (An awaitable rather than a coroutine, so SQLite can hand back its
-        queued write's future; PostgreSQL's is a coroutine.)
+        A compare-and-swap mismatch raises ``Aborted`` and writes nothing; so
+        does ``ResourceExhausted`` when, with ``quota``, the namespace would
+        then hold more than it allows. (An awaitable rather than a coroutine,
+        so SQLite can hand back its queued write's future; PostgreSQL's is a
+        coroutine.)
         """
+
+    @abstractmethod
+    async def kv_usage(self, namespace: str) -> KVUsage:
+        """What ``namespace`` holds (zeros for one that holds nothing)."""
 
     @abstractmethod
     async def kv_delete(self, namespace: str, key: str, expected_version: int | None, now: float) -> int:

@@ -16,8 +16,10 @@ from bastion.store.kv import (
     KVChange,
     KVEntry,
     KVNamespace,
+    KVQuota,
     KVRevisions,
     KVStore,
+    KVUsage,
     KVWrite,
     acl_replace,
     change_of,
@@ -26,7 +28,9 @@ from bastion.store.kv import (
     heir_key,
     key_range,
     namespace_of,
+    over_quota,
     personal_namespace,
+    quota_error,
 )
 
 if TYPE_CHECKING:
@@ -56,6 +60,22 @@ _PG_PUT_LIVE = (
     f"lg AS (INSERT INTO kv_log ({LOG_COLUMNS}) SELECT version, $1, $2, 'put', $3, $4, $6 FROM up) "
     "SELECT (SELECT revision FROM m), (SELECT version FROM up)"
 )
+
+
+_PG_USAGE = "SELECT keys, bytes FROM kv_usage WHERE namespace = $1"
+
+
+async def _check_quota(conn: asyncpg.Connection[Any], namespace: str, quota: KVQuota | None) -> None:
+    """After a put's writes, in its transaction: ``ResourceExhausted`` (undoing them) if over ``quota``.
+
+    Every kv writer holds the ``kv_meta`` row lock by now, so the usage read is the latest.
+    """
+    if quota is None:
+        return
+    row = await conn.fetchrow(_PG_USAGE, namespace)
+    usage = KVUsage(0, 0) if row is None else KVUsage(int(row[0]), int(row[1]))
+    if over_quota(usage, quota):
+        raise quota_error(namespace, usage, quota)
 
 
 def _pg_range(prefix: str, after: str | None, first: int) -> tuple[str, list[Any]]:
@@ -121,9 +141,11 @@ class PostgresKV(PostgresAccess, KVStore):
         found = {entry.key: entry for entry in (entry_of(tuple(r)) for r in rows)}
         return [found.get(key) for key in keys]
 
-    async def kv_put(self, namespace: str, writes: Sequence[KVWrite], now: float) -> list[int]:
+    async def kv_put(
+        self, namespace: str, writes: Sequence[KVWrite], now: float, quota: KVQuota | None = None
+    ) -> list[int]:
         if all(w.expected_version is None for w in writes):
-            return await self._kv_put_unchecked(namespace, writes, now)
+            return await self._kv_put_unchecked(namespace, writes, now, quota)
 
         async def put(conn: asyncpg.Connection[Any]) -> list[int]:
             async with conn.transaction():
@@ -134,12 +156,15 @@ class PostgresKV(PostgresAccess, KVStore):
                     check_version(w.key, w.expected_version, await tx.version(namespace, w.key))
                     versions.append(await tx.put(namespace, w))
                 await tx.finish()
+                await _check_quota(conn, namespace, quota)
                 return versions
 
         result: list[int] = await self._call(put)
         return result
 
-    async def _kv_put_unchecked(self, namespace: str, writes: Sequence[KVWrite], now: float) -> list[int]:
+    async def _kv_put_unchecked(
+        self, namespace: str, writes: Sequence[KVWrite], now: float, quota: KVQuota | None
+    ) -> list[int]:
         """``kv_put`` without compare-and-swap: one statement per write (``_PG_PUT_LIVE``)."""
 
         async def put(conn: asyncpg.Connection[Any]) -> list[int]:
@@ -156,6 +181,7 @@ class PostgresKV(PostgresAccess, KVStore):
                         version = await tx.put(namespace, w)
                         await tx.finish()
                     versions.append(int(version))
+                await _check_quota(conn, namespace, quota)
                 return versions
 
         result: list[int] = await self._call(put)
@@ -173,6 +199,10 @@ class PostgresKV(PostgresAccess, KVStore):
                 return revision
 
         return int(await self._call(delete))
+
+    async def kv_usage(self, namespace: str) -> KVUsage:
+        row = await self._call(lambda c: c.fetchrow(_PG_USAGE, namespace))
+        return KVUsage(0, 0) if row is None else KVUsage(int(row[0]), int(row[1]))
 
     async def kv_list(self, namespace: str, prefix: str, after: str | None, limit: int, now: float) -> list[KVEntry]:
         cond, args = _pg_range(prefix, after, 2)

@@ -18,8 +18,10 @@ from bastion.store.kv import (
     KVChange,
     KVEntry,
     KVNamespace,
+    KVQuota,
     KVRevisions,
     KVStore,
+    KVUsage,
     KVWrite,
     acl_replace,
     change_of,
@@ -28,7 +30,10 @@ from bastion.store.kv import (
     heir_key,
     key_range,
     namespace_of,
+    over_quota,
     personal_namespace,
+    quota_error,
+    write_bytes,
 )
 
 __all__ = ["SQLiteKV"]
@@ -49,8 +54,13 @@ _KEY_UPSERT_LIVE = f"{_KEY_UPSERT} WHERE kv_keys.expires_at IS NULL OR kv_keys.e
 _ANY_EXPIRED = "SELECT 1 FROM kv_keys WHERE expires_at <= ? LIMIT 1"
 
 
-# One kv_put call in a batch: its namespace, its writes and its time.
-_Puts = tuple[str, list[KVWrite], float]
+# One kv_put call in a batch: its namespace, its writes, its time and its namespace's quota.
+_Puts = tuple[str, list[KVWrite], float, KVQuota | None]
+_USAGE = "SELECT keys, bytes FROM kv_usage WHERE namespace = ?"
+
+
+class _NearQuota(Exception):
+    """A batch of puts may take a namespace over its quota: run each alone (see ``_kv_put_unchecked``)."""
 
 
 class _SQLiteTx:
@@ -130,8 +140,8 @@ class _SQLiteTx:
         none of their own expiry times is as early: then every put of the
         batch finds its key live or absent, whatever the order.
         """
-        latest = max(now for _, _, now in puts)
-        for _, writes, _ in puts:
+        latest = max(now for _, _, now, _ in puts)
+        for _, writes, _, _ in puts:
             for w in writes:
                 if w.expires_at is not None and w.expires_at <= latest:
                     return False
@@ -149,7 +159,7 @@ class _SQLiteTx:
         log: list[tuple[Any, ...]] = []
         versions: list[list[int]] = []
         revision = self.revision
-        for namespace, writes, now in puts:
+        for namespace, writes, now, _ in puts:
             mine = []
             for w in writes:
                 revision += 1
@@ -161,6 +171,33 @@ class _SQLiteTx:
         self.conn.executemany(_LOG_INSERT_PUT, log)
         self.revision = revision
         return versions
+
+    def usage(self, namespace: str) -> KVUsage:
+        row = self.conn.execute(_USAGE, (namespace,)).fetchone()
+        return KVUsage(0, 0) if row is None else KVUsage(int(row[0]), int(row[1]))
+
+    def fits(self, puts: list[_Puts]) -> bool:
+        """Whether every namespace ``puts`` write to stays within its quota even if each write adds a key.
+
+        Then no quota check is needed after writing them: the usual case, one read per namespace.
+        """
+        incoming: dict[str, list[Any]] = {}
+        for namespace, writes, _, quota in puts:
+            if quota is not None:
+                grows = incoming.setdefault(namespace, [quota, 0, 0])
+                grows[1] += len(writes)
+                grows[2] += sum(map(write_bytes, writes))
+        for namespace, (quota, keys, size) in incoming.items():
+            usage = self.usage(namespace)
+            if over_quota(KVUsage(usage.keys + keys, usage.bytes + size), quota):
+                return False
+        return True
+
+    def check_quota(self, namespace: str, quota: KVQuota) -> None:
+        """After writing: ``ResourceExhausted`` if ``namespace`` now holds more than ``quota`` allows."""
+        usage = self.usage(namespace)
+        if over_quota(usage, quota):
+            raise quota_error(namespace, usage, quota)
 
     def delete(self, namespace: str, key: str) -> int:
         self.revision += 1
@@ -200,18 +237,22 @@ class SQLiteKV(SQLiteAccess, KVStore):
         found = {entry.key: entry for entry in map(entry_of, rows)}
         return [found.get(key) for key in keys]
 
-    def kv_put(self, namespace: str, writes: Sequence[KVWrite], now: float) -> Awaitable[list[int]]:
+    def kv_put(
+        self, namespace: str, writes: Sequence[KVWrite], now: float, quota: KVQuota | None = None
+    ) -> Awaitable[list[int]]:
         # Not a coroutine: the caller awaits the queued write itself (see SQLiteStore._write_batched).
         writes = list(writes)
         for w in writes:
             if w.expected_version is not None:
-                return self._write(functools.partial(self._kv_put_checked, namespace, writes, now))
-        versions: Awaitable[list[int]] = self._write_batched(self._kv_put_unchecked, (namespace, writes, now))
+                return self._write(functools.partial(self._kv_put_checked, (namespace, writes, now, quota)))
+        versions: Awaitable[list[int]] = self._write_batched(self._kv_put_unchecked, (namespace, writes, now, quota))
         return versions
 
-    def _kv_put_checked(self, namespace: str, writes: list[KVWrite], now: float, conn: sqlite3.Connection) -> list[int]:
+    def _kv_put_checked(self, put: _Puts, conn: sqlite3.Connection) -> list[int]:
         """The write of ``kv_put`` calls with compare-and-swap: each key's version read first."""
+        namespace, writes, now, quota = put
         tx = self._kv_tx(conn, now)
+        exact = not tx.fits([put])
         versions = []
         for w in writes:
             if w.expected_version is None:
@@ -219,6 +260,8 @@ class SQLiteKV(SQLiteAccess, KVStore):
             else:
                 check_version(w.key, w.expected_version, tx.version(namespace, w.key))
                 versions.append(tx.put(namespace, w))
+        if exact and quota is not None:
+            tx.check_quota(namespace, quota)
         tx.finish()
         return versions
 
@@ -228,15 +271,27 @@ class SQLiteKV(SQLiteAccess, KVStore):
         Usually one ``executemany`` per table for the whole batch (``put_rows``);
         when some key may have expired, each put the careful way instead
         (``put_unchecked``: an expired key's expiry is logged first).
+
+        Quotas: when the batch plainly fits (``fits``), nothing more. Otherwise
+        a batch of several calls raises, so that the store runs each alone in
+        its own savepoint, and a call alone writes, then checks its
+        namespace's usage and raises (its savepoint undone) if it is over.
         """
         tx = self._kv_tx(conn, puts[-1][2])
+        exact = not tx.fits(puts)
+        if exact and len(puts) > 1:
+            raise _NearQuota
         if tx.none_expired(puts):
             versions = tx.put_rows(puts)
         else:
             versions = []
-            for namespace, writes, now in puts:
+            for namespace, writes, now, _ in puts:
                 tx.now = now
                 versions.append([tx.put_unchecked(namespace, w) for w in writes])
+        if exact:
+            namespace, _, _, quota = puts[0]
+            if quota is not None:
+                tx.check_quota(namespace, quota)
         tx.finish()
         return versions
 
@@ -250,6 +305,10 @@ class SQLiteKV(SQLiteAccess, KVStore):
             return revision
 
         return await self._write(delete)
+
+    async def kv_usage(self, namespace: str) -> KVUsage:
+        row = await self._read(lambda c: c.execute(_USAGE, (namespace,)).fetchone())
+        return KVUsage(0, 0) if row is None else KVUsage(int(row[0]), int(row[1]))
 
     async def kv_list(self, namespace: str, prefix: str, after: str | None, limit: int, now: float) -> list[KVEntry]:
         low, high, args = key_range(prefix, after)

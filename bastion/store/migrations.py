@@ -138,6 +138,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     # PostgreSQL's version 9 gives the text columns listings order by COLLATE "C"; SQLite
     # compares them bytewise already (BINARY), so here it only keeps the versions in step.
     Migration(9, CODE_POINT_ORDER, (), compatible=True),
+    # Triggers keep the usage whoever writes, old code included: compatible.
+    Migration(10, "kv: each namespace's keys and bytes, for quotas", kv.SQLITE_USAGE_SCHEMA, compatible=True),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -156,6 +156,7 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
         ),
         compatible=True,
     ),
+    Migration(10, "kv: each namespace's keys and bytes, for quotas", kv.POSTGRES_USAGE_SCHEMA, compatible=True),
 )
 
 LATEST = POSTGRES_MIGRATIONS[-1].version

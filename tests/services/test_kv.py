@@ -110,6 +110,29 @@ def test_batches_are_atomic_and_limited(tmp_path: Path) -> None:
     run(test, tmp_path, KVConfig(sweep_interval=3600, max_batch=4))
 
 
+def test_a_namespace_past_its_quota_refuses_puts_until_keys_are_deleted(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        assert await w.ada.kv.usage() == {
+            "namespace": "~ada", "keys": 0, "bytes": 0, "quota_keys": 3, "quota_bytes": 64,
+        }  # fmt: skip
+        await w.ada.kv.put_many(items=[{"key": "a", "value": b"x" * 20}, {"key": "b", "value": b"x" * 20}])
+        with pytest.raises(bastion.ResourceExhausted, match=r"kv\.quota_bytes") as full:
+            await w.ada.kv.put(key="c", value=b"x" * 30)
+        assert full.value.details["bytes"] == 42 + 31
+        with pytest.raises(bastion.ResourceExhausted, match=r"kv\.quota_keys"):
+            await w.ada.kv.put_many(items=[{"key": "c", "value": b""}, {"key": "d", "value": b""}])
+        assert await w.ada.kv.get_many(keys=["c", "d"]) == [None, None]
+        await w.bob.kv.put(key="c", value=b"x" * 30)  # another namespace: its own quota
+        assert await w.ada.kv.delete(key="a")
+        await w.ada.kv.put(key="c", value=b"x" * 30)
+        usage = await w.ada.kv.usage()
+        assert (usage["keys"], usage["bytes"]) == (2, 21 + 31)
+        with pytest.raises(bastion.PermissionDenied):  # usage needs read access, as the keys do
+            await w.eve.kv.usage(namespace="~ada")
+
+    run(test, tmp_path, KVConfig(sweep_interval=3600, quota_keys=3, quota_bytes=64))
+
+
 def test_limits_name_themselves(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         with pytest.raises(bastion.InvalidArgument, match=r"kv.max_key_bytes \(8\)"):
