@@ -47,7 +47,7 @@ from bastion.exceptions import InvalidArgument, UsageError
 __all__ = ["JOB_ATTRIBUTE", "JobRegistry", "JobSpec", "Progress", "build_job_spec"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+_NAME = re.compile(r"^[a-z_][a-z0-9_]*\Z")
 
 #: The attribute a registered function carries its ``JobSpec`` in (the runner reads it).
 JOB_ATTRIBUTE = "__bastion_job__"

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 TOKEN_PREFIX = "bst_"
-_TOKEN_SHAPE = re.compile(r"^bst_[A-Za-z0-9_-]{43}$")
+_TOKEN_SHAPE = re.compile(r"^bst_[A-Za-z0-9_-]{43}\Z")
 
 
 def new_token() -> str:

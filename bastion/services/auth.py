@@ -37,8 +37,8 @@ __all__ = ["DeletedUser", "LoginResult", "Reassign", "TokenInfo", "UserInfo", "c
 # returns how many items changed. bastion serve passes the store's kv/files/jobs ones.
 Reassign = Callable[[str, str | None], Awaitable[int]]
 
-_USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-_ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
+_ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 _ADMIN = [ADMIN_ROLE]
 
 

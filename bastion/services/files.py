@@ -106,8 +106,8 @@ ORPHAN_AGE = 60.0
 PIN_WAIT = 10.0
 #: At most this many seconds (and a quarter of ``upload_ttl``) between an upload stream's marks of activity.
 TOUCH_INTERVAL = 60.0
-_FILE_ID = re.compile(r"^f-[0-9a-f]{32}$")
-_GRANTEE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_FILE_ID = re.compile(r"^f-[0-9a-f]{32}\Z")
+_GRANTEE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 _RANK = {"read": 1, "write": 2, "owner": 3, "admin": 4}
 
 

@@ -32,7 +32,7 @@ from bastion.exceptions import FailedPrecondition
 T = TypeVar("T")
 
 _HASH_BLOCK = 1024 * 1024
-_UPLOAD_ID = re.compile(r"^u-[0-9a-f]{32}$")
+_UPLOAD_ID = re.compile(r"^u-[0-9a-f]{32}\Z")
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:

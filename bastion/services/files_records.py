@@ -20,7 +20,7 @@ from bastion.store.files import FileRecord, FileShare
 __all__ = ["FileInfo", "FilePage", "ShareInfo", "UploadInfo", "UploadResult", "Usage", "check_name"]
 
 MAX_NAME_BYTES = 1024
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class FileInfo(msgspec.Struct, frozen=True):

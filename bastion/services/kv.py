@@ -87,8 +87,8 @@ log = logging.getLogger("bastion.kv")
 ACCESS_RECHECK = 2.0
 
 SWEEP_PAGE = 1000  # expired keys deleted per transaction
-_NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_ACL_ENTRY = re.compile(r"^(user|role):[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
+_ACL_ENTRY = re.compile(r"^(user|role):[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 _MAX_CONTENT_TYPE = 255
 _ADMIN = [ADMIN_ROLE]
 

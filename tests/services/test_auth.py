@@ -206,6 +206,10 @@ def test_password_policy_and_validation(tmp_path: Path) -> None:
             await admin.auth.create_user(name="../etc", password=PASSWORD)
         with pytest.raises(bastion.InvalidArgument, match="role"):
             await admin.auth.create_user(name="ada", roles=["Admin!"])
+        with pytest.raises(bastion.InvalidArgument, match="username"):  # a look-alike of "ada"
+            await admin.auth.create_user(name="ada\n", password=PASSWORD)
+        with pytest.raises(bastion.InvalidArgument, match="role"):
+            await admin.auth.create_user(name="bob", roles=["admin\n"])
         await admin.auth.create_user(name="ada", password=PASSWORD)
         with pytest.raises(bastion.AlreadyExists):
             await admin.auth.create_user(name="ada")

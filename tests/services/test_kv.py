@@ -133,6 +133,17 @@ def test_a_namespace_past_its_quota_refuses_puts_until_keys_are_deleted(tmp_path
     run(test, tmp_path, KVConfig(sweep_interval=3600, quota_keys=3, quota_bytes=64))
 
 
+def test_namespace_names_and_access_entries_end_where_they_seem_to(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        with pytest.raises(bastion.InvalidArgument, match="namespace name"):
+            await w.admin.kv.create_namespace(name="team\n")
+        with pytest.raises(bastion.InvalidArgument, match="readers"):
+            await w.admin.kv.create_namespace(name="team", readers=["user:ada\n"])
+        assert await w.admin.kv.namespaces() == []
+
+    run(test, tmp_path)
+
+
 def test_limits_name_themselves(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         with pytest.raises(bastion.InvalidArgument, match=r"kv.max_key_bytes \(8\)"):
