@@ -927,6 +927,7 @@ const inbox = {
   retry: null,
   delay: 1000, // before the watch is opened again after it failed; doubles up to 30 s
   draftId: null, // the client_id of the draft being sent: a resubmitted draft is stored once
+  loads: 0, // loadInbox calls so far: only the latest one's answer is shown
 };
 
 function setupInbox() {
@@ -957,11 +958,15 @@ function setupInbox() {
 const selectedMail = () => Array.from(document.querySelectorAll("#inbox-table tbody input[type=checkbox]:checked"), (box) => Number(box.value));
 
 async function loadInbox() {
+  const load = ++inbox.loads;
   const cursor = inbox.cursors[inbox.cursors.length - 1];
   const [page] = await Promise.all([
     api("messages.inbox", { unread_only: $("#inbox-unread-only").checked, limit: INBOX_PAGE, cursor }),
     loadUnread(),
   ]);
+  // A newer load has begun since (the user paged while new mail reloaded the newest page): its
+  // answer is the one to show, whichever comes back first.
+  if (load !== inbox.loads) return;
   inbox.next = page.next;
   $("#inbox-all").checked = false;
   $("#inbox-table tbody").replaceChildren(...page.messages.map(mailRow));
