@@ -302,6 +302,11 @@ class KVUsage(NamedTuple):
     bytes: int
 
 
+def usage_of(row: Any) -> KVUsage:
+    """A ``kv_usage`` row (keys, bytes) as ``KVUsage``; None (nothing stored yet) as zeros."""
+    return KVUsage(0, 0) if row is None else KVUsage(int(row[0]), int(row[1]))
+
+
 def _text_bytes(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 

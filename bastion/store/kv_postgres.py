@@ -31,6 +31,7 @@ from bastion.store.kv import (
     over_quota,
     personal_namespace,
     quota_error,
+    usage_of,
 )
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ async def _check_quota(conn: asyncpg.Connection[Any], namespace: str, quota: KVQ
     if quota is None:
         return
     row = await conn.fetchrow(_PG_USAGE, namespace)
-    usage = KVUsage(0, 0) if row is None else KVUsage(int(row[0]), int(row[1]))
+    usage = usage_of(row)
     if over_quota(usage, quota):
         raise quota_error(namespace, usage, quota)
 
@@ -202,7 +203,7 @@ class PostgresKV(PostgresAccess, KVStore):
 
     async def kv_usage(self, namespace: str) -> KVUsage:
         row = await self._call(lambda c: c.fetchrow(_PG_USAGE, namespace))
-        return KVUsage(0, 0) if row is None else KVUsage(int(row[0]), int(row[1]))
+        return usage_of(row)
 
     async def kv_list(self, namespace: str, prefix: str, after: str | None, limit: int, now: float) -> list[KVEntry]:
         cond, args = _pg_range(prefix, after, 2)

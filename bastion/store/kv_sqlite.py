@@ -33,6 +33,7 @@ from bastion.store.kv import (
     over_quota,
     personal_namespace,
     quota_error,
+    usage_of,
     write_bytes,
 )
 
@@ -174,7 +175,7 @@ class _SQLiteTx:
 
     def usage(self, namespace: str) -> KVUsage:
         row = self.conn.execute(_USAGE, (namespace,)).fetchone()
-        return KVUsage(0, 0) if row is None else KVUsage(int(row[0]), int(row[1]))
+        return usage_of(row)
 
     def fits(self, puts: list[_Puts]) -> bool:
         """Whether every namespace ``puts`` write to stays within its quota even if each write adds a key.
@@ -308,7 +309,7 @@ class SQLiteKV(SQLiteAccess, KVStore):
 
     async def kv_usage(self, namespace: str) -> KVUsage:
         row = await self._read(lambda c: c.execute(_USAGE, (namespace,)).fetchone())
-        return KVUsage(0, 0) if row is None else KVUsage(int(row[0]), int(row[1]))
+        return usage_of(row)
 
     async def kv_list(self, namespace: str, prefix: str, after: str | None, limit: int, now: float) -> list[KVEntry]:
         low, high, args = key_range(prefix, after)
