@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,10 +22,19 @@ from typing import Any, Literal
 import msgspec
 
 from bastion.config_env import merge, overlay
+from bastion.config_services import (
+    DurableTopic,
+    FilesConfig,
+    JobsConfig,
+    KVConfig,
+    MessagesConfig,
+    TopicRule,
+    TopicsConfig,
+    check_finite,
+)
 from bastion.exceptions import UsageError
 from bastion.security.ratelimit import RateLimitConfig
 from bastion.server.scheduler import SchedulerConfig
-from bastion.services.topics_syntax import pattern_error
 
 __all__ = [
     "DEFAULT_PORT",
@@ -51,14 +59,6 @@ DEFAULT_PORT = 7400
 _ENVELOPE = 1024
 #: The largest integer a Welcome can carry to clients (MessagePack int64).
 _WIRE_INT_MAX = 2**63 - 1
-
-
-def _check_finite(struct: msgspec.Struct, section: str) -> None:
-    """Refuse NaN (it passes every ``<= 0`` check) and infinity: neither is a number of seconds or bytes."""
-    for name in struct.__struct_fields__:
-        value = getattr(struct, name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"{section}.{name} must be a finite number, got {value!r}")
 
 
 class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -131,7 +131,7 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_refused_per_10s: int = 1000
 
     def __post_init__(self) -> None:
-        _check_finite(self, "limits")
+        check_finite(self, "limits")
         for name in self.__struct_fields__:
             if getattr(self, name) <= 0:
                 raise UsageError(f"limits.{name} must be positive, got {getattr(self, name)!r}")
@@ -209,7 +209,7 @@ class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_failures_per_user_global: int = 100
 
     def __post_init__(self) -> None:
-        _check_finite(self, "auth")
+        check_finite(self, "auth")
         if not 0 < self.revalidate_interval <= 5:
             raise UsageError("auth.revalidate_interval must be in (0, 5] seconds")
         if self.session_ttl <= 0 or self.token_ttl < 0 or self.lockout <= 0:
@@ -219,235 +219,6 @@ class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for name in ("max_failures_per_source", "max_failures_per_user_source", "max_failures_per_user_global"):
             if getattr(self, name) < 1:
                 raise UsageError(f"auth.{name} must be at least 1, got {getattr(self, name)!r}")
-
-
-class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The ``kv`` service.
-
-    max_key_bytes: longest key (UTF-8 bytes).
-    max_value_bytes: largest value (must fit a frame: below ``limits.max_frame``).
-    max_batch: most keys in one batch get/put.
-    max_page: most entries one ``list`` page returns.
-    history: changes kept for ``watch`` to resume from (older revisions are compacted).
-    sweep_interval: seconds between sweeps that remove expired keys and compact the history.
-    watch_buffer: changes buffered for one slow watcher before its stream ends (it resumes from a version).
-    watch_buffer_bytes: value bytes buffered for one slow watcher before its stream ends.
-    max_watchers: watch streams open at once on this server.
-    max_watchers_per_user: watch streams one user may have open on this server.
-    quota_keys: keys one namespace (a user's own, or a shared one) may hold; a put past it is refused.
-    quota_bytes: bytes (keys, values and content types) one namespace may hold, likewise.
-    """
-
-    max_key_bytes: int = 1024
-    max_value_bytes: int = 512 * 1024
-    max_batch: int = 256
-    max_page: int = 1000
-    history: int = 100_000
-    sweep_interval: float = 1.0
-    watch_buffer: int = 1024
-    watch_buffer_bytes: int = 8 * 1024 * 1024
-    max_watchers: int = 1024
-    max_watchers_per_user: int = 64
-    quota_keys: int = 1_000_000
-    quota_bytes: int = 1024**3
-
-    def __post_init__(self) -> None:
-        _check_finite(self, "kv")
-        for name in self.__struct_fields__:
-            if getattr(self, name) <= 0:
-                raise UsageError(f"kv.{name} must be positive, got {getattr(self, name)!r}")
-
-
-class DurableTopic(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Topics matching ``pattern`` are durable: kept as a log with offsets.
-
-    keep: messages kept per topic (0: no count limit).
-    max_age: seconds a message is kept (0: no age limit); at least one of the two is set.
-    """
-
-    pattern: str
-    keep: int = 100_000
-    max_age: float = 0.0
-
-
-class TopicRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Who may publish and subscribe to topics matching ``pattern``.
-
-    Each list holds "user:NAME", "role:NAME" or "*" (anyone signed in).
-    """
-
-    pattern: str
-    publish: list[str] = []
-    subscribe: list[str] = []
-
-
-class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The topics of the ``messages`` service (publish/subscribe); see docs/services.md.
-
-    max_topic_length: longest topic name or pattern (characters).
-    max_payload_bytes: largest payload (its MessagePack encoding); must fit a frame.
-    max_headers: most headers on one message; max_header_bytes: their total size.
-    subscriber_buffer: messages buffered for one slow subscriber before it is told it lagged.
-    subscriber_buffer_bytes: payload bytes buffered for one slow subscriber, likewise.
-    max_subscribers: subscriptions open at once on this server.
-    max_subscribers_per_user: subscriptions one user may have open on this server.
-    relay_seconds: seconds a live message stays in the store for the other processes sharing it.
-    sweep_interval: seconds between retention sweeps (on the leader).
-    durable: the durable topics (the first matching entry applies); every other topic is live.
-    rules: who may publish and subscribe (besides admins, and each user in ``user.<name>.>``).
-    """
-
-    max_topic_length: int = 255
-    max_payload_bytes: int = 256 * 1024
-    max_headers: int = 16
-    max_header_bytes: int = 4096
-    subscriber_buffer: int = 1024
-    subscriber_buffer_bytes: int = 8 * 1024 * 1024
-    max_subscribers: int = 4096
-    max_subscribers_per_user: int = 64
-    relay_seconds: float = 30.0
-    sweep_interval: float = 5.0
-    durable: list[DurableTopic] = []
-    rules: list[TopicRule] = []
-
-    def __post_init__(self) -> None:
-        _check_finite(self, "messages.topics")
-        for name in self.__struct_fields__:
-            if name not in ("durable", "rules") and getattr(self, name) <= 0:
-                raise UsageError(f"messages.topics.{name} must be positive, got {getattr(self, name)!r}")
-        for i, durable in enumerate(self.durable):
-            self._check_pattern(f"messages.topics.durable[{i}].pattern", durable.pattern)
-            _check_finite(durable, f"messages.topics.durable[{i}]")
-            if durable.keep < 0 or durable.max_age < 0 or not (durable.keep or durable.max_age):
-                raise UsageError(
-                    f"messages.topics.durable[{i}]: keep and max_age must be >= 0, and one of them positive"
-                )
-        for i, rule in enumerate(self.rules):
-            self._check_pattern(f"messages.topics.rules[{i}].pattern", rule.pattern)
-            for entry in (*rule.publish, *rule.subscribe):
-                if entry != "*" and not _ACCESS_ENTRY.fullmatch(entry):
-                    raise UsageError(f'topics.rules[{i}]: {entry!r} is not "user:NAME", "role:NAME" or "*"')
-
-    def _check_pattern(self, where: str, pattern: str) -> None:
-        error = pattern_error(pattern, self.max_topic_length)
-        if error is not None:
-            raise UsageError(f"{where}: {error}")
-
-
-_ACCESS_ENTRY = re.compile(r"(user|role):[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
-
-
-class MessagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The ``messages`` service: the mailbox limits here, the topics' in ``topics`` (``[messages.topics]``).
-
-    max_recipients: most mailboxes one send delivers to (after expanding ``role:NAME``), and most addresses in ``to``.
-    max_body_bytes: largest body (its bytes, or the JSON of a structured body); must fit a frame.
-    max_subject_bytes: longest subject (UTF-8 bytes).
-    max_headers: most headers on one message; max_header_bytes: their names and values together.
-    max_attachments: most files attached to one message.
-    mailbox_messages: messages one mailbox may hold; a send to a full mailbox is refused.
-    mailbox_bytes: bytes (bodies, subjects, headers, addresses) one mailbox may hold, likewise.
-    send_rate: deliveries (messages times recipients) per minute per sender; 0: no limit.
-    send_burst: deliveries a sender may make at once before ``send_rate`` applies.
-    client_id_ttl: seconds a send's client_id is remembered (a retry within it is stored once).
-    max_page: most messages one ``inbox`` page returns.
-    max_watchers: mailbox watches open at once on this server.
-    max_watchers_per_user: mailbox watches one user may have open on this server.
-    sweep_interval: seconds between sweeps forgetting expired client_ids (on the leader).
-    """
-
-    max_recipients: int = 100
-    max_body_bytes: int = 256 * 1024
-    max_subject_bytes: int = 1024
-    max_headers: int = 32
-    max_header_bytes: int = 8192
-    max_attachments: int = 16
-    mailbox_messages: int = 10_000
-    mailbox_bytes: int = 100 * 1024**2
-    send_rate: float = 600.0
-    send_burst: float = 600.0
-    client_id_ttl: float = 7 * 24 * 3600.0
-    max_page: int = 500
-    max_watchers: int = 1024
-    max_watchers_per_user: int = 16
-    sweep_interval: float = 300.0
-    topics: TopicsConfig = TopicsConfig()
-
-    def __post_init__(self) -> None:
-        _check_finite(self, "messages")
-        for name in self.__struct_fields__:
-            if name not in ("topics", "send_rate") and getattr(self, name) <= 0:
-                raise UsageError(f"messages.{name} must be positive, got {getattr(self, name)!r}")
-        if self.send_rate < 0:
-            raise UsageError(f"messages.send_rate must be >= 0 (0: no limit), got {self.send_rate!r}")
-        if self.send_rate and self.send_burst < self.max_recipients:
-            raise UsageError(
-                f"messages.send_burst ({self.send_burst:g}) must be at least messages.max_recipients "
-                f"({self.max_recipients}), or a send to that many could never pass"
-            )
-
-
-class FilesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The ``files`` service.
-
-    directory: where file contents live (default ``<data_dir>/files``); replicas
-    sharing a PostgreSQL store must share this directory.
-    quota_bytes: bytes each user may own, finished files and open uploads together.
-    chunk_bytes: size of the chunks of a download stream (and the upload chunk size
-    suggested to clients); must fit a frame: below ``limits.max_frame``.
-    upload_ttl: seconds an unfinished upload is kept for resuming.
-    blob_grace: seconds contents no file refers to any more are kept before the
-    sweep deletes them (so a backup being taken never misses a blob).
-    sweep_interval: seconds between sweeps of expired uploads and unreferenced contents.
-    """
-
-    directory: str = ""
-    quota_bytes: int = 10 * 1024**3
-    chunk_bytes: int = 256 * 1024
-    upload_ttl: float = 24 * 3600
-    blob_grace: float = 3600.0
-    sweep_interval: float = 60.0
-
-    def __post_init__(self) -> None:
-        _check_finite(self, "files")
-        if self.quota_bytes < 0 or not 0 < self.chunk_bytes <= 1_000_000:
-            raise UsageError("files.quota_bytes must be >= 0 and files.chunk_bytes in 1..1000000")
-        if self.upload_ttl <= 0 or self.blob_grace < 0 or self.sweep_interval <= 0:
-            raise UsageError("files.upload_ttl and files.sweep_interval must be positive, files.blob_grace >= 0")
-
-
-class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The ``jobs`` service.
-
-    modules: ``module:attribute`` of ``JobRegistry`` objects whose jobs may be submitted.
-    concurrency: jobs this server runs at once (each in its own process).
-    timeout: default wall-clock limit of a job in seconds.
-    memory_mb: default address-space limit of a job's process.
-    lease: seconds a runner's claim on a job lasts without renewal.
-    retention: seconds a finished job and its result are kept.
-    max_attempts: runs of a retryable job before it is marked failed.
-    max_pending: queued and running jobs one user may have at once.
-    max_result_bytes: largest result a job may return (MessagePack bytes; below ``limits.max_frame``).
-    poll_interval: seconds between looks at the shared queue and between store polls of
-        ``jobs.watch`` (jobs submitted to this server start at once).
-    """
-
-    modules: list[str] = []
-    concurrency: int = 2
-    timeout: float = 3600.0
-    memory_mb: int = 1024
-    lease: float = 30.0
-    retention: float = 7 * 24 * 3600
-    max_attempts: int = 3
-    max_pending: int = 1000
-    max_result_bytes: int = 512 * 1024
-    poll_interval: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_finite(self, "jobs")
-        for name in self.__struct_fields__:
-            if name != "modules" and getattr(self, name) <= 0:
-                raise UsageError(f"jobs.{name} must be positive, got {getattr(self, name)!r}")
 
 
 class BackupConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -466,7 +237,7 @@ class BackupConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     passphrase_file: str | None = None
 
     def __post_init__(self) -> None:
-        _check_finite(self, "backup")
+        check_finite(self, "backup")
         if self.interval < 0 or self.keep < 1:
             raise UsageError(
                 f"backup.interval must be >= 0 and backup.keep at least 1, got {self.interval}, {self.keep}"
@@ -506,7 +277,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     body_min_rate: float = 500.0
 
     def __post_init__(self) -> None:
-        _check_finite(self, "gateway")
+        check_finite(self, "gateway")
         if not 0 <= self.http_port <= 65535:
             raise UsageError(f"gateway.http_port must be 0..65535, got {self.http_port}")
         if self.max_body <= 0 or self.max_batch <= 0 or self.max_json_depth <= 0 or self.idle_seconds <= 0:
