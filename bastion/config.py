@@ -94,6 +94,14 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         so is one whose buffer passes the hard cap of 4 x write_high_water +
         max_frame at any time. Blunts a client that sends calls but never
         reads the answers.
+    frame_timeout: 20 s, and frame_min_rate: 500 bytes/s. A frame begun
+        must arrive whole within frame_timeout plus one second per
+        frame_min_rate bytes of it received (a 1 MiB frame: 20 s + 35 min
+        at 500 B/s), else GoAway (DEADLINE_EXCEEDED, "frame too slow") and
+        close; the clock restarts while the server is not reading. Blunts a
+        peer trickling a frame it never finishes to hold its connection
+        past idle_timeout and keepalive (as Apache's RequestReadTimeout
+        body=20,MinRate=500).
     read_high_water: 256 calls accepted on one connection but not yet
         started; at this many the server stops reading from the connection
         until they start. Blunts a fast sender queuing work faster than the
@@ -125,6 +133,8 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_connections_per_source: int = 256
     idle_timeout: float = 300.0
     write_stall_timeout: float = 10.0
+    frame_timeout: float = 20.0
+    frame_min_rate: int = 500
     read_high_water: int = 256
     max_cancels_per_10s: int = 1000
     max_pings_per_10s: int = 100

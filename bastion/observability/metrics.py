@@ -83,7 +83,12 @@ _REJECTIONS = (
     ("shed", "scheduler_rejected_shed"),
     ("deadline", "scheduler_rejected_deadline"),
 )
-_CLOSED = (("idle", "closed_idle"), ("abuse", "closed_abuse"), ("slow_reader", "closed_slow_reader"))
+_CLOSED = (
+    ("idle", "closed_idle"),
+    ("abuse", "closed_abuse"),
+    ("slow_reader", "closed_slow_reader"),
+    ("slow_sender", "closed_slow_sender"),
+)
 _AUTH = (
     ("credentials", "auth_failures_credentials"),
     ("throttled", "auth_failures_throttled"),

@@ -121,7 +121,8 @@ class Connection:
         # And the server's: receiving a Call, sending a Result or an Error.
         self._accepting = self._unchanged_by(_RECV, Call)
         self._answering = self._unchanged_by(_SEND, Result) & self._unchanged_by(_SEND, Error)
-        self._reader: FrameReader[Message] = FrameReader(
+        #: The frame decoder; read-only outside (the server watches its partial frame's pace).
+        self.reader: FrameReader[Message] = FrameReader(
             ClientMessage if role is Role.SERVER else ServerMessage,
             self.limits.handshake_max_frame if role is Role.SERVER else self.limits.max_frame,
         )
@@ -180,7 +181,7 @@ class Connection:
         if self.state is _CLOSED:
             return []
         try:
-            messages = self._reader.feed(data)
+            messages = self.reader.feed(data)
             events: list[Message] = []
             receive, keep = self._receive, events.append
             calls = self._calls
@@ -239,7 +240,7 @@ class Connection:
         new = self._next_state(_SEND, Welcome)
         self._writer.write(welcome)  # within the handshake cap (docs/protocol.md 2.1)
         self.state = new
-        self._reader.max_frame = self.limits.max_frame
+        self.reader.max_frame = self.limits.max_frame
         self._writer.max_frame = self._peer_max_frame
 
     def reject(self, status: Status, message: str) -> None:

@@ -64,14 +64,13 @@ class FrameReader(Generic[T]):
         # The trailing partial frame, as the reads that brought it: joined once,
         # when it is whole, so a large frame is copied once, not once per read.
         self._parts: list[bytes | bytearray] = []
-        self._buffered = 0
+        #: Bytes received but not yet decoded (a partial frame); read-only outside.
+        self.buffered = 0
+        #: How many partial frames have begun: a read that ends inside a new frame counts one, so
+        #: a watcher can tell a frame still arriving from the next one (the server's frame pace).
+        self.begun = 0
         self._need = HEADER_SIZE  # bytes the partial frame in _parts needs
         self.max_frame = max_frame
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet decoded (a partial frame)."""
-        return self._buffered
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[T]:
         """Add ``data`` and return every message it completes, in order.
@@ -81,7 +80,7 @@ class FrameReader(Generic[T]):
         """
         if not isinstance(data, bytes):
             data = bytes(data)
-        if self._buffered:
+        if self.buffered:
             parts = self._parts
             if len(data) >= _SMALL_READ:
                 parts.append(data)
@@ -89,12 +88,12 @@ class FrameReader(Generic[T]):
                 parts[-1] += data  # trickles bytes must not cost an object per read
             else:
                 parts.append(bytearray(data))
-            self._buffered += len(data)
-            if self._buffered < self._need:
+            self.buffered += len(data)
+            if self.buffered < self._need:
                 return []
             data = b"".join(self._parts)
             self._parts.clear()
-            self._buffered = 0
+            self.buffered = 0
         # Decoded ``Raw`` fields keep views into ``data``; it is immutable bytes,
         # so they stay valid after we return.
         view = memoryview(data)
@@ -131,7 +130,8 @@ class FrameReader(Generic[T]):
             self._need = HEADER_SIZE
         if pos < size:
             self._parts.append(data[pos:] if pos else data)
-            self._buffered = size - pos
+            self.buffered = size - pos
+            self.begun += 1
         return out
 
 

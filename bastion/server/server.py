@@ -503,9 +503,10 @@ class Server:
         rejected_connections_total: closed at accept, over a connection limit
         or for want of file descriptors; rejected_connections_per_source: those
         over max_connections_per_source. closed_idle, closed_abuse,
-        closed_slow_reader: connections closed for idle_timeout, an abuse cap
-        (max_*_per_10s), or not reading their answers (write_stall_timeout or
-        the hard cap). accept_errors_total: accept() failures (EMFILE...).
+        closed_slow_reader, closed_slow_sender: connections closed for
+        idle_timeout, an abuse cap (max_*_per_10s), not reading their answers
+        (write_stall_timeout or the hard cap), or sending a frame too slowly
+        (frame_timeout, frame_min_rate). accept_errors_total: accept() failures (EMFILE...).
         proxied_connections_total: connections from a trusted proxy whose
         PROXY header named a client (not LOCAL ones, such as health checks);
         rejected_proxy_header_total: connections from a trusted proxy closed
@@ -524,6 +525,7 @@ class Server:
             "closed_idle": counters["closed_idle"],
             "closed_abuse": counters["closed_abuse"],
             "closed_slow_reader": counters["closed_slow_reader"],
+            "closed_slow_sender": counters["closed_slow_sender"],
             "accept_errors_total": counters["accept_errors"],
             "rejected_rate_limited": counters["rejected_rate_limited"],
             "proxied_connections_total": counters["proxied_connections"],

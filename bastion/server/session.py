@@ -140,6 +140,10 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         #: Methods this connection's principal was admitted to, with that principal (the table's
         #: checks depend on nothing else; a revalidated principal is a new object and checks again).
         self._admitted: dict[str, tuple[Principal, Entry]] = {}
+        self._frames = self.core.reader  # its partial frame's pace is watched (upkeep.py)
+        self._frame_begun = 0  # the partial frame being watched, by the reader's count of them
+        self._frame_since = 0.0
+        self._frame_timer: asyncio.TimerHandle | None = None
 
     # -- Session protocol ---------------------------------------------------------
 
@@ -154,6 +158,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
             self._timer.cancel()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
         if self._revalidation is not None:
             self._revalidation.cancel()
         if self.link is not None and self.link.dropped is not None:
@@ -172,6 +178,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
     def on_events(self, events: list[Message]) -> None:
         now = self._last_seen = time.monotonic()
         self._read_at = time.perf_counter()  # when this read's calls arrived (their latency counts from it)
+        if self._frames.buffered and self._frames.begun != self._frame_begun:
+            self._frame_begun_at(now)  # a read ended inside a new frame
         try:
             pings = pongs = 0
             for event in events:

@@ -9,7 +9,12 @@ or be revoked is revalidated every ``revalidate_interval`` seconds, the
 connection closed (its calls answered UNAUTHENTICATED) once it is no longer
 good. Keepalive: a timer pings a silent connection and closes it if the Pong
 does not come. An idle timer closes a connection with no call open and no
-traffic but pings for ``idle_timeout``. Cancels, Pings and Calls the core
+traffic but pings for ``idle_timeout``. Frame pace: a frame begun must
+arrive whole within ``frame_timeout`` seconds plus one second for each
+``frame_min_rate`` bytes of it received, or the connection is closed, so a
+peer trickling a frame it never finishes cannot hold its connection (and the
+bytes buffered) past idle and keepalive limits; the clock restarts while the
+server itself is not reading. Cancels, Pings and Calls the core
 refused over ``max_inflight`` are counted in fixed 10-second windows; past a
 cap the session sends GoAway(RESOURCE_EXHAUSTED) and closes. Denied calls are
 written to the audit log, at most ``DENIALS_AUDITED`` per connection per 10 s
@@ -26,7 +31,8 @@ from typing import TYPE_CHECKING
 
 from bastion.exceptions import ResourceExhausted, Unauthenticated
 from bastion.protocol.connection import Connection
-from bastion.protocol.messages import PROTOCOL_VERSION, Hello, Welcome
+from bastion.protocol.frames import FrameReader
+from bastion.protocol.messages import PROTOCOL_VERSION, Hello, Message, Welcome
 from bastion.protocol.state import ConnectionState
 from bastion.security.authn import PeerInfo
 from bastion.security.principal import Principal
@@ -68,6 +74,10 @@ class SessionUpkeep:
     _loop: asyncio.AbstractEventLoop
     _timer: asyncio.TimerHandle | None
     _idle_timer: asyncio.TimerHandle | None
+    _frames: FrameReader[Message]
+    _frame_begun: int
+    _frame_since: float
+    _frame_timer: asyncio.TimerHandle | None
     _revalidation: asyncio.Task[None] | None
     _last_seen: float
     _last_active: float
@@ -204,6 +214,30 @@ class SessionUpkeep:
             return
         delay = self.limits.idle_timeout - idle if not self.tickets else self.limits.idle_timeout
         self._idle_timer = self._loop.call_later(max(delay, 0.001), self._check_idle)
+
+    def _frame_begun_at(self, now: float) -> None:
+        """A read ended inside a new frame: start its clock, and the watch if none is on."""
+        self._frame_begun, self._frame_since = self._frames.begun, now
+        if self._frame_timer is None:
+            self._frame_timer = self._loop.call_later(self.limits.frame_timeout, self._check_frame)
+
+    def _check_frame(self) -> None:
+        self._frame_timer = None
+        link, frames = self.link, self._frames
+        if link is None or link.closed or not frames.buffered:
+            return  # the frame arrived whole (the next one that stops partway starts the watch again)
+        now = time.monotonic()
+        if link.reading_paused:  # our doing, not the peer's: its clock starts again
+            self._frame_since = now
+        limits = self.limits
+        due = self._frame_since + limits.frame_timeout + frames.buffered / limits.frame_min_rate
+        if now < due:
+            self._frame_timer = self._loop.call_later(due - now, self._check_frame)
+            return
+        self.server.counters["closed_slow_sender"] += 1
+        log.warning("closing connection %s: a frame arrived too slowly (%d bytes)", link.peer, frames.buffered)
+        self.core.send_goaway(Status.DEADLINE_EXCEEDED, "frame too slow")
+        link.close()
 
     def _abused(self, kind: str, now: float, n: int = 1) -> bool:
         """Count ``n`` of ``kind`` in this window; past its cap, close the connection and say so."""

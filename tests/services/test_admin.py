@@ -142,6 +142,7 @@ def test_stats_counts_connections_calls_and_errors() -> None:
         "closed_idle",
         "closed_abuse",
         "closed_slow_reader",
+        "closed_slow_sender",
         "accept_errors_total",
         "rejected_rate_limited",
         "proxied_connections_total",
