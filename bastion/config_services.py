@@ -42,6 +42,8 @@ class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_batch: most keys in one batch get/put.
     max_page: most entries one ``list`` page returns.
     history: changes kept for ``watch`` to resume from (older revisions are compacted).
+    history_bytes: the most bytes (keys, values, content types) those changes may hold; the oldest go
+        first. Bounds the log's disk use, which no namespace quota counts (at least ``max_value_bytes``).
     sweep_interval: seconds between sweeps that remove expired keys and compact the history.
     watch_buffer: changes buffered for one slow watcher before its stream ends (it resumes from a version).
     watch_buffer_bytes: value bytes buffered for one slow watcher before its stream ends.
@@ -56,6 +58,7 @@ class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_batch: int = 256
     max_page: int = 1000
     history: int = 100_000
+    history_bytes: int = 256 * 1024 * 1024
     sweep_interval: float = 1.0
     watch_buffer: int = 1024
     watch_buffer_bytes: int = 8 * 1024 * 1024
@@ -69,6 +72,10 @@ class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for name in self.__struct_fields__:
             if getattr(self, name) <= 0:
                 raise UsageError(f"kv.{name} must be positive, got {getattr(self, name)!r}")
+        if self.history_bytes < self.max_value_bytes:
+            raise UsageError(
+                f"kv.history_bytes ({self.history_bytes}) must be at least kv.max_value_bytes ({self.max_value_bytes})"
+            )
 
 
 class DurableTopic(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

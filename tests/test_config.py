@@ -181,3 +181,9 @@ def test_a_smaller_frame_works_with_a_chunk_size_that_fits_it(tmp_path: Path) ->
     path = tmp_path / "small.toml"
     path.write_text("[limits]\nmax_frame = 65536\n[files]\nchunk_bytes = 32768\n")
     assert load_config(path, environ={}).files.chunk_bytes == 32768
+
+
+def test_a_change_log_byte_bound_below_one_value_is_refused() -> None:
+    with pytest.raises(UsageError, match=r"kv.history_bytes \(1000\) must be at least kv.max_value_bytes \(524288\)"):
+        load_config(environ={"BASTION_KV__HISTORY_BYTES": "1000"})
+    assert load_config(environ={"BASTION_KV__HISTORY_BYTES": "524288"}).kv.history_bytes == 524288

@@ -49,7 +49,8 @@ expiry always go through, so a full namespace is emptied the usual way.
 
 Expiry. ``KV.start`` runs a sweep every ``sweep_interval`` seconds: it
 deletes expired keys (each logged as a ``delete``, so watchers see it) and
-trims the log to the newest ``history`` changes. Expired keys are invisible
+trims the log to the newest ``history`` changes, and to at most
+``history_bytes`` of them (kv_log.py). Expired keys are invisible
 to reads at once, whether or not the sweep has run.
 """
 
@@ -75,6 +76,7 @@ from bastion.exceptions import (
 from bastion.security.principal import ADMIN_ROLE, Principal
 from bastion.service import Context, Service
 from bastion.services import Background, every
+from bastion.services.kv_log import LogBudget
 from bastion.services.kv_watch import FEED_PAGE as FEED_PAGE  # re-exported: importable from here as before
 from bastion.services.kv_watch import POLL_INTERVAL as POLL_INTERVAL
 from bastion.services.kv_watch import Hub, Watcher, behind, replay
@@ -179,6 +181,7 @@ class KV:
         self.hub = Hub(store)
         self.quota = KVQuota(self.config.quota_keys, self.config.quota_bytes)
         self._background = Background()
+        self._log = LogBudget(store, self.config.history, self.config.history_bytes)
         self.service = Service("kv", doc="Key-value storage with versions, compare-and-swap, TTLs and watches.")
         _declare(self, self.service)
 
@@ -202,7 +205,7 @@ class KV:
             total += n
             if n < SWEEP_PAGE:
                 break
-        trimmed = await self.store.kv_compact(self.config.history)
+        trimmed = await self._log.trim()
         if total or trimmed:
             self.hub.nudge()
         return total

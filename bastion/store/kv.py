@@ -20,8 +20,10 @@ value, or ``delete`` (explicit, by namespace deletion, by a user's data being
 handed over, or by expiry) -- keyed by revision. It is what ``watch``
 replays, and what the service's hub tails to feed live watchers, so
 watchers see exactly the committed changes, in revision order, without gaps.
-``kv_compact`` trims it to the newest ``keep`` changes and records the
-highest revision removed (``compacted``).
+``kv_compact`` trims it to the newest ``keep`` changes (or through a given
+revision: the service's byte bound, ``kv.history_bytes``, is counted from
+``kv_log_bytes`` and ``kv_log_sizes``) and records the highest revision
+removed (``compacted``).
 
 Revision allocation is race-free on both backends because every kv write
 reads and advances the counter inside its own transaction: SQLite has one
@@ -403,8 +405,17 @@ class KVStore(Notifying, ABC):
         """Delete up to ``limit`` keys expired at ``now``, logging each; how many."""
 
     @abstractmethod
-    async def kv_compact(self, keep: int) -> int:
-        """Trim the change log to its newest ``keep`` changes; how many were removed."""
+    async def kv_compact(self, keep: int | None = None, through: int = 0) -> int:
+        """Trim the change log to its newest ``keep`` changes, or (``keep`` None) through revision
+        ``through``; how many were removed."""
+
+    @abstractmethod
+    async def kv_log_bytes(self, after: int, upto: int) -> int:
+        """The bytes (``LOG_ENTRY_BYTES``) of the logged changes after revision ``after`` up to ``upto``."""
+
+    @abstractmethod
+    async def kv_log_sizes(self, after: int, limit: int) -> list[tuple[int, int]]:
+        """The oldest ``limit`` logged changes after revision ``after``: (revision, bytes), oldest first."""
 
     @abstractmethod
     async def kv_create_namespace(self, namespace: KVNamespace) -> bool:
@@ -452,6 +463,12 @@ def acl_replace(entries: list[str], old: str, new: str | None) -> list[str]:
 
 ENTRY_COLUMNS = "key, value, version, content_type, expires_at"
 LOG_COLUMNS = "revision, namespace, key, op, value, content_type, at"
+#: A logged change's size, as the byte bound on the change log counts it: its key, value and
+#: content type, in bytes (SQLite's length() counts a text's characters, PostgreSQL's its bytes).
+LOG_ENTRY_BYTES = {
+    "sqlite": "length(CAST(key AS BLOB)) + ifnull(length(value), 0) + length(CAST(content_type AS BLOB))",
+    "postgresql": "octet_length(key) + coalesce(octet_length(value), 0) + octet_length(content_type)",
+}
 
 
 def entry_of(row: tuple[Any, ...]) -> KVEntry:

@@ -12,6 +12,7 @@ from bastion.store.kv import (
     DELETE,
     ENTRY_COLUMNS,
     LOG_COLUMNS,
+    LOG_ENTRY_BYTES,
     PUT,
     KVChange,
     KVEntry,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PostgresKV"]
 
+_ENTRY_BYTES = LOG_ENTRY_BYTES["postgresql"]
 _PG_LOG_INSERT = f"INSERT INTO kv_log ({LOG_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
 _PG_KEY_UPSERT = (
     "INSERT INTO kv_keys (namespace, key, value, content_type, version, expires_at) VALUES ($1, $2, $3, $4, $5, $6) "
@@ -254,11 +256,20 @@ class PostgresKV(PostgresAccess, KVStore):
 
         return int(await self._call(expire))
 
-    async def kv_compact(self, keep: int) -> int:
+    async def kv_log_bytes(self, after: int, upto: int) -> int:
+        sql = f"SELECT sum({_ENTRY_BYTES}) FROM kv_log WHERE revision > $1 AND revision <= $2"
+        return int(await self._call(lambda c: c.fetchval(sql, after, upto)) or 0)
+
+    async def kv_log_sizes(self, after: int, limit: int) -> list[tuple[int, int]]:
+        sql = f"SELECT revision, {_ENTRY_BYTES} FROM kv_log WHERE revision > $1 ORDER BY revision LIMIT $2"
+        rows = await self._call(lambda c: c.fetch(sql, after, limit))
+        return [(int(revision), int(size)) for revision, size in rows]
+
+    async def kv_compact(self, keep: int | None = None, through: int = 0) -> int:
         async def compact(conn: asyncpg.Connection[Any]) -> int:
             async with conn.transaction():
                 row = await conn.fetchrow("SELECT revision, compacted FROM kv_meta WHERE id = 1 FOR UPDATE")
-                cutoff = int(row[0]) - keep
+                cutoff = min(through if keep is None else int(row[0]) - keep, int(row[0]))
                 if cutoff <= int(row[1]):
                     return 0
                 status = await conn.execute("DELETE FROM kv_log WHERE revision <= $1", cutoff)

@@ -14,6 +14,7 @@ from bastion.store.kv import (
     DELETE,
     ENTRY_COLUMNS,
     LOG_COLUMNS,
+    LOG_ENTRY_BYTES,
     PUT,
     KVChange,
     KVEntry,
@@ -40,6 +41,7 @@ from bastion.store.kv import (
 __all__ = ["SQLiteKV"]
 
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
+_ENTRY_BYTES = LOG_ENTRY_BYTES["sqlite"]
 _LOG_INSERT = f"INSERT INTO kv_log ({LOG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 # A put's log row, its op written into the statement: one parameter fewer to bind per put (a text
 # parameter is copied into a fresh allocation by SQLite).
@@ -353,11 +355,20 @@ class SQLiteKV(SQLiteAccess, KVStore):
 
         return await self._write(expire)
 
-    async def kv_compact(self, keep: int) -> int:
+    async def kv_log_bytes(self, after: int, upto: int) -> int:
+        sql = f"SELECT sum({_ENTRY_BYTES}) FROM kv_log WHERE revision > ? AND revision <= ?"
+        return int(await self._read(lambda c: c.execute(sql, (after, upto)).fetchone()[0] or 0))
+
+    async def kv_log_sizes(self, after: int, limit: int) -> list[tuple[int, int]]:
+        sql = f"SELECT revision, {_ENTRY_BYTES} FROM kv_log WHERE revision > ? ORDER BY revision LIMIT ?"
+        rows = await self._read(lambda c: c.execute(sql, (after, limit)).fetchall())
+        return [(int(revision), int(size)) for revision, size in rows]
+
+    async def kv_compact(self, keep: int | None = None, through: int = 0) -> int:
         def compact(conn: sqlite3.Connection) -> int:
             revision = self._kv_tx(conn, 0.0).revision  # kv_meta's is stored only at commit
             compacted = conn.execute("SELECT compacted FROM kv_meta WHERE id = 1").fetchone()[0]
-            cutoff = revision - keep
+            cutoff = min(through if keep is None else revision - keep, revision)
             if cutoff <= compacted:
                 return 0
             removed = conn.execute("DELETE FROM kv_log WHERE revision <= ?", (cutoff,)).rowcount

@@ -348,6 +348,21 @@ def test_a_compacted_version_names_the_earliest_available(tmp_path: Path) -> Non
     run(test, tmp_path, KVConfig(sweep_interval=3600, history=3))
 
 
+def test_the_sweep_keeps_the_log_within_history_bytes(tmp_path: Path) -> None:
+    """One user rewriting one large key: the log keeps only the newest changes that fit its bytes."""
+
+    async def test(w: World) -> None:
+        for i in range(10):
+            await w.ada.kv.put(key="k", value=bytes([i]) * 100)  # 101 bytes logged each
+        await w.kv.sweep()
+        with pytest.raises(bastion.OutOfRange, match="earliest available is 8"):
+            await collect(w.ada, 2, from_version=1)
+        events = await collect(w.ada, 4, from_version=8)
+        assert [e["version"] for e in events] == [10, 8, 9, 10]  # "start" at 10, then the three kept
+
+    run(test, tmp_path, KVConfig(sweep_interval=3600, max_value_bytes=100, history_bytes=350))
+
+
 def test_a_slow_watcher_is_ended_with_where_to_resume_and_holds_up_no_one(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         fast = w.bob.stream("kv.watch", namespace="~ada")  # bob is no reader of ~ada: refused
