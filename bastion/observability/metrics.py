@@ -78,6 +78,7 @@ _REJECTIONS = (
     ("proxy_header", "rejected_proxy_header"),
     ("tls", "tls_refused"),
     ("rate_limited", "rejected_rate_limited"),
+    ("args_memory", "rejected_args_memory"),
     ("queue_full", "scheduler_rejected_queue_full"),
     ("principal_limit", "scheduler_rejected_principal_limit"),
     ("shed", "scheduler_rejected_shed"),

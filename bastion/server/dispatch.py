@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import msgspec
+import msgspec.inspect as mi
 
 from bastion.exceptions import (
     Aborted,
@@ -78,6 +79,7 @@ class Entry:
     __slots__ = (
         "decoder",
         "fields",
+        "growth",
         "inline",
         "input_decoder",
         "metric_row",
@@ -92,6 +94,8 @@ class Entry:
         self.spec = spec
         self.decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(spec.args_type)
         self.fields: tuple[str, ...] = spec.args_type.__struct_fields__
+        #: How many times their MessagePack bytes its arguments may take once decoded, at worst.
+        self.growth = args_growth(spec.args_type)
         self.input_decoder: msgspec.msgpack.Decoder[Any] | None = (
             msgspec.msgpack.Decoder(spec.input_type) if spec.input_param is not None else None
         )
@@ -123,6 +127,39 @@ class Entry:
             # shows up here first, and msgspec raises it as no DecodeError.
             raise InvalidArgument(f"{self.spec.full_name}: arguments hold text that is not UTF-8") from None
         return msgspec.structs.asdict(args)  # in C: every field by attribute name, as ``fields``
+
+
+#: What decoded arguments may cost, at worst, per byte of MessagePack, by how deeply they may nest
+#: containers: none (text, numbers, bytes: an object or two per fixed field); one level (a list of
+#: numbers, text or flat structs: a two-character string is 3 bytes and 59 decoded, a pointer and
+#: the object); more, or values of any type (a one-byte empty map becomes a 64-byte dict and the
+#: pointer to it: 73x measured for a frame of them).
+GROWTH = (2, 24, 80)
+GROWTH_WORST = GROWTH[-1]
+
+
+def args_growth(args_type: Any) -> int:
+    """How many times their MessagePack bytes arguments of ``args_type`` may take once decoded."""
+
+    def depth(info: mi.Type, seen: frozenset[int]) -> int:
+        """Containers nested in ``info``, at most 2 (values of any type count as 2)."""
+        if isinstance(info, mi.AnyType | mi.CustomType | mi.ExtType):
+            return 2
+        if isinstance(info, mi.CollectionType):
+            return min(2, 1 + depth(info.item_type, seen))
+        if isinstance(info, mi.DictType):
+            return min(2, 1 + max(depth(info.key_type, seen), depth(info.value_type, seen)))
+        if isinstance(info, mi.UnionType):
+            return max(depth(t, seen) for t in info.types)
+        if isinstance(info, mi.TupleType):
+            return max((depth(t, seen) for t in info.item_types), default=0)
+        if isinstance(info, mi.StructType | mi.DataclassType | mi.TypedDictType | mi.NamedTupleType):
+            if id(info) in seen:  # a recursive type: it nests as deep as the peer likes
+                return 2
+            return max((depth(field.type, seen | {id(info)}) for field in info.fields), default=0)
+        return 0
+
+    return GROWTH[depth(mi.type_info(args_type), frozenset())]
 
 
 #: The opcodes through which a coroutine can give up control: ``await``, ``async for`` and ``async with``.

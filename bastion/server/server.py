@@ -162,6 +162,8 @@ class Server:
         self.draining = False
         #: Calls running inline (ServerSession._run_inline) right now: in flight without a ticket.
         self.inline_running = 0
+        #: What the arguments of calls in flight may cost decoded, as counted for limits.max_args_memory.
+        self.args_memory = 0
         self._listeners: list[socket.socket] = []
         self._accept_tasks: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()  # connections still in the TLS handshake
@@ -528,6 +530,7 @@ class Server:
             "closed_slow_sender": counters["closed_slow_sender"],
             "accept_errors_total": counters["accept_errors"],
             "rejected_rate_limited": counters["rejected_rate_limited"],
+            "rejected_args_memory": counters["rejected_args_memory"],
             "proxied_connections_total": counters["proxied_connections"],
             "rejected_proxy_header_total": counters["rejected_proxy_header"],
             **{f"scheduler_{key}": value for key, value in self.scheduler.stats().items()},

@@ -69,8 +69,8 @@ from bastion.server.once import IdempotentCalls
 from bastion.server.scheduler import Ticket, TicketState, effective_priority
 from bastion.server.streams import CreditGate, InputStream
 from bastion.server.upkeep import ABUSE_WINDOW as ABUSE_WINDOW  # re-exported: importable from here as before
+from bastion.server.upkeep import ARGS_COUNTED, ArgsMemoryFull, SessionUpkeep
 from bastion.server.upkeep import DENIALS_AUDITED as DENIALS_AUDITED
-from bastion.server.upkeep import SessionUpkeep
 from bastion.service import Context, MethodSpec
 from bastion.status import Status
 from bastion.transport.aio import Link
@@ -135,6 +135,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         self._window_start = self._last_seen
         self._abuse: collections.Counter[str] = collections.Counter()
         self._refused_seen = 0
+        self._args_cost: dict[int, int] = {}  # calls holding large arguments -> their cost (upkeep.py)
         self._timing: dict[int, tuple[int, float]] = {}  # admitted call -> (metrics method row, perf_counter at start)
         self._expired: set[int] = set()  # running calls whose deadline timer has cancelled them
         #: Methods this connection's principal was admitted to, with that principal (the table's
@@ -254,6 +255,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         if self._expired:
             self._expired.discard(call_id)
         self.tickets.pop(call_id, None)
+        if self._args_cost:
+            self.server.args_memory -= self._args_cost.pop(call_id, 0)
         if self._inputs:
             self._inputs.pop(call_id, None)
         if self._gates:
@@ -292,6 +295,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         started = self._read_at
         metrics = server.metrics
         call_id = call.id
+        cost = 0
         try:
             admitted = self._admitted.get(call.method)
             if admitted is not None and admitted[0] is self.principal:
@@ -301,13 +305,15 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
                 self._admitted[call.method] = (self.principal, entry)
             if call.stream is not entry.streams_in:  # bools: msgspec decodes the singletons
                 raise InvalidArgument(entry.stream_mismatch)
+            if entry.growth > 2 and len(call.args) >= ARGS_COUNTED:  # before decoding: it is the cost
+                cost = self._args_cost_of(call, entry)
             args = entry.decode_args(call.args)
             if call.metadata:
                 self._idempotency_key(call, entry)  # refuse a bad or unusable key now; claimed when the call runs
             if server.check_rate is not None:
                 server.check_rate(self.principal, self.peer_host, call.method, None, self._last_seen)
         except CallError as exc:
-            if exc.status is Status.RESOURCE_EXHAUSTED:
+            if exc.status is Status.RESOURCE_EXHAUSTED and not isinstance(exc, ArgsMemoryFull):
                 self.server.counters["rejected_rate_limited"] += 1
             if exc.status in (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED):
                 self.server.counters["auth_failures_denied"] += 1
@@ -350,6 +356,9 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
                 self._gates[call_id] = CreditGate()
         principal = self.principal
         self._timing[call_id] = (entry.metric_row, started)  # before submit: it may reject
+        if cost:  # held until the call ends (_forget)
+            server.args_memory += cost
+            self._args_cost[call_id] = cost
         ticket = server.scheduler.submit(
             functools.partial(self._run, call, entry, args, deadline),
             priority=priority,

@@ -14,7 +14,13 @@ arrive whole within ``frame_timeout`` seconds plus one second for each
 ``frame_min_rate`` bytes of it received, or the connection is closed, so a
 peer trickling a frame it never finishes cannot hold its connection (and the
 bytes buffered) past idle and keepalive limits; the clock restarts while the
-server itself is not reading. Cancels, Pings and Calls the core
+server itself is not reading. Argument memory: a call whose arguments may
+hold containers (``Entry.growth``, dispatch.py) and whose bytes are
+``ARGS_COUNTED`` or more counts its bytes times that growth, server-wide,
+from its arrival until it ends; one that would take the total past
+``limits.max_args_memory`` is refused RESOURCE_EXHAUSTED before it is
+decoded (a 1 MiB frame of empty maps decodes to about 73 MB, and calls wait
+in queues decoded). Cancels, Pings and Calls the core
 refused over ``max_inflight`` are counted in fixed 10-second windows; past a
 cap the session sends GoAway(RESOURCE_EXHAUSTED) and closes. Denied calls are
 written to the audit log, at most ``DENIALS_AUDITED`` per connection per 10 s
@@ -32,7 +38,7 @@ from typing import TYPE_CHECKING
 from bastion.exceptions import ResourceExhausted, Unauthenticated
 from bastion.protocol.connection import Connection
 from bastion.protocol.frames import FrameReader
-from bastion.protocol.messages import PROTOCOL_VERSION, Hello, Message, Welcome
+from bastion.protocol.messages import PROTOCOL_VERSION, Call, Hello, Message, Welcome
 from bastion.protocol.state import ConnectionState
 from bastion.security.authn import PeerInfo
 from bastion.security.principal import Principal
@@ -42,15 +48,19 @@ from bastion.transport.aio import Link
 
 if TYPE_CHECKING:
     from bastion.config import ServerLimits
+    from bastion.server.dispatch import Entry
     from bastion.server.server import Server
 
-__all__ = ["ABUSE_WINDOW", "AUDITED_METHOD_CHARS", "DENIALS_AUDITED", "SessionUpkeep"]
+__all__ = ["ABUSE_WINDOW", "ARGS_COUNTED", "AUDITED_METHOD_CHARS", "DENIALS_AUDITED", "ArgsMemoryFull", "SessionUpkeep"]
 
 log = logging.getLogger("bastion.server")
 DENIALS_AUDITED = 20  # denied calls written to the audit log per connection per 10 s
 #: The most characters of a denied call's method name the audit record keeps: the name is the
 #: peer's, as long as its frame allows (a real one is a few dozen characters).
 AUDITED_METHOD_CHARS = 200
+#: Argument bytes from which a call's decoded size counts toward ``limits.max_args_memory``: below
+#: it, the queue limits bound what calls hold (3,300 calls waiting or running x 80 KiB at worst).
+ARGS_COUNTED = 1024
 #: Seconds in each window the abuse caps (``max_*_per_10s``) count in.
 ABUSE_WINDOW = 10.0
 #: What is counted -> (the ServerLimits field capping it per window, the GoAway reason).
@@ -59,6 +69,10 @@ _ABUSE_CAPS = {
     "pings": ("max_pings_per_10s", "ping flood"),
     "refused": ("max_refused_per_10s", "too many calls over max_inflight"),
 }
+
+
+class ArgsMemoryFull(ResourceExhausted):
+    """Refused for ``limits.max_args_memory``: the server holds as many decoded arguments as it may."""
 
 
 class SessionUpkeep:
@@ -238,6 +252,20 @@ class SessionUpkeep:
         log.warning("closing connection %s: a frame arrived too slowly (%d bytes)", link.peer, frames.buffered)
         self.core.send_goaway(Status.DEADLINE_EXCEEDED, "frame too slow")
         link.close()
+
+    def _args_cost_of(self, call: Call, entry: Entry) -> int:
+        """What ``call``'s arguments may cost decoded; refused if the server cannot hold that now."""
+        cost = len(call.args) * entry.growth
+        server = self.server
+        if server.args_memory + cost > self.limits.max_args_memory:
+            server.counters["rejected_args_memory"] += 1
+            raise ArgsMemoryFull(
+                f"the server holds its limit of call arguments in memory (limits.max_args_memory); "
+                f"this call's {len(call.args)} bytes of arguments may decode to {cost} bytes: retry shortly, "
+                "or send smaller values",
+                retry_after=1.0,
+            )
+        return cost
 
     def _abused(self, kind: str, now: float, n: int = 1) -> bool:
         """Count ``n`` of ``kind`` in this window; past its cap, close the connection and say so."""

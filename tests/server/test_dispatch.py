@@ -13,6 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import msgspec
 import pytest
 from msgspec import Meta
 
@@ -30,6 +31,7 @@ from bastion import (
     Unimplemented,
 )
 from bastion.exceptions import error_for_status
+from bastion.server.dispatch import GROWTH_WORST, args_growth
 from bastion.status import Status
 from bastion.testing import ANONYMOUS
 
@@ -355,3 +357,44 @@ def _audit_flood_service() -> bastion.Service:
         return None
 
     return svc
+
+
+class _Point(msgspec.Struct):
+    x: int
+    label: str
+    data: bytes
+    weight: float | None = None
+
+
+class _Tree(msgspec.Struct):
+    child: "_Tree | None" = None
+
+
+class _Nested(msgspec.Struct):
+    point: _Point
+    pair: tuple[int, str]
+
+
+class _Listed(msgspec.Struct):
+    points: list[_Point]
+
+
+class _Mapped(msgspec.Struct):
+    meta: dict[str, str]
+
+
+class _Deep(msgspec.Struct):
+    rows: list[list[int]]
+
+
+class _Anything(msgspec.Struct):
+    value: Any
+
+
+@pytest.mark.parametrize(
+    ("args_type", "growth"),
+    [(_Point, 2), (_Nested, 2), (_Listed, 24), (_Mapped, 24), (_Deep, GROWTH_WORST), (_Anything, GROWTH_WORST),
+     (_Tree, GROWTH_WORST)],
+)  # fmt: skip
+def test_arguments_count_their_growth_by_how_deeply_they_may_nest_containers(args_type: type, growth: int) -> None:
+    assert args_growth(args_type) == growth

@@ -145,6 +145,7 @@ def test_stats_counts_connections_calls_and_errors() -> None:
         "closed_slow_sender",
         "accept_errors_total",
         "rejected_rate_limited",
+        "rejected_args_memory",
         "proxied_connections_total",
         "rejected_proxy_header_total",
         "uptime_seconds",
