@@ -34,6 +34,7 @@ from bastion.config_services import (
 )
 from bastion.exceptions import UsageError
 from bastion.security.ratelimit import RateLimitConfig
+from bastion.server.dispatch import GROWTH_WORST
 from bastion.server.scheduler import SchedulerConfig
 
 __all__ = [
@@ -164,6 +165,11 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError("limits.handshake_max_frame must not exceed limits.max_frame")
         if self.max_frame > 2**32 - 1:
             raise UsageError("limits.max_frame must be below 4 GiB")
+        if self.max_args_memory < GROWTH_WORST * self.max_frame:  # else a call of one frame never fits
+            raise UsageError(
+                f"limits.max_args_memory ({self.max_args_memory}) must hold one call of limits.max_frame bytes "
+                f"at the worst growth: at least {GROWTH_WORST} x {self.max_frame}"
+            )
 
     @property
     def write_hard_limit(self) -> int:

@@ -187,3 +187,9 @@ def test_a_change_log_byte_bound_below_one_value_is_refused() -> None:
     with pytest.raises(UsageError, match=r"kv.history_bytes \(1000\) must be at least kv.max_value_bytes \(524288\)"):
         load_config(environ={"BASTION_KV__HISTORY_BYTES": "1000"})
     assert load_config(environ={"BASTION_KV__HISTORY_BYTES": "524288"}).kv.history_bytes == 524288
+
+
+def test_an_argument_memory_too_small_for_one_frame_is_refused() -> None:
+    with pytest.raises(UsageError, match=r"limits.max_args_memory \(1000000\) must hold one call of limits.max_frame"):
+        load_config(environ={"BASTION_LIMITS__MAX_ARGS_MEMORY": "1000000"})
+    assert ServerLimits(max_frame=16_384, max_args_memory=2_000_000).max_args_memory == 2_000_000

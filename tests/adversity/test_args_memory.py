@@ -26,7 +26,7 @@ MAPS: list[dict[str, Any]] = [{}] * 8190
 #: What one call of MAPS counts: its argument bytes times the worst growth.
 COST = len(msgspec.msgpack.encode({"value": MAPS})) * GROWTH_WORST
 #: Room for three such calls held at once, not four.
-LIMITS = ServerLimits(max_args_memory=3 * COST + 1000)
+LIMITS = ServerLimits(max_frame=16_384, max_args_memory=3 * COST + 1000)
 
 
 def held_service(release: asyncio.Event) -> Service:
@@ -70,7 +70,7 @@ def test_calls_past_the_argument_memory_are_refused_before_decoding_and_the_room
             assert server.stats()["rejected_args_memory"] == 1
             assert server.stats()["rejected_rate_limited"] == 0
             # Bytes decode to their own size: not counted, still served.
-            peer.send(call(5, "am.hold_bytes", b"x" * 100_000))
+            peer.send(call(5, "am.hold_bytes", b"x" * 10_000))
             # Small calls are not counted either (below ARGS_COUNTED).
             peer.send(call(6, "am.hold_any", [1, 2, 3]))
             await poll(lambda: server.stats()["calls_in_flight"] == 5, "five calls in flight")
@@ -80,7 +80,7 @@ def test_calls_past_the_argument_memory_are_refused_before_decoding_and_the_room
                 if i not in answers:
                     answers.update(await peer.answers_until(i))
             assert {i: answers[i][:3] for i in (1, 2, 3)} == {i: [RESULT, i, 8190] for i in (1, 2, 3)}
-            assert answers[5] == [RESULT, 5, 100_000] and answers[6] == [RESULT, 6, 3]
+            assert answers[5] == [RESULT, 5, 10_000] and answers[6] == [RESULT, 6, 3]
             await poll(lambda: server.args_memory == 0, "the room given back")
             peer.send(call(7, "am.hold_any", maps))
             assert (await peer.answers_until(7))[7] == [RESULT, 7, 8190]
