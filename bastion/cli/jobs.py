@@ -5,6 +5,12 @@ job declares (from ``jobs.registered``), exactly as ``bastion call`` does.
 ``watch`` (and ``submit --watch``) draws a progress bar on standard error
 and ends with the job: exit code 0 if it succeeded, 1 otherwise, with the
 result printed as JSON on standard output.
+
+A job's progress message and failure reason are its own words, often built
+from what a user submitted (a file name), and an admin sees everyone's: they
+are shown with unprintable characters escaped (``\\n``, ``\\x1b``) and, in
+the progress bar, as plain text rather than markup, so no job can forge
+lines, send escape sequences to a terminal or break the bar.
 """
 
 from __future__ import annotations
@@ -44,8 +50,14 @@ def _call(address: str, token_file: Path | None, ca: Path | None, insecure: bool
     return run_guarded(run)
 
 
+def _shown(text: str) -> str:
+    """A job's own words for one line of a terminal: unprintable characters (newline, tab, an escape
+    sequence's ESC) shown as their Python escapes (as ``bastion messages`` shows mail)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _line(status: dict[str, Any]) -> str:
-    detail = status.get("error") or status.get("message") or ""
+    detail = _shown(status.get("error") or status.get("message") or "")
     progress = f"{status['progress'] * 100:5.1f}%"
     return f"{status['id']}\t{status['name']}\t{status['state']}\t{progress}\t{detail}".rstrip()
 
@@ -176,6 +188,7 @@ def registered(
 
 def _follow(address: str, token_file: Path | None, ca: Path | None, insecure: bool, job_id: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
@@ -188,8 +201,8 @@ def _follow(address: str, token_file: Path | None, ca: Path | None, insecure: bo
         ):
             task = bar.add_task(job_id, total=1.0)
             for update in client.stream("jobs.watch", id=job_id):
-                label = f"{job_id} {update['state']}" + (f": {update['message']}" if update["message"] else "")
-                bar.update(task, completed=update["progress"], description=label)
+                label = f"{job_id} {update['state']}" + (f": {_shown(update['message'])}" if update["message"] else "")
+                bar.update(task, completed=update["progress"], description=escape(label))
             return client.call("jobs.result", id=job_id)
 
     _print_result(run_guarded(run))
@@ -199,5 +212,5 @@ def _print_result(outcome: dict[str, Any]) -> None:
     if outcome["state"] == "succeeded":
         print_json(outcome["result"])
         return
-    print(f"error: job {outcome['id']} {outcome['state']}: {outcome['error']}", file=sys.stderr)
+    print(f"error: job {outcome['id']} {outcome['state']}: {_shown(outcome['error'] or '')}", file=sys.stderr)
     raise typer.Exit(EXIT_CALL_ERROR)

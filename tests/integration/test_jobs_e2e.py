@@ -156,3 +156,27 @@ def test_replicas_on_postgresql_share_the_queue_and_never_run_a_job_twice(
     # Every job ran exactly once (claim_once creates its file with O_EXCL), and both replicas took work.
     assert sorted(p.name for p in runs.iterdir()) == sorted(f"j{i}" for i in range(12))
     assert set(runners) == {first.pid, second.pid}
+
+
+def test_cli_shows_a_jobs_own_words_escaped_so_they_cannot_break_or_forge_the_terminal(
+    server_factory: StartServer,
+) -> None:
+    # A job's progress message and failure reason are its own words, often built from what a user submitted
+    # (a file name): an admin listing everyone's jobs must not get markup, escape sequences or forged lines.
+    server = server_factory(env=jobs_env())
+    common = ("--token-file", str(server.token_file))
+    hostile = "[/oops] [bold]x\x1b[2J\nforged\tline"
+    shown = "[/oops] [bold]x\\x1b[2J\\nforged\\tline"
+    out = bastion_cli("jobs", "submit", server.address, "report_then_fail", f"message={hostile}", "--watch", *common)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    job_id = out.stdout.splitlines()[0]
+    assert f"error: job {job_id} failed: ValueError: {shown}" in out.stderr
+    assert "\x1b[2J" not in out.stderr
+    for command, *rest in (("ls",), ("status", job_id), ("cancel", job_id)):
+        listed = bastion_cli("jobs", command, server.address, *rest, *common)
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.count("\n") == 1 and "\x1b" not in listed.stdout, listed.stdout
+        assert listed.stdout.split("\t")[:3] == [job_id, "report_then_fail", "failed"]
+        assert listed.stdout.rstrip("\n").endswith(f"ValueError: {shown}")
+    result = bastion_cli("jobs", "result", server.address, job_id, *common)
+    assert result.returncode == 1 and result.stderr == f"error: job {job_id} failed: ValueError: {shown}\n"
