@@ -205,6 +205,21 @@ class _Channel:
             self._out.write(_HEADER.pack(len(body)) + body)
 
 
+def _text(text: str) -> str:
+    """``text`` as MessagePack can carry it: a lone surrogate (what ``os.listdir`` gives for a file name
+    that is not UTF-8) becomes its escape, ``\\udce9``, instead of failing the whole message."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, even for an exception whose ``str`` itself fails."""
+    try:
+        detail = str(exc)
+    except Exception:
+        detail = "(its message cannot be shown)"
+    return _text(f"{type(exc).__name__}: {detail}")
+
+
 class _Reporter:
     """The ``progress`` callable a job receives."""
 
@@ -218,7 +233,7 @@ class _Reporter:
         if now - self._last < _PROGRESS_EVERY and fraction < 1.0:
             return
         self._last = now
-        self._channel.send(Progress(fraction, str(message)[:_MESSAGE_CHARS]))
+        self._channel.send(Progress(fraction, _text(str(message)[:_MESSAGE_CHARS])))
 
 
 def _read_request(stream: IO[bytes]) -> RunRequest:
@@ -264,7 +279,7 @@ def _run(request: RunRequest, channel: _Channel) -> Message:
         return Failed(f"out of memory while loading the job (its limit is {request.memory_mb} MB)")
     except Exception as exc:
         traceback.print_exc()
-        return Failed(f"cannot load the job {request.module}:{request.qualname}: {type(exc).__name__}: {exc}")
+        return Failed(f"cannot load the job {request.module}:{request.qualname}: {_describe(exc)}")
     if spec.progress_param is not None:
         kwargs[spec.progress_param] = _Reporter(channel)
     try:
@@ -273,11 +288,11 @@ def _run(request: RunRequest, channel: _Channel) -> Message:
         return Failed(f"out of memory: the job's limit is {request.memory_mb} MB")
     except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the job ended without a result
         traceback.print_exc()
-        return Failed(f"{type(exc).__name__}: {exc}"[:2000])
+        return Failed(_describe(exc)[:2000])
     try:
         result = msgspec.msgpack.encode(value)
-    except (TypeError, MemoryError) as exc:
-        return Failed(f"the job's result cannot be encoded: {exc}")
+    except Exception as exc:  # TypeError, OverflowError (ints past 64 bits), RecursionError, UnicodeEncodeError...
+        return Failed(f"the job's result cannot be encoded: {_describe(exc)}")
     if len(result) > request.max_result_bytes:
         return Failed(f"the job's result is {len(result)} bytes, over the limit of {request.max_result_bytes}")
     return Done(result)
@@ -291,7 +306,11 @@ def main() -> None:
     threading.Thread(target=_watch_parent, args=(stdin,), name="bastion-job-watchdog", daemon=True).start()
     _limit_memory(request.memory_mb)
     channel = _Channel(channel_fd)
-    channel.send(_run(request, channel))
+    outcome = _run(request, channel)
+    try:
+        channel.send(outcome)
+    except Exception as exc:  # never die here without a word: the server would report only an exit code
+        channel.send(Failed(f"cannot report the job's outcome: {_describe(exc)}"[:2000]))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # not waiting for threads the job may have left running

@@ -160,6 +160,35 @@ def test_a_failure_reason_and_progress_message_holding_nul_are_recorded_as_the_j
     run(test, tmp_path)
 
 
+def test_a_result_messagepack_cannot_hold_fails_the_job_with_that_reason(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        # Only TypeError was caught: these crashed the job's process, which ended "exited with code 1".
+        for kind, reason in (
+            ("int", "can't serialize ints"),
+            ("deep", "maximum recursion depth exceeded"),
+            ("text", "surrogates not allowed"),
+        ):
+            final = await finish(ada, await ada.jobs.submit(name="unencodable", args={"kind": kind}))
+            assert final["state"] == "failed", (kind, final)
+            assert final["error"].startswith("the job's result cannot be encoded: "), (kind, final["error"])
+            assert reason in final["error"], (kind, final["error"])
+
+    run(test, tmp_path)
+
+
+def test_progress_and_failure_text_that_is_not_utf8_is_recorded_escaped(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        job_id = await ada.jobs.submit(name="undecodable_name")
+        seen = [s async for s in ada.stream("jobs.watch", id=job_id)]
+        # progress() raised UnicodeEncodeError into the job, and its failure could not be sent at all.
+        assert any(s["message"] == "reading caf\\udce9" for s in seen), seen
+        assert (seen[-1]["state"], seen[-1]["error"]) == ("failed", "ValueError: cannot read caf\\udce9")
+
+    run(test, tmp_path)
+
+
 def test_a_job_ends_when_its_process_does_whatever_its_forked_children_hold_open(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         ada = w.client()

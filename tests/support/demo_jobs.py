@@ -136,3 +136,26 @@ def claim_once(directory: str, tag: str, seconds: float = 0.0) -> int:
     os.close(fd)
     time.sleep(seconds)
     return os.getppid()  # the server that ran it
+
+
+@registry.job
+def unencodable(kind: str) -> object:
+    """Return what MessagePack cannot hold: ``int`` (past 64 bits), ``deep`` (nested past any depth
+    limit) or ``text`` (a str with a lone surrogate, as ``os.listdir`` gives for an undecodable file name)."""
+    if kind == "int":
+        return 2**70
+    if kind == "deep":
+        value: list[object] = []
+        for _ in range(100_000):
+            value = [value]
+        return value
+    return ["ok", b"caf\xe9".decode("utf-8", "surrogateescape")]
+
+
+@registry.job
+def undecodable_name(progress: Progress) -> None:
+    """Report and fail with a file name that is not UTF-8 (a lone surrogate, as ``os.listdir`` gives it)."""
+    name = b"caf\xe9".decode("utf-8", "surrogateescape")
+    progress(0.5, f"reading {name}")
+    time.sleep(0.6)  # long enough for the server to record the progress
+    raise ValueError(f"cannot read {name}")
