@@ -247,6 +247,9 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retention: seconds a finished job and its result are kept.
     max_attempts: runs of a retryable job before it is marked failed.
     max_pending: queued and running jobs one user may have at once.
+    max_kept: jobs one user keeps (queued, running and finished, with their arguments and results): a
+        submit deletes the submitter's finished jobs older than their newest ``max_kept``, before
+        ``retention`` would. Queued and running jobs are never deleted.
     max_result_bytes: largest result a job may return (MessagePack bytes; below ``limits.max_frame``).
     poll_interval: seconds between looks at the shared queue and between store polls of
         ``jobs.watch`` (jobs submitted to this server start at once).
@@ -260,6 +263,7 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retention: float = 7 * 24 * 3600
     max_attempts: int = 3
     max_pending: int = 1000
+    max_kept: int = 10_000
     max_result_bytes: int = 512 * 1024
     poll_interval: float = 1.0
 

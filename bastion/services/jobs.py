@@ -393,7 +393,7 @@ class Jobs:
                 memory_mb=spec.memory_mb or config.memory_mb,
                 created_at=time.time(),
             )
-            if not await store.jobs_submit(job, max_pending=config.max_pending):
+            if not await store.jobs_submit(job, max_pending=config.max_pending, max_kept=config.max_kept):
                 raise ResourceExhausted(
                     f"you have {config.max_pending} jobs queued or running (the limit); wait for some to finish",
                     retry_after=config.poll_interval,

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import bastion
@@ -314,6 +315,24 @@ def test_pending_jobs_per_user_are_limited(tmp_path: Path) -> None:
 
     config = JobsConfig(concurrency=2, lease=1.5, poll_interval=0.2, max_pending=2)
     run(test, tmp_path, config)
+
+
+def test_a_user_keeps_only_their_newest_finished_jobs(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada, bob = w.client(ADA), w.client(BOB)
+        kept = await bob.jobs.submit(name="add", args={"a": 0, "b": 0})
+        await finish(bob, kept)
+        ids = []
+        for i in range(6):
+            ids.append(await ada.jobs.submit(name="add", args={"a": i, "b": 0}))
+            await finish(ada, ids[-1])
+        # Each job's arguments and result were kept for the whole retention, however many one user ran.
+        assert [s["id"] for s in await ada.jobs.list()] == ids[-3:]
+        assert [s["id"] for s in await bob.jobs.list()] == [kept]
+        with pytest.raises(bastion.NotFound):
+            await ada.jobs.result(id=ids[0])
+
+    run(test, tmp_path, msgspec.structs.replace(CONFIG, max_kept=3))
 
 
 def test_registered_lists_jobs_with_their_argument_schemas(tmp_path: Path) -> None:

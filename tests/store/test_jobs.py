@@ -155,3 +155,21 @@ async def test_reassign_owner_hands_over_or_deletes(store: Store) -> None:
     assert await store.jobs_reassign_owner("cy", None) == 2
     assert [j.id for j in await store.jobs_list()] == ["j3"]
     assert await store.jobs_reassign_owner("nobody", None) == 0
+
+
+async def test_submit_keeps_only_the_newest_finished_jobs_of_their_owner(store: Store) -> None:
+    # Only queued and running jobs were bounded (max_pending): finished ones, with their arguments and
+    # results, piled up for the whole retention, as many as one user cared to submit.
+    for i in range(6):
+        await store.jobs_submit(job(f"j{i}"), max_pending=10, max_kept=3)
+        await store.jobs_cancel(f"j{i}", 2.0 + i)
+    await store.jobs_submit(job("b0", owner="bob"))
+    await store.jobs_cancel("b0", 2.0)
+    await store.jobs_submit(job("q0"))  # queued: never pruned, whatever the limit
+    await store.jobs_submit(job("r0"))
+    await store.jobs_claim("r1", ["add"], 3.0, 30.0)  # j-jobs are finished: q0 runs
+    assert [j.id for j in await store.jobs_list(owner="ada")] == ["j3", "j4", "j5", "q0", "r0"]
+    assert await store.jobs_submit(job("x0"), max_pending=10, max_kept=1)
+    # The newest job counts whatever its state; queued and running ones are never deleted.
+    assert [j.id for j in await store.jobs_list(owner="ada")] == ["q0", "r0", "x0"]
+    assert [j.id for j in await store.jobs_list(owner="bob")] == ["b0"]  # each owner has their own
