@@ -25,7 +25,8 @@ process: the running jobs' processes and the events that wake watchers.
   deletes finished jobs past ``retention``; it also runs once at start.
 * Closing kills the running processes and gives their jobs back: re-queued
   if retryable with attempts left, otherwise failed ("server stopped while
-  it ran"). A job is never lost, whether the server stops or is killed.
+  it ran"); a job claimed as it closes, which never started, is put back
+  queued as it was. A job is never lost, whether the server stops or is killed.
 
 Only a job's owner, or an admin, can see, watch, cancel or fetch a job; to
 anyone else it does not exist (the same NOT_FOUND as an unknown id).
@@ -199,8 +200,14 @@ class Jobs:
         while True:
             await self._slots.acquire()
             self._wake.clear()
+            # Shielded: closing cancels this loop, but not a claim the store may already be committing
+            # (SQLite's writer goes on with it); a job claimed so is given back, not left "running" here.
+            claim = asyncio.ensure_future(self.store.jobs_claim(self.runner_id, names, time.time(), self.config.lease))
             try:
-                job = await self.store.jobs_claim(self.runner_id, names, time.time(), self.config.lease)
+                job = await asyncio.shield(claim)
+            except asyncio.CancelledError:
+                await self._give_back(claim)
+                raise
             except Exception:
                 log.exception("jobs: claiming a job failed; trying again")
                 job = None
@@ -212,6 +219,22 @@ class Jobs:
             task = asyncio.create_task(self._run(job), name=f"bastion-job {job.id}")
             self._tasks.add(task)
             task.add_done_callback(self._job_done)
+
+    async def _give_back(self, claim: asyncio.Future[JobRecord | None]) -> None:
+        """Put back the job of a claim made as this runner closed (it never started here)."""
+        try:
+            job = await claim
+        except Exception:
+            return  # nothing was claimed
+        if job is None:
+            return
+        try:
+            if await self.store.jobs_release(job.id, self.runner_id, time.time()):
+                log.info("jobs: job %s was claimed as the runner closed; queued again", job.id)
+        except Exception:
+            log.exception(
+                "jobs: giving back job %s, claimed as the runner closed, failed (its lease will expire)", job.id
+            )
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

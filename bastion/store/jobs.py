@@ -189,6 +189,11 @@ class JobStore(ABC):
         """Queued: cancelled now; running: cancel requested; finished: unchanged. The row after, or None."""
 
     @abstractmethod
+    async def jobs_release(self, job_id: str, runner: str, now: float) -> bool:
+        """Put back a job ``runner`` claimed but never started: queued, as before the claim (cancelled at
+        ``now`` if a cancel was asked meanwhile); False if it did not hold it."""
+
+    @abstractmethod
     async def jobs_abandon(self, job_id: str, runner: str, reason: str, now: float) -> str | None:
         """Give back a job ``runner`` holds (re-queued if retryable with attempts left, else failed
         with ``reason``); the new state, or None if it did not hold it."""
@@ -226,6 +231,14 @@ _FINISH = (
 _CANCEL_QUEUED = (
     "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = 'cancelled before it ran' "
     "WHERE id = ? AND state = 'queued'"
+)
+# A cancel asked since the claim is kept: the job is then cancelled (before it ran), not queued to run.
+_RELEASE = (
+    "UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END, "
+    "finished_at = CASE WHEN cancel_requested THEN ?f ELSE NULL END, "
+    "error = CASE WHEN cancel_requested THEN 'cancelled before it ran' ELSE error END, "
+    "runner = NULL, lease_until = NULL, started_at = NULL, attempts = attempts - 1 "
+    "WHERE id = ? AND runner = ? AND state = 'running'"
 )
 _CANCEL_RUNNING = "UPDATE jobs SET cancel_requested = ? WHERE id = ? AND state = 'running'"
 _SWEEP = "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?"
@@ -267,7 +280,12 @@ def _qmarks(sql: str) -> str:
     return re.sub(r"\?[tf]", "?", sql)
 
 
-_SQ = {"_ABANDON": _qmarks(_ABANDON), "_RECOVER": _qmarks(_RECOVER), "_FINISH": _qmarks(_FINISH)}
+_SQ = {
+    "_RELEASE": _qmarks(_RELEASE),
+    "_ABANDON": _qmarks(_ABANDON),
+    "_RECOVER": _qmarks(_RECOVER),
+    "_FINISH": _qmarks(_FINISH),
+}
 
 
 def _row(job: JobRecord) -> tuple[Any, ...]:
@@ -365,6 +383,9 @@ class SQLiteJobs(SQLiteAccess, JobStore):
 
         return await self._write(cancel)
 
+    async def jobs_release(self, job_id: str, runner: str, now: float) -> bool:
+        return bool(await self._write(lambda c: c.execute(_SQ["_RELEASE"], (now, job_id, runner)).rowcount))
+
     async def jobs_abandon(self, job_id: str, runner: str, reason: str, now: float) -> str | None:
         row = await self._write(lambda c: c.execute(_SQ["_ABANDON"], (reason, now, job_id, runner)).fetchone())
         return None if row is None else str(row[0])
@@ -397,6 +418,7 @@ _PG = {
     name: _numbered(sql)
     for name, sql in {
         "abandon": _ABANDON,
+        "release": _RELEASE,
         "recover": _RECOVER,
         "renew": _RENEW,
         "progress": _PROGRESS,
@@ -491,6 +513,9 @@ class PostgresJobs(PostgresAccess, JobStore):
 
         result: JobRecord | None = await self._call(cancel)
         return result
+
+    async def jobs_release(self, job_id: str, runner: str, now: float) -> bool:
+        return bool(await self._jobs_execute(_PG["release"], now, job_id, runner))
 
     async def jobs_abandon(self, job_id: str, runner: str, reason: str, now: float) -> str | None:
         rows = await self._jobs_fetch(_PG["abandon"], reason, now, job_id, runner)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import msgspec
 import pytest
 
@@ -20,6 +22,7 @@ from bastion.jobs import JobRegistry
 from bastion.security.principal import Principal
 from bastion.services.jobs import Jobs
 from bastion.store import open_store
+from bastion.store.jobs import JobRecord
 from bastion.testing import TESTER, MemoryServer
 from tests.support.demo_jobs import registry
 from tests.support.server import wait_for
@@ -366,6 +369,63 @@ def test_stopping_the_server_requeues_retryable_jobs_and_fails_the_rest(tmp_path
         assert failed is not None and (failed.state, failed.error) == ("failed", "server stopped while it ran")
 
     asyncio.run(main())
+
+
+async def until_awaiting(name: str, timeout: float = 10.0) -> None:
+    """Poll until some task is suspended inside a coroutine function called ``name``."""
+
+    def inside(task: asyncio.Task[Any]) -> bool:
+        coro: Any = task.get_coro()
+        while coro is not None and hasattr(coro, "cr_frame"):
+            if coro.cr_frame is not None and coro.cr_frame.f_code.co_name == name:
+                return True
+            coro = coro.cr_await
+        return False
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not any(inside(task) for task in asyncio.all_tasks()):
+        assert asyncio.get_running_loop().time() < deadline, f"nothing awaited {name}"
+        await asyncio.sleep(0.005)
+
+
+def test_a_claim_in_flight_when_the_runner_closes_gives_its_job_back(tmp_path: Path) -> None:
+    async def main() -> None:
+        location = service_store(tmp_path)
+        async with open_store(location) as store:
+            spec = registry.get("add")
+            assert spec is not None
+            job_id = "0" * 24
+            await store.jobs_submit(JobRecord(job_id, "ada", "add", spec.validate({"a": 1, "b": 2}), created_at=1.0))
+            # Another process holds the store's write lock, so the runner's claim waits on it.
+            if location.endswith(".db"):
+                blocker = sqlite3.connect(location, isolation_level=None)
+                blocker.execute("BEGIN IMMEDIATE")
+            else:
+                pg = await asyncpg.connect(location)
+                lock = pg.transaction()
+                await lock.start()
+                await pg.execute("LOCK TABLE jobs IN EXCLUSIVE MODE")
+            jobs = Jobs(store, [registry], CONFIG, leader=False)
+            await jobs.start()
+            await until_awaiting("jobs_claim")
+            closing = asyncio.create_task(jobs.aclose())
+            await asyncio.sleep(0)  # close runs to its first wait: it has cancelled the dispatcher, mid-claim
+            assert jobs._background[-1].cancelling()
+            await asyncio.sleep(0)  # and the dispatcher has taken the cancel
+            if location.endswith(".db"):
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            else:
+                await lock.rollback()
+                await pg.close()
+            await closing
+            await store.jobs_sweep(0.0)  # a write: any write queued before it has run
+            job = await store.jobs_get(job_id)
+        # The claim went on after the runner stopped: the job stayed "running" under a runner that was gone,
+        # and after the lease it failed "runner lost (server stopped while it ran)" without ever running.
+        assert job is not None and (job.state, job.runner, job.attempts) == ("queued", None, 0)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
 
 
 def test_registry_refuses_what_it_cannot_run() -> None:

@@ -173,3 +173,22 @@ async def test_submit_keeps_only_the_newest_finished_jobs_of_their_owner(store: 
     # The newest job counts whatever its state; queued and running ones are never deleted.
     assert [j.id for j in await store.jobs_list(owner="ada")] == ["q0", "r0", "x0"]
     assert [j.id for j in await store.jobs_list(owner="bob")] == ["b0"]  # each owner has their own
+
+
+async def test_release_puts_back_a_claimed_job_as_it_was(store: Store) -> None:
+    await store.jobs_submit(job("j1", retryable=True, max_attempts=3))
+    claimed = await store.jobs_claim("r1", NAMES, 1.0, 30.0)
+    assert claimed is not None and claimed.attempts == 1
+    assert not await store.jobs_release("j1", "someone else", 2.0)
+    assert await store.jobs_release("j1", "r1", 2.0)
+    assert await store.jobs_get("j1") == job("j1", retryable=True, max_attempts=3)
+    assert not await store.jobs_release("j1", "r1", 2.0)  # no longer held
+    # A cancel asked between the claim and the release is kept: the job never runs.
+    await store.jobs_claim("r1", NAMES, 3.0, 30.0)
+    await store.jobs_cancel("j1", 4.0)
+    assert await store.jobs_release("j1", "r1", 5.0)
+    cancelled = await store.jobs_get("j1")
+    assert cancelled is not None
+    assert (cancelled.state, cancelled.error, cancelled.finished_at, cancelled.attempts, cancelled.started_at) == (
+        "cancelled", "cancelled before it ran", 5.0, 0, None,
+    )  # fmt: skip
