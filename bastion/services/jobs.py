@@ -128,6 +128,7 @@ class _Running:
         self.job = job
         self.process: JobProcess | None = None
         self.stop: str | None = None  # "cancel", "timeout", "lost" or "shutdown"
+        self.reported = False  # its process sent its outcome (a result or its own failure)
         self.progress: tuple[float, str] | None = None
         self.progress_ready = asyncio.Event()
 
@@ -285,7 +286,7 @@ class Jobs:
         try:
             if running.stop == "lost":
                 log.warning("jobs: job %s was taken from this runner (lease lost); its process was killed", job.id)
-            elif running.stop == "shutdown":
+            elif running.stop == "shutdown" and not running.reported:  # an outcome that arrived is kept
                 after = await self.store.jobs_abandon(
                     job.id, self.runner_id, "server stopped while it ran", time.time()
                 )
@@ -318,6 +319,7 @@ class Jobs:
             async for message in process.messages():
                 if isinstance(message, Done | Failed):
                     outcome = message
+                    running.reported = True
                 else:
                     running.progress = (message.fraction, _storable(message.message))
                     running.progress_ready.set()

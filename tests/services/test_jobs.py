@@ -428,6 +428,28 @@ def test_a_claim_in_flight_when_the_runner_closes_gives_its_job_back(tmp_path: P
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
+def test_a_job_whose_outcome_arrived_as_the_server_stops_keeps_it(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with world(tmp_path) as w:
+            ada = w.client()
+            args = {"directory": str(tmp_path), "seconds": 30}
+            done = await ada.jobs.submit(name="linger_after_result", args={**args, "tag": "done"})
+            failed = await ada.jobs.submit(name="linger_after_result", args={**args, "tag": "bad", "fail": True})
+            for tag in ("done", "bad"):
+                await wait_file(tmp_path / f"{tag}.pid")  # the outcome is sent; the process lingers on
+        async with open_store(service_store(tmp_path)) as store:
+            succeeded, own_failure = await store.jobs_get(done), await store.jobs_get(failed)
+        # The stop killed the lingering processes and gave both jobs back as if they had not finished: the
+        # result and the job's own failure were thrown away for "server stopped while it ran".
+        assert succeeded is not None and (succeeded.state, succeeded.error, succeeded.result) == (
+            "succeeded", None, b"\xa4done",
+        )  # fmt: skip
+        assert own_failure is not None
+        assert (own_failure.state, own_failure.error) == ("failed", "ValueError: bad failed on its own")
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
 def test_registry_refuses_what_it_cannot_run() -> None:
     reg = JobRegistry()
 

@@ -11,6 +11,7 @@ many times it ran.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -159,3 +160,27 @@ def undecodable_name(progress: Progress) -> None:
     progress(0.5, f"reading {name}")
     time.sleep(0.6)  # long enough for the server to record the progress
     raise ValueError(f"cannot read {name}")
+
+
+class _SlowFlush:
+    """A stdout whose flush first records that it was called (in ``path``), then takes ``seconds``."""
+
+    def __init__(self, stream: object, path: Path, seconds: float) -> None:
+        self.stream, self.path, self.seconds = stream, path, seconds
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        self.path.write_text(str(os.getpid()))
+        time.sleep(self.seconds)
+
+
+@registry.job
+def linger_after_result(directory: str, tag: str, seconds: float, fail: bool = False) -> str:
+    """Return at once (``fail``: raise ValueError), but make the process linger ``seconds`` after sending
+    its outcome: the runner flushes stdout after it, and this stdout's flush writes ``<tag>.pid`` and sleeps."""
+    sys.stdout = _SlowFlush(sys.stdout, Path(directory) / f"{tag}.pid", seconds)  # type: ignore[assignment]
+    if fail:
+        raise ValueError(f"{tag} failed on its own")
+    return tag
