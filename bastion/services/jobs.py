@@ -47,7 +47,7 @@ from typing import Any
 import msgspec
 
 from bastion.config import JobsConfig
-from bastion.exceptions import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from bastion.exceptions import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from bastion.jobs import JobRegistry, JobSpec
 from bastion.security.principal import ADMIN_ROLE
 from bastion.service import Context, Service
@@ -292,10 +292,26 @@ class Jobs:
                 )
                 log.info("jobs: job %s stopped with the server: now %s", job.id, after)
             else:
-                await self.store.jobs_finish(job.id, self.runner_id, state, now=time.time(), result=result, error=error)
+                await self._finish(job, state, result, error)
                 log.info("jobs: job %s (%s) %s%s", job.id, job.name, state, f": {error}" if error else "")
         finally:
             self._notify(job.id)
+
+    async def _finish(self, job: JobRecord, state: str, result: bytes | None, error: str | None) -> None:
+        """Record how the job ended. While the store is unavailable (a failover, a lock held past SQLite's
+        busy timeout) keep trying for up to ``lease`` seconds, as long as a lease would hold the job: giving
+        up at once left it running until recovery failed it as lost, its result thrown away."""
+        ended, delay = time.time(), 0.1
+        while True:
+            try:
+                await self.store.jobs_finish(job.id, self.runner_id, state, now=ended, result=result, error=error)
+                return
+            except Unavailable as exc:
+                if time.time() - ended >= self.config.lease:
+                    raise
+                log.warning("jobs: recording the outcome of %s failed (%s); trying again", job.id, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.config.poll_interval)
 
     async def _execute(self, spec: JobSpec, running: _Running) -> tuple[str, bytes | None, str | None]:
         """Run the job's process to its end; (state, result, error)."""

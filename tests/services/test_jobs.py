@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -371,6 +372,28 @@ def test_stopping_the_server_requeues_retryable_jobs_and_fails_the_rest(tmp_path
     asyncio.run(main())
 
 
+@asynccontextmanager
+async def writes_held(location: str) -> AsyncIterator[None]:
+    """Another process holds the store's write lock (SQLite) or a lock on the jobs table (PostgreSQL):
+    the store's writes wait for it (and, past SQLite's busy timeout, fail)."""
+    if location.endswith(".db"):
+        blocker = sqlite3.connect(location, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        return
+    pg = await asyncpg.connect(location)
+    try:
+        async with pg.transaction():
+            await pg.execute("LOCK TABLE jobs IN EXCLUSIVE MODE")
+            yield
+    finally:
+        await pg.close()
+
+
 async def until_awaiting(name: str, timeout: float = 10.0) -> None:
     """Poll until some task is suspended inside a coroutine function called ``name``."""
 
@@ -396,28 +419,14 @@ def test_a_claim_in_flight_when_the_runner_closes_gives_its_job_back(tmp_path: P
             assert spec is not None
             job_id = "0" * 24
             await store.jobs_submit(JobRecord(job_id, "ada", "add", spec.validate({"a": 1, "b": 2}), created_at=1.0))
-            # Another process holds the store's write lock, so the runner's claim waits on it.
-            if location.endswith(".db"):
-                blocker = sqlite3.connect(location, isolation_level=None)
-                blocker.execute("BEGIN IMMEDIATE")
-            else:
-                pg = await asyncpg.connect(location)
-                lock = pg.transaction()
-                await lock.start()
-                await pg.execute("LOCK TABLE jobs IN EXCLUSIVE MODE")
-            jobs = Jobs(store, [registry], CONFIG, leader=False)
-            await jobs.start()
-            await until_awaiting("jobs_claim")
-            closing = asyncio.create_task(jobs.aclose())
-            await asyncio.sleep(0)  # close runs to its first wait: it has cancelled the dispatcher, mid-claim
-            assert jobs._background[-1].cancelling()
-            await asyncio.sleep(0)  # and the dispatcher has taken the cancel
-            if location.endswith(".db"):
-                blocker.execute("ROLLBACK")
-                blocker.close()
-            else:
-                await lock.rollback()
-                await pg.close()
+            async with writes_held(location):  # so the runner's claim waits on the store
+                jobs = Jobs(store, [registry], CONFIG, leader=False)
+                await jobs.start()
+                await until_awaiting("jobs_claim")
+                closing = asyncio.create_task(jobs.aclose())
+                await asyncio.sleep(0)  # close runs to its first wait: it has cancelled the dispatcher, mid-claim
+                assert jobs._background[-1].cancelling()
+                await asyncio.sleep(0)  # and the dispatcher has taken the cancel
             await closing
             await store.jobs_sweep(0.0)  # a write: any write queued before it has run
             job = await store.jobs_get(job_id)
@@ -448,6 +457,41 @@ def test_a_job_whose_outcome_arrived_as_the_server_stops_keeps_it(tmp_path: Path
         assert (own_failure.state, own_failure.error) == ("failed", "ValueError: bad failed on its own")
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_an_outcome_the_store_could_not_take_at_once_is_recorded_once_it_can(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if service_store(tmp_path).startswith("postgres"):
+        pytest.skip("a lock held on PostgreSQL makes writes wait, not fail: SQLite's busy timeout makes them fail")
+
+    async def test(w: World) -> None:
+        ada = w.client()
+        job_id = await ada.jobs.submit(name="nap", args={"directory": str(w.dir), "tag": "t", "seconds": 0.5})
+        pid = int(await wait_file(w.dir / "t.pid"))
+        async with writes_held(service_store(tmp_path)):
+            await asyncio.to_thread(wait_for, lambda: not process_exists(pid), 10, what="the job to end")
+            # Its finish waits out the busy timeout (5 s) and fails: the store is unavailable for a while.
+            await asyncio.to_thread(
+                wait_for, lambda: any("outcome" in r.getMessage() or "runner task failed" in r.getMessage()
+                                      for r in caplog.records), 20, what="the finish to fail"
+            )  # fmt: skip
+        # The runner gave up on the first failure: the job stayed "running" under it until its lease ran out,
+        # then failed "runner lost (server stopped while it ran)", its result thrown away.
+        final = await finish(ada, job_id)
+        assert (final["state"], final["error"]) == ("succeeded", None)
+        assert (await ada.jobs.result(id=job_id))["result"] == "t"
+
+    caplog.set_level(logging.WARNING, logger="bastion.jobs")
+    run(test, tmp_path, msgspec.structs.replace(CONFIG, lease=60.0))
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_registry_refuses_what_it_cannot_run() -> None:
