@@ -116,6 +116,12 @@ def _storable(text: str) -> str:
     return text.replace("\x00", "\\x00")
 
 
+def _named(text: str) -> str:
+    """A caller's argument as an error names it: in full if short, else its start and length (as auth
+    does), so an error never echoes a megabyte back."""
+    return repr(text) if len(text) <= 64 else f"{text[:64]!r}... ({len(text)} characters)"
+
+
 def new_job_id() -> str:
     """Time-ordered (milliseconds, hex) then random: ids sort by submission time."""
     return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
@@ -409,7 +415,7 @@ class Jobs:
     async def _visible(self, ctx: Context, job_id: str) -> JobRecord:
         job = await self.store.jobs_get(job_id) if len(job_id) <= 64 else None
         if job is None or not (job.owner == ctx.principal.name or ADMIN_ROLE in ctx.principal.roles):
-            raise NotFound(f"no job {job_id!r}")
+            raise NotFound(f"no job {_named(job_id)}")
         return job
 
     def _declare(self, service: Service) -> None:
@@ -420,7 +426,7 @@ class Jobs:
             """Queue the registered job ``name`` with ``args``; its id."""
             spec = self.specs.get(name)
             if spec is None:
-                raise NotFound(f"no job named {name!r} is registered here (jobs.registered lists them)")
+                raise NotFound(f"no job named {_named(name)} is registered here (jobs.registered lists them)")
             data = spec.validate(args or {})
             owner = ctx.principal.name
             job = JobRecord(
@@ -454,7 +460,7 @@ class Jobs:
         ) -> list[JobStatus]:
             """Your jobs (an admin sees everyone's), oldest first; page with ``after`` = the last id seen."""
             if state is not None and state not in JOB_STATES:
-                raise InvalidArgument(f"state must be one of {', '.join(JOB_STATES)}, not {state!r}")
+                raise InvalidArgument(f"state must be one of {', '.join(JOB_STATES)}, not {_named(state)}")
             if not 1 <= limit <= MAX_LIST:
                 raise InvalidArgument(f"limit must be 1..{MAX_LIST}")
             owner = None if ADMIN_ROLE in ctx.principal.roles else ctx.principal.name

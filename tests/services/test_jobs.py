@@ -125,6 +125,21 @@ def test_bad_submissions_are_refused_with_clear_errors(tmp_path: Path) -> None:
     run(test, tmp_path)
 
 
+def test_errors_name_an_oversized_argument_briefly_instead_of_echoing_it(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        huge = "x" * 500_000
+        # Each error echoed the whole argument back: half a megabyte of answer for a few bytes of question.
+        for call, args in (("submit", {"name": huge}), ("status", {"id": huge}), ("list", {"state": huge})):
+            with pytest.raises((bastion.NotFound, bastion.InvalidArgument)) as info:
+                await getattr(ada.jobs, call)(**args)
+            assert len(info.value.message) < 200 and "(500000 characters)" in info.value.message, call
+        with pytest.raises(bastion.NotFound, match="no job named 'nope'"):
+            await ada.jobs.submit(name="nope")  # a short one is still named in full
+
+    run(test, tmp_path)
+
+
 def test_failures_are_reported_with_a_reason_and_break_nothing(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         ada = w.client()
