@@ -231,6 +231,15 @@ class _Subscription:
         assert self.from_offset is not None
         head = await store.topics_head(topic)
         first = head.first_offset if head is not None else 1
+        following = head.last_offset + 1 if head is not None else 1  # the offset the next publish gets
+        if self.from_offset > following:
+            # As Kafka's OFFSET_OUT_OF_RANGE (with auto.offset.reset=none): an offset the topic has not
+            # reached yet is a client's mistake (a stale or foreign offset), not a wait for it.
+            raise OutOfRange(
+                f"offset {self.from_offset} of {topic!r} is past its end: the next offset is {following} "
+                f"(the earliest kept is {first})",
+                details={"earliest": first, "next": following},
+            )
         expected = first if self.from_offset == 0 else self.from_offset
         self.last[topic] = expected - 1
         while True:
@@ -338,7 +347,8 @@ def _declare(topics: Topics, service: Service) -> None:
 
         ``from_offset`` (one durable topic only): replay from that offset (0:
         the earliest kept) before going live, with nothing missed or repeated
-        at the seam; OUT_OF_RANGE if it is no longer kept. A subscriber that
+        at the seam; OUT_OF_RANGE if it is no longer kept, or if it is past the
+        topic's next offset (``details``: ``earliest`` kept, ``next``). A subscriber that
         falls ``subscriber_buffer`` messages behind is ended with
         RESOURCE_EXHAUSTED: ``dropped`` counts what it missed, and
         ``resume_from`` (one topic) or ``resume_offsets`` (a pattern) say where
