@@ -22,8 +22,9 @@ published it: this process, a worker sharing the SQLite file (found by the
 poll every ``POLL_INTERVAL`` while anyone subscribes), or a replica sharing
 PostgreSQL (whose commit notifies ``Store.listen("topics")``, nudging the
 hub within milliseconds). If the feed finds that durable messages it had
-not read yet were trimmed, no subscriber here can be served without a gap:
-each is ended with the lagged error, naming where to resume. One exception:
+not read yet were trimmed, the subscribers of those topics (named by
+``topic_heads.trimmed_seq``) cannot be served without a gap: each is ended
+with the lagged error, naming where to resume; the others go on. One exception:
 a live message published by a process alone on its store (``Topics(relay=
 False)``) goes straight to its subscribers (``deliver_live``), never stored --
 unless the feed has yet to deliver a message this process appended before
@@ -65,6 +66,7 @@ _ACCESS_CACHE = 1024  # topics whose access one subscriber remembers
 _FIRST_DROPPED = 1024  # durable topics whose first missed offset one subscriber remembers
 _ROUTES = 4096  # topics whose subscribers the hub remembers
 _HELD = 4096  # live messages held behind this process's undelivered appends
+_TRIMMED_TOPICS = 256  # topics trimmed under the feed whose subscribers alone it ends (more: it ends all)
 
 
 class TopicEvent(msgspec.Struct, frozen=True):
@@ -149,13 +151,17 @@ class Subscriber:
         self._readable: dict[str, bool] = {}
 
     def wants(self, message: TopicMessage) -> bool:
-        if self.ended is not None or not matches(self.pattern, message.topic):
+        return self.ended is None and self.reads(message.topic)
+
+    def reads(self, topic: str) -> bool:
+        """Whether ``topic`` is one this subscription delivers (it matches the pattern, and may be read)."""
+        if not matches(self.pattern, topic):
             return False
-        allowed = self._readable.get(message.topic)
+        allowed = self._readable.get(topic)
         if allowed is None:
             if len(self._readable) >= _ACCESS_CACHE:
                 self._readable.clear()
-            allowed = self._readable[message.topic] = self.access.may_subscribe(self.principal, message.topic)
+            allowed = self._readable[topic] = self.access.may_subscribe(self.principal, topic)
         return allowed
 
     def offer(self, message: TopicMessage, item: TopicEvent) -> None:
@@ -270,9 +276,7 @@ class Hub:
             messages, trimmed = await self._store.topics_feed(after, FEED_PAGE)
             if self._position is None:  # the last subscriber left meanwhile (leaving takes no lock)
                 return False
-            if trimmed > after:
-                # Durable messages were trimmed before this feed read them: nobody here can go on gaplessly.
-                self.end_all(ResourceExhausted, "messages it had not delivered yet were trimmed by retention")
+            if trimmed > after and not await self._end_trimmed(after, trimmed):
                 return False
             held = self._held
             for message in messages:
@@ -287,6 +291,26 @@ class Hub:
             while held and held[0][0] <= self._position:
                 self._fan_out(held.popleft()[1])
             return len(messages) == FEED_PAGE
+
+    async def _end_trimmed(self, after: int, trimmed: int) -> bool:
+        """Durable messages after ``after`` were trimmed before this feed read them: end the subscribers of
+        those topics (they cannot go on gaplessly); whether the others may go on (False: all were ended)."""
+        lost, explained = await self._store.topics_trimmed(after, _TRIMMED_TOPICS)
+        if self._position is None:
+            return False
+        if not lost or len(lost) >= _TRIMMED_TOPICS or explained < trimmed:
+            # Too many topics to name, or trimmed by code that does not say which (or a head since removed).
+            self.end_all(ResourceExhausted, "messages it had not delivered yet were trimmed by retention")
+            return False
+        for subscriber in self._subscribers:
+            head = next((h for h in lost if subscriber.reads(h.topic)), None)
+            if subscriber.ended is None and head is not None:
+                subscriber.end(
+                    ResourceExhausted,
+                    f"messages of {head.topic!r} it had not delivered yet were trimmed by retention; "
+                    f"the earliest kept is {head.first_offset}",
+                )
+        return True
 
     def deliver_live(self, topic: str, publisher: str, payload: bytes, headers: dict[str, str], at: float) -> None:
         """Offer a live message published here to this process's subscribers, bypassing the log

@@ -140,6 +140,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(9, CODE_POINT_ORDER, (), compatible=True),
     # Triggers keep the usage whoever writes, old code included: compatible.
     Migration(10, "kv: each namespace's keys and bytes, for quotas", kv.SQLITE_USAGE_SCHEMA, compatible=True),
+    # A column with a default, which old code ignores: compatible.
+    Migration(
+        11, "messages: the highest seq trimmed from each durable topic", topics.SQLITE_TRIMMED_SCHEMA, compatible=True
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -157,6 +157,10 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
         compatible=True,
     ),
     Migration(10, "kv: each namespace's keys and bytes, for quotas", kv.POSTGRES_USAGE_SCHEMA, compatible=True),
+    # A column with a default, which old code ignores: compatible.
+    Migration(
+        11, "messages: the highest seq trimmed from each durable topic", topics.POSTGRES_TRIMMED_SCHEMA, compatible=True
+    ),
 )
 
 LATEST = POSTGRES_MIGRATIONS[-1].version

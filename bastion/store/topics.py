@@ -18,7 +18,8 @@ inside its own transaction -- SQLite has one writer; PostgreSQL locks the
 counter row first, which serialises publishers across replicas -- so rows
 become visible in ``seq`` order and a reader tailing ``seq > P`` never skips
 one that commits later. A topic's offsets follow its ``seq`` order.
-``topic_heads`` holds each durable topic's first kept and last offset.
+``topic_heads`` holds each durable topic's first kept and last offset, and
+the highest ``seq`` trimming ever removed from it (``trimmed_seq``).
 
 Trimming removes a durable topic's oldest messages only (its log is always a
 contiguous range of offsets, ``first_offset .. last_offset``), and records
@@ -46,7 +47,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "POSTGRES_SCHEMA",
+    "POSTGRES_TRIMMED_SCHEMA",
     "SQLITE_SCHEMA",
+    "SQLITE_TRIMMED_SCHEMA",
     "PostgresTopics",
     "SQLiteTopics",
     "TopicHead",
@@ -113,6 +116,11 @@ POSTGRES_SCHEMA: tuple[str, ...] = (
     "CREATE TRIGGER topic_log_notify AFTER INSERT ON topic_log FOR EACH STATEMENT EXECUTE FUNCTION topic_log_notify()",
 )
 
+# Migration 11: which durable topics lost messages a feed had not read (each head's highest trimmed seq), so
+# only their subscribers are ended. Old code leaves it 0: the hub then ends everyone, as that code did.
+SQLITE_TRIMMED_SCHEMA: tuple[str, ...] = ("ALTER TABLE topic_heads ADD COLUMN trimmed_seq INTEGER NOT NULL DEFAULT 0",)
+POSTGRES_TRIMMED_SCHEMA: tuple[str, ...] = ("ALTER TABLE topic_heads ADD COLUMN trimmed_seq BIGINT NOT NULL DEFAULT 0",)
+
 _HEADERS = msgspec.json.Decoder(dict[str, str])
 _COLUMNS = "seq, topic, msg_offset, publisher, payload, headers, at"
 
@@ -159,6 +167,11 @@ def _message(row: tuple[Any, ...]) -> TopicMessage:
 _FEED = (
     f"SELECT m.trimmed, l.* FROM topic_meta m LEFT JOIN (SELECT {_COLUMNS} FROM topic_log "
     "WHERE seq > {after} ORDER BY seq LIMIT {limit}) l ON 1 = 1 WHERE m.id = 1 ORDER BY l.seq"
+)
+
+
+_TRIMMED = (
+    "SELECT topic, first_offset, last_offset FROM topic_heads WHERE trimmed_seq > {after} ORDER BY topic LIMIT {limit}"
 )
 
 
@@ -211,6 +224,11 @@ class TopicStore(Notifying, ABC):
     @abstractmethod
     async def topics_heads(self, after: str, limit: int) -> list[TopicHead]:
         """Durable topics named after ``after`` (bytewise), by name."""
+
+    @abstractmethod
+    async def topics_trimmed(self, after: int, limit: int) -> tuple[list[TopicHead], int]:
+        """Up to ``limit`` durable topics that lost a message with ``seq > after`` to trimming, by name; and the
+        highest ``trimmed_seq`` of all topics (what they explain of ``topic_meta.trimmed``)."""
 
     @abstractmethod
     async def topics_trim(self, topic: str, upto_offset: int, older_than: float | None, limit: int) -> int:
@@ -273,6 +291,14 @@ class SQLiteTopics(SQLiteAccess, TopicStore):
         rows = await self._read(lambda c: c.execute(sql, (after, limit)).fetchall())
         return [TopicHead(r[0], int(r[1]), int(r[2])) for r in rows]
 
+    async def topics_trimmed(self, after: int, limit: int) -> tuple[list[TopicHead], int]:
+        def read(conn: sqlite3.Connection) -> tuple[list[TopicHead], int]:
+            rows = conn.execute(_TRIMMED.format(after="?", limit="?"), (after, limit)).fetchall()
+            top = conn.execute("SELECT coalesce(max(trimmed_seq), 0) FROM topic_heads").fetchone()[0]
+            return [TopicHead(r[0], int(r[1]), int(r[2])) for r in rows], int(top)
+
+        return await self._read(read)
+
     async def topics_trim(self, topic: str, upto_offset: int, older_than: float | None, limit: int) -> int:
         def trim(conn: sqlite3.Connection) -> int:
             rows = conn.execute(
@@ -286,7 +312,10 @@ class SQLiteTopics(SQLiteAccess, TopicStore):
             removed = conn.execute(
                 "DELETE FROM topic_log WHERE topic = ? AND msg_offset IS NOT NULL AND msg_offset <= ?", (topic, cut)
             ).rowcount
-            conn.execute("UPDATE topic_heads SET first_offset = ? WHERE topic = ?", (cut + 1, topic))
+            conn.execute(
+                "UPDATE topic_heads SET first_offset = ?, trimmed_seq = max(trimmed_seq, ?) WHERE topic = ?",
+                (cut + 1, top, topic),
+            )
             conn.execute("UPDATE topic_meta SET trimmed = max(trimmed, ?) WHERE id = 1", (top,))
             return int(removed)
 
@@ -350,6 +379,16 @@ class PostgresTopics(PostgresAccess, TopicStore):
         rows = await self._call(lambda c: c.fetch(sql, after, limit))
         return [TopicHead(r[0], int(r[1]), int(r[2])) for r in rows]
 
+    async def topics_trimmed(self, after: int, limit: int) -> tuple[list[TopicHead], int]:
+        async def read(conn: asyncpg.Connection[Any]) -> tuple[list[TopicHead], int]:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                rows = await conn.fetch(_TRIMMED.format(after="$1", limit="$2"), after, limit)
+                top = await conn.fetchval("SELECT coalesce(max(trimmed_seq), 0) FROM topic_heads")
+            return [TopicHead(r[0], int(r[1]), int(r[2])) for r in rows], int(top)
+
+        heads, top = await self._call(read)
+        return heads, top
+
     async def topics_trim(self, topic: str, upto_offset: int, older_than: float | None, limit: int) -> int:
         async def trim(conn: asyncpg.Connection[Any]) -> int:
             async with conn.transaction():
@@ -368,7 +407,13 @@ class PostgresTopics(PostgresAccess, TopicStore):
                 status = await conn.execute(
                     "DELETE FROM topic_log WHERE topic = $1 AND msg_offset IS NOT NULL AND msg_offset <= $2", topic, cut
                 )
-                await conn.execute("UPDATE topic_heads SET first_offset = $1 WHERE topic = $2", cut + 1, topic)
+                await conn.execute(
+                    "UPDATE topic_heads SET first_offset = $1, trimmed_seq = greatest(trimmed_seq, $2) "
+                    "WHERE topic = $3",
+                    cut + 1,
+                    top,
+                    topic,
+                )
                 await conn.execute("UPDATE topic_meta SET trimmed = greatest(trimmed, $1) WHERE id = 1", top)
                 return int(status.split()[-1])
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,15 @@ async def started(client: Client, pattern: str, **args: Any) -> Any:
     stream = client.stream("messages.subscribe", pattern=pattern, **args).__aiter__()
     assert (await anext(stream))["type"] == "start"
     return stream
+
+
+async def until(read: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], timeout: float = 10) -> Any:
+    """Poll ``read()`` until ``done`` says yes about what it returned; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not done(value := await read()):
+        assert time.monotonic() < deadline, f"still {value!r} after {timeout}s"
+        await asyncio.sleep(0.05)
+    return value
 
 
 @BACKENDS
@@ -71,5 +83,64 @@ def test_from_offset_past_the_end_is_out_of_range_naming_the_end(
             async with asyncio.timeout(10):
                 assert (await anext(stream))["offset"] == 1
             await stream.aclose()
+
+    asyncio.run(main())
+
+
+TRIMMING = """
+[messages.topics]
+sweep_interval = 0.2
+
+[[messages.topics.durable]]
+pattern = "orders.>"
+keep = 5
+"""
+
+
+@BACKENDS
+def test_retention_trimming_unread_messages_ends_only_the_subscribers_that_lost_them(
+    server_factory: Any, tmp_path: Path, backend: str
+) -> None:
+    """A's subscribers to orders.a and orders.b; while A is stopped, B publishes and its sweep trims orders.a
+    past what A's feed had read. Only the orders.a subscriber ends; the orders.b one goes on, missing nothing."""
+    location = store_location(backend, tmp_path, "shared")
+    path = tmp_path / "trimming.toml"
+    path.write_text(TRIMMING)
+    env = {"BASTION_STORE": location, "BASTION_CONFIG": str(path)}
+    a = server_factory(env=env, name="a")
+    b = server_factory(env=env, name="b")
+    token = (a if a.token_file.exists() else b).token
+
+    async def main() -> None:
+        async with Client(a.address, token=token, timeout=10) as on_a, Client(b.address, token=token) as on_b:
+            lost = await started(on_a, "orders.a")
+            kept = await started(on_a, "orders.b")
+            wide = await started(on_a, "orders.b.>")
+            assert await on_b.messages.publish(topic="orders.a", payload="a1") == 1
+            assert await on_b.messages.publish(topic="orders.b", payload="b1") == 1
+            async with asyncio.timeout(10):
+                assert (await anext(lost))["payload"] == "a1"
+                assert (await anext(kept))["payload"] == "b1"
+            a.signal(signal.SIGSTOP)
+            try:
+                for i in range(2, 21):
+                    await on_b.messages.publish(topic="orders.a", payload=f"a{i}")
+                await on_b.messages.publish(topic="orders.b", payload="b2")
+                await on_b.messages.publish(topic="orders.b.x", payload="bx")
+                await until(lambda: on_b.messages.topic_info(topic="orders.a"), lambda i: i["first_offset"] >= 16)
+            finally:
+                a.signal(signal.SIGCONT)
+            async with asyncio.timeout(10):
+                assert [(m["offset"], m["payload"]) for m in [await anext(kept)]] == [(2, "b2")]
+                assert (await anext(wide))["payload"] == "bx"
+                with pytest.raises(bastion.ResourceExhausted, match="trimmed by retention") as info:
+                    async for message in lost:
+                        raise AssertionError(f"got {message} after a gap")
+            assert info.value.details["resume_from"] == 2
+            assert await on_b.messages.publish(topic="orders.b", payload="b3") == 3
+            async with asyncio.timeout(10):
+                assert (await anext(kept))["payload"] == "b3"
+            await kept.aclose()
+            await wide.aclose()
 
     asyncio.run(main())
