@@ -111,6 +111,7 @@ class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     subscriber_buffer_bytes: payload bytes buffered for one slow subscriber, likewise.
     max_subscribers: subscriptions open at once on this server.
     max_subscribers_per_user: subscriptions one user may have open on this server.
+    max_durable_topics_per_user: durable topics one user (not an admin) may have created that are still kept.
     relay_seconds: seconds a live message stays in the store for the other processes sharing it.
     sweep_interval: seconds between retention sweeps (on the leader).
     durable: the durable topics (the first matching entry applies); every other topic is live.
@@ -125,6 +126,7 @@ class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     subscriber_buffer_bytes: int = 8 * 1024 * 1024
     max_subscribers: int = 4096
     max_subscribers_per_user: int = 64
+    max_durable_topics_per_user: int = 1000
     relay_seconds: float = 30.0
     sweep_interval: float = 5.0
     durable: list[DurableTopic] = []

@@ -30,7 +30,11 @@ has already yielded: replay and live neither overlap nor leave a gap.
 Retention runs on the leader (``leader=True``; with several workers, worker
 0): every ``sweep_interval`` seconds it trims each durable topic to its
 ``keep``/``max_age`` and removes live messages older than ``relay_seconds``.
-Trims by several replicas at once are safe (each is one transaction).
+Trims by several replicas at once are safe (each is one transaction). A topic
+retention emptied is forgotten at the next sweep: its head row goes (the
+store keeps its offsets by bucket, so a topic used again continues above
+them). Each user (admins aside) may have created at most
+``max_durable_topics_per_user`` durable topics that are still kept.
 """
 
 from __future__ import annotations
@@ -45,11 +49,12 @@ import msgspec
 
 from bastion.config import DurableTopic, TopicsConfig
 from bastion.exceptions import CallError, InvalidArgument, OutOfRange, PermissionDenied, ResourceExhausted, Unavailable
+from bastion.security.principal import ADMIN_ROLE
 from bastion.service import Context, Service
 from bastion.services import Background, every
 from bastion.services.topics_hub import Hub, Subscriber, TopicAccess, TopicEvent, event
 from bastion.services.topics_syntax import is_wildcard, matches, pattern_error, topic_error
-from bastion.store.topics import TopicStore
+from bastion.store.topics import TooManyTopics, TopicStore
 
 __all__ = ["TopicEvent", "TopicInfo", "Topics"]
 
@@ -126,10 +131,14 @@ class Topics:
         after = ""
         while True:
             heads = await self.store.topics_heads(after, HEADS_PAGE)
+            # Emptied by retention (at an earlier sweep): forgotten, their offsets kept by bucket (see the store).
+            empty = [h.topic for h in heads if h.first_offset > h.last_offset]
+            if empty:
+                await self.store.topics_forget(empty)
             for head in heads:
                 durable = self.durable_for(head.topic)
-                if durable is None:
-                    continue  # no longer declared durable: kept as it is until it is again
+                if durable is None or head.first_offset > head.last_offset:
+                    continue  # no longer declared durable: kept as it is until it is again (or just forgotten)
                 upto = head.last_offset - durable.keep if durable.keep else 0
                 older = now - durable.max_age if durable.max_age else None
                 if upto >= head.first_offset or older is not None:
@@ -336,7 +345,17 @@ def _declare(topics: Topics, service: Service) -> None:
         if not durable and not topics.relay:  # nobody else shares the store: straight to our subscribers
             topics.hub.deliver_live(topic, ctx.principal.name, encoded, headers, time.time())
             return None
-        seq, offset = await store.topics_append(topic, durable, ctx.principal.name, encoded, headers, time.time())
+        limit = None if ADMIN_ROLE in ctx.principal.roles else cfg.max_durable_topics_per_user
+        try:
+            seq, offset = await store.topics_append(
+                topic, durable, ctx.principal.name, encoded, headers, time.time(), limit
+            )
+        except TooManyTopics as exc:
+            raise ResourceExhausted(
+                f"you have created {exc.count} durable topics that are still kept "
+                "(messages.topics.max_durable_topics_per_user); publishing to a new one would be another",
+                details={"limit": cfg.max_durable_topics_per_user},
+            ) from None
         topics.hub.appended(seq)
         return offset
 

@@ -1,4 +1,4 @@
-"""The ``topics`` storage domain (publish/subscribe): interface, SQLite mixin, PostgreSQL mixin.
+"""The ``topics`` storage domain (publish/subscribe): interface and SQLite mixin (PostgreSQL: topics_postgres.py).
 
 Theory of operation
 -------------------
@@ -19,7 +19,12 @@ counter row first, which serialises publishers across replicas -- so rows
 become visible in ``seq`` order and a reader tailing ``seq > P`` never skips
 one that commits later. A topic's offsets follow its ``seq`` order.
 ``topic_heads`` holds each durable topic's first kept and last offset, and
-the highest ``seq`` trimming ever removed from it (``trimmed_seq``).
+the highest ``seq`` trimming ever removed from it (``trimmed_seq``), and who
+created it. A head that retention emptied is removed (``topics_forget``); so
+that offsets never go backwards, its last offset (and trim) is kept in
+``topic_retired`` under its name's bucket (a fixed number of rows): the topic,
+if used again, starts above it, and ``topics_head`` reports a forgotten topic
+as empty at that offset.
 
 Trimming removes a durable topic's oldest messages only (its log is always a
 contiguous range of offsets, ``first_offset .. last_offset``), and records
@@ -35,27 +40,40 @@ within milliseconds instead of at their next poll.
 from __future__ import annotations
 
 import sqlite3
+import zlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
-from bastion.store._access import Notifying, PostgresAccess, SQLiteAccess
-
-if TYPE_CHECKING:
-    import asyncpg
+from bastion.store._access import Notifying, SQLiteAccess
 
 __all__ = [
+    "CREATED_SQL",
+    "EXPLAINED_SQL",
+    "FEED_SQL",
+    "LOG_COLUMNS",
+    "POSTGRES_FORGET_SCHEMA",
     "POSTGRES_SCHEMA",
     "POSTGRES_TRIMMED_SCHEMA",
+    "RETIRED_BUCKETS",
+    "RETIRED_SQL",
+    "SQLITE_FORGET_SCHEMA",
     "SQLITE_SCHEMA",
     "SQLITE_TRIMMED_SCHEMA",
-    "PostgresTopics",
+    "TRIMMED_SQL",
     "SQLiteTopics",
+    "TooManyTopics",
     "TopicHead",
     "TopicMessage",
     "TopicPosition",
     "TopicStore",
+    "feed_of",
+    "forgotten_head",
+    "message_of",
+    "retire",
+    "retired_bucket",
+    "trim_cut",
 ]
 
 # Schema migration statements of this domain (its migration version is fixed in migrations.py).
@@ -121,8 +139,58 @@ POSTGRES_SCHEMA: tuple[str, ...] = (
 SQLITE_TRIMMED_SCHEMA: tuple[str, ...] = ("ALTER TABLE topic_heads ADD COLUMN trimmed_seq INTEGER NOT NULL DEFAULT 0",)
 POSTGRES_TRIMMED_SCHEMA: tuple[str, ...] = ("ALTER TABLE topic_heads ADD COLUMN trimmed_seq BIGINT NOT NULL DEFAULT 0",)
 
+# Migration 12: who created each durable topic (for the per-user limit; NULL: before it), and forgotten topics'
+# last offsets and trims, by bucket of names (``retired_bucket``): the heads of topics retention emptied are removed,
+# and a topic used again continues above every offset it had. Bounded: at most RETIRED_BUCKETS rows.
+SQLITE_FORGET_SCHEMA: tuple[str, ...] = (
+    "ALTER TABLE topic_heads ADD COLUMN creator TEXT",
+    "CREATE INDEX topic_heads_by_creator ON topic_heads (creator) WHERE creator IS NOT NULL",
+    """CREATE TABLE topic_retired (
+        bucket      INTEGER PRIMARY KEY,            -- retired_bucket(topic)
+        last_offset INTEGER NOT NULL,               -- the highest last offset of a forgotten topic of the bucket
+        trimmed_seq INTEGER NOT NULL                -- the highest trimmed seq of one
+    )""",
+)
+POSTGRES_FORGET_SCHEMA: tuple[str, ...] = (
+    'ALTER TABLE topic_heads ADD COLUMN creator TEXT COLLATE "C"',
+    "CREATE INDEX topic_heads_by_creator ON topic_heads (creator) WHERE creator IS NOT NULL",
+    """CREATE TABLE topic_retired (
+        bucket      INTEGER PRIMARY KEY,
+        last_offset BIGINT NOT NULL,
+        trimmed_seq BIGINT NOT NULL
+    )""",
+)
+RETIRED_BUCKETS = 4096
+
 _HEADERS = msgspec.json.Decoder(dict[str, str])
-_COLUMNS = "seq, topic, msg_offset, publisher, payload, headers, at"
+LOG_COLUMNS = "seq, topic, msg_offset, publisher, payload, headers, at"
+
+
+class TooManyTopics(Exception):
+    """``topics_append`` would create a durable topic past its creator's limit; ``count``: the ones they have."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.count = count
+
+
+def retired_bucket(topic: str) -> int:
+    """The ``topic_retired`` row that remembers ``topic`` once forgotten (the same in every process)."""
+    return zlib.crc32(topic.encode()) % RETIRED_BUCKETS
+
+
+def forgotten_head(topic: str, row: Any) -> TopicHead | None:
+    """The head of a topic with no row in ``topic_heads``: none, or empty at its bucket's last offset."""
+    return None if row is None else TopicHead(topic, int(row[0]) + 1, int(row[0]))
+
+
+def retire(rows: list[Any]) -> list[tuple[int, int, int]]:
+    """Removed heads (topic, last_offset, trimmed_seq) as their buckets' (bucket, last_offset, trimmed_seq)."""
+    buckets: dict[int, tuple[int, int]] = {}
+    for topic, last, trimmed in rows:
+        old = buckets.get(retired_bucket(topic), (0, 0))
+        buckets[retired_bucket(topic)] = (max(old[0], int(last)), max(old[1], int(trimmed)))
+    return [(b, last, trimmed) for b, (last, trimmed) in buckets.items()]
 
 
 # -- records --------------------------------------------------------------------------------
@@ -155,7 +223,7 @@ class TopicPosition(msgspec.Struct, frozen=True):
     trimmed: int
 
 
-def _message(row: tuple[Any, ...]) -> TopicMessage:
+def message_of(row: tuple[Any, ...]) -> TopicMessage:
     seq, topic, offset, publisher, payload, headers, at = row
     return TopicMessage(
         int(seq), topic, None if offset is None else int(offset), publisher, bytes(payload), _HEADERS.decode(headers),
@@ -164,23 +232,30 @@ def _message(row: tuple[Any, ...]) -> TopicMessage:
 
 
 # One statement, so one snapshot: the meta row, joined with the page of messages (if any).
-_FEED = (
-    f"SELECT m.trimmed, l.* FROM topic_meta m LEFT JOIN (SELECT {_COLUMNS} FROM topic_log "
+FEED_SQL = (
+    f"SELECT m.trimmed, l.* FROM topic_meta m LEFT JOIN (SELECT {LOG_COLUMNS} FROM topic_log "
     "WHERE seq > {after} ORDER BY seq LIMIT {limit}) l ON 1 = 1 WHERE m.id = 1 ORDER BY l.seq"
 )
 
 
-_TRIMMED = (
+TRIMMED_SQL = (
     "SELECT topic, first_offset, last_offset FROM topic_heads WHERE trimmed_seq > {after} ORDER BY topic LIMIT {limit}"
 )
 
 
-def _feed(rows: list[Any]) -> tuple[list[TopicMessage], int]:
+# What the heads explain of topic_meta.trimmed: nothing (0) if a forgotten topic's trim is after ``after``.
+EXPLAINED_SQL = (
+    "SELECT CASE WHEN EXISTS (SELECT 1 FROM topic_retired WHERE trimmed_seq > {after}) THEN 0 "
+    "ELSE coalesce((SELECT max(trimmed_seq) FROM topic_heads), 0) END"
+)
+
+
+def feed_of(rows: list[Any]) -> tuple[list[TopicMessage], int]:
     trimmed = int(rows[0][0])
-    return [_message(tuple(row[1:])) for row in rows if row[1] is not None], trimmed
+    return [message_of(tuple(row[1:])) for row in rows if row[1] is not None], trimmed
 
 
-def _trim_cut(rows: list[Any], upto_offset: int, older_than: float | None) -> tuple[int, int]:
+def trim_cut(rows: list[Any], upto_offset: int, older_than: float | None) -> tuple[int, int]:
     """The offset and highest seq of the longest prefix of ``rows`` (seq, offset, at) to remove; (0, 0): none."""
     cut = top = 0
     for seq, offset, at in rows:
@@ -198,9 +273,19 @@ class TopicStore(Notifying, ABC):
 
     @abstractmethod
     async def topics_append(
-        self, topic: str, durable: bool, publisher: str, payload: bytes, headers: dict[str, str], at: float
+        self,
+        topic: str,
+        durable: bool,
+        publisher: str,
+        payload: bytes,
+        headers: dict[str, str],
+        at: float,
+        max_topics: int | None = None,
     ) -> tuple[int, int | None]:
-        """Append one message, committed before this returns; its ``(seq, offset)`` (offset None: live)."""
+        """Append one message, committed before this returns; its ``(seq, offset)`` (offset None: live).
+
+        A durable topic's first message creates it, for ``publisher``: ``TooManyTopics`` (nothing written)
+        if they have ``max_topics`` already (None: no limit)."""
 
     @abstractmethod
     async def topics_position(self) -> TopicPosition: ...
@@ -219,11 +304,16 @@ class TopicStore(Notifying, ABC):
 
     @abstractmethod
     async def topics_head(self, topic: str) -> TopicHead | None:
-        """The durable topic's offsets; None if nothing was ever published to it durably."""
+        """The durable topic's offsets; None if nothing was ever published to it durably (or to a topic
+        forgotten in its bucket); a forgotten topic's is empty at its bucket's last offset."""
 
     @abstractmethod
     async def topics_heads(self, after: str, limit: int) -> list[TopicHead]:
         """Durable topics named after ``after`` (bytewise), by name."""
+
+    @abstractmethod
+    async def topics_forget(self, topics: list[str]) -> int:
+        """Remove the heads of those of ``topics`` that are empty (everything trimmed); how many were."""
 
     @abstractmethod
     async def topics_trimmed(self, after: int, limit: int) -> tuple[list[TopicHead], int]:
@@ -242,49 +332,100 @@ class TopicStore(Notifying, ABC):
 
 # -- SQLite ---------------------------------------------------------------------------------
 
-_SQLITE_INSERT = f"INSERT INTO topic_log ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
-_SQLITE_NEXT_OFFSET = (
-    "INSERT INTO topic_heads (topic, first_offset, last_offset) VALUES (?, 1, 1) "
-    "ON CONFLICT (topic) DO UPDATE SET last_offset = last_offset + 1 RETURNING last_offset"
-)
+_SQLITE_INSERT = f"INSERT INTO topic_log ({LOG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+RETIRED_SQL = "SELECT last_offset FROM topic_retired WHERE bucket = {bucket}"
+CREATED_SQL = "SELECT count(*) FROM topic_heads WHERE creator = {creator}"
 
 
 class SQLiteTopics(SQLiteAccess, TopicStore):
     """topics on SQLite: an append is one write of a group commit (one writer, so seq order is commit order)."""
 
     async def topics_append(
-        self, topic: str, durable: bool, publisher: str, payload: bytes, headers: dict[str, str], at: float
+        self,
+        topic: str,
+        durable: bool,
+        publisher: str,
+        payload: bytes,
+        headers: dict[str, str],
+        at: float,
+        max_topics: int | None = None,
     ) -> tuple[int, int | None]:
         encoded = msgspec.json.encode(headers).decode()
 
         def append(conn: sqlite3.Connection) -> tuple[int, int | None]:
+            offset = None
+            if durable:
+                sql = "UPDATE topic_heads SET last_offset = last_offset + 1 WHERE topic = ? RETURNING last_offset"
+                row = conn.execute(sql, (topic,)).fetchone()
+                if row is None:  # a new topic (or a forgotten one): created above its bucket's last offset
+                    if max_topics is not None:
+                        count = int(conn.execute(CREATED_SQL.format(creator="?"), (publisher,)).fetchone()[0])
+                        if count >= max_topics:
+                            return -1, count  # refused, nothing written (raising would rerun the group)
+                    row = conn.execute(RETIRED_SQL.format(bucket="?"), (retired_bucket(topic),)).fetchone()
+                    offset = (int(row[0]) if row is not None else 0) + 1
+                    conn.execute(
+                        "INSERT INTO topic_heads (topic, first_offset, last_offset, creator) VALUES (?, ?, ?, ?)",
+                        (topic, offset, offset, publisher),
+                    )
+                else:
+                    offset = int(row[0])
             seq = int(conn.execute("UPDATE topic_meta SET seq = seq + 1 WHERE id = 1 RETURNING seq").fetchone()[0])
-            offset = int(conn.execute(_SQLITE_NEXT_OFFSET, (topic,)).fetchone()[0]) if durable else None
             conn.execute(_SQLITE_INSERT, (seq, topic, offset, publisher, payload, encoded, at))
             return seq, offset
 
-        return await self._write(append)
+        seq, offset = await self._write(append)
+        if seq < 0:
+            raise TooManyTopics(offset or 0)
+        return seq, offset
 
     async def topics_position(self) -> TopicPosition:
         row = await self._read(lambda c: c.execute("SELECT seq, trimmed FROM topic_meta WHERE id = 1").fetchone())
         return TopicPosition(int(row[0]), int(row[1]))
 
     async def topics_feed(self, after: int, limit: int) -> tuple[list[TopicMessage], int]:
-        sql = _FEED.format(after="?", limit="?")
-        return _feed(await self._read(lambda c: c.execute(sql, (after, limit)).fetchall()))
+        sql = FEED_SQL.format(after="?", limit="?")
+        return feed_of(await self._read(lambda c: c.execute(sql, (after, limit)).fetchall()))
 
     async def topics_replay(self, topic: str, from_offset: int, upto: int, limit: int) -> list[TopicMessage]:
         sql = (
-            f"SELECT {_COLUMNS} FROM topic_log WHERE topic = ? AND msg_offset >= ? AND seq <= ? "
+            f"SELECT {LOG_COLUMNS} FROM topic_log WHERE topic = ? AND msg_offset >= ? AND seq <= ? "
             "ORDER BY msg_offset LIMIT ?"
         )
         rows = await self._read(lambda c: c.execute(sql, (topic, from_offset, upto, limit)).fetchall())
-        return [_message(r) for r in rows]
+        return [message_of(r) for r in rows]
 
     async def topics_head(self, topic: str) -> TopicHead | None:
         sql = "SELECT topic, first_offset, last_offset FROM topic_heads WHERE topic = ?"
-        row = await self._read(lambda c: c.execute(sql, (topic,)).fetchone())
-        return None if row is None else TopicHead(row[0], int(row[1]), int(row[2]))
+
+        def read(conn: sqlite3.Connection) -> TopicHead | None:
+            row = conn.execute(sql, (topic,)).fetchone()
+            if row is not None:
+                return TopicHead(row[0], int(row[1]), int(row[2]))
+            return forgotten_head(
+                topic, conn.execute(RETIRED_SQL.format(bucket="?"), (retired_bucket(topic),)).fetchone()
+            )
+
+        return await self._read(read)
+
+    async def topics_forget(self, topics: list[str]) -> int:
+        def forget(conn: sqlite3.Connection) -> int:
+            rows = []
+            for topic in topics:
+                rows += conn.execute(
+                    "DELETE FROM topic_heads WHERE topic = ? AND first_offset > last_offset "
+                    "RETURNING topic, last_offset, trimmed_seq",
+                    (topic,),
+                ).fetchall()
+            conn.executemany(
+                "INSERT INTO topic_retired (bucket, last_offset, trimmed_seq) VALUES (?, ?, ?) ON CONFLICT (bucket) "
+                "DO UPDATE SET last_offset = max(last_offset, excluded.last_offset), "
+                "trimmed_seq = max(trimmed_seq, excluded.trimmed_seq)",
+                retire(rows),
+            )
+            return len(rows)
+
+        return await self._write(forget)
 
     async def topics_heads(self, after: str, limit: int) -> list[TopicHead]:
         sql = "SELECT topic, first_offset, last_offset FROM topic_heads WHERE topic > ? ORDER BY topic LIMIT ?"
@@ -293,8 +434,8 @@ class SQLiteTopics(SQLiteAccess, TopicStore):
 
     async def topics_trimmed(self, after: int, limit: int) -> tuple[list[TopicHead], int]:
         def read(conn: sqlite3.Connection) -> tuple[list[TopicHead], int]:
-            rows = conn.execute(_TRIMMED.format(after="?", limit="?"), (after, limit)).fetchall()
-            top = conn.execute("SELECT coalesce(max(trimmed_seq), 0) FROM topic_heads").fetchone()[0]
+            rows = conn.execute(TRIMMED_SQL.format(after="?", limit="?"), (after, limit)).fetchall()
+            top = conn.execute(EXPLAINED_SQL.format(after="?"), (after,)).fetchone()[0]
             return [TopicHead(r[0], int(r[1]), int(r[2])) for r in rows], int(top)
 
         return await self._read(read)
@@ -306,7 +447,7 @@ class SQLiteTopics(SQLiteAccess, TopicStore):
                 "ORDER BY msg_offset LIMIT ?",
                 (topic, limit),
             ).fetchall()
-            cut, top = _trim_cut(rows, upto_offset, older_than)
+            cut, top = trim_cut(rows, upto_offset, older_than)
             if not cut:
                 return 0
             removed = conn.execute(
@@ -327,102 +468,3 @@ class SQLiteTopics(SQLiteAccess, TopicStore):
             "(SELECT seq FROM topic_log WHERE msg_offset IS NULL AND at < ? ORDER BY at LIMIT ?)"
         )
         return int(await self._write(lambda c: c.execute(sql, (older_than, limit)).rowcount))
-
-
-# -- PostgreSQL -----------------------------------------------------------------------------
-
-# One statement: lock and advance the counter (serialising publishers on every replica, so seq
-# order is commit order), take the topic's next offset when durable ($2), append the message.
-_PG_APPEND = (
-    "WITH m AS (UPDATE topic_meta SET seq = seq + 1 WHERE id = 1 RETURNING seq), "
-    "h AS (INSERT INTO topic_heads (topic, first_offset, last_offset) SELECT $1::text, 1, 1 FROM m WHERE $2::bool "
-    "ON CONFLICT (topic) DO UPDATE SET last_offset = topic_heads.last_offset + 1 RETURNING last_offset), "
-    f"lg AS (INSERT INTO topic_log ({_COLUMNS}) "
-    "SELECT m.seq, $1, (SELECT last_offset FROM h), $3, $4, $5, $6 FROM m RETURNING seq, msg_offset) "
-    "SELECT seq, msg_offset FROM lg"
-)
-
-
-class PostgresTopics(PostgresAccess, TopicStore):
-    """topics on PostgreSQL: every append is one statement that first locks the seq counter."""
-
-    async def topics_append(
-        self, topic: str, durable: bool, publisher: str, payload: bytes, headers: dict[str, str], at: float
-    ) -> tuple[int, int | None]:
-        encoded = msgspec.json.encode(headers).decode()
-        row = await self._call(lambda c: c.fetchrow(_PG_APPEND, topic, durable, publisher, payload, encoded, at))
-        return int(row[0]), None if row[1] is None else int(row[1])
-
-    async def topics_position(self) -> TopicPosition:
-        row = await self._call(lambda c: c.fetchrow("SELECT seq, trimmed FROM topic_meta WHERE id = 1"))
-        return TopicPosition(int(row[0]), int(row[1]))
-
-    async def topics_feed(self, after: int, limit: int) -> tuple[list[TopicMessage], int]:
-        sql = _FEED.format(after="$1", limit="$2")
-        return _feed([tuple(r) for r in await self._call(lambda c: c.fetch(sql, after, limit))])
-
-    async def topics_replay(self, topic: str, from_offset: int, upto: int, limit: int) -> list[TopicMessage]:
-        sql = (
-            f"SELECT {_COLUMNS} FROM topic_log WHERE topic = $1 AND msg_offset >= $2 AND seq <= $3 "
-            "ORDER BY msg_offset LIMIT $4"
-        )
-        rows = await self._call(lambda c: c.fetch(sql, topic, from_offset, upto, limit))
-        return [_message(tuple(r)) for r in rows]
-
-    async def topics_head(self, topic: str) -> TopicHead | None:
-        sql = "SELECT topic, first_offset, last_offset FROM topic_heads WHERE topic = $1"
-        row = await self._call(lambda c: c.fetchrow(sql, topic))
-        return None if row is None else TopicHead(row[0], int(row[1]), int(row[2]))
-
-    async def topics_heads(self, after: str, limit: int) -> list[TopicHead]:
-        sql = "SELECT topic, first_offset, last_offset FROM topic_heads WHERE topic > $1 ORDER BY topic LIMIT $2"
-        rows = await self._call(lambda c: c.fetch(sql, after, limit))
-        return [TopicHead(r[0], int(r[1]), int(r[2])) for r in rows]
-
-    async def topics_trimmed(self, after: int, limit: int) -> tuple[list[TopicHead], int]:
-        async def read(conn: asyncpg.Connection[Any]) -> tuple[list[TopicHead], int]:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                rows = await conn.fetch(_TRIMMED.format(after="$1", limit="$2"), after, limit)
-                top = await conn.fetchval("SELECT coalesce(max(trimmed_seq), 0) FROM topic_heads")
-            return [TopicHead(r[0], int(r[1]), int(r[2])) for r in rows], int(top)
-
-        heads, top = await self._call(read)
-        return heads, top
-
-    async def topics_trim(self, topic: str, upto_offset: int, older_than: float | None, limit: int) -> int:
-        async def trim(conn: asyncpg.Connection[Any]) -> int:
-            async with conn.transaction():
-                # The counter's lock first, as publishers take it: trims (every replica's leader sweeps)
-                # and appends then queue in one order, never deadlock.
-                await conn.execute("SELECT 1 FROM topic_meta WHERE id = 1 FOR UPDATE")
-                rows = await conn.fetch(
-                    "SELECT seq, msg_offset, at FROM topic_log WHERE topic = $1 AND msg_offset IS NOT NULL "
-                    "ORDER BY msg_offset LIMIT $2",
-                    topic,
-                    limit,
-                )
-                cut, top = _trim_cut([tuple(r) for r in rows], upto_offset, older_than)
-                if not cut:
-                    return 0
-                status = await conn.execute(
-                    "DELETE FROM topic_log WHERE topic = $1 AND msg_offset IS NOT NULL AND msg_offset <= $2", topic, cut
-                )
-                await conn.execute(
-                    "UPDATE topic_heads SET first_offset = $1, trimmed_seq = greatest(trimmed_seq, $2) "
-                    "WHERE topic = $3",
-                    cut + 1,
-                    top,
-                    topic,
-                )
-                await conn.execute("UPDATE topic_meta SET trimmed = greatest(trimmed, $1) WHERE id = 1", top)
-                return int(status.split()[-1])
-
-        return int(await self._call(trim))
-
-    async def topics_trim_live(self, older_than: float, limit: int) -> int:
-        sql = (
-            "DELETE FROM topic_log WHERE seq IN "
-            "(SELECT seq FROM topic_log WHERE msg_offset IS NULL AND at < $1 ORDER BY at LIMIT $2)"
-        )
-        status = await self._call(lambda c: c.execute(sql, older_than, limit))
-        return int(status.split()[-1])

@@ -13,6 +13,7 @@ import pytest
 
 import bastion
 from bastion.client.aio import Client
+from bastion.store import open_store
 from tests.support.stores import store_location
 
 BACKENDS = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -40,7 +41,7 @@ async def started(client: Client, pattern: str, **args: Any) -> Any:
     return stream
 
 
-async def until(read: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], timeout: float = 10) -> Any:
+async def until(read: Callable[[], Awaitable[Any]], done: Callable[[Any], bool] = bool, timeout: float = 10) -> Any:
     """Poll ``read()`` until ``done`` says yes about what it returned; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not done(value := await read()):
@@ -144,3 +145,64 @@ def test_retention_trimming_unread_messages_ends_only_the_subscribers_that_lost_
             await wide.aclose()
 
     asyncio.run(main())
+
+
+EXPIRING = """
+[messages.topics]
+sweep_interval = 0.2
+max_durable_topics_per_user = 2
+
+[[messages.topics.durable]]
+pattern = "user.>"
+keep = 0
+max_age = 1.5
+"""
+
+
+@BACKENDS
+def test_durable_topics_per_user_are_bounded_and_expired_ones_are_forgotten_without_reusing_offsets(
+    server_factory: Any, tmp_path: Path, backend: str
+) -> None:
+    server = serve(server_factory, tmp_path, backend, EXPIRING)
+
+    async def main() -> None:
+        async with Client(server.address, token=server.token, timeout=10) as admin:
+            await admin.auth.create_user(name="bob")
+            token = (await admin.auth.create_token(user="bob"))["token"]
+        async with Client(server.address, token=token, timeout=10) as bob:
+            publish = bob.messages.publish
+            assert [await publish(topic="user.bob.t1", payload=i) for i in range(2)] == [1, 2]
+            assert await publish(topic="user.bob.t2", payload="x") == 1
+            with pytest.raises(bastion.ResourceExhausted, match="max_durable_topics_per_user") as info:
+                await publish(topic="user.bob.t3", payload="refused")
+            assert info.value.details == {"limit": 2}
+            info3 = await bob.messages.topic_info(topic="user.bob.t3")
+            assert (info3["first_offset"], info3["last_offset"]) == (0, 0)  # nothing was written
+            assert await publish(topic="user.bob.t1", payload=2) == 3  # an existing topic is no new one
+            # All of them expire (max_age) and are forgotten: the limit counts them no more.
+            assert await until(lambda: refused_or(publish(topic="user.bob.t3", payload="now"))) == 1
+            async with open_store(store_location(backend, tmp_path, "s")) as store:
+                heads = await until(lambda: store.topics_heads("", 100), lambda h: len(h) == 1)
+                assert [h.topic for h in heads] == ["user.bob.t3"]
+            # Used again, a forgotten topic goes on above its old offsets, never reusing one.
+            info1 = await bob.messages.topic_info(topic="user.bob.t1")
+            assert (info1["first_offset"], info1["last_offset"]) == (4, 3)
+            with pytest.raises(bastion.OutOfRange, match="next offset is 4"):
+                async with asyncio.timeout(10):
+                    async for _ in bob.stream("messages.subscribe", pattern="user.bob.t1", from_offset=5):
+                        pass
+            stream = await started(bob, "user.bob.t1", from_offset=4)
+            assert await publish(topic="user.bob.t1", payload="again") == 4
+            async with asyncio.timeout(10):
+                assert (await anext(stream))["offset"] == 4
+            await stream.aclose()
+
+    asyncio.run(main())
+
+
+async def refused_or(call: Awaitable[Any]) -> Any:
+    """What ``call`` returns, or None if it is refused with RESOURCE_EXHAUSTED."""
+    try:
+        return await call
+    except bastion.ResourceExhausted:
+        return None

@@ -474,7 +474,7 @@ def test_a_wide_subscription_remembers_a_bounded_number_of_topics_and_says_when_
     # memory grew with the topics, and the ending's resume_offsets outgrew a frame (then sent without details).
     config = TopicsConfig(
         rules=RULES, durable=[DurableTopic("orders.>", keep=10)], sweep_interval=3600, subscriber_buffer=4,
-        max_topic_length=1000,
+        max_topic_length=1000, max_durable_topics_per_user=2000,
     )  # fmt: skip
     names = [f"orders.{i:04d}{'x' * 980}" for i in range(1100)]  # 1100 topics of 1 KB: over 1 MB of resume_offsets
 
