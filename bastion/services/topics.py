@@ -30,7 +30,9 @@ has already yielded: replay and live neither overlap nor leave a gap.
 Retention runs on the leader (``leader=True``; with several workers, worker
 0): every ``sweep_interval`` seconds it trims each durable topic to its
 ``keep``/``max_age`` and removes live messages older than ``relay_seconds``.
-Trims by several replicas at once are safe (each is one transaction). A topic
+Each page of ``HEADS_PAGE`` topics is trimmed in one transaction removing at
+most ``SWEEP_PAGE`` messages (more: another), not one per topic. Trims by
+several replicas at once are safe (each is one transaction). A topic
 retention emptied is forgotten at the next sweep: its head row goes (the
 store keeps its offsets by bucket, so a topic used again continues above
 them). Each user (admins aside) may have created at most
@@ -39,7 +41,6 @@ them). Each user (admins aside) may have created at most
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -54,7 +55,7 @@ from bastion.service import Context, Service
 from bastion.services import Background, every
 from bastion.services.topics_hub import Hub, Subscriber, TopicAccess, TopicEvent, event
 from bastion.services.topics_syntax import is_wildcard, matches, pattern_error, topic_error
-from bastion.store.topics import TooManyTopics, TopicStore
+from bastion.store.topics import TooManyTopics, TopicStore, TrimPlan
 
 __all__ = ["TopicEvent", "TopicInfo", "Topics"]
 
@@ -135,6 +136,7 @@ class Topics:
             empty = [h.topic for h in heads if h.first_offset > h.last_offset]
             if empty:
                 await self.store.topics_forget(empty)
+            plans = []
             for head in heads:
                 durable = self.durable_for(head.topic)
                 if durable is None or head.first_offset > head.last_offset:
@@ -142,9 +144,10 @@ class Topics:
                 upto = head.last_offset - durable.keep if durable.keep else 0
                 older = now - durable.max_age if durable.max_age else None
                 if upto >= head.first_offset or older is not None:
-                    total += await self._drain(
-                        functools.partial(self.store.topics_trim, head.topic, upto, older, SWEEP_PAGE)
-                    )
+                    plans.append(TrimPlan(head.topic, head.first_offset, upto, older))
+            while plans:  # a page of topics in one transaction, at most SWEEP_PAGE messages removed by each
+                removed, plans = await self.store.topics_trim_many(plans, SWEEP_PAGE)
+                total += removed
             if len(heads) < HEADS_PAGE:
                 return total
             after = heads[-1].topic

@@ -68,6 +68,7 @@ __all__ = [
     "TopicMessage",
     "TopicPosition",
     "TopicStore",
+    "TrimPlan",
     "feed_of",
     "forgotten_head",
     "message_of",
@@ -216,6 +217,55 @@ class TopicHead(msgspec.Struct, frozen=True):
     last_offset: int
 
 
+class TrimPlan(msgspec.Struct, frozen=True):
+    """What retention removes of one durable topic (kept from ``first_offset``): every message up to
+    ``upto_offset``, then on while they are older than ``older_than`` (None: no age limit)."""
+
+    topic: str
+    first_offset: int
+    upto_offset: int
+    older_than: float | None
+
+
+def plan_cuts(
+    plans: list[TrimPlan], bounds: list[tuple[int | None, int | None]], limit: int
+) -> tuple[list[tuple[str, int]], list[TrimPlan]]:
+    """Where to cut each plan's topic (remove offsets up to it), at most ``limit`` messages in all; and the
+    plans left (in part) for another transaction. ``bounds``: per plan, the first offset to keep (None: none)
+    and the last offset kept (None: nothing kept)."""
+    cuts: list[tuple[str, int]] = []
+    budget = limit
+    for i, (plan, (keep, last)) in enumerate(zip(plans, bounds, strict=True)):
+        if budget <= 0:
+            return cuts, plans[i:]
+        end = keep - 1 if keep is not None else last
+        if end is None or end < plan.first_offset:
+            continue
+        cut = min(end, plan.first_offset - 1 + budget)
+        budget -= cut - plan.first_offset + 1
+        cuts.append((plan.topic, cut))
+        if cut < end:
+            return cuts, [msgspec.structs.replace(plan, first_offset=cut + 1), *plans[i + 1 :]]
+    return cuts, []
+
+
+def trimmed_heads(rows: list[Any]) -> tuple[int, dict[str, tuple[int, int]], int]:
+    """Deleted rows (topic, seq, offset): how many, each topic's (highest offset, highest seq), the highest seq."""
+    heads: dict[str, tuple[int, int]] = {}
+    for topic, seq, offset in rows:
+        old = heads.get(topic, (0, 0))
+        heads[topic] = (max(old[0], int(offset)), max(old[1], int(seq)))
+    return len(rows), heads, max((seq for _, seq in heads.values()), default=0)
+
+
+# Per plan: the first offset to keep, and the last one kept (plan_cuts' bounds).
+BOUND_SQL = (
+    "SELECT (SELECT msg_offset FROM topic_log WHERE topic = {topic} AND msg_offset IS NOT NULL AND msg_offset > {upto} "
+    "AND NOT coalesce(at < {older}, false) ORDER BY msg_offset LIMIT 1), "
+    "(SELECT max(msg_offset) FROM topic_log WHERE topic = {topic} AND msg_offset IS NOT NULL)"
+)
+
+
 class TopicPosition(msgspec.Struct, frozen=True):
     """``seq``: the latest message's (0: none yet); ``trimmed``: the highest seq of a trimmed durable message."""
 
@@ -324,6 +374,11 @@ class TopicStore(Notifying, ABC):
     async def topics_trim(self, topic: str, upto_offset: int, older_than: float | None, limit: int) -> int:
         """Remove up to ``limit`` of ``topic``'s oldest durable messages: those up to ``upto_offset``, then
         on while they are older than ``older_than`` (None: no age limit); how many were removed."""
+
+    @abstractmethod
+    async def topics_trim_many(self, plans: list[TrimPlan], limit: int) -> tuple[int, list[TrimPlan]]:
+        """Apply ``plans`` in one transaction, removing at most ``limit`` messages: how many were removed,
+        and the plans left to apply (in another call)."""
 
     @abstractmethod
     async def topics_trim_live(self, older_than: float, limit: int) -> int:
@@ -459,6 +514,31 @@ class SQLiteTopics(SQLiteAccess, TopicStore):
             )
             conn.execute("UPDATE topic_meta SET trimmed = max(trimmed, ?) WHERE id = 1", (top,))
             return int(removed)
+
+        return await self._write(trim)
+
+    async def topics_trim_many(self, plans: list[TrimPlan], limit: int) -> tuple[int, list[TrimPlan]]:
+        bound = BOUND_SQL.format(topic="?1", upto="?2", older="?3")
+
+        def trim(conn: sqlite3.Connection) -> tuple[int, list[TrimPlan]]:
+            bounds = [conn.execute(bound, (p.topic, p.upto_offset, p.older_than)).fetchone() for p in plans]
+            cuts, left = plan_cuts(plans, [(b[0], b[1]) for b in bounds], limit)
+            rows: list[Any] = []
+            for topic, cut in cuts:
+                rows += conn.execute(
+                    "DELETE FROM topic_log WHERE topic = ? AND msg_offset IS NOT NULL AND msg_offset <= ? "
+                    "RETURNING topic, seq, msg_offset",
+                    (topic, cut),
+                ).fetchall()
+            removed, heads, top = trimmed_heads(rows)
+            conn.executemany(
+                "UPDATE topic_heads SET first_offset = max(first_offset, ?), trimmed_seq = max(trimmed_seq, ?) "
+                "WHERE topic = ?",
+                [(offset + 1, seq, topic) for topic, (offset, seq) in heads.items()],
+            )
+            if top:
+                conn.execute("UPDATE topic_meta SET trimmed = max(trimmed, ?) WHERE id = 1", (top,))
+            return removed, left
 
         return await self._write(trim)
 

@@ -8,6 +8,7 @@ import msgspec
 
 from bastion.store._access import PostgresAccess
 from bastion.store.topics import (
+    BOUND_SQL,
     CREATED_SQL,
     EXPLAINED_SQL,
     FEED_SQL,
@@ -19,12 +20,15 @@ from bastion.store.topics import (
     TopicMessage,
     TopicPosition,
     TopicStore,
+    TrimPlan,
     feed_of,
     forgotten_head,
     message_of,
+    plan_cuts,
     retire,
     retired_bucket,
     trim_cut,
+    trimmed_heads,
 )
 
 if TYPE_CHECKING:
@@ -184,6 +188,45 @@ class PostgresTopics(PostgresAccess, TopicStore):
                 return int(status.split()[-1])
 
         return int(await self._call(trim))
+
+    async def topics_trim_many(self, plans: list[TrimPlan], limit: int) -> tuple[int, list[TrimPlan]]:
+        # Where to cut, read first (no lock: later appends only add higher offsets, and a cut already
+        # made by another replica only leaves less to delete); then one transaction for every topic.
+        bound = BOUND_SQL.format(topic="r.topic", upto="r.upto", older="r.older")
+        sql = (
+            "SELECT b.* FROM unnest($1::text[], $2::bigint[], $3::float8[]) WITH ORDINALITY r(topic, upto, older, i), "
+            f"LATERAL ({bound}) b ORDER BY r.i"
+        )
+        columns = ([p.topic for p in plans], [p.upto_offset for p in plans], [p.older_than for p in plans])
+        bounds = [(r[0], r[1]) for r in await self._call(lambda c: c.fetch(sql, *columns))]
+        cuts, left = plan_cuts(plans, bounds, limit)
+        if not cuts:
+            return 0, left
+
+        async def trim(conn: asyncpg.Connection[Any]) -> int:
+            async with conn.transaction():
+                await conn.execute("SELECT 1 FROM topic_meta WHERE id = 1 FOR UPDATE")  # as appends take it
+                rows = await conn.fetch(
+                    "DELETE FROM topic_log l USING unnest($1::text[], $2::bigint[]) c(topic, cut) "
+                    "WHERE l.topic = c.topic AND l.msg_offset IS NOT NULL AND l.msg_offset <= c.cut "
+                    "RETURNING l.topic, l.seq, l.msg_offset",
+                    [t for t, _ in cuts],
+                    [c for _, c in cuts],
+                )
+                removed, heads, top = trimmed_heads([tuple(r) for r in rows])
+                await conn.execute(
+                    "UPDATE topic_heads h SET first_offset = greatest(h.first_offset, u.next), "
+                    "trimmed_seq = greatest(h.trimmed_seq, u.seq) "
+                    "FROM unnest($1::text[], $2::bigint[], $3::bigint[]) u(topic, next, seq) WHERE h.topic = u.topic",
+                    list(heads),
+                    [offset + 1 for offset, _ in heads.values()],
+                    [seq for _, seq in heads.values()],
+                )
+                if top:
+                    await conn.execute("UPDATE topic_meta SET trimmed = greatest(trimmed, $1) WHERE id = 1", top)
+                return removed
+
+        return int(await self._call(trim)), left
 
     async def topics_trim_live(self, older_than: float, limit: int) -> int:
         sql = (

@@ -502,3 +502,38 @@ def test_a_wide_subscription_remembers_a_bounded_number_of_topics_and_says_when_
             await test(w)
 
     asyncio.run(main())
+
+
+def test_a_retention_sweep_over_many_topics_takes_a_few_transactions_not_one_per_topic(tmp_path: Path) -> None:
+    config = TopicsConfig(
+        rules=RULES, durable=[DurableTopic("orders.>", keep=2, max_age=60)], sweep_interval=3600,
+        max_durable_topics_per_user=10_000,
+    )  # fmt: skip
+    topics = 600
+
+    def transactions(store: Store) -> int:
+        stats = store.stats
+        return stats.get("commits", 0) + stats.get("calls", 0)  # SQLite's commits, or PostgreSQL's calls
+
+    async def test(w: World) -> None:
+        for i in range(topics):
+            for n in range(3):
+                await w.ada.messages.publish(topic=f"orders.t{i}", payload=n)
+        before = transactions(w.store)
+        assert await w.topics.sweep() == topics  # each topic down to its keep of 2
+        by_count = transactions(w.store) - before
+        before = transactions(w.store)
+        assert await w.topics.sweep(now=time.time() + 120) == 2 * topics  # everything past max_age
+        by_age = transactions(w.store) - before
+        before = transactions(w.store)
+        assert await w.topics.sweep(now=time.time() + 120) == 0  # all empty: forgotten, in one go
+        assert await w.store.topics_heads("", 10) == []
+        forgetting = transactions(w.store) - before
+        # Bounded work per transaction (SWEEP_PAGE messages) and a page of heads per read: a handful each.
+        assert max(by_count, by_age, forgetting) <= 12, (by_count, by_age, forgetting)
+
+    async def main() -> None:
+        async with asyncio.timeout(120), world(tmp_path, config) as w:
+            await test(w)
+
+    asyncio.run(main())
