@@ -82,10 +82,20 @@ class ServerInfo(Protocol):
     def describe(self) -> list[dict[str, Any]]: ...
 
 
+class PrincipalSource(Protocol):
+    """A connection whose principal revalidation may change (``ServerSession``)."""
+
+    def watch_principal(self, callback: Callable[[Principal], None]) -> Callable[[], None]: ...
+
+
+def _unwatched() -> None:
+    return None
+
+
 class Context:
     """Per-call facts a handler may ask for by declaring a ``Context`` parameter."""
 
-    __slots__ = ("deadline", "metadata", "method", "peer", "principal", "request_id", "server")
+    __slots__ = ("_principals", "deadline", "metadata", "method", "peer", "principal", "request_id", "server")
 
     def __init__(
         self,
@@ -97,7 +107,9 @@ class Context:
         deadline: float | None,
         metadata: Mapping[str, str],
         server: ServerInfo,
+        principals: PrincipalSource | None = None,
     ) -> None:
+        self._principals = principals
         self.method = method
         self.principal = principal
         self.request_id = request_id
@@ -105,6 +117,15 @@ class Context:
         self.deadline = deadline  # time.monotonic() value, or None
         self.metadata = metadata
         self.server = server
+
+    def watch_principal(self, callback: Callable[[Principal], None]) -> Callable[[], None]:
+        """Have ``callback`` called with the connection's principal each time revalidation replaces it
+        (its roles changed; a disabled, deleted or revoked one closes the connection instead), so a long
+        call can re-check its access; returns the function that stops it. Never called for a call
+        whose connection is not revalidated (in-memory, or a principal that cannot change)."""
+        if self._principals is None:
+            return _unwatched
+        return self._principals.watch_principal(callback)
 
     def time_remaining(self) -> float | None:
         """Seconds left before the call's deadline, or None without one."""

@@ -462,6 +462,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
             deadline=deadline,
             metadata=call.metadata or {},
             server=self.server.info,
+            principals=self,
         )
 
     def _request_id(self, call_id: int) -> str:

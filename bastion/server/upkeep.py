@@ -33,6 +33,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bastion.exceptions import ResourceExhausted, Unauthenticated
@@ -93,6 +94,8 @@ class SessionUpkeep:
     _frame_since: float
     _frame_timer: asyncio.TimerHandle | None
     _revalidation: asyncio.Task[None] | None
+    #: Callbacks of running calls to tell when revalidation changes the principal (None until one asks).
+    _principal_watchers: set[Callable[[Principal], None]] | None = None
     _last_seen: float
     _last_active: float
     _ping_outstanding: bool
@@ -160,6 +163,14 @@ class SessionUpkeep:
         self.core.reject(status, message)
         link.close()
 
+    def watch_principal(self, callback: Callable[[Principal], None]) -> Callable[[], None]:
+        """``Context.watch_principal``: ``callback(principal)`` whenever revalidation replaces it."""
+        if self._principal_watchers is None:
+            self._principal_watchers = set()
+        watchers = self._principal_watchers
+        watchers.add(callback)
+        return lambda: watchers.discard(callback)
+
     async def _revalidate_loop(self) -> None:
         """Close the connection once its credential expires or is revoked."""
         interval = self.server.revalidate_interval
@@ -171,7 +182,13 @@ class SessionUpkeep:
                 log.exception("revalidation failed; keeping the connection for now")
                 continue
             if current is not None:
-                self.principal = current  # roles may have changed
+                if current is not self.principal:  # roles changed: running calls that asked re-check access
+                    self.principal = current
+                    for callback in list(self._principal_watchers or ()):
+                        try:
+                            callback(current)
+                        except Exception:
+                            log.exception("a principal watcher failed")
             elif self.link is not None and not self.link.closed:
                 self.server.audit(
                     "auth.revoked_connection",

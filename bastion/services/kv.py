@@ -454,6 +454,15 @@ def _declare(kv: KV, service: Service) -> None:
             )
         watcher = Watcher(ns, prefix, cfg.watch_buffer, cfg.watch_buffer_bytes, ctx.principal.name)
         start = await kv.hub.join(watcher)
+        current = [ctx.principal]  # the connection's principal, as revalidation replaces it
+        regranted: list[Principal] = []  # replaced, not checked yet
+
+        def on_principal(principal: Principal) -> None:
+            current[0] = principal
+            regranted[:] = [principal]
+            watcher.wakeup.set()
+
+        unwatch = ctx.watch_principal(on_principal)
         try:
             yield WatchEvent("start", start)
             last = start
@@ -463,12 +472,14 @@ def _declare(kv: KV, service: Service) -> None:
                 last = max(start, from_version - 1)
             checked = time.monotonic()
             while True:
+                if regranted:  # the caller's roles changed: PERMISSION_DENIED if they no longer may read
+                    await kv.namespace_for(regranted.pop(), namespace, write=False)
                 live = watcher.take()
                 if live is not None:
                     if time.monotonic() - checked >= ACCESS_RECHECK:
                         # The namespace's access lists may have changed (or it was deleted) since the watch
                         # began: PERMISSION_DENIED ends the stream before another change goes out.
-                        await kv.namespace_for(ctx.principal, namespace, write=False)
+                        await kv.namespace_for(current[0], namespace, write=False)
                         checked = time.monotonic()
                     if live.revision > last:
                         last = live.revision
@@ -485,6 +496,7 @@ def _declare(kv: KV, service: Service) -> None:
                 await watcher.wakeup.wait()
                 watcher.wakeup.clear()
         finally:
+            unwatch()
             kv.hub.leave(watcher)
 
     @service.method(roles=_ADMIN)

@@ -50,7 +50,7 @@ import msgspec
 
 from bastion.config import DurableTopic, TopicsConfig
 from bastion.exceptions import CallError, InvalidArgument, OutOfRange, PermissionDenied, ResourceExhausted, Unavailable
-from bastion.security.principal import ADMIN_ROLE
+from bastion.security.principal import ADMIN_ROLE, Principal
 from bastion.service import Context, Service
 from bastion.services import Background, every
 from bastion.services.topics_hub import Hub, Subscriber, TopicAccess, TopicEvent, event
@@ -219,12 +219,7 @@ class _Subscription:
                 raise InvalidArgument(f"from_offset must be an offset (1 to {MAX_OFFSET}), or 0 for the earliest kept")
             if not self.single or topics.durable_for(self.pattern) is None:
                 raise InvalidArgument("from_offset needs one durable topic as the pattern (no wildcards)")
-        readable = (
-            topics.access.may_subscribe(principal, self.pattern)
-            if self.single
-            else topics.access.may_subscribe_some(principal, self.pattern)
-        )
-        if not readable:
+        if not self.readable(principal):
             raise PermissionDenied(f"no subscribe access to {self.pattern!r}")
         if len(topics.hub) >= cfg.max_subscribers:
             raise ResourceExhausted(
@@ -236,6 +231,24 @@ class _Subscription:
                 f"you have {mine} subscriptions open on this server (messages.topics.max_subscribers_per_user); "
                 "close some first"
             )
+
+    def readable(self, principal: Principal) -> bool:
+        """Whether ``principal`` may subscribe to the pattern (for a wildcard: to some topic it matches)."""
+        access = self.topics.access
+        if self.single:
+            return access.may_subscribe(principal, self.pattern)
+        return access.may_subscribe_some(principal, self.pattern)
+
+    def regranted(self, principal: Principal) -> None:
+        """The connection's principal was revalidated with other roles: deliver only what it may read now,
+        or end the stream PERMISSION_DENIED (dropping what was buffered) if that is nothing."""
+        subscriber = self.subscriber
+        subscriber.reauthorize(principal)
+        self.topics.hub.reroute()
+        if not self.readable(principal) and subscriber.ended is None:
+            subscriber.buffer.clear()
+            subscriber.bytes = 0
+            subscriber.end(PermissionDenied, f"no subscribe access to {self.pattern!r} any more")
 
     async def replay(self, upto: int) -> AsyncIterator[TopicEvent]:
         """The durable topic's messages from ``from_offset`` with seq up to ``upto``, checked for trimming."""
@@ -264,6 +277,9 @@ class _Subscription:
             if page and page[0].offset != expected:  # trimmed between our reads
                 first = page[0].offset or expected
                 continue
+            ended = self.subscriber.ended
+            if ended is not None and ended[0] is PermissionDenied:
+                raise self.ending(*ended)
             for message in page:
                 offset = message.offset or 0
                 self.last[topic], expected = offset, offset + 1
@@ -380,6 +396,7 @@ def _declare(topics: Topics, service: Service) -> None:
         sub.check()
         subscriber = sub.subscriber
         start = await topics.hub.join(subscriber)
+        unwatch = ctx.watch_principal(sub.regranted)
         try:
             yield TopicEvent("start", pattern)
             if from_offset is not None:
@@ -403,6 +420,7 @@ def _declare(topics: Topics, service: Service) -> None:
                 await subscriber.wakeup.wait()
                 subscriber.wakeup.clear()
         finally:
+            unwatch()
             topics.hub.leave(subscriber)
 
     @service.method(idempotent=True)

@@ -191,6 +191,11 @@ class Subscriber:
         self.ended = (kind, why)
         self.wakeup.set()
 
+    def reauthorize(self, principal: Principal) -> None:
+        """From now on deliver what ``principal`` (the subscriber's, revalidated) may read."""
+        self.principal = principal
+        self._readable.clear()
+
 
 class Hub:
     """Tails the topic log and fans messages out to this process's subscribers (see the module docstring)."""
@@ -250,6 +255,10 @@ class Hub:
         if not self._subscribers:
             self._position = None
             self._held.clear()
+
+    def reroute(self) -> None:
+        """A subscriber's access changed: match topics to subscribers afresh."""
+        self._routes.clear()
 
     def end_all(self, kind: type[CallError], why: str) -> None:
         for subscriber in list(self._subscribers):
