@@ -125,6 +125,9 @@ class Backups:
     async def _schedule(self) -> None:
         while True:
             await asyncio.sleep(self.config.interval)
+            if self._lock.locked():  # an on-demand one is being written: it serves, nothing failed
+                log.info("scheduled backup skipped: a backup is already running")
+                continue
             try:
                 await self.backup(scheduled=True)
                 self.stats["scheduled_total"] += 1

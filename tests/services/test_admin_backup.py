@@ -15,6 +15,7 @@ from bastion.config import BackupConfig
 from bastion.security.credentials import User
 from bastion.services.admin import create_service
 from bastion.services.backup import Backups
+from bastion.store.archive import ArchiveInfo
 from bastion.store.backup import verify_archive
 from bastion.store.sqlite import SQLiteStore
 from bastion.testing import ANONYMOUS, MemoryServer
@@ -35,6 +36,18 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():  # noqa: ASYNC110 - a counter, not an event, is what the component offers
             await asyncio.sleep(0.02)
+
+
+async def backup_between_scheduled(backups: Backups, timeout: float = 10.0) -> ArchiveInfo:
+    """An on-demand backup, taken when no scheduled one is running (they run every few ms here):
+    ``backup`` refuses UNAVAILABLE while one is, as documented, and a loaded machine hits it."""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                return await backups.backup()
+            except Unavailable as exc:
+                assert "already running" in exc.message, exc
+                await asyncio.sleep(0.01)
 
 
 @asynccontextmanager
@@ -101,7 +114,7 @@ def test_only_one_backup_runs_at_a_time(tmp_path: Path) -> None:
 def test_scheduled_backups_run_and_keep_only_the_newest(tmp_path: Path) -> None:
     async def main() -> None:
         async with hosted(tmp_path, interval=0.05, keep=2) as (_, backups, _):
-            manual = await backups.backup()  # on-demand archives are never pruned
+            manual = await backup_between_scheduled(backups)  # on-demand archives are never pruned
             await until(lambda: backups.stats["scheduled_total"] >= 4)
         names = sorted(p.name for p in (tmp_path / "backups").iterdir())
         scheduled = [n for n in names if n.endswith("-scheduled.bbk")]
