@@ -190,6 +190,9 @@ class TLSConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_ca: PEM bundle trusted for client certificates (default: the dev CA).
     crl: a PEM certificate revocation list checked against client certificates.
     revoked_serials: client certificate serial numbers (hex or decimal) to refuse.
+    dev_cert_lifetime: seconds a development server certificate is issued for (default 365 days).
+    dev_renew_before: a running server renews its development certificate when less than
+        this many seconds of it remain (default 30 days), and loads it as SIGHUP would.
     """
 
     insecure: bool = False
@@ -201,8 +204,16 @@ class TLSConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_ca: str | None = None
     crl: str | None = None
     revoked_serials: list[str] = []
+    dev_cert_lifetime: float = 365 * 86400
+    dev_renew_before: float = 30 * 86400
 
     def __post_init__(self) -> None:
+        check_finite(self, "tls")
+        if not 0 < self.dev_renew_before < self.dev_cert_lifetime:
+            raise UsageError(
+                "tls.dev_renew_before must be positive and below tls.dev_cert_lifetime, got "
+                f"{self.dev_renew_before!r} and {self.dev_cert_lifetime!r}"
+            )
         if self.min_version not in ("1.2", "1.3"):
             raise UsageError(f'tls.min_version must be "1.2" or "1.3", got {self.min_version!r}')
         if self.client_auth not in ("none", "optional", "required"):

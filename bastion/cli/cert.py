@@ -9,11 +9,18 @@ for mutual TLS.
 
 ``prepare_tls`` is what ``bastion serve`` calls: it turns ``config.tls``
 into the server's SSLContext (or refuses an unsafe plaintext set-up).
+``keep_dev_certificate`` runs beside a server serving the development
+certificate: it renews the certificate ``tls.dev_renew_before`` seconds
+before it expires and loads it into the live contexts as SIGHUP does, so a
+server left up for longer than the certificate's lifetime keeps serving.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
+import logging
 import os
 import socket
 import ssl
@@ -28,6 +35,7 @@ import typer
 from bastion.config import Config, load_config
 from bastion.exceptions import UsageError
 from bastion.security.tls import (
+    TLSPaths,
     certificate_info,
     ensure_dev_ca,
     ensure_dev_tls,
@@ -36,7 +44,12 @@ from bastion.security.tls import (
     server_context,
 )
 
-__all__ = ["TLSSetup", "cert_app", "is_loopback", "prepare_tls", "server_hosts"]
+__all__ = ["TLSSetup", "cert_app", "is_loopback", "keep_dev_certificate", "prepare_tls", "server_hosts"]
+
+log = logging.getLogger("bastion.server")
+
+#: Longest wait, in seconds, between two looks at the development certificate's expiry.
+RENEW_CHECK_INTERVAL = 3600.0
 
 cert_app = typer.Typer(
     name="cert",
@@ -71,6 +84,8 @@ class TLSSetup:
     context: ssl.SSLContext | None = None
     cert_files: tuple[str, str] | None = None
     messages: list[str] = field(default_factory=list)
+    #: The certificate is the development one (``ensure_dev_tls``): the server renews it while it runs.
+    dev: bool = False
 
 
 def is_loopback(host: str) -> bool:
@@ -106,7 +121,7 @@ def prepare_tls(config: Config, warn: Callable[[str], None]) -> TLSSetup:
         messages.append(f"TLS on; certificate: {Path(cert).resolve()}")
         _warn_loose_key(key, warn)
     else:
-        paths = ensure_dev_tls(config.data_dir, server_hosts(config.host))
+        paths = _ensure_dev_tls(config)
         cert, key = str(paths.cert), str(paths.key)
         messages.append(f"TLS on; CA certificate: {paths.ca.resolve()}")
     client_ca = tls.client_ca
@@ -115,7 +130,44 @@ def prepare_tls(config: Config, warn: Callable[[str], None]) -> TLSSetup:
     context = server_context(tls, cert, key, client_ca)
     if tls.client_auth != "none":
         messages.append(f"client certificates {tls.client_auth}; trusted CA: {Path(client_ca or '').resolve()}")
-    return TLSSetup(context, (cert, key), messages)
+    return TLSSetup(context, (cert, key), messages, dev=tls.cert is None)
+
+
+def _ensure_dev_tls(config: Config) -> TLSPaths:
+    tls = config.tls
+    return ensure_dev_tls(
+        config.data_dir, server_hosts(config.host), lifetime=tls.dev_cert_lifetime, renew_before=tls.dev_renew_before
+    )
+
+
+async def keep_dev_certificate(config: Config, reload: Callable[[], bool], *, leader: bool = True) -> None:
+    """Renew the development certificate before it expires and ``reload`` it; runs until cancelled.
+
+    Every ``tls.dev_renew_before / 10`` seconds (at most hourly) the leader
+    issues a new certificate if the one on disk expires within
+    ``tls.dev_renew_before`` (``ensure_dev_tls``; the workers of one server
+    share the files, so only one writes them), and every process calls
+    ``reload`` (``Server.reload_tls``) when the file holds a certificate
+    other than the one it loaded. A failure is logged and tried again at
+    the next look; the certificate already loaded keeps serving.
+    """
+    interval = min(RENEW_CHECK_INTERVAL, config.tls.dev_renew_before / 10)
+    cert_path = Path(config.data_dir) / "tls" / "server.pem"
+    loaded: str | None = None  # unknown: the first good look reloads (the same certificate, if nothing changed)
+    with contextlib.suppress(Exception):
+        loaded = (await asyncio.to_thread(certificate_info, cert_path))["serial"]
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if leader:
+                await asyncio.to_thread(_ensure_dev_tls, config)
+            info = await asyncio.to_thread(certificate_info, cert_path)
+        except Exception as exc:  # this task must outlive any one failure, or renewal would stop for good
+            log.error("cannot renew the development TLS certificate (next try in %.0fs): %s", interval, exc)
+            continue
+        if info["serial"] != loaded and reload():
+            loaded = info["serial"]
+            log.info("renewed the development TLS certificate: serial %s, valid until %s", loaded, info["not_after"])
 
 
 def _warn_loose_key(key: str, warn: Callable[[str], None]) -> None:

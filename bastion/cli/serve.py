@@ -25,6 +25,10 @@ then the gateway closes. With workers, the supervisor binds the gateway's
 port too (one SO_REUSEPORT socket per worker), every worker serves it, and
 /metrics adds up every worker's numbers through the snapshots they publish
 in ``<data_dir>/metrics`` (bastion/observability/metrics.py).
+
+Serving the development certificate, a task renews it before it expires
+and reloads it (bastion/cli/cert.py ``keep_dev_certificate``; the leader
+writes the files, every worker reloads them).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import msgspec
 
 from bastion import allocator
 from bastion._version import __version__
-from bastion.cli.cert import TLSSetup, prepare_tls
+from bastion.cli.cert import TLSSetup, keep_dev_certificate, prepare_tls
 from bastion.config import Config
 from bastion.exceptions import UsageError
 from bastion.gateway.runner import GatewayServer
@@ -335,15 +339,20 @@ async def _compose_and_serve(
         )
         store_observe.observer = server.metrics.observe_store
         started: list[Component] = []
+        renewal: asyncio.Task[None] | None = None
         try:
             for component in components:
                 await component.start()
                 started.append(component)
+            if tls.dev:
+                renewal = asyncio.create_task(keep_dev_certificate(config, server.reload_tls, leader=leader))
             if role.channel is None:
                 await _serve(server, config, echo, token_state, token_path.resolve(), tls_messages, tls)
             else:
                 await _serve_worker(server, role.channel, config, tls)
         finally:
+            if renewal is not None:
+                renewal.cancel()
             store_observe.observer = None
             for component in reversed(started):
                 await component.aclose()

@@ -12,7 +12,8 @@ shutdown has begun, so /readyz has answered 503 meanwhile).
 
 TLS: with ``cert_files`` (certificate, key) -- the bastion server's own
 files -- the gateway serves HTTPS and WSS with the same certificate (a
-context of its own: the server's context negotiates ALPN ``bastion/1``).
+context of its own: the server's context negotiates ALPN ``bastion/1``),
+reloaded with the server's (``Server.also_reload``: SIGHUP, dev certificate renewal).
 
 HTTP is uvicorn's httptools protocol with the request line and headers bounded
 in size (431 past 64 KiB) and in time (``header_timeout``), and a request
@@ -125,6 +126,8 @@ async def serve(
             raise UsageError("gateway: uvicorn stopped before it started")
         await asyncio.sleep(0.01)
     gateway.started = True
+    if cert_files is not None and uv.config.ssl is not None:
+        server.also_reload.append(uv.config.ssl)  # SIGHUP and dev certificate renewal reach it too
     return GatewayServer(uv, task, sockets, gateway, cert_files is not None)
 
 

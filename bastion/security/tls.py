@@ -4,8 +4,9 @@ Theory of operation. With no certificate configured, ``bastion serve`` calls
 ``ensure_dev_tls``: on first start it creates a private development CA and a
 server certificate signed by it under ``<data_dir>/tls/``; later starts
 reuse them, issuing a new server certificate when the old one is within 30
-days of expiry, no longer covers the configured host, or was signed by a
-different CA. Keys are EC P-256 and are written with mode 0600, atomically
+days of expiry (``tls.dev_renew_before``; a running server checks too, see
+bastion/cli/cert.py), no longer covers the configured host, or was signed by
+a different CA. Keys are EC P-256 and are written with mode 0600, atomically
 (a temporary file renamed into place), so a reload never sees half a file.
 
 ``server_context`` builds the one ``ssl.SSLContext`` a server uses: TLS 1.3
@@ -217,7 +218,7 @@ def _issue(
     common_name: str,
     usage: x509.ObjectIdentifier,
     sans: Sequence[x509.GeneralName] = (),
-    days: int = LEAF_DAYS,
+    days: float = LEAF_DAYS,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
     now = _now()
@@ -253,8 +254,13 @@ def _issue(
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
-def _leaf_is_good(leaf: x509.Certificate, ca: x509.Certificate, wanted: Sequence[x509.GeneralName]) -> bool:
-    if leaf.not_valid_after_utc - _now() < RENEW_BEFORE:
+def _leaf_is_good(
+    leaf: x509.Certificate,
+    ca: x509.Certificate,
+    wanted: Sequence[x509.GeneralName],
+    renew_before: datetime.timedelta = RENEW_BEFORE,
+) -> bool:
+    if leaf.not_valid_after_utc - _now() < renew_before:
         return False
     try:
         leaf.verify_directly_issued_by(ca)
@@ -285,13 +291,21 @@ def ensure_dev_ca(data_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     return ca_path, ca_key_path
 
 
-def ensure_dev_tls(data_dir: str | os.PathLike[str], hosts: Iterable[str] = ()) -> TLSPaths:
+def ensure_dev_tls(
+    data_dir: str | os.PathLike[str],
+    hosts: Iterable[str] = (),
+    *,
+    lifetime: float = LEAF_DAYS * 86400,
+    renew_before: float = RENEW_BEFORE.total_seconds(),
+) -> TLSPaths:
     """The dev server certificate, key and CA under ``<data_dir>/tls``: created once, then reused.
 
     The server certificate covers localhost, 127.0.0.1, ::1 and ``hosts``; it
-    is issued again when it expires within 30 days, does not cover ``hosts``,
-    was not signed by the CA in the directory, or does not match its key
-    (or either file is unreadable).
+    is issued again (valid ``lifetime`` seconds) when it expires within
+    ``renew_before`` seconds (30 days), does not cover ``hosts``, was not
+    signed by the CA in the directory, or does not match its key (or either
+    file is unreadable). A running server calls this periodically
+    (bastion/cli/cert.py ``keep_dev_certificate``).
     """
     directory = _tls_dir(data_dir)
     cert_path, key_path = directory / "server.pem", directory / "server.key"
@@ -301,15 +315,20 @@ def ensure_dev_tls(data_dir: str | os.PathLike[str], hosts: Iterable[str] = ()) 
     if cert_path.exists() and key_path.exists():
         with contextlib.suppress(UsageError):
             leaf, key = _read_cert(cert_path), _read_key(key_path)
-            if _leaf_is_good(leaf, ca, wanted) and leaf.public_key() == key.public_key():
+            margin = datetime.timedelta(seconds=renew_before)
+            if _leaf_is_good(leaf, ca, wanted, margin) and leaf.public_key() == key.public_key():
                 return TLSPaths(cert_path, key_path, ca_path)
-    return _issue_server(directory, ca, _read_key(ca_key_path), wanted)
+    return _issue_server(directory, ca, _read_key(ca_key_path), wanted, lifetime)
 
 
 def _issue_server(
-    directory: Path, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, sans: Sequence[x509.GeneralName]
+    directory: Path,
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    sans: Sequence[x509.GeneralName],
+    lifetime: float = LEAF_DAYS * 86400,
 ) -> TLSPaths:
-    cert, key = _issue(ca, ca_key, "bastion server", ExtendedKeyUsageOID.SERVER_AUTH, sans)
+    cert, key = _issue(ca, ca_key, "bastion server", ExtendedKeyUsageOID.SERVER_AUTH, sans, days=lifetime / 86400)
     cert_path, key_path = directory / "server.pem", directory / "server.key"
     # Key first, then certificate: each replace is atomic, and a reload that
     # reads a new key with the old certificate fails its check and keeps the

@@ -29,8 +29,9 @@ certificate's identity is put on the Link (``link.tls_identity``, the
 subject, and ``link.peer_cert_identity``, subject and serial) for
 authentication to use, and a certificate whose serial is in
 ``revoked_serials`` is refused with UNAUTHENTICATED. SIGHUP reloads the
-certificate, key (and CRL) from ``cert_files`` into the live context: new
-connections get the new certificate, established ones keep going.
+certificate, key (and CRL) from ``cert_files`` into the live context (and
+those in ``also_reload``, the gateway's): new connections get the new
+certificate, established ones keep going.
 
 Behind a load balancer. A connection from an address in ``trusted_proxies``
 (IPs or CIDR networks) must start with a PROXY protocol v2 header
@@ -131,6 +132,8 @@ class Server:
         self.authenticator: Authenticator = authenticator or AllowAnonymous()
         self.ssl_context = ssl_context
         self.cert_files = cert_files
+        #: Other live contexts serving ``cert_files`` (the gateway's): ``reload_tls`` loads the pair into them too.
+        self.also_reload: list[ssl.SSLContext] = []
         self.crl_file = crl_file
         self.revoked_serials = frozenset(parse_serial(s) for s in revoked_serials)
         self.trusted_proxies = _parse_networks(trusted_proxies)
@@ -423,6 +426,8 @@ class Server:
         cert, key = self.cert_files
         try:
             serial = reload_certificate(self.ssl_context, cert, key)
+            for context in self.also_reload:
+                reload_certificate(context, cert, key)
             if self.crl_file is not None:
                 self.ssl_context.load_verify_locations(cafile=self.crl_file)
         except (BastionError, OSError) as exc:
