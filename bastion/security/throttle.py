@@ -23,6 +23,12 @@ Several workers (``bastion serve --workers N``): pass ``shared``, the
 workers' ``SharedTable`` (ratelimit_shared.py), and the per-source and
 per-user buckets and the failure counts live there, so they hold across
 the workers as they do in one process; lockouts are in the store anyway.
+
+Lockouts are rows in the store, one per locked (username, source) pair.
+Each new lockout also deletes up to ``LOCKOUT_PURGE_BATCH`` expired ones,
+so a spray of usernames cannot grow the table without bound: it holds the
+live lockouts plus at most what the purges have not reached yet, and each
+write does a bounded amount of work (by the index on ``until``).
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ if TYPE_CHECKING:
 __all__ = ["LoginThrottle", "TokenBucket", "source_key"]
 
 MAX_TRACKED = 100_000  # keys remembered in memory; the oldest are forgotten first
+#: Expired lockouts deleted from the store with each new lockout (bounded work per write).
+LOCKOUT_PURGE_BATCH = 100
 
 
 def source_key(source: str, ipv6_prefix: int = 64) -> str:
@@ -210,6 +218,7 @@ class LoginThrottle:
         if count >= self.max_failures:
             self._failures.pop(key)
             await self._store.set_lockout(key, now + self.lockout)
+            await self._store.expire_lockouts(now, LOCKOUT_PURGE_BATCH)
             return True
         return False
 

@@ -141,6 +141,10 @@ class Store(KVStore, FileStore, JobStore, IdempotencyStore, MailStore, TopicStor
     async def set_lockout(self, key: str, until: float) -> None:
         """Set, or replace, the lockout of ``key``."""
 
+    @abstractmethod
+    async def expire_lockouts(self, now: float, limit: int) -> int:
+        """Delete up to ``limit`` lockouts that ended at or before ``now``; the number deleted."""
+
 
 if TYPE_CHECKING:
 

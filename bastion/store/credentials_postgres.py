@@ -101,6 +101,9 @@ class PostgresCredentials(PostgresAccess):
     async def set_lockout(self, key: str, until: float) -> None:
         await self._call(_changes(_SET_LOCKOUT, key, until))
 
+    async def expire_lockouts(self, now: float, limit: int) -> int:
+        return await self._call(_changes(_EXPIRE_LOCKOUTS, now, limit))
+
 
 # -- SQL and row mapping -------------------------------------------------------------------
 
@@ -118,6 +121,8 @@ _REVOKE_USER_TOKENS = (
 _SET_LOCKOUT = (
     "INSERT INTO lockouts (key, until) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET until = excluded.until"
 )
+# A bounded batch, found through the lockouts_expiry index (migration 11).
+_EXPIRE_LOCKOUTS = "DELETE FROM lockouts WHERE key IN (SELECT key FROM lockouts WHERE until <= $1 LIMIT $2)"
 
 
 def _changes(sql: str, *args: Any) -> Callable[[Connection], Awaitable[int]]:

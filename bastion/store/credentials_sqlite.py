@@ -92,6 +92,9 @@ class SQLiteCredentials(SQLiteAccess):
     async def set_lockout(self, key: str, until: float) -> None:
         await self._write(_changes(_SET_LOCKOUT, (key, until)))
 
+    async def expire_lockouts(self, now: float, limit: int) -> int:
+        return await self._write(_changes(_EXPIRE_LOCKOUTS, (now, limit)))
+
 
 # -- SQL and row mapping -------------------------------------------------------------------
 
@@ -107,6 +110,8 @@ _REVOKE_USER_TOKENS = (
     " AND (expires_at IS NULL OR expires_at > ?)"
 )
 _SET_LOCKOUT = "INSERT INTO lockouts (key, until) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET until = excluded.until"
+# A bounded batch, found through the lockouts_expiry index (migration 11).
+_EXPIRE_LOCKOUTS = "DELETE FROM lockouts WHERE key IN (SELECT key FROM lockouts WHERE until <= ? LIMIT ?)"
 
 Row = tuple[Any, ...]
 

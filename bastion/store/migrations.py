@@ -89,6 +89,10 @@ SQLITE_COMPAT_SCHEMA: tuple[str, ...] = (
     )""",
 )
 
+#: Migration 13 (both backends): expired lockouts are purged in batches by this index (throttle.py).
+LOCKOUTS_EXPIRY = "lockouts: an index on their expiry, to purge expired ones"
+LOCKOUTS_EXPIRY_INDEX = "CREATE INDEX lockouts_expiry ON lockouts (until)"
+
 #: Migration 9's description (both backends).
 CODE_POINT_ORDER = "text keys of files, shares, uploads and jobs sort by code point on every backend"
 
@@ -152,6 +156,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         topics.SQLITE_FORGET_SCHEMA,
         compatible=True,
     ),
+    # An index, which old code ignores: compatible.
+    Migration(13, LOCKOUTS_EXPIRY, (LOCKOUTS_EXPIRY_INDEX,), compatible=True),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -76,7 +76,14 @@ from bastion.store.idempotency import PostgresIdempotency
 from bastion.store.jobs import PostgresJobs
 from bastion.store.kv_postgres import PostgresKV
 from bastion.store.mail_postgres import PostgresMail
-from bastion.store.migrations import CODE_POINT_ORDER, Migration, check_newer_schema, compatible_from
+from bastion.store.migrations import (
+    CODE_POINT_ORDER,
+    LOCKOUTS_EXPIRY,
+    LOCKOUTS_EXPIRY_INDEX,
+    Migration,
+    check_newer_schema,
+    compatible_from,
+)
 from bastion.store.postgres_dsn import _LIBPQ_PARAMETERS, _pgoptions_escape, redact_dsn
 from bastion.store.postgres_errors import _describe, _is_closed, _translate, _unsent
 from bastion.store.topics_postgres import PostgresTopics
@@ -169,6 +176,8 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
         topics.POSTGRES_FORGET_SCHEMA,
         compatible=True,
     ),
+    # An index, which old code ignores: compatible.
+    Migration(13, LOCKOUTS_EXPIRY, (LOCKOUTS_EXPIRY_INDEX,), compatible=True),
 )
 
 LATEST = POSTGRES_MIGRATIONS[-1].version

@@ -177,3 +177,35 @@ def test_ipv6_sources_are_throttled_by_network_not_by_address(tmp_path: Path) ->
                 await lock.check("bob", "10.0.0.7")
 
     asyncio.run(main())
+
+
+async def test_expired_lockouts_are_purged_a_bounded_batch_per_lockout(store_url: str) -> None:
+    """A username spray leaves a lockout row per (user, source): expired ones must not pile up for ever."""
+    from bastion.security.throttle import LOCKOUT_PURGE_BATCH
+
+    clock = Clock()
+    async with open_store(store_url) as store:
+        throttle = LoginThrottle(store, burst=10_000, rate=1000, max_failures=1, lockout=60, clock=clock)
+        sprayed = [f"user{i}" for i in range(LOCKOUT_PURGE_BATCH * 2 + 50)]
+        for name in sprayed:
+            assert await throttle.failed(name, "10.0.0.9")
+        keys = [f"login:{name}|10.0.0.9" for name in sprayed]
+
+        async def left() -> int:
+            return sum([await store.get_lockout(key) is not None for key in keys])
+
+        assert await left() == len(sprayed)
+        clock.now += 30
+        assert await throttle.failed("early", "10.0.0.9")  # nothing has expired yet: nothing goes
+        assert await left() == len(sprayed)
+        clock.now += 31  # the spray's lockouts have all expired; "early"'s has not
+        assert await throttle.failed("later", "10.0.0.9")
+        assert await left() == len(sprayed) - LOCKOUT_PURGE_BATCH  # one batch per write, not the whole table
+        for n in range(2):
+            assert await throttle.failed(f"later{n}", "10.0.0.9")
+        assert await left() == 0
+        for live in ("early", "later", "later0", "later1"):
+            until = await store.get_lockout(f"login:{live}|10.0.0.9")
+            assert until is not None and until > clock.now
+            with pytest.raises(ResourceExhausted):
+                await throttle.check(live, "10.0.0.9")

@@ -187,6 +187,18 @@ async def test_lockouts_are_set_read_and_overwritten(store: Store) -> None:
     assert await store.get_lockout("login:ada|10.0.0.2") is None
 
 
+async def test_expired_lockouts_are_deleted_a_bounded_batch_at_a_time(store: Store) -> None:
+    for i in range(5):
+        await store.set_lockout(f"old{i}", 100.0 + i)
+    await store.set_lockout("live", 200.0)
+    assert await store.expire_lockouts(50.0, 10) == 0  # none has ended yet
+    assert await store.expire_lockouts(104.0, 3) == 3  # ended at or before 104: five, three at most
+    assert await store.expire_lockouts(104.0, 3) == 2
+    assert await store.expire_lockouts(104.0, 3) == 0
+    assert [await store.get_lockout(f"old{i}") for i in range(5)] == [None] * 5
+    assert await store.get_lockout("live") == 200.0
+
+
 # -- durability and lifecycle -------------------------------------------------------------------
 
 
