@@ -35,7 +35,6 @@ from bastion.cli.kv import kv_app
 from bastion.cli.messages import messages_app
 from bastion.cli.topics import topics_app
 from bastion.client.sync import SyncClient
-from bastion.config import load_config
 from bastion.exceptions import CallError
 from bastion.status import Status
 
@@ -115,6 +114,7 @@ def serve(
     no_http: Annotated[bool, typer.Option("--no-http", help="Do not serve the HTTP gateway.")] = False,
 ) -> None:
     """Start a server (the admin service plus any --service given). TLS is on unless --insecure."""
+    from bastion.cli.cert import ConfigSource
     from bastion.cli.serve import run
 
     overrides: dict[str, Any] = {"host": host, "port": port, "log_level": log_level}
@@ -147,8 +147,8 @@ def serve(
     overrides["gateway"] = {k: v for k, v in gateway.items() if v is not None}
 
     def start() -> int:
-        cfg = load_config(config, overrides=overrides)
-        return run(cfg, echo=lambda line: print(line, flush=True))
+        source = ConfigSource(str(config) if config is not None else None, overrides)
+        return run(source.load(), echo=lambda line: print(line, flush=True), source=source)
 
     raise typer.Exit(_run_guarded(start))
 

@@ -9,6 +9,8 @@ for mutual TLS.
 
 ``prepare_tls`` is what ``bastion serve`` calls: it turns ``config.tls``
 into the server's SSLContext (or refuses an unsafe plaintext set-up).
+``reread_revoked_serials`` is what SIGHUP adds to the TLS reload: the
+configuration (``ConfigSource``) read again for ``tls.revoked_serials``.
 ``keep_dev_certificate`` runs beside a server serving the development
 certificate: it renews the certificate ``tls.dev_renew_before`` seconds
 before it expires and loads it into the live contexts as SIGHUP does, so a
@@ -28,7 +30,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -40,11 +42,24 @@ from bastion.security.tls import (
     ensure_dev_ca,
     ensure_dev_tls,
     issue_client_cert,
+    parse_serial,
     renew_dev_tls,
     server_context,
 )
 
-__all__ = ["TLSSetup", "cert_app", "is_loopback", "keep_dev_certificate", "prepare_tls", "server_hosts"]
+if TYPE_CHECKING:
+    from bastion.server.server import Server
+
+__all__ = [
+    "ConfigSource",
+    "TLSSetup",
+    "cert_app",
+    "is_loopback",
+    "keep_dev_certificate",
+    "prepare_tls",
+    "reread_revoked_serials",
+    "server_hosts",
+]
 
 log = logging.getLogger("bastion.server")
 
@@ -178,6 +193,31 @@ def _warn_loose_key(key: str, warn: Callable[[str], None]) -> None:
         return  # loading it says what is wrong
     if mode & 0o077:
         warn(f"WARNING: TLS key {key} has mode {mode:04o}: others can read it; chmod 600 it")
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where ``config`` came from -- the file (None: ``BASTION_CONFIG``, if set) and the flags -- to read it again."""
+
+    path: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Config:
+        return load_config(self.path, overrides=self.overrides)
+
+
+def reread_revoked_serials(server: Server, source: ConfigSource) -> None:
+    """SIGHUP: take ``tls.revoked_serials`` from the configuration again (one that fails keeps the list in force)."""
+    try:
+        serials = frozenset(parse_serial(serial) for serial in source.load().tls.revoked_serials)
+    except UsageError as exc:
+        log.error(
+            "SIGHUP: cannot re-read tls.revoked_serials, keeping the %d in force: %s", len(server.revoked_serials), exc
+        )
+        return
+    if serials != server.revoked_serials:
+        log.info("SIGHUP: tls.revoked_serials lists %d serial(s), was %d", len(serials), len(server.revoked_serials))
+        server.revoked_serials = serials
 
 
 # -- bastion cert ------------------------------------------------------------------------

@@ -52,7 +52,7 @@ import msgspec
 
 from bastion import allocator
 from bastion._version import __version__
-from bastion.cli.cert import TLSSetup, keep_dev_certificate, prepare_tls
+from bastion.cli.cert import ConfigSource, TLSSetup, keep_dev_certificate, prepare_tls, reread_revoked_serials
 from bastion.config import Config
 from bastion.exceptions import UsageError
 from bastion.gateway.runner import GatewayServer
@@ -204,11 +204,12 @@ def _configure_logging(level: str, worker: int | None = None) -> None:
     )
 
 
-def run(config: Config, *, echo: Callable[[str], None]) -> int:
+def run(config: Config, *, echo: Callable[[str], None], source: ConfigSource | None = None) -> int:
     """Start the server described by ``config``; return the exit code.
 
     With ``config.workers`` above 1 this process becomes the supervisor of
     that many worker processes (bastion/server/supervisor.py); else it serves.
+    ``source``: where ``config`` came from; SIGHUP re-reads ``tls.revoked_serials`` from it.
     """
     _configure_logging(config.log_level)
     workers = resolve_workers(config.workers)
@@ -222,10 +223,10 @@ def run(config: Config, *, echo: Callable[[str], None]) -> int:
         raise UsageError(f"cannot create the data directory {data_dir}: {exc.strerror}") from None
     tls = prepare_tls(config, warn=lambda line: print(line, file=sys.stderr, flush=True))
     if workers > 1:
-        return _supervise(config, workers, tls.messages, echo, tls.cert_files is not None)
+        return _supervise(config, workers, tls.messages, echo, tls.cert_files is not None, source)
 
     async def main() -> None:
-        await _compose_and_serve(config, _Role(), echo, list(tls.messages), tls)
+        await _compose_and_serve(config, _Role(), echo, list(tls.messages), tls, source)
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
@@ -272,7 +273,12 @@ class _Role:
 
 
 async def _compose_and_serve(
-    config: Config, role: _Role, echo: Callable[[str], None], tls_messages: list[str], tls: TLSSetup
+    config: Config,
+    role: _Role,
+    echo: Callable[[str], None],
+    tls_messages: list[str],
+    tls: TLSSetup,
+    source: ConfigSource | None = None,
 ) -> None:
     user_services = load_services(config.services)
     registries = load_job_registries(config.jobs.modules)
@@ -338,6 +344,8 @@ async def _compose_and_serve(
             idempotency=IdempotencyKeys(store),
         )
         store_observe.observer = server.metrics.observe_store
+        if source is not None and tls.context is not None:
+            server.hangup_hooks.append(lambda: reread_revoked_serials(server, source))
         started: list[Component] = []
         renewal: asyncio.Task[None] | None = None
         try:
@@ -462,7 +470,12 @@ def _metrics_dir(data_dir: Path) -> Path:
 
 
 def _supervise(
-    config: Config, workers: int, tls_messages: list[str], echo: Callable[[str], None], tls_on: bool = True
+    config: Config,
+    workers: int,
+    tls_messages: list[str],
+    echo: Callable[[str], None],
+    tls_on: bool = True,
+    source: ConfigSource | None = None,
 ) -> int:
     """Bootstrap the data once, bind the port, and supervise ``workers`` worker processes."""
     data_dir = Path(config.data_dir)
@@ -505,7 +518,12 @@ def _supervise(
             echo(line)
         log.info("%d workers serving: pids %s", len(reports), ", ".join(str(r.get("pid")) for r in reports))
 
-    payload = {"config": msgspec.to_builtins(config), "shared_fd": shared.fileno(), "metrics_dir": str(metrics_dir)}
+    payload = {
+        "config": msgspec.to_builtins(config),
+        "source": None if source is None else {"path": source.path, "overrides": source.overrides},
+        "shared_fd": shared.fileno(),
+        "metrics_dir": str(metrics_dir),
+    }
     supervisor = Supervisor(
         [sys.executable, "-m", "bastion.cli.serve"],
         listeners,
@@ -533,9 +551,10 @@ def worker_main(argv: list[str]) -> int:
     _configure_logging(config.log_level, channel.index)
     shared = SharedTable(int(payload["shared_fd"]))
     tls = prepare_tls(config, warn=lambda line: None)  # the supervisor has shown the warnings
+    source = None if payload.get("source") is None else ConfigSource(**payload["source"])
 
     async def main() -> None:
-        await _compose_and_serve(config, _Role(channel, shared), lambda line: None, [], tls)
+        await _compose_and_serve(config, _Role(channel, shared), lambda line: None, [], tls, source)
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())

@@ -28,7 +28,8 @@ connection that did not negotiate ALPN ``bastion/1`` is closed, the client
 certificate's identity is put on the Link (``link.tls_identity``, the
 subject, and ``link.peer_cert_identity``, subject and serial) for
 authentication to use, and a certificate whose serial is in
-``revoked_serials`` is refused with UNAUTHENTICATED. SIGHUP reloads the
+``revoked_serials`` is refused with UNAUTHENTICATED (and an open connection
+whose serial joins it is closed within ``revalidate_interval``: upkeep.py). SIGHUP reloads the
 certificate, key (and CRL) from ``cert_files`` into the live context (and
 those in ``also_reload``, the gateway's): new connections get the new
 certificate, established ones keep going.
@@ -135,7 +136,9 @@ class Server:
         #: Other live contexts serving ``cert_files`` (the gateway's): ``reload_tls`` loads the pair into them too.
         self.also_reload: list[ssl.SSLContext] = []
         self.crl_file = crl_file
-        self.revoked_serials = frozenset(parse_serial(s) for s in revoked_serials)
+        self.revoked_serials = frozenset(parse_serial(s) for s in revoked_serials)  # replaced on SIGHUP (cli/serve.py)
+        #: Called on SIGHUP after the TLS reload (``bastion serve`` re-reads ``tls.revoked_serials``).
+        self.hangup_hooks: list[Callable[[], None]] = []
         self.trusted_proxies = _parse_networks(trusted_proxies)
         self.idempotency = idempotency
         self.audit = audit or AuditLog()
@@ -459,6 +462,8 @@ class Server:
             self.reload_tls()
         else:
             log.info("received SIGHUP: no TLS certificate to reload; still serving")
+        for hook in self.hangup_hooks:
+            hook()
 
     async def serve_forever(self, *, handle_signals: bool = True) -> None:
         """Run until ``shutdown`` (or SIGTERM/SIGINT when ``handle_signals``)."""

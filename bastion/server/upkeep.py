@@ -7,8 +7,9 @@ completed it in ``handshake_timeout`` seconds is closed whatever it trickles
 in; then the server's authenticator decides, and a credential that can expire
 or be revoked is revalidated every ``revalidate_interval`` seconds, the
 connection closed (its calls answered UNAUTHENTICATED) once it is no longer
-good. Keepalive: a timer pings a silent connection and closes it if the Pong
-does not come. An idle timer closes a connection with no call open and no
+good; at the same pace a connection with a client certificate is checked
+against the server's ``revoked_serials`` (re-read on SIGHUP). Keepalive: a
+timer pings a silent connection and closes it if the Pong does not come. An idle timer closes a connection with no call open and no
 traffic but pings for ``idle_timeout``. Frame pace: a frame begun must
 arrive whole within ``frame_timeout`` seconds plus one second for each
 ``frame_min_rate`` bytes of it received, or the connection is closed, so a
@@ -151,7 +152,9 @@ class SessionUpkeep:
             self._timer.cancel()
         self._arm_keepalive()
         self._idle_timer = self._loop.call_later(self.limits.idle_timeout, self._check_idle)
-        if principal.token_id is not None or principal.expires_at is not None or principal.mechanism == "mtls":
+        revocable = principal.token_id is not None or principal.expires_at is not None or principal.mechanism == "mtls"
+        # A client certificate can be revoked too (tls.revoked_serials, re-read on SIGHUP).
+        if revocable or getattr(link, "peer_cert_identity", None) is not None:
             self._revalidation = self._loop.create_task(self._revalidate_loop())  # on_close cancels it
 
     def _refuse(self, status: Status, message: str) -> None:
@@ -176,11 +179,16 @@ class SessionUpkeep:
         interval = self.server.revalidate_interval
         while self.link is not None and not self.link.closed:
             await asyncio.sleep(interval)
-            try:
-                current = await self.server.authenticator.revalidate(self.principal)
-            except Exception:
-                log.exception("revalidation failed; keeping the connection for now")
-                continue
+            certificate = getattr(self.link, "peer_cert_identity", None)  # none on the gateway's direct links
+            # The server's list of revoked serials is re-read on SIGHUP: it reaches open connections here.
+            revoked = certificate is not None and certificate[1] in self.server.revoked_serials
+            current: Principal | None = None
+            if not revoked:
+                try:
+                    current = await self.server.authenticator.revalidate(self.principal)
+                except Exception:
+                    log.exception("revalidation failed; keeping the connection for now")
+                    continue
             if current is not None:
                 if current is not self.principal:  # roles changed: running calls that asked re-check access
                     self.principal = current
@@ -195,11 +203,14 @@ class SessionUpkeep:
                     peer=self.link.peer,
                     principal=self.principal.name,
                     token_id=self.principal.token_id,
+                    reason="client certificate revoked" if revoked else None,
+                    serial=f"0x{certificate[1]:x}" if revoked and certificate is not None else None,
                 )
+                message = "client certificate is revoked" if revoked else "credentials expired or revoked"
                 for call_id, ticket in list(self.tickets.items()):
-                    self.core.send_error(call_id, Status.UNAUTHENTICATED, "credentials expired or revoked")
+                    self.core.send_error(call_id, Status.UNAUTHENTICATED, message)
                     self._cancel(call_id, ticket)
-                self.core.send_goaway(Status.UNAUTHENTICATED, "credentials expired or revoked")
+                self.core.send_goaway(Status.UNAUTHENTICATED, message)
                 self.link.close()
                 return
 
