@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -280,6 +281,10 @@ class BackupConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             )
 
 
+#: A DNS name or IPv4 address: labels of letters, digits and inner hyphens (or underscores), dot-separated.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?\Z")
+
+
 class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The HTTP/JSON-RPC/WebSocket gateway (docs/gateway.md).
 
@@ -297,6 +302,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     (and a new connection to send its first byte) before its connection is closed.
     body_timeout, body_min_rate: a request body has ``body_timeout`` seconds, plus
     one more per ``body_min_rate`` bytes received (a sustained bytes/s), else 408.
+    allowed_hosts: over plaintext, host names (no port) a request's Host may name
+    besides IP addresses, ``localhost`` and ``host``; others get 400 (DNS rebinding).
+    ``["*"]``: any.
     """
 
     http_port: int = 7401
@@ -311,9 +319,13 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     header_timeout: float = 20.0
     body_timeout: float = 20.0
     body_min_rate: float = 500.0
+    allowed_hosts: list[str] = []
 
     def __post_init__(self) -> None:
         check_finite(self, "gateway")
+        for name in self.allowed_hosts:
+            if name != "*" and not _HOST_NAME.match(name):
+                raise UsageError(f"gateway.allowed_hosts: {name!r} is not a host name (no scheme, port or path)")
         if not 0 <= self.http_port <= 65535:
             raise UsageError(f"gateway.http_port must be 0..65535, got {self.http_port}")
         if self.max_body <= 0 or self.max_batch <= 0 or self.max_json_depth <= 0 or self.idle_seconds <= 0:

@@ -20,6 +20,7 @@ __all__ = [
     "SECURITY_HEADERS",
     "TooLarge",
     "error_body",
+    "host_allowed",
     "http_status",
     "length_refusal",
     "origin_allowed",
@@ -132,11 +133,12 @@ def origin_allowed(
     scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
     if origin != f"{scheme}://{host}":
         return False
-    return scheme == "https" or _unrebindable(host, names)
+    return scheme == "https" or host_allowed(host, names)
 
 
-def _unrebindable(host: str, names: Collection[str]) -> bool:
-    """Whether a Host header's name is an IP address, ``localhost`` or one of ``names`` (any port)."""
+def host_allowed(host: str, names: Collection[str]) -> bool:
+    """Whether a Host header's name is an IP address, ``localhost`` or one of ``names`` (any port):
+    a name DNS rebinding cannot put there (the front answers any other 400 over plaintext)."""
     if host.startswith("["):
         name = host[1 : host.find("]")]
     else:

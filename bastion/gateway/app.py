@@ -32,6 +32,14 @@ with 403. The own origin is ``scheme://<Host>`` only where DNS rebinding
 cannot forge it: over TLS, or when the Host is an IP address, ``localhost``
 or the host the gateway listens on (``origin_allowed`` in _http.py).
 
+Hosts. Over plaintext, a request (or WebSocket upgrade) whose Host header is
+not an IP address, ``localhost``, the configured host or one of
+``allowed_hosts`` is answered 400 before anything else (front.py): a
+DNS-rebinding page's GETs carry no Origin, so without this it could read
+/metrics, /openapi.json and the console. Over TLS the browser has checked the
+certificate for the name, so the Host is not checked (as Django's
+ALLOWED_HOSTS, ``["*"]`` turns the check off).
+
 Limits. A body whose Content-Length exceeds ``max_body`` is answered 413
 before a byte of it is read; a chunked body is counted as it arrives and
 refused at the first byte past the limit. JSON nested deeper than
@@ -137,8 +145,11 @@ class Gateway:
         self.server = server
         self.config = config
         self.bridge = bridge
-        #: Host names the gateway is configured to serve: its own origin counts under them over plaintext too.
-        self.names: frozenset[str] = frozenset({host.strip("[]").lower()} if host else ())
+        #: Host names the gateway is configured to serve (``host`` and ``allowed_hosts``): over plaintext a
+        #: request must name one of them (or an IP address, or localhost), and its own origin counts under them.
+        self.names: frozenset[str] = frozenset({host.strip("[]").lower()} if host else ()) | frozenset(
+            name.lower() for name in config.allowed_hosts
+        )
         #: False until the runner has the listener up; /readyz answers 503 meanwhile.
         self.started = True
         #: What /metrics shows: this server's numbers (``bastion serve --workers`` adds the other workers').

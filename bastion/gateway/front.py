@@ -10,6 +10,9 @@ unchanged (app.py). It answers with the same code the Starlette routes run
 (``_Routes.answer`` for JSON-RPC, ``_Routes.call_v1`` for /v1) and the same
 checks, in the same order:
 
+0. over plaintext, every request (any path, WebSockets too) whose Host is
+   not an IP address, ``localhost``, the configured host or one of
+   ``allowed_hosts`` is answered 400 here (DNS rebinding; app.py "Hosts");
 1. a Content-Length that is not a number is answered 400, one over
    ``max_body`` 413, before a byte of the body is read;
 2. an ``Origin`` that is neither the gateway's own (``origin_allowed``) nor
@@ -37,13 +40,14 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 
-from bastion.exceptions import CallError, PermissionDenied
+from bastion.exceptions import CallError, InvalidArgument, PermissionDenied
 from bastion.gateway import jsonrpc
 from bastion.gateway._http import (
     NO_STORE,
     SECURITY_HEADERS,
     TooLarge,
     error_body,
+    host_allowed,
     http_status,
     length_refusal,
     origin_allowed,
@@ -70,6 +74,9 @@ _WANTED = frozenset({b"authorization", b"origin", b"content-length", b"content-t
 _OCTETS = "application/octet-stream"
 _CLOSE = [(b"connection", b"close")]
 _JSON_HEADERS = [(b"content-type", b"application/json"), *SECURITY_HEADERS, NO_STORE]
+_PLAINTEXT = frozenset({"http", "ws"})
+#: Distinct Host headers whose verdict is remembered (past that, each is judged afresh).
+_HOSTS_REMEMBERED = 1024
 
 
 class Front:
@@ -81,8 +88,13 @@ class Front:
         self.config = routes.config
         self.names = routes.gateway.names
         self.state = app.state  # ``state.gateway``
+        self._any_host = "*" in self.config.allowed_hosts
+        self._hosts: dict[bytes, bool] = {}  # Host header -> allowed, for the plaintext check
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("scheme") in _PLAINTEXT and not self._any_host and not self._host_ok(scope):
+            await self._refuse_host(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
             path: str = scope["path"]
             if path == "/rpc":
@@ -153,6 +165,39 @@ class Front:
                 await _respond(send, http_status(error.status), _encoder.encode(error_body(error)), _retry(error))
             return
         await _respond(send, 200, _encoder.encode(result))
+
+    def _host_ok(self, scope: Scope) -> bool:
+        """Whether a plaintext request's Host is one DNS rebinding cannot forge (none at all: not a browser)."""
+        host: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value
+                break
+        if host is None:
+            return True
+        allowed = self._hosts.get(host)
+        if allowed is None:
+            allowed = host_allowed(host.decode("latin-1"), self.names)
+            if len(self._hosts) < _HOSTS_REMEMBERED:
+                self._hosts[host] = allowed
+        return allowed
+
+    async def _refuse_host(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """400 for a Host not served here, with the headers every answer carries (a WebSocket upgrade too)."""
+        host = next((value for name, value in scope["headers"] if name == b"host"), b"")
+        shown = host.decode("latin-1")[:100]
+        message = f"Host {shown!r} is not served here: a plaintext gateway answers its own names only (allowed_hosts)"
+        body = _encoder.encode(error_body(InvalidArgument(message)))
+        if scope["type"] == "http":
+            await _respond(send, 400, body, _CLOSE)
+        elif scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            if "websocket.http.response" in scope.get("extensions", {}):
+                headers = [(b"content-length", str(len(body)).encode()), *_JSON_HEADERS]
+                await send({"type": "websocket.http.response.start", "status": 400, "headers": headers})
+                await send({"type": "websocket.http.response.body", "body": body})
+            else:
+                await send({"type": "websocket.close", "code": 1008})
 
     def _caller(self, scope: Scope, headers: dict[bytes, bytes]) -> Caller:
         """As ``_Routes._caller`` for a bearer request: the origin check, then the token."""

@@ -95,10 +95,10 @@ def test_the_fronts_refusals(world: World) -> None:
 def test_the_front_bounds_bodies(world: World) -> None:
     token = world.tokens["ada"].encode()
     auth = b"Authorization: Bearer " + token + b"\r\n"
-    declared = b"POST /v1/demo/echo HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: 10485760\r\n\r\n"
+    declared = b"POST /v1/demo/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"Content-Length: 10485760\r\n\r\n"
     assert _raw_exchange(world, declared).startswith(b"HTTP/1.1 413")
     chunk = b"[" + b" " * (world.config.max_body + 10) + b"]"
-    chunked = b"POST /rpc HTTP/1.1\r\nHost: x\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n"
+    chunked = b"POST /rpc HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n"
     body = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n0\r\n\r\n"
     assert _raw_exchange(world, chunked, body).startswith(b"HTTP/1.1 413")
 

@@ -186,11 +186,13 @@ def _raw_exchange(world: World, head: bytes, body: bytes = b"") -> bytes:
 
 def test_oversized_bodies_are_refused_before_reading(world: World) -> None:
     # Declared too large: answered with no body byte sent at all.
-    head = b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10485760\r\n\r\n"
+    head = (
+        b"POST /rpc HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 10485760\r\n\r\n"
+    )
     assert _raw_exchange(world, head).startswith(b"HTTP/1.1 413")
     # Chunked: refused once the count passes the limit.
     chunk = b"[" + b" " * (world.config.max_body + 10) + b"]"
-    head = b"POST /v1/demo/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = b"POST /v1/demo/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
     body = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n0\r\n\r\n"
     assert _raw_exchange(world, head, body).startswith(b"HTTP/1.1 413")
 
@@ -215,7 +217,10 @@ def test_a_client_leaving_mid_body_is_not_logged_as_an_error(world: World, path:
     tasks = world.gateway._uvicorn.server_state.tasks
     try:
         with socket.create_connection((world.gateway.host, world.gateway.port), timeout=10) as sock:
-            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            )
             sock.sendall(head.encode() + b'{"value"')
             wait_for(lambda: len(tasks) == 1)  # the request is being served: its body read
         wait_for(lambda: not tasks)  # and it is done with

@@ -56,8 +56,8 @@ def _answer(sock: socket.socket) -> bytes:
     ("head", "filler"),
     [
         (b"GET /", b"a"),  # an endless URL
-        (b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Long: ", b"a"),  # one endless header
-        (b"GET /livez HTTP/1.1\r\nHost: x\r\n", b"X-A: b\r\n"),  # endless headers
+        (b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: ", b"a"),  # one endless header
+        (b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"X-A: b\r\n"),  # endless headers
     ],
     ids=["url", "header", "headers"],
 )
@@ -108,7 +108,7 @@ def test_a_silent_connection_is_closed(quick: World) -> None:
 
 def test_a_head_trickled_slowly_is_cut_off(quick: World) -> None:
     with _connect(quick) as sock:
-        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         deadline = time.monotonic() + HEADER_TIMEOUT + 5
         closed = False
         while not closed and time.monotonic() < deadline:
@@ -127,7 +127,7 @@ def test_keep_alive_requests_are_not_cut_off(quick: World) -> None:
     """The head timeout runs per head: a connection serving one request after another lives on."""
     with _connect(quick) as sock:
         for _ in range(4):
-            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             data = b""
             while b'"ok"' not in data:
                 chunk = sock.recv(65536)
@@ -148,7 +148,7 @@ def test_an_answer_slower_than_the_head_timeout_is_delivered(quick: World) -> No
 def _post_head(world: World, length: int) -> bytes:
     token = world.tokens["ada"]
     return (
-        f"POST /v1/demo/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"POST /v1/demo/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
     ).encode()
 

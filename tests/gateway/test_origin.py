@@ -77,15 +77,16 @@ def _upgrade(world: World, headers: dict[str, str]) -> bytes:
 
 def test_a_dns_rebinding_page_is_refused(world: World) -> None:
     """``http://evil.example:PORT`` re-pointed at the gateway: its calls, its login and its WebSocket are
-    refused at every door (the plain-ASGI front, Starlette, /ws)."""
+    refused at every door (the plain-ASGI front, Starlette, /ws) -- by the Host check (400) before the
+    Origin check (403) is reached: see test_hosts.py."""
     page = _as(world, "evil.example")
     called = http(world, "POST", "/v1/demo/echo", {"value": 1}, headers={**bearer(world, "ada"), **page})
-    assert called.status == 403 and called.json()["error"]["status"] == "PERMISSION_DENIED"
+    assert called.status == 400 and called.json()["error"]["status"] == "INVALID_ARGUMENT"
     rpc = {"jsonrpc": "2.0", "method": "auth.whoami", "id": 1}
-    assert http(world, "POST", "/rpc", rpc, headers=page).status == 403
+    assert http(world, "POST", "/rpc", rpc, headers=page).status == 400
     login = http(world, "POST", "/v1/auth/login", {"username": "carol", "password": PASSWORD}, headers=page)
-    assert login.status == 403 and not login.cookies
-    assert _upgrade(world, page).startswith(b"HTTP/1.1 403 ")
+    assert login.status == 400 and not login.cookies
+    assert _upgrade(world, page).startswith(b"HTTP/1.1 400 ")
 
 
 @pytest.mark.parametrize("name", ["127.0.0.1", "localhost"])
