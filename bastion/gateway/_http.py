@@ -16,6 +16,7 @@ from bastion.exceptions import CallError, InvalidArgument, Unauthenticated
 from bastion.status import Status
 
 __all__ = [
+    "INTERNAL_ERROR_BODY",
     "NO_STORE",
     "SECURITY_HEADERS",
     "TooLarge",
@@ -38,6 +39,8 @@ SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
 ]
 #: On every API response (everything but the console's static files).
 NO_STORE = (b"cache-control", b"no-store")
+#: The body of the 500 answered for a bug (an exception escaping the gateway): nothing about the bug itself.
+INTERNAL_ERROR_BODY = b'{"error":{"status":"INTERNAL","code":13,"message":"internal error"}}'
 
 _HTTP_STATUS = {
     Status.OK: 200,

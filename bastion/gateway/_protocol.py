@@ -20,7 +20,10 @@ route's task) open for as long as the client liked. So here:
   while the application has not yet taken what came (flow control), nor
   before it asks for a body sent with ``Expect: 100-continue``.
 
-These answers carry the same security headers as every other (``_http.py``).
+These answers carry the same security headers as every other (``_http.py``),
+as does the 500 uvicorn sends when an exception escapes the application
+before it answered (``_send_500``, put on each request's cycle; for a
+WebSocket upgrade, ``WebSocketProtocol``).
 Between requests uvicorn's own keep-alive timeout closes an idle connection;
 the body's size and the response are the application's (``max_body``, flow control).
 """
@@ -28,14 +31,16 @@ the body's size and the response are the application's (``max_body``, flow contr
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from uvicorn.protocols.http.flow_control import FlowControl
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from bastion.gateway._http import NO_STORE, SECURITY_HEADERS
+from bastion.gateway._http import INTERNAL_ERROR_BODY, NO_STORE, SECURITY_HEADERS
 
-__all__ = ["MAX_HEAD", "HeadBoundedProtocol", "bounded_protocol"]
+__all__ = ["MAX_HEAD", "HeadBoundedProtocol", "WebSocketProtocol", "bounded_protocol"]
 
 #: The most bytes of a request line and headers one request may have (cookies and a bearer token fit many times).
 MAX_HEAD = 64 * 1024
@@ -121,6 +126,9 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._disarm_head_timer()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None:  # uvicorn's own 500 (an exception escaped the application) with our headers
+            cycle.send_500_response = functools.partial(_send_500, cycle)  # type: ignore[method-assign]
         # (An upgrade to a WebSocket has no body: the connection is the WebSocket protocol's from here.)
         self._in_body = not (self.parser.should_upgrade() and self._should_upgrade())
         self._body_bytes = 0
@@ -222,6 +230,34 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         head.append(b"content-length: %d\r\nconnection: close\r\n" % len(body))
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
         return b"".join([*head, _HEADERS, b"\r\n", body])
+
+
+async def _send_500(cycle: RequestResponseCycle) -> None:
+    """What uvicorn answers when an exception escapes the application before it answered: a 500, as
+    uvicorn's own but with the headers every answer of the gateway's carries (the exception is logged)."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(INTERNAL_ERROR_BODY)),
+        (b"connection", b"close"),
+        *SECURITY_HEADERS,
+        NO_STORE,
+    ]
+    await cycle.send({"type": "http.response.start", "status": 500, "headers": headers})
+    await cycle.send({"type": "http.response.body", "body": INTERNAL_ERROR_BODY, "more_body": False})
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol, whose 500 to an upgrade (an exception escaped the
+    application before it accepted or refused) carries the gateway's headers too."""
+
+    def send_500_response(self) -> None:
+        if self.initial_response or self.handshake_complete:
+            return
+        response = self.conn.reject(500, "Internal Server Error")
+        for name, value in [*SECURITY_HEADERS, NO_STORE]:
+            response.headers[name.decode()] = value.decode()
+        self.conn.send_response(response)
+        self.transport.write(b"".join(self.conn.data_to_send()))
 
 
 def bounded_protocol(

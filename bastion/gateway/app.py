@@ -59,9 +59,11 @@ WebSocket. Origin check, credentials, messages and server streams on /ws: see ws
 Headers. Every response carries Content-Security-Policy ``default-src
 'self'; frame-ancestors 'none'``, X-Content-Type-Options nosniff,
 X-Frame-Options DENY and Referrer-Policy no-referrer; API responses also
-Cache-Control no-store. CORS is off unless ``cors_origins`` lists origins
-(then exactly those, for GET/POST with the Authorization, Content-Type and
-X-CSRF-Token headers, without credentials).
+Cache-Control no-store. So does the 500 for an exception escaping a route
+(``_internal_error``) or the front (_protocol.py), which tells nothing of it.
+CORS is off unless ``cors_origins`` lists origins (then exactly those, for
+GET/POST with the Authorization, Content-Type and X-CSRF-Token headers,
+without credentials).
 """
 
 from __future__ import annotations
@@ -95,11 +97,8 @@ from bastion.exceptions import (
     Unimplemented,
 )
 from bastion.gateway import jsonrpc
-from bastion.gateway._http import NO_STORE as _NO_STORE
-from bastion.gateway._http import SECURITY_HEADERS as _SECURITY_HEADERS
-from bastion.gateway._http import TooLarge as _TooLarge
-from bastion.gateway._http import error_body as _error_body
 from bastion.gateway._http import (
+    INTERNAL_ERROR_BODY,
     http_status,
     length_refusal,
     origin_allowed,
@@ -107,6 +106,10 @@ from bastion.gateway._http import (
     retry_after,
     too_large_body,
 )
+from bastion.gateway._http import NO_STORE as _NO_STORE
+from bastion.gateway._http import SECURITY_HEADERS as _SECURITY_HEADERS
+from bastion.gateway._http import TooLarge as _TooLarge
+from bastion.gateway._http import error_body as _error_body
 from bastion.gateway._shared import _STREAMS, _as_call_error, _encoder, _ready
 from bastion.gateway.bridge import Bridge, Caller
 from bastion.gateway.config import GatewayConfig
@@ -300,6 +303,7 @@ def create_app(
         ],
         middleware=middleware,
         lifespan=_lifespan,
+        exception_handlers={Exception: _internal_error},
     )
     app.state.gateway = gateway
     return Front(app, routes)
@@ -544,6 +548,14 @@ class _Routes:
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     yield
     await app.state.gateway.bridge.aclose()
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """The 500 Starlette's ServerErrorMiddleware sends for an exception escaping a route (outside the
+    ``_Guard`` middleware; it re-raises the exception, which uvicorn logs): the usual headers, no detail."""
+    response = Response(INTERNAL_ERROR_BODY, 500, headers={"connection": "close"}, media_type="application/json")
+    response.raw_headers += [*_SECURITY_HEADERS, _NO_STORE]
+    return response
 
 
 async def _refuse_upgrade(ws: WebSocket, exc: CallError) -> None:

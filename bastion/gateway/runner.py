@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from bastion.exceptions import UsageError
-from bastion.gateway._protocol import bounded_protocol
+from bastion.gateway._protocol import WebSocketProtocol, bounded_protocol
 from bastion.gateway.app import Gateway, create_app
 from bastion.gateway.config import GatewayConfig
 from bastion.server.server import Server
@@ -103,7 +103,7 @@ async def serve(
         app,
         # httptools, with the request head bounded and the body's pace too
         http=bounded_protocol(config.header_timeout, config.body_timeout, config.body_min_rate),
-        ws="websockets-sansio",
+        ws=WebSocketProtocol,  # uvicorn's "websockets-sansio", its 500 with the gateway's headers
         lifespan="off",
         log_level="warning",
         access_log=False,
