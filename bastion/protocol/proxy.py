@@ -40,9 +40,10 @@ from __future__ import annotations
 import enum
 import ipaddress
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bastion.exceptions import LocalProtocolError, RemoteProtocolError
+from bastion.exceptions import LocalProtocolError, RemoteProtocolError, UsageError
 
 __all__ = [
     "MAX_HEADER_SIZE",
@@ -56,6 +57,7 @@ __all__ = [
     "build",
     "header_size",
     "parse",
+    "parse_networks",
 ]
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -238,3 +240,14 @@ class ProxyHeaderReader:
         if self.needed == 0 and self._header is None:
             self._header = parse(bytes(self._buffer))
         return self._header
+
+
+def parse_networks(entries: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``trusted_proxies`` as networks (a bare address is a /32 or /128)."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise UsageError(f"trusted_proxies: {entry!r} is not an IP address or CIDR network") from None
+    return tuple(networks)

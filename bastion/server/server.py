@@ -29,10 +29,10 @@ certificate's identity is put on the Link (``link.tls_identity``, the
 subject, and ``link.peer_cert_identity``, subject and serial) for
 authentication to use, and a certificate whose serial is in
 ``revoked_serials`` is refused with UNAUTHENTICATED (and an open connection
-whose serial joins it is closed within ``revalidate_interval``: upkeep.py). SIGHUP reloads the
-certificate, key (and CRL) from ``cert_files`` into the live context (and
-those in ``also_reload``, the gateway's): new connections get the new
-certificate, established ones keep going.
+whose serial joins it is closed within ``revalidate_interval``: upkeep.py).
+SIGHUP reloads the certificate, key (and CRL) from ``cert_files`` into the
+live context (and those in ``also_reload``, the gateway's): new connections
+get the new certificate, established ones keep going.
 
 Behind a load balancer. A connection from an address in ``trusted_proxies``
 (IPs or CIDR networks) must start with a PROXY protocol v2 header
@@ -69,9 +69,9 @@ from typing import Any
 
 from bastion._version import __version__
 from bastion.config import ServerLimits
-from bastion.exceptions import BastionError, UsageError
+from bastion.exceptions import BastionError
 from bastion.observability.stats import CallStats
-from bastion.protocol.proxy import Command, ProxyHeader, ProxyHeaderError, ProxyHeaderReader
+from bastion.protocol.proxy import Command, ProxyHeader, ProxyHeaderError, ProxyHeaderReader, parse_networks
 from bastion.security.audit import AuditLog
 from bastion.security.authn import AllowAnonymous, Authenticator
 from bastion.security.principal import Principal
@@ -136,10 +136,10 @@ class Server:
         #: Other live contexts serving ``cert_files`` (the gateway's): ``reload_tls`` loads the pair into them too.
         self.also_reload: list[ssl.SSLContext] = []
         self.crl_file = crl_file
-        self.revoked_serials = frozenset(parse_serial(s) for s in revoked_serials)  # replaced on SIGHUP (cli/serve.py)
+        self.revoked_serials = frozenset(parse_serial(s) for s in revoked_serials)  # SIGHUP: cli/serve.py
         #: Called on SIGHUP after the TLS reload (``bastion serve`` re-reads ``tls.revoked_serials``).
         self.hangup_hooks: list[Callable[[], None]] = []
-        self.trusted_proxies = _parse_networks(trusted_proxies)
+        self.trusted_proxies = parse_networks(trusted_proxies)
         self.idempotency = idempotency
         self.audit = audit or AuditLog()
         self.revalidate_interval = revalidate_interval
@@ -580,17 +580,6 @@ async def _read_proxy_header(loop: asyncio.AbstractEventLoop, conn: socket.socke
         header = reader.feed(data)
         if header is not None:
             return header
-
-
-def _parse_networks(entries: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """``trusted_proxies`` as networks (a bare address is a /32 or /128)."""
-    networks = []
-    for entry in entries:
-        try:
-            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
-        except ValueError:
-            raise UsageError(f"trusted_proxies: {entry!r} is not an IP address or CIDR network") from None
-    return tuple(networks)
 
 
 def _open_reserve() -> int | None:

@@ -9,23 +9,23 @@ or be revoked is revalidated every ``revalidate_interval`` seconds, the
 connection closed (its calls answered UNAUTHENTICATED) once it is no longer
 good; at the same pace a connection with a client certificate is checked
 against the server's ``revoked_serials`` (re-read on SIGHUP). Keepalive: a
-timer pings a silent connection and closes it if the Pong does not come. An idle timer closes a connection with no call open and no
-traffic but pings for ``idle_timeout``. Frame pace: a frame begun must
-arrive whole within ``frame_timeout`` seconds plus one second for each
-``frame_min_rate`` bytes of it received, or the connection is closed, so a
-peer trickling a frame it never finishes cannot hold its connection (and the
-bytes buffered) past idle and keepalive limits; the clock restarts while the
-server itself is not reading. Argument memory: a call whose arguments may
-hold containers (``Entry.growth``, dispatch.py) and whose bytes are
-``ARGS_COUNTED`` or more counts its bytes times that growth, server-wide,
-from its arrival until it ends; one that would take the total past
-``limits.max_args_memory`` is refused RESOURCE_EXHAUSTED before it is
-decoded (a 1 MiB frame of empty maps decodes to about 73 MB, and calls wait
-in queues decoded). Cancels, Pings and Calls the core
-refused over ``max_inflight`` are counted in fixed 10-second windows; past a
-cap the session sends GoAway(RESOURCE_EXHAUSTED) and closes. Denied calls are
-written to the audit log, at most ``DENIALS_AUDITED`` per connection per 10 s
-(the rest counted), so a denial flood cannot flood the log.
+timer pings a silent connection and closes it if the Pong does not come. An
+idle timer closes a connection with no call open and no traffic but pings for
+``idle_timeout``. Frame pace: a frame begun must arrive whole within
+``frame_timeout`` seconds plus one second for each ``frame_min_rate`` bytes of
+it received, or the connection is closed, so a peer trickling a frame it never
+finishes cannot hold its connection (and the bytes buffered) past idle and
+keepalive limits; the clock restarts while the server itself is not reading.
+Argument memory: a call whose arguments may hold containers (``Entry.growth``,
+dispatch.py) and whose bytes are ``ARGS_COUNTED`` or more counts its bytes
+times that growth, server-wide, from its arrival until it ends; one that would
+take the total past ``limits.max_args_memory`` is refused RESOURCE_EXHAUSTED
+before it is decoded (a 1 MiB frame of empty maps decodes to about 73 MB, and
+calls wait in queues decoded). Cancels, Pings and Calls the core refused over
+``max_inflight`` are counted in fixed 10-second windows; past a cap the
+session sends GoAway(RESOURCE_EXHAUSTED) and closes. Denied calls are written
+to the audit log, at most ``DENIALS_AUDITED`` per connection per 10 s (the
+rest counted), so a denial flood cannot flood the log.
 """
 
 from __future__ import annotations
