@@ -221,6 +221,9 @@ class FilesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     blob_grace: seconds contents no file refers to any more are kept before the
     sweep deletes them (so a backup being taken never misses a blob).
     sweep_interval: seconds between sweeps of expired uploads and unreferenced contents.
+    max_open_uploads: open uploads one user may have begun at once (whoever is charged).
+    max_grantee_reserved_bytes: bytes one user may hold reserved in another user's quota at once
+    (uploads begun through that user's write shares).
     """
 
     directory: str = ""
@@ -229,9 +232,15 @@ class FilesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     upload_ttl: float = 24 * 3600
     blob_grace: float = 3600.0
     sweep_interval: float = 60.0
+    max_open_uploads: int = 100
+    max_grantee_reserved_bytes: int = 1024**3
 
     def __post_init__(self) -> None:
         check_finite(self, "files")
+        if self.max_open_uploads < 1:
+            raise UsageError(f"files.max_open_uploads must be >= 1, got {self.max_open_uploads!r}")
+        if self.max_grantee_reserved_bytes < 0:
+            raise UsageError(f"files.max_grantee_reserved_bytes must be >= 0, got {self.max_grantee_reserved_bytes!r}")
         if self.quota_bytes < 0 or not 0 < self.chunk_bytes <= 1_000_000:
             raise UsageError("files.quota_bytes must be >= 0 and files.chunk_bytes in 1..1000000")
         if self.upload_ttl <= 0 or self.blob_grace < 0 or self.sweep_interval <= 0:

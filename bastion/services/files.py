@@ -47,8 +47,9 @@ admins'). A file the caller cannot read is NOT_FOUND, exactly like a missing
 one; a file it can read but not change is PERMISSION_DENIED.
 
 Uploads and quotas. An upload is charged to the owner of what it makes:
-new contents begun through a write share reserve the *owner's* quota. So the
-owner sees those uploads (``uploads``, ``upload_status``, naming the
+new contents begun through a write share reserve the *owner's* quota -- at
+most ``max_grantee_reserved_bytes`` of it per uploader, and nobody holds more
+than ``max_open_uploads`` uploads open. The owner sees those uploads (``uploads``, ``upload_status``, naming the
 uploader) and may ``cancel_upload`` them, releasing the reservation at once;
 only the uploader (or an admin) sends their bytes. Withdrawing the share
 stops further bytes; cancelling releases the quota.
@@ -283,7 +284,12 @@ class Files:
         upload = UploadRecord(
             _new_id("u"), owner, principal.name, target_name, size, digest, file_id, overwrite, now, now
         )
-        await self.store.files_begin_upload(upload, self.config.quota_bytes)
+        await self.store.files_begin_upload(
+            upload,
+            self.config.quota_bytes,
+            max_open=self.config.max_open_uploads,
+            max_grantee=self.config.max_grantee_reserved_bytes,
+        )
         try:
             await _in_thread(self._disk.create_upload, upload.id)
         except BaseException:

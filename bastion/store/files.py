@@ -40,8 +40,9 @@ one being unlinked. A claim left by a crashed sweep is taken over after ten
 minutes.
 
 Quotas: ``files_begin_upload`` checks and reserves in one transaction (on
-PostgreSQL under an advisory lock per owner), so concurrent uploads cannot
-together exceed a quota.
+PostgreSQL under an advisory lock per owner, then one per uploader), so
+concurrent uploads cannot together exceed a quota, nor an uploader's bounds
+(uploads open, bytes reserved in another user's quota).
 
 The SQL is written once, with PostgreSQL's ``$n`` placeholders; SQLite reads
 the same statements with ``?n``.
@@ -171,11 +172,16 @@ class FileStore(ABC):
     # -- uploads --------------------------------------------------------------------------
 
     @abstractmethod
-    async def files_begin_upload(self, upload: UploadRecord, quota: int) -> None:
+    async def files_begin_upload(
+        self, upload: UploadRecord, quota: int, *, max_open: int | None = None, max_grantee: int | None = None
+    ) -> None:
         """Record an upload, reserving ``upload.size`` of its owner's ``quota``.
 
         ``ResourceExhausted`` if finished files plus open uploads plus this one
-        would exceed ``quota``; ``AlreadyExists`` if it creates a name the owner
+        would exceed ``quota``, if its uploader already has ``max_open`` uploads
+        open, or if it is charged to someone other than its uploader and the
+        uploader's open uploads charged to that owner would then reserve more
+        than ``max_grantee`` bytes; ``AlreadyExists`` if it creates a name the owner
         already has (and ``overwrite`` is false); ``NotFound`` if the file it
         replaces does not exist.
         """
@@ -357,6 +363,8 @@ _UNSHARE = "DELETE FROM file_shares WHERE file_id = $1 AND kind = $2 AND grantee
 _SHARES = f"SELECT {_SHARE_COLUMNS} FROM file_shares WHERE file_id = $1 ORDER BY kind, grantee"
 _INSERT_UPLOAD = f"INSERT INTO file_uploads ({_UPLOAD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 _GET_UPLOAD = f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE id = $1"
+_OPEN_UPLOADS_OF = "SELECT COUNT(*) FROM file_uploads WHERE uploader = $1"
+_RESERVED_BY = "SELECT COALESCE(SUM(size), 0) FROM file_uploads WHERE owner = $1 AND uploader = $2"
 _UPLOADS_OF = f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE uploader = $1 ORDER BY created_at, id"
 _UPLOADS_CHARGED = (
     f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE uploader = $1 OR owner = $1 ORDER BY created_at, id"
@@ -454,6 +462,23 @@ def _quota_error(owner: str, used: int, size: int, quota: int) -> ResourceExhaus
     return ResourceExhausted(
         f"quota exceeded for {owner!r}: {used} bytes used or reserved + {size} requested > limit {quota} bytes"
     )
+
+
+def _check_uploader(
+    upload: UploadRecord, open_uploads: int, reserved: int, max_open: int | None, max_grantee: int | None
+) -> None:
+    """``ResourceExhausted`` if ``upload`` would pass its uploader's bounds (see ``files_begin_upload``)."""
+    if max_open is not None and open_uploads >= max_open:
+        raise ResourceExhausted(
+            f"{upload.uploader!r} has {open_uploads} uploads open, the limit (files.max_open_uploads): "
+            "finish or cancel some first"
+        )
+    if max_grantee is not None and upload.owner != upload.uploader and reserved + upload.size > max_grantee:
+        raise ResourceExhausted(
+            f"uploads by {upload.uploader!r} for another user's files: {reserved} bytes reserved in "
+            f"{upload.owner!r}'s quota + {upload.size} requested > limit {max_grantee} bytes "
+            "(files.max_grantee_reserved_bytes)"
+        )
 
 
 def _handed_name(name: str, file_id: str, taken: bool) -> str:

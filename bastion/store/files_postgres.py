@@ -25,10 +25,12 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _INSERT_FILE,
     _INSERT_UPLOAD,
     _MARK_UNREFERENCED,
+    _OPEN_UPLOADS_OF,
     _OWNED,
     _PIN,
     _RENAME,
     _REPLACE_CONTENTS,
+    _RESERVED_BY,
     _SHARE,
     _SHARES,
     _TOUCH_UPLOAD,
@@ -45,6 +47,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     FileShare,
     FileStore,
     UploadRecord,
+    _check_uploader,
     _file,
     _handed_name,
     _list_args,
@@ -163,14 +166,23 @@ class PostgresFiles(PostgresAccess, FileStore):
     async def files_shares(self, file_id: str) -> list[FileShare]:
         return [_share(row) for row in await self._files_all(_SHARES, file_id)]
 
-    async def files_begin_upload(self, upload: UploadRecord, quota: int) -> None:
+    async def files_begin_upload(
+        self, upload: UploadRecord, quota: int, *, max_open: int | None = None, max_grantee: int | None = None
+    ) -> None:
         async def begin(conn: PgConn) -> None:
             async with conn.transaction():
-                # One reservation at a time per owner, across every replica.
+                # One reservation at a time per owner, then per uploader, across every replica (always in
+                # this order, and in two lock spaces: no two transactions wait for each other).
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock(hashtext('bastion.files.quota'), hashtext($1))", upload.owner
                 )
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext('bastion.files.uploader'), hashtext($1))", upload.uploader
+                )
                 await _pg_check_target(conn, upload)
+                open_uploads = int(await conn.fetchval(_OPEN_UPLOADS_OF, upload.uploader))
+                reserved = int(await conn.fetchval(_RESERVED_BY, upload.owner, upload.uploader))
+                _check_uploader(upload, open_uploads, reserved, max_open, max_grantee)
                 row = await conn.fetchrow(f"SELECT ({_USAGE_FILES}), ({_USAGE_UPLOADS})", upload.owner)
                 used = int(row[0]) + int(row[1])
                 if used + upload.size > quota:

@@ -14,6 +14,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     FileShare,
     FileStore,
     UploadRecord,
+    _check_uploader,
     _file,
     _handed_name,
     _list_args,
@@ -106,9 +107,14 @@ class SQLiteFiles(SQLiteAccess, FileStore):
         rows = await self._read(lambda c: c.execute(_Q["_SHARES"], (file_id,)).fetchall())
         return [_share(row) for row in rows]
 
-    async def files_begin_upload(self, upload: UploadRecord, quota: int) -> None:
+    async def files_begin_upload(
+        self, upload: UploadRecord, quota: int, *, max_open: int | None = None, max_grantee: int | None = None
+    ) -> None:
         def begin(c: Conn) -> None:
             _sqlite_check_target(c, upload)
+            open_uploads = int(c.execute(_Q["_OPEN_UPLOADS_OF"], (upload.uploader,)).fetchone()[0])
+            reserved = int(c.execute(_Q["_RESERVED_BY"], (upload.owner, upload.uploader)).fetchone()[0])
+            _check_uploader(upload, open_uploads, reserved, max_open, max_grantee)
             used = int(c.execute(_Q["_USAGE_FILES"], (upload.owner,)).fetchone()[0])
             used += int(c.execute(_Q["_USAGE_UPLOADS"], (upload.owner,)).fetchone()[0])
             if used + upload.size > quota:

@@ -191,3 +191,27 @@ async def test_reassign_owner_hands_over_or_deletes(store: Store) -> None:
     assert await store.files_list(viewer=None, owner="new") == []
     assert await store.files_usage("new") == (0, 0)
     assert await store.files_reassign_owner("nobody", None) == 0
+
+
+async def test_an_uploaders_bounds_hold_under_concurrent_reservations(store: Store) -> None:
+    # One uploader, many owners (one lock per owner): the count across owners still holds.
+    results = await asyncio.gather(
+        *(
+            store.files_begin_upload(upload(f"m{i}", owner=f"o{i}", uploader="bob"), 10**9, max_open=3)
+            for i in range(8)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(r is None for r in results) == 3
+    assert all(r is None or isinstance(r, ResourceExhausted) for r in results)
+    # Bytes reserved in one other user's quota; the owner's own uploads are not counted against it.
+    await store.files_begin_upload(upload("own", owner="carol", size=90), 10**9, max_grantee=50)
+    grants = await asyncio.gather(
+        *(
+            store.files_begin_upload(upload(f"g{i}", owner="carol", uploader="dan", size=20), 10**9, max_grantee=50)
+            for i in range(5)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(r is None for r in grants) == 2
+    assert await store.files_usage("carol") == (0, 130)
