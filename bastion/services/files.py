@@ -37,7 +37,7 @@ Deletion is late. Deleting a file (or replacing its contents) never deletes
 a blob: the background sweep deletes blobs no file has named for longer than
 ``blob_grace`` (so a backup being taken never misses one), expires uploads
 idle longer than ``upload_ttl``, and removes upload files whose record is
-gone. See bastion/store/files.py for how pins and sweep claims keep a blob
+gone (bastion/services/files_sweep.py). See bastion/store/files.py for how pins and sweep claims keep a blob
 being reused from being unlinked.
 
 Access. The owner and admins may do anything; a ``read`` share lets its
@@ -49,10 +49,11 @@ one; a file it can read but not change is PERMISSION_DENIED.
 Uploads and quotas. An upload is charged to the owner of what it makes:
 new contents begun through a write share reserve the *owner's* quota -- at
 most ``max_grantee_reserved_bytes`` of it per uploader, and nobody holds more
-than ``max_open_uploads`` uploads open. The owner sees those uploads (``uploads``, ``upload_status``, naming the
-uploader) and may ``cancel_upload`` them, releasing the reservation at once;
+than ``max_open_uploads`` uploads open. The owner sees those uploads
+(``uploads``, ``upload_status``, naming the uploader) and may ``cancel_upload`` them, releasing the reservation at once;
 only the uploader (or an admin) sends their bytes. Withdrawing the share
-stops further bytes; cancelling releases the quota.
+cancels the open uploads of those it leaves without write access (their
+streams end NOT_FOUND, the file keeps its contents) and so releases the quota.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ from bastion.exceptions import (
     PermissionDenied,
     Unavailable,
 )
+from bastion.security.credentials import CredentialStore
 from bastion.security.principal import ADMIN_ROLE, Principal
 from bastion.service import Context, Service
 from bastion.services.files_disk import _UPLOAD_ID, _append, _Disk, _hash_prefix, _in_thread, _open_upload
@@ -94,6 +96,8 @@ from bastion.services.files_records import (
     _share_info,
     check_name,
 )
+from bastion.services.files_sweep import sweep
+from bastion.store.base import Store
 from bastion.store.files import FileRecord, FileShare, FileStore, UploadRecord
 
 __all__ = ["FileInfo", "FilePage", "Files", "ShareInfo", "UploadInfo", "UploadResult", "Usage", "check_name"]
@@ -101,8 +105,6 @@ __all__ = ["FileInfo", "FilePage", "Files", "ShareInfo", "UploadInfo", "UploadRe
 log = logging.getLogger("bastion.files")
 
 MAX_PAGE = 1000
-#: Upload files younger than this are never taken for orphans (their record may be on its way).
-ORPHAN_AGE = 60.0
 #: How long a commit waits for a sweep that is deleting the same contents.
 PIN_WAIT = 10.0
 #: At most this many seconds (and a quarter of ``upload_ttl``) between an upload stream's marks of activity.
@@ -131,10 +133,18 @@ class Files:
     """The ``files`` service and its sweep; ``bastion serve`` starts and closes it."""
 
     def __init__(
-        self, store: FileStore, directory: Path, config: FilesConfig | None = None, *, leader: bool = True
+        self,
+        store: FileStore,
+        directory: Path,
+        config: FilesConfig | None = None,
+        *,
+        leader: bool = True,
+        users: CredentialStore | None = None,
     ) -> None:
-        """``leader``: run the sweep here (with several workers, only worker 0 does)."""
+        """``leader``: run the sweep here (with several workers, only worker 0 does). ``users``: where
+        uploaders' roles are read when a share is withdrawn (default: ``store``, if it keeps users)."""
         self.store = store
+        self.users = users if users is not None else store if isinstance(store, Store) else None
         self.leader = leader
         self.directory = Path(directory)
         self.config = config or FilesConfig()
@@ -169,25 +179,7 @@ class Files:
 
     async def sweep(self, now: float | None = None) -> dict[str, int]:
         """Expire idle uploads, delete long-unreferenced blobs and orphaned upload files; counts."""
-        now = time.time() if now is None else now
-        expired = await self.store.files_expire_uploads(now - self.config.upload_ttl)
-        for upload_id in expired:
-            await _in_thread(self._disk.remove_upload, upload_id)
-        token = secrets.token_hex(8)
-        claimed = await self.store.files_claim_blobs(now, self.config.blob_grace, token)
-        for sha256 in claimed:
-            await _in_thread(self._disk.remove_blob, sha256)
-        if claimed:
-            await self.store.files_forget_blobs(token, claimed)
-        open_ids = {u.id for u in await self.store.files_list_uploads(None)}
-        orphans = await _in_thread(self._disk.orphans, open_ids.__contains__, now - ORPHAN_AGE)
-        for upload_id in orphans:
-            if await self.store.files_get_upload(upload_id) is None:  # not begun since the listing
-                await _in_thread(self._disk.remove_upload, upload_id)
-        if expired or claimed or orphans:
-            log.info("files sweep: %d uploads expired, %d blobs deleted, %d orphans removed",
-                     len(expired), len(claimed), len(orphans))  # fmt: skip
-        return {"uploads_expired": len(expired), "blobs_deleted": len(claimed), "orphans_removed": len(orphans)}
+        return await sweep(self.store, self._disk, self.config, time.time() if now is None else now)
 
     # -- access ------------------------------------------------------------------------
 
@@ -204,6 +196,20 @@ class Files:
             if mine and (best is None or _RANK[share.mode] > _RANK[best]):
                 best = share.mode
         return best
+
+    async def _cancel_unwritable(self, record: FileRecord) -> int:
+        """After a share of ``record`` was withdrawn: discard the open uploads of new contents for it whose
+        uploaders can no longer write it (judged with their current roles), releasing the owner's quota."""
+        cancelled = 0
+        for upload in await self.store.files_list_uploads(record.owner, charged=True):
+            if upload.file_id != record.id or upload.uploader == record.owner:
+                continue
+            user = None if self.users is None else await self.users.get_user(upload.uploader)
+            uploader = Principal(upload.uploader, frozenset() if user is None else user.roles)
+            if _RANK[await self._access(uploader, record) or "read"] < _RANK["write"]:
+                await self._discard(upload)
+                cancelled += 1
+        return cancelled
 
     async def _find(
         self, principal: Principal, file_id: str | None, name: str | None, owner: str | None, need: str
@@ -302,7 +308,11 @@ class Files:
     ) -> UploadResult:
         upload = await self._own_upload(principal, upload_id)
         if upload.file_id is not None:  # replacing a file: the write share may have been revoked since
-            await self._find(principal, upload.file_id, None, None, "write")
+            try:
+                await self._find(principal, upload.file_id, None, None, "write")
+            except (NotFound, PermissionDenied):
+                await self._discard(upload)  # it can never finish: give the owner's quota back now
+                raise
         fd, held = await _in_thread(_open_upload, self._disk.upload(upload.id))
         try:
             if offset != held:
@@ -551,7 +561,9 @@ class Files:
             """Withdraw a share (owner or admin); False if there was none."""
             kind, grantee = _grantee(user, role)
             record, _ = await files._find(ctx.principal, file_id, name, owner, "owner")
-            return await store.files_unshare(record.id, kind, grantee)
+            withdrawn = await store.files_unshare(record.id, kind, grantee)
+            await files._cancel_unwritable(record)  # also when there was none: a retry finishes the job
+            return withdrawn
 
         @svc.method(idempotent=True)
         async def shares(

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 import bastion
 from bastion.config import FilesConfig
-from tests.services.test_files import CHUNK, World, run, sha
+from bastion.security.credentials import User
+from bastion.security.principal import ADMIN_ROLE, Principal
+from tests.services.test_files import CHUNK, World, chunks, offset_reaches, run, sha
 
 pytestmark = pytest.mark.usefixtures("service_backend")
 
@@ -55,3 +59,108 @@ def test_the_limits_are_validated_at_load() -> None:
     for bad in ({"max_open_uploads": 0}, {"max_grantee_reserved_bytes": -1}):
         with pytest.raises(bastion.UsageError, match=next(iter(bad))):
             FilesConfig(**bad)  # type: ignore[arg-type]
+
+
+async def register(w: World) -> None:
+    """The users behind the test principals, with their roles, as a real server's store holds them."""
+    users = w.files.users
+    assert users is not None
+    for user in (
+        User("alice"),
+        User("bob"),
+        User("carol", frozenset({"team"})),
+        User("tester", frozenset({ADMIN_ROLE})),
+    ):
+        await users.create_user(user)
+
+
+def test_unsharing_cancels_the_grantees_uploads_and_releases_the_reservation(tmp_path: Path) -> None:
+    config = FilesConfig(quota_bytes=10_000, chunk_bytes=CHUNK)
+
+    async def test(w: World) -> None:
+        await register(w)
+        doc = await w.put(w.alice, "doc", b"x" * 100)
+        ref = {"file_id": doc["id"]}
+        await w.alice.files.share(**ref, user="bob", mode="write")
+        await w.alice.files.share(**ref, role="team", mode="write")
+        bobs = await w.bob.files.begin_upload(**ref, size=3_000, sha256=sha(b"y" * 3_000))
+        await w.bob.upload("files.upload", [b"y" * 1_000], upload_id=bobs["upload_id"])
+        carols = await w.carol.files.begin_upload(**ref, size=2_000, sha256=sha(b"c" * 2_000))
+        admins = await w.admin.files.begin_upload(**ref, size=1_000, sha256=sha(b"a" * 1_000))
+        assert (await w.alice.files.usage())["reserved_bytes"] == 6_000
+
+        assert await w.alice.files.unshare(**ref, user="bob") is True
+        assert (await w.alice.files.usage())["reserved_bytes"] == 3_000
+        assert await w.bob.files.uploads() == []
+        assert not (w.directory / "uploads" / bobs["upload_id"]).exists()
+        with pytest.raises(bastion.NotFound):
+            await w.bob.files.upload_status(upload_id=bobs["upload_id"])
+
+        # Carol's write access came through a role: withdrawing it cancels hers; the admin's stays.
+        assert await w.alice.files.unshare(**ref, role="team") is True
+        assert [u["upload_id"] for u in await w.alice.files.uploads()] == [admins["upload_id"]]
+        with pytest.raises(bastion.NotFound):
+            await w.carol.files.upload_status(upload_id=carols["upload_id"])
+        assert (await w.alice.files.usage())["reserved_bytes"] == 1_000
+
+    run(test, tmp_path, config)
+
+
+def test_a_grantee_that_keeps_write_access_another_way_keeps_its_upload(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        await register(w)
+        doc = await w.put(w.alice, "doc", b"x" * 100)
+        ref = {"file_id": doc["id"]}
+        await w.alice.files.share(**ref, user="carol", mode="write")
+        await w.alice.files.share(**ref, role="team", mode="write")
+        carols = await w.carol.files.begin_upload(**ref, size=10, sha256=sha(b"c" * 10))
+        await w.alice.files.unshare(**ref, user="carol")  # still a writer through the role "team"
+        done = await w.carol.upload("files.upload", [b"c" * 10], upload_id=carols["upload_id"])
+        assert done["complete"]
+
+    run(test, tmp_path)
+
+
+def test_unsharing_during_a_grantees_stream_ends_it_without_replacing_the_file(tmp_path: Path) -> None:
+    data = os.urandom(4 * CHUNK)
+
+    async def test(w: World) -> None:
+        doc = await w.put(w.alice, "doc", b"original")
+        await w.alice.files.share(file_id=doc["id"], user="bob", mode="write")
+        info = await w.bob.files.begin_upload(file_id=doc["id"], size=len(data), sha256=sha(data))
+        go_on = asyncio.Event()
+
+        async def slow() -> AsyncIterator[bytes]:
+            yield data[:CHUNK]
+            await go_on.wait()
+            for chunk in chunks(data[CHUNK:]):
+                yield chunk
+
+        upload = asyncio.create_task(w.bob.upload("files.upload", slow(), upload_id=info["upload_id"]))
+        await offset_reaches(w.bob, info["upload_id"], CHUNK)
+        await w.alice.files.unshare(file_id=doc["id"], user="bob")
+        go_on.set()
+        with pytest.raises(bastion.NotFound):
+            await upload
+        assert await w.get(w.alice, file_id=doc["id"]) == b"original"
+        assert (await w.alice.files.usage())["reserved_bytes"] == 0
+
+    run(test, tmp_path)
+
+
+def test_an_uploader_who_lost_write_access_otherwise_gives_the_reservation_back_on_its_next_call(
+    tmp_path: Path,
+) -> None:
+    """Write access can also go without an unshare (a role taken from the user): the upload cannot finish."""
+
+    async def test(w: World) -> None:
+        doc = await w.put(w.alice, "doc", b"x" * 100)
+        await w.alice.files.share(file_id=doc["id"], role="team", mode="write")
+        info = await w.carol.files.begin_upload(file_id=doc["id"], size=10, sha256=sha(b"c" * 10))
+        carol_now = w.server.client(principal=Principal("carol"))  # no longer in "team"
+        with pytest.raises(bastion.NotFound):
+            await carol_now.upload("files.upload", [b"c" * 10], upload_id=info["upload_id"])
+        assert (await w.alice.files.usage())["reserved_bytes"] == 0
+        assert await w.alice.files.uploads() == []
+
+    run(test, tmp_path)
