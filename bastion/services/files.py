@@ -72,7 +72,6 @@ import msgspec
 
 from bastion.config import FilesConfig
 from bastion.exceptions import (
-    DataLoss,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -83,7 +82,16 @@ from bastion.exceptions import (
 from bastion.security.credentials import CredentialStore
 from bastion.security.principal import ADMIN_ROLE, Principal
 from bastion.service import Context, Service
-from bastion.services.files_disk import _UPLOAD_ID, _append, _Disk, _hash_prefix, _in_thread, _open_upload
+from bastion.services.files_disk import (
+    _UPLOAD_ID,
+    _append,
+    _Disk,
+    _disk_error,
+    _hash_prefix,
+    _in_thread,
+    _open_upload,
+    _read_blob,
+)
 from bastion.services.files_records import (
     FileInfo,
     FilePage,
@@ -298,8 +306,10 @@ class Files:
         )
         try:
             await _in_thread(self._disk.create_upload, upload.id)
-        except BaseException:
+        except BaseException as exc:
             await self.store.files_delete_upload(upload.id)
+            if isinstance(exc, OSError):
+                raise _disk_error(exc, "begin_upload", "nothing was reserved; try again later") from None
             raise
         return self._upload_info(upload, 0)
 
@@ -313,7 +323,10 @@ class Files:
             except (NotFound, PermissionDenied):
                 await self._discard(upload)  # it can never finish: give the owner's quota back now
                 raise
-        fd, held = await _in_thread(_open_upload, self._disk.upload(upload.id))
+        try:
+            fd, held = await _in_thread(_open_upload, self._disk.upload(upload.id))
+        except OSError as exc:
+            raise _disk_error(exc, f"upload {upload.id}") from None
         try:
             if offset != held:
                 raise FailedPrecondition(
@@ -347,6 +360,11 @@ class Files:
                     "the upload is discarded"
                 )
             record = await self._commit(upload)
+        except OSError as exc:  # the disk failed: what it holds stays, for a retry once the operator mends it
+            kept = (await _in_thread(os.fstat, fd)).st_size
+            raise _disk_error(
+                exc, f"upload {upload.id}", f"{kept} bytes are kept: continue from offset {kept}"
+            ) from None
         finally:
             await _in_thread(os.close, fd)
         return UploadResult(
@@ -385,21 +403,9 @@ class Files:
             raise FailedPrecondition(f"file {record.id} now has other contents (SHA-256 {record.sha256})")
         if not 0 <= offset <= record.size:
             raise OutOfRange(f"offset {offset} is outside the file (0..{record.size})")
-        try:
-            fd = await _in_thread(os.open, self._disk.blob(record.sha256), os.O_RDONLY)
-        except FileNotFoundError:
-            log.error("blob %s of file %s is missing", record.sha256, record.id)
-            raise DataLoss(f"the contents of file {record.id} are missing on the server") from None
-        try:
-            position = offset
-            while position < record.size:
-                chunk = await _in_thread(os.pread, fd, min(self.config.chunk_bytes, record.size - position), position)
-                if not chunk:
-                    raise DataLoss(f"the contents of file {record.id} are truncated on the server")
-                position += len(chunk)
-                yield chunk
-        finally:
-            await _in_thread(os.close, fd)
+        async for chunk in _read_blob(self._disk.blob(record.sha256), record.id, offset, record.size,
+                                      self.config.chunk_bytes):  # fmt: skip
+            yield chunk
 
     # -- the service -------------------------------------------------------------------
 

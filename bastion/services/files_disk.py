@@ -12,6 +12,11 @@ resumed upload first re-hashes the part already on disk in bounded blocks.
 A finished upload is fsynced, then renamed into place as its blob and the
 blob's directory fsynced, so an acknowledged upload survives a crash.
 Everything here blocks: the service calls it through ``_in_thread``.
+
+The disk failing (full, read-only, not permitted, I/O error) is the
+operator's to mend, not the caller's fault: ``_disk_error`` logs it and makes
+it RESOURCE_EXHAUSTED (no space: gRPC's "the entire file system is out of
+space") or UNAVAILABLE (try again later), never INTERNAL.
 """
 
 from __future__ import annotations
@@ -21,15 +26,18 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bastion.exceptions import FailedPrecondition
+from bastion.exceptions import CallError, DataLoss, FailedPrecondition, ResourceExhausted, Unavailable
 
 T = TypeVar("T")
+
+log = logging.getLogger("bastion.files")
 
 _HASH_BLOCK = 1024 * 1024
 _UPLOAD_ID = re.compile(r"^u-[0-9a-f]{32}\Z")
@@ -45,6 +53,16 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
         with contextlib.suppress(Exception):
             await future
         raise
+
+
+def _disk_error(exc: OSError, what: str, then: str = "try again later", *, writing: bool = True) -> CallError:
+    """A coded error for the files directory failing under ``what`` (logged for the operator)."""
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    log.error("files directory failed: %s: %s (%s)", what, reason, exc.filename)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"{what}: the server's file storage is full ({reason}); {then}")
+    verb = "write" if writing else "read"
+    return Unavailable(f"{what}: the server cannot {verb} its files directory ({reason}); {then}")
 
 
 class _Disk:
@@ -132,3 +150,28 @@ def _open_upload(path: Path) -> tuple[int, int]:
             raise FailedPrecondition(f"upload {path.name} is being written by another call") from None
         raise
     return fd, os.fstat(fd).st_size
+
+
+async def _read_blob(path: Path, file_id: str, offset: int, size: int, chunk_bytes: int) -> AsyncIterator[bytes]:
+    """The contents of file ``file_id`` (blob ``path``, ``size`` bytes) from ``offset``, a chunk at a time."""
+    what = f"download of {file_id}"
+    try:
+        fd = await _in_thread(os.open, path, os.O_RDONLY)
+    except FileNotFoundError:
+        log.error("blob %s of file %s is missing", path.name, file_id)
+        raise DataLoss(f"the contents of file {file_id} are missing on the server") from None
+    except OSError as exc:
+        raise _disk_error(exc, what, writing=False) from None
+    try:
+        position = offset
+        while position < size:
+            try:
+                chunk = await _in_thread(os.pread, fd, min(chunk_bytes, size - position), position)
+            except OSError as exc:
+                raise _disk_error(exc, what, f"continue from offset {position}", writing=False) from None
+            if not chunk:
+                raise DataLoss(f"the contents of file {file_id} are truncated on the server")
+            position += len(chunk)
+            yield chunk
+    finally:
+        await _in_thread(os.close, fd)
