@@ -8,8 +8,8 @@ a ``/``-separated path unique among its owner's files (``reports/q3.pdf``).
 Methods name a file by ``file_id``, or by ``name`` (with ``owner`` for
 someone else's file; default: the caller's). Names are labels in the
 database only: contents never live at a user-chosen path. The name rules
-(``check_name``) and the records the methods return are in
-bastion/services/files_records.py.
+(NFC; no control or invisible bidirectional characters: ``check_name``) and
+the records the methods return are in bastion/services/files_records.py.
 
 Contents live under the files directory, outside the database: blobs
 named by their SHA-256 and uploads in progress; bastion/services/files_disk.py
@@ -65,6 +65,7 @@ import os
 import re
 import secrets
 import time
+import unicodedata
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -235,6 +236,8 @@ class Files:
             who = owner or principal.name
             label = f"{who}:{name}" if owner else name
             record = await self.store.files_get_by_name(who, check_name(name))
+            if record is None and check_name(name) != name:  # stored un-normalized by an older server
+                record = await self.store.files_get_by_name(who, name)
         access = None if record is None else await self._access(principal, record)
         if record is None or access is None:
             raise NotFound(f"no file {label!r}")  # the same whether missing or not readable
@@ -484,8 +487,9 @@ class Files:
             p = ctx.principal
             viewer = None if all else p.name
             records = await store.files_list(
-                viewer=viewer, roles=p.roles, owner=owner, prefix=prefix, after=key, limit=limit
-            )
+                viewer=viewer, roles=p.roles, owner=owner, prefix=unicodedata.normalize("NFC", prefix), after=key,
+                limit=limit,
+            )  # fmt: skip
             infos = []
             for record in records:
                 access = await files._access(p, record)

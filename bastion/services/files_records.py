@@ -87,14 +87,29 @@ class Usage(msgspec.Struct, frozen=True):
     quota_bytes: int
 
 
+#: Characters that change how a name displays without showing: bidirectional controls (Unicode's
+#: Bidi_Control: "invoice\u202efdp.exe" shows as "invoiceexe.pdf", CVE-2021-42574), zero-width space and
+#: BOM. Zero-width (non-)joiners stay: they are spelling in Persian or Indic scripts, and in emoji.
+_INVISIBLE = frozenset("\u061c\u200b\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff")
+
+
 def check_name(name: str) -> str:
-    """``name`` if it is a valid file name; ``InvalidArgument`` saying why not."""
+    """``name`` in NFC if it is a valid file name; ``InvalidArgument`` saying why not.
+
+    Names are kept in Unicode's composed form (NFC), so a name typed on one system and the same name
+    decomposed by another (macOS gives NFD) are one name, not two files that look the same.
+    """
     if not name:
         raise InvalidArgument("a file name must not be empty")
+    name = unicodedata.normalize("NFC", name)
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         raise InvalidArgument(f"a file name is at most {MAX_NAME_BYTES} bytes (UTF-8)")
     if any(unicodedata.category(c) == "Cc" for c in name):  # C0, DEL and C1 (U+0080..U+009F: NEL, CSI …)
         raise InvalidArgument("a file name must not contain NUL or other control characters")
+    if any(c in _INVISIBLE or unicodedata.category(c) in ("Zl", "Zp") for c in name):
+        raise InvalidArgument(
+            "a file name must not contain invisible bidirectional controls, zero-width spaces or line separators"
+        )
     if any(part in ("", ".", "..") for part in name.split("/")):
         raise InvalidArgument(f"file name {name!r}: no leading, trailing or doubled '/', and no '.' or '..' segments")
     return name
