@@ -25,8 +25,10 @@ upload first re-hashes the part already on disk, reading it in bounded
 blocks. When the upload reaches its declared size it is fsynced, checked
 against the declared SHA-256 (a mismatch, or a byte too many, discards it
 with INVALID_ARGUMENT), moved into place as a blob (pinned against the
-sweep first, directory fsynced), and only then recorded as a file: an
-acknowledged upload survives a crash.
+sweep first, hard-linked, directory fsynced), and only then recorded as a
+file: an acknowledged upload survives a crash. The upload file goes only
+once the file is recorded, so a store failing at that last step loses no
+bytes: sending ``offset=size`` again finishes it.
 
 Download. ``download`` streams ``chunk_bytes`` pieces read one at a time
 from the blob, from an optional ``offset``; ``stat`` (or the ``sha256``
@@ -73,6 +75,7 @@ import msgspec
 
 from bastion.config import FilesConfig
 from bastion.exceptions import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -94,6 +97,7 @@ from bastion.services.files_disk import (
     _read_blob,
 )
 from bastion.services.files_records import (
+    RANK,
     FileInfo,
     FilePage,
     ShareInfo,
@@ -103,6 +107,7 @@ from bastion.services.files_records import (
     _check_sha256,
     _info,
     _share_info,
+    access_of,
     check_name,
 )
 from bastion.services.files_sweep import sweep
@@ -120,7 +125,6 @@ PIN_WAIT = 10.0
 TOUCH_INTERVAL = 60.0
 _FILE_ID = re.compile(r"^f-[0-9a-f]{32}\Z")
 _GRANTEE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
-_RANK = {"read": 1, "write": 2, "owner": 3, "admin": 4}
 
 
 def _new_id(prefix: str) -> str:
@@ -193,18 +197,7 @@ class Files:
     # -- access ------------------------------------------------------------------------
 
     async def _access(self, principal: Principal, record: FileRecord) -> str | None:
-        if record.owner == principal.name:
-            return "owner"
-        if _is_admin(principal):
-            return "admin"
-        best: str | None = None
-        for share in await self.store.files_shares(record.id):
-            mine = (share.kind == "user" and share.grantee == principal.name) or (
-                share.kind == "role" and share.grantee in principal.roles
-            )
-            if mine and (best is None or _RANK[share.mode] > _RANK[best]):
-                best = share.mode
-        return best
+        return access_of(principal, record, await self.store.files_shares(record.id))
 
     async def _cancel_unwritable(self, record: FileRecord) -> int:
         """After a share of ``record`` was withdrawn: discard the open uploads of new contents for it whose
@@ -215,7 +208,7 @@ class Files:
                 continue
             user = None if self.users is None else await self.users.get_user(upload.uploader)
             uploader = Principal(upload.uploader, frozenset() if user is None else user.roles)
-            if _RANK[await self._access(uploader, record) or "read"] < _RANK["write"]:
+            if RANK[await self._access(uploader, record) or "read"] < RANK["write"]:
                 await self._discard(upload)
                 cancelled += 1
         return cancelled
@@ -241,7 +234,7 @@ class Files:
         access = None if record is None else await self._access(principal, record)
         if record is None or access is None:
             raise NotFound(f"no file {label!r}")  # the same whether missing or not readable
-        if _RANK[access] < _RANK[need]:
+        if RANK[access] < RANK[need]:
             what = "a read-only share" if access == "read" else "a share"
             raise PermissionDenied(f"file {label!r}: {what} does not allow this (needs {need} access)")
         return record, access
@@ -390,12 +383,22 @@ class Files:
             await self.store.files_delete_upload(upload.id)
             raise _no_upload(upload.id) from None
         try:
-            return await self.store.files_commit_upload(upload.id, _new_id("f"), time.time())
-        except Exception:
-            # The contents left uploads/ (an unreferenced blob now, swept later): the upload cannot go on.
+            record = await self.store.files_commit_upload(upload.id, _new_id("f"), time.time())
+        except (AlreadyExists, NotFound):
+            # It can never be recorded (its name was taken, or the file it replaces went): the upload goes;
+            # its contents, an unreferenced blob now, go at a later sweep.
             with contextlib.suppress(Exception):
-                await self.store.files_delete_upload(upload.id)
+                await self._discard(upload)
             raise
+        except Unavailable as exc:  # the upload and its bytes stay: a retry of the last step finishes it
+            raise Unavailable(
+                f"upload {upload.id}: the file could not be recorded ({exc.message}); its {upload.size} bytes "
+                f"are kept: send offset={upload.size} again",
+                retry_after=exc.retry_after,
+            ) from None
+        with contextlib.suppress(OSError):  # recorded: a name left in uploads/ is the sweep's (an orphan)
+            await _in_thread(self._disk.remove_upload, upload.id)
+        return record
 
     # -- download ----------------------------------------------------------------------
 

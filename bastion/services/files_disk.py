@@ -9,8 +9,9 @@ Contents live under the files directory, outside the database:
 An upload file is written by one call at a time (an exclusive ``flock``);
 chunks are appended with ``pwrite`` and fed into a running SHA-256, and a
 resumed upload first re-hashes the part already on disk in bounded blocks.
-A finished upload is fsynced, then renamed into place as its blob and the
-blob's directory fsynced, so an acknowledged upload survives a crash.
+A finished upload is fsynced, then hard-linked into place as its blob and
+the blob's directory fsynced, so an acknowledged upload survives a crash;
+its upload file goes once the file is recorded.
 Everything here blocks: the service calls it through ``_in_thread``.
 
 The disk failing (full, read-only, not permitted, I/O error) is the
@@ -95,10 +96,23 @@ class _Disk:
             self.blob(sha256).unlink()
 
     def place(self, upload_id: str, sha256: str) -> None:
-        """Move a finished (fsynced) upload into place as blob ``sha256``, durably."""
-        target = self.blob(sha256)
+        """Put a finished (fsynced, verified) upload in place as blob ``sha256``, durably.
+
+        A hard link: the upload file stays (``remove_upload`` once the file is recorded), so a failure to
+        record it loses no bytes. ``FileNotFoundError``: the upload file is gone (cancelled, expired)."""
+        source, target = self.upload(upload_id), self.blob(sha256)
         target.parent.mkdir(mode=0o700, exist_ok=True)
-        os.replace(self.upload(upload_id), target)  # equal contents: replacing an existing blob is harmless
+        try:
+            os.link(source, target)
+        except FileExistsError:  # these contents are there already (same SHA-256); mend a damaged copy
+            if os.stat(target).st_size != os.stat(source).st_size:
+                spare = target.with_name(f"{sha256}.{upload_id}")
+                os.link(source, spare)
+                os.replace(spare, target)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            os.replace(source, target)  # a file system without hard links: move it (the bytes go with it)
         _fsync_dir(target.parent)
 
     def orphans(self, known: Callable[[str], bool], older_than: float) -> list[str]:

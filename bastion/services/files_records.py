@@ -3,7 +3,7 @@
 A ``FileInfo`` is a file as one caller sees it (with that caller's access);
 ``UploadInfo`` and ``UploadResult`` describe an upload in progress and what
 one ``upload`` call achieved. ``check_name`` holds the rules for a file name
-(bastion/services/files.py, "Identity"); ``_info`` and ``_share_info`` make
+(bastion/services/files.py, "Identity"), ``access_of`` those of access; ``_info`` and ``_share_info`` make
 records from the store's.
 """
 
@@ -15,12 +15,15 @@ import unicodedata
 import msgspec
 
 from bastion.exceptions import InvalidArgument
+from bastion.security.principal import ADMIN_ROLE, Principal
 from bastion.store.files import FileRecord, FileShare
 
 __all__ = ["FileInfo", "FilePage", "ShareInfo", "UploadInfo", "UploadResult", "Usage", "check_name"]
 
 MAX_NAME_BYTES = 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+#: Kinds of access, weakest first: what each allows is in bastion/services/files.py ("Access").
+RANK = {"read": 1, "write": 2, "owner": 3, "admin": 4}
 
 
 class FileInfo(msgspec.Struct, frozen=True):
@@ -113,6 +116,22 @@ def check_name(name: str) -> str:
     if any(part in ("", ".", "..") for part in name.split("/")):
         raise InvalidArgument(f"file name {name!r}: no leading, trailing or doubled '/', and no '.' or '..' segments")
     return name
+
+
+def access_of(principal: Principal, record: FileRecord, shares: list[FileShare]) -> str | None:
+    """``principal``'s access to ``record`` given its ``shares``: "owner", "admin", "write", "read" or None."""
+    if record.owner == principal.name:
+        return "owner"
+    if ADMIN_ROLE in principal.roles:
+        return "admin"
+    best: str | None = None
+    for share in shares:
+        mine = (share.kind == "user" and share.grantee == principal.name) or (
+            share.kind == "role" and share.grantee in principal.roles
+        )
+        if mine and (best is None or RANK[share.mode] > RANK[best]):
+            best = share.mode
+    return best
 
 
 def _check_sha256(value: str) -> str:

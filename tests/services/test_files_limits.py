@@ -7,13 +7,18 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 import bastion
 from bastion.config import FilesConfig
 from bastion.security.credentials import User
 from bastion.security.principal import ADMIN_ROLE, Principal
+from bastion.services.files import Files
+from bastion.store import open_store
+from bastion.testing import MemoryServer
 from tests.services.test_files import CHUNK, World, chunks, offset_reaches, run, sha
+from tests.support.stores import service_store
 
 pytestmark = pytest.mark.usefixtures("service_backend")
 
@@ -162,5 +167,66 @@ def test_an_uploader_who_lost_write_access_otherwise_gives_the_reservation_back_
             await carol_now.upload("files.upload", [b"c" * 10], upload_id=info["upload_id"])
         assert (await w.alice.files.usage())["reserved_bytes"] == 0
         assert await w.alice.files.uploads() == []
+
+    run(test, tmp_path)
+
+
+def test_a_store_failure_at_the_last_step_keeps_the_finished_upload_for_a_retry(tmp_path: Path) -> None:
+    """The bytes were verified and in place when the store failed to record the file: the upload was dropped
+    with them, and a client retrying offset=size (as UNAVAILABLE invites) had to send the whole file again.
+    A real failure: the server's PostgreSQL sessions have a lock_timeout, and the files table is locked."""
+    location = service_store(tmp_path)
+    if not location.startswith("postgresql"):
+        pytest.skip("needs PostgreSQL's LOCK TABLE and lock_timeout")
+    data = os.urandom(3 * CHUNK)
+
+    async def main() -> None:
+        async with open_store(location + "&lock_timeout=500") as store:
+            files = Files(store, tmp_path / "files", FilesConfig(chunk_bytes=CHUNK), leader=False)
+            await files.start()
+            async with MemoryServer([files.service]) as server:
+                await asyncio.wait_for(test(World(server, files, tmp_path / "files")), 20)
+
+    async def test(w: World) -> None:
+        info = await w.alice.files.begin_upload(name="big", size=len(data), sha256=sha(data))
+        part = await w.alice.upload("files.upload", chunks(data[:-1]), upload_id=info["upload_id"])
+        assert part["offset"] == len(data) - 1
+        locker = await asyncpg.connect(location)
+        try:
+            async with locker.transaction():
+                await locker.execute("LOCK TABLE files IN ACCESS EXCLUSIVE MODE")  # recording the file times out
+                with pytest.raises(bastion.Unavailable, match="lock timeout"):
+                    await w.alice.upload("files.upload", [data[-1:]], upload_id=info["upload_id"], offset=len(data) - 1)
+        finally:
+            await locker.close()
+        status = await w.alice.files.upload_status(upload_id=info["upload_id"])
+        assert status["offset"] == len(data)
+        done = await w.alice.upload("files.upload", [], upload_id=info["upload_id"], offset=len(data))
+        assert done["complete"] and await w.get(w.alice, name="big") == data
+        assert list((w.directory / "uploads").iterdir()) == []
+        assert (await w.alice.files.usage())["reserved_bytes"] == 0
+
+    asyncio.run(main())
+
+
+def test_two_uploads_racing_for_one_new_name_leave_one_file_and_nothing_behind(tmp_path: Path) -> None:
+    one, two = os.urandom(2 * CHUNK), os.urandom(2 * CHUNK)
+
+    async def test(w: World) -> None:
+        first = await w.alice.files.begin_upload(name="same", size=len(one), sha256=sha(one))
+        second = await w.alice.files.begin_upload(name="same", size=len(two), sha256=sha(two))
+        results = await asyncio.gather(
+            w.alice.upload("files.upload", chunks(one), upload_id=first["upload_id"]),
+            w.alice.upload("files.upload", chunks(two), upload_id=second["upload_id"]),
+            return_exceptions=True,
+        )
+        won = [r for r in results if isinstance(r, dict)]
+        assert len(won) == 1 and [type(r) for r in results if not isinstance(r, dict)] == [bastion.AlreadyExists]
+        assert await w.get(w.alice, name="same") in (one, two)
+        assert (await w.get(w.alice, name="same")) == (one if won[0]["upload_id"] == first["upload_id"] else two)
+        assert list((w.directory / "uploads").iterdir()) == []
+        assert await w.alice.files.uploads() == []
+        usage = await w.alice.files.usage()
+        assert (usage["files_bytes"], usage["reserved_bytes"]) == (2 * CHUNK, 0)
 
     run(test, tmp_path)
