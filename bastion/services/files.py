@@ -20,9 +20,10 @@ of the owner's quota and returns an upload id. ``upload(upload_id, offset,
 <stream of bytes>)`` appends the stream at ``offset``, which must equal what
 the server holds (``upload_status`` tells an interrupted client where to
 continue). Chunks go to disk as they arrive -- the protocol's credit window
-bounds how many are in flight -- and into a running SHA-256; a resumed
-upload first re-hashes the part already on disk, reading it in bounded
-blocks. When the upload reaches its declared size it is fsynced, checked
+bounds how many are in flight -- and into a running SHA-256, which this
+process keeps between calls; a resumed upload whose hash it does not have
+(another worker wrote it, or a restart) re-hashes the part on disk when
+its first byte arrives, in bounded blocks. When the upload reaches its declared size it is fsynced, checked
 against the declared SHA-256 (a mismatch, or a byte too many, discards it
 with INVALID_ARGUMENT), moved into place as a blob (pinned against the
 sweep first, hard-linked, directory fsynced), and only then recorded as a
@@ -70,6 +71,7 @@ import time
 import unicodedata
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -91,7 +93,7 @@ from bastion.services.files_disk import (
     _append,
     _Disk,
     _disk_error,
-    _hash_prefix,
+    _Hashes,
     _in_thread,
     _open_upload,
     _read_blob,
@@ -108,6 +110,7 @@ from bastion.services.files_records import (
     _info,
     _share_info,
     access_of,
+    check_grantee,
     check_name,
 )
 from bastion.services.files_sweep import sweep
@@ -124,7 +127,6 @@ PIN_WAIT = 10.0
 #: At most this many seconds (and a quarter of ``upload_ttl``) between an upload stream's marks of activity.
 TOUCH_INTERVAL = 60.0
 _FILE_ID = re.compile(r"^f-[0-9a-f]{32}\Z")
-_GRANTEE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 
 
 def _new_id(prefix: str) -> str:
@@ -162,6 +164,7 @@ class Files:
         self.directory = Path(directory)
         self.config = config or FilesConfig()
         self._disk = _Disk(self.directory)
+        self._hashes = _Hashes()
         self._sweeper: asyncio.Task[None] | None = None
         self.service = Service("files", doc="Streamed, verified, resumable file storage with quotas and sharing.")
         self._declare(self.service)
@@ -323,14 +326,14 @@ class Files:
             fd, held = await _in_thread(_open_upload, self._disk.upload(upload.id))
         except OSError as exc:
             raise _disk_error(exc, f"upload {upload.id}") from None
+        hasher: Any = None  # taken at the first byte, or to finish: a call bringing none reads nothing
+        position = held
         try:
             if offset != held:
                 raise FailedPrecondition(
                     f"upload {upload.id} holds {held} bytes: continue from offset {held}, not {offset}"
                 )
             await self.store.files_touch_upload(upload.id, time.time())
-            hasher = await _in_thread(_hash_prefix, fd, held)
-            position = held
             # Bytes arriving are activity: keep the upload from expiring under a slow stream.
             touch_every, touched = min(self.config.upload_ttl / 4, TOUCH_INTERVAL), time.monotonic()
             async for chunk in chunks:
@@ -339,6 +342,8 @@ class Files:
                     raise InvalidArgument(
                         f"upload {upload.id}: more than the declared {upload.size} bytes; the upload is discarded"
                     )
+                if hasher is None:
+                    hasher = await self._hashes.take(upload.id, fd, held)
                 await _in_thread(_append, fd, chunk, position, hasher)
                 position += len(chunk)
                 if time.monotonic() - touched >= touch_every:
@@ -348,7 +353,7 @@ class Files:
             if position < upload.size:
                 return UploadResult(upload.id, position, False, None)
             await _in_thread(os.fsync, fd)
-            digest = hasher.hexdigest()
+            digest = (hasher or await self._hashes.take(upload.id, fd, held)).hexdigest()
             if digest != upload.sha256:
                 await self._discard(upload)
                 raise InvalidArgument(
@@ -362,6 +367,8 @@ class Files:
                 exc, f"upload {upload.id}", f"{kept} bytes are kept: continue from offset {kept}"
             ) from None
         finally:
+            if hasher is not None and position < upload.size:
+                self._hashes.keep(upload.id, position, hasher)
             await _in_thread(os.close, fd)
         return UploadResult(
             upload.id, position, True, _info(record, "owner" if record.owner == principal.name else "write")
@@ -534,15 +541,6 @@ class Files:
             record, access = await files._find(ctx.principal, file_id, name, owner, "owner")
             return _info(await store.files_rename(record.id, check_name(new_name), time.time()), access)
 
-        def _grantee(user: str | None, role: str | None) -> tuple[str, str]:
-            if (user is None) == (role is None):
-                raise InvalidArgument("give exactly one of user or role")
-            kind, grantee = ("user", user) if user is not None else ("role", role)
-            assert grantee is not None
-            if not _GRANTEE.match(grantee):
-                raise InvalidArgument(f"{kind} {grantee!r} is not a valid {kind} name")
-            return kind, grantee
-
         @svc.method(idempotent=True)
         async def share(
             ctx: Context,
@@ -556,7 +554,7 @@ class Files:
             """Share a file with a user or a role, ``mode`` "read" or "write" (owner or admin)."""
             if mode not in ("read", "write"):
                 raise InvalidArgument('mode must be "read" or "write"')
-            kind, grantee = _grantee(user, role)
+            kind, grantee = check_grantee(user, role)
             record, _ = await files._find(ctx.principal, file_id, name, owner, "owner")
             grant = FileShare(record.id, kind, grantee, mode, time.time())
             await store.files_share(grant)
@@ -572,7 +570,7 @@ class Files:
             owner: str | None = None,
         ) -> bool:
             """Withdraw a share (owner or admin); False if there was none."""
-            kind, grantee = _grantee(user, role)
+            kind, grantee = check_grantee(user, role)
             record, _ = await files._find(ctx.principal, file_id, name, owner, "owner")
             withdrawn = await store.files_unshare(record.id, kind, grantee)
             await files._cancel_unwritable(record)  # also when there was none: a retry finishes the job

@@ -7,8 +7,9 @@ Contents live under the files directory, outside the database:
 * ``uploads/<upload id>`` -- uploads in progress.
 
 An upload file is written by one call at a time (an exclusive ``flock``);
-chunks are appended with ``pwrite`` and fed into a running SHA-256, and a
-resumed upload first re-hashes the part already on disk in bounded blocks.
+chunks are appended with ``pwrite`` and fed into a running SHA-256, kept
+between calls (``_Hashes``); a resumed upload whose hash this process does
+not hold re-hashes the part already on disk in bounded blocks.
 A finished upload is fsynced, then hard-linked into place as its blob and
 the blob's directory fsynced, so an acknowledged upload survives a crash;
 its upload file goes once the file is recorded.
@@ -30,6 +31,7 @@ import hashlib
 import logging
 import os
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -64,6 +66,29 @@ def _disk_error(exc: OSError, what: str, then: str = "try again later", *, writi
         return ResourceExhausted(f"{what}: the server's file storage is full ({reason}); {then}")
     verb = "write" if writing else "read"
     return Unavailable(f"{what}: the server cannot {verb} its files directory ({reason}); {then}")
+
+
+class _Hashes:
+    """The running SHA-256 of the uploads this process last wrote, so a resumed upload need not re-read
+    and re-hash all it holds: without it one tiny call (an empty stream, a byte) cost a read and a hash of
+    up to a whole quota. Reused only for an upload file of exactly the length hashed; the least recently
+    kept go first."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._kept: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self._limit = limit
+
+    async def take(self, upload_id: str, fd: int, length: int) -> Any:
+        """A SHA-256 of the first ``length`` bytes of ``fd``: the one kept if it is that far, else re-read."""
+        kept = self._kept.pop(upload_id, None)
+        if kept is not None and kept[0] == length:
+            return kept[1]
+        return await _in_thread(_hash_prefix, fd, length)
+
+    def keep(self, upload_id: str, length: int, hasher: Any) -> None:
+        self._kept[upload_id] = (length, hasher)
+        if len(self._kept) > self._limit:
+            self._kept.popitem(last=False)
 
 
 class _Disk:

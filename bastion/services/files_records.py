@@ -22,6 +22,7 @@ __all__ = ["FileInfo", "FilePage", "ShareInfo", "UploadInfo", "UploadResult", "U
 
 MAX_NAME_BYTES = 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+_GRANTEE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 #: Kinds of access, weakest first: what each allows is in bastion/services/files.py ("Access").
 RANK = {"read": 1, "write": 2, "owner": 3, "admin": 4}
 
@@ -132,6 +133,17 @@ def access_of(principal: Principal, record: FileRecord, shares: list[FileShare])
         if mine and (best is None or RANK[share.mode] > RANK[best]):
             best = share.mode
     return best
+
+
+def check_grantee(user: str | None, role: str | None) -> tuple[str, str]:
+    """``(kind, grantee)`` of a share given exactly one of ``user`` or ``role``; ``InvalidArgument`` if not."""
+    if (user is None) == (role is None):
+        raise InvalidArgument("give exactly one of user or role")
+    kind, grantee = ("user", user) if user is not None else ("role", role)
+    assert grantee is not None
+    if not _GRANTEE.match(grantee):
+        raise InvalidArgument(f"{kind} {grantee!r} is not a valid {kind} name")
+    return kind, grantee
 
 
 def _check_sha256(value: str) -> str:

@@ -230,3 +230,37 @@ def test_two_uploads_racing_for_one_new_name_leave_one_file_and_nothing_behind(t
         assert (usage["files_bytes"], usage["reserved_bytes"]) == (2 * CHUNK, 0)
 
     run(test, tmp_path)
+
+
+def read_bytes() -> int:
+    """Bytes this process has read through read(2)/pread(2) so far (page-cache hits included)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_resuming_does_not_reread_what_the_server_already_hashed(tmp_path: Path) -> None:
+    """Every upload call re-read and re-hashed all the bytes already held: one tiny call (an empty stream, or
+    one byte) cost the server a read and a SHA-256 of up to the whole quota -- an amplification any user can
+    repeat at will."""
+    if not Path("/proc/self/io").exists():
+        pytest.skip("needs /proc/self/io")
+    held = 24 * 1024 * 1024
+    data = os.urandom(held + 2)
+    config = FilesConfig(quota_bytes=100_000_000, chunk_bytes=CHUNK)
+
+    async def test(w: World) -> None:
+        info = await w.alice.files.begin_upload(name="big", size=len(data), sha256=sha(data))
+        await w.alice.upload("files.upload", chunks(data[:held]), upload_id=info["upload_id"])
+        before = read_bytes()
+        for _ in range(3):
+            empty = await w.alice.upload("files.upload", [], upload_id=info["upload_id"], offset=held)
+            assert empty["offset"] == held
+        one = await w.alice.upload("files.upload", [data[held : held + 1]], upload_id=info["upload_id"], offset=held)
+        assert one["offset"] == held + 1
+        assert read_bytes() - before < held // 4
+        done = await w.alice.upload("files.upload", [data[-1:]], upload_id=info["upload_id"], offset=held + 1)
+        assert done["complete"] and done["file"]["sha256"] == sha(data)
+
+    run(test, tmp_path, config)
