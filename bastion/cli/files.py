@@ -214,14 +214,19 @@ def get(
             path = dest or Path(info["name"].rsplit("/", 1)[-1])
             if path.is_dir():
                 path = path / info["name"].rsplit("/", 1)[-1]
-            _download(client, info, path, _progress(progress))
+            # A name the file's owner chose (no DEST, or DEST a directory) never replaces a local file
+            # (like curl -J): a shared ".bashrc" must not land on the reader's own.
+            chosen = dest is not None and path == dest
+            if not chosen and os.path.lexists(path):
+                raise UsageError(f"will not overwrite {path} with the server's file: give DEST to replace it")
+            _download(client, info, path, _progress(progress), overwrite=chosen)
             return info, path
 
     info, path = run_guarded(run)
     print(f"{path}  {info['size']} bytes  sha256 {info['sha256']} (verified)", file=sys.stderr)
 
 
-def _download(client: SyncClient, info: dict[str, Any], path: Path, progress: Progress) -> None:
+def _download(client: SyncClient, info: dict[str, Any], path: Path, progress: Progress, *, overwrite: bool) -> None:
     tmp = path.with_name(f".{path.name}.bastion-part")
     hasher = hashlib.sha256()
     try:
@@ -239,11 +244,29 @@ def _download(client: SyncClient, info: dict[str, Any], path: Path, progress: Pr
             os.fsync(f.fileno())
         if hasher.hexdigest() != info["sha256"]:
             raise DataLoss(f"downloaded SHA-256 {hasher.hexdigest()} differs from the server's {info['sha256']}")
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path`` unless something is there (atomically where the file system has hard links)."""
+    refusal = UsageError(f"will not overwrite {path} with the server's file: give DEST to replace it")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise refusal from None
+    except OSError:  # no hard links here (FAT, some network shares): check, then move
+        if os.path.lexists(path):
+            raise refusal from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 @files_app.command("ls")

@@ -211,3 +211,33 @@ def test_read_only_grantee_downloads_but_cannot_delete_and_strangers_see_nothing
         hidden = bastion_cli("files", command, server.address, "reports/q3.txt", "--owner", "admin", env=stranger_env)
         assert hidden.returncode == 1 and "NOT_FOUND: no file 'admin:reports/q3.txt'" in hidden.stderr
     assert bastion_cli("files", "ls", server.address, env=stranger_env).stdout == ""
+
+
+def test_get_without_a_destination_does_not_overwrite_a_local_file_the_owner_named(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """``files get ID`` writes to the file's base name here -- a name its owner chose. Someone sharing a file
+    named ``.bashrc`` (or ``.profile``, ``authorized_keys``) replaced the reader's own when run from home."""
+    home = tmp_path / "home"
+    home.mkdir()
+    mine = home / ".bashrc"
+    mine.write_text("the reader's own\n")
+    with SyncClient(server.address, token_file=str(server.token_file), timeout=10) as admin:
+        admin.call("auth.create_user", name="reader")
+        token = tmp_path / "reader.token"
+        token.write_text(admin.call("auth.create_token", user="reader")["token"])
+        token.chmod(0o600)
+        info = admin.call(
+            "files.begin_upload", name="dotfiles/.bashrc", size=9, sha256=hashlib.sha256(b"rm -rf ~\n").hexdigest()
+        )
+        file = admin.upload("files.upload", [b"rm -rf ~\n"], upload_id=info["upload_id"])["file"]
+        admin.call("files.share", file_id=file["id"], user="reader")
+    env = cli_env(tmp_path, token)
+    refused = bastion_cli("files", "get", server.address, file["id"], cwd=home, env=env)
+    assert refused.returncode == 2 and "will not overwrite" in refused.stderr, refused.stderr
+    assert mine.read_text() == "the reader's own\n"
+    assert not list(home.glob(".*bastion-part"))
+    # Naming the destination is choosing to replace it.
+    chosen = bastion_cli("files", "get", server.address, file["id"], str(mine), cwd=home, env=env)
+    assert chosen.returncode == 0, chosen.stderr
+    assert mine.read_bytes() == b"rm -rf ~\n"
