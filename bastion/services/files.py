@@ -203,8 +203,9 @@ class Files:
         return access_of(principal, record, await self.store.files_shares(record.id))
 
     async def _cancel_unwritable(self, record: FileRecord) -> int:
-        """After a share of ``record`` was withdrawn: discard the open uploads of new contents for it whose
-        uploaders can no longer write it (judged with their current roles), releasing the owner's quota."""
+        """After a share of ``record`` was withdrawn (or made read-only): discard the open uploads of new
+        contents for it whose uploaders can no longer write it (judged with their current roles), releasing
+        the owner's quota."""
         cancelled = 0
         for upload in await self.store.files_list_uploads(record.owner, charged=True):
             if upload.file_id != record.id or upload.uploader == record.owner:
@@ -558,6 +559,8 @@ class Files:
             record, _ = await files._find(ctx.principal, file_id, name, owner, "owner")
             grant = FileShare(record.id, kind, grantee, mode, time.time())
             await store.files_share(grant)
+            if mode == "read":  # replacing a write share: as good as withdrawing it
+                await files._cancel_unwritable(record)
             return _share_info(grant)
 
         @svc.method(idempotent=True)

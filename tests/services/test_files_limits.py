@@ -264,3 +264,20 @@ def test_resuming_does_not_reread_what_the_server_already_hashed(tmp_path: Path)
         assert done["complete"] and done["file"]["sha256"] == sha(data)
 
     run(test, tmp_path, config)
+
+
+def test_downgrading_a_write_share_to_read_cancels_the_grantees_uploads(tmp_path: Path) -> None:
+    """Sharing again with mode="read" withdraws write access as surely as unshare does."""
+
+    async def test(w: World) -> None:
+        await register(w)
+        doc = await w.put(w.alice, "doc", b"original")
+        await w.alice.files.share(file_id=doc["id"], user="bob", mode="write")
+        info = await w.bob.files.begin_upload(file_id=doc["id"], size=10, sha256=sha(b"b" * 10))
+        await w.alice.files.share(file_id=doc["id"], user="bob", mode="read")
+        assert (await w.alice.files.usage())["reserved_bytes"] == 0
+        with pytest.raises(bastion.NotFound):
+            await w.bob.files.upload_status(upload_id=info["upload_id"])
+        assert await w.get(w.bob, file_id=doc["id"]) == b"original"
+
+    run(test, tmp_path)
