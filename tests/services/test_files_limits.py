@@ -1,4 +1,5 @@
-"""The files service's bounds on uploads and what withdrawing a share does to them (real stores, both backends)."""
+"""The files service under pressure: bounds on uploads, withdrawn shares, racing uploads, a failing store, resumes
+(real stores, both backends)."""
 
 from __future__ import annotations
 
