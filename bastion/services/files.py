@@ -15,21 +15,21 @@ Contents live under the files directory, outside the database: blobs
 named by their SHA-256 and uploads in progress; bastion/services/files_disk.py
 lays them out and does the blocking I/O.
 
-Upload, resumable. ``begin_upload(name, size, sha256)`` reserves ``size``
-of the owner's quota and returns an upload id. ``upload(upload_id, offset,
+Upload, resumable. ``begin_upload(name, size, sha256)`` reserves ``size`` of
+the owner's quota and returns an upload id. ``upload(upload_id, offset,
 <stream of bytes>)`` appends the stream at ``offset``, which must equal what
 the server holds (``upload_status`` tells an interrupted client where to
 continue). Chunks go to disk as they arrive -- the protocol's credit window
 bounds how many are in flight -- and into a running SHA-256, which this
 process keeps between calls; a resumed upload whose hash it does not have
-(another worker wrote it, or a restart) re-hashes the part on disk when
-its first byte arrives, in bounded blocks. When the upload reaches its declared size it is fsynced, checked
-against the declared SHA-256 (a mismatch, or a byte too many, discards it
-with INVALID_ARGUMENT), moved into place as a blob (pinned against the
-sweep first, hard-linked, directory fsynced), and only then recorded as a
-file: an acknowledged upload survives a crash. The upload file goes only
-once the file is recorded, so a store failing at that last step loses no
-bytes: sending ``offset=size`` again finishes it.
+(another worker wrote it, or a restart) re-hashes the part on disk when its
+first byte arrives, in bounded blocks. When the upload reaches its declared
+size it is fsynced, checked against the declared SHA-256 (a mismatch, or a
+byte too many, discards it with INVALID_ARGUMENT), hard-linked into place
+as a blob (pinned against the sweep first, directory fsynced), and
+only then recorded as a file: an acknowledged upload survives a crash. The
+upload file goes only once the file is recorded, so a store failing at that
+last step loses no bytes: sending ``offset=size`` again finishes it.
 
 Download. ``download`` streams ``chunk_bytes`` pieces read one at a time
 from the blob, from an optional ``offset``; ``stat`` (or the ``sha256``
@@ -40,8 +40,8 @@ Deletion is late. Deleting a file (or replacing its contents) never deletes
 a blob: the background sweep deletes blobs no file has named for longer than
 ``blob_grace`` (so a backup being taken never misses one), expires uploads
 idle longer than ``upload_ttl``, and removes upload files whose record is
-gone (bastion/services/files_sweep.py). See bastion/store/files.py for how pins and sweep claims keep a blob
-being reused from being unlinked.
+gone (bastion/services/files_sweep.py). See bastion/store/files.py for how
+pins and sweep claims keep a blob being reused from being unlinked.
 
 Access. The owner and admins may do anything; a ``read`` share lets its
 grantees stat, list and download; a ``write`` share also lets them replace
@@ -49,14 +49,16 @@ the contents and delete. Sharing and renaming are the owner's (and
 admins'). A file the caller cannot read is NOT_FOUND, exactly like a missing
 one; a file it can read but not change is PERMISSION_DENIED.
 
-Uploads and quotas. An upload is charged to the owner of what it makes:
-new contents begun through a write share reserve the *owner's* quota -- at
-most ``max_grantee_reserved_bytes`` of it per uploader, and nobody holds more
+Uploads and quotas. An upload is charged to the owner of what it makes: new
+contents begun through a write share reserve the *owner's* quota -- at most
+``max_grantee_reserved_bytes`` of it per uploader, and nobody holds more
 than ``max_open_uploads`` uploads open. The owner sees those uploads
-(``uploads``, ``upload_status``, naming the uploader) and may ``cancel_upload`` them, releasing the reservation at once;
-only the uploader (or an admin) sends their bytes. Withdrawing the share
-cancels the open uploads of those it leaves without write access (their
-streams end NOT_FOUND, the file keeps its contents) and so releases the quota.
+(``uploads``, ``upload_status``, naming the uploader) and may
+``cancel_upload`` them, releasing the reservation at once; only the uploader
+(or an admin) sends their bytes. Withdrawing the share (or making it
+read-only) cancels the open uploads of those it leaves without write
+access (their streams end NOT_FOUND, the file keeps its contents) and so
+releases the quota.
 """
 
 from __future__ import annotations
