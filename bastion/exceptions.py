@@ -3,7 +3,7 @@
     BastionError
     ├── ProtocolError                 the wire rules were broken
     │   ├── LocalProtocolError        ... by us (a bug or API misuse)
-    │   └── RemoteProtocolError       ... by the peer (we close the connection)
+    │   └── RemoteProtocolError       ... by the peer (we close the connection, or fail the one call)
     ├── TransportError                the byte stream failed (OS, TLS, EOF)
     │   ├── ConnectError              could not connect or handshake
     │   └── ConnectionClosed          the connection ended under a call
@@ -86,7 +86,12 @@ class LocalProtocolError(ProtocolError):
 
 
 class RemoteProtocolError(ProtocolError):
-    """The peer broke the protocol; the connection is closed."""
+    """The peer broke the protocol; the connection is closed.
+
+    (A client also raises it for a call whose answer does not decode -- a str
+    that is not UTF-8, say: the frame around it was whole, so only that call
+    fails and the connection serves on.)
+    """
 
 
 class TransportError(BastionError):

@@ -18,15 +18,17 @@ import msgspec
 from bastion._version import __version__
 from bastion.client.policy import NotStarted
 from bastion.config import DEFAULT_PORT
-from bastion.exceptions import CallError, Unavailable, UsageError, error_for_status
+from bastion.exceptions import CallError, RemoteProtocolError, Unavailable, UsageError, error_for_status
 from bastion.protocol.connection import ProtocolLimits
 from bastion.protocol.messages import PROTOCOL_VERSION, Error, GoAway, Hello
 from bastion.security.tls import client_context
 
 __all__ = [
+    "VALUE_ERRORS",
     "ClientTLS",
     "MethodProxy",
     "ServiceProxy",
+    "bad_value",
     "build_hello",
     "decode_value",
     "error_from",
@@ -142,8 +144,29 @@ def build_hello(limits: ProtocolLimits, token: str | None, name: str) -> Hello:
     return Hello(version=PROTOCOL_VERSION, client=name, token=token, window=limits.window, max_frame=limits.max_frame)
 
 
-def decode_value(raw: msgspec.Raw) -> Any:
-    return DECODER.decode(raw)
+#: What decoding a value the server sent may raise besides the value: msgspec's DecodeError (a ValueError),
+#: UnicodeDecodeError (a ValueError too) for a str that is not UTF-8 -- the frame decoder only skips over
+#: a ``Raw`` field, so it lets both through -- and RecursionError for a value nested too deeply.
+VALUE_ERRORS = (ValueError, RecursionError)
+
+
+def bad_value(method: str, exc: BaseException) -> RemoteProtocolError:
+    """The error for an answer (or stream item) of ``method`` that does not decode: the server broke the protocol.
+
+    Only that call fails: the frame around the value was whole, so the
+    connection stays in step and serves the client's other calls (as the
+    server fails just the call whose arguments do not decode).
+    """
+    reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+    return RemoteProtocolError(f"{method}: the server's answer is not valid MessagePack ({reason})")
+
+
+def decode_value(raw: msgspec.Raw, method: str) -> Any:
+    """A value the server sent for ``method``'s call; RemoteProtocolError if it does not decode."""
+    try:
+        return DECODER.decode(raw)
+    except VALUE_ERRORS as exc:
+        raise bad_value(method, exc) from None
 
 
 def error_from(message: Error) -> CallError:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from bastion.client._common import DECODER
+from bastion.client._common import DECODER, VALUE_ERRORS, bad_value
 from bastion.client._connection import NO_OPTIONS, WRITE_HIGH_WATER, CallOptions, ClientConnection, Expired, Slots
 from bastion.client.policy import RetryBudget, RetryPolicy, is_replayable
 from bastion.exceptions import CallError, ConnectionClosed, DeadlineExceeded
@@ -163,9 +163,12 @@ class CallPath:
                 raise
             failure = exc
         else:
-            if type(raw) is list:  # a stream's items, collected
-                return [_decode(r) for r in raw]
-            return _decode(raw)
+            try:  # free unless it raises: no check per answer
+                if type(raw) is list:  # a stream's items, collected
+                    return [_decode(r) for r in raw]
+                return _decode(raw)
+            except VALUE_ERRORS as exc:
+                raise bad_value(method, exc) from None
         return await self.client._retrying(method, args, timeout, NO_OPTIONS, None, plan, failure)
 
     async def call_on(
@@ -228,9 +231,12 @@ class CallPath:
                 raise
             failure = exc
         else:
-            if type(raw) is list:  # a stream's items, collected
-                return [_decode(r) for r in raw]
-            return _decode(raw)
+            try:  # free unless it raises: no check per answer
+                if type(raw) is list:  # a stream's items, collected
+                    return [_decode(r) for r in raw]
+                return _decode(raw)
+            except VALUE_ERRORS as exc:
+                raise bad_value(method, exc) from None
         return await self.client._retrying(method, args, total, options, items, retry, failure)
 
 

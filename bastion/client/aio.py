@@ -470,7 +470,7 @@ class Client(BalancedEndpoints, ClientBase):
                         if consumed >= batch:
                             conn.grant(call_id, consumed)
                             consumed = 0
-                        yield decode_value(raw)
+                        yield decode_value(raw, method)
                         continue
                     pending.done.result()  # raises the call's error, if any
                     return

@@ -404,10 +404,10 @@ class SyncClient(ClientBase):
                     for event in events:
                         if isinstance(event, Item):
                             core.grant(call_id, 1)
-                            yield "item", decode_value(event.value)
+                            yield "item", decode_value(event.value, method)
                         elif isinstance(event, Result):
                             finished = True
-                            yield "result", decode_value(event.value)
+                            yield "result", decode_value(event.value, method)
                             return
                         elif isinstance(event, Error):
                             finished = True
