@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import weakref
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -126,6 +127,9 @@ class Client(BalancedEndpoints, ClientBase):
         self._balancer: Balancer | None = None
         self._slots: dict[int, _Slot] = {}  # id(endpoint) -> slot
         self._health: asyncio.Task[None] | None = None
+        #: Every connection this client opened and may still hold open -- one the server is draining
+        #: too, which the client no longer calls on but whose calls still run: ``close`` ends them all.
+        self._opened: weakref.WeakSet[ClientConnection] = weakref.WeakSet()
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -207,6 +211,7 @@ class Client(BalancedEndpoints, ClientBase):
         port = self.port if port is None else port
         loop = asyncio.get_running_loop()
         conn = ClientConnection(self.limits, self._token, self._name)
+        self._opened.add(conn)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if self._connector is not None:
@@ -253,6 +258,8 @@ class Client(BalancedEndpoints, ClientBase):
             self._listing.cancel()
             self._listing = None
         self._close_conn(conn)
+        for conn in list(self._opened):  # those replaced while the server drained them
+            self._close_conn(conn)
 
     @staticmethod
     def _close_conn(conn: ClientConnection | None) -> None:

@@ -8,14 +8,26 @@ and must not leave the client unable to make its next call.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from bastion import Client, SyncClient
+from bastion.client._connection import ClientClosed
 from bastion.exceptions import RemoteProtocolError
 from bastion.status import Status
-from tests.support.hostile_server import BAD_UTF8, RESULT, HostileServer, Peer, frame, result_frame
+from tests.support.hostile_server import (
+    BAD_UTF8,
+    CALL,
+    GOAWAY,
+    RESULT,
+    HostileServer,
+    Peer,
+    frame,
+    result_frame,
+)
 
 
 def run(coro: Any) -> Any:
@@ -24,6 +36,15 @@ def run(coro: Any) -> Any:
             return await coro
 
     return asyncio.run(guarded())
+
+
+async def poll(predicate: Callable[[], Any], what: str, timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds, looking every 5 ms; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
 
 
 async def bad_utf8_then_echo(peer: Peer) -> None:
@@ -83,3 +104,59 @@ def test_the_sync_client_reports_a_result_that_is_not_utf8_as_a_protocol_error()
         with pytest.raises(RemoteProtocolError, match="not valid MessagePack"):
             client.call("x.y")
         assert client.call("x.y") == 2
+
+
+# -- GoAway and drain -----------------------------------------------------------------------------------------
+
+
+def goaway_then(answer_after: float | None) -> Any:
+    """A server that answers ``x.first`` on a connection it drains (GoAway, then the answer ``answer_after``
+    seconds later, or never) and never closes that connection itself; other calls are answered at once."""
+
+    async def script(peer: Peer) -> None:
+        await peer.handshake()
+        call = await peer.read_call()
+        if call[2] == "x.first":
+            peer.send(GOAWAY, call[1], 0, "draining")
+            if answer_after is not None:
+                await asyncio.sleep(answer_after)
+                peer.send(RESULT, call[1], "old")
+        else:
+            peer.send(RESULT, call[1], "new")
+        await peer.until_closed(30)
+
+    return script
+
+
+def test_a_drained_connection_is_closed_once_its_last_call_is_answered() -> None:
+    """The client closed a connection the server had sent GoAway on only if it had no call left at the
+    GoAway, or when a call was cancelled: once the last call in flight was answered it kept the socket
+    open for as long as the server did -- and ``close`` did not close it either (it no longer held it)."""
+
+    async def main(server: HostileServer) -> None:
+        client = Client(server.address, insecure=True, timeout=5)
+        first = asyncio.ensure_future(client.call("x.first"))
+        await poll(lambda: server.peers and server.peers[0].received[-1][0] == CALL, "the first call")
+        assert await client.call("x.second") == "new"  # on a new connection: the first is draining
+        assert await first == "old"
+        await poll(lambda: server.peers[0].closed.is_set(), "the drained connection to close")
+        await client.close()
+        await poll(lambda: server.peers[1].closed.is_set(), "the new connection to close")
+
+    with HostileServer(goaway_then(0.2)) as server:
+        run(main(server))
+
+
+def test_close_closes_a_draining_connection_and_fails_its_call() -> None:
+    async def main(server: HostileServer) -> None:
+        client = Client(server.address, insecure=True, timeout=10)
+        first = asyncio.ensure_future(client.call("x.first"))
+        await poll(lambda: server.peers and server.peers[0].received[-1][0] == CALL, "the first call")
+        assert await client.call("x.second") == "new"
+        await client.close()
+        with pytest.raises(ClientClosed):
+            await asyncio.wait_for(first, 2)  # not the 10 s timeout: close ends it
+        await poll(lambda: all(peer.closed.is_set() for peer in server.peers), "both connections to close")
+
+    with HostileServer(goaway_then(None)) as server:
+        run(main(server))
