@@ -306,6 +306,7 @@ class ClientConnection:
         if not self.welcome.done():
             self.closed_silently = self.link is not None and not self.link.received_any
             self.welcome.set_exception(ConnectError(f"handshake failed: {error}"))
+            self.welcome.exception()  # marked retrieved: the attempt waiting for it may be gone (cancelled)
         calls = list(self.pending.values())
         self.pending.clear()
         for call in calls:

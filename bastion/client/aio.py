@@ -119,7 +119,8 @@ class Client(BalancedEndpoints, ClientBase):
             # ``CallPath``). A subclass that overrides ``call`` or ``_attempt`` keeps ``Client.call``,
             # and so do clients made while ``Client.call`` is replaced (a test's mock, say).
             self.call = self._path.call  # type: ignore[method-assign]
-        self._lock: asyncio.Lock | None = None
+        #: A single-server client's attempt at connecting, while one runs: its callers share it.
+        self._connecting: asyncio.Future[ClientConnection] | None = None
         # Seam for bastion.testing: given the protocol factory, connect it to
         # something other than a TCP socket (an in-memory server, say).
         self._connector: Callable[[Callable[[], Link]], Awaitable[object]] | None = None
@@ -186,21 +187,48 @@ class Client(BalancedEndpoints, ClientBase):
         """Open the connection now (calls otherwise open it on first use)."""
         await self._connection()
 
-    async def _connection(self) -> ClientConnection:
-        if self.balanced:
+    async def _connection(self, timeout: float | None = None, method: str = "") -> ClientConnection:
+        """The open connection, opening it if need be; a caller waits for it at most ``timeout`` seconds.
+
+        A single-server client's callers share one attempt (``_connecting``):
+        calls made while it runs wait for it -- each for no longer than its
+        own deadline, then DeadlineExceeded -- rather than each making an
+        attempt of its own after the one before failed. A caller that gives
+        up (or is cancelled) leaves the attempt running for the others; it
+        ends within ``connect_timeout`` either way.
+        """
+        if self.balanced:  # (a call's attempt bounds its own checkout: ``_attempt_on_endpoint``)
             return (await self._checkout(()))[1]
         conn = self._conn
         if conn is not None and conn.usable:
             return conn
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self._conn is not None and self._conn.usable:
-                return self._conn
-            self._conn = await self._open()
+        attempt = self._connecting
+        if attempt is None:
+            attempt = self._connecting = asyncio.ensure_future(self._reconnect())
+            attempt.add_done_callback(_retrieved)
+        try:
+            if timeout is None:
+                return await asyncio.shield(attempt)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            if attempt.cancelled() and not _cancelling():  # close() ended the attempt, not this caller's
+                raise ClientClosed("the client was closed") from None
+            raise
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"{method}: no connection within {timeout}s (still connecting to {self.host}:{self.port})"
+            ) from None
+
+    async def _reconnect(self) -> ClientConnection:
+        """One attempt at opening a single-server client's connection (``_connecting``, shared)."""
+        try:
+            conn = self._conn = await self._open()
             self._methods = IdempotentMethods(clock=self._clock)  # a new connection may be a new server
             self._listing = None
-            return self._conn
+            return conn
+        finally:
+            self._connecting = None
 
     # -- connections ---------------------------------------------------------------
 
@@ -232,6 +260,10 @@ class Client(BalancedEndpoints, ClientBase):
             if conn.link is not None:
                 conn.link.abort()
             raise ConnectError(f"timed out connecting to {host}:{port}") from None
+        except asyncio.CancelledError:  # the client was closed, or a balanced call gave up: leave nothing open
+            if conn.link is not None:
+                conn.link.abort()
+            raise
         except ssl.SSLError as exc:
             raise ConnectError(f"TLS handshake with {host}:{port} failed: {describe_tls_error(exc)}") from None
         except (ConnectionResetError, BrokenPipeError) as exc:
@@ -247,6 +279,9 @@ class Client(BalancedEndpoints, ClientBase):
         return conn
 
     async def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+            self._connecting = None
         if self._health is not None:
             self._health.cancel()
             self._health = None
@@ -405,9 +440,24 @@ class Client(BalancedEndpoints, ClientBase):
         Balanced: on an endpoint not in ``tried``, if one is left; adds the
         endpoint to ``tried`` if the attempt fails there.
         """
+        if timeout is not None:  # the wait for a connection counts against the call's deadline
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            if not self.balanced:
+                conn = await self._connection(timeout, method)
+            else:
+                try:
+                    async with asyncio.timeout(timeout):
+                        slot, conn = await self._checkout(tried)
+                except TimeoutError:
+                    raise DeadlineExceeded(f"{method}: no connection within {total}s") from None
+            timeout = max(0.001, timeout - (loop.time() - start))
+        elif not self.balanced:
+            conn = await self._connection()
+        else:
+            slot, conn = await self._checkout(tried)
         if not self.balanced:
-            return await self._path.call_on(await self._connection(), method, args, timeout, total, options, items)
-        slot, conn = await self._checkout(tried)
+            return await self._path.call_on(conn, method, args, timeout, total, options, items)
         endpoint = slot.endpoint
         endpoint.outstanding += 1
         try:
@@ -460,7 +510,7 @@ class Client(BalancedEndpoints, ClientBase):
         self, method: str, items: AsyncIterable[Any] | Iterable[Any] | None = None, /, **args: Any
     ) -> AsyncIterator[Any]:
         """Call a server-streaming method and yield its items as they arrive."""
-        conn = await self._connection()
+        conn = await self._connection(self.timeout, method)
         call_id, pending = conn.start(method, check_args(args), self.timeout, items is not None, {})  # never retried
         sender = conn.start_sender(call_id, pending, items) if items is not None else None
         batch = max(1, self.limits.window // 2)
@@ -495,6 +545,18 @@ class Client(BalancedEndpoints, ClientBase):
     async def upload(self, method: str, items: AsyncIterable[Any] | Iterable[Any], /, **args: Any) -> Any:
         """Call a client-streaming method, sending ``items``; return its result."""
         return await self.invoke(method, args, items=items)
+
+
+def _cancelling() -> int:
+    """Whether the running task is being cancelled (a pending ``cancel()``), not just seeing another's."""
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
+def _retrieved(attempt: asyncio.Future[ClientConnection]) -> None:
+    """A shared connection attempt's error is its callers' to raise: none may be left to look (all gave up)."""
+    if not attempt.cancelled():
+        attempt.exception()
 
 
 #: ``Client.call`` as defined (see ``Client._init_state``).

@@ -28,7 +28,10 @@ class ClientBase:
     default: the file named by ``BASTION_CA``, else the system trust store),
     by hostname (``server_hostname`` overrides the name checked);
     ``cert``/``key`` present a client certificate for mutual TLS.
-    ``insecure=True`` connects in plaintext (only to a server started with
+    ``timeout`` (seconds, None: none) covers a call's every attempt, waiting
+    for a connection included; ``connect_timeout`` bounds one attempt at
+    connecting (TCP, TLS and the bastion handshake), which the calls waiting
+    for it share. ``insecure=True`` connects in plaintext (only to a server started with
     ``--insecure``). ``source_address`` is the local address to connect from.
     ``retry`` is the ``RetryPolicy`` for failed calls (default: 3 attempts
     with jittered exponential backoff, for idempotent calls only, under a

@@ -126,7 +126,9 @@ class SyncClient(ClientBase):
         with self._lock:
             self._connection()
 
-    def _connection(self, tried: list[Endpoint] | None = None) -> BlockingLink:
+    def _connection(self, tried: list[Endpoint] | None = None, deadline: float | None = None) -> BlockingLink:
+        """The open link, connecting if need be -- giving up by ``deadline`` (a call's), if sooner than
+        ``connect_timeout``."""
         link = self._link
         if link is not None and not link.closed and link.core.state is ConnectionState.OPEN:
             return link
@@ -136,7 +138,7 @@ class SyncClient(ClientBase):
             link.close()
             self._link = None
         if not self.balanced:
-            return self._connect_to(self.host, self.port, self._server_hostname)
+            return self._connect_to(self.host, self.port, self._server_hostname, deadline)
         balancer = self._endpoints()
         failed = list(tried or ())
         error: ConnectError | None = None
@@ -145,7 +147,8 @@ class SyncClient(ClientBase):
             if error is not None and endpoint in failed:
                 break
             try:
-                link = self._connect_to(endpoint.host, endpoint.port, self._server_hostname or endpoint.server_hostname)
+                hostname = self._server_hostname or endpoint.server_hostname
+                link = self._connect_to(endpoint.host, endpoint.port, hostname, deadline)
                 self._endpoint = endpoint
                 if endpoint.breaker.begin_trial():
                     self._probe(endpoint)
@@ -192,20 +195,25 @@ class SyncClient(ClientBase):
             self._link = None
         raise ConnectError(f"{endpoint.address} is not ready")
 
-    def _connect_to(self, host: str, port: int, server_hostname: str | None) -> BlockingLink:
+    def _connect_to(
+        self, host: str, port: int, server_hostname: str | None, deadline: float | None = None
+    ) -> BlockingLink:
         core = Connection(Role.CLIENT, self.limits)
+        wait = self.connect_timeout
+        if deadline is not None:
+            wait = max(0.001, min(wait, deadline - time.monotonic()))
         link = BlockingLink.connect(
             core,
             host,
             port,
-            timeout=self.connect_timeout,
+            timeout=wait,
             ssl_context=self.tls.context(),
             server_hostname=server_hostname,
             alpn=ALPN_PROTOCOL,
             source_address=self.source_address,
         )
         core.send_hello(build_hello(self.limits, self._token, self._name))
-        deadline = time.monotonic() + self.connect_timeout
+        deadline = time.monotonic() + wait
         try:
             link.flush()
             while True:
@@ -375,16 +383,21 @@ class SyncClient(ClientBase):
         timeout = self.timeout if timeout is None else timeout
         total = timeout if total is None else total
         with self._lock:
-            link = self._connection()
-            core = link.core
             deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                link = self._connection(deadline=deadline)
+            except ConnectError as exc:
+                if deadline is None or time.monotonic() < deadline:
+                    raise
+                raise DeadlineExceeded(f"{method}: no connection within {total}s ({exc})") from None
+            core = link.core
             call_id = core.send_call(
                 method,
                 check_args(args),
                 stream=items is not None,
                 priority=priority,
                 metadata=metadata,
-                timeout_ms=None if timeout is None else max(1, int(timeout * 1000)),
+                timeout_ms=None if deadline is None else max(1, int((deadline - time.monotonic()) * 1000)),
             )
             source = iter(items) if items is not None else None
             finished = False

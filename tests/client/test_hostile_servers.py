@@ -16,7 +16,7 @@ import pytest
 
 from bastion import Client, SyncClient
 from bastion.client._connection import ClientClosed
-from bastion.exceptions import RemoteProtocolError
+from bastion.exceptions import DeadlineExceeded, RemoteProtocolError
 from bastion.status import Status
 from tests.support.hostile_server import (
     BAD_UTF8,
@@ -136,7 +136,7 @@ def test_a_drained_connection_is_closed_once_its_last_call_is_answered() -> None
     async def main(server: HostileServer) -> None:
         client = Client(server.address, insecure=True, timeout=5)
         first = asyncio.ensure_future(client.call("x.first"))
-        await poll(lambda: server.peers and server.peers[0].received[-1][0] == CALL, "the first call")
+        await poll(lambda: server.peers and any(m[0] == CALL for m in server.peers[0].received), "the first call")
         assert await client.call("x.second") == "new"  # on a new connection: the first is draining
         assert await first == "old"
         await poll(lambda: server.peers[0].closed.is_set(), "the drained connection to close")
@@ -151,7 +151,7 @@ def test_close_closes_a_draining_connection_and_fails_its_call() -> None:
     async def main(server: HostileServer) -> None:
         client = Client(server.address, insecure=True, timeout=10)
         first = asyncio.ensure_future(client.call("x.first"))
-        await poll(lambda: server.peers and server.peers[0].received[-1][0] == CALL, "the first call")
+        await poll(lambda: server.peers and any(m[0] == CALL for m in server.peers[0].received), "the first call")
         assert await client.call("x.second") == "new"
         await client.close()
         with pytest.raises(ClientClosed):
@@ -160,3 +160,80 @@ def test_close_closes_a_draining_connection_and_fails_its_call() -> None:
 
     with HostileServer(goaway_then(None)) as server:
         run(main(server))
+
+
+# -- a server that accepts TCP but never answers the handshake ----------------------------------------------
+
+
+async def never_welcome(peer: Peer) -> None:
+    await peer.until_closed(60)
+
+
+def test_calls_waiting_for_a_connection_keep_their_own_deadline() -> None:
+    """A call's timeout did not cover connecting: with ``timeout=0.5`` a call to a server that never
+    answers the handshake failed after ``connect_timeout`` (3 s), and calls made meanwhile each waited for
+    the one before to fail, then made their own attempt: the third failed after 9 s."""
+
+    async def main(server: HostileServer) -> None:
+        client = Client(server.address, insecure=True, timeout=0.5, connect_timeout=3)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+
+        async def one() -> float:
+            with pytest.raises(DeadlineExceeded, match="no connection"):
+                await client.call("x.y")
+            return loop.time() - start
+
+        took = await asyncio.gather(one(), one(), one())
+        assert max(took) < 2.0, took
+        assert len(server.peers) == 1  # one attempt, shared
+        await client.close()
+        await poll(lambda: server.peers[0].closed.is_set(), "the half-open connection to close")
+
+    with HostileServer(never_welcome) as server:
+        run(main(server))
+
+
+def test_a_call_cancelled_while_connecting_leaves_no_connection_behind() -> None:
+    async def main(server: HostileServer) -> None:
+        client = Client(server.address, insecure=True, connect_timeout=30)
+        call = asyncio.ensure_future(client.call("x.y"))
+        await poll(lambda: server.peers, "the connection")
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await client.close()
+        await poll(lambda: server.peers[0].closed.is_set(), "the half-open connection to close")
+
+    with HostileServer(never_welcome) as server:
+        run(main(server))
+
+
+def close_while_connecting(*addresses: str) -> None:
+    async def main() -> None:
+        client = Client(list(addresses), insecure=True, timeout=5, connect_timeout=5, health_interval=None)
+        calls = [asyncio.ensure_future(client.call("x.y")) for _ in range(3)]
+        await asyncio.sleep(0)  # the calls start connecting
+        await client.close()
+        for call in calls:
+            with pytest.raises(ClientClosed):
+                await asyncio.wait_for(call, 2)
+
+    run(main())
+
+
+def test_close_fails_the_calls_waiting_for_a_connection_with_client_closed() -> None:
+    """close() cancels the shared connect attempt: its waiters must see ClientClosed, not a CancelledError
+    that looks like their own."""
+    with HostileServer(never_welcome) as server:
+        close_while_connecting(server.address)
+
+
+def test_the_sync_clients_call_timeout_covers_connecting() -> None:
+    with HostileServer(never_welcome) as server:
+        client = SyncClient(server.address, insecure=True, timeout=0.5, connect_timeout=3)
+        start = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="no connection"):
+            client.call("x.y")
+        assert time.monotonic() - start < 2.0
+        client.close()
