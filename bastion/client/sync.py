@@ -130,6 +130,8 @@ class SyncClient(ClientBase):
         """The open link, connecting if need be -- giving up by ``deadline`` (a call's), if sooner than
         ``connect_timeout``."""
         link = self._link
+        if link is not None and not self._backlog:  # idle: did it die, or drain, while nobody read it?
+            link.poll_idle()
         if link is not None and not link.closed and link.core.state is ConnectionState.OPEN:
             return link
         if link is not None:

@@ -8,6 +8,7 @@ whatever the core queued. OS and ssl errors become ``TransportError``s here.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import time
@@ -20,6 +21,8 @@ from bastion.transport.tls_errors import describe_tls_error, looks_like_tls
 __all__ = ["BlockingLink"]
 
 READ_SIZE = 65536
+#: How long ``poll_idle`` lets a read take once ``select`` said there is something (a TLS record's rest).
+_IDLE_READ = 0.5
 
 
 class BlockingLink:
@@ -109,6 +112,31 @@ class BlockingLink:
             raise ConnectionClosed(f"protocol error: {exc}") from None
         self.flush()  # Pongs and the like
         return events
+
+    def poll_idle(self) -> list[Message]:
+        """Between calls: take in what the peer sent while nobody was reading, without waiting.
+
+        A Ping is answered; a GoAway leaves the core draining; the peer's
+        close (or a reset) closes the link -- so the owner sees a connection
+        that died while idle before it writes a call to it, not after.
+        Returns the messages read (the late answers of abandoned calls,
+        say). One ``select`` when nothing came.
+        """
+        if self.closed:
+            return []
+        sock = self.sock
+        pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+        try:
+            if not pending and not select.select([sock], [], [], 0)[0]:
+                return []
+            return self.receive(time.monotonic() + _IDLE_READ)
+        except DeadlineExceeded:  # part of a TLS record: the rest comes with the next read
+            return []
+        except ConnectionClosed:
+            return []  # closed: the owner connects again
+        except (OSError, ValueError):  # a descriptor select will not take
+            self.close()
+            return []
 
     def abort(self) -> None:
         """Make a ``receive`` blocked in another thread return at once (with ConnectionClosed); thread-safe.

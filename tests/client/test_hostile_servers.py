@@ -8,6 +8,7 @@ and must not leave the client unable to make its next call.
 from __future__ import annotations
 
 import asyncio
+import select
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ from tests.support.hostile_server import (
     Peer,
     frame,
     result_frame,
+    wait_for,
 )
 
 
@@ -237,3 +239,29 @@ def test_the_sync_clients_call_timeout_covers_connecting() -> None:
             client.call("x.y")
         assert time.monotonic() - start < 2.0
         client.close()
+
+
+# -- a connection dropped while the sync client was idle ----------------------------------------------------
+
+
+def test_the_sync_client_does_not_fail_a_call_on_a_connection_dropped_while_idle() -> None:
+    """The sync client reads only during a call. A connection closed while it was idle -- a proxy's or
+    NAT's idle timeout, a server restart -- was found dead only after the next call had been written to
+    it: ConnectionClosed, and a call that is not idempotent is not retried, though it never reached a
+    server. (urllib3 checks a pooled connection the same way before reusing it.)"""
+
+    async def script(peer: Peer) -> None:
+        await peer.handshake()
+        if len(server.peers) == 1:
+            peer.writer.close()  # dropped without a word, as an idle timeout in between does
+            return
+        while True:
+            call = await peer.read_call()
+            peer.send(RESULT, call[1], "fresh")
+
+    with HostileServer(script) as server, SyncClient(server.address, insecure=True, timeout=5) as client:
+        link = client._link
+        assert link is not None
+        wait_for(lambda: select.select([link.sock], [], [], 0)[0], "the drop to reach the client")
+        assert client.invoke("x.write", {}, idempotent=False) == "fresh"
+        assert len(server.peers) == 2
