@@ -384,8 +384,8 @@ class SyncClient(ClientBase):
     ) -> Iterator[tuple[str, Any]]:
         timeout = self.timeout if timeout is None else timeout
         total = timeout if total is None else total
-        with self._lock:
-            deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._turn(method, deadline, total):
             try:
                 link = self._connection(deadline=deadline)
             except ConnectError as exc:
@@ -448,6 +448,21 @@ class SyncClient(ClientBase):
                 if not finished and not link.closed and core.send_cancel(call_id):
                     with contextlib.suppress(ConnectionClosed):
                         link.flush()
+
+    @contextlib.contextmanager
+    def _turn(self, method: str, deadline: float | None, total: float | None) -> Iterator[None]:
+        """Hold the client (one call at a time) -- waiting for another thread's call at most until ``deadline``."""
+        lock = self._lock  # the same lock released as taken (a forked child gets a new one)
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not lock.acquire(timeout=wait):
+            raise DeadlineExceeded(
+                f"{method}: no turn within {total}s: another thread's call holds this client "
+                "(a SyncClient makes one call at a time; use one per thread for parallel calls)"
+            )
+        try:
+            yield
+        finally:
+            lock.release()
 
     @staticmethod
     def _send_items(core: Connection, call_id: int, source: Iterator[Any]) -> Iterator[Any] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import select
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -265,3 +266,47 @@ def test_the_sync_client_does_not_fail_a_call_on_a_connection_dropped_while_idle
         wait_for(lambda: select.select([link.sock], [], [], 0)[0], "the drop to reach the client")
         assert client.invoke("x.write", {}, idempotent=False) == "fresh"
         assert len(server.peers) == 2
+
+
+def test_a_sync_call_waiting_for_another_threads_call_keeps_its_deadline() -> None:
+    """A SyncClient makes one call at a time; a call from a second thread waited for the first without
+    limit, its own timeout ignored: with the first call stuck on a server that never answers, the second
+    never returned."""
+
+    async def script(peer: Peer) -> None:
+        await peer.handshake()
+        while True:
+            call = await peer.read_call()
+            if call[2] != "x.hang":
+                peer.send(RESULT, call[1], "quick")
+
+    with HostileServer(script) as server, SyncClient(server.address, insecure=True) as client:
+
+        def hang() -> None:
+            with pytest.raises(ClientClosed):
+                client.call("x.hang")
+
+        stuck = threading.Thread(target=hang, daemon=True)
+        stuck.start()
+        wait_for(lambda: any(m[2] == "x.hang" for m in server.peers[0].received if m[0] == CALL), "the stuck call")
+        outcome: list[BaseException | str] = []
+
+        def second() -> None:
+            try:
+                outcome.append(client.invoke("x.quick", {}, timeout=0.5))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        start = time.monotonic()
+        waiting = threading.Thread(target=second, daemon=True)
+        waiting.start()
+        waiting.join(5)
+        try:
+            assert not waiting.is_alive(), "the second call ignored its timeout"
+            assert isinstance(outcome[0], DeadlineExceeded), outcome
+            assert "turn" in str(outcome[0])
+            assert time.monotonic() - start < 2.0
+        finally:
+            client.close()  # fails the stuck call (ClientClosed), freeing both threads
+            stuck.join(5)
+            waiting.join(5)
