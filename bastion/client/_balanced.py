@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from bastion.client._connection import NO_OPTIONS, ClientConnection
+from bastion.client._connection import NO_OPTIONS, ClientClosed, ClientConnection
 from bastion.client.balancer import (
     Balancer,
     BreakerState,
@@ -34,15 +34,29 @@ if TYPE_CHECKING:
 __all__ = ["BalancedEndpoints"]
 
 
-class _Slot:
-    """One endpoint of a balanced client and its connection."""
+#: How long a checkout waits for one endpoint's connection before it starts connecting to the next as
+#: well (whichever is ready first takes the call): gRPC's "connection attempt delay" (gRFC A61), after
+#: Happy Eyeballs (RFC 8305). An endpoint that accepts TCP but never answers the handshake then costs a
+#: call this much, not its deadline.
+CONNECT_ATTEMPT_DELAY = 0.25
 
-    __slots__ = ("conn", "endpoint", "lock")
+
+class _Slot:
+    """One endpoint of a balanced client, its connection, and the attempt at opening one, while it runs."""
+
+    __slots__ = ("conn", "connecting", "endpoint")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.conn: ClientConnection | None = None
-        self.lock = asyncio.Lock()
+        #: Shared by every call (and health check) that needs the connection meanwhile.
+        self.connecting: asyncio.Future[ClientConnection] | None = None
+
+
+def _retrieved(attempt: asyncio.Future[ClientConnection]) -> None:
+    """An attempt's error is its waiters' to raise; none may be left to look."""
+    if not attempt.cancelled():
+        attempt.exception()
 
 
 class BalancedEndpoints:
@@ -94,44 +108,100 @@ class BalancedEndpoints:
         ``tried`` is a preference: when every other endpoint cannot be
         reached, the call goes back to one it already failed on (that one
         answered, if retryably), rather than failing with a connect error.
+        An endpoint still connecting after ``CONNECT_ATTEMPT_DELAY`` is not
+        given up: the next one is tried alongside it, and the first
+        connected takes the call. Each endpoint's attempt is shared by
+        every call waiting for it, and counts once with its breaker.
         """
         balancer = await self._endpoints()
         failed: list[Endpoint] = []  # could not connect, in this checkout
+        waiting: dict[asyncio.Future[ClientConnection], _Slot] = {}  # attempts under way, for this call
         error: BaseException | None = None
-        for _ in range(len(balancer.endpoints)):
-            endpoint = balancer.pick([*failed, *tried])
-            if endpoint in failed:
-                endpoint = balancer.pick(failed)  # only endpoints this call already tried are left
-                if endpoint in failed:
-                    break  # none can be reached
-            slot = self._slots[id(endpoint)]
-            try:
-                conn = await self._slot_connection(slot)
-                if endpoint.breaker.state is not BreakerState.CLOSED and not await self._probe(slot, conn):
-                    raise ConnectError(f"{endpoint.address} is not ready")
+        while True:
+            endpoint = None
+            if len(failed) + len(waiting) < len(balancer.endpoints):
+                skip = [*failed, *(slot.endpoint for slot in waiting.values())]
+                avoid = [*skip, *tried]
+                # Endpoints still connecting only if none is connected (gRPC picks READY subchannels only).
+                busy = [e for e in balancer.endpoints if e not in avoid and self._slots[id(e)].connecting is not None]
+                endpoint = balancer.pick([*avoid, *busy])
+                if endpoint in avoid or endpoint in busy:
+                    endpoint = balancer.pick(avoid)
+                if endpoint in skip:
+                    endpoint = balancer.pick(skip)  # only endpoints this call already tried are left
+                    if endpoint in skip:
+                        endpoint = None
+            if endpoint is not None:
+                slot = self._slots[id(endpoint)]
+                conn = slot.conn
+                if conn is not None and conn.usable:
+                    attempt: asyncio.Future[ClientConnection] = asyncio.get_running_loop().create_future()
+                    attempt.set_result(conn)
+                else:
+                    try:
+                        attempt = self._slot_attempt(slot)
+                    except ConnectError as exc:  # draining
+                        failed.append(endpoint)
+                        error = exc
+                        continue
+                waiting[attempt] = slot
+            elif not waiting:
+                assert error is not None
+                raise error
+            more = len(failed) + len(waiting) < len(balancer.endpoints)
+            done, _ = await asyncio.wait(
+                waiting, timeout=CONNECT_ATTEMPT_DELAY if more else None, return_when=asyncio.FIRST_COMPLETED
+            )
+            for attempt in done:
+                slot = waiting.pop(attempt)
+                endpoint = slot.endpoint
+                try:
+                    conn = attempt.result()
+                    if endpoint.breaker.state is not BreakerState.CLOSED and not await self._probe(slot, conn):
+                        raise ConnectError(f"{endpoint.address} is not ready")
+                except asyncio.CancelledError:
+                    if not attempt.cancelled():
+                        raise  # this call was cancelled (in the probe), not the attempt
+                    raise ClientClosed("the client was closed") from None  # close() ended the attempt
+                except ConnectError as exc:
+                    failed.append(endpoint)
+                    error = exc
+                    continue
                 return slot, conn
-            except ConnectError as exc:
-                endpoint.breaker.on_failure()
-                failed.append(endpoint)
-                error = exc
-        assert error is not None
-        raise error
+
+    def _slot_attempt(self, slot: _Slot) -> asyncio.Future[ClientConnection]:
+        """The attempt at connecting ``slot``'s endpoint: the one under way, or a new one.
+
+        ConnectError at once if the endpoint is draining (its breaker trips:
+        elsewhere for a while). A failed attempt counts once with the breaker,
+        however many calls waited for it.
+        """
+        conn = slot.conn
+        if conn is not None and conn.went_away:
+            slot.endpoint.breaker.trip()
+            slot.conn = None
+            raise ConnectError(f"{slot.endpoint.address} is draining")
+        if slot.connecting is None:
+            slot.connecting = asyncio.ensure_future(self._connect_slot(slot))
+            slot.connecting.add_done_callback(_retrieved)
+        return slot.connecting
+
+    async def _connect_slot(self, slot: _Slot) -> ClientConnection:
+        endpoint = slot.endpoint
+        try:
+            conn = slot.conn = await self._open(endpoint.host, endpoint.port, endpoint.server_hostname)
+            return conn
+        except ConnectError:
+            endpoint.breaker.on_failure()
+            raise
+        finally:
+            slot.connecting = None
 
     async def _slot_connection(self, slot: _Slot) -> ClientConnection:
         conn = slot.conn
         if conn is not None and conn.usable:
             return conn
-        async with slot.lock:
-            conn = slot.conn
-            if conn is not None and conn.usable:
-                return conn
-            if conn is not None and conn.went_away:
-                slot.endpoint.breaker.trip()  # draining: elsewhere for a while
-                slot.conn = None
-                raise ConnectError(f"{slot.endpoint.address} is draining")
-            endpoint = slot.endpoint
-            slot.conn = await self._open(endpoint.host, endpoint.port, endpoint.server_hostname)
-            return slot.conn
+        return await asyncio.shield(self._slot_attempt(slot))
 
     async def _probe(self, slot: _Slot, conn: ClientConnection) -> bool:
         """A half-open endpoint's trial: ``admin.ready``; the breaker learns the answer."""
@@ -161,8 +231,7 @@ class BalancedEndpoints:
         try:
             conn = await self._slot_connection(slot)
         except ConnectError:
-            breaker.on_failure()
-            return
+            return  # counted with the breaker by the attempt (or draining: tripped)
         if breaker.state is BreakerState.HALF_OPEN:
             await self._probe(slot, conn)
             return

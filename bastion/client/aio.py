@@ -32,8 +32,10 @@ Several servers (``Client(["a:7400", "b:7400"])``, bastion/client/balancer.py).
 Each endpoint keeps its own connection; each call goes to the endpoint
 ``Balancer.pick`` chooses, skipping those whose circuit breaker is open. A
 connection that cannot be opened opens the next endpoint's at once (the call
-never started). A call whose connection is lost after it was sent is retried
-on another endpoint only if it is idempotent -- declared so, or carrying an
+never started); one still opening after 0.25 s has the next endpoint's tried
+alongside it (bastion/client/_balanced.py, ``CONNECT_ATTEMPT_DELAY``). A call
+whose connection is lost after it was sent is retried on another endpoint
+only if it is idempotent -- declared so, or carrying an
 idempotency key (``invoke(..., idempotency_key=...)``: the server remembers
 its first answer) -- under the same retry budget. A background task checks
 every endpoint's ``admin.ready`` each ``health_interval`` seconds.
@@ -286,6 +288,9 @@ class Client(BalancedEndpoints, ClientBase):
             self._health.cancel()
             self._health = None
         for slot in self._slots.values():
+            if slot.connecting is not None:
+                slot.connecting.cancel()
+                slot.connecting = None
             self._close_conn(slot.conn)
             slot.conn = None
         conn, self._conn = self._conn, None

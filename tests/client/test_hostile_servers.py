@@ -212,11 +212,12 @@ def test_a_call_cancelled_while_connecting_leaves_no_connection_behind() -> None
         run(main(server))
 
 
-def close_while_connecting(*addresses: str) -> None:
+def close_while_connecting(*servers: HostileServer) -> None:
     async def main() -> None:
-        client = Client(list(addresses), insecure=True, timeout=5, connect_timeout=5, health_interval=None)
+        addresses = [server.address for server in servers]
+        client = Client(addresses, insecure=True, timeout=5, connect_timeout=5, health_interval=None)
         calls = [asyncio.ensure_future(client.call("x.y")) for _ in range(3)]
-        await asyncio.sleep(0)  # the calls start connecting
+        await poll(lambda: all(server.peers for server in servers), "the calls to be connecting")
         await client.close()
         for call in calls:
             with pytest.raises(ClientClosed):
@@ -229,7 +230,9 @@ def test_close_fails_the_calls_waiting_for_a_connection_with_client_closed() -> 
     """close() cancels the shared connect attempt: its waiters must see ClientClosed, not a CancelledError
     that looks like their own."""
     with HostileServer(never_welcome) as server:
-        close_while_connecting(server.address)
+        close_while_connecting(server)
+    with HostileServer(never_welcome) as one, HostileServer(never_welcome) as other:
+        close_while_connecting(one, other)  # balanced: each endpoint's attempt
 
 
 def test_the_sync_clients_call_timeout_covers_connecting() -> None:
@@ -310,3 +313,35 @@ def test_a_sync_call_waiting_for_another_threads_call_keeps_its_deadline() -> No
             client.close()  # fails the stuck call (ClientClosed), freeing both threads
             stuck.join(5)
             waiting.join(5)
+
+
+# -- a balanced client with one endpoint that accepts TCP but never answers -----------------------------------
+
+
+async def echo_ok(peer: Peer) -> None:
+    await peer.handshake()
+    while True:
+        call = await peer.read_call()
+        peer.send(RESULT, call[1], "ok")
+
+
+def test_a_balanced_client_fails_over_from_an_endpoint_that_never_answers_the_handshake() -> None:
+    """An endpoint that accepts TCP but never answers the handshake (a hung process, a blackhole) held up
+    every call that picked it until the connect attempt failed -- and calls waiting for a connection count
+    as none outstanding, so power-of-two-choices kept picking it. Each such call waited its own deadline
+    (DeadlineExceeded, though the other endpoint was healthy) or connect_timeout, and calls made meanwhile
+    queued behind it. Now a call waits CONNECT_ATTEMPT_DELAY for one endpoint, then tries the next
+    alongside; the connected one takes it, and endpoints still connecting are picked only if none is
+    connected."""
+
+    async def main(hung: HostileServer, good: HostileServer) -> None:
+        client = Client([hung.address, good.address], insecure=True, timeout=2, connect_timeout=3, health_interval=None)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert [await client.call("x.y") for _ in range(5)] == ["ok"] * 5
+        assert await asyncio.gather(*(client.call("x.y") for _ in range(10))) == ["ok"] * 10
+        assert loop.time() - start < 3.0
+        await client.close()
+
+    with HostileServer(never_welcome) as hung, HostileServer(echo_ok) as good:
+        run(main(hung, good))
