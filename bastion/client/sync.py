@@ -84,6 +84,8 @@ class SyncClient(ClientBase):
 
     def _init_state(self) -> None:
         self._link: BlockingLink | None = None
+        #: A link still in its bastion handshake: not ``_link`` yet, but ``close`` must be able to abort it.
+        self._handshaking: BlockingLink | None = None
         self._lock = threading.RLock()
         self._balancer: Balancer | None = None
         self._endpoint: Endpoint | None = None  # the endpoint of ``_link``
@@ -216,6 +218,7 @@ class SyncClient(ClientBase):
         )
         core.send_hello(build_hello(self.limits, self._token, self._name))
         deadline = time.monotonic() + wait
+        self._handshaking = link
         try:
             link.flush()
             while True:
@@ -231,8 +234,12 @@ class SyncClient(ClientBase):
                         raise error_for_status(event.code, event.message or "handshake refused")
         except (DeadlineExceeded, ConnectionClosed) as exc:
             link.close()
+            if link.aborted:
+                raise ClientClosed("the client was closed") from None
             hint = silent_close_hint(self.tls) if isinstance(exc, ConnectionClosed) and not link.received_any else ""
             raise ConnectError(f"handshake with {host}:{port} failed: {exc}{hint}") from None
+        finally:
+            self._handshaking = None
 
     def close(self) -> None:
         """Close the connection. A call in progress in another thread fails at once with ``ClientClosed``.
@@ -243,7 +250,7 @@ class SyncClient(ClientBase):
         """
         acquired = self._lock.acquire(blocking=False)
         while not acquired:
-            link = self._link
+            link = self._link or self._handshaking
             if link is not None:
                 link.abort()
             acquired = self._lock.acquire(timeout=_CLOSE_POLL)

@@ -345,3 +345,30 @@ def test_a_balanced_client_fails_over_from_an_endpoint_that_never_answers_the_ha
 
     with HostileServer(never_welcome) as hung, HostileServer(echo_ok) as good:
         run(main(hung, good))
+
+
+def test_closing_a_sync_client_from_another_thread_ends_a_call_stuck_in_the_handshake() -> None:
+    """``close`` fails a call in progress in another thread at once by aborting its connection -- but not
+    while that call was still waiting for the server's Welcome: the link was not the client's yet, so
+    close waited for connect_timeout (here 30 s)."""
+    with HostileServer(never_welcome) as server:
+        client = SyncClient(server.address, insecure=True, connect_timeout=30)
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.call("x.y")
+            except BaseException as exc:
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        wait_for(lambda: server.peers and server.peers[0].received, "the Hello")
+        start = time.monotonic()
+        closer = threading.Thread(target=client.close, daemon=True)
+        closer.start()
+        closer.join(5)
+        caller.join(5)
+        assert not closer.is_alive() and not caller.is_alive(), "close waited for the handshake"
+        assert time.monotonic() - start < 2.0
+        assert isinstance(outcome[0], ClientClosed), outcome
