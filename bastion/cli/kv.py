@@ -1,4 +1,4 @@
-"""``bastion kv get|put|rm|ls|watch``: the kv service from the shell.
+"""``bastion kv get|put|rm|ls|watch|usage``: the kv service from the shell.
 
 Values are bytes. ``put`` takes the value as its argument (UTF-8 text),
 ``@FILE`` (the file's bytes) or ``-`` (standard input's bytes); ``get``
@@ -162,6 +162,26 @@ def ls(
         return
     for item in items:
         print(f"{item['key']}\t{item['version']}")
+
+
+@kv_app.command("usage")
+def usage(
+    address: Address,
+    namespace: Namespace = None,
+    as_json: AsJson = False,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
+) -> None:
+    """Show the keys and bytes a namespace holds against its quota."""
+    held = _call(address, token_file, ca, insecure, "kv.usage", namespace=namespace)
+    if as_json:
+        print_json(held)
+        return
+    print(
+        f"{held['namespace']}\t{held['keys']} of {held['quota_keys']} keys\t"
+        f"{held['bytes']} of {held['quota_bytes']} bytes"
+    )
 
 
 @kv_app.command("watch")

@@ -1,0 +1,38 @@
+"""``bastion kv`` as a user runs it, against a real ``bastion serve`` (put/get/ls/rm/watch are covered in
+tests/integration/test_kv_durability.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import StartServer
+from tests.support.server import bastion_cli
+
+
+def test_usage_shows_keys_and_bytes_against_the_quota(server_factory: StartServer, tmp_path: Path) -> None:
+    server = server_factory(env={"BASTION_KV__QUOTA_KEYS": "10", "BASTION_KV__QUOTA_BYTES": "4096"})
+    addr, token = server.address, ("--token-file", str(server.token_file))
+    empty = bastion_cli("kv", "usage", addr, *token)
+    assert empty.returncode == 0, empty.stderr
+    assert empty.stdout == "~admin\t0 of 10 keys\t0 of 4096 bytes\n"
+    for key, value in (("a", "xyz"), ("bb", "12")):
+        assert bastion_cli("kv", "put", addr, key, value, *token).returncode == 0
+    shown = bastion_cli("kv", "usage", addr, *token)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == "~admin\t2 of 10 keys\t8 of 4096 bytes\n"  # every key's name and value, in bytes
+    as_json = bastion_cli("kv", "usage", addr, "--json", *token)
+    assert json.loads(as_json.stdout) == {
+        "namespace": "~admin", "keys": 2, "bytes": 8, "quota_keys": 10, "quota_bytes": 4096,
+    }  # fmt: skip
+    other = bastion_cli("kv", "usage", addr, "-n", "~nobody", *token)
+    assert other.returncode == 0, other.stderr  # an admin reads any namespace
+    assert other.stdout == "~nobody\t0 of 10 keys\t0 of 4096 bytes\n"
+    assert bastion_cli("user", "add", addr, "bob", "--no-password", *token).returncode == 0
+    bob_token = tmp_path / "bob.token"
+    assert bastion_cli("token", "create", addr, "--user", "bob", "--out", str(bob_token), *token).returncode == 0
+    mine = bastion_cli("kv", "usage", addr, "--token-file", str(bob_token))
+    assert mine.stdout == "~bob\t0 of 10 keys\t0 of 4096 bytes\n", mine.stderr
+    bad = bastion_cli("kv", "usage", addr, "-n", "~admin", "--token-file", str(bob_token))
+    assert bad.returncode == 1
+    assert bad.stderr == "error: PERMISSION_DENIED: no read access to namespace '~admin'\n"
