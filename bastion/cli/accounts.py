@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from bastion.cli import common
-from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, connect, print_json, run_guarded
+from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, connect, print_json, run_guarded, shown
 
 __all__ = ["login", "token_app", "user_app"]
 
@@ -239,7 +239,7 @@ def token_ls(
         return
     for t in tokens:
         state = "revoked" if t["revoked_at"] else "live"
-        print(f"{t['id']}\t{t['user']}\t{t['kind']}\t{state}\t{t['label']}")
+        print(f"{t['id']}\t{t['user']}\t{t['kind']}\t{state}\t{shown(t['label'])}")
 
 
 @token_app.command("revoke")

@@ -35,6 +35,7 @@ __all__ = [
     "print_json",
     "run_guarded",
     "seconds",
+    "shown",
     "store_flag",
 ]
 
@@ -161,6 +162,14 @@ def connect(
 
 def print_json(value: Any) -> None:
     print(_json(value))
+
+
+def shown(text: str) -> str:
+    """``text`` from the server (a key, a file or user name, a job's error: untrusted) for one line of a
+    terminal: a character that is not printable (newline, tab, an escape sequence's ESC, a bidi override)
+    shown as its Python escape, so no stored string can forge lines of a listing or drive the terminal.
+    ``--json`` output carries the text as it is."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def collect_pages(

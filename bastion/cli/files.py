@@ -37,7 +37,18 @@ from rich.progress import (
 )
 
 from bastion.cli import common
-from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, collect_pages, connect, print_json, run_guarded
+from bastion.cli.common import (
+    CA,
+    Address,
+    AsJson,
+    Insecure,
+    TokenFile,
+    collect_pages,
+    connect,
+    print_json,
+    run_guarded,
+    shown,
+)
 from bastion.client.sync import SyncClient
 from bastion.exceptions import DataLoss, NotFound, UsageError
 
@@ -184,7 +195,7 @@ def put(
     if as_json:
         print_json(file)
     else:
-        print(f"{file['name']}  {file['size']} bytes  sha256 {file['sha256']}  id {file['id']}")
+        print(f"{shown(file['name'])}  {file['size']} bytes  sha256 {file['sha256']}  id {file['id']}")
 
 
 def _ref(name: str, owner: str | None) -> dict[str, Any]:
@@ -223,7 +234,7 @@ def get(
             return info, path
 
     info, path = run_guarded(run)
-    print(f"{path}  {info['size']} bytes  sha256 {info['sha256']} (verified)", file=sys.stderr)
+    print(f"{shown(str(path))}  {info['size']} bytes  sha256 {info['sha256']} (verified)", file=sys.stderr)
 
 
 def _download(client: SyncClient, info: dict[str, Any], path: Path, progress: Progress, *, overwrite: bool) -> None:
@@ -235,7 +246,7 @@ def _download(client: SyncClient, info: dict[str, Any], path: Path, progress: Pr
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f, progress as bar:
-            task = bar.add_task(f"get {info['name']}", total=info["size"])
+            task = bar.add_task(f"get {shown(info['name'])}", total=info["size"])
             for chunk in client.stream("files.download", file_id=info["id"], sha256=info["sha256"]):
                 f.write(chunk)
                 hasher.update(chunk)
@@ -295,7 +306,7 @@ def ls(
         return
     for f in files:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(f["updated_at"]))
-        print(f"{f['size']:>14}  {when}  {f['owner']:<16} {f['access']:<6} {f['name']}")
+        print(f"{f['size']:>14}  {when}  {shown(f['owner']):<16} {f['access']:<6} {shown(f['name'])}")
 
 
 def _simple(address: str, token_file: Path | None, ca: Path | None, insecure: bool, method: str, **args: Any) -> Any:
@@ -317,7 +328,7 @@ def rm(
 ) -> None:
     """Delete a file (yours, or one shared with you read-write)."""
     info = _simple(address, token_file, ca, insecure, "files.delete", **_ref(name, owner))
-    print(f"deleted {info['owner']}:{info['name']}", file=sys.stderr)
+    print(f"deleted {shown(info['owner'])}:{shown(info['name'])}", file=sys.stderr)
 
 
 @files_app.command()

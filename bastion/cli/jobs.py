@@ -31,6 +31,7 @@ from bastion.cli.common import (
     connect,
     print_json,
     run_guarded,
+    shown,
 )
 from bastion.cli.values import parse_arguments
 from bastion.exceptions import UsageError
@@ -50,14 +51,8 @@ def _call(address: str, token_file: Path | None, ca: Path | None, insecure: bool
     return run_guarded(run)
 
 
-def _shown(text: str) -> str:
-    """A job's own words for one line of a terminal: unprintable characters (newline, tab, an escape
-    sequence's ESC) shown as their Python escapes (as ``bastion messages`` shows mail)."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _line(status: dict[str, Any]) -> str:
-    detail = _shown(status.get("error") or status.get("message") or "")
+    detail = shown(status.get("error") or status.get("message") or "")
     progress = f"{status['progress'] * 100:5.1f}%"
     return f"{status['id']}\t{status['name']}\t{status['state']}\t{progress}\t{detail}".rstrip()
 
@@ -201,7 +196,7 @@ def _follow(address: str, token_file: Path | None, ca: Path | None, insecure: bo
         ):
             task = bar.add_task(job_id, total=1.0)
             for update in client.stream("jobs.watch", id=job_id):
-                label = f"{job_id} {update['state']}" + (f": {_shown(update['message'])}" if update["message"] else "")
+                label = f"{job_id} {update['state']}" + (f": {shown(update['message'])}" if update["message"] else "")
                 bar.update(task, completed=update["progress"], description=escape(label))
             return client.call("jobs.result", id=job_id)
 
@@ -212,5 +207,5 @@ def _print_result(outcome: dict[str, Any]) -> None:
     if outcome["state"] == "succeeded":
         print_json(outcome["result"])
         return
-    print(f"error: job {outcome['id']} {outcome['state']}: {_shown(outcome['error'] or '')}", file=sys.stderr)
+    print(f"error: job {outcome['id']} {outcome['state']}: {shown(outcome['error'] or '')}", file=sys.stderr)
     raise typer.Exit(EXIT_CALL_ERROR)

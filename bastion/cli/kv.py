@@ -28,6 +28,7 @@ from bastion.cli.common import (
     print_json,
     run_guarded,
     seconds,
+    shown,
 )
 
 __all__ = ["kv_app"]
@@ -161,7 +162,7 @@ def ls(
         print_json(items)
         return
     for item in items:
-        print(f"{item['key']}\t{item['version']}")
+        print(f"{shown(item['key'])}\t{item['version']}")
 
 
 @kv_app.command("usage")
@@ -179,7 +180,7 @@ def usage(
         print_json(held)
         return
     print(
-        f"{held['namespace']}\t{held['keys']} of {held['quota_keys']} keys\t"
+        f"{shown(held['namespace'])}\t{held['keys']} of {held['quota_keys']} keys\t"
         f"{held['bytes']} of {held['quota_bytes']} bytes"
     )
 
@@ -208,7 +209,8 @@ def watch(
                 elif event["type"] == "start":
                     print(f"# watching from version {event['version']}", file=sys.stderr, flush=True)
                 else:
-                    print(f"{event['version']}\t{event['type']}\t{event['key']}\t{_show(event['value'])}", flush=True)
+                    key, value = shown(event["key"]), _show(event["value"])
+                    print(f"{event['version']}\t{event['type']}\t{key}\t{value}", flush=True)
 
     try:
         run_guarded(run)

@@ -33,6 +33,7 @@ from bastion.cli.common import (
     print_json,
     run_guarded,
 )
+from bastion.cli.common import shown as _shown
 
 __all__ = ["messages_app"]
 
@@ -50,12 +51,6 @@ def _call(address: str, token_file: Path | None, ca: Path | None, insecure: bool
             return client.call(method, **{k: v for k, v in args.items() if v is not None})
 
     return run_guarded(run)
-
-
-def _shown(text: str) -> str:
-    """``text`` (a sender's, so untrusted) for one line of a terminal: a character that is not printable
-    (newline, tab, an escape sequence's ESC) shown as its Python escape, so no message can forge lines."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _when(at: float) -> str:

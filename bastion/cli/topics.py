@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
-from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, connect, fail, print_json, run_guarded
+from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, connect, fail, print_json, run_guarded, shown
 
 __all__ = ["topics_app"]
 
@@ -61,7 +61,7 @@ def _show(payload: Any) -> str:
         except UnicodeDecodeError:
             return f"<{len(payload)} bytes>"
         return text if text.isprintable() and len(text) <= 200 else f"<{len(payload)} bytes>"
-    return msgspec.json.encode(payload).decode()
+    return shown(msgspec.json.encode(payload).decode())  # JSON escapes C0 controls, not C1 or bidi overrides
 
 
 @topics_app.command("pub")

@@ -4,10 +4,12 @@ tests/integration/test_kv_durability.py)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import StartServer
-from tests.support.server import bastion_cli
+from tests.support.server import LineReader, ServerProcess, bastion_cli, clean_env
 
 
 def test_usage_shows_keys_and_bytes_against_the_quota(server_factory: StartServer, tmp_path: Path) -> None:
@@ -36,3 +38,27 @@ def test_usage_shows_keys_and_bytes_against_the_quota(server_factory: StartServe
     bad = bastion_cli("kv", "usage", addr, "-n", "~admin", "--token-file", str(bob_token))
     assert bad.returncode == 1
     assert bad.stderr == "error: PERMISSION_DENIED: no read access to namespace '~admin'\n"
+
+
+def test_keys_from_the_server_cannot_write_to_the_terminal(server: ServerProcess) -> None:
+    """A key is any text but NUL: one holding a newline or an escape sequence (written by anyone who may write
+    the namespace) is shown escaped, so it can neither forge lines of a listing nor drive the terminal."""
+    addr, token = server.address, ("--token-file", str(server.token_file))
+    evil = "evil\n\x1b[2J\x1b[31mforged\t99\r\u202e"
+    put = bastion_cli("kv", "put", addr, evil, "v", *token)
+    assert put.returncode == 0, put.stderr
+    version = put.stdout.strip()
+    listing = bastion_cli("kv", "ls", addr, *token)
+    assert listing.stdout == f"evil\\n\\x1b[2J\\x1b[31mforged\\t99\\r\\u202e\t{version}\n"
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "bastion", "kv", "watch", addr, "--from-version", version, *token],
+        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert watch.stdout is not None
+        line = LineReader(watch.stdout).next_line(20)
+    finally:
+        watch.kill()
+        watch.wait(10)
+    assert line == f"{version}\tput\tevil\\n\\x1b[2J\\x1b[31mforged\\t99\\r\\u202e\tv"
+    assert json.loads(bastion_cli("kv", "ls", addr, "--json", *token).stdout)[0]["key"] == evil  # --json: as it is

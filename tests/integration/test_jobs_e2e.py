@@ -180,3 +180,22 @@ def test_cli_shows_a_jobs_own_words_escaped_so_they_cannot_break_or_forge_the_te
         assert listed.stdout.rstrip("\n").endswith(f"ValueError: {shown}")
     result = bastion_cli("jobs", "result", server.address, job_id, *common)
     assert result.returncode == 1 and result.stderr == f"error: job {job_id} failed: ValueError: {shown}\n"
+
+
+def test_a_jobs_error_cannot_write_to_the_terminal(server_factory: StartServer) -> None:
+    """A job's error is its exception's text, which may carry a caller's argument: the CLI shows it escaped."""
+    server = server_factory(env=jobs_env())
+    common = ("--token-file", str(server.token_file))
+    forged = "x\n\x1b[2Jj-0000\tboom\tsucceeded"
+    failed = bastion_cli("jobs", "submit", server.address, "boom", f"message={forged}", "--watch", *common)
+    assert failed.returncode == 1
+    job_id = failed.stdout.strip()
+    escaped = "ValueError: x\\n\\x1b[2Jj-0000\\tboom\\tsucceeded"
+    assert failed.stderr.endswith(f"error: job {job_id} failed: {escaped}\n")
+    status = bastion_cli("jobs", "status", server.address, job_id, *common)
+    assert status.stdout == f"{job_id}\tboom\tfailed\t  0.0%\t{escaped}\n"
+    listing = bastion_cli("jobs", "ls", server.address, *common)
+    assert listing.stdout == status.stdout
+    assert json.loads(bastion_cli("jobs", "status", server.address, job_id, "--json", *common).stdout)["error"] == (
+        f"ValueError: {forged}"
+    )
