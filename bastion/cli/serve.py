@@ -197,11 +197,23 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+class OneLineFormatter(logging.Formatter):
+    """Log records as one line each: a message's unprintable characters (newline, CR, ESC, bidi overrides)
+    appear as Python escapes, so text a client chose -- a job's error, a name -- can neither forge a line of
+    the log nor reach a terminal reading it. A traceback (``exc_info``) still follows on lines of its own."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = record.message
+        if not text.isprintable():
+            record.message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        return super().formatMessage(record)
+
+
 def _configure_logging(level: str, worker: int | None = None) -> None:
     who = "" if worker is None else f"[worker {worker}]"
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr, format=f"%(asctime)s %(levelname)s %(name)s{who}: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(f"%(asctime)s %(levelname)s %(name)s{who}: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def run(config: Config, *, echo: Callable[[str], None], source: ConfigSource | None = None) -> int:

@@ -24,7 +24,7 @@ StartServer = Callable[..., ServerProcess]
 def jobs_env(**extra: str) -> dict[str, str]:
     """Serve ``demo_jobs:registry`` (from tests/support) with short leases, so recovery is quick."""
     return {
-        "PYTHONPATH": str(SUPPORT),
+        "PYTHONPATH": os.pathsep.join(filter(None, (str(SUPPORT), os.environ.get("PYTHONPATH")))),
         "BASTION_JOBS__MODULES": "demo_jobs:registry",
         "BASTION_JOBS__LEASE": "1.5",
         "BASTION_JOBS__POLL_INTERVAL": "0.2",
@@ -199,3 +199,18 @@ def test_a_jobs_error_cannot_write_to_the_terminal(server_factory: StartServer) 
     assert json.loads(bastion_cli("jobs", "status", server.address, job_id, "--json", *common).stdout)["error"] == (
         f"ValueError: {forged}"
     )
+
+
+def test_a_jobs_error_cannot_forge_lines_of_the_server_log(server_factory: StartServer) -> None:
+    """The server logs each job's end with its error: a caller's newline in it stays inside that one line.
+    (The job's own output -- its traceback among it -- goes to the log as the job wrote it.)"""
+    server = server_factory(env=jobs_env())
+    forged = "x\n2026-01-01 00:00:00,000 WARNING bastion.audit: \x1b[2Jforged"
+    with client(server) as conn:
+        job_id = conn.call("jobs.submit", name="boom", args={"message": forged})
+        assert final(conn, job_id)["state"] == "failed"
+    start = f"jobs: job {job_id} (boom) failed:"
+    found = wait_for(
+        lambda: [line for line in server.log().splitlines() if start in line], 10, what="the job's end in the log"
+    )
+    assert found[0].endswith(f"{start} ValueError: x\\n2026-01-01 00:00:00,000 WARNING bastion.audit: \\x1b[2Jforged")
