@@ -27,8 +27,9 @@ from a request)::
     bastion_workers                                     processes these numbers add up
 
 Rejection reasons: connection_limit, source_connection_limit (at accept),
-proxy_header, tls, rate_limited, and the scheduler's queue_full,
-principal_limit, shed and deadline. Auth failures: ``credentials`` (a
+proxy_header, tls (a TLS handshake that failed or timed out, an ALPN other
+than bastion/1, a revoked client certificate), rate_limited, and the
+scheduler's queue_full, principal_limit, shed and deadline. Auth failures: ``credentials`` (a
 handshake with a bad, expired or revoked token or password), ``throttled``
 (a handshake refused by the login throttle), ``denied`` (a call refused
 UNAUTHENTICATED or PERMISSION_DENIED).

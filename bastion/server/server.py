@@ -322,6 +322,8 @@ class Server:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: link, conn, **kwargs)
         except Exception as exc:  # the TLS handshake failed or timed out; the loop closed the socket
             log.debug("connection from %s failed before it started: %r", source, exc)
+            if self.ssl_context is not None:
+                self.counters["tls_refused"] += 1
             self.release(session)
         except BaseException:
             self.release(session)

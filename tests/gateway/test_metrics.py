@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import urllib.request
@@ -126,6 +127,31 @@ def _served_methods(server: ServerProcess) -> set[str]:
         services = client.call("admin.methods")
     names = {(service["name"], method["name"]) for service in services for method in service["methods"]}
     return {name if "." in name else f"{service}.{name}" for service, name in names}
+
+
+def test_failed_tls_handshakes_are_counted_as_tls_rejections(served: ServerProcess) -> None:
+    """A client that never gets through TLS -- plaintext to the TLS port, or one that does not trust the
+    server's certificate -- is a connection refused at TLS: /metrics must show it, not only a debug log."""
+    before = scrape(served)
+    host, port = served.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as plain:
+        plain.sendall(b"\x00\x00\x00\x10not a TLS hello")
+        plain.recv(100)  # a TLS alert, or the close
+    distrusting = ssl.create_default_context()  # the system's roots: not the test CA that signed the server
+    with socket.create_connection((host, int(port)), timeout=10) as raw, pytest.raises(ssl.SSLError):
+        distrusting.wrap_socket(raw, server_hostname="localhost")
+
+    def tls_refusals() -> float:
+        delta = value(scrape(served), "bastion_rejections_total", reason="tls")
+        return delta - value(before, "bastion_rejections_total", reason="tls")
+
+    wait_for(lambda: tls_refusals() >= 2, 10, what="both failed TLS handshakes in bastion_rejections_total")
+    assert tls_refusals() == 2
+    wait_for(
+        lambda: value(scrape(served), "bastion_connections_open") <= value(before, "bastion_connections_open"),
+        10,
+        what="the refused connections to leave bastion_connections_open",
+    )
 
 
 def test_metrics_pass_promtool(served: ServerProcess) -> None:
