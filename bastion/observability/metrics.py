@@ -32,7 +32,8 @@ than bastion/1, a revoked client certificate), rate_limited, and the
 scheduler's queue_full, principal_limit, shed and deadline. Auth failures: ``credentials`` (a
 handshake with a bad, expired or revoked token or password), ``throttled``
 (a handshake refused by the login throttle), ``denied`` (a call refused
-UNAUTHENTICATED or PERMISSION_DENIED).
+UNAUTHENTICATED or PERMISSION_DENIED, by its method's roles or by the
+service's own check: a kv namespace, a file share, auth.login's password).
 
 Several workers (``bastion serve --workers N``). Each worker counts on its
 own, and a scrape reaches one of them, so each worker publishes its

@@ -85,6 +85,7 @@ _REJECTED_KEY = {status: f"rejected_{status.name.lower()}" for status in Status}
 _OK = Status.OK
 _REJECTED = TicketState.REJECTED
 _DRAINING = ConnectionState.DRAINING
+_DENIED = (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED)
 _session_ids = itertools.count(1)
 
 
@@ -438,6 +439,10 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
             # Before TimeoutError: DeadlineExceeded is both, and a handler's
             # own DeadlineExceeded must reach the client as it was raised.
             self._answer_error(call_id, exc)
+            if exc.status in _DENIED:  # the service's own check (an ACL, a password) refused the caller
+                self.server.counters["auth_failures_denied"] += 1
+                if exc.status is Status.PERMISSION_DENIED:  # a handler's UNAUTHENTICATED audits itself (auth.login)
+                    self._audit_denial(spec.full_name, exc.status)
             return exc.status
         if isinstance(exc, asyncio.CancelledError):
             if call_id in self._expired:  # our deadline timer cancelled the task

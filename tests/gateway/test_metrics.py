@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bastion import SyncClient
-from bastion.exceptions import CallError, InternalError, Unauthenticated
+from bastion.exceptions import CallError, InternalError, PermissionDenied, Unauthenticated
 from tests.support.server import ServerProcess, start_server, wait_for
 
 HTTP = ("--http-port", "0")
@@ -127,6 +127,27 @@ def _served_methods(server: ServerProcess) -> set[str]:
         services = client.call("admin.methods")
     names = {(service["name"], method["name"]) for service in services for method in service["methods"]}
     return {name if "." in name else f"{service}.{name}" for service, name in names}
+
+
+def test_a_call_its_handler_denies_is_counted_and_audited_as_denied(served: ServerProcess) -> None:
+    """PERMISSION_DENIED from a service's own access check (kv's namespaces, files' shares, topics' ACLs) is a
+    denied call as much as a missing role is: bastion_auth_failures_total{reason="denied"} and the audit log's
+    call.denied must show it, or probing other users' data goes unseen."""
+    with SyncClient(served.address, token=served.token, timeout=10, retry=None) as admin:
+        admin.call("auth.create_user", name="prober", password=None, roles=[])
+        token = admin.call("auth.create_token", user="prober")["token"]
+    before = scrape(served)
+    with SyncClient(served.address, token=token, timeout=10, retry=None) as prober:
+        with pytest.raises(PermissionDenied):
+            prober.call("kv.get", key="secret", namespace="~admin")
+        with pytest.raises(PermissionDenied):
+            prober.call("files.list", all=True)
+    after = scrape(served)
+    denied = value(after, "bastion_auth_failures_total", reason="denied")
+    assert denied - value(before, "bastion_auth_failures_total", reason="denied") == 2
+    audit = [json.loads(line) for line in (served.data_dir / "audit.log").read_text().splitlines()]
+    mine = [(r["method"], r["status"]) for r in audit if r["event"] == "call.denied" and r["principal"] == "prober"]
+    assert mine == [("kv.get", "PERMISSION_DENIED"), ("files.list", "PERMISSION_DENIED")]
 
 
 def test_failed_tls_handshakes_are_counted_as_tls_rejections(served: ServerProcess) -> None:
