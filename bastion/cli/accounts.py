@@ -1,7 +1,8 @@
 """``bastion login``, ``bastion user …`` and ``bastion token …``.
 
 Secrets never travel as command-line flags: passwords are prompted for (or
-read from standard input with ``--password-stdin``), and tokens are written
+read from standard input with ``--password-stdin``: its first line, without the
+LF or CRLF that ends it), and tokens are written
 to files with mode 0600, never printed unless asked for with ``--show``.
 """
 
@@ -27,7 +28,7 @@ token_app = typer.Typer(help="Manage API tokens (admin).", no_args_is_help=True)
 
 def _password(prompt: str, from_stdin: bool, confirm: bool = False) -> str:
     if from_stdin:
-        value = sys.stdin.readline().rstrip("\n")
+        value = sys.stdin.readline().removesuffix("\n").removesuffix("\r")  # its first line; LF or CRLF ends it
     elif sys.stdin.isatty():
         value = typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
     else:

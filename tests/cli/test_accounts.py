@@ -69,3 +69,19 @@ def test_non_admins_cannot_manage_users(server: ServerProcess, tmp_path: Path) -
         (tmp_path / "bob.token").write_text(root.auth.create_token(user="bob")["token"])
     result = bastion_cli("user", "ls", address, "--token-file", str(tmp_path / "bob.token"))
     assert result.returncode == 1 and "PERMISSION_DENIED" in result.stderr
+
+
+def test_a_password_on_stdin_ends_at_its_line_ending_crlf_too(server: ServerProcess, tmp_path: Path) -> None:
+    """A password file written on Windows ends in CRLF: the CR is the line ending, not the password's last
+    character (as ``docker login --password-stdin`` reads it), so ``user add`` and ``login`` agree on it."""
+    address, admin_token, _ = server
+    auth = ("--token-file", str(admin_token))
+    added = bastion_cli("user", "add", address, "bo", "--password-stdin", *auth, stdin=PASSWORD + "\r\n")
+    assert added.returncode == 0, added.stderr
+    with SyncClient(address, timeout=5) as anonymous:
+        assert anonymous.auth.login(username="bo", password=PASSWORD)["user"] == "bo"
+    session = tmp_path / "session.token"
+    login = bastion_cli(
+        "login", address, "-u", "bo", "--password-stdin", "--save", str(session), stdin=PASSWORD + "\r\n"
+    )
+    assert login.returncode == 0, login.stderr
