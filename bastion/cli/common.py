@@ -32,6 +32,7 @@ __all__ = [
     "TokenFile",
     "connect",
     "fail",
+    "json_line",
     "print_json",
     "run_guarded",
     "seconds",
@@ -133,8 +134,29 @@ def _run_guarded(func: Any) -> Any:
         _fail(f"{where}{exc.strerror or exc}", EXIT_USAGE)
 
 
+def _inert(text: str) -> str:
+    """JSON ``text`` with every character a terminal could act on as a ``\\uXXXX`` escape: JSON escapes C0
+    controls itself but may carry C1 controls (U+009B is CSI), bidi overrides and line separators raw. Only
+    strings hold such characters, and there the escape is the same character to a parser."""
+    if text.isascii() or text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if c.isprintable() or c == "\n":
+            out.append(c)
+        else:
+            units = c.encode("utf-16-be")
+            out.extend(f"\\u{int.from_bytes(units[i : i + 2]):04x}" for i in range(0, len(units), 2))
+    return "".join(out)
+
+
 def _json(value: Any) -> str:
-    return msgspec.json.format(msgspec.json.encode(value), indent=2).decode()
+    return _inert(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
+
+
+def json_line(value: Any) -> str:
+    """``value`` as one line of JSON (a stream's event), inert on a terminal like ``print_json``'s."""
+    return _inert(msgspec.json.encode(value).decode())
 
 
 def connect(

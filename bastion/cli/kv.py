@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import msgspec
 import typer
 
 from bastion.cli.common import (
@@ -25,6 +24,7 @@ from bastion.cli.common import (
     collect_pages,
     connect,
     fail,
+    json_line,
     print_json,
     run_guarded,
     seconds,
@@ -205,7 +205,7 @@ def watch(
         with connect(address, token_file, ca, insecure, timeout=None) as client:
             for event in client.stream("kv.watch", **{k: v for k, v in args.items() if v is not None}):
                 if as_json:
-                    print(msgspec.json.encode(event).decode(), flush=True)
+                    print(json_line(event), flush=True)
                 elif event["type"] == "start":
                     print(f"# watching from version {event['version']}", file=sys.stderr, flush=True)
                 else:

@@ -30,6 +30,7 @@ from bastion.cli.common import (
     collect_pages,
     connect,
     fail,
+    json_line,
     print_json,
     run_guarded,
 )
@@ -197,7 +198,7 @@ def watch(
             args = {} if from_id is None else {"from_id": from_id}
             for event in client.stream("messages.watch", **args):
                 if as_json:
-                    print(msgspec.json.encode(event).decode(), flush=True)
+                    print(json_line(event), flush=True)
                 elif event["type"] == "start":
                     print(f"# watching; the newest message now is {event['id']}", file=sys.stderr, flush=True)
                 else:

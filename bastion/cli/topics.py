@@ -18,7 +18,19 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
-from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, connect, fail, print_json, run_guarded, shown
+from bastion.cli.common import (
+    CA,
+    Address,
+    AsJson,
+    Insecure,
+    TokenFile,
+    connect,
+    fail,
+    json_line,
+    print_json,
+    run_guarded,
+    shown,
+)
 
 __all__ = ["topics_app"]
 
@@ -112,7 +124,7 @@ def sub(
         with connect(address, token_file, ca, insecure, timeout=None) as client:
             for event in client.stream("messages.subscribe", **args):
                 if as_json:
-                    print(msgspec.json.encode(event).decode(), flush=True)
+                    print(json_line(event), flush=True)
                 elif event["type"] == "start":
                     print(f"# subscribed to {pattern}", file=sys.stderr, flush=True)
                 else:

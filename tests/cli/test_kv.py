@@ -62,3 +62,33 @@ def test_keys_from_the_server_cannot_write_to_the_terminal(server: ServerProcess
         watch.wait(10)
     assert line == f"{version}\tput\tevil\\n\\x1b[2J\\x1b[31mforged\\t99\\r\\u202e\tv"
     assert json.loads(bastion_cli("kv", "ls", addr, "--json", *token).stdout)[0]["key"] == evil  # --json: as it is
+
+
+def test_json_output_escapes_what_a_terminal_would_act_on(server: ServerProcess) -> None:
+    """JSON escapes C0 controls itself; C1 controls (U+009B is CSI to a terminal), bidi overrides and line
+    separators it may carry raw. The commands' JSON escapes those too (\\u009b): the same JSON to a parser,
+    inert on a terminal -- from print_json and from the one-line-per-event streams alike."""
+    addr, token = server.address, ("--token-file", str(server.token_file))
+    key = "k\x9b31m\u202e\u2028\U000e0041"
+    put = bastion_cli("kv", "put", addr, key, "v", *token)
+    assert put.returncode == 0, put.stderr
+    version = put.stdout.strip()
+    for command in (("kv", "ls", addr, "--json"), ("call", addr, "kv.get", f"key={key}")):
+        out = bastion_cli(*command, *token).stdout
+        assert out.isascii() or all(c.isprintable() for c in out.replace("\n", "")), command
+        assert "\\u009b31m\\u202e\\u2028\\udb40\\udc41" in out
+        found = json.loads(out)
+        assert (found[0] if isinstance(found, list) else found)["key"] == key
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "bastion", "kv", "watch", addr, "--json", "--from-version", version, *token],
+        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert watch.stdout is not None
+        reader = LineReader(watch.stdout)
+        events = [json.loads(line) for line in (reader.next_line(20), reader.next_line(20)) if line is not None]
+    finally:
+        watch.kill()
+        watch.wait(10)
+    (change,) = [event for event in events if event["type"] == "put"]
+    assert change["key"] == key
