@@ -4,6 +4,12 @@ Logins, failures, lockouts, token creation and revocation, permission
 denials and admin actions, each with time, principal, source address and
 request id. Callers never pass secrets; as a second line of defence any field
 whose name suggests a secret is dropped before writing.
+
+Rotation: renaming the file (logrotate's default) is enough. Before each
+record the log checks that its path still names the file it has open (one
+``stat``, as logging's ``WatchedFileHandler`` does) and opens a new one,
+mode 0600, if not -- so every worker of ``bastion serve --workers`` follows
+on its own, with no signal to send.
 """
 
 from __future__ import annotations
@@ -28,21 +34,57 @@ class AuditLog:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self._file: IO[str] | None = None
         self._lock = threading.Lock()
-        if path is not None:
-            fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.fchmod(fd, 0o600)
-            self._file = os.fdopen(fd, "a", buffering=1)
+        self._path = Path(path) if path is not None else None
+        self._identity = (0, 0)
+        self._stuck = False  # reopening after a rotation failed (warned once)
+        if self._path is not None:
+            self._open(self._path)
+
+    def _open(self, path: Path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        status = os.fstat(fd)
+        old, self._file = self._file, os.fdopen(fd, "a", buffering=1)
+        self._identity = (status.st_dev, status.st_ino)
+        if old is not None:
+            old.close()
+
+    def _follow(self, path: Path) -> None:
+        """Open ``path`` anew if it no longer names the open file (renamed or removed by rotation).
+        If it cannot be opened, records go on into the open file rather than nowhere."""
+        try:
+            status = os.stat(path)
+            if (status.st_dev, status.st_ino) == self._identity:
+                return
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return  # cannot tell (its directory unreadable): keep the open file
+        try:
+            self._open(path)
+        except OSError as exc:
+            if self._file is None:
+                raise
+            if not self._stuck:
+                log.warning("cannot reopen the audit log %s (%s); still writing to the file it had open", path, exc)
+            self._stuck = True
+        else:
+            self._stuck = False
 
     def __call__(self, event: str, **fields: Any) -> None:
         record = {"time": round(time.time(), 3), "event": event}
         record.update({k: v for k, v in fields.items() if k not in _SECRET_FIELDS and v is not None})
         line = json.dumps(record, sort_keys=True, default=str)
         log.info(line)
-        if self._file is not None:
+        if self._path is not None:
             with self._lock:
+                self._follow(self._path)
+                assert self._file is not None
                 self._file.write(line + "\n")
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            self._path = None
+            if self._file is not None:
+                self._file.close()
+                self._file = None
