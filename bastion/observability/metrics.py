@@ -28,8 +28,9 @@ from a request)::
 
 Rejection reasons: connection_limit, source_connection_limit (at accept),
 proxy_header, tls (a TLS handshake that failed or timed out, an ALPN other
-than bastion/1, a revoked client certificate), rate_limited, and the
-scheduler's queue_full, principal_limit, shed and deadline. Auth failures: ``credentials`` (a
+than bastion/1, a revoked client certificate), rate_limited, inflight (a
+call past the connection's limits.max_inflight, refused by the protocol
+core), and the scheduler's queue_full, principal_limit, shed and deadline. Auth failures: ``credentials`` (a
 handshake with a bad, expired or revoked token or password), ``throttled``
 (a handshake refused by the login throttle), ``denied`` (a call refused
 UNAUTHENTICATED or PERMISSION_DENIED, by its method's roles or by the
@@ -81,6 +82,7 @@ _REJECTIONS = (
     ("tls", "tls_refused"),
     ("rate_limited", "rejected_rate_limited"),
     ("args_memory", "rejected_args_memory"),
+    ("inflight", "rejected_inflight"),
     ("queue_full", "scheduler_rejected_queue_full"),
     ("principal_limit", "scheduler_rejected_principal_limit"),
     ("shed", "scheduler_rejected_shed"),

@@ -222,6 +222,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
             refused = self.core.refused_calls - self._refused_seen
             if refused:
                 self._refused_seen += refused
+                self.server.counters["rejected_inflight"] += refused
                 if self._abused("refused", now, refused):
                     return
             if len(self._queued) >= self.limits.read_high_water and self.link is not None:

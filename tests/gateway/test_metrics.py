@@ -25,6 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bastion import SyncClient
 from bastion.exceptions import CallError, InternalError, PermissionDenied, Unauthenticated
+from bastion.security.tls import client_context
+from bastion.status import Status
+from tests.support.raw import CALL, ERROR, RawPeer, frame
 from tests.support.server import ServerProcess, start_server, wait_for
 
 HTTP = ("--http-port", "0")
@@ -148,6 +151,28 @@ def test_a_call_its_handler_denies_is_counted_and_audited_as_denied(served: Serv
     audit = [json.loads(line) for line in (served.data_dir / "audit.log").read_text().splitlines()]
     mine = [(r["method"], r["status"]) for r in audit if r["event"] == "call.denied" and r["principal"] == "prober"]
     assert mine == [("kv.get", "PERMISSION_DENIED"), ("files.list", "PERMISSION_DENIED")]
+
+
+def test_calls_over_max_inflight_are_counted_as_rejections(tmp_path: Path) -> None:
+    """A client with more calls open than limits.max_inflight gets RESOURCE_EXHAUSTED for the rest from the
+    protocol core, before the server's call path sees them: /metrics must still show them refused."""
+    server = start_server(tmp_path / "inflight", env={"BASTION_LIMITS__MAX_INFLIGHT": "2"}, http=True)
+    try:
+        before = value(scrape(server), "bastion_rejections_total", reason="inflight")
+        assert server.ca_file is not None
+        with RawPeer(server.host, server.port, ssl_context=client_context(server.ca_file)) as peer:
+            peer.hello(server.token)
+            peer.send(b"".join(frame([CALL, i, "demo.slow", {"seconds": 0.5}]) for i in range(1, 6)))
+            answers = [peer.read_message(timeout=10) for _ in range(5)]
+        refused = [a for a in answers if a[0] == ERROR and a[2] == Status.RESOURCE_EXHAUSTED]
+        assert len(refused) == 3, answers
+        wait_for(
+            lambda: value(scrape(server), "bastion_rejections_total", reason="inflight") - before == 3,
+            10,
+            what="the 3 refused calls in bastion_rejections_total",
+        )
+    finally:
+        assert server.stop() == 0, server.log()
 
 
 def test_failed_tls_handshakes_are_counted_as_tls_rejections(served: ServerProcess) -> None:
