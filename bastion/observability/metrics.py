@@ -21,7 +21,7 @@ from a request)::
     bastion_rejections_total{reason}                    connections and calls refused for a limit
     bastion_connections_open                            accepted connections (handshaking ones too)
     bastion_connections_total                           connections accepted since start
-    bastion_connections_closed_total{reason}            idle, abuse, slow_reader
+    bastion_connections_closed_total{reason}            idle, abuse, slow_reader, handshake_timeout
     bastion_auth_failures_total{reason}                 credentials, throttled, denied
     bastion_store_operation_duration_seconds{operation} histogram: write, read (SQLite), call (PostgreSQL)
     bastion_workers                                     processes these numbers add up
@@ -93,6 +93,7 @@ _CLOSED = (
     ("abuse", "closed_abuse"),
     ("slow_reader", "closed_slow_reader"),
     ("slow_sender", "closed_slow_sender"),
+    ("handshake_timeout", "closed_handshake_timeout"),
 )
 _AUTH = (
     ("credentials", "auth_failures_credentials"),

@@ -216,6 +216,7 @@ class SessionUpkeep:
 
     def _handshake_expired(self) -> None:
         if self.core.state in (ConnectionState.IDLE, ConnectionState.HANDSHAKE) and self.link is not None:
+            self.server.counters["closed_handshake_timeout"] += 1
             self.core.send_goaway(Status.DEADLINE_EXCEEDED, "handshake timed out")
             self.link.close()
 

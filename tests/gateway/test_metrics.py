@@ -175,6 +175,24 @@ def test_calls_over_max_inflight_are_counted_as_rejections(tmp_path: Path) -> No
         assert server.stop() == 0, server.log()
 
 
+def test_a_connection_that_never_says_hello_is_counted_when_closed(tmp_path: Path) -> None:
+    """A connection through TLS that sends no Hello is closed at limits.handshake_timeout (a slowloris
+    holding connection slots): bastion_connections_closed_total must say so, as it does for idle ones."""
+    server = start_server(tmp_path / "silent", env={"BASTION_LIMITS__HANDSHAKE_TIMEOUT": "1"}, http=True)
+    try:
+        before = value(scrape(server), "bastion_connections_closed_total", reason="handshake_timeout")
+        assert server.ca_file is not None
+        with RawPeer(server.host, server.port, ssl_context=client_context(server.ca_file)) as peer:
+            assert peer.wait_closed(timeout=10) < 10
+        wait_for(
+            lambda: value(scrape(server), "bastion_connections_closed_total", reason="handshake_timeout") - before == 1,
+            10,
+            what="the silent connection in bastion_connections_closed_total",
+        )
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 def test_failed_tls_handshakes_are_counted_as_tls_rejections(served: ServerProcess) -> None:
     """A client that never gets through TLS -- plaintext to the TLS port, or one that does not trust the
     server's certificate -- is a connection refused at TLS: /metrics must show it, not only a debug log."""
