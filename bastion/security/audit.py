@@ -24,7 +24,20 @@ from typing import IO, Any
 
 __all__ = ["AuditLog"]
 
-_SECRET_FIELDS = frozenset({"password", "token", "secret", "new_password", "old_password"})
+#: A field whose name holds one of these (case aside) is never written: password, db_password, passphrase,
+#: client_secret, api_key, private_key, credentials ...
+_SECRET_PARTS = ("password", "passwd", "passphrase", "secret", "credential", "api_key", "apikey", "private_key")
+
+
+def _is_secret(name: str) -> bool:
+    """Whether a field named ``name`` may hold a secret: one of _SECRET_PARTS, or a token itself (``token``,
+    ``session_token``, ``tokens``) -- not a token's id (``token_id``), which is how records name tokens."""
+    name = name.lower()
+    if any(part in name for part in _SECRET_PARTS):
+        return True
+    return name in ("token", "tokens") or name.endswith(("_token", "_tokens"))
+
+
 log = logging.getLogger("bastion.audit")
 
 
@@ -73,7 +86,7 @@ class AuditLog:
 
     def __call__(self, event: str, **fields: Any) -> None:
         record = {"time": round(time.time(), 3), "event": event}
-        record.update({k: v for k, v in fields.items() if k not in _SECRET_FIELDS and v is not None})
+        record.update({k: v for k, v in fields.items() if v is not None and not _is_secret(k)})
         line = json.dumps(record, sort_keys=True, default=str)
         log.info(line)
         if self._path is not None:
