@@ -378,7 +378,12 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         status = _OK  # for the metrics
         try:
             if self.server.check_rate_async is not None:  # a shared (Redis) limiter answers asynchronously
-                await self.server.check_rate_async(self.principal, self.peer_host, spec.full_name)
+                try:
+                    await self.server.check_rate_async(self.principal, self.peer_host, spec.full_name)
+                except CallError as exc:  # counted as _on_call counts the in-process limiter's refusals
+                    if exc.status is Status.RESOURCE_EXHAUSTED:
+                        self.server.counters["rejected_rate_limited"] += 1
+                    raise
             if spec.context_param is not None:
                 args[spec.context_param] = self._context(call, spec, deadline)
             if call.metadata and IdempotencyKeys.key_of(call.metadata) is not None:

@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bastion import SyncClient
-from bastion.exceptions import CallError, InternalError, PermissionDenied, Unauthenticated
+from bastion.exceptions import CallError, InternalError, PermissionDenied, ResourceExhausted, Unauthenticated
 from bastion.security.tls import client_context
 from bastion.status import Status
 from tests.support.raw import CALL, ERROR, RawPeer, frame
@@ -189,6 +190,34 @@ def test_a_connection_that_never_says_hello_is_counted_when_closed(tmp_path: Pat
             10,
             what="the silent connection in bastion_connections_closed_total",
         )
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_calls_a_shared_redis_limiter_refuses_are_counted_as_rate_limited(tmp_path: Path) -> None:
+    """With rate_limits.redis_url the limit is checked as the call runs, not at admission; a refusal there is
+    as much a rate-limited call as one the in-process limiter refuses."""
+    redis_url = os.environ.get("BASTION_TEST_REDIS_URL")
+    if not redis_url:
+        pytest.skip("BASTION_TEST_REDIS_URL is not set")
+    config = tmp_path / "bastion.toml"
+    config.write_text(
+        f'[rate_limits]\nredis_url = "{redis_url}"\nredis_prefix = "metrics-test-{uuid.uuid4().hex}:"\n'
+        "per_principal = {rate = 0.001, burst = 3}\n"
+    )
+    server = start_server(tmp_path / "redis", args=("--config", str(config)), http=True)
+    try:
+        before = value(scrape(server), "bastion_rejections_total", reason="rate_limited")
+        refused = 0
+        with SyncClient(server.address, token=server.token, timeout=10, retry=None) as client:
+            for i in range(6):
+                try:
+                    client.call("demo.echo", value=i)
+                except ResourceExhausted:
+                    refused += 1
+        assert refused >= 3
+        after = value(scrape(server), "bastion_rejections_total", reason="rate_limited")
+        assert after - before == refused
     finally:
         assert server.stop() == 0, server.log()
 
