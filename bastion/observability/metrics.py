@@ -30,11 +30,12 @@ Rejection reasons: connection_limit, source_connection_limit (at accept),
 proxy_header, tls (a TLS handshake that failed or timed out, an ALPN other
 than bastion/1, a revoked client certificate), rate_limited, inflight (a
 call past the connection's limits.max_inflight, refused by the protocol
-core), and the scheduler's queue_full, principal_limit, shed and deadline. Auth failures: ``credentials`` (a
-handshake with a bad, expired or revoked token or password), ``throttled``
-(a handshake refused by the login throttle), ``denied`` (a call refused
-UNAUTHENTICATED or PERMISSION_DENIED, by its method's roles or by the
-service's own check: a kv namespace, a file share, auth.login's password).
+core), and the scheduler's queue_full, principal_limit, shed and deadline.
+Auth failures: ``credentials`` (a handshake with a bad, expired or revoked
+token or password), ``throttled`` (a handshake or an auth.login refused by
+the login throttle), ``denied`` (a call refused UNAUTHENTICATED or
+PERMISSION_DENIED, by its method's roles or by the service's own check: a
+kv namespace, a file share, auth.login's password).
 
 Several workers (``bastion serve --workers N``). Each worker counts on its
 own, and a scrape reaches one of them, so each worker publishes its

@@ -46,11 +46,16 @@ from bastion.security.credentials import CredentialStore
 if TYPE_CHECKING:
     from bastion.security.ratelimit_shared import SharedTable
 
-__all__ = ["LoginThrottle", "TokenBucket", "source_key"]
+__all__ = ["LoginThrottle", "LoginThrottled", "TokenBucket", "source_key"]
 
 MAX_TRACKED = 100_000  # keys remembered in memory; the oldest are forgotten first
 #: Expired lockouts deleted from the store with each new lockout (bounded work per write).
 LOCKOUT_PURGE_BATCH = 100
+
+
+class LoginThrottled(ResourceExhausted):
+    """An attempt the login throttle refused (RESOURCE_EXHAUSTED on the wire, like any other): its own class
+    so the server counts it as bastion_auth_failures_total{reason="throttled"} wherever it is raised."""
 
 
 def source_key(source: str, ipv6_prefix: int = 64) -> str:
@@ -190,20 +195,20 @@ class LoginThrottle:
         return f"login:{username}|{source}"
 
     async def check(self, username: str | None, source: str) -> None:
-        """Raise ResourceExhausted if this attempt must not even be tried."""
+        """Raise LoginThrottled (a ResourceExhausted) if this attempt must not even be tried."""
         source = source_key(source, self.ipv6_prefix)
         now = self._clock()
         wait = self._sources.wait(source, now)
         if wait:
-            raise ResourceExhausted("too many failed attempts from this address", retry_after=wait)
+            raise LoginThrottled("too many failed attempts from this address", retry_after=wait)
         if username is None:
             return
         wait = self._users.wait(username, now)
         if wait:
-            raise ResourceExhausted("too many failed attempts; try again later", retry_after=wait)
+            raise LoginThrottled("too many failed attempts; try again later", retry_after=wait)
         until = await self._store.get_lockout(self._pair(username, source))
         if until is not None and until > now:
-            raise ResourceExhausted("too many failed attempts; try again later", retry_after=until - now)
+            raise LoginThrottled("too many failed attempts; try again later", retry_after=until - now)
 
     async def failed(self, username: str | None, source: str) -> bool:
         """Record a failure; True if it locked the (username, source) pair."""

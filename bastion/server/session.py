@@ -64,6 +64,7 @@ from bastion.protocol.messages import (
 )
 from bastion.protocol.state import ConnectionState, Role
 from bastion.security.principal import ANONYMOUS, Principal
+from bastion.security.throttle import LoginThrottled
 from bastion.server.dispatch import Entry, IdempotencyKeys
 from bastion.server.once import IdempotentCalls
 from bastion.server.scheduler import Ticket, TicketState, effective_priority
@@ -449,6 +450,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
                 self.server.counters["auth_failures_denied"] += 1
                 if exc.status is Status.PERMISSION_DENIED:  # a handler's UNAUTHENTICATED audits itself (auth.login)
                     self._audit_denial(spec.full_name, exc.status)
+            elif isinstance(exc, LoginThrottled):  # auth.login met the login throttle
+                self.server.counters["auth_failures_throttled"] += 1
             return exc.status
         if isinstance(exc, asyncio.CancelledError):
             if call_id in self._expired:  # our deadline timer cancelled the task

@@ -222,6 +222,28 @@ def test_calls_a_shared_redis_limiter_refuses_are_counted_as_rate_limited(tmp_pa
         assert server.stop() == 0, server.log()
 
 
+def test_logins_the_login_throttle_refuses_are_counted_as_throttled(tmp_path: Path) -> None:
+    """auth.login (the console's and ``bastion login``'s way in) meets the same login throttle as a handshake
+    with a password: its refusals are bastion_auth_failures_total{reason="throttled"} too."""
+    server = start_server(tmp_path / "throttle", http=True)
+    try:
+        before = value(scrape(server), "bastion_auth_failures_total", reason="throttled")
+        throttled = 0
+        with SyncClient(server.address, timeout=10, retry=None) as anonymous:
+            for _ in range(8):
+                try:
+                    anonymous.call("auth.login", username="admin", password="wrong")
+                except ResourceExhausted:
+                    throttled += 1
+                except Unauthenticated:
+                    pass
+        assert throttled >= 1
+        after = value(scrape(server), "bastion_auth_failures_total", reason="throttled")
+        assert after - before == throttled
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 def test_failed_tls_handshakes_are_counted_as_tls_rejections(served: ServerProcess) -> None:
     """A client that never gets through TLS -- plaintext to the TLS port, or one that does not trust the
     server's certificate -- is a connection refused at TLS: /metrics must show it, not only a debug log."""
