@@ -577,34 +577,5 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         self.server.counters["internal_errors"] += 1
         self.core.send_error(call_id, Status.INTERNAL, f"internal error (request id {request_id})")
 
-    # -- drain -------------------------------------------------------------------------
-
-    def drain(self) -> None:
-        """Send GoAway: finish the calls already accepted, start no more."""
-        if self.link is None or self.link.closed:
-            return
-        if self.core.state in (ConnectionState.OPEN, ConnectionState.DRAINING):
-            self.core.send_goaway(Status.OK, "server is draining")
-            self.link.flush()
-            self._maybe_finish_drain()
-        elif self.core.state is not ConnectionState.CLOSED and self.core.state is not ConnectionState.HANDSHAKE:
-            self.link.close()
-
-    def _maybe_finish_drain(self) -> None:
-        if not self.tickets and self.link is not None and self.core.state is ConnectionState.DRAINING:
-            self.link.close()
-
-    def abort(self) -> None:
-        """Grace period over: answer every call still running UNAVAILABLE, then close.
-
-        The answers are queued here, not left to the cancelled tasks: the link
-        closes before those tasks next run, so what they send would be lost.
-        """
-        for call_id, ticket in list(self.tickets.items()):
-            self.core.send_error(call_id, Status.UNAVAILABLE, "server shutting down", retry_after_ms=1000)
-            self._cancel(call_id, ticket)
-        if self.link is not None:
-            self.link.close()
-
     async def wait_closed(self) -> None:
         await self._closed.wait()

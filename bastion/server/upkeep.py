@@ -1,4 +1,4 @@
-"""A server session's upkeep of its connection: handshake, revalidation, keepalive, idleness, abuse caps.
+"""A server session's upkeep of its connection: handshake, revalidation, keepalive, idleness, abuse caps, drain.
 
 Theory of operation. ``SessionUpkeep`` is the half of ``ServerSession``
 (session.py) that looks after the connection rather than its calls. The
@@ -106,11 +106,37 @@ class SessionUpkeep:
     _denials_logged: int
     _denials_suppressed: int
 
-    def drain(self) -> None:
-        raise NotImplementedError  # the session's: send GoAway, finish the calls accepted
-
     def _cancel(self, call_id: int, ticket: Ticket) -> None:
         raise NotImplementedError  # the session's: cancel a call's job
+
+    # -- drain -------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Send GoAway: finish the calls already accepted, start no more."""
+        if self.link is None or self.link.closed:
+            return
+        if self.core.state in (ConnectionState.OPEN, ConnectionState.DRAINING):
+            self.core.send_goaway(Status.OK, "server is draining")
+            self.link.flush()
+            self._maybe_finish_drain()
+        elif self.core.state is not ConnectionState.CLOSED and self.core.state is not ConnectionState.HANDSHAKE:
+            self.link.close()
+
+    def _maybe_finish_drain(self) -> None:
+        if not self.tickets and self.link is not None and self.core.state is ConnectionState.DRAINING:
+            self.link.close()
+
+    def abort(self) -> None:
+        """Grace period over: answer every call still running UNAVAILABLE, then close.
+
+        The answers are queued here, not left to the cancelled tasks: the link
+        closes before those tasks next run, so what they send would be lost.
+        """
+        for call_id, ticket in list(self.tickets.items()):
+            self.core.send_error(call_id, Status.UNAVAILABLE, "server shutting down", retry_after_ms=1000)
+            self._cancel(call_id, ticket)
+        if self.link is not None:
+            self.link.close()
 
     # -- handshake ------------------------------------------------------------------
 
