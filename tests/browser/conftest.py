@@ -20,6 +20,7 @@ Screenshots go to ``test-artifacts/screenshots/`` at the repository root
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 import pytest
 
+import bastion
 from bastion.client.sync import SyncClient
 from tests.support.server import ServerProcess, start_server
 
@@ -51,7 +53,8 @@ class ConsoleWorld:
 @pytest.fixture(scope="module")
 def console_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleWorld]:
     env = {
-        "PYTHONPATH": str(SUPPORT),
+        # The demo jobs, and the bastion under test first (not whatever bastion the interpreter has installed).
+        "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(Path(bastion.__file__).resolve().parents[1])]),
         "BASTION_JOBS__MODULES": "demo_jobs:registry",
         "BASTION_JOBS__LEASE": "1.5",
         "BASTION_JOBS__POLL_INTERVAL": "0.2",

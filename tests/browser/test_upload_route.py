@@ -13,10 +13,12 @@ import http.client
 import ssl
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
+import bastion
 from bastion.client.sync import SyncClient
 from tests.browser.conftest import ConsoleWorld
 from tests.support.server import shared_ca
@@ -110,3 +112,11 @@ def test_a_chunked_body_past_the_limit_is_answered_413_and_the_upload_continues(
         )
         assert status == 200 and done["complete"] is True
         assert b"".join(native.stream("files.download", name="chunked.bin")) == data
+
+
+def test_the_console_served_is_the_one_under_test(console_world: ConsoleWorld) -> None:
+    """The server the browser tests start runs this checkout's bastion, not another one installed."""
+    context = ssl.create_default_context(cafile=str(shared_ca()))
+    with urllib.request.urlopen(console_world.url + "/static/app.js", timeout=20, context=context) as response:
+        served = response.read()
+    assert served == (Path(bastion.__file__).parent / "gateway" / "static" / "app.js").read_bytes()
