@@ -14,6 +14,12 @@ uses ``ignore_https_errors=True``: Chromium keeps its own trust store (NSS),
 which the test does not modify, so it does not trust the test CA; the
 native client in the same tests does verify the certificate against it.
 
+``open_page`` gives a test its own page in a fresh browser context (no
+cookies: logged out) and, as it closes, fails the test if the page logged an
+error (a CSP violation, a script error) or loaded anything from outside the
+gateway; ``log_in`` logs a page in through the login form. Each test builds
+what it needs from these, so any test runs alone or in any order.
+
 Screenshots go to ``test-artifacts/screenshots/`` at the repository root
 (git-ignored), kept for a human to look at after the run.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +106,40 @@ class PageLog:
             "request",
             lambda r: None if r.url.startswith((self.origin, "blob:", "data:")) else self.foreign.append(r.url),
         )
+
+    def check(self) -> None:
+        """Fail on any error the page logged, and on any request that left the gateway's origin.
+
+        Expected refusals (a wrong password, a stale version) are answered 4xx, which Chromium logs as
+        "Failed to load resource"; anything else -- a CSP violation, a script error -- fails.
+        """
+        unexpected = [e for e in self.errors if "Failed to load resource" not in e]
+        assert unexpected == [], f"the page logged errors: {unexpected}"
+        assert self.foreign == [], f"the page loaded from elsewhere: {self.foreign}"
+
+
+@contextmanager
+def open_page(browser: Any, origin: str, **options: Any) -> Iterator[Any]:
+    """A page in a fresh browser context (logged out), checked by a PageLog when it closes."""
+    context = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 900}, **options)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        log = PageLog(origin)
+        log.attach(page)
+        yield page
+    finally:
+        context.close()
+    log.check()
+
+
+def log_in(page: Any, url: str, user: str, password: str, tab: str = "dashboard") -> None:
+    """Log ``page`` in as ``user`` through the console's login form; return once ``tab`` shows."""
+    page.goto(f"{url}/#{tab}")
+    page.fill("#login-user", user)
+    page.fill("#login-password", password)
+    page.click("#login-form button[type=submit]")
+    page.wait_for_selector(f"#nav a[data-tab={tab}].active")
 
 
 def wait_js(page: Any, expression: str, timeout: float = TIMEOUT_MS / 1000) -> None:
