@@ -79,6 +79,7 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         self._in_head = True  # the next bytes belong to a request's head
         self._head_begun = False  # a request's head has begun and is not complete
         self._head_bytes = 0
+        self._heads = 0  # request heads begun on this connection
         self._head_timer: asyncio.TimerHandle | None = None
         self._in_body = False  # a request's head is complete and its body is not
         self._body_bytes = 0
@@ -99,7 +100,8 @@ class HeadBoundedProtocol(HttpToolsProtocol):
             self.flow.protocol = None
 
     def data_received(self, data: bytes) -> None:
-        in_head = self._in_head
+        idle = self._in_head and not self._head_begun  # between requests: a head would begin at this read's start
+        heads = self._heads
         super().data_received(data)
         if self.transport.is_closing():
             return
@@ -109,15 +111,17 @@ class HeadBoundedProtocol(HttpToolsProtocol):
             return
         if self._head_timer is None and self._head_begun:  # a head that came whole in one read needs no timer
             self._arm_head_timer()
-        if in_head:
-            # The head began before this chunk and is still not complete: all of it was head. (A head
-            # beginning inside a chunk is counted from the next one: at most one read goes uncounted.)
+        if self._head_begun and (self._heads == heads or (idle and self._heads == heads + 1)):
+            # A head that is still not complete began before this read, or at its start: all of the read
+            # was head. (A head beginning later in a read is counted from the next one: at most one read
+            # goes uncounted.) A read that held a whole request and its body is not counted as head.
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD:
                 self._refuse_head()
 
     def on_message_begin(self) -> None:
         self._head_begun = True
+        self._heads += 1
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
