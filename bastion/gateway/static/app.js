@@ -751,31 +751,53 @@ function setBar(id, fraction) {
   document.getElementById(id).style.width = `${Math.round(Math.min(1, Math.max(0, fraction)) * 100)}%`;
 }
 
+const files = { uploading: false };
+
+/** Upload the chosen file. One at a time: the form's button is disabled until this one has ended, and
+ * #upload-status says how it ended (data-state: hashing, uploading, done or failed; data-done: the name). */
 async function upload() {
   const file = $("#upload-input").files[0];
-  if (!file) return;
+  if (!file || files.uploading) return;
   const name = $("#upload-name").value.trim() || file.name;
   const status = $("#upload-status");
-  const hasher = new Sha256();
-  for (let at = 0; at < file.size; at += HASH_SLICE) {
-    hasher.update(new Uint8Array(await file.slice(at, at + HASH_SLICE).arrayBuffer()));
-    status.textContent = `hashing ${name}: ${fmtBytes(Math.min(file.size, at + HASH_SLICE))} of ${fmtBytes(file.size)}`;
+  const button = $("#upload-form button[type=submit]");
+  files.uploading = true;
+  button.disabled = true;
+  delete status.dataset.done; // a previous upload's
+  status.dataset.state = "hashing";
+  setBar("upload-bar", 0);
+  try {
+    const hasher = new Sha256();
+    for (let at = 0; at < file.size; at += HASH_SLICE) {
+      hasher.update(new Uint8Array(await file.slice(at, at + HASH_SLICE).arrayBuffer()));
+      status.textContent = `hashing ${name}: ${fmtBytes(Math.min(file.size, at + HASH_SLICE))} of ${fmtBytes(file.size)}`;
+    }
+    const sha256 = hasher.hex();
+    const info = await api("files.begin_upload", { name, size: file.size, sha256, overwrite: $("#upload-overwrite").checked });
+    status.dataset.state = "uploading";
+    let offset = info.offset;
+    let result = null;
+    do {
+      const at = offset; // this request's own: its progress events must not read a later one's
+      status.textContent = `uploading ${name}: ${fmtBytes(at)} of ${fmtBytes(file.size)}`;
+      result = await sendChunk(info.upload_id, at, file.slice(at, at + UPLOAD_REQUEST_BYTES), (loaded) => {
+        setBar("upload-bar", file.size ? (at + loaded) / file.size : 1);
+        status.textContent = `uploading ${name}: ${fmtBytes(at + loaded)} of ${fmtBytes(file.size)}`;
+      });
+      offset = result.offset;
+    } while (!result.complete);
+    setBar("upload-bar", 1);
+    status.textContent = `uploaded ${name} (${fmtBytes(file.size)}, SHA-256 ${sha256.slice(0, 16)}…)`;
+    status.dataset.state = "done";
+    status.dataset.done = name;
+  } catch (err) {
+    status.textContent = `upload of ${name} failed: ${err && err.message ? err.message : err}`;
+    status.dataset.state = "failed";
+    throw err; // and the toast says so too
+  } finally {
+    files.uploading = false;
+    button.disabled = false;
   }
-  const sha256 = hasher.hex();
-  const info = await api("files.begin_upload", { name, size: file.size, sha256, overwrite: $("#upload-overwrite").checked });
-  let offset = info.offset;
-  let result = null;
-  do {
-    const chunk = file.slice(offset, offset + UPLOAD_REQUEST_BYTES);
-    result = await sendChunk(info.upload_id, offset, chunk, (loaded) => {
-      setBar("upload-bar", file.size ? (offset + loaded) / file.size : 1);
-      status.textContent = `uploading ${name}: ${fmtBytes(offset + loaded)} of ${fmtBytes(file.size)}`;
-    });
-    offset = result.offset;
-  } while (!result.complete);
-  setBar("upload-bar", 1);
-  status.textContent = `uploaded ${name} (${fmtBytes(file.size)}, SHA-256 ${sha256.slice(0, 16)}…)`;
-  status.dataset.done = name;
   await loadFiles();
 }
 
