@@ -55,6 +55,16 @@ function showError(err) {
   toast(err && err.message ? err.message : String(err), true);
 }
 
+/** Loads that can overlap (a refresh begun while another is on its way; answers may come back in any
+ * order): `const current = latest("files")` as a load begins, and after each await `if (!current()) return;`
+ * -- only the latest load of `what` begun shows its answer, so an older answer never overwrites a newer one. */
+const generations = new Map();
+function latest(what) {
+  const n = (generations.get(what) || 0) + 1;
+  generations.set(what, n);
+  return () => generations.get(what) === n;
+}
+
 const fmtTime = (t) => (t ? new Date(t * 1000).toLocaleString() : "");
 const fmtBytes = (n) => (n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(1)} KiB` : `${(n / 1048576).toFixed(1)} MiB`);
 
@@ -610,7 +620,9 @@ function setupUsers() {
 const splitRoles = (text) => text.split(",").map((r) => r.trim()).filter(Boolean);
 
 async function loadUsers() {
+  const current = latest("users");
   const [users, tokens] = await Promise.all([api("auth.list_users"), api("auth.list_tokens", {})]);
+  if (!current()) return;
   const body = $("#users-table tbody");
   body.replaceChildren(...users.map((u) => {
     const roles = el("input", { value: u.roles.join(", "), "aria-label": `roles of ${u.name}` });
@@ -677,7 +689,9 @@ function setupKV() {
 }
 
 async function loadKV() {
+  const current = latest("kv");
   const page = await api("kv.list", { prefix: $("#kv-prefix").value, namespace: kvNamespace(), limit: 200 });
+  if (!current()) return;
   $("#kv-table tbody").replaceChildren(...page.items.map((item) => {
     const text = utf8Decoder.decode(fromBase64(item.value));
     return el("tr", { dataset: { key: item.key } },
@@ -732,7 +746,9 @@ function setupFiles() {
 }
 
 async function loadFiles() {
+  const current = latest("files");
   const page = await api("files.list", { limit: 1000 });
+  if (!current()) return;
   $("#files-table tbody").replaceChildren(...page.files.map((f) => el("tr", { dataset: { name: f.name, owner: f.owner } },
     el("td", { text: f.owner }),
     el("td", { text: f.name }),
@@ -873,7 +889,9 @@ async function loadJobs() {
     $("#job-name").replaceChildren(...jobs.registered.map((j) => el("option", { value: j.name, text: j.name })));
     jobFormFor();
   }
+  const current = latest("jobs");
   const list = await api("jobs.list", { limit: 1000 });
+  if (!current()) return;
   $("#jobs-table tbody").replaceChildren(...list.reverse().map(jobRow));
   for (const job of list) if (!FINISHED.has(job.state)) watchJob(job.id);
 }
@@ -949,7 +967,6 @@ const inbox = {
   retry: null,
   delay: 1000, // before the watch is opened again after it failed; doubles up to 30 s
   draftId: null, // the client_id of the draft being sent: a resubmitted draft is stored once
-  loads: 0, // loadInbox calls so far: only the latest one's answer is shown
 };
 
 function setupInbox() {
@@ -980,7 +997,7 @@ function setupInbox() {
 const selectedMail = () => Array.from(document.querySelectorAll("#inbox-table tbody input[type=checkbox]:checked"), (box) => Number(box.value));
 
 async function loadInbox() {
-  const load = ++inbox.loads;
+  const current = latest("inbox");
   const cursor = inbox.cursors[inbox.cursors.length - 1];
   const [page] = await Promise.all([
     api("messages.inbox", { unread_only: $("#inbox-unread-only").checked, limit: INBOX_PAGE, cursor }),
@@ -988,7 +1005,7 @@ async function loadInbox() {
   ]);
   // A newer load has begun since (the user paged while new mail reloaded the newest page): its
   // answer is the one to show, whichever comes back first.
-  if (load !== inbox.loads) return;
+  if (!current()) return;
   inbox.next = page.next;
   $("#inbox-all").checked = false;
   $("#inbox-table tbody").replaceChildren(...page.messages.map(mailRow));
@@ -1013,7 +1030,9 @@ function mailRow(m) {
 }
 
 async function loadUnread() {
+  const current = latest("unread");
   const info = await api("messages.unread");
+  if (!current()) return info;
   const badge = $("#nav-unread");
   badge.textContent = String(info.unread);
   badge.hidden = info.unread === 0;
@@ -1036,7 +1055,9 @@ function bodyText(m) {
 }
 
 async function readMail(id) {
+  const current = latest("message"); // the message last clicked is the one shown
   const m = await api("messages.read", { id });
+  if (!current()) return;
   inbox.open = m;
   const body = bodyText(m);
   const fields = el("dl", { class: "fields" });
@@ -1264,7 +1285,9 @@ function setupExplorer() {
 }
 
 async function loadMethods() {
+  const current = latest("methods");
   const services = await api("admin.methods");
+  if (!current()) return;
   const list = $("#methods-list");
   list.replaceChildren();
   for (const svc of services) {
@@ -1278,6 +1301,8 @@ async function loadMethods() {
 }
 
 function pickMethod(m, link) {
+  latest("explorer"); // an answer still on its way was for the method shown before
+  if (explorer.running) { explorer.running.cancel(); explorer.running = null; }
   for (const a of document.querySelectorAll("#methods-list a")) a.classList.toggle("active", a === link);
   explorer.method = m;
   $("#method-title").textContent = m.name;
@@ -1298,32 +1323,34 @@ async function tryCall() {
   const out = $("#method-result");
   const args = explorer.getArgs();
   if (m.kind === "unary") {
+    const current = latest("explorer"); // a second click, or another method picked, wins over this answer
     out.textContent = "…";
+    let text;
     try {
-      out.textContent = JSON.stringify(await api(m.name, args), null, 2);
+      text = JSON.stringify(await api(m.name, args), null, 2);
     } catch (err) {
-      out.textContent = `error ${err.message}`;
+      text = `error ${err.message}`;
     }
+    if (current()) out.textContent = text;
     return;
   }
   if (explorer.running) { explorer.running.cancel(); return; }
-  const items = [];
+  const current = latest("explorer"); // once another method is picked, this stream writes nothing more
   out.textContent = "";
   const button = $("#method-call");
   button.textContent = "Stop stream";
   const handle = state.socket.stream(m.name, args, (item) => {
-    items.push(item);
-    out.textContent += JSON.stringify(item) + "\n";
+    if (current()) out.textContent += JSON.stringify(item) + "\n";
   });
   explorer.running = handle;
   try {
     const end = await handle.done;
-    out.textContent += `-- end: ${JSON.stringify(end)}\n`;
+    if (current()) out.textContent += `-- end: ${JSON.stringify(end)}\n`;
   } catch (err) {
-    out.textContent += `-- ${err.message}\n`;
+    if (current()) out.textContent += `-- ${err.message}\n`;
   } finally {
-    explorer.running = null;
-    button.textContent = "Start stream";
+    if (explorer.running === handle) explorer.running = null;
+    if (current()) button.textContent = "Start stream";
   }
 }
 

@@ -1,0 +1,131 @@
+"""An older answer never overwrites a newer one in the console.
+
+A view reloads whenever something may have changed (a tab opened again, an
+upload ended, new mail arrived), so two loads of the same thing can be on
+their way at once, and the network may answer them in either order. Here
+the first answer is held back with Playwright's routing: the request goes
+to the server at once (``route.fetch``, so the answer is the state of that
+moment) but reaches the page only after a newer load's answer has been
+shown. The page must keep showing the newer one. Headless Debian Chromium
+against a real ``bastion serve``; the server is changed through the native
+protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from bastion.client.sync import SyncClient
+from tests.browser.conftest import PASSWORD, TIMEOUT_MS, ConsoleWorld, log_in, open_page, wait_js
+
+
+@pytest.fixture(scope="module")
+def native(console_world: ConsoleWorld) -> Iterator[SyncClient]:
+    with SyncClient(console_world.native, token=console_world.token, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def page(browser: Any, console_world: ConsoleWorld) -> Iterator[Any]:
+    """A page of its own, logged in as the admin."""
+    with open_page(browser, console_world.url) as page:
+        log_in(page, console_world.url, "admin", PASSWORD)
+        yield page
+
+
+class Held:
+    """The first answer to ``POST /v1/<path>`` from now on, fetched from the server when asked for but
+    handed to the page only on ``release()``; later requests to it go through."""
+
+    def __init__(self, page: Any, path: str) -> None:
+        self.page = page
+        self.path = path
+        self.held: list[tuple[Any, Any]] = []
+        # Count the page's answers to it that have been read (Response.json resolved): once that count has
+        # moved and a task has run after it, the page has done whatever it does with the answer.
+        page.evaluate(
+            """path => {
+              window.answered = window.answered || {};
+              window.answered[path] = 0;
+              if (window.answeredHook) return;
+              window.answeredHook = true;
+              const json = Response.prototype.json;
+              Response.prototype.json = function () {
+                const url = new URL(this.url).pathname, read = json.call(this);
+                read.finally(() => { if (url in window.answered) window.answered[url]++; });
+                return read;
+              };
+            }""",
+            f"/v1/{path}",
+        )
+        page.route(f"**/v1/{path}", self._route)
+
+    def _route(self, route: Any) -> None:
+        if self.held:
+            route.continue_()
+        else:
+            self.held.append((route, route.fetch()))
+
+    def wait(self, timeout: float = TIMEOUT_MS / 1000) -> None:
+        """Until a request has been held."""
+        deadline = time.monotonic() + timeout
+        while not self.held:
+            assert time.monotonic() < deadline, f"no request to /v1/{self.path}"
+            self.page.wait_for_timeout(20)
+
+    def release(self) -> None:
+        """Hand the held answer to the page, and return once the page has dealt with it."""
+        before = self.page.evaluate(f"window.answered['/v1/{self.path}']")
+        route, response = self.held[0]
+        route.fulfill(response=response)
+        wait_js(self.page, f"window.answered['/v1/{self.path}'] > {before}")
+        self.page.evaluate("new Promise(resolve => setTimeout(resolve, 0))")  # after the answer's microtasks
+
+
+def test_an_older_files_list_does_not_overwrite_a_newer_one(page: Any, native: SyncClient) -> None:
+    page.click("#nav a[data-tab=files]")
+    held = Held(page, "files/list")
+    page.click("#nav a[data-tab=files]")  # the Files tab again: a load, held back
+    held.wait()
+    data = b"arrived between the two loads"
+    info = native.call("files.begin_upload", name="late.bin", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    assert native.upload("files.upload", [data], upload_id=info["upload_id"])["complete"]
+    page.click("#nav a[data-tab=files]")  # a newer load: answered at once
+    page.wait_for_selector("#files-table tr[data-name='late.bin']")
+    held.release()
+    assert page.is_visible("#files-table tr[data-name='late.bin']")
+
+
+def test_an_answer_for_the_method_shown_before_is_not_shown(page: Any, native: SyncClient) -> None:
+    native.call("kv.put", key="stale/key", value=b"the old method's answer")
+    page.click("#nav a[data-tab=explorer]")
+    page.click("#methods-list a[data-method='kv.get']")
+    held = Held(page, "kv/get")
+    page.fill("#method-args [data-arg=key]", "stale/key")
+    page.click("#method-call")
+    held.wait()
+    page.click("#methods-list a[data-method='admin.health']")
+    page.click("#method-call")
+    wait_js(page, "document.querySelector('#method-result').textContent.includes('\"status\"')")
+    shown = page.inner_text("#method-result")
+    held.release()
+    assert page.inner_text("#method-result") == shown
+    assert "stale/key" not in shown
+
+
+def test_an_older_unread_count_does_not_overwrite_a_newer_one(page: Any, native: SyncClient) -> None:
+    page.wait_for_selector("#inbox-live[data-live=yes]", state="attached")  # messages.watch is open
+    before = native.call("messages.unread")["unread"]
+    wait_js(page, f"document.querySelector('#nav-unread').textContent === '{before}'")
+    held = Held(page, "messages/unread")
+    native.call("messages.send", to=["admin"], subject="first", body=b"1")
+    held.wait()  # the count after the first mail, held back
+    native.call("messages.send", to=["admin"], subject="second", body=b"2")
+    wait_js(page, f"document.querySelector('#nav-unread').textContent === '{before + 2}'")
+    held.release()
+    assert page.inner_text("#nav-unread") == str(before + 2)
