@@ -65,6 +65,29 @@ function latest(what) {
   return () => generations.get(what) === n;
 }
 
+/** One action at a time for a group of buttons: while it runs they are disabled and further clicks or
+ * submits are ignored, so a double click (or Enter pressed twice) does it once. `guard(...buttons)` returns
+ * a wrapper: `form.addEventListener("submit", guard(button)(async () => ...))`; errors go to the toast. */
+function guard(...buttons) {
+  let running = false;
+  return (action) => async (event) => {
+    if (event && event.type === "submit") event.preventDefault();
+    if (running) return;
+    running = true;
+    for (const b of buttons) b.disabled = true;
+    try {
+      await action(event);
+    } catch (err) {
+      showError(err);
+    } finally {
+      running = false;
+      for (const b of buttons) b.disabled = false;
+    }
+  };
+}
+
+const submitButton = (form) => $(`${form} button[type=submit]`);
+
 const fmtTime = (t) => (t ? new Date(t * 1000).toLocaleString() : "");
 const fmtBytes = (n) => (n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(1)} KiB` : `${(n / 1048576).toFixed(1)} MiB`);
 
@@ -281,7 +304,7 @@ async function start() {
   for (const link of document.querySelectorAll("#nav a")) {
     link.addEventListener("click", (event) => { event.preventDefault(); showTab(link.dataset.tab); });
   }
-  $("#login-form").addEventListener("submit", login);
+  $("#login-form").addEventListener("submit", guard(submitButton("#login-form"))(login));
   $("#logout").addEventListener("click", logout);
   setupUsers();
   setupKV();
@@ -297,15 +320,20 @@ async function start() {
   loggedOut();
 }
 
-async function login(event) {
-  event.preventDefault();
+async function login() {
   $("#login-error").textContent = "";
-  const response = await fetch("/v1/auth/login", {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ username: $("#login-user").value, password: $("#login-password").value }),
-    credentials: "same-origin",
-  });
+  let response;
+  try {
+    response = await fetch("/v1/auth/login", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ username: $("#login-user").value, password: $("#login-password").value }),
+      credentials: "same-origin",
+    });
+  } catch (err) {
+    $("#login-error").textContent = `cannot reach the server: ${err.message}`;
+    return;
+  }
   if (!response.ok) {
     $("#login-error").textContent = (await errorFrom(response)).message;
     return;
@@ -586,35 +614,29 @@ function fmtDuration(s) {
 
 function setupUsers() {
   loaders.users = loadUsers;
-  $("#user-form").addEventListener("submit", async (event) => {
-    event.preventDefault();
-    try {
-      await api("auth.create_user", {
-        name: $("#user-name").value.trim(),
-        password: $("#user-password").value || null,
-        roles: splitRoles($("#user-roles").value),
-      });
-      toast(`user ${$("#user-name").value} created`);
-      event.target.reset();
-      await loadUsers();
-    } catch (err) { showError(err); }
-  });
-  $("#token-form").addEventListener("submit", async (event) => {
-    event.preventDefault();
-    try {
-      const ttl = $("#token-ttl").value;
-      const made = await api("auth.create_token", {
-        user: $("#token-user").value.trim() || null,
-        label: $("#token-label").value,
-        ttl: ttl ? Number(ttl) : null,
-      });
-      const box = $("#token-new");
-      box.textContent = `New token for ${made.user} (shown once, copy it now): ${made.token}`;
-      box.hidden = false;
-      event.target.reset();
-      await loadUsers();
-    } catch (err) { showError(err); }
-  });
+  $("#user-form").addEventListener("submit", guard(submitButton("#user-form"))(async () => {
+    await api("auth.create_user", {
+      name: $("#user-name").value.trim(),
+      password: $("#user-password").value || null,
+      roles: splitRoles($("#user-roles").value),
+    });
+    toast(`user ${$("#user-name").value} created`);
+    $("#user-form").reset();
+    await loadUsers();
+  }));
+  $("#token-form").addEventListener("submit", guard(submitButton("#token-form"))(async () => {
+    const ttl = $("#token-ttl").value;
+    const made = await api("auth.create_token", {
+      user: $("#token-user").value.trim() || null,
+      label: $("#token-label").value,
+      ttl: ttl ? Number(ttl) : null,
+    });
+    const box = $("#token-new");
+    box.textContent = `New token for ${made.user} (shown once, copy it now): ${made.token}`;
+    box.hidden = false;
+    $("#token-form").reset();
+    await loadUsers();
+  }));
 }
 
 const splitRoles = (text) => text.split(",").map((r) => r.trim()).filter(Boolean);
@@ -662,30 +684,26 @@ function setupKV() {
   loaders.kv = loadKV;
   $("#kv-filter").addEventListener("submit", (event) => { event.preventDefault(); loadKV().catch(showError); if (kv.watch) startWatch(); });
   $("#kv-watch").addEventListener("change", () => (($("#kv-watch").checked) ? startWatch() : stopWatch()));
-  $("#kv-form").addEventListener("submit", async (event) => {
-    event.preventDefault();
+  const one = guard($("#kv-put"), $("#kv-delete")); // a put and a delete of the same key never overlap
+  $("#kv-form").addEventListener("submit", one(async () => {
     const version = $("#kv-version").value;
-    try {
-      const v = await api("kv.put", {
-        key: $("#kv-key").value,
-        value: toBase64(utf8.encode($("#kv-value").value)),
-        namespace: kvNamespace(),
-        expected_version: version === "" ? null : Number(version),
-      });
-      $("#kv-version").value = v;
-      toast(`${$("#kv-key").value} is now version ${v}`);
-      await loadKV();
-    } catch (err) { showError(err); }
-  });
-  $("#kv-delete").addEventListener("click", async () => {
+    const v = await api("kv.put", {
+      key: $("#kv-key").value,
+      value: toBase64(utf8.encode($("#kv-value").value)),
+      namespace: kvNamespace(),
+      expected_version: version === "" ? null : Number(version),
+    });
+    $("#kv-version").value = v;
+    toast(`${$("#kv-key").value} is now version ${v}`);
+    await loadKV();
+  }));
+  $("#kv-delete").addEventListener("click", one(async () => {
     const version = $("#kv-version").value;
-    try {
-      const gone = await api("kv.delete", { key: $("#kv-key").value, namespace: kvNamespace(), expected_version: version === "" ? null : Number(version) });
-      toast(gone ? `${$("#kv-key").value} deleted` : "no such key");
-      $("#kv-version").value = "";
-      await loadKV();
-    } catch (err) { showError(err); }
-  });
+    const gone = await api("kv.delete", { key: $("#kv-key").value, namespace: kvNamespace(), expected_version: version === "" ? null : Number(version) });
+    toast(gone ? `${$("#kv-key").value} deleted` : "no such key");
+    $("#kv-version").value = "";
+    await loadKV();
+  }));
 }
 
 async function loadKV() {
@@ -867,14 +885,11 @@ function setupJobs() {
   loaders.jobs = loadJobs;
   $("#job-name").addEventListener("change", jobFormFor);
   $("#jobs-refresh").addEventListener("click", () => loadJobs().catch(showError));
-  $("#job-form").addEventListener("submit", async (event) => {
-    event.preventDefault();
-    try {
-      const id = await api("jobs.submit", { name: $("#job-name").value, args: jobs.getArgs() });
-      toast(`job ${id} submitted`);
-      await loadJobs();
-    } catch (err) { showError(err); }
-  });
+  $("#job-form").addEventListener("submit", guard(submitButton("#job-form"))(async () => {
+    const id = await api("jobs.submit", { name: $("#job-name").value, args: jobs.getArgs() });
+    toast(`job ${id} submitted`);
+    await loadJobs();
+  }));
 }
 
 function jobFormFor() {
@@ -991,7 +1006,7 @@ function setupInbox() {
     $("#compose-body").focus();
   });
   $("#compose-form").addEventListener("input", () => { inbox.draftId = null; });
-  $("#compose-form").addEventListener("submit", (event) => { event.preventDefault(); sendMail().catch(showError); });
+  $("#compose-form").addEventListener("submit", guard(submitButton("#compose-form"))(sendMail));
 }
 
 const selectedMail = () => Array.from(document.querySelectorAll("#inbox-table tbody input[type=checkbox]:checked"), (box) => Number(box.value));
@@ -1168,7 +1183,7 @@ function setupTopics() {
   $("#sub-form").addEventListener("submit", (event) => { event.preventDefault(); subscribe(); });
   $("#sub-stop").addEventListener("click", stopSubscription);
   $("#sub-clear").addEventListener("click", () => { $("#tail-table tbody").replaceChildren(); $("#sub-lagged").hidden = true; });
-  $("#pub-form").addEventListener("submit", (event) => { event.preventDefault(); publish().catch(showError); });
+  $("#pub-form").addEventListener("submit", guard(submitButton("#pub-form"))(publish));
 }
 
 function payloadText(payload) {
