@@ -129,3 +129,56 @@ def test_an_older_unread_count_does_not_overwrite_a_newer_one(page: Any, native:
     wait_js(page, f"document.querySelector('#nav-unread').textContent === '{before + 2}'")
     held.release()
     assert page.inner_text("#nav-unread") == str(before + 2)
+
+
+class SlowCancels:
+    """The page's WebSocket, through Playwright: messages pass both ways, except that the page's
+    ``stream.cancel`` requests are held back (a slow network, a busy server); ``seen`` holds what the
+    server sent."""
+
+    def __init__(self, page: Any) -> None:
+        self.seen: list[str] = []
+        page.route_web_socket("**/ws", self._connect)
+
+    def _connect(self, ws: Any) -> None:
+        server = ws.connect_to_server()
+
+        def from_page(message: str | bytes) -> None:
+            if '"stream.cancel"' not in str(message):
+                server.send(message)
+
+        def from_server(message: str | bytes) -> None:
+            self.seen.append(str(message))
+            ws.send(message)
+
+        ws.on_message(from_page)
+        server.on_message(from_server)
+
+
+def test_a_replaced_watch_shows_nothing_more(browser: Any, console_world: ConsoleWorld, native: SyncClient) -> None:
+    with open_page(browser, console_world.url) as page:
+        sockets = SlowCancels(page)
+        log_in(page, console_world.url, "admin", PASSWORD, tab="kv")
+        page.fill("#kv-prefix", "watched/old/")
+        page.check("#kv-watch")
+        page.wait_for_selector("#kv-events li:has-text('watching from version')")
+        # List another prefix while watching: the watch moves to it. The old watch's cancel is on its way
+        # (held back here), so the server still sends the old prefix's changes.
+        page.fill("#kv-prefix", "watched/new/")
+        page.click("#kv-filter button[type=submit]")
+        page.wait_for_selector("#kv-events li:nth-child(2):has-text('watching from version')")
+        native.call("kv.put", key="watched/old/a", value=b"for the old watch")
+        native.call("kv.put", key="watched/new/b", value=b"for the new one")
+        page.wait_for_selector("#kv-events li[data-key='watched/new/b']")
+        until(page, lambda: any("watched/old/a" in m for m in sockets.seen))
+        page.evaluate("new Promise(resolve => setTimeout(resolve, 0))")  # the page has handled it
+        assert page.query_selector("#kv-events li[data-key='watched/old/a']") is None
+        assert page.is_checked("#kv-watch")
+
+
+def until(page: Any, predicate: Any, timeout: float = TIMEOUT_MS / 1000) -> None:
+    """Let the page run until ``predicate()`` is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not true in time"
+        page.wait_for_timeout(20)

@@ -728,6 +728,7 @@ function startWatch() {
   stopWatch();
   const events = $("#kv-events");
   const handle = state.socket.stream("kv.watch", { prefix: $("#kv-prefix").value, namespace: kvNamespace() }, (change) => {
+    if (kv.watch !== handle) return; // a watch stopped or replaced: what it still sends is not this one's
     if (change.type === "start") {
       events.append(el("li", { class: "muted", text: `watching from version ${change.version}` }));
       return;
