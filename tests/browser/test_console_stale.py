@@ -182,3 +182,18 @@ def until(page: Any, predicate: Any, timeout: float = TIMEOUT_MS / 1000) -> None
     while not predicate():
         assert time.monotonic() < deadline, "not true in time"
         page.wait_for_timeout(20)
+
+
+def test_the_dashboard_waits_for_a_slow_sample(page: Any) -> None:
+    """The dashboard samples admin.stats every second; while an answer is late, no second sample
+    overlaps it (its answer could land first and the rates be computed from samples out of order)."""
+    held: list[Any] = []
+    page.route("**/v1/admin/stats", lambda route: held.append(route))
+    until(page, lambda: held)
+    # Three ticks of the dashboard's clock with that answer outstanding.
+    page.evaluate("new Promise(resolve => setTimeout(resolve, 3000))")
+    assert len(held) == 1
+    held[0].continue_()
+    page.unroute("**/v1/admin/stats")
+    before = page.evaluate("document.querySelector('#dash-note').textContent")
+    wait_js(page, f"document.querySelector('#dash-note').textContent !== {before!r}")  # sampling goes on

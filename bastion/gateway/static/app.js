@@ -522,6 +522,7 @@ const dashboard = {
   previousBuckets: null,
   metricsMissing: 0,
   charts: null,
+  ticking: false, // a sample is on its way: the next tick waits for it rather than overlapping it
 
   start() {
     if (this.timer) return;
@@ -543,7 +544,19 @@ const dashboard = {
     this.timer = null;
   },
 
+  /** One sample a second, never two at once: a sample slower than a second (a busy server) makes the
+   * ticks meanwhile skip, so samples are taken, and reach the charts, in order. */
   async tick() {
+    if (this.ticking) return;
+    this.ticking = true;
+    try {
+      await this.sample();
+    } finally {
+      this.ticking = false;
+    }
+  },
+
+  async sample() {
     let stats;
     try {
       stats = await api("admin.stats");
