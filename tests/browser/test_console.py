@@ -79,6 +79,12 @@ def test_login_refused_then_accepted(fresh_page: Any, console_world: ConsoleWorl
     assert "bastion_session" not in page.evaluate("document.cookie")
 
 
+RATE_ABOVE_20 = (
+    "(() => { const t = document.querySelector('#stat-rate').textContent;"
+    " return /^[0-9]/.test(t) && parseFloat(t) * (t.endsWith('k') ? 1000 : 1) > 20; })()"
+)
+
+
 def test_dashboard_numbers_move_while_a_client_calls(page: Any, native: SyncClient) -> None:
     page.click("#nav a[data-tab=dashboard]")
     wait_js(page, "/^[0-9]/.test(document.querySelector('#stat-calls').textContent)")
@@ -96,17 +102,15 @@ def test_dashboard_numbers_move_while_a_client_calls(page: Any, native: SyncClie
     worker.start()
     try:
         # calls/s climbs above what the dashboard's own polling makes (about 1/s).
-        wait_js(
-            page,
-            "(() => { const t = document.querySelector('#stat-rate').textContent;"
-            " return /^[0-9]/.test(t) && parseFloat(t) * (t.endsWith('k') ? 1000 : 1) > 20; })()",
-        )
+        wait_js(page, RATE_ABOVE_20)
         later = number(page.inner_text("#stat-calls"))
         assert later > first + 20
         assert number(page.inner_text("#stat-connections")) >= 1  # the native client's connection
         # Some history on the charts for the screenshot: eight samples of calls/s under load.
         wait_js(page, "Number(document.querySelector('#chart-rate').dataset.samples) >= 8")
-        assert number(page.inner_text("#stat-rate")) > 20
+        # Still (or again) above 20 with those samples: the tile changes every second and the native
+        # client's pace varies on a busy machine, so it is awaited, not read at one instant.
+        wait_js(page, RATE_ABOVE_20)
         assert "/" in page.inner_text("#stat-latency")  # p50 / p99 of the calls, from /metrics
         screenshot(page, "01-dashboard")
     finally:
