@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from bastion.client.sync import SyncClient
-from tests.browser.conftest import PASSWORD, TIMEOUT_MS, ConsoleWorld, log_in, open_page
+from tests.browser.conftest import PASSWORD, TIMEOUT_MS, ConsoleWorld, log_in, open_page, wait_js
 
 UPLOAD_BUTTON = "#upload-form button[type=submit]"
 CHUNKS = "**/v1/files/upload?*"
@@ -102,3 +102,45 @@ def test_a_second_upload_is_not_reported_done_before_it_is(page: Any, native: Sy
     held[0].continue_()
     page.wait_for_selector("#upload-status[data-done='again.bin']")
     assert native.call("files.stat", name="again.bin")["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def put_file(native: SyncClient, name: str, data: bytes) -> None:
+    info = native.call("files.begin_upload", name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    assert native.upload("files.upload", [data], upload_id=info["upload_id"])["complete"]
+
+
+def test_a_download_that_fails_says_so(page: Any, native: SyncClient) -> None:
+    put_file(native, "gone.bin", b"deleted before it is downloaded")
+    page.click("#nav a[data-tab=files]")
+    page.wait_for_selector("#files-table tr[data-name='gone.bin']")
+    native.call("files.delete", name="gone.bin")
+    page.click("#files-table tr[data-name='gone.bin'] button:has-text('Download')")
+    page.wait_for_selector("#download-status[data-state=failed]")
+    text = page.inner_text("#download-status")
+    assert "download of gone.bin failed" in text and "NOT_FOUND" in text
+
+
+def test_a_double_click_on_download_downloads_once(
+    browser: Any, console_world: ConsoleWorld, native: SyncClient, tmp_path: Path
+) -> None:
+    data = os.urandom(300_000)
+    put_file(native, "once.bin", data)
+    with open_page(browser, console_world.url, accept_downloads=True) as page:
+        sent: list[str] = []
+
+        def connect(ws: Any) -> None:  # the page's WebSocket, passed through; what the page sends is noted
+            server = ws.connect_to_server()
+            ws.on_message(lambda m: (sent.append(str(m)), server.send(m)))
+            server.on_message(ws.send)
+
+        page.route_web_socket("**/ws", connect)
+        log_in(page, console_world.url, "admin", PASSWORD, tab="files")
+        page.wait_for_selector("#files-table tr[data-name='once.bin']")
+        button = "#files-table tr[data-name='once.bin'] button:nth-of-type(1)"
+        with page.expect_download() as download:
+            page.evaluate("s => { const b = document.querySelector(s); b.click(); b.click(); }", button)
+        target = tmp_path / "once.bin"
+        download.value.save_as(str(target))
+        assert target.read_bytes() == data
+        wait_js(page, "document.querySelector('#download-status').textContent.startsWith('downloaded once.bin')")
+        assert len([m for m in sent if '"files.download"' in m]) == 1

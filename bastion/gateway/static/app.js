@@ -799,7 +799,7 @@ function setBar(id, fraction) {
   document.getElementById(id).style.width = `${Math.round(Math.min(1, Math.max(0, fraction)) * 100)}%`;
 }
 
-const files = { uploading: false };
+const files = { uploading: false, downloading: false };
 
 /** Upload the chosen file. One at a time: the form's button is disabled until this one has ended, and
  * #upload-status says how it ended (data-state: hashing, uploading, done or failed; data-done: the name). */
@@ -868,20 +868,36 @@ function sendChunk(uploadId, offset, blob, onProgress) {
   });
 }
 
+/** Download `file` over the WebSocket and hand it to the browser. One at a time (another click meanwhile is
+ * ignored: two downloads would share the bar and the status); #download-status says how it ended
+ * (data-state: downloading, done or failed). */
 async function download(file) {
+  if (files.downloading) return;
+  files.downloading = true;
   const status = $("#download-status");
   const parts = [];
   let received = 0;
   setBar("download-bar", 0);
-  await state.socket.stream("files.download", { file_id: file.id }, (chunk) => {
-    const bytes = fromBase64(chunk);
-    parts.push(bytes);
-    received += bytes.length;
-    setBar("download-bar", file.size ? received / file.size : 1);
-    status.textContent = `downloading ${file.name}: ${fmtBytes(received)} of ${fmtBytes(file.size)}`;
-  }).done;
+  status.dataset.state = "downloading";
+  status.textContent = `downloading ${file.name}…`;
+  try {
+    await state.socket.stream("files.download", { file_id: file.id }, (chunk) => {
+      const bytes = fromBase64(chunk);
+      parts.push(bytes);
+      received += bytes.length;
+      setBar("download-bar", file.size ? received / file.size : 1);
+      status.textContent = `downloading ${file.name}: ${fmtBytes(received)} of ${fmtBytes(file.size)}`;
+    }).done;
+  } catch (err) {
+    status.textContent = `download of ${file.name} failed: ${err && err.message ? err.message : err}`;
+    status.dataset.state = "failed";
+    throw err; // and the toast says so too
+  } finally {
+    files.downloading = false;
+  }
   setBar("download-bar", 1);
   status.textContent = `downloaded ${file.name} (${fmtBytes(received)})`;
+  status.dataset.state = "done";
   const url = URL.createObjectURL(new Blob(parts, { type: "application/octet-stream" }));
   const link = el("a", { href: url, download: file.name });
   document.body.append(link);
