@@ -176,6 +176,28 @@ def test_a_replaced_watch_shows_nothing_more(browser: Any, console_world: Consol
         assert page.is_checked("#kv-watch")
 
 
+def test_a_stopped_subscription_shows_nothing_more(
+    browser: Any, console_world: ConsoleWorld, native: SyncClient
+) -> None:
+    with open_page(browser, console_world.url) as page:
+        sockets = SlowCancels(page)
+        log_in(page, console_world.url, "admin", PASSWORD, tab="topics")
+        page.fill("#sub-pattern", "user.admin.tail")
+        page.click("#sub-start")
+        page.wait_for_selector("#sub-status[data-state=live]")
+        native.call("messages.publish", topic="user.admin.tail", payload="before the stop")
+        page.wait_for_selector("#tail-table tr[data-topic='user.admin.tail']")
+        page.click("#sub-stop")  # its cancel is held back: the server goes on sending
+        page.wait_for_selector("#sub-status[data-state=ended]")
+        assert "stopped (1 message received)" in page.inner_text("#sub-status")
+        native.call("messages.publish", topic="user.admin.tail", payload="after the stop")
+        until(page, lambda: any("after the stop" in m for m in sockets.seen))
+        page.evaluate("new Promise(resolve => setTimeout(resolve, 0))")  # the page has handled it
+        assert page.eval_on_selector_all("#tail-table tbody tr", "rows => rows.length") == 1
+        assert "stopped (1 message received)" in page.inner_text("#sub-status")
+        assert page.is_enabled("#sub-start")
+
+
 def until(page: Any, predicate: Any, timeout: float = TIMEOUT_MS / 1000) -> None:
     """Let the page run until ``predicate()`` is true."""
     deadline = time.monotonic() + timeout

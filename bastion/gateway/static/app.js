@@ -1202,7 +1202,7 @@ function stopMailWatch() {
 // -- topics -------------------------------------------------------------------------------
 
 const TAIL_ROWS = 500; // the oldest rows of the tail are dropped past this
-const topics = { sub: null, count: 0 };
+const topics = { sub: null, count: 0, finish: null };
 
 function setupTopics() {
   loaders.topics = async () => {
@@ -1244,6 +1244,7 @@ function subscribe() {
   status.dataset.state = "opening";
   topics.count = 0;
   const handle = state.socket.stream("messages.subscribe", params, (item) => {
+    if (topics.sub !== handle) return; // stopped: what the server sent before it had the cancel is not shown
     if (item.type === "start") {
       status.textContent = `subscribed to ${item.topic}${offset !== "" ? ` from offset ${offset}` : ""}: live`;
       status.dataset.state = "live";
@@ -1271,6 +1272,7 @@ function subscribe() {
     if (lagged) showLagged(err, params);
     else if (err && err.status !== "CANCELLED") showError(err);
   };
+  topics.finish = finish;
   handle.done.then(() => finish("the subscription ended"), (err) => finish(err.status === "CANCELLED" ? "stopped" : `ended: ${err.message}`, err));
 }
 
@@ -1297,8 +1299,11 @@ function showLagged(err, params) {
   box.hidden = false;
 }
 
+/** Stop the tail now: the page shows it stopped at once, while the server gets the cancel. */
 function stopSubscription() {
-  if (topics.sub) topics.sub.cancel();
+  if (!topics.sub) return;
+  topics.sub.cancel();
+  topics.finish("stopped", null);
 }
 
 async function publish() {
