@@ -284,3 +284,17 @@ def test_lagged_subscriber_is_told_and_resumes(page: Any, world: World, ada: Ada
     assert page.is_hidden("#sub-lagged")
     page.click("#sub-stop")
     page.wait_for_selector("#sub-status[data-state=ended]")
+
+
+def test_a_double_click_turns_one_page(page: Any, world: World, ada: Ada) -> None:
+    for i in range(25):  # two pages: 25..6 and 5..1
+        world.admin.call("messages.send", to=[ada.name], subject=f"bulk {i}", body=b"x")
+    open_inbox(page, world, ada)
+    page.wait_for_selector("#inbox-table tr[data-id='25']")
+    page.evaluate("() => { const b = document.querySelector('#inbox-older'); b.click(); b.click(); }")
+    page.wait_for_selector("#inbox-table tr[data-id='1']")
+    assert page.inner_text("#inbox-page") == "page 2"
+    page.click("#inbox-newer")  # one click back to the first page
+    page.wait_for_selector("#inbox-table tr[data-id='25']")
+    assert page.inner_text("#inbox-page") == "page 1"
+    assert page.is_disabled("#inbox-newer")

@@ -1012,14 +1012,23 @@ const inbox = {
   retry: null,
   delay: 1000, // before the watch is opened again after it failed; doubles up to 30 s
   draftId: null, // the client_id of the draft being sent: a resubmitted draft is stored once
+  turning: false, // a page turn (Newer, Older) is loading
 };
 
 function setupInbox() {
   loaders.inbox = loadInbox;
   $("#inbox-refresh").addEventListener("click", () => loadInbox().catch(showError));
   $("#inbox-unread-only").addEventListener("change", () => { inbox.cursors = [null]; loadInbox().catch(showError); });
-  $("#inbox-newer").addEventListener("click", () => { inbox.cursors.pop(); loadInbox().catch(showError); });
-  $("#inbox-older").addEventListener("click", () => { inbox.cursors.push(inbox.next); loadInbox().catch(showError); });
+  // One page turn at a time: a second click before the page has loaded would turn from the page not yet shown
+  // (two Older clicks pushed the same cursor twice: page 3 said, page 2 shown).
+  const turn = (move) => () => {
+    if (inbox.turning) return;
+    inbox.turning = true;
+    move();
+    loadInbox().catch(showError).finally(() => { inbox.turning = false; });
+  };
+  $("#inbox-newer").addEventListener("click", turn(() => inbox.cursors.pop()));
+  $("#inbox-older").addEventListener("click", turn(() => inbox.cursors.push(inbox.next)));
   $("#inbox-all").addEventListener("change", () => {
     for (const box of document.querySelectorAll("#inbox-table tbody input[type=checkbox]")) box.checked = $("#inbox-all").checked;
   });
