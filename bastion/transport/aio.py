@@ -47,7 +47,7 @@ from bastion.protocol.connection import Connection
 from bastion.protocol.messages import Message
 from bastion.protocol.state import ConnectionState
 from bastion.status import Status
-from bastion.transport.tls_errors import describe_tls_error, looks_like_tls
+from bastion.transport.tls_errors import HTTP_PEER, describe_tls_error, looks_like_http, looks_like_tls
 
 __all__ = ["Link", "Session", "translate_error"]
 
@@ -150,6 +150,8 @@ class Link(asyncio.Protocol):
         except RemoteProtocolError as exc:
             if first and self.ssl_object is None and looks_like_tls(data):
                 self.error = ConnectionClosed("the peer speaks TLS, this end plaintext (drop the insecure setting)")
+            elif first and looks_like_http(data):
+                self.error = ConnectionClosed(HTTP_PEER)
             else:
                 self.error = exc
             self.close()

@@ -16,7 +16,7 @@ import time
 from bastion.exceptions import ConnectError, ConnectionClosed, DeadlineExceeded, RemoteProtocolError
 from bastion.protocol.connection import Connection
 from bastion.protocol.messages import Message
-from bastion.transport.tls_errors import describe_tls_error, looks_like_tls
+from bastion.transport.tls_errors import HTTP_PEER, describe_tls_error, looks_like_http, looks_like_tls
 
 __all__ = ["BlockingLink"]
 
@@ -109,6 +109,8 @@ class BlockingLink:
             self.close()
             if first and not isinstance(self.sock, ssl.SSLSocket) and looks_like_tls(data):
                 raise ConnectionClosed("the peer speaks TLS, this end plaintext (drop the insecure setting)") from None
+            if first and looks_like_http(data):
+                raise ConnectionClosed(HTTP_PEER) from None
             raise ConnectionClosed(f"protocol error: {exc}") from None
         self.flush()  # Pongs and the like
         return events

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ssl
 
-__all__ = ["describe_tls_error", "looks_like_tls"]
+__all__ = ["HTTP_PEER", "describe_tls_error", "looks_like_http", "looks_like_tls"]
 
 # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 _NAME_MISMATCH = frozenset({62, 64})
@@ -64,3 +64,15 @@ def describe_tls_error(exc: BaseException) -> str:
 def looks_like_tls(data: bytes) -> bool:
     """True when ``data`` starts like a TLS record (handshake or alert), as a TLS peer's first bytes do."""
     return len(data) >= 2 and data[0] in (0x15, 0x16) and data[1] == 0x03
+
+
+#: Why a connection failed whose peer answered in HTTP (a bastion client pointed at an HTTP port).
+HTTP_PEER = (
+    "the server answered in HTTP: this is an HTTP port (the gateway's?), not a bastion server's; "
+    "bastion clients connect to the port `bastion serve` listens on (7400 by default)"
+)
+
+
+def looks_like_http(data: bytes) -> bool:
+    """True when ``data`` starts like an HTTP/1 response, as an HTTP server's answer to our Hello does."""
+    return data[:5] == b"HTTP/"
