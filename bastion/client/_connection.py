@@ -275,8 +275,8 @@ class ClientConnection:
                 self._on_goaway(event)  # type: ignore[arg-type]
         if freed:
             self._release(freed)
-            if self.went_away and not pending:  # drained: its last call is answered
-                self._close_drained()
+            if self.went_away:  # drained once its last call is answered
+                self._close_if_drained()
 
     def _on_item(self, item: Item) -> None:
         call = self.pending.get(item.id)
@@ -298,7 +298,7 @@ class ClientConnection:
         self.went_away = True
         for call_id in [i for i in self.pending if i > goaway.last_id]:
             fail(self._forget(call_id), goaway_error(goaway, call_id))  # type: ignore[arg-type]
-        self._close_drained()
+        self._close_if_drained()
 
     def on_close(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -385,13 +385,9 @@ class ClientConnection:
             self.slots.release(n)
 
     def _close_if_drained(self) -> None:
+        """After a GoAway: close the connection once no call is left on it (the client will open no
+        call on it again, and must not rely on the server to close it)."""
         if self.core.state is ConnectionState.DRAINING and not self.pending and self.link is not None:
-            self.link.close()
-
-    def _close_drained(self) -> None:
-        """After the server's GoAway: close the connection once no call is left on it (the client
-        will open no call on it again, and must not rely on the server to close it)."""
-        if not self.pending and self.link is not None:
             self.link.close()
 
     def start_sender(

@@ -11,7 +11,6 @@ import asyncio
 import select
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from bastion import Client, SyncClient
 from bastion.client._connection import ClientClosed
 from bastion.exceptions import DeadlineExceeded, RemoteProtocolError
 from bastion.status import Status
+from tests.adversity.test_hostile_peers import poll
 from tests.support.hostile_server import (
     BAD_UTF8,
     CALL,
@@ -39,15 +39,6 @@ def run(coro: Any) -> Any:
             return await coro
 
     return asyncio.run(guarded())
-
-
-async def poll(predicate: Callable[[], Any], what: str, timeout: float = 5.0) -> None:
-    """Wait until ``predicate()`` holds, looking every 5 ms; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def bad_utf8_then_echo(peer: Peer) -> None:
