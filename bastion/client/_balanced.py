@@ -22,6 +22,7 @@ from bastion.client.balancer import (
     BreakerState,
     CircuitBreaker,
     Endpoint,
+    ReconnectBackoff,
     expand_endpoints,
     trial_passed,
 )
@@ -65,6 +66,7 @@ class BalancedEndpoints:
     if TYPE_CHECKING:  # what it uses of Client (and ClientBase)
         _addresses: list[tuple[str, int]]
         _make_breaker: Callable[[], CircuitBreaker]
+        _make_backoff: Callable[[], ReconnectBackoff]
         health_interval: float | None
         _path: CallPath
         _balancer: Balancer | None
@@ -90,7 +92,9 @@ class BalancedEndpoints:
                     raise ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
                 resolved[host, port] = list(dict.fromkeys(str(info[4][0]) for info in infos))
             if self._balancer is None:
-                endpoints = expand_endpoints(self._addresses, lambda h, p: resolved[h, p], self._make_breaker)
+                endpoints = expand_endpoints(
+                    self._addresses, lambda h, p: resolved[h, p], self._make_breaker, self._make_backoff
+                )
                 self._balancer = Balancer(endpoints, random=self._random)
                 self._slots = {id(e): _Slot(e) for e in endpoints}
                 if self.health_interval is not None:
@@ -119,6 +123,7 @@ class BalancedEndpoints:
         error: BaseException | None = None
         while True:
             endpoint = None
+            hurry = False  # the attempt just started waits out a backoff: try the next endpoint alongside at once
             if len(failed) + len(waiting) < len(balancer.endpoints):
                 skip = [*failed, *(slot.endpoint for slot in waiting.values())]
                 avoid = [*skip, *tried]
@@ -144,13 +149,16 @@ class BalancedEndpoints:
                         failed.append(endpoint)
                         error = exc
                         continue
+                    hurry = endpoint.backoff.delay() > 0
                 waiting[attempt] = slot
             elif not waiting:
                 assert error is not None
                 raise error
             more = len(failed) + len(waiting) < len(balancer.endpoints)
             done, _ = await asyncio.wait(
-                waiting, timeout=CONNECT_ATTEMPT_DELAY if more else None, return_when=asyncio.FIRST_COMPLETED
+                waiting,
+                timeout=(0 if hurry else CONNECT_ATTEMPT_DELAY) if more else None,
+                return_when=asyncio.FIRST_COMPLETED,
             )
             for attempt in done:
                 slot = waiting.pop(attempt)
@@ -187,12 +195,27 @@ class BalancedEndpoints:
         return slot.connecting
 
     async def _connect_slot(self, slot: _Slot) -> ClientConnection:
+        """Connect ``slot``'s endpoint, after its reconnect backoff if the last attempt failed or was lost."""
         endpoint = slot.endpoint
+        backoff = endpoint.backoff
         try:
+            lost = slot.conn
+            if lost is not None:  # not usable, or we would not be here
+                slot.conn = None
+                if not lost.went_away:  # lost (or broken by a protocol error), not drained
+                    backoff.on_lost()
+            wait = backoff.delay()
+            if wait > 0:
+                await asyncio.sleep(wait)
             conn = slot.conn = await self._open(endpoint.host, endpoint.port, endpoint.server_hostname)
+            backoff.on_success()
             return conn
         except ConnectError:
+            backoff.on_failure()
             endpoint.breaker.on_failure()
+            raise
+        except CallError:  # the handshake refused (too many connections, say)
+            backoff.on_failure()
             raise
         finally:
             slot.connecting = None
@@ -228,6 +251,9 @@ class BalancedEndpoints:
         breaker = slot.endpoint.breaker
         if breaker.state is BreakerState.OPEN:
             return
+        conn = slot.conn
+        if (conn is None or not conn.usable) and slot.endpoint.backoff.delay() > 0:
+            return  # reconnecting after a backoff: a check would only wait for it (calls reconnect it)
         try:
             conn = await self._slot_connection(slot)
         except ConnectError:

@@ -218,14 +218,38 @@ class Client(BalancedEndpoints, ClientBase):
                 raise ClientClosed("the client was closed") from None
             raise
         except TimeoutError:
+            backoff = self._backoff
+            if backoff.delay() > 0:
+                doing = f"waiting {backoff.delay():.2f}s more to reconnect after {backoff.failures} failures"
+            else:
+                doing = "still connecting"
             raise DeadlineExceeded(
-                f"{method}: no connection within {timeout}s (still connecting to {self.host}:{self.port})"
+                f"{method}: no connection within {timeout}s ({doing} to {self.host}:{self.port})"
             ) from None
 
     async def _reconnect(self) -> ClientConnection:
-        """One attempt at opening a single-server client's connection (``_connecting``, shared)."""
+        """One attempt at opening a single-server client's connection (``_connecting``, shared).
+
+        It waits first for the reconnect backoff (``ReconnectBackoff``) if the
+        attempt before failed or the connection was lost, so a server that is
+        down is not hammered; callers wait for it within their own deadlines.
+        """
+        backoff = self._backoff
         try:
-            conn = self._conn = await self._open()
+            lost = self._conn
+            if lost is not None:  # not usable, or we would not be here
+                self._conn = None
+                if not lost.went_away:  # lost (or broken by a protocol error), not drained
+                    backoff.on_lost()
+            wait = backoff.delay()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                conn = self._conn = await self._open()
+            except (ConnectError, CallError):  # refused, or the handshake failed or was refused
+                backoff.on_failure()
+                raise
+            backoff.on_success()
             self._methods = IdempotentMethods(clock=self._clock)  # a new connection may be a new server
             self._listing = None
             return conn

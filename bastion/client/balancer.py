@@ -13,7 +13,9 @@ The breaker is closed while the endpoint works. ``failure_threshold``
 failures in a row -- connections refused or lost, handshakes failed, not
 ready in an active health check -- open it: no calls go there for
 ``reset_timeout`` seconds, doubling (with jitter) each time it opens again,
-up to ``max_reset_timeout`` -- the client's reconnect backoff. Then it is
+up to ``max_reset_timeout``. (That paces where calls go; how soon a client
+connects to an address again after failing is each endpoint's
+``ReconnectBackoff``, below.) Then it is
 half-open: one trial (a health check, ``admin.ready``) is let through; a
 success closes it, a failure opens it again. A server that answers the trial
 with UNIMPLEMENTED, UNAUTHENTICATED or PERMISSION_DENIED is up and answering,
@@ -44,6 +46,7 @@ __all__ = [
     "BreakerState",
     "CircuitBreaker",
     "Endpoint",
+    "ReconnectBackoff",
     "expand_endpoints",
     "is_ip",
     "parse_endpoints",
@@ -147,6 +150,89 @@ class CircuitBreaker:
         return f"CircuitBreaker({self.state.value}, failures={self._failures})"
 
 
+class ReconnectBackoff:
+    """How long to wait before the next attempt at connecting to one address: exponential, full jitter, capped.
+
+    Without it, a client whose server is down (or refuses it, or accepts and
+    drops it) tries again as fast as its calls come, and every client of a
+    fleet does the same: the server, restarting, is hammered. Each failed
+    attempt (``on_failure``: connection refused, handshake failed or refused)
+    and each connection lost (``on_lost``) makes the next attempt wait a
+    random time in ``[0, min(max_delay, base_delay * multiplier**(n-1))]``
+    after the n-th failure in a row ("full jitter": clients that failed
+    together do not come back together). A connection that opens resets it
+    (``on_success``) -- unless it is lost within ``max_delay`` seconds, which
+    proves nothing (a server that accepts and then drops every connection):
+    then the count goes on from where it was. The first attempt does not
+    wait; the first after a connection that lived waits at most ``base_delay``.
+
+    The wait is drawn once per failure and shared (``ready_at``): every call
+    waiting for the connection waits for the same attempt. Nothing here does
+    I/O; clock and randomness are injectable for tests.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_connected_at",
+        "_random",
+        "_streak",
+        "base_delay",
+        "failures",
+        "max_delay",
+        "multiplier",
+        "ready_at",
+    )
+
+    def __init__(
+        self,
+        *,
+        base_delay: float = 0.1,
+        max_delay: float = 5.0,
+        multiplier: float = 2.0,
+        clock: Clock = time.monotonic,
+        random: Random = _random.random,
+    ) -> None:
+        if not 0 < base_delay <= max_delay or multiplier < 1:
+            raise UsageError("ReconnectBackoff: need 0 < base_delay <= max_delay and multiplier >= 1")
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.multiplier = multiplier
+        self._clock = clock
+        self._random = random
+        #: Failed attempts (and connections lost) in a row.
+        self.failures = 0
+        #: When the next attempt may start (``clock`` time).
+        self.ready_at = 0.0
+        self._streak = 0  # failures before the last success: where a hollow success goes on from
+        self._connected_at: float | None = None
+
+    def delay(self) -> float:
+        """Seconds to wait before the next attempt (0: try now)."""
+        return max(0.0, self.ready_at - self._clock()) if self.failures else 0.0
+
+    def on_failure(self) -> None:
+        """An attempt failed: the next waits longer."""
+        self.failures += 1
+        ceiling = min(self.max_delay, self.base_delay * self.multiplier ** min(self.failures - 1, 64))
+        self.ready_at = self._clock() + self._random() * ceiling
+
+    def on_success(self) -> None:
+        """A connection opened: back to no wait."""
+        self._streak = self.failures
+        self.failures = 0
+        self._connected_at = self._clock()
+
+    def on_lost(self) -> None:
+        """The connection opened last was lost (not drained, not closed by the client)."""
+        connected_at, self._connected_at = self._connected_at, None
+        if connected_at is not None and self._clock() - connected_at < self.max_delay:
+            self.failures = max(self.failures, self._streak)  # a success that proved nothing
+        self.on_failure()
+
+    def __repr__(self) -> str:
+        return f"ReconnectBackoff(failures={self.failures}, delay={self.delay():.3f})"
+
+
 #: Answers to a trial's ``admin.ready`` that show a server up, only without a readiness check for this client.
 _ANSWERING = frozenset({Status.UNIMPLEMENTED, Status.UNAUTHENTICATED, Status.PERMISSION_DENIED})
 
@@ -159,19 +245,27 @@ def trial_passed(answer: object, error: BaseException | None) -> bool:
 
 
 class Endpoint:
-    """One server address: its breaker and its calls outstanding.
+    """One server address: its breaker, its reconnect backoff and its calls outstanding.
 
     ``server_hostname``: the name to verify the server's certificate against
     (the DNS name an address was resolved from).
     """
 
-    __slots__ = ("breaker", "host", "outstanding", "port", "server_hostname")
+    __slots__ = ("backoff", "breaker", "host", "outstanding", "port", "server_hostname")
 
-    def __init__(self, host: str, port: int, breaker: CircuitBreaker, server_hostname: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        breaker: CircuitBreaker,
+        server_hostname: str | None = None,
+        backoff: ReconnectBackoff | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.server_hostname = server_hostname
         self.breaker = breaker
+        self.backoff = backoff if backoff is not None else ReconnectBackoff()
         self.outstanding = 0
 
     @property
@@ -236,6 +330,7 @@ def expand_endpoints(
     pairs: Iterable[tuple[str, int]],
     resolve: Callable[[str, int], list[str]],
     make_breaker: Callable[[], CircuitBreaker],
+    make_backoff: Callable[[], ReconnectBackoff] = ReconnectBackoff,
 ) -> list[Endpoint]:
     """One endpoint per address: IP literals as they are, names through ``resolve`` (all their addresses)."""
     endpoints: list[Endpoint] = []
@@ -248,7 +343,7 @@ def expand_endpoints(
         for ip in addresses:
             if (ip, port) not in seen:
                 seen.add((ip, port))
-                endpoints.append(Endpoint(ip, port, make_breaker(), server_hostname=name))
+                endpoints.append(Endpoint(ip, port, make_breaker(), server_hostname=name, backoff=make_backoff()))
     if not endpoints:
         raise UsageError("no server address resolved")
     return endpoints

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from bastion.client._common import CLIENT_NAME, ClientTLS, resolve_token
-from bastion.client.balancer import CircuitBreaker, parse_endpoints
+from bastion.client.balancer import CircuitBreaker, ReconnectBackoff, parse_endpoints
 from bastion.client.policy import DEFAULT_RETRY, IdempotentMethods, RetryBudget, RetryPolicy
 from bastion.protocol.connection import ProtocolLimits
 from bastion.protocol.messages import Welcome
@@ -36,6 +36,10 @@ class ClientBase:
     ``retry`` is the ``RetryPolicy`` for failed calls (default: 3 attempts
     with jittered exponential backoff, for idempotent calls only, under a
     retry budget); None never retries, not even a call that never started.
+    ``reconnect`` makes the ``ReconnectBackoff`` that paces attempts at
+    connecting to each address after one failed or a connection was lost
+    (default: full jitter, from 0.1 s doubling up to 5 s, reset by a
+    connection that stays up); a call waits for it within its own deadline.
 
     Several servers: ``address`` may be a list of addresses, a comma-separated
     string, or ``dns:///name:port`` (every address the name resolves to). The
@@ -66,11 +70,15 @@ class ClientBase:
         retry: RetryPolicy | None = DEFAULT_RETRY,
         breaker: Callable[[], CircuitBreaker] = CircuitBreaker,
         health_interval: float | None = 5.0,
+        reconnect: Callable[[], ReconnectBackoff] = ReconnectBackoff,
     ) -> None:
         self._addresses, self.balanced = parse_endpoints(address)
         self._init_state()
         self.host, self.port = self._addresses[0]
         self._make_breaker = breaker
+        self._make_backoff = reconnect
+        #: A single-server client's reconnect backoff (a balanced client's endpoints have one each).
+        self._backoff = reconnect()
         self.health_interval = health_interval
         self.timeout = timeout
         self.connect_timeout = connect_timeout

@@ -39,7 +39,7 @@ from bastion.client._common import (
     silent_close_hint,
 )
 from bastion.client._connection import ClientClosed
-from bastion.client.balancer import Balancer, Endpoint, expand_endpoints, trial_passed
+from bastion.client.balancer import Balancer, Endpoint, ReconnectBackoff, expand_endpoints, trial_passed
 from bastion.client.base import ClientBase
 from bastion.client.policy import (
     LISTING_METHOD,
@@ -93,6 +93,8 @@ class SyncClient(ClientBase):
         # stream is being read (in the same thread: the lock is reentrant) reads the stream's
         # items too, and keeps them here until the stream reads on. Keyed by call id.
         self._backlog: dict[int, collections.deque[Message]] = {}
+        #: Set while ``close`` waits for a call in another thread: ends that call's wait for a reconnect backoff.
+        self._closing = threading.Event()
         _LIVE.add(self)
 
     def _forget_after_fork(self) -> None:
@@ -103,6 +105,7 @@ class SyncClient(ClientBase):
         Closing the child's copy of the descriptor leaves the parent's intact.
         """
         self._lock = threading.RLock()
+        self._closing = threading.Event()
         self._backlog = {}
         link, self._link = self._link, None
         if link is not None:
@@ -139,20 +142,25 @@ class SyncClient(ClientBase):
         if link is not None:
             if link.core.state is not ConnectionState.OPEN and self._endpoint is not None and not link.closed:
                 self._endpoint.breaker.trip()  # drained (GoAway): elsewhere for a while
+            if link.core.goaway is None and not link.aborted:  # lost, not drained nor closed by us
+                (self._endpoint.backoff if self.balanced and self._endpoint is not None else self._backoff).on_lost()
             link.close()
             self._link = None
         if not self.balanced:
-            return self._connect_to(self.host, self.port, self._server_hostname, deadline)
+            return self._connect_after_backoff(self._backoff, self.host, self.port, self._server_hostname, deadline)
         balancer = self._endpoints()
         failed = list(tried or ())
         error: ConnectError | None = None
         for _ in range(len(balancer.endpoints)):
-            endpoint = balancer.pick(failed)
+            backing_off = [e for e in balancer.endpoints if e.backoff.delay() > 0]
+            endpoint = balancer.pick([*failed, *backing_off])  # one that may be tried now, if any
+            if endpoint in failed or endpoint in backing_off:
+                endpoint = balancer.pick(failed)
             if error is not None and endpoint in failed:
                 break
             try:
                 hostname = self._server_hostname or endpoint.server_hostname
-                link = self._connect_to(endpoint.host, endpoint.port, hostname, deadline)
+                link = self._connect_after_backoff(endpoint.backoff, endpoint.host, endpoint.port, hostname, deadline)
                 self._endpoint = endpoint
                 if endpoint.breaker.begin_trial():
                     self._probe(endpoint)
@@ -164,6 +172,34 @@ class SyncClient(ClientBase):
         assert error is not None
         raise error
 
+    def _connect_after_backoff(
+        self, backoff: ReconnectBackoff, host: str, port: int, hostname: str | None, deadline: float | None
+    ) -> BlockingLink:
+        """``_connect_to``, once ``backoff`` allows another attempt; the backoff learns how it went.
+
+        Waiting past ``deadline`` is not done: the call waits until then and
+        fails with DeadlineExceeded. ``close`` from another thread ends the wait.
+        """
+        wait = backoff.delay()
+        if wait > 0:
+            late = deadline is not None and time.monotonic() + wait > deadline
+            if deadline is not None and late:
+                wait = max(0.0, deadline - time.monotonic())
+            if self._closing.wait(wait):
+                raise ClientClosed("the client was closed")
+            if late:
+                raise DeadlineExceeded(
+                    f"waiting {backoff.delay():.2f}s more to reconnect to {host}:{port} "
+                    f"after {backoff.failures} failures"
+                )
+        try:
+            link = self._connect_to(host, port, hostname, deadline)
+        except (ConnectError, CallError):  # refused, or the handshake failed or was refused
+            backoff.on_failure()
+            raise
+        backoff.on_success()
+        return link
+
     def _endpoints(self) -> Balancer:
         if self._balancer is None:
 
@@ -174,7 +210,7 @@ class SyncClient(ClientBase):
                     raise ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
                 return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
-            endpoints = expand_endpoints(self._addresses, resolve, self._make_breaker)
+            endpoints = expand_endpoints(self._addresses, resolve, self._make_breaker, self._make_backoff)
             random = self._retry.random if self._retry is not None else None
             self._balancer = Balancer(endpoints, random=random) if random is not None else Balancer(endpoints)
         return self._balancer
@@ -250,10 +286,12 @@ class SyncClient(ClientBase):
         """
         acquired = self._lock.acquire(blocking=False)
         while not acquired:
+            self._closing.set()  # a call waiting out a reconnect backoff stops waiting
             link = self._link or self._handshaking
             if link is not None:
                 link.abort()
             acquired = self._lock.acquire(timeout=_CLOSE_POLL)
+        self._closing.clear()
         try:
             if self._link is not None:
                 self._link.close()
@@ -327,6 +365,7 @@ class SyncClient(ClientBase):
             return
         if isinstance(exc, ConnectionClosed):
             endpoint.breaker.on_failure()
+            endpoint.backoff.on_lost()
         elif not isinstance(exc, Unavailable):  # a rate limit is no reason to move
             return
         with self._lock:
@@ -398,6 +437,8 @@ class SyncClient(ClientBase):
             except ConnectError as exc:
                 if deadline is None or time.monotonic() < deadline:
                     raise
+                raise DeadlineExceeded(f"{method}: no connection within {total}s ({exc})") from None
+            except DeadlineExceeded as exc:  # waiting out a reconnect backoff
                 raise DeadlineExceeded(f"{method}: no connection within {total}s ({exc})") from None
             core = link.core
             call_id = core.send_call(
