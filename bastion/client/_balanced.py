@@ -242,9 +242,15 @@ class BalancedEndpoints:
         return ok
 
     async def _health_loop(self, interval: float) -> None:
-        """Every ``interval`` seconds: ``admin.ready`` on every endpoint whose breaker is not open."""
+        """Every ``interval`` seconds, give or take half: ``admin.ready`` on every endpoint whose breaker is not open.
+
+        Each wait is drawn uniformly from ``[interval / 2, 3 * interval / 2]``
+        (the client's retry randomness): clients started together -- a fleet
+        deployed at once -- would otherwise probe every server in lockstep.
+        """
+        random = self._random
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval * (0.5 + random()))
             await asyncio.gather(*(self._check(slot, interval) for slot in list(self._slots.values())))
 
     async def _check(self, slot: _Slot, interval: float) -> None:

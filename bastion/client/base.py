@@ -45,9 +45,9 @@ class ClientBase:
     string, or ``dns:///name:port`` (every address the name resolves to). The
     client then balances calls over them and fails over between them (see
     bastion/client/balancer.py): ``breaker`` makes each endpoint's
-    ``CircuitBreaker``; ``health_interval`` is how often (seconds) the async
-    client checks every endpoint's ``admin.ready`` (None: only when a breaker
-    half-opens).
+    ``CircuitBreaker``; ``health_interval`` is how often (seconds, jittered
+    by half either way) the async client checks every endpoint's
+    ``admin.ready`` (None: only when a breaker half-opens).
     """
 
     def __init__(
