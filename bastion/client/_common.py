@@ -22,14 +22,20 @@ from bastion.exceptions import CallError, RemoteProtocolError, Unavailable, Usag
 from bastion.protocol.connection import ProtocolLimits
 from bastion.protocol.messages import PROTOCOL_VERSION, Error, GoAway, Hello
 from bastion.security.tls import client_context
+from bastion.status import Status
 
 __all__ = [
+    "COLLECTED_ITEM_COST",
+    "MAX_COLLECTED_BYTES",
+    "MAX_PINGS",
+    "PING_WINDOW",
     "VALUE_ERRORS",
     "ClientTLS",
     "MethodProxy",
     "ServiceProxy",
     "bad_value",
     "build_hello",
+    "collected_too_much",
     "decode_value",
     "error_from",
     "parse_address",
@@ -38,6 +44,27 @@ __all__ = [
 #: Decodes a call's raw answer (or stream item) to plain values.
 DECODER: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
 CLIENT_NAME = f"bastion-py/{__version__}"
+
+#: The default of ``max_collected_bytes``: the most a unary call (``call``, ``invoke``) collects of a
+#: server stream's items before it fails -- as much as ``stream()`` may hold unread (16 items of 1 MiB).
+MAX_COLLECTED_BYTES = 16 * 1024 * 1024
+#: What each collected item counts besides its bytes (its object and its place in the queue and the
+#: list): a stream of tiny items is bounded too.
+COLLECTED_ITEM_COST = 64
+#: Pings a server may send on one connection in ``PING_WINDOW`` seconds before the client drops it: each
+#: costs the client a Pong, which piles up unsent if the server does not read (the server's own cap on
+#: clients, ``limits.max_pings_per_10s``, is the same). A server's keepalive pings every ~30 s.
+MAX_PINGS = 100
+PING_WINDOW = 10.0
+
+
+def collected_too_much(limit: int) -> RemoteProtocolError:
+    """The error of a unary call whose server stream passed ``max_collected_bytes`` (``limit``)."""
+    return RemoteProtocolError(
+        f"the server's stream passed max_collected_bytes ({limit}) in answer to a call that collects it into "
+        "one list: the call was cancelled (read a long stream with stream())",
+        Status.RESOURCE_EXHAUSTED,
+    )
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -20,10 +20,19 @@ from typing import Any
 import msgspec
 
 from bastion._slots import Slots
-from bastion.client._common import build_hello, error_from, goaway_error
+from bastion.client._common import (
+    COLLECTED_ITEM_COST,
+    MAX_COLLECTED_BYTES,
+    MAX_PINGS,
+    PING_WINDOW,
+    build_hello,
+    collected_too_much,
+    error_from,
+    goaway_error,
+)
 from bastion.exceptions import ConnectError, ConnectionClosed, error_for_status
 from bastion.protocol.connection import Connection, ProtocolLimits
-from bastion.protocol.messages import Credit, Error, GoAway, Item, Message, Result, Welcome
+from bastion.protocol.messages import Credit, Error, GoAway, Item, Message, Ping, Result, Welcome
 from bastion.protocol.state import ConnectionState, Role
 from bastion.security.tls import ALPN_PROTOCOL
 from bastion.transport.aio import Link, translate_error
@@ -63,7 +72,7 @@ class Pending:
     one of the connection's ``Slots``, given back when it ends.
     """
 
-    __slots__ = ("collect", "credit", "done", "items", "slot", "waiter")
+    __slots__ = ("collect", "collected", "credit", "done", "items", "slot", "waiter")
 
     def __init__(self, done: asyncio.Future[Any], *, slot: bool) -> None:
         self.done = done
@@ -71,6 +80,7 @@ class Pending:
         self.waiter: asyncio.Future[None] | None = None
         self.credit: asyncio.Event | None = None
         self.collect = False
+        self.collected = 0  # what the items collected count against ``max_collected_bytes``
         self.slot = slot
 
     def wake(self) -> None:
@@ -208,8 +218,12 @@ class ClientConnection:
     the answers in one read give theirs back together.
     """
 
-    def __init__(self, limits: ProtocolLimits, hello_token: str | None, name: str) -> None:
+    def __init__(
+        self, limits: ProtocolLimits, hello_token: str | None, name: str, max_collected: int = MAX_COLLECTED_BYTES
+    ) -> None:
         self.core = Connection(Role.CLIENT, limits)
+        #: The most a call collecting a server stream's items may take (``max_collected_bytes``).
+        self.max_collected = max_collected
         self.limits = limits
         self.link: Link | None = None
         self.pending: dict[int, InFlight] = {}
@@ -221,6 +235,8 @@ class ClientConnection:
         self.closed_silently = False
         self.slots: Slots | None = None
         self.deadlines = Deadlines(self.loop)
+        self._pings = 0  # Pings received since ``_pings_since``: a flood is dropped (``_on_ping``)
+        self._pings_since = self.loop.time()
         self._token = hello_token
         self._name = name
 
@@ -273,6 +289,8 @@ class ClientConnection:
                     self.welcome.set_result(event)  # type: ignore[arg-type]
             elif cls is GoAway:
                 self._on_goaway(event)  # type: ignore[arg-type]
+            elif cls is Ping:
+                self._on_ping()
         if freed:
             self._release(freed)
             if self.went_away:  # drained once its last call is answered
@@ -285,10 +303,28 @@ class ClientConnection:
         if not isinstance(call, Pending):  # a unary call to a server stream: it collects the items
             call = self.pending[item.id] = Pending(call, slot=True)
             call.collect = True
-        call.items.append(item.value)
-        if call.collect:
+        if call.collect:  # granted back at once, so bounded here: a stream that never ends must not
+            call.collected += len(item.value) + COLLECTED_ITEM_COST
+            if call.collected > self.max_collected:
+                self.cancel(item.id)
+                call.items.clear()
+                call.fail(collected_too_much(self.max_collected))
+                return
             self.grant(item.id, 1)
+        call.items.append(item.value)
         call.wake()
+
+    def _on_ping(self) -> None:
+        """A Ping, its Pong queued by the core: past ``MAX_PINGS`` in ``PING_WINDOW`` seconds, drop the
+        connection (a server that floods Pings and does not read the Pongs would grow them without end)."""
+        now = self.loop.time()
+        if now - self._pings_since >= PING_WINDOW:
+            self._pings_since, self._pings = now, 0
+        self._pings += 1
+        if self._pings > MAX_PINGS and self.link is not None:
+            self.core.data_to_send()  # the Pongs queued: never sent
+            self.core.close()
+            self.link.drop(f"ping flood: the server sent over {MAX_PINGS} Pings in {PING_WINDOW:g}s")
 
     def _on_goaway(self, goaway: GoAway) -> None:
         if not self.welcome.done():

@@ -264,7 +264,7 @@ class Client(BalancedEndpoints, ClientBase):
         host = self.host if host is None else host
         port = self.port if port is None else port
         loop = asyncio.get_running_loop()
-        conn = ClientConnection(self.limits, self._token, self._name)
+        conn = ClientConnection(self.limits, self._token, self._name, self.max_collected_bytes)
         self._opened.add(conn)
         try:
             async with asyncio.timeout(self.connect_timeout):

@@ -12,9 +12,10 @@ import ssl
 import uuid
 from collections.abc import Callable, Sequence
 
-from bastion.client._common import CLIENT_NAME, ClientTLS, resolve_token
+from bastion.client._common import CLIENT_NAME, MAX_COLLECTED_BYTES, ClientTLS, resolve_token
 from bastion.client.balancer import CircuitBreaker, ReconnectBackoff, parse_endpoints
 from bastion.client.policy import DEFAULT_RETRY, IdempotentMethods, RetryBudget, RetryPolicy
+from bastion.exceptions import UsageError
 from bastion.protocol.connection import ProtocolLimits
 from bastion.protocol.messages import Welcome
 
@@ -40,6 +41,10 @@ class ClientBase:
     connecting to each address after one failed or a connection was lost
     (default: full jitter, from 0.1 s doubling up to 5 s, reset by a
     connection that stays up); a call waits for it within its own deadline.
+    ``max_collected_bytes`` bounds what a unary call (``call``, ``invoke``)
+    collects of a server stream's items (each counts its bytes plus 64):
+    past it the call is cancelled and fails with RemoteProtocolError
+    (RESOURCE_EXHAUSTED); ``stream()`` reads a stream of any length.
 
     Several servers: ``address`` may be a list of addresses, a comma-separated
     string, or ``dns:///name:port`` (every address the name resolves to). The
@@ -71,7 +76,11 @@ class ClientBase:
         breaker: Callable[[], CircuitBreaker] = CircuitBreaker,
         health_interval: float | None = 5.0,
         reconnect: Callable[[], ReconnectBackoff] = ReconnectBackoff,
+        max_collected_bytes: int = MAX_COLLECTED_BYTES,
     ) -> None:
+        if not isinstance(max_collected_bytes, int) or max_collected_bytes < 1:
+            raise UsageError(f"max_collected_bytes must be a positive integer, got {max_collected_bytes!r}")
+        self.max_collected_bytes = max_collected_bytes
         self._addresses, self.balanced = parse_endpoints(address)
         self._init_state()
         self.host, self.port = self._addresses[0]

@@ -30,9 +30,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from bastion.client._common import (
+    COLLECTED_ITEM_COST,
     ServiceProxy,
     build_hello,
     check_args,
+    collected_too_much,
     decode_value,
     error_from,
     goaway_error,
@@ -385,7 +387,7 @@ class SyncClient(ClientBase):
     ) -> Any:
         collected: list[Any] = []
         result = None
-        for kind, value in self._run(method, args, timeout, priority, metadata, items, total):
+        for kind, value in self._run(method, args, timeout, priority, metadata, items, total, collect=True):
             if kind == "item":
                 collected.append(value)
             else:
@@ -427,7 +429,11 @@ class SyncClient(ClientBase):
         metadata: dict[str, str] | None,
         items: Iterable[Any] | None,
         total: float | None = None,
+        *,
+        collect: bool = False,
     ) -> Iterator[tuple[str, Any]]:
+        """The call's items and its result, as they come; ``collect``: the caller keeps every item (a unary
+        call), so the stream is cut off past ``max_collected_bytes``."""
         timeout = self.timeout if timeout is None else timeout
         total = timeout if total is None else total
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -454,6 +460,7 @@ class SyncClient(ClientBase):
             backlog = self._backlog
             mine: collections.deque[Message] = collections.deque()
             backlog[call_id] = mine
+            collected = 0  # what the items count against max_collected_bytes, when collected
             try:
                 while True:
                     if source is not None:
@@ -466,6 +473,10 @@ class SyncClient(ClientBase):
                         events = _sort_out(link.receive(deadline), call_id, backlog)
                     for event in events:
                         if isinstance(event, Item):
+                            if collect:
+                                collected += len(event.value) + COLLECTED_ITEM_COST
+                                if collected > self.max_collected_bytes:
+                                    raise collected_too_much(self.max_collected_bytes)  # cancelled below
                             core.grant(call_id, 1)
                             yield "item", decode_value(event.value, method)
                         elif isinstance(event, Result):
@@ -529,14 +540,22 @@ class SyncClient(ClientBase):
 def _sort_out(events: list[Message], call_id: int, backlog: dict[int, collections.deque[Message]]) -> list[Message]:
     """The events for call ``call_id``; those for the client's other calls in progress go to their backlogs.
 
-    A GoAway concerns every call. Events for no call in progress (the late
-    answer of a cancelled call) are dropped.
+    A GoAway concerns every call; a backlog keeps one of a run of them (the
+    lowest ``last_id``), or a server repeating GoAway would grow it without
+    end. Events for no call in progress (the late answer of a cancelled
+    call) are dropped.
     """
     mine: list[Message] = []
     for event in events:
         if isinstance(event, GoAway):
             for other, kept in backlog.items():
-                if other != call_id:
+                if other == call_id:
+                    continue
+                last = kept[-1] if kept else None
+                if isinstance(last, GoAway):
+                    if event.last_id < last.last_id:
+                        kept[-1] = event
+                else:
                     kept.append(event)
             mine.append(event)
         elif getattr(event, "id", None) == call_id:

@@ -17,12 +17,13 @@ import pytest
 
 from bastion import Client, SyncClient
 from bastion.client._connection import ClientClosed
-from bastion.exceptions import DeadlineExceeded, RemoteProtocolError
+from bastion.exceptions import ConnectionClosed, DeadlineExceeded, RemoteProtocolError
 from bastion.status import Status
 from tests.adversity.test_hostile_peers import poll
 from tests.support.hostile_server import (
     BAD_UTF8,
     CALL,
+    CANCEL,
     GOAWAY,
     RESULT,
     HostileServer,
@@ -363,3 +364,161 @@ def test_closing_a_sync_client_from_another_thread_ends_a_call_stuck_in_the_hand
         assert not closer.is_alive() and not caller.is_alive(), "close waited for the handshake"
         assert time.monotonic() - start < 2.0
         assert isinstance(outcome[0], ClientClosed), outcome
+
+
+# -- a server that would grow the client's memory without bound ---------------------------------------------
+
+ITEM, CREDIT, PING = 7, 9, 10
+
+
+def endless_stream(items: int) -> Any:
+    """Answers a call with ``items`` stream items (credit permitting) -- its argument ``n`` if given --
+    of 1000 bytes (``tiny=True``: nil), then a Result; ``echo`` with "fine"."""
+
+    async def script(peer: Peer) -> None:
+        await peer.handshake()
+        while True:
+            call = await peer.read_call()
+            if call[2] == "echo":
+                peer.send(RESULT, call[1], "fine")
+                continue
+            wanted, value = call[3].get("n", items), None if call[3].get("tiny") else b"x" * 1000
+            credit, sent = 16, 0  # the client's window
+            while sent < wanted:
+                while credit and sent < wanted:
+                    peer.send(ITEM, call[1], value)
+                    credit, sent = credit - 1, sent + 1
+                message = await peer.read()
+                if message[0] == CREDIT:
+                    credit += message[2]
+                elif message[0] == CANCEL:
+                    break
+            else:
+                peer.send(RESULT, call[1], None)
+
+    return script
+
+
+def test_a_unary_call_to_an_endless_stream_is_cut_off_at_max_collected_bytes() -> None:
+    """A unary call collects a server stream's items, granting credit back as each comes: a stream that
+    never ended grew the client's memory for as long as it ran. Past ``max_collected_bytes`` the call is
+    cancelled and fails, coded; the connection serves on."""
+
+    async def main(address: str) -> None:
+        async with Client(address, insecure=True, timeout=10, max_collected_bytes=256 * 1024) as client:
+            for how in ("call", "invoke"):
+                with pytest.raises(RemoteProtocolError, match="max_collected_bytes") as caught:
+                    if how == "call":
+                        await client.call("x.y")
+                    else:
+                        await client.invoke("x.y", {}, idempotent=True)
+                assert caught.value.status is Status.RESOURCE_EXHAUSTED
+                assert await client.call("echo") == "fine"
+
+    with HostileServer(endless_stream(5000)) as server:
+        run(main(server.address))
+        assert len(server.peers) == 1
+        assert [m[1] for m in server.peers[0].received if m[0] == CANCEL] == [1, 3]
+
+
+def test_the_sync_client_cuts_off_an_endless_stream_at_max_collected_bytes() -> None:
+    with HostileServer(endless_stream(5000)) as server:
+        with SyncClient(server.address, insecure=True, timeout=10, max_collected_bytes=256 * 1024) as client:
+            with pytest.raises(RemoteProtocolError, match="max_collected_bytes") as caught:
+                client.call("x.y")
+            assert caught.value.status is Status.RESOURCE_EXHAUSTED
+            assert client.call("echo") == "fine"
+            assert list(client.stream("x.y")) == [b"x" * 1000] * 5000  # read as it comes: no limit
+        assert len(server.peers) == 1
+        assert [m[1] for m in server.peers[0].received if m[0] == CANCEL] == [1]
+
+
+def test_a_stream_of_tiny_items_counts_their_overhead_too() -> None:
+    """An item of one byte (nil) still costs the client an object and a place in a list: each counts 64
+    bytes more than its own, or a stream of nils could take max_collected_bytes times 60 in memory."""
+
+    async def main(address: str) -> None:
+        async with Client(address, insecure=True, timeout=10, max_collected_bytes=6500) as client:
+            assert await client.call("x.y", n=100, tiny=True) == [None] * 100  # 100 * (1 + 64) bytes
+            with pytest.raises(RemoteProtocolError, match="max_collected_bytes"):
+                await client.call("x.y", n=101, tiny=True)
+
+    with HostileServer(endless_stream(0)) as server:
+        run(main(server.address))
+
+
+async def ping_flood(peer: Peer) -> None:
+    """Pings without end, never reading the Pongs."""
+    await peer.handshake()
+    await peer.read_call()
+    for i in range(1000):
+        peer.send(PING, i)
+    await asyncio.Event().wait()  # holds the connection, reading nothing
+
+
+def test_a_server_flooding_pings_is_dropped_with_a_clear_error() -> None:
+    """Every Ping costs the client a Pong; a server that floods them and never reads grew the client's
+    write buffer without bound, and its calls waited for their deadline. Past 100 in 10 s the client drops
+    the connection: the call fails at once, saying why."""
+
+    async def main(address: str) -> None:
+        client = Client(address, insecure=True, timeout=5, retry=None)
+        start = time.monotonic()
+        with pytest.raises(ConnectionClosed, match="ping flood"):
+            await client.call("x.y")
+        assert time.monotonic() - start < 3
+        await client.close()
+
+    with HostileServer(ping_flood) as server:
+        run(main(server.address))
+
+
+def test_a_stream_the_caller_does_not_read_holds_no_more_than_its_window() -> None:
+    """``stream()`` grants credit only as its caller reads: a server sending past it is cut off (protocol
+    error, connection closed), so an unread stream holds at most ``window`` items."""
+
+    async def script(peer: Peer) -> None:
+        await peer.handshake()
+        call = await peer.read_call()
+        for _ in range(1000):
+            peer.send(ITEM, call[1], b"x" * 1000)
+        await peer.until_closed()
+
+    async def main(server: HostileServer) -> None:
+        client = Client(server.address, insecure=True, timeout=5)
+        stream = client.stream("x.y")
+        got: list[Any] = []
+        with pytest.raises(ConnectionClosed, match="without credit"):
+            got.append(await anext(stream))  # then the caller stops reading...
+            await poll(lambda: server.peers[0].closed.is_set(), "the client to close the connection")
+            async for item in stream:  # ... and finds what was kept, then why the rest was not
+                got.append(item)
+        assert len(got) <= 16  # (the items of the read that broke the rules are dropped with it)
+        await client.close()
+
+    with HostileServer(script) as server:
+        run(main(server))
+
+
+def test_a_storm_of_goaways_does_not_pile_up_for_a_sync_stream_in_progress() -> None:
+    """A call made while a sync stream is read keeps what it reads for the stream until the stream reads
+    on -- each GoAway too, once per GoAway: a server repeating GoAway grew that backlog without bound."""
+
+    async def script(peer: Peer) -> None:
+        await peer.handshake()
+        stream = await peer.read_call()
+        peer.send(ITEM, stream[1], "first")
+        inner = await peer.read_call()
+        for _ in range(10_000):
+            peer.send(GOAWAY, 100, 0, "draining")
+        peer.send(RESULT, inner[1], "inner")
+        peer.send(ITEM, stream[1], "second")
+        peer.send(RESULT, stream[1], None)
+        await peer.until_closed()
+
+    with HostileServer(script) as server, SyncClient(server.address, insecure=True, timeout=5) as client:
+        stream = client.stream("s")
+        assert next(stream) == "first"
+        assert client.call("x") == "inner"
+        assert len(client._backlog[1]) <= 3  # one GoAway (the lowest last_id), the item, the result
+        assert list(stream) == ["second"]
