@@ -189,6 +189,8 @@ class BalancedEndpoints:
             slot.endpoint.breaker.trip()
             slot.conn = None
             raise ConnectError(f"{slot.endpoint.address} is draining")
+        if slot.connecting is not None and slot.connecting.get_loop().is_closed():
+            slot.connecting = None  # begun on an event loop since closed: it will never finish
         if slot.connecting is None:
             slot.connecting = asyncio.ensure_future(self._connect_slot(slot))
             slot.connecting.add_done_callback(_retrieved)
@@ -202,13 +204,17 @@ class BalancedEndpoints:
             lost = slot.conn
             if lost is not None:  # not usable, or we would not be here
                 slot.conn = None
-                if not lost.went_away:  # lost (or broken by a protocol error), not drained
+                if not (lost.went_away or lost.orphaned):  # lost (or broken by a protocol error)
                     backoff.on_lost()
             wait = backoff.delay()
             if wait > 0:
                 await asyncio.sleep(wait)
             conn = slot.conn = await self._open(endpoint.host, endpoint.port, endpoint.server_hostname)
             backoff.on_success()
+            health = self._health
+            if self.health_interval is not None and health is not None and health.get_loop() is not conn.loop:
+                # the health checks ran on an event loop since closed (``asyncio.run`` ended): run them on this one
+                self._health = asyncio.ensure_future(self._health_loop(self.health_interval))
             return conn
         except ConnectError:
             backoff.on_failure()

@@ -12,7 +12,9 @@ own deadline passes, with one loop timer per slot of time, not per call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import socket
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from typing import Any
@@ -30,7 +32,7 @@ from bastion.client._common import (
     error_from,
     goaway_error,
 )
-from bastion.exceptions import ConnectError, ConnectionClosed, error_for_status
+from bastion.exceptions import ConnectError, ConnectionClosed, UsageError, error_for_status
 from bastion.protocol.connection import Connection, ProtocolLimits
 from bastion.protocol.messages import Credit, Error, GoAway, Item, Message, Ping, Result, Welcome
 from bastion.protocol.state import ConnectionState, Role
@@ -39,6 +41,7 @@ from bastion.transport.aio import Link, translate_error
 
 __all__ = [
     "NO_OPTIONS",
+    "ONE_LOOP",
     "WRITE_HIGH_WATER",
     "CallOptions",
     "ClientClosed",
@@ -49,6 +52,8 @@ __all__ = [
     "Pending",
     "Slots",
     "aiter_items",
+    "cancel_unless_closed",
+    "cancelling",
     "expire",
     "fail",
 ]
@@ -115,6 +120,22 @@ NO_OPTIONS: CallOptions = (None, None)
 #: A call in flight, as its connection keeps it: a unary call's bare future
 #: (its result is the Result's raw value), or a ``Pending``.
 InFlight = asyncio.Future[Any] | Pending
+
+
+#: What a client used from two event loops is told.
+ONE_LOOP = "a Client belongs to the event loop it connected on (make one per event loop, or per thread)"
+
+
+def cancel_unless_closed(future: asyncio.Future[Any] | None) -> None:
+    """Cancel ``future`` (a task, say) unless its event loop has closed: nothing can run on that loop again."""
+    if future is not None and not future.get_loop().is_closed():
+        future.cancel()
+
+
+def cancelling() -> int:
+    """Whether the running task is being cancelled (a pending ``cancel()``), not just seeing another's."""
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
 
 
 def fail(call: InFlight, exc: BaseException) -> None:
@@ -231,6 +252,8 @@ class ClientConnection:
         self.welcome: asyncio.Future[Welcome] = self.loop.create_future()
         self.closed = False
         self.went_away = False  # the server sent GoAway (it is draining)
+        #: Its event loop closed under it (``left_behind``): never lost, nor usable again.
+        self.orphaned = False
         #: The server closed the connection in the handshake without sending a byte.
         self.closed_silently = False
         self.slots: Slots | None = None
@@ -349,6 +372,31 @@ class ClientConnection:
             fail(call, ConnectionClosed(str(error)))
         # Callers waiting for a slot get one, and find the connection closed.
         self._release(sum(_holds_slot(call) for call in calls))
+
+    # -- event loops --------------------------------------------------------------------
+
+    def check_loop(self) -> bool:
+        """Whether this connection may serve the running event loop; UsageError if another loop, still
+        open, holds it (a Client used from two threads' loops); False, and ``left_behind``, if its loop has
+        closed (a Client kept from one ``asyncio.run`` to the next), so the caller opens another."""
+        if self.loop is asyncio.get_running_loop():
+            return True
+        if not self.loop.is_closed():
+            raise UsageError(f"this Client's connection belongs to another event loop, still running: {ONE_LOOP}")
+        self.left_behind()
+        return False
+
+    def left_behind(self) -> None:
+        """Its event loop has closed: forget the connection, unused. Its transport was that loop's and
+        cannot be closed now; shutting its socket down tells the server at once (the descriptor itself
+        closes when it is collected: close a client on its own loop to close it cleanly)."""
+        self.orphaned = self.closed = True
+        self.core.close()
+        self.pending.clear()
+        sock = self.link.transport.get_extra_info("socket") if self.link and self.link.transport else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     # -- calls --------------------------------------------------------------------------
 

@@ -162,6 +162,10 @@ class CallPath:
             if plan is None:
                 raise
             failure = exc
+        except RuntimeError:  # "Event loop is closed": the connection is a closed loop's (free unless raised)
+            if conn.check_loop():
+                raise
+            return await self.invoke(method, args, timeout, NO_OPTIONS, None, None)  # on a connection of this loop
         else:
             try:  # free unless it raises: no check per answer
                 if type(raw) is list:  # a stream's items, collected
@@ -230,6 +234,12 @@ class CallPath:
             if retry is None:
                 raise
             failure = exc
+        except RuntimeError:  # as in ``call``: the connection may be a closed event loop's
+            if conn.check_loop():
+                raise
+            if retry is None:
+                return await self.client._attempt_on_endpoint(method, args, timeout, total, options, items, [])
+            return await self.client._retrying(method, args, total, options, items, retry, None)
         else:
             try:  # free unless it raises: no check per answer
                 if type(raw) is list:  # a stream's items, collected

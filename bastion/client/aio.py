@@ -57,7 +57,7 @@ from collections.abc import (
 )
 from typing import Any
 
-from bastion.client._balanced import BalancedEndpoints, _Slot
+from bastion.client._balanced import BalancedEndpoints, _retrieved, _Slot
 from bastion.client._common import (
     DECODER,
     ServiceProxy,
@@ -65,7 +65,16 @@ from bastion.client._common import (
     decode_value,
     silent_close_hint,
 )
-from bastion.client._connection import NO_OPTIONS, WRITE_HIGH_WATER, CallOptions, ClientClosed, ClientConnection
+from bastion.client._connection import (
+    NO_OPTIONS,
+    ONE_LOOP,
+    WRITE_HIGH_WATER,
+    CallOptions,
+    ClientClosed,
+    ClientConnection,
+)
+from bastion.client._connection import cancel_unless_closed as _cancel
+from bastion.client._connection import cancelling as _cancelling
 from bastion.client._path import CallPath, Retry
 from bastion.client.balancer import Balancer, Endpoint
 from bastion.client.base import ClientBase
@@ -202,9 +211,13 @@ class Client(BalancedEndpoints, ClientBase):
         if self.balanced:  # (a call's attempt bounds its own checkout: ``_attempt_on_endpoint``)
             return (await self._checkout(()))[1]
         conn = self._conn
-        if conn is not None and conn.usable:
+        if conn is not None and conn.usable and conn.check_loop():
             return conn
         attempt = self._connecting
+        if attempt is not None and attempt.get_loop() is not asyncio.get_running_loop():
+            if not attempt.get_loop().is_closed():
+                raise UsageError(f"this Client is connecting on another event loop, still running: {ONE_LOOP}")
+            attempt = self._connecting = None  # a closed loop's, never to finish
         if attempt is None:
             attempt = self._connecting = asyncio.ensure_future(self._reconnect())
             attempt.add_done_callback(_retrieved)
@@ -239,7 +252,7 @@ class Client(BalancedEndpoints, ClientBase):
             lost = self._conn
             if lost is not None:  # not usable, or we would not be here
                 self._conn = None
-                if not lost.went_away:  # lost (or broken by a protocol error), not drained
+                if not (lost.went_away or lost.orphaned):  # lost (or broken by a protocol error)
                     backoff.on_lost()
             wait = backoff.delay()
             if wait > 0:
@@ -305,22 +318,20 @@ class Client(BalancedEndpoints, ClientBase):
         return conn
 
     async def close(self) -> None:
-        if self._connecting is not None:
-            self._connecting.cancel()
-            self._connecting = None
-        if self._health is not None:
-            self._health.cancel()
-            self._health = None
+        """Close every connection and stop every background task (those of an event loop since closed are
+        only forgotten: nothing can run on it)."""
+        _cancel(self._connecting)
+        self._connecting = None
+        _cancel(self._health)
+        self._health = None
         for slot in self._slots.values():
-            if slot.connecting is not None:
-                slot.connecting.cancel()
-                slot.connecting = None
+            _cancel(slot.connecting)
+            slot.connecting = None
             self._close_conn(slot.conn)
             slot.conn = None
         conn, self._conn = self._conn, None
-        if self._listing is not None:
-            self._listing.cancel()
-            self._listing = None
+        _cancel(self._listing)
+        self._listing = None
         self._close_conn(conn)
         for conn in list(self._opened):  # those replaced while the server drained them
             self._close_conn(conn)
@@ -328,6 +339,9 @@ class Client(BalancedEndpoints, ClientBase):
     @staticmethod
     def _close_conn(conn: ClientConnection | None) -> None:
         if conn is not None and conn.link is not None and not conn.closed:
+            if conn.loop.is_closed():
+                conn.left_behind()
+                return
             conn.abandon(ClientClosed("the client was closed"))
             conn.link.close()
 
@@ -343,8 +357,11 @@ class Client(BalancedEndpoints, ClientBase):
         the call's coroutine, so such a call runs one coroutine fewer;
         ``await client.call(...)`` reads the same. So replacing ``Client.call``
         on the class -- a test's mock -- reaches the clients made after it, not
-        those that exist: patch the instance for those.) A client belongs to
-        the event loop it connected on; call it from that loop only.
+        those that exist: patch the instance for those.) A client belongs to the
+        event loop it connected on: once that loop has closed (one ``asyncio.run``
+        to the next) it reconnects on the running one; while that loop still runs
+        (another thread's), ``connect`` and ``stream`` raise UsageError -- calls
+        are not checked (no per-call cost), so do not share a client across threads.
         """
         # Keyword arguments are a fresh dict with str keys: nothing for check_args to do.
         path = self._path  # the one lookup on the client itself (see CallPath)
@@ -574,18 +591,6 @@ class Client(BalancedEndpoints, ClientBase):
     async def upload(self, method: str, items: AsyncIterable[Any] | Iterable[Any], /, **args: Any) -> Any:
         """Call a client-streaming method, sending ``items``; return its result."""
         return await self.invoke(method, args, items=items)
-
-
-def _cancelling() -> int:
-    """Whether the running task is being cancelled (a pending ``cancel()``), not just seeing another's."""
-    task = asyncio.current_task()
-    return task.cancelling() if task is not None else 0
-
-
-def _retrieved(attempt: asyncio.Future[ClientConnection]) -> None:
-    """A shared connection attempt's error is its callers' to raise: none may be left to look (all gave up)."""
-    if not attempt.cancelled():
-        attempt.exception()
 
 
 #: ``Client.call`` as defined (see ``Client._init_state``).
