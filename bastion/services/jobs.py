@@ -11,7 +11,9 @@ process: the running jobs' processes and the events that wake watchers.
 * ``jobs.submit`` validates the arguments against the job's hints, stores a
   ``queued`` row (owner = the caller) and wakes the dispatcher.
 * The dispatcher holds ``concurrency`` slots. For each free slot it claims
-  the oldest queued job this server can run (a name in its registries), then
+  a queued job this server can run (a name in its registries) -- the
+  oldest of the user with the fewest running, then the least recently
+  served, so users take turns (bastion/store/jobs_owners.py) -- then
   looks again when a slot frees, when a job is submitted here, or every
   ``poll_interval`` (jobs submitted to other replicas).
 * Each claimed job runs in its own process (``jobs_runner.JobProcess``),

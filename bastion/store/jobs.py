@@ -10,11 +10,13 @@ One row per job, in one of five states::
       └─cancel─> cancelled   └─lease expired / abandoned─> queued (retryable, attempts left)
                                                          or failed ("runner lost …")
 
-A runner *claims* the oldest queued job whose name it can run, in one
-statement that also sets ``runner`` and ``lease_until`` (SQLite: a single
-``UPDATE … WHERE id = (SELECT … LIMIT 1) RETURNING`` inside one write;
-PostgreSQL: the inner select takes ``FOR UPDATE SKIP LOCKED``, so replicas
-sharing the table never claim the same row and never wait on each other).
+A runner *claims* a queued job whose name it can run, in one statement
+that also sets ``runner`` and ``lease_until`` (SQLite: a single ``UPDATE …
+WHERE id = (SELECT … LIMIT 1) RETURNING`` inside one write; PostgreSQL: the
+inner select takes ``FOR UPDATE SKIP LOCKED``, so replicas sharing the table
+never claim the same row and never wait on each other). Which job: the
+oldest of the owner with the fewest jobs running, then the least recently
+served -- fair between users, FIFO within one (bastion/store/jobs_owners.py).
 While the job runs, the runner renews the lease; every later write of the
 runner (progress, finish) names the runner and changes nothing if the row
 is no longer its own, so a runner that lost its lease cannot overwrite what
@@ -47,7 +49,8 @@ from typing import Any, Literal
 import msgspec
 
 from bastion.exceptions import AlreadyExists
-from bastion.store._access import PostgresAccess, SQLiteAccess
+from bastion.store._access import SQLiteAccess
+from bastion.store.jobs_owners import SERVED
 
 __all__ = [
     "FINISHED_STATES",
@@ -56,7 +59,6 @@ __all__ = [
     "SQLITE_SCHEMA",
     "JobRecord",
     "JobStore",
-    "PostgresJobs",
     "RenewOutcome",
     "SQLiteJobs",
 ]
@@ -168,7 +170,8 @@ class JobStore(ABC):
 
     @abstractmethod
     async def jobs_claim(self, runner: str, names: Sequence[str], now: float, lease: float) -> JobRecord | None:
-        """Take the oldest queued job named in ``names``: running, held by ``runner`` until ``now + lease``."""
+        """Take a queued job named in ``names`` -- the oldest of the owner with the fewest jobs running, then
+        the least recently served -- running, held by ``runner`` until ``now + lease``."""
 
     @abstractmethod
     async def jobs_renew(self, job_id: str, runner: str, lease_until: float) -> RenewOutcome:
@@ -255,13 +258,22 @@ _CLAIM_SET = (
     "state = 'running', runner = ?, lease_until = ?, started_at = ?, attempts = attempts + 1, "
     "cancel_requested = ?, progress = 0.0"
 )
+# Owners in the order they are served (the index job_owners_waiting), each one's oldest runnable job:
+# the first owner who has one is served. SQLite evaluates the head of each owner in turn, in that order.
+_OWNERS_IN_TURN = "FROM job_owners AS o WHERE o.queued > 0 {} ORDER BY o.running, o.served, o.owner"
 _SQLITE_CLAIM = (
-    f"UPDATE jobs SET {_CLAIM_SET} WHERE id = (SELECT id FROM jobs WHERE state = 'queued' "
-    f"AND name IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT 1) RETURNING {_COLUMNS}"
+    f"UPDATE jobs SET {_CLAIM_SET} WHERE id = (SELECT (SELECT j.id FROM jobs AS j WHERE j.owner = o.owner "
+    "AND j.state = 'queued' AND j.name IN (SELECT value FROM json_each(?)) ORDER BY j.id LIMIT 1) AS head "
+    f"{_OWNERS_IN_TURN.format('AND head IS NOT NULL')} LIMIT 1) RETURNING {_COLUMNS}"
 )
+# PostgreSQL: the nested loop pulls owners in turn and stops at the first row, so only the job taken is
+# locked (an owner whose runnable jobs are all being claimed by others is passed over, not waited for).
 _POSTGRES_CLAIM = (
-    f"UPDATE jobs SET {_CLAIM_SET} WHERE id = (SELECT id FROM jobs WHERE state = 'queued' "
-    f"AND name = ANY(?::text[]) ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}"
+    f"WITH taken AS (UPDATE jobs SET {_CLAIM_SET} WHERE id = (SELECT head.id FROM (SELECT o.owner "
+    f"{_OWNERS_IN_TURN.format('')}) AS turn CROSS JOIN LATERAL (SELECT j.id FROM jobs AS j WHERE j.owner = "
+    "turn.owner AND j.state = 'queued' AND j.name = ANY(?::text[]) ORDER BY j.id LIMIT 1 FOR UPDATE SKIP LOCKED) "
+    f"AS head LIMIT 1) RETURNING {_COLUMNS}), served AS (UPDATE job_owners SET served = ?f "
+    f"WHERE owner = (SELECT owner FROM taken)) SELECT {_COLUMNS} FROM taken"
 )
 
 
@@ -356,7 +368,14 @@ class SQLiteJobs(SQLiteAccess, JobStore):
 
     async def jobs_claim(self, runner: str, names: Sequence[str], now: float, lease: float) -> JobRecord | None:
         args = (runner, now + lease, now, 0, json.dumps(list(names)))
-        row = await self._write(lambda c: c.execute(_SQLITE_CLAIM, args).fetchone())
+
+        def claim(conn: sqlite3.Connection) -> Any:
+            row = conn.execute(_SQLITE_CLAIM, args).fetchone()
+            if row is not None:
+                conn.execute(SERVED, (now, row[1]))
+            return row
+
+        row = await self._write(claim)
         return None if row is None else _record(row)
 
     async def jobs_renew(self, job_id: str, runner: str, lease_until: float) -> RenewOutcome:
@@ -412,122 +431,3 @@ def _sqlite_row(job: JobRecord) -> tuple[Any, ...]:
 def _check_finished(state: str) -> None:
     if state not in FINISHED_STATES:
         raise ValueError(f"a job finishes succeeded, failed or cancelled, not {state!r}")
-
-
-_PG = {
-    name: _numbered(sql)
-    for name, sql in {
-        "abandon": _ABANDON,
-        "release": _RELEASE,
-        "recover": _RECOVER,
-        "renew": _RENEW,
-        "progress": _PROGRESS,
-        "finish": _FINISH,
-        "cancel_queued": _CANCEL_QUEUED,
-        "cancel_running": _CANCEL_RUNNING,
-        "sweep": _SWEEP,
-        "get": _GET,
-        "insert": _INSERT + " ON CONFLICT (id) DO NOTHING RETURNING id",
-        "claim": _POSTGRES_CLAIM,
-        "delete_owner": "DELETE FROM jobs WHERE owner = ?",
-        "reassign_owner": "UPDATE jobs SET owner = ? WHERE owner = ?",
-        "count": "SELECT count(*) FROM jobs WHERE owner = ? AND state = ANY(?::text[])",
-        "lock_owner": "SELECT pg_advisory_xact_lock(hashtext(?))",
-        "prune": _PRUNE,
-    }.items()
-}
-
-
-def _affected(status: str) -> int:
-    """Rows changed, from an asyncpg command status such as ``UPDATE 3``."""
-    tail = status.rsplit(" ", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
-
-
-class PostgresJobs(PostgresAccess, JobStore):
-    async def _jobs_fetch(self, sql: str, *args: Any) -> list[Any]:
-        return list(await self._call(lambda conn: conn.fetch(sql, *args)))
-
-    async def _jobs_execute(self, sql: str, *args: Any) -> int:
-        return _affected(await self._call(lambda conn: conn.execute(sql, *args)))
-
-    async def jobs_submit(self, job: JobRecord, *, max_pending: int | None = None, max_kept: int | None = None) -> bool:
-        async def insert(conn: Any) -> list[Any] | None:  # an asyncpg connection
-            async with conn.transaction():
-                if max_pending is not None:
-                    # Concurrent submits of one owner (any replica) take turns until this transaction ends.
-                    await conn.execute(_PG["lock_owner"], f"bastion.jobs.pending:{job.owner}")
-                    pending = await conn.fetchval(_PG["count"], job.owner, list(PENDING_STATES))
-                    if pending >= max_pending:
-                        return None
-                rows = list(await conn.fetch(_PG["insert"], *_row(job)))
-                if rows and max_kept is not None:
-                    await conn.execute(_PG["prune"], job.owner, job.owner, max_kept)
-                return rows
-
-        rows = await self._call(insert)
-        if rows is None:
-            return False
-        if not rows:
-            raise AlreadyExists(f"job {job.id!r} exists")
-        return True
-
-    async def jobs_get(self, job_id: str) -> JobRecord | None:
-        rows = await self._jobs_fetch(_PG["get"], job_id)
-        return _record(rows[0]) if rows else None
-
-    async def jobs_list(
-        self, *, owner: str | None = None, state: str | None = None, limit: int = 100, after: str | None = None
-    ) -> list[JobRecord]:
-        sql, args = _list_query(owner, state, limit, after)
-        return [_record(r) for r in await self._jobs_fetch(_numbered(sql), *args)]
-
-    async def jobs_count(self, owner: str, states: Sequence[str]) -> int:
-        rows = await self._jobs_fetch(_PG["count"], owner, list(states))
-        return int(rows[0][0])
-
-    async def jobs_claim(self, runner: str, names: Sequence[str], now: float, lease: float) -> JobRecord | None:
-        rows = await self._jobs_fetch(_PG["claim"], runner, now + lease, now, False, list(names))
-        return _record(rows[0]) if rows else None
-
-    async def jobs_renew(self, job_id: str, runner: str, lease_until: float) -> RenewOutcome:
-        rows = await self._jobs_fetch(_PG["renew"], lease_until, job_id, runner)
-        return "lost" if not rows else "cancel" if rows[0][0] else "running"
-
-    async def jobs_progress(self, job_id: str, runner: str, progress: float, message: str) -> bool:
-        return bool(await self._jobs_execute(_PG["progress"], progress, message, job_id, runner))
-
-    async def jobs_finish(
-        self, job_id: str, runner: str, state: str, *, now: float, result: bytes | None = None, error: str | None = None
-    ) -> bool:
-        _check_finished(state)
-        return bool(await self._jobs_execute(_PG["finish"], state, now, result, error, state, job_id, runner))
-
-    async def jobs_cancel(self, job_id: str, now: float) -> JobRecord | None:
-        async def cancel(conn: Any) -> JobRecord | None:
-            async with conn.transaction():
-                if not _affected(await conn.execute(_PG["cancel_queued"], now, job_id)):
-                    await conn.execute(_PG["cancel_running"], True, job_id)
-                row = await conn.fetchrow(_PG["get"], job_id)
-            return None if row is None else _record(row)
-
-        result: JobRecord | None = await self._call(cancel)
-        return result
-
-    async def jobs_release(self, job_id: str, runner: str, now: float) -> bool:
-        return bool(await self._jobs_execute(_PG["release"], now, job_id, runner))
-
-    async def jobs_abandon(self, job_id: str, runner: str, reason: str, now: float) -> str | None:
-        rows = await self._jobs_fetch(_PG["abandon"], reason, now, job_id, runner)
-        return str(rows[0][0]) if rows else None
-
-    async def jobs_recover(self, now: float, reason: str) -> dict[str, int]:
-        return _tally(await self._jobs_fetch(_PG["recover"], reason, now, now))
-
-    async def jobs_sweep(self, before: float) -> int:
-        return await self._jobs_execute(_PG["sweep"], before)
-
-    async def jobs_reassign_owner(self, old: str, new: str | None) -> int:
-        if new is None:
-            return await self._jobs_execute(_PG["delete_owner"], old)
-        return await self._jobs_execute(_PG["reassign_owner"], new, old)

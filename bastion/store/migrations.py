@@ -43,10 +43,11 @@ import sqlite3
 import time
 
 from bastion.exceptions import UsageError
-from bastion.store import files, idempotency, jobs, kv, mail, topics
+from bastion.store import files, idempotency, jobs, jobs_owners, kv, mail, topics
 
 __all__ = [
     "CODE_POINT_ORDER",
+    "JOB_OWNERS",
     "LATEST",
     "MIGRATIONS",
     "SQLITE_COMPAT_SCHEMA",
@@ -92,6 +93,9 @@ SQLITE_COMPAT_SCHEMA: tuple[str, ...] = (
 #: Migration 13 (both backends): expired lockouts are purged in batches by this index (throttle.py).
 LOCKOUTS_EXPIRY = "lockouts: an index on their expiry, to purge expired ones"
 LOCKOUTS_EXPIRY_INDEX = "CREATE INDEX lockouts_expiry ON lockouts (until)"
+
+#: Migration 14's description (both backends).
+JOB_OWNERS = "jobs: each owner's queued and running jobs and bytes, for fair claims and the bytes bound"
 
 #: Migration 9's description (both backends).
 CODE_POINT_ORDER = "text keys of files, shares, uploads and jobs sort by code point on every backend"
@@ -158,6 +162,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     # An index, which old code ignores: compatible.
     Migration(13, LOCKOUTS_EXPIRY, (LOCKOUTS_EXPIRY_INDEX,), compatible=True),
+    # A table triggers keep whoever writes, and indexes, which old code ignores: compatible (its claims stay FIFO).
+    Migration(14, JOB_OWNERS, jobs_owners.SQLITE_OWNERS_SCHEMA, compatible=True),
 )
 
 LATEST = MIGRATIONS[-1].version

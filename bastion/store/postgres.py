@@ -68,16 +68,17 @@ from typing import Any, TypeVar
 import asyncpg
 
 from bastion.exceptions import BastionError, Unavailable, UsageError
-from bastion.store import files, idempotency, jobs, kv, mail, observe, topics
+from bastion.store import files, idempotency, jobs, jobs_owners, kv, mail, observe, topics
 from bastion.store.base import Store
 from bastion.store.credentials_postgres import PostgresCredentials
 from bastion.store.files_postgres import PostgresFiles
 from bastion.store.idempotency import PostgresIdempotency
-from bastion.store.jobs import PostgresJobs
+from bastion.store.jobs_postgres import PostgresJobs
 from bastion.store.kv_postgres import PostgresKV
 from bastion.store.mail_postgres import PostgresMail
 from bastion.store.migrations import (
     CODE_POINT_ORDER,
+    JOB_OWNERS,
     LOCKOUTS_EXPIRY,
     LOCKOUTS_EXPIRY_INDEX,
     Migration,
@@ -178,6 +179,8 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
     ),
     # An index, which old code ignores: compatible.
     Migration(13, LOCKOUTS_EXPIRY, (LOCKOUTS_EXPIRY_INDEX,), compatible=True),
+    # A table triggers keep whoever writes, and indexes, which old code ignores: compatible (its claims stay FIFO).
+    Migration(14, JOB_OWNERS, jobs_owners.POSTGRES_OWNERS_SCHEMA, compatible=True),
 )
 
 LATEST = POSTGRES_MIGRATIONS[-1].version

@@ -354,6 +354,22 @@ def test_a_user_keeps_only_their_newest_finished_jobs(tmp_path: Path) -> None:
     run(test, tmp_path, msgspec.structs.replace(CONFIG, max_kept=3))
 
 
+def test_users_take_turns_in_the_queue(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada, bob = w.client(ADA), w.client(BOB)
+        args = {"directory": str(w.dir), "seconds": 0.3}
+        mine = [await ada.jobs.submit(name="nap", args={**args, "tag": f"a{i}"}) for i in range(3)]
+        theirs = await bob.jobs.submit(name="nap", args={**args, "tag": "b0"})
+        # One FIFO for everyone: bob's one job waited until all of ada's had run.
+        for job_id in mine:
+            assert (await finish(ada, job_id))["state"] == "succeeded"
+        assert (await finish(bob, theirs))["state"] == "succeeded"
+        started = {s["id"]: s["started_at"] for s in await w.client(TESTER).jobs.list()}
+        assert sorted(started, key=started.__getitem__) == [mine[0], theirs, mine[1], mine[2]]
+
+    run(test, tmp_path, msgspec.structs.replace(CONFIG, concurrency=1))
+
+
 def test_registered_lists_jobs_with_their_argument_schemas(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         listing = {j["name"]: j for j in await w.client().jobs.registered()}

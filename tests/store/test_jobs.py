@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import msgspec
 import pytest
 
 from bastion.exceptions import AlreadyExists
-from bastion.store import Store
+from bastion.store import PostgresStore, SQLiteStore, Store
 from bastion.store.jobs import JobRecord
+from bastion.store.migrations import MIGRATIONS
+from bastion.store.postgres import POSTGRES_MIGRATIONS
+from tests.support.stores import store_location
 
 NAMES = ["add", "nap"]
 LOST = "runner lost (server stopped while it ran)"
 
 
 def job(job_id: str, owner: str = "ada", name: str = "add", **fields: object) -> JobRecord:
-    return JobRecord(id=job_id, owner=owner, name=name, args=b"\x80", created_at=1.0, **fields)  # type: ignore[arg-type]
+    fields = {"args": b"\x80", "created_at": 1.0, **fields}
+    return JobRecord(id=job_id, owner=owner, name=name, **fields)  # type: ignore[arg-type]
 
 
 async def test_concurrent_submits_never_overshoot_max_pending(store: Store) -> None:
@@ -192,3 +197,80 @@ async def test_release_puts_back_a_claimed_job_as_it_was(store: Store) -> None:
     assert (cancelled.state, cancelled.error, cancelled.finished_at, cancelled.attempts, cancelled.started_at) == (
         "cancelled", "cancelled before it ran", 5.0, 0, None,
     )  # fmt: skip
+
+
+async def claim_and_finish(store: Store, now: float) -> str:
+    """One slot's turn: claim the next job, finish it; the job's id."""
+    claimed = await store.jobs_claim("r1", NAMES, now, 30.0)
+    assert claimed is not None
+    assert await store.jobs_finish(claimed.id, "r1", "succeeded", now=now)
+    return claimed.id
+
+
+async def test_one_owner_with_many_jobs_does_not_starve_the_others(store: Store) -> None:
+    # The queue was one FIFO for everyone: bob's one job waited behind all ten of ada's, and with
+    # ada submitting steadily it waited for as long as she liked.
+    for i in range(10):
+        await store.jobs_submit(job(f"a{i}", created_at=1.0 + i / 100))
+    await store.jobs_submit(job("b0", owner="bob", created_at=2.0))
+    await store.jobs_submit(job("c0", owner="cy", created_at=3.0))
+    await store.jobs_submit(job("c1", owner="cy", created_at=3.1))
+    order = [await claim_and_finish(store, 10.0 + turn) for turn in range(13)]
+    # Round robin by who was served least recently; each owner's own jobs stay in submission order.
+    assert order[:6] == ["a0", "b0", "c0", "a1", "c1", "a2"]
+    assert order[6:] == [f"a{i}" for i in range(3, 10)]
+    assert await store.jobs_claim("r1", NAMES, 30.0, 30.0) is None
+
+
+async def test_an_owner_with_jobs_running_waits_for_owners_with_none(store: Store) -> None:
+    for i in range(4):
+        await store.jobs_submit(job(f"a{i}", created_at=1.0))
+    first = await store.jobs_claim("r1", NAMES, 10.0, 30.0)
+    second = await store.jobs_claim("r2", NAMES, 11.0, 30.0)
+    assert (first and first.id, second and second.id) == ("a0", "a1")  # alone, ada takes every slot
+    await store.jobs_submit(job("b0", owner="bob", created_at=12.0))
+    await store.jobs_submit(job("b1", owner="bob", created_at=12.0))
+    third = await store.jobs_claim("r3", NAMES, 13.0, 30.0)
+    assert third is not None and third.id == "b0"  # bob has none running
+    fourth = await store.jobs_claim("r4", NAMES, 14.0, 30.0)
+    assert fourth is not None and fourth.id == "b1"  # ada 2 running, bob 1: bob again
+    assert await store.jobs_finish("a0", "r1", "succeeded", now=15.0)
+    assert await store.jobs_finish("a1", "r2", "succeeded", now=15.0)
+    fifth = await store.jobs_claim("r1", NAMES, 16.0, 30.0)
+    assert fifth is not None and fifth.id == "a2"
+
+
+async def test_claims_follow_jobs_handed_over_deleted_and_given_back(store: Store) -> None:
+    # The owners' counts the claims walk are kept by triggers on every change of a job.
+    await store.jobs_submit(job("j1"))
+    await store.jobs_submit(job("j2", owner="bob"))
+    await store.jobs_submit(job("j3", owner="dee"))
+    assert await store.jobs_reassign_owner("ada", "cy") == 1
+    assert await store.jobs_reassign_owner("dee", None) == 1
+    claimed = [await store.jobs_claim("r1", NAMES, 10.0 + i, 30.0) for i in range(2)]
+    assert sorted(c.id for c in claimed if c is not None) == ["j1", "j2"]
+    assert await store.jobs_claim("r1", NAMES, 12.0, 30.0) is None
+    assert await store.jobs_release("j1", "r1", 13.0)  # queued again: claimable again
+    again = await store.jobs_claim("r2", NAMES, 14.0, 30.0)
+    assert again is not None and again.id == "j1"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_the_migration_counts_the_jobs_already_stored(backend: str, tmp_path: Path) -> None:
+    location = store_location(backend, tmp_path)
+    if backend == "sqlite":
+        older: Store = SQLiteStore(location, migrations=tuple(m for m in MIGRATIONS if m.version < 14))
+        newer: Store = SQLiteStore(location)
+    else:
+        before = tuple(m for m in POSTGRES_MIGRATIONS if m.version < 14)
+        older, newer = PostgresStore(location, migrations=before), PostgresStore(location)
+    async with older:  # a database written by bastion before migration 14
+        for i in range(3):
+            await older.jobs_submit(job(f"a{i}", args=b"\xc4\x00" + b"x" * 98))
+        await older.jobs_submit(job("b0", owner="bob", created_at=2.0))
+        await older.jobs_cancel("a0", 3.0)
+    async with newer:
+        claimed = await newer.jobs_claim("r1", NAMES, 10.0, 30.0)
+        assert claimed is not None and claimed.id == "a1"
+        claimed = await newer.jobs_claim("r1", NAMES, 11.0, 30.0)
+        assert claimed is not None and claimed.id == "b0"  # ada has one running: bob's turn

@@ -1,0 +1,115 @@
+"""Each owner's share of the job queue: fair claims and the bound on the bytes one user's jobs hold.
+
+Theory of operation
+-------------------
+
+``job_owners`` keeps, per owner, how many of their jobs are queued and
+running, how many bytes their jobs hold (arguments and results, as stored),
+and when one of their jobs was last claimed (``served``; an owner never
+served counts as served long ago, before everyone who was). Triggers keep the counts whoever writes -- code of
+the previous schema version included -- so the table never drifts from
+``jobs``; a claim sets ``served`` itself.
+
+Fairness: a claim walks the owners who have jobs queued, those with the
+fewest jobs running first, then the least recently served (someone never
+served first of all, in the order they first submitted), and takes the
+oldest queued job (one this runner can run) of the first of them. So one
+user who queues a thousand jobs takes turns with everyone else instead of
+making them wait behind all thousand, and each user's own jobs still run in
+the order they were submitted. With several runners claiming at once
+(PostgreSQL replicas) the choice is made from a snapshot: two claims at the
+same instant may both serve the same owner, but never the same job (the
+job's row is taken ``FOR UPDATE SKIP LOCKED``).
+
+On PostgreSQL the triggers are statement-level, over transition tables:
+a statement that changes many jobs (a sweep, a prune, a recovery) locks the
+owners' rows once each, in owner order, after the jobs' rows; a statement
+that changes no count or size (a lease renewal, a progress report) locks
+none. A write that prunes locks the jobs it deletes before any owner row,
+which keeps it from deadlocking with a sweep deleting the same jobs.
+"""
+
+from __future__ import annotations
+
+__all__ = ["POSTGRES_OWNERS_SCHEMA", "SERVED", "SQLITE_OWNERS_SCHEMA"]
+
+# -- Migration 14: the table, its indexes and the triggers that keep it ---------------------
+
+_OWNERS_TABLE = """CREATE TABLE job_owners (
+    owner   TEXT{collate} PRIMARY KEY,
+    queued  {int} NOT NULL,     -- the owner's jobs in each state, kept by triggers whoever writes
+    running {int} NOT NULL,
+    bytes   {int} NOT NULL,     -- arguments and results of all the owner's jobs, as stored
+    served  {real} NOT NULL     -- when a job of the owner was last claimed (never: see _NEW)
+)"""
+_OWNERS_INDEXES = (
+    # Claims walk the owners waiting for a slot in the order they are served in, then each owner's queue.
+    "CREATE INDEX job_owners_waiting ON job_owners (running, served, owner) WHERE queued > 0",
+    "CREATE INDEX jobs_queued_by_owner ON jobs (owner, id) WHERE state = 'queued'",
+)
+# An owner never served comes before every owner served so far, in the order they first submitted: their
+# ``served`` is their first submission's time less this (2**32 seconds, over a century).
+_NEW = "4294967296"
+_SQLITE_SIZE = "length({0}.args) + coalesce(length({0}.result), 0)"
+_SQLITE_ADD = (
+    "INSERT INTO job_owners (owner, queued, running, bytes, served) VALUES "
+    "({0}.owner, {0}.state = 'queued', {0}.state = 'running', " + _SQLITE_SIZE + ", {0}.created_at - " + _NEW + ") "
+    "ON CONFLICT (owner) DO UPDATE SET queued = queued + excluded.queued, running = running + excluded.running, "
+    "bytes = bytes + excluded.bytes;"
+)
+_SQLITE_SUBTRACT = (
+    "UPDATE job_owners SET queued = queued - ({0}.state = 'queued'), running = running - ({0}.state = 'running'), "
+    "bytes = bytes - (" + _SQLITE_SIZE + ") WHERE owner = {0}.owner;"
+)
+SQLITE_OWNERS_SCHEMA: tuple[str, ...] = (
+    _OWNERS_TABLE.format(collate="", int="INTEGER", real="REAL") + " WITHOUT ROWID",
+    *_OWNERS_INDEXES,
+    f"CREATE TRIGGER job_owners_insert AFTER INSERT ON jobs BEGIN {_SQLITE_ADD.format('NEW')} END",
+    f"CREATE TRIGGER job_owners_delete AFTER DELETE ON jobs BEGIN {_SQLITE_SUBTRACT.format('OLD')} END",
+    # Renewals and progress do not name these columns: they do not fire it.
+    "CREATE TRIGGER job_owners_update AFTER UPDATE OF owner, state, args, result ON jobs BEGIN "
+    f"{_SQLITE_SUBTRACT.format('OLD')} {_SQLITE_ADD.format('NEW')} END",
+    "INSERT INTO job_owners (owner, queued, running, bytes, served) SELECT owner, sum(state = 'queued'), "
+    f"sum(state = 'running'), sum({_SQLITE_SIZE.format('jobs')}), min(created_at) - {_NEW} FROM jobs GROUP BY owner",
+)
+
+# PostgreSQL: statement-level triggers over transition tables, so a statement that changes many jobs
+# (a sweep, a prune, a reassignment) locks each owner's row once, after the jobs' rows, in owner order:
+# two such statements cannot deadlock over the owners' rows.
+_PG_DELTA = (
+    "SELECT owner, (state = 'queued')::int * {1} AS queued, (state = 'running')::int * {1} AS running, "
+    "(octet_length(args) + coalesce(octet_length(result), 0)) * {1} AS bytes, created_at FROM {0}"
+)
+_PG_APPLY = """INSERT INTO job_owners AS o (owner, queued, running, bytes, served)
+            SELECT owner, sum(queued), sum(running), sum(bytes), min(created_at) - {1} FROM ({0}) AS delta
+            GROUP BY owner HAVING sum(queued) <> 0 OR sum(running) <> 0 OR sum(bytes) <> 0 ORDER BY owner
+            ON CONFLICT (owner) DO UPDATE SET queued = o.queued + excluded.queued,
+                running = o.running + excluded.running, bytes = o.bytes + excluded.bytes;"""
+POSTGRES_OWNERS_SCHEMA: tuple[str, ...] = (
+    _OWNERS_TABLE.format(collate=' COLLATE "C"', int="BIGINT", real="DOUBLE PRECISION"),
+    *_OWNERS_INDEXES,
+    f"""CREATE FUNCTION job_owners_track() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            {_PG_APPLY.format(_PG_DELTA.format("new_jobs", 1), _NEW)}
+        ELSIF TG_OP = 'DELETE' THEN
+            {_PG_APPLY.format(_PG_DELTA.format("old_jobs", -1), _NEW)}
+        ELSE
+            {_PG_APPLY.format(_PG_DELTA.format("new_jobs", 1) + " UNION ALL " + _PG_DELTA.format("old_jobs", -1), _NEW)}
+        END IF;
+        RETURN NULL;
+    END $$""",
+    # Created before the backfill: it locks jobs against writers until the migration commits.
+    "CREATE TRIGGER job_owners_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_jobs "
+    "FOR EACH STATEMENT EXECUTE FUNCTION job_owners_track()",
+    "CREATE TRIGGER job_owners_delete AFTER DELETE ON jobs REFERENCING OLD TABLE AS old_jobs "
+    "FOR EACH STATEMENT EXECUTE FUNCTION job_owners_track()",
+    "CREATE TRIGGER job_owners_update AFTER UPDATE ON jobs REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs "
+    "FOR EACH STATEMENT EXECUTE FUNCTION job_owners_track()",
+    "INSERT INTO job_owners (owner, queued, running, bytes, served) SELECT owner, count(*) FILTER "
+    "(WHERE state = 'queued'), count(*) FILTER (WHERE state = 'running'), "
+    f"sum(octet_length(args) + coalesce(octet_length(result), 0)), min(created_at) - {_NEW} FROM jobs GROUP BY owner",
+)
+
+#: Claims set when the owner was served (parameters: now, owner).
+SERVED = "UPDATE job_owners SET served = ? WHERE owner = ?"
