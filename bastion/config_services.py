@@ -261,6 +261,10 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_kept: jobs one user keeps (queued, running and finished, with their arguments and results): a
         submit deletes the submitter's finished jobs older than their newest ``max_kept``, before
         ``retention`` would. Queued and running jobs are never deleted.
+    max_bytes: bytes of arguments and results one user's jobs may hold (queued, running and finished):
+        a submit, and a job's result, first deletes the user's oldest finished jobs to make room; a
+        submit whose arguments do not fit even so is refused (RESOURCE_EXHAUSTED), a result that does
+        not fit is not kept (its job fails, saying so). At least ``max_result_bytes``.
     max_result_bytes: largest result a job may return (MessagePack bytes; below ``limits.max_frame``).
     poll_interval: seconds between looks at the shared queue and between store polls of
         ``jobs.watch`` (jobs submitted to this server start at once).
@@ -275,6 +279,7 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_attempts: int = 3
     max_pending: int = 1000
     max_kept: int = 10_000
+    max_bytes: int = 256 * 1024 * 1024
     max_result_bytes: int = 512 * 1024
     poll_interval: float = 1.0
 
@@ -283,3 +288,7 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for name in self.__struct_fields__:
             if name != "modules" and getattr(self, name) <= 0:
                 raise UsageError(f"jobs.{name} must be positive, got {getattr(self, name)!r}")
+        if self.max_bytes < self.max_result_bytes:
+            raise UsageError(
+                f"jobs.max_bytes ({self.max_bytes}) must be at least jobs.max_result_bytes ({self.max_result_bytes})"
+            )

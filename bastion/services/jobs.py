@@ -312,7 +312,10 @@ class Jobs:
         ended, delay = time.time(), 0.1
         while True:
             try:
-                await self.store.jobs_finish(job.id, self.runner_id, state, now=ended, result=result, error=error)
+                await self.store.jobs_finish(
+                    job.id, self.runner_id, state, now=ended, result=result, error=error,
+                    max_bytes=self.config.max_bytes,
+                )  # fmt: skip
                 return
             except Unavailable as exc:
                 if time.time() - ended >= self.config.lease:
@@ -442,7 +445,10 @@ class Jobs:
                 memory_mb=spec.memory_mb or config.memory_mb,
                 created_at=time.time(),
             )
-            if not await store.jobs_submit(job, max_pending=config.max_pending, max_kept=config.max_kept):
+            kept = await store.jobs_submit(
+                job, max_pending=config.max_pending, max_kept=config.max_kept, max_bytes=config.max_bytes
+            )  # ResourceExhausted if its arguments do not fit in jobs.max_bytes
+            if not kept:
                 raise ResourceExhausted(
                     f"you have {config.max_pending} jobs queued or running (the limit); wait for some to finish",
                     retry_after=config.poll_interval,

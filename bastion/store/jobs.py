@@ -27,9 +27,9 @@ died: the server was killed) into ``queued`` again when the job is retryable
 and has attempts left, into ``cancelled`` when a cancel was pending, and
 otherwise into ``failed`` with the reason given. No row ever leaves the
 table except through the retention sweep (finished jobs only) or
-``jobs_reassign_owner(…, None)``, or a submit that keeps only its owner's
-newest ``max_kept`` jobs (deleting older finished ones): a job never
-silently vanishes.
+``jobs_reassign_owner(…, None)``, or a submit or a finish that keeps only
+its owner's newest ``max_kept`` jobs and ``max_bytes`` bytes (deleting
+older finished ones): a job never silently vanishes.
 
 Cancelling a queued job finishes it at once; cancelling a running one sets
 ``cancel_requested``, which the runner holding it sees when it renews its
@@ -50,7 +50,7 @@ import msgspec
 
 from bastion.exceptions import AlreadyExists
 from bastion.store._access import SQLiteAccess
-from bastion.store.jobs_owners import SERVED
+from bastion.store.jobs_owners import SERVED, USAGE, bytes_error, prune_sql, result_too_big
 
 __all__ = [
     "FINISHED_STATES",
@@ -145,7 +145,10 @@ class JobStore(ABC):
     """What every backend offers for jobs (see the module docstring for the state machine)."""
 
     @abstractmethod
-    async def jobs_submit(self, job: JobRecord, *, max_pending: int | None = None, max_kept: int | None = None) -> bool:
+    async def jobs_submit(
+        self, job: JobRecord, *, max_pending: int | None = None, max_kept: int | None = None,
+        max_bytes: int | None = None,
+    ) -> bool:  # fmt: skip
         """Insert a new job; ``AlreadyExists`` if its id is taken.
 
         ``max_pending``: only if its owner has fewer jobs queued or running,
@@ -153,6 +156,9 @@ class JobStore(ABC):
         (False: at the limit, nothing inserted).
         ``max_kept``: also delete the owner's finished jobs older than their
         newest ``max_kept`` jobs (the new one included), so one user's history is bounded.
+        ``max_bytes``: also delete the owner's oldest finished jobs until their jobs' arguments and
+        results, the new one's included, fit in ``max_bytes``; ``ResourceExhausted`` (nothing
+        inserted or deleted) if they do not fit even so.
         """
 
     @abstractmethod
@@ -183,9 +189,13 @@ class JobStore(ABC):
 
     @abstractmethod
     async def jobs_finish(
-        self, job_id: str, runner: str, state: str, *, now: float, result: bytes | None = None, error: str | None = None
-    ) -> bool:
-        """End a job ``runner`` holds in ``state`` (a finished state); False if it no longer holds it."""
+        self, job_id: str, runner: str, state: str, *, now: float, result: bytes | None = None,
+        error: str | None = None, max_bytes: int | None = None,
+    ) -> bool:  # fmt: skip
+        """End a job ``runner`` holds in ``state`` (a finished state); False if it no longer holds it.
+
+        ``max_bytes``: make room for ``result`` as a submit does; a result that does not fit even so is
+        not kept, and the job ends failed, saying why."""
 
     @abstractmethod
     async def jobs_cancel(self, job_id: str, now: float) -> JobRecord | None:
@@ -246,12 +256,6 @@ _RELEASE = (
 _CANCEL_RUNNING = "UPDATE jobs SET cancel_requested = ? WHERE id = ? AND state = 'running'"
 _SWEEP = "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?"
 _COUNT = "SELECT count(*) FROM jobs WHERE owner = ? AND state IN ({})"
-# The owner's finished jobs older than their newest N jobs: the inner walk reads only the (owner, id) index
-# (about 0.5 ms for 10000 jobs on SQLite), the delete then finds what it removes by that index too.
-_PRUNE = (
-    "DELETE FROM jobs WHERE owner = ? AND state IN ('succeeded', 'failed', 'cancelled') "
-    "AND id <= (SELECT id FROM jobs WHERE owner = ? ORDER BY id DESC LIMIT 1 OFFSET ?)"
-)
 _GET = f"SELECT {_COLUMNS} FROM jobs WHERE id = ?"
 _INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 20)})"
 _CLAIM_SET = (
@@ -275,6 +279,9 @@ _POSTGRES_CLAIM = (
     f"AS head LIMIT 1) RETURNING {_COLUMNS}), served AS (UPDATE job_owners SET served = ?f "
     f"WHERE owner = (SELECT owner FROM taken)) SELECT {_COLUMNS} FROM taken"
 )
+_FINISH_HELD = "SELECT owner FROM jobs WHERE id = ? AND runner = ? AND state = 'running'"
+# A result that did not fit: the job fails instead (parameters: error, id).
+_FINISH_UNKEPT = "UPDATE jobs SET state = 'failed', result = NULL, error = ? WHERE id = ?"
 
 
 _CASTS = {"": "", "t": "::text", "f": "::double precision"}
@@ -333,20 +340,45 @@ def _tally(states: Sequence[Any]) -> dict[str, int]:
     return out
 
 
+def _prune_args(owner: str, max_kept: int | None, excess: int) -> tuple[Any, ...]:
+    """Parameters of ``prune_sql``: keep the newest ``max_kept`` - 1 others (None: every one) and free
+    ``excess`` bytes (none if not positive)."""
+    kept = (owner, owner, (max_kept if max_kept is not None else 2**62) - 1)
+    return (*kept, owner, excess) if excess > 0 else kept
+
+
+def _excess(used: Any, size: int, max_bytes: int | None) -> int:
+    return 0 if max_bytes is None else int(used or 0) + size - max_bytes
+
+
+def _sqlite_prune(conn: sqlite3.Connection, owner: str, size: int, kept: int | None, most: int | None) -> None:
+    """Make room for ``size`` more bytes of ``owner`` (see ``jobs_owners``)."""
+    used = conn.execute(USAGE, (owner,)).fetchone() if most is not None else None
+    excess = _excess(used and used[0], size, most)
+    if kept is not None or excess > 0:
+        conn.execute(prune_sql(postgres=False, by_bytes=excess > 0), _prune_args(owner, kept, excess))
+
+
 class SQLiteJobs(SQLiteAccess, JobStore):
-    async def jobs_submit(self, job: JobRecord, *, max_pending: int | None = None, max_kept: int | None = None) -> bool:
+    async def jobs_submit(
+        self, job: JobRecord, *, max_pending: int | None = None, max_kept: int | None = None,
+        max_bytes: int | None = None,
+    ) -> bool:  # fmt: skip
         def insert(conn: sqlite3.Connection) -> bool:
             # The writer runs one write at a time: the count cannot change before the insert.
             if max_pending is not None:
                 (pending,) = conn.execute(_COUNT.format("?, ?"), (job.owner, *PENDING_STATES)).fetchone()
                 if pending >= max_pending:
                     return False
+            _sqlite_prune(conn, job.owner, len(job.args), max_kept, max_bytes)
             try:
                 conn.execute(_INSERT, _sqlite_row(job))
             except sqlite3.IntegrityError as exc:
                 raise AlreadyExists(f"job {job.id!r} exists") from exc
-            if max_kept is not None:
-                conn.execute(_PRUNE, (job.owner, job.owner, max_kept))
+            if max_bytes is not None:
+                (used,) = conn.execute(USAGE, (job.owner,)).fetchone()
+                if used > max_bytes:
+                    raise bytes_error(job.owner, used, max_bytes)  # the write, prune included, is undone
             return True
 
         return await self._write(insert)
@@ -387,11 +419,26 @@ class SQLiteJobs(SQLiteAccess, JobStore):
         return bool(await self._write(lambda c: c.execute(_PROGRESS, args).rowcount))
 
     async def jobs_finish(
-        self, job_id: str, runner: str, state: str, *, now: float, result: bytes | None = None, error: str | None = None
-    ) -> bool:
+        self, job_id: str, runner: str, state: str, *, now: float, result: bytes | None = None,
+        error: str | None = None, max_bytes: int | None = None,
+    ) -> bool:  # fmt: skip
         _check_finished(state)
         args = (state, now, result, error, state, job_id, runner)
-        return bool(await self._write(lambda c: c.execute(_SQ["_FINISH"], args).rowcount))
+        if result is None or max_bytes is None:
+            return bool(await self._write(lambda c: c.execute(_SQ["_FINISH"], args).rowcount))
+
+        def finish(conn: sqlite3.Connection) -> bool:
+            held = conn.execute(_FINISH_HELD, (job_id, runner)).fetchone()
+            if held is None:
+                return False
+            _sqlite_prune(conn, held[0], len(result), None, max_bytes)
+            conn.execute(_SQ["_FINISH"], args)
+            (used,) = conn.execute(USAGE, (held[0],)).fetchone()
+            if used > max_bytes:
+                conn.execute(_FINISH_UNKEPT, (result_too_big(len(result), max_bytes), job_id))
+            return True
+
+        return await self._write(finish)
 
     async def jobs_cancel(self, job_id: str, now: float) -> JobRecord | None:
         def cancel(conn: sqlite3.Connection) -> JobRecord | None:

@@ -21,6 +21,16 @@ the order they were submitted. With several runners claiming at once
 same instant may both serve the same owner, but never the same job (the
 job's row is taken ``FOR UPDATE SKIP LOCKED``).
 
+Bytes: a submit first deletes the submitter's oldest finished jobs until
+the new job's arguments fit in ``max_bytes`` (as it already deleted those
+past their newest ``max_kept``, in the same statement), and is refused
+(``ResourceExhausted``) when they do not fit even so: the queued and running
+jobs' arguments alone are too many bytes. A result is made room for the same
+way when its job finishes; one that cannot fit is not kept, and the job
+fails saying so. The check is made after the write, in its transaction,
+against the owner's row the triggers just updated, so concurrent writers on
+any replica cannot overshoot together.
+
 On PostgreSQL the triggers are statement-level, over transition tables:
 a statement that changes many jobs (a sweep, a prune, a recovery) locks the
 owners' rows once each, in owner order, after the jobs' rows; a statement
@@ -31,7 +41,17 @@ which keeps it from deadlocking with a sweep deleting the same jobs.
 
 from __future__ import annotations
 
-__all__ = ["POSTGRES_OWNERS_SCHEMA", "SERVED", "SQLITE_OWNERS_SCHEMA"]
+from bastion.exceptions import ResourceExhausted
+
+__all__ = [
+    "POSTGRES_OWNERS_SCHEMA",
+    "SERVED",
+    "SQLITE_OWNERS_SCHEMA",
+    "USAGE",
+    "bytes_error",
+    "prune_sql",
+    "result_too_big",
+]
 
 # -- Migration 14: the table, its indexes and the triggers that keep it ---------------------
 
@@ -111,5 +131,45 @@ POSTGRES_OWNERS_SCHEMA: tuple[str, ...] = (
     f"sum(octet_length(args) + coalesce(octet_length(result), 0)), min(created_at) - {_NEW} FROM jobs GROUP BY owner",
 )
 
+_FINISHED = "state IN ('succeeded', 'failed', 'cancelled')"
+# The owner's finished jobs older than their newest N jobs (an index-only walk of (owner, id)).
+_PAST_KEPT = "id <= (SELECT id FROM jobs WHERE owner = ? ORDER BY id DESC LIMIT 1 OFFSET ?)"
+# ... or among the oldest whose bytes, added up in id order, first reach the excess over the bound.
+_PAST_BYTES = (
+    "id IN (SELECT id FROM (SELECT id, coalesce(sum({size}) OVER (ORDER BY id ROWS BETWEEN UNBOUNDED PRECEDING "
+    f"AND 1 PRECEDING), 0) AS before FROM jobs WHERE owner = ? AND {_FINISHED}) AS oldest WHERE before < ?)"
+)
+
+
+def prune_sql(*, postgres: bool, by_bytes: bool) -> str:
+    """Delete the owner's finished jobs past their newest N (parameters: owner, owner, N - 1) or, with
+    ``by_bytes``, also the oldest until an excess of bytes is freed (then also: owner, excess).
+
+    One statement either way, so it locks the rows it deletes before the owner's row (see above)."""
+    sql = f"DELETE FROM jobs WHERE owner = ? AND {_FINISHED} AND ({_PAST_KEPT}"
+    if by_bytes:
+        size = "octet_length(args) + coalesce(octet_length(result), 0)" if postgres else _SQLITE_SIZE.format("jobs")
+        sql += " OR " + _PAST_BYTES.format(size=size)
+    return sql + ")"
+
+
+USAGE = "SELECT bytes FROM job_owners WHERE owner = ?"
 #: Claims set when the owner was served (parameters: now, owner).
 SERVED = "UPDATE job_owners SET served = ? WHERE owner = ?"
+
+
+def bytes_error(owner: str, used: int, max_bytes: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"the jobs of {owner!r} would hold {used} bytes of arguments and results, more than the limit of "
+        f"{max_bytes} bytes (jobs.max_bytes), with their finished jobs deleted: wait for queued jobs to finish, "
+        "or submit smaller arguments",
+        details={"owner": owner, "limit": "bytes"},
+    )
+
+
+def result_too_big(size: int, max_bytes: int) -> str:
+    """Why a job whose result could not be kept failed."""
+    return (
+        f"its result ({size} bytes) does not fit in the {max_bytes} bytes of arguments and results "
+        "one user's jobs may hold (jobs.max_bytes); it was not kept"
+    )

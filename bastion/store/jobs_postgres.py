@@ -12,11 +12,12 @@ from bastion.store.jobs import (
     _CANCEL_QUEUED,
     _CANCEL_RUNNING,
     _FINISH,
+    _FINISH_HELD,
+    _FINISH_UNKEPT,
     _GET,
     _INSERT,
     _POSTGRES_CLAIM,
     _PROGRESS,
-    _PRUNE,
     _RECOVER,
     _RELEASE,
     _RENEW,
@@ -26,12 +27,15 @@ from bastion.store.jobs import (
     JobStore,
     RenewOutcome,
     _check_finished,
+    _excess,
     _list_query,
     _numbered,
+    _prune_args,
     _record,
     _row,
     _tally,
 )
+from bastion.store.jobs_owners import USAGE, bytes_error, prune_sql, result_too_big
 
 __all__ = ["PostgresJobs"]
 
@@ -54,7 +58,11 @@ _PG = {
         "reassign_owner": "UPDATE jobs SET owner = ? WHERE owner = ?",
         "count": "SELECT count(*) FROM jobs WHERE owner = ? AND state = ANY(?::text[])",
         "lock_owner": "SELECT pg_advisory_xact_lock(hashtext(?))",
-        "prune": _PRUNE,
+        "usage": USAGE,
+        "held": _FINISH_HELD + " FOR UPDATE",
+        "unkept": _FINISH_UNKEPT,
+        "prune": prune_sql(postgres=True, by_bytes=False),
+        "prune_bytes": prune_sql(postgres=True, by_bytes=True),
     }.items()
 }
 
@@ -72,26 +80,29 @@ class PostgresJobs(PostgresAccess, JobStore):
     async def _jobs_execute(self, sql: str, *args: Any) -> int:
         return _affected(await self._call(lambda conn: conn.execute(sql, *args)))
 
-    async def jobs_submit(self, job: JobRecord, *, max_pending: int | None = None, max_kept: int | None = None) -> bool:
-        async def insert(conn: Any) -> list[Any] | None:  # an asyncpg connection
+    async def jobs_submit(
+        self, job: JobRecord, *, max_pending: int | None = None, max_kept: int | None = None,
+        max_bytes: int | None = None,
+    ) -> bool:  # fmt: skip
+        async def insert(conn: Any) -> bool:  # an asyncpg connection
             async with conn.transaction():
-                if max_pending is not None:
+                if max_pending is not None or max_bytes is not None:
                     # Concurrent submits of one owner (any replica) take turns until this transaction ends.
                     await conn.execute(_PG["lock_owner"], f"bastion.jobs.pending:{job.owner}")
+                if max_pending is not None:
                     pending = await conn.fetchval(_PG["count"], job.owner, list(PENDING_STATES))
                     if pending >= max_pending:
-                        return None
-                rows = list(await conn.fetch(_PG["insert"], *_row(job)))
-                if rows and max_kept is not None:
-                    await conn.execute(_PG["prune"], job.owner, job.owner, max_kept)
-                return rows
+                        return False
+                await _pg_prune(conn, job.owner, len(job.args), max_kept, max_bytes)
+                if not await conn.fetch(_PG["insert"], *_row(job)):
+                    raise AlreadyExists(f"job {job.id!r} exists")  # raised here, the prune is undone
+                if max_bytes is not None:
+                    used = await conn.fetchval(_PG["usage"], job.owner)
+                    if used > max_bytes:
+                        raise bytes_error(job.owner, used, max_bytes)
+                return True
 
-        rows = await self._call(insert)
-        if rows is None:
-            return False
-        if not rows:
-            raise AlreadyExists(f"job {job.id!r} exists")
-        return True
+        return bool(await self._call(insert))
 
     async def jobs_get(self, job_id: str) -> JobRecord | None:
         rows = await self._jobs_fetch(_PG["get"], job_id)
@@ -119,10 +130,27 @@ class PostgresJobs(PostgresAccess, JobStore):
         return bool(await self._jobs_execute(_PG["progress"], progress, message, job_id, runner))
 
     async def jobs_finish(
-        self, job_id: str, runner: str, state: str, *, now: float, result: bytes | None = None, error: str | None = None
-    ) -> bool:
+        self, job_id: str, runner: str, state: str, *, now: float, result: bytes | None = None,
+        error: str | None = None, max_bytes: int | None = None,
+    ) -> bool:  # fmt: skip
         _check_finished(state)
-        return bool(await self._jobs_execute(_PG["finish"], state, now, result, error, state, job_id, runner))
+        args = (state, now, result, error, state, job_id, runner)
+        if result is None or max_bytes is None:
+            return bool(await self._jobs_execute(_PG["finish"], *args))
+
+        async def finish(conn: Any) -> bool:
+            async with conn.transaction():
+                # The job's row first, then the pruned ones, then (by the triggers) the owner's.
+                owner = await conn.fetchval(_PG["held"], job_id, runner)
+                if owner is None:
+                    return False
+                await _pg_prune(conn, owner, len(result), None, max_bytes)
+                await conn.execute(_PG["finish"], *args)
+                if await conn.fetchval(_PG["usage"], owner) > max_bytes:
+                    await conn.execute(_PG["unkept"], result_too_big(len(result), max_bytes), job_id)
+                return True
+
+        return bool(await self._call(finish))
 
     async def jobs_cancel(self, job_id: str, now: float) -> JobRecord | None:
         async def cancel(conn: Any) -> JobRecord | None:
@@ -152,3 +180,11 @@ class PostgresJobs(PostgresAccess, JobStore):
         if new is None:
             return await self._jobs_execute(_PG["delete_owner"], old)
         return await self._jobs_execute(_PG["reassign_owner"], new, old)
+
+
+async def _pg_prune(conn: Any, owner: str, size: int, kept: int | None, most: int | None) -> None:
+    """Make room for ``size`` more bytes of ``owner`` (see ``jobs_owners``); reads the usage unlocked, so
+    the jobs pruned are locked before the owner's row."""
+    excess = _excess(await conn.fetchval(_PG["usage"], owner) if most is not None else None, size, most)
+    if kept is not None or excess > 0:
+        await conn.execute(_PG["prune_bytes" if excess > 0 else "prune"], *_prune_args(owner, kept, excess))

@@ -370,6 +370,29 @@ def test_users_take_turns_in_the_queue(tmp_path: Path) -> None:
     run(test, tmp_path, msgspec.structs.replace(CONFIG, concurrency=1))
 
 
+def test_the_bytes_a_users_jobs_hold_are_bounded(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada, bob = w.client(ADA), w.client(BOB)
+        args = {"directory": str(w.dir), "seconds": 30, "tag": "x" * 500}
+        first = await ada.jobs.submit(name="nap", args=args)
+        with pytest.raises(bastion.ResourceExhausted, match=r"jobs.max_bytes") as refused:
+            await ada.jobs.submit(name="nap", args={**args, "tag": "y" * 500})
+        assert refused.value.status == bastion.Status.RESOURCE_EXHAUSTED
+        other = await bob.jobs.submit(name="nap", args=args)  # others are not affected
+        for client, job_id in ((ada, first), (bob, other)):
+            await client.jobs.cancel(id=job_id)
+            assert (await finish(client, job_id))["state"] == "cancelled"
+        # Finished jobs make room: the cancelled one is deleted for the next.
+        again = await ada.jobs.submit(name="chatty", args={"text": "z" * 400})
+        assert (await finish(ada, again))["state"] == "succeeded"
+        assert [s["id"] for s in await ada.jobs.list()] == [again]
+        too_big = await ada.jobs.submit(name="chatty", args={"text": "z" * 600})
+        done = await finish(ada, too_big)  # its result cannot fit beside its own arguments
+        assert done["state"] == "failed" and "does not fit" in done["error"]
+
+    run(test, tmp_path, msgspec.structs.replace(CONFIG, max_bytes=1000, max_result_bytes=1000))
+
+
 def test_registered_lists_jobs_with_their_argument_schemas(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         listing = {j["name"]: j for j in await w.client().jobs.registered()}

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bastion.exceptions import AlreadyExists
+from bastion.exceptions import AlreadyExists, ResourceExhausted
 from bastion.store import PostgresStore, SQLiteStore, Store
 from bastion.store.jobs import JobRecord
 from bastion.store.migrations import MIGRATIONS
@@ -240,6 +240,55 @@ async def test_an_owner_with_jobs_running_waits_for_owners_with_none(store: Stor
     assert fifth is not None and fifth.id == "a2"
 
 
+async def test_submit_bounds_the_bytes_an_owners_jobs_hold(store: Store) -> None:
+    # Only the number of jobs was bounded (max_kept): 10000 jobs of a user could hold 10000 arguments
+    # and results of up to a frame each.
+    big = b"\xc4\x00" + b"x" * 98  # 100 bytes
+    for i in range(3):
+        assert await store.jobs_submit(job(f"q{i}", args=big), max_bytes=350)  # queued: 300 bytes
+    with pytest.raises(ResourceExhausted, match=r"would hold 400 bytes .* limit of 350 bytes \(jobs.max_bytes\)"):
+        await store.jobs_submit(job("q3", args=big), max_bytes=350)
+    assert await store.jobs_get("q3") is None  # nothing stored
+    # Finished jobs make room, oldest first; queued and running ones never do.
+    for i in range(2):
+        claimed = await store.jobs_claim("r1", NAMES, 10.0 + i, 30.0)
+        assert claimed is not None
+        assert await store.jobs_finish(claimed.id, "r1", "succeeded", now=20.0, result=b"\x01" * 10, max_bytes=350)
+    assert await store.jobs_submit(job("bob1", owner="bob", args=big), max_bytes=350)  # each owner their own
+    assert await store.jobs_submit(job("q4", args=big), max_bytes=350)  # deletes q0 (110 bytes), keeps q1
+    assert [j.id for j in await store.jobs_list(owner="ada")] == ["q1", "q2", "q4"]
+    assert await store.jobs_submit(job("q5", args=b"\xc4\x00"), max_bytes=350, max_kept=2)  # both bounds at once
+    assert [j.id for j in await store.jobs_list(owner="ada")] == ["q2", "q4", "q5"]
+
+
+async def test_a_result_that_does_not_fit_is_not_kept(store: Store) -> None:
+    await store.jobs_submit(job("old", args=b"\xc4\x00" + b"x" * 98))
+    await store.jobs_cancel("old", 2.0)
+    await store.jobs_submit(job("j1"))
+    await store.jobs_claim("r1", NAMES, 3.0, 30.0)
+    assert await store.jobs_finish("j1", "r1", "succeeded", now=4.0, result=b"\x01" * 150, max_bytes=160)
+    done = await store.jobs_get("j1")
+    assert done is not None and (done.state, done.result) == ("succeeded", b"\x01" * 150)
+    assert await store.jobs_get("old") is None  # made room for it
+    await store.jobs_submit(job("j2"))
+    await store.jobs_claim("r1", NAMES, 5.0, 30.0)
+    assert await store.jobs_finish("j2", "r1", "succeeded", now=6.0, result=b"\x01" * 170, max_bytes=160)
+    failed = await store.jobs_get("j2")
+    assert failed is not None and (failed.state, failed.result) == ("failed", None)
+    assert failed.error is not None and "its result (170 bytes) does not fit in the 160 bytes" in failed.error
+    assert not await store.jobs_finish("j2", "r1", "succeeded", now=7.0, result=b"\x01", max_bytes=160)  # not held
+
+
+async def test_concurrent_submits_never_overshoot_max_bytes(store: Store) -> None:
+    big = b"\xc4\x00" + b"x" * 98
+    outcomes = await asyncio.gather(
+        *(store.jobs_submit(job(f"j{i:02d}", args=big), max_bytes=1000) for i in range(20)), return_exceptions=True
+    )
+    assert outcomes.count(True) == 10
+    assert all(isinstance(o, ResourceExhausted) for o in outcomes if o is not True)
+    assert len(await store.jobs_list(owner="ada")) == 10
+
+
 async def test_claims_follow_jobs_handed_over_deleted_and_given_back(store: Store) -> None:
     # The owners' counts the claims walk are kept by triggers on every change of a job.
     await store.jobs_submit(job("j1"))
@@ -274,3 +323,8 @@ async def test_the_migration_counts_the_jobs_already_stored(backend: str, tmp_pa
         assert claimed is not None and claimed.id == "a1"
         claimed = await newer.jobs_claim("r1", NAMES, 11.0, 30.0)
         assert claimed is not None and claimed.id == "b0"  # ada has one running: bob's turn
+        # Her three jobs' 300 bytes were counted: the cancelled one goes to make room, then no more fits.
+        assert await newer.jobs_submit(job("a3", args=b"\xc4\x00" + b"x" * 98), max_bytes=300)
+        assert await newer.jobs_get("a0") is None
+        with pytest.raises(ResourceExhausted):
+            await newer.jobs_submit(job("a4"), max_bytes=300)
