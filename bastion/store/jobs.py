@@ -241,9 +241,15 @@ _FINISH = (
     "progress = CASE WHEN ?t = 'succeeded' THEN 1.0 ELSE progress END "
     "WHERE id = ? AND runner = ? AND state = 'running'"
 )
-_CANCEL_QUEUED = (
-    "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = 'cancelled before it ran' "
-    "WHERE id = ? AND state = 'queued'"
+# Queued: cancelled now; running: cancel requested. One statement, deciding on the row as it is when
+# locked: as two ("if queued", then "if running"), a job given back to the queue between them (a release,
+# a recovery) was seen running by the first and queued by the second, and the cancel was lost.
+_CANCEL = (
+    "UPDATE jobs SET state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END, "
+    "finished_at = CASE WHEN state = 'queued' THEN ?f ELSE finished_at END, "
+    "error = CASE WHEN state = 'queued' THEN 'cancelled before it ran' ELSE error END, "
+    "cancel_requested = (state = 'running' OR cancel_requested) "
+    "WHERE id = ? AND state IN ('queued', 'running')"
 )
 # A cancel asked since the claim is kept: the job is then cancelled (before it ran), not queued to run.
 _RELEASE = (
@@ -253,7 +259,6 @@ _RELEASE = (
     "runner = NULL, lease_until = NULL, started_at = NULL, attempts = attempts - 1 "
     "WHERE id = ? AND runner = ? AND state = 'running'"
 )
-_CANCEL_RUNNING = "UPDATE jobs SET cancel_requested = ? WHERE id = ? AND state = 'running'"
 _SWEEP = "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?"
 _COUNT = "SELECT count(*) FROM jobs WHERE owner = ? AND state IN ({})"
 _GET = f"SELECT {_COLUMNS} FROM jobs WHERE id = ?"
@@ -304,6 +309,7 @@ _SQ = {
     "_ABANDON": _qmarks(_ABANDON),
     "_RECOVER": _qmarks(_RECOVER),
     "_FINISH": _qmarks(_FINISH),
+    "_CANCEL": _qmarks(_CANCEL),
 }
 
 
@@ -442,8 +448,7 @@ class SQLiteJobs(SQLiteAccess, JobStore):
 
     async def jobs_cancel(self, job_id: str, now: float) -> JobRecord | None:
         def cancel(conn: sqlite3.Connection) -> JobRecord | None:
-            if not conn.execute(_CANCEL_QUEUED, (now, job_id)).rowcount:
-                conn.execute(_CANCEL_RUNNING, (1, job_id))
+            conn.execute(_SQ["_CANCEL"], (now, job_id))
             row = conn.execute(_GET, (job_id,)).fetchone()
             return None if row is None else _record(row)
 

@@ -9,8 +9,7 @@ from bastion.exceptions import AlreadyExists
 from bastion.store._access import PostgresAccess
 from bastion.store.jobs import (
     _ABANDON,
-    _CANCEL_QUEUED,
-    _CANCEL_RUNNING,
+    _CANCEL,
     _FINISH,
     _FINISH_HELD,
     _FINISH_UNKEPT,
@@ -48,8 +47,7 @@ _PG = {
         "renew": _RENEW,
         "progress": _PROGRESS,
         "finish": _FINISH,
-        "cancel_queued": _CANCEL_QUEUED,
-        "cancel_running": _CANCEL_RUNNING,
+        "cancel": _CANCEL,
         "sweep": _SWEEP,
         "get": _GET,
         "insert": _INSERT + " ON CONFLICT (id) DO NOTHING RETURNING id",
@@ -155,8 +153,7 @@ class PostgresJobs(PostgresAccess, JobStore):
     async def jobs_cancel(self, job_id: str, now: float) -> JobRecord | None:
         async def cancel(conn: Any) -> JobRecord | None:
             async with conn.transaction():
-                if not _affected(await conn.execute(_PG["cancel_queued"], now, job_id)):
-                    await conn.execute(_PG["cancel_running"], True, job_id)
+                await conn.execute(_PG["cancel"], now, job_id)
                 row = await conn.fetchrow(_PG["get"], job_id)
             return None if row is None else _record(row)
 

@@ -11,6 +11,7 @@ import pytest
 from bastion.exceptions import AlreadyExists, ResourceExhausted
 from bastion.store import PostgresStore, SQLiteStore, Store
 from bastion.store.jobs import JobRecord
+from bastion.store.jobs_postgres import _PG
 from bastion.store.migrations import MIGRATIONS
 from bastion.store.postgres import POSTGRES_MIGRATIONS
 from tests.support.stores import store_location
@@ -328,3 +329,39 @@ async def test_the_migration_counts_the_jobs_already_stored(backend: str, tmp_pa
         assert await newer.jobs_get("a0") is None
         with pytest.raises(ResourceExhausted):
             await newer.jobs_submit(job("a4"), max_bytes=300)
+
+
+# Whether any transaction waits on the one whose id is $1 (to hold one until another is blocked on it).
+WAITING_ON = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted AND transactionid::text = $1"
+)
+
+
+async def test_a_cancel_racing_a_release_or_a_recovery_is_kept(backend: str, store: Store) -> None:
+    # jobs_cancel was two statements: "cancel it if queued", then "flag it if running". A job going from
+    # running back to queued between them (a runner giving it back, a recovery re-queueing it) was seen
+    # running by the first and queued by the second: neither changed it, and the job ran after all.
+    if backend != "postgresql":
+        pytest.skip("SQLite runs one write at a time: nothing can come between the two")
+    assert isinstance(store, PostgresStore)
+    for reason, sql, args in (
+        ("release", _PG["release"], (2.0, "j0", "r1")),
+        ("recovery", _PG["recover"], ("runner lost", 100.0, 100.0)),
+    ):
+        job_id = "j0" if reason == "release" else "j1"
+        await store.jobs_submit(job(job_id, retryable=True, max_attempts=3))
+        await store.jobs_claim("r1", NAMES, 1.0, 30.0)
+        async with store._pool.acquire() as conn, store._pool.acquire() as watcher:
+            tx = conn.transaction()
+            await tx.start()
+            await conn.execute(sql, *args)  # the job is queued again, not yet committed
+            xid = await conn.fetchval("SELECT pg_current_xact_id()::text")
+            cancel = asyncio.create_task(store.jobs_cancel(job_id, 3.0))
+            deadline = asyncio.get_running_loop().time() + 5.0
+            while not await watcher.fetchval(WAITING_ON, xid):  # until the cancel waits on the job's row
+                assert asyncio.get_running_loop().time() < deadline, "the cancel never waited on the row"
+                await asyncio.sleep(0.01)
+            await tx.commit()
+        after = await cancel
+        assert after is not None and (after.state, after.error) == ("cancelled", "cancelled before it ran"), reason
+        assert await store.jobs_claim("r2", NAMES, 4.0, 30.0) is None, reason
