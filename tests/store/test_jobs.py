@@ -365,3 +365,13 @@ async def test_a_cancel_racing_a_release_or_a_recovery_is_kept(backend: str, sto
         after = await cancel
         assert after is not None and (after.state, after.error) == ("cancelled", "cancelled before it ran"), reason
         assert await store.jobs_claim("r2", NAMES, 4.0, 30.0) is None, reason
+
+
+async def test_concurrent_claims_across_owners_never_share_a_job_nor_miss_one(store: Store) -> None:
+    owners = ["ada", "bob", "cy", "dee", "eve"]
+    for i in range(4):
+        for owner in owners:
+            await store.jobs_submit(job(f"{owner}{i}", owner=owner))
+    claims = await asyncio.gather(*(store.jobs_claim(f"r{i}", NAMES, 1.0 + i / 100, 30.0) for i in range(30)))
+    ids = sorted(c.id for c in claims if c is not None)
+    assert ids == sorted(f"{owner}{i}" for owner in owners for i in range(4))
