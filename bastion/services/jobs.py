@@ -19,9 +19,10 @@ process: the running jobs' processes and the events that wake watchers.
 * Each claimed job runs in its own process (``jobs_runner.JobProcess``),
   killed at its wall-clock timeout. Beside it run a lease renewer (every
   ``min(lease / 3, poll_interval)``, which also learns of a cancel asked on
-  another replica) and a progress writer (at most one write per
-  ``PROGRESS_INTERVAL``). A cancel asked on this server kills the process at
-  once. The job ends ``succeeded``, ``failed`` (with a reason: its
+  another replica; a lease that ends unrenewed -- the store unreachable or
+  locked -- kills the job, which another runner may take from then on) and
+  a progress writer (at most one write per ``PROGRESS_INTERVAL``). A
+  cancel asked on this server kills the process at once. The job ends ``succeeded``, ``failed`` (with a reason: its
   exception, a limit, a crash) or ``cancelled``.
 * A maintenance task recovers expired leases (jobs whose runner died) and
   deletes finished jobs past ``retention``; it also runs once at start.
@@ -370,16 +371,39 @@ class Jobs:
         return "failed", None, exit_reason(code, job.memory_mb)
 
     async def _renew_loop(self, running: _Running) -> None:
+        """Renew the lease while the job runs; stop the job when the lease ends unrenewed. Past its lease a
+        recovery may queue the job again and another runner start it: going on here (renewals failing, or
+        waiting on a lock) would run it twice at once."""
         interval = min(self.config.lease / 3, self.config.poll_interval)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                outcome = await self.store.jobs_renew(running.job.id, self.runner_id, time.time() + self.config.lease)
-            except Exception:
-                log.exception("jobs: renewing the lease of %s failed; trying again", running.job.id)
-                continue
-            if outcome != "running":
-                running.halt("cancel" if outcome == "cancel" else "lost")
+        loop = asyncio.get_running_loop()
+        job_id = running.job.id
+        expiry = loop.call_later((running.job.lease_until or 0.0) - time.time(), self._lease_ended, running)
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                until = time.time() + self.config.lease  # taken before the call: the lease may start no later
+                try:
+                    outcome = await self.store.jobs_renew(job_id, self.runner_id, until)
+                except Exception:
+                    log.exception("jobs: renewing the lease of %s failed; trying again", job_id)
+                    continue
+                if outcome == "lost":
+                    running.halt("lost")
+                    continue
+                expiry.cancel()
+                expiry = loop.call_later(until - time.time(), self._lease_ended, running)
+                if outcome == "cancel":
+                    running.halt("cancel")
+        finally:
+            expiry.cancel()
+
+    @staticmethod
+    def _lease_ended(running: _Running) -> None:
+        if running.stop is None:
+            log.warning(
+                "jobs: the lease of job %s ended before it could be renewed; its process is killed", running.job.id
+            )
+        running.halt("lost")
 
     async def _progress_loop(self, running: _Running) -> None:
         while True:

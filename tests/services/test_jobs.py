@@ -540,6 +540,21 @@ def test_an_outcome_the_store_could_not_take_at_once_is_recorded_once_it_can(
     run(test, tmp_path, msgspec.structs.replace(CONFIG, lease=60.0))
 
 
+def test_a_runner_that_cannot_renew_a_lease_stops_the_job_when_the_lease_ends(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        job_id = await ada.jobs.submit(name="nap", args={"directory": str(w.dir), "tag": "t", "seconds": 30})
+        pid = int(await wait_file(w.dir / "t.pid"))
+        async with writes_held(service_store(tmp_path)):
+            # Renewals fail (SQLite) or wait (PostgreSQL). Past the lease a recovery may queue the job again
+            # and another runner start it: the runner went on running its copy beside that one.
+            await asyncio.to_thread(wait_for, lambda: not process_exists(pid), 10, what="the job to be stopped")
+        final = await finish(ada, job_id)
+        assert (final["state"], final["error"]) == ("failed", "runner lost (server stopped while it ran)")
+
+    run(test, tmp_path, msgspec.structs.replace(CONFIG, lease=1.5))
+
+
 def process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
