@@ -50,7 +50,7 @@ import msgspec
 
 from bastion.exceptions import AlreadyExists
 from bastion.store._access import SQLiteAccess
-from bastion.store.jobs_owners import SERVED, USAGE, bytes_error, prune_sql, result_too_big
+from bastion.store.jobs_owners import NEXT_TURN, SERVED, USAGE, bytes_error, prune_sql, result_too_big
 
 __all__ = [
     "FINISHED_STATES",
@@ -281,7 +281,7 @@ _POSTGRES_CLAIM = (
     f"WITH taken AS (UPDATE jobs SET {_CLAIM_SET} WHERE id = (SELECT head.id FROM (SELECT o.owner "
     f"{_OWNERS_IN_TURN.format('')}) AS turn CROSS JOIN LATERAL (SELECT j.id FROM jobs AS j WHERE j.owner = "
     "turn.owner AND j.state = 'queued' AND j.name = ANY(?::text[]) ORDER BY j.id LIMIT 1 FOR UPDATE SKIP LOCKED) "
-    f"AS head LIMIT 1) RETURNING {_COLUMNS}), served AS (UPDATE job_owners SET served = ?f "
+    f"AS head LIMIT 1) RETURNING {_COLUMNS}), served AS (UPDATE job_owners SET served = {NEXT_TURN} "
     f"WHERE owner = (SELECT owner FROM taken)) SELECT {_COLUMNS} FROM taken"
 )
 _FINISH_HELD = "SELECT owner FROM jobs WHERE id = ? AND runner = ? AND state = 'running'"
@@ -410,7 +410,7 @@ class SQLiteJobs(SQLiteAccess, JobStore):
         def claim(conn: sqlite3.Connection) -> Any:
             row = conn.execute(_SQLITE_CLAIM, args).fetchone()
             if row is not None:
-                conn.execute(SERVED, (now, row[1]))
+                conn.execute(SERVED, (row[1],))
             return row
 
         row = await self._write(claim)

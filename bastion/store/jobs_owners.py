@@ -5,10 +5,14 @@ Theory of operation
 
 ``job_owners`` keeps, per owner, how many of their jobs are queued and
 running, how many bytes their jobs hold (arguments and results, as stored),
-and when one of their jobs was last claimed (``served``; an owner never
-served counts as served long ago, before everyone who was). Triggers keep the counts whoever writes -- code of
-the previous schema version included -- so the table never drifts from
-``jobs``; a claim sets ``served`` itself.
+and when one of their jobs was last claimed (``served``). Triggers keep the
+counts whoever writes -- code of the previous schema version included -- so
+the table never drifts from ``jobs``; a claim sets ``served`` itself, to one
+more than the highest ``served`` of anyone: a turn counter, not a clock, so
+a replica whose clock runs ahead cannot send the owners it serves to the
+back of the line for as long as it is ahead. An owner never served has a
+negative ``served`` (their first submission's time less 2**40), below every
+turn, in the order they first submitted.
 
 Fairness: a claim walks the owners who have jobs queued, those with the
 fewest jobs running first, then the least recently served (someone never
@@ -44,6 +48,7 @@ from __future__ import annotations
 from bastion.exceptions import ResourceExhausted
 
 __all__ = [
+    "NEXT_TURN",
     "POSTGRES_OWNERS_SCHEMA",
     "SERVED",
     "SQLITE_OWNERS_SCHEMA",
@@ -60,16 +65,17 @@ _OWNERS_TABLE = """CREATE TABLE job_owners (
     queued  {int} NOT NULL,     -- the owner's jobs in each state, kept by triggers whoever writes
     running {int} NOT NULL,
     bytes   {int} NOT NULL,     -- arguments and results of all the owner's jobs, as stored
-    served  {real} NOT NULL     -- when a job of the owner was last claimed (never: see _NEW)
+    served  {real} NOT NULL     -- the turn a job of the owner was last claimed in (never: negative, see _NEW)
 )"""
 _OWNERS_INDEXES = (
     # Claims walk the owners waiting for a slot in the order they are served in, then each owner's queue.
     "CREATE INDEX job_owners_waiting ON job_owners (running, served, owner) WHERE queued > 0",
+    "CREATE INDEX job_owners_served ON job_owners (served)",  # the last turn, for the next
     "CREATE INDEX jobs_queued_by_owner ON jobs (owner, id) WHERE state = 'queued'",
 )
 # An owner never served comes before every owner served so far, in the order they first submitted: their
-# ``served`` is their first submission's time less this (2**32 seconds, over a century).
-_NEW = "4294967296"
+# ``served`` is their first submission's time less this (2**40), below every turn (turns count up from 1).
+_NEW = "1099511627776"
 _SQLITE_SIZE = "length({0}.args) + coalesce(length({0}.result), 0)"
 _SQLITE_ADD = (
     "INSERT INTO job_owners (owner, queued, running, bytes, served) VALUES "
@@ -154,8 +160,10 @@ def prune_sql(*, postgres: bool, by_bytes: bool) -> str:
 
 
 USAGE = "SELECT bytes FROM job_owners WHERE owner = ?"
-#: Claims set when the owner was served (parameters: now, owner).
-SERVED = "UPDATE job_owners SET served = ? WHERE owner = ?"
+#: The next turn (SQLite; parameter: the owner served in it).
+SERVED = "UPDATE job_owners SET served = (SELECT max(max(served), 0) + 1 FROM job_owners) WHERE owner = ?"
+#: The next turn (PostgreSQL).
+NEXT_TURN = "(SELECT greatest(max(served), 0) + 1 FROM job_owners)"
 
 
 def bytes_error(owner: str, used: int, max_bytes: int) -> ResourceExhausted:

@@ -117,7 +117,7 @@ class PostgresJobs(PostgresAccess, JobStore):
         return int(rows[0][0])
 
     async def jobs_claim(self, runner: str, names: Sequence[str], now: float, lease: float) -> JobRecord | None:
-        rows = await self._jobs_fetch(_PG["claim"], runner, now + lease, now, False, list(names), now)
+        rows = await self._jobs_fetch(_PG["claim"], runner, now + lease, now, False, list(names))
         return _record(rows[0]) if rows else None
 
     async def jobs_renew(self, job_id: str, runner: str, lease_until: float) -> RenewOutcome:

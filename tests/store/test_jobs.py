@@ -375,3 +375,16 @@ async def test_concurrent_claims_across_owners_never_share_a_job_nor_miss_one(st
     claims = await asyncio.gather(*(store.jobs_claim(f"r{i}", NAMES, 1.0 + i / 100, 30.0) for i in range(30)))
     ids = sorted(c.id for c in claims if c is not None)
     assert ids == sorted(f"{owner}{i}" for owner in owners for i in range(4))
+
+
+async def test_a_replica_whose_clock_runs_ahead_does_not_send_an_owner_to_the_back_for_long(store: Store) -> None:
+    # Turns were ordered by the claiming replica's clock: an owner served by a replica an hour ahead
+    # waited until every other owner had been served an hour's worth of claims.
+    for owner in ("ada", "bob", "cy"):
+        for i in range(3):
+            await store.jobs_submit(job(f"{owner}{i}", owner=owner))
+    ahead = await store.jobs_claim("ahead", NAMES, 3600.0, 30.0)
+    assert ahead is not None and ahead.id == "ada0"
+    assert await store.jobs_finish("ada0", "ahead", "succeeded", now=3600.0)
+    order = [await claim_and_finish(store, 10.0 + turn) for turn in range(5)]
+    assert order == ["bob0", "cy0", "ada1", "bob1", "cy1"]
