@@ -28,8 +28,11 @@ Watching. ``watch`` tails the caller's mailbox by id. Ids grow with commit
 order and are never reused (see the store), so "every message with an id
 above the last one yielded" is exactly the new mail, and a watch resumed
 with ``from_id`` misses nothing. A watcher keeps no buffer: when woken it
-reads the next page from the store itself, so a slow watcher holds no
-memory and never holds up a sender. It is woken three ways: a send in
+reads the next page from the store itself, so a slow watcher holds little
+memory and never holds up a sender. A page is bounded in bytes as well as
+in messages (``WATCH_PAGE_BYTES``, or one message when that alone is
+larger): a watch parked mid-page by a client that stopped reading keeps
+its page. It is woken three ways: a send in
 this process nudges the recipients' watchers directly; on PostgreSQL the
 mail trigger's ``NOTIFY`` (``Store.listen("mail")``) makes the hub (mail_watch.py) poll at
 once; and while anyone watches, the hub polls the watched mailboxes' heads
@@ -73,7 +76,10 @@ __all__ = ["Attachment", "InboxPage", "MailEvent", "MailboxInfo", "Mailboxes", "
 
 log = logging.getLogger("bastion.messages")
 
-WATCH_PAGE = 64  # messages a watcher reads from the store at once
+WATCH_PAGE = 64  # most messages a watcher reads from the store at once
+# Most bytes of messages (their quota size) one watcher holds at once, beyond the first: a watch parked
+# mid-page by a client that stops reading keeps its page, and 64 full-size bodies each were 16 MiB.
+WATCH_PAGE_BYTES = 256 * 1024
 # Used with fullmatch: "$" would also match before a final newline ("bob\n").
 _USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _ROLE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -420,18 +426,34 @@ class Mailboxes:
             yield MailEvent("start", head)
             while True:
                 watcher.wakeup.clear()  # before reading: mail committed after the read wakes us again
-                page = await self.store.mail_list(
-                    principal.name, watcher.last, WATCH_PAGE, unread_only=False, newest_first=False, bodies=True
-                )
+                page, more = await self._watch_page(principal.name, watcher.last)
                 for item in page:
                     watcher.last = item.id
                     yield MailEvent("mail", item.id, _message(item))
                 if watcher.ended is not None:
                     raise watcher.ended
-                if len(page) < WATCH_PAGE:
+                if not more:
                     await watcher.wakeup.wait()
         finally:
             self.hub.leave(watcher)
+
+    async def _watch_page(self, owner: str, after: int) -> tuple[list[MailItem], bool]:
+        """The next messages past ``after``, whole, within ``WATCH_PAGE_BYTES`` (at least one); and whether
+        more may follow at once. Sizes are read first without bodies, so a page is bounded in bytes."""
+        heads = await self.store.mail_list(
+            owner, after, WATCH_PAGE, unread_only=False, newest_first=False, bodies=False
+        )
+        take, total = 0, 0
+        for item in heads:
+            total += item.size
+            if take and total > WATCH_PAGE_BYTES:
+                break
+            take += 1
+        if not take:
+            return [], False
+        page = await self.store.mail_list(owner, after, take, unread_only=False, newest_first=False, bodies=True)
+        # Fewer than asked: messages were deleted meanwhile, and nothing follows them yet.
+        return page, len(page) == take and (take < len(heads) or len(heads) == WATCH_PAGE)
 
     def declare(self, service: Service) -> None:
         """Add the mailbox methods to ``service``."""

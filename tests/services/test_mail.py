@@ -358,6 +358,31 @@ def test_watch_replays_from_an_id_then_streams_new_mail(tmp_path: Path) -> None:
     run(test, tmp_path)
 
 
+def test_watch_reads_pages_bounded_in_bytes_without_a_gap(tmp_path: Path) -> None:
+    """Large and small messages, some deleted: a watch from id 1 yields every one left, in order, once."""
+
+    async def test(w: World) -> None:
+        sizes = [200_000, 10, 150_000, 300, 250_000, 5, 5, 100_000] * 10 + [1] * 70
+        for i, size in enumerate(sizes):
+            await w.ada.messages.send(to=["bob"], subject=str(i + 1), body=b"b" * size)
+        gone = list(range(3, len(sizes), 7))
+        await w.bob.messages.delete(ids=gone)
+        stream = w.bob.stream("messages.watch", from_id=1)
+        assert (await anext(stream))["type"] == "start"
+        seen = []
+        for _ in range(len(sizes) - len(gone)):
+            event = await anext(stream)
+            assert event["message"]["subject"] == str(event["id"])
+            assert len(event["message"]["body"]) == sizes[event["id"] - 1]
+            seen.append(event["id"])
+        assert seen == [i for i in range(1, len(sizes) + 1) if i not in gone]
+        await w.ada.messages.send(to=["bob"], subject="live")
+        assert (await anext(stream))["id"] == len(sizes) + 1
+        await stream.aclose()  # type: ignore[attr-defined]
+
+    run(test, tmp_path)
+
+
 def test_watch_hears_mail_committed_by_another_process(tmp_path: Path) -> None:
     """Mail written straight to the store (as another worker or replica would) reaches a watcher by the poll."""
 
