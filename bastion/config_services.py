@@ -169,6 +169,8 @@ class MessagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_attachments: most files attached to one message.
     mailbox_messages: messages one mailbox may hold; a send to a full mailbox is refused.
     mailbox_bytes: bytes (bodies, subjects, headers, addresses) one mailbox may hold, likewise.
+    mailbox_sender_share: the part of another user's mailbox (of both quotas) one sender's messages may
+    fill, so that one sender cannot fill it for everyone; 1: no separate limit. Mail to oneself is exempt.
     send_rate: deliveries (messages times recipients) per minute per sender; 0: no limit.
     send_burst: deliveries a sender may make at once before ``send_rate`` applies.
     client_id_ttl: seconds a send's client_id is remembered (a retry within it is stored once).
@@ -186,6 +188,7 @@ class MessagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_attachments: int = 16
     mailbox_messages: int = 10_000
     mailbox_bytes: int = 100 * 1024**2
+    mailbox_sender_share: float = 0.1
     send_rate: float = 600.0
     send_burst: float = 600.0
     client_id_ttl: float = 7 * 24 * 3600.0
@@ -200,6 +203,11 @@ class MessagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for name in self.__struct_fields__:
             if name not in ("topics", "send_rate") and getattr(self, name) <= 0:
                 raise UsageError(f"messages.{name} must be positive, got {getattr(self, name)!r}")
+        if self.mailbox_sender_share > 1:
+            raise UsageError(
+                f"messages.mailbox_sender_share must be in (0, 1] (1: no separate limit), "
+                f"got {self.mailbox_sender_share!r}"
+            )
         if self.send_rate < 0:
             raise UsageError(f"messages.send_rate must be >= 0 (0: no limit), got {self.send_rate!r}")
         if self.send_rate and self.send_burst < self.max_recipients:

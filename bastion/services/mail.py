@@ -273,9 +273,12 @@ class Mailboxes:
         self.config = config or MessagesConfig()
         self.leader = leader
         self.hub = Hub(store)
+        cfg, share = self.config, self.config.mailbox_sender_share
         self.limits = MailLimits(
-            self.config.mailbox_messages, self.config.mailbox_bytes, self.config.send_rate, self.config.send_burst
-        )
+            cfg.mailbox_messages, cfg.mailbox_bytes, cfg.send_rate, cfg.send_burst,
+            0 if share >= 1 else max(1, int(cfg.mailbox_messages * share)),
+            0 if share >= 1 else max(1, int(cfg.mailbox_bytes * share)),
+        )  # fmt: skip
         self._background = Background()
 
     async def start(self) -> None:
@@ -463,7 +466,10 @@ class Mailboxes:
 def _named(exc: ResourceExhausted) -> ResourceExhausted:
     """The store's refusal, naming the setting that caused it."""
     limit = exc.details.get("limit")
-    key = {"messages": "mailbox_messages", "bytes": "mailbox_bytes"}.get(str(limit), "send_rate")
+    key = {
+        "messages": "mailbox_messages", "bytes": "mailbox_bytes",
+        "sender_messages": "mailbox_sender_share", "sender_bytes": "mailbox_sender_share",
+    }.get(str(limit), "send_rate")  # fmt: skip
     return ResourceExhausted(f"{exc.message} (messages.{key})", details=exc.details, retry_after=exc.retry_after)
 
 

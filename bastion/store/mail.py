@@ -26,8 +26,11 @@ send in ``mail_sends`` (its ``id`` is the send id every copy carries),
 charges the sender's token bucket (``mail_senders``), then delivers to each
 recipient in name order (so concurrent sends lock mailboxes in one order
 and cannot deadlock), checking each mailbox's quota after counting the new
-message in. Any refusal -- rate, quota, a recipient that no longer exists --
-rolls the whole send back: either every recipient gets the message or none.
+message in -- and, while holding that mailbox, what the sender already has
+in it (``MailLimits.sender_*``: one sender may fill only part of another's
+mailbox, counted through the index ``mail_messages_by_sender``). Any
+refusal -- rate, quota, a recipient that no longer exists -- rolls the
+whole send back: either every recipient gets the message or none.
 
 Retries. A send with a ``client_id`` is stored once per ``(sender,
 client_id)``: the ``mail_sends`` row is unique on that pair, and a second
@@ -67,6 +70,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "POSTGRES_SCHEMA",
+    "SENDER_INDEX_SCHEMA",
     "SQLITE_SCHEMA",
     "MailAttachment",
     "MailDraft",
@@ -170,6 +174,10 @@ POSTGRES_SCHEMA: tuple[str, ...] = (
 )
 
 
+# Migration 14: the index that counts one sender's messages in a mailbox (MailLimits.sender_*).
+SENDER_INDEX_SCHEMA: tuple[str, ...] = ("CREATE INDEX mail_messages_by_sender ON mail_messages (owner, sender, size)",)
+
+
 # -- records --------------------------------------------------------------------------------
 
 
@@ -208,12 +216,18 @@ class MailDraft(msgspec.Struct, frozen=True):
 
 
 class MailLimits(msgspec.Struct, frozen=True):
-    """What a send may use: mailbox quotas, and the sender's bucket (``rate`` per minute, 0: unlimited)."""
+    """What a send may use: mailbox quotas, and the sender's bucket (``rate`` per minute, 0: unlimited).
+
+    ``sender_messages``/``sender_bytes``: how much of another user's mailbox one sender's messages may
+    fill (0: no separate limit); mail to oneself counts only against the mailbox's own quotas.
+    """
 
     max_messages: int
     max_bytes: int
     rate: float = 0.0
     burst: float = 0.0
+    sender_messages: int = 0
+    sender_bytes: int = 0
 
 
 class MailSent(msgspec.Struct, frozen=True):
@@ -280,6 +294,23 @@ def _full(owner: str, max_messages: int, max_bytes: int, count: int, size: int) 
         return None
     return ResourceExhausted(
         f"the mailbox of {owner!r} is full (it holds at most {what}); nothing was sent",
+        details={"mailbox": owner, "limit": limit},
+    )
+
+
+def _sender_full(d: MailDraft, owner: str, limits: MailLimits, count: int, size: int) -> ResourceExhausted | None:
+    """The refusal of a send that would leave ``count`` messages of ``size`` bytes from ``d.sender`` in
+    ``owner``'s mailbox (this one included)."""
+    if owner == d.sender:
+        return None
+    if limits.sender_messages and count > limits.sender_messages:
+        what, limit = f"{limits.sender_messages} messages", "sender_messages"
+    elif limits.sender_bytes and size > limits.sender_bytes:
+        what, limit = f"{limits.sender_bytes} bytes", "sender_bytes"
+    else:
+        return None
+    return ResourceExhausted(
+        f"the mailbox of {owner!r} holds as much from you as one sender may (at most {what}); nothing was sent",
         details={"mailbox": owner, "limit": limit},
     )
 
@@ -359,6 +390,8 @@ _ITEM_COLUMNS = (
     "owner, id, send_id, sender, recipients, subject, body, body_kind, headers, attachments, size, sent_at, read"
 )
 _STATS_COLUMNS = "last_id, count, unread, bytes"
+# What one sender already has in one mailbox (a covering index: mail_messages_by_sender).
+_FROM_SENDER = "SELECT count(*), coalesce(sum(size), 0) FROM mail_messages WHERE owner = {0} AND sender = {1}"
 
 
 def _list_sql(

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from bastion.exceptions import NotFound, Unavailable
 from bastion.store._access import PostgresAccess
 from bastion.store.mail import (  # the domain's records and the row helpers both backends share
+    _FROM_SENDER,
     _ITEM_COLUMNS,
     _STATS_COLUMNS,
     MailDraft,
@@ -23,6 +24,7 @@ from bastion.store.mail import (  # the domain's records and the row helpers bot
     _list_sql,
     _missing,
     _prior,
+    _sender_full,
     _stats,
 )
 
@@ -78,6 +80,10 @@ async def _pg_send(conn: asyncpg.Connection[Any], d: MailDraft, limits: MailLimi
             for owner in owners:
                 id_, count, size = await conn.fetchrow(_PG_BOX_UPSERT, owner, d.size)
                 full = _full(owner, limits.max_messages, limits.max_bytes, int(count), int(size))
+                if full is None and (limits.sender_messages or limits.sender_bytes) and owner != d.sender:
+                    # The upsert holds the mailbox: every earlier delivery to it has committed.
+                    had, held = await conn.fetchrow(_FROM_SENDER.format("$1", "$2"), owner, d.sender)
+                    full = _sender_full(d, owner, limits, int(had) + 1, int(held) + d.size)
                 if full is not None:
                     raise full
                 ids.append(int(id_))

@@ -9,6 +9,7 @@ from typing import Any
 from bastion.exceptions import NotFound
 from bastion.store._access import SQLiteAccess
 from bastion.store.mail import (  # the domain's records and the row helpers both backends share
+    _FROM_SENDER,
     _ITEM_COLUMNS,
     _STATS_COLUMNS,
     MailDraft,
@@ -24,6 +25,7 @@ from bastion.store.mail import (  # the domain's records and the row helpers bot
     _list_sql,
     _missing,
     _prior,
+    _sender_full,
     _stats,
 )
 
@@ -64,6 +66,9 @@ def _sqlite_send(conn: sqlite3.Connection, d: MailDraft, limits: MailLimits) -> 
         for owner in sorted(d.recipients):
             id_, count, size = conn.execute(_BOX_UPSERT, (owner, d.size)).fetchone()
             full = _full(owner, limits.max_messages, limits.max_bytes, count, size)
+            if full is None and (limits.sender_messages or limits.sender_bytes) and owner != d.sender:
+                had, held = conn.execute(_FROM_SENDER.format("?", "?"), (owner, d.sender)).fetchone()
+                full = _sender_full(d, owner, limits, int(had) + 1, int(held) + d.size)
             if full is not None:
                 raise full
             conn.execute(_MESSAGE_INSERT, (owner, id_, send_id, d.sender, *fields))

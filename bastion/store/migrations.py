@@ -49,6 +49,7 @@ __all__ = [
     "CODE_POINT_ORDER",
     "JOB_OWNERS",
     "LATEST",
+    "MAIL_SENDER_INDEX",
     "MIGRATIONS",
     "SQLITE_COMPAT_SCHEMA",
     "Migration",
@@ -93,6 +94,7 @@ SQLITE_COMPAT_SCHEMA: tuple[str, ...] = (
 #: Migration 13 (both backends): expired lockouts are purged in batches by this index (throttle.py).
 LOCKOUTS_EXPIRY = "lockouts: an index on their expiry, to purge expired ones"
 LOCKOUTS_EXPIRY_INDEX = "CREATE INDEX lockouts_expiry ON lockouts (until)"
+MAIL_SENDER_INDEX = "messages: an index counting each sender's messages in a mailbox, for the sender share"
 
 #: Migration 14's description (both backends).
 JOB_OWNERS = "jobs: each owner's queued and running jobs and bytes, for fair claims and the bytes bound"
@@ -164,6 +166,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(13, LOCKOUTS_EXPIRY, (LOCKOUTS_EXPIRY_INDEX,), compatible=True),
     # A table triggers keep whoever writes, and indexes, which old code ignores: compatible (its claims stay FIFO).
     Migration(14, JOB_OWNERS, jobs_owners.SQLITE_OWNERS_SCHEMA, compatible=True),
+    # An index, which old code ignores: compatible.
+    Migration(15, MAIL_SENDER_INDEX, mail.SENDER_INDEX_SCHEMA, compatible=True),
 )
 
 LATEST = MIGRATIONS[-1].version

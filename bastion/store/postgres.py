@@ -81,6 +81,7 @@ from bastion.store.migrations import (
     JOB_OWNERS,
     LOCKOUTS_EXPIRY,
     LOCKOUTS_EXPIRY_INDEX,
+    MAIL_SENDER_INDEX,
     Migration,
     check_newer_schema,
     compatible_from,
@@ -181,6 +182,8 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
     Migration(13, LOCKOUTS_EXPIRY, (LOCKOUTS_EXPIRY_INDEX,), compatible=True),
     # A table triggers keep whoever writes, and indexes, which old code ignores: compatible (its claims stay FIFO).
     Migration(14, JOB_OWNERS, jobs_owners.POSTGRES_OWNERS_SCHEMA, compatible=True),
+    # An index, which old code ignores: compatible.
+    Migration(15, MAIL_SENDER_INDEX, mail.SENDER_INDEX_SCHEMA, compatible=True),
 )
 
 LATEST = POSTGRES_MIGRATIONS[-1].version

@@ -274,7 +274,7 @@ def test_a_structured_body_round_trips_and_is_checked(tmp_path: Path) -> None:
 
 LIMITS = MessagesConfig(
     max_recipients=2, max_body_bytes=64, max_subject_bytes=16, max_headers=2, max_header_bytes=32,
-    mailbox_messages=3, mailbox_bytes=10_000, send_rate=60, send_burst=5,
+    mailbox_messages=3, mailbox_bytes=10_000, mailbox_sender_share=1, send_rate=60, send_burst=5,
 )  # fmt: skip
 
 

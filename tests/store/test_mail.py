@@ -147,6 +147,41 @@ async def test_a_full_mailbox_refuses_the_whole_send(store: Store) -> None:
     assert await store.mail_stats("cy") == MailStats(last_id=3, count=2, unread=2, bytes=12)
 
 
+async def test_one_sender_fills_only_its_share_of_anothers_mailbox(store: Store) -> None:
+    await users(store, "ada", "bob", "cy")
+    limits = MailLimits(max_messages=10, max_bytes=1000, sender_messages=2, sender_bytes=50)
+    await store.mail_send(draft("ada", ["bob"]), limits)
+    await store.mail_send(draft("ada", ["bob", "cy"]), limits)
+    with pytest.raises(ResourceExhausted, match="the mailbox of 'bob' holds as much from you as one sender may") as e:
+        await store.mail_send(draft("ada", ["bob", "cy"]), limits)
+    assert e.value.details == {"mailbox": "bob", "limit": "sender_messages"}
+    assert (await store.mail_stats("cy")).count == 1  # all or none: cy did not get it either
+    await store.mail_send(draft("cy", ["bob"]), limits)  # another sender still gets through
+    with pytest.raises(ResourceExhausted, match="at most 50 bytes") as e:
+        await store.mail_send(draft("ada", ["cy"], body=b"x" * 45), limits)
+    assert e.value.details == {"mailbox": "cy", "limit": "sender_bytes"}
+    for _ in range(5):  # one's own mailbox counts only against its own quotas
+        await store.mail_send(draft("ada", ["ada"], body=b"x" * 45), limits)
+    await store.mail_delete("bob", [1])
+    await store.mail_send(draft("ada", ["bob"]), limits)  # room again
+    assert (await store.mail_stats("bob")).count == 3
+
+
+async def test_concurrent_sends_cannot_pass_the_sender_share_together(store: Store) -> None:
+    await users(store, "ada", "bob")
+    limits = MailLimits(max_messages=100, max_bytes=100_000, sender_messages=3, sender_bytes=100_000)
+
+    async def send() -> bool:
+        try:
+            await store.mail_send(draft("ada", ["bob"]), limits)
+        except ResourceExhausted:
+            return False
+        return True
+
+    assert sorted(await asyncio.gather(*(send() for _ in range(12)))) == [False] * 9 + [True] * 3
+    assert (await store.mail_stats("bob")).count == 3
+
+
 async def test_the_sender_bucket_charges_per_recipient_and_refills(store: Store) -> None:
     await users(store, "ada", "bob", "cy")
     limits = MailLimits(max_messages=100, max_bytes=10_000, rate=60.0, burst=3.0)  # one a second
