@@ -48,7 +48,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -406,7 +406,9 @@ class Mailboxes:
 
     # -- the mailbox ------------------------------------------------------------------------
 
-    async def watch(self, principal: Principal, from_id: int | None) -> AsyncGenerator[MailEvent, None]:
+    async def watch(
+        self, principal: Principal, from_id: int | None, draining: Callable[[], bool] = lambda: False
+    ) -> AsyncGenerator[MailEvent, None]:
         cfg = self.config
         if from_id is not None and not 1 <= from_id <= MAX_ID + 1:
             raise InvalidArgument(f"from_id must be a message id (1 to {MAX_ID + 1})")
@@ -420,7 +422,7 @@ class Mailboxes:
                 f"you have {mine} mailbox watches open on this server (messages.max_watchers_per_user); close some"
             )
         # Joined before the first await, so that watches opened at once count each other against the limits.
-        watcher = Watcher(principal.name, 0 if from_id is None else from_id - 1)
+        watcher = Watcher(principal.name, 0 if from_id is None else from_id - 1, draining)
         self.hub.join(watcher)
         try:
             head = (await self.store.mail_stats(principal.name)).last_id
@@ -570,7 +572,7 @@ def _declare(mail: Mailboxes, service: Service) -> None:
         With ``from_id``, messages from that id on are replayed first (pass
         the last id you saw plus one to resume without a gap).
         """
-        async with contextlib.aclosing(mail.watch(ctx.principal, from_id)) as events:
+        async with contextlib.aclosing(mail.watch(ctx.principal, from_id, lambda: ctx.server.draining)) as events:
             async for event in events:
                 yield event
 

@@ -5,14 +5,21 @@ mail committed here nudges the mailbox's watchers at once; mail committed by
 another process is found by polling the watched mailboxes' heads (one query
 for all of them) when poked by a notification, and every ``POLL_INTERVAL``
 while anyone watches.
+
+A watch never finishes by itself, so a draining server would wait out its
+whole grace period for it and then cut it off. Each poll therefore first
+ends, with UNAVAILABLE, the watches whose server has begun to drain: they
+send the mail already committed, then end, and the client resumes with
+``from_id`` on another replica (or once this one is back).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
-from bastion.exceptions import CallError
+from bastion.exceptions import CallError, Unavailable
 from bastion.services import on_wakeup
 from bastion.store.base import Store
 
@@ -21,14 +28,17 @@ __all__ = ["POLL_INTERVAL", "Hub", "Watcher"]
 log = logging.getLogger("bastion.messages")
 
 POLL_INTERVAL = 0.5  # seconds between head polls while anyone watches (mail from other processes)
+DRAINING = "the server is shutting down; watch again with from_id (the last id you saw + 1) on a running server"
 
 
 class Watcher:
     """One watch stream: its mailbox, the last id it yielded, and how to wake it."""
 
-    def __init__(self, owner: str, last: int) -> None:
+    def __init__(self, owner: str, last: int, draining: Callable[[], bool] = lambda: False) -> None:
+        """``draining``: whether the server hosting this watch has begun to shut down."""
         self.owner = owner
         self.last = last
+        self.draining = draining
         self.wakeup = asyncio.Event()
         self.ended: CallError | None = None  # set by the hub: the stream ends with this
 
@@ -83,6 +93,7 @@ class Hub:
         await on_wakeup(self._poked, POLL_INTERVAL, self._poll, log, "mail watch poll")
 
     async def _poll(self) -> None:
+        self._end_draining()
         if not self._watchers:
             return
         heads = await self._store.mail_heads(sorted(self._watchers))
@@ -90,3 +101,10 @@ class Hub:
             for watcher in self._watchers.get(owner, ()):
                 if head > watcher.last:
                     watcher.wakeup.set()
+
+    def _end_draining(self) -> None:
+        """End the watches of a server that is shutting down: they would hold up its drain (module docstring)."""
+        for group in list(self._watchers.values()):
+            for watcher in list(group):
+                if watcher.ended is None and watcher.draining():
+                    watcher.end(Unavailable(DRAINING))
