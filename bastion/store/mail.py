@@ -315,12 +315,17 @@ def _sender_full(d: MailDraft, owner: str, limits: MailLimits, count: int, size:
     )
 
 
-def _charge(tokens: float, at: float, cost: int, limits: MailLimits, now: float) -> float:
-    """The bucket's tokens after paying ``cost`` at ``now``; ``ResourceExhausted`` if it cannot pay."""
+def _charge(tokens: float, at: float, cost: int, limits: MailLimits, now: float) -> tuple[float, float]:
+    """The bucket (tokens, as of when) after paying ``cost`` at ``now``; ``ResourceExhausted`` if it cannot pay.
+
+    The bucket's time never moves back: a send timed before it (a replica whose
+    clock is behind) is refilled nothing, and leaves the time as it was -- else
+    the next send through the replica ahead would be refilled for the gap again.
+    """
     refill = max(0.0, now - at) * limits.rate / 60.0
     tokens = min(limits.burst, tokens + refill)
     if tokens >= cost:
-        return tokens - cost
+        return tokens - cost, max(at, now)
     wait = (cost - tokens) * 60.0 / limits.rate
     raise ResourceExhausted(
         f"sending too fast: {limits.rate:g} deliveries a minute (burst {limits.burst:g}) per sender; "

@@ -72,9 +72,9 @@ async def _pg_send(conn: asyncpg.Connection[Any], d: MailDraft, limits: MailLimi
                 return prior
             if limits.rate > 0:
                 tokens, at = await conn.fetchrow(_PG_BUCKET, d.sender, limits.burst, d.at)
-                tokens = _charge(float(tokens), float(at), len(d.recipients), limits, d.at)
+                tokens, at = _charge(float(tokens), float(at), len(d.recipients), limits, d.at)
                 await conn.execute(
-                    "UPDATE mail_senders SET tokens = $2, at = $3 WHERE sender = $1", d.sender, tokens, d.at
+                    "UPDATE mail_senders SET tokens = $2, at = $3 WHERE sender = $1", d.sender, tokens, at
                 )
             owners, ids = sorted(d.recipients), []
             for owner in owners:

@@ -51,11 +51,11 @@ def _sqlite_send(conn: sqlite3.Connection, d: MailDraft, limits: MailLimits) -> 
         if limits.rate > 0:
             row = conn.execute("SELECT tokens, at FROM mail_senders WHERE sender = ?", (d.sender,)).fetchone()
             tokens, at = (limits.burst, d.at) if row is None else (float(row[0]), float(row[1]))
-            tokens = _charge(tokens, at, len(d.recipients), limits, d.at)
+            tokens, at = _charge(tokens, at, len(d.recipients), limits, d.at)
             conn.execute(
                 "INSERT INTO mail_senders (sender, tokens, at) VALUES (?, ?, ?) "
                 "ON CONFLICT (sender) DO UPDATE SET tokens = excluded.tokens, at = excluded.at",
-                (d.sender, tokens, d.at),
+                (d.sender, tokens, at),
             )
         recipients = _encode(d.recipients).decode()
         send_id = conn.execute(_SEND_INSERT, (d.sender, d.client_id, d.digest, recipients, d.at)).lastrowid

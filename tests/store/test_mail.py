@@ -199,6 +199,26 @@ async def test_the_sender_bucket_charges_per_recipient_and_refills(store: Store)
     await store.mail_send(draft("ada", ["bob"], client_id="k", digest="d", at=NOW + 10), limits)  # a retry is free
 
 
+async def test_a_clock_behind_does_not_refill_the_sender_bucket_twice(store: Store) -> None:
+    """Replicas whose clocks differ share one bucket: a send timed earlier than the bucket must not move it back.
+
+    Before the fix, a send through a replica 60 s behind set the bucket's
+    time 60 s back, so the next send through the other replica was refilled
+    for those 60 s again: a sender alternating replicas got a fresh burst each time.
+    """
+    await users(store, "ada", "bob")
+    limits = MailLimits(max_messages=1000, max_bytes=100_000, rate=60.0, burst=3.0)  # one a second
+    ahead, behind = NOW, NOW - 60
+    sent = 0
+    for turn in range(12):  # no time passes: the burst, 3, is all there is
+        try:
+            await store.mail_send(draft("ada", ["bob"], at=behind if turn % 3 == 2 else ahead), limits)
+            sent += 1
+        except ResourceExhausted:
+            pass
+    assert sent == 3
+
+
 async def test_an_unknown_recipient_fails_the_send_and_deleting_a_user_deletes_their_mailbox(store: Store) -> None:
     await users(store, "ada", "bob")
     with pytest.raises(NotFound, match="not a user"):
