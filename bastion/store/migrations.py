@@ -94,6 +94,7 @@ SQLITE_COMPAT_SCHEMA: tuple[str, ...] = (
 #: Migration 13 (both backends): expired lockouts are purged in batches by this index (throttle.py).
 LOCKOUTS_EXPIRY = "lockouts: an index on their expiry, to purge expired ones"
 LOCKOUTS_EXPIRY_INDEX = "CREATE INDEX lockouts_expiry ON lockouts (until)"
+#: Migration 15's description (both backends).
 MAIL_SENDER_INDEX = "messages: an index counting each sender's messages in a mailbox, for the sender share"
 
 #: Migration 14's description (both backends).
