@@ -151,6 +151,7 @@ class MethodSpec(msgspec.Struct, frozen=True):
     idempotent: bool = False
     priority: int = 0
     roles: frozenset[str] = frozenset()
+    resumable: bool = False  # a draining server ends it at once (Service.method)
     doc: str = ""
 
     @property
@@ -212,6 +213,7 @@ class Service:
         idempotent: bool = False,
         priority: int = 0,
         roles: Iterable[str] = (),
+        resumable: bool = False,
     ) -> Callable[[F], F]: ...
 
     def method(  # type: ignore[misc]  # mypy misreads the bare-decorator overload
@@ -224,6 +226,7 @@ class Service:
         idempotent: bool = False,
         priority: int = 0,
         roles: Iterable[str] = (),
+        resumable: bool = False,
     ) -> F | Callable[[F], F]:
         """Register ``fn`` as a method; usable bare or with options.
 
@@ -231,6 +234,10 @@ class Service:
         idempotent: running it twice has the effect of once; clients may retry.
         priority: default scheduling priority (higher runs first under load).
         roles: roles a caller needs (an ``admin`` passes every check).
+        resumable: a server stream that never ends by itself (a watch, a
+        subscription) and that the client resumes from where it got to: a
+        draining server ends it at once with UNAVAILABLE, rather than waiting
+        out its grace period for it and then cutting it off.
         """
 
         def register(func: F) -> F:
@@ -242,6 +249,7 @@ class Service:
                 idempotent=idempotent,
                 priority=priority,
                 roles=frozenset(roles),
+                resumable=resumable,
             )
             if spec.name in self.methods:
                 raise UsageError(f"{spec.full_name} is declared twice")
@@ -260,6 +268,7 @@ def build_spec(
     idempotent: bool,
     priority: int,
     roles: frozenset[str],
+    resumable: bool = False,
 ) -> MethodSpec:
     """Read a function's signature and hints into a ``MethodSpec``."""
     full = f"{service}.{name}"
@@ -314,6 +323,8 @@ def build_spec(
         msgspec.msgpack.Decoder(args_type)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{full}: argument types are not supported: {exc}") from exc
+    if resumable and output_item is None:
+        raise UsageError(f"{full}: only a server stream can be resumable")
     return MethodSpec(
         service=service,
         name=name,
@@ -329,6 +340,7 @@ def build_spec(
         idempotent=idempotent,
         priority=priority,
         roles=roles,
+        resumable=resumable,
         doc=inspect.getdoc(func) or "",
     )
 

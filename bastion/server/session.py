@@ -118,6 +118,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         self.tickets: dict[int, Ticket] = {}  # calls admitted: queued in the scheduler or running
         self._inputs: dict[int, InputStream] = {}
         self._gates: dict[int, CreditGate] = {}
+        self._resumable: set[int] = set()  # running calls of resumable streams (Service.method)
         self._loop = asyncio.get_running_loop()
         # Made by the server's protocol factory at accept, before any TLS
         # handshake: one deadline covers the TLS and the bastion handshakes.
@@ -266,6 +267,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
             gate = self._gates.pop(call_id, None)
             if gate is not None:
                 gate.close()
+                self._resumable.discard(call_id)
         if self.link is not None:
             self.link.schedule_flush()
         if self.core.state is _DRAINING:  # a GoAway went one way or the other: close after the last call
@@ -357,6 +359,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
                 self._inputs[call_id] = args[entry.spec.input_param] = stream  # type: ignore[index]
             if entry.streams_out:
                 self._gates[call_id] = CreditGate()
+                if entry.spec.resumable:  # drain() ends it at once
+                    self._resumable.add(call_id)
         principal = self.principal
         self._timing[call_id] = (entry.metric_row, started)  # before submit: it may reject
         if cost:  # held until the call ends (_forget)

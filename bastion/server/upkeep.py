@@ -101,6 +101,7 @@ class SessionUpkeep:
     _last_active: float
     _ping_outstanding: bool
     _window_start: float
+    _resumable: set[int]
     _abuse: collections.Counter[str]
     _denial_window: float
     _denials_logged: int
@@ -117,10 +118,25 @@ class SessionUpkeep:
             return
         if self.core.state in (ConnectionState.OPEN, ConnectionState.DRAINING):
             self.core.send_goaway(Status.OK, "server is draining")
+            self._end_resumable()
             self.link.flush()
             self._maybe_finish_drain()
         elif self.core.state is not ConnectionState.CLOSED and self.core.state is not ConnectionState.HANDSHAKE:
             self.link.close()
+
+    def _end_resumable(self) -> None:
+        """End the resumable streams (watches, subscriptions) with UNAVAILABLE: they never finish by
+        themselves, and waiting out the grace period for them only delays the clients' resuming."""
+        for call_id in list(self._resumable):
+            ticket = self.tickets.get(call_id)
+            if ticket is not None:
+                self.core.send_error(
+                    call_id,
+                    Status.UNAVAILABLE,
+                    "server is draining: resume this stream on another server",
+                    retry_after_ms=1000,
+                )
+                self._cancel(call_id, ticket)
 
     def _maybe_finish_drain(self) -> None:
         if not self.tickets and self.link is not None and self.core.state is ConnectionState.DRAINING:

@@ -499,7 +499,7 @@ class Jobs:
             jobs = await store.jobs_list(owner=owner, state=state, limit=limit, after=after)
             return [_status(job) for job in jobs]
 
-        @service.method(idempotent=True)
+        @service.method(idempotent=True, resumable=True)
         async def watch(ctx: Context, id: str) -> AsyncIterator[JobStatus]:
             """The job's status now and at every change, until it finishes (call again after a reconnect)."""
             job: JobRecord | None = await self._visible(ctx, id)

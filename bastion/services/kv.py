@@ -429,7 +429,7 @@ def _declare(kv: KV, service: Service) -> None:
         more = len(items) < len(entries)
         return Page(items, items[-1].key if more else None)
 
-    @service.method
+    @service.method(resumable=True)
     async def watch(
         ctx: Context, prefix: str = "", namespace: str | None = None, from_version: int | None = None
     ) -> AsyncIterator[WatchEvent]:

@@ -378,7 +378,7 @@ def _declare(topics: Topics, service: Service) -> None:
         topics.hub.appended(seq)
         return offset
 
-    @service.method
+    @service.method(resumable=True)
     async def subscribe(ctx: Context, pattern: str, from_offset: int | None = None) -> AsyncIterator[TopicEvent]:
         """A stream of the messages published to topics matching ``pattern`` (wildcards ``*`` and ``>``)
         that the caller may read: first a "start" item, then "message" items.

@@ -392,3 +392,18 @@ def test_unsupported_argument_types_are_refused() -> None:
 
     with pytest.raises(UsageError, match="argument types are not supported"):
         _declare(f)
+
+
+def test_only_a_server_stream_can_be_resumable() -> None:
+    svc = Service("s")
+
+    @svc.method(resumable=True)
+    async def follow(n: int) -> AsyncIterator[int]:
+        yield n
+
+    assert svc.methods["follow"].resumable
+    with pytest.raises(UsageError, match="only a server stream can be resumable"):
+
+        @svc.method(resumable=True)
+        async def once(n: int) -> int:
+            return n
