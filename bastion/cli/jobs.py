@@ -151,7 +151,7 @@ def ls(
     state: Annotated[
         str | None, typer.Option("--state", help="Only jobs in this state (queued, running, succeeded, …).")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", help="At most this many jobs.")] = 100,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many jobs.")] = 100,
     after: Annotated[str | None, typer.Option("--after", help="Only jobs after this id (paging).")] = None,
     as_json: AsJson = False,
     token_file: TokenFile = None,

@@ -142,7 +142,7 @@ def ls(
     address: Address,
     prefix: Annotated[str, typer.Argument(help="Only keys starting with this.")] = "",
     namespace: Namespace = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="At most this many keys (default: all).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most this many keys (default: all).")] = None,
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,

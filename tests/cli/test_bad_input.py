@@ -137,3 +137,15 @@ def test_a_missing_client_certificate_or_key_is_named(server: ServerProcess, tmp
         assert result.stderr.splitlines() == [
             f"error: cannot read TLS certificate or key: {missing}: No such file or directory"
         ]
+
+
+@pytest.mark.parametrize("command", [["kv", "ls"], ["messages", "inbox"], ["jobs", "ls"]])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_a_limit_below_1_exits_2_instead_of_printing_nothing(
+    server: ServerProcess, command: list[str], value: str
+) -> None:
+    # It used to exit 0 with nothing printed, as if there were nothing to list.
+    result = bastion_cli(*command, server.address, "--limit", value, "--token-file", str(server.token_file))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Invalid value for '--limit'" in result.stderr
