@@ -26,6 +26,9 @@ __all__ = [
 ]
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
 def check_finite(struct: msgspec.Struct, section: str) -> None:
     """Refuse NaN (it passes every ``<= 0`` check) and infinity: neither is a number of seconds or bytes."""
     for name in struct.__struct_fields__:
@@ -276,6 +279,10 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_result_bytes: largest result a job may return (MessagePack bytes; below ``limits.max_frame``).
     poll_interval: seconds between looks at the shared queue and between store polls of
         ``jobs.watch`` (jobs submitted to this server start at once).
+    env_pass: names of the server's environment variables a job's process also receives. By default it
+        gets only what a program needs to run (``PATH``, ``HOME``, locale, ``TZ``, ``TMPDIR``, Python's own
+        ``PYTHONPATH``...), never the server's settings and secrets (``BASTION_*``, DSNs, tokens).
+    env: variables set in every job's process (over those passed on).
     """
 
     modules: list[str] = []
@@ -290,13 +297,21 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_bytes: int = 256 * 1024 * 1024
     max_result_bytes: int = 512 * 1024
     poll_interval: float = 1.0
+    env_pass: list[str] = []
+    env: dict[str, str] = {}
 
     def __post_init__(self) -> None:
         check_finite(self, "jobs")
         for name in self.__struct_fields__:
-            if name != "modules" and getattr(self, name) <= 0:
+            if name not in ("modules", "env_pass", "env") and getattr(self, name) <= 0:
                 raise UsageError(f"jobs.{name} must be positive, got {getattr(self, name)!r}")
         if self.max_bytes < self.max_result_bytes:
             raise UsageError(
                 f"jobs.max_bytes ({self.max_bytes}) must be at least jobs.max_result_bytes ({self.max_result_bytes})"
             )
+        for name in [*self.env_pass, *self.env]:
+            if not _ENV_NAME.match(name):
+                raise UsageError(f"jobs: {name!r} is not an environment variable name (letters, digits, _)")
+        for name, value in self.env.items():
+            if "\x00" in value:
+                raise UsageError(f"jobs.env: the value of {name} holds a NUL byte")

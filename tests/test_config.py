@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.config import DEFAULT_PORT, Config, ServerLimits, load_config
+from bastion.config import DEFAULT_PORT, Config, JobsConfig, ServerLimits, load_config
 from bastion.exceptions import UsageError
 
 
@@ -193,3 +193,14 @@ def test_an_argument_memory_too_small_for_one_frame_is_refused() -> None:
     with pytest.raises(UsageError, match=r"limits.max_args_memory \(1000000\) must hold one call of limits.max_frame"):
         load_config(environ={"BASTION_LIMITS__MAX_ARGS_MEMORY": "1000000"})
     assert ServerLimits(max_frame=16_384, max_args_memory=2_000_000).max_args_memory == 2_000_000
+
+
+def test_job_environment_settings_are_checked() -> None:
+    cfg = load_config(environ={"BASTION_JOBS__ENV_PASS": "SSL_CERT_FILE,HTTPS_PROXY"})
+    assert cfg.jobs.env_pass == ["SSL_CERT_FILE", "HTTPS_PROXY"]
+    with pytest.raises(UsageError, match="'A=B' is not an environment variable name"):
+        load_config(environ={"BASTION_JOBS__ENV_PASS": "A=B"})
+    with pytest.raises(UsageError, match=r"BASTION_JOBS__ENV: jobs\.env cannot be set from the environment"):
+        load_config(environ={"BASTION_JOBS__ENV": "X=1"})
+    with pytest.raises(UsageError, match="the value of X holds a NUL byte"):
+        JobsConfig(env={"X": "a\x00b"})

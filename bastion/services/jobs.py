@@ -54,7 +54,7 @@ from bastion.exceptions import FailedPrecondition, InvalidArgument, NotFound, Re
 from bastion.jobs import JobRegistry, JobSpec
 from bastion.security.principal import ADMIN_ROLE
 from bastion.service import Context, Service
-from bastion.services.jobs_runner import Done, Failed, JobProcess, JobProtocolError, exit_reason
+from bastion.services.jobs_runner import Done, Failed, JobProcess, JobProtocolError, exit_reason, job_environment
 from bastion.store.jobs import JOB_STATES, JobRecord, JobStore
 
 __all__ = ["JobInfo", "JobResult", "JobStatus", "Jobs"]
@@ -166,6 +166,7 @@ class Jobs:
             for spec in registry:
                 self.specs.setdefault(spec.name, spec)
         self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._environment = job_environment(self.config.env_pass, self.config.env)
         self._running: dict[str, _Running] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
@@ -332,6 +333,7 @@ class Jobs:
             process = await JobProcess.start(
                 spec.module, spec.qualname, job.args,
                 memory_mb=job.memory_mb, max_result_bytes=self.config.max_result_bytes,
+                env=self._environment,
             )  # fmt: skip
         except OSError as exc:
             return "failed", None, f"could not start the job's process: {exc.strerror or exc}"

@@ -20,6 +20,10 @@ body:
   its own stdout to stderr before importing the job, so what the job prints
   lands in the server's log and cannot corrupt the channel.
 
+The child gets a minimal environment (``job_environment``): what a program
+needs to run, plus what the configuration names or sets, never the server's
+settings and secrets (``BASTION_*``, database DSNs, tokens).
+
 The child sets ``RLIMIT_AS`` before it imports the job's module, so a job
 that allocates past its limit gets ``MemoryError`` (reported as "out of
 memory") or dies; either way only its own process. The server reads every
@@ -42,17 +46,26 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import IO, Any
 
 import msgspec
 
-__all__ = ["Done", "Failed", "JobProcess", "Progress", "RunRequest", "exit_reason", "main"]
+__all__ = [
+    "BASE_ENVIRONMENT", "Done", "Failed", "JobProcess", "Progress", "RunRequest", "exit_reason",
+    "job_environment", "main",
+]  # fmt: skip
 
 _HEADER = struct.Struct(">I")
 _PROGRESS_EVERY = 0.1  # seconds between progress frames from one job (the last one always goes)
 _MESSAGE_CHARS = 200
 _STREAM_LIMIT = 2**16  # the buffer limit of the job's stdout reader (asyncio's default)
+#: What a job's process gets of the server's environment whatever the configuration says (and ``LC_*``).
+BASE_ENVIRONMENT = (
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+    "PYTHONPATH", "PYTHONHOME", "PYTHONUTF8", "PYTHONIOENCODING", "PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX",
+    "VIRTUAL_ENV",
+)  # fmt: skip
 
 
 class RunRequest(msgspec.Struct, frozen=True):
@@ -88,6 +101,17 @@ class JobProtocolError(Exception):
 # -- the server's side -----------------------------------------------------------------------
 
 
+def job_environment(
+    passed: Iterable[str] = (), extra: Mapping[str, str] | None = None, environ: Mapping[str, str] = os.environ
+) -> dict[str, str]:
+    """The environment of a job's process: ``BASE_ENVIRONMENT`` and ``LC_*`` and the ``passed`` names, as
+    far as ``environ`` has them, then ``extra`` over them."""
+    names = {*BASE_ENVIRONMENT, *passed}
+    env = {name: value for name, value in environ.items() if name in names or name.startswith("LC_")}
+    env.update(extra or {})
+    return env
+
+
 class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
     """asyncio's protocol of ``create_subprocess_exec``, plus an event set when the process itself exits.
 
@@ -106,21 +130,23 @@ class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
 class JobProcess:
     """A running job process, seen from the server."""
 
-    def __init__(self, process: asyncio.subprocess.Process, protocol: _Protocol, max_frame: int) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, protocol: _Protocol, max_result_bytes: int) -> None:
         self.process = process
-        self.max_frame = max_frame
+        self.max_frame = max_result_bytes + 4096  # the result and the message around it
         self._protocol = protocol
 
     @classmethod
     async def start(
-        cls, module: str, qualname: str, args: bytes, *, memory_mb: int, max_result_bytes: int
-    ) -> JobProcess:
+        cls, module: str, qualname: str, args: bytes, *, memory_mb: int, max_result_bytes: int,
+        env: Mapping[str, str] | None = None,
+    ) -> JobProcess:  # fmt: skip
+        """Start the job's process with ``env`` as its whole environment (default: ``job_environment()``)."""
         loop = asyncio.get_running_loop()
         protocol = _Protocol(loop)
         transport, _ = await loop.subprocess_exec(
             lambda: protocol, sys.executable, "-m", "bastion.services.jobs_runner",
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
-            start_new_session=True,
+            start_new_session=True, env=dict(env) if env is not None else job_environment(),
         )  # fmt: skip
         process = asyncio.subprocess.Process(transport, protocol, loop)  # as create_subprocess_exec makes it
         request = RunRequest(module, qualname, args, memory_mb, max_result_bytes, [p for p in sys.path if p])
@@ -129,7 +155,7 @@ class JobProcess:
         process.stdin.write(_HEADER.pack(len(body)) + body)
         with contextlib.suppress(ConnectionError):
             await process.stdin.drain()
-        return cls(process, protocol, max_result_bytes + 4096)
+        return cls(process, protocol, max_result_bytes)
 
     @property
     def pid(self) -> int:
