@@ -24,6 +24,13 @@ The child gets a minimal environment (``job_environment``): what a program
 needs to run, plus what the configuration names or sets, never the server's
 settings and secrets (``BASTION_*``, database DSNs, tokens).
 
+A process the job leaves in a session of its own (out of reach of the
+group's ``killpg``) may hold the pipes open for as long as it lives: once
+the job's own process has exited, the server reads what is left until
+nothing has arrived for ``_DRAIN_AFTER_EXIT`` seconds (at most
+``_DRAIN_TRIES`` times over) and then closes its ends, so such a process
+can hold neither the job's slot nor a server that is stopping.
+
 The child sets ``RLIMIT_AS`` before it imports the job's module, so a job
 that allocates past its limit gets ``MemoryError`` (reported as "out of
 memory") or dies; either way only its own process. The server reads every
@@ -60,6 +67,8 @@ _HEADER = struct.Struct(">I")
 _PROGRESS_EVERY = 0.1  # seconds between progress frames from one job (the last one always goes)
 _MESSAGE_CHARS = 200
 _STREAM_LIMIT = 2**16  # the buffer limit of the job's stdout reader (asyncio's default)
+_DRAIN_AFTER_EXIT = 1.0  # seconds the pipes are still read once the job's process has exited...
+_DRAIN_TRIES = 10  # ...and again, up to this many times, while data still arrives
 #: What a job's process gets of the server's environment whatever the configuration says (and ``LC_*``).
 BASE_ENVIRONMENT = (
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
@@ -121,6 +130,11 @@ class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(limit=_STREAM_LIMIT, loop=loop)
         self.exited = asyncio.Event()
+        self.received = False  # data arrived on stdout or stderr since this was last cleared
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        self.received = True
+        super().pipe_data_received(fd, data)
 
     def process_exited(self) -> None:
         super().process_exited()
@@ -130,9 +144,13 @@ class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
 class JobProcess:
     """A running job process, seen from the server."""
 
-    def __init__(self, process: asyncio.subprocess.Process, protocol: _Protocol, max_result_bytes: int) -> None:
+    def __init__(
+        self, process: asyncio.subprocess.Process, transport: asyncio.SubprocessTransport, protocol: _Protocol,
+        max_result_bytes: int,
+    ) -> None:  # fmt: skip
         self.process = process
         self.max_frame = max_result_bytes + 4096  # the result and the message around it
+        self._transport = transport
         self._protocol = protocol
 
     @classmethod
@@ -155,7 +173,19 @@ class JobProcess:
         process.stdin.write(_HEADER.pack(len(body)) + body)
         with contextlib.suppress(ConnectionError):
             await process.stdin.drain()
-        return cls(process, protocol, max_result_bytes)
+        return cls(process, transport, protocol, max_result_bytes)
+
+    def _close_pipes(self, tries: int = _DRAIN_TRIES) -> None:
+        """Stop reading the job's pipes (what a process outside its group still holds): end of file to
+        their readers; not while what the job wrote before it exited is still arriving (a slow server)."""
+        if self._protocol.received and tries:
+            self._protocol.received = False
+            asyncio.get_running_loop().call_later(_DRAIN_AFTER_EXIT, self._close_pipes, tries - 1)
+            return
+        for fd in (1,):
+            pipe = self._transport.get_pipe_transport(fd)
+            if pipe is not None:
+                pipe.close()
 
     @property
     def pid(self) -> int:
@@ -188,9 +218,11 @@ class JobProcess:
 
     async def exited(self) -> None:
         """Return once the job's own process has exited, having killed what it left in its group
-        (not ``wait()``: see ``_Protocol``)."""
+        (not ``wait()``: see ``_Protocol``); its pipes are closed ``_DRAIN_AFTER_EXIT`` seconds later."""
         await self._protocol.exited.wait()
         self.kill()
+        self._protocol.received = False
+        asyncio.get_running_loop().call_later(_DRAIN_AFTER_EXIT, self._close_pipes)
 
     async def wait(self) -> int:
         """Wait for the process to exit (killing its group if it lingers), close its stdin; the exit code."""

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import msgspec
@@ -17,7 +19,7 @@ from bastion.config import JobsConfig
 from bastion.services.jobs import Jobs
 from bastion.store import open_store
 from bastion.testing import MemoryServer
-from tests.services.test_jobs import CONFIG, World, finish
+from tests.services.test_jobs import CONFIG, World, finish, wait_file
 from tests.support import demo_jobs, runner_jobs
 from tests.support.stores import service_store
 
@@ -68,3 +70,50 @@ def test_a_job_gets_a_minimal_environment_never_the_servers_secrets(
 
     config = msgspec.structs.replace(CONFIG, env_pass=["SSL_CERT_FILE"], env={"JOB_SETTING": "from the config"})
     run(test, tmp_path, config)
+
+
+def test_stopping_the_server_is_not_held_up_by_a_process_a_running_job_left_outside_its_group(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        try:
+            async with world(tmp_path, CONFIG) as w:
+                ada = w.client()
+                args = {"directory": str(tmp_path), "tag": "e", "how": "fork", "seconds": 30}
+                job_id = await ada.jobs.submit(name="escape", args=args)
+                await wait_file(tmp_path / "e.pid")
+                stopping = time.monotonic()
+            # The stop killed the job's group, then waited for the channel to close: for as long as the
+            # process outside the group lived.
+            assert time.monotonic() - stopping < 10
+            async with open_store(service_store(tmp_path)) as store:
+                job = await store.jobs_get(job_id)
+            assert job is not None and (job.state, job.error) == ("failed", "server stopped while it ran")
+        finally:
+            _end(tmp_path / "e.pid")
+
+    asyncio.run(asyncio.wait_for(main(), 40))
+
+
+def _end(path: Path) -> None:
+    with suppress(FileNotFoundError, ProcessLookupError, ValueError):
+        os.kill(int(path.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["fork"])
+def test_a_process_the_job_leaves_outside_its_group_does_not_hold_the_job(tmp_path: Path, how: str) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        try:
+            started = time.monotonic()
+            job_id = await ada.jobs.submit(name="escape", args={"directory": str(w.dir), "tag": "e", "how": how})
+            # A process in a session of its own keeps the channel open: the job stayed "running" (its slot
+            # taken) for the minute that process lived, past the job's own timeout; a stop of the server
+            # waited for it too.
+            final = await finish(ada, job_id)
+            assert final["state"] == "succeeded" and (await ada.jobs.result(id=job_id))["result"] == "e"
+            assert time.monotonic() - started < 10
+        finally:
+            _end(w.dir / "e.pid")
+
+    run(test, tmp_path, msgspec.structs.replace(CONFIG, timeout=5.0))

@@ -8,13 +8,43 @@ process behind write its pid to ``<directory>/<tag>.pid`` so the test can find i
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from bastion.jobs import JobRegistry
 
 registry = JobRegistry()
 
 
+def _write_pid(directory: str, tag: str, pid: int) -> None:
+    tmp = Path(directory) / f"{tag}.pid.tmp"
+    tmp.write_text(str(pid))
+    tmp.rename(Path(directory) / f"{tag}.pid")  # appears atomically to a poller
+
+
 @registry.job
 def environment() -> dict[str, str]:
     """The job process's whole environment."""
     return dict(os.environ)
+
+
+@registry.job
+def escape(directory: str, tag: str, how: str, seconds: float = 0.0) -> str:
+    """Leave a process behind in a session of its own, out of reach of the job's process group, that
+    lives a minute: ``fork`` (it holds every descriptor, the result channel among them) or ``spawn``
+    (a new program, holding the job's stdin, stdout and stderr); then sleep ``seconds`` and return ``tag``."""
+    if how == "fork":
+        child = os.fork()
+        if child == 0:
+            os.setsid()
+            time.sleep(60)
+            os._exit(0)
+    else:
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True, close_fds=False
+        ).pid
+    _write_pid(directory, tag, child)
+    time.sleep(seconds)
+    return tag
