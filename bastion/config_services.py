@@ -283,6 +283,8 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         gets only what a program needs to run (``PATH``, ``HOME``, locale, ``TZ``, ``TMPDIR``, Python's own
         ``PYTHONPATH``...), never the server's settings and secrets (``BASTION_*``, DSNs, tokens).
     env: variables set in every job's process (over those passed on).
+    output_bytes: the last bytes of what a job prints (stdout and stderr) that are kept, and logged with
+        the job's id when it ends.
     """
 
     modules: list[str] = []
@@ -299,6 +301,7 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     poll_interval: float = 1.0
     env_pass: list[str] = []
     env: dict[str, str] = {}
+    output_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
         check_finite(self, "jobs")

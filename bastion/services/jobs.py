@@ -140,6 +140,7 @@ class _Running:
         self.reported = False  # its process sent its outcome (a result or its own failure)
         self.progress: tuple[float, str] | None = None
         self.progress_ready = asyncio.Event()
+        self.output: tuple[list[str], int] = ([], 0)  # the tail of what it printed, and the bytes before it
 
     def halt(self, reason: str) -> None:
         if self.stop is None:
@@ -305,7 +306,22 @@ class Jobs:
                 await self._finish(job, state, result, error)
                 log.info("jobs: job %s (%s) %s%s", job.id, job.name, state, f": {error}" if error else "")
         finally:
+            self._log_output(running, state)
             self._notify(job.id)
+
+    @staticmethod
+    def _log_output(running: _Running, state: str) -> None:
+        """Log the tail of what the job printed, a record per line naming the job (a warning if it did
+        not succeed: its traceback is there)."""
+        lines, dropped = running.output
+        if not lines and not dropped:
+            return
+        level = logging.INFO if state == "succeeded" else logging.WARNING
+        job = running.job
+        if dropped:
+            log.log(level, "jobs: job %s (%s) output: (%d earlier bytes not kept)", job.id, job.name, dropped)
+        for line in lines:
+            log.log(level, "jobs: job %s (%s) output: %s", job.id, job.name, line)
 
     async def _finish(self, job: JobRecord, state: str, result: bytes | None, error: str | None) -> None:
         """Record how the job ended. While the store is unavailable (a failover, a lock held past SQLite's
@@ -333,7 +349,7 @@ class Jobs:
             process = await JobProcess.start(
                 spec.module, spec.qualname, job.args,
                 memory_mb=job.memory_mb, max_result_bytes=self.config.max_result_bytes,
-                env=self._environment,
+                env=self._environment, output_bytes=self.config.output_bytes,
             )  # fmt: skip
         except OSError as exc:
             return "failed", None, f"could not start the job's process: {exc.strerror or exc}"
@@ -362,6 +378,7 @@ class Jobs:
             finally:
                 timer.cancel()
             code = await process.wait()
+            running.output = process.output.lines()
         if isinstance(outcome, Done):
             return "succeeded", outcome.result, None
         if running.stop == "cancel":

@@ -18,7 +18,11 @@ body:
 * stdout, child -> server: ``Progress`` messages, then one ``Done`` (the
   result, MessagePack) or ``Failed`` (a one-line reason). The child moves
   its own stdout to stderr before importing the job, so what the job prints
-  lands in the server's log and cannot corrupt the channel.
+  cannot corrupt the channel.
+* stderr, child -> server: what the job prints (stdout and stderr). The
+  server keeps only its last ``output_bytes`` (``OutputTail``), which the
+  jobs service logs with the job's id when the job ends: a job printing
+  without end neither floods the server's log nor grows its memory.
 
 The child gets a minimal environment (``job_environment``): what a program
 needs to run, plus what the configuration names or sets, never the server's
@@ -59,7 +63,7 @@ from typing import IO, Any
 import msgspec
 
 __all__ = [
-    "BASE_ENVIRONMENT", "Done", "Failed", "JobProcess", "Progress", "RunRequest", "exit_reason",
+    "BASE_ENVIRONMENT", "Done", "Failed", "JobProcess", "OutputTail", "Progress", "RunRequest", "exit_reason",
     "job_environment", "main",
 ]  # fmt: skip
 
@@ -121,6 +125,31 @@ def job_environment(
     return env
 
 
+class OutputTail:
+    """The last ``limit`` bytes of what a job printed, and how many bytes came before them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self._buffer = bytearray()
+
+    def add(self, data: bytes) -> None:
+        self.total += len(data)
+        self._buffer += data
+        if len(self._buffer) > 2 * self.limit:  # trimmed in batches: each byte is moved about once
+            del self._buffer[: len(self._buffer) - self.limit]
+
+    def lines(self) -> tuple[list[str], int]:
+        """The kept lines (text, undecodable bytes escaped) and how many bytes before them were not kept
+        (a line cut by the limit is dropped whole)."""
+        data = bytes(self._buffer[-self.limit :])
+        dropped = self.total - len(data)
+        if dropped and b"\n" in data:
+            cut = data.index(b"\n") + 1
+            data, dropped = data[cut:], dropped + cut
+        return data.decode("utf-8", "backslashreplace").splitlines(), dropped
+
+
 class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
     """asyncio's protocol of ``create_subprocess_exec``, plus an event set when the process itself exits.
 
@@ -146,24 +175,26 @@ class JobProcess:
 
     def __init__(
         self, process: asyncio.subprocess.Process, transport: asyncio.SubprocessTransport, protocol: _Protocol,
-        max_result_bytes: int,
+        max_result_bytes: int, output_bytes: int,
     ) -> None:  # fmt: skip
         self.process = process
         self.max_frame = max_result_bytes + 4096  # the result and the message around it
+        self.output = OutputTail(output_bytes)
         self._transport = transport
         self._protocol = protocol
+        self._reader = asyncio.create_task(self._read_output(), name=f"bastion-job-output {process.pid}")
 
     @classmethod
     async def start(
         cls, module: str, qualname: str, args: bytes, *, memory_mb: int, max_result_bytes: int,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None, output_bytes: int = 64 * 1024,
     ) -> JobProcess:  # fmt: skip
         """Start the job's process with ``env`` as its whole environment (default: ``job_environment()``)."""
         loop = asyncio.get_running_loop()
         protocol = _Protocol(loop)
         transport, _ = await loop.subprocess_exec(
             lambda: protocol, sys.executable, "-m", "bastion.services.jobs_runner",
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True, env=dict(env) if env is not None else job_environment(),
         )  # fmt: skip
         process = asyncio.subprocess.Process(transport, protocol, loop)  # as create_subprocess_exec makes it
@@ -173,16 +204,23 @@ class JobProcess:
         process.stdin.write(_HEADER.pack(len(body)) + body)
         with contextlib.suppress(ConnectionError):
             await process.stdin.drain()
-        return cls(process, transport, protocol, max_result_bytes)
+        return cls(process, transport, protocol, max_result_bytes, output_bytes)
+
+    async def _read_output(self) -> None:
+        stderr = self.process.stderr
+        assert stderr is not None
+        with contextlib.suppress(Exception):
+            while chunk := await stderr.read(_STREAM_LIMIT):
+                self.output.add(chunk)
 
     def _close_pipes(self, tries: int = _DRAIN_TRIES) -> None:
         """Stop reading the job's pipes (what a process outside its group still holds): end of file to
-        their readers; not while what the job wrote before it exited is still arriving (a slow server)."""
+        both readers; not while what the job wrote before it exited is still arriving (a slow server)."""
         if self._protocol.received and tries:
             self._protocol.received = False
             asyncio.get_running_loop().call_later(_DRAIN_AFTER_EXIT, self._close_pipes, tries - 1)
             return
-        for fd in (1,):
+        for fd in (1, 2):
             pipe = self._transport.get_pipe_transport(fd)
             if pipe is not None:
                 pipe.close()
@@ -225,9 +263,11 @@ class JobProcess:
         asyncio.get_running_loop().call_later(_DRAIN_AFTER_EXIT, self._close_pipes)
 
     async def wait(self) -> int:
-        """Wait for the process to exit (killing its group if it lingers), close its stdin; the exit code."""
+        """Wait for the process to exit (killing its group if it lingers) and its output to be read, close
+        its stdin; the exit code."""
         code = await self.process.wait()
         self.kill()  # anything the job left behind in its group
+        await self._reader
         if self.process.stdin is not None:
             self.process.stdin.close()
         return code

@@ -5,6 +5,7 @@ processes left outside the job's group)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -72,6 +73,35 @@ def test_a_job_gets_a_minimal_environment_never_the_servers_secrets(
     run(test, tmp_path, config)
 
 
+def test_what_a_job_prints_is_logged_with_its_id_bounded_not_passed_to_the_servers_stderr(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    ids: dict[str, str] = {}
+
+    async def test(w: World) -> None:
+        ada = w.client()
+        ids["ok"] = await ada.jobs.submit(name="loud", args={"kib": 256})
+        ids["bad"] = await ada.jobs.submit(name="loud", args={"kib": 1, "fail": True})
+        assert (await finish(ada, ids["ok"]))["state"] == "succeeded"
+        assert (await finish(ada, ids["bad"]))["state"] == "failed"
+
+    def output(job_id: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if f"job {job_id} (loud) output: " in r.getMessage()]
+
+    caplog.set_level(logging.INFO, logger="bastion.jobs")
+    run(test, tmp_path, msgspec.structs.replace(CONFIG, output_bytes=4096))
+    # 256 KiB of the job's prints went straight to the server's stderr, among its log lines.
+    assert "FIRST LINE" not in capfd.readouterr().err
+    shown = [r.getMessage().split(" output: ", 1)[1] for r in output(ids["ok"])]
+    assert "LAST LINE" in shown and "FIRST LINE" not in shown  # the tail...
+    assert shown[0].endswith("earlier bytes not kept)")  # ...saying it is one
+    assert sum(len(line) + 1 for line in shown[1:]) <= 4096  # bounded by output_bytes
+    assert {r.levelno for r in output(ids["ok"])} == {logging.INFO}
+    failed = output(ids["bad"])
+    assert "FIRST LINE" in failed[0].getMessage() and "ValueError: loud and failed" in failed[-1].getMessage()
+    assert {r.levelno for r in failed} == {logging.WARNING}  # a failed job's output (its traceback): a warning
+
+
 def test_stopping_the_server_is_not_held_up_by_a_process_a_running_job_left_outside_its_group(
     tmp_path: Path,
 ) -> None:
@@ -100,7 +130,7 @@ def _end(path: Path) -> None:
         os.kill(int(path.read_text()), signal.SIGKILL)
 
 
-@pytest.mark.parametrize("how", ["fork"])
+@pytest.mark.parametrize("how", ["fork", "spawn"])
 def test_a_process_the_job_leaves_outside_its_group_does_not_hold_the_job(tmp_path: Path, how: str) -> None:
     async def test(w: World) -> None:
         ada = w.client()

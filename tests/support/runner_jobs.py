@@ -31,6 +31,20 @@ def environment() -> dict[str, str]:
 
 
 @registry.job
+def loud(kib: int, fail: bool = False) -> int:
+    """Print ``kib`` KiB of numbered lines, half on stdout and half on stderr, between a first and a last
+    line the test looks for; then return ``kib`` (``fail``: raise ValueError instead)."""
+    print("FIRST LINE", flush=True)
+    line = "x" * 100
+    for i in range(kib * 1024 // 112):
+        print(f"{i:>10} {line}", file=sys.stdout if i % 2 else sys.stderr)
+    print("LAST LINE", flush=True)
+    if fail:
+        raise ValueError("loud and failed")
+    return kib
+
+
+@registry.job
 def escape(directory: str, tag: str, how: str, seconds: float = 0.0) -> str:
     """Leave a process behind in a session of its own, out of reach of the job's process group, that
     lives a minute: ``fork`` (it holds every descriptor, the result channel among them) or ``spawn``
