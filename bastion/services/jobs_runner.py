@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import math
 import os
 import resource
 import signal
@@ -178,6 +179,7 @@ class JobProcess:
         max_result_bytes: int, output_bytes: int,
     ) -> None:  # fmt: skip
         self.process = process
+        self.max_result_bytes = max_result_bytes
         self.max_frame = max_result_bytes + 4096  # the result and the message around it
         self.output = OutputTail(output_bytes)
         self._transport = transport
@@ -247,12 +249,26 @@ class JobProcess:
             if size > self.max_frame:
                 raise JobProtocolError(f"the job's process sent a {size}-byte message (limit {self.max_frame})")
             try:
-                body = await stdout.readexactly(size)
-                yield _decode_message(body)
+                message = _decode_message(await stdout.readexactly(size))
             except asyncio.IncompleteReadError:
                 return
             except msgspec.DecodeError as exc:
                 raise JobProtocolError(f"the job's process sent a malformed message: {exc}") from None
+            if isinstance(message, Done):
+                self._check_result(message.result)
+            yield _bounded(message) if isinstance(message, Progress) else message
+
+    def _check_result(self, result: bytes) -> None:
+        """A result written by the job itself (past ``_run``'s checks) must still be one: stored, a result
+        that is not MessagePack failed every ``jobs.result`` of it."""
+        if len(result) > self.max_result_bytes:
+            raise JobProtocolError(
+                f"the job's result is {len(result)} bytes, over the limit of {self.max_result_bytes}"
+            )
+        try:
+            msgspec.msgpack.decode(result)
+        except (msgspec.DecodeError, RecursionError):
+            raise JobProtocolError("the job's process sent a result that is not MessagePack") from None
 
     async def exited(self) -> None:
         """Return once the job's own process has exited, having killed what it left in its group
@@ -271,6 +287,13 @@ class JobProcess:
         if self.process.stdin is not None:
             self.process.stdin.close()
         return code
+
+
+def _bounded(progress: Progress) -> Progress:
+    """``progress`` within what ``_Reporter`` sends: a job that writes its own frames (past the throttle)
+    cannot store a huge message or a fraction outside 0..1 (NaN among them)."""
+    fraction = progress.fraction if math.isfinite(progress.fraction) else 0.0
+    return Progress(min(1.0, max(0.0, fraction)), progress.message[:_MESSAGE_CHARS])
 
 
 def exit_reason(code: int, memory_mb: int) -> str:

@@ -147,3 +147,28 @@ def test_a_process_the_job_leaves_outside_its_group_does_not_hold_the_job(tmp_pa
             _end(w.dir / "e.pid")
 
     run(test, tmp_path, msgspec.structs.replace(CONFIG, timeout=5.0))
+
+
+def test_frames_a_job_writes_itself_are_bounded_and_checked(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        for kind in ("progress", "nan"):
+            job_id = await ada.jobs.submit(name="raw_frame", args={"kind": kind})
+            seen = [s async for s in ada.stream("jobs.watch", id=job_id)]
+            assert seen[-1]["state"] == "succeeded", seen[-1]
+            # A job writing its own progress frame stored a 300000-character message (kept in its row,
+            # sent to every watcher) and any fraction, NaN among them.
+            assert all(len(s["message"]) <= 200 for s in seen), kind
+            assert all(0.0 <= s["progress"] <= 1.0 for s in seen), (kind, [s["progress"] for s in seen])
+        for kind, error in (
+            ("garbage", "the job's process sent a malformed message"),
+            ("huge", "the job's process sent a 2147483648-byte message"),
+            # Stored as the job's result: every jobs.result of it then failed decoding it on the server.
+            ("done", "the job's process sent a result that is not MessagePack"),
+        ):
+            job_id = await ada.jobs.submit(name="raw_frame", args={"kind": kind})
+            final = await finish(ada, job_id)
+            assert final["state"] == "failed" and error in final["error"], (kind, final)
+            assert (await ada.jobs.result(id=job_id))["error"] == final["error"]
+
+    run(test, tmp_path)

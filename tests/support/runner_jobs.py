@@ -8,10 +8,14 @@ process behind write its pid to ``<directory>/<tag>.pid`` so the test can find i
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import msgspec
 
 from bastion.jobs import JobRegistry
 
@@ -42,6 +46,42 @@ def loud(kib: int, fail: bool = False) -> int:
     if fail:
         raise ValueError("loud and failed")
     return kib
+
+
+def _channel() -> Any:
+    """The runner's result channel, as the job's own code could reach it (a misbehaving job, or a
+    library writing to a descriptor it should not)."""
+    frame: Any = sys._getframe()
+    while frame is not None:
+        if "channel" in frame.f_locals and hasattr(frame.f_locals["channel"], "_out"):
+            return frame.f_locals["channel"]._out
+        frame = frame.f_back
+    raise LookupError("no channel")
+
+
+@registry.job
+def raw_frame(kind: str) -> str:
+    """Write a frame of the job's own making on the result channel, then return "ok".
+
+    ``progress``: a progress message of 300000 characters with an out-of-range fraction;
+    ``nan``: a progress fraction that is not a number; ``garbage``: a frame that is not a message;
+    ``huge``: a header announcing 2 GiB; ``done``: a result that is not MessagePack, then exit at once."""
+    out = _channel()
+    if kind == "huge":
+        out.write(struct.pack(">I", 2**31))
+        time.sleep(30)
+    if kind == "done":
+        done = msgspec.msgpack.encode({"type": "done", "result": b"\xc1"})
+        out.write(struct.pack(">I", len(done)) + done)
+        os._exit(0)
+    if kind == "garbage":
+        body = b"\xc1 not msgpack"
+    else:
+        fraction = float("nan") if kind == "nan" else 7.5
+        body = msgspec.msgpack.encode({"type": "progress", "fraction": fraction, "message": "m" * 300_000})
+    out.write(struct.pack(">I", len(body)) + body)
+    time.sleep(0.6)  # long enough for the server to record the progress
+    return "ok"
 
 
 @registry.job
