@@ -20,7 +20,8 @@ body:
   its own stdout to stderr before importing the job, so what the job prints
   cannot corrupt the channel.
 * stderr, child -> server: what the job prints (stdout and stderr). The
-  server keeps only its last ``output_bytes`` (``OutputTail``), which the
+  server keeps only its last ``output_bytes`` (``OutputTail``), at most
+  ``OUTPUT_LINES`` lines of it, which the
   jobs service logs with the job's id when the job ends: a job printing
   without end neither floods the server's log nor grows its memory.
 
@@ -64,14 +65,16 @@ from typing import IO, Any
 import msgspec
 
 __all__ = [
-    "BASE_ENVIRONMENT", "Done", "Failed", "JobProcess", "OutputTail", "Progress", "RunRequest", "exit_reason",
-    "job_environment", "main",
+    "BASE_ENVIRONMENT", "OUTPUT_LINES", "Done", "Failed", "JobProcess", "OutputTail", "Progress", "RunRequest",
+    "exit_reason", "job_environment", "main",
 ]  # fmt: skip
 
 _HEADER = struct.Struct(">I")
 _PROGRESS_EVERY = 0.1  # seconds between progress frames from one job (the last one always goes)
 _MESSAGE_CHARS = 200
 _STREAM_LIMIT = 2**16  # the buffer limit of the job's stdout reader (asyncio's default)
+#: The most lines of a job's output kept (and logged), whatever ``output_bytes`` allows.
+OUTPUT_LINES = 1000
 _DRAIN_AFTER_EXIT = 1.0  # seconds the pipes are still read once the job's process has exited...
 _DRAIN_TRIES = 10  # ...and again, up to this many times, while data still arrives
 #: What a job's process gets of the server's environment whatever the configuration says (and ``LC_*``).
@@ -141,13 +144,20 @@ class OutputTail:
             del self._buffer[: len(self._buffer) - self.limit]
 
     def lines(self) -> tuple[list[str], int]:
-        """The kept lines (text, undecodable bytes escaped) and how many bytes before them were not kept
-        (a line cut by the limit is dropped whole)."""
+        """The kept lines, at most ``OUTPUT_LINES`` (text, undecodable bytes escaped), and how many bytes
+        before them were not kept (a line cut by the limit is dropped whole)."""
         data = bytes(self._buffer[-self.limit :])
         dropped = self.total - len(data)
         if dropped and b"\n" in data:
             cut = data.index(b"\n") + 1
             data, dropped = data[cut:], dropped + cut
+        end = len(data) - 1 if data.endswith(b"\n") else len(data)
+        for _ in range(OUTPUT_LINES):  # each kept line is a log record: short lines must not make thousands
+            end = data.rfind(b"\n", 0, end)
+            if end < 0:
+                break
+        else:
+            data, dropped = data[end + 1 :], dropped + end + 1
         return data.decode("utf-8", "backslashreplace").splitlines(), dropped
 
 

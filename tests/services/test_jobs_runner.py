@@ -102,6 +102,24 @@ def test_what_a_job_prints_is_logged_with_its_id_bounded_not_passed_to_the_serve
     assert {r.levelno for r in failed} == {logging.WARNING}  # a failed job's output (its traceback): a warning
 
 
+def test_a_job_printing_many_short_lines_logs_a_bounded_number_of_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        job_id = await ada.jobs.submit(name="blank_lines", args={"n": 60_000})
+        assert (await finish(ada, job_id))["state"] == "succeeded"
+
+    caplog.set_level(logging.INFO, logger="bastion.jobs")
+    run(test, tmp_path)
+    shown = [
+        r.getMessage().split(" output: ", 1)[1] for r in caplog.records if "(blank_lines) output: " in r.getMessage()
+    ]
+    # 64 KiB of empty lines made 60000 log records for one job.
+    assert shown[-1] == "LAST LINE" and len(shown) <= 1001
+    assert shown[0] == "(59001 earlier bytes not kept)"  # all but the last 999 newlines
+
+
 def test_stopping_the_server_is_not_held_up_by_a_process_a_running_job_left_outside_its_group(
     tmp_path: Path,
 ) -> None:

@@ -35,6 +35,13 @@ def environment() -> dict[str, str]:
 
 
 @registry.job
+def blank_lines(n: int) -> int:
+    """Print ``n`` empty lines, then ``LAST LINE``; return ``n``."""
+    sys.stdout.write("\n" * n + "LAST LINE\n")
+    return n
+
+
+@registry.job
 def loud(kib: int, fail: bool = False) -> int:
     """Print ``kib`` KiB of numbered lines, half on stdout and half on stderr, between a first and a last
     line the test looks for; then return ``kib`` (``fail``: raise ValueError instead)."""
