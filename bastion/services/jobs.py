@@ -125,9 +125,20 @@ def _named(text: str) -> str:
     return repr(text) if len(text) <= 64 else f"{text[:64]!r}... ({len(text)} characters)"
 
 
+_last_id_ms = 0  # the millisecond of the last id made here
+
+
 def new_job_id() -> str:
-    """Time-ordered (milliseconds, hex) then random: ids sort by submission time."""
-    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
+    """Time-ordered (milliseconds, hex) then random: ids sort by submission time.
+
+    Within a process the millisecond part only ever goes up (a second id in the
+    same millisecond takes the next one), so ids made here sort in the order
+    they were made, not by their random part; across processes, ids of one
+    millisecond sort by chance.
+    """
+    global _last_id_ms
+    _last_id_ms = max(time.time_ns() // 1_000_000, _last_id_ms + 1)
+    return f"{_last_id_ms:012x}{secrets.token_hex(6)}"
 
 
 class _Running:
@@ -293,7 +304,8 @@ class Jobs:
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-            del self._running[job.id]
+            if self._running.get(job.id) is running:  # not a later run of the same job, reclaimed meanwhile
+                del self._running[job.id]
         try:
             if running.stop == "lost":
                 log.warning("jobs: job %s was taken from this runner (lease lost); its process was killed", job.id)

@@ -581,3 +581,13 @@ def test_registry_refuses_what_it_cannot_run() -> None:
         reg_twice = JobRegistry()
         reg_twice.job(registry.get("add").func)  # type: ignore[union-attr]
         reg_twice.job(registry.get("add").func)  # type: ignore[union-attr]
+
+
+def test_job_ids_made_in_one_millisecond_sort_in_the_order_they_were_made() -> None:
+    # They sorted by their random part, so jobs.list (oldest first) and the queue's
+    # order within a user came out shuffled for jobs submitted in the same millisecond.
+    from bastion.services.jobs import new_job_id
+
+    ids = [new_job_id() for _ in range(2000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
