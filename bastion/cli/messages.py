@@ -125,7 +125,9 @@ def send(
 def inbox(
     address: Address,
     unread: Annotated[bool, typer.Option("--unread", help="Only unread messages.")] = False,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most this many messages (default: all).")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="At most this many messages (default: all).")
+    ] = None,
     oldest_first: Annotated[bool, typer.Option("--oldest-first", help="Oldest first (default: newest).")] = False,
     as_json: AsJson = False,
     token_file: TokenFile = None,
