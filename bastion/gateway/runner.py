@@ -14,6 +14,9 @@ TLS: with ``cert_files`` (certificate, key) -- the bastion server's own
 files -- the gateway serves HTTPS and WSS with the same certificate (a
 context of its own: the server's context negotiates ALPN ``bastion/1``),
 reloaded with the server's (``Server.also_reload``: SIGHUP, dev certificate renewal).
+uvicorn listens in plaintext and each connection does its TLS handshake in
+a ``TLSAcceptor`` (_tls.py), under ``header_timeout``, so that a failed one
+is counted by reason (``bastion_gateway_tls_handshake_failures_total``).
 
 HTTP is uvicorn's httptools protocol with the request line and headers bounded
 in size (431 past 64 KiB) and in time (``header_timeout``), and a request
@@ -32,6 +35,7 @@ import uvicorn
 
 from bastion.exceptions import UsageError
 from bastion.gateway._protocol import WebSocketProtocol, bounded_protocol
+from bastion.gateway._tls import TLSAcceptor, tls_acceptor
 from bastion.gateway.app import Gateway, create_app
 from bastion.gateway.config import GatewayConfig
 from bastion.server.server import Server
@@ -51,9 +55,16 @@ class GatewayServer:
     """A running gateway: ``port``, ``url``, ``gateway`` (routes' state), ``aclose()``."""
 
     def __init__(
-        self, uv: _Uvicorn, task: asyncio.Task[None], sockets: list[socket.socket], gateway: Gateway, tls: bool
+        self,
+        uv: _Uvicorn,
+        task: asyncio.Task[None],
+        sockets: list[socket.socket],
+        gateway: Gateway,
+        tls: bool,
+        handshaking: set[TLSAcceptor],
     ) -> None:
         self._uvicorn = uv
+        self._handshaking = handshaking
         self._task = task
         self._sockets = sockets
         self.gateway = gateway
@@ -66,6 +77,8 @@ class GatewayServer:
     async def aclose(self, timeout: float = 5.0) -> None:
         """Stop accepting, let requests in progress finish (up to ``timeout``), close the bridge."""
         self._uvicorn.should_exit = True
+        for acceptor in list(self._handshaking):  # not connections of uvicorn's yet: it would not close them
+            acceptor.abort()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout)
         except TimeoutError:
@@ -116,6 +129,13 @@ async def serve(
         # take it from X-Forwarded-For (uvicorn trusts it from loopback by default).
         proxy_headers=False,
     )
+    handshaking: set[TLSAcceptor] = set()
+    uv_config.load()
+    if uv_config.ssl is not None:  # the handshake is the TLSAcceptor's, which counts its failures (_tls.py)
+        uv_config.http_protocol_class = tls_acceptor(  # type: ignore[assignment]
+            uv_config.http_protocol_class, uv_config.ssl, config.header_timeout, server.counters, handshaking
+        )
+    context, uv_config.ssl = uv_config.ssl, None
     uv = _Uvicorn(uv_config)
     task = asyncio.get_running_loop().create_task(uv.serve(sockets=sockets))
     while not uv.started:
@@ -126,9 +146,9 @@ async def serve(
             raise UsageError("gateway: uvicorn stopped before it started")
         await asyncio.sleep(0.01)
     gateway.started = True
-    if cert_files is not None and uv.config.ssl is not None:
-        server.also_reload.append(uv.config.ssl)  # SIGHUP and dev certificate renewal reach it too
-    return GatewayServer(uv, task, sockets, gateway, cert_files is not None)
+    if context is not None:
+        server.also_reload.append(context)  # SIGHUP and dev certificate renewal reach it too
+    return GatewayServer(uv, task, sockets, gateway, context is not None, handshaking)
 
 
 def bind(host: str, port: int) -> socket.socket:

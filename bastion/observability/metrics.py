@@ -23,6 +23,7 @@ from a request)::
     bastion_connections_total                           connections accepted since start
     bastion_connections_closed_total{reason}            idle, abuse, slow_reader, handshake_timeout
     bastion_auth_failures_total{reason}                 credentials, throttled, denied
+    bastion_gateway_tls_handshake_failures_total{reason} the gateway's (HTTPS) port: gateway/_tls.py REASONS
     bastion_store_operation_duration_seconds{operation} histogram: write, read (SQLite), call (PostgreSQL)
     bastion_workers                                     processes these numbers add up
 
@@ -102,6 +103,12 @@ _AUTH = (
     ("denied", "auth_failures_denied"),
 )
 _PRIORITIES = ("control", "high", "normal", "low")
+#: (metric reason, Server.counters key) for bastion_gateway_tls_handshake_failures_total (gateway/_tls.py
+#: counts them; the reasons are spelled here too, so that this module does not import the gateway's).
+_GATEWAY_TLS = tuple(
+    (reason, f"gateway_tls_{reason}")
+    for reason in ("timeout", "closed", "plaintext_http", "certificate_rejected", "protocol", "other")
+)
 
 
 def server_snapshot(server: Server) -> dict[str, Any]:
@@ -182,6 +189,12 @@ class SnapshotCollector(Collector):
             "bastion_connections_closed", "Connections closed by the server, by reason", counters, _CLOSED
         )
         yield _counter_by("bastion_auth_failures", "Failed authentications and denied calls", counters, _AUTH)
+        yield _counter_by(
+            "bastion_gateway_tls_handshake_failures",
+            "TLS handshakes on the gateway's port that failed, by reason",
+            counters,
+            _GATEWAY_TLS,
+        )
 
         yield _histogram(
             "bastion_store_operation_duration_seconds",

@@ -1,0 +1,115 @@
+"""TLS handshakes on the gateway's HTTPS port, on a real ``bastion serve``: failures counted by reason.
+
+asyncio (and uvloop) drop a server-side TLS handshake that fails without a
+word, so the gateway does its own handshakes (bastion/gateway/_tls.py) and
+``/metrics`` shows ``bastion_gateway_tls_handshake_failures_total{reason}``.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+import urllib.parse
+from collections.abc import Iterator
+
+import pytest
+
+from tests.gateway.test_metrics import _context, _get, scrape
+from tests.support.server import ServerProcess, start_server, wait_for
+
+HEADER_TIMEOUT = 1.0
+FAMILY = "bastion_gateway_tls_handshake_failures_total"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    env = {"BASTION_GATEWAY__HEADER_TIMEOUT": str(HEADER_TIMEOUT)}
+    server = start_server(tmp_path_factory.mktemp("gateway-tls"), env=env, http=True)
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def _address(server: ServerProcess) -> tuple[str, int]:
+    assert server.gateway_url is not None
+    parts = urllib.parse.urlsplit(server.gateway_url)
+    assert parts.hostname is not None and parts.port is not None
+    return parts.hostname, parts.port
+
+
+def _failures(server: ServerProcess) -> dict[str, float]:
+    samples = scrape(server)
+    return {dict(labels)["reason"]: n for labels, n in samples.get(FAMILY, {}).items()}
+
+
+def _wait_delta(server: ServerProcess, before: dict[str, float], reason: str, expected: float) -> None:
+    def reached() -> bool:
+        return _failures(server).get(reason, 0) - before.get(reason, 0) >= expected
+
+    wait_for(reached, 10, what=f"{expected:g} more {reason} in {FAMILY}")
+    assert _failures(server).get(reason, 0) - before.get(reason, 0) == expected
+
+
+def test_every_reason_is_exported_from_the_start(served: ServerProcess) -> None:
+    reasons = {"timeout", "closed", "plaintext_http", "certificate_rejected", "protocol", "other"}
+    assert set(_failures(served)) == reasons
+
+
+def test_plaintext_http_to_the_https_port_is_counted(served: ServerProcess) -> None:
+    before = _failures(served)
+    with socket.create_connection(_address(served), timeout=10) as plain:
+        plain.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        plain.recv(100)  # an alert, or the close
+    _wait_delta(served, before, "plaintext_http", 1)
+
+
+def test_a_client_that_distrusts_the_certificate_is_counted(served: ServerProcess) -> None:
+    before = _failures(served)
+    distrusting = ssl.create_default_context()  # the system's roots: not the test CA that signed the gateway's
+    with socket.create_connection(_address(served), timeout=10) as raw, pytest.raises(ssl.SSLError):
+        distrusting.wrap_socket(raw, server_hostname="localhost")
+    _wait_delta(served, before, "certificate_rejected", 1)
+
+
+def test_garbage_instead_of_a_hello_is_counted_as_protocol(served: ServerProcess) -> None:
+    before = _failures(served)
+    with socket.create_connection(_address(served), timeout=10) as raw:
+        raw.sendall(b"\x16\x03\x01\x00\x05\xff\xff\xff\xff\xff")  # a handshake record holding nonsense
+        raw.recv(100)
+    _wait_delta(served, before, "protocol", 1)
+
+
+def test_a_silent_connection_times_out_and_a_half_hello_closed_is_counted(served: ServerProcess) -> None:
+    before = _failures(served)
+    silent = socket.create_connection(_address(served), timeout=10)
+    try:
+        started = time.monotonic()
+        assert silent.recv(100) == b""  # closed by the gateway after header_timeout
+        assert time.monotonic() - started < HEADER_TIMEOUT + 5
+    except ConnectionResetError:
+        pass  # aborted: as good as closed
+    finally:
+        silent.close()
+    _wait_delta(served, before, "timeout", 1)
+    with socket.create_connection(_address(served), timeout=10) as raw:
+        raw.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, then gone
+    _wait_delta(served, before, "closed", 1)
+
+
+def test_the_gateway_still_serves_https_meanwhile(served: ServerProcess) -> None:
+    status, _, text = _get(served, "/metrics")
+    assert status == 200 and FAMILY in text
+    # A request sent in the same flight as the end of the handshake is not lost (TLS 1.3: right behind it).
+    host, port = _address(served)
+    with (
+        socket.create_connection((host, port), timeout=10) as raw,
+        _context(served).wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b'"ok"' in answer
