@@ -12,6 +12,7 @@ docs/security.md.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -305,6 +306,10 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allowed_hosts: over plaintext, host names (no port) a request's Host may name
     besides IP addresses, ``localhost`` and ``host``; others get 400 (DNS rebinding).
     ``["*"]``: any.
+    metrics_enabled, metrics_networks, metrics_token_file: who may read /metrics
+    and /openapi.json (default: anyone who reaches the port); off (404), only
+    clients in these CIDR networks (403), only with ``Authorization: Bearer``
+    and the token in this file (401). See bastion/gateway/_ops.py.
     """
 
     http_port: int = 7401
@@ -320,9 +325,17 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     body_timeout: float = 20.0
     body_min_rate: float = 500.0
     allowed_hosts: list[str] = []
+    metrics_enabled: bool = True
+    metrics_networks: list[str] = []
+    metrics_token_file: str | None = None
 
     def __post_init__(self) -> None:
         check_finite(self, "gateway")
+        for entry in self.metrics_networks:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise UsageError(f"gateway.metrics_networks: {entry!r} is not an IP address or CIDR network") from None
         for name in self.allowed_hosts:
             if name != "*" and not _HOST_NAME.match(name):
                 raise UsageError(f"gateway.allowed_hosts: {name!r} is not a host name (no scheme, port or path)")

@@ -17,6 +17,10 @@ Surface::
     GET  /openapi.json           OpenAPI 3.1 (openapi.py); ``rpc.discover`` answers OpenRPC
     GET  /livez /readyz /healthz liveness; readiness (503 while starting or draining)
     GET  /metrics                Prometheus text format (bastion/observability/metrics.py)
+
+/metrics and /openapi.json are open to anyone who reaches the port unless
+the ``metrics_*`` settings say otherwise (off, trusted networks, a token:
+_ops.py).
     GET  / and /static/...       the web console (static files in bastion/gateway/static/)
 
 Credentials. ``Authorization: Bearer <token>`` or, for browsers, the
@@ -110,6 +114,7 @@ from bastion.gateway._http import NO_STORE as _NO_STORE
 from bastion.gateway._http import SECURITY_HEADERS as _SECURITY_HEADERS
 from bastion.gateway._http import TooLarge as _TooLarge
 from bastion.gateway._http import error_body as _error_body
+from bastion.gateway._ops import OpsAccess
 from bastion.gateway._shared import _STREAMS, _as_call_error, _encoder, _ready
 from bastion.gateway.bridge import Bridge, Caller
 from bastion.gateway.config import GatewayConfig
@@ -153,6 +158,8 @@ class Gateway:
         self.names: frozenset[str] = frozenset({host.strip("[]").lower()} if host else ()) | frozenset(
             name.lower() for name in config.allowed_hosts
         )
+        #: Who may read /metrics, /openapi.json and rpc.discover (_ops.py).
+        self.ops = OpsAccess(config)
         #: False until the runner has the listener up; /readyz answers 503 meanwhile.
         self.started = True
         #: What /metrics shows: this server's numbers (``bastion serve --workers`` adds the other workers').
@@ -340,6 +347,10 @@ class _Routes:
         method = call.method
         try:
             if method == "rpc.discover":
+                if self.gateway.ops.protected:  # the API description is the operator's to protect (_ops.py)
+                    if caller.token is None:
+                        raise Unauthenticated("rpc.discover needs a credential on this gateway")
+                    await self.bridge.check(caller)
                 result: Any = self.gateway.openrpc()
             elif method.startswith("rpc."):
                 raise Unimplemented(f"unknown method {method!r}")
@@ -502,7 +513,20 @@ class _Routes:
         response.delete_cookie(CSRF_COOKIE, path="/", secure=secure, httponly=False, samesite="strict")
         return response
 
+    def _ops_refusal(self, request: Request) -> Response | None:
+        """The answer refusing /metrics or /openapi.json to this request, None if it may read them (_ops.py)."""
+        client = request.client
+        refusal = self.gateway.ops.refusal(client.host if client else None, request.headers.get("authorization"))
+        if refusal is None:
+            return None
+        response = _error(refusal)
+        if isinstance(refusal, Unauthenticated):
+            response.headers["www-authenticate"] = 'Bearer realm="bastion-metrics"'
+        return response
+
     async def openapi(self, request: Request) -> Response:
+        if (refused := self._ops_refusal(request)) is not None:
+            return refused
         return Response(self.gateway.openapi(), media_type="application/json")
 
     async def livez(self, request: Request) -> Response:
@@ -519,6 +543,8 @@ class _Routes:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
 
     async def metrics(self, request: Request) -> Response:
+        if (refused := self._ops_refusal(request)) is not None:
+            return refused
         body = render(self.gateway.metrics_snapshot())
         return Response(body, media_type=METRICS_CONTENT_TYPE, headers={"Cache-Control": "no-store"})
 
