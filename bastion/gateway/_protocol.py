@@ -252,7 +252,31 @@ async def _send_500(cycle: RequestResponseCycle) -> None:
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, whose 500 to an upgrade (an exception escaped the
-    application before it accepted or refused) carries the gateway's headers too."""
+    application before it accepted or refused) carries the gateway's headers too, and which stops
+    reading a client whose pongs it cannot send.
+
+    uvicorn answers every ping with a pong written straight to the transport, however full its
+    write buffer: a client that sent pings and never read made the gateway buffer pongs without
+    end (as many bytes as it sent). Here, a ping answered while the transport is past its high-water
+    mark pauses reading the connection until the buffer drains (``resume_writing``), so TCP pushes
+    back on the client instead.
+    """
+
+    _pongs_blocked = False  # reading paused here, for pongs that cannot be sent
+
+    def handle_ping(self) -> None:
+        super().handle_ping()
+        if not self.writable.is_set() and not self.transport.is_closing():
+            # (Again after uvicorn resumed reading for the application's sake: one read's pongs at most.)
+            self._pongs_blocked = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._pongs_blocked:
+            self._pongs_blocked = False
+            if not self.read_paused:  # (else uvicorn resumes once the application has taken its messages)
+                self.transport.resume_reading()
 
     def send_500_response(self) -> None:
         if self.initial_response or self.handshake_complete:

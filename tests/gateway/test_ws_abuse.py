@@ -1,0 +1,137 @@
+"""Abusive WebSocket clients on a real ``bastion serve`` (plaintext, raw sockets): the gateway stays bounded.
+
+A client that sends pings and never reads the pongs must not make the
+gateway buffer pongs without end: once the connection's write buffer is
+full, the gateway stops reading that connection (TCP pushes back on the
+client) until the client reads again.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.server import ServerProcess, start_server
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = start_server(tmp_path_factory.mktemp("ws-abuse"), insecure=True, http=True)
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def _address(server: ServerProcess) -> tuple[str, int]:
+    assert server.gateway_url is not None
+    parts = urllib.parse.urlsplit(server.gateway_url)
+    assert parts.hostname is not None and parts.port is not None
+    return parts.hostname, parts.port
+
+
+def open_ws(server: ServerProcess, rcvbuf: int | None = None) -> socket.socket:
+    """A raw socket past a WebSocket upgrade to /ws (no Origin: not a browser)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(_address(server))
+    host, port = _address(server)
+    sock.sendall(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked (client) frame with a payload under 126 bytes."""
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + mask + masked
+
+
+def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """(opcode, payload) of the next (unmasked, server) frame."""
+    first, second = _read_exactly(sock, 2)
+    length = second & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", _read_exactly(sock, 2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", _read_exactly(sock, 8))
+    return first & 0x0F, _read_exactly(sock, length)
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the gateway closed the connection"
+        data += chunk
+    return data
+
+
+def rss(pid: int) -> int:
+    """Resident memory of ``pid`` in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_ping_flood_that_never_reads_its_pongs_is_pushed_back(served: ServerProcess) -> None:
+    pid = served.process.pid
+    before = rss(pid)
+    sock = open_ws(served, rcvbuf=4096)
+    pings = client_frame(0x9, b"p" * 125) * 512  # 64 KiB of pings
+    sent = 0
+    budget = 64 << 20  # what an unbounded gateway would buffer (as pongs) for us
+    sock.settimeout(1.0)
+    deadline = time.monotonic() + 60
+    try:
+        while sent < budget and time.monotonic() < deadline:
+            try:
+                sent += sock.send(pings)
+            except TimeoutError:
+                break  # the gateway stopped reading us: pushed back
+        grown = rss(pid) - before
+        assert sent < budget, f"the gateway read {sent} bytes of pings never answered by a read"
+        assert grown < 24 << 20, f"the gateway grew by {grown >> 20} MiB for {sent >> 20} MiB of unread pongs"
+        # Once the client reads, the connection goes on: its pongs come, then the answer to a call.
+        sock.settimeout(20)
+        frames: list[tuple[int, bytes]] = []
+
+        def read_until_text() -> None:
+            while not frames or frames[-1][0] != 0x1:
+                frames.append(read_frame(sock))
+
+        reader = threading.Thread(target=read_until_text, daemon=True)
+        reader.start()
+        sock.sendall(client_frame(0x1, b'{"jsonrpc":"2.0","method":"demo.echo","params":[7],"id":7}'))
+        reader.join(30)
+        assert frames and frames[-1][0] == 0x1 and b'"id":7' in frames[-1][1], frames[-1:]
+        assert {opcode for opcode, _ in frames[:-1]} == {0xA}  # pongs, every one of them answered
+        # Everyone else is still served meanwhile.
+        assert served.gateway_url is not None
+        with urllib.request.urlopen(served.gateway_url + "/livez", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        sock.close()
