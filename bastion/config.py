@@ -310,6 +310,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     and /openapi.json (default: anyone who reaches the port); off (404), only
     clients in these CIDR networks (403), only with ``Authorization: Bearer``
     and the token in this file (401). See bastion/gateway/_ops.py.
+    max_connections, max_connections_per_source: connections open at once on the
+    gateway's port, in total (503 past it) and from one client address (429;
+    0: no per-address cap, for a gateway behind a reverse proxy). _gate.py.
     """
 
     http_port: int = 7401
@@ -328,9 +331,13 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics_enabled: bool = True
     metrics_networks: list[str] = []
     metrics_token_file: str | None = None
+    max_connections: int = 4096
+    max_connections_per_source: int = 256
 
     def __post_init__(self) -> None:
         check_finite(self, "gateway")
+        if self.max_connections <= 0 or self.max_connections_per_source < 0:
+            raise UsageError("gateway.max_connections must be positive, max_connections_per_source 0 (off) or more")
         for entry in self.metrics_networks:
             try:
                 ipaddress.ip_network(entry.strip(), strict=False)

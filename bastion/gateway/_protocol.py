@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import is_ssl
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from bastion.gateway._gate import ConnectionGate, peer_host, refusal_answer
 from bastion.gateway._http import INTERNAL_ERROR_BODY, NO_STORE, SECURITY_HEADERS
 
 __all__ = ["MAX_HEAD", "HeadBoundedProtocol", "WebSocketProtocol", "bounded_protocol"]
@@ -73,6 +76,8 @@ class HeadBoundedProtocol(HttpToolsProtocol):
     head_timeout = 20.0
     body_timeout = 20.0
     body_min_rate = 500.0
+    #: The connection caps (_gate.py), which a plaintext connection takes here (over TLS: the TLS layer).
+    gate: ConnectionGate | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -86,13 +91,23 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         self._body_used = 0.0  # seconds the body's clock ran before _body_since
         self._body_since: float | None = None  # when the body's clock last started; None: stopped
         self._body_timer: asyncio.TimerHandle | None = None
+        self._gate_host: str | None = None  # admitted by the gate: the slot to give back
+        self._refusal: bytes | None = None  # past a cap: the answer to send once the request begins
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.flow = _Flow(transport, self)
         self._arm_head_timer()  # a connection that never sends a byte is closed too
+        if self.gate is not None and not is_ssl(transport):
+            host = peer_host(transport)
+            refusal = self.gate.admit(host)
+            if refusal is None:
+                self._gate_host = host
+            else:
+                self._refusal = refusal_answer(refusal)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._give_back()
         self._disarm_head_timer()
         self._end_body()
         super().connection_lost(exc)
@@ -100,6 +115,11 @@ class HeadBoundedProtocol(HttpToolsProtocol):
             self.flow.protocol = None
 
     def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:  # past a connection cap: answered (once what was sent is read), closed
+            if not self.transport.is_closing():
+                self.transport.write(self._refusal)
+                self.transport.close()
+            return
         idle = self._in_head and not self._head_begun  # between requests: a head would begin at this read's start
         heads = self._heads
         super().data_received(data)
@@ -147,6 +167,22 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._in_head = True
         self._head_bytes = 0
+
+    def handle_websocket_upgrade(self) -> None:
+        super().handle_websocket_upgrade()
+        protocol = self.transport.get_protocol()
+        if self._gate_host is not None and isinstance(protocol, WebSocketProtocol):
+            host, self._gate_host = self._gate_host, None  # the WebSocket gives the slot back when it closes
+            protocol.gate_release = functools.partial(self._release, host)
+
+    def _release(self, host: str) -> None:
+        if self.gate is not None:
+            self.gate.release(host)
+
+    def _give_back(self) -> None:
+        if self._gate_host is not None:
+            host, self._gate_host = self._gate_host, None
+            self._release(host)
 
     def send_400_response(self, msg: str) -> None:
         self.transport.write(self._plain_answer(b"400 Bad Request", msg))
@@ -263,6 +299,14 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     """
 
     _pongs_blocked = False  # reading paused here, for pongs that cannot be sent
+    #: Gives the connection's slot back to the gate (_gate.py) when it closes (set on a plaintext upgrade).
+    gate_release: Callable[[], None] | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        release, self.gate_release = self.gate_release, None
+        if release is not None:
+            release()
+        super().connection_lost(exc)
 
     def handle_ping(self) -> None:
         super().handle_ping()
@@ -289,8 +333,16 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
 
 def bounded_protocol(
-    head_timeout: float, body_timeout: float = 20.0, body_min_rate: float = 500.0
+    head_timeout: float,
+    body_timeout: float = 20.0,
+    body_min_rate: float = 500.0,
+    gate: ConnectionGate | None = None,
 ) -> type[HeadBoundedProtocol]:
-    """The protocol class for uvicorn (it makes one per connection), with these bounds."""
-    attributes = {"head_timeout": head_timeout, "body_timeout": body_timeout, "body_min_rate": body_min_rate}
+    """The protocol class for uvicorn (it makes one per connection), with these bounds (and caps)."""
+    attributes = {
+        "head_timeout": head_timeout,
+        "body_timeout": body_timeout,
+        "body_min_rate": body_min_rate,
+        "gate": gate,
+    }
     return type("HeadBoundedProtocol", (HeadBoundedProtocol,), attributes)

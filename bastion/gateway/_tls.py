@@ -33,6 +33,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
+from bastion.gateway._gate import ConnectionGate, peer_host
+
 __all__ = ["REASONS", "TLSAcceptor", "failure_reason", "tls_acceptor"]
 
 #: Why a gateway TLS handshake failed (the label values of the metric):
@@ -83,6 +85,7 @@ class TLSAcceptor(SSLProtocol):
         timeout: float,
         counters: Counter[str],
         pending: set[TLSAcceptor],
+        gate: ConnectionGate,
     ) -> None:
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
@@ -94,12 +97,29 @@ class TLSAcceptor(SSLProtocol):
         self.pending = pending
         self.stopping = False  # aborted by the gateway stopping: not the client's failure
         self.raw: asyncio.BaseTransport | None = None
+        self.gate = gate
+        self.host: str | None = None  # set once admitted by the gate (_gate.py)
+        self.refused = False
         waiter.add_done_callback(self._handshake_done)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = transport
+        host = peer_host(transport)
+        if self.gate.admit(host) is not None:  # past a cap: nothing can be said before a handshake
+            self.refused = True
+            cast(asyncio.Transport, transport).abort()
+            return
+        self.host = host
         self.pending.add(self)
         super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.refused:
+            return  # never started
+        if self.host is not None:
+            self.gate.release(self.host)
+            self.host = None
+        super().connection_lost(exc)
 
     def abort(self) -> None:
         """Drop the connection mid-handshake (the gateway is stopping)."""
@@ -125,11 +145,12 @@ def tls_acceptor(
     timeout: float,
     counters: Counter[str],
     pending: set[TLSAcceptor],
+    gate: ConnectionGate,
 ) -> Callable[..., asyncio.BaseProtocol]:
     """The protocol factory for uvicorn (``http_protocol_class``): each connection a ``TLSAcceptor``
     whose HTTP protocol is ``make_protocol(**kwargs)`` with the keywords uvicorn passed."""
 
     def factory(**kwargs: Any) -> asyncio.BaseProtocol:
-        return TLSAcceptor(make_protocol(**kwargs), context, timeout, counters, pending)
+        return TLSAcceptor(make_protocol(**kwargs), context, timeout, counters, pending, gate)
 
     return factory

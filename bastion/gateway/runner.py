@@ -34,6 +34,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from bastion.exceptions import UsageError
+from bastion.gateway._gate import ConnectionGate
 from bastion.gateway._protocol import WebSocketProtocol, bounded_protocol
 from bastion.gateway._tls import TLSAcceptor, tls_acceptor
 from bastion.gateway.app import Gateway, create_app
@@ -112,10 +113,11 @@ async def serve(
     gateway: Gateway = app.state.gateway
     gateway.started = False
     sockets = sockets or [bind(host, config.http_port)]
+    gate = ConnectionGate(config.max_connections, config.max_connections_per_source, server.counters)
     uv_config = uvicorn.Config(
         app,
         # httptools, with the request head bounded and the body's pace too
-        http=bounded_protocol(config.header_timeout, config.body_timeout, config.body_min_rate),
+        http=bounded_protocol(config.header_timeout, config.body_timeout, config.body_min_rate, gate),
         ws=WebSocketProtocol,  # uvicorn's "websockets-sansio", its 500 with the gateway's headers
         lifespan="off",
         log_level="warning",
@@ -133,7 +135,7 @@ async def serve(
     uv_config.load()
     if uv_config.ssl is not None:  # the handshake is the TLSAcceptor's, which counts its failures (_tls.py)
         uv_config.http_protocol_class = tls_acceptor(  # type: ignore[assignment]
-            uv_config.http_protocol_class, uv_config.ssl, config.header_timeout, server.counters, handshaking
+            uv_config.http_protocol_class, uv_config.ssl, config.header_timeout, server.counters, handshaking, gate
         )
     context, uv_config.ssl = uv_config.ssl, None
     uv = _Uvicorn(uv_config)

@@ -31,7 +31,10 @@ Rejection reasons: connection_limit, source_connection_limit (at accept),
 proxy_header, tls (a TLS handshake that failed or timed out, an ALPN other
 than bastion/1, a revoked client certificate), rate_limited, inflight (a
 call past the connection's limits.max_inflight, refused by the protocol
-core), and the scheduler's queue_full, principal_limit, shed and deadline.
+core), the scheduler's queue_full, principal_limit, shed and deadline, and
+the gateway's gateway_connection_limit and gateway_source_connection_limit
+(a connection to the gateway's port past ``gateway.max_connections`` or
+``max_connections_per_source``: gateway/_gate.py).
 Auth failures: ``credentials`` (a handshake with a bad, expired or revoked
 token or password), ``throttled`` (a handshake or an auth.login refused by
 the login throttle), ``denied`` (a call refused UNAUTHENTICATED or
@@ -89,6 +92,8 @@ _REJECTIONS = (
     ("principal_limit", "scheduler_rejected_principal_limit"),
     ("shed", "scheduler_rejected_shed"),
     ("deadline", "scheduler_rejected_deadline"),
+    ("gateway_connection_limit", "gateway_rejected_connections"),
+    ("gateway_source_connection_limit", "gateway_rejected_connections_per_source"),
 )
 _CLOSED = (
     ("idle", "closed_idle"),

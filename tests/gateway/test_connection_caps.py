@@ -1,0 +1,133 @@
+"""The gateway's connection caps on a real ``bastion serve``: per client address and in total, WebSockets included.
+
+Idle WebSockets that answer pings stay open for ever, so without a cap one
+client could hold the gateway's (and the native port's) file descriptors.
+Past ``max_connections_per_source`` a connection is answered 429, past
+``max_connections`` 503 (plaintext; over TLS it is closed), the refusal is
+counted, everyone under the caps is served, and a WebSocket that closes
+gives its slot back.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.gateway.test_metrics import scrape, value
+from tests.gateway.test_ws_abuse import _address, open_ws
+from tests.support.server import ServerProcess, start_server, wait_for
+
+
+def _get(server: ServerProcess, path: str, context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
+    assert server.gateway_url is not None
+    try:
+        with urllib.request.urlopen(server.gateway_url + path, timeout=10, context=context) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def _refused_upgrade(server: ServerProcess) -> bytes:
+    host, port = _address(server)
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(
+            (
+                f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return answer
+
+
+def test_idle_websockets_past_the_per_address_cap_are_refused_429(tmp_path: Path) -> None:
+    env = {"BASTION_GATEWAY__MAX_CONNECTIONS_PER_SOURCE": "4"}
+    server = start_server(tmp_path / "per-source", env=env, insecure=True, http=True)
+    sockets = []
+    try:
+        sockets = [open_ws(server) for _ in range(4)]
+        status, headers, body = _get(server, "/livez")
+        assert status == 429, body
+        error = json.loads(body)["error"]
+        assert error["status"] == "RESOURCE_EXHAUSTED" and "max_connections_per_source" in error["message"]
+        assert headers["retry-after"] == "1" and headers["x-content-type-options"] == "nosniff"
+        assert _refused_upgrade(server).startswith(b"HTTP/1.1 429")
+        sockets.pop().close()  # a WebSocket closing gives its slot back
+        wait_for(lambda: _get(server, "/livez")[0] == 200, 10, what="the freed slot")
+        samples = scrape_plain(server)
+        assert value(samples, "bastion_rejections_total", reason="gateway_source_connection_limit") >= 2
+    finally:
+        for sock in sockets:
+            sock.close()
+        assert server.stop() == 0, server.log()
+
+
+def scrape_plain(server: ServerProcess) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    status, _, body = _get(server, "/metrics")
+    assert status == 200, body
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_connections_past_the_total_cap_are_refused_503(tmp_path: Path) -> None:
+    env = {"BASTION_GATEWAY__MAX_CONNECTIONS": "3", "BASTION_GATEWAY__MAX_CONNECTIONS_PER_SOURCE": "0"}
+    server = start_server(tmp_path / "total", env=env, insecure=True, http=True)
+    sockets = []
+    try:
+        sockets = [open_ws(server) for _ in range(3)]
+        status, _, body = _get(server, "/livez")
+        assert status == 503 and json.loads(body)["error"]["status"] == "UNAVAILABLE"
+        sockets.pop().close()
+        wait_for(lambda: _get(server, "/livez")[0] == 200, 10, what="the freed slot")
+    finally:
+        for sock in sockets:
+            sock.close()
+        assert server.stop() == 0, server.log()
+
+
+def test_over_tls_a_connection_past_the_cap_is_closed_and_counted(tmp_path: Path) -> None:
+    env = {"BASTION_GATEWAY__MAX_CONNECTIONS_PER_SOURCE": "2"}
+    server = start_server(tmp_path / "tls", env=env, http=True)
+    assert server.ca_file is not None
+    context = ssl.create_default_context(cafile=str(server.ca_file))
+    held: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(2):
+            held.append(
+                context.wrap_socket(socket.create_connection(_address(server), timeout=10), server_hostname="localhost")
+            )
+        raw = socket.create_connection(_address(server), timeout=10)
+        try:
+            try:
+                context.wrap_socket(raw, server_hostname="localhost")
+                refused = False
+            except (ssl.SSLError, OSError):
+                refused = True
+            assert refused, "a third TLS connection from the same address got through"
+        finally:
+            raw.close()
+        held.pop().close()
+        samples = wait_for(lambda: _try_scrape(server), 10, what="a scrape once a slot is free")
+        assert value(samples, "bastion_rejections_total", reason="gateway_source_connection_limit") >= 1
+    finally:
+        for sock in held:
+            sock.close()
+        assert server.stop() == 0, server.log()
+
+
+def _try_scrape(server: ServerProcess) -> dict[str, dict[tuple[tuple[str, str], ...], float]] | None:
+    try:
+        return scrape(server)
+    except OSError:
+        return None
