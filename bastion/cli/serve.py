@@ -397,7 +397,13 @@ async def _serve(
     gateway: GatewayServer | None = None
     if config.gateway.enabled:
         try:
-            gateway = await serve_gateway(server, config.gateway, host=config.host, cert_files=tls.cert_files)
+            gateway = await serve_gateway(
+                server,
+                config.gateway,
+                host=config.host,
+                cert_files=tls.cert_files,
+                tls_min_version=config.tls.min_version,
+            )
         except BaseException:
             await server.shutdown(0)
             raise
@@ -431,7 +437,12 @@ async def _serve_worker(server: Server, channel: WorkerChannel, config: Config, 
     gateway: GatewayServer | None = None
     if channel.http_listeners:
         gateway = await serve_gateway(
-            server, config.gateway, host=config.host, cert_files=tls.cert_files, sockets=channel.http_listeners
+            server,
+            config.gateway,
+            host=config.host,
+            cert_files=tls.cert_files,
+            sockets=channel.http_listeners,
+            tls_min_version=config.tls.min_version,
         )
         gateway.gateway.metrics_snapshot = lambda: snapshots.gather(server_snapshot(server))
     server.install_signal_handlers()

@@ -12,7 +12,9 @@ shutdown has begun, so /readyz has answered 503 meanwhile).
 
 TLS: with ``cert_files`` (certificate, key) -- the bastion server's own
 files -- the gateway serves HTTPS and WSS with the same certificate (a
-context of its own: the server's context negotiates ALPN ``bastion/1``),
+context of its own, ``http_server_context``: hardened as the server's, with
+``tls_min_version`` -- the server's ``tls.min_version`` -- but ALPN
+``http/1.1`` where the server's negotiates ``bastion/1``),
 reloaded with the server's (``Server.also_reload``: SIGHUP, dev certificate renewal).
 uvicorn listens in plaintext and each connection does its TLS handshake in
 a ``TLSAcceptor`` (_tls.py), under ``header_timeout``, so that a failed one
@@ -39,6 +41,7 @@ from bastion.gateway._protocol import WebSocketProtocol, bounded_protocol
 from bastion.gateway._tls import TLSAcceptor, tls_acceptor
 from bastion.gateway.app import Gateway, create_app
 from bastion.gateway.config import GatewayConfig
+from bastion.security.tls import http_server_context
 from bastion.server.server import Server
 
 __all__ = ["GatewayServer", "bind", "serve"]
@@ -104,6 +107,7 @@ async def serve(
     host: str = "127.0.0.1",
     cert_files: tuple[str, str] | None = None,
     sockets: list[socket.socket] | None = None,
+    tls_min_version: str = "1.3",
 ) -> GatewayServer:
     """Start the gateway for ``server`` on ``host:config.http_port`` (or on ``sockets``); returns once it accepts.
 
@@ -123,8 +127,6 @@ async def serve(
         log_level="warning",
         access_log=False,
         ws_max_size=config.max_body,
-        ssl_certfile=cert_files[0] if cert_files else None,
-        ssl_keyfile=cert_files[1] if cert_files else None,
         server_header=False,
         date_header=True,
         # The client address drives login throttles, per-source limits and the audit log: never
@@ -133,11 +135,11 @@ async def serve(
     )
     handshaking: set[TLSAcceptor] = set()
     uv_config.load()
-    if uv_config.ssl is not None:  # the handshake is the TLSAcceptor's, which counts its failures (_tls.py)
+    context = http_server_context(*cert_files, tls_min_version) if cert_files is not None else None
+    if context is not None:  # the handshake is the TLSAcceptor's, which counts its failures (_tls.py)
         uv_config.http_protocol_class = tls_acceptor(  # type: ignore[assignment]
-            uv_config.http_protocol_class, uv_config.ssl, config.header_timeout, server.counters, handshaking, gate
+            uv_config.http_protocol_class, context, config.header_timeout, server.counters, handshaking, gate
         )
-    context, uv_config.ssl = uv_config.ssl, None
     uv = _Uvicorn(uv_config)
     task = asyncio.get_running_loop().create_task(uv.serve(sockets=sockets))
     while not uv.started:

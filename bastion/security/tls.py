@@ -57,6 +57,7 @@ __all__ = [
     "create_crl",
     "ensure_dev_ca",
     "ensure_dev_tls",
+    "http_server_context",
     "issue_client_cert",
     "parse_serial",
     "reload",
@@ -498,6 +499,20 @@ def server_context(
     if config.crl is not None:
         _load_verify(context, config.crl, "CRL file")
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return context
+
+
+def http_server_context(
+    cert: str | os.PathLike[str], key: str | os.PathLike[str], min_version: str = "1.3"
+) -> ssl.SSLContext:
+    """The HTTP gateway's context: hardened as the server's (``tls.min_version``, and with 1.2 only forward
+    secret AEAD suites), with this certificate chain and key and ALPN ``http/1.1`` (browsers present no
+    client certificate: none is asked for)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(context, min_version)
+    context.set_alpn_protocols(["http/1.1"])
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
+    _load_chain(context, cert, key)
     return context
 
 

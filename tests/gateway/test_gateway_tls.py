@@ -12,6 +12,7 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,45 @@ def test_the_gateway_still_serves_https_meanwhile(served: ServerProcess) -> None
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert b'"ok"' in answer
+
+
+def test_the_gateway_speaks_only_the_tls_versions_the_server_does(served: ServerProcess) -> None:
+    """``tls.min_version`` is 1.3 by default, and the gateway's port must hold to it as the native one does
+    (it accepted TLS 1.2 with uvicorn's default cipher list); its ALPN is http/1.1, never bastion/1."""
+    assert served.ca_file is not None
+    old = ssl.create_default_context(cafile=str(served.ca_file))
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    for port in (_address(served)[1], served.port):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, pytest.raises(ssl.SSLError):
+            old.wrap_socket(raw, server_hostname="localhost")
+    modern = _context(served)
+    modern.set_alpn_protocols(["h2", "http/1.1"])
+    with (
+        socket.create_connection(_address(served), timeout=10) as raw,
+        modern.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        assert tls.version() == "TLSv1.3"
+        assert tls.selected_alpn_protocol() == "http/1.1"
+
+
+def test_with_min_version_1_2_only_forward_secret_aead_suites(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "tls12", env={"BASTION_TLS__MIN_VERSION": "1.2"}, http=True)
+    try:
+        assert server.ca_file is not None
+        weak = ssl.create_default_context(cafile=str(server.ca_file))
+        weak.maximum_version = ssl.TLSVersion.TLSv1_2
+        weak.set_ciphers("ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:AES128-SHA")  # CBC, or no forward secrecy
+        with socket.create_connection(_address(server), timeout=10) as raw, pytest.raises(ssl.SSLError):
+            weak.wrap_socket(raw, server_hostname="localhost")
+        good = ssl.create_default_context(cafile=str(server.ca_file))
+        good.maximum_version = ssl.TLSVersion.TLSv1_2
+        with (
+            socket.create_connection(_address(server), timeout=10) as raw,
+            good.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            assert tls.version() == "TLSv1.2"
+            cipher = tls.cipher()
+            assert cipher is not None
+            assert "GCM" in cipher[0] or "CHACHA" in cipher[0], cipher
+    finally:
+        assert server.stop() == 0, server.log()
