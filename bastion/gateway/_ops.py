@@ -26,8 +26,13 @@ import ipaddress
 import logging
 from pathlib import Path
 
+from starlette.requests import Request
+from starlette.responses import Response
+
 from bastion.config import GatewayConfig
 from bastion.exceptions import CallError, NotFound, PermissionDenied, Unauthenticated, UsageError
+from bastion.gateway._http import error_body, http_status
+from bastion.gateway._shared import _encoder
 from bastion.protocol.proxy import parse_networks
 
 __all__ = ["OpsAccess", "read_token_file"]
@@ -72,6 +77,16 @@ class OpsAccess:
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
                 return Unauthenticated("needs Authorization: Bearer <the token in gateway.metrics_token_file>")
         return None
+
+    def refusal_response(self, request: Request) -> Response | None:
+        """The answer refusing this request, None if it may read them."""
+        client = request.client
+        refusal = self.refusal(client.host if client else None, request.headers.get("authorization"))
+        if refusal is None:
+            return None
+        headers = {"www-authenticate": 'Bearer realm="bastion-metrics"'} if isinstance(refusal, Unauthenticated) else {}
+        body = _encoder.encode(error_body(refusal))
+        return Response(body, http_status(refusal.status), headers=headers, media_type="application/json")
 
     def _trusted(self, host: str | None) -> bool:
         try:

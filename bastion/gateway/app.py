@@ -115,7 +115,7 @@ from bastion.gateway._http import SECURITY_HEADERS as _SECURITY_HEADERS
 from bastion.gateway._http import TooLarge as _TooLarge
 from bastion.gateway._http import error_body as _error_body
 from bastion.gateway._ops import OpsAccess
-from bastion.gateway._shared import _STREAMS, _as_call_error, _encoder, _ready
+from bastion.gateway._shared import _STREAMS, _as_call_error, _encoder, _ready, holding_body
 from bastion.gateway.bridge import Bridge, Caller
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.front import Front
@@ -370,7 +370,11 @@ class _Routes:
         return jsonrpc.result_response(call.id, result)
 
     async def answer(self, caller: Caller, body: bytes) -> Any:
-        """The JSON-RPC answer to ``body`` (None: nothing to send)."""
+        """The JSON-RPC answer to ``body`` (None: nothing to send); raises ``ArgsMemoryFull`` (_shared.py)."""
+        with holding_body(self.gateway.server, len(body)):
+            return await self._answer(caller, body)
+
+    async def _answer(self, caller: Caller, body: bytes) -> Any:
         try:
             batch, entries = jsonrpc.parse(body, max_depth=self.config.max_json_depth, max_batch=self.config.max_batch)
         except jsonrpc.BodyError as exc:
@@ -394,7 +398,10 @@ class _Routes:
         except (CallError, ClientDisconnect) as exc:
             error = _as_call_error(exc)
             return _json(jsonrpc.failure(None, error), http_status(error.status))
-        answer = await self.answer(caller, body)
+        try:
+            answer = await self.answer(caller, body)
+        except CallError as exc:  # the body is more than the server may hold decoded now
+            return _json(jsonrpc.failure(None, exc), http_status(exc.status), {"retry-after": retry_after(exc) or "1"})
         if answer is None:
             return Response(status_code=204)
         return _json(answer)
@@ -432,12 +439,12 @@ class _Routes:
     async def call_v1(self, caller: Caller, method: str, body: bytes) -> Any:
         """A /v1 call once its body is read (the front takes this way too): its result, or raises."""
         kind = self.bridge.kind(method)
-        args = self._object_args(body)
         if kind in _STREAMS:
             raise FailedPrecondition(f"{method} is a server stream: call it over the WebSocket at /ws")
         if kind is MethodKind.CLIENT_STREAM:
             raise Unimplemented(f"{method} takes an input stream, which the gateway does not carry")
-        return await self.bridge.call(caller, method, args)
+        with holding_body(self.gateway.server, len(body)):
+            return await self.bridge.call(caller, method, self._object_args(body))
 
     async def _upload(self, request: Request, caller: Caller, method: str) -> Any:
         """A bytes client stream: arguments from the query string, the body passed on as it arrives."""
@@ -515,14 +522,7 @@ class _Routes:
 
     def _ops_refusal(self, request: Request) -> Response | None:
         """The answer refusing /metrics or /openapi.json to this request, None if it may read them (_ops.py)."""
-        client = request.client
-        refusal = self.gateway.ops.refusal(client.host if client else None, request.headers.get("authorization"))
-        if refusal is None:
-            return None
-        response = _error(refusal)
-        if isinstance(refusal, Unauthenticated):
-            response.headers["www-authenticate"] = 'Bearer realm="bastion-metrics"'
-        return response
+        return self.gateway.ops.refusal_response(request)
 
     async def openapi(self, request: Request) -> Response:
         if (refused := self._ops_refusal(request)) is not None:

@@ -160,7 +160,8 @@ class Front:
         except Exception as exc:
             error = _as_call_error(exc)
             if method is None:  # before the body was parsed: one error object
-                await _respond(send, http_status(error.status), _encoder.encode(jsonrpc.failure(None, error)))
+                body = _encoder.encode(jsonrpc.failure(None, error))
+                await _respond(send, http_status(error.status), body, _retry(error))
             else:
                 await _respond(send, http_status(error.status), _encoder.encode(error_body(error)), _retry(error))
             return

@@ -30,8 +30,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bastion.exceptions import Cancelled
 from bastion.gateway import jsonrpc
-from bastion.gateway._shared import _STREAMS, _as_call_error, _encoder, _ready
+from bastion.gateway._shared import _STREAMS, _as_call_error, _encoder, _ready, holding_body
 from bastion.gateway.bridge import Caller
+from bastion.server.upkeep import ArgsMemoryFull
 
 if TYPE_CHECKING:
     from bastion.gateway.app import _Routes
@@ -89,10 +90,18 @@ class _WebSocketSession:
         task.add_done_callback(self.tasks.discard)
 
     async def handle(self, data: bytes) -> None:
-        config = self.routes.config
         first, self.first = self.first, False
         if not first:
             await self.settled.wait()
+        try:
+            with holding_body(self.routes.gateway.server, len(data)):
+                await self._handle(data, first)
+        except ArgsMemoryFull as exc:  # more than the server may hold decoded now: this message is refused
+            self.settled.set()
+            await self.send(jsonrpc.failure(None, exc))
+
+    async def _handle(self, data: bytes, first: bool) -> None:
+        config = self.routes.config
         try:
             batch, entries = jsonrpc.parse(data, max_depth=config.max_json_depth, max_batch=config.max_batch)
         except jsonrpc.BodyError as exc:
