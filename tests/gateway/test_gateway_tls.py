@@ -7,6 +7,7 @@ word, so the gateway does its own handshakes (bastion/gateway/_tls.py) and
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import time
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from tests.gateway.test_metrics import _context, _get, scrape
 from tests.support.server import ServerProcess, start_server, wait_for
@@ -156,3 +159,23 @@ def test_with_min_version_1_2_only_forward_secret_aead_suites(tmp_path: Path) ->
             assert "GCM" in cipher[0] or "CHACHA" in cipher[0], cipher
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_wss_through_the_gateways_tls_layer(served: ServerProcess) -> None:
+    """WebSockets over the gateway's own TLS layer (_tls.py, under uvloop): calls, a server stream, the
+    own-origin rule seeing ``wss``/``https``, and a foreign origin refused."""
+    port = _address(served)[1]
+    url = f"wss://localhost:{port}/ws"
+    headers = {"Authorization": f"Bearer {served.token}"}
+    with connect(url, ssl=_context(served), additional_headers=headers, origin=f"https://localhost:{port}") as ws:
+        ws.send(json.dumps({"jsonrpc": "2.0", "method": "demo.echo", "params": {"value": "over wss"}, "id": 1}))
+        assert json.loads(ws.recv(10)) == {"jsonrpc": "2.0", "result": "over wss", "id": 1}
+        ws.send(json.dumps({"jsonrpc": "2.0", "method": "demo.count", "params": {"n": 3}, "id": "s"}))
+        items = [json.loads(ws.recv(10)) for _ in range(4)]
+        assert [m["params"]["item"] for m in items[:3]] == [0, 1, 2]
+        assert items[3] == {"jsonrpc": "2.0", "result": {"items": 3}, "id": "s"}
+        for _ in range(200):  # pings answered through the TLS layer
+            ws.ping().wait(10)
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url, ssl=_context(served), origin="https://evil.example").close()
+    assert refused.value.response.status_code == 403
