@@ -12,8 +12,9 @@ after the HTTP protocol handed the connection over.
 
 A connection past a cap is refused: over plaintext with an answer (429
 RESOURCE_EXHAUSTED past the per-address cap, 503 UNAVAILABLE past the
-total, ``Retry-After: 1``, the usual headers) once its request starts to
-arrive; over TLS, where nothing can be said before a handshake, it is
+total, ``Retry-After: 1``, the usual headers) written at once, then closed
+as its request arrives or a second later (never held for ``header_timeout``:
+past the caps is where an attacker's connections are); over TLS, where nothing can be said before a handshake, it is
 closed at once. Each refusal is counted (``bastion_rejections_total``,
 reasons ``gateway_connection_limit`` and ``gateway_source_connection_limit``).
 The address is the TCP peer's: behind a reverse proxy every client shares

@@ -47,6 +47,9 @@ __all__ = ["MAX_HEAD", "HeadBoundedProtocol", "WebSocketProtocol", "bounded_prot
 
 #: The most bytes of a request line and headers one request may have (cookies and a bearer token fit many times).
 MAX_HEAD = 64 * 1024
+#: Seconds a connection refused for a connection cap (answered at once) stays open for its request to arrive,
+#: so that the answer is not lost to a reset (closing on unread bytes); then it is closed regardless.
+REFUSED_GRACE = 1.0
 
 _HEADERS = b"".join(name + b": " + value + b"\r\n" for name, value in [*SECURITY_HEADERS, NO_STORE])
 
@@ -92,7 +95,7 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         self._body_since: float | None = None  # when the body's clock last started; None: stopped
         self._body_timer: asyncio.TimerHandle | None = None
         self._gate_host: str | None = None  # admitted by the gate: the slot to give back
-        self._refusal: bytes | None = None  # past a cap: the answer to send once the request begins
+        self._refusal: bytes | None = None  # past a cap: the answer it was sent
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -103,8 +106,11 @@ class HeadBoundedProtocol(HttpToolsProtocol):
             refusal = self.gate.admit(host)
             if refusal is None:
                 self._gate_host = host
-            else:
+            else:  # answered at once, closed when its request comes or soon after: not held for head_timeout
                 self._refusal = refusal_answer(refusal)
+                transport.write(self._refusal)
+                self._disarm_head_timer()
+                self._head_timer = self.loop.call_later(REFUSED_GRACE, transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._give_back()
@@ -115,10 +121,8 @@ class HeadBoundedProtocol(HttpToolsProtocol):
             self.flow.protocol = None
 
     def data_received(self, data: bytes) -> None:
-        if self._refusal is not None:  # past a connection cap: answered (once what was sent is read), closed
-            if not self.transport.is_closing():
-                self.transport.write(self._refusal)
-                self.transport.close()
+        if self._refusal is not None:  # past a connection cap: answered already; what it sent is read, then closed
+            self.transport.close()
             return
         idle = self._in_head and not self._head_begun  # between requests: a head would begin at this read's start
         heads = self._heads

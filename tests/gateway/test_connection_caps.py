@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -131,3 +132,20 @@ def _try_scrape(server: ServerProcess) -> dict[str, dict[tuple[tuple[str, str], 
         return scrape(server)
     except OSError:
         return None
+
+
+def test_a_silent_connection_past_the_cap_is_not_held_for_the_header_timeout(tmp_path: Path) -> None:
+    """A refused connection that sends nothing must not keep its descriptor for ``header_timeout`` (20 s):
+    past the cap, connections are what an attacker has most of. It gets the 429 and is closed at once."""
+    env = {"BASTION_GATEWAY__MAX_CONNECTIONS_PER_SOURCE": "1", "BASTION_GATEWAY__HEADER_TIMEOUT": "30"}
+    server = start_server(tmp_path / "silent", env=env, insecure=True, http=True)
+    try:
+        with open_ws(server), socket.create_connection(_address(server), timeout=10) as silent:
+            started = time.monotonic()
+            answer = b""
+            while chunk := silent.recv(4096):
+                answer += chunk
+            assert time.monotonic() - started < 5
+            assert answer.startswith(b"HTTP/1.1 429"), answer[:100]
+    finally:
+        assert server.stop() == 0, server.log()
