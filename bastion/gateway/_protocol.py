@@ -293,7 +293,7 @@ async def _send_500(cycle: RequestResponseCycle) -> None:
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, whose 500 to an upgrade (an exception escaped the
     application before it accepted or refused) carries the gateway's headers too, and which stops
-    reading a client whose pongs it cannot send.
+    reading a client whose pongs it cannot send, and does not log an ERROR for every refused upgrade.
 
     uvicorn answers every ping with a pong written straight to the transport, however full its
     write buffer: a client that sent pings and never read made the gateway buffer pongs without
@@ -311,6 +311,13 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if release is not None:
             release()
         super().connection_lost(exc)
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            # A refusal (403, 400) answers the upgrade completely; uvicorn would log an ERROR for each one
+            # ("returned without completing handshake") -- a line per refusal anyone can send at will.
+            self.handshake_complete = True
 
     def handle_ping(self) -> None:
         super().handle_ping()

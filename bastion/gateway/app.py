@@ -115,7 +115,7 @@ from bastion.gateway._http import SECURITY_HEADERS as _SECURITY_HEADERS
 from bastion.gateway._http import TooLarge as _TooLarge
 from bastion.gateway._http import error_body as _error_body
 from bastion.gateway._ops import OpsAccess
-from bastion.gateway._shared import _STREAMS, _as_call_error, _encoder, _ready, holding_body
+from bastion.gateway._shared import _STREAMS, LogBudget, _as_call_error, _encoder, _ready, holding_body, shown
 from bastion.gateway.bridge import Bridge, Caller
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.front import Front
@@ -136,6 +136,7 @@ SESSION_COOKIE = "bastion_session"
 CSRF_COOKIE = "bastion_csrf"
 CSRF_HEADER = "x-csrf-token"
 
+_REFUSALS_LOGGED = LogBudget()  # refused cross-origin upgrades: a page can send them at will
 #: The web console's files (index.html, app.js, app.css), shipped in the package.
 STATIC_DIR = Path(__file__).with_name("static")
 
@@ -555,9 +556,10 @@ class _Routes:
 
     async def websocket(self, ws: WebSocket) -> None:
         if not self._origin_allowed(ws, self.config.ws_origins):
-            log.info("refused WebSocket from origin %r", ws.headers.get("origin"))
-            origin = ws.headers.get("origin")
-            await _refuse_upgrade(ws, PermissionDenied(f"WebSockets from origin {origin!r} are not allowed"))
+            origin = shown(ws.headers.get("origin"))  # (a client's: bounded in the log and the answer)
+            if (skipped := _REFUSALS_LOGGED.take()) is not None:
+                log.info("refused WebSocket from origin %s (%d more refusals not logged)", origin, skipped)
+            await _refuse_upgrade(ws, PermissionDenied(f"WebSockets from origin {origin} are not allowed"))
             return
         try:
             token = _bearer(ws)

@@ -135,3 +135,27 @@ def test_a_ping_flood_that_never_reads_its_pongs_is_pushed_back(served: ServerPr
             assert response.status == 200
     finally:
         sock.close()
+
+
+def test_refused_cross_site_upgrades_cannot_flood_the_log(served: ServerProcess) -> None:
+    """A cross-site page (or anyone) can send refused upgrades as fast as it likes, each with an ``Origin`` up
+    to 8 KiB: the log gets a bounded, truncated account of them, not a copy of each."""
+    host, port = _address(served)
+    log_before = len(served.log())
+    origin = "https://evil.example/" + "x" * 6_000
+    for _ in range(200):
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(
+                (
+                    f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Origin: {origin}\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    "Sec-WebSocket-Version: 13\r\n\r\n"
+                ).encode()
+            )
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 403"), answer[:100]
+            assert len(answer) < 2048  # the answer does not echo the whole header either
+    grown = len(served.log()) - log_before
+    assert grown < 8192, f"the log grew by {grown} bytes for 200 refused upgrades"
