@@ -40,8 +40,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.protocols.utils import is_ssl
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from bastion.exceptions import InvalidArgument
 from bastion.gateway._gate import ConnectionGate, peer_host, refusal_answer
-from bastion.gateway._http import INTERNAL_ERROR_BODY, NO_STORE, SECURITY_HEADERS
+from bastion.gateway._http import INTERNAL_ERROR_BODY, NO_STORE, SECURITY_HEADERS, error_body
+from bastion.gateway._shared import _encoder
 
 __all__ = ["MAX_HEAD", "HeadBoundedProtocol", "WebSocketProtocol", "bounded_protocol"]
 
@@ -293,7 +295,8 @@ async def _send_500(cycle: RequestResponseCycle) -> None:
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, whose 500 to an upgrade (an exception escaped the
     application before it accepted or refused) carries the gateway's headers too, and which stops
-    reading a client whose pongs it cannot send, and does not log an ERROR for every refused upgrade.
+    reading a client whose pongs it cannot send, answers an upgrade request the WebSocket library cannot parse
+    (400), and does not log an ERROR for every refused upgrade.
 
     uvicorn answers every ping with a pong written straight to the transport, however full its
     write buffer: a client that sent pings and never read made the gateway buffer pongs without
@@ -318,6 +321,20 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             # A refusal (403, 400) answers the upgrade completely; uvicorn would log an ERROR for each one
             # ("returned without completing handshake") -- a line per refusal anyone can send at will.
             self.handshake_complete = True
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None and not self.transport.is_closing():
+            # The request passed the HTTP parser (64 KiB) but not the WebSocket library's own (8 KiB per
+            # line, 128 headers): it then waits for nothing, so uvicorn never answered nor closed. Say why.
+            message = "the WebSocket upgrade request has a header line over 8 KiB or over 128 headers"
+            body = _encoder.encode(error_body(InvalidArgument(message)))
+            head = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            head += b"content-length: %d\r\n%s\r\n" % (len(body), _HEADERS)
+            self.handshake_complete = True
+            self.close_sent = True
+            self.transport.write(head + body)
+            self.transport.close()
 
     def handle_ping(self) -> None:
         super().handle_ping()

@@ -8,6 +8,7 @@ client) until the client reads again.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -159,3 +160,26 @@ def test_refused_cross_site_upgrades_cannot_flood_the_log(served: ServerProcess)
             assert len(answer) < 2048  # the answer does not echo the whole header either
     grown = len(served.log()) - log_before
     assert grown < 8192, f"the log grew by {grown} bytes for 200 refused upgrades"
+
+
+@pytest.mark.parametrize("header", ["X-Long: " + "y" * 10_000, "many"])
+def test_an_upgrade_request_the_websocket_parser_refuses_is_answered_400(served: ServerProcess, header: str) -> None:
+    """The HTTP head may be 64 KiB, but the WebSocket library parses an upgrade request again with its own
+    limits (8 KiB per line, 128 headers): a request past them got no answer at all, and its connection was
+    held open for ever (the head's deadline had passed to the WebSocket protocol)."""
+    headers = header if header.startswith("X-Long") else "".join(f"X-Many-{i}: z\r\n" for i in range(200))[:-2]
+    host, port = _address(served)
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(
+            (
+                f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"{headers}\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"x-content-type-options: nosniff" in head.lower()
+    assert json.loads(body)["error"]["status"] == "INVALID_ARGUMENT"
