@@ -121,6 +121,22 @@ class TLSAcceptor(SSLProtocol):
             self.host = None
         super().connection_lost(exc)
 
+    def _do_shutdown(self) -> None:
+        """Discard the client's application data before the close_notify exchange, as uvloop's TLS layer does.
+
+        The gateway may close a connection while the client is still sending -- a 413 answered before the
+        body is read. asyncio's layer (3.11) then fed the body's records to ``unwrap``, which fails on data
+        after close_notify, and aborted the connection: the client got a reset instead of the answer.
+        """
+        sslobj: ssl.SSLObject | None = getattr(self, "_sslobj", None)
+        if sslobj is not None:
+            try:
+                while sslobj.read(self.max_size):
+                    pass  # (b"": the client's close_notify came, which unwrap then completes with)
+            except ssl.SSLError:
+                pass  # want-read: all there was is gone (more may come); anything else: unwrap reports it
+        super()._do_shutdown()  # type: ignore[misc]
+
     def abort(self) -> None:
         """Drop the connection mid-handshake (the gateway is stopping)."""
         self.stopping = True

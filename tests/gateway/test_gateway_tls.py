@@ -179,3 +179,25 @@ def test_wss_through_the_gateways_tls_layer(served: ServerProcess) -> None:
     with pytest.raises(InvalidStatus) as refused:
         connect(url, ssl=_context(served), origin="https://evil.example").close()
     assert refused.value.response.status_code == 403
+
+
+def test_an_answer_sent_before_the_body_is_read_reaches_the_client_over_tls(served: ServerProcess) -> None:
+    """A body over max_body is answered 413 before it is read, and the connection closed. Over TLS the close
+    must not reset the connection while the client is still sending (asyncio's TLS layer treated the body's
+    records after its close_notify as an error and aborted): the client must get to read the 413."""
+    host, port = _address(served)
+    body = b"x" * (2 << 20)
+    head = (
+        f"POST /rpc HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {served.token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with (
+        socket.create_connection((host, port), timeout=20) as raw,
+        _context(served).wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(head + body)
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"RESOURCE_EXHAUSTED" in answer
