@@ -1,6 +1,7 @@
 """Gateway cost per small call vs a bare Starlette-on-uvicorn JSON echo, measured in the same run.
 
-    .venv/bin/python bench/gateway.py [--connections 32] [--duration 4] [--warmup 1] [--repeat 3] [--json out.json]
+    .venv/bin/python bench/gateway.py [--connections 32] [--duration 4] [--warmup 1] [--repeat 3] [--tls]
+                                     [--json out.json]
 
 A server subprocess (pinned to CPU 0 when there are 2+ CPUs; the load
 generator to CPU 1) runs, in one event loop, a bastion ``Server`` hosting a
@@ -19,7 +20,9 @@ loop). The table gives calls/s, mean latency, the server process's CPU per
 call (from /proc: the cost, whether or not the load generator saturates the
 server), and each gateway point's cost per call relative to ``bare`` (the
 issue's target: within 1.3x). Each point runs ``--repeat`` times, the points
-interleaved; the table shows the median.
+interleaved; the table shows the median. With ``--tls`` both ports serve
+HTTPS (TLS 1.3, bench/certs.py's throwaway certificate): the gateway through
+its own TLS layer (bastion/gateway/_tls.py), the bare app through uvicorn's.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ TOKEN = "bst_" + "b" * 43
 # -- server side (subprocess) ------------------------------------------------------------------
 
 
-async def _serve() -> None:
+async def _serve(tls: Path | None) -> None:
     import msgspec
     import uvicorn
     from starlette.applications import Starlette
@@ -68,14 +71,16 @@ async def _serve() -> None:
         return value
 
     server = Server([service], authenticator=StaticTokens({TOKEN: Principal("bench", frozenset())}))
-    gateway = await serve(server, GatewayConfig(http_port=0))
+    cert_files = (str(tls / "cert.pem"), str(tls / "key.pem")) if tls is not None else None
+    gateway = await serve(server, GatewayConfig(http_port=0), cert_files=cert_files)
 
     async def bare(request: Request) -> Response:
         return Response(msgspec.json.encode(msgspec.json.decode(await request.body())), media_type="application/json")
 
     app = Starlette(routes=[Route("/echo", bare, methods=["POST"])])
     config = uvicorn.Config(app, host="127.0.0.1", port=0, http="httptools", lifespan="off", log_level="warning",
-                            access_log=False)  # fmt: skip
+                            access_log=False, ssl_certfile=cert_files and cert_files[0],
+                            ssl_keyfile=cert_files and cert_files[1])  # fmt: skip
     uv = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(uv.serve())
     while not uv.started:  # uvicorn offers no event for this
@@ -104,8 +109,11 @@ def _request(path: str, body: bytes, headers: dict[str, str]) -> bytes:
     return head.encode() + body
 
 
+_CLIENT_TLS: Any = None  # an ssl.SSLContext trusting bench/certs.py's CA, with --tls
+
+
 async def _connection(port: int, request: bytes, stop: float, latencies: list[float], expect: bytes) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_CLIENT_TLS)
     try:
         while time.perf_counter() < stop:
             start = time.perf_counter()
@@ -150,16 +158,27 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tls", action="store_true", help="HTTPS on both ports")
+    parser.add_argument("--serve", type=Path, nargs="?", const=Path(), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
+    if args.serve is not None:
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the loop `bastion serve` runs on
-            runner.run(_serve())
+            runner.run(_serve(args.serve if args.serve != Path() else None))
         return
     cpus = os.cpu_count() or 1
     cmd = [sys.executable, __file__, "--serve"]
+    if args.tls:
+        global _CLIENT_TLS
+        import ssl
+        import tempfile
+
+        from certs import make_certs
+
+        certs = make_certs(Path(tempfile.mkdtemp(prefix="bastion-bench-gateway-")))
+        _CLIENT_TLS = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        cmd.append(str(certs))
     if cpus >= 2:
         cmd = ["taskset", "-c", "0", *cmd]
         os.sched_setaffinity(0, {1})
