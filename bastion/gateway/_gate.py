@@ -30,6 +30,7 @@ from collections import Counter
 from bastion.exceptions import CallError, ResourceExhausted, Unavailable
 from bastion.gateway._http import NO_STORE, SECURITY_HEADERS, error_body, http_status
 from bastion.gateway._shared import _encoder
+from bastion.security.throttle import source_key
 
 __all__ = ["ConnectionGate", "peer_host", "refusal_answer"]
 
@@ -40,6 +41,12 @@ def peer_host(transport: asyncio.BaseTransport) -> str:
     if isinstance(peer, list | tuple) and peer:
         return str(peer[0])
     return ""
+
+
+def source_of(host: str) -> str:
+    """What the per-address cap counts ``host`` as: an IPv4 address (IPv4-mapped IPv6 too) as is, an IPv6
+    one by its /64, which one host usually owns whole (as the native port's cap and the rate limits do)."""
+    return source_key(host) if host else host
 
 
 class ConnectionGate:
@@ -59,6 +66,7 @@ class ConnectionGate:
             return Unavailable(
                 f"the gateway has {self.total} connections open (gateway.max_connections)", retry_after=1.0
             )
+        host = source_of(host)
         held = self.by_source.get(host, 0)
         if self.per_source and held >= self.per_source:
             self.counters["gateway_rejected_connections_per_source"] += 1
@@ -69,6 +77,7 @@ class ConnectionGate:
         return None
 
     def release(self, host: str) -> None:
+        host = source_of(host)
         self.open -= 1
         held = self.by_source.get(host, 0) - 1
         if held > 0:

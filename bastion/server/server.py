@@ -76,6 +76,7 @@ from bastion.security.audit import AuditLog
 from bastion.security.authn import AllowAnonymous, Authenticator
 from bastion.security.principal import Principal
 from bastion.security.ratelimit import Limiter, RateLimiter
+from bastion.security.throttle import source_key
 from bastion.security.tls import ALPN_PROTOCOL, client_certificate, parse_serial
 from bastion.security.tls import reload as reload_certificate
 from bastion.server.deadlines import Deadlines
@@ -239,7 +240,7 @@ class Server:
         limits = self.limits
         proxied = bool(self.trusted_proxies) and self._is_trusted_proxy(source)
         if self._open >= limits.max_connections or (
-            not proxied and self._per_source.get(source, 0) >= limits.max_connections_per_source
+            not proxied and self._per_source.get(source_key(source), 0) >= limits.max_connections_per_source
         ):
             self.counters["rejected_connections"] += 1
             if self._open < limits.max_connections:
@@ -250,7 +251,8 @@ class Server:
         if proxied:  # the per-source limit applies to the client the header names
             coro = self._connect_proxied(conn, source)
         else:
-            self._per_source[source] = self._per_source.get(source, 0) + 1
+            key = source_key(source)
+            self._per_source[key] = self._per_source.get(key, 0) + 1
             coro = self._connect(conn, source)
         task = asyncio.get_running_loop().create_task(coro)
         self._handshakes.add(task)
@@ -288,13 +290,14 @@ class Server:
             conn.close()
             raise
         source = header.source[0] if header.command is Command.PROXY and header.source is not None else proxy
-        if self._per_source.get(source, 0) >= self.limits.max_connections_per_source:
+        key = source_key(source)
+        if self._per_source.get(key, 0) >= self.limits.max_connections_per_source:
             self.counters["rejected_connections"] += 1
             self.counters["rejected_connections_per_source"] += 1
             self._open -= 1
             conn.close()
             return
-        self._per_source[source] = self._per_source.get(source, 0) + 1
+        self._per_source[key] = self._per_source.get(key, 0) + 1
         if header.command is Command.PROXY:
             self.counters["proxied_connections"] += 1
         await self._connect(conn, source, header, accepted_at)
@@ -352,11 +355,12 @@ class Server:
             return
         session.slot_released = True
         self._open -= 1
-        left = self._per_source[session.source] - 1
+        key = source_key(session.source)
+        left = self._per_source[key] - 1
         if left:
-            self._per_source[session.source] = left
+            self._per_source[key] = left
         else:
-            del self._per_source[session.source]
+            del self._per_source[key]
 
     def connect_memory(self, protocol: asyncio.Protocol, *, peer: str | None = None) -> None:
         """Join a client protocol to a new session in memory, as if it connected from ``peer``
