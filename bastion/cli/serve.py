@@ -443,8 +443,9 @@ async def _serve_worker(server: Server, channel: WorkerChannel, config: Config, 
             cert_files=tls.cert_files,
             sockets=channel.http_listeners,
             tls_min_version=config.tls.min_version,
+            # Before it accepts: a scrape that came first would show this worker's numbers alone.
+            metrics_snapshot=lambda: snapshots.gather(server_snapshot(server)),
         )
-        gateway.gateway.metrics_snapshot = lambda: snapshots.gather(server_snapshot(server))
     server.install_signal_handlers()
     allocator.settle_gc()
     stopping: list[asyncio.Task[None]] = []

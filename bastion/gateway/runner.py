@@ -31,7 +31,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import uvicorn
 
@@ -108,13 +109,18 @@ async def serve(
     cert_files: tuple[str, str] | None = None,
     sockets: list[socket.socket] | None = None,
     tls_min_version: str = "1.3",
+    metrics_snapshot: Callable[[], Mapping[str, Any]] | None = None,
 ) -> GatewayServer:
     """Start the gateway for ``server`` on ``host:config.http_port`` (or on ``sockets``); returns once it accepts.
 
-    ``host`` also names the gateway: a page served under it is on the gateway's own origin (app.py)."""
+    ``host`` also names the gateway: a page served under it is on the gateway's own origin (app.py).
+    ``metrics_snapshot``: what /metrics shows, if not this server's numbers alone (``bastion serve
+    --workers``: every worker's), in place before the first connection is accepted."""
     config = config or GatewayConfig()
     app = create_app(server, config, host=host)
     gateway: Gateway = app.state.gateway
+    if metrics_snapshot is not None:
+        gateway.metrics_snapshot = metrics_snapshot
     gateway.started = False
     sockets = sockets or [bind(host, config.http_port)]
     gate = ConnectionGate(config.max_connections, config.max_connections_per_source, server.counters)
