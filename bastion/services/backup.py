@@ -22,7 +22,10 @@ archives.
 Scheduling: with ``backup.interval`` > 0, a background task takes a backup
 every ``interval`` seconds (the first one ``interval`` after start), names
 it ``…-scheduled.bbk`` and then deletes all but the newest ``backup.keep``
-scheduled archives (on-demand archives are never deleted). A failure is
+scheduled archives (on-demand archives are never deleted; nor are scheduled
+ones dated in the future -- taken while the clock was ahead -- which would
+otherwise outrank, by name, every archive taken after it was set right; a
+warning names them). A failure is
 logged and counted (``stats``), never fatal; the next attempt comes at the
 next interval.
 """
@@ -122,6 +125,17 @@ class Backups:
             return await backup_postgres(store, self.files_dir, out, self.passphrase, scrypt_log_n=self.scrypt_log_n)
         raise Unavailable(f"backups of {type(store).__name__} are not supported")
 
+    def _warn_future_dated(self) -> None:
+        """Retention leaves scheduled archives dated in the future alone (the clock went back): say so."""
+        now = time.time()
+        ahead = [a.name for a in self.list() if a.name.endswith("-scheduled.bbk") and a.created_at > now]
+        if ahead:
+            log.warning(
+                "backup retention: %d scheduled archives are dated in the future (was the clock ahead?) and are "
+                "kept until that time passes; delete them by hand if they are not needed: %s",
+                len(ahead), ", ".join(ahead[:3]),
+            )  # fmt: skip
+
     async def _schedule(self) -> None:
         while True:
             await asyncio.sleep(self.config.interval)
@@ -134,6 +148,7 @@ class Backups:
                 removed = await asyncio.to_thread(archive.prune_scheduled, self.directory, self.config.keep)
                 if removed:
                     log.info("backup retention: deleted %s", ", ".join(removed))
+                await asyncio.to_thread(self._warn_future_dated)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

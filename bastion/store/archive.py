@@ -467,10 +467,19 @@ def list_archives(directory: Path) -> list[ArchiveInfo]:
     return out
 
 
-def prune_scheduled(directory: Path, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` scheduled archives; the names deleted."""
-    scheduled = [p for p in sorted(directory.iterdir()) if (m := _NAME.fullmatch(p.name)) and m[2]]
-    doomed = scheduled[: max(0, len(scheduled) - keep)]
+def prune_scheduled(directory: Path, keep: int, *, now: float | None = None) -> list[str]:
+    """Delete all but the newest ``keep`` scheduled archives; the names deleted.
+
+    "Newest" is read from the names, which carry the wall clock of when each
+    was taken. An archive dated after ``now`` (default: the clock now) was
+    taken while the clock was ahead; it is neither deleted nor counted, since
+    by name it would outrank every archive taken after the clock was set
+    right, and those would be deleted as soon as they were written.
+    """
+    now = time.time() if now is None else now
+    scheduled = [a for a in list_archives(directory) if a.name.endswith(f"-scheduled{ARCHIVE_SUFFIX}")]
+    dated = [directory / a.name for a in scheduled if a.created_at <= now]
+    doomed = dated[: max(0, len(dated) - keep)]
     for path in doomed:
         path.unlink(missing_ok=True)
     return [p.name for p in doomed]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from bastion.config import BackupConfig
 from bastion.security.credentials import User
 from bastion.services.admin import create_service
 from bastion.services.backup import Backups
-from bastion.store.archive import ArchiveInfo
+from bastion.store.archive import ArchiveInfo, archive_name, list_archives
 from bastion.store.backup import verify_archive
 from bastion.store.sqlite import SQLiteStore
 from bastion.testing import ANONYMOUS, MemoryServer
@@ -132,5 +133,28 @@ def test_a_failing_scheduled_backup_is_counted_not_fatal(tmp_path: Path) -> None
         async with hosted(tmp_path, interval=0.05, directory=str(blocker)) as (_, backups, _):
             await until(lambda: backups.stats["scheduled_failed"] >= 2)
             assert backups._task is not None and not backups._task.done()
+
+    run(main())
+
+
+def test_retention_never_deletes_fresh_backups_when_the_clock_went_back(tmp_path: Path) -> None:
+    """Scheduled archives written while the clock was a year ahead sort after every archive written once it
+    was set right; retention by name alone then deleted each fresh archive as soon as it was written, leaving
+    only the stale ones. Archives dated in the future are left alone (and not counted) instead."""
+    directory = tmp_path / "backups"
+    directory.mkdir(mode=0o700)
+    ahead = time.time() + 365 * 86400
+    stale = [archive_name(ahead + i, scheduled=True) for i in range(3)]
+    for name in stale:
+        (directory / name).write_bytes(b"written while the clock was wrong")
+
+    async def main() -> None:
+        async with hosted(tmp_path, interval=0.05, keep=2) as (_, backups, _):
+            await until(lambda: backups.stats["scheduled_total"] >= 4)
+        fresh = [a for a in list_archives(directory) if a.name not in stale]
+        assert 1 <= len(fresh) <= 3, [a.name for a in list_archives(directory)]
+        verify_archive(directory / fresh[-1].name, None)
+        assert sorted(p.name for p in directory.iterdir() if p.name in stale) == stale
+        assert backups.stats["scheduled_failed"] == 0
 
     run(main())
