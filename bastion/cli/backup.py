@@ -125,7 +125,11 @@ def backup(
     data_dir: DataDir = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Archive to write (default <data-dir>/backups/bastion-backup-<time>.bbk)."),
+        typer.Option(
+            "--out",
+            help="Archive to write, a new file: an existing one is never replaced "
+            "(default <data-dir>/backups/bastion-backup-<time>.bbk).",
+        ),
     ] = None,
     files_dir: FilesDir = None,
     store: StoreOption = None,

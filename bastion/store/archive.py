@@ -38,8 +38,10 @@ of SHA-256(check | counter | last | payload). That detects any accidental
 damage (one flipped byte anywhere) but not a deliberate forgery -- only a
 passphrase gives that.
 
-Writing goes to a 0600 temporary beside the target, fsynced and renamed into
-place at the end, so a directory of archives only ever holds finished ones;
+Writing goes to a new 0600 temporary beside the target (never through a
+file or symlink already there), fsynced and linked into place at the end --
+never over an existing file -- so a directory of archives only ever holds
+finished ones;
 each member's size and SHA-256 are checked as it is copied in. Reading
 (``read_archive``) never trusts the archive before it has read all of it:
 members are extracted into a staging directory (only the paths a manifest
@@ -86,6 +88,7 @@ __all__ = [
     "list_archives",
     "prune_scheduled",
     "read_archive",
+    "refuse_existing",
     "staging_dir",
     "write_archive",
 ]
@@ -362,8 +365,9 @@ def write_archive(
     manifest = Manifest(
         FORMAT, FORMAT_VERSION, __version__, schema_version, backend, created_at, blobs[1], members, schema
     )
+    refuse_existing(out_path)
     tmp = out_path.with_name(f".{out_path.name}.partial")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    fd = _create_private(tmp)
     try:
         with os.fdopen(fd, "wb") as raw:
             framed = _FramedWriter(raw, passphrase, scrypt_log_n)
@@ -376,13 +380,42 @@ def write_archive(
             framed.finish()
             raw.flush()
             os.fsync(raw.fileno())
-        os.rename(tmp, out_path)
+        _publish(tmp, out_path)
         fsync_dir(out_path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return _info(out_path.name, framed.size, framed.digest.hexdigest(), bool(passphrase), manifest)
+
+
+def refuse_existing(out_path: Path) -> None:
+    """A backup never replaces a file: an older archive, or by a slip the live database (whose server
+    would go on writing into the replaced file, losing every write made after)."""
+    if os.path.lexists(out_path):
+        raise FailedPrecondition(f"{out_path} exists: a backup never replaces a file; name a new one")
+
+
+def _create_private(path: Path) -> int:
+    """A new 0600 file at ``path``, opened for writing. Whatever is there already (a temporary left by
+    a crash, or a symlink planted in a shared directory) is unlinked, never written through."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+
+
+def _publish(tmp: Path, out_path: Path) -> None:
+    """Give the finished temporary its name, atomically, unless that name was taken meanwhile."""
+    try:
+        os.link(tmp, out_path)
+    except FileExistsError:
+        refuse_existing(out_path)
+        raise
+    except OSError:  # a file system without hard links: check, then rename
+        refuse_existing(out_path)
+        os.rename(tmp, out_path)
+        return
+    os.unlink(tmp)
 
 
 def _member(path: str, file: Path) -> Member:

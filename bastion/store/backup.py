@@ -72,6 +72,7 @@ from bastion.store.archive import (
     Manifest,
     fsync_dir,
     read_archive,
+    refuse_existing,
     staging_dir,
     write_archive,
 )
@@ -195,6 +196,7 @@ def backup_sqlite(
 
     Blocking (run it in a thread); safe while a server runs on the store.
     """
+    refuse_existing(out_path)  # before the work, not only after it
     out_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with staging_dir(out_path.parent) as staging:
         copy = staging / "bastion.db"
@@ -393,6 +395,7 @@ async def backup_postgres(
     store = source if isinstance(source, PostgresStore) else PostgresStore(source, password=password)
     pg_dump, pg_restore = _tool("pg_dump"), _tool("pg_restore")
     env = pg_environment(store)
+    refuse_existing(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with staging_dir(out_path.parent) as staging:
         dump = staging / "postgres.dump"

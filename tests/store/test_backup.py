@@ -575,3 +575,32 @@ def test_pg_tools_get_the_connection_and_password_through_the_environment(monkey
     assert backup.pg_environment(PostgresStore("postgresql://bob@h/db", password="from a file"))["PGPASSWORD"] == (
         "from a file"
     )
+
+
+def test_a_symlink_where_the_temporary_goes_is_not_followed(
+    tmp_path: Path, source: tuple[Path, Path, list[str]]
+) -> None:
+    """In a shared directory another user may plant ``.<name>.partial`` as a symlink to a file of ours:
+    opening it with O_TRUNC wrote the archive through it (and renamed the link into place)."""
+    db, files, _ = source
+    out = tmp_path / "shared" / "a.bbk"
+    out.parent.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out.parent / f".{out.name}.partial").symlink_to(victim)
+    info = backup.backup_sqlite(db, files, out, None)
+    assert victim.read_text() == "precious"
+    assert not out.is_symlink() and out.stat().st_size == info.size
+    assert out.stat().st_mode & 0o777 == 0o600
+    backup.verify_archive(out, None)
+
+
+def test_a_backup_never_replaces_an_existing_file(tmp_path: Path, source: tuple[Path, Path, list[str]]) -> None:
+    """``--out`` naming an existing file (an older archive, or by a slip the live database) is refused:
+    the rename replaced it, and a replaced live database loses every write made after."""
+    db, files, _ = source
+    before = db.read_bytes()
+    with pytest.raises(FailedPrecondition, match="exists"):
+        backup.backup_sqlite(db, files, db, None)
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in db.parent.iterdir() if p.name.startswith(".")) == []
