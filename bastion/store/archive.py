@@ -48,6 +48,7 @@ members are extracted into a staging directory (only the paths a manifest
 may name, regular files only, sizes and hashes checked as they are
 written) and the framing is read to its authenticated last chunk. Checking
 what a member holds (a database's own integrity) is the caller's part.
+Reading is in bastion/store/archive_read.py.
 """
 
 from __future__ import annotations
@@ -60,12 +61,10 @@ import io
 import os
 import re
 import secrets
-import shutil
 import struct
 import tarfile
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -76,7 +75,6 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from bastion._version import __version__
 from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
-from bastion.store.migrations import LATEST
 
 __all__ = [
     "ARCHIVE_SUFFIX",
@@ -87,9 +85,7 @@ __all__ = [
     "fsync_dir",
     "list_archives",
     "prune_scheduled",
-    "read_archive",
     "refuse_existing",
-    "staging_dir",
     "write_archive",
 ]
 
@@ -105,6 +101,7 @@ MANIFEST = "manifest.json"
 SQLITE_MEMBER = "db/bastion.db"
 POSTGRES_MEMBER = "db/postgres.dump"
 MAX_MANIFEST = 256 * 1024 * 1024
+MAX_EXTENDED_HEADER = 64 * 1024  # a pax header bastion writes holds a size or a path: well under 1 KiB
 FILE_MODE = 0o600
 
 _FLAG_ENCRYPTED = 1
@@ -516,112 +513,3 @@ def prune_scheduled(directory: Path, keep: int, *, now: float | None = None) -> 
     for path in doomed:
         path.unlink(missing_ok=True)
     return [p.name for p in doomed]
-
-
-# -- reading and verifying -------------------------------------------------------------------------------
-
-
-def read_archive(archive: Path, staging: Path, passphrase: bytes | None) -> Manifest:
-    """Check all of ``archive`` and extract its members under ``staging`` (which must be empty).
-
-    Every byte of the file is checked: the framing to its authenticated last
-    chunk, the manifest, each member's size and SHA-256. What a member holds
-    is not looked into (``bastion.store.backup`` checks the database).
-
-    Raises ``DataLoss`` for anything corrupt or tampered with, and
-    ``InvalidArgument`` for a missing or wrong passphrase; on error,
-    ``staging`` may hold partial files (the caller removes it).
-    """
-    try:
-        src = open(archive, "rb")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read archive {archive}: {exc.strerror}") from None
-    with src:
-        reader = _FramedReader(src, passphrase)
-        try:
-            manifest = _extract(reader, staging)
-        except (tarfile.TarError, EOFError, zlib.error) as exc:
-            raise DataLoss(f"archive is corrupt: {exc}") from exc
-        reader.drain()
-    return manifest
-
-
-def _extract(reader: _FramedReader, staging: Path) -> Manifest:
-    with tarfile.open(fileobj=reader, mode="r|") as tar:
-        first = tar.next()
-        if first is None or first.name != MANIFEST or not first.isreg() or first.size > MAX_MANIFEST:
-            raise DataLoss("archive is corrupt: it does not start with its manifest")
-        manifest = _decode_manifest(_read_member(tar, first))
-        expected = {m.path: m for m in manifest.members}
-        seen: set[str] = set()
-        while (info := tar.next()) is not None:
-            member = expected.get(info.name)
-            if member is None or info.name in seen or not info.isreg() or info.size != member.size:
-                raise DataLoss(f"archive is corrupt: unexpected member {info.name[:200]!r}")
-            seen.add(info.name)
-            _copy_member(tar, info, member, staging)
-    missing = set(expected) - seen
-    if missing:
-        raise DataLoss(f"archive is incomplete: {len(missing)} members missing, e.g. {sorted(missing)[0]!r}")
-    return manifest
-
-
-def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
-    f = tar.extractfile(info)
-    assert f is not None
-    return f.read()
-
-
-def _decode_manifest(data: bytes) -> Manifest:
-    try:
-        manifest = msgspec.json.decode(data, type=Manifest)
-    except msgspec.ValidationError as exc:
-        raise DataLoss(f"archive manifest is invalid: {exc}") from None
-    if manifest.format != FORMAT or manifest.format_version != FORMAT_VERSION:
-        raise DataLoss(f"unknown archive format {manifest.format!r} version {manifest.format_version}")
-    if manifest.backend not in ("sqlite", "postgresql"):
-        raise DataLoss(f"archive manifest names an unknown backend {manifest.backend[:40]!r}")
-    db = SQLITE_MEMBER if manifest.backend == "sqlite" else POSTGRES_MEMBER
-    paths = [m.path for m in manifest.members]
-    if paths.count(db) != 1 or len(set(paths)) != len(paths):
-        raise DataLoss("archive manifest is invalid: the database member is missing or a path repeats")
-    for m in manifest.members:
-        blob = BLOB_PATH.fullmatch(m.path)
-        if m.path != db and not (blob and blob[2].startswith(blob[1]) and blob[2] == m.sha256):
-            raise DataLoss(f"archive manifest names a path it may not: {m.path[:200]!r}")
-        if m.size < 0 or not re.fullmatch(r"[0-9a-f]{64}", m.sha256):
-            raise DataLoss(f"archive manifest entry {m.path!r} is invalid")
-    if manifest.schema_version > LATEST:
-        raise FailedPrecondition(
-            f"the archive has schema version {manifest.schema_version}, newer than this bastion knows ({LATEST})"
-        )
-    return manifest
-
-
-def _copy_member(tar: tarfile.TarFile, info: tarfile.TarInfo, member: Member, staging: Path) -> None:
-    target = staging / member.path  # member.path was checked against the allowed shapes
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    f = tar.extractfile(info)
-    assert f is not None
-    digest = hashlib.sha256()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    with os.fdopen(fd, "wb") as out:
-        while block := f.read(1 << 20):
-            digest.update(block)
-            out.write(block)
-        out.flush()
-        os.fsync(out.fileno())
-    if digest.hexdigest() != member.sha256:
-        raise DataLoss(f"archive is corrupt: {member.path} does not match its SHA-256")
-
-
-@contextlib.contextmanager
-def staging_dir(parent: Path) -> Iterator[Path]:
-    """A new private (0700) directory under ``parent``, removed with all it holds on exit."""
-    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = parent / f".restore-staging-{os.getpid()}-{secrets.token_hex(4)}"
-    path.mkdir(mode=0o700)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)

@@ -23,7 +23,7 @@ An archive holds:
 
 Restore never trusts the archive before it has read all of it: members
 are extracted into a staging directory beside the target and every byte is
-checked (``archive.read_archive``), the SQLite copy passes
+checked (``archive_read.read_archive``), the SQLite copy passes
 ``integrity_check`` and is at the manifest's schema version; only then is the old data renamed aside
 (``<name>.pre-restore-<ts>``) and the staged data renamed into place.
 
@@ -71,11 +71,10 @@ from bastion.store.archive import (
     ArchiveInfo,
     Manifest,
     fsync_dir,
-    read_archive,
     refuse_existing,
-    staging_dir,
     write_archive,
 )
+from bastion.store.archive_read import read_archive, staging_dir
 from bastion.store.backup_pg import (
     _aside_name,
     _check_target,

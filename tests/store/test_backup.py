@@ -6,22 +6,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import os
 import sqlite3
 import subprocess
 import sys
+import tarfile
 import time
+import tracemalloc
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
 from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument
 from bastion.security.credentials import User
-from bastion.store import PostgresStore, archive, backup, open_store
+from bastion.store import PostgresStore, archive, archive_read, backup, migrations, open_store
 from bastion.store.sqlite import SQLiteStore
 from tests.support.stores import postgres_dsn, run_sync, store_location
 
@@ -286,7 +290,7 @@ def test_the_manifest_may_only_name_known_paths(tmp_path: Path) -> None:
     import msgspec
 
     with pytest.raises(DataLoss, match="may not"):
-        archive._decode_manifest(msgspec.json.encode(bad))
+        archive_read._decode_manifest(msgspec.json.encode(bad))
 
 
 def test_archives_are_listed_by_time_and_old_scheduled_ones_pruned(tmp_path: Path) -> None:
@@ -529,8 +533,8 @@ async def test_postgres_a_restore_that_cannot_put_the_files_in_place_changes_not
 
 def reseal_with_version(src: Path, dest: Path, schema_version: int) -> None:
     """A plain archive like ``src`` whose manifest claims another schema version (its members untouched)."""
-    with archive.staging_dir(dest.parent) as staging:
-        manifest = archive.read_archive(src, staging, None)
+    with archive_read.staging_dir(dest.parent) as staging:
+        manifest = archive_read.read_archive(src, staging, None)
         db = next(m.path for m in manifest.members if m.path.startswith("db/"))
         archive.write_archive(
             dest, backend=manifest.backend, schema_version=schema_version, created_at=manifest.created_at,
@@ -604,3 +608,57 @@ def test_a_backup_never_replaces_an_existing_file(tmp_path: Path, source: tuple[
         backup.backup_sqlite(db, files, db, None)
     assert db.read_bytes() == before
     assert sorted(p.name for p in db.parent.iterdir() if p.name.startswith(".")) == []
+
+
+class _Zeros:
+    """A file object reading ``size`` zero bytes (a member's data, compressible to almost nothing)."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return bytes(n)
+
+
+def craft_archive(path: Path, entries: list[tuple[tarfile.TarInfo, Any]]) -> None:
+    """A plain archive framed and sealed exactly as bastion writes them, holding a tar stream of our making."""
+    with open(path, "wb") as raw:
+        framed = archive._FramedWriter(raw, None, FAST)
+        with tarfile.open(fileobj=framed, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+            for info, data in entries:
+                tar.addfile(info, data)
+        framed.finish()
+
+
+def manifest_entries(db: Path) -> list[tuple[tarfile.TarInfo, Any]]:
+    """The manifest and database members of a valid archive of the SQLite store ``db``."""
+    member = archive._member(archive.SQLITE_MEMBER, db)
+    manifest = archive.Manifest("bastion-backup", 1, "0", migrations.LATEST, "sqlite", 1.0, "all", [member])
+    data = msgspec.json.encode(manifest)
+    return [
+        (archive._tarinfo(archive.MANIFEST, len(data), 1.0), io.BytesIO(data)),
+        (archive._tarinfo(archive.SQLITE_MEMBER, member.size, 1.0), io.BytesIO(db.read_bytes())),
+    ]
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME], ids=["pax", "gnu-longname"])
+def test_an_absurd_extended_tar_header_is_refused_without_reading_it_into_memory(tmp_path: Path, kind: bytes) -> None:
+    """tarfile reads a pax or GNU long-name header whole into memory before parsing it: 150 MB of zeros,
+    a few hundred KB once compressed, cost 300 MB to verify. bastion writes none but small pax ones."""
+    db, _, _ = make_data_dir(tmp_path / "src", users=2)
+    bomb = tarfile.TarInfo("././@Bomb")
+    bomb.type = kind
+    bomb.size = 150 * 1024 * 1024
+    path = tmp_path / "bomb.bbk"
+    craft_archive(path, [(bomb, _Zeros(bomb.size)), *manifest_entries(db)])
+    assert path.stat().st_size < 5 * 1024 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataLoss, match="header"):
+            backup.verify_archive(path, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.0f} MiB"

@@ -1,0 +1,166 @@
+"""Reading a ``.bbk`` archive (bastion/store/archive.py tells its format) back, checking every byte.
+
+``read_archive`` never trusts the archive before it has read all of it:
+members are extracted into a staging directory (only the paths a manifest
+may name, regular files only, sizes and hashes checked as they are
+written) and the framing is read to its authenticated last chunk. Nothing
+in the tar stream is read into memory beyond what bastion itself writes
+(the manifest, capped; pax headers of a few bytes): any other header is
+refused before its data is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import tarfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument
+from bastion.store.archive import (
+    BLOB_PATH,
+    FILE_MODE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MAX_EXTENDED_HEADER,
+    MAX_MANIFEST,
+    POSTGRES_MEMBER,
+    SQLITE_MEMBER,
+    Manifest,
+    Member,
+    _FramedReader,
+)
+from bastion.store.migrations import LATEST
+
+__all__ = ["read_archive", "staging_dir"]
+
+
+def read_archive(archive: Path, staging: Path, passphrase: bytes | None) -> Manifest:
+    """Check all of ``archive`` and extract its members under ``staging`` (which must be empty).
+
+    Every byte of the file is checked: the framing to its authenticated last
+    chunk, the manifest, each member's size and SHA-256. What a member holds
+    is not looked into (``bastion.store.backup`` checks the database).
+
+    Raises ``DataLoss`` for anything corrupt or tampered with, and
+    ``InvalidArgument`` for a missing or wrong passphrase; on error,
+    ``staging`` may hold partial files (the caller removes it).
+    """
+    try:
+        src = open(archive, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read archive {archive}: {exc.strerror}") from None
+    with src:
+        reader = _FramedReader(src, passphrase)
+        try:
+            manifest = _extract(reader, staging)
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise DataLoss(f"archive is corrupt: {exc}") from exc
+        reader.drain()
+    return manifest
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """Refuses, before reading it, any header bastion does not write: tarfile reads a pax or GNU long-name
+    header's data whole into memory (a few hundred KB of compressed zeros can claim gigabytes), and a
+    sparse header's extension blocks one by one into a list. Only regular files, with small pax headers
+    (what ``PAX_FORMAT`` adds for a member over 8 GiB), pass."""
+
+    def _proc_member(self, tar: Any) -> Any:  # tar: the TarFile reading (tarfile calls it positionally)
+        if self.type in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
+            if not 0 <= self.size <= MAX_EXTENDED_HEADER:
+                raise DataLoss(f"archive is corrupt: a {self.size}-byte extended (pax) tar header")
+        elif self.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            raise DataLoss(f"archive is corrupt: a tar header of a type bastion does not write ({self.type!r})")
+        return super()._proc_member(tar)  # type: ignore[misc]
+
+
+def _extract(reader: _FramedReader, staging: Path) -> Manifest:
+    with tarfile.open(fileobj=reader, mode="r|", tarinfo=_StrictTarInfo) as tar:
+        first = tar.next()
+        if first is None or first.name != MANIFEST or not first.isreg() or first.size > MAX_MANIFEST:
+            raise DataLoss("archive is corrupt: it does not start with its manifest")
+        manifest = _decode_manifest(_read_member(tar, first))
+        expected = {m.path: m for m in manifest.members}
+        seen: set[str] = set()
+        while (info := tar.next()) is not None:
+            member = expected.get(info.name)
+            if member is None or info.name in seen or not info.isreg() or info.size != member.size:
+                raise DataLoss(f"archive is corrupt: unexpected member {info.name[:200]!r}")
+            seen.add(info.name)
+            _copy_member(tar, info, member, staging)
+    missing = set(expected) - seen
+    if missing:
+        raise DataLoss(f"archive is incomplete: {len(missing)} members missing, e.g. {sorted(missing)[0]!r}")
+    return manifest
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(info)
+    assert f is not None
+    return f.read()
+
+
+def _decode_manifest(data: bytes) -> Manifest:
+    try:
+        manifest = msgspec.json.decode(data, type=Manifest)
+    except msgspec.ValidationError as exc:
+        raise DataLoss(f"archive manifest is invalid: {exc}") from None
+    if manifest.format != FORMAT or manifest.format_version != FORMAT_VERSION:
+        raise DataLoss(f"unknown archive format {manifest.format!r} version {manifest.format_version}")
+    if manifest.backend not in ("sqlite", "postgresql"):
+        raise DataLoss(f"archive manifest names an unknown backend {manifest.backend[:40]!r}")
+    db = SQLITE_MEMBER if manifest.backend == "sqlite" else POSTGRES_MEMBER
+    paths = [m.path for m in manifest.members]
+    if paths.count(db) != 1 or len(set(paths)) != len(paths):
+        raise DataLoss("archive manifest is invalid: the database member is missing or a path repeats")
+    for m in manifest.members:
+        blob = BLOB_PATH.fullmatch(m.path)
+        if m.path != db and not (blob and blob[2].startswith(blob[1]) and blob[2] == m.sha256):
+            raise DataLoss(f"archive manifest names a path it may not: {m.path[:200]!r}")
+        if m.size < 0 or not re.fullmatch(r"[0-9a-f]{64}", m.sha256):
+            raise DataLoss(f"archive manifest entry {m.path!r} is invalid")
+    if manifest.schema_version > LATEST:
+        raise FailedPrecondition(
+            f"the archive has schema version {manifest.schema_version}, newer than this bastion knows ({LATEST})"
+        )
+    return manifest
+
+
+def _copy_member(tar: tarfile.TarFile, info: tarfile.TarInfo, member: Member, staging: Path) -> None:
+    target = staging / member.path  # member.path was checked against the allowed shapes
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    f = tar.extractfile(info)
+    assert f is not None
+    digest = hashlib.sha256()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    with os.fdopen(fd, "wb") as out:
+        while block := f.read(1 << 20):
+            digest.update(block)
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    if digest.hexdigest() != member.sha256:
+        raise DataLoss(f"archive is corrupt: {member.path} does not match its SHA-256")
+
+
+@contextlib.contextmanager
+def staging_dir(parent: Path) -> Iterator[Path]:
+    """A new private (0700) directory under ``parent``, removed with all it holds on exit."""
+    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = parent / f".restore-staging-{os.getpid()}-{secrets.token_hex(4)}"
+    path.mkdir(mode=0o700)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
