@@ -93,6 +93,7 @@ from bastion.store.backup_pg import (
 )
 from bastion.store.migrations import current_version
 from bastion.store.postgres import PostgresStore
+from bastion.store.restore_journal import Journal, undo_interrupted
 
 __all__ = [
     "RestoreResult",
@@ -278,9 +279,12 @@ def restore_sqlite(
     renamed to ``<name>.pre-restore-<ts>``; nothing is deleted. Nothing is
     changed at all unless the whole archive checks out, and a failure while
     putting it in place (e.g. a files directory that cannot be renamed: a
-    mount point) moves everything back.
+    mount point) moves everything back. Each rename is journalled first
+    (bastion/store/restore_journal.py): a restore killed half way is undone
+    by the next one, and until then the store refuses to open.
     """
     check_not_in_use(db_path)
+    undo_interrupted(db_path)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now or time.time()))
     with staging_dir(db_path.parent) as staging:
         manifest = _read_checked(archive, staging, passphrase)
@@ -288,7 +292,8 @@ def restore_sqlite(
             raise InvalidArgument(f"this archive holds a {manifest.backend} store: restore it with --store URL")
         check_not_in_use(db_path)
         kept: list[str] = []
-        moves = _Moves()
+        journal = Journal(db_path, staging)
+        moves = _Moves(journal)
         try:
             for suffix in ("", "-wal", "-shm", "-journal"):
                 old = db_path.with_name(db_path.name + suffix)
@@ -298,9 +303,12 @@ def restore_sqlite(
                     kept.append(str(aside))
             moves.rename(staging / SQLITE_MEMBER, db_path)
             kept += _swap_files(staging / "files", files_dir, stamp, moves)
-            fsync_dir(db_path.parent)
+            for directory in {db_path.parent, files_dir.parent}:
+                fsync_dir(directory)
+            journal.finish()
         except BaseException as exc:
-            moves.undo()
+            if moves.undo():
+                journal.finish()  # else kept: the store refuses to open until a restore undoes the rest
             if isinstance(exc, OSError):
                 raise _not_put_in_place(exc) from exc
             raise
@@ -310,24 +318,33 @@ def restore_sqlite(
 class _Moves:
     """What a restore did to put the restored data in place, undone (newest first) if a later step fails."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: Journal | None = None) -> None:
         self._undo: list[tuple[str, Callable[[], None]]] = []
+        self._journal = journal  # each step written down before it is made (restore_journal.py)
 
     def rename(self, src: Path, dst: Path) -> None:
+        if self._journal is not None:
+            self._journal.record("rename", src, dst)
         os.rename(src, dst)
         self._undo.append((f"move {dst} back to {src}", lambda: os.rename(dst, src)))
 
     def copy(self, src: Path, dst: Path) -> None:
+        if self._journal is not None:
+            self._journal.record("copy", src, dst)
         self._undo.append((f"remove {dst}", lambda: shutil.rmtree(dst, ignore_errors=True)))  # partial too
         shutil.copytree(src, dst)
 
-    def undo(self) -> None:
+    def undo(self) -> bool:
+        """Reverse every step made, newest first; whether all were."""
+        ok = True
         while self._undo:
             what, step = self._undo.pop()
             try:
                 step()
             except OSError as exc:
+                ok = False
                 log.error("restore failed, and could not %s: %s", what, exc)
+        return ok
 
 
 def _not_put_in_place(exc: OSError) -> FailedPrecondition:

@@ -133,6 +133,7 @@ from bastion.store.jobs import SQLiteJobs
 from bastion.store.kv_sqlite import SQLiteKV
 from bastion.store.mail_sqlite import SQLiteMail
 from bastion.store.migrations import MIGRATIONS, Migration, apply_migrations
+from bastion.store.restore_journal import refuse_if_interrupted
 from bastion.store.sqlite_readers import Readers
 from bastion.store.sqlite_writer import Outcome, _run_together, _runs, _Write, _WriterThread
 from bastion.store.topics import SQLiteTopics
@@ -244,6 +245,7 @@ class SQLiteStore(
 
     def _open_files(self) -> int:
         """On the writer thread: create the file 0600, connect, migrate, open the readers."""
+        refuse_if_interrupted(self.path)  # else a half-done restore: no database (a new empty one), or a mix
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE))
         try:

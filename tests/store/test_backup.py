@@ -662,3 +662,56 @@ def test_an_absurd_extended_tar_header_is_refused_without_reading_it_into_memory
     finally:
         tracemalloc.stop()
     assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.0f} MiB"
+
+
+_KILL_ON_RENAME = """
+import os, signal, sys
+from pathlib import Path
+from bastion.store import backup
+
+real, calls, kill_at = os.rename, [0], int(sys.argv[4])
+
+def rename(src, dst, *args, **kwargs):
+    calls[0] += "restore-journal" not in str(dst)  # the data's renames, not the journal's own
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # the power went out
+    return real(src, dst, *args, **kwargs)
+
+os.rename = rename
+backup.restore_sqlite(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), None)
+"""
+
+
+@pytest.mark.parametrize("kill_at", [2, 3, 4], ids=["database-aside", "database-in-place", "files-aside"])
+def test_a_restore_killed_half_way_is_undone_not_left_half_done(
+    tmp_path: Path, source: tuple[Path, Path, list[str]], kill_at: int
+) -> None:
+    """A restore renames the old database aside, the new one in, the old files aside, the new ones in. Killed
+    between two of these, it left no database (a server started there created an empty one) or a new
+    database with the old files. A store now refuses to open while a restore is unfinished, and the next
+    restore first puts the old data back; so does running that restore again."""
+    db, files, digests = source
+    out = tmp_path / "a.bbk"
+    backup.backup_sqlite(db, files, out, None)
+    target = make_data_dir(tmp_path / "target", users=3)
+    old_users = users_in(target[0])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    args = [sys.executable, "-c", _KILL_ON_RENAME, str(out), str(target[0]), str(target[1]), str(kill_at)]
+    killed = subprocess.run(args, env=env, capture_output=True, timeout=120, check=False)
+    assert killed.returncode == -9, killed.stderr.decode()
+
+    async def open_store() -> None:
+        async with SQLiteStore(target[0]):
+            pass
+
+    with pytest.raises(FailedPrecondition, match="restore"):
+        run_sync(open_store)
+    assert target[0].exists() or kill_at == 2  # nothing was created meanwhile
+
+    result = backup.restore_sqlite(out, target[0], target[1], None)
+    assert users_in(target[0]) == users_in(db)
+    assert sorted(p.name for p in (target[1] / "blobs").rglob("*") if p.is_file()) == sorted(digests)
+    kept_db = [Path(k) for k in result.kept if Path(k).name.startswith("bastion.db.pre-restore-")]
+    assert [users_in(p) for p in kept_db if not p.name.endswith(("-wal", "-shm", "-journal"))] == [old_users]
+    leftovers = [p.name for p in target[0].parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
