@@ -100,7 +100,8 @@ def create_service(backups: Backups | None = None) -> Service:
     async def backup() -> ArchiveInfo:
         """Take a consistent backup now, while writes continue; the archive's name, size, SHA-256 and summary.
 
-        UNAVAILABLE if a backup is already running.
+        UNAVAILABLE if a backup is already running; RESOURCE_EXHAUSTED if the backup directory's disk is full
+        (nothing is kept); FAILED_PRECONDITION if the directory cannot be written.
         """
         return await backups.backup()
 

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from bastion.config import BackupConfig
-from bastion.exceptions import InvalidArgument, Unavailable
+from bastion.exceptions import FailedPrecondition, InvalidArgument, Unavailable
 from bastion.store import archive
 from bastion.store.backup import backup_postgres, backup_sqlite
 from bastion.store.base import Store
@@ -103,6 +103,9 @@ class Backups:
             name = archive.archive_name(time.time(), scheduled=scheduled)
             try:
                 info = await self._take(self.directory / name)
+            except OSError as exc:  # e.g. the directory cannot be created or written: the operator's to fix
+                self.stats["backups_failed"] += 1
+                raise FailedPrecondition(f"cannot write a backup into {self.directory}: {exc.strerror}") from exc
             except BaseException:
                 self.stats["backups_failed"] += 1
                 raise

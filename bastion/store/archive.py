@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import errno
 import hashlib
 import hmac
 import io
@@ -74,7 +75,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from bastion._version import __version__
-from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
+from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 
 __all__ = [
     "ARCHIVE_SUFFIX",
@@ -103,6 +104,7 @@ POSTGRES_MEMBER = "db/postgres.dump"
 MAX_MANIFEST = 256 * 1024 * 1024
 MAX_EXTENDED_HEADER = 64 * 1024  # a pax header bastion writes holds a size or a path: well under 1 KiB
 FILE_MODE = 0o600
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the disk, a quota, or a file size limit ran out
 
 _FLAG_ENCRYPTED = 1
 _FLAG_ZLIB = 2
@@ -379,9 +381,13 @@ def write_archive(
             os.fsync(raw.fileno())
         _publish(tmp, out_path)
         fsync_dir(out_path.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            raise ResourceExhausted(
+                f"no space left to write the backup in {out_path.parent} ({exc.strerror}); nothing was kept"
+            ) from exc
         raise
     return _info(out_path.name, framed.size, framed.digest.hexdigest(), bool(passphrase), manifest)
 

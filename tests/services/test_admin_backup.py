@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import os
+import sqlite3
+import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bastion import PermissionDenied, Principal, Unavailable
+from bastion import PermissionDenied, Principal, ResourceExhausted, Unavailable
 from bastion.config import BackupConfig
 from bastion.security.credentials import User
 from bastion.services.admin import create_service
@@ -156,5 +161,52 @@ def test_retention_never_deletes_fresh_backups_when_the_clock_went_back(tmp_path
         verify_archive(directory / fresh[-1].name, None)
         assert sorted(p.name for p in directory.iterdir() if p.name in stale) == stale
         assert backups.stats["scheduled_failed"] == 0
+
+    run(main())
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (needs root, or CAP_SYS_ADMIN: skipped otherwise), unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_fails_the_backup_with_a_clear_error_and_leaves_nothing(
+    tmp_path: Path, small_filesystem: Path
+) -> None:
+    """The backup directory's file system fills up half way: the caller got INTERNAL ("internal error"),
+    with the reason only in the server's log. Now RESOURCE_EXHAUSTED says what ran out, no partial file
+    is left, and the server and its store keep serving."""
+    directory = small_filesystem / "backups"
+
+    async def main() -> None:
+        async with hosted(tmp_path, directory=str(directory)) as (server, backups, store):
+            data = os.urandom(3_000_000)  # incompressible: cannot fit in 1 MiB
+            digest = hashlib.sha256(data).hexdigest()
+            blob = tmp_path / "files" / "blobs" / digest[:2] / digest
+            blob.parent.mkdir(parents=True)
+            blob.write_bytes(data)
+            with contextlib.closing(sqlite3.connect(tmp_path / "bastion.db")) as conn, conn:
+                conn.execute(
+                    "INSERT INTO files (id, owner, name, size, sha256, created_at, updated_at) VALUES (?,?,?,?,?,?,?)",
+                    ("f0", "ada", "big", len(data), digest, 1.0, 1.0),
+                )
+            client = server.client()
+            with pytest.raises(ResourceExhausted, match="space"):
+                await client.admin.backup()
+            assert sorted(p.name for p in directory.iterdir()) == []
+            assert backups.stats["backups_failed"] == 1
+            await store.create_user(User("ada", frozenset(), None, 1.0))  # the store still takes writes
+            assert (await client.admin.stats())["backups_failed"] == 1
 
     run(main())
