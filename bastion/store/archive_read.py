@@ -12,6 +12,7 @@ refused before its data is read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -25,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument
+from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 from bastion.store.archive import (
     BLOB_PATH,
     FILE_MODE,
@@ -45,16 +46,22 @@ from bastion.store.migrations import LATEST
 __all__ = ["read_archive", "staging_dir"]
 
 
-def read_archive(archive: Path, staging: Path, passphrase: bytes | None) -> Manifest:
+def read_archive(archive: Path, staging: Path, passphrase: bytes | None, *, blobs: bool = True) -> Manifest:
     """Check all of ``archive`` and extract its members under ``staging`` (which must be empty).
 
     Every byte of the file is checked: the framing to its authenticated last
     chunk, the manifest, each member's size and SHA-256. What a member holds
     is not looked into (``bastion.store.backup`` checks the database).
 
-    Raises ``DataLoss`` for anything corrupt or tampered with, and
-    ``InvalidArgument`` for a missing or wrong passphrase; on error,
-    ``staging`` may hold partial files (the caller removes it).
+    ``blobs=False`` checks the blobs without writing them (verifying needs
+    only the database on disk, and may run in a live server's data
+    directory). Before writing anything, the members to write must fit in
+    the free space of ``staging``'s file system.
+
+    Raises ``DataLoss`` for anything corrupt or tampered with,
+    ``InvalidArgument`` for a missing or wrong passphrase, and
+    ``ResourceExhausted`` if the members do not fit; on error, ``staging``
+    may hold partial files (the caller removes it).
     """
     try:
         src = open(archive, "rb")  # noqa: SIM115 - closed below
@@ -63,7 +70,7 @@ def read_archive(archive: Path, staging: Path, passphrase: bytes | None) -> Mani
     with src:
         reader = _FramedReader(src, passphrase)
         try:
-            manifest = _extract(reader, staging)
+            manifest = _extract(reader, staging, blobs)
         except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise DataLoss(f"archive is corrupt: {exc}") from exc
         reader.drain()
@@ -85,12 +92,14 @@ class _StrictTarInfo(tarfile.TarInfo):
         return super()._proc_member(tar)  # type: ignore[misc]
 
 
-def _extract(reader: _FramedReader, staging: Path) -> Manifest:
+def _extract(reader: _FramedReader, staging: Path, blobs: bool) -> Manifest:
     with tarfile.open(fileobj=reader, mode="r|", tarinfo=_StrictTarInfo) as tar:
         first = tar.next()
         if first is None or first.name != MANIFEST or not first.isreg() or first.size > MAX_MANIFEST:
             raise DataLoss("archive is corrupt: it does not start with its manifest")
         manifest = _decode_manifest(_read_member(tar, first))
+        written = {m.path for m in manifest.members if blobs or not m.path.startswith("files/")}
+        _check_space(staging, sum(m.size for m in manifest.members if m.path in written))
         expected = {m.path: m for m in manifest.members}
         seen: set[str] = set()
         while (info := tar.next()) is not None:
@@ -98,7 +107,7 @@ def _extract(reader: _FramedReader, staging: Path) -> Manifest:
             if member is None or info.name in seen or not info.isreg() or info.size != member.size:
                 raise DataLoss(f"archive is corrupt: unexpected member {info.name[:200]!r}")
             seen.add(info.name)
-            _copy_member(tar, info, member, staging)
+            _copy_member(tar, info, member, staging if info.name in written else None)
     missing = set(expected) - seen
     if missing:
         raise DataLoss(f"archive is incomplete: {len(missing)} members missing, e.g. {sorted(missing)[0]!r}")
@@ -137,19 +146,39 @@ def _decode_manifest(data: bytes) -> Manifest:
     return manifest
 
 
-def _copy_member(tar: tarfile.TarFile, info: tarfile.TarInfo, member: Member, staging: Path) -> None:
-    target = staging / member.path  # member.path was checked against the allowed shapes
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+def _check_space(staging: Path, needed: int) -> None:
+    free = shutil.disk_usage(staging).free
+    if needed > free:
+        raise ResourceExhausted(
+            f"this archive needs {needed} bytes unpacked in {staging.parent}, and only {free} are free there; "
+            "nothing was changed"
+        )
+
+
+def _copy_member(tar: tarfile.TarFile, info: tarfile.TarInfo, member: Member, staging: Path | None) -> None:
+    """Check one member's bytes against its SHA-256, writing them under ``staging`` (None: only check)."""
     f = tar.extractfile(info)
     assert f is not None
     digest = hashlib.sha256()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    with os.fdopen(fd, "wb") as out:
+    if staging is None:
         while block := f.read(1 << 20):
             digest.update(block)
-            out.write(block)
-        out.flush()
-        os.fsync(out.fileno())
+    else:
+        target = staging / member.path  # member.path was checked against the allowed shapes
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                message = f"no space left to unpack the archive in {staging.parent}: {exc.strerror}"
+                raise ResourceExhausted(message) from exc
+            raise
     if digest.hexdigest() != member.sha256:
         raise DataLoss(f"archive is corrupt: {member.path} does not match its SHA-256")
 

@@ -216,14 +216,14 @@ def verify_archive(archive: Path, passphrase: bytes | None, *, scratch: Path | N
     """Check every byte of ``archive`` and the database it holds (extracting into a temporary directory,
     then removing it)."""
     with staging_dir(scratch or archive.parent) as staging:
-        return _read_checked(archive, staging, passphrase)
+        return _read_checked(archive, staging, passphrase, blobs=False)  # only the database is written
 
 
-def _read_checked(archive: Path, staging: Path, passphrase: bytes | None) -> Manifest:
+def _read_checked(archive: Path, staging: Path, passphrase: bytes | None, *, blobs: bool = True) -> Manifest:
     """``read_archive`` (every byte checked, members extracted under ``staging``), then the database
     member's own checks: a SQLite copy must pass ``integrity_check`` and be at the manifest's schema
     version (as ``restore_postgres`` checks the dump's)."""
-    manifest = read_archive(archive, staging, passphrase)
+    manifest = read_archive(archive, staging, passphrase, blobs=blobs)
     if manifest.backend == "sqlite":
         conn = sqlite3.connect(f"file:{staging / SQLITE_MEMBER}?mode=ro", uri=True)
         try:

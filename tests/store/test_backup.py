@@ -23,7 +23,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument
+from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 from bastion.security.credentials import User
 from bastion.store import PostgresStore, archive, archive_read, backup, migrations, open_store
 from bastion.store.sqlite import SQLiteStore
@@ -715,3 +715,39 @@ def test_a_restore_killed_half_way_is_undone_not_left_half_done(
     assert [users_in(p) for p in kept_db if not p.name.endswith(("-wal", "-shm", "-journal"))] == [old_users]
     leftovers = [p.name for p in target[0].parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (needs root, or CAP_SYS_ADMIN: skipped otherwise), unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_verify_does_not_write_the_blobs_and_restore_checks_the_space_first(
+    tmp_path: Path, small_filesystem: Path
+) -> None:
+    """``bastion restore --check`` verifies in the data directory, perhaps a running server's: it wrote every
+    blob there (a disk filled, an OSError). Verifying now only hashes the blobs; a restore that cannot fit
+    says how much it needs before it writes anything."""
+    db, files, _ = make_data_dir(tmp_path / "src", users=2)
+    digest = make_blob(files, os.urandom(3_000_000))  # incompressible: cannot fit in 1 MiB
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("INSERT INTO files VALUES ('big', 'user0000', 'big', 3000000, ?, 1.0, 1.0)", (digest,))
+    out = tmp_path / "a.bbk"
+    backup.backup_sqlite(db, files, out, None)
+    manifest = backup.verify_archive(out, None, scratch=small_filesystem)
+    assert len(manifest.members) == 4
+    target = small_filesystem / "data"
+    with pytest.raises(ResourceExhausted, match="needs"):
+        backup.restore_sqlite(out, target / "bastion.db", target / "files", None)
+    assert sorted(p.name for p in target.iterdir()) == []
