@@ -38,7 +38,8 @@ of SHA-256(check | counter | last | payload). That detects any accidental
 damage (one flipped byte anywhere) but not a deliberate forgery -- only a
 passphrase gives that.
 
-Writing goes to a new 0600 temporary beside the target (never through a
+Writing goes to a new 0600 temporary beside the target (``.<name>.<host>-<pid>.partial``,
+removed by the next backup there if this process is killed; never through a
 file or symlink already there), fsynced and linked into place at the end --
 never over an existing file -- so a directory of archives only ever holds
 finished ones;
@@ -76,6 +77,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from bastion._version import __version__
 from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from bastion.store.leftovers import partial_name, remove_stale
 
 __all__ = [
     "ARCHIVE_SUFFIX",
@@ -365,7 +367,8 @@ def write_archive(
         FORMAT, FORMAT_VERSION, __version__, schema_version, backend, created_at, blobs[1], members, schema
     )
     refuse_existing(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.partial")
+    remove_stale(out_path.parent)  # partial archives of killed backups
+    tmp = out_path.with_name(partial_name(out_path.name))
     fd = _create_private(tmp)
     try:
         with os.fdopen(fd, "wb") as raw:

@@ -41,6 +41,7 @@ from bastion.store.archive import (
     Member,
     _FramedReader,
 )
+from bastion.store.leftovers import remove_stale, staging_name
 from bastion.store.migrations import LATEST
 
 __all__ = ["read_archive", "staging_dir"]
@@ -185,9 +186,11 @@ def _copy_member(tar: tarfile.TarFile, info: tarfile.TarInfo, member: Member, st
 
 @contextlib.contextmanager
 def staging_dir(parent: Path) -> Iterator[Path]:
-    """A new private (0700) directory under ``parent``, removed with all it holds on exit."""
+    """A new private (0700) directory under ``parent``, removed with all it holds on exit (or, if the process
+    is killed, by the next one made there: bastion/store/leftovers.py)."""
     parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = parent / f".restore-staging-{os.getpid()}-{secrets.token_hex(4)}"
+    remove_stale(parent)  # those of killed backups and restores
+    path = parent / staging_name(secrets.token_hex(4))
     path.mkdir(mode=0o700)
     try:
         yield path

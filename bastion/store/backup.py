@@ -198,7 +198,8 @@ def backup_sqlite(
     """
     refuse_existing(out_path)  # before the work, not only after it
     out_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with staging_dir(out_path.parent) as staging:
+    # The unencrypted copy goes beside the database, never into the backup directory (a share, off-site).
+    with staging_dir(db_path.parent) as staging:
         copy = staging / "bastion.db"
         created_at = time.time() if now is None else now
         version = snapshot_sqlite(db_path, copy)
@@ -413,7 +414,8 @@ async def backup_postgres(
     env = pg_environment(store)
     refuse_existing(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with staging_dir(out_path.parent) as staging:
+    # The unencrypted dump goes beside the files (the data directory), never into the backup directory.
+    with staging_dir(files_dir.parent) as staging:
         dump = staging / "postgres.dump"
 
         async def run(conn: Any) -> _Snapshot:

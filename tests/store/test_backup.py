@@ -25,7 +25,7 @@ import pytest
 
 from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 from bastion.security.credentials import User
-from bastion.store import PostgresStore, archive, archive_read, backup, migrations, open_store
+from bastion.store import PostgresStore, archive, archive_read, backup, leftovers, migrations, open_store
 from bastion.store.sqlite import SQLiteStore
 from tests.support.stores import postgres_dsn, run_sync, store_location
 
@@ -591,7 +591,7 @@ def test_a_symlink_where_the_temporary_goes_is_not_followed(
     out.parent.mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    (out.parent / f".{out.name}.partial").symlink_to(victim)
+    (out.parent / leftovers.partial_name(out.name)).symlink_to(victim)
     info = backup.backup_sqlite(db, files, out, None)
     assert victim.read_text() == "precious"
     assert not out.is_symlink() and out.stat().st_size == info.size
@@ -751,3 +751,41 @@ def test_verify_does_not_write_the_blobs_and_restore_checks_the_space_first(
     with pytest.raises(ResourceExhausted, match="needs"):
         backup.restore_sqlite(out, target / "bastion.db", target / "files", None)
     assert sorted(p.name for p in target.iterdir()) == []
+
+
+_KILL_MID_BACKUP = """
+import os, signal, sys
+from pathlib import Path
+from bastion.store import archive, backup
+
+real = archive._add_checked
+
+def add_checked(tar, member, source, mtime):
+    if member.path.startswith("files/"):  # the database is in the archive: the power goes out
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(tar, member, source, mtime)
+
+archive._add_checked = add_checked
+backup.backup_sqlite(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), b"pw", scrypt_log_n=10)
+"""
+
+
+def test_a_backup_killed_half_way_leaves_no_plaintext_copy_in_the_backup_directory_and_is_cleaned_up(
+    tmp_path: Path, source: tuple[Path, Path, list[str]]
+) -> None:
+    """The database was copied into a staging directory *in the backup directory* -- unencrypted, though the
+    archives are encrypted because that directory may be a share or off-site -- and a backup killed half way
+    left that copy and its partial archive there for good (each crash one more copy). The copy is now made
+    beside the database, and leftovers of dead processes are removed by the next backup."""
+    db, files, _ = source
+    backups_dir = tmp_path / "backups"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    args = [sys.executable, "-c", _KILL_MID_BACKUP, str(db), str(files), str(backups_dir / "a.bbk")]
+    killed = subprocess.run(args, env=env, capture_output=True, timeout=120, check=False)
+    assert killed.returncode == -9, killed.stderr.decode()
+    for path in backups_dir.rglob("*"):
+        assert not (path.is_file() and b"SQLite format 3" in path.read_bytes()), path
+
+    info = backup.backup_sqlite(db, files, backups_dir / "b.bbk", b"pw", scrypt_log_n=FAST)
+    assert sorted(p.name for p in backups_dir.iterdir()) == [info.name]
+    assert sorted(p.name for p in db.parent.iterdir() if p.name.startswith(".")) == []
