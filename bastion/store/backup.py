@@ -55,6 +55,7 @@ import shutil
 import sqlite3
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ def snapshot_sqlite(db_path: Path, dest: Path) -> int:
     if not db_path.is_file():
         raise FailedPrecondition(f"no SQLite store at {db_path}")
     os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
-    src = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None, timeout=30)
+    src = sqlite3.connect(_read_only(db_path), uri=True, isolation_level=None, timeout=30)
     try:
         dst = sqlite3.connect(dest, isolation_level=None)
         try:
@@ -145,6 +146,13 @@ def snapshot_sqlite(db_path: Path, dest: Path) -> int:
         src.close()
 
 
+def _read_only(path: Path) -> str:
+    """A ``file:`` URI opening ``path`` read-only. The path is percent-encoded: pasted in, a ``?`` or ``#``
+    in it (``data#1/``) ended the path there and dropped ``mode=ro`` -- SQLite then created an empty
+    database at the cut-off path, and the backup archived that."""
+    return f"file:{urllib.parse.quote(str(path.absolute()), safe='/')}?mode=ro"
+
+
 def _check_integrity(conn: sqlite3.Connection, what: str) -> None:
     rows = conn.execute("PRAGMA integrity_check").fetchall()
     if [tuple(r) for r in rows] != [("ok",)]:
@@ -154,7 +162,7 @@ def _check_integrity(conn: sqlite3.Connection, what: str) -> None:
 
 def referenced_blobs_sqlite(db_copy: Path) -> list[str] | None:
     """The blob hashes the snapshot's ``files`` table names (None: it has no such column)."""
-    conn = sqlite3.connect(f"file:{db_copy}?mode=ro", uri=True)
+    conn = sqlite3.connect(_read_only(db_copy), uri=True)
     try:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(files)")}
         if "sha256" not in columns:
@@ -226,7 +234,7 @@ def _read_checked(archive: Path, staging: Path, passphrase: bytes | None, *, blo
     version (as ``restore_postgres`` checks the dump's)."""
     manifest = read_archive(archive, staging, passphrase, blobs=blobs)
     if manifest.backend == "sqlite":
-        conn = sqlite3.connect(f"file:{staging / SQLITE_MEMBER}?mode=ro", uri=True)
+        conn = sqlite3.connect(_read_only(staging / SQLITE_MEMBER), uri=True)
         try:
             _check_integrity(conn, "the archived database")
             version = current_version(conn)

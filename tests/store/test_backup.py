@@ -789,3 +789,18 @@ def test_a_backup_killed_half_way_leaves_no_plaintext_copy_in_the_backup_directo
     info = backup.backup_sqlite(db, files, backups_dir / "b.bbk", b"pw", scrypt_log_n=FAST)
     assert sorted(p.name for p in backups_dir.iterdir()) == [info.name]
     assert sorted(p.name for p in db.parent.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("name", ["data#1", "what?", "100%25"])
+def test_a_data_directory_whose_name_means_something_in_a_uri_backs_up_and_restores(tmp_path: Path, name: str) -> None:
+    """The store was opened read-only through a ``file:`` URI built by pasting the path in: a ``#`` or ``?``
+    cut the path short there and dropped ``mode=ro``: SQLite made an empty database there, and that was
+    archived (verified, restorable, empty)."""
+    db, files, digests = make_data_dir(tmp_path / name, users=5)
+    out = tmp_path / "a.bbk"
+    backup.backup_sqlite(db, files, out, None)
+    assert backup.verify_archive(out, None, scratch=tmp_path / name).backend == "sqlite"
+    target = tmp_path / f"restored-{name}"
+    backup.restore_sqlite(out, target / "bastion.db", target / "files", None)
+    assert users_in(target / "bastion.db") == users_in(db)
+    assert sorted(p.name for p in (target / "files").rglob("*") if p.is_file()) == sorted(digests)
