@@ -356,6 +356,7 @@ async def _compose_and_serve(
             idempotency=IdempotencyKeys(store),
         )
         store_observe.observer = server.metrics.observe_store
+        backups.counters = server.counters  # bastion_backups_total on /metrics
         if source is not None and tls.context is not None:
             server.hangup_hooks.append(lambda: reread_revoked_serials(server, source))
         started: list[Component] = []

@@ -25,6 +25,7 @@ from a request)::
     bastion_auth_failures_total{reason}                 credentials, throttled, denied
     bastion_gateway_tls_handshake_failures_total{reason} the gateway's (HTTPS) port: gateway/_tls.py REASONS
     bastion_store_operation_duration_seconds{operation} histogram: write, read (SQLite), call (PostgreSQL)
+    bastion_backups_total{trigger,result}               backups taken: on_demand/scheduled, ok/failed
     bastion_workers                                     processes these numbers add up
 
 Rejection reasons: connection_limit, source_connection_limit (at accept),
@@ -207,6 +208,13 @@ class SnapshotCollector(Collector):
             "operation",
             snap.get("store", {}),
         )
+        backups = CounterMetricFamily(
+            "bastion_backups", "Backups the server took, by trigger and result", labels=["trigger", "result"]
+        )
+        for trigger in ("on_demand", "scheduled"):
+            for result in ("ok", "failed"):
+                backups.add_metric([trigger, result], counters.get(f"backups_{trigger}_{result}", 0))
+        yield backups
         yield _gauge("bastion_workers", "Server processes whose numbers are added up here", gauges.get("workers", 1))
 
 

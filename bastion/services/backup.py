@@ -26,13 +26,15 @@ scheduled archives (on-demand archives are never deleted; nor are scheduled
 ones dated in the future -- taken while the clock was ahead -- which would
 otherwise outrank, by name, every archive taken after it was set right; a
 warning names them). A failure is
-logged and counted (``stats``), never fatal; the next attempt comes at the
-next interval.
+logged and counted (``stats``, and ``counters``, which ``bastion serve``
+points at the server's counters: ``bastion_backups_total{trigger,result}``
+on /metrics), never fatal; the next attempt comes at the next interval.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -74,6 +76,8 @@ class Backups:
         self.scrypt_log_n = archive.DEFAULT_SCRYPT_LOG_N
         self.stats = {"backups_total": 0, "backups_failed": 0, "scheduled_total": 0, "scheduled_failed": 0}
         self.last: archive.ArchiveInfo | None = None
+        #: Where /metrics reads its counts (``backups_<trigger>_<result>``): the server's counters, once set.
+        self.counters: collections.Counter[str] = collections.Counter()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         if self.config.interval < 0 or self.config.keep < 1:
@@ -101,15 +105,17 @@ class Backups:
             raise Unavailable("a backup is already running; try again when it has finished")
         async with self._lock:
             name = archive.archive_name(time.time(), scheduled=scheduled)
+            trigger = "scheduled" if scheduled else "on_demand"
             try:
                 info = await self._take(self.directory / name)
-            except OSError as exc:  # e.g. the directory cannot be created or written: the operator's to fix
+            except BaseException as exc:
                 self.stats["backups_failed"] += 1
-                raise FailedPrecondition(f"cannot write a backup into {self.directory}: {exc.strerror}") from exc
-            except BaseException:
-                self.stats["backups_failed"] += 1
+                self.counters[f"backups_{trigger}_failed"] += 1
+                if isinstance(exc, OSError):  # e.g. the directory cannot be created or written: the operator's
+                    raise FailedPrecondition(f"cannot write a backup into {self.directory}: {exc.strerror}") from exc
                 raise
             self.stats["backups_total"] += 1
+            self.counters[f"backups_{trigger}_ok"] += 1
             self.last = info
             log.info("backup %s written: %d bytes, %s members", info.name, info.size, info.members)
             return info
