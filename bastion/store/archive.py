@@ -100,6 +100,7 @@ CHUNK_SIZE = 64 * 1024
 TAG_SIZE = 16
 SALT_SIZE = 16
 DEFAULT_SCRYPT_LOG_N = 17  # 128 MiB, ~0.5 s: the cost of one passphrase guess
+MAX_SCRYPT_MEMORY = 256 * 1024 * 1024  # the most a header may make reading it cost (bastion writes 128 MiB)
 MANIFEST = "manifest.json"
 SQLITE_MEMBER = "db/bastion.db"
 POSTGRES_MEMBER = "db/postgres.dump"
@@ -271,7 +272,8 @@ class _FramedReader(io.RawIOBase):
                 raise InvalidArgument(
                     "this archive is encrypted: give its passphrase (BASTION_BACKUP_PASSPHRASE or a passphrase file)"
                 )
-            if not (10 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 4):
+            # Read before anything is authenticated: bound the memory (128 * r * n) and work a forged one costs.
+            if not (10 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 4 and 128 * r << log_n <= MAX_SCRYPT_MEMORY):
                 raise DataLoss("archive header is corrupt (key derivation parameters out of range)")
             key, mac_key = _keys(passphrase, salt, log_n, r, p)
             if not hmac.compare_digest(check, hmac.new(mac_key, fields, hashlib.sha256).digest()):

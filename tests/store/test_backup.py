@@ -804,3 +804,33 @@ def test_a_data_directory_whose_name_means_something_in_a_uri_backs_up_and_resto
     backup.restore_sqlite(out, target / "bastion.db", target / "files", None)
     assert users_in(target / "bastion.db") == users_in(db)
     assert sorted(p.name for p in (target / "files").rglob("*") if p.is_file()) == sorted(digests)
+
+
+_FORGED_COST = """
+import resource, secrets, sys
+from pathlib import Path
+from bastion.exceptions import DataLoss
+from bastion.store import archive, backup
+
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # 2 GiB of address space: a modest machine
+fields = archive._HEADER.pack(archive.MAGIC, 1, 3, 20, 32, 4, 0, archive.CHUNK_SIZE, secrets.token_bytes(16))
+path = Path(sys.argv[1])
+path.write_bytes(fields + bytes(32) + bytes(archive.CHUNK_SIZE))
+try:
+    backup.verify_archive(path, b"any passphrase")
+except DataLoss as exc:
+    print("refused:", exc.message)
+"""
+
+
+def test_a_forged_header_cannot_make_the_key_derivation_take_gigabytes(tmp_path: Path) -> None:
+    """The scrypt cost comes from the header, read before anything is authenticated: log2(n)=20, r=32, p=4
+    passed the range check, and deriving the key needs 128*r*n = 4 GiB and four times the work -- for a
+    file anyone can write. Costs beyond 256 MiB (bastion writes 128 MiB) are refused before deriving."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run(
+        [sys.executable, "-c", _FORGED_COST, str(tmp_path / "forged.bbk")],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and "refused:" in done.stdout, done.stdout + done.stderr
+    assert "key derivation" in done.stdout
