@@ -8,7 +8,9 @@ open and closes it before the store closes. It owns the backup directory
 (``backup.directory``, default ``<data_dir>/backups``, mode 0700) and one
 lock, so at most one backup runs at a time, whoever asked: a call to
 ``backup()`` while another runs is refused with ``Unavailable`` rather than
-queued.
+queued. The lock is an asyncio lock within the process and an ``flock`` on
+``<directory>/.backup.lock`` across processes (the workers of ``--workers
+N`` each have their own ``Backups``).
 
 The archive itself is made by ``bastion.store.backup`` (in the format of
 ``bastion.store.archive``): for SQLite in a worker thread (the online backup
@@ -36,7 +38,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -51,6 +55,29 @@ from bastion.store.sqlite import SQLiteStore
 __all__ = ["Backups"]
 
 log = logging.getLogger("bastion.backup")
+
+
+#: In the backup directory: held (flock) by whichever process is taking a backup there.
+LOCK_FILE = ".backup.lock"
+
+
+class _Running(Unavailable):
+    """Refused: a backup is being taken already (here, or by another worker)."""
+
+
+def _hold(directory: Path) -> int | None:
+    """Take the backup directory's lock: its file descriptor, or None if another process holds it."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class Backups:
@@ -102,18 +129,27 @@ class Backups:
     async def backup(self, *, scheduled: bool = False) -> archive.ArchiveInfo:
         """Take a backup now; the finished archive. ``Unavailable`` if one is already running."""
         if self._lock.locked():
-            raise Unavailable("a backup is already running; try again when it has finished")
+            raise _Running("a backup is already running; try again when it has finished")
         async with self._lock:
-            name = archive.archive_name(time.time(), scheduled=scheduled)
             trigger = "scheduled" if scheduled else "on_demand"
+            held: int | None = None
             try:
+                held = await asyncio.to_thread(_hold, self.directory)
+                if held is None:
+                    raise _Running("a backup is already running (in another worker); try again when it has finished")
+                name = archive.archive_name(time.time(), scheduled=scheduled)
                 info = await self._take(self.directory / name)
+            except _Running:
+                raise
             except BaseException as exc:
                 self.stats["backups_failed"] += 1
                 self.counters[f"backups_{trigger}_failed"] += 1
                 if isinstance(exc, OSError):  # e.g. the directory cannot be created or written: the operator's
                     raise FailedPrecondition(f"cannot write a backup into {self.directory}: {exc.strerror}") from exc
                 raise
+            finally:
+                if held is not None:
+                    os.close(held)  # lets go of the lock
             self.stats["backups_total"] += 1
             self.counters[f"backups_{trigger}_ok"] += 1
             self.last = info
@@ -148,9 +184,6 @@ class Backups:
     async def _schedule(self) -> None:
         while True:
             await asyncio.sleep(self.config.interval)
-            if self._lock.locked():  # an on-demand one is being written: it serves, nothing failed
-                log.info("scheduled backup skipped: a backup is already running")
-                continue
             try:
                 await self.backup(scheduled=True)
                 self.stats["scheduled_total"] += 1
@@ -160,6 +193,8 @@ class Backups:
                 await asyncio.to_thread(self._warn_future_dated)
             except asyncio.CancelledError:
                 raise
+            except _Running:  # an on-demand one is being written: it serves, nothing failed
+                log.info("scheduled backup skipped: a backup is already running")
             except Exception as exc:
                 self.stats["scheduled_failed"] += 1
                 log.error("scheduled backup failed: %s", exc)
