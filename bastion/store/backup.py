@@ -94,7 +94,7 @@ from bastion.store.backup_pg import (
 )
 from bastion.store.migrations import current_version
 from bastion.store.postgres import PostgresStore
-from bastion.store.restore_journal import Journal, undo_interrupted
+from bastion.store.restore_journal import Journal, refuse_if_interrupted, undo_interrupted
 
 __all__ = [
     "RestoreResult",
@@ -205,6 +205,7 @@ def backup_sqlite(
     Blocking (run it in a thread); safe while a server runs on the store.
     """
     refuse_existing(out_path)  # before the work, not only after it
+    refuse_if_interrupted(db_path)  # a half-restored data directory: a mix of two points in time
     out_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # The unencrypted copy goes beside the database, never into the backup directory (a share, off-site).
     with staging_dir(db_path.parent) as staging:

@@ -109,6 +109,7 @@ def undo_interrupted(db_path: Path) -> bool:
                 if os.path.lexists(dst):
                     shutil.rmtree(dst)
             elif os.path.lexists(dst) and not os.path.lexists(src):
+                src.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # staging, perhaps cleared meanwhile
                 os.rename(dst, src)
         except OSError as exc:
             raise FailedPrecondition(

@@ -834,3 +834,28 @@ def test_a_forged_header_cannot_make_the_key_derivation_take_gigabytes(tmp_path:
     )  # fmt: skip
     assert done.returncode == 0 and "refused:" in done.stdout, done.stdout + done.stderr
     assert "key derivation" in done.stdout
+
+
+def test_an_interrupted_restore_is_undone_even_after_its_staging_was_cleared_and_no_backup_is_taken_of_it(
+    tmp_path: Path, source: tuple[Path, Path, list[str]]
+) -> None:
+    """Killed with the new database in place and the old files not yet aside: a backup of that data directory
+    would archive a mix (it is refused), and the staging directory of the dead restore -- where undoing puts
+    the new database back -- may have been cleared meanwhile by the next backup or restore there."""
+    db, files, _ = source
+    out = tmp_path / "a.bbk"
+    backup.backup_sqlite(db, files, out, None)
+    target = make_data_dir(tmp_path / "target", users=3)
+    old_users = users_in(target[0])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    args = [sys.executable, "-c", _KILL_ON_RENAME, str(out), str(target[0]), str(target[1]), "3"]
+    assert subprocess.run(args, env=env, capture_output=True, timeout=120, check=False).returncode == -9
+    with pytest.raises(FailedPrecondition, match="interrupted"):
+        backup.backup_sqlite(target[0], target[1], tmp_path / "mix.bbk", None)
+    assert not (tmp_path / "mix.bbk").exists()
+    with archive_read.staging_dir(target[0].parent):
+        pass  # clears the dead restore's staging directory
+    result = backup.restore_sqlite(out, target[0], target[1], None)
+    assert users_in(target[0]) == users_in(db)
+    kept_db = [Path(k) for k in result.kept if Path(k).name.startswith("bastion.db.pre-restore-")]
+    assert [users_in(p) for p in kept_db if not p.name.endswith(("-wal", "-shm", "-journal"))] == [old_users]
