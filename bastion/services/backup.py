@@ -22,7 +22,10 @@ name and renamed when complete, so the directory only ever holds finished
 archives.
 
 Scheduling: with ``backup.interval`` > 0, a background task takes a backup
-every ``interval`` seconds (the first one ``interval`` after start), names
+every ``interval`` seconds (the first one ``interval`` after the newest
+scheduled archive -- at once if that is overdue or there is none, so a
+server restarted more often than its interval still takes them; ``interval``
+after start when it is dated in the future), names
 it ``…-scheduled.bbk`` and then deletes all but the newest ``backup.keep``
 scheduled archives (on-demand archives are never deleted; nor are scheduled
 ones dated in the future -- taken while the clock was ahead -- which would
@@ -103,6 +106,8 @@ class Backups:
         self.scrypt_log_n = archive.DEFAULT_SCRYPT_LOG_N
         self.stats = {"backups_total": 0, "backups_failed": 0, "scheduled_total": 0, "scheduled_failed": 0}
         self.last: archive.ArchiveInfo | None = None
+        #: When the next scheduled backup is due (wall clock), once the schedule has started.
+        self.next_due: float | None = None
         #: Where /metrics reads its counts (``backups_<trigger>_<result>``): the server's counters, once set.
         self.counters: collections.Counter[str] = collections.Counter()
         self._lock = asyncio.Lock()
@@ -181,9 +186,25 @@ class Backups:
                 len(ahead), ", ".join(ahead[:3]),
             )  # fmt: skip
 
+    def _first_delay(self) -> float:
+        """Seconds until the first scheduled backup: an interval after the newest scheduled archive, so a
+        server restarted more often than its interval still takes them (at once when one is overdue, or
+        there is none); a whole interval when that archive is dated in the future (the clock went back)."""
+        interval, now = self.config.interval, time.time()
+        taken = [a.created_at for a in self.list() if a.name.endswith("-scheduled.bbk")]
+        newest = max(taken, default=now - interval)
+        return interval if newest > now else max(0.0, newest + interval - now)
+
     async def _schedule(self) -> None:
+        try:
+            delay = await asyncio.to_thread(self._first_delay)
+        except OSError as exc:
+            log.warning("cannot list the backup directory %s: %s", self.directory, exc.strerror)
+            delay = self.config.interval
         while True:
-            await asyncio.sleep(self.config.interval)
+            self.next_due = time.time() + delay
+            await asyncio.sleep(delay)
+            delay = self.config.interval
             try:
                 await self.backup(scheduled=True)
                 self.stats["scheduled_total"] += 1

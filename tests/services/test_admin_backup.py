@@ -240,3 +240,37 @@ def test_one_backup_at_a_time_holds_across_worker_processes(tmp_path: Path) -> N
             assert (await workers[1].backup()).name != info.name  # free again once the first is done
 
     run(main())
+
+
+def test_a_restarted_server_takes_an_overdue_scheduled_backup_without_waiting_a_whole_interval(
+    tmp_path: Path,
+) -> None:
+    """The first scheduled backup came one interval after start: a server restarted more often than its
+    interval (a nightly deploy with a daily schedule, a crash loop) never took one. The schedule now
+    continues from the newest scheduled archive: overdue, it runs at once."""
+    directory = tmp_path / "backups"
+    directory.mkdir(mode=0o700)
+    (directory / archive_name(time.time() - 7200, scheduled=True)).write_bytes(b"two hours old")
+
+    async def main() -> None:
+        async with hosted(tmp_path, interval=3600, keep=5) as (_, backups, _):
+            await until(lambda: backups.stats["scheduled_total"] >= 1, timeout=15)
+        assert len(list_archives(directory)) == 2
+
+    run(main())
+
+
+def test_a_fresh_scheduled_archive_puts_the_next_one_an_interval_after_it(tmp_path: Path) -> None:
+    """...and not sooner: a restart right after a scheduled backup does not take another one."""
+    directory = tmp_path / "backups"
+    directory.mkdir(mode=0o700)
+    taken = time.time() - 1
+    (directory / archive_name(taken, scheduled=True)).write_bytes(b"just taken")
+
+    async def main() -> None:
+        async with hosted(tmp_path, interval=3600, keep=5) as (_, backups, _):
+            await until(lambda: backups.next_due is not None)
+            assert backups.next_due is not None and abs(backups.next_due - (taken + 3600)) < 1
+            assert backups.stats["scheduled_total"] == 0 and not backups.running
+
+    run(main())
