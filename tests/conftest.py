@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -85,6 +86,22 @@ def server(server_factory: StartServer) -> ServerProcess:
 
 #: Every backend a service test can run its store on; "postgresql" skips without BASTION_TEST_POSTGRES_DSN.
 STORE_BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (needs root, or CAP_SYS_ADMIN: skipped otherwise), unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.fixture(params=STORE_BACKENDS)

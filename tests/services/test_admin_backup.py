@@ -7,9 +7,8 @@ import contextlib
 import hashlib
 import os
 import sqlite3
-import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -163,22 +162,6 @@ def test_retention_never_deletes_fresh_backups_when_the_clock_went_back(tmp_path
         assert backups.stats["scheduled_failed"] == 0
 
     run(main())
-
-
-@pytest.fixture
-def small_filesystem(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (needs root, or CAP_SYS_ADMIN: skipped otherwise), unmounted afterwards."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, check=False
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_disk_fails_the_backup_with_a_clear_error_and_leaves_nothing(

@@ -717,22 +717,6 @@ def test_a_restore_killed_half_way_is_undone_not_left_half_done(
     assert leftovers == []
 
 
-@pytest.fixture
-def small_filesystem(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (needs root, or CAP_SYS_ADMIN: skipped otherwise), unmounted afterwards."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, check=False
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_verify_does_not_write_the_blobs_and_restore_checks_the_space_first(
     tmp_path: Path, small_filesystem: Path
 ) -> None:
