@@ -93,27 +93,30 @@ class _WebSocketSession:
         first, self.first = self.first, False
         if not first:
             await self.settled.wait()
+        # The message's decoded values are counted while its calls run, not while its answer is sent: a client
+        # that stops reading must not hold the server's argument memory (the native port's too) meanwhile.
         try:
             with holding_body(self.routes.gateway.server, len(data)):
-                await self._handle(data, first)
+                answer = await self._handle(data, first)
         except ArgsMemoryFull as exc:  # more than the server may hold decoded now: this message is refused
             self.settled.set()
-            await self.send(jsonrpc.failure(None, exc))
+            answer = jsonrpc.failure(None, exc)
+        if answer is not None:
+            await self.send(answer)
 
-    async def _handle(self, data: bytes, first: bool) -> None:
+    async def _handle(self, data: bytes, first: bool) -> Any:
+        """The message's calls run (streams started); its answer, None if it has none."""
         config = self.routes.config
         try:
             batch, entries = jsonrpc.parse(data, max_depth=config.max_json_depth, max_batch=config.max_batch)
         except jsonrpc.BodyError as exc:
             self.settled.set()
-            await self.send(exc.response)
-            return
+            return exc.response
         if first and not batch and isinstance(entries[0], jsonrpc.Request) and entries[0].method == "auth":
             try:
-                await self._auth(entries[0])
+                return await self._auth(entries[0])
             finally:
                 self.settled.set()
-            return
         self.settled.set()
         plain: list[Any] = []
         for entry in jsonrpc.discover_once(entries) if batch else entries:
@@ -128,25 +131,23 @@ class _WebSocketSession:
             else:
                 plain.append(_ready(entry))
         results = [r for r in await asyncio.gather(*plain) if r is not None]
-        if results:
-            await self.send(results if batch else results[0])
+        if not results:
+            return None
+        return results if batch else results[0]
 
-    async def _auth(self, call: jsonrpc.Request) -> None:
+    async def _auth(self, call: jsonrpc.Request) -> Any:
+        """Authenticate the connection as ``call`` asks; its answer (None for a notification)."""
         params = call.params if isinstance(call.params, dict) else {}
         token = params.get("token")
         if not isinstance(token, str) or not token:
-            await self.send(jsonrpc.error_response(call.id, jsonrpc.INVALID_PARAMS, 'auth: "token" must be a string'))
-            return
+            return jsonrpc.error_response(call.id, jsonrpc.INVALID_PARAMS, 'auth: "token" must be a string')
         caller = Caller(token, self.caller.address)
         try:
             await self.routes.bridge.check(caller)
         except Exception as exc:
-            if not call.is_notification:
-                await self.send(jsonrpc.failure(call.id, _as_call_error(exc)))
-            return
+            return None if call.is_notification else jsonrpc.failure(call.id, _as_call_error(exc))
         self.caller = caller
-        if not call.is_notification:
-            await self.send(jsonrpc.result_response(call.id, {"authenticated": True}))
+        return None if call.is_notification else jsonrpc.result_response(call.id, {"authenticated": True})
 
     async def _cancel(self, call: jsonrpc.Request) -> dict[str, Any] | None:
         params = call.params
