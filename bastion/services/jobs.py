@@ -409,15 +409,21 @@ class Jobs:
         loop = asyncio.get_running_loop()
         job_id = running.job.id
         expiry = loop.call_later((running.job.lease_until or 0.0) - time.time(), self._lease_ended, running)
+        failing = False  # logged once while renewals fail (a store outage): not a traceback per job per interval
         try:
             while True:
                 await asyncio.sleep(interval)
                 until = time.time() + self.config.lease  # taken before the call: the lease may start no later
                 try:
                     outcome = await self.store.jobs_renew(job_id, self.runner_id, until)
-                except Exception:
-                    log.exception("jobs: renewing the lease of %s failed; trying again", job_id)
+                except Exception as exc:
+                    if not failing:
+                        log.warning("jobs: renewing the lease of %s failed (%s); trying again", job_id, exc)
+                        failing = True
                     continue
+                if failing:
+                    log.info("jobs: the lease of %s is renewed again", job_id)
+                    failing = False
                 if outcome == "lost":
                     running.halt("lost")
                     continue

@@ -174,7 +174,7 @@ POSTGRES_SCHEMA: tuple[str, ...] = (
 )
 
 
-# Migration 14: the index that counts one sender's messages in a mailbox (MailLimits.sender_*).
+# Migration 15: the index that counts one sender's messages in a mailbox (MailLimits.sender_*).
 SENDER_INDEX_SCHEMA: tuple[str, ...] = ("CREATE INDEX mail_messages_by_sender ON mail_messages (owner, sender, size)",)
 
 
