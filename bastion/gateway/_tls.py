@@ -127,11 +127,13 @@ class TLSAcceptor(SSLProtocol):
         The gateway may close a connection while the client is still sending -- a 413 answered before the
         body is read. asyncio's layer (3.11) then fed the body's records to ``unwrap``, which fails on data
         after close_notify, and aborted the connection: the client got a reset instead of the answer.
+        asyncio's private names are read defensively (tests/gateway/test_gateway_tls.py checks they are
+        there): if a Python release renamed them, this would fall back to asyncio's own behaviour.
         """
         sslobj: ssl.SSLObject | None = getattr(self, "_sslobj", None)
         if sslobj is not None:
             try:
-                while sslobj.read(self.max_size):
+                while sslobj.read(getattr(self, "max_size", 256 * 1024)):
                     pass  # (b"": the client's close_notify came, which unwrap then completes with)
             except ssl.SSLError:
                 pass  # want-read: all there was is gone (more may come); anything else: unwrap reports it
