@@ -58,6 +58,8 @@ class ConnectionGate:
         self.counters = counters
         self.open = 0
         self.by_source: dict[str, int] = {}
+        self.lingering = 0  # refused plaintext connections held open a moment for their answer (_protocol.py)
+        self.closing = False  # the gateway is stopping: connections still arriving are dropped at once
 
     def admit(self, host: str) -> CallError | None:
         """Take a slot for a connection from ``host``; the error to refuse it with if it is past a cap."""

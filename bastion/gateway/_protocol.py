@@ -52,6 +52,9 @@ MAX_HEAD = 64 * 1024
 #: Seconds a connection refused for a connection cap (answered at once) stays open for its request to arrive,
 #: so that the answer is not lost to a reset (closing on unread bytes); then it is closed regardless.
 REFUSED_GRACE = 1.0
+#: The most refused connections held open for that grace at once (outside the caps they were refused by);
+#: past it, a flood's connections are closed at once, unanswered, as over TLS.
+REFUSED_LINGERING = 64
 
 _HEADERS = b"".join(name + b": " + value + b"\r\n" for name, value in [*SECURITY_HEADERS, NO_STORE])
 
@@ -108,13 +111,20 @@ class HeadBoundedProtocol(HttpToolsProtocol):
             refusal = self.gate.admit(host)
             if refusal is None:
                 self._gate_host = host
+            elif self.gate.lingering >= REFUSED_LINGERING:  # a flood: no descriptor held even for the grace
+                self._refusal = b""
+                self._disarm_head_timer()
+                transport.abort()
             else:  # answered at once, closed when its request comes or soon after: not held for head_timeout
                 self._refusal = refusal_answer(refusal)
+                self.gate.lingering += 1  # given back in connection_lost
                 transport.write(self._refusal)
                 self._disarm_head_timer()
                 self._head_timer = self.loop.call_later(REFUSED_GRACE, transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refusal and self.gate is not None:
+            self.gate.lingering -= 1
         self._give_back()
         self._disarm_head_timer()
         self._end_body()

@@ -105,7 +105,8 @@ class TLSAcceptor(SSLProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = transport
         host = peer_host(transport)
-        if self.gate.admit(host) is not None:  # past a cap: nothing can be said before a handshake
+        # Stopping, or past a cap: nothing can be said before a handshake.
+        if self.gate.closing or self.gate.admit(host) is not None:
             self.refused = True
             cast(asyncio.Transport, transport).abort()
             return

@@ -67,8 +67,10 @@ class GatewayServer:
         gateway: Gateway,
         tls: bool,
         handshaking: set[TLSAcceptor],
+        gate: ConnectionGate,
     ) -> None:
         self._uvicorn = uv
+        self._gate = gate
         self._handshaking = handshaking
         self._task = task
         self._sockets = sockets
@@ -82,6 +84,7 @@ class GatewayServer:
     async def aclose(self, timeout: float = 5.0) -> None:
         """Stop accepting, let requests in progress finish (up to ``timeout``), close the bridge."""
         self._uvicorn.should_exit = True
+        self._gate.closing = True  # handshakes begun from now on (uvicorn still accepts until its next tick)
         for acceptor in list(self._handshaking):  # not connections of uvicorn's yet: it would not close them
             acceptor.abort()
         try:
@@ -158,7 +161,7 @@ async def serve(
     gateway.started = True
     if context is not None:
         server.also_reload.append(context)  # SIGHUP and dev certificate renewal reach it too
-    return GatewayServer(uv, task, sockets, gateway, context is not None, handshaking)
+    return GatewayServer(uv, task, sockets, gateway, context is not None, handshaking, gate)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -10,7 +10,9 @@ gives its slot back.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import ssl
 import time
@@ -148,4 +150,37 @@ def test_a_silent_connection_past_the_cap_is_not_held_for_the_header_timeout(tmp
             assert time.monotonic() - started < 5
             assert answer.startswith(b"HTTP/1.1 429"), answer[:100]
     finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_a_flood_of_refused_connections_holds_a_bounded_number_of_descriptors(tmp_path: Path) -> None:
+    """Each refused connection was held open for a moment (REFUSED_GRACE) so that its answer could arrive,
+    outside every cap: a flood at the accept rate held that many descriptors. Past REFUSED_LINGERING at
+    once, the rest are closed at once, unanswered, as over TLS."""
+    from bastion.gateway._protocol import REFUSED_GRACE, REFUSED_LINGERING
+
+    env = {"BASTION_GATEWAY__MAX_CONNECTIONS_PER_SOURCE": "1"}
+    server = start_server(tmp_path / "flood", env=env, insecure=True, http=True)
+    fds = f"/proc/{server.process.pid}/fd"
+    flood: list[socket.socket] = []
+    try:
+        with open_ws(server):
+            before = len(os.listdir(fds))
+            for _ in range(4 * REFUSED_LINGERING):  # silent: each would wait out the grace
+                flood.append(socket.create_connection(_address(server), timeout=10))
+            peak, until = 0, time.monotonic() + REFUSED_GRACE / 2  # measured while the grace runs
+            while time.monotonic() < until:
+                peak = max(peak, len(os.listdir(fds)) - before)
+            answered = 0
+            for sock in flood:
+                answer = b""
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := sock.recv(4096):
+                        answer += chunk
+                answered += answer.startswith(b"HTTP/1.1 429")
+            assert peak <= REFUSED_LINGERING + 8, peak
+            assert REFUSED_LINGERING <= answered < 4 * REFUSED_LINGERING  # the first were answered, the rest not
+    finally:
+        for sock in flood:
+            sock.close()
         assert server.stop() == 0, server.log()
