@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from bastion.client._connection import NO_OPTIONS, ClientClosed, ClientConnection
+from bastion.client._connection import NO_OPTIONS, ClientClosed, ClientConnection, wait_to_reconnect
 from bastion.client.balancer import (
     Balancer,
     BreakerState,
@@ -201,14 +201,8 @@ class BalancedEndpoints:
         endpoint = slot.endpoint
         backoff = endpoint.backoff
         try:
-            lost = slot.conn
-            if lost is not None:  # not usable, or we would not be here
-                slot.conn = None
-                if not (lost.went_away or lost.orphaned):  # lost (or broken by a protocol error)
-                    backoff.on_lost()
-            wait = backoff.delay()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            lost, slot.conn = slot.conn, None  # not usable, or we would not be here
+            await wait_to_reconnect(backoff, lost)
             conn = slot.conn = await self._open(endpoint.host, endpoint.port, endpoint.server_hostname)
             backoff.on_success()
             health = self._health

@@ -32,6 +32,7 @@ from bastion.client._common import (
     error_from,
     goaway_error,
 )
+from bastion.client.balancer import ReconnectBackoff
 from bastion.exceptions import ConnectError, ConnectionClosed, UsageError, error_for_status
 from bastion.protocol.connection import Connection, ProtocolLimits
 from bastion.protocol.messages import Credit, Error, GoAway, Item, Message, Ping, Result, Welcome
@@ -507,6 +508,16 @@ class ClientConnection:
                 self.link.schedule_flush()
         if self.core.send_end(call_id):
             self.link.schedule_flush()
+
+
+async def wait_to_reconnect(backoff: ReconnectBackoff, lost: ClientConnection | None) -> None:
+    """Before connecting again: count ``lost`` (the connection that went, if any) against ``backoff``, unless it
+    went away in good order (GoAway) or was left behind by a closed event loop; then wait out the backoff."""
+    if lost is not None and not (lost.went_away or lost.orphaned):  # lost (or broken by a protocol error)
+        backoff.on_lost()
+    wait = backoff.delay()
+    if wait > 0:
+        await asyncio.sleep(wait)
 
 
 async def aiter_items(items: AsyncIterable[Any] | Iterable[Any]) -> AsyncIterator[Any]:

@@ -72,6 +72,7 @@ from bastion.client._connection import (
     CallOptions,
     ClientClosed,
     ClientConnection,
+    wait_to_reconnect,
 )
 from bastion.client._connection import cancel_unless_closed as _cancel
 from bastion.client._connection import cancelling as _cancelling
@@ -249,14 +250,8 @@ class Client(BalancedEndpoints, ClientBase):
         """
         backoff = self._backoff
         try:
-            lost = self._conn
-            if lost is not None:  # not usable, or we would not be here
-                self._conn = None
-                if not (lost.went_away or lost.orphaned):  # lost (or broken by a protocol error)
-                    backoff.on_lost()
-            wait = backoff.delay()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            lost, self._conn = self._conn, None  # not usable, or we would not be here
+            await wait_to_reconnect(backoff, lost)
             try:
                 conn = self._conn = await self._open()
             except (ConnectError, CallError):  # refused, or the handshake failed or was refused

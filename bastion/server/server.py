@@ -237,10 +237,11 @@ class Server:
     def _admit(self, conn: socket.socket, addr: Any) -> None:
         """Check the connection limits on a just-accepted socket; start it or close it."""
         source = addr[0] if isinstance(addr, tuple) else str(addr)
+        key = source_key(source)  # what the per-source limit counts (an IPv6 client by its /64)
         limits = self.limits
         proxied = bool(self.trusted_proxies) and self._is_trusted_proxy(source)
         if self._open >= limits.max_connections or (
-            not proxied and self._per_source.get(source_key(source), 0) >= limits.max_connections_per_source
+            not proxied and self._per_source.get(key, 0) >= limits.max_connections_per_source
         ):
             self.counters["rejected_connections"] += 1
             if self._open < limits.max_connections:
@@ -251,7 +252,6 @@ class Server:
         if proxied:  # the per-source limit applies to the client the header names
             coro = self._connect_proxied(conn, source)
         else:
-            key = source_key(source)
             self._per_source[key] = self._per_source.get(key, 0) + 1
             coro = self._connect(conn, source)
         task = asyncio.get_running_loop().create_task(coro)

@@ -11,7 +11,6 @@ import json
 import socket
 import ssl
 import time
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from tests.gateway.test_metrics import _context, _get, scrape
+from tests.gateway.test_ws_abuse import _address
 from tests.support.server import ServerProcess, start_server, wait_for
 
 HEADER_TIMEOUT = 1.0
@@ -34,13 +34,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         yield server
     finally:
         assert server.stop() == 0, server.log()
-
-
-def _address(server: ServerProcess) -> tuple[str, int]:
-    assert server.gateway_url is not None
-    parts = urllib.parse.urlsplit(server.gateway_url)
-    assert parts.hostname is not None and parts.port is not None
-    return parts.hostname, parts.port
 
 
 def _failures(server: ServerProcess) -> dict[str, float]:
