@@ -68,6 +68,7 @@ from bastion.security.ratelimit import Limiter, create_limiter
 from bastion.security.ratelimit_shared import SharedRateLimiter, SharedTable
 from bastion.security.throttle import LoginThrottle
 from bastion.server.dispatch import IdempotencyKeys
+from bastion.server.notify import SystemdNotifier
 from bastion.server.scheduler import Scheduler
 from bastion.server.server import HANDLER_THREAD_PREFIX, Server
 from bastion.server.supervisor import Supervisor, WorkerChannel, bind_listeners, resolve_workers
@@ -224,6 +225,7 @@ def run(config: Config, *, echo: Callable[[str], None], source: ConfigSource | N
     ``source``: where ``config`` came from; SIGHUP re-reads ``tls.revoked_serials`` from it.
     """
     _configure_logging(config.log_level)
+    notifier = SystemdNotifier.from_environ()  # taken out of the environment: workers and jobs must not notify
     workers = resolve_workers(config.workers)
     load_services(config.services)  # fail here, not in every worker, if they cannot be imported
     load_job_registries(config.jobs.modules)
@@ -235,10 +237,10 @@ def run(config: Config, *, echo: Callable[[str], None], source: ConfigSource | N
         raise UsageError(f"cannot create the data directory {data_dir}: {exc.strerror}") from None
     tls = prepare_tls(config, warn=lambda line: print(line, file=sys.stderr, flush=True))
     if workers > 1:
-        return _supervise(config, workers, tls.messages, echo, tls.cert_files is not None, source)
+        return _supervise(config, workers, tls.messages, echo, tls.cert_files is not None, source, notifier)
 
     async def main() -> None:
-        await _compose_and_serve(config, _Role(), echo, list(tls.messages), tls, source)
+        await _compose_and_serve(config, _Role(notifier=notifier), echo, list(tls.messages), tls, source)
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
@@ -278,6 +280,7 @@ class _Role:
 
     channel: WorkerChannel | None = None
     shared: SharedTable | None = None
+    notifier: SystemdNotifier | None = None  # systemd's, for the only server (the supervisor keeps its own)
 
     @property
     def leader(self) -> bool:
@@ -368,7 +371,7 @@ async def _compose_and_serve(
             if tls.dev:
                 renewal = asyncio.create_task(keep_dev_certificate(config, server.reload_tls, leader=leader))
             if role.channel is None:
-                await _serve(server, config, echo, token_state, token_path.resolve(), tls_messages, tls)
+                await _serve(server, config, echo, token_state, token_path.resolve(), tls_messages, tls, role.notifier)
             else:
                 await _serve_worker(server, role.channel, config, tls)
         finally:
@@ -390,6 +393,7 @@ async def _serve(
     token_path: Path,
     tls_messages: list[str],
     tls: TLSSetup,
+    notifier: SystemdNotifier | None,
 ) -> None:
     try:
         await server.start(config.host, config.port)
@@ -418,6 +422,8 @@ async def _serve(
     echo(f"admin token {token_state} {token_path} (mode 0600)")
     for line in tls_messages:
         echo(line)
+    if notifier is not None:
+        notifier.serving(server, f"serving on {host}:{port}")  # its watchdog pings end with the loop
     try:
         await server.serve_forever(handle_signals=False)  # returns once drained: /readyz said 503 meanwhile
     finally:
@@ -501,6 +507,7 @@ def _supervise(
     echo: Callable[[str], None],
     tls_on: bool = True,
     source: ConfigSource | None = None,
+    notifier: SystemdNotifier | None = None,
 ) -> int:
     """Bootstrap the data once, bind the port, and supervise ``workers`` worker processes."""
     data_dir = Path(config.data_dir)
@@ -558,6 +565,7 @@ def _supervise(
         extra_fds=[shared.fileno()],
         http_listeners=http_listeners,
         hang_timeout=config.worker_timeout or None,
+        notifier=notifier,
     )
     try:
         code = supervisor.run()

@@ -140,6 +140,7 @@ class Server:
         self.revoked_serials = frozenset(parse_serial(s) for s in revoked_serials)  # SIGHUP: cli/serve.py
         #: Called on SIGHUP after the TLS reload (``bastion serve`` re-reads ``tls.revoked_serials``).
         self.hangup_hooks: list[Callable[[], None]] = []
+        self.drain_hooks: list[Callable[[], None]] = []  #: called once, as a drain begins
         self.trusted_proxies = parse_networks(trusted_proxies)
         self.idempotency = idempotency
         self.audit = audit or AuditLog()
@@ -487,6 +488,8 @@ class Server:
             await self._stopped.wait()
             return
         self.draining = True
+        for hook in self.drain_hooks:
+            hook()
         grace = self.limits.grace_period if grace is None else grace
         for task in self._accept_tasks:
             task.cancel()

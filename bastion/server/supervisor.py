@@ -85,7 +85,10 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bastion.server.notify import SystemdNotifier
 
 __all__ = [
     "RESTART_DELAYS",
@@ -191,6 +194,7 @@ class Supervisor:
         restart_limit: int = len(RESTART_DELAYS),
         stable_after: float = 10.0,
         hang_timeout: float | None = None,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         self.command = list(command)
         self.listeners = [list(group) for group in listeners]
@@ -203,6 +207,8 @@ class Supervisor:
         self.restart_limit = restart_limit
         self.stable_after = stable_after
         self.hang_timeout = hang_timeout
+        self.notifier = notifier  # systemd's: told when all workers serve, on reloads and stop; watchdog pings
+        self._next_ping = time.monotonic() if notifier is not None and notifier.watchdog else None
         self.workers = [_Worker(i) for i in range(len(self.listeners))]
         self.restarts = 0
         self._announced = False
@@ -248,6 +254,8 @@ class Supervisor:
         times = [w.restart_at for w in self.workers if w.restart_at is not None]
         if self._kill_at is not None:
             times.append(self._kill_at)
+        if self._next_ping is not None:
+            times.append(self._next_ping)
         if self.hang_timeout is not None and not self._stopping:
             times.extend(w.heard + self.hang_timeout for w in self.workers if w.ready and w.process is not None)
         if not times:
@@ -263,10 +271,18 @@ class Supervisor:
             elif number == signal.SIGHUP:
                 log.info("received SIGHUP: forwarding it to the workers")
                 self._signal_all(signal.SIGHUP)
+                if self.notifier is not None:
+                    self.notifier.reloaded(self._status())
             # SIGCHLD: _reap runs after every wake-up
+
+    def _status(self) -> str:
+        return f"serving: {len(self.workers)} workers"
 
     def _tick(self) -> None:
         now = time.monotonic()
+        if self._next_ping is not None and now >= self._next_ping and self.notifier is not None:
+            self.notifier.alive()  # the supervisor's loop runs; hung workers are its own business (hang_timeout)
+            self._next_ping = now + (self.notifier.watchdog or 0.0)
         for worker in self.workers:
             if worker.restart_at is not None and worker.restart_at <= now and not self._stopping:
                 worker.restart_at = None
@@ -297,6 +313,8 @@ class Supervisor:
             return
         self._stopping = True
         self._exit_code = max(self._exit_code, code)
+        if self.notifier is not None:
+            self.notifier.stopping()
         self._close_listeners()
         for worker in self.workers:
             worker.restart_at = None
@@ -397,6 +415,8 @@ class Supervisor:
         if all(w.ready for w in self.workers) and not self._stopping:
             self._announced = True
             self.on_ready([w.report for w in self.workers])
+            if self.notifier is not None:
+                self.notifier.ready(self._status())
 
     def _drop_channel(self, worker: _Worker) -> None:
         if worker.channel is not None:

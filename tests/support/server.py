@@ -69,10 +69,14 @@ def shared_ca() -> Path:
     return ca_path
 
 
+_SYSTEMD_VARIABLES = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})
+
+
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The test process's environment without any BASTION_* setting, plus
     ``BASTION_CA`` (the shared test CA) and ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    # Nor systemd's notify variables: a server under test must not speak to whatever manager runs the tests.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_") and k not in _SYSTEMD_VARIABLES}
     env["NO_COLOR"] = "1"
     env["BASTION_CA"] = str(shared_ca())
     env.update(extra or {})
