@@ -375,6 +375,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     trusted_proxies: list[str] = []
     services: list[str] = []  # "module:attribute" of extra Service objects
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line (bastion/observability/logs.py)
     limits: ServerLimits = ServerLimits()
     tls: TLSConfig = TLSConfig()
     auth: AuthConfig = AuthConfig()
@@ -396,6 +397,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError(f"worker_timeout must be a finite number of seconds >= 0, got {self.worker_timeout!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise UsageError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+        if self.log_format not in ("text", "json"):
+            raise UsageError(f"log_format must be text or json, got {self.log_format!r}")
         self._check_fits_a_frame()
 
     def _check_fits_a_frame(self) -> None:

@@ -83,6 +83,9 @@ def serve(
         typer.Option("--jobs", help="Offer the jobs of MODULE:ATTRIBUTE (a bastion.jobs.JobRegistry)."),
     ] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning or error.")] = None,
+    log_format: Annotated[
+        str | None, typer.Option("--log-format", help="text (default) or json: one object per line.")
+    ] = None,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="Serve plaintext without TLS (loopback only; prints a warning).")
     ] = False,
@@ -117,7 +120,7 @@ def serve(
     from bastion.cli.cert import ConfigSource
     from bastion.cli.serve import run
 
-    overrides: dict[str, Any] = {"host": host, "port": port, "log_level": log_level}
+    overrides: dict[str, Any] = {"host": host, "port": port, "log_level": log_level, "log_format": log_format}
     tls: dict[str, Any] = {
         "cert": str(cert) if cert else None,
         "key": str(key) if key else None,

@@ -58,6 +58,7 @@ from bastion.exceptions import UsageError
 from bastion.gateway.runner import GatewayServer
 from bastion.gateway.runner import serve as serve_gateway
 from bastion.jobs import JobRegistry
+from bastion.observability import logs
 from bastion.observability.metrics import WorkerSnapshots, server_snapshot
 from bastion.security.audit import AuditLog
 from bastion.security.authn import StoreAuthenticator, hash_token, new_token, new_token_id
@@ -198,25 +199,6 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-class OneLineFormatter(logging.Formatter):
-    """Log records as one line each: a message's unprintable characters (newline, CR, ESC, bidi overrides)
-    appear as Python escapes, so text a client chose -- a job's error, a name -- can neither forge a line of
-    the log nor reach a terminal reading it. A traceback (``exc_info``) still follows on lines of its own."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        text = record.message
-        if not text.isprintable():
-            record.message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-        return super().formatMessage(record)
-
-
-def _configure_logging(level: str, worker: int | None = None) -> None:
-    who = "" if worker is None else f"[worker {worker}]"
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter(f"%(asctime)s %(levelname)s %(name)s{who}: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
-
-
 def run(config: Config, *, echo: Callable[[str], None], source: ConfigSource | None = None) -> int:
     """Start the server described by ``config``; return the exit code.
 
@@ -224,7 +206,7 @@ def run(config: Config, *, echo: Callable[[str], None], source: ConfigSource | N
     that many worker processes (bastion/server/supervisor.py); else it serves.
     ``source``: where ``config`` came from; SIGHUP re-reads ``tls.revoked_serials`` from it.
     """
-    _configure_logging(config.log_level)
+    logs.configure(config.log_level, config.log_format)
     notifier = SystemdNotifier.from_environ()  # taken out of the environment: workers and jobs must not notify
     workers = resolve_workers(config.workers)
     load_services(config.services)  # fail here, not in every worker, if they cannot be imported
@@ -235,7 +217,8 @@ def run(config: Config, *, echo: Callable[[str], None], source: ConfigSource | N
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create the data directory {data_dir}: {exc.strerror}") from None
-    tls = prepare_tls(config, warn=lambda line: print(line, file=sys.stderr, flush=True))
+    warn = log.warning if config.log_format == "json" else lambda line: print(line, file=sys.stderr, flush=True)
+    tls = prepare_tls(config, warn=warn)
     if workers > 1:
         return _supervise(config, workers, tls.messages, echo, tls.cert_files is not None, source, notifier)
 
@@ -581,7 +564,7 @@ def worker_main(argv: list[str]) -> int:
     channel = WorkerChannel.open(int(argv[0]))
     payload = channel.payload
     config = msgspec.convert(payload["config"], Config)
-    _configure_logging(config.log_level, channel.index)
+    logs.configure(config.log_level, config.log_format, channel.index)
     shared = SharedTable(int(payload["shared_fd"]))
     tls = prepare_tls(config, warn=lambda line: None)  # the supervisor has shown the warnings
     source = None if payload.get("source") is None else ConfigSource(**payload["source"])

@@ -133,6 +133,7 @@ async def serve(
         http=bounded_protocol(config.header_timeout, config.body_timeout, config.body_min_rate, gate),
         ws=WebSocketProtocol,  # uvicorn's "websockets-sansio", its 500 with the gateway's headers
         lifespan="off",
+        log_config=None,  # uvicorn's records go to the server's own log, in its format (log_format)
         log_level="warning",
         access_log=False,
         ws_max_size=config.max_body,

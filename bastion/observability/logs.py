@@ -1,0 +1,72 @@
+"""The server's log: one line per record on standard error, as text or as JSON (``log_format``).
+
+``text`` (the default) reads ``TIME LEVEL LOGGER: MESSAGE``; ``json`` writes one
+object per line for a collector (journald, Kubernetes, Loki):
+``{"timestamp", "level", "logger", "message"}``, plus ``"worker"`` (its index,
+with ``--workers``) and ``"exception"`` (the traceback's text) where they
+apply. ``timestamp`` is ISO 8601 in UTC with milliseconds. Either way one
+record is one line: in text a message's unprintable characters are escaped
+(see ``OneLineFormatter``), in JSON the encoder escapes them, so text a client
+chose can never forge a record.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+
+__all__ = ["FORMATS", "JSONFormatter", "OneLineFormatter", "configure"]
+
+#: The values of ``log_format``.
+FORMATS = ("text", "json")
+
+
+class OneLineFormatter(logging.Formatter):
+    """Log records as one line each: a message's unprintable characters (newline, CR, ESC, bidi overrides)
+    appear as Python escapes, so text a client chose -- a job's error, a name -- can neither forge a line of
+    the log nor reach a terminal reading it. A traceback (``exc_info``) still follows on lines of its own."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = record.message
+        if not text.isprintable():
+            record.message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        return super().formatMessage(record)
+
+
+class JSONFormatter(logging.Formatter):
+    """Log records as one JSON object per line (see the module docstring); ``worker``: this process's index."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def format(self, record: logging.LogRecord) -> str:
+        at = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        entry: dict[str, object] = {
+            "timestamp": at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if self.worker is not None:
+            entry["worker"] = self.worker
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=True, default=str)
+
+
+def configure(level: str, log_format: str = "text", worker: int | None = None) -> None:
+    """Send the root logger's records at ``level`` and above to standard error, in ``log_format``."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JSONFormatter(worker))
+    else:
+        who = "" if worker is None else f"[worker {worker}]"
+        handler.setFormatter(OneLineFormatter(f"%(asctime)s %(levelname)s %(name)s{who}: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
