@@ -26,14 +26,26 @@ every ``interval`` seconds (the first one ``interval`` after the newest
 scheduled archive -- at once if that is overdue or there is none, so a
 server restarted more often than its interval still takes them; ``interval``
 after start when it is dated in the future), names
-it ``…-scheduled.bbk`` and then deletes all but the newest ``backup.keep``
-scheduled archives (on-demand archives are never deleted; nor are scheduled
-ones dated in the future -- taken while the clock was ahead -- which would
-otherwise outrank, by name, every archive taken after it was set right; a
-warning names them). A failure is
+it ``…-scheduled-<owner>.bbk`` and then deletes all but the newest
+``backup.keep`` scheduled archives *of that owner* (on-demand archives are
+never deleted; nor are scheduled ones dated in the future -- taken while the
+clock was ahead -- which would otherwise outrank, by name, every archive
+taken after it was set right; a warning names them). A failure is
 logged and counted (``stats``, and ``counters``, which ``bastion serve``
 points at the server's counters: ``bastion_backups_total{trigger,result}``
 on /metrics), never fatal; the next attempt comes at the next interval.
+
+Owners: a backup directory may be shared by several servers (replicas, or
+data directories pointing at one directory), so retention deletes only the
+archives this data directory's server took. The owner is 16 random hex
+digits written once to ``<data_dir>/backup-owner`` (``backup_owner``) and
+put in each scheduled archive's name. It lives beside the database, not in
+it, so a store restored from another's archive keeps its own owner; a data
+directory *copied* to start a second server copies it too (delete the copy's
+``backup-owner`` file). Scheduled archives of older versions carry no owner:
+they could be anyone's, so retention never deletes them (a warning says
+how many there are, to be deleted by hand); they still count for when the
+next scheduled backup is due.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -52,16 +65,19 @@ from bastion.exceptions import FailedPrecondition, InvalidArgument, Unavailable
 from bastion.store import archive
 from bastion.store.backup import backup_postgres, backup_sqlite
 from bastion.store.base import Store
+from bastion.store.leftovers import partial_name
 from bastion.store.postgres import PostgresStore
 from bastion.store.sqlite import SQLiteStore
 
-__all__ = ["Backups"]
+__all__ = ["OWNER_FILE", "Backups", "backup_owner"]
 
 log = logging.getLogger("bastion.backup")
 
 
 #: In the backup directory: held (flock) by whichever process is taking a backup there.
 LOCK_FILE = ".backup.lock"
+#: In the data directory: the owner named in this server's scheduled archives (made once, then only read).
+OWNER_FILE = "backup-owner"
 
 
 class _Running(Unavailable):
@@ -81,6 +97,43 @@ def _hold(directory: Path) -> int | None:
         os.close(fd)
         raise
     return fd
+
+
+def backup_owner(data_dir: Path) -> str:
+    """The owner of the scheduled archives of the server on ``data_dir``: read from its ``backup-owner``
+    file, which is made (16 random hex digits, 0600) the first time. Two processes making it at once
+    agree: each links a finished temporary into place, and the second link fails."""
+    path = data_dir / OWNER_FILE
+    try:
+        if not os.path.lexists(path):
+            _make_owner(path)
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError as exc:
+        raise FailedPrecondition(f"cannot read or make the backup owner file {path}: {exc.strerror}") from exc
+    if not archive.OWNER.fullmatch(text):
+        raise FailedPrecondition(
+            f"{path} does not hold a backup owner (16 hex digits): delete it to make a new one (the scheduled "
+            "archives named with the old one are then left alone by retention: delete them by hand)"
+        )
+    return text
+
+
+def _make_owner(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(partial_name(path.name))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by a process of ours that was killed
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(8) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):  # another process made it first: that one stands
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    archive.fsync_dir(path.parent)
 
 
 class Backups:
@@ -112,6 +165,7 @@ class Backups:
         self.counters: collections.Counter[str] = collections.Counter()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._owner: str | None = None  # read from the data directory at the first scheduled backup
         if self.config.interval < 0 or self.config.keep < 1:
             raise InvalidArgument("backup.interval must be >= 0 and backup.keep >= 1")
 
@@ -142,7 +196,9 @@ class Backups:
                 held = await asyncio.to_thread(_hold, self.directory)
                 if held is None:
                     raise _Running("a backup is already running (in another worker); try again when it has finished")
-                name = archive.archive_name(time.time(), scheduled=scheduled)
+                if scheduled and self._owner is None:
+                    self._owner = await asyncio.to_thread(backup_owner, self.data_dir)
+                name = archive.archive_name(time.time(), scheduled=scheduled, owner=self._owner if scheduled else None)
                 info = await self._take(self.directory / name)
             except _Running:
                 raise
@@ -178,7 +234,7 @@ class Backups:
     def _warn_future_dated(self) -> None:
         """Retention leaves scheduled archives dated in the future alone (the clock went back): say so."""
         now = time.time()
-        ahead = [a.name for a in self.list() if a.name.endswith("-scheduled.bbk") and a.created_at > now]
+        ahead = [a.name for a in self.list() if a.owner is not None and a.owner == self._owner and a.created_at > now]
         if ahead:
             log.warning(
                 "backup retention: %d scheduled archives are dated in the future (was the clock ahead?) and are "
@@ -191,15 +247,24 @@ class Backups:
         server restarted more often than its interval still takes them (at once when one is overdue, or
         there is none); a whole interval when that archive is dated in the future (the clock went back)."""
         interval, now = self.config.interval, time.time()
-        taken = [a.created_at for a in self.list() if a.name.endswith("-scheduled.bbk")]
+        ours = [a for a in self.list() if archive.is_scheduled(a.name) and a.owner in (None, self._owner)]
+        unowned = sum(1 for a in ours if a.owner is None)
+        if unowned:
+            log.warning(
+                "backup retention: %d scheduled archives in %s were taken by an older bastion (no owner in their "
+                "names) and could be another server's, so they are never deleted: delete them by hand when not "
+                "needed", unowned, self.directory,
+            )  # fmt: skip
+        taken = [a.created_at for a in ours]
         newest = max(taken, default=now - interval)
         return interval if newest > now else max(0.0, newest + interval - now)
 
     async def _schedule(self) -> None:
         try:
+            self._owner = await asyncio.to_thread(backup_owner, self.data_dir)
             delay = await asyncio.to_thread(self._first_delay)
-        except OSError as exc:
-            log.warning("cannot list the backup directory %s: %s", self.directory, exc.strerror)
+        except (OSError, FailedPrecondition) as exc:
+            log.warning("cannot list the backup directory %s: %s", self.directory, exc)
             delay = self.config.interval
         while True:
             self.next_due = time.time() + delay
@@ -208,7 +273,11 @@ class Backups:
             try:
                 await self.backup(scheduled=True)
                 self.stats["scheduled_total"] += 1
-                removed = await asyncio.to_thread(archive.prune_scheduled, self.directory, self.config.keep)
+                owner = self._owner
+                assert owner is not None  # set by the scheduled backup just taken
+                removed = await asyncio.to_thread(
+                    archive.prune_scheduled, self.directory, self.config.keep, owner=owner
+                )
                 if removed:
                     log.info("backup retention: deleted %s", ", ".join(removed))
                 await asyncio.to_thread(self._warn_future_dated)

@@ -81,11 +81,13 @@ from bastion.store.leftovers import partial_name, remove_stale
 
 __all__ = [
     "ARCHIVE_SUFFIX",
+    "OWNER",
     "ArchiveInfo",
     "Manifest",
     "Member",
     "archive_name",
     "fsync_dir",
+    "is_scheduled",
     "list_archives",
     "prune_scheduled",
     "refuse_existing",
@@ -115,7 +117,9 @@ _HEADER = struct.Struct(">8sBBBBBBI16s")  # _magic, version, flags, log_n, r, p,
 _HEADER_SIZE = _HEADER.size + 32
 #: The path of a blob in an archive: files/blobs/<sha[:2]>/<sha>.
 BLOB_PATH = re.compile(r"files/blobs/([0-9a-f]{2})/([0-9a-f]{64})")
-_NAME = re.compile(r"bastion-backup-(\d{8}T\d{6}\.\d{6}Z)(-scheduled)?" + re.escape(ARCHIVE_SUFFIX))
+#: Who took a scheduled archive: 16 hex digits, made once per data directory (``services.backup.backup_owner``).
+OWNER = re.compile(r"[0-9a-f]{16}")
+_NAME = re.compile(r"bastion-backup-(\d{8}T\d{6}\.\d{6}Z)(-scheduled(?:-([0-9a-f]{16}))?)?" + re.escape(ARCHIVE_SUFFIX))
 
 
 # -- records ------------------------------------------------------------------------------------
@@ -157,12 +161,26 @@ class ArchiveInfo(msgspec.Struct, frozen=True):
     members: int | None = None
     blobs: int | None = None
     content_bytes: int | None = None  # sum of the member sizes (before compression)
+    owner: str | None = None  # a scheduled archive: the owner its name carries (None: none, or an older one)
 
 
-def archive_name(at: float, *, scheduled: bool = False) -> str:
-    """``bastion-backup-<UTC time to the microsecond>[-scheduled].bbk``: names sort by time."""
+def archive_name(at: float, *, scheduled: bool = False, owner: str | None = None) -> str:
+    """``bastion-backup-<UTC time to the microsecond>[-scheduled[-<owner>]].bbk``: names sort by time.
+
+    Retention deletes only scheduled archives whose name carries its own ``owner``: a backup directory
+    may be shared by several servers. (Scheduled names without an owner are those of older versions.)
+    """
+    if owner is not None and (not scheduled or not OWNER.fullmatch(owner)):
+        raise ValueError(f"an owner is 16 hex digits, on scheduled archives only: {owner!r}")
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(at)) + f".{int(at % 1 * 1e6):06d}Z"
-    return f"bastion-backup-{stamp}{'-scheduled' if scheduled else ''}{ARCHIVE_SUFFIX}"
+    kind = ("-scheduled" if scheduled else "") + (f"-{owner}" if owner else "")
+    return f"bastion-backup-{stamp}{kind}{ARCHIVE_SUFFIX}"
+
+
+def is_scheduled(name: str) -> bool:
+    """Whether ``name`` is that of a scheduled archive (whoever's, with an owner or without)."""
+    match = _NAME.fullmatch(name)
+    return match is not None and match[2] is not None
 
 
 # -- framing: every byte of the file is checked ------------------------------------------------------
@@ -504,12 +522,16 @@ def list_archives(directory: Path) -> list[ArchiveInfo]:
         encrypted = len(header) == _HEADER.size and header.startswith(MAGIC) and bool(header[9] & _FLAG_ENCRYPTED)
         stamp = time.strptime(match[1][:15], "%Y%m%dT%H%M%S")
         created = float(calendar.timegm(stamp)) + int(match[1][16:22]) / 1e6  # the name is UTC
-        out.append(ArchiveInfo(path.name, path.stat().st_size, "", encrypted, created))
+        out.append(ArchiveInfo(path.name, path.stat().st_size, "", encrypted, created, owner=match[3]))
     return out
 
 
-def prune_scheduled(directory: Path, keep: int, *, now: float | None = None) -> list[str]:
-    """Delete all but the newest ``keep`` scheduled archives; the names deleted.
+def prune_scheduled(directory: Path, keep: int, *, owner: str, now: float | None = None) -> list[str]:
+    """Delete all but the newest ``keep`` scheduled archives named with ``owner``; the names deleted.
+
+    Only ``owner``'s archives are counted or deleted: a directory shared by several servers (replicas,
+    or data directories pointing at one backup directory) holds theirs too. Scheduled archives of older
+    versions, whose names carry no owner, could be anyone's and are never deleted (nor counted).
 
     "Newest" is read from the names, which carry the wall clock of when each
     was taken. An archive dated after ``now`` (default: the clock now) was
@@ -518,8 +540,10 @@ def prune_scheduled(directory: Path, keep: int, *, now: float | None = None) -> 
     right, and those would be deleted as soon as they were written.
     """
     now = time.time() if now is None else now
-    scheduled = [a for a in list_archives(directory) if a.name.endswith(f"-scheduled{ARCHIVE_SUFFIX}")]
-    dated = [directory / a.name for a in scheduled if a.created_at <= now]
+    if not OWNER.fullmatch(owner):
+        raise ValueError(f"an owner is 16 hex digits: {owner!r}")
+    own = [a for a in list_archives(directory) if a.owner == owner]
+    dated = [directory / a.name for a in own if a.created_at <= now]
     doomed = dated[: max(0, len(dated) - keep)]
     for path in doomed:
         path.unlink(missing_ok=True)

@@ -19,8 +19,8 @@ from bastion import PermissionDenied, Principal, ResourceExhausted, Unavailable
 from bastion.config import BackupConfig
 from bastion.security.credentials import User
 from bastion.services.admin import create_service
-from bastion.services.backup import Backups
-from bastion.store.archive import ArchiveInfo, archive_name, list_archives
+from bastion.services.backup import Backups, backup_owner
+from bastion.store.archive import ArchiveInfo, archive_name, is_scheduled, list_archives
 from bastion.store.backup import verify_archive
 from bastion.store.sqlite import SQLiteStore
 from bastion.testing import ANONYMOUS, MemoryServer
@@ -122,7 +122,7 @@ def test_scheduled_backups_run_and_keep_only_the_newest(tmp_path: Path) -> None:
             manual = await backup_between_scheduled(backups)  # on-demand archives are never pruned
             await until(lambda: backups.stats["scheduled_total"] >= 4)
         names = sorted(p.name for p in (tmp_path / "backups").iterdir())
-        scheduled = [n for n in names if n.endswith("-scheduled.bbk")]
+        scheduled = [n for n in names if is_scheduled(n)]
         assert manual.name in names
         assert 1 <= len(scheduled) <= 3  # keep=2, plus perhaps one written after the last prune
         assert backups.stats["scheduled_failed"] == 0
@@ -148,7 +148,7 @@ def test_retention_never_deletes_fresh_backups_when_the_clock_went_back(tmp_path
     directory = tmp_path / "backups"
     directory.mkdir(mode=0o700)
     ahead = time.time() + 365 * 86400
-    stale = [archive_name(ahead + i, scheduled=True) for i in range(3)]
+    stale = [archive_name(ahead + i, scheduled=True, owner=backup_owner(tmp_path)) for i in range(3)]
     for name in stale:
         (directory / name).write_bytes(b"written while the clock was wrong")
 
@@ -248,7 +248,7 @@ def test_a_fresh_scheduled_archive_puts_the_next_one_an_interval_after_it(tmp_pa
     directory = tmp_path / "backups"
     directory.mkdir(mode=0o700)
     taken = time.time() - 1
-    (directory / archive_name(taken, scheduled=True)).write_bytes(b"just taken")
+    (directory / archive_name(taken, scheduled=True, owner=backup_owner(tmp_path))).write_bytes(b"just taken")
 
     async def main() -> None:
         async with hosted(tmp_path, interval=3600, keep=5) as (_, backups, _):

@@ -294,15 +294,25 @@ def test_the_manifest_may_only_name_known_paths(tmp_path: Path) -> None:
 
 
 def test_archives_are_listed_by_time_and_old_scheduled_ones_pruned(tmp_path: Path) -> None:
-    names = [archive.archive_name(1_700_000_000 + i, scheduled=i % 2 == 0) for i in range(6)]
-    for name in names:
+    mine, theirs = "0123456789abcdef", "fedcba9876543210"
+    names = [
+        archive.archive_name(1_700_000_000 + i, scheduled=i % 2 == 0, owner=mine if i % 2 == 0 else None)
+        for i in range(6)
+    ]
+    others = [
+        archive.archive_name(1_700_000_000.5, scheduled=True, owner=theirs),  # another server's, in the same directory
+        archive.archive_name(1_699_000_000, scheduled=True),  # an older bastion's: no owner, could be anyone's
+    ]
+    for name in names + others:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("not an archive")
-    assert [a.name for a in archive.list_archives(tmp_path)] == sorted(names)
-    assert archive.list_archives(tmp_path)[0].created_at == 1_700_000_000
-    removed = archive.prune_scheduled(tmp_path, keep=1)
+    assert [a.name for a in archive.list_archives(tmp_path)] == sorted(names + others)
+    assert archive.list_archives(tmp_path)[1].created_at == 1_700_000_000
+    assert [a.owner for a in archive.list_archives(tmp_path)][:3] == [None, mine, theirs]
+    removed = archive.prune_scheduled(tmp_path, keep=1, owner=mine)
     assert removed == [names[0], names[2]]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[1::2], names[4], "notes.txt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[1::2], names[4], *others, "notes.txt"])
+    assert archive.prune_scheduled(tmp_path, keep=1, owner=theirs) == []
 
 
 @pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/New_York", "Australia/Sydney"])
