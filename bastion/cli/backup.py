@@ -15,6 +15,7 @@ refuses one with a password.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sys
 import time
@@ -23,9 +24,19 @@ from typing import Annotated, Any
 
 import typer
 
-from bastion.cli.common import CA, Insecure, TokenFile, connect, print_json, run_guarded, store_flag
+from bastion.cli.common import (
+    CA,
+    EXIT_UNAVAILABLE,
+    Insecure,
+    TokenFile,
+    connect,
+    print_json,
+    run_guarded,
+    store_flag,
+)
 from bastion.config import Config, load_config
 from bastion.exceptions import InvalidArgument, UsageError
+from bastion.services.backup import hold_lock
 from bastion.store.archive import ArchiveInfo, archive_name
 from bastion.store.backup import backup_postgres, backup_sqlite, restore_postgres, restore_sqlite, verify_archive
 
@@ -66,6 +77,33 @@ ConfigOption = Annotated[
 ]
 
 _POSTGRES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
+DEFAULT_WAIT = 300.0
+_POLL = 0.1  # seconds between tries of the lock while waiting
+
+
+class _Busy(Exception):
+    """Another backup kept the directory's lock for longer than --wait."""
+
+
+def _lock(directory: Path, wait: float) -> int:
+    """Hold ``directory``'s backup lock (as a server's backups do), waiting up to ``wait`` seconds for
+    another backup being taken there to finish: its file descriptor (closing it lets go)."""
+    deadline = time.monotonic() + wait
+    said = False
+    while (fd := hold_lock(directory)) is None:
+        if time.monotonic() >= deadline:
+            after = f" after waiting {wait:g} s" if wait else ""
+            raise _Busy(
+                f"another backup is being taken in {directory} (a server's, or another bastion backup); "
+                f"gave up{after}: try again later, or give --wait SECONDS"
+            )
+        if not said:
+            print(
+                f"waiting for another backup in {directory} to finish (up to {wait:g} s)…", file=sys.stderr, flush=True
+            )
+            said = True
+        time.sleep(_POLL)
+    return fd
 
 
 def passphrase(path: Path | None, config: Config | None = None) -> bytes | None:
@@ -142,6 +180,15 @@ def backup(
     token_file: TokenFile = None,
     ca: CA = None,
     insecure: Insecure = False,
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait",
+            min=0,
+            help="Seconds to wait for another backup being taken in the same directory (a server's scheduled or "
+            "on-demand one, or another bastion backup) to finish; 0: fail at once. Gives up with exit code 3.",
+        ),
+    ] = DEFAULT_WAIT,
 ) -> None:
     """Take a verified backup archive of a store and its file contents.
 
@@ -149,8 +196,13 @@ def backup(
     for PostgreSQL (--store postgresql://…, or BASTION_STORE) pg_dump in one
     exported snapshot, copy a consistent point in time. With --address, the
     server takes the backup itself into its backup directory (and encrypts
-    it with its own passphrase, if it has one).
+    it with its own passphrase, if it has one). Like the server's backups, it
+    holds the directory's .backup.lock while it runs, so only one backup is
+    taken there at a time.
     """
+    if not math.isfinite(wait):
+        print("error: --wait must be a finite number of seconds", file=sys.stderr)
+        raise typer.Exit(2)
     if address is not None:
 
         def remote() -> Any:
@@ -165,19 +217,29 @@ def backup(
         from bastion.cli.serve import store_location
 
         cfg = _config(config, data_dir, store)
-        directory = Path(cfg.data_dir)
-        target = out or directory / "backups" / archive_name(time.time())
+        # The directory the server writes its backups into, so that both take the same lock.
+        backups = Path(cfg.backup.directory) if cfg.backup.directory else Path(cfg.data_dir) / "backups"
+        target = out or backups / archive_name(time.time())
         secret = passphrase(passphrase_file, cfg)
         files = _files_dir(cfg, files_dir)
         location = store_location(cfg)
-        if location.startswith(_POSTGRES):
-            return asyncio.run(backup_postgres(location, files, target, secret, password=_store_password(cfg)))
-        db_path = _sqlite_path(location)
-        if not db_path.is_file():
+        postgres = location.startswith(_POSTGRES)
+        db_path = None if postgres else _sqlite_path(location)
+        if db_path is not None and not db_path.is_file():
             raise UsageError(f"no SQLite store at {db_path}: is --data-dir (or --store) right?")
-        return backup_sqlite(db_path, files, target, secret)
+        held = _lock(target.parent, wait)
+        try:
+            if db_path is None:
+                return asyncio.run(backup_postgres(location, files, target, secret, password=_store_password(cfg)))
+            return backup_sqlite(db_path, files, target, secret)
+        finally:
+            os.close(held)  # lets go of the lock
 
-    info = run_guarded(local)
+    try:
+        info = run_guarded(local)
+    except _Busy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
     print_json(info)
     print(f"backup written to {out or info.name} ({info.size} bytes)", file=sys.stderr)
 

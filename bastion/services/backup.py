@@ -10,7 +10,7 @@ lock, so at most one backup runs at a time, whoever asked: a call to
 ``backup()`` while another runs is refused with ``Unavailable`` rather than
 queued. The lock is an asyncio lock within the process and an ``flock`` on
 ``<directory>/.backup.lock`` across processes (the workers of ``--workers
-N`` each have their own ``Backups``).
+N`` each have their own ``Backups``; ``bastion backup`` takes it too).
 
 The archive itself is made by ``bastion.store.backup`` (in the format of
 ``bastion.store.archive``): for SQLite in a worker thread (the online backup
@@ -69,7 +69,7 @@ from bastion.store.leftovers import partial_name
 from bastion.store.postgres import PostgresStore
 from bastion.store.sqlite import SQLiteStore
 
-__all__ = ["OWNER_FILE", "Backups", "backup_owner"]
+__all__ = ["LOCK_FILE", "OWNER_FILE", "Backups", "backup_owner", "hold_lock"]
 
 log = logging.getLogger("bastion.backup")
 
@@ -84,8 +84,9 @@ class _Running(Unavailable):
     """Refused: a backup is being taken already (here, or by another worker)."""
 
 
-def _hold(directory: Path) -> int | None:
-    """Take the backup directory's lock: its file descriptor, or None if another process holds it."""
+def hold_lock(directory: Path) -> int | None:
+    """Take the backup directory's lock: its file descriptor (closing it lets go), or None if another
+    process holds it. ``bastion backup`` takes it too."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
@@ -193,7 +194,7 @@ class Backups:
             trigger = "scheduled" if scheduled else "on_demand"
             held: int | None = None
             try:
-                held = await asyncio.to_thread(_hold, self.directory)
+                held = await asyncio.to_thread(hold_lock, self.directory)
                 if held is None:
                     raise _Running("a backup is already running (in another worker); try again when it has finished")
                 if scheduled and self._owner is None:
