@@ -27,6 +27,7 @@ __all__ = [
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_ROLE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # as auth.set_roles allows; used with fullmatch
 
 
 def check_finite(struct: msgspec.Struct, section: str) -> None:
@@ -166,6 +167,8 @@ class MessagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The ``messages`` service: the mailbox limits here, the topics' in ``topics`` (``[messages.topics]``).
 
     max_recipients: most mailboxes one send delivers to (after expanding ``role:NAME``), and most addresses in ``to``.
+    open_roles: the roles every user may send to as ``role:NAME`` (without being shown who holds them);
+    admins may send to every role. Empty (the default): only admins may send to a role.
     max_body_bytes: largest body (its bytes, or the JSON of a structured body); must fit a frame.
     max_subject_bytes: longest subject (UTF-8 bytes).
     max_headers: most headers on one message; max_header_bytes: their names and values together.
@@ -184,6 +187,7 @@ class MessagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """
 
     max_recipients: int = 100
+    open_roles: list[str] = []
     max_body_bytes: int = 256 * 1024
     max_subject_bytes: int = 1024
     max_headers: int = 32
@@ -204,8 +208,14 @@ class MessagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         check_finite(self, "messages")
         for name in self.__struct_fields__:
-            if name not in ("topics", "send_rate") and getattr(self, name) <= 0:
+            if name not in ("topics", "send_rate", "open_roles") and getattr(self, name) <= 0:
                 raise UsageError(f"messages.{name} must be positive, got {getattr(self, name)!r}")
+        for role in self.open_roles:
+            if not isinstance(role, str) or not _ROLE_NAME.fullmatch(role):
+                raise UsageError(
+                    f"messages.open_roles: {role!r} is not a role name (a lowercase letter, then up to 31 "
+                    "lowercase letters, digits, '_' or '-')"
+                )
         if self.mailbox_sender_share > 1:
             raise UsageError(
                 f"messages.mailbox_sender_share must be in (0, 1] (1: no separate limit), "

@@ -8,8 +8,9 @@ Theory of operation
 -------------------
 
 Sending. ``send`` checks every argument against the ``[messages]`` limits,
-expands ``role:NAME`` recipients to the role's users at that moment,
-resolves attachments to files the sender owns, then stores the whole send
+expands ``role:NAME`` recipients to the role's users at that moment (who
+may send to a role, and what they are told of its members, is
+mail_recipients.py's part), resolves attachments to files the sender owns, then stores the whole send
 in one transaction: either every recipient's mailbox gets its copy or none
 does, and the call returns only once that is committed. The sender is
 always the caller's principal; no argument can set it (a header named
@@ -66,6 +67,7 @@ from bastion.security.principal import Principal
 from bastion.service import Context, Service
 from bastion.services import Background, every
 from bastion.services.files import check_name
+from bastion.services.mail_recipients import Recipients, resolve
 from bastion.services.mail_watch import POLL_INTERVAL as POLL_INTERVAL  # re-exported: importable as before
 from bastion.services.mail_watch import Hub, Watcher
 from bastion.store.base import Store
@@ -80,9 +82,7 @@ WATCH_PAGE = 64  # most messages a watcher reads from the store at once
 # Most bytes of messages (their quota size) one watcher holds at once, beyond the first: a watch parked
 # mid-page by a client that stops reading keeps its page, and 64 full-size bodies each were 16 MiB.
 WATCH_PAGE_BYTES = 256 * 1024
-# Used with fullmatch: "$" would also match before a final newline ("bob\n").
-_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
-_ROLE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+# Used with fullmatch: "$" would also match before a final newline ("x-kind\n").
 _HEADER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _CLIENT_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
 _MAX_DEPTH = 32  # nesting of a structured body
@@ -301,33 +301,6 @@ class Mailboxes:
 
     # -- sending ----------------------------------------------------------------------------
 
-    async def recipients(self, to: list[str]) -> list[str]:
-        """The users ``to`` names, each once, with every ``role:NAME`` expanded to that role's users now."""
-        cfg = self.config
-        if not to:
-            raise InvalidArgument("to: name at least one recipient (a user, or role:NAME)")
-        users: set[str] = set()
-        roles: set[str] = set()
-        for entry in to:
-            if entry.startswith("role:"):
-                if not _ROLE.fullmatch(entry[5:]):
-                    raise InvalidArgument(f"to: {entry!r} is not a valid role:NAME")
-                roles.add(entry[5:])
-            elif _USER.fullmatch(entry):
-                users.add(entry)
-            else:
-                raise InvalidArgument(f"to: {entry!r} is not a user name or role:NAME")
-        if roles:
-            everyone = await self.store.list_users()
-            for role in sorted(roles):
-                members = {u.name for u in everyone if role in u.roles}
-                if not members:
-                    raise NotFound(f"to: no user holds role {role!r}")
-                users |= members
-        if len(users) > cfg.max_recipients:
-            raise InvalidArgument(f"{len(users)} recipients, over messages.max_recipients ({cfg.max_recipients})")
-        return sorted(users)
-
     async def attachments(self, principal: Principal, names: list[str]) -> list[MailAttachment]:
         """The sender's own files named ``names`` (sharing a file is its owner's decision)."""
         if len(names) > self.config.max_attachments:
@@ -376,7 +349,13 @@ class Mailboxes:
         to = list(dict.fromkeys(to))
         if len(to) > cfg.max_recipients:
             raise InvalidArgument(f"{len(to)} addresses, over messages.max_recipients ({cfg.max_recipients})")
-        recipients = await self.recipients(to)
+        resolved = await resolve(self.store, cfg, principal, to)
+        if attachments and resolved.limited:
+            raise PermissionDenied(
+                "attachments: only admins may attach files to a role:NAME send (each member would get a share "
+                "of the file, and its shares show who they are)"
+            )
+        recipients = resolved.users
         size = len(stored) + subject_size + _headers(cfg, headers) + sum(len(address) for address in to)
         files = await self.attachments(principal, attachments)
         now = time.time()
@@ -388,19 +367,19 @@ class Mailboxes:
         try:
             sent = await self.store.mail_send(draft, self.limits)
         except ResourceExhausted as exc:
-            raise _named(exc) from None
+            raise resolved.conceal(_named(exc)) from None
         except NotFound:
-            raise await self._which_missing(principal, recipients) from None
+            raise await self._which_missing(principal, resolved) from None
         if not sent.duplicate:
             self.hub.nudge(sent.recipients)
         await self.share(files, sent.recipients, now)
-        return Sent(sent.id, sent.recipients, sent.at, sent.duplicate)
+        return Sent(sent.id, resolved.shown(sent.recipients), sent.at, sent.duplicate)
 
-    async def _which_missing(self, principal: Principal, recipients: list[str]) -> CallError:
+    async def _which_missing(self, principal: Principal, recipients: Recipients) -> CallError:
         if await self.store.get_user(principal.name) is None:  # e.g. a client certificate with no user
             return PermissionDenied(f"sending mail needs a user account, and {principal.name!r} has none")
-        for name in recipients:
-            if await self.store.get_user(name) is None:
+        for name in recipients.users:
+            if not recipients.hidden(name) and await self.store.get_user(name) is None:
                 return NotFound(f"to: no user {name!r}; nothing was sent")
         return NotFound("a recipient was deleted during the send; nothing was sent")
 
