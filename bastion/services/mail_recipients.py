@@ -95,13 +95,14 @@ async def resolve(store: Store, config: MessagesConfig, principal: Principal, to
                 f"to: only admins may send to role:{role} (an admin may open a role to everyone in messages.open_roles)"
             )
     everyone = set(users)
-    if roles:
-        listed = await store.list_users()
-        for role in sorted(roles):
-            members = {u.name for u in listed if role in u.roles}
-            if not members:
-                raise NotFound(f"to: no user holds role {role!r}")
-            everyone |= members
+    most = config.max_recipients
+    for role in sorted(roles):
+        members = await store.users_with_role(role, most + 1)
+        if not members:
+            raise NotFound(f"to: no user holds role {role!r}")
+        if len(members) > most:
+            raise InvalidArgument(f"to: role:{role} has more than {most} users, over messages.max_recipients ({most})")
+        everyone.update(members)
     if len(everyone) > config.max_recipients:
         raise InvalidArgument(f"{len(everyone)} recipients, over messages.max_recipients ({config.max_recipients})")
     return Recipients(sorted(everyone), frozenset(users), sorted(roles), bool(roles) and not admin)

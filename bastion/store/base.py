@@ -107,6 +107,11 @@ class Store(KVStore, FileStore, JobStore, IdempotencyStore, MailStore, TopicStor
     async def list_users(self) -> list[User]:
         """Every user, by name."""
 
+    @abstractmethod
+    async def users_with_role(self, role: str, limit: int) -> list[str]:
+        """The names of the users holding ``role``, by name, at most ``limit`` of them; read through an
+        index (schema migration 16), so it costs what it returns, not what the user table holds."""
+
     # -- tokens ---------------------------------------------------------------------------
 
     @abstractmethod

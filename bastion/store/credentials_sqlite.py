@@ -2,7 +2,8 @@
 
 The part of ``SQLiteStore`` that security's ``CredentialStore`` asks for
 (bastion/store/base.py gives the contract), reaching the database through
-``SQLiteAccess``; the tables are migration 1 (bastion/store/migrations.py).
+``SQLiteAccess``; the tables are migration 1 (bastion/store/migrations.py),
+and each role's holders, for ``users_with_role``, migration 16.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class SQLiteCredentials(SQLiteAccess):
     async def list_users(self) -> list[User]:
         rows = await self._read(_all(f"SELECT {_USER_COLUMNS} FROM users ORDER BY name", ()))
         return [_user(row) for row in rows]
+
+    async def users_with_role(self, role: str, limit: int) -> list[str]:
+        return [row[0] for row in await self._read(_all(_USERS_WITH_ROLE, (role, limit)))]
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -102,6 +106,8 @@ _USER_COLUMNS = "name, roles, password_hash, created_at, disabled"
 # In Token's field order, so a row unpacks straight into Token(*row).
 _TOKEN_COLUMNS = "id, digest, username, kind, label, created_at, expires_at, revoked_at"
 
+# Through user_roles (migration 16), which triggers on users keep: the roles column is JSON text.
+_USERS_WITH_ROLE = "SELECT name FROM user_roles WHERE role = ? ORDER BY name LIMIT ?"
 _INSERT_USER = f"INSERT INTO users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING"
 _UPDATE_USER = "UPDATE users SET roles = ?, password_hash = ?, created_at = ?, disabled = ? WHERE name = ?"
 # Live: neither revoked nor expired at ``at`` (Token.valid_at).

@@ -52,6 +52,8 @@ __all__ = [
     "MAIL_SENDER_INDEX",
     "MIGRATIONS",
     "SQLITE_COMPAT_SCHEMA",
+    "SQLITE_USER_ROLES_SCHEMA",
+    "USER_ROLES",
     "Migration",
     "apply_migrations",
     "check_newer_schema",
@@ -96,6 +98,30 @@ LOCKOUTS_EXPIRY = "lockouts: an index on their expiry, to purge expired ones"
 LOCKOUTS_EXPIRY_INDEX = "CREATE INDEX lockouts_expiry ON lockouts (until)"
 #: Migration 15's description (both backends).
 MAIL_SENDER_INDEX = "messages: an index counting each sender's messages in a mailbox, for the sender share"
+
+#: Migration 16's description (both backends): mail to role:NAME finds the role's holders by index.
+USER_ROLES = "users: each role's holders, found by index, for mail to role:NAME"
+#: Migration 16 on SQLite: the roles column is a JSON array, which no index can serve, so a table of
+#: (role, user) pairs kept by triggers on users (whoever writes, older code included), filled from the users
+#: already stored. A row's roles are deleted through the primary key, by the roles it held.
+SQLITE_USER_ROLES_SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE user_roles (
+        role TEXT NOT NULL,
+        name TEXT NOT NULL,
+        PRIMARY KEY (role, name)
+    ) WITHOUT ROWID""",
+    "INSERT OR IGNORE INTO user_roles (role, name) SELECT r.value, u.name FROM users AS u, json_each(u.roles) AS r",
+    """CREATE TRIGGER user_roles_insert AFTER INSERT ON users BEGIN
+        INSERT OR IGNORE INTO user_roles (role, name) SELECT value, NEW.name FROM json_each(NEW.roles);
+    END""",
+    """CREATE TRIGGER user_roles_update AFTER UPDATE OF name, roles ON users BEGIN
+        DELETE FROM user_roles WHERE name = OLD.name AND role IN (SELECT value FROM json_each(OLD.roles));
+        INSERT OR IGNORE INTO user_roles (role, name) SELECT value, NEW.name FROM json_each(NEW.roles);
+    END""",
+    """CREATE TRIGGER user_roles_delete AFTER DELETE ON users BEGIN
+        DELETE FROM user_roles WHERE name = OLD.name AND role IN (SELECT value FROM json_each(OLD.roles));
+    END""",
+)
 
 #: Migration 14's description (both backends).
 JOB_OWNERS = "jobs: each owner's queued and running jobs and bytes, for fair claims and the bytes bound"
@@ -169,6 +195,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(14, JOB_OWNERS, jobs_owners.SQLITE_OWNERS_SCHEMA, compatible=True),
     # An index, which old code ignores: compatible.
     Migration(15, MAIL_SENDER_INDEX, mail.SENDER_INDEX_SCHEMA, compatible=True),
+    # A table triggers keep whoever writes, which old code ignores: compatible.
+    Migration(16, USER_ROLES, SQLITE_USER_ROLES_SCHEMA, compatible=True),
 )
 
 LATEST = MIGRATIONS[-1].version

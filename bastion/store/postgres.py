@@ -82,6 +82,7 @@ from bastion.store.migrations import (
     LOCKOUTS_EXPIRY,
     LOCKOUTS_EXPIRY_INDEX,
     MAIL_SENDER_INDEX,
+    USER_ROLES,
     Migration,
     check_newer_schema,
     compatible_from,
@@ -184,6 +185,8 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
     Migration(14, JOB_OWNERS, jobs_owners.POSTGRES_OWNERS_SCHEMA, compatible=True),
     # An index, which old code ignores: compatible.
     Migration(15, MAIL_SENDER_INDEX, mail.SENDER_INDEX_SCHEMA, compatible=True),
+    # An index, which old code ignores: compatible. roles is a text[]: GIN serves "roles @> ARRAY[role]".
+    Migration(16, USER_ROLES, ("CREATE INDEX users_by_role ON users USING GIN (roles)",), compatible=True),
 )
 
 LATEST = POSTGRES_MIGRATIONS[-1].version

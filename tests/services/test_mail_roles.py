@@ -15,6 +15,7 @@ import pytest
 import bastion
 from bastion.config import MessagesConfig
 from bastion.exceptions import UsageError
+from bastion.security.credentials import User
 from tests.services.test_mail import World, run
 
 pytestmark = pytest.mark.usefixtures("service_backend")
@@ -94,6 +95,27 @@ def test_attachments_on_a_role_send_need_an_admin(tmp_path: Path) -> None:
         assert (await w.cy.files.stat(file_id=attachment["file_id"]))["access"] == "read"
 
     run(test, tmp_path, OPEN_OPS)
+
+
+def test_a_role_too_large_for_one_send_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    # A role send read every user of the store, and only then counted the role's members.
+    async def test(w: World) -> None:
+        for i in range(12):
+            await w.store.create_user(User(f"crowd{i:02}", frozenset({"crowd"})))
+        for sender in (w.root, w.eve):
+            with pytest.raises(
+                bastion.InvalidArgument,
+                match=r"role:crowd has more than 10 users, over messages\.max_recipients \(10\)",
+            ):
+                await sender.messages.send(to=["role:crowd"])
+        assert (await w.store.mail_stats("crowd00")).count == 0
+        with pytest.raises(bastion.InvalidArgument, match=r"11 recipients, over messages\.max_recipients \(10\)"):
+            await w.root.messages.send(to=["role:ops", *(f"crowd{i:02}" for i in range(9))])
+        assert (await w.root.messages.send(to=["role:ops", *(f"crowd{i:02}" for i in range(8))]))["recipients"][:2] == [
+            "bob", "crowd00",
+        ]  # fmt: skip
+
+    run(test, tmp_path, MessagesConfig(send_rate=0, max_recipients=10, open_roles=["crowd"]))
 
 
 def test_open_roles_are_checked() -> None:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from bastion.exceptions import AlreadyExists, NotFound, UsageError
 from bastion.security.credentials import Token, User
-from bastion.store import LATEST_SCHEMA_VERSION, Store
+from bastion.store import LATEST_SCHEMA_VERSION, PostgresStore, SQLiteStore, Store, open_store
+from bastion.store.migrations import MIGRATIONS
+from bastion.store.postgres import POSTGRES_MIGRATIONS
+from tests.support.stores import store_location
 
 MakeStore = Callable[..., Store]  # the make_store fixture (conftest.py)
 
@@ -99,6 +103,40 @@ async def test_names_and_roles_keep_unusual_characters(store: Store) -> None:
     assert await store.create_user(odd)
     assert await store.get_user(odd.name) == odd
     assert await store.list_users() == [odd]
+
+
+async def test_a_roles_holders_are_found_by_name_up_to_a_limit(store: Store) -> None:
+    # Mail to role:NAME read every user to find a role's holders; now the store finds them by role.
+    for name, roles in (("dan", {"ops"}), ("ada", {"ops", "admin"}), ("cy", {"dev"}), ("bob", {"ops", "dev"})):
+        assert await store.create_user(User(name, frozenset(roles)))
+    assert await store.users_with_role("ops", 10) == ["ada", "bob", "dan"]
+    assert await store.users_with_role("ops", 2) == ["ada", "bob"]
+    assert await store.users_with_role("nobody", 10) == []
+    assert await store.update_user(User("cy", frozenset({"ops"})))
+    assert await store.update_user(User("bob", frozenset({"dev"})))
+    assert await store.delete_user("dan")
+    assert await store.users_with_role("ops", 10) == ["ada", "cy"]
+    assert await store.users_with_role("dev", 10) == ["bob"]
+    odd = User("zoë", frozenset({"with space", "ünïcode", ""}))
+    assert await store.create_user(odd)
+    assert [await store.users_with_role(r, 10) for r in sorted(odd.roles)] == [["zoë"]] * 3
+
+
+async def test_a_roles_holders_are_found_in_a_store_upgraded_from_schema_15(backend: str, tmp_path: Path) -> None:
+    location = store_location(backend, tmp_path, "upgraded")
+    old: Store = (
+        SQLiteStore(location, migrations=MIGRATIONS[:15])
+        if backend == "sqlite"
+        else PostgresStore(location, migrations=POSTGRES_MIGRATIONS[:15])
+    )
+    async with old as store:
+        assert store.schema_version == 15
+        await store.create_user(User("bob", frozenset({"ops", "dev"})))
+        await store.create_user(User("ada", frozenset({"ops"})))
+    async with open_store(location) as store:
+        assert store.schema_version == LATEST_SCHEMA_VERSION
+        assert await store.users_with_role("ops", 10) == ["ada", "bob"]
+        assert await store.users_with_role("dev", 10) == ["bob"]
 
 
 # -- tokens -------------------------------------------------------------------------------------

@@ -436,3 +436,18 @@ def test_two_server_replicas_share_one_postgresql_store(server_factory: Any, tmp
         one.call("auth.create_user", name="grace", password="correct horse battery", roles=["ops"])
         users = {user["name"] for user in two.call("auth.list_users")}
         assert {"admin", "grace"} <= users
+
+
+async def test_a_roles_holders_are_read_through_an_index_not_a_scan_of_users(tmp_path: Path) -> None:
+    from bastion.store.credentials_postgres import _USERS_WITH_ROLE
+
+    location = store_location("postgresql", tmp_path, "main")
+    async with PostgresStore(location):
+        pass
+    conn = await asyncpg.connect(postgres_dsn(), server_settings={"search_path": schema_of(location)})
+    try:
+        await conn.execute("SET enable_seqscan = off")  # a few rows: the planner would scan them otherwise
+        plan = "\n".join(row[0] for row in await conn.fetch(f"EXPLAIN {_USERS_WITH_ROLE}", "ops", 10))
+    finally:
+        await conn.close()
+    assert "users_by_role" in plan and "Seq Scan" not in plan, plan

@@ -405,3 +405,14 @@ async def test_every_acknowledged_write_survives_sigkill(tmp_path: Path) -> None
         present = {u.name for u in await store.list_users()}
     missing = set(acknowledged) - present
     assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {sorted(missing)[:5]}"
+
+
+async def test_a_roles_holders_are_read_through_an_index_not_a_scan_of_users(tmp_path: Path) -> None:
+    from bastion.store.credentials_sqlite import _USERS_WITH_ROLE
+
+    async with SQLiteStore(tmp_path / "a.db") as store:
+        plan = await store._read(lambda c: c.execute(f"EXPLAIN QUERY PLAN {_USERS_WITH_ROLE}", ("ops", 10)).fetchall())
+    details = " | ".join(str(row[-1]) for row in plan)
+    assert "SEARCH user_roles USING PRIMARY KEY (role=?)" in details and "users" not in details.replace(
+        "user_roles", ""
+    )
