@@ -52,7 +52,8 @@ class KVConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     watch_buffer: changes buffered for one slow watcher before its stream ends (it resumes from a version).
     watch_buffer_bytes: value bytes buffered for one slow watcher before its stream ends.
     max_watchers: watch streams open at once on this server.
-    max_watchers_per_user: watch streams one user may have open on this server.
+    max_watchers_per_user: watch streams one user may have open on this server (all its workers together);
+    ``max_watchers`` bounds each worker process.
     quota_keys: keys one namespace (a user's own, or a shared one) may hold; a put past it is refused.
     quota_bytes: bytes (keys, values and content types) one namespace may hold, likewise.
     """
@@ -114,7 +115,7 @@ class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     subscriber_buffer: messages buffered for one slow subscriber before it is told it lagged.
     subscriber_buffer_bytes: payload bytes buffered for one slow subscriber, likewise.
     max_subscribers: subscriptions open at once on this server.
-    max_subscribers_per_user: subscriptions one user may have open on this server.
+    max_subscribers_per_user: subscriptions one user may have open on this server (all its workers together).
     max_durable_topics_per_user: durable topics one user (not an admin) may have created that are still kept.
     relay_seconds: seconds a live message stays in the store for the other processes sharing it.
     sweep_interval: seconds between retention sweeps (on the leader).
@@ -182,7 +183,7 @@ class MessagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_id_ttl: seconds a send's client_id is remembered (a retry within it is stored once).
     max_page: most messages one ``inbox`` page returns.
     max_watchers: mailbox watches open at once on this server.
-    max_watchers_per_user: mailbox watches one user may have open on this server.
+    max_watchers_per_user: mailbox watches one user may have open on this server (all its workers together).
     sweep_interval: seconds between sweeps forgetting expired client_ids (on the leader).
     """
 

@@ -66,7 +66,7 @@ from bastion.security.credentials import Token, User
 from bastion.security.passwords import PasswordHasher
 from bastion.security.principal import ADMIN_ROLE
 from bastion.security.ratelimit import Limiter, create_limiter
-from bastion.security.ratelimit_shared import SharedRateLimiter, SharedTable
+from bastion.security.ratelimit_shared import SharedHolds, SharedRateLimiter, SharedTable
 from bastion.security.throttle import LoginThrottle
 from bastion.server.dispatch import IdempotencyKeys
 from bastion.server.notify import SystemdNotifier
@@ -269,6 +269,11 @@ class _Role:
     def leader(self) -> bool:
         return self.channel is None or self.channel.leader
 
+    def holds(self, namespace: str) -> SharedHolds | None:
+        """Holds counted across the workers (None: one process counts its own)."""
+        ch = self.channel
+        return None if ch is None or self.shared is None else SharedHolds(self.shared, namespace, ch.index, ch.count)
+
 
 async def _compose_and_serve(
     config: Config,
@@ -313,16 +318,16 @@ async def _compose_and_serve(
             store, hasher=PasswordHasher(), throttle=throttle, audit=audit, config=auth, owned_data=owned_data
         )
         leader = role.leader
-        is_sqlite = isinstance(store, SQLiteStore)
+        # Live topic messages go through the store only when another process may share it.
+        relay = role.channel is not None or not isinstance(store, SQLiteStore)
         backups = Backups(
             store, data_dir=data_dir, files_dir=files_dir, config=config.backup, passphrase=passphrase, leader=leader
         )
         hosted: list[HostedComponent] = [
-            KV(store, config.kv, leader=leader),
+            KV(store, config.kv, leader=leader, watch_holds=role.holds("kv-watch")),
             Files(store, files_dir, config.files, leader=leader),
             Jobs(store, registries, config.jobs, leader=leader),
-            # Live topic messages go through the store only when another process may share it.
-            Messages(store, config.messages, leader=leader, relay=role.channel is not None or not is_sqlite),
+            Messages(store, config.messages, leader=leader, relay=relay, holds=role.holds),
         ]
         components: list[Component] = [*hosted, backups]
         builtin = [create_admin_service(backups), auth_service, *(c.service for c in hosted)]
@@ -517,7 +522,10 @@ def _supervise(
                 f"gateway: cannot listen on {config.host}:{config.gateway.http_port}: {exc.strerror}"
             ) from None
     metrics_dir = _metrics_dir(data_dir)
-    shared = SharedTable.create(config.rate_limits.max_tracked + _THROTTLE_KEYS)
+    # SharedHolds: a slot per watch or subscription, and an epoch per worker and kind.
+    watch_keys = workers * (config.kv.max_watchers + config.messages.max_watchers + 3)
+    watch_keys += workers * config.messages.topics.max_subscribers
+    shared = SharedTable.create(config.rate_limits.max_tracked + _THROTTLE_KEYS + watch_keys)
     host, port = listeners[0][0].getsockname()[:2]
 
     def announce(reports: list[dict[str, Any]]) -> None:

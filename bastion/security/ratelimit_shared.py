@@ -1,4 +1,5 @@
-"""Rate-limit and login-throttle state shared by the worker processes of one server.
+"""Rate-limit and login-throttle state shared by the worker processes of one server (and the mailbox
+watches each user holds open: ``SharedHolds``).
 
 Theory of operation
 -------------------
@@ -54,7 +55,7 @@ from typing import Any, Final
 from bastion.security.principal import Principal
 from bastion.security.ratelimit import EPSILON, RateLimitConfig, RateLimiter
 
-__all__ = ["PROBE", "SharedBuckets", "SharedCounts", "SharedRateLimiter", "SharedTable"]
+__all__ = ["PROBE", "SharedBuckets", "SharedCounts", "SharedHolds", "SharedRateLimiter", "SharedTable"]
 
 _MAGIC: Final = b"BSTNSHM1"
 _HEADER = struct.Struct("<8sII16s")  # magic, version, slots, hash key
@@ -305,3 +306,66 @@ class SharedCounts:
             offset = table.find(table.digest(self._prefix + key))
             if offset is not None:
                 table.put(offset, 0.0, 0.0)
+
+
+class SharedHolds:
+    """How many of something each key holds open across the workers of one server, in a ``SharedTable``
+    (the mailbox watches a user has open: ``messages.max_watchers_per_user``).
+
+    Each worker counts its own holds, in a slot per key of its own, stamped with the worker's *epoch*: a
+    random number it draws when it starts and publishes in the table. A total adds up the slots whose
+    stamp is their worker's current epoch, so the holds of a worker that died (killed, crashed: nobody
+    counted them off) stop counting as soon as its replacement starts, with nothing to clean up. A slot
+    lost to the table's least-recently-used reuse forgets its holds: the limit then lets a few more
+    through (it fails open), as a forgotten rate bucket does.
+    """
+
+    def __init__(self, table: SharedTable, namespace: str, worker: int, workers: int) -> None:
+        """``worker``: this process's index of ``workers``."""
+        self._table = table
+        self._prefix = namespace + "|"
+        self._worker = worker
+        self._workers = workers
+        self._epoch = float(secrets.randbits(52) + 1)  # exact in a float64, and never a free slot's 0
+        with table.locked():
+            self._publish()
+
+    def _publish(self) -> None:
+        """Write (or refresh) this worker's epoch (hold the lock)."""
+        table = self._table
+        table.put(table.claim(table.digest(f"{self._prefix}epoch|{self._worker}"), 0.0, 0.0), self._epoch, 0.0)
+
+    def _count(self, worker: int, key: str) -> float:
+        """What ``worker`` holds for ``key`` now (hold the lock); 0 for a worker's earlier life."""
+        table = self._table
+        epoch_at = table.find(table.digest(f"{self._prefix}epoch|{worker}"))
+        slot = table.find(table.digest(f"{self._prefix}{worker}|{key}"))
+        if epoch_at is None or slot is None:
+            return 0.0
+        epoch = table.get(epoch_at)[0]
+        table.put(epoch_at, epoch, 0.0)  # in use: not the least recently used
+        count, stamp = table.get(slot)
+        return count if stamp == epoch else 0.0
+
+    def acquire(self, key: str, limit: int) -> int:
+        """Take one hold for ``key`` unless the workers together hold ``limit``; what they held before
+        (when that is ``limit`` or more, nothing was taken)."""
+        table = self._table
+        with table.locked():
+            self._publish()
+            held = int(sum(self._count(worker, key) for worker in range(self._workers)))
+            if held < limit:
+                slot = table.claim(table.digest(f"{self._prefix}{self._worker}|{key}"), 0.0, self._epoch)
+                count, stamp = table.get(slot)
+                table.put(slot, (count if stamp == self._epoch else 0.0) + 1, self._epoch)
+        return held
+
+    def release(self, key: str) -> None:
+        """Give back one hold ``acquire`` took for ``key`` in this process."""
+        table = self._table
+        with table.locked():
+            slot = table.find(table.digest(f"{self._prefix}{self._worker}|{key}"))
+            if slot is not None:
+                count, stamp = table.get(slot)
+                if stamp == self._epoch:
+                    table.put(slot, max(0.0, count - 1), self._epoch)

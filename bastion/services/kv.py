@@ -74,6 +74,7 @@ from bastion.exceptions import (
     Unavailable,
 )
 from bastion.security.principal import ADMIN_ROLE, Principal
+from bastion.security.ratelimit_shared import SharedHolds
 from bastion.service import Context, Service
 from bastion.services import Background, every
 from bastion.services.kv_log import LogBudget
@@ -173,11 +174,20 @@ def _namespace_info(ns: KVNamespace) -> NamespaceInfo:
 class KV:
     """The ``kv`` service over ``store``, with its expiry sweep and watch hub (a ``HostedComponent``)."""
 
-    def __init__(self, store: KVStore, config: KVConfig | None = None, *, leader: bool = True) -> None:
-        """``leader``: run the expiry sweep here (with several workers, only worker 0 does)."""
+    def __init__(
+        self,
+        store: KVStore,
+        config: KVConfig | None = None,
+        *,
+        leader: bool = True,
+        watch_holds: SharedHolds | None = None,
+    ) -> None:
+        """``leader``: run the expiry sweep here (with several workers, only worker 0 does). ``watch_holds``:
+        count each user's watches across the workers of one server (else: in this process)."""
         self.store = store
         self.config = config or KVConfig()
         self.leader = leader
+        self.watch_holds = watch_holds
         self.hub = Hub(store)
         self.quota = KVQuota(self.config.quota_keys, self.config.quota_bytes)
         self._background = Background()
@@ -447,13 +457,19 @@ def _declare(kv: KV, service: Service) -> None:
             raise InvalidArgument("from_version must be a version (1 or more)")
         if len(kv.hub) >= cfg.max_watchers:
             raise ResourceExhausted(f"{cfg.max_watchers} watches are open on this server (kv.max_watchers)")
-        mine = kv.hub.count(ctx.principal.name)
-        if mine >= cfg.max_watchers_per_user:
+        holds, name, limit = kv.watch_holds, ctx.principal.name, cfg.max_watchers_per_user
+        mine = kv.hub.count(name) if holds is None else holds.acquire(name, limit)
+        if mine >= limit:
             raise ResourceExhausted(
                 f"you have {mine} watches open on this server (kv.max_watchers_per_user); close some first"
             )
-        watcher = Watcher(ns, prefix, cfg.watch_buffer, cfg.watch_buffer_bytes, ctx.principal.name)
-        start = await kv.hub.join(watcher)
+        watcher = Watcher(ns, prefix, cfg.watch_buffer, cfg.watch_buffer_bytes, name)
+        try:
+            start = await kv.hub.join(watcher)
+        except BaseException:
+            if holds is not None:
+                holds.release(name)
+            raise
         current = [ctx.principal]  # the connection's principal, as revalidation replaces it
         regranted: list[Principal] = []  # replaced, not checked yet
 
@@ -498,6 +514,8 @@ def _declare(kv: KV, service: Service) -> None:
         finally:
             unwatch()
             kv.hub.leave(watcher)
+            if holds is not None:
+                holds.release(name)
 
     @service.method(roles=_ADMIN)
     async def create_namespace(

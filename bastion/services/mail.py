@@ -33,7 +33,9 @@ reads the next page from the store itself, so a slow watcher holds little
 memory and never holds up a sender. A page is bounded in bytes as well as
 in messages (``WATCH_PAGE_BYTES``, or one message when that alone is
 larger): a watch parked mid-page by a client that stopped reading keeps
-its page. It is woken three ways: a send in
+its page. A user's watches are counted against
+``max_watchers_per_user`` across the workers of one server (``watch_holds``,
+in the table they share); ``max_watchers`` bounds each process. It is woken three ways: a send in
 this process nudges the recipients' watchers directly; on PostgreSQL the
 mail trigger's ``NOTIFY`` (``Store.listen("mail")``) makes the hub (mail_watch.py) poll at
 once; and while anyone watches, the hub polls the watched mailboxes' heads
@@ -64,6 +66,7 @@ from bastion.exceptions import (
     Unavailable,
 )
 from bastion.security.principal import Principal
+from bastion.security.ratelimit_shared import SharedHolds
 from bastion.service import Context, Service
 from bastion.services import Background, every
 from bastion.services.files import check_name
@@ -267,11 +270,20 @@ def _digest(*parts: Any) -> str:
 class Mailboxes:
     """The mailbox methods of ``messages``, their watch hub and client_id sweep (see the module docstring)."""
 
-    def __init__(self, store: Store, config: MessagesConfig | None = None, *, leader: bool = True) -> None:
-        """``leader``: run the sweep here (with several workers, only worker 0 does)."""
+    def __init__(
+        self,
+        store: Store,
+        config: MessagesConfig | None = None,
+        *,
+        leader: bool = True,
+        watch_holds: SharedHolds | None = None,
+    ) -> None:
+        """``leader``: run the sweep here (with several workers, only worker 0 does). ``watch_holds``: count
+        each user's watches across the workers of one server (else: in this process)."""
         self.store = store
         self.config = config or MessagesConfig()
         self.leader = leader
+        self.watch_holds = watch_holds
         self.hub = Hub(store)
         cfg, share = self.config, self.config.mailbox_sender_share
         self.limits = MailLimits(
@@ -395,8 +407,9 @@ class Mailboxes:
             raise ResourceExhausted(
                 f"{cfg.max_watchers} mailbox watches are open on this server (messages.max_watchers)"
             )
-        mine = self.hub.count(principal.name)
-        if mine >= cfg.max_watchers_per_user:
+        holds, limit = self.watch_holds, cfg.max_watchers_per_user
+        mine = self.hub.count(principal.name) if holds is None else holds.acquire(principal.name, limit)
+        if mine >= limit:
             raise ResourceExhausted(
                 f"you have {mine} mailbox watches open on this server (messages.max_watchers_per_user); close some"
             )
@@ -420,6 +433,8 @@ class Mailboxes:
                     await watcher.wakeup.wait()
         finally:
             self.hub.leave(watcher)
+            if holds is not None:
+                holds.release(principal.name)
 
     async def _watch_page(self, owner: str, after: int) -> tuple[list[MailItem], bool]:
         """The next messages past ``after``, whole, within ``WATCH_PAGE_BYTES`` (at least one); and whether

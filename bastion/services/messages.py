@@ -17,7 +17,10 @@ the reverse order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bastion.config import MessagesConfig
+from bastion.security.ratelimit_shared import SharedHolds
 from bastion.service import Service
 from bastion.services.mail import Mailboxes
 from bastion.services.topics import Topics
@@ -30,17 +33,27 @@ class Messages:
     """The ``messages`` service over ``store``: mailboxes and topics (a ``HostedComponent``)."""
 
     def __init__(
-        self, store: Store, config: MessagesConfig | None = None, *, leader: bool = True, relay: bool = True
+        self,
+        store: Store,
+        config: MessagesConfig | None = None,
+        *,
+        leader: bool = True,
+        relay: bool = True,
+        holds: Callable[[str], SharedHolds | None] | None = None,
     ) -> None:
         """``leader``: run the background sweeps here (with several workers, only worker 0 does).
-        ``relay``: other processes share the store (see ``Topics``)."""
+        ``relay``: other processes share the store (see ``Topics``). ``holds``: a namespace's holds
+        counted across the workers of one server, for each user's mailbox watches and subscriptions."""
         self.config = config or MessagesConfig()
         self.service = Service(
             "messages",
             doc="Messages between clients: mailboxes (store-and-forward, as email) and topics (publish/subscribe).",
         )
-        self.mail = Mailboxes(store, self.config, leader=leader)
-        self.topics = Topics(store, self.config.topics, leader=leader, relay=relay)
+        holds = holds or (lambda namespace: None)
+        self.mail = Mailboxes(store, self.config, leader=leader, watch_holds=holds("mail-watch"))
+        self.topics = Topics(
+            store, self.config.topics, leader=leader, relay=relay, subscribe_holds=holds("topic-subscribe")
+        )
         self.mail.declare(self.service)
         self.topics.declare(self.service)
 

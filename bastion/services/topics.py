@@ -51,6 +51,7 @@ import msgspec
 from bastion.config import DurableTopic, TopicsConfig
 from bastion.exceptions import CallError, InvalidArgument, OutOfRange, PermissionDenied, ResourceExhausted, Unavailable
 from bastion.security.principal import ADMIN_ROLE, Principal
+from bastion.security.ratelimit_shared import SharedHolds
 from bastion.service import Context, Service
 from bastion.services import Background, every
 from bastion.services.topics_hub import Hub, Subscriber, TopicAccess, TopicEvent, event
@@ -88,9 +89,17 @@ class Topics:
     """Publish/subscribe over ``store`` for the ``messages`` service (a ``Component``)."""
 
     def __init__(
-        self, store: TopicStore, config: TopicsConfig | None = None, *, leader: bool = True, relay: bool = True
+        self,
+        store: TopicStore,
+        config: TopicsConfig | None = None,
+        *,
+        leader: bool = True,
+        relay: bool = True,
+        subscribe_holds: SharedHolds | None = None,
     ) -> None:
         """``leader``: run the retention sweep here (with several workers, only worker 0 does).
+        ``subscribe_holds``: count each user's subscriptions across the workers of one server (else: in
+        this process).
 
         ``relay``: other processes share the store (workers on one SQLite
         file, replicas on PostgreSQL), so live messages go through its log to
@@ -102,6 +111,7 @@ class Topics:
         self.config = config or TopicsConfig()
         self.leader = leader
         self.relay = relay
+        self.subscribe_holds = subscribe_holds
         self.access = TopicAccess(self.config.rules)
         self.hub = Hub(store)
         self._background = Background()
@@ -225,8 +235,9 @@ class _Subscription:
             raise ResourceExhausted(
                 f"{cfg.max_subscribers} subscriptions are open on this server (messages.topics.max_subscribers)"
             )
-        mine = topics.hub.count(principal.name)
-        if mine >= cfg.max_subscribers_per_user:
+        holds, limit = topics.subscribe_holds, cfg.max_subscribers_per_user
+        mine = topics.hub.count(principal.name) if holds is None else holds.acquire(principal.name, limit)
+        if mine >= limit:
             raise ResourceExhausted(
                 f"you have {mine} subscriptions open on this server (messages.topics.max_subscribers_per_user); "
                 "close some first"
@@ -393,9 +404,14 @@ def _declare(topics: Topics, service: Service) -> None:
         to resume durable topics.
         """
         sub = _Subscription(topics, ctx, pattern, from_offset)
-        sub.check()
-        subscriber = sub.subscriber
-        start = await topics.hub.join(subscriber)
+        sub.check()  # the last check takes a hold in topics.subscribe_holds, if any: given back below
+        subscriber, holds, name = sub.subscriber, topics.subscribe_holds, ctx.principal.name
+        try:
+            start = await topics.hub.join(subscriber)
+        except BaseException:
+            if holds is not None:
+                holds.release(name)
+            raise
         unwatch = ctx.watch_principal(sub.regranted)
         try:
             yield TopicEvent("start", pattern)
@@ -422,6 +438,8 @@ def _declare(topics: Topics, service: Service) -> None:
         finally:
             unwatch()
             topics.hub.leave(subscriber)
+            if holds is not None:
+                holds.release(name)
 
     @service.method(idempotent=True)
     async def topic_info(ctx: Context, topic: str) -> TopicInfo:
