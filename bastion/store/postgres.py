@@ -7,9 +7,10 @@ Theory of operation
 connections) and migrates the schema; every method then borrows one pooled
 connection for one statement (or one short transaction) and gives it back.
 PostgreSQL does the rest: each statement outside an explicit transaction
-commits on its own, and with ``synchronous_commit`` on (the server default,
-checked at open) a commit has reached the write-ahead log on disk before the
-call returns -- an acknowledged write is durable. There is no group commit
+commits on its own, and with ``synchronous_commit``, ``fsync`` and
+``full_page_writes`` on (the server defaults, checked at open) a commit has
+reached the write-ahead log on disk before the call returns -- an
+acknowledged write is durable. There is no group commit
 of our own: the server already commits concurrent transactions with shared
 WAL flushes.
 
@@ -208,6 +209,42 @@ _RECORD_COMPAT = (
     "INSERT INTO schema_compat (id, min_version, updated_at) VALUES (1, $1, $2) "
     "ON CONFLICT (id) DO UPDATE SET min_version = excluded.min_version, updated_at = excluded.updated_at"
 )
+
+
+#: The server settings an acknowledged write's durability rests on (see ``refuse_unsafe_settings``).
+_DURABILITY_SETTINGS = (
+    "SELECT current_setting('synchronous_commit') AS synchronous_commit,"
+    " current_setting('fsync') AS fsync, current_setting('full_page_writes') AS full_page_writes"
+)
+
+
+def refuse_unsafe_settings(settings: Mapping[str, str], label: str) -> None:
+    """``UsageError`` if ``settings`` (as ``_DURABILITY_SETTINGS`` reads them) would lose acknowledged writes.
+
+    ``synchronous_commit=off`` acknowledges a commit before its WAL is on disk
+    (it can be set per role or database); ``fsync=off`` never waits for the
+    disk at all (server-wide, the kind of setting left behind by a bulk load
+    or a benchmark): a crash can then lose or corrupt committed data. Both are
+    refused. ``full_page_writes=off`` is only logged: it lets a page torn by a
+    power cut go unrepaired, but is safe, and recommended, on file systems
+    that never tear a page (ZFS), which bastion cannot tell from here.
+    """
+    if settings.get("synchronous_commit") == "off":
+        raise UsageError(
+            f"{label}: synchronous_commit is off, so acknowledged writes could be lost "
+            "in a crash; turn it on for bastion's role or database"
+        )
+    if settings.get("fsync") == "off":
+        raise UsageError(
+            f"{label}: the server runs with fsync=off, so a crash or power cut could lose or corrupt "
+            "acknowledged writes; turn fsync on in the server's configuration (postgresql.conf) and reload it"
+        )
+    if settings.get("full_page_writes") == "off":
+        log.warning(
+            "%s: the server runs with full_page_writes=off: unless its file system never tears a page (e.g. ZFS), "
+            "a power cut can corrupt acknowledged writes",
+            label,
+        )
 
 
 class PostgresStore(
@@ -453,12 +490,8 @@ class PostgresStore(
         return await asyncpg.connect(dsn, timeout=self._connect_timeout, **kwargs)
 
     async def _check_durability(self, conn: Connection) -> None:
-        setting = await conn.fetchval("SELECT current_setting('synchronous_commit')")
-        if setting == "off":
-            raise UsageError(
-                f"PostgreSQL store {self.dsn}: synchronous_commit is off, so acknowledged writes could be lost "
-                "in a crash; turn it on for bastion's role or database"
-            )
+        row = await conn.fetchrow(_DURABILITY_SETTINGS)
+        refuse_unsafe_settings(dict(row.items()), f"PostgreSQL store {self.dsn}")
 
     async def _migrate(self, conn: Connection) -> int:
         """Bring the schema up to the last migration, under the advisory lock; the version it is at."""
