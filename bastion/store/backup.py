@@ -294,7 +294,7 @@ def restore_sqlite(
     by the next one, and until then the store refuses to open.
     """
     check_not_in_use(db_path)
-    undo_interrupted(db_path)
+    undo_interrupted(db_path, files_dir)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now or time.time()))
     with staging_dir(db_path.parent) as staging:
         manifest = _read_checked(archive, staging, passphrase)

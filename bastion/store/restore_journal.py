@@ -22,6 +22,15 @@ there means a restore was interrupted:
   the interrupted restore's staging directory, then the journal. The data is
   then as it was before that restore. It can itself be interrupted and run
   again: each reversal checks what is there first.
+
+The journal is a file in the data directory, and undoing it renames and
+deletes what it names, so it is not trusted: before anything is undone each
+path in it must be one a restore into that database and files directory
+makes (``_check_paths``) -- the database and its side files or their
+``pre-restore`` copies beside it, the files directory or its copy beside
+it, something inside the restore's staging directory (itself beside the
+database) -- with no ``..``. A journal naming anything else is refused and
+kept, and the store still refuses to open.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from pathlib import Path
 import msgspec
 
 from bastion.exceptions import FailedPrecondition
+from bastion.store.leftovers import STAGING_PREFIX
 
 __all__ = ["JOURNAL_SUFFIX", "Journal", "journal_path", "refuse_if_interrupted", "undo_interrupted"]
 
@@ -88,11 +98,12 @@ class Journal:
         _fsync_dir(self.path.parent)
 
 
-def undo_interrupted(db_path: Path) -> bool:
-    """Put back what an interrupted restore into ``db_path`` had moved; whether there was one to undo.
+def undo_interrupted(db_path: Path, files_dir: Path) -> bool:
+    """Put back what an interrupted restore into ``db_path`` and ``files_dir`` had moved; whether there was
+    one to undo.
 
-    Raises ``FailedPrecondition`` if the journal cannot be read or a step cannot be reversed (the journal
-    is then kept, and the store still refuses to open).
+    Raises ``FailedPrecondition`` if the journal cannot be read, names a path such a restore does not touch,
+    or a step cannot be reversed (the journal is then kept, and the store still refuses to open).
     """
     path = journal_path(db_path)
     try:
@@ -101,6 +112,7 @@ def undo_interrupted(db_path: Path) -> bool:
         return False
     except (OSError, msgspec.DecodeError) as exc:
         raise FailedPrecondition(f"cannot read {path} (left by an interrupted restore): {exc}") from None
+    _check_paths(record, db_path, files_dir, path)
     log.warning("undoing an interrupted restore into %s (%d steps were written down)", db_path, len(record.steps))
     for step in reversed(record.steps):
         src, dst = Path(step.src), Path(step.dst)
@@ -120,6 +132,45 @@ def undo_interrupted(db_path: Path) -> bool:
     shutil.rmtree(record.staging, ignore_errors=True)
     Journal(db_path, Path(record.staging)).finish()
     return True
+
+
+def _check_paths(record: _Record, db_path: Path, files_dir: Path, journal: Path) -> None:
+    """``FailedPrecondition`` unless every path ``record`` names is one a restore into ``db_path`` and
+    ``files_dir`` makes (see the module docstring): never anything elsewhere, whatever the journal says."""
+    db_dir, files_parent = _plain(str(db_path.parent), journal), _plain(str(files_dir.parent), journal)
+    database, files = db_dir / db_path.name, files_parent / files_dir.name
+    staging = _plain(record.staging, journal)
+    if staging.parent != db_dir or not staging.name.startswith(STAGING_PREFIX):
+        raise _foreign(journal, record.staging, f"not a restore's staging directory in {db_dir}")
+    for step in record.steps:
+        if step.kind not in ("rename", "copy"):
+            raise _foreign(journal, step.kind, "not a step a restore makes")
+        for text in (step.src, step.dst):
+            named = _plain(text, journal)
+            if named == journal or not (
+                (named.parent == db_dir and named.name.startswith(database.name))
+                or (named.parent == files_parent and named.name.startswith(files.name))
+                or (named != staging and named.is_relative_to(staging))
+            ):
+                raise _foreign(journal, text, f"neither the database {database}, the files directory {files}, "
+                               "a copy of one beside it, nor inside the restore's staging directory")  # fmt: skip
+        if step.kind == "copy" and _plain(step.dst, journal) != files:
+            raise _foreign(journal, step.dst, f"a copy is only ever made to the files directory {files}")
+
+
+def _plain(text: str, journal: Path) -> Path:
+    """``text`` as an absolute path, compared by its parts; refused if it has a ``..`` (or is empty)."""
+    if not text or "\0" in text or ".." in Path(text).parts:
+        raise _foreign(journal, text, "an empty path or one with '..'")
+    return Path(os.path.abspath(text))
+
+
+def _foreign(journal: Path, text: str, why: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"{journal} (left by an interrupted restore) names {text!r}: {why}. Nothing was undone and it is kept: "
+        "it was not written by a restore of this data directory (or the files directory setting has changed "
+        "since); check it, and the data, by hand"
+    )
 
 
 def _write(path: Path, data: bytes) -> None:
