@@ -107,6 +107,16 @@ either type first is left in place).
 Files: the database, ``-wal`` and ``-shm`` hold password hashes and token
 digests, so they are created with mode 0600 (SQLite gives the side files
 the database file's mode) and tightened to 0600 on every open.
+
+Creating files durably: a new file's name is in its directory, which is
+not on disk until that directory is fsynced -- a power cut right after the
+first ``bastion serve`` could lose the database's entry, or the whole data
+directory's. So every directory ``open`` makes, and the database file when
+it makes it, is followed by an fsync of the directory holding it. SQLite
+itself fsyncs the directory after creating a ``-wal`` (or ``-journal``)
+file (its unix VFS, unless built with ``SQLITE_DISABLE_DIRSYNC``), which
+each open after a clean close does; the ``-shm`` index holds nothing that
+the WAL does not, and is rebuilt from it if lost.
 """
 
 from __future__ import annotations
@@ -246,8 +256,8 @@ class SQLiteStore(
     def _open_files(self) -> int:
         """On the writer thread: create the file 0600, connect, migrate, open the readers."""
         refuse_if_interrupted(self.path)  # else a half-done restore: no database (a new empty one), or a mix
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+        _make_dirs(self.path.parent)
+        _create_file(self.path)
         try:
             self._writer = self._connect()
             mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -478,6 +488,35 @@ class SQLiteStore(
             raise UsageError(f"{self!r} is not open")
         assert self._reader_pool is not None
         return self._reader_pool.read(fn)
+
+
+def _make_dirs(directory: Path) -> None:
+    """Make ``directory`` (0700) and its missing parents, each one's entry fsynced into its parent."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    for made in reversed(missing):  # outermost first
+        try:
+            made.mkdir(mode=0o700 if made == directory else 0o777)
+        except FileExistsError:
+            continue  # made meanwhile by someone else, who syncs it
+        _fsync_dir(made.parent)
+
+
+def _create_file(path: Path) -> bool:
+    """Create ``path`` (mode 0600) if it is not there, its directory then fsynced; whether it was created."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    except FileExistsError:
+        return False
+    _fsync_dir(path.parent)
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _translate(exc: Exception) -> Exception:

@@ -98,6 +98,52 @@ async def test_opening_tightens_a_database_left_readable(tmp_path: Path) -> None
         assert await store.create_user(User("ada"))
 
 
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, list[str]]]:
+    """Each ``os.fsync`` made, as the path of its descriptor (read back from /proc/self/fd) and, for a
+    directory, its entries at that moment; the real fsync is still made."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc/self/fd to tell which file a descriptor is")
+    real, seen = os.fsync, []
+
+    def spy(fd: Any) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}"))
+        seen.append((path, sorted(os.listdir(path)) if path.is_dir() else []))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return seen
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """``tmp_path`` as /proc/self/fd names it (no symlinks)."""
+    return tmp_path.resolve()
+
+
+async def test_a_new_database_and_the_directories_made_for_it_are_fsynced_into_their_parents(
+    root: Path, fsynced: list[tuple[Path, list[str]]]
+) -> None:
+    """The database file (and the data directory, made if missing) was created and never fsynced into its
+    directory: a power cut right after the first start could lose its name, and so the data. SQLite fsyncs
+    the directory of a -wal or -journal it creates, not of the database. Each directory made, and the
+    directory of the new file, is now fsynced once the entry is in it."""
+    db = root / "data" / "sub" / "a.db"
+    async with SQLiteStore(db) as store:
+        assert await store.create_user(User("ada"))
+    assert fsynced == [(root, ["data"]), (root / "data", ["sub"]), (root / "data" / "sub", ["a.db"])]
+
+    fsynced.clear()
+    async with SQLiteStore(db) as store:  # nothing new: no directory to sync
+        assert await store.get_user("ada") is not None
+    assert fsynced == []
+
+    os.close(os.open(root / "data" / "sub" / "b.db", os.O_CREAT | os.O_WRONLY, 0o600))  # an existing (empty) file
+    async with SQLiteStore(root / "data" / "sub" / "b.db"):
+        pass
+    assert fsynced == []
+
+
 # -- group commit -------------------------------------------------------------------------------
 
 
