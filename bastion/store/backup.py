@@ -34,12 +34,17 @@ command line. Restoring verifies the archive as above, reads the dump
 back (``pg_restore --list``) and checks its ``schema_version`` rows
 against the manifest, before it changes anything; a non-empty target
 schema is refused unless ``force``, which renames it
-``<schema>_pre_restore_<ts>``; then ``pg_restore
---single-transaction --exit-on-error`` recreates the schema under its
-archived name (a dump names its schema in every statement), renamed to the
-target afterwards if that differs -- which needs the archived name free in
-the target database. The blobs are swapped in as for SQLite, before
-``pg_restore`` runs: renames, which its failure can undo. The
+``<schema>_pre_restore_<ts>``; the dump's SQL (``pg_restore --file=-``)
+recreates the schema under its archived name (a dump names its schema in
+every statement), renamed to the target afterwards if that differs --
+which needs the archived name free in the target database. That rename
+aside, the dump's SQL, the rename to the target and a check of the restored
+version run in one transaction through ``psql``, committed only once
+``pg_restore`` has ended cleanly: killed or failing at any point, the
+restore leaves the old schema in place. The blobs are swapped in as for
+SQLite, before that transaction: renames, which its failure can undo; until
+it commits, the old blobs are linked in beside the restored ones, so a
+crash leaves either database with every blob it names. The
 pieces of this (the tools' environment, the snapshot, the target schema)
 are in bastion/store/backup_pg.py.
 """
@@ -53,7 +58,6 @@ import os
 import re
 import shutil
 import sqlite3
-import subprocess
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -82,7 +86,6 @@ from bastion.store.backup_pg import (
     _connect,
     _dump_version,
     _quote,
-    _run_tool,
     _schema_objects,
     _Snapshot,
     _snapshot_and_dump,
@@ -90,7 +93,10 @@ from bastion.store.backup_pg import (
     _toc,
     _tool,
     _without_schema_entries,
+    link_old_blobs,
     pg_environment,
+    restore_in_one_transaction,
+    unlink_blobs,
 )
 from bastion.store.migrations import current_version
 from bastion.store.postgres import PostgresStore
@@ -325,6 +331,33 @@ def restore_sqlite(
     return RestoreResult(manifest, [str(db_path), str(files_dir)], kept)
 
 
+def _around_restore(target: str, archived: str, aside: str | None, version: int | None) -> tuple[str, str]:
+    """The SQL run before and after the dump's in the restore's one transaction (see restore_postgres)."""
+    before = f"ALTER SCHEMA {_quote(target)} RENAME TO {_quote(aside)};" if aside is not None else ""
+    after = []
+    if archived != target:  # the dump recreates its own name; an empty target of the other is dropped
+        after += [
+            f"DROP SCHEMA IF EXISTS {_quote(target)} RESTRICT;",
+            f"ALTER SCHEMA {_quote(archived)} RENAME TO {_quote(target)};",
+        ]
+    expected = "NULL" if version is None else str(int(version))
+    after.append(
+        "DO $check$ DECLARE restored integer; BEGIN"
+        f" SELECT max(version) INTO restored FROM {_quote(target)}.schema_version;"
+        f" IF restored IS DISTINCT FROM {expected} THEN RAISE EXCEPTION"
+        f" 'the restored schema is at version %, the archive said {expected}', restored; END IF; END $check$;"
+    )
+    return before, "\n".join(after)
+
+
+async def _committed(conn: Any, target: str, aside: str | None) -> bool:
+    """Whether a restore's transaction committed, its psql having failed: its old schema is aside (forced),
+    or else the target, which held nothing before, holds the restored store."""
+    if aside is not None:
+        return await _schema_objects(conn, aside) is not None
+    return bool(await _schema_objects(conn, target))
+
+
 class _Moves:
     """What a restore did to put the restored data in place, undone (newest first) if a later step fails."""
 
@@ -464,15 +497,19 @@ async def restore_postgres(
     without one). A target holding anything is refused unless ``force``:
     then it is renamed ``<schema>_pre_restore_<time>`` (kept, not dropped).
 
-    ``pg_restore --single-transaction --exit-on-error`` recreates the schema
-    under the name it had when archived (the dump names it in every
-    statement); a different target name is reached by renaming it afterwards,
-    which needs the archived name to be free in the target database. Stop
+    The dump's SQL (``pg_restore --file=-``) recreates the schema under the
+    name it had when archived (the dump names it in every statement); a
+    different target name is reached by renaming it afterwards, which needs
+    the archived name to be free in the target database. Renaming the old
+    schema aside, the dump's SQL, renaming the restored schema to the target
+    and checking its version are one transaction (``psql``,
+    ``restore_in_one_transaction``): a restore that fails or is killed at any
+    point leaves the old schema where it was, a finished one the new. Stop
     the servers using the target first: a server connected meanwhile would
-    see the schema disappear and come back.
+    see the schema replaced under it.
     """
     target_store = PostgresStore(dsn, password=password)  # never opened: how to reach the database
-    pg_restore = _tool("pg_restore")
+    pg_restore, psql = _tool("pg_restore"), _tool("psql")
     env = pg_environment(target_store)
     stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime(now or time.time()))
     async with _connect(dsn, password) as conn:
@@ -501,42 +538,30 @@ async def restore_postgres(
                     f"rename {archived!r} first"
                 )
             kept: list[str] = []
-            aside = None
-            if objects:  # and force
-                aside = await _aside_name(conn, target, stamp)
-                await conn.execute(f"ALTER SCHEMA {_quote(target)} RENAME TO {_quote(aside)}")
-                kept.append(f"schema {aside}")
-                log.warning("restore: schema %s renamed to %s", target, aside)
-            created = False
+            aside = await _aside_name(conn, target, stamp) if objects else None  # objects: forced
+            listing = None
+            if archived == target and objects == 0:  # an empty target of the archived name: kept as it is
+                listing = staging / "toc.list"
+                listing.write_text("\n".join(_without_schema_entries(toc)) + "\n")
             moves = _Moves()
             try:
-                # The files first: renames, which a failure of pg_restore can undo (not so a restored schema).
+                # The files first: renames, which a failure of the restore's transaction can undo; the old
+                # blobs beside the new until it commits, in case it never does.
+                linked = await asyncio.to_thread(link_old_blobs, staging / "files", files_dir)
                 kept += _swap_files(staging / "files", files_dir, stamp.replace("_", "T"), moves)
-                args = [pg_restore, "--no-owner", "--single-transaction", "--exit-on-error", "--no-password"]
-                if archived == target and await _schema_objects(conn, target) is not None:
-                    listing = staging / "toc.list"
-                    listing.write_text("\n".join(_without_schema_entries(toc)) + "\n")
-                    args.append(f"--use-list={listing}")
-                # Host, user, database, password: from the environment (a conninfo with "=" is not a name).
-                args += ["--dbname=application_name=bastion-restore", str(dump)]
-                await _run_tool(args, env, subprocess.DEVNULL)
-                created = archived != target
-                if archived != target:
-                    async with conn.transaction():
-                        if await _schema_objects(conn, target) is not None:  # empty (checked): nothing lost
-                            await conn.execute(f"DROP SCHEMA {_quote(target)} RESTRICT")
-                        await conn.execute(f"ALTER SCHEMA {_quote(archived)} RENAME TO {_quote(target)}")
-                    created = False
-                version = await conn.fetchval(f"SELECT max(version) FROM {_quote(target)}.schema_version")
-                if version != manifest.schema_version:
-                    raise DataLoss(
-                        f"the restored schema is at version {version}, the archive said {manifest.schema_version}"
-                    )
+                before, after = _around_restore(target, archived, aside, manifest.schema_version)
+                await restore_in_one_transaction(pg_restore, psql, env, dump, listing, before, after)
             except BaseException:
-                moves.undo()
-                if created:
-                    await conn.execute(f"DROP SCHEMA IF EXISTS {_quote(archived)} CASCADE")
-                if aside is not None and await _schema_objects(conn, target) is None:
-                    await conn.execute(f"ALTER SCHEMA {_quote(aside)} RENAME TO {_quote(target)}")
-                raise
+                try:
+                    committed = await _committed(conn, target, aside)
+                except Exception:  # cannot tell: the usual case is a failure before COMMIT
+                    committed = False
+                if not committed:
+                    moves.undo()
+                    raise
+                log.warning("restore: psql failed after its COMMIT reached the server: the restore is complete")
+            await asyncio.to_thread(unlink_blobs, files_dir, linked)
+            if aside is not None:
+                kept.insert(0, f"schema {aside}")
+                log.warning("restore: schema %s renamed to %s", target, aside)
     return RestoreResult(manifest, [f"schema {target}", str(files_dir)], kept)

@@ -5,9 +5,10 @@ module docstring tells how they work) are built from these: the environment
 that hands the client tools the store's connection (``pg_environment``:
 never the command line), running the tools and reading a dump's table of
 contents back, a connection of its own, the repeatable-read transaction
-that exports its snapshot to ``pg_dump`` and lists the blobs, and the
+that exports its snapshot to ``pg_dump`` and lists the blobs, the
 schema a restore goes into (found from ``search_path``, checked empty, or
-renamed aside).
+renamed aside), and the one transaction a restore is made in
+(``restore_in_one_transaction``).
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ import asyncpg
 import msgspec
 
 from bastion.exceptions import BastionError, DataLoss, FailedPrecondition, Unavailable, UsageError
-from bastion.store.archive import FILE_MODE
+from bastion.store.archive import FILE_MODE, fsync_dir
 from bastion.store.postgres import PostgresStore, redact_dsn
 
-__all__ = ["PG_LOCK_WAIT_TIMEOUT", "pg_environment"]
+__all__ = ["PG_LOCK_WAIT_TIMEOUT", "link_old_blobs", "pg_environment", "restore_in_one_transaction", "unlink_blobs"]
 
 log = logging.getLogger("bastion.backup")
 
@@ -306,3 +307,123 @@ def _without_schema_entries(toc: list[str]) -> list[str]:
     for restoring into a schema that exists already."""
     skip = re.compile(r"^\d+; \d+ \d+ (SCHEMA - |COMMENT - SCHEMA |ACL - SCHEMA )")
     return [line for line in toc if not skip.match(line)]
+
+
+# -- a restore's one transaction -----------------------------------------------------------------------
+
+_CHUNK = 1 << 16
+
+
+async def restore_in_one_transaction(
+    pg_restore: str, psql: str, env: Mapping[str, str], dump: Path, listing: Path | None, before: str, after: str
+) -> None:
+    """Restore ``dump`` (only the entries of ``listing``, if given) with the SQL ``before`` and ``after`` it,
+    all in one transaction: committed whole, or not at all.
+
+    ``pg_restore --single-transaction`` cannot take in the statements around
+    it (renaming the old schema aside, the restored one to the target), and
+    made apart from it they left, when the process died between them, the
+    target schema renamed aside and nothing in its place. So ``pg_restore``
+    writes the restore's SQL (``--file=-``) and it is fed to ``psql`` between
+    ``BEGIN`` + ``before`` and ``after`` + ``COMMIT``; ``COMMIT`` is sent only
+    once ``pg_restore`` has ended cleanly. Should anything fail, or this
+    process die, ``psql`` is stopped or reaches the end of its input with the
+    transaction open, and the server rolls it back: the database is as it was.
+    """
+    psql_args = [
+        psql,
+        "-X",
+        "-q",
+        "--no-password",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "--dbname=application_name=bastion-restore",
+    ]
+    restore_args = [pg_restore, "--no-owner", "--exit-on-error", "--file=-"]
+    restore_args += [f"--use-list={listing}"] if listing is not None else []
+    sql = await asyncio.create_subprocess_exec(
+        *psql_args, "--file=-", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(env)
+    )
+    assert sql.stdin is not None and sql.stderr is not None
+    sql_err = asyncio.ensure_future(sql.stderr.read())
+    tool: asyncio.subprocess.Process | None = None
+    tool_err: asyncio.Future[bytes] | None = None
+    try:
+        tool = await asyncio.create_subprocess_exec(
+            *restore_args, str(dump), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=dict(env),
+        )  # fmt: skip
+        assert tool.stdout is not None and tool.stderr is not None
+        tool_err = asyncio.ensure_future(tool.stderr.read())
+        try:
+            sql.stdin.write(f"BEGIN;\n{before}\n".encode())
+            while chunk := await tool.stdout.read(_CHUNK):
+                sql.stdin.write(chunk)
+                await sql.stdin.drain()
+            await tool.wait()
+            _check_tool("pg_restore", tool.returncode, await tool_err)
+            # The script may end in a meta-command with no newline (\unrestrict KEY).
+            sql.stdin.write(f"\n{after}\nCOMMIT;\n".encode())
+            sql.stdin.close()
+            await sql.wait()
+        except (BrokenPipeError, ConnectionResetError):  # psql stopped at an error: it says which
+            await sql.wait()
+            _check_tool("psql", sql.returncode, await sql_err)
+            raise Unavailable("psql stopped reading the restore before its end; nothing was committed") from None
+        _check_tool("psql", sql.returncode, await sql_err)
+    finally:
+        for proc in (tool, sql):
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()  # psql killed before COMMIT: the server rolls the transaction back
+                await proc.wait()
+        for task in (sql_err, tool_err):
+            if task is not None and not task.done():
+                task.cancel()
+            if task is not None:
+                with contextlib.suppress(BaseException):
+                    await task
+
+
+# -- the blobs either database needs, while the restore runs -------------------------------------------
+
+
+def link_old_blobs(staged: Path, files_dir: Path) -> list[Path]:
+    """Hard-link into ``staged`` each blob of ``files_dir`` it lacks; the links made (relative to ``staged``).
+
+    The files directory is swapped before the restore's transaction commits:
+    killed in between, the old database would be left with the restored
+    blobs only. Blobs are named by their SHA-256, so the staged directory can
+    hold both sets: whichever database a crash leaves finds its blobs, and
+    once the new one is committed ``unlink_blobs`` removes the old ones from
+    it (they stay in the old files directory, renamed aside). Where links
+    cannot be made (another file system) this is skipped, with a warning.
+    """
+    linked: list[Path] = []
+    made: set[Path] = set()
+    for blob in sorted((files_dir / "blobs").glob("*/*")):
+        dest = staged / "blobs" / blob.parent.name / blob.name
+        if blob.is_symlink() or not blob.is_file() or os.path.lexists(dest):
+            continue
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.link(blob, dest)
+        except OSError as exc:
+            log.warning("restore: cannot link the old blobs beside the restored ones (%s): until the restore "
+                        "commits, a crash would leave the old database without them", exc)  # fmt: skip
+            break
+        linked.append(dest.relative_to(staged))
+        made.add(dest.parent)
+    for directory in sorted(made) + ([staged / "blobs"] if made else []):
+        fsync_dir(directory)
+    return linked
+
+
+def unlink_blobs(files_dir: Path, linked: list[Path]) -> None:
+    """Remove the old blobs ``link_old_blobs`` added, and the folders that leaves empty."""
+    for name in linked:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(files_dir / name)
+    for folder in {files_dir / name.parent for name in linked}:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # if empty
