@@ -312,6 +312,22 @@ def _without_schema_entries(toc: list[str]) -> list[str]:
 # -- a restore's one transaction -----------------------------------------------------------------------
 
 _CHUNK = 1 << 16
+#: The most of pg_restore's output read looking for its ``\restrict`` line before giving up.
+_HEAD_LIMIT = 1 << 20
+_OLD_PG_RESTORE = (
+    "pg_restore did not open its SQL with \\restrict, which keeps psql from obeying meta-commands a forged "
+    "archive could carry (\\! runs a shell command): use PostgreSQL client tools 13.22, 14.19, 15.14, 16.10, "
+    "17.6 or later; nothing was restored"
+)
+
+
+def _restricted(head: bytes) -> bool | None:
+    r"""Whether SQL beginning with ``head`` opens (past comments and blank lines) with psql's ``\restrict``;
+    None until a whole line says."""
+    for line in head.split(b"\n")[:-1]:
+        if line.strip() and not line.startswith(b"--"):
+            return line.startswith(b"\\restrict ")
+    return None
 
 
 async def restore_in_one_transaction(
@@ -357,9 +373,20 @@ async def restore_in_one_transaction(
         tool_err = asyncio.ensure_future(tool.stderr.read())
         try:
             sql.stdin.write(f"BEGIN;\n{before}\n".encode())
+            head: bytes | None = b""  # psql gets nothing before the \restrict line is seen
             while chunk := await tool.stdout.read(_CHUNK):
+                if head is not None:
+                    head += chunk
+                    verdict = _restricted(head)
+                    if verdict is None and len(head) < _HEAD_LIMIT:
+                        continue
+                    if not verdict:
+                        raise FailedPrecondition(_OLD_PG_RESTORE)
+                    chunk, head = head, None
                 sql.stdin.write(chunk)
                 await sql.stdin.drain()
+            if head is not None:
+                raise FailedPrecondition(_OLD_PG_RESTORE)
             await tool.wait()
             _check_tool("pg_restore", tool.returncode, await tool_err)
             # The script may end in a meta-command with no newline (\unrestrict KEY).

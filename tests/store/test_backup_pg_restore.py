@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +21,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from bastion.exceptions import Unavailable
+from bastion.exceptions import FailedPrecondition, Unavailable
 from bastion.security.credentials import User
 from bastion.store import backup, open_store
+from bastion.store.backup_pg import pg_environment, restore_in_one_transaction
+from bastion.store.postgres import PostgresStore
 from tests.store.test_backup import (
     make_blob,
     pg_cleanup,
@@ -170,3 +173,27 @@ async def test_a_forced_restore_that_fails_midway_leaves_the_old_schema_intact_a
     assert [name for name in os.listdir(tmp_path) if "pre-restore" in name] == []
     async with open_store(dsn) as store:
         assert await store.get_user("late") is not None
+
+
+_UNRESTRICTED_PG_RESTORE = """#!/bin/sh
+# pg_restore before 15.14 (and 13.22, 14.19, 16.10, 17.6): the SQL of a forged archive, no \\restrict line.
+printf -- '--\\n-- PostgreSQL database dump\\n--\\n\\nSET lock_timeout = 0;\\n\\\\! touch %s\\n' "$MARKER"
+"""
+
+
+async def test_a_pg_restore_that_leaves_psql_unrestricted_is_refused_before_psql_reads_a_line(tmp_path: Path) -> None:
+    """psql obeys meta-commands in what it runs (``\\!`` starts a shell): only SQL opened by ``\\restrict`` --
+    what pg_restore writes since the fix for CVE-2025-8714 -- may reach it."""
+    fake = tmp_path / "pg_restore"
+    fake.write_text(_UNRESTRICTED_PG_RESTORE)
+    fake.chmod(0o755)
+    marker = tmp_path / "shell-ran"
+    store = open_store(postgres_dsn())
+    async with store:
+        assert isinstance(store, PostgresStore)
+        env = {**pg_environment(store), "MARKER": str(marker)}
+    psql = shutil.which("psql")
+    assert psql is not None
+    with pytest.raises(FailedPrecondition, match=r"did not open its SQL with \\restrict"):
+        await restore_in_one_transaction(str(fake), psql, env, tmp_path / "dump", None, "SELECT 1;", "SELECT 1;")
+    assert not marker.exists()
