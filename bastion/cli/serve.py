@@ -441,7 +441,7 @@ async def _serve_worker(server: Server, channel: WorkerChannel, config: Config, 
             # Before it accepts: a scrape that came first would show this worker's numbers alone.
             metrics_snapshot=lambda: snapshots.gather(server_snapshot(server)),
         )
-    server.install_signal_handlers()
+    server.install_signal_handlers(interrupt=False)  # the supervisor passes a Ctrl-C on, as SIGTERM
     allocator.settle_gc()
     stopping: list[asyncio.Task[None]] = []
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import errno
 import functools
 import ipaddress
@@ -81,6 +80,7 @@ from bastion.security.tls import ALPN_PROTOCOL, client_certificate, parse_serial
 from bastion.security.tls import reload as reload_certificate
 from bastion.server.deadlines import Deadlines
 from bastion.server.dispatch import IdempotencyKeys, MethodTable
+from bastion.server.reserve import DescriptorReserve
 from bastion.server.scheduler import Scheduler
 from bastion.server.session import ServerSession
 from bastion.server.view import ServerView
@@ -177,7 +177,7 @@ class Server:
         self._handshakes: set[asyncio.Task[None]] = set()  # connections still in the TLS handshake
         self._open = 0  # accepted connections not yet closed (handshaking ones too)
         self._per_source: dict[str, int] = {}
-        self._reserve_fd: int | None = None
+        self._reserve = DescriptorReserve()
         self._stopped = asyncio.Event()
         self.addresses: list[tuple[str, int]] = []
 
@@ -194,8 +194,7 @@ class Server:
             addr = listener.getsockname()
             self.addresses.append((addr[0], addr[1]))
             self._accept_tasks.append(loop.create_task(self._accept_loop(listener)))
-        if self._reserve_fd is None:
-            self._reserve_fd = _open_reserve()
+        self._reserve.hold()
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and soft < self.limits.max_connections + 64:
             log.warning(
@@ -226,7 +225,7 @@ class Server:
                 if exc.errno in _RESOURCE_ERRNOS:
                     if not backoff:
                         log.warning("cannot accept connections: %s; refusing new ones until some close", exc)
-                    self._shed(listener)
+                    self.counters["rejected_connections"] += self._reserve.shed(listener, BACKLOG)
                 else:
                     log.error("accept failed: %s", exc)
                 backoff = min(max(backoff * 2, 0.01), 0.5)
@@ -333,23 +332,6 @@ class Server:
             self.release(session)
             raise
 
-    def _shed(self, listener: socket.socket) -> None:
-        """Out of descriptors: spend the reserved one to accept and close what is waiting."""
-        if self._reserve_fd is None:
-            self._reserve_fd = _open_reserve()
-            return
-        os.close(self._reserve_fd)
-        self._reserve_fd = None
-        try:
-            for _ in range(BACKLOG):
-                conn, _ = listener.accept()
-                conn.close()
-                self.counters["rejected_connections"] += 1
-        except OSError:
-            pass
-        finally:
-            self._reserve_fd = _open_reserve()
-
     def release(self, session: ServerSession) -> None:
         """Give back the connection slot ``session`` held (once; sessions not from a listener hold none)."""
         if session.source is None or session.slot_released:
@@ -450,16 +432,20 @@ class Server:
     def port(self) -> int:
         return self.addresses[0][1]
 
-    def install_signal_handlers(self) -> None:
+    def install_signal_handlers(self, *, interrupt: bool = True) -> None:
         """Make SIGTERM/SIGINT start a graceful shutdown and SIGHUP reload TLS (call from the running loop).
 
-        Call it before announcing readiness: a signal that arrives after the
+        A second SIGTERM/SIGINT during the drain cancels the calls still
+        running instead of waiting out the grace period. ``interrupt=False``
+        (a supervised worker): SIGINT is ignored, since a terminal's Ctrl-C
+        reaches the supervisor too, which passes it on as SIGTERM. Call it
+        before announcing readiness: a signal that arrives after the
         announcement but before the handlers exist would kill the process
         outright instead of draining it.
         """
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+            loop.add_signal_handler(sig, self._on_signal if interrupt or sig != signal.SIGINT else _ignore, sig)
         # SIGHUP is handled even with nothing to reload: its default action would end the
         # process at once, undrained (a reload sent to a plaintext server killed it).
         loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
@@ -479,7 +465,13 @@ class Server:
         await self._stopped.wait()
 
     def _on_signal(self, sig: int) -> None:
-        log.info("received %s: draining (grace period %.0fs)", signal.Signals(sig).name, self.limits.grace_period)
+        name = signal.Signals(sig).name
+        if self.draining:  # a second one: no more grace (what a second Ctrl-C means)
+            log.warning("received %s again: cancelling the calls still running", name)
+            for session in list(self.sessions):
+                session.abort()
+            return
+        log.info("received %s: draining (grace period %.0fs)", name, self.limits.grace_period)
         asyncio.get_running_loop().create_task(self.shutdown())
 
     async def shutdown(self, grace: float | None = None) -> None:
@@ -508,9 +500,7 @@ class Server:
                 for session in list(self.sessions):
                     session.abort()
                 await asyncio.wait(pending, timeout=2)
-        if self._reserve_fd is not None:
-            os.close(self._reserve_fd)
-            self._reserve_fd = None
+        self._reserve.release()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 
@@ -591,8 +581,5 @@ async def _read_proxy_header(loop: asyncio.AbstractEventLoop, conn: socket.socke
             return header
 
 
-def _open_reserve() -> int | None:
-    """A spare descriptor to give up when accept() runs out (None if even that fails)."""
-    with contextlib.suppress(OSError):
-        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    return None
+def _ignore(sig: int) -> None:
+    log.debug("ignored %s: the supervisor passes it on", signal.Signals(sig).name)
