@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -32,6 +32,7 @@ __all__ = [
     "VALUE_ERRORS",
     "ClientTLS",
     "MethodProxy",
+    "PingMeter",
     "ServiceProxy",
     "bad_value",
     "build_hello",
@@ -56,6 +57,32 @@ COLLECTED_ITEM_COST = 64
 #: clients, ``limits.max_pings_per_10s``, is the same). A server's keepalive pings every ~30 s.
 MAX_PINGS = 100
 PING_WINDOW = 10.0
+
+
+class PingMeter:
+    """The Pings a server sent on one connection lately, against ``MAX_PINGS`` per ``PING_WINDOW`` seconds.
+
+    Both clients keep one per connection and ask it about each read's Pings
+    before their Pongs are sent (``clock``: the async client's loop time, the
+    sync client's ``time.monotonic``).
+    """
+
+    __slots__ = ("clock", "count", "since")
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.count = 0  # Pings since ``since``
+        self.since = clock()
+
+    def received(self, n: int = 1) -> str | None:
+        """Count ``n`` Pings just received; why the connection must be dropped, if they make a flood."""
+        now = self.clock()
+        if now - self.since >= PING_WINDOW:
+            self.since, self.count = now, 0
+        self.count += n
+        if self.count > MAX_PINGS:
+            return f"ping flood: the server sent over {MAX_PINGS} Pings in {PING_WINDOW:g}s"
+        return None
 
 
 def collected_too_much(limit: int) -> RemoteProtocolError:

@@ -25,8 +25,7 @@ from bastion._slots import Slots
 from bastion.client._common import (
     COLLECTED_ITEM_COST,
     MAX_COLLECTED_BYTES,
-    MAX_PINGS,
-    PING_WINDOW,
+    PingMeter,
     build_hello,
     collected_too_much,
     error_from,
@@ -259,8 +258,7 @@ class ClientConnection:
         self.closed_silently = False
         self.slots: Slots | None = None
         self.deadlines = Deadlines(self.loop)
-        self._pings = 0  # Pings received since ``_pings_since``: a flood is dropped (``_on_ping``)
-        self._pings_since = self.loop.time()
+        self._pings = PingMeter(self.loop.time)  # a flood is dropped (``_on_ping``)
         self._token = hello_token
         self._name = name
 
@@ -341,14 +339,11 @@ class ClientConnection:
     def _on_ping(self) -> None:
         """A Ping, its Pong queued by the core: past ``MAX_PINGS`` in ``PING_WINDOW`` seconds, drop the
         connection (a server that floods Pings and does not read the Pongs would grow them without end)."""
-        now = self.loop.time()
-        if now - self._pings_since >= PING_WINDOW:
-            self._pings_since, self._pings = now, 0
-        self._pings += 1
-        if self._pings > MAX_PINGS and self.link is not None:
+        flood = self._pings.received()
+        if flood is not None and self.link is not None:
             self.core.data_to_send()  # the Pongs queued: never sent
             self.core.close()
-            self.link.drop(f"ping flood: the server sent over {MAX_PINGS} Pings in {PING_WINDOW:g}s")
+            self.link.drop(flood)
 
     def _on_goaway(self, goaway: GoAway) -> None:
         if not self.welcome.done():

@@ -31,6 +31,7 @@ from typing import Any
 
 from bastion.client._common import (
     COLLECTED_ITEM_COST,
+    PingMeter,
     ServiceProxy,
     build_hello,
     check_args,
@@ -254,6 +255,7 @@ class SyncClient(ClientBase):
             alpn=ALPN_PROTOCOL,
             source_address=self.source_address,
         )
+        link.on_pings = PingMeter(time.monotonic).received  # a flood is dropped, as by the async client
         core.send_hello(build_hello(self.limits, self._token, self._name))
         deadline = time.monotonic() + wait
         self._handshaking = link

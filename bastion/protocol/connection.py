@@ -142,6 +142,7 @@ class Connection:
         #: Calls refused for max_inflight so far (server): the application never
         #: sees them, but may want to count them as abuse.
         self.refused_calls = 0
+        self.pings_received = 0  # each Pong queued at once: a transport can see a flood before sending them
 
     def _unchanged_by(self, direction: Direction, cls: type) -> frozenset[ConnectionState]:
         """The states ``cls`` going ``direction`` may leave as they are (per the state table)."""
@@ -511,6 +512,7 @@ class Connection:
         if cls is End:
             return self._step_call(message.id, CallInput.RECV_END, local=False)  # type: ignore[union-attr]
         if cls is Ping:
+            self.pings_received += 1
             self._writer.write(Pong(message.payload))  # type: ignore[union-attr]
             return True
         if cls is Hello:

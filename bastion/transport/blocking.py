@@ -12,6 +12,7 @@ import select
 import socket
 import ssl
 import time
+from collections.abc import Callable
 
 from bastion.exceptions import ConnectError, ConnectionClosed, DeadlineExceeded, RemoteProtocolError
 from bastion.protocol.connection import Connection
@@ -33,6 +34,10 @@ class BlockingLink:
         self.received_any = False
         #: ``abort`` was called: the owner's next read or write fails, and it knows why.
         self.aborted = False
+        #: Told how many Pings a read brought, before their Pongs are sent: why to drop the
+        #: connection (a flood), or None to answer them.
+        self.on_pings: Callable[[int], str | None] | None = None
+        self._pings_seen = 0  # ``core.pings_received`` when last looked at
 
     @classmethod
     def connect(
@@ -112,6 +117,14 @@ class BlockingLink:
             if first and looks_like_http(data):
                 raise ConnectionClosed(HTTP_PEER) from None
             raise ConnectionClosed(f"protocol error: {exc}") from None
+        pings = self.core.pings_received - self._pings_seen
+        if pings:
+            self._pings_seen += pings
+            flood = self.on_pings(pings) if self.on_pings is not None else None
+            if flood is not None:
+                self.core.data_to_send()  # the Pongs queued: never sent
+                self.close()
+                raise ConnectionClosed(flood)
         self.flush()  # Pongs and the like
         return events
 

@@ -473,6 +473,18 @@ def test_a_server_flooding_pings_is_dropped_with_a_clear_error() -> None:
         run(main(server.address))
 
 
+def test_the_sync_client_drops_a_server_flooding_pings_too() -> None:
+    """The sync client answered every Ping, without limit: a flood cost it a Pong each (written with
+    ``sendall``, which blocks once a server that does not read has filled the socket's buffers) and its
+    call waited for its deadline. It drops the connection past the async client's cap, before the Pongs."""
+    with HostileServer(ping_flood) as server, SyncClient(server.address, insecure=True, timeout=5, retry=None) as c:
+        start = time.monotonic()
+        with pytest.raises(ConnectionClosed, match="ping flood"):
+            c.call("x.y")
+        assert time.monotonic() - start < 3
+        assert c._link is None or c._link.closed
+
+
 def test_a_stream_the_caller_does_not_read_holds_no_more_than_its_window() -> None:
     """``stream()`` grants credit only as its caller reads: a server sending past it is cut off (protocol
     error, connection closed), so an unread stream holds at most ``window`` items."""

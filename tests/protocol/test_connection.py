@@ -696,6 +696,8 @@ def test_ping_is_answered_automatically(sender: Role) -> None:
     )
     assert ponger_events == [Ping(12345)]
     assert pinger_events == [Pong(12345)]
+    ponger = pair.server if sender is Role.CLIENT else pair.client
+    assert (ponger.pings_received, pinger.pings_received) == (1, 0)  # a transport's flood check counts them
 
 
 def test_ping_before_handshake_is_an_error() -> None:
