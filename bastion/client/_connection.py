@@ -16,7 +16,7 @@ import contextlib
 import math
 import socket
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -261,6 +261,9 @@ class ClientConnection:
         self._pings = PingMeter(self.loop.time)  # a flood is dropped (``_on_ping``)
         self._token = hello_token
         self._name = name
+        self._shutdown_guard: AsyncGenerator[None, None] | None = self._close_at_loop_shutdown()
+        with contextlib.suppress(StopIteration):  # run to its ``yield``, now: the loop takes note of it
+            self._shutdown_guard.asend(None).send(None)
 
     # -- Session ----------------------------------------------------------------------
 
@@ -357,6 +360,10 @@ class ClientConnection:
 
     def on_close(self, exc: BaseException | None) -> None:
         self.closed = True
+        guard, self._shutdown_guard = self._shutdown_guard, None
+        if guard is not None:  # closed now (it finds the connection closed), not when collected
+            with contextlib.suppress(StopIteration):
+                guard.aclose().send(None)
         error = translate_error(exc)
         if not self.welcome.done():
             self.closed_silently = self.link is not None and not self.link.received_any
@@ -382,10 +389,32 @@ class ClientConnection:
         self.left_behind()
         return False
 
+    async def _close_at_loop_shutdown(self) -> AsyncGenerator[None, None]:
+        """Suspended at its ``yield`` while the connection is open, so that the event loop's asyncgen
+        hooks hold it: ``loop.shutdown_asyncgens`` -- which ``asyncio.run`` and ``asyncio.Runner`` call
+        before they close the loop -- closes it, and it closes the connection while the loop can still
+        close its transport (a client nobody closed kept the socket until the garbage collector found it).
+        """
+        try:
+            yield
+        finally:
+            self._shutdown_guard = None  # running: ``on_close`` must not close it again
+            if not self.closed:
+                self.orphaned = True  # not lost: a connection on the next loop owes no reconnect backoff
+                self.abandon(ClientClosed("the event loop is shutting down"))
+                if self.link is not None:
+                    self.link.close()
+                    # Unless closed already: a TLS close waits for the peer's close_notify, and a close
+                    # waits for the peer to take what is queued; the loop is about to close.
+                    self.link.abort()
+                self.core.close()
+
     def left_behind(self) -> None:
         """Its event loop has closed: forget the connection, unused. Its transport was that loop's and
         cannot be closed now; shutting its socket down tells the server at once (the descriptor itself
-        closes when it is collected: close a client on its own loop to close it cleanly)."""
+        closes when it is collected). A loop closed by ``asyncio.run`` or ``asyncio.Runner`` leaves
+        nothing behind (``_close_at_loop_shutdown``); one closed by hand, without
+        ``loop.shutdown_asyncgens()`` first, does."""
         self.orphaned = self.closed = True
         self.core.close()
         self.pending.clear()

@@ -256,10 +256,10 @@ class SyncClient(ClientBase):
             source_address=self.source_address,
         )
         link.on_pings = PingMeter(time.monotonic).received  # a flood is dropped, as by the async client
-        core.send_hello(build_hello(self.limits, self._token, self._name))
         deadline = time.monotonic() + wait
         self._handshaking = link
         try:
+            core.send_hello(build_hello(self.limits, self._token, self._name))
             link.flush()
             while True:
                 for event in link.receive(deadline):
@@ -280,6 +280,8 @@ class SyncClient(ClientBase):
             raise ConnectError(f"handshake with {host}:{port} failed: {exc}{hint}") from None
         finally:
             self._handshaking = None
+            if self._link is not link:  # failed, however: closed now, not when the error is collected
+                link.close()
 
     def close(self) -> None:
         """Close the connection. A call in progress in another thread fails at once with ``ClientClosed``.

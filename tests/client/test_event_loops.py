@@ -11,6 +11,7 @@ gets a UsageError saying so.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 from bastion import Client, UsageError
 from tests.adversity.test_hostile_peers import poll
 from tests.support.hostile_server import RESULT, HostileServer, Peer, wait_for
+from tests.support.server import ServerProcess
 
 ITEM = 7
 
@@ -59,6 +61,55 @@ def test_a_client_kept_from_one_asyncio_run_to_the_next_reconnects_on_the_new_lo
         assert asyncio.run(second()) == ["ok", "ok", [0, 1, 2]]
         assert len(server.peers) == 2  # one connection per loop
         wait_for(server.peers[0].closed.is_set, "the first loop's connection to be shut down")
+
+
+def socket_of(client: Client) -> tuple[int, str]:
+    """The descriptor of the client's connection, and what it is (``socket:[inode]``)."""
+    conns = [client._conn] if client._conn is not None else [s.conn for s in client._slots.values() if s.conn]
+    assert len(conns) == 1 and conns[0] is not None and conns[0].link is not None
+    fd: int = conns[0].link.transport.get_extra_info("socket").fileno()
+    return fd, os.readlink(f"/proc/self/fd/{fd}")
+
+
+def still_open(fd: int, what: str) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == what
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("balanced", [False, True], ids=["one-server", "balanced"])
+def test_a_client_left_open_when_asyncio_run_ends_closes_its_socket_as_the_loop_shuts_down(balanced: bool) -> None:
+    """``asyncio.run`` closed its loop under a client nobody closed: the transport was that loop's, and could
+    not be closed once the loop was, so the socket stayed open -- the server saw no end, the descriptor
+    stayed taken -- until the garbage collector found it (ResourceWarning). Now the client closes the
+    connection as the loop shuts down (its async generators are closed then), with the client still held."""
+    with HostileServer(serve) as server:
+        client = Client([server.address] if balanced else server.address, insecure=True, timeout=5)
+
+        async def call() -> tuple[int, str]:
+            assert await client.call("x.y") == "ok"
+            return socket_of(client)
+
+        fd, what = asyncio.run(call())
+        wait_for(lambda: not still_open(fd, what), "the client's socket to be closed")
+        wait_for(server.peers[0].closed.is_set, "the server to see the connection end")
+        assert asyncio.run(call())[1] != what  # and the client carries on, on a new connection
+        asyncio.run(client.close())
+
+
+def test_a_tls_connection_left_open_when_asyncio_run_ends_is_closed_too(server: ServerProcess) -> None:
+    """The same over TLS (a real server process): the TLS transport's close waits for the peer's
+    close_notify, which a loop about to close never reads, so the connection is aborted after it."""
+    client = Client(server.address, token_file=str(server.token_file), timeout=10)
+
+    async def call() -> tuple[int, str]:
+        assert await client.call("demo.echo", value=1) == 1
+        return socket_of(client)
+
+    fd, what = asyncio.run(call())
+    wait_for(lambda: not still_open(fd, what), "the client's socket to be closed")
+    asyncio.run(client.close())
 
 
 def test_invoke_and_stream_first_on_a_new_loop_reconnect_too() -> None:

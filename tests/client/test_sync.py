@@ -12,6 +12,8 @@ import pytest
 
 from bastion import SyncClient
 from bastion.client._connection import ClientClosed
+from bastion.exceptions import LocalProtocolError
+from tests.support.hostile_server import HostileServer, Peer, wait_for
 from tests.support.server import ServerProcess
 
 
@@ -75,3 +77,19 @@ def test_a_forked_child_opens_its_own_connection_and_leaves_the_parents_alone(se
         worker.join(10)
         assert busy == {"result": "w"}
         assert client.call("demo.echo", value="parent again") == "parent again"
+
+
+def test_a_handshake_failing_otherwise_than_expected_closes_its_socket_at_once() -> None:
+    """The sync client's handshake closed the socket only on the failures it expected (deadline, connection
+    closed): a Hello too large to send (a token over the 16 KiB handshake cap) left it open for as long as
+    the error was held -- here by ``pytest.raises`` -- until the garbage collector found it."""
+
+    async def script(peer: Peer) -> None:
+        await peer.until_closed()
+
+    with HostileServer(script) as server:
+        client = SyncClient(server.address, insecure=True, timeout=5, token="x" * 20_000)
+        with pytest.raises(LocalProtocolError, match="exceeds the peer's limit") as held:
+            client.call("x.y")
+        wait_for(lambda: server.peers and server.peers[0].closed.is_set(), "the server to see the socket closed")
+        assert held.tb is not None  # held until now: its frames, the socket's among them, were not collected
