@@ -44,7 +44,9 @@ class ClientBase:
     ``max_collected_bytes`` bounds what a unary call (``call``, ``invoke``)
     collects of a server stream's items (each counts its bytes plus 64):
     past it the call is cancelled and fails with RemoteProtocolError
-    (RESOURCE_EXHAUSTED); ``stream()`` reads a stream of any length.
+    (RESOURCE_EXHAUSTED); ``stream()`` reads a stream of any length. It
+    counts bytes on the wire: decoded, they may take up to ~72 times as much
+    (docs/security.md, "Client-side limits").
 
     Several servers: ``address`` may be a list of addresses, a comma-separated
     string, or ``dns:///name:port`` (every address the name resolves to). The
