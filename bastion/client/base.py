@@ -12,11 +12,12 @@ import ssl
 import uuid
 from collections.abc import Callable, Sequence
 
-from bastion.client._common import CLIENT_NAME, MAX_COLLECTED_BYTES, ClientTLS, resolve_token
+from bastion.client._common import CLIENT_NAME, MAX_COLLECTED_BYTES, ClientTLS, build_hello, resolve_token
 from bastion.client.balancer import CircuitBreaker, ReconnectBackoff, parse_endpoints
 from bastion.client.policy import DEFAULT_RETRY, IdempotentMethods, RetryBudget, RetryPolicy
-from bastion.exceptions import UsageError
+from bastion.exceptions import LocalProtocolError, UsageError
 from bastion.protocol.connection import ProtocolLimits
+from bastion.protocol.frames import FrameWriter
 from bastion.protocol.messages import Welcome
 
 __all__ = ["ClientBase"]
@@ -99,6 +100,10 @@ class ClientBase:
         self.tls = ClientTLS(ssl_context=ssl_context, ca=ca, cert=cert, key=key, insecure=insecure)
         self._server_hostname = server_hostname
         self._name = name
+        try:  # the Hello is sent before the server's limits are known: it must fit the handshake's cap
+            FrameWriter(self.limits.handshake_max_frame).write(build_hello(self.limits, self._token, name))
+        except LocalProtocolError as exc:
+            raise UsageError(f"the token and client name are too large for the handshake: {exc}") from None
         self.welcome: Welcome | None = None
         self.retry = retry
         self._methods = IdempotentMethods()  # what the current connection's server declared idempotent

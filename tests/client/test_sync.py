@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bastion import SyncClient
+from bastion import Client, SyncClient, UsageError
 from bastion.client._connection import ClientClosed
 from bastion.exceptions import LocalProtocolError
 from tests.support.hostile_server import HostileServer, Peer, wait_for
@@ -88,8 +88,19 @@ def test_a_handshake_failing_otherwise_than_expected_closes_its_socket_at_once()
         await peer.until_closed()
 
     with HostileServer(script) as server:
-        client = SyncClient(server.address, insecure=True, timeout=5, token="x" * 20_000)
+        client = SyncClient(server.address, insecure=True, timeout=5)
+        client._token = "x" * 20_000  # past the check at construction (below): a failure the handshake did not expect
         with pytest.raises(LocalProtocolError, match="exceeds the peer's limit") as held:
             client.call("x.y")
         wait_for(lambda: server.peers and server.peers[0].closed.is_set(), "the server to see the socket closed")
         assert held.tb is not None  # held until now: its frames, the socket's among them, were not collected
+
+
+@pytest.mark.parametrize("make", [Client, SyncClient])
+def test_a_token_too_large_for_the_handshake_is_refused_at_construction(make: type[Client | SyncClient]) -> None:
+    """A Hello over the handshake's 16 KiB cap cannot be sent: the sync client failed each call with a bare
+    LocalProtocolError, the async client logged it from deep in the transport and failed each call with
+    DeadlineExceeded ("still connecting") once ``connect_timeout`` had passed."""
+    with pytest.raises(UsageError, match="too large for the handshake"):
+        make("127.0.0.1:1", insecure=True, token="x" * 20_000)
+    make("127.0.0.1:1", insecure=True, token="x" * 16_000)  # fits
