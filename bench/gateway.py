@@ -22,7 +22,8 @@ server), and each gateway point's cost per call relative to ``bare`` (the
 issue's target: within 1.3x). Each point runs ``--repeat`` times, the points
 interleaved; the table shows the median. With ``--tls`` both ports serve
 HTTPS (TLS 1.3, bench/certs.py's throwaway certificate): the gateway through
-its own TLS layer (bastion/gateway/_tls.py), the bare app through uvicorn's.
+its own TLS layer (bastion/gateway/_tls.py: uvloop's, made by the gateway to
+count failed handshakes), the bare app through uvicorn's (uvloop's too).
 """
 
 from __future__ import annotations

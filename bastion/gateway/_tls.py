@@ -2,17 +2,30 @@
 
 Theory of operation. Given an ``ssl`` context, asyncio's (and uvloop's)
 ``create_server`` runs the TLS handshake itself and drops a failed one
-without a word: no callback, no log unless the loop is in debug mode. An
-operator then cannot tell a port scanned by plaintext HTTP clients, a fleet
-of clients that do not trust the certificate, or a flood of connections
-that never finish their handshake (slowloris on TLS) from a quiet port --
-while the native port counts its own (``bastion_rejections_total{reason="tls"}``).
+without a word: no callback, no log unless the loop is in debug mode (uvloop
+0.23, checked for each of ``REASONS``: not even the loop's exception
+handler hears of it). An operator then cannot tell a port scanned by
+plaintext HTTP clients, a fleet of clients that do not trust the
+certificate, or a flood of connections that never finish their handshake
+(slowloris on TLS) from a quiet port -- while the native port counts its
+own (``bastion_rejections_total{reason="tls"}``).
 
 So uvicorn listens in plaintext and each connection's protocol is a
-``TLSAcceptor``: asyncio's own TLS layer (``asyncio.sslproto.SSLProtocol``,
-the one the default loop uses; under uvloop too) around uvicorn's HTTP
-protocol, with the handshake under ``header_timeout`` -- the deadline a
-plaintext connection has for its first request's head. (Not
+``TLSAcceptor``: the running loop's own TLS layer -- uvloop's
+(``uvloop.loop.SSLProtocol``, in C: what ``create_server(ssl=...)`` would
+have used) under uvloop, as ``bastion serve`` runs, else asyncio's
+(``asyncio.sslproto.SSLProtocol``) -- made by the gateway itself with a
+handshake waiter of its own, around uvicorn's HTTP protocol, with the
+handshake under ``header_timeout`` -- the deadline a plaintext connection
+has for its first request's head. Both layers take the same arguments and
+fail a handshake the same way (the waiter's exception: the ``ssl.SSLError``
+OpenSSL raised, ConnectionResetError for an EOF, ConnectionAbortedError past
+the deadline). uvloop reads data for a subclass of its layer on its fast
+path (no Python call per record): an HTTPS call costs what it would behind
+``create_server(ssl=...)`` (bench/README.md, "Over HTTPS"). uvloop neither
+documents that class nor puts it in its stubs: if a release renamed it, the
+gateway would run asyncio's layer, slower but the same otherwise
+(tests/gateway/test_tls_layer.py fails loudly). (Not
 ``loop.start_tls`` after the fact: uvloop starts reading a connection after
 ``connection_made`` whatever the protocol asked, so a ClientHello could
 arrive before the TLS layer was in place.) The layer is the connection's
@@ -21,7 +34,9 @@ TLS transport to the HTTP protocol itself. A handshake that fails is counted
 in ``Server.counters`` as ``gateway_tls_<reason>``, one of ``REASONS`` (a
 fixed set: nothing from the client becomes a label); the TLS layer has
 closed the connection. ``/metrics`` shows them as
-``bastion_gateway_tls_handshake_failures_total{reason}``.
+``bastion_gateway_tls_handshake_failures_total{reason}``. ``tls.min_version``
+is the context's (``http_server_context``): OpenSSL refuses an older
+version, and the refusal is counted as ``protocol``.
 """
 
 from __future__ import annotations
@@ -31,9 +46,16 @@ import ssl
 from asyncio.sslproto import SSLProtocol
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from bastion.gateway._gate import ConnectionGate, peer_host
+
+try:
+    import uvloop
+    from uvloop.loop import SSLProtocol as UvloopSSLProtocol  # type: ignore[attr-defined]  # (not in its stubs)
+except ImportError:  # (Windows: the asyncio loop)
+    uvloop = None  # type: ignore[assignment]
+    UvloopSSLProtocol = None
 
 __all__ = ["REASONS", "TLSAcceptor", "failure_reason", "tls_acceptor"]
 
@@ -75,8 +97,14 @@ def failure_reason(exc: BaseException) -> str:
     return "other"
 
 
-class TLSAcceptor(SSLProtocol):
-    """One connection's TLS layer (asyncio's own, the same whatever the loop), counting a failed handshake."""
+if TYPE_CHECKING:
+    _Layer = SSLProtocol  # what the mixin's super() calls reach: uvloop's layer has the same methods
+else:
+    _Layer = object
+
+
+class TLSAcceptor(_Layer):
+    """One connection's TLS layer, counting a failed handshake: mixed into the loop's own layer (below)."""
 
     def __init__(
         self,
@@ -89,8 +117,8 @@ class TLSAcceptor(SSLProtocol):
     ) -> None:
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
-        # The deadline is asyncio's: past it the handshake fails with ConnectionAbortedError (and nothing else
-        # raises that during a handshake), which ``failure_reason`` calls "timeout".
+        # The deadline is the layer's: past it the handshake fails with ConnectionAbortedError (and nothing
+        # else raises that during a handshake), which ``failure_reason`` calls "timeout".
         super().__init__(loop, app_protocol, context, waiter, server_side=True, ssl_handshake_timeout=timeout)  # type: ignore[arg-type]
         self.app = app_protocol
         self.counters = counters
@@ -122,24 +150,6 @@ class TLSAcceptor(SSLProtocol):
             self.host = None
         super().connection_lost(exc)
 
-    def _do_shutdown(self) -> None:
-        """Discard the client's application data before the close_notify exchange, as uvloop's TLS layer does.
-
-        The gateway may close a connection while the client is still sending -- a 413 answered before the
-        body is read. asyncio's layer (3.11) then fed the body's records to ``unwrap``, which fails on data
-        after close_notify, and aborted the connection: the client got a reset instead of the answer.
-        asyncio's private names are read defensively (tests/gateway/test_gateway_tls.py checks they are
-        there): if a Python release renamed them, this would fall back to asyncio's own behaviour.
-        """
-        sslobj: ssl.SSLObject | None = getattr(self, "_sslobj", None)
-        if sslobj is not None:
-            try:
-                while sslobj.read(getattr(self, "max_size", 256 * 1024)):
-                    pass  # (b"": the client's close_notify came, which unwrap then completes with)
-            except ssl.SSLError:
-                pass  # want-read: all there was is gone (more may come); anything else: unwrap reports it
-        super()._do_shutdown()  # type: ignore[misc]
-
     def abort(self) -> None:
         """Drop the connection mid-handshake (the gateway is stopping)."""
         self.stopping = True
@@ -158,6 +168,41 @@ class TLSAcceptor(SSLProtocol):
         self.counters[f"gateway_tls_{failure_reason(exc)}"] += 1
 
 
+class AsyncioTLSAcceptor(TLSAcceptor, SSLProtocol):
+    """asyncio's TLS layer (in Python), where the loop is not uvloop's."""
+
+    def _do_shutdown(self) -> None:
+        """Discard the client's application data before the close_notify exchange, as uvloop's TLS layer does.
+
+        The gateway may close a connection while the client is still sending -- a 413 answered before the
+        body is read. asyncio's layer (3.11) then fed the body's records to ``unwrap``, which fails on data
+        after close_notify, and aborted the connection: the client got a reset instead of the answer.
+        asyncio's private names are read defensively (tests/gateway/test_tls_layer.py checks they are
+        there): if a Python release renamed them, this would fall back to asyncio's own behaviour.
+        """
+        sslobj: ssl.SSLObject | None = getattr(self, "_sslobj", None)
+        if sslobj is not None:
+            try:
+                while sslobj.read(getattr(self, "max_size", 256 * 1024)):
+                    pass  # (b"": the client's close_notify came, which unwrap then completes with)
+            except ssl.SSLError:
+                pass  # want-read: all there was is gone (more may come); anything else: unwrap reports it
+        super()._do_shutdown()  # type: ignore[misc]
+
+
+if UvloopSSLProtocol is not None:
+
+    class UvloopTLSAcceptor(TLSAcceptor, UvloopSSLProtocol):  # type: ignore[misc]
+        """uvloop's TLS layer (in C), whose reads uvloop's transport makes without a Python call."""
+
+
+def layer_for(loop: asyncio.AbstractEventLoop) -> type[TLSAcceptor]:
+    """The TLSAcceptor on ``loop``'s own TLS layer (uvloop's needs uvloop's loop; asyncio's runs on either)."""
+    if uvloop is not None and isinstance(loop, uvloop.Loop):
+        return cast(type[TLSAcceptor], UvloopTLSAcceptor)
+    return AsyncioTLSAcceptor
+
+
 def tls_acceptor(
     make_protocol: Callable[..., asyncio.Protocol],
     context: ssl.SSLContext,
@@ -166,10 +211,11 @@ def tls_acceptor(
     pending: set[TLSAcceptor],
     gate: ConnectionGate,
 ) -> Callable[..., asyncio.BaseProtocol]:
-    """The protocol factory for uvicorn (``http_protocol_class``): each connection a ``TLSAcceptor``
-    whose HTTP protocol is ``make_protocol(**kwargs)`` with the keywords uvicorn passed."""
+    """The protocol factory for uvicorn (``http_protocol_class``): each connection a ``TLSAcceptor`` (on the
+    running loop's TLS layer) whose HTTP protocol is ``make_protocol(**kwargs)`` with the keywords uvicorn passed."""
+    acceptor = layer_for(asyncio.get_running_loop())
 
     def factory(**kwargs: Any) -> asyncio.BaseProtocol:
-        return TLSAcceptor(make_protocol(**kwargs), context, timeout, counters, pending, gate)
+        return acceptor(make_protocol(**kwargs), context, timeout, counters, pending, gate)
 
     return factory

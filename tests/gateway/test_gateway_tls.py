@@ -194,16 +194,3 @@ def test_an_answer_sent_before_the_body_is_read_reaches_the_client_over_tls(serv
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"RESOURCE_EXHAUSTED" in answer
-
-
-def test_the_asyncio_internals_the_gateways_tls_layer_relies_on_are_there() -> None:
-    """bastion/gateway/_tls.py subclasses asyncio's SSLProtocol and overrides ``_do_shutdown``: a Python
-    release that renamed what it uses would silently bring back the reset-instead-of-413 over HTTPS."""
-    import inspect
-    from asyncio.sslproto import SSLProtocol
-
-    assert callable(getattr(SSLProtocol, "_do_shutdown", None))
-    assert callable(getattr(SSLProtocol, "_check_handshake_timeout", None))
-    assert hasattr(SSLProtocol, "max_size")
-    assert "ssl_handshake_timeout" in inspect.signature(SSLProtocol.__init__).parameters
-    assert "self._sslobj" in inspect.getsource(SSLProtocol)
