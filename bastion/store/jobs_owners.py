@@ -12,7 +12,10 @@ more than the highest ``served`` of anyone: a turn counter, not a clock, so
 a replica whose clock runs ahead cannot send the owners it serves to the
 back of the line for as long as it is ahead. An owner never served has a
 negative ``served`` (their first submission's time less 2**40), below every
-turn, in the order they first submitted.
+turn, in the order they first submitted. A row lasts as long as its owner
+has jobs: the write that leaves them nothing queued or running and no bytes
+deletes it (migration 16), so the table holds the owners with jobs, not
+everyone who ever submitted one.
 
 Fairness: a claim walks the owners who have jobs queued, those with the
 fewest jobs running first, then the least recently served (someone never
@@ -49,9 +52,12 @@ from bastion.exceptions import ResourceExhausted
 
 __all__ = [
     "NEXT_TURN",
+    "OWNERS_V16",
     "POSTGRES_OWNERS_SCHEMA",
+    "POSTGRES_OWNERS_V16",
     "SERVED",
     "SQLITE_OWNERS_SCHEMA",
+    "SQLITE_OWNERS_V16",
     "USAGE",
     "bytes_error",
     "prune_sql",
@@ -137,6 +143,62 @@ POSTGRES_OWNERS_SCHEMA: tuple[str, ...] = (
     f"sum(octet_length(args) + coalesce(octet_length(result), 0)), min(created_at) - {_NEW} FROM jobs GROUP BY owner",
 )
 
+# -- Migration 16: an owner with no jobs left leaves the table ---------------------------------------
+#
+# A row stayed, all zeros, once its owner's last job was gone (a deleted user, swept or pruned jobs): the
+# table grew with everyone who ever submitted. The triggers now delete a row the write that empties it
+# leaves with nothing queued or running and no bytes; the owner's next job makes it again.
+
+OWNERS_V16 = "jobs: an owner with no jobs left leaves job_owners"
+_EMPTY = "queued = 0 AND running = 0 AND bytes = 0"
+_SQLITE_FORGET = "DELETE FROM job_owners WHERE owner = {0}.owner AND " + _EMPTY + ";"
+SQLITE_OWNERS_V16: tuple[str, ...] = (
+    "DROP TRIGGER job_owners_delete",
+    "DROP TRIGGER job_owners_update",
+    "CREATE TRIGGER job_owners_delete AFTER DELETE ON jobs BEGIN "
+    f"{_SQLITE_SUBTRACT.format('OLD')} {_SQLITE_FORGET.format('OLD')} END",
+    "CREATE TRIGGER job_owners_update AFTER UPDATE OF owner, state, args, result ON jobs BEGIN "
+    f"{_SQLITE_SUBTRACT.format('OLD')} {_SQLITE_ADD.format('NEW')} {_SQLITE_FORGET.format('OLD')} END",
+    f"DELETE FROM job_owners WHERE {_EMPTY}",
+)
+
+
+def _pg_apply_v16(delta: str, *, forget: bool) -> str:
+    """Add ``delta`` (rows of owner, queued, running, bytes, created_at) to the owners' rows, in owner
+    order; with ``forget``, then delete those it emptied -- rows this statement has just locked, so the
+    delete takes no lock out of order (and a concurrent writer's insert waits, then makes the row again)."""
+    apply = f"""INSERT INTO job_owners AS o (owner, queued, running, bytes, served)
+            SELECT owner, sum(queued), sum(running), sum(bytes), min(created_at) - {_NEW} FROM ({delta}) AS delta
+            GROUP BY owner HAVING sum(queued) <> 0 OR sum(running) <> 0 OR sum(bytes) <> 0 ORDER BY owner
+            ON CONFLICT (owner) DO UPDATE SET queued = o.queued + excluded.queued,
+                running = o.running + excluded.running, bytes = o.bytes + excluded.bytes"""
+    if not forget:
+        return apply + ";"
+    return f"""WITH applied AS ({apply} RETURNING o.owner, o.queued, o.running, o.bytes)
+            SELECT array_agg(owner) INTO emptied FROM applied WHERE {_EMPTY};
+            IF emptied IS NOT NULL THEN
+                DELETE FROM job_owners WHERE owner = ANY(emptied) AND {_EMPTY};
+            END IF;"""
+
+
+_PG_BOTH = _PG_DELTA.format("new_jobs", 1) + " UNION ALL " + _PG_DELTA.format("old_jobs", -1)
+POSTGRES_OWNERS_V16: tuple[str, ...] = (
+    f"""CREATE OR REPLACE FUNCTION job_owners_track() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        emptied text[];
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            {_pg_apply_v16(_PG_DELTA.format("new_jobs", 1), forget=False)}
+        ELSIF TG_OP = 'DELETE' THEN
+            {_pg_apply_v16(_PG_DELTA.format("old_jobs", -1), forget=True)}
+        ELSE
+            {_pg_apply_v16(_PG_BOTH, forget=True)}
+        END IF;
+        RETURN NULL;
+    END $$""",
+    f"DELETE FROM job_owners WHERE {_EMPTY}",
+)
+
 _FINISHED = "state IN ('succeeded', 'failed', 'cancelled')"
 # The owner's finished jobs older than their newest N jobs (an index-only walk of (owner, id)).
 _PAST_KEPT = "id <= (SELECT id FROM jobs WHERE owner = ? ORDER BY id DESC LIMIT 1 OFFSET ?)"
@@ -159,7 +221,8 @@ def prune_sql(*, postgres: bool, by_bytes: bool) -> str:
     return sql + ")"
 
 
-USAGE = "SELECT bytes FROM job_owners WHERE owner = ?"
+#: The bytes the owner's jobs hold (0 when they have none, and no row).
+USAGE = "SELECT coalesce((SELECT bytes FROM job_owners WHERE owner = ?), 0)"
 #: The next turn (SQLite; parameter: the owner served in it).
 SERVED = "UPDATE job_owners SET served = (SELECT max(max(served), 0) + 1 FROM job_owners) WHERE owner = ?"
 #: The next turn (PostgreSQL).

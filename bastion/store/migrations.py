@@ -197,6 +197,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(15, MAIL_SENDER_INDEX, mail.SENDER_INDEX_SCHEMA, compatible=True),
     # A table triggers keep whoever writes, which old code ignores: compatible.
     Migration(16, USER_ROLES, SQLITE_USER_ROLES_SCHEMA, compatible=True),
+    # Triggers replaced, keeping the same counts whoever writes: compatible.
+    Migration(17, jobs_owners.OWNERS_V16, jobs_owners.SQLITE_OWNERS_V16, compatible=True),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -388,3 +388,67 @@ async def test_a_replica_whose_clock_runs_ahead_does_not_send_an_owner_to_the_ba
     assert await store.jobs_finish("ada0", "ahead", "succeeded", now=3600.0)
     order = [await claim_and_finish(store, 10.0 + turn) for turn in range(5)]
     assert order == ["bob0", "cy0", "ada1", "bob1", "cy1"]
+
+
+async def owner_rows(store: Store) -> dict[str, tuple[int, int, int]]:
+    """``job_owners`` as stored: each owner's (queued, running, bytes)."""
+    sql = "SELECT owner, queued, running, bytes FROM job_owners ORDER BY owner"
+    if isinstance(store, PostgresStore):
+        async with store._pool.acquire() as conn:
+            rows = await conn.fetch(sql)
+    else:
+        assert isinstance(store, SQLiteStore)
+        rows = await store._read(lambda c: c.execute(sql).fetchall())
+    return {str(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in rows}
+
+
+async def test_owners_with_no_jobs_left_leave_the_owners_table(store: Store) -> None:
+    # An owner's row stayed, all zeros, once their last job was gone (deleted users, swept or pruned jobs):
+    # the table every claim walks grew with every user who ever submitted a job.
+    for owner in ("ada", "bob", "cy", "dee", "eve"):
+        await store.jobs_submit(job(f"{owner}0", owner=owner))
+    for _ in range(2):
+        await claim_and_finish(store, 10.0)  # ada0 and bob0 finished, at 10
+    assert await store.jobs_sweep(11.0) == 2  # past retention
+    assert await store.jobs_reassign_owner("cy", None) == 1  # a deleted user
+    assert await store.jobs_reassign_owner("dee", "eve") == 1  # handed over
+    assert await owner_rows(store) == {"eve": (2, 0, 2)}
+    await store.jobs_submit(job("ada1"))  # back again: a row again
+    assert await owner_rows(store) == {"ada": (1, 0, 1), "eve": (2, 0, 2)}
+    await store.jobs_cancel("ada1", 12.0)
+    await store.jobs_submit(job("ada2"), max_kept=1)  # pruning her only other job empties her row: made again
+    assert await owner_rows(store) == {"ada": (1, 0, 1), "eve": (2, 0, 2)}
+    claimed = [await store.jobs_claim("r1", NAMES, 13.0, 30.0) for _ in range(3)]
+    assert sorted(c.id for c in claimed if c is not None) == ["ada2", "dee0", "eve0"]
+    assert await store.jobs_recover(100.0, LOST) == {"failed": 3}
+    assert await store.jobs_sweep(101.0) == 3
+    assert await owner_rows(store) == {}
+
+
+async def recount(store: Store) -> dict[str, tuple[int, int, int]]:
+    """What ``job_owners`` should hold, counted from the jobs themselves."""
+    counts: dict[str, tuple[int, int, int]] = {}
+    for j in await store.jobs_list(limit=10_000):
+        queued, running, size = counts.get(j.owner, (0, 0, 0))
+        size += len(j.args) + len(j.result or b"")
+        counts[j.owner] = (queued + (j.state == "queued"), running + (j.state == "running"), size)
+    return counts
+
+
+async def test_owners_emptied_while_others_submit_stay_counted_right(store: Store) -> None:
+    # A row deleted by one writer as another adds a job of the same owner (PostgreSQL: concurrently).
+    for turn in range(5):
+        for owner in ("ada", "bob", "cy"):
+            await store.jobs_submit(job(f"{owner}{turn}", owner=owner))
+        for _ in range(3):
+            await claim_and_finish(store, 10.0 + turn)
+        await asyncio.gather(
+            store.jobs_sweep(20.0 + turn),
+            *(store.jobs_submit(job(f"{owner}{turn}x", owner=owner)) for owner in ("ada", "bob")),
+            store.jobs_reassign_owner("cy", None),
+        )
+        assert await owner_rows(store) == await recount(store)
+        for owner in ("ada", "bob"):
+            await store.jobs_cancel(f"{owner}{turn}x", 30.0 + turn)
+    assert await store.jobs_sweep(100.0) == 10
+    assert await owner_rows(store) == {}
