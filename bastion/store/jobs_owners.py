@@ -10,16 +10,19 @@ counts whoever writes -- code of the previous schema version included -- so
 the table never drifts from ``jobs``; a claim sets ``served`` itself, to one
 more than the highest ``served`` of anyone: a turn counter, not a clock, so
 a replica whose clock runs ahead cannot send the owners it serves to the
-back of the line for as long as it is ahead. An owner never served has a
-negative ``served`` (their first submission's time less 2**40), below every
-turn, in the order they first submitted. A row lasts as long as its owner
-has jobs: the write that leaves them nothing queued or running and no bytes
-deletes it (migration 16), so the table holds the owners with jobs, not
-everyone who ever submitted one.
+back of the line for as long as it is ahead. A row lasts as long as its
+owner has jobs: the write that leaves them nothing queued or running and no
+bytes deletes it, so the table holds the owners with jobs, not everyone who
+ever submitted one. A new row (a first job, jobs handed to a new owner, an
+owner back after their row went) takes the next turn too, as if just
+served: it waits behind every owner already waiting, so neither handing
+jobs over nor letting one's row go jumps the queue (migration 16; rows
+from before it that were never served keep a negative ``served``, their
+first submission's time less 2**40, below every turn).
 
 Fairness: a claim walks the owners who have jobs queued, those with the
-fewest jobs running first, then the least recently served (someone never
-served first of all, in the order they first submitted), and takes the
+fewest jobs running first, then the least recently served (new owners in
+the order they came), and takes the
 oldest queued job (one this runner can run) of the first of them. So one
 user who queues a thousand jobs takes turns with everyone else instead of
 making them wait behind all thousand, and each user's own jobs still run in
@@ -143,32 +146,43 @@ POSTGRES_OWNERS_SCHEMA: tuple[str, ...] = (
     f"sum(octet_length(args) + coalesce(octet_length(result), 0)), min(created_at) - {_NEW} FROM jobs GROUP BY owner",
 )
 
-# -- Migration 16: an owner with no jobs left leaves the table ---------------------------------------
+# -- Migration 16: an owner with no jobs left leaves the table; a new row waits its turn ------------
 #
 # A row stayed, all zeros, once its owner's last job was gone (a deleted user, swept or pruned jobs): the
 # table grew with everyone who ever submitted. The triggers now delete a row the write that empties it
 # leaves with nothing queued or running and no bytes; the owner's next job makes it again.
+#
+# A new row started "never served", ahead of every owner waiting: jobs handed to another user, or those
+# of a user whose row had gone, jumped the queue. A new row now takes the next turn, as a claim does: it
+# waits behind everyone already waiting, new owners in the order they came.
+_SQLITE_NEXT = "(SELECT max(coalesce(max(served), 0), 0) + 1 FROM job_owners)"
+_SQLITE_ADD_V16 = _SQLITE_ADD.replace("{0}.created_at - " + _NEW, _SQLITE_NEXT)
 
+#: The next turn (PostgreSQL).
+NEXT_TURN = "(SELECT greatest(max(served), 0) + 1 FROM job_owners)"
 OWNERS_V16 = "jobs: an owner with no jobs left leaves job_owners"
 _EMPTY = "queued = 0 AND running = 0 AND bytes = 0"
 _SQLITE_FORGET = "DELETE FROM job_owners WHERE owner = {0}.owner AND " + _EMPTY + ";"
 SQLITE_OWNERS_V16: tuple[str, ...] = (
+    "DROP TRIGGER job_owners_insert",
     "DROP TRIGGER job_owners_delete",
     "DROP TRIGGER job_owners_update",
+    f"CREATE TRIGGER job_owners_insert AFTER INSERT ON jobs BEGIN {_SQLITE_ADD_V16.format('NEW')} END",
     "CREATE TRIGGER job_owners_delete AFTER DELETE ON jobs BEGIN "
     f"{_SQLITE_SUBTRACT.format('OLD')} {_SQLITE_FORGET.format('OLD')} END",
     "CREATE TRIGGER job_owners_update AFTER UPDATE OF owner, state, args, result ON jobs BEGIN "
-    f"{_SQLITE_SUBTRACT.format('OLD')} {_SQLITE_ADD.format('NEW')} {_SQLITE_FORGET.format('OLD')} END",
+    f"{_SQLITE_SUBTRACT.format('OLD')} {_SQLITE_ADD_V16.format('NEW')} {_SQLITE_FORGET.format('OLD')} END",
     f"DELETE FROM job_owners WHERE {_EMPTY}",
 )
 
 
 def _pg_apply_v16(delta: str, *, forget: bool) -> str:
-    """Add ``delta`` (rows of owner, queued, running, bytes, created_at) to the owners' rows, in owner
-    order; with ``forget``, then delete those it emptied -- rows this statement has just locked, so the
-    delete takes no lock out of order (and a concurrent writer's insert waits, then makes the row again)."""
+    """Add ``delta`` (rows of owner, queued, running, bytes) to the owners' rows, in owner order (a new
+    row at the next turn; several new in one statement share it, in owner order); with ``forget``, then
+    delete those it emptied -- rows this statement has just locked, so the delete takes no lock out of
+    order (and a concurrent writer's insert waits, then makes the row again)."""
     apply = f"""INSERT INTO job_owners AS o (owner, queued, running, bytes, served)
-            SELECT owner, sum(queued), sum(running), sum(bytes), min(created_at) - {_NEW} FROM ({delta}) AS delta
+            SELECT owner, sum(queued), sum(running), sum(bytes), {NEXT_TURN} FROM ({delta}) AS delta
             GROUP BY owner HAVING sum(queued) <> 0 OR sum(running) <> 0 OR sum(bytes) <> 0 ORDER BY owner
             ON CONFLICT (owner) DO UPDATE SET queued = o.queued + excluded.queued,
                 running = o.running + excluded.running, bytes = o.bytes + excluded.bytes"""
@@ -225,8 +239,6 @@ def prune_sql(*, postgres: bool, by_bytes: bool) -> str:
 USAGE = "SELECT coalesce((SELECT bytes FROM job_owners WHERE owner = ?), 0)"
 #: The next turn (SQLite; parameter: the owner served in it).
 SERVED = "UPDATE job_owners SET served = (SELECT max(max(served), 0) + 1 FROM job_owners) WHERE owner = ?"
-#: The next turn (PostgreSQL).
-NEXT_TURN = "(SELECT greatest(max(served), 0) + 1 FROM job_owners)"
 
 
 def bytes_error(owner: str, used: int, max_bytes: int) -> ResourceExhausted:

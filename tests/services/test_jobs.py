@@ -358,14 +358,16 @@ def test_users_take_turns_in_the_queue(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         ada, bob = w.client(ADA), w.client(BOB)
         args = {"directory": str(w.dir), "seconds": 0.3}
-        mine = [await ada.jobs.submit(name="nap", args={**args, "tag": f"a{i}"}) for i in range(3)]
+        mine = [await ada.jobs.submit(name="nap", args={**args, "tag": f"a{i}"}) for i in range(4)]
+        await wait_file(w.dir / "a0.pid")  # ada's first job runs, her others wait
         theirs = await bob.jobs.submit(name="nap", args={**args, "tag": "b0"})
-        # One FIFO for everyone: bob's one job waited until all of ada's had run.
+        # One FIFO for everyone: bob's one job waited until all of ada's had run. Now he joins the round
+        # behind those already waiting (ada), and goes before her next one.
         for job_id in mine:
             assert (await finish(ada, job_id))["state"] == "succeeded"
         assert (await finish(bob, theirs))["state"] == "succeeded"
         started = {s["id"]: s["started_at"] for s in await w.client(TESTER).jobs.list()}
-        assert sorted(started, key=started.__getitem__) == [mine[0], theirs, mine[1], mine[2]]
+        assert sorted(started, key=started.__getitem__) == [mine[0], mine[1], theirs, mine[2], mine[3]]
 
     run(test, tmp_path, msgspec.structs.replace(CONFIG, concurrency=1))
 

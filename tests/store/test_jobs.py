@@ -452,3 +452,21 @@ async def test_owners_emptied_while_others_submit_stay_counted_right(store: Stor
             await store.jobs_cancel(f"{owner}{turn}x", 30.0 + turn)
     assert await store.jobs_sweep(100.0) == 10
     assert await owner_rows(store) == {}
+
+
+async def test_a_new_or_reassigned_owner_waits_behind_the_owners_already_waiting(store: Store) -> None:
+    # A new owner's row started "never served", ahead of everyone who was waiting: jobs handed to another
+    # user jumped the queue, and so did the jobs of a user whose row had gone with their last job.
+    for owner in ("ada", "bob"):
+        for i in range(3):
+            await store.jobs_submit(job(f"{owner}{i}", owner=owner))
+    await store.jobs_submit(job("cy0", owner="cy"))
+    assert [await claim_and_finish(store, 10.0 + turn) for turn in range(2)] == ["ada0", "bob0"]
+    assert await store.jobs_reassign_owner("cy", "eve") == 1  # cy was next; eve's row is new
+    await store.jobs_submit(job("dee0", owner="dee"))
+    order = [await claim_and_finish(store, 20.0 + turn) for turn in range(6)]
+    assert order == ["ada1", "bob1", "cy0", "dee0", "ada2", "bob2"]
+    await store.jobs_sweep(100.0)  # every row gone with its jobs
+    for owner in ("bob", "ada"):
+        await store.jobs_submit(job(f"{owner}3", owner=owner))
+    assert [await claim_and_finish(store, 200.0 + turn) for turn in range(2)] == ["bob3", "ada3"]  # as they came
