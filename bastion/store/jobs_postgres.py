@@ -9,6 +9,7 @@ from bastion.exceptions import AlreadyExists
 from bastion.store._access import PostgresAccess
 from bastion.store.jobs import (
     _ABANDON,
+    _ABANDON_SET,
     _CANCEL,
     _FINISH,
     _FINISH_HELD,
@@ -53,7 +54,14 @@ _PG = {
         "insert": _INSERT + " ON CONFLICT (id) DO NOTHING RETURNING id",
         "claim": _POSTGRES_CLAIM,
         "delete_owner": "DELETE FROM jobs WHERE owner = ?",
-        "reassign_owner": "UPDATE jobs SET owner = ? WHERE owner = ?",
+        "reassign_owner": "UPDATE jobs SET owner = ? WHERE id = ANY(?::text[])",
+        # Multi-row updates lock their jobs, then the owners' rows in owner order, and only then update:
+        # the row trigger keeping job_owners (migration 16) would lock the owners in the jobs' order.
+        "expired": "SELECT id, owner FROM jobs WHERE state = 'running' AND lease_until < ? ORDER BY id FOR UPDATE",
+        "recover_held": f"UPDATE jobs SET {_ABANDON_SET} WHERE id = ANY(?::text[]) AND state = 'running' "
+        "RETURNING state",
+        "of_owner": "SELECT id, owner FROM jobs WHERE owner = ? ORDER BY id FOR UPDATE",
+        "lock_owners": "SELECT owner FROM job_owners WHERE owner = ANY(?::text[]) ORDER BY owner FOR UPDATE",
         "count": "SELECT count(*) FROM jobs WHERE owner = ? AND state = ANY(?::text[])",
         "lock_owner": "SELECT pg_advisory_xact_lock(hashtext(?))",
         "usage": USAGE,
@@ -168,7 +176,12 @@ class PostgresJobs(PostgresAccess, JobStore):
         return str(rows[0][0]) if rows else None
 
     async def jobs_recover(self, now: float, reason: str) -> dict[str, int]:
-        return _tally(await self._jobs_fetch(_PG["recover"], reason, now, now))
+        async def recover(conn: Any) -> list[Any]:
+            async with conn.transaction():
+                held = await _lock_in_order(conn, _PG["expired"], now)
+                return list(await conn.fetch(_PG["recover_held"], reason, now, held)) if held else []
+
+        return _tally(await self._call(recover))
 
     async def jobs_sweep(self, before: float) -> int:
         return await self._jobs_execute(_PG["sweep"], before)
@@ -176,7 +189,23 @@ class PostgresJobs(PostgresAccess, JobStore):
     async def jobs_reassign_owner(self, old: str, new: str | None) -> int:
         if new is None:
             return await self._jobs_execute(_PG["delete_owner"], old)
-        return await self._jobs_execute(_PG["reassign_owner"], new, old)
+
+        async def reassign(conn: Any) -> int:
+            async with conn.transaction():
+                held = await _lock_in_order(conn, _PG["of_owner"], old, also=new)
+                return _affected(await conn.execute(_PG["reassign_owner"], new, held)) if held else 0
+
+        return int(await self._call(reassign))
+
+
+async def _lock_in_order(conn: Any, select: str, *args: Any, also: str | None = None) -> list[str]:
+    """Lock the jobs ``select`` names (their ids and owners, ``FOR UPDATE``), then their owners' rows (and
+    ``also``'s) in owner order, as a statement trigger would: the ids locked."""
+    rows = await conn.fetch(select, *args)
+    if rows:
+        owners = {str(owner) for _, owner in rows} | ({also} if also is not None else set())
+        await conn.execute(_PG["lock_owners"], sorted(owners))
+    return [str(job_id) for job_id, _ in rows]
 
 
 async def _pg_prune(conn: Any, owner: str, size: int, kept: int | None, most: int | None) -> None:

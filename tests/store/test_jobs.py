@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import msgspec
@@ -470,3 +471,50 @@ async def test_a_new_or_reassigned_owner_waits_behind_the_owners_already_waiting
     for owner in ("bob", "ada"):
         await store.jobs_submit(job(f"{owner}3", owner=owner))
     assert [await claim_and_finish(store, 200.0 + turn) for turn in range(2)] == ["bob3", "ada3"]  # as they came
+
+
+async def test_lease_renewals_and_progress_do_not_fire_the_owners_trigger(backend: str, store: Store) -> None:
+    # On PostgreSQL the trigger keeping job_owners ran on every UPDATE of jobs (a statement trigger over
+    # transition tables cannot name columns), lease renewals and progress reports included.
+    if backend != "postgresql":
+        pytest.skip("SQLite's trigger has named its columns since migration 14")
+    assert isinstance(store, PostgresStore)
+    async with store._pool.acquire() as conn:
+        definition = await conn.fetchval(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'job_owners_update' "
+            "AND tgrelid = 'jobs'::regclass"
+        )
+    assert "AFTER UPDATE OF owner, state, args, result ON" in definition
+    for statement in (_PG["renew"], _PG["progress"]):
+        assert statement.startswith("UPDATE jobs SET ")
+        assert not {"owner", "state", "args", "result"} & set(re.findall(r"(\w+) = ", statement.split(" WHERE ")[0]))
+
+
+async def test_every_kind_of_job_write_keeps_the_owners_counts(store: Store) -> None:
+    async def check() -> None:
+        assert await owner_rows(store) == await recount(store)
+
+    for i in range(4):
+        await store.jobs_submit(job(f"a{i}", retryable=True, max_attempts=3))
+        await store.jobs_submit(job(f"b{i}", owner="bob", args=b"\xc4\x00" + b"x" * 30))
+    await check()
+    running = [await store.jobs_claim("r1", NAMES, 1.0, 30.0) for _ in range(6)]
+    assert all(running)
+    await check()
+    assert await store.jobs_renew("a0", "r1", 60.0) == "running"
+    assert await store.jobs_progress("b0", "r1", 0.5, "half")
+    await check()
+    assert await store.jobs_finish("a0", "r1", "succeeded", now=2.0, result=b"\x01" * 20)
+    assert await store.jobs_finish("b0", "r1", "succeeded", now=2.0, result=b"\x01" * 500, max_bytes=200)  # unkept
+    await check()
+    await store.jobs_cancel("b1", 3.0)  # running: only flagged
+    await store.jobs_cancel("b3", 3.0)  # queued: cancelled
+    assert await store.jobs_release("a1", "r1", 3.0)
+    assert await store.jobs_abandon("a2", "r1", "gone", 3.0) == "queued"
+    await check()
+    assert await store.jobs_recover(100.0, LOST)
+    await check()
+    assert await store.jobs_reassign_owner("bob", "ada") == 4
+    await check()
+    assert await store.jobs_sweep(1000.0)
+    await check()
