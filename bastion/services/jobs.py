@@ -17,7 +17,8 @@ process: the running jobs' processes and the events that wake watchers.
   looks again when a slot frees, when a job is submitted here, or every
   ``poll_interval`` (jobs submitted to other replicas).
 * Each claimed job runs in its own process (``jobs_runner.JobProcess``),
-  killed at its wall-clock timeout. Beside it run a lease renewer (every
+  killed at its wall-clock timeout (counted from the spawn: a process that
+  never reads its request is killed too). Beside it run a lease renewer (every
   ``min(lease / 3, poll_interval)``, which also learns of a cancel asked on
   another replica; a lease that ends unrenewed -- the store unreachable or
   locked -- kills the job, which another runner may take from then on) and
@@ -357,6 +358,8 @@ class Jobs:
     async def _execute(self, spec: JobSpec, running: _Running) -> tuple[str, bytes | None, str | None]:
         """Run the job's process to its end; (state, result, error)."""
         job = running.job
+        # Armed at the spawn: the timeout covers the process's start-up and the reading of its request.
+        timer = asyncio.get_running_loop().call_later(job.timeout, running.halt, "timeout")
         try:
             process = await JobProcess.start(
                 spec.module, spec.qualname, job.args,
@@ -364,11 +367,11 @@ class Jobs:
                 env=self._environment, output_bytes=self.config.output_bytes,
             )  # fmt: skip
         except OSError as exc:
+            timer.cancel()
             return "failed", None, f"could not start the job's process: {exc.strerror or exc}"
         running.process = process
-        if running.stop is not None:
+        if running.stop is not None:  # a cancel, or the timeout, while it started
             process.kill()
-        timer = asyncio.get_running_loop().call_later(job.timeout, running.halt, "timeout")
         # Once the job's process exits, what it left in its group (forked children holding the channel
         # open) is killed with it, so the channel ends with the job, not with its leftovers.
         reaper = asyncio.create_task(process.exited())

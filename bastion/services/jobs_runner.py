@@ -201,7 +201,11 @@ class JobProcess:
         cls, module: str, qualname: str, args: bytes, *, memory_mb: int, max_result_bytes: int,
         env: Mapping[str, str] | None = None, output_bytes: int = 64 * 1024,
     ) -> JobProcess:  # fmt: skip
-        """Start the job's process with ``env`` as its whole environment (default: ``job_environment()``)."""
+        """Start the job's process with ``env`` as its whole environment (default: ``job_environment()``).
+
+        Returns once the process is started: its request is written as the process reads it, not waited
+        for, so the caller's timeout, armed before this, covers a process that never reads it (one stuck
+        at start-up, a request past the pipe's buffer); killed, the process drops what was not read."""
         loop = asyncio.get_running_loop()
         protocol = _Protocol(loop)
         transport, _ = await loop.subprocess_exec(
@@ -213,9 +217,7 @@ class JobProcess:
         request = RunRequest(module, qualname, args, memory_mb, max_result_bytes, [p for p in sys.path if p])
         body = msgspec.msgpack.encode(request)
         assert process.stdin is not None
-        process.stdin.write(_HEADER.pack(len(body)) + body)
-        with contextlib.suppress(ConnectionError):
-            await process.stdin.drain()
+        process.stdin.write(_HEADER.pack(len(body)) + body)  # buffered by the transport (one bounded request)
         return cls(process, transport, protocol, max_result_bytes, output_bytes)
 
     async def _read_output(self) -> None:

@@ -190,3 +190,24 @@ def test_frames_a_job_writes_itself_are_bounded_and_checked(tmp_path: Path) -> N
             assert (await ada.jobs.result(id=job_id))["error"] == final["error"]
 
     run(test, tmp_path)
+
+
+def test_the_timeout_covers_a_job_process_that_never_reads_its_request(tmp_path: Path) -> None:
+    # The timer was armed only once the request had been written to the process's stdin: a process that
+    # never read it (here stuck at start-up, in a sitecustomize) with a request past the pipe's buffer
+    # held its slot, unkillable by the timeout, for ever.
+    stuck = tmp_path / "stuck"
+    stuck.mkdir()
+    (stuck / "sitecustomize.py").write_text("import time\ntime.sleep(3600)\n")
+    python_path = os.pathsep.join(p for p in (str(stuck), os.environ.get("PYTHONPATH", "")) if p)
+
+    async def test(w: World) -> None:
+        ada = w.client()
+        started = time.monotonic()
+        job_id = await ada.jobs.submit(name="raw_frame", args={"kind": "x" * 300_000})  # past 64 KiB
+        async with asyncio.timeout(20):
+            final = await finish(ada, job_id)
+        assert (final["state"], final["error"]) == ("failed", "timed out: killed at its limit of 2 s")
+        assert time.monotonic() - started < 15
+
+    run(test, tmp_path, msgspec.structs.replace(CONFIG, timeout=2.0, env={"PYTHONPATH": python_path}))
