@@ -57,6 +57,7 @@ from bastion.security.principal import ADMIN_ROLE
 from bastion.service import Context, Service
 from bastion.services.jobs_runner import Done, Failed, JobProcess, JobProtocolError, exit_reason, job_environment
 from bastion.store.jobs import JOB_STATES, JobRecord, JobStore
+from bastion.store.jobs_owners import result_too_big
 
 __all__ = ["JobInfo", "JobResult", "JobStatus", "Jobs"]
 
@@ -315,8 +316,12 @@ class Jobs:
                     job.id, self.runner_id, "server stopped while it ran", time.time()
                 )
                 log.info("jobs: job %s stopped with the server: now %s", job.id, after)
+            elif (ended := await self._finish(job, state, result, error)) is None:
+                log.warning("jobs: job %s (%s) %s, but this runner no longer held it: not recorded", job.id,
+                            job.name, state)  # fmt: skip
             else:
-                await self._finish(job, state, result, error)
+                if ended != state and result is not None:  # its result was not kept: failed, saying so
+                    state, error = ended, result_too_big(len(result), self.config.max_bytes)
                 log.info("jobs: job %s (%s) %s%s", job.id, job.name, state, f": {error}" if error else "")
         finally:
             self._log_output(running, state)
@@ -336,18 +341,18 @@ class Jobs:
         for line in lines:
             log.log(level, "jobs: job %s (%s) output: %s", job.id, job.name, line)
 
-    async def _finish(self, job: JobRecord, state: str, result: bytes | None, error: str | None) -> None:
-        """Record how the job ended. While the store is unavailable (a failover, a lock held past SQLite's
-        busy timeout) keep trying for up to ``lease`` seconds, as long as a lease would hold the job: giving
-        up at once left it running until recovery failed it as lost, its result thrown away."""
+    async def _finish(self, job: JobRecord, state: str, result: bytes | None, error: str | None) -> str | None:
+        """Record how the job ended; the state recorded (``failed`` if its result was not kept; None: no
+        longer held). While the store is unavailable (a failover, a lock held past SQLite's busy timeout)
+        keep trying for up to ``lease`` seconds, as long as a lease would hold the job: giving up at once
+        left it running until recovery failed it as lost, its result thrown away."""
         ended, delay = time.time(), 0.1
         while True:
             try:
-                await self.store.jobs_finish(
+                return await self.store.jobs_finish(
                     job.id, self.runner_id, state, now=ended, result=result, error=error,
                     max_bytes=self.config.max_bytes,
                 )  # fmt: skip
-                return
             except Unavailable as exc:
                 if time.time() - ended >= self.config.lease:
                     raise

@@ -191,11 +191,12 @@ class JobStore(ABC):
     async def jobs_finish(
         self, job_id: str, runner: str, state: str, *, now: float, result: bytes | None = None,
         error: str | None = None, max_bytes: int | None = None,
-    ) -> bool:  # fmt: skip
-        """End a job ``runner`` holds in ``state`` (a finished state); False if it no longer holds it.
+    ) -> str | None:  # fmt: skip
+        """End a job ``runner`` holds in ``state`` (a finished state); the state it ended in, or None if
+        ``runner`` no longer held it.
 
         ``max_bytes``: make room for ``result`` as a submit does; a result that does not fit even so is
-        not kept, and the job ends failed, saying why."""
+        not kept, and the job ends failed, saying why (the state returned is then ``failed``)."""
 
     @abstractmethod
     async def jobs_cancel(self, job_id: str, now: float) -> JobRecord | None:
@@ -427,22 +428,23 @@ class SQLiteJobs(SQLiteAccess, JobStore):
     async def jobs_finish(
         self, job_id: str, runner: str, state: str, *, now: float, result: bytes | None = None,
         error: str | None = None, max_bytes: int | None = None,
-    ) -> bool:  # fmt: skip
+    ) -> str | None:  # fmt: skip
         _check_finished(state)
         args = (state, now, result, error, state, job_id, runner)
         if result is None or max_bytes is None:
-            return bool(await self._write(lambda c: c.execute(_SQ["_FINISH"], args).rowcount))
+            return state if await self._write(lambda c: c.execute(_SQ["_FINISH"], args).rowcount) else None
 
-        def finish(conn: sqlite3.Connection) -> bool:
+        def finish(conn: sqlite3.Connection) -> str | None:
             held = conn.execute(_FINISH_HELD, (job_id, runner)).fetchone()
             if held is None:
-                return False
+                return None
             _sqlite_prune(conn, held[0], len(result), None, max_bytes)
             conn.execute(_SQ["_FINISH"], args)
             (used,) = conn.execute(USAGE, (held[0],)).fetchone()
             if used > max_bytes:
                 conn.execute(_FINISH_UNKEPT, (result_too_big(len(result), max_bytes), job_id))
-            return True
+                return "failed"
+            return state
 
         return await self._write(finish)
 

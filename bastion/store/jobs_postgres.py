@@ -138,25 +138,27 @@ class PostgresJobs(PostgresAccess, JobStore):
     async def jobs_finish(
         self, job_id: str, runner: str, state: str, *, now: float, result: bytes | None = None,
         error: str | None = None, max_bytes: int | None = None,
-    ) -> bool:  # fmt: skip
+    ) -> str | None:  # fmt: skip
         _check_finished(state)
         args = (state, now, result, error, state, job_id, runner)
         if result is None or max_bytes is None:
-            return bool(await self._jobs_execute(_PG["finish"], *args))
+            return state if await self._jobs_execute(_PG["finish"], *args) else None
 
-        async def finish(conn: Any) -> bool:
+        async def finish(conn: Any) -> str | None:
             async with conn.transaction():
                 # The job's row first, then the pruned ones, then (by the triggers) the owner's.
                 owner = await conn.fetchval(_PG["held"], job_id, runner)
                 if owner is None:
-                    return False
+                    return None
                 await _pg_prune(conn, owner, len(result), None, max_bytes)
                 await conn.execute(_PG["finish"], *args)
                 if await conn.fetchval(_PG["usage"], owner) > max_bytes:
                     await conn.execute(_PG["unkept"], result_too_big(len(result), max_bytes), job_id)
-                return True
+                    return "failed"
+                return state
 
-        return bool(await self._call(finish))
+        ended: str | None = await self._call(finish)
+        return ended
 
     async def jobs_cancel(self, job_id: str, now: float) -> JobRecord | None:
         async def cancel(conn: Any) -> JobRecord | None:

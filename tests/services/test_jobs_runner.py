@@ -211,3 +211,29 @@ def test_the_timeout_covers_a_job_process_that_never_reads_its_request(tmp_path:
         assert time.monotonic() - started < 15
 
     run(test, tmp_path, msgspec.structs.replace(CONFIG, timeout=2.0, env={"PYTHONPATH": python_path}))
+
+
+def test_a_job_whose_result_was_not_kept_is_logged_as_the_failure_it_is(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids: dict[str, str] = {}
+
+    async def test(w: World) -> None:
+        ada = w.client()
+        ids["kept"] = await ada.jobs.submit(name="chatty", args={"text": "z" * 400})
+        assert (await finish(ada, ids["kept"]))["state"] == "succeeded"
+        ids["unkept"] = await ada.jobs.submit(name="chatty", args={"text": "z" * 600})
+        done = await finish(ada, ids["unkept"])  # its result cannot fit beside its own arguments
+        assert done["state"] == "failed" and "does not fit" in done["error"]
+
+    caplog.set_level(logging.INFO, logger="bastion.jobs")
+    run(test, tmp_path, msgspec.structs.replace(CONFIG, max_bytes=1000, max_result_bytes=1000))
+    logged = {name: [r for r in caplog.records if f"jobs: job {job_id} (chatty) " in r.getMessage()]
+              for name, job_id in ids.items()}  # fmt: skip
+    ends = {name: [r.getMessage() for r in records if " output: " not in r.getMessage()]
+            for name, records in logged.items()}  # fmt: skip
+    assert ends["kept"] == [f"jobs: job {ids['kept']} (chatty) succeeded"]
+    # The job whose result was not kept was logged "succeeded", though it is stored failed, without its result.
+    (end,) = ends["unkept"]
+    assert end.startswith(f"jobs: job {ids['unkept']} (chatty) failed: its result (") and "not kept" in end
+    assert {r.levelno for r in logged["unkept"] if " output: " in r.getMessage()} == {logging.WARNING}

@@ -268,17 +268,20 @@ async def test_a_result_that_does_not_fit_is_not_kept(store: Store) -> None:
     await store.jobs_cancel("old", 2.0)
     await store.jobs_submit(job("j1"))
     await store.jobs_claim("r1", NAMES, 3.0, 30.0)
-    assert await store.jobs_finish("j1", "r1", "succeeded", now=4.0, result=b"\x01" * 150, max_bytes=160)
+    assert await store.jobs_finish("j1", "r1", "succeeded", now=4.0, result=b"\x01" * 150, max_bytes=160) == (
+        "succeeded"
+    )
     done = await store.jobs_get("j1")
     assert done is not None and (done.state, done.result) == ("succeeded", b"\x01" * 150)
     assert await store.jobs_get("old") is None  # made room for it
     await store.jobs_submit(job("j2"))
     await store.jobs_claim("r1", NAMES, 5.0, 30.0)
-    assert await store.jobs_finish("j2", "r1", "succeeded", now=6.0, result=b"\x01" * 170, max_bytes=160)
+    # Returned as it ended: failed (it was "succeeded", and logged so).
+    assert await store.jobs_finish("j2", "r1", "succeeded", now=6.0, result=b"\x01" * 170, max_bytes=160) == "failed"
     failed = await store.jobs_get("j2")
     assert failed is not None and (failed.state, failed.result) == ("failed", None)
     assert failed.error is not None and "its result (170 bytes) does not fit in the 160 bytes" in failed.error
-    assert not await store.jobs_finish("j2", "r1", "succeeded", now=7.0, result=b"\x01", max_bytes=160)  # not held
+    assert await store.jobs_finish("j2", "r1", "succeeded", now=7.0, result=b"\x01", max_bytes=160) is None
 
 
 async def test_concurrent_submits_never_overshoot_max_bytes(store: Store) -> None:
