@@ -16,7 +16,7 @@ bytes deletes it, so the table holds the owners with jobs, not everyone who
 ever submitted one. A new row (a first job, jobs handed to a new owner, an
 owner back after their row went) takes the next turn too, as if just
 served: it waits behind every owner already waiting, so neither handing
-jobs over nor letting one's row go jumps the queue (migration 16; rows
+jobs over nor letting one's row go jumps the queue (migration 17; rows
 from before it that were never served keep a negative ``served``, their
 first submission's time less 2**40, below every turn).
 
@@ -44,7 +44,7 @@ any replica cannot overshoot together.
 On PostgreSQL the insert and delete triggers are statement-level, over
 transition tables: a statement that inserts or deletes many jobs (a sweep,
 a prune) locks the owners' rows once each, in owner order, after the jobs'
-rows. The update trigger is a row trigger (migration 16): a statement
+rows. The update trigger is a row trigger (migration 17): a statement
 trigger over transition tables cannot name columns, so it ran on every
 update of a job, lease renewals and progress reports included; a row
 trigger runs only for updates naming ``owner``, ``state``, ``args`` or
@@ -62,12 +62,12 @@ from bastion.exceptions import ResourceExhausted
 
 __all__ = [
     "NEXT_TURN",
-    "OWNERS_V16",
+    "OWNERS_V17",
     "POSTGRES_OWNERS_SCHEMA",
-    "POSTGRES_OWNERS_V16",
+    "POSTGRES_OWNERS_V17",
     "SERVED",
     "SQLITE_OWNERS_SCHEMA",
-    "SQLITE_OWNERS_V16",
+    "SQLITE_OWNERS_V17",
     "USAGE",
     "bytes_error",
     "prune_sql",
@@ -153,7 +153,7 @@ POSTGRES_OWNERS_SCHEMA: tuple[str, ...] = (
     f"sum(octet_length(args) + coalesce(octet_length(result), 0)), min(created_at) - {_NEW} FROM jobs GROUP BY owner",
 )
 
-# -- Migration 16: an owner with no jobs left leaves the table; a new row waits its turn ------------
+# -- Migration 17: an owner with no jobs left leaves the table; a new row waits its turn ------------
 #
 # A row stayed, all zeros, once its owner's last job was gone (a deleted user, swept or pruned jobs): the
 # table grew with everyone who ever submitted. The triggers now delete a row the write that empties it
@@ -163,22 +163,22 @@ POSTGRES_OWNERS_SCHEMA: tuple[str, ...] = (
 # of a user whose row had gone, jumped the queue. A new row now takes the next turn, as a claim does: it
 # waits behind everyone already waiting, new owners in the order they came.
 _SQLITE_NEXT = "(SELECT max(coalesce(max(served), 0), 0) + 1 FROM job_owners)"
-_SQLITE_ADD_V16 = _SQLITE_ADD.replace("{0}.created_at - " + _NEW, _SQLITE_NEXT)
+_SQLITE_ADD_V17 = _SQLITE_ADD.replace("{0}.created_at - " + _NEW, _SQLITE_NEXT)
 
 #: The next turn (PostgreSQL).
 NEXT_TURN = "(SELECT greatest(max(served), 0) + 1 FROM job_owners)"
-OWNERS_V16 = "jobs: an owner with no jobs left leaves job_owners"
+OWNERS_V17 = "jobs: an owner with no jobs left leaves job_owners"
 _EMPTY = "queued = 0 AND running = 0 AND bytes = 0"
 _SQLITE_FORGET = "DELETE FROM job_owners WHERE owner = {0}.owner AND " + _EMPTY + ";"
-SQLITE_OWNERS_V16: tuple[str, ...] = (
+SQLITE_OWNERS_V17: tuple[str, ...] = (
     "DROP TRIGGER job_owners_insert",
     "DROP TRIGGER job_owners_delete",
     "DROP TRIGGER job_owners_update",
-    f"CREATE TRIGGER job_owners_insert AFTER INSERT ON jobs BEGIN {_SQLITE_ADD_V16.format('NEW')} END",
+    f"CREATE TRIGGER job_owners_insert AFTER INSERT ON jobs BEGIN {_SQLITE_ADD_V17.format('NEW')} END",
     "CREATE TRIGGER job_owners_delete AFTER DELETE ON jobs BEGIN "
     f"{_SQLITE_SUBTRACT.format('OLD')} {_SQLITE_FORGET.format('OLD')} END",
     "CREATE TRIGGER job_owners_update AFTER UPDATE OF owner, state, args, result ON jobs BEGIN "
-    f"{_SQLITE_SUBTRACT.format('OLD')} {_SQLITE_ADD_V16.format('NEW')} {_SQLITE_FORGET.format('OLD')} END",
+    f"{_SQLITE_SUBTRACT.format('OLD')} {_SQLITE_ADD_V17.format('NEW')} {_SQLITE_FORGET.format('OLD')} END",
     f"DELETE FROM job_owners WHERE {_EMPTY}",
 )
 
@@ -211,7 +211,7 @@ _PG_ROW_DELTA = (
     + _PG_DELTA.format(_PG_ROW.format("OLD", "old_job", _PG_ROW_COLUMNS), -1)
 )
 _PG_SIZE = "octet_length({0}.args) + coalesce(octet_length({0}.result), 0)"
-POSTGRES_OWNERS_V16: tuple[str, ...] = (
+POSTGRES_OWNERS_V17: tuple[str, ...] = (
     f"""CREATE OR REPLACE FUNCTION job_owners_track() RETURNS trigger LANGUAGE plpgsql AS $$
     DECLARE
         emptied text[];

@@ -198,7 +198,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     # A table triggers keep whoever writes, which old code ignores: compatible.
     Migration(16, USER_ROLES, SQLITE_USER_ROLES_SCHEMA, compatible=True),
     # Triggers replaced, keeping the same counts whoever writes: compatible.
-    Migration(17, jobs_owners.OWNERS_V16, jobs_owners.SQLITE_OWNERS_V16, compatible=True),
+    Migration(17, jobs_owners.OWNERS_V17, jobs_owners.SQLITE_OWNERS_V17, compatible=True),
 )
 
 LATEST = MIGRATIONS[-1].version

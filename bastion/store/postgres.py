@@ -189,7 +189,7 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
     # An index, which old code ignores: compatible. roles is a text[]: GIN serves "roles @> ARRAY[role]".
     Migration(16, USER_ROLES, ("CREATE INDEX users_by_role ON users USING GIN (roles)",), compatible=True),
     # Triggers replaced, keeping the same counts whoever writes: compatible.
-    Migration(17, jobs_owners.OWNERS_V16, jobs_owners.POSTGRES_OWNERS_V16, compatible=True),
+    Migration(17, jobs_owners.OWNERS_V17, jobs_owners.POSTGRES_OWNERS_V17, compatible=True),
 )
 
 LATEST = POSTGRES_MIGRATIONS[-1].version
