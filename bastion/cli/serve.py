@@ -441,7 +441,7 @@ async def _serve_worker(server: Server, channel: WorkerChannel, config: Config, 
             # Before it accepts: a scrape that came first would show this worker's numbers alone.
             metrics_snapshot=lambda: snapshots.gather(server_snapshot(server)),
         )
-    server.install_signal_handlers(interrupt=False)  # the supervisor passes a Ctrl-C on, as SIGTERM
+    server.install_signal_handlers(supervised=True)  # the supervisor passes signals on
     allocator.settle_gc()
     stopping: list[asyncio.Task[None]] = []
 
@@ -568,7 +568,8 @@ def _supervise(
 
 def worker_main(argv: list[str]) -> int:
     """A worker process's entry point: ``python -m bastion.cli.serve FD`` (started by the supervisor)."""
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the server's own handler (TLS reload) is in
+    for sig in (signal.SIGHUP, signal.SIGUSR2):  # until the server's own handlers (TLS reload, hurry) are in
+        signal.signal(sig, signal.SIG_IGN)
     channel = WorkerChannel.open(int(argv[0]))
     payload = channel.payload
     config = msgspec.convert(payload["config"], Config)

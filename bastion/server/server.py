@@ -141,6 +141,7 @@ class Server:
         #: Called on SIGHUP after the TLS reload (``bastion serve`` re-reads ``tls.revoked_serials``).
         self.hangup_hooks: list[Callable[[], None]] = []
         self.drain_hooks: list[Callable[[], None]] = []  #: called once, as a drain begins
+        self._hurry_on_repeat = True
         self.trusted_proxies = parse_networks(trusted_proxies)
         self.idempotency = idempotency
         self.audit = audit or AuditLog()
@@ -432,20 +433,25 @@ class Server:
     def port(self) -> int:
         return self.addresses[0][1]
 
-    def install_signal_handlers(self, *, interrupt: bool = True) -> None:
+    def install_signal_handlers(self, *, supervised: bool = False) -> None:
         """Make SIGTERM/SIGINT start a graceful shutdown and SIGHUP reload TLS (call from the running loop).
 
         A second SIGTERM/SIGINT during the drain cancels the calls still
-        running instead of waiting out the grace period. ``interrupt=False``
-        (a supervised worker): SIGINT is ignored, since a terminal's Ctrl-C
-        reaches the supervisor too, which passes it on as SIGTERM. Call it
-        before announcing readiness: a signal that arrives after the
-        announcement but before the handlers exist would kill the process
-        outright instead of draining it.
+        running instead of waiting out the grace period. ``supervised`` (a
+        worker of ``--workers``): SIGINT and a repeated SIGTERM are ignored
+        -- a terminal's Ctrl-C, a group-wide SIGTERM (systemd's default
+        ``KillMode``) or the parent-death signal reach a worker beside the
+        supervisor's SIGTERM, and none means "hurry" -- and SIGUSR2, only
+        sent by the supervisor on a second signal, cancels what still runs.
+        Call it before announcing readiness: a signal arriving before the
+        handlers exist would kill the process instead of draining it.
         """
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal if interrupt or sig != signal.SIGINT else _ignore, sig)
+        self._hurry_on_repeat = not supervised
+        loop.add_signal_handler(signal.SIGTERM, self._on_signal, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGINT, _ignore if supervised else self._on_signal, signal.SIGINT)
+        if supervised:
+            loop.add_signal_handler(signal.SIGUSR2, self._hurry, signal.SIGUSR2)
         # SIGHUP is handled even with nothing to reload: its default action would end the
         # process at once, undrained (a reload sent to a plaintext server killed it).
         loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
@@ -456,7 +462,10 @@ class Server:
         else:
             log.info("received SIGHUP: no TLS certificate to reload; still serving")
         for hook in self.hangup_hooks:
-            hook()
+            try:
+                hook()
+            except Exception:  # one hook's failure neither stops the others nor the server
+                log.exception("a SIGHUP hook failed")
 
     async def serve_forever(self, *, handle_signals: bool = True) -> None:
         """Run until ``shutdown`` (or SIGTERM/SIGINT when ``handle_signals``)."""
@@ -466,13 +475,18 @@ class Server:
 
     def _on_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
-        if self.draining:  # a second one: no more grace (what a second Ctrl-C means)
-            log.warning("received %s again: cancelling the calls still running", name)
-            for session in list(self.sessions):
-                session.abort()
+        if self.draining:  # a second one: no more grace (what a second Ctrl-C means), unless supervised
+            if self._hurry_on_repeat:
+                self._hurry(sig)
             return
         log.info("received %s: draining (grace period %.0fs)", name, self.limits.grace_period)
         asyncio.get_running_loop().create_task(self.shutdown())
+
+    def _hurry(self, sig: int) -> None:
+        if self.draining:
+            log.warning("received %s again: cancelling the calls still running", signal.Signals(sig).name)
+            for session in list(self.sessions):
+                session.abort()
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting, drain sessions for ``grace`` seconds, then cancel the rest."""

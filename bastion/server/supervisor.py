@@ -61,10 +61,11 @@ Signals. SIGTERM and SIGINT start a graceful stop: the supervisor closes
 its copies of the listening sockets (so once the workers close theirs the
 port is free), sends SIGTERM to every worker (each drains: go-away, finish
 accepted calls, exit), and exits when they all have: 0 if they all stopped
-cleanly. A second SIGTERM or SIGINT is passed on too: the workers then
-cancel the calls still running instead of waiting out their grace period
-(the workers themselves ignore SIGINT, which a terminal's Ctrl-C sends the
-whole process group). A worker still running ``grace`` + ``KILL_MARGIN``
+cleanly. A second SIGTERM or SIGINT is passed on as SIGUSR2: the workers
+then cancel the calls still running instead of waiting out their grace
+period. The workers themselves ignore SIGINT and a repeated SIGTERM: a
+terminal's Ctrl-C and a group-wide SIGTERM reach them beside the
+supervisor's own, and mean one graceful stop. A worker still running ``grace`` + ``KILL_MARGIN``
 seconds later is killed. SIGHUP is forwarded to every worker (each reloads its TLS
 certificate). The loop waits on a selector over the workers' pairs and a
 signal wake-up pipe (``signal.set_wakeup_fd``); child exits arrive as
@@ -270,7 +271,7 @@ class Supervisor:
             if number in (signal.SIGTERM, signal.SIGINT):
                 if self._stopping:  # a second one: the workers cancel what still runs
                     log.warning("received %s again: telling the workers to stop now", signal.Signals(number).name)
-                    self._signal_all(signal.SIGTERM)
+                    self._signal_all(signal.SIGUSR2)
                 else:
                     log.info("received %s: stopping the workers", signal.Signals(number).name)
                 self.stop(0)

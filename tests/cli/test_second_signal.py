@@ -51,15 +51,39 @@ def test_a_second_signal_cancels_the_drain(server_factory: StartServer, sig: sig
     assert "again: cancelling the calls still running" in server.log()
 
 
-def test_ctrl_c_reaching_every_worker_still_drains_gracefully(server_factory: StartServer) -> None:
+def _workers(server: ServerProcess) -> list[int]:
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text()
+    return [int(pid) for pid in children.split()]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_group_still_drains_workers_gracefully(
+    server_factory: StartServer, sig: signal.Signals
+) -> None:
+    """A terminal's Ctrl-C, or systemd's default KillMode, signals every process of the group: each worker gets
+    it beside the supervisor's own SIGTERM, and that is one stop, not two."""
     server = server_factory(env=LONG_GRACE, insecure=True, args=("--workers", "2"))
     thread, outcome = _call_in_background(server, "short", 2.0)
-    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text()
-    workers = [int(pid) for pid in children.split()]
+    workers = _workers(server)
     assert len(workers) == 2
-    for pid in [server.pid, *workers]:  # what a terminal's Ctrl-C does: SIGINT to the whole group
-        os.kill(pid, signal.SIGINT)
+    for pid in [server.pid, *workers]:
+        os.kill(pid, sig)
     thread.join(20)
-    assert outcome == ["short"]  # one Ctrl-C: the call finished, nothing cancelled
+    assert outcome == ["short"]  # the call finished, nothing cancelled
     assert server.process.wait(20) == 0
     assert not server.marker("cancelled-short").exists()
+
+
+def test_a_second_signal_to_the_supervisor_cancels_the_workers_drain(server_factory: StartServer) -> None:
+    server = server_factory(env=LONG_GRACE, insecure=True, args=("--workers", "2"))
+    thread, outcome = _call_in_background(server, "slow", 50.0)
+    server.signal(signal.SIGTERM)
+    wait_for(lambda: "stopping the workers" in server.log(), 10, what="the stop to begin")
+    assert thread.is_alive()
+    started = time.monotonic()
+    server.signal(signal.SIGTERM)
+    thread.join(15)
+    assert not thread.is_alive() and isinstance(outcome[0], Exception), outcome
+    assert server.process.wait(15) == 0
+    assert time.monotonic() - started < 15
+    assert server.marker("cancelled-slow").exists()
