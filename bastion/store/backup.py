@@ -81,6 +81,7 @@ from bastion.store.archive import (
 )
 from bastion.store.archive_read import read_archive, staging_dir
 from bastion.store.backup_pg import (
+    VERSION_MISMATCH,
     _aside_name,
     _check_target,
     _connect,
@@ -345,7 +346,7 @@ def _around_restore(target: str, archived: str, aside: str | None, version: int 
         "DO $check$ DECLARE restored integer; BEGIN"
         f" SELECT max(version) INTO restored FROM {_quote(target)}.schema_version;"
         f" IF restored IS DISTINCT FROM {expected} THEN RAISE EXCEPTION"
-        f" 'the restored schema is at version %, the archive said {expected}', restored; END IF; END $check$;"
+        f" '{VERSION_MISMATCH} %, the archive said {expected}', restored; END IF; END $check$;"
     )
     return before, "\n".join(after)
 
@@ -544,6 +545,7 @@ async def restore_postgres(
                 listing = staging / "toc.list"
                 listing.write_text("\n".join(_without_schema_entries(toc)) + "\n")
             moves = _Moves()
+            interrupted: BaseException | None = None
             try:
                 # The files first: renames, which a failure of the restore's transaction can undo; the old
                 # blobs beside the new until it commits, in case it never does.
@@ -551,7 +553,7 @@ async def restore_postgres(
                 kept += _swap_files(staging / "files", files_dir, stamp.replace("_", "T"), moves)
                 before, after = _around_restore(target, archived, aside, manifest.schema_version)
                 await restore_in_one_transaction(pg_restore, psql, env, dump, listing, before, after)
-            except BaseException:
+            except BaseException as exc:
                 try:
                     committed = await _committed(conn, target, aside)
                 except Exception:  # cannot tell: the usual case is a failure before COMMIT
@@ -560,8 +562,11 @@ async def restore_postgres(
                     moves.undo()
                     raise
                 log.warning("restore: psql failed after its COMMIT reached the server: the restore is complete")
+                interrupted = exc if not isinstance(exc, Exception) else None  # raised once the restore is done
             await asyncio.to_thread(unlink_blobs, files_dir, linked)
             if aside is not None:
                 kept.insert(0, f"schema {aside}")
                 log.warning("restore: schema %s renamed to %s", target, aside)
+            if interrupted is not None:
+                raise interrupted
     return RestoreResult(manifest, [f"schema {target}", str(files_dir)], kept)

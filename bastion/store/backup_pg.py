@@ -117,6 +117,8 @@ def _check_tool(name: str, returncode: int | None, stderr: bytes) -> None:
     text = stderr.decode("utf-8", "replace").strip()
     if returncode != 0 or re.search(r"^\S+: error: ", text, re.MULTILINE):
         tail = text[-2000:] or "no message"
+        if VERSION_MISMATCH in text:  # the restore's own check (backup.py): the archive, not the server
+            raise DataLoss(f"{name} failed (exit status {returncode}): {tail}")
         raise Unavailable(f"{name} failed (exit status {returncode}): {tail}")
     if text:
         log.warning("%s: %s", name, text[-2000:])
@@ -312,6 +314,8 @@ def _without_schema_entries(toc: list[str]) -> list[str]:
 # -- a restore's one transaction -----------------------------------------------------------------------
 
 _CHUNK = 1 << 16
+#: Starts the message of the restore's schema version check (backup.py), which psql's failure then carries.
+VERSION_MISMATCH = "bastion-restore: the restored schema is at version"
 #: The most of pg_restore's output read looking for its ``\restrict`` line before giving up.
 _HEAD_LIMIT = 1 << 20
 _OLD_PG_RESTORE = (
@@ -364,6 +368,7 @@ async def restore_in_one_transaction(
     sql_err = asyncio.ensure_future(sql.stderr.read())
     tool: asyncio.subprocess.Process | None = None
     tool_err: asyncio.Future[bytes] | None = None
+    committing = False  # COMMIT sent: psql must be left to finish it, whatever happens here
     try:
         tool = await asyncio.create_subprocess_exec(
             *restore_args, str(dump), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -392,6 +397,7 @@ async def restore_in_one_transaction(
             # The script may end in a meta-command with no newline (\unrestrict KEY).
             sql.stdin.write(f"\n{after}\nCOMMIT;\n".encode())
             sql.stdin.close()
+            committing = True
             await sql.wait()
         except (BrokenPipeError, ConnectionResetError):  # psql stopped at an error: it says which
             await sql.wait()
@@ -399,6 +405,8 @@ async def restore_in_one_transaction(
             raise Unavailable("psql stopped reading the restore before its end; nothing was committed") from None
         _check_tool("psql", sql.returncode, await sql_err)
     finally:
+        if committing and sql.returncode is None:  # cancelled: a kill now could land after the COMMIT did
+            await _wait_out(sql)
         for proc in (tool, sql):
             if proc is not None and proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -410,6 +418,18 @@ async def restore_in_one_transaction(
             if task is not None:
                 with contextlib.suppress(BaseException):
                     await task
+
+
+async def _wait_out(proc: asyncio.subprocess.Process) -> None:
+    """Wait for ``proc`` to exit, however often this task is cancelled meanwhile; then re-raise that."""
+    cancelled = False
+    while proc.returncode is None:
+        try:
+            await asyncio.shield(proc.wait())
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 # -- the blobs either database needs, while the restore runs -------------------------------------------
@@ -449,8 +469,12 @@ def link_old_blobs(staged: Path, files_dir: Path) -> list[Path]:
 def unlink_blobs(files_dir: Path, linked: list[Path]) -> None:
     """Remove the old blobs ``link_old_blobs`` added, and the folders that leaves empty."""
     for name in linked:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(files_dir / name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # only garbage left behind: the restore has committed
+            log.warning("restore: could not remove the old blob %s: %s", name, exc)
     for folder in {files_dir / name.parent for name in linked}:
         with contextlib.suppress(OSError):
             folder.rmdir()  # if empty

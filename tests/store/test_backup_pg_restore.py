@@ -21,10 +21,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from bastion.exceptions import FailedPrecondition, Unavailable
+from bastion.exceptions import DataLoss, FailedPrecondition, Unavailable
 from bastion.security.credentials import User
 from bastion.store import backup, open_store
-from bastion.store.backup_pg import pg_environment, restore_in_one_transaction
+from bastion.store.backup_pg import VERSION_MISMATCH, _check_tool, pg_environment, restore_in_one_transaction
 from bastion.store.postgres import PostgresStore
 from tests.store.test_backup import (
     make_blob,
@@ -197,3 +197,55 @@ async def test_a_pg_restore_that_leaves_psql_unrestricted_is_refused_before_psql
     with pytest.raises(FailedPrecondition, match=r"did not open its SQL with \\restrict"):
         await restore_in_one_transaction(str(fake), psql, env, tmp_path / "dump", None, "SELECT 1;", "SELECT 1;")
     assert not marker.exists()
+
+
+_RESTRICTED_PG_RESTORE = """#!/bin/sh
+printf -- '--\\n\\n\\\\restrict k1\\nSELECT 1;\\n\\\\unrestrict k1\\n'
+"""
+
+
+async def test_a_restore_cancelled_once_its_commit_is_sent_lets_the_commit_land(tmp_path: Path) -> None:
+    """Killing psql after COMMIT was sent could land after the commit did, and the caller, told "not
+    committed", would undo the files of a restore that went through: psql is left to finish instead."""
+    fake = tmp_path / "pg_restore"
+    fake.write_text(_RESTRICTED_PG_RESTORE)
+    fake.chmod(0o755)
+    table = f"public.cancel_probe_{os.getpid()}"
+    store = open_store(postgres_dsn())
+    async with store:
+        assert isinstance(store, PostgresStore)
+        env = pg_environment(store)
+    psql = shutil.which("psql")
+    assert psql is not None
+    conn = await asyncpg.connect(postgres_dsn())
+    try:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        restore = asyncio.ensure_future(
+            restore_in_one_transaction(
+                str(fake), psql, env, tmp_path / "dump", None, f"CREATE TABLE {table} (x int);", "SELECT pg_sleep(1);"
+            )
+        )
+
+        async def sleeping() -> bool:  # the statements after the dump's run: COMMIT is on its way
+            query = (
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'bastion-restore' AND query LIKE 'SELECT pg_sleep%'"
+            )
+            return bool(await conn.fetchval(query))
+
+        await until("the restore to reach its last statements", sleeping)
+        restore.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await restore
+        assert await conn.fetchval(f"SELECT to_regclass('{table}') IS NOT NULL")  # committed
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.close()
+
+
+def test_the_restores_own_version_check_failing_is_data_loss() -> None:
+    stderr = f"psql:<stdin>:9: ERROR:  {VERSION_MISMATCH} 3, the archive said 4\n".encode()
+    with pytest.raises(DataLoss, match="the archive said 4"):
+        _check_tool("psql", 3, stderr)
+    with pytest.raises(Unavailable):
+        _check_tool("psql", 2, b"psql: error: connection refused")
