@@ -114,7 +114,7 @@ class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_headers: most headers on one message; max_header_bytes: their total size.
     subscriber_buffer: messages buffered for one slow subscriber before it is told it lagged.
     subscriber_buffer_bytes: payload bytes buffered for one slow subscriber, likewise.
-    max_subscribers: subscriptions open at once on this server.
+    max_subscribers: subscriptions open at once in each server process (each worker of ``--workers``).
     max_subscribers_per_user: subscriptions one user may have open on this server (all its workers together).
     max_durable_topics_per_user: durable topics one user (not an admin) may have created that are still kept.
     relay_seconds: seconds a live message stays in the store for the other processes sharing it.
@@ -182,7 +182,7 @@ class MessagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     send_burst: deliveries a sender may make at once before ``send_rate`` applies.
     client_id_ttl: seconds a send's client_id is remembered (a retry within it is stored once).
     max_page: most messages one ``inbox`` page returns.
-    max_watchers: mailbox watches open at once on this server.
+    max_watchers: mailbox watches open at once in each server process (each worker of ``--workers``).
     max_watchers_per_user: mailbox watches one user may have open on this server (all its workers together).
     sweep_interval: seconds between sweeps forgetting expired client_ids (on the leader).
     """

@@ -114,7 +114,8 @@ _USER_COLUMNS = "name, roles, password_hash, created_at, disabled"
 # In Token's field order, so a row unpacks straight into Token(*row).
 _TOKEN_COLUMNS = "id, digest, username, kind, label, created_at, expires_at, revoked_at"
 
-# Through the GIN index users_by_role (migration 16).
+# Through the GIN index users_by_role (migration 16): every holder of the role is found (a bitmap scan), then
+# sorted and cut; not every user, though.
 _USERS_WITH_ROLE = "SELECT name FROM users WHERE roles @> ARRAY[$1::text] ORDER BY name LIMIT $2"
 _INSERT_USER = f"INSERT INTO users ({_USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING"
 _UPDATE_USER = "UPDATE users SET roles = $2, password_hash = $3, created_at = $4, disabled = $5 WHERE name = $1"

@@ -56,7 +56,7 @@ _PG = {
         "delete_owner": "DELETE FROM jobs WHERE owner = ?",
         "reassign_owner": "UPDATE jobs SET owner = ? WHERE id = ANY(?::text[])",
         # Multi-row updates lock their jobs, then the owners' rows in owner order, and only then update:
-        # the row trigger keeping job_owners (migration 16) would lock the owners in the jobs' order.
+        # the row trigger keeping job_owners (migration 17) would lock the owners in the jobs' order.
         "expired": "SELECT id, owner FROM jobs WHERE state = 'running' AND lease_until < ? ORDER BY id FOR UPDATE",
         "recover_held": f"UPDATE jobs SET {_ABANDON_SET} WHERE id = ANY(?::text[]) AND state = 'running' "
         "RETURNING state",
