@@ -330,10 +330,14 @@ class _Routes:
         scheme = conn.scope.get("scheme", "http")
         return origin_allowed(headers.get("origin"), scheme, headers.get("host"), allowed, self.gateway.names)
 
-    def _caller(self, request: Request) -> Caller:
-        """The request's caller; raises PermissionDenied (origin, CSRF) or Unauthenticated."""
+    def _check_origin(self, request: Request) -> None:
+        """PermissionDenied for a POST whose Origin is neither the gateway's own nor in ``cors_origins``."""
         if not self._origin_allowed(request, self.config.cors_origins):
             raise PermissionDenied(f"requests from origin {request.headers.get('origin')!r} are not allowed")
+
+    def _caller(self, request: Request) -> Caller:
+        """The request's caller; raises PermissionDenied (origin, CSRF) or Unauthenticated."""
+        self._check_origin(request)
         token = _bearer(request)
         if token is None:
             token = request.cookies.get(SESSION_COOKIE) or None
@@ -480,8 +484,7 @@ class _Routes:
 
     async def login(self, request: Request) -> Response:
         try:
-            if not self._origin_allowed(request, self.config.cors_origins):
-                raise PermissionDenied(f"requests from origin {request.headers.get('origin')!r} are not allowed")
+            self._check_origin(request)
             args = self._object_args(await _read_body(request, self.config.max_body))
             result = await self.bridge.call(Caller(None, _caller_address(request)), "auth.login", args)
         except _TooLarge:
@@ -505,6 +508,7 @@ class _Routes:
         token = request.cookies.get(SESSION_COOKIE) or None
         done = False
         try:
+            self._check_origin(request)  # a foreign form post: its answer's Set-Cookie would clear the console's
             if token is not None:
                 _check_csrf(request)
                 caller = Caller(token, _caller_address(request))
@@ -548,9 +552,6 @@ class _Routes:
             return refused
         body = render(self.gateway.metrics_snapshot())
         return Response(body, media_type=METRICS_CONTENT_TYPE, headers={"Cache-Control": "no-store"})
-
-    async def reserved(self, request: Request) -> Response:
-        return _json({"error": {"status": "NOT_FOUND", "code": 5, "message": "not available yet"}}, 404)
 
     # -- WebSocket ---------------------------------------------------------------------------
 
