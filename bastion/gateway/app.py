@@ -61,7 +61,7 @@ CSRF rule as any POST.
 WebSocket. Origin check, credentials, messages and server streams on /ws: see ws.py.
 
 Headers. Every response carries Content-Security-Policy ``default-src
-'self'; frame-ancestors 'none'``, X-Content-Type-Options nosniff,
+'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'``, X-Content-Type-Options nosniff,
 X-Frame-Options DENY and Referrer-Policy no-referrer; API responses also
 Cache-Control no-store. So does the 500 for an exception escaping a route
 (``_internal_error``) or the front (_protocol.py), which tells nothing of it.

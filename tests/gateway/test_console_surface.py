@@ -5,6 +5,8 @@ Real gateway over real TCP (plaintext, Host 127.0.0.1), urllib as the browser.
 
 from __future__ import annotations
 
+from html.parser import HTMLParser
+
 from tests.gateway.conftest import PASSWORD, World, http
 
 EVIL = {"Origin": "http://evil.example"}
@@ -31,3 +33,36 @@ def test_logout_from_a_foreign_origin_is_refused(world: World) -> None:
     assert refused.status == 403 and not refused.cookies
     assert http(world, "POST", "/v1/auth/whoami", {}, headers=jar).json()["name"] == "carol"  # not revoked
     assert http(world, "POST", "/logout", headers=jar).json() == {"logged_out": True}
+
+
+class _Forms(HTMLParser):
+    """Each <form> of a page: its attributes and the names of the fields it would submit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[tuple[dict[str, str | None], list[str]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "form":
+            self.forms.append((found, []))
+        elif tag in ("input", "select", "textarea") and self.forms and found.get("name"):
+            self.forms[-1][1].append(str(found["name"]))
+
+
+def test_the_console_never_submits_fields_in_a_url(world: World) -> None:
+    """A console form whose submit the script has not (yet) taken over -- app.js still loading, or failed --
+    is submitted by the browser itself: with no method, as GET to the page's URL, so the login form's
+    user name and password would land in the address bar, the history and any proxy's log. Forms with
+    named fields post, and the CSP forbids native form submissions altogether (form-action 'none')."""
+    page = http(world, "GET", "/")
+    assert page.status == 200
+    parser = _Forms()
+    parser.feed(page.body.decode())
+    named = [(attrs, names) for attrs, names in parser.forms if names]
+    assert any("password" in names for _, names in named)  # the login form is among them
+    for attrs, names in named:
+        assert (attrs.get("method") or "get").lower() == "post", (attrs, names)
+    policy = [part.strip() for part in page.headers["content-security-policy"].split(";")]
+    assert "form-action 'none'" in policy
+    assert "base-uri 'none'" in policy
