@@ -285,6 +285,10 @@ class BackupConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 #: A DNS name or IPv4 address: labels of letters, digits and inner hyphens (or underscores), dot-separated.
 _HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?\Z")
 
+#: An origin as a browser serializes it in its Origin header: lower-case http(s) scheme and host, a port only if not
+#: the default, no path ("null", what sandboxed frames send, and "*" are not origins a list may name).
+_ORIGIN = re.compile(r"https?://([a-z0-9_.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?\Z")
+
 
 class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The HTTP/JSON-RPC/WebSocket gateway (docs/gateway.md).
@@ -293,7 +297,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enabled: serve the gateway at all (``--no-http`` turns it off).
     cors_origins: origins allowed to call the API from a browser page served
     elsewhere (empty: CORS off). ws_origins: origins allowed to open /ws
-    besides the gateway's own (empty: same origin only). max_body: the
+    besides the gateway's own (empty: same origin only); both list origins as
+    browsers send them (``https://app.example:8443``; not ``*`` or ``null``). max_body: the
     largest request body or WebSocket message, in bytes. max_batch: the most
     calls in one JSON-RPC batch. max_json_depth: the deepest nesting of
     arrays and objects accepted. cookie_secure: mark session cookies
@@ -343,6 +348,13 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 ipaddress.ip_network(entry.strip(), strict=False)
             except ValueError:
                 raise UsageError(f"gateway.metrics_networks: {entry!r} is not an IP address or CIDR network") from None
+        for setting in ("cors_origins", "ws_origins"):
+            for origin in getattr(self, setting):
+                if not _ORIGIN.match(origin):
+                    raise UsageError(
+                        f"gateway.{setting}: {origin!r} is not an origin as browsers send it "
+                        "(scheme://host[:port] in lower case, no path; not '*' or 'null')"
+                    )
         for name in self.allowed_hosts:
             if name != "*" and not _HOST_NAME.match(name):
                 raise UsageError(f"gateway.allowed_hosts: {name!r} is not a host name (no scheme, port or path)")

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 
+import pytest
+
+from bastion.config import GatewayConfig
+from bastion.exceptions import UsageError
 from tests.gateway.conftest import PASSWORD, World, http
 
 EVIL = {"Origin": "http://evil.example"}
@@ -66,3 +70,26 @@ def test_the_console_never_submits_fields_in_a_url(world: World) -> None:
     policy = [part.strip() for part in page.headers["content-security-policy"].split(";")]
     assert "form-action 'none'" in policy
     assert "base-uri 'none'" in policy
+
+
+@pytest.mark.parametrize("setting", ["cors_origins", "ws_origins"])
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "null",  # what a sandboxed iframe on any site sends: listing it lets every site in
+        "*",  # not a wildcard here: CORS would answer any origin's GETs (/metrics) while every POST is refused
+        "https://app.example/",  # a browser's Origin has no path: never matches
+        "https://App.example",  # nor capitals
+        "app.example",
+        "ftp://app.example",
+        "https://app.example:port",
+    ],
+)
+def test_listed_origins_must_be_ones_a_browser_sends(setting: str, origin: str) -> None:
+    with pytest.raises(UsageError, match=rf"gateway\.{setting}"):
+        GatewayConfig(**{setting: [origin]})
+
+
+@pytest.mark.parametrize("origin", ["https://app.example", "http://127.0.0.1:8080", "http://[::1]:3000"])
+def test_well_formed_origins_are_accepted(origin: str) -> None:
+    assert GatewayConfig(cors_origins=[origin], ws_origins=[origin]).cors_origins == [origin]
