@@ -12,6 +12,8 @@ import math
 from collections.abc import Collection
 from typing import Any
 
+from starlette.requests import HTTPConnection
+
 from bastion.exceptions import CallError, InvalidArgument, Unauthenticated
 from bastion.status import Status
 
@@ -24,6 +26,7 @@ __all__ = [
     "host_allowed",
     "http_status",
     "length_refusal",
+    "media_type",
     "origin_allowed",
     "parse_bearer",
     "retry_after",
@@ -114,6 +117,11 @@ def length_refusal(value: bytes, limit: int) -> tuple[int, dict[str, Any]] | Non
     if length < 0:
         return 400, error_body(InvalidArgument("bad Content-Length"))
     return None
+
+
+def media_type(conn: HTTPConnection) -> str:
+    """The request's media type (Content-Type without parameters), lower case; "" without one."""
+    return conn.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 def origin_allowed(

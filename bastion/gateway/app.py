@@ -105,6 +105,7 @@ from bastion.gateway._http import (
     INTERNAL_ERROR_BODY,
     http_status,
     length_refusal,
+    media_type,
     origin_allowed,
     parse_bearer,
     retry_after,
@@ -432,7 +433,7 @@ class _Routes:
         try:
             caller = self._caller(request)
             kind = self.bridge.kind(method)
-            if kind is MethodKind.CLIENT_STREAM and _is_octet_stream(request):
+            if kind is MethodKind.CLIENT_STREAM and media_type(request) == "application/octet-stream":
                 return _json(await self._upload(request, caller, method))
             result = await self.call_v1(caller, method, await _read_body(request, self.config.max_body))
         except _TooLarge:
@@ -485,6 +486,8 @@ class _Routes:
     async def login(self, request: Request) -> Response:
         try:
             self._check_origin(request)
+            if media_type(request) != "application/json":  # a cross-site form can send no such body: login CSRF
+                raise InvalidArgument("POST /v1/auth/login takes a JSON body (Content-Type: application/json)")
             args = self._object_args(await _read_body(request, self.config.max_body))
             result = await self.bridge.call(Caller(None, _caller_address(request)), "auth.login", args)
         except _TooLarge:
@@ -593,7 +596,3 @@ async def _refuse_upgrade(ws: WebSocket, exc: CallError) -> None:
     response = _json(_error_body(exc), 403)
     response.raw_headers += [*_SECURITY_HEADERS, _NO_STORE]
     await ws.send_denial_response(response)
-
-
-def _is_octet_stream(request: Request) -> bool:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/octet-stream"

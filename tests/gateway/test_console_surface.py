@@ -39,6 +39,23 @@ def test_logout_from_a_foreign_origin_is_refused(world: World) -> None:
     assert http(world, "POST", "/logout", headers=jar).json() == {"logged_out": True}
 
 
+@pytest.mark.parametrize("media", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_login_takes_only_json(world: World, media: str) -> None:
+    """A page on another site can post a form (text/plain can carry a JSON body) to /v1/auth/login without
+    any preflight; where the browser sends no Origin (older ones, extensions stripping it) the Origin check
+    cannot stop it, and the answer's cookies would log the victim's console into the attacker's account
+    (login CSRF). Login takes application/json only, which a form cannot send."""
+    # (A text/plain form sends name=value: the attacker's own password holds the "=", the JSON the rest.)
+    body = b'{"username": "carol", "password": "' + PASSWORD.encode() + b'"}'
+    login = http(world, "POST", "/v1/auth/login", raw=body, headers={"Content-Type": media})
+    assert login.status == 400 and login.json()["error"]["status"] == "INVALID_ARGUMENT"
+    assert not login.cookies
+    json_login = http(
+        world, "POST", "/v1/auth/login", raw=body, headers={"Content-Type": "application/json; charset=utf-8"}
+    )
+    assert json_login.status == 200 and json_login.cookies
+
+
 class _Forms(HTMLParser):
     """Each <form> of a page: its attributes and the names of the fields it would submit."""
 
