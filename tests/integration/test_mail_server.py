@@ -32,7 +32,8 @@ def _user(server: ServerProcess, name: str, tmp_path: Path, roles: tuple[str, ..
 
 def test_cli_send_inbox_read_watch(server: ServerProcess, tmp_path: Path) -> None:
     addr = server.address
-    ada, bob = _user(server, "ada", tmp_path), _user(server, "bob", tmp_path, ("ops",))
+    # ada is an admin: only admins may send to a role not in messages.open_roles
+    ada, bob = _user(server, "ada", tmp_path, ("admin",)), _user(server, "bob", tmp_path, ("ops",))
     as_ada, as_bob = ["--token-file", str(ada)], ["--token-file", str(bob)]
     out = bastion_cli("messages", "send", addr, "--to", "bob", "--subject", "hello", "--body", "hi bob", *as_ada)
     assert out.returncode == 0, out.stderr
