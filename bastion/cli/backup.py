@@ -38,7 +38,14 @@ from bastion.config import Config, load_config
 from bastion.exceptions import InvalidArgument, UsageError
 from bastion.services.backup import hold_lock
 from bastion.store.archive import ArchiveInfo, archive_name
-from bastion.store.backup import backup_postgres, backup_sqlite, restore_postgres, restore_sqlite, verify_archive
+from bastion.store.backup import (
+    backup_postgres,
+    backup_sqlite,
+    refuse_files_dir_over,
+    restore_postgres,
+    restore_sqlite,
+    verify_archive,
+)
 
 __all__ = ["backup", "restore"]
 
@@ -143,6 +150,15 @@ def _files_dir(config: Config, flag: Path | None) -> Path:
     if flag is not None:
         return flag
     return Path(config.files.directory) if config.files.directory else Path(config.data_dir) / "files"
+
+
+def _refuse_files_over(files: Path, *data_dirs: Path) -> None:
+    """A files directory that is the data directory or holds it is a usage error (exit 2), found up front."""
+    for data_dir in data_dirs:
+        try:
+            refuse_files_dir_over(files, data_dir)
+        except InvalidArgument as exc:
+            raise UsageError(exc.message) from None
 
 
 def _sqlite_path(location: str) -> Path:
@@ -281,11 +297,15 @@ def restore(
             return verify_archive(archive_path, secret, scratch=directory if directory.is_dir() else None)
         files = _files_dir(cfg, files_dir)
         location = store_location(cfg)
-        if location.startswith(_POSTGRES):
-            return asyncio.run(
-                restore_postgres(archive_path, location, files, secret, password=_store_password(cfg), force=force)
+        postgres = location.startswith(_POSTGRES)
+        db_path = None if postgres else _sqlite_path(location)
+        _refuse_files_over(files, directory, *([] if db_path is None else [db_path.parent]))
+        if db_path is None:
+            password = _store_password(cfg)
+            restoring = restore_postgres(
+                archive_path, location, files, secret, password=password, force=force, data_dir=directory
             )
-        db_path = _sqlite_path(location)
+            return asyncio.run(restoring)
         db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         return restore_sqlite(archive_path, db_path, files, secret)
 

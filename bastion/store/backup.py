@@ -108,6 +108,7 @@ __all__ = [
     "backup_postgres",
     "backup_sqlite",
     "check_not_in_use",
+    "refuse_files_dir_over",
     "restore_postgres",
     "restore_sqlite",
     "snapshot_sqlite",
@@ -300,6 +301,7 @@ def restore_sqlite(
     (bastion/store/restore_journal.py): a restore killed half way is undone
     by the next one, and until then the store refuses to open.
     """
+    refuse_files_dir_over(files_dir, db_path.parent)
     check_not_in_use(db_path)
     undo_interrupted(db_path, files_dir)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now or time.time()))
@@ -330,6 +332,19 @@ def restore_sqlite(
                 raise _not_put_in_place(exc) from exc
             raise
     return RestoreResult(manifest, [str(db_path), str(files_dir)], kept)
+
+
+def refuse_files_dir_over(files_dir: Path, data_dir: Path) -> None:
+    """Refuse (``InvalidArgument``) a files directory that is ``data_dir`` or one it is inside: a restore
+    renames the files directory aside, and the data directory (its database, admin token, TLS keys, audit
+    log) would go with it."""
+    files, data = files_dir.resolve(), data_dir.resolve()
+    if files == data or files in data.parents:
+        raise InvalidArgument(
+            f"the files directory {files_dir} is the data directory {data_dir} or holds it: a restore renames "
+            "the files directory aside, and the data directory would go with it; nothing was changed. Give the "
+            "directory of the file contents only (by default <data-dir>/files)"
+        )
 
 
 def _around_restore(target: str, archived: str, aside: str | None, version: int | None) -> tuple[str, str]:
@@ -490,6 +505,7 @@ async def restore_postgres(
     schema: str | None = None,
     force: bool = False,
     now: float | None = None,
+    data_dir: Path | None = None,
 ) -> RestoreResult:
     """Verify ``archive`` completely, then restore its PostgreSQL dump into ``dsn`` and its blobs into ``files_dir``.
 
@@ -507,8 +523,11 @@ async def restore_postgres(
     ``restore_in_one_transaction``): a restore that fails or is killed at any
     point leaves the old schema where it was, a finished one the new. Stop
     the servers using the target first: a server connected meanwhile would
-    see the schema replaced under it.
+    see the schema replaced under it. ``data_dir``: the servers' data
+    directory, which ``files_dir`` may not be or hold (``refuse_files_dir_over``).
     """
+    if data_dir is not None:
+        refuse_files_dir_over(files_dir, data_dir)
     target_store = PostgresStore(dsn, password=password)  # never opened: how to reach the database
     pg_restore, psql = _tool("pg_restore"), _tool("psql")
     env = pg_environment(target_store)
