@@ -60,9 +60,11 @@ import errno
 import hashlib
 import hmac
 import io
+import logging
 import os
 import re
 import secrets
+import stat
 import struct
 import tarfile
 import time
@@ -93,6 +95,8 @@ __all__ = [
     "refuse_existing",
     "write_archive",
 ]
+
+log = logging.getLogger("bastion.backup")
 
 FORMAT = "bastion-backup"
 FORMAT_VERSION = 1
@@ -515,15 +519,50 @@ def list_archives(directory: Path) -> list[ArchiveInfo]:
     out = []
     for path in sorted(directory.iterdir()):
         match = _NAME.fullmatch(path.name)
-        if not match or not path.is_file():
+        if not match or (opened := _read_header(path)) is None:
             continue
-        with open(path, "rb") as f:
-            header = f.read(_HEADER.size)
+        header, size = opened
         encrypted = len(header) == _HEADER.size and header.startswith(MAGIC) and bool(header[9] & _FLAG_ENCRYPTED)
         stamp = time.strptime(match[1][:15], "%Y%m%dT%H%M%S")
         created = float(calendar.timegm(stamp)) + int(match[1][16:22]) / 1e6  # the name is UTC
-        out.append(ArchiveInfo(path.name, path.stat().st_size, "", encrypted, created, owner=match[3]))
+        out.append(ArchiveInfo(path.name, size, "", encrypted, created, owner=match[3]))
     return out
+
+
+_unreadable: set[str] = set()  # archives already warned about: once each per process, not every listing
+
+
+def _read_header(path: Path) -> tuple[bytes, int] | None:
+    """The start of the archive at ``path`` and its size; None if it is not a regular file, or is gone, or
+    cannot be read (another user's, in a shared directory: skipped with a warning, never an error that
+    would fail every listing and every retention run)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO of that name must not hang us
+    except FileNotFoundError:
+        return None  # deleted meanwhile (another server's retention)
+    except OSError as exc:
+        _skip_unreadable(path, exc)
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        try:
+            return f.read(_HEADER.size), info.st_size
+        except OSError as exc:
+            _skip_unreadable(path, exc)
+            return None
+
+
+def _skip_unreadable(path: Path, exc: OSError) -> None:
+    if str(path) not in _unreadable:
+        if len(_unreadable) >= 1000:  # a long-lived server seeing others' new archives: bounded, then warn anew
+            _unreadable.clear()
+        _unreadable.add(str(path))
+        log.warning(
+            "cannot read %s in the backup directory %s (%s): it is left out of listings and retention",
+            path.name, path.parent, exc.strerror,
+        )  # fmt: skip
 
 
 def prune_scheduled(directory: Path, keep: int, *, owner: str, now: float | None = None) -> list[str]:
