@@ -58,6 +58,7 @@ import os
 import re
 import shutil
 import sqlite3
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -231,10 +232,11 @@ def backup_sqlite(
 
 
 def verify_archive(archive: Path, passphrase: bytes | None, *, scratch: Path | None = None) -> Manifest:
-    """Check every byte of ``archive`` and the database it holds (extracting into a temporary directory,
-    then removing it)."""
-    with staging_dir(scratch or archive.parent) as staging:
-        return _read_checked(archive, staging, passphrase, blobs=False)  # only the database is written
+    """Check every byte of ``archive`` and the database it holds, extracted (decrypted) into a new private
+    directory under ``scratch``, else in the system's temporary directory -- never beside the archive: a
+    backup directory holds archives only -- and removed afterwards."""
+    with staging_dir(scratch) if scratch else tempfile.TemporaryDirectory(prefix="bastion-verify-") as staging:
+        return _read_checked(archive, Path(staging), passphrase, blobs=False)  # only the database is written
 
 
 def _read_checked(archive: Path, staging: Path, passphrase: bytes | None, *, blobs: bool = True) -> Manifest:
