@@ -314,6 +314,7 @@ def create_app(
         lifespan=_lifespan,
         exception_handlers={Exception: _internal_error},
     )
+    app.router.redirect_slashes = False  # a redirect would be built from the Host header: /rpc/ is a 404
     app.state.gateway = gateway
     return Front(app, routes)
 

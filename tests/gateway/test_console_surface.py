@@ -5,7 +5,9 @@ Real gateway over real TCP (plaintext, Host 127.0.0.1), urllib as the browser.
 
 from __future__ import annotations
 
+import urllib.parse
 from html.parser import HTMLParser
+from http.client import HTTPConnection
 
 import pytest
 
@@ -110,3 +112,19 @@ def test_listed_origins_must_be_ones_a_browser_sends(setting: str, origin: str) 
 @pytest.mark.parametrize("origin", ["https://app.example", "http://127.0.0.1:8080", "http://[::1]:3000"])
 def test_well_formed_origins_are_accepted(origin: str) -> None:
     assert GatewayConfig(cors_origins=[origin], ws_origins=[origin]).cors_origins == [origin]
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/rpc/"), ("GET", "/livez/"), ("GET", "/openapi.json/")])
+def test_a_trailing_slash_is_not_redirected(world: World, method: str, path: str) -> None:
+    """Starlette answered ``/rpc/`` with a redirect built from the Host header, which over TLS is any host the
+    request named (plaintext checks it first): no path is redirected at all."""
+    parsed = urllib.parse.urlsplit(world.url)
+    conn = HTTPConnection(parsed.hostname or "", parsed.port, timeout=10)
+    try:
+        conn.request(method, path, body=b"{}" if method == "POST" else None, headers={"Host": parsed.netloc})
+        answer = conn.getresponse()
+        answer.read()
+    finally:
+        conn.close()
+    assert answer.getheader("location") is None
+    assert answer.status == 404, answer.status
