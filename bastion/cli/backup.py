@@ -152,11 +152,12 @@ def _files_dir(config: Config, flag: Path | None) -> Path:
     return Path(config.files.directory) if config.files.directory else Path(config.data_dir) / "files"
 
 
-def _refuse_files_over(files: Path, *data_dirs: Path) -> None:
-    """A files directory that is the data directory or holds it is a usage error (exit 2), found up front."""
+def _refuse_files_over(files: Path, data_dirs: list[Path], db_path: Path | None) -> None:
+    """A files directory that is the data directory, holds it, or is the database file is a usage error
+    (exit 2), found up front."""
     for data_dir in data_dirs:
         try:
-            refuse_files_dir_over(files, data_dir)
+            refuse_files_dir_over(files, data_dir, db_path)
         except InvalidArgument as exc:
             raise UsageError(exc.message) from None
 
@@ -299,7 +300,7 @@ def restore(
         location = store_location(cfg)
         postgres = location.startswith(_POSTGRES)
         db_path = None if postgres else _sqlite_path(location)
-        _refuse_files_over(files, directory, *([] if db_path is None else [db_path.parent]))
+        _refuse_files_over(files, [directory, *([] if db_path is None else [db_path.parent])], db_path)
         if db_path is None:
             password = _store_password(cfg)
             restoring = restore_postgres(

@@ -303,7 +303,7 @@ def restore_sqlite(
     (bastion/store/restore_journal.py): a restore killed half way is undone
     by the next one, and until then the store refuses to open.
     """
-    refuse_files_dir_over(files_dir, db_path.parent)
+    refuse_files_dir_over(files_dir, db_path.parent, db_path)
     check_not_in_use(db_path)
     undo_interrupted(db_path, files_dir)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now or time.time()))
@@ -336,12 +336,12 @@ def restore_sqlite(
     return RestoreResult(manifest, [str(db_path), str(files_dir)], kept)
 
 
-def refuse_files_dir_over(files_dir: Path, data_dir: Path) -> None:
-    """Refuse (``InvalidArgument``) a files directory that is ``data_dir`` or one it is inside: a restore
-    renames the files directory aside, and the data directory (its database, admin token, TLS keys, audit
-    log) would go with it."""
+def refuse_files_dir_over(files_dir: Path, data_dir: Path, db_path: Path | None = None) -> None:
+    """Refuse (``InvalidArgument``) a files directory that is ``data_dir``, one it is inside, or the database
+    file ``db_path``: a restore renames the files directory aside, and the data directory (its database,
+    admin token, TLS keys, audit log) would go with it."""
     files, data = files_dir.resolve(), data_dir.resolve()
-    if files == data or files in data.parents:
+    if files == data or files in data.parents or (db_path is not None and files == db_path.resolve()):
         raise InvalidArgument(
             f"the files directory {files_dir} is the data directory {data_dir} or holds it: a restore renames "
             "the files directory aside, and the data directory would go with it; nothing was changed. Give the "

@@ -35,7 +35,7 @@ def aside(root: Path) -> list[str]:
     return sorted(p.name for p in root.rglob("*pre-restore*"))
 
 
-@pytest.mark.parametrize("which", ["data-dir", "parent", "symlink"])
+@pytest.mark.parametrize("which", ["data-dir", "parent", "symlink", "database"])
 def test_a_sqlite_restore_refuses_a_files_dir_holding_the_data_dir(tmp_path: Path, which: str) -> None:
     root = tmp_path / "srv"
     data = root / "data"
@@ -44,7 +44,7 @@ def test_a_sqlite_restore_refuses_a_files_dir_holding_the_data_dir(tmp_path: Pat
     kept = server_files(data)
     out = tmp_path / "backups" / archive_name(time.time())
     backup.backup_sqlite(db, files, out, None, scrypt_log_n=FAST)
-    target = {"data-dir": data, "parent": root, "symlink": tmp_path / "link"}[which]
+    target = {"data-dir": data, "parent": root, "symlink": tmp_path / "link", "database": db}[which]
     if which == "symlink":
         target.symlink_to(data)
 
