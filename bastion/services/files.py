@@ -9,7 +9,9 @@ Methods name a file by ``file_id``, or by ``name`` (with ``owner`` for
 someone else's file; default: the caller's). Names are labels in the
 database only: contents never live at a user-chosen path. The name rules
 (NFC; no control or invisible bidirectional characters: ``check_name``) and
-the records the methods return are in bastion/services/files_records.py.
+the records the methods return are in bastion/services/files_records.py;
+the methods themselves (argument checks, calls into ``Files``) in
+bastion/services/files_methods.py.
 
 Contents live under the files directory, outside the database: blobs
 named by their SHA-256 and uploads in progress; bastion/services/files_disk.py
@@ -70,12 +72,9 @@ import os
 import re
 import secrets
 import time
-import unicodedata
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import msgspec
 
 from bastion.config import FilesConfig
 from bastion.exceptions import (
@@ -88,8 +87,8 @@ from bastion.exceptions import (
     Unavailable,
 )
 from bastion.security.credentials import CredentialStore
-from bastion.security.principal import ADMIN_ROLE, Principal
-from bastion.service import Context, Service
+from bastion.security.principal import Principal
+from bastion.service import Service
 from bastion.services.files_disk import (
     _UPLOAD_ID,
     _append,
@@ -100,6 +99,7 @@ from bastion.services.files_disk import (
     _open_upload,
     _read_blob,
 )
+from bastion.services.files_methods import declare
 from bastion.services.files_records import (
     RANK,
     FileInfo,
@@ -110,20 +110,18 @@ from bastion.services.files_records import (
     Usage,
     _check_sha256,
     _info,
-    _share_info,
+    _is_admin,
     access_of,
-    check_grantee,
     check_name,
 )
 from bastion.services.files_sweep import sweep
 from bastion.store.base import Store
-from bastion.store.files import FileRecord, FileShare, FileStore, UploadRecord
+from bastion.store.files import FileRecord, FileStore, UploadRecord
 
 __all__ = ["FileInfo", "FilePage", "Files", "ShareInfo", "UploadInfo", "UploadResult", "Usage", "check_name"]
 
 log = logging.getLogger("bastion.files")
 
-MAX_PAGE = 1000
 #: How long a commit waits for a sweep that is deleting the same contents.
 PIN_WAIT = 10.0
 #: At most this many seconds (and a quarter of ``upload_ttl``) between an upload stream's marks of activity.
@@ -133,10 +131,6 @@ _FILE_ID = re.compile(r"^f-[0-9a-f]{32}\Z")
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(16)}"
-
-
-def _is_admin(principal: Principal) -> bool:
-    return ADMIN_ROLE in principal.roles
 
 
 def _no_upload(upload_id: str) -> NotFound:
@@ -169,7 +163,7 @@ class Files:
         self._hashes = _Hashes()
         self._sweeper: asyncio.Task[None] | None = None
         self.service = Service("files", doc="Streamed, verified, resumable file storage with quotas and sharing.")
-        self._declare(self.service)
+        declare(self, self.service)
 
     def blob_path(self, sha256: str) -> Path:
         """Where the contents with this SHA-256 live."""
@@ -422,178 +416,3 @@ class Files:
         async for chunk in _read_blob(self._disk.blob(record.sha256), record.id, offset, record.size,
                                       self.config.chunk_bytes):  # fmt: skip
             yield chunk
-
-    # -- the service -------------------------------------------------------------------
-
-    def _declare(self, svc: Service) -> None:
-        files = self
-        store = self.store
-
-        @svc.method
-        async def begin_upload(
-            ctx: Context,
-            size: int,
-            sha256: str,
-            name: str | None = None,
-            overwrite: bool = False,
-            file_id: str | None = None,
-        ) -> UploadInfo:
-            """Start an upload of ``size`` bytes with SHA-256 ``sha256``: a new file ``name`` (``overwrite``:
-            replace the caller's file of that name), or new contents for ``file_id`` (needs write access).
-            Reserves ``size`` of the owner's quota; returns the upload id to send the bytes to."""
-            return await files.begin_upload(
-                ctx.principal, size=size, sha256=sha256, name=name, overwrite=overwrite, file_id=file_id
-            )
-
-        @svc.method
-        async def upload(ctx: Context, upload_id: str, chunks: AsyncIterator[bytes], offset: int = 0) -> UploadResult:
-            """Append a stream of byte chunks to an upload at ``offset`` (what the server holds); at the
-            declared size the contents are verified and become the file."""
-            return await files.upload(ctx.principal, upload_id, offset, chunks)
-
-        @svc.method(idempotent=True)
-        async def upload_status(ctx: Context, upload_id: str) -> UploadInfo:
-            """An open upload (the caller's, or one charged to its quota) and the offset to continue it from."""
-            found = await files._own_upload(ctx.principal, upload_id, or_charged=True)
-            return files._upload_info(found, await files._offset(found.id))
-
-        @svc.method(idempotent=True)
-        async def uploads(ctx: Context) -> list[UploadInfo]:
-            """The caller's open uploads and those charged to its quota (others' new contents for its
-            files, each naming its ``uploader``), oldest first."""
-            found = await store.files_list_uploads(ctx.principal.name, charged=True)
-            return [files._upload_info(u, await files._offset(u.id)) for u in found]
-
-        @svc.method(idempotent=True)
-        async def cancel_upload(ctx: Context, upload_id: str) -> bool:
-            """Discard an open upload (the caller's, or one charged to its quota) and release its reservation."""
-            await files._discard(await files._own_upload(ctx.principal, upload_id, or_charged=True))
-            return True
-
-        @svc.method(idempotent=True)
-        async def stat(
-            ctx: Context, file_id: str | None = None, name: str | None = None, owner: str | None = None
-        ) -> FileInfo:
-            """A file's metadata: size, SHA-256, owner, times, and the caller's access."""
-            return _info(*await files._find(ctx.principal, file_id, name, owner, "read"))
-
-        @svc.method(name="list", idempotent=True)
-        async def list_files(
-            ctx: Context,
-            prefix: str = "",
-            owner: str | None = None,
-            all: bool = False,
-            after: str | None = None,
-            limit: int = 100,
-        ) -> FilePage:
-            """The caller's files and files shared with it, by (owner, name); ``all``: every file (admin)."""
-            if not 1 <= limit <= MAX_PAGE:
-                raise InvalidArgument(f"limit must be 1..{MAX_PAGE}")
-            if all and not _is_admin(ctx.principal):
-                raise PermissionDenied("listing every user's files needs the admin role")
-            key = None
-            if after is not None:
-                try:
-                    key = msgspec.json.decode(after, type=tuple[str, str])
-                except msgspec.DecodeError:
-                    raise InvalidArgument("after must be the 'next' of a previous page") from None
-            p = ctx.principal
-            viewer = None if all else p.name
-            records = await store.files_list(
-                viewer=viewer, roles=p.roles, owner=owner, prefix=unicodedata.normalize("NFC", prefix), after=key,
-                limit=limit,
-            )  # fmt: skip
-            infos = []
-            for record in records:
-                access = await files._access(p, record)
-                infos.append(_info(record, access or "admin"))
-            last = records[-1] if len(records) == limit else None
-            cursor = None if last is None else msgspec.json.encode((last.owner, last.name)).decode()
-            return FilePage(infos, cursor)
-
-        @svc.method
-        async def download(
-            ctx: Context,
-            file_id: str | None = None,
-            name: str | None = None,
-            owner: str | None = None,
-            offset: int = 0,
-            sha256: str | None = None,
-        ) -> AsyncIterator[bytes]:
-            """Stream a file's contents in chunks from ``offset``; ``sha256``: fail if the contents changed."""
-            record, _ = await files._find(ctx.principal, file_id, name, owner, "read")
-            async for chunk in files.download(ctx.principal, record, offset, sha256):
-                yield chunk
-
-        @svc.method
-        async def delete(
-            ctx: Context, file_id: str | None = None, name: str | None = None, owner: str | None = None
-        ) -> FileInfo:
-            """Delete a file (owner, write share or admin); its contents go at a later sweep."""
-            record, access = await files._find(ctx.principal, file_id, name, owner, "write")
-            deleted = await store.files_delete(record.id, time.time())
-            if deleted is None:
-                raise NotFound(f"no file {record.id!r}")
-            return _info(deleted, access)
-
-        @svc.method
-        async def rename(
-            ctx: Context, new_name: str, file_id: str | None = None, name: str | None = None, owner: str | None = None
-        ) -> FileInfo:
-            """Give a file a new name among its owner's files (owner or admin)."""
-            record, access = await files._find(ctx.principal, file_id, name, owner, "owner")
-            return _info(await store.files_rename(record.id, check_name(new_name), time.time()), access)
-
-        @svc.method(idempotent=True)
-        async def share(
-            ctx: Context,
-            mode: str = "read",
-            user: str | None = None,
-            role: str | None = None,
-            file_id: str | None = None,
-            name: str | None = None,
-            owner: str | None = None,
-        ) -> ShareInfo:
-            """Share a file with a user or a role, ``mode`` "read" or "write" (owner or admin)."""
-            if mode not in ("read", "write"):
-                raise InvalidArgument('mode must be "read" or "write"')
-            kind, grantee = check_grantee(user, role)
-            record, _ = await files._find(ctx.principal, file_id, name, owner, "owner")
-            grant = FileShare(record.id, kind, grantee, mode, time.time())
-            await store.files_share(grant)
-            if mode == "read":  # replacing a write share: as good as withdrawing it
-                await files._cancel_unwritable(record)
-            return _share_info(grant)
-
-        @svc.method(idempotent=True)
-        async def unshare(
-            ctx: Context,
-            user: str | None = None,
-            role: str | None = None,
-            file_id: str | None = None,
-            name: str | None = None,
-            owner: str | None = None,
-        ) -> bool:
-            """Withdraw a share (owner or admin); False if there was none."""
-            kind, grantee = check_grantee(user, role)
-            record, _ = await files._find(ctx.principal, file_id, name, owner, "owner")
-            withdrawn = await store.files_unshare(record.id, kind, grantee)
-            await files._cancel_unwritable(record)  # also when there was none: a retry finishes the job
-            return withdrawn
-
-        @svc.method(idempotent=True)
-        async def shares(
-            ctx: Context, file_id: str | None = None, name: str | None = None, owner: str | None = None
-        ) -> list[ShareInfo]:
-            """The shares of a file (owner or admin)."""
-            record, _ = await files._find(ctx.principal, file_id, name, owner, "owner")
-            return [_share_info(s) for s in await store.files_shares(record.id)]
-
-        @svc.method(idempotent=True)
-        async def usage(ctx: Context, user: str | None = None) -> Usage:
-            """Bytes a user holds against the quota (another user's: admin)."""
-            who = user or ctx.principal.name
-            if who != ctx.principal.name and not _is_admin(ctx.principal):
-                raise PermissionDenied("another user's usage needs the admin role")
-            used, reserved = await store.files_usage(who)
-            return Usage(who, used, reserved, files.config.quota_bytes)

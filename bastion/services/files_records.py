@@ -153,6 +153,10 @@ def _check_sha256(value: str) -> str:
     return digest
 
 
+def _is_admin(principal: Principal) -> bool:
+    return ADMIN_ROLE in principal.roles
+
+
 def _info(record: FileRecord, access: str) -> FileInfo:
     return FileInfo(
         record.id, record.owner, record.name, record.size, record.sha256, record.created_at, record.updated_at, access
