@@ -36,7 +36,10 @@ last step loses no bytes: sending ``offset=size`` again finishes it.
 Download. ``download`` streams ``chunk_bytes`` pieces read one at a time
 from the blob, from an optional ``offset``; ``stat`` (or the ``sha256``
 guard of ``download``) gives the size and SHA-256 the client verifies.
-Memory stays bounded by the credit window whatever the file size.
+Memory stays bounded by the credit window whatever the file size. About
+once a second (``ACCESS_RECHECK``) a download checks that its caller may
+still read the file: a share withdrawn, or the file deleted, ends it
+NOT_FOUND (after the chunks already in flight).
 
 Deletion is late. Deleting a file (or replacing its contents) never deletes
 a blob: the background sweep deletes blobs no file has named for longer than
@@ -72,7 +75,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +129,8 @@ log = logging.getLogger("bastion.files")
 PIN_WAIT = 10.0
 #: At most this many seconds (and a quarter of ``upload_ttl``) between an upload stream's marks of activity.
 TOUCH_INTERVAL = 60.0
+#: Seconds between a download's checks that its caller may still read the file.
+ACCESS_RECHECK = 1.0
 _FILE_ID = re.compile(r"^f-[0-9a-f]{32}\Z")
 
 
@@ -408,11 +413,23 @@ class Files:
 
     async def download(
         self, principal: Principal, record: FileRecord, offset: int, sha256: str | None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         if sha256 is not None and _check_sha256(sha256) != record.sha256:
             raise FailedPrecondition(f"file {record.id} now has other contents (SHA-256 {record.sha256})")
         if not 0 <= offset <= record.size:
             raise OutOfRange(f"offset {offset} is outside the file (0..{record.size})")
-        async for chunk in _read_blob(self._disk.blob(record.sha256), record.id, offset, record.size,
-                                      self.config.chunk_bytes):  # fmt: skip
-            yield chunk
+        checked = time.monotonic()
+        blob = _read_blob(self._disk.blob(record.sha256), record.id, offset, record.size, self.config.chunk_bytes)
+        async with contextlib.aclosing(blob):
+            async for chunk in blob:
+                if time.monotonic() - checked >= ACCESS_RECHECK:
+                    await self._still_readable(principal, record)
+                    checked = time.monotonic()
+                yield chunk
+
+    async def _still_readable(self, principal: Principal, record: FileRecord) -> None:
+        """``NotFound`` if ``principal`` can no longer read ``record`` (its share withdrawn, the file deleted
+        or handed to someone else): a download in progress ends there, not at the end of the file."""
+        current = await self.store.files_get(record.id)
+        if current is None or await self._access(principal, current) is None:
+            raise NotFound(f"file {record.id!r} is no longer there or no longer shared with you; the download ends")

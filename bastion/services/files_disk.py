@@ -32,7 +32,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -191,7 +191,7 @@ def _open_upload(path: Path) -> tuple[int, int]:
     return fd, os.fstat(fd).st_size
 
 
-async def _read_blob(path: Path, file_id: str, offset: int, size: int, chunk_bytes: int) -> AsyncIterator[bytes]:
+async def _read_blob(path: Path, file_id: str, offset: int, size: int, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
     """The contents of file ``file_id`` (blob ``path``, ``size`` bytes) from ``offset``, a chunk at a time."""
     what = f"download of {file_id}"
     try:

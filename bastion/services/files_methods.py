@@ -6,6 +6,7 @@ operation is; the records they return are in bastion/services/files_records.py.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import unicodedata
 from collections.abc import AsyncIterator
@@ -135,8 +136,9 @@ def declare(files: Files, svc: Service) -> None:
     ) -> AsyncIterator[bytes]:
         """Stream a file's contents in chunks from ``offset``; ``sha256``: fail if the contents changed."""
         record, _ = await files._find(ctx.principal, file_id, name, owner, "read")
-        async for chunk in files.download(ctx.principal, record, offset, sha256):
-            yield chunk
+        async with contextlib.aclosing(files.download(ctx.principal, record, offset, sha256)) as chunks:
+            async for chunk in chunks:  # aclosing: the blob's descriptor is closed when the call ends
+                yield chunk
 
     @svc.method
     async def delete(
