@@ -11,8 +11,10 @@ chunks are appended with ``pwrite`` and fed into a running SHA-256, kept
 between calls (``_Hashes``); a resumed upload whose hash this process does
 not hold re-hashes the part already on disk in bounded blocks.
 A finished upload is fsynced, then hard-linked into place as its blob and
-the blob's directory fsynced, so an acknowledged upload survives a crash;
-its upload file goes once the file is recorded.
+the blob's directory fsynced (and ``blobs/`` too when that directory is
+new), so an acknowledged upload survives a crash; its upload file goes once
+the file is recorded. The directories made at start are fsynced into their
+parents likewise.
 Everything here blocks: the service calls it through ``_in_thread``.
 
 The disk failing (full, read-only, not permitted, I/O error) is the
@@ -101,7 +103,7 @@ class _Disk:
 
     def prepare(self) -> None:
         for path in (self.directory, self.blobs, self.uploads):
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_dirs(path)
 
     def blob(self, sha256: str) -> Path:
         return self.blobs / sha256[:2] / sha256
@@ -126,7 +128,10 @@ class _Disk:
         A hard link: the upload file stays (``remove_upload`` once the file is recorded), so a failure to
         record it loses no bytes. ``FileNotFoundError``: the upload file is gone (cancelled, expired)."""
         source, target = self.upload(upload_id), self.blob(sha256)
-        target.parent.mkdir(mode=0o700, exist_ok=True)
+        if not target.parent.is_dir():
+            with contextlib.suppress(FileExistsError):  # made meanwhile by another upload: sync it all the same
+                target.parent.mkdir(mode=0o700)
+            _fsync_dir(self.blobs)  # the new directory's entry is durable before a file names a blob in it
         try:
             os.link(source, target)
         except FileExistsError:  # these contents are there already (same SHA-256); mend a damaged copy
@@ -147,6 +152,15 @@ class _Disk:
             if _UPLOAD_ID.match(entry.name) and entry.stat().st_mtime < older_than and not known(entry.name):
                 out.append(entry.name)
         return out
+
+
+def _make_dirs(directory: Path) -> None:
+    """Make ``directory`` (0700) and its missing parents, each one's entry fsynced into its parent."""
+    missing = [d for d in (directory, *directory.parents) if not d.is_dir()]
+    for made in reversed(missing):  # outermost first
+        with contextlib.suppress(FileExistsError):
+            made.mkdir(mode=0o700 if made == directory else 0o777)
+        _fsync_dir(made.parent)
 
 
 def _fsync_dir(path: Path) -> None:
