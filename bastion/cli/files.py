@@ -4,8 +4,8 @@
 it keeps the upload id in a 0600 state file under
 ``~/.config/bastion/uploads/`` before sending a byte, so running the same
 ``put`` again after an interruption asks the server where the upload stands
-and continues from there. ``get`` streams into a temporary file beside the
-destination, verifies the SHA-256 the server reported, fsyncs and renames:
+and continues from there. ``get`` streams into a new temporary file (of a
+random name, never a planted one) beside the destination, verifies the SHA-256 the server reported, fsyncs and renames:
 the destination is either the whole, verified file or untouched.
 
 Progress bars (rich) go to standard error when it is a terminal, or always
@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -238,12 +239,14 @@ def get(
 
 
 def _download(client: SyncClient, info: dict[str, Any], path: Path, progress: Progress, *, overwrite: bool) -> None:
-    tmp = path.with_name(f".{path.name}.bastion-part")
     hasher = hashlib.sha256()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A new file (O_EXCL, 0600) of a name nobody can plant beforehand: in a shared directory a fixed
+        # name could be another user's symlink to one of the reader's own files.
+        fd, made = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".bastion-part", dir=path.parent)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    tmp = Path(made)
     try:
         with os.fdopen(fd, "wb") as f, progress as bar:
             task = bar.add_task(f"get {shown(info['name'])}", total=info["size"])

@@ -241,3 +241,27 @@ def test_get_without_a_destination_does_not_overwrite_a_local_file_the_owner_nam
     chosen = bastion_cli("files", "get", server.address, file["id"], str(mine), cwd=home, env=env)
     assert chosen.returncode == 0, chosen.stderr
     assert mine.read_bytes() == b"rm -rf ~\n"
+
+
+def test_get_never_writes_through_a_temporary_name_planted_beside_the_destination(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """``files get`` wrote its temporary to ``.<name>.bastion-part`` beside the destination, opened with
+    O_TRUNC and following symlinks: in a shared directory (/tmp) another user could plant that name as a
+    symlink to the reader's own file, which then received the download (and the destination became the
+    symlink). The temporary is now a new file of an unpredictable name, made with O_EXCL."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the reader's own\n")
+    (shared / ".copy.txt.bastion-part").symlink_to(victim)
+    env = cli_env(tmp_path, server.token_file)
+    source = tmp_path / "report.txt"
+    source.write_bytes(b"quarterly numbers\n" * 100)
+    assert bastion_cli("files", "put", server.address, str(source), "report.txt", env=env).returncode == 0
+    got = bastion_cli("files", "get", server.address, "report.txt", str(shared / "copy.txt"), env=env)
+    assert got.returncode == 0, got.stderr
+    assert victim.read_text() == "the reader's own\n"
+    assert not (shared / "copy.txt").is_symlink() and (shared / "copy.txt").read_bytes() == source.read_bytes()
+    assert (shared / "copy.txt").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in shared.iterdir()) == [".copy.txt.bastion-part", "copy.txt"]  # the plant stays
