@@ -242,8 +242,9 @@ def _download(client: SyncClient, info: dict[str, Any], path: Path, progress: Pr
     hasher = hashlib.sha256()
     try:
         # A new file (O_EXCL, 0600) of a name nobody can plant beforehand: in a shared directory a fixed
-        # name could be another user's symlink to one of the reader's own files.
-        fd, made = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".bastion-part", dir=path.parent)
+        # name could be another user's symlink to one of the reader's own files. Not derived from the
+        # destination's name, which may already be as long as the file system allows.
+        fd, made = tempfile.mkstemp(prefix=".bastion-part-", dir=path.parent)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
     tmp = Path(made)

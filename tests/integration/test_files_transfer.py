@@ -236,7 +236,7 @@ def test_get_without_a_destination_does_not_overwrite_a_local_file_the_owner_nam
     refused = bastion_cli("files", "get", server.address, file["id"], cwd=home, env=env)
     assert refused.returncode == 2 and "will not overwrite" in refused.stderr, refused.stderr
     assert mine.read_text() == "the reader's own\n"
-    assert not list(home.glob(".*bastion-part"))
+    assert not list(home.glob(".bastion-part-*"))
     # Naming the destination is choosing to replace it.
     chosen = bastion_cli("files", "get", server.address, file["id"], str(mine), cwd=home, env=env)
     assert chosen.returncode == 0, chosen.stderr
@@ -265,3 +265,20 @@ def test_get_never_writes_through_a_temporary_name_planted_beside_the_destinatio
     assert not (shared / "copy.txt").is_symlink() and (shared / "copy.txt").read_bytes() == source.read_bytes()
     assert (shared / "copy.txt").stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in shared.iterdir()) == [".copy.txt.bastion-part", "copy.txt"]  # the plant stays
+
+
+def test_get_writes_a_destination_whose_name_is_as_long_as_the_file_system_allows(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """The temporary's name was the destination's plus a prefix and suffix: a destination of 230 to 255
+    bytes (legal on every common file system) could not be downloaded, "File name too long"."""
+    env = cli_env(tmp_path, server.token_file)
+    source = tmp_path / "report.txt"
+    source.write_bytes(b"quarterly numbers\n")
+    name = "r" * 251 + ".txt"
+    assert bastion_cli("files", "put", server.address, str(source), name, env=env).returncode == 0
+    dest = tmp_path / "out"
+    dest.mkdir()
+    got = bastion_cli("files", "get", server.address, name, cwd=dest, env=env)
+    assert got.returncode == 0, got.stderr
+    assert [p.name for p in dest.iterdir()] == [name] and (dest / name).read_bytes() == source.read_bytes()
