@@ -46,7 +46,9 @@ a blob: the background sweep deletes blobs no file has named for longer than
 ``blob_grace`` (so a backup being taken never misses one), expires uploads
 idle longer than ``upload_ttl``, and removes upload files whose record is
 gone (bastion/services/files_sweep.py). See bastion/store/files.py for how
-pins and sweep claims keep a blob being reused from being unlinked.
+pins and sweep claims keep a blob being reused from being unlinked. The
+open uploads of new contents for a deleted file go with it (their
+reservations released at once).
 
 Access. The owner and admins may do anything; a ``read`` share lets its
 grantees stat, list and download; a ``write`` share also lets them replace
@@ -217,6 +219,13 @@ class Files:
                 await self._discard(upload)
                 cancelled += 1
         return cancelled
+
+    async def _cancel_replacing(self, record: FileRecord) -> None:
+        """After ``record`` was deleted: discard the open uploads of new contents for it (they can never
+        finish), releasing the owner's quota now rather than at the uploaders' next call or ``upload_ttl``."""
+        for upload in await self.store.files_list_uploads(record.owner, charged=True):
+            if upload.file_id == record.id:
+                await self._discard(upload)
 
     async def _find(
         self, principal: Principal, file_id: str | None, name: str | None, owner: str | None, need: str

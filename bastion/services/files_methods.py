@@ -144,9 +144,11 @@ def declare(files: Files, svc: Service) -> None:
     async def delete(
         ctx: Context, file_id: str | None = None, name: str | None = None, owner: str | None = None
     ) -> FileInfo:
-        """Delete a file (owner, write share or admin); its contents go at a later sweep."""
+        """Delete a file (owner, write share or admin); its contents go at a later sweep, the open uploads
+        of new contents for it at once."""
         record, access = await files._find(ctx.principal, file_id, name, owner, "write")
         deleted = await store.files_delete(record.id, time.time())
+        await files._cancel_replacing(record)  # also when it was gone already: a retry finishes the job
         if deleted is None:
             raise NotFound(f"no file {record.id!r}")
         return _info(deleted, access)

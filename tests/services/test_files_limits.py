@@ -282,3 +282,30 @@ def test_downgrading_a_write_share_to_read_cancels_the_grantees_uploads(tmp_path
         assert await w.get(w.bob, file_id=doc["id"]) == b"original"
 
     run(test, tmp_path)
+
+
+def test_deleting_a_file_cancels_the_uploads_replacing_it_and_releases_their_reservations(tmp_path: Path) -> None:
+    """Uploads of new contents for a file outlived its deletion: they could never finish, yet they kept the
+    owner's quota reserved until their uploaders' next call or upload_ttl (a day) later."""
+    config = FilesConfig(quota_bytes=10_000, chunk_bytes=CHUNK)
+
+    async def test(w: World) -> None:
+        doc = await w.put(w.alice, "doc", b"x" * 100)
+        other = await w.put(w.alice, "other", b"o" * 100)
+        await w.alice.files.share(file_id=doc["id"], user="bob", mode="write")
+        await w.alice.files.share(file_id=other["id"], user="bob", mode="write")
+        bobs = await w.bob.files.begin_upload(file_id=doc["id"], size=3_000, sha256=sha(b"y" * 3_000))
+        await w.bob.upload("files.upload", [b"y" * 1_000], upload_id=bobs["upload_id"])
+        alices = await w.alice.files.begin_upload(file_id=doc["id"], size=2_000, sha256=sha(b"a" * 2_000))
+        kept = await w.bob.files.begin_upload(file_id=other["id"], size=500, sha256=sha(b"k" * 500))
+        assert (await w.alice.files.usage())["reserved_bytes"] == 5_500
+
+        await w.bob.files.delete(file_id=doc["id"])  # a write grantee may delete it
+        assert (await w.alice.files.usage())["reserved_bytes"] == 500
+        assert [u["upload_id"] for u in await w.alice.files.uploads()] == [kept["upload_id"]]
+        for upload_id in (bobs["upload_id"], alices["upload_id"]):
+            assert not (w.directory / "uploads" / upload_id).exists()
+        with pytest.raises(bastion.NotFound):
+            await w.bob.files.upload_status(upload_id=bobs["upload_id"])
+
+    run(test, tmp_path, config)
