@@ -344,7 +344,11 @@ class Files:
                 raise FailedPrecondition(
                     f"upload {upload.id} holds {held} bytes: continue from offset {held}, not {offset}"
                 )
-            await self.store.files_touch_upload(upload.id, time.time())
+            if not await self.store.files_touch_upload(upload.id, time.time()):
+                # Cancelled (or expired) since it was looked up: its file, which the open may have made
+                # again, goes too, and no byte is taken.
+                await _in_thread(self._disk.remove_upload, upload.id)
+                raise _no_upload(upload.id)
             # Bytes arriving are activity: keep the upload from expiring under a slow stream.
             touch_every, touched = min(self.config.upload_ttl / 4, TOUCH_INTERVAL), time.monotonic()
             async for chunk in chunks:

@@ -1,15 +1,24 @@
-"""The files service while a stream is running: access withdrawn mid-download (real stores, both backends)."""
+"""The files service while a stream is running: access withdrawn mid-download, an upload cancelled as its call
+begins (real stores, both backends)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 import bastion
 import bastion.services.files as files_module
-from tests.services.test_files import CHUNK, World, run
+from bastion.config import FilesConfig
+from bastion.services.files import Files
+from bastion.store import open_store
+from bastion.testing import MemoryServer
+from tests.services.test_files import CHUNK, World, run, sha
+from tests.support.stores import service_store
 
 pytestmark = pytest.mark.usefixtures("service_backend")
 
@@ -59,3 +68,45 @@ def test_deleting_a_file_ends_a_grantees_download_in_progress(tmp_path: Path, mo
         assert received < len(data)
 
     run(test, tmp_path)
+
+
+def test_an_upload_cancelled_as_its_call_begins_ends_not_found(tmp_path: Path) -> None:
+    """A cancel landing between the call's look-up of the upload and its first mark of activity was missed
+    (the mark's answer, no such upload, was ignored): the call took the bytes into a file nobody would
+    read and answered as if the server held them. A real interleaving: the cancel's DELETE holds the row
+    until the call's mark waits on it, then commits."""
+    location = service_store(tmp_path)
+    if not location.startswith("postgresql"):
+        pytest.skip("needs PostgreSQL's row locks to hold the call at its first mark of activity")
+    data = os.urandom(2 * CHUNK)
+
+    async def main() -> None:
+        async with open_store(location) as store:
+            files = Files(store, tmp_path / "files", FilesConfig(chunk_bytes=CHUNK), leader=False)
+            await files.start()
+            async with MemoryServer([files.service]) as server:
+                await asyncio.wait_for(test(World(server, files, tmp_path / "files")), 20)
+
+    async def test(w: World) -> None:
+        info = await w.alice.files.begin_upload(name="x", size=len(data), sha256=sha(data))
+        upload_id, path = info["upload_id"], w.directory / "uploads" / info["upload_id"]
+        canceller = await asyncpg.connect(location)
+        try:
+            cancel = canceller.transaction()
+            await cancel.start()
+            await canceller.execute("DELETE FROM file_uploads WHERE id = $1", upload_id)
+            call = asyncio.create_task(w.alice.upload("files.upload", [data[:CHUNK]], upload_id=upload_id))
+            deadline = time.monotonic() + 10
+            blocked = "SELECT count(*) FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+            while not await canceller.fetchval(blocked):
+                assert time.monotonic() < deadline and not call.done(), "the call never waited on the cancel"
+                await asyncio.sleep(0.01)
+            await cancel.commit()
+            path.unlink(missing_ok=True)  # the cancel's second step
+        finally:
+            await canceller.close()
+        with pytest.raises(bastion.NotFound, match=upload_id):
+            await call
+        assert not path.exists()
+
+    asyncio.run(main())
