@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bastion.exceptions import CallError, DataLoss, FailedPrecondition, ResourceExhausted, Unavailable
+from bastion.store.archive import fsync_dir
 
 T = TypeVar("T")
 
@@ -131,7 +132,7 @@ class _Disk:
         if not target.parent.is_dir():
             with contextlib.suppress(FileExistsError):  # made meanwhile by another upload: sync it all the same
                 target.parent.mkdir(mode=0o700)
-            _fsync_dir(self.blobs)  # the new directory's entry is durable before a file names a blob in it
+            fsync_dir(self.blobs)  # the new directory's entry is durable before a file names a blob in it
         try:
             os.link(source, target)
         except FileExistsError:  # these contents are there already (same SHA-256); mend a damaged copy
@@ -143,7 +144,7 @@ class _Disk:
             if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
                 raise
             os.replace(source, target)  # a file system without hard links: move it (the bytes go with it)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def orphans(self, known: Callable[[str], bool], older_than: float) -> list[str]:
         """Upload files named like uploads, older than ``older_than``, that ``known`` does not claim."""
@@ -160,15 +161,7 @@ def _make_dirs(directory: Path) -> None:
     for made in reversed(missing):  # outermost first
         with contextlib.suppress(FileExistsError):
             made.mkdir(mode=0o700 if made == directory else 0o777)
-        _fsync_dir(made.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(made.parent)
 
 
 def _hash_prefix(fd: int, length: int) -> Any:

@@ -502,7 +502,7 @@ def _info(name: str, size: int, sha256: str, encrypted: bool, manifest: Manifest
 
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in directory ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:

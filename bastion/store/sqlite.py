@@ -135,6 +135,7 @@ from typing import Any, TypeVar
 from bastion.exceptions import BastionError, InternalError, InvalidArgument, Unavailable, UsageError
 from bastion.store import observe
 from bastion.store._access import BatchFn
+from bastion.store.archive import fsync_dir
 from bastion.store.base import Store
 from bastion.store.credentials_sqlite import SQLiteCredentials
 from bastion.store.files_sqlite import SQLiteFiles
@@ -498,7 +499,7 @@ def _make_dirs(directory: Path) -> None:
             made.mkdir(mode=0o700 if made == directory else 0o777)
         except FileExistsError:
             continue  # made meanwhile by someone else, who syncs it
-        _fsync_dir(made.parent)
+        fsync_dir(made.parent)
 
 
 def _create_file(path: Path) -> bool:
@@ -507,16 +508,8 @@ def _create_file(path: Path) -> bool:
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE))
     except FileExistsError:
         return False
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _translate(exc: Exception) -> Exception:

@@ -3,34 +3,16 @@ recorded (real stores, both backends; os.fsync spied on, the real fsync still ma
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.services.test_files import World, run, sha
+from tests.support.fsync import Synced, fsynced
 
 pytestmark = pytest.mark.usefixtures("service_backend")
 
-Synced = list[tuple[Path, list[str]]]
-
-
-@pytest.fixture
-def fsynced(monkeypatch: pytest.MonkeyPatch) -> Synced:
-    """Each ``os.fsync`` made, as the path of its descriptor (from /proc/self/fd) and, for a directory, its
-    entries at that moment."""
-    if not Path("/proc/self/fd").is_dir():
-        pytest.skip("needs /proc/self/fd to tell which file a descriptor is")
-    real, seen = os.fsync, []
-
-    def spy(fd: Any) -> None:
-        path = Path(os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}"))
-        seen.append((path, sorted(os.listdir(path)) if path.is_dir() else []))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
-    return seen
+__all__ = ["fsynced"]  # the fixture, used here
 
 
 def test_a_new_blob_directory_is_fsynced_into_blobs_before_the_file_is_recorded(

@@ -22,6 +22,9 @@ import pytest
 from bastion.exceptions import InternalError, Unavailable, UsageError
 from bastion.security.credentials import User
 from bastion.store import SQLiteStore, open_store
+from tests.support.fsync import Synced, fsynced
+
+__all__ = ["fsynced"]  # the fixture, used here
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,30 +102,13 @@ async def test_opening_tightens_a_database_left_readable(tmp_path: Path) -> None
 
 
 @pytest.fixture
-def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, list[str]]]:
-    """Each ``os.fsync`` made, as the path of its descriptor (read back from /proc/self/fd) and, for a
-    directory, its entries at that moment; the real fsync is still made."""
-    if not Path("/proc/self/fd").is_dir():
-        pytest.skip("needs /proc/self/fd to tell which file a descriptor is")
-    real, seen = os.fsync, []
-
-    def spy(fd: Any) -> None:
-        path = Path(os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}"))
-        seen.append((path, sorted(os.listdir(path)) if path.is_dir() else []))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
-    return seen
-
-
-@pytest.fixture
 def root(tmp_path: Path) -> Path:
     """``tmp_path`` as /proc/self/fd names it (no symlinks)."""
     return tmp_path.resolve()
 
 
 async def test_a_new_database_and_the_directories_made_for_it_are_fsynced_into_their_parents(
-    root: Path, fsynced: list[tuple[Path, list[str]]]
+    root: Path, fsynced: Synced
 ) -> None:
     """The database file (and the data directory, made if missing) was created and never fsynced into its
     directory: a power cut right after the first start could lose its name, and so the data. SQLite fsyncs
