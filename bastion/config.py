@@ -35,6 +35,7 @@ from bastion.config_services import (
     check_finite,
 )
 from bastion.exceptions import UsageError
+from bastion.protocol.messages import DEFAULT_PORT
 from bastion.security.ratelimit import RateLimitConfig
 from bastion.server.dispatch import GROWTH_WORST
 from bastion.server.scheduler import SchedulerConfig
@@ -57,7 +58,6 @@ __all__ = [
     "load_config",
 ]
 
-DEFAULT_PORT = 7400
 #: Room left in a frame for the rest of an upload chunk's message (call id, argument names...).
 _ENVELOPE = 1024
 #: The largest integer a Welcome can carry to clients (MessagePack int64).

@@ -79,6 +79,39 @@ def test_every_module_imports_on_its_own() -> None:
     assert "bastion.testing" in MODULES and "bastion.transport.memory" in MODULES
 
 
+@pytest.mark.parametrize("module", ["bastion", "bastion.client.sync", "bastion.client.aio"])
+def test_a_client_does_not_load_the_server_or_the_store_drivers(module: str) -> None:
+    # A client program (and a short CLI command) should not pay for the server, its stores and their
+    # drivers: importing them cost about twice the client's own import time.
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import {module}
+        heavy = ["asyncpg", "sqlite3", "bastion.server.server", "bastion.store.sqlite", "bastion.store.postgres",
+                 "bastion.config"]
+        print(" ".join(name for name in heavy if name in sys.modules))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == []
+
+
+def test_the_lazy_names_are_the_real_ones() -> None:
+    from bastion.client.aio import Client
+    from bastion.config import load_config
+    from bastion.server.server import Server
+    from bastion.store import LATEST_SCHEMA_VERSION, SQLiteStore
+    from bastion.store.migrations import LATEST
+    from bastion.store.sqlite import SQLiteStore as Direct
+
+    assert (bastion.Client, bastion.Server, bastion.load_config) == (Client, Server, load_config)
+    assert (SQLiteStore, LATEST_SCHEMA_VERSION) == (Direct, LATEST)
+    assert set(bastion.__all__) <= set(dir(bastion))
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        bastion.Nope  # noqa: B018
+
+
 # -- layering ---------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -34,18 +34,11 @@ from bastion.cli.common import (
     run_guarded,
     store_flag,
 )
-from bastion.config import Config, load_config
 from bastion.exceptions import InvalidArgument, UsageError
-from bastion.services.backup import hold_lock
-from bastion.store.archive import ArchiveInfo, archive_name
-from bastion.store.backup import (
-    backup_postgres,
-    backup_sqlite,
-    refuse_files_dir_over,
-    restore_postgres,
-    restore_sqlite,
-    verify_archive,
-)
+
+if TYPE_CHECKING:  # loaded by the commands that run, not by every ``bastion`` command
+    from bastion.config import Config
+    from bastion.store.archive import ArchiveInfo
 
 __all__ = ["backup", "restore"]
 
@@ -97,6 +90,8 @@ def _lock(directory: Path, wait: float) -> int:
     another backup being taken there to finish: its file descriptor (closing it lets go)."""
     deadline = time.monotonic() + wait
     said = False
+    from bastion.services.backup import hold_lock
+
     while (fd := hold_lock(directory)) is None:
         if time.monotonic() >= deadline:
             after = f" after waiting {wait:g} s" if wait else ""
@@ -143,6 +138,8 @@ def _config(path: Path | None, data_dir: Path | None, store: str | None) -> Conf
         overrides["data_dir"] = str(data_dir)
     if store is not None:
         overrides["store"] = store
+    from bastion.config import load_config
+
     return load_config(path, overrides=overrides)
 
 
@@ -155,6 +152,8 @@ def _files_dir(config: Config, flag: Path | None) -> Path:
 def _refuse_files_over(files: Path, data_dirs: list[Path], db_path: Path | None) -> None:
     """A files directory that is the data directory, holds it, or is the database file is a usage error
     (exit 2), found up front."""
+    from bastion.store.backup import refuse_files_dir_over
+
     for data_dir in data_dirs:
         try:
             refuse_files_dir_over(files, data_dir, db_path)
@@ -232,6 +231,8 @@ def backup(
 
     def local() -> ArchiveInfo:
         from bastion.cli.serve import store_location
+        from bastion.store.archive import archive_name
+        from bastion.store.backup import backup_postgres, backup_sqlite
 
         cfg = _config(config, data_dir, store)
         # The directory the server writes its backups into, so that both take the same lock.
@@ -290,6 +291,7 @@ def restore(
 
     def run() -> Any:
         from bastion.cli.serve import store_location
+        from bastion.store.backup import restore_postgres, restore_sqlite, verify_archive
 
         cfg = _config(config, data_dir, store)
         directory = Path(cfg.data_dir)

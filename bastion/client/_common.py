@@ -17,10 +17,9 @@ import msgspec
 
 from bastion._version import __version__
 from bastion.client.policy import NotStarted
-from bastion.config import DEFAULT_PORT
 from bastion.exceptions import CallError, RemoteProtocolError, Unavailable, UsageError, error_for_status
 from bastion.protocol.connection import ProtocolLimits
-from bastion.protocol.messages import PROTOCOL_VERSION, Error, GoAway, Hello
+from bastion.protocol.messages import DEFAULT_PORT, PROTOCOL_VERSION, Error, GoAway, Hello
 from bastion.security.tls import client_context
 from bastion.status import Status
 

@@ -25,6 +25,7 @@ from typing import Any, Final
 import msgspec
 
 __all__ = [
+    "DEFAULT_PORT",
     "PROTOCOL_VERSION",
     "Call",
     "Cancel",
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION: Final = 1
+#: The TCP port a server listens on and a client connects to when none is named (docs/protocol.md).
+DEFAULT_PORT: Final = 7400
 
 
 class _Message(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True, tag_field="type"):

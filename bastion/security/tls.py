@@ -35,7 +35,7 @@ import ssl
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -43,8 +43,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bastion.config import TLSConfig
 from bastion.exceptions import UsageError
+
+if TYPE_CHECKING:
+    from bastion.config import TLSConfig
 
 __all__ = [
     "ALPN_PROTOCOL",
