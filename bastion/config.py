@@ -302,7 +302,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     largest request body or WebSocket message, in bytes. max_batch: the most
     calls in one JSON-RPC batch. max_json_depth: the deepest nesting of
     arrays and objects accepted. cookie_secure: mark session cookies
-    ``Secure`` (turn off only for plaintext development servers).
+    ``Secure`` and name them ``__Host-`` (over TLS they always are; turn off
+    only for plaintext development servers: gateway/_cookies.py).
     idle_seconds: an unused bridged connection is closed after this long.
     header_timeout: seconds a client has to send a request's line and headers
     (and a new connection to send its first byte) before its connection is closed.

@@ -24,17 +24,20 @@ _ops.py).
     GET  / and /static/...       the web console (static files in bastion/gateway/static/)
 
 Credentials. ``Authorization: Bearer <token>`` or, for browsers, the
-``bastion_session`` cookie that ``POST /v1/auth/login`` sets (HttpOnly,
-Secure, SameSite=Strict, Path=/; the token never appears in a response body).
-A bearer header wins over the cookie. Cookie-authenticated requests need CSRF
-proof, double-submit style: login also sets a readable ``bastion_csrf``
-cookie, and every cookie-authenticated POST must echo it in an
-``X-CSRF-Token`` header (a page on another site can neither read the cookie
-nor set the header). Independently, any POST carrying an ``Origin`` header
-that is neither the gateway's own origin nor in ``cors_origins`` is refused
-with 403. The own origin is ``scheme://<Host>`` only where DNS rebinding
-cannot forge it: over TLS, or when the Host is an IP address, ``localhost``
-or the host the gateway listens on (``origin_allowed`` in _http.py).
+session cookie that ``POST /v1/auth/login`` sets (HttpOnly, SameSite=Strict,
+Path=/; the token never appears in a response body). A bearer header wins
+over the cookie. Cookie-authenticated requests need CSRF proof, double-submit
+style: login also sets a readable CSRF cookie, and every cookie-authenticated
+POST must echo it in an ``X-CSRF-Token`` header (a page on another site can
+neither read the cookie nor set the header). The cookies are
+``__Host-bastion_session`` and ``__Host-bastion_csrf`` (Secure), so no
+same-site page can plant them, unless ``cookie_secure = false`` over
+plaintext: then ``bastion_session`` and ``bastion_csrf`` (_cookies.py).
+Independently, any POST carrying an ``Origin`` header that is neither the
+gateway's own origin nor in ``cors_origins`` is refused with 403. The own
+origin is ``scheme://<Host>`` only where DNS rebinding cannot forge it: over
+TLS, or when the Host is an IP address, ``localhost`` or the host the gateway
+listens on (``origin_allowed`` in _http.py).
 
 Hosts. Over plaintext, a request (or WebSocket upgrade) whose Host header is
 not an IP address, ``localhost``, the configured host or one of
@@ -74,7 +77,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import secrets
 import time
@@ -101,10 +103,20 @@ from bastion.exceptions import (
     Unimplemented,
 )
 from bastion.gateway import jsonrpc
+from bastion.gateway._cookies import (
+    CSRF_COOKIE,
+    CSRF_HEADER,
+    SESSION_COOKIE,
+    check_csrf,
+    clear_session_cookies,
+    secure_cookies,
+    session_token,
+    set_session_cookies,
+)
+from bastion.gateway._guard import Guard
 from bastion.gateway._http import (
     INTERNAL_ERROR_BODY,
     http_status,
-    length_refusal,
     media_type,
     origin_allowed,
     parse_bearer,
@@ -132,10 +144,6 @@ from bastion.service import MethodKind
 __all__ = ["CSRF_COOKIE", "CSRF_HEADER", "SESSION_COOKIE", "Gateway", "create_app", "http_status"]
 
 log = logging.getLogger("bastion.gateway")
-
-SESSION_COOKIE = "bastion_session"
-CSRF_COOKIE = "bastion_csrf"
-CSRF_HEADER = "x-csrf-token"
 
 _REFUSALS_LOGGED = LogBudget()  # refused cross-origin upgrades: a page can send them at will
 #: The web console's files (index.html, app.js, app.css), shipped in the package.
@@ -166,17 +174,20 @@ class Gateway:
         self.started = True
         #: What /metrics shows: this server's numbers (``bastion serve --workers`` adds the other workers').
         self.metrics_snapshot: Callable[[], Mapping[str, Any]] = lambda: server_snapshot(server)
-        self._openapi: bytes | None = None
+        self._openapi: dict[str, bytes] = {}  # by the session cookie's name
         self._openrpc: dict[str, Any] | None = None
 
     @property
     def ready(self) -> bool:
         return self.started and not self.server.draining
 
-    def openapi(self) -> bytes:
-        if self._openapi is None:
-            self._openapi = _encoder.encode(openapi_document(self.server.table))
-        return self._openapi
+    def openapi(self, session_cookie: str) -> bytes:
+        """The OpenAPI document, its cookie security scheme naming ``session_cookie``."""
+        if (document := self._openapi.get(session_cookie)) is None:
+            document = self._openapi[session_cookie] = _encoder.encode(
+                openapi_document(self.server.table, session_cookie=session_cookie)
+            )
+        return document
 
     def openrpc(self) -> dict[str, Any]:
         if self._openrpc is None:
@@ -207,13 +218,6 @@ def _bearer(conn: HTTPConnection) -> str | None:
     return parse_bearer(conn.headers.get("authorization"))
 
 
-def _check_csrf(request: Request) -> None:
-    cookie = request.cookies.get(CSRF_COOKIE, "")
-    header = request.headers.get(CSRF_HEADER, "")
-    if not cookie or not header or not hmac.compare_digest(cookie.encode(), header.encode()):
-        raise PermissionDenied(f"cookie-authenticated requests need the {CSRF_COOKIE} cookie echoed in {CSRF_HEADER}")
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused (``_TooLarge``) at the first byte past ``limit``, however it is framed."""
     chunks: list[bytes] = []
@@ -231,37 +235,6 @@ def _too_large(limit: int) -> Response:
 
 
 # -- middleware ------------------------------------------------------------------------------
-
-
-class _Guard:
-    """Security headers on every response; Content-Length over ``max_body`` -> 413 before reading."""
-
-    def __init__(self, app: ASGIApp, max_body: int) -> None:
-        self.app = app
-        self.max_body = max_body
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        api = not scope["path"].startswith("/static/")
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers += _SECURITY_HEADERS
-                if api:
-                    headers.append(_NO_STORE)
-                message["headers"] = headers
-            await send(message)
-
-        for name, value in scope["headers"]:
-            if name == b"content-length" and (refusal := length_refusal(value, self.max_body)) is not None:
-                status, body = refusal
-                response = _json(body, status, {"connection": "close"} if status == 413 else None)
-                await response(scope, receive, send_with_headers)
-                return
-        await self.app(scope, receive, send_with_headers)
 
 
 # -- the application -------------------------------------------------------------------------
@@ -283,7 +256,7 @@ def create_app(
     config = config or GatewayConfig()
     gateway = Gateway(server, config, bridge or Bridge(server, idle=config.idle_seconds), host)
     routes = _Routes(gateway)
-    middleware = [Middleware(_Guard, max_body=config.max_body)]
+    middleware = [Middleware(Guard, max_body=config.max_body)]
     if config.cors_origins:
         middleware.append(
             Middleware(
@@ -342,9 +315,10 @@ class _Routes:
         self._check_origin(request)
         token = _bearer(request)
         if token is None:
-            token = request.cookies.get(SESSION_COOKIE) or None
+            names = secure_cookies(request, self.config.cookie_secure)
+            token = session_token(request, names)
             if token is not None:
-                _check_csrf(request)
+                check_csrf(request, names)
         return Caller(token, _caller_address(request))
 
     # -- JSON-RPC ----------------------------------------------------------------------
@@ -499,22 +473,19 @@ class _Routes:
         expires_at = float(result["expires_at"])
         response = _json({"user": result["user"], "expires_at": expires_at, "csrf_token": csrf})
         max_age = max(0, int(expires_at - time.time()))
-        secure = self.config.cookie_secure
-        response.set_cookie(
-            SESSION_COOKIE, result["token"], max_age=max_age, path="/", secure=secure, httponly=True, samesite="strict"
-        )
-        response.set_cookie(
-            CSRF_COOKIE, csrf, max_age=max_age, path="/", secure=secure, httponly=False, samesite="strict"
+        set_session_cookies(
+            response, secure_cookies(request, self.config.cookie_secure), result["token"], csrf, max_age
         )
         return response
 
     async def logout(self, request: Request) -> Response:
-        token = request.cookies.get(SESSION_COOKIE) or None
+        names = secure_cookies(request, self.config.cookie_secure)
+        token = session_token(request, names)
         done = False
         try:
             self._check_origin(request)  # a foreign form post: its answer's Set-Cookie would clear the console's
             if token is not None:
-                _check_csrf(request)
+                check_csrf(request, names)
                 caller = Caller(token, _caller_address(request))
                 try:
                     done = bool(await self.bridge.call(caller, "auth.logout", {}))
@@ -524,9 +495,7 @@ class _Routes:
         except Exception as exc:
             return _error(_as_call_error(exc))
         response = _json({"logged_out": done})
-        secure = self.config.cookie_secure
-        response.delete_cookie(SESSION_COOKIE, path="/", secure=secure, httponly=True, samesite="strict")
-        response.delete_cookie(CSRF_COOKIE, path="/", secure=secure, httponly=False, samesite="strict")
+        clear_session_cookies(response, names)
         return response
 
     def _ops_refusal(self, request: Request) -> Response | None:
@@ -536,7 +505,10 @@ class _Routes:
     async def openapi(self, request: Request) -> Response:
         if (refused := self._ops_refusal(request)) is not None:
             return refused
-        return Response(self.gateway.openapi(), media_type="application/json")
+        return Response(
+            self.gateway.openapi(secure_cookies(request, self.config.cookie_secure).session),
+            media_type="application/json",
+        )
 
     async def livez(self, request: Request) -> Response:
         return _json({"status": "ok"})
@@ -572,7 +544,7 @@ class _Routes:
             await _refuse_upgrade(ws, exc)
             return
         if token is None:
-            token = ws.cookies.get(SESSION_COOKIE) or None
+            token = session_token(ws, secure_cookies(ws, self.config.cookie_secure))
         await ws.accept()
         await _WebSocketSession(self, ws, Caller(token, _caller_address(ws))).run()
 
@@ -585,7 +557,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     """The 500 Starlette's ServerErrorMiddleware sends for an exception escaping a route (outside the
-    ``_Guard`` middleware; it re-raises the exception, which uvicorn logs): the usual headers, no detail."""
+    ``Guard`` middleware (_guard.py); it re-raises the exception, which uvicorn logs): the usual headers, no detail."""
     response = Response(INTERNAL_ERROR_BODY, 500, headers={"connection": "close"}, media_type="application/json")
     response.raw_headers += [*_SECURITY_HEADERS, _NO_STORE]
     return response
@@ -593,7 +565,7 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 async def _refuse_upgrade(ws: WebSocket, exc: CallError) -> None:
     """Answer a WebSocket upgrade 403 (before accept) with the error and the headers every answer carries
-    (the ``_Guard`` middleware sees only HTTP requests)."""
+    (the ``Guard`` middleware (_guard.py) sees only HTTP requests)."""
     response = _json(_error_body(exc), 403)
     response.raw_headers += [*_SECURITY_HEADERS, _NO_STORE]
     await ws.send_denial_response(response)

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from bastion._version import __version__
+from bastion.gateway._cookies import HOST_PREFIX, SESSION_COOKIE
 from bastion.server.dispatch import MethodTable
 from bastion.service import MethodKind, MethodSpec
 
@@ -82,8 +83,11 @@ def _specs(table: MethodTable) -> list[MethodSpec]:
     return [spec for service in table.services.values() for spec in service.methods.values()]
 
 
-def openapi_document(table: MethodTable, *, title: str = "bastion") -> dict[str, Any]:
-    """The OpenAPI 3.1 document for ``POST /v1/{service}/{method}``."""
+def openapi_document(
+    table: MethodTable, *, title: str = "bastion", session_cookie: str = HOST_PREFIX + SESSION_COOKIE
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for ``POST /v1/{service}/{method}``; ``session_cookie`` is the session cookie's
+    name on this gateway (``__Host-bastion_session`` when cookies are Secure, gateway/_cookies.py)."""
     specs = [spec for spec in _specs(table) if spec.kind is MethodKind.UNARY]
     pairs, components = _components(specs)
     paths: dict[str, Any] = {}
@@ -127,7 +131,13 @@ def openapi_document(table: MethodTable, *, title: str = "bastion") -> dict[str,
             },
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
-                "cookie": {"type": "apiKey", "in": "cookie", "name": "bastion_session"},
+                "cookie": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": session_cookie,
+                    "description": "set by POST /v1/auth/login; every request it authenticates must echo "
+                    "the CSRF cookie (named as this one, with csrf for session) in X-CSRF-Token",
+                },
             },
         },
     }

@@ -72,11 +72,29 @@ def test_login_refused_then_accepted(fresh_page: Any, console_world: ConsoleWorl
     page.wait_for_selector("#nav a[data-tab=dashboard].active")
     assert page.inner_text("#who").startswith("admin")
     cookies = {c["name"]: c for c in page.context.cookies()}
-    assert cookies["bastion_session"]["httpOnly"] and cookies["bastion_session"]["secure"]
-    assert cookies["bastion_session"]["sameSite"] == "Strict"
-    assert not cookies["bastion_csrf"]["httpOnly"]
+    # Over HTTPS: __Host- names (Secure, Path=/, no Domain), which no other host of the site can plant.
+    assert set(cookies) == {"__Host-bastion_session", "__Host-bastion_csrf"}
+    session = cookies["__Host-bastion_session"]
+    assert session["httpOnly"] and session["secure"] and session["path"] == "/"
+    assert session["sameSite"] == "Strict"
+    assert not cookies["__Host-bastion_csrf"]["httpOnly"]
     # The session cookie is not readable by the page's scripts.
     assert "bastion_session" not in page.evaluate("document.cookie")
+
+
+def test_a_planted_plain_session_cookie_does_not_log_the_console_in(
+    fresh_page: Any, console_world: ConsoleWorld
+) -> None:
+    """A same-site page (a sibling subdomain, a plaintext page of the host) planted a plain-named session and
+    CSRF pair holding the attacker's own token: the console must not come up as the attacker's session."""
+    page = fresh_page
+    planted = [("bastion_session", console_world.token), ("bastion_csrf", "known")]
+    page.context.add_cookies([{"name": n, "value": v, "url": console_world.url} for n, v in planted])
+    page.goto(console_world.url + "/")
+    page.wait_for_selector("#login-view", state="visible")
+    assert page.is_hidden("#nav") and page.inner_text("#who") == ""
+    log_in(page, console_world.url, "admin", PASSWORD)  # the user's own login works beside the planted pair
+    assert page.inner_text("#who").startswith("admin")
 
 
 RATE_ABOVE_20 = (

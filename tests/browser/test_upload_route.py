@@ -63,7 +63,7 @@ def test_upload_in_requests_with_resume_and_refusals(console_world: ConsoleWorld
         status, denied = post(console_world, f"/v1/files/upload?upload_id={upload}&offset=500000", b"x", anonymous)
         assert status == 401 and denied["error"]["status"] == "UNAUTHENTICATED"
         # A session cookie without the CSRF header is refused before anything is read.
-        cookie = {"Cookie": "bastion_session=whatever", "Content-Type": "application/octet-stream"}
+        cookie = {"Cookie": "__Host-bastion_session=whatever", "Content-Type": "application/octet-stream"}
         status, csrf = post(console_world, f"/v1/files/upload?upload_id={upload}&offset=500000", b"x", cookie)
         assert status == 403 and csrf["error"]["status"] == "PERMISSION_DENIED"
         status, done = post(

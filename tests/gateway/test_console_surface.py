@@ -32,8 +32,8 @@ def test_logout_from_a_foreign_origin_is_refused(world: World) -> None:
     login = http(world, "POST", "/v1/auth/login", {"username": "carol", "password": PASSWORD})
     cookies = _cookie_values(login.cookies)
     jar = {
-        "Cookie": f"bastion_session={cookies['bastion_session']}; bastion_csrf={cookies['bastion_csrf']}",
-        "X-CSRF-Token": cookies["bastion_csrf"],
+        "Cookie": "; ".join(f"{name}={value}" for name, value in cookies.items()),
+        "X-CSRF-Token": cookies["__Host-bastion_csrf"],
     }
     refused = http(world, "POST", "/logout", headers={**jar, **EVIL})
     assert refused.status == 403 and not refused.cookies

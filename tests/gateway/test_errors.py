@@ -27,7 +27,7 @@ from bastion.gateway.app import Gateway, _Routes
 from bastion.gateway.front import Front
 
 
-def _openapi(self: Any) -> bytes:
+def _openapi(self: Any, *args: Any) -> bytes:
     raise RuntimeError("a bug in a route")
 
 

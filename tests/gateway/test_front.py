@@ -45,8 +45,8 @@ def cookie_jar(world: World) -> dict[str, str]:
     assert login.status == 200
     cookies = {c.split(";", 1)[0].split("=", 1)[0]: c.split(";", 1)[0].split("=", 1)[1] for c in login.cookies}
     return {
-        "Cookie": f"bastion_session={cookies['bastion_session']}; bastion_csrf={cookies['bastion_csrf']}",
-        "X-CSRF-Token": cookies["bastion_csrf"],
+        "Cookie": "; ".join(f"{name}={value}" for name, value in cookies.items()),
+        "X-CSRF-Token": cookies["__Host-bastion_csrf"],
     }
 
 

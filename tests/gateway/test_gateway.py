@@ -308,17 +308,17 @@ def test_cookie_login_csrf_and_logout(world: World) -> None:
     assert wrong.status == 401 and not wrong.cookies
     login = http(world, "POST", "/v1/auth/login", {"username": "carol", "password": PASSWORD})
     assert login.status == 200
-    session = next(c for c in login.cookies if c.startswith("bastion_session="))
+    session = next(c for c in login.cookies if c.startswith("__Host-bastion_session="))
     lowered = session.lower()
     assert "httponly" in lowered and "secure" in lowered and "samesite=strict" in lowered
     cookies = _cookie_values(login.cookies)
-    assert cookies["bastion_session"].startswith("bst_")
-    assert cookies["bastion_session"].encode() not in login.body  # the token never reaches a page
-    assert login.json()["csrf_token"] == cookies["bastion_csrf"]
-    jar = {"Cookie": f"bastion_session={cookies['bastion_session']}; bastion_csrf={cookies['bastion_csrf']}"}
+    assert cookies["__Host-bastion_session"].startswith("bst_")
+    assert cookies["__Host-bastion_session"].encode() not in login.body  # the token never reaches a page
+    assert login.json()["csrf_token"] == cookies["__Host-bastion_csrf"]
+    jar = {"Cookie": "; ".join(f"{name}={value}" for name, value in cookies.items())}
     no_csrf = http(world, "POST", "/v1/auth/whoami", {}, headers=jar)
     assert no_csrf.status == 403
-    with_csrf = {**jar, "X-CSRF-Token": cookies["bastion_csrf"]}
+    with_csrf = {**jar, "X-CSRF-Token": cookies["__Host-bastion_csrf"]}
     assert http(world, "POST", "/v1/auth/whoami", {}, headers=with_csrf).json()["name"] == "carol"
     forged = http(world, "POST", RPC, rpc("auth.whoami"), headers={**jar, "X-CSRF-Token": "guess"})
     assert forged.status == 403 and forged.json()["error"]["data"]["status"] == "PERMISSION_DENIED"

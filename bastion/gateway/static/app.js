@@ -4,9 +4,9 @@
  * a strict CSP (script-src 'self'), so there is no inline script or style.
  *
  * Theory of operation. Unary calls go to POST /v1/{service}/{method} with the
- * session cookie the gateway set at login, echoing the readable bastion_csrf
- * cookie in X-CSRF-Token (double-submit CSRF proof). Server streams (kv.watch,
- * jobs.watch, files.download, messages.watch, messages.subscribe) run over one
+ * session cookie the gateway set at login, echoing the readable CSRF cookie
+ * in X-CSRF-Token (double-submit CSRF proof; csrfToken() below names it).
+ * Server streams (kv.watch, jobs.watch, files.download, messages.watch, messages.subscribe) run over one
  * WebSocket at /ws, as JSON-RPC calls whose items arrive as "stream.item"
  * notifications; an error ending a stream carries the server's status and
  * details (a lagged subscription's dropped count and resume offset). Uploads hash the
@@ -193,6 +193,14 @@ function cookie(name) {
   return "";
 }
 
+/** The CSRF cookie's value: __Host-bastion_csrf when the gateway's cookies are Secure (as they are over
+ * HTTPS), bastion_csrf only from a plaintext development gateway (cookie_secure = false). The gateway
+ * compares the header with the cookie of the name it uses itself, so a planted cookie of the other name
+ * authenticates nothing. */
+function csrfToken() {
+  return cookie("__Host-bastion_csrf") || cookie("bastion_csrf");
+}
+
 class CallError extends Error {
   constructor(status, message, httpStatus, details) {
     super(`${status}: ${message}`);
@@ -215,7 +223,7 @@ async function api(method, params) {
   const dot = method.indexOf(".");
   const response = await fetch(`/v1/${method.slice(0, dot)}/${method.slice(dot + 1)}`, {
     method: "POST",
-    headers: { "Content-Type": "application/json", "X-CSRF-Token": cookie("bastion_csrf") },
+    headers: { "Content-Type": "application/json", "X-CSRF-Token": csrfToken() },
     body: JSON.stringify(params || {}),
     credentials: "same-origin",
   });
@@ -344,7 +352,7 @@ async function login() {
 
 async function logout() {
   try {
-    await fetch("/logout", { method: "POST", headers: { "X-CSRF-Token": cookie("bastion_csrf") }, credentials: "same-origin" });
+    await fetch("/logout", { method: "POST", headers: { "X-CSRF-Token": csrfToken() }, credentials: "same-origin" });
   } finally {
     loggedOut();
   }
@@ -855,7 +863,7 @@ function sendChunk(uploadId, offset, blob, onProgress) {
     const xhr = new XMLHttpRequest();
     xhr.open("POST", `/v1/files/upload?upload_id=${encodeURIComponent(uploadId)}&offset=${offset}`);
     xhr.setRequestHeader("Content-Type", "application/octet-stream");
-    xhr.setRequestHeader("X-CSRF-Token", cookie("bastion_csrf"));
+    xhr.setRequestHeader("X-CSRF-Token", csrfToken());
     xhr.upload.onprogress = (event) => onProgress(event.loaded);
     xhr.onload = () => {
       let body = null;
