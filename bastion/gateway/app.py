@@ -12,7 +12,7 @@ Surface::
     POST /rpc                    JSON-RPC 2.0: one call or a batch (jsonrpc.py)
     GET  /ws                     JSON-RPC over WebSocket, plus server streams
     POST /v1/{service}/{method}  body: the arguments as a JSON object; answer: the result
-    POST /v1/auth/login          body {username, password}: sets the session cookie
+    POST /v1/auth/login          body {username, password}: sets the session cookie (revokes one it replaces)
     POST /logout                 revokes the session cookie's token, clears the cookies
     GET  /openapi.json           OpenAPI 3.1 (openapi.py); ``rpc.discover`` answers OpenRPC
     GET  /livez /readyz /healthz liveness; readiness (503 while starting or draining)
@@ -469,14 +469,25 @@ class _Routes:
             return _too_large(self.config.max_body)
         except Exception as exc:
             return _error(_as_call_error(exc))
+        names = secure_cookies(request, self.config.cookie_secure)
+        if (old := session_token(request, names)) is not None and old != result["token"]:
+            await self._revoke_replaced(Caller(old, _caller_address(request)))
         csrf = secrets.token_urlsafe(32)
         expires_at = float(result["expires_at"])
         response = _json({"user": result["user"], "expires_at": expires_at, "csrf_token": csrf})
         max_age = max(0, int(expires_at - time.time()))
-        set_session_cookies(
-            response, secure_cookies(request, self.config.cookie_secure), result["token"], csrf, max_age
-        )
+        set_session_cookies(response, names, result["token"], csrf, max_age)
         return response
+
+    async def _revoke_replaced(self, caller: Caller) -> None:
+        """Revoke the token of the session cookie a successful login replaces (logging in as someone else
+        must not leave the first session live): best effort, a login never fails for it."""
+        try:
+            await self.bridge.call(caller, "auth.logout", {})
+        except Exception as exc:  # expired, revoked, not a token, the server busy: the new session stands
+            log.debug("login: the replaced session was not revoked (%s)", type(exc).__name__)
+        with contextlib.suppress(Exception):
+            await self.bridge.forget(caller)
 
     async def logout(self, request: Request) -> Response:
         names = secure_cookies(request, self.config.cookie_secure)

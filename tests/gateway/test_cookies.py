@@ -170,3 +170,47 @@ def test_a_bearer_header_still_wins(world: World) -> None:
     cookies = _login(world)
     headers = {**bearer(world, "ada"), "Cookie": f"{SESSION}={cookies[SESSION][0]}"}
     assert http(world, "POST", "/v1/auth/whoami", {}, headers=headers).json()["name"] == "ada"
+
+
+# -- a login replaces the session it finds ------------------------------------------------------------------
+
+
+def test_a_login_revokes_the_session_cookie_it_replaces(world: World) -> None:
+    """Logging in (as anyone) while the browser holds a session cookie revokes that session's token: the first
+    session does not stay live behind the browser's back (the new cookie only hides it from this browser)."""
+    first = _login(world)
+    old, old_csrf = first[SESSION][0], first[CSRF][0]
+    old_jar = {"Cookie": f"{SESSION}={old}; {CSRF}={old_csrf}", "X-CSRF-Token": old_csrf}
+    assert http(world, "POST", "/v1/auth/whoami", {}, headers=old_jar).json()["name"] == "carol"
+    # A failed login changes nothing.
+    wrong = http(world, "POST", "/v1/auth/login", {"username": "carol", "password": "nope"}, headers=old_jar)
+    assert wrong.status == 401
+    assert http(world, "POST", "/v1/auth/whoami", {}, headers=old_jar).json()["name"] == "carol"
+    again = http(world, "POST", "/v1/auth/login", {"username": "carol", "password": PASSWORD}, headers=old_jar)
+    assert again.status == 200
+    new = _set_cookies(again.cookies)
+    assert new[SESSION][0] != old
+    assert http(world, "POST", "/v1/auth/whoami", {}, headers=old_jar).status == 401  # revoked at the server
+    new_jar = {"Cookie": f"{SESSION}={new[SESSION][0]}; {CSRF}={new[CSRF][0]}", "X-CSRF-Token": new[CSRF][0]}
+    assert http(world, "POST", "/v1/auth/whoami", {}, headers=new_jar).json()["name"] == "carol"
+
+
+def test_a_login_with_a_dead_or_bogus_session_cookie_still_succeeds(world: World) -> None:
+    for cookie in (f"{SESSION}=bst_not-a-token", f"{SESSION}=whatever; {CSRF}=x", f"{SESSION}={'x' * 4000}"):
+        reply = http(
+            world, "POST", "/v1/auth/login", {"username": "carol", "password": PASSWORD}, headers={"Cookie": cookie}
+        )
+        assert reply.status == 200, (cookie[:40], reply)
+        assert set(_set_cookies(reply.cookies)) == {SESSION, CSRF}
+
+
+def test_a_login_revokes_only_the_cookie_of_the_name_in_use(development: World) -> None:
+    """Over plaintext development the plain-named cookie is the session: it is the one revoked."""
+    first = _login(development)
+    old, old_csrf = first["bastion_session"][0], first["bastion_csrf"][0]
+    jar = {"Cookie": f"bastion_session={old}; bastion_csrf={old_csrf}", "X-CSRF-Token": old_csrf}
+    assert (
+        http(development, "POST", "/v1/auth/login", {"username": "carol", "password": PASSWORD}, headers=jar).status
+        == 200
+    )
+    assert http(development, "POST", "/v1/auth/whoami", {}, headers=jar).status == 401
