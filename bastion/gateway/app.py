@@ -70,7 +70,7 @@ Cache-Control no-store. So does the 500 for an exception escaping a route
 (``_internal_error``) or the front (_protocol.py), which tells nothing of it.
 CORS is off unless ``cors_origins`` lists origins (then exactly those, for
 GET/POST with the Authorization, Content-Type and X-CSRF-Token headers,
-without credentials).
+without credentials; errors included; _guard.py).
 """
 
 from __future__ import annotations
@@ -87,7 +87,6 @@ from typing import Any
 import msgspec
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -113,7 +112,7 @@ from bastion.gateway._cookies import (
     session_token,
     set_session_cookies,
 )
-from bastion.gateway._guard import Guard
+from bastion.gateway._guard import BodyLimit, Cors, Guard
 from bastion.gateway._http import (
     INTERNAL_ERROR_BODY,
     http_status,
@@ -256,18 +255,10 @@ def create_app(
     config = config or GatewayConfig()
     gateway = Gateway(server, config, bridge or Bridge(server, idle=config.idle_seconds), host)
     routes = _Routes(gateway)
-    middleware = [Middleware(Guard, max_body=config.max_body)]
+    middleware = [Middleware(Guard)]
     if config.cors_origins:
-        middleware.append(
-            Middleware(
-                CORSMiddleware,
-                allow_origins=list(config.cors_origins),
-                allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "Content-Type", "X-CSRF-Token"],
-                allow_credentials=False,
-                max_age=600,
-            )
-        )
+        middleware.append(Middleware(Cors, origins=config.cors_origins))
+    middleware.append(Middleware(BodyLimit, max_body=config.max_body))
     app = Starlette(
         routes=[
             Route("/rpc", routes.rpc, methods=["POST"]),
