@@ -298,7 +298,10 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cors_origins: origins allowed to call the API from a browser page served
     elsewhere (empty: CORS off). ws_origins: origins allowed to open /ws
     besides the gateway's own (empty: same origin only); both list origins as
-    browsers send them (``https://app.example:8443``; not ``*`` or ``null``). max_body: the
+    browsers send them (``https://app.example:8443``; not ``*`` or ``null``).
+    public_origins: origins the gateway itself is served under through a
+    TLS-terminating proxy (``https://console.example``): they count as its own
+    origin (POSTs, /ws; no CORS) and their host names as allowed Hosts. max_body: the
     largest request body or WebSocket message, in bytes. max_batch: the most
     calls in one JSON-RPC batch. max_json_depth: the deepest nesting of
     arrays and objects accepted. cookie_secure: mark session cookies
@@ -325,6 +328,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enabled: bool = True
     cors_origins: list[str] = []
     ws_origins: list[str] = []
+    public_origins: list[str] = []
     max_body: int = 1 << 20
     max_batch: int = 100
     max_json_depth: int = 32
@@ -349,7 +353,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 ipaddress.ip_network(entry.strip(), strict=False)
             except ValueError:
                 raise UsageError(f"gateway.metrics_networks: {entry!r} is not an IP address or CIDR network") from None
-        for setting in ("cors_origins", "ws_origins"):
+        for setting in ("cors_origins", "ws_origins", "public_origins"):
             for origin in getattr(self, setting):
                 if not _ORIGIN.match(origin):
                     raise UsageError(

@@ -28,6 +28,7 @@ __all__ = [
     "length_refusal",
     "media_type",
     "origin_allowed",
+    "origin_host",
     "parse_bearer",
     "retry_after",
     "too_large_body",
@@ -145,6 +146,14 @@ def origin_allowed(
     if origin != f"{scheme}://{host}":
         return False
     return scheme == "https" or host_allowed(host, names)
+
+
+def origin_host(origin: str) -> str:
+    """The host name of an origin as the settings hold it (``https://name:port`` -> ``name``, IPv6 unbracketed)."""
+    rest = origin.split("://", 1)[1]
+    if rest.startswith("["):
+        return rest[1 : rest.index("]")]
+    return rest.rsplit(":", 1)[0] if ":" in rest else rest
 
 
 def host_allowed(host: str, names: Collection[str]) -> bool:

@@ -37,11 +37,12 @@ Independently, any POST carrying an ``Origin`` header that is neither the
 gateway's own origin nor in ``cors_origins`` is refused with 403. The own
 origin is ``scheme://<Host>`` only where DNS rebinding cannot forge it: over
 TLS, or when the Host is an IP address, ``localhost`` or the host the gateway
-listens on (``origin_allowed`` in _http.py).
+listens on (``origin_allowed`` in _http.py), or it is one of ``public_origins``
+(served through a TLS-terminating proxy; X-Forwarded-* is never trusted).
 
 Hosts. Over plaintext, a request (or WebSocket upgrade) whose Host header is
-not an IP address, ``localhost``, the configured host or one of
-``allowed_hosts`` is answered 400 before anything else (front.py): a
+not an IP address, ``localhost``, the configured host, one of
+``allowed_hosts`` or a ``public_origins`` host is answered 400 before anything else (front.py): a
 DNS-rebinding page's GETs carry no Origin, so without this it could read
 /metrics, /openapi.json and the console. Over TLS the browser has checked the
 certificate for the name, so the Host is not checked (as Django's
@@ -118,6 +119,7 @@ from bastion.gateway._http import (
     http_status,
     media_type,
     origin_allowed,
+    origin_host,
     parse_bearer,
     retry_after,
     too_large_body,
@@ -164,9 +166,18 @@ class Gateway:
         self.bridge = bridge
         #: Host names the gateway is configured to serve (``host`` and ``allowed_hosts``): over plaintext a
         #: request must name one of them (or an IP address, or localhost), and its own origin counts under them.
-        self.names: frozenset[str] = frozenset({host.strip("[]").lower()} if host else ()) | frozenset(
-            name.lower() for name in config.allowed_hosts
+        #: The origins the gateway is served under through a TLS-terminating proxy (``public_origins``): its
+        #: own, though no request's scheme and Host say so; their names are served (a proxy may keep the Host).
+        public = frozenset(config.public_origins)
+        self.names: frozenset[str] = (
+            frozenset({host.strip("[]").lower()} if host else ())
+            | frozenset(name.lower() for name in config.allowed_hosts)
+            | frozenset(origin_host(origin) for origin in public)
         )
+        #: Origins whose POSTs (``cors_origins``) and WebSocket upgrades (``ws_origins``) may go on, besides
+        #: the own origin that ``origin_allowed`` (_http.py) works out from the request.
+        self.post_origins = frozenset(config.cors_origins) | public
+        self.ws_origins = frozenset(config.ws_origins) | public
         #: Who may read /metrics, /openapi.json and rpc.discover (_ops.py).
         self.ops = OpsAccess(config)
         #: False until the runner has the listener up; /readyz answers 503 meanwhile.
@@ -291,14 +302,14 @@ class _Routes:
 
     # -- credentials -----------------------------------------------------------------
 
-    def _origin_allowed(self, conn: HTTPConnection, allowed: list[str]) -> bool:
+    def _origin_allowed(self, conn: HTTPConnection, allowed: frozenset[str]) -> bool:
         headers = conn.headers
         scheme = conn.scope.get("scheme", "http")
         return origin_allowed(headers.get("origin"), scheme, headers.get("host"), allowed, self.gateway.names)
 
     def _check_origin(self, request: Request) -> None:
         """PermissionDenied for a POST whose Origin is neither the gateway's own nor in ``cors_origins``."""
-        if not self._origin_allowed(request, self.config.cors_origins):
+        if not self._origin_allowed(request, self.gateway.post_origins):
             raise PermissionDenied(f"requests from origin {request.headers.get('origin')!r} are not allowed")
 
     def _caller(self, request: Request) -> Caller:
@@ -534,7 +545,7 @@ class _Routes:
     # -- WebSocket ---------------------------------------------------------------------------
 
     async def websocket(self, ws: WebSocket) -> None:
-        if not self._origin_allowed(ws, self.config.ws_origins):
+        if not self._origin_allowed(ws, self.gateway.ws_origins):
             origin = shown(ws.headers.get("origin"))  # (a client's: bounded in the log and the answer)
             if (skipped := _REFUSALS_LOGGED.take()) is not None:
                 log.info("refused WebSocket from origin %s (%d more refusals not logged)", origin, skipped)

@@ -15,8 +15,8 @@ checks, in the same order:
    ``allowed_hosts`` is answered 400 here (DNS rebinding; app.py "Hosts");
 1. a Content-Length that is not a number is answered 400, one over
    ``max_body`` 413, before a byte of the body is read;
-2. an ``Origin`` that is neither the gateway's own (``origin_allowed``) nor
-   in ``cors_origins`` is refused (403), and an Authorization header that is not ``Bearer
+2. an ``Origin`` that is neither the gateway's own (``origin_allowed``, or
+   one of ``public_origins``) nor in ``cors_origins`` is refused (403), and an Authorization header that is not ``Bearer
    <token>`` is answered 401;
 3. the body is read up to ``max_body`` however it is framed (413 past it);
 4. the call goes through the bridge, so the server authenticates,
@@ -87,6 +87,7 @@ class Front:
         self.routes = routes
         self.config = routes.config
         self.names = routes.gateway.names
+        self.post_origins = routes.gateway.post_origins
         self.state = app.state  # ``state.gateway``
         self._any_host = "*" in self.config.allowed_hosts
         self._hosts: dict[bytes, bool] = {}  # Host header -> allowed, for the plaintext check
@@ -208,7 +209,7 @@ class Front:
             host = headers.get(b"host")
             scheme = scope.get("scheme", "http")
             if not origin_allowed(
-                text, scheme, None if host is None else host.decode("latin-1"), self.config.cors_origins, self.names
+                text, scheme, None if host is None else host.decode("latin-1"), self.post_origins, self.names
             ):
                 raise PermissionDenied(f"requests from origin {text!r} are not allowed")
         token = parse_bearer(headers[b"authorization"].decode("latin-1"))
