@@ -780,15 +780,64 @@ function stopWatch() {
 const UPLOAD_REQUEST_BYTES = 512 * 1024; // one request's body; the gateway's max_body is 1 MiB by default
 const HASH_SLICE = 4 * 1024 * 1024;
 
+/** The files list, a page at a time: files.list's `next` cursor leads to the following page, and the
+ * cursors of the pages before are kept to go back. `end` is a cursor found to lead to an empty page (a
+ * full last page has a `next` too): Next is off there. */
+const FILES_PAGE = 100;
+const filesPages = { cursors: [null], index: 0, next: null, end: undefined, busy: false };
+
 function setupFiles() {
-  loaders.files = loadFiles;
+  loaders.files = () => { filesPages.end = undefined; return loadFiles(); }; // files may have come since
   $("#upload-form").addEventListener("submit", (event) => { event.preventDefault(); upload().catch(showError); });
+  $("#files-next").addEventListener("click", () => turnFilesPage(+1));
+  $("#files-prev").addEventListener("click", () => turnFilesPage(-1));
+}
+
+async function turnFilesPage(step) {
+  if (filesPages.busy) return; // a double click turns one page
+  const p = filesPages;
+  if (step > 0) {
+    if (!p.next || p.next === p.end) return;
+    p.cursors[p.index + 1] = p.next;
+  } else if (p.index === 0) {
+    return;
+  }
+  p.index += step;
+  p.cursors.length = p.index + 1;
+  await loadFiles().catch(showError);
+}
+
+function showFilesPager(count) {
+  const p = filesPages;
+  const first = p.index * FILES_PAGE;
+  $("#files-range").textContent = count ? `files ${first + 1}–${first + count}` : "no files";
+  $("#files-prev").disabled = p.busy || p.index === 0;
+  $("#files-next").disabled = p.busy || !p.next || p.next === p.end;
 }
 
 async function loadFiles() {
   const current = latest("files");
-  const page = await api("files.list", { limit: 1000 });
+  const p = filesPages;
+  const after = p.cursors[p.index];
+  p.busy = true;
+  $("#files-prev").disabled = $("#files-next").disabled = true;
+  let page;
+  try {
+    page = await api("files.list", after === null ? { limit: FILES_PAGE } : { limit: FILES_PAGE, after });
+  } finally {
+    p.busy = false;
+    if (current()) showFilesPager($("#files-table tbody").children.length);
+  }
   if (!current()) return;
+  if (page.files.length === 0 && p.index > 0) {
+    // Past the last file (the page before was full, or its files were deleted): back to the one before.
+    p.end = after;
+    p.index -= 1;
+    p.cursors.length = p.index + 1;
+    return loadFiles();
+  }
+  p.next = page.next;
+  showFilesPager(page.files.length);
   $("#files-table tbody").replaceChildren(...page.files.map((f) => el("tr", { dataset: { name: f.name, owner: f.owner } },
     el("td", { text: f.owner }),
     el("td", { text: f.name }),
@@ -854,6 +903,7 @@ async function upload() {
     files.uploading = false;
     button.disabled = false;
   }
+  filesPages.end = undefined; // a new file may make a page where there was none
   await loadFiles();
 }
 
