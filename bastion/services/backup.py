@@ -264,8 +264,11 @@ class Backups:
         try:
             self._owner = await asyncio.to_thread(backup_owner, self.data_dir)
             delay = await asyncio.to_thread(self._first_delay)
-        except (OSError, FailedPrecondition) as exc:
-            log.warning("cannot list the backup directory %s: %s", self.directory, exc)
+        except OSError as exc:
+            log.warning("cannot list the backup directory %s: %s", self.directory, exc.strerror or exc)
+            delay = self.config.interval
+        except FailedPrecondition as exc:  # names what could not be read, and why
+            log.warning("backup schedule: %s", exc)
             delay = self.config.interval
         while True:
             self.next_due = time.time() + delay

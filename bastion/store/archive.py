@@ -513,11 +513,18 @@ def fsync_dir(path: Path) -> None:
 
 
 def list_archives(directory: Path) -> list[ArchiveInfo]:
-    """The archives in ``directory`` by name (so by time), read from their names and headers only."""
+    """The archives in ``directory`` by name (so by time), read from their names and headers only.
+
+    FAILED_PRECONDITION naming the directory and the cause if it cannot be read (another user's, mode 0700):
+    one archive that cannot be read is skipped, but without the directory there is no listing at all."""
     if not directory.is_dir():
         return []
+    try:
+        paths = sorted(directory.iterdir())
+    except OSError as exc:
+        raise FailedPrecondition(f"cannot list the backup directory {directory}: {exc.strerror}") from None
     out = []
-    for path in sorted(directory.iterdir()):
+    for path in paths:
         match = _NAME.fullmatch(path.name)
         if not match or (opened := _read_header(path)) is None:
             continue

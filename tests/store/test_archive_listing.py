@@ -70,3 +70,36 @@ def test_an_archive_this_process_cannot_read_is_skipped_with_a_warning_and_reten
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1 and unreadable in warnings[0], result.stderr  # once, though listed twice
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted([unreadable, ours[2]])
+
+
+DIRECTORY_LISTER = """
+import sys
+from pathlib import Path
+from bastion.exceptions import FailedPrecondition
+from bastion.store import archive
+try:
+    archive.list_archives(Path(sys.argv[1]))
+except FailedPrecondition as exc:
+    print(f"{exc.status.name}: {exc}")
+"""
+
+
+def test_a_backup_directory_this_process_cannot_read_is_a_failed_precondition_naming_it_and_the_cause(
+    tmp_path: Path,
+) -> None:
+    """Not one archive but the whole directory (another user's, mode 0700): no listing can be made, and the
+    error says which directory and why rather than a raw PermissionError (INTERNAL to a client)."""
+    directory = tmp_path / "backups"
+    directory.mkdir()
+    (directory / archive.archive_name(1_700_000_000)).write_bytes(b"x")
+    directory.chmod(0o000)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", DIRECTORY_LISTER, str(directory)], capture_output=True, text=True, timeout=60,
+            check=False, preexec_fn=_without_mode_overrides if os.geteuid() == 0 else None,
+        )  # fmt: skip
+    finally:
+        directory.chmod(0o700)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("FAILED_PRECONDITION: "), result.stdout
+    assert str(directory) in result.stdout and "Permission denied" in result.stdout, result.stdout
