@@ -58,7 +58,6 @@ import os
 import re
 import shutil
 import sqlite3
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -100,6 +99,7 @@ from bastion.store.backup_pg import (
     restore_in_one_transaction,
     unlink_blobs,
 )
+from bastion.store.leftovers import private_temporary
 from bastion.store.migrations import current_version
 from bastion.store.postgres import PostgresStore
 from bastion.store.restore_journal import Journal, refuse_if_interrupted, undo_interrupted
@@ -235,8 +235,8 @@ def verify_archive(archive: Path, passphrase: bytes | None, *, scratch: Path | N
     """Check every byte of ``archive`` and the database it holds, extracted (decrypted) into a new private
     directory under ``scratch``, else in the system's temporary directory -- never beside the archive: a
     backup directory holds archives only -- and removed afterwards."""
-    with staging_dir(scratch) if scratch else tempfile.TemporaryDirectory(prefix="bastion-verify-") as staging:
-        return _read_checked(archive, Path(staging), passphrase, blobs=False)  # only the database is written
+    with staging_dir(scratch) if scratch else private_temporary() as staging:
+        return _read_checked(archive, staging, passphrase, blobs=False)  # only the database is written
 
 
 def _read_checked(archive: Path, staging: Path, passphrase: bytes | None, *, blobs: bool = True) -> Manifest:
