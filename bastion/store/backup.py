@@ -102,6 +102,7 @@ from bastion.store.backup_pg import (
 from bastion.store.leftovers import private_temporary
 from bastion.store.migrations import current_version
 from bastion.store.postgres import PostgresStore
+from bastion.store.restore_checks import check_not_in_use, refuse_files_dir_over
 from bastion.store.restore_journal import Journal, refuse_if_interrupted, undo_interrupted
 
 __all__ = [
@@ -264,32 +265,6 @@ def _read_checked(archive: Path, staging: Path, passphrase: bytes | None, *, blo
 # -- restoring --------------------------------------------------------------------------------------------
 
 
-def check_not_in_use(db_path: Path) -> None:
-    """Refuse (``FailedPrecondition``) if any process has the SQLite store at ``db_path`` open.
-
-    A running server keeps its connections open; in WAL mode each holds a
-    shared lock, so an exclusive lock is refused while any is open.
-    """
-    if not db_path.exists():
-        return
-    try:
-        conn = sqlite3.connect(db_path, isolation_level=None, timeout=0)
-    except sqlite3.Error as exc:
-        raise FailedPrecondition(f"cannot open {db_path}: {exc}") from None
-    try:
-        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-        conn.execute("BEGIN EXCLUSIVE")
-        conn.execute("ROLLBACK")
-    except sqlite3.OperationalError:
-        raise FailedPrecondition(
-            f"{db_path} is in use (is a server running on this data directory?): stop it before restoring"
-        ) from None
-    except sqlite3.DatabaseError:
-        pass  # not a database we can read: it is not in use by a server either; it will be kept aside
-    finally:
-        conn.close()
-
-
 def restore_sqlite(
     archive: Path, db_path: Path, files_dir: Path, passphrase: bytes | None, *, now: float | None = None
 ) -> RestoreResult:
@@ -334,19 +309,6 @@ def restore_sqlite(
                 raise _not_put_in_place(exc) from exc
             raise
     return RestoreResult(manifest, [str(db_path), str(files_dir)], kept)
-
-
-def refuse_files_dir_over(files_dir: Path, data_dir: Path, db_path: Path | None = None) -> None:
-    """Refuse (``InvalidArgument``) a files directory that is ``data_dir``, one it is inside, or the database
-    file ``db_path``: a restore renames the files directory aside, and the data directory (its database,
-    admin token, TLS keys, audit log) would go with it."""
-    files, data = files_dir.resolve(), data_dir.resolve()
-    if files == data or files in data.parents or (db_path is not None and files == db_path.resolve()):
-        raise InvalidArgument(
-            f"the files directory {files_dir} is the data directory {data_dir} or holds it: a restore renames "
-            "the files directory aside, and the data directory would go with it; nothing was changed. Give the "
-            "directory of the file contents only (by default <data-dir>/files)"
-        )
 
 
 def _around_restore(target: str, archived: str, aside: str | None, version: int | None) -> tuple[str, str]:
@@ -526,10 +488,11 @@ async def restore_postgres(
     point leaves the old schema where it was, a finished one the new. Stop
     the servers using the target first: a server connected meanwhile would
     see the schema replaced under it. ``data_dir``: the servers' data
-    directory, which ``files_dir`` may not be or hold (``refuse_files_dir_over``).
+    directory, which ``files_dir`` may not be or hold (``refuse_files_dir_over``;
+    without it, one is recognised by its files in ``files_dir`` or a
+    directory directly in it).
     """
-    if data_dir is not None:
-        refuse_files_dir_over(files_dir, data_dir)
+    refuse_files_dir_over(files_dir, data_dir)
     target_store = PostgresStore(dsn, password=password)  # never opened: how to reach the database
     pg_restore, psql = _tool("pg_restore"), _tool("psql")
     env = pg_environment(target_store)

@@ -95,3 +95,30 @@ def test_the_usual_files_dir_inside_the_data_dir_still_restores(tmp_path: Path) 
     result = bastion_cli("restore", str(out), "--data-dir", str(data), "--files-dir", str(files), timeout=60)
     assert result.returncode == 0, result.stderr
     assert (data / "files" / "blobs").is_dir()
+
+
+@pytest.mark.parametrize("which", ["data-dir", "parent"])
+def test_restore_postgres_without_data_dir_still_refuses_a_files_dir_that_is_or_holds_a_data_dir(
+    tmp_path: Path, which: str
+) -> None:
+    """The library function is not told the data directory: it recognises one by what a server keeps in it
+    (admin.token, audit.log, tls/, bastion.db), in the files directory itself or a directory directly in it."""
+    dsn, files = asyncio.run(pg_store_with_users(tmp_path, 3))
+    out = tmp_path / "a.bbk"
+    asyncio.run(backup.backup_postgres(dsn, files, out, None, scrypt_log_n=FAST))
+    root = tmp_path / "srv"
+    data = root / "data"
+    data.mkdir(parents=True)
+    kept = server_files(data)
+    target = data if which == "data-dir" else root
+    schema = schema_of(dsn)
+
+    with pytest.raises(InvalidArgument, match="files directory") as caught:
+        asyncio.run(backup.restore_postgres(out, dsn, target, None, force=True))
+    assert str(target) in str(caught.value) and str(data) in str(caught.value)
+    assert unchanged(data, kept) and aside(tmp_path) == []
+    assert asyncio.run(schemas_like(schema)) == [schema]
+
+    with pytest.raises(InvalidArgument, match="files directory"):  # restore_sqlite: the same check
+        backup.restore_sqlite(out, tmp_path / "elsewhere" / "bastion.db", target, None)
+    assert unchanged(data, kept) and aside(tmp_path) == []
