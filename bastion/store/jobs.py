@@ -288,6 +288,8 @@ _POSTGRES_CLAIM = (
 _FINISH_HELD = "SELECT owner FROM jobs WHERE id = ? AND runner = ? AND state = 'running'"
 # A result that did not fit: the job fails instead (parameters: error, id).
 _FINISH_UNKEPT = "UPDATE jobs SET state = 'failed', result = NULL, error = ? WHERE id = ?"
+# A finish not held (any more): how the job ended at exactly that time, if it did (parameters: id, now).
+_FINISHED_AT = "SELECT state, error FROM jobs WHERE id = ? AND finished_at = ? AND runner IS NULL"
 
 
 _CASTS = {"": "", "t": "::text", "f": "::double precision"}
@@ -431,13 +433,18 @@ class SQLiteJobs(SQLiteAccess, JobStore):
     ) -> str | None:  # fmt: skip
         _check_finished(state)
         args = (state, now, result, error, state, job_id, runner)
+
+        def recorded(conn: sqlite3.Connection) -> str | None:  # a retry of a finish that did commit
+            row = conn.execute(_FINISHED_AT, (job_id, now)).fetchone()
+            return own_finish(row, state, error, result, max_bytes)
+
         if result is None or max_bytes is None:
-            return state if await self._write(lambda c: c.execute(_SQ["_FINISH"], args).rowcount) else None
+            return await self._write(lambda c: state if c.execute(_SQ["_FINISH"], args).rowcount else recorded(c))
 
         def finish(conn: sqlite3.Connection) -> str | None:
             held = conn.execute(_FINISH_HELD, (job_id, runner)).fetchone()
             if held is None:
-                return None
+                return recorded(conn)
             _sqlite_prune(conn, held[0], len(result), None, max_bytes)
             conn.execute(_SQ["_FINISH"], args)
             (used,) = conn.execute(USAGE, (held[0],)).fetchone()
@@ -480,6 +487,23 @@ def _sqlite_row(job: JobRecord) -> tuple[Any, ...]:
     row = list(_row(job))
     row[5], row[19] = int(job.retryable), int(job.cancel_requested)
     return tuple(row)
+
+
+def own_finish(row: Any, state: str, error: str | None, result: bytes | None, max_bytes: int | None) -> str | None:
+    """The state a finish recorded, if ``row`` (state, error of the job finished at the finish's time) is
+    what this very finish would have written: its retry, after a write that committed but whose answer was
+    lost (the connection dropped), is told what it recorded rather than that the job was not held."""
+    if row is None:
+        return None
+    if (row[0], row[1]) == (state, error):
+        return state
+    if (
+        result is not None
+        and max_bytes is not None
+        and (row[0], row[1]) == ("failed", result_too_big(len(result), max_bytes))
+    ):
+        return "failed"
+    return None
 
 
 def _check_finished(state: str) -> None:

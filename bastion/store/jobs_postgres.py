@@ -14,6 +14,7 @@ from bastion.store.jobs import (
     _FINISH,
     _FINISH_HELD,
     _FINISH_UNKEPT,
+    _FINISHED_AT,
     _GET,
     _INSERT,
     _POSTGRES_CLAIM,
@@ -34,6 +35,7 @@ from bastion.store.jobs import (
     _record,
     _row,
     _tally,
+    own_finish,
 )
 from bastion.store.jobs_owners import USAGE, bytes_error, prune_sql, result_too_big
 
@@ -67,6 +69,7 @@ _PG = {
         "usage": USAGE,
         "held": _FINISH_HELD + " FOR UPDATE",
         "unkept": _FINISH_UNKEPT,
+        "finished_at": _FINISHED_AT,
         "prune": prune_sql(postgres=True, by_bytes=False),
         "prune_bytes": prune_sql(postgres=True, by_bytes=True),
     }.items()
@@ -141,15 +144,19 @@ class PostgresJobs(PostgresAccess, JobStore):
     ) -> str | None:  # fmt: skip
         _check_finished(state)
         args = (state, now, result, error, state, job_id, runner)
-        if result is None or max_bytes is None:
-            return state if await self._jobs_execute(_PG["finish"], *args) else None
+
+        async def recorded(conn: Any) -> str | None:  # a retry of a finish that did commit
+            row = await conn.fetchrow(_PG["finished_at"], job_id, now)
+            return own_finish(row, state, error, result, max_bytes)
 
         async def finish(conn: Any) -> str | None:
             async with conn.transaction():
+                if result is None or max_bytes is None:
+                    return state if _affected(await conn.execute(_PG["finish"], *args)) else await recorded(conn)
                 # The job's row first, then the pruned ones, then (by the triggers) the owner's.
                 owner = await conn.fetchval(_PG["held"], job_id, runner)
                 if owner is None:
-                    return None
+                    return await recorded(conn)
                 await _pg_prune(conn, owner, len(result), None, max_bytes)
                 await conn.execute(_PG["finish"], *args)
                 if await conn.fetchval(_PG["usage"], owner) > max_bytes:

@@ -284,6 +284,31 @@ async def test_a_result_that_does_not_fit_is_not_kept(store: Store) -> None:
     assert await store.jobs_finish("j2", "r1", "succeeded", now=7.0, result=b"\x01", max_bytes=160) is None
 
 
+async def test_a_finish_repeated_after_its_answer_was_lost_returns_what_the_first_recorded(store: Store) -> None:
+    """The runner retries a finish whose write raised Unavailable, with the same arguments (the same ``now``):
+    if that write had committed (its answer lost with the connection), the job is no longer held, and the
+    retry must say what was recorded rather than that nothing was ("no longer held it: not recorded")."""
+    for i in range(4):  # j2 bob's: finishing it prunes its owner's finished jobs to make room
+        await store.jobs_submit(job(f"j{i}", owner="bob" if i == 2 else "ada"))
+        assert await store.jobs_claim("r1", NAMES, 1.0 + i, 30.0) is not None
+    for _ in range(2):
+        assert await store.jobs_finish("j0", "r1", "succeeded", now=3.25, result=b"\x2a") == "succeeded"
+    for _ in range(2):
+        ended = await store.jobs_finish("j1", "r1", "succeeded", now=4.5, result=b"\x2a", max_bytes=10_000)
+        assert ended == "succeeded"
+    for _ in range(2):  # its result did not fit: failed instead
+        ended = await store.jobs_finish("j2", "r1", "succeeded", now=5.5, result=b"\x01" * 170, max_bytes=160)
+        assert ended == "failed"
+    for _ in range(2):
+        assert await store.jobs_finish("j3", "r1", "failed", now=6.5, error="boom") == "failed"
+    # Not its own: another finish time (a later run's, a recovery's), or another outcome.
+    assert await store.jobs_finish("j0", "r1", "succeeded", now=9.0, result=b"\x2a") is None
+    assert await store.jobs_finish("j3", "r1", "succeeded", now=6.5, result=b"\x2a") is None
+    assert await store.jobs_finish("j3", "r1", "failed", now=6.5, error="another") is None
+    done = await store.jobs_get("j0")
+    assert done is not None and (done.state, done.finished_at, done.result) == ("succeeded", 3.25, b"\x2a")
+
+
 async def test_concurrent_submits_never_overshoot_max_bytes(store: Store) -> None:
     big = b"\xc4\x00" + b"x" * 98
     outcomes = await asyncio.gather(
