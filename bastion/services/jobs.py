@@ -33,7 +33,8 @@ process: the running jobs' processes and the events that wake watchers.
   queued as it was. A job is never lost, whether the server stops or is killed.
 
 Only a job's owner, or an admin, can see, watch, cancel or fetch a job; to
-anyone else it does not exist (the same NOT_FOUND as an unknown id).
+anyone else it does not exist (the same NOT_FOUND as an unknown id). The
+methods and the records they return are in bastion/services/jobs_methods.py.
 """
 
 from __future__ import annotations
@@ -45,73 +46,24 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
-
-import msgspec
+from collections.abc import Sequence
 
 from bastion.config import JobsConfig
-from bastion.exceptions import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from bastion.exceptions import Unavailable
 from bastion.jobs import JobRegistry, JobSpec
-from bastion.security.principal import ADMIN_ROLE
-from bastion.service import Context, Service
+from bastion.service import Service
+from bastion.services.jobs_methods import JobInfo, JobResult, JobStatus, declare, new_job_id
 from bastion.services.jobs_runner import Done, Failed, JobProcess, JobProtocolError, exit_reason, job_environment
-from bastion.store.jobs import JOB_STATES, JobRecord, JobStore
+from bastion.store.jobs import JobRecord, JobStore
 from bastion.store.jobs_owners import result_too_big
 
-__all__ = ["JobInfo", "JobResult", "JobStatus", "Jobs"]
+__all__ = ["JobInfo", "JobResult", "JobStatus", "Jobs", "new_job_id"]
 
 log = logging.getLogger("bastion.jobs")
 
 PROGRESS_INTERVAL = 0.25  # seconds between progress writes of one job
 SWEEP_INTERVAL = 60.0  # seconds between retention sweeps
 LOST_REASON = "runner lost (server stopped while it ran)"
-MAX_LIST = 1000
-
-
-class JobStatus(msgspec.Struct, frozen=True):
-    """What ``jobs.status``, ``jobs.list`` and ``jobs.watch`` report of a job."""
-
-    id: str
-    name: str
-    owner: str
-    state: str  # queued, running, succeeded, failed, cancelled
-    progress: float
-    message: str
-    error: str | None
-    attempts: int
-    retryable: bool
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    cancel_requested: bool
-
-
-class JobResult(msgspec.Struct, frozen=True):
-    """A finished job's outcome: ``result`` if it succeeded, else ``error``."""
-
-    id: str
-    state: str
-    result: Any
-    error: str | None
-
-
-class JobInfo(msgspec.Struct, frozen=True):
-    """A job function this server offers (``jobs.registered``)."""
-
-    name: str
-    doc: str
-    retryable: bool
-    timeout: float
-    memory_mb: int
-    params: dict[str, Any]
-
-
-def _status(job: JobRecord) -> JobStatus:
-    return JobStatus(
-        job.id, job.name, job.owner, job.state, job.progress, job.message, job.error, job.attempts, job.retryable,
-        job.created_at, job.started_at, job.finished_at, job.cancel_requested,
-    )  # fmt: skip
 
 
 def _storable(text: str) -> str:
@@ -119,28 +71,6 @@ def _storable(text: str) -> str:
     hold one, and a refused finish would leave the job running until its lease ran out (and then re-run
     it as if its runner were lost). Escaped on every backend, so both report the same."""
     return text.replace("\x00", "\\x00")
-
-
-def _named(text: str) -> str:
-    """A caller's argument as an error names it: in full if short, else its start and length (as auth
-    does), so an error never echoes a megabyte back."""
-    return repr(text) if len(text) <= 64 else f"{text[:64]!r}... ({len(text)} characters)"
-
-
-_last_id_ms = 0  # the millisecond of the last id made here
-
-
-def new_job_id() -> str:
-    """Time-ordered (milliseconds, hex) then random: ids sort by submission time.
-
-    Within a process the millisecond part only ever goes up (a second id in the
-    same millisecond takes the next one), so ids made here sort in the order
-    they were made, not by their random part; across processes, ids of one
-    millisecond sort by chance.
-    """
-    global _last_id_ms
-    _last_id_ms = max(time.time_ns() // 1_000_000, _last_id_ms + 1)
-    return f"{_last_id_ms:012x}{secrets.token_hex(6)}"
 
 
 class _Running:
@@ -190,7 +120,7 @@ class Jobs:
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
         self.service = Service("jobs", doc="Computation jobs: submit, watch progress, cancel, fetch results.")
-        self._declare(self.service)
+        declare(self, self.service)
 
     def __repr__(self) -> str:
         return f"Jobs({sorted(self.specs)}, running={len(self._running)})"
@@ -483,112 +413,3 @@ class Jobs:
                 self._watchers[job_id] = left
             elif self._changes.get(job_id) is event:
                 del self._changes[job_id]
-
-    # -- the service ----------------------------------------------------------------------
-
-    async def _visible(self, ctx: Context, job_id: str) -> JobRecord:
-        job = await self.store.jobs_get(job_id) if len(job_id) <= 64 else None
-        if job is None or not (job.owner == ctx.principal.name or ADMIN_ROLE in ctx.principal.roles):
-            raise NotFound(f"no job {_named(job_id)}")
-        return job
-
-    def _declare(self, service: Service) -> None:
-        store, config = self.store, self.config
-
-        @service.method
-        async def submit(ctx: Context, name: str, args: dict[str, Any] | None = None) -> str:
-            """Queue the registered job ``name`` with ``args``; its id."""
-            spec = self.specs.get(name)
-            if spec is None:
-                raise NotFound(f"no job named {_named(name)} is registered here (jobs.registered lists them)")
-            data = spec.validate(args or {})
-            owner = ctx.principal.name
-            job = JobRecord(
-                id=new_job_id(),
-                owner=owner,
-                name=name,
-                args=data,
-                retryable=spec.retryable,
-                max_attempts=config.max_attempts if spec.retryable else 1,
-                timeout=spec.timeout or config.timeout,
-                memory_mb=spec.memory_mb or config.memory_mb,
-                created_at=time.time(),
-            )
-            kept = await store.jobs_submit(
-                job, max_pending=config.max_pending, max_kept=config.max_kept, max_bytes=config.max_bytes
-            )  # ResourceExhausted if its arguments do not fit in jobs.max_bytes
-            if not kept:
-                raise ResourceExhausted(
-                    f"you have {config.max_pending} jobs queued or running (the limit); wait for some to finish",
-                    retry_after=config.poll_interval,
-                )
-            if self._wake is not None:
-                self._wake.set()
-            return job.id
-
-        @service.method(idempotent=True)
-        async def status(ctx: Context, id: str) -> JobStatus:
-            """A job's state and progress."""
-            return _status(await self._visible(ctx, id))
-
-        @service.method(name="list", idempotent=True)
-        async def list_jobs(
-            ctx: Context, state: str | None = None, limit: int = 100, after: str | None = None
-        ) -> list[JobStatus]:
-            """Your jobs (an admin sees everyone's), oldest first; page with ``after`` = the last id seen."""
-            if state is not None and state not in JOB_STATES:
-                raise InvalidArgument(f"state must be one of {', '.join(JOB_STATES)}, not {_named(state)}")
-            if not 1 <= limit <= MAX_LIST:
-                raise InvalidArgument(f"limit must be 1..{MAX_LIST}")
-            owner = None if ADMIN_ROLE in ctx.principal.roles else ctx.principal.name
-            jobs = await store.jobs_list(owner=owner, state=state, limit=limit, after=after)
-            return [_status(job) for job in jobs]
-
-        @service.method(idempotent=True, resumable=True)
-        async def watch(ctx: Context, id: str) -> AsyncIterator[JobStatus]:
-            """The job's status now and at every change, until it finishes (call again after a reconnect)."""
-            job: JobRecord | None = await self._visible(ctx, id)
-            last = None
-            while job is not None:
-                current = _status(job)
-                if current != last:
-                    yield current
-                    last = current
-                if job.finished:
-                    return
-                await self._changed(id, config.poll_interval)
-                job = await store.jobs_get(id)
-            raise NotFound(f"job {id!r} was deleted")
-
-        @service.method(idempotent=True)
-        async def cancel(ctx: Context, id: str) -> JobStatus:
-            """Cancel a job: a queued one at once, a running one by killing its process. Finished: unchanged."""
-            await self._visible(ctx, id)
-            job = await store.jobs_cancel(id, time.time())
-            if job is None:
-                raise NotFound(f"no job {id!r}")
-            running = self._running.get(id)
-            if running is not None:
-                running.halt("cancel")
-            self._notify(id)
-            return _status(job)
-
-        @service.method(idempotent=True)
-        async def result(ctx: Context, id: str) -> JobResult:
-            """A finished job's result (or its failure reason); FAILED_PRECONDITION while it has not finished."""
-            job = await self._visible(ctx, id)
-            if not job.finished:
-                raise FailedPrecondition(f"job {id!r} is {job.state}; its result is not ready", retry_after=1.0)
-            value = msgspec.msgpack.decode(job.result) if job.result is not None else None
-            return JobResult(job.id, job.state, value, job.error)
-
-        @service.method(idempotent=True)
-        async def registered(ctx: Context) -> list[JobInfo]:
-            """The jobs this server runs, with the JSON Schema of their arguments."""
-            return [self._info(spec) for spec in sorted(self.specs.values(), key=lambda s: s.name)]
-
-    def _info(self, spec: JobSpec) -> JobInfo:
-        described = spec.describe()
-        timeout = spec.timeout or self.config.timeout
-        memory = spec.memory_mb or self.config.memory_mb
-        return JobInfo(spec.name, spec.doc, spec.retryable, timeout, memory, described["params"])
