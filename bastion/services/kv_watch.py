@@ -71,9 +71,11 @@ class Hub:
         self._position: int | None = None  # last revision delivered; None while nobody watches
         self._lock = asyncio.Lock()  # the feeder's read-and-deliver step vs. a watcher joining
         self._nudged = asyncio.Event()
+        #: Watchers whose ``join`` waits (for the lock, or the log's position): they count against the limits.
+        self._joining: list[Watcher] = []
 
     def __len__(self) -> int:
-        return len(self._watchers)
+        return len(self._watchers) + len(self._joining)
 
     def nudge(self) -> None:
         """New changes may be in the log (a write committed here, or a notification from elsewhere)."""
@@ -81,16 +83,23 @@ class Hub:
             self._nudged.set()
 
     async def join(self, watcher: Watcher) -> int:
-        """Add ``watcher``; the revision P up to which changes are not delivered to it live."""
-        async with self._lock:
-            if self._position is None:
-                self._position = (await self._store.kv_revisions()).current
-            self._watchers.add(watcher)
-            return self._position
+        """Add ``watcher``; the revision P up to which changes are not delivered to it live.
+
+        It counts (``len``, ``count``) from the call on, before the first await: watches checked
+        against the limits at once cannot all pass while each waits here."""
+        self._joining.append(watcher)
+        try:
+            async with self._lock:
+                if self._position is None:
+                    self._position = (await self._store.kv_revisions()).current
+                self._watchers.add(watcher)
+                return self._position
+        finally:
+            self._joining.remove(watcher)
 
     def count(self, owner: str) -> int:
         """Watches ``owner`` has open."""
-        return sum(1 for watcher in self._watchers if watcher.owner == owner)
+        return sum(1 for watcher in (*self._watchers, *self._joining) if watcher.owner == owner)
 
     def leave(self, watcher: Watcher) -> None:
         self._watchers.discard(watcher)

@@ -430,3 +430,24 @@ def test_one_user_cannot_hold_every_watch(tmp_path: Path) -> None:
             await stream.aclose()  # type: ignore[attr-defined]
 
     run(test, tmp_path, KVConfig(sweep_interval=3600, max_watchers_per_user=2))
+
+
+def test_watches_opened_at_once_cannot_all_pass_the_limits(tmp_path: Path) -> None:
+    async def opened(stream: AsyncIterator[Any]) -> str:
+        try:
+            return str((await anext(stream))["type"])
+        except bastion.ResourceExhausted as e:
+            return "per user" if "max_watchers_per_user" in e.message else "server"
+
+    async def test(w: World) -> None:
+        # Each checked the limits, then waited to join the hub (for its lock, or the log's position):
+        # all used to pass.
+        mine = [w.ada.stream("kv.watch", prefix=f"p{i}/") for i in range(6)]
+        assert sorted(await asyncio.gather(*map(opened, mine))) == ["per user"] * 4 + ["start"] * 2
+        others = [w.bob.stream("kv.watch") for _ in range(2)]
+        assert sorted(await asyncio.gather(*map(opened, others))) == ["server", "start"]
+        assert len(w.kv.hub) == 3
+        for stream in mine + others:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    run(test, tmp_path, KVConfig(sweep_interval=3600, max_watchers=3, max_watchers_per_user=2))
