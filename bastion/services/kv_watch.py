@@ -127,6 +127,8 @@ class Hub:
                 return False
             after = self._position
             changes = await self._store.kv_changes(after, None, FEED_PAGE)
+            if self._position is None:  # the last watcher left meanwhile (leaving takes no lock)
+                return False
             if changes and changes[0].revision != after + 1:
                 # Compacted under us (a feed stalled for `history` changes): nobody can be served gaplessly.
                 self.end_all(behind(after + 1, "the change history moved past it"))
