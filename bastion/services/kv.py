@@ -80,7 +80,7 @@ from bastion.services import Background, every
 from bastion.services.kv_log import LogBudget
 from bastion.services.kv_watch import FEED_PAGE as FEED_PAGE  # re-exported: importable from here as before
 from bastion.services.kv_watch import POLL_INTERVAL as POLL_INTERVAL
-from bastion.services.kv_watch import Hub, Watcher, behind, replay
+from bastion.services.kv_watch import Hub, Watcher, behind, check_reached, replay
 from bastion.store.kv import KVChange, KVEntry, KVNamespace, KVQuota, KVStore, KVWrite, personal_namespace
 
 __all__ = ["KV", "Item", "Page", "PutItem", "Usage", "WatchEvent"]
@@ -447,7 +447,7 @@ def _declare(kv: KV, service: Service) -> None:
         "put"/"delete" items in version order, replayed from ``from_version`` if given, then live.
 
         OUT_OF_RANGE if ``from_version`` is older than the kept history (the
-        message names the earliest available); RESOURCE_EXHAUSTED, with
+        message names the earliest available) or past the store's next version; RESOURCE_EXHAUSTED, with
         ``resume_from`` in its details, if this watcher falls too far behind.
         """
         ns = await kv.namespace_for(ctx.principal, namespace, write=False)
@@ -480,6 +480,8 @@ def _declare(kv: KV, service: Service) -> None:
 
         unwatch = ctx.watch_principal(on_principal)
         try:
+            if from_version is not None:
+                await check_reached(store, from_version, start)
             yield WatchEvent("start", start)
             last = start
             if from_version is not None:

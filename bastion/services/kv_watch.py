@@ -19,7 +19,7 @@ from bastion.exceptions import CallError, OutOfRange, ResourceExhausted
 from bastion.services import on_wakeup
 from bastion.store.kv import KVChange, KVStore
 
-__all__ = ["FEED_PAGE", "POLL_INTERVAL", "Hub", "Watcher", "behind", "replay"]
+__all__ = ["FEED_PAGE", "POLL_INTERVAL", "Hub", "Watcher", "behind", "check_reached", "replay"]
 
 log = logging.getLogger("bastion.kv")
 
@@ -146,6 +146,21 @@ def behind(resume_from: int, why: str) -> ResourceExhausted:
         f"watch fell behind ({why}); watch again with from_version={resume_from} to continue",
         details={"resume_from": resume_from},
     )
+
+
+async def check_reached(store: KVStore, from_version: int, start: int) -> None:
+    """OUT_OF_RANGE if the store has not reached ``from_version - 1`` (``start``: the hub's position, which
+    may lag the store's): a version from elsewhere, or from before a restore to an older backup. Watching
+    from it would skip every change up to it without a word."""
+    if from_version <= start + 1:
+        return
+    revisions = await store.kv_revisions()
+    if from_version > revisions.current + 1:
+        raise OutOfRange(
+            f"version {from_version} is past the store's end: the next version is {revisions.current + 1} "
+            f"(the earliest available is {revisions.compacted + 1}); watch without from_version to start afresh",
+            details={"earliest": revisions.compacted + 1, "next": revisions.current + 1},
+        )
 
 
 async def replay(store: KVStore, ns: str, prefix: str, from_version: int, upto: int) -> AsyncIterator[KVChange]:

@@ -348,6 +348,22 @@ def test_a_compacted_version_names_the_earliest_available(tmp_path: Path) -> Non
     run(test, tmp_path, KVConfig(sweep_interval=3600, history=3))
 
 
+def test_a_version_the_store_has_not_reached_is_out_of_range_not_a_silent_skip(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        last = await w.ada.kv.put(key="k", value=b"0")  # say the store was restored from a backup taken here
+        with pytest.raises(bastion.OutOfRange, match=f"next version is {last + 1}") as info:
+            await anext(w.ada.stream("kv.watch", from_version=last + 5))
+        assert info.value.details == {"earliest": 1, "next": last + 1}
+        # It used to start, then skip every change up to the version asked for without a word.
+        stream = w.ada.stream("kv.watch", from_version=last + 1)  # the next one is fine: it waits for it
+        assert (await anext(stream))["type"] == "start"
+        written = await w.ada.kv.put(key="k", value=b"1")
+        assert (await anext(stream))["version"] == written
+        await stream.aclose()  # type: ignore[attr-defined]
+
+    run(test, tmp_path)
+
+
 def test_the_sweep_keeps_the_log_within_history_bytes(tmp_path: Path) -> None:
     """One user rewriting one large key: the log keeps only the newest changes that fit its bytes."""
 
