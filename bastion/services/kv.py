@@ -91,6 +91,7 @@ ACCESS_RECHECK = 2.0
 
 SWEEP_PAGE = 1000  # expired keys deleted per transaction
 _NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
+_NAMESPACE_RULES = "shared namespace name is 1-64 lowercase letters, digits, '.', '_' or '-'"
 _ACL_ENTRY = re.compile(r"^(user|role):[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 _MAX_CONTENT_TYPE = 255
 _ADMIN = [ADMIN_ROLE]
@@ -231,14 +232,21 @@ class KV:
             return personal_namespace(principal.name)
         if len(namespace) > 128:
             raise InvalidArgument("namespace: a name of at most 128 characters")
-        if ADMIN_ROLE in principal.roles:
-            return namespace
+        admin = ADMIN_ROLE in principal.roles
         if namespace.startswith("~"):
-            if namespace == personal_namespace(principal.name):
+            if len(namespace) == 1 or "\x00" in namespace:
+                raise InvalidArgument(f"namespace {namespace!r}: a personal namespace is ~NAME, a user's name")
+            if admin or namespace == personal_namespace(principal.name):
                 return namespace
+        elif not _NAMESPACE.match(namespace):
+            raise InvalidArgument(f"namespace {namespace!r}: a {_NAMESPACE_RULES}; a personal one is ~NAME")
         else:
-            record = await self.store.kv_get_namespace(namespace)
-            if record is not None and _allowed(principal, record, write):
+            # Admins read any namespace (one that does not exist holds nothing) but write only to one that
+            # exists: else the keys were in no namespace, shown to whoever one of that name was later made for.
+            record = None if admin and not write else await self.store.kv_get_namespace(namespace)
+            if admin and write and record is None:
+                raise NotFound(f"no namespace {namespace!r}: kv.create_namespace it first")
+            if admin or (record is not None and _allowed(principal, record, write)):
                 return namespace
         raise PermissionDenied(f"no {'write' if write else 'read'} access to namespace {namespace!r}")
 
@@ -525,7 +533,7 @@ def _declare(kv: KV, service: Service) -> None:
     ) -> NamespaceInfo:
         """Create a shared namespace (admin) with its access lists of "user:NAME" / "role:NAME"."""
         if not _NAMESPACE.match(name):
-            raise InvalidArgument("a namespace name is 1-64 lowercase letters, digits, '.', '_' or '-'")
+            raise InvalidArgument(f"a {_NAMESPACE_RULES}")
         record = KVNamespace(
             name, _check_acl(readers or [], "readers"), _check_acl(writers or [], "writers"), time.time(),
             ctx.principal.name,

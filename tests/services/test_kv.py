@@ -144,6 +144,32 @@ def test_namespace_names_and_access_entries_end_where_they_seem_to(tmp_path: Pat
     run(test, tmp_path)
 
 
+def test_admins_write_only_to_namespaces_that_exist(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        # Admins used to write anywhere: a typo, a name no namespace can have, one just deleted. Those
+        # keys were left in no namespace (delete_namespace: NOT_FOUND), shown to whoever a namespace of
+        # that name was later created for.
+        with pytest.raises(bastion.NotFound, match="create_namespace"):
+            await w.admin.kv.put(key="k", value=b"stale", namespace="team")
+        for bad in ("Team", "a\x00b", "~ada\x00", "team/x", "~"):
+            for client in (w.admin, w.ada):
+                with pytest.raises(bastion.InvalidArgument, match="namespace"):
+                    await client.kv.put(key="k", value=b"", namespace=bad)
+                with pytest.raises(bastion.InvalidArgument, match="namespace"):
+                    await client.kv.get(key="k", namespace=bad)
+        await w.admin.kv.create_namespace(name="team", readers=["user:bob"])
+        await w.admin.kv.put(key="k", value=b"1", namespace="team")
+        assert await w.admin.kv.delete_namespace(name="team") == 1
+        with pytest.raises(bastion.NotFound):
+            await w.admin.kv.put_many(items=[{"key": "k", "value": b"2"}], namespace="team")
+        await w.admin.kv.create_namespace(name="team", readers=["user:eve"])
+        assert (await w.eve.kv.list(namespace="team"))["items"] == []
+        assert await w.admin.kv.put(key="note", value=b"", namespace="~ada")  # personal ones always exist
+        assert (await w.admin.kv.list(namespace="gone"))["items"] == []  # reading one that does not: nothing
+
+    run(test, tmp_path)
+
+
 def test_limits_name_themselves(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         with pytest.raises(bastion.InvalidArgument, match=r"kv.max_key_bytes \(8\)"):
