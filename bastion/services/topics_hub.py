@@ -116,13 +116,19 @@ class TopicAccess:
 
     def may_subscribe_some(self, principal: Principal, pattern: str) -> bool:
         """Whether some topic matching ``pattern`` may be read by ``principal``."""
-        if ADMIN_ROLE in principal.roles or overlaps(pattern, personal_pattern(principal.name)):
+        if ADMIN_ROLE in principal.roles:
+            return True
+        personal = personal_pattern(principal.name)
+        if personal is not None and overlaps(pattern, personal):
             return True
         names = _names(principal)
         return any(overlaps(pattern, p) for p, entries in self._subscribe if entries & names)
 
     def _may(self, rules: list[tuple[str, frozenset[str]]], principal: Principal, topic: str) -> bool:
-        if ADMIN_ROLE in principal.roles or matches(personal_pattern(principal.name), topic):
+        if ADMIN_ROLE in principal.roles:
+            return True
+        personal = personal_pattern(principal.name)
+        if personal is not None and matches(personal, topic):
             return True
         names = _names(principal)
         return any(entries & names and matches(p, topic) for p, entries in rules)

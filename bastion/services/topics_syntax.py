@@ -73,10 +73,19 @@ def overlaps(a: str, b: str) -> bool:
     return True
 
 
-def personal_pattern(user: str) -> str:
+#: What a user name may be (as auth.create_user checks it): only such a name has a personal space.
+_USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def personal_pattern(user: str) -> str | None:
     """``user.<name>.>``: the topics ``user`` may always publish and subscribe to.
 
     A ``.`` in a user name becomes ``~`` (which user names cannot hold), so
     one user's space never contains another's: ``ada.l`` owns ``user.ada~l.>``.
+    None (no personal space) for a name no user can have -- a client
+    certificate's subject, say: ``*`` would own every user's space, ``ada~l``
+    that of ``ada.l``.
     """
+    if _USER_NAME.fullmatch(user) is None:
+        return None
     return f"user.{user.replace('.', '~')}.>"

@@ -187,6 +187,22 @@ def test_a_dotted_user_name_owns_its_space_without_reaching_another_users(tmp_pa
     run(test, tmp_path)
 
 
+def test_a_certificate_name_that_is_no_user_name_has_no_personal_space(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        # A client certificate's subject is the principal's name, unchecked: "*" used to own "user.*.>",
+        # every user's space; "ada~l" the space of user "ada.l" (user names cannot hold "~").
+        for name, topic in (("*", "user.ada.inbox"), (">", "user.ada.inbox"), ("ada~l", "user.ada~l.x")):
+            other = w.server.client(principal=Principal(name, frozenset(), mechanism="mtls"))
+            with pytest.raises(bastion.PermissionDenied):
+                await other.messages.publish(topic=topic, payload=b"x")
+            with pytest.raises(bastion.PermissionDenied):
+                await anext(other.stream("messages.subscribe", pattern="user.>"))
+        cert = w.server.client(principal=Principal("device-7@plant", frozenset(), mechanism="mtls"))
+        await cert.messages.publish(topic="user.device-7@plant.x", payload=b"ok")  # a user-like name: its own
+
+    run(test, tmp_path)
+
+
 def test_durable_topics_give_offsets_and_resume_from_one_missing_nothing(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         offsets = [await w.ada.messages.publish(topic="orders.eu", payload={"n": i}) for i in range(5)]
