@@ -434,12 +434,11 @@ def _declare(kv: KV, service: Service) -> None:
         limit = cfg.max_page if limit is None else limit
         if not 0 < limit <= cfg.max_page:
             raise InvalidArgument(f"limit must be 1..{cfg.max_page} (kv.max_page)")
-        entries = await store.kv_list(ns, prefix, after, limit + 1, time.time())
         budget, items = _frame_budget(ctx), list[Item]()
+        # The store reads values only up to the budget (then one entry more, empty, to say more follow).
+        entries = await store.kv_list(ns, prefix, after, limit + 1, time.time(), budget, keys_only)
         for entry in entries[:limit]:
             item = _item(entry)
-            if keys_only:
-                item = msgspec.structs.replace(item, value=b"")
             budget -= len(item.value) + len(item.key)
             if items and budget < 0:
                 break

@@ -388,8 +388,22 @@ class KVStore(Notifying, ABC):
         """
 
     @abstractmethod
-    async def kv_list(self, namespace: str, prefix: str, after: str | None, limit: int, now: float) -> list[KVEntry]:
-        """Live entries whose key starts with ``prefix`` and sorts after ``after``, by key (bytewise)."""
+    async def kv_list(
+        self,
+        namespace: str,
+        prefix: str,
+        after: str | None,
+        limit: int,
+        now: float,
+        max_bytes: int | None = None,
+        keys_only: bool = False,
+    ) -> list[KVEntry]:
+        """Live entries whose key starts with ``prefix`` and sorts after ``after``, by key (bytewise).
+
+        ``max_bytes`` bounds the values read: once the entries' values come to more than it, one
+        more entry follows with an empty value (it says only that more keys follow), and no other.
+        ``keys_only``: every value empty, none read.
+        """
 
     @abstractmethod
     async def kv_revisions(self) -> KVRevisions: ...

@@ -66,6 +66,9 @@ _PG_PUT_LIVE = (
 
 
 _PG_USAGE = "SELECT keys, bytes FROM kv_usage WHERE namespace = $1"
+_KEYS_ONLY = ENTRY_COLUMNS.replace("value", "''::bytea")
+#: In a page of kv_list: the bytes of the values of the entries up to ``{0}`` before this one.
+_BEFORE = "coalesce(sum(octet_length(value)) OVER (ORDER BY key ROWS BETWEEN UNBOUNDED PRECEDING AND {0} PRECEDING), 0)"
 
 
 async def _check_quota(conn: asyncpg.Connection[Any], namespace: str, quota: KVQuota | None) -> None:
@@ -207,14 +210,37 @@ class PostgresKV(PostgresAccess, KVStore):
         row = await self._call(lambda c: c.fetchrow(_PG_USAGE, namespace))
         return usage_of(row)
 
-    async def kv_list(self, namespace: str, prefix: str, after: str | None, limit: int, now: float) -> list[KVEntry]:
+    async def kv_list(
+        self,
+        namespace: str,
+        prefix: str,
+        after: str | None,
+        limit: int,
+        now: float,
+        max_bytes: int | None = None,
+        keys_only: bool = False,
+    ) -> list[KVEntry]:
         cond, args = _pg_range(prefix, after, 2)
         n = 2 + len(args)
-        sql = (
-            f"SELECT {ENTRY_COLUMNS} FROM kv_keys WHERE namespace = $1 AND {cond} "
+        where = (
+            f"FROM kv_keys WHERE namespace = $1 AND {cond} "
             f"AND (expires_at IS NULL OR expires_at > ${n}) ORDER BY key LIMIT ${n + 1}"
         )
-        rows = await self._call(lambda c: c.fetch(sql, namespace, *args, now, limit))
+        extra: list[Any] = []
+        if keys_only:
+            sql = f"SELECT {_KEYS_ONLY} {where}"
+        elif max_bytes is None:
+            sql = f"SELECT {ENTRY_COLUMNS} {where}"
+        else:
+            # The sizes of the values before each entry, from its toast header (no value is read for them):
+            # a value is read while those come to at most max_bytes, then one entry follows without.
+            sql = (
+                f"SELECT key, CASE WHEN before <= ${n + 2} THEN value ELSE ''::bytea END, version, content_type, "
+                f"expires_at FROM (SELECT {ENTRY_COLUMNS}, {_BEFORE.format(1)} AS before, "
+                f"{_BEFORE.format(2)} AS before2 {where}) AS page WHERE before2 <= ${n + 2} ORDER BY key"
+            )
+            extra.append(max_bytes)
+        rows = await self._call(lambda c: c.fetch(sql, namespace, *args, now, limit, *extra))
         return [entry_of(tuple(r)) for r in rows]
 
     async def kv_revisions(self) -> KVRevisions:

@@ -9,6 +9,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import msgspec
+
 from bastion.store._access import SQLiteAccess
 from bastion.store.kv import (
     DELETE,
@@ -313,13 +315,33 @@ class SQLiteKV(SQLiteAccess, KVStore):
         row = await self._read(lambda c: c.execute(_USAGE, (namespace,)).fetchone())
         return usage_of(row)
 
-    async def kv_list(self, namespace: str, prefix: str, after: str | None, limit: int, now: float) -> list[KVEntry]:
+    async def kv_list(
+        self,
+        namespace: str,
+        prefix: str,
+        after: str | None,
+        limit: int,
+        now: float,
+        max_bytes: int | None = None,
+        keys_only: bool = False,
+    ) -> list[KVEntry]:
         low, high, args = key_range(prefix, after)
-        sql = (
-            f"SELECT {ENTRY_COLUMNS} FROM kv_keys WHERE namespace = ? AND {low} {high} AND {_LIVE} ORDER BY key LIMIT ?"
-        )
-        rows = await self._read(lambda c: c.execute(sql, (namespace, *args, now, limit)).fetchall())
-        return [entry_of(row) for row in rows]
+        columns = ENTRY_COLUMNS.replace("value", "X''") if keys_only else ENTRY_COLUMNS
+        sql = f"SELECT {columns} FROM kv_keys WHERE namespace = ? AND {low} {high} AND {_LIVE} ORDER BY key LIMIT ?"
+        bound = None if keys_only else max_bytes
+
+        def read(c: sqlite3.Connection) -> list[KVEntry]:
+            entries, total = [], 0
+            for row in c.execute(sql, (namespace, *args, now, limit)):  # row by row: values only as needed
+                entry = entry_of(row)
+                if bound is not None and total > bound:
+                    entries.append(msgspec.structs.replace(entry, value=b""))
+                    break
+                total += len(entry.value)
+                entries.append(entry)
+            return entries
+
+        return await self._read(read)
 
     async def kv_revisions(self) -> KVRevisions:
         row = await self._read(lambda c: c.execute("SELECT revision, compacted FROM kv_meta WHERE id = 1").fetchone())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -222,6 +224,43 @@ def test_list_pages_with_a_cursor(tmp_path: Path) -> None:
         assert seen == [(f"p/{i:02}", bytes([i])) for i in range(7)]
         keys = await w.ada.kv.list(keys_only=True)
         assert [(i["key"], i["value"]) for i in keys["items"]][-1] == ("q", b"")
+
+    run(test, tmp_path)
+
+
+def test_a_list_page_reads_about_one_answer_of_values_not_every_value_it_could_hold(tmp_path: Path) -> None:
+    value = b"v" * 64 * 1024
+
+    async def test(w: World) -> None:
+        for i in range(100):  # 6.4 MB of values; one answer carries half a 1 MiB frame of them
+            await w.ada.kv.put(key=f"k{i:03}", value=value)
+        seen: list[str] = []
+        tracemalloc.start()
+        try:
+            after = None
+            while True:
+                gc.collect()  # what earlier pages left behind (in cycles, or a reader's last results) is not this one's
+                tracemalloc.reset_peak()
+                held = tracemalloc.get_traced_memory()[0]
+                page = await w.ada.kv.list(after=after)
+                peak = tracemalloc.get_traced_memory()[1] - held
+                # It used to read every value of the page (limit: kv.max_page) and send back only what fit.
+                assert peak < 3_000_000, f"listing a page took {peak} bytes"
+                seen += [i["key"] for i in page["items"]]
+                assert all(i["value"] == value for i in page["items"])
+                if page["next"] is None:
+                    break
+                after = page["next"]
+            gc.collect()
+            tracemalloc.reset_peak()
+            held = tracemalloc.get_traced_memory()[0]
+            keys = await w.ada.kv.list(keys_only=True)
+            assert tracemalloc.get_traced_memory()[1] - held < 3_000_000
+        finally:
+            tracemalloc.stop()
+        assert seen == [f"k{i:03}" for i in range(100)]
+        assert [i["key"] for i in keys["items"]] == seen and {i["value"] for i in keys["items"]} == {b""}
+        assert keys["next"] is None
 
     run(test, tmp_path)
 

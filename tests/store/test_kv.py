@@ -86,6 +86,18 @@ async def test_list_pages_by_key_within_a_prefix(store: Store) -> None:
     assert [e.key for e in await store.kv_list(NS, "app", "a", 100, NOW)] == ["app/1", "app/2", "app/3"]
 
 
+async def test_a_list_reads_values_up_to_max_bytes_then_says_more_follow(store: Store) -> None:
+    await store.kv_put(NS, [w(f"k{i}", bytes([i]) * 10) for i in range(6)], NOW)
+    page = await store.kv_list(NS, "", None, 100, NOW, max_bytes=25)
+    # 10 + 10 bytes are within 25: the third value is read (taking it past), the fourth only says more follow.
+    assert [(e.key, len(e.value)) for e in page] == [("k0", 10), ("k1", 10), ("k2", 10), ("k3", 0)]
+    assert page[3].version == (await store.kv_get_many(NS, ["k3"], NOW))[0].version  # type: ignore[union-attr]
+    assert [len(e.value) for e in await store.kv_list(NS, "", None, 100, NOW, max_bytes=0)] == [10, 0]
+    assert [len(e.value) for e in await store.kv_list(NS, "", "k3", 100, NOW, max_bytes=1000)] == [10, 10]
+    keys = await store.kv_list(NS, "", None, 100, NOW, max_bytes=0, keys_only=True)
+    assert [(e.key, e.value) for e in keys] == [(f"k{i}", b"") for i in range(6)]
+
+
 async def test_expired_keys_are_invisible_then_swept_and_logged(store: Store) -> None:
     await store.kv_put(NS, [w("short", expires_at=NOW + 10), w("long", expires_at=NOW + 100), w("forever")], NOW)
     later = NOW + 10
