@@ -81,7 +81,16 @@ from bastion.services.kv_log import LogBudget
 from bastion.services.kv_watch import FEED_PAGE as FEED_PAGE  # re-exported: importable from here as before
 from bastion.services.kv_watch import POLL_INTERVAL as POLL_INTERVAL
 from bastion.services.kv_watch import Hub, Watcher, behind, check_reached, replay
-from bastion.store.kv import KVChange, KVEntry, KVNamespace, KVQuota, KVStore, KVWrite, personal_namespace
+from bastion.store.kv import (
+    KVChange,
+    KVEntry,
+    KVNamespace,
+    KVQuota,
+    KVStore,
+    KVWrite,
+    ValuesTooLarge,
+    personal_namespace,
+)
 
 __all__ = ["KV", "Item", "Page", "PutItem", "Usage", "WatchEvent"]
 
@@ -342,13 +351,14 @@ def _declare(kv: KV, service: Service) -> None:
         kv.check_batch(len(keys), "keys")
         for key in keys:
             kv.check_key(key)
-        entries = await store.kv_get_many(ns, keys, time.time())
-        size = sum(len(e.value) for e in entries if e is not None)
-        if size > _frame_budget(ctx):
+        budget = _frame_budget(ctx)
+        try:  # the store measures the values before it reads any: more than the budget, it reads none
+            entries = await store.kv_get_many(ns, keys, time.time(), budget)
+        except ValuesTooLarge as e:
             raise ResourceExhausted(
-                f"the {len(keys)} values come to {size} bytes, more than one answer carries "
-                f"({_frame_budget(ctx)}); ask for fewer keys at a time"
-            )
+                f"the {len(keys)} values come to {e.total} bytes, more than one answer carries "
+                f"({budget}); ask for fewer keys at a time"
+            ) from None
         return [None if e is None else _item(e) for e in entries]
 
     @service.method

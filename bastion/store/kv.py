@@ -73,6 +73,7 @@ __all__ = [
     "KVStore",
     "KVUsage",
     "KVWrite",
+    "ValuesTooLarge",
     "personal_namespace",
     "prefix_end",
     "write_bytes",
@@ -332,6 +333,14 @@ def over_quota(usage: KVUsage, quota: KVQuota) -> bool:
     return usage.keys > quota.keys or usage.bytes > quota.bytes
 
 
+class ValuesTooLarge(Exception):
+    """The values ``kv_get_many`` was asked for come to ``total`` bytes, more than its ``max_bytes``."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__(f"the values come to {total} bytes")
+        self.total = total
+
+
 class KVRevisions(msgspec.Struct, frozen=True):
     """``current``: the latest revision (0: no change yet); log rows up to ``compacted`` are gone."""
 
@@ -360,8 +369,14 @@ class KVStore(Notifying, ABC):
     """What every backend offers for kv. Every write is one transaction; see the module docstring."""
 
     @abstractmethod
-    async def kv_get_many(self, namespace: str, keys: Sequence[str], now: float) -> list[KVEntry | None]:
-        """The live entry of each key (None: absent or expired), in the order asked."""
+    async def kv_get_many(
+        self, namespace: str, keys: Sequence[str], now: float, max_bytes: int | None = None
+    ) -> list[KVEntry | None]:
+        """The live entry of each key (None: absent or expired), in the order asked.
+
+        ``ValuesTooLarge`` if their values come to more than ``max_bytes``: measured (in the same
+        statement) before any value is read, and then none is.
+        """
 
     @abstractmethod
     def kv_put(
@@ -483,6 +498,14 @@ LOG_ENTRY_BYTES = {
     "sqlite": "length(CAST(key AS BLOB)) + ifnull(length(value), 0) + length(CAST(content_type AS BLOB))",
     "postgresql": "octet_length(key) + coalesce(octet_length(value), 0) + octet_length(content_type)",
 }
+
+
+def entries_within(rows: Sequence[tuple[Any, ...]], max_bytes: int) -> list[KVEntry]:
+    """The rows of a ``kv_get_many`` with ``max_bytes`` (entry columns, then the values' total), as entries;
+    ``ValuesTooLarge`` if that total is over ``max_bytes`` (then no row holds its value)."""
+    if rows and int(rows[0][5]) > max_bytes:
+        raise ValuesTooLarge(int(rows[0][5]))
+    return [entry_of(tuple(row[:5])) for row in rows]
 
 
 def entry_of(row: tuple[Any, ...]) -> KVEntry:

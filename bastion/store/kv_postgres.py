@@ -25,6 +25,7 @@ from bastion.store.kv import (
     acl_replace,
     change_of,
     check_version,
+    entries_within,
     entry_of,
     heir_key,
     key_range,
@@ -138,13 +139,22 @@ class _PostgresTx:
 class PostgresKV(PostgresAccess, KVStore):
     """kv on PostgreSQL: every write is one transaction that first locks the revision counter."""
 
-    async def kv_get_many(self, namespace: str, keys: Sequence[str], now: float) -> list[KVEntry | None]:
-        sql = (
-            f"SELECT {ENTRY_COLUMNS} FROM kv_keys WHERE namespace = $1 AND key = ANY($2::text[]) "
-            "AND (expires_at IS NULL OR expires_at > $3)"
-        )
-        rows = await self._call(lambda c: c.fetch(sql, namespace, list(set(keys)), now))
-        found = {entry.key: entry for entry in (entry_of(tuple(r)) for r in rows)}
+    async def kv_get_many(
+        self, namespace: str, keys: Sequence[str], now: float, max_bytes: int | None = None
+    ) -> list[KVEntry | None]:
+        where = "namespace = $1 AND key = ANY($2::text[]) AND (expires_at IS NULL OR expires_at > $3)"
+        if max_bytes is None:
+            sql = f"SELECT {ENTRY_COLUMNS} FROM kv_keys WHERE {where}"
+            rows = await self._call(lambda c: c.fetch(sql, namespace, list(set(keys)), now))
+            found = {entry.key: entry for entry in (entry_of(tuple(r)) for r in rows)}
+        else:  # octet_length() of a stored value reads its size from the toast header, not the value
+            sql = (
+                "SELECT key, CASE WHEN t.total <= $4 THEN value END, version, content_type, expires_at, t.total "
+                "FROM kv_keys, (SELECT coalesce(sum(octet_length(value)), 0) AS total "
+                f"FROM kv_keys WHERE {where}) AS t WHERE {where}"
+            )
+            rows = await self._call(lambda c: c.fetch(sql, namespace, list(set(keys)), now, max_bytes))
+            found = {entry.key: entry for entry in entries_within([tuple(r) for r in rows], max_bytes)}
         return [found.get(key) for key in keys]
 
     async def kv_put(

@@ -29,6 +29,7 @@ from bastion.store.kv import (
     acl_replace,
     change_of,
     check_version,
+    entries_within,
     entry_of,
     heir_key,
     key_range,
@@ -234,12 +235,27 @@ class SQLiteKV(SQLiteAccess, KVStore):
             counter = self._kv_counter = [-1, 0]
         return _SQLiteTx(conn, now, counter, self._tx_serial, self._before_commit)
 
-    async def kv_get_many(self, namespace: str, keys: Sequence[str], now: float) -> list[KVEntry | None]:
+    async def kv_get_many(
+        self, namespace: str, keys: Sequence[str], now: float, max_bytes: int | None = None
+    ) -> list[KVEntry | None]:
         wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return []
         marks = ", ".join("?" * len(wanted))
-        sql = f"SELECT {ENTRY_COLUMNS} FROM kv_keys WHERE namespace = ? AND key IN ({marks}) AND {_LIVE}"
-        rows = await self._read(lambda c: c.execute(sql, (namespace, *wanted, now)).fetchall()) if wanted else []
-        found = {entry.key: entry for entry in map(entry_of, rows)}
+        where = f"namespace = ? AND key IN ({marks}) AND {_LIVE}"
+        args = (namespace, *wanted, now)
+        if max_bytes is None:
+            sql = f"SELECT {ENTRY_COLUMNS} FROM kv_keys WHERE {where}"
+            rows = await self._read(lambda c: c.execute(sql, args).fetchall())
+            found = {entry.key: entry for entry in map(entry_of, rows)}
+        else:  # length() of a BLOB column reads its size, not its content
+            sql = (
+                "SELECT key, CASE WHEN t.total <= ? THEN value END, version, content_type, expires_at, t.total "
+                f"FROM kv_keys, (SELECT coalesce(sum(length(value)), 0) AS total FROM kv_keys WHERE {where}) AS t "
+                f"WHERE {where}"
+            )
+            rows = await self._read(lambda c: c.execute(sql, (max_bytes, *args, *args)).fetchall())
+            found = {entry.key: entry for entry in entries_within(rows, max_bytes)}
         return [found.get(key) for key in keys]
 
     def kv_put(

@@ -265,6 +265,30 @@ def test_a_list_page_reads_about_one_answer_of_values_not_every_value_it_could_h
     run(test, tmp_path)
 
 
+def test_get_many_refuses_more_values_than_one_answer_before_reading_them(tmp_path: Path) -> None:
+    value = b"v" * 64 * 1024
+    keys = [f"k{i:03}" for i in range(100)]
+
+    async def test(w: World) -> None:
+        for key in keys:  # 6.4 MB of values; one answer carries half a 1 MiB frame of them
+            await w.ada.kv.put(key=key, value=value)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            held = tracemalloc.get_traced_memory()[0]
+            with pytest.raises(bastion.ResourceExhausted, match="6553600 bytes, more than one answer carries") as e:
+                await w.ada.kv.get_many(keys=keys)
+            peak = tracemalloc.get_traced_memory()[1] - held
+        finally:
+            tracemalloc.stop()
+        assert "ask for fewer keys" in e.value.message
+        assert peak < 3_000_000, f"refusing took {peak} bytes"  # it used to read all 6.4 MB first
+        got = await w.ada.kv.get_many(keys=keys[:7])
+        assert [g["value"] for g in got] == [value] * 7
+
+    run(test, tmp_path)
+
+
 def test_access_control_never_reveals_what_exists(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         await w.ada.kv.put(key="secret", value=b"s")

@@ -8,7 +8,7 @@ import pytest
 
 from bastion.exceptions import Aborted
 from bastion.store import SQLiteStore, Store
-from bastion.store.kv import DELETE, PUT, KVNamespace, KVWrite, personal_namespace, prefix_end
+from bastion.store.kv import DELETE, PUT, KVNamespace, KVWrite, ValuesTooLarge, personal_namespace, prefix_end
 from tests.store.conftest import MakeStore
 
 NS = "~ada"
@@ -96,6 +96,16 @@ async def test_a_list_reads_values_up_to_max_bytes_then_says_more_follow(store: 
     assert [len(e.value) for e in await store.kv_list(NS, "", "k3", 100, NOW, max_bytes=1000)] == [10, 10]
     keys = await store.kv_list(NS, "", None, 100, NOW, max_bytes=0, keys_only=True)
     assert [(e.key, e.value) for e in keys] == [(f"k{i}", b"") for i in range(6)]
+
+
+async def test_get_many_measures_the_values_before_reading_any(store: Store) -> None:
+    await store.kv_put(NS, [w(f"k{i}", bytes([i]) * 10) for i in range(3)], NOW)
+    with pytest.raises(ValuesTooLarge) as info:
+        await store.kv_get_many(NS, ["k0", "k1", "k2", "none"], NOW, max_bytes=29)
+    assert info.value.total == 30
+    got = await store.kv_get_many(NS, ["k2", "none", "k0", "k2"], NOW, max_bytes=30)
+    assert [None if e is None else e.value for e in got] == [b"\x02" * 10, None, b"\x00" * 10, b"\x02" * 10]
+    assert await store.kv_get_many(NS, ["none"], NOW, max_bytes=0) == [None]
 
 
 async def test_expired_keys_are_invisible_then_swept_and_logged(store: Store) -> None:
