@@ -7,45 +7,43 @@ sessions. Shutdown is two-stage: stop accepting and send every session a
 GoAway naming the last call it will process; wait up to the grace period for
 the calls already accepted to answer; then cancel what is left and close.
 
-Accepting. Each listening socket has an accept loop of ours
-(``_accept_loop``) rather than the event loop's, so the connection limits
-are checked on the bare socket, before any TLS work: over
-``max_connections`` in total, or ``max_connections_per_source`` from one
-address, a connection is closed at once and counted. An accepted socket is
-handed to ``loop.connect_accepted_socket``; its slot is released when the
-session closes, or when the TLS handshake fails and no session ever
-starts. Out of file descriptors (EMFILE/ENFILE), the loop gives up a
-reserved descriptor to accept and close what is waiting (so those clients
-learn at once instead of hanging), takes it back, backs off briefly and
+Accepting. Each listening socket has an accept loop of ours (``_accept_loop``)
+rather than the event loop's, so the connection limits are checked on the bare
+socket, before any TLS work: over ``max_connections`` in total, or
+``max_connections_per_source`` from one address, a connection is closed at once
+and counted. An accepted socket is handed to ``loop.connect_accepted_socket``;
+its slot is released when the session closes, or when the TLS handshake fails
+and no session ever starts. Out of file descriptors (EMFILE/ENFILE), the loop
+gives up a reserved descriptor to accept and close what is waiting (so those
+clients learn at once instead of hanging), takes it back, backs off briefly and
 carries on; it never dies.
 
 TLS. With an ``ssl_context`` connections are TLS. The session is made at
-accept, before the TLS handshake, and its handshake deadline starts there,
-so one deadline (``limits.handshake_timeout``) bounds the TLS handshake and
-the bastion handshake together; asyncio's own TLS handshake timeout is set
-to the same value. Once TLS is up (``_on_secure``) a
-connection that did not negotiate ALPN ``bastion/1`` is closed, the client
-certificate's identity is put on the Link (``link.tls_identity``, the
-subject, and ``link.peer_cert_identity``, subject and serial) for
-authentication to use, and a certificate whose serial is in
-``revoked_serials`` is refused with UNAUTHENTICATED (and an open connection
-whose serial joins it is closed within ``revalidate_interval``: upkeep.py).
-SIGHUP reloads the certificate, key (and CRL) from ``cert_files`` into the
-live context (and those in ``also_reload``, the gateway's): new connections
-get the new certificate, established ones keep going.
+accept, before the TLS handshake, and its handshake deadline starts there, so
+one deadline (``limits.handshake_timeout``) bounds the TLS handshake and the
+bastion handshake together; asyncio's own TLS handshake timeout is set to the
+same value. Once TLS is up (``_on_secure``) a connection that did not negotiate
+ALPN ``bastion/1`` is closed, the client certificate's identity is put on the
+Link (``link.tls_identity``, the subject, and ``link.peer_cert_identity``,
+subject and serial) for authentication to use, and a certificate whose serial
+is in ``revoked_serials`` is refused with UNAUTHENTICATED (and an open
+connection whose serial joins it is closed within ``revalidate_interval``:
+upkeep.py). SIGHUP reloads the certificate, key (and CRL) from ``cert_files``
+into the live context (and those in ``also_reload``, the gateway's): new
+connections get the new certificate, established ones keep going.
 
 Behind a load balancer. A connection from an address in ``trusted_proxies``
 (IPs or CIDR networks) must start with a PROXY protocol v2 header
-(bastion/protocol/proxy.py), read from the bare socket before any TLS, byte
-for byte so nothing of the TLS handshake is consumed, under the same
-handshake deadline. The client address it carries then stands for the peer
-everywhere: the per-source connection limit (the balancer's own address is
-counted only against ``max_connections``), rate limits, login throttles,
-``Context.peer`` and the audit log. A LOCAL header (the balancer's own
-connection, e.g. a health check) keeps the real endpoints. A trusted
-connection without a valid header is closed and counted
-(``rejected_proxy_header_total``). From any other address no header is
-ever looked for: one sent anyway is just bytes that break the protocol.
+(bastion/protocol/proxy.py), read from the bare socket before any TLS, byte for
+byte so nothing of the TLS handshake is consumed, under the same handshake
+deadline. The client address it carries then stands for the peer everywhere:
+the per-source connection limit (the balancer's own address is counted only
+against ``max_connections``), rate limits, login throttles, ``Context.peer``
+and the audit log. A LOCAL header (the balancer's own connection, e.g. a health
+check) keeps the real endpoints. A trusted connection without a valid header is
+closed and counted (``rejected_proxy_header_total``). From any other address no
+header is ever looked for: one sent anyway is just bytes that break the
+protocol.
 """
 
 from __future__ import annotations
@@ -69,6 +67,7 @@ from typing import Any
 from bastion._version import __version__
 from bastion.config import ServerLimits
 from bastion.exceptions import BastionError
+from bastion.observability.loglimit import LogBudget
 from bastion.observability.stats import CallStats
 from bastion.protocol.proxy import Command, ProxyHeader, ProxyHeaderError, ProxyHeaderReader, parse_networks
 from bastion.security.audit import AuditLog
@@ -160,6 +159,7 @@ class Server:
         self.check_rate_async = limiter.check if limiter is not None and self.check_rate is None else None
         self.sessions: set[ServerSession] = set()
         self.counters: collections.Counter[str] = collections.Counter()
+        self.log_budget = LogBudget()  # lines peers can cause at will: a few per 10 s (loglimit.py)
         #: Calls by method and status, latencies (bastion/observability: read by /metrics).
         self.metrics = CallStats(self.table.entries)
         self.deadlines = Deadlines()

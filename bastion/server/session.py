@@ -49,6 +49,7 @@ from bastion.exceptions import (
     InvalidArgument,
     LocalProtocolError,
 )
+from bastion.observability.loglimit import suppressed_note
 from bastion.protocol.connection import Connection, ProtocolLimits
 from bastion.protocol.messages import (
     Call,
@@ -168,7 +169,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
             self._revalidation.cancel()
         if self.link is not None and self.link.dropped is not None:
             self.server.counters["closed_slow_reader"] += 1
-            log.warning("dropped connection %s: %s", self.link.peer, self.link.dropped)
+            if (left_out := self.server.log_budget.take("slow_reader")) is not None:
+                log.warning("dropped connection %s: %s%s", self.link.peer, self.link.dropped, suppressed_note(left_out))
         self.server.release(self)
         self.server.sessions.discard(self)
         for call_id, ticket in list(self.tickets.items()):

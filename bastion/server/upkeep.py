@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bastion.exceptions import ResourceExhausted, Unauthenticated
+from bastion.observability.loglimit import suppressed_note
 from bastion.protocol.connection import Connection
 from bastion.protocol.frames import FrameReader
 from bastion.protocol.messages import PROTOCOL_VERSION, Call, Hello, Message, Welcome
@@ -320,7 +321,13 @@ class SessionUpkeep:
             self._frame_timer = self._loop.call_later(due - now, self._check_frame)
             return
         self.server.counters["closed_slow_sender"] += 1
-        log.warning("closing connection %s: a frame arrived too slowly (%d bytes)", link.peer, frames.buffered)
+        if (left_out := self.server.log_budget.take("slow_sender")) is not None:
+            log.warning(
+                "closing connection %s: a frame arrived too slowly (%d bytes)%s",
+                link.peer,
+                frames.buffered,
+                suppressed_note(left_out),
+            )
         self.core.send_goaway(Status.DEADLINE_EXCEEDED, "frame too slow")
         link.close()
 
@@ -355,8 +362,15 @@ class SessionUpkeep:
         if link is None or link.closed or link.transport is None or link.transport.is_closing():
             return
         self.server.counters["closed_abuse"] += 1
-        self.server.audit("connection.abuse", peer=link.peer, principal=self.principal.name, reason=reason)
-        log.warning("closing connection %s: %s", link.peer, reason)
+        if (left_out := self.server.log_budget.take("abuse")) is not None:  # a flood of them logs a few
+            self.server.audit(
+                "connection.abuse",
+                peer=link.peer,
+                principal=self.principal.name,
+                reason=reason,
+                suppressed_before=left_out or None,
+            )
+            log.warning("closing connection %s: %s%s", link.peer, reason, suppressed_note(left_out))
         self.core.send_goaway(Status.RESOURCE_EXHAUSTED, reason)
         link.close()
 
