@@ -25,6 +25,10 @@ Job = Callable[[], Coroutine[Any, Any, object]]
 OnReject = Callable[[Status, str, "float | None"], None]
 
 _PUSH_OUT_SAMPLE = 8  # principals looked at to find the longest queue when a level is full
+#: Ring entries looked at, empty FIFOs included, before a push-out gives up its search (O(1) per call).
+_PUSH_OUT_LOOK = 8 * _PUSH_OUT_SAMPLE
+#: Emptied FIFOs a level keeps (past the number of waiting tickets) before dropping them all.
+_EMPTY_SLACK = 64
 
 
 class Level(enum.IntEnum):
@@ -92,7 +96,9 @@ class LevelQueue:
     """One level: a FIFO per principal served round-robin, plus the level's CoDel state.
 
     A principal is in ``fifos`` exactly when it is in ``ring``, once; its FIFO
-    may be empty after a removal (dropped when the ring reaches it).
+    may be empty after a removal (dropped when the ring reaches it, or when
+    ``empty`` outgrows the waiting tickets by ``_EMPTY_SLACK``: callers that
+    queue a call and go away, from ever new addresses, must not grow the ring).
     ``arrivals`` holds the level's tickets in arrival order, for the oldest
     waiting one; tickets that left are dropped from it lazily, and it is
     compacted when mostly stale. Every ticket in a FIFO is QUEUED, except one
@@ -102,6 +108,7 @@ class LevelQueue:
     __slots__ = (
         "arrivals",
         "dropping",
+        "empty",
         "fifos",
         "first_above",
         "left_at",
@@ -117,6 +124,7 @@ class LevelQueue:
         self.ring: deque[str] = deque()
         self.arrivals: deque[Ticket] = deque()
         self.size = 0
+        self.empty = 0  # FIFOs in ``fifos`` (and ``ring``) with nothing in them
         self.dropping = False
         self.first_above: float | None = None  # when a standing queue counts as overload
         self.left_at: float | None = None  # when dropping last stopped
@@ -133,6 +141,8 @@ class LevelQueue:
         if fifo is None:
             fifo = self.fifos[ticket.principal] = deque()
             self.ring.append(ticket.principal)
+        elif not fifo:
+            self.empty -= 1
         fifo.append(ticket)
         self.size += 1
         self.arrivals.append(ticket)
@@ -146,6 +156,7 @@ class LevelQueue:
             fifo = self.fifos[principal]
             if not fifo:
                 del self.fifos[principal]
+                self.empty -= 1
                 continue
             ticket = fifo.popleft()
             self.size -= 1
@@ -169,12 +180,24 @@ class LevelQueue:
         else:
             fifo.remove(ticket)
         self.size -= 1
+        if not fifo:
+            self.empty += 1
+            if self.empty > self.size + _EMPTY_SLACK:  # O(ring), paid for by the removals since the last
+                self._drop_empty()
+
+    def _drop_empty(self) -> None:
+        fifos = self.fifos
+        self.ring = deque(p for p in self.ring if fifos[p])
+        self.fifos = {p: fifos[p] for p in self.ring}
+        self.empty = 0
 
     def pop_newest_of_longest(self, longer_than: int) -> Ticket | None:
         """The newest job of the longest FIFO among the next few principals, if longer than given."""
         longest: deque[Ticket] | None = None
         seen = 0
-        for principal in self.ring:
+        for looked, principal in enumerate(self.ring):
+            if looked == _PUSH_OUT_LOOK:
+                break
             fifo = self.fifos[principal]
             if not fifo:
                 continue
