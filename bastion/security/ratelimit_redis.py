@@ -16,8 +16,9 @@ clocks need not agree.
 
 When Redis cannot be reached (or takes longer than ``redis_timeout``), the
 limiter by default fails open to an in-memory limiter -- the limits then
-hold per replica instead of across them -- and logs a warning at most once
-a minute; with ``redis_fail_open = false`` it refuses calls as UNAVAILABLE.
+hold per replica instead of across them; with ``redis_fail_open = false``
+it refuses calls as UNAVAILABLE. Either way it logs a warning at most once a
+minute.
 A failure also stops the limiter asking Redis for ``RETRY_AFTER`` seconds;
 then one check at a time tries it again (the others answer as if it failed)
 until one gets through. So a Redis that hangs costs one ``redis_timeout``
@@ -234,17 +235,18 @@ class RedisRateLimiter:
         return result
 
     async def _failed(self, exc: BaseException) -> None:
-        """Fail open (log, at most once a minute) or closed (UNAVAILABLE)."""
-        if not self.fail_open:
-            raise Unavailable("rate limiter unavailable", retry_after=1.0) from None
+        """Fail open or closed (UNAVAILABLE), saying which in the log at most once a minute."""
         now = self._clock()
         if self._warned_at is None or now - self._warned_at >= _WARN_EVERY:
             self._warned_at = now
             log.warning(
-                "Redis rate limiter failing (%s: %s); limiting per process from memory meanwhile",
+                "Redis rate limiter failing (%s: %s); %s meanwhile",
                 type(exc).__name__,
                 exc,
+                "limiting per process from memory" if self.fail_open else "refusing calls (redis_fail_open = false)",
             )
+        if not self.fail_open:
+            raise Unavailable("rate limiter unavailable", retry_after=1.0) from None
 
     async def usage(self, principal: Principal, source: str, now: float | None = None) -> dict[str, Any]:
         """The caller's limits and tokens left, as ``RateLimiter.usage_sync`` reports them, read from Redis."""

@@ -262,6 +262,21 @@ def test_an_unreachable_redis_fails_closed_when_configured() -> None:
     asyncio.run(main())
 
 
+def test_an_unreachable_redis_failing_closed_says_so_in_the_log_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Refusing every call UNAVAILABLE is the operator's to notice: before, nothing was logged."""
+
+    async def main() -> None:
+        async with RedisRateLimiter.from_url(DEAD_URL, RateLimitConfig(redis_fail_open=False)) as limiter:
+            for _ in range(5):
+                with pytest.raises(Unavailable):
+                    await limiter.check(ADA, "x", "kv.get")
+
+    with caplog.at_level(logging.WARNING, logger="bastion.ratelimit"):
+        asyncio.run(main())
+    warnings = [r.getMessage() for r in caplog.records if r.name == "bastion.ratelimit"]
+    assert len(warnings) == 1 and "refusing calls" in warnings[0], warnings
+
+
 def test_refusals_that_need_no_redis_do_not_ask_it() -> None:
     async def main() -> None:
         config = RateLimitConfig(per_principal=Limit(rate=1, burst=5), costs={"health.check": 0}, redis_fail_open=False)
