@@ -39,16 +39,16 @@ class LogBudget:
         #: kind -> [window start, lines written in it, events left out since the last line written]
         self._kinds: dict[str, list[float]] = {}
 
-    def take(self, kind: str) -> int | None:
+    def take(self, kind: str, burst: int | None = None) -> int | None:
         """None: do not write this one (it is counted). Else write it, saying that the returned number
-        of events of this kind were left out before it (0: none)."""
+        of events of this kind were left out before it (0: none). ``burst``: this kind's own."""
         now = self._clock()
         state = self._kinds.get(kind)
         if state is None:
             state = self._kinds[kind] = [now, 0.0, 0.0]
         elif now - state[0] >= self.window:
             state[0], state[1] = now, 0.0
-        if state[1] >= self.burst:
+        if state[1] >= (self.burst if burst is None else burst):
             state[2] += 1
             return None
         state[1] += 1

@@ -24,8 +24,9 @@ before it is decoded (a 1 MiB frame of empty maps decodes to about 73 MB, and
 calls wait in queues decoded). Cancels, Pings and Calls the core refused over
 ``max_inflight`` are counted in fixed 10-second windows; past a cap the
 session sends GoAway(RESOURCE_EXHAUSTED) and closes. Denied calls are written
-to the audit log, at most ``DENIALS_AUDITED`` per connection per 10 s (the
-rest counted), so a denial flood cannot flood the log.
+to the audit log, at most ``DENIALS_AUDITED`` per connection and
+``DENIALS_AUDITED_SERVER_WIDE`` on the whole server per 10 s (the rest
+counted), so a denial flood cannot flood the log, even over new connections.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ __all__ = ["ABUSE_WINDOW", "ARGS_COUNTED", "AUDITED_METHOD_CHARS", "DENIALS_AUDI
 
 log = logging.getLogger("bastion.server")
 DENIALS_AUDITED = 20  # denied calls written to the audit log per connection per 10 s
+#: ... and on the whole server: connections (from ever new addresses) are no bound.
+DENIALS_AUDITED_SERVER_WIDE = 100
 #: The most characters of a denied call's method name the audit record keeps: the name is the
 #: peer's, as long as its frame allows (a real one is a few dozen characters).
 AUDITED_METHOD_CHARS = 200
@@ -382,7 +385,9 @@ class SessionUpkeep:
         now = time.monotonic()
         if now - self._denial_window >= 10.0:
             self._denial_window, self._denials_logged = now, 0
-        if self._denials_logged >= DENIALS_AUDITED:
+        if self._denials_logged >= DENIALS_AUDITED or (
+            self.server.log_budget.take("denied", DENIALS_AUDITED_SERVER_WIDE) is None
+        ):
             self._denials_suppressed += 1
             return
         self._denials_logged += 1

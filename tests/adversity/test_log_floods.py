@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 from bastion import SyncClient
 from bastion.observability.loglimit import LOG_BURST, LogBudget
+from bastion.server.upkeep import DENIALS_AUDITED, DENIALS_AUDITED_SERVER_WIDE
 from bastion.status import Status
-from tests.support.raw import GOAWAY, RawPeer, frame
+from tests.support.raw import CALL, ERROR, GOAWAY, RawPeer, frame
 from tests.support.server import ServerProcess, wait_for
 
 PING = 10
@@ -23,12 +24,12 @@ def abuse_lines(server: ServerProcess) -> list[str]:
     return [line for line in server.log().splitlines() if "closing connection" in line and "ping flood" in line]
 
 
-def audit_records(server: ServerProcess) -> list[dict[str, object]]:
+def audit_records(server: ServerProcess, event: str = "connection.abuse") -> list[dict[str, object]]:
     path = server.data_dir / "audit.log"
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r.get("event") == "connection.abuse"]
+    return [r for r in records if r.get("event") == event]
 
 
 def test_abuse_closes_from_many_addresses_write_a_bounded_number_of_log_lines(
@@ -63,3 +64,21 @@ def test_the_log_budget_writes_a_burst_per_window_and_says_what_it_left_out() ->
     assert budget.take("abuse") == 3  # the first line of the next window says how many were left out
     assert budget.take("abuse") == 0
     assert budget.take("abuse") is None
+
+
+def test_denied_calls_from_many_connections_write_a_bounded_number_of_audit_records(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    """Each connection may write DENIALS_AUDITED denials per 10 s; a new connection (from a new
+    address) per batch made that no bound at all: the server-wide budget is."""
+    server = server_factory(insecure=True)
+    connections, per_connection = 8, DENIALS_AUDITED + 5
+    for n in range(connections):
+        with RawPeer(server.host, server.port, source=f"127.0.1.{2 + n}") as peer:
+            peer.hello()  # anonymous: admin.stats needs a credential
+            peer.send(b"".join(frame([CALL, i, "admin.stats", {}]) for i in range(1, per_connection + 1)))
+            for _ in range(per_connection):
+                message = peer.read_message()
+                assert message[0] == ERROR and message[2] == Status.UNAUTHENTICATED, message
+    denials = [r for r in audit_records(server, "call.denied") if r.get("method") == "admin.stats"]
+    assert DENIALS_AUDITED <= len(denials) <= DENIALS_AUDITED_SERVER_WIDE, len(denials)
