@@ -113,6 +113,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         self.link: Link | None = None
         self.principal: Principal = ANONYMOUS
         self.peer_host = "?"  # the source address alone, the key for per-source limits
+        self.anonymous_key = "anonymous@?"  # an anonymous caller's scheduler queue: its source (handshake)
         self._denial_window = 0.0  # start of the current 10 s audit window for denials
         self._denials_logged = 0
         self._denials_suppressed = 0
@@ -371,7 +372,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         ticket = server.scheduler.submit(
             functools.partial(self._run, call, entry, args, deadline),
             priority=priority,
-            principal=principal.name if principal.authenticated else f"anonymous@{self.peer_host}",
+            principal=principal.name if principal.authenticated else self.anonymous_key,
             deadline=deadline,
             on_reject=functools.partial(self._rejected, call_id),
         )

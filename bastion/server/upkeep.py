@@ -46,6 +46,7 @@ from bastion.protocol.messages import PROTOCOL_VERSION, Call, Hello, Message, We
 from bastion.protocol.state import ConnectionState
 from bastion.security.authn import PeerInfo
 from bastion.security.principal import Principal
+from bastion.security.throttle import source_key
 from bastion.server.tickets import Ticket
 from bastion.status import Status
 from bastion.transport.aio import Link
@@ -90,6 +91,7 @@ class SessionUpkeep:
     link: Link | None
     principal: Principal
     peer_host: str
+    anonymous_key: str
     tickets: dict[int, Ticket]
     _loop: asyncio.AbstractEventLoop
     _timer: asyncio.TimerHandle | None
@@ -164,6 +166,7 @@ class SessionUpkeep:
         link = self.link
         assert link is not None
         host = self.peer_host = link.peer.rsplit(":", 1)[0].strip("[]")
+        self.anonymous_key = f"anonymous@{source_key(host)}"  # one fair queue per IPv6 /64, as other limits
         peer = PeerInfo(link.peer, host, getattr(link, "tls_identity", None), getattr(link, "peer_cert_expires", None))
         try:
             principal = await self.server.authenticator.authenticate(hello.token, peer)

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
 from bastion import Server, Service
+from bastion.protocol.proxy import Command, Family, ProxyHeader, build
 from bastion.server.scheduler import Level, Scheduler, SchedulerConfig, TicketState
 from bastion.server.tickets import LevelQueue, Ticket
 from bastion.status import Status
 
-HELLO, WELCOME, CALL, PING, PONG = 1, 2, 3, 10, 11
+HELLO, WELCOME, CALL, ERROR, PING, PONG = 1, 2, 3, 5, 10, 11
 CALLERS = 300
 #: Empty FIFOs a level may keep before it drops them (tickets.py: _EMPTY_SLACK).
 SLACK = 64
@@ -53,25 +55,33 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0)
         await asyncio.sleep(0.005)
 
 
-async def read_until(reader: asyncio.StreamReader, kind: int) -> None:
+async def read_until(reader: asyncio.StreamReader, kind: int) -> list[Any]:
+    """The messages before the first of type ``kind``."""
+    before = []
     while True:
         length = int.from_bytes(await reader.readexactly(4), "big")
-        if msgspec.msgpack.decode(await reader.readexactly(length))[0] == kind:
-            return
+        message = msgspec.msgpack.decode(await reader.readexactly(length))
+        if message[0] == kind:
+            return before
+        before.append(message)
 
 
-async def connect(port: int, source: str, method: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection from ``source`` that has made one call to ``method``, read by the server."""
+async def connect(
+    port: int, source: str, method: str, *, proxied: str | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, list[Any]]:
+    """A connection from ``source`` that has made one call to ``method``, read by the server; and what
+    it was answered by then. ``proxied``: an IPv6 client address to send a PROXY v2 header for."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    if proxied is not None:
+        writer.write(build(ProxyHeader(Command.PROXY, Family.TCP6, (proxied, 40000), ("2001:db8:ffff::1", 9))))
     writer.write(frame([HELLO, 1, "churn/1", None, 16, 1 << 20, {}]))
     await read_until(reader, WELCOME)
     writer.write(frame([CALL, 1, method, {"value": 1} if method == "churn.echo" else {}]) + frame([PING, 7]))
-    await read_until(reader, PONG)  # the Pong follows the read that brought the Call
-    return reader, writer
+    return reader, writer, await read_until(reader, PONG)  # the Pong follows the read that brought the Call
 
 
 async def queue_and_hang_up(port: int, source: str) -> None:
-    _, writer = await connect(port, source, "churn.echo")
+    _, writer, _ = await connect(port, source, "churn.echo")
     writer.close()
     await writer.wait_closed()
 
@@ -85,7 +95,7 @@ def test_callers_that_queue_and_hang_up_leave_no_empty_queues_behind() -> None:
         stats = server.scheduler.stats
         try:
             async with asyncio.timeout(60):
-                _, holder = await connect(server.port, "127.0.0.1", "churn.hold")  # stays: its call holds the slot
+                _, holder, _ = await connect(server.port, "127.0.0.1", "churn.hold")  # stays: its call holds the slot
                 await until(lambda: stats()["running"] == 1, "the slot to be held")
                 for n in range(CALLERS):
                     await queue_and_hang_up(server.port, f"127.0.{1 + n // 250}.{1 + n % 250}")
@@ -125,3 +135,40 @@ def test_a_full_level_still_pushes_out_the_longest_queue_after_many_callers_left
     assert queue.pop_newest_of_longest(1) is flooder[-1]
     assert queue.pop() is flooder[0]  # the ring still serves the live principal
     assert queue.size == 3
+
+
+def test_anonymous_ipv6_callers_share_one_fair_queue_per_64() -> None:
+    """One host usually owns a whole IPv6 /64: the per-source connection limit, the rate limiter and
+    the login throttle count it as one source, and so must the scheduler, or each of its addresses
+    gets a fair share and a queue of its own (clients here come through a trusted proxy's header)."""
+
+    async def main() -> None:
+        release = asyncio.Event()
+        config = SchedulerConfig(
+            max_concurrency=1, control_reserve=0, principal_queue_limit=2, codel_target=60.0, codel_interval=60.0
+        )
+        server = Server([make_service(release)], scheduler=Scheduler(config), trusted_proxies=["127.0.0.1"])
+        await server.start("127.0.0.1", 0)
+        writers = []
+        try:
+            async with asyncio.timeout(30):
+                _, holder, _ = await connect(server.port, "127.0.0.1", "churn.hold", proxied="2001:db8:1::1")
+                writers.append(holder)
+                readers = []
+                for n in range(1, 4):  # three addresses of one /64
+                    reader, writer, _ = await connect(server.port, "127.0.0.1", "churn.echo", proxied=f"2001:db8::{n}")
+                    readers.append(reader)
+                    writers.append(writer)
+                try:  # its Pong went first: the refusal follows it
+                    await asyncio.wait_for(read_until(readers[2], ERROR), 5)
+                except TimeoutError:
+                    raise AssertionError("the /64's third call was queued: a fair queue per address") from None
+                assert server.scheduler.stats()["rejected_principal_limit"] == 1
+                assert server.scheduler.stats()["queued"] == 2
+        finally:
+            release.set()
+            for writer in writers:
+                writer.close()
+            await server.shutdown(grace=1)
+
+    asyncio.run(main())
