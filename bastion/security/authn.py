@@ -6,7 +6,11 @@ principal so that expiry and revocation reach long-lived connections. A
 connection without credentials is ``ANONYMOUS`` (or, over mutual TLS, the
 certificate's subject) and may call only public methods; bad credentials
 refuse the handshake with UNAUTHENTICATED. Tokens are looked up by their
-SHA-256 digest; the token itself is never stored or logged.
+SHA-256 digest; the token itself is never stored or logged. A failed token is
+audited (``auth.failure``) at most ``AUTH_FAILURES_AUDITED`` times per 10 s
+on the server: the login throttle bounds each source, not sources without
+number, and the rest are counted (``bastion_auth_failures_total``); the next
+record says how many it left out (``suppressed_before``).
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from typing import Protocol
 import msgspec
 
 from bastion.exceptions import Unauthenticated
+from bastion.observability.loglimit import LogBudget
 from bastion.security.audit import AuditLog
 from bastion.security.credentials import CredentialStore
 from bastion.security.principal import ANONYMOUS, Principal
 from bastion.security.throttle import LoginThrottle
 
 __all__ = [
+    "AUTH_FAILURES_AUDITED",
     "AllowAnonymous",
     "Authenticator",
     "PeerInfo",
@@ -39,6 +45,8 @@ __all__ = [
 ]
 
 TOKEN_PREFIX = "bst_"
+#: Token failures written to the audit log per 10 s, server-wide (the rest counted).
+AUTH_FAILURES_AUDITED = 100
 _TOKEN_SHAPE = re.compile(r"^bst_[A-Za-z0-9_-]{43}\Z")
 
 
@@ -129,6 +137,7 @@ class StoreAuthenticator:
         self._clock = clock
         self._cache_seconds = cache_seconds
         self._checked: dict[str, tuple[float, Principal | None]] = {}  # token id -> (when, result)
+        self._failures_audited = LogBudget()
 
     async def authenticate(self, token: str | None, peer: PeerInfo) -> Principal:
         if token is None:
@@ -139,7 +148,14 @@ class StoreAuthenticator:
         reason, principal = await self._from_token(token)
         if principal is None:
             await self._throttle.failed(None, peer.host)
-            self._audit("auth.failure", peer=peer.address, mechanism="token", reason=reason)
+            if (left_out := self._failures_audited.take("auth.failure", AUTH_FAILURES_AUDITED)) is not None:
+                self._audit(
+                    "auth.failure",
+                    peer=peer.address,
+                    mechanism="token",
+                    reason=reason,
+                    suppressed_before=left_out or None,
+                )
             raise Unauthenticated("invalid, expired or revoked token")
         self._audit(
             "auth.success",

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable
 
 from bastion import SyncClient
-from bastion.observability.loglimit import LOG_BURST, LogBudget
+from bastion.observability.loglimit import LOG_BURST, LOG_WINDOW, LogBudget
+from bastion.security.authn import AUTH_FAILURES_AUDITED
 from bastion.server.upkeep import DENIALS_AUDITED, DENIALS_AUDITED_SERVER_WIDE
 from bastion.status import Status
-from tests.support.raw import CALL, ERROR, GOAWAY, RawPeer, frame
+from tests.support.raw import CALL, ERROR, GOAWAY, HELLO, RawPeer, frame
 from tests.support.server import ServerProcess, wait_for
 
 PING = 10
@@ -82,3 +84,22 @@ def test_denied_calls_from_many_connections_write_a_bounded_number_of_audit_reco
                 assert message[0] == ERROR and message[2] == Status.UNAUTHENTICATED, message
     denials = [r for r in audit_records(server, "call.denied") if r.get("method") == "admin.stats"]
     assert DENIALS_AUDITED <= len(denials) <= DENIALS_AUDITED_SERVER_WIDE, len(denials)
+
+
+def test_bad_tokens_from_many_addresses_write_a_bounded_number_of_audit_records(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    """The login throttle lets each address fail 20 times at once (then 5 a second); a bad token costs
+    the attacker one small Hello, so many addresses wrote 20 auth.failure records each."""
+    server = server_factory(insecure=True)
+    addresses, per_address = 8, 20
+    start = time.monotonic()
+    for n in range(addresses):
+        for _ in range(per_address):
+            with RawPeer(server.host, server.port, source=f"127.0.2.{2 + n}") as peer:
+                peer.send(frame([HELLO, 1, "raw-test/1", "bst_not-a-real-token", 16, 1 << 20, {}]))
+                message = peer.read_message()
+                assert message[0] == GOAWAY and message[2] == Status.UNAUTHENTICATED, message
+    windows = 1 + int((time.monotonic() - start) // LOG_WINDOW)  # each 10 s window has its budget
+    failures = audit_records(server, "auth.failure")
+    assert AUTH_FAILURES_AUDITED <= len(failures) <= windows * AUTH_FAILURES_AUDITED, (len(failures), windows)
