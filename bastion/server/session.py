@@ -321,6 +321,11 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
             if server.check_rate is not None:
                 server.check_rate(self.principal, self.peer_host, call.method, None, self._last_seen)
         except CallError as exc:
+            if server.check_rate is not None and exc.status is not Status.RESOURCE_EXHAUSTED:
+                try:  # refused before the limiter was asked: such calls cost the server too
+                    server.check_rate(self.principal, self.peer_host, call.method, None, self._last_seen)
+                except CallError as limited:
+                    exc = limited
             if exc.status is Status.RESOURCE_EXHAUSTED and not isinstance(exc, ArgsMemoryFull):
                 self.server.counters["rejected_rate_limited"] += 1
             if exc.status in (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED):
