@@ -576,12 +576,15 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
             retry = math.ceil(retry_after * 1000) if retry_after is not None else None
             self.core.send_error(call_id, status, message, details=details, retry_after_ms=retry)
         except (LocalProtocolError, OverflowError, ValueError, TypeError) as exc:
-            log.warning(
-                "call %d: its %s answer could not be sent as it was (%s); sent without details",
-                call_id,
-                status.name,
-                exc,
-            )
+            # The peer may cause this on every call (its max_frame, the method name an error repeats).
+            if (left_out := self.server.log_budget.take("unsendable_answer")) is not None:
+                log.warning(
+                    "call %d: its %s answer could not be sent as it was (%s); sent without details%s",
+                    call_id,
+                    status.name,
+                    exc,
+                    suppressed_note(left_out),
+                )
             self.core.send_error(call_id, status, f"{status.name} (the full answer could not be sent)")
 
     def _internal_error(self, call_id: int, method: str, request_id: str) -> None:
