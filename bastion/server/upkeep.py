@@ -176,8 +176,9 @@ class SessionUpkeep:
             retry = f" (retry after {exc.retry_after:.1f}s)" if exc.retry_after else ""
             self._refuse(exc.status, exc.message + retry)
             return
-        except Exception:
-            log.exception("authenticator failed")
+        except Exception:  # its store down: every handshake meets it, so a few per 10 s are logged
+            if (left_out := self.server.log_budget.take("authenticator_failed")) is not None:
+                log.exception("authenticator failed%s", suppressed_note(left_out))
             self._refuse(Status.INTERNAL, "authentication is unavailable")
             return
         if link.closed or self.core.state is not ConnectionState.HANDSHAKE:
@@ -235,8 +236,11 @@ class SessionUpkeep:
             if not revoked:
                 try:
                     current = await self.server.authenticator.revalidate(self.principal)
-                except Exception:
-                    log.exception("revalidation failed; keeping the connection for now")
+                except Exception:  # every connection every interval meets it: a few per 10 s are logged
+                    if (left_out := self.server.log_budget.take("revalidation_failed")) is not None:
+                        log.exception(
+                            "revalidation failed; keeping the connection for now%s", suppressed_note(left_out)
+                        )
                     continue
             if current is not None:
                 if current is not self.principal:  # roles changed: running calls that asked re-check access
