@@ -176,6 +176,9 @@ def declare(files: Files, svc: Service) -> None:
             raise InvalidArgument('mode must be "read" or "write"')
         kind, grantee = check_grantee(user, role)
         record, _ = await files._find(ctx.principal, file_id, name, owner, "owner")
+        if kind == "user" and files.users is not None and await files.users.get_user(grantee) is None:
+            # Not a share in waiting: whoever registered the name later would get the file.
+            raise NotFound(f"no user {grantee!r} to share with")
         grant = FileShare(record.id, kind, grantee, mode, time.time())
         await store.files_share(grant)
         if mode == "read":  # replacing a write share: as good as withdrawing it

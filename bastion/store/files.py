@@ -343,6 +343,13 @@ POSTGRES_SCHEMA: tuple[str, ...] = (
     )""",
 )
 
+#: Migration 18 (both backends): a share to a user name nobody held was accepted, and whoever registered the
+#: name later got the file; the service now refuses such shares, and this drops those already made.
+UNKNOWN_GRANTEES = "files: drop shares to user names that no user holds"
+UNKNOWN_GRANTEES_SCHEMA: tuple[str, ...] = (
+    "DELETE FROM file_shares WHERE kind = 'user' AND grantee NOT IN (SELECT name FROM users)",
+)
+
 # -- SQL shared by both dialects ($n placeholders; SQLite reads them as ?n) ----------------
 
 _FILE_COLUMNS = "id, owner, name, size, sha256, created_at, updated_at"

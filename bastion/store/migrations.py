@@ -199,6 +199,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(16, USER_ROLES, SQLITE_USER_ROLES_SCHEMA, compatible=True),
     # Triggers replaced, keeping the same counts whoever writes: compatible.
     Migration(17, jobs_owners.OWNERS_V17, jobs_owners.SQLITE_OWNERS_V17, compatible=True),
+    # Rows deleted, no schema change; old code would only accept such shares again: compatible.
+    Migration(18, files.UNKNOWN_GRANTEES, files.UNKNOWN_GRANTEES_SCHEMA, compatible=True),
 )
 
 LATEST = MIGRATIONS[-1].version

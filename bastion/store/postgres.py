@@ -190,6 +190,8 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
     Migration(16, USER_ROLES, ("CREATE INDEX users_by_role ON users USING GIN (roles)",), compatible=True),
     # Triggers replaced, keeping the same counts whoever writes: compatible.
     Migration(17, jobs_owners.OWNERS_V17, jobs_owners.POSTGRES_OWNERS_V17, compatible=True),
+    # Rows deleted, no schema change; old code would only accept such shares again: compatible.
+    Migration(18, files.UNKNOWN_GRANTEES, files.UNKNOWN_GRANTEES_SCHEMA, compatible=True),
 )
 
 LATEST = POSTGRES_MIGRATIONS[-1].version

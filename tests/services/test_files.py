@@ -15,7 +15,8 @@ import pytest
 
 import bastion
 from bastion.config import FilesConfig
-from bastion.security.principal import Principal
+from bastion.security.credentials import User
+from bastion.security.principal import ADMIN_ROLE, Principal
 from bastion.services.files import Files, check_name
 from bastion.store import open_store
 from bastion.store.files import PIN_SECONDS
@@ -28,6 +29,7 @@ ALICE = Principal("alice")
 BOB = Principal("bob")
 CAROL = Principal("carol", frozenset({"team"}))
 CHUNK = 64 * 1024
+USERS = (User("alice"), User("bob"), User("carol", frozenset({"team"})), User("tester", frozenset({ADMIN_ROLE})))
 
 
 def sha(data: bytes) -> str:
@@ -65,6 +67,8 @@ class World:
 async def world(tmp_path: Path, config: FilesConfig | None = None) -> AsyncIterator[World]:
     async with open_store(service_store(tmp_path)) as store:
         files = Files(store, tmp_path / "files", config or FilesConfig(quota_bytes=10_000_000, chunk_bytes=CHUNK))
+        for user in USERS:  # the users behind the test principals, as a real server's store holds them
+            await store.create_user(user)
         await files.start()
         try:
             async with MemoryServer([files.service]) as server:
@@ -444,5 +448,25 @@ def test_empty_file_and_download_guards(tmp_path: Path) -> None:
         assert await w.get(w.alice, name="f", offset=5) == b""
         with pytest.raises(bastion.InvalidArgument):
             await w.alice.files.stat(name="f", file_id=empty["id"])
+
+    run(test, tmp_path)
+
+
+def test_a_share_names_an_existing_user(tmp_path: Path) -> None:
+    """A share to a user name nobody holds yet was accepted, and whoever registered that name later could
+    read (or write) the file. It is refused now; a role, which no table lists, is not checked."""
+
+    async def test(w: World) -> None:
+        doc = await w.put(w.alice, "doc", b"secret")
+        with pytest.raises(bastion.NotFound, match="no user 'mallory'"):
+            await w.alice.files.share(file_id=doc["id"], user="mallory", mode="write")
+        assert await w.alice.files.shares(file_id=doc["id"]) == []
+        await w.alice.files.share(file_id=doc["id"], role="auditors")  # roles are not registered anywhere
+        users = w.files.users
+        assert users is not None
+        await users.create_user(User("mallory"))  # registering the name later gives it nothing
+        mallory = w.server.client(principal=Principal("mallory"))
+        with pytest.raises(bastion.NotFound):
+            await mallory.files.stat(file_id=doc["id"])
 
     run(test, tmp_path)

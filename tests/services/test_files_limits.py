@@ -13,8 +13,7 @@ import pytest
 
 import bastion
 from bastion.config import FilesConfig
-from bastion.security.credentials import User
-from bastion.security.principal import ADMIN_ROLE, Principal
+from bastion.security.principal import Principal
 from bastion.services.files import Files
 from bastion.store import open_store
 from bastion.testing import MemoryServer
@@ -67,24 +66,10 @@ def test_the_limits_are_validated_at_load() -> None:
             FilesConfig(**bad)  # type: ignore[arg-type]
 
 
-async def register(w: World) -> None:
-    """The users behind the test principals, with their roles, as a real server's store holds them."""
-    users = w.files.users
-    assert users is not None
-    for user in (
-        User("alice"),
-        User("bob"),
-        User("carol", frozenset({"team"})),
-        User("tester", frozenset({ADMIN_ROLE})),
-    ):
-        await users.create_user(user)
-
-
 def test_unsharing_cancels_the_grantees_uploads_and_releases_the_reservation(tmp_path: Path) -> None:
     config = FilesConfig(quota_bytes=10_000, chunk_bytes=CHUNK)
 
     async def test(w: World) -> None:
-        await register(w)
         doc = await w.put(w.alice, "doc", b"x" * 100)
         ref = {"file_id": doc["id"]}
         await w.alice.files.share(**ref, user="bob", mode="write")
@@ -114,7 +99,6 @@ def test_unsharing_cancels_the_grantees_uploads_and_releases_the_reservation(tmp
 
 def test_a_grantee_that_keeps_write_access_another_way_keeps_its_upload(tmp_path: Path) -> None:
     async def test(w: World) -> None:
-        await register(w)
         doc = await w.put(w.alice, "doc", b"x" * 100)
         ref = {"file_id": doc["id"]}
         await w.alice.files.share(**ref, user="carol", mode="write")
@@ -271,7 +255,6 @@ def test_downgrading_a_write_share_to_read_cancels_the_grantees_uploads(tmp_path
     """Sharing again with mode="read" withdraws write access as surely as unshare does."""
 
     async def test(w: World) -> None:
-        await register(w)
         doc = await w.put(w.alice, "doc", b"original")
         await w.alice.files.share(file_id=doc["id"], user="bob", mode="write")
         info = await w.bob.files.begin_upload(file_id=doc["id"], size=10, sha256=sha(b"b" * 10))

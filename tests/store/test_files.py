@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from bastion.exceptions import AlreadyExists, NotFound, ResourceExhausted
-from bastion.store import Store
+from bastion.security.credentials import User
+from bastion.store import PostgresStore, SQLiteStore, Store, open_store
 from bastion.store.files import PIN_SECONDS, FileShare, UploadRecord
+from bastion.store.migrations import MIGRATIONS
+from bastion.store.postgres import POSTGRES_MIGRATIONS
+from tests.support.stores import store_location
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -215,3 +220,21 @@ async def test_an_uploaders_bounds_hold_under_concurrent_reservations(store: Sto
     )
     assert sum(r is None for r in grants) == 2
     assert await store.files_usage("carol") == (0, 130)
+
+
+async def test_shares_to_names_no_user_holds_are_dropped_by_migration_18(backend: str, tmp_path: Path) -> None:
+    """Before 18 the service accepted a share to any valid user name: the ones to names nobody held go."""
+    location = store_location(backend, tmp_path, "upgraded")
+    old: Store = (
+        SQLiteStore(location, migrations=MIGRATIONS[:17])
+        if backend == "sqlite"
+        else PostgresStore(location, migrations=POSTGRES_MIGRATIONS[:17])
+    )
+    async with old as store:
+        await store.create_user(User("bob"))
+        await make_file(store, "u1", "f1")
+        for kind, grantee in (("user", "bob"), ("user", "ghost"), ("role", "ghost")):
+            await store.files_share(FileShare("f1", kind, grantee, "read", T0))
+    async with open_store(location) as store:
+        assert store.schema_version == 18
+        assert [(s.kind, s.grantee) for s in await store.files_shares("f1")] == [("role", "ghost"), ("user", "bob")]
