@@ -245,9 +245,10 @@ class FileStore(ABC):
     async def files_reassign_owner(self, old: str, new: str | None) -> int:
         """Hand every file of ``old`` to ``new`` (delete them if None); the number of files changed.
 
-        Uploads of ``old`` are dropped and shares granted to the user ``old``
-        removed either way. A handed-over name that ``new`` already uses
-        becomes ``<name>~<file id>``.
+        Uploads of ``old`` are dropped, shares granted to the user ``old``
+        removed, and the shares ``old`` made of its files withdrawn (they do
+        not follow the files to ``new``) either way. A handed-over name that
+        ``new`` already uses becomes ``<name>~<file id>``.
         """
 
 
@@ -418,6 +419,8 @@ _BLOB_IN_USE = (
 _OWNED = f"SELECT {_FILE_COLUMNS} FROM files WHERE owner = $1 ORDER BY name"
 _DROP_UPLOADS_OF = "DELETE FROM file_uploads WHERE owner = $1 OR uploader = $1"
 _DROP_USER_SHARES = "DELETE FROM file_shares WHERE kind = 'user' AND grantee = $1"
+# The shares an owner made: they do not follow the files to an heir (the heir chooses whom to share with).
+_DROP_SHARES_OF_OWNER = "DELETE FROM file_shares WHERE file_id IN (SELECT id FROM files WHERE owner = $1)"
 _HAND_OVER = "UPDATE files SET owner = $2, name = $3, updated_at = $4 WHERE id = $1"
 
 

@@ -14,6 +14,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _CLAIM,
     _DELETE,
     _DELETE_UPLOAD,
+    _DROP_SHARES_OF_OWNER,
     _DROP_UPLOADS_OF,
     _DROP_USER_SHARES,
     _EXPIRE_UPLOADS,
@@ -271,6 +272,7 @@ class PostgresFiles(PostgresAccess, FileStore):
                 owned = [_file(row) for row in await conn.fetch(_OWNED, old)]
                 await conn.execute(_DROP_UPLOADS_OF, old)
                 await conn.execute(_DROP_USER_SHARES, old)
+                await conn.execute(_DROP_SHARES_OF_OWNER, old)
                 now = _now()
                 for record in owned:
                     if new is None:

@@ -196,6 +196,7 @@ class SQLiteFiles(SQLiteAccess, FileStore):
             owned = [_file(row) for row in c.execute(_Q["_OWNED"], (old,)).fetchall()]
             c.execute(_Q["_DROP_UPLOADS_OF"], (old,))
             c.execute(_Q["_DROP_USER_SHARES"], (old,))
+            c.execute(_Q["_DROP_SHARES_OF_OWNER"], (old,))
             now = _now()
             for record in owned:
                 if new is None:

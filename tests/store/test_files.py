@@ -198,6 +198,20 @@ async def test_reassign_owner_hands_over_or_deletes(store: Store) -> None:
     assert await store.files_reassign_owner("nobody", None) == 0
 
 
+async def test_files_handed_to_an_heir_keep_none_of_the_old_owners_shares(store: Store) -> None:
+    """The shares the old owner had made stayed on the files handed to the heir: people the heir never chose
+    kept reading (or writing) the heir's files, and the heir did not know to look."""
+    await make_file(store, "u1", "f1", owner="old", name="a")
+    await make_file(store, "u2", "f2", owner="keeper", name="k")
+    await store.files_share(FileShare("f1", "user", "friend", "write", T0))
+    await store.files_share(FileShare("f1", "role", "team", "read", T0))
+    await store.files_share(FileShare("f2", "user", "friend", "read", T0))
+    assert await store.files_reassign_owner("old", "heir") == 1
+    assert await store.files_shares("f1") == []
+    assert [(s.kind, s.grantee) for s in await store.files_shares("f2")] == [("user", "friend")]  # not old's
+    assert await store.files_list(viewer="friend", roles=frozenset({"team"})) == [await store.files_get("f2")]
+
+
 async def test_an_uploaders_bounds_hold_under_concurrent_reservations(store: Store) -> None:
     # One uploader, many owners (one lock per owner): the count across owners still holds.
     results = await asyncio.gather(
