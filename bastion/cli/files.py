@@ -135,11 +135,11 @@ def _chunks(path: Path, offset: int, size: int, progress: Progress, task: Any, r
 
 
 def _resume_or_begin(
-    client: SyncClient, state_path: Path, state: dict[str, Any], name: str, overwrite: bool
+    client: SyncClient, state_path: Path, state: dict[str, Any], name: str, overwrite: bool, expected: str | None
 ) -> dict[str, Any]:
     """The upload to send to: the one a previous run left (if the server still has it), or a new one."""
     old = _read_state(state_path)
-    keys = ("size", "mtime_ns", "sha256")
+    keys = ("size", "mtime_ns", "sha256", "if_sha256")  # another --if-sha256 is another upload
     if old and all(old.get(k) == state[k] for k in keys) and isinstance(old.get("upload_id"), str):
         try:
             info: dict[str, Any] = client.call("files.upload_status", upload_id=old["upload_id"])
@@ -147,7 +147,10 @@ def _resume_or_begin(
             return info
         except NotFound:
             pass
-    info = client.call("files.begin_upload", name=name, size=state["size"], sha256=state["sha256"], overwrite=overwrite)
+    args: dict[str, Any] = {"name": name, "size": state["size"], "sha256": state["sha256"], "overwrite": overwrite}
+    if expected is not None:
+        args["expected_sha256"] = expected
+    info = client.call("files.begin_upload", **args)
     _write_state(state_path, {**state, "upload_id": info["upload_id"]})
     return info
 
@@ -158,6 +161,14 @@ def put(
     source: Annotated[Path, typer.Argument(help="The local file to upload.", exists=True, dir_okay=False)],
     name: Annotated[str | None, typer.Argument(help="Its name on the server (default: the file's name).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace your file of that name.")] = False,
+    if_sha256: Annotated[
+        str | None,
+        typer.Option(
+            "--if-sha256",
+            help="Replace your file of that name only if its contents still have this SHA-256 when the upload "
+            "finishes (implies --overwrite; ABORTED otherwise).",
+        ),
+    ] = None,
     limit_rate: Annotated[
         float | None, typer.Option("--limit-rate", help="Send at most this many bytes per second.")
     ] = None,
@@ -180,9 +191,9 @@ def put(
             else:
                 digest = _sha256_of(source, bar)
             state = {"address": address, "name": target, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-            state["sha256"] = digest
+            state["sha256"], state["if_sha256"] = digest, if_sha256
             with connect(address, token_file, ca, insecure, timeout=None) as client:
-                info = _resume_or_begin(client, state_path, state, target, overwrite)
+                info = _resume_or_begin(client, state_path, state, target, overwrite or bool(if_sha256), if_sha256)
                 task = bar.add_task(f"put {target}", total=info["size"], completed=info["offset"])
                 chunks = _chunks(source, info["offset"], info["chunk_bytes"], bar, task, limit_rate)
                 result = client.upload("files.upload", chunks, upload_id=info["upload_id"], offset=info["offset"])

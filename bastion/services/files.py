@@ -29,7 +29,10 @@ first byte arrives, in bounded blocks. When the upload reaches its declared
 size it is fsynced, checked against the declared SHA-256 (a mismatch, or a
 byte too many, discards it with INVALID_ARGUMENT), hard-linked into place
 as a blob (pinned against the sweep first, directory fsynced), and
-only then recorded as a file: an acknowledged upload survives a crash. The
+only then recorded as a file: an acknowledged upload survives a crash.
+New contents for an existing file may name the contents they replace
+(``expected_sha256``): the commit then replaces only those, in the same
+transaction (compare-and-swap; ABORTED, the upload discarded, otherwise). The
 upload file goes only once the file is recorded, so a store failing at that
 last step loses no bytes: sending ``offset=size`` again finishes it.
 
@@ -83,6 +86,7 @@ from typing import Any
 
 from bastion.config import FilesConfig
 from bastion.exceptions import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -268,6 +272,7 @@ class Files:
         return UploadInfo(
             upload.id, upload.owner, upload.name, upload.size, upload.sha256, offset, upload.file_id,
             self.config.chunk_bytes, upload.updated_at + self.config.upload_ttl, upload.uploader,
+            upload.expected_sha256,
         )  # fmt: skip
 
     async def _offset(self, upload_id: str) -> int:
@@ -291,10 +296,14 @@ class Files:
         name: str | None = None,
         overwrite: bool = False,
         file_id: str | None = None,
+        expected_sha256: str | None = None,
     ) -> UploadInfo:
         if size < 0:
             raise InvalidArgument("size must be >= 0")
         digest = _check_sha256(sha256)
+        expected = None if expected_sha256 is None else _check_sha256(expected_sha256)
+        if expected is not None and file_id is None and not overwrite:
+            raise InvalidArgument("expected_sha256 guards a replacement: give file_id, or overwrite with the name")
         if file_id is not None:
             if name is not None or overwrite:
                 raise InvalidArgument("replace a file's contents by file_id alone (no name, no overwrite)")
@@ -306,7 +315,7 @@ class Files:
             raise InvalidArgument("give the new file's name, or the file_id whose contents to replace")
         now = time.time()
         upload = UploadRecord(
-            _new_id("u"), owner, principal.name, target_name, size, digest, file_id, overwrite, now, now
+            _new_id("u"), owner, principal.name, target_name, size, digest, file_id, overwrite, now, now, expected
         )
         await self.store.files_begin_upload(
             upload,
@@ -406,8 +415,9 @@ class Files:
             raise _no_upload(upload.id) from None
         try:
             record = await self.store.files_commit_upload(upload.id, _new_id("f"), time.time())
-        except (AlreadyExists, NotFound):
-            # It can never be recorded (its name was taken, or the file it replaces went): the upload goes;
+        except (AlreadyExists, NotFound, Aborted):
+            # It can never be recorded (its name was taken, the file it replaces went or has other contents
+            # than it expects): the upload goes;
             # its contents, an unreferenced blob now, go at a later sweep.
             with contextlib.suppress(Exception):
                 await self._discard(upload)

@@ -51,13 +51,17 @@ def declare(files: Files, svc: Service) -> None:
         name: str | None = None,
         overwrite: bool = False,
         file_id: str | None = None,
+        expected_sha256: str | None = None,
     ) -> UploadInfo:
         """Start an upload of ``size`` bytes with SHA-256 ``sha256``: a new file ``name`` (``overwrite``:
         replace the caller's file of that name), or new contents for ``file_id`` (needs write access).
-        Reserves ``size`` of the owner's quota; returns the upload id to send the bytes to."""
+        ``expected_sha256``: replace only a file whose contents are these, when the upload finishes
+        (compare-and-swap; ABORTED otherwise). Reserves ``size`` of the owner's quota; returns the upload
+        id to send the bytes to."""
         return await files.begin_upload(
-            ctx.principal, size=size, sha256=sha256, name=name, overwrite=overwrite, file_id=file_id
-        )
+            ctx.principal, size=size, sha256=sha256, name=name, overwrite=overwrite, file_id=file_id,
+            expected_sha256=expected_sha256,
+        )  # fmt: skip
 
     @svc.method
     async def upload(ctx: Context, upload_id: str, chunks: AsyncIterator[bytes], offset: int = 0) -> UploadResult:

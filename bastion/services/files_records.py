@@ -51,7 +51,8 @@ class UploadInfo(msgspec.Struct, frozen=True):
     """An open upload: ``offset`` bytes of ``size`` are on the server; continue from there.
 
     ``owner`` is charged for it; ``uploader`` (who may continue it) differs when a write share let
-    another user begin new contents for the owner's file."""
+    another user begin new contents for the owner's file. ``expected_sha256``: the contents it replaces
+    must still be these when it finishes."""
 
     upload_id: str
     owner: str
@@ -63,6 +64,7 @@ class UploadInfo(msgspec.Struct, frozen=True):
     chunk_bytes: int
     expires_at: float
     uploader: str = ""
+    expected_sha256: str | None = None
 
 
 class UploadResult(msgspec.Struct, frozen=True):

@@ -57,7 +57,7 @@ from typing import Any
 
 import msgspec
 
-from bastion.exceptions import NotFound, ResourceExhausted
+from bastion.exceptions import Aborted, NotFound, ResourceExhausted
 
 __all__ = [
     "POSTGRES_SCHEMA",
@@ -102,7 +102,8 @@ class UploadRecord(msgspec.Struct, frozen=True):
     ``owner`` is charged for it (and will own the result); ``uploader`` may
     continue it. ``file_id`` is the file whose contents it replaces (None: it
     creates ``name``; with ``overwrite``, an existing ``name`` of the owner
-    gets the new contents).
+    gets the new contents). ``expected_sha256``: replace only contents with
+    this SHA-256 (compare-and-swap; checked at begin and again at commit).
     """
 
     id: str
@@ -115,6 +116,7 @@ class UploadRecord(msgspec.Struct, frozen=True):
     overwrite: bool
     created_at: float
     updated_at: float
+    expected_sha256: str | None = None
 
 
 class FileStore(ABC):
@@ -183,7 +185,8 @@ class FileStore(ABC):
         uploader's open uploads charged to that owner would then reserve more
         than ``max_grantee`` bytes; ``AlreadyExists`` if it creates a name the owner
         already has (and ``overwrite`` is false); ``NotFound`` if the file it
-        replaces does not exist.
+        replaces does not exist; ``Aborted`` if its ``expected_sha256`` is not
+        the contents of the file it replaces (or there is no such file).
         """
 
     @abstractmethod
@@ -214,7 +217,8 @@ class FileStore(ABC):
         blob it named may become unreferenced. The blob must have been pinned
         (``files_pin_blob``) and put in place first. ``NotFound`` if the
         upload or the file it replaces is gone; ``AlreadyExists`` if its name
-        was taken meanwhile.
+        was taken meanwhile; ``Aborted`` (nothing changed) if the file it
+        replaces no longer has the ``expected_sha256`` contents.
         """
 
     # -- blobs ----------------------------------------------------------------------------
@@ -344,6 +348,9 @@ POSTGRES_SCHEMA: tuple[str, ...] = (
     )""",
 )
 
+#: Migration 19 (both backends): an upload may replace only the contents it expects (compare-and-swap).
+EXPECTED_CONTENTS = "files: an upload's expected contents of the file it replaces"
+EXPECTED_CONTENTS_SCHEMA: tuple[str, ...] = ("ALTER TABLE file_uploads ADD COLUMN expected_sha256 TEXT",)
 #: Migration 18 (both backends): a share to a user name nobody held was accepted, and whoever registered the
 #: name later got the file; the service now refuses such shares, and this drops those already made.
 UNKNOWN_GRANTEES = "files: drop shares to user names that no user holds"
@@ -355,7 +362,7 @@ UNKNOWN_GRANTEES_SCHEMA: tuple[str, ...] = (
 
 _FILE_COLUMNS = "id, owner, name, size, sha256, created_at, updated_at"
 _SHARE_COLUMNS = "file_id, kind, grantee, mode, created_at"
-_UPLOAD_COLUMNS = "id, owner, uploader, name, size, sha256, file_id, overwrite, created_at, updated_at"
+_UPLOAD_COLUMNS = "id, owner, uploader, name, size, sha256, file_id, overwrite, created_at, updated_at, expected_sha256"
 
 _GET = f"SELECT {_FILE_COLUMNS} FROM files WHERE id = $1"
 _GET_BY_NAME = f"SELECT {_FILE_COLUMNS} FROM files WHERE owner = $1 AND name = $2"
@@ -369,7 +376,7 @@ _SHARE = (
 )
 _UNSHARE = "DELETE FROM file_shares WHERE file_id = $1 AND kind = $2 AND grantee = $3"
 _SHARES = f"SELECT {_SHARE_COLUMNS} FROM file_shares WHERE file_id = $1 ORDER BY kind, grantee"
-_INSERT_UPLOAD = f"INSERT INTO file_uploads ({_UPLOAD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_INSERT_UPLOAD = f"INSERT INTO file_uploads ({_UPLOAD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 _GET_UPLOAD = f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE id = $1"
 _OPEN_UPLOADS_OF = "SELECT COUNT(*) FROM file_uploads WHERE uploader = $1"
 _RESERVED_BY = "SELECT COALESCE(SUM(size), 0) FROM file_uploads WHERE owner = $1 AND uploader = $2"
@@ -514,11 +521,31 @@ def _upload(row: Any) -> UploadRecord:
     return UploadRecord(
         str(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4]), str(row[5]),
         None if row[6] is None else str(row[6]), bool(row[7]), float(row[8]), float(row[9]),
+        None if row[10] is None else str(row[10]),
     )  # fmt: skip
 
 
 def _upload_row(u: UploadRecord) -> tuple[Any, ...]:
-    return (u.id, u.owner, u.uploader, u.name, u.size, u.sha256, u.file_id, u.overwrite, u.created_at, u.updated_at)
+    return (
+        u.id, u.owner, u.uploader, u.name, u.size, u.sha256, u.file_id, u.overwrite, u.created_at, u.updated_at,
+        u.expected_sha256,
+    )  # fmt: skip
+
+
+def _check_expected(up: UploadRecord, target: FileRecord | None) -> None:
+    """``Aborted`` if ``up`` expects contents the file it replaces (``target``) does not have."""
+    if up.expected_sha256 is None:
+        return
+    if target is None:
+        raise Aborted(
+            f"no file {up.name!r} of {up.owner!r} to replace, but contents {up.expected_sha256} were expected; "
+            "nothing changed"
+        )
+    if target.sha256 != up.expected_sha256:
+        raise Aborted(
+            f"file {target.id} now has other contents (SHA-256 {target.sha256}), not the expected "
+            f"{up.expected_sha256}; nothing changed: read it again and retry"
+        )
 
 
 def _replace_target_missing(upload: UploadRecord) -> NotFound:

@@ -48,6 +48,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     FileShare,
     FileStore,
     UploadRecord,
+    _check_expected,
     _check_uploader,
     _file,
     _handed_name,
@@ -219,7 +220,7 @@ class PostgresFiles(PostgresAccess, FileStore):
                 if row is None:
                     raise NotFound(f"no upload {upload_id}")
                 up = _upload(row)
-                target = await _pg_target(conn, up)
+                target = await _pg_target(conn, up, lock=True)
                 if target is None:
                     status = await conn.execute(_INSERT_FILE, new_id, up.owner, up.name, up.size, up.sha256, at, at)
                     if _count(status) != 1:
@@ -288,20 +289,26 @@ class PostgresFiles(PostgresAccess, FileStore):
         return result
 
 
-async def _pg_target(conn: PgConn, up: UploadRecord) -> FileRecord | None:
+async def _pg_target(conn: PgConn, up: UploadRecord, *, lock: bool = False) -> FileRecord | None:
+    """The file an upload replaces (None: it makes a new one); ``NotFound`` if that file is gone, ``Aborted``
+    if it does not have the contents the upload expects. ``lock``: its row, until the transaction ends (a
+    commit's compare-and-swap must hold until the contents are replaced)."""
+    suffix = " FOR UPDATE" if lock else ""
+    target: FileRecord | None = None
     if up.file_id is not None:
-        row = await conn.fetchrow(_GET, up.file_id)
+        row = await conn.fetchrow(_GET + suffix, up.file_id)
         if row is None:
             raise _replace_target_missing(up)
-        return _file(row)
-    if up.overwrite:
-        row = await conn.fetchrow(_GET_BY_NAME, up.owner, up.name)
-        return None if row is None else _file(row)
-    return None
+        target = _file(row)
+    elif up.overwrite:
+        row = await conn.fetchrow(_GET_BY_NAME + suffix, up.owner, up.name)
+        target = None if row is None else _file(row)
+    _check_expected(up, target)
+    return target
 
 
 async def _pg_check_target(conn: PgConn, up: UploadRecord) -> None:
-    if up.file_id is not None:
+    if up.file_id is not None or up.overwrite:
         await _pg_target(conn, up)
     elif not up.overwrite and await conn.fetchrow(_GET_BY_NAME, up.owner, up.name) is not None:
         raise AlreadyExists(f"{up.owner!r} already has a file named {up.name!r} (ask to overwrite it)")

@@ -14,6 +14,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     FileShare,
     FileStore,
     UploadRecord,
+    _check_expected,
     _check_uploader,
     _file,
     _handed_name,
@@ -211,20 +212,23 @@ class SQLiteFiles(SQLiteAccess, FileStore):
 
 
 def _sqlite_target(c: Conn, up: UploadRecord) -> FileRecord | None:
-    """The file an upload replaces (None: it makes a new one); ``NotFound`` if that file is gone."""
+    """The file an upload replaces (None: it makes a new one); ``NotFound`` if that file is gone, ``Aborted``
+    if it does not have the contents the upload expects."""
+    target: FileRecord | None = None
     if up.file_id is not None:
         row = c.execute(_Q["_GET"], (up.file_id,)).fetchone()
         if row is None:
             raise _replace_target_missing(up)
-        return _file(row)
-    if up.overwrite:
+        target = _file(row)
+    elif up.overwrite:
         row = c.execute(_Q["_GET_BY_NAME"], (up.owner, up.name)).fetchone()
-        return None if row is None else _file(row)
-    return None
+        target = None if row is None else _file(row)
+    _check_expected(up, target)
+    return target
 
 
 def _sqlite_check_target(c: Conn, up: UploadRecord) -> None:
-    if up.file_id is not None:
+    if up.file_id is not None or up.overwrite:
         _sqlite_target(c, up)
     elif not up.overwrite and c.execute(_Q["_GET_BY_NAME"], (up.owner, up.name)).fetchone() is not None:
         raise AlreadyExists(f"{up.owner!r} already has a file named {up.name!r} (ask to overwrite it)")

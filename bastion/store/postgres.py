@@ -192,6 +192,8 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
     Migration(17, jobs_owners.OWNERS_V17, jobs_owners.POSTGRES_OWNERS_V17, compatible=True),
     # Rows deleted, no schema change; old code would only accept such shares again: compatible.
     Migration(18, files.UNKNOWN_GRANTEES, files.UNKNOWN_GRANTEES_SCHEMA, compatible=True),
+    # A nullable column, which old code ignores (it would commit such an upload without the check): compatible.
+    Migration(19, files.EXPECTED_CONTENTS, files.EXPECTED_CONTENTS_SCHEMA, compatible=True),
 )
 
 LATEST = POSTGRES_MIGRATIONS[-1].version

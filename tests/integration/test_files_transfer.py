@@ -169,6 +169,21 @@ def test_wrong_sha256_is_refused(server: ServerProcess, tmp_path: Path) -> None:
     assert listed.returncode == 0 and '"bad"' not in listed.stdout
 
 
+def test_put_if_sha256_replaces_only_the_contents_it_names(server: ServerProcess, tmp_path: Path) -> None:
+    env = cli_env(tmp_path, server.token_file)
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_bytes(b"one\n")
+    second.write_bytes(b"two\n")
+    assert bastion_cli("files", "put", server.address, str(first), "cas.txt", env=env).returncode == 0
+    stale = bastion_cli("files", "put", server.address, str(second), "cas.txt", "--if-sha256", "0" * 64, env=env)
+    assert stale.returncode == 1 and "ABORTED" in stale.stderr and "other contents" in stale.stderr, stale.stderr
+    swapped = bastion_cli(
+        "files", "put", server.address, str(second), "cas.txt", "--if-sha256", file_sha(first), env=env
+    )
+    assert swapped.returncode == 0, swapped.stderr
+    assert file_sha(second) in swapped.stdout
+
+
 def test_quota_exceeded_is_refused_with_a_clear_error(server_factory: StartServer, tmp_path: Path) -> None:
     server = server_factory({"BASTION_FILES__QUOTA_BYTES": "1000000"})
     source = tmp_path / "two.bin"

@@ -470,3 +470,35 @@ def test_a_share_names_an_existing_user(tmp_path: Path) -> None:
             await mallory.files.stat(file_id=doc["id"])
 
     run(test, tmp_path)
+
+
+def test_replacing_contents_can_require_the_contents_it_replaces(tmp_path: Path) -> None:
+    """Two writers replacing one file: the later commit silently overwrote the earlier one's contents.
+    ``expected_sha256`` makes the replacement a compare-and-swap (ABORTED, as kv's expected_version)."""
+    v1, v2, mine = b"version one", b"version two", b"my edit of version one"
+
+    async def test(w: World) -> None:
+        doc = await w.put(w.alice, "doc", v1)
+        ref = {"file_id": doc["id"]}
+        with pytest.raises(bastion.Aborted, match="now has other contents"):  # wrong from the start: at once
+            await w.alice.files.begin_upload(**ref, size=len(mine), sha256=sha(mine), expected_sha256=sha(v2))
+        slow = await w.alice.files.begin_upload(**ref, size=len(mine), sha256=sha(mine), expected_sha256=sha(v1))
+        assert slow["expected_sha256"] == sha(v1)
+        await w.put(w.alice, "doc", v2, overwrite=True)  # another writer gets there first
+        with pytest.raises(bastion.Aborted, match="now has other contents"):
+            await w.alice.upload("files.upload", [mine], upload_id=slow["upload_id"])
+        assert await w.get(w.alice, **ref) == v2
+        assert await w.alice.files.uploads() == [] and (await w.alice.files.usage())["reserved_bytes"] == 0
+        # The contents it expects: the swap happens, by id or by name with overwrite.
+        done = await w.put(w.alice, "doc", mine, overwrite=True, expected_sha256=sha(v2))
+        assert done["id"] == doc["id"] and await w.get(w.alice, **ref) == mine
+        info = await w.alice.files.begin_upload(**ref, size=len(v1), sha256=sha(v1), expected_sha256=sha(mine))
+        assert (await w.alice.upload("files.upload", [v1], upload_id=info["upload_id"]))["complete"]
+        with pytest.raises(bastion.Aborted, match="no file"):  # overwrite expecting a file that is not there
+            await w.alice.files.begin_upload(
+                name="new", size=1, sha256=sha(b"x"), overwrite=True, expected_sha256=sha(v1)
+            )
+        with pytest.raises(bastion.InvalidArgument, match="expected_sha256"):
+            await w.alice.files.begin_upload(name="new", size=1, sha256=sha(b"x"), expected_sha256=sha(v1))
+
+    run(test, tmp_path)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from bastion.exceptions import AlreadyExists, NotFound, ResourceExhausted
@@ -246,9 +248,27 @@ async def test_shares_to_names_no_user_holds_are_dropped_by_migration_18(backend
     )
     async with old as store:
         await store.create_user(User("bob"))
-        await make_file(store, "u1", "f1")
-        for kind, grantee in (("user", "bob"), ("user", "ghost"), ("role", "ghost")):
-            await store.files_share(FileShare("f1", kind, grantee, "read", T0))
+    # Rows as a server of schema 17 wrote them (this code's uploads need a later schema).
+    rows = [
+        "INSERT INTO files (id, owner, name, size, sha256, created_at, updated_at) "
+        f"VALUES ('f1', 'alice', 'doc', 0, '{SHA_A}', 0, 0)",
+        *(
+            f"INSERT INTO file_shares (file_id, kind, grantee, mode, created_at) VALUES ('f1', '{k}', '{g}', 'read', 0)"
+            for k, g in (("user", "bob"), ("user", "ghost"), ("role", "ghost"))
+        ),
+    ]
+    if backend == "sqlite":
+        with sqlite3.connect(location) as conn:
+            for row in rows:
+                conn.execute(row)
+        conn.close()
+    else:
+        conn = await asyncpg.connect(location)
+        try:
+            for row in rows:
+                await conn.execute(row)
+        finally:
+            await conn.close()
     async with open_store(location) as store:
-        assert store.schema_version == 18
+        assert store.schema_version >= 18
         assert [(s.kind, s.grantee) for s in await store.files_shares("f1")] == [("role", "ghost"), ("user", "bob")]
