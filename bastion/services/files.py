@@ -68,7 +68,9 @@ than ``max_open_uploads`` uploads open. The owner sees those uploads
 (or an admin) sends their bytes. Withdrawing the share (or making it
 read-only) cancels the open uploads of those it leaves without write
 access (their streams end NOT_FOUND, the file keeps its contents) and so
-releases the quota.
+releases the quota. Whatever took the access away (a role too), an upload
+of new contents checks it again, with the uploader's current roles, just
+before its commit.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from bastion.config import FilesConfig
 from bastion.exceptions import (
@@ -336,12 +340,7 @@ class Files:
         self, principal: Principal, upload_id: str, offset: int, chunks: AsyncIterator[bytes]
     ) -> UploadResult:
         upload = await self._own_upload(principal, upload_id)
-        if upload.file_id is not None:  # replacing a file: the write share may have been revoked since
-            try:
-                await self._find(principal, upload.file_id, None, None, "write")
-            except (NotFound, PermissionDenied):
-                await self._discard(upload)  # it can never finish: give the owner's quota back now
-                raise
+        await self._may_still_write(principal, upload)
         try:
             fd, held = await _in_thread(_open_upload, self._disk.upload(upload.id))
         except OSError as exc:
@@ -384,6 +383,8 @@ class Files:
                     f"upload {upload.id}: the contents' SHA-256 is {digest}, not the declared {upload.sha256}; "
                     "the upload is discarded"
                 )
+            # The bytes may have taken long: access is judged again, with the uploader's roles of now.
+            await self._may_still_write(await self._current(principal), upload)
             record = await self._commit(upload)
         except OSError as exc:  # the disk failed: what it holds stays, for a retry once the operator mends it
             kept = (await _in_thread(os.fstat, fd)).st_size
@@ -397,6 +398,25 @@ class Files:
         return UploadResult(
             upload.id, position, True, _info(record, "owner" if record.owner == principal.name else "write")
         )
+
+    async def _current(self, principal: Principal) -> Principal:
+        """``principal`` with the roles its user holds now (none if it is no longer a user)."""
+        if self.users is None:
+            return principal
+        user = await self.users.get_user(principal.name)
+        return msgspec.structs.replace(principal, roles=frozenset() if user is None else user.roles)
+
+    async def _may_still_write(self, principal: Principal, upload: UploadRecord) -> None:
+        """For new contents of an existing file: ``NotFound``/``PermissionDenied`` -- and the upload discarded,
+        the owner's quota given back -- if ``principal`` may no longer write the file (a share withdrawn or
+        made read-only, a role taken away, the file deleted)."""
+        if upload.file_id is None:
+            return
+        try:
+            await self._find(principal, upload.file_id, None, None, "write")
+        except (NotFound, PermissionDenied):
+            await self._discard(upload)  # it can never finish
+            raise
 
     async def _commit(self, upload: UploadRecord) -> FileRecord:
         deadline = time.monotonic() + PIN_WAIT

@@ -502,3 +502,34 @@ def test_replacing_contents_can_require_the_contents_it_replaces(tmp_path: Path)
             await w.alice.files.begin_upload(name="new", size=1, sha256=sha(b"x"), expected_sha256=sha(v1))
 
     run(test, tmp_path)
+
+
+def test_an_upload_commits_only_if_its_uploader_may_still_write(tmp_path: Path) -> None:
+    """Write access was checked when each ``upload`` call began, not at its commit: a grantee who lost it
+    while a long upload's bytes arrived (here: the role that granted it taken away) still replaced the file."""
+    data = os.urandom(3 * CHUNK)
+
+    async def test(w: World) -> None:
+        doc = await w.put(w.alice, "doc", b"original")
+        await w.alice.files.share(file_id=doc["id"], role="team", mode="write")
+        info = await w.carol.files.begin_upload(file_id=doc["id"], size=len(data), sha256=sha(data))
+        go_on = asyncio.Event()
+
+        async def slow() -> AsyncIterator[bytes]:
+            yield data[:CHUNK]
+            await go_on.wait()
+            for chunk in chunks(data[CHUNK:]):
+                yield chunk
+
+        upload = asyncio.create_task(w.carol.upload("files.upload", slow(), upload_id=info["upload_id"]))
+        await offset_reaches(w.carol, info["upload_id"], CHUNK)
+        users = w.files.users
+        assert users is not None
+        await users.update_user(User("carol"))  # no longer in "team"
+        go_on.set()
+        with pytest.raises(bastion.NotFound, match="no file"):
+            await upload
+        assert await w.get(w.alice, file_id=doc["id"]) == b"original"
+        assert await w.alice.files.uploads() == [] and (await w.alice.files.usage())["reserved_bytes"] == 0
+
+    run(test, tmp_path)
