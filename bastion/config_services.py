@@ -246,6 +246,7 @@ class FilesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_open_uploads: open uploads one user may have begun at once (whoever is charged).
     max_grantee_reserved_bytes: bytes one user may hold reserved in another user's quota at once
     (uploads begun through that user's write shares).
+    max_files: files one user may own, counting the open uploads of new names (whoever began them).
     """
 
     directory: str = ""
@@ -256,11 +257,14 @@ class FilesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sweep_interval: float = 60.0
     max_open_uploads: int = 100
     max_grantee_reserved_bytes: int = 1024**3
+    max_files: int = 100_000
 
     def __post_init__(self) -> None:
         check_finite(self, "files")
         if self.max_open_uploads < 1:
             raise UsageError(f"files.max_open_uploads must be >= 1, got {self.max_open_uploads!r}")
+        if self.max_files < 1:
+            raise UsageError(f"files.max_files must be >= 1, got {self.max_files!r}")
         if self.max_grantee_reserved_bytes < 0:
             raise UsageError(f"files.max_grantee_reserved_bytes must be >= 0, got {self.max_grantee_reserved_bytes!r}")
         if self.quota_bytes < 0 or not 0 < self.chunk_bytes <= 1_000_000:

@@ -62,7 +62,8 @@ one; a file it can read but not change is PERMISSION_DENIED.
 Uploads and quotas. An upload is charged to the owner of what it makes: new
 contents begun through a write share reserve the *owner's* quota -- at most
 ``max_grantee_reserved_bytes`` of it per uploader, and nobody holds more
-than ``max_open_uploads`` uploads open. The owner sees those uploads
+than ``max_open_uploads`` uploads open. An owner holds at most ``max_files``
+files, counting the open uploads that may make new ones. The owner sees those uploads
 (``uploads``, ``upload_status``, naming the uploader) and may
 ``cancel_upload`` them, releasing the reservation at once; only the uploader
 (or an admin) sends their bytes. Withdrawing the share (or making it
@@ -326,6 +327,7 @@ class Files:
             self.config.quota_bytes,
             max_open=self.config.max_open_uploads,
             max_grantee=self.config.max_grantee_reserved_bytes,
+            max_files=self.config.max_files,
         )
         try:
             await _in_thread(self._disk.create_upload, upload.id)

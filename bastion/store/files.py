@@ -175,7 +175,13 @@ class FileStore(ABC):
 
     @abstractmethod
     async def files_begin_upload(
-        self, upload: UploadRecord, quota: int, *, max_open: int | None = None, max_grantee: int | None = None
+        self,
+        upload: UploadRecord,
+        quota: int,
+        *,
+        max_open: int | None = None,
+        max_grantee: int | None = None,
+        max_files: int | None = None,
     ) -> None:
         """Record an upload, reserving ``upload.size`` of its owner's ``quota``.
 
@@ -183,7 +189,9 @@ class FileStore(ABC):
         would exceed ``quota``, if its uploader already has ``max_open`` uploads
         open, or if it is charged to someone other than its uploader and the
         uploader's open uploads charged to that owner would then reserve more
-        than ``max_grantee`` bytes; ``AlreadyExists`` if it creates a name the owner
+        than ``max_grantee`` bytes, or if it may make a new file (it replaces
+        none that exists now) and the owner's files plus open uploads that may
+        make new ones already number ``max_files``; ``AlreadyExists`` if it creates a name the owner
         already has (and ``overwrite`` is false); ``NotFound`` if the file it
         replaces does not exist; ``Aborted`` if its ``expected_sha256`` is not
         the contents of the file it replaces (or there is no such file).
@@ -379,6 +387,11 @@ _SHARES = f"SELECT {_SHARE_COLUMNS} FROM file_shares WHERE file_id = $1 ORDER BY
 _INSERT_UPLOAD = f"INSERT INTO file_uploads ({_UPLOAD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 _GET_UPLOAD = f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE id = $1"
 _OPEN_UPLOADS_OF = "SELECT COUNT(*) FROM file_uploads WHERE uploader = $1"
+# An owner's files and the open uploads that may make new ones (an overwrite may: its name can go meanwhile).
+_FILE_COUNT = (
+    "SELECT (SELECT COUNT(*) FROM files WHERE owner = $1) "
+    "+ (SELECT COUNT(*) FROM file_uploads WHERE owner = $1 AND file_id IS NULL)"
+)
 _RESERVED_BY = "SELECT COALESCE(SUM(size), 0) FROM file_uploads WHERE owner = $1 AND uploader = $2"
 _UPLOADS_OF = f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE uploader = $1 ORDER BY created_at, id"
 _UPLOADS_CHARGED = (
@@ -495,6 +508,15 @@ def _check_uploader(
             f"uploads by {upload.uploader!r} for another user's files: {reserved} bytes reserved in "
             f"{upload.owner!r}'s quota + {upload.size} requested > limit {max_grantee} bytes "
             "(files.max_grantee_reserved_bytes)"
+        )
+
+
+def _check_file_count(upload: UploadRecord, count: int, max_files: int | None) -> None:
+    """``ResourceExhausted`` if ``upload``, making a new file, would pass its owner's ``max_files``."""
+    if max_files is not None and count >= max_files:
+        raise ResourceExhausted(
+            f"{upload.owner!r} holds {count} files or uploads of new ones, the limit (files.max_files): "
+            "delete some files or cancel some uploads first"
         )
 
 

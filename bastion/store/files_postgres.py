@@ -18,6 +18,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _DROP_UPLOADS_OF,
     _DROP_USER_SHARES,
     _EXPIRE_UPLOADS,
+    _FILE_COUNT,
     _FORGET,
     _GET,
     _GET_BY_NAME,
@@ -49,6 +50,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     FileStore,
     UploadRecord,
     _check_expected,
+    _check_file_count,
     _check_uploader,
     _file,
     _handed_name,
@@ -169,7 +171,13 @@ class PostgresFiles(PostgresAccess, FileStore):
         return [_share(row) for row in await self._files_all(_SHARES, file_id)]
 
     async def files_begin_upload(
-        self, upload: UploadRecord, quota: int, *, max_open: int | None = None, max_grantee: int | None = None
+        self,
+        upload: UploadRecord,
+        quota: int,
+        *,
+        max_open: int | None = None,
+        max_grantee: int | None = None,
+        max_files: int | None = None,
     ) -> None:
         async def begin(conn: PgConn) -> None:
             async with conn.transaction():
@@ -181,7 +189,8 @@ class PostgresFiles(PostgresAccess, FileStore):
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock(hashtext('bastion.files.uploader'), hashtext($1))", upload.uploader
                 )
-                await _pg_check_target(conn, upload)
+                if await _pg_check_target(conn, upload) is None:  # it may make a new file
+                    _check_file_count(upload, int(await conn.fetchval(_FILE_COUNT, upload.owner)), max_files)
                 open_uploads = int(await conn.fetchval(_OPEN_UPLOADS_OF, upload.uploader))
                 reserved = int(await conn.fetchval(_RESERVED_BY, upload.owner, upload.uploader))
                 _check_uploader(upload, open_uploads, reserved, max_open, max_grantee)
@@ -307,8 +316,10 @@ async def _pg_target(conn: PgConn, up: UploadRecord, *, lock: bool = False) -> F
     return target
 
 
-async def _pg_check_target(conn: PgConn, up: UploadRecord) -> None:
+async def _pg_check_target(conn: PgConn, up: UploadRecord) -> FileRecord | None:
+    """At begin: the file ``up`` replaces (None: it makes a new one), or why it cannot be begun."""
     if up.file_id is not None or up.overwrite:
-        await _pg_target(conn, up)
-    elif not up.overwrite and await conn.fetchrow(_GET_BY_NAME, up.owner, up.name) is not None:
+        return await _pg_target(conn, up)
+    if await conn.fetchrow(_GET_BY_NAME, up.owner, up.name) is not None:
         raise AlreadyExists(f"{up.owner!r} already has a file named {up.name!r} (ask to overwrite it)")
+    return None

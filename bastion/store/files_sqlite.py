@@ -15,6 +15,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     FileStore,
     UploadRecord,
     _check_expected,
+    _check_file_count,
     _check_uploader,
     _file,
     _handed_name,
@@ -109,10 +110,17 @@ class SQLiteFiles(SQLiteAccess, FileStore):
         return [_share(row) for row in rows]
 
     async def files_begin_upload(
-        self, upload: UploadRecord, quota: int, *, max_open: int | None = None, max_grantee: int | None = None
+        self,
+        upload: UploadRecord,
+        quota: int,
+        *,
+        max_open: int | None = None,
+        max_grantee: int | None = None,
+        max_files: int | None = None,
     ) -> None:
         def begin(c: Conn) -> None:
-            _sqlite_check_target(c, upload)
+            if _sqlite_check_target(c, upload) is None:  # it may make a new file
+                _check_file_count(upload, int(c.execute(_Q["_FILE_COUNT"], (upload.owner,)).fetchone()[0]), max_files)
             open_uploads = int(c.execute(_Q["_OPEN_UPLOADS_OF"], (upload.uploader,)).fetchone()[0])
             reserved = int(c.execute(_Q["_RESERVED_BY"], (upload.owner, upload.uploader)).fetchone()[0])
             _check_uploader(upload, open_uploads, reserved, max_open, max_grantee)
@@ -227,8 +235,10 @@ def _sqlite_target(c: Conn, up: UploadRecord) -> FileRecord | None:
     return target
 
 
-def _sqlite_check_target(c: Conn, up: UploadRecord) -> None:
+def _sqlite_check_target(c: Conn, up: UploadRecord) -> FileRecord | None:
+    """At begin: the file ``up`` replaces (None: it makes a new one), or why it cannot be begun."""
     if up.file_id is not None or up.overwrite:
-        _sqlite_target(c, up)
-    elif not up.overwrite and c.execute(_Q["_GET_BY_NAME"], (up.owner, up.name)).fetchone() is not None:
+        return _sqlite_target(c, up)
+    if c.execute(_Q["_GET_BY_NAME"], (up.owner, up.name)).fetchone() is not None:
         raise AlreadyExists(f"{up.owner!r} already has a file named {up.name!r} (ask to overwrite it)")
+    return None

@@ -60,8 +60,33 @@ def test_an_uploader_holds_at_most_max_open_uploads(tmp_path: Path) -> None:
     run(test, tmp_path, config)
 
 
+def test_an_owner_holds_at_most_max_files(tmp_path: Path) -> None:
+    """Only bytes were bounded: empty files cost no quota, so one user could make rows without end."""
+    config = FilesConfig(quota_bytes=10_000, chunk_bytes=CHUNK, max_files=3)
+
+    async def test(w: World) -> None:
+        a = await w.put(w.alice, "a", b"")
+        await w.put(w.alice, "b", b"")
+        pending = await w.alice.files.begin_upload(name="c", size=0, sha256=sha(b""))  # an upload of a new name
+        with pytest.raises(bastion.ResourceExhausted, match=r"3 files or uploads of new ones.*files\.max_files"):
+            await w.alice.files.begin_upload(name="d", size=0, sha256=sha(b""))
+        await w.put(w.alice, "a", b"new", overwrite=True)  # replacing adds no file
+        await w.alice.files.share(file_id=a["id"], user="bob", mode="write")
+        info = await w.bob.files.begin_upload(file_id=a["id"], size=1, sha256=sha(b"x"))
+        assert (await w.bob.upload("files.upload", [b"x"], upload_id=info["upload_id"]))["complete"]
+        await w.put(w.bob, "bobs", b"")  # per owner
+        await w.alice.files.cancel_upload(upload_id=pending["upload_id"])
+        await w.put(w.alice, "d", b"")
+        with pytest.raises(bastion.ResourceExhausted, match=r"files\.max_files"):
+            await w.put(w.alice, "e", b"")
+        await w.alice.files.delete(name="b")
+        await w.put(w.alice, "e", b"")
+
+    run(test, tmp_path, config)
+
+
 def test_the_limits_are_validated_at_load() -> None:
-    for bad in ({"max_open_uploads": 0}, {"max_grantee_reserved_bytes": -1}):
+    for bad in ({"max_open_uploads": 0}, {"max_grantee_reserved_bytes": -1}, {"max_files": 0}):
         with pytest.raises(bastion.UsageError, match=next(iter(bad))):
             FilesConfig(**bad)  # type: ignore[arg-type]
 
