@@ -120,6 +120,7 @@ from bastion.services.files_records import (
     FilePage,
     ShareInfo,
     UploadInfo,
+    UploadPage,
     UploadResult,
     Usage,
     _check_sha256,
@@ -132,7 +133,9 @@ from bastion.services.files_sweep import sweep
 from bastion.store.base import Store
 from bastion.store.files import FileRecord, FileStore, UploadRecord
 
-__all__ = ["FileInfo", "FilePage", "Files", "ShareInfo", "UploadInfo", "UploadResult", "Usage", "check_name"]
+__all__ = [
+    "FileInfo", "FilePage", "Files", "ShareInfo", "UploadInfo", "UploadPage", "UploadResult", "Usage", "check_name",
+]  # fmt: skip
 
 log = logging.getLogger("bastion.files")
 

@@ -21,6 +21,7 @@ from bastion.services.files_records import (
     FilePage,
     ShareInfo,
     UploadInfo,
+    UploadPage,
     UploadResult,
     Usage,
     _info,
@@ -76,11 +77,22 @@ def declare(files: Files, svc: Service) -> None:
         return files._upload_info(found, await files._offset(found.id))
 
     @svc.method(idempotent=True)
-    async def uploads(ctx: Context) -> list[UploadInfo]:
+    async def uploads(ctx: Context, after: str | None = None, limit: int = 100) -> UploadPage:
         """The caller's open uploads and those charged to its quota (others' new contents for its
-        files, each naming its ``uploader``), oldest first."""
-        found = await store.files_list_uploads(ctx.principal.name, charged=True)
-        return [files._upload_info(u, await files._offset(u.id)) for u in found]
+        files, each naming its ``uploader``), oldest first, a page of at most ``limit``."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidArgument(f"limit must be 1..{MAX_PAGE}")
+        key = None
+        if after is not None:
+            try:
+                key = msgspec.json.decode(after, type=tuple[float, str])
+            except msgspec.DecodeError:
+                raise InvalidArgument("after must be the 'next' of a previous page") from None
+        found = await store.files_page_uploads(ctx.principal.name, key, limit)
+        infos = [files._upload_info(u, await files._offset(u.id)) for u in found]
+        last = found[-1] if len(found) == limit else None
+        cursor = None if last is None else msgspec.json.encode((last.created_at, last.id)).decode()
+        return UploadPage(infos, cursor)
 
     @svc.method(idempotent=True)
     async def cancel_upload(ctx: Context, upload_id: str) -> bool:

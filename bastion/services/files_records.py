@@ -18,7 +18,7 @@ from bastion.exceptions import InvalidArgument
 from bastion.security.principal import ADMIN_ROLE, Principal
 from bastion.store.files import FileRecord, FileShare
 
-__all__ = ["FileInfo", "FilePage", "ShareInfo", "UploadInfo", "UploadResult", "Usage", "check_name"]
+__all__ = ["FileInfo", "FilePage", "ShareInfo", "UploadInfo", "UploadPage", "UploadResult", "Usage", "check_name"]
 
 MAX_NAME_BYTES = 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
@@ -65,6 +65,13 @@ class UploadInfo(msgspec.Struct, frozen=True):
     expires_at: float
     uploader: str = ""
     expected_sha256: str | None = None
+
+
+class UploadPage(msgspec.Struct, frozen=True):
+    """One page of ``files.uploads``; pass ``next`` as ``after`` for the next page (None: the last)."""
+
+    uploads: list[UploadInfo]
+    next: str | None
 
 
 class UploadResult(msgspec.Struct, frozen=True):

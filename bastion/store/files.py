@@ -206,6 +206,11 @@ class FileStore(ABC):
         charged to ``uploader``'s quota (others' new contents for its files)."""
 
     @abstractmethod
+    async def files_page_uploads(self, user: str, after: tuple[float, str] | None, limit: int) -> list[UploadRecord]:
+        """Up to ``limit`` of the open uploads ``user`` began or is charged for, oldest first (by
+        ``(created_at, id)``), after ``after`` (a ``(created_at, id)`` key)."""
+
+    @abstractmethod
     async def files_touch_upload(self, upload_id: str, at: float) -> bool:
         """Mark an upload active at ``at`` (it expires ``upload_ttl`` after its last activity)."""
 
@@ -398,6 +403,10 @@ _UPLOADS_CHARGED = (
     f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE uploader = $1 OR owner = $1 ORDER BY created_at, id"
 )
 _UPLOADS_ALL = f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads ORDER BY created_at, id"
+_UPLOADS_PAGE = (
+    f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE (uploader = $1 OR owner = $1) "
+    "AND (created_at, id) > (CAST($2 AS DOUBLE PRECISION), CAST($3 AS TEXT)) ORDER BY created_at, id LIMIT $4"
+)
 _TOUCH_UPLOAD = "UPDATE file_uploads SET updated_at = $2 WHERE id = $1"
 _DELETE_UPLOAD = "DELETE FROM file_uploads WHERE id = $1"
 _EXPIRE_UPLOADS = "DELETE FROM file_uploads WHERE updated_at < $1 RETURNING id"

@@ -41,6 +41,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _UPLOADS_ALL,
     _UPLOADS_CHARGED,
     _UPLOADS_OF,
+    _UPLOADS_PAGE,
     _USAGE_FILES,
     _USAGE_UPLOADS,
     CLAIM_SECONDS,
@@ -212,6 +213,10 @@ class PostgresFiles(PostgresAccess, FileStore):
         else:
             rows = await self._files_all(_UPLOADS_CHARGED if charged else _UPLOADS_OF, uploader)
         return [_upload(row) for row in rows]
+
+    async def files_page_uploads(self, user: str, after: tuple[float, str] | None, limit: int) -> list[UploadRecord]:
+        at, upload_id = after or (float("-inf"), "")
+        return [_upload(row) for row in await self._files_all(_UPLOADS_PAGE, user, at, upload_id, limit)]
 
     async def files_touch_upload(self, upload_id: str, at: float) -> bool:
         return await self._files_execute(_TOUCH_UPLOAD, upload_id, at) == 1

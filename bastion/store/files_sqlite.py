@@ -144,6 +144,11 @@ class SQLiteFiles(SQLiteAccess, FileStore):
             rows = await self._read(lambda c: c.execute(sql, (uploader,)).fetchall())
         return [_upload(row) for row in rows]
 
+    async def files_page_uploads(self, user: str, after: tuple[float, str] | None, limit: int) -> list[UploadRecord]:
+        at, upload_id = after or (float("-inf"), "")
+        rows = await self._read(lambda c: c.execute(_Q["_UPLOADS_PAGE"], (user, at, upload_id, limit)).fetchall())
+        return [_upload(row) for row in rows]
+
     async def files_touch_upload(self, upload_id: str, at: float) -> bool:
         return await self._write(lambda c: c.execute(_Q["_TOUCH_UPLOAD"], (upload_id, at)).rowcount) == 1
 

@@ -64,7 +64,7 @@ def test_a_double_click_on_upload_starts_one_upload(page: Any, native: SyncClien
     page.wait_for_selector("#upload-status[data-done='twice.bin']")
     page.wait_for_selector("#files-table tr[data-name='twice.bin']")
     assert len(begun) == 1, begun
-    assert native.call("files.uploads") == []  # no second upload holding a quota reservation
+    assert native.call("files.uploads")["uploads"] == []  # no second upload holding a quota reservation
     info = native.call("files.stat", name="twice.bin")
     assert info["sha256"] == hashlib.sha256(data).hexdigest()
     assert page.is_enabled(UPLOAD_BUTTON)

@@ -109,7 +109,7 @@ def test_an_unwritable_files_directory_is_unavailable_and_reserves_nothing(serve
             with pytest.raises(bastion.Unavailable, match="cannot write"):
                 c.call("files.begin_upload", name="new", size=3, sha256=sha(b"new"))
             assert c.call("files.usage")["reserved_bytes"] == 0
-            assert c.call("files.uploads") == []
+            assert c.call("files.uploads")["uploads"] == []
             assert get(c, "kept") == kept
         info = c.call("files.begin_upload", name="new", size=3, sha256=sha(b"new"))
         # The blobs' directory refuses the finished upload: the bytes stay, and sending offset=size again ends it.

@@ -397,9 +397,9 @@ def test_uploads_belong_to_their_uploader(tmp_path: Path) -> None:
             await w.bob.upload("files.upload", [b"abc"], upload_id=info["upload_id"])
         with pytest.raises(bastion.NotFound):
             await w.alice.files.upload_status(upload_id="../../etc/passwd")
-        assert [u["upload_id"] for u in await w.alice.files.uploads()] == [info["upload_id"]]
+        assert [u["upload_id"] for u in (await w.alice.files.uploads())["uploads"]] == [info["upload_id"]]
         assert await w.alice.files.cancel_upload(upload_id=info["upload_id"]) is True
-        assert await w.alice.files.uploads() == []
+        assert (await w.alice.files.uploads())["uploads"] == []
 
     run(test, tmp_path)
 
@@ -417,7 +417,7 @@ def test_the_owner_sees_and_cancels_uploads_another_user_charged_to_their_quota(
         with pytest.raises(bastion.ResourceExhausted):
             await w.alice.files.begin_upload(name="mine", size=10, sha256=sha(b"z" * 10))
 
-        listed = await w.alice.files.uploads()
+        listed = (await w.alice.files.uploads())["uploads"]
         assert [(u["upload_id"], u["owner"], u["uploader"], u["size"]) for u in listed] == [
             (taken["upload_id"], "alice", "bob", 900)
         ]
@@ -426,12 +426,12 @@ def test_the_owner_sees_and_cancels_uploads_another_user_charged_to_their_quota(
             await w.alice.upload("files.upload", [b"y" * 900], upload_id=taken["upload_id"])
         assert await w.alice.files.cancel_upload(upload_id=taken["upload_id"]) is True
         assert (await w.alice.files.usage())["reserved_bytes"] == 0
-        assert await w.bob.files.uploads() == []
+        assert (await w.bob.files.uploads())["uploads"] == []
         with pytest.raises(bastion.NotFound):
             await w.bob.upload("files.upload", [b"y" * 900], upload_id=taken["upload_id"])
         await w.alice.files.begin_upload(name="mine", size=10, sha256=sha(b"z" * 10))
         # Carol, a stranger to both, still sees none of it.
-        assert await w.carol.files.uploads() == []
+        assert (await w.carol.files.uploads())["uploads"] == []
 
     run(test, tmp_path, config)
 
@@ -488,7 +488,7 @@ def test_replacing_contents_can_require_the_contents_it_replaces(tmp_path: Path)
         with pytest.raises(bastion.Aborted, match="now has other contents"):
             await w.alice.upload("files.upload", [mine], upload_id=slow["upload_id"])
         assert await w.get(w.alice, **ref) == v2
-        assert await w.alice.files.uploads() == [] and (await w.alice.files.usage())["reserved_bytes"] == 0
+        assert (await w.alice.files.uploads())["uploads"] == [] and (await w.alice.files.usage())["reserved_bytes"] == 0
         # The contents it expects: the swap happens, by id or by name with overwrite.
         done = await w.put(w.alice, "doc", mine, overwrite=True, expected_sha256=sha(v2))
         assert done["id"] == doc["id"] and await w.get(w.alice, **ref) == mine
@@ -530,6 +530,32 @@ def test_an_upload_commits_only_if_its_uploader_may_still_write(tmp_path: Path) 
         with pytest.raises(bastion.NotFound, match="no file"):
             await upload
         assert await w.get(w.alice, file_id=doc["id"]) == b"original"
-        assert await w.alice.files.uploads() == [] and (await w.alice.files.usage())["reserved_bytes"] == 0
+        assert (await w.alice.files.uploads())["uploads"] == [] and (await w.alice.files.usage())["reserved_bytes"] == 0
+
+    run(test, tmp_path)
+
+
+def test_uploads_come_in_pages(tmp_path: Path) -> None:
+    """``uploads`` answered every open upload charged to the caller at once: grantees of a write share to a
+    role each hold up to max_open_uploads, so the answer had no bound. It pages now, as ``list`` does."""
+
+    async def test(w: World) -> None:
+        began = [
+            (await w.alice.files.begin_upload(name=f"u{i}", size=1, sha256=sha(b"x")))["upload_id"] for i in range(5)
+        ]
+        seen, after, pages = [], None, 0
+        while True:
+            page = await w.alice.files.uploads(limit=2, after=after)
+            seen += [u["upload_id"] for u in page["uploads"]]
+            pages += 1
+            if page["next"] is None:
+                break
+            after = page["next"]
+        assert seen == began and pages == 3  # oldest first
+        assert (await w.alice.files.uploads())["next"] is None
+        with pytest.raises(bastion.InvalidArgument, match="limit"):
+            await w.alice.files.uploads(limit=0)
+        with pytest.raises(bastion.InvalidArgument, match="after"):
+            await w.alice.files.uploads(after="not a cursor")
 
     run(test, tmp_path)

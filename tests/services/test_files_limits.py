@@ -53,7 +53,7 @@ def test_an_uploader_holds_at_most_max_open_uploads(tmp_path: Path) -> None:
             await w.alice.files.begin_upload(name="e3", size=0, sha256=sha(b""))
         assert len(os.listdir(w.directory / "uploads")) == 3
         await w.bob.files.begin_upload(name="e3", size=0, sha256=sha(b""))  # per uploader
-        first = (await w.alice.files.uploads())[0]
+        first = (await w.alice.files.uploads())["uploads"][0]
         await w.alice.files.cancel_upload(upload_id=first["upload_id"])
         await w.alice.files.begin_upload(name="e3", size=0, sha256=sha(b""))
 
@@ -107,14 +107,14 @@ def test_unsharing_cancels_the_grantees_uploads_and_releases_the_reservation(tmp
 
         assert await w.alice.files.unshare(**ref, user="bob") is True
         assert (await w.alice.files.usage())["reserved_bytes"] == 3_000
-        assert await w.bob.files.uploads() == []
+        assert (await w.bob.files.uploads())["uploads"] == []
         assert not (w.directory / "uploads" / bobs["upload_id"]).exists()
         with pytest.raises(bastion.NotFound):
             await w.bob.files.upload_status(upload_id=bobs["upload_id"])
 
         # Carol's write access came through a role: withdrawing it cancels hers; the admin's stays.
         assert await w.alice.files.unshare(**ref, role="team") is True
-        assert [u["upload_id"] for u in await w.alice.files.uploads()] == [admins["upload_id"]]
+        assert [u["upload_id"] for u in (await w.alice.files.uploads())["uploads"]] == [admins["upload_id"]]
         with pytest.raises(bastion.NotFound):
             await w.carol.files.upload_status(upload_id=carols["upload_id"])
         assert (await w.alice.files.usage())["reserved_bytes"] == 1_000
@@ -176,7 +176,7 @@ def test_an_uploader_who_lost_write_access_otherwise_gives_the_reservation_back_
         with pytest.raises(bastion.NotFound):
             await carol_now.upload("files.upload", [b"c" * 10], upload_id=info["upload_id"])
         assert (await w.alice.files.usage())["reserved_bytes"] == 0
-        assert await w.alice.files.uploads() == []
+        assert (await w.alice.files.uploads())["uploads"] == []
 
     run(test, tmp_path)
 
@@ -235,7 +235,7 @@ def test_two_uploads_racing_for_one_new_name_leave_one_file_and_nothing_behind(t
         assert await w.get(w.alice, name="same") in (one, two)
         assert (await w.get(w.alice, name="same")) == (one if won[0]["upload_id"] == first["upload_id"] else two)
         assert list((w.directory / "uploads").iterdir()) == []
-        assert await w.alice.files.uploads() == []
+        assert (await w.alice.files.uploads())["uploads"] == []
         usage = await w.alice.files.usage()
         assert (usage["files_bytes"], usage["reserved_bytes"]) == (2 * CHUNK, 0)
 
@@ -310,7 +310,7 @@ def test_deleting_a_file_cancels_the_uploads_replacing_it_and_releases_their_res
 
         await w.bob.files.delete(file_id=doc["id"])  # a write grantee may delete it
         assert (await w.alice.files.usage())["reserved_bytes"] == 500
-        assert [u["upload_id"] for u in await w.alice.files.uploads()] == [kept["upload_id"]]
+        assert [u["upload_id"] for u in (await w.alice.files.uploads())["uploads"]] == [kept["upload_id"]]
         for upload_id in (bobs["upload_id"], alices["upload_id"]):
             assert not (w.directory / "uploads" / upload_id).exists()
         with pytest.raises(bastion.NotFound):
