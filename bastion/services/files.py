@@ -28,7 +28,9 @@ process keeps between calls; a resumed upload whose hash it does not have
 first byte arrives, in bounded blocks. When the upload reaches its declared
 size it is fsynced, checked against the declared SHA-256 (a mismatch, or a
 byte too many, discards it with INVALID_ARGUMENT), hard-linked into place
-as a blob (pinned against the sweep first, directory fsynced), and
+as a blob (pinned against the sweep first, directory fsynced; an existing
+blob of the same SHA-256 is replaced by these verified bytes, so one that
+decayed on disk is mended, not reused), and
 only then recorded as a file: an acknowledged upload survives a crash.
 New contents for an existing file may name the contents they replace
 (``expected_sha256``): the commit then replaces only those, in the same

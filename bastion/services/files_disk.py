@@ -135,13 +135,29 @@ class _Disk:
             fsync_dir(self.blobs)  # the new directory's entry is durable before a file names a blob in it
         try:
             os.link(source, target)
-        except FileExistsError:  # these contents are there already (same SHA-256); mend a damaged copy
-            if os.stat(target).st_size != os.stat(source).st_size:
-                spare = target.with_name(f"{sha256}.{upload_id}")
+        except FileExistsError:
+            # These contents are there already (same SHA-256) -- or were: a blob decays in place (a flipped
+            # bit, a torn write) keeping its size and name. The upload's bytes were just verified, so they
+            # take the name, atomically (readers keep the file they opened): a link and a rename, where
+            # checking the old copy would read it all.
+            spare = target.with_name(f"{sha256}.{upload_id}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spare)  # left by an earlier attempt that failed between its link and its rename
+            try:
                 os.link(source, spare)
-                os.replace(spare, target)
+            except OSError as exc:
+                if exc.errno not in _NO_LINKS:
+                    raise
+                os.replace(source, target)
+            else:
+                try:
+                    os.replace(spare, target)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(spare)
+                    raise
         except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            if exc.errno not in _NO_LINKS:
                 raise
             os.replace(source, target)  # a file system without hard links: move it (the bytes go with it)
         fsync_dir(target.parent)
@@ -153,6 +169,10 @@ class _Disk:
             if _UPLOAD_ID.match(entry.name) and entry.stat().st_mtime < older_than and not known(entry.name):
                 out.append(entry.name)
         return out
+
+
+#: errno of a file system that has no hard links (or no more for this file): the upload is moved instead.
+_NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
 
 
 def _make_dirs(directory: Path) -> None:

@@ -559,3 +559,24 @@ def test_uploads_come_in_pages(tmp_path: Path) -> None:
             await w.alice.files.uploads(after="not a cursor")
 
     run(test, tmp_path)
+
+
+def test_contents_uploaded_again_mend_a_decayed_blob_of_the_same_sha256(tmp_path: Path) -> None:
+    """A blob already there with the right size was trusted as it was: one decayed in place (a flipped bit)
+    kept being served, to the new file too, although the upload had just brought verified contents."""
+    data = os.urandom(100_000)
+
+    async def test(w: World) -> None:
+        first = await w.put(w.alice, "first", data)
+        blob = w.directory / "blobs" / sha(data)[:2] / sha(data)
+        decayed = bytearray(blob.read_bytes())
+        decayed[50_000] ^= 0x01
+        blob.write_bytes(bytes(decayed))
+        second = await w.put(w.bob, "second", data)
+        assert second["sha256"] == first["sha256"] == sha(data)
+        assert blob.read_bytes() == data
+        assert await w.get(w.bob, name="second") == data and await w.get(w.alice, name="first") == data
+        assert blob.stat().st_mode & 0o777 == 0o600 and list((w.directory / "uploads").iterdir()) == []
+        assert [p.name for p in blob.parent.iterdir()] == [sha(data)]  # no spare name left behind
+
+    run(test, tmp_path)
