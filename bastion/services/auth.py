@@ -207,7 +207,8 @@ def create_service(
         problem = PasswordHasher.check_policy(new_password)
         if problem:
             raise InvalidArgument(problem)
-        await store.update_user(msgspec.structs.replace(user, password_hash=await hasher.hash(new_password)))
+        # The hash alone: the record read before hashing may be stale by now (a disable, a demotion).
+        await store.set_password_hash(name, await hasher.hash(new_password))
         ended = await _end_sessions(name, keep=ctx.principal.token_id)
         audit("auth.password_changed", principal=name, peer=ctx.peer, revoked_sessions=ended)
         return True
@@ -292,8 +293,9 @@ def create_service(
         """Set a user's password (admin)."""
         if problem := PasswordHasher.check_policy(password):
             raise InvalidArgument(problem)
-        user = await _get(name)
-        await store.update_user(msgspec.structs.replace(user, password_hash=await hasher.hash(password)))
+        await _get(name)
+        if not await store.set_password_hash(name, await hasher.hash(password)):  # the hash alone, as above
+            raise NotFound(f"no user {name!r}")
         ended = await _end_sessions(name, keep=None)
         audit("admin.set_password", principal=ctx.principal.name, peer=ctx.peer, target=name, revoked_sessions=ended)
         return True

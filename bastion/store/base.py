@@ -100,6 +100,11 @@ class Store(KVStore, FileStore, JobStore, IdempotencyStore, MailStore, TopicStor
         """Replace the record of ``user.name``; False if there is none."""
 
     @abstractmethod
+    async def set_password_hash(self, name: str, password_hash: str | None) -> bool:
+        """Replace ``name``'s password hash and nothing else -- not roles or the disabled flag another
+        call may have changed meanwhile; False if there is no such user."""
+
+    @abstractmethod
     async def delete_user(self, name: str) -> bool:
         """Delete the user and their tokens; False if there was none."""
 

@@ -42,6 +42,10 @@ class PostgresCredentials(PostgresAccess):
     async def update_user(self, user: User) -> bool:
         return await self._call(_changes(_UPDATE_USER, *_user_row(user))) == 1
 
+    async def set_password_hash(self, name: str, password_hash: str | None) -> bool:
+        sql = "UPDATE users SET password_hash = $2 WHERE name = $1"
+        return await self._call(_changes(sql, name, password_hash)) == 1
+
     async def delete_user(self, name: str) -> bool:
         # Their tokens go too (ON DELETE CASCADE): a name reused later starts clean.
         return await self._call(_changes("DELETE FROM users WHERE name = $1", name)) == 1

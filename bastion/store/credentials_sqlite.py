@@ -36,6 +36,10 @@ class SQLiteCredentials(SQLiteAccess):
         name, *rest = _user_row(user)
         return await self._write(_changes(_UPDATE_USER, (*rest, name))) == 1
 
+    async def set_password_hash(self, name: str, password_hash: str | None) -> bool:
+        sql = "UPDATE users SET password_hash = ? WHERE name = ?"
+        return await self._write(_changes(sql, (password_hash, name))) == 1
+
     async def delete_user(self, name: str) -> bool:
         # Their tokens go too (ON DELETE CASCADE): a name reused later starts clean.
         return await self._write(_changes("DELETE FROM users WHERE name = ?", (name,))) == 1

@@ -304,3 +304,53 @@ def test_a_login_with_an_impossible_username_stores_and_logs_no_more_than_a_user
         assert w.audit_text().count("auth.login_failure") == 3
 
     run(test, tmp_path)
+
+
+class GatedHasher(PasswordHasher):
+    """The real (fast) hasher, whose ``hash`` waits at a gate: a password change held while it hashes."""
+
+    def __init__(self) -> None:
+        super().__init__(fast=True)
+        self.hashing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def hash(self, password: str) -> str:
+        self.hashing.set()
+        await self.release.wait()
+        return await super().hash(password)
+
+
+@pytest.mark.parametrize("by", ["user", "admin"])
+def test_a_password_change_keeps_an_admin_action_taken_while_it_hashed(tmp_path: Path, by: str) -> None:
+    """A password change must write the password alone: writing back the user record it read before
+    hashing would undo a disable or a demotion made meanwhile (a disabled user re-enabling themselves)."""
+
+    async def main() -> None:
+        async with open_store(service_store(tmp_path)) as store:
+            audit = AuditLog(tmp_path / "audit.log")
+            throttle = LoginThrottle(store)
+            hasher = GatedHasher()
+            service = create_service(store, hasher=hasher, throttle=throttle, audit=audit)
+            async with MemoryServer([service]) as server:
+                admin = server.client(principal=TESTER)
+                hasher.release.set()
+                await admin.auth.create_user(name="ada", password=PASSWORD, roles=["ops", "user"])
+                hasher.release.clear()
+                hasher.hashing.clear()
+                if by == "user":
+                    ada = server.client(principal=Principal("ada", frozenset({"ops", "user"})))
+                    change = ada.auth.change_password(old_password=PASSWORD, new_password="a new password")
+                else:
+                    change = admin.auth.set_password(name="ada", password="a new password")
+                changing = asyncio.ensure_future(change)
+                await hasher.hashing.wait()
+                await admin.auth.set_roles(name="ada", roles=["user"])
+                await admin.auth.disable_user(name="ada")
+                hasher.release.set()
+                assert await changing is True
+                user = await store.get_user("ada")
+                assert user is not None and user.disabled and user.roles == frozenset({"user"})
+                assert await hasher.verify(user.password_hash, "a new password")
+            audit.close()
+
+    asyncio.run(main())

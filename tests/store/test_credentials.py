@@ -69,6 +69,15 @@ async def test_update_replaces_the_whole_record(store: Store) -> None:
     assert await store.get_user("ada") == changed
 
 
+async def test_setting_a_password_hash_changes_that_alone(store: Store) -> None:
+    assert await store.create_user(ADA)
+    assert await store.update_user(User("ada", frozenset({"reader"}), ADA.password_hash, 5.0, disabled=True))
+    assert await store.set_password_hash("ada", "$argon2id$new") is True
+    assert await store.get_user("ada") == User("ada", frozenset({"reader"}), "$argon2id$new", 5.0, disabled=True)
+    assert await store.set_password_hash("nobody", "$argon2id$new") is False
+    assert await store.get_user("nobody") is None
+
+
 async def test_updating_an_unknown_user_returns_false_and_creates_nothing(store: Store) -> None:
     assert await store.update_user(ADA) is False
     assert await store.get_user("ada") is None
