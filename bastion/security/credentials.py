@@ -52,8 +52,9 @@ class CredentialStore(Protocol):
         """Replace the record of ``user.name``; False if there is none."""
         ...
 
-    async def set_password_hash(self, name: str, password_hash: str | None) -> bool:
-        """Replace ``name``'s password hash alone (roles and the disabled flag as they stand); False if no user."""
+    async def set_password_hash(self, name: str, password_hash: str | None, *, replacing: str | None = None) -> bool:
+        """Replace ``name``'s password hash alone (roles and the disabled flag as they stand); False if no user
+        or, given ``replacing``, if the stored hash is no longer that one."""
         ...
 
     async def delete_user(self, name: str) -> bool: ...

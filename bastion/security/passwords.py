@@ -4,7 +4,9 @@ Hashing costs ~0.1 s of CPU and 64 MiB by design, so verification runs in a
 thread and at most ``concurrency`` at once; a flood of logins queues instead
 of exhausting memory. ``verify`` for a user that does not exist still hashes
 (against a fixed dummy) so "no such user" and "wrong password" take the same
-time and give the same answer.
+time and give the same answer. A stored hash made with other parameters
+(a cost raised since, an argon2-cffi upgrade) is replaced at the user's
+next successful login (``needs_rehash``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ class PasswordHasher:
         """True if ``password`` matches ``stored``; constant work when ``stored`` is None."""
         async with self._slots:
             return await asyncio.to_thread(self._verify, stored, password)
+
+    def needs_rehash(self, stored: str) -> bool:
+        """Whether ``stored`` was hashed with other parameters than this hasher's (or is no argon2 hash)."""
+        try:
+            return self._hasher.check_needs_rehash(stored)
+        except (argon2.exceptions.InvalidHashError, ValueError):
+            return True
 
     def _verify(self, stored: str | None, password: str) -> bool:
         # No stored password is longer than MAX_LENGTH (check_policy), so a longer one is wrong; it is

@@ -170,6 +170,8 @@ def create_service(
                 audit("auth.lockout", username=username, peer=ctx.peer, seconds=throttle.lockout)
             raise Unauthenticated("invalid username or password")
         throttle.succeeded(username, source)
+        if stored is not None and hasher.needs_rehash(stored):  # hashed with older parameters: bring it up to date
+            await store.set_password_hash(username, await hasher.hash(password), replacing=stored)
         issued = await _issue(username, "session", "login", cfg.session_ttl)
         audit("auth.login", principal=username, peer=ctx.peer, token_id=issued.id, request_id=ctx.request_id)
         assert issued.expires_at is not None

@@ -100,9 +100,10 @@ class Store(KVStore, FileStore, JobStore, IdempotencyStore, MailStore, TopicStor
         """Replace the record of ``user.name``; False if there is none."""
 
     @abstractmethod
-    async def set_password_hash(self, name: str, password_hash: str | None) -> bool:
+    async def set_password_hash(self, name: str, password_hash: str | None, *, replacing: str | None = None) -> bool:
         """Replace ``name``'s password hash and nothing else -- not roles or the disabled flag another
-        call may have changed meanwhile; False if there is no such user."""
+        call may have changed meanwhile; False if there is no such user. Given ``replacing``, only if the
+        stored hash is still that one (a rehash at login must not undo a password set meanwhile)."""
 
     @abstractmethod
     async def delete_user(self, name: str) -> bool:

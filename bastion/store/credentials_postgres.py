@@ -42,9 +42,12 @@ class PostgresCredentials(PostgresAccess):
     async def update_user(self, user: User) -> bool:
         return await self._call(_changes(_UPDATE_USER, *_user_row(user))) == 1
 
-    async def set_password_hash(self, name: str, password_hash: str | None) -> bool:
-        sql = "UPDATE users SET password_hash = $2 WHERE name = $1"
-        return await self._call(_changes(sql, name, password_hash)) == 1
+    async def set_password_hash(self, name: str, password_hash: str | None, *, replacing: str | None = None) -> bool:
+        if replacing is None:
+            return await self._call(_changes(_SET_PASSWORD, name, password_hash)) == 1
+        return (
+            await self._call(_changes(_SET_PASSWORD + " AND password_hash = $3", name, password_hash, replacing)) == 1
+        )
 
     async def delete_user(self, name: str) -> bool:
         # Their tokens go too (ON DELETE CASCADE): a name reused later starts clean.
@@ -122,6 +125,7 @@ _TOKEN_COLUMNS = "id, digest, username, kind, label, created_at, expires_at, rev
 # sorted and cut; not every user, though.
 _USERS_WITH_ROLE = "SELECT name FROM users WHERE roles @> ARRAY[$1::text] ORDER BY name LIMIT $2"
 _INSERT_USER = f"INSERT INTO users ({_USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING"
+_SET_PASSWORD = "UPDATE users SET password_hash = $2 WHERE name = $1"
 _UPDATE_USER = "UPDATE users SET roles = $2, password_hash = $3, created_at = $4, disabled = $5 WHERE name = $1"
 # Live: neither revoked nor expired at ``at`` (Token.valid_at).
 _REVOKE_USER_TOKENS = (

@@ -36,9 +36,12 @@ class SQLiteCredentials(SQLiteAccess):
         name, *rest = _user_row(user)
         return await self._write(_changes(_UPDATE_USER, (*rest, name))) == 1
 
-    async def set_password_hash(self, name: str, password_hash: str | None) -> bool:
-        sql = "UPDATE users SET password_hash = ? WHERE name = ?"
-        return await self._write(_changes(sql, (password_hash, name))) == 1
+    async def set_password_hash(self, name: str, password_hash: str | None, *, replacing: str | None = None) -> bool:
+        if replacing is None:
+            return await self._write(_changes(_SET_PASSWORD, (password_hash, name))) == 1
+        return (
+            await self._write(_changes(_SET_PASSWORD + " AND password_hash = ?", (password_hash, name, replacing))) == 1
+        )
 
     async def delete_user(self, name: str) -> bool:
         # Their tokens go too (ON DELETE CASCADE): a name reused later starts clean.
@@ -113,6 +116,7 @@ _TOKEN_COLUMNS = "id, digest, username, kind, label, created_at, expires_at, rev
 # Through user_roles (migration 16), which triggers on users keep: the roles column is JSON text.
 _USERS_WITH_ROLE = "SELECT name FROM user_roles WHERE role = ? ORDER BY name LIMIT ?"
 _INSERT_USER = f"INSERT INTO users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING"
+_SET_PASSWORD = "UPDATE users SET password_hash = ? WHERE name = ?"
 _UPDATE_USER = "UPDATE users SET roles = ?, password_hash = ?, created_at = ?, disabled = ? WHERE name = ?"
 # Live: neither revoked nor expired at ``at`` (Token.valid_at).
 _REVOKE_USER_TOKENS = (

@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import argon2
+import msgspec
 import pytest
 
 import bastion
@@ -351,6 +353,38 @@ def test_a_password_change_keeps_an_admin_action_taken_while_it_hashed(tmp_path:
                 user = await store.get_user("ada")
                 assert user is not None and user.disabled and user.roles == frozenset({"user"})
                 assert await hasher.verify(user.password_hash, "a new password")
+            audit.close()
+
+    asyncio.run(main())
+
+
+def test_a_login_rehashes_a_password_stored_with_other_argon2_parameters(tmp_path: Path) -> None:
+    """Raising the cost (or an argon2-cffi upgrade changing its defaults) reaches stored hashes as users log in."""
+
+    async def main() -> None:
+        async with open_store(service_store(tmp_path)) as store:
+            audit = AuditLog(tmp_path / "audit.log")
+            throttle = LoginThrottle(store)
+            cheap = create_service(store, hasher=PasswordHasher(fast=True), throttle=throttle, audit=audit)
+            async with MemoryServer([cheap]) as server:
+                await server.client(principal=TESTER).auth.create_user(name="ada", password=PASSWORD)
+            before = await store.get_user("ada")
+            assert before is not None and before.password_hash is not None
+            hasher = PasswordHasher()  # the production parameters
+            assert argon2.PasswordHasher().check_needs_rehash(before.password_hash)
+            service = create_service(store, hasher=hasher, throttle=throttle, audit=audit)
+            async with MemoryServer([service]) as server:
+                anon = server.client(principal=ANONYMOUS)
+                with pytest.raises(bastion.Unauthenticated):  # a wrong password rehashes nothing
+                    await anon.auth.login(username="ada", password="wrong password")
+                assert await store.get_user("ada") == before
+                await anon.auth.login(username="ada", password=PASSWORD)
+                after = await store.get_user("ada")
+                assert after is not None and after.password_hash is not None
+                assert not argon2.PasswordHasher().check_needs_rehash(after.password_hash)
+                assert await hasher.verify(after.password_hash, PASSWORD)
+                assert msgspec.structs.replace(after, password_hash=before.password_hash) == before
+                await anon.auth.login(username="ada", password=PASSWORD)  # still the same password
             audit.close()
 
     asyncio.run(main())

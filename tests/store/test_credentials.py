@@ -78,6 +78,14 @@ async def test_setting_a_password_hash_changes_that_alone(store: Store) -> None:
     assert await store.get_user("nobody") is None
 
 
+async def test_a_conditional_password_hash_change_needs_the_hash_it_replaces(store: Store) -> None:
+    assert await store.create_user(ADA)
+    assert await store.set_password_hash("ada", "$argon2id$rehashed", replacing="$argon2id$other") is False
+    assert await store.get_user("ada") == ADA
+    assert await store.set_password_hash("ada", "$argon2id$rehashed", replacing=ADA.password_hash) is True
+    assert (await store.get_user("ada")) == User("ada", ADA.roles, "$argon2id$rehashed", ADA.created_at)
+
+
 async def test_updating_an_unknown_user_returns_false_and_creates_nothing(store: Store) -> None:
     assert await store.update_user(ADA) is False
     assert await store.get_user("ada") is None
