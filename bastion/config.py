@@ -235,7 +235,7 @@ class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_failures_per_user_source: failures for one (username, address) pair before lockout.
     lockout: seconds a (username, address) pair stays locked.
     max_failures_per_user_global: failures for one username from anywhere per hour
-        before that username is slowed everywhere.
+        before that username is slowed everywhere but at the addresses it logged in from lately.
     """
 
     session_ttl: float = 12 * 3600

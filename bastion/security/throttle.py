@@ -12,7 +12,11 @@ from everywhere:
   locked for ``lockout`` seconds (durable: kept in the credential store) --
   the user can still log in from anywhere else;
 * per username, globally: a slow bucket (``global_per_hour``) -- bounds a
-  distributed attack on one account without locking it out quickly.
+  distributed attack on one account. It does not bind a source the user
+  has logged in from in the last ``known_for`` seconds (30 days): else an
+  attacker spending the allowance from two addresses, each under its own
+  lockout, would keep the user out from everywhere for as long as they
+  liked. Such a known source still has its (username, source) lockout.
 
 Theory of operation: ``check`` runs before any password is verified and
 raises ResourceExhausted with a retry-after when a limit is hit (cheap, so a
@@ -22,7 +26,9 @@ outcome. The clock is injected; nothing here sleeps.
 Several workers (``bastion serve --workers N``): pass ``shared``, the
 workers' ``SharedTable`` (ratelimit_shared.py), and the per-source and
 per-user buckets and the failure counts live there, so they hold across
-the workers as they do in one process; lockouts are in the store anyway.
+the workers as they do in one process; lockouts are in the store anyway,
+and so are the known sources (rows of the lockouts table keyed
+``known:USER|SOURCE`` whose ``until`` is the end of the remembering).
 
 Lockouts are rows in the store, one per locked (username, source) pair.
 Each new lockout also deletes up to ``LOCKOUT_PURGE_BATCH`` expired ones,
@@ -51,6 +57,8 @@ __all__ = ["LoginThrottle", "LoginThrottled", "TokenBucket", "source_key"]
 MAX_TRACKED = 100_000  # keys remembered in memory; the oldest are forgotten first
 #: Expired lockouts deleted from the store with each new lockout (bounded work per write).
 LOCKOUT_PURGE_BATCH = 100
+#: How long a source a user logged in from escapes the per-user global allowance (seconds).
+KNOWN_SOURCE_SECONDS = 30 * 24 * 3600.0
 
 
 class LoginThrottled(ResourceExhausted):
@@ -194,6 +202,10 @@ class LoginThrottle:
     def _pair(username: str, source: str) -> str:
         return f"login:{username}|{source}"
 
+    @staticmethod
+    def _known(username: str, source: str) -> str:
+        return f"known:{username}|{source}"
+
     async def check(self, username: str | None, source: str) -> None:
         """Raise LoginThrottled (a ResourceExhausted) if this attempt must not even be tried."""
         source = source_key(source, self.ipv6_prefix)
@@ -205,7 +217,9 @@ class LoginThrottle:
             return
         wait = self._users.wait(username, now)
         if wait:
-            raise LoginThrottled("too many failed attempts; try again later", retry_after=wait)
+            known = await self._store.get_lockout(self._known(username, source))
+            if known is None or known <= now:
+                raise LoginThrottled("too many failed attempts; try again later", retry_after=wait)
         until = await self._store.get_lockout(self._pair(username, source))
         if until is not None and until > now:
             raise LoginThrottled("too many failed attempts; try again later", retry_after=until - now)
@@ -227,5 +241,8 @@ class LoginThrottle:
             return True
         return False
 
-    def succeeded(self, username: str, source: str) -> None:
-        self._failures.pop(self._pair(username, source_key(source, self.ipv6_prefix)))
+    async def succeeded(self, username: str, source: str) -> None:
+        """Record a success: the pair's failures are forgiven and the source is known for the user."""
+        source = source_key(source, self.ipv6_prefix)
+        self._failures.pop(self._pair(username, source))
+        await self._store.set_lockout(self._known(username, source), self._clock() + KNOWN_SOURCE_SECONDS)

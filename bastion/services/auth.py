@@ -169,7 +169,7 @@ def create_service(
             if locked:
                 audit("auth.lockout", username=username, peer=ctx.peer, seconds=throttle.lockout)
             raise Unauthenticated("invalid username or password")
-        throttle.succeeded(username, source)
+        await throttle.succeeded(username, source)
         if stored is not None and hasher.needs_rehash(stored):  # hashed with older parameters: bring it up to date
             await store.set_password_hash(username, await hasher.hash(password), replacing=stored)
         issued = await _issue(username, "session", "login", cfg.session_ttl)

@@ -74,7 +74,7 @@ def test_success_resets_the_failure_count(tmp_path: Path) -> None:
             throttle = LoginThrottle(store, max_failures=3)
             await throttle.failed("ada", "h")
             await throttle.failed("ada", "h")
-            throttle.succeeded("ada", "h")
+            await throttle.succeeded("ada", "h")
             assert await throttle.failed("ada", "h") is False
 
     asyncio.run(main())
@@ -92,6 +92,37 @@ def test_global_per_user_limit_slows_a_distributed_attack(tmp_path: Path) -> Non
                 await throttle.check("ada", "10.0.1.1")
             clock.now += 3600 / 5
             await throttle.check("ada", "10.0.1.1")
+
+    asyncio.run(main())
+
+
+def test_a_distributed_attack_cannot_lock_a_user_out_of_a_source_they_logged_in_from(tmp_path: Path) -> None:
+    """The per-user allowance is shared by every source: an attacker spending it from a few addresses
+    (two suffice, each staying under its own lockout) must not keep the user out from everywhere.
+    A source the user has logged in from lately still may try, under its own (username, source) lockout."""
+
+    async def main() -> None:
+        clock = Clock()
+        async with open_store(tmp_path / "s.db") as store:
+            throttle = LoginThrottle(store, max_failures=3, lockout=60, global_per_hour=5, clock=clock)
+            await throttle.check("ada", "10.9.9.9")
+            await throttle.succeeded("ada", "10.9.9.9")  # ada's own machine
+            for i in range(5):
+                await throttle.failed("ada", f"10.0.0.{i}")
+            with pytest.raises(ResourceExhausted):
+                await throttle.check("ada", "10.0.1.1")  # a new source: the allowance is spent
+            clock.now += 24 * 3600
+            for i in range(5):
+                await throttle.failed("ada", f"10.0.2.{i}")
+            await throttle.check("ada", "10.9.9.9")  # still known a day later, from a store any worker reads
+            again = LoginThrottle(store, max_failures=3, lockout=60, global_per_hour=5, clock=clock)
+            for i in range(5):
+                await again.failed("ada", f"10.0.3.{i}")
+            await again.check("ada", "10.9.9.9")
+            for _ in range(3):  # but its own lockout holds: sharing ada's address is no free pass
+                await again.failed("ada", "10.9.9.9")
+            with pytest.raises(ResourceExhausted):
+                await again.check("ada", "10.9.9.9")
 
     asyncio.run(main())
 
