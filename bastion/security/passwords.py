@@ -6,12 +6,14 @@ of exhausting memory. ``verify`` for a user that does not exist still hashes
 (against a fixed dummy) so "no such user" and "wrong password" take the same
 time and give the same answer. A stored hash made with other parameters
 (a cost raised since, an argon2-cffi upgrade) is replaced at the user's
-next successful login (``needs_rehash``).
+next successful login (``needs_rehash``). Passwords are hashed and compared
+in Unicode NFC (RFC 8265), whatever form a client's keyboard produced.
 """
 
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 
 import argon2
 
@@ -31,8 +33,15 @@ class PasswordHasher:
         self._slots = asyncio.Semaphore(concurrency)
 
     @staticmethod
+    def normalize(password: str) -> str:
+        """The form a password is hashed and compared in: NFC (RFC 8265), so "é" composed on one system
+        and decomposed on another is one password. Past 4 x MAX_LENGTH it is too long anyway: left as is."""
+        return password if len(password) > 4 * MAX_LENGTH else unicodedata.normalize("NFC", password)
+
+    @staticmethod
     def check_policy(password: str) -> str | None:
-        """Why ``password`` is unacceptable, or None."""
+        """Why ``password`` is unacceptable, or None (its length counted in characters, normalised)."""
+        password = PasswordHasher.normalize(password)
         if len(password) < MIN_LENGTH:
             return f"password must have at least {MIN_LENGTH} characters"
         if len(password) > MAX_LENGTH:
@@ -41,10 +50,15 @@ class PasswordHasher:
 
     async def hash(self, password: str) -> str:
         async with self._slots:
-            return await asyncio.to_thread(self._hasher.hash, password)
+            return await asyncio.to_thread(self._hasher.hash, self.normalize(password))
 
     async def verify(self, stored: str | None, password: str) -> bool:
         """True if ``password`` matches ``stored``; constant work when ``stored`` is None."""
+        return (await self.verify_login(stored, password))[0]
+
+    async def verify_login(self, stored: str | None, password: str) -> tuple[bool, bool]:
+        """Whether ``password`` matches ``stored``, and whether ``stored`` should then be replaced by a
+        fresh hash (made with other parameters, or of a password stored before normalisation)."""
         async with self._slots:
             return await asyncio.to_thread(self._verify, stored, password)
 
@@ -55,7 +69,17 @@ class PasswordHasher:
         except (argon2.exceptions.InvalidHashError, ValueError):
             return True
 
-    def _verify(self, stored: str | None, password: str) -> bool:
+    def _verify(self, stored: str | None, password: str) -> tuple[bool, bool]:
+        normal = self.normalize(password)
+        if self._attempt(stored, normal) and stored is not None:  # (no stored hash: the dummy's work, False)
+            return True, self.needs_rehash(stored)
+        # A hash stored before passwords were normalised is of the password as it was sent. The second try
+        # is made for a user that does not exist too, so the two still take the same time.
+        if normal != password and self._attempt(stored, password):
+            return True, True
+        return False, False
+
+    def _attempt(self, stored: str | None, password: str) -> bool:
         # No stored password is longer than MAX_LENGTH (check_policy), so a longer one is wrong; it is
         # cut for the work (bounded) but checked against the dummy, never passing as its first part.
         too_long = len(password) > MAX_LENGTH

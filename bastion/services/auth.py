@@ -162,7 +162,8 @@ def create_service(
         await throttle.check(name, source)
         user = await store.get_user(username) if name is not None else None
         stored = user.password_hash if user is not None and not user.disabled else None
-        if not await hasher.verify(stored, password):
+        verified, outdated = await hasher.verify_login(stored, password)
+        if not verified:
             locked = await throttle.failed(name, source)
             shown = username if name is not None else f"{username[:64]!r}... ({len(username)} characters)"
             audit("auth.login_failure", username=shown, peer=ctx.peer, request_id=ctx.request_id)
@@ -170,7 +171,7 @@ def create_service(
                 audit("auth.lockout", username=username, peer=ctx.peer, seconds=throttle.lockout)
             raise Unauthenticated("invalid username or password")
         await throttle.succeeded(username, source)
-        if stored is not None and hasher.needs_rehash(stored):  # hashed with older parameters: bring it up to date
+        if outdated and stored is not None:  # older parameters, or no normalisation: bring it up to date
             await store.set_password_hash(username, await hasher.hash(password), replacing=stored)
         issued = await _issue(username, "session", "login", cfg.session_ttl)
         audit("auth.login", principal=username, peer=ctx.peer, token_id=issued.id, request_id=ctx.request_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -388,3 +389,31 @@ def test_a_login_rehashes_a_password_stored_with_other_argon2_parameters(tmp_pat
             audit.close()
 
     asyncio.run(main())
+
+
+def test_a_password_is_the_same_whichever_unicode_form_a_client_sends(tmp_path: Path) -> None:
+    """A password "café" typed on one system arrives composed (NFC), on another decomposed (NFD): one password
+    (RFC 8265 compares passwords after NFC). A hash stored from a decomposed password before
+    normalisation still verifies, and is replaced by the normalised one at that login."""
+
+    composed = unicodedata.normalize("NFC", "café crème brûlée")
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert composed != decomposed
+
+    async def test(w: World) -> None:
+        admin = w.server.client(principal=TESTER)
+        anon = w.server.client(principal=ANONYMOUS)
+        await admin.auth.create_user(name="ada", password=composed)
+        assert (await anon.auth.login(username="ada", password=decomposed))["user"] == "ada"
+        await admin.auth.set_password(name="ada", password=decomposed)
+        assert (await anon.auth.login(username="ada", password=composed))["user"] == "ada"
+        # A hash made from the decomposed form itself (stored before passwords were normalised).
+        legacy = argon2.PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash(decomposed)
+        await admin.auth.create_user(name="bob")
+        assert await w.store.set_password_hash("bob", legacy)
+        with pytest.raises(bastion.Unauthenticated):
+            await anon.auth.login(username="bob", password="wrong password")
+        assert (await anon.auth.login(username="bob", password=decomposed))["user"] == "bob"
+        assert (await anon.auth.login(username="bob", password=composed))["user"] == "bob"  # rehashed: either form
+
+    run(test, tmp_path)
