@@ -107,6 +107,10 @@ def _check_roles(roles: list[str]) -> frozenset[str]:
     return frozenset(roles)
 
 
+def _last_admin(name: str) -> str:
+    return f"{name!r} is the last enabled admin: give another user the {ADMIN_ROLE!r} role first"
+
+
 def _user_info(user: User) -> UserInfo:
     return UserInfo(user.name, sorted(user.roles), user.created_at, user.disabled, user.password_hash is not None)
 
@@ -242,9 +246,23 @@ def create_service(
         name = before.name
         others = [u for u in await store.list_users() if u.name != name and _enabled_admin(u)]
         if not others:
-            raise FailedPrecondition(
-                f"{name!r} is the last enabled admin: give another user the {ADMIN_ROLE!r} role first"
-            )
+            raise FailedPrecondition(_last_admin(name))
+
+    async def _update_keeping_an_admin(before: User, after: User) -> None:
+        """Write ``after`` unless no enabled admin would be left: checked before the write and again after
+        it, since two admins removed at once (two calls, workers or replicas) each see the other still
+        there beforehand. Whoever finds none left afterwards puts the roles and flag back and is refused
+        (both may be: neither removal then happens)."""
+        await _keep_an_admin(before, after)
+        await store.update_user(after)
+        if not _enabled_admin(before) or _enabled_admin(after):
+            return
+        if any(_enabled_admin(u) for u in await store.list_users()):
+            return
+        current = await store.get_user(before.name)
+        if current is not None:
+            await store.update_user(msgspec.structs.replace(current, roles=before.roles, disabled=before.disabled))
+        raise FailedPrecondition(_last_admin(before.name))
 
     async def _get(name: str) -> User:
         user = await store.get_user(name)
@@ -260,13 +278,16 @@ def create_service(
         The tokens go first, so the user can no longer act while their data
         moves. Safe to repeat if interrupted: it picks up where it stopped.
         """
-        await _keep_an_admin(await _get(name), None)
+        target = await _get(name)
+        await _keep_an_admin(target, None)
         if transfer_to is not None:
             if transfer_to == name:
                 raise InvalidArgument("transfer_to must be another user")
             heir = await store.get_user(transfer_to)
             if heir is None:
                 raise NotFound(f"no user {transfer_to!r} to transfer the data to")
+        if _enabled_admin(target):  # disabled first, under the guard, so no concurrent removal leaves no admin
+            await _update_keeping_an_admin(target, msgspec.structs.replace(target, disabled=True))
         revoked = await store.revoke_user_tokens(name, time.time())
         items = {domain: await reassign(name, transfer_to) for domain, reassign in domains.items()}
         await store.delete_user(name)
@@ -286,8 +307,7 @@ def create_service(
         """Replace a user's roles (admin); takes effect on their connections within seconds."""
         before = await _get(name)
         user = msgspec.structs.replace(before, roles=_check_roles(roles))
-        await _keep_an_admin(before, user)
-        await store.update_user(user)
+        await _update_keeping_an_admin(before, user)
         audit("admin.set_roles", principal=ctx.principal.name, peer=ctx.peer, target=name, roles=sorted(roles))
         return _user_info(user)
 
@@ -308,8 +328,7 @@ def create_service(
         """Disable (or re-enable) a user (admin); their connections close within seconds."""
         before = await _get(name)
         user = msgspec.structs.replace(before, disabled=disabled)
-        await _keep_an_admin(before, user)
-        await store.update_user(user)
+        await _update_keeping_an_admin(before, user)
         audit("admin.disable_user", principal=ctx.principal.name, peer=ctx.peer, target=name, disabled=disabled)
         return _user_info(user)
 

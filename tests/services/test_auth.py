@@ -417,3 +417,26 @@ def test_a_password_is_the_same_whichever_unicode_form_a_client_sends(tmp_path: 
         assert (await anon.auth.login(username="bob", password=composed))["user"] == "bob"  # rehashed: either form
 
     run(test, tmp_path)
+
+
+@pytest.mark.parametrize("how", ["set_roles", "disable_user", "delete_user"])
+def test_concurrent_demotions_still_leave_an_enabled_admin(tmp_path: Path, how: str) -> None:
+    """Two admins removed at once each saw the other still there: both went, and nobody could administer."""
+
+    async def test(w: World) -> None:
+        admin = w.server.client(principal=TESTER)
+        names = ["root1", "root2", "root3"]
+        for name in names:
+            await admin.auth.create_user(name=name, password=PASSWORD, roles=["admin"])
+        calls = {
+            "set_roles": lambda name: admin.auth.set_roles(name=name, roles=["ops"]),
+            "disable_user": lambda name: admin.auth.disable_user(name=name),
+            "delete_user": lambda name: admin.auth.delete_user(name=name),
+        }
+        results = await asyncio.gather(*(calls[how](name) for name in names), return_exceptions=True)
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert refused and all(isinstance(r, bastion.FailedPrecondition) for r in refused), results
+        users = await w.store.list_users()
+        assert [u.name for u in users if "admin" in u.roles and not u.disabled], users
+
+    run(test, tmp_path)
