@@ -52,6 +52,7 @@ import msgspec
 
 from bastion import allocator
 from bastion._version import __version__
+from bastion.cli.bootstrap import bootstrap_admin
 from bastion.cli.cert import ConfigSource, TLSSetup, keep_dev_certificate, prepare_tls, reread_revoked_serials
 from bastion.config import Config
 from bastion.exceptions import UsageError
@@ -61,10 +62,8 @@ from bastion.jobs import JobRegistry
 from bastion.observability import logs
 from bastion.observability.metrics import WorkerSnapshots, server_snapshot
 from bastion.security.audit import AuditLog
-from bastion.security.authn import StoreAuthenticator, hash_token, new_token, new_token_id
-from bastion.security.credentials import Token, User
+from bastion.security.authn import StoreAuthenticator
 from bastion.security.passwords import PasswordHasher
-from bastion.security.principal import ADMIN_ROLE
 from bastion.security.ratelimit import Limiter, create_limiter
 from bastion.security.ratelimit_shared import SharedHolds, SharedRateLimiter, SharedTable
 from bastion.security.throttle import LoginThrottle
@@ -82,8 +81,8 @@ from bastion.services.files import Files
 from bastion.services.jobs import Jobs
 from bastion.services.kv import KV
 from bastion.services.messages import Messages
-from bastion.store import Store, open_store
 from bastion.store import observe as store_observe
+from bastion.store import open_store
 from bastion.store.sqlite import SQLiteStore
 
 __all__ = ["bootstrap_admin", "load_job_registries", "load_services", "run", "store_location", "worker_main"]
@@ -91,34 +90,6 @@ __all__ = ["bootstrap_admin", "load_job_registries", "load_services", "run", "st
 log = logging.getLogger("bastion.server")
 
 T = TypeVar("T")
-
-
-def _tighten(path: Path) -> bool:
-    """Make an existing secret file 0600; whether it exists."""
-    if not path.exists():
-        return False
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o600)
-    return True
-
-
-async def bootstrap_admin(store: Store, path: Path) -> str:
-    """On an empty store: create the ``admin`` user and its API token in ``path`` (0600).
-
-    Returns how ``path`` relates to this start: "written to", "in" or "not in".
-    """
-    exists = _tighten(path)
-    if await store.list_users():
-        return "in" if exists else "not in"
-    now = time.time()
-    await store.create_user(User("admin", frozenset({ADMIN_ROLE}), None, now))
-    token = new_token()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    await store.add_token(Token(new_token_id(), hash_token(token), "admin", "api", "bootstrap", now))
-    return "written to"
 
 
 def _import_objects(specs: list[str], kind: type[T], kind_name: str, flag: str, example: str) -> list[T]:

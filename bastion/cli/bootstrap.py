@@ -1,0 +1,54 @@
+"""The first start's admin credential: the ``admin`` user and its API token in ``admin.token``."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from bastion.security.authn import hash_token, new_token, new_token_id
+from bastion.security.credentials import Token, User
+from bastion.security.principal import ADMIN_ROLE
+from bastion.store import Store
+
+__all__ = ["bootstrap_admin"]
+
+
+def _tighten(path: Path) -> bool:
+    """Make an existing secret file 0600; whether it exists."""
+    if not path.exists():
+        return False
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
+    return True
+
+
+async def bootstrap_admin(store: Store, path: Path) -> str:
+    """On an empty store: create the ``admin`` user and its API token in ``path`` (0600).
+
+    The token file is written before the store is touched, so a start that cannot write it leaves the
+    store empty; and a store holding only a bootstrap ``admin`` that never got a token (a start stopped
+    between the two writes) is finished by the next one. Otherwise a retry would find a user and do
+    nothing, leaving an ``admin`` without password or token: a server nobody could administer.
+
+    Returns how ``path`` relates to this start: "written to", "in" or "not in".
+    """
+    exists = _tighten(path)
+    users = await store.list_users()
+    if users and not (_bootstrap_admin_only(users) and not await store.list_tokens("admin")):
+        return "in" if exists else "not in"
+    now = time.time()
+    token = new_token()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    if not users:
+        await store.create_user(User("admin", frozenset({ADMIN_ROLE}), None, now))
+    await store.add_token(Token(new_token_id(), hash_token(token), "admin", "api", "bootstrap", now))
+    return "written to"
+
+
+def _bootstrap_admin_only(users: list[User]) -> bool:
+    """Whether ``users`` is the bootstrap's ``admin`` alone, as it creates it (no password)."""
+    return len(users) == 1 and users[0].name == "admin" and users[0].password_hash is None and not users[0].disabled
