@@ -77,6 +77,10 @@ class CredentialStore(Protocol):
         """Revoke every live token of ``user``; the number revoked."""
         ...
 
+    async def purge_sessions(self, user: str, now: float, limit: int) -> int:
+        """Delete up to ``limit`` of ``user``'s session tokens that were revoked or expired by ``now``."""
+        ...
+
     async def get_lockout(self, key: str) -> float | None:
         """The time until which ``key`` is locked out, if any."""
         ...

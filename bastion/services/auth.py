@@ -40,6 +40,8 @@ Reassign = Callable[[str, str | None], Awaitable[int]]
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 _ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 _ADMIN = [ADMIN_ROLE]
+#: Ended (revoked or expired) session tokens of a user deleted at each of their logins.
+SESSION_PURGE_BATCH = 100
 
 
 class LoginResult(msgspec.Struct, frozen=True):
@@ -178,6 +180,8 @@ def create_service(
         if outdated and stored is not None:  # older parameters, or no normalisation: bring it up to date
             await store.set_password_hash(username, await hasher.hash(password), replacing=stored)
         issued = await _issue(username, "session", "login", cfg.session_ttl)
+        # Each login stores a token: its ended ones go, a bounded batch each time, so they cannot pile up.
+        await store.purge_sessions(username, time.time(), SESSION_PURGE_BATCH)
         audit("auth.login", principal=username, peer=ctx.peer, token_id=issued.id, request_id=ctx.request_id)
         assert issued.expires_at is not None
         return LoginResult(issued.token, username, issued.expires_at)

@@ -142,6 +142,11 @@ class Store(KVStore, FileStore, JobStore, IdempotencyStore, MailStore, TopicStor
     async def revoke_user_tokens(self, user: str, at: float) -> int:
         """Revoke every live token of ``user`` (not revoked, not expired at ``at``); the number revoked."""
 
+    @abstractmethod
+    async def purge_sessions(self, user: str, now: float, limit: int) -> int:
+        """Delete up to ``limit`` of ``user``'s session tokens (kind "session") revoked or expired by ``now``
+        (found through the tokens_by_user index); the number deleted. API tokens are never purged."""
+
     # -- lockouts -------------------------------------------------------------------------
 
     @abstractmethod

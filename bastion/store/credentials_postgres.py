@@ -102,6 +102,9 @@ class PostgresCredentials(PostgresAccess):
     async def revoke_user_tokens(self, user: str, at: float) -> int:
         return await self._call(_changes(_REVOKE_USER_TOKENS, at, user))
 
+    async def purge_sessions(self, user: str, now: float, limit: int) -> int:
+        return await self._call(_changes(_PURGE_SESSIONS, user, now, limit))
+
     # -- lockouts -------------------------------------------------------------------------
 
     async def get_lockout(self, key: str) -> float | None:
@@ -131,6 +134,11 @@ _UPDATE_USER = "UPDATE users SET roles = $2, password_hash = $3, created_at = $4
 _REVOKE_USER_TOKENS = (
     "UPDATE tokens SET revoked_at = $1 WHERE username = $2 AND revoked_at IS NULL"
     " AND (expires_at IS NULL OR expires_at > $1)"
+)
+# Ended sessions of one user, a bounded batch, through tokens_by_user.
+_PURGE_SESSIONS = (
+    "DELETE FROM tokens WHERE id IN (SELECT id FROM tokens WHERE username = $1 AND kind = 'session'"
+    " AND (revoked_at IS NOT NULL OR expires_at <= $2) LIMIT $3)"
 )
 _SET_LOCKOUT = (
     "INSERT INTO lockouts (key, until) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET until = excluded.until"

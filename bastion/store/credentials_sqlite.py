@@ -94,6 +94,9 @@ class SQLiteCredentials(SQLiteAccess):
     async def revoke_user_tokens(self, user: str, at: float) -> int:
         return await self._write(_changes(_REVOKE_USER_TOKENS, (at, user, at)))
 
+    async def purge_sessions(self, user: str, now: float, limit: int) -> int:
+        return await self._write(_changes(_PURGE_SESSIONS, (user, now, limit)))
+
     # -- lockouts -------------------------------------------------------------------------
 
     async def get_lockout(self, key: str) -> float | None:
@@ -122,6 +125,11 @@ _UPDATE_USER = "UPDATE users SET roles = ?, password_hash = ?, created_at = ?, d
 _REVOKE_USER_TOKENS = (
     "UPDATE tokens SET revoked_at = ? WHERE username = ? AND revoked_at IS NULL"
     " AND (expires_at IS NULL OR expires_at > ?)"
+)
+# Ended sessions of one user, a bounded batch, through tokens_by_user.
+_PURGE_SESSIONS = (
+    "DELETE FROM tokens WHERE id IN (SELECT id FROM tokens WHERE username = ? AND kind = 'session'"
+    " AND (revoked_at IS NOT NULL OR expires_at <= ?) LIMIT ?)"
 )
 _SET_LOCKOUT = "INSERT INTO lockouts (key, until) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET until = excluded.until"
 # A bounded batch, found through the lockouts_expiry index (migration 11).

@@ -440,3 +440,27 @@ def test_concurrent_demotions_still_leave_an_enabled_admin(tmp_path: Path, how: 
         assert [u.name for u in users if "admin" in u.roles and not u.disabled], users
 
     run(test, tmp_path)
+
+
+def test_ended_sessions_do_not_pile_up_in_the_store(tmp_path: Path) -> None:
+    """Every login stores a session token; once revoked or expired it was kept for ever, so a user
+    logging in in a loop grew the tokens table (and every list_tokens answer) without bound."""
+
+    async def test(w: World) -> None:
+        admin = w.server.client(principal=TESTER)
+        await admin.auth.create_user(name="ada", password=PASSWORD)
+        api = await admin.auth.create_token(user="ada", label="ci")
+        await admin.auth.revoke_token(id=api["id"])  # an admin's API token stays listed, revoked
+        anon = w.server.client(principal=ANONYMOUS)
+        for _ in range(5):
+            token = (await anon.auth.login(username="ada", password=PASSWORD))["token"]
+            me = await w.authenticator.authenticate(token, PEER)
+            assert await w.server.client(principal=me).auth.logout()
+        live = (await anon.auth.login(username="ada", password=PASSWORD))["token"]
+        listed = await admin.auth.list_tokens(user="ada")
+        sessions = [t for t in listed if t["kind"] == "session"]
+        assert len(sessions) == 1 and sessions[0]["revoked_at"] is None
+        assert [t["id"] for t in listed if t["kind"] == "api"] == [api["id"]]
+        await w.authenticator.authenticate(live, PEER)
+
+    run(test, tmp_path)

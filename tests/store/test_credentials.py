@@ -233,6 +233,21 @@ async def test_revoking_a_users_tokens_counts_only_live_ones(store: Store) -> No
 # -- lockouts -----------------------------------------------------------------------------------
 
 
+async def test_ended_sessions_of_one_user_are_purged_a_bounded_batch_at_a_time(store: Store) -> None:
+    await add_users(store, "ada", "bob")
+    for i in range(3):
+        await store.add_token(token(f"rev{i}", kind="session", revoked_at=5.0))
+    await store.add_token(token("old", kind="session", expires_at=10.0))
+    await store.add_token(token("live", kind="session", expires_at=100.0))
+    await store.add_token(token("api", kind="api", revoked_at=5.0, expires_at=10.0))
+    await store.add_token(token("bobs", user="bob", kind="session", revoked_at=5.0))
+    assert await store.purge_sessions("ada", 50.0, 2) == 2
+    assert await store.purge_sessions("ada", 50.0, 100) == 2
+    assert await store.purge_sessions("ada", 50.0, 100) == 0
+    assert [t.id for t in await store.list_tokens("ada")] == ["api", "live"]
+    assert [t.id for t in await store.list_tokens("bob")] == ["bobs"]
+
+
 async def test_lockouts_are_set_read_and_overwritten(store: Store) -> None:
     assert await store.get_lockout("login:ada|10.0.0.1") is None
     await store.set_lockout("login:ada|10.0.0.1", 1000.5)
