@@ -233,6 +233,11 @@ def create_service(
         role_set = _check_roles(roles or [])
         if password is not None and (problem := PasswordHasher.check_policy(password)):
             raise InvalidArgument(problem)
+        folded = name.casefold()  # names are ASCII (_USERNAME): case is the only look-alike left
+        if twin := next((u.name for u in await store.list_users() if u.name.casefold() == folded), None):
+            raise AlreadyExists(
+                f"user {twin!r} exists" + ("" if twin == name else ": names differing only in case are one")
+            )
         digest = await hasher.hash(password) if password is not None else None
         user = User(name, role_set, digest, time.time())
         if not await store.create_user(user):

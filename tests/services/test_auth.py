@@ -464,3 +464,19 @@ def test_ended_sessions_do_not_pile_up_in_the_store(tmp_path: Path) -> None:
         await w.authenticator.authenticate(live, PEER)
 
     run(test, tmp_path)
+
+
+def test_a_name_differing_from_a_users_only_in_case_is_taken(tmp_path: Path) -> None:
+    """ "Admin" next to "admin" is a user an operator (or anyone reading a sender, an owner, an audit
+    line) takes for the other: refused as if it were the same name."""
+
+    async def test(w: World) -> None:
+        admin = w.server.client(principal=TESTER)
+        await admin.auth.create_user(name="root", password=PASSWORD, roles=["admin"])
+        for look_alike in ("Root", "ROOT", "rOOt"):
+            with pytest.raises(bastion.AlreadyExists, match="only in case"):
+                await admin.auth.create_user(name=look_alike, password=PASSWORD)
+        assert [u["name"] for u in await admin.auth.list_users()] == ["root"]
+        await admin.auth.create_user(name="root2", password=PASSWORD)
+
+    run(test, tmp_path)
