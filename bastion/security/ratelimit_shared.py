@@ -266,8 +266,8 @@ class SharedBuckets:
         table = self._table
         with table.locked():
             offset = table.find(table.digest(self._prefix + key))
-            if offset is None:
-                return 0.0
+            if offset is None:  # a full bucket
+                return 0.0 if n <= self.capacity else (n - self.capacity) / self.rate
             tokens, _ = _refill(*table.get(offset), now, self.rate, self.capacity)
         return 0.0 if tokens >= n else (n - tokens) / self.rate
 
@@ -298,6 +298,13 @@ class SharedCounts:
             count = table.get(offset)[0] + 1
             table.put(offset, count, 0.0)
         return int(count)
+
+    def get(self, key: str) -> int:
+        """The count (0 if none)."""
+        table = self._table
+        with table.locked():
+            offset = table.find(table.digest(self._prefix + key))
+            return 0 if offset is None else int(table.get(offset)[0])
 
     def pop(self, key: str) -> None:
         """Forget the count (start again from 0)."""

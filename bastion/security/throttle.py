@@ -18,10 +18,14 @@ from everywhere:
   lockout, would keep the user out from everywhere for as long as they
   liked. Such a known source still has its (username, source) lockout.
 
-Theory of operation: ``check`` runs before any password is verified and
-raises ResourceExhausted with a retry-after when a limit is hit (cheap, so a
-throttled attacker costs no argon2 work); ``failed``/``succeeded`` record the
-outcome. The clock is injected; nothing here sleeps.
+Theory of operation: ``attempt`` (a context) runs before any password is
+verified and raises ResourceExhausted with a retry-after when a limit is hit
+(cheap, so a throttled attacker costs no argon2 work); ``failed``/``succeeded``
+record the outcome inside it. Until the block ends the attempt counts as
+pending against every limit it is checked by, so attempts sent at once cannot
+all pass before the first failure is counted (in one process; with several,
+at most one round of ``max_failures`` per process). ``check`` is the same
+test without holding anything. The clock is injected; nothing here sleeps.
 
 Several workers (``bastion serve --workers N``): pass ``shared``, the
 workers' ``SharedTable`` (ratelimit_shared.py), and the per-source and
@@ -39,11 +43,12 @@ write does a bounded amount of work (by the index on ``until``).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from bastion.exceptions import ResourceExhausted, UsageError
@@ -116,9 +121,11 @@ class _Buckets:
         self.capacity, self.rate = capacity, rate
         self._items: OrderedDict[str, TokenBucket] = OrderedDict()
 
-    def wait(self, key: str, now: float) -> float:
+    def wait(self, key: str, now: float, n: float = 1.0) -> float:
         bucket = self._items.get(key)
-        return 0.0 if bucket is None else bucket.wait(now)
+        return (
+            (0.0 if n <= self.capacity else (n - self.capacity) / self.rate) if bucket is None else bucket.wait(now, n)
+        )
 
     def take(self, key: str, now: float) -> float:
         bucket = self._items.get(key)
@@ -144,17 +151,21 @@ class _Counts:
             self._items.popitem(last=False)
         return count
 
+    def get(self, key: str) -> int:
+        return self._items.get(key, 0)
+
     def pop(self, key: str) -> None:
         self._items.pop(key, None)
 
 
 class _BucketMap(Protocol):
-    def wait(self, key: str, now: float) -> float: ...
+    def wait(self, key: str, now: float, n: float = 1.0) -> float: ...
     def take(self, key: str, now: float) -> float: ...
 
 
 class _CountMap(Protocol):
     def add(self, key: str) -> int: ...
+    def get(self, key: str) -> int: ...
     def pop(self, key: str) -> None: ...
 
 
@@ -197,6 +208,7 @@ class LoginThrottle:
             self._failures = SharedCounts(shared, "login-failures")
         self.max_failures = max_failures
         self.lockout = lockout
+        self._pending: Counter[str] = Counter()  # attempts inside ``attempt`` blocks, per limit key
 
     @staticmethod
     def _pair(username: str, source: str) -> str:
@@ -208,21 +220,47 @@ class LoginThrottle:
 
     async def check(self, username: str | None, source: str) -> None:
         """Raise LoginThrottled (a ResourceExhausted) if this attempt must not even be tried."""
+        async with self.attempt(username, source):
+            pass
+
+    @contextlib.asynccontextmanager
+    async def attempt(self, username: str | None, source: str) -> AsyncIterator[None]:
+        """``check``, then hold the attempt as pending until the block ends: each limit counts the attempts
+        pending as spent already, so guesses sent at once are refused once they could fail it."""
         source = source_key(source, self.ipv6_prefix)
+        keys = ["s:" + source] if username is None else ["s:" + source, "u:" + username, "p:" + username + "|" + source]
         now = self._clock()
-        wait = self._sources.wait(source, now)
+        # Tested and reserved before the first await: no concurrent attempt sees it unreserved.
+        user_wait = self._limits(username, source, now)
+        self._pending.update(keys)
+        try:
+            if username is not None:
+                if user_wait:
+                    known = await self._store.get_lockout(self._known(username, source))
+                    if known is None or known <= now:
+                        raise LoginThrottled("too many failed attempts; try again later", retry_after=user_wait)
+                until = await self._store.get_lockout(self._pair(username, source))
+                if until is not None and until > now:
+                    raise LoginThrottled("too many failed attempts; try again later", retry_after=until - now)
+            yield
+        finally:
+            self._pending.subtract(keys)
+            for key in keys:
+                if self._pending[key] <= 0:
+                    del self._pending[key]
+
+    def _limits(self, username: str | None, source: str, now: float) -> float:
+        """Raise for the source's bucket or the pair's failures (pending attempts counted as spent); the
+        wait the per-user allowance asks (which a known source escapes), 0 if none."""
+        wait = self._sources.wait(source, now, 1 + self._pending["s:" + source])
         if wait:
             raise LoginThrottled("too many failed attempts from this address", retry_after=wait)
         if username is None:
-            return
-        wait = self._users.wait(username, now)
-        if wait:
-            known = await self._store.get_lockout(self._known(username, source))
-            if known is None or known <= now:
-                raise LoginThrottled("too many failed attempts; try again later", retry_after=wait)
-        until = await self._store.get_lockout(self._pair(username, source))
-        if until is not None and until > now:
-            raise LoginThrottled("too many failed attempts; try again later", retry_after=until - now)
+            return 0.0
+        pair = self._pair(username, source)
+        if self._failures.get(pair) + self._pending["p:" + username + "|" + source] >= self.max_failures:
+            raise LoginThrottled("too many attempts at once; try again later", retry_after=1.0)
+        return self._users.wait(username, now, 1 + self._pending["u:" + username])
 
     async def failed(self, username: str | None, source: str) -> bool:
         """Record a failure; True if it locked the (username, source) pair."""

@@ -165,18 +165,18 @@ def create_service(
         # A name no user can have is an unknown user, throttled per source only: it keys no
         # lockout and is logged cut short, so anonymous guesses cannot grow the store or the log.
         name: str | None = username if _USERNAME.match(username) else None
-        await throttle.check(name, source)
-        user = await store.get_user(username) if name is not None else None
-        stored = user.password_hash if user is not None and not user.disabled else None
-        verified, outdated = await hasher.verify_login(stored, password)
-        if not verified:
-            locked = await throttle.failed(name, source)
-            shown = username if name is not None else f"{username[:64]!r}... ({len(username)} characters)"
-            audit("auth.login_failure", username=shown, peer=ctx.peer, request_id=ctx.request_id)
-            if locked:
-                audit("auth.lockout", username=username, peer=ctx.peer, seconds=throttle.lockout)
-            raise Unauthenticated("invalid username or password")
-        await throttle.succeeded(username, source)
+        async with throttle.attempt(name, source):  # pending, so guesses sent at once count against the limits
+            user = await store.get_user(username) if name is not None else None
+            stored = user.password_hash if user is not None and not user.disabled else None
+            verified, outdated = await hasher.verify_login(stored, password)
+            if not verified:
+                locked = await throttle.failed(name, source)
+                shown = username if name is not None else f"{username[:64]!r}... ({len(username)} characters)"
+                audit("auth.login_failure", username=shown, peer=ctx.peer, request_id=ctx.request_id)
+                if locked:
+                    audit("auth.lockout", username=username, peer=ctx.peer, seconds=throttle.lockout)
+                raise Unauthenticated("invalid username or password")
+            await throttle.succeeded(username, source)
         if outdated and stored is not None:  # older parameters, or no normalisation: bring it up to date
             await store.set_password_hash(username, await hasher.hash(password), replacing=stored)
         issued = await _issue(username, "session", "login", cfg.session_ttl)
@@ -209,12 +209,12 @@ def create_service(
         """Change the caller's own password (the old one is required)."""
         source = _source(ctx)
         name = ctx.principal.name
-        await throttle.check(name, source)
-        user = await store.get_user(name)
-        if user is None or not await hasher.verify(user.password_hash, old_password):
-            await throttle.failed(name, source)
-            audit("auth.password_change_failure", principal=name, peer=ctx.peer)
-            raise Unauthenticated("the old password is wrong")
+        async with throttle.attempt(name, source):
+            user = await store.get_user(name)
+            if user is None or not await hasher.verify(user.password_hash, old_password):
+                await throttle.failed(name, source)
+                audit("auth.password_change_failure", principal=name, peer=ctx.peer)
+                raise Unauthenticated("the old password is wrong")
         problem = PasswordHasher.check_policy(new_password)
         if problem:
             raise InvalidArgument(problem)

@@ -480,3 +480,23 @@ def test_a_name_differing_from_a_users_only_in_case_is_taken(tmp_path: Path) -> 
         await admin.auth.create_user(name="root2", password=PASSWORD)
 
     run(test, tmp_path)
+
+
+def test_concurrent_guesses_do_not_outrun_the_lockout(tmp_path: Path) -> None:
+    """The limits were checked before a password was verified and charged after: guesses sent at once
+    all passed the check before any failure was counted, so 60 of them were all verified where the
+    lockout allows 3 (and the source's burst 10)."""
+
+    async def test(w: World) -> None:
+        await w.server.client(principal=TESTER).auth.create_user(name="ada", password=PASSWORD)
+        anon = w.server.client(principal=ANONYMOUS)
+        guesses = [anon.auth.login(username="ada", password=f"guess {i}") for i in range(60)]
+        results = await asyncio.gather(*guesses, return_exceptions=True)
+        verified = [r for r in results if isinstance(r, bastion.Unauthenticated)]
+        throttled = [r for r in results if isinstance(r, bastion.ResourceExhausted)]
+        assert len(verified) + len(throttled) == 60, results
+        assert len(verified) <= 3  # max_failures in this world
+        with pytest.raises(bastion.ResourceExhausted):
+            await anon.auth.login(username="ada", password=PASSWORD)  # and the pair is locked now
+
+    run(test, tmp_path)
