@@ -263,14 +263,14 @@ def create_service(
         there beforehand. Whoever finds none left afterwards puts the roles and flag back and is refused
         (both may be: neither removal then happens)."""
         await _keep_an_admin(before, after)
-        await store.update_user(after)
+        # Roles and flag alone: the password hash read with ``before`` may have been reset meanwhile.
+        if not await store.set_access(after.name, after.roles, after.disabled):
+            raise NotFound(f"no user {after.name!r}")
         if not _enabled_admin(before) or _enabled_admin(after):
             return
         if any(_enabled_admin(u) for u in await store.list_users()):
             return
-        current = await store.get_user(before.name)
-        if current is not None:
-            await store.update_user(msgspec.structs.replace(current, roles=before.roles, disabled=before.disabled))
+        await store.set_access(before.name, before.roles, before.disabled)
         raise FailedPrecondition(_last_admin(before.name))
 
     async def _get(name: str) -> User:

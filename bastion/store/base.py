@@ -106,6 +106,11 @@ class Store(KVStore, FileStore, JobStore, IdempotencyStore, MailStore, TopicStor
         stored hash is still that one (a rehash at login must not undo a password set meanwhile)."""
 
     @abstractmethod
+    async def set_access(self, name: str, roles: frozenset[str], disabled: bool) -> bool:
+        """Replace ``name``'s roles and disabled flag and nothing else -- not a password hash another call
+        may have set meanwhile; False if there is no such user."""
+
+    @abstractmethod
     async def delete_user(self, name: str) -> bool:
         """Delete the user and their tokens; False if there was none."""
 

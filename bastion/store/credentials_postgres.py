@@ -49,6 +49,10 @@ class PostgresCredentials(PostgresAccess):
             await self._call(_changes(_SET_PASSWORD + " AND password_hash = $3", name, password_hash, replacing)) == 1
         )
 
+    async def set_access(self, name: str, roles: frozenset[str], disabled: bool) -> bool:
+        sql = "UPDATE users SET roles = $2, disabled = $3 WHERE name = $1"
+        return await self._call(_changes(sql, name, sorted(roles), disabled)) == 1
+
     async def delete_user(self, name: str) -> bool:
         # Their tokens go too (ON DELETE CASCADE): a name reused later starts clean.
         return await self._call(_changes("DELETE FROM users WHERE name = $1", name)) == 1

@@ -43,6 +43,10 @@ class SQLiteCredentials(SQLiteAccess):
             await self._write(_changes(_SET_PASSWORD + " AND password_hash = ?", (password_hash, name, replacing))) == 1
         )
 
+    async def set_access(self, name: str, roles: frozenset[str], disabled: bool) -> bool:
+        args = (json.dumps(sorted(roles)), int(disabled), name)
+        return await self._write(_changes("UPDATE users SET roles = ?, disabled = ? WHERE name = ?", args)) == 1
+
     async def delete_user(self, name: str) -> bool:
         # Their tokens go too (ON DELETE CASCADE): a name reused later starts clean.
         return await self._write(_changes("DELETE FROM users WHERE name = ?", (name,))) == 1

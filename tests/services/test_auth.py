@@ -500,3 +500,58 @@ def test_concurrent_guesses_do_not_outrun_the_lockout(tmp_path: Path) -> None:
             await anon.auth.login(username="ada", password=PASSWORD)  # and the pair is locked now
 
     run(test, tmp_path)
+
+
+class GatedUsers:
+    """A real store whose ``list_users`` (the last-admin check) waits at a gate once ``armed``."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.armed = False
+        self.listing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def list_users(self) -> Any:
+        if self.armed:
+            self.armed = False
+            self.listing.set()
+            await self.release.wait()
+        return await self._store.list_users()
+
+
+@pytest.mark.parametrize("how", ["set_roles", "disable_user"])
+def test_a_role_or_flag_change_keeps_a_password_set_meanwhile(tmp_path: Path, how: str) -> None:
+    """set_roles and disable_user wrote back the whole record they had read: a password reset landing
+    between the read and the write (say, of a stolen password) was undone, the old password working again."""
+
+    async def main() -> None:
+        async with open_store(service_store(tmp_path)) as real:
+            store = GatedUsers(real)
+            audit = AuditLog(tmp_path / "audit.log")
+            service = create_service(store, hasher=PasswordHasher(fast=True), throttle=LoginThrottle(real), audit=audit)
+            async with MemoryServer([service]) as server:
+                admin = server.client(principal=TESTER)
+                await admin.auth.create_user(name="root", password=PASSWORD, roles=["admin"])
+                await admin.auth.create_user(name="ada", password=PASSWORD, roles=["admin", "ops"])
+                store.armed = True
+                if how == "set_roles":
+                    change = asyncio.ensure_future(admin.auth.set_roles(name="ada", roles=["ops"]))
+                else:
+                    change = asyncio.ensure_future(admin.auth.disable_user(name="ada"))
+                await store.listing.wait()
+                await admin.auth.set_password(name="ada", password="a new password")
+                store.release.set()
+                await change
+                anon = server.client(principal=ANONYMOUS)
+                if how == "set_roles":
+                    await anon.auth.login(username="ada", password="a new password")
+                    with pytest.raises(bastion.Unauthenticated):
+                        await anon.auth.login(username="ada", password=PASSWORD)
+                user = await real.get_user("ada")
+                assert user is not None and await PasswordHasher(fast=True).verify(user.password_hash, "a new password")
+            audit.close()
+
+    asyncio.run(main())

@@ -78,6 +78,15 @@ async def test_setting_a_password_hash_changes_that_alone(store: Store) -> None:
     assert await store.get_user("nobody") is None
 
 
+async def test_setting_access_changes_roles_and_flag_alone(store: Store) -> None:
+    assert await store.create_user(ADA)
+    assert await store.set_access("ada", frozenset({"reader"}), True) is True
+    assert await store.get_user("ada") == User("ada", frozenset({"reader"}), ADA.password_hash, ADA.created_at, True)
+    assert await store.users_with_role("reader", 10) == ["ada"]
+    assert await store.users_with_role("admin", 10) == []
+    assert await store.set_access("nobody", frozenset(), False) is False
+
+
 async def test_a_conditional_password_hash_change_needs_the_hash_it_replaces(store: Store) -> None:
     assert await store.create_user(ADA)
     assert await store.set_password_hash("ada", "$argon2id$rehashed", replacing="$argon2id$other") is False
