@@ -8,14 +8,24 @@ certificates from the session's shared test CA, which every client in the
 test process trusts through ``BASTION_CA``; ``server_factory(insecure=True)``
 starts a plaintext one. Tests marked ``slow`` are skipped unless selected
 with ``-m slow``.
+
+The suite runs on two processes (``-n 2``, pytest-xdist). A test marked
+``exclusive`` -- timing assertions, or effects on the whole PostgreSQL
+server -- runs with no other test beside it: every test holds a shared lock on
+a file of the run while it runs, an exclusive test holds it exclusively.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import inspect
+import os
 import subprocess
-from collections.abc import Callable, Iterator
+import tempfile
+import uuid
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +47,61 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("slow") is not None:
             item.add_marker(skip)
+
+
+def _run_lock_path(run: str, name: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"bastion-tests-{run}.{name}")
+
+
+def _run_lock(name: str) -> int | None:
+    """A lock file shared by the processes of this ``pytest -n`` run (None when not run so)."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        return None
+    return os.open(_run_lock_path(run, name), os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The controller of a ``pytest -n`` run names the run, so that it can remove the run's lock files."""
+    if not hasattr(config, "workerinput") and getattr(config.option, "testrunuid", "") is None:
+        config.option.testrunuid = uuid.uuid4().hex
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run = getattr(config.option, "testrunuid", None)
+    if not hasattr(config, "workerinput") and run:
+        for name in ("turnstile", "lock"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_run_lock_path(run, name))
+
+
+_LOCKS: list[int | None] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    """Hold the run's lock while ``item`` runs (setup to teardown): shared, or exclusive when it is marked so.
+
+    An exclusive test first takes the turnstile, so that tests starting on the
+    other processes wait behind it instead of keeping the shared lock forever.
+    """
+    if not _LOCKS:
+        _LOCKS.extend((_run_lock("turnstile"), _run_lock("lock")))
+    turnstile, lock = _LOCKS
+    if turnstile is None or lock is None:
+        yield
+        return
+    exclusive = item.get_closest_marker("exclusive") is not None
+    fcntl.flock(turnstile, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    if not exclusive:
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        if exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 @pytest.fixture(autouse=True, scope="session")

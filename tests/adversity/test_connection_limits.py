@@ -29,6 +29,10 @@ from bastion.status import Status
 from tests.support.raw import CALL, ERROR, GOAWAY, HELLO, RESULT, RawPeer, frame
 from tests.support.server import LineReader, ServerProcess, read_rss_kib, wait_for
 
+#: Timing assertions, or effects on the whole PostgreSQL server: runs alone under
+#: ``pytest -n`` (the "exclusive" marker, tests/conftest.py).
+pytestmark = pytest.mark.exclusive
+
 CANCEL, PING, PONG = 6, 10, 11
 KIB = 1 << 10
 SLOWLORIS = Path(__file__).parents[1] / "support" / "slowloris.py"

@@ -19,6 +19,10 @@ import bastion
 from bastion import SyncClient
 from tests.support.server import ServerProcess, wait_for
 
+#: Timing assertions, or effects on the whole PostgreSQL server: runs alone under
+#: ``pytest -n`` (the "exclusive" marker, tests/conftest.py).
+pytestmark = pytest.mark.exclusive
+
 PASSWORD = "correct horse battery staple"
 OTHER_PASSWORD = "another long passphrase"
 

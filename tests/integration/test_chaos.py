@@ -56,7 +56,11 @@ from tests.support.chaos import CountingClient, Fault, Replicas, Tally, run_load
 from tests.support.stores import store_location
 
 DSN = os.environ.get("BASTION_TEST_POSTGRES_DSN")
-pytestmark = pytest.mark.skipif(not DSN, reason="set BASTION_TEST_POSTGRES_DSN to run the chaos tests")
+#: Timing assertions: runs alone under ``pytest -n`` (the "exclusive" marker, tests/conftest.py).
+pytestmark = [
+    pytest.mark.skipif(not DSN, reason="set BASTION_TEST_POSTGRES_DSN to run the chaos tests"),
+    pytest.mark.exclusive,
+]
 
 CI_DURATION = 15.0
 FULL_DURATION = 60.0

@@ -7,9 +7,15 @@ import asyncio
 import statistics
 import time
 
+import pytest
+
 import bastion
 from bastion import Client
 from tests.support.server import ServerProcess
+
+#: Timing assertions, or effects on the whole PostgreSQL server: runs alone under
+#: ``pytest -n`` (the "exclusive" marker, tests/conftest.py).
+pytestmark = pytest.mark.exclusive
 
 SLOTS = "16"
 

@@ -12,10 +12,16 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
+
 import bastion
 from bastion import Principal, Server, Service
 from bastion.security.authn import StaticTokens
 from bastion.server.scheduler import Scheduler, SchedulerConfig, TicketState
+
+#: Timing assertions, or effects on the whole PostgreSQL server: runs alone under
+#: ``pytest -n`` (the "exclusive" marker, tests/conftest.py).
+pytestmark = pytest.mark.exclusive
 
 TOKEN = "bst_overload-test-token-0123456789abcdef"
 ADA = Principal("ada", frozenset({"user"}))

@@ -37,6 +37,10 @@ from tests.store.test_backup import (
 )
 from tests.support.stores import postgres_dsn, store_location
 
+#: Timing assertions, or effects on the whole PostgreSQL server: runs alone under
+#: ``pytest -n`` (the "exclusive" marker, tests/conftest.py).
+pytestmark = pytest.mark.exclusive
+
 __all__ = ["pg_cleanup"]  # the fixture, used here
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,9 +5,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from bastion.store import open_store
 from bastion.store.kv import KVWrite, personal_namespace
 from tests.support.stores import store_location
+
+#: Timing assertions, or effects on the whole PostgreSQL server: runs alone under
+#: ``pytest -n`` (the "exclusive" marker, tests/conftest.py).
+pytestmark = pytest.mark.exclusive
 
 NS = personal_namespace("ada")
 
