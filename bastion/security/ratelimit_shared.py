@@ -50,12 +50,21 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from bastion.security.principal import Principal
 from bastion.security.ratelimit import EPSILON, RateLimitConfig, RateLimiter
 
-__all__ = ["PROBE", "SharedBuckets", "SharedCounts", "SharedHolds", "SharedRateLimiter", "SharedTable"]
+__all__ = [
+    "PROBE",
+    "Holds",
+    "LocalHolds",
+    "SharedBuckets",
+    "SharedCounts",
+    "SharedHolds",
+    "SharedRateLimiter",
+    "SharedTable",
+]
 
 _MAGIC: Final = b"BSTNSHM1"
 _HEADER = struct.Struct("<8sII16s")  # magic, version, slots, hash key
@@ -313,6 +322,40 @@ class SharedCounts:
             offset = table.find(table.digest(self._prefix + key))
             if offset is not None:
                 table.put(offset, 0.0, 0.0)
+
+
+class Holds(Protocol):
+    """How many of something each key (a user) holds open: ``LocalHolds`` in one process, ``SharedHolds``
+    across the workers of one server."""
+
+    def acquire(self, key: str, limit: int) -> int:
+        """Take one hold for ``key`` unless ``limit`` are held; what was held before (when that is ``limit``
+        or more, nothing was taken)."""
+        ...
+
+    def release(self, key: str) -> None:
+        """Give back one hold ``acquire`` took for ``key``."""
+        ...
+
+
+class LocalHolds:
+    """``Holds`` counted in this process (one worker, or a test)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+
+    def acquire(self, key: str, limit: int) -> int:
+        held = self._held.get(key, 0)
+        if held < limit:
+            self._held[key] = held + 1
+        return held
+
+    def release(self, key: str) -> None:
+        held = self._held.get(key, 0) - 1
+        if held > 0:
+            self._held[key] = held
+        else:
+            self._held.pop(key, None)
 
 
 class SharedHolds:

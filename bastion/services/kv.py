@@ -74,7 +74,7 @@ from bastion.exceptions import (
     Unavailable,
 )
 from bastion.security.principal import ADMIN_ROLE, Principal
-from bastion.security.ratelimit_shared import SharedHolds
+from bastion.security.ratelimit_shared import Holds, LocalHolds
 from bastion.service import Context, Service
 from bastion.services import Background, every
 from bastion.services.kv_log import LogBudget
@@ -190,14 +190,14 @@ class KV:
         config: KVConfig | None = None,
         *,
         leader: bool = True,
-        watch_holds: SharedHolds | None = None,
+        watch_holds: Holds | None = None,
     ) -> None:
         """``leader``: run the expiry sweep here (with several workers, only worker 0 does). ``watch_holds``:
         count each user's watches across the workers of one server (else: in this process)."""
         self.store = store
         self.config = config or KVConfig()
         self.leader = leader
-        self.watch_holds = watch_holds
+        self.watch_holds: Holds = LocalHolds() if watch_holds is None else watch_holds
         self.hub = Hub(store)
         self.quota = KVQuota(self.config.quota_keys, self.config.quota_bytes)
         self._background = Background()
@@ -475,7 +475,7 @@ def _declare(kv: KV, service: Service) -> None:
         if len(kv.hub) >= cfg.max_watchers:
             raise ResourceExhausted(f"{cfg.max_watchers} watches are open on this server (kv.max_watchers)")
         holds, name, limit = kv.watch_holds, ctx.principal.name, cfg.max_watchers_per_user
-        mine = kv.hub.count(name) if holds is None else holds.acquire(name, limit)
+        mine = holds.acquire(name, limit)
         if mine >= limit:
             raise ResourceExhausted(
                 f"you have {mine} watches open on this server (kv.max_watchers_per_user); close some first"
@@ -484,8 +484,7 @@ def _declare(kv: KV, service: Service) -> None:
         try:
             start = await kv.hub.join(watcher)
         except BaseException:
-            if holds is not None:
-                holds.release(name)
+            holds.release(name)
             raise
         current = [ctx.principal]  # the connection's principal, as revalidation replaces it
         regranted: list[Principal] = []  # replaced, not checked yet
@@ -533,8 +532,7 @@ def _declare(kv: KV, service: Service) -> None:
         finally:
             unwatch()
             kv.hub.leave(watcher)
-            if holds is not None:
-                holds.release(name)
+            holds.release(name)
 
     @service.method(roles=_ADMIN)
     async def create_namespace(

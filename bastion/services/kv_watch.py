@@ -97,10 +97,6 @@ class Hub:
         finally:
             self._joining.remove(watcher)
 
-    def count(self, owner: str) -> int:
-        """Watches ``owner`` has open."""
-        return sum(1 for watcher in (*self._watchers, *self._joining) if watcher.owner == owner)
-
     def leave(self, watcher: Watcher) -> None:
         self._watchers.discard(watcher)
         if not self._watchers:

@@ -66,7 +66,7 @@ from bastion.exceptions import (
     Unavailable,
 )
 from bastion.security.principal import Principal
-from bastion.security.ratelimit_shared import SharedHolds
+from bastion.security.ratelimit_shared import Holds, LocalHolds
 from bastion.service import Context, Service
 from bastion.services import Background, every
 from bastion.services.files import check_name
@@ -276,14 +276,14 @@ class Mailboxes:
         config: MessagesConfig | None = None,
         *,
         leader: bool = True,
-        watch_holds: SharedHolds | None = None,
+        watch_holds: Holds | None = None,
     ) -> None:
         """``leader``: run the sweep here (with several workers, only worker 0 does). ``watch_holds``: count
         each user's watches across the workers of one server (else: in this process)."""
         self.store = store
         self.config = config or MessagesConfig()
         self.leader = leader
-        self.watch_holds = watch_holds
+        self.watch_holds: Holds = LocalHolds() if watch_holds is None else watch_holds
         self.hub = Hub(store)
         cfg, share = self.config, self.config.mailbox_sender_share
         self.limits = MailLimits(
@@ -408,7 +408,7 @@ class Mailboxes:
                 f"{cfg.max_watchers} mailbox watches are open on this server (messages.max_watchers)"
             )
         holds, limit = self.watch_holds, cfg.max_watchers_per_user
-        mine = self.hub.count(principal.name) if holds is None else holds.acquire(principal.name, limit)
+        mine = holds.acquire(principal.name, limit)
         if mine >= limit:
             raise ResourceExhausted(
                 f"you have {mine} mailbox watches open on this server (messages.max_watchers_per_user); close some"
@@ -433,8 +433,7 @@ class Mailboxes:
                     await watcher.wakeup.wait()
         finally:
             self.hub.leave(watcher)
-            if holds is not None:
-                holds.release(principal.name)
+            holds.release(principal.name)
 
     async def _watch_page(self, owner: str, after: int) -> tuple[list[MailItem], bool]:
         """The next messages past ``after``, whole, within ``WATCH_PAGE_BYTES`` (at least one); and whether

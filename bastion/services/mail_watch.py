@@ -58,9 +58,6 @@ class Hub:
     def __len__(self) -> int:
         return sum(len(group) for group in self._watchers.values())
 
-    def count(self, owner: str) -> int:
-        return len(self._watchers.get(owner, ()))
-
     def join(self, watcher: Watcher) -> None:
         self._watchers.setdefault(watcher.owner, set()).add(watcher)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bastion.config import MessagesConfig
-from bastion.security.ratelimit_shared import SharedHolds
+from bastion.security.ratelimit_shared import Holds
 from bastion.service import Service
 from bastion.services.mail import Mailboxes
 from bastion.services.topics import Topics
@@ -39,7 +39,7 @@ class Messages:
         *,
         leader: bool = True,
         relay: bool = True,
-        holds: Callable[[str], SharedHolds | None] | None = None,
+        holds: Callable[[str], Holds | None] | None = None,
     ) -> None:
         """``leader``: run the background sweeps here (with several workers, only worker 0 does).
         ``relay``: other processes share the store (see ``Topics``). ``holds``: a namespace's holds

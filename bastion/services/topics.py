@@ -51,7 +51,7 @@ import msgspec
 from bastion.config import DurableTopic, TopicsConfig
 from bastion.exceptions import CallError, InvalidArgument, OutOfRange, PermissionDenied, ResourceExhausted, Unavailable
 from bastion.security.principal import ADMIN_ROLE, Principal
-from bastion.security.ratelimit_shared import SharedHolds
+from bastion.security.ratelimit_shared import Holds, LocalHolds
 from bastion.service import Context, Service
 from bastion.services import Background, every
 from bastion.services.topics_hub import Hub, Subscriber, TopicAccess, TopicEvent, event
@@ -95,7 +95,7 @@ class Topics:
         *,
         leader: bool = True,
         relay: bool = True,
-        subscribe_holds: SharedHolds | None = None,
+        subscribe_holds: Holds | None = None,
     ) -> None:
         """``leader``: run the retention sweep here (with several workers, only worker 0 does).
         ``subscribe_holds``: count each user's subscriptions across the workers of one server (else: in
@@ -111,7 +111,7 @@ class Topics:
         self.config = config or TopicsConfig()
         self.leader = leader
         self.relay = relay
-        self.subscribe_holds = subscribe_holds
+        self.subscribe_holds: Holds = LocalHolds() if subscribe_holds is None else subscribe_holds
         self.access = TopicAccess(self.config.rules)
         self.hub = Hub(store)
         self._background = Background()
@@ -236,7 +236,7 @@ class _Subscription:
                 f"{cfg.max_subscribers} subscriptions are open on this server (messages.topics.max_subscribers)"
             )
         holds, limit = topics.subscribe_holds, cfg.max_subscribers_per_user
-        mine = topics.hub.count(principal.name) if holds is None else holds.acquire(principal.name, limit)
+        mine = holds.acquire(principal.name, limit)
         if mine >= limit:
             raise ResourceExhausted(
                 f"you have {mine} subscriptions open on this server (messages.topics.max_subscribers_per_user); "
@@ -409,8 +409,7 @@ def _declare(topics: Topics, service: Service) -> None:
         try:
             start = await topics.hub.join(subscriber)
         except BaseException:
-            if holds is not None:
-                holds.release(name)
+            holds.release(name)
             raise
         unwatch = ctx.watch_principal(sub.regranted)
         try:
@@ -438,8 +437,7 @@ def _declare(topics: Topics, service: Service) -> None:
         finally:
             unwatch()
             topics.hub.leave(subscriber)
-            if holds is not None:
-                holds.release(name)
+            holds.release(name)
 
     @service.method(idempotent=True)
     async def topic_info(ctx: Context, topic: str) -> TopicInfo:

@@ -251,10 +251,6 @@ class Hub:
         finally:
             self._joining.remove(subscriber)
 
-    def count(self, owner: str) -> int:
-        """Subscriptions ``owner`` has open."""
-        return sum(1 for s in (*self._subscribers, *self._joining) if s.owner == owner)
-
     def leave(self, subscriber: Subscriber) -> None:
         self._subscribers.discard(subscriber)
         self._routes.clear()
