@@ -31,7 +31,7 @@ migrated by a bastion that did not record compatibility).
 Rules for adding one: append, never edit or renumber a released migration;
 prefer compatible migrations, and split a breaking change over two releases
 (docs/operations.md, "Rolling upgrades"). The statements here are SQLite's;
-the PostgreSQL backend carries its own list (bastion/store/postgres.py) with
+the PostgreSQL backend carries its own list (bastion/store/postgres_migrations.py) with
 the same versions, descriptions and compatibility, so both report the same
 ``schema_version``.
 """

@@ -74,7 +74,11 @@ def test_a_full_last_page_turns_off_next_once_the_empty_page_is_found(
             page.click("#files-next")
             _shows(page, PAGE, PAGE)
             page.click("#files-next")
-            wait_js(page, "document.querySelector('#files-next').disabled")
+            # Both buttons are off while a page loads: wait for the settled state, Next off and Previous on.
+            wait_js(
+                page,
+                "document.querySelector('#files-next').disabled && !document.querySelector('#files-prev').disabled",
+            )
             _shows(page, PAGE, PAGE)
             assert page.is_enabled("#files-prev")
     finally:

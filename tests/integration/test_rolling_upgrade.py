@@ -58,7 +58,7 @@ def make_next_release(root: Path) -> Path:
     """A copy of the current ``bastion`` package whose schema is one (compatible) migration newer."""
     source = Path(bastion.__file__).parent
     shutil.copytree(source, root / "bastion", ignore=shutil.ignore_patterns("__pycache__"))
-    for module, name in (("migrations.py", "MIGRATIONS"), ("postgres.py", "POSTGRES_MIGRATIONS")):
+    for module, name in (("migrations.py", "MIGRATIONS"), ("postgres_migrations.py", "POSTGRES_MIGRATIONS")):
         path = root / "bastion" / "store" / module
         text = path.read_text()
         line = f"\nLATEST = {name}[-1].version\n"
