@@ -88,6 +88,8 @@ _OK = Status.OK
 _REJECTED = TicketState.REJECTED
 _DRAINING = ConnectionState.DRAINING
 _DENIED = (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED)
+#: What a refused call to a method the server lacks is charged as: a peer's names must not fill the limiter's caches.
+REFUSED_METHOD = "<refused>"
 _session_ids = itertools.count(1)
 
 
@@ -322,8 +324,9 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
                 server.check_rate(self.principal, self.peer_host, call.method, None, self._last_seen)
         except CallError as exc:
             if server.check_rate is not None and exc.status is not Status.RESOURCE_EXHAUSTED:
+                method = call.method if call.method in server.table.entries else REFUSED_METHOD
                 try:  # refused before the limiter was asked: such calls cost the server too
-                    server.check_rate(self.principal, self.peer_host, call.method, None, self._last_seen)
+                    server.check_rate(self.principal, self.peer_host, method, None, self._last_seen)
                 except CallError as limited:
                     exc = limited
             if exc.status is Status.RESOURCE_EXHAUSTED and not isinstance(exc, ArgsMemoryFull):

@@ -80,3 +80,45 @@ def test_refused_calls_spend_the_callers_rate_limit(method: str, args: dict[str,
             await server.shutdown(grace=1)
 
     asyncio.run(main())
+
+
+class NamesAsked(RateLimiter):
+    """The real limiter, remembering the method names it was asked to charge."""
+
+    def __init__(self, config: RateLimitConfig) -> None:
+        super().__init__(config)
+        self.names: set[str] = set()
+
+    def check_sync(
+        self, principal: Any, source: str, method: str, cost: float | None = None, now: float | None = None
+    ) -> None:
+        self.names.add(method)
+        super().check_sync(principal, source, method, cost, now)
+
+
+def test_a_refused_unknown_method_is_charged_under_one_name_not_the_peers() -> None:
+    """The limiter caches what each method name charges: charging a refused call under the name the peer
+    sent let one anonymous connection fill those caches with up to 4096 names of a frame each (GBs)."""
+
+    async def main() -> None:
+        limiter = NamesAsked(RateLimitConfig(per_source=Limit(rate=1000.0, burst=1000)))
+        server = Server([make_service()], limiter=limiter)
+        await server.start("127.0.0.1", 0)
+        try:
+            async with asyncio.timeout(20):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(frame([HELLO, 1, "rl/1", None, 16, 1 << 20, {}]))
+                assert (await read(reader))[0] == WELCOME
+                names = [f"rl.x{i}{'y' * 1000}" for i in range(50)]
+                writer.write(b"".join(frame([CALL, i, name, {}]) for i, name in enumerate(names, 1)))
+                answers = [await read(reader) for _ in names]
+                assert {a[2] for a in answers} == {Status.UNAUTHENTICATED}
+                writer.write(frame([CALL, 99, "rl.echo", {"value": "bad"}]))  # a known method keeps its name
+                assert (await read(reader))[2] == Status.INVALID_ARGUMENT
+                writer.close()
+            assert not limiter.names & set(names)
+            assert "rl.echo" in limiter.names and len(limiter.names) == 2, limiter.names
+        finally:
+            await server.shutdown(grace=1)
+
+    asyncio.run(main())
