@@ -69,7 +69,7 @@ from bastion.config import ServerLimits
 from bastion.exceptions import BastionError
 from bastion.observability.loglimit import LogBudget
 from bastion.observability.stats import CallStats
-from bastion.protocol.proxy import Command, ProxyHeader, ProxyHeaderError, ProxyHeaderReader, parse_networks
+from bastion.protocol.proxy import Command, ProxyHeader, ProxyHeaderError, parse_networks
 from bastion.security.audit import AuditLog
 from bastion.security.authn import AllowAnonymous, Authenticator
 from bastion.security.principal import Principal
@@ -82,6 +82,7 @@ from bastion.server.dispatch import IdempotencyKeys, MethodTable
 from bastion.server.reserve import DescriptorReserve
 from bastion.server.scheduler import Scheduler
 from bastion.server.session import ServerSession
+from bastion.server.sockets import bind, read_proxy_header
 from bastion.server.view import ServerView
 from bastion.service import Service
 from bastion.status import Status
@@ -187,7 +188,7 @@ class Server:
     async def start(self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None) -> None:
         """Listen on ``host:port`` (port 0 picks a free one; see ``addresses``), or on ``sock``."""
         loop = asyncio.get_running_loop()
-        listeners = [sock] if sock is not None else await _bind(host, port)
+        listeners = [sock] if sock is not None else await bind(host, port)
         for listener in listeners:
             listener.setblocking(False)
             listener.listen(BACKLOG)
@@ -278,7 +279,7 @@ class Server:
         accepted_at = loop.time()
         try:
             async with asyncio.timeout(self.limits.handshake_timeout):
-                header = await _read_proxy_header(loop, conn)
+                header = await read_proxy_header(loop, conn)
         except (ProxyHeaderError, TimeoutError, OSError) as exc:
             reason = "no PROXY header within the handshake timeout" if isinstance(exc, TimeoutError) else str(exc)
             self.counters["rejected_proxy_header"] += 1
@@ -560,39 +561,6 @@ class Server:
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "pid": os.getpid(),  # which worker answered, under ``bastion serve --workers``
         }
-
-
-async def _bind(host: str, port: int) -> list[socket.socket]:
-    """Bound (not yet listening) sockets for every address ``host`` resolves to, as create_server would."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-    except OSError:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
-async def _read_proxy_header(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> ProxyHeader:
-    """Read one PROXY v2 header off ``conn``, not a byte more (what follows is the client's)."""
-    reader = ProxyHeaderReader()
-    while True:
-        data = await loop.sock_recv(conn, reader.needed)
-        if not data:
-            raise ProxyHeaderError("the connection closed before a complete PROXY header")
-        header = reader.feed(data)
-        if header is not None:
-            return header
 
 
 def _ignore(sig: int) -> None:
