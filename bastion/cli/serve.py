@@ -316,6 +316,7 @@ async def _compose_and_serve(
             scheduler=Scheduler(config.scheduler),
             trusted_proxies=config.trusted_proxies,
             idempotency=IdempotencyKeys(store),
+            ipv6_prefix=config.rate_limits.ipv6_prefix,
         )
         store_observe.observer = server.metrics.observe_store
         backups.counters = server.counters  # bastion_backups_total on /metrics

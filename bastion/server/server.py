@@ -66,7 +66,7 @@ from typing import Any
 
 from bastion._version import __version__
 from bastion.config import ServerLimits
-from bastion.exceptions import BastionError
+from bastion.exceptions import BastionError, UsageError
 from bastion.observability.loglimit import LogBudget
 from bastion.observability.stats import CallStats
 from bastion.protocol.proxy import Command, ProxyHeader, ProxyHeaderError, parse_networks
@@ -120,6 +120,7 @@ class Server:
         scheduler: Scheduler | None = None,
         trusted_proxies: Iterable[str] = (),
         idempotency: IdempotencyKeys | None = None,
+        ipv6_prefix: int = 64,
     ) -> None:
         """TLS: ``cert_files`` are the (certificate, key) paths SIGHUP reloads into
         ``ssl_context``, ``crl_file`` a CRL reloaded with them; ``revoked_serials``
@@ -128,7 +129,13 @@ class Server:
         connections start with a PROXY protocol v2 header (UsageError if one is
         not an address or network). ``idempotency``: where the first results of
         calls carrying an ``idempotency-key`` are kept (shared by replicas through
-        the store); without it such calls are refused."""
+        the store); without it such calls are refused. ``ipv6_prefix``: the
+        network an anonymous IPv6 caller's scheduler queue is keyed by
+        (``rate_limits.ipv6_prefix``, as the rate limits group sources; 1..128)."""
+        if not 1 <= ipv6_prefix <= 128:
+            raise UsageError(f"Server: ipv6_prefix must be 1..128, got {ipv6_prefix!r}")
+        #: Anonymous callers' fair queues group IPv6 sources by this network (read once per handshake).
+        self.ipv6_prefix = ipv6_prefix
         self.table = MethodTable(services)
         self.limits = limits or ServerLimits()
         self.authenticator: Authenticator = authenticator or AllowAnonymous()

@@ -166,7 +166,8 @@ class SessionUpkeep:
         link = self.link
         assert link is not None
         host = self.peer_host = link.peer.rsplit(":", 1)[0].strip("[]")
-        self.anonymous_key = f"anonymous@{source_key(host)}"  # one fair queue per IPv6 /64, as other limits
+        # One fair queue per source as the rate limits count it (an IPv6 one: its /rate_limits.ipv6_prefix).
+        self.anonymous_key = f"anonymous@{source_key(host, self.server.ipv6_prefix)}"
         peer = PeerInfo(link.peer, host, getattr(link, "tls_identity", None), getattr(link, "peer_cert_expires", None))
         try:
             principal = await self.server.authenticator.authenticate(hello.token, peer)
