@@ -27,6 +27,8 @@ session sends GoAway(RESOURCE_EXHAUSTED) and closes. Denied calls are written
 to the audit log, at most ``DENIALS_AUDITED`` per connection and
 ``DENIALS_AUDITED_SERVER_WIDE`` on the whole server per 10 s (the rest
 counted), so a denial flood cannot flood the log, even over new connections.
+A record's ``suppressed_before`` counts both: its connection's denials past
+the per-connection cap and, from the budget, the server's past the server-wide one.
 """
 
 from __future__ import annotations
@@ -393,13 +395,14 @@ class SessionUpkeep:
         now = time.monotonic()
         if now - self._denial_window >= 10.0:
             self._denial_window, self._denials_logged = now, 0
-        if self._denials_logged >= DENIALS_AUDITED or (
-            self.server.log_budget.take("denied", DENIALS_AUDITED_SERVER_WIDE) is None
-        ):
-            self._denials_suppressed += 1
+        if self._denials_logged >= DENIALS_AUDITED:
+            self._denials_suppressed += 1  # this connection's count: its next record reports it
+            return
+        # Past the server-wide budget the budget counts it: the next record on any connection reports it.
+        if (server_wide := self.server.log_budget.take("denied", DENIALS_AUDITED_SERVER_WIDE)) is None:
             return
         self._denials_logged += 1
-        suppressed, self._denials_suppressed = self._denials_suppressed, 0
+        suppressed, self._denials_suppressed = self._denials_suppressed + server_wide, 0
         if len(method) > AUDITED_METHOD_CHARS:
             method = f"{method[:AUDITED_METHOD_CHARS]}... ({len(method)} characters)"
         self.server.audit(
