@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -66,30 +65,6 @@ def holding_body(server: Server, size: int) -> Iterator[None]:
         yield
     finally:
         server.args_memory -= cost
-
-
-class LogBudget:
-    """At most ``per_window`` log lines of one kind per ``window`` seconds (the rest are counted and the next
-    line logged says how many were not): what a client can trigger at will must not flood the log."""
-
-    def __init__(self, per_window: int = 10, window: float = 10.0) -> None:
-        self.per_window = per_window
-        self.window = window
-        self._start = -window
-        self._used = 0
-        self.skipped = 0  # lines not logged since the last one that was
-
-    def take(self) -> int | None:
-        """None: do not log this one; else log it, with this many skipped before it."""
-        now = time.monotonic()
-        if now - self._start >= self.window:
-            self._start, self._used = now, 0
-        if self._used >= self.per_window:
-            self.skipped += 1
-            return None
-        self._used += 1
-        skipped, self.skipped = self.skipped, 0
-        return skipped
 
 
 def shown(value: str | None, limit: int = 100) -> str:

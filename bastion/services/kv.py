@@ -77,7 +77,7 @@ from bastion.security.principal import ADMIN_ROLE, Principal
 from bastion.security.ratelimit_shared import Holds, LocalHolds
 from bastion.service import Context, Service
 from bastion.services import Background, every
-from bastion.services.kv_log import LogBudget
+from bastion.services.kv_log import ChangeLogTrimmer
 from bastion.services.kv_watch import FEED_PAGE as FEED_PAGE  # re-exported: importable from here as before
 from bastion.services.kv_watch import POLL_INTERVAL as POLL_INTERVAL
 from bastion.services.kv_watch import Hub, Watcher, behind, check_reached, replay
@@ -201,7 +201,7 @@ class KV:
         self.hub = Hub(store)
         self.quota = KVQuota(self.config.quota_keys, self.config.quota_bytes)
         self._background = Background()
-        self._log = LogBudget(store, self.config.history, self.config.history_bytes)
+        self._log = ChangeLogTrimmer(store, self.config.history, self.config.history_bytes)
         self.service = Service("kv", doc="Key-value storage with versions, compare-and-swap, TTLs and watches.")
         _declare(self, self.service)
 

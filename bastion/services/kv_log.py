@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from bastion.store.kv import KVStore
 
-__all__ = ["SIZES_PAGE", "LogBudget"]
+__all__ = ["SIZES_PAGE", "ChangeLogTrimmer"]
 
 #: Changes read per page while finding how far the byte bound trims.
 SIZES_PAGE = 1000
 
 
-class LogBudget:
+class ChangeLogTrimmer:
     """Keeps ``store``'s change log within ``keep`` changes and ``keep_bytes`` bytes (run by the sweeper)."""
 
     def __init__(self, store: KVStore, keep: int, keep_bytes: int) -> None:
@@ -36,7 +36,7 @@ class LogBudget:
         self.bytes = 0  # the bytes logged after ``start`` up to ``end``
 
     def __repr__(self) -> str:
-        return f"LogBudget(keep={self.keep}, keep_bytes={self.keep_bytes}, bytes={self.bytes})"
+        return f"ChangeLogTrimmer(keep={self.keep}, keep_bytes={self.keep_bytes}, bytes={self.bytes})"
 
     async def trim(self) -> int:
         """Trim the log to both bounds; how many changes were removed."""
