@@ -72,10 +72,15 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
+#: What a refused preflight's answer leaves out of the headers Starlette put on it.
+_NOT_ON_REFUSALS = frozenset({"access-control-allow-origin", "access-control-expose-headers"})
+
+
 class Cors(CORSMiddleware):
     """Starlette's CORS middleware for ``cors_origins``: exactly those origins, GET and POST, the
     Authorization, Content-Type and X-CSRF-Token headers, no credentials, ``Retry-After`` readable; a
-    refused preflight is answered 403 PERMISSION_DENIED saying what was refused (not a bare text 400)."""
+    refused preflight is answered 403 PERMISSION_DENIED saying what was refused (not a bare text 400), and
+    without ``Access-Control-Allow-Origin``, even for a listed origin asking for another method or header."""
 
     def __init__(self, app: ASGIApp, origins: Sequence[str]) -> None:
         super().__init__(
@@ -111,7 +116,13 @@ class Cors(CORSMiddleware):
         if request_headers.get("access-control-request-private-network") is not None:
             refused.append("private network access")
         error = PermissionDenied("CORS preflight refused: " + "; ".join(refused or ["not allowed"]))
-        headers = {k: v for k, v in response.headers.items() if k.lower().startswith(("access-control-", "vary"))}
+        # Starlette names a listed origin even when it refuses its preflight (for PUT, a Cookie header):
+        # a refusal must not, nor expose headers to it.
+        headers = {
+            k: v
+            for k, v in response.headers.items()
+            if k.lower().startswith(("access-control-", "vary")) and k.lower() not in _NOT_ON_REFUSALS
+        }
         return Response(
             _encoder.encode(error_body(error)), http_status(error.status), headers, media_type="application/json"
         )
