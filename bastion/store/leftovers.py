@@ -10,11 +10,18 @@ name and a process id that no longer exists here. Another host's (a
 directory shared over the network), or a live process's, are left alone.
 
 Verifying an archive outside any data directory unpacks its database into a
-private (0700) ``bastion-verify-*`` directory in the system's temporary
+private (0700) ``bastion-locked-verify-*`` directory in the system's temporary
 directory (TMPDIR), which a kill leaves there too. Each holds an flock on its
 own directory for as long as it lives (the kernel lets go of it when the
 process dies, however it dies); the next verify removes those of this user
 whose lock it can take: their owners are gone.
+
+Older versions verified in ``bastion-verify-*`` directories, most without any
+flock (TemporaryDirectory): a free lock there does not mean a dead owner, and
+during a rolling upgrade such a directory may be an old verify's, mid-read.
+So one of those is removed only when nothing in it (itself or what it holds
+directly) changed for ``OLD_VERIFY_MAX_AGE`` (a day; no verify takes that
+long) and no process holds it locked.
 """
 
 from __future__ import annotations
@@ -28,15 +35,30 @@ import shutil
 import socket
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["STAGING_PREFIX", "VERIFY_PREFIX", "partial_name", "private_temporary", "remove_stale", "staging_name"]
+__all__ = [
+    "OLD_VERIFY_MAX_AGE",
+    "OLD_VERIFY_PREFIX",
+    "STAGING_PREFIX",
+    "VERIFY_PREFIX",
+    "partial_name",
+    "private_temporary",
+    "remove_stale",
+    "remove_stale_temporaries",
+    "staging_name",
+]
 
 log = logging.getLogger("bastion.backup")
 
 STAGING_PREFIX = ".restore-staging-"
-VERIFY_PREFIX = "bastion-verify-"
+#: Verify temporaries, each flocked by its owner while it lives.
+VERIFY_PREFIX = "bastion-locked-verify-"
+#: Older versions' verify temporaries (most never locked): removed only once this old (seconds).
+OLD_VERIFY_PREFIX = "bastion-verify-"
+OLD_VERIFY_MAX_AGE = 86400.0
 
 
 def _owner() -> str:
@@ -93,7 +115,7 @@ def remove_stale(directory: Path) -> list[str]:
 
 @contextlib.contextmanager
 def private_temporary() -> Iterator[Path]:
-    """A new private (0700) ``bastion-verify-*`` directory in the system's temporary directory, locked
+    """A new private (0700) ``bastion-locked-verify-*`` directory in the system's temporary directory, locked
     (flock) while in use and removed with all it holds on exit; first, those of killed processes are removed.
     """
     parent = Path(tempfile.gettempdir())
@@ -118,11 +140,12 @@ def private_temporary() -> Iterator[Path]:
 
 
 def remove_stale_temporaries(parent: Path) -> list[str]:
-    """Remove this user's ``bastion-verify-*`` directories in ``parent`` that no live process holds locked
-    (left by a verify that was killed); the names removed. Others', and those in use, are left alone."""
+    """Remove this user's ``bastion-locked-verify-*`` directories in ``parent`` that no live process holds
+    locked (left by a verify that was killed), and older versions' ``bastion-verify-*`` ones that are also
+    ``OLD_VERIFY_MAX_AGE`` old; the names removed. Others', and those in use, are left alone."""
     removed = []
     try:
-        entries = [e for e in os.scandir(parent) if e.name.startswith(VERIFY_PREFIX)]
+        entries = [e for e in os.scandir(parent) if e.name.startswith((VERIFY_PREFIX, OLD_VERIFY_PREFIX))]
     except OSError:
         return []
     for entry in entries:
@@ -130,6 +153,8 @@ def remove_stale_temporaries(parent: Path) -> list[str]:
             info = entry.stat(follow_symlinks=False)
             if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
                 continue
+            if entry.name.startswith(OLD_VERIFY_PREFIX) and not _untouched_for(entry.path, OLD_VERIFY_MAX_AGE):
+                continue  # perhaps an older version's live verify, which held no lock
             fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: its owner lives
@@ -141,3 +166,11 @@ def remove_stale_temporaries(parent: Path) -> list[str]:
             removed.append(entry.name)
             log.warning("removed %s in %s: left by a verify that was killed", entry.name, parent)
     return removed
+
+
+def _untouched_for(path: str, age: float) -> bool:
+    """Whether neither the directory ``path`` nor anything directly in it changed in the last ``age`` seconds."""
+    cutoff = time.time() - age
+    with os.scandir(path) as entries:
+        stamps = [entry.stat(follow_symlinks=False).st_mtime for entry in entries]
+    return max([os.lstat(path).st_mtime, *stamps]) < cutoff

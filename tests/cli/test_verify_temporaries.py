@@ -1,4 +1,4 @@
-"""``bastion restore --check`` without a data directory verifies in a private (0700) ``bastion-verify-*``
+"""``bastion restore --check`` without a data directory verifies in a private (0700) ``bastion-locked-verify-*``
 directory in TMPDIR, removed when it ends -- unless it is SIGKILLed. Then the next verify removes it: each
 holds an flock on its directory while it lives, and a directory whose lock can be taken has no owner left.
 A live verify's directory is left alone.
@@ -15,14 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-from bastion.store import backup
+from bastion.store import backup, leftovers
 from bastion.store.archive import archive_name
 from tests.store.test_backup import FAST, make_data_dir
 from tests.support.server import clean_env, wait_for
 
 
 def temporaries(tmpdir: Path) -> set[str]:
-    return {p.name for p in tmpdir.iterdir() if p.name.startswith("bastion-verify-")}
+    return {p.name for p in tmpdir.iterdir() if p.name.startswith(leftovers.VERIFY_PREFIX)}
 
 
 def verifying(fifo: Path, tmpdir: Path, nowhere: Path) -> subprocess.Popen[str]:
