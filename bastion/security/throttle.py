@@ -22,10 +22,17 @@ Theory of operation: ``attempt`` (a context) runs before any password is
 verified and raises ResourceExhausted with a retry-after when a limit is hit
 (cheap, so a throttled attacker costs no argon2 work); ``failed``/``succeeded``
 record the outcome inside it. Until the block ends the attempt counts as
-pending against every limit it is checked by, so attempts sent at once cannot
-all pass before the first failure is counted (in one process; with several,
-at most one round of ``max_failures`` per process). ``check`` is the same
-test without holding anything. The clock is injected; nothing here sleeps.
+pending against the limits on guessing one account -- the (username, source)
+pair and the username's allowance -- so guesses sent at once cannot all pass
+before the first failure is counted (in one process: the pending counts are
+not in the shared table, so with several, at most one round of
+``max_failures`` per process). The per-source bucket counts failures only:
+logins in flight from one address (which may all succeed) spend none of it,
+and neither the token handshake's ``check(None, host)`` nor another login is
+refused for them. ``check`` is the same test without holding anything. The
+pending counts are released in a ``finally``, so a cancelled login (a
+dropped connection, a deadline) leaves none behind. The clock is injected;
+nothing here sleeps.
 
 Several workers (``bastion serve --workers N``): pass ``shared``, the
 workers' ``SharedTable`` (ratelimit_shared.py), and the per-source and
@@ -64,6 +71,8 @@ MAX_TRACKED = 100_000  # keys remembered in memory; the oldest are forgotten fir
 LOCKOUT_PURGE_BATCH = 100
 #: How long a source a user logged in from escapes the per-user global allowance (seconds).
 KNOWN_SOURCE_SECONDS = 30 * 24 * 3600.0
+_AT_ONCE = "too many attempts at once from this address; try again in a second"
+_AT_ONCE_USER = "too many attempts at once for this user; try again in a second"
 
 
 class LoginThrottled(ResourceExhausted):
@@ -219,29 +228,28 @@ class LoginThrottle:
         return f"known:{username}|{source}"
 
     async def check(self, username: str | None, source: str) -> None:
-        """Raise LoginThrottled (a ResourceExhausted) if this attempt must not even be tried."""
-        async with self.attempt(username, source):
-            pass
+        """Raise LoginThrottled (a ResourceExhausted) if this attempt must not even be tried. Holds nothing;
+        with no username (a token handshake) only the source's bucket of failures is tested."""
+        source = source_key(source, self.ipv6_prefix)
+        now = self._clock()
+        await self._refuse(username, source, now, self._limits(username, source, now, password=username is not None))
 
     @contextlib.asynccontextmanager
     async def attempt(self, username: str | None, source: str) -> AsyncIterator[None]:
-        """``check``, then hold the attempt as pending until the block ends: each limit counts the attempts
-        pending as spent already, so guesses sent at once are refused once they could fail it."""
+        """A password attempt: ``check``, then hold it as pending until the block ends. The (username,
+        source) pair and the username's allowance count the attempts pending as spent, so guesses sent at
+        once are refused once they could exceed them; the source's bucket counts failures only (logins in
+        flight from one address, all of which may succeed, spend nothing of it). ``username`` None (a name
+        no user can have) is held against a pair of its own per source, so such guesses are bounded too."""
         source = source_key(source, self.ipv6_prefix)
-        keys = ["s:" + source] if username is None else ["s:" + source, "u:" + username, "p:" + username + "|" + source]
+        pair = "p:" + (username or "") + "|" + source
+        keys = [pair] if username is None else [pair, "u:" + username]
         now = self._clock()
         # Tested and reserved before the first await: no concurrent attempt sees it unreserved.
-        user_wait = self._limits(username, source, now)
+        limits = self._limits(username, source, now, password=True)
         self._pending.update(keys)
         try:
-            if username is not None:
-                if user_wait:
-                    known = await self._store.get_lockout(self._known(username, source))
-                    if known is None or known <= now:
-                        raise LoginThrottled("too many failed attempts; try again later", retry_after=user_wait)
-                until = await self._store.get_lockout(self._pair(username, source))
-                if until is not None and until > now:
-                    raise LoginThrottled("too many failed attempts; try again later", retry_after=until - now)
+            await self._refuse(username, source, now, limits)
             yield
         finally:
             self._pending.subtract(keys)
@@ -249,18 +257,39 @@ class LoginThrottle:
                 if self._pending[key] <= 0:
                     del self._pending[key]
 
-    def _limits(self, username: str | None, source: str, now: float) -> float:
-        """Raise for the source's bucket or the pair's failures (pending attempts counted as spent); the
-        wait the per-user allowance asks (which a known source escapes), 0 if none."""
-        wait = self._sources.wait(source, now, 1 + self._pending["s:" + source])
+    async def _refuse(self, username: str | None, source: str, now: float, limits: tuple[float, bool]) -> None:
+        """Raise for the per-user allowance (unless the source is known for the user) or a lockout."""
+        if username is None:
+            return
+        user_wait, at_once = limits
+        if user_wait:
+            known = await self._store.get_lockout(self._known(username, source))
+            if known is None or known <= now:
+                if at_once:
+                    raise LoginThrottled(_AT_ONCE_USER, retry_after=min(user_wait, 1.0))
+                raise LoginThrottled("too many failed attempts for this user; try again later", retry_after=user_wait)
+        until = await self._store.get_lockout(self._pair(username, source))
+        if until is not None and until > now:
+            raise LoginThrottled("too many failed attempts; try again later", retry_after=until - now)
+
+    def _limits(self, username: str | None, source: str, now: float, *, password: bool) -> tuple[float, bool]:
+        """Raise for the source's bucket (failures only) or the pair's failures and pending attempts (a
+        ``password`` attempt's); the wait the per-user allowance asks (which a known source escapes), 0 if
+        none, and whether only attempts pending make it wait."""
+        wait = self._sources.wait(source, now)
         if wait:
             raise LoginThrottled("too many failed attempts from this address", retry_after=wait)
+        if not password:
+            return 0.0, False
+        pending = self._pending["p:" + (username or "") + "|" + source]
+        failures = 0 if username is None else self._failures.get(self._pair(username, source))
+        if failures + pending >= self.max_failures:  # failures alone never reach it: they lock and reset
+            raise LoginThrottled(_AT_ONCE, retry_after=1.0)
         if username is None:
-            return 0.0
-        pair = self._pair(username, source)
-        if self._failures.get(pair) + self._pending["p:" + username + "|" + source] >= self.max_failures:
-            raise LoginThrottled("too many attempts at once; try again later", retry_after=1.0)
-        return self._users.wait(username, now, 1 + self._pending["u:" + username])
+            return 0.0, False
+        in_flight = self._pending["u:" + username]
+        wait = self._users.wait(username, now, 1 + in_flight)
+        return wait, bool(wait and in_flight and not self._users.wait(username, now))
 
     async def failed(self, username: str | None, source: str) -> bool:
         """Record a failure; True if it locked the (username, source) pair."""

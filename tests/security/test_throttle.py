@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from pathlib import Path
 
 import pytest
 
 from bastion.exceptions import ResourceExhausted, UsageError
-from bastion.security.throttle import LoginThrottle, TokenBucket
+from bastion.security.throttle import LoginThrottle, LoginThrottled, TokenBucket
 from bastion.store import open_store
 
 
@@ -240,3 +241,60 @@ async def test_expired_lockouts_are_purged_a_bounded_batch_per_lockout(store_url
             assert until is not None and until > clock.now
             with pytest.raises(ResourceExhausted):
                 await throttle.check(live, "10.0.0.9")
+
+
+def test_logins_in_flight_do_not_spend_the_source_bucket_nor_refuse_token_handshakes(tmp_path: Path) -> None:
+    """Pending logins counted against the per-source bucket of failures: 22 logins of different users
+    being verified at once from one address (an office behind a NAT) refused the 11th with "too many
+    failed attempts from this address" though none had failed, and check(None, host), the token
+    handshake's test, refused too while they were pending."""
+
+    async def main() -> None:
+        async with open_store(tmp_path / "s.db") as store:
+            throttle = LoginThrottle(store, burst=10, max_failures=3)
+            async with contextlib.AsyncExitStack() as held:
+                for i in range(22):
+                    await held.enter_async_context(throttle.attempt(f"user{i}", "10.0.0.1"))
+                await throttle.check(None, "10.0.0.1")  # a token handshake from the same address
+                await throttle.check("user99", "10.0.0.1")
+            for _ in range(10):  # the bucket still bounds failures
+                await throttle.failed(None, "10.0.0.1")
+            with pytest.raises(LoginThrottled, match="failed attempts from this address"):
+                await throttle.check(None, "10.0.0.1")
+
+    asyncio.run(main())
+
+
+def test_a_refusal_caused_by_attempts_in_flight_says_so(tmp_path: Path) -> None:
+    """A refusal caused by concurrency (the pair's or the user's allowance spent only by attempts pending)
+    must not claim failed attempts; one caused by failures still does. Nameless attempts (a username no
+    user can have) are bounded per source in flight too."""
+
+    async def main() -> None:
+        clock = Clock()
+        async with open_store(tmp_path / "s.db") as store:
+            throttle = LoginThrottle(store, max_failures=1000, global_per_hour=3, clock=clock)
+            async with contextlib.AsyncExitStack() as held:
+                for i in range(3):
+                    await held.enter_async_context(throttle.attempt("ada", f"10.0.0.{i}"))
+                with pytest.raises(LoginThrottled, match="at once") as refused:
+                    await throttle.check("ada", "10.0.1.1")
+                assert "failed" not in str(refused.value)
+            for i in range(3):
+                await throttle.failed("ada", f"10.0.0.{i}")
+            with pytest.raises(LoginThrottled, match="too many failed attempts"):
+                await throttle.check("ada", "10.0.1.1")
+            pair = LoginThrottle(store, max_failures=3, clock=clock)
+            async with contextlib.AsyncExitStack() as held:
+                for _ in range(3):
+                    await held.enter_async_context(pair.attempt("bob", "10.0.0.9"))
+                with pytest.raises(LoginThrottled, match="at once") as refused:
+                    await pair.check("bob", "10.0.0.9")
+                assert "failed" not in str(refused.value)
+                for _ in range(3):
+                    await held.enter_async_context(pair.attempt(None, "10.0.0.9"))
+                with pytest.raises(LoginThrottled, match="at once"):
+                    await held.enter_async_context(pair.attempt(None, "10.0.0.9"))
+                await pair.check(None, "10.0.0.9")  # a token handshake: failures only
+
+    asyncio.run(main())
