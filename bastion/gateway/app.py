@@ -140,6 +140,7 @@ from bastion.gateway.ws import _WebSocketSession
 from bastion.observability.loglimit import LogBudget
 from bastion.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from bastion.observability.metrics import render, server_snapshot
+from bastion.security.authn import PeerInfo, SessionEnder
 from bastion.server.server import Server
 from bastion.service import MethodKind
 
@@ -484,9 +485,18 @@ class _Routes:
 
     async def _revoke_replaced(self, caller: Caller) -> None:
         """Revoke the token of the session cookie a successful login replaces (logging in as someone else
-        must not leave the first session live): best effort, a login never fails for it."""
+        must not leave the first session live): best effort, a login never fails for it. With the store's
+        authenticator, by the token's digest (``end_session``): a stale cookie -- the usual case, sessions
+        end by password changes, purges and expiry -- fails no handshake, so it charges the client's address
+        nothing at the login throttle and writes no ``auth.failure``. Another authenticator's: a bridged
+        ``auth.logout`` with it, as before."""
+        authenticator = self.gateway.server.authenticator
+        assert caller.token is not None
         try:
-            await self.bridge.call(caller, "auth.logout", {})
+            if isinstance(authenticator, SessionEnder):
+                await authenticator.end_session(caller.token, PeerInfo(caller.address, caller.host))
+            else:
+                await self.bridge.call(caller, "auth.logout", {})
         except Exception as exc:  # expired, revoked, not a token, the server busy: the new session stands
             log.debug("login: the replaced session was not revoked (%s)", type(exc).__name__)
         with contextlib.suppress(Exception):

@@ -21,7 +21,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -37,6 +37,7 @@ __all__ = [
     "AllowAnonymous",
     "Authenticator",
     "PeerInfo",
+    "SessionEnder",
     "StaticTokens",
     "StoreAuthenticator",
     "hash_token",
@@ -81,6 +82,16 @@ class Authenticator(Protocol):
     async def revalidate(self, principal: Principal) -> Principal | None:
         """The principal as it stands now (roles may have changed), or None once
         its credential has expired or been revoked."""
+        ...
+
+
+@runtime_checkable
+class SessionEnder(Protocol):
+    """An authenticator that can end a session given its token without a handshake (the gateway's login
+    revoking the session cookie it replaces): a stale or bogus token is no failed credential."""
+
+    async def end_session(self, token: str, peer: PeerInfo) -> bool:
+        """Revoke ``token`` if it is a live session token; True if it was revoked now."""
         ...
 
 
@@ -165,6 +176,24 @@ class StoreAuthenticator:
             token_id=principal.token_id,
         )
         return principal
+
+    async def end_session(self, token: str, peer: PeerInfo) -> bool:
+        """Revoke ``token`` if it is a live session token, looked up by its digest: no handshake, so a stale,
+        revoked or bogus one (the usual cookie a login replaces) charges no throttle and writes no
+        ``auth.failure``; one revoked now is audited as ``auth.logout``. API tokens are left alone."""
+        if not _TOKEN_SHAPE.match(token):
+            return False
+        record = await self._store.token_by_digest(hash_token(token))
+        now = self._clock()
+        if record is None or record.kind != "session" or not record.valid_at(now):
+            return False
+        if not await self._store.revoke_token(record.id, now):
+            return False  # revoked meanwhile
+        self._checked.pop(record.id, None)  # revalidation sees it at once
+        self._audit(
+            "auth.logout", principal=record.user, peer=peer.address, token_id=record.id, reason="replaced by a login"
+        )
+        return True
 
     async def _from_token(self, token: str) -> tuple[str, Principal | None]:
         if not _TOKEN_SHAPE.match(token):

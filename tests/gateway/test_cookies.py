@@ -214,3 +214,32 @@ def test_a_login_revokes_only_the_cookie_of_the_name_in_use(development: World) 
         == 200
     )
     assert http(development, "POST", "/v1/auth/whoami", {}, headers=jar).status == 401
+
+
+def test_a_stale_session_cookie_replaced_by_a_login_costs_nothing_and_logs_no_failure(world: World) -> None:
+    """The login revoked the cookie's token through a bridged ``auth.logout`` with it: a stale cookie (the
+    normal case: sessions end by password changes, purges, expiry) failed that token handshake, which charged
+    the login throttle's bucket of failures for the client's address and wrote an ``auth.failure`` record,
+    every time a browser with an old cookie logged in."""
+    assert world.server is not None
+    first = _login(world)
+    stale, stale_csrf = first[SESSION][0], first[CSRF][0]
+    jar = {"Cookie": f"{SESSION}={stale}; {CSRF}={stale_csrf}", "X-CSRF-Token": stale_csrf}
+    assert http(world, "POST", "/v1/auth/logout", {}, headers=jar).status == 200  # the session ends
+    audit_path = world.tmp / "audit.log"
+    failures_before = audit_path.read_text().count('"auth.failure"')
+    counted_before = world.server.counters["auth_failures_credentials"]
+    for _ in range(3):
+        reply = http(world, "POST", "/v1/auth/login", {"username": "carol", "password": PASSWORD}, headers=jar)
+        assert reply.status == 200, reply
+    assert audit_path.read_text().count('"auth.failure"') == failures_before
+    assert world.server.counters["auth_failures_credentials"] == counted_before
+    # A live cookie is still revoked, and that is audited as the session's end.
+    live = _login(world)
+    live_jar = {"Cookie": f"{SESSION}={live[SESSION][0]}; {CSRF}={live[CSRF][0]}", "X-CSRF-Token": live[CSRF][0]}
+    assert (
+        http(world, "POST", "/v1/auth/login", {"username": "carol", "password": PASSWORD}, headers=live_jar).status
+        == 200
+    )
+    assert http(world, "POST", "/v1/auth/whoami", {}, headers=live_jar).status == 401
+    assert audit_path.read_text().count('"auth.failure"') == failures_before + 1  # that whoami, not the login
