@@ -11,7 +11,10 @@ from typing import Protocol
 
 import msgspec
 
-__all__ = ["CredentialStore", "Token", "User"]
+__all__ = ["THROTTLE_KEY_PREFIXES", "CredentialStore", "Token", "User", "throttle_key_ranges"]
+
+#: The login throttle's lockouts-table keys for a user are ``PREFIX + user + "|" + source`` (throttle.py).
+THROTTLE_KEY_PREFIXES = ("known:", "login:")
 
 
 class User(msgspec.Struct, frozen=True):
@@ -38,6 +41,12 @@ class Token(msgspec.Struct, frozen=True):
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
 
 
+def throttle_key_ranges(user: str) -> list[tuple[str, str]]:
+    """The key ranges [low, high) of ``user``'s rows in the lockouts table, in code-point order: every key
+    starting ``known:USER|`` or ``login:USER|`` ("}" follows "|"), which a store deletes with the user."""
+    return [(f"{prefix}{user}|", f"{prefix}{user}}}") for prefix in THROTTLE_KEY_PREFIXES]
+
+
 class CredentialStore(Protocol):
     """What authentication needs from storage. All methods are async and durable:
     a call that returned has been committed."""
@@ -61,7 +70,10 @@ class CredentialStore(Protocol):
         """Replace ``name``'s roles and disabled flag alone (the password hash as it stands); False if no user."""
         ...
 
-    async def delete_user(self, name: str) -> bool: ...
+    async def delete_user(self, name: str) -> bool:
+        """Delete the user, their tokens and the login throttle's rows for them (``throttle_key_ranges``),
+        so a name reused later starts clean; False if there was no such user."""
+        ...
 
     async def list_users(self) -> list[User]: ...
 

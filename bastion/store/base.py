@@ -112,7 +112,9 @@ class Store(KVStore, FileStore, JobStore, IdempotencyStore, MailStore, TopicStor
 
     @abstractmethod
     async def delete_user(self, name: str) -> bool:
-        """Delete the user and their tokens; False if there was none."""
+        """Delete the user, their tokens and the login throttle's rows for them (known sources and
+        lockouts, ``throttle_key_ranges``) in one transaction, so a name reused later inherits none of
+        them; False if there was no such user."""
 
     @abstractmethod
     async def list_users(self) -> list[User]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from bastion.exceptions import AlreadyExists, NotFound
-from bastion.security.credentials import Token, User
+from bastion.security.credentials import Token, User, throttle_key_ranges
 from bastion.store._access import PostgresAccess
 
 __all__ = ["PostgresCredentials"]
@@ -54,8 +54,16 @@ class PostgresCredentials(PostgresAccess):
         return await self._call(_changes(sql, name, sorted(roles), disabled)) == 1
 
     async def delete_user(self, name: str) -> bool:
-        # Their tokens go too (ON DELETE CASCADE): a name reused later starts clean.
-        return await self._call(_changes("DELETE FROM users WHERE name = $1", name)) == 1
+        # Their tokens go too (ON DELETE CASCADE), and the login throttle's rows for them in the same
+        # transaction (known sources, lockouts): a name reused later starts clean.
+        async def delete(conn: Connection) -> int:
+            async with conn.transaction():
+                status: str = await conn.execute("DELETE FROM users WHERE name = $1", name)
+                for low, high in throttle_key_ranges(name):
+                    await conn.execute(_DELETE_LOCKOUT_RANGE, low, high)
+            return int(status.rsplit(" ", 1)[-1])
+
+        return await self._call(delete) == 1
 
     async def list_users(self) -> list[User]:
         rows = await self._call(_all(f"SELECT {_USER_COLUMNS} FROM users ORDER BY name"))
@@ -149,6 +157,8 @@ _SET_LOCKOUT = (
 )
 # A bounded batch, found through the lockouts_expiry index (migration 11).
 _EXPIRE_LOCKOUTS = "DELETE FROM lockouts WHERE key IN (SELECT key FROM lockouts WHERE until <= $1 LIMIT $2)"
+# One user's throttle rows: a key range (the key is COLLATE "C"), through the primary key.
+_DELETE_LOCKOUT_RANGE = "DELETE FROM lockouts WHERE key >= $1 AND key < $2"
 
 
 def _changes(sql: str, *args: Any) -> Callable[[Connection], Awaitable[int]]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bastion.exceptions import AlreadyExists, NotFound
-from bastion.security.credentials import Token, User
+from bastion.security.credentials import Token, User, throttle_key_ranges
 from bastion.store._access import SQLiteAccess
 
 __all__ = ["SQLiteCredentials"]
@@ -48,8 +48,15 @@ class SQLiteCredentials(SQLiteAccess):
         return await self._write(_changes("UPDATE users SET roles = ?, disabled = ? WHERE name = ?", args)) == 1
 
     async def delete_user(self, name: str) -> bool:
-        # Their tokens go too (ON DELETE CASCADE): a name reused later starts clean.
-        return await self._write(_changes("DELETE FROM users WHERE name = ?", (name,))) == 1
+        # Their tokens go too (ON DELETE CASCADE), and the login throttle's rows for them in the same
+        # transaction (known sources, lockouts): a name reused later starts clean.
+        def delete(c: sqlite3.Connection) -> int:
+            deleted: int = c.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount
+            for low, high in throttle_key_ranges(name):
+                c.execute(_DELETE_LOCKOUT_RANGE, (low, high))
+            return deleted
+
+        return await self._write(delete) == 1
 
     async def list_users(self) -> list[User]:
         rows = await self._read(_all(f"SELECT {_USER_COLUMNS} FROM users ORDER BY name", ()))
@@ -138,6 +145,8 @@ _PURGE_SESSIONS = (
 _SET_LOCKOUT = "INSERT INTO lockouts (key, until) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET until = excluded.until"
 # A bounded batch, found through the lockouts_expiry index (migration 11).
 _EXPIRE_LOCKOUTS = "DELETE FROM lockouts WHERE key IN (SELECT key FROM lockouts WHERE until <= ? LIMIT ?)"
+# One user's throttle rows: a key range (binary collation), through the primary key.
+_DELETE_LOCKOUT_RANGE = "DELETE FROM lockouts WHERE key >= ? AND key < ?"
 
 Row = tuple[Any, ...]
 

@@ -119,6 +119,26 @@ async def test_deleting_a_user_deletes_their_tokens_so_a_reused_name_starts_clea
     assert [t.id for t in await store.list_tokens()] == ["t2"]
 
 
+async def test_deleting_a_user_deletes_their_throttle_rows_so_a_reused_name_starts_clean(store: Store) -> None:
+    """The login throttle's rows for a user -- ``known:USER|SOURCE`` (sources escaping the per-user
+    allowance) and ``login:USER|SOURCE`` (lockouts) -- stayed after the user was deleted, so a new user
+    given the same name inherited the old one's known addresses (and lockouts)."""
+    await add_users(store, "ada", "ada_b", "adab", "bob")
+    rows = {
+        "known:ada|10.0.0.1": 5000.0, "login:ada|10.0.0.2": 5000.0, "known:ada|2001:db8::/64": 5000.0,
+        "known:ada_b|10.0.0.1": 5000.0, "login:adab|10.0.0.1": 5000.0, "known:bob|10.0.0.1": 5000.0,
+        "login:bob|10.0.0.1": 5000.0, "other:ada|10.0.0.1": 5000.0,
+    }  # fmt: skip
+    for key, until in rows.items():
+        await store.set_lockout(key, until)
+    assert await store.delete_user("ada")
+    for key in rows:
+        gone = key.startswith(("known:ada|", "login:ada|"))
+        assert (await store.get_lockout(key) is None) is gone, key
+    assert not await store.delete_user("ada")  # an unknown user: nothing else goes either
+    assert await store.get_lockout("known:bob|10.0.0.1") == 5000.0
+
+
 async def test_users_are_listed_by_name(store: Store) -> None:
     await add_users(store, "carol", "ada", "bob")
     assert [u.name for u in await store.list_users()] == ["ada", "bob", "carol"]
