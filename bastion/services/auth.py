@@ -8,13 +8,18 @@ handler runs, so a denial never reveals whether the target exists.
 
 Secrets: passwords arrive only as call arguments and are hashed with
 argon2id; tokens are returned once, at creation, and stored as digests.
-Neither ever reaches the audit log.
+Neither ever reaches the audit log, nor does a failed login's username that
+names no user (it may be a password typed into the wrong field): that is
+logged as a short keyed hash, ``<unknown 0123456789abcdef>``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -97,6 +102,14 @@ def _source(ctx: Context) -> str:
     return ctx.peer.rsplit(":", 1)[0].strip("[]")
 
 
+def _unknown_name(key: bytes, username: str) -> str:
+    """How a failed login's username that names no user is logged: it may be a password typed into the
+    username field, so a short HMAC of it under a key that lives in this process alone, marked unknown --
+    the same name gives the same mark (a spray or a repeated slip shows) and nothing leads back to it."""
+    digest = hmac.new(key, username.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+    return f"<unknown {digest[:16]}>"
+
+
 def _check_username(name: str) -> None:
     if not _USERNAME.match(name):
         raise InvalidArgument("a username is 1-64 letters, digits or . _ @ - and starts with a letter or digit")
@@ -139,6 +152,7 @@ def create_service(
     """
     domains = dict(owned_data or {})
     cfg = config or AuthConfig()
+    name_key = secrets.token_bytes(32)  # keys the hashes unknown usernames are logged as (this process only)
     service = Service("auth", doc="Login, identity, users, roles and tokens.")
 
     async def _issue(user: str, kind: str, label: str, ttl: float | None) -> NewToken:
@@ -163,7 +177,7 @@ def create_service(
         """Exchange a username and password for a session token."""
         source = _source(ctx)
         # A name no user can have is an unknown user, throttled per source only: it keys no
-        # lockout and is logged cut short, so anonymous guesses cannot grow the store or the log.
+        # lockout, so anonymous guesses cannot grow the store; logged as any unknown name is.
         name: str | None = username if _USERNAME.match(username) else None
         async with throttle.attempt(name, source):  # pending, so guesses sent at once count against the limits
             user = await store.get_user(username) if name is not None else None
@@ -171,10 +185,11 @@ def create_service(
             verified, outdated = await hasher.verify_login(stored, password)
             if not verified:
                 locked = await throttle.failed(name, source)
-                shown = username if name is not None else f"{username[:64]!r}... ({len(username)} characters)"
+                # An unknown name may be a password typed into the wrong field: never logged as typed.
+                shown = username if user is not None else _unknown_name(name_key, username)
                 audit("auth.login_failure", username=shown, peer=ctx.peer, request_id=ctx.request_id)
                 if locked:
-                    audit("auth.lockout", username=username, peer=ctx.peer, seconds=throttle.lockout)
+                    audit("auth.lockout", username=shown, peer=ctx.peer, seconds=throttle.lockout)
                 raise Unauthenticated("invalid username or password")
             await throttle.succeeded(username, source)
         if outdated and stored is not None:  # older parameters, or no normalisation: bring it up to date

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -573,5 +574,35 @@ def test_logins_at_once_from_one_address_all_succeed_and_token_handshakes_pass(t
         handshakes = [w.authenticator.authenticate(first["token"], PeerInfo("memory:1", "memory")) for _ in range(5)]
         results = await asyncio.gather(*logins, *handshakes, return_exceptions=True)
         assert not [r for r in results if isinstance(r, BaseException)], results
+
+    run(test, tmp_path)
+
+
+def test_a_password_typed_into_the_username_field_never_reaches_the_audit_log(tmp_path: Path) -> None:
+    """Failed logins logged the username as typed (a name no user can have, its first 64 characters): a
+    password typed into the username field -- a common slip -- landed in the audit log, and in the lockout
+    record once the slip was repeated. An unknown name is logged as a short keyed hash, marked unknown
+    (the same name, the same hash, within one process); a known user's name as it is."""
+
+    async def test(w: World) -> None:
+        await w.server.client(principal=TESTER).auth.create_user(name="ada", password=PASSWORD)
+        anon = w.server.client(principal=ANONYMOUS)
+        slips = ["s3cret.Passw0rd", "my secret pass phrase!", "Tr0ub4dor&3"]
+        for slip in [*slips, slips[0], slips[0]]:  # the first three times: locked, a lockout record
+            with pytest.raises(bastion.Unauthenticated):
+                await anon.auth.login(username=slip, password=PASSWORD)
+        with pytest.raises(bastion.Unauthenticated):
+            await anon.auth.login(username="ada", password="wrong password")
+        text = w.audit_text()
+        for slip in slips:
+            assert slip not in text and slip[:8] not in text, slip
+        records = [msgspec.json.decode(line) for line in text.splitlines()]
+        failures = [r["username"] for r in records if r["event"] == "auth.login_failure"]
+        assert failures[-1] == "ada"
+        unknown = failures[:-1]
+        assert all(re.fullmatch(r"<unknown [0-9a-f]{16}>", u) for u in unknown), unknown
+        assert unknown[0] == unknown[3] == unknown[4] and len(set(unknown)) == 3
+        (lockout,) = [r for r in records if r["event"] == "auth.lockout"]
+        assert lockout["username"] == unknown[0]
 
     run(test, tmp_path)
