@@ -298,3 +298,37 @@ def test_a_refusal_caused_by_attempts_in_flight_says_so(tmp_path: Path) -> None:
                 await pair.check(None, "10.0.0.9")  # a token handshake: failures only
 
     asyncio.run(main())
+
+
+def test_cancelled_attempts_leave_nothing_pending(tmp_path: Path) -> None:
+    """Logins cancelled while held (a dropped connection, a deadline) -- inside the block or while the
+    lockout is being read -- must release their pending count, or the pair would stay refused "at once"."""
+
+    async def main() -> None:
+        async with open_store(tmp_path / "s.db") as store:
+            throttle = LoginThrottle(store, max_failures=3, global_per_hour=3)
+            forever = asyncio.Event()
+
+            async def login() -> None:
+                async with throttle.attempt("ada", "10.0.0.1"):
+                    await forever.wait()
+
+            for settle in (True, False):  # cancelled in the block; cancelled entering it
+                tasks = [asyncio.create_task(login()) for _ in range(3)]
+                await asyncio.sleep(0)
+                if settle:
+                    deadline = asyncio.get_running_loop().time() + 10
+                    while True:  # until all three hold the pair: one more is refused
+                        try:
+                            await throttle.check("ada", "10.0.0.1")
+                        except LoginThrottled:
+                            break
+                        assert asyncio.get_running_loop().time() < deadline
+                        await asyncio.sleep(0.01)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await throttle.check("ada", "10.0.0.1")
+                assert not throttle._pending, throttle._pending
+
+    asyncio.run(main())
