@@ -12,7 +12,10 @@ Access. Every call names a namespace or defaults to the caller's personal one,
 and the namespace's access lists only, and every refusal reads the same
 ("no access to namespace …"), so a refusal never tells whether a namespace or
 key exists. Owners use their ``~name``; ``readers``/``writers`` of a shared
-namespace ("user:NAME", "role:NAME") read / read and write; admins do all.
+namespace ("user:NAME", "role:NAME") read / read and write; admins do all,
+but write only to namespaces that exist (a shared one created, the ``~NAME``
+of a user there is), so no key waits for a namespace or user of its name to
+be created later.
 
 Watches. A ``Hub`` (kv_watch.py) tails the store's change log and fans each
 change out to the watchers in this process. Writers never feed watchers directly: after a
@@ -73,14 +76,17 @@ from bastion.exceptions import (
     ResourceExhausted,
     Unavailable,
 )
+from bastion.security.credentials import CredentialStore
 from bastion.security.principal import ADMIN_ROLE, Principal
 from bastion.security.ratelimit_shared import Holds, LocalHolds
 from bastion.service import Context, Service
 from bastion.services import Background, every
+from bastion.services.auth import _USERNAME as _USER_NAME  # the names auth.add_user accepts
 from bastion.services.kv_log import ChangeLogTrimmer
 from bastion.services.kv_watch import FEED_PAGE as FEED_PAGE  # re-exported: importable from here as before
 from bastion.services.kv_watch import POLL_INTERVAL as POLL_INTERVAL
 from bastion.services.kv_watch import Hub, Watcher, behind, check_reached, replay
+from bastion.store.base import Store
 from bastion.store.kv import (
     KVChange,
     KVEntry,
@@ -191,10 +197,14 @@ class KV:
         *,
         leader: bool = True,
         watch_holds: Holds | None = None,
+        users: CredentialStore | None = None,
     ) -> None:
         """``leader``: run the expiry sweep here (with several workers, only worker 0 does). ``watch_holds``:
-        count each user's watches across the workers of one server (else: in this process)."""
+        count each user's watches across the workers of one server (else: in this process). ``users``:
+        where an admin's write to another user's ``~NAME`` finds whether NAME exists (default: ``store``,
+        if it keeps users; with none, such writes are refused)."""
         self.store = store
+        self.users = users if users is not None else store if isinstance(store, Store) else None
         self.config = config or KVConfig()
         self.leader = leader
         self.watch_holds: Holds = LocalHolds() if watch_holds is None else watch_holds
@@ -243,9 +253,15 @@ class KV:
             raise InvalidArgument("namespace: a name of at most 128 characters")
         admin = ADMIN_ROLE in principal.roles
         if namespace.startswith("~"):
-            if len(namespace) == 1 or "\x00" in namespace:
+            if namespace == personal_namespace(principal.name):
+                return namespace
+            owner = namespace[1:]
+            if not _USER_NAME.match(owner):
                 raise InvalidArgument(f"namespace {namespace!r}: a personal namespace is ~NAME, a user's name")
-            if admin or namespace == personal_namespace(principal.name):
+            if admin:
+                # As for shared ones: else the keys waited in ~NAME for whoever was later made user NAME.
+                if write and (self.users is None or await self.users.get_user(owner) is None):
+                    raise NotFound(f"no user {owner!r}: an admin writes only to the namespace of a user that exists")
                 return namespace
         elif not _NAMESPACE.match(namespace):
             raise InvalidArgument(f"namespace {namespace!r}: a {_NAMESPACE_RULES}; a personal one is ~NAME")

@@ -16,9 +16,10 @@ import bastion
 import bastion.services.kv
 from bastion.client.aio import Client
 from bastion.config import KVConfig
+from bastion.security.credentials import User
 from bastion.security.principal import Principal
 from bastion.services.kv import KV
-from bastion.store import open_store
+from bastion.store import Store, open_store
 from bastion.testing import ANONYMOUS, TESTER, MemoryServer
 from tests.support.stores import service_store
 
@@ -31,8 +32,8 @@ DEADLINE = 10.0
 
 
 class World:
-    def __init__(self, server: MemoryServer, kv: KV) -> None:
-        self.server, self.kv = server, kv
+    def __init__(self, server: MemoryServer, kv: KV, store: Store) -> None:
+        self.server, self.kv, self.store = server, kv, store
         self.admin = server.client(principal=TESTER)
         self.ada = server.client(principal=ADA)
         self.bob = server.client(principal=BOB)
@@ -42,11 +43,13 @@ class World:
 @asynccontextmanager
 async def world(tmp_path: Path, config: KVConfig | None = None) -> AsyncIterator[World]:
     async with open_store(service_store(tmp_path)) as store:
+        for principal in (ADA, BOB, EVE):  # users of the store, as an admin's writes to ~NAME need
+            await store.create_user(User(principal.name, principal.roles))
         kv = KV(store, config or KVConfig(sweep_interval=3600))
         await kv.start()
         try:
             async with MemoryServer([kv.service]) as server:
-                yield World(server, kv)
+                yield World(server, kv, store)
         finally:
             await kv.aclose()
 
