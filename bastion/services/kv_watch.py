@@ -146,7 +146,7 @@ def behind(resume_from: int, why: str) -> ResourceExhausted:
 
 async def check_reached(store: KVStore, from_version: int, start: int) -> None:
     """OUT_OF_RANGE if the store has not reached ``from_version - 1`` (``start``: the hub's position, which
-    may lag the store's): a version from elsewhere, or from before a restore to an older backup. Watching
+    may lag the store's): a version from elsewhere, or from before a restore into a fresh place. Watching
     from it would skip every change up to it without a word."""
     if from_version <= start + 1:
         return
