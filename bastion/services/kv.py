@@ -399,7 +399,11 @@ def _declare(kv: KV, service: Service) -> None:
             ns = personal_namespace(ctx.principal.name)
         now = time.time()
         write = kv.check_write(key, value, content_type, expected_version, ttl, now)
-        (version,) = await store.kv_put(ns, (write,), now, kv.quota)
+        try:
+            (version,) = await store.kv_put(ns, (write,), now, kv.quota)
+        except NotFound:  # a shared namespace deleted since namespace_for: its refusal of the caller now
+            await kv.namespace_for(ctx.principal, namespace, write=True)
+            raise
         kv.hub.nudge()
         return version
 
@@ -414,7 +418,11 @@ def _declare(kv: KV, service: Service) -> None:
             raise InvalidArgument("put_many: a key appears more than once")
         if not writes:
             return []
-        versions = await store.kv_put(ns, writes, now, kv.quota)
+        try:
+            versions = await store.kv_put(ns, writes, now, kv.quota)
+        except NotFound:  # as in put
+            await kv.namespace_for(ctx.principal, namespace, write=True)
+            raise
         kv.hub.nudge()
         return versions
 

@@ -6,7 +6,13 @@ Theory of operation
 Keys live in *namespaces*. A user's personal namespace is ``~<user>``
 (``personal_namespace``) and exists implicitly; shared namespaces are rows of
 ``kv_namespaces`` carrying their access lists. The store does not check
-access: the service does, before it calls the store.
+access: the service does, before it calls the store. A put into a shared
+namespace checks, in its own transaction, that the namespace still exists
+(``NotFound`` otherwise): the service's check came before, and a
+``kv_delete_namespace`` committed in between would otherwise leave the put's
+keys behind it. It costs one indexed lookup, after the put has the
+counter's lock (PostgreSQL) or inside the writer's transaction (SQLite), so a
+namespace deletion is wholly before or wholly after it; personal puts skip it.
 
 Revisions, as in etcd. One counter per store (``kv_meta.revision``) counts
 every change to every key; each changed key takes the next value, and a
@@ -59,7 +65,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from bastion.exceptions import Aborted, ResourceExhausted
+from bastion.exceptions import Aborted, NotFound, ResourceExhausted
 from bastion.store._access import Notifying
 
 __all__ = [
@@ -357,6 +363,14 @@ def _mismatch(key: str, expected: int, actual: int) -> Aborted:
     )
 
 
+#: Whether a shared namespace exists (its primary key), asked by a put in its own transaction.
+NAMESPACE_EXISTS = "SELECT 1 FROM kv_namespaces WHERE name = {}"
+
+
+def no_namespace(namespace: str) -> NotFound:
+    return NotFound(f"no namespace {namespace!r}: it was deleted, or never created")
+
+
 def check_version(key: str, expected: int | None, actual: int) -> None:
     if expected is not None and expected != actual:
         raise _mismatch(key, expected, actual)
@@ -386,7 +400,8 @@ class KVStore(Notifying, ABC):
 
         A compare-and-swap mismatch raises ``Aborted`` and writes nothing; so
         does ``ResourceExhausted`` when, with ``quota``, the namespace would
-        then hold more than it allows. (An awaitable rather than a coroutine,
+        then hold more than it allows, and ``NotFound`` when ``namespace`` is
+        a shared one that does not exist (any more). (An awaitable rather than a coroutine,
         so SQLite can hand back its queued write's future; PostgreSQL's is a
         coroutine.)
         """

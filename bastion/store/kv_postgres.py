@@ -13,6 +13,8 @@ from bastion.store.kv import (
     ENTRY_COLUMNS,
     LOG_COLUMNS,
     LOG_ENTRY_BYTES,
+    NAMESPACE_EXISTS,
+    PERSONAL_PREFIX,
     PUT,
     KVChange,
     KVEntry,
@@ -30,6 +32,7 @@ from bastion.store.kv import (
     heir_key,
     key_range,
     namespace_of,
+    no_namespace,
     over_quota,
     personal_namespace,
     quota_error,
@@ -83,6 +86,14 @@ async def _check_quota(conn: asyncpg.Connection[Any], namespace: str, quota: KVQ
     usage = usage_of(row)
     if over_quota(usage, quota):
         raise quota_error(namespace, usage, quota)
+
+
+async def _check_shared(conn: asyncpg.Connection[Any], namespace: str) -> None:
+    """In a put's transaction, once it holds the ``kv_meta`` row lock (as ``kv_delete_namespace`` does
+    before it deletes): ``NotFound`` unless the shared ``namespace`` exists. A statement of its own, so
+    its snapshot is taken after the lock was granted and sees a deletion committed before that."""
+    if await conn.fetchval(NAMESPACE_EXISTS.format("$1"), namespace) is None:
+        raise no_namespace(namespace)
 
 
 def _pg_range(prefix: str, after: str | None, first: int) -> tuple[str, list[Any]]:
@@ -167,6 +178,8 @@ class PostgresKV(PostgresAccess, KVStore):
             async with conn.transaction():
                 tx = _PostgresTx(conn, now)
                 await tx.start()
+                if not namespace.startswith(PERSONAL_PREFIX):
+                    await _check_shared(conn, namespace)
                 versions = []
                 for w in writes:
                     check_version(w.key, w.expected_version, await tx.version(namespace, w.key))
@@ -197,6 +210,8 @@ class PostgresKV(PostgresAccess, KVStore):
                         version = await tx.put(namespace, w)
                         await tx.finish()
                     versions.append(int(version))
+                if not namespace.startswith(PERSONAL_PREFIX):  # after the first put took the counter's lock
+                    await _check_shared(conn, namespace)
                 await _check_quota(conn, namespace, quota)
                 return versions
 

@@ -17,6 +17,8 @@ from bastion.store.kv import (
     ENTRY_COLUMNS,
     LOG_COLUMNS,
     LOG_ENTRY_BYTES,
+    NAMESPACE_EXISTS,
+    PERSONAL_PREFIX,
     PUT,
     KVChange,
     KVEntry,
@@ -34,6 +36,7 @@ from bastion.store.kv import (
     heir_key,
     key_range,
     namespace_of,
+    no_namespace,
     over_quota,
     personal_namespace,
     quota_error,
@@ -56,6 +59,7 @@ _KEY_UPSERT = (
 )
 # As _KEY_UPSERT, but an expired key is left alone (no row changed); the 7th argument is ``now``.
 _KEY_UPSERT_LIVE = f"{_KEY_UPSERT} WHERE kv_keys.expires_at IS NULL OR kv_keys.expires_at > ?"
+_NAMESPACE_EXISTS = NAMESPACE_EXISTS.format("?")
 # Whether any stored key has expired at ``?`` (the partial index kv_keys_expiry answers it).
 _ANY_EXPIRED = "SELECT 1 FROM kv_keys WHERE expires_at <= ? LIMIT 1"
 
@@ -104,6 +108,11 @@ class _SQLiteTx:
             counter[0] = serial
             counter[1] = int(conn.execute("SELECT revision FROM kv_meta WHERE id = 1").fetchone()[0])
         self.revision = counter[1]
+
+    def check_shared(self, namespace: str) -> None:
+        """``NotFound`` unless the shared ``namespace`` exists (see kv.py: a delete may have come first)."""
+        if self.conn.execute(_NAMESPACE_EXISTS, (namespace,)).fetchone() is None:
+            raise no_namespace(namespace)
 
     def version(self, namespace: str, key: str) -> int:
         """The key's live version (0: absent); logs and removes it first if it has expired."""
@@ -273,6 +282,8 @@ class SQLiteKV(SQLiteAccess, KVStore):
         """The write of ``kv_put`` calls with compare-and-swap: each key's version read first."""
         namespace, writes, now, quota = put
         tx = self._kv_tx(conn, now)
+        if not namespace.startswith(PERSONAL_PREFIX):
+            tx.check_shared(namespace)
         exact = not tx.fits([put])
         versions = []
         for w in writes:
@@ -299,6 +310,9 @@ class SQLiteKV(SQLiteAccess, KVStore):
         namespace's usage and raises (its savepoint undone) if it is over.
         """
         tx = self._kv_tx(conn, puts[-1][2])
+        for namespace, _, _, _ in puts:
+            if not namespace.startswith(PERSONAL_PREFIX):  # one gone fails the batch: each is then run alone
+                tx.check_shared(namespace)
         exact = not tx.fits(puts)
         if exact and len(puts) > 1:
             raise _NearQuota

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -48,5 +49,39 @@ def test_a_personal_namespace_is_a_user_name_after_the_tilde(tmp_path: Path) -> 
                     await client.kv.get(key="k", namespace=bad)
         with pytest.raises(bastion.NotFound):  # the longest name a user may have: a name, but no such user
             await w.admin.kv.put(key="k", value=b"", namespace="~" + "a" * 64)
+
+    run(test, tmp_path)
+
+
+def test_a_put_racing_delete_namespace_leaves_no_key_behind(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        store = w.store
+        real = store.kv_get_namespace
+
+        async def deleted_right_after(name: str) -> object:
+            record = await real(name)  # the caller's access checked, then the namespace deleted before the put
+            await store.kv_delete_namespace(name, time.time())
+            return record
+
+        calls = [
+            (w.ada, {"key": "k", "value": b"late"}),
+            (w.ada, {"key": "k", "value": b"late", "expected_version": 0}),
+            (w.ada, {"items": [{"key": "k", "value": b"late"}]}),
+            (w.admin, {"key": "k", "value": b"late"}),
+        ]
+        for client, args in calls:
+            await w.admin.kv.create_namespace(name="team", writers=["user:ada"])
+            store.kv_get_namespace = deleted_right_after  # type: ignore[method-assign]
+            try:
+                method = client.kv.put_many if "items" in args else client.kv.put
+                # What the call would be told now: ada no access (as for any namespace she may not
+                # write), the admin that the namespace does not exist.
+                with pytest.raises(bastion.NotFound if client is w.admin else bastion.PermissionDenied):
+                    await method(namespace="team", **args)
+            finally:
+                store.kv_get_namespace = real  # type: ignore[method-assign]
+            await w.admin.kv.create_namespace(name="team", readers=["user:eve"])
+            assert (await w.eve.kv.list(namespace="team"))["items"] == []  # no key was left for eve to find
+            assert await w.admin.kv.delete_namespace(name="team") == 0
 
     run(test, tmp_path)

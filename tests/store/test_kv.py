@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bastion.exceptions import Aborted
+from bastion.exceptions import Aborted, NotFound
 from bastion.store import SQLiteStore, Store
 from bastion.store.kv import DELETE, PUT, KVNamespace, KVWrite, ValuesTooLarge, personal_namespace, prefix_end
 from tests.store.conftest import MakeStore
@@ -277,6 +277,29 @@ async def test_namespaces(store: Store) -> None:
     assert await store.kv_delete_namespace("team", NOW) is None
     assert await store.kv_get_many("team", ["a", "b"], NOW) == [None, None]
     assert [c.op for c in await store.kv_changes(before, None, 10)] == [DELETE, DELETE]
+
+
+async def test_a_put_into_a_shared_namespace_that_is_gone_writes_nothing(store: Store) -> None:
+    # The service checks that a shared namespace exists before it calls kv_put; a kv_delete_namespace
+    # committing between the two used to leave the put's keys behind, in no namespace, shown to whoever
+    # one of that name was created for later. The put's own transaction checks now (personal ones exist).
+    await store.kv_create_namespace(KVNamespace("team", created_at=NOW))
+    await store.kv_put("team", [w("kept")], NOW)
+    assert await store.kv_delete_namespace("team", NOW) == 1
+    before = await store.kv_revisions()
+    for writes in ([w("a")], [w("a"), w("b", b"2")], [w("a", expected_version=0)]):
+        with pytest.raises(NotFound, match="no namespace 'team'"):
+            await store.kv_put("team", writes, NOW)
+    # Among others in one group (SQLite: one batch, run again with each alone): only that put fails.
+    results = await asyncio.gather(
+        store.kv_put(NS, [w("x")], NOW), store.kv_put("team", [w("a")], NOW), store.kv_put(NS, [w("y")], NOW),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert isinstance(results[1], NotFound)
+    assert results[0] == [before.current + 1] and results[2] == [before.current + 2]
+    await store.kv_create_namespace(KVNamespace("team", created_at=NOW))
+    assert await store.kv_list("team", "", None, 10, NOW) == []
+    assert (await store.kv_usage("team")).keys == 0
 
 
 async def test_reassign_owner_hands_keys_over_or_deletes_them(store: Store) -> None:
