@@ -85,11 +85,9 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-
-import msgspec
 
 from bastion.config import FilesConfig
 from bastion.exceptions import (
@@ -147,6 +145,8 @@ PIN_WAIT = 10.0
 TOUCH_INTERVAL = 60.0
 #: Seconds between a download's checks that its caller may still read the file.
 ACCESS_RECHECK = 1.0
+#: Uploaders' principals remembered for withdrawn shares (those without a credential store row).
+SEEN_PRINCIPALS = 10_000
 _FILE_ID = re.compile(r"^f-[0-9a-f]{32}\Z")
 
 
@@ -183,6 +183,8 @@ class Files:
         self._disk = _Disk(self.directory)
         self._hashes = _Hashes()
         self._sweeper: asyncio.Task[None] | None = None
+        #: The latest principal of each uploader seen here, for those without a credential store row.
+        self._seen: dict[str, Principal] = {}
         self.service = Service("files", doc="Streamed, verified, resumable file storage with quotas and sharing.")
         declare(self, self.service)
 
@@ -216,6 +218,20 @@ class Files:
 
     # -- access ------------------------------------------------------------------------
 
+    def _remember(self, principal: Principal) -> None:
+        self._seen.pop(principal.name, None)
+        self._seen[principal.name] = principal
+        if len(self._seen) > SEEN_PRINCIPALS:
+            del self._seen[next(iter(self._seen))]  # the least recently seen
+
+    async def may_be_granted(self, user: str) -> bool:
+        """Whether a share may name the user ``user``: it holds a row in the credential store, or that
+        store holds no users at all (the server's principals come from another authenticator:
+        ``bastion.testing``'s, ``StaticTokens``, a custom one), when any name may be shared with."""
+        if self.users is None or await self.users.get_user(user) is not None:
+            return True
+        return not await self.users.list_users()
+
     async def _access(self, principal: Principal, record: FileRecord) -> str | None:
         return access_of(principal, record, await self.store.files_shares(record.id))
 
@@ -228,7 +244,11 @@ class Files:
             if upload.file_id != record.id or upload.uploader == record.owner:
                 continue
             user = None if self.users is None else await self.users.get_user(upload.uploader)
-            uploader = Principal(upload.uploader, frozenset() if user is None else user.roles)
+            uploader = self._seen.get(upload.uploader) if user is None else Principal(upload.uploader, user.roles)
+            if uploader is None:
+                # No row (a principal of another authenticator: a deleted user's uploads went with it) and not
+                # seen by this process: its roles are unknown here; the check at its next call decides.
+                continue
             if RANK[await self._access(uploader, record) or "read"] < RANK["write"]:
                 await self._discard(upload)
                 cancelled += 1
@@ -323,6 +343,7 @@ class Files:
             owner, target_name = principal.name, check_name(name)
         else:
             raise InvalidArgument("give the new file's name, or the file_id whose contents to replace")
+        self._remember(principal)
         now = time.time()
         upload = UploadRecord(
             _new_id("u"), owner, principal.name, target_name, size, digest, file_id, overwrite, now, now, expected
@@ -344,9 +365,18 @@ class Files:
         return self._upload_info(upload, 0)
 
     async def upload(
-        self, principal: Principal, upload_id: str, offset: int, chunks: AsyncIterator[bytes]
+        self,
+        principal: Principal,
+        upload_id: str,
+        offset: int,
+        chunks: AsyncIterator[bytes],
+        *,
+        current: Callable[[], Principal] | None = None,
     ) -> UploadResult:
+        """``current``: the caller's principal as it stands now (its session's, revalidated), for the
+        access check at the commit; default ``principal``."""
         upload = await self._own_upload(principal, upload_id)
+        self._remember(principal if current is None else current())
         await self._may_still_write(principal, upload)
         try:
             fd, held = await _in_thread(_open_upload, self._disk.upload(upload.id))
@@ -390,8 +420,11 @@ class Files:
                     f"upload {upload.id}: the contents' SHA-256 is {digest}, not the declared {upload.sha256}; "
                     "the upload is discarded"
                 )
-            # The bytes may have taken long: access is judged again, with the uploader's roles of now.
-            await self._may_still_write(await self._current(principal), upload)
+            # The bytes may have taken long: access is judged again, with the uploader's roles of now (as
+            # the session's revalidation sees them, whatever authenticator made the principal).
+            now_as = principal if current is None else current()
+            self._remember(now_as)
+            await self._may_still_write(now_as, upload)
             record = await self._commit(upload)
         except OSError as exc:  # the disk failed: what it holds stays, for a retry once the operator mends it
             kept = (await _in_thread(os.fstat, fd)).st_size
@@ -405,13 +438,6 @@ class Files:
         return UploadResult(
             upload.id, position, True, _info(record, "owner" if record.owner == principal.name else "write")
         )
-
-    async def _current(self, principal: Principal) -> Principal:
-        """``principal`` with the roles its user holds now (none if it is no longer a user)."""
-        if self.users is None:
-            return principal
-        user = await self.users.get_user(principal.name)
-        return msgspec.structs.replace(principal, roles=frozenset() if user is None else user.roles)
 
     async def _may_still_write(self, principal: Principal, upload: UploadRecord) -> None:
         """For new contents of an existing file: ``NotFound``/``PermissionDenied`` -- and the upload discarded,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from bastion.exceptions import InvalidArgument, NotFound, PermissionDenied
+from bastion.security.principal import Principal
 from bastion.service import Context, Service
 from bastion.services.files_records import (
     FileInfo,
@@ -68,7 +69,16 @@ def declare(files: Files, svc: Service) -> None:
     async def upload(ctx: Context, upload_id: str, chunks: AsyncIterator[bytes], offset: int = 0) -> UploadResult:
         """Append a stream of byte chunks to an upload at ``offset`` (what the server holds); at the
         declared size the contents are verified and become the file."""
-        return await files.upload(ctx.principal, upload_id, offset, chunks)
+        current = [ctx.principal]  # the connection's principal, as revalidation replaces it
+
+        def on_principal(principal: Principal) -> None:
+            current[0] = principal
+
+        unwatch = ctx.watch_principal(on_principal)
+        try:
+            return await files.upload(ctx.principal, upload_id, offset, chunks, current=lambda: current[0])
+        finally:
+            unwatch()
 
     @svc.method(idempotent=True)
     async def upload_status(ctx: Context, upload_id: str) -> UploadInfo:
@@ -192,7 +202,7 @@ def declare(files: Files, svc: Service) -> None:
             raise InvalidArgument('mode must be "read" or "write"')
         kind, grantee = check_grantee(user, role)
         record, _ = await files._find(ctx.principal, file_id, name, owner, "owner")
-        if kind == "user" and files.users is not None and await files.users.get_user(grantee) is None:
+        if kind == "user" and not await files.may_be_granted(grantee):
             # Not a share in waiting: whoever registered the name later would get the file.
             raise NotFound(f"no user {grantee!r} to share with")
         grant = FileShare(record.id, kind, grantee, mode, time.time())
