@@ -58,6 +58,7 @@ from typing import Any
 import msgspec
 
 from bastion.exceptions import Aborted, NotFound, ResourceExhausted
+from bastion.store.files_schema import POSTGRES_SCHEMA, SQLITE_SCHEMA
 
 __all__ = [
     "POSTGRES_SCHEMA",
@@ -268,108 +269,6 @@ class FileStore(ABC):
         ``new`` already uses becomes ``<name>~<file id>``.
         """
 
-
-# -- schema ------------------------------------------------------------------------------
-
-SQLITE_SCHEMA: tuple[str, ...] = (
-    """CREATE TABLE files (
-        id         TEXT PRIMARY KEY,
-        owner      TEXT NOT NULL,
-        name       TEXT NOT NULL,
-        size       INTEGER NOT NULL,
-        sha256     TEXT NOT NULL,           -- names the blob <files dir>/blobs/<sha256[:2]>/<sha256>
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        UNIQUE (owner, name)
-    )""",
-    "CREATE INDEX files_by_sha256 ON files (sha256)",
-    """CREATE TABLE file_shares (
-        file_id    TEXT NOT NULL REFERENCES files (id) ON DELETE CASCADE,
-        kind       TEXT NOT NULL CHECK (kind IN ('user', 'role')),
-        grantee    TEXT NOT NULL,
-        mode       TEXT NOT NULL CHECK (mode IN ('read', 'write')),
-        created_at REAL NOT NULL,
-        PRIMARY KEY (file_id, kind, grantee)
-    ) WITHOUT ROWID""",
-    "CREATE INDEX file_shares_by_grantee ON file_shares (kind, grantee)",
-    """CREATE TABLE file_uploads (
-        id         TEXT PRIMARY KEY,
-        owner      TEXT NOT NULL,           -- charged for it, owns the result
-        uploader   TEXT NOT NULL,           -- may continue it
-        name       TEXT NOT NULL,
-        size       INTEGER NOT NULL,
-        sha256     TEXT NOT NULL,
-        file_id    TEXT,                    -- the file whose contents it replaces, or NULL
-        overwrite  INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    )""",
-    "CREATE INDEX file_uploads_by_owner ON file_uploads (owner)",
-    """CREATE TABLE file_blobs (
-        sha256             TEXT PRIMARY KEY,
-        size               INTEGER NOT NULL,
-        state              TEXT NOT NULL DEFAULT 'live' CHECK (state IN ('live', 'deleting')),
-        unreferenced_since REAL,
-        pinned_until       REAL,
-        claimed_by         TEXT,
-        claimed_at         REAL
-    ) WITHOUT ROWID""",
-)
-
-POSTGRES_SCHEMA: tuple[str, ...] = (
-    """CREATE TABLE files (
-        id         TEXT PRIMARY KEY,
-        owner      TEXT NOT NULL,
-        name       TEXT NOT NULL,
-        size       BIGINT NOT NULL,
-        sha256     TEXT NOT NULL,
-        created_at DOUBLE PRECISION NOT NULL,
-        updated_at DOUBLE PRECISION NOT NULL,
-        UNIQUE (owner, name)
-    )""",
-    "CREATE INDEX files_by_sha256 ON files (sha256)",
-    """CREATE TABLE file_shares (
-        file_id    TEXT NOT NULL REFERENCES files (id) ON DELETE CASCADE,
-        kind       TEXT NOT NULL CHECK (kind IN ('user', 'role')),
-        grantee    TEXT NOT NULL,
-        mode       TEXT NOT NULL CHECK (mode IN ('read', 'write')),
-        created_at DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (file_id, kind, grantee)
-    )""",
-    "CREATE INDEX file_shares_by_grantee ON file_shares (kind, grantee)",
-    """CREATE TABLE file_uploads (
-        id         TEXT PRIMARY KEY,
-        owner      TEXT NOT NULL,
-        uploader   TEXT NOT NULL,
-        name       TEXT NOT NULL,
-        size       BIGINT NOT NULL,
-        sha256     TEXT NOT NULL,
-        file_id    TEXT,
-        overwrite  BOOLEAN NOT NULL DEFAULT FALSE,
-        created_at DOUBLE PRECISION NOT NULL,
-        updated_at DOUBLE PRECISION NOT NULL
-    )""",
-    "CREATE INDEX file_uploads_by_owner ON file_uploads (owner)",
-    """CREATE TABLE file_blobs (
-        sha256             TEXT PRIMARY KEY,
-        size               BIGINT NOT NULL,
-        state              TEXT NOT NULL DEFAULT 'live' CHECK (state IN ('live', 'deleting')),
-        unreferenced_since DOUBLE PRECISION,
-        pinned_until       DOUBLE PRECISION,
-        claimed_by         TEXT,
-        claimed_at         DOUBLE PRECISION
-    )""",
-)
-
-#: Migration 19 (both backends): an upload may replace only the contents it expects (compare-and-swap).
-EXPECTED_CONTENTS = "files: an upload's expected contents of the file it replaces"
-EXPECTED_CONTENTS_SCHEMA: tuple[str, ...] = ("ALTER TABLE file_uploads ADD COLUMN expected_sha256 TEXT",)
-#: Migration 18 (both backends): a share to a user name nobody held was accepted, and whoever registered the
-#: name later got the file; the service now refuses such shares, and this drops those already made.
-UNKNOWN_GRANTEES = "files: drop shares to user names that no user holds"
-UNKNOWN_GRANTEES_SCHEMA: tuple[str, ...] = (
-    "DELETE FROM file_shares WHERE kind = 'user' AND grantee NOT IN (SELECT name FROM users)",
-)
 
 # -- SQL shared by both dialects ($n placeholders; SQLite reads them as ?n) ----------------
 

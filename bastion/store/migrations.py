@@ -43,7 +43,7 @@ import sqlite3
 import time
 
 from bastion.exceptions import UsageError
-from bastion.store import files, idempotency, jobs, jobs_owners, kv, mail, topics
+from bastion.store import files_schema, idempotency, jobs, jobs_owners, kv, mail, topics
 
 __all__ = [
     "CODE_POINT_ORDER",
@@ -162,7 +162,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     # version numbers are fixed here, and the PostgreSQL list uses the same ones.
     # New tables only, so each is compatible with the code before it.
     Migration(2, "kv: namespaces, keys and the change log", kv.SQLITE_SCHEMA, compatible=True),
-    Migration(3, "files: metadata, uploads and shares", files.SQLITE_SCHEMA, compatible=True),
+    Migration(3, "files: metadata, uploads and shares", files_schema.SQLITE_SCHEMA, compatible=True),
     Migration(4, "jobs: the queue, leases and results", jobs.SQLITE_SCHEMA, compatible=True),
     Migration(5, "idempotency keys: first results of retried calls", idempotency.SQLITE_SCHEMA, compatible=True),
     Migration(
@@ -200,9 +200,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     # Triggers replaced, keeping the same counts whoever writes: compatible.
     Migration(17, jobs_owners.OWNERS_V17, jobs_owners.SQLITE_OWNERS_V17, compatible=True),
     # Rows deleted, no schema change; old code would only accept such shares again: compatible.
-    Migration(18, files.UNKNOWN_GRANTEES, files.UNKNOWN_GRANTEES_SCHEMA, compatible=True),
+    Migration(18, files_schema.UNKNOWN_GRANTEES, files_schema.UNKNOWN_GRANTEES_SCHEMA, compatible=True),
     # A nullable column, which old code ignores (it would commit such an upload without the check): compatible.
-    Migration(19, files.EXPECTED_CONTENTS, files.EXPECTED_CONTENTS_SCHEMA, compatible=True),
+    Migration(19, files_schema.EXPECTED_CONTENTS, files_schema.EXPECTED_CONTENTS_SCHEMA, compatible=True),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -7,7 +7,7 @@ upgrades").
 
 from __future__ import annotations
 
-from bastion.store import files, idempotency, jobs, jobs_owners, kv, mail, topics
+from bastion.store import files_schema, idempotency, jobs, jobs_owners, kv, mail, topics
 from bastion.store.migrations import (
     CODE_POINT_ORDER,
     JOB_OWNERS,
@@ -54,7 +54,7 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
     ),
     # Same versions, descriptions and compatibility as bastion/store/migrations.py.
     Migration(2, "kv: namespaces, keys and the change log", kv.POSTGRES_SCHEMA, compatible=True),
-    Migration(3, "files: metadata, uploads and shares", files.POSTGRES_SCHEMA, compatible=True),
+    Migration(3, "files: metadata, uploads and shares", files_schema.POSTGRES_SCHEMA, compatible=True),
     Migration(4, "jobs: the queue, leases and results", jobs.POSTGRES_SCHEMA, compatible=True),
     Migration(5, "idempotency keys: first results of retried calls", idempotency.POSTGRES_SCHEMA, compatible=True),
     Migration(
@@ -112,9 +112,9 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
     # Triggers replaced, keeping the same counts whoever writes: compatible.
     Migration(17, jobs_owners.OWNERS_V17, jobs_owners.POSTGRES_OWNERS_V17, compatible=True),
     # Rows deleted, no schema change; old code would only accept such shares again: compatible.
-    Migration(18, files.UNKNOWN_GRANTEES, files.UNKNOWN_GRANTEES_SCHEMA, compatible=True),
+    Migration(18, files_schema.UNKNOWN_GRANTEES, files_schema.UNKNOWN_GRANTEES_SCHEMA, compatible=True),
     # A nullable column, which old code ignores (it would commit such an upload without the check): compatible.
-    Migration(19, files.EXPECTED_CONTENTS, files.EXPECTED_CONTENTS_SCHEMA, compatible=True),
+    Migration(19, files_schema.EXPECTED_CONTENTS, files_schema.EXPECTED_CONTENTS_SCHEMA, compatible=True),
 )
 
 LATEST = POSTGRES_MIGRATIONS[-1].version
