@@ -224,14 +224,6 @@ class Files:
         if len(self._seen) > SEEN_PRINCIPALS:
             del self._seen[next(iter(self._seen))]  # the least recently seen
 
-    async def may_be_granted(self, user: str) -> bool:
-        """Whether a share may name the user ``user``: it holds a row in the credential store, or that
-        store holds no users at all (the server's principals come from another authenticator:
-        ``bastion.testing``'s, ``StaticTokens``, a custom one), when any name may be shared with."""
-        if self.users is None or await self.users.get_user(user) is not None:
-            return True
-        return not await self.users.list_users()
-
     async def _access(self, principal: Principal, record: FileRecord) -> str | None:
         return access_of(principal, record, await self.store.files_shares(record.id))
 

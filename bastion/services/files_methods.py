@@ -202,10 +202,9 @@ def declare(files: Files, svc: Service) -> None:
             raise InvalidArgument('mode must be "read" or "write"')
         kind, grantee = check_grantee(user, role)
         record, _ = await files._find(ctx.principal, file_id, name, owner, "owner")
-        if kind == "user" and not await files.may_be_granted(grantee):
-            # Not a share in waiting: whoever registered the name later would get the file.
-            raise NotFound(f"no user {grantee!r} to share with")
         grant = FileShare(record.id, kind, grantee, mode, time.time())
+        # A user grantee must hold a user row (if the store keeps users): not a share in waiting, which whoever
+        # registered the name later would get. The store checks it as it records the share (NOT_FOUND).
         await store.files_share(grant)
         if mode == "read":  # replacing a write share: as good as withdrawing it
             await files._cancel_unwritable(record)

@@ -337,9 +337,11 @@ class Mailboxes:
                     continue
                 try:
                     await self.store.files_share(FileShare(attachment.file_id, "user", user, "read", now))
-                except NotFound:  # deleted since it was attached: nothing left to share
+                except NotFound:
+                    if await self.store.files_get(attachment.file_id) is not None:
+                        continue  # the recipient's user was deleted meanwhile: no share to a name nobody holds
                     log.info("attachment %s was deleted before it could be shared", attachment.file_id)
-                    break
+                    break  # deleted since it was attached: nothing left to share
 
     async def send(
         self,

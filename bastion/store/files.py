@@ -163,7 +163,9 @@ class FileStore(ABC):
 
     @abstractmethod
     async def files_share(self, share: FileShare) -> None:
-        """Add or replace the grant of ``(file_id, kind, grantee)``; ``NotFound`` for an unknown file."""
+        """Add or replace the grant of ``(file_id, kind, grantee)``; ``NotFound`` for an unknown file, or for
+        a user grantee without a user row while the store keeps any users (checked in the same statement;
+        deleting a user row deletes the shares to its name)."""
 
     @abstractmethod
     async def files_unshare(self, file_id: str, kind: str, grantee: str) -> bool: ...
@@ -282,10 +284,18 @@ _USAGE_FILES = "SELECT COALESCE(SUM(size), 0) FROM files WHERE owner = $1"
 _USAGE_UPLOADS = "SELECT COALESCE(SUM(size), 0) FROM file_uploads WHERE owner = $1"
 _DELETE = f"DELETE FROM files WHERE id = $1 RETURNING {_FILE_COLUMNS}"
 _RENAME = f"UPDATE files SET name = $2, updated_at = $3 WHERE id = $1 RETURNING {_FILE_COLUMNS}"
-_SHARE = (
-    f"INSERT INTO file_shares ({_SHARE_COLUMNS}) VALUES ($1, $2, $3, $4, $5) "
+# A share to a user is recorded only if the user's row is there (or no users are kept at all: the server's
+# principals come from another authenticator), in the same statement: a share racing auth.delete_user either
+# lands before the row goes (and migration 20's trigger deletes it with the row) or not at all. PostgreSQL
+# key-share locks the row (_SHARE_PG), so the delete waits for the share, and the share for the delete.
+_SHARE_IF = (
+    f"INSERT INTO file_shares ({_SHARE_COLUMNS}) SELECT CAST($1 AS TEXT), CAST($2 AS TEXT), CAST($3 AS TEXT), "
+    "CAST($4 AS TEXT), CAST($5 AS DOUBLE PRECISION) WHERE $2 <> 'user' "
+    "OR EXISTS (SELECT 1 FROM users WHERE name = $3 @LOCK) OR NOT EXISTS (SELECT 1 FROM users) "
     "ON CONFLICT (file_id, kind, grantee) DO UPDATE SET mode = excluded.mode, created_at = excluded.created_at"
 )
+_SHARE = _SHARE_IF.replace(" @LOCK", "")
+_SHARE_PG = _SHARE_IF.replace("@LOCK", "FOR KEY SHARE")
 _UNSHARE = "DELETE FROM file_shares WHERE file_id = $1 AND kind = $2 AND grantee = $3"
 _SHARES = f"SELECT {_SHARE_COLUMNS} FROM file_shares WHERE file_id = $1 ORDER BY kind, grantee"
 _INSERT_UPLOAD = f"INSERT INTO file_uploads ({_UPLOAD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
@@ -426,6 +436,10 @@ def _check_file_count(upload: UploadRecord, count: int, max_files: int | None) -
             f"{upload.owner!r} holds {count} files or uploads of new ones, the limit (files.max_files): "
             "delete some files or cancel some uploads first"
         )
+
+
+def _no_grantee(share: FileShare) -> NotFound:
+    return NotFound(f"no user {share.grantee!r} to share with")
 
 
 def _handed_name(name: str, file_id: str, taken: bool) -> str:

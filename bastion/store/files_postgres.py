@@ -33,7 +33,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _RENAME,
     _REPLACE_CONTENTS,
     _RESERVED_BY,
-    _SHARE,
+    _SHARE_PG,
     _SHARES,
     _TOUCH_UPLOAD,
     _UNSHARE,
@@ -57,6 +57,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _handed_name,
     _list_args,
     _list_sql,
+    _no_grantee,
     _now,
     _quota_error,
     _replace_target_missing,
@@ -159,9 +160,12 @@ class PostgresFiles(PostgresAccess, FileStore):
 
         async def add(conn: PgConn) -> None:
             try:
-                await conn.execute(_SHARE, share.file_id, share.kind, share.grantee, share.mode, share.created_at)
+                row = (share.file_id, share.kind, share.grantee, share.mode, share.created_at)
+                added = _count(await conn.execute(_SHARE_PG, *row))
             except asyncpg.ForeignKeyViolationError:
                 raise NotFound(f"no file {share.file_id}") from None
+            if added != 1:
+                raise _no_grantee(share)
 
         await self._call(add)
 

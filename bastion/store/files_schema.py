@@ -13,6 +13,9 @@ __all__ = [
     "SQLITE_SCHEMA",
     "UNKNOWN_GRANTEES",
     "UNKNOWN_GRANTEES_SCHEMA",
+    "USER_SHARES_GO",
+    "USER_SHARES_GO_POSTGRES",
+    "USER_SHARES_GO_SQLITE",
 ]
 
 SQLITE_SCHEMA: tuple[str, ...] = (
@@ -113,4 +116,32 @@ EXPECTED_CONTENTS_SCHEMA: tuple[str, ...] = ("ALTER TABLE file_uploads ADD COLUM
 UNKNOWN_GRANTEES = "files: drop shares to user names that no user holds"
 UNKNOWN_GRANTEES_SCHEMA: tuple[str, ...] = (
     "DELETE FROM file_shares WHERE kind = 'user' AND grantee NOT IN (SELECT name FROM users)",
+)
+
+#: Migration 20 (both backends): a share to a user goes with the user's row, whoever deletes it. A share that
+#: raced ``auth.delete_user`` (recorded after the shares to the name were dropped, before the row went) stayed,
+#: and the name's next holder got the file; and the shares such races left are dropped (while users are kept).
+USER_SHARES_GO = "files: shares to a user are deleted with the user"
+_ORPHANS = (
+    "DELETE FROM file_shares WHERE kind = 'user' AND grantee NOT IN (SELECT name FROM users) "
+    "AND EXISTS (SELECT 1 FROM users)"
+)
+USER_SHARES_GO_SQLITE: tuple[str, ...] = (
+    """CREATE TRIGGER file_shares_user_delete AFTER DELETE ON users BEGIN
+        DELETE FROM file_shares WHERE kind = 'user' AND grantee = OLD.name;
+    END""",
+    _ORPHANS,
+)
+USER_SHARES_GO_POSTGRES: tuple[str, ...] = (
+    # The table is named in the trigger's own schema (TG_TABLE_SCHEMA), not looked up on the deleting session's
+    # search_path: a deletion naming "schema".users from another search_path, or a renamed schema, still works.
+    """CREATE FUNCTION file_shares_user_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        EXECUTE format('DELETE FROM %I.file_shares WHERE kind = ''user'' AND grantee = $1', TG_TABLE_SCHEMA)
+            USING OLD.name;
+        RETURN NULL;
+    END $$""",
+    "CREATE TRIGGER file_shares_user_delete AFTER DELETE ON users "
+    "FOR EACH ROW EXECUTE FUNCTION file_shares_user_delete()",
+    _ORPHANS,
 )

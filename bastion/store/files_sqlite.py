@@ -21,6 +21,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _handed_name,
     _list_args,
     _list_sql,
+    _no_grantee,
     _now,
     _quota_error,
     _replace_target_missing,
@@ -96,9 +97,12 @@ class SQLiteFiles(SQLiteAccess, FileStore):
     async def files_share(self, share: FileShare) -> None:
         def add(c: Conn) -> None:
             try:
-                c.execute(_Q["_SHARE"], (share.file_id, share.kind, share.grantee, share.mode, share.created_at))
+                row = (share.file_id, share.kind, share.grantee, share.mode, share.created_at)
+                added = c.execute(_Q["_SHARE"], row).rowcount
             except sqlite3.IntegrityError:
                 raise NotFound(f"no file {share.file_id}") from None
+            if added != 1:
+                raise _no_grantee(share)
 
         await self._write(add)
 

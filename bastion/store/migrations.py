@@ -203,6 +203,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(18, files_schema.UNKNOWN_GRANTEES, files_schema.UNKNOWN_GRANTEES_SCHEMA, compatible=True),
     # A nullable column, which old code ignores (it would commit such an upload without the check): compatible.
     Migration(19, files_schema.EXPECTED_CONTENTS, files_schema.EXPECTED_CONTENTS_SCHEMA, compatible=True),
+    # A trigger old code does not notice (its shares to users go with the user too) and rows deleted: compatible.
+    Migration(20, files_schema.USER_SHARES_GO, files_schema.USER_SHARES_GO_SQLITE, compatible=True),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -272,3 +272,67 @@ async def test_shares_to_names_no_user_holds_are_dropped_by_migration_18(backend
     async with open_store(location) as store:
         assert store.schema_version >= 18
         assert [(s.kind, s.grantee) for s in await store.files_shares("f1")] == [("role", "ghost"), ("user", "bob")]
+
+
+async def test_a_user_share_is_recorded_only_while_its_grantee_is_a_user(store: Store) -> None:
+    """The service read the grantee's row and recorded the share in two steps, and nothing tied a share to
+    the users table: a share that read the user before ``delete_user`` removed it, and was recorded after
+    the shares to that name were dropped, stayed -- and the next user of that name got the file. The insert
+    now checks the row in the same statement, and deleting a user row deletes the shares to that name."""
+    await store.create_user(User("alice"))
+    await store.create_user(User("bob"))
+    await make_file(store, "u1", "f1", owner="alice", name="doc")
+    with pytest.raises(NotFound, match="no user 'mallory'"):
+        await store.files_share(FileShare("f1", "user", "mallory", "read", T0))
+    await store.files_share(FileShare("f1", "role", "anything", "read", T0))  # roles are listed nowhere
+    with pytest.raises(NotFound, match="no file"):
+        await store.files_share(FileShare("nope", "user", "bob", "read", T0))
+    # auth.delete_user("bob"): its shares dropped (files_reassign_owner), then -- a share landing between
+    # the two steps -- the row deleted.
+    await store.files_share(FileShare("f1", "user", "bob", "read", T0))
+    await store.files_reassign_owner("bob", None)
+    await store.files_share(FileShare("f1", "user", "bob", "write", T0))
+    assert await store.delete_user("bob")
+    assert [(s.kind, s.grantee) for s in await store.files_shares("f1")] == [("role", "anything")]
+    await store.create_user(User("bob"))  # the name's next holder gets nothing
+    assert await store.files_list(viewer="bob") == []
+
+
+async def test_a_store_without_users_records_shares_to_any_name(store: Store) -> None:
+    """No user rows at all: the server's principals come from another authenticator, whose names are its
+    own business (docs/services.md, files: sharing)."""
+    await make_file(store, "u1", "f1", owner="alice", name="doc")
+    await store.files_share(FileShare("f1", "user", "tester", "read", T0))
+    assert [s.grantee for s in await store.files_shares("f1")] == ["tester"]
+
+
+async def test_a_share_waits_for_a_user_deletion_in_progress(backend: str, store: Store, tmp_path: Path) -> None:
+    """On PostgreSQL a share read the user row as it was before a deletion not yet committed, and recorded
+    the share after the deletion's trigger had run: the share outlived the user. It now key-share locks the
+    row, waits for the deletion, and is refused. (SQLite has one writer: nothing to race.)"""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL's concurrent transactions")
+    await store.create_user(User("alice"))
+    await store.create_user(User("bob"))
+    await make_file(store, "u1", "f1", owner="alice", name="doc")
+    conn = await asyncpg.connect(store_location(backend, tmp_path))
+    try:
+        deleting = conn.transaction()
+        await deleting.start()
+        await conn.execute("DELETE FROM users WHERE name = 'bob'")
+        share = asyncio.create_task(store.files_share(FileShare("f1", "user", "bob", "read", T0)))
+        deadline = asyncio.get_running_loop().time() + 5
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO file_shares%'"
+        )
+        while not await conn.fetchval(waiting):
+            assert not share.done(), "the share did not wait for the deletion"
+            assert asyncio.get_running_loop().time() < deadline, "the share never waited for the deletion"
+            await asyncio.sleep(0.01)
+        await deleting.commit()
+        with pytest.raises(NotFound, match="no user 'bob'"):
+            await share
+    finally:
+        await conn.close()
+    assert await store.files_shares("f1") == []
