@@ -42,7 +42,12 @@ minutes.
 Quotas: ``files_begin_upload`` checks and reserves in one transaction (on
 PostgreSQL under an advisory lock per owner, then one per uploader), so
 concurrent uploads cannot together exceed a quota, nor an uploader's bounds
-(uploads open, bytes reserved in another user's quota).
+(uploads open, bytes reserved in another user's quota). ``file_counts``
+(migration 21, bastion/store/files_schema.py) holds each owner's number of
+files, kept by triggers on ``files``, so ``max_files`` costs one row read
+however many files the owner has. Files handed to an heir
+(``files_reassign_owner``) are counted but not checked: the heir may end up
+over ``max_files`` (and its quota).
 
 The SQL is written once, with PostgreSQL's ``$n`` placeholders; SQLite reads
 the same statements with ``?n``.
@@ -150,6 +155,10 @@ class FileStore(ABC):
     @abstractmethod
     async def files_usage(self, owner: str) -> tuple[int, int]:
         """Bytes ``owner`` holds: (finished files, reserved by open uploads)."""
+
+    @abstractmethod
+    async def files_count(self, owner: str) -> int:
+        """How many files ``owner`` has (kept by triggers: one row read)."""
 
     @abstractmethod
     async def files_delete(self, file_id: str, at: float) -> FileRecord | None:
@@ -301,11 +310,10 @@ _SHARES = f"SELECT {_SHARE_COLUMNS} FROM file_shares WHERE file_id = $1 ORDER BY
 _INSERT_UPLOAD = f"INSERT INTO file_uploads ({_UPLOAD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 _GET_UPLOAD = f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE id = $1"
 _OPEN_UPLOADS_OF = "SELECT COUNT(*) FROM file_uploads WHERE uploader = $1"
-# An owner's files and the open uploads that may make new ones (an overwrite may: its name can go meanwhile).
-_FILE_COUNT = (
-    "SELECT (SELECT COUNT(*) FROM files WHERE owner = $1) "
-    "+ (SELECT COUNT(*) FROM file_uploads WHERE owner = $1 AND file_id IS NULL)"
-)
+# An owner's files (migration 21's count: one row) and the open uploads that may make new ones (an overwrite
+# may: its name can go meanwhile; at most files.max_open_uploads, the owner's own).
+_FILES_OF = "SELECT COALESCE((SELECT files FROM file_counts WHERE owner = $1), 0)"
+_FILE_COUNT = f"SELECT ({_FILES_OF}) + (SELECT COUNT(*) FROM file_uploads WHERE owner = $1 AND file_id IS NULL)"
 _RESERVED_BY = "SELECT COALESCE(SUM(size), 0) FROM file_uploads WHERE owner = $1 AND uploader = $2"
 _UPLOADS_OF = f"SELECT {_UPLOAD_COLUMNS} FROM file_uploads WHERE uploader = $1 ORDER BY created_at, id"
 _UPLOADS_CHARGED = (

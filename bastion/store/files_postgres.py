@@ -19,6 +19,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _DROP_USER_SHARES,
     _EXPIRE_UPLOADS,
     _FILE_COUNT,
+    _FILES_OF,
     _FORGET,
     _GET,
     _GET_BY_NAME,
@@ -126,6 +127,9 @@ class PostgresFiles(PostgresAccess, FileStore):
     async def files_usage(self, owner: str) -> tuple[int, int]:
         row = await self._files_one(f"SELECT ({_USAGE_FILES}), ({_USAGE_UPLOADS})", owner)
         return int(row[0]), int(row[1])
+
+    async def files_count(self, owner: str) -> int:
+        return int((await self._files_one(_FILES_OF, owner))[0])
 
     async def files_delete(self, file_id: str, at: float) -> FileRecord | None:
         async def delete(conn: PgConn) -> FileRecord | None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 __all__ = [
     "EXPECTED_CONTENTS",
     "EXPECTED_CONTENTS_SCHEMA",
+    "FILE_COUNTS",
+    "FILE_COUNTS_POSTGRES",
+    "FILE_COUNTS_SQLITE",
     "POSTGRES_SCHEMA",
     "SQLITE_SCHEMA",
     "UNKNOWN_GRANTEES",
@@ -144,4 +147,62 @@ USER_SHARES_GO_POSTGRES: tuple[str, ...] = (
     "CREATE TRIGGER file_shares_user_delete AFTER DELETE ON users "
     "FOR EACH ROW EXECUTE FUNCTION file_shares_user_delete()",
     _ORPHANS,
+)
+
+#: Migration 21 (both backends): each owner's number of files, kept by triggers on ``files`` (whoever writes,
+#: older code included) and filled from the files already stored, for ``files.max_files``: a new-file
+#: ``begin_upload`` read COUNT(*) of the owner's files inside its write transaction. An owner with no files
+#: has no row.
+FILE_COUNTS = "files: each owner's number of files, for files.max_files"
+FILE_COUNTS_SQLITE: tuple[str, ...] = (
+    """CREATE TABLE file_counts (
+        owner TEXT PRIMARY KEY,
+        files INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TRIGGER file_counts_insert AFTER INSERT ON files BEGIN
+        INSERT INTO file_counts (owner, files) VALUES (NEW.owner, 1)
+        ON CONFLICT (owner) DO UPDATE SET files = files + 1;
+    END""",
+    """CREATE TRIGGER file_counts_delete AFTER DELETE ON files BEGIN
+        UPDATE file_counts SET files = files - 1 WHERE owner = OLD.owner;
+        DELETE FROM file_counts WHERE owner = OLD.owner AND files <= 0;
+    END""",
+    """CREATE TRIGGER file_counts_move AFTER UPDATE OF owner ON files WHEN OLD.owner <> NEW.owner BEGIN
+        UPDATE file_counts SET files = files - 1 WHERE owner = OLD.owner;
+        DELETE FROM file_counts WHERE owner = OLD.owner AND files <= 0;
+        INSERT INTO file_counts (owner, files) VALUES (NEW.owner, 1)
+        ON CONFLICT (owner) DO UPDATE SET files = files + 1;
+    END""",
+    "INSERT INTO file_counts (owner, files) SELECT owner, count(*) FROM files GROUP BY owner",
+)
+FILE_COUNTS_POSTGRES: tuple[str, ...] = (
+    """CREATE TABLE file_counts (
+        owner TEXT COLLATE "C" PRIMARY KEY,
+        files BIGINT NOT NULL
+    )""",
+    # The table is named in the trigger's own schema (TG_TABLE_SCHEMA), not looked up on the writer's
+    # search_path: a write naming "schema".files from another search_path, or a schema renamed by a restore,
+    # still counts.
+    """CREATE FUNCTION file_counts_track() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'UPDATE' AND OLD.owner = NEW.owner THEN
+            RETURN NULL;
+        END IF;
+        IF TG_OP <> 'INSERT' THEN
+            EXECUTE format('UPDATE %I.file_counts SET files = files - 1 WHERE owner = $1', TG_TABLE_SCHEMA)
+                USING OLD.owner;
+            EXECUTE format('DELETE FROM %I.file_counts WHERE owner = $1 AND files <= 0', TG_TABLE_SCHEMA)
+                USING OLD.owner;
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
+            EXECUTE format('INSERT INTO %I.file_counts AS c (owner, files) VALUES ($1, 1) '
+                'ON CONFLICT (owner) DO UPDATE SET files = c.files + 1', TG_TABLE_SCHEMA)
+                USING NEW.owner;
+        END IF;
+        RETURN NULL;
+    END $$""",
+    # Created before the backfill: it locks files against writers until the migration commits.
+    "CREATE TRIGGER file_counts_track AFTER INSERT OR DELETE OR UPDATE OF owner ON files "
+    "FOR EACH ROW EXECUTE FUNCTION file_counts_track()",
+    "INSERT INTO file_counts (owner, files) SELECT owner, count(*) FROM files GROUP BY owner",
 )

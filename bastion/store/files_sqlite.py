@@ -71,6 +71,9 @@ class SQLiteFiles(SQLiteAccess, FileStore):
 
         return await self._read(usage)
 
+    async def files_count(self, owner: str) -> int:
+        return int(await self._read(lambda c: c.execute(_Q["_FILES_OF"], (owner,)).fetchone()[0]))
+
     async def files_delete(self, file_id: str, at: float) -> FileRecord | None:
         def delete(c: Conn) -> FileRecord | None:
             row = c.execute(_Q["_DELETE"], (file_id,)).fetchone()

@@ -205,6 +205,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(19, files_schema.EXPECTED_CONTENTS, files_schema.EXPECTED_CONTENTS_SCHEMA, compatible=True),
     # A trigger old code does not notice (its shares to users go with the user too) and rows deleted: compatible.
     Migration(20, files_schema.USER_SHARES_GO, files_schema.USER_SHARES_GO_SQLITE, compatible=True),
+    # A table triggers keep whoever writes, which old code ignores: compatible.
+    Migration(21, files_schema.FILE_COUNTS, files_schema.FILE_COUNTS_SQLITE, compatible=True),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -117,6 +117,8 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
     Migration(19, files_schema.EXPECTED_CONTENTS, files_schema.EXPECTED_CONTENTS_SCHEMA, compatible=True),
     # A trigger old code does not notice (its shares to users go with the user too) and rows deleted: compatible.
     Migration(20, files_schema.USER_SHARES_GO, files_schema.USER_SHARES_GO_POSTGRES, compatible=True),
+    # A table triggers keep whoever writes, which old code ignores: compatible.
+    Migration(21, files_schema.FILE_COUNTS, files_schema.FILE_COUNTS_POSTGRES, compatible=True),
 )
 
 LATEST = POSTGRES_MIGRATIONS[-1].version

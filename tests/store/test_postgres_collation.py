@@ -123,9 +123,16 @@ async def orders(store: Store) -> dict[str, list[Any]]:
     }
 
 
-#: This code's uploads read and write the column migration 19 added; at version 8 the tests add it for the
-#: time they write (the rows are the same as an older server's) and drop it before migrating.
-GUARD_COLUMN = "file_uploads ADD COLUMN expected_sha256 TEXT", "file_uploads DROP COLUMN expected_sha256"
+#: This code's uploads read and write the column migration 19 added, and read the table migration 21 added; at
+#: version 8 the tests add them for the time they write (the rows are the same as an older server's) and drop
+#: them before migrating.
+GUARD_SCHEMA = (
+    (
+        "ALTER TABLE file_uploads ADD COLUMN expected_sha256 TEXT",
+        "CREATE TABLE file_counts (owner TEXT PRIMARY KEY, files BIGINT NOT NULL)",
+    ),
+    ("ALTER TABLE file_uploads DROP COLUMN expected_sha256", "DROP TABLE file_counts"),
+)
 
 
 def code_point_orders() -> dict[str, list[Any]]:
@@ -159,10 +166,10 @@ async def test_a_database_at_the_previous_version_is_migrated_to_code_point_orde
     previous = POSTGRES_MIGRATIONS[:BEFORE]
     async with PostgresStore(linguistic_dsn, migrations=previous) as store:
         assert store.schema_version == BEFORE
-        await _admin(linguistic_dsn, f"ALTER TABLE {GUARD_COLUMN[0]}")
+        await _admin(linguistic_dsn, *GUARD_SCHEMA[0])
         await fill(store)
         before = await orders(store)
-    await _admin(linguistic_dsn, f"ALTER TABLE {GUARD_COLUMN[1]}")
+    await _admin(linguistic_dsn, *GUARD_SCHEMA[1])
     assert before["files"] != code_point_orders()["files"]  # the defect the migration mends
     async with PostgresStore(linguistic_dsn) as store:
         assert store.schema_version == LATEST
@@ -183,9 +190,9 @@ async def test_an_archive_at_the_previous_version_restores_and_is_migrated_on_op
     dsn = with_search_path(linguistic_dsn, "old")
     await _admin(linguistic_dsn, 'CREATE SCHEMA "old"')
     async with PostgresStore(dsn, migrations=POSTGRES_MIGRATIONS[:BEFORE]) as store:
-        await _admin(dsn, f"ALTER TABLE {GUARD_COLUMN[0]}")
+        await _admin(dsn, *GUARD_SCHEMA[0])
         await fill(store)
-    await _admin(dsn, f"ALTER TABLE {GUARD_COLUMN[1]}")
+    await _admin(dsn, *GUARD_SCHEMA[1])
     blob = tmp_path / "files" / "blobs" / SHA[:2] / SHA
     blob.parent.mkdir(parents=True)
     blob.write_bytes(BLOB)
