@@ -338,6 +338,29 @@ def test_attachments_are_the_senders_files_shared_read_only(tmp_path: Path) -> N
     run(test, tmp_path)
 
 
+def test_attachments_of_a_deleted_users_mail_are_not_shared_after_the_hand_over(tmp_path: Path) -> None:
+    """Pins documented behaviour (docs/services.md, messages: attachments): attachments are read shares, and the heir
+    of a deleted user's files gets them without the shares the old owner made -- mail-made ones included
+    (a share row does not say who made it). The message stays; its attachment is NOT_FOUND to recipients
+    until the heir shares the file again."""
+
+    async def test(w: World) -> None:
+        data = b"quarterly numbers"
+        info = await w.ada.files.begin_upload(name="q3.txt", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        await w.ada.upload("files.upload", [data], upload_id=info["upload_id"])
+        await w.ada.messages.send(to=["bob"], subject="report", attachments=["q3.txt"])
+        (attachment,) = (await w.bob.messages.read(id=1))["attachments"]
+        assert (await w.bob.files.stat(file_id=attachment["file_id"]))["access"] == "read"
+        await w.store.files_reassign_owner("ada", "cy")  # auth.delete_user("ada", transfer_to="cy")'s files step
+        assert (await w.bob.messages.read(id=1))["attachments"] == [attachment]  # the reference stays
+        with pytest.raises(bastion.NotFound):
+            await w.bob.files.stat(file_id=attachment["file_id"])
+        await w.cy.files.share(file_id=attachment["file_id"], user="bob")  # the heir's choice
+        assert (await w.bob.files.stat(file_id=attachment["file_id"]))["owner"] == "cy"
+
+    run(test, tmp_path)
+
+
 def test_watch_replays_from_an_id_then_streams_new_mail(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         await w.ada.messages.send(to=["bob"], subject="before 1")
