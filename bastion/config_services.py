@@ -12,6 +12,7 @@ import re
 import msgspec
 
 from bastion.exceptions import UsageError
+from bastion.security.principal import USER_NAME_RULE
 from bastion.services.topics_syntax import pattern_error
 
 __all__ = [
@@ -161,7 +162,7 @@ class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError(f"{where}: {error}")
 
 
-_ACCESS_ENTRY = re.compile(r"(user|role):[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+_ACCESS_ENTRY = re.compile(rf"(user|role):{USER_NAME_RULE}")
 
 
 class MessagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 import msgspec
 
-__all__ = ["ADMIN_ROLE", "ANONYMOUS", "Principal"]
+__all__ = ["ADMIN_ROLE", "ANONYMOUS", "USER_NAME", "USER_NAME_RULE", "Principal"]
 
 #: Holders of this role pass every role check.
 ADMIN_ROLE: Final = "admin"
+
+#: The user names ``auth.add_user`` accepts, and so the only ones a personal namespace, topic space, mailbox or
+#: share may name: 1-64 ASCII letters, digits and ``. _ @ -``, starting with a letter or digit.
+USER_NAME_RULE: Final = r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}"
+#: ``USER_NAME_RULE`` compiled: use with ``fullmatch``.
+USER_NAME: Final = re.compile(USER_NAME_RULE)
 
 
 class Principal(msgspec.Struct, frozen=True):

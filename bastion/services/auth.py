@@ -32,7 +32,7 @@ from bastion.security.audit import AuditLog
 from bastion.security.authn import hash_token, new_token, new_token_id
 from bastion.security.credentials import CredentialStore, Token, User
 from bastion.security.passwords import PasswordHasher
-from bastion.security.principal import ADMIN_ROLE
+from bastion.security.principal import ADMIN_ROLE, USER_NAME
 from bastion.security.throttle import LoginThrottle
 from bastion.service import Context, Service
 
@@ -42,7 +42,6 @@ __all__ = ["DeletedUser", "LoginResult", "Reassign", "TokenInfo", "UserInfo", "c
 # returns how many items changed. bastion serve passes the store's kv/files/jobs ones.
 Reassign = Callable[[str, str | None], Awaitable[int]]
 
-_USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 _ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 _ADMIN = [ADMIN_ROLE]
 #: Ended (revoked or expired) session tokens of a user deleted at each of their logins.
@@ -111,7 +110,7 @@ def _unknown_name(key: bytes, username: str) -> str:
 
 
 def _check_username(name: str) -> None:
-    if not _USERNAME.match(name):
+    if not USER_NAME.fullmatch(name):
         raise InvalidArgument("a username is 1-64 letters, digits or . _ @ - and starts with a letter or digit")
 
 
@@ -178,7 +177,7 @@ def create_service(
         source = _source(ctx)
         # A name no user can have is an unknown user, throttled per source only: it keys no
         # lockout, so anonymous guesses cannot grow the store; logged as any unknown name is.
-        name: str | None = username if _USERNAME.match(username) else None
+        name: str | None = username if USER_NAME.fullmatch(username) else None
         async with throttle.attempt(name, source):  # pending, so guesses sent at once count against the limits
             user = await store.get_user(username) if name is not None else None
             stored = user.password_hash if user is not None and not user.disabled else None
@@ -248,7 +247,7 @@ def create_service(
         role_set = _check_roles(roles or [])
         if password is not None and (problem := PasswordHasher.check_policy(password)):
             raise InvalidArgument(problem)
-        folded = name.casefold()  # names are ASCII (_USERNAME): case is the only look-alike left
+        folded = name.casefold()  # names are ASCII (USER_NAME): case is the only look-alike left
         if twin := next((u.name for u in await store.list_users() if u.name.casefold() == folded), None):
             raise AlreadyExists(
                 f"user {twin!r} exists" + ("" if twin == name else ": names differing only in case are one")

@@ -15,14 +15,13 @@ import unicodedata
 import msgspec
 
 from bastion.exceptions import InvalidArgument
-from bastion.security.principal import ADMIN_ROLE, Principal
+from bastion.security.principal import ADMIN_ROLE, USER_NAME, Principal
 from bastion.store.files import FileRecord, FileShare
 
 __all__ = ["FileInfo", "FilePage", "ShareInfo", "UploadInfo", "UploadPage", "UploadResult", "Usage", "check_name"]
 
 MAX_NAME_BYTES = 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
-_GRANTEE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 #: Kinds of access, weakest first: what each allows is in bastion/services/files.py ("Access").
 RANK = {"read": 1, "write": 2, "owner": 3, "admin": 4}
 
@@ -150,7 +149,7 @@ def check_grantee(user: str | None, role: str | None) -> tuple[str, str]:
         raise InvalidArgument("give exactly one of user or role")
     kind, grantee = ("user", user) if user is not None else ("role", role)
     assert grantee is not None
-    if not _GRANTEE.match(grantee):
+    if not USER_NAME.fullmatch(grantee):
         raise InvalidArgument(f"{kind} {grantee!r} is not a valid {kind} name")
     return kind, grantee
 

@@ -77,11 +77,10 @@ from bastion.exceptions import (
     Unavailable,
 )
 from bastion.security.credentials import CredentialStore
-from bastion.security.principal import ADMIN_ROLE, Principal
+from bastion.security.principal import ADMIN_ROLE, USER_NAME, USER_NAME_RULE, Principal
 from bastion.security.ratelimit_shared import Holds, LocalHolds
 from bastion.service import Context, Service
 from bastion.services import Background, every
-from bastion.services.auth import _USERNAME as _USER_NAME  # the names auth.add_user accepts
 from bastion.services.kv_log import ChangeLogTrimmer
 from bastion.services.kv_watch import FEED_PAGE as FEED_PAGE  # re-exported: importable from here as before
 from bastion.services.kv_watch import POLL_INTERVAL as POLL_INTERVAL
@@ -107,7 +106,7 @@ ACCESS_RECHECK = 2.0
 SWEEP_PAGE = 1000  # expired keys deleted per transaction
 _NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 _NAMESPACE_RULES = "shared namespace name is 1-64 lowercase letters, digits, '.', '_' or '-'"
-_ACL_ENTRY = re.compile(r"^(user|role):[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
+_ACL_ENTRY = re.compile(rf"^(user|role):{USER_NAME_RULE}\Z")
 _MAX_CONTENT_TYPE = 255
 _ADMIN = [ADMIN_ROLE]
 
@@ -256,7 +255,7 @@ class KV:
             if namespace == personal_namespace(principal.name):
                 return namespace
             owner = namespace[1:]
-            if not _USER_NAME.match(owner):
+            if not USER_NAME.fullmatch(owner):
                 raise InvalidArgument(f"namespace {namespace!r}: a personal namespace is ~NAME, a user's name")
             if admin:
                 # As for shared ones: else the keys waited in ~NAME for whoever was later made user NAME.

@@ -34,13 +34,12 @@ import msgspec
 
 from bastion.config import MessagesConfig
 from bastion.exceptions import CallError, InvalidArgument, NotFound, PermissionDenied
-from bastion.security.principal import ADMIN_ROLE, Principal
+from bastion.security.principal import ADMIN_ROLE, USER_NAME, Principal
 from bastion.store.base import Store
 
 __all__ = ["Recipients", "resolve"]
 
 # Used with fullmatch: "$" would also match before a final newline ("bob\n").
-_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _ROLE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _ADMIN = frozenset({ADMIN_ROLE})
 
@@ -84,7 +83,7 @@ async def resolve(store: Store, config: MessagesConfig, principal: Principal, to
             if not _ROLE.fullmatch(entry[5:]):
                 raise InvalidArgument(f"to: {entry!r} is not a valid role:NAME")
             roles.add(entry[5:])
-        elif _USER.fullmatch(entry):
+        elif USER_NAME.fullmatch(entry):
             users.add(entry)
         else:
             raise InvalidArgument(f"to: {entry!r} is not a user name or role:NAME")

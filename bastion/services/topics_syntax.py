@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import re
 
+from bastion.security.principal import USER_NAME
+
 __all__ = ["is_wildcard", "matches", "overlaps", "pattern_error", "personal_pattern", "topic_error"]
 
 _TOKEN = r"[A-Za-z0-9_@~-]+"
@@ -74,7 +76,6 @@ def overlaps(a: str, b: str) -> bool:
 
 
 #: What a user name may be (as auth.create_user checks it): only such a name has a personal space.
-_USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
 def personal_pattern(user: str) -> str | None:
@@ -86,6 +87,6 @@ def personal_pattern(user: str) -> str | None:
     certificate's subject, say: ``*`` would own every user's space, ``ada~l``
     that of ``ada.l``.
     """
-    if _USER_NAME.fullmatch(user) is None:
+    if USER_NAME.fullmatch(user) is None:
         return None
     return f"user.{user.replace('.', '~')}.>"
