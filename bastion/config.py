@@ -117,6 +117,13 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         started; at this many the server stops reading from the connection
         until they start. Blunts a fast sender queuing work faster than the
         server starts it.
+    max_stream_buffer: 64 MiB. Bytes of client-stream items one connection
+        may have received and not yet had taken by their handlers (the
+        window counts items per call, not bytes); past it GoAway
+        (RESOURCE_EXHAUSTED) and close, counted as closed_abuse. Blunts calls
+        queued for a slot, or whose handlers do not read yet, each accepting
+        window x max_frame bytes (max_inflight x 16 MiB by default). At least
+        window x max_frame, so that one call's full window always fits.
 
     Protocol abuse, counted per connection in fixed 10-second windows; over a
     cap the connection gets GoAway(RESOURCE_EXHAUSTED) and is closed:
@@ -148,6 +155,7 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     frame_min_rate: int = 500
     max_args_memory: int = 1024**3
     read_high_water: int = 256
+    max_stream_buffer: int = 64 * 1024**2
     max_cancels_per_10s: int = 1000
     max_pings_per_10s: int = 100
     max_refused_per_10s: int = 1000
@@ -167,6 +175,11 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError("limits.handshake_max_frame must not exceed limits.max_frame")
         if self.max_frame > 2**32 - 1:
             raise UsageError("limits.max_frame must be below 4 GiB")
+        if self.max_stream_buffer < self.window * self.max_frame:  # else one upload at full speed is closed
+            raise UsageError(
+                f"limits.max_stream_buffer ({self.max_stream_buffer}) must hold one call's window of items: "
+                f"at least limits.window x limits.max_frame = {self.window * self.max_frame}"
+            )
         if self.max_args_memory < GROWTH_WORST * self.max_frame:  # else a call of one frame never fits
             raise UsageError(
                 f"limits.max_args_memory ({self.max_args_memory}) must hold one call of limits.max_frame bytes "

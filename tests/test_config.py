@@ -195,6 +195,15 @@ def test_an_argument_memory_too_small_for_one_frame_is_refused() -> None:
     assert ServerLimits(max_frame=16_384, max_args_memory=2_000_000).max_args_memory == 2_000_000
 
 
+def test_a_stream_buffer_too_small_for_one_window_is_refused() -> None:
+    assert ServerLimits().max_stream_buffer == 64 * 1024**2
+    with pytest.raises(UsageError, match=r"limits.max_stream_buffer \(1000000\) must hold one call's window"):
+        load_config(environ={"BASTION_LIMITS__MAX_STREAM_BUFFER": "1000000"})
+    with pytest.raises(UsageError, match=r"limits.max_stream_buffer must be positive"):
+        ServerLimits(max_stream_buffer=0)
+    assert ServerLimits(window=4, max_frame=16_384, max_stream_buffer=65_536).max_stream_buffer == 65_536
+
+
 def test_job_environment_settings_are_checked() -> None:
     cfg = load_config(environ={"BASTION_JOBS__ENV_PASS": "SSL_CERT_FILE,HTTPS_PROXY"})
     assert cfg.jobs.env_pass == ["SSL_CERT_FILE", "HTTPS_PROXY"]

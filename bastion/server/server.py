@@ -539,7 +539,10 @@ class Server:
         closed_slow_reader, closed_slow_sender: connections closed for
         idle_timeout, an abuse cap (max_*_per_10s), not reading their answers
         (write_stall_timeout or the hard cap), or sending a frame too slowly
-        (frame_timeout, frame_min_rate). accept_errors_total: accept() failures (EMFILE...).
+        (frame_timeout, frame_min_rate); closed_abuse counts those over
+        limits.max_stream_buffer too. stream_buffer_bytes: bytes of
+        client-stream items received and not yet taken by their handlers, all
+        connections together. accept_errors_total: accept() failures (EMFILE...).
         proxied_connections_total: connections from a trusted proxy whose
         PROXY header named a client (not LOCAL ones, such as health checks);
         rejected_proxy_header_total: connections from a trusted proxy closed
@@ -562,6 +565,7 @@ class Server:
             "accept_errors_total": counters["accept_errors"],
             "rejected_rate_limited": counters["rejected_rate_limited"],
             "rejected_args_memory": counters["rejected_args_memory"],
+            "stream_buffer_bytes": sum(session.stream_bytes for session in self.sessions),
             "proxied_connections_total": counters["proxied_connections"],
             "rejected_proxy_header_total": counters["rejected_proxy_header"],
             **{f"scheduler_{key}": value for key, value in self.scheduler.stats().items()},

@@ -121,6 +121,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         self._denials_suppressed = 0
         self.tickets: dict[int, Ticket] = {}  # calls admitted: queued in the scheduler or running
         self._inputs: dict[int, InputStream] = {}
+        self.stream_bytes = 0  # of the items _inputs hold: limits.max_stream_buffer (upkeep.py)
         self._gates: dict[int, CreditGate] = {}
         self._resumable: set[int] = set()  # running calls of resumable streams (Service.method)
         self._loop = asyncio.get_running_loop()
@@ -196,9 +197,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
                 if cls is Call:
                     self._on_call(event)  # type: ignore[arg-type]
                 elif cls is Item:
-                    stream = self._inputs.get(event.id)  # type: ignore[union-attr]
-                    if stream is not None:
-                        stream.feed(event.value)  # type: ignore[union-attr]
+                    if self._on_item(event):  # type: ignore[arg-type]
+                        return
                 elif cls is End:
                     stream = self._inputs.get(event.id)  # type: ignore[union-attr]
                     if stream is not None:
@@ -266,8 +266,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         self.tickets.pop(call_id, None)
         if self._args_cost:
             self.server.args_memory -= self._args_cost.pop(call_id, 0)
-        if self._inputs:
-            self._inputs.pop(call_id, None)
+        if self._inputs and (stream := self._inputs.pop(call_id, None)) is not None:
+            self.stream_bytes -= stream.discard()
         if self._gates:
             gate = self._gates.pop(call_id, None)
             if gate is not None:
@@ -366,7 +366,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
                 return
         else:  # streams exist before the task runs: items may be in this very read
             if entry.input_decoder is not None:
-                stream = InputStream(entry.input_decoder, self.limits.window, functools.partial(self._grant, call_id))
+                grant = functools.partial(self._grant, call_id)
+                stream = InputStream(entry.input_decoder, self.limits.window, grant, self)
                 self._inputs[call_id] = args[entry.spec.input_param] = stream  # type: ignore[index]
             if entry.streams_out:
                 self._gates[call_id] = CreditGate()
@@ -556,10 +557,6 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
             if self.link is not None and self.link.writing_paused:
                 await self._writable()
             self.core.send_result(call_id, result)
-
-    def _grant(self, call_id: int, n: int) -> None:
-        if self.core.grant(call_id, n) and self.link is not None:
-            self.link.schedule_flush()
 
     def _answer_error(self, call_id: int, exc: CallError) -> None:
         self._send_error(call_id, exc.status, exc.message, exc.details or None, exc.retry_after)

@@ -5,6 +5,10 @@ Items arrive as undecoded ``Raw`` values (at most the window the server
 announced, so the queue is bounded by the protocol itself); each is decoded
 against the declared item type when the handler takes it, and credit is
 returned to the client in batches of half a window as items are consumed.
+The window counts items, not bytes: the bytes of the items a stream holds are
+also counted in its connection's ``stream_bytes`` (the session closes a
+connection past ``limits.max_stream_buffer``), from ``feed`` until the handler
+takes the item or the call ends (``discard``).
 """
 
 from __future__ import annotations
@@ -12,13 +16,19 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
 from bastion.exceptions import Cancelled, InvalidArgument
 
-__all__ = ["CreditGate", "InputStream"]
+__all__ = ["CreditGate", "InputStream", "StreamBytes"]
+
+
+class StreamBytes(Protocol):
+    """What counts the bytes of the items a connection's streams hold (the session)."""
+
+    stream_bytes: int
 
 
 class InputStream:
@@ -29,6 +39,7 @@ class InputStream:
         decoder: msgspec.msgpack.Decoder[Any],
         window: int,
         grant: Callable[[int], None],
+        holder: StreamBytes,
     ) -> None:
         self._decoder = decoder
         self._items: deque[msgspec.Raw] = deque()
@@ -38,10 +49,23 @@ class InputStream:
         self._batch = max(1, window // 2)
         self._consumed = 0
         self._grant = grant
+        self._holder = holder
+        self._bytes = 0  # of the items in _items, counted in the holder's stream_bytes too
 
-    def feed(self, raw: msgspec.Raw) -> None:
+    def feed(self, raw: msgspec.Raw, size: int) -> None:
+        """Queue an item of ``size`` bytes (the caller has counted them in the holder's stream_bytes)."""
         self._items.append(raw)
+        self._bytes += size
         self._wake()
+
+    def discard(self) -> int:
+        """The call is over: drop the items no handler took; the bytes they held, to uncount."""
+        held, self._bytes = self._bytes, 0
+        self._items.clear()
+        if self._error is None:
+            self._error = Cancelled("call closed")
+        self._wake()
+        return held
 
     def end(self) -> None:
         self._ended = True
@@ -70,6 +94,9 @@ class InputStream:
             finally:
                 self._waiter = None
         raw = self._items.popleft()
+        size = len(raw)
+        self._bytes -= size
+        self._holder.stream_bytes -= size
         self._consumed += 1
         if self._consumed >= self._batch:
             self._grant(self._consumed)

@@ -21,7 +21,12 @@ dispatch.py) and whose bytes are ``ARGS_COUNTED`` or more counts its bytes
 times that growth, server-wide, from its arrival until it ends; one that would
 take the total past ``limits.max_args_memory`` is refused RESOURCE_EXHAUSTED
 before it is decoded (a 1 MiB frame of empty maps decodes to about 73 MB, and
-calls wait in queues decoded). Cancels, Pings and Calls the core refused over
+calls wait in queues decoded). Stream buffer: the bytes of the client-stream
+items a connection's calls hold, received but not yet taken by their handlers
+(``stream_bytes``; streams.py), past ``limits.max_stream_buffer`` close the
+connection with GoAway(RESOURCE_EXHAUSTED): the window bounds items per call,
+not bytes, and calls queued for a slot or whose handlers do not read yet each
+accept theirs (pausing reads instead would leave Cancels unread). Cancels, Pings and Calls the core refused over
 ``max_inflight`` are counted in fixed 10-second windows; past a cap the
 session sends GoAway(RESOURCE_EXHAUSTED) and closes. Denied calls are written
 to the audit log, at most ``DENIALS_AUDITED`` per connection and
@@ -44,7 +49,7 @@ from bastion.exceptions import ResourceExhausted, Unauthenticated
 from bastion.observability.loglimit import suppressed_note
 from bastion.protocol.connection import Connection
 from bastion.protocol.frames import FrameReader
-from bastion.protocol.messages import PROTOCOL_VERSION, Call, Hello, Message, Welcome
+from bastion.protocol.messages import PROTOCOL_VERSION, Call, Hello, Item, Message, Welcome
 from bastion.protocol.state import ConnectionState
 from bastion.security.authn import PeerInfo
 from bastion.security.principal import Principal
@@ -57,6 +62,7 @@ if TYPE_CHECKING:
     from bastion.config import ServerLimits
     from bastion.server.dispatch import Entry
     from bastion.server.server import Server
+    from bastion.server.streams import InputStream
 
 __all__ = ["ABUSE_WINDOW", "ARGS_COUNTED", "AUDITED_METHOD_CHARS", "DENIALS_AUDITED", "ArgsMemoryFull", "SessionUpkeep"]
 
@@ -95,6 +101,8 @@ class SessionUpkeep:
     peer_host: str
     anonymous_key: str
     tickets: dict[int, Ticket]
+    _inputs: dict[int, InputStream]
+    stream_bytes: int
     _loop: asyncio.AbstractEventLoop
     _timer: asyncio.TimerHandle | None
     _idle_timer: asyncio.TimerHandle | None
@@ -357,6 +365,30 @@ class SessionUpkeep:
                 retry_after=1.0,
             )
         return cost
+
+    # -- client-stream input ---------------------------------------------------------------
+
+    def _on_item(self, item: Item) -> bool:
+        """Queue an Item for its call's handler; True if its bytes took the connection past
+        ``limits.max_stream_buffer`` and it was closed."""
+        stream = self._inputs.get(item.id)
+        if stream is None:  # its call ended or was refused: nothing will take it
+            return False
+        size = len(item.value)
+        stream.feed(item.value, size)
+        self.stream_bytes += size
+        if self.stream_bytes <= self.limits.max_stream_buffer:
+            return False
+        self._close_for_abuse(
+            f"stream items buffered past limits.max_stream_buffer ({self.limits.max_stream_buffer} bytes) "
+            "by calls whose handlers have not taken them"
+        )
+        return True
+
+    def _grant(self, call_id: int, n: int) -> None:
+        """A handler took ``n`` items of ``call_id``'s stream: let the peer send as many more."""
+        if self.core.grant(call_id, n) and self.link is not None:
+            self.link.schedule_flush()
 
     def _abused(self, kind: str, now: float, n: int = 1) -> bool:
         """Count ``n`` of ``kind`` in this window; past its cap, close the connection and say so."""

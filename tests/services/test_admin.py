@@ -146,6 +146,7 @@ def test_stats_counts_connections_calls_and_errors() -> None:
         "accept_errors_total",
         "rejected_rate_limited",
         "rejected_args_memory",
+        "stream_buffer_bytes",
         "proxied_connections_total",
         "rejected_proxy_header_total",
         "uptime_seconds",

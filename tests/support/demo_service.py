@@ -115,3 +115,17 @@ async def batch_work(ctx: Context, seconds: float, tag: int) -> int:
         _mark(f"late-{tag}")
     await asyncio.sleep(seconds)
     return tag
+
+
+@service.method
+async def take(items: AsyncIterator[bytes], hold: float = 0.0, fail_after: int = 0) -> int:
+    """Wait ``hold`` seconds before reading, then read the items and return their bytes; with
+    ``fail_after``, raise a ValueError (INTERNAL) after that many, the rest left unread."""
+    await asyncio.sleep(hold)
+    total = taken = 0
+    async for item in items:
+        total += len(item)
+        taken += 1
+        if taken == fail_after:
+            raise ValueError("failed on purpose")
+    return total
