@@ -17,7 +17,9 @@ as its request arrives or a second later (never held for ``header_timeout``:
 past the caps is where an attacker's connections are); over TLS, where nothing can be said before a handshake, it is
 closed at once. Each refusal is counted (``bastion_rejections_total``,
 reasons ``gateway_connection_limit`` and ``gateway_source_connection_limit``).
-The address is the TCP peer's: behind a reverse proxy every client shares
+An IPv6 address counts by its ``rate_limits.ipv6_prefix`` network (the
+server's ``ipv6_prefix``), as the rate limits and the native port's cap
+count it. The address is the TCP peer's: behind a reverse proxy every client shares
 the proxy's, so there ``max_connections_per_source = 0`` turns the
 per-address cap off.
 """
@@ -27,7 +29,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from bastion.exceptions import CallError, ResourceExhausted, Unavailable
+from bastion.exceptions import CallError, ResourceExhausted, Unavailable, UsageError
 from bastion.gateway._http import NO_STORE, SECURITY_HEADERS, error_body, http_status
 from bastion.gateway._shared import _encoder
 from bastion.security.throttle import source_key
@@ -43,17 +45,21 @@ def peer_host(transport: asyncio.BaseTransport) -> str:
     return ""
 
 
-def source_of(host: str) -> str:
+def source_of(host: str, ipv6_prefix: int = 64) -> str:
     """What the per-address cap counts ``host`` as: an IPv4 address (IPv4-mapped IPv6 too) as is, an IPv6
-    one by its /64, which one host usually owns whole (as the native port's cap and the rate limits do)."""
-    return source_key(host) if host else host
+    one by its ``/ipv6_prefix`` network (``rate_limits.ipv6_prefix``, as the native port's cap and the rate
+    limits count it; /64 by default, which one host usually owns whole)."""
+    return source_key(host, ipv6_prefix) if host else host
 
 
 class ConnectionGate:
     """Open connections in total and per client address, against the caps (0: no per-address cap)."""
 
-    def __init__(self, total: int, per_source: int, counters: Counter[str]) -> None:
+    def __init__(self, total: int, per_source: int, counters: Counter[str], *, ipv6_prefix: int = 64) -> None:
+        if not 1 <= ipv6_prefix <= 128:
+            raise UsageError(f"ConnectionGate: ipv6_prefix must be 1..128, got {ipv6_prefix!r}")
         self.total = total
+        self.ipv6_prefix = ipv6_prefix
         self.per_source = per_source
         self.counters = counters
         self.open = 0
@@ -68,7 +74,7 @@ class ConnectionGate:
             return Unavailable(
                 f"the gateway has {self.total} connections open (gateway.max_connections)", retry_after=1.0
             )
-        host = source_of(host)
+        host = source_of(host, self.ipv6_prefix)
         held = self.by_source.get(host, 0)
         if self.per_source and held >= self.per_source:
             self.counters["gateway_rejected_connections_per_source"] += 1
@@ -79,7 +85,7 @@ class ConnectionGate:
         return None
 
     def release(self, host: str) -> None:
-        host = source_of(host)
+        host = source_of(host, self.ipv6_prefix)
         self.open -= 1
         held = self.by_source.get(host, 0) - 1
         if held > 0:

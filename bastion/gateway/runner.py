@@ -126,7 +126,9 @@ async def serve(
         gateway.metrics_snapshot = metrics_snapshot
     gateway.started = False
     sockets = sockets or [bind(host, config.http_port)]
-    gate = ConnectionGate(config.max_connections, config.max_connections_per_source, server.counters)
+    gate = ConnectionGate(
+        config.max_connections, config.max_connections_per_source, server.counters, ipv6_prefix=server.ipv6_prefix
+    )
     uv_config = uvicorn.Config(
         app,
         # httptools, with the request head bounded and the body's pace too

@@ -10,7 +10,8 @@ the calls already accepted to answer; then cancel what is left and close.
 Accepting. Each listening socket has an accept loop of ours (``_accept_loop``)
 rather than the event loop's, so the connection limits are checked on the bare
 socket, before any TLS work: over ``max_connections`` in total, or
-``max_connections_per_source`` from one address, a connection is closed at once
+``max_connections_per_source`` from one address (an IPv6 one: its ``/ipv6_prefix``
+network), a connection is closed at once
 and counted. An accepted socket is handed to ``loop.connect_accepted_socket``;
 its slot is released when the session closes, or when the TLS handshake fails
 and no session ever starts. Out of file descriptors (EMFILE/ENFILE), the loop
@@ -130,8 +131,9 @@ class Server:
         not an address or network). ``idempotency``: where the first results of
         calls carrying an ``idempotency-key`` are kept (shared by replicas through
         the store); without it such calls are refused. ``ipv6_prefix``: the
-        network an anonymous IPv6 caller's scheduler queue is keyed by
-        (``rate_limits.ipv6_prefix``, as the rate limits group sources; 1..128)."""
+        network an IPv6 client counts by, for an anonymous caller's scheduler
+        queue and for ``max_connections_per_source`` (``rate_limits.ipv6_prefix``,
+        as the rate limits group sources; 1..128)."""
         if not 1 <= ipv6_prefix <= 128:
             raise UsageError(f"Server: ipv6_prefix must be 1..128, got {ipv6_prefix!r}")
         #: Anonymous callers' fair queues group IPv6 sources by this network (read once per handshake).
@@ -246,7 +248,7 @@ class Server:
     def _admit(self, conn: socket.socket, addr: Any) -> None:
         """Check the connection limits on a just-accepted socket; start it or close it."""
         source = addr[0] if isinstance(addr, tuple) else str(addr)
-        key = source_key(source)  # what the per-source limit counts (an IPv6 client by its /64)
+        key = source_key(source, self.ipv6_prefix)  # what the per-source limit counts (IPv6: its /ipv6_prefix)
         limits = self.limits
         proxied = bool(self.trusted_proxies) and self._is_trusted_proxy(source)
         if self._open >= limits.max_connections or (
@@ -299,7 +301,7 @@ class Server:
             conn.close()
             raise
         source = header.source[0] if header.command is Command.PROXY and header.source is not None else proxy
-        key = source_key(source)
+        key = source_key(source, self.ipv6_prefix)
         if self._per_source.get(key, 0) >= self.limits.max_connections_per_source:
             self.counters["rejected_connections"] += 1
             self.counters["rejected_connections_per_source"] += 1
@@ -347,7 +349,7 @@ class Server:
             return
         session.slot_released = True
         self._open -= 1
-        key = source_key(session.source)
+        key = source_key(session.source, self.ipv6_prefix)
         left = self._per_source[key] - 1
         if left:
             self._per_source[key] = left
