@@ -27,7 +27,8 @@ checked (``archive_read.read_archive``), the SQLite copy passes
 ``integrity_check`` and is at the manifest's schema version; only then is the old data renamed aside
 (``<name>.pre-restore-<ts>``) and the staged data renamed into place.
 Either backend's restore carries the replaced store's kv revision counter
-over, so versions never go back (bastion/store/restore_kv.py).
+over, so versions never go back (bastion/store/restore_kv.py), and its
+durable topics' offsets, so offsets never go back (restore_topics.py).
 
 PostgreSQL: ``pg_dump`` and ``pg_restore`` reach the database through
 their environment (``PGHOST``, ``PGUSER``, ``PGDATABASE``, ``PGPASSWORD``,
@@ -107,6 +108,7 @@ from bastion.store.postgres import PostgresStore
 from bastion.store.restore_checks import check_not_in_use, refuse_files_dir_over
 from bastion.store.restore_journal import Journal, refuse_if_interrupted, undo_interrupted
 from bastion.store.restore_kv import carry_revisions_sqlite, postgres_carry_sql
+from bastion.store.restore_topics import carry_offsets_sqlite, postgres_topics_carry_sql
 
 __all__ = [
     "RestoreResult",
@@ -291,6 +293,7 @@ def restore_sqlite(
             raise InvalidArgument(f"this archive holds a {manifest.backend} store: restore it with --store URL")
         check_not_in_use(db_path)
         carry_revisions_sqlite(db_path, staging / SQLITE_MEMBER)  # restore_kv.py
+        carry_offsets_sqlite(db_path, staging / SQLITE_MEMBER)  # restore_topics.py
         kept: list[str] = []
         journal = Journal(db_path, staging)
         moves = _Moves(journal)
@@ -324,8 +327,9 @@ def _around_restore(target: str, archived: str, aside: str | None, version: int 
             f"DROP SCHEMA IF EXISTS {_quote(target)} RESTRICT;",
             f"ALTER SCHEMA {_quote(archived)} RENAME TO {_quote(target)};",
         ]
-    if aside is not None:  # the replaced store's kv counter carries over (restore_kv.py)
-        after.append(postgres_carry_sql(target, aside))
+    if aside is not None:  # the replaced store's kv counter and topic offsets carry over (restore_kv.py,
+        # restore_topics.py)
+        after += [postgres_carry_sql(target, aside), postgres_topics_carry_sql(target, aside)]
     expected = "NULL" if version is None else str(int(version))
     after.append(
         "DO $check$ DECLARE restored integer; BEGIN"
