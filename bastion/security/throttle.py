@@ -26,10 +26,14 @@ pending against the limits on guessing one account -- the (username, source)
 pair and the username's allowance -- so guesses sent at once cannot all pass
 before the first failure is counted (in one process: the pending counts are
 not in the shared table, so with several, at most one round of
-``max_failures`` per process). The per-source bucket counts failures only:
-logins in flight from one address (which may all succeed) spend none of it,
-and neither the token handshake's ``check(None, host)`` nor another login is
-refused for them. ``check`` is the same test without holding anything. The
+``max_failures`` per process). The per-source bucket counts failures, and a
+password attempt also counts the attempts pending from its source: while a
+token is left, attempts sent at once over many user names would otherwise
+all be verified before the first failure was charged. Those that succeed
+spend nothing; one past the bucket only because of others pending is refused
+"at once" with a retry-after of a second, and the token handshake's
+``check(None, host)`` tests failures alone, so logins in flight never refuse
+it. ``check`` is the same test without holding anything. The
 pending counts are released in a ``finally``, so a cancelled login (a
 dropped connection, a deadline) leaves none behind. The clock is injected;
 nothing here sleeps.
@@ -238,12 +242,12 @@ class LoginThrottle:
     async def attempt(self, username: str | None, source: str) -> AsyncIterator[None]:
         """A password attempt: ``check``, then hold it as pending until the block ends. The (username,
         source) pair and the username's allowance count the attempts pending as spent, so guesses sent at
-        once are refused once they could exceed them; the source's bucket counts failures only (logins in
-        flight from one address, all of which may succeed, spend nothing of it). ``username`` None (a name
-        no user can have) is held against a pair of its own per source, so such guesses are bounded too."""
+        once are refused once they could exceed them; so does the source's bucket of failures (those that
+        succeed give theirs back; a token handshake is not refused for them). ``username`` None (a name no
+        user can have) is held against a pair of its own per source, so such guesses are bounded too."""
         source = source_key(source, self.ipv6_prefix)
         pair = "p:" + (username or "") + "|" + source
-        keys = [pair] if username is None else [pair, "u:" + username]
+        keys = [pair, "s:" + source] if username is None else [pair, "s:" + source, "u:" + username]
         now = self._clock()
         # Tested and reserved before the first await: no concurrent attempt sees it unreserved.
         limits = self._limits(username, source, now, password=True)
@@ -273,11 +277,17 @@ class LoginThrottle:
             raise LoginThrottled("too many failed attempts; try again later", retry_after=until - now)
 
     def _limits(self, username: str | None, source: str, now: float, *, password: bool) -> tuple[float, bool]:
-        """Raise for the source's bucket (failures only) or the pair's failures and pending attempts (a
+        """Raise for the source's bucket (failures; a password attempt's pending ones too) or the pair's (a
         ``password`` attempt's); the wait the per-user allowance asks (which a known source escapes), 0 if
         none, and whether only attempts pending make it wait."""
-        wait = self._sources.wait(source, now)
+        # A password attempt counts the attempts pending from its source as spent: else, while a token is
+        # left, any number sent at once (a spray over many user names) would all be verified before the
+        # first failure was charged. Those that succeed give theirs back. A token handshake tests failures.
+        here = self._pending["s:" + source] if password else 0
+        wait = self._sources.wait(source, now, 1 + here)
         if wait:
+            if here and not self._sources.wait(source, now):
+                raise LoginThrottled(_AT_ONCE, retry_after=min(wait, 1.0))
             raise LoginThrottled("too many failed attempts from this address", retry_after=wait)
         if not password:
             return 0.0, False
