@@ -89,6 +89,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from bastion.config import FilesConfig
 from bastion.exceptions import (
     Aborted,
@@ -223,6 +225,16 @@ class Files:
         self._seen[principal.name] = principal
         if len(self._seen) > SEEN_PRINCIPALS:
             del self._seen[next(iter(self._seen))]  # the least recently seen
+
+    async def _stored_roles(self, principal: Principal) -> Principal:
+        """``principal`` with the roles its credential-store row holds now (none if disabled), when it has
+        one: a role taken away counts at once, not at the session's next revalidation (seconds later, or
+        never while revalidation fails). A principal without a row (another authenticator's) as given."""
+        user = None if self.users is None else await self.users.get_user(principal.name)
+        if user is None:
+            return principal
+        roles = frozenset() if user.disabled else user.roles
+        return principal if roles == principal.roles else msgspec.structs.replace(principal, roles=roles)
 
     async def _access(self, principal: Principal, record: FileRecord) -> str | None:
         return access_of(principal, record, await self.store.files_shares(record.id))
@@ -412,11 +424,11 @@ class Files:
                     f"upload {upload.id}: the contents' SHA-256 is {digest}, not the declared {upload.sha256}; "
                     "the upload is discarded"
                 )
-            # The bytes may have taken long: access is judged again, with the uploader's roles of now (as
-            # the session's revalidation sees them, whatever authenticator made the principal).
+            # The bytes may have taken long: access is judged again, with the uploader's roles of now (the
+            # credential store's row if there is one, else as the session's revalidation sees them).
             now_as = principal if current is None else current()
             self._remember(now_as)
-            await self._may_still_write(now_as, upload)
+            await self._may_still_write(await self._stored_roles(now_as), upload)
             record = await self._commit(upload)
         except OSError as exc:  # the disk failed: what it holds stays, for a retry once the operator mends it
             kept = (await _in_thread(os.fstat, fd)).st_size

@@ -15,6 +15,7 @@ import bastion
 from bastion.client.aio import Client
 from bastion.config import FilesConfig
 from bastion.security.authn import PeerInfo
+from bastion.security.credentials import User
 from bastion.security.principal import Principal
 from bastion.server.server import Server
 from bastion.services.files import Files
@@ -111,6 +112,52 @@ def test_an_upload_commits_with_the_uploaders_revalidated_roles(tmp_path: Path) 
                     await upload
                 got = b"".join([c async for c in alice.stream("files.download", file_id=doc["id"])])
                 assert got == data0 and (await alice.files.usage())["reserved_bytes"] == 0
+            finally:
+                await alice.close()
+                await carol.close()
+                await server.shutdown(grace=1.0)
+                await files.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_an_upload_commits_with_the_roles_the_credential_store_holds_now(tmp_path: Path) -> None:
+    """For a principal with a credential-store row, the commit reads the row's roles of now: the session's
+    revalidated principal can lag by seconds, or stay as it was for good while revalidation fails, and a
+    role taken away must not leave its holder able to replace a file it could no longer write."""
+    data = os.urandom(3 * CHUNK)
+    auth = Revalidating({"alice": frozenset(), "carol": frozenset({"team"})})  # never told of the change
+
+    async def main() -> None:
+        async with open_store(service_store(tmp_path)) as store:
+            await store.create_user(User("alice"))
+            await store.create_user(User("carol", frozenset({"team"})))
+            files = Files(store, tmp_path / "files", FilesConfig(chunk_bytes=CHUNK), leader=False)
+            await files.start()
+            server = Server([files.service], authenticator=auth)
+            alice, carol = _client(server, "alice"), _client(server, "carol")
+            try:
+                data0 = b"original"
+                info0 = await alice.files.begin_upload(name="doc", size=len(data0), sha256=sha(data0))
+                doc = (await alice.upload("files.upload", [data0], upload_id=info0["upload_id"]))["file"]
+                await alice.files.share(file_id=doc["id"], role="team", mode="write")
+                info = await carol.files.begin_upload(file_id=doc["id"], size=len(data), sha256=sha(data))
+                go_on = asyncio.Event()
+
+                async def slow() -> AsyncIterator[bytes]:
+                    yield data[:CHUNK]
+                    await go_on.wait()
+                    for chunk in chunks(data[CHUNK:]):
+                        yield chunk
+
+                upload = asyncio.create_task(carol.upload("files.upload", slow(), upload_id=info["upload_id"]))
+                await offset_reaches(carol, info["upload_id"], CHUNK)
+                assert await store.set_access("carol", frozenset(), False)  # an admin takes "team" away
+                go_on.set()
+                with pytest.raises(bastion.NotFound, match="no file"):
+                    await upload
+                got = b"".join([c async for c in alice.stream("files.download", file_id=doc["id"])])
+                assert got == data0
             finally:
                 await alice.close()
                 await carol.close()
