@@ -314,6 +314,10 @@ def create_service(
         revoked = await store.revoke_user_tokens(name, time.time())
         items = {domain: await reassign(name, transfer_to) for domain, reassign in domains.items()}
         await store.delete_user(name)
+        # Once more, now the row is gone: a write that passed its check of the user just before (an admin's
+        # put to ~name, the user's own before revalidation cut them off) may have landed after the first pass.
+        for domain, reassign in domains.items():
+            items[domain] += await reassign(name, transfer_to)
         audit(
             "admin.delete_user", principal=ctx.principal.name, peer=ctx.peer, target=name, revoked=revoked,
             transferred_to=transfer_to, items=items,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from bastion.security.principal import Principal
 from bastion.security.throttle import LoginThrottle
 from bastion.services.auth import create_service
 from bastion.store import open_store
+from bastion.store.kv import KVWrite, personal_namespace
 from bastion.testing import ANONYMOUS, TESTER, MemoryServer
 from tests.support.stores import service_store
 
@@ -619,3 +621,39 @@ def test_a_password_typed_into_the_username_field_never_reaches_the_audit_log(tm
         assert lockout["username"] == unknown[0]
 
     run(test, tmp_path)
+
+
+def test_a_write_landing_after_the_first_hand_over_goes_to_the_heir_too(tmp_path: Path) -> None:
+    """delete_user handed the user's keys over, then deleted the row: a write that had checked the user
+    just before (an admin's put to ~bob) and landed between the two stayed in ~bob, for whoever is made
+    user bob next. The hand-over runs once more after the row is gone."""
+
+    async def main() -> None:
+        async with open_store(service_store(tmp_path)) as store:
+            passes = 0
+
+            async def racing(old: str, new: str | None) -> int:
+                nonlocal passes
+                moved = await store.kv_reassign_owner(old, new)
+                passes += 1
+                if passes == 1:  # a put that passed its check of the user lands now
+                    await store.kv_put(personal_namespace(old), [KVWrite("late", b"for bob")], time.time())
+                return moved
+
+            audit = AuditLog(tmp_path / "audit.log")
+            service = create_service(
+                store, hasher=PasswordHasher(fast=True), throttle=LoginThrottle(store), audit=audit,
+                owned_data={"kv": racing},
+            )  # fmt: skip
+            async with MemoryServer([service]) as server:
+                admin = server.client(principal=TESTER)
+                await admin.auth.create_user(name="bob", password=PASSWORD)
+                await admin.auth.create_user(name="heir", password=PASSWORD)
+                deleted = await admin.auth.delete_user(name="bob", transfer_to="heir")
+                assert deleted["items"]["kv"] == 1 and passes == 2
+                await admin.auth.create_user(name="bob", password=PASSWORD)  # a new bob finds nothing
+                assert await store.kv_usage(personal_namespace("bob")) == await store.kv_usage("~nobody")
+                assert (await store.kv_usage(personal_namespace("heir"))).keys == 1
+            audit.close()
+
+    asyncio.run(main())
