@@ -115,10 +115,12 @@ POSTGRES_SCHEMA: tuple[str, ...] = (
 EXPECTED_CONTENTS = "files: an upload's expected contents of the file it replaces"
 EXPECTED_CONTENTS_SCHEMA: tuple[str, ...] = ("ALTER TABLE file_uploads ADD COLUMN expected_sha256 TEXT",)
 #: Migration 18 (both backends): a share to a user name nobody held was accepted, and whoever registered the
-#: name later got the file; the service now refuses such shares, and this drops those already made.
+#: name later got the file; the service now refuses such shares, and this drops those already made -- only
+#: where the store keeps users: a store with none serves another authenticator's principals, whose shares stand.
 UNKNOWN_GRANTEES = "files: drop shares to user names that no user holds"
 UNKNOWN_GRANTEES_SCHEMA: tuple[str, ...] = (
-    "DELETE FROM file_shares WHERE kind = 'user' AND grantee NOT IN (SELECT name FROM users)",
+    "DELETE FROM file_shares WHERE kind = 'user' AND grantee NOT IN (SELECT name FROM users) "
+    "AND EXISTS (SELECT 1 FROM users)",
 )
 
 #: Migration 20 (both backends): a share to a user goes with the user's row, whoever deletes it. A share that
