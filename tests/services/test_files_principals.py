@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import msgspec
 import pytest
@@ -76,6 +78,59 @@ def _client(server: Server, name: str) -> Client:
     return client
 
 
+class _Scene(NamedTuple):
+    store: Any
+    alice: Client
+    carol: Client
+    doc: dict[str, Any]
+
+
+ORIGINAL = b"original"
+
+
+@asynccontextmanager
+async def _carol_may_write_alices_doc(
+    tmp_path: Path, auth: Revalidating, *, rows: bool, **server_options: Any
+) -> AsyncIterator[_Scene]:
+    """A real ``Server`` with the files service: alice's file ``doc`` (``ORIGINAL``), shared for writing with
+    role ``team``, which carol holds; ``rows``: alice and carol have credential-store rows too."""
+    async with open_store(service_store(tmp_path)) as store:
+        if rows:
+            await store.create_user(User("alice"))
+            await store.create_user(User("carol", frozenset({"team"})))
+        files = Files(store, tmp_path / "files", FilesConfig(chunk_bytes=CHUNK), leader=False)
+        await files.start()
+        server = Server([files.service], authenticator=auth, **server_options)
+        alice, carol = _client(server, "alice"), _client(server, "carol")
+        try:
+            info0 = await alice.files.begin_upload(name="doc", size=len(ORIGINAL), sha256=sha(ORIGINAL))
+            doc = (await alice.upload("files.upload", [ORIGINAL], upload_id=info0["upload_id"]))["file"]
+            await alice.files.share(file_id=doc["id"], role="team", mode="write")
+            yield _Scene(store, alice, carol, doc)
+        finally:
+            await alice.close()
+            await carol.close()
+            await server.shutdown(grace=1.0)
+            await files.aclose()
+
+
+async def _upload_paused(client: Client, file_id: str, data: bytes) -> tuple[asyncio.Task[Any], asyncio.Event]:
+    """New contents ``data`` for ``file_id``, paused once the server holds the first chunk: the upload's task,
+    and the event that lets the rest go."""
+    info = await client.files.begin_upload(file_id=file_id, size=len(data), sha256=sha(data))
+    go_on = asyncio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield data[:CHUNK]
+        await go_on.wait()
+        for chunk in chunks(data[CHUNK:]):
+            yield chunk
+
+    upload = asyncio.create_task(client.upload("files.upload", slow(), upload_id=info["upload_id"]))
+    await offset_reaches(client, info["upload_id"], CHUNK)
+    return upload, go_on
+
+
 def test_an_upload_commits_with_the_uploaders_revalidated_roles(tmp_path: Path) -> None:
     """A grantee who lost write access while a long upload's bytes arrived (the role that granted it taken
     away, as the session's revalidation sees it) does not replace the file; its authenticator keeps no
@@ -84,39 +139,16 @@ def test_an_upload_commits_with_the_uploaders_revalidated_roles(tmp_path: Path) 
     auth = Revalidating({"alice": frozenset(), "carol": frozenset({"team"})})
 
     async def main() -> None:
-        async with open_store(service_store(tmp_path)) as store:
-            files = Files(store, tmp_path / "files", FilesConfig(chunk_bytes=CHUNK), leader=False)
-            await files.start()
-            server = Server([files.service], authenticator=auth, revalidate_interval=0.05)
-            alice, carol = _client(server, "alice"), _client(server, "carol")
-            try:
-                data0 = b"original"
-                info0 = await alice.files.begin_upload(name="doc", size=len(data0), sha256=sha(data0))
-                doc = (await alice.upload("files.upload", [data0], upload_id=info0["upload_id"]))["file"]
-                await alice.files.share(file_id=doc["id"], role="team", mode="write")
-                info = await carol.files.begin_upload(file_id=doc["id"], size=len(data), sha256=sha(data))
-                go_on = asyncio.Event()
-
-                async def slow() -> AsyncIterator[bytes]:
-                    yield data[:CHUNK]
-                    await go_on.wait()
-                    for chunk in chunks(data[CHUNK:]):
-                        yield chunk
-
-                upload = asyncio.create_task(carol.upload("files.upload", slow(), upload_id=info["upload_id"]))
-                await offset_reaches(carol, info["upload_id"], CHUNK)
-                auth.roles["carol"] = frozenset()  # no longer in "team"
-                await asyncio.wait_for(auth.changed.wait(), 10)
-                go_on.set()
-                with pytest.raises(bastion.NotFound, match="no file"):
-                    await upload
-                got = b"".join([c async for c in alice.stream("files.download", file_id=doc["id"])])
-                assert got == data0 and (await alice.files.usage())["reserved_bytes"] == 0
-            finally:
-                await alice.close()
-                await carol.close()
-                await server.shutdown(grace=1.0)
-                await files.aclose()
+        async with _carol_may_write_alices_doc(tmp_path, auth, rows=False, revalidate_interval=0.05) as scene:
+            alice, carol, doc, data0 = scene.alice, scene.carol, scene.doc, ORIGINAL
+            upload, go_on = await _upload_paused(carol, doc["id"], data)
+            auth.roles["carol"] = frozenset()  # no longer in "team"
+            await asyncio.wait_for(auth.changed.wait(), 10)
+            go_on.set()
+            with pytest.raises(bastion.NotFound, match="no file"):
+                await upload
+            got = b"".join([c async for c in alice.stream("files.download", file_id=doc["id"])])
+            assert got == data0 and (await alice.files.usage())["reserved_bytes"] == 0
 
     asyncio.run(asyncio.wait_for(main(), 30))
 
@@ -129,39 +161,14 @@ def test_an_upload_commits_with_the_roles_the_credential_store_holds_now(tmp_pat
     auth = Revalidating({"alice": frozenset(), "carol": frozenset({"team"})})  # never told of the change
 
     async def main() -> None:
-        async with open_store(service_store(tmp_path)) as store:
-            await store.create_user(User("alice"))
-            await store.create_user(User("carol", frozenset({"team"})))
-            files = Files(store, tmp_path / "files", FilesConfig(chunk_bytes=CHUNK), leader=False)
-            await files.start()
-            server = Server([files.service], authenticator=auth)
-            alice, carol = _client(server, "alice"), _client(server, "carol")
-            try:
-                data0 = b"original"
-                info0 = await alice.files.begin_upload(name="doc", size=len(data0), sha256=sha(data0))
-                doc = (await alice.upload("files.upload", [data0], upload_id=info0["upload_id"]))["file"]
-                await alice.files.share(file_id=doc["id"], role="team", mode="write")
-                info = await carol.files.begin_upload(file_id=doc["id"], size=len(data), sha256=sha(data))
-                go_on = asyncio.Event()
-
-                async def slow() -> AsyncIterator[bytes]:
-                    yield data[:CHUNK]
-                    await go_on.wait()
-                    for chunk in chunks(data[CHUNK:]):
-                        yield chunk
-
-                upload = asyncio.create_task(carol.upload("files.upload", slow(), upload_id=info["upload_id"]))
-                await offset_reaches(carol, info["upload_id"], CHUNK)
-                assert await store.set_access("carol", frozenset(), False)  # an admin takes "team" away
-                go_on.set()
-                with pytest.raises(bastion.NotFound, match="no file"):
-                    await upload
-                got = b"".join([c async for c in alice.stream("files.download", file_id=doc["id"])])
-                assert got == data0
-            finally:
-                await alice.close()
-                await carol.close()
-                await server.shutdown(grace=1.0)
-                await files.aclose()
+        async with _carol_may_write_alices_doc(tmp_path, auth, rows=True) as scene:
+            store, alice, carol, doc, data0 = scene.store, scene.alice, scene.carol, scene.doc, ORIGINAL
+            upload, go_on = await _upload_paused(carol, doc["id"], data)
+            assert await store.set_access("carol", frozenset(), False)  # an admin takes "team" away
+            go_on.set()
+            with pytest.raises(bastion.NotFound, match="no file"):
+                await upload
+            got = b"".join([c async for c in alice.stream("files.download", file_id=doc["id"])])
+            assert got == data0
 
     asyncio.run(asyncio.wait_for(main(), 30))
