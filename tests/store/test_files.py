@@ -238,6 +238,22 @@ async def test_an_uploaders_bounds_hold_under_concurrent_reservations(store: Sto
     assert await store.files_usage("carol") == (0, 130)
 
 
+async def _write_rows(backend: str, location: str, rows: list[str]) -> None:
+    """Run ``rows`` (SQL) on the store at ``location`` directly, as an older server would have written them."""
+    if backend == "sqlite":
+        with sqlite3.connect(location) as conn:
+            for row in rows:
+                conn.execute(row)
+        conn.close()
+    else:
+        conn = await asyncpg.connect(location)
+        try:
+            for row in rows:
+                await conn.execute(row)
+        finally:
+            await conn.close()
+
+
 @pytest.mark.parametrize("users", [True, False], ids=["users", "no-users"])
 async def test_shares_to_names_no_user_holds_are_dropped_by_migration_18(
     backend: str, tmp_path: Path, users: bool
@@ -263,18 +279,7 @@ async def test_shares_to_names_no_user_holds_are_dropped_by_migration_18(
             for k, g in (("user", "bob"), ("user", "ghost"), ("role", "ghost"))
         ),
     ]
-    if backend == "sqlite":
-        with sqlite3.connect(location) as conn:
-            for row in rows:
-                conn.execute(row)
-        conn.close()
-    else:
-        conn = await asyncpg.connect(location)
-        try:
-            for row in rows:
-                await conn.execute(row)
-        finally:
-            await conn.close()
+    await _write_rows(backend, location, rows)
     async with open_store(location) as store:
         assert store.schema_version >= 18
         kept = [("role", "ghost"), ("user", "bob"), *([] if users else [("user", "ghost")])]
@@ -382,18 +387,7 @@ async def test_migration_21_counts_the_files_already_stored(backend: str, tmp_pa
         f"VALUES ('f{i}', '{owner}', 'n{i}', 0, '{SHA_A}', 0, 0)"
         for i, owner in enumerate(["alice", "alice", "bob"])
     ]
-    if backend == "sqlite":
-        with sqlite3.connect(location) as conn:
-            for row in rows:
-                conn.execute(row)
-        conn.close()
-    else:
-        conn = await asyncpg.connect(location)
-        try:
-            for row in rows:
-                await conn.execute(row)
-        finally:
-            await conn.close()
+    await _write_rows(backend, location, rows)
     async with open_store(location) as store:
         assert store.schema_version >= 21
         assert [await store.files_count(o) for o in ("alice", "bob", "carol")] == [2, 1, 0]
