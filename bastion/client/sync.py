@@ -42,6 +42,7 @@ from bastion.client._common import (
     silent_close_hint,
 )
 from bastion.client._connection import ClientClosed
+from bastion.client._turn import Turn
 from bastion.client.balancer import Balancer, Endpoint, ReconnectBackoff, expand_endpoints, trial_passed
 from bastion.client.base import ClientBase
 from bastion.client.policy import (
@@ -89,11 +90,11 @@ class SyncClient(ClientBase):
         self._link: BlockingLink | None = None
         #: A link still in its bastion handshake: not ``_link`` yet, but ``close`` must be able to abort it.
         self._handshaking: BlockingLink | None = None
-        self._lock = threading.RLock()
+        self._lock = Turn()
         self._balancer: Balancer | None = None
         self._endpoint: Endpoint | None = None  # the endpoint of ``_link``
         # What the socket brought for a call other than the one reading it: a call made while a
-        # stream is being read (in the same thread: the lock is reentrant) reads the stream's
+        # stream is being read (in the same thread: the turn is reentrant) reads the stream's
         # items too, and keeps them here until the stream reads on. Keyed by call id.
         self._backlog: dict[int, collections.deque[Message]] = {}
         #: Set while ``close`` waits for a call in another thread: ends that call's wait for a reconnect backoff.
@@ -107,7 +108,7 @@ class SyncClient(ClientBase):
         it would break the parent's connection (and read the parent's answers).
         Closing the child's copy of the descriptor leaves the parent's intact.
         """
-        self._lock = threading.RLock()
+        self._lock = Turn()
         self._closing = threading.Event()
         self._backlog = {}
         link, self._link = self._link, None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -104,3 +107,37 @@ def test_a_token_too_large_for_the_handshake_is_refused_at_construction(make: ty
     with pytest.raises(UsageError, match="too large for the handshake"):
         make("127.0.0.1:1", insecure=True, token="x" * 20_000)
     make("127.0.0.1:1", insecure=True, token="x" * 16_000)  # fits
+
+
+def test_a_stream_left_open_by_a_thread_that_ended_frees_the_client_when_collected(server: ServerProcess) -> None:
+    """A stream's turn is given back by whichever thread finalizes it (the garbage collector's, here the test's).
+
+    A stream read in one thread and dropped elsewhere used to keep the
+    client's turn for the ended thread: the finalizer's release raised
+    "cannot release un-acquired lock", every later call waited out its
+    timeout for a turn, and ``close`` never returned.
+    """
+    client = SyncClient(server.address, token_file=str(server.token_file), timeout=5)
+    kept: list[Iterator[Any]] = []
+
+    def read_one() -> None:
+        stream = client.stream("demo.count", n=1000)
+        assert next(stream) == 0
+        kept.append(stream)  # open, its turn held, when the thread ends
+
+    reader = threading.Thread(target=read_one)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive() and len(kept) == 1
+    unraisable: list[Any] = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        kept.clear()  # the generator is finalized here, in this thread
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert [str(u.exc_value) for u in unraisable] == []
+    assert client.call("demo.echo", value=1) == 1
+    started = time.monotonic()
+    client.close()
+    assert time.monotonic() - started < 2.0
