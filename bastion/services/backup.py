@@ -65,6 +65,7 @@ from bastion.exceptions import FailedPrecondition, InvalidArgument, Unavailable
 from bastion.store import archive
 from bastion.store.backup import backup_postgres, backup_sqlite
 from bastion.store.base import Store
+from bastion.store.durable import fsync_dir
 from bastion.store.leftovers import partial_name
 from bastion.store.postgres import PostgresStore
 from bastion.store.sqlite import SQLiteStore
@@ -134,7 +135,7 @@ def _make_owner(path: Path) -> None:
             os.link(tmp, path)
     finally:
         os.unlink(tmp)
-    archive.fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class Backups:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bastion.exceptions import CallError, DataLoss, FailedPrecondition, ResourceExhausted, Unavailable
-from bastion.store.archive import fsync_dir
+from bastion.store.durable import fsync_dir
 
 T = TypeVar("T")
 

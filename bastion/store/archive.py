@@ -79,6 +79,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from bastion._version import __version__
 from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from bastion.store.durable import fsync_dir
 from bastion.store.leftovers import partial_name, remove_stale
 
 __all__ = [
@@ -88,7 +89,6 @@ __all__ = [
     "Manifest",
     "Member",
     "archive_name",
-    "fsync_dir",
     "is_scheduled",
     "list_archives",
     "prune_scheduled",
@@ -498,15 +498,6 @@ def _info(name: str, size: int, sha256: str, encrypted: bool, manifest: Manifest
         name, size, sha256, encrypted, manifest.created_at, manifest.backend, manifest.schema_version,
         len(manifest.members), blob_count, sum(m.size for m in manifest.members),
     )  # fmt: skip
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in directory ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- a directory of archives ---------------------------------------------------------------------------

@@ -78,7 +78,6 @@ from bastion.store.archive import (
     SQLITE_MEMBER,
     ArchiveInfo,
     Manifest,
-    fsync_dir,
     refuse_existing,
     write_archive,
 )
@@ -102,6 +101,7 @@ from bastion.store.backup_pg import (
     restore_in_one_transaction,
     unlink_blobs,
 )
+from bastion.store.durable import fsync_dir
 from bastion.store.leftovers import private_temporary
 from bastion.store.migrations import current_version
 from bastion.store.postgres import PostgresStore

@@ -30,7 +30,8 @@ import asyncpg
 import msgspec
 
 from bastion.exceptions import BastionError, DataLoss, FailedPrecondition, Unavailable, UsageError
-from bastion.store.archive import FILE_MODE, fsync_dir
+from bastion.store.archive import FILE_MODE
+from bastion.store.durable import fsync_dir
 from bastion.store.postgres import PostgresStore, redact_dsn
 
 __all__ = ["PG_LOCK_WAIT_TIMEOUT", "link_old_blobs", "pg_environment", "restore_in_one_transaction", "unlink_blobs"]

@@ -44,6 +44,7 @@ from pathlib import Path
 import msgspec
 
 from bastion.exceptions import FailedPrecondition
+from bastion.store.durable import fsync_dir
 from bastion.store.leftovers import STAGING_PREFIX
 
 __all__ = ["JOURNAL_SUFFIX", "Journal", "journal_path", "refuse_if_interrupted", "undo_interrupted"]
@@ -95,7 +96,7 @@ class Journal:
         """The restore is complete, or fully undone: remove the journal (durably)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent, missing_ok=True)
 
 
 def undo_interrupted(db_path: Path, files_dir: Path) -> bool:
@@ -128,7 +129,7 @@ def undo_interrupted(db_path: Path, files_dir: Path) -> bool:
                 f"cannot undo an interrupted restore: {step.kind} {dst} back to {src}: {exc}; {path} is kept"
             ) from None
     for parent in {Path(s.src).parent for s in record.steps}:
-        _fsync_dir(parent)
+        fsync_dir(parent, missing_ok=True)
     shutil.rmtree(record.staging, ignore_errors=True)
     Journal(db_path, Path(record.staging)).finish()
     return True
@@ -183,13 +184,4 @@ def _write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_dir(path.parent, missing_ok=True)
