@@ -79,13 +79,24 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     write_high_water: bytes buffered for a slow reader before senders wait
         (and the server stops reading from that connection).
 
-    Connection limits, checked at accept before any TLS work; a connection
-    over either is closed at once and counted:
+    Connection limits. The first two are checked at accept before any TLS
+    work, and a connection over either is closed at once and counted; the
+    third when a handshake ends:
 
     max_connections: 10000 connections open at once (handshaking ones
         included). Blunts fd and memory exhaustion by connection floods.
     max_connections_per_source: 256 open connections from one IP address.
         Blunts one host hoarding the server's connections.
+    reserved_connections: the last connections of max_connections kept for
+        authenticated clients (None, the default: a tenth of max_connections;
+        0: none). A handshake that ends while more than max_connections -
+        reserved_connections connections are open (handshaking ones
+        included) is refused GoAway(RESOURCE_EXHAUSTED) unless its principal
+        is authenticated (a token, a session token, a client certificate);
+        counted in rejected_connections_reserved. Blunts anonymous
+        connections from many addresses locking authenticated clients out
+        (handshakes that never end still hold any slot until
+        handshake_timeout: docs/security.md). Below max_connections.
 
     Slow and idle peers:
 
@@ -149,6 +160,7 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     write_high_water: int = 1_048_576
     max_connections: int = 10_000
     max_connections_per_source: int = 256
+    reserved_connections: int | None = None
     idle_timeout: float = 300.0
     write_stall_timeout: float = 10.0
     frame_timeout: float = 20.0
@@ -163,8 +175,13 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         check_finite(self, "limits")
         for name in self.__struct_fields__:
-            if getattr(self, name) <= 0:
+            if name != "reserved_connections" and getattr(self, name) <= 0:
                 raise UsageError(f"limits.{name} must be positive, got {getattr(self, name)!r}")
+        if self.reserved_connections is not None and not 0 <= self.reserved_connections < self.max_connections:
+            raise UsageError(
+                f"limits.reserved_connections must be 0 or more and below limits.max_connections "
+                f"({self.max_connections}), got {self.reserved_connections!r}"
+            )
         # Sent to every client in its Welcome: a value that cannot be encoded would fail every handshake.
         for name, value in (("max_inflight", self.max_inflight), ("window", self.window)):
             if value > _WIRE_INT_MAX:
@@ -185,6 +202,12 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"limits.max_args_memory ({self.max_args_memory}) must hold one call of limits.max_frame bytes "
                 f"at the worst growth: at least {GROWTH_WORST} x {self.max_frame}"
             )
+
+    @property
+    def anonymous_connections(self) -> int:
+        """Connections open past which a handshake must authenticate: max_connections less the reserved ones."""
+        reserved = self.max_connections // 10 if self.reserved_connections is None else self.reserved_connections
+        return self.max_connections - reserved
 
     @property
     def write_hard_limit(self) -> int:

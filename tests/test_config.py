@@ -69,6 +69,19 @@ def test_connection_limits_come_from_the_environment() -> None:
     assert limits.write_hard_limit == 4 * limits.write_high_water + limits.max_frame
 
 
+def test_reserved_connections_default_to_a_tenth_and_stay_below_max_connections(tmp_path: Path) -> None:
+    assert ServerLimits().anonymous_connections == 9000
+    assert ServerLimits(max_connections=4).anonymous_connections == 4  # a tenth of 4 rounds down to none
+    limits = load_config(environ={"BASTION_LIMITS__RESERVED_CONNECTIONS": "0"}).limits
+    assert (limits.reserved_connections, limits.anonymous_connections) == (0, 10_000)
+    path = tmp_path / "bastion.toml"
+    path.write_text("[limits]\nmax_connections = 100\nreserved_connections = 99\n")
+    assert load_config(path, environ={}).limits.anonymous_connections == 1
+    for reserved in (100, -1):
+        with pytest.raises(UsageError, match="reserved_connections must be 0 or more and below"):
+            ServerLimits(max_connections=100, reserved_connections=reserved)
+
+
 def test_environment_values_are_read_as_their_keys_types() -> None:
     # The text used to be guessed into a number first: "1.2" became a float, refused for a str key.
     env = {

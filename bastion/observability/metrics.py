@@ -29,6 +29,7 @@ from a request)::
     bastion_workers                                     processes these numbers add up
 
 Rejection reasons: connection_limit, source_connection_limit (at accept),
+reserved_connections (an anonymous handshake refused: limits.reserved_connections),
 proxy_header, tls (a TLS handshake that failed or timed out, an ALPN other
 than bastion/1, a revoked client certificate), rate_limited, inflight (a
 call past the connection's limits.max_inflight, refused by the protocol
@@ -84,6 +85,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: (metric reason, Server.counters / scheduler key) for bastion_rejections_total.
 _REJECTIONS = (
     ("source_connection_limit", "rejected_connections_per_source"),
+    ("reserved_connections", "rejected_connections_reserved"),
     ("proxy_header", "rejected_proxy_header"),
     ("tls", "tls_refused"),
     ("rate_limited", "rejected_rate_limited"),
@@ -181,7 +183,9 @@ class SnapshotCollector(Collector):
         rejections = CounterMetricFamily(
             "bastion_rejections", "Connections and calls refused for a limit, by reason", labels=["reason"]
         )
-        over_total = counters.get("rejected_connections", 0) - counters.get("rejected_connections_per_source", 0)
+        over_total = counters.get("rejected_connections", 0) - sum(
+            counters.get(key, 0) for key in ("rejected_connections_per_source", "rejected_connections_reserved")
+        )
         rejections.add_metric(["connection_limit"], max(0, over_total))
         for reason, key in _REJECTIONS:
             rejections.add_metric([reason], counters.get(key, 0))

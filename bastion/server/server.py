@@ -12,7 +12,9 @@ rather than the event loop's, so the connection limits are checked on the bare
 socket, before any TLS work: over ``max_connections`` in total, or
 ``max_connections_per_source`` from one address (an IPv6 one: its ``/ipv6_prefix``
 network), a connection is closed at once
-and counted. An accepted socket is handed to ``loop.connect_accepted_socket``;
+and counted; past ``max_connections`` less ``reserved_connections`` a connection
+is still accepted, but a handshake that ends anonymous is refused (upkeep.py,
+``_in_reserve``). An accepted socket is handed to ``loop.connect_accepted_socket``;
 its slot is released when the session closes, or when the TLS handshake fails
 and no session ever starts. Out of file descriptors (EMFILE/ENFILE), the loop
 gives up a reserved descriptor to accept and close what is waiting (so those
@@ -440,6 +442,11 @@ class Server:
         return True
 
     @property
+    def connections_open(self) -> int:
+        """Accepted connections not yet closed, handshaking ones too (``limits.reserved_connections``)."""
+        return self._open
+
+    @property
     def port(self) -> int:
         return self.addresses[0][1]
 
@@ -536,8 +543,9 @@ class Server:
         connections: sessions past the TLS handshake; connections_open: every
         accepted connection not yet closed, handshaking ones included.
         rejected_connections_total: closed at accept, over a connection limit
-        or for want of file descriptors; rejected_connections_per_source: those
-        over max_connections_per_source. closed_idle, closed_abuse,
+        or for want of file descriptors, and anonymous handshakes refused for
+        reserved_connections; rejected_connections_per_source,
+        rejected_connections_reserved: those two kinds. closed_idle, closed_abuse,
         closed_slow_reader, closed_slow_sender: connections closed for
         idle_timeout, an abuse cap (max_*_per_10s), not reading their answers
         (write_stall_timeout or the hard cap), or sending a frame too slowly
@@ -560,6 +568,7 @@ class Server:
             "internal_errors_total": counters["internal_errors"],
             "rejected_connections_total": counters["rejected_connections"],
             "rejected_connections_per_source": counters["rejected_connections_per_source"],
+            "rejected_connections_reserved": counters["rejected_connections_reserved"],
             "closed_idle": counters["closed_idle"],
             "closed_abuse": counters["closed_abuse"],
             "closed_slow_reader": counters["closed_slow_reader"],

@@ -4,7 +4,9 @@ Theory of operation. ``SessionUpkeep`` is the half of ``ServerSession``
 (session.py) that looks after the connection rather than its calls. The
 handshake runs under one deadline from accept: a connection that has not
 completed it in ``handshake_timeout`` seconds is closed whatever it trickles
-in; then the server's authenticator decides, and a credential that can expire
+in; then the server's authenticator decides (an anonymous principal is
+refused while the server holds more than ``limits.anonymous_connections``: the
+rest are reserved for authenticated ones), and a credential that can expire
 or be revoked is revalidated every ``revalidate_interval`` seconds, the
 connection closed (its calls answered UNAUTHENTICATED) once it is no longer
 good; at the same pace a connection with a client certificate is checked
@@ -98,6 +100,7 @@ class SessionUpkeep:
     core: Connection
     link: Link | None
     principal: Principal
+    source: str | None
     peer_host: str
     anonymous_key: str
     tickets: dict[int, Ticket]
@@ -194,6 +197,8 @@ class SessionUpkeep:
             return
         if link.closed or self.core.state is not ConnectionState.HANDSHAKE:
             return
+        if not principal.authenticated and self._in_reserve():
+            return
         self.principal = principal
         self.core.send_welcome(
             Welcome(
@@ -217,6 +222,23 @@ class SessionUpkeep:
         # A client certificate can be revoked too (tls.revoked_serials, re-read on SIGHUP).
         if revocable or getattr(link, "peer_cert_identity", None) is not None:
             self._revalidation = self._loop.create_task(self._revalidate_loop())  # on_close cancels it
+
+    def _in_reserve(self) -> bool:
+        """Refuse an anonymous handshake ending while the server holds more than
+        ``limits.anonymous_connections`` (the rest are reserved); True if refused.
+        The gateway's sessions (in memory, no source) hold no slot and are never refused."""
+        server = self.server
+        if self.source is None or server.connections_open <= self.limits.anonymous_connections:
+            return False
+        server.counters["rejected_connections"] += 1
+        server.counters["rejected_connections_reserved"] += 1
+        self._refuse(
+            Status.RESOURCE_EXHAUSTED,
+            f"the server is near limits.max_connections ({self.limits.max_connections}): its last "
+            "limits.reserved_connections are kept for authenticated clients; retry later, or present a "
+            "token or a client certificate",
+        )
+        return True
 
     def _refuse(self, status: Status, message: str) -> None:
         """Refuse the Hello and close, unless the connection is gone already (the peer hung up, or

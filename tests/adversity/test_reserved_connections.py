@@ -1,0 +1,194 @@
+"""The connections ``limits.reserved_connections`` keeps for authenticated clients, against real servers.
+
+An attacker from many addresses (127.0.0.2 and up: all loopback on Linux)
+fills ``max_connections`` with anonymous or still-handshaking connections;
+the last ``reserved_connections`` of it stay open to clients that
+authenticate -- a token or a client certificate -- while an anonymous
+handshake there is refused GoAway(RESOURCE_EXHAUSTED) and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bastion import ConnectError, ResourceExhausted, SyncClient
+from bastion.security import tls
+from bastion.security.tls import client_context
+from bastion.status import Status
+from tests.support.raw import CALL, GOAWAY, RESULT, WELCOME, RawPeer, frame
+from tests.support.server import ServerProcess, wait_for
+
+#: Server-wide effects (the whole server full of connections), and a wait for them to close:
+#: runs alone under ``pytest -n`` (the "exclusive" marker, tests/conftest.py).
+pytestmark = pytest.mark.exclusive
+
+HTTP = ("--http-port", "0")
+SOURCES = [f"127.0.0.{i}" for i in range(2, 18)]
+#: Six connections in all, the last two reserved; a long handshake deadline keeps silent ones open.
+LIMITS = {
+    "BASTION_LIMITS__MAX_CONNECTIONS": "6",
+    "BASTION_LIMITS__RESERVED_CONNECTIONS": "2",
+    "BASTION_LIMITS__HANDSHAKE_TIMEOUT": "60",
+}
+
+
+def stats(server: ServerProcess) -> dict[str, Any] | None:
+    """admin.stats once every connection but the one asking has closed (None until then: retry)."""
+    try:
+        with SyncClient(
+            server.address, token_file=str(server.token_file), timeout=5, insecure=server.insecure
+        ) as admin:
+            counts: dict[str, Any] = admin.call("admin.stats")
+    except ConnectError:  # no room yet: the server has not seen the hoard go
+        return None
+    return counts if counts["connections_open"] == 1 else None
+
+
+def refused_anonymously(peer: RawPeer) -> list[Any]:
+    """Send an anonymous Hello; the GoAway that refuses it (the server then closes)."""
+    peer.send(frame([1, 1, "raw-test/1", None, 16, 1 << 20, {}]))
+    goaway = peer.read_message()
+    assert goaway[0] == GOAWAY, goaway
+    peer.wait_closed(timeout=3)
+    return goaway
+
+
+def join(
+    server: ServerProcess, source: str, token: str | None, retried: list[str], **kwargs: Any
+) -> tuple[RawPeer, list[Any]]:
+    """A connection from ``source`` past its Welcome, and that Welcome. A refused connection's slot is given back just
+    after its peer sees the close: one closed at accept meanwhile is tried again (and noted in ``retried``)."""
+
+    def attempt() -> tuple[RawPeer, list[Any]] | None:
+        peer = RawPeer(server.host, server.port, source=source, **kwargs)
+        try:
+            return peer, peer.hello(token)
+        except (OSError, AssertionError):
+            peer.close()
+            retried.append(source)
+            return None
+
+    joined: tuple[RawPeer, list[Any]] = wait_for(attempt, 5, interval=0.05, what=f"{source} to be admitted")
+    return joined
+
+
+def http(server: ServerProcess, path: str, body: Any = None) -> tuple[int, str]:
+    """(status, body) of a plain-HTTP request to the gateway: a GET, or a POST of ``body`` as JSON."""
+    assert server.gateway_url is not None
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.gateway_url + path, data, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, response.read().decode()
+
+
+def rejections(server: ServerProcess) -> dict[str, float]:
+    """bastion_rejections_total by reason, from the gateway's /metrics."""
+    status, text = http(server, "/metrics")
+    assert status == 200
+    return {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "bastion_rejections_total"
+    }
+
+
+def answers(peer: RawPeer) -> bool:
+    peer.send(frame([CALL, 1, "admin.health", {}]))
+    return bool(peer.read_message()[0] == RESULT)
+
+
+@pytest.fixture
+def hoard() -> Iterator[list[RawPeer]]:
+    peers: list[RawPeer] = []
+    yield peers
+    for peer in peers:
+        peer.close()
+
+
+def test_anonymous_connections_leave_the_reserved_ones_to_authenticated_clients(
+    server_factory: Callable[..., ServerProcess], hoard: list[RawPeer]
+) -> None:
+    server = server_factory(env=LIMITS, insecure=True, args=HTTP)
+    for source in SOURCES[:4]:  # max_connections - reserved_connections: still admitted anonymously
+        hoard.append(RawPeer(server.host, server.port, source=source))
+        assert hoard[-1].hello()[3] == "anonymous"
+
+    # Past them, an anonymous handshake is refused with a coded reason, and the slot comes back ...
+    with RawPeer(server.host, server.port, source=SOURCES[4]) as anonymous:
+        goaway = refused_anonymously(anonymous)
+    assert goaway[2] == Status.RESOURCE_EXHAUSTED and "reserved_connections" in goaway[3], goaway
+    # ... and a bad token is still refused as a bad token.
+    with RawPeer(server.host, server.port, source=SOURCES[4]) as forged:
+        forged.send(frame([1, 1, "raw-test/1", "bst_" + "x" * 43, 16, 1 << 20, {}]))
+        assert forged.read_message()[2] == Status.UNAUTHENTICATED
+
+    # The reserved connections are the authenticated clients'.
+    retried: list[str] = []
+    for source in SOURCES[5:7]:
+        peer, welcome = join(server, source, server.token, retried)
+        hoard.append(peer)
+        assert welcome[3] == "admin" and answers(peer)
+    # Anonymous ones admitted earlier keep working; past max_connections, closed at accept as before.
+    assert answers(hoard[0])
+    with RawPeer(server.host, server.port, source=SOURCES[7]) as extra:
+        assert extra.wait_closed(timeout=3) < 2
+    # The gateway counts its own connections (gateway.max_connections): its anonymous callers still get in.
+    assert http(server, "/livez")[0] == 200
+    assert json.loads(http(server, "/v1/admin/health", {})[1])["status"] == "ok"
+
+    for peer in hoard:
+        peer.close()
+    counts = wait_for(lambda: stats(server), 10, interval=0.1, what="the hoard's connections to close")
+    assert counts["rejected_connections_reserved"] == 1
+    # The reserved one, the one at max_connections (and any closed at accept while a refused one's slot was busy).
+    assert counts["rejected_connections_total"] == 2 + len(retried)
+    assert counts["rejected_connections_per_source"] == 0
+    by_reason = rejections(server)
+    assert by_reason["reserved_connections"] == 1
+    assert by_reason["connection_limit"] == 1 + len(retried)
+    assert "Traceback" not in server.log()
+
+
+def test_silent_handshakes_from_many_addresses_cannot_lock_out_a_token(
+    server_factory: Callable[..., ServerProcess], hoard: list[RawPeer]
+) -> None:
+    server = server_factory(env=LIMITS, insecure=True)
+    for source in SOURCES[:4]:  # connect, never say Hello
+        hoard.append(RawPeer(server.host, server.port, source=source))
+    with RawPeer(server.host, server.port) as probe:  # accepted: the four are counted by now
+        assert probe.hello(server.token)[0] == WELCOME
+    with RawPeer(server.host, server.port, source=SOURCES[4]) as anonymous:
+        assert refused_anonymously(anonymous)[2] == Status.RESOURCE_EXHAUSTED
+    # The client library raises it as what it is.
+    with (
+        pytest.raises(ResourceExhausted, match="reserved_connections"),
+        SyncClient(server.address, timeout=5, insecure=True) as client,
+    ):
+        client.call("admin.health")
+    with SyncClient(server.address, token_file=str(server.token_file), timeout=5, insecure=True) as admin:
+        assert admin.call("admin.health")["status"] == "ok"
+        assert admin.call("admin.stats")["rejected_connections_reserved"] == 2
+
+
+def test_a_client_certificate_is_admitted_to_the_reserved_connections(
+    server_factory: Callable[..., ServerProcess], hoard: list[RawPeer]
+) -> None:
+    server = server_factory(env={**LIMITS, "BASTION_TLS__CLIENT_AUTH": "optional"})
+    assert server.ca_file is not None
+    anonymous_tls = client_context(server.ca_file)
+    alice = client_context(server.ca_file, *tls.issue_client_cert(server.data_dir, "alice"))
+    for source in SOURCES[:4]:
+        hoard.append(RawPeer(server.host, server.port, ssl_context=anonymous_tls, source=source))
+        assert hoard[-1].hello()[3] == "anonymous"
+    with RawPeer(server.host, server.port, ssl_context=anonymous_tls, source=SOURCES[4]) as anonymous:
+        assert refused_anonymously(anonymous)[2] == Status.RESOURCE_EXHAUSTED
+    peer, welcome = join(server, SOURCES[5], None, [], ssl_context=alice)
+    hoard.append(peer)
+    assert welcome[3] == "alice" and answers(peer)
