@@ -10,9 +10,10 @@ credential), binds the port and becomes the supervisor of N worker
 processes (bastion/server/supervisor.py). Each worker is
 ``python -m bastion.cli.serve FD``: it gets the finished configuration from
 the supervisor, composes the same server, serves on its own SO_REUSEPORT
-socket, and keeps its rate-limit and login-throttle buckets in the table
-the supervisor shares with every worker (ratelimit_shared.py) unless a
-Redis limiter is configured. Worker 0 is the leader: it alone runs the
+socket, and keeps its rate-limit buckets (unless a Redis limiter is
+configured) and the login throttle's buckets and failure counts in the table
+the supervisor shares with every worker (ratelimit_shared.py), and the
+logins it has in flight in a second one (throttle_shared.py). Worker 0 is the leader: it alone runs the
 once-per-server background work (kv and files sweeps, job recovery and
 retention, scheduled backups); its replacement takes over if it dies.
 
@@ -67,6 +68,7 @@ from bastion.security.passwords import PasswordHasher
 from bastion.security.ratelimit import Limiter, create_limiter
 from bastion.security.ratelimit_shared import SharedHolds, SharedRateLimiter, SharedTable
 from bastion.security.throttle import LoginThrottle
+from bastion.security.throttle_shared import SharedPending, pending_table
 from bastion.server.dispatch import IdempotencyKeys
 from bastion.server.notify import SystemdNotifier
 from bastion.server.scheduler import Scheduler
@@ -234,6 +236,7 @@ class _Role:
 
     channel: WorkerChannel | None = None
     shared: SharedTable | None = None
+    pending: SharedTable | None = None  # the login attempts in flight (throttle_shared.py)
     notifier: SystemdNotifier | None = None  # systemd's, for the only server (the supervisor keeps its own)
 
     @property
@@ -244,6 +247,11 @@ class _Role:
         """Holds counted across the workers (None: one process counts its own)."""
         ch = self.channel
         return None if ch is None or self.shared is None else SharedHolds(self.shared, namespace, ch.index, ch.count)
+
+    def logins(self) -> SharedPending | None:
+        """Login attempts in flight counted across the workers (None: one process counts its own)."""
+        ch = self.channel
+        return None if ch is None or self.pending is None else SharedPending(self.pending, ch.index, ch.count)
 
 
 async def _compose_and_serve(
@@ -271,6 +279,7 @@ async def _compose_and_serve(
             global_per_hour=auth.max_failures_per_user_global,
             burst=auth.max_failures_per_source,
             shared=role.shared,
+            pending=role.logins(),
             ipv6_prefix=config.rate_limits.ipv6_prefix,
         )
         limiter: Limiter
@@ -498,6 +507,7 @@ def _supervise(
     watch_keys = workers * (config.kv.max_watchers + config.messages.max_watchers + 3)
     watch_keys += workers * config.messages.topics.max_subscribers
     shared = SharedTable.create(config.rate_limits.max_tracked + _THROTTLE_KEYS + watch_keys)
+    pending = pending_table(workers)
     host, port = listeners[0][0].getsockname()[:2]
 
     def announce(reports: list[dict[str, Any]]) -> None:
@@ -517,6 +527,7 @@ def _supervise(
         "config": msgspec.to_builtins(config),
         "source": None if source is None else {"path": source.path, "overrides": source.overrides},
         "shared_fd": shared.fileno(),
+        "pending_fd": pending.fileno(),
         "metrics_dir": str(metrics_dir),
     }
     supervisor = Supervisor(
@@ -525,7 +536,7 @@ def _supervise(
         payload,
         on_ready=announce,
         grace=config.limits.grace_period,
-        extra_fds=[shared.fileno()],
+        extra_fds=[shared.fileno(), pending.fileno()],
         http_listeners=http_listeners,
         hang_timeout=config.worker_timeout or None,
         notifier=notifier,
@@ -534,6 +545,7 @@ def _supervise(
         code = supervisor.run()
     finally:
         shared.close()
+        pending.close()
     log.info("stopped")
     return code
 
@@ -547,11 +559,12 @@ def worker_main(argv: list[str]) -> int:
     config = msgspec.convert(payload["config"], Config)
     logs.configure(config.log_level, config.log_format, channel.index)
     shared = SharedTable(int(payload["shared_fd"]))
+    pending = SharedTable(int(payload["pending_fd"]))
     tls = prepare_tls(config, warn=lambda line: None)  # the supervisor has shown the warnings
     source = None if payload.get("source") is None else ConfigSource(**payload["source"])
 
     async def main() -> None:
-        await _compose_and_serve(config, _Role(channel, shared), lambda line: None, [], tls, source)
+        await _compose_and_serve(config, _Role(channel, shared, pending), lambda line: None, [], tls, source)
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())

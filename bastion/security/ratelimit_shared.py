@@ -23,6 +23,9 @@ linear probing over ``PROBE`` slots; when they are all taken, the least
 recently used one is reused -- forgetting a bucket refills it, exactly as
 the in-memory limiter forgets its least recently used buckets. The table
 is sized at twice the number of keys to remember, so that is rare.
+``claim_free`` instead reuses only slots its caller says are free, and
+answers None when there is none: for counts that must not fail open (the
+logins in flight, throttle_shared.py, in a table of their own).
 
 Locking: one POSIX record lock (``fcntl.lockf``) over the whole table,
 held for the few microseconds a check takes. POSIX locks belong to the
@@ -176,6 +179,28 @@ class SharedTable:
         view[victim : victim + 16] = digest
         _VALUES.pack_into(view, victim + 16, a, b, time.monotonic())
         return victim
+
+    def claim_free(self, digest: bytes, a: float, b: float, free: Callable[[float, float], bool]) -> int | None:
+        """The offset of ``digest``'s slot; else of a free one (empty, or whose values ``free`` says may
+        go) made ``digest``'s with values (a, b); None if none of the PROBE slots is (hold the lock).
+        Unlike ``claim`` it never forgets a slot in use: for counts that must not fail open."""
+        start = int.from_bytes(digest[:8], "little")
+        view = self._map
+        spare = None
+        for i in range(PROBE):
+            offset = _HEADER_SIZE + ((start + i) & self._mask) * _SLOT_SIZE
+            stored = view[offset : offset + 16]
+            if stored == digest:
+                return offset
+            if stored == _EMPTY:  # slots are reused, never emptied: no key lies past an empty one
+                spare = offset if spare is None else spare
+                break
+            if spare is None and free(*_VALUES.unpack_from(view, offset + 16)[:2]):
+                spare = offset
+        if spare is not None:
+            view[spare : spare + 16] = digest
+            _VALUES.pack_into(view, spare + 16, a, b, time.monotonic())
+        return spare
 
     def get(self, offset: int) -> tuple[float, float]:
         a, b, _ = _VALUES.unpack_from(self._map, offset + 16)

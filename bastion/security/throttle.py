@@ -24,26 +24,40 @@ verified and raises ResourceExhausted with a retry-after when a limit is hit
 record the outcome inside it. Until the block ends the attempt counts as
 pending against the limits on guessing one account -- the (username, source)
 pair and the username's allowance -- so guesses sent at once cannot all pass
-before the first failure is counted (in one process: the pending counts are
-not in the shared table, so with several, at most one round of
-``max_failures`` per process). The per-source bucket counts failures, and a
-password attempt also counts the attempts pending from its source: while a
-token is left, attempts sent at once over many user names would otherwise
-all be verified before the first failure was charged. Those that succeed
-spend nothing; one past the bucket only because of others pending is refused
-"at once" with a retry-after of a second, and the token handshake's
+before the first failure is counted. The per-source bucket counts failures,
+and a password attempt also counts the attempts pending from its source:
+while a token is left, attempts sent at once over many user names would
+otherwise all be verified before the first failure was charged. Those that
+succeed spend nothing; one past the bucket only because of others pending is
+refused "at once" with a retry-after of a second, and the token handshake's
 ``check(None, host)`` tests failures alone, so logins in flight never refuse
-it. ``check`` is the same test without holding anything. The
-pending counts are released in a ``finally``, so a cancelled login (a
-dropped connection, a deadline) leaves none behind. The clock is injected;
-nothing here sleeps.
+it. ``check`` is the same test without holding anything. The pending counts
+are released in a ``finally``, so a cancelled login (a dropped connection, a
+deadline) leaves none behind. The clock is injected; nothing here sleeps.
 
 Several workers (``bastion serve --workers N``): pass ``shared``, the
 workers' ``SharedTable`` (ratelimit_shared.py), and the per-source and
-per-user buckets and the failure counts live there, so they hold across
-the workers as they do in one process; lockouts are in the store anyway,
-and so are the known sources (rows of the lockouts table keyed
-``known:USER|SOURCE`` whose ``until`` is the end of the remembering).
+per-user buckets and the failure counts live there, and ``pending``, a
+``SharedPending`` (throttle_shared.py), and the attempts pending are counted
+across the workers too -- tested and taken under its table's lock, so
+guesses the kernel spreads over the workers get one round, not one per
+worker; those of a worker killed in the middle of a login stop counting once
+it is reaped. So the limits hold across the workers as they do in one
+process. A worker with ``MAX_IN_FLIGHT`` password attempts in flight refuses
+the next "too many logins in flight" (a retry-after of a second), which
+bounds that table: it fails closed, never forgetting an attempt in flight.
+In one process the pending counts are a ``Counter`` (no lock, no table, no
+such bound). Lockouts are in the store anyway, and so are the known sources
+(rows of the lockouts table keyed ``known:USER|SOURCE`` whose ``until`` is
+the end of the remembering).
+
+Replicas (servers on one PostgreSQL store): only the lockouts and the known
+sources are shared. The buckets, the failure counts and the pending counts
+are each server's own (memory, or its workers' tables; a Redis limiter
+configured for the rate limits is not used here), so each replica allows a
+source its ``burst``, a username its ``global_per_hour``, and a pair
+``max_failures - 1`` failures before the one that writes the lockout every
+replica honours: guesses spread over K replicas get about K times as many.
 
 Lockouts are rows in the store, one per locked (username, source) pair.
 Each new lockout also deletes up to ``LOCKOUT_PURGE_BATCH`` expired ones,
@@ -67,6 +81,7 @@ from bastion.security.credentials import CredentialStore
 
 if TYPE_CHECKING:
     from bastion.security.ratelimit_shared import SharedTable
+    from bastion.security.throttle_shared import SharedPending
 
 __all__ = ["LoginThrottle", "LoginThrottled", "TokenBucket", "source_key"]
 
@@ -77,6 +92,7 @@ LOCKOUT_PURGE_BATCH = 100
 KNOWN_SOURCE_SECONDS = 30 * 24 * 3600.0
 _AT_ONCE = "too many attempts at once from this address; try again in a second"
 _AT_ONCE_USER = "too many attempts at once for this user; try again in a second"
+_BUSY = "too many logins in flight on this server; try again in a second"
 
 
 class LoginThrottled(ResourceExhausted):
@@ -194,6 +210,7 @@ class LoginThrottle:
         global_per_hour: int = 100,
         clock: Callable[[], float] = time.time,
         shared: SharedTable | None = None,
+        pending: SharedPending | None = None,
         ipv6_prefix: int = 64,
     ) -> None:
         if min(burst, max_failures, global_per_hour) < 1 or not 0 < rate < math.inf or not lockout > 0:
@@ -222,6 +239,8 @@ class LoginThrottle:
         self.max_failures = max_failures
         self.lockout = lockout
         self._pending: Counter[str] = Counter()  # attempts inside ``attempt`` blocks, per limit key
+        self._local_pending = self._pending.__getitem__  # (0 for a key not there; adds nothing)
+        self._shared_pending = pending  # several workers: theirs, in place of ``_pending``
 
     @staticmethod
     def _pair(username: str, source: str) -> str:
@@ -236,7 +255,13 @@ class LoginThrottle:
         with no username (a token handshake) only the source's bucket of failures is tested."""
         source = source_key(source, self.ipv6_prefix)
         now = self._clock()
-        await self._refuse(username, source, now, self._limits(username, source, now, password=username is not None))
+        shared = self._shared_pending
+        if shared is None or username is None:
+            limits = self._limits(username, source, now, self._local_pending, password=username is not None)
+        else:
+            with shared.table.locked():
+                limits = self._limits(username, source, now, shared.counter(), password=True)
+        await self._refuse(username, source, now, limits)
 
     @contextlib.asynccontextmanager
     async def attempt(self, username: str | None, source: str) -> AsyncIterator[None]:
@@ -249,17 +274,28 @@ class LoginThrottle:
         pair = "p:" + (username or "") + "|" + source
         keys = [pair, "s:" + source] if username is None else [pair, "s:" + source, "u:" + username]
         now = self._clock()
-        # Tested and reserved before the first await: no concurrent attempt sees it unreserved.
-        limits = self._limits(username, source, now, password=True)
-        self._pending.update(keys)
+        # Tested and reserved before the first await (with workers, under the lock of their table of
+        # attempts in flight): no concurrent attempt sees it unreserved.
+        shared = self._shared_pending
+        if shared is None:
+            limits = self._limits(username, source, now, self._local_pending, password=True)
+            self._pending.update(keys)
+        else:
+            with shared.table.locked():
+                limits = self._limits(username, source, now, shared.counter(), password=True)
+                if not shared.hold(keys):  # this worker's limit, or no room: refused, never let through
+                    raise LoginThrottled(_BUSY, retry_after=1.0)
         try:
             await self._refuse(username, source, now, limits)
             yield
         finally:
-            self._pending.subtract(keys)
-            for key in keys:
-                if self._pending[key] <= 0:
-                    del self._pending[key]
+            if shared is None:
+                self._pending.subtract(keys)
+                for key in keys:
+                    if self._pending[key] <= 0:
+                        del self._pending[key]
+            else:
+                shared.release(keys)
 
     async def _refuse(self, username: str | None, source: str, now: float, limits: tuple[float, bool]) -> None:
         """Raise for the per-user allowance (unless the source is known for the user) or a lockout."""
@@ -276,14 +312,16 @@ class LoginThrottle:
         if until is not None and until > now:
             raise LoginThrottled("too many failed attempts; try again later", retry_after=until - now)
 
-    def _limits(self, username: str | None, source: str, now: float, *, password: bool) -> tuple[float, bool]:
+    def _limits(
+        self, username: str | None, source: str, now: float, pending: Callable[[str], int], *, password: bool
+    ) -> tuple[float, bool]:
         """Raise for the source's bucket (failures; a password attempt's pending ones too) or the pair's (a
         ``password`` attempt's); the wait the per-user allowance asks (which a known source escapes), 0 if
-        none, and whether only attempts pending make it wait."""
+        none, and whether only attempts pending make it wait. ``pending``: the attempts pending per key."""
         # A password attempt counts the attempts pending from its source as spent: else, while a token is
         # left, any number sent at once (a spray over many user names) would all be verified before the
         # first failure was charged. Those that succeed give theirs back. A token handshake tests failures.
-        here = self._pending["s:" + source] if password else 0
+        here = pending("s:" + source) if password else 0
         wait = self._sources.wait(source, now, 1 + here)
         if wait:
             if here and not self._sources.wait(source, now):
@@ -291,13 +329,13 @@ class LoginThrottle:
             raise LoginThrottled("too many failed attempts from this address", retry_after=wait)
         if not password:
             return 0.0, False
-        pending = self._pending["p:" + (username or "") + "|" + source]
         failures = 0 if username is None else self._failures.get(self._pair(username, source))
-        if failures + pending >= self.max_failures:  # failures alone never reach it: they lock and reset
+        # Failures alone never reach it: they lock and reset.
+        if failures + pending("p:" + (username or "") + "|" + source) >= self.max_failures:
             raise LoginThrottled(_AT_ONCE, retry_after=1.0)
         if username is None:
             return 0.0, False
-        in_flight = self._pending["u:" + username]
+        in_flight = pending("u:" + username)
         wait = self._users.wait(username, now, 1 + in_flight)
         return wait, bool(wait and in_flight and not self._users.wait(username, now))
 
