@@ -228,6 +228,9 @@ class TLSConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_ca: PEM bundle trusted for client certificates (default: the dev CA).
     crl: a PEM certificate revocation list checked against client certificates.
     revoked_serials: client certificate serial numbers (hex or decimal) to refuse.
+    client_subjects: whom a verified client certificate may name: "users" (default: its subject must be
+        a user in the store, created before the certificate was issued) or "any" (also subjects that are
+        no user -- services -- which then speak with no roles).
     dev_cert_lifetime: seconds a development server certificate is issued for (default 365 days).
     dev_renew_before: a running server renews its development certificate when less than
         this many seconds of it remain (default 30 days), and loads it as SIGHUP would.
@@ -242,6 +245,7 @@ class TLSConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_ca: str | None = None
     crl: str | None = None
     revoked_serials: list[str] = []
+    client_subjects: str = "users"
     dev_cert_lifetime: float = 365 * 86400
     dev_renew_before: float = 30 * 86400
 
@@ -256,6 +260,8 @@ class TLSConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError(f'tls.min_version must be "1.2" or "1.3", got {self.min_version!r}')
         if self.client_auth not in ("none", "optional", "required"):
             raise UsageError(f"tls.client_auth must be none, optional or required, got {self.client_auth!r}")
+        if self.client_subjects not in ("users", "any"):
+            raise UsageError(f'tls.client_subjects must be "users" or "any", got {self.client_subjects!r}')
         if (self.cert is None) != (self.key is None):
             raise UsageError("tls.cert and tls.key must be given together")
 

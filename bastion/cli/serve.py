@@ -314,7 +314,7 @@ async def _compose_and_serve(
         server = Server(
             [*builtin, *user_services],
             limits=config.limits,
-            authenticator=StoreAuthenticator(store, throttle, audit),
+            authenticator=StoreAuthenticator(store, throttle, audit, client_subjects=config.tls.client_subjects),
             audit=audit,
             revalidate_interval=auth.revalidate_interval,
             ssl_context=tls.context,

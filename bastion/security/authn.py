@@ -3,9 +3,14 @@
 The server asks its ``Authenticator`` once per connection, before any call
 is dispatched, and then every few seconds asks it to ``revalidate`` the
 principal so that expiry and revocation reach long-lived connections. A
-connection without credentials is ``ANONYMOUS`` (or, over mutual TLS, the
-certificate's subject) and may call only public methods; bad credentials
-refuse the handshake with UNAUTHENTICATED. Tokens are looked up by their
+connection without credentials is ``ANONYMOUS`` and may call only public
+methods; bad credentials refuse the handshake with UNAUTHENTICATED. Over
+mutual TLS the verified certificate's subject is the principal: with the
+store authenticator it must name a user (``tls.client_subjects = "users"``,
+the default), else the handshake is refused and audited (``auth.failure``,
+mechanism ``mtls``, with subject and serial); ``"any"`` admits subjects no
+user has (services), with no roles. A user deleted or disabled meanwhile
+ends the connection at revalidation. Tokens are looked up by their
 SHA-256 digest; the token itself is never stored or logged. A failed token is
 audited (``auth.failure``) at most ``AUTH_FAILURES_AUDITED`` times per 10 s
 on the server: the login throttle bounds each source, not sources without
@@ -25,10 +30,10 @@ from typing import Protocol, runtime_checkable
 
 import msgspec
 
-from bastion.exceptions import Unauthenticated
+from bastion.exceptions import Unauthenticated, UsageError
 from bastion.observability.loglimit import LogBudget
 from bastion.security.audit import AuditLog
-from bastion.security.credentials import CredentialStore
+from bastion.security.credentials import CredentialStore, User
 from bastion.security.principal import ANONYMOUS, Principal
 from bastion.security.throttle import LoginThrottle
 
@@ -49,6 +54,14 @@ TOKEN_PREFIX = "bst_"
 #: Token failures written to the audit log per 10 s, server-wide (the rest counted).
 AUTH_FAILURES_AUDITED = 100
 _TOKEN_SHAPE = re.compile(r"^bst_[A-Za-z0-9_-]{43}\Z")
+#: What a refused client certificate's holder is told, by the reason audited.
+_CERTIFICATE_REFUSALS = {
+    "no such user": (
+        "client certificate subject {subject!r} names no user: an admin must create the user "
+        '(or set tls.client_subjects = "any" for certificates of services)'
+    ),
+    "user disabled": "certificate's user is disabled",
+}
 
 
 def new_token() -> str:
@@ -72,6 +85,7 @@ class PeerInfo(msgspec.Struct, frozen=True):
     host: str  # the source address alone, the key for per-source limits
     tls_identity: str | None = None  # a verified client certificate's subject
     tls_expires_at: float | None = None  # and its expiry (Unix time): the connection's end
+    tls_serial: int | None = None  # and its serial (for the audit log)
 
 
 class Authenticator(Protocol):
@@ -131,7 +145,11 @@ class StaticTokens:
 
 
 class StoreAuthenticator:
-    """Tokens and users from the credential store, failures throttled and audited."""
+    """Tokens and users from the credential store, failures throttled and audited.
+
+    ``client_subjects`` (``tls.client_subjects``): "users" -- a client certificate must name a user in the
+    store -- or "any": a subject no user has speaks too, with no roles (certificates of services).
+    """
 
     def __init__(
         self,
@@ -141,7 +159,11 @@ class StoreAuthenticator:
         *,
         cache_seconds: float = 1.0,
         clock: Callable[[], float] = time.time,
+        client_subjects: str = "users",
     ) -> None:
+        if client_subjects not in ("users", "any"):
+            raise UsageError(f'client_subjects must be "users" or "any", got {client_subjects!r}')
+        self._any_subject = client_subjects == "any"
         self._store = store
         self._throttle = throttle
         self._audit = audit
@@ -153,7 +175,7 @@ class StoreAuthenticator:
     async def authenticate(self, token: str | None, peer: PeerInfo) -> Principal:
         if token is None:
             if peer.tls_identity is not None:
-                return await self._from_certificate(peer.tls_identity, peer.tls_expires_at)
+                return await self._from_certificate(peer)
             return ANONYMOUS
         await self._throttle.check(None, peer.host)
         reason, principal = await self._from_token(token)
@@ -214,12 +236,35 @@ class StoreAuthenticator:
         )
         return "", principal
 
-    async def _from_certificate(self, subject: str, expires_at: float | None) -> Principal:
+    async def _from_certificate(self, peer: PeerInfo) -> Principal:
+        subject = peer.tls_identity
+        assert subject is not None
         user = await self._store.get_user(subject)
-        if user is not None and user.disabled:
-            raise Unauthenticated("certificate's user is disabled")
+        reason = self._certificate_refused(user)
+        if reason is not None:
+            # No throttle: a CA vouched for the certificate, there is nothing to guess; the audit is budgeted.
+            if (left_out := self._failures_audited.take("auth.failure", AUTH_FAILURES_AUDITED)) is not None:
+                self._audit(
+                    "auth.failure",
+                    peer=peer.address,
+                    mechanism="mtls",
+                    reason=reason,
+                    subject=subject[:256],
+                    serial=None if peer.tls_serial is None else f"0x{peer.tls_serial:x}",
+                    suppressed_before=left_out or None,
+                )
+            raise Unauthenticated(_CERTIFICATE_REFUSALS[reason].format(subject=subject[:128]))
         roles = user.roles if user is not None else frozenset()
-        return Principal(subject, roles, mechanism="mtls", expires_at=expires_at)
+        return Principal(subject, roles, mechanism="mtls", expires_at=peer.tls_expires_at)
+
+    def _certificate_refused(self, user: User | None) -> str | None:
+        """Why a certificate whose subject's user record is ``user`` may not speak (a key of
+        ``_CERTIFICATE_REFUSALS``), or None if it may."""
+        if user is None:
+            return None if self._any_subject else "no such user"
+        if user.disabled:
+            return "user disabled"
+        return None
 
     async def revalidate(self, principal: Principal) -> Principal | None:
         token_id = principal.token_id
@@ -238,7 +283,7 @@ class StoreAuthenticator:
         current: Principal | None = None
         if token_id is None:
             user = await self._store.get_user(principal.name)
-            if user is None or not user.disabled:
+            if self._certificate_refused(user) is None:  # deleted, unless subjects without users may speak
                 current = _with_roles(principal, user.roles if user is not None else frozenset())
         else:
             record = await self._store.token_by_id(token_id)

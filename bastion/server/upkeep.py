@@ -181,7 +181,14 @@ class SessionUpkeep:
         host = self.peer_host = link.peer.rsplit(":", 1)[0].strip("[]")
         # One fair queue per source as the rate limits count it (an IPv6 one: its /rate_limits.ipv6_prefix).
         self.anonymous_key = f"anonymous@{source_key(host, self.server.ipv6_prefix)}"
-        peer = PeerInfo(link.peer, host, getattr(link, "tls_identity", None), getattr(link, "peer_cert_expires", None))
+        certificate = getattr(link, "peer_cert_identity", None)
+        peer = PeerInfo(
+            link.peer,
+            host,
+            getattr(link, "tls_identity", None),
+            getattr(link, "peer_cert_expires", None),
+            None if certificate is None else certificate[1],
+        )
         try:
             principal = await self.server.authenticator.authenticate(hello.token, peer)
         except (Unauthenticated, ResourceExhausted) as exc:

@@ -506,6 +506,7 @@ def test_a_connection_ends_when_its_client_certificate_expires(tmp_path: Path) -
         async with open_store(tmp_path / "s.db") as store:
             audit = AuditLog(tmp_path / "audit.log")
             authenticator = StoreAuthenticator(store, LoginThrottle(store), audit)
+            await store.create_user(User("carol"))  # a certificate must name a user (test_tls_subjects.py)
             kwargs: dict[str, Any] = {"authenticator": authenticator, "revalidate_interval": 0.1}
             async with mtls_server(tmp_path, TLSConfig(client_auth="required"), **kwargs) as m:
                 ca_cert, ca_key = _cert(m.ca), tls._read_key(tmp_path / "tls" / "ca.key")

@@ -29,6 +29,7 @@ def _write_config(path: Path, ca: Path, revoked: list[int]) -> None:
         'client_auth = "required"\n'
         f'client_ca = "{ca}"\n'
         f"revoked_serials = [{serials}]\n"
+        'client_subjects = "any"\n'  # alice and bob are certificates, not users (test_tls_subjects.py)
         "[auth]\nrevalidate_interval = 0.5\n"
     )
 
