@@ -322,12 +322,18 @@ def renew(
 
 @cert_app.command("client")
 def client(
-    name: Annotated[str, typer.Argument(help="The certificate's subject CN (the principal it maps to).")],
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="The certificate's subject CN: the user it speaks as (create the user first: a certificate "
+            "issued before its user was created is refused)."
+        ),
+    ],
     data_dir: DataDir = None,
     config: ConfigFile = None,
     out: Annotated[Path | None, typer.Option("--out", help="Directory for NAME.pem and NAME.key.")] = None,
 ) -> None:
-    """Issue a client certificate from the dev CA, for mutual TLS."""
+    """Issue a client certificate from the dev CA, for mutual TLS; valid from now (not backdated)."""
     directory, _ = _settings(config, data_dir, None)
     try:
         cert_path, key_path = issue_client_cert(directory, name, out)
@@ -337,3 +343,7 @@ def client(
         return
     print(f"client certificate: {cert_path.resolve()} (serial {info['serial']})")
     print(f"client key: {key_path.resolve()} (mode 0600)")
+    print(
+        f"it speaks as user {name!r} if that user exists now (a certificate issued before its user was "
+        'created is refused), or, with tls.client_subjects = "any", as a principal with no roles'
+    )

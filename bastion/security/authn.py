@@ -9,8 +9,11 @@ mutual TLS the verified certificate's subject is the principal: with the
 store authenticator it must name a user (``tls.client_subjects = "users"``,
 the default), else the handshake is refused and audited (``auth.failure``,
 mechanism ``mtls``, with subject and serial); ``"any"`` admits subjects no
-user has (services), with no roles. A user deleted or disabled meanwhile
-ends the connection at revalidation. Tokens are looked up by their
+user has (services), with no roles. A certificate issued (notBefore) before
+its user was created is refused, whatever ``client_subjects`` says: it was
+issued to an earlier holder of the name, or before the admin made the user.
+A user deleted, disabled, or deleted and created again meanwhile ends the
+connection at revalidation. Tokens are looked up by their
 SHA-256 digest; the token itself is never stored or logged. A failed token is
 audited (``auth.failure``) at most ``AUTH_FAILURES_AUDITED`` times per 10 s
 on the server: the login throttle bounds each source, not sources without
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
@@ -61,6 +65,10 @@ _CERTIFICATE_REFUSALS = {
         '(or set tls.client_subjects = "any" for certificates of services)'
     ),
     "user disabled": "certificate's user is disabled",
+    "certificate predates the user": (
+        "client certificate was issued before user {subject!r} was created (a name given again?): "
+        "issue the user a new certificate"
+    ),
 }
 
 
@@ -86,6 +94,7 @@ class PeerInfo(msgspec.Struct, frozen=True):
     tls_identity: str | None = None  # a verified client certificate's subject
     tls_expires_at: float | None = None  # and its expiry (Unix time): the connection's end
     tls_serial: int | None = None  # and its serial (for the audit log)
+    tls_issued_at: float | None = None  # and its notBefore (Unix time): its user must be no newer
 
 
 class Authenticator(Protocol):
@@ -240,7 +249,7 @@ class StoreAuthenticator:
         subject = peer.tls_identity
         assert subject is not None
         user = await self._store.get_user(subject)
-        reason = self._certificate_refused(user)
+        reason = self._certificate_refused(user, peer.tls_issued_at)
         if reason is not None:
             # No throttle: a CA vouched for the certificate, there is nothing to guess; the audit is budgeted.
             if (left_out := self._failures_audited.take("auth.failure", AUTH_FAILURES_AUDITED)) is not None:
@@ -255,15 +264,21 @@ class StoreAuthenticator:
                 )
             raise Unauthenticated(_CERTIFICATE_REFUSALS[reason].format(subject=subject[:128]))
         roles = user.roles if user is not None else frozenset()
-        return Principal(subject, roles, mechanism="mtls", expires_at=peer.tls_expires_at)
+        return Principal(subject, roles, mechanism="mtls", expires_at=peer.tls_expires_at, issued_at=peer.tls_issued_at)
 
-    def _certificate_refused(self, user: User | None) -> str | None:
-        """Why a certificate whose subject's user record is ``user`` may not speak (a key of
-        ``_CERTIFICATE_REFUSALS``), or None if it may."""
+    def _certificate_refused(self, user: User | None, issued_at: float | None) -> str | None:
+        """Why a certificate issued at ``issued_at`` (notBefore) whose subject's user record is ``user``
+        may not speak (a key of ``_CERTIFICATE_REFUSALS``), or None if it may.
+
+        X.509 times are whole seconds: a certificate issued in the second its user was created passes. A
+        user created with no time recorded (``created_at`` 0: written straight to the store) accepts any.
+        """
         if user is None:
             return None if self._any_subject else "no such user"
         if user.disabled:
             return "user disabled"
+        if issued_at is not None and issued_at < math.floor(user.created_at):
+            return "certificate predates the user"
         return None
 
     async def revalidate(self, principal: Principal) -> Principal | None:
@@ -274,7 +289,8 @@ class StoreAuthenticator:
         if token_id is None:
             if principal.mechanism != "mtls":
                 return principal
-            key = "mtls:" + principal.name  # a certificate's user: disabled or roles changed since
+            # A certificate's user: disabled, deleted (and created again) or roles changed since.
+            key = f"mtls:{principal.issued_at}:{principal.name}"
         else:
             key = token_id
         cached = self._checked.get(key)
@@ -283,7 +299,7 @@ class StoreAuthenticator:
         current: Principal | None = None
         if token_id is None:
             user = await self._store.get_user(principal.name)
-            if self._certificate_refused(user) is None:  # deleted, unless subjects without users may speak
+            if self._certificate_refused(user, principal.issued_at) is None:
                 current = _with_roles(principal, user.roles if user is not None else frozenset())
         else:
             record = await self._store.token_by_id(token_id)

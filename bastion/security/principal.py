@@ -32,6 +32,7 @@ class Principal(msgspec.Struct, frozen=True):
     mechanism: str = "token"  # "token", "session", "mtls", "none"
     token_id: str | None = None  # the credential to re-check for expiry and revocation
     expires_at: float | None = None
+    issued_at: float | None = None  # a client certificate's notBefore: its user must be no newer
 
     def has_roles(self, required: frozenset[str]) -> bool:
         return ADMIN_ROLE in self.roles or required <= self.roles

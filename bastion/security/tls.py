@@ -17,6 +17,13 @@ when given, a CRL (leaf only). ``reload`` swaps the certificate and key of a
 live context (SIGHUP): new handshakes use the new pair, connections already
 established keep theirs.
 
+Client certificates from the development CA (``issue_client_cert``) are not
+backdated (the server's certificate is, by ``CLOCK_SKEW``): a certificate's
+notBefore is when it was issued, and the server refuses one issued before
+its subject's user was created (bastion/security/authn.py), so a user
+created and then given a certificate at once must get one dated after the
+user.
+
 ``client_context`` is the client side: verify the server against a CA file or
 the system trust store, hostname checking on, TLS 1.2 or later, ALPN
 ``bastion/1``, and optionally a client certificate for mutual TLS.
@@ -50,6 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALPN_PROTOCOL",
+    "PeerCertificate",
     "TLSIdentity",
     "TLSPaths",
     "certificate_info",
@@ -91,6 +99,14 @@ class TLSIdentity(NamedTuple):
 
     subject: str
     serial: int
+
+
+class PeerCertificate(NamedTuple):
+    """A verified client certificate: who it names, and its validity (Unix times)."""
+
+    identity: TLSIdentity
+    expires_at: float  # notAfter: the connection's end
+    issued_at: float  # notBefore: its user must be no newer (no name reuse)
 
 
 # -- files ------------------------------------------------------------------------------
@@ -222,6 +238,7 @@ def _issue(
     usage: x509.ObjectIdentifier,
     sans: Sequence[x509.GeneralName] = (),
     days: float = LEAF_DAYS,
+    backdate: datetime.timedelta = CLOCK_SKEW,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
     now = _now()
@@ -231,7 +248,7 @@ def _issue(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_before(now - backdate)
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
@@ -367,12 +384,14 @@ def issue_client_cert(
     """A client certificate with subject CN ``name`` signed by the dev CA; returns (cert, key) paths.
 
     The files are ``<out_dir>/<name>.pem`` and ``<name>.key`` (default
-    ``out_dir``: ``<data_dir>/tls/clients``), the key mode 0600.
+    ``out_dir``: ``<data_dir>/tls/clients``), the key mode 0600. Valid from now, not backdated: the
+    server refuses a certificate issued before its user was created (a name given again).
     """
     if not name or "/" in name or name.startswith("."):
         raise UsageError(f"bad client certificate name {name!r}")
     ca_path, ca_key_path = ensure_dev_ca(data_dir)
-    cert, key = _issue(_read_cert(ca_path), _read_key(ca_key_path), name, ExtendedKeyUsageOID.CLIENT_AUTH, days=days)
+    ca, ca_key = _read_cert(ca_path), _read_key(ca_key_path)
+    cert, key = _issue(ca, ca_key, name, ExtendedKeyUsageOID.CLIENT_AUTH, days=days, backdate=datetime.timedelta(0))
     directory = Path(out_dir) if out_dir is not None else _tls_dir(data_dir) / "clients"
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
     _write_key(key_path, key)
@@ -551,8 +570,8 @@ def client_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> TLSIden
     return None if found is None else found[0]
 
 
-def client_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> tuple[TLSIdentity, float] | None:
-    """The verified peer certificate's (subject, serial) and expiry (Unix time), or None when it sent none."""
+def client_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> PeerCertificate | None:
+    """The verified peer certificate's (subject, serial), expiry and start, or None when it sent none."""
     if ssl_object is None:
         return None
     der = ssl_object.getpeercert(binary_form=True)
@@ -561,7 +580,11 @@ def client_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> tupl
     cert = x509.load_der_x509_certificate(der)
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     subject = str(names[0].value) if names else cert.subject.rfc4514_string()
-    return TLSIdentity(subject, cert.serial_number), cert.not_valid_after_utc.timestamp()
+    return PeerCertificate(
+        TLSIdentity(subject, cert.serial_number),
+        cert.not_valid_after_utc.timestamp(),
+        cert.not_valid_before_utc.timestamp(),
+    )
 
 
 def reload(context: ssl.SSLContext, cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> int:

@@ -406,7 +406,8 @@ class Server:
         found = client_certificate(link.ssl_object)
         identity = None if found is None else found[0]
         link.peer_cert_identity = identity
-        link.peer_cert_expires = None if found is None else found[1]
+        link.peer_cert_expires = None if found is None else found.expires_at
+        link.peer_cert_issued = None if found is None else found.issued_at
         if identity is not None and identity.serial in self.revoked_serials:
             self.counters["tls_refused"] += 1
             self.audit(

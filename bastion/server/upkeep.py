@@ -188,6 +188,7 @@ class SessionUpkeep:
             getattr(link, "tls_identity", None),
             getattr(link, "peer_cert_expires", None),
             None if certificate is None else certificate[1],
+            getattr(link, "peer_cert_issued", None),
         )
         try:
             principal = await self.server.authenticator.authenticate(hello.token, peer)

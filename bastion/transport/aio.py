@@ -105,6 +105,7 @@ class Link(asyncio.Protocol):
         self.alpn: str | None = None
         self.peer_cert_identity: tuple[str, int] | None = None
         self.peer_cert_expires: float | None = None
+        self.peer_cert_issued: float | None = None  # its notBefore
         self._on_secure = on_secure
         self._refusal: tuple[Status, str] | None = None
         self._received_any = False

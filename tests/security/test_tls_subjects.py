@@ -1,14 +1,18 @@
-"""Whom a client certificate speaks as: only a user the store keeps.
+"""Whom a client certificate speaks as: only a user the store keeps, created before the certificate was issued.
 
 Real TLS on loopback with the in-process ``Server`` and the store authenticator (bastion/security/authn.py):
 a verified certificate whose subject names no user is refused in the handshake (UNAUTHENTICATED, audited)
-unless ``tls.client_subjects = "any"``, and a user deleted while a certificate's connection is open ends it
-at revalidation.
+unless ``tls.client_subjects = "any"``; a certificate issued (notBefore) before its user was created -- an
+old certificate of a deleted user whose name was given again -- is refused too; and a user deleted, or
+deleted and created again, while a certificate's connection is open ends it at revalidation. On each store
+backend (PostgreSQL with BASTION_TEST_POSTGRES_DSN).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import json
 import time
 from collections.abc import AsyncIterator
@@ -16,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 import bastion
 from bastion import Client, Unauthenticated
 from bastion.config import TLSConfig
 from bastion.exceptions import UsageError
+from bastion.security import tls
 from bastion.security.audit import AuditLog
 from bastion.security.authn import StoreAuthenticator
 from bastion.security.credentials import User
@@ -48,22 +54,18 @@ class World:
         return [record for record in map(json.loads, lines) if record.get("event") == event]
 
 
-def _scene(tmp_path: Path, **authn: Any) -> Any:
-    import contextlib
-
-    @contextlib.asynccontextmanager
-    async def scene() -> AsyncIterator[World]:
-        async with open_store(tmp_path / "s.db") as store:
-            audit = AuditLog(tmp_path / "audit.log")
-            authenticator = StoreAuthenticator(store, LoginThrottle(store), audit, cache_seconds=0, **authn)
-            kwargs: dict[str, Any] = {"authenticator": authenticator, "revalidate_interval": 0.1}
-            try:
-                async with mtls_server(tmp_path, TLSConfig(client_auth="required"), [whoami], **kwargs) as m:
-                    yield World(m, store, tmp_path / "audit.log")
-            finally:
-                audit.close()
-
-    return scene()
+@contextlib.asynccontextmanager
+async def _scene(tmp_path: Path, store_url: str, **authn: Any) -> AsyncIterator[World]:
+    """An mTLS server (client certificates required) on ``store_url`` with the store authenticator."""
+    async with open_store(store_url) as store:
+        audit = AuditLog(tmp_path / "audit.log")
+        authenticator = StoreAuthenticator(store, LoginThrottle(store), audit, cache_seconds=0, **authn)
+        kwargs: dict[str, Any] = {"authenticator": authenticator, "revalidate_interval": 0.1}
+        try:
+            async with mtls_server(tmp_path, TLSConfig(client_auth="required"), [whoami], **kwargs) as m:
+                yield World(m, store, tmp_path / "audit.log")
+        finally:
+            audit.close()
 
 
 async def _ended(client: Client) -> None:
@@ -78,9 +80,11 @@ async def _ended(client: Client) -> None:
         await asyncio.sleep(0.05)
 
 
-def test_a_certificate_naming_no_user_is_refused_with_a_coded_error_and_an_audit_record(tmp_path: Path) -> None:
+def test_a_certificate_naming_no_user_is_refused_with_a_coded_error_and_an_audit_record(
+    tmp_path: Path, store_url: str
+) -> None:
     async def main() -> None:
-        async with _scene(tmp_path) as w:
+        async with _scene(tmp_path, store_url) as w:
             await w.store.create_user(User("alice", frozenset({"ops"}), None, time.time() - 60))
             ghost, ghost_key, ghost_serial = w.m.client_cert("ghost")
             with pytest.raises(Unauthenticated, match="'ghost' names no user") as refused:
@@ -99,9 +103,9 @@ def test_a_certificate_naming_no_user_is_refused_with_a_coded_error_and_an_audit
     run(main())
 
 
-def test_client_subjects_any_admits_certificates_of_services_without_users(tmp_path: Path) -> None:
+def test_client_subjects_any_admits_certificates_of_services_without_users(tmp_path: Path, store_url: str) -> None:
     async def main() -> None:
-        async with _scene(tmp_path, client_subjects="any") as w:
+        async with _scene(tmp_path, store_url, client_subjects="any") as w:
             cert, key, _ = w.m.client_cert("sensor-7")
             async with w.client(cert, key) as client:
                 assert await client.call("who.me") == ["sensor-7", [], "mtls"]
@@ -117,9 +121,9 @@ def test_the_client_subjects_setting_is_checked() -> None:
         TLSConfig(client_subjects="services")
 
 
-def test_a_user_deleted_while_connected_by_certificate_loses_the_connection(tmp_path: Path) -> None:
+def test_a_user_deleted_while_connected_by_certificate_loses_the_connection(tmp_path: Path, store_url: str) -> None:
     async def main() -> None:
-        async with _scene(tmp_path) as w:
+        async with _scene(tmp_path, store_url) as w:
             await w.store.create_user(User("bob", frozenset({"ops"}), None, time.time() - 60))
             cert, key, _ = w.m.client_cert("bob")
             async with w.client(cert, key) as client:
@@ -131,3 +135,52 @@ def test_a_user_deleted_while_connected_by_certificate_loses_the_connection(tmp_
                     await again.call("who.me")
 
     run(main())
+
+
+def test_a_certificate_issued_before_its_user_was_created_does_not_speak_as_them(
+    tmp_path: Path, store_url: str
+) -> None:
+    """Name reuse: carol's old certificate outlives carol; a new carol created later is not its subject."""
+
+    async def main() -> None:
+        async with _scene(tmp_path, store_url) as w:
+            old, old_key, old_serial = w.m.client_cert("carol")
+            issued = x509.load_pem_x509_certificate(old.read_bytes()).not_valid_before_utc.timestamp()
+            await w.store.create_user(User("carol", frozenset({"ops"}), None, issued + 2))
+            with pytest.raises(Unauthenticated, match="issued before user 'carol' was created"):
+                async with w.client(old, old_key) as client:
+                    await client.call("who.me")
+            (record,) = w.audit("auth.failure")
+            assert record["reason"] == "certificate predates the user" and record["serial"] == f"0x{old_serial:x}"
+
+            # Deleted and created again while the old certificate's connection is open: the connection ends.
+            await w.store.create_user(User("dave", frozenset({"ops"}), None, time.time() - 60))
+            cert, key, _ = w.m.client_cert("dave")
+            async with w.client(cert, key) as client:
+                assert await client.call("who.me") == ["dave", ["ops"], "mtls"]
+                assert await w.store.delete_user("dave")
+                await w.store.create_user(User("dave", frozenset({"ops"}), None, time.time() + 2))
+                await _ended(client)
+
+    run(main())
+
+
+def test_a_reused_name_is_refused_even_when_unknown_subjects_are_admitted(tmp_path: Path, store_url: str) -> None:
+    async def main() -> None:
+        async with _scene(tmp_path, store_url, client_subjects="any") as w:
+            old, old_key, _ = w.m.client_cert("erin")
+            issued = x509.load_pem_x509_certificate(old.read_bytes()).not_valid_before_utc.timestamp()
+            await w.store.create_user(User("erin", frozenset({"ops"}), None, issued + 2))
+            with pytest.raises(Unauthenticated, match="issued before user 'erin' was created"):
+                async with w.client(old, old_key) as client:
+                    await client.call("who.me")
+
+    run(main())
+
+
+def test_dev_client_certificates_start_when_issued(tmp_path: Path) -> None:
+    """Not backdated (the server certificate is, by an hour): a user created, then a certificate issued for
+    them at once, must be a certificate issued after the user."""
+    before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    cert, _ = tls.issue_client_cert(tmp_path, "frank")
+    assert x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_before_utc >= before
