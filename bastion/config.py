@@ -135,6 +135,14 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         queued for a slot, or whose handlers do not read yet, each accepting
         window x max_frame bytes (max_inflight x 16 MiB by default). At least
         window x max_frame, so that one call's full window always fits.
+    max_stream_buffer_total: 1 GiB. The same bytes on all connections of
+        the process together. Past it the server stops reading from a
+        connection that delivers an item while holding more than its share
+        (max_stream_buffer_total / max_connections) until its handlers take
+        items or the total falls below the limit: flow control, nothing
+        closed or lost; a connection within its share is always read.
+        Blunts many connections each under max_stream_buffer (64 MiB x
+        10,000). At least max_stream_buffer.
 
     Protocol abuse, counted per connection in fixed 10-second windows; over a
     cap the connection gets GoAway(RESOURCE_EXHAUSTED) and is closed:
@@ -168,6 +176,7 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_args_memory: int = 1024**3
     read_high_water: int = 256
     max_stream_buffer: int = 64 * 1024**2
+    max_stream_buffer_total: int = 1024**3
     max_cancels_per_10s: int = 1000
     max_pings_per_10s: int = 100
     max_refused_per_10s: int = 1000
@@ -197,6 +206,11 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"limits.max_stream_buffer ({self.max_stream_buffer}) must hold one call's window of items: "
                 f"at least limits.window x limits.max_frame = {self.window * self.max_frame}"
             )
+        if self.max_stream_buffer_total < self.max_stream_buffer:
+            raise UsageError(
+                f"limits.max_stream_buffer_total ({self.max_stream_buffer_total}) must be at least "
+                f"limits.max_stream_buffer ({self.max_stream_buffer})"
+            )
         if self.max_args_memory < GROWTH_WORST * self.max_frame:  # else a call of one frame never fits
             raise UsageError(
                 f"limits.max_args_memory ({self.max_args_memory}) must hold one call of limits.max_frame bytes "
@@ -208,6 +222,11 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """Connections open past which a handshake must authenticate: max_connections less the reserved ones."""
         reserved = self.max_connections // 10 if self.reserved_connections is None else self.reserved_connections
         return self.max_connections - reserved
+
+    @property
+    def stream_share(self) -> int:
+        """Bytes of stream items a connection may always hold, even past max_stream_buffer_total."""
+        return min(self.max_stream_buffer_total // self.max_connections, self.max_stream_buffer)
 
     @property
     def write_hard_limit(self) -> int:

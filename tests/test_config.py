@@ -217,6 +217,14 @@ def test_a_stream_buffer_too_small_for_one_window_is_refused() -> None:
     assert ServerLimits(window=4, max_frame=16_384, max_stream_buffer=65_536).max_stream_buffer == 65_536
 
 
+def test_a_stream_buffer_total_below_one_connections_limit_is_refused() -> None:
+    assert ServerLimits().max_stream_buffer_total == 1024**3
+    with pytest.raises(UsageError, match=r"limits.max_stream_buffer_total \(1000000\) must be at least"):
+        load_config(environ={"BASTION_LIMITS__MAX_STREAM_BUFFER_TOTAL": "1000000"})
+    limits = ServerLimits(max_stream_buffer=64 * 1024**2, max_stream_buffer_total=64 * 1024**2)
+    assert limits.max_stream_buffer_total == 64 * 1024**2
+
+
 def test_job_environment_settings_are_checked() -> None:
     cfg = load_config(environ={"BASTION_JOBS__ENV_PASS": "SSL_CERT_FILE,HTTPS_PROXY"})
     assert cfg.jobs.env_pass == ["SSL_CERT_FILE", "HTTPS_PROXY"]

@@ -86,6 +86,7 @@ from bastion.server.reserve import DescriptorReserve
 from bastion.server.scheduler import Scheduler
 from bastion.server.session import ServerSession
 from bastion.server.sockets import bind, read_proxy_header
+from bastion.server.upkeep import SessionUpkeep
 from bastion.server.view import ServerView
 from bastion.service import Service
 from bastion.status import Status
@@ -185,6 +186,10 @@ class Server:
         self.inline_running = 0
         #: What the arguments of calls in flight may cost decoded, as counted for limits.max_args_memory.
         self.args_memory = 0
+        #: Bytes of client-stream items all sessions hold, for limits.max_stream_buffer_total, and the
+        #: sessions not read from until they or the total come back under it (upkeep.py).
+        self.stream_bytes = 0
+        self.stream_waiting: dict[SessionUpkeep, None] = {}
         self._listeners: list[socket.socket] = []
         self._accept_tasks: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()  # connections still in the TLS handshake
@@ -553,7 +558,8 @@ class Server:
         (frame_timeout, frame_min_rate); closed_abuse counts those over
         limits.max_stream_buffer too. stream_buffer_bytes: bytes of
         client-stream items received and not yet taken by their handlers, all
-        connections together. accept_errors_total: accept() failures (EMFILE...).
+        connections together; stream_buffer_paused: times a connection was
+        not read from for limits.max_stream_buffer_total. accept_errors_total: accept() failures (EMFILE...).
         proxied_connections_total: connections from a trusted proxy whose
         PROXY header named a client (not LOCAL ones, such as health checks);
         rejected_proxy_header_total: connections from a trusted proxy closed
@@ -577,7 +583,8 @@ class Server:
             "accept_errors_total": counters["accept_errors"],
             "rejected_rate_limited": counters["rejected_rate_limited"],
             "rejected_args_memory": counters["rejected_args_memory"],
-            "stream_buffer_bytes": sum(session.stream_bytes for session in self.sessions),
+            "stream_buffer_bytes": self.stream_bytes,
+            "stream_buffer_paused": counters["stream_buffer_paused"],
             "proxied_connections_total": counters["proxied_connections"],
             "rejected_proxy_header_total": counters["rejected_proxy_header"],
             **{f"scheduler_{key}": value for key, value in self.scheduler.stats().items()},

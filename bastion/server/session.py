@@ -177,6 +177,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
                 log.warning("dropped connection %s: %s%s", self.link.peer, self.link.dropped, suppressed_note(left_out))
         self.server.release(self)
         self.server.sessions.discard(self)
+        self.server.stream_waiting.pop(self, None)  # its items are uncounted as its calls end
         for call_id, ticket in list(self.tickets.items()):
             self._cancel(call_id, ticket)
         for stream in self._inputs.values():
@@ -267,7 +268,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         if self._args_cost:
             self.server.args_memory -= self._args_cost.pop(call_id, 0)
         if self._inputs and (stream := self._inputs.pop(call_id, None)) is not None:
-            self.stream_bytes -= stream.discard()
+            self.stream_taken(stream.discard())
         if self._gates:
             gate = self._gates.pop(call_id, None)
             if gate is not None:

@@ -7,8 +7,9 @@ against the declared item type when the handler takes it, and credit is
 returned to the client in batches of half a window as items are consumed.
 The window counts items, not bytes: the bytes of the items a stream holds are
 also counted in its connection's ``stream_bytes`` (the session closes a
-connection past ``limits.max_stream_buffer``), from ``feed`` until the handler
-takes the item or the call ends (``discard``).
+connection past ``limits.max_stream_buffer``; it stops reading past
+``limits.max_stream_buffer_total``), from ``feed`` until the handler takes the
+item or the call ends (``discard``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ __all__ = ["CreditGate", "InputStream", "StreamBytes"]
 class StreamBytes(Protocol):
     """What counts the bytes of the items a connection's streams hold (the session)."""
 
-    stream_bytes: int
+    def stream_taken(self, size: int) -> None:
+        """``size`` bytes of items left the buffer: taken by a handler, or dropped with their call."""
 
 
 class InputStream:
@@ -96,7 +98,7 @@ class InputStream:
         raw = self._items.popleft()
         size = len(raw)
         self._bytes -= size
-        self._holder.stream_bytes -= size
+        self._holder.stream_taken(size)
         self._consumed += 1
         if self._consumed >= self._batch:
             self._grant(self._consumed)

@@ -28,7 +28,16 @@ items a connection's calls hold, received but not yet taken by their handlers
 (``stream_bytes``; streams.py), past ``limits.max_stream_buffer`` close the
 connection with GoAway(RESOURCE_EXHAUSTED): the window bounds items per call,
 not bytes, and calls queued for a slot or whose handlers do not read yet each
-accept theirs (pausing reads instead would leave Cancels unread). Cancels, Pings and Calls the core refused over
+accept theirs (pausing reads instead would leave Cancels unread). Past
+``limits.max_stream_buffer_total`` bytes on all connections together
+(``Server.stream_bytes``) a connection that holds more than its share
+(``ServerLimits.stream_share``) when an item arrives is no longer read from
+(``Server.stream_waiting``) until its own handlers take it back to its share
+or the total falls to the limit: flow control rather than a close, since each
+of them is within its own limit; a connection within its share is always read,
+so one whose handlers take their items goes on while others' items sit
+unread. A paused connection's close goes unread too: keepalive still writes
+it a Ping every ``ping_interval``, which fails once the peer is gone. Cancels, Pings and Calls the core refused over
 ``max_inflight`` are counted in fixed 10-second windows; past a cap the
 session sends GoAway(RESOURCE_EXHAUSTED) and closes. Denied calls are written
 to the audit log, at most ``DENIALS_AUDITED`` per connection and
@@ -325,6 +334,11 @@ class SessionUpkeep:
             return
         if link.reading_paused:  # our doing, not the peer's silence
             self._last_seen = time.monotonic()
+            if self in self.server.stream_waiting:
+                # Paused until others' handlers read, maybe long: its close is not read meanwhile.
+                # A Ping written (its Pong is not awaited) fails once the peer is gone.
+                self.core.send_ping(int(time.monotonic() * 1000) & 0x7FFFFFFF)
+                link.flush()
         idle = time.monotonic() - self._last_seen
         if self._ping_outstanding and idle >= self.limits.ping_timeout:
             self.core.send_goaway(Status.UNAVAILABLE, "keepalive timed out")
@@ -400,20 +414,54 @@ class SessionUpkeep:
 
     def _on_item(self, item: Item) -> bool:
         """Queue an Item for its call's handler; True if its bytes took the connection past
-        ``limits.max_stream_buffer`` and it was closed."""
+        ``limits.max_stream_buffer`` and it was closed. Past ``limits.max_stream_buffer_total``
+        on the whole server, a connection holding more than its share is no longer read from."""
         stream = self._inputs.get(item.id)
         if stream is None:  # its call ended or was refused: nothing will take it
             return False
         size = len(item.value)
         stream.feed(item.value, size)
         self.stream_bytes += size
-        if self.stream_bytes <= self.limits.max_stream_buffer:
+        server = self.server
+        server.stream_bytes += size
+        limits = self.limits
+        if self.stream_bytes <= limits.stream_share:
             return False
-        self._close_for_abuse(
-            f"stream items buffered past limits.max_stream_buffer ({self.limits.max_stream_buffer} bytes) "
-            "by calls whose handlers have not taken them"
-        )
-        return True
+        if self.stream_bytes > limits.max_stream_buffer:
+            self._close_for_abuse(
+                f"stream items buffered past limits.max_stream_buffer ({limits.max_stream_buffer} bytes) "
+                "by calls whose handlers have not taken them"
+            )
+            return True
+        if server.stream_bytes > limits.max_stream_buffer_total and self not in server.stream_waiting:
+            # Flow control: the rest of this read is queued (it was sent within credit), then
+            # nothing more until this connection's handlers or the server's total make room.
+            server.stream_waiting[self] = None
+            server.counters["stream_buffer_paused"] += 1
+            if self.link is not None:
+                self.link.pause_reading("stream buffer")
+        return False
+
+    def stream_taken(self, size: int) -> None:
+        """``size`` bytes of this connection's stream items were taken by a handler, or dropped
+        with their call: uncount them, and read again from connections waiting for the room."""
+        self.stream_bytes -= size
+        server = self.server
+        server.stream_bytes -= size
+        waiting = server.stream_waiting
+        if not waiting:
+            return
+        if server.stream_bytes <= self.limits.max_stream_buffer_total:  # every waiting connection reads again
+            resumed = list(waiting)
+            waiting.clear()
+        elif self in waiting and self.stream_bytes <= self.limits.stream_share:  # this one alone
+            del waiting[self]
+            resumed = [self]
+        else:
+            return
+        for session in resumed:
+            if session.link is not None:
+                session.link.resume_reading("stream buffer")
 
     def _grant(self, call_id: int, n: int) -> None:
         """A handler took ``n`` items of ``call_id``'s stream: let the peer send as many more."""

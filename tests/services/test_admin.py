@@ -148,6 +148,7 @@ def test_stats_counts_connections_calls_and_errors() -> None:
         "rejected_rate_limited",
         "rejected_args_memory",
         "stream_buffer_bytes",
+        "stream_buffer_paused",
         "proxied_connections_total",
         "rejected_proxy_header_total",
         "uptime_seconds",
