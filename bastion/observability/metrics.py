@@ -22,6 +22,10 @@ from a request)::
     bastion_connections_open                            accepted connections (handshaking ones too)
     bastion_connections_total                           connections accepted since start
     bastion_connections_closed_total{reason}            idle, abuse, slow_reader, handshake_timeout
+    bastion_stream_buffer_bytes                         client-stream items received, not yet taken by handlers
+    bastion_stream_buffer_limit_bytes                   limits.max_stream_buffer_total (summed over workers)
+    bastion_stream_buffer_paused_connections            connections not read from for that limit now
+    bastion_stream_buffer_pauses_total                  times a connection was paused for it
     bastion_auth_failures_total{reason}                 credentials, throttled, denied
     bastion_gateway_tls_handshake_failures_total{reason} the gateway's (HTTPS) port: gateway/_tls.py REASONS
     bastion_store_operation_duration_seconds{operation} histogram: write, read (SQLite), call (PostgreSQL)
@@ -132,6 +136,9 @@ def server_snapshot(server: Server) -> dict[str, Any]:
         "calls_in_flight": stats["calls_in_flight"],
         "connections_open": stats["connections_open"],
         "scheduler_running": scheduler.get("running", 0),
+        "stream_buffer_bytes": server.stream_bytes,
+        "stream_buffer_limit_bytes": server.limits.max_stream_buffer_total,
+        "stream_buffer_paused_connections": len(server.stream_waiting),
         "workers": 1,
     }
     for level in _PRIORITIES:
@@ -198,6 +205,26 @@ class SnapshotCollector(Collector):
         yield _counter_by(
             "bastion_connections_closed", "Connections closed by the server, by reason", counters, _CLOSED
         )
+        yield _gauge(
+            "bastion_stream_buffer_bytes",
+            "Bytes of client-stream items received and not yet taken by their handlers",
+            gauges.get("stream_buffer_bytes"),
+        )
+        yield _gauge(
+            "bastion_stream_buffer_limit_bytes",
+            "limits.max_stream_buffer_total: past it, connections over their share are not read from",
+            gauges.get("stream_buffer_limit_bytes"),
+        )
+        yield _gauge(
+            "bastion_stream_buffer_paused_connections",
+            "Connections not read from now because the stream buffer total is reached",
+            gauges.get("stream_buffer_paused_connections"),
+        )
+        pauses = CounterMetricFamily(
+            "bastion_stream_buffer_pauses", "Times a connection was not read from for the stream buffer total"
+        )
+        pauses.add_metric([], counters.get("stream_buffer_paused", 0))
+        yield pauses
         yield _counter_by("bastion_auth_failures", "Failed authentications and denied calls", counters, _AUTH)
         yield _counter_by(
             "bastion_gateway_tls_handshake_failures",

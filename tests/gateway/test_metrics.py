@@ -324,3 +324,33 @@ def test_metrics_add_up_every_worker(tmp_path: Path) -> None:
             assert value(samples, "bastion_workers") == 2
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_stream_buffer_gauges_show_the_items_handlers_have_not_taken(tmp_path: Path) -> None:
+    limits = {"BASTION_LIMITS__MAX_STREAM_BUFFER_TOTAL": str(512 * 1024**2)}
+    server = start_server(tmp_path / "streams", env={**GRACE, **limits}, insecure=True, http=True)
+    try:
+        assert server.gateway_url is not None
+
+        def gauges() -> tuple[float, float, float]:
+            with urllib.request.urlopen(server.gateway_url + "/metrics", timeout=10) as response:
+                samples = {
+                    s.name: s.value for f in text_string_to_metric_families(response.read().decode()) for s in f.samples
+                }
+            return (
+                samples["bastion_stream_buffer_bytes"],
+                samples["bastion_stream_buffer_limit_bytes"],
+                samples["bastion_stream_buffer_paused_connections"],
+            )
+
+        assert gauges() == (0, 512 * 1024**2, 0)
+        with RawPeer(server.host, server.port) as peer:
+            peer.hello(server.token)
+            # A call whose handler waits 30 s before it reads, sent 3 items of 1000 bytes.
+            peer.send(frame([CALL, 1, "demo.take", {"hold": 30}, None, None, True]))
+            peer.send(b"".join(frame([7, 1, bytes(1000)]) for _ in range(3)))
+            # Each item counts its encoded value: 1000 bytes and a 3-byte MessagePack header.
+            wait_for(lambda: gauges()[0] == 3009, 10, interval=0.1, what="3009 bytes in bastion_stream_buffer_bytes")
+        wait_for(lambda: gauges()[0] == 0, 10, interval=0.1, what="the items dropped with their connection")
+    finally:
+        assert server.stop() == 0, server.log()
