@@ -117,13 +117,14 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         past idle_timeout and keepalive (as Apache's RequestReadTimeout
         body=20,MinRate=500).
     max_args_memory: 1 GiB. What the arguments of calls in flight may cost
-        once decoded, server-wide: a call whose arguments may hold
-        containers counts its argument bytes (1 KiB or more) times 24, or
-        80 for nested containers and values of any type, until it ends;
-        past the limit such calls are refused RESOURCE_EXHAUSTED before
-        decoding. Blunts decoding
+        once decoded, server-wide: a call counts its argument bytes (1 KiB
+        or more) times 2 (flat: text, bytes, numbers), 24 when they may hold
+        containers, or 80 for nested containers and values of any type,
+        until it ends; past the limit such calls are refused
+        RESOURCE_EXHAUSTED before decoding. Blunts decoding
         amplification (a 1 MiB frame of empty maps is about 73 MB of Python
-        objects) multiplied by the calls that wait in queues.
+        objects) multiplied by the calls that wait in queues, and queued
+        calls in bytes (the queues bound them in count).
     read_high_water: 256 calls accepted on one connection but not yet
         started; at this many the server stops reading from the connection
         until they start. Blunts a fast sender queuing work faster than the

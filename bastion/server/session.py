@@ -316,7 +316,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
                 self._admitted[call.method] = (self.principal, entry)
             if call.stream is not entry.streams_in:  # bools: msgspec decodes the singletons
                 raise InvalidArgument(entry.stream_mismatch)
-            if entry.growth > 2 and len(call.args) >= ARGS_COUNTED:  # before decoding: it is the cost
+            if len(call.args) >= ARGS_COUNTED:  # before decoding: it is the cost (flat ones too: they queue)
                 cost = self._args_cost_of(call, entry)
             args = entry.decode_args(call.args)
             if call.metadata:

@@ -18,12 +18,13 @@ idle timer closes a connection with no call open and no traffic but pings for
 it received, or the connection is closed, so a peer trickling a frame it never
 finishes cannot hold its connection (and the bytes buffered) past idle and
 keepalive limits; the clock restarts while the server itself is not reading.
-Argument memory: a call whose arguments may hold containers (``Entry.growth``,
-dispatch.py) and whose bytes are ``ARGS_COUNTED`` or more counts its bytes
-times that growth, server-wide, from its arrival until it ends; one that would
-take the total past ``limits.max_args_memory`` is refused RESOURCE_EXHAUSTED
-before it is decoded (a 1 MiB frame of empty maps decodes to about 73 MB, and
-calls wait in queues decoded). Stream buffer: the bytes of the client-stream
+Argument memory: a call whose arguments are ``ARGS_COUNTED`` bytes or more
+counts its bytes times their growth (``Entry.growth``, dispatch.py: 2 for
+flat ones, text or bytes, up to 80 for nested containers), server-wide, from
+its arrival until it ends; one that would take the total past
+``limits.max_args_memory`` is refused RESOURCE_EXHAUSTED before it is decoded
+(a 1 MiB frame of empty maps decodes to about 73 MB, and calls wait in queues
+decoded: the queues bound them in count, this in bytes). Stream buffer: the bytes of the client-stream
 items a connection's calls hold, received but not yet taken by their handlers
 (``stream_bytes``; streams.py), past ``limits.max_stream_buffer`` close the
 connection with GoAway(RESOURCE_EXHAUSTED): the window bounds items per call,
@@ -86,6 +87,8 @@ DENIALS_AUDITED_SERVER_WIDE = 100
 AUDITED_METHOD_CHARS = 200
 #: Argument bytes from which a call's decoded size counts toward ``limits.max_args_memory``: below
 #: it, the queue limits bound what calls hold (3,300 calls waiting or running x 80 KiB at worst).
+#: Calls of flat arguments count too (growth 2: the frame and the decoded copy), so that 3,300
+#: queued calls of 1 MiB of text cannot hold 6.6 GB.
 ARGS_COUNTED = 1024
 #: Seconds in each window the abuse caps (``max_*_per_10s``) count in.
 ABUSE_WINDOW = 10.0

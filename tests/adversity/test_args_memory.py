@@ -1,5 +1,6 @@
 """Argument memory: calls whose arguments may decode to far more than their bytes are counted, and
-refused past ``limits.max_args_memory``, before they are decoded; typed scalar arguments are not.
+refused past ``limits.max_args_memory``, before they are decoded; typed scalar arguments of 1 KiB
+or more count twice their bytes (they wait in queues too: tests/adversity/test_queued_bytes.py).
 
 A frame of empty MessagePack maps decodes to about 73 times its size in Python objects, and calls
 wait in queues decoded: 256 such 1 MiB calls on one connection were about 18 GB. Each test drives
@@ -25,8 +26,10 @@ ADA = Principal("ada", frozenset({"user"}))
 MAPS: list[dict[str, Any]] = [{}] * 8190
 #: What one call of MAPS counts: its argument bytes times the worst growth.
 COST = len(msgspec.msgpack.encode({"value": MAPS})) * GROWTH_WORST
-#: Room for three such calls held at once, not four.
-LIMITS = ServerLimits(max_frame=16_384, max_args_memory=3 * COST + 1000)
+#: Bytes of a flat 10,000-byte argument as counted: twice its encoding.
+FLAT = 2 * len(msgspec.msgpack.encode({"value": b"x" * 10_000}))
+#: Room for three such calls held at once, and a flat one, not four.
+LIMITS = ServerLimits(max_frame=16_384, max_args_memory=3 * COST + FLAT + 1000)
 
 
 def held_service(release: asyncio.Event) -> Service:
@@ -69,8 +72,9 @@ def test_calls_past_the_argument_memory_are_refused_before_decoding_and_the_room
             assert "limits.max_args_memory" in refused[3]
             assert server.stats()["rejected_args_memory"] == 1
             assert server.stats()["rejected_rate_limited"] == 0
-            # Bytes decode to their own size: not counted, still served.
+            # Bytes decode to their own size: counted twice (the frame and the copy), and they fit.
             peer.send(call(5, "am.hold_bytes", b"x" * 10_000))
+            await poll(lambda: server.args_memory == 3 * COST + FLAT, "the bytes call counted")
             # Small calls are not counted either (below ARGS_COUNTED).
             peer.send(call(6, "am.hold_any", [1, 2, 3]))
             await poll(lambda: server.stats()["calls_in_flight"] == 5, "five calls in flight")
