@@ -45,6 +45,7 @@ from bastion.config import ServerLimits
 from bastion.exceptions import Unauthenticated
 from bastion.security.authn import PeerInfo, new_token
 from bastion.security.principal import ADMIN_ROLE, ANONYMOUS, Principal
+from bastion.security.ratelimit import Limiter
 from bastion.server.server import Server
 from bastion.service import Service
 from bastion.transport.aio import Link
@@ -87,15 +88,23 @@ class MemoryServer:
 
     ``services`` is a ``Service`` or an iterable of them (add
     ``bastion.services.admin.service`` to test against the admin service
-    too). ``limits`` are the server's, as for ``Server``. The underlying
-    server is ``.server`` (for its ``stats()``, say).
+    too). ``limits`` are the server's, as for ``Server``; ``limiter`` its
+    call rate limiter (none by default: a ``RateLimiter`` to test rate
+    limit rules). The underlying server is ``.server`` (for its
+    ``stats()``, say).
     """
 
-    def __init__(self, services: Service | Iterable[Service], *, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self,
+        services: Service | Iterable[Service],
+        *,
+        limits: ServerLimits | None = None,
+        limiter: Limiter | None = None,
+    ) -> None:
         self._identities = _Identities()
         if isinstance(services, Service):
             services = [services]
-        self.server = Server(services, limits=limits, authenticator=self._identities)
+        self.server = Server(services, limits=limits, authenticator=self._identities, limiter=limiter)
         self._clients: list[Client] = []
         # Seconds closing waits for calls still running before cancelling them.
         self.grace = 1.0

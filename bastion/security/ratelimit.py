@@ -447,7 +447,8 @@ class RateLimiter:
     The hot path. What a principal's call to a method charges (its cost, and
     each bucket's key, rate and burst) is worked out once per principal object
     and method (``_known``; a session keeps one principal object, so this is per
-    connection) and looked up by identity after that. Buckets stay an exact
+    connection) and looked up by identity after that; ``forget`` drops it when
+    the session closes or revalidation replaces its principal. Buckets stay an exact
     least-recently-used map: every charge moves its buckets to the young end,
     so a flood of new identities evicts the idle ones, never a busy caller's
     (whose bucket would come back full).
@@ -462,6 +463,12 @@ class RateLimiter:
         self._enabled = self.config.enabled
         #: id(principal) -> (principal, {method: its charge at the configured cost}).
         self._known: dict[int, tuple[Principal, dict[str, _Charge | None]]] = {}
+
+    def forget(self, principal: Principal) -> None:
+        """Drop what ``principal``'s calls charge: its session closed, or revalidation replaced it."""
+        known = self._known.get(id(principal))
+        if known is not None and known[0] is principal:
+            del self._known[id(principal)]
 
     def __len__(self) -> int:
         """Buckets currently tracked."""

@@ -163,6 +163,8 @@ class Server:
         self.limiter = limiter
         self.scheduler = scheduler or Scheduler()
         self.check_rate: Callable[[Principal, str, str, float | None, float | None], None] | None = None
+        #: Drops what a principal object's calls charge, when its session is done with it.
+        self.forget_principal: Callable[[Principal], None] = getattr(limiter, "forget", lambda principal: None)
         if isinstance(limiter, RateLimiter):
             if limiter.clock is time.monotonic:  # sessions pass the time.monotonic() of the read as ``now``
                 self.check_rate = limiter.check_sync

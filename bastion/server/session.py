@@ -177,6 +177,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
                 log.warning("dropped connection %s: %s%s", self.link.peer, self.link.dropped, suppressed_note(left_out))
         self.server.release(self)
         self.server.sessions.discard(self)
+        self.server.forget_principal(self.principal)
         self.server.stream_waiting.pop(self, None)  # its items are uncounted as its calls end
         for call_id, ticket in list(self.tickets.items()):
             self._cancel(call_id, ticket)

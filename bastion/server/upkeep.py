@@ -297,6 +297,7 @@ class SessionUpkeep:
                     continue
             if current is not None:
                 if current is not self.principal:  # roles changed: running calls that asked re-check access
+                    self.server.forget_principal(self.principal)
                     self.principal = current
                     for callback in list(self._principal_watchers or ()):
                         try:

@@ -13,6 +13,8 @@ import pytest
 from bastion.exceptions import ResourceExhausted, UsageError
 from bastion.security.principal import ANONYMOUS, Principal
 from bastion.security.ratelimit import Limit, Limiter, RateLimitConfig, RateLimiter, RateRule, create_limiter
+from bastion.service import Service
+from bastion.testing import MemoryServer
 
 ADA = Principal("ada", frozenset({"user"}))
 BOB = Principal("bob", frozenset({"user"}))
@@ -464,3 +466,33 @@ def test_a_cost_above_a_superseded_rules_burst_is_fine() -> None:
     ]
     config = RateLimitConfig(rules=rules, costs={"kv.scan": 20})  # kv.scan is charged to its own rule only
     assert allowed(RateLimiter(config), 5, ADA, "kv.scan") == 2
+
+
+def test_what_a_connections_calls_charge_is_forgotten_when_it_closes() -> None:
+    """The limiter keeps what each principal object's calls charge (a session keeps one); that entry
+    goes with the session, so the cache holds the open connections' and not every one ever made."""
+    service = Service("t")
+
+    @service.method
+    async def ping() -> int:
+        return 1
+
+    async def main() -> None:
+        limiter = RateLimiter()
+        async with MemoryServer(service, limiter=limiter) as memory:
+            clients = [memory.client(principal=Principal(f"u{n}", frozenset({"user"}))) for n in range(5)]
+            for client in clients:
+                assert await client.t.ping() == 1
+            assert len(limiter._known) == 5
+            for client in clients[:3]:
+                await client.close()
+            deadline = asyncio.get_running_loop().time() + 5
+            while len(limiter._known) != 2:
+                assert asyncio.get_running_loop().time() < deadline, f"{len(limiter._known)} entries kept"
+                await asyncio.sleep(0.01)
+            assert await clients[3].t.ping() == 1  # the open ones are still charged
+            with pytest.raises(ResourceExhausted):
+                for _ in range(3000):  # the default per-principal burst is 2,000
+                    await clients[4].t.ping()
+
+    asyncio.run(main())
