@@ -43,7 +43,11 @@ class ServerView:
         return self._server.stats()
 
     def limits(self) -> Mapping[str, int | float]:
-        return msgspec.structs.asdict(self._server.limits)
+        """The server's limits, each as the number it runs with (a default worked out from others included)."""
+        limits = self._server.limits
+        out: dict[str, int | float] = msgspec.structs.asdict(limits)
+        out["reserved_connections"] = limits.max_connections - limits.anonymous_connections
+        return out
 
     async def rate_usage(self, principal: Principal, peer: str) -> Mapping[str, Any]:
         limiter = self._server.limiter

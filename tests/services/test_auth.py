@@ -228,6 +228,9 @@ def test_whoami_shows_identity_roles_and_limits(tmp_path: Path) -> None:
         me = await w.server.client(principal=Principal("bob", frozenset({"user"}))).auth.whoami()
         assert (me["name"], me["roles"], me["authenticated"]) == ("bob", ["user"], True)
         assert me["limits"]["max_inflight"] == w.server.server.limits.max_inflight
+        # Every limit is a number, a default worked out from others as the value it comes to.
+        assert me["limits"]["reserved_connections"] == w.server.server.limits.max_connections // 10
+        assert all(isinstance(value, (int, float)) for value in me["limits"].values()), me["limits"]
         anon = await w.server.client(principal=ANONYMOUS).auth.whoami()
         assert (anon["name"], anon["authenticated"]) == ("anonymous", False)
 
