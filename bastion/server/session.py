@@ -533,6 +533,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
             async with contextlib.aclosing(spec.handler(**args)) as items:
                 async for item in items:
                     while self.core.send_credit(call_id) <= 0:
+                        self.read_for_credit()
                         await gate.wait()
                     if not self.core.send_item(call_id, item):
                         return  # cancelled under us

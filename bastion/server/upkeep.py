@@ -467,6 +467,20 @@ class SessionUpkeep:
             if session.link is not None:
                 session.link.resume_reading("stream buffer")
 
+    def read_for_credit(self) -> None:
+        """A handler waits for the peer's Credit: read again if paused for the stream buffer total.
+
+        Left unread, that Credit would keep the handler from taking its next
+        item, so the connection's items and the server's total would never
+        fall: a two-way stream past the total stalled for good. Reading costs
+        at most one read: an item past the total pauses the connection again.
+        """
+        waiting = self.server.stream_waiting
+        if self in waiting:
+            del waiting[self]
+            if self.link is not None:
+                self.link.resume_reading("stream buffer")
+
     def _grant(self, call_id: int, n: int) -> None:
         """A handler took ``n`` items of ``call_id``'s stream: let the peer send as many more."""
         if self.core.grant(call_id, n) and self.link is not None:
