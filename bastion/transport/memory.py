@@ -12,7 +12,7 @@ bytes not yet delivered.
 
 There is no write buffer, so a writer is never paused
 (``set_write_buffer_limits`` is accepted and ignored). ``pause_reading`` holds
-incoming bytes until ``resume_reading``.
+incoming bytes until ``resume_reading``, which hands them over on a later turn.
 """
 
 from __future__ import annotations
@@ -104,16 +104,19 @@ class MemoryTransport(asyncio.Transport):
         if self._reading:
             return
         self._reading = True
-        held, self._held = self._held, []
-        for data in held:
-            self._deliver(data)
+        if self._held:  # on a later turn, as from a socket: a protocol never re-enters itself
+            self._loop.call_soon(self._deliver_held)
+
+    def _deliver_held(self) -> None:
+        while self._held and self._reading and not self._lost:
+            self._deliver(self._held.pop(0), held=True)
 
     # -- internals -----------------------------------------------------------------------
 
-    def _deliver(self, data: bytes) -> None:
+    def _deliver(self, data: bytes, *, held: bool = False) -> None:
         if self._lost or self._aborted or (self._peer is not None and self._peer._aborted):
             return
-        if not self._reading:
+        if not self._reading or (self._held and not held):  # bytes held go first
             self._held.append(data)
             return
         self._protocol.data_received(data)

@@ -138,6 +138,36 @@ def test_pause_reading_holds_data_until_resumed() -> None:
         assert server.data == b""
         st.resume_reading()
         assert st.is_reading()
+        assert server.data == b""  # on a later loop turn, as from a socket: never inside resume_reading
+        ct.write(b"c")  # after the held bytes, in order
+        await settle()
+        assert server.data == b"abc"
+
+    run(main())
+
+
+def test_a_protocol_that_pauses_again_gets_no_more_of_the_held_bytes() -> None:
+    class Pauser(Recorder):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            assert self.transport is not None
+            self.transport.pause_reading()  # one chunk at a time
+
+    async def main() -> None:
+        server, client = Pauser(), Recorder()
+        st, ct = connect_pair(server, client)
+        st.pause_reading()
+        for chunk in (b"a", b"b", b"c"):
+            ct.write(chunk)
+        await settle()
+        st.resume_reading()
+        await settle()
+        assert server.data == b"a"
+        st.resume_reading()
+        await settle()
         assert server.data == b"ab"
+        st.resume_reading()
+        await settle()
+        assert server.data == b"abc"
 
     run(main())
