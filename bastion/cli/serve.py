@@ -559,7 +559,8 @@ def worker_main(argv: list[str]) -> int:
     config = msgspec.convert(payload["config"], Config)
     logs.configure(config.log_level, config.log_format, channel.index)
     shared = SharedTable(int(payload["shared_fd"]))
-    pending = SharedTable(int(payload["pending_fd"]))
+    # A supervisor started before an upgrade respawns workers of the new code with its old payload.
+    pending = None if payload.get("pending_fd") is None else SharedTable(int(payload["pending_fd"]))
     tls = prepare_tls(config, warn=lambda line: None)  # the supervisor has shown the warnings
     source = None if payload.get("source") is None else ConfigSource(**payload["source"])
 

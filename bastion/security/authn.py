@@ -12,8 +12,9 @@ mechanism ``mtls``, with subject and serial); ``"any"`` admits subjects no
 user has (services), with no roles. A certificate issued (notBefore) before
 its user was created is refused, whatever ``client_subjects`` says: it was
 issued to an earlier holder of the name, or before the admin made the user.
-A user deleted, disabled, or deleted and created again meanwhile ends the
-connection at revalidation. Tokens are looked up by their
+A user disabled, or deleted and created again, meanwhile ends the connection
+at revalidation, and so does one deleted under ``"users"`` (under ``"any"``
+the connection goes on with no roles). Tokens are looked up by their
 SHA-256 digest; the token itself is never stored or logged. A failed token is
 audited (``auth.failure``) at most ``AUTH_FAILURES_AUDITED`` times per 10 s
 on the server: the login throttle bounds each source, not sources without

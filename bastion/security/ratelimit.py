@@ -465,7 +465,10 @@ class RateLimiter:
         self._known: dict[int, tuple[Principal, dict[str, _Charge | None]]] = {}
 
     def forget(self, principal: Principal) -> None:
-        """Drop what ``principal``'s calls charge: its session closed, or revalidation replaced it."""
+        """Drop what ``principal``'s calls charge: its session closed, or revalidation replaced it.
+        An unauthenticated principal is one object every anonymous session shares: it stays."""
+        if not principal.authenticated:
+            return
         known = self._known.get(id(principal))
         if known is not None and known[0] is principal:
             del self._known[id(principal)]
