@@ -318,27 +318,33 @@ class SharedBuckets:
 
 
 class SharedCounts:
-    """Counters per key in a ``SharedTable`` (the login throttle's failures in a row)."""
+    """Counters per key in a ``SharedTable`` (the login throttle's failures in a row), each forgotten ``ttl``
+    seconds after it last grew (its time stamp is kept beside it)."""
 
-    def __init__(self, table: SharedTable, namespace: str) -> None:
+    def __init__(self, table: SharedTable, namespace: str, ttl: float) -> None:
         self._table = table
         self._prefix = namespace + "|"
+        self.ttl = ttl
 
-    def add(self, key: str) -> int:
-        """Count one more; the new count."""
+    def add(self, key: str, now: float) -> int:
+        """Count one more at ``now``; the new count."""
         table = self._table
         with table.locked():
-            offset = table.claim(table.digest(self._prefix + key), 0.0, 0.0)
-            count = table.get(offset)[0] + 1
-            table.put(offset, count, 0.0)
+            offset = table.claim(table.digest(self._prefix + key), 0.0, now)
+            count, stamp = table.get(offset)
+            count = 1.0 if now - stamp >= self.ttl else count + 1
+            table.put(offset, count, now)
         return int(count)
 
-    def get(self, key: str) -> int:
-        """The count (0 if none)."""
+    def get(self, key: str, now: float) -> int:
+        """The count at ``now`` (0 if none, or forgotten)."""
         table = self._table
         with table.locked():
             offset = table.find(table.digest(self._prefix + key))
-            return 0 if offset is None else int(table.get(offset)[0])
+            if offset is None:
+                return 0
+            count, stamp = table.get(offset)
+        return 0 if now - stamp >= self.ttl else int(count)
 
     def pop(self, key: str) -> None:
         """Forget the count (start again from 0)."""

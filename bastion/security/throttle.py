@@ -59,6 +59,10 @@ source its ``burst``, a username its ``global_per_hour``, and a pair
 ``max_failures - 1`` failures before the one that writes the lockout every
 replica honours: guesses spread over K replicas get about K times as many.
 
+Failure counts of a pair are forgotten ``lockout`` seconds after the pair's
+last failure, in every backend (memory, the workers' table): failures "in a
+row" are those no further apart than a lockout.
+
 Lockouts are rows in the store, one per locked (username, source) pair.
 Each new lockout also deletes up to ``LOCKOUT_PURGE_BATCH`` expired ones,
 so a spray of usernames cannot grow the table without bound: it holds the
@@ -168,20 +172,24 @@ class _Buckets:
 
 
 class _Counts:
-    """Counters per key, the oldest forgotten first past MAX_TRACKED."""
+    """Counters per key, the oldest forgotten first past MAX_TRACKED; a count is forgotten ``ttl`` seconds
+    after it last grew."""
 
-    def __init__(self) -> None:
-        self._items: OrderedDict[str, int] = OrderedDict()
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._items: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
-    def add(self, key: str) -> int:
-        count = self._items.pop(key, 0) + 1
-        self._items[key] = count
+    def add(self, key: str, now: float) -> int:
+        count, stamp = self._items.pop(key, (0, now))
+        count = 1 if now - stamp >= self.ttl else count + 1
+        self._items[key] = (count, now)
         if len(self._items) > MAX_TRACKED:
             self._items.popitem(last=False)
         return count
 
-    def get(self, key: str) -> int:
-        return self._items.get(key, 0)
+    def get(self, key: str, now: float) -> int:
+        count, stamp = self._items.get(key, (0, now))
+        return 0 if now - stamp >= self.ttl else count
 
     def pop(self, key: str) -> None:
         self._items.pop(key, None)
@@ -193,8 +201,8 @@ class _BucketMap(Protocol):
 
 
 class _CountMap(Protocol):
-    def add(self, key: str) -> int: ...
-    def get(self, key: str) -> int: ...
+    def add(self, key: str, now: float) -> int: ...
+    def get(self, key: str, now: float) -> int: ...
     def pop(self, key: str) -> None: ...
 
 
@@ -229,13 +237,13 @@ class LoginThrottle:
         if shared is None:
             self._sources = _Buckets(burst, rate)
             self._users = _Buckets(global_per_hour, global_per_hour / 3600)
-            self._failures = _Counts()
+            self._failures = _Counts(lockout)
         else:
             from bastion.security.ratelimit_shared import SharedBuckets, SharedCounts
 
             self._sources = SharedBuckets(shared, "login-source", burst, rate)
             self._users = SharedBuckets(shared, "login-user", global_per_hour, global_per_hour / 3600)
-            self._failures = SharedCounts(shared, "login-failures")
+            self._failures = SharedCounts(shared, "login-failures", lockout)
         self.max_failures = max_failures
         self.lockout = lockout
         self._pending: Counter[str] = Counter()  # attempts inside ``attempt`` blocks, per limit key
@@ -329,7 +337,7 @@ class LoginThrottle:
             raise LoginThrottled("too many failed attempts from this address", retry_after=wait)
         if not password:
             return 0.0, False
-        failures = 0 if username is None else self._failures.get(self._pair(username, source))
+        failures = 0 if username is None else self._failures.get(self._pair(username, source), now)
         # Failures alone never reach it: they lock and reset.
         if failures + pending("p:" + (username or "") + "|" + source) >= self.max_failures:
             raise LoginThrottled(_AT_ONCE, retry_after=1.0)
@@ -348,7 +356,7 @@ class LoginThrottle:
             return False
         self._users.take(username, now)  # spend from the slow global allowance
         key = self._pair(username, source)
-        count = self._failures.add(key)
+        count = self._failures.add(key, now)
         if count >= self.max_failures:
             self._failures.pop(key)
             await self._store.set_lockout(key, now + self.lockout)

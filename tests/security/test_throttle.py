@@ -360,3 +360,26 @@ def test_cancelled_attempts_leave_nothing_pending(tmp_path: Path) -> None:
                 assert not throttle._pending, throttle._pending
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["memory", "workers-table"])
+def test_failures_of_a_pair_are_forgotten_a_lockout_window_after_the_last(tmp_path: Path, shared: bool) -> None:
+    """A failure count used to live for ever: a user's typo a month ago still counted toward a lockout."""
+    from bastion.security.ratelimit_shared import SharedTable
+
+    async def main() -> None:
+        clock = Clock()
+        table = SharedTable.create(64) if shared else None
+        async with open_store(tmp_path / "s.db") as store:
+            throttle = LoginThrottle(store, max_failures=3, lockout=60, clock=clock, shared=table)
+            assert not await throttle.failed("ada", "10.0.0.1")
+            clock.now += 59  # still in the window: it counts, and the window starts again from here
+            assert not await throttle.failed("ada", "10.0.0.1")
+            clock.now += 60  # a window after the last: forgotten
+            assert not await throttle.failed("ada", "10.0.0.1")
+            assert not await throttle.failed("ada", "10.0.0.1")
+            assert await throttle.failed("ada", "10.0.0.1")  # three in a window: locked
+        if table is not None:
+            table.close()
+
+    asyncio.run(main())
