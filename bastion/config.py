@@ -298,6 +298,9 @@ class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lockout: seconds a (username, address) pair stays locked.
     max_failures_per_user_global: failures for one username from anywhere per hour
         before that username is slowed everywhere but at the addresses it logged in from lately.
+    redis_fail_open: with ``rate_limits.redis_url`` the throttle's counts live in Redis, shared by
+        replicas; while Redis fails, throttle with each server's own counts (true) or refuse
+        password logins UNAVAILABLE (false).
     """
 
     session_ttl: float = 12 * 3600
@@ -307,6 +310,7 @@ class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_failures_per_user_source: int = 5
     lockout: float = 300.0
     max_failures_per_user_global: int = 100
+    redis_fail_open: bool = True
 
     def __post_init__(self) -> None:
         check_finite(self, "auth")

@@ -281,6 +281,10 @@ async def _compose_and_serve(
             shared=role.shared,
             pending=role.logins(),
             ipv6_prefix=config.rate_limits.ipv6_prefix,
+            redis_url=config.rate_limits.redis_url,
+            redis_prefix=config.rate_limits.redis_prefix,
+            redis_timeout=config.rate_limits.redis_timeout,
+            redis_fail_open=auth.redis_fail_open,
         )
         limiter: Limiter
         if role.shared is not None and config.rate_limits.redis_url is None:
@@ -351,6 +355,7 @@ async def _compose_and_serve(
                 await component.aclose()
             audit.close()
             await limiter.aclose()
+            await throttle.aclose()
     log.info("stopped")
 
 

@@ -51,17 +51,27 @@ such bound). Lockouts are in the store anyway, and so are the known sources
 (rows of the lockouts table keyed ``known:USER|SOURCE`` whose ``until`` is
 the end of the remembering).
 
-Replicas (servers on one PostgreSQL store): only the lockouts and the known
-sources are shared. The buckets, the failure counts and the pending counts
-are each server's own (memory, or its workers' tables; a Redis limiter
-configured for the rate limits is not used here), so each replica allows a
-source its ``burst``, a username its ``global_per_hour``, and a pair
-``max_failures - 1`` failures before the one that writes the lockout every
-replica honours: guesses spread over K replicas get about K times as many.
+Replicas (servers on one PostgreSQL store): the lockouts and the known
+sources are in the store. Without Redis the buckets, the failure counts and
+the pending counts are each server's own (memory, or its workers' tables),
+so each replica allows a source its ``burst``, a username its
+``global_per_hour`` and a pair ``max_failures - 1`` failures before the one
+that writes the lockout every replica honours: guesses spread over K
+replicas get about K times as many. With ``redis_url`` (the configuration's
+``rate_limits.redis_url``) they all live in Redis instead
+(``RedisLoginLimits``, throttle_redis.py): each test-and-hold and each
+failure is one atomic Lua script, so the replicas share one budget, and a
+hold expires after ``HOLD_SECONDS`` should its replica die. While Redis
+fails, ``redis_fail_open`` (``auth.redis_fail_open``, true by default) falls
+back to this server's own limits -- today's per-replica guarantee, the
+lockouts still shared -- and false refuses password attempts UNAVAILABLE
+(token handshakes always fall back: there is nothing to guess). The default
+is the fallback because refusing would turn a Redis outage, which an
+attacker may be able to cause, into an outage of every password login.
 
 Failure counts of a pair are forgotten ``lockout`` seconds after the pair's
-last failure, in every backend (memory, the workers' table): failures "in a
-row" are those no further apart than a lockout.
+last failure, in every backend (memory, the workers' table, Redis): failures
+"in a row" are those no further apart than a lockout.
 
 Lockouts are rows in the store, one per locked (username, source) pair.
 Each new lockout also deletes up to ``LOCKOUT_PURGE_BATCH`` expired ones,
@@ -80,8 +90,9 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Protocol
 
-from bastion.exceptions import ResourceExhausted, UsageError
+from bastion.exceptions import ResourceExhausted, Unavailable, UsageError
 from bastion.security.credentials import CredentialStore
+from bastion.security.throttle_redis import RedisDown, RedisLoginLimits
 
 if TYPE_CHECKING:
     from bastion.security.ratelimit_shared import SharedTable
@@ -220,7 +231,16 @@ class LoginThrottle:
         shared: SharedTable | None = None,
         pending: SharedPending | None = None,
         ipv6_prefix: int = 64,
+        redis_url: str | None = None,
+        redis_prefix: str = "bastion:rl:",
+        redis_timeout: float = 0.25,
+        redis_fail_open: bool = True,
+        redis_time: bool = True,
     ) -> None:
+        """``redis_url``: keep the buckets, failure counts and attempts pending in Redis, shared by replicas
+        (throttle_redis.py); ``redis_fail_open``: while it fails, throttle with this server's own (True) or
+        refuse password attempts UNAVAILABLE (False); ``redis_time``: the scripts use Redis's clock (False:
+        ``clock``, for tests)."""
         if min(burst, max_failures, global_per_hour) < 1 or not 0 < rate < math.inf or not lockout > 0:
             raise UsageError(
                 "LoginThrottle: burst, max_failures and global_per_hour must be at least 1, "
@@ -249,6 +269,27 @@ class LoginThrottle:
         self._pending: Counter[str] = Counter()  # attempts inside ``attempt`` blocks, per limit key
         self._local_pending = self._pending.__getitem__  # (0 for a key not there; adds nothing)
         self._shared_pending = pending  # several workers: theirs, in place of ``_pending``
+        self._redis: RedisLoginLimits | None = None
+        self.redis_fail_open = redis_fail_open
+        if redis_url is not None:
+            self._redis = RedisLoginLimits.from_url(
+                redis_url,
+                timeout=redis_timeout,
+                prefix=redis_prefix,
+                burst=burst,
+                rate=rate,
+                max_failures=max_failures,
+                user_capacity=global_per_hour,
+                user_rate=global_per_hour / 3600,
+                failure_seconds=lockout,
+                fail_open=redis_fail_open,
+                clock=None if redis_time else clock,
+            )
+
+    async def aclose(self) -> None:
+        """Close the connections to Redis, if any."""
+        if self._redis is not None:
+            await self._redis.aclose()
 
     @staticmethod
     def _pair(username: str, source: str) -> str:
@@ -263,6 +304,11 @@ class LoginThrottle:
         with no username (a token handshake) only the source's bucket of failures is tested."""
         source = source_key(source, self.ipv6_prefix)
         now = self._clock()
+        if self._redis is not None:
+            remote = await self._remote(username, source, password=username is not None, hold=False)
+            if remote is not None:
+                await self._refuse(username, source, now, remote[0])
+                return
         shared = self._shared_pending
         if shared is None or username is None:
             limits = self._limits(username, source, now, self._local_pending, password=username is not None)
@@ -282,6 +328,15 @@ class LoginThrottle:
         pair = "p:" + (username or "") + "|" + source
         keys = [pair, "s:" + source] if username is None else [pair, "s:" + source, "u:" + username]
         now = self._clock()
+        if self._redis is not None:  # tested and held in one script: atomic across the replicas
+            remote = await self._remote(username, source, password=True, hold=True)
+            if remote is not None:
+                try:
+                    await self._refuse(username, source, now, remote[0])
+                    yield
+                finally:
+                    await self._redis.release(username, source, remote[1])
+                return
         # Tested and reserved before the first await (with workers, under the lock of their table of
         # attempts in flight): no concurrent attempt sees it unreserved.
         shared = self._shared_pending
@@ -304,6 +359,27 @@ class LoginThrottle:
                         del self._pending[key]
             else:
                 shared.release(keys)
+
+    async def _remote(
+        self, username: str | None, source: str, *, password: bool, hold: bool
+    ) -> tuple[tuple[float, bool], str] | None:
+        """The limits tested in Redis (``hold``: and the attempt held there): what ``_limits`` answers, and
+        the hold id; None if Redis is down and this server's own limits apply (``redis_fail_open``, or no
+        password), else UNAVAILABLE."""
+        assert self._redis is not None
+        try:
+            (code, wait, at_once), hold_id = await self._redis.limits(username, source, password=password, hold=hold)
+        except RedisDown:
+            if password and not self.redis_fail_open:
+                raise Unavailable("the login throttle is unavailable; try again in a second", retry_after=1.0) from None
+            return None
+        if code == 1:
+            raise LoginThrottled(_AT_ONCE, retry_after=min(wait, 1.0))
+        if code == 2:
+            raise LoginThrottled("too many failed attempts from this address", retry_after=wait)
+        if code == 3:
+            raise LoginThrottled(_AT_ONCE, retry_after=1.0)
+        return (wait, at_once), hold_id
 
     async def _refuse(self, username: str | None, source: str, now: float, limits: tuple[float, bool]) -> None:
         """Raise for the per-user allowance (unless the source is known for the user) or a lockout."""
@@ -351,21 +427,36 @@ class LoginThrottle:
         """Record a failure; True if it locked the (username, source) pair."""
         source = source_key(source, self.ipv6_prefix)
         now = self._clock()
+        lock = None
+        if self._redis is not None:
+            with contextlib.suppress(RedisDown):  # else counted here: the best there is meanwhile
+                lock = await self._redis.failed(username, source)
+        if lock is None:
+            lock = self._count_failure(username, source, now)
+        if lock and username is not None:
+            key = self._pair(username, source)
+            await self._store.set_lockout(key, now + self.lockout)
+            await self._store.expire_lockouts(now, LOCKOUT_PURGE_BATCH)
+            return True
+        return False
+
+    def _count_failure(self, username: str | None, source: str, now: float) -> bool:
+        """Record a failure in this server's own limits; True if the pair is to be locked now."""
         self._sources.take(source, now)
         if username is None:
             return False
         self._users.take(username, now)  # spend from the slow global allowance
         key = self._pair(username, source)
-        count = self._failures.add(key, now)
-        if count >= self.max_failures:
+        if self._failures.add(key, now) >= self.max_failures:
             self._failures.pop(key)
-            await self._store.set_lockout(key, now + self.lockout)
-            await self._store.expire_lockouts(now, LOCKOUT_PURGE_BATCH)
             return True
         return False
 
     async def succeeded(self, username: str, source: str) -> None:
         """Record a success: the pair's failures are forgiven and the source is known for the user."""
         source = source_key(source, self.ipv6_prefix)
-        self._failures.pop(self._pair(username, source))
+        self._failures.pop(self._pair(username, source))  # (counted here while Redis was down, perhaps)
+        if self._redis is not None:
+            with contextlib.suppress(RedisDown):
+                await self._redis.succeeded(username, source)
         await self._store.set_lockout(self._known(username, source), self._clock() + KNOWN_SOURCE_SECONDS)

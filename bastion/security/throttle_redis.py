@@ -1,0 +1,346 @@
+"""The login throttle's counts in Redis, so that replicas share one budget of guesses.
+
+Theory of operation
+-------------------
+
+``LoginThrottle`` (throttle.py) keeps, besides the lockouts in the store,
+token buckets of failures per source and per username, the failures in a
+row of each (username, source) pair and the attempts pending (being
+verified). In memory, or in a worker table, they are each server's own:
+guesses spread over K replicas got about K times every allowance. When
+``rate_limits.redis_url`` is set, ``RedisLoginLimits`` keeps them in Redis
+instead, and every test and change is one Lua script (EVALSHA, loaded on
+NOSCRIPT), atomic, so replicas testing at once cannot both pass on the last
+place:
+
+* ``LIMITS`` tests the source's bucket (with the attempts pending from it),
+  the pair's failures and pending attempts, and the username's allowance,
+  exactly as ``LoginThrottle._limits`` does, and -- for an ``attempt`` --
+  holds the attempt as pending under the pair, the source and the username
+  in the same step;
+* ``FAILED`` spends from the source's and the username's buckets and counts
+  the pair's failure; at ``max_failures`` it deletes the count and answers
+  that the pair is to be locked (the throttle writes the lockout to the store,
+  as ever); the end of the block releases the holds (ZREM).
+
+Keys: ``<rate_limits.redis_prefix>{login}:<kind>:<name>``: ``s:SOURCE`` and
+``u:USER`` (buckets: hashes {t, s} as the rate limiter's), ``f:USER|SOURCE``
+(failures: a counter), ``ps:``/``pp:``/``pu:`` (pending: sorted sets of hold
+ids scored by when they expire). The one hash tag puts them all on one
+Redis Cluster slot (a script's keys must share one). Every key expires: a
+bucket once it would be full again, a failure count ``lockout`` seconds after
+the pair's last failure (as in memory), and a hold ``HOLD_SECONDS`` after it
+was taken -- so the holds of a replica that died in the middle of a login
+stop counting then, and nothing is left behind. Time is Redis's own (TIME)
+unless a clock is given (tests), so the replicas' clocks need not agree.
+
+Redis down (an error, or no answer within ``rate_limits.redis_timeout``):
+the calls here raise ``RedisDown``, and the throttle falls back to its own
+limits (``auth.redis_fail_open = true``, the default) or refuses password
+attempts UNAVAILABLE (``false``); see throttle.py. A warning is logged at
+most once a minute (a ``LogBudget``), and after a failure Redis is not asked
+for ``RETRY_AFTER`` seconds, then by one attempt at a time, as the rate
+limiter does: a hanging Redis costs one timeout a second, not one per login.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar, cast
+
+from bastion.observability.loglimit import LogBudget, suppressed_note
+
+__all__ = ["FAILED", "HOLD_SECONDS", "LIMITS", "RETRY_AFTER", "RedisDown", "RedisLoginLimits"]
+
+log = logging.getLogger("bastion.throttle")
+T = TypeVar("T")
+
+#: Seconds an attempt stays pending at most (a replica that dies holding one: it stops counting then).
+HOLD_SECONDS: Final = 30.0
+#: Seconds after a failure during which Redis is not asked (then one attempt at a time tries it).
+RETRY_AFTER: Final = 1.0
+_WARN_WINDOW: Final = 60.0
+
+_COMMON: Final = """
+local now = tonumber(ARGV[1])
+if not now then
+  if redis.replicate_commands then pcall(redis.replicate_commands) end
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function tokens(key, cap, rate)
+  local state = redis.call('HMGET', key, 't', 's')
+  local t, s = tonumber(state[1]), tonumber(state[2])
+  if t == nil or s == nil then return cap, now end
+  if now > s then return math.min(cap, t + (now - s) * rate), now end
+  return t, s
+end
+local function wait(t, n, rate)
+  if t >= n then return 0 end
+  return (n - t) / rate
+end
+"""
+
+#: KEYS: source bucket, pair failures, user bucket, pending source, pending pair, pending user.
+#: ARGV: now ('' = TIME), mode (0 token check, 1 password check, 2 password attempt: hold it), has user
+#: (0/1), burst, rate, max_failures, user capacity, user rate, hold id, hold seconds.
+#: Returns {0, user wait, only pending make it wait (0/1)}, {1, wait} (at once: from the source),
+#: {2, wait} (failed attempts from the source) or {3, wait} (at once: the pair).
+LIMITS: Final = (
+    _COMMON
+    + """
+local mode, has_user = tonumber(ARGV[2]), tonumber(ARGV[3])
+local burst, rate, max_failures = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local ucap, urate = tonumber(ARGV[7]), tonumber(ARGV[8])
+local function pending(key)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  return redis.call('ZCARD', key)
+end
+local fmt = function(x) return string.format('%.17g', x) end
+local here = 0
+if mode > 0 then here = pending(KEYS[4]) end
+local st = tokens(KEYS[1], burst, rate)
+local w = wait(st, 1 + here, rate)
+if w > 0 then
+  if here > 0 and wait(st, 1, rate) == 0 then return {1, fmt(math.min(w, 1))} end
+  return {2, fmt(w)}
+end
+if mode == 0 then return {0, '0', 0} end
+local failures = 0
+if has_user == 1 then failures = tonumber(redis.call('GET', KEYS[2]) or '0') end
+if failures + pending(KEYS[5]) >= max_failures then return {3, '1'} end
+local uw, at_once = 0, 0
+if has_user == 1 then
+  local in_flight = pending(KEYS[6])
+  local ut = tokens(KEYS[3], ucap, urate)
+  uw = wait(ut, 1 + in_flight, urate)
+  if uw > 0 and in_flight > 0 and wait(ut, 1, urate) == 0 then at_once = 1 end
+end
+if mode == 2 then
+  local hold = tonumber(ARGV[10])
+  local last = 5
+  if has_user == 1 then last = 6 end
+  for i = 4, last do
+    redis.call('ZADD', KEYS[i], now + hold, ARGV[9])
+    redis.call('PEXPIRE', KEYS[i], math.ceil(hold * 1000) + 1000)
+  end
+end
+return {0, fmt(uw), at_once}
+"""
+)
+
+#: KEYS: source bucket, pair failures, user bucket. ARGV: now ('' = TIME), has user (0/1), burst, rate,
+#: max_failures, user capacity, user rate, seconds a failure count lives. Returns 1 if the pair is to be
+#: locked (its count is gone), else 0.
+FAILED: Final = (
+    _COMMON
+    + """
+local has_user = tonumber(ARGV[2])
+local function take(key, cap, rate)
+  local t, s = tokens(key, cap, rate)
+  if t >= 1 then t = t - 1 end
+  redis.call('HSET', key, 't', string.format('%.17g', t), 's', string.format('%.17g', s))
+  redis.call('PEXPIRE', key, math.ceil(cap / rate * 1000) + 1000)
+end
+take(KEYS[1], tonumber(ARGV[3]), tonumber(ARGV[4]))
+if has_user == 0 then return 0 end
+take(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]))
+local count = redis.call('INCR', KEYS[2])
+if count >= tonumber(ARGV[5]) then
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[8]) * 1000))
+return 0
+"""
+)
+
+#: What ``LIMITS`` answers: (code, wait, at once) -- see ``RedisLoginLimits.limits``.
+Answer = tuple[int, float, bool]
+
+
+class RedisDown(Exception):
+    """Redis failed (or was not asked: it failed moments ago). Logged already."""
+
+
+class RedisLoginLimits:
+    """The login throttle's buckets, failure counts and pending attempts in Redis; see the module docstring."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str,
+        burst: float,
+        rate: float,
+        max_failures: int,
+        user_capacity: float,
+        user_rate: float,
+        failure_seconds: float,
+        fail_open: bool = True,
+        clock: Callable[[], float] | None = None,
+        owns_client: bool = False,
+    ) -> None:
+        """``fail_open``: what the throttle does while Redis fails (said in the warning); ``clock``: None for
+        Redis's own time (TIME), else the one the scripts are given (tests)."""
+        from bastion.security.ratelimit_redis import _redis_module  # (it imports throttle.py)
+
+        redis = _redis_module()
+        self._errors: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError, TimeoutError)
+        self._no_script: type[BaseException] = redis.exceptions.NoScriptError
+        self._client = client
+        self._owns_client = owns_client
+        self.prefix = prefix + "{login}:"
+        self._limit_args = [repr(float(burst)), repr(float(rate)), str(max_failures)]
+        self._user_args = [repr(float(user_capacity)), repr(float(user_rate))]
+        self._failure_seconds = repr(float(failure_seconds))
+        self._clock = clock
+        self._meanwhile = (
+            "throttling per replica meanwhile" if fail_open else "refusing password logins meanwhile"
+        ) + " (auth.redis_fail_open)"
+        self._scripts = {script: hashlib.sha1(script.encode()).hexdigest() for script in (LIMITS, FAILED)}
+        self._holds = itertools.count()
+        self._replica = secrets.token_hex(6)  # hold ids: unique across replicas
+        self._down_until = 0.0  # time.monotonic() before which Redis is not asked (0.0: it is healthy)
+        self._probing = False
+        self._warnings = LogBudget(1, _WARN_WINDOW)
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout: float, **kw: Any) -> RedisLoginLimits:
+        """Limits with their own connection pool to ``url`` (commands time out after ``timeout``)."""
+        from bastion.security.ratelimit_redis import _redis_module
+
+        redis = _redis_module()
+        client = redis.asyncio.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        return cls(client, owns_client=True, **kw)
+
+    def keys(self, username: str | None, source: str) -> list[str]:
+        """The six keys ``LIMITS`` takes (a username None keys a pair of its own per source)."""
+        user, p = username or "", self.prefix
+        return [
+            f"{p}s:{source}",
+            f"{p}f:{user}|{source}",
+            f"{p}u:{user}",
+            f"{p}ps:{source}",
+            f"{p}pp:{user}|{source}",
+            f"{p}pu:{user}",
+        ]
+
+    def _now(self) -> str:
+        return "" if self._clock is None else repr(float(self._clock()))
+
+    async def limits(self, username: str | None, source: str, *, password: bool, hold: bool) -> tuple[Answer, str]:
+        """Test the limits (``hold``: and hold the attempt as pending if they pass); the answer, the hold id.
+
+        The answer: (0, the wait the username's allowance asks, whether only attempts pending make it
+        wait); (1, wait): the source's bucket, only because of attempts pending; (2, wait): its failures;
+        (3, wait): the pair's failures and attempts pending reach ``max_failures``. Raises RedisDown.
+        """
+        hold_id = f"{self._replica}:{next(self._holds)}" if hold else ""
+        mode = 2 if hold else 1 if password else 0
+        args = [self._now(), str(mode), "0" if username is None else "1", *self._limit_args, *self._user_args]
+        args += (hold_id, repr(HOLD_SECONDS))
+        result = await self._run(LIMITS, self.keys(username, source), args)
+        code = int(result[0])
+        return (code, float(_text(result[1])), code == 0 and int(result[2]) == 1), hold_id
+
+    async def release(self, username: str | None, source: str, hold_id: str) -> None:
+        """Count off an attempt ``limits`` held (should Redis fail, it stops counting after HOLD_SECONDS)."""
+        keys = self.keys(username, source)[3 : 6 if username is not None else 5]
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.zrem(key, hold_id)
+                await self._ask(pipe.execute())
+        except self._errors as exc:
+            self._failed(exc)
+
+    async def failed(self, username: str | None, source: str) -> bool:
+        """Record a failure; True if the pair is to be locked now (its count is gone). Raises RedisDown."""
+        keys = self.keys(username, source)[:3]
+        args = [self._now(), "0" if username is None else "1", *self._limit_args, *self._user_args]
+        args.append(self._failure_seconds)
+        return int(await self._run(FAILED, keys, args)) == 1
+
+    async def succeeded(self, username: str, source: str) -> None:
+        """Forgive the pair's failures. Raises RedisDown."""
+        try:
+            await self._ask(self._client.delete(self.keys(username, source)[1]))
+        except self._errors as exc:
+            self._failed(exc)
+            raise RedisDown(str(exc)) from None
+
+    async def _run(self, script: str, keys: Sequence[str], args: Sequence[str]) -> Any:
+        try:
+            return await self._ask(self._eval(script, keys, args))
+        except self._errors as exc:
+            self._failed(exc)
+            raise RedisDown(str(exc)) from None
+
+    async def _eval(self, script: str, keys: Sequence[str], args: Sequence[str]) -> Any:
+        sha = self._scripts[script]
+        try:
+            return await self._client.evalsha(sha, len(keys), *keys, *args)
+        except self._no_script:
+            await self._client.script_load(script)
+            return await self._client.evalsha(sha, len(keys), *keys, *args)
+
+    async def _ask(self, command: Awaitable[T]) -> T:
+        """Await ``command`` unless Redis failed in the last ``RETRY_AFTER`` seconds or is being retried."""
+        if not self._down_until:
+            try:
+                return await command
+            except self._errors:
+                self._down_until = time.monotonic() + RETRY_AFTER
+                raise
+        if self._probing or time.monotonic() < self._down_until:
+            _close(command)
+            raise _Skipped("skipped while Redis is failing")
+        self._probing = True
+        try:
+            result = await command
+        except self._errors:
+            self._down_until = time.monotonic() + RETRY_AFTER
+            raise
+        finally:
+            self._probing = False
+        self._down_until = 0.0
+        if self._warnings.take("redis-back") is not None:
+            log.info("login throttle: Redis answering again")
+        return result
+
+    def _failed(self, exc: BaseException) -> None:
+        """Log that Redis is failing, at most once a minute (the others counted, and said in the next)."""
+        left_out = self._warnings.take("redis")
+        if left_out is not None:
+            log.warning(
+                "login throttle: Redis failing (%s: %s); %s%s",
+                type(exc).__name__,
+                exc,
+                self._meanwhile,
+                suppressed_note(left_out),
+            )
+
+    async def aclose(self) -> None:
+        """Close the client if these limits made it (``from_url``)."""
+        if self._owns_client:
+            await cast(Any, self._client).aclose()
+
+
+class _Skipped(OSError):
+    """Redis was not asked: it failed moments ago (see ``RedisLoginLimits._ask``)."""
+
+
+def _close(command: Awaitable[Any]) -> None:
+    close = getattr(command, "close", None)  # a coroutine never awaited: no "never awaited" warning
+    if close is not None:
+        close()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,216 @@
+"""The login throttle with its counts in Redis: replicas share one budget; what happens when Redis fails.
+
+Needs a Redis server at BASTION_TEST_REDIS_URL (CI: redis://127.0.0.1:6379/0) for all but the tests of a
+dead Redis; each test uses a key prefix of its own and deletes its keys. Two ``LoginThrottle`` objects on
+one store and one prefix stand for two replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bastion.exceptions import ResourceExhausted, Unavailable
+from bastion.security.throttle import LoginThrottle
+from bastion.security.throttle_redis import HOLD_SECONDS
+from bastion.store import open_store
+
+redis_asyncio = pytest.importorskip("redis.asyncio", reason="the redis package is not installed")
+
+URL = os.environ.get("BASTION_TEST_REDIS_URL", "")
+needs_redis = pytest.mark.skipif(
+    not URL, reason="BASTION_TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0, as CI sets it)"
+)
+DEAD_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+Body = Callable[..., Awaitable[None]]
+
+
+def replicas(tmp_path: Path, body: Body, n: int = 2, **options: Any) -> None:
+    """Run ``body(clock, client, prefix, *throttles)``: ``n`` throttles on one store and one Redis prefix."""
+
+    async def main() -> None:
+        prefix = f"bastion:test:{uuid.uuid4().hex}:"
+        clock = Clock()
+        client = redis_asyncio.Redis.from_url(URL)
+        async with open_store(tmp_path / "s.db") as store:
+            throttles = [
+                LoginThrottle(
+                    store,
+                    clock=clock,
+                    redis_url=URL,
+                    redis_prefix=prefix,
+                    redis_timeout=5.0,
+                    redis_time=False,
+                    **options,
+                )
+                for _ in range(n)
+            ]
+            try:
+                await body(clock, client, prefix, *throttles)
+            finally:
+                for throttle in throttles:
+                    await throttle.aclose()
+                keys = [key async for key in client.scan_iter(match=prefix + "*")]
+                if keys:
+                    await client.delete(*keys)
+                await client.aclose()
+
+    asyncio.run(main())
+
+
+async def refused(throttle: LoginThrottle, username: str | None, source: str) -> str | None:
+    """The refusal ``check`` answers (None: none)."""
+    try:
+        await throttle.check(username, source)
+    except ResourceExhausted as exc:
+        return str(exc)
+    return None
+
+
+@needs_redis
+def test_failures_alternating_over_two_replicas_lock_the_pair_after_max_failures_in_all(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, a: LoginThrottle, b: LoginThrottle) -> None:
+        results = [await (a, b)[i % 2].failed("ada", "10.0.0.1") for i in range(4)]
+        assert results == [False, False, False, True]
+        for throttle in (a, b):
+            assert await refused(throttle, "ada", "10.0.0.1") == "too many failed attempts; try again later"
+            assert await refused(throttle, "ada", "10.0.0.2") is None  # elsewhere she is fine
+
+    replicas(tmp_path, body, max_failures=4)
+
+
+@needs_redis
+def test_the_source_bucket_and_the_user_allowance_are_one_budget_across_replicas(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, a: LoginThrottle, b: LoginThrottle) -> None:
+        for i in range(3):  # token failures from one address, spread over both
+            await (a, b)[i % 2].failed(None, "10.0.0.1")
+        for throttle in (a, b):
+            assert await refused(throttle, None, "10.0.0.1") == "too many failed attempts from this address"
+        for i in range(2):  # one user's allowance, from two other addresses
+            await (a, b)[i].failed("bob", f"10.0.1.{i}")
+        for throttle in (a, b):
+            assert "for this user" in (await refused(throttle, "bob", "10.0.2.1") or "")
+
+    replicas(tmp_path, body, burst=3, global_per_hour=2, max_failures=10)
+
+
+@needs_redis
+def test_a_success_forgives_and_failure_counts_expire_after_the_lockout_window(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, a: LoginThrottle, b: LoginThrottle) -> None:
+        await a.failed("ada", "10.0.0.1")
+        await b.failed("ada", "10.0.0.1")
+        keys = [key async for key in client.scan_iter(match=prefix + "*f:ada|10.0.0.1")]
+        assert len(keys) == 1 and 0 < await client.pttl(keys[0]) <= 60_000  # forgotten 60 s after the last
+        await b.succeeded("ada", "10.0.0.1")
+        assert not await client.exists(keys[0])
+        assert [await a.failed("ada", "10.0.0.1") for _ in range(3)] == [False, False, True]
+
+    replicas(tmp_path, body, max_failures=3, lockout=60)
+
+
+@needs_redis
+def test_an_attempt_pending_on_one_replica_counts_on_the_other_until_released_or_expired(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, a: LoginThrottle, b: LoginThrottle) -> None:
+        async def attempts(throttle: LoginThrottle) -> AsyncIterator[None]:
+            async with throttle.attempt("ada", "10.0.0.1"):
+                yield
+
+        held = attempts(a)
+        await anext(held)  # in flight on a
+        with pytest.raises(ResourceExhausted, match="at once") as info:
+            async with b.attempt("ada", "10.0.0.1"):
+                pass
+        assert info.value.retry_after == 1.0
+        with pytest.raises(StopAsyncIteration):
+            await anext(held)  # released
+        async with b.attempt("ada", "10.0.0.1"):
+            pass
+        crashed = attempts(a)
+        await anext(crashed)  # a replica that dies now never releases it ...
+        clock.now += HOLD_SECONDS + 1
+        async with b.attempt("ada", "10.0.0.1"):  # ... and it stops counting after HOLD_SECONDS
+            pass
+        await crashed.aclose()
+        assert not [key async for key in client.scan_iter(match=prefix + "{login}:p*")]
+
+    replicas(tmp_path, body, max_failures=1)
+
+
+def test_with_redis_down_the_throttle_limits_per_server_and_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        async with open_store(tmp_path / "s.db") as store:
+            throttle = LoginThrottle(store, max_failures=3, redis_url=DEAD_URL)
+            try:
+                for i in range(3):
+                    async with throttle.attempt("ada", "10.0.0.1"):
+                        assert await throttle.failed("ada", "10.0.0.1") is (i == 2)
+                with pytest.raises(ResourceExhausted, match="too many failed attempts"):
+                    await throttle.check("ada", "10.0.0.1")
+            finally:
+                await throttle.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="bastion.throttle"):
+        asyncio.run(main())
+    warnings = [r.getMessage() for r in caplog.records if r.name == "bastion.throttle"]
+    assert len(warnings) == 1 and "throttling per replica meanwhile" in warnings[0], warnings
+
+
+def test_with_redis_down_and_fail_open_false_password_attempts_are_refused_tokens_are_not(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with open_store(tmp_path / "s.db") as store:
+            throttle = LoginThrottle(store, redis_url=DEAD_URL, redis_fail_open=False)
+            try:
+                with pytest.raises(Unavailable) as info:
+                    async with throttle.attempt("ada", "10.0.0.1"):
+                        raise AssertionError("let through")
+                assert info.value.retry_after == 1.0
+                with pytest.raises(Unavailable):
+                    await throttle.check("ada", "10.0.0.1")
+                await throttle.check(None, "10.0.0.1")  # a token handshake: this server's own limits
+                assert await throttle.failed(None, "10.0.0.1") is False
+            finally:
+                await throttle.aclose()
+
+    asyncio.run(main())
+
+
+@needs_redis
+def test_a_cancelled_attempt_leaves_nothing_pending_in_redis(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, a: LoginThrottle, b: LoginThrottle) -> None:
+        entered = asyncio.Event()
+
+        async def login() -> None:
+            async with a.attempt("ada", "10.0.0.1"):
+                entered.set()
+                await asyncio.Event().wait()  # a dropped connection cancels it here
+
+        task = asyncio.create_task(login())
+        await entered.wait()
+        assert await refused(b, "ada", "10.0.0.1") is not None  # held
+        assert len([key async for key in client.scan_iter(match=prefix + "{login}:p*")]) == 3  # pair, source, user
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await refused(b, "ada", "10.0.0.1") is None
+        assert not [key async for key in client.scan_iter(match=prefix + "{login}:p*")]
+
+    replicas(tmp_path, body, max_failures=1)
