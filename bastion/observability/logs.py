@@ -6,8 +6,8 @@ object per line for a collector (journald, Kubernetes, Loki):
 with ``--workers``) and ``"exception"`` (the traceback's text) where they
 apply. ``timestamp`` is ISO 8601 in UTC with milliseconds. Either way one
 record is one line: in text a message's unprintable characters are escaped
-(see ``OneLineFormatter``), in JSON the encoder escapes them, so text a client
-chose can never forge a record.
+and a traceback's lines are indented (see ``OneLineFormatter``), in JSON the
+encoder escapes them, so text a client chose can never forge a record.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import datetime
 import json
 import logging
 import sys
+from typing import Any
 
 __all__ = ["FORMATS", "JSONFormatter", "OneLineFormatter", "configure"]
 
@@ -23,16 +24,36 @@ __all__ = ["FORMATS", "JSONFormatter", "OneLineFormatter", "configure"]
 FORMATS = ("text", "json")
 
 
+def _escaped(text: str) -> str:
+    """``text`` with each unprintable character as its Python escape (``\\n``, ``\\x1b``, ``\\u202e``)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+#: What starts every line of a traceback (or stack) in the text format: no record's line starts so.
+TRACE_INDENT = "  "
+
+
 class OneLineFormatter(logging.Formatter):
     """Log records as one line each: a message's unprintable characters (newline, CR, ESC, bidi overrides)
     appear as Python escapes, so text a client chose -- a job's error, a name -- can neither forge a line of
-    the log nor reach a terminal reading it. A traceback (``exc_info``) still follows on lines of its own."""
+    the log nor reach a terminal reading it. A traceback (``exc_info``) follows on lines of its own, each
+    indented by ``TRACE_INDENT`` and escaped the same way but for its newlines: an exception's message often
+    carries a caller's words (``ValueError(name)``), and a newline in them must not start a line that reads
+    as a record of its own."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        text = record.message
-        if not text.isprintable():
-            record.message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        record.message = _escaped(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join(TRACE_INDENT + _escaped(line) for line in text.split("\n"))
 
 
 class JSONFormatter(logging.Formatter):

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from bastion.observability.logs import JSONFormatter
+from bastion.exceptions import CallError
+from bastion.observability.logs import JSONFormatter, OneLineFormatter
+from bastion.status import Status
 from tests.conftest import StartServer
 from tests.integration.test_jobs_e2e import client, final, jobs_env
 from tests.support.server import bastion_cli, wait_for
@@ -68,3 +70,37 @@ def test_a_traceback_is_one_field() -> None:
     entry = json.loads(line)
     assert entry["message"] == "failed: a\tb" and entry["level"] == "error" and entry["worker"] == 3
     assert str(entry["exception"]).startswith("Traceback") and "ValueError: boom\nline" in str(entry["exception"])
+
+
+def test_a_handlers_exception_cannot_forge_lines_of_the_text_log(server_factory: StartServer) -> None:
+    """A handler's exception often carries a caller's words; its traceback follows the record's line, and no line
+    of it may read as a record of its own (a timestamp at its start) or carry a terminal's escape sequence."""
+    server = server_factory()
+    forged = "x\n2026-01-01 00:00:00,000 WARNING bastion.audit: \x1b[2Jforged\rline"
+    with client(server) as conn, pytest.raises(CallError) as caught:
+        conn.call("demo.fail", message=forged)
+    assert caught.value.status is Status.INTERNAL
+
+    def traceback_end() -> list[str]:
+        lines = server.log().splitlines()
+        return lines if any("ValueError: x" in line for line in lines) else []
+
+    lines = wait_for(traceback_end, 10, what="the handler's traceback in the log")
+    assert not [line for line in lines if line.startswith("2026-01-01")], lines
+    assert not [line for line in lines if "\x1b" in line or "\r" in line], lines
+    (failed,) = [i for i, line in enumerate(lines) if "handler demo.fail failed" in line]
+    assert lines[failed + 1].lstrip().startswith("Traceback (most recent call last):")
+    assert any(line.endswith("2026-01-01 00:00:00,000 WARNING bastion.audit: \\x1b[2Jforged\\rline") for line in lines)
+
+
+def test_a_traceback_in_text_keeps_its_shape_and_every_line_indented() -> None:
+    formatter = OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        raise ValueError("boom\n2026-01-01 00:00:00,000 INFO x: forged")
+    except ValueError:
+        record = logging.LogRecord("bastion.x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    first, *rest = formatter.format(record).split("\n")
+    assert first.endswith("ERROR bastion.x: failed")
+    assert rest[0] == "  Traceback (most recent call last):"
+    assert rest[-2:] == ["  ValueError: boom", "  2026-01-01 00:00:00,000 INFO x: forged"]
+    assert all(line.startswith("  ") for line in rest)
