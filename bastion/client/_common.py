@@ -131,6 +131,8 @@ def resolve_token(token: str | None, token_file: str | os.PathLike[str] | None) 
             token = Path(token_file).read_text().strip()
         except OSError as exc:
             raise UsageError(f"cannot read token file {token_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:  # said without the bytes: they are a secret
+            raise UsageError(f"token file {token_file} is not UTF-8 text") from None
     return token
 
 

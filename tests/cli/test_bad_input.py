@@ -149,3 +149,16 @@ def test_a_limit_below_1_exits_2_instead_of_printing_nothing(
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "Invalid value for '--limit'" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["--token-file", "BASTION_TOKEN_FILE"])
+def test_a_token_file_that_is_not_utf8_exits_2_without_showing_it(tmp_path: Path, how: str) -> None:
+    path = tmp_path / "token"
+    path.write_bytes(b"s3cr\xe9t-token\n")
+    path.chmod(0o600)
+    flags = ("--token-file", str(path)) if how == "--token-file" else ()
+    env = {"BASTION_TOKEN_FILE": str(path)} if how != "--token-file" else {}
+    result = bastion_cli("methods", "127.0.0.1:1", "--insecure", *flags, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "s3cr" not in result.stderr and "0xe9" not in result.stderr
+    assert result.stderr.splitlines() == [f"error: token file {path} is not UTF-8 text"]
