@@ -19,6 +19,8 @@ import typer
 
 from bastion.cli import common
 from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, connect, print_json, run_guarded, shown
+from bastion.exceptions import UsageError
+from bastion.security.secret_files import open_secret_file
 
 __all__ = ["login", "token_app", "user_app"]
 
@@ -42,20 +44,23 @@ def _password(prompt: str, from_stdin: bool, confirm: bool = False) -> str:
 def _secret_file(path: Path) -> Iterator[Callable[[str], None]]:
     """The 0600 file a secret the server is about to make will be written to, opened first.
 
+    Never through a symbolic link, and only a file of this user's own
+    (bastion/security/secret_files.py): ``--out`` may name a shared directory.
     A path that cannot be written fails here, before the call: otherwise the
     server would hold a live token (or session) whose secret nobody ever saw.
     Nothing is truncated until the secret is there to write, and a file made
     here is removed again if the call fails.
     """
-    existed = path.exists()
+    existed = os.path.lexists(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        fd = open_secret_file(path, os.O_WRONLY | os.O_CREAT)
     except OSError as exc:
         common.fail(f"cannot write {path}: {exc.strerror}", common.EXIT_USAGE)
+    except UsageError as exc:
+        common.fail(str(exc), common.EXIT_USAGE)
 
     def write(secret: str) -> None:
-        os.fchmod(fd, 0o600)
         os.ftruncate(fd, 0)
         os.write(fd, (secret + "\n").encode())
 

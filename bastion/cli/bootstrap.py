@@ -6,25 +6,34 @@ import os
 import time
 from pathlib import Path
 
+from bastion.exceptions import UsageError
 from bastion.security.authn import hash_token, new_token, new_token_id
 from bastion.security.credentials import Token, User
 from bastion.security.principal import ADMIN_ROLE
+from bastion.security.secret_files import open_secret_file
 from bastion.store import Store
 
 __all__ = ["bootstrap_admin"]
 
 
 def _tighten(path: Path) -> bool:
-    """Make an existing secret file 0600; whether it exists."""
-    if not path.exists():
+    """Make an existing secret file 0600; whether it exists. A symlink or another user's file is left as it is
+    (a server run as root on a data directory its service user owns): refused only if it must be written."""
+    try:
+        fd = open_secret_file(path, os.O_RDONLY)
+    except FileNotFoundError:
         return False
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o600)
+    except UsageError:
+        return True
+    os.close(fd)
     return True
 
 
 async def bootstrap_admin(store: Store, path: Path) -> str:
     """On an empty store: create the ``admin`` user and its API token in ``path`` (0600).
+
+    ``path`` is never written through a symbolic link, nor if another user owns it (UsageError:
+    bastion/security/secret_files.py): a data directory others could write to may hold a planted one.
 
     The token file is written before the store is touched, so a start that cannot write it leaves the
     store empty; and a store holding only a bootstrap ``admin`` that never got a token (a start stopped
@@ -39,8 +48,7 @@ async def bootstrap_admin(store: Store, path: Path) -> str:
         return "in" if exists else "not in"
     now = time.time()
     token = new_token()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
+    fd = open_secret_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     if not users:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,40 @@ def test_a_token_file_that_is_not_utf8_exits_2_without_showing_it(tmp_path: Path
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "s3cr" not in result.stderr and "0xe9" not in result.stderr
     assert result.stderr.splitlines() == [f"error: token file {path} is not UTF-8 text"]
+
+
+def test_a_secret_is_never_written_through_a_symlink_or_into_another_users_file(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """``--out`` and ``--save`` may name a shared directory (/tmp): a name planted there beforehand -- a symlink
+    to a file its planter can read, or a file of their own -- must not receive the secret."""
+    auth = ("--token-file", str(server.token_file))
+
+    def tokens() -> list[str]:
+        listing = bastion_cli("token", "ls", server.address, "--json", *auth)
+        assert listing.returncode == 0, listing.stderr
+        return [t["id"] for t in json.loads(listing.stdout)]
+
+    before = tokens()
+    target = tmp_path / "planted"
+    target.write_text("planted\n")
+    target.chmod(0o644)
+    link = tmp_path / "token.link"
+    link.symlink_to(target)
+    planted = [(link, "it is a symbolic link")]
+    if os.geteuid() == 0:  # only root can give a file away
+        theirs = tmp_path / "theirs.token"
+        theirs.write_text("planted\n")
+        os.chown(theirs, 65534, 65534)
+        planted.append((theirs, "it belongs to another user (uid 65534)"))
+    for path, reason in planted:
+        result = bastion_cli("token", "create", server.address, "--out", str(path), *auth)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.splitlines() == [f"error: cannot write {path}: {reason}"]
+        login = bastion_cli(
+            "login", server.address, "-u", "admin", "--password-stdin", "--save", str(path), stdin="x\n"
+        )
+        assert login.returncode == 2 and login.stderr.splitlines() == [f"error: cannot write {path}: {reason}"]
+        assert path.read_text() == "planted\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert tokens() == before  # refused before the call: no live token whose secret nobody saw
