@@ -33,6 +33,7 @@ from bastion.exceptions import BastionError, DataLoss, FailedPrecondition, Unava
 from bastion.store.archive import FILE_MODE
 from bastion.store.durable import fsync_dir
 from bastion.store.postgres import PostgresStore, redact_dsn
+from bastion.store.postgres_errors import _describe_dsn_error
 
 __all__ = ["PG_LOCK_WAIT_TIMEOUT", "link_old_blobs", "pg_environment", "restore_in_one_transaction", "unlink_blobs"]
 
@@ -225,7 +226,7 @@ async def _snapshot_and_dump(conn: Any, pg_dump: str, env: Mapping[str, str], de
 @contextlib.asynccontextmanager
 async def _connect(dsn: str, password: str | None) -> AsyncIterator[Any]:
     """A connection of its own to ``dsn``'s database (no pool, no migration); errors become bastion's."""
-    shown = redact_dsn(dsn)
+    shown, given = redact_dsn(dsn), dsn
     if dsn.startswith("postgresql+asyncpg://"):
         dsn = "postgresql://" + dsn[len("postgresql+asyncpg://") :]
     try:
@@ -233,7 +234,8 @@ async def _connect(dsn: str, password: str | None) -> AsyncIterator[Any]:
     except (OSError, TimeoutError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
         raise Unavailable(f"cannot reach PostgreSQL at {shown}: {exc}") from None
     except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
-        raise UsageError(f"cannot connect to PostgreSQL at {shown}: {exc}") from None
+        reason = _describe_dsn_error(exc, given) if type(exc) is ValueError else str(exc)
+        raise UsageError(f"cannot connect to PostgreSQL at {shown}: {reason}") from None
     try:
         yield conn
     except BastionError:

@@ -79,7 +79,7 @@ from bastion.store.kv_postgres import PostgresKV
 from bastion.store.mail_postgres import PostgresMail
 from bastion.store.migrations import Migration, check_newer_schema, compatible_from
 from bastion.store.postgres_dsn import _LIBPQ_PARAMETERS, _pgoptions_escape, redact_dsn
-from bastion.store.postgres_errors import _describe, _is_closed, _translate, _unsent
+from bastion.store.postgres_errors import _describe, _describe_dsn_error, _is_closed, _translate, _unsent
 from bastion.store.postgres_migrations import LATEST, POSTGRES_MIGRATIONS
 from bastion.store.topics_postgres import PostgresTopics
 
@@ -323,7 +323,9 @@ class PostgresStore(
             raise Unavailable(f"cannot reach PostgreSQL at {self.dsn}: {_describe(exc)}") from None
         except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
             # Bad password, unknown database or role, malformed DSN: configuration, not availability.
-            raise UsageError(f"cannot open PostgreSQL store {self.dsn}: {_describe(exc)}") from None
+            raise UsageError(
+                f"cannot open PostgreSQL store {self.dsn}: {_describe_dsn_error(exc, self._dsn)}"
+            ) from None
 
     # -- notifications between replicas (LISTEN/NOTIFY) ----------------------------------
 

@@ -1,8 +1,9 @@
 """PostgreSQL DSNs: ``redact_dsn`` for what is shown, and what libpq accepts in a URI.
 
 A DSN may carry a password (in its authority or a ``password=``
-parameter): ``redact_dsn`` is how ``PostgresStore`` shows one in ``repr``
-and messages. ``_LIBPQ_PARAMETERS`` and ``_pgoptions_escape`` let
+parameter; an encrypted client key's passphrase in ``sslpassword=``):
+``redact_dsn`` is how ``PostgresStore`` shows one in ``repr`` and messages.
+``_LIBPQ_PARAMETERS`` and ``_pgoptions_escape`` let
 ``PostgresStore.libpq_connection`` split a DSN's query into libpq's
 connection parameters and server settings (sent in ``PGOPTIONS``).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import urllib.parse
 
-__all__ = ["redact_dsn"]
+__all__ = ["SECRET_PARAMETERS", "redact_dsn"]
 
 
 #: Connection parameters libpq accepts in a URI; the DSN's other query parameters are server settings.
@@ -32,23 +33,31 @@ def _pgoptions_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
+#: Query parameters of a DSN that hold a secret: the password, and the passphrase of an encrypted client key.
+SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
 def redact_dsn(dsn: str) -> str:
-    """``dsn`` with any password (in the authority or a ``password=`` parameter) replaced by ``***``."""
-    try:
-        parts = urllib.parse.urlsplit(dsn)
-    except ValueError:
-        return "<unparsable DSN>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hosts = netloc.rpartition("@")
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{hosts}"
-    query = parts.query
-    if query:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        if any(key.lower() == "password" for key, _ in pairs):
-            query = urllib.parse.urlencode(
-                [(key, "***" if key.lower() == "password" else value) for key, value in pairs], safe="*"
-            )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    """``dsn`` with any password replaced by ``***``: the authority's (``user:***@host``) and the values of
+    ``password`` and ``sslpassword`` parameters.
+
+    Read by hand, not by ``urlsplit``: a password with a reserved character it should have percent-encoded
+    (``s3/cret``, ``s3?cret``, ``s3#cret``) makes ``urlsplit`` end the authority inside it, which then showed
+    whole. The userinfo ends at the last ``@`` (as wherever such a DSN is meant), so the redaction errs
+    towards hiding too much.
+    """
+    scheme, sep, rest = dsn.partition("://")
+    if not sep:
+        return "<DSN not shown>" if "password" in dsn.lower() else dsn
+    userinfo, at, location = rest.rpartition("@")
+    if ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    where, question, query = location.partition("?")
+    if question:
+        pairs = query.split("&")
+        for i, pair in enumerate(pairs):
+            key, equals, _ = pair.partition("=")
+            if equals and urllib.parse.unquote(key).lower() in SECRET_PARAMETERS:
+                pairs[i] = f"{key}=***"
+        query = "&".join(pairs)
+    return f"{scheme}://{userinfo}{at}{where}{question}{query}"

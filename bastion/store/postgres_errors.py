@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from bastion.exceptions import BastionError, InternalError, InvalidArgument, Unavailable
+from bastion.store.postgres_dsn import redact_dsn
 
 Connection = Any  # asyncpg.Connection (asyncpg ships no type information)
 
@@ -63,3 +64,15 @@ def _translate(exc: Exception, *, connection_lost: bool = False) -> Exception:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _describe_dsn_error(exc: BaseException, dsn: str) -> str:
+    """``_describe(exc)`` for an error connecting to ``dsn`` -- except the text of a ValueError asyncpg raised
+    parsing a DSN that holds a password: it quotes the DSN's pieces (``invalid literal for int(): 's3'``, ``bad
+    query field: 'cret@db/x'``), which are pieces of the password where one was not percent-encoded."""
+    if isinstance(exc, ValueError) and not isinstance(exc, asyncpg.InterfaceError) and redact_dsn(dsn) != dsn:
+        return (
+            f"{type(exc).__name__}: the DSN does not parse (its text is not shown: it holds a password; "
+            "a password's reserved characters, such as / ? # @ :, must be percent-encoded)"
+        )
+    return _describe(exc)

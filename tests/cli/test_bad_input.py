@@ -201,3 +201,23 @@ def test_a_secret_is_never_written_through_a_symlink_or_into_another_users_file(
         assert path.read_text() == "planted\n"
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
     assert tokens() == before  # refused before the call: no live token whose secret nobody saw
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://ada:Zq9k/Wv7m@127.0.0.1:1/db",  # a password's / not percent-encoded
+        "postgresql://ada:Zq9k?Wv7m@127.0.0.1:1/db",
+        "postgresql://ada:Zq9kWv7m@[127.0.0.1/db",
+        "postgresql://ada@127.0.0.1:1/db?sslpassword=Zq9kWv7m&sslmode=bogus",
+    ],
+)
+def test_a_store_dsn_that_does_not_work_is_a_coded_error_that_never_shows_its_password(
+    tmp_path: Path, dsn: str
+) -> None:
+    env = {"BASTION_STORE": dsn}
+    serve = bastion_cli("serve", "--port", "0", "--no-http", "--data-dir", str(tmp_path / "data"), env=env)
+    assert serve.returncode == 2, serve.stderr
+    assert "Traceback" not in serve.stderr and "listening on" not in serve.stdout
+    assert "Zq9k" not in serve.stderr and "Wv7m" not in serve.stderr, serve.stderr
+    assert serve.stderr.splitlines()[-1].startswith("error: cannot open PostgreSQL store postgresql://ada")

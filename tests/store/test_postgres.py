@@ -290,6 +290,12 @@ def test_open_store_refuses_another_postgresql_driver() -> None:
         ("postgresql://ada:s3cret@db:5432/x", "postgresql://ada:***@db:5432/x"),
         ("postgresql://ada@db/x?password=s3cret&sslmode=require", "postgresql://ada@db/x?password=***&sslmode=require"),
         ("postgresql://db/x?search_path=a", "postgresql://db/x?search_path=a"),
+        # Reserved characters a password should have percent-encoded still mark where it ends: at the last @.
+        ("postgresql://ada:s3/cret@db/x", "postgresql://ada:***@db/x"),
+        ("postgresql://ada:s3?cret@db:5432/x", "postgresql://ada:***@db:5432/x"),
+        ("postgresql://ada:s3#cret@db/x", "postgresql://ada:***@db/x"),
+        ("postgresql://ada:s3cret@[db/x", "postgresql://ada:***@[db/x"),
+        ("postgresql://ada@db/x?sslpassword=s3cret", "postgresql://ada@db/x?sslpassword=***"),
     ],
 )
 def test_the_password_is_redacted_from_the_dsn(dsn: str, shown: str) -> None:
