@@ -212,9 +212,20 @@ def collect_pages(
 
 
 def store_flag(url: str) -> str:
-    """``--store``'s value, refused if it carries a password (flags show up in ``ps`` and shell history)."""
-    parts = urllib.parse.urlsplit(url)
-    if "://" in url and (parts.password is not None or "password" in urllib.parse.parse_qs(parts.query)):
+    """``--store``'s value, refused if it carries a password (flags show up in ``ps`` and shell history).
+
+    A password is what ``redact_dsn`` would hide -- a userinfo's, even one whose reserved characters were not
+    percent-encoded, or a ``password``/``sslpassword`` parameter -- so the check and the redaction agree."""
+    from bastion.store.postgres_dsn import redact_dsn
+
+    if "://" not in url:
+        return url
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 (parsing it is the check)
+    except ValueError:
+        if redact_dsn(url) == url:
+            raise typer.BadParameter(f"{url!r} is not a valid URL (its host or port)", param_hint="--store") from None
+    if redact_dsn(url) != url:
         raise typer.BadParameter(
             "--store must not contain a password (command lines are visible to other users): "
             "set BASTION_STORE in the environment, or use PGPASSWORD, ~/.pgpass or store_password_file",

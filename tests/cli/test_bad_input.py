@@ -221,3 +221,22 @@ def test_a_store_dsn_that_does_not_work_is_a_coded_error_that_never_shows_its_pa
     assert "Traceback" not in serve.stderr and "listening on" not in serve.stdout
     assert "Zq9k" not in serve.stderr and "Wv7m" not in serve.stderr, serve.stderr
     assert serve.stderr.splitlines()[-1].startswith("error: cannot open PostgreSQL store postgresql://ada")
+
+
+@pytest.mark.parametrize(
+    ("store", "refusal"),
+    [
+        ("postgresql://ada:Zq9k/Wv7m@127.0.0.1:1/db", "must not contain a password"),  # its / not percent-encoded
+        ("postgresql://ada@127.0.0.1:1/db?sslpassword=Zq9kWv7m", "must not contain a password"),
+        ("postgresql://ada@[127.0.0.1/db", "is not a valid URL"),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "backup"])
+def test_a_store_flag_with_a_password_or_not_a_url_exits_2(
+    tmp_path: Path, store: str, refusal: str, command: str
+) -> None:
+    result = bastion_cli(command, "--data-dir", str(tmp_path / "data"), "--store", store)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "listening on" not in result.stdout
+    assert "Zq9k" not in result.stderr  # a refusal for a password quotes no URL
+    assert refusal in " ".join(result.stderr.replace("│", " ").split())  # as one line, out of its box
