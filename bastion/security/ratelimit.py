@@ -184,6 +184,10 @@ class RateLimitConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError(f"rate_limits.max_tracked must be at least {_MIN_TRACKED}, got {self.max_tracked!r}")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise UsageError("rate_limits.redis_url must start with redis://, rediss:// or unix://")
+        if self.redis_url is not None:  # (imports redis: only for a configuration that uses it)
+            from bastion.security.ratelimit_redis import check_url
+
+            check_url(self.redis_url)
         if not self.redis_prefix:
             raise UsageError("rate_limits.redis_prefix must not be empty")
         if not (math.isfinite(self.redis_timeout) and self.redis_timeout > 0):

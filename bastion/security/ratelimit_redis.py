@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol, TypeVar, cast
 
@@ -113,6 +114,23 @@ def _redis_module() -> Any:
     except ImportError as exc:
         raise UsageError(_INSTALL_HINT) from exc
     return redis
+
+
+def check_url(url: str) -> None:
+    """UsageError if redis cannot use ``url`` (``rate_limits.redis_url``), said without the URL: it may hold a
+    password, and a host or port that does not parse is often one whose reserved characters were not
+    percent-encoded (``redis://:s3/cret@host``: the "port" would be quoted, and it is the password's start)."""
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 (parsing it is the check)
+    except ValueError:
+        raise UsageError(
+            "rate_limits.redis_url is not a valid URL: check its host and port (a password's reserved characters, "
+            "such as / ? # @ :, must be percent-encoded); it is not shown, as it may hold a password"
+        ) from None
+    try:
+        _redis_module().connection.parse_url(url)
+    except ValueError as exc:  # its own checks (a query parameter of the wrong type) name parameters, not values
+        raise UsageError(f"rate_limits.redis_url: {exc}") from None
 
 
 class RedisRateLimiter:

@@ -240,3 +240,23 @@ def test_a_store_flag_with_a_password_or_not_a_url_exits_2(
     assert "Traceback" not in result.stderr and "listening on" not in result.stdout
     assert "Zq9k" not in result.stderr  # a refusal for a password quotes no URL
     assert refusal in " ".join(result.stderr.replace("│", " ").split())  # as one line, out of its box
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:Zq9k@127.0.0.1:notaport/0",
+        "redis://:Zq9k/Wv7m@127.0.0.1:6379/0",  # a password's / not percent-encoded: the port reads "Zq9k"
+        "redis://:Zq9kWv7m@[127.0.0.1/0",
+        "redis://:Zq9kWv7m@127.0.0.1:6379/0?socket_timeout=soon",
+    ],
+)
+def test_a_redis_url_that_does_not_parse_exits_2_without_showing_it(tmp_path: Path, url: str) -> None:
+    env = {"BASTION_RATE_LIMITS__REDIS_URL": url}
+    serve = bastion_cli("serve", "--port", "0", "--no-http", "--insecure", "--data-dir", str(tmp_path), env=env)
+    assert serve.returncode == 2, serve.stderr
+    assert "Traceback" not in serve.stderr and "listening on" not in serve.stdout
+    assert "Zq9k" not in serve.stderr and "Wv7m" not in serve.stderr, serve.stderr
+    assert serve.stderr.splitlines()[-1].startswith(
+        ("error: rate_limits.redis_url is not", "error: rate_limits.redis_url:")
+    )
