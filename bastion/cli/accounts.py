@@ -19,7 +19,7 @@ import typer
 
 from bastion.cli import common
 from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, connect, print_json, run_guarded, shown
-from bastion.exceptions import UsageError
+from bastion.exceptions import RemoteProtocolError, UsageError
 from bastion.security.secret_files import open_secret_file
 
 __all__ = ["login", "token_app", "user_app"]
@@ -75,6 +75,20 @@ def _secret_file(path: Path) -> Iterator[Callable[[str], None]]:
                 path.unlink()
 
 
+def _with_token(answer: Any, method: str) -> dict[str, Any]:
+    """``answer`` (to ``method``), checked to hold the secret a command writes or prints: a server that is not
+    bastion, or a broken one, may answer anything, and a traceback here would end the command (under a typer
+    that shows local variables, printing the password it had just sent)."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("token"), str) or not answer["token"]:
+        raise RemoteProtocolError(f"the server's answer to {method} holds no token")
+    return answer
+
+
+def _said(answer: dict[str, Any], key: str) -> str:
+    """What ``answer`` says under ``key``, for one line of a terminal ("?" if it says nothing)."""
+    return shown(str(answer.get(key, "?")))
+
+
 PasswordStdin = Annotated[bool, typer.Option("--password-stdin", help="Read the password from standard input.")]
 
 
@@ -94,13 +108,13 @@ def login(
 
     def run() -> Any:
         with connect(address, None, ca, insecure, anonymous=True) as client:
-            return client.call("auth.login", username=user, password=password)
+            return _with_token(client.call("auth.login", username=user, password=password), "auth.login")
 
     path = save or common.LOGIN_TOKEN
     with _secret_file(path) as write:
         result = run_guarded(run)
         write(result["token"])
-    print(f"logged in as {result['user']}; session token saved to {path} (mode 0600)", file=sys.stderr)
+    print(f"logged in as {_said(result, 'user')}; session token saved to {path} (mode 0600)", file=sys.stderr)
 
 
 def _admin_call(
@@ -216,17 +230,19 @@ def token_create(
     """Create an API token; it is shown once (written to --out, or printed with --show)."""
     if (out is None) == (not show):
         common.fail("give exactly one of --out FILE or --show", common.EXIT_USAGE)
+
+    def create() -> dict[str, Any]:
+        answer = _admin_call(address, token_file, ca, insecure, "auth.create_token", user=user, label=label, ttl=ttl)
+        checked: dict[str, Any] = run_guarded(lambda: _with_token(answer, "auth.create_token"))
+        return checked
+
     if out is None:
-        print(
-            _admin_call(address, token_file, ca, insecure, "auth.create_token", user=user, label=label, ttl=ttl)[
-                "token"
-            ]
-        )
+        print(create()["token"])
         return
     with _secret_file(out) as write:
-        result = _admin_call(address, token_file, ca, insecure, "auth.create_token", user=user, label=label, ttl=ttl)
+        result = create()
         write(result["token"])
-    print(f"token {result['id']} for {result['user']} written to {out} (mode 0600)", file=sys.stderr)
+    print(f"token {_said(result, 'id')} for {_said(result, 'user')} written to {out} (mode 0600)", file=sys.stderr)
 
 
 @token_app.command("ls")
