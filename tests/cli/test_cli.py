@@ -308,3 +308,11 @@ def test_a_handler_thread_stuck_past_the_grace_period_does_not_keep_the_process_
         assert "handler thread(s) still busy after the drain" in server.log()
     finally:
         server.stop()
+
+
+def test_a_traceback_never_shows_local_variables() -> None:
+    """Set on the app itself, not left to typer's default (True in releases pyproject's typer>=0.15 allows):
+    a command's locals hold the password it sends and the token it writes."""
+    from bastion.cli.app import app
+
+    assert app.pretty_exceptions_show_locals is False
