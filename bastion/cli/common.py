@@ -102,7 +102,9 @@ class _TLSOptions:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+    """``error: MESSAGE`` on one line (``shown``: a server's error message is its text, often carrying what
+    some user chose, and must neither drive the terminal nor forge a line), and exit with ``code``."""
+    print(f"error: {shown(message)}", file=sys.stderr)
     raise typer.Exit(code)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.hostile_server import RESULT, HostileServer, Peer
+from tests.support.hostile_server import ERROR, RESULT, HostileServer, Peer
 from tests.support.server import bastion_cli
 
 PASSWORD = "Pa55-Zq9k-Wv7m"
@@ -71,3 +71,20 @@ def test_what_a_server_says_beside_the_token_is_shown_escaped_or_left_out(tmp_pa
         assert created.returncode == 0, created.stderr
         assert created.stderr == f"token ? for ? written to {out} (mode 0600)\n"
     assert out.read_text() == "tok-2\n"
+
+
+def test_a_servers_error_message_is_shown_escaped() -> None:
+    """An error's message is the server's text -- a handler's exception, often carrying what some user chose --
+    printed on the terminal of whoever ran the command: no escape sequence of it may reach the terminal, and
+    no newline in it may forge a line of the command's output."""
+
+    async def script(peer: Peer) -> None:
+        await peer.handshake()
+        while True:
+            call = await peer.read_call()
+            peer.send(ERROR, call[1], 5, "no such thing\x1b[2J\nerror: forged\u202e")
+
+    with HostileServer(script) as server:
+        result = bastion_cli("call", server.address, "demo.echo", "value=1", "--insecure")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == ["error: NOT_FOUND: no such thing\\x1b[2J\\nerror: forged\\u202e"]
