@@ -111,9 +111,19 @@ def login(
             return _with_token(client.call("auth.login", username=user, password=password), "auth.login")
 
     path = save or common.LOGIN_TOKEN
+    made_by = common.session_address_file(path)
     with _secret_file(path) as write:
         result = run_guarded(run)
+        with contextlib.suppress(FileNotFoundError):
+            made_by.unlink()  # the old session's server: gone before the new token is there
         write(result["token"])
+    try:  # the commands that follow send the session to this server alone (common.connect)
+        with os.fdopen(open_secret_file(made_by, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as note:
+            note.write(address + "\n")
+    except OSError as exc:
+        common.fail(f"session saved, but cannot write {made_by}: {exc.strerror}", common.EXIT_USAGE)
+    except UsageError as exc:
+        common.fail(f"session saved, but {exc}", common.EXIT_USAGE)
     print(f"logged in as {_said(result, 'user')}; session token saved to {path} (mode 0600)", file=sys.stderr)
 
 

@@ -1,8 +1,8 @@
 """What the commands share: option types, connecting, errors, output.
 
 Credentials come from ``--token-file``, ``BASTION_TOKEN_FILE``/``BASTION_TOKEN``
-or the session token ``bastion login`` saved -- never from a flag that holds
-the secret itself.
+or the session token ``bastion login`` saved (sent only to the server that
+made it) -- never from a flag that holds the secret itself.
 """
 
 from __future__ import annotations
@@ -161,6 +161,43 @@ def json_line(value: Any) -> str:
     return _inert(msgspec.json.encode(value).decode())
 
 
+def session_address_file(token_path: Path) -> Path:
+    """Where ``bastion login`` notes which server the session token in ``token_path`` is for."""
+    return token_path.with_name(token_path.name + ".address")
+
+
+def _same_server(a: str, b: str) -> bool:
+    from bastion.client._common import parse_address
+
+    try:
+        (host_a, port_a), (host_b, port_b) = parse_address(a), parse_address(b)
+    except UsageError:
+        return False
+    return (host_a.lower(), port_a) == (host_b.lower(), port_b)
+
+
+def _saved_session(address: str) -> Path | None:
+    """The session token ``bastion login`` saved, if it was made by the server at ``address``.
+
+    A session is sent to the server that made it alone: any other could use it on that one, as the user.
+    One saved without a note of its server (by an older bastion) is not sent anywhere.
+    """
+    if not LOGIN_TOKEN.exists():
+        return None
+    try:
+        made_by = session_address_file(LOGIN_TOKEN).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        made_by = ""
+    if made_by and _same_server(made_by, address):
+        return LOGIN_TOKEN
+    where = f"of {made_by}" if made_by else "of a server it does not name: log in again"
+    print(
+        f"note: the saved session ({shown(where)}) is not sent to {shown(address)}: log in there, or give --token-file",
+        file=sys.stderr,
+    )
+    return None
+
+
 def connect(
     address: str,
     token_file: Path | None,
@@ -175,12 +212,13 @@ def connect(
     """A client for a command: TLS options resolved, credentials from file or environment.
 
     Without --token-file or BASTION_TOKEN(_FILE), the session token saved by
-    ``bastion login`` is used if there is one (not when ``anonymous``: logging
-    in must not depend on an old session).
+    ``bastion login`` is used if there is one and it was made by the server at
+    ``address`` (not when ``anonymous``: logging in must not depend on an old
+    session).
     """
     from_env = os.environ.get("BASTION_TOKEN") or os.environ.get("BASTION_TOKEN_FILE")
-    if not anonymous and token_file is None and not from_env and LOGIN_TOKEN.exists():
-        token_file = LOGIN_TOKEN
+    if not anonymous and token_file is None and not from_env:
+        token_file = _saved_session(address)
     return _client(address, token_file, timeout, _TLSOptions(ca, cert, key, insecure))
 
 

@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 from bastion import SyncClient
+from tests.support.hostile_server import RESULT, HostileServer, Peer
 from tests.support.server import ServerProcess, bastion_cli
 
 PASSWORD = "a long enough password"
@@ -85,3 +86,34 @@ def test_a_password_on_stdin_ends_at_its_line_ending_crlf_too(server: ServerProc
         "login", address, "-u", "bo", "--password-stdin", "--save", str(session), stdin=PASSWORD + "\r\n"
     )
     assert login.returncode == 0, login.stderr
+
+
+def test_the_saved_session_goes_only_to_the_server_it_was_made_by(server: ServerProcess, tmp_path: Path) -> None:
+    """``bastion login`` keeps its session for the commands that follow; a command naming another server must
+    not send it there: that server's operator could use it on the first, as the user, until it expires."""
+    auth = ("--token-file", str(server.token_file))
+    added = bastion_cli("user", "add", server.address, "ada", "--password-stdin", *auth, stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+    login = bastion_cli("login", server.address, "-u", "ada", "--password-stdin", stdin=PASSWORD, env=env)
+    assert login.returncode == 0, login.stderr
+    session = (tmp_path / "config" / "bastion" / "session.token").read_text().strip()
+    whoami = bastion_cli("call", server.address, "auth.whoami", env=env)
+    assert whoami.returncode == 0 and json.loads(whoami.stdout)["name"] == "ada", whoami.stderr
+
+    async def other_server(peer: Peer) -> None:
+        await peer.handshake()
+        while True:
+            call = await peer.read_call()
+            peer.send(RESULT, call[1], [])
+
+    with HostileServer(other_server) as other:
+        listing = bastion_cli("methods", other.address, "--insecure", env=env)
+        assert listing.returncode == 0, listing.stderr
+        (hello, *_) = other.peers[0].received
+    assert session not in str(hello)
+    assert hello[3] is None  # no token at all
+    assert listing.stderr.splitlines() == [
+        f"note: the saved session (of {server.address}) is not sent to {other.address}: "
+        "log in there, or give --token-file"
+    ]
