@@ -182,9 +182,9 @@ class RateLimitConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError(f"rate_limits.ipv6_prefix must be 1..128, got {self.ipv6_prefix!r}")
         if self.max_tracked < _MIN_TRACKED:
             raise UsageError(f"rate_limits.max_tracked must be at least {_MIN_TRACKED}, got {self.max_tracked!r}")
-        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise UsageError("rate_limits.redis_url must start with redis://, rediss:// or unix://")
         if self.redis_url is not None:  # (imports redis: only for a configuration that uses it)
+            if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+                raise UsageError("rate_limits.redis_url must start with redis://, rediss:// or unix://")
             from bastion.security.ratelimit_redis import check_url
 
             check_url(self.redis_url)
@@ -469,8 +469,8 @@ class RateLimiter:
         self._known: dict[int, tuple[Principal, dict[str, _Charge | None]]] = {}
 
     def forget(self, principal: Principal) -> None:
-        """Drop what ``principal``'s calls charge: its session closed, or revalidation replaced it.
-        An unauthenticated principal is one object every anonymous session shares: it stays."""
+        """Drop what ``principal``'s calls charge (its session closed, or revalidation replaced it);
+        not ANONYMOUS's, the one object every anonymous session shares."""
         if not principal.authenticated:
             return
         known = self._known.get(id(principal))
