@@ -469,8 +469,7 @@ class RateLimiter:
         self._known: dict[int, tuple[Principal, dict[str, _Charge | None]]] = {}
 
     def forget(self, principal: Principal) -> None:
-        """Drop what ``principal``'s calls charge (its session closed, or revalidation replaced it);
-        not ANONYMOUS's, the one object every anonymous session shares."""
+        """Drop what ``principal``'s calls charge (its session is done with it); not ANONYMOUS's, shared."""
         if not principal.authenticated:
             return
         known = self._known.get(id(principal))
