@@ -319,6 +319,8 @@ def test_a_subscriber_that_stops_reading_holds_up_no_one_and_is_told_where_to_re
         started = time.monotonic()
         for i in range(total):  # the publisher never waits for the slow subscriber
             await w.ada.messages.publish(topic="orders.eu", payload=i)
+            if i % 4 == 3:  # but keeps pace with the fast one, so that a burst the store's feed hands
+                await _eventually(lambda i=i: len(received) > i)  # over at once fits its buffer of 8
         publishing = time.monotonic() - started
         await reader
         assert received == list(range(1, total + 1))  # the other subscriber got every one
