@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import sys
 import urllib.parse
 from pathlib import Path
@@ -91,9 +92,26 @@ Insecure = Annotated[
 LOCAL_DEV_CA = Path("bastion-data") / "tls" / "ca.pem"
 
 
+def _own_dev_ca() -> bool:
+    """Whether ``./bastion-data/tls/ca.pem`` may be trusted: it and the directories above it, up to the
+    working directory, are this user's and no symbolic links. Another user's, planted in a shared
+    working directory (``/tmp``), would let them pose as any server the command connects to."""
+    paths = (LOCAL_DEV_CA.parent.parent, LOCAL_DEV_CA.parent, LOCAL_DEV_CA)
+    try:
+        statuses = [path.lstat() for path in paths]
+    except OSError:
+        return False
+    strangers = [p for p, s in zip(paths, statuses, strict=True) if s.st_uid != os.geteuid() or stat.S_ISLNK(s.st_mode)]
+    if strangers:
+        print(
+            f"note: not trusting {LOCAL_DEV_CA}: {strangers[0]} is another user's or a link; pass --ca", file=sys.stderr
+        )
+    return not strangers
+
+
 class _TLSOptions:
     def __init__(self, ca: Path | None, cert: Path | None, key: Path | None, insecure: bool) -> None:
-        if ca is None and not insecure and not os.environ.get("BASTION_CA") and LOCAL_DEV_CA.exists():
+        if ca is None and not insecure and not os.environ.get("BASTION_CA") and LOCAL_DEV_CA.exists() and _own_dev_ca():
             ca = LOCAL_DEV_CA
         self.ca = str(ca) if ca is not None else None
         self.cert = str(cert) if cert is not None else None

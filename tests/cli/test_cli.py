@@ -17,7 +17,7 @@ import pytest
 
 import bastion
 from bastion import SyncClient
-from tests.support.server import SERVICE_FILE, LineReader, bastion_cli, clean_env, start_server, wait_for
+from tests.support.server import SERVICE_FILE, LineReader, ServerProcess, bastion_cli, clean_env, start_server, wait_for
 
 WIDE = {"COLUMNS": "200"}  # keep rich from wrapping option names in help output
 
@@ -316,3 +316,24 @@ def test_a_traceback_never_shows_local_variables() -> None:
     from bastion.cli.app import app
 
     assert app.pretty_exceptions_show_locals is False
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give a file to another user")
+def test_a_dev_ca_in_the_working_directory_is_trusted_only_when_it_is_ones_own(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """``./bastion-data/tls/ca.pem`` is the local server's CA, trusted by default for convenience; one
+    planted by another user in a shared directory (``/tmp``) would let them pose as any server."""
+    assert server.ca_file is not None
+    tls = tmp_path / "bastion-data" / "tls"
+    tls.mkdir(parents=True)
+    shutil.copy(server.ca_file, tls / "ca.pem")
+    call = ("call", server.address, "admin.health", "--token-file", str(server.token_file))
+    own = bastion_cli(*call, cwd=tmp_path, env={"BASTION_CA": ""})
+    assert own.returncode == 0, own.stderr
+    for planted in (tmp_path / "bastion-data", tls, tls / "ca.pem"):
+        os.chown(planted, 65534, 65534)  # nobody's
+        refused = bastion_cli(*call, cwd=tmp_path, env={"BASTION_CA": ""})
+        assert refused.returncode != 0, refused.stdout
+        assert f"not trusting {Path('bastion-data') / 'tls' / 'ca.pem'}" in refused.stderr, refused.stderr
+        os.chown(planted, 0, 0)
