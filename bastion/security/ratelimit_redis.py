@@ -29,37 +29,28 @@ The ``redis`` package is optional: ``pip install 'bastion[redis]'``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol, TypeVar, cast
+from typing import Any, Final, Protocol, cast
 
 from bastion.exceptions import Unavailable, UsageError
 from bastion.security.principal import Principal
 from bastion.security.ratelimit import RateLimitConfig, RateLimiter, _Bucket, _Compiled
+from bastion.security.redis_gate import LUA_NOW, RedisGate
 
 __all__ = ["SCRIPT", "RedisRateLimiter"]
 
 log = logging.getLogger("bastion.ratelimit")
-T = TypeVar("T")
 
 _INSTALL_HINT: Final = "the Redis rate limiter needs the redis package: pip install 'bastion[redis]'"
 _WARN_EVERY: Final = 60.0  # seconds between "Redis is failing" warnings
-#: Seconds after a failure during which Redis is not asked (then one check at a time tries it).
-RETRY_AFTER: Final = 1.0
-
 #: KEYS: one hash per bucket. ARGV: now ('' = Redis TIME), cost, then rate and burst per key.
 #: Returns {1} when charged, or {0, index of the bucket that waits longest (1-based), wait seconds}.
-SCRIPT: Final = """
-local now = tonumber(ARGV[1])
-if not now then
-  if redis.replicate_commands then pcall(redis.replicate_commands) end
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local cost = tonumber(ARGV[2])
+SCRIPT: Final = (
+    LUA_NOW
+    + """local cost = tonumber(ARGV[2])
 local EPSILON = 1e-9  -- as ratelimit.EPSILON: forgive float rounding in refills
 local tokens, stamps = {}, {}
 local worst, worst_i = 0, 0
@@ -93,6 +84,7 @@ for i, key in ipairs(KEYS) do
 end
 return {1}
 """
+)
 
 
 class _Client(Protocol):
@@ -152,8 +144,6 @@ class RedisRateLimiter:
         owns_client: bool = False,
     ) -> None:
         redis = _redis_module()
-        self._errors: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError, TimeoutError)
-        self._no_script: type[BaseException] = redis.exceptions.NoScriptError
         self.config = config or RateLimitConfig()
         self.prefix = self.config.redis_prefix if prefix is None else prefix
         self.fail_open = self.config.redis_fail_open if fail_open is None else fail_open
@@ -163,10 +153,9 @@ class RedisRateLimiter:
         self._local = RateLimiter(self.config, clock=clock)  # the fail-open fallback
         self._clock = clock
         self._warned_at: float | None = None
-        self._down_until = 0.0  # time.monotonic() before which Redis is not asked (0.0: it is healthy)
-        self._probing = False  # a check is trying Redis again after a failure
         self._script = SCRIPT
-        self._sha = hashlib.sha1(SCRIPT.encode()).hexdigest()
+        self._gate = RedisGate(client, redis, on_back=lambda: log.info("Redis rate limiter answering again"))
+        self._errors = self._gate.errors
 
     @classmethod
     def from_url(
@@ -208,7 +197,7 @@ class RedisRateLimiter:
         for limit in limits:
             args += (repr(limit.rate), repr(limit.burst))
         try:
-            result = await self._ask(self._eval(keys, args))
+            result = await self._gate.run(self._script, keys, args)
         except self._errors as exc:
             await self._failed(exc)
             self._local.check_sync(principal, source, method, cost, now)
@@ -217,40 +206,6 @@ class RedisRateLimiter:
             return
         wait = float(_text(result[2]))
         raise self._compiled.refusal(limits[int(result[1]) - 1], wait, cost)
-
-    async def _eval(self, keys: list[str], args: list[str]) -> list[Any]:
-        try:
-            result = await self._client.evalsha(self._sha, len(keys), *keys, *args)
-        except self._no_script:
-            await self._client.script_load(self._script)
-            result = await self._client.evalsha(self._sha, len(keys), *keys, *args)
-        return cast(list[Any], result)
-
-    async def _ask(self, command: Awaitable[T]) -> T:
-        """Await ``command`` unless Redis failed in the last ``RETRY_AFTER`` seconds or is being retried.
-
-        Skipped, it raises ``_Skipped`` (one of ``self._errors``) at once.
-        """
-        if not self._down_until:  # healthy: the usual path, one test
-            try:
-                return await command
-            except self._errors:
-                self._down_until = time.monotonic() + RETRY_AFTER
-                raise
-        if self._probing or time.monotonic() < self._down_until:
-            _close(command)
-            raise _Skipped("skipped while Redis is failing")
-        self._probing = True
-        try:
-            result = await command
-        except self._errors:
-            self._down_until = time.monotonic() + RETRY_AFTER
-            raise
-        finally:
-            self._probing = False
-        self._down_until = 0.0
-        log.info("Redis rate limiter answering again")
-        return result
 
     async def _failed(self, exc: BaseException) -> None:
         """Fail open or closed (UNAVAILABLE), saying which in the log at most once a minute."""
@@ -271,7 +226,7 @@ class RedisRateLimiter:
         ident = self._compiled.identity(principal, source)
         buckets = self._compiled.all_for(principal)
         try:
-            states, at = await self._ask(self._read(ident, buckets, now))
+            states, at = await self._gate.ask(self._read(ident, buckets, now))
         except self._errors as exc:
             await self._failed(exc)
             return await self._local.usage(principal, source, now)
@@ -302,16 +257,6 @@ class RedisRateLimiter:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-class _Skipped(OSError):
-    """Redis was not asked: it failed moments ago (see ``RedisRateLimiter._ask``)."""
-
-
-def _close(command: Awaitable[Any]) -> None:
-    close = getattr(command, "close", None)  # a coroutine never awaited: no "never awaited" warning
-    if close is not None:
-        close()
 
 
 def _text(value: Any) -> str:

@@ -45,35 +45,26 @@ limiter does: a hanging Redis costs one timeout a second, not one per login.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import secrets
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, TypeVar, cast
+from collections.abc import Callable, Sequence
+from typing import Any, Final, cast
 
 from bastion.observability.loglimit import LogBudget, suppressed_note
+from bastion.security.redis_gate import LUA_NOW, RETRY_AFTER, RedisGate
 
 __all__ = ["FAILED", "HOLD_SECONDS", "LIMITS", "RETRY_AFTER", "RedisDown", "RedisLoginLimits"]
 
 log = logging.getLogger("bastion.throttle")
-T = TypeVar("T")
 
 #: Seconds an attempt stays pending at most (a replica that dies holding one: it stops counting then).
 HOLD_SECONDS: Final = 30.0
-#: Seconds after a failure during which Redis is not asked (then one attempt at a time tries it).
-RETRY_AFTER: Final = 1.0
 _WARN_WINDOW: Final = 60.0
 
-_COMMON: Final = """
-local now = tonumber(ARGV[1])
-if not now then
-  if redis.replicate_commands then pcall(redis.replicate_commands) end
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local function tokens(key, cap, rate)
+_COMMON: Final = (
+    LUA_NOW
+    + """local function tokens(key, cap, rate)
   local state = redis.call('HMGET', key, 't', 's')
   local t, s = tonumber(state[1]), tonumber(state[2])
   if t == nil or s == nil then return cap, now end
@@ -85,6 +76,7 @@ local function wait(t, n, rate)
   return (n - t) / rate
 end
 """
+)
 
 #: KEYS: source bucket, pair failures, user bucket, pending source, pending pair, pending user.
 #: ARGV: now ('' = TIME), mode (0 token check, 1 password check, 2 password attempt: hold it), has user
@@ -191,8 +183,6 @@ class RedisLoginLimits:
         from bastion.security.ratelimit_redis import _redis_module  # (it imports throttle.py)
 
         redis = _redis_module()
-        self._errors: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError, TimeoutError)
-        self._no_script: type[BaseException] = redis.exceptions.NoScriptError
         self._client = client
         self._owns_client = owns_client
         self.prefix = prefix + "{login}:"
@@ -203,12 +193,11 @@ class RedisLoginLimits:
         self._meanwhile = (
             "throttling per replica meanwhile" if fail_open else "refusing password logins meanwhile"
         ) + " (auth.redis_fail_open)"
-        self._scripts = {script: hashlib.sha1(script.encode()).hexdigest() for script in (LIMITS, FAILED)}
         self._holds = itertools.count()
         self._replica = secrets.token_hex(6)  # hold ids: unique across replicas
-        self._down_until = 0.0  # time.monotonic() before which Redis is not asked (0.0: it is healthy)
-        self._probing = False
         self._warnings = LogBudget(1, _WARN_WINDOW)
+        self._gate = RedisGate(client, redis, on_back=self._back)
+        self._errors = self._gate.errors
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float, **kw: Any) -> RedisLoginLimits:
@@ -256,7 +245,7 @@ class RedisLoginLimits:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.zrem(key, hold_id)
-                await self._ask(pipe.execute())
+                await self._gate.ask(pipe.execute())
         except self._errors as exc:
             self._failed(exc)
 
@@ -270,49 +259,21 @@ class RedisLoginLimits:
     async def succeeded(self, username: str, source: str) -> None:
         """Forgive the pair's failures. Raises RedisDown."""
         try:
-            await self._ask(self._client.delete(self.keys(username, source)[1]))
+            await self._gate.ask(self._client.delete(self.keys(username, source)[1]))
         except self._errors as exc:
             self._failed(exc)
             raise RedisDown(str(exc)) from None
 
     async def _run(self, script: str, keys: Sequence[str], args: Sequence[str]) -> Any:
         try:
-            return await self._ask(self._eval(script, keys, args))
+            return await self._gate.run(script, keys, args)
         except self._errors as exc:
             self._failed(exc)
             raise RedisDown(str(exc)) from None
 
-    async def _eval(self, script: str, keys: Sequence[str], args: Sequence[str]) -> Any:
-        sha = self._scripts[script]
-        try:
-            return await self._client.evalsha(sha, len(keys), *keys, *args)
-        except self._no_script:
-            await self._client.script_load(script)
-            return await self._client.evalsha(sha, len(keys), *keys, *args)
-
-    async def _ask(self, command: Awaitable[T]) -> T:
-        """Await ``command`` unless Redis failed in the last ``RETRY_AFTER`` seconds or is being retried."""
-        if not self._down_until:
-            try:
-                return await command
-            except self._errors:
-                self._down_until = time.monotonic() + RETRY_AFTER
-                raise
-        if self._probing or time.monotonic() < self._down_until:
-            _close(command)
-            raise _Skipped("skipped while Redis is failing")
-        self._probing = True
-        try:
-            result = await command
-        except self._errors:
-            self._down_until = time.monotonic() + RETRY_AFTER
-            raise
-        finally:
-            self._probing = False
-        self._down_until = 0.0
+    def _back(self) -> None:
         if self._warnings.take("redis-back") is not None:
             log.info("login throttle: Redis answering again")
-        return result
 
     def _failed(self, exc: BaseException) -> None:
         """Log that Redis is failing, at most once a minute (the others counted, and said in the next)."""
@@ -330,16 +291,6 @@ class RedisLoginLimits:
         """Close the client if these limits made it (``from_url``)."""
         if self._owns_client:
             await cast(Any, self._client).aclose()
-
-
-class _Skipped(OSError):
-    """Redis was not asked: it failed moments ago (see ``RedisLoginLimits._ask``)."""
-
-
-def _close(command: Awaitable[Any]) -> None:
-    close = getattr(command, "close", None)  # a coroutine never awaited: no "never awaited" warning
-    if close is not None:
-        close()
 
 
 def _text(value: Any) -> str:
