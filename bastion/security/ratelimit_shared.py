@@ -67,6 +67,8 @@ __all__ = [
     "SharedHolds",
     "SharedRateLimiter",
     "SharedTable",
+    "WorkerEpochs",
+    "process_runs",
 ]
 
 _MAGIC: Final = b"BSTNSHM1"
@@ -355,6 +357,77 @@ class SharedCounts:
                 table.put(offset, 0.0, 0.0)
 
 
+def process_runs(pid: int) -> bool:
+    """Whether process ``pid`` exists (a zombie not reaped yet does; one its parent reaped does not)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process has the number now: its replacement's epoch tells
+        return True
+    return True
+
+
+def _never(a: float, b: float) -> bool:
+    return False
+
+
+class WorkerEpochs:
+    """Which life of each worker of one server counts, for tables where each worker counts its own holds
+    (``SharedHolds``; ``SharedPending``, throttle_shared.py).
+
+    A worker draws a random *epoch* when it starts and stamps the slots it counts in with it; ``publish``
+    writes the epoch with the worker's process id under ``<prefix>epoch|<worker>``. ``live`` answers the
+    epoch of each worker whose process exists, so a count adds up only the slots stamped with those: what
+    a worker killed in the middle (SIGKILL: nobody counted it off) held stops counting as soon as the
+    supervisor reaps it, and its replacement's new epoch disowns it anyway. (Should the pid be reused by
+    then, it counts until the replacement starts: a second or so.) The worker itself always counts.
+
+    ``evictable``: the table's other keys may reuse the epoch's slot once it is the least recently used (a
+    table shared with rate buckets): ``publish`` then claims it as they do (call it before each use), and
+    ``live`` marks the live ones used. Else the slot is only ever taken free, never reused (a restarted
+    worker finds its predecessor's), and ``publish`` may find no room (False).
+    Everything here is called with the table's lock held.
+    """
+
+    def __init__(self, table: SharedTable, prefix: str, worker: int, workers: int, *, evictable: bool) -> None:
+        """``worker``: this process's index of ``workers``; ``prefix``: the namespace of the epochs' keys."""
+        self.table = table
+        #: This worker's epoch: exact in a float64, and never a free slot's 0.
+        self.epoch = float(secrets.randbits(52) + 1)
+        self._worker = worker
+        self._pid = os.getpid()
+        self._digests = [table.digest(f"{prefix}epoch|{i}") for i in range(workers)]
+        self._evictable = evictable
+
+    def publish(self) -> bool:
+        """Write (or refresh) this worker's epoch and pid; False if there was no room (not ``evictable``:
+        never in practice, a restarted worker finds its predecessor's slot)."""
+        table = self.table
+        digest = self._digests[self._worker]
+        at = table.claim(digest, 0.0, 0.0) if self._evictable else table.claim_free(digest, 0.0, 0.0, _never)
+        if at is None:
+            return False
+        table.put(at, self.epoch, -float(self._pid))  # b < 0: an epoch, never a free count's slot
+        return True
+
+    def live(self) -> dict[int, float]:
+        """The current epoch of each worker whose process exists (this one's always)."""
+        table = self.table
+        epochs: dict[int, float] = {}
+        for worker, digest in enumerate(self._digests):
+            at = table.find(digest)
+            if at is not None:
+                epoch, pid = table.get(at)
+                if worker == self._worker or process_runs(int(-pid)):
+                    epochs[worker] = epoch
+                    if self._evictable:
+                        table.put(at, epoch, pid)  # in use: not the least recently used
+        return epochs
+
+
 class Holds(Protocol):
     """How many of something each key (a user) holds open: ``LocalHolds`` in one process, ``SharedHolds``
     across the workers of one server."""
@@ -393,12 +466,12 @@ class SharedHolds:
     """How many of something each key holds open across the workers of one server, in a ``SharedTable``
     (the mailbox watches a user has open: ``messages.max_watchers_per_user``).
 
-    Each worker counts its own holds, in a slot per key of its own, stamped with the worker's *epoch*: a
-    random number it draws when it starts and publishes in the table. A total adds up the slots whose
-    stamp is their worker's current epoch, so the holds of a worker that died (killed, crashed: nobody
-    counted them off) stop counting as soon as its replacement starts, with nothing to clean up. A slot
-    lost to the table's least-recently-used reuse forgets its holds: the limit then lets a few more
-    through (it fails open), as a forgotten rate bucket does.
+    Each worker counts its own holds, in a slot per key of its own, stamped with the worker's epoch
+    (``WorkerEpochs``). A total adds up the slots stamped with their worker's current epoch, of the workers
+    whose process exists: the holds of a worker that died (killed, crashed: nobody counted them off) stop
+    counting as soon as the supervisor reaps it, with nothing to clean up, and its replacement draws a new
+    epoch anyway. A slot lost to the table's least-recently-used reuse forgets its holds: the limit then
+    lets a few more through (it fails open), as a forgotten rate bucket does.
     """
 
     def __init__(self, table: SharedTable, namespace: str, worker: int, workers: int) -> None:
@@ -406,35 +479,30 @@ class SharedHolds:
         self._table = table
         self._prefix = namespace + "|"
         self._worker = worker
-        self._workers = workers
-        self._epoch = float(secrets.randbits(52) + 1)  # exact in a float64, and never a free slot's 0
+        self._epochs = WorkerEpochs(table, self._prefix, worker, workers, evictable=True)
+        self._epoch = self._epochs.epoch
         with table.locked():
-            self._publish()
+            self._epochs.publish()
 
-    def _publish(self) -> None:
-        """Write (or refresh) this worker's epoch (hold the lock)."""
+    def _count(self, epochs: dict[int, float], key: str) -> float:
+        """What the live workers (``WorkerEpochs.live``) hold for ``key`` now (hold the lock)."""
         table = self._table
-        table.put(table.claim(table.digest(f"{self._prefix}epoch|{self._worker}"), 0.0, 0.0), self._epoch, 0.0)
-
-    def _count(self, worker: int, key: str) -> float:
-        """What ``worker`` holds for ``key`` now (hold the lock); 0 for a worker's earlier life."""
-        table = self._table
-        epoch_at = table.find(table.digest(f"{self._prefix}epoch|{worker}"))
-        slot = table.find(table.digest(f"{self._prefix}{worker}|{key}"))
-        if epoch_at is None or slot is None:
-            return 0.0
-        epoch = table.get(epoch_at)[0]
-        table.put(epoch_at, epoch, 0.0)  # in use: not the least recently used
-        count, stamp = table.get(slot)
-        return count if stamp == epoch else 0.0
+        total = 0.0
+        for worker, epoch in epochs.items():
+            slot = table.find(table.digest(f"{self._prefix}{worker}|{key}"))
+            if slot is not None:
+                count, stamp = table.get(slot)
+                if stamp == epoch:
+                    total += count
+        return total
 
     def acquire(self, key: str, limit: int) -> int:
         """Take one hold for ``key`` unless the workers together hold ``limit``; what they held before
         (when that is ``limit`` or more, nothing was taken)."""
         table = self._table
         with table.locked():
-            self._publish()
-            held = int(sum(self._count(worker, key) for worker in range(self._workers)))
+            self._epochs.publish()  # again: the rate buckets may have taken its slot meanwhile
+            held = int(self._count(self._epochs.live(), key))
             if held < limit:
                 slot = table.claim(table.digest(f"{self._prefix}{self._worker}|{key}"), 0.0, self._epoch)
                 count, stamp = table.get(slot)

@@ -16,8 +16,9 @@ maps, as it maps that one.
 As ``SharedHolds`` does, each worker counts its own attempts, in a slot per
 key of its own stamped with its *epoch* (a random number drawn when it
 starts), and a total adds up the slots stamped with their worker's current
-epoch. The epoch is published with the worker's process id, and a worker
-whose process no longer exists counts nothing: the attempts of a worker
+epoch. The epoch is published with the worker's process id (``WorkerEpochs``
+in ratelimit_shared.py, which both use), and a worker whose process no
+longer exists counts nothing: the attempts of a worker
 killed in the middle of a login (SIGKILL: nobody counted them off) stop
 counting as soon as the supervisor reaps it, and its replacement draws a new
 epoch anyway. (Should its pid be reused by then, they count until the
@@ -43,12 +44,10 @@ round. The supervisor never takes it.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from bastion.security.ratelimit_shared import SharedTable
+from bastion.security.ratelimit_shared import SharedTable, WorkerEpochs
 
 __all__ = ["MAX_IN_FLIGHT", "SharedPending", "pending_table"]
 
@@ -61,23 +60,6 @@ def pending_table(workers: int, per_worker: int = MAX_IN_FLIGHT) -> SharedTable:
     """A table for ``workers`` workers' ``SharedPending`` (the supervisor makes it): four slots for every key
     they can hold, and their epochs."""
     return SharedTable.create(2 * workers * (_KEYS_PER_ATTEMPT * per_worker + 1))
-
-
-def _runs(pid: int) -> bool:
-    """Whether process ``pid`` exists (a zombie not reaped yet does; one its parent reaped does not)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process has the number now: its replacement's epoch tells
-        return True
-    return True
-
-
-def _never(a: float, b: float) -> bool:
-    return False
 
 
 class SharedPending:
@@ -93,38 +75,15 @@ class SharedPending:
         #: Attempts this worker holds now.
         self.held = 0
         self._worker = worker
-        self._workers = workers
-        self._epoch = float(secrets.randbits(52) + 1)  # exact in a float64, and never a free slot's 0
-        self._pid = os.getpid()
+        self._epochs = WorkerEpochs(table, "", worker, workers, evictable=False)
+        self._epoch = self._epochs.epoch
         with table.locked():
-            self._published = self._publish()
-
-    def _publish(self) -> bool:
-        """Write this worker's epoch and pid (hold the lock); False if there was no room (never in practice:
-        an epoch's slot is never reused, so a restarted worker finds its predecessor's)."""
-        table = self.table
-        at = table.claim_free(table.digest(f"epoch|{self._worker}"), 0.0, 0.0, _never)
-        if at is None:
-            return False
-        table.put(at, self._epoch, -float(self._pid))  # b < 0: an epoch, never a free slot
-        return True
-
-    def _live(self) -> dict[int, float]:
-        """The current epoch of each worker whose process runs (hold the lock)."""
-        table = self.table
-        epochs: dict[int, float] = {}
-        for worker in range(self._workers):
-            at = table.find(table.digest(f"epoch|{worker}"))
-            if at is not None:
-                epoch, pid = table.get(at)
-                if worker == self._worker or _runs(int(-pid)):
-                    epochs[worker] = epoch
-        return epochs
+            self._published = self._epochs.publish()
 
     def counter(self) -> Callable[[str], int]:
         """How many attempts the live workers hold for a key, now (hold the lock while using it)."""
         table = self.table
-        epochs = self._live()
+        epochs = self._epochs.live()
 
         def count(key: str) -> int:
             total = 0.0
@@ -144,11 +103,11 @@ class SharedPending:
         if self.held >= self.limit:
             return False
         if not self._published:
-            self._published = self._publish()
+            self._published = self._epochs.publish()
             if not self._published:
                 return False
         table = self.table
-        live = set(self._live().values())
+        live = set(self._epochs.live().values())
 
         def free(count: float, stamp: float) -> bool:
             return stamp >= 0 and (count <= 0 or stamp not in live)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,4 +142,41 @@ def test_holds_over_one_table_add_up_and_a_restarted_workers_old_holds_stop_coun
         first.release("nobody")  # nothing held: nothing happens
         assert first.acquire("nobody", 3) == 0
     finally:
+        table.close()
+
+
+HOLDING_CHILD = """
+import sys
+from bastion.security.ratelimit_shared import SharedHolds, SharedTable
+holds = SharedHolds(SharedTable(int(sys.argv[1])), "w", 1, 2)
+for _ in range(int(sys.argv[2])):
+    holds.acquire("ada", 100)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_workers_holds_stop_counting_once_it_is_reaped_before_any_replacement() -> None:
+    """Worker 1 is a real process holding ada's watches, SIGKILLed (nobody counts them off) and reaped as the
+    supervisor reaps a worker: its holds stop counting at once, without waiting for a replacement's epoch."""
+    table = SharedTable.create(64)
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDING_CHILD, str(table.fileno()), str(LIMIT)],
+        pass_fds=(table.fileno(),),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        mine = SharedHolds(table, "w", 0, 2)
+        assert mine.acquire("ada", LIMIT) == LIMIT  # at the limit: refused, nothing taken
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)  # reaped; no worker 1 has started again
+        assert mine.acquire("ada", LIMIT) == 0, "the killed worker's watches still count"
+        assert mine.acquire("ada", LIMIT) == 1
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
         table.close()
