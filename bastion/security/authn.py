@@ -9,7 +9,10 @@ mutual TLS the verified certificate's subject is the principal: with the
 store authenticator it must name a user (``tls.client_subjects = "users"``,
 the default), else the handshake is refused and audited (``auth.failure``,
 mechanism ``mtls``, with subject and serial); ``"any"`` admits subjects no
-user has (services), with no roles. A certificate issued (notBefore) before
+user has (services), with no roles. Either way the subject must be a
+possible user name (``USER_NAME``: no empty CN, no certificate without one,
+whose identity is then the whole subject, no control characters, at most 64
+characters), else it is refused and audited as well. A certificate issued (notBefore) before
 its user was created is refused, whatever ``client_subjects`` says: it was
 issued to an earlier holder of the name, or before the admin made the user.
 A user disabled, or deleted and created again, meanwhile ends the connection
@@ -39,7 +42,7 @@ from bastion.exceptions import Unauthenticated, UsageError
 from bastion.observability.loglimit import LogBudget
 from bastion.security.audit import AuditLog
 from bastion.security.credentials import CredentialStore, User
-from bastion.security.principal import ANONYMOUS, Principal
+from bastion.security.principal import ANONYMOUS, USER_NAME, Principal
 from bastion.security.throttle import LoginThrottle
 
 __all__ = [
@@ -61,6 +64,10 @@ AUTH_FAILURES_AUDITED = 100
 _TOKEN_SHAPE = re.compile(r"^bst_[A-Za-z0-9_-]{43}\Z")
 #: What a refused client certificate's holder is told, by the reason audited.
 _CERTIFICATE_REFUSALS = {
+    "subject is not a user name": (
+        "client certificate subject {subject!r} is not a user name (its CN must be 1-64 ASCII letters, digits "
+        "and . _ @ -, starting with a letter or digit)"
+    ),
     "no such user": (
         "client certificate subject {subject!r} names no user: an admin must create the user "
         '(or set tls.client_subjects = "any" for certificates of services)'
@@ -249,8 +256,11 @@ class StoreAuthenticator:
     async def _from_certificate(self, peer: PeerInfo) -> Principal:
         subject = peer.tls_identity
         assert subject is not None
-        user = await self._store.get_user(subject)
-        reason = self._certificate_refused(user, peer.tls_issued_at)
+        user: User | None = None
+        reason: str | None = "subject is not a user name"  # an empty CN, none (the whole subject), "\n"...
+        if USER_NAME.fullmatch(subject) is not None:
+            user = await self._store.get_user(subject)
+            reason = self._certificate_refused(user, peer.tls_issued_at)
         if reason is not None:
             # No throttle: a CA vouched for the certificate, there is nothing to guess; the audit is budgeted.
             if (left_out := self._failures_audited.take("auth.failure", AUTH_FAILURES_AUDITED)) is not None:
@@ -263,7 +273,7 @@ class StoreAuthenticator:
                     serial=None if peer.tls_serial is None else f"0x{peer.tls_serial:x}",
                     suppressed_before=left_out or None,
                 )
-            raise Unauthenticated(_CERTIFICATE_REFUSALS[reason].format(subject=subject[:128]))
+            raise Unauthenticated(_CERTIFICATE_REFUSALS[reason].format(subject=subject[:64]))
         roles = user.roles if user is not None else frozenset()
         return Principal(subject, roles, mechanism="mtls", expires_at=peer.tls_expires_at, issued_at=peer.tls_issued_at)
 

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bastion.exceptions import UsageError
+from bastion.security.principal import USER_NAME, USER_NAME_RULE
 
 if TYPE_CHECKING:
     from bastion.config import TLSConfig
@@ -387,8 +388,8 @@ def issue_client_cert(
     ``out_dir``: ``<data_dir>/tls/clients``), the key mode 0600. Valid from now, not backdated: the
     server refuses a certificate issued before its user was created (a name given again).
     """
-    if not name or "/" in name or name.startswith("."):
-        raise UsageError(f"bad client certificate name {name!r}")
+    if USER_NAME.fullmatch(name) is None:  # the server refuses any other subject
+        raise UsageError(f"bad client certificate name {name!r}: not a user name ({USER_NAME_RULE})")
     ca_path, ca_key_path = ensure_dev_ca(data_dir)
     ca, ca_key = _read_cert(ca_path), _read_key(ca_key_path)
     cert, key = _issue(ca, ca_key, name, ExtendedKeyUsageOID.CLIENT_AUTH, days=days, backdate=datetime.timedelta(0))

@@ -421,7 +421,7 @@ class Server:
                 "tls.refused",
                 peer=link.peer,
                 reason="client certificate revoked",
-                subject=identity.subject,
+                subject=identity.subject[:256],  # a CN is any length a CA signed
                 serial=f"0x{identity.serial:x}",
             )
             link.refuse(Status.UNAUTHENTICATED, "client certificate is revoked")

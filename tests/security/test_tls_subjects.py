@@ -15,12 +15,16 @@ import contextlib
 import datetime
 import json
 import time
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import bastion
 from bastion import Client, Unauthenticated
@@ -60,7 +64,7 @@ async def _scene(tmp_path: Path, store_url: str, **authn: Any) -> AsyncIterator[
     async with open_store(store_url) as store:
         audit = AuditLog(tmp_path / "audit.log")
         authenticator = StoreAuthenticator(store, LoginThrottle(store), audit, cache_seconds=0, **authn)
-        kwargs: dict[str, Any] = {"authenticator": authenticator, "revalidate_interval": 0.1}
+        kwargs: dict[str, Any] = {"authenticator": authenticator, "revalidate_interval": 0.1, "audit": audit}
         try:
             async with mtls_server(tmp_path, TLSConfig(client_auth="required"), [whoami], **kwargs) as m:
                 yield World(m, store, tmp_path / "audit.log")
@@ -178,9 +182,103 @@ def test_a_reused_name_is_refused_even_when_unknown_subjects_are_admitted(tmp_pa
     run(main())
 
 
+def test_dev_client_certificates_are_issued_only_for_possible_user_names(tmp_path: Path) -> None:
+    for name in ("", "a b", ".hidden", "x/y", "ada\n", "a" * 65):
+        with pytest.raises(UsageError, match="bad client certificate name"):
+            tls.issue_client_cert(tmp_path, name)
+    tls.issue_client_cert(tmp_path, "svc.sensor-7@site")
+
+
 def test_dev_client_certificates_start_when_issued(tmp_path: Path) -> None:
     """Not backdated (the server certificate is, by an hour): a user created, then a certificate issued for
     them at once, must be a certificate issued after the user."""
     before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     cert, _ = tls.issue_client_cert(tmp_path, "frank")
     assert x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_before_utc >= before
+
+
+def _odd_cert(m: MTLS, stem: str, subject: x509.Name) -> tuple[Path, Path, int]:
+    """A client certificate with any ``subject`` (odd ones too: cryptography checks a CN's length unless told
+    not to), signed by the server's dev CA as ``issue_client_cert`` signs."""
+    ca_path, ca_key_path = tls.ensure_dev_ca(m.directory)
+    ca, ca_key = tls._read_cert(ca_path), tls._read_key(ca_key_path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = m.directory / f"{stem}.pem", m.directory / f"{stem}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path, cert.serial_number
+
+
+def _cn(value: str) -> x509.Name:
+    with warnings.catch_warnings():  # "Attribute's length must be >= 1 and <= 64": the point here
+        warnings.simplefilter("ignore", UserWarning)
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, value, _validate=False)])
+
+
+#: Subjects no user can have: (what the test calls it, the subject, the identity the server reads from it).
+ODD_SUBJECTS = [
+    ("empty CN", _cn(""), ""),
+    ("no CN", x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Acme")]), "O=Acme"),
+    ("control characters", _cn("ada\nbob\r\x1b[31m"), "ada\nbob\r\x1b[31m"),
+    ("a wildcard", _cn(">"), ">"),
+    ("a long CN", _cn("a" * 5000), "a" * 5000),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Attribute's length:UserWarning")  # cryptography, reading those CNs
+@pytest.mark.parametrize("client_subjects", ["users", "any"])
+def test_a_certificate_whose_subject_is_no_possible_user_name_is_refused_and_audited(
+    tmp_path: Path, store_url: str, client_subjects: str
+) -> None:
+    """An empty CN, no CN (the identity is then the whole subject), control characters, a wildcard, a CN of
+    5000 characters: refused in the handshake, ``"any"`` or not, with a coded error and one audit record each,
+    a JSON line with the subject escaped and cut short; the server goes on serving everyone else."""
+
+    async def main() -> None:
+        async with _scene(tmp_path, store_url, client_subjects=client_subjects) as w:
+            serials = []
+            for i, (what, subject, identity) in enumerate(ODD_SUBJECTS):
+                cert, key, serial = _odd_cert(w.m, f"odd{i}", subject)
+                serials.append(serial)
+                with pytest.raises(Unauthenticated, match="is not a user name") as refused:
+                    async with w.client(cert, key) as client:
+                        await client.call("who.me")
+                assert refused.value.status is bastion.Status.UNAUTHENTICATED, what
+                assert repr(identity[:64]) in refused.value.message, what
+                assert len(refused.value.message) < 400, what
+            lines = w.audit_path.read_text().splitlines()
+            assert len(lines) == len(ODD_SUBJECTS), "one line each: no line broken by a subject's newline"
+            records = w.audit("auth.failure")
+            assert [r["subject"] for r in records] == [identity[:256] for _, _, identity in ODD_SUBJECTS]
+            assert [r["serial"] for r in records] == [f"0x{s:x}" for s in serials]
+            assert {(r["mechanism"], r["reason"]) for r in records} == {("mtls", "subject is not a user name")}
+            assert "\x1b" not in w.audit_path.read_text()
+            # A revoked one is refused before: its tls.refused record cuts the subject short too.
+            cert, key, serial = _odd_cert(w.m, "revoked", _cn("b" * 5000))
+            w.m.server.revoked_serials = frozenset({serial})
+            with pytest.raises(Unauthenticated, match="revoked"):
+                async with w.client(cert, key) as client:
+                    await client.call("who.me")
+            (record,) = w.audit("tls.refused")
+            assert record["subject"] == "b" * 256 and record["serial"] == f"0x{serial:x}"
+            await w.store.create_user(User("sensor-7", frozenset(), None, time.time() - 60))
+            cert, key, _ = w.m.client_cert("sensor-7")
+            async with w.client(cert, key) as client:
+                assert await client.call("who.me") == ["sensor-7", [], "mtls"]
+
+    run(main())
