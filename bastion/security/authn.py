@@ -9,7 +9,9 @@ mutual TLS the verified certificate's subject is the principal: with the
 store authenticator it must name a user (``tls.client_subjects = "users"``,
 the default), else the handshake is refused and audited (``auth.failure``,
 mechanism ``mtls``, with subject and serial); ``"any"`` admits subjects no
-user has (services), with no roles. Either way the subject must be a
+user has (services), with no roles; a certificate admitted is audited
+(``auth.success``, mechanism ``mtls``, subject and serial) as a token is,
+once per handshake. Either way the subject must be a
 possible user name (``USER_NAME``: no empty CN, no certificate without one,
 whose identity is then the whole subject, no control characters, at most 64
 characters), else it is refused and audited as well. A certificate issued (notBefore) before
@@ -261,6 +263,7 @@ class StoreAuthenticator:
         if USER_NAME.fullmatch(subject) is not None:
             user = await self._store.get_user(subject)
             reason = self._certificate_refused(user, peer.tls_issued_at)
+        serial = None if peer.tls_serial is None else f"0x{peer.tls_serial:x}"
         if reason is not None:
             # No throttle: a CA vouched for the certificate, there is nothing to guess; the audit is budgeted.
             if (left_out := self._failures_audited.take("auth.failure", AUTH_FAILURES_AUDITED)) is not None:
@@ -270,10 +273,14 @@ class StoreAuthenticator:
                     mechanism="mtls",
                     reason=reason,
                     subject=subject[:256],
-                    serial=None if peer.tls_serial is None else f"0x{peer.tls_serial:x}",
+                    serial=serial,
                     suppressed_before=left_out or None,
                 )
             raise Unauthenticated(_CERTIFICATE_REFUSALS[reason].format(subject=subject[:64]))
+        # One record per handshake, as for a token (the subject is a user name now: short, plain).
+        self._audit(
+            "auth.success", peer=peer.address, principal=subject, mechanism="mtls", subject=subject, serial=serial
+        )
         roles = user.roles if user is not None else frozenset()
         return Principal(subject, roles, mechanism="mtls", expires_at=peer.tls_expires_at, issued_at=peer.tls_issued_at)
 

@@ -118,6 +118,34 @@ def test_client_subjects_any_admits_certificates_of_services_without_users(tmp_p
     run(main())
 
 
+@pytest.mark.parametrize("client_subjects", ["users", "any"])
+def test_a_certificate_login_is_audited_once_per_handshake_as_a_token_login_is(
+    tmp_path: Path, store_url: str, client_subjects: str
+) -> None:
+    async def main() -> None:
+        async with _scene(tmp_path, store_url, client_subjects=client_subjects) as w:
+            await w.store.create_user(User("alice", frozenset({"ops"}), None, time.time() - 60))
+            cert, key, serial = w.m.client_cert("alice")
+            peers = []
+            for _ in range(2):
+                async with w.client(cert, key) as client:
+                    for _ in range(5):  # calls, and revalidations meanwhile, write nothing
+                        assert await client.call("who.me") == ["alice", ["ops"], "mtls"]
+                        await asyncio.sleep(0.05)
+                    (session,) = w.m.server.sessions
+                    assert session.link is not None
+                    peers.append(session.link.peer)
+            records = w.audit("auth.success")
+            assert len(records) == 2, records
+            for record, peer in zip(records, peers, strict=True):
+                assert record["mechanism"] == "mtls" and record["principal"] == record["subject"] == "alice"
+                assert record["serial"] == f"0x{serial:x}" and record["peer"] == peer
+                assert set(record) == {"time", "event", "mechanism", "principal", "subject", "serial", "peer"}
+            assert "BEGIN" not in w.audit_path.read_text()
+
+    run(main())
+
+
 def test_the_client_subjects_setting_is_checked() -> None:
     assert TLSConfig().client_subjects == "users"
     assert TLSConfig(client_subjects="any").client_subjects == "any"
