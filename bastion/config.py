@@ -71,7 +71,8 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     handshake_max_frame: largest frame before authentication (bytes).
     max_inflight: calls one connection may have open at once.
     window: stream items a peer may send per call before it needs credit.
-    handshake_timeout: seconds from accept to a finished bastion handshake.
+    handshake_timeout: seconds from accept to a finished bastion handshake
+        (a quarter, at least 1 s, for one accepted into reserved_connections).
     ping_interval: seconds of silence before the server pings a connection.
     ping_timeout: seconds to wait for the Pong before closing.
     grace_period: seconds a draining server lets in-flight calls finish.
@@ -95,8 +96,8 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         is authenticated (a token, a session token, a client certificate);
         counted in rejected_connections_reserved. Blunts anonymous
         connections from many addresses locking authenticated clients out
-        (handshakes that never end still hold any slot until
-        handshake_timeout: docs/security.md). Below max_connections.
+        (handshakes that never end still hold a reserved slot, for a quarter
+        of handshake_timeout: docs/security.md). Below max_connections.
 
     Slow and idle peers:
 
@@ -223,6 +224,14 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """Connections open past which a handshake must authenticate: max_connections less the reserved ones."""
         reserved = self.max_connections // 10 if self.reserved_connections is None else self.reserved_connections
         return self.max_connections - reserved
+
+    def handshake_timeout_at(self, open_connections: int) -> float:
+        """The handshake deadline of a connection accepted as the ``open_connections``-th open one:
+        ``handshake_timeout``, or once past ``anonymous_connections`` (into the reserved ones) a quarter of it,
+        at least 1 s (never more than it), so that handshakes that never end hold the reserve briefly."""
+        if open_connections <= self.anonymous_connections:
+            return self.handshake_timeout
+        return min(self.handshake_timeout, max(1.0, self.handshake_timeout / 4))
 
     @property
     def stream_share(self) -> int:

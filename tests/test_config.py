@@ -82,6 +82,14 @@ def test_reserved_connections_default_to_a_tenth_and_stay_below_max_connections(
             ServerLimits(max_connections=100, reserved_connections=reserved)
 
 
+def test_a_handshake_accepted_into_the_reserved_connections_gets_a_quarter_of_the_deadline() -> None:
+    limits = ServerLimits(max_connections=100, reserved_connections=10)  # handshake_timeout 5 s
+    assert [limits.handshake_timeout_at(n) for n in (1, 90, 91, 100)] == [5.0, 5.0, 1.25, 1.25]
+    assert ServerLimits(max_connections=100, handshake_timeout=2).handshake_timeout_at(95) == 1.0  # at least 1 s
+    assert ServerLimits(max_connections=100, handshake_timeout=0.5).handshake_timeout_at(95) == 0.5  # no longer
+    assert ServerLimits(max_connections=100, reserved_connections=0).handshake_timeout_at(100) == 5.0  # no reserve
+
+
 def test_environment_values_are_read_as_their_keys_types() -> None:
     # The text used to be guessed into a number first: "1.2" became a float, refused for a str key.
     env = {

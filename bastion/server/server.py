@@ -21,19 +21,19 @@ gives up a reserved descriptor to accept and close what is waiting (so those
 clients learn at once instead of hanging), takes it back, backs off briefly and
 carries on; it never dies.
 
-TLS. With an ``ssl_context`` connections are TLS. The session is made at
-accept, before the TLS handshake, and its handshake deadline starts there, so
-one deadline (``limits.handshake_timeout``) bounds the TLS handshake and the
-bastion handshake together; asyncio's own TLS handshake timeout is set to the
-same value. Once TLS is up (``_on_secure``) a connection that did not negotiate
-ALPN ``bastion/1`` is closed, the client certificate's identity is put on the
-Link (``link.tls_identity``, the subject, and ``link.peer_cert_identity``,
-subject and serial) for authentication to use, and a certificate whose serial
-is in ``revoked_serials`` is refused with UNAUTHENTICATED (and an open
-connection whose serial joins it is closed within ``revalidate_interval``:
-upkeep.py). SIGHUP reloads the certificate, key (and CRL) from ``cert_files``
-into the live context (and those in ``also_reload``, the gateway's): new
-connections get the new certificate, established ones keep going.
+TLS. With an ``ssl_context`` connections are TLS. The session is made at accept,
+before the TLS handshake, and its handshake deadline starts there, so one deadline
+(``limits.handshake_timeout``; a quarter, at least 1 s, for one accepted into
+``limits.reserved_connections``) bounds the TLS and bastion handshakes together;
+asyncio's TLS handshake timeout is the same. Once TLS is up (``_on_secure``) a
+connection that did not negotiate ALPN ``bastion/1`` is closed, the client
+certificate's identity is put on the Link (``link.tls_identity``, the subject, and
+``link.peer_cert_identity``, subject and serial) for authentication to use, and a
+certificate whose serial is in ``revoked_serials`` is refused with UNAUTHENTICATED
+(and an open connection whose serial joins it is closed within
+``revalidate_interval``: upkeep.py). SIGHUP reloads the certificate, key (and CRL)
+from ``cert_files`` into the live context (and those in ``also_reload``, the
+gateway's): new connections get the new certificate, established ones keep going.
 
 Behind a load balancer. A connection from an address in ``trusted_proxies``
 (IPs or CIDR networks) must start with a PROXY protocol v2 header
@@ -269,11 +269,12 @@ class Server:
             conn.close()
             return
         self._open += 1
+        deadline = asyncio.get_running_loop().time() + limits.handshake_timeout_at(self._open)  # reserve: sooner
         if proxied:  # the per-source limit applies to the client the header names
-            coro = self._connect_proxied(conn, source)
+            coro = self._connect_proxied(conn, source, deadline)
         else:
             self._per_source[key] = self._per_source.get(key, 0) + 1
-            coro = self._connect(conn, source)
+            coro = self._connect(conn, source, None, deadline)
         task = asyncio.get_running_loop().create_task(coro)
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
@@ -287,16 +288,15 @@ class Server:
             address = address.ipv4_mapped
         return any(address in network for network in self.trusted_proxies)
 
-    async def _connect_proxied(self, conn: socket.socket, proxy: str) -> None:
+    async def _connect_proxied(self, conn: socket.socket, proxy: str, deadline: float) -> None:
         """Read the PROXY header of a connection from a trusted balancer, then set it up as the client's.
 
         Holds one slot of ``max_connections`` (taken in ``_admit``); the
         per-source slot is taken here, for the client the header names.
         """
         loop = asyncio.get_running_loop()
-        accepted_at = loop.time()
         try:
-            async with asyncio.timeout(self.limits.handshake_timeout):
+            async with asyncio.timeout_at(deadline):
                 header = await read_proxy_header(loop, conn)
         except (ProxyHeaderError, TimeoutError, OSError) as exc:
             reason = "no PROXY header within the handshake timeout" if isinstance(exc, TimeoutError) else str(exc)
@@ -320,24 +320,24 @@ class Server:
         self._per_source[key] = self._per_source.get(key, 0) + 1
         if header.command is Command.PROXY:
             self.counters["proxied_connections"] += 1
-        await self._connect(conn, source, header, accepted_at)
+        await self._connect(conn, source, header, deadline)
 
     async def _connect(
-        self, conn: socket.socket, source: str, proxy: ProxyHeader | None = None, accepted_at: float | None = None
+        self, conn: socket.socket, source: str, proxy: ProxyHeader | None = None, deadline: float | None = None
     ) -> None:
         """Run the (TLS and) transport setup of one accepted socket.
 
         ``proxy``: its PROXY header (its client address becomes the peer);
-        ``accepted_at``: when it was accepted, if earlier than now (the
-        handshake deadline counts from then).
+        ``deadline``: the loop time its handshakes must end by, counted from
+        accept (``ServerLimits.handshake_timeout_at``).
         """
         link = self._new_link(source, proxy.peer if proxy is not None else None)
         session = link.session
         assert isinstance(session, ServerSession)
         timeout = self.limits.handshake_timeout
-        if accepted_at is not None:
-            session.accepted_at = accepted_at
-            timeout = max(accepted_at + timeout - asyncio.get_running_loop().time(), 0.001)
+        if deadline is not None:
+            session.handshake_deadline = deadline
+            timeout = max(deadline - asyncio.get_running_loop().time(), 0.001)
         kwargs: dict[str, Any] = {}
         if self.ssl_context is not None:
             kwargs = {"ssl": self.ssl_context, "ssl_handshake_timeout": timeout}
@@ -375,7 +375,7 @@ class Server:
 
     def _new_link(self, source: str | None = None, peer: str | None = None) -> Link:
         # Made at accept, before any TLS handshake: the session's handshake
-        # deadline starts now (see ServerSession.accepted_at). ``peer``: the
+        # deadline counts from now (ServerSession.handshake_deadline). ``peer``: the
         # client's "host:port" from a PROXY header, put on the Link (which
         # set the socket's peer name) before anything reads it.
         self.counters["connections"] += 1

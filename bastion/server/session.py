@@ -125,9 +125,9 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         self._gates: dict[int, CreditGate] = {}
         self._resumable: set[int] = set()  # running calls of resumable streams (Service.method)
         self._loop = asyncio.get_running_loop()
-        # Made by the server's protocol factory at accept, before any TLS
-        # handshake: one deadline covers the TLS and the bastion handshakes.
-        self.accepted_at = self._loop.time()
+        # Made by the server's protocol factory at accept, before any TLS handshake: one deadline covers the
+        # TLS and the bastion handshakes (sooner for a connection into the reserved ones: Server._admit).
+        self.handshake_deadline = self._loop.time() + self.limits.handshake_timeout
         self._timer: asyncio.TimerHandle | None = None
         self._last_seen = time.monotonic()
         self._read_at = time.perf_counter()  # the latest read's arrival, for its calls' latency
@@ -159,8 +159,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
     def on_connect(self, link: Link) -> None:
         self.link = link
         self.server.sessions.add(self)
-        deadline = self.accepted_at + self.limits.handshake_timeout
-        self._timer = self._loop.call_at(deadline, self._handshake_expired)
+        self._timer = self._loop.call_at(self.handshake_deadline, self._handshake_expired)
 
     def on_close(self, exc: BaseException | None) -> None:
         if self._timer is not None:

@@ -3,8 +3,9 @@
 Theory of operation. ``SessionUpkeep`` is the half of ``ServerSession``
 (session.py) that looks after the connection rather than its calls. The
 handshake runs under one deadline from accept: a connection that has not
-completed it in ``handshake_timeout`` seconds is closed whatever it trickles
-in; then the server's authenticator decides (an anonymous principal is
+completed it in ``handshake_timeout`` seconds (a quarter, at least 1 s, if it
+was accepted into the reserved connections: ``ServerLimits.handshake_timeout_at``)
+is closed whatever it trickles in; then the server's authenticator decides (an anonymous principal is
 refused while the server holds more than ``limits.anonymous_connections``: the
 rest are reserved for authenticated ones), and a credential that can expire
 or be revoked is revalidated every ``revalidate_interval`` seconds, the

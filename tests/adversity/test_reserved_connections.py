@@ -10,6 +10,8 @@ handshake there is refused GoAway(RESOURCE_EXHAUSTED) and counted.
 from __future__ import annotations
 
 import json
+import select
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -195,3 +197,32 @@ def test_a_client_certificate_is_admitted_to_the_reserved_connections(
     peer, welcome = join(server, SOURCES[5], None, [], ssl_context=alice)
     hoard.append(peer)
     assert welcome[3] == "alice" and answers(peer)
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "tls"])
+def test_silent_handshakes_holding_the_reserved_connections_are_closed_at_a_quarter_of_the_deadline(
+    server_factory: Callable[..., ServerProcess], hoard: list[RawPeer], secure: bool
+) -> None:
+    """``handshake_timeout`` 8 s: the four silent connections below the threshold keep their 8 s, the two
+    admitted past it (into the reserved ones) are closed after 2 s -- a quarter, at least 1 s -- and a token
+    gets in then, not once the slow handshakes' full deadline has run out. Over TLS the silent ones never
+    even start TLS (the TLS handshake's timeout is the same deadline)."""
+    server = server_factory(env={**LIMITS, "BASTION_LIMITS__HANDSHAKE_TIMEOUT": "8"}, insecure=not secure)
+    context = {"ssl_context": client_context(server.ca_file)} if secure and server.ca_file is not None else {}
+    started = time.monotonic()
+    for source in SOURCES[:6]:  # connect, never say Hello: max_connections, the last two reserved
+        hoard.append(RawPeer(server.host, server.port, source=source))
+    with RawPeer(server.host, server.port, source=SOURCES[6]) as extra:  # full: closed at accept
+        assert extra.wait_closed(timeout=3) < 2
+    for peer in hoard[4:]:  # a connection that never said Hello is closed without a word
+        peer.wait_closed(timeout=7)
+    cut = time.monotonic() - started
+    assert 1.5 < cut < 6, f"the reserved ones' silent handshakes closed after {cut:.1f} s"
+    assert not any(select.select([peer.sock], [], [], 0)[0] for peer in hoard[:4]), "the first four were cut"
+    peer, welcome = join(server, SOURCES[7], server.token, [], **context)
+    hoard.append(peer)
+    assert welcome[3] == "admin" and answers(peer)
+    assert time.monotonic() - started < 7.5, "the token got in only once the full deadline had run out"
+    for peer in hoard[:4]:  # below the reserve the full deadline holds
+        peer.wait_closed(timeout=9)
+        assert time.monotonic() - started > 7.5
