@@ -390,10 +390,12 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allowed_hosts: over plaintext, host names (no port) a request's Host may name
     besides IP addresses, ``localhost`` and ``host``; others get 400 (DNS rebinding).
     ``["*"]``: any.
-    metrics_enabled, metrics_networks, metrics_token_file: who may read /metrics
-    and /openapi.json (default: anyone who reaches the port); off (404), only
-    clients in these CIDR networks (403), only with ``Authorization: Bearer``
-    and the token in this file (401). See bastion/gateway/_ops.py.
+    public_metrics: serve /metrics to anyone who reaches the port (default: only
+    to a credential of a user with the ``metrics`` or ``admin`` role, or the
+    token in ``metrics_token_file``; others 401). metrics_enabled,
+    metrics_networks: /metrics and /openapi.json off (404), or only for clients
+    in these CIDR networks (403). /openapi.json shows each caller what it may
+    call. See bastion/gateway/_ops.py.
     max_connections, max_connections_per_source: connections open at once on the
     gateway's port, in total (503 past it) and from one client address (429;
     0: no per-address cap, for a gateway behind a reverse proxy). _gate.py.
@@ -413,6 +415,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     body_timeout: float = 20.0
     body_min_rate: float = 500.0
     allowed_hosts: list[str] = []
+    public_metrics: bool = False
     metrics_enabled: bool = True
     metrics_networks: list[str] = []
     metrics_token_file: str | None = None
@@ -423,6 +426,10 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         check_finite(self, "gateway")
         if self.max_connections <= 0 or self.max_connections_per_source < 0:
             raise UsageError("gateway.max_connections must be positive, max_connections_per_source 0 (off) or more")
+        if self.public_metrics and self.metrics_token_file:
+            raise UsageError(
+                "gateway.public_metrics = true serves /metrics to anyone: drop it, or gateway.metrics_token_file"
+            )
         for entry in self.metrics_networks:
             try:
                 ipaddress.ip_network(entry.strip(), strict=False)

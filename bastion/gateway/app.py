@@ -14,13 +14,14 @@ Surface::
     POST /v1/{service}/{method}  body: the arguments as a JSON object; answer: the result
     POST /v1/auth/login          body {username, password}: sets the session cookie (revokes one it replaces)
     POST /logout                 revokes the session cookie's token, clears the cookies
-    GET  /openapi.json           OpenAPI 3.1 (openapi.py); ``rpc.discover`` answers OpenRPC
+    GET  /openapi.json           OpenAPI 3.1 of what the caller may call (openapi.py); ``rpc.discover``: OpenRPC
     GET  /livez /readyz /healthz liveness; readiness (503 while starting or draining)
     GET  /metrics                Prometheus text format (bastion/observability/metrics.py)
 
-/metrics and /openapi.json are open to anyone who reaches the port unless
-the ``metrics_*`` settings say otherwise (off, trusted networks, a token:
-_ops.py).
+/metrics needs a credential with the ``metrics`` role unless
+``public_metrics``; /openapi.json shows a caller what it may call (anonymous:
+the public methods); the ``metrics_*`` settings turn both off or limit them
+to trusted networks (_ops.py).
     GET  / and /static/...       the web console (static files in bastion/gateway/static/)
 
 Credentials. ``Authorization: Bearer <token>`` or, for browsers, the
@@ -133,7 +134,7 @@ from bastion.gateway._shared import _STREAMS, _as_call_error, _encoder, _ready, 
 from bastion.gateway.bridge import Bridge, Caller
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.front import Front
-from bastion.gateway.openapi import openapi_document, openrpc_document
+from bastion.gateway.openapi import openapi_document, openrpc_document, visible_methods
 from bastion.gateway.ws import WS_MAX_PENDING as WS_MAX_PENDING  # re-exported: importable from here as before
 from bastion.gateway.ws import WS_MAX_STREAMS as WS_MAX_STREAMS
 from bastion.gateway.ws import _WebSocketSession
@@ -141,6 +142,7 @@ from bastion.observability.loglimit import LogBudget
 from bastion.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from bastion.observability.metrics import render, server_snapshot
 from bastion.security.authn import PeerInfo, SessionEnder
+from bastion.security.principal import ANONYMOUS, Principal
 from bastion.server.server import Server
 from bastion.service import MethodKind
 
@@ -151,6 +153,8 @@ log = logging.getLogger("bastion.gateway")
 _REFUSALS_LOGGED = LogBudget()  # refused cross-origin upgrades: a page can send them at will (loglimit.py)
 #: The web console's files (index.html, app.js, app.css), shipped in the package.
 STATIC_DIR = Path(__file__).with_name("static")
+#: API descriptions cached per kind (one per set of methods shown) before the cache starts over.
+_DOCUMENTS_KEPT = 64
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -181,30 +185,37 @@ class Gateway:
         self.post_origins = frozenset(config.cors_origins) | public
         self.ws_origins = frozenset(config.ws_origins) | public
         #: Who may read /metrics, /openapi.json and rpc.discover (_ops.py).
-        self.ops = OpsAccess(config)
+        self.ops = OpsAccess(config, bridge)
         #: False until the runner has the listener up; /readyz answers 503 meanwhile.
         self.started = True
         #: What /metrics shows: this server's numbers (``bastion serve --workers`` adds the other workers').
         self.metrics_snapshot: Callable[[], Mapping[str, Any]] = lambda: server_snapshot(server)
-        self._openapi: dict[str, bytes] = {}  # by the session cookie's name
-        self._openrpc: dict[str, Any] | None = None
+        self._openapi: dict[tuple[str, frozenset[str]], bytes] = {}  # by cookie name and the methods shown
+        self._openrpc: dict[frozenset[str], dict[str, Any]] = {}  # by the methods shown
 
     @property
     def ready(self) -> bool:
         return self.started and not self.server.draining
 
-    def openapi(self, session_cookie: str) -> bytes:
-        """The OpenAPI document, its cookie security scheme naming ``session_cookie``."""
-        if (document := self._openapi.get(session_cookie)) is None:
-            document = self._openapi[session_cookie] = _encoder.encode(
-                openapi_document(self.server.table, session_cookie=session_cookie)
-            )
+    def openapi(self, session_cookie: str, principal: Principal) -> bytes:
+        """The OpenAPI document of what ``principal`` may call, its cookie scheme naming ``session_cookie``.
+        Cached by the set of methods shown: as many as there are distinct role sets among the callers."""
+        key = (session_cookie, visible_methods(self.server.table, principal))
+        if (document := self._openapi.get(key)) is None:
+            if len(self._openapi) >= _DOCUMENTS_KEPT:
+                self._openapi.clear()
+            table = self.server.table
+            document = self._openapi[key] = _encoder.encode(openapi_document(table, key[1], session_cookie=key[0]))
         return document
 
-    def openrpc(self) -> dict[str, Any]:
-        if self._openrpc is None:
-            self._openrpc = openrpc_document(self.server.table)
-        return self._openrpc
+    def openrpc(self, principal: Principal) -> dict[str, Any]:
+        """The OpenRPC document of what ``principal`` may call (cached as ``openapi``)."""
+        shown = visible_methods(self.server.table, principal)
+        if (document := self._openrpc.get(shown)) is None:
+            if len(self._openrpc) >= _DOCUMENTS_KEPT:
+                self._openrpc.clear()
+            document = self._openrpc[shown] = openrpc_document(self.server.table, shown)
+        return document
 
 
 # -- responses and request helpers ------------------------------------------------------
@@ -244,9 +255,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def _too_large(limit: int) -> Response:
     return _json(too_large_body(limit), 413, {"connection": "close"})
-
-
-# -- middleware ------------------------------------------------------------------------------
 
 
 # -- the application -------------------------------------------------------------------------
@@ -331,12 +339,11 @@ class _Routes:
         """One JSON-RPC call through the bridge: its response, None for a notification."""
         method = call.method
         try:
-            if method == "rpc.discover":
-                if self.gateway.ops.protected:  # the API description is the operator's to protect (_ops.py)
-                    if caller.token is None:
-                        raise Unauthenticated("rpc.discover needs a credential on this gateway")
-                    await self.bridge.check(caller)
-                result: Any = self.gateway.openrpc()
+            if method == "rpc.discover":  # what the caller may call; off or some networks only: callers (_ops.py)
+                if caller.token is None and self.gateway.ops.protected:
+                    raise Unauthenticated("rpc.discover needs a credential on this gateway")
+                principal = ANONYMOUS if caller.token is None else await self.bridge.check(caller)
+                result: Any = self.gateway.openrpc(principal)
             elif method.startswith("rpc."):
                 raise Unimplemented(f"unknown method {method!r}")
             else:
@@ -522,17 +529,12 @@ class _Routes:
         clear_session_cookies(response, names)
         return response
 
-    def _ops_refusal(self, request: Request) -> Response | None:
-        """The answer refusing /metrics or /openapi.json to this request, None if it may read them (_ops.py)."""
-        return self.gateway.ops.refusal_response(request)
-
     async def openapi(self, request: Request) -> Response:
-        if (refused := self._ops_refusal(request)) is not None:
+        refused, principal = await self.gateway.ops.openapi_refusal(request)  # (_ops.py)
+        if refused is not None:
             return refused
-        return Response(
-            self.gateway.openapi(secure_cookies(request, self.config.cookie_secure).session),
-            media_type="application/json",
-        )
+        cookie = secure_cookies(request, self.config.cookie_secure).session
+        return Response(self.gateway.openapi(cookie, principal), media_type="application/json")
 
     async def livez(self, request: Request) -> Response:
         return _json({"status": "ok"})
@@ -548,7 +550,7 @@ class _Routes:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
 
     async def metrics(self, request: Request) -> Response:
-        if (refused := self._ops_refusal(request)) is not None:
+        if (refused := await self.gateway.ops.metrics_refusal(request)) is not None:  # before rendering (_ops.py)
             return refused
         body = render(self.gateway.metrics_snapshot())
         return Response(body, media_type=METRICS_CONTENT_TYPE, headers={"Cache-Control": "no-store"})

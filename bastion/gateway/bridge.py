@@ -54,6 +54,7 @@ import msgspec.inspect as mi
 from bastion.client.aio import Client
 from bastion.client.policy import RetryPolicy
 from bastion.exceptions import LocalProtocolError, ResourceExhausted, error_for_status
+from bastion.security.principal import Principal
 from bastion.server.direct import DirectSession
 from bastion.server.server import Server
 from bastion.service import MethodKind
@@ -169,11 +170,12 @@ class Bridge:
         finally:
             self._checkin(pooled, caller)
 
-    async def check(self, caller: Caller) -> None:
-        """Open (or reuse) the caller's session: raises UNAUTHENTICATED for a bad credential."""
+    async def check(self, caller: Caller) -> Principal:
+        """Open (or reuse) the caller's session: who it authenticated as; raises UNAUTHENTICATED for a bad
+        credential (and whatever else the handshake refuses: the login throttle's RESOURCE_EXHAUSTED...)."""
         pooled = self._checkout(caller)
         try:
-            await self._door(pooled, caller)
+            return (await self._door(pooled, caller)).principal
         finally:
             self._checkin(pooled, caller)
 

@@ -8,9 +8,15 @@ empty schema (anything). Each unary method is ``POST /v1/{service}/{method}``
 (its argument object as the body, its result as the 200 body; the body is
 optional when every parameter has a default, as the gateway reads an empty
 body as ``{}``); stream
-methods are listed for /ws in OpenRPC only. The documents are built once per
-server and cached; they describe the API surface, not who may call what
-(``x-bastion-roles`` / ``x-bastion-public`` say that, and the server enforces it).
+methods are listed for /ws in OpenRPC only.
+
+Each describes only what ``principal`` may call, exactly as ``admin.methods``
+lists it (``Principal.may_call``): an anonymous caller sees the public
+methods and nothing else -- not the admin-only methods, their documentation,
+argument types or roles -- and a service none of whose methods it may call
+is not named either. (``x-bastion-roles`` / ``x-bastion-public`` still say
+what each listed method needs; the server enforces it call by call.) The
+gateway caches the documents by the set of methods shown (app.py).
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ import msgspec
 
 from bastion._version import __version__
 from bastion.gateway._cookies import HOST_PREFIX, SESSION_COOKIE
+from bastion.security.principal import Principal
 from bastion.server.dispatch import MethodTable
 from bastion.service import MethodKind, MethodSpec
 
-__all__ = ["openapi_document", "openrpc_document"]
+__all__ = ["openapi_document", "openrpc_document", "visible_methods"]
 
 _REF = "#/components/schemas/{name}"
 _ERROR_SCHEMA: dict[str, Any] = {
@@ -79,16 +86,27 @@ def _components(specs: list[MethodSpec]) -> tuple[list[tuple[dict[str, Any], dic
     return [(schemas[2 * i], schemas[2 * i + 1]) for i in range(len(specs))], components
 
 
-def _specs(table: MethodTable) -> list[MethodSpec]:
-    return [spec for service in table.services.values() for spec in service.methods.values()]
+def visible_methods(table: MethodTable, principal: Principal) -> frozenset[str]:
+    """The full names of the methods ``principal`` may call: what the documents show it."""
+    entries = table.entries.items()
+    return frozenset(name for name, entry in entries if principal.may_call(entry.spec.public, entry.spec.roles))
+
+
+def _specs(table: MethodTable, shown: frozenset[str]) -> list[MethodSpec]:
+    return [spec for service in table.services.values() for spec in service.methods.values() if spec.full_name in shown]
 
 
 def openapi_document(
-    table: MethodTable, *, title: str = "bastion", session_cookie: str = HOST_PREFIX + SESSION_COOKIE
+    table: MethodTable,
+    shown: frozenset[str],
+    *,
+    title: str = "bastion",
+    session_cookie: str = HOST_PREFIX + SESSION_COOKIE,
 ) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for ``POST /v1/{service}/{method}``; ``session_cookie`` is the session cookie's
-    name on this gateway (``__Host-bastion_session`` when cookies are Secure, gateway/_cookies.py)."""
-    specs = [spec for spec in _specs(table) if spec.kind is MethodKind.UNARY]
+    """The OpenAPI 3.1 document for ``POST /v1/{service}/{method}`` of the unary methods in ``shown``
+    (``visible_methods``); ``session_cookie`` is the session cookie's name on this gateway
+    (``__Host-bastion_session`` when cookies are Secure, gateway/_cookies.py)."""
+    specs = [spec for spec in _specs(table, shown) if spec.kind is MethodKind.UNARY]
     pairs, components = _components(specs)
     paths: dict[str, Any] = {}
     for spec, (params, result) in zip(specs, pairs, strict=True):
@@ -119,7 +137,11 @@ def openapi_document(
         "info": {"title": title, "version": __version__},
         "paths": paths,
         "security": [{"bearer": []}, {"cookie": []}],
-        "tags": [{"name": name, "description": service.doc} for name, service in table.services.items()],
+        "tags": [
+            {"name": name, "description": service.doc}
+            for name, service in table.services.items()
+            if any(spec.service == name for spec in specs)
+        ],
         "components": {
             "schemas": {**components, "Error": _ERROR_SCHEMA},
             "responses": {
@@ -143,9 +165,9 @@ def openapi_document(
     }
 
 
-def openrpc_document(table: MethodTable, *, title: str = "bastion") -> dict[str, Any]:
-    """The OpenRPC 1.2 document ``rpc.discover`` answers (every method; streams are for /ws)."""
-    specs = _specs(table)
+def openrpc_document(table: MethodTable, shown: frozenset[str], *, title: str = "bastion") -> dict[str, Any]:
+    """The OpenRPC 1.2 document ``rpc.discover`` answers: the methods in ``shown`` (streams are for /ws)."""
+    specs = _specs(table, shown)
     pairs, components = _components(specs)
     methods = []
     for spec, (params, result) in zip(specs, pairs, strict=True):

@@ -37,5 +37,11 @@ class Principal(msgspec.Struct, frozen=True):
     def has_roles(self, required: frozenset[str]) -> bool:
         return ADMIN_ROLE in self.roles or required <= self.roles
 
+    def may_call(self, public: bool, roles: frozenset[str]) -> bool:
+        """Whether a method declared ``public`` and needing ``roles`` is this principal's to call (and so to
+        see listed: ``admin.methods``, the gateway's /openapi.json and ``rpc.discover``); ``MethodTable.admit``
+        decides the same, inline, on the call path."""
+        return (public or self.authenticated) and (not roles or self.has_roles(roles))
+
 
 ANONYMOUS: Final = Principal("anonymous", frozenset(), authenticated=False, mechanism="none")

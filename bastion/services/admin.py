@@ -67,12 +67,7 @@ async def methods(ctx: Context) -> list[dict[str, Any]]:
     principal = ctx.principal
     out = []
     for svc in ctx.server.describe():
-        visible = [
-            m
-            for m in svc["methods"]
-            if (m["public"] or principal.authenticated)
-            and (not m["roles"] or principal.has_roles(frozenset(m["roles"])))
-        ]
+        visible = [m for m in svc["methods"] if principal.may_call(m["public"], frozenset(m["roles"]))]
         if visible:
             out.append({**svc, "methods": visible})
     return out

@@ -91,8 +91,7 @@ def http(server: ServerProcess, path: str, body: Any = None) -> tuple[int, str]:
 
 def rejections(server: ServerProcess) -> dict[str, float]:
     """bastion_rejections_total by reason, from the gateway's /metrics."""
-    status, text = http(server, "/metrics")
-    assert status == 200
+    text = server.scrape()
     return {
         sample.labels["reason"]: sample.value
         for family in text_string_to_metric_families(text)

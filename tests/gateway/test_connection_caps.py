@@ -74,10 +74,8 @@ def test_idle_websockets_past_the_per_address_cap_are_refused_429(tmp_path: Path
 
 
 def scrape_plain(server: ServerProcess) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    status, _, body = _get(server, "/metrics")
-    assert status == 200, body
     samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(body.decode()):
+    for family in text_string_to_metric_families(server.scrape()):
         for sample in family.samples:
             samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     return samples

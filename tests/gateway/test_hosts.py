@@ -105,7 +105,7 @@ def test_over_tls_the_certificate_binds_the_name_and_any_host_is_served(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
     server = server_factory(args=("--http-port", "0"))
-    assert _get(server, "GET", "/metrics", "evil.example:PORT").status == 200
+    assert _get(server, "GET", "/metrics", "evil.example:PORT", Authorization=f"Bearer {server.token}").status == 200
     assert server.stop() == 0
 
 

@@ -50,8 +50,10 @@ def _context(server: ServerProcess) -> ssl.SSLContext:
 
 
 def _get(server: ServerProcess, path: str) -> tuple[int, str, str]:
+    """GET ``path`` as the server's admin (/metrics needs a credential by default: test_metrics_access.py)."""
     assert server.gateway_url is not None
-    with urllib.request.urlopen(server.gateway_url + path, context=_context(server), timeout=10) as response:
+    request = urllib.request.Request(server.gateway_url + path, headers={"Authorization": f"Bearer {server.token}"})
+    with urllib.request.urlopen(request, context=_context(server), timeout=10) as response:
         return response.status, response.headers["Content-Type"], response.read().decode()
 
 
@@ -333,10 +335,7 @@ def test_stream_buffer_gauges_show_the_items_handlers_have_not_taken(tmp_path: P
         assert server.gateway_url is not None
 
         def gauges() -> tuple[float, float, float]:
-            with urllib.request.urlopen(server.gateway_url + "/metrics", timeout=10) as response:
-                samples = {
-                    s.name: s.value for f in text_string_to_metric_families(response.read().decode()) for s in f.samples
-                }
+            samples = {s.name: s.value for f in text_string_to_metric_families(server.scrape()) for s in f.samples}
             return (
                 samples["bastion_stream_buffer_bytes"],
                 samples["bastion_stream_buffer_limit_bytes"],

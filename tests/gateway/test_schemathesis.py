@@ -3,7 +3,7 @@
 The world is a real ``Server`` over real TCP hosting every built-in service
 (admin with backups, auth, kv, files, jobs) plus the demo service, with the
 gateway in front, as ``bastion serve`` composes them. schemathesis reads the
-OpenAPI document the gateway publishes, generates calls for every
+OpenAPI document the gateway publishes (to an admin: every method), generates calls for every
 ``POST /v1/{service}/{method}`` -- valid ones and invalid ones -- sends them
 with an admin's bearer token, and checks two things of every answer: no 5xx
 (``not_a_server_error``) and the answer matches the document
@@ -150,7 +150,9 @@ def full_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullWorld]:
 
 @pytest.fixture(scope="module")
 def fuzz_schema(full_world: FullWorld) -> schemathesis.BaseSchema:
-    return schemathesis.openapi.from_url(full_world.url + "/openapi.json")
+    # As the admin: /openapi.json shows a caller only what it may call, an admin every method.
+    bearer = {"Authorization": f"Bearer {full_world.tokens[FUZZ_ADMIN]}"}
+    return schemathesis.openapi.from_url(full_world.url + "/openapi.json", headers=bearer)
 
 
 #: Calls that would act on the run's own admin (schemathesis learns its name from whoami and

@@ -52,6 +52,7 @@ def test_serve_starts_the_gateway_over_tls_and_drains_before_closing_it(tmp_path
         server.signal()
         wait_for(lambda: _status(server, "/readyz") == 503, 5, what="/readyz to answer 503 while draining")
         assert _status(server, "/livez") == 200
+        assert _in_flight(server)  # /metrics, as the admin, is still served while draining
         slow.join(10)
         client.close()
         assert answer == [2.0]
@@ -62,9 +63,7 @@ def test_serve_starts_the_gateway_over_tls_and_drains_before_closing_it(tmp_path
 
 def _in_flight(server: ServerProcess) -> bool:
     assert server.gateway_url is not None and server.ca_file is not None
-    context = ssl.create_default_context(cafile=str(server.ca_file))
-    with urllib.request.urlopen(server.gateway_url + "/metrics", context=context, timeout=5) as response:
-        text = response.read().decode()
+    text = server.scrape(timeout=5)
     return any(line.startswith("bastion_calls_in_flight ") and float(line.split()[1]) > 0 for line in text.splitlines())
 
 

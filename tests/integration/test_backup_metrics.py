@@ -7,8 +7,6 @@ and nothing secret may reach the log on the way.
 
 from __future__ import annotations
 
-import ssl
-import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,9 +18,7 @@ PASSPHRASE = "do-not-log-me-0x5eed"
 
 def _backups(server: ServerProcess) -> dict[tuple[str, str], float]:
     assert server.gateway_url is not None and server.ca_file is not None
-    context = ssl.create_default_context(cafile=str(server.ca_file))
-    with urllib.request.urlopen(server.gateway_url + "/metrics", context=context, timeout=10) as response:
-        text = response.read().decode()
+    text = server.scrape()
     out = {}
     for family in text_string_to_metric_families(text):
         if family.name == "bastion_backups":

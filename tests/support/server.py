@@ -30,11 +30,13 @@ import queue
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -182,6 +184,16 @@ class ServerProcess:
     @property
     def token(self) -> str:
         return self.token_file.read_text().strip()
+
+    def scrape(self, timeout: float = 10.0) -> str:
+        """``GET /metrics`` of its gateway, as its admin (the gateway serves it to no anonymous caller)."""
+        assert self.gateway_url is not None, "started without the gateway (http=True)"
+        context = None if self.ca_file is None else ssl.create_default_context(cafile=str(self.ca_file))
+        bearer = {"Authorization": f"Bearer {self.token}"}
+        request = urllib.request.Request(self.gateway_url + "/metrics", headers=bearer)
+        with urllib.request.urlopen(request, context=context, timeout=timeout) as response:
+            text: str = response.read().decode()
+        return text
 
     def log(self) -> str:
         """What the server has written to stderr so far."""
