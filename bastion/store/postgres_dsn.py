@@ -10,6 +10,7 @@ connection parameters and server settings (sent in ``PGOPTIONS``).
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 
 __all__ = ["SECRET_PARAMETERS", "redact_dsn"]
@@ -42,22 +43,26 @@ def redact_dsn(dsn: str) -> str:
     ``password`` and ``sslpassword`` parameters.
 
     Read by hand, not by ``urlsplit``: a password with a reserved character it should have percent-encoded
-    (``s3/cret``, ``s3?cret``, ``s3#cret``) makes ``urlsplit`` end the authority inside it, which then showed
-    whole. The userinfo ends at the last ``@`` (as wherever such a DSN is meant), so the redaction errs
-    towards hiding too much.
+    (``s3/cret``, ``s3?cret``, ``s3#cret``, ``s3@cret``) makes ``urlsplit`` end a part inside it, which
+    then showed. So the secret parameters go first, wherever they are: each value runs to where another
+    parameter (``&name=``) begins, or to the end. Then the userinfo ends at the last ``@`` left (as wherever
+    such a DSN is meant). Both err towards hiding too much.
     """
     scheme, sep, rest = dsn.partition("://")
     if not sep:
         return "<DSN not shown>" if "password" in dsn.lower() else dsn
+    rest = _PARAMETER.sub(_hide_secret, rest)
     userinfo, at, location = rest.rpartition("@")
     if ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
-    where, question, query = location.partition("?")
-    if question:
-        pairs = query.split("&")
-        for i, pair in enumerate(pairs):
-            key, equals, _ = pair.partition("=")
-            if equals and urllib.parse.unquote(key).lower() in SECRET_PARAMETERS:
-                pairs[i] = f"{key}=***"
-        query = "&".join(pairs)
-    return f"{scheme}://{userinfo}{at}{where}{question}{query}"
+    return f"{scheme}://{userinfo}{at}{location}"
+
+
+#: A query parameter: its separator, its name, and its value up to the next ``&name=`` or the end.
+_PARAMETER = re.compile(r"([?&])([^&=?#@/]*)=(.*?)(?=&[^&=]*=|$)", re.DOTALL)
+
+
+def _hide_secret(parameter: re.Match[str]) -> str:
+    if urllib.parse.unquote(parameter[2]).lower() in SECRET_PARAMETERS:
+        return f"{parameter[1]}{parameter[2]}=***"
+    return parameter[0]

@@ -296,6 +296,12 @@ def test_open_store_refuses_another_postgresql_driver() -> None:
         ("postgresql://ada:s3#cret@db/x", "postgresql://ada:***@db/x"),
         ("postgresql://ada:s3cret@[db/x", "postgresql://ada:***@[db/x"),
         ("postgresql://ada@db/x?sslpassword=s3cret", "postgresql://ada@db/x?sslpassword=***"),
+        # In a parameter, the same characters (an @ above all) end the value only where another parameter begins.
+        ("postgresql://db/x?password=s3@cret", "postgresql://db/x?password=***"),
+        ("postgresql://ada@db:1/x?password=s3@cret", "postgresql://ada@db:1/x?password=***"),
+        ("postgresql://ada@db/x?sslpassword=a@s3cret", "postgresql://ada@db/x?sslpassword=***"),
+        ("postgresql://db/x?password=s3&cret&sslmode=require", "postgresql://db/x?password=***&sslmode=require"),
+        ("postgresql://db/x?PASS%57ORD=s3cret", "postgresql://db/x?PASS%57ORD=***"),
     ],
 )
 def test_the_password_is_redacted_from_the_dsn(dsn: str, shown: str) -> None:
