@@ -47,7 +47,6 @@ import msgspec
 from bastion.exceptions import (
     CallError,
     InvalidArgument,
-    LocalProtocolError,
 )
 from bastion.observability.loglimit import suppressed_note
 from bastion.protocol.connection import Connection, ProtocolLimits
@@ -65,8 +64,8 @@ from bastion.protocol.messages import (
 )
 from bastion.protocol.state import ConnectionState, Role
 from bastion.security.principal import ANONYMOUS, Principal
-from bastion.security.throttle import LoginThrottled
 from bastion.server.dispatch import Entry, IdempotencyKeys
+from bastion.server.failures import CallFailures
 from bastion.server.once import IdempotentCalls
 from bastion.server.scheduler import Ticket, TicketState, effective_priority
 from bastion.server.streams import CreditGate, InputStream
@@ -87,13 +86,12 @@ _REJECTED_KEY = {status: f"rejected_{status.name.lower()}" for status in Status}
 _OK = Status.OK
 _REJECTED = TicketState.REJECTED
 _DRAINING = ConnectionState.DRAINING
-_DENIED = (Status.UNAUTHENTICATED, Status.PERMISSION_DENIED)
 #: What a refused call to a method the server lacks is charged as: a peer's names must not fill the limiter's caches.
 REFUSED_METHOD = "<refused>"
 _session_ids = itertools.count(1)
 
 
-class ServerSession(SessionUpkeep, IdempotentCalls):
+class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
     """The server's side of one connection (its upkeep of the connection: upkeep.py)."""
 
     def __init__(self, server: Server, source: str | None = None) -> None:
@@ -457,33 +455,6 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
         finally:
             server.inline_running -= 1
 
-    def _failed(self, call_id: int, spec: MethodSpec, exc: BaseException) -> Status:
-        """Answer a call whose handler (or its answer) failed with ``exc``; the status it ended with."""
-        if isinstance(exc, CallError):
-            # Before TimeoutError: DeadlineExceeded is both, and a handler's
-            # own DeadlineExceeded must reach the client as it was raised.
-            self._answer_error(call_id, exc)
-            if exc.status in _DENIED:  # the service's own check (an ACL, a password) refused the caller
-                self.server.counters["auth_failures_denied"] += 1
-                if exc.status is Status.PERMISSION_DENIED:  # a handler's UNAUTHENTICATED audits itself (auth.login)
-                    self._audit_denial(spec.full_name, exc.status)
-            elif isinstance(exc, LoginThrottled):  # auth.login met the login throttle
-                self.server.counters["auth_failures_throttled"] += 1
-            return exc.status
-        if isinstance(exc, asyncio.CancelledError):
-            if call_id in self._expired:  # our deadline timer cancelled the task
-                self._send_error(call_id, Status.DEADLINE_EXCEEDED, "deadline exceeded")
-                return Status.DEADLINE_EXCEEDED
-            # Client cancel: the core has closed the call, so this sends nothing.
-            # Shutdown: tell the client the call did not finish.
-            self._send_error(call_id, Status.UNAVAILABLE, "server shutting down", retry_after=1.0)
-            return Status.UNAVAILABLE if self.server.draining else Status.CANCELLED
-        if isinstance(exc, LocalProtocolError):
-            self._send_error(call_id, exc.status, f"{spec.full_name}: result cannot be sent: {exc}")
-            return exc.status
-        self._internal_error(call_id, spec.full_name, self._request_id(call_id))
-        return Status.INTERNAL
-
     def _context(self, call: Call, spec: MethodSpec, deadline: float | None) -> Context:
         return Context(
             method=spec,
@@ -495,10 +466,6 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
             server=self.server.info,
             principals=self,
         )
-
-    def _request_id(self, call_id: int) -> str:
-        """The id a call's Context and its internal-error log line carry: session and call."""
-        return f"{self.id:x}-{call_id:x}"
 
     def _arm_deadline(self, call_id: int, deadline: float) -> int:
         """Cancel the running task (this call's) at ``deadline`` (``time.monotonic``), marking the call expired.
@@ -559,40 +526,6 @@ class ServerSession(SessionUpkeep, IdempotentCalls):
             if self.link is not None and self.link.writing_paused:
                 await self._writable()
             self.core.send_result(call_id, result)
-
-    def _answer_error(self, call_id: int, exc: CallError) -> None:
-        self._send_error(call_id, exc.status, exc.message, exc.details or None, exc.retry_after)
-
-    def _send_error(
-        self,
-        call_id: int,
-        status: Status,
-        message: str,
-        details: dict[str, Any] | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        """Answer ``call_id`` with ``status``; if the answer cannot be sent as it is (details that do
-        not encode, a retry_after that is no number of milliseconds, a frame over the peer's limit),
-        with the status and a short message alone: every call is answered, and the others go on."""
-        try:
-            retry = math.ceil(retry_after * 1000) if retry_after is not None else None
-            self.core.send_error(call_id, status, message, details=details, retry_after_ms=retry)
-        except (LocalProtocolError, OverflowError, ValueError, TypeError) as exc:
-            # The peer may cause this on every call (its max_frame, the method name an error repeats).
-            if (left_out := self.server.log_budget.take("unsendable_answer")) is not None:
-                log.warning(
-                    "call %d: its %s answer could not be sent as it was (%s); sent without details%s",
-                    call_id,
-                    status.name,
-                    exc,
-                    suppressed_note(left_out),
-                )
-            self.core.send_error(call_id, status, f"{status.name} (the full answer could not be sent)")
-
-    def _internal_error(self, call_id: int, method: str, request_id: str) -> None:
-        log.exception("handler %s failed (request id %s)", method, request_id)
-        self.server.counters["internal_errors"] += 1
-        self.core.send_error(call_id, Status.INTERNAL, f"internal error (request id {request_id})")
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
