@@ -113,11 +113,12 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import cast
 
 import msgspec
 
 from bastion.exceptions import UsageError
-from bastion.server.tickets import Job, Level, LevelQueue, OnReject, Ticket, TicketState
+from bastion.server.tickets import Job, Level, LevelQueue, OnReject, ReportingJob, Ticket, TicketState
 from bastion.status import Status
 
 __all__ = ["Job", "Level", "OnReject", "Scheduler", "SchedulerConfig", "Ticket", "TicketState", "effective_priority"]
@@ -235,34 +236,51 @@ class Scheduler:
 
     def submit(
         self,
-        job: Job,
+        job: Job | ReportingJob,
         *,
         priority: int,
         principal: str,
         deadline: float | None,
         on_reject: OnReject,
         on_done: Callable[[], None] | None = None,
+        reports_end: bool = False,
     ) -> Ticket:
         """Start ``job`` now, queue it, or refuse it through ``on_reject`` before returning.
 
         ``deadline`` is on the scheduler's clock (``time.monotonic`` by default).
         ``on_done`` is called once the started job has ended, however it ended (one
         cancelled before its first step: once its task is done).
+
+        ``reports_end``: ``job`` is a ``ReportingJob``, called with its ticket, whose
+        coroutine sets ``ticket.started`` in its first step and calls ``finished(ticket)``
+        when it ends, however it ends (except when closed unfinished: its loop went away),
+        and logs what it raises itself: its task runs it directly, without the coroutine
+        that does this for a plain job (one level less on each of its steps).
         """
         now = self._clock()
         level = self._levels.get(priority)
         if level is None:
             level = self._level_of(priority)
-        ticket = Ticket(job, level, principal, deadline, on_reject, on_done, now)
+        ticket = Ticket(job, level, principal, deadline, on_reject, on_done, now, reports_end)
         self._counts["submitted"] += 1
         if deadline is not None and deadline <= now:
             self._reject(ticket, "deadline", Status.DEADLINE_EXCEEDED, "deadline passed before the call started")
-        elif (
-            self._running < self.config.max_concurrency and not self._queued  # _may_start_now, inline
-            if level is not _CONTROL
-            else self._may_start_now(level)
-        ):
-            self._start(ticket, now)
+        elif level is _CONTROL:
+            if self._may_start_now(level):
+                self._start(ticket, now)
+            else:
+                self._enqueue(ticket, now)
+        elif self._running < self.config.max_concurrency and not self._queued:  # _may_start_now, inline
+            # _start for a job that waited for nothing (its delay is 0), as run_inline counts one
+            self._delay_last = 0.0
+            self._delay_ewma -= _EWMA_WEIGHT * self._delay_ewma
+            queue = self._queues[level]
+            start = queue.window_start  # count_start, inline while its window is open
+            if start is not None and now - start < self.config.codel_interval:
+                queue.window_count += 1
+            else:
+                queue.count_start(now, self.config.codel_interval)
+            self._launch(ticket)
         else:
             self._enqueue(ticket, now)
         return ticket
@@ -303,7 +321,7 @@ class Scheduler:
         task = ticket.task
         if ticket.state is TicketState.RUNNING and task is not None:
             if not ticket.started and not task.done():  # it will never run _run_job's finally
-                task.add_done_callback(functools.partial(self._finished, ticket))
+                task.add_done_callback(functools.partial(self.finished, ticket))
             return task.cancel()
         return False
 
@@ -413,6 +431,10 @@ class Scheduler:
         level = ticket.level
         if level is not _CONTROL:
             self._queues[level].count_start(now, self.config.codel_interval)
+        self._launch(ticket)
+
+    def _launch(self, ticket: Ticket) -> None:
+        """Run a job now, in a task of its own (``_start``'s second half)."""
         ticket.state = _RUNNING
         self._running += 1
         self._counts["started"] += 1
@@ -421,7 +443,8 @@ class Scheduler:
             loop = self._loop
             if loop is None or not loop.is_running():  # get_running_loop() makes a getpid() call on 3.11
                 loop = self._loop = asyncio.get_running_loop()
-            ticket.task = loop.create_task(self._run_job(ticket), context=ticket.context)
+            coro = cast(ReportingJob, ticket.job)(ticket) if ticket.reports_end else self._run_job(ticket)
+            ticket.task = loop.create_task(coro, context=ticket.context)
         except Exception:
             log.exception("scheduler: could not start a job")
             self._running -= 1
@@ -437,7 +460,7 @@ class Scheduler:
         ticket.started = True
         ended = True
         try:
-            await ticket.job()
+            await cast(Job, ticket.job)()
         except GeneratorExit:
             ended = False  # closed unfinished as its loop went away: nothing runs any more
             raise
@@ -445,9 +468,11 @@ class Scheduler:
             log.exception("scheduler: a job raised")
         finally:
             if ended:
-                self._finished(ticket)
+                self.finished(ticket)
 
-    def _finished(self, ticket: Ticket, task: object = None) -> None:
+    def finished(self, ticket: Ticket, task: object = None) -> None:
+        """A started job has ended (a ``reports_end`` job says so itself; else its wrapper or, for one
+        cancelled before its first step, its task's done-callback); a second report is ignored."""
         if ticket.state is _DONE:
             return  # reported already
         ticket.state = _DONE

@@ -383,15 +383,22 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
             principal=principal.name if principal.authenticated else self.anonymous_key,
             deadline=deadline,
             on_reject=functools.partial(self._rejected, call_id),
+            reports_end=True,
         )
         if ticket.state is not _REJECTED:
             self.tickets[call_id] = ticket
             self._queued.add(call_id)
 
-    async def _run(self, call: Call, entry: Entry, args: dict[str, Any], deadline: float | None) -> None:
+    async def _run(
+        self, call: Call, entry: Entry, args: dict[str, Any], deadline: float | None, ticket: Ticket
+    ) -> None:
+        """The call, in the task the scheduler started for it; reports its end to the scheduler itself
+        (``reports_end``: no coroutine around this one)."""
+        ticket.started = True
         call_id = call.id
         spec = entry.spec
         status = _OK  # for the metrics
+        ended = True
         try:
             if self.server.check_rate_async is not None:  # a shared (Redis) limiter answers asynchronously
                 try:
@@ -425,8 +432,17 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
                     self.server.deadlines.disarm(slot, self, call_id)
         except (Exception, asyncio.CancelledError) as exc:
             status = self._failed(call_id, spec, exc)
+        except GeneratorExit:
+            ended = False  # closed unfinished as its loop went away: nothing runs any more
+            raise
         finally:
-            self._forget(call_id, status)
+            try:
+                self._forget(call_id, status)
+            except Exception:
+                log.exception("scheduler: a job raised")
+            finally:
+                if ended:
+                    self.server.scheduler.finished(ticket)
 
     def _run_inline(self, call: Call, entry: Entry, args: dict[str, Any], deadline: float | None) -> Status:
         """Run a handler that cannot suspend (``Entry.inline``) to its end now, and answer; its status.

@@ -17,10 +17,12 @@ from typing import Any
 
 from bastion.status import Status
 
-__all__ = ["Job", "Level", "LevelQueue", "OnReject", "Ticket", "TicketState"]
+__all__ = ["Job", "Level", "LevelQueue", "OnReject", "ReportingJob", "Ticket", "TicketState"]
 
 #: A call ready to run: called once, with no arguments, when a slot is free.
 Job = Callable[[], Coroutine[Any, Any, object]]
+#: A job that reports its own start and end (``Scheduler.submit(..., reports_end=True)``): called with its ticket.
+ReportingJob = Callable[["Ticket"], Coroutine[Any, Any, object]]
 #: Told why a job will never run: (status, message, retry-after seconds or None).
 OnReject = Callable[[Status, str, "float | None"], None]
 
@@ -60,6 +62,7 @@ class Ticket:
         "on_done",
         "on_reject",
         "principal",
+        "reports_end",
         "started",
         "state",
         "task",
@@ -67,15 +70,16 @@ class Ticket:
 
     def __init__(
         self,
-        job: Job,
+        job: Job | ReportingJob,
         level: Level,
         principal: str,
         deadline: float | None,
         on_reject: OnReject,
         on_done: Callable[[], None] | None,
         now: float,
+        reports_end: bool = False,
     ) -> None:
-        self.job = job
+        self.job: Job | ReportingJob = job
         self.level = level
         self.principal = principal
         self.deadline = deadline
@@ -87,6 +91,8 @@ class Ticket:
         self.started = False  # its task has begun running the job
         self.context: contextvars.Context | None = None  # a queued job's: its submitter's context
         self.detached = False
+        #: The job reports its own start and end (``Scheduler.submit``'s ``reports_end``).
+        self.reports_end = reports_end
 
     def __repr__(self) -> str:
         return f"<Ticket {self.level.name} {self.principal!r} {self.state.value}>"
