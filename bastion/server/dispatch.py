@@ -83,6 +83,7 @@ class Entry:
         "inline",
         "input_decoder",
         "metric_row",
+        "positional",
         "spec",
         "stream_mismatch",
         "streams_in",
@@ -114,10 +115,21 @@ class Entry:
         self.unary_async = spec.is_async and spec.input_param is None and not self.streams_out
         #: Its handler cannot suspend: the session may run it to its end at once, without a task.
         self.inline = self.unary_async and never_suspends(spec.handler)
+        #: Unary, and its handler takes its arguments by position (``takes_positionally``): the session
+        #: calls it with ``decode_values``, without a dict of them to build and match by name.
+        self.positional = self.unary_async and takes_positionally(spec)
 
     def decode_args(self, raw: msgspec.Raw) -> dict[str, Any]:
+        """The call's arguments by name; INVALID_ARGUMENT if they do not match the method's hints."""
+        return msgspec.structs.asdict(self._decode(raw))  # in C: every field by attribute name, as ``fields``
+
+    def decode_values(self, raw: msgspec.Raw) -> tuple[Any, ...]:
+        """The call's arguments in the handler's order, without its Context (a ``positional`` entry's)."""
+        return msgspec.structs.astuple(self._decode(raw))
+
+    def _decode(self, raw: msgspec.Raw) -> msgspec.Struct:
         try:
-            args = self.decoder.decode(raw)
+            args: msgspec.Struct = self.decoder.decode(raw)
         except msgspec.ValidationError as exc:
             raise InvalidArgument(f"{self.spec.full_name}: {_describe(exc)}") from None
         except msgspec.DecodeError as exc:
@@ -126,7 +138,21 @@ class Entry:
             # ``Call.args`` is Raw: the frame decoder skipped over it, so text that is not UTF-8
             # shows up here first, and msgspec raises it as no DecodeError.
             raise InvalidArgument(f"{self.spec.full_name}: arguments hold text that is not UTF-8") from None
-        return msgspec.structs.asdict(args)  # in C: every field by attribute name, as ``fields``
+        return args
+
+
+def takes_positionally(spec: MethodSpec) -> bool:
+    """Whether ``spec.handler`` may be called as ``handler(*values)``, or ``handler(context, *values)``
+    with a Context parameter: its own parameters (a wrapper's, not what it wraps) are all plain ones,
+    its Context first, then the arguments in the order of ``spec.args_type``'s fields."""
+    try:
+        params = inspect.signature(spec.handler, follow_wrapped=False).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    if any(param.kind is not param.POSITIONAL_OR_KEYWORD for param in params):
+        return False
+    expected = ([spec.context_param] if spec.context_param is not None else []) + list(spec.args_type.__struct_fields__)
+    return [param.name for param in params] == expected
 
 
 #: What decoded arguments may cost, at worst, per byte of MessagePack, by how deeply they may nest

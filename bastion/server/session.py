@@ -91,6 +91,8 @@ _DRAINING = ConnectionState.DRAINING
 #: What a refused call to a method the server lacks is charged as: a peer's names must not fill the limiter's caches.
 REFUSED_METHOD = "<refused>"
 _session_ids = itertools.count(1)
+#: A call's arguments: by name, or by position for a handler that takes them so (``Entry.positional``).
+Args = dict[str, Any] | tuple[Any, ...]
 #: The metadata of a call that carries none: one read-only mapping for all (handlers must not change it).
 _NO_METADATA: Mapping[str, str] = types.MappingProxyType({})
 
@@ -320,7 +322,9 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
                 raise InvalidArgument(entry.stream_mismatch)
             if len(call.args) >= ARGS_COUNTED:  # before decoding: it is the cost (flat ones too: they queue)
                 cost = self._args_cost_of(call, entry)
-            args = entry.decode_args(call.args)
+            # By position where the handler takes them so, unless metadata may ask for the idempotent path.
+            raw = call.args
+            args = entry.decode_values(raw) if entry.positional and not call.metadata else entry.decode_args(raw)
             if call.metadata:
                 self._idempotency_key(call, entry)  # refuse a bad or unusable key now; claimed when the call runs
             if server.check_rate is not None:
@@ -393,9 +397,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
             self.tickets[call_id] = ticket
             self._queued.add(call_id)
 
-    async def _run(
-        self, call: Call, entry: Entry, args: dict[str, Any], deadline: float | None, ticket: Ticket
-    ) -> None:
+    async def _run(self, call: Call, entry: Entry, args: Args, deadline: float | None, ticket: Ticket) -> None:
         """The call, in the task the scheduler started for it; reports its end to the scheduler itself
         (``reports_end``: no coroutine around this one)."""
         ticket.started = True
@@ -412,14 +414,18 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
                         self.server.counters["rejected_rate_limited"] += 1
                     raise
             if spec.context_param is not None:
-                args[spec.context_param] = self._context(call, spec, deadline)
-            if call.metadata and IdempotencyKeys.key_of(call.metadata) is not None:
+                context = self._context(call, spec, deadline)
+                if isinstance(args, tuple):
+                    args = (context, *args)
+                else:
+                    args[spec.context_param] = context
+            if isinstance(args, dict) and call.metadata and IdempotencyKeys.key_of(call.metadata) is not None:
                 await self._run_once(call, entry, args, deadline)
             elif entry.unary_async:  # _invoke's path for it, inline: the usual call, one coroutine fewer
                 slot = self._arm_deadline(call_id, deadline) if deadline is not None else None
                 try:
                     self._started(call_id)
-                    result = await spec.handler(**args)
+                    result = await (spec.handler(*args) if isinstance(args, tuple) else spec.handler(**args))
                 finally:
                     if slot is not None:
                         self.server.deadlines.disarm(slot, self, call_id)
@@ -427,8 +433,10 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
                     await self._writable()
                 self.core.send_result(call_id, result)
             elif deadline is None:
+                assert isinstance(args, dict)  # tuples are for entry.positional, which are unary_async
                 await self._invoke(call_id, entry, args)
             else:
+                assert isinstance(args, dict)
                 slot = self._arm_deadline(call_id, deadline)
                 try:
                     await self._invoke(call_id, entry, args)
@@ -448,7 +456,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
                 if ended:
                     self.server.scheduler.finished(ticket)
 
-    def _run_inline(self, call: Call, entry: Entry, args: dict[str, Any], deadline: float | None) -> Status:
+    def _run_inline(self, call: Call, entry: Entry, args: Args, deadline: float | None) -> Status:
         """Run a handler that cannot suspend (``Entry.inline``) to its end now, and answer; its status.
 
         ``_run`` without the task: the handler's coroutine ends in its first step,
@@ -461,8 +469,12 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
         server.inline_running += 1  # in flight (admin.stats) while it runs
         try:
             if spec.context_param is not None:
-                args[spec.context_param] = self._context(call, spec, deadline)
-            coro = spec.handler(**args)
+                context = self._context(call, spec, deadline)
+                if isinstance(args, tuple):
+                    args = (context, *args)
+                else:
+                    args[spec.context_param] = context
+            coro = spec.handler(*args) if isinstance(args, tuple) else spec.handler(**args)
             try:
                 contextvars.copy_context().run(coro.send, None)
             except StopIteration as stop:
