@@ -222,6 +222,7 @@ class _DirectLink:
     dropped = None
     writing_paused = False
     reading_paused = False
+    flush_scheduled = False
     tls_identity = None
 
     def __init__(self, session: DirectSession, peer: str) -> None:

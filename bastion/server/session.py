@@ -257,9 +257,13 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
             self._queue_full = False
             self.link.resume_reading("queued calls")
 
-    def _forget(self, call_id: int, status: Status = Status.CANCELLED) -> None:
+    def _forget(self, call_id: int, status: Status = Status.CANCELLED, *, ran: bool = False) -> None:
         """Drop a call's state: it ended with ``status``, or it never ran (cancelled or refused while
-        queued, or cancelled before its task's first step, so no ``finally`` runs)."""
+        queued, or cancelled before its task's first step, so no ``finally`` runs).
+
+        ``ran``: its task ends here, its answer (if any) queued. With no other call of the connection
+        running, no other answer can join it in this loop turn: it is written now, without a flush
+        scheduled for the end of the turn (a loop callback less per call)."""
         timing = self._timing.pop(call_id, None)  # _record, inline: count it unless counted already
         if timing is not None:
             self.server.metrics.record_since(timing[0], status, timing[1])
@@ -278,8 +282,12 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
             if gate is not None:
                 gate.close()
                 self._resumable.discard(call_id)
-        if self.link is not None:
-            self.link.schedule_flush()
+        link = self.link
+        if link is not None:
+            if ran and not self.tickets and not link.flush_scheduled:
+                link.flush()
+            else:
+                link.schedule_flush()
         if self.core.state is _DRAINING:  # a GoAway went one way or the other: close after the last call
             self._maybe_finish_drain()
 
@@ -449,7 +457,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
             raise
         finally:
             try:
-                self._forget(call_id, status)
+                self._forget(call_id, status, ran=True)
             except Exception:
                 log.exception("scheduler: a job raised")
             finally:

@@ -1,10 +1,15 @@
-"""Handlers called with their arguments by position (``Entry.positional``, ``ServerSession._run``).
+"""The session's paths for a call run in a task (``ServerSession._run``).
 
-A handler whose parameters are all plain, its Context first, is called with
-its arguments by position, without a dict of them to build and match by name;
-any other handler, and any call carrying metadata (an idempotency key's
-path), by name. The answers must not tell the two apart. Over a real server
-on loopback TCP.
+* A handler whose parameters are all plain, its Context first, is called
+  with its arguments by position (``Entry.positional``), without a dict of
+  them to build and match by name; any other handler, and any call carrying
+  metadata (an idempotency key's path), by name. The answers must not tell
+  the two apart.
+* A call whose task ends with no other call of its connection running has
+  its answer written at once (``_forget(..., ran=True)``); with others running,
+  at the end of the loop turn, with theirs.
+
+Over a real server on loopback TCP.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from bastion.store import open_store
 TOKEN = "bst_call-paths-token-0123456789abcdef"
 ADA = Principal("ada", frozenset({"user"}))
 ran: list[str] = []
+gate = asyncio.Event()  # replaced per test (an Event binds to its first loop)
 
 
 def wrapped(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -67,11 +73,23 @@ def make_service() -> Service:
         await asyncio.sleep(0)
         return tag
 
+    @svc.method
+    async def wait(tag: str) -> str:
+        await gate.wait()
+        return tag
+
+    @svc.method
+    async def quick(tag: str) -> str:
+        await asyncio.sleep(0)
+        return tag
+
     return svc
 
 
 def run(body: Callable[[bastion.Client, Server], Awaitable[None]], store: Path | None = None) -> None:
     async def main() -> None:
+        global gate
+        gate = asyncio.Event()
         server = Server([make_service()], authenticator=StaticTokens({TOKEN: ADA}))
         await server.start("127.0.0.1", 0)
         try:
@@ -84,6 +102,7 @@ def run(body: Callable[[bastion.Client, Server], Awaitable[None]], store: Path |
                         server.idempotency = IdempotencyKeys(opened)
                         await body(client, server)
         finally:
+            gate.set()
             await server.shutdown(grace=1)
 
     async def guarded() -> None:
@@ -96,7 +115,7 @@ def run(body: Callable[[bastion.Client, Server], Awaitable[None]], store: Path |
 def test_only_plain_parameters_in_order_with_the_context_first_are_passed_by_position() -> None:
     entries = MethodTable([make_service()]).entries
     positional = {name for name, entry in entries.items() if entry.positional}
-    assert positional == {"paths.first", "paths.effect"}
+    assert positional == {"paths.first", "paths.effect", "paths.wait", "paths.quick"}
     assert not takes_positionally(entries["paths.through"].spec)  # the wrapper's (*args, **kwargs) is read
 
 
@@ -123,3 +142,21 @@ def test_a_positional_handler_under_an_idempotency_key_runs_once(tmp_path: Path)
         assert ran == ["t"]
 
     run(body, tmp_path / "keys.db")
+
+
+def test_answers_of_calls_ending_alone_or_together_on_one_connection_all_arrive() -> None:
+    async def body(client: bastion.Client, server: Server) -> None:
+        waiting = [asyncio.ensure_future(client.call("paths.wait", tag=f"w{i}")) for i in range(5)]
+        await asyncio.sleep(0.05)
+        # Others of the connection are running: this answer leaves at the end of its loop turn.
+        assert await client.call("paths.quick", tag="q") == "q"
+        assert not any(w.done() for w in waiting)
+        gate.set()  # five end in one turn, the last of them alone
+        assert await asyncio.gather(*waiting) == [f"w{i}" for i in range(5)]
+        # Alone on the connection: written at once.
+        assert await asyncio.gather(*(client.call("paths.quick", tag=str(i)) for i in range(20))) == [
+            str(i) for i in range(20)
+        ]
+        assert server.stats()["calls_in_flight"] == 0
+
+    run(body)
