@@ -241,7 +241,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
                 self._queue_full = True
                 self.link.pause_reading("queued calls")
         finally:
-            self._count_answered()
+            if self._answered:  # _count_answered's check, without the call for a read that answered none
+                self._count_answered()
 
     def _count_answered(self) -> None:
         """Count the calls answered inline since the last time in the server's metrics, as one

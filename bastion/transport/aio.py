@@ -165,7 +165,8 @@ class Link(asyncio.Protocol):
         # Even with no events: the session counts traffic and abuse the core
         # handled on its own (partial frames, calls refused over max_inflight).
         self.session.on_events(events)
-        self.flush()
+        if self._output.buffer:  # flush's first check, without the call for a read that queued nothing
+            self.flush()
 
     def eof_received(self) -> bool | None:
         self.core.receive_eof()
