@@ -44,6 +44,7 @@ _SMALL_READ = 4096
 HEADER = struct.Struct(">I")
 #: ``HEADER.pack_into``, bound once: a module that imports ``HEADER`` would look ``pack_into`` up per call.
 pack_header = HEADER.pack_into
+_unpack_header = HEADER.unpack_from
 
 
 #: What msgspec raises for a value it cannot encode. RecursionError (a value nested too deeply, or
@@ -80,6 +81,14 @@ class FrameReader(Generic[T]):
         """
         if not isinstance(data, bytes):
             data = bytes(data)
+        elif not self.buffered and len(data) > HEADER_SIZE:
+            # The usual read: one whole frame and nothing before it (the loop below, unrolled once).
+            (length,) = _unpack_header(data)
+            if len(data) - HEADER_SIZE == length <= self.max_frame:
+                try:
+                    return [self._decoder.decode(memoryview(data)[HEADER_SIZE:])]
+                except (ValueError, RecursionError) as exc:
+                    raise _malformed(exc) from None
         if self.buffered:
             parts = self._parts
             if len(data) >= _SMALL_READ:
@@ -119,12 +128,7 @@ class FrameReader(Generic[T]):
             try:
                 append(decode(view[body:end]))
             except (ValueError, RecursionError) as exc:
-                # Besides DecodeError (a ValueError), msgspec lets through
-                # UnicodeDecodeError for a str field that is not UTF-8, and
-                # RecursionError for values nested too deeply (even inside a
-                # Raw field it only skips over).
-                reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-                raise RemoteProtocolError(f"malformed frame: {reason}") from None
+                raise _malformed(exc) from None
             pos = end
         else:
             self._need = HEADER_SIZE
@@ -133,6 +137,14 @@ class FrameReader(Generic[T]):
             self.buffered = size - pos
             self.begun += 1
         return out
+
+
+def _malformed(exc: ValueError | RecursionError) -> RemoteProtocolError:
+    """The error for a frame body msgspec could not decode. Besides DecodeError (a ValueError), msgspec
+    lets through UnicodeDecodeError for a str field that is not UTF-8, and RecursionError for values
+    nested too deeply (even inside a Raw field it only skips over)."""
+    reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+    return RemoteProtocolError(f"malformed frame: {reason}")
 
 
 class FrameWriter:
