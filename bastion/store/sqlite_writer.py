@@ -80,8 +80,9 @@ class _Write:
     """A write: ``fn(connection)``, or ``item`` for ``batch(connection, items)`` (batched).
 
     Awaiting it queues it (``SQLiteStore._submit``) and waits for its future:
-    the caller's ``await`` reaches the future with no coroutine in between,
-    and a write is queued when it is awaited, as a coroutine's would be.
+    the caller's ``await`` reaches the future with no coroutine or generator in
+    between (``__await__`` hands over the future's own iterator), and a write is
+    queued when it is awaited, as a coroutine's would be.
     """
 
     __slots__ = ("batch", "fn", "future", "item", "started", "store")
@@ -96,7 +97,7 @@ class _Write:
         self.started = 0.0  # time.perf_counter() when queued (for observe); 0: not queued yet
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return (yield from self.store._submit(self))
+        return self.store._submit(self).__await__()
 
     def run(self, conn: sqlite3.Connection) -> Any:
         """This write alone."""
