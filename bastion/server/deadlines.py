@@ -11,12 +11,19 @@ early. A slot kept for nothing costs a timer until then, which a caller
 spreading its timeouts over days would pile up (any ``timeout_ms`` is
 valid): once there are many slots, the empty ones are dropped and their
 timers cancelled (``_sweep``, amortised O(1) per new slot).
+
+Deadlines are on ``time.monotonic``'s clock, as the session and the scheduler
+keep them, so arming a call reads no clock; a slot's timer is set on the
+loop's clock when the slot is made, and one that comes early by
+``time.monotonic`` (uvloop's clock counts milliseconds, read once a loop
+turn) waits out the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import Protocol
 
 __all__ = ["RESOLUTION", "Deadlines", "Expirable"]
@@ -46,14 +53,17 @@ class Deadlines:
         return sum(len(calls) for calls in self._slots.values())
 
     def arm(self, loop: asyncio.AbstractEventLoop, when: float, holder: Expirable, call_id: int) -> int:
-        """Expire ``holder``'s call ``call_id`` at loop time ``when`` (or a little later); its slot, to disarm."""
+        """Expire ``holder``'s call ``call_id`` at ``when`` (``time.monotonic``, the calls' deadlines'
+        clock) or a little later; its slot, to disarm. The slot's loop timer is set on ``loop``'s clock
+        when the slot is made: a call pays no clock reading of its own."""
         slot = math.ceil(when / self.resolution)
         calls = self._slots.get(slot)
         if calls is None:
             if len(self._slots) >= self._sweep_at:
                 self._sweep()
             calls = self._slots[slot] = {}
-            self._timers[slot] = loop.call_at(slot * self.resolution, self._fire, slot)
+            at = loop.time() + (slot * self.resolution - time.monotonic())
+            self._timers[slot] = loop.call_at(at, self._fire, slot, loop)
         calls[holder, call_id] = None
         return slot
 
@@ -72,7 +82,11 @@ class Deadlines:
             timers.pop(slot).cancel()
         self._sweep_at = max(_SWEEP_MIN, 2 * len(slots))
 
-    def _fire(self, slot: int) -> None:
+    def _fire(self, slot: int, loop: asyncio.AbstractEventLoop) -> None:
+        left = slot * self.resolution - time.monotonic()
+        if left > 0:  # early by time.monotonic: uvloop's clock is in milliseconds, read once a loop turn
+            self._timers[slot] = loop.call_at(loop.time() + left, self._fire, slot, loop)
+            return
         self._timers.pop(slot, None)
         for holder, call_id in self._slots.pop(slot, {}):
             holder._expire(call_id)

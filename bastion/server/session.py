@@ -518,8 +518,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
         for the caller to disarm once the guarded await is over). The
         CancelledError reaches ``_run``, which answers DEADLINE_EXCEEDED.
         """
-        when = self._loop.time() + (deadline - time.monotonic())
-        return self.server.deadlines.arm(self._loop, when, self, call_id)
+        return self.server.deadlines.arm(self._loop, deadline, self, call_id)
 
     def _expire(self, call_id: int) -> None:
         ticket = self.tickets.get(call_id)  # the running call's ticket holds its task
