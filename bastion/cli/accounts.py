@@ -20,7 +20,7 @@ import typer
 from bastion.cli import common
 from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, connect, print_json, run_guarded, shown
 from bastion.exceptions import RemoteProtocolError, UsageError
-from bastion.security.secret_files import open_secret_file
+from bastion.security.secret_files import open_secret_file, write_secret_file
 
 __all__ = ["login", "token_app", "user_app"]
 
@@ -61,8 +61,7 @@ def _secret_file(path: Path) -> Iterator[Callable[[str], None]]:
         common.fail(str(exc), common.EXIT_USAGE)
 
     def write(secret: str) -> None:
-        os.ftruncate(fd, 0)
-        os.write(fd, (secret + "\n").encode())
+        write_secret_file(path, (secret + "\n").encode())
 
     written = False
     try:
@@ -118,8 +117,7 @@ def login(
             made_by.unlink()  # the old session's server: gone before the new token is there
         write(result["token"])
     try:  # the commands that follow send the session to this server alone (common.connect)
-        with os.fdopen(open_secret_file(made_by, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as note:
-            note.write(address + "\n")
+        write_secret_file(made_by, (address + "\n").encode())
     except OSError as exc:
         common.fail(f"session saved, but cannot write {made_by}: {exc.strerror}", common.EXIT_USAGE)
     except UsageError as exc:

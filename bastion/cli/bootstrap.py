@@ -10,7 +10,7 @@ from bastion.exceptions import UsageError
 from bastion.security.authn import hash_token, new_token, new_token_id
 from bastion.security.credentials import Token, User
 from bastion.security.principal import ADMIN_ROLE
-from bastion.security.secret_files import open_secret_file
+from bastion.security.secret_files import open_secret_file, write_secret_file
 from bastion.store import Store
 
 __all__ = ["bootstrap_admin"]
@@ -48,9 +48,7 @@ async def bootstrap_admin(store: Store, path: Path) -> str:
         return "in" if exists else "not in"
     now = time.time()
     token = new_token()
-    fd = open_secret_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    write_secret_file(path, (token + "\n").encode())
     if not users:
         await store.create_user(User("admin", frozenset({ADMIN_ROLE}), None, now))
     await store.add_token(Token(new_token_id(), hash_token(token), "admin", "api", "bootstrap", now))

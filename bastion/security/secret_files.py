@@ -10,18 +10,25 @@ be a regular file owned by this process's user; it is made 0600 (``fchmod``
 on the open file: no window in which it is looser, no path looked up twice)
 before a byte is written. A FIFO is opened without waiting for a reader
 (``O_NONBLOCK``) and then refused as not a regular file.
+
+``write_secret_file`` writes the secret itself into a new file, made beside
+the old one (``mkstemp``: 0600, ``O_EXCL``) and renamed over it: the old
+file, which others may hold open if it ever was readable to them, or reach
+by a second name (a hard link), is replaced, not rewritten.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from bastion.exceptions import UsageError
 
-__all__ = ["open_secret_file"]
+__all__ = ["open_secret_file", "write_secret_file"]
 
 
 def open_secret_file(path: Path, flags: int) -> int:
@@ -56,3 +63,19 @@ def open_secret_file(path: Path, flags: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def write_secret_file(path: Path, data: bytes) -> None:
+    """Write ``data`` as ``path``, a new 0600 file, after ``open_secret_file``'s checks (same errors)."""
+    os.close(open_secret_file(path, os.O_WRONLY | os.O_CREAT))
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise

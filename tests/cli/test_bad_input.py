@@ -260,3 +260,28 @@ def test_a_redis_url_that_does_not_parse_exits_2_without_showing_it(tmp_path: Pa
     assert serve.stderr.splitlines()[-1].startswith(
         ("error: rate_limits.redis_url is not", "error: rate_limits.redis_url:")
     )
+
+
+def test_a_secret_replaces_a_file_others_may_hold_open_or_reach_by_another_name(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A token file that others could read (mode 0644) may be held open by them, and one with a second
+    name (a hard link) may be read through it: the secret goes into a new file, not into that one."""
+    auth = ("--token-file", str(server.token_file))
+    loose = tmp_path / "loose.token"
+    loose.write_text("old\n")
+    loose.chmod(0o644)
+    linked = tmp_path / "linked.token"
+    linked.write_text("old\n")
+    linked.chmod(0o600)
+    other_name = tmp_path / "other-name"
+    os.link(linked, other_name)
+    for path, seen_by in ((loose, loose), (linked, other_name)):
+        with open(seen_by) as held:  # opened while it could be
+            result = bastion_cli("token", "create", server.address, "--out", str(path), *auth)
+            assert result.returncode == 0, result.stderr
+            held.seek(0)
+            assert held.read() == "old\n"
+        assert path.read_text().startswith("bst_") and stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert path.stat().st_nlink == 1
+    assert other_name.read_text() == "old\n"
