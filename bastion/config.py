@@ -392,7 +392,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``["*"]``: any.
     public_metrics: serve /metrics to anyone who reaches the port (default: only
     to a credential of a user with the ``metrics`` or ``admin`` role, or the
-    token in ``metrics_token_file``; others 401). metrics_enabled,
+    token in ``metrics_token_file``; none 401, another user's 403). metrics_enabled,
     metrics_networks: /metrics and /openapi.json off (404), or only for clients
     in these CIDR networks (403). /openapi.json shows each caller what it may
     call. See bastion/gateway/_ops.py.

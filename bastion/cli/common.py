@@ -94,19 +94,20 @@ LOCAL_DEV_CA = Path("bastion-data") / "tls" / "ca.pem"
 
 def _own_dev_ca() -> bool:
     """Whether ``./bastion-data/tls/ca.pem`` may be trusted: it and the directories above it, up to the
-    working directory, are this user's and no symbolic links. Another user's, planted in a shared
-    working directory (``/tmp``), would let them pose as any server the command connects to."""
+    working directory, are this user's, writable by no one else, and no symbolic links. Another user's,
+    planted in a shared working directory (``/tmp``), would let them pose as any server the command
+    connects to; so would one in a directory others may write to, swapped after it was checked."""
     paths = (LOCAL_DEV_CA.parent.parent, LOCAL_DEV_CA.parent, LOCAL_DEV_CA)
     try:
         statuses = [path.lstat() for path in paths]
     except OSError:
         return False
-    strangers = [p for p, s in zip(paths, statuses, strict=True) if s.st_uid != os.geteuid() or stat.S_ISLNK(s.st_mode)]
-    if strangers:
-        print(
-            f"note: not trusting {LOCAL_DEV_CA}: {strangers[0]} is another user's or a link; pass --ca", file=sys.stderr
-        )
-    return not strangers
+    for path, status in zip(paths, statuses, strict=True):
+        if status.st_uid != os.geteuid() or stat.S_ISLNK(status.st_mode) or status.st_mode & 0o022:
+            print(f"note: not trusting {LOCAL_DEV_CA}: {path} is another user's, writable by others, or a link; "
+                  "pass --ca", file=sys.stderr)  # fmt: skip
+            return False
+    return True
 
 
 class _TLSOptions:

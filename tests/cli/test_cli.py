@@ -337,3 +337,8 @@ def test_a_dev_ca_in_the_working_directory_is_trusted_only_when_it_is_ones_own(
         assert refused.returncode != 0, refused.stdout
         assert f"not trusting {Path('bastion-data') / 'tls' / 'ca.pem'}" in refused.stderr, refused.stderr
         os.chown(planted, 0, 0)
+    for shared in (tmp_path / "bastion-data", tls):  # writable by others: swapped after the check
+        shared.chmod(0o777)
+        refused = bastion_cli(*call, cwd=tmp_path, env={"BASTION_CA": ""})
+        assert refused.returncode != 0 and "not trusting" in refused.stderr, refused.stderr
+        shared.chmod(0o755)
