@@ -50,6 +50,11 @@ class RedisGate:
         self._probing = False  # a request is trying Redis again after a failure
         self._shas: dict[str, str] = {}
 
+    @property
+    def healthy(self) -> bool:
+        """Redis has not failed since it last answered (a command would be sent, not skipped)."""
+        return not self._down_until
+
     async def run(self, script: str, keys: Sequence[str], args: Sequence[str]) -> Any:
         """Run the Lua ``script`` (EVALSHA; loaded first if Redis does not know it) through ``ask``."""
         return await self.ask(self._run(script, keys, args))

@@ -31,7 +31,13 @@ Redis Cluster slot (a script's keys must share one). Every key expires: a
 bucket once it would be full again, a failure count ``lockout`` seconds after
 the pair's last failure (as in memory), and a hold ``HOLD_SECONDS`` after it
 was taken -- so the holds of a replica that died in the middle of a login
-stop counting then, and nothing is left behind. Time is Redis's own (TIME)
+stop counting then, and nothing is left behind. A hold whose answer never
+came back (the login cancelled while waiting for it -- a client dropping --
+or Redis's answer timing out after the script ran), or whose release failed,
+is released by a background task (``_cleanup``, kept referenced): at once
+if Redis is healthy, else when it answers again (``RedisGate``'s
+``on_back``); at most ``MAX_UNRELEASED`` are remembered, the oldest left to
+expire. Time is Redis's own (TIME)
 unless a clock is given (tests), so the replicas' clocks need not agree.
 
 Redis down (an error, or no answer within ``rate_limits.redis_timeout``):
@@ -45,6 +51,8 @@ limiter does: a hanging Redis costs one timeout a second, not one per login.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
@@ -52,7 +60,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
 from bastion.observability.loglimit import LogBudget, suppressed_note
-from bastion.security.redis_gate import LUA_NOW, RETRY_AFTER, RedisGate
+from bastion.security.redis_gate import LUA_NOW, RETRY_AFTER, RedisGate, Skipped
 
 __all__ = ["FAILED", "HOLD_SECONDS", "LIMITS", "RETRY_AFTER", "RedisDown", "RedisLoginLimits"]
 
@@ -61,6 +69,10 @@ log = logging.getLogger("bastion.throttle")
 #: Seconds an attempt stays pending at most (a replica that dies holding one: it stops counting then).
 HOLD_SECONDS: Final = 30.0
 _WARN_WINDOW: Final = 60.0
+#: Holds to release once Redis answers again, at most (past it the oldest are left to expire).
+MAX_UNRELEASED: Final = 10_000
+#: Commands per pipeline when they are sent at last.
+_BATCH: Final = 500
 
 _COMMON: Final = (
     LUA_NOW
@@ -198,6 +210,11 @@ class RedisLoginLimits:
         self._warnings = LogBudget(1, _WARN_WINDOW)
         self._gate = RedisGate(client, redis, on_back=self._back)
         self._errors = self._gate.errors
+        # Holds whose LIMITS ran (or may have) but were never released -- the answer was lost (a timeout,
+        # a cancelled login) or the release failed: hold id -> its keys. Released by ``_cleanup``, a
+        # task kept here (never lost half done), now if Redis is healthy, else once it answers again.
+        self._unreleased: dict[str, list[str]] = {}
+        self._cleaner: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float, **kw: Any) -> RedisLoginLimits:
@@ -234,20 +251,66 @@ class RedisLoginLimits:
         mode = 2 if hold else 1 if password else 0
         args = [self._now(), str(mode), "0" if username is None else "1", *self._limit_args, *self._user_args]
         args += (hold_id, repr(HOLD_SECONDS))
-        result = await self._run(LIMITS, self.keys(username, source), args)
+        keys = self.keys(username, source)
+        try:
+            result = await self._gate.run(LIMITS, keys, args)
+        except BaseException as exc:  # (a cancelled login too) Redis may have run it, holding the attempt
+            if hold and not isinstance(exc, Skipped):  # (skipped: never sent)
+                self._unrelease(hold_id, keys[3 : 6 if username is not None else 5])
+            if isinstance(exc, self._errors):
+                self._failed(exc)
+                raise RedisDown(str(exc)) from None
+            raise
         code = int(result[0])
         return (code, float(_text(result[1])), code == 0 and int(result[2]) == 1), hold_id
 
     async def release(self, username: str | None, source: str, hold_id: str) -> None:
-        """Count off an attempt ``limits`` held (should Redis fail, it stops counting after HOLD_SECONDS)."""
+        """Count off an attempt ``limits`` held (should Redis fail, once it answers again; at the latest the
+        hold stops counting after HOLD_SECONDS)."""
         keys = self.keys(username, source)[3 : 6 if username is not None else 5]
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.zrem(key, hold_id)
                 await self._gate.ask(pipe.execute())
-        except self._errors as exc:
+        except BaseException as exc:
+            self._unrelease(hold_id, keys)
+            if not isinstance(exc, self._errors):
+                raise
             self._failed(exc)
+
+    def _unrelease(self, hold_id: str, keys: list[str]) -> None:
+        """Remember a hold to release when Redis answers (now, if it is healthy): bounded, oldest dropped."""
+        self._unreleased[hold_id] = keys
+        if len(self._unreleased) > MAX_UNRELEASED:
+            del self._unreleased[next(iter(self._unreleased))]  # (it expires after HOLD_SECONDS anyway)
+        if self._gate.healthy:
+            self._clean_up()
+
+    def _clean_up(self) -> None:
+        """Start ``_cleanup`` unless it is running (it takes whatever was added meanwhile too)."""
+        if self._cleaner is None or self._cleaner.done():
+            with contextlib.suppress(RuntimeError):  # (no event loop running: closing; they expire)
+                self._cleaner = asyncio.get_running_loop().create_task(self._cleanup())
+
+    async def _cleanup(self) -> None:
+        """Release the holds left behind, a batch per pipeline; those of a batch Redis fails are kept (for
+        when it answers again)."""
+        while self._unreleased:
+            batch = dict(itertools.islice(self._unreleased.items(), _BATCH))
+            for hold_id in batch:
+                del self._unreleased[hold_id]
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for hold_id, keys in batch.items():
+                        for key in keys:
+                            pipe.zrem(key, hold_id)
+                    await self._gate.ask(pipe.execute())
+            except self._errors as exc:
+                for hold_id, keys in batch.items():
+                    self._unreleased.setdefault(hold_id, keys)
+                self._failed(exc)
+                return
 
     async def failed(self, username: str | None, source: str) -> bool:
         """Record a failure; True if the pair is to be locked now (its count is gone). Raises RedisDown."""
@@ -274,6 +337,8 @@ class RedisLoginLimits:
     def _back(self) -> None:
         if self._warnings.take("redis-back") is not None:
             log.info("login throttle: Redis answering again")
+        if self._unreleased:
+            self._clean_up()
 
     def _failed(self, exc: BaseException) -> None:
         """Log that Redis is failing, at most once a minute (the others counted, and said in the next)."""
@@ -288,7 +353,11 @@ class RedisLoginLimits:
             )
 
     async def aclose(self) -> None:
-        """Close the client if these limits made it (``from_url``)."""
+        """Close the client if these limits made it (``from_url``); holds left unreleased expire."""
+        if self._cleaner is not None:
+            self._cleaner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cleaner
         if self._owns_client:
             await cast(Any, self._client).aclose()
 

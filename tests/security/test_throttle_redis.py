@@ -214,3 +214,100 @@ def test_a_cancelled_attempt_leaves_nothing_pending_in_redis(tmp_path: Path) -> 
         assert not [key async for key in client.scan_iter(match=prefix + "{login}:p*")]
 
     replicas(tmp_path, body, max_failures=1)
+
+
+async def pending_keys(client: Any, prefix: str) -> list[Any]:
+    return [key async for key in client.scan_iter(match=prefix + "{login}:p*")]
+
+
+async def until(condition: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass; whether it held."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def through_relay(tmp_path: Path, body: Callable[..., Awaitable[None]], timeout: float = 5.0, **options: Any) -> None:
+    """Run ``body(clock, client, prefix, relay, a, b)``: replica ``a`` talks to Redis through ``relay``
+    (a RedisRelay; Redis's answers time out after ``timeout``), ``b`` directly; one store, one prefix.
+    ``a`` has asked Redis once already (connected, scripts loaded)."""
+    from urllib.parse import urlsplit
+
+    from tests.support.redis_relay import RedisRelay
+
+    target = urlsplit(URL)
+
+    async def main() -> None:
+        prefix = f"bastion:test:{uuid.uuid4().hex}:"
+        clock = Clock()
+        client = redis_asyncio.Redis.from_url(URL)
+        async with RedisRelay(target.hostname or "127.0.0.1", target.port or 6379) as relay:
+            db = int((target.path or "/0").lstrip("/") or 0)
+            async with open_store(tmp_path / "s.db") as store:
+                kw: dict[str, Any] = {"clock": clock, "redis_prefix": prefix, "redis_time": False, **options}
+                a = LoginThrottle(store, redis_url=relay.url(db), redis_timeout=timeout, **kw)
+                b = LoginThrottle(store, redis_url=URL, redis_timeout=5.0, **kw)
+                try:
+                    await a.check("ada", "10.0.0.1")
+                    await body(clock, client, prefix, relay, a, b)
+                finally:
+                    relay.mode = "pass"
+                    for throttle in (a, b):
+                        await throttle.aclose()
+                    keys = [key async for key in client.scan_iter(match=prefix + "*")]
+                    if keys:
+                        await client.delete(*keys)
+                    await client.aclose()
+
+    asyncio.run(main())
+
+
+@needs_redis
+def test_an_attempt_cancelled_after_redis_held_it_but_before_the_answer_came_leaves_nothing(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        async def login() -> None:
+            async with a.attempt("ada", "10.0.0.1"):
+                raise AssertionError("the answer was held back")
+
+        relay.mode = "stall"  # LIMITS runs in Redis; its answer does not come back
+        task = asyncio.create_task(login())
+
+        async def held() -> bool:
+            return len(await pending_keys(client, prefix)) == 3
+
+        assert await until(held)
+        task.cancel()  # the client dropped mid-login
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        relay.mode = "pass"
+
+        async def released() -> bool:
+            return not await pending_keys(client, prefix)
+
+        assert await until(released), "the holds outlive the cancelled attempt"
+        assert await refused(b, "ada", "10.0.0.1") is None
+
+    through_relay(tmp_path, body, max_failures=1)
+
+
+@needs_redis
+def test_an_attempt_whose_answer_timed_out_after_redis_held_it_is_released_once_redis_answers(
+    tmp_path: Path,
+) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        relay.mode = "stall"
+        async with a.attempt("ada", "10.0.0.1"):  # no answer in time: this server's own limits meanwhile
+            assert len(await pending_keys(client, prefix)) == 3  # though Redis holds it
+        relay.mode = "pass"
+
+        async def released() -> bool:
+            await a.check("bob", "10.0.0.9")  # some later login: Redis is asked again, and answers
+            return not await pending_keys(client, prefix)
+
+        assert await until(released, 20.0), "the holds outlive the attempt whose answer was lost"
+        assert await refused(b, "ada", "10.0.0.1") is None
+
+    through_relay(tmp_path, body, timeout=0.3, max_failures=1)
