@@ -68,6 +68,13 @@ lockouts still shared -- and false refuses password attempts UNAVAILABLE
 (token handshakes always fall back: there is nothing to guess). The default
 is the fallback because refusing would turn a Redis outage, which an
 attacker may be able to cause, into an outage of every password login.
+The fallback's counts add to Redis's: what Redis counted stands, and each
+replica counts on its own while Redis fails, so around an outage guesses get
+up to K + 1 times the allowances. A success while Redis fails forgives the
+pair here at once and in Redis once it answers again (``RedisLoginLimits``).
+A ``FAILED`` whose answer is lost (it ran: the count is gone, the lockout
+decided) is counted here as a first failure and writes no lockout: that
+lockout is lost (docs/security.md says so).
 
 Failure counts of a pair are forgotten ``lockout`` seconds after the pair's
 last failure, in every backend (memory, the workers' table, Redis): failures
@@ -456,7 +463,6 @@ class LoginThrottle:
         """Record a success: the pair's failures are forgiven and the source is known for the user."""
         source = source_key(source, self.ipv6_prefix)
         self._failures.pop(self._pair(username, source))  # (counted here while Redis was down, perhaps)
-        if self._redis is not None:
-            with contextlib.suppress(RedisDown):
-                await self._redis.succeeded(username, source)
+        if self._redis is not None:  # (Redis failing: forgiven there once it answers again)
+            await self._redis.succeeded(username, source)
         await self._store.set_lockout(self._known(username, source), self._clock() + KNOWN_SOURCE_SECONDS)

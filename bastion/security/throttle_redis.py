@@ -36,7 +36,9 @@ came back (the login cancelled while waiting for it -- a client dropping --
 or Redis's answer timing out after the script ran), or whose release failed,
 is released by a background task (``_cleanup``, kept referenced): at once
 if Redis is healthy, else when it answers again (``RedisGate``'s
-``on_back``); at most ``MAX_UNRELEASED`` are remembered, the oldest left to
+``on_back``). Likewise a success while Redis fails forgives the pair here
+at once and in Redis (DEL of its failure count) once it answers again.
+At most ``MAX_UNRELEASED`` of each are remembered, the oldest left to
 expire. Time is Redis's own (TIME)
 unless a clock is given (tests), so the replicas' clocks need not agree.
 
@@ -69,7 +71,8 @@ log = logging.getLogger("bastion.throttle")
 #: Seconds an attempt stays pending at most (a replica that dies holding one: it stops counting then).
 HOLD_SECONDS: Final = 30.0
 _WARN_WINDOW: Final = 60.0
-#: Holds to release once Redis answers again, at most (past it the oldest are left to expire).
+#: Holds to release, and pairs to forgive, once Redis answers again, at most of each (past it the oldest
+#: are left to expire: a hold after HOLD_SECONDS, a failure count a lockout window after its last failure).
 MAX_UNRELEASED: Final = 10_000
 #: Commands per pipeline when they are sent at last.
 _BATCH: Final = 500
@@ -214,6 +217,7 @@ class RedisLoginLimits:
         # a cancelled login) or the release failed: hold id -> its keys. Released by ``_cleanup``, a
         # task kept here (never lost half done), now if Redis is healthy, else once it answers again.
         self._unreleased: dict[str, list[str]] = {}
+        self._unforgiven: dict[str, None] = {}  # failure counts of pairs that logged in while Redis failed
         self._cleaner: asyncio.Task[None] | None = None
 
     @classmethod
@@ -287,6 +291,14 @@ class RedisLoginLimits:
         if self._gate.healthy:
             self._clean_up()
 
+    def _forgive_later(self, key: str) -> None:
+        """Remember a pair's failure count to delete when Redis answers: bounded, oldest dropped."""
+        self._unforgiven[key] = None
+        if len(self._unforgiven) > MAX_UNRELEASED:
+            del self._unforgiven[next(iter(self._unforgiven))]
+        if self._gate.healthy:
+            self._clean_up()
+
     def _clean_up(self) -> None:
         """Start ``_cleanup`` unless it is running (it takes whatever was added meanwhile too)."""
         if self._cleaner is None or self._cleaner.done():
@@ -294,21 +306,28 @@ class RedisLoginLimits:
                 self._cleaner = asyncio.get_running_loop().create_task(self._cleanup())
 
     async def _cleanup(self) -> None:
-        """Release the holds left behind, a batch per pipeline; those of a batch Redis fails are kept (for
-        when it answers again)."""
-        while self._unreleased:
-            batch = dict(itertools.islice(self._unreleased.items(), _BATCH))
-            for hold_id in batch:
+        """Release the holds left behind and delete the failure counts of the pairs forgiven meanwhile, a
+        batch per pipeline; those of a batch Redis fails are kept (for when it answers again)."""
+        while self._unreleased or self._unforgiven:
+            holds = dict(itertools.islice(self._unreleased.items(), _BATCH))
+            pairs = list(itertools.islice(self._unforgiven, _BATCH))
+            for hold_id in holds:
                 del self._unreleased[hold_id]
+            for key in pairs:
+                del self._unforgiven[key]
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
-                    for hold_id, keys in batch.items():
+                    for hold_id, keys in holds.items():
                         for key in keys:
                             pipe.zrem(key, hold_id)
+                    if pairs:
+                        pipe.delete(*pairs)
                     await self._gate.ask(pipe.execute())
             except self._errors as exc:
-                for hold_id, keys in batch.items():
+                for hold_id, keys in holds.items():
                     self._unreleased.setdefault(hold_id, keys)
+                for key in pairs:
+                    self._unforgiven.setdefault(key, None)
                 self._failed(exc)
                 return
 
@@ -320,12 +339,16 @@ class RedisLoginLimits:
         return int(await self._run(FAILED, keys, args)) == 1
 
     async def succeeded(self, username: str, source: str) -> None:
-        """Forgive the pair's failures. Raises RedisDown."""
+        """Forgive the pair's failures: now, or -- should Redis fail -- once it answers again (else, once
+        back, one typo within the lockout window could lock the pair)."""
+        key = self.keys(username, source)[1]
         try:
-            await self._gate.ask(self._client.delete(self.keys(username, source)[1]))
-        except self._errors as exc:
+            await self._gate.ask(self._client.delete(key))
+        except BaseException as exc:
+            self._forgive_later(key)
+            if not isinstance(exc, self._errors):
+                raise
             self._failed(exc)
-            raise RedisDown(str(exc)) from None
 
     async def _run(self, script: str, keys: Sequence[str], args: Sequence[str]) -> Any:
         try:
@@ -337,7 +360,7 @@ class RedisLoginLimits:
     def _back(self) -> None:
         if self._warnings.take("redis-back") is not None:
             log.info("login throttle: Redis answering again")
-        if self._unreleased:
+        if self._unreleased or self._unforgiven:
             self._clean_up()
 
     def _failed(self, exc: BaseException) -> None:

@@ -311,3 +311,22 @@ def test_an_attempt_whose_answer_timed_out_after_redis_held_it_is_released_once_
         assert await refused(b, "ada", "10.0.0.1") is None
 
     through_relay(tmp_path, body, timeout=0.3, max_failures=1)
+
+
+@needs_redis
+def test_a_success_while_redis_fails_forgives_the_pair_in_redis_once_it_answers_again(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        for _ in range(2):
+            assert await a.failed("ada", "10.0.0.1") is False  # 2 of 3, counted in Redis
+        relay.mode = "drop"  # Redis fails ...
+        await a.succeeded("ada", "10.0.0.1")  # ... as the user logs in: forgiven here only, for now
+        relay.mode = "pass"
+
+        async def forgiven() -> bool:
+            await a.check("bob", "10.0.0.9")  # some later login: Redis is asked again, and answers
+            return not [key async for key in client.scan_iter(match=prefix + "{login}:f:*")]
+
+        assert await until(forgiven, 20.0), "the pair's failures outlive the success"
+        assert await b.failed("ada", "10.0.0.1") is False  # one typo later: no lockout
+
+    through_relay(tmp_path, body, timeout=0.3, max_failures=3, lockout=60)
