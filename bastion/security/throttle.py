@@ -61,7 +61,8 @@ replicas get about K times as many. With ``redis_url`` (the configuration's
 ``rate_limits.redis_url``) they all live in Redis instead
 (``RedisLoginLimits``, throttle_redis.py): each test-and-hold and each
 failure is one atomic Lua script, so the replicas share one budget, and a
-hold expires after ``HOLD_SECONDS`` should its replica die. While Redis
+hold expires after ``HOLD_SECONDS`` should its replica die (while its login
+is in flight, however long, the replica keeps refreshing it). While Redis
 fails, ``redis_fail_open`` (``auth.redis_fail_open``, true by default) falls
 back to this server's own limits -- today's per-replica guarantee, the
 lockouts still shared -- and false refuses password attempts UNAVAILABLE

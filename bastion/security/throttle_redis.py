@@ -30,8 +30,14 @@ ids scored by when they expire). The one hash tag puts them all on one
 Redis Cluster slot (a script's keys must share one). Every key expires: a
 bucket once it would be full again, a failure count ``lockout`` seconds after
 the pair's last failure (as in memory), and a hold ``HOLD_SECONDS`` after it
-was taken -- so the holds of a replica that died in the middle of a login
-stop counting then, and nothing is left behind. A hold whose answer never
+was taken or last refreshed -- so the holds of a replica that died in the
+middle of a login stop counting then, and nothing is left behind. While its
+login is in flight a hold is refreshed (``REFRESH``, every ``HOLD_SECONDS /
+3``, one script for all of a replica's holds): a login that waits longer
+than ``HOLD_SECONDS`` for argon2 (queued under load, with no deadline) still
+counts on every replica. (The alternative, a ``HOLD_SECONDS`` derived from
+the longest a login can take, has nothing to derive from: no limit bounds
+how long a call without a deadline waits for a hashing slot.) A hold whose answer never
 came back (the login cancelled while waiting for it -- a client dropping --
 or Redis's answer timing out after the script ran), or whose release failed,
 is released by a background task (``_cleanup``, kept referenced): at once
@@ -64,11 +70,12 @@ from typing import Any, Final, cast
 from bastion.observability.loglimit import LogBudget, suppressed_note
 from bastion.security.redis_gate import LUA_NOW, RETRY_AFTER, RedisGate, Skipped
 
-__all__ = ["FAILED", "HOLD_SECONDS", "LIMITS", "RETRY_AFTER", "RedisDown", "RedisLoginLimits"]
+__all__ = ["FAILED", "HOLD_SECONDS", "LIMITS", "REFRESH", "RETRY_AFTER", "RedisDown", "RedisLoginLimits"]
 
 log = logging.getLogger("bastion.throttle")
 
-#: Seconds an attempt stays pending at most (a replica that dies holding one: it stops counting then).
+#: Seconds a hold lasts unless refreshed: a replica that dies (or loses Redis) holding one stops counting it
+#: then. A live one is refreshed every ``HOLD_SECONDS / 3``, however long its login takes.
 HOLD_SECONDS: Final = 30.0
 _WARN_WINDOW: Final = 60.0
 #: Holds to release, and pairs to forgive, once Redis answers again, at most of each (past it the oldest
@@ -167,6 +174,20 @@ return 0
 """
 )
 
+#: KEYS: pending sets; ARGV: now ('' = TIME), hold seconds, then the hold id in each KEYS[i]. Pushes back
+#: the expiry of each hold still there (XX: one released or expired meanwhile is not brought back).
+REFRESH: Final = (
+    LUA_NOW
+    + """
+local hold = tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', now + hold, ARGV[i + 2])
+  redis.call('PEXPIRE', key, math.ceil(hold * 1000) + 1000)
+end
+return 0
+"""
+)
+
 #: What ``LIMITS`` answers: (code, wait, at once) -- see ``RedisLoginLimits.limits``.
 Answer = tuple[int, float, bool]
 
@@ -219,6 +240,12 @@ class RedisLoginLimits:
         self._unreleased: dict[str, list[str]] = {}
         self._unforgiven: dict[str, None] = {}  # failure counts of pairs that logged in while Redis failed
         self._cleaner: asyncio.Task[None] | None = None
+        # Holds of attempts in flight here (hold id -> its keys), refreshed every ``refresh_every`` seconds
+        # by ``_refresh``, a task running while there are any: a login that waits long for argon2 keeps
+        # counting on every replica.
+        self._live: dict[str, list[str]] = {}
+        self._refresher: asyncio.Task[None] | None = None
+        self.refresh_every = HOLD_SECONDS / 3
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float, **kw: Any) -> RedisLoginLimits:
@@ -266,12 +293,17 @@ class RedisLoginLimits:
                 raise RedisDown(str(exc)) from None
             raise
         code = int(result[0])
+        if hold and code == 0:
+            self._live[hold_id] = keys[3 : 6 if username is not None else 5]
+            if self._refresher is None or self._refresher.done():
+                self._refresher = asyncio.get_running_loop().create_task(self._refresh())
         return (code, float(_text(result[1])), code == 0 and int(result[2]) == 1), hold_id
 
     async def release(self, username: str | None, source: str, hold_id: str) -> None:
         """Count off an attempt ``limits`` held (should Redis fail, once it answers again; at the latest the
         hold stops counting after HOLD_SECONDS)."""
         keys = self.keys(username, source)[3 : 6 if username is not None else 5]
+        self._live.pop(hold_id, None)
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
@@ -290,6 +322,24 @@ class RedisLoginLimits:
             del self._unreleased[next(iter(self._unreleased))]  # (it expires after HOLD_SECONDS anyway)
         if self._gate.healthy:
             self._clean_up()
+
+    async def _refresh(self) -> None:
+        """Every ``refresh_every`` seconds while attempts are in flight here, push back their holds' expiry
+        (HOLD_SECONDS from now), a batch per script; should Redis fail, until the next round."""
+        while self._live:
+            await asyncio.sleep(self.refresh_every)
+            live = list(self._live.items())
+            for start in range(0, len(live), _BATCH):
+                keys: list[str] = []
+                ids: list[str] = []
+                for hold_id, hold_keys in live[start : start + _BATCH]:
+                    keys += hold_keys
+                    ids += [hold_id] * len(hold_keys)
+                try:
+                    await self._gate.run(REFRESH, keys, [self._now(), repr(HOLD_SECONDS), *ids])
+                except self._errors as exc:
+                    self._failed(exc)
+                    break
 
     def _forgive_later(self, key: str) -> None:
         """Remember a pair's failure count to delete when Redis answers: bounded, oldest dropped."""
@@ -377,10 +427,11 @@ class RedisLoginLimits:
 
     async def aclose(self) -> None:
         """Close the client if these limits made it (``from_url``); holds left unreleased expire."""
-        if self._cleaner is not None:
-            self._cleaner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._cleaner
+        for task in (self._cleaner, self._refresher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._owns_client:
             await cast(Any, self._client).aclose()
 

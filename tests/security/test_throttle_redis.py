@@ -330,3 +330,30 @@ def test_a_success_while_redis_fails_forgives_the_pair_in_redis_once_it_answers_
         assert await b.failed("ada", "10.0.0.1") is False  # one typo later: no lockout
 
     through_relay(tmp_path, body, timeout=0.3, max_failures=3, lockout=60)
+
+
+@needs_redis
+def test_an_attempt_in_flight_longer_than_hold_seconds_still_counts_on_the_other_replica(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, a: LoginThrottle, b: LoginThrottle) -> None:
+        assert a._redis is not None
+        a._redis.refresh_every = 0.02  # (HOLD_SECONDS / 3 in service: the fake clock jumps here)
+        held = a.attempt("ada", "10.0.0.1")
+        await held.__aenter__()  # verifying, slowly: argon2 queued under load
+        pair = f"{prefix}{{login}}:pp:ada|10.0.0.1"
+        for _ in range(3):  # 3 x (HOLD_SECONDS - 5) in flight
+            clock.now += HOLD_SECONDS - 5
+
+            async def refreshed() -> bool:
+                scores = [score for _, score in await client.zrange(pair, 0, -1, withscores=True)]
+                return len(scores) == 1 and scores[0] >= clock.now + HOLD_SECONDS - 1
+
+            assert await until(refreshed), "the hold was not kept while the attempt was in flight"
+        with pytest.raises(ResourceExhausted, match="at once"):
+            async with b.attempt("ada", "10.0.0.1"):
+                pass
+        await held.__aexit__(None, None, None)
+        async with b.attempt("ada", "10.0.0.1"):
+            pass
+        assert not await pending_keys(client, prefix)
+
+    replicas(tmp_path, body, max_failures=1)
