@@ -84,8 +84,9 @@ class Deadlines:
 
     def _fire(self, slot: int, loop: asyncio.AbstractEventLoop) -> None:
         left = slot * self.resolution - time.monotonic()
-        if left > 0:  # early by time.monotonic: uvloop's clock is in milliseconds, read once a loop turn
-            self._timers[slot] = loop.call_at(loop.time() + left, self._fire, slot, loop)
+        if left > 0:  # early by time.monotonic: uvloop's clock is in milliseconds, read once a loop turn;
+            # a millisecond more, or uvloop rounds a shorter wait to none and the loop spins until then
+            self._timers[slot] = loop.call_at(loop.time() + left + 0.001, self._fire, slot, loop)
             return
         self._timers.pop(slot, None)
         for holder, call_id in self._slots.pop(slot, {}):

@@ -145,8 +145,11 @@ def takes_positionally(spec: MethodSpec) -> bool:
     """Whether ``spec.handler`` may be called as ``handler(*values)``, or ``handler(context, *values)``
     with a Context parameter: its own parameters (a wrapper's, not what it wraps) are all plain ones,
     its Context first, then the arguments in the order of ``spec.args_type``'s fields."""
+    handler = spec.handler
+    if hasattr(handler, "__signature__") or not inspect.isfunction(getattr(handler, "__func__", handler)):
+        return False  # a signature declared (a wrapper's may not be its own), or no plain function: by name
     try:
-        params = inspect.signature(spec.handler, follow_wrapped=False).parameters.values()
+        params = inspect.signature(handler, follow_wrapped=False).parameters.values()
     except (TypeError, ValueError):
         return False
     if any(param.kind is not param.POSITIONAL_OR_KEYWORD for param in params):

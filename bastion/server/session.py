@@ -40,8 +40,6 @@ import itertools
 import logging
 import math
 import time
-import types
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -94,7 +92,6 @@ _session_ids = itertools.count(1)
 #: A call's arguments: by name, or by position for a handler that takes them so (``Entry.positional``).
 Args = dict[str, Any] | tuple[Any, ...]
 #: The metadata of a call that carries none: one read-only mapping for all (handlers must not change it).
-_NO_METADATA: Mapping[str, str] = types.MappingProxyType({})
 
 
 class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
@@ -454,8 +451,10 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
         except (Exception, asyncio.CancelledError) as exc:
             status = self._failed(call_id, spec, exc)
         except GeneratorExit:
-            ended = False  # closed unfinished as its loop went away: nothing runs any more
-            raise
+            if asyncio._get_running_loop() is not self._loop:
+                ended = False  # closed unfinished as its loop went away: nothing runs any more
+                raise
+            status = self._failed(call_id, spec, RuntimeError("the handler raised GeneratorExit"))
         finally:
             try:
                 self._forget(call_id, status, ran=True)
@@ -505,7 +504,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
             call.id,
             link.peer if link is not None else "?",
             deadline,
-            call.metadata or _NO_METADATA,
+            call.metadata or {},
             self.server.info,
             self,
         )

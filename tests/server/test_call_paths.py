@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,18 @@ def wrapped(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]
     return wrapper
 
 
+def declared(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A wrapper taking keywords only that declares the wrapped function's signature as its own."""
+
+    async def wrapper(**kwargs: Any) -> Any:
+        return await func(**kwargs)
+
+    wrapper.__signature__ = inspect.signature(func)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = func.__annotations__
+    wrapper.__name__ = func.__name__
+    return wrapper
+
+
 def make_service() -> Service:
     svc = Service("paths")
 
@@ -64,6 +77,12 @@ def make_service() -> Service:
     @svc.method
     @wrapped
     async def through(a: int, b: str = "b") -> list[Any]:
+        await asyncio.sleep(0)
+        return [a, b]
+
+    @svc.method
+    @declared
+    async def told(a: int, b: str = "b") -> list[Any]:
         await asyncio.sleep(0)
         return [a, b]
 
@@ -117,6 +136,7 @@ def test_only_plain_parameters_in_order_with_the_context_first_are_passed_by_pos
     positional = {name for name, entry in entries.items() if entry.positional}
     assert positional == {"paths.first", "paths.effect", "paths.wait", "paths.quick"}
     assert not takes_positionally(entries["paths.through"].spec)  # the wrapper's (*args, **kwargs) is read
+    assert not takes_positionally(entries["paths.told"].spec)  # a declared __signature__ may not be its own
 
 
 def test_handlers_get_the_same_arguments_by_position_or_by_name() -> None:
@@ -126,6 +146,7 @@ def test_handlers_get_the_same_arguments_by_position_or_by_name() -> None:
         assert await client.call("paths.middle", b="x", a=3) == [3, "ada", "x"]
         assert await client.call("paths.keywords", a=4) == [4, "b"]
         assert await client.call("paths.through", b="y", a=5) == [5, "y"]
+        assert await client.call("paths.told", a=7) == [7, "b"]  # its declared signature is not its own
         # Metadata takes the by-name path; the answer is the same.
         assert await client.invoke("paths.first", {"a": 6}, metadata={"trace": "t"}) == ["ada", 6, "b", None]
         with pytest.raises(bastion.InvalidArgument, match="a"):

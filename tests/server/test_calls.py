@@ -274,3 +274,23 @@ def test_admin_health_works_for_anonymous_callers() -> None:
     health = run(main())
     assert health["status"] == "ok"
     assert health["version"] == bastion.__version__
+
+
+def test_a_handler_raising_generator_exit_is_answered_and_gives_its_slot_back() -> None:
+    """GeneratorExit from a handler (not its coroutine closed as the loop went away) is a failure like
+    any other: before, the call was never answered and its scheduler slot stayed taken."""
+    odd = bastion.Service("odd")
+
+    @odd.method
+    async def leave() -> None:
+        await asyncio.sleep(0)
+        raise GeneratorExit
+
+    async def main() -> None:
+        async with bastion.testing.MemoryServer(odd) as memory:
+            client = memory.client(timeout=5)
+            with pytest.raises(bastion.InternalError):
+                await client.odd.leave()
+            assert memory.server.scheduler.stats()["running"] == 0
+
+    run(main())
