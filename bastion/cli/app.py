@@ -118,6 +118,15 @@ def serve(
         typer.Option("--http-port", help="Port of the HTTP/JSON-RPC gateway; 0 picks a free one (default 7401)."),
     ] = None,
     no_http: Annotated[bool, typer.Option("--no-http", help="Do not serve the HTTP gateway.")] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Validate the configuration (TLS files, services, data directory, store, Redis, ports) and exit: "
+            "0 when it passes, 2 when it is wrong, 1 when the store or Redis is unreachable. Starts, writes "
+            "and migrates nothing.",
+        ),
+    ] = False,
 ) -> None:
     """Start a server (the admin service plus any --service given). TLS is on unless --insecure."""
     from bastion.cli.cert import ConfigSource
@@ -152,8 +161,13 @@ def serve(
         gateway["enabled"] = False
     overrides["gateway"] = {k: v for k, v in gateway.items() if v is not None}
 
+    source = ConfigSource(str(config) if config is not None else None, overrides)
+    if check:
+        from bastion.cli.check import check_config
+
+        raise typer.Exit(check_config(source))
+
     def start() -> int:
-        source = ConfigSource(str(config) if config is not None else None, overrides)
         return run(source.load(), echo=lambda line: print(line, flush=True), source=source)
 
     raise typer.Exit(_run_guarded(start))

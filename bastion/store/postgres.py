@@ -319,13 +319,52 @@ class PostgresStore(
                 reset=_keep_session,
                 **kwargs,
             )
-        except (OSError, TimeoutError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
-            raise Unavailable(f"cannot reach PostgreSQL at {self.dsn}: {_describe(exc)}") from None
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+        except Exception as exc:
+            raise self._open_error(exc) from None
+
+    def _open_error(self, exc: Exception) -> Exception:
+        """What a failure to connect means: ``Unavailable`` (unreachable) or ``UsageError`` (configuration)."""
+        if isinstance(exc, OSError | TimeoutError | asyncpg.CannotConnectNowError | asyncpg.TooManyConnectionsError):
+            return Unavailable(f"cannot reach PostgreSQL at {self.dsn}: {_describe(exc)}")
+        if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | ValueError):
             # Bad password, unknown database or role, malformed DSN: configuration, not availability.
-            raise UsageError(
-                f"cannot open PostgreSQL store {self.dsn}: {_describe_dsn_error(exc, self._dsn)}"
-            ) from None
+            return UsageError(f"cannot open PostgreSQL store {self.dsn}: {_describe_dsn_error(exc, self._dsn)}")
+        return exc
+
+    async def probe(self) -> tuple[str, int, int | None]:
+        """(schema, schema version, recorded ``compatible_from``) read over one connection, in a read-only
+        transaction: nothing created, migrated or locked (``bastion serve --check``). Refuses unsafe durability
+        settings as ``open`` does; errors are ``open``'s (``Unavailable``, ``UsageError``)."""
+        try:
+            conn = await self._connect_one()
+        except Exception as exc:
+            raise self._open_error(exc) from None
+        try:
+            async with conn.transaction(readonly=True):
+                await self._check_durability(conn)
+                schema = await conn.fetchval("SELECT current_schema()")
+                if schema is None:
+                    path = await conn.fetchval("SELECT current_setting('search_path')")
+                    raise UsageError(
+                        f"PostgreSQL store {self.dsn}: no schema of search_path ({path}) exists; create it first"
+                    )
+                has = "SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = $1 AND tablename = 'schema_version'"
+                version = 0
+                if await conn.fetchval(has, schema):
+                    version = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
+                recorded = None
+                if await conn.fetchval(_HAS_COMPAT_TABLE, schema):
+                    recorded = await conn.fetchval("SELECT min_version FROM schema_compat WHERE id = 1")
+        except BastionError:
+            raise
+        except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise Unavailable(f"PostgreSQL store {self.dsn}: lost the connection: {_describe(exc)}") from None
+        except asyncpg.PostgresError as exc:
+            raise UsageError(f"cannot read store {self.dsn}: {_describe(exc)}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=2)
+        return str(schema), version, None if recorded is None else int(recorded)
 
     # -- notifications between replicas (LISTEN/NOTIFY) ----------------------------------
 

@@ -1,0 +1,396 @@
+"""``bastion serve --check``: validate what ``serve`` would run, then exit -- like ``nginx -t`` or ``sshd -t``.
+
+The configuration is loaded exactly as ``serve`` loads it (the same
+``ConfigSource``: the file from ``--config``/``BASTION_CONFIG``, the
+``BASTION_*`` environment, the flags), and each part ``serve`` would use is
+tried with serve's own functions (bastion/cli/serve.py, bastion/cli/cert.py):
+the worker count, the ``--service`` and ``--jobs`` modules (imported), the
+backup passphrase and store password files, the TLS certificate and key (loaded
+into a server context: they must match), the client CA and CRL, the data
+directory, the store's schema version, Redis, the listening ports and the
+backup directory.
+
+Nothing is started, written, created, chmod-ed or migrated. What ``serve``
+would create -- the data directory, the development CA and server
+certificate, a new store -- is reported as a ``note``, and a store at an
+older schema version as "would migrate from N to M". A SQLite store is read
+through a read-only connection (``immutable`` when no write-ahead log is
+present, which would otherwise leave ``-wal``/``-shm`` files behind); a
+PostgreSQL one over one connection in a read-only transaction
+(``PostgresStore.probe``). Ports are tried by binding a socket, never
+listening on it; port 0 is skipped, and a port in use (a running server
+being checked before its restart) is a warning.
+
+Exit status: 0 when everything passes, 2 when the configuration is wrong (the
+CLI's usage-error code), 1 when something outside it -- the store, Redis --
+cannot be reached. Secrets never show: DSNs and URLs go through
+``redact_dsn``, and no password, passphrase or token is read out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import errno
+import os
+import socket
+import sqlite3
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from bastion._version import __version__
+from bastion.cli.cert import INSECURE_WARNING, ConfigSource, _warn_loose_key, is_loopback, server_hosts
+from bastion.cli.common import EXIT_CALL_ERROR, EXIT_USAGE, shown
+from bastion.config import Config
+from bastion.exceptions import BastionError, Unavailable, UsageError
+from bastion.security import tls as tlsmod
+from bastion.store.postgres_dsn import redact_dsn
+
+__all__ = ["EXIT_UNREACHABLE", "check_config"]
+
+#: Something outside the configuration (the store, Redis) cannot be reached.
+EXIT_UNREACHABLE = EXIT_CALL_ERROR
+
+#: Seconds a connection to the store or Redis may take.
+CONNECT_TIMEOUT = 10.0
+
+
+class Report:
+    """The check's lines, printed as they come (a step that hangs shows where), and its tally."""
+
+    def __init__(self) -> None:
+        self.errors = 0
+        self.unreachable = 0
+
+    def line(self, tag: str, what: str, text: str) -> None:
+        print(f"{tag:<5} {what}: {shown(text)}", flush=True)
+
+    def ok(self, what: str, text: str) -> None:
+        self.line("ok", what, text)
+
+    def note(self, what: str, text: str) -> None:
+        self.line("note", what, text)
+
+    def warn(self, what: str, text: str) -> None:
+        self.line("warn", what, text)
+
+    def skip(self, what: str, text: str) -> None:
+        self.line("skip", what, text)
+
+    def error(self, what: str, text: str) -> None:
+        self.errors += 1
+        self.line("ERROR", what, text)
+
+    def down(self, what: str, text: str) -> None:
+        self.unreachable += 1
+        self.line("DOWN", what, text)
+
+    def failure(self, what: str, exc: BaseException) -> None:
+        """``exc`` as the line it deserves: unreachable (Unavailable), else a configuration error."""
+        if isinstance(exc, Unavailable):
+            self.down(what, str(exc))
+        elif isinstance(exc, OSError):
+            where = f"{exc.filename}: " if exc.filename is not None else ""
+            self.error(what, f"{where}{exc.strerror or exc}")
+        else:
+            self.error(what, str(exc))
+
+    def code(self) -> int:
+        if self.errors:
+            return EXIT_USAGE
+        return EXIT_UNREACHABLE if self.unreachable else 0
+
+
+def check_config(source: ConfigSource) -> int:
+    """Validate what ``bastion serve`` would run from ``source``; print the report; return the exit status."""
+    from bastion.cli.serve import backup_passphrase, load_job_registries, load_services
+    from bastion.server.supervisor import resolve_workers
+
+    report = Report()
+    print(f"bastion {__version__}: checking the configuration (nothing is started or written)", flush=True)
+    try:
+        config = source.load()
+    except (UsageError, OSError, ValueError) as exc:
+        report.failure("configuration", exc)
+        return _summary(report)
+    path = source.path or os.environ.get("BASTION_CONFIG")
+    report.ok("configuration", f"{Path(path).resolve() if path else 'no file'}, environment and flags")
+    steps: tuple[tuple[str, Callable[[], str]], ...] = (
+        ("workers", lambda: f"{resolve_workers(config.workers)}"),
+        ("services", lambda: ", ".join(s.name for s in load_services(config.services)) or "built-in only"),
+        ("jobs", lambda: f"{sum(len(r) for r in load_job_registries(config.jobs.modules))} job(s)"),
+        ("backup passphrase", lambda: "set" if backup_passphrase(config) else "not set"),
+    )
+    for what, step in steps:
+        try:
+            report.ok(what, step())
+        except (BastionError, OSError, ValueError) as exc:
+            report.failure(what, exc)
+    _check_tls(config, report)
+    _check_directory(report, "data directory", Path(config.data_dir), private=True)
+    _check_outside(config, report)
+    _check_ports(config, report)
+    if config.backup.directory:
+        _check_directory(report, "backup directory", Path(config.backup.directory), private=False)
+    else:
+        report.skip("backup directory", "not configured (<data_dir>/backups)")
+    return _summary(report)
+
+
+def _summary(report: Report) -> int:
+    code = report.code()
+    if code == 0:
+        print("configuration OK", flush=True)
+    else:
+        print(f"configuration check failed: {report.errors} error(s), {report.unreachable} unreachable", flush=True)
+    return code
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+def _check_tls(config: Config, report: Report) -> None:
+    """What ``prepare_tls`` would do, without creating or renewing the development CA and certificate."""
+    tls = config.tls
+    if tls.insecure:
+        if not is_loopback(config.host) and not tls.force_insecure:
+            report.error("TLS", f"--insecure refuses to serve plaintext on the non-loopback address {config.host}")
+        else:
+            report.warn("TLS", INSECURE_WARNING.removeprefix("WARNING: "))
+        return
+    for serial in tls.revoked_serials:
+        try:
+            tlsmod.parse_serial(serial)
+        except UsageError as exc:
+            report.error("tls.revoked_serials", str(exc))
+    pair: tuple[str, str] | None = None
+    if tls.cert is not None and tls.key is not None:
+        pair = (tls.cert, tls.key)
+        _warn_loose_key(tls.key, lambda line: report.warn("TLS key", line.removeprefix("WARNING: ")))
+    else:
+        pair = _dev_pair(config, report)
+    if pair is not None:
+        try:
+            tlsmod.server_context(msgspec.structs.replace(tls, client_auth="none"), *pair)
+            report.ok("TLS certificate", f"{Path(pair[0]).resolve()} loads with its key {Path(pair[1]).resolve()}")
+        except UsageError as exc:
+            report.error("TLS certificate", str(exc))
+    if tls.client_auth == "none":
+        report.skip("client certificates", "tls.client_auth is none")
+        return
+    client_ca = tls.client_ca
+    if client_ca is None:
+        dev_ca = Path(config.data_dir) / "tls" / "ca.pem"
+        client_ca = str(dev_ca) if dev_ca.exists() else None
+    verify = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    checks = [("client CA file", client_ca)] if client_ca is not None else []
+    if tls.crl is not None:
+        checks.append(("CRL file", tls.crl))
+    for what, file in checks:
+        try:
+            tlsmod._load_verify(verify, file, what)
+            report.ok(what, str(Path(file).resolve()))
+        except UsageError as exc:
+            report.error(what, str(exc))
+
+
+def _dev_pair(config: Config, report: Report) -> tuple[str, str] | None:
+    """The development certificate and key if ``ensure_dev_tls`` would keep them as they are; else None, with a note
+    of what it would create or renew."""
+    directory = Path(config.data_dir) / "tls"
+    ca_path, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert_path, key_path = directory / "server.pem", directory / "server.key"
+    if not ca_path.exists():
+        report.note("TLS", f"would create the development CA and server certificate in {directory.resolve()}")
+        return None
+    if not ca_key.exists():
+        report.error("TLS", f"{ca_path} exists but its key {ca_key} does not: cannot issue certificates")
+        return None
+    try:
+        ca = tlsmod._read_cert(ca_path)
+        _read_key(ca_key)
+    except UsageError as exc:
+        report.error("TLS", str(exc))
+        return None
+    if ca.not_valid_after_utc - tlsmod._now() < tlsmod.RENEW_BEFORE:
+        report.note("TLS", f"would renew the development CA {ca_path.resolve()} (it expires soon)")
+        return None
+    good = False
+    if cert_path.exists() and key_path.exists():
+        with contextlib.suppress(UsageError):
+            leaf, key = tlsmod._read_cert(cert_path), _read_key(key_path)
+            wanted = tlsmod._san_entries(server_hosts(config.host))
+            renew = datetime.timedelta(seconds=config.tls.dev_renew_before)
+            good = tlsmod._leaf_is_good(leaf, ca, wanted, renew) and leaf.public_key() == key.public_key()
+    if not good:
+        report.note("TLS", f"would issue a development server certificate in {directory.resolve()}")
+        return None
+    report.ok("TLS", f"development certificate; CA certificate: {ca_path.resolve()}")
+    return str(cert_path), str(key_path)
+
+
+def _read_key(path: Path) -> PrivateKeyTypes:
+    """The private key in ``path``, read without ``tls._read_key``'s tightening of a loose mode (a write)."""
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise UsageError(f"cannot read private key {path}: {exc.strerror}") from None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{path} is not an unencrypted PEM private key: {exc}") from None
+
+
+# -- directories --------------------------------------------------------------------------
+
+
+def _check_directory(report: Report, what: str, directory: Path, *, private: bool) -> None:
+    """``directory`` usable: a directory this user may write to (and, if ``private``, its own and closed to others),
+    or one that could be made (its nearest existing parent writable)."""
+    shown_path = directory.resolve()
+    if not directory.exists():
+        parent = next((p for p in directory.absolute().parents if p.exists()), Path("/"))
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            report.error(what, f"{shown_path} does not exist and cannot be created: {parent} is not writable")
+        else:
+            report.note(what, f"{shown_path} would be created (mode 0700)")
+        return
+    if not directory.is_dir():
+        report.error(what, f"{shown_path} is not a directory")
+        return
+    if not os.access(directory, os.W_OK | os.X_OK):
+        report.error(what, f"{shown_path} is not writable by this user")
+        return
+    status = directory.stat()
+    mode = status.st_mode & 0o777
+    if private and status.st_uid != os.geteuid():
+        report.warn(what, f"{shown_path} belongs to uid {status.st_uid}, not to this user ({os.geteuid()})")
+    if private and mode & 0o077:
+        report.warn(what, f"{shown_path} has mode {mode:04o}: others can reach it; chmod 700 it")
+    report.ok(what, f"{shown_path} (mode {mode:04o})")
+
+
+# -- the store and Redis ------------------------------------------------------------------
+
+
+def _check_outside(config: Config, report: Report) -> None:
+    from bastion.cli.serve import store_location, store_password
+
+    location = store_location(config)
+    try:
+        password = store_password(config)
+        _check_store(location, password, report)
+    except (BastionError, OSError) as exc:
+        report.failure("store", exc)
+    except sqlite3.Error as exc:
+        report.error("store", f"{location}: {exc}")
+    if config.rate_limits.redis_url is not None:
+        asyncio.run(_check_redis(config.rate_limits.redis_url, report))
+    else:
+        report.skip("Redis", "rate_limits.redis_url is not set")
+
+
+def _check_store(location: str, password: str | None, report: Report) -> None:
+    from bastion.store import open_store
+    from bastion.store.migrations import LATEST, current_version, recorded_compatible_from
+    from bastion.store.postgres import PostgresStore
+    from bastion.store.sqlite import SQLiteStore
+
+    store = open_store(location, password=password)
+    if isinstance(store, PostgresStore):
+        postgres = PostgresStore(location, password=password, connect_timeout=CONNECT_TIMEOUT)
+        schema, version, recorded = asyncio.run(postgres.probe())
+        label = f"PostgreSQL {postgres.dsn} (schema {schema})"
+    else:
+        assert isinstance(store, SQLiteStore)
+        path = store.path
+        label = f"SQLite {path.resolve()}"
+        if not path.exists():
+            report.note("store", f"{label} would be created; would migrate from schema version 0 to {LATEST}")
+            return
+        # immutable: a read-only connection to a database in WAL mode would otherwise create -wal and -shm files.
+        wal = Path(f"{path}-wal").exists()
+        uri = f"{path.resolve().as_uri()}?mode=ro" + ("" if wal else "&immutable=1")
+        conn = sqlite3.connect(uri, uri=True, timeout=CONNECT_TIMEOUT)
+        try:
+            version, recorded = current_version(conn), recorded_compatible_from(conn)
+        finally:
+            conn.close()
+    if version == LATEST:
+        report.ok("store", f"{label} at schema version {version} (current)")
+    elif version < LATEST:
+        report.note("store", f"{label}: would migrate from schema version {version} to {LATEST}")
+    elif recorded is not None and recorded <= LATEST:
+        report.warn("store", f"{label} at schema version {version}, newer than this bastion knows ({LATEST}), "
+                    f"but it declares code of schema version {recorded} and later compatible")  # fmt: skip
+    else:
+        report.error("store", f"{label} has schema version {version}, newer than this bastion knows ({LATEST}): "
+                     "upgrade bastion, or restore a backup made by this version")  # fmt: skip
+
+
+async def _check_redis(url: str, report: Report) -> None:
+    from bastion.security.ratelimit_redis import _redis_module
+
+    shown_url = redact_dsn(url)
+    try:
+        redis = _redis_module()
+    except UsageError as exc:
+        report.error("Redis", str(exc))
+        return
+    client = redis.asyncio.Redis.from_url(url, socket_timeout=CONNECT_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT)
+    try:
+        await client.ping()
+        report.ok("Redis", f"{shown_url} answers")
+    except redis.exceptions.AuthenticationError:
+        report.error("Redis", f"{shown_url}: authentication failed")
+    except (redis.exceptions.RedisError, OSError) as exc:
+        report.down("Redis", f"cannot reach {shown_url}: {type(exc).__name__}")
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+
+
+# -- ports ----------------------------------------------------------------------------------
+
+
+def _check_ports(config: Config, report: Report) -> None:
+    ports = [("port", config.port)]
+    if config.gateway.enabled:
+        ports.append(("gateway port", config.gateway.http_port))
+    else:
+        report.skip("gateway port", "the gateway is off")
+    for what, port in ports:
+        if port == 0:
+            report.skip(what, "0: a free port is picked at start")
+            continue
+        _try_bind(report, what, config.host, port)
+
+
+def _try_bind(report: Report, what: str, host: str, port: int) -> None:
+    """Bind (never listen on) a socket for each address of ``host`` -- an address not on this machine, a port this
+    user may not bind -- and close it at once."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        report.error(what, f"cannot resolve {host}: {exc.strerror}")
+        return
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    report.warn(what, f"{host}:{port} is in use (by the running server?): the server could not start "
+                                "while it is")  # fmt: skip
+                else:
+                    report.error(what, f"cannot listen on {host}:{port}: {exc.strerror}")
+                return
+    report.ok(what, f"{host}:{port} bindable")
