@@ -440,7 +440,9 @@ class Supervisor:
             worker.process = None
             code = process.returncode
             if self._stopping:
-                clean = code in (0, -signal.SIGTERM)
+                # Killed by the signals of the stop itself: a worker that had already stopped, its
+                # handlers gone (the loop's removal restores the default action), before it exited.
+                clean = code in (0, -signal.SIGTERM, -signal.SIGUSR2)
                 log.log(logging.INFO if clean else logging.WARNING, "worker %d exited (%s)", worker.index, _how(code))
                 if not clean:
                     self._exit_code = 1
