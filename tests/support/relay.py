@@ -15,46 +15,27 @@ import contextlib
 import threading
 from typing import Literal
 
-__all__ = ["FlipRelay"]
+__all__ = ["FlipRelay", "TcpRelay"]
 
 Direction = Literal["server", "client"]
 
 
-class FlipRelay:
+class TcpRelay:
+    """Listens on a free loopback port and forwards each connection to ``target``, through ``_pump``:
+    one per direction, ``to_client`` saying which (the subclass decides what happens on the way)."""
+
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
         self.port = 0
-        self.flipped = threading.Event()
-        self._armed: Direction | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def __enter__(self) -> FlipRelay:
-        self._thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(5)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def arm(self, direction: Direction = "server") -> None:
-        """Flip a bit in the next record that ``direction`` sends."""
-        self._loop.call_soon_threadsafe(setattr, self, "_armed", direction)
-
-    async def _start(self) -> int:
+    async def _listen(self) -> int:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
 
-    async def _stop(self) -> None:
+    async def _close(self) -> None:
         if self._server is not None:
             self._server.close()
         for task in list(self._tasks):
@@ -68,18 +49,51 @@ class FlipRelay:
             client_w.close()
             return
         pumps = [
-            asyncio.ensure_future(self._pump(client_r, server_w, "client")),
-            asyncio.ensure_future(self._pump(server_r, client_w, "server")),
+            asyncio.ensure_future(self._pump(client_r, server_w, to_client=False)),
+            asyncio.ensure_future(self._pump(server_r, client_w, to_client=True)),
         ]
         self._tasks.update(pumps)
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         for task in pumps:
             task.cancel()
             self._tasks.discard(task)
         for writer in (client_w, server_w):
             writer.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sender: Direction) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, to_client: bool) -> None:
+        raise NotImplementedError
+
+
+class FlipRelay(TcpRelay):
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.flipped = threading.Event()
+        self._armed: Direction | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> FlipRelay:
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(5)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def arm(self, direction: Direction = "server") -> None:
+        """Flip a bit in the next record that ``direction`` sends."""
+        self._loop.call_soon_threadsafe(setattr, self, "_armed", direction)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, to_client: bool) -> None:
+        sender: Direction = "server" if to_client else "client"
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 header = await reader.readexactly(5)
