@@ -12,22 +12,10 @@ can report it).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 from bastion.server.scheduler import Scheduler, SchedulerConfig, Ticket, TicketState
 from bastion.status import Status
-
-
-def run(test: Callable[[], Awaitable[None]]) -> None:
-    async def guarded() -> None:
-        await asyncio.wait_for(test(), 10)
-
-    asyncio.run(guarded())
-
-
-async def settle() -> None:
-    for _ in range(8):
-        await asyncio.sleep(0)
+from tests.server.test_scheduler import run, settle
 
 
 class Reporting:
