@@ -427,6 +427,19 @@ class WorkerEpochs:
                         table.put(at, epoch, pid)  # in use: not the least recently used
         return epochs
 
+    @staticmethod
+    def total(table: SharedTable, epochs: dict[int, float], prefix: str, key: str) -> float:
+        """What the workers of ``epochs`` (``live``) count for ``key``, each in its slot
+        ``<prefix><worker>|<key>`` stamped with its epoch."""
+        total = 0.0
+        for worker, epoch in epochs.items():
+            at = table.find(table.digest(f"{prefix}{worker}|{key}"))
+            if at is not None:
+                count, stamp = table.get(at)
+                if stamp == epoch:
+                    total += count
+        return total
+
 
 class Holds(Protocol):
     """How many of something each key (a user) holds open: ``LocalHolds`` in one process, ``SharedHolds``
@@ -486,15 +499,7 @@ class SharedHolds:
 
     def _count(self, epochs: dict[int, float], key: str) -> float:
         """What the live workers (``WorkerEpochs.live``) hold for ``key`` now (hold the lock)."""
-        table = self._table
-        total = 0.0
-        for worker, epoch in epochs.items():
-            slot = table.find(table.digest(f"{self._prefix}{worker}|{key}"))
-            if slot is not None:
-                count, stamp = table.get(slot)
-                if stamp == epoch:
-                    total += count
-        return total
+        return WorkerEpochs.total(self._table, epochs, self._prefix, key)
 
     def acquire(self, key: str, limit: int) -> int:
         """Take one hold for ``key`` unless the workers together hold ``limit``; what they held before

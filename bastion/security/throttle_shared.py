@@ -86,14 +86,7 @@ class SharedPending:
         epochs = self._epochs.live()
 
         def count(key: str) -> int:
-            total = 0.0
-            for worker, epoch in epochs.items():
-                at = table.find(table.digest(f"{worker}|{key}"))
-                if at is not None:
-                    held, stamp = table.get(at)
-                    if stamp == epoch:
-                        total += held
-            return int(total)
+            return int(WorkerEpochs.total(table, epochs, "", key))
 
         return count
 
