@@ -70,6 +70,7 @@ from bastion.security.ratelimit_shared import SharedHolds, SharedRateLimiter, Sh
 from bastion.security.throttle import LoginThrottle
 from bastion.security.throttle_shared import SharedPending, pending_table
 from bastion.server.dispatch import IdempotencyKeys
+from bastion.server.memtrim import HeapTrimmer
 from bastion.server.notify import SystemdNotifier
 from bastion.server.scheduler import Scheduler
 from bastion.server.server import HANDLER_THREAD_PREFIX, Server
@@ -388,6 +389,8 @@ async def _serve(
             raise
     server.install_signal_handlers()  # before the banner: readiness means SIGTERM drains
     allocator.settle_gc()  # start-up is over: keep the collector off what it built
+    trimmer = HeapTrimmer(server)  # gives back the heap a storm of connections leaves (server/memtrim.py)
+    trimmer.start()
     host, port = server.addresses[0][:2]
     names = ", ".join(sorted(server.table.services))
     echo(f"bastion {__version__} listening on {host}:{port} (services: {names})")
@@ -401,6 +404,7 @@ async def _serve(
     try:
         await server.serve_forever(handle_signals=False)  # returns once drained: /readyz said 503 meanwhile
     finally:
+        trimmer.stop()
         if gateway is not None:
             await gateway.aclose()
 
@@ -429,6 +433,8 @@ async def _serve_worker(server: Server, channel: WorkerChannel, config: Config, 
         )
     server.install_signal_handlers(supervised=True)  # the supervisor passes signals on
     allocator.settle_gc()
+    trimmer = HeapTrimmer(server)
+    trimmer.start()
     stopping: list[asyncio.Task[None]] = []
 
     def orphaned() -> None:
@@ -450,6 +456,7 @@ async def _serve_worker(server: Server, channel: WorkerChannel, config: Config, 
         await server.serve_forever(handle_signals=False)
     finally:
         publisher.cancel()
+        trimmer.stop()
         with contextlib.suppress(OSError):
             snapshots.publish(server_snapshot(server))  # the last counts, for a replacement to continue from
         if gateway is not None:

@@ -30,6 +30,8 @@ from a request)::
     bastion_gateway_tls_handshake_failures_total{reason} the gateway's (HTTPS) port: gateway/_tls.py REASONS
     bastion_store_operation_duration_seconds{operation} histogram: write, read (SQLite), call (PostgreSQL)
     bastion_backups_total{trigger,result}               backups taken: on_demand/scheduled, ok/failed
+    bastion_memory_trims_total                          heap trims after connection storms (server/memtrim.py)
+    bastion_memory_trimmed_bytes_total                  bytes the resident size fell by across them
     bastion_workers                                     processes these numbers add up
 
 Rejection reasons: connection_limit, source_connection_limit (at accept),
@@ -246,6 +248,14 @@ class SnapshotCollector(Collector):
             for result in ("ok", "failed"):
                 backups.add_metric([trigger, result], counters.get(f"backups_{trigger}_{result}", 0))
         yield backups
+        trims = CounterMetricFamily("bastion_memory_trims", "Heap trims after connection storms (malloc_trim)")
+        trims.add_metric([], counters.get("memory_trims", 0))
+        yield trims
+        trimmed = CounterMetricFamily(
+            "bastion_memory_trimmed_bytes", "Bytes the resident size fell by across the heap trims"
+        )
+        trimmed.add_metric([], counters.get("memory_trimmed_bytes", 0))
+        yield trimmed
         yield _gauge("bastion_workers", "Server processes whose numbers are added up here", gauges.get("workers", 1))
 
 

@@ -14,6 +14,7 @@ import msgspec
 
 from bastion._version import __version__
 from bastion.security.principal import Principal
+from bastion.server.memtrim import memory_stats
 
 if TYPE_CHECKING:
     from bastion.server.server import Server
@@ -40,7 +41,8 @@ class ServerView:
         return self._server.draining
 
     def stats(self) -> Mapping[str, int | float]:
-        return self._server.stats()
+        """``Server.stats()`` and the heap trims after connection storms (memtrim.py)."""
+        return {**self._server.stats(), **memory_stats(self._server)}
 
     def limits(self) -> Mapping[str, int | float]:
         """The server's limits, each as the number it runs with (a default worked out from others included)."""

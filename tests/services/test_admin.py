@@ -151,6 +151,9 @@ def test_stats_counts_connections_calls_and_errors() -> None:
         "stream_buffer_paused",
         "proxied_connections_total",
         "rejected_proxy_header_total",
+        "memory_trims_total",
+        "memory_trimmed_bytes_total",
+        "memory_trim_seconds_total",
         "uptime_seconds",
         "pid",
     }
