@@ -57,6 +57,31 @@ _KEY_UPSERT = (
     "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, content_type = excluded.content_type, "
     "version = excluded.version, expires_at = excluded.expires_at"
 )
+_KEY_UPSERT_HEAD = "INSERT INTO kv_keys (namespace, key, value, content_type, version, expires_at) VALUES "
+_KEY_UPSERT_TAIL = _KEY_UPSERT.split(") VALUES (?, ?, ?, ?, ?, ?)", 1)[1]
+_LOG_INSERT_HEAD = f"INSERT INTO kv_log ({LOG_COLUMNS}) VALUES "
+# A row of each, for a put with a content type or an expiry, and for a plain put (neither: its
+# '' and NULL written into the statement, two parameters fewer per table).
+_KEY_ROW, _KEY_ROW_PLAIN = "(?, ?, ?, ?, ?, ?)", "(?, ?, ?, '', ?, NULL)"
+_LOG_ROW, _LOG_ROW_PLAIN = f"(?, ?, ?, '{PUT}', ?, ?, ?)", f"(?, ?, ?, '{PUT}', ?, '', ?)"
+# The most rows one statement of put_rows writes: a batch is cut into chunks of powers of two up to
+# this, so the connection caches at most 2 x 2 x 7 statements for them.
+_MAX_ROWS = 64
+# The largest value put_rows binds as a bytearray copy rather than as the bytes themselves (the
+# copy costs about what the two adapter lookups it saves do at some tens of KiB).
+_COPY_MAX = 4096
+
+
+@functools.cache
+def _rows_sql(n: int, plain: bool) -> tuple[str, str]:
+    """The upsert and the log insert of ``n`` puts, one statement each (see ``_SQLiteTx.put_rows``)."""
+    key_row, log_row = (_KEY_ROW_PLAIN, _LOG_ROW_PLAIN) if plain else (_KEY_ROW, _LOG_ROW)
+    return (
+        _KEY_UPSERT_HEAD + ", ".join([key_row] * n) + _KEY_UPSERT_TAIL,
+        _LOG_INSERT_HEAD + ", ".join([log_row] * n),
+    )
+
+
 # As _KEY_UPSERT, but an expired key is left alone (no row changed); the 7th argument is ``now``.
 _KEY_UPSERT_LIVE = f"{_KEY_UPSERT} WHERE kv_keys.expires_at IS NULL OR kv_keys.expires_at > ?"
 _NAMESPACE_EXISTS = NAMESPACE_EXISTS.format("?")
@@ -163,27 +188,51 @@ class _SQLiteTx:
         return self.conn.execute(_ANY_EXPIRED, (latest,)).fetchone() is None
 
     def put_rows(self, puts: list[_Puts]) -> list[list[int]]:
-        """``put`` of every write of ``puts``, in order: one ``executemany`` per table; their versions.
+        """``put`` of every write of ``puts``, in order, in a few multi-row statements; their versions.
 
         Only when ``none_expired(puts)``: no put has an expiry to log first.
-        (One statement per row, not multi-row ``VALUES``: a statement that
-        writes many rows makes SQLite keep a statement journal, which costs
-        more than the statements it saves.)
+        Each table takes the rows in chunks of up to ``_MAX_ROWS`` (powers of
+        two), one statement each: SQLite pays its per-statement work (a
+        statement journal for the upsert, whose trigger may abort it; cursors
+        on every table and index it touches) once per chunk instead of once
+        per row, and each page the chunk changes goes into that journal once.
+        The rows of one chunk are written in order, so a key put twice ends
+        with the later value, as with one statement per row. When no write
+        has a content type or an expiry (the usual put), the statements hold
+        ``''`` and ``NULL`` instead of binding them. A small value is bound as a
+        ``bytearray`` copy: ``sqlite3`` binds one directly, where ``bytes``
+        takes an adapter lookup (see bastion/store/sqlite.py), twice per put.
         """
-        keys: list[tuple[Any, ...]] = []
-        log: list[tuple[Any, ...]] = []
         versions: list[list[int]] = []
+        keys: list[Any] = []
+        log: list[Any] = []
         revision = self.revision
+        plain = True
         for namespace, writes, now, _ in puts:
             mine = []
             for w in writes:
                 revision += 1
-                keys.append((namespace, w.key, w.value, w.content_type, revision, w.expires_at))
-                log.append((revision, namespace, w.key, w.value, w.content_type, now))
+                value: bytes | bytearray = w.value
+                if len(value) <= _COPY_MAX:
+                    value = bytearray(value)
+                if plain and (w.content_type or w.expires_at is not None):
+                    plain = False
+                keys += (namespace, w.key, value, w.content_type, revision, w.expires_at)
+                log += (revision, namespace, w.key, value, w.content_type, now)
                 mine.append(revision)
             versions.append(mine)
-        self.conn.executemany(_KEY_UPSERT, keys)
-        self.conn.executemany(_LOG_INSERT_PUT, log)
+        if plain:  # drop the content types and expiries just gathered: the statements hold them
+            del keys[3::6], keys[4::5]
+            del log[4::6]
+        key_width, log_width = (4, 5) if plain else (6, 6)
+        rows, done = revision - self.revision, 0
+        execute = self.conn.execute
+        while done < rows:
+            n = min(_MAX_ROWS, 1 << ((rows - done).bit_length() - 1))
+            key_sql, log_sql = _rows_sql(n, plain)
+            execute(key_sql, keys[done * key_width : (done + n) * key_width])
+            execute(log_sql, log[done * log_width : (done + n) * log_width])
+            done += n
         self.revision = revision
         return versions
 
@@ -300,7 +349,7 @@ class SQLiteKV(SQLiteAccess, KVStore):
     def _kv_put_unchecked(self, conn: sqlite3.Connection, puts: list[_Puts]) -> list[list[int]]:
         """The batched write of ``kv_put`` calls without compare-and-swap: each one's versions.
 
-        Usually one ``executemany`` per table for the whole batch (``put_rows``);
+        Usually a few multi-row statements per table for the whole batch (``put_rows``);
         when some key may have expired, each put the careful way instead
         (``put_unchecked``: an expired key's expiry is logged first).
 

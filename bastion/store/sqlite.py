@@ -61,7 +61,7 @@ instead of once per write. The hooks are dropped when the transaction ends.
 
 *Batched writes*: a write queued with ``_write_batched(runner, item)`` is an
 ``item`` for ``runner(connection, items) -> results``, which writes several
-items at once (kv: one ``executemany`` per table for a whole run of puts,
+items at once (kv: a few multi-row statements per table for a whole run of puts,
 instead of two statements and their Python around each put). In
 the optimistic mode, each run of such writes that sit next to each other in
 the group with the same ``runner`` is one call of it (one result per item,
@@ -265,6 +265,10 @@ class SQLiteStore(
             if str(mode).lower() != "wal":
                 raise UsageError(f"store {self.path}: the file system does not support WAL mode ({mode})")
             version = apply_migrations(self._writer, self._migrations, label=f"store {self.path}")
+            # Statement journals (and savepoints) in memory, not in a temporary file past 64 KiB: a
+            # multi-row kv put writes one of some hundred KiB per commit (see kv_sqlite.py's put_rows).
+            # Set after the migrations, whose index builds and table copies may sort more than fits.
+            self._writer.execute("PRAGMA temp_store=MEMORY")
             for _ in range(self._readers):
                 reader = self._connect()
                 reader.execute("PRAGMA query_only=ON")
