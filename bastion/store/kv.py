@@ -82,6 +82,7 @@ __all__ = [
     "ValuesTooLarge",
     "personal_namespace",
     "prefix_end",
+    "text_bytes",
     "write_bytes",
 ]
 
@@ -316,13 +317,14 @@ def usage_of(row: Any) -> KVUsage:
     return KVUsage(0, 0) if row is None else KVUsage(int(row[0]), int(row[1]))
 
 
-def _text_bytes(text: str) -> int:
+def text_bytes(text: str) -> int:
+    """The UTF-8 bytes of ``text`` (a lone surrogate counted as three)."""
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def write_bytes(w: KVWrite) -> int:
     """The bytes ``w`` counts toward its namespace's usage once written."""
-    return _text_bytes(w.key) + len(w.value) + _text_bytes(w.content_type)
+    return text_bytes(w.key) + len(w.value) + text_bytes(w.content_type)
 
 
 def quota_error(namespace: str, usage: KVUsage, quota: KVQuota) -> ResourceExhausted:

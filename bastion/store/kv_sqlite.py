@@ -40,8 +40,8 @@ from bastion.store.kv import (
     over_quota,
     personal_namespace,
     quota_error,
+    text_bytes,
     usage_of,
-    write_bytes,
 )
 
 __all__ = ["SQLiteKV"]
@@ -248,9 +248,17 @@ class _SQLiteTx:
         incoming: dict[str, list[Any]] = {}
         for namespace, writes, _, quota in puts:
             if quota is not None:
-                grows = incoming.setdefault(namespace, [quota, 0, 0])
+                grows = incoming.get(namespace)
+                if grows is None:
+                    grows = incoming[namespace] = [quota, 0, 0]
                 grows[1] += len(writes)
-                grows[2] += sum(map(write_bytes, writes))
+                size = grows[2]
+                for w in writes:  # write_bytes, inline: no call per put (an ASCII key's length is its size)
+                    key = w.key
+                    size += len(w.value) + (len(key) if key.isascii() else text_bytes(key))
+                    if w.content_type:
+                        size += text_bytes(w.content_type)
+                grows[2] = size
         for namespace, (quota, keys, size) in incoming.items():
             usage = self.usage(namespace)
             if over_quota(KVUsage(usage.keys + keys, usage.bytes + size), quota):

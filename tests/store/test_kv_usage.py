@@ -102,6 +102,17 @@ async def test_concurrent_puts_near_a_quota_fill_it_exactly_and_spare_the_others
     assert versions == list(range(1, 16))  # the refused left no gap in the revisions
 
 
+async def test_a_group_near_a_quota_counts_text_in_utf8_bytes(store: Store) -> None:
+    """Two concurrent puts that fit the quota if their keys and content type were counted in characters
+    (23) but not in UTF-8 bytes (31): the group must not be written unchecked; the second is refused."""
+    quota = KVQuota(keys=10, bytes=30)
+    first = store.kv_put(NS, [w("ключ", b"x" * 10, content_type="тип")], NOW, quota)  # 8 + 10 + 6 bytes
+    second = store.kv_put(NS, [w("ü", b"y" * 5)], NOW, quota)  # 2 + 5 bytes
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert isinstance(results[0], list) and isinstance(results[1], ResourceExhausted), results
+    assert await store.kv_usage(NS) == await held(store, NS) == KVUsage(1, 24)
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_the_migration_counts_the_keys_already_stored(backend: str, tmp_path: Path) -> None:
     location = store_location(backend, tmp_path)
