@@ -65,7 +65,7 @@ _LOG_INSERT_HEAD = f"INSERT INTO kv_log ({LOG_COLUMNS}) VALUES "
 _KEY_ROW, _KEY_ROW_PLAIN = "(?, ?, ?, ?, ?, ?)", "(?, ?, ?, '', ?, NULL)"
 _LOG_ROW, _LOG_ROW_PLAIN = f"(?, ?, ?, '{PUT}', ?, ?, ?)", f"(?, ?, ?, '{PUT}', ?, '', ?)"
 # The most rows one statement of put_rows writes: a batch is cut into chunks of powers of two up to
-# this, so the connection caches at most 2 x 2 x 7 statements for them.
+# this, so the connection caches at most 2 x 4 x 7 statements for them.
 _MAX_ROWS = 64
 # The largest value put_rows binds as a bytearray copy rather than as the bytes themselves (the
 # copy costs about what the two adapter lookups it saves do at some tens of KiB).
@@ -73,13 +73,35 @@ _COPY_MAX = 4096
 
 
 @functools.cache
-def _rows_sql(n: int, plain: bool) -> tuple[str, str]:
-    """The upsert and the log insert of ``n`` puts, one statement each (see ``_SQLiteTx.put_rows``)."""
+def _rows_sql(n: int, plain: bool, shared: bool) -> tuple[str, str]:
+    """The upsert and the log insert of ``n`` puts, one statement each (see ``_SQLiteTx.put_rows``).
+
+    ``shared``: every row's namespace is the first parameter (``?1``), bound once for all of them.
+    """
     key_row, log_row = (_KEY_ROW_PLAIN, _LOG_ROW_PLAIN) if plain else (_KEY_ROW, _LOG_ROW)
-    return (
-        _KEY_UPSERT_HEAD + ", ".join([key_row] * n) + _KEY_UPSERT_TAIL,
-        _LOG_INSERT_HEAD + ", ".join([log_row] * n),
-    )
+    if not shared:
+        return (
+            _KEY_UPSERT_HEAD + ", ".join([key_row] * n) + _KEY_UPSERT_TAIL,
+            _LOG_INSERT_HEAD + ", ".join([log_row] * n),
+        )
+    return _KEY_UPSERT_HEAD + _numbered(key_row, n, 0) + _KEY_UPSERT_TAIL, _LOG_INSERT_HEAD + _numbered(log_row, n, 1)
+
+
+def _numbered(row: str, n: int, namespace: int) -> str:
+    """``n`` rows of ``row`` with numbered parameters: its ``namespace``-th ``?`` (from 0) is ``?1`` in
+    every row, the others ``?2``, ``?3``... in order."""
+    head, *tails = row.split("?")
+    rows, number = [], 2
+    for _ in range(n):
+        parts = [head]
+        for i, tail in enumerate(tails):
+            if i == namespace:
+                parts.append(f"?1{tail}")
+            else:
+                parts.append(f"?{number}{tail}")
+                number += 1
+        rows.append("".join(parts))
+    return ", ".join(rows)
 
 
 # As _KEY_UPSERT, but an expired key is left alone (no row changed); the 7th argument is ``now``.
@@ -199,16 +221,22 @@ class _SQLiteTx:
         The rows of one chunk are written in order, so a key put twice ends
         with the later value, as with one statement per row. When no write
         has a content type or an expiry (the usual put), the statements hold
-        ``''`` and ``NULL`` instead of binding them. A small value is bound as a
-        ``bytearray`` copy: ``sqlite3`` binds one directly, where ``bytes``
-        takes an adapter lookup (see bastion/store/sqlite.py), twice per put.
+        ``''`` and ``NULL`` instead of binding them; when every put of the
+        group is to one namespace (one user's own, or a busy shared one), the
+        statements bind it once (``?1``), not twice per row. A small value is
+        bound as a ``bytearray`` copy: ``sqlite3`` binds one directly, where
+        ``bytes`` takes an adapter lookup (see bastion/store/sqlite.py), twice
+        per put.
         """
         versions: list[list[int]] = []
         keys: list[Any] = []
         log: list[Any] = []
         revision = self.revision
         plain = True
+        shared: str | None = puts[0][0]
         for namespace, writes, now, _ in puts:
+            if namespace != shared:
+                shared = None
             mine = []
             for w in writes:
                 revision += 1
@@ -221,17 +249,26 @@ class _SQLiteTx:
                 log += (revision, namespace, w.key, value, w.content_type, now)
                 mine.append(revision)
             versions.append(mine)
-        if plain:  # drop the content types and expiries just gathered: the statements hold them
+        # Drop what the statements hold or bind once: the content types and expiries of plain puts,
+        # the namespace of a group that shares one.
+        key_width = log_width = 6
+        if plain:
             del keys[3::6], keys[4::5]
             del log[4::6]
-        key_width, log_width = (4, 5) if plain else (6, 6)
+            key_width, log_width = 4, 5
+        first: list[Any] = []
+        if shared is not None:
+            del keys[0::key_width]
+            del log[1::log_width]
+            key_width, log_width = key_width - 1, log_width - 1
+            first = [shared]
         rows, done = revision - self.revision, 0
         execute = self.conn.execute
         while done < rows:
             n = min(_MAX_ROWS, 1 << ((rows - done).bit_length() - 1))
-            key_sql, log_sql = _rows_sql(n, plain)
-            execute(key_sql, keys[done * key_width : (done + n) * key_width])
-            execute(log_sql, log[done * log_width : (done + n) * log_width])
+            key_sql, log_sql = _rows_sql(n, plain, shared is not None)
+            execute(key_sql, first + keys[done * key_width : (done + n) * key_width])
+            execute(log_sql, first + log[done * log_width : (done + n) * log_width])
             done += n
         self.revision = revision
         return versions

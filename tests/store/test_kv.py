@@ -171,33 +171,37 @@ async def test_concurrent_plain_puts_each_get_their_own_dense_versions(store: St
 
 
 @pytest.mark.parametrize("content_type", ["", "text/plain"])
+@pytest.mark.parametrize("namespaces", [[NS], [NS, "~bob"]])
 async def test_a_large_batch_of_plain_puts_is_written_in_order_across_its_statements(
-    store: Store, content_type: str
+    store: Store, content_type: str, namespaces: list[str]
 ) -> None:
     # 150 puts in one group: SQLite writes them in multi-row statements of up to 64 rows (64, 64, 16, 4,
-    # 2), with '' and NULL in the statement when no put has a content type or an expiry. Keys repeat
-    # within a statement and across them: the later put wins, each logged, and the usage counts each key once.
+    # 2), with '' and NULL in the statement when no put has a content type or an expiry, and the
+    # namespace bound once when all share it. Keys repeat within a statement and across them: the
+    # later put wins, each is logged, and the usage counts each key once.
     n = 150
-    calls = [store.kv_put(NS, [w(f"k{i % 70}", b"v%d" % i, content_type=content_type)], NOW) for i in range(n)]
+    ns = [namespaces[i % len(namespaces)] for i in range(n)]  # k{j} is always in the same namespace
+    calls = [store.kv_put(ns[i], [w(f"k{i % 70}", b"v%d" % i, content_type=content_type)], NOW) for i in range(n)]
     results = await asyncio.gather(*calls)
     assert sorted(v for (v,) in results) == list(range(1, n + 1))
     if isinstance(store, SQLiteStore):
         assert results == [[i] for i in range(1, n + 1)]
     changes = await store.kv_changes(0, None, 1000)
     by_version = {version: i for i, (version,) in enumerate(results)}
-    assert [(c.key, c.op, c.value, c.content_type) for c in changes] == [
-        (f"k{by_version[c.revision] % 70}", PUT, b"v%d" % by_version[c.revision], content_type) for c in changes
+    assert [(c.namespace, c.key, c.op, c.value, c.content_type) for c in changes] == [
+        (ns[i], f"k{i % 70}", PUT, b"v%d" % i, content_type) for i in (by_version[c.revision] for c in changes)
     ]
-    held = 0
+    held = dict.fromkeys(namespaces, 0)
     for k in range(70):
         last = max(i for i in range(n) if i % 70 == k)
-        (entry,) = await store.kv_get_many(NS, [f"k{k}"], NOW)
+        (entry,) = await store.kv_get_many(ns[last], [f"k{k}"], NOW)
         assert entry is not None
         expected = (b"v%d" % last, results[last][0], content_type, None)
         assert (entry.value, entry.version, entry.content_type, entry.expires_at) == expected
-        held += len(f"k{k}") + len(entry.value) + len(content_type)
-    usage = await store.kv_usage(NS)
-    assert (usage.keys, usage.bytes) == (70, held)
+        held[ns[last]] += len(f"k{k}") + len(entry.value) + len(content_type)
+    for namespace in namespaces:
+        usage = await store.kv_usage(namespace)
+        assert (usage.keys, usage.bytes) == (70 // len(namespaces), held[namespace])
 
 
 async def test_concurrent_plain_puts_over_an_expired_key_log_its_expiry_first(store: Store) -> None:
