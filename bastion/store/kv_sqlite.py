@@ -43,6 +43,7 @@ from bastion.store.kv import (
     text_bytes,
     usage_of,
 )
+from bastion.store.kv_rows import COPY_MAX, KEY_UPSERT_HEAD, KEY_UPSERT_TAIL, MAX_ROWS, rows_sql
 
 __all__ = ["SQLiteKV"]
 
@@ -52,58 +53,7 @@ _LOG_INSERT = f"INSERT INTO kv_log ({LOG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 # A put's log row, its op written into the statement: one parameter fewer to bind per put (a text
 # parameter is copied into a fresh allocation by SQLite).
 _LOG_INSERT_PUT = f"INSERT INTO kv_log ({LOG_COLUMNS}) VALUES (?, ?, ?, '{PUT}', ?, ?, ?)"
-_KEY_UPSERT = (
-    "INSERT INTO kv_keys (namespace, key, value, content_type, version, expires_at) VALUES (?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, content_type = excluded.content_type, "
-    "version = excluded.version, expires_at = excluded.expires_at"
-)
-_KEY_UPSERT_HEAD = "INSERT INTO kv_keys (namespace, key, value, content_type, version, expires_at) VALUES "
-_KEY_UPSERT_TAIL = _KEY_UPSERT.split(") VALUES (?, ?, ?, ?, ?, ?)", 1)[1]
-_LOG_INSERT_HEAD = f"INSERT INTO kv_log ({LOG_COLUMNS}) VALUES "
-# A row of each, for a put with a content type or an expiry, and for a plain put (neither: its
-# '' and NULL written into the statement, two parameters fewer per table).
-_KEY_ROW, _KEY_ROW_PLAIN = "(?, ?, ?, ?, ?, ?)", "(?, ?, ?, '', ?, NULL)"
-_LOG_ROW, _LOG_ROW_PLAIN = f"(?, ?, ?, '{PUT}', ?, ?, ?)", f"(?, ?, ?, '{PUT}', ?, '', ?)"
-# The most rows one statement of put_rows writes: a batch is cut into chunks of powers of two up to
-# this, so the connection caches at most 2 x 4 x 7 statements for them.
-_MAX_ROWS = 64
-# The largest value put_rows binds as a bytearray copy rather than as the bytes themselves (the
-# copy costs about what the two adapter lookups it saves do at some tens of KiB).
-_COPY_MAX = 4096
-
-
-@functools.cache
-def _rows_sql(n: int, plain: bool, shared: bool) -> tuple[str, str]:
-    """The upsert and the log insert of ``n`` puts, one statement each (see ``_SQLiteTx.put_rows``).
-
-    ``shared``: every row's namespace is the first parameter (``?1``), bound once for all of them.
-    """
-    key_row, log_row = (_KEY_ROW_PLAIN, _LOG_ROW_PLAIN) if plain else (_KEY_ROW, _LOG_ROW)
-    if not shared:
-        return (
-            _KEY_UPSERT_HEAD + ", ".join([key_row] * n) + _KEY_UPSERT_TAIL,
-            _LOG_INSERT_HEAD + ", ".join([log_row] * n),
-        )
-    return _KEY_UPSERT_HEAD + _numbered(key_row, n, 0) + _KEY_UPSERT_TAIL, _LOG_INSERT_HEAD + _numbered(log_row, n, 1)
-
-
-def _numbered(row: str, n: int, namespace: int) -> str:
-    """``n`` rows of ``row`` with numbered parameters: its ``namespace``-th ``?`` (from 0) is ``?1`` in
-    every row, the others ``?2``, ``?3``... in order."""
-    head, *tails = row.split("?")
-    rows, number = [], 2
-    for _ in range(n):
-        parts = [head]
-        for i, tail in enumerate(tails):
-            if i == namespace:
-                parts.append(f"?1{tail}")
-            else:
-                parts.append(f"?{number}{tail}")
-                number += 1
-        rows.append("".join(parts))
-    return ", ".join(rows)
-
-
+_KEY_UPSERT = f"{KEY_UPSERT_HEAD}(?, ?, ?, ?, ?, ?){KEY_UPSERT_TAIL}"
 # As _KEY_UPSERT, but an expired key is left alone (no row changed); the 7th argument is ``now``.
 _KEY_UPSERT_LIVE = f"{_KEY_UPSERT} WHERE kv_keys.expires_at IS NULL OR kv_keys.expires_at > ?"
 _NAMESPACE_EXISTS = NAMESPACE_EXISTS.format("?")
@@ -213,7 +163,7 @@ class _SQLiteTx:
         """``put`` of every write of ``puts``, in order, in a few multi-row statements; their versions.
 
         Only when ``none_expired(puts)``: no put has an expiry to log first.
-        Each table takes the rows in chunks of up to ``_MAX_ROWS`` (powers of
+        Each table takes the rows in chunks of up to ``MAX_ROWS`` (powers of
         two), one statement each: SQLite pays its per-statement work (a
         statement journal for the upsert, whose trigger may abort it; cursors
         on every table and index it touches) once per chunk instead of once
@@ -223,7 +173,9 @@ class _SQLiteTx:
         has a content type or an expiry (the usual put), the statements hold
         ``''`` and ``NULL`` instead of binding them; when every put of the
         group is to one namespace (one user's own, or a busy shared one), the
-        statements bind it once (``?1``), not twice per row. A small value is
+        statements bind it once, not twice per row; and since a chunk's
+        revisions follow each other, each row's is the chunk's first plus its
+        place, written into the statement (kv_rows.py). A small value is
         bound as a ``bytearray`` copy: ``sqlite3`` binds one directly, where
         ``bytes`` takes an adapter lookup (see bastion/store/sqlite.py), twice
         per put.
@@ -241,32 +193,31 @@ class _SQLiteTx:
             for w in writes:
                 revision += 1
                 value: bytes | bytearray = w.value
-                if len(value) <= _COPY_MAX:
+                if len(value) <= COPY_MAX:
                     value = bytearray(value)
                 if plain and (w.content_type or w.expires_at is not None):
                     plain = False
-                keys += (namespace, w.key, value, w.content_type, revision, w.expires_at)
-                log += (revision, namespace, w.key, value, w.content_type, now)
+                keys += (namespace, w.key, value, w.content_type, w.expires_at)
+                log += (namespace, w.key, value, w.content_type, now)
                 mine.append(revision)
             versions.append(mine)
         # Drop what the statements hold or bind once: the content types and expiries of plain puts,
         # the namespace of a group that shares one.
-        key_width = log_width = 6
+        key_width = log_width = 5
         if plain:
-            del keys[3::6], keys[4::5]
-            del log[4::6]
-            key_width, log_width = 4, 5
-        first: list[Any] = []
+            del keys[3::5], keys[3::4]
+            del log[3::5]
+            key_width, log_width = 3, 4
         if shared is not None:
             del keys[0::key_width]
-            del log[1::log_width]
+            del log[0::log_width]
             key_width, log_width = key_width - 1, log_width - 1
-            first = [shared]
         rows, done = revision - self.revision, 0
         execute = self.conn.execute
         while done < rows:
-            n = min(_MAX_ROWS, 1 << ((rows - done).bit_length() - 1))
-            key_sql, log_sql = _rows_sql(n, plain, shared is not None)
+            n = min(MAX_ROWS, 1 << ((rows - done).bit_length() - 1))
+            key_sql, log_sql = rows_sql(n, plain, shared is not None)
+            first = [self.revision + done + 1] if shared is None else [self.revision + done + 1, shared]
             execute(key_sql, first + keys[done * key_width : (done + n) * key_width])
             execute(log_sql, first + log[done * log_width : (done + n) * log_width])
             done += n
@@ -404,7 +355,7 @@ class SQLiteKV(SQLiteAccess, KVStore):
         namespace's usage and raises (its savepoint undone) if it is over.
         """
         tx = self._kv_tx(conn, puts[-1][2])
-        for namespace, _, _, _ in puts:
+        for namespace in {namespace for namespace, _, _, _ in puts}:  # each once, however many puts
             if not namespace.startswith(PERSONAL_PREFIX):  # one gone fails the batch: each is then run alone
                 tx.check_shared(namespace)
         exact = not tx.fits(puts)
