@@ -260,7 +260,9 @@ class SQLiteStore(
         _make_dirs(self.path.parent)
         _create_file(self.path)
         try:
-            self._writer = self._connect()
+            # A bigger statement cache than sqlite3's 128: kv puts alone use up to 56 multi-row
+            # statements (kv_rows.py), each costly to prepare again if evicted by the other writes'.
+            self._writer = self._connect(cached_statements=512)
             mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise UsageError(f"store {self.path}: the file system does not support WAL mode ({mode})")
@@ -281,9 +283,15 @@ class SQLiteStore(
                 os.chmod(side, FILE_MODE)
         return version
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, cached_statements: int = 128) -> sqlite3.Connection:
         # isolation_level=None: no implicit transactions; we issue BEGIN ourselves.
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self._busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            cached_statements=cached_statements,
+        )
         conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
