@@ -22,7 +22,9 @@ growth came with churn), the resident size is ``TRIM_GROWTH`` above its mark
 released: a trim that releases little makes the size after it the new mark,
 so a server that merely holds more does not trim again until it grows as much
 once more (one that releases much, in a storm still going on, keeps the mark:
-the holes the rest of the storm leaves are trimmed after it). The trim runs
+the holes the rest of the storm leaves are trimmed after it); trims that each
+leave the heap high anyway (memory in use, churn's holes on top) come twice as
+far apart each time, up to ``TRIM_BACKOFF`` intervals. The trim runs
 in a thread and takes milliseconds to a tenth of a second (1.5 ms at 93 MB,
 about 60 ms at 330 MB on a busy 2-core machine); it holds the heap's lock
 meanwhile, so the event loop may wait as long for an allocation (up to
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TRIM_AFTER_CLOSED",
+    "TRIM_BACKOFF",
     "TRIM_CHECK",
     "TRIM_GROWTH",
     "TRIM_INTERVAL",
@@ -63,6 +66,8 @@ TRIM_CHECK = 10.0
 #: Seconds at least between two trims. A storm longer than a check interval is trimmed while it
 #: lasts too (the heap grows back): the trim after it comes at most this plus TRIM_CHECK after its end.
 TRIM_INTERVAL = 30.0
+#: At most this many intervals between trims that each leave the heap high (memory in use).
+TRIM_BACKOFF = 16
 #: Connections closed since the last trim (or start) before the next one. Connections refused at
 #: accept do not count (they allocate nothing): a storm of 3,000 from one source, most of them past
 #: limits.max_connections_per_source, held 683 long enough to count and grew the heap by 17 MB.
@@ -108,6 +113,7 @@ class HeapTrimmer:
         self.interval = interval
         self.after_closed = after_closed
         self.growth = growth
+        self.wait = interval  # before the next trim: the interval, longer after trims that left the heap high
         self._closed_at_trim = 0  # connections closed (accepted and no longer open) at the last trim
         self._resident_at_trim: int | None = None  # the resident size after it (or at start)
         self._last_trim: float | None = None
@@ -136,7 +142,7 @@ class HeapTrimmer:
     def due(self, now: float, resident: int | None) -> bool:
         """Whether to trim now, the process being ``resident`` bytes: long enough since the last
         trim, enough connections closed since, and the resident size grown enough since."""
-        if self._last_trim is not None and now - self._last_trim < self.interval:
+        if self._last_trim is not None and now - self._last_trim < self.wait:
             return False
         if self._closed() - self._closed_at_trim < self.after_closed:
             return False
@@ -170,6 +176,14 @@ class HeapTrimmer:
             self._resident_at_trim = resident
         elif resident is not None and mark is not None:
             self._resident_at_trim = min(mark, resident)
+        # One that left the process still TRIM_GROWTH above the mark (memory in use, with churn's
+        # holes on top, each trim releasing only those) makes the next wait twice as long, up to
+        # TRIM_BACKOFF x the interval; one that got down to the mark, the interval again.
+        mark = self._resident_at_trim
+        if resident is not None and mark is not None and resident - mark >= self.growth:
+            self.wait = min(self.wait * 2, self.interval * TRIM_BACKOFF)
+        else:
+            self.wait = self.interval
 
     async def trim(self) -> int:
         """Trim now, in a thread; the bytes the resident size fell by (counted in ``server.counters``)."""

@@ -76,3 +76,19 @@ def test_trimming_is_turned_off_by_its_switch_or_the_allocator_settings_one(monk
     monkeypatch.delenv("BASTION_MALLOC_TRIM")
     monkeypatch.setenv("BASTION_MALLOC_TUNING", "0")
     assert not HeapTrimmer.available()
+
+
+def test_trims_that_leave_the_heap_high_come_less_and_less_often() -> None:
+    """Memory in use with churn's holes on top: each trim releases the holes (much, so the mark stays)
+    but leaves the heap high; trimming every interval for good would stall the loop for nothing."""
+    server = bastion.Server([])
+    trimmer = HeapTrimmer(server)
+    trimmer._resident_at_trim = 100 * MIB
+    waits = []
+    for _ in range(6):
+        trimmer.trimmed(TRIM_GROWTH, 160 * MIB)  # 8 MiB of holes released, 60 MiB still in use
+        waits.append(trimmer.wait)
+    assert waits == [TRIM_INTERVAL * n for n in (2, 4, 8, 16, 16, 16)]
+    trimmer.trimmed(60 * MIB, 101 * MIB)  # the storm's holes all given back: the interval again
+    assert trimmer.wait == TRIM_INTERVAL
+    server.executor.shutdown()
