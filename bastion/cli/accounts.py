@@ -55,6 +55,9 @@ def _secret_file(path: Path) -> Iterator[Callable[[str], None]]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = open_secret_file(path, os.O_WRONLY | os.O_CREAT)
+        if not os.access(path.parent, os.W_OK | os.X_OK):  # the secret goes into a new file made beside it
+            os.close(fd)
+            common.fail(f"cannot write {path}: its directory is not writable", common.EXIT_USAGE)
     except OSError as exc:
         common.fail(f"cannot write {path}: {exc.strerror}", common.EXIT_USAGE)
     except UsageError as exc:

@@ -217,6 +217,7 @@ class Supervisor:
         self.restarts = 0
         self._announced = False
         self._stopping = False
+        self._hurried = False  # SIGUSR2 sent: the workers cancel what still runs
         self._exit_code = 0
         self._kill_at: float | None = None
         self._selector = selectors.DefaultSelector()
@@ -271,6 +272,7 @@ class Supervisor:
             if number in (signal.SIGTERM, signal.SIGINT):
                 if self._stopping:  # a second one: the workers cancel what still runs
                     log.warning("received %s again: telling the workers to stop now", signal.Signals(number).name)
+                    self._hurried = True
                     self._signal_all(signal.SIGUSR2)
                 else:
                     log.info("received %s: stopping the workers", signal.Signals(number).name)
@@ -442,7 +444,7 @@ class Supervisor:
             if self._stopping:
                 # Killed by the signals of the stop itself: a worker that had already stopped, its
                 # handlers gone (the loop's removal restores the default action), before it exited.
-                clean = code in (0, -signal.SIGTERM, -signal.SIGUSR2)
+                clean = code in (0, -signal.SIGTERM) or (self._hurried and code == -signal.SIGUSR2)
                 log.log(logging.INFO if clean else logging.WARNING, "worker %d exited (%s)", worker.index, _how(code))
                 if not clean:
                     self._exit_code = 1
