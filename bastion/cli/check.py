@@ -127,6 +127,9 @@ def check_config(source: ConfigSource) -> int:
         ("jobs", lambda: f"{sum(len(r) for r in load_job_registries(config.jobs.modules))} job(s)"),
         ("backup passphrase", lambda: "set" if backup_passphrase(config) else "not set"),
     )
+    metrics_token = config.gateway.metrics_token_file
+    if config.gateway.enabled and metrics_token:
+        steps += (("metrics token file", lambda: _metrics_token(metrics_token)),)
     for what, step in steps:
         try:
             report.ok(what, step())
@@ -134,6 +137,8 @@ def check_config(source: ConfigSource) -> int:
             report.failure(what, exc)
     _check_tls(config, report)
     _check_directory(report, "data directory", Path(config.data_dir), private=True)
+    files = Path(config.files.directory) if config.files.directory else Path(config.data_dir) / "files"
+    _check_directory(report, "files directory", files, private=False)
     _check_outside(config, report)
     _check_ports(config, report)
     if config.backup.directory:
@@ -141,6 +146,14 @@ def check_config(source: ConfigSource) -> int:
     else:
         report.skip("backup directory", "not configured (<data_dir>/backups)")
     return _summary(report)
+
+
+def _metrics_token(path: str) -> str:
+    """What serve reads for gateway.metrics_token_file (read, never shown)."""
+    from bastion.gateway._ops import read_token_file
+
+    read_token_file(path)
+    return f"{path}, readable"
 
 
 def _summary(report: Report) -> int:

@@ -218,3 +218,19 @@ def test_checking_beside_the_running_server_passes_and_leaves_its_store_alone(tm
         assert server.process.poll() is None
     finally:
         server.stop()
+
+
+def test_what_serve_would_refuse_at_start_is_refused_here_too(tmp_path: Path) -> None:
+    """A metrics token file that cannot be read, and a files directory that cannot be made, stop serve
+    at start (exit 2): --check says so too, rather than "configuration OK"."""
+    cwd = _workdir(tmp_path)
+    missing = tmp_path / "no-such-metrics.token"
+    result = _check(cwd, "--port", "0", "--http-port", "0", env={"BASTION_GATEWAY__METRICS_TOKEN_FILE": str(missing)})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "metrics token file" in result.stdout and "configuration OK" not in result.stdout
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    files = str(blocker / "files")
+    result = _check(cwd, "--port", "0", "--no-http", env={"BASTION_FILES__DIRECTORY": files})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "files directory" in result.stdout and "configuration OK" not in result.stdout
