@@ -24,7 +24,7 @@ so a server that merely holds more does not trim again until it grows as much
 once more (one that releases much, in a storm still going on, keeps the mark:
 the holes the rest of the storm leaves are trimmed after it); trims that each
 leave the heap high anyway (memory in use, churn's holes on top) come twice as
-far apart each time, up to ``TRIM_BACKOFF`` intervals. The trim runs
+far apart each time from the second on, up to ``TRIM_BACKOFF`` intervals. The trim runs
 in a thread and takes milliseconds to a tenth of a second (1.5 ms at 93 MB,
 about 60 ms at 330 MB on a busy 2-core machine); it holds the heap's lock
 meanwhile, so the event loop may wait as long for an allocation (up to
@@ -114,6 +114,7 @@ class HeapTrimmer:
         self.after_closed = after_closed
         self.growth = growth
         self.wait = interval  # before the next trim: the interval, longer after trims that left the heap high
+        self._high = 0  # trims in a row that left it high
         self._closed_at_trim = 0  # connections closed (accepted and no longer open) at the last trim
         self._resident_at_trim: int | None = None  # the resident size after it (or at start)
         self._last_trim: float | None = None
@@ -176,13 +177,16 @@ class HeapTrimmer:
             self._resident_at_trim = resident
         elif resident is not None and mark is not None:
             self._resident_at_trim = min(mark, resident)
-        # One that left the process still TRIM_GROWTH above the mark (memory in use, with churn's
-        # holes on top, each trim releasing only those) makes the next wait twice as long, up to
-        # TRIM_BACKOFF x the interval; one that got down to the mark, the interval again.
+        # Trims in a row that each left the process still TRIM_GROWTH above the mark (memory in use,
+        # with churn's holes on top, each trim releasing only those) wait twice as long each from the
+        # second on, up to TRIM_BACKOFF x the interval (the first may be a storm's, still going on: the
+        # trim after it comes at the interval); one that got down to the mark, the interval again.
         mark = self._resident_at_trim
         if resident is not None and mark is not None and resident - mark >= self.growth:
-            self.wait = min(self.wait * 2, self.interval * TRIM_BACKOFF)
+            self._high += 1
+            self.wait = self.interval * min(2 ** (self._high - 1), TRIM_BACKOFF)
         else:
+            self._high = 0
             self.wait = self.interval
 
     async def trim(self) -> int:

@@ -88,7 +88,8 @@ def test_trims_that_leave_the_heap_high_come_less_and_less_often() -> None:
     for _ in range(6):
         trimmer.trimmed(TRIM_GROWTH, 160 * MIB)  # 8 MiB of holes released, 60 MiB still in use
         waits.append(trimmer.wait)
-    assert waits == [TRIM_INTERVAL * n for n in (2, 4, 8, 16, 16, 16)]
+    # The first may be a storm's, still going on: the trim after it comes at the interval.
+    assert waits == [TRIM_INTERVAL * n for n in (1, 2, 4, 8, 16, 16)]
     trimmer.trimmed(60 * MIB, 101 * MIB)  # the storm's holes all given back: the interval again
     assert trimmer.wait == TRIM_INTERVAL
     server.executor.shutdown()
