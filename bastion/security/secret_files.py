@@ -19,13 +19,12 @@ by a second name (a hard link), is replaced, not rewritten.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
-import tempfile
 from pathlib import Path
 
+from bastion.durable import replace_file
 from bastion.exceptions import UsageError
 
 __all__ = ["open_secret_file", "write_secret_file"]
@@ -68,14 +67,4 @@ def open_secret_file(path: Path, flags: int) -> int:
 def write_secret_file(path: Path, data: bytes) -> None:
     """Write ``data`` as ``path``, a new 0600 file, after ``open_secret_file``'s checks (same errors)."""
     os.close(open_secret_file(path, os.O_WRONLY | os.O_CREAT))
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    replace_file(path, data, 0o600)

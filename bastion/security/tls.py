@@ -39,7 +39,6 @@ import datetime
 import ipaddress
 import os
 import ssl
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -50,6 +49,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from bastion.durable import replace_file
 from bastion.exceptions import UsageError
 from bastion.security.principal import USER_NAME, USER_NAME_RULE
 
@@ -120,18 +120,7 @@ def _tls_dir(data_dir: str | os.PathLike[str]) -> Path:
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` via a temporary file created with ``mode`` and renamed over it."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_file(path, data, mode)
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:

@@ -61,11 +61,11 @@ import time
 from pathlib import Path
 
 from bastion.config import BackupConfig
+from bastion.durable import fsync_dir
 from bastion.exceptions import FailedPrecondition, InvalidArgument, Unavailable
 from bastion.store import archive
 from bastion.store.backup import backup_postgres, backup_sqlite
 from bastion.store.base import Store
-from bastion.store.durable import fsync_dir
 from bastion.store.leftovers import partial_name
 from bastion.store.postgres import PostgresStore
 from bastion.store.sqlite import SQLiteStore

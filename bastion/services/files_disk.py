@@ -38,8 +38,8 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bastion.durable import fsync_dir
 from bastion.exceptions import CallError, DataLoss, FailedPrecondition, ResourceExhausted, Unavailable
-from bastion.store.durable import fsync_dir
 
 T = TypeVar("T")
 

@@ -78,8 +78,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from bastion._version import __version__
+from bastion.durable import fsync_dir
 from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from bastion.store.durable import fsync_dir
 from bastion.store.leftovers import partial_name, remove_stale
 
 __all__ = [

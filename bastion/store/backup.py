@@ -69,6 +69,7 @@ from typing import Any
 
 import msgspec
 
+from bastion.durable import fsync_dir
 from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
 from bastion.store.archive import (
     BLOB_PATH,
@@ -101,7 +102,6 @@ from bastion.store.backup_pg import (
     restore_in_one_transaction,
     unlink_blobs,
 )
-from bastion.store.durable import fsync_dir
 from bastion.store.leftovers import private_temporary
 from bastion.store.migrations import current_version
 from bastion.store.postgres import PostgresStore

@@ -29,9 +29,9 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from bastion.durable import fsync_dir
 from bastion.exceptions import BastionError, DataLoss, FailedPrecondition, Unavailable, UsageError
 from bastion.store.archive import FILE_MODE
-from bastion.store.durable import fsync_dir
 from bastion.store.postgres import PostgresStore, redact_dsn
 from bastion.store.postgres_errors import _describe_dsn_error
 

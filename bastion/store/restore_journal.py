@@ -43,8 +43,8 @@ from pathlib import Path
 
 import msgspec
 
+from bastion.durable import fsync_dir
 from bastion.exceptions import FailedPrecondition
-from bastion.store.durable import fsync_dir
 from bastion.store.leftovers import STAGING_PREFIX
 
 __all__ = ["JOURNAL_SUFFIX", "Journal", "journal_path", "refuse_if_interrupted", "undo_interrupted"]

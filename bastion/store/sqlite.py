@@ -132,12 +132,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bastion.durable import fsync_dir
 from bastion.exceptions import BastionError, InternalError, InvalidArgument, Unavailable, UsageError
 from bastion.store import observe
 from bastion.store._access import BatchFn
 from bastion.store.base import Store
 from bastion.store.credentials_sqlite import SQLiteCredentials
-from bastion.store.durable import fsync_dir
 from bastion.store.files_sqlite import SQLiteFiles
 from bastion.store.idempotency import SQLiteIdempotency
 from bastion.store.jobs import SQLiteJobs
