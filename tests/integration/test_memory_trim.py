@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import ssl
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bastion import Client
 from bastion.exceptions import ConnectError
 from bastion.server.memtrim import TRIM_AFTER_CLOSED, TRIM_CHECK, TRIM_INTERVAL
+from tests.support.raw import client_hello
 from tests.support.server import ServerProcess, read_rss_kib, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -38,18 +38,6 @@ SLOW_STORM = 20_000
 MIN_GROWTH_KIB = 6 * 1024
 WAVE = 200  # under limits.max_connections_per_source (256)
 HTTP = ("--http-port", "0")  # the gateway, for /metrics
-
-
-def client_hello() -> bytes:
-    """The first flight of a TLS handshake, to send and then walk away from."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def storm(server: ServerProcess, n: int) -> None:

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import pytest
 
 from bastion import Client
 from bastion.exceptions import DeadlineExceeded
+from tests.support.raw import client_hello
 from tests.support.server import ServerProcess, read_rss_kib, wait_for
 
 ROUNDS = 8
@@ -85,15 +85,8 @@ def hostile(host: str, port: int) -> None:
     with socket.create_connection((host, port), timeout=5) as sock, contextlib.suppress(OSError):
         sock.sendall(b"\x00" * 64 + b"GET / HTTP/1.1\r\n\r\n")
         sock.recv(1024)
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
     with socket.create_connection((host, port), timeout=5) as sock:
-        sock.sendall(outgoing.read())  # a ClientHello, and then nothing
+        sock.sendall(client_hello())  # and then nothing
     with socket.create_connection((host, port), timeout=5):
         pass
 
