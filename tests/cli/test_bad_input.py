@@ -92,16 +92,11 @@ def test_a_download_to_a_directory_that_cannot_hold_it_exits_2(server: ServerPro
 def test_a_token_with_nowhere_to_go_is_never_made(server: ServerProcess, tmp_path: Path) -> None:
     auth = ("--token-file", str(server.token_file))
 
-    def tokens() -> list[str]:
-        listing = bastion_cli("token", "ls", server.address, "--json", *auth)
-        assert listing.returncode == 0, listing.stderr
-        return [t["id"] for t in json.loads(listing.stdout)]
-
-    before = tokens()
+    before = _token_ids(server)
     result = bastion_cli("token", "create", server.address, "--out", str(tmp_path), *auth)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [f"error: cannot write {tmp_path}: Is a directory"]
-    assert tokens() == before  # no live token whose secret nobody saw
+    assert _token_ids(server) == before  # no live token whose secret nobody saw
 
     # A refused call leaves no file behind, and an old file as it was.
     out = tmp_path / "new.token"
@@ -173,12 +168,7 @@ def test_a_secret_is_never_written_through_a_symlink_or_into_another_users_file(
     to a file its planter can read, or a file of their own -- must not receive the secret."""
     auth = ("--token-file", str(server.token_file))
 
-    def tokens() -> list[str]:
-        listing = bastion_cli("token", "ls", server.address, "--json", *auth)
-        assert listing.returncode == 0, listing.stderr
-        return [t["id"] for t in json.loads(listing.stdout)]
-
-    before = tokens()
+    before = _token_ids(server)
     target = tmp_path / "planted"
     target.write_text("planted\n")
     target.chmod(0o644)
@@ -200,7 +190,7 @@ def test_a_secret_is_never_written_through_a_symlink_or_into_another_users_file(
         assert login.returncode == 2 and login.stderr.splitlines() == [f"error: cannot write {path}: {reason}"]
         assert path.read_text() == "planted\n"
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
-    assert tokens() == before  # refused before the call: no live token whose secret nobody saw
+    assert _token_ids(server) == before  # refused before the call: no live token whose secret nobody saw
 
 
 @pytest.mark.parametrize(
@@ -285,3 +275,10 @@ def test_a_secret_replaces_a_file_others_may_hold_open_or_reach_by_another_name(
         assert path.read_text().startswith("bst_") and stat.S_IMODE(path.stat().st_mode) == 0o600
         assert path.stat().st_nlink == 1
     assert other_name.read_text() == "old\n"
+
+
+def _token_ids(server: ServerProcess) -> list[str]:
+    """The ids of the tokens the server holds, listed by the CLI with the test's admin token."""
+    listing = bastion_cli("token", "ls", server.address, "--json", "--token-file", str(server.token_file))
+    assert listing.returncode == 0, listing.stderr
+    return [t["id"] for t in json.loads(listing.stdout)]
