@@ -294,11 +294,7 @@ def _scan(body: bytes, pos: int, label: str, depth: int, out: list[_Token], glos
         value = msgspec.msgpack.decode(body[pos:end])
         shown = json.dumps(value) if value is not None else "nil"
         detail = fmt
-    text = (
-        f"{indent}{label}{shown}"
-        + (f" ({detail})" if detail != shown else "")
-        + (f" - {gloss}" if gloss else "")
-    )
+    text = f"{indent}{label}{shown}" + (f" ({detail})" if detail != shown else "") + (f" - {gloss}" if gloss else "")
     out.append(_Token(pos, end, text))
     return end
 
