@@ -12,9 +12,10 @@ before a byte is written. A FIFO is opened without waiting for a reader
 (``O_NONBLOCK``) and then refused as not a regular file.
 
 ``write_secret_file`` writes the secret itself into a new file, made beside
-the old one (``mkstemp``: 0600, ``O_EXCL``) and renamed over it: the old
-file, which others may hold open if it ever was readable to them, or reach
-by a second name (a hard link), is replaced, not rewritten.
+the old one (``replace_file``: 0600, ``O_EXCL``; one a crash leaves behind is
+removed by the next write) and renamed over it: the old file, which others
+may hold open if it ever was readable to them, or reach by a second name (a
+hard link), is replaced, not rewritten.
 """
 
 from __future__ import annotations
