@@ -6,7 +6,7 @@ import functools
 
 from bastion.store.kv import LOG_COLUMNS, PUT
 
-__all__ = ["COPY_MAX", "KEY_UPSERT_HEAD", "KEY_UPSERT_TAIL", "MAX_ROWS", "rows_sql"]
+__all__ = ["COPY_MAX", "KEY_UPSERT_HEAD", "KEY_UPSERT_TAIL", "MAX_CHUNK_BYTES", "MAX_ROWS", "rows_sql"]
 
 KEY_UPSERT_HEAD = "INSERT INTO kv_keys (namespace, key, value, content_type, version, expires_at) VALUES "
 KEY_UPSERT_TAIL = (
@@ -22,6 +22,10 @@ _LOG_ROW, _LOG_ROW_PLAIN = f"(@, #, ?, '{PUT}', ?, ?, ?)", f"(@, #, ?, '{PUT}', 
 # The most rows one statement of put_rows writes: a batch is cut into chunks of powers of two up to
 # this, so the connection caches at most 2 x 4 x 7 statements for them.
 MAX_ROWS = 64
+# The most value bytes one chunk of put_rows writes (unless one value is more): the writer keeps
+# statement journals in memory (temp_store=MEMORY), and an upsert overwriting 64 large values would
+# hold them all there at once -- tens of MiB. Chunks of large values are cut in halves until they fit.
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
 # The largest value put_rows binds as a bytearray copy rather than as the bytes themselves (the
 # copy costs about what the two adapter lookups it saves do at some tens of KiB).
 COPY_MAX = 4096

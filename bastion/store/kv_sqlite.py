@@ -43,7 +43,7 @@ from bastion.store.kv import (
     text_bytes,
     usage_of,
 )
-from bastion.store.kv_rows import COPY_MAX, KEY_UPSERT_HEAD, KEY_UPSERT_TAIL, MAX_ROWS, rows_sql
+from bastion.store.kv_rows import COPY_MAX, KEY_UPSERT_HEAD, KEY_UPSERT_TAIL, MAX_CHUNK_BYTES, MAX_ROWS, rows_sql
 
 __all__ = ["SQLiteKV"]
 
@@ -164,7 +164,9 @@ class _SQLiteTx:
 
         Only when ``none_expired(puts)``: no put has an expiry to log first.
         Each table takes the rows in chunks of up to ``MAX_ROWS`` (powers of
-        two), one statement each: SQLite pays its per-statement work (a
+        two) and ``MAX_CHUNK_BYTES`` of values (a chunk over it is halved, down
+        to one row: the statement journal of an upsert overwriting them is in
+        memory), one statement each: SQLite pays its per-statement work (a
         statement journal for the upsert, whose trigger may abort it; cursors
         on every table and index it touches) once per chunk instead of once
         per row, and each page the chunk changes goes into that journal once.
@@ -186,6 +188,7 @@ class _SQLiteTx:
         revision = self.revision
         plain = True
         shared: str | None = puts[0][0]
+        total = 0  # value bytes
         for namespace, writes, now, _ in puts:
             if namespace != shared:
                 shared = None
@@ -193,7 +196,9 @@ class _SQLiteTx:
             for w in writes:
                 revision += 1
                 value: bytes | bytearray = w.value
-                if len(value) <= COPY_MAX:
+                size = len(value)
+                total += size
+                if size <= COPY_MAX:
                     value = bytearray(value)
                 if plain and (w.content_type or w.expires_at is not None):
                     plain = False
@@ -214,8 +219,12 @@ class _SQLiteTx:
             key_width, log_width = key_width - 1, log_width - 1
         rows, done = revision - self.revision, 0
         execute = self.conn.execute
+        sizes = [len(w.value) for _, writes, _, _ in puts for w in writes] if total > MAX_CHUNK_BYTES else None
         while done < rows:
             n = min(MAX_ROWS, 1 << ((rows - done).bit_length() - 1))
+            if sizes is not None:
+                while n > 1 and sum(sizes[done : done + n]) > MAX_CHUNK_BYTES:
+                    n >>= 1
             key_sql, log_sql = rows_sql(n, plain, shared is not None)
             first = [self.revision + done + 1] if shared is None else [self.revision + done + 1, shared]
             execute(key_sql, first + keys[done * key_width : (done + n) * key_width])

@@ -374,6 +374,42 @@ async def test_a_batch_must_give_one_result_per_item(tmp_path: Path) -> None:
 # -- concurrent readers -------------------------------------------------------------------------
 
 
+async def test_puts_of_large_values_go_out_in_chunks_capped_by_their_bytes(tmp_path: Path) -> None:
+    # A commit's puts go out as multi-row statements (kv_rows.py), each with its statement journal in
+    # memory (temp_store=MEMORY): one overwriting 64 large values would hold tens of MiB of it. So a
+    # chunk also stops at MAX_CHUNK_BYTES of values; a chunk of small values is still up to 64 rows.
+    from bastion.store.kv import KVWrite
+    from bastion.store.kv_rows import MAX_CHUNK_BYTES
+
+    size, n, now = 1536 * 1024, 6, 1_000_000.0
+    assert 2 * size <= MAX_CHUNK_BYTES < 4 * size  # the batch is cut, yet not into single rows
+    chunks: list[int] = []  # rows of each chunk's kv_log insert, read from the SQL SQLite ran (the upsert's
+    # is traced again for each run of its trigger)
+
+    def traced(sql: str) -> None:
+        if sql.startswith("INSERT INTO kv_log"):
+            chunks.append(max(1, sql.count(" + ")))  # a row's revision: "?1 + i", here "FIRST + i"
+
+    async with SQLiteStore(tmp_path / "a.db") as store:
+        for round in range(2):  # new keys, then each overwritten (traced: SQLite expands each value in hex)
+            if round:
+                await store._write(lambda c: c.set_trace_callback(traced))
+            value = [bytes([round * n + i]) * size for i in range(n)]
+            results = await asyncio.gather(*(store.kv_put("~ada", [KVWrite(f"k{i}", value[i])], now) for i in range(n)))
+            assert results == [[round * n + i + 1] for i in range(n)]  # as one statement per row gives
+        await store._write(lambda c: c.set_trace_callback(None))
+        for i in range(n):
+            (entry,) = await store.kv_get_many("~ada", [f"k{i}"], now)
+            assert entry is not None and (entry.value, entry.version) == (value[i], n + i + 1)
+        changes = await store.kv_changes(0, None, 100)
+        assert [(c.revision, c.key, c.value) for c in changes] == [
+            (r * n + i + 1, f"k{i}", bytes([r * n + i]) * size) for r in range(2) for i in range(n)
+        ]
+    assert sum(chunks) == n
+    assert max(chunks) * size <= MAX_CHUNK_BYTES, chunks
+    assert max(chunks) > 1, chunks  # the later puts were gathered: still several rows a statement
+
+
 async def test_reads_run_in_parallel_and_are_not_held_up_by_a_commit(tmp_path: Path) -> None:
     async with SQLiteStore(tmp_path / "a.db", readers=4) as store:
         assert await store.create_user(User("ada"))
