@@ -19,8 +19,10 @@ Four points, one after another, each server alone in its own subprocess
   into ``kv_keys`` (its usage counted by trigger, read once per commit for the
   quota), an insert into ``kv_log``, the ``kv_meta`` revision -- in
   transactions of ``--clients`` puts each (the most a group commit can gather
-  from that many callers), with the store's own schema and pragmas (WAL,
-  ``synchronous=FULL``). What any server that commits kv.put to SQLite
+  from that many callers), with the store's own schema and writer pragmas
+  (WAL, ``synchronous=FULL``, ``temp_store=MEMORY``). The rows go out as the
+  store writes them: per chunk of up to 64, one multi-row upsert and one
+  multi-row log insert (kv_rows.py's statements, as ``put_rows``). What any server that commits kv.put to SQLite
   this way can reach on this machine, before its own work: the store's one
   writer commits one transaction at a time, at most 64 puts each with 64
   callers, so this point's puts/s bounds a server's; and its CPU per put, on
@@ -102,7 +104,8 @@ def _engine(batch: int, directory: str, seconds: float) -> None:
     """Commit batches of ``batch`` kv.put rows for ``seconds``; print puts/s and CPU µs per put."""
     import sqlite3
 
-    from bastion.store.kv_sqlite import _KEY_UPSERT, _LOG_INSERT_PUT, _USAGE
+    from bastion.store.kv_rows import COPY_MAX, MAX_ROWS, rows_sql
+    from bastion.store.kv_sqlite import _USAGE
     from bastion.store.sqlite import SQLiteStore
 
     path = Path(directory) / "bastion.db"
@@ -112,24 +115,36 @@ def _engine(batch: int, directory: str, seconds: float) -> None:
             pass
 
     asyncio.run(create())
-    conn = sqlite3.connect(path, isolation_level=None)
+    conn = sqlite3.connect(path, isolation_level=None, cached_statements=512)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")  # the store's pragmas (SQLiteStore._connect)
+    conn.execute("PRAGMA synchronous=FULL")  # the store's writer's pragmas (SQLiteStore._open_files)
+    conn.execute("PRAGMA temp_store=MEMORY")
     rng = random.Random(0)
     revision = 0
+    assert len(VALUE) <= COPY_MAX  # so bound as a bytearray copy, as put_rows does
 
     def commit() -> None:
+        """One group of ``batch`` plain puts to one namespace, written as ``_SQLiteTx.put_rows`` writes
+        them: per chunk (powers of two, up to MAX_ROWS) one multi-row upsert and one multi-row log insert
+        (kv_rows.py's statements: no content type or expiry bound, the namespace bound once)."""
         nonlocal revision
+        now = time.time()
         keys, log = [], []
         for _ in range(batch):
-            revision += 1
-            key = f"key:{rng.randrange(KEYSPACE):06}"
-            keys.append(("~bench", key, VALUE, "", revision, None))
-            log.append((revision, "~bench", key, VALUE, "", time.time()))
+            key, value = f"key:{rng.randrange(KEYSPACE):06}", bytearray(VALUE)
+            keys += (key, value)
+            log += (key, value, now)
         conn.execute("BEGIN IMMEDIATE")
         conn.execute(_USAGE, ("~bench",)).fetchone()  # the quota check of a batch that fits (kv_sqlite.py)
-        conn.executemany(_KEY_UPSERT, keys)
-        conn.executemany(_LOG_INSERT_PUT, log)
+        done = 0
+        while done < batch:
+            n = min(MAX_ROWS, 1 << ((batch - done).bit_length() - 1))
+            key_sql, log_sql = rows_sql(n, True, True)
+            first = [revision + done + 1, "~bench"]
+            conn.execute(key_sql, first + keys[done * 2 : (done + n) * 2])
+            conn.execute(log_sql, first + log[done * 3 : (done + n) * 3])
+            done += n
+        revision += batch
         conn.execute("UPDATE kv_meta SET revision = ? WHERE id = 1", (revision,))
         conn.execute("COMMIT")
 
