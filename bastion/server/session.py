@@ -64,7 +64,7 @@ from bastion.protocol.messages import (
 )
 from bastion.protocol.state import ConnectionState, Role
 from bastion.security.principal import ANONYMOUS, Principal
-from bastion.server.dispatch import Entry, IdempotencyKeys
+from bastion.server.dispatch import GROWTH, Entry, IdempotencyKeys
 from bastion.server.failures import CallFailures
 from bastion.server.once import IdempotentCalls
 from bastion.server.scheduler import Ticket, TicketState, effective_priority
@@ -317,6 +317,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
         metrics = server.metrics
         call_id = call.id
         cost = 0
+        deferred = False  # an inline call of flat arguments: counted only if it waits (see below)
         try:
             admitted = self._admitted.get(call.method)
             if admitted is not None and admitted[0] is self.principal:
@@ -327,7 +328,10 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
             if call.stream is not entry.streams_in:  # bools: msgspec decodes the singletons
                 raise InvalidArgument(entry.stream_mismatch)
             if len(call.args) >= ARGS_COUNTED:  # before decoding: it is the cost (flat ones too: they queue)
-                cost = self._args_cost_of(call, entry)
+                if entry.inline and entry.growth == GROWTH[0]:  # decoded flat: twice its bytes, for one step
+                    deferred = True
+                else:
+                    cost = self._args_cost_of(call, entry)
             # By position where the handler takes them so, unless metadata may ask for the idempotent path.
             raw = call.args
             args = entry.decode_values(raw) if entry.positional and not call.metadata else entry.decode_args(raw)
@@ -386,6 +390,13 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
                 self._gates[call_id] = CreditGate()
                 if entry.spec.resumable:  # drain() ends it at once
                     self._resumable.add(call_id)
+        if deferred:  # it could not run at once: it waits, holding its arguments, so it counts
+            try:
+                cost = self._args_cost_of(call, entry)
+            except ArgsMemoryFull as exc:
+                self._answer_error(call_id, exc)
+                metrics.record_since(metrics.method_index(call.method), exc.status, started)
+                return
         principal = self.principal
         self._timing[call_id] = (entry.metric_row, started)  # before submit: it may reject
         if cost:  # held until the call ends (_forget)

@@ -18,6 +18,7 @@ from bastion import Principal, Server, ServerLimits, Service
 from bastion.protocol.messages import Call, Cancel, Hello
 from bastion.security.authn import StaticTokens
 from bastion.server.dispatch import GROWTH_WORST
+from bastion.server.scheduler import Scheduler, SchedulerConfig
 from bastion.status import Status
 from tests.adversity.test_hostile_peers import ERROR, RESULT, TOKEN, WELCOME, Raw, encode, poll
 
@@ -108,6 +109,55 @@ def test_a_cancelled_or_refused_call_gives_its_room_back() -> None:
             await poll(lambda: server.args_memory == COST, "call 1's room given back")
             peer.close()  # call 2 ends with its connection
             await poll(lambda: server.args_memory == 0, "call 2's room given back")
+        finally:
+            release.set()
+            await server.shutdown(grace=1)
+
+    asyncio.run(main())
+
+
+def test_an_inline_call_of_flat_arguments_counts_only_if_it_queues() -> None:
+    # An inline call (a handler with no await) runs at once and lets go of its arguments as it ends:
+    # with max_args_memory full, one with 1 KiB or more of flat arguments still runs. A call that
+    # waits -- a handler that awaits, or an inline one finding every slot taken -- is counted, so refused.
+    async def main() -> None:
+        release = asyncio.Event()
+        svc = held_service(release)
+
+        @svc.method
+        async def size(value: bytes) -> int:
+            return len(value)
+
+        @svc.method
+        async def size_any(value: Any) -> int:
+            return len(value)
+
+        scheduler = Scheduler(SchedulerConfig(max_concurrency=5, control_reserve=0))
+        server = Server([svc], authenticator=StaticTokens({TOKEN: ADA}), limits=LIMITS, scheduler=scheduler)
+        await server.start("127.0.0.1", 0)
+        try:
+            peer = await Raw.connect(server)
+            peer.send(*(call(i, "am.hold_any", MAPS) for i in (1, 2, 3)), call(4, "am.hold_bytes", b"x" * 10_000))
+            await poll(lambda: server.args_memory == 3 * COST + FLAT, "four calls counted: full")
+            peer.send(call(5, "am.hold_bytes", b"y" * 10_000))  # it would wait for its handler: refused
+            assert (await peer.read())[:3] == [ERROR, 5, Status.RESOURCE_EXHAUSTED]
+            peer.send(call(6, "am.size", b"z" * 10_000))  # inline: runs at once
+            assert await peer.read() == [RESULT, 6, 10_000]
+            peer.send(call(7, "am.size_any", MAPS))  # inline, but decoding it is the cost: refused
+            assert (await peer.read())[:3] == [ERROR, 7, Status.RESOURCE_EXHAUSTED]
+            assert server.args_memory == 3 * COST + FLAT
+            # A fifth held call (too small to count) takes the last slot: an inline call now queues.
+            peer.send(call(8, "am.hold_any", [1, 2, 3]))
+            await poll(lambda: server.stats()["calls_in_flight"] == 5, "five calls in flight")
+            peer.send(call(9, "am.size", b"z" * 10_000))
+            refused = await peer.read()
+            assert refused[:3] == [ERROR, 9, Status.RESOURCE_EXHAUSTED] and "limits.max_args_memory" in refused[3]
+            assert server.stats()["rejected_args_memory"] == 3
+            release.set()
+            answers = await peer.answers_until(8)
+            assert all(answers[i][:2] == [RESULT, i] for i in (1, 2, 3, 4, 8))
+            await poll(lambda: server.args_memory == 0, "the room given back")
+            peer.close()
         finally:
             release.set()
             await server.shutdown(grace=1)
