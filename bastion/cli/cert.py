@@ -59,6 +59,7 @@ __all__ = [
     "prepare_tls",
     "reread_revoked_serials",
     "server_hosts",
+    "warn_loose_key",
 ]
 
 log = logging.getLogger("bastion.server")
@@ -134,7 +135,7 @@ def prepare_tls(config: Config, warn: Callable[[str], None]) -> TLSSetup:
     if tls.cert is not None and tls.key is not None:
         cert, key = tls.cert, tls.key
         messages.append(f"TLS on; certificate: {Path(cert).resolve()}")
-        _warn_loose_key(key, warn)
+        warn_loose_key(key, warn)
     else:
         paths = _ensure_dev_tls(config)
         cert, key = str(paths.cert), str(paths.key)
@@ -185,8 +186,9 @@ async def keep_dev_certificate(config: Config, reload: Callable[[], bool], *, le
             log.info("renewed the development TLS certificate: serial %s, valid until %s", loaded, info["not_after"])
 
 
-def _warn_loose_key(key: str, warn: Callable[[str], None]) -> None:
-    """Warn when users other than the key's owner may read it (docs/security.md: mode 0600)."""
+def warn_loose_key(key: str, warn: Callable[[str], None]) -> None:
+    """Call ``warn`` with a "WARNING: ..." line when users other than the key file's owner may read it
+    (docs/security.md: mode 0600); say nothing of a file that cannot be stat-ed (loading it says why)."""
     try:
         mode = os.stat(key).st_mode & 0o777
     except OSError:

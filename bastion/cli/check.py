@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import errno
 import os
 import socket
@@ -41,15 +40,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from bastion._version import __version__
-from bastion.cli.cert import INSECURE_WARNING, ConfigSource, _warn_loose_key, is_loopback, server_hosts
+from bastion import __version__
+from bastion.cli.cert import INSECURE_WARNING, ConfigSource, is_loopback, server_hosts, warn_loose_key
 from bastion.cli.common import EXIT_CALL_ERROR, EXIT_USAGE, shown
 from bastion.config import Config
 from bastion.exceptions import BastionError, Unavailable, UsageError
-from bastion.security import tls as tlsmod
+from bastion.security.tls import load_verify, server_context
+from bastion.security.tls_devca import dev_tls_plan, tls_dir
+from bastion.security.tls_files import parse_serial
 from bastion.store.postgres_dsn import redact_dsn
 
 __all__ = ["EXIT_UNREACHABLE", "check_config"]
@@ -150,7 +149,7 @@ def check_config(source: ConfigSource) -> int:
 
 def _metrics_token(path: str) -> str:
     """What serve reads for gateway.metrics_token_file (read, never shown)."""
-    from bastion.gateway._ops import read_token_file
+    from bastion.gateway import read_token_file
 
     read_token_file(path)
     return f"{path}, readable"
@@ -179,18 +178,18 @@ def _check_tls(config: Config, report: Report) -> None:
         return
     for serial in tls.revoked_serials:
         try:
-            tlsmod.parse_serial(serial)
+            parse_serial(serial)
         except UsageError as exc:
             report.error("tls.revoked_serials", str(exc))
     pair: tuple[str, str] | None = None
     if tls.cert is not None and tls.key is not None:
         pair = (tls.cert, tls.key)
-        _warn_loose_key(tls.key, lambda line: report.warn("TLS key", line.removeprefix("WARNING: ")))
+        warn_loose_key(tls.key, lambda line: report.warn("TLS key", line.removeprefix("WARNING: ")))
     else:
         pair = _dev_pair(config, report)
     if pair is not None:
         try:
-            tlsmod.server_context(msgspec.structs.replace(tls, client_auth="none"), *pair)
+            server_context(msgspec.structs.replace(tls, client_auth="none"), *pair)
             report.ok("TLS certificate", f"{Path(pair[0]).resolve()} loads with its key {Path(pair[1]).resolve()}")
         except UsageError as exc:
             report.error("TLS certificate", str(exc))
@@ -199,7 +198,7 @@ def _check_tls(config: Config, report: Report) -> None:
         return
     client_ca = tls.client_ca
     if client_ca is None:
-        dev_ca = Path(config.data_dir) / "tls" / "ca.pem"
+        dev_ca = tls_dir(config.data_dir) / "ca.pem"
         client_ca = str(dev_ca) if dev_ca.exists() else None
     verify = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     checks = [("client CA file", client_ca)] if client_ca is not None else []
@@ -207,7 +206,7 @@ def _check_tls(config: Config, report: Report) -> None:
         checks.append(("CRL file", tls.crl))
     for what, file in checks:
         try:
-            tlsmod._load_verify(verify, file, what)
+            load_verify(verify, file, what)
             report.ok(what, str(Path(file).resolve()))
         except UsageError as exc:
             report.error(what, str(exc))
@@ -216,46 +215,22 @@ def _check_tls(config: Config, report: Report) -> None:
 def _dev_pair(config: Config, report: Report) -> tuple[str, str] | None:
     """The development certificate and key if ``ensure_dev_tls`` would keep them as they are; else None, with a note
     of what it would create or renew."""
-    directory = Path(config.data_dir) / "tls"
-    ca_path, ca_key = directory / "ca.pem", directory / "ca.key"
-    cert_path, key_path = directory / "server.pem", directory / "server.key"
-    if not ca_path.exists():
-        report.note("TLS", f"would create the development CA and server certificate in {directory.resolve()}")
-        return None
-    if not ca_key.exists():
-        report.error("TLS", f"{ca_path} exists but its key {ca_key} does not: cannot issue certificates")
-        return None
     try:
-        ca = tlsmod._read_cert(ca_path)
-        _read_key(ca_key)
+        plan = dev_tls_plan(config.data_dir, server_hosts(config.host), renew_before=config.tls.dev_renew_before)
     except UsageError as exc:
         report.error("TLS", str(exc))
         return None
-    if ca.not_valid_after_utc - tlsmod._now() < tlsmod.RENEW_BEFORE:
-        report.note("TLS", f"would renew the development CA {ca_path.resolve()} (it expires soon)")
-        return None
-    good = False
-    if cert_path.exists() and key_path.exists():
-        with contextlib.suppress(UsageError):
-            leaf, key = tlsmod._read_cert(cert_path), _read_key(key_path)
-            wanted = tlsmod._san_entries(server_hosts(config.host))
-            renew = datetime.timedelta(seconds=config.tls.dev_renew_before)
-            good = tlsmod._leaf_is_good(leaf, ca, wanted, renew) and leaf.public_key() == key.public_key()
-    if not good:
-        report.note("TLS", f"would issue a development server certificate in {directory.resolve()}")
-        return None
-    report.ok("TLS", f"development certificate; CA certificate: {ca_path.resolve()}")
-    return str(cert_path), str(key_path)
-
-
-def _read_key(path: Path) -> PrivateKeyTypes:
-    """The private key in ``path``, read without ``tls._read_key``'s tightening of a loose mode (a write)."""
-    try:
-        return serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except OSError as exc:
-        raise UsageError(f"cannot read private key {path}: {exc.strerror}") from None
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"{path} is not an unencrypted PEM private key: {exc}") from None
+    paths, directory = plan.paths, plan.paths.ca.parent.resolve()
+    if plan.action == "create":
+        report.note("TLS", f"would create the development CA and server certificate in {directory}")
+    elif plan.action == "renew-ca":
+        report.note("TLS", f"would renew the development CA {paths.ca.resolve()} (it expires soon)")
+    elif plan.action == "issue":
+        report.note("TLS", f"would issue a development server certificate in {directory}")
+    else:
+        report.ok("TLS", f"development certificate; CA certificate: {paths.ca.resolve()}")
+        return str(paths.cert), str(paths.key)
+    return None
 
 
 # -- directories --------------------------------------------------------------------------
@@ -346,11 +321,11 @@ def _check_store(location: str, password: str | None, report: Report) -> None:
 
 
 async def _check_redis(url: str, report: Report) -> None:
-    from bastion.security.ratelimit_redis import _redis_module
+    from bastion.security.ratelimit_redis import redis_module
 
     shown_url = redact_dsn(url)
     try:
-        redis = _redis_module()
+        redis = redis_module()
     except UsageError as exc:
         report.error("Redis", str(exc))
         return

@@ -40,7 +40,7 @@ from bastion.security.principal import Principal
 from bastion.security.ratelimit import RateLimitConfig, RateLimiter, _Bucket, _Compiled
 from bastion.security.redis_gate import LUA_NOW, RedisGate
 
-__all__ = ["SCRIPT", "RedisRateLimiter"]
+__all__ = ["SCRIPT", "RedisRateLimiter", "redis_module"]
 
 log = logging.getLogger("bastion.ratelimit")
 
@@ -99,7 +99,9 @@ class _Client(Protocol):
     def hmget(self, name: str, keys: Any, *args: Any) -> Awaitable[Any]: ...
 
 
-def _redis_module() -> Any:
+def redis_module() -> Any:
+    """The ``redis`` package (``redis.asyncio`` and ``redis.exceptions`` imported), or UsageError with the install
+    hint when it is not installed (it is optional: ``bastion[redis]``)."""
     try:
         import redis.asyncio
         import redis.exceptions
@@ -120,7 +122,7 @@ def check_url(url: str) -> None:
             "such as / ? # @ :, must be percent-encoded); it is not shown, as it may hold a password"
         ) from None
     try:
-        _redis_module().connection.parse_url(url)
+        redis_module().connection.parse_url(url)
     except ValueError as exc:  # its own checks (a query parameter of the wrong type) name parameters, not values
         raise UsageError(f"rate_limits.redis_url: {exc}") from None
 
@@ -143,7 +145,7 @@ class RedisRateLimiter:
         clock: Callable[[], float] = time.monotonic,
         owns_client: bool = False,
     ) -> None:
-        redis = _redis_module()
+        redis = redis_module()
         self.config = config or RateLimitConfig()
         self.prefix = self.config.redis_prefix if prefix is None else prefix
         self.fail_open = self.config.redis_fail_open if fail_open is None else fail_open
@@ -169,7 +171,7 @@ class RedisRateLimiter:
     ) -> RedisRateLimiter:
         """A limiter with its own connection pool to ``url`` (commands time out after ``redis_timeout``)."""
         config = config or RateLimitConfig()
-        redis = _redis_module()
+        redis = redis_module()
         client = redis.asyncio.Redis.from_url(
             url, socket_timeout=config.redis_timeout, socket_connect_timeout=config.redis_timeout
         )

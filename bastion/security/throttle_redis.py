@@ -216,9 +216,9 @@ class RedisLoginLimits:
     ) -> None:
         """``fail_open``: what the throttle does while Redis fails (said in the warning); ``clock``: None for
         Redis's own time (TIME), else the one the scripts are given (tests)."""
-        from bastion.security.ratelimit_redis import _redis_module  # (it imports throttle.py)
+        from bastion.security.ratelimit_redis import redis_module  # (it imports throttle.py)
 
-        redis = _redis_module()
+        redis = redis_module()
         self._client = client
         self._owns_client = owns_client
         self.prefix = prefix + "{login}:"
@@ -250,9 +250,9 @@ class RedisLoginLimits:
     @classmethod
     def from_url(cls, url: str, *, timeout: float, **kw: Any) -> RedisLoginLimits:
         """Limits with their own connection pool to ``url`` (commands time out after ``timeout``)."""
-        from bastion.security.ratelimit_redis import _redis_module
+        from bastion.security.ratelimit_redis import redis_module
 
-        redis = _redis_module()
+        redis = redis_module()
         client = redis.asyncio.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         return cls(client, owns_client=True, **kw)
 

@@ -17,6 +17,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bastion.store.migrations import LATEST, MIGRATIONS
 from bastion.store.postgres import PostgresStore
@@ -234,3 +236,22 @@ def test_what_serve_would_refuse_at_start_is_refused_here_too(tmp_path: Path) ->
     result = _check(cwd, "--port", "0", "--no-http", env={"BASTION_FILES__DIRECTORY": files})
     assert result.returncode == 2, result.stdout + result.stderr
     assert "files directory" in result.stdout and "configuration OK" not in result.stdout
+
+
+def test_a_development_ca_key_serve_cannot_use_is_an_error(tmp_path: Path) -> None:
+    """An RSA key where the development CA's EC key should be: serve refuses to start on it (tls_files.read_key), so
+    --check says so too, without tightening its mode (it writes nothing)."""
+    cwd = _workdir(tmp_path)
+    assert bastion_cli("cert", "create", cwd=cwd).returncode == 0
+    ca_key = cwd / "bastion-data" / "tls" / "ca.key"
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = rsa_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    ca_key.write_bytes(pem)
+    ca_key.chmod(0o644)
+    before = _listing(cwd)
+    result = _check(cwd, "--port", "0", "--no-http")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "ERROR TLS" in result.stdout and "must be an EC key" in result.stdout
+    assert _listing(cwd) == before

@@ -1,4 +1,4 @@
-"""TLS: the dev CA, the contexts, and real servers refusing what they must (bastion/security/tls.py).
+"""TLS: the dev CA, the contexts, and real servers refusing what they must (bastion/security/tls*.py).
 
 Process tests run ``bastion serve`` over real TLS on loopback; the mutual-TLS
 tests use the in-process ``Server`` API so they can look at the server's
@@ -30,7 +30,7 @@ import bastion
 from bastion import Client, ConnectError, Server, SyncClient, Unauthenticated
 from bastion.cli.cert import INSECURE_WARNING, prepare_tls
 from bastion.config import Config, TLSConfig
-from bastion.security import tls
+from bastion.security import tls, tls_devca, tls_files
 from bastion.security.audit import AuditLog
 from bastion.security.authn import StoreAuthenticator
 from bastion.security.credentials import User
@@ -87,16 +87,16 @@ def test_server_certificate_is_renewed_near_expiry_or_for_a_new_host(tmp_path: P
     assert "10.1.2.3" in _sans(_cert(moved.cert))
 
     # A certificate 10 days from expiry is replaced; the CA stays (clients keep trusting it).
-    expiring, key = tls._issue(
+    expiring, key = tls_devca.issue_certificate(
         ca,
-        tls._read_key(tmp_path / "tls" / "ca.key"),
+        tls_files.read_key(tmp_path / "tls" / "ca.key"),
         "old",
         ExtendedKeyUsageOID.SERVER_AUTH,
-        tls._san_entries([]),
+        tls_devca.san_entries([]),
         days=10,
     )
-    tls._write_key(paths.key, key)
-    tls._write_cert(paths.cert, expiring)
+    tls_files.write_key(paths.key, key)
+    tls_files.write_cert(paths.cert, expiring)
     renewed = _cert(tls.ensure_dev_tls(tmp_path).cert)
     assert renewed.serial_number != expiring.serial_number
     assert renewed.not_valid_after_utc - datetime.datetime.now(datetime.UTC) > datetime.timedelta(days=300)
@@ -104,7 +104,7 @@ def test_server_certificate_is_renewed_near_expiry_or_for_a_new_host(tmp_path: P
     assert _mode(paths.key) == 0o600
 
     # A key that does not belong to the certificate (a crash between the two writes, say) is replaced too.
-    tls._write_key(paths.key, ec.generate_private_key(ec.SECP256R1()))
+    tls_files.write_key(paths.key, ec.generate_private_key(ec.SECP256R1()))
     repaired = tls.ensure_dev_tls(tmp_path)
     assert _cert(repaired.cert).serial_number != renewed.serial_number
     ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(repaired.cert, repaired.key)
@@ -509,11 +509,12 @@ def test_a_connection_ends_when_its_client_certificate_expires(tmp_path: Path) -
             await store.create_user(User("carol"))  # a certificate must name a user (test_tls_subjects.py)
             kwargs: dict[str, Any] = {"authenticator": authenticator, "revalidate_interval": 0.1}
             async with mtls_server(tmp_path, TLSConfig(client_auth="required"), **kwargs) as m:
-                ca_cert, ca_key = _cert(m.ca), tls._read_key(tmp_path / "tls" / "ca.key")
-                leaf, key = tls._issue(ca_cert, ca_key, "carol", ExtendedKeyUsageOID.CLIENT_AUTH, days=4 / 86400)
+                ca_cert, ca_key = _cert(m.ca), tls_files.read_key(tmp_path / "tls" / "ca.key")
+                usage = ExtendedKeyUsageOID.CLIENT_AUTH
+                leaf, key = tls_devca.issue_certificate(ca_cert, ca_key, "carol", usage, days=4 / 86400)
                 cert_path, key_path = tmp_path / "carol.pem", tmp_path / "carol.key"
-                tls._write_cert(cert_path, leaf)
-                tls._write_key(key_path, key)
+                tls_files.write_cert(cert_path, leaf)
+                tls_files.write_key(key_path, key)
                 async with Client(m.address, ca=m.ca, cert=cert_path, key=key_path, timeout=5, retry=None) as client:
                     assert (await client.call("admin.health"))["status"] == "ok"
                     deadline = leaf.not_valid_after_utc.timestamp() + 5

@@ -30,7 +30,7 @@ import bastion
 from bastion import Client, Unauthenticated
 from bastion.config import TLSConfig
 from bastion.exceptions import UsageError
-from bastion.security import tls
+from bastion.security import tls, tls_files
 from bastion.security.audit import AuditLog
 from bastion.security.authn import StoreAuthenticator
 from bastion.security.credentials import User
@@ -229,7 +229,7 @@ def _odd_cert(m: MTLS, stem: str, subject: x509.Name) -> tuple[Path, Path, int]:
     """A client certificate with any ``subject`` (odd ones too: cryptography checks a CN's length unless told
     not to), signed by the server's dev CA as ``issue_client_cert`` signs."""
     ca_path, ca_key_path = tls.ensure_dev_ca(m.directory)
-    ca, ca_key = tls._read_cert(ca_path), tls._read_key(ca_key_path)
+    ca, ca_key = tls_files.read_cert(ca_path), tls_files.read_key(ca_key_path)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (
