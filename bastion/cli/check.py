@@ -6,9 +6,10 @@ The configuration is loaded exactly as ``serve`` loads it (the same
 tried with serve's own functions (bastion/cli/serve.py, bastion/cli/cert.py):
 the worker count, the ``--service`` and ``--jobs`` modules (imported), the
 backup passphrase and store password files, the TLS certificate and key (loaded
-into a server context: they must match), the client CA and CRL, the data
-directory, the store's schema version, Redis, the listening ports and the
-backup directory.
+into a server context: they must match), the client CA and CRL (no
+``tls.client_ca`` with client certificates on: the development CA ``serve``
+would trust, or create, for them), the data directory, the store's schema
+version, Redis, the listening ports and the backup directory.
 
 Nothing is started, written, created, chmod-ed or migrated. What ``serve``
 would create -- the data directory, the development CA and server
@@ -47,7 +48,7 @@ from bastion.cli.common import EXIT_CALL_ERROR, EXIT_USAGE, shown
 from bastion.config import Config
 from bastion.exceptions import BastionError, Unavailable, UsageError
 from bastion.security.tls import load_verify, server_context
-from bastion.security.tls_devca import dev_tls_plan, tls_dir
+from bastion.security.tls_devca import dev_ca_plan, dev_tls_plan, tls_dir
 from bastion.security.tls_files import parse_serial
 from bastion.store.postgres_dsn import redact_dsn
 
@@ -196,10 +197,7 @@ def _check_tls(config: Config, report: Report) -> None:
     if tls.client_auth == "none":
         report.skip("client certificates", "tls.client_auth is none")
         return
-    client_ca = tls.client_ca
-    if client_ca is None:
-        dev_ca = tls_dir(config.data_dir) / "ca.pem"
-        client_ca = str(dev_ca) if dev_ca.exists() else None
+    client_ca = tls.client_ca if tls.client_ca is not None else _dev_client_ca(config, report)
     verify = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     checks = [("client CA file", client_ca)] if client_ca is not None else []
     if tls.crl is not None:
@@ -231,6 +229,28 @@ def _dev_pair(config: Config, report: Report) -> tuple[str, str] | None:
         report.ok("TLS", f"development certificate; CA certificate: {paths.ca.resolve()}")
         return str(paths.cert), str(paths.key)
     return None
+
+
+def _dev_client_ca(config: Config, report: Report) -> str | None:
+    """With client certificates on and no ``tls.client_ca``, ``serve`` trusts the development CA for them
+    (``ensure_dev_ca``): the CA file to check if it would keep it as it is; else None, with a line saying what
+    it would create or renew (or why it cannot)."""
+    what, ca_path = "client certificates", tls_dir(config.data_dir).resolve() / "ca.pem"
+    try:
+        action = dev_ca_plan(config.data_dir)
+    except UsageError as exc:
+        report.error(what, str(exc))
+        return None
+    if action == "create":
+        report.note(what, f"tls.client_ca is not set: would create the development CA {ca_path} and trust only "
+                    "client certificates it issues (bastion cert client NAME)")  # fmt: skip
+        return None
+    if action == "renew":
+        report.warn(what, f"tls.client_ca is not set: would replace the development CA {ca_path} (it expires "
+                    "soon): client certificates the old one issued would be refused")  # fmt: skip
+        return None
+    report.note(what, f"tls.client_ca is not set: the development CA {ca_path} is trusted for client certificates")
+    return str(ca_path)
 
 
 # -- directories --------------------------------------------------------------------------

@@ -255,3 +255,32 @@ def test_a_development_ca_key_serve_cannot_use_is_an_error(tmp_path: Path) -> No
     assert result.returncode == 2, result.stdout + result.stderr
     assert "ERROR TLS" in result.stdout and "must be an EC key" in result.stdout
     assert _listing(cwd) == before
+
+
+def test_client_certificates_without_a_client_ca_report_the_development_ca(tmp_path: Path) -> None:
+    """tls.client_auth on and no tls.client_ca: serve makes (or reuses) the development CA for client certificates.
+    --check says which it would do, writes nothing, and refuses a CA certificate left without its key."""
+    cwd = _workdir(tmp_path)
+    assert bastion_cli("cert", "create", "--data-dir", "certs", cwd=cwd).returncode == 0
+    args = ("--cert", "certs/tls/server.pem", "--key", "certs/tls/server.key", "--port", "0", "--no-http")
+    env = {"BASTION_TLS__CLIENT_AUTH": "required"}
+    dev_ca = (cwd / "bastion-data" / "tls" / "ca.pem").resolve()
+    before = _listing(cwd)
+    result = _check(cwd, *args, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"note  client certificates: tls.client_ca is not set: would create the development CA {dev_ca}" in (
+        result.stdout
+    )
+    assert _listing(cwd) == before
+    assert not (cwd / "bastion-data").exists()
+
+    assert bastion_cli("cert", "create", cwd=cwd).returncode == 0
+    result = _check(cwd, *args, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"the development CA {dev_ca} is trusted for client certificates" in result.stdout
+    assert f"ok    client CA file: {dev_ca}" in result.stdout
+
+    (cwd / "bastion-data" / "tls" / "ca.key").unlink()  # serve: "exists but its key ... does not"
+    result = _check(cwd, *args, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "ERROR client certificates" in result.stdout and "ca.key does not" in result.stdout
