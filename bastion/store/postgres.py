@@ -29,7 +29,10 @@ bastion/store/migrations.py).
 Where the tables live: the first schema of the connection's ``search_path``.
 Unknown query parameters of the DSN are server settings, so
 ``postgresql://host/db?search_path=tenant_a`` keeps one deployment in schema
-``tenant_a`` (which must exist; it is not created for you).
+``tenant_a`` (which must exist; it is not created for you). Migrating needs
+CREATE on that schema and the ownership of the tables it alters; with
+nothing to migrate, opening creates nothing, so a role that may only read
+and write the tables can run the server (docs/operations.md).
 
 Errors: the store never lets a driver exception out. ``_call`` (what the
 domain mixins use) turns connection loss, server shutdown, timeouts and
@@ -99,6 +102,10 @@ _CREATE_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
     description TEXT NOT NULL,
     applied_at  DOUBLE PRECISION NOT NULL
 )"""
+
+#: Whether schema $1 has the schema_version table: CREATE TABLE IF NOT EXISTS needs CREATE on the schema even when
+#: it has, which an application role that only reads and writes the tables need not hold.
+_HAS_VERSION_TABLE = "SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = $1 AND tablename = 'schema_version'"
 
 #: Whether schema $1 has the schema_compat table (migration 6); not ``to_regclass``, which searches the whole path.
 _HAS_COMPAT_TABLE = "SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = $1 AND tablename = 'schema_compat'"
@@ -348,9 +355,8 @@ class PostgresStore(
                     raise UsageError(
                         f"PostgreSQL store {self.dsn}: no schema of search_path ({path}) exists; create it first"
                     )
-                has = "SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = $1 AND tablename = 'schema_version'"
                 version = 0
-                if await conn.fetchval(has, schema):
+                if await conn.fetchval(_HAS_VERSION_TABLE, schema):
                     version = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
                 recorded = None
                 if await conn.fetchval(_HAS_COMPAT_TABLE, schema):
@@ -449,7 +455,8 @@ class PostgresStore(
                         f"PostgreSQL store {self.dsn}: no schema of search_path ({path}) exists; create it first"
                     )
                 await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", MIGRATION_LOCK_CLASS, schema)
-                await conn.execute(_CREATE_VERSION_TABLE)
+                if not await conn.fetchval(_HAS_VERSION_TABLE, schema):
+                    await conn.execute(_CREATE_VERSION_TABLE)
                 version = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
                 has_compat = bool(await conn.fetchval(_HAS_COMPAT_TABLE, schema))
                 if version > latest:

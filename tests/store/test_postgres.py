@@ -31,7 +31,7 @@ from bastion.security.credentials import User
 from bastion.store import PostgresStore, Store, open_store, postgres
 from bastion.store.migrations import MIGRATIONS, Migration
 from bastion.store.postgres import LATEST, POSTGRES_MIGRATIONS, redact_dsn
-from tests.support.stores import postgres_dsn, store_location
+from tests.support.stores import limited_role, postgres_dsn, store_location
 
 MakeStore = Callable[..., Store]  # the make_store fixture (conftest.py)
 
@@ -129,6 +129,20 @@ async def test_a_new_migration_is_applied_to_an_old_schema_keeping_its_data(tmp_
         assert store.schema_version == LATEST + 1
         assert await store.get_user("ada") == User("ada")
     assert "notes" in await tables(schema_of(location))
+
+
+async def test_a_role_that_may_not_create_in_the_schema_opens_it_when_nothing_is_to_migrate(tmp_path: Path) -> None:
+    """A least-privilege application role (USAGE and DML, no CREATE) opens a schema its owner migrated and uses
+    it: with nothing to migrate, opening creates nothing (its CREATE TABLE IF NOT EXISTS schema_version needed
+    CREATE on the schema even with the table there, so such a role could not start a server at all)."""
+    location = store_location("postgresql", tmp_path)
+    async with PostgresStore(location):
+        pass
+    with limited_role(location) as dsn:
+        async with PostgresStore(dsn) as store:
+            assert store.schema_version == LATEST
+            assert await store.create_user(User("ada"))
+            assert await store.get_user("ada") == User("ada")
 
 
 async def compat(schema: str) -> int | None:

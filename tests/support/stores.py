@@ -19,18 +19,26 @@ inside ``async def`` tests alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import threading
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import pytest
 
-__all__ = ["POSTGRES_DSN_ENV", "drop_created_schemas", "postgres_dsn", "store_location", "with_search_path"]
+__all__ = [
+    "POSTGRES_DSN_ENV",
+    "drop_created_schemas",
+    "limited_role",
+    "postgres_dsn",
+    "store_location",
+    "with_search_path",
+]
 
 POSTGRES_DSN_ENV = "BASTION_TEST_POSTGRES_DSN"
 
@@ -87,6 +95,33 @@ def drop_created_schemas() -> None:
     names = ", ".join(f'"{schema}"' for schema in schemas)
     # lock_timeout: a store a test forgot to close must not hang the suite here.
     run_sync(lambda: _execute(dsn, "SET lock_timeout = '10s'", f"DROP SCHEMA IF EXISTS {names} CASCADE"))
+
+
+@contextlib.contextmanager
+def limited_role(location: str) -> Iterator[str]:
+    """``location`` (a PostgreSQL one of ``store_location``) as a new role that may read and write the tables its
+    schema has now but create nothing in it: USAGE on the schema and DML on its tables, no CREATE (a least-privilege
+    application role beside the schema's owner). The role is dropped afterwards; skips if roles cannot be made."""
+    dsn = postgres_dsn()
+    parts = urllib.parse.urlsplit(location)
+    schema = dict(urllib.parse.parse_qsl(parts.query))["search_path"]
+    role, password = f"{_new_schema_name()}_app", secrets.token_hex(8)
+    try:
+        run_sync(
+            lambda: _execute(
+                dsn,
+                f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'",
+                f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"',
+                f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"',
+                f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA "{schema}" TO "{role}"',
+            )
+        )
+    except asyncpg.InsufficientPrivilegeError:
+        pytest.skip(f"{POSTGRES_DSN_ENV}'s role may not create roles")
+    try:
+        yield urllib.parse.urlunsplit(parts._replace(netloc=f"{role}:{password}@{parts.netloc.rpartition('@')[2]}"))
+    finally:
+        run_sync(lambda: _execute(dsn, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"'))
 
 
 def run_sync(fn: Callable[[], Awaitable[T]]) -> T:
