@@ -18,7 +18,10 @@ older schema version as "would migrate from N to M". A SQLite store is read
 through a read-only connection (``immutable`` when no write-ahead log is
 present, which would otherwise leave ``-wal``/``-shm`` files behind); a
 PostgreSQL one over one connection in a read-only transaction
-(``PostgresStore.probe``). Ports are tried by binding a socket, never
+(``PostgresStore.probe``), which also reads the role's rights: with
+migrations pending, what it lacks to apply them (CREATE on the schema; the
+owner's, REFERENCES or TRIGGER rights on the existing tables the pending
+statements name, found in their text) is an error, as serve would fail. Ports are tried by binding a socket, never
 listening on it; port 0 is skipped, and a port in use (a running server
 being checked before its restart) is a warning.
 
@@ -34,11 +37,13 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import socket
 import sqlite3
 import ssl
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -51,6 +56,9 @@ from bastion.security.tls import load_verify, server_context
 from bastion.security.tls_devca import dev_ca_plan, dev_tls_plan, tls_dir
 from bastion.security.tls_files import parse_serial
 from bastion.store.postgres_dsn import redact_dsn
+
+if TYPE_CHECKING:
+    from bastion.store.postgres import Probe
 
 __all__ = ["EXIT_UNREACHABLE", "check_config"]
 
@@ -311,8 +319,13 @@ def _check_store(location: str, password: str | None, report: Report) -> None:
     store = open_store(location, password=password)
     if isinstance(store, PostgresStore):
         postgres = PostgresStore(location, password=password, connect_timeout=CONNECT_TIMEOUT)
-        schema, version, recorded = asyncio.run(postgres.probe())
-        label = f"PostgreSQL {postgres.dsn} (schema {schema})"
+        probe = asyncio.run(postgres.probe())
+        version, recorded = probe.version, probe.recorded
+        label = f"PostgreSQL {postgres.dsn} (schema {probe.schema})"
+        if version < LATEST and (missing := _migration_rights_missing(probe)):
+            report.error("store", f"{label}: role {probe.role} cannot migrate it from schema version {version} to "
+                         f"{LATEST}, as serve would at start: it lacks {'; and '.join(missing)}")  # fmt: skip
+            return
     else:
         assert isinstance(store, SQLiteStore)
         path = store.path
@@ -338,6 +351,44 @@ def _check_store(location: str, password: str | None, report: Report) -> None:
     else:
         report.error("store", f"{label} has schema version {version}, newer than this bastion knows ({LATEST}): "
                      "upgrade bastion, or restore a backup made by this version")  # fmt: skip
+
+
+#: Dollar-quoted bodies (of functions), where no statement's own words are.
+_DOLLAR_QUOTED = re.compile(r"\$\$.*?\$\$", re.DOTALL)
+#: The rights a migration statement needs on an existing table, and where it names the table.
+_TABLE_RIGHTS = (
+    ("OWNER", re.compile(r"\b(?:ALTER TABLE|INDEX \w+ ON|DROP TRIGGER \w+ ON) (\w+)")),
+    ("TRIGGER", re.compile(r"\bTRIGGER \w+ (?:BEFORE|AFTER|INSTEAD OF) [^;]*?\bON (\w+)")),
+    ("REFERENCES", re.compile(r"\bREFERENCES (\w+)")),
+)
+_REPLACED_FUNCTION = re.compile(r"\bCREATE OR REPLACE FUNCTION (\w+)")
+_RIGHT_NAMES = {"OWNER": "the owner's rights over", "REFERENCES": "REFERENCES on", "TRIGGER": "TRIGGER on"}
+
+
+def _migration_rights_missing(probe: Probe) -> list[str]:
+    """What the store's role lacks to apply the migrations after ``probe.version``, as serve would at start: CREATE
+    on the schema, and rights on the existing tables and functions they alter, point foreign keys at or replace."""
+    from bastion.store.postgres_migrations import POSTGRES_MIGRATIONS
+
+    needed: set[tuple[str, str]] = set()
+    functions: set[str] = set()
+    for migration in POSTGRES_MIGRATIONS[probe.version :]:
+        for statement in migration.statements:
+            text = " ".join(_DOLLAR_QUOTED.sub("", statement).split())
+            needed.update((table, right) for right, pattern in _TABLE_RIGHTS for table in pattern.findall(text))
+            functions.update(_REPLACED_FUNCTION.findall(text))
+    rights = []
+    lacking = needed & probe.tables_lacking
+    for right, shown_right in _RIGHT_NAMES.items():
+        if tables := sorted(table for table, lacks in lacking if lacks == right):
+            rights.append(f"{shown_right} the table(s) {', '.join(tables)}")
+    if replaced := sorted(functions & probe.functions_not_owned):
+        rights.append(f"the owner's rights over the function(s) {', '.join(replaced)}")
+    if rights:
+        rights[-1] += " (grant them, or run this upgrade once as the owner of the schema's tables)"
+    if not probe.may_create:
+        rights.insert(0, f'CREATE on schema {probe.schema} (GRANT CREATE ON SCHEMA "{probe.schema}" TO "{probe.role}")')
+    return rights
 
 
 async def _check_redis(url: str, report: Report) -> None:

@@ -67,7 +67,7 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 
@@ -88,7 +88,7 @@ from bastion.store.topics_postgres import PostgresTopics
 
 log = logging.getLogger("bastion.store")
 
-__all__ = ["LATEST", "POSTGRES_MIGRATIONS", "PostgresStore", "redact_dsn"]
+__all__ = ["LATEST", "POSTGRES_MIGRATIONS", "PostgresStore", "Probe", "redact_dsn"]
 
 T = TypeVar("T")
 Connection = Any  # asyncpg.Connection (asyncpg ships no type information)
@@ -109,6 +109,17 @@ _HAS_VERSION_TABLE = "SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = $1 A
 
 #: Whether schema $1 has the schema_compat table (migration 6); not ``to_regclass``, which searches the whole path.
 _HAS_COMPAT_TABLE = "SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = $1 AND tablename = 'schema_compat'"
+
+#: The connected role's rights in schema $1 that migrating may need and it lacks: CREATE on the schema; per table,
+#: the owner's (to alter or index it), REFERENCES (a new foreign key to it) and TRIGGER; the owner's per function.
+_MIGRATION_RIGHTS = """SELECT current_user, has_schema_privilege($1, 'CREATE'),
+    array(SELECT c.relname::text || ' ' || r.priv FROM pg_catalog.pg_class c
+          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          CROSS JOIN (VALUES ('OWNER'), ('REFERENCES'), ('TRIGGER')) AS r (priv)
+          WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT CASE r.priv
+              WHEN 'OWNER' THEN pg_has_role(c.relowner, 'USAGE') ELSE has_table_privilege(c.oid, r.priv) END),
+    array(SELECT p.proname::text FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+          WHERE n.nspname = $1 AND NOT pg_has_role(p.proowner, 'USAGE'))"""
 
 #: Records ``compatible_from`` (see bastion/store/migrations.py) in the one-row schema_compat table.
 _RECORD_COMPAT = (
@@ -151,6 +162,18 @@ def refuse_unsafe_settings(settings: Mapping[str, str], label: str) -> None:
             "a power cut can corrupt acknowledged writes",
             label,
         )
+
+
+class Probe(NamedTuple):
+    """What ``PostgresStore.probe`` reads, read-only: where the store stands and what its role may do there."""
+
+    schema: str
+    version: int
+    recorded: int | None  # schema_compat's min_version, if the schema has one
+    role: str  # current_user
+    may_create: bool  # CREATE on the schema: migrations create tables, indexes and functions in it
+    tables_lacking: frozenset[tuple[str, str]]  # (table, "OWNER" | "REFERENCES" | "TRIGGER"): rights it lacks
+    functions_not_owned: frozenset[str]  # the functions it has not the owner's rights over (to replace them)
 
 
 class PostgresStore(
@@ -338,10 +361,10 @@ class PostgresStore(
             return UsageError(f"cannot open PostgreSQL store {self.dsn}: {_describe_dsn_error(exc, self._dsn)}")
         return exc
 
-    async def probe(self) -> tuple[str, int, int | None]:
-        """(schema, schema version, recorded ``compatible_from``) read over one connection, in a read-only
-        transaction: nothing created, migrated or locked (``bastion serve --check``). Refuses unsafe durability
-        settings as ``open`` does; errors are ``open``'s (``Unavailable``, ``UsageError``)."""
+    async def probe(self) -> Probe:
+        """The schema, its version, recorded ``compatible_from`` and the role's rights to migrate it, read over one
+        connection in a read-only transaction: nothing created, migrated or locked (``bastion serve --check``).
+        Refuses unsafe durability settings as ``open`` does; errors are ``open``'s (``Unavailable``, ``UsageError``)."""
         try:
             conn = await self._connect_one()
         except Exception as exc:
@@ -361,6 +384,7 @@ class PostgresStore(
                 recorded = None
                 if await conn.fetchval(_HAS_COMPAT_TABLE, schema):
                     recorded = await conn.fetchval("SELECT min_version FROM schema_compat WHERE id = 1")
+                role, may_create, tables, functions = await conn.fetchrow(_MIGRATION_RIGHTS, schema)
         except BastionError:
             raise
         except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
@@ -370,7 +394,9 @@ class PostgresStore(
         finally:
             with contextlib.suppress(Exception):
                 await conn.close(timeout=2)
-        return str(schema), version, None if recorded is None else int(recorded)
+        compat = None if recorded is None else int(recorded)
+        lacking = frozenset((table, right) for table, _, right in (item.rpartition(" ") for item in tables))
+        return Probe(str(schema), version, compat, str(role), bool(may_create), lacking, frozenset(functions))
 
     # -- notifications between replicas (LISTEN/NOTIFY) ----------------------------------
 

@@ -14,18 +14,21 @@ import os
 import shutil
 import socket
 import subprocess
+import urllib.parse
 from pathlib import Path
 
+import asyncpg
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from bastion.exceptions import UsageError
 from bastion.store.migrations import LATEST, MIGRATIONS
 from bastion.store.postgres import PostgresStore
 from bastion.store.postgres_migrations import POSTGRES_MIGRATIONS
 from bastion.store.sqlite import SQLiteStore
 from tests.support.server import SERVICE_FILE, bastion_cli, seed_tls, start_server
-from tests.support.stores import store_location
+from tests.support.stores import limited_role, postgres_dsn, store_location
 
 PASSWORD = "pw-Zq81xvK3"
 
@@ -284,3 +287,52 @@ def test_client_certificates_without_a_client_ca_report_the_development_ca(tmp_p
     result = _check(cwd, *args, env=env)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "ERROR client certificates" in result.stdout and "ca.key does not" in result.stdout
+
+
+def test_a_postgresql_role_that_cannot_migrate_a_schema_behind_is_an_error(tmp_path: Path) -> None:
+    """A schema at version 5 whose role may read and write its tables but not migrate them: serve would fail at
+    start ("permission denied"). --check names what the role lacks -- CREATE on the schema, then the ownership of
+    the tables the migrations alter -- and, once the schema's owner has migrated it, passes."""
+    cwd = _workdir(tmp_path)
+    location = store_location("postgresql", tmp_path)
+    _old_store(location, 5)
+    with limited_role(location) as dsn:
+        parts = urllib.parse.urlsplit(dsn)
+        role, schema = parts.username, dict(urllib.parse.parse_qsl(parts.query))["search_path"]
+        env = {"BASTION_STORE": dsn}
+        result = _check(cwd, "--port", "0", "--no-http", env=env)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"role {role} cannot migrate it from schema version 5 to {LATEST}" in result.stdout
+        assert f'lacks CREATE on schema {schema} (GRANT CREATE ON SCHEMA "{schema}" TO "{role}")' in result.stdout
+        assert "the owner's rights over the table(s) " in result.stdout  # its tables are the schema owner's too
+        assert str(parts.password) not in result.stdout + result.stderr
+
+        async def grant(what: str) -> None:
+            conn = await asyncpg.connect(postgres_dsn())
+            try:
+                await conn.execute(f'GRANT {what} TO "{role}"')
+            finally:
+                await conn.close()
+
+        asyncio.run(grant(f'CREATE ON SCHEMA "{schema}"'))
+        result = _check(cwd, "--port", "0", "--no-http", env=env)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "CREATE on schema" not in result.stdout
+        altered = "file_shares, file_uploads, files, jobs, lockouts, users"  # altered or indexed by migrations 6 on
+        assert (
+            f"lacks the owner's rights over the table(s) {altered}; and REFERENCES on the table(s) users; and "
+            "TRIGGER on the table(s) files, jobs, kv_keys, users (grant them" in result.stdout
+        )
+
+        async def serve_would() -> None:
+            async with PostgresStore(dsn):
+                pass
+
+        with pytest.raises(UsageError, match=r"migrating failed: .*permission denied"):  # serve's at start
+            asyncio.run(serve_would())
+
+        _old_store(location, LATEST)  # the schema's owner migrates it, and lets the role use the new tables
+        asyncio.run(grant(f'SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}"'))
+        result = _check(cwd, "--port", "0", "--no-http", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"at schema version {LATEST} (current)" in result.stdout
