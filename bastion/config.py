@@ -146,6 +146,17 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         Blunts many connections each under max_stream_buffer (64 MiB x
         10,000). At least max_stream_buffer.
 
+    max_detached_calls: 128 keyed unary calls (metadata idempotency-key)
+        running on, server-wide, after their connection was lost: such a
+        call is not cancelled but runs to its end (bounded by its deadline,
+        or by its claim's lease without one), still holding its scheduler
+        slot and argument memory, and its answer is recorded for the
+        client's retry (docs/operations.md, "Idempotency keys"). Past it,
+        or past max_detached_calls_per_principal (16) for one principal,
+        a call whose connection is lost is cancelled (its outcome unknown
+        to a retry, as before); 0: none run on. Blunts a client piling up
+        work by calling and hanging up.
+
     Protocol abuse, counted per connection in fixed 10-second windows; over a
     cap the connection gets GoAway(RESOURCE_EXHAUSTED) and is closed:
 
@@ -179,6 +190,8 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     read_high_water: int = 256
     max_stream_buffer: int = 64 * 1024**2
     max_stream_buffer_total: int = 1024**3
+    max_detached_calls: int = 128
+    max_detached_calls_per_principal: int = 16
     max_cancels_per_10s: int = 1000
     max_pings_per_10s: int = 100
     max_refused_per_10s: int = 1000
@@ -186,7 +199,10 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         check_finite(self, "limits")
         for name in self.__struct_fields__:
-            if name != "reserved_connections" and getattr(self, name) <= 0:
+            if name in ("max_detached_calls", "max_detached_calls_per_principal"):
+                if getattr(self, name) < 0:  # 0: none run on
+                    raise UsageError(f"limits.{name} must be 0 or more, got {getattr(self, name)!r}")
+            elif name != "reserved_connections" and getattr(self, name) <= 0:
                 raise UsageError(f"limits.{name} must be positive, got {getattr(self, name)!r}")
         if self.reserved_connections is not None and not 0 <= self.reserved_connections < self.max_connections:
             raise UsageError(

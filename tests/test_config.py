@@ -36,6 +36,7 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
         ("[limits]\nhandshake_max_frame = 2000000\n", "must not exceed"),
         ("[limits]\nidle_timeout = 0\n", "idle_timeout must be positive"),
         ("[limits]\nmax_pings_per_10s = -1\n", "max_pings_per_10s must be positive"),
+        ("[limits]\nmax_detached_calls = -1\n", "max_detached_calls must be 0 or more"),
         ("[auth]\nmax_failures_per_user_global = 0\n", "max_failures_per_user_global must be at least 1"),
         ("[auth]\nmax_failures_per_source = -3\n", "max_failures_per_source must be at least 1"),
         ("[auth]\nmax_failures_per_user_source = 0\n", "max_failures_per_user_source must be at least 1"),

@@ -18,7 +18,10 @@ a quota or limit refused it) gives the claim back (``release``), so a retry
 runs it. A call that may have taken effect before it stopped -- cancelled
 (its connection dropped), past its deadline, or UNAVAILABLE from the store
 ("may not be saved") -- keeps its claim: it is neither recorded nor given
-back, so a retry never runs it twice. A retry
+back, so a retry never runs it twice. A call holding its claim whose
+connection is lost is not cancelled: it runs to its end, detached, and its
+answer is recorded as usual (once.py; ``detach`` counts such calls against
+``limits.max_detached_calls``). A retry
 that finds the first execution still running waits for it a little, then
 answers UNAVAILABLE (retry later); one whose first execution was abandoned
 (its lease ran out: the server died mid-call) answers ABORTED, since whether
@@ -29,6 +32,7 @@ answers FAILED_PRECONDITION. See bastion/store/idempotency.py.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dis
 import hashlib
 import inspect
@@ -289,6 +293,9 @@ class IdempotencyKeys:
         self.poll = poll
         self._clock = clock
         self._next_sweep = 0.0
+        #: Calls running detached (their connection lost: once.py), by principal; and their counts.
+        self._detached: collections.Counter[str] = collections.Counter()
+        self._detached_counts = {"detached_calls": 0, "detached_calls_total": 0, "detached_calls_refused": 0}
 
     @staticmethod
     def key_of(metadata: Mapping[str, str] | None) -> str | None:
@@ -338,8 +345,8 @@ class IdempotencyKeys:
             now = self._clock()
             if found.lease_until <= now:
                 raise Aborted(
-                    f"the first call with idempotency key {key!r} was interrupted (its server stopped) and may "
-                    "or may not have taken effect; check, then retry with a new key"
+                    f"the first call with idempotency key {key!r} was interrupted (its server stopped, or it "
+                    "ran past its lease) and may or may not have taken effect; check, then retry with a new key"
                 )
             if now >= stop:
                 raise Unavailable(f"a call with idempotency key {key!r} is still running; retry later", retry_after=0.5)
@@ -375,6 +382,33 @@ class IdempotencyKeys:
         except Exception:
             log.warning("could not delete expired idempotency keys", exc_info=True)
             return False
+
+    def detach(self, principal: str, most: int, most_each: int) -> bool:
+        """Count a call of ``principal`` running on detached, unless ``most`` run so already, or
+        ``most_each`` of ``principal``'s: whether it may (``detached`` must follow when it ends)."""
+        counts = self._detached_counts
+        if counts["detached_calls"] >= most or self._detached[principal] >= most_each:
+            counts["detached_calls_refused"] += 1
+            return False
+        counts["detached_calls"] += 1
+        counts["detached_calls_total"] += 1
+        self._detached[principal] += 1
+        return True
+
+    def detached(self, principal: str) -> None:
+        """A call ``detach`` counted has ended."""
+        self._detached_counts["detached_calls"] -= 1
+        left = self._detached[principal] - 1
+        if left > 0:
+            self._detached[principal] = left
+        else:
+            del self._detached[principal]
+
+    def stats(self) -> dict[str, int]:
+        """detached_calls: keyed calls running on now after their connection was lost;
+        detached_calls_total: such calls so far; detached_calls_refused: calls cancelled with their
+        connection as before, over limits.max_detached_calls or its per-principal twin."""
+        return dict(self._detached_counts)
 
     @staticmethod
     def replay(record: IdempotencyRecord) -> tuple[Status, str | None, msgspec.Raw | None]:

@@ -7,11 +7,27 @@ sent, so a client that lost the connection and retries elsewhere gets it.
 Streams refuse a key (INVALID_ARGUMENT), and so does a server without
 ``server.idempotency`` (FAILED_PRECONDITION). ``IdempotentCalls`` is mixed
 into ``ServerSession``, which sets every attribute and method stubbed here.
+
+Lost connections. A call holding its claim (``_claimed``: from the claim's
+write until its answer is recorded or the claim given back) whose connection is
+lost is not cancelled with the others: ``_detach_claimed`` lets it run to
+its end -- still bounded by its deadline, or by its claim's lease without
+one, and still holding its scheduler slot and argument memory -- so its
+answer is recorded and the client's retry gets it, not "outcome unknown".
+Nothing is sent. A Cancel, the call's deadline, a shutdown's abort and a
+connection closed for abuse take the call out of ``_claimed`` first, so
+they still cancel it. At most ``limits.max_detached_calls`` such calls run
+in the server (``limits.max_detached_calls_per_principal`` for one
+principal; ``IdempotencyKeys.detach``); past that the call is cancelled as
+before. The session stays in ``server.sessions`` (not counted as a
+connection) until its last detached call ends, so a drain waits for them
+within its grace period and then cancels them with the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +38,7 @@ from bastion.protocol.connection import Connection
 from bastion.protocol.messages import Call
 from bastion.security.principal import Principal
 from bastion.server.dispatch import RELEASED_ON, UNKNOWN_ON, Entry, IdempotencyKeys
+from bastion.server.scheduler import Ticket
 from bastion.status import Status
 from bastion.transport.aio import Link
 
@@ -39,6 +56,13 @@ class IdempotentCalls:
     link: Link | None
     principal: Principal
     peer_host: str
+    tickets: dict[int, Ticket]
+    #: Calls holding their claim -> when their claim's lease runs out (time.monotonic; None: their deadline is sooner).
+    _claimed: dict[int, float | None]
+    #: Calls running on after the connection was lost -> (their key's owner, the timer of their lease or None).
+    _detached: dict[int, tuple[str, asyncio.TimerHandle | None]]
+    _loop: asyncio.AbstractEventLoop
+    _closed: asyncio.Event
 
     def _started(self, call_id: int) -> None:
         raise NotImplementedError  # the session's: the call's handler starts
@@ -86,38 +110,79 @@ class IdempotentCalls:
         key = self._idempotency_key(call, entry)
         assert key is not None
         principal = self._key_owner()
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        claimed = await keys.begin(principal, key, call.method, bytes(call.args), left)
-        if not isinstance(claimed, str):
-            self._started(call.id)
-            status, message, value = keys.replay(claimed)
-            if status is Status.OK:
-                self.core.send_result(call.id, value)
-            else:
-                self.core.send_error(call.id, status, message or status.name)
-            return
-        owner = claimed
-        slot = self._arm_deadline(call.id, deadline) if deadline is not None else None
+        now = time.monotonic()
+        left = None if deadline is None else max(0.0, deadline - now)
+        lease_end = now + keys.lease  # no later than the claim's, which begin reckons from its own start
+        # From before the claim is written: a connection lost while it is being written leaves no claim
+        # without a call behind it (the write goes on without its waiter), but a call run to its end.
+        self._claimed[call.id] = lease_end if deadline is None else None
         try:
+            claimed = await keys.begin(principal, key, call.method, bytes(call.args), left)
+            if not isinstance(claimed, str):
+                self._started(call.id)
+                status, message, value = keys.replay(claimed)
+                if status is Status.OK:
+                    self.core.send_result(call.id, value)
+                else:
+                    self.core.send_error(call.id, status, message or status.name)
+                return
+            owner = claimed
+            slot = self._arm_deadline(call.id, deadline) if deadline is not None else None
             try:
-                encoded = await self._invoke(call.id, entry, args, record=True)
-            finally:
-                if slot is not None:  # the deadline bounds the handler, not the bookkeeping below
-                    self.server.deadlines.disarm(slot, self, call.id)
-        except CallError as exc:
-            if exc.status in RELEASED_ON:
-                await keys.release(principal, key, owner)
-            elif exc.status in UNKNOWN_ON:
-                pass  # it may have taken effect: keep the claim (see bastion/server/dispatch.py)
-            else:
-                await keys.finish(principal, key, owner, exc.status, exc.message, None)
-            raise
-        except (TimeoutError, asyncio.CancelledError):  # deadline, client cancel, lost connection or shutdown
-            raise  # its writes may have committed: keep the claim, so a retry never runs it twice
-        except Exception:
-            await keys.finish(principal, key, owner, Status.INTERNAL, "internal error (the first attempt failed)", None)
-            raise
-        await keys.finish(principal, key, owner, Status.OK, None, encoded)
+                try:
+                    encoded = await self._invoke(call.id, entry, args, record=True)
+                finally:
+                    if slot is not None:  # the deadline bounds the handler, not the bookkeeping below
+                        self.server.deadlines.disarm(slot, self, call.id)
+            except CallError as exc:
+                if exc.status in RELEASED_ON:
+                    await keys.release(principal, key, owner)
+                elif exc.status in UNKNOWN_ON:
+                    pass  # it may have taken effect: keep the claim (see bastion/server/dispatch.py)
+                else:
+                    await keys.finish(principal, key, owner, exc.status, exc.message, None)
+                raise
+            except (TimeoutError, asyncio.CancelledError):  # deadline, client cancel, shutdown, or a lost
+                raise  # connection past the detach caps: its writes may have committed: keep the claim
+            except Exception:
+                failed = "internal error (the first attempt failed)"
+                await keys.finish(principal, key, owner, Status.INTERNAL, failed, None)
+                raise
+            await keys.finish(principal, key, owner, Status.OK, None, encoded)
+        finally:
+            self._claimed.pop(call.id, None)
+        if call.id in self._detached:
+            return  # its connection is gone: the answer waits in the store for the retry
         if self.link is not None and self.link.writing_paused:
             await self._writable()
         self.core.send_result(call.id, msgspec.Raw(encoded) if encoded is not None else None)
+
+    def _detach_claimed(self) -> None:
+        """The connection is lost: let the calls holding their claim run on, within the caps (see above)."""
+        keys = self.server.idempotency
+        if not self._claimed or keys is None:
+            return
+        limits = self.server.limits
+        principal = self._key_owner()
+        for call_id, lease_end in list(self._claimed.items()):
+            ticket = self.tickets.get(call_id)
+            task = ticket.task if ticket is not None else None
+            if task is None or task.done() or task.cancelling():
+                continue
+            if not keys.detach(principal, limits.max_detached_calls, limits.max_detached_calls_per_principal):
+                continue
+            timer = None
+            if lease_end is not None:  # no deadline: its claim's lease bounds it
+                timer = self._loop.call_later(max(0.0, lease_end - time.monotonic()), self._expire, call_id)
+            self._detached[call_id] = (principal, timer)
+            task.add_done_callback(functools.partial(self._detached_ended, call_id, keys))
+
+    def _detached_ended(self, call_id: int, keys: IdempotencyKeys, task: object) -> None:
+        """A detached call's task is done (its ``finally`` has run): count it out; the last one closes the session."""
+        principal, timer = self._detached.pop(call_id)
+        if timer is not None:
+            timer.cancel()
+        keys.detached(principal)
+        if not self._detached:
+            self.server.sessions.discard(self)  # the session lived on for its detached calls
+            self._closed.set()

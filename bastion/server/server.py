@@ -548,7 +548,7 @@ class Server:
     def stats(self) -> dict[str, int | float]:
         """Gauges and counters (``admin.stats``).
 
-        connections: sessions past the TLS handshake; connections_open: every
+        connections: open sessions past the TLS handshake; connections_open: every
         accepted connection not yet closed, handshaking ones included.
         rejected_connections_total: closed at accept, over a connection limit
         or for want of file descriptors, and anonymous handshakes refused for
@@ -569,7 +569,7 @@ class Server:
         """
         counters = self.counters
         return {
-            "connections": len(self.sessions),
+            "connections": sum(not s.lost for s in self.sessions),
             "connections_open": self._open,
             "connections_total": counters["connections"],
             "calls_total": counters["calls"],

@@ -26,7 +26,9 @@ its ``finally``, so the Cancel cleans up after it.
 
 Idempotency keys: a unary call whose metadata carries ``idempotency-key``
 runs under it (once.py, ``IdempotentCalls``; the store's half is
-``IdempotencyKeys`` in dispatch.py).
+``IdempotencyKeys`` in dispatch.py). Holding its claim, such a call is not
+cancelled when the connection is lost but runs to its end (``on_close``;
+once.py says how far), and the session stays in ``server.sessions`` until it has.
 """
 
 from __future__ import annotations
@@ -147,6 +149,9 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
         self._args_cost: dict[int, int] = {}  # calls holding large arguments -> their cost (upkeep.py)
         self._timing: dict[int, tuple[int, float]] = {}  # admitted call -> (metrics method row, perf_counter at start)
         self._expired: set[int] = set()  # running calls whose deadline timer has cancelled them
+        self._claimed: dict[int, float | None] = {}  # keyed calls holding their claim (once.py)
+        self._detached: dict[int, tuple[str, asyncio.TimerHandle | None]] = {}  # run on, the connection lost
+        self.lost = False  # the connection is closed (the session may live on for detached calls: once.py)
         #: Methods this connection's principal was admitted to, with that principal (the table's
         #: checks depend on nothing else; a revalidated principal is a new object and checks again).
         self._admitted: dict[str, tuple[Principal, Entry]] = {}
@@ -175,17 +180,22 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
             self.server.counters["closed_slow_reader"] += 1
             if (left_out := self.server.log_budget.take("slow_reader")) is not None:
                 log.warning("dropped connection %s: %s%s", self.link.peer, self.link.dropped, suppressed_note(left_out))
+        self.lost = True
         self.server.release(self)
-        self.server.sessions.discard(self)
+        self._detach_claimed()  # keyed calls holding their claim run on (once.py); the session lives until they end
+        if not self._detached:
+            self.server.sessions.discard(self)
         self.server.forget_principal(self.principal)
         self.server.stream_waiting.pop(self, None)  # its items are uncounted as its calls end
         for call_id, ticket in list(self.tickets.items()):
-            self._cancel(call_id, ticket)
+            if call_id not in self._detached:
+                self._cancel(call_id, ticket)
         for stream in self._inputs.values():
             stream.fail(asyncio.CancelledError())
         for gate in self._gates.values():
             gate.close()
-        self._closed.set()
+        if not self._detached:
+            self._closed.set()
 
     def on_events(self, events: list[Message]) -> None:
         now = self._last_seen = time.monotonic()
@@ -292,6 +302,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
     def _cancel(self, call_id: int, ticket: Ticket) -> None:
         """Cancel a call's job. One that will never run -- still queued, or its task not yet
         begun (a Call and its Cancel in one read) -- is forgotten now: no ``finally`` of its will."""
+        if self._claimed:
+            self._claimed.pop(call_id, None)  # cancelled: it does not run on if the connection is lost
         self.server.scheduler.cancel(ticket)
         if ticket.state is TicketState.CANCELLED or not ticket.started:
             self._forget(call_id)
@@ -533,6 +545,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
     def _expire(self, call_id: int) -> None:
         ticket = self.tickets.get(call_id)  # the running call's ticket holds its task
         if ticket is not None and ticket.task is not None and not ticket.task.done():
+            self._claimed.pop(call_id, None)
             self._expired.add(call_id)
             ticket.task.cancel()
 

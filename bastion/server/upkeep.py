@@ -140,6 +140,7 @@ class SessionUpkeep:
     _denial_window: float
     _denials_logged: int
     _denials_suppressed: int
+    _claimed: dict[int, float | None]  # keyed calls that would run on if the connection were lost (once.py)
 
     def _cancel(self, call_id: int, ticket: Ticket) -> None:
         raise NotImplementedError  # the session's: cancel a call's job
@@ -515,6 +516,7 @@ class SessionUpkeep:
                 suppressed_before=left_out or None,
             )
             log.warning("closing connection %s: %s%s", link.peer, reason, suppressed_note(left_out))
+        self._claimed.clear()  # a peer cut off for abuse leaves no call running on (once.py)
         self.core.send_goaway(Status.RESOURCE_EXHAUSTED, reason)
         link.close()
 

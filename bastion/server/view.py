@@ -41,8 +41,10 @@ class ServerView:
         return self._server.draining
 
     def stats(self) -> Mapping[str, int | float]:
-        """``Server.stats()`` and the heap trims after connection storms (memtrim.py)."""
-        return {**self._server.stats(), **memory_stats(self._server)}
+        """``Server.stats()``, the heap trims after connection storms (memtrim.py) and the keyed calls
+        run on after their connection was lost (``IdempotencyKeys.stats``)."""
+        keys = self._server.idempotency
+        return {**self._server.stats(), **memory_stats(self._server), **(keys.stats() if keys is not None else {})}
 
     def limits(self) -> Mapping[str, int | float]:
         """The server's limits, each as the number it runs with (a default worked out from others included)."""

@@ -1,0 +1,246 @@
+"""A keyed unary call whose connection is lost runs to its end, and its repeat gets the first answer.
+
+A real server (in-process, loopback TCP) with an SQLite idempotency store. The
+first attempt comes over a raw connection that is reset mid-call, as a client's
+connection is in a failover; the repeat comes from a ``Client`` on a new
+connection. An explicit Cancel still cancels, the call's deadline still bounds
+it, ``limits.max_detached_calls`` (and its per-principal twin) cap the calls
+run on this way, and a drain waits for them within its grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+
+import bastion
+from bastion import Principal, Server, Service
+from bastion.config import ServerLimits
+from bastion.security.authn import StaticTokens
+from bastion.server.dispatch import IdempotencyKeys
+from bastion.store import open_store
+
+HELLO, WELCOME, CALL, CANCEL = 1, 2, 3, 6
+TOKEN = "bst_detached-keyed-token-0123456789abcdef"
+ADA = Principal("ada", frozenset({"user"}))
+
+
+class Handler:
+    """The slow method's runs: entered, ended (its answer) or cancelled, by tag."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.runs: list[str] = []
+        self.ended: list[str] = []
+        self.cancelled: list[str] = []
+
+
+def make_service(handler: Handler) -> Service:
+    svc = Service("slow")
+
+    @svc.method
+    async def apply(tag: str) -> str:
+        handler.runs.append(tag)  # the effect happens first...
+        try:
+            await handler.release.wait()  # ...then the connection is lost before the answer
+        except asyncio.CancelledError:
+            handler.cancelled.append(tag)
+            raise
+        handler.ended.append(tag)
+        return f"applied {tag}"
+
+    return svc
+
+
+def frame(message: object) -> bytes:
+    body = msgspec.msgpack.encode(message)
+    return len(body).to_bytes(4, "big") + body
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+async def first_attempt(port: int, tag: str, key: str, timeout_ms: int | None = None) -> asyncio.StreamWriter:
+    """A raw connection that has made the keyed call ``slow.apply(tag)``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(frame([HELLO, 1, "detach-test/1", TOKEN, 16, 1 << 20, {}]))
+    length = int.from_bytes(await reader.readexactly(4), "big")
+    assert msgspec.msgpack.decode(await reader.readexactly(length))[0] == WELCOME
+    writer.write(frame([CALL, 1, "slow.apply", {"tag": tag}, timeout_ms, None, False, {"idempotency-key": key}]))
+    return writer
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Lose the connection as a network does: no Cancel, no close handshake."""
+    writer.transport.abort()
+
+
+def run(
+    tmp_path: Path,
+    body: Callable[[Server, Handler, bastion.Client], Awaitable[None]],
+    limits: ServerLimits | None = None,
+    lease: float = 30.0,
+) -> None:
+    async def main() -> None:
+        handler = Handler()
+        server = Server([make_service(handler)], authenticator=StaticTokens({TOKEN: ADA}), limits=limits)
+        await server.start("127.0.0.1", 0)
+        try:
+            async with open_store(tmp_path / "keys.db") as store:
+                server.idempotency = IdempotencyKeys(store, lease=lease, wait=2.0)
+                client = bastion.Client(f"127.0.0.1:{server.port}", token=TOKEN, insecure=True, timeout=5)
+                async with client:
+                    await client.connect()  # the one connection open besides the first attempts'
+                    await body(server, handler, client)
+                await server.shutdown(grace=1)
+        finally:
+            handler.release.set()
+            await server.shutdown(grace=1)
+
+    async def guarded() -> None:
+        async with asyncio.timeout(30):
+            await main()
+
+    asyncio.run(guarded())
+
+
+def detached(server: Server) -> int:
+    assert server.idempotency is not None
+    return server.idempotency.stats()["detached_calls"]
+
+
+def test_a_keyed_call_whose_connection_drops_runs_on_and_its_repeat_gets_the_first_answer(tmp_path: Path) -> None:
+    async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
+        writer = await first_attempt(server.port, "a", "k1")
+        await until(lambda: handler.runs == ["a"], "the first attempt to start")
+        reset(writer)
+        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        assert handler.cancelled == [] and detached(server) == 1  # it runs on
+        # The repeat arrives while it runs, on a new connection: it waits for the first answer.
+        repeat = asyncio.ensure_future(client.invoke("slow.apply", {"tag": "a"}, idempotency_key="k1"))
+        await until(lambda: server.stats()["calls_in_flight"] == 2, "the repeat to wait")
+        handler.release.set()
+        assert await repeat == "applied a"
+        assert detached(server) == 0
+        # Once recorded, any repeat gets it at once; the handler ran once.
+        assert await client.invoke("slow.apply", {"tag": "a"}, idempotency_key="k1") == "applied a"
+        assert handler.runs == ["a"] and handler.ended == ["a"] and handler.cancelled == []
+        assert server.idempotency is not None and server.idempotency.stats()["detached_calls_total"] == 1
+
+    run(tmp_path, body)
+
+
+def test_an_explicit_cancel_still_cancels_a_keyed_call(tmp_path: Path) -> None:
+    async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
+        writer = await first_attempt(server.port, "c", "k2")
+        await until(lambda: handler.runs == ["c"], "the first attempt to start")
+        writer.write(frame([CANCEL, 1]))
+        await until(lambda: handler.cancelled == ["c"], "the Cancel to cancel it")
+        reset(writer)
+        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        assert detached(server) == 0
+        # It may have taken effect: its claim is kept, as before, and it never runs twice.
+        client.retry = None  # the UNAVAILABLE itself, not the client's retries of it
+        with pytest.raises(bastion.Unavailable, match="still running"):
+            await client.invoke("slow.apply", {"tag": "c"}, idempotency_key="k2")
+        assert handler.runs == ["c"]
+
+    run(tmp_path, body)
+
+
+def test_a_detached_call_is_still_bounded_by_its_deadline(tmp_path: Path) -> None:
+    async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
+        writer = await first_attempt(server.port, "d", "k3", timeout_ms=500)
+        await until(lambda: handler.runs == ["d"], "the first attempt to start")
+        reset(writer)
+        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        await until(lambda: handler.cancelled == ["d"], "its deadline to cancel it")
+        await until(lambda: detached(server) == 0, "the detached call to end")
+        assert handler.ended == []
+
+    run(tmp_path, body)
+
+
+def test_a_detached_call_without_a_deadline_is_bounded_by_its_claims_lease(tmp_path: Path) -> None:
+    async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
+        writer = await first_attempt(server.port, "e", "k8")
+        await until(lambda: handler.runs == ["e"], "the first attempt to start")
+        reset(writer)
+        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        assert detached(server) == 1
+        await until(lambda: handler.cancelled == ["e"], "its lease to run out")
+        await until(lambda: detached(server) == 0, "the detached call to end")
+        client.retry = None  # its lease is over: abandoned, outcome unknown
+        with pytest.raises(bastion.Aborted):
+            await client.invoke("slow.apply", {"tag": "e"}, idempotency_key="k8")
+        assert handler.runs == ["e"] and handler.ended == []
+
+    run(tmp_path, body, lease=1.0)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [ServerLimits(max_detached_calls=1), ServerLimits(max_detached_calls_per_principal=1)],
+    ids=["server-wide", "per-principal"],
+)
+def test_the_detached_calls_are_capped(tmp_path: Path, limits: ServerLimits) -> None:
+    async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
+        first = await first_attempt(server.port, "x", "k4")
+        second = await first_attempt(server.port, "y", "k5")
+        await until(lambda: sorted(handler.runs) == ["x", "y"], "both attempts to start")
+        reset(first)
+        await until(lambda: detached(server) == 1, "the first to run on")
+        reset(second)
+        await until(lambda: handler.cancelled == ["y"], "the second, past the cap, to be cancelled as before")
+        assert server.idempotency is not None and server.idempotency.stats()["detached_calls_refused"] == 1
+        handler.release.set()
+        await until(lambda: detached(server) == 0, "the detached call to end")
+        assert await client.invoke("slow.apply", {"tag": "x"}, idempotency_key="k4") == "applied x"
+        client.retry = None  # the UNAVAILABLE itself, not the client's retries of it
+        with pytest.raises(bastion.Unavailable, match="still running"):  # cancelled: outcome unknown, as before
+            await client.invoke("slow.apply", {"tag": "y"}, idempotency_key="k5")
+        assert sorted(handler.runs) == ["x", "y"]
+
+    run(tmp_path, body, limits)
+
+
+def test_a_drain_waits_for_detached_calls(tmp_path: Path) -> None:
+    async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
+        writer = await first_attempt(server.port, "g", "k6")
+        await until(lambda: handler.runs == ["g"], "the first attempt to start")
+        reset(writer)
+        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        draining = asyncio.ensure_future(server.shutdown(grace=10))
+        await until(lambda: server.draining, "the drain to begin")
+        done, _ = await asyncio.wait([draining], timeout=0.3)
+        assert not done and handler.cancelled == []  # the drain waits for the detached call
+        handler.release.set()
+        await draining
+        assert handler.ended == ["g"]
+        assert server.idempotency is not None
+        record = await server.idempotency.store.idempotency_get("ada", "k6")
+        assert record is not None and record.state == "done"  # its answer was recorded
+
+    run(tmp_path, body)
+
+
+def test_a_drain_cancels_detached_calls_when_its_grace_runs_out(tmp_path: Path) -> None:
+    async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
+        writer = await first_attempt(server.port, "h", "k7")
+        await until(lambda: handler.runs == ["h"], "the first attempt to start")
+        reset(writer)
+        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        assert handler.cancelled == []
+        await asyncio.wait_for(server.shutdown(grace=0.3), 5)
+        assert handler.cancelled == ["h"] and handler.ended == []
+        assert detached(server) == 0
+
+    run(tmp_path, body)
