@@ -73,9 +73,12 @@ The fallback's counts add to Redis's: what Redis counted stands, and each
 replica counts on its own while Redis fails, so around an outage guesses get
 up to K + 1 times the allowances. A success while Redis fails forgives the
 pair here at once and in Redis once it answers again (``RedisLoginLimits``).
-A ``FAILED`` whose answer is lost (it ran: the count is gone, the lockout
-decided) is counted here as a first failure and writes no lockout: that
-lockout is lost (docs/security.md says so).
+A ``FAILED`` whose answer is lost (it may have run: counted, the lockout
+decided) is counted here too meanwhile, and run again -- it is idempotent,
+keyed by a failure id, so Redis counts it once -- until Redis answers; a
+lockout it decided is written then (before the pair's next password attempt
+here is tested in Redis), so a lost answer never yields a guess counted
+nowhere, nor a lockout lost.
 
 Failure counts of a pair are forgotten ``lockout`` seconds after the pair's
 last failure, in every backend (memory, the workers' table, Redis): failures
@@ -293,6 +296,7 @@ class LoginThrottle:
                 fail_open=redis_fail_open,
                 clock=None if redis_time else clock,
             )
+            self._redis.on_lock = self._lock
 
     async def aclose(self) -> None:
         """Close the connections to Redis, if any."""
@@ -442,11 +446,15 @@ class LoginThrottle:
         if lock is None:
             lock = self._count_failure(username, source, now)
         if lock and username is not None:
-            key = self._pair(username, source)
-            await self._store.set_lockout(key, now + self.lockout)
-            await self._store.expire_lockouts(now, LOCKOUT_PURGE_BATCH)
+            await self._lock(username, source)
             return True
         return False
+
+    async def _lock(self, username: str, source: str) -> None:
+        """Lock the pair for ``lockout`` seconds from now (``source``: its key); purge a batch of expired."""
+        now = self._clock()
+        await self._store.set_lockout(self._pair(username, source), now + self.lockout)
+        await self._store.expire_lockouts(now, LOCKOUT_PURGE_BATCH)
 
     def _count_failure(self, username: str | None, source: str, now: float) -> bool:
         """Record a failure in this server's own limits; True if the pair is to be locked now."""

@@ -21,15 +21,22 @@ place:
 * ``FAILED`` spends from the source's and the username's buckets and counts
   the pair's failure; at ``max_failures`` it deletes the count and answers
   that the pair is to be locked (the throttle writes the lockout to the store,
-  as ever); the end of the block releases the holds (ZREM).
+  as ever); the end of the block releases the holds (ZREM). Each failure
+  has an id, and the script keeps its answer under it: run again, it answers
+  that and counts nothing. So a failure whose answer was lost (a timeout, a
+  reset, a cancelled login) is run again until Redis answers (``_settling``),
+  and a lockout it decided is written then (``on_lock``); once Redis answers,
+  the pair's next password attempt here runs it first (``limits``).
 
 Keys: ``<rate_limits.redis_prefix>{login}:<kind>:<name>``: ``s:SOURCE`` and
 ``u:USER`` (buckets: hashes {t, s} as the rate limiter's), ``f:USER|SOURCE``
-(failures: a counter), ``ps:``/``pp:``/``pu:`` (pending: sorted sets of hold
-ids scored by when they expire). The one hash tag puts them all on one
+(failures: a counter), ``d:FAILURE_ID`` (a password failure's answer, 0 or 1),
+``ps:``/``pp:``/``pu:`` (pending: sorted sets of hold ids scored by when
+they expire). The one hash tag puts them all on one
 Redis Cluster slot (a script's keys must share one). Every key expires: a
 bucket once it would be full again, a failure count ``lockout`` seconds after
-the pair's last failure (as in memory), and a hold ``HOLD_SECONDS`` after it
+the pair's last failure (as in memory), a failure's answer ``lockout`` seconds
+after it, and a hold ``HOLD_SECONDS`` after it
 was taken or last refreshed -- so the holds of a replica that died in the
 middle of a login stop counting then, and nothing is left behind. While its
 login is in flight a hold is refreshed (``REFRESH``, every ``HOLD_SECONDS /
@@ -64,8 +71,9 @@ import contextlib
 import itertools
 import logging
 import secrets
-from collections.abc import Callable, Sequence
-from typing import Any, Final, cast
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, NamedTuple, cast
 
 from bastion.observability.loglimit import LogBudget, suppressed_note
 from bastion.security.redis_gate import LUA_NOW, RETRY_AFTER, RedisGate, Skipped
@@ -148,12 +156,17 @@ return {0, fmt(uw), at_once}
 """
 )
 
-#: KEYS: source bucket, pair failures, user bucket. ARGV: now ('' = TIME), has user (0/1), burst, rate,
-#: max_failures, user capacity, user rate, seconds a failure count lives. Returns 1 if the pair is to be
-#: locked (its count is gone), else 0.
+#: KEYS: source bucket, pair failures, user bucket, this failure's answer. ARGV: now ('' = TIME), has user
+#: (0/1), burst, rate, max_failures, user capacity, user rate, seconds a failure count lives. Returns 1 if
+#: the pair is to be locked (its count is gone), else 0. Idempotent with a user: the answer is kept (KEYS[4],
+#: as long as a failure count lives) and run again, the script answers it and counts nothing -- so a failure
+#: whose answer was lost is run again to learn it. (Without one -- a bad token -- nothing is kept: no lockout
+#: to learn, and a spray of them would leave a key per failure; run again, it spends from the source again.)
 FAILED: Final = (
     _COMMON
     + """
+local done = redis.call('GET', KEYS[4])
+if done then return tonumber(done) end
 local has_user = tonumber(ARGV[2])
 local function take(key, cap, rate)
   local t, s = tokens(key, cap, rate)
@@ -162,15 +175,19 @@ local function take(key, cap, rate)
   redis.call('PEXPIRE', key, math.ceil(cap / rate * 1000) + 1000)
 end
 take(KEYS[1], tonumber(ARGV[3]), tonumber(ARGV[4]))
-if has_user == 0 then return 0 end
-take(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]))
-local count = redis.call('INCR', KEYS[2])
-if count >= tonumber(ARGV[5]) then
-  redis.call('DEL', KEYS[2])
-  return 1
+local lock = 0
+if has_user == 1 then
+  take(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]))
+  local count = redis.call('INCR', KEYS[2])
+  if count >= tonumber(ARGV[5]) then
+    redis.call('DEL', KEYS[2])
+    lock = 1
+  else
+    redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[8]) * 1000))
+  end
+  redis.call('SET', KEYS[4], lock, 'PX', math.ceil(tonumber(ARGV[8]) * 1000))
 end
-redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[8]) * 1000))
-return 0
+return lock
 """
 )
 
@@ -190,6 +207,16 @@ return 0
 
 #: What ``LIMITS`` answers: (code, wait, at once) -- see ``RedisLoginLimits.limits``.
 Answer = tuple[int, float, bool]
+
+
+class _Failure(NamedTuple):
+    """A failure whose ``FAILED`` answer was lost: what to run again, and when it was first sent."""
+
+    username: str | None
+    source: str
+    keys: list[str]
+    args: list[str]
+    since: float  # time.monotonic()
 
 
 class RedisDown(Exception):
@@ -225,6 +252,7 @@ class RedisLoginLimits:
         self._limit_args = [repr(float(burst)), repr(float(rate)), str(max_failures)]
         self._user_args = [repr(float(user_capacity)), repr(float(user_rate))]
         self._failure_seconds = repr(float(failure_seconds))
+        self._failure_window = float(failure_seconds)
         self._clock = clock
         self._meanwhile = (
             "throttling per replica meanwhile" if fail_open else "refusing password logins meanwhile"
@@ -246,6 +274,13 @@ class RedisLoginLimits:
         self._live: dict[str, list[str]] = {}
         self._refresher: asyncio.Task[None] | None = None
         self.refresh_every = HOLD_SECONDS / 3
+        # Failures whose FAILED may have run but whose answer never came (a timeout, a reset, a cancelled
+        # login): failure id -> what to run again. ``_settling`` runs them again (FAILED is idempotent)
+        # until Redis answers; once it does, a pair's next password attempt here runs its own first.
+        self._unsettled: dict[str, _Failure] = {}
+        self._settler: asyncio.Task[None] | None = None
+        #: Writes the lockout of a pair a failure run again locks (username, source): the throttle's.
+        self.on_lock: Callable[[str, str], Awaitable[None]] | None = None
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float, **kw: Any) -> RedisLoginLimits:
@@ -284,6 +319,8 @@ class RedisLoginLimits:
         args += (hold_id, repr(HOLD_SECONDS))
         keys = self.keys(username, source)
         try:
+            if password and username is not None and self._unsettled and self._gate.healthy:
+                await self._settle(keys[1])  # a failure of the pair whose answer was lost first: it may lock
             result = await self._gate.run(LIMITS, keys, args)
         except BaseException as exc:  # (a cancelled login too) Redis may have run it, holding the attempt
             if hold and not isinstance(exc, Skipped):  # (skipped: never sent)
@@ -382,16 +419,74 @@ class RedisLoginLimits:
                 return
 
     async def failed(self, username: str | None, source: str) -> bool:
-        """Record a failure; True if the pair is to be locked now (its count is gone). Raises RedisDown."""
-        keys = self.keys(username, source)[:3]
+        """Record a failure; True if the pair is to be locked now (its count is gone). Raises RedisDown.
+
+        Should the answer be lost (the script may have run: counted, the lockout decided), the failure is
+        run again (under its id: counted once) until Redis answers, and a lockout it decides is written
+        then (``on_lock``)."""
+        failure_id = f"{self._replica}:{next(self._holds)}"
+        keys = [*self.keys(username, source)[:3], f"{self.prefix}d:{failure_id}"]
         args = [self._now(), "0" if username is None else "1", *self._limit_args, *self._user_args]
         args.append(self._failure_seconds)
-        return int(await self._run(FAILED, keys, args)) == 1
+        try:
+            return int(await self._gate.run(FAILED, keys, args)) == 1
+        except BaseException as exc:  # (a cancelled login too) Redis may have run it
+            if not isinstance(exc, Skipped):  # (skipped: never sent; counted by the throttle alone)
+                self._unsettle(failure_id, _Failure(username, source, keys, args, time.monotonic()))
+            if isinstance(exc, self._errors):
+                self._failed(exc)
+                raise RedisDown(str(exc)) from None
+            raise
+
+    def _unsettle(self, failure_id: str, failure: _Failure) -> None:
+        """Remember a failure to run again until Redis answers it: bounded, oldest dropped."""
+        self._unsettled[failure_id] = failure
+        if len(self._unsettled) > MAX_UNRELEASED:
+            del self._unsettled[next(iter(self._unsettled))]
+        if self._settler is None or self._settler.done():
+            with contextlib.suppress(RuntimeError):  # (no event loop running: closing)
+                self._settler = asyncio.get_running_loop().create_task(self._settling())
+
+    async def _settling(self) -> None:
+        """Run the failures whose answers were lost again, every ``RETRY_AFTER / 2`` while Redis fails, until
+        it has answered each (it is asked at once, then as ``RedisGate`` lets a request retry it)."""
+        while self._unsettled:
+            try:
+                await self._settle(None)
+            except self._errors as exc:
+                if not isinstance(exc, Skipped):
+                    self._failed(exc)
+                await asyncio.sleep(RETRY_AFTER / 2)
+            except Exception:  # (writing a lockout failed: the store) never lose the task half done
+                log.exception("login throttle: settling a failure whose answer was lost failed")
+                await asyncio.sleep(RETRY_AFTER / 2)
+
+    async def _settle(self, pair: str | None) -> None:
+        """Run again the failures whose answers were lost (those of ``pair``, its failure count's key, or
+        all) and have the lockouts they decide written (``on_lock``). Raises what Redis raises (the
+        failures it did not answer are kept). One older than a failure count lives is dropped: its answer
+        may be gone from Redis (run again, it would count anew), and a lockout it decided would be over."""
+        cutoff = time.monotonic() - self._failure_window
+        for failure_id, failure in list(self._unsettled.items()):
+            if failure.since < cutoff:
+                self._unsettled.pop(failure_id, None)
+                continue
+            if pair is not None and failure.keys[1] != pair:
+                continue
+            lock = int(await self._gate.run(FAILED, failure.keys, failure.args)) == 1
+            if self._unsettled.pop(failure_id, None) is None or not lock or failure.username is None:
+                continue  # (settled meanwhile by another call: it wrote the lockout)
+            log.warning("login throttle: a failure whose answer Redis lost locked its pair; lockout written now")
+            if self.on_lock is not None:
+                await self.on_lock(failure.username, failure.source)
 
     async def succeeded(self, username: str, source: str) -> None:
         """Forgive the pair's failures: now, or -- should Redis fail -- once it answers again (else, once
         back, one typo within the lockout window could lock the pair)."""
         key = self.keys(username, source)[1]
+        for failure_id, failure in list(self._unsettled.items()):  # forgiven too: never counted back after it
+            if failure.keys[1] == key:
+                del self._unsettled[failure_id]
         try:
             await self._gate.ask(self._client.delete(key))
         except BaseException as exc:
@@ -399,13 +494,6 @@ class RedisLoginLimits:
             if not isinstance(exc, self._errors):
                 raise
             self._failed(exc)
-
-    async def _run(self, script: str, keys: Sequence[str], args: Sequence[str]) -> Any:
-        try:
-            return await self._gate.run(script, keys, args)
-        except self._errors as exc:
-            self._failed(exc)
-            raise RedisDown(str(exc)) from None
 
     def _back(self) -> None:
         if self._warnings.take("redis-back") is not None:
@@ -427,7 +515,7 @@ class RedisLoginLimits:
 
     async def aclose(self) -> None:
         """Close the client if these limits made it (``from_url``); holds left unreleased expire."""
-        for task in (self._cleaner, self._refresher):
+        for task in (self._cleaner, self._refresher, self._settler):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

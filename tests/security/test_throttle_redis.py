@@ -357,3 +357,83 @@ def test_an_attempt_in_flight_longer_than_hold_seconds_still_counts_on_the_other
         assert not await pending_keys(client, prefix)
 
     replicas(tmp_path, body, max_failures=1)
+
+
+LOCKED = "too many failed attempts; try again later"
+
+
+@needs_redis
+def test_a_failure_whose_answer_was_lost_after_it_locked_the_pair_in_redis_still_locks_it(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        for _ in range(2):
+            assert await a.failed("ada", "10.0.0.1") is False  # 2 of 3, counted in Redis
+        relay.mode = "stall"  # the third runs in Redis -- the count is gone, the lockout decided -- ...
+        assert await a.failed("ada", "10.0.0.1") is False  # ... but its answer is lost: counted here meanwhile
+        relay.mode = "pass"
+
+        async def locked() -> bool:  # (no login asks Redis meanwhile: it is asked again all the same)
+            return await refused(b, "ada", "10.0.0.1") == LOCKED
+
+        assert await until(locked, 10.0), "the lockout decided in Redis was lost with its answer"
+        assert await refused(a, "ada", "10.0.0.1") == LOCKED
+
+    through_relay(tmp_path, body, timeout=0.3, max_failures=3)
+
+
+@needs_redis
+def test_a_failure_whose_command_never_reached_redis_is_counted_there_once_it_answers(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        assert await a.failed("ada", "10.0.0.1") is False  # 1 of 2, counted in Redis
+        relay.mode = "drop"  # Redis does not answer (nor run it): counted here meanwhile
+        assert await a.failed("ada", "10.0.0.1") is False
+        relay.mode = "pass"
+
+        async def locked() -> bool:
+            return await refused(b, "ada", "10.0.0.1") == LOCKED
+
+        assert await until(locked, 10.0), "the failure Redis never saw was counted nowhere but here"
+
+    through_relay(tmp_path, body, timeout=0.3, max_failures=2)
+
+
+@needs_redis
+def test_a_failure_run_again_after_its_answer_was_lost_is_counted_once(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        relay.mode = "stall"  # runs (1 of 3), its answer lost
+        assert await a.failed("ada", "10.0.0.1") is False
+        relay.mode = "pass"
+
+        async def settled() -> bool:
+            assert a._redis is not None
+            return not a._redis._unsettled
+
+        assert await until(settled, 10.0)
+        assert await client.get(f"{prefix}{{login}}:f:ada|10.0.0.1") == b"1"  # run twice, counted once
+        assert await b.failed("ada", "10.0.0.1") is False
+        assert await b.failed("ada", "10.0.0.1") is True
+
+    through_relay(tmp_path, body, timeout=0.3, max_failures=3)
+
+
+@needs_redis
+def test_a_login_cancelled_while_its_failure_was_being_counted_still_counts_it(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        assert await a.failed("ada", "10.0.0.1") is False  # 1 of 2
+        relay.mode = "stall"  # the second runs in Redis (the lockout decided), and the client drops meanwhile
+        task = asyncio.create_task(a.failed("ada", "10.0.0.1"))
+
+        async def ran() -> bool:  # the pair's count is gone: it reached 2
+            return await client.get(f"{prefix}{{login}}:f:ada|10.0.0.1") is None
+
+        assert await until(ran)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        relay.mode = "pass"
+
+        async def locked() -> bool:
+            return await refused(b, "ada", "10.0.0.1") == LOCKED
+
+        assert await until(locked, 10.0), "the lockout the cancelled login's failure decided was lost"
+
+    through_relay(tmp_path, body, timeout=5.0, max_failures=2)
