@@ -80,14 +80,18 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     write_high_water: bytes buffered for a slow reader before senders wait
         (and the server stops reading from that connection).
 
-    Connection limits. The first two are checked at accept before any TLS
-    work, and a connection over either is closed at once and counted; the
-    third when a handshake ends:
+    Connection limits. The first three are checked at accept before any TLS
+    work, and a connection over any is closed at once and counted; the
+    fourth when a handshake ends:
 
     max_connections: 10000 connections open at once (handshaking ones
         included). Blunts fd and memory exhaustion by connection floods.
     max_connections_per_source: 256 open connections from one IP address.
         Blunts one host hoarding the server's connections.
+    max_handshakes_per_source: 64 of them still in their handshake (from
+        accept to the Welcome); counted in rejected_handshakes_per_source.
+        Blunts one address holding the connections anyone may open with
+        silent ones, each for up to handshake_timeout.
     reserved_connections: the last connections of max_connections kept for
         authenticated clients (None, the default: a tenth of max_connections;
         0: none). A handshake that ends while more than max_connections -
@@ -181,6 +185,7 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     write_high_water: int = 1_048_576
     max_connections: int = 10_000
     max_connections_per_source: int = 256
+    max_handshakes_per_source: int = 64
     reserved_connections: int | None = None
     idle_timeout: float = 300.0
     write_stall_timeout: float = 10.0

@@ -197,7 +197,7 @@ async def start_bastion(tls: Path | None) -> tuple[int, Callable[[], Awaitable[N
     huge = 1e12
     rules = [RateRule(method="bench.*", role=BENCH_ROLE, rate=huge, burst=huge)]
     limiter = RateLimiter(RateLimitConfig(per_principal=Limit(rate=huge, burst=huge), rules=rules))
-    limits = ServerLimits(max_connections=30_000, max_connections_per_source=30_000)
+    limits = ServerLimits(max_connections=30_000, max_connections_per_source=30_000, max_handshakes_per_source=30_000)
     server = Server(
         [svc],
         authenticator=auth,

@@ -34,7 +34,8 @@ from a request)::
     bastion_memory_trimmed_bytes_total                  bytes the resident size fell by across them
     bastion_workers                                     processes these numbers add up
 
-Rejection reasons: connection_limit, source_connection_limit (at accept),
+Rejection reasons: connection_limit, source_connection_limit,
+source_handshake_limit (at accept: limits.max_handshakes_per_source),
 reserved_connections (an anonymous handshake refused: limits.reserved_connections),
 proxy_header, tls (a TLS handshake that failed or timed out, an ALPN other
 than bastion/1, a revoked client certificate), rate_limited, inflight (a
@@ -91,6 +92,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: (metric reason, Server.counters / scheduler key) for bastion_rejections_total.
 _REJECTIONS = (
     ("source_connection_limit", "rejected_connections_per_source"),
+    ("source_handshake_limit", "rejected_handshakes_per_source"),
     ("reserved_connections", "rejected_connections_reserved"),
     ("proxy_header", "rejected_proxy_header"),
     ("tls", "tls_refused"),
@@ -104,6 +106,8 @@ _REJECTIONS = (
     ("gateway_connection_limit", "gateway_rejected_connections"),
     ("gateway_source_connection_limit", "gateway_rejected_connections_per_source"),
 )
+#: The refusals counted in ``rejected_connections`` for a limit other than max_connections.
+_NOT_OVER_TOTAL = ("rejected_connections_per_source", "rejected_handshakes_per_source", "rejected_connections_reserved")
 _CLOSED = (
     ("idle", "closed_idle"),
     ("abuse", "closed_abuse"),
@@ -192,9 +196,7 @@ class SnapshotCollector(Collector):
         rejections = CounterMetricFamily(
             "bastion_rejections", "Connections and calls refused for a limit, by reason", labels=["reason"]
         )
-        over_total = counters.get("rejected_connections", 0) - sum(
-            counters.get(key, 0) for key in ("rejected_connections_per_source", "rejected_connections_reserved")
-        )
+        over_total = counters.get("rejected_connections", 0) - sum(counters.get(key, 0) for key in _NOT_OVER_TOTAL)
         rejections.add_metric(["connection_limit"], max(0, over_total))
         for reason, key in _REJECTIONS:
             rejections.add_metric([reason], counters.get(key, 0))

@@ -11,7 +11,8 @@ Accepting. Each listening socket has an accept loop of ours (``_accept_loop``)
 rather than the event loop's, so the connection limits are checked on the bare
 socket, before any TLS work: over ``max_connections`` in total, or
 ``max_connections_per_source`` from one address (an IPv6 one: its ``/ipv6_prefix``
-network), a connection is closed at once
+network), or ``max_handshakes_per_source`` of them still in their handshake
+(sources.py), a connection is closed at once
 and counted; past ``max_connections`` less ``reserved_connections`` a connection
 is still accepted, but a handshake that ends anonymous is refused (upkeep.py,
 ``_in_reserve``). An accepted socket is handed to ``loop.connect_accepted_socket``;
@@ -86,6 +87,7 @@ from bastion.server.reserve import DescriptorReserve
 from bastion.server.scheduler import Scheduler
 from bastion.server.session import ServerSession
 from bastion.server.sockets import bind, read_proxy_header
+from bastion.server.sources import SourceCounts
 from bastion.server.upkeep import SessionUpkeep
 from bastion.server.view import ServerView
 from bastion.service import Service
@@ -196,7 +198,7 @@ class Server:
         self._accept_tasks: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()  # connections still in the TLS handshake
         self._open = 0  # accepted connections not yet closed (handshaking ones too)
-        self._per_source: dict[str, int] = {}
+        self.sources = SourceCounts(self.limits, self.counters, ipv6_prefix)  # per source: open, handshaking
         self._reserve = DescriptorReserve()
         self._stopped = asyncio.Event()
         self.addresses: list[tuple[str, int]] = []
@@ -260,12 +262,11 @@ class Server:
         key = source_key(source, self.ipv6_prefix)  # what the per-source limit counts (IPv6: its /ipv6_prefix)
         limits = self.limits
         proxied = bool(self.trusted_proxies) and self._is_trusted_proxy(source)
-        if self._open >= limits.max_connections or (
-            not proxied and self._per_source.get(key, 0) >= limits.max_connections_per_source
-        ):
+        if self._open >= limits.max_connections:
             self.counters["rejected_connections"] += 1
-            if self._open < limits.max_connections:
-                self.counters["rejected_connections_per_source"] += 1
+            conn.close()
+            return
+        if not proxied and self.sources.refuse(key):  # (counted there)
             conn.close()
             return
         self._open += 1
@@ -273,7 +274,7 @@ class Server:
         if proxied:  # the per-source limit applies to the client the header names
             coro = self._connect_proxied(conn, source, deadline)
         else:
-            self._per_source[key] = self._per_source.get(key, 0) + 1
+            self.sources.take(key)
             coro = self._connect(conn, source, None, deadline)
         task = asyncio.get_running_loop().create_task(coro)
         self._handshakes.add(task)
@@ -311,13 +312,11 @@ class Server:
             raise
         source = header.source[0] if header.command is Command.PROXY and header.source is not None else proxy
         key = source_key(source, self.ipv6_prefix)
-        if self._per_source.get(key, 0) >= self.limits.max_connections_per_source:
-            self.counters["rejected_connections"] += 1
-            self.counters["rejected_connections_per_source"] += 1
+        if self.sources.refuse(key):
             self._open -= 1
             conn.close()
             return
-        self._per_source[key] = self._per_source.get(key, 0) + 1
+        self.sources.take(key)
         if header.command is Command.PROXY:
             self.counters["proxied_connections"] += 1
         await self._connect(conn, source, header, deadline)
@@ -358,12 +357,7 @@ class Server:
             return
         session.slot_released = True
         self._open -= 1
-        key = source_key(session.source, self.ipv6_prefix)
-        left = self._per_source[key] - 1
-        if left:
-            self._per_source[key] = left
-        else:
-            del self._per_source[key]
+        self.sources.give_back(session)
 
     def connect_memory(self, protocol: asyncio.Protocol, *, peer: str | None = None) -> None:
         """Join a client protocol to a new session in memory, as if it connected from ``peer``
@@ -553,7 +547,7 @@ class Server:
         rejected_connections_total: closed at accept, over a connection limit
         or for want of file descriptors, and anonymous handshakes refused for
         reserved_connections; rejected_connections_per_source,
-        rejected_connections_reserved: those two kinds. closed_idle, closed_abuse,
+        rejected_handshakes_per_source, rejected_connections_reserved: those kinds. closed_idle, closed_abuse,
         closed_slow_reader, closed_slow_sender: connections closed for
         idle_timeout, an abuse cap (max_*_per_10s), not reading their answers
         (write_stall_timeout or the hard cap), or sending a frame too slowly
@@ -577,6 +571,7 @@ class Server:
             "internal_errors_total": counters["internal_errors"],
             "rejected_connections_total": counters["rejected_connections"],
             "rejected_connections_per_source": counters["rejected_connections_per_source"],
+            "rejected_handshakes_per_source": counters["rejected_handshakes_per_source"],
             "rejected_connections_reserved": counters["rejected_connections_reserved"],
             "closed_idle": counters["closed_idle"],
             "closed_abuse": counters["closed_abuse"],

@@ -104,6 +104,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
         #: The peer's IP address, counted against max_connections_per_source (None: not from a listener).
         self.source = source
         self.slot_released = False
+        #: Counted against max_handshakes_per_source until its Welcome (or close): sources.py.
+        self.handshaking = source is not None
         self.limits = server.limits
         self.id = next(_session_ids)
         self.core = Connection(

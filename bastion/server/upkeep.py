@@ -116,6 +116,7 @@ class SessionUpkeep:
     link: Link | None
     principal: Principal
     source: str | None
+    handshaking: bool
     peer_host: str
     anonymous_key: str
     tickets: dict[int, Ticket]
@@ -236,6 +237,7 @@ class SessionUpkeep:
             )
         )
         link.flush()
+        self.server.sources.handshake_over(self)
         if self.server.draining:
             self.drain()
         if self._timer is not None:  # the handshake deadline's: the keepalive timer takes its place

@@ -136,7 +136,8 @@ def test_slowloris_connections_are_closed_at_the_deadline_and_bystanders_keep_th
     server_factory: Callable[..., ServerProcess], attackers: int
 ) -> None:
     deadline = 2.0
-    env = {"BASTION_LIMITS__HANDSHAKE_TIMEOUT": str(deadline)}
+    # Up to 250 silent connections per address (4000 over 16), held until the deadline: all admitted.
+    env = {"BASTION_LIMITS__HANDSHAKE_TIMEOUT": str(deadline), "BASTION_LIMITS__MAX_HANDSHAKES_PER_SOURCE": "256"}
     tls = server_factory(env=env, name="tls")
     plain = server_factory(env=env, name="plain", insecure=True)
     baseline = {name: p99(call_latencies(s)) for name, s in (("tls", tls), ("plain", plain))}
@@ -200,8 +201,10 @@ def test_slowloris_connections_are_closed_at_the_deadline_and_bystanders_keep_th
 def test_the_257th_connection_from_one_address_is_closed_before_tls(
     server_factory: Callable[..., ServerProcess],
 ) -> None:
-    # A long handshake deadline: the 256 bare TCP connections must stay open meanwhile.
-    server = server_factory(env={"BASTION_LIMITS__HANDSHAKE_TIMEOUT": "60"})
+    # A long handshake deadline: the 256 bare TCP connections must stay open meanwhile (all of them: past
+    # limits.max_handshakes_per_source, which test_reserved_connections.py tests).
+    env = {"BASTION_LIMITS__HANDSHAKE_TIMEOUT": "60", "BASTION_LIMITS__MAX_HANDSHAKES_PER_SOURCE": "256"}
+    server = server_factory(env=env)
     assert server.ca_file is not None
     context = client_context(server.ca_file)
     hoard = []

@@ -225,3 +225,37 @@ def test_silent_handshakes_holding_the_reserved_connections_are_closed_at_a_quar
     for peer in hoard[:4]:  # below the reserve the full deadline holds
         peer.wait_closed(timeout=9)
         assert time.monotonic() - started > 7.5
+
+
+def test_one_address_cannot_hold_more_than_its_share_of_silent_handshakes(
+    server_factory: Callable[..., ServerProcess], hoard: list[RawPeer]
+) -> None:
+    """``max_handshakes_per_source`` 2 of the four connections anyone may open: an attacker's silent
+    connections past two are closed at accept, and other addresses' anonymous clients take the rest."""
+    env = {**LIMITS, "BASTION_LIMITS__MAX_HANDSHAKES_PER_SOURCE": "2"}
+    server = server_factory(env=env, insecure=True, args=HTTP)
+    attacker = SOURCES[0]
+    for _ in range(2):  # connect, never say Hello
+        hoard.append(RawPeer(server.host, server.port, source=attacker))
+    for _ in range(2):  # past its share: closed at once, before a byte
+        with RawPeer(server.host, server.port, source=attacker) as extra:
+            assert extra.wait_closed(timeout=3) < 2
+
+    # The other two are left to other addresses' clients, anonymous ones too.
+    for source in SOURCES[1:3]:
+        hoard.append(RawPeer(server.host, server.port, source=source))
+        assert hoard[-1].hello()[3] == "anonymous" and answers(hoard[-1])
+
+    # A connection whose handshake ended counts no more: the attacker may open another (a token's, here).
+    assert hoard[0].hello(server.token)[3] == "admin"
+    peer, welcome = join(server, attacker, server.token, [])
+    hoard.append(peer)
+    assert welcome[3] == "admin" and answers(peer)
+
+    assert rejections(server)["source_handshake_limit"] == 2
+    for peer in hoard:
+        peer.close()
+    counts = wait_for(lambda: stats(server), 10, interval=0.1, what="the hoard's connections to close")
+    assert counts["rejected_handshakes_per_source"] == 2
+    assert counts["rejected_connections_total"] == 2
+    assert counts["rejected_connections_per_source"] == counts["rejected_connections_reserved"] == 0

@@ -139,6 +139,7 @@ def test_stats_counts_connections_calls_and_errors() -> None:
         "internal_errors_total",
         "rejected_connections_total",
         "rejected_connections_per_source",
+        "rejected_handshakes_per_source",
         "rejected_connections_reserved",
         "closed_idle",
         "closed_abuse",
