@@ -12,8 +12,9 @@ can report it).
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from bastion.server.scheduler import Scheduler, SchedulerConfig, Ticket, TicketState
+from bastion.server.scheduler import JOB_TASK_NAME, Scheduler, SchedulerConfig, Ticket, TicketState
 from bastion.status import Status
 from tests.server.test_scheduler import run, settle
 
@@ -104,5 +105,35 @@ def test_a_reporting_job_cancelled_before_its_first_step_is_reported_by_its_task
         r.gate.set()
         await settle()
         assert r.done == ["never", "next"] and r.scheduler.stats()["running"] == 0
+
+    run(body)
+
+
+def test_a_jobs_task_is_named_and_made_by_the_loops_task_factory_when_it_has_one() -> None:
+    """The scheduler makes a job's task itself (asyncio.Task, named, no "Task-N" string formatted per
+    call) only when the loop has no task factory: a loop's factory still makes every job's task."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        made: list[asyncio.Task[object]] = []
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[object]:
+            task: asyncio.Task[object] = asyncio.Task(coro, loop=loop, **kwargs)
+            made.append(task)
+            return task
+
+        r = Reporting()
+        plain = r.submit("plain")
+        assert isinstance(plain.task, asyncio.Task) and plain.task.get_name() == JOB_TASK_NAME
+        loop.set_task_factory(factory)
+        try:
+            r.gate.set()
+            await settle()
+            made_by_factory = r.submit("factory")
+            assert made == [made_by_factory.task] and made[0].get_name() == JOB_TASK_NAME
+            await settle()
+        finally:
+            loop.set_task_factory(None)
+        assert r.ran == ["plain", "factory"] and r.done == ["plain", "factory"]
 
     run(body)
