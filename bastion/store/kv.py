@@ -385,13 +385,14 @@ class KVStore(Notifying, ABC):
     """What every backend offers for kv. Every write is one transaction; see the module docstring."""
 
     @abstractmethod
-    async def kv_get_many(
+    def kv_get_many(
         self, namespace: str, keys: Sequence[str], now: float, max_bytes: int | None = None
-    ) -> list[KVEntry | None]:
+    ) -> Awaitable[list[KVEntry | None]]:
         """The live entry of each key (None: absent or expired), in the order asked.
 
         ``ValuesTooLarge`` if their values come to more than ``max_bytes``: measured (in the same
-        statement) before any value is read, and then none is.
+        statement) before any value is read, and then none is. (An awaitable, as ``kv_put``: SQLite
+        hands back its read's future for one key without ``max_bytes``, kv.get's read.)
         """
 
     @abstractmethod

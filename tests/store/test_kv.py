@@ -365,3 +365,17 @@ async def test_acknowledged_kv_writes_survive_reopening(make_store: MakeStore) -
         entries = await store.kv_get_many(NS, [f"k{i}" for i in range(50)], NOW)
         assert [(e.value, e.version) for e in entries if e] == [(bytes([i]), v) for i, (v,) in enumerate(versions)]
         assert (await store.kv_revisions()).current == 50
+
+
+async def test_one_key_reads_as_it_does_among_several(store: Store) -> None:
+    """kv.get's read (one key, no max_bytes: SQLite's own statement) agrees with the general one."""
+    await store.kv_put(NS, [w("live", b"\x00v", content_type="t/x"), w("brief", expires_at=NOW + 1)], NOW)
+    await store.kv_put("~bob", [w("theirs")], NOW)
+    for key in ("live", "brief", "absent", "theirs"):
+        for now in (NOW, NOW + 1, NOW + 2):
+            (alone,) = await store.kv_get_many(NS, [key], now)
+            among = (await store.kv_get_many(NS, [key, "absent"], now))[0]
+            assert alone == among, (key, now)
+    (live,) = await store.kv_get_many(NS, ["live"], NOW)
+    assert live is not None and (live.value, live.content_type, live.version) == (b"\x00v", "t/x", 1)
+    assert await store.kv_get_many(NS, ["brief"], NOW + 1) == [None]  # expired at its expires_at
