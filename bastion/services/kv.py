@@ -300,7 +300,8 @@ class KV:
         now: float,
     ) -> KVWrite:
         """The store's write for ``put``'s arguments, once they are within limits."""
-        self.check_key(key)
+        if not (key.isascii() and 0 < len(key) <= self.config.max_key_bytes and "\x00" not in key):
+            self.check_key(key)  # check_key's first case, inline; the others (and their errors) there
         if len(value) > self.config.max_value_bytes:
             raise InvalidArgument(
                 f"value of {key!r} is {len(value)} bytes, over kv.max_value_bytes ({self.config.max_value_bytes})"

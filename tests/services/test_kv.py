@@ -185,6 +185,8 @@ def test_limits_name_themselves(tmp_path: Path) -> None:
             await w.ada.kv.get(key="")
         with pytest.raises(bastion.InvalidArgument, match="NUL"):
             await w.ada.kv.put(key="a\x00b", value=b"")
+        with pytest.raises(bastion.InvalidArgument, match="must not be empty"):  # put checks its key inline first
+            await w.ada.kv.put(key="", value=b"")
         with pytest.raises(bastion.InvalidArgument, match="ttl"):
             await w.ada.kv.put(key="k", value=b"", ttl=-1)
         with pytest.raises(bastion.InvalidArgument, match=r"1\.\.3 \(kv.max_page\)"):
@@ -204,6 +206,8 @@ def test_key_limits_count_utf8_bytes_and_the_empty_namespace_is_the_callers_own(
             await w.ada.kv.put(key="é" * 5, value=b"")  # 5 characters, 10 bytes
         with pytest.raises(bastion.InvalidArgument, match="valid text"):
             w.kv.check_key("a\ud800")  # a lone surrogate has no UTF-8 form
+        with pytest.raises(bastion.InvalidArgument, match="valid text"):
+            w.kv.check_write("a\ud800", b"", "", None, None, 0.0)
         v = await w.ada.kv.put(key="mine", value=b"3", namespace="")
         assert (await w.ada.kv.get(key="mine", namespace="~ada"))["version"] == v
         assert (await w.ada.kv.get(key="mine", namespace=""))["version"] == v
