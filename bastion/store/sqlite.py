@@ -340,10 +340,13 @@ class SQLiteStore(
             raise Unavailable("the store's writer has stopped")
         if write.started:
             raise RuntimeError("a store write can be awaited only once")
-        write.future = self._loop.create_future()
+        future = write.future = self._loop.create_future()
         write.started = time.perf_counter()
-        self._enqueue(write)
-        return write.future
+        self._queue.append(write)  # _enqueue, inline: every kv put comes this way
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+        return future
 
     def _enqueue(self, item: _Write | None) -> None:
         self._queue.append(item)
