@@ -354,11 +354,12 @@ def _declare(kv: KV, service: Service) -> None:
             ns = await kv.namespace_for(ctx.principal, namespace, write=False)
         else:  # the caller's own: namespace_for's first case, without a coroutine to create and run
             ns = personal_namespace(ctx.principal.name)
-        kv.check_key(key)
+        if not (key.isascii() and 0 < len(key) <= cfg.max_key_bytes and "\x00" not in key):
+            kv.check_key(key)  # its first case inline, as in check_write
         (entry,) = await store.kv_get_many(ns, [key], time.time())
         if entry is None:
             raise NotFound(f"no key {key!r} in namespace {ns!r}")
-        return _item(entry)
+        return Item(entry.key, entry.value, entry.version, entry.content_type, entry.expires_at)  # _item's
 
     @service.method(idempotent=True)
     async def get_many(ctx: Context, keys: list[str], namespace: str | None = None) -> list[Item | None]:

@@ -183,6 +183,10 @@ def test_limits_name_themselves(tmp_path: Path) -> None:
             await w.ada.kv.put(key="k", value=b"x" * 17)
         with pytest.raises(bastion.InvalidArgument, match="must not be empty"):
             await w.ada.kv.get(key="")
+        with pytest.raises(bastion.InvalidArgument, match=r"kv.max_key_bytes \(8\)"):  # get checks inline first
+            await w.ada.kv.get(key="é" * 5)
+        with pytest.raises(bastion.InvalidArgument, match="NUL"):
+            await w.ada.kv.get(key="a\x00b")
         with pytest.raises(bastion.InvalidArgument, match="NUL"):
             await w.ada.kv.put(key="a\x00b", value=b"")
         with pytest.raises(bastion.InvalidArgument, match="must not be empty"):  # put checks its key inline first
