@@ -6,6 +6,7 @@ only downward, checked on the source with ``ast``.
 """
 
 import ast
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import bastion
+from tests.support.server import ServerProcess, shared_ca
 
 PACKAGE = Path(bastion.__file__).parent
 ROOT = PACKAGE.parent
@@ -79,6 +81,11 @@ def test_every_module_imports_on_its_own() -> None:
     assert "bastion.testing" in MODULES and "bastion.transport.memory" in MODULES
 
 
+#: What a client needs no part of to speak TLS (the standard ssl module does it): the cryptography package,
+#: and the development CA and certificate file code that use it.
+SERVER_ONLY_TLS = ["cryptography", "bastion.security.tls_devca", "bastion.security.tls_files"]
+
+
 @pytest.mark.parametrize("module", ["bastion", "bastion.client.sync", "bastion.client.aio"])
 def test_a_client_does_not_load_the_server_or_the_store_drivers(module: str) -> None:
     # A client program (and a short CLI command) should not pay for the server, its stores and their
@@ -88,13 +95,77 @@ def test_a_client_does_not_load_the_server_or_the_store_drivers(module: str) -> 
         import sys
         import {module}
         heavy = ["asyncpg", "sqlite3", "bastion.server.server", "bastion.store.sqlite", "bastion.store.postgres",
-                 "bastion.config"]
+                 "bastion.config", *{SERVER_ONLY_TLS!r}]
         print(" ".join(name for name in heavy if name in sys.modules))
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == []
+
+
+@pytest.mark.parametrize("call", ["asyncio.run(aio())", "sync()"])
+def test_a_client_connected_over_tls_has_not_loaded_cryptography(server: ServerProcess, call: str) -> None:
+    # A real TLS connection (the server's certificate checked against the test CA, given as ca=) and a call,
+    # by a Client and by a SyncClient, then a look at what the client process has loaded.
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        import bastion
+
+        async def aio():
+            async with bastion.Client({server.address!r}, ca={str(shared_ca())!r}, token={server.token!r}) as c:
+                assert await c.call("demo.echo", value="tls") == "tls"
+
+        def sync():
+            with bastion.SyncClient({server.address!r}, ca={str(shared_ca())!r}, token={server.token!r}) as c:
+                assert c.call("demo.echo", value="tls") == "tls"
+
+        {call}
+        assert "ssl" in sys.modules
+        print(" ".join(name for name in {SERVER_ONLY_TLS!r} if name in sys.modules))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == []
+
+
+def test_a_cli_client_command_over_tls_does_not_load_cryptography(server: ServerProcess) -> None:
+    # `bastion call` (the CLI's app, with `bastion cert` and `bastion serve` in it) connects and calls over TLS;
+    # as it exits, the process writes what it loaded to stderr.
+    script = textwrap.dedent(
+        f"""
+        import atexit, sys
+        loaded = lambda: [name for name in {SERVER_ONLY_TLS!r} if name in sys.modules]
+        atexit.register(lambda: print("loaded:", *loaded(), file=sys.stderr))
+        sys.argv = ["bastion", "call", {server.address!r}, "demo.echo", "value=1", "--ca", {str(shared_ca())!r},
+                    "--token-file", {str(server.token_file)!r}]
+        from bastion.cli import main
+        main()
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "1"
+    assert result.stderr.splitlines()[-1].split() == ["loaded:"]
+
+
+def test_the_tls_modules_names_are_still_found_in_tls() -> None:
+    # The dev CA's and the certificate files' names, loaded on first use, are the real ones (and listed).
+    from bastion.security import tls, tls_devca, tls_files
+
+    for name in tls._LAZY:
+        assert getattr(tls, name) is getattr(tls_devca if tls._LAZY[name].endswith("devca") else tls_files, name)
+        assert name in tls.__all__ and name in dir(tls)
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        tls.Nope  # noqa: B018
 
 
 def test_the_lazy_names_are_the_real_ones() -> None:

@@ -36,18 +36,10 @@ import typer
 
 from bastion.config import Config, load_config
 from bastion.exceptions import UsageError
-from bastion.security.tls import (
-    TLSPaths,
-    certificate_info,
-    ensure_dev_ca,
-    ensure_dev_tls,
-    issue_client_cert,
-    parse_serial,
-    renew_dev_tls,
-    server_context,
-)
+from bastion.security import tls as security_tls  # the dev CA's names load on first use: client commands need none
 
 if TYPE_CHECKING:
+    from bastion.security.tls_devca import TLSPaths
     from bastion.server.server import Server
 
 __all__ = [
@@ -142,8 +134,8 @@ def prepare_tls(config: Config, warn: Callable[[str], None]) -> TLSSetup:
         messages.append(f"TLS on; CA certificate: {paths.ca.resolve()}")
     client_ca = tls.client_ca
     if tls.client_auth != "none" and client_ca is None:
-        client_ca = str(ensure_dev_ca(config.data_dir)[0])
-    context = server_context(tls, cert, key, client_ca)
+        client_ca = str(security_tls.ensure_dev_ca(config.data_dir)[0])
+    context = security_tls.server_context(tls, cert, key, client_ca)
     if tls.client_auth != "none":
         messages.append(f"client certificates {tls.client_auth}; trusted CA: {Path(client_ca or '').resolve()}")
     return TLSSetup(context, (cert, key), messages, dev=tls.cert is None)
@@ -151,7 +143,7 @@ def prepare_tls(config: Config, warn: Callable[[str], None]) -> TLSSetup:
 
 def _ensure_dev_tls(config: Config) -> TLSPaths:
     tls = config.tls
-    return ensure_dev_tls(
+    return security_tls.ensure_dev_tls(
         config.data_dir, server_hosts(config.host), lifetime=tls.dev_cert_lifetime, renew_before=tls.dev_renew_before
     )
 
@@ -171,13 +163,13 @@ async def keep_dev_certificate(config: Config, reload: Callable[[], bool], *, le
     cert_path = Path(config.data_dir) / "tls" / "server.pem"
     loaded: str | None = None  # unknown: the first good look reloads (the same certificate, if nothing changed)
     with contextlib.suppress(Exception):
-        loaded = (await asyncio.to_thread(certificate_info, cert_path))["serial"]
+        loaded = (await asyncio.to_thread(security_tls.certificate_info, cert_path))["serial"]
     while True:
         await asyncio.sleep(interval)
         try:
             if leader:
                 await asyncio.to_thread(_ensure_dev_tls, config)
-            info = await asyncio.to_thread(certificate_info, cert_path)
+            info = await asyncio.to_thread(security_tls.certificate_info, cert_path)
         except Exception as exc:  # this task must outlive any one failure, or renewal would stop for good
             log.error("cannot renew the development TLS certificate (next try in %.0fs): %s", interval, exc)
             continue
@@ -211,7 +203,7 @@ class ConfigSource:
 def reread_revoked_serials(server: Server, source: ConfigSource) -> None:
     """SIGHUP: take ``tls.revoked_serials`` from the configuration again (one that fails keeps the list in force)."""
     try:
-        serials = frozenset(parse_serial(serial) for serial in source.load().tls.revoked_serials)
+        serials = frozenset(security_tls.parse_serial(serial) for serial in source.load().tls.revoked_serials)
     except UsageError as exc:
         log.error(
             "SIGHUP: cannot re-read tls.revoked_serials, keeping the %d in force: %s", len(server.revoked_serials), exc
@@ -248,7 +240,7 @@ def _settings(config: Path | None, data_dir: Path | None, hosts: list[str] | Non
 
 
 def _print_info(label: str, path: Path) -> None:
-    info = certificate_info(path)
+    info = security_tls.certificate_info(path)
     print(f"{label}: {info['path']}")
     print(f"  subject:     {info['subject']}")
     print(f"  issuer:      {info['issuer']}")
@@ -265,7 +257,7 @@ def create(data_dir: DataDir = None, host: Hosts = None, config: ConfigFile = No
     """Create the dev CA and server certificate if missing (keys mode 0600)."""
     directory, hosts = _settings(config, data_dir, host)
     try:
-        paths = ensure_dev_tls(directory, hosts)
+        paths = security_tls.ensure_dev_tls(directory, hosts)
     except (UsageError, OSError) as exc:
         _fail(_reason(exc))
         return
@@ -311,8 +303,8 @@ def renew(
     """Issue a new server certificate now; a running server loads it on SIGHUP."""
     directory, hosts = _settings(config, data_dir, host)
     try:
-        paths = renew_dev_tls(directory, hosts, new_ca=ca)
-        info = certificate_info(paths.cert)
+        paths = security_tls.renew_dev_tls(directory, hosts, new_ca=ca)
+        info = security_tls.certificate_info(paths.cert)
     except (UsageError, OSError) as exc:
         _fail(_reason(exc))
         return
@@ -338,8 +330,8 @@ def client(
     """Issue a client certificate from the dev CA, for mutual TLS; valid from now (not backdated)."""
     directory, _ = _settings(config, data_dir, None)
     try:
-        cert_path, key_path = issue_client_cert(directory, name, out)
-        info = certificate_info(cert_path)
+        cert_path, key_path = security_tls.issue_client_cert(directory, name, out)
+        info = security_tls.certificate_info(cert_path)
     except (UsageError, OSError) as exc:
         _fail(_reason(exc))
         return

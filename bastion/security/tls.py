@@ -14,8 +14,11 @@ the system trust store, hostname checking on, TLS 1.2 or later, ALPN
 
 The development CA and the certificates it issues are in
 bastion/security/tls_devca.py; reading and writing certificate and key files
-in bastion/security/tls_files.py. Their public names are imported here too,
-so ``from bastion.security.tls import ensure_dev_tls`` keeps working.
+in bastion/security/tls_files.py. Their public names are found here too, on
+first use (``__getattr__``), so ``from bastion.security.tls import
+ensure_dev_tls`` keeps working while a client, which needs only ``ssl``,
+loads neither of them nor the ``cryptography`` package they (and
+``client_certificate``) use.
 
 These modules create and read the files named above and nothing else: no
 sockets, no logging of key material.
@@ -23,27 +26,25 @@ sockets, no logging of key material.
 
 from __future__ import annotations
 
+import importlib
 import os
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
-
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bastion.exceptions import UsageError
-from bastion.security.tls_devca import (
-    TLSPaths,
-    create_crl,
-    ensure_dev_ca,
-    ensure_dev_tls,
-    issue_client_cert,
-    renew_dev_tls,
-)
-from bastion.security.tls_files import certificate_info, parse_serial, read_cert
 
 if TYPE_CHECKING:
     from bastion.config import TLSConfig
+    from bastion.security.tls_devca import (
+        TLSPaths,
+        create_crl,
+        ensure_dev_ca,
+        ensure_dev_tls,
+        issue_client_cert,
+        renew_dev_tls,
+    )
+    from bastion.security.tls_files import certificate_info, parse_serial
 
 __all__ = [
     "ALPN_PROTOCOL",
@@ -65,6 +66,32 @@ __all__ = [
     "renew_dev_tls",
     "server_context",
 ]
+
+#: The sibling modules' names, loaded on first use (they import ``cryptography``; a client needs neither).
+_LAZY = {
+    "TLSPaths": "bastion.security.tls_devca",
+    "certificate_info": "bastion.security.tls_files",
+    "create_crl": "bastion.security.tls_devca",
+    "ensure_dev_ca": "bastion.security.tls_devca",
+    "ensure_dev_tls": "bastion.security.tls_devca",
+    "issue_client_cert": "bastion.security.tls_devca",
+    "parse_serial": "bastion.security.tls_files",
+    "renew_dev_tls": "bastion.security.tls_devca",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 ALPN_PROTOCOL = "bastion/1"
 #: TLS 1.2 suites allowed when ``min_version = "1.2"``: forward secret (ECDHE) and AEAD only.
@@ -209,6 +236,10 @@ def client_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Peer
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return None
+    # Here, not at the top: only a server reads a peer's certificate, and a client need not load cryptography.
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     cert = x509.load_der_x509_certificate(der)
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     subject = str(names[0].value) if names else cert.subject.rfc4514_string()
@@ -225,6 +256,8 @@ def reload(context: ssl.SSLContext, cert: str | os.PathLike[str], key: str | os.
     The pair is first checked in a scratch context, so a bad or mismatched
     pair raises ``UsageError`` and leaves ``context`` serving the old one.
     """
+    from bastion.security.tls_files import read_cert  # server only (cryptography): see client_certificate
+
     _load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key)
     _load_chain(context, cert, key)
     return read_cert(Path(cert)).serial_number
