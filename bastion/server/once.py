@@ -16,8 +16,10 @@ one, and still holding its scheduler slot and argument memory -- so its
 answer is recorded and the client's retry gets it, not "outcome unknown".
 Nothing is sent. A Cancel, the call's deadline, a shutdown's abort and a
 connection closed for abuse take the call out of ``_claimed`` first, so
-they still cancel it. At most ``limits.max_detached_calls`` such calls run
-in the server (``limits.max_detached_calls_per_principal`` for one
+they still cancel it; so does revalidation (upkeep.py), which goes on while
+detached calls run and cancels them once the credential is revoked or
+expired. At most ``limits.max_detached_calls`` such calls run in the server
+(``limits.max_detached_calls_per_principal`` for one
 principal; ``IdempotencyKeys.detach``); past that the call is cancelled as
 before. The session stays in ``server.sessions`` (not counted as a
 connection) until its last detached call ends, so a drain waits for them
@@ -63,6 +65,7 @@ class IdempotentCalls:
     _detached: dict[int, tuple[str, asyncio.TimerHandle | None]]
     _loop: asyncio.AbstractEventLoop
     _closed: asyncio.Event
+    _revalidation: asyncio.Task[None] | None
 
     def _started(self, call_id: int) -> None:
         raise NotImplementedError  # the session's: the call's handler starts
@@ -184,5 +187,7 @@ class IdempotentCalls:
             timer.cancel()
         keys.detached(principal)
         if not self._detached:
+            if self._revalidation is not None:  # it went on only for the detached calls (upkeep.py)
+                self._revalidation.cancel()
             self.server.sessions.discard(self)  # the session lived on for its detached calls
             self._closed.set()

@@ -176,8 +176,6 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
             self._idle_timer.cancel()
         if self._frame_timer is not None:
             self._frame_timer.cancel()
-        if self._revalidation is not None:
-            self._revalidation.cancel()
         if self.link is not None and self.link.dropped is not None:
             self.server.counters["closed_slow_reader"] += 1
             if (left_out := self.server.log_budget.take("slow_reader")) is not None:
@@ -185,6 +183,8 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
         self.lost = True
         self.server.release(self)
         self._detach_claimed()  # keyed calls holding their claim run on (once.py); the session lives until they end
+        if self._revalidation is not None and not self._detached:  # else it goes on for them (_detached_ended ends it)
+            self._revalidation.cancel()
         if not self._detached:
             self.server.sessions.discard(self)
         self.server.forget_principal(self.principal)

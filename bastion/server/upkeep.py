@@ -142,6 +142,7 @@ class SessionUpkeep:
     _denials_logged: int
     _denials_suppressed: int
     _claimed: dict[int, float | None]  # keyed calls that would run on if the connection were lost (once.py)
+    _detached: dict[int, tuple[str, asyncio.TimerHandle | None]]  # keyed calls running on after it was (once.py)
 
     def _cancel(self, call_id: int, ticket: Ticket) -> None:
         raise NotImplementedError  # the session's: cancel a call's job
@@ -286,7 +287,8 @@ class SessionUpkeep:
     async def _revalidate_loop(self) -> None:
         """Close the connection once its credential expires or is revoked."""
         interval = self.server.revalidate_interval
-        while self.link is not None and not self.link.closed:
+        # After the connection is lost, on while detached keyed calls run (once.py): revocation cancels them too.
+        while self.link is not None and (not self.link.closed or self._detached):
             await asyncio.sleep(interval)
             certificate = getattr(self.link, "peer_cert_identity", None)  # none on the gateway's direct links
             # The server's list of revoked serials is re-read on SIGHUP: it reaches open connections here.
@@ -325,6 +327,19 @@ class SessionUpkeep:
                     self._cancel(call_id, ticket)
                 self.core.send_goaway(Status.UNAUTHENTICATED, message)
                 self.link.close()
+                return
+            else:  # the connection is gone, its detached calls run on: they must not act for a revoked principal
+                self.server.audit(
+                    "auth.revoked_connection",
+                    peer=self.link.peer if self.link is not None else "?",
+                    principal=self.principal.name,
+                    token_id=self.principal.token_id,
+                    reason="client certificate revoked" if revoked else "detached calls cancelled",
+                    serial=f"0x{certificate[1]:x}" if revoked and certificate is not None else None,
+                )
+                for call_id in list(self._detached):
+                    if (held := self.tickets.get(call_id)) is not None:
+                        self._cancel(call_id, held)
                 return
 
     def _handshake_expired(self) -> None:

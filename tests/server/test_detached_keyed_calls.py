@@ -20,13 +20,29 @@ import pytest
 import bastion
 from bastion import Principal, Server, Service
 from bastion.config import ServerLimits
-from bastion.security.authn import StaticTokens
+from bastion.security.authn import Authenticator, PeerInfo, StaticTokens
 from bastion.server.dispatch import IdempotencyKeys
 from bastion.store import open_store
 
 HELLO, WELCOME, CALL, CANCEL = 1, 2, 3, 6
 TOKEN = "bst_detached-keyed-token-0123456789abcdef"
 ADA = Principal("ada", frozenset({"user"}))
+REVOCABLE_ADA = Principal("ada", frozenset({"user"}), mechanism="token", token_id="t1")  # revalidated
+
+
+class Revocable:
+    """ada's token, revalidated (a revocable credential) until ``revoked`` is set."""
+
+    def __init__(self) -> None:
+        self.revoked = False
+        self.revalidations = 0
+
+    async def authenticate(self, token: str | None, peer: PeerInfo) -> Principal:
+        return REVOCABLE_ADA
+
+    async def revalidate(self, principal: Principal) -> Principal | None:
+        self.revalidations += 1
+        return None if self.revoked else principal
 
 
 class Handler:
@@ -88,10 +104,16 @@ def run(
     body: Callable[[Server, Handler, bastion.Client], Awaitable[None]],
     limits: ServerLimits | None = None,
     lease: float = 30.0,
+    authenticator: Authenticator | None = None,
 ) -> None:
     async def main() -> None:
         handler = Handler()
-        server = Server([make_service(handler)], authenticator=StaticTokens({TOKEN: ADA}), limits=limits)
+        server = Server(
+            [make_service(handler)],
+            authenticator=authenticator or StaticTokens({TOKEN: ADA}),
+            limits=limits,
+            revalidate_interval=0.05,
+        )
         await server.start("127.0.0.1", 0)
         try:
             async with open_store(tmp_path / "keys.db") as store:
@@ -244,3 +266,41 @@ def test_a_drain_cancels_detached_calls_when_its_grace_runs_out(tmp_path: Path) 
         assert detached(server) == 0
 
     run(tmp_path, body)
+
+
+def test_a_revoked_credential_still_cancels_a_detached_call(tmp_path: Path) -> None:
+    authenticator = Revocable()
+
+    async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
+        writer = await first_attempt(server.port, "r", "k9")
+        await until(lambda: handler.runs == ["r"], "the first attempt to start")
+        reset(writer)
+        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        assert detached(server) == 1 and handler.cancelled == []
+        seen = authenticator.revalidations
+        await until(lambda: authenticator.revalidations > seen, "revalidation to go on for the detached call")
+        assert handler.cancelled == []  # still good: it runs on
+        authenticator.revoked = True
+        await until(lambda: handler.cancelled == ["r"], "revalidation to cancel the detached call")
+        await until(lambda: detached(server) == 0, "the detached call to end")
+        assert handler.ended == [] and not [s for s in server.sessions if s.lost]
+
+    run(tmp_path, body, authenticator=authenticator)
+
+
+def test_revalidation_of_a_detached_session_stops_with_its_last_call(tmp_path: Path) -> None:
+    authenticator = Revocable()
+
+    async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
+        writer = await first_attempt(server.port, "s", "k10")
+        await until(lambda: handler.runs == ["s"], "the first attempt to start")
+        reset(writer)
+        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        (gone,) = [s for s in server.sessions if s.lost]
+        assert gone._revalidation is not None and not gone._revalidation.done()
+        handler.release.set()
+        await until(lambda: detached(server) == 0, "the detached call to end")
+        await until(lambda: gone._revalidation is None or gone._revalidation.done(), "its revalidation to stop")
+        assert handler.ended == ["s"]
+
+    run(tmp_path, body, authenticator=authenticator)
