@@ -15,8 +15,10 @@ its end -- still bounded by its deadline, or by its claim's lease without
 one, and still holding its scheduler slot and argument memory -- so its
 answer is recorded and the client's retry gets it, not "outcome unknown".
 Nothing is sent. A Cancel, the call's deadline, a shutdown's abort and a
-connection closed for abuse take the call out of ``_claimed`` first, so
-they still cancel it; so does revalidation (upkeep.py), which goes on while
+connection closed for abuse take the call out of ``_claimed`` first (an
+abuse close also sets ``cut_off``: a call that claims its key while the close
+waits on its last write is not detached either), so they still cancel it;
+so does revalidation (upkeep.py), which goes on while
 detached calls run and cancels them once the credential is revoked or
 expired. At most ``limits.max_detached_calls`` such calls run in the server
 (``limits.max_detached_calls_per_principal`` for one
@@ -66,6 +68,7 @@ class IdempotentCalls:
     _loop: asyncio.AbstractEventLoop
     _closed: asyncio.Event
     _revalidation: asyncio.Task[None] | None
+    cut_off: bool  # closed for abuse (upkeep.py)
 
     def _started(self, call_id: int) -> None:
         raise NotImplementedError  # the session's: the call's handler starts
@@ -163,7 +166,7 @@ class IdempotentCalls:
     def _detach_claimed(self) -> None:
         """The connection is lost: let the calls holding their claim run on, within the caps (see above)."""
         keys = self.server.idempotency
-        if not self._claimed or keys is None:
+        if not self._claimed or keys is None or self.cut_off:  # closed for abuse: its calls are cancelled
             return
         limits = self.server.limits
         principal = self._key_owner()

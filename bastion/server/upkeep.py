@@ -132,6 +132,9 @@ class SessionUpkeep:
     _revalidation: asyncio.Task[None] | None
     #: Callbacks of running calls to tell when revalidation changes the principal (None until one asks).
     _principal_watchers: set[Callable[[Principal], None]] | None = None
+    #: Closed for abuse: none of its calls runs on once the connection is gone (once.py), not even one
+    #: whose task the scheduler starts while the close waits for the GoAway to be written.
+    cut_off: bool = False
     _last_seen: float
     _last_active: float
     _ping_outstanding: bool
@@ -533,7 +536,8 @@ class SessionUpkeep:
                 suppressed_before=left_out or None,
             )
             log.warning("closing connection %s: %s%s", link.peer, reason, suppressed_note(left_out))
-        self._claimed.clear()  # a peer cut off for abuse leaves no call running on (once.py)
+        self.cut_off = True  # a peer cut off for abuse leaves no call running on (once.py)
+        self._claimed.clear()
         self.core.send_goaway(Status.RESOURCE_EXHAUSTED, reason)
         link.close()
 

@@ -304,3 +304,28 @@ def test_revalidation_of_a_detached_session_stops_with_its_last_call(tmp_path: P
         assert handler.ended == ["s"]
 
     run(tmp_path, body, authenticator=authenticator)
+
+
+def test_a_connection_closed_for_abuse_leaves_no_keyed_call_running_on(tmp_path: Path) -> None:
+    async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(frame([HELLO, 1, "detach-test/1", TOKEN, 16, 1 << 20, {}]))
+        length = int.from_bytes(await reader.readexactly(4), "big")
+        assert msgspec.msgpack.decode(await reader.readexactly(length))[0] == WELCOME
+        # One read: a keyed call (its task starts after the read), then Cancels past the cap: the abuse
+        # close comes before the keyed call has claimed its key, and the connection is gone after it has.
+        writer.write(
+            frame([CALL, 1, "slow.apply", {"tag": "q"}, None, None, False, {"idempotency-key": "k11"}])
+            + frame([CALL, 3, "slow.apply", {"tag": "p1"}, None, None, False, None])
+            + frame([CALL, 5, "slow.apply", {"tag": "p2"}, None, None, False, None])
+            + frame([CANCEL, 3])
+            + frame([CANCEL, 5])
+        )
+        await until(lambda: server.counters["closed_abuse"] == 1, "the abuse close")
+        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection closed")
+        assert detached(server) == 0
+        await until(lambda: not [s for s in server.sessions if s.lost], "the closed session to go")
+        assert "q" not in handler.ended
+        writer.close()
+
+    run(tmp_path, body, ServerLimits(max_cancels_per_10s=1))
