@@ -73,6 +73,13 @@ class FrameReader(Generic[T]):
         self._need = HEADER_SIZE  # bytes the partial frame in _parts needs
         self.max_frame = max_frame
 
+    def discard(self) -> None:
+        """Drop the partial frame, if any: its connection is gone (a server session that lives on
+        for its calls must not hold the bytes)."""
+        self._parts = []
+        self.buffered = 0
+        self._need = HEADER_SIZE
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[T]:
         """Add ``data`` and return every message it completes, in order.
 

@@ -182,6 +182,9 @@ class IdempotentCalls:
                 timer = self._loop.call_later(max(0.0, lease_end - time.monotonic()), self._expire, call_id)
             self._detached[call_id] = (principal, timer)
             task.add_done_callback(functools.partial(self._detached_ended, call_id, keys))
+        if self._detached:  # the session lives on for them, without the connection's buffers (up to max_frame)
+            self.core.reader.discard()  # a partial frame, cut off with the connection
+            self.core.output.take()  # what was never sent
 
     def _detached_ended(self, call_id: int, keys: IdempotencyKeys, task: object) -> None:
         """A detached call's task is done (its ``finally`` has run): count it out; the last one closes the session."""

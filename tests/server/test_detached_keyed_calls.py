@@ -329,3 +329,21 @@ def test_a_connection_closed_for_abuse_leaves_no_keyed_call_running_on(tmp_path:
         writer.close()
 
     run(tmp_path, body, ServerLimits(max_cancels_per_10s=1))
+
+
+def test_a_detached_session_keeps_no_partial_frame(tmp_path: Path) -> None:
+    async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
+        writer = await first_attempt(server.port, "f", "k12")
+        await until(lambda: handler.runs == ["f"], "the first attempt to start")
+        writer.write((900_000).to_bytes(4, "big") + b"\x00" * 450_000)  # half a frame, then the connection is lost
+        await until(lambda: any(s.core.reader.buffered for s in server.sessions), "the half frame to arrive")
+        (session,) = [s for s in server.sessions if s.core.reader.buffered]
+        reset(writer)
+        await until(lambda: session.lost, "the server to see the connection lost")
+        assert detached(server) == 1  # it lives on for its call...
+        assert session.core.reader.buffered == 0 and session.core.reader._parts == []  # ...without the bytes
+        assert session.core.pending_output == 0
+        handler.release.set()
+        await until(lambda: detached(server) == 0, "the detached call to end")
+
+    run(tmp_path, body)
