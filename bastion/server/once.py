@@ -140,6 +140,7 @@ class IdempotentCalls:
                 finally:
                     if slot is not None:  # the deadline bounds the handler, not the bookkeeping below
                         self.server.deadlines.disarm(slot, self, call.id)
+                    self._lease_moot(call.id)  # and so does the lease of a detached call
             except CallError as exc:
                 if exc.status in RELEASED_ON:
                     await keys.release(principal, key, owner)
@@ -185,6 +186,16 @@ class IdempotentCalls:
         if self._detached:  # the session lives on for them, without the connection's buffers (up to max_frame)
             self.core.reader.discard()  # a partial frame, cut off with the connection
             self.core.output.take()  # what was never sent
+
+    def _lease_moot(self, call_id: int) -> None:
+        """The handler has ended: the claim's lease no longer bounds the call, so recording its answer
+        (``keys.finish``) is not cancelled half-way, leaving a claim "running" for a call that ended."""
+        if self._claimed.get(call_id) is not None:
+            self._claimed[call_id] = None  # detached later: no lease timer
+        held = self._detached.get(call_id)
+        if held is not None and held[1] is not None:
+            held[1].cancel()
+            self._detached[call_id] = (held[0], None)
 
     def _detached_ended(self, call_id: int, keys: IdempotencyKeys, task: object) -> None:
         """A detached call's task is done (its ``finally`` has run): count it out; the last one closes the session."""

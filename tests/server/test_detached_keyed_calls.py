@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
 import msgspec
 import pytest
 
@@ -23,6 +24,7 @@ from bastion.config import ServerLimits
 from bastion.security.authn import Authenticator, PeerInfo, StaticTokens
 from bastion.server.dispatch import IdempotencyKeys
 from bastion.store import open_store
+from tests.support.stores import store_location
 
 HELLO, WELCOME, CALL, CANCEL = 1, 2, 3, 6
 TOKEN = "bst_detached-keyed-token-0123456789abcdef"
@@ -105,6 +107,7 @@ def run(
     limits: ServerLimits | None = None,
     lease: float = 30.0,
     authenticator: Authenticator | None = None,
+    store_at: str | None = None,
 ) -> None:
     async def main() -> None:
         handler = Handler()
@@ -116,7 +119,7 @@ def run(
         )
         await server.start("127.0.0.1", 0)
         try:
-            async with open_store(tmp_path / "keys.db") as store:
+            async with open_store(store_at or tmp_path / "keys.db") as store:
                 server.idempotency = IdempotencyKeys(store, lease=lease, wait=2.0)
                 client = bastion.Client(f"127.0.0.1:{server.port}", token=TOKEN, insecure=True, timeout=5)
                 async with client:
@@ -347,3 +350,32 @@ def test_a_detached_session_keeps_no_partial_frame(tmp_path: Path) -> None:
         await until(lambda: detached(server) == 0, "the detached call to end")
 
     run(tmp_path, body)
+
+
+def test_a_detached_calls_lease_does_not_cut_off_the_recording_of_its_answer(tmp_path: Path) -> None:
+    location = store_location("postgresql", tmp_path, "keys")
+
+    async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        writer = await first_attempt(server.port, "z", "k13")
+        await until(lambda: handler.runs == ["z"], "the first attempt to start")
+        reset(writer)
+        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        assert detached(server) == 1
+        # Another client holds the keys' table: recording the answer waits on it past the claim's lease.
+        other = await asyncpg.connect(location)
+        try:
+            async with other.transaction():
+                await other.execute("LOCK TABLE idempotency_keys IN EXCLUSIVE MODE")
+                handler.release.set()
+                await until(lambda: handler.ended == ["z"], "the handler to end")
+                await until(lambda: loop.time() > started + 1.5, "the lease (1 s) to pass while the answer waits")
+        finally:
+            await other.close()
+        await until(lambda: detached(server) == 0, "the detached call to end")
+        assert handler.cancelled == []
+        client.retry = None
+        assert await client.invoke("slow.apply", {"tag": "z"}, idempotency_key="k13") == "applied z"
+
+    run(tmp_path, body, lease=1.0, store_at=location)
