@@ -24,8 +24,9 @@ counts its bytes times their growth (``Entry.growth``, dispatch.py: 2 for
 flat ones, text or bytes, up to 80 for nested containers), server-wide, from
 its arrival until it ends -- an inline call of flat arguments (a handler with
 no await, run at once, which lets go of them as it ends) only if it has to
-wait for a slot instead (and is refused, if so, as it would start to wait);
-one that would take the total past ``limits.max_args_memory`` is refused
+wait for a slot instead (and is refused, if so, as it would start to wait:
+decoded by then, and counted by the rate limits); any other that would take
+the total past ``limits.max_args_memory`` is refused
 RESOURCE_EXHAUSTED before it is decoded (a 1 MiB frame of empty maps decodes to about 73 MB, and calls wait in queues
 decoded: the queues bound them in count, this in bytes). Stream buffer: the bytes of the client-stream
 items a connection's calls hold, received but not yet taken by their handlers
