@@ -4,6 +4,7 @@ and the one way to replace a file's contents whole (``replace_file``)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -38,6 +39,7 @@ def replace_file(path: Path, data: bytes, mode: int) -> None:
     ``path`` first removes those temporaries of ``path`` that are regular files of this user whose
     lock it can take: their writers are gone. A live writer's is locked, so left alone; nothing else
     in the directory matches the name. (A crash leaves one at most until the target's next write.)
+    On a filesystem without locks ``path`` is still replaced, but a crash's temporary stays.
     """
     _remove_stale_temporaries(path)
     fd, temporary = _new_temporary(path)
@@ -60,18 +62,29 @@ def _temporaries(path: Path) -> re.Pattern[str]:
     return re.compile(re.escape(f".{path.name}.") + "[0-9a-f]{16}" + re.escape(".tmp"))
 
 
+#: What ``flock`` raises on a filesystem without locks (some network and FUSE ones).
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
 def _new_temporary(path: Path) -> tuple[int, Path]:
     """A new empty 0600 temporary for ``path``, beside it, flocked: its descriptor and path.
 
     Locked after it is made, so a ``_remove_stale_temporaries`` in between may take its lock first
     and remove it: once it holds the lock, the writer checks that its name still leads to its file,
-    and makes another if not.
+    and makes another if not. On a filesystem without locks it is returned unlocked: files are
+    replaced as before, but a crashed writer's temporary stays (no remover can lock it to tell the
+    writer is gone). If locking fails otherwise (or is interrupted), the temporary is removed.
     """
     for _ in range(100):
         temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # at most a remover's moment
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # at most a remover's moment
+            except OSError as exc:
+                if exc.errno not in _NO_LOCKS:
+                    raise
+                return fd, temporary  # no locks here: unlocked, and no remover can take it either
             mine = os.fstat(fd)
             try:
                 named = os.stat(temporary, follow_symlinks=False)
@@ -79,6 +92,8 @@ def _new_temporary(path: Path) -> tuple[int, Path]:
                 named = None
         except BaseException:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)  # empty still: nothing of the caller's to keep
             raise
         if named is not None and (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino):
             return fd, temporary

@@ -6,11 +6,15 @@ through ``durable``'s own ``_new_temporary``, as ``replace_file`` does), then SI
 
 from __future__ import annotations
 
+import errno
+import os
 import select
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SECRET = b"bst_a-token-a-crash-left-behind"
 
@@ -80,3 +84,38 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write_and_nothing_els
     # Once the live writer is gone too, the next write removes its temporary as well.
     replace_file(target, b"newer", 0o600)
     assert not (tmp_path / kept).exists() and target.read_bytes() == b"newer"
+
+
+def _flock_failing(error: BaseException) -> object:
+    """``fcntl.flock`` as a filesystem without locks (or an interrupt) makes it: the writer's lock raises
+    ``error``; a remover's (non-blocking) try fails as it does there too. No such filesystem is at hand."""
+
+    def flock(fd: int, operation: int) -> None:
+        raise error
+
+    return flock
+
+
+def test_a_temporary_whose_lock_fails_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bastion import durable
+
+    target = tmp_path / "token"
+    for error in (OSError(errno.EIO, "lock failed"), KeyboardInterrupt()):
+        monkeypatch.setattr(durable.fcntl, "flock", _flock_failing(error))
+        with pytest.raises(type(error)):
+            durable.replace_file(target, SECRET, 0o600)
+        assert os.listdir(tmp_path) == []  # no empty temporary left behind
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
+def test_replace_file_works_where_files_cannot_be_locked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    from bastion import durable
+
+    target = tmp_path / "token"
+    monkeypatch.setattr(durable.fcntl, "flock", _flock_failing(OSError(code, os.strerror(code))))
+    durable.replace_file(target, SECRET, 0o600)
+    durable.replace_file(target, SECRET + b"2", 0o600)
+    assert target.read_bytes() == SECRET + b"2" and os.listdir(tmp_path) == ["token"]
+    assert target.stat().st_mode & 0o777 == 0o600
