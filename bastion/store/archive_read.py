@@ -44,7 +44,7 @@ from bastion.store.archive import (
 from bastion.store.leftovers import remove_stale, staging_name
 from bastion.store.migrations import LATEST
 
-__all__ = ["read_archive", "staging_dir"]
+__all__ = ["private_dirs", "read_archive", "staging_dir"]
 
 
 def read_archive(archive: Path, staging: Path, passphrase: bytes | None, *, blobs: bool = True) -> Manifest:
@@ -156,6 +156,14 @@ def _check_space(staging: Path, needed: int) -> None:
         )
 
 
+def private_dirs(root: Path, directory: Path) -> None:
+    """Make ``directory`` (under ``root``, which exists) and every missing one between them 0700: ``mkdir
+    (parents=True)`` gives the parents the umask's mode, 0755 for ``files/`` and ``files/blobs/``."""
+    for path in [*reversed(directory.relative_to(root).parents), directory.relative_to(root)]:
+        with contextlib.suppress(FileExistsError):
+            (root / path).mkdir(mode=0o700)
+
+
 def _copy_member(tar: tarfile.TarFile, info: tarfile.TarInfo, member: Member, staging: Path | None) -> None:
     """Check one member's bytes against its SHA-256, writing them under ``staging`` (None: only check)."""
     f = tar.extractfile(info)
@@ -166,7 +174,7 @@ def _copy_member(tar: tarfile.TarFile, info: tarfile.TarInfo, member: Member, st
             digest.update(block)
     else:
         target = staging / member.path  # member.path was checked against the allowed shapes
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dirs(staging, target.parent)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             with os.fdopen(fd, "wb") as out:

@@ -32,6 +32,7 @@ import msgspec
 from bastion.durable import fsync_dir
 from bastion.exceptions import BastionError, DataLoss, FailedPrecondition, Unavailable, UsageError
 from bastion.store.archive import FILE_MODE
+from bastion.store.archive_read import private_dirs
 from bastion.store.postgres import PostgresStore, redact_dsn
 from bastion.store.postgres_errors import _describe_dsn_error
 
@@ -456,7 +457,7 @@ def link_old_blobs(staged: Path, files_dir: Path) -> list[Path]:
         if blob.is_symlink() or not blob.is_file() or os.path.lexists(dest):
             continue
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dirs(staged, dest.parent)
             os.link(blob, dest)
         except OSError as exc:
             log.warning("restore: cannot link the old blobs beside the restored ones (%s): until the restore "

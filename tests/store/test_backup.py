@@ -25,7 +25,7 @@ import pytest
 
 from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 from bastion.security.credentials import User
-from bastion.store import PostgresStore, archive, archive_read, backup, leftovers, migrations, open_store
+from bastion.store import PostgresStore, archive, archive_read, backup, backup_pg, leftovers, migrations, open_store
 from bastion.store.sqlite import SQLiteStore
 from tests.support.stores import postgres_dsn, run_sync, store_location
 
@@ -93,6 +93,43 @@ def test_round_trip_restores_the_database_and_the_referenced_blobs(
         assert hashlib.sha256(restored.read_bytes()).hexdigest() == digest
     assert sorted(p.name for p in (target / "files" / "blobs").rglob("*") if p.is_file()) == sorted(digests)
     assert [p.name for p in target.iterdir() if p.name.startswith(".restore")] == []  # staging removed
+
+
+def test_restored_files_directories_are_private_whatever_the_umask(
+    tmp_path: Path, source: tuple[Path, Path, list[str]]
+) -> None:
+    """The restored files directory and its ``blobs/`` were made with the umask's mode (0755 under 022), so
+    other local users could list which contents (by SHA-256) the server holds: every directory is 0700."""
+    db, files, _ = source
+    out = tmp_path / "a.bbk"
+    backup.backup_sqlite(db, files, out, None)
+    target = tmp_path / "restored"
+    target.mkdir(mode=0o700)
+    old = os.umask(0o022)
+    try:
+        backup.restore_sqlite(out, target / "bastion.db", target / "files", None)
+    finally:
+        os.umask(old)
+    directories = [target / "files", *(p for p in (target / "files").rglob("*") if p.is_dir())]
+    assert len(directories) >= 3  # files/, blobs/ and a prefix directory
+    assert {str(p.relative_to(target)): oct(p.stat().st_mode & 0o777) for p in directories} == {
+        str(p.relative_to(target)): "0o700" for p in directories
+    }
+
+
+def test_old_blobs_linked_beside_a_restore_without_blobs_get_private_directories(tmp_path: Path) -> None:
+    """A PostgreSQL restore links the old blobs into the staged files directory; for an archive with no blobs
+    that made ``blobs/`` with the umask's mode (0755 under 022)."""
+    files = tmp_path / "files"
+    make_blob(files, b"an old blob")
+    staged = tmp_path / "staged"
+    staged.mkdir(mode=0o700)
+    old = os.umask(0o022)
+    try:
+        assert len(backup_pg.link_old_blobs(staged, files)) == 1
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in staged.rglob("*") if p.is_dir()} == {"0o700"}
 
 
 def test_restoring_again_keeps_the_old_data_aside(tmp_path: Path, source: tuple[Path, Path, list[str]]) -> None:
