@@ -13,7 +13,7 @@ from bastion.security.principal import ADMIN_ROLE
 from bastion.security.secret_files import open_secret_file, write_secret_file
 from bastion.store import Store
 
-__all__ = ["bootstrap_admin"]
+__all__ = ["bootstrap_admin", "token_banner"]
 
 
 def _tighten(path: Path) -> bool:
@@ -53,6 +53,16 @@ async def bootstrap_admin(store: Store, path: Path) -> str:
         await store.create_user(User("admin", frozenset({ADMIN_ROLE}), None, now))
     await store.add_token(Token(new_token_id(), hash_token(token), "admin", "api", "bootstrap", now))
     return "written to"
+
+
+def token_banner(state: str, path: Path) -> str:
+    """The banner's line for ``bootstrap_admin``'s answer ``state`` about the token file ``path``."""
+    if state == "not in":
+        return (
+            f"admin token: none in {path} (only a first start, on a store without users, writes one): "
+            "use an admin's token, e.g. from the data directory of the server that first used this store"
+        )
+    return f"admin token {state} {path} (mode 0600)"
 
 
 def _bootstrap_admin_only(users: list[User]) -> bool:

@@ -53,7 +53,7 @@ import msgspec
 
 from bastion import allocator
 from bastion._version import __version__
-from bastion.cli.bootstrap import bootstrap_admin
+from bastion.cli.bootstrap import bootstrap_admin, token_banner
 from bastion.cli.cert import ConfigSource, TLSSetup, keep_dev_certificate, prepare_tls, reread_revoked_serials
 from bastion.config import Config
 from bastion.exceptions import UsageError
@@ -396,7 +396,7 @@ async def _serve(
     echo(f"bastion {__version__} listening on {host}:{port} (services: {names})")
     if gateway is not None:
         echo(f"gateway listening on {gateway.url}")
-    echo(f"admin token {token_state} {token_path} (mode 0600)")
+    echo(token_banner(token_state, token_path))
     for line in tls_messages:
         echo(line)
     if notifier is not None:
@@ -530,7 +530,7 @@ def _supervise(
             scheme = "https" if tls_on else "http"
             shown = f"[{http_host}]" if ":" in http_host else http_host
             echo(f"gateway listening on {scheme}://{shown}:{http_port}")
-        echo(f"admin token {token_state} {token_path.resolve()} (mode 0600)")
+        echo(token_banner(token_state, token_path.resolve()))
         for line in tls_messages:
             echo(line)
         log.info("%d workers serving: pids %s", len(reports), ", ".join(str(r.get("pid")) for r in reports))

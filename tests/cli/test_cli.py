@@ -198,6 +198,26 @@ def test_serve_port_0_prints_the_port_and_stops_on_sigterm(tmp_path: Path) -> No
         process.stdout.close()  # type: ignore[union-attr]
 
 
+def test_serve_says_plainly_when_the_store_has_users_and_no_token_file(tmp_path: Path) -> None:
+    """A data directory restored from an archive, or a second replica on a shared store, has no admin.token
+    (it is written only when the store has no users): the banner said "admin token not in PATH (mode 0600)",
+    a mode for a file that is not there, and nothing of what to do."""
+    data_dir = tmp_path / "data"  # where start_server points --data-dir
+    token_file = data_dir / "admin.token"
+    assert start_server(tmp_path).stop() == 0
+    token_file.unlink()
+    server = start_server(tmp_path)
+    try:
+        line = server.reader.next_line(5)
+        assert line == (
+            f"admin token: none in {token_file.resolve()} (only a first start, on a store without users, writes "
+            "one): use an admin's token, e.g. from the data directory of the server that first used this store"
+        )
+        assert not token_file.exists()
+    finally:
+        assert server.stop() == 0
+
+
 def test_serve_tightens_a_loose_token_file(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"  # where start_server points --data-dir
     token_file = data_dir / "admin.token"
