@@ -115,7 +115,12 @@ def check_url(url: str) -> None:
     password, and a host or port that does not parse is often one whose reserved characters were not
     percent-encoded (``redis://:s3/cret@host``: the "port" would be quoted, and it is the password's start)."""
     try:
-        urllib.parse.urlsplit(url).port  # noqa: B018 (parsing it is the check)
+        split = urllib.parse.urlsplit(url)
+        split.port  # noqa: B018 (parsing it is the check)
+        if "@" in url.partition("://")[2][len(split.netloc) :]:
+            # an @ past the authority: a password's ``@`` and ``/`` (``:s3@cr/et@host``) made urlsplit end the
+            # authority inside it, so another host would be asked than the one shown (redacted by its last @)
+            raise ValueError("an @ after the host")
     except ValueError:
         raise UsageError(
             "rate_limits.redis_url is not a valid URL: check its host and port (a password's reserved characters, "

@@ -239,6 +239,9 @@ def test_a_store_flag_with_a_password_or_not_a_url_exits_2(
         "redis://:Zq9k/Wv7m@127.0.0.1:6379/0",  # a password's / not percent-encoded: the port reads "Zq9k"
         "redis://:Zq9kWv7m@[127.0.0.1/0",
         "redis://:Zq9kWv7m@127.0.0.1:6379/0?socket_timeout=soon",
+        # a password's @ and / not percent-encoded: it parsed, as host "Wv7m" and password "Zq9k", and the
+        # server (its --check, its warnings) showed the URL read by its last @, as 127.0.0.1:6379
+        "redis://:Zq9k@Wv7m/x@127.0.0.1:6379/0",
     ],
 )
 def test_a_redis_url_that_does_not_parse_exits_2_without_showing_it(tmp_path: Path, url: str) -> None:
