@@ -14,6 +14,13 @@ __all__ = ["HTTP_PEER", "describe_tls_error", "looks_like_http", "looks_like_tls
 
 # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 _NAME_MISMATCH = frozenset({62, 64})
+# X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT, DEPTH_ZERO_SELF_SIGNED_CERT, SELF_SIGNED_CERT_IN_CHAIN,
+# UNABLE_TO_GET_ISSUER_CERT_LOCALLY, UNABLE_TO_VERIFY_LEAF_SIGNATURE: the chain ends at a CA the client lacks
+_UNTRUSTED_ISSUER = frozenset({2, 18, 19, 20, 21})
+_UNTRUSTED_HINT = (
+    "; this client does not trust the CA that issued the server's certificate: give it that CA "
+    "(ca=, --ca or BASTION_CA; a development server's is <data-dir>/tls/ca.pem)"
+)
 
 _REASONS: dict[str, str] = {
     "WRONG_VERSION_NUMBER": "server does not speak TLS (is it a plaintext --insecure server?)",
@@ -49,7 +56,8 @@ def describe_tls_error(exc: BaseException) -> str:
         detail = exc.verify_message or exc.reason or str(exc)
         if exc.verify_code in _NAME_MISMATCH:
             return f"hostname mismatch: {detail}"
-        return f"certificate verify failed: {detail}"
+        hint = _UNTRUSTED_HINT if exc.verify_code in _UNTRUSTED_ISSUER else ""
+        return f"certificate verify failed: {detail}{hint}"
     if isinstance(exc, ssl.SSLError):
         reason = exc.reason or ""
         text = _REASONS.get(reason)

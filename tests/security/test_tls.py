@@ -256,6 +256,8 @@ def test_cli_finds_the_local_dev_ca(tmp_path: Path) -> None:
         )
         assert elsewhere.returncode == 3
         assert "certificate verify failed" in elsewhere.stderr
+        # and says what to do: it was "unable to get local issuer certificate" alone
+        assert "--ca or BASTION_CA" in elsewhere.stderr and "<data-dir>/tls/ca.pem" in elsewhere.stderr
     finally:
         assert server.stop() == 0
 
