@@ -128,7 +128,8 @@ def check_config(source: ConfigSource) -> int:
         report.failure("configuration", exc)
         return _summary(report)
     path = source.path or os.environ.get("BASTION_CONFIG")
-    report.ok("configuration", f"{Path(path).resolve() if path else 'no file'}, environment and flags")
+    read = f"{Path(path).resolve()}, environment and flags" if path else "defaults, environment and flags"
+    report.ok("configuration", read if path else f"{read} (no configuration file)")
     steps: tuple[tuple[str, Callable[[], str]], ...] = (
         ("workers", lambda: f"{resolve_workers(config.workers)}"),
         ("services", lambda: ", ".join(s.name for s in load_services(config.services)) or "built-in only"),

@@ -108,6 +108,8 @@ def test_a_first_start_is_reported_not_performed(tmp_path: Path) -> None:
     assert "would create the development CA" in result.stdout
     assert f"would migrate from schema version 0 to {LATEST}" in result.stdout
     assert "skip  port: 0: a free port is picked at start" in result.stdout
+    # it read "no file, environment and flags": as if neither environment nor flags had been read
+    assert "ok    configuration: defaults, environment and flags (no configuration file)" in result.stdout
     assert _listing(cwd) == before
     assert not (cwd / "bastion-data").exists()
 
