@@ -238,9 +238,14 @@ def _type_name(schema: dict[str, Any]) -> str:
         return "any"
     if "$ref" in schema:
         return str(schema["$ref"]).rsplit("/", 1)[-1]
-    if "anyOf" in schema:
-        return " | ".join(_type_name(s) for s in schema["anyOf"])
+    for alternatives in ("anyOf", "oneOf"):
+        if alternatives in schema:
+            return " | ".join(_type_name(s) for s in schema[alternatives])
+    if "enum" in schema:
+        return " | ".join(json.dumps(value) for value in schema["enum"])
     kind = schema.get("type")
+    if kind is None:  # only annotations ({"default": null}, a title): any value
+        return "any"
     if kind == "array":
         return f"list[{_type_name(schema.get('items', {}))}]"
     if kind == "string" and schema.get("contentEncoding") == "base64":
