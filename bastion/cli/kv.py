@@ -30,6 +30,7 @@ from bastion.cli.common import (
     seconds,
     shown,
 )
+from bastion.exceptions import BastionError
 
 __all__ = ["kv_app"]
 
@@ -201,9 +202,16 @@ def watch(
     """Print changes to keys under a prefix as they happen (one line each) until interrupted."""
     args = {"prefix": prefix, "namespace": namespace, "from_version": from_version}
 
+    resume: int | None = None  # once watching: the --from-version that would miss nothing not shown yet
+
     def run() -> None:
+        nonlocal resume
         with connect(address, token_file, ca, insecure, timeout=None) as client:
             for event in client.stream("kv.watch", **{k: v for k, v in args.items() if v is not None}):
+                if event["type"] == "start":
+                    resume = event["version"] + 1 if from_version is None else from_version  # replays come next
+                else:
+                    resume = event["version"] + 1
                 if as_json:
                     print(json_line(event), flush=True)
                 elif event["type"] == "start":
@@ -212,7 +220,16 @@ def watch(
                     key, value = shown(event["key"]), _show(event["value"])
                     print(f"{event['version']}\t{event['type']}\t{key}\t{value}", flush=True)
 
+    def resumable() -> None:  # a drain or a lost connection ends the watch: say where to pick it up
+        try:
+            run()
+        except BastionError:
+            if resume is not None:
+                print(f"note: to go on without missing a change, watch again with --from-version {resume}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            raise
+
     try:
-        run_guarded(run)
+        run_guarded(resumable)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

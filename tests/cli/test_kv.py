@@ -92,3 +92,29 @@ def test_json_output_escapes_what_a_terminal_would_act_on(server: ServerProcess)
         watch.wait(10)
     (change,) = [event for event in events if event["type"] == "put"]
     assert change["key"] == key
+
+
+def test_a_watch_ended_by_a_drain_says_which_version_to_resume_from(server_factory: StartServer) -> None:
+    """A drain (SIGTERM, a rolling upgrade) ends kv.watch UNAVAILABLE; the command said only "resume this
+    stream on another server", not from where: it now names the --from-version that misses nothing."""
+    server = server_factory()
+    addr, token = server.address, ("--token-file", str(server.token_file))
+    put = bastion_cli("kv", "put", addr, "a", "1", *token)
+    assert put.returncode == 0, put.stderr
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "bastion", "kv", "watch", addr, "--from-version", put.stdout.strip(), *token],
+        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert watch.stdout is not None
+        line = LineReader(watch.stdout).next_line(20)
+        assert line is not None and line.startswith(f"{put.stdout.strip()}\tput\ta\t"), line
+        assert server.stop() == 0
+        _, stderr = watch.communicate(timeout=20)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(10)
+    assert watch.returncode == 1
+    assert "UNAVAILABLE" in stderr
+    assert f"--from-version {int(put.stdout) + 1}" in stderr, stderr
