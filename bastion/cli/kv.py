@@ -149,7 +149,7 @@ def ls(
     ca: CA = None,
     insecure: Insecure = False,
 ) -> None:
-    """List keys by prefix, in byte order: key, version, size (every page, or up to --limit)."""
+    """List keys by prefix, in byte order, one line each: key<TAB>version (every page, or up to --limit)."""
 
     def run() -> list[dict[str, Any]]:
         with connect(address, token_file, ca, insecure) as client:

@@ -118,3 +118,11 @@ def test_a_watch_ended_by_a_drain_says_which_version_to_resume_from(server_facto
     assert watch.returncode == 1
     assert "UNAVAILABLE" in stderr
     assert f"--from-version {int(put.stdout) + 1}" in stderr, stderr
+
+
+def test_ls_help_describes_the_lines_it_prints() -> None:
+    """The help said "key, version, size"; the lines are key<TAB>version (keys only are fetched)."""
+    shown = bastion_cli("kv", "ls", "--help", env={"COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.replace("│", " ").split())
+    assert "key<TAB>version" in text and "size" not in text, text
