@@ -35,6 +35,7 @@ from bastion.cli.common import (
     run_guarded,
 )
 from bastion.cli.common import shown as _shown
+from bastion.exceptions import BastionError
 
 __all__ = ["messages_app"]
 
@@ -195,10 +196,17 @@ def watch(
 ) -> None:
     """Print new mail as it arrives (one line each: id, sender, subject) until interrupted."""
 
+    resume: int | None = None  # once watching: the --from-id that would miss nothing not shown yet
+
     def run() -> None:
+        nonlocal resume
         with connect(address, token_file, ca, insecure, timeout=None) as client:
             args = {} if from_id is None else {"from_id": from_id}
             for event in client.stream("messages.watch", **args):
+                if event["type"] == "start":
+                    resume = event["id"] + 1 if from_id is None else from_id  # replayed mail comes next
+                else:
+                    resume = event["id"] + 1
                 if as_json:
                     print(json_line(event), flush=True)
                 elif event["type"] == "start":
@@ -207,7 +215,16 @@ def watch(
                     m = event["message"]
                     print(f"{m['id']}\t{_shown(m['sender'])}\t{_shown(m['subject'])}", flush=True)
 
+    def resumable() -> None:  # a drain or a lost connection ends the watch: say where to pick it up
+        try:
+            run()
+        except BastionError:
+            if resume is not None:
+                print(f"note: to go on without missing a message, watch again with --from-id {resume}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            raise
+
     try:
-        run_guarded(run)
+        run_guarded(resumable)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

@@ -77,6 +77,30 @@ def test_cli_send_inbox_read_watch(server: ServerProcess, tmp_path: Path) -> Non
     assert (first, second) == ("3\tada\t", "4\tada\tlive one")
 
 
+def test_a_cli_watch_ended_by_a_drain_says_which_id_to_resume_from(server_factory: StartServer, tmp_path: Path) -> None:
+    """A drain ends messages.watch UNAVAILABLE; the command said only to "watch again with from_id", not
+    which: it now names the --from-id that misses nothing."""
+    server = server_factory()
+    as_admin = ["--token-file", str(server.token_file)]
+    sent = bastion_cli("messages", "send", server.address, "--to", "admin", "--subject", "one", *as_admin)
+    assert sent.returncode == 0, sent.stderr
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "bastion", "messages", "watch", server.address, "--from-id", "1", *as_admin],
+        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert watch.stdout is not None
+        assert watch.stdout.readline().rstrip("\n") == "1\tadmin\tone"
+        assert server.stop() == 0
+        _, stderr = watch.communicate(timeout=20)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(10)
+    assert watch.returncode == 1 and "UNAVAILABLE" in stderr
+    assert "--from-id 2" in stderr, stderr
+
+
 def test_users_cannot_touch_each_others_mail_and_a_deleted_user_loses_theirs(
     server: ServerProcess, tmp_path: Path
 ) -> None:
