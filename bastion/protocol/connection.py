@@ -553,8 +553,8 @@ class Connection:
 
     def _receive_call(self, call: Call) -> bool:
         call_id = call.id
-        if call_id <= self._highest_id:
-            raise RemoteProtocolError(f"call id {call_id} is not above {self._highest_id}")
+        if not self._highest_id < call_id < 2**63:  # ids are at most 2**63-1 (6.1)
+            raise RemoteProtocolError(f"call id {call_id} is not above {self._highest_id} and below 2**63")
         if self.state not in self._accepting:
             new = self._table.get((self.state, _RECV, Call))
             self.state = new if new is not None else self._next_state(_RECV, Call)

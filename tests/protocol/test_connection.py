@@ -461,6 +461,23 @@ def test_call_ids_may_skip() -> None:
         pair.server.receive_data(frame(Call(5, "m", raw(None))))
 
 
+def test_the_largest_call_id_is_2_63_minus_1() -> None:
+    pair = open_pair()
+    [call] = pair.server.receive_data(frame(Call(2**63 - 1, "m", raw(None))))
+    assert isinstance(call, Call)
+
+
+@pytest.mark.parametrize("call_id", [2**63, 2**64 - 1])
+def test_a_call_id_past_2_63_minus_1_is_a_protocol_error(call_id: int) -> None:
+    """Ids are at most 2**63-1 (section 6.1): the server took any uint64 and answered it, so its Result carried an
+    id a peer holding ids as signed 64-bit integers cannot read."""
+    pair = open_pair()
+    with pytest.raises(RemoteProtocolError, match="2\\*\\*63"):
+        pair.server.receive_data(frame(Call(call_id, "m", raw(None))))
+    goaway = assert_failed(pair.server)
+    assert goaway.last_id == 0
+
+
 # -- closed and never-opened calls ---------------------------------------------------
 
 
