@@ -306,8 +306,8 @@ class KV:
             raise InvalidArgument(
                 f"value of {key!r} is {len(value)} bytes, over kv.max_value_bytes ({self.config.max_value_bytes})"
             )
-        if len(content_type) > _MAX_CONTENT_TYPE:
-            raise InvalidArgument(f"content_type is longer than {_MAX_CONTENT_TYPE} characters")
+        if len(content_type) > _MAX_CONTENT_TYPE or "\x00" in content_type:  # PostgreSQL text cannot hold NUL
+            raise InvalidArgument(f"content_type must not contain NUL nor be over {_MAX_CONTENT_TYPE} characters")
         if expected_version is not None and expected_version < 0:
             raise InvalidArgument("expected_version must be 0 (must not exist) or a version")
         expires = None

@@ -202,6 +202,20 @@ def test_limits_name_themselves(tmp_path: Path) -> None:
     run(test, tmp_path, KVConfig(sweep_interval=3600, max_key_bytes=8, max_value_bytes=16, max_page=3))
 
 
+def test_a_content_type_holding_nul_is_refused_on_every_backend(tmp_path: Path) -> None:
+    """PostgreSQL text cannot hold NUL: such a content_type was kept by SQLite but refused by PostgreSQL with the
+    store's own error ("store: value rejected: CharacterNotInRepertoireError: ..."), naming no argument."""
+
+    async def test(w: World) -> None:
+        with pytest.raises(bastion.InvalidArgument, match="content_type must not contain NUL"):
+            await w.ada.kv.put(key="k", value=b"", content_type="text/\x00plain")
+        with pytest.raises(bastion.InvalidArgument, match="content_type must not contain NUL"):
+            await w.ada.kv.put_many(items=[{"key": "k", "value": b"", "content_type": "\x00"}])
+        assert await w.ada.kv.list() == {"items": [], "next": None}  # nothing was written
+
+    run(test, tmp_path)
+
+
 def test_key_limits_count_utf8_bytes_and_the_empty_namespace_is_the_callers_own(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         assert await w.ada.kv.put(key="k" * 8, value=b"1")  # ASCII: 8 characters, 8 bytes
