@@ -368,6 +368,8 @@ def create_service(
         await _get(name)
         if ttl is not None and not (math.isfinite(ttl) and ttl > 0):  # NaN and inf would store no expiry at all
             raise InvalidArgument("ttl must be a positive, finite number of seconds")
+        if "\x00" in label:  # PostgreSQL text cannot hold NUL: refused alike on every store
+            raise InvalidArgument("label must not contain NUL")
         issued = await _issue(name, "api", label[:200], ttl if ttl is not None else (cfg.token_ttl or None))
         audit("admin.create_token", principal=ctx.principal.name, peer=ctx.peer, target=name, token_id=issued.id)
         return issued

@@ -153,6 +153,20 @@ def test_a_token_ttl_that_is_not_a_positive_finite_time_is_refused(tmp_path: Pat
     run(test, tmp_path)
 
 
+def test_a_token_label_holding_nul_is_refused_on_every_backend(tmp_path: Path) -> None:
+    """PostgreSQL text cannot hold NUL: such a label was kept by SQLite but refused by PostgreSQL with the store's
+    own error ("store: value rejected: CharacterNotInRepertoireError: ..."), naming no argument."""
+
+    async def test(w: World) -> None:
+        admin = w.server.client(principal=TESTER)
+        await admin.auth.create_user(name="svc", roles=["user"])
+        with pytest.raises(bastion.InvalidArgument, match="label must not contain NUL"):
+            await admin.auth.create_token(user="svc", label="ci\x00")
+        assert await admin.auth.list_tokens(user="svc") == []
+
+    run(test, tmp_path)
+
+
 def test_deleting_a_user_revokes_their_tokens(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         admin = w.server.client(principal=TESTER)
