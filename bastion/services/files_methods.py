@@ -137,6 +137,8 @@ def declare(files: Files, svc: Service) -> None:
                 key = msgspec.json.decode(after, type=tuple[str, str])
             except msgspec.DecodeError:
                 raise InvalidArgument("after must be the 'next' of a previous page") from None
+        if "\x00" in prefix + (owner or "") + "".join(key or ()):  # no file or user name holds NUL: none match
+            return FilePage([], None)  # (and PostgreSQL text cannot hold NUL to compare with: do not ask it)
         p = ctx.principal
         viewer = None if all else p.name
         records = await store.files_list(

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import bastion
@@ -252,6 +253,20 @@ def test_list_pages_by_owner_and_name_and_admin_sees_all(tmp_path: Path) -> None
         assert [(f["owner"], f["access"]) for f in everyone["files"]][-1] == ("bob", "admin")
         with pytest.raises(bastion.InvalidArgument):
             await w.alice.files.list(after="not a cursor")
+
+    run(test, tmp_path)
+
+
+def test_a_list_naming_nul_matches_nothing_on_every_backend(tmp_path: Path) -> None:
+    """No file name or user name holds NUL, so a prefix, owner or cursor with one matches nothing: SQLite answered
+    an empty page, but PostgreSQL (whose text cannot hold NUL) failed the call with the store's own error
+    ("store: value rejected: CharacterNotInRepertoireError: ...")."""
+
+    async def test(w: World) -> None:
+        await w.put(w.alice, "a", b"a")
+        cursor = msgspec.json.encode(["alice", "a\x00"]).decode()
+        for args in ({"prefix": "a\x00"}, {"owner": "alice\x00"}, {"after": cursor}):
+            assert await w.alice.files.list(**args) == {"files": [], "next": None}, args
 
     run(test, tmp_path)
 
