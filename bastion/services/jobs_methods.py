@@ -96,7 +96,8 @@ def new_job_id() -> str:
 
 
 async def _visible(jobs: Jobs, ctx: Context, job_id: str) -> JobRecord:
-    job = await jobs.store.jobs_get(job_id) if len(job_id) <= 64 else None
+    # Ids are short hex: a longer one, or one holding NUL (which PostgreSQL text cannot hold), names no job.
+    job = await jobs.store.jobs_get(job_id) if len(job_id) <= 64 and "\x00" not in job_id else None
     if job is None or not (job.owner == ctx.principal.name or ADMIN_ROLE in ctx.principal.roles):
         raise NotFound(f"no job {_named(job_id)}")
     return job

@@ -295,6 +295,21 @@ def test_only_the_owner_or_an_admin_sees_a_job(tmp_path: Path) -> None:
     run(test, tmp_path)
 
 
+def test_a_job_id_holding_nul_is_no_job_on_every_backend(tmp_path: Path) -> None:
+    """Job ids are hex: one holding NUL names no job. SQLite answered NOT_FOUND, but PostgreSQL (whose text cannot
+    hold NUL) failed the call with the store's own error ("store: value rejected: CharacterNotInRepertoireError")."""
+
+    async def test(w: World) -> None:
+        ada = w.client(ADA)
+        for call in ("status", "result", "cancel"):
+            with pytest.raises(bastion.NotFound, match="no job"):
+                await getattr(ada.jobs, call)(id="01\x00")
+        with pytest.raises(bastion.NotFound, match="no job"):
+            await anext(aiter(ada.stream("jobs.watch", id="01\x00")))
+
+    run(test, tmp_path)
+
+
 def test_list_pages_and_filters_by_state(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         ada = w.client()
