@@ -287,8 +287,12 @@ def create_service(
         await store.set_access(before.name, before.roles, before.disabled)
         raise FailedPrecondition(_last_admin(before.name))
 
+    async def _user(name: str) -> User | None:
+        """``name``'s record; None for a name holding NUL, as no user name does (nor can PostgreSQL text)."""
+        return None if "\x00" in name else await store.get_user(name)
+
     async def _get(name: str) -> User:
-        user = await store.get_user(name)
+        user = await _user(name)
         if user is None:
             raise NotFound(f"no user {name!r}")
         return user
@@ -306,7 +310,7 @@ def create_service(
         if transfer_to is not None:
             if transfer_to == name:
                 raise InvalidArgument("transfer_to must be another user")
-            heir = await store.get_user(transfer_to)
+            heir = await _user(transfer_to)
             if heir is None:
                 raise NotFound(f"no user {transfer_to!r} to transfer the data to")
         if _enabled_admin(target):  # disabled first, under the guard, so no concurrent removal leaves no admin
@@ -377,11 +381,15 @@ def create_service(
     @service.method(roles=_ADMIN, idempotent=True)
     async def list_tokens(ctx: Context, user: str | None = None) -> list[TokenInfo]:
         """Tokens (admin), optionally one user's; never the tokens themselves."""
+        if user is not None and "\x00" in user:  # no user name holds NUL (nor can PostgreSQL text)
+            return []
         return [_token_info(t) for t in await store.list_tokens(user)]
 
     @service.method(roles=_ADMIN, idempotent=True)
     async def revoke_token(ctx: Context, id: str) -> bool:
         """Revoke a token by id (admin); connections using it close within seconds."""
+        if "\x00" in id:  # no token id holds NUL (nor can PostgreSQL text)
+            raise NotFound(f"no token {id!r}")
         done = await store.revoke_token(id, time.time())
         if not done and await store.token_by_id(id) is None:
             raise NotFound(f"no token {id!r}")

@@ -167,6 +167,30 @@ def test_a_token_label_holding_nul_is_refused_on_every_backend(tmp_path: Path) -
     run(test, tmp_path)
 
 
+def test_admin_lookups_of_names_holding_nul_find_nothing_on_every_backend(tmp_path: Path) -> None:
+    """No user name or token id holds NUL: SQLite answered NOT_FOUND (or nothing), but PostgreSQL (whose text cannot
+    hold NUL) failed these calls with the store's own error ("store: value rejected: CharacterNotInRepertoireError")."""
+
+    async def test(w: World) -> None:
+        admin = w.server.client(principal=TESTER)
+        await admin.auth.create_user(name="svc", roles=["user"])
+        for method, args in [
+            ("delete_user", {"name": "svc\x00"}),
+            ("delete_user", {"name": "svc", "transfer_to": "x\x00"}),
+            ("disable_user", {"name": "svc\x00"}),
+            ("set_password", {"name": "svc\x00", "password": "long enough password"}),
+            ("set_roles", {"name": "svc\x00", "roles": []}),
+            ("create_token", {"user": "svc\x00"}),
+            ("revoke_token", {"id": "tok_\x00"}),
+        ]:
+            with pytest.raises(bastion.NotFound):
+                await admin.invoke(f"auth.{method}", args)
+        assert await admin.auth.list_tokens(user="svc\x00") == []
+        assert [u["name"] for u in await admin.auth.list_users() if u["name"] == "svc"] == ["svc"]  # still there
+
+    run(test, tmp_path)
+
+
 def test_deleting_a_user_revokes_their_tokens(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         admin = w.server.client(principal=TESTER)
