@@ -242,5 +242,5 @@ def declare(files: Files, svc: Service) -> None:
         who = user or ctx.principal.name
         if who != ctx.principal.name and not _is_admin(ctx.principal):
             raise PermissionDenied("another user's usage needs the admin role")
-        used, reserved = await store.files_usage(who)
+        used, reserved = (0, 0) if "\x00" in who else await store.files_usage(who)  # no user name holds NUL
         return Usage(who, used, reserved, files.config.quota_bytes)

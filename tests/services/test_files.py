@@ -271,6 +271,24 @@ def test_a_list_naming_nul_matches_nothing_on_every_backend(tmp_path: Path) -> N
     run(test, tmp_path)
 
 
+def test_an_owner_holding_nul_owns_nothing_on_every_backend(tmp_path: Path) -> None:
+    """No user name holds NUL: SQLite answered NOT_FOUND (and no usage), but PostgreSQL (whose text cannot hold NUL)
+    failed these calls with the store's own error ("store: value rejected: CharacterNotInRepertoireError")."""
+
+    async def test(w: World) -> None:
+        await w.put(w.alice, "a", b"a")
+        for method in ("stat", "shares", "delete"):
+            with pytest.raises(bastion.NotFound):
+                await w.admin.invoke(f"files.{method}", {"name": "a", "owner": "alice\x00"})
+        with pytest.raises(bastion.NotFound):
+            await w.admin.files.unshare(name="a", owner="alice\x00", user="bob")
+        usage = await w.admin.files.usage(user="alice\x00")
+        assert (usage["files_bytes"], usage["reserved_bytes"]) == (0, 0)
+        assert (await w.alice.files.stat(name="a"))["size"] == 1  # untouched
+
+    run(test, tmp_path)
+
+
 def test_names_are_validated() -> None:
     assert check_name("reports/q3.pdf") == "reports/q3.pdf"
     assert check_name("café/日本語 ü\u00a0x") == "café/日本語 ü\u00a0x"  # non-ASCII text is fine
