@@ -152,6 +152,8 @@ def declare(jobs: Jobs, service: Service) -> None:
             raise InvalidArgument(f"state must be one of {', '.join(JOB_STATES)}, not {_named(state)}")
         if not 1 <= limit <= MAX_LIST:
             raise InvalidArgument(f"limit must be 1..{MAX_LIST}")
+        if after is not None and "\x00" in after:  # ids are hex (and PostgreSQL text cannot hold NUL)
+            raise InvalidArgument("after must be a job id (the last one seen)")
         owner = None if ADMIN_ROLE in ctx.principal.roles else ctx.principal.name
         jobs = await store.jobs_list(owner=owner, state=state, limit=limit, after=after)
         return [_status(job) for job in jobs]

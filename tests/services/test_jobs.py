@@ -310,6 +310,17 @@ def test_a_job_id_holding_nul_is_no_job_on_every_backend(tmp_path: Path) -> None
     run(test, tmp_path)
 
 
+def test_a_list_cursor_holding_nul_is_refused_on_every_backend(tmp_path: Path) -> None:
+    """Job ids are hex: a cursor holding NUL is no id. SQLite answered a page, but PostgreSQL (whose text cannot hold
+    NUL) failed the call with the store's own error ("store: value rejected: CharacterNotInRepertoireError")."""
+
+    async def test(w: World) -> None:
+        with pytest.raises(bastion.InvalidArgument, match="after must be a job id"):
+            await w.client(ADA).jobs.list(after="01\x00")
+
+    run(test, tmp_path)
+
+
 def test_list_pages_and_filters_by_state(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         ada = w.client()
