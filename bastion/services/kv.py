@@ -585,7 +585,7 @@ def _declare(kv: KV, service: Service) -> None:
     @service.method(roles=_ADMIN)
     async def delete_namespace(ctx: Context, name: str) -> int:
         """Delete a shared namespace and every key in it (admin); how many keys were deleted."""
-        deleted = await store.kv_delete_namespace(name, time.time())
+        deleted = None if "\x00" in name else await store.kv_delete_namespace(name, time.time())  # no name holds NUL
         if deleted is None:
             raise NotFound(f"no namespace {name!r}")
         kv.hub.nudge()

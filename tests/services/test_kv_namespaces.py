@@ -85,3 +85,14 @@ def test_a_put_racing_delete_namespace_leaves_no_key_behind(tmp_path: Path) -> N
             assert await w.admin.kv.delete_namespace(name="team") == 0
 
     run(test, tmp_path)
+
+
+def test_a_namespace_name_holding_nul_names_none_on_every_backend(tmp_path: Path) -> None:
+    """No namespace name holds NUL: SQLite answered NOT_FOUND, but PostgreSQL (whose text cannot hold NUL) failed
+    the call with the store's own error ("store: value rejected: CharacterNotInRepertoireError")."""
+
+    async def test(w: World) -> None:
+        with pytest.raises(bastion.NotFound, match="no namespace"):
+            await w.admin.kv.delete_namespace(name="team\x00")
+
+    run(test, tmp_path)
