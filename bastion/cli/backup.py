@@ -263,7 +263,10 @@ def backup(
 
 
 def restore(
-    archive_path: Annotated[Path, typer.Argument(metavar="ARCHIVE", help="The archive to restore.")],
+    archive_path: Annotated[
+        Path,
+        typer.Argument(metavar="ARCHIVE", help="The archive to restore.", exists=True, dir_okay=False, readable=True),
+    ],
     data_dir: DataDir = None,
     store: StoreOption = None,
     config: ConfigOption = None,

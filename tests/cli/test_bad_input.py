@@ -285,3 +285,19 @@ def _token_ids(server: ServerProcess) -> list[str]:
     listing = bastion_cli("token", "ls", server.address, "--json", "--token-file", str(server.token_file))
     assert listing.returncode == 0, listing.stderr
     return [t["id"] for t in json.loads(listing.stdout)]
+
+
+def test_a_restore_of_an_archive_that_is_not_a_readable_file_is_a_usage_error(tmp_path: Path) -> None:
+    """A missing ARCHIVE (a typo) or a directory is the caller's mistake, exit 2 before anything is read;
+    a corrupt archive stays exit 1 (docs/services.md)."""
+    for archive, reason in [(tmp_path / "nope.tar", "does not exist"), (tmp_path, "is a directory")]:
+        result = bastion_cli("restore", str(archive), "--data-dir", str(tmp_path / "data"))
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert reason in " ".join(result.stderr.replace("│", " ").split()), result.stderr  # rich wraps it in a box
+    assert not (tmp_path / "data").exists()
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not an archive" * 8)
+    result = bastion_cli("restore", str(junk), "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == ["error: DATA_LOSS: not a bastion backup archive (bad header)"]
