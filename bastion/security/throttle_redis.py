@@ -161,7 +161,8 @@ return {0, fmt(uw), at_once}
 #: the pair is to be locked (its count is gone), else 0. Idempotent with a user: the answer is kept (KEYS[4],
 #: as long as a failure count lives) and run again, the script answers it and counts nothing -- so a failure
 #: whose answer was lost is run again to learn it. (Without one -- a bad token -- nothing is kept: no lockout
-#: to learn, and a spray of them would leave a key per failure; run again, it spends from the source again.)
+#: to learn, and a spray of them would leave a key per failure; run again, it would spend from the source
+#: again, so a bad token's whose answer was lost is not run again: counted here meanwhile, not kept.)
 FAILED: Final = (
     _COMMON
     + """
@@ -421,9 +422,10 @@ class RedisLoginLimits:
     async def failed(self, username: str | None, source: str) -> bool:
         """Record a failure; True if the pair is to be locked now (its count is gone). Raises RedisDown.
 
-        Should the answer be lost (the script may have run: counted, the lockout decided), the failure is
-        run again (under its id: counted once) until Redis answers, and a lockout it decides is written
-        then (``on_lock``)."""
+        Should the answer be lost (the script may have run: counted, the lockout decided), a password
+        failure (``username`` given; a bad token's is not idempotent and decides nothing) is run again
+        (under its id: counted once) until Redis answers, and a lockout it decides is written then
+        (``on_lock``)."""
         failure_id = f"{self._replica}:{next(self._holds)}"
         keys = [*self.keys(username, source)[:3], f"{self.prefix}d:{failure_id}"]
         args = [self._now(), "0" if username is None else "1", *self._limit_args, *self._user_args]
@@ -431,7 +433,9 @@ class RedisLoginLimits:
         try:
             return int(await self._gate.run(FAILED, keys, args)) == 1
         except BaseException as exc:  # (a cancelled login too) Redis may have run it
-            if not isinstance(exc, Skipped):  # (skipped: never sent; counted by the throttle alone)
+            # (skipped: never sent; counted by the throttle alone. A bad token's is not run again: it is not
+            # idempotent -- the script keeps no answer for it -- and decides no lockout.)
+            if username is not None and not isinstance(exc, Skipped):
                 self._unsettle(failure_id, _Failure(username, source, keys, args, time.monotonic()))
             if isinstance(exc, self._errors):
                 self._failed(exc)
