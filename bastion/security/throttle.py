@@ -93,8 +93,10 @@ write does a bounded amount of work (by the index on ``until``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
+import logging
 import math
 import time
 from collections import Counter, OrderedDict
@@ -110,6 +112,8 @@ if TYPE_CHECKING:
     from bastion.security.throttle_shared import SharedPending
 
 __all__ = ["LoginThrottle", "LoginThrottled", "TokenBucket", "source_key"]
+
+log = logging.getLogger("bastion.throttle")
 
 MAX_TRACKED = 100_000  # keys remembered in memory; the oldest are forgotten first
 #: Expired lockouts deleted from the store with each new lockout (bounded work per write).
@@ -281,6 +285,7 @@ class LoginThrottle:
         self._local_pending = self._pending.__getitem__  # (0 for a key not there; adds nothing)
         self._shared_pending = pending  # several workers: theirs, in place of ``_pending``
         self._redis: RedisLoginLimits | None = None
+        self._writing: set[asyncio.Task[None]] = set()  # lockouts being written (kept referenced)
         self.redis_fail_open = redis_fail_open
         if redis_url is not None:
             self._redis = RedisLoginLimits.from_url(
@@ -446,9 +451,19 @@ class LoginThrottle:
         if lock is None:
             lock = self._count_failure(username, source, now)
         if lock and username is not None:
-            await self._lock(username, source)
+            # In a task of its own: a login cancelled meanwhile (a client dropping) still writes the lockout
+            # (the count that decided it is gone).
+            task = asyncio.get_running_loop().create_task(self._lock(username, source))
+            self._writing.add(task)
+            task.add_done_callback(self._written)
+            await asyncio.shield(task)
             return True
         return False
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self._writing.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("login throttle: writing a lockout failed", exc_info=exc)
 
     async def _lock(self, username: str, source: str) -> None:
         """Lock the pair for ``lockout`` seconds from now (``source``: its key); purge a batch of expired."""

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import secrets
@@ -280,6 +281,8 @@ class RedisLoginLimits:
         # until Redis answers; once it does, a pair's next password attempt here runs its own first.
         self._unsettled: dict[str, _Failure] = {}
         self._settler: asyncio.Task[None] | None = None
+        # Lockouts being written (``_write_lock``): failure id -> the task writing its lockout.
+        self._locking: dict[str, asyncio.Task[None]] = {}
         #: Writes the lockout of a pair a failure run again locks (username, source): the throttle's.
         self.on_lock: Callable[[str, str], Awaitable[None]] | None = None
 
@@ -478,11 +481,35 @@ class RedisLoginLimits:
             if pair is not None and failure.keys[1] != pair:
                 continue
             lock = int(await self._gate.run(FAILED, failure.keys, failure.args)) == 1
-            if self._unsettled.pop(failure_id, None) is None or not lock or failure.username is None:
+            if failure_id not in self._unsettled:
                 continue  # (settled meanwhile by another call: it wrote the lockout)
-            log.warning("login throttle: a failure whose answer Redis lost locked its pair; lockout written now")
-            if self.on_lock is not None:
-                await self.on_lock(failure.username, failure.source)
+            if not lock or failure.username is None or self.on_lock is None:
+                del self._unsettled[failure_id]
+                continue
+            await self._write_lock(failure_id, failure.username, failure.source)
+
+    async def _write_lock(self, failure_id: str, username: str, source: str) -> None:
+        """Have the lockout a failure run again decided written (``on_lock``), then forget the failure. In a
+        task of its own (one already writing it is awaited), so a login cancelled meanwhile (a client
+        dropping) does not cancel the write; should the write fail, the failure is kept (and raised here):
+        run again, it answers the lockout again, and the write is tried again."""
+        task = self._locking.get(failure_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._locked(failure_id, username, source))
+            self._locking[failure_id] = task
+            task.add_done_callback(functools.partial(self._written, failure_id))
+        await asyncio.shield(task)
+
+    async def _locked(self, failure_id: str, username: str, source: str) -> None:
+        log.warning("login throttle: a failure whose answer Redis lost locked its pair; lockout written now")
+        assert self.on_lock is not None
+        await self.on_lock(username, source)
+        self._unsettled.pop(failure_id, None)
+
+    def _written(self, failure_id: str, task: asyncio.Task[None]) -> None:
+        self._locking.pop(failure_id, None)
+        if not task.cancelled():
+            task.exception()  # (retrieved: raised to whoever awaits it; the settler tries it again)
 
     async def succeeded(self, username: str, source: str) -> None:
         """Forgive the pair's failures: now, or -- should Redis fail -- once it answers again (else, once

@@ -6,8 +6,11 @@ Replica ``a`` talks to Redis through a relay (``through_relay``) that can hold b
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from bastion.security.throttle import LoginThrottle
 from tests.security.test_throttle_redis import Clock, needs_redis, through_relay, until
@@ -32,3 +35,120 @@ def test_a_bad_token_failure_whose_answer_was_lost_is_not_charged_twice(tmp_path
         assert float(tokens) == 2.0  # charged once in Redis
 
     through_relay(tmp_path, body, timeout=0.3, burst=3)
+
+
+async def lockout_written(throttle: LoginThrottle, username: str, source: str) -> bool:
+    """Whether the store holds a live lockout of the pair (whatever Redis says)."""
+    until_ = await throttle._store.get_lockout(f"login:{username}|{source}")
+    return until_ is not None and until_ > throttle._clock()
+
+
+async def lose_a_locking_answer(relay: Any, a: LoginThrottle) -> None:
+    """Two failures of (ada, 10.0.0.1) counted, then a third that locks the pair in Redis, its answer lost;
+    then Redis answers ``a`` again (another login probes it back). Needs max_failures=3."""
+    for _ in range(2):
+        assert await a.failed("ada", "10.0.0.1") is False
+    relay.mode = "stall"
+    assert await a.failed("ada", "10.0.0.1") is False
+    relay.mode = "pass"
+
+    async def answered() -> bool:
+        await a.check("zed", "10.0.0.9")
+        assert a._redis is not None
+        return a._redis._gate.healthy
+
+    assert await until(answered)
+
+
+@needs_redis
+def test_a_login_cancelled_while_writing_the_lockout_its_settling_learnt_still_writes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bastion.security.throttle_redis as throttle_redis
+
+    monkeypatch.setattr(throttle_redis, "RETRY_AFTER", 60.0)  # the settler asleep: the login settles it
+
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        assert a._redis is not None
+        writing = asyncio.Event()
+        real = a._redis.on_lock
+        assert real is not None
+
+        async def slow_lock(username: str, source: str) -> None:
+            writing.set()
+            await asyncio.sleep(0.2)  # a slow store write
+            await real(username, source)
+
+        a._redis.on_lock = slow_lock
+        await lose_a_locking_answer(relay, a)
+
+        async def login() -> None:
+            async with a.attempt("ada", "10.0.0.1"):
+                pass
+
+        task = asyncio.create_task(login())
+        await writing.wait()  # its settling learnt the lockout and is writing it
+        task.cancel()  # the client drops
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        async def written() -> bool:
+            return await lockout_written(b, "ada", "10.0.0.1")
+
+        assert await until(written), "the lockout was lost with the cancelled login"
+
+    through_relay(tmp_path, body, timeout=0.3, max_failures=3)
+
+
+@needs_redis
+def test_a_lockout_whose_write_failed_while_settling_is_written_when_the_store_answers(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        assert a._redis is not None
+        real = a._redis.on_lock
+        assert real is not None
+        calls = 0
+
+        async def flaky_lock(username: str, source: str) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise OSError("the store is unavailable")
+            await real(username, source)
+
+        a._redis.on_lock = flaky_lock
+        await lose_a_locking_answer(relay, a)
+
+        async def written() -> bool:
+            return await lockout_written(b, "ada", "10.0.0.1")
+
+        assert await until(written, 10.0), "the failure was forgotten when writing its lockout failed"
+        assert calls == 2
+
+    through_relay(tmp_path, body, timeout=0.3, max_failures=3)
+
+
+@needs_redis
+def test_a_login_cancelled_while_writing_the_lockout_its_failure_decided_still_writes_it(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        writing = asyncio.Event()
+        real = a._lock
+
+        async def slow_lock(username: str, source: str) -> None:
+            writing.set()
+            await asyncio.sleep(0.2)  # a slow store write
+            await real(username, source)
+
+        a._lock = slow_lock  # type: ignore[method-assign]
+        assert await a.failed("ada", "10.0.0.1") is False
+        task = asyncio.create_task(a.failed("ada", "10.0.0.1"))  # locks the pair (2 of 2)
+        await writing.wait()
+        task.cancel()  # the client drops
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        async def written() -> bool:
+            return await lockout_written(b, "ada", "10.0.0.1")
+
+        assert await until(written), "the lockout was lost with the cancelled login"
+
+    through_relay(tmp_path, body, max_failures=2)
