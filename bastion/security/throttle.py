@@ -73,12 +73,15 @@ The fallback's counts add to Redis's: what Redis counted stands, and each
 replica counts on its own while Redis fails, so around an outage guesses get
 up to K + 1 times the allowances. A success while Redis fails forgives the
 pair here at once and in Redis once it answers again (``RedisLoginLimits``).
+A ``FAILED`` that decides a lockout also locks the pair in Redis, so every
+replica asking Redis refuses it at once, before the store has the lockout.
 A ``FAILED`` whose answer is lost (it may have run: counted, the lockout
 decided) is counted here too meanwhile, and run again -- it is idempotent,
 keyed by a failure id, so Redis counts it once -- until Redis answers; a
 lockout it decided is written then (before the pair's next password attempt
 here is tested in Redis), so a lost answer never yields a guess counted
-nowhere, nor a lockout lost.
+nowhere, nor a lockout lost. A lockout's write runs in a task of its own: a
+login cancelled meanwhile does not cancel it.
 
 Failure counts of a pair are forgotten ``lockout`` seconds after the pair's
 last failure, in every backend (memory, the workers' table, Redis): failures
@@ -122,6 +125,7 @@ LOCKOUT_PURGE_BATCH = 100
 KNOWN_SOURCE_SECONDS = 30 * 24 * 3600.0
 _AT_ONCE = "too many attempts at once from this address; try again in a second"
 _AT_ONCE_USER = "too many attempts at once for this user; try again in a second"
+_LOCKED = "too many failed attempts; try again later"
 _BUSY = "too many logins in flight on this server; try again in a second"
 
 
@@ -396,6 +400,8 @@ class LoginThrottle:
             raise LoginThrottled("too many failed attempts from this address", retry_after=wait)
         if code == 3:
             raise LoginThrottled(_AT_ONCE, retry_after=1.0)
+        if code == 4:  # (locked in Redis: every replica refuses it before the store has the lockout)
+            raise LoginThrottled(_LOCKED, retry_after=wait)
         return (wait, at_once), hold_id
 
     async def _refuse(self, username: str | None, source: str, now: float, limits: tuple[float, bool]) -> None:
@@ -411,7 +417,7 @@ class LoginThrottle:
                 raise LoginThrottled("too many failed attempts for this user; try again later", retry_after=user_wait)
         until = await self._store.get_lockout(self._pair(username, source))
         if until is not None and until > now:
-            raise LoginThrottled("too many failed attempts; try again later", retry_after=until - now)
+            raise LoginThrottled(_LOCKED, retry_after=until - now)
 
     def _limits(
         self, username: str | None, source: str, now: float, pending: Callable[[str], int], *, password: bool

@@ -14,28 +14,34 @@ NOSCRIPT), atomic, so replicas testing at once cannot both pass on the last
 place:
 
 * ``LIMITS`` tests the source's bucket (with the attempts pending from it),
-  the pair's failures and pending attempts, and the username's allowance,
+  the pair's lockout in Redis, its failures and pending attempts, and the
+  username's allowance,
   exactly as ``LoginThrottle._limits`` does, and -- for an ``attempt`` --
   holds the attempt as pending under the pair, the source and the username
   in the same step;
 * ``FAILED`` spends from the source's and the username's buckets and counts
-  the pair's failure; at ``max_failures`` it deletes the count and answers
-  that the pair is to be locked (the throttle writes the lockout to the store,
-  as ever); the end of the block releases the holds (ZREM). Each failure
+  the pair's failure; at ``max_failures`` it deletes the count, locks the
+  pair in Redis for a lockout (``LIMITS`` refuses it at once on every
+  replica) and answers that the pair is to be locked (the throttle writes
+  the lockout to the store, as ever: it outlives Redis and binds servers
+  that cannot reach it); the end of the block releases the holds (ZREM). Each failure
   has an id, and the script keeps its answer under it: run again, it answers
   that and counts nothing. So a failure whose answer was lost (a timeout, a
   reset, a cancelled login) is run again until Redis answers (``_settling``),
-  and a lockout it decided is written then (``on_lock``); once Redis answers,
-  the pair's next password attempt here runs it first (``limits``).
+  and a lockout it decided is written then (``on_lock``; the failure is
+  forgotten only once it is written, in a task a cancelled login does not
+  cancel); the pair's next password attempt here runs it first (``limits``;
+  while Redis fails, that attempt is skipped or is the probe).
 
 Keys: ``<rate_limits.redis_prefix>{login}:<kind>:<name>``: ``s:SOURCE`` and
 ``u:USER`` (buckets: hashes {t, s} as the rate limiter's), ``f:USER|SOURCE``
-(failures: a counter), ``d:FAILURE_ID`` (a password failure's answer, 0 or 1),
-``ps:``/``pp:``/``pu:`` (pending: sorted sets of hold ids scored by when
-they expire). The one hash tag puts them all on one
+(failures: a counter), ``l:USER|SOURCE`` (a lockout: when it ends),
+``d:FAILURE_ID`` (a password failure's answer, 0 or 1), ``ps:``/``pp:``/
+``pu:`` (pending: sorted sets of hold ids scored by when they expire).
+The one hash tag puts them all on one
 Redis Cluster slot (a script's keys must share one). Every key expires: a
 bucket once it would be full again, a failure count ``lockout`` seconds after
-the pair's last failure (as in memory), a failure's answer ``lockout`` seconds
+the pair's last failure (as in memory), a lockout when it ends, a failure's answer ``lockout`` seconds
 after it, and a hold ``HOLD_SECONDS`` after it
 was taken or last refreshed -- so the holds of a replica that died in the
 middle of a login stop counting then, and nothing is left behind. While its
@@ -109,11 +115,12 @@ end
 """
 )
 
-#: KEYS: source bucket, pair failures, user bucket, pending source, pending pair, pending user.
+#: KEYS: source bucket, pair failures, user bucket, pending source, pending pair, pending user, pair lockout.
 #: ARGV: now ('' = TIME), mode (0 token check, 1 password check, 2 password attempt: hold it), has user
 #: (0/1), burst, rate, max_failures, user capacity, user rate, hold id, hold seconds.
 #: Returns {0, user wait, only pending make it wait (0/1)}, {1, wait} (at once: from the source),
-#: {2, wait} (failed attempts from the source) or {3, wait} (at once: the pair).
+#: {2, wait} (failed attempts from the source), {3, wait} (at once: the pair) or {4, wait} (the pair is
+#: locked: FAILED decided its lockout).
 LIMITS: Final = (
     _COMMON
     + """
@@ -135,7 +142,11 @@ if w > 0 then
 end
 if mode == 0 then return {0, '0', 0} end
 local failures = 0
-if has_user == 1 then failures = tonumber(redis.call('GET', KEYS[2]) or '0') end
+if has_user == 1 then
+  local locked = tonumber(redis.call('GET', KEYS[7]) or '0')
+  if locked > now then return {4, fmt(locked - now)} end
+  failures = tonumber(redis.call('GET', KEYS[2]) or '0')
+end
 if failures + pending(KEYS[5]) >= max_failures then return {3, '1'} end
 local uw, at_once = 0, 0
 if has_user == 1 then
@@ -157,13 +168,15 @@ return {0, fmt(uw), at_once}
 """
 )
 
-#: KEYS: source bucket, pair failures, user bucket, this failure's answer. ARGV: now ('' = TIME), has user
-#: (0/1), burst, rate, max_failures, user capacity, user rate, seconds a failure count lives. Returns 1 if
-#: the pair is to be locked (its count is gone), else 0. Idempotent with a user: the answer is kept (KEYS[4],
-#: as long as a failure count lives) and run again, the script answers it and counts nothing -- so a failure
-#: whose answer was lost is run again to learn it. (Without one -- a bad token -- nothing is kept: no lockout
-#: to learn, and a spray of them would leave a key per failure; run again, it would spend from the source
-#: again, so a bad token's whose answer was lost is not run again: counted here meanwhile, not kept.)
+#: KEYS: source bucket, pair failures, user bucket, this failure's answer, pair lockout. ARGV: now ('' =
+#: TIME), has user (0/1), burst, rate, max_failures, user capacity, user rate, seconds a failure count lives
+#: (= a lockout). Returns 1 if the pair is to be locked (its count is gone; its lockout in Redis set: until
+#: now + a lockout, which ``LIMITS`` answers at once on every replica, before the store has it), else 0.
+#: Idempotent with a user: the answer is kept (KEYS[4], as long as a failure count lives) and run again, the
+#: script answers it and counts nothing -- so a failure whose answer was lost is run again to learn it.
+#: (Without one -- a bad token -- nothing is kept: no lockout to learn, and a spray of them would leave a
+#: key per failure; run again, it would spend from the source again, so a bad token's whose answer was
+#: lost is not run again: counted here meanwhile, not kept.)
 FAILED: Final = (
     _COMMON
     + """
@@ -183,6 +196,8 @@ if has_user == 1 then
   local count = redis.call('INCR', KEYS[2])
   if count >= tonumber(ARGV[5]) then
     redis.call('DEL', KEYS[2])
+    local lockout = tonumber(ARGV[8])
+    redis.call('SET', KEYS[5], string.format('%.17g', now + lockout), 'PX', math.ceil(lockout * 1000))
     lock = 1
   else
     redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[8]) * 1000))
@@ -296,7 +311,7 @@ class RedisLoginLimits:
         return cls(client, owns_client=True, **kw)
 
     def keys(self, username: str | None, source: str) -> list[str]:
-        """The six keys ``LIMITS`` takes (a username None keys a pair of its own per source)."""
+        """The seven keys ``LIMITS`` takes (a username None keys a pair of its own per source)."""
         user, p = username or "", self.prefix
         return [
             f"{p}s:{source}",
@@ -305,6 +320,7 @@ class RedisLoginLimits:
             f"{p}ps:{source}",
             f"{p}pp:{user}|{source}",
             f"{p}pu:{user}",
+            f"{p}l:{user}|{source}",
         ]
 
     def _now(self) -> str:
@@ -315,7 +331,8 @@ class RedisLoginLimits:
 
         The answer: (0, the wait the username's allowance asks, whether only attempts pending make it
         wait); (1, wait): the source's bucket, only because of attempts pending; (2, wait): its failures;
-        (3, wait): the pair's failures and attempts pending reach ``max_failures``. Raises RedisDown.
+        (3, wait): the pair's failures and attempts pending reach ``max_failures``; (4, wait): the pair is
+        locked (``FAILED`` decided it; the lockout in the store may not be written yet). Raises RedisDown.
         """
         hold_id = f"{self._replica}:{next(self._holds)}" if hold else ""
         mode = 2 if hold else 1 if password else 0
@@ -323,7 +340,7 @@ class RedisLoginLimits:
         args += (hold_id, repr(HOLD_SECONDS))
         keys = self.keys(username, source)
         try:
-            if password and username is not None and self._unsettled and self._gate.healthy:
+            if password and username is not None and self._unsettled:  # (Redis failing: skipped or the probe)
                 await self._settle(keys[1])  # a failure of the pair whose answer was lost first: it may lock
             result = await self._gate.run(LIMITS, keys, args)
         except BaseException as exc:  # (a cancelled login too) Redis may have run it, holding the attempt
@@ -430,7 +447,8 @@ class RedisLoginLimits:
         (under its id: counted once) until Redis answers, and a lockout it decides is written then
         (``on_lock``)."""
         failure_id = f"{self._replica}:{next(self._holds)}"
-        keys = [*self.keys(username, source)[:3], f"{self.prefix}d:{failure_id}"]
+        every = self.keys(username, source)
+        keys = [*every[:3], f"{self.prefix}d:{failure_id}", every[6]]
         args = [self._now(), "0" if username is None else "1", *self._limit_args, *self._user_args]
         args.append(self._failure_seconds)
         try:

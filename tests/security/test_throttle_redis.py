@@ -371,8 +371,10 @@ def test_a_failure_whose_answer_was_lost_after_it_locked_the_pair_in_redis_still
         assert await a.failed("ada", "10.0.0.1") is False  # ... but its answer is lost: counted here meanwhile
         relay.mode = "pass"
 
+        assert await refused(b, "ada", "10.0.0.1") == LOCKED  # Redis has it at once (b asks it)
+
         async def locked() -> bool:  # (no login asks Redis meanwhile: it is asked again all the same)
-            return await refused(b, "ada", "10.0.0.1") == LOCKED
+            return await a._store.get_lockout("login:ada|10.0.0.1") is not None
 
         assert await until(locked, 10.0), "the lockout decided in Redis was lost with its answer"
         assert await refused(a, "ada", "10.0.0.1") == LOCKED

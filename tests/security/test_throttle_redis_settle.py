@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from bastion.exceptions import ResourceExhausted
 from bastion.security.throttle import LoginThrottle
-from tests.security.test_throttle_redis import Clock, needs_redis, through_relay, until
+from tests.security.test_throttle_redis import Clock, needs_redis, refused, through_relay, until
 
 
 @needs_redis
@@ -152,3 +153,65 @@ def test_a_login_cancelled_while_writing_the_lockout_its_failure_decided_still_w
         assert await until(written), "the lockout was lost with the cancelled login"
 
     through_relay(tmp_path, body, max_failures=2)
+
+
+@needs_redis
+def test_the_login_that_finds_redis_back_runs_its_pairs_lost_failure_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import bastion.security.throttle_redis as throttle_redis
+
+    monkeypatch.setattr(throttle_redis, "RETRY_AFTER", 60.0)  # the settler asleep: the login probes Redis
+
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        assert a._redis is not None
+        gate = a._redis._gate
+        for _ in range(2):
+            assert await a.failed("ada", "10.0.0.1") is False
+        relay.mode = "stall"  # the third locks the pair in Redis (its count gone); its answer is lost
+        assert await a.failed("ada", "10.0.0.1") is False
+        relay.mode = "pass"
+
+        async def may_probe() -> bool:  # Redis not asked for RETRY_AFTER after failing; then it is
+            return time.monotonic() >= gate._down_until
+
+        assert await until(may_probe)
+        assert not gate.healthy and a._redis._unsettled
+        with pytest.raises(ResourceExhausted, match="too many failed attempts"):
+            async with a.attempt("ada", "10.0.0.1"):  # the pair's next guess, the one that finds Redis back
+                raise AssertionError("a guess verified though Redis had decided the pair's lockout")
+
+    through_relay(tmp_path, body, timeout=0.3, max_failures=3)
+
+
+@needs_redis
+def test_every_replica_refuses_a_locked_pair_at_once_even_before_the_lockout_is_in_the_store(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        writing, store_back = asyncio.Event(), asyncio.Event()
+        real = a._lock
+
+        async def hanging_lock(username: str, source: str) -> None:
+            writing.set()
+            await store_back.wait()  # the store write hangs (a store under load)
+            await real(username, source)
+
+        a._lock = hanging_lock  # type: ignore[method-assign]
+        assert await a.failed("ada", "10.0.0.1") is False
+        task = asyncio.create_task(a.failed("ada", "10.0.0.1"))  # locks the pair (2 of 2) in Redis
+        await writing.wait()
+        assert not await lockout_written(b, "ada", "10.0.0.1")
+        for throttle in (a, b):
+            with pytest.raises(ResourceExhausted, match="too many failed attempts; try again later") as info:
+                async with throttle.attempt("ada", "10.0.0.1"):
+                    raise AssertionError("a guess verified while the lockout was being written")
+            assert 0 < info.value.retry_after <= 60
+        assert await refused(b, "ada", "10.0.0.2") is None  # elsewhere she is fine
+        store_back.set()
+        assert await task is True
+        clock.now += 61  # the lockout is over, in Redis as in the store
+        async with b.attempt("ada", "10.0.0.1"):
+            pass
+
+    through_relay(tmp_path, body, max_failures=2, lockout=60)
