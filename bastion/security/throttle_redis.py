@@ -257,14 +257,17 @@ class RedisLoginLimits:
         fail_open: bool = True,
         clock: Callable[[], float] | None = None,
         owns_client: bool = False,
+        close_timeout: float = 1.0,
     ) -> None:
         """``fail_open``: what the throttle does while Redis fails (said in the warning); ``clock``: None for
-        Redis's own time (TIME), else the one the scripts are given (tests)."""
+        Redis's own time (TIME), else the one the scripts are given (tests); ``close_timeout``: the longest
+        ``aclose`` settles the failures whose answers were lost."""
         from bastion.security.ratelimit_redis import redis_module  # (it imports throttle.py)
 
         redis = redis_module()
         self._client = client
         self._owns_client = owns_client
+        self.close_timeout = close_timeout
         self.prefix = prefix + "{login}:"
         self._limit_args = [repr(float(burst)), repr(float(rate)), str(max_failures)]
         self._user_args = [repr(float(user_capacity)), repr(float(user_rate))]
@@ -308,6 +311,7 @@ class RedisLoginLimits:
 
         redis = redis_module()
         client = redis.asyncio.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        kw.setdefault("close_timeout", timeout + 1.0)  # (an answer from Redis, a second for the store's writes)
         return cls(client, owns_client=True, **kw)
 
     def keys(self, username: str | None, source: str) -> list[str]:
@@ -563,12 +567,24 @@ class RedisLoginLimits:
             )
 
     async def aclose(self) -> None:
-        """Close the client if these limits made it (``from_url``); holds left unreleased expire."""
+        """Close the client if these limits made it (``from_url``); holds left unreleased expire. The
+        failures whose answers were lost are settled first, their lockouts written, for at most
+        ``close_timeout`` seconds (those left then are dropped: a restart would forget them anyway)."""
         for task in (self._cleaner, self._refresher, self._settler):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._unsettled:
+            try:
+                await asyncio.wait_for(self._settle(None), self.close_timeout)
+            except Exception as exc:  # (Redis failing, the store, or out of time)
+                log.warning(
+                    "login throttle: closing with %d failure(s) whose answers were lost unsettled (%s: %s)",
+                    len(self._unsettled),
+                    type(exc).__name__,
+                    exc,
+                )
         if self._owns_client:
             await cast(Any, self._client).aclose()
 

@@ -215,3 +215,22 @@ def test_every_replica_refuses_a_locked_pair_at_once_even_before_the_lockout_is_
             pass
 
     through_relay(tmp_path, body, max_failures=2, lockout=60)
+
+
+@needs_redis
+def test_closing_settles_the_failures_whose_answers_were_lost_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bastion.security.throttle_redis as throttle_redis
+
+    monkeypatch.setattr(throttle_redis, "RETRY_AFTER", 60.0)  # the settler asleep as the server stops
+
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        assert a._redis is not None
+        await lose_a_locking_answer(relay, a)
+        assert a._redis._unsettled and not await lockout_written(b, "ada", "10.0.0.1")
+        await a.aclose()  # a restart
+        assert await lockout_written(b, "ada", "10.0.0.1"), "the lockout was dropped with the unsettled failure"
+        assert not a._redis._unsettled
+
+    through_relay(tmp_path, body, timeout=0.3, max_failures=3)
