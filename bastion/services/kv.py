@@ -94,6 +94,7 @@ from bastion.store.kv import (
     KVStore,
     KVWrite,
     ValuesTooLarge,
+    no_owner,
     personal_namespace,
 )
 
@@ -258,9 +259,8 @@ class KV:
             if not USER_NAME.fullmatch(owner):
                 raise InvalidArgument(f"namespace {namespace!r}: a personal namespace is ~NAME, a user's name")
             if admin:
-                # As for shared ones: else the keys waited in ~NAME for whoever was later made user NAME.
                 if write and (self.users is None or await self.users.get_user(owner) is None):
-                    raise NotFound(f"no user {owner!r}: an admin writes only to the namespace of a user that exists")
+                    raise no_owner(owner)  # else keys waited in ~NAME for its next user (the write checks again)
                 return namespace
         elif not _NAMESPACE.match(namespace):
             raise InvalidArgument(f"namespace {namespace!r}: a {_NAMESPACE_RULES}; a personal one is ~NAME")
@@ -402,7 +402,7 @@ def _declare(kv: KV, service: Service) -> None:
         write = kv.check_write(key, value, content_type, expected_version, ttl, now)
         try:
             (version,) = await store.kv_put(ns, (write,), now, kv.quota)
-        except NotFound:  # a shared namespace deleted since namespace_for: its refusal of the caller now
+        except NotFound:  # a shared namespace (or a user) gone since namespace_for: its refusal of the caller now
             await kv.namespace_for(ctx.principal, namespace, write=True)
             raise
         kv.hub.nudge()

@@ -373,6 +373,17 @@ def no_namespace(namespace: str) -> NotFound:
     return NotFound(f"no namespace {namespace!r}: it was deleted, or never created")
 
 
+#: Whether user ``{0}`` -- a personal namespace's owner -- may hold keys: it has a row, or the store keeps no
+#: users at all (the server's principals come from another authenticator), asked by a write in its own
+#: transaction. ``{1}``: PostgreSQL's row lock (``FOR KEY SHARE``), held to the write's commit.
+OWNER_EXISTS = "SELECT 1 WHERE EXISTS (SELECT 1 FROM users WHERE name = {0}{1}) OR NOT EXISTS (SELECT 1 FROM users)"
+
+
+def no_owner(owner: str) -> NotFound:
+    """The refusal of a write to ``~owner`` with no user ``owner`` (the service's, and the store's)."""
+    return NotFound(f"no user {owner!r}: an admin writes only to the namespace of a user that exists")
+
+
 def check_version(key: str, expected: int | None, actual: int) -> None:
     if expected is not None and expected != actual:
         raise _mismatch(key, expected, actual)
@@ -383,6 +394,11 @@ def check_version(key: str, expected: int | None, actual: int) -> None:
 
 class KVStore(Notifying, ABC):
     """What every backend offers for kv. Every write is one transaction; see the module docstring."""
+
+    #: False (default): a write to a personal namespace ``~NAME`` is refused (``no_owner``, in its own
+    #: transaction) while the store keeps users and none is NAME, so none lands after ``auth.delete_user``.
+    #: True where principals with no user row own ``~NAME`` (``tls.client_subjects = "any"``).
+    userless_owners: bool = False
 
     @abstractmethod
     def kv_get_many(
@@ -404,7 +420,8 @@ class KVStore(Notifying, ABC):
         A compare-and-swap mismatch raises ``Aborted`` and writes nothing; so
         does ``ResourceExhausted`` when, with ``quota``, the namespace would
         then hold more than it allows, and ``NotFound`` when ``namespace`` is
-        a shared one that does not exist (any more). (An awaitable rather than a coroutine,
+        a shared one that does not exist (any more), or a personal one whose
+        user does not (see ``userless_owners``; so is ``kv_delete``). (An awaitable rather than a coroutine,
         so SQLite can hand back its queued write's future; PostgreSQL's is a
         coroutine.)
         """

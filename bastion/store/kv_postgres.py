@@ -14,6 +14,7 @@ from bastion.store.kv import (
     LOG_COLUMNS,
     LOG_ENTRY_BYTES,
     NAMESPACE_EXISTS,
+    OWNER_EXISTS,
     PERSONAL_PREFIX,
     PUT,
     KVChange,
@@ -33,6 +34,7 @@ from bastion.store.kv import (
     key_range,
     namespace_of,
     no_namespace,
+    no_owner,
     over_quota,
     personal_namespace,
     quota_error,
@@ -94,6 +96,22 @@ async def _check_shared(conn: asyncpg.Connection[Any], namespace: str) -> None:
     its snapshot is taken after the lock was granted and sees a deletion committed before that."""
     if await conn.fetchval(NAMESPACE_EXISTS.format("$1"), namespace) is None:
         raise no_namespace(namespace)
+
+
+_PG_OWNER_EXISTS = OWNER_EXISTS.format("$1", " FOR KEY SHARE")
+
+
+async def _check_owner(conn: asyncpg.Connection[Any], namespace: str) -> None:
+    """First in a write's transaction to the personal ``namespace`` ~NAME: ``NotFound`` unless user NAME has
+    a row (or the store keeps none). Race-free against a concurrent ``DELETE FROM users`` (``auth.delete_user``):
+    the row is key-share locked until the write commits, and a delete must lock it ``FOR UPDATE``, which
+    conflicts. A delete that comes second waits for the write's commit, so its keys are there for the
+    hand-over pass ``auth.delete_user`` runs after the row is gone; a delete that came first is waited for
+    if not yet committed (READ COMMITTED then re-reads the row: gone, nothing is locked or found), and the
+    write is refused. First, before the counter's lock: a write waiting on a deletion holds no lock
+    other writers need. (The last user deleted leaves a store that keeps none: not refused.)"""
+    if await conn.fetchval(_PG_OWNER_EXISTS, namespace[1:]) is None:
+        raise no_owner(namespace[1:])
 
 
 def _pg_range(prefix: str, after: str | None, first: int) -> tuple[str, list[Any]]:
@@ -173,9 +191,12 @@ class PostgresKV(PostgresAccess, KVStore):
     ) -> list[int]:
         if all(w.expected_version is None for w in writes):
             return await self._kv_put_unchecked(namespace, writes, now, quota)
+        owned = namespace.startswith(PERSONAL_PREFIX) and not self.userless_owners
 
         async def put(conn: asyncpg.Connection[Any]) -> list[int]:
             async with conn.transaction():
+                if owned:
+                    await _check_owner(conn, namespace)
                 tx = _PostgresTx(conn, now)
                 await tx.start()
                 if not namespace.startswith(PERSONAL_PREFIX):
@@ -196,8 +217,12 @@ class PostgresKV(PostgresAccess, KVStore):
     ) -> list[int]:
         """``kv_put`` without compare-and-swap: one statement per write (``_PG_PUT_LIVE``)."""
 
+        owned = namespace.startswith(PERSONAL_PREFIX) and not self.userless_owners
+
         async def put(conn: asyncpg.Connection[Any]) -> list[int]:
             async with conn.transaction():
+                if owned:
+                    await _check_owner(conn, namespace)
                 versions = []
                 for w in writes:
                     taken, version = await conn.fetchrow(
@@ -219,8 +244,12 @@ class PostgresKV(PostgresAccess, KVStore):
         return result
 
     async def kv_delete(self, namespace: str, key: str, expected_version: int | None, now: float) -> int:
+        owned = namespace.startswith(PERSONAL_PREFIX) and not self.userless_owners
+
         async def delete(conn: asyncpg.Connection[Any]) -> int:
             async with conn.transaction():
+                if owned:  # refused as a put is
+                    await _check_owner(conn, namespace)
                 tx = _PostgresTx(conn, now)
                 await tx.start()
                 current = await tx.version(namespace, key)

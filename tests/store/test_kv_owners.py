@@ -1,0 +1,123 @@
+"""A kv write into a personal namespace ``~NAME`` commits only while user NAME has a row (if the store keeps
+users): the check of the service (``kv.namespace_for``) comes before the write commits, and a write whose
+commit came after the whole of ``auth.delete_user`` (both of its hand-over passes) left keys in ``~NAME``
+with no user, found by whoever was given the name next. The write's own transaction checks now."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from bastion.exceptions import NotFound
+from bastion.security.credentials import User
+from bastion.store import Store
+from bastion.store.kv import KVWrite
+from tests.support.stores import store_location
+
+NOW = 1_000_000.0
+
+
+def w(key: str, value: bytes = b"v", expected_version: int | None = None) -> KVWrite:
+    return KVWrite(key, value, "", expected_version, None)
+
+
+async def _delete_user(store: Store, name: str) -> None:
+    """What ``auth.delete_user`` does to the row and the keys: a pass, the row, a pass again."""
+    await store.kv_reassign_owner(name, None)
+    assert await store.delete_user(name)
+    await store.kv_reassign_owner(name, None)
+
+
+async def test_a_write_checked_before_its_user_was_deleted_commits_nothing_after(store: Store) -> None:
+    for name in ("alice", "bob", "carol"):
+        await store.create_user(User(name))
+    await store.kv_put("~bob", [w("old")], NOW)
+    await asyncio.gather(store.kv_put("~alice", [w("a")], NOW), store.kv_put("~carol", [w("a")], NOW))
+    assert await store.get_user("bob") is not None  # the service's check passes...
+    await _delete_user(store, "bob")  # ...the whole deletion runs...
+    before = await store.kv_revisions()
+    for writes in ([w("a")], [w("a"), w("b", b"2")], [w("a", expected_version=0)]):  # ...then the write commits
+        with pytest.raises(NotFound, match="no user 'bob': an admin writes only to the namespace of a user"):
+            await store.kv_put("~bob", writes, NOW)
+    with pytest.raises(NotFound, match="no user 'bob'"):
+        await store.kv_delete("~bob", "old", None, NOW)
+    # Among others in one group (SQLite: one batch, run again with each alone): only that put fails.
+    results = await asyncio.gather(
+        store.kv_put("~alice", [w("x")], NOW), store.kv_put("~bob", [w("a")], NOW),
+        store.kv_put("~alice", [w("y")], NOW), return_exceptions=True,
+    )  # fmt: skip
+    assert isinstance(results[1], NotFound)
+    assert results[0] == [before.current + 1] and results[2] == [before.current + 2]
+    await store.create_user(User("bob"))  # the name's next holder finds nothing
+    assert await store.kv_list("~bob", "", None, 10, NOW) == []
+    assert (await store.kv_usage("~bob")).keys == 0
+    assert [c.key for c in await store.kv_changes(before.current, None, 10)] == ["x", "y"]
+    assert await store.kv_put("~bob", [w("new")], NOW) == [before.current + 3]
+
+
+async def test_a_store_without_users_takes_writes_to_any_personal_namespace(store: Store) -> None:
+    """No user rows at all: the server's principals come from another authenticator (as for files shares)."""
+    assert await store.kv_put("~tester", [w("a")], NOW) == [1]
+    assert await store.kv_put("~tester", [w("b", expected_version=0)], NOW) == [2]
+    assert await store.kv_delete("~tester", "a", None, NOW) == 3
+    # Several in one group (SQLite: their owners looked up in one statement).
+    assert await asyncio.gather(store.kv_put("~x", [w("a")], NOW), store.kv_put("~y", [w("a")], NOW)) == [[4], [5]]
+
+
+async def test_a_store_serving_principals_without_users_takes_their_writes(store: Store) -> None:
+    """tls.client_subjects = "any": a certificate naming no user owns ~NAME, users or not."""
+    await store.create_user(User("alice"))
+    with pytest.raises(NotFound, match="no user 'sensor-7'"):
+        await store.kv_put("~sensor-7", [w("a")], NOW)
+    store.userless_owners = True
+    assert await store.kv_put("~sensor-7", [w("a")], NOW) == [1]
+    assert await store.kv_put("~sensor-7", [w("b", expected_version=0)], NOW) == [2]
+    assert await store.kv_delete("~sensor-7", "a", None, NOW) == 3
+
+
+async def test_a_put_waits_for_a_user_deletion_in_progress(backend: str, store: Store, tmp_path: Path) -> None:
+    """PostgreSQL: the put key-share locks the user row in its transaction, so it waits for a deletion not
+    yet committed and is then refused (and a deletion waits for a put holding the lock; SQLite has one
+    writer: nothing to race)."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL's concurrent transactions")
+    await store.create_user(User("alice"))
+    await store.create_user(User("bob"))
+    conn = await asyncpg.connect(store_location(backend, tmp_path))
+    # Polled outside conn's transaction: pg_stat_activity is read afresh each time (not kept from the first).
+    watch = await asyncpg.connect(store_location(backend, tmp_path))
+    try:
+        for writes in ([w("a")], [w("a", expected_version=0)]):
+            deleting = conn.transaction()
+            await deleting.start()
+            await conn.execute("DELETE FROM users WHERE name = 'bob'")
+            put = asyncio.create_task(store.kv_put("~bob", writes, NOW))
+            deadline = asyncio.get_running_loop().time() + 5
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT 1 WHERE EXISTS (SELECT 1 FROM users %'"
+            )
+            while not await watch.fetchval(waiting):
+                assert not put.done(), "the put did not wait for the deletion"
+                assert asyncio.get_running_loop().time() < deadline, "the put never waited for the deletion"
+                await asyncio.sleep(0.01)
+            await deleting.rollback()
+            assert (await put)[0] > 0  # the row stayed: the put goes ahead
+            await store.kv_delete("~bob", "a", None, NOW)
+        deleting = conn.transaction()
+        await deleting.start()
+        await conn.execute("DELETE FROM users WHERE name = 'bob'")
+        put = asyncio.create_task(store.kv_put("~bob", [w("a")], NOW))
+        while not await watch.fetchval(waiting):
+            assert asyncio.get_running_loop().time() < deadline + 5, "the put never waited for the deletion"
+            await asyncio.sleep(0.01)
+        await deleting.commit()
+        with pytest.raises(NotFound, match="no user 'bob'"):
+            await put
+    finally:
+        await conn.close()
+        await watch.close()
+    assert await store.kv_list("~bob", "", None, 10, NOW) == []
