@@ -292,7 +292,7 @@ async def _compose_and_serve(
             limiter = SharedRateLimiter(config.rate_limits, role.shared)
         else:
             limiter = create_limiter(config.rate_limits)
-        # A certificate naming no user owns ~NAME: the store takes writes to a personal namespace with no user.
+        # A certificate naming no user owns ~NAME and files: the store takes their writes with no user row.
         store.userless_owners = config.tls.client_subjects == "any"
         # What auth.delete_user hands over or deletes (mailboxes go with the user row itself).
         owned_data = {

@@ -128,6 +128,10 @@ class UploadRecord(msgspec.Struct, frozen=True):
 class FileStore(ABC):
     """What every backend offers for files (metadata only; contents are the service's)."""
 
+    #: As ``KVStore.userless_owners``: False (default), an upload begins only while its owner and its uploader
+    #: have user rows (if the store keeps users); True where principals with no user row own files.
+    userless_owners: bool = False
+
     @abstractmethod
     async def files_get(self, file_id: str) -> FileRecord | None: ...
 
@@ -205,7 +209,8 @@ class FileStore(ABC):
         none that exists now) and the owner's files plus open uploads that may
         make new ones already number ``max_files``; ``AlreadyExists`` if it creates a name the owner
         already has (and ``overwrite`` is false); ``NotFound`` if the file it
-        replaces does not exist; ``Aborted`` if its ``expected_sha256`` is not
+        replaces does not exist, or if its owner or uploader has no user row
+        (see ``userless_owners``); ``Aborted`` if its ``expected_sha256`` is not
         the contents of the file it replaces (or there is no such file).
         """
 
@@ -305,6 +310,12 @@ _SHARE_IF = (
 )
 _SHARE = _SHARE_IF.replace(" @LOCK", "")
 _SHARE_PG = _SHARE_IF.replace("@LOCK", "FOR KEY SHARE")
+# Whether $1 has a user row (or no users are kept), asked by files_begin_upload in its transaction: an
+# upload begun after auth.delete_user's passes (which drop the user's uploads) would make a file of nobody.
+# PostgreSQL key-share locks the row to the commit, as _SHARE_PG does.
+_USER_ROW_IF = "SELECT 1 WHERE EXISTS (SELECT 1 FROM users WHERE name = $1 @LOCK) OR NOT EXISTS (SELECT 1 FROM users)"
+_USER_ROW = _USER_ROW_IF.replace(" @LOCK", "")
+_USER_ROW_PG = _USER_ROW_IF.replace("@LOCK", "FOR KEY SHARE")
 _UNSHARE = "DELETE FROM file_shares WHERE file_id = $1 AND kind = $2 AND grantee = $3"
 _SHARES = f"SELECT {_SHARE_COLUMNS} FROM file_shares WHERE file_id = $1 ORDER BY kind, grantee"
 _INSERT_UPLOAD = f"INSERT INTO file_uploads ({_UPLOAD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
@@ -444,6 +455,15 @@ def _check_file_count(upload: UploadRecord, count: int, max_files: int | None) -
             f"{upload.owner!r} holds {count} files or uploads of new ones, the limit (files.max_files): "
             "delete some files or cancel some uploads first"
         )
+
+
+def _upload_users(upload: UploadRecord) -> list[str]:
+    """The users an upload needs rows of: its owner and its uploader, in one order (PostgreSQL locks them)."""
+    return sorted({upload.owner, upload.uploader})
+
+
+def _no_user(name: str) -> NotFound:
+    return NotFound(f"no user {name!r}: deleted, or never created")
 
 
 def _no_grantee(share: FileShare) -> NotFound:

@@ -45,6 +45,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _UPLOADS_PAGE,
     _USAGE_FILES,
     _USAGE_UPLOADS,
+    _USER_ROW_PG,
     CLAIM_SECONDS,
     PIN_SECONDS,
     FileRecord,
@@ -59,12 +60,14 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _list_args,
     _list_sql,
     _no_grantee,
+    _no_user,
     _now,
     _quota_error,
     _replace_target_missing,
     _share,
     _upload,
     _upload_row,
+    _upload_users,
 )
 
 __all__ = ["PostgresFiles"]
@@ -188,8 +191,16 @@ class PostgresFiles(PostgresAccess, FileStore):
         max_grantee: int | None = None,
         max_files: int | None = None,
     ) -> None:
+        users = [] if self.userless_owners else _upload_users(upload)
+
         async def begin(conn: PgConn) -> None:
             async with conn.transaction():
+                # First, holding no lock yet: key-share lock the user rows to the commit. A deletion after
+                # this waits for the commit, then the second pass of auth.delete_user drops the upload; one
+                # before it is waited for (if uncommitted), and READ COMMITTED then finds no row: refused.
+                for name in users:
+                    if await conn.fetchval(_USER_ROW_PG, name) is None:
+                        raise _no_user(name)
                 # One reservation at a time per owner, then per uploader, across every replica (always in
                 # this order, and in two lock spaces: no two transactions wait for each other).
                 await conn.execute(

@@ -22,6 +22,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _list_args,
     _list_sql,
     _no_grantee,
+    _no_user,
     _now,
     _quota_error,
     _replace_target_missing,
@@ -29,6 +30,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _sqlite,
     _upload,
     _upload_row,
+    _upload_users,
 )
 
 __all__ = ["SQLiteFiles"]
@@ -125,7 +127,12 @@ class SQLiteFiles(SQLiteAccess, FileStore):
         max_grantee: int | None = None,
         max_files: int | None = None,
     ) -> None:
+        users = [] if self.userless_owners else _upload_users(upload)
+
         def begin(c: Conn) -> None:
+            for name in users:  # one writer: the check stands to the commit (see _USER_ROW_IF)
+                if c.execute(_Q["_USER_ROW"], (name,)).fetchone() is None:
+                    raise _no_user(name)
             if _sqlite_check_target(c, upload) is None:  # it may make a new file
                 _check_file_count(upload, int(c.execute(_Q["_FILE_COUNT"], (upload.owner,)).fetchone()[0]), max_files)
             open_uploads = int(c.execute(_Q["_OPEN_UPLOADS_OF"], (upload.uploader,)).fetchone()[0])

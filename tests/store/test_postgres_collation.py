@@ -84,6 +84,7 @@ async def fill(store: Store) -> None:
     """Files of several owners, shares, uploads with equal times and jobs, all with order-sensitive names."""
     n = 0
     for owner in OWNERS:
+        await store.create_user(User(owner))  # uploads need their owners' rows, once the store keeps users
         for name in NAMES:
             n += 1
             upload = UploadRecord(f"u{n}", owner, owner, name, 1, SHA, None, False, T0, T0)
