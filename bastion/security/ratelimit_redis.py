@@ -117,9 +117,13 @@ def check_url(url: str) -> None:
     try:
         split = urllib.parse.urlsplit(url)
         split.port  # noqa: B018 (parsing it is the check)
-        if "@" in url.partition("://")[2][len(split.netloc) :]:
-            # an @ past the authority: a password's ``@`` and ``/`` (``:s3@cr/et@host``) made urlsplit end the
-            # authority inside it, so another host would be asked than the one shown (redacted by its last @)
+        if split.scheme in ("redis", "rediss") and (
+            "@" in split.path or ("@" in split.netloc and "@" in split.query + split.fragment)
+        ):
+            # an @ past the authority: a password's ``@`` and ``/`` or ``?`` (``:s3@cr/et@host``) made urlsplit end
+            # the authority inside it, so another host would be asked than the one shown (redacted by its last @).
+            # A database path is only /N; an @ in the query (client_name=svc@eu1) is refused only beside a
+            # password, and unix:// socket paths may hold one.
             raise ValueError("an @ after the host")
     except ValueError:
         raise UsageError(

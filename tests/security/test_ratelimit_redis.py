@@ -33,7 +33,7 @@ from bastion.security.ratelimit import Limit, Limiter, RateLimitConfig, RateLimi
 redis = pytest.importorskip("redis", reason="the redis package is not installed (pip install 'bastion[redis]')")
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
-from bastion.security.ratelimit_redis import SCRIPT, RedisRateLimiter  # noqa: E402
+from bastion.security.ratelimit_redis import SCRIPT, RedisRateLimiter, check_url  # noqa: E402
 
 URL = os.environ.get("BASTION_TEST_REDIS_URL", "")
 needs_redis = pytest.mark.skipif(
@@ -367,3 +367,32 @@ def test_a_stalled_redis_does_not_hold_up_every_call(tmp_path: Any, fail_open: b
 
     with own_redis(str(tmp_path)) as (url, proc):
         asyncio.run(main(url, proc))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://localhost:6379/0?client_name=svc@eu1",  # an @ in the query, no password
+        "unix:///run/app@1/redis.sock?db=0",  # a socket path may hold an @
+        "unix:///tmp/r.sock?password=p@ss",  # redis reads the password from the query
+        "redis://localhost/0#a@b",
+        "rediss://user:pw@host/0",
+        "redis://u%40x:p%40ss@[::1]:6379/0",  # encoded, as the message asks
+    ],
+)
+def test_a_redis_url_with_an_at_sign_where_redis_reads_no_host_is_accepted(url: str) -> None:
+    check_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3@cr/et@127.0.0.1:6379/0",  # a password's @ and /: urlsplit reads host "cr"
+        "redis://:s3@cr?et@127.0.0.1:6379/0",  # ... and its ? likewise
+        "rediss://:s3@cr#et@127.0.0.1:6379/0",
+    ],
+)
+def test_a_redis_url_whose_password_ends_the_host_early_is_refused_without_showing_it(url: str) -> None:
+    with pytest.raises(UsageError, match="percent-encoded") as refused:
+        check_url(url)
+    assert "s3" not in str(refused.value)  # the URL, and so its password, is not shown
