@@ -12,6 +12,7 @@ import os
 import stat
 import sys
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -19,7 +20,7 @@ import msgspec
 import typer
 
 from bastion.client.sync import SyncClient
-from bastion.exceptions import BastionError, CallError, TransportError, UsageError
+from bastion.exceptions import BastionError, CallError, ResourceExhausted, TransportError, Unavailable, UsageError
 
 __all__ = [
     "CA",
@@ -295,3 +296,19 @@ def store_flag(url: str) -> str:
 
 fail = _fail
 run_guarded = _run_guarded
+
+
+def resuming(run: Callable[[], None], note: Callable[[], str | None]) -> Callable[[], None]:
+    """``run`` (a watch), printing ``note()`` -- how to watch again without missing anything -- when a drain,
+    a lost connection or the server's limits end it; not when watching again could not help (OUT_OF_RANGE:
+    the change history has moved on; PERMISSION_DENIED, UNAUTHENTICATED...: the server says why)."""
+
+    def watch() -> None:
+        try:
+            run()
+        except (Unavailable, ResourceExhausted, TransportError):
+            if (text := note()) is not None:
+                print(f"note: {text}", file=sys.stderr, flush=True)
+            raise
+
+    return watch

@@ -26,11 +26,11 @@ from bastion.cli.common import (
     fail,
     json_line,
     print_json,
+    resuming,
     run_guarded,
     seconds,
     shown,
 )
-from bastion.exceptions import BastionError
 
 __all__ = ["kv_app"]
 
@@ -220,16 +220,12 @@ def watch(
                     key, value = shown(event["key"]), _show(event["value"])
                     print(f"{event['version']}\t{event['type']}\t{key}\t{value}", flush=True)
 
-    def resumable() -> None:  # a drain or a lost connection ends the watch: say where to pick it up
-        try:
-            run()
-        except BastionError:
-            if resume is not None:
-                print(f"note: to go on without missing a change, watch again with --from-version {resume}",
-                      file=sys.stderr, flush=True)  # fmt: skip
-            raise
+    def note() -> str | None:
+        return (
+            None if resume is None else f"to go on without missing a change, watch again with --from-version {resume}"
+        )
 
     try:
-        run_guarded(resumable)
+        run_guarded(resuming(run, note))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

@@ -32,10 +32,10 @@ from bastion.cli.common import (
     fail,
     json_line,
     print_json,
+    resuming,
     run_guarded,
 )
 from bastion.cli.common import shown as _shown
-from bastion.exceptions import BastionError
 
 __all__ = ["messages_app"]
 
@@ -215,16 +215,10 @@ def watch(
                     m = event["message"]
                     print(f"{m['id']}\t{_shown(m['sender'])}\t{_shown(m['subject'])}", flush=True)
 
-    def resumable() -> None:  # a drain or a lost connection ends the watch: say where to pick it up
-        try:
-            run()
-        except BastionError:
-            if resume is not None:
-                print(f"note: to go on without missing a message, watch again with --from-id {resume}",
-                      file=sys.stderr, flush=True)  # fmt: skip
-            raise
+    def note() -> str | None:
+        return None if resume is None else f"to go on without missing a message, watch again with --from-id {resume}"
 
     try:
-        run_guarded(resumable)
+        run_guarded(resuming(run, note))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

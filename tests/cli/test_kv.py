@@ -120,6 +120,19 @@ def test_a_watch_ended_by_a_drain_says_which_version_to_resume_from(server_facto
     assert f"--from-version {int(put.stdout) + 1}" in stderr, stderr
 
 
+def test_a_watch_that_watching_again_cannot_help_gives_no_resume_note(server_factory: StartServer) -> None:
+    """The note is for a drain or a lost connection; a watch from a version the history no longer holds
+    ends OUT_OF_RANGE, and "watch again with --from-version 1" would only fail the same way (review)."""
+    server = server_factory(env={"BASTION_KV__HISTORY": "2"})
+    addr, token = server.address, ("--token-file", str(server.token_file))
+    for i in range(6):
+        assert bastion_cli("kv", "put", addr, f"k{i}", "1", *token).returncode == 0
+    watch = bastion_cli("kv", "watch", addr, "--from-version", "1", *token)
+    assert watch.returncode == 1, watch.stderr
+    assert "OUT_OF_RANGE" in watch.stderr
+    assert "note:" not in watch.stderr, watch.stderr
+
+
 def test_ls_help_describes_the_lines_it_prints() -> None:
     """The help said "key, version, size"; the lines are key<TAB>version (keys only are fetched)."""
     shown = bastion_cli("kv", "ls", "--help", env={"COLUMNS": "200"})
