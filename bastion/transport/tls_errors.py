@@ -14,12 +14,19 @@ __all__ = ["HTTP_PEER", "describe_tls_error", "looks_like_http", "looks_like_tls
 
 # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 _NAME_MISMATCH = frozenset({62, 64})
-# X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT, DEPTH_ZERO_SELF_SIGNED_CERT, SELF_SIGNED_CERT_IN_CHAIN,
-# UNABLE_TO_GET_ISSUER_CERT_LOCALLY, UNABLE_TO_VERIFY_LEAF_SIGNATURE: the chain ends at a CA the client lacks
-_UNTRUSTED_ISSUER = frozenset({2, 18, 19, 20, 21})
-_UNTRUSTED_HINT = (
-    "; this client does not trust the CA that issued the server's certificate: give it that CA "
-    "(ca=, --ca or BASTION_CA; a development server's is <data-dir>/tls/ca.pem)"
+# X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT, SELF_SIGNED_CERT_IN_CHAIN: the chain is whole, and ends at a CA the
+# client lacks
+_UNTRUSTED_ISSUER = frozenset({18, 19})
+# X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT, UNABLE_TO_GET_ISSUER_CERT_LOCALLY, UNABLE_TO_VERIFY_LEAF_SIGNATURE: that,
+# or a server under a CA the client does trust (public, a company's) that sends its own certificate without the
+# intermediate ones between (OpenSSL says "unable to get local issuer certificate" for both)
+_MISSING_ISSUER = frozenset({2, 20, 21})
+_GIVE_CA = "give it that CA (ca=, --ca or BASTION_CA; a development server's is <data-dir>/tls/ca.pem)"
+_UNTRUSTED_HINT = f"; this client does not trust the CA that issued the server's certificate: {_GIVE_CA}"
+_MISSING_HINT = (
+    f"; this client does not trust the CA that issued the server's certificate ({_GIVE_CA}), or the server "
+    "does not send the intermediate certificate(s) between its own and that CA (its certificate file should "
+    "hold the whole chain)"
 )
 
 _REASONS: dict[str, str] = {
@@ -56,7 +63,8 @@ def describe_tls_error(exc: BaseException) -> str:
         detail = exc.verify_message or exc.reason or str(exc)
         if exc.verify_code in _NAME_MISMATCH:
             return f"hostname mismatch: {detail}"
-        hint = _UNTRUSTED_HINT if exc.verify_code in _UNTRUSTED_ISSUER else ""
+        code = exc.verify_code
+        hint = _UNTRUSTED_HINT if code in _UNTRUSTED_ISSUER else _MISSING_HINT if code in _MISSING_ISSUER else ""
         return f"certificate verify failed: {detail}{hint}"
     if isinstance(exc, ssl.SSLError):
         reason = exc.reason or ""

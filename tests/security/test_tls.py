@@ -586,3 +586,30 @@ def test_a_tls_server_without_alpn_bastion_is_refused(tmp_path: Path) -> None:
             _connect_sync(address, ca=paths.ca)
         with pytest.raises(ConnectError, match="did not agree to ALPN bastion/1"):
             _connect_async(address, ca=paths.ca)
+
+
+async def test_a_server_that_leaves_out_its_intermediate_certificate_is_named_as_a_possible_cause(
+    tmp_path: Path,
+) -> None:
+    """A server under a CA the client trusts, sending its own certificate without the intermediate one, fails
+    verification as an untrusted CA does ("unable to get local issuer certificate"): the hint names both causes,
+    not only "give it that CA", which the client already has (review)."""
+    root = trustme.CA()
+    leaf = root.create_child_ca().issue_cert("127.0.0.1")
+    cert, key, ca = tmp_path / "leaf.pem", tmp_path / "leaf.key", tmp_path / "root.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))  # the leaf alone: no intermediate
+    leaf.private_key_pem.write_to_path(str(key))
+    root.cert_pem.write_to_path(str(ca))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=context)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ConnectError) as failed:
+            await Client(f"127.0.0.1:{port}", ca=ca, timeout=5).connect()
+        message = str(failed.value)
+        assert "certificate verify failed" in message
+        assert "does not send the intermediate certificate(s)" in message and "--ca or BASTION_CA" in message
+    finally:
+        listener.close()
+        await listener.wait_closed()
