@@ -157,6 +157,64 @@ def test_a_cli_client_command_over_tls_does_not_load_cryptography(server: Server
     assert result.stderr.splitlines()[-1].split() == ["loaded:"]
 
 
+#: What no client command of the CLI loads: the server, the stores and their drivers, the configuration (a
+#: client reads none), the server-side TLS code, and rich (progress bars: file transfers and job watches only).
+CLI_CLIENT_MUST_NOT_LOAD = [
+    "asyncpg",
+    "sqlite3",
+    "_sqlite3",
+    "rich",
+    "bastion.config",
+    "bastion.cli.serve",
+    "bastion.cli.check",
+    *SERVER_ONLY_TLS,
+]
+CLI_CLIENT_MUST_NOT_LOAD_UNDER = ["bastion.server", "bastion.store", "bastion.services", "bastion.gateway"]
+
+
+def test_the_cli_client_commands_do_not_load_the_server_or_the_stores(server: ServerProcess) -> None:
+    # A client command is run in shells loops and scripts: its start-up pays for nothing it does not use.
+    # Each runs the CLI's own entry point against a real TLS server and, as the process exits, writes to
+    # stderr what it has loaded of the list.
+    script = textwrap.dedent(
+        f"""
+        import atexit, sys
+        def loaded():
+            return [name for name in sys.modules if name in {CLI_CLIENT_MUST_NOT_LOAD!r}
+                    or any(name.startswith(top + ".") or name == top for top in {CLI_CLIENT_MUST_NOT_LOAD_UNDER!r})]
+        atexit.register(lambda: print("loaded:", *loaded(), file=sys.stderr))
+        sys.argv = ["bastion", *sys.argv[1:]]
+        from bastion.cli import main
+        main()
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    tls = ["--ca", str(shared_ca()), "--token-file", str(server.token_file)]
+    commands = [
+        ["call", server.address, "demo.echo", "value=1"],
+        ["methods", server.address],
+        ["kv", "put", server.address, "greeting", "hello"],
+        ["kv", "get", server.address, "greeting"],
+        ["kv", "ls", server.address],
+        ["files", "ls", server.address],
+        ["messages", "inbox", server.address],
+        ["jobs", "ls", server.address],
+        ["user", "ls", server.address],
+        ["token", "ls", server.address],
+    ]
+    for command in commands:
+        result = subprocess.run(
+            [sys.executable, "-c", script, *command, *tls],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env=env,
+        )
+        assert result.returncode == 0, (command, result.stdout + result.stderr)
+        assert result.stderr.splitlines()[-1].split()[1:] == [], command
+
+
 def test_the_tls_modules_names_are_still_found_in_tls() -> None:
     # The dev CA's and the certificate files' names, loaded on first use, are the real ones (and listed).
     from bastion.security import tls, tls_devca, tls_files

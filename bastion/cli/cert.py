@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from bastion.config import Config, load_config
 from bastion.exceptions import UsageError
 from bastion.security import tls as security_tls  # the dev CA's names load on first use: client commands need none
 
 if TYPE_CHECKING:
+    from bastion.config import Config  # loaded by the commands that read a configuration: client commands need none
     from bastion.security.tls_devca import TLSPaths
     from bastion.server.server import Server
 
@@ -197,6 +197,8 @@ class ConfigSource:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def load(self) -> Config:
+        from bastion.config import load_config
+
         return load_config(self.path, overrides=self.overrides)
 
 
@@ -230,6 +232,8 @@ def _reason(exc: Exception) -> str:
 
 
 def _settings(config: Path | None, data_dir: Path | None, hosts: list[str] | None) -> tuple[Path, list[str]]:
+    from bastion.config import load_config
+
     overrides: dict[str, Any] = {"data_dir": str(data_dir)} if data_dir is not None else {}
     try:
         cfg = load_config(config, overrides=overrides)

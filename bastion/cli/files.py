@@ -23,19 +23,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from bastion.cli import common
 from bastion.cli.common import (
@@ -53,6 +43,9 @@ from bastion.cli.common import (
 from bastion.client.sync import SyncClient
 from bastion.exceptions import DataLoss, NotFound, UsageError
 
+if TYPE_CHECKING:
+    from rich.progress import Progress  # loaded by the commands that show one: other commands start faster
+
 __all__ = ["files_app"]
 
 files_app = typer.Typer(help="Store, fetch, list and share files (the files service).", no_args_is_help=True)
@@ -68,6 +61,17 @@ Owner = Annotated[str | None, typer.Option("--owner", help="The file belongs to 
 
 
 def _progress(show: bool | None) -> Progress:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     console = Console(stderr=True, force_terminal=True if show else None)
     enabled = show if show is not None else console.is_terminal
     return Progress(
