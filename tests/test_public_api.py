@@ -215,6 +215,39 @@ def test_the_cli_client_commands_do_not_load_the_server_or_the_stores(server: Se
         assert result.stderr.splitlines()[-1].split()[1:] == [], command
 
 
+def test_a_cli_client_command_starts_no_other_process(server: ServerProcess) -> None:
+    # Finding the C library with ctypes.util.find_library runs `ldconfig -p`: a fork and an exec on every
+    # command, for the allocator settings the CLI applies at start. The audit hook sees any process started.
+    script = textwrap.dedent(
+        """
+        import sys
+        started = []
+        sys.addaudithook(lambda event, args: started.append(repr(args[:2])) if event in (
+            "subprocess.Popen", "os.posix_spawn", "os.fork", "os.forkpty", "os.exec", "os.spawn", "os.system"
+        ) else None)
+        sys.argv = ["bastion", *sys.argv[1:]]
+        from bastion.cli import main
+        try:
+            main()
+        finally:
+            print("started:", *started, file=sys.stderr)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    command = ["call", server.address, "demo.echo", "value=1", "--ca", str(shared_ca())]
+    result = subprocess.run(
+        [sys.executable, "-c", script, *command, "--token-file", str(server.token_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "1"
+    assert result.stderr.splitlines()[-1] == "started:"
+
+
 def test_the_tls_modules_names_are_still_found_in_tls() -> None:
     # The dev CA's and the certificate files' names, loaded on first use, are the real ones (and listed).
     from bastion.security import tls, tls_devca, tls_files
