@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bastion import SyncClient
+from tests.gateway import test_ws_abuse as ws_abuse
 from tests.support.server import ServerProcess, start_server, wait_for
 
 ANSWER_DEADLINE = 5.0
@@ -63,11 +64,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
         assert "Traceback" not in log, log[-4000:]
 
 
-def address(server: ServerProcess) -> tuple[str, int]:
-    assert server.gateway_url is not None
-    parts = urllib.parse.urlsplit(server.gateway_url)
-    assert parts.hostname is not None and parts.port is not None
-    return parts.hostname, parts.port
+address = ws_abuse._address
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -396,21 +393,9 @@ def ws_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, mas
 
 
 def open_ws(server: ServerProcess) -> socket.socket:
-    host, port = address(server)
-    sock = socket.create_connection((host, port), timeout=ANSWER_DEADLINE)
-    sock.sendall(
-        (
-            f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Authorization: Bearer {server.token}\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        assert chunk, head
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
+    """A raw socket past an authenticated WebSocket upgrade to /ws."""
+    sock = ws_abuse.open_ws(server, token=server.token)
+    sock.settimeout(ANSWER_DEADLINE)
     return sock
 
 

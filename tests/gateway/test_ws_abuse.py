@@ -40,8 +40,8 @@ def _address(server: ServerProcess) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
-def open_ws(server: ServerProcess, rcvbuf: int | None = None) -> socket.socket:
-    """A raw socket past a WebSocket upgrade to /ws (no Origin: not a browser)."""
+def open_ws(server: ServerProcess, rcvbuf: int | None = None, token: str | None = None) -> socket.socket:
+    """A raw socket past a WebSocket upgrade to /ws (no Origin: not a browser; with ``token``, as its bearer)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -51,7 +51,8 @@ def open_ws(server: ServerProcess, rcvbuf: int | None = None) -> socket.socket:
     sock.sendall(
         (
             f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            + (f"Authorization: Bearer {token}\r\n" if token is not None else "")
+            + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         ).encode()
     )
     head = b""
