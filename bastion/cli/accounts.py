@@ -213,6 +213,23 @@ def user_passwd(
     print(f"password of {name} set", file=sys.stderr)
 
 
+@user_app.command("unlock")
+def user_unlock(
+    address: Address,
+    name: str,
+    as_json: AsJson = False,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    insecure: Insecure = False,
+) -> None:
+    """Lift a user's login lockouts (from every address) and forget their failed attempts."""
+    result = _admin_call(address, token_file, ca, insecure, "auth.unlock_user", name=name)
+    if as_json:
+        print_json(result)
+        return
+    print(f"unlocked {name}; {_said(result, 'lifted')} lockout(s) lifted", file=sys.stderr)
+
+
 @user_app.command("roles")
 def user_roles(
     address: Address,

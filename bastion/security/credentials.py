@@ -11,7 +11,7 @@ from typing import Protocol
 
 import msgspec
 
-__all__ = ["THROTTLE_KEY_PREFIXES", "CredentialStore", "Token", "User", "throttle_key_ranges"]
+__all__ = ["THROTTLE_KEY_PREFIXES", "CredentialStore", "Token", "User", "lockout_key_range", "throttle_key_ranges"]
 
 #: The login throttle's lockouts-table keys for a user are ``PREFIX + user + "|" + source`` (throttle.py).
 THROTTLE_KEY_PREFIXES = ("known:", "login:")
@@ -45,6 +45,11 @@ def throttle_key_ranges(user: str) -> list[tuple[str, str]]:
     """The key ranges [low, high) of ``user``'s rows in the lockouts table, in code-point order: every key
     starting ``known:USER|`` or ``login:USER|`` ("}" follows "|"), which a store deletes with the user."""
     return [(f"{prefix}{user}|", f"{prefix}{user}}}") for prefix in THROTTLE_KEY_PREFIXES]
+
+
+def lockout_key_range(user: str) -> tuple[str, str]:
+    """The key range [low, high) of ``user``'s lockouts (``login:USER|SOURCE``) alone, as above."""
+    return f"login:{user}|", f"login:{user}}}"
 
 
 class CredentialStore(Protocol):
@@ -105,4 +110,9 @@ class CredentialStore(Protocol):
 
     async def expire_lockouts(self, now: float, limit: int) -> int:
         """Delete up to ``limit`` lockouts that ended at or before ``now``; the number deleted."""
+        ...
+
+    async def delete_lockouts(self, user: str) -> dict[str, float]:
+        """Delete ``user``'s lockouts (keys ``login:USER|SOURCE``; not the known sources); the key of each
+        deleted, without the ``login:USER|``, and when it ended or ends."""
         ...

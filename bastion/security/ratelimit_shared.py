@@ -318,6 +318,14 @@ class SharedBuckets:
                 return 0.0
         return (n - tokens) / self.rate
 
+    def pop(self, key: str) -> None:
+        """Fill the bucket again (as one never used)."""
+        table = self._table
+        with table.locked():
+            offset = table.find(table.digest(self._prefix + key))
+            if offset is not None:
+                table.put(offset, self.capacity, 0.0)
+
 
 class SharedCounts:
     """Counters per key in a ``SharedTable`` (the login throttle's failures in a row), each forgotten ``ttl``

@@ -87,6 +87,10 @@ Failure counts of a pair are forgotten ``lockout`` seconds after the pair's
 last failure, in every backend (memory, the workers' table, Redis): failures
 "in a row" are those no further apart than a lockout.
 
+An admin lifts a user's lockouts from every source with ``unlock``
+(``auth.unlock_user``; ``auth.set_password`` too): the store's rows, the
+counts here and the user's keys in Redis (throttle_redis_unlock.py).
+
 Lockouts are rows in the store, one per locked (username, source) pair.
 Each new lockout also deletes up to ``LOCKOUT_PURGE_BATCH`` expired ones,
 so a spray of usernames cannot grow the table without bound: it holds the
@@ -109,6 +113,7 @@ from typing import TYPE_CHECKING, Protocol
 from bastion.exceptions import ResourceExhausted, Unavailable, UsageError
 from bastion.security.credentials import CredentialStore
 from bastion.security.throttle_redis import RedisDown, RedisLoginLimits
+from bastion.security.throttle_redis_unlock import unlock_redis
 
 if TYPE_CHECKING:
     from bastion.security.ratelimit_shared import SharedTable
@@ -200,6 +205,9 @@ class _Buckets:
             self._items.move_to_end(key)
         return bucket.take(now)
 
+    def pop(self, key: str) -> None:
+        self._items.pop(key, None)
+
 
 class _Counts:
     """Counters per key, the oldest forgotten first past MAX_TRACKED; a count is forgotten ``ttl`` seconds
@@ -224,10 +232,15 @@ class _Counts:
     def pop(self, key: str) -> None:
         self._items.pop(key, None)
 
+    def keys_from(self, prefix: str) -> list[str]:
+        """The keys counted that start with ``prefix`` (a walk over them all: for an admin's unlock)."""
+        return [key for key in self._items if key.startswith(prefix)]
+
 
 class _BucketMap(Protocol):
     def wait(self, key: str, now: float, n: float = 1.0) -> float: ...
     def take(self, key: str, now: float) -> float: ...
+    def pop(self, key: str) -> None: ...
 
 
 class _CountMap(Protocol):
@@ -488,6 +501,36 @@ class LoginThrottle:
             self._failures.pop(key)
             return True
         return False
+
+    async def unlock(self, username: str) -> int:
+        """Lift ``username``'s lockouts from every source and forget their failures and their allowance's
+        spending (``auth.unlock_user``; an admin's ``auth.set_password``): in the store, in Redis if
+        configured, and here (with workers, in their shared table: the counts of the sources the store or
+        Redis names). The known sources stay. How many (username, source) pairs were locked. Should Redis
+        fail, the rest is done and Unavailable raised: calling again finishes it."""
+        now = self._clock()
+        rows = await self._store.delete_lockouts(username)
+        locked = {source for source, until in rows.items() if until > now}
+        sources = set(rows)
+        down = False
+        if self._redis is not None:
+            try:
+                in_redis, counted = await unlock_redis(self._redis, username)
+            except RedisDown:
+                down = True
+            else:
+                locked |= in_redis
+                sources |= counted
+        pair = self._pair(username, "")
+        keys = {pair + source for source in sources}
+        if isinstance(self._failures, _Counts):
+            keys.update(self._failures.keys_from(pair))
+        for key in keys:
+            self._failures.pop(key)
+        self._users.pop(username)
+        if down:
+            raise Unavailable("lockouts lifted in the store, but Redis failed: try again", retry_after=1.0)
+        return len(locked)
 
     async def succeeded(self, username: str, source: str) -> None:
         """Record a success: the pair's failures are forgiven and the source is known for the user."""

@@ -27,7 +27,14 @@ from typing import Any
 import msgspec
 
 from bastion.config import AuthConfig
-from bastion.exceptions import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from bastion.exceptions import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 from bastion.security.audit import AuditLog
 from bastion.security.authn import hash_token, new_token, new_token_id
 from bastion.security.credentials import CredentialStore, Token, User
@@ -36,7 +43,7 @@ from bastion.security.principal import ADMIN_ROLE, USER_NAME
 from bastion.security.throttle import LoginThrottle
 from bastion.service import Context, Service
 
-__all__ = ["DeletedUser", "LoginResult", "Reassign", "TokenInfo", "UserInfo", "create_service"]
+__all__ = ["DeletedUser", "LoginResult", "Reassign", "TokenInfo", "Unlocked", "UserInfo", "create_service"]
 
 # Hands every item user ``old`` owns in one storage domain to user ``new`` (None: deletes them);
 # returns how many items changed. bastion serve passes the store's kv/files/jobs ones.
@@ -84,6 +91,11 @@ class DeletedUser(msgspec.Struct, frozen=True):
     tokens_revoked: int
     transferred_to: str | None  # None: their data was deleted
     items: dict[str, int]  # per domain (kv, files, jobs): items handed over or deleted
+
+
+class Unlocked(msgspec.Struct, frozen=True):
+    name: str
+    lifted: int  # (username, source) pairs that were locked
 
 
 class Identity(msgspec.Struct, frozen=True):
@@ -353,6 +365,18 @@ def create_service(
         ended = await _end_sessions(name, keep=None)
         audit("admin.set_password", principal=ctx.principal.name, peer=ctx.peer, target=name, revoked_sessions=ended)
         return True
+
+    @service.method(roles=_ADMIN, idempotent=True)
+    async def unlock_user(ctx: Context, name: str) -> Unlocked:
+        """Lift a user's login lockouts from every source and forget their failed attempts (admin)."""
+        await _get(name)
+        try:
+            lifted = await throttle.unlock(name)
+        except Unavailable:  # (Redis failed: the store's lockouts are lifted, Redis's are not)
+            audit("auth.unlock", principal=ctx.principal.name, peer=ctx.peer, target=name, incomplete=True)
+            raise
+        audit("auth.unlock", principal=ctx.principal.name, peer=ctx.peer, target=name, lifted=lifted)
+        return Unlocked(name, lifted)
 
     @service.method(roles=_ADMIN, idempotent=True)
     async def disable_user(ctx: Context, name: str, disabled: bool = True) -> UserInfo:

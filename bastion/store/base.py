@@ -168,6 +168,11 @@ class Store(KVStore, FileStore, JobStore, IdempotencyStore, MailStore, TopicStor
     async def expire_lockouts(self, now: float, limit: int) -> int:
         """Delete up to ``limit`` lockouts that ended at or before ``now``; the number deleted."""
 
+    @abstractmethod
+    async def delete_lockouts(self, user: str) -> dict[str, float]:
+        """Delete ``user``'s lockouts (keys ``login:USER|SOURCE``, one key range through the primary key; the
+        known sources stay) in one statement; the source of each deleted and when it ended or ends."""
+
 
 if TYPE_CHECKING:
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from bastion.exceptions import AlreadyExists, NotFound
-from bastion.security.credentials import Token, User, throttle_key_ranges
+from bastion.security.credentials import Token, User, lockout_key_range, throttle_key_ranges
 from bastion.store._access import PostgresAccess
 
 __all__ = ["PostgresCredentials"]
@@ -128,6 +128,11 @@ class PostgresCredentials(PostgresAccess):
 
     async def expire_lockouts(self, now: float, limit: int) -> int:
         return await self._call(_changes(_EXPIRE_LOCKOUTS, now, limit))
+
+    async def delete_lockouts(self, user: str) -> dict[str, float]:
+        low, high = lockout_key_range(user)
+        rows = await self._call(_all(_DELETE_LOCKOUT_RANGE + " RETURNING key, until", low, high))
+        return {str(row[0])[len(low) :]: float(row[1]) for row in rows}
 
 
 # -- SQL and row mapping -------------------------------------------------------------------

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bastion.exceptions import AlreadyExists, NotFound
-from bastion.security.credentials import Token, User, throttle_key_ranges
+from bastion.security.credentials import Token, User, lockout_key_range, throttle_key_ranges
 from bastion.store._access import SQLiteAccess
 
 __all__ = ["SQLiteCredentials"]
@@ -119,6 +119,11 @@ class SQLiteCredentials(SQLiteAccess):
 
     async def expire_lockouts(self, now: float, limit: int) -> int:
         return await self._write(_changes(_EXPIRE_LOCKOUTS, (now, limit)))
+
+    async def delete_lockouts(self, user: str) -> dict[str, float]:
+        low, high = lockout_key_range(user)
+        rows = await self._write(_all(_DELETE_LOCKOUT_RANGE + " RETURNING key, until", (low, high)))
+        return {str(key)[len(low) :]: float(until) for key, until in rows}
 
 
 # -- SQL and row mapping -------------------------------------------------------------------

@@ -7,6 +7,9 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
+
+import bastion
 from bastion import SyncClient
 from tests.support.hostile_server import RESULT, HostileServer, Peer
 from tests.support.server import ServerProcess, bastion_cli
@@ -117,3 +120,32 @@ def test_the_saved_session_goes_only_to_the_server_it_was_made_by(server: Server
         f"note: the saved session (of {server.address}) is not sent to {other.address}: "
         "log in there, or give --token-file"
     ]
+
+
+def test_user_unlock_lifts_a_lockout_from_the_shell(server: ServerProcess, tmp_path: Path) -> None:
+    """``bastion user unlock NAME``: a user locked out by wrong passwords logs in again at once; ``--json``
+    answers the count on stdout; an unknown user is NOT_FOUND (exit 1); a non-admin is PERMISSION_DENIED."""
+    address, admin_token, _ = server
+    auth = ("--token-file", str(admin_token))
+    with SyncClient(address, token_file=str(admin_token), timeout=5) as root:
+        root.auth.create_user(name="ada", password=PASSWORD, roles=["user"])
+    with SyncClient(address, timeout=5) as guesser:
+        for _ in range(5):  # auth.max_failures_per_user_source, by default
+            with pytest.raises(bastion.Unauthenticated):
+                guesser.auth.login(username="ada", password="a wrong guess")
+        with pytest.raises(bastion.ResourceExhausted, match="too many failed attempts"):
+            guesser.auth.login(username="ada", password=PASSWORD)
+
+        unlocked = bastion_cli("user", "unlock", address, "ada", *auth)
+        assert unlocked.returncode == 0, unlocked.stderr
+        assert unlocked.stdout == "" and "unlocked ada; 1 lockout(s) lifted" in unlocked.stderr
+        assert guesser.auth.login(username="ada", password=PASSWORD)["user"] == "ada"
+        again = bastion_cli("user", "unlock", address, "ada", "--json", *auth)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout) == {"name": "ada", "lifted": 0}
+
+        (tmp_path / "ada.token").write_text(guesser.auth.login(username="ada", password=PASSWORD)["token"])
+    unknown = bastion_cli("user", "unlock", address, "nobody", *auth)
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+    denied = bastion_cli("user", "unlock", address, "ada", "--token-file", str(tmp_path / "ada.token"))
+    assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr

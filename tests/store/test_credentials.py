@@ -389,3 +389,19 @@ async def test_reads_during_writes_see_only_whole_acknowledged_writes(store: Sto
 
     _, *reads = await asyncio.gather(write(), read(), read(), read())
     assert all(n > 0 for n in reads)
+
+
+async def test_deleting_a_users_lockouts_takes_theirs_alone_and_answers_each_with_its_end(store: Store) -> None:
+    """``delete_lockouts`` (an admin's ``auth.unlock_user``): the user's ``login:USER|SOURCE`` rows go, live or
+    ended, each answered by its source and end; their known sources stay, and so does everyone else's row."""
+    rows = {
+        "login:ada|10.0.0.1": 5000.0, "login:ada|2001:db8::/64": 10.0, "known:ada|10.0.0.1": 5000.0,
+        "login:ada_b|10.0.0.1": 5000.0, "login:adab|10.0.0.1": 5000.0, "login:bob|10.0.0.1": 5000.0,
+    }  # fmt: skip
+    for key, until in rows.items():
+        await store.set_lockout(key, until)
+    assert await store.delete_lockouts("ada") == {"10.0.0.1": 5000.0, "2001:db8::/64": 10.0}
+    for key in rows:
+        assert (await store.get_lockout(key) is None) is key.startswith("login:ada|"), key
+    assert await store.delete_lockouts("ada") == {}
+    assert await store.delete_lockouts("nobody") == {}
