@@ -363,7 +363,16 @@ def create_service(
         if not await store.set_password_hash(name, await hasher.hash(password)):  # the hash alone, as above
             raise NotFound(f"no user {name!r}")
         ended = await _end_sessions(name, keep=None)
-        audit("admin.set_password", principal=ctx.principal.name, peer=ctx.peer, target=name, revoked_sessions=ended)
+        # The guesses that locked the user out were against the old password: their lockouts go too. Should
+        # Redis fail, those it holds stay (they end as ever; auth.unlock_user lifts them): the password is set.
+        try:
+            lifted: int | None = await throttle.unlock(name)
+        except Unavailable:
+            lifted = None
+        audit(
+            "admin.set_password", principal=ctx.principal.name, peer=ctx.peer, target=name, revoked_sessions=ended,
+            unlocked=lifted,
+        )  # fmt: skip
         return True
 
     @service.method(roles=_ADMIN, idempotent=True)

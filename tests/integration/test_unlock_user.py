@@ -4,7 +4,7 @@ Real server processes over TCP+TLS: one on SQLite (by itself, and with
 ``--workers 2``), and two replicas on one PostgreSQL store sharing Redis
 (skipped, saying why, without BASTION_TEST_POSTGRES_DSN or
 BASTION_TEST_REDIS_URL; a Redis key prefix of this test's own, deleted
-afterwards).
+afterwards). An admin's ``auth.set_password`` lifts the user's lockouts too.
 """
 
 from __future__ import annotations
@@ -96,6 +96,17 @@ def user_token(server: ServerProcess, name: str) -> str:
     with _admin(server) as root:
         token: str = root.auth.create_token(user=name)["token"]
     return token
+
+
+def test_an_admin_setting_the_password_lifts_the_lockout(server_factory: Any) -> None:
+    """The guesses that locked the user out were against the old password: the new one works at once."""
+    server = server_factory(env=ENV)
+    with _admin(server) as root, SyncClient(server.address, timeout=10) as user:
+        root.auth.create_user(name="victim", password="the old password 1")
+        _lock_out(user)
+        assert root.auth.set_password(name="victim", password=RIGHT)
+        assert user.auth.login(username="victim", password=RIGHT)["user"] == "victim"
+    assert [r["unlocked"] for r in _audit(server, "admin.set_password")] == [1]
 
 
 def test_an_unlock_reaches_every_worker(server_factory: Any) -> None:
