@@ -382,9 +382,9 @@ def create_service(
         try:
             lifted = await throttle.unlock(name)
         except Unavailable:  # (Redis failed: the store's lockouts are lifted, Redis's are not)
-            audit("auth.unlock", principal=ctx.principal.name, peer=ctx.peer, target=name, incomplete=True)
+            audit("admin.unlock_user", principal=ctx.principal.name, peer=ctx.peer, target=name, incomplete=True)
             raise
-        audit("auth.unlock", principal=ctx.principal.name, peer=ctx.peer, target=name, lifted=lifted)
+        audit("admin.unlock_user", principal=ctx.principal.name, peer=ctx.peer, target=name, lifted=lifted)
         return Unlocked(name, lifted)
 
     @service.method(roles=_ADMIN, idempotent=True)

@@ -53,7 +53,7 @@ def test_an_admin_unlock_lets_a_locked_out_user_log_in_at_once(server_factory: A
         assert root.auth.unlock_user(name="victim") == {"name": "victim", "lifted": 1}
         assert user.auth.login(username="victim", password=RIGHT)["user"] == "victim"
         assert root.auth.unlock_user(name="victim") == {"name": "victim", "lifted": 0}  # nothing left to lift
-    records = _audit(server, "auth.unlock")
+    records = _audit(server, "admin.unlock_user")
     assert [(r["target"], r["lifted"], r["principal"]) for r in records] == [("victim", n, "admin") for n in (1, 0)]
     assert RIGHT not in (server.data_dir / "audit.log").read_text()
 
@@ -88,7 +88,7 @@ def test_unlocking_is_for_admins_and_names_a_user(server_factory: Any) -> None:
             root.auth.unlock_user(name="nobody")
         with pytest.raises(bastion.NotFound):
             root.auth.unlock_user(name="nul\x00")
-    assert _audit(server, "auth.unlock") == []
+    assert _audit(server, "admin.unlock_user") == []
 
 
 def user_token(server: ServerProcess, name: str) -> str:
@@ -167,5 +167,5 @@ def test_with_redis_down_an_unlock_lifts_the_store_lockout_and_says_unavailable(
         with pytest.raises(bastion.Unavailable, match="Redis failed"):
             root.auth.unlock_user(name="victim")
         assert user.auth.login(username="victim", password=RIGHT)["user"] == "victim"
-    records = _audit(server, "auth.unlock")  # (one per try: the client retries an idempotent call UNAVAILABLE)
+    records = _audit(server, "admin.unlock_user")  # (one per try: the client retries an idempotent call UNAVAILABLE)
     assert records and all(r.get("incomplete") is True and "lifted" not in r for r in records), records
