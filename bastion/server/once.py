@@ -63,6 +63,8 @@ class IdempotentCalls:
     tickets: dict[int, Ticket]
     #: Calls holding their claim -> when their claim's lease runs out (time.monotonic; None: their deadline is sooner).
     _claimed: dict[int, float | None]
+    #: Keyed calls whose handler has ended, their answer being recorded: nothing cancels them (``_lease_moot``).
+    _recording: set[int]
     #: Calls running on after the connection was lost -> (their key's owner, the timer of their lease or None).
     _detached: dict[int, tuple[str, asyncio.TimerHandle | None]]
     _loop: asyncio.AbstractEventLoop
@@ -158,6 +160,7 @@ class IdempotentCalls:
             await keys.finish(principal, key, owner, Status.OK, None, encoded)
         finally:
             self._claimed.pop(call.id, None)
+            self._recording.discard(call.id)
         if call.id in self._detached:
             return  # its connection is gone: the answer waits in the store for the retry
         if self.link is not None and self.link.writing_paused:
@@ -189,7 +192,9 @@ class IdempotentCalls:
 
     def _lease_moot(self, call_id: int) -> None:
         """The handler has ended: the claim's lease no longer bounds the call, so recording its answer
-        (``keys.finish``) is not cancelled half-way, leaving a claim "running" for a call that ended."""
+        (``keys.finish``) is not cancelled half-way, leaving a claim "running" for a call that ended; nor
+        by a revalidation finding the principal revoked (upkeep.py): it acts for nobody any more."""
+        self._recording.add(call_id)
         if self._claimed.get(call_id) is not None:
             self._claimed[call_id] = None  # detached later: no lease timer
         held = self._detached.get(call_id)

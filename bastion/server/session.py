@@ -152,6 +152,7 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
         self._timing: dict[int, tuple[int, float]] = {}  # admitted call -> (metrics method row, perf_counter at start)
         self._expired: set[int] = set()  # running calls whose deadline timer has cancelled them
         self._claimed: dict[int, float | None] = {}  # keyed calls holding their claim (once.py)
+        self._recording: set[int] = set()  # keyed calls whose handler ended, their answer being recorded (once.py)
         self._detached: dict[int, tuple[str, asyncio.TimerHandle | None]] = {}  # run on, the connection lost
         self.lost = False  # the connection is closed (the session may live on for detached calls: once.py)
         #: Methods this connection's principal was admitted to, with that principal (the table's

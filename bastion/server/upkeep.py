@@ -146,6 +146,7 @@ class SessionUpkeep:
     _denials_logged: int
     _denials_suppressed: int
     _claimed: dict[int, float | None]  # keyed calls that would run on if the connection were lost (once.py)
+    _recording: set[int]  # keyed calls whose handler ended, recording their answer (once.py)
     _detached: dict[int, tuple[str, asyncio.TimerHandle | None]]  # keyed calls running on after it was (once.py)
 
     def _cancel(self, call_id: int, ticket: Ticket) -> None:
@@ -341,8 +342,8 @@ class SessionUpkeep:
                     reason="client certificate revoked" if revoked else "detached calls cancelled",
                     serial=f"0x{certificate[1]:x}" if revoked and certificate is not None else None,
                 )
-                for call_id in list(self._detached):
-                    if (held := self.tickets.get(call_id)) is not None:
+                for call_id in list(self._detached):  # not those only recording an answer: a retry gets it
+                    if call_id not in self._recording and (held := self.tickets.get(call_id)) is not None:
                         self._cancel(call_id, held)
                 return
 

@@ -379,3 +379,37 @@ def test_a_detached_calls_lease_does_not_cut_off_the_recording_of_its_answer(tmp
         assert await client.invoke("slow.apply", {"tag": "z"}, idempotency_key="k13") == "applied z"
 
     run(tmp_path, body, lease=1.0, store_at=location)
+
+
+def test_a_revocation_does_not_cut_off_the_recording_of_an_answer_whose_handler_ended(tmp_path: Path) -> None:
+    """Revocation cancels a detached call's handler (above), but once the handler has ended the call acts for
+    nobody: cancelling the recording of its answer left the claim "running", and the retry got outcome-unknown
+    for a call that had taken effect (review). PostgreSQL: the keys' table held past the revocation."""
+    location = store_location("postgresql", tmp_path, "keys")
+    authenticator = Revocable()
+
+    async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
+        writer = await first_attempt(server.port, "v", "k14")
+        await until(lambda: handler.runs == ["v"], "the first attempt to start")
+        reset(writer)
+        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        assert detached(server) == 1
+        other = await asyncpg.connect(location)
+        try:
+            async with other.transaction():
+                await other.execute("LOCK TABLE idempotency_keys IN EXCLUSIVE MODE")
+                handler.release.set()
+                await until(lambda: handler.ended == ["v"], "the handler to end")
+                authenticator.revoked = True
+                seen = authenticator.revalidations
+                await until(lambda: authenticator.revalidations > seen + 1, "revalidation to find it revoked")
+        finally:
+            await other.close()
+        await until(lambda: detached(server) == 0, "the detached call to end")
+        assert handler.cancelled == []
+        authenticator.revoked = False  # ada is let back in, and retries
+        client.retry = None
+        assert await client.invoke("slow.apply", {"tag": "v"}, idempotency_key="k14") == "applied v"
+        assert handler.runs == ["v"]
+
+    run(tmp_path, body, authenticator=authenticator, store_at=location)
