@@ -365,15 +365,18 @@ _TABLE_RIGHTS = tuple(
     (right, re.compile(pattern, re.IGNORECASE))
     for right, pattern in (
         ("OWNER", rf"\bALTER TABLE (?:IF EXISTS )?(?:ONLY )?{_OBJECT}"),
-        ("OWNER", rf"\bDROP TABLE (?:IF EXISTS )?{_OBJECT}"),
         ("OWNER", rf"\bINDEX (?:CONCURRENTLY )?(?:(?:IF NOT EXISTS )?{_NAME} )?ON (?:ONLY )?{_OBJECT}"),
         ("OWNER", rf"\bDROP TRIGGER (?:IF EXISTS )?{_NAME} ON {_OBJECT}"),
         ("TRIGGER", rf"\bTRIGGER {_NAME} (?:BEFORE|AFTER|INSTEAD OF) [^;]*?\bON (?:ONLY )?{_OBJECT}"),
         ("REFERENCES", rf"\bREFERENCES {_OBJECT}"),
     )
 )
-#: Functions a statement replaces, alters or drops: their owner's rights are needed.
-_OWNED_FUNCTION = re.compile(rf"\b(?:CREATE OR REPLACE|ALTER|DROP) FUNCTION (?:IF EXISTS )?{_OBJECT}", re.IGNORECASE)
+#: Functions a statement replaces or alters: their owner's rights are needed.
+_OWNED_FUNCTION = re.compile(rf"\b(?:CREATE OR REPLACE|ALTER) FUNCTION (?:IF EXISTS )?{_OBJECT}", re.IGNORECASE)
+#: DROP TABLE and DROP FUNCTION name a list (``DROP TABLE a, b``; ``DROP FUNCTION f(int, text), g()``): each
+#: item's owner's rights are needed.
+_DROP = re.compile(r"\bDROP (TABLE|FUNCTION) (?:IF EXISTS )?", re.IGNORECASE)
+_DROPPED = re.compile(rf"\s*{_OBJECT}(?:\s*\([^)]*\))?\s*(,)?")
 #: Statements that need no rights on existing objects beyond those the store's role serves with (a new
 #: table or function; rows written). Any other statement must be read by the patterns above: a unit test
 #: (tests/cli/test_migration_rights.py) holds every migration's statements to one or the other.
@@ -389,7 +392,18 @@ def _statement_rights(statement: str) -> tuple[set[tuple[str, str]], set[str]]:
     """The (table, right) pairs and the functions' owner's rights a migration statement needs."""
     text = " ".join(_DOLLAR_QUOTED.sub("", statement).split())
     tables = {(_identifier(name), right) for right, pattern in _TABLE_RIGHTS for name in pattern.findall(text)}
-    return tables, {_identifier(name) for name in _OWNED_FUNCTION.findall(text)}
+    functions = {_identifier(name) for name in _OWNED_FUNCTION.findall(text)}
+    for drop in _DROP.finditer(text):
+        kind, position = drop.group(1).upper(), drop.end()
+        while (item := _DROPPED.match(text, position)) is not None:
+            if kind == "TABLE":
+                tables.add((_identifier(item.group(1)), "OWNER"))
+            else:
+                functions.add(_identifier(item.group(1)))
+            if item.group(2) is None:  # no comma: the list has ended
+                break
+            position = item.end()
+    return tables, functions
 
 
 def _needs_no_rights(statement: str) -> bool:

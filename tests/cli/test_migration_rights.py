@@ -33,6 +33,8 @@ from bastion.store.postgres_migrations import POSTGRES_MIGRATIONS
         ("CREATE OR REPLACE FUNCTION f() RETURNS trigger AS $$ BEGIN END $$ LANGUAGE plpgsql", set(), {"f"}),
         ("ALTER FUNCTION f() OWNER TO x", set(), {"f"}),
         ("DROP FUNCTION IF EXISTS g()", set(), {"g"}),
+        ("DROP TABLE IF EXISTS a, s.b CASCADE", {("a", "OWNER"), ("b", "OWNER")}, set()),  # every item of a list
+        ("drop function f(int, text), g()", set(), {"f", "g"}),
     ],
 )
 def test_the_rights_a_statement_needs_are_found_whatever_its_spelling(
