@@ -292,7 +292,9 @@ async def _compose_and_serve(
             limiter = SharedRateLimiter(config.rate_limits, role.shared)
         else:
             limiter = create_limiter(config.rate_limits)
-        # A certificate naming no user owns ~NAME and files: the store takes their writes with no user row.
+        # Every principal here is a user (the store's authenticator), so a write to ~NAME or an upload commits
+        # only while its user has a row (not the library default) -- unless a certificate naming no user may
+        # own ~NAME and files ("any").
         store.userless_owners = config.tls.client_subjects == "any"
         # What auth.delete_user hands over or deletes (mailboxes go with the user row itself).
         owned_data = {

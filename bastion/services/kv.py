@@ -94,7 +94,6 @@ from bastion.store.kv import (
     KVStore,
     KVWrite,
     ValuesTooLarge,
-    no_owner,
     personal_namespace,
 )
 
@@ -260,7 +259,8 @@ class KV:
                 raise InvalidArgument(f"namespace {namespace!r}: a personal namespace is ~NAME, a user's name")
             if admin:
                 if write and (self.users is None or await self.users.get_user(owner) is None):
-                    raise no_owner(owner)  # else keys waited in ~NAME for its next user (the write checks again)
+                    # Else keys waited in ~NAME for its next user (the store's write may check again).
+                    raise NotFound(f"no user {owner!r}: an admin writes only to the namespace of a user that exists")
                 return namespace
         elif not _NAMESPACE.match(namespace):
             raise InvalidArgument(f"namespace {namespace!r}: a {_NAMESPACE_RULES}; a personal one is ~NAME")

@@ -128,9 +128,10 @@ class UploadRecord(msgspec.Struct, frozen=True):
 class FileStore(ABC):
     """What every backend offers for files (metadata only; contents are the service's)."""
 
-    #: As ``KVStore.userless_owners``: False (default), an upload begins only while its owner and its uploader
-    #: have user rows (if the store keeps users); True where principals with no user row own files.
-    userless_owners: bool = False
+    #: As ``KVStore.userless_owners``: False (``bastion serve``), an upload begins only while its owner and
+    #: its uploader have user rows (if the store keeps users); True (default) where principals with no user
+    #: row own files, as an embedder's may.
+    userless_owners: bool = True
 
     @abstractmethod
     async def files_get(self, file_id: str) -> FileRecord | None: ...

@@ -380,8 +380,9 @@ OWNER_EXISTS = "SELECT 1 WHERE EXISTS (SELECT 1 FROM users WHERE name = {0}{1}) 
 
 
 def no_owner(owner: str) -> NotFound:
-    """The refusal of a write to ``~owner`` with no user ``owner`` (the service's, and the store's)."""
-    return NotFound(f"no user {owner!r}: an admin writes only to the namespace of a user that exists")
+    """The store's refusal of a write to ``~owner`` with no user ``owner``: the user's own write, its row
+    deleted while it was still connected (an admin's is refused by the service, in its words)."""
+    return NotFound(f"no user {owner!r}: deleted, so ~{owner} takes no more writes")
 
 
 def check_version(key: str, expected: int | None, actual: int) -> None:
@@ -395,10 +396,13 @@ def check_version(key: str, expected: int | None, actual: int) -> None:
 class KVStore(Notifying, ABC):
     """What every backend offers for kv. Every write is one transaction; see the module docstring."""
 
-    #: False (default): a write to a personal namespace ``~NAME`` is refused (``no_owner``, in its own
-    #: transaction) while the store keeps users and none is NAME, so none lands after ``auth.delete_user``.
-    #: True where principals with no user row own ``~NAME`` (``tls.client_subjects = "any"``).
-    userless_owners: bool = False
+    #: False: a write to a personal namespace ``~NAME`` is refused (``no_owner``, in its own transaction)
+    #: while the store keeps users and none is NAME, so none lands after ``auth.delete_user``; ``bastion
+    #: serve`` sets it so, its principals all being users (unless ``tls.client_subjects = "any"``).
+    #: True (default, for embedders): not checked, as principals with no user row -- ``bastion.testing``'s,
+    #: ``StaticTokens``', a custom authenticator's -- own their ``~NAME`` too. Set False where every
+    #: principal writing ``~NAME`` is user NAME (the store's own authenticator).
+    userless_owners: bool = True
 
     @abstractmethod
     def kv_get_many(

@@ -43,7 +43,7 @@ class World:
 @asynccontextmanager
 async def world(tmp_path: Path, config: KVConfig | None = None) -> AsyncIterator[World]:
     async with open_store(service_store(tmp_path)) as store:
-        for principal in (TESTER, ADA, BOB, EVE):  # users of the store, as writes to ~NAME need
+        for principal in (ADA, BOB, EVE):  # users of the store, as an admin's writes to ~NAME need
             await store.create_user(User(principal.name, principal.roles))
         kv = KV(store, config or KVConfig(sweep_interval=3600))
         await kv.start()

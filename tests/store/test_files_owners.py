@@ -19,6 +19,12 @@ from tests.store.test_files import upload
 from tests.support.stores import store_location
 
 
+@pytest.fixture(autouse=True)
+def _checked(store: Store) -> None:
+    """``bastion serve``'s setting: an upload is checked (the library default takes principals with no row)."""
+    store.userless_owners = False
+
+
 async def _delete_user(store: Store, name: str) -> None:
     """What ``auth.delete_user`` does to the row and the files: a pass, the row, a pass again."""
     await store.files_reassign_owner(name, None)
