@@ -64,6 +64,18 @@ class SQLiteAccess:
         def _read(self, fn: Callable[[sqlite3.Connection], T]) -> Awaitable[T]: ...
 
 
+#: PostgreSQL: user NAME's advisory lock, transaction-scoped (the second key is ``hashtext(NAME)``; the first
+#: is this class, used for nothing else -- migrations use 0x0BA57104, files the ``hashtext`` of their names).
+#: A write that must not commit for a user deleted meanwhile (kv to ``~NAME``, an upload) takes it shared,
+#: first in its transaction, then checks the row in a statement of its own (READ COMMITTED: its snapshot is
+#: taken once the lock is granted); ``delete_user`` takes it exclusive before its ``DELETE``. Unlike a
+#: ``FOR KEY SHARE`` row lock it writes nothing to the users row (no xmax, no MultiXact, no dirtied page or
+#: WAL on a put).
+USER_LOCK_CLASS = 0x0BA5_7105
+USER_LOCK_SHARED = f"SELECT pg_advisory_xact_lock_shared({USER_LOCK_CLASS}, hashtext($1))"
+USER_LOCK = f"SELECT pg_advisory_xact_lock({USER_LOCK_CLASS}, hashtext($1))"
+
+
 class PostgresAccess:
     """Members of ``PostgresStore`` a PostgreSQL mixin may use.
 

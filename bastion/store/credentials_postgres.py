@@ -15,7 +15,7 @@ import asyncpg
 
 from bastion.exceptions import AlreadyExists, NotFound
 from bastion.security.credentials import Token, User, lockout_key_range, throttle_key_ranges
-from bastion.store._access import PostgresAccess
+from bastion.store._access import USER_LOCK, PostgresAccess
 
 __all__ = ["PostgresCredentials"]
 
@@ -58,6 +58,9 @@ class PostgresCredentials(PostgresAccess):
         # transaction (known sources, lockouts): a name reused later starts clean.
         async def delete(conn: Connection) -> int:
             async with conn.transaction():
+                # Exclusive: waits for writes that checked the row under the shared lock (kv to ~NAME, an
+                # upload) to commit, and makes later ones wait for this, then see the row gone (_access.py).
+                await conn.execute(USER_LOCK, name)
                 status: str = await conn.execute("DELETE FROM users WHERE name = $1", name)
                 for low, high in throttle_key_ranges(name):
                     await conn.execute(_DELETE_LOCKOUT_RANGE, low, high)

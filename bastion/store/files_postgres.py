@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bastion.exceptions import AlreadyExists, NotFound
-from bastion.store._access import PostgresAccess
+from bastion.store._access import USER_LOCK_SHARED, PostgresAccess
 from bastion.store.files import (  # the domain's records, its SQL and the row helpers both backends share
     _BLOB_IN_USE,
     _BLOB_REFERENCED,
@@ -45,7 +45,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _UPLOADS_PAGE,
     _USAGE_FILES,
     _USAGE_UPLOADS,
-    _USER_ROW_PG,
+    _USER_ROW,
     CLAIM_SECONDS,
     PIN_SECONDS,
     FileRecord,
@@ -195,11 +195,14 @@ class PostgresFiles(PostgresAccess, FileStore):
 
         async def begin(conn: PgConn) -> None:
             async with conn.transaction():
-                # First, holding no lock yet: key-share lock the user rows to the commit. A deletion after
-                # this waits for the commit, then the second pass of auth.delete_user drops the upload; one
-                # before it is waited for (if uncommitted), and READ COMMITTED then finds no row: refused.
+                # First, holding no lock yet: each user's advisory lock, shared, to the commit (delete_user
+                # takes it exclusive before its DELETE; no row lock: nothing written to the users rows), then
+                # the row, in a statement of its own. A deletion after this waits for the commit, then the
+                # second pass of auth.delete_user drops the upload; one before it is waited for (if
+                # uncommitted), and READ COMMITTED then, its snapshot taken after the lock, finds no row.
                 for name in users:
-                    if await conn.fetchval(_USER_ROW_PG, name) is None:
+                    await conn.execute(USER_LOCK_SHARED, name)
+                    if await conn.fetchval(_USER_ROW, name) is None:
                         raise _no_user(name)
                 # One reservation at a time per owner, then per uploader, across every replica (always in
                 # this order, and in two lock spaces: no two transactions wait for each other).

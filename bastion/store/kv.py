@@ -375,8 +375,8 @@ def no_namespace(namespace: str) -> NotFound:
 
 #: Whether user ``{0}`` -- a personal namespace's owner -- may hold keys: it has a row, or the store keeps no
 #: users at all (the server's principals come from another authenticator), asked by a write in its own
-#: transaction. ``{1}``: PostgreSQL's row lock (``FOR KEY SHARE``), held to the write's commit.
-OWNER_EXISTS = "SELECT 1 WHERE EXISTS (SELECT 1 FROM users WHERE name = {0}{1}) OR NOT EXISTS (SELECT 1 FROM users)"
+#: transaction (PostgreSQL: after the user's advisory lock, ``_access.USER_LOCK_SHARED``).
+OWNER_EXISTS = "SELECT 1 WHERE EXISTS (SELECT 1 FROM users WHERE name = {0}) OR NOT EXISTS (SELECT 1 FROM users)"
 
 
 def no_owner(owner: str) -> NotFound:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from bastion.store._access import PostgresAccess
+from bastion.store._access import USER_LOCK_SHARED, PostgresAccess
 from bastion.store.kv import (
     DELETE,
     ENTRY_COLUMNS,
@@ -98,18 +98,21 @@ async def _check_shared(conn: asyncpg.Connection[Any], namespace: str) -> None:
         raise no_namespace(namespace)
 
 
-_PG_OWNER_EXISTS = OWNER_EXISTS.format("$1", " FOR KEY SHARE")
+_PG_OWNER_EXISTS = OWNER_EXISTS.format("$1")
 
 
 async def _check_owner(conn: asyncpg.Connection[Any], namespace: str) -> None:
     """First in a write's transaction to the personal ``namespace`` ~NAME: ``NotFound`` unless user NAME has
-    a row (or the store keeps none). Race-free against a concurrent ``DELETE FROM users`` (``auth.delete_user``):
-    the row is key-share locked until the write commits, and a delete must lock it ``FOR UPDATE``, which
-    conflicts. A delete that comes second waits for the write's commit, so its keys are there for the
-    hand-over pass ``auth.delete_user`` runs after the row is gone; a delete that came first is waited for
-    if not yet committed (READ COMMITTED then re-reads the row: gone, nothing is locked or found), and the
-    write is refused. First, before the counter's lock: a write waiting on a deletion holds no lock
-    other writers need. (The last user deleted leaves a store that keeps none: not refused.)"""
+    a row (or the store keeps none). Race-free against ``delete_user``, which takes NAME's advisory lock
+    exclusive before its ``DELETE``, while this takes it shared (to the write's commit) before checking, in
+    a statement of its own. A deletion that comes second waits for the write's commit, so its keys are there
+    for the hand-over pass ``auth.delete_user`` runs after the row is gone; one that came first is waited for
+    if not yet committed, and the check -- READ COMMITTED, its snapshot taken once the lock was granted --
+    sees the row gone (or back, on rollback). Not a ``FOR KEY SHARE`` row lock: that wrote to the users row
+    (xmax, MultiXacts under concurrency) on every put. First, before the counter's lock: a write waiting on
+    a deletion holds no lock other writers need. (The last user deleted leaves a store that keeps none: not
+    refused.)"""
+    await conn.execute(USER_LOCK_SHARED, namespace[1:])
     if await conn.fetchval(_PG_OWNER_EXISTS, namespace[1:]) is None:
         raise no_owner(namespace[1:])
 

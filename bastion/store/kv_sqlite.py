@@ -59,7 +59,7 @@ _KEY_UPSERT = f"{KEY_UPSERT_HEAD}(?, ?, ?, ?, ?, ?){KEY_UPSERT_TAIL}"
 # As _KEY_UPSERT, but an expired key is left alone (no row changed); the 7th argument is ``now``.
 _KEY_UPSERT_LIVE = f"{_KEY_UPSERT} WHERE kv_keys.expires_at IS NULL OR kv_keys.expires_at > ?"
 _NAMESPACE_EXISTS = NAMESPACE_EXISTS.format("?")
-_OWNER_EXISTS = OWNER_EXISTS.format("?", "")
+_OWNER_EXISTS = OWNER_EXISTS.format("?")
 # Whether all of several owners (a JSON array, ?2, of ?1 names) have rows, or the store keeps no users.
 _OWNERS_EXIST = (
     "SELECT count(*) = ? OR NOT EXISTS (SELECT 1 FROM users) FROM users WHERE name IN (SELECT value FROM json_each(?))"

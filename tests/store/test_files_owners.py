@@ -15,6 +15,7 @@ import pytest
 from bastion.exceptions import NotFound
 from bastion.security.credentials import User
 from bastion.store import Store
+from bastion.store._access import USER_LOCK
 from tests.store.test_files import upload
 from tests.support.stores import store_location
 
@@ -59,8 +60,9 @@ async def test_a_store_without_users_or_serving_principals_without_users_takes_a
 
 
 async def test_an_upload_waits_for_a_user_deletion_in_progress(backend: str, store: Store, tmp_path: Path) -> None:
-    """PostgreSQL: the begin key-share locks the user rows in its transaction, so it waits for a deletion
-    not yet committed and is then refused (and a deletion waits for a begin holding the lock)."""
+    """PostgreSQL: the begin takes the users' advisory locks shared in its transaction, so it waits for a
+    deletion not yet committed (which took bob's exclusive, as ``delete_user`` does) and is then refused (and
+    a deletion waits for a begin holding it); the begins write nothing to the users rows."""
     if backend != "postgresql":
         pytest.skip("PostgreSQL's concurrent transactions")
     for name in ("alice", "bob"):
@@ -70,11 +72,15 @@ async def test_an_upload_waits_for_a_user_deletion_in_progress(backend: str, sto
     watch = await asyncpg.connect(store_location(backend, tmp_path))
     waiting = (
         "SELECT count(*) FROM pg_stat_activity "
-        "WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT 1 WHERE EXISTS (SELECT 1 FROM users %'"
+        "WHERE wait_event = 'advisory' AND query LIKE 'SELECT pg_advisory_xact_lock_shared(%'"
     )
     try:
+        for i in range(3):  # an upload of alice's (owner and uploader): her row is left alone
+            await store.files_begin_upload(upload(f"a{i}", owner="alice"), quota=10**12)
+        assert await conn.fetchval("SELECT xmax::text FROM users WHERE name = 'alice'") == "0"
         deleting = conn.transaction()
         await deleting.start()
+        await conn.execute(USER_LOCK, "bob")  # delete_user's transaction
         await conn.execute("DELETE FROM users WHERE name = 'bob'")
         begin = asyncio.create_task(store.files_begin_upload(upload("u1", owner="bob"), quota=10**12))
         deadline = asyncio.get_running_loop().time() + 5
@@ -88,4 +94,4 @@ async def test_an_upload_waits_for_a_user_deletion_in_progress(backend: str, sto
     finally:
         await conn.close()
         await watch.close()
-    assert await store.files_list_uploads(None) == []
+    assert [u.id for u in await store.files_list_uploads(None)] == ["a0", "a1", "a2"]

@@ -14,6 +14,7 @@ import pytest
 from bastion.exceptions import NotFound
 from bastion.security.credentials import User
 from bastion.store import Store
+from bastion.store._access import USER_LOCK, USER_LOCK_SHARED
 from bastion.store.kv import KVWrite
 from tests.support.stores import store_location
 
@@ -85,9 +86,9 @@ async def test_a_store_serving_principals_without_users_takes_their_writes(store
 
 
 async def test_a_put_waits_for_a_user_deletion_in_progress(backend: str, store: Store, tmp_path: Path) -> None:
-    """PostgreSQL: the put key-share locks the user row in its transaction, so it waits for a deletion not
-    yet committed and is then refused (and a deletion waits for a put holding the lock; SQLite has one
-    writer: nothing to race)."""
+    """PostgreSQL: the put takes the user's advisory lock shared in its transaction, so it waits for a
+    deletion not yet committed (which took it exclusive, as ``delete_user`` does) and is then refused (and a
+    deletion waits for a put holding it; SQLite has one writer: nothing to race)."""
     if backend != "postgresql":
         pytest.skip("PostgreSQL's concurrent transactions")
     await store.create_user(User("alice"))
@@ -99,12 +100,13 @@ async def test_a_put_waits_for_a_user_deletion_in_progress(backend: str, store: 
         for writes in ([w("a")], [w("a", expected_version=0)]):
             deleting = conn.transaction()
             await deleting.start()
+            await conn.execute(USER_LOCK, "bob")  # delete_user's transaction
             await conn.execute("DELETE FROM users WHERE name = 'bob'")
             put = asyncio.create_task(store.kv_put("~bob", writes, NOW))
             deadline = asyncio.get_running_loop().time() + 5
             waiting = (
                 "SELECT count(*) FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT 1 WHERE EXISTS (SELECT 1 FROM users %'"
+                "WHERE wait_event = 'advisory' AND query LIKE 'SELECT pg_advisory_xact_lock_shared(%'"
             )
             while not await watch.fetchval(waiting):
                 assert not put.done(), "the put did not wait for the deletion"
@@ -115,6 +117,7 @@ async def test_a_put_waits_for_a_user_deletion_in_progress(backend: str, store: 
             await store.kv_delete("~bob", "a", None, NOW)
         deleting = conn.transaction()
         await deleting.start()
+        await conn.execute(USER_LOCK, "bob")
         await conn.execute("DELETE FROM users WHERE name = 'bob'")
         put = asyncio.create_task(store.kv_put("~bob", [w("a")], NOW))
         while not await watch.fetchval(waiting):
@@ -127,3 +130,47 @@ async def test_a_put_waits_for_a_user_deletion_in_progress(backend: str, store: 
         await conn.close()
         await watch.close()
     assert await store.kv_list("~bob", "", None, 10, NOW) == []
+
+
+async def test_a_put_writes_nothing_to_the_user_row(backend: str, store: Store, tmp_path: Path) -> None:
+    """PostgreSQL: the put's check used to key-share lock the users row (FOR KEY SHARE), writing its xmax --
+    a MultiXact id under concurrent puts -- dirtying and WAL-logging the page on every put. The advisory
+    lock leaves the row alone."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL's row locks")
+    await store.create_user(User("bob"))
+    await asyncio.gather(*(store.kv_put("~bob", [w(f"k{i}")], NOW) for i in range(20)))
+    await store.kv_put("~bob", [w("k0", expected_version=1)], NOW)
+    await store.kv_delete("~bob", "k1", None, NOW)
+    conn = await asyncpg.connect(store_location(backend, tmp_path))
+    try:
+        assert await conn.fetchval("SELECT xmax::text FROM users WHERE name = 'bob'") == "0"
+    finally:
+        await conn.close()
+
+
+async def test_a_deletion_waits_for_a_write_holding_the_user_lock(backend: str, store: Store, tmp_path: Path) -> None:
+    """PostgreSQL: ``delete_user`` takes the user's advisory lock exclusive before its DELETE, so it waits for
+    a write that checked the row under the shared lock to commit (its keys then there for the second pass)."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL's concurrent transactions")
+    await store.create_user(User("bob"))
+    conn = await asyncpg.connect(store_location(backend, tmp_path))
+    watch = await asyncpg.connect(store_location(backend, tmp_path))
+    try:
+        writing = conn.transaction()
+        await writing.start()
+        await conn.execute(USER_LOCK_SHARED, "bob")  # a put's transaction, not yet committed
+        deleting = asyncio.create_task(store.delete_user("bob"))
+        deadline = asyncio.get_running_loop().time() + 5
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+        while not await watch.fetchval(waiting):
+            assert not deleting.done(), "the deletion did not wait for the write"
+            assert asyncio.get_running_loop().time() < deadline, "the deletion never waited for the write"
+            await asyncio.sleep(0.01)
+        assert await store.get_user("bob") is not None
+        await writing.commit()
+        assert await deleting
+    finally:
+        await conn.close()
+        await watch.close()
