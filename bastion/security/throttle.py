@@ -81,7 +81,7 @@ keyed by a failure id, so Redis counts it once -- until Redis answers; a
 lockout it decided is written then (before the pair's next password attempt
 here is tested in Redis), so a lost answer never yields a guess counted
 nowhere, nor a lockout lost. A lockout's write runs in a task of its own: a
-login cancelled meanwhile does not cancel it.
+login cancelled meanwhile does not cancel it, and ``aclose`` waits for it.
 
 Failure counts of a pair are forgotten ``lockout`` seconds after the pair's
 last failure, in every backend (memory, the workers' table, Redis): failures
@@ -126,6 +126,8 @@ log = logging.getLogger("bastion.throttle")
 MAX_TRACKED = 100_000  # keys remembered in memory; the oldest are forgotten first
 #: Expired lockouts deleted from the store with each new lockout (bounded work per write).
 LOCKOUT_PURGE_BATCH = 100
+#: The longest ``aclose`` waits for the lockout writes still running (seconds).
+CLOSE_TIMEOUT = 5.0
 #: How long a source a user logged in from escapes the per-user global allowance (seconds).
 KNOWN_SOURCE_SECONDS = 30 * 24 * 3600.0
 _AT_ONCE = "too many attempts at once from this address; try again in a second"
@@ -321,7 +323,13 @@ class LoginThrottle:
             self._redis.on_lock = self._lock
 
     async def aclose(self) -> None:
-        """Close the connections to Redis, if any."""
+        """Wait for the lockout writes still running (those of cancelled logins too), for at most
+        ``CLOSE_TIMEOUT`` seconds, then close the connections to Redis, if any (which writes the lockouts of
+        the failures whose answers were lost first). Call it before the store closes."""
+        if self._writing:
+            await asyncio.wait(set(self._writing), timeout=CLOSE_TIMEOUT)
+            if self._writing:
+                log.error("login throttle: closing with %d lockout write(s) unfinished", len(self._writing))
         if self._redis is not None:
             await self._redis.aclose()
 

@@ -98,6 +98,7 @@ _WARN_WINDOW: Final = 60.0
 MAX_UNRELEASED: Final = 10_000
 #: Commands per pipeline when they are sent at last.
 _BATCH: Final = 500
+_WRITE_TIMEOUT: Final = 5.0  # the longest ``aclose`` waits for the lockout writes still running, after settling
 
 _COMMON: Final = (
     LUA_NOW
@@ -569,7 +570,8 @@ class RedisLoginLimits:
     async def aclose(self) -> None:
         """Close the client if these limits made it (``from_url``); holds left unreleased expire. The
         failures whose answers were lost are settled first, their lockouts written, for at most
-        ``close_timeout`` seconds (those left then are dropped: a restart would forget them anyway)."""
+        ``close_timeout`` seconds (those left then are dropped: a restart would forget them anyway); then the
+        lockout writes still running (settling's, a cancelled login's) are waited for (``_WRITE_TIMEOUT``)."""
         for task in (self._cleaner, self._refresher, self._settler):
             if task is not None:
                 task.cancel()
@@ -585,6 +587,10 @@ class RedisLoginLimits:
                     type(exc).__name__,
                     exc,
                 )
+        if self._locking:
+            await asyncio.wait(set(self._locking.values()), timeout=_WRITE_TIMEOUT)
+            if self._locking:
+                log.error("login throttle: closing with %d lockout write(s) unfinished", len(self._locking))
         if self._owns_client:
             await cast(Any, self._client).aclose()
 

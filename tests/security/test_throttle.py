@@ -383,3 +383,33 @@ def test_failures_of_a_pair_are_forgotten_a_lockout_window_after_the_last(tmp_pa
             table.close()
 
     asyncio.run(main())
+
+
+def test_closing_waits_for_the_lockout_writes_of_cancelled_logins(tmp_path: Path) -> None:
+    """``aclose`` used to leave a cancelled login's lockout write running: the store closed under it (or the loop
+    cancelled it), and after the restart the pair was not locked."""
+
+    async def main() -> None:
+        clock = Clock()
+        async with open_store(tmp_path / "s.db") as store:
+            throttle = LoginThrottle(store, max_failures=1, lockout=300, clock=clock)
+            writing = asyncio.Event()
+            real = store.set_lockout
+
+            async def slow_set_lockout(key: str, until: float) -> None:
+                writing.set()
+                await asyncio.sleep(0.3)  # a slow store write
+                await real(key, until)
+
+            store.set_lockout = slow_set_lockout  # type: ignore[method-assign]
+            login = asyncio.create_task(throttle.failed("ada", "10.0.0.1"))  # locks the pair
+            await writing.wait()
+            login.cancel()  # the client drops
+            await asyncio.gather(login, return_exceptions=True)
+            await throttle.aclose()  # the server stops; then the store closes
+            assert not throttle._writing
+        async with open_store(tmp_path / "s.db") as store:  # the restart
+            until = await store.get_lockout("login:ada|10.0.0.1")
+            assert until is not None and until > clock.now, "the lockout was lost at shutdown"
+
+    asyncio.run(main())

@@ -234,3 +234,32 @@ def test_closing_settles_the_failures_whose_answers_were_lost_first(
         assert not a._redis._unsettled
 
     through_relay(tmp_path, body, timeout=0.3, max_failures=3)
+
+
+@needs_redis
+def test_closing_waits_for_a_lockout_write_that_outlasts_settling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``aclose`` used to give up on a lockout write still running once settling ran out of time: the store
+    closed under it, and the lockout was lost with the restart."""
+    import bastion.security.throttle_redis as throttle_redis
+
+    monkeypatch.setattr(throttle_redis, "RETRY_AFTER", 60.0)  # the settler asleep as the server stops
+
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        assert a._redis is not None
+        real = a._redis.on_lock
+        assert real is not None
+
+        async def slow_lock(username: str, source: str) -> None:
+            await asyncio.sleep(0.5)  # a slow store write, longer than settling may take
+            await real(username, source)
+
+        a._redis.on_lock = slow_lock
+        a._redis.close_timeout = 0.2
+        await lose_a_locking_answer(relay, a)
+        await a.aclose()  # a restart
+        assert await lockout_written(b, "ada", "10.0.0.1"), "the lockout write was abandoned at shutdown"
+        assert not a._redis._locking
+
+    through_relay(tmp_path, body, timeout=0.3, max_failures=3)
