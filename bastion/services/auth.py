@@ -329,14 +329,20 @@ def create_service(
             await _update_keeping_an_admin(target, msgspec.structs.replace(target, disabled=True))
         revoked = await store.revoke_user_tokens(name, time.time())
         items = {domain: await reassign(name, transfer_to) for domain, reassign in domains.items()}
-        await store.delete_user(name)
+        await store.delete_user(name)  # (its lockout and known-source rows with it)
+        # A new user given the name inherits no lockout or failure count: those in Redis and in memory go too.
+        # Should Redis fail, its keys stay until they end (auth.lockout): the user is deleted all the same.
+        try:
+            lifted: int | None = await throttle.unlock(name)
+        except Unavailable:
+            lifted = None
         # Once more, now the row is gone: a write that passed its check of the user just before (an admin's
         # put to ~name, the user's own before revalidation cut them off) may have landed after the first pass.
         for domain, reassign in domains.items():
             items[domain] += await reassign(name, transfer_to)
         audit(
             "admin.delete_user", principal=ctx.principal.name, peer=ctx.peer, target=name, revoked=revoked,
-            transferred_to=transfer_to, items=items,
+            transferred_to=transfer_to, items=items, unlocked=lifted,
         )  # fmt: skip
         return DeletedUser(name, revoked, transfer_to, items)
 

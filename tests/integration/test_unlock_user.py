@@ -169,3 +169,44 @@ def test_with_redis_down_an_unlock_lifts_the_store_lockout_and_says_unavailable(
         assert user.auth.login(username="victim", password=RIGHT)["user"] == "victim"
     records = _audit(server, "admin.unlock_user")  # (one per try: the client retries an idempotent call UNAVAILABLE)
     assert records and all(r.get("incomplete") is True and "lifted" not in r for r in records), records
+
+
+@needs_redis
+def test_a_user_recreated_under_a_deleted_name_inherits_no_lockout_on_any_replica(
+    server_factory: Any, tmp_path: Path, prefix: str
+) -> None:
+    """Deleting a user used to leave their lockouts and failure counts in Redis (and in the replicas' memory):
+    a new user given the same name was refused from that source on every replica for up to auth.lockout."""
+    a, b, _ = _replicas(server_factory, tmp_path, prefix)
+    admin = a if a.token_file.exists() else b
+    with SyncClient(a.address, timeout=10) as on_a, SyncClient(b.address, timeout=10) as on_b, _admin(admin) as root:
+        _lock_out(on_b)
+        with pytest.raises(bastion.ResourceExhausted, match=LOCKED):  # (Redis's lockout: on a too)
+            on_a.auth.login(username="victim", password=RIGHT)
+        root.auth.delete_user(name="victim")
+        root.auth.create_user(name="victim", password=RIGHT)  # a new user, the same name
+        assert on_b.auth.login(username="victim", password=RIGHT)["user"] == "victim"
+        assert on_a.auth.login(username="victim", password=RIGHT)["user"] == "victim"
+    client = redis.Redis.from_url(URL)
+    try:
+        left = [k.decode() for k in client.scan_iter(match=prefix + "{login}:[fl]:victim|*")]
+    finally:
+        client.close()
+    assert not left, left
+    assert [r["unlocked"] for r in _audit(admin, "admin.delete_user")] == [1]
+
+
+def test_a_user_recreated_under_a_deleted_name_gets_the_whole_allowance_of_failures(server_factory: Any) -> None:
+    """One server: the failures in a row the deleted user had from a source are not the new user's."""
+    server = server_factory(env=ENV)
+    with _admin(server) as root, SyncClient(server.address, timeout=10) as user:
+        root.auth.create_user(name="victim", password=RIGHT)
+        for i in range(MAX_FAILURES - 1):  # one short of a lockout
+            with pytest.raises(bastion.Unauthenticated):
+                user.auth.login(username="victim", password=f"wrong guess {i}")
+        root.auth.delete_user(name="victim")
+        root.auth.create_user(name="victim", password=RIGHT)
+        for i in range(MAX_FAILURES - 1):  # the new user's typos: a lockout would have come with the first
+            with pytest.raises(bastion.Unauthenticated):
+                user.auth.login(username="victim", password=f"a typo {i}")
+        assert user.auth.login(username="victim", password=RIGHT)["user"] == "victim"
