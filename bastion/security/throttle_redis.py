@@ -488,7 +488,8 @@ class RedisLoginLimits:
                     self._failed(exc)
                 await asyncio.sleep(RETRY_AFTER / 2)
             except Exception:  # (writing a lockout failed: the store) never lose the task half done
-                log.exception("login throttle: settling a failure whose answer was lost failed")
+                if (left_out := self._warnings.take("settle")) is not None:  # (once a minute, as Redis failing)
+                    log.exception("login throttle: settling a lost failure failed%s", suppressed_note(left_out))
                 await asyncio.sleep(RETRY_AFTER / 2)
 
     async def _settle(self, pair: str | None) -> None:
@@ -524,10 +525,11 @@ class RedisLoginLimits:
         await asyncio.shield(task)
 
     async def _locked(self, failure_id: str, username: str, source: str) -> None:
-        log.warning("login throttle: a failure whose answer Redis lost locked its pair; lockout written now")
         assert self.on_lock is not None
         await self.on_lock(username, source)
         self._unsettled.pop(failure_id, None)
+        if (left_out := self._warnings.take("locked", 10)) is not None:  # (10 a minute)
+            log.warning("login throttle: a lost failure locked its pair; lockout written%s", suppressed_note(left_out))
 
     def _written(self, failure_id: str, task: asyncio.Task[None]) -> None:
         self._locking.pop(failure_id, None)
@@ -587,10 +589,8 @@ class RedisLoginLimits:
                     type(exc).__name__,
                     exc,
                 )
-        if self._locking:
-            await asyncio.wait(set(self._locking.values()), timeout=_WRITE_TIMEOUT)
-            if self._locking:
-                log.error("login throttle: closing with %d lockout write(s) unfinished", len(self._locking))
+        if self._locking and (left := (await asyncio.wait(set(self._locking.values()), timeout=_WRITE_TIMEOUT))[1]):
+            log.error("login throttle: closing with %d lockout write(s) unfinished", len(left))
         if self._owns_client:
             await cast(Any, self._client).aclose()
 

@@ -7,6 +7,8 @@ Replica ``a`` talks to Redis through a relay (``through_relay``) that can hold b
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +265,47 @@ def test_closing_waits_for_a_lockout_write_that_outlasts_settling(
         assert not a._redis._locking
 
     through_relay(tmp_path, body, timeout=0.3, max_failures=3)
+
+
+@needs_redis
+def test_a_lockout_write_failing_while_settling_is_logged_within_the_budget_and_written_only_once_done(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The settler used to log "lockout written now" before the write, and a warning with a traceback every half
+    second while the store was down: outside the log budget, and saying a lockout was written that was not."""
+
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        assert a._redis is not None
+        real = a._redis.on_lock
+        assert real is not None
+        calls = 0
+        store_down = True
+
+        async def failing_lock(username: str, source: str) -> None:
+            nonlocal calls
+            calls += 1
+            if store_down:
+                raise sqlite3.OperationalError("database is locked")
+            await real(username, source)
+
+        a._redis.on_lock = failing_lock
+        await lose_a_locking_answer(relay, a)
+
+        async def tried_often() -> bool:
+            return calls >= 4  # rounds of the settler, half a second apart
+
+        assert await until(tried_often, 10.0)
+        lines = [r.getMessage() for r in caplog.records if r.name == "bastion.throttle"]
+        assert not [line for line in lines if "written" in line], lines
+        assert len([line for line in lines if "settling" in line]) == 1, lines
+        store_down = False
+
+        async def written() -> bool:
+            return await lockout_written(b, "ada", "10.0.0.1")
+
+        assert await until(written, 10.0)
+        lines = [r.getMessage() for r in caplog.records if r.name == "bastion.throttle"]
+        assert len([line for line in lines if "lockout written" in line]) == 1, lines
+
+    with caplog.at_level(logging.WARNING, logger="bastion.throttle"):
+        through_relay(tmp_path, body, timeout=0.3, max_failures=3)
