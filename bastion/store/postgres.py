@@ -176,6 +176,13 @@ class Probe(NamedTuple):
     functions_not_owned: frozenset[str]  # the functions it has not the owner's rights over (to replace them)
 
 
+#: Set on every connection, whatever the database's or role's defaults (a DSN's own settings are kept beside it):
+#: the store's transactions are written for READ COMMITTED -- each statement sees what committed before it, as
+#: the owner check after its advisory lock (kv_postgres.py) relies on; under REPEATABLE READ that check would
+#: read the snapshot taken before the lock was waited for.
+SESSION_SETTINGS = {"default_transaction_isolation": "read committed"}
+
+
 class PostgresStore(
     PostgresCredentials,
     PostgresKV,
@@ -347,6 +354,7 @@ class PostgresStore(
                 timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
                 reset=_keep_session,
+                server_settings=SESSION_SETTINGS,
                 **kwargs,
             )
         except Exception as exc:
@@ -459,7 +467,7 @@ class PostgresStore(
         if dsn.startswith("postgresql+asyncpg://"):
             dsn = "postgresql://" + dsn[len("postgresql+asyncpg://") :]
         kwargs: dict[str, Any] = {} if self._password is None else {"password": self._password}
-        return await asyncpg.connect(dsn, timeout=self._connect_timeout, **kwargs)
+        return await asyncpg.connect(dsn, timeout=self._connect_timeout, server_settings=SESSION_SETTINGS, **kwargs)
 
     async def _check_durability(self, conn: Connection) -> None:
         row = await conn.fetchrow(_DURABILITY_SETTINGS)

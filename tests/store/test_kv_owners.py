@@ -13,7 +13,7 @@ import pytest
 
 from bastion.exceptions import NotFound
 from bastion.security.credentials import User
-from bastion.store import Store
+from bastion.store import Store, open_store
 from bastion.store._access import USER_LOCK, USER_LOCK_SHARED
 from bastion.store.kv import KVWrite
 from tests.support.stores import store_location
@@ -174,3 +174,38 @@ async def test_a_deletion_waits_for_a_write_holding_the_user_lock(backend: str, 
     finally:
         await conn.close()
         await watch.close()
+
+
+async def test_the_owner_check_holds_where_the_database_defaults_to_repeatable_read(
+    backend: str, tmp_path: Path
+) -> None:
+    """The check after the advisory lock must read what committed while the put waited: READ COMMITTED. A
+    database (or role, or DSN) defaulting to REPEATABLE READ took the put's snapshot with its lock statement,
+    before the wait, and the put to the deleted user's ~bob committed (review). The store sets its isolation."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL's isolation levels")
+    location = store_location(backend, tmp_path) + "&default_transaction_isolation=repeatable%20read"
+    async with open_store(location) as store:
+        store.userless_owners = False
+        await store.create_user(User("alice"))
+        await store.create_user(User("bob"))
+        conn = await asyncpg.connect(location)
+        watch = await asyncpg.connect(location)
+        try:
+            deleting = conn.transaction()
+            await deleting.start()
+            await conn.execute(USER_LOCK, "bob")  # delete_user's transaction
+            await conn.execute("DELETE FROM users WHERE name = 'bob'")
+            put = asyncio.create_task(store.kv_put("~bob", [w("a")], NOW))
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+            deadline = asyncio.get_running_loop().time() + 5
+            while not await watch.fetchval(waiting):
+                assert asyncio.get_running_loop().time() < deadline, "the put never waited for the deletion"
+                await asyncio.sleep(0.01)
+            await deleting.commit()
+            with pytest.raises(NotFound, match="no user 'bob'"):
+                await put
+        finally:
+            await conn.close()
+            await watch.close()
+        assert await store.kv_list("~bob", "", None, 10, NOW) == []
