@@ -328,6 +328,8 @@ class SessionUpkeep:
                 )
                 message = "client certificate is revoked" if revoked else "credentials expired or revoked"
                 for call_id, ticket in list(self.tickets.items()):
+                    if call_id in self._recording:  # its handler has ended: its answer, being recorded, is a
+                        continue  # retry's (the connection closes; the keyed retry gets it), not cancelled
                     self.core.send_error(call_id, Status.UNAUTHENTICATED, message)
                     self._cancel(call_id, ticket)
                 self.core.send_goaway(Status.UNAUTHENTICATED, message)

@@ -413,3 +413,33 @@ def test_a_revocation_does_not_cut_off_the_recording_of_an_answer_whose_handler_
         assert handler.runs == ["v"]
 
     run(tmp_path, body, authenticator=authenticator, store_at=location)
+
+
+def test_a_revocation_on_a_live_connection_does_not_cut_off_the_recording_of_an_answer(tmp_path: Path) -> None:
+    """As above, with the connection still open when revalidation finds the credential revoked: the calls it
+    cancels are those still running, not one whose handler ended and whose answer is being recorded (review)."""
+    location = store_location("postgresql", tmp_path, "keys")
+    authenticator = Revocable()
+
+    async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
+        writer = await first_attempt(server.port, "w", "k15")
+        await until(lambda: handler.runs == ["w"], "the first attempt to start")
+        other = await asyncpg.connect(location)
+        try:
+            async with other.transaction():  # the answer's record waits on the keys' table, the connection open
+                await other.execute("LOCK TABLE idempotency_keys IN EXCLUSIVE MODE")
+                handler.release.set()
+                await until(lambda: handler.ended == ["w"], "the handler to end")
+                authenticator.revoked = True
+                await until(lambda: server.stats()["connections"] <= 1, "revalidation to close the connection")
+        finally:
+            await other.close()
+        writer.close()
+        await until(lambda: detached(server) == 0, "the recording to end")
+        assert handler.cancelled == []
+        authenticator.revoked = False
+        client.retry = None
+        assert await client.invoke("slow.apply", {"tag": "w"}, idempotency_key="k15") == "applied w"
+        assert handler.runs == ["w"]
+
+    run(tmp_path, body, authenticator=authenticator, store_at=location)
