@@ -117,13 +117,11 @@ def check_url(url: str) -> None:
     try:
         split = urllib.parse.urlsplit(url)
         split.port  # noqa: B018 (parsing it is the check)
-        if split.scheme in ("redis", "rediss") and (
-            "@" in split.path or ("@" in split.netloc and "@" in split.query + split.fragment)
-        ):
-            # an @ past the authority: a password's ``@`` and ``/`` or ``?`` (``:s3@cr/et@host``) made urlsplit end
-            # the authority inside it, so another host would be asked than the one shown (redacted by its last @).
-            # A database path is only /N; an @ in the query (client_name=svc@eu1) is refused only beside a
-            # password, and unix:// socket paths may hold one.
+        if split.scheme != "unix" and "@" in split.path + split.query + split.fragment:
+            # an @ past the authority: a password's ``@`` and ``/``, ``?`` or ``#`` (``:s3@cr/et@host``,
+            # ``:1234#s3cret@host``) made urlsplit end the authority inside it, so another host would be asked
+            # than the one shown (redacted by its last @). One meant in a query value is written %40; a unix://
+            # socket path may hold one.
             raise ValueError("an @ after the host")
     except ValueError:
         raise UsageError(
