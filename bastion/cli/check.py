@@ -376,7 +376,7 @@ _OWNED_FUNCTION = re.compile(rf"\b(?:CREATE OR REPLACE|ALTER) FUNCTION (?:IF EXI
 #: DROP TABLE and DROP FUNCTION name a list (``DROP TABLE a, b``; ``DROP FUNCTION f(int, text), g()``): each
 #: item's owner's rights are needed.
 _DROP = re.compile(r"\bDROP (TABLE|FUNCTION) (?:IF EXISTS )?", re.IGNORECASE)
-_DROPPED = re.compile(rf"\s*{_OBJECT}(?:\s*\([^)]*\))?\s*(,)?")
+_DROPPED = re.compile(rf"\s*{_OBJECT}\s*")
 #: Statements that need no rights on existing objects beyond those the store's role serves with (a new
 #: table or function; rows written). Any other statement must be read by the patterns above: a unit test
 #: (tests/cli/test_migration_rights.py) holds every migration's statements to one or the other.
@@ -400,10 +400,24 @@ def _statement_rights(statement: str) -> tuple[set[tuple[str, str]], set[str]]:
                 tables.add((_identifier(item.group(1)), "OWNER"))
             else:
                 functions.add(_identifier(item.group(1)))
-            if item.group(2) is None:  # no comma: the list has ended
+            position = _past_arguments(text, item.end())
+            if not text.startswith(",", position):  # no comma: the list has ended
                 break
-            position = item.end()
+            position += 1
     return tables, functions
+
+
+def _past_arguments(text: str, position: int) -> int:
+    """Where ``text`` goes on after a function's argument list at ``position`` (``(numeric(10, 2), text)``:
+    parentheses nest), and the spaces after it; ``position`` itself if there is none."""
+    if not text.startswith("(", position):
+        return position
+    depth = 0
+    for i in range(position, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return len(text) - len(text[i + 1 :].lstrip())
+    return len(text)
 
 
 def _needs_no_rights(statement: str) -> bool:

@@ -35,6 +35,7 @@ from bastion.store.postgres_migrations import POSTGRES_MIGRATIONS
         ("DROP FUNCTION IF EXISTS g()", set(), {"g"}),
         ("DROP TABLE IF EXISTS a, s.b CASCADE", {("a", "OWNER"), ("b", "OWNER")}, set()),  # every item of a list
         ("drop function f(int, text), g()", set(), {"f", "g"}),
+        ("DROP FUNCTION f(numeric(10, 2), text), g() CASCADE", set(), {"f", "g"}),  # nested: no function "text"
     ],
 )
 def test_the_rights_a_statement_needs_are_found_whatever_its_spelling(
