@@ -364,6 +364,26 @@ class SharedCounts:
             if offset is not None:
                 table.put(offset, 0.0, 0.0)
 
+    def generation(self, group: str) -> str:
+        """A suffix for the keys of ``group``'s counts (the login throttle's: a user's), '' until ``renew``.
+        Reading it marks its slot used, so it is reused no sooner than the counts it names."""
+        table = self._table
+        with table.locked():
+            offset = table.find(table.digest(self._prefix + "generation|" + group))
+            if offset is None:
+                return ""
+            generation, _ = table.get(offset)
+            table.put(offset, generation, 0.0)
+        return f"#{int(generation)}"
+
+    def renew(self, group: str) -> None:
+        """Forget every count of ``group`` at once (those of keys ending in its ``generation``): a new one,
+        drawn at random, so a generation forgotten and renewed again never names the counts of an old one."""
+        table = self._table
+        with table.locked():
+            offset = table.claim(table.digest(self._prefix + "generation|" + group), 0.0, 0.0)
+            table.put(offset, float(secrets.randbits(52) + 1), 0.0)
+
 
 def process_runs(pid: int) -> bool:
     """Whether process ``pid`` exists (a zombie not reaped yet does; one its parent reaped does not)."""

@@ -116,7 +116,7 @@ from bastion.security.throttle_redis import RedisDown, RedisLoginLimits
 from bastion.security.throttle_redis_unlock import unlock_redis
 
 if TYPE_CHECKING:
-    from bastion.security.ratelimit_shared import SharedTable
+    from bastion.security.ratelimit_shared import SharedCounts, SharedTable
     from bastion.security.throttle_shared import SharedPending
 
 __all__ = ["LoginThrottle", "LoginThrottled", "TokenBucket", "source_key"]
@@ -288,6 +288,7 @@ class LoginThrottle:
         self._sources: _BucketMap
         self._users: _BucketMap
         self._failures: _CountMap
+        self._generations: SharedCounts | None = None  # with workers: the failure counts, renewed per user
         if shared is None:
             self._sources = _Buckets(burst, rate)
             self._users = _Buckets(global_per_hour, global_per_hour / 3600)
@@ -297,7 +298,7 @@ class LoginThrottle:
 
             self._sources = SharedBuckets(shared, "login-source", burst, rate)
             self._users = SharedBuckets(shared, "login-user", global_per_hour, global_per_hour / 3600)
-            self._failures = SharedCounts(shared, "login-failures", lockout)
+            self._failures = self._generations = SharedCounts(shared, "login-failures", lockout)
         self.max_failures = max_failures
         self.lockout = lockout
         self._pending: Counter[str] = Counter()  # attempts inside ``attempt`` blocks, per limit key
@@ -336,6 +337,11 @@ class LoginThrottle:
     @staticmethod
     def _pair(username: str, source: str) -> str:
         return f"login:{username}|{source}"
+
+    def _counted(self, username: str, source: str) -> str:
+        """The key of the pair's failure count: with workers, with the user's generation (``unlock``)."""
+        pair = self._pair(username, source)
+        return pair if self._generations is None else pair + self._generations.generation(username)
 
     @staticmethod
     def _known(username: str, source: str) -> str:
@@ -457,7 +463,7 @@ class LoginThrottle:
             raise LoginThrottled("too many failed attempts from this address", retry_after=wait)
         if not password:
             return 0.0, False
-        failures = 0 if username is None else self._failures.get(self._pair(username, source), now)
+        failures = 0 if username is None else self._failures.get(self._counted(username, source), now)
         # Failures alone never reach it: they lock and reset.
         if failures + pending("p:" + (username or "") + "|" + source) >= self.max_failures:
             raise LoginThrottled(_AT_ONCE, retry_after=1.0)
@@ -504,7 +510,7 @@ class LoginThrottle:
         if username is None:
             return False
         self._users.take(username, now)  # spend from the slow global allowance
-        key = self._pair(username, source)
+        key = self._counted(username, source)
         if self._failures.add(key, now) >= self.max_failures:
             self._failures.pop(key)
             return True
@@ -513,8 +519,8 @@ class LoginThrottle:
     async def unlock(self, username: str) -> int:
         """Lift ``username``'s lockouts from every source and forget their failures and their allowance's
         spending (``auth.unlock_user``; an admin's ``auth.set_password``): in the store, in Redis if
-        configured, and here (with workers, in their shared table: the counts of the sources the store or
-        Redis names). The known sources stay. How many (username, source) pairs were locked. Should Redis
+        configured, and here (with workers, in their shared table: a new generation of the user's counts
+        forgets them all). The known sources stay. How many (username, source) pairs were locked. Should Redis
         fail, the rest is done and Unavailable raised: calling again finishes it."""
         now = self._clock()
         rows = await self._store.delete_lockouts(username)
@@ -529,12 +535,15 @@ class LoginThrottle:
             else:
                 locked |= in_redis
                 sources |= counted
-        pair = self._pair(username, "")
-        keys = {pair + source for source in sources}
-        if isinstance(self._failures, _Counts):
-            keys.update(self._failures.keys_from(pair))
-        for key in keys:
-            self._failures.pop(key)
+        if self._generations is not None:  # every count of the user's, whatever the sources the store names
+            self._generations.renew(username)
+        else:
+            pair = self._pair(username, "")
+            keys = {pair + source for source in sources}
+            if isinstance(self._failures, _Counts):
+                keys.update(self._failures.keys_from(pair))
+            for key in keys:
+                self._failures.pop(key)
         self._users.pop(username)
         if down:
             raise Unavailable("lockouts lifted in the store, but Redis failed: try again", retry_after=1.0)
@@ -543,7 +552,7 @@ class LoginThrottle:
     async def succeeded(self, username: str, source: str) -> None:
         """Record a success: the pair's failures are forgiven and the source is known for the user."""
         source = source_key(source, self.ipv6_prefix)
-        self._failures.pop(self._pair(username, source))  # (counted here while Redis was down, perhaps)
+        self._failures.pop(self._counted(username, source))  # (counted here while Redis was down, perhaps)
         if self._redis is not None:  # (Redis failing: forgiven there once it answers again)
             await self._redis.succeeded(username, source)
         await self._store.set_lockout(self._known(username, source), self._clock() + KNOWN_SOURCE_SECONDS)

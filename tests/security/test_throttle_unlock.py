@@ -108,3 +108,23 @@ def test_the_scan_pattern_matches_a_prefix_with_glob_characters_literally() -> N
     from bastion.security.throttle_redis_unlock import _glob
 
     assert _glob("bastion:[rl]*?\\:") == "bastion:\\[rl\\]\\*\\?\\\\:"
+
+
+def test_an_unlock_on_one_worker_forgets_the_users_failures_on_the_other(tmp_path: Path) -> None:
+    """With ``--workers`` and no Redis the failure counts are in the shared table, where no list of the
+    user's sources is kept: the unlock renews the user's generation, and every count of theirs is forgotten
+    -- also of a source the store no longer names (``delete_user`` deleted its rows first)."""
+
+    async def main() -> None:
+        shared = SharedTable.create(1000)
+        async with open_store(tmp_path / "s.db") as store:
+            one, two = (LoginThrottle(store, max_failures=3, lockout=300, shared=shared) for _ in range(2))
+            assert [await one.failed("bob", "10.0.0.9") for _ in range(2)] == [False, False]
+            await one.failed("bobby", "10.0.0.9")
+            await one.failed("bobby", "10.0.0.9")
+            await store.delete_lockouts("bob")  # (as delete_user leaves it: no rows naming the source)
+            assert await two.unlock("bob") == 0
+            assert [await one.failed("bob", "10.0.0.9") for _ in range(3)] == [False, False, True]
+            assert await two.failed("bobby", "10.0.0.9") is True  # nobody else's forgotten
+
+    asyncio.run(main())
