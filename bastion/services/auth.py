@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import re
 import secrets
@@ -51,6 +52,7 @@ Reassign = Callable[[str, str | None], Awaitable[int]]
 
 _ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 _ADMIN = [ADMIN_ROLE]
+log = logging.getLogger("bastion.auth")
 #: Ended (revoked or expired) session tokens of a user deleted at each of their logins.
 SESSION_PURGE_BATCH = 100
 
@@ -330,21 +332,33 @@ def create_service(
         revoked = await store.revoke_user_tokens(name, time.time())
         items = {domain: await reassign(name, transfer_to) for domain, reassign in domains.items()}
         await store.delete_user(name)  # (its lockout and known-source rows with it)
-        # A new user given the name inherits no lockout or failure count: those in Redis and in memory go too.
-        # Should Redis fail, its keys stay until they end (auth.lockout): the user is deleted all the same.
-        try:
-            lifted: int | None = await throttle.unlock(name)
-        except Unavailable:
-            lifted = None
         # Once more, now the row is gone: a write that passed its check of the user just before (an admin's
         # put to ~name, the user's own before revalidation cut them off) may have landed after the first pass.
         for domain, reassign in domains.items():
             items[domain] += await reassign(name, transfer_to)
-        audit(
-            "admin.delete_user", principal=ctx.principal.name, peer=ctx.peer, target=name, revoked=revoked,
-            transferred_to=transfer_to, items=items, unlocked=lifted,
-        )  # fmt: skip
+        # A new user given the name inherits no lockout or failure count: those in Redis and in memory go too.
+        # Should that fail (or the call be cancelled), its keys stay until they end (auth.lockout): the user
+        # is deleted and audited all the same.
+        lifted: int | None = None
+        try:
+            lifted = await _lift(name)
+        finally:
+            audit(
+                "admin.delete_user", principal=ctx.principal.name, peer=ctx.peer, target=name, revoked=revoked,
+                transferred_to=transfer_to, items=items, unlocked=lifted,
+            )  # fmt: skip
         return DeletedUser(name, revoked, transfer_to, items)
+
+    async def _lift(name: str) -> int | None:
+        """``throttle.unlock`` after a change already made (a user deleted, a password set): the pairs that
+        were locked, or None if it failed (Redis, or the store: logged), which must not undo the change."""
+        try:
+            return await throttle.unlock(name)
+        except Unavailable:
+            return None
+        except Exception:
+            log.exception("auth: lifting the login lockouts of %r failed", name)
+            return None
 
     @service.method(roles=_ADMIN, idempotent=True)
     async def list_users(ctx: Context) -> list[UserInfo]:
@@ -370,15 +384,16 @@ def create_service(
             raise NotFound(f"no user {name!r}")
         ended = await _end_sessions(name, keep=None)
         # The guesses that locked the user out were against the old password: their lockouts go too. Should
-        # Redis fail, those it holds stay (they end as ever; auth.unlock_user lifts them): the password is set.
+        # that fail (Redis, the store, a cancel), those left stay (they end as ever; auth.unlock_user lifts
+        # them): the password is set and audited.
+        lifted: int | None = None
         try:
-            lifted: int | None = await throttle.unlock(name)
-        except Unavailable:
-            lifted = None
-        audit(
-            "admin.set_password", principal=ctx.principal.name, peer=ctx.peer, target=name, revoked_sessions=ended,
-            unlocked=lifted,
-        )  # fmt: skip
+            lifted = await _lift(name)
+        finally:
+            audit(
+                "admin.set_password", principal=ctx.principal.name, peer=ctx.peer, target=name,
+                revoked_sessions=ended, unlocked=lifted,
+            )  # fmt: skip
         return True
 
     @service.method(roles=_ADMIN, idempotent=True)
