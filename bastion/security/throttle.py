@@ -516,9 +516,11 @@ class LoginThrottle:
             return True
         return False
 
-    async def unlock(self, username: str) -> int:
-        """Lift ``username``'s lockouts from every source and forget their failures and their allowance's
-        spending (``auth.unlock_user``; an admin's ``auth.set_password``): in the store, in Redis if
+    async def unlock(self, username: str, *, refill: bool = True) -> int:
+        """Lift ``username``'s lockouts from every source and forget their failures, and (``refill``) their
+        allowance's spending -- not for ``auth.unlock_user``: the password stays the same, and a distributed
+        guessing campaign that spent the allowance would get a fresh one; an admin's ``auth.set_password`` and
+        ``auth.delete_user`` refill it: in the store, in Redis if
         configured, and here (with workers, in their shared table: a new generation of the user's counts
         forgets them all). The known sources stay. How many (username, source) pairs were locked. Should Redis
         fail, the rest is done and Unavailable raised: calling again finishes it."""
@@ -529,7 +531,7 @@ class LoginThrottle:
         down = False
         if self._redis is not None:
             try:
-                in_redis, counted = await unlock_redis(self._redis, username)
+                in_redis, counted = await unlock_redis(self._redis, username, refill=refill)
             except RedisDown:
                 down = True
             else:
@@ -544,7 +546,8 @@ class LoginThrottle:
                 keys.update(self._failures.keys_from(pair))
             for key in keys:
                 self._failures.pop(key)
-        self._users.pop(username)
+        if refill:
+            self._users.pop(username)
         if down:
             raise Unavailable("lockouts lifted in the store, but Redis failed: try again", retry_after=1.0)
         return len(locked)

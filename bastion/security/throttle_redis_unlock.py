@@ -11,7 +11,8 @@ so it finds them with SCAN (never KEYS: it would block Redis for the whole
 keyspace at once) matching ``<prefix>{login}:[fl]:USER|*`` -- a user name
 holds no ``|`` (``USER_NAME``), so the match is that user's alone -- a batch
 of ``SCAN_COUNT`` keys per round trip, and deletes what it found, with the
-user's allowance (``u:USER``). SCAN may return a key twice, never misses one
+user's allowance (``u:USER``) when the password changed or the name went
+(``refill``: not for ``auth.unlock_user``, whose password stays the same). SCAN may return a key twice, never misses one
 that exists throughout; a failure counted meanwhile (a login racing the
 unlock) may survive it, as it would one an instant later.
 
@@ -41,15 +42,15 @@ def _glob(text: str) -> str:
     return _GLOB.sub(r"\\\1", text)
 
 
-async def unlock_redis(limits: RedisLoginLimits, username: str) -> tuple[set[str], set[str]]:
-    """Delete ``username``'s lockouts, failure counts and allowance in Redis; the sources that were locked, and
-    every source with a lockout or a count. Raises RedisDown (calling again finishes it)."""
+async def unlock_redis(limits: RedisLoginLimits, username: str, *, refill: bool = True) -> tuple[set[str], set[str]]:
+    """Delete ``username``'s lockouts, failure counts and (``refill``) allowance in Redis; the sources that were
+    locked, and every source with a lockout or a count. Raises RedisDown (calling again finishes it)."""
     for failure_id, failure in list(limits._unsettled.items()):
         if failure.username == username:
             del limits._unsettled[failure_id]
     locked: set[str] = set()
     sources: set[str] = set()
-    found = [limits.keys(username, "")[2]]  # the user's allowance
+    found = [limits.keys(username, "")[2]] if refill else []  # the user's allowance
     try:
         await _scan_and_delete(limits, username, locked, sources, found)
     except limits._gate.errors as exc:

@@ -401,7 +401,7 @@ def create_service(
         """Lift a user's login lockouts from every source and forget their failed attempts (admin)."""
         await _get(name)
         try:
-            lifted = await throttle.unlock(name)
+            lifted = await throttle.unlock(name, refill=False)  # (the same password: the allowance stays spent)
         except Unavailable:  # (Redis failed: the store's lockouts are lifted, Redis's are not)
             audit("admin.unlock_user", principal=ctx.principal.name, peer=ctx.peer, target=name, incomplete=True)
             raise

@@ -128,3 +128,37 @@ def test_an_unlock_on_one_worker_forgets_the_users_failures_on_the_other(tmp_pat
             assert await two.failed("bobby", "10.0.0.9") is True  # nobody else's forgotten
 
     asyncio.run(main())
+
+
+def test_an_unlock_without_refill_keeps_the_users_allowance_spent(tmp_path: Path) -> None:
+    """``auth.unlock_user`` (``refill=False``): the password stays the same, so a distributed guessing campaign
+    that spent the per-user allowance gets no fresh one -- in memory and in the workers' shared table; the
+    lockouts and failure counts go all the same."""
+
+    async def main() -> None:
+        async with open_store(tmp_path / "s.db") as store:
+            for shared in (None, SharedTable.create(1000)):
+                user = "bob" if shared is None else "bea"
+                throttle = LoginThrottle(store, max_failures=2, global_per_hour=2, shared=shared)
+                await _lock(throttle, user, "10.0.1.1", 2)
+                assert "for this user" in (await refused(throttle, user, "10.0.2.1") or "")
+                assert await throttle.unlock(user, refill=False) == 1
+                assert await refused(throttle, user, "10.0.1.1") is not None  # (the allowance, not the lockout)
+                assert "for this user" in (await refused(throttle, user, "10.0.2.1") or "")
+                assert await store.get_lockout(f"login:{user}|10.0.1.1") is None
+                assert await throttle.unlock(user) == 0
+                assert await refused(throttle, user, "10.0.2.1") is None
+
+    asyncio.run(main())
+
+
+@needs_redis
+def test_an_unlock_without_refill_keeps_the_users_allowance_in_redis(tmp_path: Path) -> None:
+    async def body(clock: Clock, client: Any, prefix: str, a: LoginThrottle, b: LoginThrottle) -> None:
+        await _lock(a, "ada", "10.0.0.1", 2)
+        assert await b.unlock("ada", refill=False) == 1
+        left = sorted([key.decode()[len(prefix) :] async for key in client.scan_iter(match=prefix + "{login}:[flu]:*")])
+        assert left == ["{login}:u:ada"]
+        assert "for this user" in (await refused(b, "ada", "10.0.2.1") or "")
+
+    replicas(tmp_path, body, max_failures=2, lockout=60, global_per_hour=2)
