@@ -126,8 +126,10 @@ log = logging.getLogger("bastion.throttle")
 MAX_TRACKED = 100_000  # keys remembered in memory; the oldest are forgotten first
 #: Expired lockouts deleted from the store with each new lockout (bounded work per write).
 LOCKOUT_PURGE_BATCH = 100
-#: The longest ``aclose`` waits for the lockout writes still running (seconds).
-CLOSE_TIMEOUT = 5.0
+#: The longest ``aclose`` takes in all (seconds): waiting for the lockout writes still running, then Redis's
+#: settling and writes. Below the supervisor's ``KILL_MARGIN`` (5 s, supervisor.py), which is all a worker
+#: whose drain used the whole grace has left once its components are closed.
+CLOSE_TIMEOUT = 3.0
 #: How long a source a user logged in from escapes the per-user global allowance (seconds).
 KNOWN_SOURCE_SECONDS = 30 * 24 * 3600.0
 _AT_ONCE = "too many attempts at once from this address; try again in a second"
@@ -324,15 +326,16 @@ class LoginThrottle:
             self._redis.on_lock = self._lock
 
     async def aclose(self) -> None:
-        """Wait for the lockout writes still running (those of cancelled logins too), for at most
-        ``CLOSE_TIMEOUT`` seconds, then close the connections to Redis, if any (which writes the lockouts of
-        the failures whose answers were lost first). Call it before the store closes."""
+        """Wait for the lockout writes still running (those of cancelled logins too), then close the
+        connections to Redis, if any (which writes the lockouts of the failures whose answers were lost
+        first): ``CLOSE_TIMEOUT`` seconds at most in all. Call it before the store closes."""
+        deadline = time.monotonic() + CLOSE_TIMEOUT
         if self._writing:
             await asyncio.wait(set(self._writing), timeout=CLOSE_TIMEOUT)
             if self._writing:
                 log.error("login throttle: closing with %d lockout write(s) unfinished", len(self._writing))
         if self._redis is not None:
-            await self._redis.aclose()
+            await self._redis.aclose(budget=max(0.0, deadline - time.monotonic()))
 
     @staticmethod
     def _pair(username: str, source: str) -> str:

@@ -569,11 +569,11 @@ class RedisLoginLimits:
                 suppressed_note(left_out),
             )
 
-    async def aclose(self) -> None:
-        """Close the client if these limits made it (``from_url``); holds left unreleased expire. The
-        failures whose answers were lost are settled first, their lockouts written, for at most
-        ``close_timeout`` seconds (those left then are dropped: a restart would forget them anyway); then the
-        lockout writes still running (settling's, a cancelled login's) are waited for (``_WRITE_TIMEOUT``)."""
+    async def aclose(self, budget: float = _WRITE_TIMEOUT) -> None:
+        """Close the client if these limits made it (``from_url``); holds left unreleased expire. The failures
+        whose answers were lost are settled first, their lockouts written, for at most ``close_timeout`` seconds
+        (then dropped: a restart would forget them), then the lockout writes still running: ``budget`` s in all."""
+        deadline = time.monotonic() + budget
         for task in (self._cleaner, self._refresher, self._settler):
             if task is not None:
                 task.cancel()
@@ -581,7 +581,7 @@ class RedisLoginLimits:
                     await task
         if self._unsettled:
             try:
-                await asyncio.wait_for(self._settle(None), self.close_timeout)
+                await asyncio.wait_for(self._settle(None), min(self.close_timeout, budget))
             except Exception as exc:  # (Redis failing, the store, or out of time)
                 log.warning(
                     "login throttle: closing with %d failure(s) whose answers were lost unsettled (%s: %s)",
@@ -589,7 +589,8 @@ class RedisLoginLimits:
                     type(exc).__name__,
                     exc,
                 )
-        if self._locking and (left := (await asyncio.wait(set(self._locking.values()), timeout=_WRITE_TIMEOUT))[1]):
+        writes, wait = set(self._locking.values()), deadline - time.monotonic()  # (past it: none waited for)
+        if writes and (left := (await asyncio.wait(writes, timeout=wait))[1]):
             log.error("login throttle: closing with %d lockout write(s) unfinished", len(left))
         if self._owns_client:
             await cast(Any, self._client).aclose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -309,3 +310,35 @@ def test_a_lockout_write_failing_while_settling_is_logged_within_the_budget_and_
 
     with caplog.at_level(logging.WARNING, logger="bastion.throttle"):
         through_relay(tmp_path, body, timeout=0.3, max_failures=3)
+
+
+@needs_redis
+def test_closing_the_throttle_takes_one_budget_below_the_supervisors_kill_margin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``LoginThrottle.aclose`` used to wait up to 5 s for its own writes, then Redis's settling its
+    ``close_timeout`` and its writes 5 s more: a worker whose drain had used the grace was SIGKILLed
+    (``KILL_MARGIN``) in the middle. Now ``CLOSE_TIMEOUT`` in all, below the margin, however long a write
+    hangs."""
+    import bastion.security.throttle_redis as throttle_redis
+    from bastion.security.throttle import CLOSE_TIMEOUT
+    from bastion.server.supervisor import KILL_MARGIN
+
+    assert CLOSE_TIMEOUT < KILL_MARGIN
+    monkeypatch.setattr(throttle_redis, "RETRY_AFTER", 60.0)  # the settler asleep as the server stops
+
+    async def body(clock: Clock, client: Any, prefix: str, relay: Any, a: LoginThrottle, b: LoginThrottle) -> None:
+        assert a._redis is not None
+
+        async def hung_lock(username: str, source: str) -> None:
+            await asyncio.Event().wait()  # a store write that never ends
+
+        a._redis.on_lock = hung_lock
+        await lose_a_locking_answer(relay, a)
+        started = time.monotonic()
+        await a.aclose()
+        assert time.monotonic() - started < CLOSE_TIMEOUT + 0.5
+        for task in a._redis._locking.values():
+            task.cancel()
+
+    through_relay(tmp_path, body, timeout=0.3, max_failures=3)
