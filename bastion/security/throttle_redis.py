@@ -289,9 +289,8 @@ class RedisLoginLimits:
         self._unreleased: dict[str, list[str]] = {}
         self._unforgiven: dict[str, None] = {}  # failure counts of pairs that logged in while Redis failed
         self._cleaner: asyncio.Task[None] | None = None
-        # Holds of attempts in flight here (hold id -> its keys), refreshed every ``refresh_every`` seconds
-        # by ``_refresh``, a task running while there are any: a login that waits long for argon2 keeps
-        # counting on every replica.
+        # Holds of attempts in flight here (hold id -> its keys), refreshed every ``refresh_every`` s by ``_refresh``,
+        # a task running while there are any: a login that waits long for argon2 keeps counting on every replica.
         self._live: dict[str, list[str]] = {}
         self._refresher: asyncio.Task[None] | None = None
         self.refresh_every = HOLD_SECONDS / 3
