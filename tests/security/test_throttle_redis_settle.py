@@ -301,12 +301,14 @@ def test_a_lockout_write_failing_while_settling_is_logged_within_the_budget_and_
         assert len([line for line in lines if "settling" in line]) == 1, lines
         store_down = False
 
-        async def written() -> bool:
-            return await lockout_written(b, "ada", "10.0.0.1")
+        def logged() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "bastion.throttle"]
 
-        assert await until(written, 10.0)
-        lines = [r.getMessage() for r in caplog.records if r.name == "bastion.throttle"]
-        assert len([line for line in lines if "lockout written" in line]) == 1, lines
+        async def written() -> bool:  # the row, then the line logged once it is written (a moment after)
+            return await lockout_written(b, "ada", "10.0.0.1") and any("lockout written" in x for x in logged())
+
+        assert await until(written, 10.0), logged()
+        assert len([line for line in logged() if "lockout written" in line]) == 1, logged()
 
     with caplog.at_level(logging.WARNING, logger="bastion.throttle"):
         through_relay(tmp_path, body, timeout=0.3, max_failures=3)
