@@ -11,7 +11,8 @@ run on this way, and a drain waits for them within its grace period.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -101,6 +102,28 @@ def reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+async def lose_first_attempt(
+    server: Server, handler: Handler, tag: str, key: str, timeout_ms: int | None = None
+) -> None:
+    """The keyed call ``slow.apply(tag)`` started on a raw connection, which is then lost (``reset``)."""
+    writer = await first_attempt(server.port, tag, key, timeout_ms)
+    await until(lambda: handler.runs == [tag], "the first attempt to start")
+    reset(writer)
+    await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+
+
+@contextlib.asynccontextmanager
+async def keys_table_held(location: str) -> AsyncIterator[None]:
+    """Another client holds the idempotency keys' table (PostgreSQL): recording an answer waits on it."""
+    other = await asyncpg.connect(location)
+    try:
+        async with other.transaction():
+            await other.execute("LOCK TABLE idempotency_keys IN EXCLUSIVE MODE")
+            yield
+    finally:
+        await other.close()
+
+
 def run(
     tmp_path: Path,
     body: Callable[[Server, Handler, bastion.Client], Awaitable[None]],
@@ -144,10 +167,7 @@ def detached(server: Server) -> int:
 
 def test_a_keyed_call_whose_connection_drops_runs_on_and_its_repeat_gets_the_first_answer(tmp_path: Path) -> None:
     async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
-        writer = await first_attempt(server.port, "a", "k1")
-        await until(lambda: handler.runs == ["a"], "the first attempt to start")
-        reset(writer)
-        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        await lose_first_attempt(server, handler, "a", "k1")
         assert handler.cancelled == [] and detached(server) == 1  # it runs on
         # The repeat arrives while it runs, on a new connection: it waits for the first answer.
         repeat = asyncio.ensure_future(client.invoke("slow.apply", {"tag": "a"}, idempotency_key="k1"))
@@ -183,10 +203,7 @@ def test_an_explicit_cancel_still_cancels_a_keyed_call(tmp_path: Path) -> None:
 
 def test_a_detached_call_is_still_bounded_by_its_deadline(tmp_path: Path) -> None:
     async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
-        writer = await first_attempt(server.port, "d", "k3", timeout_ms=500)
-        await until(lambda: handler.runs == ["d"], "the first attempt to start")
-        reset(writer)
-        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        await lose_first_attempt(server, handler, "d", "k3", timeout_ms=500)
         await until(lambda: handler.cancelled == ["d"], "its deadline to cancel it")
         await until(lambda: detached(server) == 0, "the detached call to end")
         assert handler.ended == []
@@ -196,10 +213,7 @@ def test_a_detached_call_is_still_bounded_by_its_deadline(tmp_path: Path) -> Non
 
 def test_a_detached_call_without_a_deadline_is_bounded_by_its_claims_lease(tmp_path: Path) -> None:
     async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
-        writer = await first_attempt(server.port, "e", "k8")
-        await until(lambda: handler.runs == ["e"], "the first attempt to start")
-        reset(writer)
-        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        await lose_first_attempt(server, handler, "e", "k8")
         assert detached(server) == 1
         await until(lambda: handler.cancelled == ["e"], "its lease to run out")
         await until(lambda: detached(server) == 0, "the detached call to end")
@@ -239,10 +253,7 @@ def test_the_detached_calls_are_capped(tmp_path: Path, limits: ServerLimits) -> 
 
 def test_a_drain_waits_for_detached_calls(tmp_path: Path) -> None:
     async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
-        writer = await first_attempt(server.port, "g", "k6")
-        await until(lambda: handler.runs == ["g"], "the first attempt to start")
-        reset(writer)
-        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        await lose_first_attempt(server, handler, "g", "k6")
         draining = asyncio.ensure_future(server.shutdown(grace=10))
         await until(lambda: server.draining, "the drain to begin")
         done, _ = await asyncio.wait([draining], timeout=0.3)
@@ -259,10 +270,7 @@ def test_a_drain_waits_for_detached_calls(tmp_path: Path) -> None:
 
 def test_a_drain_cancels_detached_calls_when_its_grace_runs_out(tmp_path: Path) -> None:
     async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
-        writer = await first_attempt(server.port, "h", "k7")
-        await until(lambda: handler.runs == ["h"], "the first attempt to start")
-        reset(writer)
-        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        await lose_first_attempt(server, handler, "h", "k7")
         assert handler.cancelled == []
         await asyncio.wait_for(server.shutdown(grace=0.3), 5)
         assert handler.cancelled == ["h"] and handler.ended == []
@@ -275,10 +283,7 @@ def test_a_revoked_credential_still_cancels_a_detached_call(tmp_path: Path) -> N
     authenticator = Revocable()
 
     async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
-        writer = await first_attempt(server.port, "r", "k9")
-        await until(lambda: handler.runs == ["r"], "the first attempt to start")
-        reset(writer)
-        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        await lose_first_attempt(server, handler, "r", "k9")
         assert detached(server) == 1 and handler.cancelled == []
         seen = authenticator.revalidations
         await until(lambda: authenticator.revalidations > seen, "revalidation to go on for the detached call")
@@ -295,10 +300,7 @@ def test_revalidation_of_a_detached_session_stops_with_its_last_call(tmp_path: P
     authenticator = Revocable()
 
     async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
-        writer = await first_attempt(server.port, "s", "k10")
-        await until(lambda: handler.runs == ["s"], "the first attempt to start")
-        reset(writer)
-        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        await lose_first_attempt(server, handler, "s", "k10")
         (gone,) = [s for s in server.sessions if s.lost]
         assert gone._revalidation is not None and not gone._revalidation.done()
         handler.release.set()
@@ -358,21 +360,13 @@ def test_a_detached_calls_lease_does_not_cut_off_the_recording_of_its_answer(tmp
     async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        writer = await first_attempt(server.port, "z", "k13")
-        await until(lambda: handler.runs == ["z"], "the first attempt to start")
-        reset(writer)
-        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        await lose_first_attempt(server, handler, "z", "k13")
         assert detached(server) == 1
         # Another client holds the keys' table: recording the answer waits on it past the claim's lease.
-        other = await asyncpg.connect(location)
-        try:
-            async with other.transaction():
-                await other.execute("LOCK TABLE idempotency_keys IN EXCLUSIVE MODE")
-                handler.release.set()
-                await until(lambda: handler.ended == ["z"], "the handler to end")
-                await until(lambda: loop.time() > started + 1.5, "the lease (1 s) to pass while the answer waits")
-        finally:
-            await other.close()
+        async with keys_table_held(location):
+            handler.release.set()
+            await until(lambda: handler.ended == ["z"], "the handler to end")
+            await until(lambda: loop.time() > started + 1.5, "the lease (1 s) to pass while the answer waits")
         await until(lambda: detached(server) == 0, "the detached call to end")
         assert handler.cancelled == []
         client.retry = None
@@ -389,22 +383,14 @@ def test_a_revocation_does_not_cut_off_the_recording_of_an_answer_whose_handler_
     authenticator = Revocable()
 
     async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
-        writer = await first_attempt(server.port, "v", "k14")
-        await until(lambda: handler.runs == ["v"], "the first attempt to start")
-        reset(writer)
-        await until(lambda: server.stats()["connections"] == 1, "the server to see the connection lost")
+        await lose_first_attempt(server, handler, "v", "k14")
         assert detached(server) == 1
-        other = await asyncpg.connect(location)
-        try:
-            async with other.transaction():
-                await other.execute("LOCK TABLE idempotency_keys IN EXCLUSIVE MODE")
-                handler.release.set()
-                await until(lambda: handler.ended == ["v"], "the handler to end")
-                authenticator.revoked = True
-                seen = authenticator.revalidations
-                await until(lambda: authenticator.revalidations > seen + 1, "revalidation to find it revoked")
-        finally:
-            await other.close()
+        async with keys_table_held(location):
+            handler.release.set()
+            await until(lambda: handler.ended == ["v"], "the handler to end")
+            authenticator.revoked = True
+            seen = authenticator.revalidations
+            await until(lambda: authenticator.revalidations > seen + 1, "revalidation to find it revoked")
         await until(lambda: detached(server) == 0, "the detached call to end")
         assert handler.cancelled == []
         authenticator.revoked = False  # ada is let back in, and retries
@@ -424,16 +410,11 @@ def test_a_revocation_on_a_live_connection_does_not_cut_off_the_recording_of_an_
     async def body(server: Server, handler: Handler, client: bastion.Client) -> None:
         writer = await first_attempt(server.port, "w", "k15")
         await until(lambda: handler.runs == ["w"], "the first attempt to start")
-        other = await asyncpg.connect(location)
-        try:
-            async with other.transaction():  # the answer's record waits on the keys' table, the connection open
-                await other.execute("LOCK TABLE idempotency_keys IN EXCLUSIVE MODE")
-                handler.release.set()
-                await until(lambda: handler.ended == ["w"], "the handler to end")
-                authenticator.revoked = True
-                await until(lambda: server.stats()["connections"] <= 1, "revalidation to close the connection")
-        finally:
-            await other.close()
+        async with keys_table_held(location):  # the answer's record waits on the keys' table, the connection open
+            handler.release.set()
+            await until(lambda: handler.ended == ["w"], "the handler to end")
+            authenticator.revoked = True
+            await until(lambda: server.stats()["connections"] <= 1, "revalidation to close the connection")
         writer.close()
         await until(lambda: detached(server) == 0, "the recording to end")
         assert handler.cancelled == []
