@@ -156,6 +156,7 @@ class Server:
         self.hangup_hooks: list[Callable[[], None]] = []
         self.drain_hooks: list[Callable[[], None]] = []  #: called once, as a drain begins
         self._hurry_on_repeat = True
+        self._hurried = False  # SIGUSR2 came before the drain began (see _hurry): the drain has no grace
         self.trusted_proxies = parse_networks(trusted_proxies)
         self.idempotency = idempotency
         self.audit = audit or AuditLog()
@@ -502,7 +503,10 @@ class Server:
         asyncio.get_running_loop().create_task(self.shutdown())
 
     def _hurry(self, sig: int) -> None:
-        if self.draining:
+        if not self.draining:  # the supervisor's SIGTERM is not handled yet (a lower signal number is delivered
+            self._hurried = True  # first; the drain starts a loop turn later): drain with no grace when it does
+            asyncio.get_running_loop().create_task(self.shutdown())
+        else:
             log.warning("received %s again: cancelling the calls still running", signal.Signals(sig).name)
             for session in list(self.sessions):
                 session.abort()
@@ -515,7 +519,7 @@ class Server:
         self.draining = True
         for hook in self.drain_hooks:
             hook()
-        grace = self.limits.grace_period if grace is None else grace
+        grace = 0.0 if self._hurried else self.limits.grace_period if grace is None else grace
         for task in self._accept_tasks:
             task.cancel()
         await asyncio.gather(*self._accept_tasks, return_exceptions=True)
