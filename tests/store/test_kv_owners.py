@@ -139,8 +139,8 @@ async def test_a_put_writes_nothing_to_the_user_row(backend: str, store: Store, 
     if backend != "postgresql":
         pytest.skip("PostgreSQL's row locks")
     await store.create_user(User("bob"))
-    await asyncio.gather(*(store.kv_put("~bob", [w(f"k{i}")], NOW) for i in range(20)))
-    await store.kv_put("~bob", [w("k0", expected_version=1)], NOW)
+    versions = await asyncio.gather(*(store.kv_put("~bob", [w(f"k{i}")], NOW) for i in range(20)))
+    await store.kv_put("~bob", [w("k0", expected_version=versions[0][0])], NOW)  # (in whatever order they ran)
     await store.kv_delete("~bob", "k1", None, NOW)
     conn = await asyncpg.connect(store_location(backend, tmp_path))
     try:
