@@ -38,6 +38,24 @@ async def _delete_user(store: Store, name: str) -> None:
     await store.kv_reassign_owner(name, None)
 
 
+async def _put_refused_once_a_deletion_commits(
+    store: Store, conn: asyncpg.Connection, watch: asyncpg.Connection, waiting: str, deadline: float
+) -> None:
+    """PostgreSQL: bob's deletion begun on ``conn`` as ``delete_user`` does it, a put to ~bob waits for it (seen
+    through ``watch``'s ``waiting`` query) and is refused once the deletion commits."""
+    deleting = conn.transaction()
+    await deleting.start()
+    await conn.execute(USER_LOCK, "bob")  # delete_user's transaction
+    await conn.execute("DELETE FROM users WHERE name = 'bob'")
+    put = asyncio.create_task(store.kv_put("~bob", [w("a")], NOW))
+    while not await watch.fetchval(waiting):
+        assert asyncio.get_running_loop().time() < deadline, "the put never waited for the deletion"
+        await asyncio.sleep(0.01)
+    await deleting.commit()
+    with pytest.raises(NotFound, match="no user 'bob'"):
+        await put
+
+
 async def test_a_write_checked_before_its_user_was_deleted_commits_nothing_after(store: Store) -> None:
     for name in ("alice", "bob", "carol"):
         await store.create_user(User(name))
@@ -115,17 +133,7 @@ async def test_a_put_waits_for_a_user_deletion_in_progress(backend: str, store: 
             await deleting.rollback()
             assert (await put)[0] > 0  # the row stayed: the put goes ahead
             await store.kv_delete("~bob", "a", None, NOW)
-        deleting = conn.transaction()
-        await deleting.start()
-        await conn.execute(USER_LOCK, "bob")
-        await conn.execute("DELETE FROM users WHERE name = 'bob'")
-        put = asyncio.create_task(store.kv_put("~bob", [w("a")], NOW))
-        while not await watch.fetchval(waiting):
-            assert asyncio.get_running_loop().time() < deadline + 5, "the put never waited for the deletion"
-            await asyncio.sleep(0.01)
-        await deleting.commit()
-        with pytest.raises(NotFound, match="no user 'bob'"):
-            await put
+        await _put_refused_once_a_deletion_commits(store, conn, watch, waiting, deadline + 5)
     finally:
         await conn.close()
         await watch.close()
@@ -192,19 +200,9 @@ async def test_the_owner_check_holds_where_the_database_defaults_to_repeatable_r
         conn = await asyncpg.connect(location)
         watch = await asyncpg.connect(location)
         try:
-            deleting = conn.transaction()
-            await deleting.start()
-            await conn.execute(USER_LOCK, "bob")  # delete_user's transaction
-            await conn.execute("DELETE FROM users WHERE name = 'bob'")
-            put = asyncio.create_task(store.kv_put("~bob", [w("a")], NOW))
             waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
             deadline = asyncio.get_running_loop().time() + 5
-            while not await watch.fetchval(waiting):
-                assert asyncio.get_running_loop().time() < deadline, "the put never waited for the deletion"
-                await asyncio.sleep(0.01)
-            await deleting.commit()
-            with pytest.raises(NotFound, match="no user 'bob'"):
-                await put
+            await _put_refused_once_a_deletion_commits(store, conn, watch, waiting, deadline)
         finally:
             await conn.close()
             await watch.close()
