@@ -37,7 +37,8 @@ from typing import Any, Final, Protocol, cast
 
 from bastion.exceptions import Unavailable, UsageError
 from bastion.security.principal import Principal
-from bastion.security.ratelimit import RateLimitConfig, RateLimiter, _Bucket, _Compiled
+from bastion.security.ratelimit import RateLimitConfig, RateLimiter
+from bastion.security.ratelimit_plan import _Bucket, _Compiled
 from bastion.security.redis_gate import LUA_NOW, RedisGate
 
 __all__ = ["SCRIPT", "RedisRateLimiter", "redis_module"]
