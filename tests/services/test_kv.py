@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import bastion
-import bastion.services.kv
+import bastion.services.kv_methods
 from bastion.client.aio import Client
 from bastion.config import KVConfig
 from bastion.security.credentials import User
@@ -432,7 +432,7 @@ def test_watch_sees_deletes_and_other_writers_and_only_its_namespace(tmp_path: P
 def test_a_watcher_whose_read_access_is_withdrawn_gets_no_further_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bastion.services.kv, "ACCESS_RECHECK", 0.0)  # check before every change
+    monkeypatch.setattr(bastion.services.kv_methods, "ACCESS_RECHECK", 0.0)  # check before every change
 
     async def test(w: World) -> None:
         await w.admin.kv.create_namespace(name="team", readers=["user:ada"], writers=["role:dev"])
