@@ -4,7 +4,8 @@ Theory of operation. A ``ServerSession`` sits on a ``Link`` (the asyncio
 edge) and reacts to the messages the sans-IO core decodes. Its upkeep of the
 connection -- the handshake under one deadline from accept, revalidation of
 the credential, keepalive, the idle timer and the abuse caps -- is
-``SessionUpkeep`` (upkeep.py). After the Welcome, each Call is admitted by
+``SessionUpkeep`` (upkeep.py); running a call, in a task or inline and under
+its deadline, is ``CallRunner``'s (calls.py). After the Welcome, each Call is admitted by
 the method table (exists, allowed, valid arguments) and, if admitted, runs as
 its own task; its answer goes back through the core and is flushed at the
 end of the loop turn together with any other answers ready by then. A
@@ -35,16 +36,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import contextvars
 import functools
 import itertools
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
-
-import msgspec
+from typing import TYPE_CHECKING
 
 from bastion.exceptions import (
     CallError,
@@ -66,15 +63,13 @@ from bastion.protocol.messages import (
 )
 from bastion.protocol.state import ConnectionState, Role
 from bastion.security.principal import ANONYMOUS, Principal
+from bastion.server.calls import CallRunner
 from bastion.server.dispatch import GROWTH, Entry, IdempotencyKeys
-from bastion.server.failures import CallFailures
-from bastion.server.once import IdempotentCalls
 from bastion.server.scheduler import Ticket, TicketState, effective_priority
 from bastion.server.streams import CreditGate, InputStream
 from bastion.server.upkeep import ABUSE_WINDOW as ABUSE_WINDOW  # re-exported: importable from here as before
 from bastion.server.upkeep import ARGS_COUNTED, ArgsMemoryFull, SessionUpkeep
 from bastion.server.upkeep import DENIALS_AUDITED as DENIALS_AUDITED
-from bastion.service import Context, MethodSpec
 from bastion.status import Status
 from bastion.transport.aio import Link
 
@@ -91,12 +86,10 @@ _DRAINING = ConnectionState.DRAINING
 #: What a refused call to a method the server lacks is charged as: a peer's names must not fill the limiter's caches.
 REFUSED_METHOD = "<refused>"
 _session_ids = itertools.count(1)
-#: A call's arguments: by name, or by position for a handler that takes them so (``Entry.positional``).
-Args = dict[str, Any] | tuple[Any, ...]
 #: The metadata of a call that carries none: one read-only mapping for all (handlers must not change it).
 
 
-class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
+class ServerSession(SessionUpkeep, CallRunner):
     """The server's side of one connection (its upkeep of the connection: upkeep.py)."""
 
     def __init__(self, server: Server, source: str | None = None) -> None:
@@ -428,172 +421,6 @@ class ServerSession(SessionUpkeep, IdempotentCalls, CallFailures):
         if ticket.state is not _REJECTED:
             self.tickets[call_id] = ticket
             self._queued.add(call_id)
-
-    async def _run(self, call: Call, entry: Entry, args: Args, deadline: float | None, ticket: Ticket) -> None:
-        """The call, in the task the scheduler started for it; reports its end to the scheduler itself
-        (``reports_end``: no coroutine around this one)."""
-        ticket.started = True
-        call_id = call.id
-        spec = entry.spec
-        status = _OK  # for the metrics
-        ended = True
-        try:
-            if self.server.check_rate_async is not None:  # a shared (Redis) limiter answers asynchronously
-                try:
-                    await self.server.check_rate_async(self.principal, self.peer_host, spec.full_name)
-                except CallError as exc:  # counted as _on_call counts the in-process limiter's refusals
-                    if exc.status is Status.RESOURCE_EXHAUSTED:
-                        self.server.counters["rejected_rate_limited"] += 1
-                    raise
-            if spec.context_param is not None:
-                context = self._context(call, spec, deadline)
-                if isinstance(args, tuple):
-                    args = (context, *args)
-                else:
-                    args[spec.context_param] = context
-            if isinstance(args, dict) and call.metadata and IdempotencyKeys.key_of(call.metadata) is not None:
-                await self._run_once(call, entry, args, deadline)
-            elif entry.unary_async:  # _invoke's path for it, inline: the usual call, one coroutine fewer
-                slot = self._arm_deadline(call_id, deadline) if deadline is not None else None
-                try:
-                    self._started(call_id)
-                    result = await (spec.handler(*args) if isinstance(args, tuple) else spec.handler(**args))
-                finally:
-                    if slot is not None:
-                        self.server.deadlines.disarm(slot, self, call_id)
-                if self.link is not None and self.link.writing_paused:
-                    await self._writable()
-                self.core.send_result(call_id, result)
-            elif deadline is None:
-                assert isinstance(args, dict)  # tuples are for entry.positional, which are unary_async
-                await self._invoke(call_id, entry, args)
-            else:
-                assert isinstance(args, dict)
-                slot = self._arm_deadline(call_id, deadline)
-                try:
-                    await self._invoke(call_id, entry, args)
-                finally:
-                    self.server.deadlines.disarm(slot, self, call_id)
-        except (Exception, asyncio.CancelledError) as exc:
-            status = self._failed(call_id, spec, exc)
-        except GeneratorExit:
-            if asyncio._get_running_loop() is not self._loop:
-                ended = False  # closed unfinished as its loop went away: nothing runs any more
-                raise
-            status = self._failed(call_id, spec, RuntimeError("the handler raised GeneratorExit"))
-        finally:
-            try:
-                self._forget(call_id, status, ran=True)
-            except Exception:
-                log.exception("scheduler: a job raised")
-            finally:
-                if ended:
-                    self.server.scheduler.finished(ticket)
-
-    def _run_inline(self, call: Call, entry: Entry, args: Args, deadline: float | None) -> Status:
-        """Run a handler that cannot suspend (``Entry.inline``) to its end now, and answer; its status.
-
-        ``_run`` without the task: the handler's coroutine ends in its first step,
-        taken here in a copy of the context (as a task would run it). No deadline
-        or cancel can reach it: it gives them no await to arrive at.
-        """
-        call_id = call.id
-        spec = entry.spec
-        server = self.server
-        server.inline_running += 1  # in flight (admin.stats) while it runs
-        try:
-            if spec.context_param is not None:
-                context = self._context(call, spec, deadline)
-                if isinstance(args, tuple):
-                    args = (context, *args)
-                else:
-                    args[spec.context_param] = context
-            coro = spec.handler(*args) if isinstance(args, tuple) else spec.handler(**args)
-            try:
-                contextvars.copy_context().run(coro.send, None)
-            except StopIteration as stop:
-                self.core.send_result(call_id, stop.value)
-                return _OK
-            coro.close()  # never_suspends said it could not get here
-            raise RuntimeError(f"{spec.full_name} suspended although it has no await")
-        except (Exception, asyncio.CancelledError) as exc:
-            return self._failed(call_id, spec, exc)
-        finally:
-            server.inline_running -= 1
-
-    def _context(self, call: Call, spec: MethodSpec, deadline: float | None) -> Context:
-        link = self.link
-        return Context._make(  # Context(...) with these keywords, made faster
-            spec,
-            self.principal,
-            self.id,  # and call.id: its request id, as _request_id makes it
-            call.id,
-            link.peer if link is not None else "?",
-            deadline,
-            call.metadata or {},
-            self.server.info,
-            self,
-        )
-
-    def _arm_deadline(self, call_id: int, deadline: float) -> int:
-        """Cancel the running task (this call's) at ``deadline`` (``time.monotonic``), marking the call expired.
-
-        ``asyncio.timeout_at`` without its per-call context manager or timer:
-        the server's ``Deadlines`` holds the call in a 10 ms slot (returned,
-        for the caller to disarm once the guarded await is over). The
-        CancelledError reaches ``_run``, which answers DEADLINE_EXCEEDED.
-        """
-        return self.server.deadlines.arm(self._loop, deadline, self, call_id)
-
-    def _expire(self, call_id: int) -> None:
-        ticket = self.tickets.get(call_id)  # the running call's ticket holds its task
-        if ticket is not None and ticket.task is not None and not ticket.task.done():
-            self._claimed.pop(call_id, None)
-            self._expired.add(call_id)
-            ticket.task.cancel()
-
-    async def _invoke(self, call_id: int, entry: Entry, args: dict[str, Any], *, record: bool = False) -> Any:
-        """Run the handler and send its answer; with ``record``, return the encoded result unsent instead."""
-        self._started(call_id)
-        spec = entry.spec
-        if entry.streams_out or entry.input_decoder is not None:
-            # A stream may live for hours: it must not hold a scheduler slot.
-            ticket = self.tickets.get(call_id)
-            if ticket is not None:
-                self.server.scheduler.detach(ticket)
-        if entry.streams_out:
-            gate = self._gates[call_id]
-            # aclosing: the generator's finally blocks run now, not at GC time.
-            async with contextlib.aclosing(spec.handler(**args)) as items:
-                async for item in items:
-                    while self.core.send_credit(call_id) <= 0:
-                        self.read_for_credit()
-                        await gate.wait()
-                    if not self.core.send_item(call_id, item):
-                        return  # cancelled under us
-                    assert self.link is not None
-                    if self.link.writing_paused:
-                        self.link.flush()
-                        await self.link.drain()
-                    else:
-                        self.link.schedule_flush()
-            self.core.send_result(call_id, None)
-        elif spec.is_async:
-            result = await spec.handler(**args)
-            if record:
-                return msgspec.msgpack.encode(result)
-            if self.link is not None and self.link.writing_paused:
-                await self._writable()
-            self.core.send_result(call_id, result)
-        else:
-            ctx = contextvars.copy_context()
-            func = functools.partial(ctx.run, spec.handler, **args)
-            result = await self._loop.run_in_executor(self.server.executor, func)
-            if record:
-                return msgspec.msgpack.encode(result)
-            if self.link is not None and self.link.writing_paused:
-                await self._writable()
-            self.core.send_result(call_id, result)
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
