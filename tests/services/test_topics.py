@@ -496,19 +496,27 @@ def test_a_wide_subscription_remembers_a_bounded_number_of_topics_and_says_when_
     )  # fmt: skip
     names = [f"orders.{i:04d}{'x' * 980}" for i in range(1100)]  # 1100 topics of 1 KB: over 1 MB of resume_offsets
 
+    unread = 30  # more than bob's stream absorbs unread: its credit (a window of 16 at most), 1 in hand, a buffer of 4
+
     async def test(w: World) -> None:
         sub = await subscribed(w.bob, "orders.>")
         for name in names:
             await w.ada.messages.publish(topic=name, payload=0)
             assert (await anext(sub))["topic"] == name
-        for i in range(20):  # not read meanwhile: more than the buffer of 4
+        # The feed hands messages to subscribers after publish returns, at its own pace: bob's stream overflows
+        # only if the feed reaches them all before bob reads, so ada's own subscription, read as she publishes,
+        # says when it has (the feed offers each message to every subscriber at once).
+        witness = await subscribed(w.ada, "orders.>")
+        for i in range(unread):  # not read by bob meanwhile
             await w.ada.messages.publish(topic=names[0], payload=i + 1)
+            assert (await anext(witness))["payload"] == i + 1
+        await witness.aclose()  # type: ignore[attr-defined]
         got = []
         with pytest.raises(bastion.ResourceExhausted, match="fell behind") as info:
             async for message in sub:
                 got.append(message["payload"])
         details = info.value.details
-        assert 0 < details["dropped"] <= 20 - len(got)  # a message the feed had not reached yet is not counted
+        assert 0 < details["dropped"] <= unread - len(got)  # a message the feed had not reached yet is not counted
         assert details["resume_offsets_partial"] is True  # it delivered more topics than it remembers
         offsets = details["resume_offsets"]
         assert 0 < len(offsets) <= 1024 and offsets[names[0]] == 2 + len(got)  # the first dropped comes first
