@@ -66,14 +66,19 @@ class SQLiteAccess:
 
 #: PostgreSQL: user NAME's advisory lock, transaction-scoped (the second key is ``hashtext(NAME)``; the first
 #: is this class, used for nothing else -- migrations use 0x0BA57104, files the ``hashtext`` of their names).
-#: A write that must not commit for a user deleted meanwhile (kv to ``~NAME``, an upload) takes it shared,
-#: first in its transaction, then checks the row in a statement of its own (READ COMMITTED: its snapshot is
-#: taken once the lock is granted); ``delete_user`` takes it exclusive before its ``DELETE``. Unlike a
-#: ``FOR KEY SHARE`` row lock it writes nothing to the users row (no xmax, no MultiXact, no dirtied page or
-#: WAL on a put).
+#: A write that must not commit for a user deleted meanwhile (kv to ``~NAME``, an upload, a share to NAME)
+#: takes it shared, first in its transaction, then checks the row in a statement of its own (READ COMMITTED:
+#: its snapshot is taken once the lock is granted); ``delete_user`` takes it exclusive before its ``DELETE``.
+#: Unlike a ``FOR KEY SHARE`` row lock it writes nothing to the users row (no xmax, no MultiXact, no dirtied
+#: page or WAL on a put or a share).
 USER_LOCK_CLASS = 0x0BA5_7105
 USER_LOCK_SHARED = f"SELECT pg_advisory_xact_lock_shared({USER_LOCK_CLASS}, hashtext($1))"
 USER_LOCK = f"SELECT pg_advisory_xact_lock({USER_LOCK_CLASS}, hashtext($1))"
+#: ``USER_LOCK_SHARED``, and whether the store kept any user as it began: its snapshot is taken before the wait
+#: for a deletion. The check after it must not take "the store keeps no users" from a later snapshot: a write
+#: for the *last* user that waited for its deletion would find no rows at all and pass (a store with no users
+#: serves another authenticator's principals, whose writes are not checked).
+USER_LOCK_SHARED_KEPT = f"{USER_LOCK_SHARED}, EXISTS (SELECT 1 FROM users)"
 
 
 class PostgresAccess:

@@ -302,15 +302,18 @@ _RENAME = f"UPDATE files SET name = $2, updated_at = $3 WHERE id = $1 RETURNING 
 # A share to a user is recorded only if the user's row is there (or no users are kept at all: the server's
 # principals come from another authenticator), in the same statement: a share racing auth.delete_user either
 # lands before the row goes (and migration 20's trigger deletes it with the row) or not at all. PostgreSQL
-# key-share locks the row (_SHARE_PG), so the delete waits for the share, and the share for the delete.
+# runs it after taking the grantee's advisory lock shared (_access.USER_LOCK_SHARED_KEPT; delete_user takes it
+# exclusive), in a statement of its own, so the delete waits for the share, and the share for the delete; and
+# whether users are kept is what the lock's statement read ($6), before any wait: a share to the last user,
+# waiting for its deletion, would otherwise find no users at all and pass.
 _SHARE_IF = (
     f"INSERT INTO file_shares ({_SHARE_COLUMNS}) SELECT CAST($1 AS TEXT), CAST($2 AS TEXT), CAST($3 AS TEXT), "
     "CAST($4 AS TEXT), CAST($5 AS DOUBLE PRECISION) WHERE $2 <> 'user' "
-    "OR EXISTS (SELECT 1 FROM users WHERE name = $3 @LOCK) OR NOT EXISTS (SELECT 1 FROM users) "
+    "OR EXISTS (SELECT 1 FROM users WHERE name = $3) OR @NO_USERS "
     "ON CONFLICT (file_id, kind, grantee) DO UPDATE SET mode = excluded.mode, created_at = excluded.created_at"
 )
-_SHARE = _SHARE_IF.replace(" @LOCK", "")
-_SHARE_PG = _SHARE_IF.replace("@LOCK", "FOR KEY SHARE")
+_SHARE = _SHARE_IF.replace("@NO_USERS", "NOT EXISTS (SELECT 1 FROM users)")
+_SHARE_PG = _SHARE_IF.replace("@NO_USERS", "NOT CAST($6 AS BOOLEAN)")
 # Whether $1 has a user row (or no users are kept), asked by files_begin_upload in its transaction: an
 # upload begun after auth.delete_user's passes (which drop the user's uploads) would make a file of nobody.
 # PostgreSQL asks it after taking the user's advisory lock (_access.USER_LOCK_SHARED), held to the commit.

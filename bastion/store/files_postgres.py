@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bastion.exceptions import AlreadyExists, NotFound
-from bastion.store._access import USER_LOCK_SHARED, PostgresAccess
+from bastion.store._access import USER_LOCK_SHARED, USER_LOCK_SHARED_KEPT, PostgresAccess
 from bastion.store.files import (  # the domain's records, its SQL and the row helpers both backends share
     _BLOB_IN_USE,
     _BLOB_REFERENCED,
@@ -166,13 +166,22 @@ class PostgresFiles(PostgresAccess, FileStore):
         import asyncpg
 
         async def add(conn: PgConn) -> None:
-            try:
-                row = (share.file_id, share.kind, share.grantee, share.mode, share.created_at)
-                added = _count(await conn.execute(_SHARE_PG, *row))
-            except asyncpg.ForeignKeyViolationError:
-                raise NotFound(f"no file {share.file_id}") from None
-            if added != 1:
-                raise _no_grantee(share)
+            async with conn.transaction():
+                # As a kv write to ~NAME: the grantee's advisory lock, shared, to the commit (delete_user takes
+                # it exclusive before its DELETE), then the row checked by the insert, a statement of its own
+                # (READ COMMITTED: its snapshot is taken once the lock is granted); whether the store keeps
+                # users, though, as it was before the wait (see USER_LOCK_SHARED_KEPT). No row lock: a share
+                # writes nothing to the users row.
+                kept = True
+                if share.kind == "user":
+                    kept = bool((await conn.fetchrow(USER_LOCK_SHARED_KEPT, share.grantee))[1])
+                try:
+                    row = (share.file_id, share.kind, share.grantee, share.mode, share.created_at, kept)
+                    added = _count(await conn.execute(_SHARE_PG, *row))
+                except asyncpg.ForeignKeyViolationError:
+                    raise NotFound(f"no file {share.file_id}") from None
+                if added != 1:
+                    raise _no_grantee(share)
 
         await self._call(add)
 

@@ -12,6 +12,7 @@ import pytest
 from bastion.exceptions import AlreadyExists, NotFound, ResourceExhausted
 from bastion.security.credentials import User
 from bastion.store import PostgresStore, SQLiteStore, Store, open_store
+from bastion.store._access import USER_LOCK
 from bastion.store.files import PIN_SECONDS, FileShare, UploadRecord
 from bastion.store.migrations import MIGRATIONS
 from bastion.store.postgres import POSTGRES_MIGRATIONS
@@ -320,25 +321,74 @@ async def test_a_store_without_users_records_shares_to_any_name(store: Store) ->
 
 async def test_a_share_waits_for_a_user_deletion_in_progress(backend: str, store: Store, tmp_path: Path) -> None:
     """On PostgreSQL a share read the user row as it was before a deletion not yet committed, and recorded
-    the share after the deletion's trigger had run: the share outlived the user. It now key-share locks the
-    row, waits for the deletion, and is refused. (SQLite has one writer: nothing to race.)"""
+    the share after the deletion's trigger had run: the share outlived the user. It now takes the grantee's
+    advisory lock shared (``delete_user`` takes it exclusive before its DELETE), waits for the deletion, and
+    is refused; a deletion rolled back lets it through. (SQLite has one writer: nothing to race.)"""
     if backend != "postgresql":
         pytest.skip("PostgreSQL's concurrent transactions")
     await store.create_user(User("alice"))
     await store.create_user(User("bob"))
     await make_file(store, "u1", "f1", owner="alice", name="doc")
     conn = await asyncpg.connect(store_location(backend, tmp_path))
+    # Polled outside conn's transaction: pg_stat_activity is read afresh each time (not kept from the first).
+    watch = await asyncpg.connect(store_location(backend, tmp_path))
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event = 'advisory' AND query LIKE 'SELECT pg_advisory_xact_lock_shared(%'"
+    )
+    try:
+        for mode, commit in (("write", False), ("read", True)):
+            deleting = conn.transaction()
+            await deleting.start()
+            await conn.execute(USER_LOCK, "bob")  # delete_user's transaction
+            await conn.execute("DELETE FROM users WHERE name = 'bob'")
+            share = asyncio.create_task(store.files_share(FileShare("f1", "user", "bob", mode, T0)))
+            deadline = asyncio.get_running_loop().time() + 5
+            while not await watch.fetchval(waiting):
+                assert not share.done(), "the share did not wait for the deletion"
+                assert asyncio.get_running_loop().time() < deadline, "the share never waited for the deletion"
+                await asyncio.sleep(0.01)
+            if not commit:
+                await deleting.rollback()
+                await share  # the row stayed: the share is recorded
+                assert [s.mode for s in await store.files_shares("f1")] == ["write"]
+                await store.files_unshare("f1", "user", "bob")
+                continue
+            await deleting.commit()
+            with pytest.raises(NotFound, match="no user 'bob'"):
+                await share
+    finally:
+        await conn.close()
+        await watch.close()
+    assert await store.files_shares("f1") == []
+
+
+async def test_a_share_to_the_last_user_waits_for_its_deletion_and_is_refused(
+    backend: str, store: Store, tmp_path: Path
+) -> None:
+    """PostgreSQL: a share to bob, the store's last user, that waits for bob's deletion (the advisory lock)
+    checks the row in a snapshot taken after the wait, with no user rows left at all: "the store keeps no
+    users" would let it through after the deletion's trigger dropped the shares to bob, and whoever
+    registered "bob" next would get the file. Whether the store keeps users is read before the wait, in the
+    lock's own statement (as the key-share lock's statement did: its snapshot predated the wait)."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL's concurrent transactions")
+    await store.create_user(User("bob"))  # the only user (alice's files need no row: userless_owners)
+    await make_file(store, "u1", "f1", owner="alice", name="doc")
+    conn = await asyncpg.connect(store_location(backend, tmp_path))
+    watch = await asyncpg.connect(store_location(backend, tmp_path))
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event = 'advisory' AND query LIKE 'SELECT pg_advisory_xact_lock_shared(%'"
+    )
     try:
         deleting = conn.transaction()
         await deleting.start()
+        await conn.execute(USER_LOCK, "bob")  # delete_user's transaction
         await conn.execute("DELETE FROM users WHERE name = 'bob'")
         share = asyncio.create_task(store.files_share(FileShare("f1", "user", "bob", "read", T0)))
         deadline = asyncio.get_running_loop().time() + 5
-        waiting = (
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO file_shares%'"
-        )
-        while not await conn.fetchval(waiting):
+        while not await watch.fetchval(waiting):
             assert not share.done(), "the share did not wait for the deletion"
             assert asyncio.get_running_loop().time() < deadline, "the share never waited for the deletion"
             await asyncio.sleep(0.01)
@@ -347,7 +397,29 @@ async def test_a_share_waits_for_a_user_deletion_in_progress(backend: str, store
             await share
     finally:
         await conn.close()
+        await watch.close()
     assert await store.files_shares("f1") == []
+    await store.files_share(FileShare("f1", "user", "tester", "read", T0))  # a store with no users: any name
+    assert [s.grantee for s in await store.files_shares("f1")] == ["tester"]
+
+
+async def test_a_share_writes_nothing_to_the_user_row(backend: str, store: Store, tmp_path: Path) -> None:
+    """PostgreSQL: a share to a user key-share locked the grantee's row (FOR KEY SHARE) to hold off a
+    deletion, writing its xmax -- a MultiXact id under concurrent shares -- and dirtying and WAL-logging the
+    users page on every share. The advisory lock kv's writes and uploads take leaves the row alone."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL's row locks")
+    await store.create_user(User("alice"))
+    await store.create_user(User("bob"))
+    ids = [await make_file(store, f"u{i}", f"f{i}", owner="alice", name=f"doc{i}") for i in range(5)]
+    await asyncio.gather(*(store.files_share(FileShare(i, "user", "bob", "read", T0)) for i in ids))
+    await store.files_share(FileShare(ids[0], "user", "bob", "write", T0))
+    conn = await asyncpg.connect(store_location(backend, tmp_path))
+    try:
+        assert await conn.fetchval("SELECT xmax::text FROM users WHERE name = 'bob'") == "0"
+    finally:
+        await conn.close()
+    assert [len(await store.files_shares(i)) for i in ids] == [1] * 5
 
 
 async def test_each_owners_file_count_is_kept_for_max_files(store: Store) -> None:
