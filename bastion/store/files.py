@@ -316,8 +316,11 @@ _SHARE = _SHARE_IF.replace("@NO_USERS", "NOT EXISTS (SELECT 1 FROM users)")
 _SHARE_PG = _SHARE_IF.replace("@NO_USERS", "NOT CAST($6 AS BOOLEAN)")
 # Whether $1 has a user row (or no users are kept), asked by files_begin_upload in its transaction: an
 # upload begun after auth.delete_user's passes (which drop the user's uploads) would make a file of nobody.
-# PostgreSQL asks it after taking the user's advisory lock (_access.USER_LOCK_SHARED), held to the commit.
-_USER_ROW = "SELECT 1 WHERE EXISTS (SELECT 1 FROM users WHERE name = $1) OR NOT EXISTS (SELECT 1 FROM users)"
+# PostgreSQL asks it after taking the user's advisory lock (_access.USER_LOCK_SHARED_KEPT), held to the commit,
+# with whether users are kept as the lock's statement read it ($2), before any wait (see _SHARE_IF).
+_USER_ROW_IF = "SELECT 1 WHERE EXISTS (SELECT 1 FROM users WHERE name = $1) OR @NO_USERS"
+_USER_ROW = _USER_ROW_IF.replace("@NO_USERS", "NOT EXISTS (SELECT 1 FROM users)")
+_USER_ROW_PG = _USER_ROW_IF.replace("@NO_USERS", "NOT CAST($2 AS BOOLEAN)")
 _UNSHARE = "DELETE FROM file_shares WHERE file_id = $1 AND kind = $2 AND grantee = $3"
 _SHARES = f"SELECT {_SHARE_COLUMNS} FROM file_shares WHERE file_id = $1 ORDER BY kind, grantee"
 _INSERT_UPLOAD = f"INSERT INTO file_uploads ({_UPLOAD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"

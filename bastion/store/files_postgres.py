@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bastion.exceptions import AlreadyExists, NotFound
-from bastion.store._access import USER_LOCK_SHARED, USER_LOCK_SHARED_KEPT, PostgresAccess
+from bastion.store._access import USER_LOCK_SHARED_KEPT, PostgresAccess
 from bastion.store.files import (  # the domain's records, its SQL and the row helpers both backends share
     _BLOB_IN_USE,
     _BLOB_REFERENCED,
@@ -45,7 +45,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _UPLOADS_PAGE,
     _USAGE_FILES,
     _USAGE_UPLOADS,
-    _USER_ROW,
+    _USER_ROW_PG,
     CLAIM_SECONDS,
     PIN_SECONDS,
     FileRecord,
@@ -208,10 +208,12 @@ class PostgresFiles(PostgresAccess, FileStore):
                 # takes it exclusive before its DELETE; no row lock: nothing written to the users rows), then
                 # the row, in a statement of its own. A deletion after this waits for the commit, then the
                 # second pass of auth.delete_user drops the upload; one before it is waited for (if
-                # uncommitted), and READ COMMITTED then, its snapshot taken after the lock, finds no row.
+                # uncommitted), and READ COMMITTED then, its snapshot taken after the lock, finds no row --
+                # while whether the store keeps users is as the lock's statement read it, before the wait
+                # (the last user's deletion leaves no users at all: see USER_LOCK_SHARED_KEPT).
                 for name in users:
-                    await conn.execute(USER_LOCK_SHARED, name)
-                    if await conn.fetchval(_USER_ROW, name) is None:
+                    kept = bool((await conn.fetchrow(USER_LOCK_SHARED_KEPT, name))[1])
+                    if await conn.fetchval(_USER_ROW_PG, name, kept) is None:
                         raise _no_user(name)
                 # One reservation at a time per owner, then per uploader, across every replica (always in
                 # this order, and in two lock spaces: no two transactions wait for each other).

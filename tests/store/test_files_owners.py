@@ -95,3 +95,41 @@ async def test_an_upload_waits_for_a_user_deletion_in_progress(backend: str, sto
         await conn.close()
         await watch.close()
     assert [u.id for u in await store.files_list_uploads(None)] == ["a0", "a1", "a2"]
+
+
+async def test_an_upload_of_the_last_user_waits_for_its_deletion_and_is_refused(
+    backend: str, store: Store, tmp_path: Path
+) -> None:
+    """PostgreSQL: an upload of bob, the store's last user, waited for bob's deletion, then checked in a
+    snapshot taken after it: no user rows at all, so "the store keeps no users" let it begin, and only the
+    deletion's second pass (if it came after the commit) dropped it. Whether the store keeps users is now
+    read before the wait (the lock's own statement)."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL's concurrent transactions")
+    await store.create_user(User("bob"))
+    conn = await asyncpg.connect(store_location(backend, tmp_path))
+    watch = await asyncpg.connect(store_location(backend, tmp_path))
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event = 'advisory' AND query LIKE 'SELECT pg_advisory_xact_lock_shared(%'"
+    )
+    try:
+        deleting = conn.transaction()
+        await deleting.start()
+        await conn.execute(USER_LOCK, "bob")  # delete_user's transaction
+        await conn.execute("DELETE FROM users WHERE name = 'bob'")
+        begin = asyncio.create_task(store.files_begin_upload(upload("u1", owner="bob"), quota=10**12))
+        deadline = asyncio.get_running_loop().time() + 5
+        while not await watch.fetchval(waiting):
+            assert not begin.done(), "the upload did not wait for the deletion"
+            assert asyncio.get_running_loop().time() < deadline, "the upload never waited for the deletion"
+            await asyncio.sleep(0.01)
+        await deleting.commit()
+        with pytest.raises(NotFound, match="no user 'bob'"):
+            await begin
+    finally:
+        await conn.close()
+        await watch.close()
+    assert await store.files_list_uploads(None) == []
+    await store.files_begin_upload(upload("u2", owner="tester"), quota=10**12)  # a store with no users
+    assert [u.id for u in await store.files_list_uploads(None)] == ["u2"]
