@@ -43,8 +43,9 @@ from the blob, from an optional ``offset``; ``stat`` (or the ``sha256``
 guard of ``download``) gives the size and SHA-256 the client verifies.
 Memory stays bounded by the credit window whatever the file size. About
 once a second (``ACCESS_RECHECK``) a download checks that its caller may
-still read the file: a share withdrawn, or the file deleted, ends it
-NOT_FOUND (after the chunks already in flight).
+still read the file, with its roles of now: a share withdrawn, the role
+that granted it taken away, or the file deleted, ends it NOT_FOUND (after
+the chunks already in flight).
 
 Deletion is late. Deleting a file (or replacing its contents) never deletes
 a blob: the background sweep deletes blobs no file has named for longer than
@@ -493,8 +494,16 @@ class Files:
     # -- download ----------------------------------------------------------------------
 
     async def download(
-        self, principal: Principal, record: FileRecord, offset: int, sha256: str | None
+        self,
+        principal: Principal,
+        record: FileRecord,
+        offset: int,
+        sha256: str | None,
+        *,
+        current: Callable[[], Principal] | None = None,
     ) -> AsyncGenerator[bytes, None]:
+        """``current``: the caller's principal as it stands now (its session's, revalidated), for the access
+        re-checks; default ``principal``."""
         if sha256 is not None and _check_sha256(sha256) != record.sha256:
             raise FailedPrecondition(f"file {record.id} now has other contents (SHA-256 {record.sha256})")
         if not 0 <= offset <= record.size:
@@ -504,13 +513,14 @@ class Files:
         async with contextlib.aclosing(blob):
             async for chunk in blob:
                 if time.monotonic() - checked >= ACCESS_RECHECK:
-                    await self._still_readable(principal, record)
+                    await self._still_readable(principal if current is None else current(), record)
                     checked = time.monotonic()
                 yield chunk
 
     async def _still_readable(self, principal: Principal, record: FileRecord) -> None:
-        """``NotFound`` if ``principal`` can no longer read ``record`` (its share withdrawn, the file deleted
-        or handed to someone else): a download in progress ends there, not at the end of the file."""
+        """``NotFound`` if ``principal`` can no longer read ``record`` (its share withdrawn, the role that
+        granted it taken away, the file deleted or handed to someone else): a download in progress ends
+        there, not at the end of the file. Judged with its roles of now, as an upload's commit is."""
         current = await self.store.files_get(record.id)
-        if current is None or await self._access(principal, current) is None:
+        if current is None or await self._access(await self._stored_roles(principal), current) is None:
             raise NotFound(f"file {record.id!r} is no longer there or no longer shared with you; the download ends")

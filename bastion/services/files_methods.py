@@ -164,9 +164,19 @@ def declare(files: Files, svc: Service) -> None:
     ) -> AsyncIterator[bytes]:
         """Stream a file's contents in chunks from ``offset``; ``sha256``: fail if the contents changed."""
         record, _ = await files._find(ctx.principal, file_id, name, owner, "read")
-        async with contextlib.aclosing(files.download(ctx.principal, record, offset, sha256)) as chunks:
-            async for chunk in chunks:  # aclosing: the blob's descriptor is closed when the call ends
-                yield chunk
+        current = [ctx.principal]  # the connection's principal, as revalidation replaces it
+
+        def on_principal(principal: Principal) -> None:
+            current[0] = principal
+
+        unwatch = ctx.watch_principal(on_principal)
+        try:
+            chunks = files.download(ctx.principal, record, offset, sha256, current=lambda: current[0])
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:  # aclosing: the blob's descriptor is closed when the call ends
+                    yield chunk
+        finally:
+            unwatch()
 
     @svc.method
     async def delete(

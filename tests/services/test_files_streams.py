@@ -14,6 +14,8 @@ import pytest
 import bastion
 import bastion.services.files as files_module
 from bastion.config import FilesConfig
+from bastion.security.credentials import User
+from bastion.security.principal import Principal
 from bastion.services.files import Files
 from bastion.store import open_store
 from bastion.testing import MemoryServer
@@ -66,6 +68,35 @@ def test_deleting_a_file_ends_a_grantees_download_in_progress(tmp_path: Path, mo
                     await w.alice.files.delete(file_id=doc["id"])
                 received += len(chunk)
         assert received < len(data)
+
+    run(test, tmp_path)
+
+
+def test_taking_away_the_role_a_share_named_ends_a_download_in_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download's re-checks judged access with the roles its caller had when the call began: a grantee
+    through a role shared with it kept receiving the whole file after the role was taken from it (an
+    upload's commit already judged with the credential store's roles of the moment). They now read the
+    caller's row, as an upload's commit does (a principal with none: as revalidation last saw it)."""
+    monkeypatch.setattr(files_module, "ACCESS_RECHECK", 0.0)  # every chunk, so the test needs no clock
+    data = os.urandom(64 * CHUNK)  # far more than the credit window holds in flight
+
+    async def test(w: World) -> None:
+        users = w.files.users
+        assert users is not None
+        await users.create_user(User("carol", frozenset({"team"})))
+        doc = await w.put(w.alice, "doc", data)
+        await w.alice.files.share(file_id=doc["id"], role="team")
+        received = 0
+        with pytest.raises(bastion.NotFound, match="no longer"):
+            async for chunk in w.carol.stream("files.download", file_id=doc["id"]):
+                if received == 0:
+                    assert await users.set_access("carol", frozenset(), False)  # auth.set_roles(carol, [])
+                received += len(chunk)
+        assert received < len(data)
+        with pytest.raises(bastion.NotFound):  # as a new call finds it (once revalidation has the roles)
+            await w.server.client(principal=Principal("carol")).files.stat(file_id=doc["id"])
 
     run(test, tmp_path)
 
