@@ -58,6 +58,7 @@ from __future__ import annotations
 import re
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -283,7 +284,7 @@ class FileStore(ABC):
         Uploads of ``old`` are dropped, shares granted to the user ``old``
         removed, and the shares ``old`` made of its files withdrawn (they do
         not follow the files to ``new``) either way. A handed-over name that
-        ``new`` already uses becomes ``<name>~<file id>``.
+        ``new`` already uses becomes ``<name>~<file id>`` (``~2``, ``~3``... after that, if taken too).
         """
 
 
@@ -475,8 +476,16 @@ def _no_grantee(share: FileShare) -> NotFound:
     return NotFound(f"no user {share.grantee!r} to share with")
 
 
-def _handed_name(name: str, file_id: str, taken: bool) -> str:
-    return f"{name}~{file_id}" if taken else name
+def _handed_names(name: str, file_id: str) -> Iterator[str]:
+    """The names a file handed to an heir may take, first choice first: its own, ``<name>~<file id>``, then
+    ``<name>~<file id>~2``, ``~3``... (the heir may use any of them: it can read the ids of files shared
+    with it)."""
+    yield name
+    yield f"{name}~{file_id}"
+    n = 2
+    while True:
+        yield f"{name}~{file_id}~{n}"
+        n += 1
 
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")

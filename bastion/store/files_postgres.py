@@ -56,7 +56,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _check_file_count,
     _check_uploader,
     _file,
-    _handed_name,
+    _handed_names,
     _list_args,
     _list_sql,
     _no_grantee,
@@ -327,8 +327,9 @@ class PostgresFiles(PostgresAccess, FileStore):
                         await conn.fetch(_DELETE, record.id)
                         await conn.execute(_BLOB_RELEASED, record.sha256, now)
                     else:
-                        taken = await conn.fetchrow(_GET_BY_NAME, new, record.name) is not None
-                        name = _handed_name(record.name, record.id, taken)
+                        for name in _handed_names(record.name, record.id):
+                            if await conn.fetchrow(_GET_BY_NAME, new, name) is None:
+                                break
                         await conn.execute(_HAND_OVER, record.id, new, name, now)
                 return len(owned)
 

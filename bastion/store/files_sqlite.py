@@ -18,7 +18,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     _check_file_count,
     _check_uploader,
     _file,
-    _handed_name,
+    _handed_names,
     _list_args,
     _list_sql,
     _no_grantee,
@@ -231,8 +231,10 @@ class SQLiteFiles(SQLiteAccess, FileStore):
                     c.execute(_Q["_DELETE"], (record.id,)).fetchall()
                     c.execute(_Q["_BLOB_RELEASED"], (record.sha256, now))
                 else:
-                    taken = c.execute(_Q["_GET_BY_NAME"], (new, record.name)).fetchone() is not None
-                    c.execute(_Q["_HAND_OVER"], (record.id, new, _handed_name(record.name, record.id, taken), now))
+                    for name in _handed_names(record.name, record.id):
+                        if c.execute(_Q["_GET_BY_NAME"], (new, name)).fetchone() is None:
+                            break
+                    c.execute(_Q["_HAND_OVER"], (record.id, new, name, now))
             return len(owned)
 
         return await self._write(reassign)

@@ -201,6 +201,25 @@ async def test_reassign_owner_hands_over_or_deletes(store: Store) -> None:
     assert await store.files_reassign_owner("nobody", None) == 0
 
 
+async def test_a_handed_over_name_finds_a_free_name_even_when_the_fallback_is_taken(store: Store) -> None:
+    """A handed-over name the heir used became ``<name>~<file id>`` without looking whether the heir used
+    that too: the UPDATE broke the names' uniqueness and the whole hand-over failed, so ``auth.delete_user``
+    with that heir could never finish -- and the heir, who can read the id of a file shared with it, could
+    bring that about by naming a file of its own so. The handed name is now the first free one."""
+    await make_file(store, "u1", "f1", owner="old", name="doc")
+    await make_file(store, "u2", "f2", owner="new", name="doc")
+    await make_file(store, "u3", "f3", owner="new", name="doc~f1")
+    await make_file(store, "u4", "f4", owner="new", name="doc~f1~2")
+    assert await store.files_reassign_owner("old", "new") == 1
+    assert [(f.id, f.name) for f in await store.files_list(viewer=None, owner="new")] == [
+        ("f2", "doc"),
+        ("f3", "doc~f1"),
+        ("f4", "doc~f1~2"),
+        ("f1", "doc~f1~3"),
+    ]
+    assert await store.files_count("new") == 4
+
+
 async def test_files_handed_to_an_heir_keep_none_of_the_old_owners_shares(store: Store) -> None:
     """The shares the old owner had made stayed on the files handed to the heir: people the heir never chose
     kept reading (or writing) the heir's files, and the heir did not know to look."""
