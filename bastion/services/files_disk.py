@@ -4,7 +4,8 @@ Contents live under the files directory, outside the database:
 
 * ``blobs/<sha256[:2]>/<sha256>`` -- immutable, content-addressed, 0600 in
   0700 directories; files with equal contents share one blob;
-* ``uploads/<upload id>`` -- uploads in progress.
+* ``uploads/<upload id>`` -- uploads in progress (and, for a moment while
+  one is put in place over a blob of the same contents, ``<upload id>.blob``).
 
 An upload file is written by one call at a time (an exclusive ``flock``);
 chunks are appended with ``pwrite`` and fed into a running SHA-256, kept
@@ -47,6 +48,8 @@ log = logging.getLogger("bastion.files")
 
 _HASH_BLOCK = 1024 * 1024
 _UPLOAD_ID = re.compile(r"^u-[0-9a-f]{32}\Z")
+#: The suffix of an upload's spare link (``_Disk.spare``).
+_SPARE = ".blob"
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -115,9 +118,15 @@ class _Disk:
     def create_upload(self, upload_id: str) -> None:
         os.close(os.open(self.upload(upload_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
+    def spare(self, upload_id: str) -> Path:
+        """Where ``place`` links an upload's bytes before renaming them over a blob: among the uploads, so a
+        link a crash left there goes with its upload."""
+        return self.uploads / f"{upload_id}{_SPARE}"
+
     def remove_upload(self, upload_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.upload(upload_id).unlink()
+        for path in (self.upload(upload_id), self.spare(upload_id)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def remove_blob(self, sha256: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -140,7 +149,7 @@ class _Disk:
             # bit, a torn write) keeping its size and name. The upload's bytes were just verified, so they
             # take the name, atomically (readers keep the file they opened): a link and a rename, where
             # checking the old copy would read it all.
-            spare = target.with_name(f"{sha256}.{upload_id}")
+            spare = self.spare(upload_id)  # not beside the blob: a crash would leave it where no sweep looks
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(spare)  # left by an earlier attempt that failed between its link and its rename
             try:
@@ -163,12 +172,13 @@ class _Disk:
         fsync_dir(target.parent)
 
     def orphans(self, known: Callable[[str], bool], older_than: float) -> list[str]:
-        """Upload files named like uploads, older than ``older_than``, that ``known`` does not claim."""
-        out = []
+        """The ids of upload files (and spares) older than ``older_than`` that ``known`` does not claim."""
+        out = set()
         for entry in os.scandir(self.uploads):
-            if _UPLOAD_ID.match(entry.name) and entry.stat().st_mtime < older_than and not known(entry.name):
-                out.append(entry.name)
-        return out
+            upload_id = entry.name.removesuffix(_SPARE)
+            if _UPLOAD_ID.match(upload_id) and entry.stat().st_mtime < older_than and not known(upload_id):
+                out.add(upload_id)
+        return sorted(out)
 
 
 #: errno of a file system that has no hard links (or no more for this file): the upload is moved instead.
