@@ -410,7 +410,8 @@ class Files:
                     )
                 if hasher is None:
                     hasher = await self._hashes.take(upload.id, fd, held)
-                await _in_thread(_append, fd, chunk, position, hasher)
+                if not await _in_thread(_append, fd, chunk, position, hasher):
+                    raise _no_upload(upload.id)  # its file went (cancelled or expired): take no more bytes
                 position += len(chunk)
                 if time.monotonic() - touched >= touch_every:
                     touched = time.monotonic()

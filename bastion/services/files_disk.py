@@ -207,12 +207,18 @@ def _hash_prefix(fd: int, length: int) -> Any:
     return hasher
 
 
-def _append(fd: int, chunk: bytes, position: int, hasher: Any) -> None:
+def _append(fd: int, chunk: bytes, position: int, hasher: Any) -> bool:
+    """Write ``chunk`` at ``position`` and hash it; False (nothing written) if the upload file is no longer
+    linked: cancelled, expired or discarded meanwhile, its reservation released -- bytes taken after that
+    would fill the disk outside every quota until the call's next mark of activity."""
+    if os.fstat(fd).st_nlink == 0:
+        return False
     view = memoryview(chunk)
     written = 0
     while written < len(view):
         written += os.pwrite(fd, view[written:], position + written)
     hasher.update(chunk)
+    return True
 
 
 def _open_upload(path: Path) -> tuple[int, int]:

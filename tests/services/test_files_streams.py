@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -19,7 +20,7 @@ from bastion.security.principal import Principal
 from bastion.services.files import Files
 from bastion.store import open_store
 from bastion.testing import MemoryServer
-from tests.services.test_files import CHUNK, World, run, sha
+from tests.services.test_files import CHUNK, World, offset_reaches, run, sha
 from tests.support.stores import service_store
 
 pytestmark = pytest.mark.usefixtures("service_backend")
@@ -141,3 +142,37 @@ def test_an_upload_cancelled_as_its_call_begins_ends_not_found(tmp_path: Path) -
         assert not path.exists()
 
     asyncio.run(main())
+
+
+def test_a_cancelled_upload_stops_taking_bytes_at_once(tmp_path: Path) -> None:
+    """A cancel (or an expiry) releases the reservation at once, but the stream still arriving kept writing
+    into the unlinked upload file until its next mark of activity -- up to a minute -- or its last byte:
+    up to the declared size on disk, in nobody's quota, while the freed quota took another upload (one user
+    cancelling and beginning again held many times the quota on disk). Each chunk now first checks that
+    its upload file is still linked."""
+    total = 64  # chunks: far more than the credit window holds in flight
+    data = os.urandom(total * CHUNK)
+
+    async def test(w: World) -> None:
+        info = await w.alice.files.begin_upload(name="x", size=len(data), sha256=sha(data))
+        cancelled = asyncio.Event()
+        sent = 0
+
+        async def stream() -> AsyncIterator[bytes]:
+            nonlocal sent
+            for i in range(total):
+                if i == 1:
+                    await cancelled.wait()
+                sent += 1
+                yield data[i * CHUNK : (i + 1) * CHUNK]
+
+        call = asyncio.create_task(w.alice.upload("files.upload", stream(), upload_id=info["upload_id"]))
+        await offset_reaches(w.alice, info["upload_id"], CHUNK)
+        assert await w.alice.files.cancel_upload(upload_id=info["upload_id"]) is True
+        cancelled.set()
+        with pytest.raises(bastion.NotFound, match="finished, cancelled or expired"):
+            await call
+        assert sent < total  # the call ended at the first chunk after the cancel (what was in flight aside)
+        assert (await w.alice.files.usage())["reserved_bytes"] == 0
+
+    run(test, tmp_path)
