@@ -16,11 +16,10 @@ import msgspec
 
 from bastion.exceptions import InvalidArgument
 from bastion.security.principal import ADMIN_ROLE, USER_NAME, Principal
-from bastion.store.files import FileRecord, FileShare
+from bastion.store.files import MAX_NAME_BYTES, FileRecord, FileShare
 
 __all__ = ["FileInfo", "FilePage", "ShareInfo", "UploadInfo", "UploadPage", "UploadResult", "Usage", "check_name"]
 
-MAX_NAME_BYTES = 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 #: Kinds of access, weakest first: what each allows is in bastion/services/files.py ("Access").
 RANK = {"read": 1, "write": 2, "owner": 3, "admin": 4}

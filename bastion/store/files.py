@@ -67,6 +67,7 @@ from bastion.exceptions import Aborted, NotFound, ResourceExhausted
 from bastion.store.files_schema import POSTGRES_SCHEMA, SQLITE_SCHEMA
 
 __all__ = [
+    "MAX_NAME_BYTES",
     "POSTGRES_SCHEMA",
     "SQLITE_SCHEMA",
     "FileRecord",
@@ -75,6 +76,9 @@ __all__ = [
     "UploadRecord",
 ]
 
+#: The longest file name, in UTF-8 bytes (the service's rule, bastion/services/files_records.py; a name
+#: handed to an heir is shortened to fit).
+MAX_NAME_BYTES = 1024
 #: Seconds a pin keeps a blob from the sweep while a commit moves it into place.
 PIN_SECONDS = 600.0
 #: Seconds after which a sweep's unfinished claim (it crashed) may be taken over.
@@ -284,7 +288,8 @@ class FileStore(ABC):
         Uploads of ``old`` are dropped, shares granted to the user ``old``
         removed, and the shares ``old`` made of its files withdrawn (they do
         not follow the files to ``new``) either way. A handed-over name that
-        ``new`` already uses becomes ``<name>~<file id>`` (``~2``, ``~3``... after that, if taken too).
+        ``new`` already uses becomes ``<name>~<file id>`` (``~2``, ``~3``... after that, if taken too; the
+        name's start shortened to keep it within ``MAX_NAME_BYTES``).
         """
 
 
@@ -479,13 +484,14 @@ def _no_grantee(share: FileShare) -> NotFound:
 def _handed_names(name: str, file_id: str) -> Iterator[str]:
     """The names a file handed to an heir may take, first choice first: its own, ``<name>~<file id>``, then
     ``<name>~<file id>~2``, ``~3``... (the heir may use any of them: it can read the ids of files shared
-    with it)."""
+    with it), ``<name>`` shortened to keep each within ``MAX_NAME_BYTES``."""
     yield name
-    yield f"{name}~{file_id}"
-    n = 2
+    suffix, n = f"~{file_id}", 1
     while True:
-        yield f"{name}~{file_id}~{n}"
+        room = MAX_NAME_BYTES - len(suffix.encode())
+        yield name.encode()[:room].decode("utf-8", "ignore") + suffix  # cut on a character boundary
         n += 1
+        suffix = f"~{file_id}~{n}"
 
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")

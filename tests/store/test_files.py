@@ -11,6 +11,7 @@ import pytest
 
 from bastion.exceptions import AlreadyExists, NotFound, ResourceExhausted
 from bastion.security.credentials import User
+from bastion.services.files import check_name
 from bastion.store import PostgresStore, SQLiteStore, Store, open_store
 from bastion.store._access import USER_LOCK
 from bastion.store.files import PIN_SECONDS, FileShare, UploadRecord
@@ -218,6 +219,21 @@ async def test_a_handed_over_name_finds_a_free_name_even_when_the_fallback_is_ta
         ("f1", "doc~f1~3"),
     ]
     assert await store.files_count("new") == 4
+
+
+async def test_a_handed_over_name_stays_within_the_name_limit(store: Store) -> None:
+    """A long name (up to the 1024 UTF-8 bytes a name may have) the heir used became ``<name>~<file id>``,
+    35 bytes longer: the heir could then not name it -- stat, download, delete or rename it by name were
+    INVALID_ARGUMENT ("at most 1024 bytes") -- nor overwrite it. The name's start is shortened (on a
+    character boundary) to make room for the suffix."""
+    long = "dir/" + "é" * 510  # 1024 bytes, a 2-byte character at the cut
+    await make_file(store, "u1", "f1", owner="old", name=long)
+    await make_file(store, "u2", "f2", owner="new", name=long)
+    assert await store.files_reassign_owner("old", "new") == 1
+    handed = await store.files_get("f1")
+    assert handed is not None and handed.owner == "new" and handed.name.endswith("~f1")
+    assert len(handed.name.encode()) <= 1024 and long.startswith(handed.name.removesuffix("~f1"))
+    assert check_name(handed.name) == handed.name
 
 
 async def test_files_handed_to_an_heir_keep_none_of_the_old_owners_shares(store: Store) -> None:
