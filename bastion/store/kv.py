@@ -375,7 +375,8 @@ def no_namespace(namespace: str) -> NotFound:
 
 #: Whether user ``{0}`` -- a personal namespace's owner -- may hold keys: it has a row, or the store keeps no
 #: users at all (the server's principals come from another authenticator), asked by a write in its own
-#: transaction (PostgreSQL: after the user's advisory lock, ``_access.USER_LOCK_SHARED``).
+#: transaction (SQLite; PostgreSQL asks it after the user's advisory lock, with "keeps no users" as the lock's
+#: statement read it before any wait: ``_access.USER_LOCK_SHARED_KEPT``, kv_postgres.py ``_check_owner``).
 OWNER_EXISTS = "SELECT 1 WHERE EXISTS (SELECT 1 FROM users WHERE name = {0}) OR NOT EXISTS (SELECT 1 FROM users)"
 
 

@@ -7,14 +7,13 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from bastion.store._access import USER_LOCK_SHARED, PostgresAccess
+from bastion.store._access import USER_LOCK_SHARED_KEPT, PostgresAccess
 from bastion.store.kv import (
     DELETE,
     ENTRY_COLUMNS,
     LOG_COLUMNS,
     LOG_ENTRY_BYTES,
     NAMESPACE_EXISTS,
-    OWNER_EXISTS,
     PERSONAL_PREFIX,
     PUT,
     KVChange,
@@ -98,7 +97,8 @@ async def _check_shared(conn: asyncpg.Connection[Any], namespace: str) -> None:
         raise no_namespace(namespace)
 
 
-_PG_OWNER_EXISTS = OWNER_EXISTS.format("$1")
+# Whether user $1 has a row, or the store kept no users as the lock's statement ($2) read it, before any wait.
+_PG_OWNER_EXISTS = "SELECT 1 WHERE EXISTS (SELECT 1 FROM users WHERE name = $1) OR NOT CAST($2 AS BOOLEAN)"
 
 
 async def _check_owner(conn: asyncpg.Connection[Any], namespace: str) -> None:
@@ -110,10 +110,12 @@ async def _check_owner(conn: asyncpg.Connection[Any], namespace: str) -> None:
     if not yet committed, and the check -- READ COMMITTED, its snapshot taken once the lock was granted --
     sees the row gone (or back, on rollback). Not a ``FOR KEY SHARE`` row lock: that wrote to the users row
     (xmax, MultiXacts under concurrency) on every put. First, before the counter's lock: a write waiting on
-    a deletion holds no lock other writers need. (The last user deleted leaves a store that keeps none: not
-    refused.)"""
-    await conn.execute(USER_LOCK_SHARED, namespace[1:])
-    if await conn.fetchval(_PG_OWNER_EXISTS, namespace[1:]) is None:
+    a deletion holds no lock other writers need. Whether the store keeps users at all (one with none serves
+    another authenticator's principals: not checked) is read in the lock's own statement, before any wait
+    (``USER_LOCK_SHARED_KEPT``): a put for the *last* user, waiting for its deletion, would otherwise find
+    no users left and pass."""
+    kept = bool((await conn.fetchrow(USER_LOCK_SHARED_KEPT, namespace[1:]))[1])
+    if await conn.fetchval(_PG_OWNER_EXISTS, namespace[1:], kept) is None:
         raise no_owner(namespace[1:])
 
 

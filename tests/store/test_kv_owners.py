@@ -207,3 +207,28 @@ async def test_the_owner_check_holds_where_the_database_defaults_to_repeatable_r
             await conn.close()
             await watch.close()
         assert await store.kv_list("~bob", "", None, 10, NOW) == []
+
+
+async def test_a_put_for_the_last_user_waits_for_its_deletion_and_is_refused(
+    backend: str, store: Store, tmp_path: Path
+) -> None:
+    """PostgreSQL: a put to ~bob, bob the store's last user, waited for bob's deletion, then checked in a
+    snapshot taken after the wait: no user rows at all, so "the store keeps no users" let it through, and
+    its keys stayed for the name's next holder unless the deletion's second pass came after its commit.
+    Whether the store keeps users is now read in the lock's own statement, before the wait."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL's concurrent transactions")
+    await store.create_user(User("bob"))  # the only user
+    conn = await asyncpg.connect(store_location(backend, tmp_path))
+    watch = await asyncpg.connect(store_location(backend, tmp_path))
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event = 'advisory' AND query LIKE 'SELECT pg_advisory_xact_lock_shared(%'"
+    )
+    try:
+        await _put_refused_once_a_deletion_commits(store, conn, watch, waiting, asyncio.get_running_loop().time() + 5)
+    finally:
+        await conn.close()
+        await watch.close()
+    assert await store.kv_list("~bob", "", None, 10, NOW) == []
+    assert await store.kv_put("~tester", [w("a")], NOW) == [1]  # a store with no users: any ~NAME
