@@ -70,7 +70,7 @@ from typing import Any
 import msgspec
 
 from bastion.durable import fsync_dir
-from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
+from bastion.exceptions import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from bastion.store.archive import (
     BLOB_PATH,
     DEFAULT_SCRYPT_LOG_N,
@@ -156,6 +156,10 @@ def snapshot_sqlite(db_path: Path, dest: Path) -> int:
         finally:
             dst.close()
     except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:  # the copy's disk, not the store
+            raise ResourceExhausted(
+                f"no space left to copy the SQLite store in {dest.parent.parent} ({exc}); nothing was kept"
+            ) from exc
         raise Unavailable(f"cannot copy the SQLite store {db_path}: {exc}") from exc
     finally:
         src.close()

@@ -1,0 +1,44 @@
+"""A disk that fills up while a backup or a restore runs (a real 1 MiB tmpfs: ``small_filesystem``, root only).
+
+Whatever step runs out of space, the error says so (``ResourceExhausted``,
+"no space left"), as writing the archive and unpacking it already did, and
+nothing is kept or changed: a full disk is not a store that is unavailable
+(retry at once) nor a crash with a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from bastion.exceptions import ResourceExhausted
+from bastion.store import backup
+from bastion.store.leftovers import STAGING_PREFIX
+from tests.store.test_backup import FAST
+
+
+def big_store(db: Path, kib: int) -> None:
+    """A SQLite store of about ``kib`` KiB (incompressible)."""
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        conn.execute("CREATE TABLE pad (b BLOB)")
+        conn.executemany("INSERT INTO pad VALUES (?)", [(os.urandom(1024),) for _ in range(kib)])
+
+
+def test_a_full_disk_while_the_sqlite_store_is_copied_is_resource_exhausted(
+    small_filesystem: Path, tmp_path: Path
+) -> None:
+    data = small_filesystem / "data"
+    data.mkdir()
+    big_store(data / "bastion.db", 600)  # its copy, made beside it, cannot fit in the 1 MiB
+    out = tmp_path / "backups" / "a.bbk"
+    # It was Unavailable "cannot copy the SQLite store …: database or disk is full", as if to be retried.
+    with pytest.raises(ResourceExhausted, match="no space left"):
+        backup.backup_sqlite(data / "bastion.db", data / "files", out, None, scrypt_log_n=FAST)
+    assert not out.exists()
+    assert [p.name for p in data.iterdir() if p.name.startswith(STAGING_PREFIX)] == []  # the partial copy is gone
