@@ -296,8 +296,7 @@ def restore_sqlite(
         if manifest.backend != "sqlite":
             raise InvalidArgument(f"this archive holds a {manifest.backend} store: restore it with --store URL")
         check_not_in_use(db_path)
-        carry_revisions_sqlite(db_path, staging / SQLITE_MEMBER)  # restore_kv.py
-        carry_offsets_sqlite(db_path, staging / SQLITE_MEMBER)  # restore_topics.py
+        _carry_over(db_path, staging / SQLITE_MEMBER)
         kept: list[str] = []
         journal = Journal(db_path, staging)
         moves = _Moves(journal)
@@ -320,6 +319,21 @@ def restore_sqlite(
                 raise _not_put_in_place(exc) from exc
             raise
     return RestoreResult(manifest, [str(db_path), str(files_dir)], kept)
+
+
+def _carry_over(db_path: Path, staged: Path) -> None:
+    """The replaced store's kv counter (restore_kv.py) and topic offsets (restore_topics.py), into ``staged``;
+    a disk too full for that (the carried messages take room) is ``ResourceExhausted``, nothing changed."""
+    try:
+        carry_revisions_sqlite(db_path, staged)
+        carry_offsets_sqlite(db_path, staged)
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+            raise
+        raise ResourceExhausted(
+            f"no space left in {db_path.parent} to carry the replaced store's kv versions and topic offsets over "
+            f"({exc}); nothing was changed"
+        ) from exc
 
 
 def _around_restore(target: str, archived: str, aside: str | None, version: int | None) -> tuple[str, str]:

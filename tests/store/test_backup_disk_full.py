@@ -8,8 +8,10 @@ nothing is kept or changed: a full disk is not a store that is unavailable
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -18,6 +20,8 @@ import pytest
 from bastion.exceptions import ResourceExhausted
 from bastion.store import backup
 from bastion.store.leftovers import STAGING_PREFIX
+from bastion.store.sqlite import SQLiteStore
+from bastion.store.topics import TopicHead
 from tests.store.test_backup import FAST
 
 
@@ -42,3 +46,31 @@ def test_a_full_disk_while_the_sqlite_store_is_copied_is_resource_exhausted(
         backup.backup_sqlite(data / "bastion.db", data / "files", out, None, scrypt_log_n=FAST)
     assert not out.exists()
     assert [p.name for p in data.iterdir() if p.name.startswith(STAGING_PREFIX)] == []  # the partial copy is gone
+
+
+def test_a_full_disk_while_a_restore_carries_topics_over_is_resource_exhausted_and_changes_nothing(
+    small_filesystem: Path, tmp_path: Path
+) -> None:
+    made = tmp_path / "made"
+    made.mkdir()
+    out = tmp_path / "a.bbk"
+
+    async def publish(db: Path, count: int) -> TopicHead | None:
+        async with SQLiteStore(db) as store:
+            for _ in range(count):
+                await store.topics_append("grew", True, "ada", os.urandom(1024), {}, 1.0)
+            return await store.topics_head("grew")
+
+    asyncio.run(publish(made / "bastion.db", 2))
+    backup.backup_sqlite(made / "bastion.db", made / "files", out, None, scrypt_log_n=FAST)
+    # 300 KiB more of "grew", which a restore copies into the restored store: more than the disk has left.
+    assert asyncio.run(publish(made / "bastion.db", 300)) == TopicHead("grew", 1, 302)
+    data = small_filesystem / "data"
+    data.mkdir()
+    db = data / "bastion.db"
+    shutil.copyfile(made / "bastion.db", db)
+    # It was a bare sqlite3.OperationalError "database or disk is full" (a traceback from bastion restore).
+    with pytest.raises(ResourceExhausted, match="no space left"):
+        backup.restore_sqlite(out, db, data / "files", None)
+    assert sorted(p.name for p in data.iterdir()) == ["bastion.db"]  # nothing renamed aside, no staging left
+    assert asyncio.run(publish(db, 0)) == TopicHead("grew", 1, 302)
