@@ -30,7 +30,14 @@ import asyncpg
 import msgspec
 
 from bastion.durable import fsync_dir
-from bastion.exceptions import BastionError, DataLoss, FailedPrecondition, Unavailable, UsageError
+from bastion.exceptions import (
+    BastionError,
+    DataLoss,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+    UsageError,
+)
 from bastion.store.archive import FILE_MODE
 from bastion.store.archive_read import private_dirs
 from bastion.store.postgres import PostgresStore, redact_dsn
@@ -218,10 +225,30 @@ async def _snapshot_and_dump(conn: Any, pg_dump: str, env: Mapping[str, str], de
                 pg_dump, "--format=custom", "--no-owner", "--no-password", f"--snapshot={snapshot_id}",
                 f"--schema={_quote(schema)}", f"--lock-wait-timeout={PG_LOCK_WAIT_TIMEOUT}",
             ]  # fmt: skip
-            await _run_tool(args, env, fd)
+            try:
+                await _run_tool(args, env, fd)
+            except Unavailable as exc:
+                if _disk_full(fd, exc.message):
+                    raise ResourceExhausted(
+                        f"no space left to write the database dump in {dest.parent.parent}; nothing was kept "
+                        f"({exc.message})"
+                    ) from exc
+                raise
         finally:
             os.close(fd)
     return _Snapshot(created_at, str(schema), version, hashes)
+
+
+def _disk_full(fd: int, message: str) -> bool:
+    """Whether pg_dump, failing, ran out of room for its output ``fd``: it says so (in English), or the
+    file system holding it has less than one of its writes left (in any language)."""
+    if "No space left on device" in message or "Disk quota exceeded" in message:
+        return True
+    try:
+        st = os.fstatvfs(fd)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
 
 
 @contextlib.asynccontextmanager

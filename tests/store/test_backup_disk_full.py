@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from bastion.exceptions import ResourceExhausted
-from bastion.store import backup
+from bastion.store import PostgresStore, backup, open_store
 from bastion.store.leftovers import STAGING_PREFIX
 from bastion.store.sqlite import SQLiteStore
 from bastion.store.topics import TopicHead
 from tests.store.test_backup import FAST
+from tests.support.stores import store_location
 
 
 def big_store(db: Path, kib: int) -> None:
@@ -74,3 +75,18 @@ def test_a_full_disk_while_a_restore_carries_topics_over_is_resource_exhausted_a
         backup.restore_sqlite(out, db, data / "files", None)
     assert sorted(p.name for p in data.iterdir()) == ["bastion.db"]  # nothing renamed aside, no staging left
     assert asyncio.run(publish(db, 0)) == TopicHead("grew", 1, 302)
+
+
+async def test_a_full_disk_while_pg_dump_writes_is_resource_exhausted(small_filesystem: Path, tmp_path: Path) -> None:
+    dsn = store_location("postgresql", tmp_path, "live")
+    out = tmp_path / "a.bbk"
+    async with open_store(dsn) as store:
+        assert isinstance(store, PostgresStore)
+        for _ in range(3):  # 1.5 MiB of incompressible values: their dump cannot fit in the 1 MiB
+            await store.topics_append("big", True, "ada", os.urandom(512 * 1024), {}, 1.0)
+        # The dump is written beside the files directory (in the data directory), here on the small disk.
+        # It was Unavailable "pg_dump failed (exit status 1): … could not write to output file …".
+        with pytest.raises(ResourceExhausted, match="no space left"):
+            await backup.backup_postgres(store, small_filesystem / "files", out, None, scrypt_log_n=FAST)
+    assert not out.exists()
+    assert os.listdir(small_filesystem) == []  # the partial dump is gone
