@@ -386,7 +386,17 @@ def write_archive(
         try:
             members.append(Member(path, file.stat().st_size, file.name))
         except FileNotFoundError:
-            raise Unavailable(f"blob {file.name} vanished while the backup ran; try again") from None
+            if blobs[1] != "referenced":  # found by listing the directory a moment ago
+                raise Unavailable(f"blob {file.name} vanished while the backup ran; try again") from None
+            # The snapshot refers to it, and the files service keeps a blob files.blob_grace after its last
+            # file goes: lost, not swept meanwhile (retrying cannot help) -- unless the snapshot is older.
+            age = time.time() - created_at
+            raise DataLoss(
+                f"blob {file.name}, which the store's files refer to, is missing from {file.parent.parent.parent}: "
+                "its contents are lost (or were moved by hand); the backup was not written -- put the blob back, "
+                "or delete the files that refer to it"
+                + (f" (or, the snapshot being {age:.0f} s old, it outlived files.blob_grace)" if age > 60 else "")
+            ) from None
     manifest = Manifest(
         FORMAT, FORMAT_VERSION, __version__, schema_version, backend, created_at, blobs[1], members, schema
     )
