@@ -83,6 +83,7 @@ from bastion.store.archive import (
     write_archive,
 )
 from bastion.store.archive_read import read_archive, staging_dir
+from bastion.store.backup_blobs import hold_blobs
 from bastion.store.backup_pg import (
     VERSION_MISMATCH,
     _aside_name,
@@ -231,7 +232,8 @@ def backup_sqlite(
         copy = staging / "bastion.db"
         created_at = time.time() if now is None else now
         version = snapshot_sqlite(db_path, copy)
-        blobs = blob_members(files_dir, referenced_blobs_sqlite(copy))
+        members, kind = blob_members(files_dir, referenced_blobs_sqlite(copy))
+        blobs = (hold_blobs(members, staging), kind)  # backup_blobs.py: safe from the sweep from now on
         return write_archive(
             out_path, backend="sqlite", schema_version=version, created_at=created_at,
             db_member=(SQLITE_MEMBER, copy), blobs=blobs, passphrase=passphrase, scrypt_log_n=scrypt_log_n,
@@ -467,9 +469,14 @@ async def backup_postgres(
     # The unencrypted dump goes beside the files (the data directory), never into the backup directory.
     with staging_dir(files_dir.parent) as staging:
         dump = staging / "postgres.dump"
+        held: list[tuple[list[tuple[str, Path]], str]] = []
+
+        async def hold(hashes: list[str] | None) -> None:  # named in the snapshot, before pg_dump's long run
+            members, kind = blob_members(files_dir, hashes)
+            held.append((await asyncio.to_thread(hold_blobs, members, staging), kind))
 
         async def run(conn: Any) -> _Snapshot:
-            return await _snapshot_and_dump(conn, pg_dump, env, dump)
+            return await _snapshot_and_dump(conn, pg_dump, env, dump, hold)
 
         if isinstance(source, PostgresStore):
             snap = await source._call(run)  # a pooled connection; errors translated by the store
@@ -477,7 +484,7 @@ async def backup_postgres(
             async with _connect(source, password) as conn:
                 snap = await run(conn)
         await asyncio.to_thread(_toc, pg_restore, dump)
-        blobs = blob_members(files_dir, snap.hashes)
+        blobs = held[-1]
         return await asyncio.to_thread(
             lambda: write_archive(
                 out_path, backend="postgresql", schema_version=snap.version, created_at=snap.created_at,

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -198,9 +198,16 @@ class _Snapshot(msgspec.Struct):
     hashes: list[str] | None
 
 
-async def _snapshot_and_dump(conn: Any, pg_dump: str, env: Mapping[str, str], dest: Path) -> _Snapshot:
+async def _snapshot_and_dump(
+    conn: Any,
+    pg_dump: str,
+    env: Mapping[str, str],
+    dest: Path,
+    hold: Callable[[list[str] | None], Awaitable[None]],
+) -> _Snapshot:
     """In one repeatable-read, read-only transaction: export its snapshot, read what the archive
-    needs, and run ``pg_dump`` in that same snapshot (the transaction stays open until it is done)."""
+    needs, and run ``pg_dump`` in that same snapshot (the transaction stays open until it is done).
+    ``hold`` is given the blobs the snapshot names (None: no ``files.sha256``) before ``pg_dump`` runs."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         snapshot_id = str(await conn.fetchval("SELECT pg_export_snapshot()"))
         created_at = time.time()
@@ -219,6 +226,7 @@ async def _snapshot_and_dump(conn: Any, pg_dump: str, env: Mapping[str, str], de
         if has_files:
             rows = await conn.fetch("SELECT DISTINCT sha256 FROM files WHERE sha256 IS NOT NULL ORDER BY 1")
             hashes = [str(row[0]) for row in rows]
+        await hold(hashes)
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
             args = [
