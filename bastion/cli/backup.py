@@ -291,8 +291,10 @@ def restore(
     PostgreSQL schema first.
     """
     store = store_flag(store) if store is not None else None
+    replaced = True  # a store was there to carry kv versions and topic offsets over from
 
     def run() -> Any:
+        nonlocal replaced
         from bastion.cli.serve import store_location
         from bastion.store.backup import restore_postgres, restore_sqlite, verify_archive
 
@@ -311,7 +313,10 @@ def restore(
             restoring = restore_postgres(
                 archive_path, location, files, secret, password=password, force=force, data_dir=directory
             )
-            return asyncio.run(restoring)
+            done = asyncio.run(restoring)
+            replaced = any(kept.startswith("schema ") for kept in done.kept)  # forced over a store: renamed aside
+            return done
+        replaced = db_path.exists()
         db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         return restore_sqlite(archive_path, db_path, files, secret)
 
@@ -333,4 +338,11 @@ def restore(
     )
     for path in result.kept:
         print(f"kept the previous data as {path}", file=sys.stderr)
+    if not replaced:  # docs/operations.md, "Restores and kv versions"
+        print(
+            "warning: nothing to carry kv versions and topic offsets over from (a fresh place): they go on from "
+            "the archive's, so those handed out since the backup will be handed out again -- have clients drop "
+            "the kv versions they hold (watch without from_version) and resume topics with from_offset=0",
+            file=sys.stderr,
+        )
     print("restore complete", file=sys.stderr)
