@@ -55,6 +55,7 @@ from bastion import allocator
 from bastion._version import __version__
 from bastion.cli.bootstrap import bootstrap_admin, token_banner
 from bastion.cli.cert import ConfigSource, TLSSetup, keep_dev_certificate, prepare_tls, reread_revoked_serials
+from bastion.cli.data_dir import new_data_dir
 from bastion.config import Config
 from bastion.exceptions import UsageError
 from bastion.gateway.runner import GatewayServer
@@ -186,21 +187,20 @@ def run(config: Config, *, echo: Callable[[str], None], source: ConfigSource | N
     load_services(config.services)  # fail here, not in every worker, if they cannot be imported
     load_job_registries(config.jobs.modules)
     backup_passphrase(config)
-    data_dir = Path(config.data_dir)
-    try:
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create the data directory {data_dir}: {exc.strerror}") from None
-    warn = log.warning if config.log_format == "json" else lambda line: print(line, file=sys.stderr, flush=True)
-    tls = prepare_tls(config, warn=warn)
-    if workers > 1:
-        return _supervise(config, workers, tls.messages, echo, tls.cert_files is not None, source, notifier)
+    with new_data_dir(Path(config.data_dir)) as store_opened:
+        warn = log.warning if config.log_format == "json" else lambda line: print(line, file=sys.stderr, flush=True)
+        tls = prepare_tls(config, warn=warn)
+        if workers > 1:
+            return _supervise(
+                config, workers, tls.messages, echo, tls.cert_files is not None, source, notifier, store_opened
+            )
+        role = _Role(notifier=notifier, store_opened=store_opened)
 
-    async def main() -> None:
-        await _compose_and_serve(config, _Role(notifier=notifier), echo, list(tls.messages), tls, source)
+        async def main() -> None:
+            await _compose_and_serve(config, role, echo, list(tls.messages), tls, source)
 
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(main())
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(main())
     _leave_stuck_handlers(0)
     return 0
 
@@ -239,6 +239,7 @@ class _Role:
     shared: SharedTable | None = None
     pending: SharedTable | None = None  # the login attempts in flight (throttle_shared.py)
     notifier: SystemdNotifier | None = None  # systemd's, for the only server (the supervisor keeps its own)
+    store_opened: Callable[[], None] | None = None  # told once the store has opened (data_dir.new_data_dir)
 
     @property
     def leader(self) -> bool:
@@ -269,6 +270,8 @@ async def _compose_and_serve(
     files_dir = Path(config.files.directory) if config.files.directory else data_dir / "files"
     passphrase = backup_passphrase(config)
     async with open_store(store_location(config), password=store_password(config)) as store:
+        if role.store_opened is not None:
+            role.store_opened()
         token_path = data_dir / "admin.token"
         token_state = "in" if role.channel is not None else await bootstrap_admin(store, token_path)
         audit = AuditLog(data_dir / "audit.log")
@@ -493,6 +496,7 @@ def _supervise(
     tls_on: bool = True,
     source: ConfigSource | None = None,
     notifier: SystemdNotifier | None = None,
+    store_opened: Callable[[], None] = lambda: None,
 ) -> int:
     """Bootstrap the data once, bind the port, and supervise ``workers`` worker processes."""
     data_dir = Path(config.data_dir)
@@ -500,6 +504,7 @@ def _supervise(
 
     async def bootstrap() -> str:
         async with open_store(store_location(config), password=store_password(config)) as store:  # migrates
+            store_opened()
             return await bootstrap_admin(store, token_path)
 
     token_state = asyncio.run(bootstrap())
