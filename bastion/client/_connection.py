@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import socket
+import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
 from typing import Any
@@ -230,6 +232,18 @@ class Expired(Exception):
     """A call's own deadline passed before its answer came (never the server's DEADLINE_EXCEEDED)."""
 
 
+#: Every ClientConnection not yet collected: a forked child must not touch its parent's sockets.
+_LIVE: weakref.WeakSet[ClientConnection] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for connection in list(_LIVE):
+        connection.forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class ClientConnection:
     """The client's side of one connection (a ``Session`` for ``Link``).
 
@@ -264,6 +278,7 @@ class ClientConnection:
         self._shutdown_guard: AsyncGenerator[None, None] | None = self._close_at_loop_shutdown()
         with contextlib.suppress(StopIteration):  # run to its ``yield``, now: the loop takes note of it
             self._shutdown_guard.asend(None).send(None)
+        _LIVE.add(self)
 
     # -- Session ----------------------------------------------------------------------
 
@@ -422,6 +437,27 @@ class ClientConnection:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: forget the connection, and put a dead socket where the parent's was.
+
+        The descriptor the child inherited is the parent's socket itself, and a child forked from a running
+        loop also holds that loop's copy, with the socket registered in the epoll set both processes share:
+        a GoAway or TLS close_notify the child's copy wrote as it closed (``asyncio.run``'s cleanup after a
+        ``sys.exit``), or its removal of the socket from that set, broke the parent's connection. Under the
+        same descriptor number the child now has a socket whose peer is gone: its copy of the loop reads an
+        end of file there, writes reach no one, and removing it from the epoll set finds no entry (entries
+        are kept per open socket), so the parent's stays. The child's calls open their own connection.
+        """
+        self.orphaned = self.closed = True
+        self.pending.clear()
+        sock = self.link.transport.get_extra_info("socket") if self.link and self.link.transport else None
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0:
+            return
+        dead, peer = socket.socketpair()
+        with dead, peer, contextlib.suppress(OSError):
+            os.dup2(dead.fileno(), fd, inheritable=False)
 
     # -- calls --------------------------------------------------------------------------
 
