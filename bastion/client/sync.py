@@ -117,6 +117,13 @@ class SyncClient(ClientBase):
                 link.sock.close()
             link.closed = True
 
+    def __del__(self) -> None:
+        """A client nobody closed: its socket closed as it is collected, as the async client's are when their
+        loop ends -- not left to the socket's own finalizer, which warns (ResourceWarning)."""
+        for link in (getattr(self, "_link", None), getattr(self, "_handshaking", None)):
+            if link is not None:
+                link.close()
+
     def __enter__(self) -> SyncClient:
         self.connect()
         return self

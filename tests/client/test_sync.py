@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -141,3 +142,29 @@ def test_a_stream_left_open_by_a_thread_that_ended_frees_the_client_when_collect
     started = time.monotonic()
     client.close()
     assert time.monotonic() - started < 2.0
+
+
+def test_a_client_nobody_closed_closes_its_socket_quietly_when_collected(server: ServerProcess) -> None:
+    """A SyncClient dropped open -- with a stream left half read -- closes its socket as it is collected,
+    as the async client does at its loop's end: the socket's own finalizer used to find it open and warn
+    ("ResourceWarning: unclosed <ssl.SSLSocket ...>") in every program that forgot a ``close``."""
+    fds = len(os.listdir("/proc/self/fd"))
+    unraisable: list[Any] = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            client = SyncClient(server.address, token_file=str(server.token_file), timeout=5)
+            assert client.call("demo.echo", value=1) == 1
+            del client
+            gc.collect()
+            client = SyncClient(server.address, token_file=str(server.token_file), timeout=5)
+            stream = client.stream("demo.count", n=1000)
+            assert next(stream) == 0
+            del client, stream
+            gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert [str(u.exc_value) for u in unraisable] == []
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert len(os.listdir("/proc/self/fd")) == fds
