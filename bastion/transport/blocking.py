@@ -63,6 +63,10 @@ class BlockingLink:
         except ssl.SSLError as exc:
             _close_quietly(sock)
             raise ConnectError(f"TLS handshake with {host}:{port} failed: {describe_tls_error(exc)}") from None
+        except TimeoutError:  # before OSError, of which it is one: nothing was closed, nothing answered
+            _close_quietly(sock)
+            stage = "" if sock is None else " (no answer to the TLS handshake)"
+            raise ConnectError(f"timed out connecting to {host}:{port}{stage}") from None
         except OSError as exc:
             _close_quietly(sock)
             if ssl_context is not None and sock is not None:

@@ -17,7 +17,7 @@ import pytest
 
 from bastion import Client, SyncClient
 from bastion.client._connection import ClientClosed
-from bastion.exceptions import ConnectionClosed, DeadlineExceeded, RemoteProtocolError
+from bastion.exceptions import ConnectError, ConnectionClosed, DeadlineExceeded, RemoteProtocolError
 from bastion.status import Status
 from tests.adversity.test_hostile_peers import poll
 from tests.support.hostile_server import (
@@ -534,3 +534,24 @@ def test_a_storm_of_goaways_does_not_pile_up_for_a_sync_stream_in_progress() -> 
         assert client.call("x") == "inner"
         assert len(client._backlog[1]) <= 3  # one GoAway (the lowest last_id), the item, the result
         assert list(stream) == ["second"]
+
+
+def test_a_tls_handshake_that_never_completes_is_reported_as_timed_out() -> None:
+    """A server that accepts TCP but never answers the TLS ClientHello (a hung process, a port that swallows
+    bytes) fails the attempt at connect_timeout -- and the sync client said the connection was *closed*
+    during the TLS handshake and asked whether it speaks TLS, where the async client says it timed out."""
+
+    async def connect() -> None:
+        client = Client(server.address, connect_timeout=0.5)
+        try:
+            await client.connect()
+        finally:
+            await client.close()
+
+    with HostileServer(never_welcome) as server:
+        for attempt in (lambda: SyncClient(server.address, connect_timeout=0.5).connect(), lambda: run(connect())):
+            start = time.monotonic()
+            with pytest.raises(ConnectError) as failed:
+                attempt()
+            assert time.monotonic() - start < 3.0
+            assert "timed out" in str(failed.value) and "closed" not in str(failed.value), failed.value
