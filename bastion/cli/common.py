@@ -151,6 +151,8 @@ def _run_guarded(func: Any) -> Any:
         _fail(str(exc), EXIT_UNAVAILABLE)
     except BastionError as exc:
         _fail(str(exc), EXIT_CALL_ERROR)
+    except BrokenPipeError:  # the reader of the output has gone (``| head -1``): its choice, not an error
+        raise  # click ends the command quietly, exit code 1, as when the printing follows the call
     except OSError as exc:  # a local file or directory the command cannot use
         where = f"{exc.filename}: " if exc.filename is not None else ""
         _fail(f"{where}{exc.strerror or exc}", EXIT_USAGE)

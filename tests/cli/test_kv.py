@@ -4,6 +4,7 @@ tests/integration/test_kv_durability.py)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,33 @@ def test_ls_help_describes_the_lines_it_prints() -> None:
     assert shown.returncode == 0, shown.stderr
     text = " ".join(shown.stdout.replace("│", " ").split())
     assert "key<TAB>version" in text and "size" not in text, text
+
+
+def test_a_watch_whose_reader_has_gone_ends_quietly(server: ServerProcess) -> None:
+    """``bastion kv watch ... | head -1``: once ``head`` has its line and exits, the next line finds the pipe
+    closed. The command caught that BrokenPipeError as a local file it could not use and printed
+    "error: Broken pipe" with exit code 2 -- the usage error's -- where a closed pipe is the reader's choice:
+    now it ends as the commands that print after their call do (click's way): silently, exit code 1."""
+    addr, token = server.address, ("--token-file", str(server.token_file))
+    put = bastion_cli("kv", "put", addr, "a", "1", *token)
+    assert put.returncode == 0, put.stderr
+    read_end, write_end = os.pipe()
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "bastion", "kv", "watch", addr, "--from-version", put.stdout.strip(), *token],
+        env=clean_env(), stdout=write_end, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            assert pipe.readline().startswith(f"{put.stdout.strip()}\tput\ta\t".encode())
+        # the reader has gone: the next change's line finds the pipe closed
+        for i in range(100):
+            if watch.poll() is not None:
+                break
+            assert bastion_cli("kv", "put", addr, f"b{i}", "1", *token).returncode == 0
+        _, stderr = watch.communicate(timeout=20)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(10)
+    assert (watch.returncode, [line for line in stderr.splitlines() if not line.startswith("# ")]) == (1, []), stderr
