@@ -46,6 +46,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Exit status: 0 success, 1 refused (the server's status on standard error), 2 usage error, "
+    "3 unreachable (docs/operations.md, Exit status).",
     # A traceback must never print local variables: they hold passwords and tokens. typer's own default was
     # True in releases that pyproject's typer>=0.15 allows.
     pretty_exceptions_show_locals=False,

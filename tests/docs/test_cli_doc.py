@@ -61,3 +61,21 @@ def test_every_command_and_option_the_docs_show_exists() -> None:
                 checked += 1
     assert problems == []
     assert checked > 100  # the walk found the commands
+
+
+def test_the_exit_statuses_are_documented() -> None:
+    """Scripts branch on a command's exit status -- 1 the server refused, 2 a usage error, 3 the server could
+    not be reached -- and nothing said which was which: ``bastion --help`` and docs/operations.md now do."""
+    from bastion.cli.common import EXIT_CALL_ERROR, EXIT_UNAVAILABLE, EXIT_USAGE
+    from tests.support.server import bastion_cli
+
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    section = doc.split("### Exit status", 1)[1].split("\n#", 1)[0] if "### Exit status" in doc else ""
+    assert [int(code) for code in re.findall(r"^\| `(\d)` \|", section, re.M)] == [
+        0,
+        EXIT_CALL_ERROR,
+        EXIT_USAGE,
+        EXIT_UNAVAILABLE,
+    ]
+    shown = " ".join(bastion_cli("--help").stdout.replace("│", " ").split())
+    assert re.search(r"Exit status: 0 success, 1 refused \(.*\), 2 usage error, 3 unreachable", shown), shown
