@@ -7,7 +7,7 @@ lock serialises threads); use several clients for parallel blocking calls.
 (``ClientClosed``). A forked child opens its own connection on its first
 call: the parent's socket and TLS state stay the parent's.
 Retries follow the same ``RetryPolicy`` as the async client's (see
-``bastion.client.aio``); the waits between attempts hold no lock.
+``bastion.client.aio``); the waits between attempts hold no lock, and ``close`` ends them.
 
 Several servers (a list of addresses, see ``ClientBase``): the client keeps
 one connection, to an endpoint the ``Balancer`` picks (one call at a time
@@ -99,6 +99,8 @@ class SyncClient(ClientBase):
         self._backlog: dict[int, collections.deque[Message]] = {}
         #: Set while ``close`` waits for a call in another thread: ends that call's wait for a reconnect backoff.
         self._closing = threading.Event()
+        #: Set by ``close`` (then replaced): ends the wait of a call between its attempts, which holds no lock.
+        self._closed = threading.Event()
         _LIVE.add(self)
 
     def _forget_after_fork(self) -> None:
@@ -110,6 +112,7 @@ class SyncClient(ClientBase):
         """
         self._lock = Turn()
         self._closing = threading.Event()
+        self._closed = threading.Event()
         self._backlog = {}
         link, self._link = self._link, None
         if link is not None:
@@ -298,6 +301,8 @@ class SyncClient(ClientBase):
         its timeout (none: for ever): its link is aborted until the lock is
         free, so ``close`` returns promptly whatever the server does.
         """
+        closed, self._closed = self._closed, threading.Event()
+        closed.set()  # a call waiting to retry gives up
         acquired = self._lock.acquire(blocking=False)
         while not acquired:
             self._closing.set()  # a call waiting out a reconnect backoff stops waiting
@@ -343,6 +348,7 @@ class SyncClient(ClientBase):
         if retry is None or budget is None or not is_replayable(items):
             return self._attempt(method, checked, timeout, timeout, priority, metadata, items)
         budget.on_request()
+        closed = self._closed
         deadline = None if timeout is None else retry.clock() + timeout
         left = timeout
         attempts = None
@@ -368,8 +374,8 @@ class SyncClient(ClientBase):
                 delay = attempts.next_delay(reason)
                 if delay is None:
                     raise
-            if delay > 0:
-                time.sleep(delay)
+            if closed.wait(max(0.0, delay)):  # close() from another thread ends the wait
+                raise ClientClosed("the client was closed")
             left = attempts.remaining()
 
     def _leave(self, exc: BaseException, retryable: frozenset[Any]) -> None:

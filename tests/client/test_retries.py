@@ -407,3 +407,33 @@ def test_the_sync_client_budget_and_disabled_retries() -> None:
                 client.invoke("flaky.read", {"key": "k"}, idempotent=True)
             assert time.monotonic() - started < 0.2  # 3 attempts, the waits within the deadline
         assert flaky.count("read") - 34 == 3
+
+
+def test_closing_the_sync_client_ends_a_call_waiting_to_retry() -> None:
+    """``close`` from another thread fails the call in progress at once -- but not one waiting out the wait
+    before its retry: that wait held no lock and nothing ended it, so the call slept on, then opened a new
+    connection on the client just closed and carried on as if nothing had happened."""
+    from bastion.client._connection import ClientClosed
+    from tests.support.server import wait_for
+
+    with threaded_server(SERVICES) as address:
+        flaky.fail, flaky.retry_after = 1, 1.5
+        client = SyncClient(address, insecure=True, retry=quick(max_delay=5.0), timeout=10)
+        outcome: list[Any] = []
+
+        def call() -> None:
+            try:
+                outcome.append(client.flaky.read(key="k"))
+            except Exception as exc:
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        # refused once, and known idempotent: waiting to retry
+        wait_for(lambda: flaky.count("read") == 1 and flaky.listings == 1, 5, what="the first attempt")
+        started = time.monotonic()
+        client.close()
+        caller.join(5)
+        assert time.monotonic() - started < 0.5
+        assert len(outcome) == 1 and isinstance(outcome[0], ClientClosed), outcome
+        assert flaky.count("read") == 1  # no retry on the closed client
