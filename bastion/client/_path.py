@@ -28,7 +28,7 @@ from bastion.transport.aio import Link
 if TYPE_CHECKING:
     from bastion.client.aio import Client
 
-__all__ = ["PLAIN_RETRY", "CallPath", "Retry", "start_in_turn"]
+__all__ = ["PLAIN_RETRY", "CallPath", "Retry", "RetryWaits", "start_in_turn"]
 
 _OPEN = ConnectionState.OPEN
 _decode = DECODER.decode
@@ -281,3 +281,26 @@ async def start_in_turn(
         if slots is not None:
             slots.release()  # the call never started: its slot is still ours
         raise
+
+
+class RetryWaits:
+    """The waits of a client's calls before their retries: ``Client.close`` ends them (``interrupt``), or a
+    call that had waited would open a new connection on the closed client and carry on."""
+
+    def __init__(self) -> None:
+        self._waiting: set[asyncio.Future[None]] = set()
+
+    async def sleep(self, delay: float) -> bool:
+        """Wait ``delay`` seconds; True if ``interrupt`` ended the wait."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.add(waiter)
+        try:
+            await asyncio.wait([waiter], timeout=delay)
+        finally:
+            self._waiting.discard(waiter)
+        return waiter.done()
+
+    def interrupt(self) -> None:
+        for waiter in self._waiting:
+            if not waiter.done() and not waiter.get_loop().is_closed():
+                waiter.set_result(None)

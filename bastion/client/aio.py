@@ -76,7 +76,7 @@ from bastion.client._connection import (
 )
 from bastion.client._connection import cancel_unless_closed as _cancel
 from bastion.client._connection import cancelling as _cancelling
-from bastion.client._path import CallPath, Retry
+from bastion.client._path import CallPath, Retry, RetryWaits
 from bastion.client.balancer import Balancer, Endpoint
 from bastion.client.base import ClientBase
 from bastion.client.policy import (
@@ -133,6 +133,7 @@ class Client(BalancedEndpoints, ClientBase):
             self.call = self._path.call  # type: ignore[method-assign]
         #: A single-server client's attempt at connecting, while one runs: its callers share it.
         self._connecting: asyncio.Future[ClientConnection] | None = None
+        self._retry_waits = RetryWaits()  # close ends them
         # Seam for bastion.testing: given the protocol factory, connect it to
         # something other than a TCP socket (an in-memory server, say).
         self._connector: Callable[[Callable[[], Link]], Awaitable[object]] | None = None
@@ -315,6 +316,7 @@ class Client(BalancedEndpoints, ClientBase):
     async def close(self) -> None:
         """Close every connection and stop every background task (those of an event loop since closed are
         only forgotten: nothing can run on it)."""
+        self._retry_waits.interrupt()
         _cancel(self._connecting)
         self._connecting = None
         _cancel(self._health)
@@ -436,8 +438,8 @@ class Client(BalancedEndpoints, ClientBase):
             if delay is None:
                 raise failure
             failure = None
-            if delay > 0:
-                await asyncio.sleep(delay)
+            if delay > 0 and await self._retry_waits.sleep(delay):
+                raise ClientClosed("the client was closed")
             left = attempts.remaining()
 
     def _attempt(

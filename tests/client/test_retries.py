@@ -437,3 +437,26 @@ def test_closing_the_sync_client_ends_a_call_waiting_to_retry() -> None:
         assert time.monotonic() - started < 0.5
         assert len(outcome) == 1 and isinstance(outcome[0], ClientClosed), outcome
         assert flaky.count("read") == 1  # no retry on the closed client
+
+
+def test_closing_the_async_client_ends_a_call_waiting_to_retry() -> None:
+    """The async client's too: a call waiting to retry when ``close`` came slept on, then opened a new
+    connection on the closed client and carried on."""
+    from bastion.client._connection import ClientClosed
+    from tests.adversity.test_hostile_peers import poll
+
+    async def main() -> None:
+        async with client_for(retry=quick(max_delay=5.0), timeout=10) as client:
+            flaky.fail, flaky.retry_after = 1, 1.5
+            call = asyncio.ensure_future(client.flaky.read(key="k"))
+            # refused once, and known idempotent: waiting to retry
+            await poll(lambda: flaky.count("read") == 1 and flaky.listings == 1, "the first attempt")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await client.close()
+            with pytest.raises(ClientClosed):
+                await call
+            assert loop.time() - started < 0.5
+            assert flaky.count("read") == 1  # no retry on the closed client
+
+    run(main())
