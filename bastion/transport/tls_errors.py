@@ -8,6 +8,7 @@ it is clear, what to do.
 
 from __future__ import annotations
 
+import re
 import ssl
 
 __all__ = ["HTTP_PEER", "describe_tls_error", "looks_like_http", "looks_like_tls"]
@@ -67,7 +68,7 @@ def describe_tls_error(exc: BaseException) -> str:
         hint = _UNTRUSTED_HINT if code in _UNTRUSTED_ISSUER else _MISSING_HINT if code in _MISSING_ISSUER else ""
         return f"certificate verify failed: {detail}{hint}"
     if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or ""
+        reason = exc.reason or _reason_in(str(exc))
         text = _REASONS.get(reason)
         if text is not None:
             return text
@@ -75,6 +76,13 @@ def describe_tls_error(exc: BaseException) -> str:
             return "the peer closed the connection during TLS (does it speak TLS?)"
         return f"TLS error: {reason or exc}"
     return f"TLS error: {exc}"
+
+
+def _reason_in(message: str) -> str:
+    """The reason an ``SSLError`` without ``reason`` names in its message: an OpenSSL reason this Python's
+    ssl module has no code for reads "[SSL] tlsv1 alert no application protocol (_ssl.c:1006)"."""
+    found = re.match(r"\[\w+\] ([a-z0-9 ]+) \(", message)
+    return found.group(1).upper().replace(" ", "_") if found else ""
 
 
 def looks_like_tls(data: bytes) -> bool:

@@ -555,3 +555,30 @@ def test_a_tls_handshake_that_never_completes_is_reported_as_timed_out() -> None
                 attempt()
             assert time.monotonic() - start < 3.0
             assert "timed out" in str(failed.value) and "closed" not in str(failed.value), failed.value
+
+
+async def refuse_alpn(peer: Peer) -> None:
+    """A TLS server that speaks no bastion/1 (a Go or Envoy service, say): its answer to the ClientHello is the
+    fatal alert no_application_protocol (120)."""
+    await peer.reader.read(4096)  # the ClientHello
+    peer.send_raw(bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 120]))
+    await peer.writer.drain()
+
+
+def test_a_tls_server_that_refuses_the_bastion_alpn_is_named_so() -> None:
+    """OpenSSL 3 names alerts that the ssl module of Python 3.11 has no code for: ``exc.reason`` is None and
+    only the message ("[SSL] tlsv1 alert no application protocol") says which, so the table of plain reasons
+    was never consulted and the error was the raw OpenSSL text. The name is now read from the message too."""
+
+    async def connect() -> None:
+        client = Client(server.address, connect_timeout=5)
+        try:
+            await client.connect()
+        finally:
+            await client.close()
+
+    with HostileServer(refuse_alpn) as server:
+        for attempt in (lambda: SyncClient(server.address, connect_timeout=5).connect(), lambda: run(connect())):
+            with pytest.raises(ConnectError) as failed:
+                attempt()
+            assert "does not speak bastion/1 (ALPN)" in str(failed.value), failed.value
