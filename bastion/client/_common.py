@@ -101,8 +101,10 @@ def parse_address(address: str) -> tuple[str, int]:
             text = text[len(scheme) :]
     text = text.rstrip("/")
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
+        host, closed, rest = text[1:].partition("]")
+        if not closed or not host or (rest and not rest.startswith(":")):
+            raise UsageError(f"bad address {address!r}: expected [IPV6]:PORT or [IPV6]")
+        port_text = rest[1:]
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
     else:

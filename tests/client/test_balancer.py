@@ -129,6 +129,15 @@ def test_parse_endpoints() -> None:
         parse_endpoints(" , ")
 
 
+@pytest.mark.parametrize("address", ["[::1", "[::1]7400", "[::1]x:7400", "[]:7400"])
+def test_a_bracketed_address_that_does_not_close_before_its_port_is_refused(address: str) -> None:
+    """``[::1`` (its bracket never closed) and ``[::1]7400`` (no colon before the port) were taken for
+    ``::1`` on the default port -- a typo'd port silently became 7400 -- and ``[]`` for 127.0.0.1."""
+    with pytest.raises(UsageError, match="bad address"):
+        parse_endpoints(address)
+    assert parse_endpoints("[::1]") == ([("::1", 7400)], False)
+
+
 def test_expand_resolves_names_to_every_address_and_keeps_the_name_for_tls() -> None:
     clock = Clock()
     eps = expand_endpoints(
