@@ -33,6 +33,17 @@ to read next (16, then the length the prefix announced) and ``feed`` takes
 no more than that. ``parse`` decodes one whole header; ``build`` encodes
 one (for tests, and for anything that has to speak to a server behind a
 balancer).
+
+A client that skips the balancer. A client connecting straight from a
+trusted address (an operator on the balancer's host, a misconfigured health
+check) sends its TLS ClientHello or bastion Hello where the header belongs.
+``direct_client_answer`` looks at the fixed prefix the reader already holds
+(``PREFIX_SIZE`` bytes, no more) and, if it starts like one of those, gives a
+fixed answer saying why (``DIRECT_CLIENT_REASON``): a plaintext TLS fatal
+``access_denied`` alert (legal before the handshake), or a bastion GoAway
+``FAILED_PRECONDITION``, as any handshake refusal. It matches a few bytes
+against fixed patterns and never parses them; the answer does not depend on
+anything else the client sent, and the server sends it once and closes.
 """
 
 from __future__ import annotations
@@ -42,19 +53,26 @@ import ipaddress
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from bastion.exceptions import LocalProtocolError, RemoteProtocolError, UsageError
+from bastion.protocol.frames import FrameWriter
+from bastion.protocol.messages import GoAway
+from bastion.status import Status
 
 __all__ = [
+    "DIRECT_CLIENT_REASON",
     "MAX_HEADER_SIZE",
     "PREFIX_SIZE",
     "SIGNATURE",
     "Command",
+    "DirectClientAnswer",
     "Family",
     "ProxyHeader",
     "ProxyHeaderError",
     "ProxyHeaderReader",
     "build",
+    "direct_client_answer",
     "header_size",
     "parse",
     "parse_networks",
@@ -229,6 +247,11 @@ class ProxyHeaderReader:
     def header(self) -> ProxyHeader | None:
         return self._header
 
+    @property
+    def received(self) -> bytes:
+        """The bytes fed so far (at most the header's size: what ``direct_client_answer`` looks at)."""
+        return bytes(self._buffer)
+
     def feed(self, data: bytes | bytearray | memoryview) -> ProxyHeader | None:
         """Add ``data`` (at most ``needed`` bytes); the header once it is complete, else None."""
         if len(data) > self.needed:
@@ -251,3 +274,49 @@ def parse_networks(entries: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipad
         except ValueError:
             raise UsageError(f"trusted_proxies: {entry!r} is not an IP address or CIDR network") from None
     return tuple(networks)
+
+
+#: Why a client that connected straight from a trusted address is refused (sent to it, and logged).
+DIRECT_CLIENT_REASON = (
+    "the server expects a PROXY protocol header from this address (it is in the server's trusted_proxies): "
+    "connect through the load balancer, or remove the address from trusted_proxies"
+)
+#: A TLS record: alert (21), legacy version 3.3, 2 bytes: fatal (2), access_denied (49).
+_TLS_ACCESS_DENIED = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49])
+
+
+def _goaway_frame() -> bytes:
+    writer = FrameWriter(MAX_HEADER_SIZE)
+    writer.write(GoAway(0, int(Status.FAILED_PRECONDITION), DIRECT_CLIENT_REASON))
+    return bytes(writer.buffer)
+
+
+_GOAWAY_FRAME = _goaway_frame()
+
+
+class DirectClientAnswer(NamedTuple):
+    """What a trusted connection sent instead of a header, and the fixed bytes that tell it why it is refused."""
+
+    sent: str
+    answer: bytes
+    #: The answer, in words (for the log).
+    told: str
+
+
+_TLS_ANSWER = DirectClientAnswer("a TLS ClientHello", _TLS_ACCESS_DENIED, "a TLS access_denied alert")
+_BASTION_ANSWER = DirectClientAnswer("a bastion Hello", _GOAWAY_FRAME, "a FAILED_PRECONDITION GoAway")
+
+
+def direct_client_answer(data: bytes) -> DirectClientAnswer | None:
+    """The answer for a trusted connection whose first bytes, ``data``, are not a PROXY header; None when
+    they start like neither a TLS handshake record nor a bastion Hello frame (closed without a word).
+
+    Looks at the first 6 bytes at most, against fixed patterns: a TLS record of type handshake (22) and
+    version 3.x; a frame length under 64 KiB followed by a MessagePack array of 3 to 15 items whose first
+    is Hello's tag (1).
+    """
+    if len(data) >= 3 and data[0] == 0x16 and data[1] == 0x03 and data[2] <= 0x04:
+        return _TLS_ANSWER
+    if len(data) >= 6 and data[:2] == b"\x00\x00" and data[2:4] != b"\x00\x00" and 0x93 <= data[4] <= 0x9F:
+        return _BASTION_ANSWER if data[5] == 0x01 else None
+    return None

@@ -29,7 +29,11 @@ and the audit log. A LOCAL header (the balancer's own connection, e.g. a health
 check) keeps the real endpoints. A trusted connection without a valid header is
 closed and counted (``rejected_proxy_header_total``). From any other address no
 header is ever looked for: one sent anyway is just bytes that break the
-protocol.
+protocol. A trusted connection that starts like a client's own TLS or bastion
+handshake (a client that skipped the balancer) is first told why, once, with
+a fixed answer (``direct_client_answer`` in proxy.py). The warning for a
+refused header is one of the lines a peer can cause at will: within
+``log_budget`` (kind ``proxy_header``), the counter counts them all.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bastion.config import ServerLimits
+from bastion.observability.loglimit import LogBudget, suppressed_note
 from bastion.protocol.proxy import Command, ProxyHeader, ProxyHeaderError
 from bastion.security.audit import AuditLog
 from bastion.security.throttle import source_key
@@ -76,6 +81,7 @@ class Acceptor:
     ssl_context: ssl.SSLContext | None
     revoked_serials: frozenset[int]
     audit: AuditLog
+    log_budget: LogBudget
     _open: int
     _handshakes: set[asyncio.Task[None]]
     _reserve: DescriptorReserve
@@ -158,7 +164,8 @@ class Acceptor:
         except (ProxyHeaderError, TimeoutError, OSError) as exc:
             reason = "no PROXY header within the handshake timeout" if isinstance(exc, TimeoutError) else str(exc)
             self.counters["rejected_proxy_header"] += 1
-            log.warning("closing connection from trusted proxy %s: %s", proxy, reason)
+            if (left_out := self.log_budget.take("proxy_header")) is not None:
+                log.warning("closing connection from trusted proxy %s: %s%s", proxy, reason, suppressed_note(left_out))
             self._open -= 1
             conn.close()
             return

@@ -7,9 +7,10 @@ is given) and out of server.py (whose size it would push past the limit).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
-from bastion.protocol.proxy import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
+from bastion.protocol.proxy import ProxyHeader, ProxyHeaderError, ProxyHeaderReader, direct_client_answer
 
 __all__ = ["bind", "read_proxy_header"]
 
@@ -36,12 +37,27 @@ async def bind(host: str, port: int) -> list[socket.socket]:
 
 
 async def read_proxy_header(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> ProxyHeader:
-    """Read one PROXY v2 header off ``conn``, not a byte more (what follows is the client's)."""
+    """Read one PROXY v2 header off ``conn``, not a byte more (what follows is the client's).
+
+    Bytes that start like a client's TLS or bastion handshake instead (one that skipped the balancer) are
+    answered once with ``direct_client_answer``'s fixed refusal before the error is raised; the caller closes.
+    """
     reader = ProxyHeaderReader()
     while True:
         data = await loop.sock_recv(conn, reader.needed)
         if not data:
             raise ProxyHeaderError("the connection closed before a complete PROXY header")
-        header = reader.feed(data)
+        try:
+            header = reader.feed(data)
+        except ProxyHeaderError as exc:
+            direct = direct_client_answer(reader.received)
+            if direct is None:
+                raise
+            with contextlib.suppress(OSError):  # a few bytes into an empty send buffer: never blocks
+                conn.send(direct.answer)
+            raise ProxyHeaderError(
+                f"{exc}; it began with {direct.sent} (a client connecting directly, not through the balancer?); "
+                f"answered with {direct.told}"
+            ) from None
         if header is not None:
             return header

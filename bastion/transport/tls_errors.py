@@ -55,6 +55,12 @@ _REASONS: dict[str, str] = {
     "SSLV3_ALERT_BAD_RECORD_MAC": "the peer saw a TLS record fail its integrity check (data altered in transit)",
     "TLSV1_ALERT_DECRYPT_ERROR": "the peer could not decrypt a TLS record (data altered in transit?)",
     "UNEXPECTED_EOF_WHILE_READING": "the peer closed the connection in the middle of TLS",
+    # What a bastion server with trusted_proxies answers a client connecting directly from one of them.
+    "TLSV1_ALERT_ACCESS_DENIED": (
+        "the server refused the connection (TLS alert access_denied): a bastion server does this when it "
+        "expects a PROXY protocol header from this address (it is in the server's trusted_proxies): "
+        "connect through the load balancer, or remove the address from trusted_proxies"
+    ),
 }
 
 

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import ssl
 import struct
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bastion.client._common import build_hello
 from bastion.exceptions import LocalProtocolError
+from bastion.protocol.connection import Connection
+from bastion.protocol.limits import ProtocolLimits
+from bastion.protocol.messages import GoAway
 from bastion.protocol.proxy import (
+    DIRECT_CLIENT_REASON,
     MAX_HEADER_SIZE,
     PREFIX_SIZE,
     SIGNATURE,
@@ -21,8 +27,11 @@ from bastion.protocol.proxy import (
     ProxyHeaderError,
     ProxyHeaderReader,
     build,
+    direct_client_answer,
     parse,
 )
+from bastion.protocol.state import Role
+from bastion.status import Status
 
 FAST = settings(max_examples=300, deadline=None)
 
@@ -187,3 +196,48 @@ def test_corrupted_headers_raise_only_proxy_header_errors(header: ProxyHeader, d
     for attempt in (lambda: parse(bytes(raw)), lambda: read_all(bytes(raw), 7)):
         with contextlib.suppress(ProxyHeaderError):
             attempt()
+
+
+def first_bytes_of_a_client_hello() -> bytes:
+    """What a real TLS client sends first (Python's ssl, as bastion's clients use it)."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="bastion.example")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def first_bytes_of_a_bastion_hello(token: str | None, name: str) -> bytes:
+    core = Connection(Role.CLIENT, ProtocolLimits())
+    core.send_hello(build_hello(ProtocolLimits(), token, name))
+    return core.data_to_send()
+
+
+def test_a_client_that_skipped_the_balancer_gets_a_fixed_answer_from_the_prefix_alone() -> None:
+    hello = first_bytes_of_a_client_hello()
+    tls = direct_client_answer(hello[:PREFIX_SIZE])
+    assert tls is not None
+    assert tls.answer == bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49])  # a fatal access_denied alert record
+    for token, name in ((None, ""), ("t" * 500, "bastion-python")):
+        data = first_bytes_of_a_bastion_hello(token, name)
+        assert len(data) >= PREFIX_SIZE  # the reader's prefix is there before it decides
+        refusal = direct_client_answer(data[:PREFIX_SIZE])
+        assert refusal is not None
+        client = Connection(Role.CLIENT, ProtocolLimits())
+        client.send_hello(build_hello(ProtocolLimits(), None, "x"))
+        assert client.receive_data(refusal.answer) == [GoAway(0, int(Status.FAILED_PRECONDITION), DIRECT_CLIENT_REASON)]
+    # Anything else (HTTP, v1 text, a corrupted header, a frame that is not a Hello) gets no answer.
+    for other in (b"GET / HTTP/1.1\r\n", b"PROXY TCP4 1.2.3.4", SIGNATURE + b"\x31\x11\x00\x0c", bytes(16)):
+        assert direct_client_answer(other) is None
+    assert direct_client_answer(b"\x00\x00\x00\x10\x97\x03" + bytes(10)) is None  # a Call's tag, not a Hello's
+
+
+@FAST
+@given(st.sampled_from([b"", b"\x16\x03", b"\x00\x00\x00"]), st.binary(max_size=PREFIX_SIZE))
+def test_the_answer_is_fixed_small_and_depends_on_six_bytes_at_most(start: bytes, rest: bytes) -> None:
+    data = (start + rest)[:PREFIX_SIZE]
+    found = direct_client_answer(data)
+    assert found is None or len(found.answer) < 200
+    if len(data) >= 6:
+        assert found == direct_client_answer(data[:6] + bytes(10))
