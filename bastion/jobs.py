@@ -20,7 +20,10 @@ Theory of operation
 
 The hints are the contract, as for service methods: the arguments of a
 submission are validated from them by msgspec (unknown or missing fields and
-wrong types are INVALID_ARGUMENT) and stored as MessagePack. A parameter named
+wrong types are INVALID_ARGUMENT) and stored as MessagePack. The return hint
+is checked the same way when the job ends (``JobSpec.convert_result``): a
+result that does not match it fails the job, and one that does is stored as
+that type encodes (a Struct from a map, a float from an int). A parameter named
 ``progress`` (or typed ``Progress``) is not an argument: the runner passes a
 callable that reports ``(fraction, message)`` back to the server.
 
@@ -44,7 +47,9 @@ import msgspec
 
 from bastion.exceptions import InvalidArgument, UsageError
 
-__all__ = ["JOB_ATTRIBUTE", "JobRegistry", "JobSpec", "Progress", "build_job_spec"]
+__all__ = [
+    "JOB_ATTRIBUTE", "RESULT_MISMATCH", "JobRegistry", "JobSpec", "Progress", "ResultMismatch", "build_job_spec",
+]  # fmt: skip
 
 F = TypeVar("F", bound=Callable[..., Any])
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*\Z")
@@ -63,6 +68,18 @@ class Progress(Protocol):
     def __call__(self, fraction: float, message: str = "") -> None: ...
 
 
+#: How the failure of a job whose result does not match its return type starts (then the type and why).
+RESULT_MISMATCH = "the job's result does not match its return type"
+
+
+class ResultMismatch(ValueError):
+    """A job's result does not match its declared return type (the message says where and how)."""
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else repr(hint).replace("typing.", "")
+
+
 class JobSpec(msgspec.Struct, frozen=True):
     """One registered job function, read from its signature once."""
 
@@ -76,6 +93,7 @@ class JobSpec(msgspec.Struct, frozen=True):
     timeout: float | None = None
     memory_mb: int | None = None
     doc: str = ""
+    result_type: Any = Any  # the return hint (Any without one)
 
     def validate(self, args: Mapping[str, Any]) -> bytes:
         """Check ``args`` against the hints; the MessagePack the runner will decode.
@@ -92,6 +110,20 @@ class JobSpec(msgspec.Struct, frozen=True):
         """The keyword arguments stored by ``validate`` (used in the job's process)."""
         value = msgspec.msgpack.decode(data, type=self.args_type)
         return {name: getattr(value, name) for name in self.args_type.__struct_fields__}
+
+    def convert_result(self, data: bytes) -> bytes:
+        """The job's result (MessagePack) converted to its return type, as MessagePack.
+
+        Raises ``ResultMismatch`` (saying where and how) if it does not match, as a client decoding it
+        by that type would find."""
+        if self.result_type in (Any, object):
+            return data
+        try:
+            value = msgspec.msgpack.decode(data, type=self.result_type)
+        except msgspec.ValidationError as exc:
+            where = str(exc).replace("`$", "`result")
+            raise ResultMismatch(f"{RESULT_MISMATCH} {_type_name(self.result_type)}: {where}"[:2000]) from None
+        return msgspec.msgpack.encode(value)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description: name, doc, limits and the JSON Schema of the arguments."""
@@ -155,6 +187,11 @@ def build_job_spec(
         msgspec.msgpack.Decoder(args_type)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"job {label!r}: argument types are not supported: {exc}") from exc
+    result_type = hints.get("return", Any)
+    try:
+        msgspec.msgpack.Decoder(result_type)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"job {label!r}: its return type is not supported: {exc}") from exc
     return JobSpec(
         name=label,
         func=func,
@@ -166,6 +203,7 @@ def build_job_spec(
         timeout=timeout,
         memory_mb=memory_mb,
         doc=inspect.getdoc(func) or "",
+        result_type=result_type,
     )
 
 

@@ -23,8 +23,9 @@ process: the running jobs' processes and the events that wake watchers.
   another replica; a lease that ends unrenewed -- the store unreachable or
   locked -- kills the job, which another runner may take from then on) and
   a progress writer (at most one write per ``PROGRESS_INTERVAL``). A
-  cancel asked on this server kills the process at once. The job ends ``succeeded``, ``failed`` (with a reason: its
-  exception, a limit, a crash) or ``cancelled``.
+  cancel asked on this server kills the process at once. The job ends ``succeeded`` (its result converted to
+  its return type), ``failed`` (with a reason: its exception, a limit, a crash, a result that does not
+  match its return type) or ``cancelled``.
 * A maintenance task recovers expired leases (jobs whose runner died) and
   deletes finished jobs past ``retention``; it also runs once at start.
 * Closing kills the running processes and gives their jobs back: re-queued
@@ -50,7 +51,7 @@ from collections.abc import Sequence
 
 from bastion.config import JobsConfig
 from bastion.exceptions import Unavailable
-from bastion.jobs import JobRegistry, JobSpec
+from bastion.jobs import JobRegistry, JobSpec, ResultMismatch
 from bastion.service import Service
 from bastion.services.jobs_methods import JobInfo, JobResult, JobStatus, declare, new_job_id
 from bastion.services.jobs_runner import Done, Failed, JobProcess, JobProtocolError, exit_reason, job_environment
@@ -330,7 +331,7 @@ class Jobs:
             code = await process.wait()
             running.output = process.output.lines()
         if isinstance(outcome, Done):
-            return "succeeded", outcome.result, None
+            return self._converted(spec, outcome.result)
         if running.stop == "cancel":
             return "cancelled", None, "cancelled while running"
         if running.stop == "timeout":
@@ -338,6 +339,18 @@ class Jobs:
         if isinstance(outcome, Failed):
             return "failed", None, _storable(outcome.error)
         return "failed", None, exit_reason(code, job.memory_mb)
+
+    def _converted(self, spec: JobSpec, result: bytes) -> tuple[str, bytes | None, str | None]:
+        """A result as its job's return type has it (converted, re-encoded), or the job's failure saying
+        why it does not match: never stored as it came, where a client decoding it by that type fails."""
+        try:
+            converted = spec.convert_result(result)
+        except ResultMismatch as exc:
+            return "failed", None, _storable(str(exc))
+        limit = self.config.max_result_bytes
+        if len(converted) > limit:  # a conversion may widen it (an int to a float)
+            return "failed", None, f"the job's result is {len(converted)} bytes, over the limit of {limit}"
+        return "succeeded", converted, None
 
     async def _renew_loop(self, running: _Running) -> None:
         """Renew the lease while the job runs; stop the job when the lease ends unrenewed. Past its lease a

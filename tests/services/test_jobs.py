@@ -197,6 +197,57 @@ def test_a_result_messagepack_cannot_hold_fails_the_job_with_that_reason(tmp_pat
     run(test, tmp_path)
 
 
+def test_a_result_that_does_not_match_its_declared_return_type_fails_the_job(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        # The declared return type was never checked: a job declared "-> int" that returned "seven" succeeded,
+        # and every client decoding its result by that type failed instead.
+        for kind, got in (("text", "str"), ("float", "float"), ("bool", "bool"), ("none", "None")):
+            job_id = await ada.jobs.submit(name="mistyped", args={"kind": kind})
+            final = await finish(ada, job_id)
+            assert final["state"] == "failed", (kind, final)
+            assert final["error"] == (
+                f"the job's result does not match its return type int: Expected `int`, got `{got}`"
+            ), kind
+            assert await ada.jobs.result(id=job_id) == {
+                "id": job_id, "state": "failed", "result": None, "error": final["error"]
+            }  # fmt: skip
+        bad = await ada.jobs.submit(name="as_point", args={"value": {"x": 1, "y": "2"}})
+        final = await finish(ada, bad)
+        assert final["state"] == "failed"
+        assert final["error"] == (
+            "the job's result does not match its return type Point: Expected `int`, got `str` - at `result.y`"
+        )
+        # What matches is converted to the declared type, as a client decoding it by that type gets it.
+        good = await ada.jobs.submit(name="mistyped", args={"kind": "int"})
+        assert (await finish(ada, good))["state"] == "succeeded"
+        assert (await ada.jobs.result(id=good))["result"] == 7
+        point = await ada.jobs.submit(name="as_point", args={"value": {"y": 2, "x": 1}})
+        assert (await finish(ada, point))["state"] == "succeeded"
+        assert (await ada.jobs.result(id=point))["result"] == {"x": 1, "y": 2}
+        wide = await ada.jobs.submit(name="widened", args={"n": 3})
+        await finish(ada, wide)
+        value = (await ada.jobs.result(id=wide))["result"]
+        assert (value, type(value)) == (3.0, float)
+        # The runner is unharmed.
+        after = await ada.jobs.submit(name="add", args={"a": 1, "b": 2})
+        await finish(ada, after)
+        assert (await ada.jobs.result(id=after))["result"] == 3
+
+    run(test, tmp_path)
+
+
+def test_a_result_its_conversion_makes_too_large_fails_the_job(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        # An int is 1 byte of MessagePack, the float it becomes 9: past max_result_bytes (which keeps a
+        # result within the frame a client is sent), it would have been stored all the same.
+        final = await finish(ada, await ada.jobs.submit(name="widened", args={"n": 3}))
+        assert (final["state"], final["error"]) == ("failed", "the job's result is 9 bytes, over the limit of 5")
+
+    run(test, tmp_path, msgspec.structs.replace(CONFIG, max_result_bytes=5))
+
+
 def test_progress_and_failure_text_that_is_not_utf8_is_recorded_escaped(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         ada = w.client()
@@ -591,6 +642,11 @@ def process_exists(pid: int) -> bool:
     return True
 
 
+def _returns_what_msgspec_cannot_decode(a: int) -> str | bytes:
+    """A union of two str-like types: msgspec cannot tell them apart in MessagePack."""
+    return str(a)
+
+
 def test_registry_refuses_what_it_cannot_run() -> None:
     reg = JobRegistry()
 
@@ -605,6 +661,8 @@ def test_registry_refuses_what_it_cannot_run() -> None:
 
     with pytest.raises(UsageError, match="plain"):
         reg.job(coro)
+    with pytest.raises(UsageError, match="return type is not supported"):
+        reg.job(_returns_what_msgspec_cannot_decode)
     with pytest.raises(UsageError, match="registered twice"):
         reg_twice = JobRegistry()
         reg_twice.job(registry.get("add").func)  # type: ignore[union-attr]

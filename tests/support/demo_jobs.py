@@ -184,3 +184,22 @@ def linger_after_result(directory: str, tag: str, seconds: float, fail: bool = F
     if fail:
         raise ValueError(f"{tag} failed on its own")
     return tag
+
+
+@registry.job
+def mistyped(kind: str) -> int:
+    """Declare ``int`` but return what ``kind`` names: ``text`` (a str), ``float``, ``bool``, ``none`` or
+    ``int`` (the one that matches)."""
+    return {"text": "seven", "float": 7.5, "bool": True, "none": None, "int": 7}[kind]  # type: ignore[return-value]
+
+
+@registry.job
+def as_point(value: dict[str, int | str]) -> Point:
+    """Return ``value`` as it is, declared a ``Point``: a matching map is converted to one."""
+    return value  # type: ignore[return-value]
+
+
+@registry.job
+def widened(n: int) -> float:
+    """Return the int ``n`` where a ``float`` is declared (converted, as msgspec widens ints to floats)."""
+    return n
