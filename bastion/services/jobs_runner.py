@@ -11,7 +11,8 @@ body:
 
 * stdin, server -> child: one ``RunRequest`` (module and qualified name of
   the job function, its arguments as MessagePack, the memory limit, the
-  largest result allowed, the server's ``sys.path``). The server then keeps
+  largest result allowed, the server's ``sys.path`` as file-system bytes, so a
+  directory whose name is not UTF-8 travels as it is). The server then keeps
   stdin open and never writes again: end of file on stdin means the server
   is gone (even killed with SIGKILL), and a watchdog thread then kills the
   job's whole process group, so no job outlives its runner.
@@ -91,7 +92,7 @@ class RunRequest(msgspec.Struct, frozen=True):
     args: bytes
     memory_mb: int
     max_result_bytes: int
-    path: list[str]
+    path: list[bytes]  # os.fsencode of each entry: a name that is not UTF-8 is no valid MessagePack str
 
 
 class Progress(msgspec.Struct, frozen=True, tag="progress"):
@@ -214,7 +215,8 @@ class JobProcess:
             start_new_session=True, env=dict(env) if env is not None else job_environment(),
         )  # fmt: skip
         process = asyncio.subprocess.Process(transport, protocol, loop)  # as create_subprocess_exec makes it
-        request = RunRequest(module, qualname, args, memory_mb, max_result_bytes, [p for p in sys.path if p])
+        path = [os.fsencode(p) for p in sys.path if p]
+        request = RunRequest(module, qualname, args, memory_mb, max_result_bytes, path)
         body = msgspec.msgpack.encode(request)
         assert process.stdin is not None
         process.stdin.write(_HEADER.pack(len(body)) + body)  # buffered by the transport (one bounded request)
@@ -394,7 +396,7 @@ def _limit_memory(memory_mb: int) -> None:
 def _load(request: RunRequest) -> Any:
     from bastion.jobs import JOB_ATTRIBUTE, JobSpec
 
-    sys.path[:] = request.path
+    sys.path[:] = [os.fsdecode(p) for p in request.path]
     obj: Any = importlib.import_module(request.module)
     for part in request.qualname.split("."):
         obj = getattr(obj, part)

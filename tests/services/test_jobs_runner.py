@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -237,3 +238,22 @@ def test_a_job_whose_result_was_not_kept_is_logged_as_the_failure_it_is(
     (end,) = ends["unkept"]
     assert end.startswith(f"jobs: job {ids['unkept']} (chatty) failed: its result (") and "not kept" in end
     assert {r.levelno for r in logged["unkept"] if " output: " in r.getMessage()} == {logging.WARNING}
+
+
+def test_a_server_path_entry_that_is_not_utf8_neither_strands_nor_fails_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A directory on the server's sys.path whose name is not UTF-8 (os.fsdecode gives it a lone surrogate)
+    # could not be encoded into the job's request: starting every job raised, the job stayed "running"
+    # until its lease ran out, and was then failed as "runner lost" (a retryable one was run again).
+    odd = os.fsdecode(b"/nonexistent/caf\xe9")
+    monkeypatch.setattr(sys, "path", [*sys.path, odd])
+
+    async def test(w: World) -> None:
+        ada = w.client()
+        job_id = await ada.jobs.submit(name="environment")
+        async with asyncio.timeout(10):
+            final = await finish(ada, job_id)
+        assert (final["state"], final["error"], final["attempts"]) == ("succeeded", None, 1)
+
+    run(test, tmp_path)
