@@ -40,7 +40,7 @@ from __future__ import annotations
 import inspect
 import re
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar, overload
 
 import msgspec
@@ -49,6 +49,7 @@ from bastion.exceptions import InvalidArgument, UsageError
 
 __all__ = [
     "JOB_ATTRIBUTE", "RESULT_MISMATCH", "JobRegistry", "JobSpec", "Progress", "ResultMismatch", "build_job_spec",
+    "job_specs",
 ]  # fmt: skip
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -269,3 +270,18 @@ class JobRegistry:
             return func
 
         return register(fn) if fn is not None else register
+
+
+def job_specs(registries: Iterable[JobRegistry]) -> dict[str, JobSpec]:
+    """Every job of ``registries`` by name; ``UsageError`` if two registries offer different functions under
+    one name (the same registry given twice is fine)."""
+    specs: dict[str, JobSpec] = {}
+    for registry in registries:
+        for spec in registry:
+            known = specs.setdefault(spec.name, spec)
+            if (known.module, known.qualname) != (spec.module, spec.qualname):
+                raise UsageError(
+                    f"job {spec.name!r} is registered twice: {known.module}.{known.qualname} and "
+                    f"{spec.module}.{spec.qualname} (rename one: @registry.job(name=...))"
+                )
+    return specs

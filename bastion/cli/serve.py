@@ -60,7 +60,7 @@ from bastion.config import Config
 from bastion.exceptions import UsageError
 from bastion.gateway.runner import GatewayServer
 from bastion.gateway.runner import serve as serve_gateway
-from bastion.jobs import JobRegistry
+from bastion.jobs import JobRegistry, job_specs
 from bastion.observability import logs
 from bastion.observability.metrics import WorkerSnapshots, server_snapshot
 from bastion.security.audit import AuditLog
@@ -124,8 +124,11 @@ def load_services(specs: list[str]) -> list[Service]:
 
 
 def load_job_registries(specs: list[str]) -> list[JobRegistry]:
-    """Import ``module:attribute`` for each spec; the attribute is a JobRegistry."""
-    return _import_objects(specs, JobRegistry, "bastion.jobs.JobRegistry", "--jobs", "myapp.tasks:jobs")
+    """Import ``module:attribute`` for each spec; the attribute is a JobRegistry. ``UsageError`` if two of
+    them offer one job name."""
+    registries = _import_objects(specs, JobRegistry, "bastion.jobs.JobRegistry", "--jobs", "myapp.tasks:jobs")
+    job_specs(registries)
+    return registries
 
 
 def store_location(config: Config) -> str:

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 
 from bastion.config import JobsConfig
 from bastion.exceptions import Unavailable
-from bastion.jobs import JobRegistry, JobSpec, ResultMismatch
+from bastion.jobs import JobRegistry, JobSpec, ResultMismatch, job_specs
 from bastion.service import Service
 from bastion.services.jobs_methods import JobInfo, JobResult, JobStatus, declare, new_job_id
 from bastion.services.jobs_runner import Done, Failed, JobProcess, JobProtocolError, exit_reason, job_environment
@@ -106,10 +106,7 @@ class Jobs:
         self.leader = leader
         self.registries = list(registries)
         self.config = config or JobsConfig()
-        self.specs: dict[str, JobSpec] = {}
-        for registry in self.registries:
-            for spec in registry:
-                self.specs.setdefault(spec.name, spec)
+        self.specs: dict[str, JobSpec] = job_specs(self.registries)
         self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._environment = job_environment(self.config.env_pass, self.config.env)
         self._running: dict[str, _Running] = {}

@@ -16,6 +16,7 @@ import msgspec
 import pytest
 
 import bastion
+from bastion.cli.serve import load_job_registries
 from bastion.client.aio import Client
 from bastion.config import JobsConfig
 from bastion.exceptions import UsageError
@@ -667,6 +668,33 @@ def test_registry_refuses_what_it_cannot_run() -> None:
         reg_twice = JobRegistry()
         reg_twice.job(registry.get("add").func)  # type: ignore[union-attr]
         reg_twice.job(registry.get("add").func)  # type: ignore[union-attr]
+
+
+_OTHER = JobRegistry()
+
+
+@_OTHER.job(name="add")
+def _concatenate(a: str, b: str) -> str:
+    """Another job named "add", in another registry."""
+    return a + b
+
+
+def test_two_registries_offering_one_job_name_are_refused(tmp_path: Path) -> None:
+    # The first registry's job silently won: a server given both ran "add" as the first one's function, and
+    # submissions meant for the second failed their argument checks (or, worse, ran the wrong code).
+    async def main() -> None:
+        async with open_store(service_store(tmp_path)) as store:
+            with pytest.raises(UsageError) as info:
+                Jobs(store, [registry, _OTHER])
+            assert str(info.value).startswith(
+                "job 'add' is registered twice: tests.support.demo_jobs.add and tests.services.test_jobs._concatenate"
+            )
+            Jobs(store, [registry, registry])  # the same registry named twice is the same jobs
+
+    asyncio.run(main())
+    # bastion serve (and serve --check) refuses them up front, not in each worker.
+    with pytest.raises(UsageError, match="job 'add' is registered twice"):
+        load_job_registries(["tests.support.demo_jobs:registry", "tests.services.test_jobs:_OTHER"])
 
 
 def test_job_ids_made_in_one_millisecond_sort_in_the_order_they_were_made() -> None:
