@@ -77,6 +77,18 @@ class ResultMismatch(ValueError):
     """A job's result does not match its declared return type (the message says where and how)."""
 
 
+def _brief(error: str, most: int = 200) -> str:
+    """msgspec's ``error`` with its reason cut to ``most`` characters (and its length), its path kept:
+    msgspec names an unknown field, or a value no Literal or Enum allows, in full, and an error must
+    not echo a caller's megabyte back."""
+    reason, at, path = error.rpartition(" - at `")
+    if not at:
+        reason, path = error, ""
+    if len(reason) > most:
+        reason = f"{reason[:most]}... ({len(reason)} characters)"
+    return f"{reason}{at}{path}"
+
+
 def _type_name(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) else repr(hint).replace("typing.", "")
 
@@ -104,7 +116,7 @@ class JobSpec(msgspec.Struct, frozen=True):
         try:
             value = msgspec.convert(dict(args), self.args_type)
         except msgspec.ValidationError as exc:
-            raise InvalidArgument(f"job {self.name!r}: {exc}") from None
+            raise InvalidArgument(f"job {self.name!r}: {_brief(str(exc))}") from None
         return msgspec.msgpack.encode(value)
 
     def decode_args(self, data: bytes) -> dict[str, Any]:

@@ -137,6 +137,15 @@ def test_errors_name_an_oversized_argument_briefly_instead_of_echoing_it(tmp_pat
             assert len(info.value.message) < 200 and "(500000 characters)" in info.value.message, call
         with pytest.raises(bastion.NotFound, match="no job named 'nope'"):
             await ada.jobs.submit(name="nope")  # a short one is still named in full
+        # msgspec names an unknown field, or a value no Literal or Enum allows, in full: the refusal of a
+        # submission carried its half-megabyte argument name back.
+        with pytest.raises(bastion.InvalidArgument) as info:
+            await ada.jobs.submit(name="shift", args={"point": {"x": 1, "y": 2}, huge: 1})
+        message = info.value.message
+        assert len(message) < 300 and message.startswith("job 'shift': Object contains unknown field `xxx"), message
+        assert message.endswith("... (500032 characters)"), message
+        with pytest.raises(bastion.InvalidArgument, match=r"^job 'add': Expected `int`, got `str` - at `\$.b`$"):
+            await ada.jobs.submit(name="add", args={"a": 1, "b": "2"})  # a short one is kept whole
 
     run(test, tmp_path)
 
