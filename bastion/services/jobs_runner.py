@@ -15,7 +15,11 @@ body:
   directory whose name is not UTF-8 travels as it is). The server then keeps
   stdin open and never writes again: end of file on stdin means the server
   is gone (even killed with SIGKILL), and a watchdog thread then kills the
-  job's whole process group, so no job outlives its runner.
+  job's whole process group, so no job outlives its runner. Once it has read
+  the request the child moves that pipe off descriptor 0 to one only the
+  watchdog reads, and the job's standard input becomes ``/dev/null``: a job
+  that redirects or closes its standard input (as daemonizing code does)
+  cannot look like a server that is gone.
 * stdout, child -> server: ``Progress`` messages, then one ``Done`` (the
   result, MessagePack) or ``Failed`` (a one-line reason). The child moves
   its own stdout to stderr before importing the job, so what the job prints
@@ -379,12 +383,23 @@ def _read_request(stream: IO[bytes]) -> RunRequest:
     return msgspec.msgpack.decode(stream.read(size), type=RunRequest)
 
 
-def _watch_parent(stream: IO[bytes]) -> None:
-    """Block on stdin; at end of file the server is gone: end the job's whole process group."""
+def _watch_parent(fd: int) -> None:
+    """Block on ``fd`` (the server's end of what was stdin); at end of file the server is gone: end the
+    job's whole process group."""
     with contextlib.suppress(OSError):
-        while stream.read(1):
+        while os.read(fd, 4096):
             pass
     os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _detach_stdin() -> int:
+    """Move the server's pipe off descriptor 0, where the job can redirect or close it; the descriptor
+    now holding it (not inherited by programs the job starts). The job's stdin reads ``/dev/null``."""
+    watched = os.dup(0)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return watched
 
 
 def _limit_memory(memory_mb: int) -> None:
@@ -436,9 +451,9 @@ def _run(request: RunRequest, channel: _Channel) -> Message:
 def main() -> None:
     channel_fd = os.dup(1)
     os.dup2(2, 1)  # the job's prints go to the server's log, not into the channel
-    stdin = sys.stdin.buffer
-    request = _read_request(stdin)
-    threading.Thread(target=_watch_parent, args=(stdin,), name="bastion-job-watchdog", daemon=True).start()
+    request = _read_request(sys.stdin.buffer)  # the whole of what the server writes: nothing is read ahead
+    watched = _detach_stdin()
+    threading.Thread(target=_watch_parent, args=(watched,), name="bastion-job-watchdog", daemon=True).start()
     _limit_memory(request.memory_mb)
     channel = _Channel(channel_fd)
     outcome = _run(request, channel)

@@ -257,3 +257,17 @@ def test_a_server_path_entry_that_is_not_utf8_neither_strands_nor_fails_jobs(
         assert (final["state"], final["error"], final["attempts"]) == ("succeeded", None, 1)
 
     run(test, tmp_path)
+
+
+def test_a_job_that_redirects_or_closes_its_standard_input_still_runs_to_its_end(tmp_path: Path) -> None:
+    # The watchdog that kills the job's group once the server is gone read the job's own fd 0: a job that
+    # pointed it at /dev/null (as daemonizing libraries do) read as "the server is gone" and was killed
+    # with its whole group, failing as "killed by SIGKILL (perhaps out of memory ...)".
+    async def test(w: World) -> None:
+        ada = w.client()
+        for how in ("devnull", "close"):
+            final = await finish(ada, await ada.jobs.submit(name="quiet_stdin", args={"how": how}))
+            assert (final["state"], final["error"]) == ("succeeded", None), (how, final)
+            assert (await ada.jobs.result(id=final["id"]))["result"] == how
+
+    run(test, tmp_path)

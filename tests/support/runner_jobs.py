@@ -109,3 +109,15 @@ def escape(directory: str, tag: str, how: str, seconds: float = 0.0) -> str:
     _write_pid(directory, tag, child)
     time.sleep(seconds)
     return tag
+
+
+@registry.job
+def quiet_stdin(how: str) -> str:
+    """Do what a daemonizing library does to standard input -- ``devnull`` (point it at /dev/null) or
+    ``close`` (close it) -- then work a moment and return ``how``."""
+    if how == "devnull":
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    else:
+        os.close(0)
+    time.sleep(0.5)
+    return how
