@@ -270,7 +270,7 @@ class JobProcess:
                 message = _decode_message(await stdout.readexactly(size))
             except asyncio.IncompleteReadError:
                 return
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for text
                 raise JobProtocolError(f"the job's process sent a malformed message: {exc}") from None
             if isinstance(message, Done):
                 self._check_result(message.result)
@@ -285,7 +285,7 @@ class JobProcess:
             )
         try:
             msgspec.msgpack.decode(result)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             raise JobProtocolError("the job's process sent a result that is not MessagePack") from None
 
     async def exited(self) -> None:

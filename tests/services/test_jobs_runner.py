@@ -193,6 +193,25 @@ def test_frames_a_job_writes_itself_are_bounded_and_checked(tmp_path: Path) -> N
     run(test, tmp_path)
 
 
+def test_frames_a_job_writes_itself_holding_text_that_is_not_utf8_fail_the_job(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        # msgspec raises UnicodeDecodeError for such text, no DecodeError: it escaped the runner, whose task
+        # died with the job left "running" until its lease ran out, to be failed as "runner lost" (or run
+        # again, if retryable) -- after waiting for the job's process to end, its timeout at worst.
+        for kind, error in (
+            ("badtext", "the job's process sent a malformed message"),
+            ("badresult", "the job's process sent a result that is not MessagePack"),
+        ):
+            job_id = await ada.jobs.submit(name="raw_frame", args={"kind": kind})
+            async with asyncio.timeout(10):
+                final = await finish(ada, job_id)
+            assert final["state"] == "failed" and error in final["error"], (kind, final)
+            assert final["attempts"] == 1, (kind, final)
+
+    run(test, tmp_path)
+
+
 def test_the_timeout_covers_a_job_process_that_never_reads_its_request(tmp_path: Path) -> None:
     # The timer was armed only once the request had been written to the process's stdin: a process that
     # never read it (here stuck at start-up, in a sitecustomize) with a request past the pipe's buffer

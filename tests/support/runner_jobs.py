@@ -72,8 +72,22 @@ def raw_frame(kind: str) -> str:
 
     ``progress``: a progress message of 300000 characters with an out-of-range fraction;
     ``nan``: a progress fraction that is not a number; ``garbage``: a frame that is not a message;
-    ``huge``: a header announcing 2 GiB; ``done``: a result that is not MessagePack, then exit at once."""
+    ``huge``: a header announcing 2 GiB; ``done``: a result that is not MessagePack, then exit at once;
+    ``badtext``: a progress message whose text is not UTF-8; ``badresult``: a result holding text that is
+    not UTF-8, then exit at once."""
     out = _channel()
+    if kind in ("badtext", "badresult"):
+        bad = b"\xa3\xff\xfe\xfd"  # a 3-byte str that is no UTF-8
+        if kind == "badtext":
+            body = msgspec.msgpack.encode({"type": "progress", "fraction": 0.5, "message": "abc"})
+            body = body.replace(b"\xa3abc", bad)
+        else:
+            body = msgspec.msgpack.encode({"type": "done", "result": bad})
+        out.write(struct.pack(">I", len(body)) + body)
+        if kind == "badresult":
+            os._exit(0)
+        time.sleep(0.6)
+        return "ok"
     if kind == "huge":
         out.write(struct.pack(">I", 2**31))
         time.sleep(30)
