@@ -23,9 +23,13 @@ from bastion.store.jobs import JOB_STATES, JobRecord
 if TYPE_CHECKING:
     from bastion.services.jobs import Jobs
 
-__all__ = ["MAX_LIST", "JobInfo", "JobResult", "JobStatus", "declare", "new_job_id"]
+__all__ = ["MAX_LIST", "MAX_LIST_BYTES", "JobInfo", "JobResult", "JobStatus", "declare", "new_job_id"]
 
 MAX_LIST = 1000
+#: The most bytes of JobStatus one ``jobs.list`` answers with (half the 1 MiB frame clients take by
+#: default): a page stops early rather than fail to be sent.
+MAX_LIST_BYTES = 512 * 1024
+_encode = msgspec.msgpack.Encoder().encode
 
 
 class JobStatus(msgspec.Struct, frozen=True):
@@ -71,6 +75,20 @@ def _status(job: JobRecord) -> JobStatus:
         job.id, job.name, job.owner, job.state, job.progress, job.message, job.error, job.attempts, job.retryable,
         job.created_at, job.started_at, job.finished_at, job.cancel_requested,
     )  # fmt: skip
+
+
+def _page(jobs: list[JobRecord]) -> list[JobStatus]:
+    """The statuses of ``jobs``, as many as fit in ``MAX_LIST_BYTES`` (at least one): a job's error may
+    hold thousands of characters, and a thousand of them would pass the frame a client takes."""
+    page: list[JobStatus] = []
+    total = 0
+    for job in jobs:
+        status = _status(job)
+        total += len(_encode(status))
+        if page and total > MAX_LIST_BYTES:
+            break
+        page.append(status)
+    return page
 
 
 def _named(text: str) -> str:
@@ -147,7 +165,8 @@ def declare(jobs: Jobs, service: Service) -> None:
     async def list_jobs(
         ctx: Context, state: str | None = None, limit: int = 100, after: str | None = None
     ) -> list[JobStatus]:
-        """Your jobs (an admin sees everyone's), oldest first; page with ``after`` = the last id seen."""
+        """Your jobs (an admin sees everyone's), oldest first; page with ``after`` = the last id seen (a page
+        holds fewer than ``limit`` when more would pass ``MAX_LIST_BYTES``: page on until an empty one)."""
         if state is not None and state not in JOB_STATES:
             raise InvalidArgument(f"state must be one of {', '.join(JOB_STATES)}, not {_named(state)}")
         if not 1 <= limit <= MAX_LIST:
@@ -155,8 +174,7 @@ def declare(jobs: Jobs, service: Service) -> None:
         if after is not None and "\x00" in after:  # ids are hex (and PostgreSQL text cannot hold NUL)
             raise InvalidArgument("after must be a job id (the last one seen)")
         owner = None if ADMIN_ROLE in ctx.principal.roles else ctx.principal.name
-        jobs = await store.jobs_list(owner=owner, state=state, limit=limit, after=after)
-        return [_status(job) for job in jobs]
+        return _page(await store.jobs_list(owner=owner, state=state, limit=limit, after=after))
 
     @service.method(idempotent=True, resumable=True)
     async def watch(ctx: Context, id: str) -> AsyncIterator[JobStatus]:

@@ -22,7 +22,7 @@ from bastion.config import JobsConfig
 from bastion.exceptions import UsageError
 from bastion.jobs import JobRegistry
 from bastion.security.principal import Principal
-from bastion.services.jobs import Jobs
+from bastion.services.jobs import Jobs, new_job_id
 from bastion.store import open_store
 from bastion.store.jobs import JobRecord
 from bastion.testing import TESTER, MemoryServer
@@ -393,6 +393,28 @@ def test_list_pages_and_filters_by_state(tmp_path: Path) -> None:
         assert [s["id"] for s in first + rest] == ids
         assert len(await ada.jobs.list(state="succeeded")) == 5
         assert await ada.jobs.list(state="queued") == []
+
+    run(test, tmp_path)
+
+
+def test_a_list_of_jobs_with_long_errors_stops_early_to_fit_one_answer(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        # A job's error may hold 2000 characters (its exception's): 1000 such jobs made a 2 MB answer, past
+        # the 1 MiB frame clients take, so jobs.list at its largest limit (the web console's) failed outright.
+        ids = [new_job_id() for _ in range(1000)]
+        for job_id in ids:
+            failed = JobRecord(
+                id=job_id, owner="ada", name="boom", args=b"\x80", state="failed", error="é" * 2000,
+                created_at=1.0, finished_at=2.0,
+            )  # fmt: skip
+            await w.store.jobs_submit(failed)
+        seen: list[str] = []
+        while page := await ada.jobs.list(limit=1000, after=seen[-1] if seen else None):
+            assert 0 < len(page) < 1000
+            assert len(msgspec.msgpack.encode(page)) <= 512 * 1024
+            seen += [status["id"] for status in page]
+        assert seen == ids
 
     run(test, tmp_path)
 
