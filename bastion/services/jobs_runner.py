@@ -77,6 +77,7 @@ __all__ = [
 _HEADER = struct.Struct(">I")
 _PROGRESS_EVERY = 0.1  # seconds between progress frames from one job (the last one always goes)
 _MESSAGE_CHARS = 200
+_ERROR_CHARS = 2000  # the longest failure reason kept (the job's exception, cut)
 _STREAM_LIMIT = 2**16  # the buffer limit of the job's stdout reader (asyncio's default)
 #: The most lines of a job's output kept (and logged), whatever ``output_bytes`` allows.
 OUTPUT_LINES = 1000
@@ -274,7 +275,12 @@ class JobProcess:
                 raise JobProtocolError(f"the job's process sent a malformed message: {exc}") from None
             if isinstance(message, Done):
                 self._check_result(message.result)
-            yield _bounded(message) if isinstance(message, Progress) else message
+            if isinstance(message, Progress):
+                yield _bounded(message)
+            elif isinstance(message, Failed) and len(message.error) > _ERROR_CHARS:
+                yield Failed(message.error[:_ERROR_CHARS])  # one the job wrote itself, past _run's cut
+            else:
+                yield message
 
     def _check_result(self, result: bytes) -> None:
         """A result written by the job itself (past ``_run``'s checks) must still be one: stored, a result
@@ -438,7 +444,7 @@ def _run(request: RunRequest, channel: _Channel) -> Message:
         return Failed(f"out of memory: the job's limit is {request.memory_mb} MB")
     except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the job ended without a result
         traceback.print_exc()
-        return Failed(_describe(exc)[:2000])
+        return Failed(_describe(exc)[:_ERROR_CHARS])
     try:
         result = msgspec.msgpack.encode(value)
     except Exception as exc:  # TypeError, OverflowError (ints past 64 bits), RecursionError, UnicodeEncodeError...
@@ -460,7 +466,7 @@ def main() -> None:
     try:
         channel.send(outcome)
     except Exception as exc:  # never die here without a word: the server would report only an exit code
-        channel.send(Failed(f"cannot report the job's outcome: {_describe(exc)}"[:2000]))
+        channel.send(Failed(f"cannot report the job's outcome: {_describe(exc)}"[:_ERROR_CHARS]))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # not waiting for threads the job may have left running

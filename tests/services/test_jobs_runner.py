@@ -212,6 +212,22 @@ def test_frames_a_job_writes_itself_holding_text_that_is_not_utf8_fail_the_job(t
     run(test, tmp_path)
 
 
+def test_a_failure_a_job_writes_itself_is_bounded_like_its_own(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        # A failure frame the job wrote itself was stored whole: 300000 characters in its row, in every status
+        # a watcher was sent, and in one line of the server's log -- where the runner's own are cut to 2000.
+        job_id = await ada.jobs.submit(name="raw_frame", args={"kind": "failed"})
+        final = await finish(ada, job_id)
+        assert (final["state"], final["error"]) == ("failed", "f" * 2000)
+
+    caplog.set_level(logging.INFO, logger="bastion.jobs")
+    run(test, tmp_path)
+    assert max(len(record.getMessage()) for record in caplog.records) < 3000
+
+
 def test_the_timeout_covers_a_job_process_that_never_reads_its_request(tmp_path: Path) -> None:
     # The timer was armed only once the request had been written to the process's stdin: a process that
     # never read it (here stuck at start-up, in a sitecustomize) with a request past the pipe's buffer

@@ -74,8 +74,12 @@ def raw_frame(kind: str) -> str:
     ``nan``: a progress fraction that is not a number; ``garbage``: a frame that is not a message;
     ``huge``: a header announcing 2 GiB; ``done``: a result that is not MessagePack, then exit at once;
     ``badtext``: a progress message whose text is not UTF-8; ``badresult``: a result holding text that is
-    not UTF-8, then exit at once."""
+    not UTF-8, then exit at once; ``failed``: a failure of 300000 characters, then exit at once."""
     out = _channel()
+    if kind == "failed":
+        body = msgspec.msgpack.encode({"type": "failed", "error": "f" * 300_000})
+        out.write(struct.pack(">I", len(body)) + body)
+        os._exit(0)
     if kind in ("badtext", "badresult"):
         bad = b"\xa3\xff\xfe\xfd"  # a 3-byte str that is no UTF-8
         if kind == "badtext":
