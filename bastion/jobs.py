@@ -38,6 +38,7 @@ the network chooses a module, a type or a function.
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -175,8 +176,9 @@ def build_job_spec(
         raise UsageError(f"job {label!r}: a job is a plain (not async, not generator) function")
     if "<locals>" in func.__qualname__ or func.__module__ in (None, "__main__"):
         raise UsageError(f"job {label!r}: define it at the top level of an importable module")
-    if (timeout is not None and timeout <= 0) or (memory_mb is not None and memory_mb <= 0):
-        raise UsageError(f"job {label!r}: timeout and memory_mb must be positive")
+    # "not > 0", not "<= 0": NaN passes the latter (and infinity is no limit).
+    if (timeout is not None and not 0 < timeout < math.inf) or (memory_mb is not None and not memory_mb > 0):
+        raise UsageError(f"job {label!r}: timeout and memory_mb must be positive (and finite)")
     try:
         hints = typing.get_type_hints(func, include_extras=True)
     except Exception as exc:

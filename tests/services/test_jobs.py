@@ -674,6 +674,10 @@ def process_exists(pid: int) -> bool:
     return True
 
 
+def _double(a: int) -> int:
+    return 2 * a
+
+
 def _returns_what_msgspec_cannot_decode(a: int) -> str | bytes:
     """A union of two str-like types: msgspec cannot tell them apart in MessagePack."""
     return str(a)
@@ -695,6 +699,11 @@ def test_registry_refuses_what_it_cannot_run() -> None:
         reg.job(coro)
     with pytest.raises(UsageError, match="return type is not supported"):
         reg.job(_returns_what_msgspec_cannot_decode)
+    # A NaN or infinite timeout passed "timeout <= 0": every submission of the job then failed on SQLite
+    # (which stores NaN as NULL, in a NOT NULL column: reported as ALREADY_EXISTS), and no timer held it.
+    for timeout in (float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="timeout and memory_mb must be positive"):
+            reg.job(timeout=timeout)(_double)
     with pytest.raises(UsageError, match="registered twice"):
         reg_twice = JobRegistry()
         reg_twice.job(registry.get("add").func)  # type: ignore[union-attr]
