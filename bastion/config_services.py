@@ -274,6 +274,10 @@ class FilesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError("files.upload_ttl and files.sweep_interval must be positive, files.blob_grace >= 0")
 
 
+#: The largest ``memory_mb`` or ``max_attempts`` of a job: each job's row holds them in PostgreSQL INTEGER columns.
+MAX_JOB_INT = 2**31 - 1
+
+
 class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The ``jobs`` service.
 
@@ -328,6 +332,9 @@ class JobsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError(
                 f"jobs.max_bytes ({self.max_bytes}) must be at least jobs.max_result_bytes ({self.max_result_bytes})"
             )
+        for name in ("memory_mb", "max_attempts"):  # stored with each job, in INTEGER columns (PostgreSQL)
+            if getattr(self, name) > MAX_JOB_INT:
+                raise UsageError(f"jobs.{name} must be at most {MAX_JOB_INT}, got {getattr(self, name)}")
         for name in [*self.env_pass, *self.env]:
             if not _ENV_NAME.match(name):
                 raise UsageError(f"jobs: {name!r} is not an environment variable name (letters, digits, _)")

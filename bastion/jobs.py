@@ -46,6 +46,7 @@ from typing import Any, Protocol, TypeVar, overload
 
 import msgspec
 
+from bastion.config_services import MAX_JOB_INT
 from bastion.exceptions import InvalidArgument, UsageError
 
 __all__ = [
@@ -179,6 +180,8 @@ def build_job_spec(
     # "not > 0", not "<= 0": NaN passes the latter (and infinity is no limit).
     if (timeout is not None and not 0 < timeout < math.inf) or (memory_mb is not None and not memory_mb > 0):
         raise UsageError(f"job {label!r}: timeout and memory_mb must be positive (and finite)")
+    if memory_mb is not None and memory_mb > MAX_JOB_INT:  # stored with each job, in an INTEGER column
+        raise UsageError(f"job {label!r}: memory_mb must be at most {MAX_JOB_INT}")
     try:
         hints = typing.get_type_hints(func, include_extras=True)
     except Exception as exc:

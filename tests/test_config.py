@@ -243,3 +243,13 @@ def test_job_environment_settings_are_checked() -> None:
         load_config(environ={"BASTION_JOBS__ENV": "X=1"})
     with pytest.raises(UsageError, match="the value of X holds a NUL byte"):
         JobsConfig(env={"X": "a\x00b"})
+
+
+def test_job_limits_a_job_row_cannot_hold_are_refused() -> None:
+    # memory_mb and max_attempts are stored with every job, in PostgreSQL INTEGER columns: past 2**31 - 1
+    # every submission failed there ("store: value rejected ... out of int32 range"), while SQLite took
+    # them and each job's process then died setting its memory limit (setrlimit overflowing a C long).
+    JobsConfig(memory_mb=2**31 - 1, max_attempts=2**31 - 1)
+    for field in ("memory_mb", "max_attempts"):
+        with pytest.raises(UsageError, match=rf"jobs\.{field} must be at most 2147483647"):
+            JobsConfig(**{field: 2**31})

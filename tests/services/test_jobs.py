@@ -704,6 +704,8 @@ def test_registry_refuses_what_it_cannot_run() -> None:
     for timeout in (float("nan"), float("inf")):
         with pytest.raises(UsageError, match="timeout and memory_mb must be positive"):
             reg.job(timeout=timeout)(_double)
+    with pytest.raises(UsageError, match="memory_mb must be at most 2147483647"):
+        reg.job(memory_mb=2**31)(_double)  # stored with each job: PostgreSQL's INTEGER column cannot hold it
     with pytest.raises(UsageError, match="registered twice"):
         reg_twice = JobRegistry()
         reg_twice.job(registry.get("add").func)  # type: ignore[union-attr]
