@@ -167,6 +167,7 @@ CLI_CLIENT_MUST_NOT_LOAD = [
     "bastion.config",
     "bastion.cli.serve",
     "bastion.cli.check",
+    "bastion.cli.loading",
     *SERVER_ONLY_TLS,
 ]
 CLI_CLIENT_MUST_NOT_LOAD_UNDER = ["bastion.server", "bastion.store", "bastion.services", "bastion.gateway"]

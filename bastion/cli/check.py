@@ -117,7 +117,8 @@ class Report:
 
 def check_config(source: ConfigSource) -> int:
     """Validate what ``bastion serve`` would run from ``source``; print the report; return the exit status."""
-    from bastion.cli.serve import backup_passphrase, load_job_registries, load_services
+    from bastion.cli.loading import load_job_registries, load_services
+    from bastion.cli.serve import backup_passphrase
     from bastion.server.supervisor import resolve_workers
 
     report = Report()

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -47,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
@@ -56,11 +55,11 @@ from bastion._version import __version__
 from bastion.cli.bootstrap import bootstrap_admin, token_banner
 from bastion.cli.cert import ConfigSource, TLSSetup, keep_dev_certificate, prepare_tls, reread_revoked_serials
 from bastion.cli.data_dir import new_data_dir
+from bastion.cli.loading import load_job_registries, load_services
 from bastion.config import Config
 from bastion.exceptions import UsageError
 from bastion.gateway.runner import GatewayServer
 from bastion.gateway.runner import serve as serve_gateway
-from bastion.jobs import JobRegistry, job_specs
 from bastion.observability import logs
 from bastion.observability.metrics import WorkerSnapshots, server_snapshot
 from bastion.security.audit import AuditLog
@@ -76,7 +75,6 @@ from bastion.server.notify import SystemdNotifier
 from bastion.server.scheduler import Scheduler
 from bastion.server.server import HANDLER_THREAD_PREFIX, Server
 from bastion.server.supervisor import Supervisor, WorkerChannel, bind_listeners, resolve_workers
-from bastion.service import Service
 from bastion.services import Component, HostedComponent
 from bastion.services.admin import create_service as create_admin_service
 from bastion.services.auth import create_service
@@ -89,46 +87,9 @@ from bastion.store import observe as store_observe
 from bastion.store import open_store
 from bastion.store.sqlite import SQLiteStore
 
-__all__ = ["bootstrap_admin", "load_job_registries", "load_services", "run", "store_location", "worker_main"]
+__all__ = ["bootstrap_admin", "run", "store_location", "worker_main"]
 
 log = logging.getLogger("bastion.server")
-
-T = TypeVar("T")
-
-
-def _import_objects(specs: list[str], kind: type[T], kind_name: str, flag: str, example: str) -> list[T]:
-    """Import ``module:attribute`` for each spec; the attribute is a ``kind`` (or a list of them)."""
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    found: list[T] = []
-    for spec in specs:
-        module_name, _, attr = spec.partition(":")
-        if not module_name or not attr:
-            raise UsageError(f"{flag} {spec!r}: expected MODULE:ATTRIBUTE, e.g. {example}")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise UsageError(f"{flag} {spec!r}: cannot import {module_name}: {exc}") from None
-        value = getattr(module, attr, None)
-        items: list[object] = list(value) if isinstance(value, list | tuple) else [value]
-        objects = [item for item in items if isinstance(item, kind)]
-        if not objects or len(objects) != len(items):
-            raise UsageError(f"{flag} {spec!r}: {attr} is not a {kind_name}")
-        found.extend(objects)
-    return found
-
-
-def load_services(specs: list[str]) -> list[Service]:
-    """Import ``module:attribute`` for each spec; the attribute is a Service (or a list of them)."""
-    return _import_objects(specs, Service, "bastion.Service", "--service", "myapp.api:service")
-
-
-def load_job_registries(specs: list[str]) -> list[JobRegistry]:
-    """Import ``module:attribute`` for each spec; the attribute is a JobRegistry. ``UsageError`` if two of
-    them offer one job name."""
-    registries = _import_objects(specs, JobRegistry, "bastion.jobs.JobRegistry", "--jobs", "myapp.tasks:jobs")
-    job_specs(registries)
-    return registries
 
 
 def store_location(config: Config) -> str:

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 import bastion
-from bastion.cli.serve import load_job_registries
+from bastion.cli.loading import load_job_registries
 from bastion.client.aio import Client
 from bastion.config import JobsConfig
 from bastion.exceptions import UsageError
