@@ -9,7 +9,10 @@ and hold them (and their file descriptors) for ever. Nor does it bound how
 slowly a body may come: a byte every few seconds held a request (and its
 route's task) open for as long as the client liked. So here:
 
-- a head over ``MAX_HEAD`` bytes is answered 431 and the connection closed;
+- a head over ``MAX_HEAD`` bytes is answered 431 and the connection closed,
+  and so is a chunked body's trailer section (header fields after its last
+  chunk, which the parser holds as it does a head's) over ``MAX_HEAD`` bytes;
+  trailers are not added to the request's headers (ASGI carries none);
 - a head not complete ``head_timeout`` seconds after its first byte -- or a
   new connection silent that long -- gets its connection closed;
 - a body must keep pace (Apache's ``RequestReadTimeout body=20,MinRate=500``):
@@ -99,6 +102,8 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         self._body_used = 0.0  # seconds the body's clock ran before _body_since
         self._body_since: float | None = None  # when the body's clock last started; None: stopped
         self._body_timer: asyncio.TimerHandle | None = None
+        self._bare_chunk = False  # a chunk's size line came and none of its data since: the last chunk's trailers
+        self._trailer_bytes = 0
         self._gate_host: str | None = None  # admitted by the gate: the slot to give back
         self._refusal: bytes | None = None  # past a cap: the answer it was sent
 
@@ -138,9 +143,17 @@ class HeadBoundedProtocol(HttpToolsProtocol):
             return
         idle = self._in_head and not self._head_begun  # between requests: a head would begin at this read's start
         heads = self._heads
+        body_before = self._body_bytes
         super().data_received(data)
         if self.transport.is_closing():
             return
+        if self._in_body and self._bare_chunk:
+            # In the last chunk's trailer section: what of this read was not body (the chunks' size lines
+            # too, in the read where the section begins: a few bytes per chunk) was trailer fields.
+            self._trailer_bytes += len(data) - (self._body_bytes - body_before)
+            if self._trailer_bytes > MAX_HEAD:
+                self._refuse_trailers()
+                return
         if self._in_body and self._body_since is None:  # a body that came whole in one read needs no clock
             self._update_body_clock()
         if not self._in_head:
@@ -172,11 +185,25 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         # (An upgrade to a WebSocket has no body: the connection is the WebSocket protocol's from here.)
         self._in_body = not (self.parser.should_upgrade() and self._should_upgrade())
         self._body_bytes = 0
+        self._bare_chunk = False
+        self._trailer_bytes = 0
         self._body_used = 0.0
 
     def on_body(self, body: bytes) -> None:
+        self._bare_chunk = False
+        self._trailer_bytes = 0  # (what was counted ended at a chunk's size line: no trailers after all)
         self._body_bytes += len(body)
         super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self._bare_chunk = True
+
+    def on_chunk_complete(self) -> None:
+        self._bare_chunk = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:  # (a trailer field: not one of the request's headers, which the application has)
+            super().on_header(name, value)
 
     def on_message_complete(self) -> None:
         self._end_body()
@@ -224,6 +251,13 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         self._disarm_head_timer()
         if self.cycle is None or self.cycle.response_complete:  # not in the middle of another response
             message = f"request line and headers over {MAX_HEAD} bytes"
+            self.transport.write(self._plain_answer(b"431 Request Header Fields Too Large", message))
+        self.transport.close()
+
+    def _refuse_trailers(self) -> None:
+        self._end_body()
+        if self.cycle is None or not self.cycle.response_started:
+            message = f"chunked body trailers over {MAX_HEAD} bytes"
             self.transport.write(self._plain_answer(b"431 Request Header Fields Too Large", message))
         self.transport.close()
 

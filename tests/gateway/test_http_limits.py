@@ -214,3 +214,51 @@ def test_a_body_at_a_fair_pace_is_served_however_long_it_takes(quick: World) -> 
             assert chunk, data
             data += chunk
     assert data.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize(
+    "filler",
+    [b"X-T: y\r\n", b"a"],  # endless trailer fields; one endless trailer field
+    ids=["trailers", "trailer"],
+)
+def test_a_chunked_bodys_trailers_past_the_limit_are_refused(world: World, filler: bytes) -> None:
+    # The trailer section after a chunked body's last chunk is header fields again: held (by the parser and as
+    # the request's headers) until it ends. It is bounded as a head is, not kept for as long as the body's pace allows.
+    body = b'{"jsonrpc":"2.0","method":"demo.echo","params":{"value":1},"id":1}'
+    assert world.gateway is not None
+    head = (
+        f"POST /rpc HTTP/1.1\r\nHost: 127.0.0.1:{world.gateway.port}\r\nAuthorization: Bearer {world.tokens['ada']}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    prefix = b"X-Long: " if filler == b"a" else b""
+    with _connect(world) as sock:
+        sock.sendall(head + b"%x\r\n%s\r\n0\r\n" % (len(body), body) + prefix)
+        sock.sendall(filler * (MAX_HEAD // len(filler) + 64))
+        answer = _answer(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+    assert b"connection: close" in answer
+    assert (
+        http(
+            world,
+            "POST",
+            "/rpc",
+            {"jsonrpc": "2.0", "method": "demo.echo", "params": {"value": 2}, "id": 2},
+            headers=bearer(world, "ada"),
+        ).json()["result"]
+        == 2
+    )
+
+
+def test_a_chunked_body_with_small_trailers_is_served(world: World) -> None:
+    body = b'{"jsonrpc":"2.0","method":"demo.echo","params":{"value":1},"id":1}'
+    assert world.gateway is not None
+    head = (
+        f"POST /rpc HTTP/1.1\r\nHost: 127.0.0.1:{world.gateway.port}\r\nAuthorization: Bearer {world.tokens['ada']}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with _connect(world) as sock:
+        sock.sendall(head + b"%x\r\n%s\r\n" % (len(body), body))
+        sock.sendall(b"0\r\n" + b"X-Checksum: abc\r\n" * 100 + b"\r\n")
+        answer = _answer(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+    assert b'"result":1' in answer
