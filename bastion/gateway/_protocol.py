@@ -42,16 +42,20 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import is_ssl
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import CloseCode, Frame
 
 from bastion.exceptions import InvalidArgument
 from bastion.gateway._gate import ConnectionGate, peer_host, refusal_answer
 from bastion.gateway._http import INTERNAL_ERROR_BODY, NO_STORE, SECURITY_HEADERS, error_body
 from bastion.gateway._shared import _encoder
 
-__all__ = ["MAX_HEAD", "HeadBoundedProtocol", "WebSocketProtocol", "bounded_protocol"]
+__all__ = ["MAX_FRAGMENTS", "MAX_HEAD", "HeadBoundedProtocol", "WebSocketProtocol", "bounded_protocol"]
 
 #: The most bytes of a request line and headers one request may have (cookies and a bearer token fit many times).
 MAX_HEAD = 64 * 1024
+#: The most frames (fragments) one WebSocket message may come in: each is held as an object of its own until the
+#: message ends, and empty ones count nothing against its size limit (ws_max_size).
+MAX_FRAGMENTS = 1024
 #: Seconds a connection refused for a connection cap (answered at once) stays open for its request to arrive,
 #: so that the answer is not lost to a reset (closing on unread bytes); then it is closed regardless.
 REFUSED_GRACE = 1.0
@@ -340,7 +344,12 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, whose 500 to an upgrade (an exception escaped the
     application before it accepted or refused) carries the gateway's headers too, and which stops
     reading a client whose pongs it cannot send, answers an upgrade request the WebSocket library cannot parse
-    (400), and does not log an ERROR for every refused upgrade.
+    (400), closes (1009) a connection whose message comes in more than ``MAX_FRAGMENTS`` frames, and does not
+    log an ERROR for every refused upgrade.
+
+    uvicorn keeps each fragment of a message in a list until the final one: a message of one-byte fragments
+    held over 40 bytes per byte (a 1 MiB message, 40 MiB), and empty continuation frames -- which count nothing
+    against the message size limit -- grew the list for as long as a client sent them.
 
     uvicorn answers every ping with a pong written straight to the transport, however full its
     write buffer: a client that sent pings and never read made the gateway buffer pongs without
@@ -379,6 +388,19 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self.close_sent = True
             self.transport.write(head + body)
             self.transport.close()
+
+    def handle_cont(self, event: Frame) -> None:
+        if self.close_sent:
+            return
+        if len(self.frames) >= MAX_FRAGMENTS:
+            self.frames = []
+            self.conn.fail(CloseCode.MESSAGE_TOO_BIG, f"a message in more than {MAX_FRAGMENTS} fragments")
+            if self.conn.close_sent is not None:
+                self.handle_parser_exception()  # the close frame sent, the application told, the connection closed
+            else:  # (already closing)
+                self.transport.close()
+            return
+        super().handle_cont(event)
 
     def handle_ping(self) -> None:
         super().handle_ping()

@@ -184,3 +184,41 @@ def test_an_upgrade_request_the_websocket_parser_refuses_is_answered_400(served:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"x-content-type-options: nosniff" in head.lower()
     assert json.loads(body)["error"]["status"] == "INVALID_ARGUMENT"
+
+
+def _fragments(pieces: list[bytes]) -> bytes:
+    """One text message sent as ``pieces``: a first frame (not final), continuations, the last one final."""
+    first = client_frame(0x1, pieces[0])
+    frames = [bytes([first[0] & 0x7F]) + first[1:]]  # not final
+    for piece in pieces[1:-1]:
+        frame = client_frame(0x0, piece)
+        frames.append(bytes([frame[0] & 0x7F]) + frame[1:])  # a continuation, not final
+    frames.append(client_frame(0x0, pieces[-1]))
+    return b"".join(frames)
+
+
+def test_a_message_in_a_few_fragments_is_answered(served: ServerProcess) -> None:
+    call = b'{"jsonrpc":"2.0","method":"auth.whoami","id":5}'
+    sock = open_ws(served)
+    try:
+        sock.sendall(_fragments([call[:10], *(call[i : i + 1] for i in range(10, len(call) - 1)), call[-1:]]))
+        opcode, payload = read_frame(sock)
+        assert opcode == 0x1 and json.loads(payload)["result"]["name"] == "anonymous", payload
+    finally:
+        sock.close()
+
+
+def test_a_message_in_endless_fragments_closes_the_connection(served: ServerProcess) -> None:
+    """Each fragment of a message was kept as an object of its own until the message ended, and empty ones
+    count nothing against the message size limit: a client could send empty continuation frames for as long
+    as it liked (the list grew without bound), or a 1 MiB message in one-byte fragments (over 40 MiB held)."""
+    sock = open_ws(served)
+    try:
+        sock.sendall(_fragments([b"[", *([b""] * 5000), b"]"]))
+        opcode, payload = read_frame(sock)
+        assert opcode == 0x8, (opcode, payload[:100])
+        (code,) = struct.unpack("!H", payload[:2])
+        assert code == 1009, payload
+        assert b"fragments" in payload
+    finally:
+        sock.close()
