@@ -23,6 +23,7 @@ __all__ = [
     "SECURITY_HEADERS",
     "TooLarge",
     "error_body",
+    "error_headers",
     "host_allowed",
     "http_status",
     "length_refusal",
@@ -99,6 +100,20 @@ def parse_bearer(header: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
     return token
+
+
+#: What a 401 says of how to authenticate (RFC 9110 15.5.2: a 401 MUST carry a WWW-Authenticate challenge).
+BEARER_CHALLENGE = 'Bearer realm="bastion"'
+
+
+def error_headers(exc: CallError) -> dict[str, str]:
+    """The headers of an error answer: ``Retry-After`` when it carries a retry-after; on a 401 the challenge."""
+    headers = {}
+    if (retry := retry_after(exc)) is not None:
+        headers["retry-after"] = retry
+    if exc.status is Status.UNAUTHENTICATED:
+        headers["www-authenticate"] = BEARER_CHALLENGE
+    return headers
 
 
 def retry_after(exc: CallError) -> str | None:

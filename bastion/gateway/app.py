@@ -117,6 +117,7 @@ from bastion.gateway._cookies import (
 from bastion.gateway._guard import BodyLimit, Cors, Guard
 from bastion.gateway._http import (
     INTERNAL_ERROR_BODY,
+    error_headers,
     http_status,
     media_type,
     origin_allowed,
@@ -226,9 +227,7 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def _error(exc: CallError) -> Response:
-    retry = retry_after(exc)
-    headers = {"retry-after": retry} if retry is not None else None
-    return _json(_error_body(exc), http_status(exc.status), headers)
+    return _json(_error_body(exc), http_status(exc.status), error_headers(exc))
 
 
 def _caller_address(conn: HTTPConnection) -> str:
@@ -389,7 +388,7 @@ class _Routes:
             return _too_large(self.config.max_body)
         except (CallError, ClientDisconnect) as exc:
             error = _as_call_error(exc)
-            return _json(jsonrpc.failure(None, error), http_status(error.status))
+            return _json(jsonrpc.failure(None, error), http_status(error.status), error_headers(error))
         try:
             answer = await self.answer(caller, body)
         except CallError as exc:  # the body is more than the server may hold decoded now

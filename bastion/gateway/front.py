@@ -47,12 +47,12 @@ from bastion.gateway._http import (
     SECURITY_HEADERS,
     TooLarge,
     error_body,
+    error_headers,
     host_allowed,
     http_status,
     length_refusal,
     origin_allowed,
     parse_bearer,
-    retry_after,
     too_large_body,
 )
 from bastion.gateway._shared import _as_call_error, _encoder
@@ -162,9 +162,11 @@ class Front:
             error = _as_call_error(exc)
             if method is None:  # before the body was parsed: one error object
                 body = _encoder.encode(jsonrpc.failure(None, error))
-                await _respond(send, http_status(error.status), body, _retry(error))
+                await _respond(send, http_status(error.status), body, _error_headers(error))
             else:
-                await _respond(send, http_status(error.status), _encoder.encode(error_body(error)), _retry(error))
+                await _respond(
+                    send, http_status(error.status), _encoder.encode(error_body(error)), _error_headers(error)
+                )
             return
         await _respond(send, 200, _encoder.encode(result))
 
@@ -255,9 +257,8 @@ async def _read_body(receive: Receive, limit: int, first: Message) -> bytes | No
         message = await receive()
 
 
-def _retry(error: CallError) -> list[tuple[bytes, bytes]]:
-    value = retry_after(error)
-    return [] if value is None else [(b"retry-after", value.encode())]
+def _error_headers(error: CallError) -> list[tuple[bytes, bytes]]:
+    return [(name.encode(), value.encode()) for name, value in error_headers(error).items()]
 
 
 async def _respond(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:

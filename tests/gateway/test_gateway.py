@@ -124,6 +124,24 @@ def test_credentials_are_the_servers(world: World) -> None:
     assert http(world, "POST", "/v1/demo/nope", {}, headers=bearer(world, "ada")).status == 404
 
 
+def test_every_401_carries_a_bearer_challenge(world: World) -> None:
+    """RFC 9110 (15.5.2): a 401 MUST carry WWW-Authenticate. Only /metrics' did; the API's 401s -- from the
+    front (bearer requests) and from the Starlette routes (anonymous, cookie, login) -- said nothing of how."""
+    bad = {"Authorization": "Bearer bst_" + "x" * 43}
+    basic = {"Authorization": "Basic YWRhOnB3"}
+    refusals = [
+        http(world, "POST", "/v1/demo/echo", {"value": 1}, headers=bad),  # the front, after the bridge
+        http(world, "POST", "/v1/demo/echo", {"value": 1}, headers=basic),  # the front, before it
+        http(world, "POST", RPC, rpc("demo.echo", {"value": 1}), headers=basic),
+        http(world, "POST", "/v1/demo/echo", {"value": 1}),  # Starlette: no credential
+        http(world, "POST", "/v1/auth/login", {"username": "carol", "password": "wrong"}),
+    ]
+    for reply in refusals:
+        assert reply.status == 401, reply
+        assert reply.headers.get("www-authenticate", "").startswith("Bearer"), reply.headers
+    assert "www-authenticate" not in http(world, "POST", "/v1/demo/nope", {}, headers=bearer(world, "ada")).headers
+
+
 def test_server_streams_are_refused_on_rpc_with_a_pointer_to_ws(world: World) -> None:
     answer = http(world, "POST", RPC, rpc("kv.watch", {}), headers=bearer(world, "ada")).json()
     assert "/ws" in answer["error"]["message"]
