@@ -12,7 +12,8 @@ checks, in the same order:
 
 0. over plaintext, every request (any path, WebSockets too) whose Host is
    not an IP address, ``localhost``, the configured host or one of
-   ``allowed_hosts`` is answered 400 here (DNS rebinding; app.py "Hosts");
+   ``allowed_hosts`` is answered 400 here (DNS rebinding; app.py "Hosts"), and
+   so is any request with more than one Host header (RFC 9112 3.2), TLS or not;
 1. a Content-Length that is not a number is answered 400, one over
    ``max_body`` 413, before a byte of the body is read;
 2. an ``Origin`` that is neither the gateway's own (``origin_allowed``, or
@@ -93,8 +94,8 @@ class Front:
         self._hosts: dict[bytes, bool] = {}  # Host header -> allowed, for the plaintext check
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("scheme") in _PLAINTEXT and not self._any_host and not self._host_ok(scope):
-            await self._refuse_host(scope, receive, send)
+        if scope["type"] != "lifespan" and (refusal := self._host_refusal(scope)) is not None:
+            await self._refuse_host(scope, receive, send, refusal)
             return
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
             path: str = scope["path"]
@@ -170,27 +171,31 @@ class Front:
             return
         await _respond(send, 200, _encoder.encode(result))
 
-    def _host_ok(self, scope: Scope) -> bool:
-        """Whether a plaintext request's Host is one DNS rebinding cannot forge (none at all: not a browser)."""
+    def _host_refusal(self, scope: Scope) -> str | None:
+        """Why the request is answered 400 for its Host, None if it is not: more than one Host field (RFC 9112
+        3.2: the check, and a proxy in front, could each read another), or over plaintext a Host that DNS
+        rebinding could forge (none at all is let through: not a browser)."""
         host: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"host":
+                if host is not None:
+                    return "a request has one Host header, not several"
                 host = value
-                break
-        if host is None:
-            return True
+        if host is None or scope.get("scheme") not in _PLAINTEXT or self._any_host:
+            return None
         allowed = self._hosts.get(host)
         if allowed is None:
             allowed = host_allowed(host.decode("latin-1"), self.names)
             if len(self._hosts) < _HOSTS_REMEMBERED:
                 self._hosts[host] = allowed
-        return allowed
-
-    async def _refuse_host(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """400 for a Host not served here, with the headers every answer carries (a WebSocket upgrade too)."""
-        host = next((value for name, value in scope["headers"] if name == b"host"), b"")
+        if allowed:
+            return None
         shown = host.decode("latin-1")[:100]
-        message = f"Host {shown!r} is not served here: a plaintext gateway answers its own names only (allowed_hosts)"
+        return f"Host {shown!r} is not served here: a plaintext gateway answers its own names only (allowed_hosts)"
+
+    async def _refuse_host(self, scope: Scope, receive: Receive, send: Send, message: str) -> None:
+        """400 for the request's Host (``message`` says why), with the headers every answer carries (a WebSocket
+        upgrade too)."""
         body = _encoder.encode(error_body(InvalidArgument(message)))
         if scope["type"] == "http":
             await _respond(send, 400, body, _CLOSE)

@@ -23,7 +23,8 @@ import pytest
 
 from bastion.config import GatewayConfig
 from bastion.exceptions import UsageError
-from tests.gateway.conftest import SECURITY_HEADERS
+from tests.gateway.conftest import SECURITY_HEADERS, World
+from tests.gateway.conftest import http as request
 from tests.support.server import ServerProcess
 
 
@@ -113,3 +114,28 @@ def test_over_tls_the_certificate_binds_the_name_and_any_host_is_served(
 def test_allowed_hosts_must_be_bare_names(name: str) -> None:
     with pytest.raises(UsageError, match=r"gateway\.allowed_hosts"):
         GatewayConfig(allowed_hosts=[name])
+
+
+@pytest.mark.parametrize("upgrade", [False, True], ids=["request", "websocket"])
+def test_a_request_with_two_host_headers_is_answered_400(world: World, upgrade: bool) -> None:
+    """RFC 9112 3.2: a request with more than one Host field line MUST be answered 400. The Host check read the
+    first only, so ``Host: 127.0.0.1`` then ``Host: evil.example`` passed it -- while a proxy in front may route
+    (and a cache key) by the other."""
+    assert world.gateway is not None
+    port = world.gateway.port
+    extra = (
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        if upgrade
+        else "Connection: close\r\n"
+    )
+    for first, second in ((f"127.0.0.1:{port}", "evil.example"), (f"127.0.0.1:{port}", f"127.0.0.1:{port}")):
+        with socket.create_connection((world.gateway.host, port), timeout=10) as sock:
+            path = "/ws" if upgrade else "/livez"
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {first}\r\nHost: {second}\r\n{extra}\r\n".encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), (first, second, answer[:200])
+        assert b"x-content-type-options: nosniff" in answer.lower()
+    assert request(world, "GET", "/livez").status == 200
