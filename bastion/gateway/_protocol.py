@@ -9,6 +9,10 @@ and hold them (and their file descriptors) for ever. Nor does it bound how
 slowly a body may come: a byte every few seconds held a request (and its
 route's task) open for as long as the client liked. So here:
 
+- a connection with more than ``MAX_PIPELINED`` requests waiting behind the
+  one being answered is closed (uvicorn parsed every pipelined request a read
+  held, and read on as each answer completed: a client sending requests and
+  never reading the answers had them all held, about 40 times their size);
 - a head over ``MAX_HEAD`` bytes is answered 431 and the connection closed,
   and so is a chunked body's trailer section (header fields after its last
   chunk, which the parser holds as it does a head's) over ``MAX_HEAD`` bytes;
@@ -49,10 +53,12 @@ from bastion.gateway._gate import ConnectionGate, peer_host, refusal_answer
 from bastion.gateway._http import INTERNAL_ERROR_BODY, NO_STORE, SECURITY_HEADERS, error_body
 from bastion.gateway._shared import _encoder
 
-__all__ = ["MAX_FRAGMENTS", "MAX_HEAD", "HeadBoundedProtocol", "WebSocketProtocol", "bounded_protocol"]
+__all__ = ["MAX_FRAGMENTS", "MAX_HEAD", "MAX_PIPELINED", "HeadBoundedProtocol", "WebSocketProtocol", "bounded_protocol"]
 
 #: The most bytes of a request line and headers one request may have (cookies and a bearer token fit many times).
 MAX_HEAD = 64 * 1024
+#: The most pipelined requests one connection may have waiting behind the one being answered (past it: closed).
+MAX_PIPELINED = 64
 #: The most frames (fragments) one WebSocket message may come in: each is held as an object of its own until the
 #: message ends, and empty ones count nothing against its size limit (ws_max_size).
 MAX_FRAGMENTS = 1024
@@ -64,6 +70,10 @@ REFUSED_GRACE = 1.0
 REFUSED_LINGERING = 64
 
 _HEADERS = b"".join(name + b": " + value + b"\r\n" for name, value in [*SECURITY_HEADERS, NO_STORE])
+
+
+class _PipelineFull(Exception):
+    """More than ``MAX_PIPELINED`` requests wait on one connection: it is closed, the rest of the read unparsed."""
 
 
 class _Flow(FlowControl):
@@ -173,6 +183,9 @@ class HeadBoundedProtocol(HttpToolsProtocol):
                 self._refuse_head()
 
     def on_message_begin(self) -> None:
+        if len(self.pipeline) >= MAX_PIPELINED:  # (raising stops the parser: the rest of the read is not parsed)
+            self.transport.close()
+            raise _PipelineFull
         self._head_begun = True
         self._heads += 1
         super().on_message_begin()
@@ -232,6 +245,8 @@ class HeadBoundedProtocol(HttpToolsProtocol):
             self._release(host)
 
     def send_400_response(self, msg: str) -> None:
+        if self.transport.is_closing():  # (closed for a reason of ours: _PipelineFull)
+            return
         self.transport.write(self._plain_answer(b"400 Bad Request", msg))
         self.transport.close()
 

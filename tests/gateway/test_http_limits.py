@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from bastion.gateway import GatewayConfig
-from bastion.gateway._protocol import MAX_HEAD
+from bastion.gateway._protocol import MAX_HEAD, MAX_PIPELINED
 from tests.gateway.conftest import World, assert_security_headers, bearer, http, start_world
 
 HEADER_TIMEOUT = 0.5
@@ -262,3 +262,38 @@ def test_a_chunked_body_with_small_trailers_is_served(world: World) -> None:
         answer = _answer(sock)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
     assert b'"result":1' in answer
+
+
+def _pipelined(world: World, count: int) -> tuple[bytes, bool]:
+    """``count`` GET /livez sent at once on one connection, read only afterwards: (what came back, whether the
+    gateway closed the connection)."""
+    assert world.gateway is not None
+    request = f"GET /livez HTTP/1.1\r\nHost: 127.0.0.1:{world.gateway.port}\r\n\r\n".encode()
+    with _connect(world) as sock:
+        sock.sendall(request * count)
+        data = b""
+        sock.settimeout(2)
+        try:
+            while data.count(b"HTTP/1.1 ") < count and (chunk := sock.recv(65536)):
+                data += chunk
+            closed = data.count(b"HTTP/1.1 ") < count or not sock.recv(65536)
+        except TimeoutError:
+            closed = False
+        except ConnectionResetError:
+            closed = True
+    return data, closed
+
+
+def test_a_few_pipelined_requests_are_all_answered(world: World) -> None:
+    data, closed = _pipelined(world, 20)
+    assert data.count(b"HTTP/1.1 200 ") == 20 and not closed
+
+
+def test_a_flood_of_pipelined_requests_closes_the_connection(world: World) -> None:
+    """Each pipelined request waiting behind another is held (its scope, its cycle) until its turn; uvicorn
+    parses every one a read holds, and reads on as each answer completes: 10 MB of pipelined GETs from a
+    client that never reads held ~400 MB. Past ``MAX_PIPELINED`` waiting, the connection is closed."""
+    data, closed = _pipelined(world, 5000)
+    assert closed
+    assert data.count(b"HTTP/1.1 200 ") <= MAX_PIPELINED + 1
+    assert http(world, "GET", "/livez").status == 200
