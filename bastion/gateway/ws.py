@@ -125,7 +125,8 @@ class _WebSocketSession:
                     plain.append(self._cancel(entry))
                     continue
                 if self.routes.bridge.kind(entry.method) in _STREAMS:
-                    self._start_stream(entry)
+                    if (refusal := self._start_stream(entry)) is not None:
+                        plain.append(_ready(refusal))
                     continue
                 plain.append(self.routes._run(self.caller, entry))
             else:
@@ -159,7 +160,9 @@ class _WebSocketSession:
             task.cancel()
         return None if call.is_notification else jsonrpc.result_response(call.id, task is not None)
 
-    def _start_stream(self, call: jsonrpc.Request) -> None:
+    def _start_stream(self, call: jsonrpc.Request) -> dict[str, Any] | None:
+        """Start the stream ``call`` asks for; None, or the error answering a call that cannot start one (part
+        of its message's answer: sent under the bound on messages handled at once, as every answer is)."""
         if call.is_notification or call.id is None or call.id in self.streams or len(self.streams) >= WS_MAX_STREAMS:
             if call.is_notification or call.id is None:
                 reason = "needs an id"
@@ -167,15 +170,14 @@ class _WebSocketSession:
                 reason = "id is already in use"
             else:
                 reason = f"would pass {WS_MAX_STREAMS} streams open on this socket; cancel one first"
-            error = jsonrpc.error_response(
+            return jsonrpc.error_response(
                 None if call.is_notification else call.id, jsonrpc.INVALID_REQUEST, f"a stream call {reason}"
             )
-            self._spawn(self.send(error))
-            return
         task = asyncio.ensure_future(self._stream(call))
         self.streams[call.id] = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return None
 
     async def _stream(self, call: jsonrpc.Request) -> None:
         count = 0

@@ -222,3 +222,52 @@ def test_a_message_in_endless_fragments_closes_the_connection(served: ServerProc
         assert b"fragments" in payload
     finally:
         sock.close()
+
+
+def test_refused_stream_calls_from_a_client_that_never_reads_are_pushed_back(served: ServerProcess) -> None:
+    """A stream call the socket refuses (no id, an id in use, too many streams) was answered by a task of its
+    own, outside the bound on messages handled at once: a client that sent batches of them and never read
+    was read on without end, each call leaving a task waiting to send (anonymous: 20 MB of such batches took
+    the gateway up by 500 MB, 336 000 tasks). The refusals are now part of the message's answer."""
+    pid = served.process.pid
+    before = rss(pid)
+    sock = open_ws(served, rcvbuf=4096)
+    batch = json.dumps([{"jsonrpc": "2.0", "method": "kv.watch", "params": {}}] * 100).encode()
+    mask = os.urandom(4)
+    message = struct.pack("!BBH", 0x81, 0x80 | 126, len(batch)) + mask
+    message += bytes(b ^ mask[i % 4] for i, b in enumerate(batch))
+    sent = 0
+    budget = 32 << 20
+    sock.settimeout(1.0)
+    deadline = time.monotonic() + 60
+    try:
+        while sent < budget and time.monotonic() < deadline:
+            try:
+                sock.sendall(message)
+            except TimeoutError:
+                break  # the gateway stopped reading us: pushed back
+            sent += len(message)
+        grown = rss(pid) - before
+        assert sent < budget, f"the gateway read {sent} bytes of refused stream calls never answered by a read"
+        assert grown < 64 << 20, f"the gateway grew by {grown >> 20} MiB for {sent >> 20} MiB of refused calls"
+    finally:
+        sock.close()
+    assert served.gateway_url is not None
+    with urllib.request.urlopen(served.gateway_url + "/livez", timeout=10) as response:
+        assert response.status == 200
+
+
+def test_a_refused_stream_call_is_answered_in_its_message(served: ServerProcess) -> None:
+    sock = open_ws(served)
+    try:
+        batch = b'[{"jsonrpc":"2.0","method":"kv.watch","params":{}},{"jsonrpc":"2.0","method":"auth.whoami","id":2}]'
+        sock.sendall(_fragments([batch[:100], batch[100:]]))
+        opcode, payload = read_frame(sock)
+        assert opcode == 0x1
+        answers = json.loads(payload)
+        assert isinstance(answers, list) and len(answers) == 2, answers
+        refused = next(a for a in answers if a["id"] is None)
+        assert refused["error"]["code"] == -32600 and "needs an id" in refused["error"]["message"]
+        assert next(a for a in answers if a["id"] == 2)["result"]["name"] == "anonymous"
+    finally:
+        sock.close()
