@@ -60,8 +60,11 @@ class _WebSocketSession:
         self.pending = asyncio.Semaphore(WS_MAX_PENDING)
 
     async def send(self, message: Any) -> None:
+        await self._send_text(_encoder.encode(message).decode())
+
+    async def _send_text(self, text: str) -> None:
         async with self.send_lock:
-            await self.ws.send_text(_encoder.encode(message).decode())
+            await self.ws.send_text(text)
 
     async def run(self) -> None:
         try:
@@ -80,7 +83,13 @@ class _WebSocketSession:
 
     async def _handle_then_release(self, data: bytes) -> None:
         try:
-            await self.handle(data)
+            answer = await self.handle(data)
+            # A client that does not read holds its answers (WS_MAX_PENDING of them) while they wait to be
+            # sent, encoded, not its messages too (up to max_body each) nor the answers' decoded values.
+            text = None if answer is None else _encoder.encode(answer).decode()
+            del data, answer
+            if text is not None:
+                await self._send_text(text)
         finally:
             self.pending.release()
 
@@ -89,7 +98,8 @@ class _WebSocketSession:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def handle(self, data: bytes) -> None:
+    async def handle(self, data: bytes) -> Any:
+        """The message's answer (None: it has none), its calls run."""
         first, self.first = self.first, False
         if not first:
             await self.settled.wait()
@@ -101,8 +111,7 @@ class _WebSocketSession:
         except ArgsMemoryFull as exc:  # more than the server may hold decoded now: this message is refused
             self.settled.set()
             answer = jsonrpc.failure(None, exc)
-        if answer is not None:
-            await self.send(answer)
+        return answer
 
     async def _handle(self, data: bytes, first: bool) -> Any:
         """The message's calls run (streams started); its answer, None if it has none."""

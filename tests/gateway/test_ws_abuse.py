@@ -271,3 +271,31 @@ def test_a_refused_stream_call_is_answered_in_its_message(served: ServerProcess)
         assert next(a for a in answers if a["id"] == 2)["result"]["name"] == "anonymous"
     finally:
         sock.close()
+
+
+def test_a_client_that_never_reads_holds_its_answers_not_its_messages(served: ServerProcess) -> None:
+    """Up to WS_MAX_PENDING messages of one socket are handled at once, and one whose answer cannot be sent
+    (the client does not read) waits with it. It held its whole message meanwhile -- up to max_body (1 MiB)
+    each, so ~80 MB per socket of messages padded with whitespace whose answers are small. Once its answer is
+    made, a message is let go: what waits is the answer."""
+    pid = served.process.pid
+    before = rss(pid)
+    sock = open_ws(served, rcvbuf=4096)
+    calls = json.dumps([{"jsonrpc": "2.0", "method": "auth.whoami", "id": i} for i in range(100)]).encode()
+    payload = calls + b" " * ((1 << 20) - 1024 - len(calls))  # just under max_body
+    # A zero masking key (the gateway takes any): the payload goes as it is, no 1 MiB XOR in Python.
+    message = struct.pack("!BBQ", 0x81, 0x80 | 127, len(payload)) + bytes(4) + payload
+    sent = 0
+    sock.settimeout(2.0)
+    try:
+        for _ in range(200):
+            try:
+                sock.sendall(message)
+            except TimeoutError:
+                break  # pushed back
+            sent += 1
+        grown = rss(pid) - before
+        assert sent < 200, "the gateway read 200 MiB of messages whose answers were never read"
+        assert grown < 32 << 20, f"the gateway grew by {grown >> 20} MiB for {sent} unanswered 1 MiB messages"
+    finally:
+        sock.close()
