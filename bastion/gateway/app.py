@@ -589,8 +589,8 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 async def _refuse_upgrade(ws: WebSocket, exc: CallError) -> None:
-    """Answer a WebSocket upgrade 403 (before accept) with the error and the headers every answer carries
-    (the ``Guard`` middleware (_guard.py) sees only HTTP requests)."""
-    response = _json(_error_body(exc), 403)
+    """Answer a WebSocket upgrade (before accept) with the error, its status (403 PERMISSION_DENIED, 401
+    UNAUTHENTICATED with its challenge) and the headers every answer carries (``Guard``, _guard.py, sees only HTTP)."""
+    response = _json(_error_body(exc), http_status(exc.status), error_headers(exc))
     response.raw_headers += [*_SECURITY_HEADERS, _NO_STORE]
     await ws.send_denial_response(response)

@@ -364,6 +364,18 @@ def test_websocket_origin_allow_list(world: World) -> None:
         assert ws_recv(ws)["result"]["name"] == "anonymous"
 
 
+def test_an_upgrade_with_a_bad_authorization_header_is_answered_401(world: World) -> None:
+    """UNAUTHENTICATED maps to 401 (with the Bearer challenge) at every door: a WebSocket upgrade whose
+    Authorization header is not Bearer was answered 403 with an UNAUTHENTICATED body."""
+    with pytest.raises(InvalidStatus) as info:
+        ws_connect(ws_url(world), additional_headers={"Authorization": "Basic YWRhOnB3"})
+    response = info.value.response
+    assert response.status_code == 401
+    assert msgspec.json.decode(response.body)["error"]["status"] == "UNAUTHENTICATED"
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert_security_headers(world, response.headers)
+
+
 def test_kv_watch_over_websocket_delivers_changes_and_cancels(world: World) -> None:
     headers = bearer(world, "ada")
     with ws_connect(ws_url(world), additional_headers=headers) as ws:
