@@ -8,7 +8,12 @@
 
 The hints are the contract. Arguments are validated from them by msgspec
 before the handler runs; a bad argument is answered INVALID_ARGUMENT naming
-the field. Four shapes are recognised from the signature:
+the field. A service declared ``Service(name, refuse_nul=True)`` (every
+built-in one) also refuses text holding NUL (U+0000) there, in every ``str``
+of its methods' arguments -- nested in lists, dicts and structs too, but not
+in values typed ``Any`` nor in parameters typed ``OpaqueText`` -- so that no
+such text reaches its store (PostgreSQL text cannot hold NUL; SQLite's can).
+Four shapes are recognised from the signature:
 
 * unary: ``def f(a: int) -> T`` (sync functions run in a thread pool);
 * server stream: an ``async def`` generator, ``-> AsyncIterator[T]``;
@@ -29,7 +34,7 @@ import re
 import time
 import typing
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import Any, Protocol, TypeVar, overload
+from typing import Annotated, Any, Protocol, TypeVar, overload
 
 import msgspec
 
@@ -40,12 +45,19 @@ __all__ = [
     "Context",
     "MethodKind",
     "MethodSpec",
+    "OpaqueText",
     "ServerInfo",
     "Service",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*\Z")
+
+#: The key of msgspec's ``Meta.extra`` that marks text exempt from ``refuse_nul`` (``OpaqueText``).
+OPAQUE_TEXT_KEY = "bastion.opaque_text"
+#: Text that a ``refuse_nul`` service takes as it comes, NUL and all: for a parameter whose text is
+#: never stored as text (a password, of which only a hash is kept).
+OpaqueText = Annotated[str, msgspec.Meta(extra={OPAQUE_TEXT_KEY: True})]
 
 
 class MethodKind(enum.Enum):
@@ -204,6 +216,7 @@ class MethodSpec(msgspec.Struct, frozen=True):
     roles: frozenset[str] = frozenset()
     resumable: bool = False  # a draining server ends it at once (Service.method)
     doc: str = ""
+    refuse_nul: bool = False  # its service's: text holding NUL in its arguments is INVALID_ARGUMENT
 
     @property
     def full_name(self) -> str:
@@ -240,13 +253,21 @@ def _schema(tp: Any) -> Any:
 
 
 class Service:
-    """A named group of methods."""
+    """A named group of methods.
 
-    def __init__(self, name: str, *, doc: str = "") -> None:
+    refuse_nul: text holding NUL (U+0000) anywhere in a ``str`` of a method's
+    arguments is answered INVALID_ARGUMENT naming the argument, before the
+    handler runs (parameters typed ``OpaqueText`` and values typed ``Any``
+    excepted). The built-in services set it, as their text goes to the store;
+    a user's service may well want arbitrary strings, so it is off by default.
+    """
+
+    def __init__(self, name: str, *, doc: str = "", refuse_nul: bool = False) -> None:
         if not _NAME.match(name):
             raise UsageError(f"service name {name!r} must match {_NAME.pattern}")
         self.name = name
         self.doc = doc
+        self.refuse_nul = refuse_nul
         self.methods: dict[str, MethodSpec] = {}
 
     def __repr__(self) -> str:
@@ -301,6 +322,7 @@ class Service:
                 priority=priority,
                 roles=frozenset(roles),
                 resumable=resumable,
+                refuse_nul=self.refuse_nul,
             )
             if spec.name in self.methods:
                 raise UsageError(f"{spec.full_name} is declared twice")
@@ -320,6 +342,7 @@ def build_spec(
     priority: int,
     roles: frozenset[str],
     resumable: bool = False,
+    refuse_nul: bool = False,
 ) -> MethodSpec:
     """Read a function's signature and hints into a ``MethodSpec``."""
     full = f"{service}.{name}"
@@ -393,6 +416,7 @@ def build_spec(
         roles=roles,
         resumable=resumable,
         doc=inspect.getdoc(func) or "",
+        refuse_nul=refuse_nul,
     )
 
 

@@ -5,8 +5,11 @@ a ready msgspec decoder for its arguments. ``admit`` performs, in order, the
 checks every call passes before dispatch: the method exists (UNIMPLEMENTED),
 the caller may call it (UNAUTHENTICATED for anonymous callers of non-public
 methods, PERMISSION_DENIED for missing roles), and the arguments match the
-method's hints (INVALID_ARGUMENT naming the field). Nothing here runs a
-handler.
+method's hints (INVALID_ARGUMENT naming the field) -- for a method of a
+``refuse_nul`` service (every built-in one) that includes holding no NUL
+(U+0000) in any text (``nul_checks``), since PostgreSQL text cannot hold it
+while SQLite's can: one rule here answers it alike on every store, where a
+guard in each method was easy to forget. Nothing here runs a handler.
 
 ``IdempotencyKeys`` is the server half of idempotency keys: a unary call
 whose metadata carries ``idempotency-key`` claims (principal, key) in the
@@ -56,7 +59,7 @@ from bastion.exceptions import (
     UsageError,
 )
 from bastion.security.principal import ADMIN_ROLE, Principal
-from bastion.service import MethodKind, MethodSpec, Service
+from bastion.service import OPAQUE_TEXT_KEY, MethodKind, MethodSpec, Service
 from bastion.status import Status
 from bastion.store.idempotency import IdempotencyRecord, IdempotencyStore
 
@@ -87,6 +90,7 @@ class Entry:
         "inline",
         "input_decoder",
         "metric_row",
+        "nul_checks",
         "positional",
         "spec",
         "stream_mismatch",
@@ -101,6 +105,8 @@ class Entry:
         self.fields: tuple[str, ...] = spec.args_type.__struct_fields__
         #: How many times their MessagePack bytes its arguments may take once decoded, at worst.
         self.growth = args_growth(spec.args_type)
+        #: Its arguments that may hold text: position, name and how to find NUL in it (None: ``str``, or None).
+        self.nul_checks = nul_checks(spec.args_type) if spec.refuse_nul else ()
         self.input_decoder: msgspec.msgpack.Decoder[Any] | None = (
             msgspec.msgpack.Decoder(spec.input_type) if spec.input_param is not None else None
         )
@@ -125,11 +131,27 @@ class Entry:
 
     def decode_args(self, raw: msgspec.Raw) -> dict[str, Any]:
         """The call's arguments by name; INVALID_ARGUMENT if they do not match the method's hints."""
-        return msgspec.structs.asdict(self._decode(raw))  # in C: every field by attribute name, as ``fields``
+        args = msgspec.structs.asdict(self._decode(raw))  # in C: every field by attribute name, as ``fields``
+        for _, name, check in self.nul_checks:  # none but for refuse_nul: then text, mostly checked inline
+            value = args[name]
+            if check is None:
+                if value is not None and "\x00" in value:
+                    raise self._holds_nul(name, "")
+            elif (where := check(value)) is not None:
+                raise self._holds_nul(name, where)
+        return args
 
     def decode_values(self, raw: msgspec.Raw) -> tuple[Any, ...]:
         """The call's arguments in the handler's order, without its Context (a ``positional`` entry's)."""
-        return msgspec.structs.astuple(self._decode(raw))
+        values = msgspec.structs.astuple(self._decode(raw))
+        for i, name, check in self.nul_checks:  # as in decode_args
+            value = values[i]
+            if check is None:
+                if value is not None and "\x00" in value:
+                    raise self._holds_nul(name, "")
+            elif (where := check(value)) is not None:
+                raise self._holds_nul(name, where)
+        return values
 
     def _decode(self, raw: msgspec.Raw) -> msgspec.Struct:
         try:
@@ -143,6 +165,9 @@ class Entry:
             # shows up here first, and msgspec raises it as no DecodeError.
             raise InvalidArgument(f"{self.spec.full_name}: arguments hold text that is not UTF-8") from None
         return args
+
+    def _holds_nul(self, name: str, where: str) -> InvalidArgument:
+        return InvalidArgument(f"{self.spec.full_name}: argument {name}{where} must not contain NUL characters")
 
 
 def takes_positionally(spec: MethodSpec) -> bool:
@@ -193,6 +218,113 @@ def args_growth(args_type: Any) -> int:
         return 0
 
     return GROWTH[depth(mi.type_info(args_type), frozenset())]
+
+
+#: Where in a value its text holds NUL (``"[2].key"``; ``""``: the value itself), or None if nowhere.
+NulCheck = Callable[[Any], str | None]
+
+
+def nul_checks(args_type: Any) -> tuple[tuple[int, str, NulCheck | None], ...]:
+    """The fields of ``args_type`` that may hold text: each one's position, name and ``NulCheck``, or None
+    for a field typed ``str`` or ``str | None``, which ``Entry`` looks into inline (the usual case, and
+    kv.get's and kv.put's: a call to a check per argument would cost them more).
+
+    Text is every ``str`` the hints declare, in lists, sets, tuples, dicts (keys and values) and structs
+    as well; not text in values typed ``Any`` (a job's arguments, a message's data: the caller's, stored
+    as MessagePack) nor text typed ``OpaqueText`` (a password: only its hash is stored).
+    """
+    info = mi.type_info(args_type)
+    assert isinstance(info, mi.StructType)
+    out: list[tuple[int, str, NulCheck | None]] = []
+    for i, field in enumerate(info.fields):
+        check = _nul_check(field.type, {})
+        if check is not None:
+            plain = isinstance(field.type, mi.StrType) or (
+                isinstance(field.type, mi.UnionType)
+                and sorted(type(t).__name__ for t in field.type.types) == ["NoneType", "StrType"]
+            )
+            out.append((i, field.name, None if plain else check))
+    return tuple(out)
+
+
+def _text_nul(value: Any) -> str | None:
+    return "" if value.__class__ is str and "\x00" in value else None
+
+
+def _nul_check(info: mi.Type, building: dict[int, list[NulCheck | None]]) -> NulCheck | None:
+    """The NulCheck of values of type ``info``; None if they hold no text. ``building``: the struct types
+    whose checks are being made (a recursive type refers to its own through a cell filled once made)."""
+    if isinstance(info, mi.Metadata):
+        return None if (info.extra or {}).get(OPAQUE_TEXT_KEY) else _nul_check(info.type, building)
+    if isinstance(info, mi.StrType):
+        return _text_nul
+    if isinstance(info, mi.UnionType):
+        checks = [c for c in (_nul_check(t, building) for t in info.types) if c is not None]
+        if len(checks) <= 1:  # each check looks only at values of its own type: str | None is _text_nul
+            return checks[0] if checks else None
+        return lambda value: next((w for c in checks if (w := c(value)) is not None), None)
+    if isinstance(info, mi.CollectionType):
+        return _items_nul(_nul_check(info.item_type, building))
+    if isinstance(info, mi.TupleType):
+        items = [(i, c) for i, t in enumerate(info.item_types) if (c := _nul_check(t, building)) is not None]
+        return _fields_nul(items, tuple, lambda value, i: value[i], "[{}]") if items else None
+    if isinstance(info, mi.DictType):
+        return _dict_nul(_nul_check(info.key_type, building), _nul_check(info.value_type, building))
+    if isinstance(info, mi.StructType | mi.DataclassType | mi.NamedTupleType | mi.TypedDictType):
+        if id(info.cls) in building:
+            cell = building[id(info.cls)]
+            return lambda value: cell[0](value) if cell[0] is not None else None
+        cell = building[id(info.cls)] = [None]
+        fields = [(f.name, c) for f in info.fields if (c := _nul_check(f.type, building)) is not None]
+        if fields:
+            if isinstance(info, mi.TypedDictType):
+                cell[0] = _fields_nul(fields, dict, lambda value, name: value.get(name), ".{}")
+            else:
+                cell[0] = _fields_nul(fields, info.cls, getattr, ".{}")
+        del building[id(info.cls)]
+        return cell[0]
+    return None  # numbers, bytes, literals, enums, Any...: no text of the caller's to look into
+
+
+def _items_nul(item: NulCheck | None) -> NulCheck | None:
+    if item is None:
+        return None
+
+    def check(value: Any) -> str | None:
+        if isinstance(value, list | tuple | set | frozenset):
+            for i, x in enumerate(value):
+                if (where := item(x)) is not None:
+                    return f"[{i}]{where}" if isinstance(value, list | tuple) else f"[{x!r}]{where}"
+        return None
+
+    return check
+
+
+def _dict_nul(key: NulCheck | None, val: NulCheck | None) -> NulCheck | None:
+    if key is None and val is None:
+        return None
+
+    def check(value: Any) -> str | None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if key is not None and key(k) is not None:
+                    return f"[{k!r}] (its key)"
+                if val is not None and (where := val(v)) is not None:
+                    return f"[{k!r}]{where}"
+        return None
+
+    return check
+
+
+def _fields_nul(fields: list[tuple[Any, NulCheck]], cls: type, get: Callable[[Any, Any], Any], form: str) -> NulCheck:
+    def check(value: Any) -> str | None:
+        if isinstance(value, cls):
+            for name, field in fields:
+                if (where := field(get(value, name))) is not None:
+                    return form.format(name) + where
+        return None
+
+    return check
 
 
 #: The opcodes through which a coroutine can give up control: ``await``, ``async for`` and ``async with``.

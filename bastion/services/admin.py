@@ -75,7 +75,7 @@ async def methods(ctx: Context) -> list[dict[str, Any]]:
 
 def create_service(backups: Backups | None = None) -> Service:
     """The admin service of one server; ``backups`` adds ``backup`` and ``backups``."""
-    svc = Service("admin", doc=DOC)
+    svc = Service("admin", doc=DOC, refuse_nul=True)
     svc.method(public=True, idempotent=True, priority=10)(health)
     svc.method(public=True, idempotent=True, priority=10)(ready)
     svc.method(public=True, idempotent=True)(methods)

@@ -7,7 +7,9 @@ users, roles and tokens needs the ``admin`` role, which is checked before a
 handler runs, so a denial never reveals whether the target exists.
 
 Secrets: passwords arrive only as call arguments and are hashed with
-argon2id; tokens are returned once, at creation, and stored as digests.
+argon2id (typed ``OpaqueText``: any character, NUL too, as only the hash is
+stored; every other text argument holding NUL is refused by the dispatcher,
+``refuse_nul``); tokens are returned once, at creation, and stored as digests.
 Neither ever reaches the audit log, nor does a failed login's username that
 names no user (it may be a password typed into the wrong field): that is
 logged as a short keyed hash, ``<unknown 0123456789abcdef>``.
@@ -42,7 +44,7 @@ from bastion.security.credentials import CredentialStore, Token, User
 from bastion.security.passwords import PasswordHasher
 from bastion.security.principal import ADMIN_ROLE, USER_NAME
 from bastion.security.throttle import LoginThrottle
-from bastion.service import Context, Service
+from bastion.service import Context, OpaqueText, Service
 
 __all__ = ["DeletedUser", "LoginResult", "Reassign", "TokenInfo", "Unlocked", "UserInfo", "create_service"]
 
@@ -166,7 +168,7 @@ def create_service(
     domains = dict(owned_data or {})
     cfg = config or AuthConfig()
     name_key = secrets.token_bytes(32)  # keys the hashes unknown usernames are logged as (this process only)
-    service = Service("auth", doc="Login, identity, users, roles and tokens.")
+    service = Service("auth", doc="Login, identity, users, roles and tokens.", refuse_nul=True)
 
     async def _issue(user: str, kind: str, label: str, ttl: float | None) -> NewToken:
         token = new_token()
@@ -186,7 +188,7 @@ def create_service(
         return ended
 
     @service.method(public=True, priority=5)
-    async def login(ctx: Context, username: str, password: str) -> LoginResult:
+    async def login(ctx: Context, username: str, password: OpaqueText) -> LoginResult:
         """Exchange a username and password for a session token."""
         source = _source(ctx)
         # A name no user can have is an unknown user, throttled per source only: it keys no
@@ -233,7 +235,7 @@ def create_service(
         return Identity(p.name, sorted(p.roles), p.authenticated, p.mechanism, p.token_id, p.expires_at, limits, usage)
 
     @service.method
-    async def change_password(ctx: Context, old_password: str, new_password: str) -> bool:
+    async def change_password(ctx: Context, old_password: OpaqueText, new_password: OpaqueText) -> bool:
         """Change the caller's own password (the old one is required)."""
         source = _source(ctx)
         name = ctx.principal.name
@@ -254,7 +256,7 @@ def create_service(
 
     @service.method(roles=_ADMIN)
     async def create_user(
-        ctx: Context, name: str, password: str | None = None, roles: list[str] | None = None
+        ctx: Context, name: str, password: OpaqueText | None = None, roles: list[str] | None = None
     ) -> UserInfo:
         """Create a user (admin)."""
         _check_username(name)
@@ -301,12 +303,8 @@ def create_service(
         await store.set_access(before.name, before.roles, before.disabled)
         raise FailedPrecondition(_last_admin(before.name))
 
-    async def _user(name: str) -> User | None:
-        """``name``'s record; None for a name holding NUL, as no user name does (nor can PostgreSQL text)."""
-        return None if "\x00" in name else await store.get_user(name)
-
     async def _get(name: str) -> User:
-        user = await _user(name)
+        user = await store.get_user(name)
         if user is None:
             raise NotFound(f"no user {name!r}")
         return user
@@ -324,7 +322,7 @@ def create_service(
         if transfer_to is not None:
             if transfer_to == name:
                 raise InvalidArgument("transfer_to must be another user")
-            heir = await _user(transfer_to)
+            heir = await store.get_user(transfer_to)
             if heir is None:
                 raise NotFound(f"no user {transfer_to!r} to transfer the data to")
         if _enabled_admin(target):  # disabled first, under the guard, so no concurrent removal leaves no admin
@@ -375,7 +373,7 @@ def create_service(
         return _user_info(user)
 
     @service.method(roles=_ADMIN)
-    async def set_password(ctx: Context, name: str, password: str) -> bool:
+    async def set_password(ctx: Context, name: str, password: OpaqueText) -> bool:
         """Set a user's password (admin)."""
         if problem := PasswordHasher.check_policy(password):
             raise InvalidArgument(problem)
@@ -426,8 +424,6 @@ def create_service(
         await _get(name)
         if ttl is not None and not (math.isfinite(ttl) and ttl > 0):  # NaN and inf would store no expiry at all
             raise InvalidArgument("ttl must be a positive, finite number of seconds")
-        if "\x00" in label:  # PostgreSQL text cannot hold NUL: refused alike on every store
-            raise InvalidArgument("label must not contain NUL")
         issued = await _issue(name, "api", label[:200], ttl if ttl is not None else (cfg.token_ttl or None))
         audit("admin.create_token", principal=ctx.principal.name, peer=ctx.peer, target=name, token_id=issued.id)
         return issued
@@ -435,15 +431,11 @@ def create_service(
     @service.method(roles=_ADMIN, idempotent=True)
     async def list_tokens(ctx: Context, user: str | None = None) -> list[TokenInfo]:
         """Tokens (admin), optionally one user's; never the tokens themselves."""
-        if user is not None and "\x00" in user:  # no user name holds NUL (nor can PostgreSQL text)
-            return []
         return [_token_info(t) for t in await store.list_tokens(user)]
 
     @service.method(roles=_ADMIN, idempotent=True)
     async def revoke_token(ctx: Context, id: str) -> bool:
         """Revoke a token by id (admin); connections using it close within seconds."""
-        if "\x00" in id:  # no token id holds NUL (nor can PostgreSQL text)
-            raise NotFound(f"no token {id!r}")
         done = await store.revoke_token(id, time.time())
         if not done and await store.token_by_id(id) is None:
             raise NotFound(f"no token {id!r}")

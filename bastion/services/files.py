@@ -188,7 +188,9 @@ class Files:
         self._sweeper: asyncio.Task[None] | None = None
         #: The latest principal of each uploader seen here, for those without a credential store row.
         self._seen: dict[str, Principal] = {}
-        self.service = Service("files", doc="Streamed, verified, resumable file storage with quotas and sharing.")
+        self.service = Service(
+            "files", doc="Streamed, verified, resumable file storage with quotas and sharing.", refuse_nul=True
+        )
         declare(self, self.service)
 
     def blob_path(self, sha256: str) -> Path:
@@ -281,10 +283,9 @@ class Files:
             assert name is not None
             who = owner or principal.name
             label = f"{who}:{name}" if owner else name
-            if "\x00" not in who:  # no user name holds NUL (nor can PostgreSQL text): such an owner has no file
-                record = await self.store.files_get_by_name(who, check_name(name))
-                if record is None and check_name(name) != name:  # stored un-normalized by an older server
-                    record = await self.store.files_get_by_name(who, name)
+            record = await self.store.files_get_by_name(who, check_name(name))
+            if record is None and check_name(name) != name:  # stored un-normalized by an older server
+                record = await self.store.files_get_by_name(who, name)
         access = None if record is None else await self._access(principal, record)
         if record is None or access is None:
             raise NotFound(f"no file {label!r}")  # the same whether missing or not readable

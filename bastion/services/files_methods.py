@@ -137,8 +137,8 @@ def declare(files: Files, svc: Service) -> None:
                 key = msgspec.json.decode(after, type=tuple[str, str])
             except msgspec.DecodeError:
                 raise InvalidArgument("after must be the 'next' of a previous page") from None
-        if "\x00" in prefix + (owner or "") + "".join(key or ()):  # no file or user name holds NUL: none match
-            return FilePage([], None)  # (and PostgreSQL text cannot hold NUL to compare with: do not ask it)
+        if key is not None and "\x00" in key[0] + key[1]:  # a cursor's names: no file or user name holds NUL, so
+            return FilePage([], None)  # none follow it (and PostgreSQL text cannot hold NUL to compare with)
         p = ctx.principal
         viewer = None if all else p.name
         records = await store.files_list(
@@ -252,5 +252,5 @@ def declare(files: Files, svc: Service) -> None:
         who = user or ctx.principal.name
         if who != ctx.principal.name and not _is_admin(ctx.principal):
             raise PermissionDenied("another user's usage needs the admin role")
-        used, reserved = (0, 0) if "\x00" in who else await store.files_usage(who)  # no user name holds NUL
+        used, reserved = await store.files_usage(who)
         return Usage(who, used, reserved, files.config.quota_bytes)

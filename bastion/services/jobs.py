@@ -117,7 +117,9 @@ class Jobs:
         self._wake: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
-        self.service = Service("jobs", doc="Computation jobs: submit, watch progress, cancel, fetch results.")
+        self.service = Service(
+            "jobs", doc="Computation jobs: submit, watch progress, cancel, fetch results.", refuse_nul=True
+        )
         declare(self, self.service)
 
     def __repr__(self) -> str:

@@ -114,7 +114,9 @@ class KV:
         self.quota = KVQuota(self.config.quota_keys, self.config.quota_bytes)
         self._background = Background()
         self._log = ChangeLogTrimmer(store, self.config.history, self.config.history_bytes)
-        self.service = Service("kv", doc="Key-value storage with versions, compare-and-swap, TTLs and watches.")
+        self.service = Service(
+            "kv", doc="Key-value storage with versions, compare-and-swap, TTLs and watches.", refuse_nul=True
+        )
         declare(self, self.service)
 
     async def start(self) -> None:
@@ -185,13 +187,13 @@ class KV:
                 size = len(key.encode())  # strict UTF-8: a lone surrogate raises
             except UnicodeEncodeError:
                 size = -1
-        if 0 < size <= self.config.max_key_bytes and "\x00" not in key:
+        if 0 < size <= self.config.max_key_bytes:  # (and no NUL: the dispatcher refused that, see refuse_nul)
             return
         if not key:
             raise InvalidArgument(f"{what} must not be empty")
         if size > self.config.max_key_bytes:
             raise InvalidArgument(f"{what} is {size} bytes, over kv.max_key_bytes ({self.config.max_key_bytes})")
-        raise InvalidArgument(f"{what} must be valid text without NUL characters")
+        raise InvalidArgument(f"{what} must be valid text")
 
     def check_write(
         self,
@@ -203,14 +205,14 @@ class KV:
         now: float,
     ) -> KVWrite:
         """The store's write for ``put``'s arguments, once they are within limits."""
-        if not (key.isascii() and 0 < len(key) <= self.config.max_key_bytes and "\x00" not in key):
+        if not (key.isascii() and 0 < len(key) <= self.config.max_key_bytes):
             self.check_key(key)  # check_key's first case, inline; the others (and their errors) there
         if len(value) > self.config.max_value_bytes:
             raise InvalidArgument(
                 f"value of {key!r} is {len(value)} bytes, over kv.max_value_bytes ({self.config.max_value_bytes})"
             )
-        if len(content_type) > _MAX_CONTENT_TYPE or "\x00" in content_type:  # PostgreSQL text cannot hold NUL
-            raise InvalidArgument(f"content_type must not contain NUL nor be over {_MAX_CONTENT_TYPE} characters")
+        if len(content_type) > _MAX_CONTENT_TYPE:
+            raise InvalidArgument(f"content_type must not be over {_MAX_CONTENT_TYPE} characters")
         if expected_version is not None and expected_version < 0:
             raise InvalidArgument("expected_version must be 0 (must not exist) or a version")
         expires = None

@@ -200,13 +200,11 @@ def _not_found(id_: int) -> NotFound:
 
 
 def _text(value: str, what: str, limit: int, key: str) -> int:
-    """The UTF-8 size of ``value``, once it is valid text without NUL within ``limit`` bytes."""
+    """The UTF-8 size of ``value``, once it is valid text within ``limit`` bytes (NUL: refused by refuse_nul)."""
     try:
         size = len(value.encode())
     except UnicodeEncodeError:
         raise InvalidArgument(f"{what} must be valid text") from None
-    if "\x00" in value:
-        raise InvalidArgument(f"{what} must not contain NUL characters")
     if size > limit:
         raise InvalidArgument(f"{what} is {size} bytes, over {key} ({limit})")
     return size

@@ -48,6 +48,7 @@ class Messages:
         self.service = Service(
             "messages",
             doc="Messages between clients: mailboxes (store-and-forward, as email) and topics (publish/subscribe).",
+            refuse_nul=True,
         )
         holds = holds or (lambda namespace: None)
         self.mail = Mailboxes(store, self.config, leader=leader, watch_holds=holds("mail-watch"))

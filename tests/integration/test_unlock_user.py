@@ -86,7 +86,7 @@ def test_unlocking_is_for_admins_and_names_a_user(server_factory: Any) -> None:
             user.auth.login(username="victim", password=RIGHT)
         with pytest.raises(bastion.NotFound):
             root.auth.unlock_user(name="nobody")
-        with pytest.raises(bastion.NotFound):
+        with pytest.raises(bastion.InvalidArgument, match="argument name must not contain NUL"):
             root.auth.unlock_user(name="nul\x00")
     assert _audit(server, "admin.unlock_user") == []
 

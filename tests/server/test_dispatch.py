@@ -32,6 +32,7 @@ from bastion import (
 )
 from bastion.exceptions import error_for_status
 from bastion.server.dispatch import GROWTH_WORST, args_growth
+from bastion.service import OpaqueText
 from bastion.status import Status
 from bastion.testing import ANONYMOUS
 
@@ -167,6 +168,68 @@ def test_nested_argument_errors_name_the_path() -> None:
     assert isinstance(error, InvalidArgument)
     assert "Expected `str`, got `int`" in error.message
     assert "`tags[1]`" in error.message
+
+
+class Tree(msgspec.Struct):
+    label: str
+    kids: list["Tree"] = []
+    weight: int | str = 0
+
+
+plain = Service("plain")
+strict = Service("strict", refuse_nul=True)
+for svc in (plain, strict):
+
+    @svc.method(name="take")
+    async def take(
+        text: str = "",
+        maybe: str | None = None,
+        names: list[str] | None = None,
+        labels: dict[str, str] | None = None,
+        pair: tuple[int, str] | None = None,
+        tree: Tree | None = None,
+        secret: OpaqueText = "",
+        secrets: list[OpaqueText] | None = None,
+        anything: Any = None,
+        raw: bytes = b"",
+    ) -> int:
+        return 1
+
+
+@pytest.mark.parametrize(
+    ("args", "where"),
+    [
+        ({"text": "a\x00"}, "text"),
+        ({"maybe": "\x00"}, "maybe"),
+        ({"names": ["ok", "n\x00"]}, "names[1]"),
+        ({"labels": {"k": "v\x00"}}, "labels['k']"),
+        ({"labels": {"k\x00": "v"}}, "labels['k\\x00'] (its key)"),
+        ({"pair": [1, "\x00"]}, "pair[1]"),
+        ({"tree": {"label": "root", "kids": [{"label": "x", "weight": "w\x00"}]}}, "tree.kids[0].weight"),
+        ({"tree": {"label": "r", "kids": [{"label": "a", "kids": [{"label": "\x00"}]}]}}, "tree.kids[0].kids[0].label"),
+    ],
+)
+def test_a_refuse_nul_service_refuses_text_holding_nul_anywhere_in_its_arguments(
+    args: dict[str, Any], where: str
+) -> None:
+    async def main() -> None:
+        async with bastion.testing.connect([strict, plain]) as client:
+            with pytest.raises(InvalidArgument) as refused:
+                await client.call("strict.take", **args)
+            assert refused.value.message == f"strict.take: argument {where} must not contain NUL characters"
+            assert await client.call("plain.take", **args) == 1  # a user's service: its text is its own
+
+    run(main())
+
+
+def test_a_refuse_nul_service_takes_nul_in_opaque_text_values_of_any_type_and_bytes() -> None:
+    async def main() -> None:
+        async with bastion.testing.connect(strict) as client:
+            args = {"secret": "p\x00w", "secrets": ["\x00"], "anything": ["\x00", {"k\x00": "\x00"}], "raw": b"\x00"}
+            assert await client.call("strict.take", **args) == 1
+            assert await client.call("strict.take", text="no nul", tree={"label": "t", "weight": 5}) == 1
+
+    run(main())
 
 
 def test_a_bad_stream_item_is_invalid_argument() -> None:

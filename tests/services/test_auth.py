@@ -167,9 +167,11 @@ def test_a_token_label_holding_nul_is_refused_on_every_backend(tmp_path: Path) -
     run(test, tmp_path)
 
 
-def test_admin_lookups_of_names_holding_nul_find_nothing_on_every_backend(tmp_path: Path) -> None:
+def test_admin_lookups_of_names_holding_nul_are_refused_alike_on_every_backend(tmp_path: Path) -> None:
     """No user name or token id holds NUL: SQLite answered NOT_FOUND (or nothing), but PostgreSQL (whose text cannot
-    hold NUL) failed these calls with the store's own error ("store: value rejected: CharacterNotInRepertoireError")."""
+    hold NUL) failed these calls with the store's own error ("store: value rejected: CharacterNotInRepertoireError").
+    A per-method guard then answered NOT_FOUND on both; the dispatcher's rule (refuse_nul) now answers
+    INVALID_ARGUMENT naming the argument, as it does for every text argument of a built-in method."""
 
     async def test(w: World) -> None:
         admin = w.server.client(principal=TESTER)
@@ -183,9 +185,10 @@ def test_admin_lookups_of_names_holding_nul_find_nothing_on_every_backend(tmp_pa
             ("create_token", {"user": "svc\x00"}),
             ("revoke_token", {"id": "tok_\x00"}),
         ]:
-            with pytest.raises(bastion.NotFound):
+            with pytest.raises(bastion.InvalidArgument, match=rf"auth\.{method}: argument .* must not contain NUL"):
                 await admin.invoke(f"auth.{method}", args)
-        assert await admin.auth.list_tokens(user="svc\x00") == []
+        with pytest.raises(bastion.InvalidArgument, match="argument user must not contain NUL"):
+            await admin.auth.list_tokens(user="svc\x00")
         assert [u["name"] for u in await admin.auth.list_users() if u["name"] == "svc"] == ["svc"]  # still there
 
     run(test, tmp_path)

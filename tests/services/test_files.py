@@ -257,33 +257,37 @@ def test_list_pages_by_owner_and_name_and_admin_sees_all(tmp_path: Path) -> None
     run(test, tmp_path)
 
 
-def test_a_list_naming_nul_matches_nothing_on_every_backend(tmp_path: Path) -> None:
+def test_a_list_naming_nul_is_answered_alike_on_every_backend(tmp_path: Path) -> None:
     """No file name or user name holds NUL, so a prefix, owner or cursor with one matches nothing: SQLite answered
     an empty page, but PostgreSQL (whose text cannot hold NUL) failed the call with the store's own error
-    ("store: value rejected: CharacterNotInRepertoireError: ...")."""
+    ("store: value rejected: CharacterNotInRepertoireError: ..."). A prefix or owner holding NUL is now refused by
+    the dispatcher's rule (refuse_nul) on both; a cursor's names (escaped in its JSON) still match nothing."""
 
     async def test(w: World) -> None:
         await w.put(w.alice, "a", b"a")
         cursor = msgspec.json.encode(["alice", "a\x00"]).decode()
-        for args in ({"prefix": "a\x00"}, {"owner": "alice\x00"}, {"after": cursor}):
-            assert await w.alice.files.list(**args) == {"files": [], "next": None}, args
+        for args in ({"prefix": "a\x00"}, {"owner": "alice\x00"}):
+            with pytest.raises(bastion.InvalidArgument, match="must not contain NUL"):
+                await w.alice.files.list(**args)
+        assert await w.alice.files.list(after=cursor) == {"files": [], "next": None}
 
     run(test, tmp_path)
 
 
-def test_an_owner_holding_nul_owns_nothing_on_every_backend(tmp_path: Path) -> None:
+def test_an_owner_holding_nul_is_refused_alike_on_every_backend(tmp_path: Path) -> None:
     """No user name holds NUL: SQLite answered NOT_FOUND (and no usage), but PostgreSQL (whose text cannot hold NUL)
-    failed these calls with the store's own error ("store: value rejected: CharacterNotInRepertoireError")."""
+    failed these calls with the store's own error ("store: value rejected: CharacterNotInRepertoireError").
+    The dispatcher's rule (refuse_nul) now answers INVALID_ARGUMENT naming the argument on both."""
 
     async def test(w: World) -> None:
         await w.put(w.alice, "a", b"a")
         for method in ("stat", "shares", "delete"):
-            with pytest.raises(bastion.NotFound):
+            with pytest.raises(bastion.InvalidArgument, match="argument owner must not contain NUL"):
                 await w.admin.invoke(f"files.{method}", {"name": "a", "owner": "alice\x00"})
-        with pytest.raises(bastion.NotFound):
+        with pytest.raises(bastion.InvalidArgument, match="argument owner must not contain NUL"):
             await w.admin.files.unshare(name="a", owner="alice\x00", user="bob")
-        usage = await w.admin.files.usage(user="alice\x00")
-        assert (usage["files_bytes"], usage["reserved_bytes"]) == (0, 0)
+        with pytest.raises(bastion.InvalidArgument, match="argument user must not contain NUL"):
+            await w.admin.files.usage(user="alice\x00")
         assert (await w.alice.files.stat(name="a"))["size"] == 1  # untouched
 
     run(test, tmp_path)

@@ -356,16 +356,17 @@ def test_only_the_owner_or_an_admin_sees_a_job(tmp_path: Path) -> None:
     run(test, tmp_path)
 
 
-def test_a_job_id_holding_nul_is_no_job_on_every_backend(tmp_path: Path) -> None:
+def test_a_job_id_holding_nul_is_refused_alike_on_every_backend(tmp_path: Path) -> None:
     """Job ids are hex: one holding NUL names no job. SQLite answered NOT_FOUND, but PostgreSQL (whose text cannot
-    hold NUL) failed the call with the store's own error ("store: value rejected: CharacterNotInRepertoireError")."""
+    hold NUL) failed the call with the store's own error ("store: value rejected: CharacterNotInRepertoireError").
+    The dispatcher's rule (refuse_nul) now answers INVALID_ARGUMENT naming the argument on both."""
 
     async def test(w: World) -> None:
         ada = w.client(ADA)
         for call in ("status", "result", "cancel"):
-            with pytest.raises(bastion.NotFound, match="no job"):
+            with pytest.raises(bastion.InvalidArgument, match=rf"jobs\.{call}: argument id must not contain NUL"):
                 await getattr(ada.jobs, call)(id="01\x00")
-        with pytest.raises(bastion.NotFound, match="no job"):
+        with pytest.raises(bastion.InvalidArgument, match=r"jobs\.watch: argument id must not contain NUL"):
             await anext(aiter(ada.stream("jobs.watch", id="01\x00")))
 
     run(test, tmp_path)
@@ -376,7 +377,7 @@ def test_a_list_cursor_holding_nul_is_refused_on_every_backend(tmp_path: Path) -
     NUL) failed the call with the store's own error ("store: value rejected: CharacterNotInRepertoireError")."""
 
     async def test(w: World) -> None:
-        with pytest.raises(bastion.InvalidArgument, match="after must be a job id"):
+        with pytest.raises(bastion.InvalidArgument, match="argument after must not contain NUL"):
             await w.client(ADA).jobs.list(after="01\x00")
 
     run(test, tmp_path)

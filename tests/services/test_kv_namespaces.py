@@ -87,12 +87,15 @@ def test_a_put_racing_delete_namespace_leaves_no_key_behind(tmp_path: Path) -> N
     run(test, tmp_path)
 
 
-def test_a_namespace_name_holding_nul_names_none_on_every_backend(tmp_path: Path) -> None:
+def test_a_namespace_name_holding_nul_is_refused_alike_on_every_backend(tmp_path: Path) -> None:
     """No namespace name holds NUL: SQLite answered NOT_FOUND, but PostgreSQL (whose text cannot hold NUL) failed
-    the call with the store's own error ("store: value rejected: CharacterNotInRepertoireError")."""
+    the call with the store's own error ("store: value rejected: CharacterNotInRepertoireError"); kv.set_access
+    still did after a guard was added here. The dispatcher's rule (refuse_nul) now answers INVALID_ARGUMENT for both."""
 
     async def test(w: World) -> None:
-        with pytest.raises(bastion.NotFound, match="no namespace"):
+        with pytest.raises(bastion.InvalidArgument, match=r"kv\.delete_namespace: argument name must not contain NUL"):
             await w.admin.kv.delete_namespace(name="team\x00")
+        with pytest.raises(bastion.InvalidArgument, match=r"kv\.set_access: argument name must not contain NUL"):
+            await w.admin.kv.set_access(name="team\x00", readers=[], writers=[])
 
     run(test, tmp_path)

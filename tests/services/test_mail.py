@@ -49,7 +49,7 @@ async def world(tmp_path: Path, config: MessagesConfig) -> AsyncIterator[World]:
         for p in (ADA, BOB, CY, EVE, ROOT):
             await store.create_user(User(p.name, p.roles))
         mail = Mailboxes(store, config)
-        service = Service("messages")
+        service = Service("messages", refuse_nul=True)  # as Messages declares it
         mail.declare(service)
         files = Files(store, tmp_path / "files")
         await mail.start()

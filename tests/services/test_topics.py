@@ -45,7 +45,7 @@ class World:
 
 
 def topics_service(topics: Topics) -> Service:
-    service = Service("messages")
+    service = Service("messages", refuse_nul=True)  # as Messages declares it
     topics.declare(service)
     return service
 
