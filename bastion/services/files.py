@@ -68,7 +68,10 @@ contents begun through a write share reserve the *owner's* quota -- at most
 than ``max_open_uploads`` uploads open. An owner holds at most ``max_files``
 files, counting the open uploads that may make new ones. The owner sees those uploads
 (``uploads``, ``upload_status``, naming the uploader) and may
-``cancel_upload`` them, releasing the reservation at once; only the uploader
+``cancel_upload`` them, releasing the reservation at once (an upload not open
+for the caller -- cancelled by an earlier try, finished, expired, someone
+else's -- answers false, all alike: a retry is no error, and the answer tells
+nothing of others' uploads); only the uploader
 (or an admin) sends their bytes. Withdrawing the share (or making it
 read-only) cancels the open uploads of those it leaves without write
 access (their streams end NOT_FOUND, the file keeps its contents) and so
@@ -318,9 +321,11 @@ class Files:
         except FileNotFoundError:
             return 0
 
-    async def _discard(self, upload: UploadRecord) -> None:
-        await self.store.files_delete_upload(upload.id)
+    async def _discard(self, upload: UploadRecord) -> bool:
+        """Drop ``upload``'s record and file; whether this call dropped the record (False: already gone)."""
+        dropped = await self.store.files_delete_upload(upload.id)
         await _in_thread(self._disk.remove_upload, upload.id)
+        return dropped
 
     # -- upload ------------------------------------------------------------------------
 

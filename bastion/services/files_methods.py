@@ -106,9 +106,14 @@ def declare(files: Files, svc: Service) -> None:
 
     @svc.method(idempotent=True)
     async def cancel_upload(ctx: Context, upload_id: str) -> bool:
-        """Discard an open upload (the caller's, or one charged to its quota) and release its reservation."""
-        await files._discard(await files._own_upload(ctx.principal, upload_id, or_charged=True))
-        return True
+        """Discard an open upload (the caller's, or one charged to its quota) and release its reservation;
+        False if none by that id is open for the caller (already cancelled -- a retry's answer --, finished,
+        expired, or not the caller's: all alike, so the answer tells nothing of others' uploads)."""
+        try:
+            found = await files._own_upload(ctx.principal, upload_id, or_charged=True)
+        except NotFound:
+            return False
+        return await files._discard(found)
 
     @svc.method(idempotent=True)
     async def stat(

@@ -317,3 +317,37 @@ def test_deleting_a_file_cancels_the_uploads_replacing_it_and_releases_their_res
             await w.bob.files.upload_status(upload_id=bobs["upload_id"])
 
     run(test, tmp_path, config)
+
+
+def test_cancel_upload_retried_answers_alike_and_tells_nothing_of_others_uploads(tmp_path: Path) -> None:
+    """``cancel_upload`` is idempotent, so the client's failover retries it after a lost reply; but the retry
+    found the upload gone (the first try had cancelled it) and answered NOT_FOUND, a cancel that worked
+    reported as failed. An upload not open for the caller -- cancelled already, finished, expired, never
+    begun, or someone else's -- now answers false, all alike; true means this call cancelled it."""
+    config = FilesConfig(quota_bytes=10_000, chunk_bytes=CHUNK)
+
+    async def test(w: World) -> None:
+        mine = await w.alice.files.begin_upload(name="a", size=10, sha256=sha(b"a" * 10))
+        assert await w.alice.files.cancel_upload(upload_id=mine["upload_id"]) is True
+        assert await w.alice.files.cancel_upload(upload_id=mine["upload_id"]) is False  # the retry
+        assert (await w.alice.files.usage())["reserved_bytes"] == 0
+
+        doc = await w.put(w.alice, "doc", b"x")
+        await w.alice.files.share(file_id=doc["id"], user="bob", mode="write")
+        bobs = await w.bob.files.begin_upload(file_id=doc["id"], size=5, sha256=sha(b"b" * 5))
+        # Someone else's upload answers as one that never was, and stays open.
+        for upload_id in (bobs["upload_id"], "u-" + "0" * 32, "not an id"):
+            assert await w.carol.files.cancel_upload(upload_id=upload_id) is False
+        assert (await w.bob.files.upload_status(upload_id=bobs["upload_id"]))["offset"] == 0
+        # The owner cancels a grantee's upload; the owner's retry and the uploader's cancel find it gone.
+        assert await w.alice.files.cancel_upload(upload_id=bobs["upload_id"]) is True
+        assert await w.alice.files.cancel_upload(upload_id=bobs["upload_id"]) is False
+        assert await w.bob.files.cancel_upload(upload_id=bobs["upload_id"]) is False
+        assert (await w.alice.files.usage())["reserved_bytes"] == 0
+
+        done = await w.alice.files.begin_upload(name="b", size=1, sha256=sha(b"b"))
+        assert (await w.alice.upload("files.upload", [b"b"], upload_id=done["upload_id"]))["complete"]
+        assert await w.alice.files.cancel_upload(upload_id=done["upload_id"]) is False  # finished: the file stays
+        assert await w.get(w.alice, name="b") == b"b"
+
+    run(test, tmp_path, config)
