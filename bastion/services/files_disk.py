@@ -172,12 +172,21 @@ class _Disk:
         fsync_dir(target.parent)
 
     def orphans(self, known: Callable[[str], bool], older_than: float) -> list[str]:
-        """The ids of upload files (and spares) older than ``older_than`` that ``known`` does not claim."""
+        """The ids of upload files (and spares) older than ``older_than`` that ``known`` does not claim.
+
+        A file removed between the listing and its stat (a commit, a cancel) is skipped: it is no orphan."""
         out = set()
-        for entry in os.scandir(self.uploads):
-            upload_id = entry.name.removesuffix(_SPARE)
-            if _UPLOAD_ID.match(upload_id) and entry.stat().st_mtime < older_than and not known(upload_id):
-                out.add(upload_id)
+        with os.scandir(self.uploads) as entries:
+            for entry in entries:
+                upload_id = entry.name.removesuffix(_SPARE)
+                if not _UPLOAD_ID.match(upload_id):
+                    continue
+                try:
+                    mtime = entry.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if mtime < older_than and not known(upload_id):
+                    out.add(upload_id)
         return sorted(out)
 
 

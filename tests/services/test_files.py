@@ -422,6 +422,47 @@ def test_an_upload_whose_bytes_keep_arriving_does_not_expire(tmp_path: Path) -> 
     run(test, tmp_path, config)
 
 
+def test_the_orphan_scan_skips_an_upload_file_that_vanishes_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload file removed while the sweep scanned the uploads directory (a commit or a cancel removing
+    its file between the listing and the stat) raised FileNotFoundError out of the scan, and the sweep's
+    whole orphan pass was lost until the next one. The file is removed at exactly that point here: right
+    after the listing yields its entry, before the scan stats it."""
+    vanishing = "u-" + "2" * 32
+    real_scandir = os.scandir
+
+    class Scandir:  # os.scandir's iterator, removing one file right after the listing yields its entry
+        def __init__(self, path: Any) -> None:
+            self.entries = real_scandir(path)
+
+        def __enter__(self) -> Scandir:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.entries.close()
+
+        def __iter__(self) -> Iterator[os.DirEntry[str]]:
+            for entry in self.entries:
+                if entry.name == vanishing:
+                    os.unlink(entry.path)  # gone between the listing and the stat
+                yield entry
+
+    async def test(w: World) -> None:
+        await w.files.aclose()  # its background sweep stopped: the test's is the only one to scan
+        uploads = w.directory / "uploads"
+        for upload_id in ("u-" + "1" * 32, vanishing, "u-" + "3" * 32):
+            (uploads / upload_id).write_bytes(b"left behind")
+            os.utime(uploads / upload_id, (0, 0))
+        monkeypatch.setattr(os, "scandir", Scandir)
+        counts = await w.files.sweep(time.time())
+        monkeypatch.undo()
+        assert counts == {"uploads_expired": 0, "blobs_deleted": 0, "orphans_removed": 2}
+        assert list(uploads.iterdir()) == []
+
+    run(test, tmp_path)
+
+
 def test_uploads_belong_to_their_uploader(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         info = await w.alice.files.begin_upload(name="x", size=3, sha256=sha(b"abc"))
