@@ -77,7 +77,9 @@ read-only) cancels the open uploads of those it leaves without write
 access (their streams end NOT_FOUND, the file keeps its contents) and so
 releases the quota. Whatever took the access away (a role too), an upload
 of new contents checks it again, with the uploader's current roles, just
-before its commit.
+before its commit. A disabled user (its credential-store row says so) may
+write nothing: its commit is refused, and a withdrawal cancels its uploads
+for the file whatever share named them.
 """
 
 from __future__ import annotations
@@ -232,23 +234,25 @@ class Files:
         if len(self._seen) > SEEN_PRINCIPALS:
             del self._seen[next(iter(self._seen))]  # the least recently seen
 
-    async def _stored_roles(self, principal: Principal) -> Principal:
-        """``principal`` with the roles its credential-store row holds now (none if disabled), when it has
-        one: a role taken away counts at once, not at the session's next revalidation (seconds later, or
-        never while revalidation fails). A principal without a row (another authenticator's) as given."""
+    async def _stored_roles(self, principal: Principal) -> Principal | None:
+        """``principal`` with the roles its credential-store row holds now, when it has one: a role taken
+        away counts at once, not at the session's next revalidation (seconds later, or never while
+        revalidation fails); None if the row is disabled (no access at all, not even through a share to its
+        name). A principal without a row (another authenticator's) as given."""
         user = None if self.users is None else await self.users.get_user(principal.name)
         if user is None:
             return principal
-        roles = frozenset() if user.disabled else user.roles
-        return principal if roles == principal.roles else msgspec.structs.replace(principal, roles=roles)
+        if user.disabled:
+            return None
+        return principal if user.roles == principal.roles else msgspec.structs.replace(principal, roles=user.roles)
 
     async def _access(self, principal: Principal, record: FileRecord) -> str | None:
         return access_of(principal, record, await self.store.files_shares(record.id))
 
     async def _cancel_unwritable(self, record: FileRecord) -> int:
         """After a share of ``record`` was withdrawn (or made read-only): discard the open uploads of new
-        contents for it whose uploaders can no longer write it (judged with their current roles), releasing
-        the owner's quota."""
+        contents for it whose uploaders can no longer write it (judged with their current roles; a disabled
+        user writes nothing), releasing the owner's quota."""
         cancelled = 0
         for upload in await self.store.files_list_uploads(record.owner, charged=True):
             if upload.file_id != record.id or upload.uploader == record.owner:
@@ -259,7 +263,8 @@ class Files:
                 # No row (a principal of another authenticator: a deleted user's uploads went with it) and not
                 # seen by this process: its roles are unknown here; the check at its next call decides.
                 continue
-            if RANK[await self._access(uploader, record) or "read"] < RANK["write"]:
+            disabled = user is not None and user.disabled
+            if disabled or RANK[await self._access(uploader, record) or "read"] < RANK["write"]:
                 await self._discard(upload)
                 cancelled += 1
         return cancelled
@@ -452,13 +457,15 @@ class Files:
             upload.id, position, True, _info(record, "owner" if record.owner == principal.name else "write")
         )
 
-    async def _may_still_write(self, principal: Principal, upload: UploadRecord) -> None:
+    async def _may_still_write(self, principal: Principal | None, upload: UploadRecord) -> None:
         """For new contents of an existing file: ``NotFound``/``PermissionDenied`` -- and the upload discarded,
         the owner's quota given back -- if ``principal`` may no longer write the file (a share withdrawn or
-        made read-only, a role taken away, the file deleted)."""
+        made read-only, a role taken away, the file deleted; None: a disabled user, who may write nothing)."""
         if upload.file_id is None:
             return
         try:
+            if principal is None:
+                raise NotFound(f"no file {upload.file_id!r}")
             await self._find(principal, upload.file_id, None, None, "write")
         except (NotFound, PermissionDenied):
             await self._discard(upload)  # it can never finish
@@ -528,6 +535,6 @@ class Files:
         """``NotFound`` if ``principal`` can no longer read ``record`` (its share withdrawn, the role that
         granted it taken away, the file deleted or handed to someone else): a download in progress ends
         there, not at the end of the file. Judged with its roles of now, as an upload's commit is."""
-        current = await self.store.files_get(record.id)
-        if current is None or await self._access(await self._stored_roles(principal), current) is None:
+        current, now_as = await self.store.files_get(record.id), await self._stored_roles(principal)
+        if current is None or now_as is None or await self._access(now_as, current) is None:
             raise NotFound(f"file {record.id!r} is no longer there or no longer shared with you; the download ends")

@@ -17,7 +17,7 @@ from bastion.security.principal import Principal
 from bastion.services.files import Files
 from bastion.store import open_store
 from bastion.testing import MemoryServer
-from tests.services.test_files import CHUNK, World, chunks, offset_reaches, run, sha
+from tests.services.test_files import CHUNK, USERS, World, chunks, offset_reaches, run, sha
 from tests.support.stores import service_store
 
 pytestmark = pytest.mark.usefixtures("service_backend")
@@ -351,3 +351,54 @@ def test_cancel_upload_retried_answers_alike_and_tells_nothing_of_others_uploads
         assert await w.get(w.alice, name="b") == b"b"
 
     run(test, tmp_path, config)
+
+
+def test_withdrawing_a_share_cancels_the_uploads_of_a_grantee_since_disabled(tmp_path: Path) -> None:
+    """Withdrawing a share re-judges the open uploads of new contents for the file, but judged each uploader
+    by its user row's roles, not minding that the row was disabled: carol, disabled but still in "team",
+    kept her upload and the owner's quota reserved until upload_ttl, though she could send none of it. A
+    disabled user can write nothing: withdrawing a share cancels its uploads for the file too."""
+    config = FilesConfig(quota_bytes=10_000, chunk_bytes=CHUNK)
+
+    async def test(w: World) -> None:
+        users = w.files.users
+        assert users is not None
+        for user in USERS:
+            await users.create_user(user)
+        doc = await w.put(w.alice, "doc", b"x" * 100)
+        ref = {"file_id": doc["id"]}
+        await w.alice.files.share(**ref, role="team", mode="write")
+        await w.alice.files.share(**ref, user="bob", mode="write")
+        carols = await w.carol.files.begin_upload(**ref, size=1_000, sha256=sha(b"c" * 1_000))
+        await w.carol.upload("files.upload", [b"c" * 100], upload_id=carols["upload_id"])
+        await w.bob.files.begin_upload(**ref, size=2_000, sha256=sha(b"b" * 2_000))
+        assert await users.set_access("carol", frozenset({"team"}), True)  # auth.disable_user(carol)
+
+        assert await w.alice.files.unshare(**ref, user="bob") is True
+        assert (await w.alice.files.uploads())["uploads"] == []
+        assert (await w.alice.files.usage())["reserved_bytes"] == 0
+        assert not (w.directory / "uploads" / carols["upload_id"]).exists()
+
+    run(test, tmp_path, config)
+
+
+def test_a_disabled_grantee_cannot_commit_new_contents(tmp_path: Path) -> None:
+    """The commit's access check read the uploader's row and took a disabled row's roles as none -- but a
+    share to the user's own name still granted write, so a disabled user whose session had not yet been
+    ended replaced the file. A disabled user has no access at all: the upload ends NOT_FOUND, discarded."""
+
+    async def test(w: World) -> None:
+        users = w.files.users
+        assert users is not None
+        for user in USERS:
+            await users.create_user(user)
+        doc = await w.put(w.alice, "doc", b"original")
+        await w.alice.files.share(file_id=doc["id"], user="carol", mode="write")
+        info = await w.carol.files.begin_upload(file_id=doc["id"], size=10, sha256=sha(b"c" * 10))
+        assert await users.set_access("carol", frozenset({"team"}), True)  # auth.disable_user(carol)
+        with pytest.raises(bastion.NotFound, match="no file"):
+            await w.carol.upload("files.upload", [b"c" * 10], upload_id=info["upload_id"])
+        assert await w.get(w.alice, file_id=doc["id"]) == b"original"
+        assert (await w.alice.files.usage())["reserved_bytes"] == 0
+
+    run(test, tmp_path)
