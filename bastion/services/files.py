@@ -77,7 +77,8 @@ read-only) cancels the open uploads of those it leaves without write
 access (their streams end NOT_FOUND, the file keeps its contents) and so
 releases the quota. Whatever took the access away (a role too), an upload
 of new contents checks it again, with the uploader's current roles, just
-before its commit. A disabled user (its credential-store row says so) may
+before its commit (and the share it writes through is read again in the
+commit's own transaction). A disabled user (its credential-store row says so) may
 write nothing: its commit is refused, and a withdrawal cancels its uploads
 for the file whatever share named them.
 """
@@ -442,8 +443,7 @@ class Files:
             # credential store's row if there is one, else as the session's revalidation sees them).
             now_as = principal if current is None else current()
             self._remember(now_as)
-            await self._may_still_write(await self._stored_roles(now_as), upload)
-            record = await self._commit(upload)
+            record = await self._commit(upload, await self._may_still_write(await self._stored_roles(now_as), upload))
         except OSError as exc:  # the disk failed: what it holds stays, for a retry once the operator mends it
             kept = (await _in_thread(os.fstat, fd)).st_size
             raise _disk_error(
@@ -457,21 +457,24 @@ class Files:
             upload.id, position, True, _info(record, "owner" if record.owner == principal.name else "write")
         )
 
-    async def _may_still_write(self, principal: Principal | None, upload: UploadRecord) -> None:
+    async def _may_still_write(self, principal: Principal | None, upload: UploadRecord) -> frozenset[str] | None:
         """For new contents of an existing file: ``NotFound``/``PermissionDenied`` -- and the upload discarded,
         the owner's quota given back -- if ``principal`` may no longer write the file (a share withdrawn or
-        made read-only, a role taken away, the file deleted; None: a disabled user, who may write nothing)."""
+        made read-only, a role taken away, the file deleted; None: a disabled user, who may write nothing).
+        ``principal``'s roles if it writes through a share (the commit checks the share again, in its own
+        transaction: one withdrawn in between stops it), else None."""
         if upload.file_id is None:
-            return
+            return None
         try:
             if principal is None:
                 raise NotFound(f"no file {upload.file_id!r}")
-            await self._find(principal, upload.file_id, None, None, "write")
+            _, access = await self._find(principal, upload.file_id, None, None, "write")
         except (NotFound, PermissionDenied):
             await self._discard(upload)  # it can never finish
             raise
+        return principal.roles if access == "write" else None
 
-    async def _commit(self, upload: UploadRecord) -> FileRecord:
+    async def _commit(self, upload: UploadRecord, grantee_roles: frozenset[str] | None = None) -> FileRecord:
         deadline = time.monotonic() + PIN_WAIT
         while not await self.store.files_pin_blob(upload.sha256, upload.size, time.time()):
             if time.monotonic() > deadline:
@@ -487,10 +490,12 @@ class Files:
             await self.store.files_delete_upload(upload.id)
             raise _no_upload(upload.id) from None
         try:
-            record = await self.store.files_commit_upload(upload.id, _new_id("f"), time.time())
-        except (AlreadyExists, NotFound, Aborted):
+            record = await self.store.files_commit_upload(
+                upload.id, _new_id("f"), time.time(), grantee_roles=grantee_roles
+            )
+        except (AlreadyExists, NotFound, Aborted, PermissionDenied):
             # It can never be recorded (its name was taken, the file it replaces went or has other contents
-            # than it expects): the upload goes;
+            # than it expects, the share its uploader wrote through was withdrawn): the upload goes;
             # its contents, an unreferenced blob now, go at a later sweep.
             with contextlib.suppress(Exception):
                 await self._discard(upload)

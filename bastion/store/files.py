@@ -63,7 +63,7 @@ from typing import Any
 
 import msgspec
 
-from bastion.exceptions import Aborted, NotFound, ResourceExhausted
+from bastion.exceptions import Aborted, NotFound, PermissionDenied, ResourceExhausted
 from bastion.store.files_schema import POSTGRES_SCHEMA, SQLITE_SCHEMA
 
 __all__ = [
@@ -245,7 +245,9 @@ class FileStore(ABC):
         """Delete uploads last active before ``before``; their ids."""
 
     @abstractmethod
-    async def files_commit_upload(self, upload_id: str, new_id: str, at: float) -> FileRecord:
+    async def files_commit_upload(
+        self, upload_id: str, new_id: str, at: float, *, grantee_roles: frozenset[str] | None = None
+    ) -> FileRecord:
         """Turn a finished upload into a file, in one transaction, and drop the upload.
 
         A new file gets id ``new_id``; a replacement (``file_id``, or an
@@ -255,6 +257,13 @@ class FileStore(ABC):
         upload or the file it replaces is gone; ``AlreadyExists`` if its name
         was taken meanwhile; ``Aborted`` (nothing changed) if the file it
         replaces no longer has the ``expected_sha256`` contents.
+
+        ``grantee_roles``: the uploader writes the file it replaces through a
+        share (it is neither the owner nor an admin), holding these roles; the
+        commit reads the file's shares in its own transaction and goes ahead
+        only while one, ``write``, names the uploader or one of the roles:
+        ``NotFound`` (``PermissionDenied`` if a read share remains), nothing
+        changed, if the share was withdrawn since the caller checked.
         """
 
     # -- blobs ----------------------------------------------------------------------------
@@ -538,6 +547,21 @@ def _check_expected(up: UploadRecord, target: FileRecord | None) -> None:
             f"file {target.id} now has other contents (SHA-256 {target.sha256}), not the expected "
             f"{up.expected_sha256}; nothing changed: read it again and retry"
         )
+
+
+def _check_grant(up: UploadRecord, shares: list[FileShare], roles: frozenset[str]) -> None:
+    """At a grantee's commit: ``NotFound`` (``PermissionDenied`` if it may still read) unless one of ``shares``
+    (of the file ``up`` replaces) lets its uploader, holding ``roles``, write it."""
+    modes = {
+        s.mode
+        for s in shares
+        if (s.kind == "user" and s.grantee == up.uploader) or (s.kind == "role" and s.grantee in roles)
+    }
+    if "write" in modes:
+        return
+    if modes:
+        raise PermissionDenied(f"file {up.file_id!r}: a read-only share does not allow this (needs write access)")
+    raise NotFound(f"no file {up.file_id!r}")
 
 
 def _replace_target_missing(upload: UploadRecord) -> NotFound:

@@ -54,6 +54,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     UploadRecord,
     _check_expected,
     _check_file_count,
+    _check_grant,
     _check_uploader,
     _file,
     _handed_names,
@@ -260,7 +261,9 @@ class PostgresFiles(PostgresAccess, FileStore):
     async def files_expire_uploads(self, before: float) -> list[str]:
         return [str(row[0]) for row in await self._files_all(_EXPIRE_UPLOADS, before)]
 
-    async def files_commit_upload(self, upload_id: str, new_id: str, at: float) -> FileRecord:
+    async def files_commit_upload(
+        self, upload_id: str, new_id: str, at: float, *, grantee_roles: frozenset[str] | None = None
+    ) -> FileRecord:
         async def commit(conn: PgConn) -> FileRecord:
             async with conn.transaction():
                 row = await conn.fetchrow(_DELETE_UPLOAD + f" RETURNING {_UPLOAD_COLUMNS}", upload_id)
@@ -268,6 +271,8 @@ class PostgresFiles(PostgresAccess, FileStore):
                     raise NotFound(f"no upload {upload_id}")
                 up = _upload(row)
                 target = await _pg_target(conn, up, lock=True)
+                if grantee_roles is not None and target is not None:  # read with the file's row locked
+                    _check_grant(up, [_share(r) for r in await conn.fetch(_SHARES, target.id)], grantee_roles)
                 if target is None:
                     status = await conn.execute(_INSERT_FILE, new_id, up.owner, up.name, up.size, up.sha256, at, at)
                     if _count(status) != 1:

@@ -16,6 +16,7 @@ from bastion.store.files import (  # the domain's records, its SQL and the row h
     UploadRecord,
     _check_expected,
     _check_file_count,
+    _check_grant,
     _check_uploader,
     _file,
     _handed_names,
@@ -173,7 +174,9 @@ class SQLiteFiles(SQLiteAccess, FileStore):
         rows = await self._write(lambda c: c.execute(_Q["_EXPIRE_UPLOADS"], (before,)).fetchall())
         return [str(row[0]) for row in rows]
 
-    async def files_commit_upload(self, upload_id: str, new_id: str, at: float) -> FileRecord:
+    async def files_commit_upload(
+        self, upload_id: str, new_id: str, at: float, *, grantee_roles: frozenset[str] | None = None
+    ) -> FileRecord:
         def commit(c: Conn) -> FileRecord:
             row = c.execute(_Q["_GET_UPLOAD"], (upload_id,)).fetchone()
             if row is None:
@@ -181,6 +184,8 @@ class SQLiteFiles(SQLiteAccess, FileStore):
             up = _upload(row)
             c.execute(_Q["_DELETE_UPLOAD"], (upload_id,))
             target = _sqlite_target(c, up)
+            if grantee_roles is not None and target is not None:
+                _check_grant(up, [_share(r) for r in c.execute(_Q["_SHARES"], (target.id,))], grantee_roles)
             if target is None:
                 c.execute(_Q["_INSERT_FILE"], (new_id, up.owner, up.name, up.size, up.sha256, at, at))
                 record = FileRecord(new_id, up.owner, up.name, up.size, up.sha256, at, at)

@@ -402,3 +402,33 @@ def test_a_disabled_grantee_cannot_commit_new_contents(tmp_path: Path) -> None:
         assert (await w.alice.files.usage())["reserved_bytes"] == 0
 
     run(test, tmp_path)
+
+
+def test_a_share_withdrawn_after_the_last_check_stops_the_commit(tmp_path: Path) -> None:
+    """A grantee's write access was checked just before the commit, not in it: a share withdrawn between that
+    check and the commit (an unshare has deleted the share row; its pass cancelling the grantee's uploads has
+    not reached this one, or skips it: an uploader another replica serves) still let the upload replace the
+    file. The withdrawal is made at exactly that point here: as the commit pins the blob, its first step."""
+
+    async def test(w: World) -> None:
+        doc = await w.put(w.alice, "doc", b"original")
+        await w.alice.files.share(file_id=doc["id"], user="bob", mode="write")
+        info = await w.bob.files.begin_upload(file_id=doc["id"], size=10, sha256=sha(b"b" * 10))
+        store = w.files.store
+        pin = store.files_pin_blob
+
+        async def withdraw_then_pin(sha256: str, size: int, at: float) -> bool:
+            assert await store.files_unshare(doc["id"], "user", "bob")  # the unshare's first step, alone
+            return await pin(sha256, size, at)
+
+        store.files_pin_blob = withdraw_then_pin  # type: ignore[method-assign]
+        try:
+            with pytest.raises(bastion.NotFound, match="no file"):
+                await w.bob.upload("files.upload", [b"b" * 10], upload_id=info["upload_id"])
+        finally:
+            del store.files_pin_blob
+        assert await w.get(w.alice, file_id=doc["id"]) == b"original"
+        assert (await w.alice.files.usage())["reserved_bytes"] == 0
+        assert (await w.alice.files.uploads())["uploads"] == []
+
+    run(test, tmp_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from bastion.exceptions import AlreadyExists, NotFound, ResourceExhausted
+from bastion.exceptions import AlreadyExists, NotFound, PermissionDenied, ResourceExhausted
 from bastion.security.credentials import User
 from bastion.services.files import check_name
 from bastion.store import PostgresStore, SQLiteStore, Store, open_store
@@ -498,3 +498,26 @@ async def test_migration_21_counts_the_files_already_stored(backend: str, tmp_pa
     async with open_store(location) as store:
         assert store.schema_version >= 21
         assert [await store.files_count(o) for o in ("alice", "bob", "carol")] == [2, 1, 0]
+
+
+async def test_a_grantees_commit_checks_its_write_share_in_its_own_transaction(store: Store) -> None:
+    """A grantee's write access was checked by the service before the commit, not in it: a share withdrawn in
+    between still let the upload replace the file. ``grantee_roles`` makes the commit read the shares itself."""
+    await make_file(store, "u0", "f1")
+    await store.files_share(FileShare("f1", "user", "bob", "write", T0))
+    await store.files_share(FileShare("f1", "role", "team", "write", T0))
+    for upload_id, uploader in (("ub", "bob"), ("uc", "carol")):
+        await store.files_begin_upload(upload(upload_id, sha256=SHA_B, file_id="f1", uploader=uploader), quota=100)
+    assert await store.files_pin_blob(SHA_B, 10, T0)
+    assert await store.files_unshare("f1", "user", "bob")
+    with pytest.raises(NotFound, match="no file 'f1'"):
+        await store.files_commit_upload("ub", "ignored", T0 + 1, grantee_roles=frozenset({"other"}))
+    await store.files_share(FileShare("f1", "user", "bob", "read", T0))
+    with pytest.raises(PermissionDenied, match="read-only share"):
+        await store.files_commit_upload("ub", "ignored", T0 + 1, grantee_roles=frozenset())
+    record = await store.files_get("f1")
+    assert record is not None and record.sha256 == SHA_A  # nothing changed: the upload is the caller's to discard
+    assert await store.files_get_upload("ub") is not None
+    # Through a role the uploader still holds, and a write share still there: the commit goes ahead.
+    replaced = await store.files_commit_upload("uc", "ignored", T0 + 2, grantee_roles=frozenset({"team"}))
+    assert (replaced.id, replaced.sha256) == ("f1", SHA_B)
