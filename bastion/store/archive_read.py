@@ -31,7 +31,6 @@ from bastion.store.archive import (
     BLOB_PATH,
     FILE_MODE,
     FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
     MAX_EXTENDED_HEADER,
     MAX_MANIFEST,
@@ -39,8 +38,8 @@ from bastion.store.archive import (
     SQLITE_MEMBER,
     Manifest,
     Member,
-    _FramedReader,
 )
+from bastion.store.archive_framing import FORMAT_VERSION, _FramedReader
 from bastion.store.leftovers import remove_stale, staging_name
 from bastion.store.migrations import LATEST
 
