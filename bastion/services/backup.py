@@ -201,6 +201,8 @@ class Backups:
                 if scheduled and self._owner is None:
                     self._owner = await asyncio.to_thread(backup_owner, self.data_dir)
                 name = archive.archive_name(time.time(), scheduled=scheduled, owner=self._owner if scheduled else None)
+                log.info("%s backup %s started", trigger.replace("_", "-"), name)
+                started = time.monotonic()
                 info = await self._take(self.directory / name)
             except _Running:
                 raise
@@ -216,7 +218,10 @@ class Backups:
             self.stats["backups_total"] += 1
             self.counters[f"backups_{trigger}_ok"] += 1
             self.last = info
-            log.info("backup %s written: %d bytes, %s members", info.name, info.size, info.members)
+            log.info(
+                "backup %s written: %d bytes, %s members, in %.1f s",
+                info.name, info.size, info.members, time.monotonic() - started,
+            )  # fmt: skip
             return info
 
     def list(self) -> list[archive.ArchiveInfo]:
