@@ -10,17 +10,25 @@ reads (``--config`` file < ``BASTION_*`` environment < ``--data-dir`` /
 ``--store`` flags), so a PostgreSQL DSN holding a password can live in
 ``BASTION_STORE`` and its password in ``store_password_file``; ``--store``
 refuses one with a password.
+
+Both show their progress on standard error (the store reports it:
+bastion/store/backup_progress.py): a rich progress bar on a terminal; else,
+for logs, a line as each phase starts and at most one more every
+``LINE_EVERY`` seconds; nothing with ``--no-progress``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
@@ -39,6 +47,7 @@ from bastion.exceptions import InvalidArgument, UsageError
 if TYPE_CHECKING:  # loaded by the commands that run, not by every ``bastion`` command
     from bastion.config import Config
     from bastion.store.archive import ArchiveInfo
+    from bastion.store.backup_progress import Progress
 
 __all__ = ["backup", "restore"]
 
@@ -76,7 +85,104 @@ ConfigOption = Annotated[
     typer.Option("--config", help="The server's TOML configuration (store, data_dir, files and backup sections)."),
 ]
 
+ShowProgress = Annotated[
+    bool | None,
+    typer.Option(
+        "--progress/--no-progress",
+        help="Progress on stderr: a bar on a terminal, else a line per phase and at most one more every "
+        "10 s (default); --progress: the bar even when not a terminal; --no-progress: nothing.",
+        show_default=False,
+    ),
+]
+
 _POSTGRES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
+LINE_EVERY = 10.0  # seconds: the most often a progress line is printed when stderr is not a terminal
+_LABELS = {
+    "snapshot": "copying the database",
+    "pg_dump": "dumping the database (pg_dump)",
+    "blobs": "gathering the files' contents",
+    "archive": "writing the archive",
+    "verify": "verifying the archive",
+    "restore": "putting the restored data in place",
+}
+
+
+def _amount(n: int) -> str:
+    """``n`` bytes, for people: 512 B, 1.5 KiB, 3.2 MiB, 1.1 GiB …"""
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
+class ProgressLines:
+    """Progress as plain lines, for a log: one as each phase starts, then at most one every ``every`` seconds
+    (the store reports every few MiB; printing each would flood the log)."""
+
+    def __init__(self, out: TextIO, *, every: float = LINE_EVERY, clock: Callable[[], float] = time.monotonic) -> None:
+        self._out = out
+        self._every = every
+        self._clock = clock
+        self._phase: str | None = None
+        self._next = 0.0
+        self._lock = threading.Lock()  # reports may come from a worker thread
+
+    def __call__(self, phase: str, done: int, total: int | None) -> None:
+        label = _LABELS.get(phase, phase)
+        with self._lock:
+            now = self._clock()
+            if phase != self._phase:
+                self._phase, self._next = phase, now + self._every
+                self._print(f"{label}" + (f" ({_amount(total)})" if total else "") + "…")
+            elif now >= self._next and (total is None or done < total):
+                self._next = now + self._every
+                of = f" of {_amount(total)} ({done * 100 // total}%)" if total else " so far"
+                self._print(f"{label}: {_amount(done)}{of}")
+
+    def _print(self, line: str) -> None:
+        print(line, file=self._out, flush=True)
+
+
+@contextlib.contextmanager
+def _progress(show: bool | None) -> Iterator[Progress | None]:
+    """The callback showing a backup's or restore's progress on stderr (None: ``--no-progress``)."""
+    if show is False:
+        yield None
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True, force_terminal=True if show else None)
+    if not console.is_terminal:
+        yield ProgressLines(sys.stderr)
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        TaskID,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+    from rich.progress import Progress as Bar
+
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(binary_units=True),
+        TransferSpeedColumn(), TimeElapsedColumn(),
+    )  # fmt: skip
+    tasks: dict[str, TaskID] = {}
+    with Bar(*columns, console=console, refresh_per_second=5) as bar:
+
+        def report(phase: str, done: int, total: int | None) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(_LABELS.get(phase, phase), total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        yield report
+
+
 DEFAULT_WAIT = 300.0
 _POLL = 0.1  # seconds between tries of the lock while waiting
 
@@ -205,6 +311,7 @@ def backup(
             "on-demand one, or another bastion backup) to finish; 0: fail at once. Gives up with exit code 3.",
         ),
     ] = DEFAULT_WAIT,
+    progress: ShowProgress = None,
 ) -> None:
     """Take a verified backup archive of a store and its file contents.
 
@@ -247,19 +354,28 @@ def backup(
             raise UsageError(f"no SQLite store at {db_path}: is --data-dir (or --store) right?")
         held = _lock(target.parent, wait)
         try:
-            if db_path is None:
-                return asyncio.run(backup_postgres(location, files, target, secret, password=_store_password(cfg)))
-            return backup_sqlite(db_path, files, target, secret)
+            with _progress(progress) as report:
+                if db_path is None:
+                    password = _store_password(cfg)
+                    return asyncio.run(
+                        backup_postgres(location, files, target, secret, password=password, progress=report)
+                    )
+                return backup_sqlite(db_path, files, target, secret, progress=report)
         finally:
             os.close(held)  # lets go of the lock
 
+    started = time.monotonic()
     try:
         info = run_guarded(local)
     except _Busy as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(EXIT_UNAVAILABLE) from None
     print_json(info)
-    print(f"backup written to {out or info.name} ({info.size} bytes)", file=sys.stderr)
+    took = time.monotonic() - started
+    print(
+        f"backup written to {out or info.name} ({info.size} bytes, {info.blobs} blobs, {took:.1f} s)",
+        file=sys.stderr,
+    )
 
 
 def restore(
@@ -281,6 +397,7 @@ def restore(
         ),
     ] = False,
     check: Annotated[bool, typer.Option("--check", help="Only verify the archive; change nothing.")] = False,
+    progress: ShowProgress = None,
 ) -> None:
     """Verify a backup archive completely, then restore it into a data directory or a PostgreSQL schema.
 
@@ -302,7 +419,9 @@ def restore(
         directory = Path(cfg.data_dir)
         secret = passphrase(passphrase_file, cfg)
         if check:
-            return verify_archive(archive_path, secret, scratch=directory if directory.is_dir() else None)
+            with _progress(progress) as report:
+                scratch = directory if directory.is_dir() else None
+                return verify_archive(archive_path, secret, scratch=scratch, progress=report)
         files = _files_dir(cfg, files_dir)
         location = store_location(cfg)
         postgres = location.startswith(_POSTGRES)
@@ -310,16 +429,20 @@ def restore(
         _refuse_files_over(files, [directory, *([] if db_path is None else [db_path.parent])], db_path)
         if db_path is None:
             password = _store_password(cfg)
-            restoring = restore_postgres(
-                archive_path, location, files, secret, password=password, force=force, data_dir=directory
-            )
-            done = asyncio.run(restoring)
+            with _progress(progress) as report:
+                restoring = restore_postgres(
+                    archive_path, location, files, secret, password=password, force=force, data_dir=directory,
+                    progress=report,
+                )  # fmt: skip
+                done = asyncio.run(restoring)
             replaced = any(kept.startswith("schema ") for kept in done.kept)  # forced over a store: renamed aside
             return done
         replaced = db_path.exists()
         db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return restore_sqlite(archive_path, db_path, files, secret)
+        with _progress(progress) as report:
+            return restore_sqlite(archive_path, db_path, files, secret, progress=report)
 
+    started = time.monotonic()
     result = run_guarded(run)
     if check:
         print(f"archive OK: {len(result.members)} members, {result.backend}, schema {result.schema_version}")
@@ -345,4 +468,4 @@ def restore(
             "the kv versions they hold (watch without from_version) and resume topics with from_offset=0",
             file=sys.stderr,
         )
-    print("restore complete", file=sys.stderr)
+    print(f"restore complete ({time.monotonic() - started:.1f} s)", file=sys.stderr)

@@ -50,7 +50,7 @@ import stat
 import tarfile
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import msgspec
 
@@ -65,6 +65,7 @@ from bastion.store.archive_framing import (  # noqa: F401 - CHUNK_SIZE: named he
     MAGIC,
     _FramedWriter,
 )
+from bastion.store.backup_progress import Meter, Progress
 from bastion.store.leftovers import partial_name, remove_stale
 
 __all__ = [
@@ -176,12 +177,14 @@ def write_archive(
     passphrase: bytes | None,
     schema: str | None = None,
     scrypt_log_n: int = DEFAULT_SCRYPT_LOG_N,
+    progress: Progress | None = None,
 ) -> ArchiveInfo:
     """Write the archive to ``out_path`` (via a 0600 temporary beside it, renamed at the end).
 
     Blob sizes come from the file system and their hashes from their names;
     both are checked while the blob is copied in, so a damaged blob fails
-    the backup instead of being archived.
+    the backup instead of being archived. ``progress`` hears the ``archive``
+    phase (bastion/store/backup_progress.py): the members' bytes as they go in.
     """
     members = [_member(db_member[0], db_member[1])]
     for path, file in blobs[0]:
@@ -206,10 +209,12 @@ def write_archive(
     remove_stale(out_path.parent)  # partial archives of killed backups
     tmp = out_path.with_name(partial_name(out_path.name))
     fd = _create_private(tmp)
+    meter = Meter(progress, "archive", sum(m.size for m in members))
     try:
         with os.fdopen(fd, "wb") as raw:
             framed = _FramedWriter(raw, passphrase, scrypt_log_n)
-            with tarfile.open(fileobj=framed, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            stream = _Counted(framed, meter) if progress is not None else framed
+            with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 data = msgspec.json.encode(manifest)
                 tar.addfile(_tarinfo(MANIFEST, len(data), manifest.created_at), io.BytesIO(data))
                 sources = [db_member[1], *(file for _, file in blobs[0])]
@@ -228,7 +233,24 @@ def write_archive(
                 f"no space left to write the backup in {out_path.parent} ({exc.strerror}); nothing was kept"
             ) from exc
         raise
+    meter.finish()
     return _info(out_path.name, framed.size, framed.digest.hexdigest(), bool(passphrase), manifest)
+
+
+class _Counted(io.RawIOBase):
+    """The tar stream on its way into the framing, counted (its headers too: ``Meter`` stops at the total)."""
+
+    def __init__(self, out: _FramedWriter, meter: Meter) -> None:
+        self._out = out
+        self._meter = meter
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        n = self._out.write(data)
+        self._meter.add(n)
+        return n
 
 
 def refuse_existing(out_path: Path) -> None:

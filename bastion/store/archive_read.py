@@ -22,7 +22,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import msgspec
 
@@ -40,13 +40,16 @@ from bastion.store.archive import (
     Member,
 )
 from bastion.store.archive_framing import FORMAT_VERSION, _FramedReader
+from bastion.store.backup_progress import Meter, Progress
 from bastion.store.leftovers import remove_stale, staging_name
 from bastion.store.migrations import LATEST
 
 __all__ = ["private_dirs", "read_archive", "staging_dir"]
 
 
-def read_archive(archive: Path, staging: Path, passphrase: bytes | None, *, blobs: bool = True) -> Manifest:
+def read_archive(
+    archive: Path, staging: Path, passphrase: bytes | None, *, blobs: bool = True, progress: Progress | None = None
+) -> Manifest:
     """Check all of ``archive`` and extract its members under ``staging`` (which must be empty).
 
     Every byte of the file is checked: the framing to its authenticated last
@@ -58,6 +61,9 @@ def read_archive(archive: Path, staging: Path, passphrase: bytes | None, *, blob
     directory). Before writing anything, the members to write must fit in
     the free space of ``staging``'s file system.
 
+    ``progress`` hears the ``verify`` phase (bastion/store/backup_progress.py): the archive's bytes as
+    they are read, up to its size.
+
     Raises ``DataLoss`` for anything corrupt or tampered with,
     ``InvalidArgument`` for a missing or wrong passphrase, and
     ``ResourceExhausted`` if the members do not fit; on error, ``staging``
@@ -68,13 +74,29 @@ def read_archive(archive: Path, staging: Path, passphrase: bytes | None, *, blob
     except OSError as exc:
         raise InvalidArgument(f"cannot read archive {archive}: {exc.strerror}") from None
     with src:
-        reader = _FramedReader(src, passphrase)
+        meter = Meter(progress, "verify", os.fstat(src.fileno()).st_size)
+        counted = cast(BinaryIO, _Counted(src, meter)) if progress is not None else src
+        reader = _FramedReader(counted, passphrase)
         try:
             manifest = _extract(reader, staging, blobs)
         except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise DataLoss(f"archive is corrupt: {exc}") from exc
         reader.drain()
+    meter.finish()
     return manifest
+
+
+class _Counted:
+    """The archive file as the framing reads it, counted."""
+
+    def __init__(self, src: BinaryIO, meter: Meter) -> None:
+        self._src = src
+        self._meter = meter
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        self._meter.add(len(data))
+        return data
 
 
 class _StrictTarInfo(tarfile.TarInfo):

@@ -55,6 +55,7 @@ are in bastion/store/backup_pg.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -100,6 +101,7 @@ from bastion.store.backup_pg import (
     restore_in_one_transaction,
     unlink_blobs,
 )
+from bastion.store.backup_progress import Meter, Progress, watch_file
 from bastion.store.leftovers import private_temporary
 from bastion.store.migrations import current_version
 from bastion.store.postgres import PostgresStore
@@ -133,13 +135,14 @@ class RestoreResult(msgspec.Struct, frozen=True):
 # -- taking a backup -----------------------------------------------------------------------------------
 
 
-def snapshot_sqlite(db_path: Path, dest: Path) -> int:
+def snapshot_sqlite(db_path: Path, dest: Path, progress: Progress | None = None) -> int:
     """Copy the SQLite store at ``db_path`` to ``dest`` (a new file, 0600) in one consistent step.
 
     Uses SQLite's online backup API from a connection of its own, so a server
     may keep writing meanwhile (WAL: readers do not block the writer). The
     copy is made self-contained (rollback journal) and must pass
-    ``integrity_check``. Returns the copy's schema version.
+    ``integrity_check``. Returns the copy's schema version. ``progress`` hears the ``snapshot`` phase
+    (bastion/store/backup_progress.py): the copy's size as it grows, up to the store's.
     """
     if not db_path.is_file():
         raise FailedPrecondition(f"no SQLite store at {db_path}")
@@ -148,9 +151,11 @@ def snapshot_sqlite(db_path: Path, dest: Path) -> int:
     try:
         dst = sqlite3.connect(dest, isolation_level=None)
         try:
-            src.backup(dst)  # pages=-1: every page in one step, under one read transaction
-            dst.execute("PRAGMA journal_mode=DELETE")
-            _check_integrity(dst, "the snapshot")
+            size = _size(src) if progress is not None else None
+            with watch_file(dest, Meter(progress, "snapshot", size)):
+                src.backup(dst)  # pages=-1: every page in one step, under one read transaction
+                dst.execute("PRAGMA journal_mode=DELETE")
+                _check_integrity(dst, "the snapshot")
             return current_version(dst)
         finally:
             dst.close()
@@ -162,6 +167,11 @@ def snapshot_sqlite(db_path: Path, dest: Path) -> int:
         raise Unavailable(f"cannot copy the SQLite store {db_path}: {exc}") from exc
     finally:
         src.close()
+
+
+def _size(conn: sqlite3.Connection) -> int:
+    """The bytes of the database ``conn`` has open (its WAL's pages included)."""
+    return int(conn.execute("PRAGMA page_count").fetchone()[0]) * int(conn.execute("PRAGMA page_size").fetchone()[0])
 
 
 def _read_only(path: Path) -> str:
@@ -217,10 +227,12 @@ def backup_sqlite(
     *,
     now: float | None = None,
     scrypt_log_n: int = DEFAULT_SCRYPT_LOG_N,
+    progress: Progress | None = None,
 ) -> ArchiveInfo:
     """Take a backup of the SQLite store at ``db_path`` and its blobs in ``files_dir`` into ``out_path``.
 
-    Blocking (run it in a thread); safe while a server runs on the store.
+    Blocking (run it in a thread); safe while a server runs on the store. ``progress`` hears the phases
+    ``snapshot``, ``blobs`` and ``archive`` (bastion/store/backup_progress.py).
     """
     refuse_existing(out_path)  # before the work, not only after it
     refuse_if_interrupted(db_path)  # a half-restored data directory: a mix of two points in time
@@ -229,31 +241,36 @@ def backup_sqlite(
     with staging_dir(db_path.parent) as staging:
         copy = staging / "bastion.db"
         created_at = time.time() if now is None else now
-        version = snapshot_sqlite(db_path, copy)
+        version = snapshot_sqlite(db_path, copy, progress)
         members, kind = blob_members(files_dir, referenced_blobs_sqlite(copy))
-        blobs = (hold_blobs(members, staging), kind)  # backup_blobs.py: safe from the sweep from now on
+        blobs = (hold_blobs(members, staging, progress), kind)  # backup_blobs.py: safe from the sweep from now on
         return write_archive(
             out_path, backend="sqlite", schema_version=version, created_at=created_at,
             db_member=(SQLITE_MEMBER, copy), blobs=blobs, passphrase=passphrase, scrypt_log_n=scrypt_log_n,
+            progress=progress,
         )  # fmt: skip
 
 
 # -- verifying ----------------------------------------------------------------------------------------
 
 
-def verify_archive(archive: Path, passphrase: bytes | None, *, scratch: Path | None = None) -> Manifest:
+def verify_archive(
+    archive: Path, passphrase: bytes | None, *, scratch: Path | None = None, progress: Progress | None = None
+) -> Manifest:
     """Check every byte of ``archive`` and the database it holds, extracted (decrypted) into a new private
     directory under ``scratch``, else in the system's temporary directory -- never beside the archive: a
-    backup directory holds archives only -- and removed afterwards."""
+    backup directory holds archives only -- and removed afterwards. ``progress`` hears ``verify``."""
     with staging_dir(scratch) if scratch else private_temporary() as staging:
-        return _read_checked(archive, staging, passphrase, blobs=False)  # only the database is written
+        return _read_checked(archive, staging, passphrase, blobs=False, progress=progress)  # only the database
 
 
-def _read_checked(archive: Path, staging: Path, passphrase: bytes | None, *, blobs: bool = True) -> Manifest:
+def _read_checked(
+    archive: Path, staging: Path, passphrase: bytes | None, *, blobs: bool = True, progress: Progress | None = None
+) -> Manifest:
     """``read_archive`` (every byte checked, members extracted under ``staging``), then the database
     member's own checks: a SQLite copy must pass ``integrity_check`` and be at the manifest's schema
     version (as ``restore_postgres`` checks the dump's)."""
-    manifest = read_archive(archive, staging, passphrase, blobs=blobs)
+    manifest = read_archive(archive, staging, passphrase, blobs=blobs, progress=progress)
     if manifest.backend == "sqlite":
         conn = sqlite3.connect(_read_only(staging / SQLITE_MEMBER), uri=True)
         try:
@@ -275,7 +292,13 @@ def _read_checked(archive: Path, staging: Path, passphrase: bytes | None, *, blo
 
 
 def restore_sqlite(
-    archive: Path, db_path: Path, files_dir: Path, passphrase: bytes | None, *, now: float | None = None
+    archive: Path,
+    db_path: Path,
+    files_dir: Path,
+    passphrase: bytes | None,
+    *,
+    now: float | None = None,
+    progress: Progress | None = None,
 ) -> RestoreResult:
     """Verify ``archive`` completely, then put its database at ``db_path`` and its blobs in ``files_dir``.
 
@@ -285,16 +308,18 @@ def restore_sqlite(
     putting it in place (e.g. a files directory that cannot be renamed: a
     mount point) moves everything back. Each rename is journalled first
     (bastion/store/restore_journal.py): a restore killed half way is undone
-    by the next one, and until then the store refuses to open.
+    by the next one, and until then the store refuses to open. ``progress`` hears ``verify``, then
+    ``restore`` (bastion/store/backup_progress.py).
     """
     refuse_files_dir_over(files_dir, db_path.parent, db_path)
     check_not_in_use(db_path)
     undo_interrupted(db_path, files_dir)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now or time.time()))
     with staging_dir(db_path.parent) as staging:
-        manifest = _read_checked(archive, staging, passphrase)
+        manifest = _read_checked(archive, staging, passphrase, progress=progress)
         if manifest.backend != "sqlite":
             raise InvalidArgument(f"this archive holds a {manifest.backend} store: restore it with --store URL")
+        meter = Meter(progress, "restore", sum(m.size for m in manifest.members))
         check_not_in_use(db_path)
         _carry_over(db_path, staging / SQLITE_MEMBER)
         kept: list[str] = []
@@ -312,6 +337,7 @@ def restore_sqlite(
             for directory in {db_path.parent, files_dir.parent}:
                 fsync_dir(directory)
             journal.finish()
+            meter.finish()
         except BaseException as exc:
             if moves.undo():
                 journal.finish()  # else kept: the store refuses to open until a restore undoes the rest
@@ -377,6 +403,7 @@ async def backup_postgres(
     *,
     password: str | None = None,
     scrypt_log_n: int = DEFAULT_SCRYPT_LOG_N,
+    progress: Progress | None = None,
 ) -> ArchiveInfo:
     """Back up a PostgreSQL store and the blobs it refers to into ``out_path``.
 
@@ -391,7 +418,8 @@ async def backup_postgres(
     dumps the schema in that very snapshot: the database and the blob list
     are one point in time, while writes go on. The dump goes to a 0600
     temporary file beside ``out_path``, is read back with ``pg_restore
-    --list``, then archived as ``db/postgres.dump``.
+    --list``, then archived as ``db/postgres.dump``. ``progress`` hears the phases ``blobs``, ``pg_dump``
+    (the dump's size as it grows) and ``archive`` (bastion/store/backup_progress.py).
     """
     store = source if isinstance(source, PostgresStore) else PostgresStore(source, password=password)
     pg_dump, pg_restore = _tool("pg_dump"), _tool("pg_restore")
@@ -402,26 +430,29 @@ async def backup_postgres(
     with staging_dir(files_dir.parent) as staging:
         dump = staging / "postgres.dump"
         held: list[tuple[list[tuple[str, Path]], str]] = []
+        dumping = contextlib.ExitStack()  # pg_dump's progress: its file watched from when it starts
 
         async def hold(hashes: list[str] | None) -> None:  # named in the snapshot, before pg_dump's long run
             members, kind = blob_members(files_dir, hashes)
-            held.append((await asyncio.to_thread(hold_blobs, members, staging), kind))
+            held.append((await asyncio.to_thread(hold_blobs, members, staging, progress), kind))
+            dumping.enter_context(watch_file(dump, Meter(progress, "pg_dump")))
 
         async def run(conn: Any) -> _Snapshot:
             return await _snapshot_and_dump(conn, pg_dump, env, dump, hold)
 
-        if isinstance(source, PostgresStore):
-            snap = await source._call(run)  # a pooled connection; errors translated by the store
-        else:
-            async with _connect(source, password) as conn:
-                snap = await run(conn)
+        with dumping:
+            if isinstance(source, PostgresStore):
+                snap = await source._call(run)  # a pooled connection; errors translated by the store
+            else:
+                async with _connect(source, password) as conn:
+                    snap = await run(conn)
         await asyncio.to_thread(_toc, pg_restore, dump)
         blobs = held[-1]
         return await asyncio.to_thread(
             lambda: write_archive(
                 out_path, backend="postgresql", schema_version=snap.version, created_at=snap.created_at,
                 db_member=(POSTGRES_MEMBER, dump), blobs=blobs, passphrase=passphrase, schema=snap.schema,
-                scrypt_log_n=scrypt_log_n,
+                scrypt_log_n=scrypt_log_n, progress=progress,
             )
         )  # fmt: skip
 
@@ -437,6 +468,7 @@ async def restore_postgres(
     force: bool = False,
     now: float | None = None,
     data_dir: Path | None = None,
+    progress: Progress | None = None,
 ) -> RestoreResult:
     """Verify ``archive`` completely, then restore its PostgreSQL dump into ``dsn`` and its blobs into ``files_dir``.
 
@@ -457,7 +489,7 @@ async def restore_postgres(
     see the schema replaced under it. ``data_dir``: the servers' data
     directory, which ``files_dir`` may not be or hold (``refuse_files_dir_over``;
     without it, one is recognised by its files in ``files_dir`` or a
-    directory directly in it).
+    directory directly in it). ``progress`` hears ``verify``, then ``restore``.
     """
     refuse_files_dir_over(files_dir, data_dir)
     target_store = PostgresStore(dsn, password=password)  # never opened: how to reach the database
@@ -468,7 +500,7 @@ async def restore_postgres(
         target = schema or await _target_schema(conn)
         await _check_target(conn, target, force)  # fail fast, before reading a large archive
         with staging_dir(files_dir.parent) as staging:
-            manifest = await asyncio.to_thread(_read_checked, archive, staging, passphrase)
+            manifest = await asyncio.to_thread(lambda: _read_checked(archive, staging, passphrase, progress=progress))
             if manifest.backend != "postgresql":
                 raise InvalidArgument(
                     f"this archive holds a {manifest.backend} store: restore it with --data-dir, not into PostgreSQL"
@@ -496,6 +528,7 @@ async def restore_postgres(
                 listing = staging / "toc.list"
                 listing.write_text("\n".join(_without_schema_entries(toc)) + "\n")
             moves = _Moves()
+            meter = Meter(progress, "restore", sum(m.size for m in manifest.members))
             interrupted: BaseException | None = None
             try:
                 # The files first: renames, which a failure of the restore's transaction can undo; the old
@@ -520,4 +553,5 @@ async def restore_postgres(
                 log.warning("restore: schema %s renamed to %s", target, aside)
             if interrupted is not None:
                 raise interrupted
+            meter.finish()
     return RestoreResult(manifest, [f"schema {target}", str(files_dir)], kept)

@@ -19,15 +19,22 @@ import os
 from pathlib import Path
 
 from bastion.store.archive_read import private_dirs
+from bastion.store.backup_progress import Meter, Progress
 
 __all__ = ["hold_blobs"]
 
 
-def hold_blobs(blobs: list[tuple[str, Path]], staging: Path) -> list[tuple[str, Path]]:
+def hold_blobs(
+    blobs: list[tuple[str, Path]], staging: Path, progress: Progress | None = None
+) -> list[tuple[str, Path]]:
     """``blobs`` (archive path, file), each file replaced by a hard link to it under ``staging`` where one can
-    be made (see the module's docstring)."""
+    be made (see the module's docstring). ``progress`` hears the ``blobs`` phase: the bytes of those held."""
     held = []
+    meter = Meter(progress, "blobs")
     for path, file in blobs:
+        if progress is not None:  # a stat per blob, only when someone is watching
+            with contextlib.suppress(OSError):
+                meter.add(file.stat().st_size)
         link = staging / path  # files/blobs/<sha[:2]>/<sha>: checked by blob_members
         try:
             private_dirs(staging, link.parent)
@@ -37,4 +44,5 @@ def hold_blobs(blobs: list[tuple[str, Path]], staging: Path) -> list[tuple[str, 
             held.append((path, file))
             continue
         held.append((path, link))
+    meter.finish()
     return held
