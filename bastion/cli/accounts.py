@@ -18,7 +18,19 @@ from typing import Annotated, Any
 import typer
 
 from bastion.cli import common
-from bastion.cli.common import CA, Address, AsJson, Insecure, TokenFile, connect, print_json, run_guarded, shown
+from bastion.cli.common import (
+    CA,
+    Address,
+    AsJson,
+    ClientCert,
+    ClientKey,
+    Insecure,
+    TokenFile,
+    connect,
+    print_json,
+    run_guarded,
+    shown,
+)
 from bastion.exceptions import RemoteProtocolError, UsageError
 from bastion.security.secret_files import open_secret_file, write_secret_file
 
@@ -103,13 +115,15 @@ def login(
     password_stdin: PasswordStdin = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Log in with a username and password; keep the session token in a 0600 file."""
     password = _password("Password", password_stdin)
 
     def run() -> Any:
-        with connect(address, None, ca, insecure, anonymous=True) as client:
+        with connect(address, None, ca, insecure, cert=client_cert, key=client_key, anonymous=True) as client:
             return _with_token(client.call("auth.login", username=user, password=password), "auth.login")
 
     path = save or common.LOGIN_TOKEN
@@ -129,10 +143,17 @@ def login(
 
 
 def _admin_call(
-    address: str, token_file: Path | None, ca: Path | None, insecure: bool, method: str, **args: Any
+    address: str,
+    token_file: Path | None,
+    ca: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+    insecure: bool,
+    method: str,
+    **args: Any,
 ) -> Any:
     def run() -> Any:
-        with connect(address, token_file, ca, insecure) as client:
+        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key) as client:
             return client.call(method, **args)
 
     return run_guarded(run)
@@ -147,22 +168,39 @@ def user_add(
     password_stdin: PasswordStdin = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Create a user; asks for the password unless --no-password."""
     password = None if no_password else _password("Password", password_stdin, confirm=not password_stdin)
     user = _admin_call(
-        address, token_file, ca, insecure, "auth.create_user", name=name, password=password, roles=role or []
+        address,
+        token_file,
+        ca,
+        client_cert,
+        client_key,
+        insecure,
+        "auth.create_user",
+        name=name,
+        password=password,
+        roles=role or [],
     )
     print_json(user)
 
 
 @user_app.command("ls")
 def user_ls(
-    address: Address, as_json: AsJson = False, token_file: TokenFile = None, ca: CA = None, insecure: Insecure = False
+    address: Address,
+    as_json: AsJson = False,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
+    insecure: Insecure = False,
 ) -> None:
     """List users."""
-    users = _admin_call(address, token_file, ca, insecure, "auth.list_users")
+    users = _admin_call(address, token_file, ca, client_cert, client_key, insecure, "auth.list_users")
     if as_json:
         print_json(users)
         return
@@ -187,12 +225,24 @@ def user_rm(
     ] = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Delete a user, revoke their tokens, and hand over (--transfer-to) or delete (--delete-data) their data."""
     if (transfer_to is None) == (not delete_data):
         raise typer.BadParameter("choose what happens to the user's data: --transfer-to USER or --delete-data")
-    result = _admin_call(address, token_file, ca, insecure, "auth.delete_user", name=name, transfer_to=transfer_to)
+    result = _admin_call(
+        address,
+        token_file,
+        ca,
+        client_cert,
+        client_key,
+        insecure,
+        "auth.delete_user",
+        name=name,
+        transfer_to=transfer_to,
+    )
     moved = ", ".join(f"{n} {domain}" for domain, n in sorted(result["items"].items())) or "no data"
     fate = f"handed to {transfer_to}" if transfer_to else "deleted"
     print(f"deleted {name}; {result['tokens_revoked']} token(s) revoked; {moved} {fate}", file=sys.stderr)
@@ -205,11 +255,15 @@ def user_passwd(
     password_stdin: PasswordStdin = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Set a user's password."""
     password = _password("New password", password_stdin, confirm=not password_stdin)
-    _admin_call(address, token_file, ca, insecure, "auth.set_password", name=name, password=password)
+    _admin_call(
+        address, token_file, ca, client_cert, client_key, insecure, "auth.set_password", name=name, password=password
+    )
     print(f"password of {name} set", file=sys.stderr)
 
 
@@ -220,10 +274,12 @@ def user_unlock(
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Lift a user's login lockouts (from every address) and forget their failed attempts."""
-    result = _admin_call(address, token_file, ca, insecure, "auth.unlock_user", name=name)
+    result = _admin_call(address, token_file, ca, client_cert, client_key, insecure, "auth.unlock_user", name=name)
     if as_json:
         print_json(result)
         return
@@ -237,10 +293,16 @@ def user_roles(
     role: Annotated[list[str] | None, typer.Option("--role", "-r", help="The complete new set (repeatable).")] = None,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Replace a user's roles."""
-    print_json(_admin_call(address, token_file, ca, insecure, "auth.set_roles", name=name, roles=role or []))
+    print_json(
+        _admin_call(
+            address, token_file, ca, client_cert, client_key, insecure, "auth.set_roles", name=name, roles=role or []
+        )
+    )
 
 
 @token_app.command("create")
@@ -253,6 +315,8 @@ def token_create(
     show: Annotated[bool, typer.Option("--show", help="Print the token on stdout instead.")] = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Create an API token; it is shown once (written to --out, or printed with --show)."""
@@ -260,7 +324,18 @@ def token_create(
         common.fail("give exactly one of --out FILE or --show", common.EXIT_USAGE)
 
     def create() -> dict[str, Any]:
-        answer = _admin_call(address, token_file, ca, insecure, "auth.create_token", user=user, label=label, ttl=ttl)
+        answer = _admin_call(
+            address,
+            token_file,
+            ca,
+            client_cert,
+            client_key,
+            insecure,
+            "auth.create_token",
+            user=user,
+            label=label,
+            ttl=ttl,
+        )
         checked: dict[str, Any] = run_guarded(lambda: _with_token(answer, "auth.create_token"))
         return checked
 
@@ -280,10 +355,12 @@ def token_ls(
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """List tokens (never the secrets)."""
-    tokens = _admin_call(address, token_file, ca, insecure, "auth.list_tokens", user=user)
+    tokens = _admin_call(address, token_file, ca, client_cert, client_key, insecure, "auth.list_tokens", user=user)
     if as_json:
         print_json(tokens)
         return
@@ -298,8 +375,10 @@ def token_revoke(
     token_id: Annotated[str, typer.Argument(help="The token's id.")],
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Revoke a token; connections using it close within seconds."""
-    _admin_call(address, token_file, ca, insecure, "auth.revoke_token", id=token_id)
+    _admin_call(address, token_file, ca, client_cert, client_key, insecure, "auth.revoke_token", id=token_id)
     print(f"revoked {token_id}", file=sys.stderr)

@@ -35,6 +35,8 @@ import typer
 from bastion.cli.common import (
     CA,
     EXIT_UNAVAILABLE,
+    ClientCert,
+    ClientKey,
     Insecure,
     TokenFile,
     connect,
@@ -301,6 +303,8 @@ def backup(
     ] = None,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
     wait: Annotated[
         float,
@@ -329,7 +333,7 @@ def backup(
     if address is not None:
 
         def remote() -> Any:
-            with connect(address, token_file, ca, insecure, timeout=None) as client:
+            with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key, timeout=None) as client:
                 return client.call("admin.backup")
 
         print_json(run_guarded(remote))

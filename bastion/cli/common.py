@@ -2,7 +2,9 @@
 
 Credentials come from ``--token-file``, ``BASTION_TOKEN_FILE``/``BASTION_TOKEN``
 or the session token ``bastion login`` saved (sent only to the server that
-made it) -- never from a flag that holds the secret itself.
+made it) -- never from a flag that holds the secret itself. Every command
+that connects takes the same connection options (``TokenFile``, ``CA``,
+``ClientCert``, ``ClientKey``, ``Insecure``) and passes them to ``connect``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ __all__ = [
     "LOGIN_TOKEN",
     "Address",
     "AsJson",
+    "ClientCert",
+    "ClientKey",
     "Insecure",
     "TokenFile",
     "connect",
@@ -82,10 +86,20 @@ CA = Annotated[
     ),
 ]
 ClientCert = Annotated[
-    Path | None, typer.Option("--cert", help="Client certificate (PEM) for mutual TLS.", show_default=False)
+    Path | None,
+    typer.Option(
+        "--cert",
+        help="Client certificate (PEM) for a server that asks for one (mutual TLS; default: $BASTION_CERT).",
+        show_default=False,
+    ),
 ]
 ClientKey = Annotated[
-    Path | None, typer.Option("--key", help="Key of the client certificate (PEM).", show_default=False)
+    Path | None,
+    typer.Option(
+        "--key",
+        help="Key of the client certificate (PEM; default: $BASTION_KEY, else the --cert file).",
+        show_default=False,
+    ),
 ]
 Insecure = Annotated[
     bool, typer.Option("--insecure", help="Plaintext, no TLS (only for a server started with --insecure).")
@@ -111,10 +125,18 @@ def _own_dev_ca() -> bool:
     return True
 
 
+def _from_env(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 class _TLSOptions:
     def __init__(self, ca: Path | None, cert: Path | None, key: Path | None, insecure: bool) -> None:
         if ca is None and not insecure and not os.environ.get("BASTION_CA") and LOCAL_DEV_CA.exists() and _own_dev_ca():
             ca = LOCAL_DEV_CA
+        if not insecure:  # like BASTION_CA, which the client reads itself: plaintext ignores them
+            cert = cert if cert is not None else _from_env("BASTION_CERT")
+            key = key if key is not None else _from_env("BASTION_KEY")
         self.ca = str(ca) if ca is not None else None
         self.cert = str(cert) if cert is not None else None
         self.key = str(key) if key is not None else None

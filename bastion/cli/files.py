@@ -32,6 +32,8 @@ from bastion.cli.common import (
     CA,
     Address,
     AsJson,
+    ClientCert,
+    ClientKey,
     Insecure,
     TokenFile,
     collect_pages,
@@ -179,6 +181,8 @@ def put(
     progress: ShowProgress = None,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
     as_json: AsJson = False,
 ) -> None:
@@ -196,7 +200,7 @@ def put(
                 digest = _sha256_of(source, bar)
             state = {"address": address, "name": target, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
             state["sha256"], state["if_sha256"] = digest, if_sha256
-            with connect(address, token_file, ca, insecure, timeout=None) as client:
+            with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key, timeout=None) as client:
                 info = _resume_or_begin(client, state_path, state, target, overwrite or bool(if_sha256), if_sha256)
                 task = bar.add_task(f"put {target}", total=info["size"], completed=info["offset"])
                 chunks = _chunks(source, info["offset"], info["chunk_bytes"], bar, task, limit_rate)
@@ -230,13 +234,15 @@ def get(
     progress: ShowProgress = None,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Download a file, verify its SHA-256, and write it atomically."""
     ref = _ref(name, owner)
 
     def run() -> Any:
-        with connect(address, token_file, ca, insecure, timeout=None) as client:
+        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key, timeout=None) as client:
             info = client.call("files.stat", **ref)
             path = dest or Path(info["name"].rsplit("/", 1)[-1])
             if path.is_dir():
@@ -307,13 +313,15 @@ def ls(
     all_users: Annotated[bool, typer.Option("--all", help="Every user's files (admin).")] = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
     as_json: AsJson = False,
 ) -> None:
     """List your files and those shared with you."""
 
     def run() -> list[dict[str, Any]]:
-        with connect(address, token_file, ca, insecure) as client:
+        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key) as client:
             return collect_pages(
                 client, "files.list", items="files", cursor="after",
                 prefix=prefix, owner=owner, all=all_users, limit=1000,
@@ -328,9 +336,18 @@ def ls(
         print(f"{f['size']:>14}  {when}  {shown(f['owner']):<16} {f['access']:<6} {shown(f['name'])}")
 
 
-def _simple(address: str, token_file: Path | None, ca: Path | None, insecure: bool, method: str, **args: Any) -> Any:
+def _simple(
+    address: str,
+    token_file: Path | None,
+    ca: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+    insecure: bool,
+    method: str,
+    **args: Any,
+) -> Any:
     def run() -> Any:
-        with connect(address, token_file, ca, insecure) as client:
+        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key) as client:
             return client.call(method, **args)
 
     return run_guarded(run)
@@ -343,10 +360,12 @@ def rm(
     owner: Owner = None,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Delete a file (yours, or one shared with you read-write)."""
-    info = _simple(address, token_file, ca, insecure, "files.delete", **_ref(name, owner))
+    info = _simple(address, token_file, ca, client_cert, client_key, insecure, "files.delete", **_ref(name, owner))
     print(f"deleted {shown(info['owner'])}:{shown(info['name'])}", file=sys.stderr)
 
 
@@ -359,12 +378,24 @@ def share(
     write: Annotated[bool, typer.Option("--write", help="Read-write (replace contents, delete).")] = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Share a file read-only (or --write) with a user or a role."""
     mode = "write" if write else "read"
     info = _simple(
-        address, token_file, ca, insecure, "files.share", user=user, role=role, mode=mode, **_ref(name, None)
+        address,
+        token_file,
+        ca,
+        client_cert,
+        client_key,
+        insecure,
+        "files.share",
+        user=user,
+        role=role,
+        mode=mode,
+        **_ref(name, None),
     )
     print(f"shared with {info['kind']} {info['grantee']} ({info['mode']})", file=sys.stderr)
 
@@ -377,10 +408,23 @@ def unshare(
     role: Annotated[str | None, typer.Option("--role", help="The role to withdraw the share from.")] = None,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Withdraw a share."""
-    done = _simple(address, token_file, ca, insecure, "files.unshare", user=user, role=role, **_ref(name, None))
+    done = _simple(
+        address,
+        token_file,
+        ca,
+        client_cert,
+        client_key,
+        insecure,
+        "files.unshare",
+        user=user,
+        role=role,
+        **_ref(name, None),
+    )
     print("share withdrawn" if done else "there was no such share", file=sys.stderr)
 
 
@@ -390,7 +434,9 @@ def usage(
     user: Annotated[str | None, typer.Option("--user", help="Another user's usage (admin).")] = None,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Bytes you hold (files and open uploads) against your quota."""
-    print_json(_simple(address, token_file, ca, insecure, "files.usage", user=user))
+    print_json(_simple(address, token_file, ca, client_cert, client_key, insecure, "files.usage", user=user))

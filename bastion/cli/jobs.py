@@ -26,6 +26,8 @@ from bastion.cli.common import (
     EXIT_CALL_ERROR,
     Address,
     AsJson,
+    ClientCert,
+    ClientKey,
     Insecure,
     TokenFile,
     connect,
@@ -43,9 +45,18 @@ jobs_app = typer.Typer(help="Computation jobs: submit, watch, cancel, fetch resu
 JobId = Annotated[str, typer.Argument(help="The job's id (printed by submit).")]
 
 
-def _call(address: str, token_file: Path | None, ca: Path | None, insecure: bool, method: str, **args: Any) -> Any:
+def _call(
+    address: str,
+    token_file: Path | None,
+    ca: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+    insecure: bool,
+    method: str,
+    **args: Any,
+) -> Any:
     def run() -> Any:
-        with connect(address, token_file, ca, insecure) as client:
+        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key) as client:
             return client.call(method, **args)
 
     return run_guarded(run)
@@ -70,12 +81,14 @@ def submit(
     ] = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Queue a job; print its id (and, with --watch, follow it and print its result)."""
 
     def run() -> str:
-        with connect(address, token_file, ca, insecure) as client:
+        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key) as client:
             offered = {job["name"]: job for job in client.call("jobs.registered")}
             if name not in offered:
                 known = ", ".join(sorted(offered)) or "none"
@@ -87,7 +100,7 @@ def submit(
     job_id = run_guarded(run)
     print(job_id)
     if watch:
-        _follow(address, token_file, ca, insecure, job_id)
+        _follow(address, token_file, ca, client_cert, client_key, insecure, job_id)
 
 
 @jobs_app.command("status")
@@ -97,10 +110,12 @@ def status(
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Show a job's state and progress."""
-    found = _call(address, token_file, ca, insecure, "jobs.status", id=job_id)
+    found = _call(address, token_file, ca, client_cert, client_key, insecure, "jobs.status", id=job_id)
     if as_json:
         print_json(found)
     else:
@@ -113,10 +128,12 @@ def watch(
     job_id: JobId,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Follow a job with a progress bar until it ends; print its result (exit 1 unless it succeeded)."""
-    _follow(address, token_file, ca, insecure, job_id)
+    _follow(address, token_file, ca, client_cert, client_key, insecure, job_id)
 
 
 @jobs_app.command("cancel")
@@ -125,10 +142,12 @@ def cancel(
     job_id: JobId,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Cancel a job: a queued one at once, a running one by killing its process."""
-    found = _call(address, token_file, ca, insecure, "jobs.cancel", id=job_id)
+    found = _call(address, token_file, ca, client_cert, client_key, insecure, "jobs.cancel", id=job_id)
     pending = found["state"] == "running"
     print(_line(found) + ("\t(cancelling)" if pending else ""))
 
@@ -139,10 +158,12 @@ def result(
     job_id: JobId,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Print a finished job's result as JSON (exit 1 with the reason if it did not succeed)."""
-    _print_result(_call(address, token_file, ca, insecure, "jobs.result", id=job_id))
+    _print_result(_call(address, token_file, ca, client_cert, client_key, insecure, "jobs.result", id=job_id))
 
 
 @jobs_app.command("ls")
@@ -156,10 +177,14 @@ def ls(
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """List your jobs (an admin sees everyone's), oldest first."""
-    found = _call(address, token_file, ca, insecure, "jobs.list", state=state, limit=limit, after=after)
+    found = _call(
+        address, token_file, ca, client_cert, client_key, insecure, "jobs.list", state=state, limit=limit, after=after
+    )
     if as_json:
         print_json(found)
         return
@@ -169,10 +194,16 @@ def ls(
 
 @jobs_app.command("registered")
 def registered(
-    address: Address, as_json: AsJson = False, token_file: TokenFile = None, ca: CA = None, insecure: Insecure = False
+    address: Address,
+    as_json: AsJson = False,
+    token_file: TokenFile = None,
+    ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
+    insecure: Insecure = False,
 ) -> None:
     """List the jobs this server runs and their arguments."""
-    found = _call(address, token_file, ca, insecure, "jobs.registered")
+    found = _call(address, token_file, ca, client_cert, client_key, insecure, "jobs.registered")
     if as_json:
         print_json(found)
         return
@@ -181,7 +212,15 @@ def registered(
         print(f"{job['name']}({', '.join(params)})" + (f"  — {job['doc'].splitlines()[0]}" if job["doc"] else ""))
 
 
-def _follow(address: str, token_file: Path | None, ca: Path | None, insecure: bool, job_id: str) -> None:
+def _follow(
+    address: str,
+    token_file: Path | None,
+    ca: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+    insecure: bool,
+    job_id: str,
+) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -191,7 +230,7 @@ def _follow(address: str, token_file: Path | None, ca: Path | None, insecure: bo
 
     def run() -> Any:
         with (
-            connect(address, token_file, ca, insecure, timeout=None) as client,
+            connect(address, token_file, ca, insecure, cert=client_cert, key=client_key, timeout=None) as client,
             Progress(*columns, console=console) as bar,
         ):
             task = bar.add_task(job_id, total=1.0)

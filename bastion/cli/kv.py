@@ -19,6 +19,8 @@ from bastion.cli.common import (
     CA,
     Address,
     AsJson,
+    ClientCert,
+    ClientKey,
     Insecure,
     TokenFile,
     collect_pages,
@@ -49,9 +51,18 @@ IfVersion = Annotated[
 ]
 
 
-def _call(address: str, token_file: Path | None, ca: Path | None, insecure: bool, method: str, **args: Any) -> Any:
+def _call(
+    address: str,
+    token_file: Path | None,
+    ca: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+    insecure: bool,
+    method: str,
+    **args: Any,
+) -> Any:
     def run() -> Any:
-        with connect(address, token_file, ca, insecure) as client:
+        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key) as client:
             return client.call(method, **{k: v for k, v in args.items() if v is not None})
 
     return run_guarded(run)
@@ -86,10 +97,12 @@ def get(
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Write a key's value to standard output (its version goes to standard error)."""
-    item = _call(address, token_file, ca, insecure, "kv.get", key=key, namespace=namespace)
+    item = _call(address, token_file, ca, client_cert, client_key, insecure, "kv.get", key=key, namespace=namespace)
     if as_json:
         print_json(item)
         return
@@ -109,12 +122,14 @@ def put(
     content_type: Annotated[str, typer.Option("--content-type", help="A media type kept with the value.")] = "",
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Set a key; print its new version."""
     data = _value(value)
     version = _call(
-        address, token_file, ca, insecure, "kv.put", key=key, value=data, namespace=namespace,
+        address, token_file, ca, client_cert, client_key, insecure, "kv.put", key=key, value=data, namespace=namespace,
         expected_version=if_version, ttl=ttl, content_type=content_type,
     )  # fmt: skip
     print(version)
@@ -128,11 +143,22 @@ def rm(
     if_version: IfVersion = None,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Delete a key (exit status 1 if there was none)."""
     deleted = _call(
-        address, token_file, ca, insecure, "kv.delete", key=key, namespace=namespace, expected_version=if_version
+        address,
+        token_file,
+        ca,
+        client_cert,
+        client_key,
+        insecure,
+        "kv.delete",
+        key=key,
+        namespace=namespace,
+        expected_version=if_version,
     )
     if not deleted:
         fail(f"no key {key!r}", 1)
@@ -147,12 +173,14 @@ def ls(
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """List keys by prefix, in byte order, one line each: key<TAB>version (every page, or up to --limit)."""
 
     def run() -> list[dict[str, Any]]:
-        with connect(address, token_file, ca, insecure) as client:
+        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key) as client:
             return collect_pages(
                 client, "kv.list", items="items", cursor="after", most=limit,
                 prefix=prefix, namespace=namespace, keys_only=not as_json,
@@ -173,10 +201,12 @@ def usage(
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Show the keys and bytes a namespace holds against its quota."""
-    held = _call(address, token_file, ca, insecure, "kv.usage", namespace=namespace)
+    held = _call(address, token_file, ca, client_cert, client_key, insecure, "kv.usage", namespace=namespace)
     if as_json:
         print_json(held)
         return
@@ -197,6 +227,8 @@ def watch(
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Print changes to keys under a prefix as they happen (one line each) until interrupted."""
@@ -206,7 +238,7 @@ def watch(
 
     def run() -> None:
         nonlocal resume
-        with connect(address, token_file, ca, insecure, timeout=None) as client:
+        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key, timeout=None) as client:
             for event in client.stream("kv.watch", **{k: v for k, v in args.items() if v is not None}):
                 if event["type"] == "start":
                     resume = event["version"] + 1 if from_version is None else from_version  # replays come next

@@ -25,6 +25,8 @@ from bastion.cli.common import (
     CA,
     Address,
     AsJson,
+    ClientCert,
+    ClientKey,
     Insecure,
     TokenFile,
     collect_pages,
@@ -47,9 +49,18 @@ messages_app = typer.Typer(
 MessageId = Annotated[int, typer.Argument(help="The message's id in your mailbox.")]
 
 
-def _call(address: str, token_file: Path | None, ca: Path | None, insecure: bool, method: str, **args: Any) -> Any:
+def _call(
+    address: str,
+    token_file: Path | None,
+    ca: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+    insecure: bool,
+    method: str,
+    **args: Any,
+) -> Any:
     def run() -> Any:
-        with connect(address, token_file, ca, insecure) as client:
+        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key) as client:
             return client.call(method, **{k: v for k, v in args.items() if v is not None})
 
     return run_guarded(run)
@@ -107,13 +118,16 @@ def send(
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Send a message; print its send id and the users it was delivered to."""
     raw, structured = _body(body, body_file, data)
     sent = _call(
-        address, token_file, ca, insecure, "messages.send", to=to, subject=subject, body=raw, data=structured,
-        headers=_headers(header or []), attachments=attach, client_id=client_id,
+        address, token_file, ca, client_cert, client_key, insecure, "messages.send",
+        to=to, subject=subject, body=raw, data=structured, headers=_headers(header or []), attachments=attach,
+        client_id=client_id,
     )  # fmt: skip
     if as_json:
         print_json(sent)
@@ -133,12 +147,14 @@ def inbox(
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """List your messages, newest first: id, a * if unread, date, sender, subject."""
 
     def run() -> list[dict[str, Any]]:
-        with connect(address, token_file, ca, insecure) as client:
+        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key) as client:
             return collect_pages(
                 client, "messages.inbox", items="messages", cursor="cursor", most=limit,
                 unread_only=unread, oldest_first=oldest_first,
@@ -161,10 +177,12 @@ def read(
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Print one message (header lines to standard error, the body to standard output) and mark it read."""
-    message = _call(address, token_file, ca, insecure, "messages.read", id=message_id)
+    message = _call(address, token_file, ca, client_cert, client_key, insecure, "messages.read", id=message_id)
     if as_json:
         print_json(message)
         return
@@ -192,6 +210,8 @@ def watch(
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Print new mail as it arrives (one line each: id, sender, subject) until interrupted."""
@@ -200,7 +220,7 @@ def watch(
 
     def run() -> None:
         nonlocal resume
-        with connect(address, token_file, ca, insecure, timeout=None) as client:
+        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key, timeout=None) as client:
             args = {} if from_id is None else {"from_id": from_id}
             for event in client.stream("messages.watch", **args):
                 if event["type"] == "start":

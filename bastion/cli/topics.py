@@ -22,6 +22,8 @@ from bastion.cli.common import (
     CA,
     Address,
     AsJson,
+    ClientCert,
+    ClientKey,
     Insecure,
     TokenFile,
     connect,
@@ -86,13 +88,15 @@ def pub(
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Publish one message; print its offset if the topic is durable."""
     value, headers = _payload(payload, data), _headers(header or [])
 
     def run() -> Any:
-        with connect(address, token_file, ca, insecure) as client:
+        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key) as client:
             return client.call("messages.publish", topic=topic, payload=value, headers=headers)
 
     offset = run_guarded(run)
@@ -113,6 +117,8 @@ def sub(
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
     """Print the messages published to matching topics (one line each) until interrupted."""
@@ -121,7 +127,7 @@ def sub(
         args["from_offset"] = from_offset
 
     def run() -> None:
-        with connect(address, token_file, ca, insecure, timeout=None) as client:
+        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key, timeout=None) as client:
             for event in client.stream("messages.subscribe", **args):
                 if as_json:
                     print(json_line(event), flush=True)
