@@ -285,10 +285,12 @@ async def start_in_turn(
 
 class RetryWaits:
     """The waits of a client's calls before their retries: ``Client.close`` ends them (``interrupt``), or a
-    call that had waited would open a new connection on the closed client and carry on."""
+    call that had waited would open a new connection on the closed client and carry on. ``interrupts`` counts
+    the closes, so a call retrying at once (no wait) sees one that came since its retry loop began."""
 
     def __init__(self) -> None:
         self._waiting: set[asyncio.Future[None]] = set()
+        self.interrupts = 0  # how many times ``interrupt`` came: a call compares it before each retry
 
     async def sleep(self, delay: float) -> bool:
         """Wait ``delay`` seconds; True if ``interrupt`` ended the wait."""
@@ -301,6 +303,7 @@ class RetryWaits:
         return waiter.done()
 
     def interrupt(self) -> None:
+        self.interrupts += 1
         for waiter in self._waiting:
             if not waiter.done() and not waiter.get_loop().is_closed():
                 waiter.set_result(None)

@@ -412,6 +412,8 @@ class Client(BalancedEndpoints, ClientBase):
         """
         retry, budget = self._retry, self.retry_budget
         assert retry is not None and budget is not None
+        waits = self._retry_waits
+        closes = waits.interrupts
         left = timeout
         attempts = None
         tried: list[Endpoint] = []  # endpoints this call failed on: the next attempt goes elsewhere
@@ -438,7 +440,9 @@ class Client(BalancedEndpoints, ClientBase):
             if delay is None:
                 raise failure
             failure = None
-            if delay > 0 and await self._retry_waits.sleep(delay):
+            if delay > 0:
+                await waits.sleep(delay)
+            if waits.interrupts != closes:  # close() came since: during the wait, or with none (delay 0)
                 raise ClientClosed("the client was closed")
             left = attempts.remaining()
 

@@ -460,3 +460,29 @@ def test_closing_the_async_client_ends_a_call_waiting_to_retry() -> None:
             assert flaky.count("read") == 1  # no retry on the closed client
 
     run(main())
+
+
+def test_closing_the_async_client_between_attempts_ends_a_call_retrying_at_once() -> None:
+    """A retry with no wait before it (the server gave no retry-after, the policy's backoff is zero) did not look
+    whether ``close`` had come since the attempt before, as the wait does: it opened a new connection on the
+    closed client and carried on. ``close`` comes here as the policy draws the backoff's jitter, between the two
+    attempts (``close`` awaits nothing: the coroutine runs to its end at once)."""
+    from bastion.client._connection import ClientClosed
+
+    clients: list[Client] = []
+
+    def close_then_no_jitter() -> float:
+        with contextlib.suppress(StopIteration):
+            clients[0].close().send(None)
+        return 0.0
+
+    async def main() -> None:
+        async with client_for(retry=RetryPolicy(random=close_then_no_jitter), timeout=10) as client:
+            clients.append(client)
+            await client.connect()
+            flaky.fail, flaky.retry_after = 1, None
+            with pytest.raises(ClientClosed):
+                await client.flaky.read(key="k")
+            assert flaky.count("read") == 1  # no retry on the closed client
+
+    run(main())
