@@ -11,9 +11,11 @@ data directory holding a CA no client was ever given.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
-from tests.support.server import bastion_cli
+from tests.support.server import bastion_cli, clean_env, wait_for
 
 
 def _closed_port_dsn() -> tuple[str, socket.socket]:
@@ -56,3 +58,31 @@ def test_a_start_that_fails_once_the_store_has_opened_keeps_the_data_directory(t
     assert result.returncode == 2, result.stdout + result.stderr
     assert (tmp_path / "bastion-data" / "admin.token").exists()
     assert (tmp_path / "bastion-data" / "bastion.db").exists()
+
+
+def test_a_parent_another_process_wrote_into_meanwhile_is_kept(tmp_path: Path) -> None:
+    """Two servers whose data directories share a parent the first one made (``/var/lib/bastion/{a,b}`` at
+    boot, the store not up yet): the first one's failed start removed the parent whole, and with it the
+    second one's live database. Only what this start made, and only while empty, goes."""
+    with socket.socket() as silent:  # accepts (into its backlog), never answers: the start waits on its store
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        dsn = f"postgresql://bastion@127.0.0.1:{silent.getsockname()[1]}/bastion"
+        start = subprocess.Popen(
+            [sys.executable, "-m", "bastion", "serve", "--store", dsn, "--port", "0", "--no-http"],
+            cwd=tmp_path,
+            env=clean_env({"BASTION_DATA_DIR": "srv/a"}),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for(lambda: (tmp_path / "srv" / "a").is_dir(), 30, what="the start to make its data directory")
+            (tmp_path / "srv" / "b").mkdir()
+            (tmp_path / "srv" / "b" / "bastion.db").write_text("another server's store")
+        finally:
+            silent.close()  # the connection in its backlog is reset: the start fails UNAVAILABLE
+            out, err = start.communicate(timeout=60)
+    assert start.returncode == 1, out + err
+    assert not (tmp_path / "srv" / "a").exists()
+    assert (tmp_path / "srv" / "b" / "bastion.db").read_text() == "another server's store"
