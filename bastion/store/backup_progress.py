@@ -92,9 +92,14 @@ def watch_file(path: Path, meter: Meter) -> Iterator[Meter]:
         except OSError:  # not made yet
             return 0
 
+    failed: list[BaseException] = []
+
     def watch() -> None:
-        while not stop.wait(_WATCH_INTERVAL):
-            meter.reached(size())
+        try:
+            while not stop.wait(_WATCH_INTERVAL):
+                meter.reached(size())
+        except BaseException as exc:  # the callback's: it fails the work, as from the work's own thread
+            failed.append(exc)
 
     thread = threading.Thread(target=watch, name=f"bastion-progress-{meter.phase}", daemon=True)
     thread.start()
@@ -103,4 +108,6 @@ def watch_file(path: Path, meter: Meter) -> Iterator[Meter]:
     finally:
         stop.set()
         thread.join()
+    if failed:
+        raise failed[0]
     meter.finish(size() if meter.total is None else None)

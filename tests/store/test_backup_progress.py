@@ -12,12 +12,16 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import threading
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 from bastion.store import backup
-from bastion.store.backup_progress import PHASES, STEP
+from bastion.store.backup_progress import PHASES, STEP, Meter, watch_file
 from tests.store.test_backup import FAST, make_blob, make_data_dir, pg_cleanup, pg_store_with_users, schema_of
+from tests.support.server import wait_for
 
 __all__ = ["pg_cleanup"]  # the fixture, imported to be used here
 
@@ -131,3 +135,23 @@ def test_a_postgres_backup_and_restore_report_their_phases(tmp_path: Path, pg_cl
     assert list(phases) == ["verify", "restore"]
     assert check_phase(phases["verify"]) == out.stat().st_size
     assert check_phase(phases["restore"]) == sum(m.size for m in result.manifest.members)
+
+
+def test_a_callback_raising_in_the_watcher_thread_fails_the_work(tmp_path: Path) -> None:
+    """The module's promise, "an exception it raises fails the work", held only on the work's own thread:
+    raised in the thread that watches a file SQLite or pg_dump writes, it killed that thread (a traceback
+    on stderr) and the work went on to succeed. It now fails the block as it ends."""
+    path = tmp_path / "growing"
+    raised = threading.Event()
+
+    def progress(phase: str, done: int, total: int | None) -> None:
+        if done and threading.current_thread() is not threading.main_thread():  # the watcher's report only
+            raised.set()
+            raise RuntimeError("the operator's callback failed")
+
+    with (
+        pytest.raises(RuntimeError, match="the operator's callback failed"),
+        watch_file(path, Meter(progress, "pg_dump", step=1)),
+    ):
+        path.write_bytes(b"x" * 100)
+        wait_for(raised.is_set, 10, what="the watcher to report the file's size")
