@@ -48,6 +48,7 @@ import msgspec
 
 from bastion.config_services import MAX_JOB_INT
 from bastion.exceptions import InvalidArgument, UsageError
+from bastion.service import brief_error
 
 __all__ = [
     "JOB_ATTRIBUTE", "RESULT_MISMATCH", "JobRegistry", "JobSpec", "Progress", "ResultMismatch", "build_job_spec",
@@ -79,18 +80,6 @@ class ResultMismatch(ValueError):
     """A job's result does not match its declared return type (the message says where and how)."""
 
 
-def _brief(error: str, most: int = 200) -> str:
-    """msgspec's ``error`` with its reason cut to ``most`` characters (and its length), its path kept:
-    msgspec names an unknown field, or a value no Literal or Enum allows, in full, and an error must
-    not echo a caller's megabyte back."""
-    reason, at, path = error.rpartition(" - at `")
-    if not at:
-        reason, path = error, ""
-    if len(reason) > most:
-        reason = f"{reason[:most]}... ({len(reason)} characters)"
-    return f"{reason}{at}{path}"
-
-
 def _type_name(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) else repr(hint).replace("typing.", "")
 
@@ -118,7 +107,7 @@ class JobSpec(msgspec.Struct, frozen=True):
         try:
             value = msgspec.convert(dict(args), self.args_type)
         except msgspec.ValidationError as exc:
-            raise InvalidArgument(f"job {self.name!r}: {_brief(str(exc))}") from None
+            raise InvalidArgument(f"job {self.name!r}: {brief_error(str(exc))}") from None
         return msgspec.msgpack.encode(value)
 
     def decode_args(self, data: bytes) -> dict[str, Any]:

@@ -48,6 +48,7 @@ __all__ = [
     "OpaqueText",
     "ServerInfo",
     "Service",
+    "brief_error",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -58,6 +59,18 @@ OPAQUE_TEXT_KEY = "bastion.opaque_text"
 #: Text that a ``refuse_nul`` service takes as it comes, NUL and all: for a parameter whose text is
 #: never stored as text (a password, of which only a hash is kept).
 OpaqueText = Annotated[str, msgspec.Meta(extra={OPAQUE_TEXT_KEY: True})]
+
+
+def brief_error(error: str, most: int = 200) -> str:
+    """A msgspec validation ``error`` with its reason cut to ``most`` characters (and its length), its path
+    kept: msgspec names an unknown field, or a value no Literal or Enum allows, in full, and an error must
+    not echo a caller's megabyte back. Both the arguments of a call and those of a job are refused so."""
+    reason, at, path = error.rpartition(" - at `")
+    if not at:
+        reason, path = error, ""
+    if len(reason) > most:
+        reason = f"{reason[:most]}... ({len(reason)} characters)"
+    return f"{reason}{at}{path}"
 
 
 class MethodKind(enum.Enum):

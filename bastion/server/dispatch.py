@@ -59,7 +59,7 @@ from bastion.exceptions import (
     UsageError,
 )
 from bastion.security.principal import ADMIN_ROLE, Principal
-from bastion.service import OPAQUE_TEXT_KEY, MethodKind, MethodSpec, Service
+from bastion.service import OPAQUE_TEXT_KEY, MethodKind, MethodSpec, Service, brief_error
 from bastion.status import Status
 from bastion.store.idempotency import IdempotencyRecord, IdempotencyStore
 
@@ -353,7 +353,7 @@ def never_suspends(handler: Callable[..., Any]) -> bool:
 
 def _describe(exc: msgspec.ValidationError) -> str:
     # msgspec says "... - at `$.field`"; name the argument the way a caller wrote it.
-    text = str(exc)
+    text = brief_error(str(exc))  # msgspec quotes an unknown field, or a bad Literal value, in full
     return text.replace("`$.", "argument `").replace("Object missing required field", "missing argument")
 
 

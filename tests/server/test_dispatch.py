@@ -11,7 +11,7 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import pytest
@@ -144,6 +144,34 @@ def test_bad_arguments_are_invalid_argument_naming_the_field(args: dict[str, Any
     assert error.message.startswith("calc.add: ")
     assert f"`{field}`" in error.message
     assert problem in error.message
+
+
+def test_bad_arguments_name_an_oversized_field_or_value_briefly_instead_of_echoing_it() -> None:
+    # msgspec quotes an unknown field's name, or a value no Literal allows, in full: a 500 KB field name
+    # came back as a 500 KB error (and may have been logged).
+    modes = Service("modes")
+
+    @modes.method
+    async def pick(mode: Literal["fast", "slow"]) -> str:
+        return mode
+
+    huge = "x" * 500_000
+
+    async def main() -> list[CallError]:
+        async with bastion.testing.connect(modes) as client:
+            return [
+                await _error(client, "modes.pick", mode="fast", **{huge: 1}),
+                await _error(client, "modes.pick", mode=huge),
+                await _error(client, "modes.pick", mode="medium"),
+            ]
+
+    unknown, bad_value, short = run(main())
+    for error in (unknown, bad_value):
+        assert isinstance(error, InvalidArgument)
+        assert len(error.message) < 300 and "characters)" in error.message, error.message[:300]
+    assert unknown.message.startswith("modes.pick: Object contains unknown field `xxx"), unknown.message[:300]
+    assert bad_value.message.endswith("- at argument `mode`"), bad_value.message[:300]
+    assert short.message == "modes.pick: Invalid enum value 'medium' - at argument `mode`"  # short: unchanged
 
 
 def test_constraints_in_annotated_hints_are_enforced() -> None:
