@@ -383,6 +383,8 @@ class SQLiteJobs(SQLiteAccess, JobStore):
             try:
                 conn.execute(_INSERT, _sqlite_row(job))
             except sqlite3.IntegrityError as exc:
+                if exc.sqlite_errorname not in _TAKEN:  # a CHECK or NOT NULL refused: no conflict, a bug
+                    raise
                 raise AlreadyExists(f"job {job.id!r} exists") from exc
             if max_bytes is not None:
                 (used,) = conn.execute(USAGE, (job.owner,)).fetchone()
@@ -481,6 +483,10 @@ class SQLiteJobs(SQLiteAccess, JobStore):
             return int(await self._write(lambda c: c.execute("DELETE FROM jobs WHERE owner = ?", (old,)).rowcount))
         sql = "UPDATE jobs SET owner = ? WHERE owner = ?"
         return int(await self._write(lambda c: c.execute(sql, (new, old)).rowcount))
+
+
+# SQLite's names for the constraint errors of an id already taken (its primary key is a unique index).
+_TAKEN = frozenset({"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"})
 
 
 def _sqlite_row(job: JobRecord) -> tuple[Any, ...]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bastion.exceptions import AlreadyExists, ResourceExhausted
+from bastion.exceptions import AlreadyExists, InternalError, ResourceExhausted
 from bastion.store import PostgresStore, SQLiteStore, Store
 from bastion.store.jobs import JobRecord
 from bastion.store.jobs_postgres import _PG
@@ -48,6 +48,18 @@ async def test_submit_get_and_list(store: Store) -> None:
     assert [j.id for j in await store.jobs_list(limit=1, after="j1")] == ["j2"]
     assert await store.jobs_list(state="running") == []
     assert await store.jobs_count("ada", ("queued", "running")) == 2
+
+
+async def test_a_submit_refused_by_another_constraint_is_not_reported_as_already_exists(store: Store) -> None:
+    # SQLite reported every integrity error of the insert as ALREADY_EXISTS: a row breaking a CHECK
+    # (a state the table does not allow) claimed its id was taken. Only the id's conflict is that.
+    with pytest.raises(InternalError, match="store: ") as info:
+        await store.jobs_submit(job("j1", state="bogus"))
+    assert not isinstance(info.value, AlreadyExists)
+    assert await store.jobs_get("j1") is None
+    await store.jobs_submit(job("j1"))
+    with pytest.raises(AlreadyExists, match="job 'j1' exists"):
+        await store.jobs_submit(job("j1"))
 
 
 async def test_claim_takes_the_oldest_runnable_job_once(store: Store) -> None:
