@@ -74,6 +74,12 @@ def _storable(text: str) -> str:
     return text.replace("\x00", "\\x00")
 
 
+def _internal_failure(exc: Exception) -> str:
+    """The failure of a job the server could not run to its end (its traceback is in the server's log):
+    the type of the error only, as its message may hold what the job's owner should not see."""
+    return f"the server failed while running the job ({type(exc).__name__}); its log has the details"
+
+
 class _Running:
     """A job this server is running: its process and why it was stopped, if it was."""
 
@@ -232,6 +238,9 @@ class Jobs:
         ]
         try:
             state, result, error = await self._execute(self.specs[job.name], running)
+        except Exception as exc:  # a bug here, or a return type's own check raising (its __post_init__)
+            log.exception("jobs: running job %s (%s) failed unexpectedly; the job is failed", job.id, job.name)
+            state, result, error = "failed", None, _internal_failure(exc)
         finally:
             for helper in helpers:
                 helper.cancel()
@@ -322,6 +331,9 @@ class Jobs:
         except JobProtocolError as exc:
             outcome = Failed(str(exc))
             process.kill()
+        except BaseException:  # not waiting out the job's timeout for a process nobody reads any more
+            process.kill()
+            raise
         finally:
             try:
                 await reaper  # under the timer still: a job that closed its channel is not waited for forever

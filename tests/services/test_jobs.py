@@ -247,6 +247,32 @@ def test_a_result_that_does_not_match_its_declared_return_type_fails_the_job(tmp
     run(test, tmp_path)
 
 
+def test_an_unexpected_error_while_running_a_job_fails_it_instead_of_leaving_it_running(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        # The conversion of a result to its return type ran the type's __post_init__, which raised a
+        # LookupError (no ValidationError): it escaped _run, and the job stayed "running" until its lease
+        # ran out -- then was recovered as lost, and a retryable one run again.
+        job_id = await ada.jobs.submit(name="as_checked", args={"value": -1})
+        final = await asyncio.wait_for(finish(ada, job_id), 10)
+        assert final["state"] == "failed", final
+        reason = "the server failed while running the job (LookupError); its log has the details"
+        assert final["error"] == reason, final["error"]
+        assert (await w.store.jobs_get(job_id)).attempts == 1
+        # The runner is unharmed, and a result that converts still succeeds.
+        good = await ada.jobs.submit(name="as_checked", args={"value": 1})
+        assert (await finish(ada, good))["state"] == "succeeded"
+        assert (await ada.jobs.result(id=good))["result"] == {"value": 1}
+
+    with caplog.at_level(logging.ERROR, logger="bastion.jobs"):
+        run(test, tmp_path)
+    logged = [r for r in caplog.records if r.exc_info and "no entry for -1" in str(r.exc_info[1])]
+    assert len(logged) == 1, [r.getMessage() for r in caplog.records]  # once, with its traceback
+    assert "as_checked" in logged[0].getMessage()
+
+
 def test_a_result_its_conversion_makes_too_large_fails_the_job(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         ada = w.client()

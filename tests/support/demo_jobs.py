@@ -203,3 +203,20 @@ def as_point(value: dict[str, int | str]) -> Point:
 def widened(n: int) -> float:
     """Return the int ``n`` where a ``float`` is declared (converted, as msgspec widens ints to floats)."""
     return n
+
+
+class Checked(msgspec.Struct):
+    """A result whose own check raises what msgspec does not turn into a validation error."""
+
+    value: int
+
+    def __post_init__(self) -> None:
+        if self.value < 0:
+            raise LookupError(f"no entry for {self.value}")
+
+
+@registry.job
+def as_checked(value: int) -> Checked:
+    """Return ``{"value": value}``, declared a ``Checked``: the server's conversion of a negative one raises
+    LookupError (the job's process never builds a ``Checked``)."""
+    return {"value": value}  # type: ignore[return-value]
