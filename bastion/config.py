@@ -522,13 +522,31 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         self._check_fits_a_frame()
 
     def _check_fits_a_frame(self) -> None:
-        """Clients upload files in ``chunk_bytes`` chunks: over the frame limit, every upload would fail."""
-        limit, chunk = self.limits.max_frame, self.files.chunk_bytes
-        if chunk + _ENVELOPE >= limit:
-            raise UsageError(
-                f"files.chunk_bytes ({chunk}) must be below limits.max_frame ({limit}) by more than {_ENVELOPE} "
-                "bytes: clients upload in chunks of that size"
-            )
+        """What one message carries whole must fit a frame with room for the rest of it: over the frame
+        limit, every upload in chunks of that size, or every answer carrying such a value, would fail."""
+        kv, mail, topics = self.kv, self.messages, self.messages.topics
+        sizes = (  # (key, its size, what else the same message may carry, why)
+            ("files.chunk_bytes", self.files.chunk_bytes, (), "clients upload in chunks of that size"),
+            ("jobs.max_result_bytes", self.jobs.max_result_bytes, (), "a result that large could never be fetched"),
+            ("kv.max_value_bytes", kv.max_value_bytes, (("kv.max_key_bytes", kv.max_key_bytes),), "a value"),
+            ("messages.max_body_bytes", mail.max_body_bytes, (
+                ("messages.max_subject_bytes", mail.max_subject_bytes),
+                ("messages.max_header_bytes", mail.max_header_bytes),
+            ), "a message"),
+            ("messages.topics.max_payload_bytes", topics.max_payload_bytes,
+             (("messages.topics.max_header_bytes", topics.max_header_bytes),), "a message"),
+        )  # fmt: skip
+        limit = self.limits.max_frame
+        for key, size, beside, why in sizes:
+            room = _ENVELOPE + sum(other for _, other in beside)
+            if size + room >= limit:
+                detail = ""
+                if beside:
+                    also = ", ".join(f"{name} ({other})" for name, other in beside)
+                    detail, why = f" ({also}, and {_ENVELOPE} for the rest)", f"{why} that large could never be sent"
+                raise UsageError(
+                    f"{key} ({size}) must be below limits.max_frame ({limit}) by more than {room} bytes{detail}: {why}"
+                )
 
 
 def load_config(

@@ -201,8 +201,43 @@ def test_an_upload_chunk_size_over_the_frame_limit_is_refused(tmp_path: Path, te
 
 def test_a_smaller_frame_works_with_a_chunk_size_that_fits_it(tmp_path: Path) -> None:
     path = tmp_path / "small.toml"
-    path.write_text("[limits]\nmax_frame = 65536\n[files]\nchunk_bytes = 32768\n")
+    path.write_text(f"[limits]\nmax_frame = 65536\n[files]\nchunk_bytes = 32768\n{_SMALL_SIZES}")
     assert load_config(path, environ={}).files.chunk_bytes == 32768
+
+
+# Everything else a message carries whole, made to fit a 64 KiB frame.
+_SMALL_SIZES = (
+    "[kv]\nmax_value_bytes = 32768\nhistory_bytes = 32768\n[jobs]\nmax_result_bytes = 32768\n"
+    "[messages]\nmax_body_bytes = 32768\n[messages.topics]\nmax_payload_bytes = 32768\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("setting", "refusal"),
+    [
+        ("BASTION_JOBS__MAX_RESULT_BYTES=2000000", r"jobs.max_result_bytes \(2000000\) must be below limits.max_frame"),
+        ("BASTION_JOBS__MAX_RESULT_BYTES=1048000", r"jobs.max_result_bytes \(1048000\) must be below limits.max_frame"),
+        ("BASTION_KV__MAX_VALUE_BYTES=1048000", r"kv.max_value_bytes \(1048000\) must be below limits.max_frame"),
+        ("BASTION_KV__MAX_KEY_BYTES=600000", r"kv.max_value_bytes \(524288\) .*\(kv.max_key_bytes \(600000\)"),
+        ("BASTION_MESSAGES__MAX_BODY_BYTES=1048000", r"messages.max_body_bytes \(1048000\) must be below"),
+        ("BASTION_MESSAGES__TOPICS__MAX_PAYLOAD_BYTES=1048000", r"messages.topics.max_payload_bytes \(1048000\)"),
+        ("BASTION_LIMITS__MAX_FRAME=400000", r"jobs.max_result_bytes \(524288\) must be below limits.max_frame"),
+    ],
+)
+def test_a_value_or_result_size_no_frame_could_carry_is_refused(setting: str, refusal: str) -> None:
+    # A job's result of max_result_bytes (or a kv value, a message body...) was accepted but could never
+    # be sent in one frame: fetching it failed every time, and nothing said why at start-up.
+    name, _, value = setting.partition("=")
+    environ = {"BASTION_KV__HISTORY_BYTES": "10000000", "BASTION_JOBS__MAX_BYTES": "10000000", name: value}
+    with pytest.raises(UsageError, match=refusal) as info:
+        load_config(environ=environ)
+    assert "limits.max_frame (" in str(info.value)
+
+
+def test_sizes_that_fit_the_frame_are_accepted() -> None:
+    config = load_config(environ={"BASTION_LIMITS__MAX_FRAME": "4194304", "BASTION_JOBS__MAX_RESULT_BYTES": "4000000"})
+    assert config.jobs.max_result_bytes == 4_000_000
+    assert load_config(environ={}).jobs.max_result_bytes == 512 * 1024  # the defaults fit the default frame
 
 
 def test_a_change_log_byte_bound_below_one_value_is_refused() -> None:
