@@ -55,7 +55,7 @@ class JobResult(msgspec.Struct, frozen=True):
 
     id: str
     state: str
-    result: Any
+    result: Any  # its MessagePack, as stored (a msgspec.Raw), in what jobs.result returns
     error: str | None
 
 
@@ -209,7 +209,9 @@ def declare(jobs: Jobs, service: Service) -> None:
         job = await _visible(jobs, ctx, id)
         if not job.finished:
             raise FailedPrecondition(f"job {id!r} is {job.state}; its result is not ready", retry_after=1.0)
-        value = msgspec.msgpack.decode(job.result) if job.result is not None else None
+        # As stored (MessagePack the runner checked): written into the answer as it is, not decoded into
+        # Python objects many times its size and encoded again.
+        value = msgspec.Raw(job.result) if job.result is not None else None
         return JobResult(job.id, job.state, value, job.error)
 
     @service.method(idempotent=True)

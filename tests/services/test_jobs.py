@@ -273,6 +273,30 @@ def test_an_unexpected_error_while_running_a_job_fails_it_instead_of_leaving_it_
     assert "as_checked" in logged[0].getMessage()
 
 
+def test_a_result_is_answered_as_stored_not_decoded_and_encoded_again(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        job_id = await ada.jobs.submit(name="shift", args={"point": {"x": 1, "y": 2}, "by": 3})
+        await finish(ada, job_id)
+        stored = (await w.store.jobs_get(job_id)).result
+        # jobs.result decoded the stored MessagePack into Python objects, then the answer encoded them again:
+        # a large result cost its decoded size (many times its bytes) and two passes for nothing.
+        method = w.jobs.service.methods["result"]
+        ctx = bastion.Context(method=method, principal=ADA, request_id="r1", peer="test", deadline=None,
+                              metadata={}, server=w.server.server.info)  # fmt: skip
+        answer = await method.handler(ctx, id=job_id)
+        assert isinstance(answer.result, msgspec.Raw) and bytes(answer.result) == stored
+        # What a client gets is unchanged, over the wire.
+        assert await ada.jobs.result(id=job_id) == {
+            "id": job_id, "state": "succeeded", "result": {"x": 4, "y": 5}, "error": None
+        }  # fmt: skip
+        failed = await ada.jobs.submit(name="boom", args={"message": "no"})
+        await finish(ada, failed)
+        assert (await ada.jobs.result(id=failed))["result"] is None
+
+    run(test, tmp_path)
+
+
 def test_a_result_its_conversion_makes_too_large_fails_the_job(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         ada = w.client()
