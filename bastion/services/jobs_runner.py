@@ -70,8 +70,8 @@ from typing import IO, Any
 import msgspec
 
 __all__ = [
-    "BASE_ENVIRONMENT", "OUTPUT_LINES", "Done", "Failed", "JobProcess", "OutputTail", "Progress", "RunRequest",
-    "exit_reason", "job_environment", "main",
+    "BASE_ENVIRONMENT", "FRAMES_PER_TURN", "OUTPUT_LINES", "Done", "Failed", "JobProcess", "OutputTail", "Progress",
+    "RunRequest", "exit_reason", "job_environment", "main",
 ]  # fmt: skip
 
 _HEADER = struct.Struct(">I")
@@ -79,6 +79,8 @@ _PROGRESS_EVERY = 0.1  # seconds between progress frames from one job (the last 
 _MESSAGE_CHARS = 200
 _ERROR_CHARS = 2000  # the longest failure reason kept (the job's exception, cut)
 _STREAM_LIMIT = 2**16  # the buffer limit of the job's stdout reader (asyncio's default)
+#: The most frames of one job read and handled in one pass of the event loop before it lets others run.
+FRAMES_PER_TURN = 64
 #: The most lines of a job's output kept (and logged), whatever ``output_bytes`` allows.
 OUTPUT_LINES = 1000
 _DRAIN_AFTER_EXIT = 1.0  # seconds the pipes are still read once the job's process has exited...
@@ -256,10 +258,18 @@ class JobProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
 
     async def messages(self) -> AsyncIterator[Progress | Done | Failed]:
-        """Each message the job sends, until it closes its end; ``JobProtocolError`` on garbage."""
+        """Each message the job sends, until it closes its end; ``JobProtocolError`` on garbage.
+
+        Frames already buffered are read without a pause, so a job writing frames as fast as it can
+        (its own, past ``_Reporter``'s throttle) would have thousands handled in one step of the event
+        loop, stalling every other call: after ``FRAMES_PER_TURN`` of them the loop runs first."""
         stdout = self.process.stdout
         assert stdout is not None
+        read = 0
         while True:
+            read += 1
+            if read % FRAMES_PER_TURN == 0:
+                await asyncio.sleep(0)
             try:
                 header = await stdout.readexactly(_HEADER.size)
             except asyncio.IncompleteReadError:

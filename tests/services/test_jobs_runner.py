@@ -18,7 +18,9 @@ import msgspec
 import pytest
 
 from bastion.config import JobsConfig
+from bastion.jobs import job_specs
 from bastion.services.jobs import Jobs
+from bastion.services.jobs_runner import FRAMES_PER_TURN, Done, JobProcess
 from bastion.store import open_store
 from bastion.testing import MemoryServer
 from tests.services.test_jobs import CONFIG, World, finish, wait_file
@@ -306,3 +308,46 @@ def test_a_job_that_redirects_or_closes_its_standard_input_still_runs_to_its_end
             assert (await ada.jobs.result(id=final["id"]))["result"] == how
 
     run(test, tmp_path)
+
+
+def test_a_job_flooding_its_channel_lets_the_event_loop_run_between_small_batches() -> None:
+    # A job writing progress frames as fast as it can (past the progress callable's throttle) had every frame
+    # buffered from its pipe -- thousands -- read, decoded and handled in one step of the event loop: each
+    # flood stalled every other call on the server for tens of milliseconds at a time.
+    spec = job_specs([runner_jobs.registry])["flood"]
+
+    async def main() -> tuple[int, int, Done | None]:
+        ticks = 0
+
+        async def ticker() -> None:  # one tick per pass of the event loop
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        process = await JobProcess.start(
+            spec.module, spec.qualname, spec.validate({"frames": 20_000}), memory_mb=512, max_result_bytes=4096
+        )
+        ticking = asyncio.create_task(ticker())
+        frames, most, run, tick, done = 0, 0, 0, -1, None
+        try:
+            async for message in process.messages():
+                if isinstance(message, Done):
+                    done = message
+                    continue
+                frames += 1
+                run = run + 1 if ticks == tick else 1
+                tick, most = ticks, max(most, run)
+            await process.wait()
+        finally:
+            ticking.cancel()
+        return frames, most, done
+
+    async def guarded() -> tuple[int, int, Done | None]:
+        async with asyncio.timeout(30):
+            return await main()
+
+    frames, most, done = asyncio.run(guarded())
+    assert done is not None and msgspec.msgpack.decode(done.result) == 20_000
+    assert frames == 20_000  # none lost: each one is still read
+    assert most <= 2 * FRAMES_PER_TURN, f"{most} frames handled in one pass of the event loop"

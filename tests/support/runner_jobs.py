@@ -139,3 +139,15 @@ def quiet_stdin(how: str) -> str:
         os.close(0)
     time.sleep(0.5)
     return how
+
+
+@registry.job
+def flood(frames: int) -> int:
+    """Write ``frames`` progress frames on the result channel as fast as it takes them, past the progress
+    callable's throttle (a job writing its own frames), then return ``frames``."""
+    body = msgspec.msgpack.encode({"type": "progress", "fraction": 0.5, "message": "flood"})
+    batch = (struct.pack(">I", len(body)) + body) * 1000
+    out = _channel()
+    for _ in range(frames // 1000):
+        out.write(batch)
+    return frames
