@@ -993,10 +993,28 @@ async function loadJobs() {
     jobFormFor();
   }
   const current = latest("jobs");
-  const list = await api("jobs.list", { limit: 1000 });
-  if (!current()) return;
+  const list = await listJobs(current);
+  if (!list || !current()) return;
   $("#jobs-table tbody").replaceChildren(...list.reverse().map(jobRow));
   for (const job of list) if (!FINISHED.has(job.state)) watchJob(job.id);
+}
+
+/** Up to JOBS_SHOWN jobs, oldest first, page after page: jobs.list stops a page early to fit one answer
+ * (long failure reasons fill it after a few hundred jobs), so a short page is not the last -- an empty
+ * one is. Null if a later load took over meanwhile. */
+const JOBS_SHOWN = 1000;
+async function listJobs(current) {
+  const list = [];
+  let after = null;
+  while (list.length < JOBS_SHOWN) {
+    const limit = JOBS_SHOWN - list.length;
+    const page = await api("jobs.list", after === null ? { limit } : { limit, after });
+    if (!current()) return null;
+    if (!page.length) break;
+    list.push(...page);
+    after = page[page.length - 1].id;
+  }
+  return list;
 }
 
 function jobRow(job) {
