@@ -66,8 +66,8 @@ def brief_error(error: str, most: int = 200) -> str:
     kept: msgspec names an unknown field, or a value no Literal or Enum allows, in full, and an error must
     not echo a caller's megabyte back. Both the arguments of a call and those of a job are refused so."""
     reason, at, path = error.rpartition(" - at `")
-    if not at:
-        reason, path = error, ""
+    if not at or not path.startswith("$") or len(path) > most:  # a marker inside the caller's text, not a path
+        reason, at, path = error, "", ""
     if len(reason) > most:
         reason = f"{reason[:most]}... ({len(reason)} characters)"
     return f"{reason}{at}{path}"

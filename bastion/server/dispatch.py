@@ -286,6 +286,13 @@ def _nul_check(info: mi.Type, building: dict[int, list[NulCheck | None]]) -> Nul
     return None  # numbers, bytes, literals, enums, Any...: no text of the caller's to look into
 
 
+def _shown(key: object, most: int = 64) -> str:
+    """``key`` as a path names it, cut to ``most`` characters (and its length): a caller's megabyte-long
+    key must not come back in the error."""
+    text = repr(key)
+    return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters)"
+
+
 def _items_nul(item: NulCheck | None) -> NulCheck | None:
     if item is None:
         return None
@@ -294,7 +301,7 @@ def _items_nul(item: NulCheck | None) -> NulCheck | None:
         if isinstance(value, list | tuple | set | frozenset):
             for i, x in enumerate(value):
                 if (where := item(x)) is not None:
-                    return f"[{i}]{where}" if isinstance(value, list | tuple) else f"[{x!r}]{where}"
+                    return f"[{i}]{where}" if isinstance(value, list | tuple) else f"[{_shown(x)}]{where}"
         return None
 
     return check
@@ -308,9 +315,9 @@ def _dict_nul(key: NulCheck | None, val: NulCheck | None) -> NulCheck | None:
         if isinstance(value, dict):
             for k, v in value.items():
                 if key is not None and key(k) is not None:
-                    return f"[{k!r}] (its key)"
+                    return f"[{_shown(k)}] (its key)"
                 if val is not None and (where := val(v)) is not None:
-                    return f"[{k!r}]{where}"
+                    return f"[{_shown(k)}]{where}"
         return None
 
     return check

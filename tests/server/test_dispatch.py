@@ -32,7 +32,7 @@ from bastion import (
 )
 from bastion.exceptions import error_for_status
 from bastion.server.dispatch import GROWTH_WORST, args_growth
-from bastion.service import OpaqueText
+from bastion.service import OpaqueText, brief_error
 from bastion.status import Status
 from bastion.testing import ANONYMOUS
 
@@ -248,6 +248,28 @@ def test_a_refuse_nul_service_refuses_text_holding_nul_anywhere_in_its_arguments
             assert await client.call("plain.take", **args) == 1  # a user's service: its text is its own
 
     run(main())
+
+
+def test_a_refused_nul_under_a_huge_key_does_not_echo_the_key() -> None:
+    """The path named a dict key or set item in full: a 400,000-character key in front of a NUL came back
+    in a 400 KB error."""
+
+    async def main() -> None:
+        async with bastion.testing.connect(strict) as client:
+            for args in ({"labels": {"k" * 400_000: "v\x00"}}, {"labels": {"k" * 400_000 + "\x00": "v"}}):
+                with pytest.raises(InvalidArgument) as refused:
+                    await client.call("strict.take", **args)
+                assert len(refused.value.message) < 300 and "characters)" in refused.value.message
+
+    run(main())
+
+
+def test_an_unknown_field_spelled_like_a_path_is_still_cut() -> None:
+    """An error's ``- at `$...``` path is kept whole; an unknown field name holding that marker was taken
+    for a path and came back whole."""
+    cut = brief_error("Object contains unknown field `" + " - at `" + "A" * 500_000 + "`")
+    assert len(cut) < 300
+    assert brief_error("Expected `int`, got `str` - at `$.args[0]`") == "Expected `int`, got `str` - at `$.args[0]`"
 
 
 def test_a_refuse_nul_service_takes_nul_in_opaque_text_values_of_any_type_and_bytes() -> None:
