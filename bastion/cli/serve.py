@@ -77,7 +77,7 @@ from bastion.server.server import HANDLER_THREAD_PREFIX, Server
 from bastion.server.supervisor import Supervisor, WorkerChannel, bind_listeners, resolve_workers
 from bastion.services import Component, HostedComponent
 from bastion.services.admin import create_service as create_admin_service
-from bastion.services.auth import create_service
+from bastion.services.auth import Reassign, create_service
 from bastion.services.backup import Backups
 from bastion.services.files import Files
 from bastion.services.jobs import Jobs
@@ -263,19 +263,22 @@ async def _compose_and_serve(
         # only while its user has a row (not the library default) -- unless a certificate naming no user may
         # own ~NAME and files ("any").
         store.userless_owners = config.tls.client_subjects == "any"
-        # What auth.delete_user hands over or deletes (mailboxes go with the user row itself).
-        owned_data = {
+        leader = role.leader
+        # Live topic messages go through the store only when another process may share it.
+        relay = role.channel is not None or not isinstance(store, SQLiteStore)
+        messages = Messages(store, config.messages, leader=leader, relay=relay, holds=role.holds)
+        # What auth.delete_user hands over or deletes (mailboxes go with the user row itself; the durable
+        # topics of the user's personal space are emptied, whoever the heir).
+        owned_data: dict[str, Reassign] = {
             "kv": store.kv_reassign_owner,
             "files": store.files_reassign_owner,
             "jobs": store.jobs_reassign_owner,
             "idempotency": store.idempotency_reassign_owner,
+            "topics": messages.topics.forget_user,
         }
         auth_service = create_service(
             store, hasher=PasswordHasher(), throttle=throttle, audit=audit, config=auth, owned_data=owned_data
         )
-        leader = role.leader
-        # Live topic messages go through the store only when another process may share it.
-        relay = role.channel is not None or not isinstance(store, SQLiteStore)
         backups = Backups(
             store, data_dir=data_dir, files_dir=files_dir, config=config.backup, passphrase=passphrase, leader=leader
         )
@@ -283,7 +286,7 @@ async def _compose_and_serve(
             KV(store, config.kv, leader=leader, watch_holds=role.holds("kv-watch")),
             Files(store, files_dir, config.files, leader=leader),
             Jobs(store, registries, config.jobs, leader=leader),
-            Messages(store, config.messages, leader=leader, relay=relay, holds=role.holds),
+            messages,
         ]
         components: list[Component] = [*hosted, backups]
         builtin = [create_admin_service(backups), auth_service, *(c.service for c in hosted)]

@@ -55,7 +55,7 @@ from bastion.security.ratelimit_shared import Holds, LocalHolds
 from bastion.service import Context, Service
 from bastion.services import Background, every
 from bastion.services.topics_hub import Hub, Subscriber, TopicAccess, TopicEvent, event
-from bastion.services.topics_syntax import is_wildcard, matches, pattern_error, topic_error
+from bastion.services.topics_syntax import is_wildcard, matches, pattern_error, personal_pattern, topic_error
 from bastion.store.topics import TooManyTopics, TopicStore, TrimPlan
 
 __all__ = ["TopicEvent", "TopicInfo", "Topics"]
@@ -159,6 +159,31 @@ class Topics:
                 removed, plans = await self.store.topics_trim_many(plans, SWEEP_PAGE)
                 total += removed
             if len(heads) < HEADS_PAGE:
+                return total
+            after = heads[-1].topic
+
+    async def forget_user(self, name: str, heir: str | None = None) -> int:
+        """``auth.delete_user``'s step for topics: empty the deleted user's durable topics in their personal
+        space ``user.<name>.>``, whoever the ``heir`` (a space is its owner's, as a mailbox is); how many
+        messages went. A user given the name later owns the space: it must not replay what the deleted
+        one kept there. Trimmed as retention trims (subscribers lose nothing unannounced) and forgotten:
+        the offsets are kept, so a topic used again goes on above them."""
+        personal = personal_pattern(name)
+        if personal is None:
+            return 0
+        prefix = personal[:-1]  # "user.<name>.": its topics sort together, right after it (bytewise)
+        total, after = 0, prefix
+        while True:
+            heads = await self.store.topics_heads(after, HEADS_PAGE)
+            mine = [h for h in heads if h.topic.startswith(prefix)]
+            plans = [TrimPlan(h.topic, h.first_offset, h.last_offset, None) for h in mine]
+            plans = [p for p in plans if p.first_offset <= p.upto_offset]
+            while plans:
+                removed, plans = await self.store.topics_trim_many(plans, SWEEP_PAGE)
+                total += removed
+            if mine:
+                await self.store.topics_forget([h.topic for h in mine])
+            if len(mine) < len(heads) or len(heads) < HEADS_PAGE:
                 return total
             after = heads[-1].topic
 

@@ -206,3 +206,54 @@ async def refused_or(call: Awaitable[Any]) -> Any:
         return await call
     except bastion.ResourceExhausted:
         return None
+
+
+PERSONAL = """
+[messages.topics]
+sweep_interval = 3600
+
+[[messages.topics.durable]]
+pattern = "user.>"
+keep = 1000
+"""
+
+
+@BACKENDS
+@pytest.mark.parametrize("heir", [None, "cy"])
+def test_deleting_a_user_empties_their_personal_durable_topics_for_whoever_gets_the_name_next(
+    server_factory: Any, tmp_path: Path, backend: str, heir: str | None
+) -> None:
+    # auth.delete_user left a user's durable topics in user.<name>.> as they were: a user created later with
+    # the same name owns that space, and replayed the deleted user's messages from offset 0.
+    server = serve(server_factory, tmp_path, backend, PERSONAL)
+
+    async def token_of(admin: Client, name: str) -> str:
+        await admin.auth.create_user(name=name)
+        return str((await admin.auth.create_token(user=name))["token"])
+
+    async def main() -> None:
+        async with Client(server.address, token=server.token, timeout=10) as admin:
+            await token_of(admin, "cy")
+            old = await token_of(admin, "bob")
+            async with Client(server.address, token=old, timeout=10) as bob:
+                offsets = [await bob.messages.publish(topic="user.bob.diary", payload=f"secret {i}") for i in (1, 2)]
+                assert offsets == [1, 2]
+                assert await bob.messages.publish(topic="user.bob.a.b", payload="secret 3") == 1
+            await admin.messages.publish(topic="user.bobby.x", payload="not bob's")  # a neighbouring space
+            deleted = await admin.auth.delete_user(name="bob", transfer_to=heir)
+            new = await token_of(admin, "bob")
+            async with Client(server.address, token=new, timeout=10) as bob:
+                for topic, following in (("user.bob.diary", 3), ("user.bob.a.b", 2)):
+                    info = await bob.messages.topic_info(topic=topic)
+                    assert (info["first_offset"], info["last_offset"]) == (following, following - 1), info
+                stream = await started(bob, "user.bob.diary", from_offset=0)
+                # Offsets are not reused: the new owner's first message follows the old ones.
+                assert await bob.messages.publish(topic="user.bob.diary", payload="mine") == 3
+                async with asyncio.timeout(10):
+                    assert (await anext(stream))["payload"] == "mine"
+                await stream.aclose()
+            info = await admin.messages.topic_info(topic="user.bobby.x")
+            assert (info["first_offset"], info["last_offset"]) == (1, 1)
+            assert deleted["items"]["topics"] == 3  # the messages that went
+
+    asyncio.run(main())
