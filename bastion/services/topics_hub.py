@@ -198,9 +198,15 @@ class Subscriber:
         self.wakeup.set()
 
     def reauthorize(self, principal: Principal) -> None:
-        """From now on deliver what ``principal`` (the subscriber's, revalidated) may read."""
+        """From now on deliver what ``principal`` (the subscriber's, revalidated) may read -- including
+        what is buffered: the messages of topics it may no longer read are dropped (not counted as
+        ``dropped``: withheld, not missed), not delivered after the re-check."""
         self.principal = principal
         self._readable.clear()
+        kept = deque(entry for entry in self.buffer if self.reads(entry[0].topic))
+        if len(kept) < len(self.buffer):
+            self.buffer = kept
+            self.bytes = sum(len(message.payload) for message, _ in kept)
 
 
 class Hub:

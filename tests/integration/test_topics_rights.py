@@ -100,3 +100,44 @@ def test_streams_end_unauthenticated_when_the_user_is_disabled(
                 await ends_with(mail, (bastion.Unauthenticated, bastion.Unavailable))  # type: ignore[arg-type]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_wide_subscription_drops_what_it_buffered_of_the_topics_its_user_lost(
+    server_factory: Any, tmp_path: Path, backend: str
+) -> None:
+    # Losing the role ended the single-topic subscriptions and emptied their buffers, but a wide pattern the
+    # user could still partly read kept its buffer: every orders message buffered before the re-check (up to
+    # subscriber_buffer of them) was still delivered after it.
+    path = tmp_path / "bastion.toml"
+    path.write_text(CONFIG)
+    server = server_factory(env={"BASTION_STORE": store_location(backend, tmp_path), "BASTION_CONFIG": str(path)})
+    published = 60  # far more than the stream holds outside the server's buffer: a window of 16, 1 in hand
+
+    async def main() -> None:
+        async with Client(server.address, token=server.token, timeout=10) as admin:
+            await admin.auth.create_user(name="carol", roles=["dev"])
+            token = (await admin.auth.create_token(user="carol"))["token"]
+            async with Client(server.address, token=token, timeout=60) as carol:
+                wide = carol.stream("messages.subscribe", pattern=">").__aiter__()
+                orders = carol.stream("messages.subscribe", pattern="orders.eu").__aiter__()
+                assert [(await anext(s))["type"] for s in (wide, orders)] == ["start"] * 2
+                for i in range(published):  # wide is not read meanwhile; orders says the feed has offered each
+                    await admin.messages.publish(topic="orders.eu", payload=i)
+                    async with asyncio.timeout(10):
+                        assert (await anext(orders))["payload"] == i
+                await admin.auth.set_roles(name="carol", roles=[])
+                # Ended in the same re-check that re-authorizes the wide subscription.
+                assert await ends_with(orders, bastion.PermissionDenied) == []
+                await admin.messages.publish(topic="news.today", payload="for everyone")
+                got = []
+                async with asyncio.timeout(10):
+                    async for message in wide:
+                        got.append(message["topic"])
+                        if message["topic"] == "news.today":
+                            break
+                # What was already on its way to carol (her window of 16, 1 in hand) arrives; nothing more.
+                assert got.count("orders.eu") <= 17, len(got)
+                await wide.aclose()
+
+    asyncio.run(main())
