@@ -87,13 +87,30 @@ def test_a_subscriber_that_stops_reading_holds_up_no_one_over_tcp(server_factory
             assert (await anext(slow))["type"] == (await anext(fast))["type"] == "start"
             offsets: list[int] = []
 
+            progress = asyncio.Event()
+
             async def read_fast() -> None:
-                while len(offsets) < total:
-                    offsets.append((await anext(fast))["offset"])
+                try:
+                    while len(offsets) < total:
+                        offsets.append((await anext(fast))["offset"])
+                        progress.set()
+                finally:
+                    progress.set()
 
             reader = asyncio.create_task(read_fast())
-            for _ in range(total):  # the slow subscriber never reads meanwhile
+
+            async def caught_up(n: int) -> None:
+                async with asyncio.timeout(30):
+                    while len(offsets) < n and not reader.done():  # done early: it failed (awaited below)
+                        progress.clear()
+                        await progress.wait()
+
+            for i in range(total):  # the slow subscriber never reads meanwhile
                 await publisher.messages.publish(topic="orders.eu", payload=payload)
+                # The fast one is bounded too (a buffer of 16): the feed hands over at once what was committed
+                # while it lagged (a loaded machine), so the publisher keeps pace with it, never with the slow one.
+                if i % 8 == 7:
+                    await caught_up(i + 1)
             async with asyncio.timeout(30):
                 await reader
             assert offsets == list(range(1, total + 1))
