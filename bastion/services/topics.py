@@ -63,6 +63,9 @@ __all__ = ["TopicEvent", "TopicInfo", "Topics"]
 log = logging.getLogger("bastion.topics")
 
 REPLAY_PAGE = 256  # messages read at once when replaying a durable topic
+# Bytes of messages (payloads and headers) read at once when replaying, beyond the first: a replay parked
+# mid-page by a client that stops reading keeps its page, and 256 full-size payloads were 64 MiB.
+REPLAY_BYTES = 1024 * 1024
 SWEEP_PAGE = 1000  # messages removed per transaction by retention
 HEADS_PAGE = 500  # durable topics the sweep reads at once
 REMEMBERED = 1024  # durable topics whose offsets one pattern's stream remembers (for resume_offsets)
@@ -309,7 +312,7 @@ class _Subscription:
                     f"offset {expected} of {topic!r} is no longer kept; the earliest kept is {first}",
                     details={"earliest": first},
                 )
-            page = await store.topics_replay(topic, expected, upto, REPLAY_PAGE)
+            page, more = await store.topics_replay_page(topic, expected, upto, REPLAY_PAGE, REPLAY_BYTES)
             if page and page[0].offset != expected:  # trimmed between our reads
                 first = page[0].offset or expected
                 continue
@@ -320,7 +323,7 @@ class _Subscription:
                 offset = message.offset or 0
                 self.last[topic], expected = offset, offset + 1
                 yield event(message)
-            if len(page) < REPLAY_PAGE:
+            if not more:
                 if not page:
                     head = await store.topics_head(topic)
                     if head is not None and head.first_offset > expected:

@@ -56,6 +56,8 @@ __all__ = [
     "POSTGRES_FORGET_SCHEMA",
     "POSTGRES_SCHEMA",
     "POSTGRES_TRIMMED_SCHEMA",
+    "REPLAY_PAGE_SQL",
+    "REPLAY_SIZES_SQL",
     "RETIRED_BUCKETS",
     "RETIRED_SQL",
     "SQLITE_FORGET_SCHEMA",
@@ -72,6 +74,7 @@ __all__ = [
     "feed_of",
     "forgotten_head",
     "message_of",
+    "replay_last",
     "retire",
     "retired_bucket",
     "trim_cut",
@@ -165,6 +168,31 @@ RETIRED_BUCKETS = 4096
 
 _HEADERS = msgspec.json.Decoder(dict[str, str])
 LOG_COLUMNS = "seq, topic, msg_offset, publisher, payload, headers, at"
+
+
+# A replay page's sizes without its messages ({0}..{3}: topic, from offset, upto seq, limit; {4}: a function giving
+# a value's bytes without reading it, SQLite's length or PostgreSQL's octet_length); then its messages up to the
+# offset replay_last finds ({0}: topic, {1}..{2}: offsets, {3}: upto seq).
+REPLAY_SIZES_SQL = (
+    "SELECT msg_offset, {4}(payload) + {4}(headers) FROM topic_log WHERE topic = {0} AND msg_offset >= {1} "
+    "AND seq <= {2} ORDER BY msg_offset LIMIT {3}"
+)
+REPLAY_PAGE_SQL = (
+    f"SELECT {LOG_COLUMNS} FROM topic_log WHERE topic = {{0}} AND msg_offset BETWEEN {{1}} AND {{2}} "
+    "AND seq <= {3} ORDER BY msg_offset"
+)
+
+
+def replay_last(sizes: list[Any], limit: int, max_bytes: int) -> tuple[int, bool]:
+    """The last offset of a replay page of ``(offset, size)`` rows (read with ``limit``) within ``max_bytes``
+    (at least one row), and whether more may follow: the page was cut short, by bytes or by ``limit``."""
+    total, last = 0, 0
+    for taken, (offset, size) in enumerate(sizes):
+        total += int(size)
+        if taken and total > max_bytes:
+            return last, True
+        last = int(offset)
+    return last, len(sizes) == limit
 
 
 class TooManyTopics(Exception):
@@ -353,6 +381,13 @@ class TopicStore(Notifying, ABC):
         """Durable messages of ``topic`` with ``offset >= from_offset`` and ``seq <= upto``, by offset."""
 
     @abstractmethod
+    async def topics_replay_page(
+        self, topic: str, from_offset: int, upto: int, limit: int, max_bytes: int
+    ) -> tuple[list[TopicMessage], bool]:
+        """As ``topics_replay``, but no more messages than fit ``max_bytes`` of payloads and headers (at least
+        one), their sizes read first without them; and whether more may follow (the page was cut short)."""
+
+    @abstractmethod
     async def topics_head(self, topic: str) -> TopicHead | None:
         """The durable topic's offsets; None if nothing was ever published to it durably (or to a topic
         forgotten in its bucket); a forgotten topic's is empty at its bucket's last offset."""
@@ -449,6 +484,20 @@ class SQLiteTopics(SQLiteAccess, TopicStore):
         )
         rows = await self._read(lambda c: c.execute(sql, (topic, from_offset, upto, limit)).fetchall())
         return [message_of(r) for r in rows]
+
+    async def topics_replay_page(
+        self, topic: str, from_offset: int, upto: int, limit: int, max_bytes: int
+    ) -> tuple[list[TopicMessage], bool]:
+        sizes_sql, page_sql = REPLAY_SIZES_SQL.format("?", "?", "?", "?", "length"), REPLAY_PAGE_SQL.format(*"????")
+
+        def read(c: sqlite3.Connection) -> tuple[list[Any], bool]:
+            last, more = replay_last(
+                c.execute(sizes_sql, (topic, from_offset, upto, limit)).fetchall(), limit, max_bytes
+            )
+            return c.execute(page_sql, (topic, from_offset, last, upto)).fetchall(), more
+
+        rows, more = await self._read(read)
+        return [message_of(r) for r in rows], more
 
     async def topics_head(self, topic: str) -> TopicHead | None:
         sql = "SELECT topic, first_offset, last_offset FROM topic_heads WHERE topic = ?"

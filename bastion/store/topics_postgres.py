@@ -13,6 +13,8 @@ from bastion.store.topics import (
     EXPLAINED_SQL,
     FEED_SQL,
     LOG_COLUMNS,
+    REPLAY_PAGE_SQL,
+    REPLAY_SIZES_SQL,
     RETIRED_SQL,
     TRIMMED_SQL,
     TooManyTopics,
@@ -25,6 +27,7 @@ from bastion.store.topics import (
     forgotten_head,
     message_of,
     plan_cuts,
+    replay_last,
     retire,
     retired_bucket,
     trim_cut,
@@ -113,6 +116,19 @@ class PostgresTopics(PostgresAccess, TopicStore):
         )
         rows = await self._call(lambda c: c.fetch(sql, topic, from_offset, upto, limit))
         return [message_of(tuple(r)) for r in rows]
+
+    async def topics_replay_page(
+        self, topic: str, from_offset: int, upto: int, limit: int, max_bytes: int
+    ) -> tuple[list[TopicMessage], bool]:
+        sizes_sql = REPLAY_SIZES_SQL.format("$1", "$2", "$3", "$4", "octet_length")
+        page_sql = REPLAY_PAGE_SQL.format("$1", "$2", "$3", "$4")
+
+        async def read(c: asyncpg.Connection[Any]) -> tuple[list[Any], bool]:
+            last, more = replay_last(list(await c.fetch(sizes_sql, topic, from_offset, upto, limit)), limit, max_bytes)
+            return list(await c.fetch(page_sql, topic, from_offset, last, upto)), more
+
+        rows, more = await self._call(read)
+        return [message_of(tuple(r)) for r in rows], more
 
     async def topics_head(self, topic: str) -> TopicHead | None:
         sql = (

@@ -158,3 +158,35 @@ def test_a_slow_subscribers_buffer_holds_payload_bytes_not_the_objects_they_deco
             assert 0 < got < 60
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_replaying_subscribers_that_stop_reading_hold_a_bounded_page_each(
+    server_factory: Any, tmp_path: Path, backend: str
+) -> None:
+    """A replay read 256 messages at once: with full-size payloads (256 KiB) 64 MiB, held by each subscription
+    parked mid-page by a client that stopped reading. Its pages are bounded in bytes now."""
+    server = server_factory(
+        env={"BASTION_STORE": store_location(backend, tmp_path), "BASTION_CONFIG": config_file(tmp_path)}
+    )
+    payload = b"x" * 250_000
+    subscribers = 4
+
+    async def main() -> None:
+        async with Client(server.address, token=server.token, timeout=30) as client:
+            for _ in range(300):  # about 75 MB kept in orders.eu
+                await client.messages.publish(topic="orders.eu", payload=payload)
+            before = read_rss_kib(server.pid)
+            streams = [
+                client.stream("messages.subscribe", pattern="orders.eu", from_offset=0).__aiter__()
+                for _ in range(subscribers)
+            ]
+            for stream in streams:  # each reads one message and then no more: the rest waits on the server
+                assert (await anext(stream))["type"] == "start"
+                assert (await anext(stream))["offset"] == 1
+            grown = (read_rss_kib(server.pid) - before) / 1024
+            assert grown < 48, f"the server grew by {grown:.0f} MiB for {subscribers} replaying subscribers"
+            for stream in streams:
+                await stream.aclose()  # type: ignore[attr-defined]
+
+    asyncio.run(main())

@@ -60,6 +60,23 @@ async def test_replay_reads_one_topic_by_offset_up_to_a_seq(store: Store) -> Non
     assert await store.topics_replay("a", 4, 6, 10) == []
 
 
+async def test_a_replay_page_is_bounded_in_bytes_and_says_whether_more_may_follow(store: Store) -> None:
+    for i in range(6):  # each message: 1000 bytes of payload and 2 of headers ("{}")
+        await store.topics_append("t", True, "ada", bytes([i]) * 1000, {}, NOW)
+    await store.topics_append("u", True, "ada", b"x" * 5000, {}, NOW)
+    page = store.topics_replay_page
+    assert [(m.offset, len(m.payload)) for m in (await page("t", 1, 7, 10, 2500))[0]] == [(1, 1000), (2, 1000)]
+    assert (await page("t", 1, 7, 10, 2500))[1] is True  # cut by bytes
+    assert [m.offset for m in (await page("t", 3, 7, 10, 10_000))[0]] == [3, 4, 5, 6]
+    assert (await page("t", 3, 7, 10, 10_000))[1] is False  # the end
+    assert [m.offset for m in (await page("t", 1, 7, 3, 10_000))[0]] == [1, 2, 3]
+    assert (await page("t", 1, 7, 3, 10_000))[1] is True  # cut by the limit
+    assert [m.offset for m in (await page("t", 1, 4, 10, 10_000))[0]] == [1, 2, 3, 4]  # up to seq 4
+    (one,), more = await page("u", 1, 7, 10, 100)  # a message larger than the bound comes alone
+    assert (one.offset, len(one.payload), more) == (1, 5000, False)
+    assert await page("t", 7, 7, 10, 100) == ([], False)
+
+
 async def test_retention_trims_the_oldest_by_count_then_by_age_and_records_it(store: Store) -> None:
     for i in range(10):
         await store.topics_append("t", True, "ada", b"x", {}, NOW + i)
