@@ -65,6 +65,7 @@ FEED_PAGE = 256  # messages the hub reads at once
 _ACCESS_CACHE = 1024  # topics whose access one subscriber remembers
 _FIRST_DROPPED = 1024  # durable topics whose first missed offset one subscriber remembers
 _ROUTES = 4096  # topics whose subscribers the hub remembers
+_ROUTE_ENTRIES = 1 << 18  # subscribers listed in all routes together (2 MiB; 4096 subscriptions on ">": 64 topics)
 _HELD = 4096  # live messages held behind this process's undelivered appends
 _TRIMMED_TOPICS = 256  # topics trimmed under the feed whose subscribers alone it ends (more: it ends all)
 
@@ -221,6 +222,7 @@ class Hub:
         #: Topic -> the subscribers that want it: matching each message against every
         #: subscriber's pattern and access once per topic, not once per message.
         self._routes: dict[str, list[Subscriber]] = {}
+        self._routed = 0  # subscribers listed in all routes together
         self._appended = 0  # the last seq this process appended to the log
         #: Live messages published here while the feed had not yet delivered this process's
         #: earlier appends, each after the seq it must follow: a publisher's messages arrive in order.
@@ -252,27 +254,31 @@ class Hub:
                 if self._position is None:
                     self._position = (await self._store.topics_position()).seq
                 self._subscribers.add(subscriber)
-                self._routes.clear()
+                self._forget_routes()
                 return self._position
         finally:
             self._joining.remove(subscriber)
 
     def leave(self, subscriber: Subscriber) -> None:
         self._subscribers.discard(subscriber)
-        self._routes.clear()
+        self._forget_routes()
         if not self._subscribers:
             self._position = None
             self._held.clear()
 
+    def _forget_routes(self) -> None:
+        self._routes.clear()
+        self._routed = 0
+
     def reroute(self) -> None:
         """A subscriber's access changed: match topics to subscribers afresh."""
-        self._routes.clear()
+        self._forget_routes()
 
     def end_all(self, kind: type[CallError], why: str) -> None:
         for subscriber in list(self._subscribers):
             subscriber.end(kind, why)
         self._subscribers.clear()
-        self._routes.clear()
+        self._forget_routes()
         self._held.clear()
         self._position = None
 
@@ -346,9 +352,12 @@ class Hub:
         """Offer ``message`` to every subscriber that wants it; DecodeError if its payload is not MessagePack."""
         route = self._routes.get(message.topic)
         if route is None:
-            if len(self._routes) >= _ROUTES:
-                self._routes.clear()
-            route = self._routes[message.topic] = [s for s in self._subscribers if s.wants(message)]
+            route = [s for s in self._subscribers if s.wants(message)]
+            if len(self._routes) >= _ROUTES or self._routed + len(route) > _ROUTE_ENTRIES:
+                self._forget_routes()  # bounded in topics and in the subscribers listed (wide patterns)
+            if len(route) <= _ROUTE_ENTRIES:
+                self._routes[message.topic] = route
+                self._routed += len(route)
         item: TopicEvent | None = None
         for subscriber in route:
             if subscriber.ended is None:

@@ -563,3 +563,25 @@ def test_a_retention_sweep_over_many_topics_takes_a_few_transactions_not_one_per
             await test(w)
 
     asyncio.run(main())
+
+
+def test_the_hubs_routes_stay_bounded_in_subscribers_listed_not_only_in_topics(tmp_path: Path) -> None:
+    # The hub remembered, for each of up to 4096 topics, the list of subscribers wanting it: with every
+    # subscription on ">" (max_subscribers is 4096) that was 4096 x 4096 entries, some 128 MiB per process.
+    from bastion.services.topics_hub import _ROUTE_ENTRIES, Hub, Subscriber, TopicAccess
+    from bastion.store.topics import TopicMessage
+
+    async def main() -> None:
+        async with open_store(service_store(tmp_path)) as store:
+            hub = Hub(store)
+            access = TopicAccess([])
+            subscribers = [Subscriber(">", TESTER, access, 1, 1 << 20) for _ in range(400)]
+            for subscriber in subscribers:
+                await hub.join(subscriber)
+            topics = 2 * _ROUTE_ENTRIES // len(subscribers)  # well within the 4096 topics remembered
+            for i in range(topics):
+                hub._fan_out(TopicMessage(i + 1, f"t.{i}", None, "ada", b"\xc0", {}, 0.0))
+                assert sum(len(route) for route in hub._routes.values()) <= _ROUTE_ENTRIES
+            assert all(s.dropped + len(s.buffer) == topics for s in subscribers)  # each was offered every one
+
+    asyncio.run(main())
