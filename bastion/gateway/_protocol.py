@@ -118,6 +118,7 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._bare_chunk = False  # a chunk's size line came and none of its data since: the last chunk's trailers
         self._trailer_bytes = 0
+        self._head_tail = b""  # the last bytes of a head not yet complete (where it ends may straddle reads)
         self._gate_host: str | None = None  # admitted by the gate: the slot to give back
         self._refusal: bytes | None = None  # past a cap: the answer it was sent
 
@@ -158,13 +159,24 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         idle = self._in_head and not self._head_begun  # between requests: a head would begin at this read's start
         heads = self._heads
         body_before = self._body_bytes
+        in_body = self._in_body
+        tail = self._head_tail if self._head_begun else b""
         super().data_received(data)
         if self.transport.is_closing():
             return
         if self._in_body and self._bare_chunk:
-            # In the last chunk's trailer section: what of this read was not body (the chunks' size lines
-            # too, in the read where the section begins: a few bytes per chunk) was trailer fields.
-            self._trailer_bytes += len(data) - (self._body_bytes - body_before)
+            # In the last chunk's trailer section, which the read ends in: what of the read was not body was
+            # trailer fields -- and the chunks' size lines (a few bytes per chunk) and, in the read where the
+            # head ended, the head's end, which is found and not counted (lest a head near the limit make small
+            # trailers a 431). A read that also held another request (pipelined) is not counted (as a head's:
+            # at most one read goes uncounted).
+            if self._heads == heads and in_body:  # the read began in this body
+                share = len(data) - (self._body_bytes - body_before)
+            elif self._heads == heads or (idle and self._heads == heads + 1):  # ... in this request's head
+                share = len(data) - _head_end(data, tail) - self._body_bytes
+            else:
+                share = 0
+            self._trailer_bytes += max(share, 0)
             if self._trailer_bytes > MAX_HEAD:
                 self._refuse_trailers()
                 return
@@ -181,6 +193,8 @@ class HeadBoundedProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD:
                 self._refuse_head()
+        if self._head_begun:
+            self._head_tail = data[-3:]
 
     def on_message_begin(self) -> None:
         if len(self.pipeline) >= MAX_PIPELINED:  # (raising stops the parser: the rest of the read is not parsed)
@@ -339,6 +353,16 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         head.append(b"content-length: %d\r\nconnection: close\r\n" % len(body))
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
         return b"".join([*head, _HEADERS, b"\r\n", body])
+
+
+def _head_end(data: bytes, tail: bytes) -> int:
+    """Where in ``data`` the request head that ends in it ends (just past its blank line): a head that began
+    at the read's start (``tail`` empty; the empty lines the parser skips before one are its), or one whose
+    earlier reads ended in ``tail`` (their last 3 bytes). The parser takes CRLF line ends only, so a head
+    ends at its first CRLF CRLF; ``len(data)`` if none is found."""
+    start = 0 if tail else len(data) - len(data.lstrip(b"\r\n"))
+    end = (tail + data).find(b"\r\n\r\n", start)
+    return len(data) if end < 0 else max(end + 4 - len(tail), 0)
 
 
 async def _send_500(cycle: RequestResponseCycle) -> None:

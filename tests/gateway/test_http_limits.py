@@ -264,6 +264,32 @@ def test_a_chunked_body_with_small_trailers_is_served(world: World) -> None:
     assert b'"result":1' in answer
 
 
+@pytest.mark.parametrize(
+    ("trailers", "status"), [(MAX_HEAD // 20, b"200"), ((MAX_HEAD + 600) // 10, b"431")], ids=["under", "over"]
+)
+def test_a_chunked_bodys_trailers_are_counted_apart_from_the_head(world: World, trailers: int, status: bytes) -> None:
+    # A head just under the limit, its body and its trailer section, sent at once (so the server reads the trailer
+    # section's start with the head): the head's bytes are not the trailers'. Trailers under the limit are served;
+    # trailers past it (by less than the head's room: its bytes in that read are not counted as trailers, up to the
+    # limit) are still refused (and nothing is sent after them: more would meet a reset, not the 431).
+    body = b'{"jsonrpc":"2.0","method":"demo.echo","params":{"value":1},"id":1}'
+    assert world.gateway is not None
+    head = (
+        f"POST /rpc HTTP/1.1\r\nHost: 127.0.0.1:{world.gateway.port}\r\nAuthorization: Bearer {world.tokens['ada']}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+    ).encode()
+    head += b"X-Pad: " + b"p" * (MAX_HEAD - len(head) - 512) + b"\r\n\r\n"
+    assert MAX_HEAD - 512 < len(head) < MAX_HEAD
+    with _connect(world) as sock:
+        sock.sendall(head + b"%x\r\n%s\r\n0\r\n" % (len(body), body) + b"X-Sum: y\r\n" * trailers)
+        if status == b"200":  # the trailer section ends in a later read
+            sock.sendall(b"\r\n")
+        answer = _answer(sock)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:100]
+    if status == b"200":
+        assert b'"result":1' in answer
+
+
 def _pipelined(world: World, count: int) -> tuple[bytes, bool]:
     """``count`` GET /livez sent at once on one connection, read only afterwards: (what came back, whether the
     gateway closed the connection)."""
