@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from collections.abc import Collection
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "origin_host",
     "parse_bearer",
     "retry_after",
+    "target_refusal",
     "too_large_body",
 ]
 
@@ -187,3 +189,29 @@ def host_allowed(host: str, names: Collection[str]) -> bool:
     except ValueError:
         return False
     return True
+
+
+_AUTHORITY_END = re.compile(rb"[/?#]")
+
+
+def target_refusal(target: bytes, host: bytes | None) -> str | None:
+    """Why a request whose target is absolute-form (``http://name:port/path``) is answered 400, None if it is not.
+
+    RFC 9112 3.2.2: such a request is for the target's authority, its Host ignored; and 3.2: a client sends a Host
+    identical to that authority. The gateway routes by the path and checks the Host (DNS rebinding, ``front.py``),
+    so a target naming another authority than the Host (or with userinfo, RFC 9110 4.2.4; or with no Host at all)
+    is refused rather than served under a name nothing checked. Origin-form (``/path``), ``*`` and authority-form
+    (CONNECT's, answered by the routes) are not judged here.
+    """
+    if target[:1] == b"/" or target == b"*":
+        return None
+    _, sep, rest = target.partition(b"://")
+    if not sep:
+        return None
+    authority = _AUTHORITY_END.split(rest, maxsplit=1)[0]
+    if b"@" in authority:
+        return "a request target with userinfo is not served"
+    if host is None or authority.lower() != host.lower():
+        shown = authority.decode("latin-1")[:100]
+        return f"the request target's authority {shown!r} is not the Host header's (RFC 9112 3.2.2)"
+    return None

@@ -17,6 +17,10 @@ route's task) open for as long as the client liked. So here:
   and so is a chunked body's trailer section (header fields after its last
   chunk, which the parser holds as it does a head's) over ``MAX_HEAD`` bytes;
   trailers are not added to the request's headers (ASGI carries none);
+- a request whose target is absolute-form (``GET http://name/path``) naming
+  another authority than its Host header (or with no Host) is answered 400 and
+  the connection closed (``target_refusal`` in _http.py): uvicorn routes by
+  the path alone, and the Host check would judge a name the request is not for;
 - a head not complete ``head_timeout`` seconds after its first byte -- or a
   new connection silent that long -- gets its connection closed;
 - a body must keep pace (Apache's ``RequestReadTimeout body=20,MinRate=500``):
@@ -50,7 +54,7 @@ from websockets.frames import CloseCode, Frame
 
 from bastion.exceptions import InvalidArgument
 from bastion.gateway._gate import ConnectionGate, peer_host, refusal_answer
-from bastion.gateway._http import INTERNAL_ERROR_BODY, NO_STORE, SECURITY_HEADERS, error_body
+from bastion.gateway._http import INTERNAL_ERROR_BODY, NO_STORE, SECURITY_HEADERS, error_body, target_refusal
 from bastion.gateway._shared import _encoder
 
 __all__ = ["MAX_FRAGMENTS", "MAX_HEAD", "MAX_PIPELINED", "HeadBoundedProtocol", "WebSocketProtocol", "bounded_protocol"]
@@ -74,6 +78,10 @@ _HEADERS = b"".join(name + b": " + value + b"\r\n" for name, value in [*SECURITY
 
 class _PipelineFull(Exception):
     """More than ``MAX_PIPELINED`` requests wait on one connection: it is closed, the rest of the read unparsed."""
+
+
+class _Refused(Exception):
+    """A request refused by the protocol (answered already, the connection closed): the rest of the read unparsed."""
 
 
 class _Flow(FlowControl):
@@ -205,6 +213,13 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
+        host = next((value for name, value in self.headers if name == b"host"), None)
+        if (refusal := target_refusal(self.url, host)) is not None:  # an absolute-form target not for this Host
+            self._disarm_head_timer()
+            if self.cycle is None or self.cycle.response_complete:  # not in the middle of another response
+                self.transport.write(self._plain_answer(b"400 Bad Request", refusal))
+            self.transport.close()
+            raise _Refused
         self._in_head = False
         self._head_begun = False
         self._head_bytes = 0

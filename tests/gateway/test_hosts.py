@@ -139,3 +139,42 @@ def test_a_request_with_two_host_headers_is_answered_400(world: World, upgrade: 
         assert answer.startswith(b"HTTP/1.1 400 "), (first, second, answer[:200])
         assert b"x-content-type-options: nosniff" in answer.lower()
     assert request(world, "GET", "/livez").status == 200
+
+
+@pytest.mark.parametrize("upgrade", [False, True], ids=["request", "websocket"])
+def test_an_absolute_form_target_must_name_the_host_header(world: World, upgrade: bool) -> None:
+    """RFC 9112 3.2.2: a request whose target is absolute-form (``GET http://name/path``) is for the target's
+    authority, whatever its Host says (3.2: a client sends a Host identical to it). The gateway read the path and
+    checked the Host, so ``GET http://evil.example/livez`` with ``Host: 127.0.0.1`` was served; it is answered 400
+    (and a target with userinfo too). One naming the Host's own authority is served as before."""
+    assert world.gateway is not None
+    port = world.gateway.port
+    path = "/ws" if upgrade else "/livez"
+    extra = (
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        if upgrade
+        else "Connection: close\r\n"
+    )
+    own = f"127.0.0.1:{port}"
+    # (uvicorn's WebSocket layer routes an upgrade by its whole target, so an absolute-form one finds no route: 403)
+    served = b"403" if upgrade else b"200"
+    cases = [
+        (f"http://evil.example{path}", f"Host: {own}\r\n", b"400"),
+        (f"http://evil.example:{port}{path}?a=1", f"Host: {own}\r\n", b"400"),
+        (f"http://127.0.0.1:{port + 1}{path}", f"Host: {own}\r\n", b"400"),
+        (f"http://user@{own}{path}", f"Host: {own}\r\n", b"400"),
+        (f"http://evil.example{path}", "", b"400"),  # no Host at all
+        (f"http://{own}{path}", f"Host: {own}\r\n", served),
+        (f"HTTP://LOCALHOST:{port}{path}", f"Host: localhost:{port}\r\n", served),
+    ]
+    for target, host, status in cases:
+        with socket.create_connection((world.gateway.host, port), timeout=10) as sock:
+            sock.sendall(f"GET {target} HTTP/1.1\r\n{host}{extra}\r\n".encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 " + status + b" "), (target, host, answer[:200])
+        if status == b"400":
+            assert b"x-content-type-options: nosniff" in answer.lower()
+    assert request(world, "GET", "/livez").status == 200
