@@ -185,6 +185,8 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     write_high_water: int = 1_048_576
     max_connections: int = 10_000
     max_connections_per_source: int = 256
+    max_answer_bytes: int = 32 << 20
+    max_answer_memory: int = 256 << 20
     max_handshakes_per_source: int = 64
     reserved_connections: int | None = None
     idle_timeout: float = 300.0
@@ -420,6 +422,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_connections, max_connections_per_source: connections open at once on the
     gateway's port, in total (503 past it) and from one client address (429;
     0: no per-address cap, for a gateway behind a reverse proxy). _gate.py.
+    max_answer_bytes: the most bytes of results one JSON-RPC answer (a call or batch, /rpc or /ws) holds;
+    max_answer_memory: of all answers in progress at once. Results past them: RESOURCE_EXHAUSTED. _answers.py.
     """
 
     http_port: int = 7401
@@ -442,6 +446,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics_token_file: str | None = None
     max_connections: int = 4096
     max_connections_per_source: int = 256
+    max_answer_bytes: int = 32 << 20
+    max_answer_memory: int = 256 << 20
 
     def __post_init__(self) -> None:
         check_finite(self, "gateway")
@@ -468,6 +474,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise UsageError(f"gateway.allowed_hosts: {name!r} is not a host name (no scheme, port or path)")
         if not 0 <= self.http_port <= 65535:
             raise UsageError(f"gateway.http_port must be 0..65535, got {self.http_port}")
+        if not 0 < self.max_answer_bytes <= self.max_answer_memory:
+            raise UsageError("gateway.max_answer_bytes must be positive and at most gateway.max_answer_memory")
         if self.max_body <= 0 or self.max_batch <= 0 or self.max_json_depth <= 0 or self.idle_seconds <= 0:
             raise UsageError("gateway.max_body, max_batch, max_json_depth and idle_seconds must be positive")
         for name in ("header_timeout", "body_timeout", "body_min_rate"):

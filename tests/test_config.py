@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.config import DEFAULT_PORT, Config, JobsConfig, ServerLimits, load_config
+from bastion.config import DEFAULT_PORT, Config, GatewayConfig, JobsConfig, ServerLimits, load_config
 from bastion.exceptions import UsageError
 
 
@@ -45,6 +45,8 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
         ("[gateway]\nbody_min_rate = nan\n", "gateway.body_min_rate must be a finite number"),
         ("[gateway]\nbody_timeout = inf\n", "gateway.body_timeout must be a finite number"),
         ("[gateway]\nheader_timeout = nan\n", "gateway.header_timeout must be a finite number"),
+        ("[gateway]\nmax_answer_bytes = 0\n", "gateway.max_answer_bytes must be positive and at most"),
+        ("[gateway]\nmax_answer_memory = 1048576\n", "gateway.max_answer_bytes must be positive and at most"),
     ],
 )
 def test_bad_config_is_a_clear_usage_error(tmp_path: Path, text: str, message: str) -> None:
@@ -52,6 +54,14 @@ def test_bad_config_is_a_clear_usage_error(tmp_path: Path, text: str, message: s
     path.write_text(text)
     with pytest.raises(UsageError, match=message):
         load_config(path, environ={})
+
+
+def test_the_gateways_answer_budgets_come_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    assert (GatewayConfig().max_answer_bytes, GatewayConfig().max_answer_memory) == (32 << 20, 256 << 20)
+    path = tmp_path / "answers.toml"
+    path.write_text("[gateway]\nmax_answer_bytes = 1048576\n")
+    cfg = load_config(path, environ={"BASTION_GATEWAY__MAX_ANSWER_MEMORY": "8388608"})
+    assert (cfg.gateway.max_answer_bytes, cfg.gateway.max_answer_memory) == (1 << 20, 8 << 20)
 
 
 def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Collection
 from typing import Any
 
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
 
 from bastion.exceptions import CallError, InvalidArgument, Unauthenticated
 from bastion.status import Status
@@ -32,6 +32,7 @@ __all__ = [
     "origin_allowed",
     "origin_host",
     "parse_bearer",
+    "read_body",
     "retry_after",
     "target_refusal",
     "too_large_body",
@@ -87,6 +88,18 @@ def error_body(exc: CallError) -> dict[str, Any]:
     if exc.retry_after is not None:
         error["retry_after"] = exc.retry_after
     return {"error": error}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (``TooLarge``) at the first byte past ``limit``, however it is framed."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def too_large_body(limit: int) -> dict[str, Any]:

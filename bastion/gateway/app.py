@@ -53,7 +53,8 @@ Limits. A body whose Content-Length exceeds ``max_body`` is answered 413
 before a byte of it is read; a chunked body is counted as it arrives and
 refused at the first byte past the limit. JSON nested deeper than
 ``max_json_depth`` is refused (-32600 / 400) before it is decoded; a batch of
-more than ``max_batch`` calls is refused whole (-32600).
+more than ``max_batch`` calls is refused whole (-32600). An answer holds at most ``max_answer_bytes`` of results,
+all answers in progress ``max_answer_memory``: results past them are RESOURCE_EXHAUSTED (_answers.py).
 
 Uploads. A client-stream method whose items are ``bytes`` (``files.upload``)
 is carried by ``POST /v1/{service}/{method}`` with ``Content-Type:
@@ -104,6 +105,7 @@ from bastion.exceptions import (
     Unimplemented,
 )
 from bastion.gateway import jsonrpc
+from bastion.gateway._answers import Answer, AnswerMemory, HeldResponse
 from bastion.gateway._cookies import (
     CSRF_COOKIE,
     CSRF_HEADER,
@@ -123,6 +125,7 @@ from bastion.gateway._http import (
     origin_allowed,
     origin_host,
     parse_bearer,
+    read_body,
     retry_after,
     too_large_body,
 )
@@ -187,6 +190,7 @@ class Gateway:
         self.ws_origins = frozenset(config.ws_origins) | public
         #: Who may read /metrics, /openapi.json and rpc.discover (_ops.py).
         self.ops = OpsAccess(config, bridge)
+        self.answers = AnswerMemory(config.max_answer_bytes, config.max_answer_memory)  # held by answers (_answers.py)
         #: False until the runner has the listener up; /readyz answers 503 meanwhile.
         self.started = True
         #: What /metrics shows: this server's numbers (``bastion serve --workers`` adds the other workers').
@@ -238,18 +242,6 @@ def _caller_address(conn: HTTPConnection) -> str:
 def _bearer(conn: HTTPConnection) -> str | None:
     """The bearer token, None without an Authorization header; Unauthenticated if it is not Bearer."""
     return parse_bearer(conn.headers.get("authorization"))
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused (``_TooLarge``) at the first byte past ``limit``, however it is framed."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _too_large(limit: int) -> Response:
@@ -334,8 +326,8 @@ class _Routes:
 
     # -- JSON-RPC ----------------------------------------------------------------------
 
-    async def _run(self, caller: Caller, call: jsonrpc.Request) -> dict[str, Any] | None:
-        """One JSON-RPC call through the bridge: its response, None for a notification."""
+    async def _run(self, caller: Caller, call: jsonrpc.Request, answer: Answer) -> dict[str, Any] | None:
+        """One JSON-RPC call through the bridge: its response (counted in ``answer``), None for a notification."""
         method = call.method
         try:
             if method == "rpc.discover":  # what the caller may call; off or some networks only: callers (_ops.py)
@@ -356,26 +348,25 @@ class _Routes:
             if call.is_notification:
                 return None
             return jsonrpc.failure(call.id, _as_call_error(exc))
-        if call.is_notification:
-            return None
-        return jsonrpc.result_response(call.id, result)
+        return None if call.is_notification else answer.response(call.id, result)
 
-    async def answer(self, caller: Caller, body: bytes) -> Any:
-        """The JSON-RPC answer to ``body`` (None: nothing to send); raises ``ArgsMemoryFull`` (_shared.py)."""
+    async def answer(self, caller: Caller, body: bytes, answer: Answer) -> Any:
+        """The JSON-RPC answer to ``body`` (None: nothing to send), its results counted in ``answer`` until it
+        is closed (_answers.py); raises ``ArgsMemoryFull`` (_shared.py)."""
         with holding_body(self.gateway.server, len(body)):
-            return await self._answer(caller, body)
+            return await self._answer(caller, body, answer)
 
-    async def _answer(self, caller: Caller, body: bytes) -> Any:
+    async def _answer(self, caller: Caller, body: bytes, answer: Answer) -> Any:
         try:
             batch, entries = jsonrpc.parse(body, max_depth=self.config.max_json_depth, max_batch=self.config.max_batch)
         except jsonrpc.BodyError as exc:
             return exc.response
         if not batch:  # one call: no tasks to run it beside others
             (entry,) = entries
-            return await self._run(caller, entry) if isinstance(entry, jsonrpc.Request) else entry
+            return await self._run(caller, entry, answer) if isinstance(entry, jsonrpc.Request) else entry
         entries = jsonrpc.discover_once(entries)
         results = await asyncio.gather(
-            *(self._run(caller, e) if isinstance(e, jsonrpc.Request) else _ready(e) for e in entries)
+            *(self._run(caller, e, answer) if isinstance(e, jsonrpc.Request) else _ready(e) for e in entries)
         )
         answers = [r for r in results if r is not None]
         return answers or None
@@ -383,19 +374,25 @@ class _Routes:
     async def rpc(self, request: Request) -> Response:
         try:
             caller = self._caller(request)
-            body = await _read_body(request, self.config.max_body)
+            body = await read_body(request, self.config.max_body)
         except _TooLarge:
             return _too_large(self.config.max_body)
         except (CallError, ClientDisconnect) as exc:
             error = _as_call_error(exc)
             return _json(jsonrpc.failure(None, error), http_status(error.status), error_headers(error))
+        budget = self.gateway.answers.open()  # closed once the answer is sent (HeldResponse), or here
         try:
-            answer = await self.answer(caller, body)
+            answer = await self.answer(caller, body, budget)
         except CallError as exc:  # the body is more than the server may hold decoded now
+            budget.close()
             return _json(jsonrpc.failure(None, exc), http_status(exc.status), {"retry-after": retry_after(exc) or "1"})
+        except BaseException:
+            budget.close()
+            raise
         if answer is None:
+            budget.close()
             return Response(status_code=204)
-        return _json(answer)
+        return HeldResponse(_encoder.encode(answer), budget)
 
     # -- plain routes ---------------------------------------------------------------------
 
@@ -420,7 +417,7 @@ class _Routes:
             kind = self.bridge.kind(method)
             if kind is MethodKind.CLIENT_STREAM and media_type(request) == "application/octet-stream":
                 return _json(await self._upload(request, caller, method))
-            result = await self.call_v1(caller, method, await _read_body(request, self.config.max_body))
+            result = await self.call_v1(caller, method, await read_body(request, self.config.max_body))
         except _TooLarge:
             return _too_large(self.config.max_body)
         except Exception as exc:
@@ -473,7 +470,7 @@ class _Routes:
             self._check_origin(request)
             if media_type(request) != "application/json":  # a cross-site form can send no such body: login CSRF
                 raise InvalidArgument("POST /v1/auth/login takes a JSON body (Content-Type: application/json)")
-            args = self._object_args(await _read_body(request, self.config.max_body))
+            args = self._object_args(await read_body(request, self.config.max_body))
             result = await self.bridge.call(Caller(None, _caller_address(request)), "auth.login", args)
         except _TooLarge:
             return _too_large(self.config.max_body)

@@ -89,6 +89,7 @@ class Front:
         self.config = routes.config
         self.names = routes.gateway.names
         self.post_origins = routes.gateway.post_origins
+        self.answers = routes.gateway.answers
         self.state = app.state  # ``state.gateway``
         self._any_host = "*" in self.config.allowed_hosts
         self._hosts: dict[bytes, bool] = {}  # Host header -> allowed, for the plaintext check
@@ -148,12 +149,15 @@ class Front:
             if body is None:
                 return  # the client went away: nobody to answer
             if method is None:
-                answer = await self.routes.answer(caller, body)
-                if answer is None:
-                    await send({"type": "http.response.start", "status": 204, "headers": [*SECURITY_HEADERS, NO_STORE]})
-                    await send({"type": "http.response.body", "body": b""})
-                    return
-                await _respond(send, 200, _encoder.encode(answer))
+                with self.answers.answer() as budget:  # its results counted until it is sent (_answers.py)
+                    answer = await self.routes.answer(caller, body, budget)
+                    if answer is None:
+                        empty = [*SECURITY_HEADERS, NO_STORE]
+                        await send({"type": "http.response.start", "status": 204, "headers": empty})
+                        await send({"type": "http.response.body", "body": b""})
+                        return
+                    encoded, answer = _encoder.encode(answer), None  # (the parts let go before it is sent)
+                    await _respond(send, 200, encoded)
                 return
             result = await self.routes.call_v1(caller, method, body)
         except TooLarge:

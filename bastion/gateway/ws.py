@@ -30,6 +30,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bastion.exceptions import Cancelled
 from bastion.gateway import jsonrpc
+from bastion.gateway._answers import Answer
 from bastion.gateway._shared import _STREAMS, _as_call_error, _encoder, _ready, holding_body
 from bastion.gateway.bridge import Caller
 from bastion.server.upkeep import ArgsMemoryFull
@@ -83,13 +84,15 @@ class _WebSocketSession:
 
     async def _handle_then_release(self, data: bytes) -> None:
         try:
-            answer = await self.handle(data)
-            # A client that does not read holds its answers (WS_MAX_PENDING of them) while they wait to be
-            # sent, encoded, not its messages too (up to max_body each) nor the answers' decoded values.
-            text = None if answer is None else _encoder.encode(answer).decode()
-            del data, answer
-            if text is not None:
-                await self._send_text(text)
+            with self.routes.gateway.answers.answer() as budget:  # its results counted until sent (_answers.py)
+                answer = await self.handle(data, budget)
+                # A client that does not read holds its answers (WS_MAX_PENDING of them, within the gateway's
+                # max_answer_memory) while they wait to be sent, encoded, not its messages too (up to max_body
+                # each) nor the answers' decoded values.
+                text = None if answer is None else _encoder.encode(answer).decode()
+                del data, answer
+                if text is not None:
+                    await self._send_text(text)
         finally:
             self.pending.release()
 
@@ -98,8 +101,8 @@ class _WebSocketSession:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def handle(self, data: bytes) -> Any:
-        """The message's answer (None: it has none), its calls run."""
+    async def handle(self, data: bytes, budget: Answer) -> Any:
+        """The message's answer (None: it has none), its calls run, their results counted in ``budget``."""
         first, self.first = self.first, False
         if not first:
             await self.settled.wait()
@@ -107,13 +110,13 @@ class _WebSocketSession:
         # that stops reading must not hold the server's argument memory (the native port's too) meanwhile.
         try:
             with holding_body(self.routes.gateway.server, len(data)):
-                answer = await self._handle(data, first)
+                answer = await self._handle(data, first, budget)
         except ArgsMemoryFull as exc:  # more than the server may hold decoded now: this message is refused
             self.settled.set()
             answer = jsonrpc.failure(None, exc)
         return answer
 
-    async def _handle(self, data: bytes, first: bool) -> Any:
+    async def _handle(self, data: bytes, first: bool, budget: Answer) -> Any:
         """The message's calls run (streams started); its answer, None if it has none."""
         config = self.routes.config
         try:
@@ -137,7 +140,7 @@ class _WebSocketSession:
                     if (refusal := self._start_stream(entry)) is not None:
                         plain.append(_ready(refusal))
                     continue
-                plain.append(self.routes._run(self.caller, entry))
+                plain.append(self.routes._run(self.caller, entry, budget))
             else:
                 plain.append(_ready(entry))
         results = [r for r in await asyncio.gather(*plain) if r is not None]
