@@ -458,16 +458,17 @@ class Files:
         )
 
     async def _may_still_write(self, principal: Principal | None, upload: UploadRecord) -> frozenset[str] | None:
-        """For new contents of an existing file: ``NotFound``/``PermissionDenied`` -- and the upload discarded,
-        the owner's quota given back -- if ``principal`` may no longer write the file (a share withdrawn or
-        made read-only, a role taken away, the file deleted; None: a disabled user, who may write nothing).
-        ``principal``'s roles if it writes through a share (the commit checks the share again, in its own
-        transaction: one withdrawn in between stops it), else None."""
+        """``NotFound``/``PermissionDenied`` -- and the upload discarded, the owner's quota given back -- if
+        ``principal`` may no longer write what the upload makes: None, a disabled user, may write nothing (a
+        new file neither); for new contents of an existing file, a share withdrawn or made read-only, a role
+        taken away, the file deleted. ``principal``'s roles if it writes through a share (the commit checks
+        the share again, in its own transaction: one withdrawn in between stops it), else None."""
+        if principal is None:  # before anything else: a new file is writing too
+            await self._discard(upload)  # it can never finish
+            raise _no_upload(upload.id) if upload.file_id is None else NotFound(f"no file {upload.file_id!r}")
         if upload.file_id is None:
             return None
         try:
-            if principal is None:
-                raise NotFound(f"no file {upload.file_id!r}")
             _, access = await self._find(principal, upload.file_id, None, None, "write")
         except (NotFound, PermissionDenied):
             await self._discard(upload)  # it can never finish

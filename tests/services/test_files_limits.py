@@ -432,3 +432,26 @@ def test_a_share_withdrawn_after_the_last_check_stops_the_commit(tmp_path: Path)
         assert (await w.alice.files.uploads())["uploads"] == []
 
     run(test, tmp_path)
+
+
+def test_a_disabled_user_cannot_commit_a_new_file(tmp_path: Path) -> None:
+    """The commit's re-check answered early for an upload making a new file (no file to judge access to),
+    before it looked whether the uploader had been disabled: a disabled user whose session was not yet
+    ended still created the file. A disabled user writes nothing: the upload ends NOT_FOUND, discarded,
+    its reservation released, and no file is made."""
+
+    async def test(w: World) -> None:
+        users = w.files.users
+        assert users is not None
+        for user in USERS:
+            await users.create_user(user)
+        info = await w.carol.files.begin_upload(name="fresh", size=10, sha256=sha(b"c" * 10))
+        assert (await w.carol.files.usage())["reserved_bytes"] == 10
+        assert await users.set_access("carol", frozenset({"team"}), True)  # auth.disable_user(carol)
+        with pytest.raises(bastion.NotFound):
+            await w.carol.upload("files.upload", [b"c" * 10], upload_id=info["upload_id"])
+        assert (await w.admin.files.list(owner="carol", all=True))["files"] == []
+        assert (await w.admin.files.usage(user="carol"))["reserved_bytes"] == 0
+        assert not (w.directory / "uploads" / info["upload_id"]).exists()
+
+    run(test, tmp_path)
