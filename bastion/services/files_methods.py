@@ -10,7 +10,7 @@ import contextlib
 import time
 import unicodedata
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 
@@ -39,6 +39,25 @@ if TYPE_CHECKING:
 __all__ = ["MAX_PAGE", "declare"]
 
 MAX_PAGE = 1000
+
+_Key = TypeVar("_Key", tuple[float, str], tuple[str, str])
+
+
+def _cursor(method: str, after: str | None, form: type[_Key]) -> _Key | None:
+    """A page cursor: ``after``, the ``next`` of a previous page of ``method``, decoded as ``form``.
+
+    INVALID_ARGUMENT if it is not one -- or if a text it holds decodes to NUL: the dispatcher's rule (no NUL
+    in any text argument) sees only the JSON, where NUL may come escaped (``\\u0000``), so the rule's own
+    answer is given here, on every store, before the cursor reaches one (PostgreSQL text cannot hold NUL)."""
+    if after is None:
+        return None
+    try:
+        key = msgspec.json.decode(after, type=form)
+    except msgspec.DecodeError:
+        raise InvalidArgument("after must be the 'next' of a previous page") from None
+    if any(isinstance(part, str) and "\x00" in part for part in key):
+        raise InvalidArgument(f"{method}: argument after must not contain NUL characters")
+    return key
 
 
 def declare(files: Files, svc: Service) -> None:
@@ -92,12 +111,7 @@ def declare(files: Files, svc: Service) -> None:
         files, each naming its ``uploader``), oldest first, a page of at most ``limit``."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidArgument(f"limit must be 1..{MAX_PAGE}")
-        key = None
-        if after is not None:
-            try:
-                key = msgspec.json.decode(after, type=tuple[float, str])
-            except msgspec.DecodeError:
-                raise InvalidArgument("after must be the 'next' of a previous page") from None
+        key = _cursor("files.uploads", after, tuple[float, str])
         found = await store.files_page_uploads(ctx.principal.name, key, limit)
         infos = [files._upload_info(u, await files._offset(u.id)) for u in found]
         last = found[-1] if len(found) == limit else None
@@ -136,14 +150,7 @@ def declare(files: Files, svc: Service) -> None:
             raise InvalidArgument(f"limit must be 1..{MAX_PAGE}")
         if all and not _is_admin(ctx.principal):
             raise PermissionDenied("listing every user's files needs the admin role")
-        key = None
-        if after is not None:
-            try:
-                key = msgspec.json.decode(after, type=tuple[str, str])
-            except msgspec.DecodeError:
-                raise InvalidArgument("after must be the 'next' of a previous page") from None
-        if key is not None and "\x00" in key[0] + key[1]:  # a cursor's names: no file or user name holds NUL, so
-            return FilePage([], None)  # none follow it (and PostgreSQL text cannot hold NUL to compare with)
+        key = _cursor("files.list", after, tuple[str, str])
         p = ctx.principal
         viewer = None if all else p.name
         records = await store.files_list(
