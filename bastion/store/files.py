@@ -184,10 +184,14 @@ class FileStore(ABC):
     async def files_share(self, share: FileShare) -> None:
         """Add or replace the grant of ``(file_id, kind, grantee)``; ``NotFound`` for an unknown file, or for
         a user grantee without a user row while the store keeps any users (checked in the same statement;
-        deleting a user row deletes the shares to its name)."""
+        deleting a user row deletes the shares to its name). A read grant is ordered with a grantee's
+        ``files_commit_upload`` as ``files_unshare`` is."""
 
     @abstractmethod
-    async def files_unshare(self, file_id: str, kind: str, grantee: str) -> bool: ...
+    async def files_unshare(self, file_id: str, kind: str, grantee: str) -> bool:
+        """Withdraw the grant of ``(file_id, kind, grantee)``; whether there was one. Ordered with a grantee's
+        ``files_commit_upload`` (as ``files_share`` making a grant read-only is): a commit that read the grant
+        lands before the withdrawal is answered, and one after it reads the grant gone."""
 
     @abstractmethod
     async def files_shares(self, file_id: str) -> list[FileShare]:

@@ -82,6 +82,11 @@ def _count(status: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
+# A withdrawal of write access (unshare, a share made read-only) takes the file's row lock, as a grantee's
+# commit does before it reads the shares, so the two are ordered: neither sees the other half done.
+_LOCK_FILE = "SELECT 1 FROM files WHERE id = $1 FOR UPDATE"
+
+
 class PostgresFiles(PostgresAccess, FileStore):
     """``FileStore`` on the PostgreSQL core (``_call``)."""
 
@@ -176,6 +181,8 @@ class PostgresFiles(PostgresAccess, FileStore):
                 kept = True
                 if share.kind == "user":
                     kept = bool((await conn.fetchrow(USER_LOCK_SHARED_KEPT, share.grantee))[1])
+                if share.mode != "write":  # it may make a write share read-only: as files_unshare, the row first
+                    await conn.execute(_LOCK_FILE, share.file_id)
                 try:
                     row = (share.file_id, share.kind, share.grantee, share.mode, share.created_at, kept)
                     added = _count(await conn.execute(_SHARE_PG, *row))
@@ -187,7 +194,16 @@ class PostgresFiles(PostgresAccess, FileStore):
         await self._call(add)
 
     async def files_unshare(self, file_id: str, kind: str, grantee: str) -> bool:
-        return await self._files_execute(_UNSHARE, file_id, kind, grantee) == 1
+        async def unshare(conn: PgConn) -> bool:
+            async with conn.transaction():
+                # The file's row first: a grantee's commit reads the shares with it locked (files_commit_upload)
+                # and replaces the contents before it lets go, so a withdrawal waits for a commit that read the
+                # share (and is acknowledged after it), and a commit after the withdrawal reads it gone.
+                await conn.execute(_LOCK_FILE, file_id)
+                return _count(await conn.execute(_UNSHARE, file_id, kind, grantee)) == 1
+
+        result: bool = await self._call(unshare)
+        return result
 
     async def files_shares(self, file_id: str) -> list[FileShare]:
         return [_share(row) for row in await self._files_all(_SHARES, file_id)]

@@ -455,3 +455,44 @@ def test_a_disabled_user_cannot_commit_a_new_file(tmp_path: Path) -> None:
         assert not (w.directory / "uploads" / info["upload_id"]).exists()
 
     run(test, tmp_path)
+
+
+@pytest.mark.parametrize("withdraw", ["unshare", "share read"])
+def test_withdrawing_a_write_share_waits_for_a_commit_holding_the_files_row(tmp_path: Path, withdraw: str) -> None:
+    """A grantee's commit reads the file's shares with the file's row locked (FOR UPDATE), but unshare (a plain
+    DELETE) and a share made read-only (an upsert) took no lock on that row: between the commit's read of the
+    write share and its update, the share could be withdrawn and the withdrawal acknowledged, and the update
+    still landed. A withdrawal now takes the file's row lock first, so it waits for a commit holding it (and a
+    commit after it reads the share gone). The commit's hold is played by a connection of the test's own."""
+    location = service_store(tmp_path)
+    if not location.startswith("postgresql"):
+        pytest.skip("row locks: SQLite serializes every write transaction")
+
+    async def test(w: World) -> None:
+        doc = await w.put(w.alice, "doc", b"original")
+        await w.alice.files.share(file_id=doc["id"], user="bob", mode="write")
+        committer = await asyncpg.connect(location)
+        try:
+            async with committer.transaction():  # as files_commit_upload: the row locked, then the shares read
+                await committer.execute("SELECT 1 FROM files WHERE id = $1 FOR UPDATE", doc["id"])
+                assert await committer.fetchval("SELECT mode FROM file_shares WHERE file_id = $1", doc["id"]) == "write"
+                if withdraw == "unshare":
+                    call = w.alice.files.unshare(file_id=doc["id"], user="bob")
+                else:
+                    call = w.alice.files.share(file_id=doc["id"], user="bob", mode="read")
+                task = asyncio.ensure_future(call)
+                blocked = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+                pid = committer.get_server_pid()
+                while not await committer.fetchval(blocked, pid):  # bounded by run()'s deadline
+                    assert not task.done(), f"{withdraw} did not wait for the file's row lock: {task.result()}"
+                    await asyncio.sleep(0.01)
+                assert not task.done()
+                assert await committer.fetchval("SELECT mode FROM file_shares WHERE file_id = $1", doc["id"]) == "write"
+            await asyncio.wait_for(task, 10)
+        finally:
+            await committer.close()
+        assert [(s["grantee"], s["mode"]) for s in await w.alice.files.shares(file_id=doc["id"])] == (
+            [] if withdraw == "unshare" else [("bob", "read")]
+        )
+
+    run(test, tmp_path)
