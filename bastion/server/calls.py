@@ -27,7 +27,7 @@ from bastion.security.principal import Principal
 from bastion.server.dispatch import Entry, IdempotencyKeys
 from bastion.server.failures import CallFailures
 from bastion.server.once import IdempotentCalls
-from bastion.server.scheduler import Ticket
+from bastion.server.scheduler import Ticket, TicketState
 from bastion.server.streams import CreditGate
 from bastion.service import Context, MethodSpec
 from bastion.status import Status
@@ -44,6 +44,7 @@ class CallRunner(IdempotentCalls, CallFailures):
     """The running of ``ServerSession``'s calls."""
 
     _gates: dict[int, CreditGate]
+    _queue_deadlines: dict[int, int]  # calls queued with a deadline -> its slot in server.deadlines
 
     def _forget(self, call_id: int, status: Status = Status.CANCELLED, *, ran: bool = False) -> None:
         raise NotImplementedError  # the session's: drop a call's state, it ended with ``status``
@@ -172,7 +173,17 @@ class CallRunner(IdempotentCalls, CallFailures):
 
     def _expire(self, call_id: int) -> None:
         ticket = self.tickets.get(call_id)  # the running call's ticket holds its task
-        if ticket is not None and ticket.task is not None and not ticket.task.done():
+        if ticket is None:
+            return
+        if ticket.state is TicketState.QUEUED:  # armed at submit (_on_call): refused now, it never runs
+            self.server.scheduler.expire(ticket)  # its on_reject (_rejected) answers and forgets it
+        elif not ticket.started and ticket.task is not None and not ticket.task.done():
+            # Started by the scheduler, its first step not yet taken: its finally will never run.
+            self._claimed.pop(call_id, None)
+            self.server.scheduler.cancel(ticket)
+            self.core.send_error(call_id, Status.DEADLINE_EXCEEDED, "deadline passed before the call started")
+            self._forget(call_id, Status.DEADLINE_EXCEEDED)
+        elif ticket.task is not None and not ticket.task.done():
             self._claimed.pop(call_id, None)
             self._expired.add(call_id)
             ticket.task.cancel()

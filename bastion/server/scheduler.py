@@ -22,9 +22,9 @@ Theory of operation. Every admitted call is handed to one server-wide
   is pushed out instead, if that queue is longer than the newcomer's by two or
   more; otherwise the newcomer is refused.
 * Deadlines. A job whose deadline has passed is answered DEADLINE_EXCEEDED
-  when it is submitted, or when it reaches the head of its queue or is shed;
-  it never runs. (No timer per job: a queued job past its deadline is answered
-  late, when its client has already given up, and only then leaves the queue.)
+  when it is submitted, when it reaches the head of its queue or is shed, or
+  when its submitter calls ``expire`` (the session does at the deadline); it
+  never runs. The scheduler keeps no timer: the session's deadline slots do.
 * Shedding (CoDel-style), for INTERACTIVE and BATCH; CONTROL is never shed.
   Detection is CoDel's: the signal is the queueing delay of the level's
   oldest waiting job, looked at on every dispatch and every submission that
@@ -327,6 +327,13 @@ class Scheduler:
                 task.add_done_callback(functools.partial(self.finished, ticket))
             return task.cancel()
         return False
+
+    def expire(self, ticket: Ticket) -> None:
+        """A queued job's deadline has passed: refuse it DEADLINE_EXCEEDED now (else a no-op)."""
+        if ticket.state is TicketState.QUEUED:
+            self._queues[ticket.level].remove(ticket)
+            self._queued -= 1
+            self._reject(ticket, "deadline", Status.DEADLINE_EXCEEDED, "deadline passed while the call was queued")
 
     def detach(self, ticket: Ticket) -> None:
         """Free a running job's slot early; its task runs on (long-lived streams)."""

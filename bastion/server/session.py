@@ -82,6 +82,7 @@ log = logging.getLogger("bastion.server")
 _REJECTED_KEY = {status: f"rejected_{status.name.lower()}" for status in Status}
 _OK = Status.OK
 _REJECTED = TicketState.REJECTED
+_QUEUED = TicketState.QUEUED
 _DRAINING = ConnectionState.DRAINING
 #: What a refused call to a method the server lacks is charged as: a peer's names must not fill the limiter's caches.
 REFUSED_METHOD = "<refused>"
@@ -144,6 +145,7 @@ class ServerSession(SessionUpkeep, CallRunner):
         self._args_cost: dict[int, int] = {}  # calls holding large arguments -> their cost (upkeep.py)
         self._timing: dict[int, tuple[int, float]] = {}  # admitted call -> (metrics method row, perf_counter at start)
         self._expired: set[int] = set()  # running calls whose deadline timer has cancelled them
+        self._queue_deadlines: dict[int, int] = {}  # calls queued with a deadline -> its slot (server.deadlines)
         self._claimed: dict[int, float | None] = {}  # keyed calls holding their claim (once.py)
         self._recording: set[int] = set()  # keyed calls whose handler ended, their answer being recorded (once.py)
         self._detached: dict[int, tuple[str, asyncio.TimerHandle | None]] = {}  # run on, the connection lost
@@ -276,6 +278,8 @@ class ServerSession(SessionUpkeep, CallRunner):
             self._started(call_id)
         if self._expired:
             self._expired.discard(call_id)
+        if self._queue_deadlines and (slot := self._queue_deadlines.pop(call_id, None)) is not None:
+            self.server.deadlines.disarm(slot, self, call_id)
         self.tickets.pop(call_id, None)
         if self._args_cost:
             self.server.args_memory -= self._args_cost.pop(call_id, 0)
@@ -421,6 +425,8 @@ class ServerSession(SessionUpkeep, CallRunner):
         if ticket.state is not _REJECTED:
             self.tickets[call_id] = ticket
             self._queued.add(call_id)
+            if deadline is not None and ticket.state is _QUEUED:  # answered at its deadline if still waiting
+                self._queue_deadlines[call_id] = server.deadlines.arm(self._loop, deadline, self, call_id)
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
