@@ -120,7 +120,7 @@ _AUTH = (
     ("throttled", "auth_failures_throttled"),
     ("denied", "auth_failures_denied"),
 )
-_PRIORITIES = ("control", "high", "normal", "low")
+_PRIORITIES = ("control", "interactive", "batch")  # the scheduler's levels (Level), as stats() names them
 #: (metric reason, Server.counters key) for bastion_gateway_tls_handshake_failures_total (gateway/_tls.py
 #: counts them; the reasons are spelled here too, so that this module does not import the gateway's).
 _GATEWAY_TLS = tuple(

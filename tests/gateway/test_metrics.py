@@ -117,7 +117,7 @@ def test_metrics_count_calls_by_method_and_status(served: ServerProcess) -> None
     assert delta("bastion_store_operation_duration_seconds_count", operation="write") >= 1
     assert value(after, "bastion_calls_in_flight") == 0
     assert value(after, "bastion_workers") == 1
-    assert value(after, "bastion_scheduler_queue_length", priority="normal") == 0
+    assert value(after, "bastion_scheduler_queue_length", priority="interactive") == 0
     assert "bastion_rejections_total" in after and "bastion_connections_open" in after
     (build,) = after["bastion_build_info"]
     assert dict(build)["version"] and dict(build)["python"]
