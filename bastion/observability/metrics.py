@@ -18,6 +18,7 @@ from a request)::
     bastion_calls_in_flight                             admitted calls not yet answered
     bastion_scheduler_queue_length{priority}            calls waiting for a slot
     bastion_scheduler_running                           calls holding a slot
+    bastion_scheduler_overloaded{priority}              1 while the level sheds (interactive, batch)
     bastion_rejections_total{reason}                    connections and calls refused for a limit
     bastion_connections_open                            accepted connections (handshaking ones too)
     bastion_connections_total                           connections accepted since start
@@ -121,6 +122,7 @@ _AUTH = (
     ("denied", "auth_failures_denied"),
 )
 _PRIORITIES = ("control", "interactive", "batch")  # the scheduler's levels (Level), as stats() names them
+_SHEDDABLE = ("interactive", "batch")  # the levels it may shed (control is never shed)
 #: (metric reason, Server.counters key) for bastion_gateway_tls_handshake_failures_total (gateway/_tls.py
 #: counts them; the reasons are spelled here too, so that this module does not import the gateway's).
 _GATEWAY_TLS = tuple(
@@ -149,6 +151,8 @@ def server_snapshot(server: Server) -> dict[str, Any]:
     }
     for level in _PRIORITIES:
         gauges[f"queued_{level}"] = scheduler.get(f"queued_{level}", 0)
+    for level in _SHEDDABLE:
+        gauges[f"overloaded_{level}"] = scheduler.get(f"overloaded_{level}", 0)
     snapshot["counters"] = counters
     snapshot["gauges"] = gauges
     return snapshot
@@ -192,6 +196,14 @@ class SnapshotCollector(Collector):
             queued.add_metric([level], gauges.get(f"queued_{level}", 0))
         yield queued
         yield _gauge("bastion_scheduler_running", "Calls holding a scheduler slot", gauges.get("scheduler_running"))
+        shedding = GaugeMetricFamily(
+            "bastion_scheduler_overloaded",
+            "1 while a level is overloaded and shedding (workers shedding, added up), by priority",
+            labels=["priority"],
+        )
+        for level in _SHEDDABLE:
+            shedding.add_metric([level], gauges.get(f"overloaded_{level}", 0))
+        yield shedding
 
         rejections = CounterMetricFamily(
             "bastion_rejections", "Connections and calls refused for a limit, by reason", labels=["reason"]
