@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from bastion.exceptions import CallError
+from bastion.protocol.frames import ENCODE_ERRORS, encode_error
 from bastion.protocol.messages import Call
 from bastion.security.principal import Principal
 from bastion.server.dispatch import Entry, IdempotencyKeys
@@ -45,6 +46,7 @@ class CallRunner(IdempotentCalls, CallFailures):
 
     _gates: dict[int, CreditGate]
     _queue_deadlines: dict[int, int]  # calls queued with a deadline -> its slot in server.deadlines
+    _args_cost: dict[int, int]  # calls holding memory counted in server.args_memory -> how much (upkeep.py)
 
     def _forget(self, call_id: int, status: Status = Status.CANCELLED, *, ran: bool = False) -> None:
         raise NotImplementedError  # the session's: drop a call's state, it ended with ``status``
@@ -88,6 +90,7 @@ class CallRunner(IdempotentCalls, CallFailures):
                     if slot is not None:
                         self.server.deadlines.disarm(slot, self, call_id)
                 if self.link is not None and self.link.writing_paused:
+                    result = self._park(call_id, result)  # encoded: the decoded answer is let go
                     await self._writable()
                 self.core.send_result(call_id, result)
             elif deadline is None:
@@ -146,6 +149,26 @@ class CallRunner(IdempotentCalls, CallFailures):
             return self._failed(call_id, spec, exc)
         finally:
             server.inline_running -= 1
+
+    def _park(self, call_id: int, result: Any) -> msgspec.Raw:
+        """A finished unary call's answer, encoded to wait while its peer is not reading (``_writable``).
+
+        It waits charged to ``limits.max_args_memory``, as arguments are, and without
+        the call's scheduler slot: the work is done, and a peer that stopped reading
+        must not keep other callers' calls from running until ``write_stall_timeout``
+        drops it. An answer the server cannot hold so waits in its slot, as before.
+        """
+        try:
+            encoded = msgspec.msgpack.encode(result)
+        except ENCODE_ERRORS as exc:  # as the core's writer reports it
+            raise encode_error("Result", exc) from None
+        ticket = self.tickets.get(call_id)
+        server = self.server
+        if ticket is not None and server.args_memory + len(encoded) <= server.limits.max_args_memory:
+            server.args_memory += len(encoded)
+            self._args_cost[call_id] = self._args_cost.get(call_id, 0) + len(encoded)  # given back by _forget
+            server.scheduler.detach(ticket)
+        return msgspec.Raw(encoded)
 
     def _context(self, call: Call, spec: MethodSpec, deadline: float | None) -> Context:
         link = self.link
@@ -219,6 +242,7 @@ class CallRunner(IdempotentCalls, CallFailures):
             if record:
                 return msgspec.msgpack.encode(result)
             if self.link is not None and self.link.writing_paused:
+                result = self._park(call_id, result)
                 await self._writable()
             self.core.send_result(call_id, result)
         else:
@@ -228,5 +252,6 @@ class CallRunner(IdempotentCalls, CallFailures):
             if record:
                 return msgspec.msgpack.encode(result)
             if self.link is not None and self.link.writing_paused:
+                result = self._park(call_id, result)
                 await self._writable()
             self.core.send_result(call_id, result)

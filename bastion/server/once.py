@@ -78,6 +78,9 @@ class IdempotentCalls:
     def _arm_deadline(self, call_id: int, deadline: float) -> int:
         raise NotImplementedError  # the session's: cancel the call's task at its deadline
 
+    def _park(self, call_id: int, result: Any) -> msgspec.Raw:
+        raise NotImplementedError  # CallRunner's: an answer encoded to wait for the peer, its slot given back
+
     async def _invoke(self, call_id: int, entry: Entry, args: dict[str, Any], *, record: bool = False) -> Any:
         raise NotImplementedError  # the session's: run the handler
 
@@ -163,9 +166,11 @@ class IdempotentCalls:
             self._recording.discard(call.id)
         if call.id in self._detached:
             return  # its connection is gone: the answer waits in the store for the retry
+        answer = msgspec.Raw(encoded) if encoded is not None else None
         if self.link is not None and self.link.writing_paused:
+            answer = self._park(call.id, answer)  # waits without its scheduler slot (calls.py)
             await self._writable()
-        self.core.send_result(call.id, msgspec.Raw(encoded) if encoded is not None else None)
+        self.core.send_result(call.id, answer)
 
     def _detach_claimed(self) -> None:
         """The connection is lost: let the calls holding their claim run on, within the caps (see above)."""

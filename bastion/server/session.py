@@ -19,9 +19,11 @@ session closes once its last call has answered.
 
 Limits on the calls (docs/security.md, section 7). Calls accepted but not
 yet started (``_queued``) past ``read_high_water`` pause reading until they
-start. A finished unary handler waits while the peer is not reading before
-its answer is encoded (the Link stops reading meanwhile), so answers cannot
-pile up in memory; a peer that never reads is dropped by the Link. A task
+start. A finished unary handler whose peer is not reading sends its answer
+once the peer reads (the Link stops reading meanwhile): the answer waits
+encoded, counted in ``limits.max_args_memory``, and gives its scheduler slot
+back (``_park``), so a peer that stops reading cannot hold the slots other
+callers' calls need; a peer that never reads is dropped by the Link. A task
 cancelled before it ever ran (a Call and its Cancel in one read) never runs
 its ``finally``, so the Cancel cleans up after it.
 
