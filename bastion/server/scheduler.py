@@ -36,7 +36,10 @@ Theory of operation. Every admitted call is handed to one server-wide
   (1) a newcomer to a level *below* a dropping one is refused at once (it
   would only wait to be shed), and a newcomer to the dropping level itself is
   refused at once when its queue already holds what the level starts in
-  ``codel_target`` (starts per second x target: Little's law); (2) when a slot
+  ``codel_target`` (starts per second x target: Little's law) -- unless, as
+  when a level is full, a principal queued longer than the newcomer's by two
+  or more gives up its newest job instead (a flood must not crowd out a
+  light caller's calls); (2) when a slot
   frees, jobs of the dropping level and of every level below it that have
   waited twice the target are shed, oldest first, keeping enough to fill the
   free slots. Shed and refused calls get UNAVAILABLE + retry-after at once.
@@ -381,30 +384,16 @@ class Scheduler:
             return
         if level is not Level.CONTROL:
             self._codel(now, None)  # notices a standing queue even while no slot frees
-            if self._refuse_under_overload(queue, level, now):
+            if self._refuse_under_overload(queue, ticket, now):
                 self._reject(
                     ticket, "shed", Status.UNAVAILABLE, f"server overloaded: shedding {name} calls", cfg.retry_after
                 )
                 return
         if queue.size >= cfg.queue_limit:
-            pushed = queue.pop_newest_of_longest(queue.depth(ticket.principal) + 1)
-            if pushed is None:
-                self._reject(
-                    ticket,
-                    "queue_full",
-                    Status.RESOURCE_EXHAUSTED,
-                    f"server busy: the {name} queue is full",
-                    cfg.retry_after,
-                )
+            full = f"server busy: the {name} queue is full"
+            if not self._push_out(queue, ticket, "queue_full", Status.RESOURCE_EXHAUSTED, full):
+                self._reject(ticket, "queue_full", Status.RESOURCE_EXHAUSTED, full, cfg.retry_after)
                 return
-            self._queued -= 1
-            self._reject(
-                pushed,
-                "queue_full",
-                Status.RESOURCE_EXHAUSTED,
-                f"server busy: the {name} queue is full",
-                cfg.retry_after,
-            )
         ticket.context = contextvars.copy_context()
         queue.push(ticket)
         self._queued += 1
@@ -412,13 +401,25 @@ class Scheduler:
         # no dispatch: the next free slot must still find the state and clear it.
         self._codel_dirty = True
 
-    def _refuse_under_overload(self, queue: LevelQueue, level: Level, now: float) -> bool:
+    def _refuse_under_overload(self, queue: LevelQueue, ticket: Ticket, now: float) -> bool:
+        level = ticket.level
         if any(self._queues[above].dropping for above in _SHEDDABLE if above > level):
             return True  # below a dropping level a newcomer would only wait to be shed
-        if queue.dropping:  # admit what the level starts within the target (Little's law)
-            cfg = self.config
-            return queue.size >= max(1.0, queue.start_rate(now, cfg.codel_interval) * cfg.codel_target)
+        cfg = self.config
+        if queue.dropping and queue.size >= max(1.0, queue.start_rate(now, cfg.codel_interval) * cfg.codel_target):
+            # Full for what the level starts within the target (Little's law): room only at a heavier caller's cost.
+            shed = f"server overloaded: shedding {level.name.lower()} calls"
+            return not self._push_out(queue, ticket, "shed", Status.UNAVAILABLE, shed)
         return False
+
+    def _push_out(self, queue: LevelQueue, ticket: Ticket, reason: str, status: Status, message: str) -> bool:
+        """Refuse the newest job of a principal with 2+ more queued than ``ticket``'s, for room; False if none has."""
+        pushed = queue.pop_newest_of_longest(queue.depth(ticket.principal) + 1)
+        if pushed is None:
+            return False
+        self._queued -= 1
+        self._reject(pushed, reason, status, message, self.config.retry_after)
+        return True
 
     def _reject(
         self, ticket: Ticket, reason: str, status: Status, message: str, retry_after: float | None = None
