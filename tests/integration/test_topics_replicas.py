@@ -79,8 +79,9 @@ def test_a_subscriber_that_stops_reading_holds_up_no_one_over_tcp(server_factory
     async def main() -> None:
         async with (
             Client(server.address, token=server.token, timeout=10) as publisher,
-            Client(server.address, token=server.token, timeout=10) as fast_client,
-            Client(server.address, token=server.token, timeout=10) as slow_client,
+            # a stream's timeout covers its whole life: the paced publishing can take over 10 s on a loaded machine
+            Client(server.address, token=server.token, timeout=60) as fast_client,
+            Client(server.address, token=server.token, timeout=60) as slow_client,
         ):
             slow = slow_client.stream("messages.subscribe", pattern="orders.eu").__aiter__()
             fast = fast_client.stream("messages.subscribe", pattern="orders.>").__aiter__()
