@@ -28,7 +28,11 @@ def test_queued_calls_of_large_text_are_refused_past_the_argument_memory(
     env = {
         "BASTION_LIMITS__MAX_FRAME": str(64 * KIB),
         "BASTION_LIMITS__MAX_ARGS_MEMORY": str(LIMIT),
-        "BASTION_FILES__CHUNK_BYTES": str(32 * KIB),
+        "BASTION_FILES__CHUNK_BYTES": str(32 * KIB),  # what one message carries must fit the frame (config.py)
+        "BASTION_JOBS__MAX_RESULT_BYTES": str(32 * KIB),
+        "BASTION_KV__MAX_VALUE_BYTES": str(32 * KIB),
+        "BASTION_MESSAGES__MAX_BODY_BYTES": str(32 * KIB),
+        "BASTION_MESSAGES__TOPICS__MAX_PAYLOAD_BYTES": str(32 * KIB),
         "BASTION_SCHEDULER__MAX_CONCURRENCY": "1",
     }
     server = server_factory(insecure=True, env=env)

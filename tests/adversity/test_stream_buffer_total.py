@@ -28,6 +28,8 @@ ITEM_BYTES = 250 * KIB  # an Item frame that fits max_frame below
 TOTAL = 4 * MIB
 LIMITS = {
     "BASTION_LIMITS__MAX_FRAME": str(512 * KIB),
+    "BASTION_JOBS__MAX_RESULT_BYTES": str(256 * KIB),  # what one answer carries must fit the frame (config.py)
+    "BASTION_KV__MAX_VALUE_BYTES": str(256 * KIB),
     "BASTION_LIMITS__WINDOW": "4",
     "BASTION_LIMITS__MAX_STREAM_BUFFER": str(4 * MIB),
     "BASTION_LIMITS__MAX_STREAM_BUFFER_TOTAL": str(TOTAL),

@@ -300,4 +300,8 @@ def test_a_restore_of_an_archive_that_is_not_a_readable_file_is_a_usage_error(tm
     junk.write_bytes(b"not an archive" * 8)
     result = bastion_cli("restore", str(junk), "--data-dir", str(tmp_path / "data"))
     assert result.returncode == 1, result.stderr
-    assert result.stderr.splitlines() == ["error: DATA_LOSS: not a bastion backup archive (bad header)"]
+    # the phase line first (progress on stderr, not a terminal), then the error alone
+    assert result.stderr.splitlines() == [
+        "verifying the archive (112 B)…",
+        "error: DATA_LOSS: not a bastion backup archive (bad header)",
+    ]
