@@ -26,6 +26,7 @@ from bastion.cli.common import (
     ClientKey,
     Insecure,
     TokenFile,
+    call_guarded,
     connect,
     print_json,
     run_guarded,
@@ -142,23 +143,6 @@ def login(
     print(f"logged in as {_said(result, 'user')}; session token saved to {path} (mode 0600)", file=sys.stderr)
 
 
-def _admin_call(
-    address: str,
-    token_file: Path | None,
-    ca: Path | None,
-    client_cert: Path | None,
-    client_key: Path | None,
-    insecure: bool,
-    method: str,
-    **args: Any,
-) -> Any:
-    def run() -> Any:
-        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key) as client:
-            return client.call(method, **args)
-
-    return run_guarded(run)
-
-
 @user_app.command("add")
 def user_add(
     address: Address,
@@ -174,7 +158,7 @@ def user_add(
 ) -> None:
     """Create a user; asks for the password unless --no-password."""
     password = None if no_password else _password("Password", password_stdin, confirm=not password_stdin)
-    user = _admin_call(
+    user = call_guarded(
         address,
         token_file,
         ca,
@@ -200,7 +184,7 @@ def user_ls(
     insecure: Insecure = False,
 ) -> None:
     """List users."""
-    users = _admin_call(address, token_file, ca, client_cert, client_key, insecure, "auth.list_users")
+    users = call_guarded(address, token_file, ca, client_cert, client_key, insecure, "auth.list_users")
     if as_json:
         print_json(users)
         return
@@ -232,7 +216,7 @@ def user_rm(
     """Delete a user, revoke their tokens, and hand over (--transfer-to) or delete (--delete-data) their data."""
     if (transfer_to is None) == (not delete_data):
         raise typer.BadParameter("choose what happens to the user's data: --transfer-to USER or --delete-data")
-    result = _admin_call(
+    result = call_guarded(
         address,
         token_file,
         ca,
@@ -261,7 +245,7 @@ def user_passwd(
 ) -> None:
     """Set a user's password."""
     password = _password("New password", password_stdin, confirm=not password_stdin)
-    _admin_call(
+    call_guarded(
         address, token_file, ca, client_cert, client_key, insecure, "auth.set_password", name=name, password=password
     )
     print(f"password of {name} set", file=sys.stderr)
@@ -279,7 +263,7 @@ def user_unlock(
     insecure: Insecure = False,
 ) -> None:
     """Lift a user's login lockouts (from every address) and forget their failed attempts."""
-    result = _admin_call(address, token_file, ca, client_cert, client_key, insecure, "auth.unlock_user", name=name)
+    result = call_guarded(address, token_file, ca, client_cert, client_key, insecure, "auth.unlock_user", name=name)
     if as_json:
         print_json(result)
         return
@@ -299,7 +283,7 @@ def user_roles(
 ) -> None:
     """Replace a user's roles."""
     print_json(
-        _admin_call(
+        call_guarded(
             address, token_file, ca, client_cert, client_key, insecure, "auth.set_roles", name=name, roles=role or []
         )
     )
@@ -324,7 +308,7 @@ def token_create(
         common.fail("give exactly one of --out FILE or --show", common.EXIT_USAGE)
 
     def create() -> dict[str, Any]:
-        answer = _admin_call(
+        answer = call_guarded(
             address,
             token_file,
             ca,
@@ -360,7 +344,7 @@ def token_ls(
     insecure: Insecure = False,
 ) -> None:
     """List tokens (never the secrets)."""
-    tokens = _admin_call(address, token_file, ca, client_cert, client_key, insecure, "auth.list_tokens", user=user)
+    tokens = call_guarded(address, token_file, ca, client_cert, client_key, insecure, "auth.list_tokens", user=user)
     if as_json:
         print_json(tokens)
         return
@@ -380,5 +364,5 @@ def token_revoke(
     insecure: Insecure = False,
 ) -> None:
     """Revoke a token; connections using it close within seconds."""
-    _admin_call(address, token_file, ca, client_cert, client_key, insecure, "auth.revoke_token", id=token_id)
+    call_guarded(address, token_file, ca, client_cert, client_key, insecure, "auth.revoke_token", id=token_id)
     print(f"revoked {token_id}", file=sys.stderr)

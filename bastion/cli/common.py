@@ -36,6 +36,7 @@ __all__ = [
     "ClientKey",
     "Insecure",
     "TokenFile",
+    "call_guarded",
     "connect",
     "fail",
     "json_line",
@@ -264,6 +265,27 @@ def connect(
     if not anonymous and token_file is None and not from_env:
         token_file = _saved_session(address)
     return _client(address, token_file, timeout, _TLSOptions(ca, cert, key, insecure))
+
+
+def call_guarded(
+    address: str,
+    token_file: Path | None,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    insecure: bool,
+    method: str,
+    /,
+    **args: Any,
+) -> Any:
+    """One call over a connection of its own, its errors reported as every command reports them
+    (``run_guarded``): what most commands do."""
+
+    def run() -> Any:
+        with connect(address, token_file, ca, insecure, cert=cert, key=key) as client:
+            return client.call(method, **args)
+
+    return run_guarded(run)
 
 
 def print_json(value: Any) -> None:

@@ -36,6 +36,7 @@ from bastion.cli.common import (
     ClientKey,
     Insecure,
     TokenFile,
+    call_guarded,
     collect_pages,
     connect,
     print_json,
@@ -336,23 +337,6 @@ def ls(
         print(f"{f['size']:>14}  {when}  {shown(f['owner']):<16} {f['access']:<6} {shown(f['name'])}")
 
 
-def _simple(
-    address: str,
-    token_file: Path | None,
-    ca: Path | None,
-    client_cert: Path | None,
-    client_key: Path | None,
-    insecure: bool,
-    method: str,
-    **args: Any,
-) -> Any:
-    def run() -> Any:
-        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key) as client:
-            return client.call(method, **args)
-
-    return run_guarded(run)
-
-
 @files_app.command()
 def rm(
     address: Address,
@@ -365,7 +349,7 @@ def rm(
     insecure: Insecure = False,
 ) -> None:
     """Delete a file (yours, or one shared with you read-write)."""
-    info = _simple(address, token_file, ca, client_cert, client_key, insecure, "files.delete", **_ref(name, owner))
+    info = call_guarded(address, token_file, ca, client_cert, client_key, insecure, "files.delete", **_ref(name, owner))
     print(f"deleted {shown(info['owner'])}:{shown(info['name'])}", file=sys.stderr)
 
 
@@ -384,7 +368,7 @@ def share(
 ) -> None:
     """Share a file read-only (or --write) with a user or a role."""
     mode = "write" if write else "read"
-    info = _simple(
+    info = call_guarded(
         address,
         token_file,
         ca,
@@ -413,7 +397,7 @@ def unshare(
     insecure: Insecure = False,
 ) -> None:
     """Withdraw a share."""
-    done = _simple(
+    done = call_guarded(
         address,
         token_file,
         ca,
@@ -439,4 +423,4 @@ def usage(
     insecure: Insecure = False,
 ) -> None:
     """Bytes you hold (files and open uploads) against your quota."""
-    print_json(_simple(address, token_file, ca, client_cert, client_key, insecure, "files.usage", user=user))
+    print_json(call_guarded(address, token_file, ca, client_cert, client_key, insecure, "files.usage", user=user))

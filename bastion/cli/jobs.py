@@ -30,6 +30,7 @@ from bastion.cli.common import (
     ClientKey,
     Insecure,
     TokenFile,
+    call_guarded,
     connect,
     print_json,
     run_guarded,
@@ -43,23 +44,6 @@ __all__ = ["jobs_app"]
 jobs_app = typer.Typer(help="Computation jobs: submit, watch, cancel, fetch results.", no_args_is_help=True)
 
 JobId = Annotated[str, typer.Argument(help="The job's id (printed by submit).")]
-
-
-def _call(
-    address: str,
-    token_file: Path | None,
-    ca: Path | None,
-    client_cert: Path | None,
-    client_key: Path | None,
-    insecure: bool,
-    method: str,
-    **args: Any,
-) -> Any:
-    def run() -> Any:
-        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key) as client:
-            return client.call(method, **args)
-
-    return run_guarded(run)
 
 
 def _line(status: dict[str, Any]) -> str:
@@ -115,7 +99,7 @@ def status(
     insecure: Insecure = False,
 ) -> None:
     """Show a job's state and progress."""
-    found = _call(address, token_file, ca, client_cert, client_key, insecure, "jobs.status", id=job_id)
+    found = call_guarded(address, token_file, ca, client_cert, client_key, insecure, "jobs.status", id=job_id)
     if as_json:
         print_json(found)
     else:
@@ -147,7 +131,7 @@ def cancel(
     insecure: Insecure = False,
 ) -> None:
     """Cancel a job: a queued one at once, a running one by killing its process."""
-    found = _call(address, token_file, ca, client_cert, client_key, insecure, "jobs.cancel", id=job_id)
+    found = call_guarded(address, token_file, ca, client_cert, client_key, insecure, "jobs.cancel", id=job_id)
     pending = found["state"] == "running"
     print(_line(found) + ("\t(cancelling)" if pending else ""))
 
@@ -163,7 +147,7 @@ def result(
     insecure: Insecure = False,
 ) -> None:
     """Print a finished job's result as JSON (exit 1 with the reason if it did not succeed)."""
-    _print_result(_call(address, token_file, ca, client_cert, client_key, insecure, "jobs.result", id=job_id))
+    _print_result(call_guarded(address, token_file, ca, client_cert, client_key, insecure, "jobs.result", id=job_id))
 
 
 @jobs_app.command("ls")
@@ -182,7 +166,7 @@ def ls(
     insecure: Insecure = False,
 ) -> None:
     """List your jobs (an admin sees everyone's), oldest first."""
-    found = _call(
+    found = call_guarded(
         address, token_file, ca, client_cert, client_key, insecure, "jobs.list", state=state, limit=limit, after=after
     )
     if as_json:
@@ -203,7 +187,7 @@ def registered(
     insecure: Insecure = False,
 ) -> None:
     """List the jobs this server runs and their arguments."""
-    found = _call(address, token_file, ca, client_cert, client_key, insecure, "jobs.registered")
+    found = call_guarded(address, token_file, ca, client_cert, client_key, insecure, "jobs.registered")
     if as_json:
         print_json(found)
         return

@@ -29,6 +29,7 @@ from bastion.cli.common import (
     ClientKey,
     Insecure,
     TokenFile,
+    call_guarded,
     collect_pages,
     connect,
     fail,
@@ -49,21 +50,9 @@ messages_app = typer.Typer(
 MessageId = Annotated[int, typer.Argument(help="The message's id in your mailbox.")]
 
 
-def _call(
-    address: str,
-    token_file: Path | None,
-    ca: Path | None,
-    client_cert: Path | None,
-    client_key: Path | None,
-    insecure: bool,
-    method: str,
-    **args: Any,
-) -> Any:
-    def run() -> Any:
-        with connect(address, token_file, ca, insecure, cert=client_cert, key=client_key) as client:
-            return client.call(method, **{k: v for k, v in args.items() if v is not None})
-
-    return run_guarded(run)
+def _call(*where: Any, **args: Any) -> Any:
+    """``call_guarded`` (``where``: the connection's options, then the method) without the options not given."""
+    return call_guarded(*where, **{k: v for k, v in args.items() if v is not None})
 
 
 def _when(at: float) -> str:
