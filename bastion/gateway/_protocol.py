@@ -43,9 +43,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import is_ssl
@@ -55,7 +57,8 @@ from websockets.frames import CloseCode, Frame
 from bastion.exceptions import InvalidArgument
 from bastion.gateway._gate import ConnectionGate, peer_host, refusal_answer
 from bastion.gateway._http import INTERNAL_ERROR_BODY, NO_STORE, SECURITY_HEADERS, error_body, target_refusal
-from bastion.gateway._shared import _encoder
+from bastion.gateway._shared import REFUSALS_LOGGED, _encoder
+from bastion.observability.loglimit import suppressed_note
 
 __all__ = ["MAX_FRAGMENTS", "MAX_HEAD", "MAX_PIPELINED", "HeadBoundedProtocol", "WebSocketProtocol", "bounded_protocol"]
 
@@ -72,6 +75,8 @@ REFUSED_GRACE = 1.0
 #: The most refused connections held open for that grace at once (outside the caps they were refused by);
 #: past it, a flood's connections are closed at once, unanswered, as over TLS.
 REFUSED_LINGERING = 64
+
+log = logging.getLogger("bastion.gateway")
 
 _HEADERS = b"".join(name + b": " + value + b"\r\n" for name, value in [*SECURITY_HEADERS, NO_STORE])
 
@@ -169,7 +174,7 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         body_before = self._body_bytes
         in_body = self._in_body
         tail = self._head_tail if self._head_begun else b""
-        super().data_received(data)
+        self._feed(data)
         if self.transport.is_closing():
             return
         if self._in_body and self._bare_chunk:
@@ -203,6 +208,32 @@ class HeadBoundedProtocol(HttpToolsProtocol):
                 self._refuse_head()
         if self._head_begun:
             self._head_tail = data[-3:]
+
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's ``data_received``, with its line per refused request budgeted (``REFUSALS_LOGGED``): it
+        logged a WARNING per connection whose request the parser failed on -- and on those the gateway refused
+        from inside the parser (``_PipelineFull``, ``_Refused``) -- a line per connection, at line rate."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:  # (an exception a callback raised is its __context__)
+            if isinstance(exc.__context__, _PipelineFull):
+                self._log_refusal("pipelined", f"more than {MAX_PIPELINED} pipelined requests waiting")
+            elif isinstance(exc.__context__, _Refused):
+                self._log_refusal("absolute", "an absolute-form target for another authority than its Host")
+            else:
+                self._log_refusal("malformed", "a malformed HTTP request", logging.WARNING)
+            self.send_400_response("Invalid HTTP request received.")
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._log_refusal("upgrade", "an upgrade to another protocol than WebSocket (served as HTTP)")
+
+    def _log_refusal(self, kind: str, what: str, level: int = logging.INFO) -> None:
+        if (skipped := REFUSALS_LOGGED.take(f"http_{kind}")) is not None:
+            source = self.client[0] if self.client else "?"
+            log.log(level, "refused a request from %s: %s%s", source, what, suppressed_note(skipped))
 
     def on_message_begin(self) -> None:
         if len(self.pipeline) >= MAX_PIPELINED:  # (raising stops the parser: the rest of the read is not parsed)

@@ -11,6 +11,7 @@ import msgspec
 from starlette.requests import ClientDisconnect
 
 from bastion.exceptions import CallError, Cancelled, ConnectError, ConnectionClosed, InternalError, Unavailable
+from bastion.observability.loglimit import LogBudget
 from bastion.server.upkeep import ArgsMemoryFull
 from bastion.service import MethodKind
 
@@ -18,6 +19,10 @@ if TYPE_CHECKING:
     from bastion.server.server import Server
 
 log = logging.getLogger("bastion.gateway")
+
+#: The gateway's lines a peer can cause at will (refused cross-origin upgrades, refused or malformed HTTP
+#: requests): a few of each kind per 10 s, the rest counted (loglimit.py).
+REFUSALS_LOGGED = LogBudget()
 
 _STREAMS = (MethodKind.SERVER_STREAM, MethodKind.BIDI_STREAM)
 _encoder = msgspec.json.Encoder()

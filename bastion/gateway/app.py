@@ -134,7 +134,7 @@ from bastion.gateway._http import SECURITY_HEADERS as _SECURITY_HEADERS
 from bastion.gateway._http import TooLarge as _TooLarge
 from bastion.gateway._http import error_body as _error_body
 from bastion.gateway._ops import OpsAccess
-from bastion.gateway._shared import _STREAMS, _as_call_error, _encoder, _ready, holding_body, shown
+from bastion.gateway._shared import _STREAMS, REFUSALS_LOGGED, _as_call_error, _encoder, _ready, holding_body, shown
 from bastion.gateway.bridge import Bridge, Caller
 from bastion.gateway.config import GatewayConfig
 from bastion.gateway.front import Front
@@ -142,7 +142,6 @@ from bastion.gateway.openapi import openapi_document, openrpc_document, visible_
 from bastion.gateway.ws import WS_MAX_PENDING as WS_MAX_PENDING  # re-exported: importable from here as before
 from bastion.gateway.ws import WS_MAX_STREAMS as WS_MAX_STREAMS
 from bastion.gateway.ws import _WebSocketSession
-from bastion.observability.loglimit import LogBudget
 from bastion.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from bastion.observability.metrics import render, server_snapshot
 from bastion.security.authn import PeerInfo, SessionEnder
@@ -154,7 +153,6 @@ __all__ = ["CSRF_COOKIE", "CSRF_HEADER", "SESSION_COOKIE", "Gateway", "create_ap
 
 log = logging.getLogger("bastion.gateway")
 
-_REFUSALS_LOGGED = LogBudget()  # refused cross-origin upgrades: a page can send them at will (loglimit.py)
 #: The web console's files (index.html, app.js, app.css), shipped in the package.
 STATIC_DIR = Path(__file__).with_name("static")
 #: API descriptions cached per kind (one per set of methods shown) before the cache starts over.
@@ -556,7 +554,7 @@ class _Routes:
     async def websocket(self, ws: WebSocket) -> None:
         if not self._origin_allowed(ws, self.gateway.ws_origins):
             origin = shown(ws.headers.get("origin"))  # (a client's: bounded in the log and the answer)
-            if (skipped := _REFUSALS_LOGGED.take("ws_origin")) is not None:
+            if (skipped := REFUSALS_LOGGED.take("ws_origin")) is not None:
                 log.info("refused WebSocket from origin %s (%d more refusals not logged)", origin, skipped)
             await _refuse_upgrade(ws, PermissionDenied(f"WebSockets from origin {origin} are not allowed"))
             return

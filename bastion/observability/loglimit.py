@@ -8,7 +8,8 @@ lets it flood the logs and the disk. The server keeps one ``LogBudget``:
 at most ``burst`` lines of each kind per ``window`` seconds, server-wide;
 past that the events are only counted (the ``admin.stats`` counters count
 them all), and the next line written says how many were left out before it.
-The HTTP gateway keeps one too, for refused cross-origin WebSocket upgrades.
+The HTTP gateway keeps one too, for refused cross-origin WebSocket upgrades and
+refused or malformed HTTP requests (_shared.py).
 
 O(1) per event, no timer; kinds are a fixed set of names in the code, so
 the state never grows with the number of peers.
