@@ -424,6 +424,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     0: no per-address cap, for a gateway behind a reverse proxy). _gate.py.
     max_answer_bytes: the most bytes of results one JSON-RPC answer (a call or batch, /rpc or /ws) holds;
     max_answer_memory: of all answers in progress at once. Results past them: RESOURCE_EXHAUSTED. _answers.py.
+    max_calls_in_flight: bridged unary calls in flight at once, gateway-wide (each result is held until the
+    gateway takes it); past it a call is refused RESOURCE_EXHAUSTED, retry_after 1. bridge.py.
     """
 
     http_port: int = 7401
@@ -448,6 +450,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_connections_per_source: int = 256
     max_answer_bytes: int = 32 << 20
     max_answer_memory: int = 256 << 20
+    max_calls_in_flight: int = 512
 
     def __post_init__(self) -> None:
         check_finite(self, "gateway")
@@ -476,8 +479,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise UsageError(f"gateway.http_port must be 0..65535, got {self.http_port}")
         if not 0 < self.max_answer_bytes <= self.max_answer_memory:
             raise UsageError("gateway.max_answer_bytes must be positive and at most gateway.max_answer_memory")
-        if self.max_body <= 0 or self.max_batch <= 0 or self.max_json_depth <= 0 or self.idle_seconds <= 0:
-            raise UsageError("gateway.max_body, max_batch, max_json_depth and idle_seconds must be positive")
+        for name in ("max_body", "max_batch", "max_json_depth", "idle_seconds", "max_calls_in_flight"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"gateway.{name} must be positive, got {getattr(self, name)}")
         for name in ("header_timeout", "body_timeout", "body_min_rate"):
             if not 0 < getattr(self, name) < math.inf:  # (NaN fails both)
                 raise UsageError(f"gateway.{name} must be positive and finite, got {getattr(self, name)}")

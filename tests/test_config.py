@@ -47,6 +47,8 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
         ("[gateway]\nheader_timeout = nan\n", "gateway.header_timeout must be a finite number"),
         ("[gateway]\nmax_answer_bytes = 0\n", "gateway.max_answer_bytes must be positive and at most"),
         ("[gateway]\nmax_answer_memory = 1048576\n", "gateway.max_answer_bytes must be positive and at most"),
+        ("[gateway]\nmax_calls_in_flight = 0\n", "gateway.max_calls_in_flight must be positive"),
+        ("[gateway]\nmax_batch = 0\n", "gateway.max_batch must be positive"),
     ],
 )
 def test_bad_config_is_a_clear_usage_error(tmp_path: Path, text: str, message: str) -> None:
@@ -62,6 +64,15 @@ def test_the_gateways_answer_budgets_come_from_the_file_and_the_environment(tmp_
     path.write_text("[gateway]\nmax_answer_bytes = 1048576\n")
     cfg = load_config(path, environ={"BASTION_GATEWAY__MAX_ANSWER_MEMORY": "8388608"})
     assert (cfg.gateway.max_answer_bytes, cfg.gateway.max_answer_memory) == (1 << 20, 8 << 20)
+
+
+def test_the_gateways_cap_on_calls_in_flight_comes_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    assert GatewayConfig().max_calls_in_flight == 512
+    path = tmp_path / "calls.toml"
+    path.write_text("[gateway]\nmax_calls_in_flight = 64\n")
+    assert load_config(path, environ={}).gateway.max_calls_in_flight == 64
+    cfg = load_config(path, environ={"BASTION_GATEWAY__MAX_CALLS_IN_FLIGHT": "8"})
+    assert cfg.gateway.max_calls_in_flight == 8
 
 
 def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:

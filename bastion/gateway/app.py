@@ -263,7 +263,8 @@ def create_app(
     by ``Front`` (front.py), the rest by the Starlette application it wraps.
     """
     config = config or GatewayConfig()
-    gateway = Gateway(server, config, bridge or Bridge(server, idle=config.idle_seconds), host)
+    bridge = bridge or Bridge(server, idle=config.idle_seconds, max_calls=config.max_calls_in_flight)
+    gateway = Gateway(server, config, bridge, host)
     routes = _Routes(gateway)
     middleware = [Middleware(Guard)]
     if config.cors_origins:

@@ -19,6 +19,14 @@ uploads go over an in-memory bastion connection instead (a real ``Client``
 joined to a real ``ServerSession`` by bastion/transport/memory.py), with the
 same handshake and checks.
 
+Calls in flight. A unary call's result is held by its direct session (decoded, and as MessagePack) from
+the moment the call ends until the gateway's task takes it; a session may have ``limits.max_inflight``
+calls in flight and every caller has one, so the bridge caps the unary calls in flight through it at once,
+gateway-wide (``max_calls``: ``gateway.max_calls_in_flight``). Past it a call is refused at once with
+RESOURCE_EXHAUSTED and ``retry_after`` 1 (HTTP 429, Retry-After), before anything is sent: waiting would hold
+the request and its body instead. Streams and uploads are not counted (their items come under the
+wire's flow control, a window at a time), and ``auth.logout`` is never refused for it (counted, though).
+
 Sessions and connections are pooled by (credential, client host) and closed
 after ``idle`` seconds unused; past ``max_clients`` the least recently used
 is closed first. One the server closed (idle timeout, GoAway, revocation) is
@@ -107,8 +115,10 @@ class _Pooled:
 class Bridge:
     """Calls into ``server`` on behalf of HTTP callers (see the module docstring)."""
 
-    def __init__(self, server: Server, *, idle: float = 60.0, max_clients: int = 4096) -> None:
+    def __init__(self, server: Server, *, idle: float = 60.0, max_clients: int = 4096, max_calls: int = 512) -> None:
         self.server = server
+        self.max_calls = max_calls
+        self.calls = 0  # unary calls in flight (see "Calls in flight" above)
         self.idle = idle
         self.max_clients = max_clients
         self._pool: collections.OrderedDict[tuple[str | None, str], _Pooled] = collections.OrderedDict()
@@ -150,8 +160,16 @@ class Bridge:
         """Call ``method``; its result, or the call's ``CallError``.
 
         The connection's handshake errors (UNAUTHENTICATED for a bad token,
-        RESOURCE_EXHAUSTED from the login throttle) are raised the same way.
+        RESOURCE_EXHAUSTED from the login throttle) are raised the same way; RESOURCE_EXHAUSTED too past
+        ``max_calls`` in flight.
         """
+        if self.calls >= self.max_calls and method != _LOGOUT:  # (ending a session is never put off)
+            raise ResourceExhausted(
+                f"the gateway has its limit of {self.max_calls} calls in flight (gateway.max_calls_in_flight): "
+                "retry shortly",
+                retry_after=1.0,
+            )
+        self.calls += 1
         pooled = self._checkout(caller)
         try:
             try:
@@ -168,6 +186,7 @@ class Bridge:
                 door = await self._door(pooled, caller)
             return await door.call(method, args)
         finally:
+            self.calls -= 1
             self._checkin(pooled, caller)
 
     async def check(self, caller: Caller) -> Principal:
@@ -336,5 +355,6 @@ def _unsendable(exc: LocalProtocolError) -> Exception:
 
 
 _args_encoder = msgspec.msgpack.Encoder()
+_LOGOUT = "auth.logout"
 #: The gateway never retries: an HTTP caller decides for itself, as a native one does.
 _NO_RETRY: RetryPolicy | None = None
