@@ -185,8 +185,6 @@ class ServerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     write_high_water: int = 1_048_576
     max_connections: int = 10_000
     max_connections_per_source: int = 256
-    max_answer_bytes: int = 32 << 20
-    max_answer_memory: int = 256 << 20
     max_handshakes_per_source: int = 64
     reserved_connections: int | None = None
     idle_timeout: float = 300.0

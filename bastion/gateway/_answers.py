@@ -36,7 +36,7 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from bastion.exceptions import ResourceExhausted
+from bastion.exceptions import InternalError, ResourceExhausted
 from bastion.gateway import jsonrpc
 from bastion.gateway._shared import _encoder
 
@@ -69,15 +69,22 @@ class AnswerMemory:
 class Answer:
     """One answer's results as they come, encoded at once, within its budget and the gateway's."""
 
-    __slots__ = ("held", "memory")
+    __slots__ = ("closed", "held", "memory")
 
     def __init__(self, memory: AnswerMemory) -> None:
         self.memory = memory
         self.held = 0
+        self.closed = False
 
     def response(self, ident: Any, result: Any) -> dict[str, Any]:
-        """The response carrying ``result`` (encoded now), or RESOURCE_EXHAUSTED if it would pass a budget."""
-        raw = _encoder.encode(result)
+        """The response carrying ``result`` (encoded now), or RESOURCE_EXHAUSTED if it would pass a budget;
+        INTERNAL for a result JSON cannot carry (MessagePack can: a map keyed by arrays, an extension)."""
+        if self.closed:  # given up (a sibling failed, the client left): counted no more, never sent
+            return jsonrpc.failure(ident, InternalError("the answer was given up"))
+        try:
+            raw = _encoder.encode(result)
+        except (TypeError, ValueError, OverflowError) as exc:
+            return jsonrpc.failure(ident, InternalError(f"the result cannot be written as JSON: {exc}"))
         size = len(raw)
         memory = self.memory
         if self.held + size > memory.per_answer:
@@ -98,9 +105,11 @@ class Answer:
         return jsonrpc.failure(ident, error)
 
     def close(self) -> None:
-        """Give the answer's bytes back (it is sent, or will not be)."""
+        """Give the answer's bytes back (it is sent, or will not be): for good, as results still to come for
+        it (a batch's other calls) are counted no more."""
         self.memory.held -= self.held
         self.held = 0
+        self.closed = True
 
 
 class HeldResponse(Response):
