@@ -38,7 +38,7 @@ from typing import Annotated, Any, Protocol, TypeVar, overload
 
 import msgspec
 
-from bastion.exceptions import UsageError
+from bastion.exceptions import CallError, UsageError
 from bastion.security.principal import Principal
 
 __all__ = [
@@ -108,9 +108,11 @@ class ServerInfo(Protocol):
 
 
 class PrincipalSource(Protocol):
-    """A connection whose principal revalidation may change (``ServerSession``)."""
+    """A connection whose principal revalidation may change, and which a drain ends (``ServerSession``)."""
 
     def watch_principal(self, callback: Callable[[Principal], None]) -> Callable[[], None]: ...
+
+    def end_at_drain(self, call_id: int, ending: Callable[[bool], CallError]) -> Callable[[], None]: ...
 
 
 def _unwatched() -> None:
@@ -202,6 +204,17 @@ class Context:
         if self._principals is None:
             return _unwatched
         return self._principals.watch_principal(callback)
+
+    def end_at_drain(self, ending: Callable[[bool], CallError]) -> Callable[[], None]:
+        """For a ``resumable`` stream: have a drain end it with ``ending(unsent)``'s status, message and
+        ``details`` (the server adds its retry-after) instead of a bare UNAVAILABLE, so the stream's ending
+        can say where to resume; returns the function that stops it. ``unsent``: the item the handler
+        yielded last is still waiting for the client's credit (it never reaches the client). Called at
+        once as the drain begins, in the event loop: it must not block, and the handler is cancelled
+        right after (it runs no further). Never called for a call that no drain ends (in-memory)."""
+        if self._principals is None:
+            return _unwatched
+        return self._principals.end_at_drain(self._call_id, ending)
 
     def time_remaining(self) -> float | None:
         """Seconds left before the call's deadline, or None without one."""

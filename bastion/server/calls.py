@@ -57,6 +57,9 @@ class CallRunner(IdempotentCalls, CallFailures):
     def watch_principal(self, callback: Callable[[Principal], None]) -> Callable[[], None]:
         raise NotImplementedError  # the session's (upkeep.py): a Context follows its principal through it
 
+    def end_at_drain(self, call_id: int, ending: Callable[[bool], CallError]) -> Callable[[], None]:
+        raise NotImplementedError  # the session's (upkeep.py): a resumable stream's own ending at a drain
+
     async def _run(self, call: Call, entry: Entry, args: Args, deadline: float | None, ticket: Ticket) -> None:
         """The call, in the task the scheduler started for it; reports its end to the scheduler itself
         (``reports_end``: no coroutine around this one)."""

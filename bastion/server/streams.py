@@ -120,6 +120,11 @@ class CreditGate:
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
 
+    @property
+    def waiting(self) -> bool:
+        """Whether a sender waits for credit (the item it holds is not sent)."""
+        return self._waiter is not None
+
     def open(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)

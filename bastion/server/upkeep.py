@@ -61,7 +61,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from bastion.exceptions import ResourceExhausted, Unauthenticated
+from bastion.exceptions import CallError, ResourceExhausted, Unauthenticated
 from bastion.observability.loglimit import suppressed_note
 from bastion.protocol.connection import Connection
 from bastion.protocol.frames import FrameReader
@@ -78,7 +78,7 @@ if TYPE_CHECKING:
     from bastion.config import ServerLimits
     from bastion.server.dispatch import Entry
     from bastion.server.server import Server
-    from bastion.server.streams import InputStream
+    from bastion.server.streams import CreditGate, InputStream
 
 __all__ = ["ABUSE_WINDOW", "ARGS_COUNTED", "AUDITED_METHOD_CHARS", "DENIALS_AUDITED", "ArgsMemoryFull", "SessionUpkeep"]
 
@@ -94,6 +94,8 @@ AUDITED_METHOD_CHARS = 200
 #: Calls of flat arguments count too (growth 2: the frame and the decoded copy), so that 3,300
 #: queued calls of 1 MiB of text cannot hold 6.6 GB.
 ARGS_COUNTED = 1024
+#: How a drain ends a resumable stream that has no ending of its own (``Context.end_at_drain``).
+_DRAINING_ENDED = "server is draining: resume this stream on another server"
 #: Seconds in each window the abuse caps (``max_*_per_10s``) count in.
 ABUSE_WINDOW = 10.0
 #: What is counted -> (the ServerLimits field capping it per window, the GoAway reason).
@@ -141,6 +143,9 @@ class SessionUpkeep:
     _ping_outstanding: bool
     _window_start: float
     _resumable: set[int]
+    _gates: dict[int, CreditGate]
+    #: Resumable streams that end themselves at a drain (``Context.end_at_drain``): call id -> their ending.
+    _drain_endings: dict[int, Callable[[bool], CallError]] | None = None
     _abuse: collections.Counter[str]
     _denial_window: float
     _denials_logged: int
@@ -168,16 +173,23 @@ class SessionUpkeep:
 
     def _end_resumable(self) -> None:
         """End the resumable streams (watches, subscriptions) with UNAVAILABLE: they never finish by
-        themselves, and waiting out the grace period for them only delays the clients' resuming."""
+        themselves, and waiting out the grace period for them only delays the clients' resuming. One
+        that registered its own ending (``Context.end_at_drain``) is ended with it (where to resume,
+        what it dropped), at once all the same and with the same retry-after."""
+        endings = self._drain_endings or {}
         for call_id in list(self._resumable):
             ticket = self.tickets.get(call_id)
             if ticket is not None:
-                self.core.send_error(
-                    call_id,
-                    Status.UNAVAILABLE,
-                    "server is draining: resume this stream on another server",
-                    retry_after_ms=1000,
-                )
+                status, message, details = Status.UNAVAILABLE, _DRAINING_ENDED, None
+                ending = endings.pop(call_id, None)
+                if ending is not None:
+                    gate = self._gates.get(call_id)
+                    try:
+                        error = ending(gate is not None and gate.waiting)
+                        status, message, details = error.status, error.message, error.details
+                    except Exception:
+                        log.exception("a stream's ending at the drain failed; ended it UNAVAILABLE")
+                self.core.send_error(call_id, status, message, details=details, retry_after_ms=1000)
                 self._cancel(call_id, ticket)
 
     def _maybe_finish_drain(self) -> None:
@@ -288,6 +300,18 @@ class SessionUpkeep:
         watchers = self._principal_watchers
         watchers.add(callback)
         return lambda: watchers.discard(callback)
+
+    def end_at_drain(self, call_id: int, ending: Callable[[bool], CallError]) -> Callable[[], None]:
+        """``Context.end_at_drain``: a drain ends resumable stream ``call_id`` with ``ending(unsent)``."""
+        if self._drain_endings is None:
+            self._drain_endings = {}
+        endings = self._drain_endings
+        endings[call_id] = ending
+
+        def forget() -> None:
+            endings.pop(call_id, None)
+
+        return forget
 
     async def _revalidate_loop(self) -> None:
         """Close the connection once its credential expires or is revoked."""

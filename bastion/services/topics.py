@@ -242,6 +242,7 @@ class _Subscription:
         self.single = not is_wildcard(pattern)
         self.last: dict[str, int] = {}  # durable topic -> the last offset yielded (or skipped as already seen)
         self.forgot = False  # a durable topic was delivered that ``last`` had no room left for
+        self.in_hand: tuple[str, int | None] | None = None  # (topic, offset) of the item being yielded
         cfg = topics.config
         self.subscriber = Subscriber(
             pattern, ctx.principal, topics.access, cfg.subscriber_buffer, cfg.subscriber_buffer_bytes
@@ -322,7 +323,9 @@ class _Subscription:
             for message in page:
                 offset = message.offset or 0
                 self.last[topic], expected = offset, offset + 1
+                self.in_hand = (topic, offset)
                 yield event(message)
+                self.in_hand = None
             if not more:
                 if not page:
                     head = await store.topics_head(topic)
@@ -354,14 +357,39 @@ class _Subscription:
         and whether some topic was left out."""
         resume: dict[str, int] = {}
         room = RESUME_BYTES
-        first = self.subscriber.first_dropped
-        candidates = [*first.items(), *((t, o + 1) for t, o in self.last.items() if t not in first)]
+        first, last = self.subscriber.first_dropped, self.last
+        # The first offset not delivered: what was dropped first, unless some before it were not delivered
+        # either (a replay not finished, or messages still buffered or in hand at a drain).
+        candidates = [
+            *((t, min(o, last[t] + 1) if t in last else o) for t, o in first.items()),
+            *((t, o + 1) for t, o in last.items() if t not in first),
+        ]
         for topic, offset in candidates:
             room -= len(topic) + 10
             if len(resume) >= REMEMBERED or room < 0:
                 return resume, True
             resume[topic] = offset
         return resume, self.forgot or self.subscriber.unrecorded
+
+    def drained(self, unsent: bool) -> CallError:
+        """The ending at a drain (``Context.end_at_drain``), which ends the stream at once: the messages
+        not sent to the client -- buffered, or in hand (``unsent``) -- are dropped, counted and resumed from.
+        As the lagged error, with UNAVAILABLE (the server adds its retry-after)."""
+        sub = self.subscriber
+        held = [(m.topic, m.offset) for m, _ in sub.buffer if m.offset is None or m.offset > self.last.get(m.topic, 0)]
+        if unsent and self.in_hand is not None:
+            held.insert(0, self.in_hand)
+        first: dict[str, int] = {}
+        for topic, offset in held:
+            if offset is not None and topic not in first:
+                first[topic] = offset
+        for topic, offset in sub.first_dropped.items():
+            first.setdefault(topic, offset)
+        sub.first_dropped = first
+        sub.dropped += len(held)
+        sub.buffer.clear()
+        sub.bytes = 0
+        return self.ending(Unavailable, "server is draining: resume this stream on another server")
 
     def ending(self, kind: type[CallError], why: str) -> CallError:
         """The error that ends the stream: ``why``, what was dropped, and where to resume each durable topic."""
@@ -429,7 +457,8 @@ def _declare(topics: Topics, service: Service) -> None:
         falls ``subscriber_buffer`` messages behind is ended with
         RESOURCE_EXHAUSTED: ``dropped`` counts what it missed, and
         ``resume_from`` (one topic) or ``resume_offsets`` (a pattern) say where
-        to resume durable topics.
+        to resume durable topics. A drain ends it at once with UNAVAILABLE and
+        the same details, what was buffered for it counted as dropped.
         """
         sub = _Subscription(topics, ctx, pattern, from_offset)
         sub.check()  # the last check takes a hold in topics.subscribe_holds, if any: given back below
@@ -440,6 +469,7 @@ def _declare(topics: Topics, service: Service) -> None:
             holds.release(name)
             raise
         unwatch = ctx.watch_principal(sub.regranted)
+        unending = ctx.end_at_drain(sub.drained)
         try:
             yield TopicEvent("start", pattern)
             if from_offset is not None:
@@ -450,7 +480,9 @@ def _declare(topics: Topics, service: Service) -> None:
                 if taken is not None:
                     message, item = taken
                     if sub.fresh(message.topic, message.offset):
+                        sub.in_hand = (message.topic, message.offset)
                         yield item
+                        sub.in_hand = None
                     continue
                 if subscriber.ended is not None:
                     raise sub.ending(*subscriber.ended)
@@ -463,6 +495,7 @@ def _declare(topics: Topics, service: Service) -> None:
                 await subscriber.wakeup.wait()
                 subscriber.wakeup.clear()
         finally:
+            unending()
             unwatch()
             topics.hub.leave(subscriber)
             holds.release(name)
