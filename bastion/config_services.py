@@ -113,7 +113,9 @@ class TopicsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_topic_length: longest topic name or pattern (characters).
     max_payload_bytes: largest payload (its MessagePack encoding); must fit a frame.
     max_headers: most headers on one message; max_header_bytes: their total size.
-    subscriber_buffer: messages buffered for one slow subscriber before it is told it lagged.
+    subscriber_buffer: messages buffered for one slow subscriber before it is told it lagged. Below
+        256 (the feed's read) a subscriber that keeps up is ended too when one read holds more than
+        this for it (docs/services.md).
     subscriber_buffer_bytes: payload bytes buffered for one slow subscriber, likewise.
     max_subscribers: subscriptions open at once in each server process (each worker of ``--workers``).
     max_subscribers_per_user: subscriptions one user may have open on this server (all its workers together).
