@@ -147,7 +147,7 @@ from bastion.observability.metrics import render, server_snapshot
 from bastion.security.authn import PeerInfo, SessionEnder
 from bastion.security.principal import ANONYMOUS, Principal
 from bastion.server.server import Server
-from bastion.service import MethodKind
+from bastion.service import MethodKind, brief_error
 
 __all__ = ["CSRF_COOKIE", "CSRF_HEADER", "SESSION_COOKIE", "Gateway", "create_app", "http_status"]
 
@@ -441,7 +441,7 @@ class _Routes:
         try:
             converted = msgspec.convert(dict(request.query_params), entry.spec.args_type, strict=False)
         except (msgspec.ValidationError, TypeError) as exc:
-            raise InvalidArgument(f"{method}: bad query arguments: {exc}") from None
+            raise InvalidArgument(f"{method}: bad query arguments: {brief_error(str(exc))}") from None
         args = {name: getattr(converted, name) for name in entry.fields}
         limit = self.config.max_body
         over = False

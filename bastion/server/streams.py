@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import msgspec
 
 from bastion.exceptions import Cancelled, InvalidArgument
+from bastion.service import brief_error
 
 __all__ = ["CreditGate", "InputStream", "StreamBytes"]
 
@@ -106,7 +107,7 @@ class InputStream:
         try:
             return self._decoder.decode(raw)
         except msgspec.ValidationError as exc:
-            raise InvalidArgument(f"stream item: {exc}") from None
+            raise InvalidArgument(f"stream item: {brief_error(str(exc))}") from None
         except UnicodeDecodeError:  # an Item's value is Raw: its text was not checked on arrival
             raise InvalidArgument("stream item: text that is not UTF-8") from None
 
