@@ -37,6 +37,10 @@ __all__ = ["Args", "CallRunner"]
 
 log = logging.getLogger("bastion.server")
 _OK = Status.OK
+#: The share of ``limits.max_args_memory`` one connection's waiting answers may hold (``_park``): past it
+#: they wait in their scheduler slots, so a few connections that stop reading cannot take the memory
+#: other callers' arguments are admitted against.
+PARKED_SHARE = 16
 #: A call's arguments: by name, or by position for a handler that takes them so (``Entry.positional``).
 Args = dict[str, Any] | tuple[Any, ...]
 
@@ -47,6 +51,8 @@ class CallRunner(IdempotentCalls, CallFailures):
     _gates: dict[int, CreditGate]
     _queue_deadlines: dict[int, int]  # calls queued with a deadline -> its slot in server.deadlines
     _args_cost: dict[int, int]  # calls holding memory counted in server.args_memory -> how much (upkeep.py)
+    _parked: dict[int, int]  # calls whose answers wait encoded (_park) -> their bytes, also in _args_cost
+    _parked_bytes: int  # their sum
 
     def _forget(self, call_id: int, status: Status = Status.CANCELLED, *, ran: bool = False) -> None:
         raise NotImplementedError  # the session's: drop a call's state, it ended with ``status``
@@ -159,7 +165,10 @@ class CallRunner(IdempotentCalls, CallFailures):
         It waits charged to ``limits.max_args_memory``, as arguments are, and without
         the call's scheduler slot: the work is done, and a peer that stopped reading
         must not keep other callers' calls from running until ``write_stall_timeout``
-        drops it. An answer the server cannot hold so waits in its slot, as before.
+        drops it. One connection's waiting answers hold at most ``max_args_memory //
+        PARKED_SHARE``, so a few that stop reading cannot fill the limit and have
+        every other caller's arguments refused. An answer the server cannot hold so
+        (past either) waits in its slot, as before.
         """
         try:
             encoded = msgspec.msgpack.encode(result)
@@ -167,9 +176,17 @@ class CallRunner(IdempotentCalls, CallFailures):
             raise encode_error("Result", exc) from None
         ticket = self.tickets.get(call_id)
         server = self.server
-        if ticket is not None and server.args_memory + len(encoded) <= server.limits.max_args_memory:
-            server.args_memory += len(encoded)
-            self._args_cost[call_id] = self._args_cost.get(call_id, 0) + len(encoded)  # given back by _forget
+        size = len(encoded)
+        limit = server.limits.max_args_memory
+        if (
+            ticket is not None
+            and server.args_memory + size <= limit
+            and self._parked_bytes + size <= limit // PARKED_SHARE
+        ):
+            server.args_memory += size
+            self._args_cost[call_id] = self._args_cost.get(call_id, 0) + size  # given back by _forget
+            self._parked[call_id] = size
+            self._parked_bytes += size
             server.scheduler.detach(ticket)
         return msgspec.Raw(encoded)
 

@@ -21,9 +21,10 @@ Limits on the calls (docs/security.md, section 7). Calls accepted but not
 yet started (``_queued``) past ``read_high_water`` pause reading until they
 start. A finished unary handler whose peer is not reading sends its answer
 once the peer reads (the Link stops reading meanwhile): the answer waits
-encoded, counted in ``limits.max_args_memory``, and gives its scheduler slot
-back (``_park``), so a peer that stops reading cannot hold the slots other
-callers' calls need; a peer that never reads is dropped by the Link. A task
+encoded, counted in ``limits.max_args_memory`` (one connection's, up to a
+sixteenth of it), and gives its scheduler slot back (``_park``), so a peer
+that stops reading cannot hold the slots other callers' calls need; a peer
+that never reads is dropped by the Link. A task
 cancelled before it ever ran (a Call and its Cancel in one read) never runs
 its ``finally``, so the Cancel cleans up after it.
 
@@ -145,6 +146,8 @@ class ServerSession(SessionUpkeep, CallRunner):
         self._abuse: collections.Counter[str] = collections.Counter()
         self._refused_seen = 0
         self._args_cost: dict[int, int] = {}  # calls holding large arguments -> their cost (upkeep.py)
+        self._parked: dict[int, int] = {}  # calls whose answers wait encoded -> their bytes (calls.py, _park)
+        self._parked_bytes = 0
         self._timing: dict[int, tuple[int, float]] = {}  # admitted call -> (metrics method row, perf_counter at start)
         self._expired: set[int] = set()  # running calls whose deadline timer has cancelled them
         self._queue_deadlines: dict[int, int] = {}  # calls queued with a deadline -> its slot (server.deadlines)
@@ -285,6 +288,8 @@ class ServerSession(SessionUpkeep, CallRunner):
         self.tickets.pop(call_id, None)
         if self._args_cost:
             self.server.args_memory -= self._args_cost.pop(call_id, 0)
+            if self._parked:  # parked calls are in _args_cost too: nothing more per call when peers read
+                self._parked_bytes -= self._parked.pop(call_id, 0)
         if self._inputs and (stream := self._inputs.pop(call_id, None)) is not None:
             self.stream_taken(stream.discard())
         if self._gates:

@@ -26,8 +26,10 @@ import pytest
 from bastion import Principal, Server, Service
 from bastion.config import ServerLimits
 from bastion.security.authn import StaticTokens
+from bastion.server.calls import PARKED_SHARE
 from bastion.server.dispatch import IdempotencyKeys
 from bastion.server.scheduler import Scheduler, SchedulerConfig
+from bastion.status import Status
 from bastion.store import open_store
 
 HELLO, WELCOME, CALL, RESULT = 1, 2, 3, 4
@@ -128,5 +130,66 @@ def test_a_client_that_stops_reading_does_not_hold_the_slots_its_finished_calls_
                     await attack(server, keyed)
             finally:
                 await server.shutdown(grace=1)
+
+    asyncio.run(main())
+
+
+def test_non_readers_answers_waiting_encoded_do_not_take_the_memory_other_callers_arguments_need() -> None:
+    """Two non-readers (127.0.0.2, 127.0.0.4) with ~60 KB answers, 200 calls each: the answers waiting
+    for them encoded used to fill ``limits.max_args_memory`` between them, and a bystander's call with
+    40 KB of arguments (127.0.0.3) was refused RESOURCE_EXHAUSTED at once until ``write_stall_timeout``
+    dropped them. A connection's waiting answers now hold at most a sixteenth of the limit."""
+    svc = Service("sr")
+
+    @svc.method(public=True)
+    async def big() -> bytes:
+        await asyncio.sleep(0)
+        return b"x" * 60_000
+
+    @svc.method(public=True)
+    async def upload(blob: bytes) -> int:
+        await asyncio.sleep(0)
+        return len(blob)
+
+    async def main() -> None:
+        limits = ServerLimits(
+            max_frame=65536, max_args_memory=80 * 65536, write_high_water=16384, write_stall_timeout=60
+        )
+        share = limits.max_args_memory // PARKED_SHARE
+        config = SchedulerConfig(max_concurrency=4, control_reserve=0, codel_target=30, codel_interval=30)
+        server = Server([svc], limits=limits, scheduler=Scheduler(config))
+        stats = server.scheduler.stats
+        await server.start("127.0.0.1", 0)
+        try:
+            async with asyncio.timeout(30):
+                attackers = []
+                for source in ("127.0.0.2", "127.0.0.4"):
+                    _, writer = await connect(server.port, source, rcvbuf=4096)
+                    writer.write(b"".join(frame([CALL, 1 + 2 * i, "sr.big", {}]) for i in range(200)))
+                    attackers.append(writer)
+                # Every slot ends up held by a call whose answer could not be put aside: no call starts any more.
+                last = [-1, 0.0]
+
+                def settled() -> bool:
+                    now = asyncio.get_running_loop().time()
+                    if stats()["started"] != last[0] or stats()["running"] < 4:
+                        last[:] = [stats()["started"], now]
+                    return now - last[1] >= 0.3
+
+                await until(settled, "the slots to be held")
+                await until(lambda: server.args_memory > 0, "answers to wait encoded")
+                assert server.args_memory <= 2 * share  # before: all of limits.max_args_memory
+                reader, victim = await connect(server.port, "127.0.0.3")
+                victim.write(frame([CALL, 1, "sr.upload", {"blob": b"z" * 40_000}, 1000]))
+                answer = await asyncio.wait_for(read_message(reader), 5)
+                assert answer[1] == 1 and answer[2] != int(Status.RESOURCE_EXHAUSTED), answer
+                assert server.stats()["rejected_args_memory"] == 0
+                for writer in attackers:
+                    writer.transport.abort()
+                victim.close()
+                await until(lambda: server.stats()["calls_in_flight"] == 0, "the connections' calls to be dropped")
+                await until(lambda: server.args_memory == 0, "their waiting answers to be let go")
+        finally:
+            await server.shutdown(grace=1)
 
     asyncio.run(main())
