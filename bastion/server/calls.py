@@ -166,8 +166,8 @@ class CallRunner(IdempotentCalls, CallFailures):
         the call's scheduler slot: the work is done, and a peer that stopped reading
         must not keep other callers' calls from running until ``write_stall_timeout``
         drops it. One connection's waiting answers hold at most ``max_args_memory //
-        PARKED_SHARE``, so a few that stop reading cannot fill the limit and have
-        every other caller's arguments refused. An answer the server cannot hold so
+        PARKED_SHARE``, and all of them at most half of it, so connections that stop
+        reading cannot fill the limit and have every other caller's arguments refused. An answer the server cannot hold so
         (past either) waits in its slot, as before.
         """
         try:
@@ -182,8 +182,10 @@ class CallRunner(IdempotentCalls, CallFailures):
             ticket is not None
             and server.args_memory + size <= limit
             and self._parked_bytes + size <= limit // PARKED_SHARE
+            and server.parked_memory + size <= limit // 2  # arguments keep the other half, however many stop
         ):
             server.args_memory += size
+            server.parked_memory += size
             self._args_cost[call_id] = self._args_cost.get(call_id, 0) + size  # given back by _forget
             self._parked[call_id] = size
             self._parked_bytes += size

@@ -159,6 +159,8 @@ class Server(Acceptor):
         self.inline_running = 0
         #: What the arguments of calls in flight may cost decoded, as counted for limits.max_args_memory.
         self.args_memory = 0
+        #: Of it, what finished answers waiting for their peers to read hold (calls.py, _park): at most half.
+        self.parked_memory = 0
         #: Bytes of client-stream items all sessions hold, for limits.max_stream_buffer_total, and the
         #: sessions not read from until they or the total come back under it (upkeep.py).
         self.stream_bytes = 0

@@ -289,7 +289,9 @@ class ServerSession(SessionUpkeep, CallRunner):
         if self._args_cost:
             self.server.args_memory -= self._args_cost.pop(call_id, 0)
             if self._parked:  # parked calls are in _args_cost too: nothing more per call when peers read
-                self._parked_bytes -= self._parked.pop(call_id, 0)
+                parked = self._parked.pop(call_id, 0)
+                self._parked_bytes -= parked
+                self.server.parked_memory -= parked
         if self._inputs and (stream := self._inputs.pop(call_id, None)) is not None:
             self.stream_taken(stream.discard())
         if self._gates:

@@ -179,6 +179,7 @@ def test_non_readers_answers_waiting_encoded_do_not_take_the_memory_other_caller
                 await until(settled, "the slots to be held")
                 await until(lambda: server.args_memory > 0, "answers to wait encoded")
                 assert server.args_memory <= 2 * share  # before: all of limits.max_args_memory
+                assert 0 < server.parked_memory <= server.args_memory
                 reader, victim = await connect(server.port, "127.0.0.3")
                 victim.write(frame([CALL, 1, "sr.upload", {"blob": b"z" * 40_000}, 1000]))
                 answer = await asyncio.wait_for(read_message(reader), 5)
@@ -189,6 +190,7 @@ def test_non_readers_answers_waiting_encoded_do_not_take_the_memory_other_caller
                 victim.close()
                 await until(lambda: server.stats()["calls_in_flight"] == 0, "the connections' calls to be dropped")
                 await until(lambda: server.args_memory == 0, "their waiting answers to be let go")
+                assert server.parked_memory == 0
         finally:
             await server.shutdown(grace=1)
 
