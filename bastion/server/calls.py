@@ -167,8 +167,9 @@ class CallRunner(IdempotentCalls, CallFailures):
         must not keep other callers' calls from running until ``write_stall_timeout``
         drops it. One connection's waiting answers hold at most ``max_args_memory //
         PARKED_SHARE``, and all of them at most half of it, so connections that stop
-        reading cannot fill the limit and have every other caller's arguments refused. An answer the server cannot hold so
-        (past either) waits in its slot, as before.
+        reading cannot fill the limit and have every other caller's arguments
+        refused. An answer the server cannot hold so (past any) waits in its slot,
+        as before.
         """
         try:
             encoded = msgspec.msgpack.encode(result)
