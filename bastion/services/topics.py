@@ -170,11 +170,20 @@ class Topics:
         space ``user.<name>.>``, whoever the ``heir`` (a space is its owner's, as a mailbox is); how many
         messages went. A user given the name later owns the space: it must not replay what the deleted
         one kept there. Trimmed as retention trims (subscribers lose nothing unannounced) and forgotten:
-        the offsets are kept, so a topic used again goes on above them."""
+        the offsets are kept, so a topic used again goes on above them.
+
+        The durable topics they created elsewhere stay as they are (messages and all, for whoever the rules
+        let publish and read there), but are recorded as the heir's, counted against the heir's
+        ``max_durable_topics_per_user`` (not checked: the heir may end up over it, as with files), or as
+        nobody's: a user given the name later starts with none to their count."""
         personal = personal_pattern(name)
-        if personal is None:
-            return 0
-        prefix = personal[:-1]  # "user.<name>.": its topics sort together, right after it (bytewise)
+        total = await self._empty_space(personal[:-1]) if personal is not None else 0
+        await self.store.topics_pass_on(name, heir)
+        return total
+
+    async def _empty_space(self, prefix: str) -> int:
+        """Empty and forget the durable topics named ``prefix``... (``"user.<name>."``: they sort together,
+        right after it, bytewise); how many messages went."""
         total, after = 0, prefix
         while True:
             heads = await self.store.topics_heads(after, HEADS_PAGE)

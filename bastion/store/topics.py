@@ -18,13 +18,11 @@ inside its own transaction -- SQLite has one writer; PostgreSQL locks the
 counter row first, which serialises publishers across replicas -- so rows
 become visible in ``seq`` order and a reader tailing ``seq > P`` never skips
 one that commits later. A topic's offsets follow its ``seq`` order.
-``topic_heads`` holds each durable topic's first kept and last offset, and
-the highest ``seq`` trimming ever removed from it (``trimmed_seq``), and who
-created it. A head that retention emptied is removed (``topics_forget``); so
-that offsets never go backwards, its last offset (and trim) is kept in
-``topic_retired`` under its name's bucket (a fixed number of rows): the topic,
-if used again, starts above it, and ``topics_head`` reports a forgotten topic
-as empty at that offset.
+``topic_heads`` holds each durable topic's first kept and last offset, the highest ``seq`` trimming
+ever removed from it (``trimmed_seq``), and who created it (topics_creators.py). A head that retention
+emptied is removed (``topics_forget``); so that offsets never go backwards, its last offset (and trim) is
+kept in ``topic_retired`` under its name's bucket (a fixed number of rows): the topic, if used again,
+starts above it, and ``topics_head`` reports a forgotten topic as empty at that offset.
 
 Trimming removes a durable topic's oldest messages only (its log is always a
 contiguous range of offsets, ``first_offset .. last_offset``), and records
@@ -46,7 +44,8 @@ from typing import Any
 
 import msgspec
 
-from bastion.store._access import Notifying, SQLiteAccess
+from bastion.store._access import Notifying
+from bastion.store.topics_creators import SQLiteTopicCreators, TopicCreators
 
 __all__ = [
     "CREATED_SQL",
@@ -346,7 +345,7 @@ def trim_cut(rows: list[Any], upto_offset: int, older_than: float | None) -> tup
 # -- the interface --------------------------------------------------------------------------
 
 
-class TopicStore(Notifying, ABC):
+class TopicStore(Notifying, TopicCreators, ABC):
     """What every backend offers for topics. Every write is one transaction; see the module docstring."""
 
     @abstractmethod
@@ -427,7 +426,7 @@ RETIRED_SQL = "SELECT last_offset FROM topic_retired WHERE bucket = {bucket}"
 CREATED_SQL = "SELECT count(*) FROM topic_heads WHERE creator = {creator}"
 
 
-class SQLiteTopics(SQLiteAccess, TopicStore):
+class SQLiteTopics(SQLiteTopicCreators, TopicStore):
     """topics on SQLite: an append is one write of a group commit (one writer, so seq order is commit order)."""
 
     async def topics_append(

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from bastion.store._access import PostgresAccess
 from bastion.store.topics import (
     BOUND_SQL,
     CREATED_SQL,
@@ -33,6 +32,7 @@ from bastion.store.topics import (
     trim_cut,
     trimmed_heads,
 )
+from bastion.store.topics_creators import PostgresTopicCreators
 
 if TYPE_CHECKING:
     import asyncpg
@@ -58,7 +58,7 @@ _PG_APPEND = (
 _PG_INSERT = f"INSERT INTO topic_log ({LOG_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
 
 
-class PostgresTopics(PostgresAccess, TopicStore):
+class PostgresTopics(PostgresTopicCreators, TopicStore):
     """topics on PostgreSQL: every append is one statement that first locks the seq counter."""
 
     async def topics_append(

@@ -257,3 +257,60 @@ def test_deleting_a_user_empties_their_personal_durable_topics_for_whoever_gets_
             assert deleted["items"]["topics"] == 3  # the messages that went
 
     asyncio.run(main())
+
+
+ORDERS_ONE_EACH = """
+[messages.topics]
+sweep_interval = 3600
+max_durable_topics_per_user = 1
+
+[[messages.topics.durable]]
+pattern = "orders.>"
+keep = 1000
+
+[[messages.topics.rules]]
+pattern = "orders.>"
+publish = ["*"]
+subscribe = ["*"]
+"""
+
+
+@BACKENDS
+@pytest.mark.parametrize("heir", [None, "cy"])
+def test_deleting_a_user_passes_on_the_durable_topics_they_created_elsewhere_to_the_heir_or_to_nobody(
+    server_factory: Any, tmp_path: Path, backend: str, heir: str | None
+) -> None:
+    # The durable topics a deleted user had created outside user.<name>.> stayed recorded as theirs, so a user
+    # created later with the same name started with the old one's max_durable_topics_per_user already used.
+    server = serve(server_factory, tmp_path, backend, ORDERS_ONE_EACH)
+
+    async def token_of(admin: Client, name: str) -> str:
+        await admin.auth.create_user(name=name)
+        return str((await admin.auth.create_token(user=name))["token"])
+
+    async def main() -> None:
+        async with Client(server.address, token=server.token, timeout=10) as admin:
+            cy_token = await token_of(admin, "cy")
+            old = await token_of(admin, "bob")
+            async with Client(server.address, token=old, timeout=10) as bob:
+                assert [await bob.messages.publish(topic="orders.old", payload=i) for i in (1, 2)] == [1, 2]
+                with pytest.raises(bastion.ResourceExhausted, match="created 1 durable"):
+                    await bob.messages.publish(topic="orders.other", payload="over")
+            await admin.auth.delete_user(name="bob", transfer_to=heir)
+            new = await token_of(admin, "bob")
+            async with Client(server.address, token=new, timeout=10) as bob:
+                assert await bob.messages.publish(topic="orders.new", payload="mine") == 1  # starts at zero
+                # The topic itself and its messages stay, for whoever may publish and read there.
+                assert await bob.messages.publish(topic="orders.old", payload=3) == 3
+                with pytest.raises(bastion.ResourceExhausted, match="created 1 durable"):
+                    await bob.messages.publish(topic="orders.newer", payload="over")
+            async with Client(server.address, token=cy_token, timeout=10) as cy:
+                if heir is None:
+                    assert await cy.messages.publish(topic="orders.cy", payload="x") == 1
+                else:  # the heir has it now, counted against their limit
+                    with pytest.raises(bastion.ResourceExhausted, match="created 1 durable"):
+                        await cy.messages.publish(topic="orders.cy", payload="x")
+            info = await admin.messages.topic_info(topic="orders.old")
+            assert (info["first_offset"], info["last_offset"]) == (1, 3)
+
+    asyncio.run(main())
