@@ -157,7 +157,10 @@ def ls(
         str | None, typer.Option("--state", help="Only jobs in this state (queued, running, succeeded, …).")
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many jobs.")] = 100,
-    after: Annotated[str | None, typer.Option("--after", help="Only jobs after this id (paging).")] = None,
+    after: Annotated[
+        str | None, typer.Option("--after", help="Only jobs after this id in the listing's order (paging).")
+    ] = None,
+    newest: Annotated[bool, typer.Option("--newest", help="Newest first (--after then pages back).")] = False,
     as_json: AsJson = False,
     token_file: TokenFile = None,
     ca: CA = None,
@@ -165,10 +168,11 @@ def ls(
     client_key: ClientKey = None,
     insecure: Insecure = False,
 ) -> None:
-    """List your jobs (an admin sees everyone's), oldest first."""
+    """List your jobs (an admin sees everyone's), oldest first (--newest: newest first)."""
     found = call_guarded(
-        address, token_file, ca, client_cert, client_key, insecure, "jobs.list", state=state, limit=limit, after=after
-    )
+        address, token_file, ca, client_cert, client_key, insecure, "jobs.list",
+        state=state, limit=limit, after=after, **({"newest_first": True} if newest else {}),
+    )  # fmt: skip
     if as_json:
         print_json(found)
         return

@@ -163,16 +163,18 @@ def declare(jobs: Jobs, service: Service) -> None:
 
     @service.method(name="list", idempotent=True)
     async def list_jobs(
-        ctx: Context, state: str | None = None, limit: int = 100, after: str | None = None
+        ctx: Context, state: str | None = None, limit: int = 100, after: str | None = None, newest_first: bool = False
     ) -> list[JobStatus]:
-        """Your jobs (an admin sees everyone's), oldest first; page with ``after`` = the last id seen (a page
-        holds fewer than ``limit`` when more would pass ``MAX_LIST_BYTES``: page on until an empty one)."""
+        """Your jobs (an admin sees everyone's), oldest first (``newest_first``: newest first); page with
+        ``after`` = the last id seen, in either order (a page holds fewer than ``limit`` when more would pass
+        ``MAX_LIST_BYTES``: page on until an empty one)."""
         if state is not None and state not in JOB_STATES:
             raise InvalidArgument(f"state must be one of {', '.join(JOB_STATES)}, not {_named(state)}")
         if not 1 <= limit <= MAX_LIST:
             raise InvalidArgument(f"limit must be 1..{MAX_LIST}")
         owner = None if ADMIN_ROLE in ctx.principal.roles else ctx.principal.name
-        return _page(await store.jobs_list(owner=owner, state=state, limit=limit, after=after))
+        listed = await store.jobs_list(owner=owner, state=state, limit=limit, after=after, newest_first=newest_first)
+        return _page(listed)
 
     @service.method(idempotent=True, resumable=True)
     async def watch(ctx: Context, id: str) -> AsyncIterator[JobStatus]:

@@ -166,9 +166,16 @@ class JobStore(ABC):
 
     @abstractmethod
     async def jobs_list(
-        self, *, owner: str | None = None, state: str | None = None, limit: int = 100, after: str | None = None
+        self,
+        *,
+        owner: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+        newest_first: bool = False,
     ) -> list[JobRecord]:
-        """Jobs by id (oldest first), of ``owner`` (every owner if None), in ``state``, ids after ``after``."""
+        """Jobs by id (oldest first), of ``owner`` (every owner if None), in ``state``, ids after ``after``;
+        ``newest_first``: by id from the newest, ids before ``after`` (the last id seen either way)."""
 
     @abstractmethod
     async def jobs_count(self, owner: str, states: Sequence[str]) -> int:
@@ -330,16 +337,21 @@ def _record(row: Sequence[Any]) -> JobRecord:
     return JobRecord(*values)
 
 
-def _list_query(owner: str | None, state: str | None, limit: int, after: str | None) -> tuple[str, list[Any]]:
+def _list_query(
+    owner: str | None, state: str | None, limit: int, after: str | None, newest_first: bool = False
+) -> tuple[str, list[Any]]:
+    """A page of jobs by id, the unique key a cursor needs; newest first reads the same index (the primary
+    key, jobs_by_owner or jobs_queue) backwards, so neither order sorts."""
     clauses: list[str] = []
     args: list[Any] = []
-    for clause, value in (("owner = ?", owner), ("state = ?", state), ("id > ?", after)):
+    cursor = "id < ?" if newest_first else "id > ?"
+    for clause, value in (("owner = ?", owner), ("state = ?", state), (cursor, after)):
         if value is not None:
             clauses.append(clause)
             args.append(value)
     where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
     args.append(max(0, limit))
-    return f"SELECT {_COLUMNS} FROM jobs {where}ORDER BY id LIMIT ?", args
+    return f"SELECT {_COLUMNS} FROM jobs {where}ORDER BY id{' DESC' if newest_first else ''} LIMIT ?", args
 
 
 def _tally(states: Sequence[Any]) -> dict[str, int]:
@@ -399,9 +411,15 @@ class SQLiteJobs(SQLiteAccess, JobStore):
         return None if row is None else _record(row)
 
     async def jobs_list(
-        self, *, owner: str | None = None, state: str | None = None, limit: int = 100, after: str | None = None
+        self,
+        *,
+        owner: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+        newest_first: bool = False,
     ) -> list[JobRecord]:
-        sql, args = _list_query(owner, state, limit, after)
+        sql, args = _list_query(owner, state, limit, after, newest_first)
         return [_record(r) for r in await self._read(lambda c: c.execute(sql, args).fetchall())]
 
     async def jobs_count(self, owner: str, states: Sequence[str]) -> int:

@@ -118,9 +118,15 @@ class PostgresJobs(PostgresAccess, JobStore):
         return _record(rows[0]) if rows else None
 
     async def jobs_list(
-        self, *, owner: str | None = None, state: str | None = None, limit: int = 100, after: str | None = None
+        self,
+        *,
+        owner: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+        newest_first: bool = False,
     ) -> list[JobRecord]:
-        sql, args = _list_query(owner, state, limit, after)
+        sql, args = _list_query(owner, state, limit, after, newest_first)
         return [_record(r) for r in await self._jobs_fetch(_numbered(sql), *args)]
 
     async def jobs_count(self, owner: str, states: Sequence[str]) -> int:

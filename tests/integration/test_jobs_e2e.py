@@ -76,6 +76,10 @@ def test_cli_submit_watch_status_ls_and_cancel(server_factory: StartServer, tmp_
     assert gone(pid)
     listing = bastion_cli("jobs", "ls", server.address, *common)
     assert [line.split("\t")[2] for line in listing.stdout.splitlines()] == ["succeeded", "failed", "cancelled"]
+    newest = bastion_cli("jobs", "ls", server.address, "--newest", *common)
+    assert [line.split("\t")[2] for line in newest.stdout.splitlines()] == ["cancelled", "failed", "succeeded"]
+    older = bastion_cli("jobs", "ls", server.address, "--newest", "--after", nap_id, "--limit", "1", *common)
+    assert [line.split("\t")[2] for line in older.stdout.splitlines()] == ["failed"]
 
 
 def _read(path: Path) -> str | None:

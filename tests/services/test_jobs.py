@@ -470,6 +470,49 @@ def test_a_list_of_jobs_with_long_errors_stops_early_to_fit_one_answer(tmp_path:
     run(test, tmp_path)
 
 
+def test_list_newest_first_pages_back_from_the_newest(tmp_path: Path) -> None:
+    """jobs.list paged forward from the oldest only: a caller with more jobs than they would page through (the
+    console stops at 1000, and 10,000 are kept) never saw their newest. ``newest_first`` lists from the newest,
+    ``after`` still the last id seen."""
+
+    async def test(w: World) -> None:
+        ada = w.client()
+        ids = [await ada.jobs.submit(name="add", args={"a": i, "b": 0}) for i in range(5)]
+        for job_id in ids:
+            await finish(ada, job_id)
+        await w.client(BOB).jobs.submit(name="add", args={"a": 0, "b": 0})
+        first = await ada.jobs.list(limit=2, newest_first=True)
+        rest = await ada.jobs.list(limit=10, after=first[-1]["id"], newest_first=True)
+        assert [s["id"] for s in first + rest] == ids[::-1]
+        assert [s["id"] for s in await ada.jobs.list(state="succeeded", newest_first=True)] == ids[::-1]
+        assert await ada.jobs.list(after=ids[0], newest_first=True) == []
+        assert [s["id"] for s in await ada.jobs.list(limit=2)] == ids[:2]  # the default: oldest first, as before
+        with pytest.raises(bastion.InvalidArgument, match="argument after must not contain NUL"):
+            await ada.jobs.list(after="01\x00", newest_first=True)
+
+    run(test, tmp_path)
+
+
+def test_a_newest_first_list_of_jobs_with_long_errors_pages_on_past_short_pages(tmp_path: Path) -> None:
+    async def test(w: World) -> None:
+        ada = w.client()
+        ids = [new_job_id() for _ in range(1000)]
+        for job_id in ids:
+            failed = JobRecord(
+                id=job_id, owner="ada", name="boom", args=b"\x80", state="failed", error="é" * 2000,
+                created_at=1.0, finished_at=2.0,
+            )  # fmt: skip
+            await w.store.jobs_submit(failed)
+        seen: list[str] = []
+        while page := await ada.jobs.list(limit=1000, after=seen[-1] if seen else None, newest_first=True):
+            assert 0 < len(page) < 1000
+            assert len(msgspec.msgpack.encode(page)) <= 512 * 1024
+            seen += [status["id"] for status in page]
+        assert seen == ids[::-1]
+
+    run(test, tmp_path)
+
+
 def test_result_of_an_unfinished_job_is_a_failed_precondition(tmp_path: Path) -> None:
     async def test(w: World) -> None:
         ada = w.client()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
 from bastion.exceptions import AlreadyExists, InternalError, ResourceExhausted
 from bastion.store import PostgresStore, SQLiteStore, Store
-from bastion.store.jobs import JobRecord
+from bastion.store.jobs import JobRecord, _list_query, _numbered
 from bastion.store.jobs_postgres import _PG
 from bastion.store.migrations import MIGRATIONS
 from bastion.store.postgres import POSTGRES_MIGRATIONS
@@ -558,3 +559,53 @@ async def test_every_kind_of_job_write_keeps_the_owners_counts(store: Store) -> 
     await check()
     assert await store.jobs_sweep(1000.0)
     await check()
+
+
+async def test_list_newest_first_pages_back_from_the_newest(store: Store) -> None:
+    # Every job here was created in the same instant: the cursor is the id (unique), not the time, so no page
+    # skips or repeats a job of the same created_at.
+    for i in range(7):
+        owner = "bob" if i == 3 else "ada"
+        await store.jobs_submit(job(f"j{i}", owner=owner, state="succeeded" if i % 2 else "queued"))
+    assert [j.id for j in await store.jobs_list(newest_first=True)] == ["j6", "j5", "j4", "j3", "j2", "j1", "j0"]
+    seen: list[str] = []
+    while page := await store.jobs_list(limit=2, after=seen[-1] if seen else None, newest_first=True):
+        assert len(page) <= 2
+        seen += [j.id for j in page]
+    assert seen == ["j6", "j5", "j4", "j3", "j2", "j1", "j0"]
+    assert [j.id for j in await store.jobs_list(owner="ada", newest_first=True)] == ["j6", "j5", "j4", "j2", "j1", "j0"]
+    assert [j.id for j in await store.jobs_list(state="succeeded", newest_first=True)] == ["j5", "j3", "j1"]
+    assert [j.id for j in await store.jobs_list(owner="ada", state="queued", after="j6", newest_first=True)] == [
+        "j4", "j2", "j0",
+    ]  # fmt: skip
+    # The cursor itself is never listed again; a cursor need not be an id (past the newest: from the newest).
+    assert [j.id for j in await store.jobs_list(limit=2, after="j4", newest_first=True)] == ["j3", "j2"]
+    assert [j.id for j in await store.jobs_list(limit=2, after="j9", newest_first=True)] == ["j6", "j5"]
+    assert await store.jobs_list(after="j0", newest_first=True) == []
+    assert await store.jobs_list(after="", newest_first=True) == []
+    # The default is unchanged: oldest first, after the cursor.
+    assert [j.id for j in await store.jobs_list(after="j4")] == ["j5", "j6"]
+
+
+async def test_list_newest_first_reads_the_indexes_backwards(store: Store) -> None:
+    # No sort of the owner's jobs (up to jobs.max_kept of them) to answer one page: the same index, read backwards.
+    for i in range(3):
+        await store.jobs_submit(job(f"j{i}"))
+    if isinstance(store, SQLiteStore):
+        for owner, state in ((None, None), ("ada", None), (None, "queued"), ("ada", "queued")):
+            sql, args = _list_query(owner, state, 10, "j9", newest_first=True)
+            plan = await store._read(lambda c: c.execute(f"EXPLAIN QUERY PLAN {sql}", args).fetchall())  # noqa: B023
+            text = " ".join(str(row[-1]) for row in plan)
+            assert "TEMP B-TREE" not in text and ("INDEX" in text), text
+    else:
+        assert isinstance(store, PostgresStore)
+        for owner, state in ((None, None), ("ada", None), (None, "queued"), ("ada", "queued")):
+            sql, args = _list_query(owner, state, 10, "j9", newest_first=True)
+
+            async def plan(conn: Any, sql: str = sql, args: list[Any] = args) -> list[Any]:
+                async with conn.transaction():  # three rows: seq scans would win, so they are ruled out
+                    await conn.execute("SET LOCAL enable_seqscan = off")
+                    return list(await conn.fetch(f"EXPLAIN {_numbered(sql)}", *args))
+
+            text = " ".join(str(row[0]) for row in await store._call(plan))
+            assert "Sort" not in text and "Index" in text, text

@@ -995,20 +995,22 @@ async function loadJobs() {
   const current = latest("jobs");
   const list = await listJobs(current);
   if (!list || !current()) return;
-  $("#jobs-table tbody").replaceChildren(...list.reverse().map(jobRow));
+  $("#jobs-table tbody").replaceChildren(...list.map(jobRow));
   for (const job of list) if (!FINISHED.has(job.state)) watchJob(job.id);
 }
 
-/** Up to JOBS_SHOWN jobs, oldest first, page after page: jobs.list stops a page early to fit one answer
- * (long failure reasons fill it after a few hundred jobs), so a short page is not the last -- an empty
- * one is. Null if a later load took over meanwhile. */
+/** The newest JOBS_SHOWN jobs, newest first, page after page (each page's `after` the last id of the one
+ * before; oldest first, a user with more than JOBS_SHOWN never saw their newest): jobs.list stops a page
+ * early to fit one answer (long failure reasons fill it after a few hundred jobs), so a short page is not
+ * the last -- an empty one is. Null if a later load took over meanwhile. */
 const JOBS_SHOWN = 1000;
 async function listJobs(current) {
   const list = [];
   let after = null;
   while (list.length < JOBS_SHOWN) {
     const limit = JOBS_SHOWN - list.length;
-    const page = await api("jobs.list", after === null ? { limit } : { limit, after });
+    const args = after === null ? { limit } : { limit, after };
+    const page = await api("jobs.list", { ...args, newest_first: true });
     if (!current()) return null;
     if (!page.length) break;
     list.push(...page);
