@@ -50,6 +50,22 @@ Theory of operation. Every admitted call is handed to one server-wide
   ``codel_target`` (at most twice that; target + interval at the onset), and
   most of the excess is refused on arrival, the rest once it has waited twice
   the target (tests/server/test_scheduler.py simulates 3x overload).
+* Held jobs. A job may have an *owner* (``submit(owner=...)``: the session
+  passes its Link) whose ``writing_paused`` says its peer has stopped reading.
+  While it is paused, the owner's queued jobs are not started: their answers
+  could not be sent, and would wait in their slots. Picks pass over them
+  (``LevelQueue.pop_ready``); they and their principals keep their places,
+  their deadlines still expire, and once writing resumes (``owner_paused``) a
+  dispatch starts them in turn. CoDel measures the oldest job not held, and a
+  level where only held jobs wait leaves the dropping state at the next
+  dispatch. Held jobs still count in ``queued``, in the queue bounds, in the
+  "queue already holds what the level starts" test and in what shedding keeps
+  for free slots; and while any are queued a new call is queued and then
+  dispatched at once, not started on the direct path (nor inline). Once
+  resumed, held jobs count the time they were held as queueing delay: many
+  of them can start the dropping state, and are the first shed (oldest).
+  None of this runs while no owner is paused (``_paused`` is 0): a connection
+  that reads costs one more argument to ``submit``.
 * Cost. ``submit``, ``cancel`` and each dispatch step are O(1) amortised
   (``cancel`` is O(queue of that principal)); no timers, no background task.
 
@@ -118,7 +134,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from bastion.server.schedconfig import SchedulerConfig, effective_priority
-from bastion.server.tickets import Job, Level, LevelQueue, OnReject, ReportingJob, Ticket, TicketState
+from bastion.server.tickets import Job, Level, LevelQueue, OnReject, Owner, ReportingJob, Ticket, TicketState
 from bastion.status import Status
 
 __all__ = ["Job", "Level", "OnReject", "Scheduler", "SchedulerConfig", "Ticket", "TicketState", "effective_priority"]
@@ -169,6 +185,8 @@ class Scheduler:
         self._inline = 0  # jobs run by run_inline
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop jobs run on (the first one's)
         self._levels: dict[int, Level] = {}  # priority -> level, for the first priorities seen (_level_of)
+        self._paused = 0  # owners whose writing is paused: their queued jobs are held (owner_paused)
+        self._nudged = False  # a dispatch is scheduled for a resumed owner's held jobs
 
     def level_for(self, priority: int) -> Level:
         return self.config.level_for(priority)
@@ -193,6 +211,7 @@ class Scheduler:
         on_reject: OnReject,
         on_done: Callable[[], None] | None = None,
         reports_end: bool = False,
+        owner: Owner | None = None,
     ) -> Ticket:
         """Start ``job`` now, queue it, or refuse it through ``on_reject`` before returning.
 
@@ -205,12 +224,16 @@ class Scheduler:
         when it ends, however it ends (except when closed unfinished: its loop went away),
         and logs what it raises itself: its task runs it directly, without the coroutine
         that does this for a plain job (one level less on each of its steps).
+
+        ``owner``: while its ``writing_paused`` is true the job, if queued, is not
+        started (held: see the module docstring); its pauses are reported through
+        ``owner_paused``.
         """
         now = self._clock()
         level = self._levels.get(priority)
         if level is None:
             level = self._level_of(priority)
-        ticket = Ticket(job, level, principal, deadline, on_reject, on_done, now, reports_end)
+        ticket = Ticket(job, level, principal, deadline, on_reject, on_done, now, reports_end, owner)
         self._counts["submitted"] += 1
         if deadline is not None and deadline <= now:
             self._reject(ticket, "deadline", Status.DEADLINE_EXCEEDED, "deadline passed before the call started")
@@ -288,6 +311,25 @@ class Scheduler:
             self._running -= 1
             self._dispatch()
 
+    def owner_paused(self, paused: bool) -> None:
+        """An owner's writing has paused (True), or resumed or ended while paused (False).
+
+        On resume its held jobs may start: a dispatch at the next loop turn, as this may
+        be called from inside one (a transport's write).
+        """
+        if paused:
+            self._paused += 1
+            return
+        self._paused -= 1
+        if self._queued and not self._nudged:
+            self._nudged = True
+            asyncio.get_running_loop().call_soon(self._nudge)
+
+    def _nudge(self) -> None:
+        self._nudged = False
+        if self._queued:
+            self._dispatch()
+
     def stats(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {"running": self._running, "queued": self._queued}
         for level in Level:
@@ -343,6 +385,8 @@ class Scheduler:
         # The _codel above may have set overload state, and cancels may empty the queue with
         # no dispatch: the next free slot must still find the state and clear it.
         self._codel_dirty = True
+        if self._paused:  # held jobs keep _queued above 0 with slots free: nothing else would start this one
+            self._dispatch()
 
     def _refuse_under_overload(self, queue: LevelQueue, ticket: Ticket, now: float) -> bool:
         level = ticket.level
@@ -467,7 +511,7 @@ class Scheduler:
             if self._running >= cap:
                 return None
             queue = self._queues[level]
-            while (ticket := queue.pop()) is not None:
+            while (ticket := queue.pop_ready() if self._paused else queue.pop()) is not None:
                 self._queued -= 1
                 if ticket.deadline is not None and ticket.deadline <= now:
                     self._reject(
@@ -498,8 +542,10 @@ class Scheduler:
             above_dropping = above_dropping or queue.dropping
 
     def _observe(self, queue: LevelQueue, now: float, *, may_leave: bool) -> None:
-        oldest = queue.oldest()
-        if oldest is None:
+        oldest = queue.oldest(self._paused > 0)
+        if oldest is None:  # nothing waits but held jobs, if any: no delay
+            if may_leave and self._paused and (queue.dropping or queue.first_above is not None):
+                self._stop_dropping(queue, now)
             return
         cfg = self.config
         delay = now - oldest.enqueued_at
@@ -522,7 +568,7 @@ class Scheduler:
         cfg = self.config
         while (
             queue.size > keep
-            and (oldest := queue.oldest()) is not None
+            and (oldest := queue.oldest(self._paused > 0)) is not None
             and now - oldest.enqueued_at >= 2 * cfg.codel_target
         ):
             queue.remove(oldest)

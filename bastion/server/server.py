@@ -225,6 +225,7 @@ class Server(Acceptor):
             write_stall_timeout=limits.write_stall_timeout,
             pause_reads_with_writes=True,
             on_secure=on_secure,
+            on_writing_paused=self.scheduler.owner_paused,  # its queued calls are held meanwhile
         )
 
     def reload_tls(self) -> bool:

@@ -430,6 +430,7 @@ class ServerSession(SessionUpkeep, CallRunner):
             deadline=deadline,
             on_reject=functools.partial(self._rejected, call_id),
             reports_end=True,
+            owner=self.link,  # held queued while its peer does not read (scheduler.py, "Held jobs")
         )
         if ticket.state is not _REJECTED:
             self.tickets[call_id] = ticket

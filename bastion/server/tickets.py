@@ -13,11 +13,11 @@ import contextvars
 import enum
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from bastion.status import Status
 
-__all__ = ["Job", "Level", "LevelQueue", "OnReject", "ReportingJob", "Ticket", "TicketState"]
+__all__ = ["Job", "Level", "LevelQueue", "OnReject", "Owner", "ReportingJob", "Ticket", "TicketState", "held"]
 
 #: A call ready to run: called once, with no arguments, when a slot is free.
 Job = Callable[[], Coroutine[Any, Any, object]]
@@ -31,6 +31,13 @@ _PUSH_OUT_SAMPLE = 8  # principals looked at to find the longest queue when a le
 _PUSH_OUT_LOOK = 8 * _PUSH_OUT_SAMPLE
 #: Emptied FIFOs a level keeps (past the number of waiting tickets) before dropping them all.
 _EMPTY_SLACK = 64
+
+
+class Owner(Protocol):
+    """What a job is run for (a server connection's Link): its queued jobs wait while its writing is paused."""
+
+    @property
+    def writing_paused(self) -> bool: ...
 
 
 class Level(enum.IntEnum):
@@ -61,6 +68,7 @@ class Ticket:
         "level",
         "on_done",
         "on_reject",
+        "owner",
         "principal",
         "reports_end",
         "started",
@@ -78,6 +86,7 @@ class Ticket:
         on_done: Callable[[], None] | None,
         now: float,
         reports_end: bool = False,
+        owner: Owner | None = None,
     ) -> None:
         self.job: Job | ReportingJob = job
         self.level = level
@@ -93,9 +102,16 @@ class Ticket:
         self.detached = False
         #: The job reports its own start and end (``Scheduler.submit``'s ``reports_end``).
         self.reports_end = reports_end
+        self.owner = owner
 
     def __repr__(self) -> str:
         return f"<Ticket {self.level.name} {self.principal!r} {self.state.value}>"
+
+
+def held(ticket: Ticket) -> bool:
+    """Whether a queued ticket must not start yet: its owner's peer is not reading (writing paused)."""
+    owner = ticket.owner
+    return owner is not None and owner.writing_paused
 
 
 class LevelQueue:
@@ -173,11 +189,38 @@ class LevelQueue:
             return ticket
         return None
 
-    def oldest(self) -> Ticket | None:
+    def pop_ready(self) -> Ticket | None:
+        """``pop``, passing over held tickets (``held``): they and their principals keep their places.
+
+        O(principals + held tickets): used only while some owner's writing is paused.
+        """
+        ring, fifos = self.ring, self.fifos
+        for index, principal in enumerate(ring):
+            fifo = fifos[principal]
+            ticket = next((t for t in fifo if not held(t)), None)
+            if ticket is None:
+                continue  # empty, or all held
+            if fifo[0] is ticket:
+                fifo.popleft()
+            else:
+                fifo.remove(ticket)  # Ticket has no __eq__: by identity
+            del ring[index]
+            self.size -= 1
+            if fifo:
+                ring.append(principal)
+            else:
+                del fifos[principal]
+            return ticket
+        return None
+
+    def oldest(self, skip_held: bool = False) -> Ticket | None:
+        """The oldest waiting ticket; with ``skip_held``, the oldest not held (O(held tickets))."""
         arrivals = self.arrivals
         while arrivals and arrivals[0].state is not TicketState.QUEUED:
             arrivals.popleft()
-        return arrivals[0] if arrivals else None
+        if not skip_held or not arrivals:
+            return arrivals[0] if arrivals else None
+        return next((t for t in arrivals if t.state is TicketState.QUEUED and not held(t)), None)
 
     def remove(self, ticket: Ticket) -> None:
         fifo = self.fifos[ticket.principal]

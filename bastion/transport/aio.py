@@ -90,6 +90,7 @@ class Link(asyncio.Protocol):
         write_stall_timeout: float | None = None,
         pause_reads_with_writes: bool = False,
         on_secure: Callable[[Link], None] | None = None,
+        on_writing_paused: Callable[[bool], None] | None = None,
     ) -> None:
         self.core = core
         self._output = core.output
@@ -114,6 +115,9 @@ class Link(asyncio.Protocol):
         #: A flush is scheduled for the end of this loop turn (``schedule_flush``); read-only outside.
         self.flush_scheduled = False
         self._paused = False
+        #: Told True when writing pauses, False when it resumes or the connection is lost while paused.
+        self._on_writing_paused = on_writing_paused
+        self._pause_told = False  # _on_writing_paused was told True, not yet False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._hard_limit = write_hard_limit
         self._stall_timeout = write_stall_timeout
@@ -183,10 +187,16 @@ class Link(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_exception(translate_error(error))
         self._drain_waiters.clear()
-        self.session.on_close(error)
+        try:
+            self.session.on_close(error)
+        finally:
+            self._tell_resumed()  # no resume_writing follows a lost connection
 
     def pause_writing(self) -> None:
         self._paused = True
+        if self._on_writing_paused is not None and not self._pause_told and not self.closed:
+            self._pause_told = True
+            self._on_writing_paused(True)
         if self._pause_reads_with_writes:
             self.pause_reading("writing")
         if self._stall_timeout is not None and self._stall_timer is None:
@@ -194,6 +204,7 @@ class Link(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        self._tell_resumed()
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
@@ -202,6 +213,11 @@ class Link(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
         self._drain_waiters.clear()
+
+    def _tell_resumed(self) -> None:
+        if self._pause_told and self._on_writing_paused is not None:
+            self._pause_told = False
+            self._on_writing_paused(False)
 
     # -- for the session --------------------------------------------------------
 
