@@ -382,16 +382,16 @@ class _Routes:
         budget = self.gateway.answers.open()  # closed once the answer is sent (HeldResponse), or here
         try:
             answer = await self.answer(caller, body, budget)
+            if answer is None:
+                budget.close()
+                return Response(status_code=204)
+            return HeldResponse(_encoder.encode(answer), budget)
         except CallError as exc:  # the body is more than the server may hold decoded now
             budget.close()
             return _json(jsonrpc.failure(None, exc), http_status(exc.status), {"retry-after": retry_after(exc) or "1"})
         except BaseException:
             budget.close()
             raise
-        if answer is None:
-            budget.close()
-            return Response(status_code=204)
-        return HeldResponse(_encoder.encode(answer), budget)
 
     # -- plain routes ---------------------------------------------------------------------
 

@@ -44,6 +44,11 @@ service = Service("poison")
 @service.method
 async def pairs() -> Any:
     return {(1, 2): 3}
+
+@service.method
+async def refuses() -> None:
+    from bastion.exceptions import InvalidArgument
+    raise InvalidArgument("nope", details={"pairs": {(1, 2): 3}})
 """
 
 
@@ -148,6 +153,20 @@ def test_a_result_json_cannot_carry_is_that_items_error_and_leaks_no_budget(serv
         answer = sorted(_rpc(served, batch), key=lambda item: item["id"])
         assert answer[0]["error"]["code"] == -32603, answer[0]
         assert "cannot be written as JSON" in answer[0]["error"]["message"]
+        assert len(base64.b64decode(answer[1]["result"]["value"])) == VALUE, round
+
+
+def test_an_error_whose_details_json_cannot_carry_is_sent_without_them(served: ServerProcess) -> None:
+    """An error's details are the handler's: details JSON cannot carry made the batch a 500 -- and, on the
+    Starlette route, left the answer's budget counted for good (review)."""
+    for round in range(4 * MEMORY // ENCODED):
+        batch = [
+            {"jsonrpc": "2.0", "method": "poison.refuses", "id": 0},
+            {"jsonrpc": "2.0", "method": "kv.get", "params": {"key": "big"}, "id": 1},
+        ]
+        answer = sorted(_rpc(served, batch), key=lambda item: item["id"])
+        assert answer[0]["error"]["data"]["status"] == "INVALID_ARGUMENT", answer[0]
+        assert answer[0]["error"]["message"] == "nope" and "details" not in answer[0]["error"]["data"]
         assert len(base64.b64decode(answer[1]["result"]["value"])) == VALUE, round
 
 
