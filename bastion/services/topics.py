@@ -250,6 +250,8 @@ class _Subscription:
         self.topics, self.pattern, self.from_offset = topics, pattern, from_offset
         self.single = not is_wildcard(pattern)
         self.last: dict[str, int] = {}  # durable topic -> the last offset yielded (or skipped as already seen)
+        if from_offset is not None and self.single:  # nothing yielded yet: a drain before the replay begins
+            self.last[pattern] = from_offset - 1  # resumes from from_offset, not past what is still to replay
         self.forgot = False  # a durable topic was delivered that ``last`` had no room left for
         self.in_hand: tuple[str, int | None] | None = None  # (topic, offset) of the item being yielded
         cfg = topics.config

@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -16,8 +17,9 @@ import bastion
 from bastion.config import DurableTopic, TopicRule, TopicsConfig
 from bastion.security.principal import Principal
 from bastion.service import Service
-from bastion.services.topics import Topics
+from bastion.services.topics import Topics, _Subscription
 from bastion.store import Store, open_store
+from bastion.store.topics import TopicMessage
 from bastion.testing import TESTER, MemoryServer
 from tests.support.stores import service_store
 
@@ -296,6 +298,22 @@ def test_retention_by_age_and_live_relay_expiry(tmp_path: Path) -> None:
         assert await w.ada.messages.publish(topic="orders.eu", payload=4) == 5
 
     run(test, tmp_path, config)
+
+
+def test_a_drain_before_the_replay_begins_resumes_from_the_offset_asked_for(tmp_path: Path) -> None:
+    """The drain's ending (Context.end_at_drain) came in the window between joining the hub and the replay's
+    first read: a live message buffered meanwhile (offset 1001) was taken for the first not delivered, and
+    the client told to resume past 10..1000, which it had not been sent (review)."""
+
+    async def test(w: World) -> None:
+        sub = _Subscription(w.topics, SimpleNamespace(principal=ADA), "orders.eu", 10)  # type: ignore[arg-type]
+        live = TopicMessage(1, "orders.eu", 1001, "ada", b"x", {}, 0.0)
+        sub.subscriber.offer(live, {"type": "message", "topic": "orders.eu", "offset": 1001})  # type: ignore[arg-type]
+        ending = sub.drained(False)
+        assert ending.details["resume_from"] == 10, ending.details
+        assert ending.details["dropped"] == 1
+
+    run(test, tmp_path)
 
 
 def slow_config(buffer: int) -> TopicsConfig:
