@@ -408,6 +408,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     (and a new connection to send its first byte) before its connection is closed.
     body_timeout, body_min_rate: a request body has ``body_timeout`` seconds, plus
     one more per ``body_min_rate`` bytes received (a sustained bytes/s), else 408.
+    send_timeout: seconds a response (or WebSocket message) being written may wait for the client to read
+    before its connection is closed (what it held let go): _protocol.py.
     allowed_hosts: over plaintext, host names (no port) a request's Host may name
     besides IP addresses, ``localhost`` and ``host``; others get 400 (DNS rebinding).
     ``["*"]``: any.
@@ -439,6 +441,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     header_timeout: float = 20.0
     body_timeout: float = 20.0
     body_min_rate: float = 500.0
+    send_timeout: float = 30.0
     allowed_hosts: list[str] = []
     public_metrics: bool = False
     metrics_enabled: bool = True
@@ -480,7 +483,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for name in ("max_body", "max_batch", "max_json_depth", "idle_seconds", "max_calls_in_flight"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"gateway.{name} must be positive, got {getattr(self, name)}")
-        for name in ("header_timeout", "body_timeout", "body_min_rate"):
+        for name in ("header_timeout", "body_timeout", "body_min_rate", "send_timeout"):
             if not 0 < getattr(self, name) < math.inf:  # (NaN fails both)
                 raise UsageError(f"gateway.{name} must be positive and finite, got {getattr(self, name)}")
 

@@ -45,6 +45,8 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
         ("[gateway]\nbody_min_rate = nan\n", "gateway.body_min_rate must be a finite number"),
         ("[gateway]\nbody_timeout = inf\n", "gateway.body_timeout must be a finite number"),
         ("[gateway]\nheader_timeout = nan\n", "gateway.header_timeout must be a finite number"),
+        ("[gateway]\nsend_timeout = 0\n", "gateway.send_timeout must be positive and finite"),
+        ("[gateway]\nsend_timeout = inf\n", "gateway.send_timeout must be a finite number"),
         ("[gateway]\nmax_answer_bytes = 0\n", "gateway.max_answer_bytes must be positive and at most"),
         ("[gateway]\nmax_answer_memory = 1048576\n", "gateway.max_answer_bytes must be positive and at most"),
         ("[gateway]\nmax_calls_in_flight = 0\n", "gateway.max_calls_in_flight must be positive"),

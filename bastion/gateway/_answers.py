@@ -17,9 +17,12 @@ answer's encoding copies as it is; and it is counted:
   answer in progress, whoever it is for: past it a result is answered
   RESOURCE_EXHAUSTED with ``retry_after`` 1 s.
 
-An answer gives its bytes back once it is sent (the transport has taken
-it all but its low-water mark: a client that does not read keeps its answer
-counted) or has failed. While an answer is put together its parts and the
+An answer gives its bytes back once it is sent or has failed. Over /rpc,
+sent means the connection's buffer has drained below its low-water mark
+(the client has read all but its last few KiB), or ``gateway.send_timeout``
+passed with the client reading nothing and its connection was aborted, the
+buffer dropped (_send.py): so a client that does not read keeps its answer
+counted for that long, at most. While an answer is put together its parts and the
 whole are both held, briefly: about twice its count, at most.
 
 /v1 answers carry one result each, which the server's frame limit bounds,

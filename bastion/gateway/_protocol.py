@@ -35,6 +35,8 @@ These answers carry the same security headers as every other (``_http.py``),
 as does the 500 uvicorn sends when an exception escapes the application
 before it answered (``_send_500``, put on each request's cycle; for a
 WebSocket upgrade, ``WebSocketProtocol``).
+A response's writes wait for the client to read, each at most ``send_timeout``
+seconds, and its last one too: then the connection is aborted (_send.py).
 Between requests uvicorn's own keep-alive timeout closes an idle connection;
 the body's size and the response are the application's (``max_body``, flow control).
 """
@@ -44,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httptools
@@ -57,6 +59,7 @@ from websockets.frames import CloseCode, Frame
 from bastion.exceptions import InvalidArgument
 from bastion.gateway._gate import ConnectionGate, peer_host, refusal_answer
 from bastion.gateway._http import INTERNAL_ERROR_BODY, NO_STORE, SECURITY_HEADERS, error_body, target_refusal
+from bastion.gateway._send import drained
 from bastion.gateway._shared import REFUSALS_LOGGED, _encoder
 from bastion.observability.loglimit import suppressed_note
 
@@ -114,6 +117,7 @@ class HeadBoundedProtocol(HttpToolsProtocol):
     head_timeout = 20.0
     body_timeout = 20.0
     body_min_rate = 500.0
+    send_timeout = 30.0  # (_send.py)
     #: The connection caps (_gate.py), which a plaintext connection takes here (over TLS: the TLS layer).
     gate: ConnectionGate | None = None
 
@@ -259,6 +263,7 @@ class HeadBoundedProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None:  # uvicorn's own 500 (an exception escaped the application) with our headers
             cycle.send_500_response = functools.partial(_send_500, cycle)  # type: ignore[method-assign]
+            cycle.send = functools.partial(_send_in_time, self, cycle.send)  # type: ignore[method-assign]
         # (An upgrade to a WebSocket has no body: the connection is the WebSocket protocol's from here.)
         self._in_body = not (self.parser.should_upgrade() and self._should_upgrade())
         self._body_bytes = 0
@@ -411,6 +416,16 @@ def _head_end(data: bytes, tail: bytes) -> int:
     return len(data) if end < 0 else max(end + 4 - len(tail), 0)
 
 
+async def _send_in_time(protocol: HeadBoundedProtocol, send: Callable[[Any], Awaitable[None]], message: Any) -> None:
+    """uvicorn's ``send``, the buffer drained (in ``send_timeout``) before each write and after a response's last."""
+    flow, peer = protocol.flow, protocol.client[0] if protocol.client else "?"
+    if flow.write_paused and not await drained(flow.drain(), protocol.transport, protocol.send_timeout, peer):
+        return
+    await send(message)
+    if message["type"] == "http.response.body" and not message.get("more_body", False) and flow.write_paused:
+        await drained(flow.drain(), protocol.transport, protocol.send_timeout, peer)
+
+
 async def _send_500(cycle: RequestResponseCycle) -> None:
     """What uvicorn answers when an exception escapes the application before it answered: a 500, as
     uvicorn's own but with the headers every answer of the gateway's carries (the exception is logged)."""
@@ -516,6 +531,7 @@ def bounded_protocol(
     body_timeout: float = 20.0,
     body_min_rate: float = 500.0,
     gate: ConnectionGate | None = None,
+    send_timeout: float = 30.0,
 ) -> type[HeadBoundedProtocol]:
     """The protocol class for uvicorn (it makes one per connection), with these bounds (and caps)."""
     attributes = {
@@ -523,5 +539,6 @@ def bounded_protocol(
         "body_timeout": body_timeout,
         "body_min_rate": body_min_rate,
         "gate": gate,
+        "send_timeout": send_timeout,
     }
     return type("HeadBoundedProtocol", (HeadBoundedProtocol,), attributes)

@@ -132,7 +132,9 @@ async def serve(
     uv_config = uvicorn.Config(
         app,
         # httptools, with the request head bounded and the body's pace too
-        http=bounded_protocol(config.header_timeout, config.body_timeout, config.body_min_rate, gate),
+        http=bounded_protocol(
+            config.header_timeout, config.body_timeout, config.body_min_rate, gate, config.send_timeout
+        ),
         ws=WebSocketProtocol,  # uvicorn's "websockets-sansio", its 500 with the gateway's headers
         lifespan="off",
         log_config=None,  # uvicorn's records go to the server's own log, in its format (log_format)
