@@ -17,11 +17,11 @@ answer's encoding copies as it is; and it is counted:
   answer in progress, whoever it is for: past it a result is answered
   RESOURCE_EXHAUSTED with ``retry_after`` 1 s.
 
-An answer gives its bytes back once it is sent or has failed. Over /rpc,
-sent means the connection's buffer has drained below its low-water mark
+An answer gives its bytes back once it is sent or has failed. Sent (over
+/rpc or /ws) means the connection's buffer has drained below its low-water mark
 (the client has read all but its last few KiB), or ``gateway.send_timeout``
-passed with the client reading nothing and its connection was aborted, the
-buffer dropped (_send.py): so a client that does not read keeps its answer
+passed without it draining and the connection was aborted, the buffer
+dropped (_send.py): so a client that does not read keeps its answer
 counted for that long, at most. While an answer is put together its parts and the
 whole are both held, briefly: about twice its count, at most.
 

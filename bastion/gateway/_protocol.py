@@ -459,6 +459,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     """
 
     _pongs_blocked = False  # reading paused here, for pongs that cannot be sent
+    send_timeout = 30.0  # how long a message being written may wait for the client to read (_send.py)
     #: Gives the connection's slot back to the gate (_gate.py) when it closes (set on a plaintext upgrade).
     gate_release: Callable[[], None] | None = None
 
@@ -469,7 +470,12 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         super().connection_lost(exc)
 
     async def send(self, message: Any) -> None:
+        peer = self.client[0] if self.client else "?"
+        if not self.writable.is_set():  # (aborted past send_timeout: uvicorn's send raises ClientDisconnected)
+            await drained(self.writable.wait(), self.transport, self.send_timeout, peer)
         await super().send(message)
+        if message["type"] == "websocket.send" and not self.writable.is_set():  # counted until taken (_send.py)
+            await drained(self.writable.wait(), self.transport, self.send_timeout, peer)
         if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
             # A refusal (403, 400) answers the upgrade completely; uvicorn would log an ERROR for each one
             # ("returned without completing handshake") -- a line per refusal anyone can send at will.

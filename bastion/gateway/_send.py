@@ -1,7 +1,7 @@
 """How long a response being written may wait for its client to read: ``gateway.send_timeout``.
 
 uvicorn waits for a connection's transport to drain (below its low-water mark)
-only before it writes, never after, and with no deadline. So the last write of
+only before it writes (HTTP and WebSocket alike), never after, and with no deadline. So the last write of
 an answer returned at once with the whole of it in the transport's buffer --
 the answer's budget (``_answers.py``) given back while the process still held
 up to ``max_answer_bytes`` for a client that might never read -- and a write

@@ -135,7 +135,8 @@ async def serve(
         http=bounded_protocol(
             config.header_timeout, config.body_timeout, config.body_min_rate, gate, config.send_timeout
         ),
-        ws=WebSocketProtocol,  # uvicorn's "websockets-sansio", its 500 with the gateway's headers
+        # uvicorn's "websockets-sansio", its 500 with the gateway's headers, its writes bounded in time
+        ws=type("WebSocketProtocol", (WebSocketProtocol,), {"send_timeout": config.send_timeout}),
         lifespan="off",
         log_config=None,  # uvicorn's records go to the server's own log, in its format (log_format)
         log_level="warning",

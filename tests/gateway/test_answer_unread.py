@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway.test_answer_memory import VALUE, _rpc
+from tests.gateway.test_answer_memory import VALUE, _rpc, _text_frame
+from tests.gateway.test_ws_abuse import open_ws
 from tests.support.server import ServerProcess, start_server, wait_for
 
 BATCH = 20  # kv.get of a 512 KiB value: about 14 MB of JSON, within max_answer_bytes (16 MiB)
@@ -105,6 +106,34 @@ def test_a_client_that_does_not_read_is_cut_off_after_send_timeout(impatient: Se
     with sock:
         # After send_timeout (1 s) the connection is aborted (what the kernel still buffers for it is the kernel's:
         # reading it through a 4 KiB window takes minutes) and the budget is back.
+        closed = "it did not read what was sent it within gateway.send_timeout (1 s)"
+        wait_for(lambda: closed in impatient.log(), 20, what="the connection closed after send_timeout")
+        assert _served(impatient) == BATCH
+
+
+def _ws_non_reader(server: ServerProcess) -> socket.socket:
+    """A WebSocket that sends the batch and reads nothing of its answer, which has begun (peeked at)."""
+    sock = open_ws(server, rcvbuf=4096, token=server.token)
+    sock.sendall(_text_frame(json.dumps(BATCH_BODY).encode()))
+    deadline = time.monotonic() + 30
+    while len(peeked := sock.recv(10, socket.MSG_PEEK)) < 10:  # a text frame's head, its 64-bit length
+        assert peeked and time.monotonic() < deadline, peeked
+    assert peeked[1] == 127 and int.from_bytes(peeked[2:10]) > BATCH * VALUE * 4 // 3, peeked  # every result
+    return sock
+
+
+def test_an_unread_websocket_answer_stays_counted(patient: ServerProcess) -> None:
+    sock = _ws_non_reader(patient)
+    try:
+        served = _served(patient)
+        assert 0 < served < BATCH // 2, served
+    finally:
+        sock.close()
+    wait_for(lambda: _served(patient) == BATCH, 20, what="the budget given back")
+
+
+def test_a_websocket_that_does_not_read_is_cut_off_after_send_timeout(impatient: ServerProcess) -> None:
+    with _ws_non_reader(impatient):
         closed = "it did not read what was sent it within gateway.send_timeout (1 s)"
         wait_for(lambda: closed in impatient.log(), 20, what="the connection closed after send_timeout")
         assert _served(impatient) == BATCH
