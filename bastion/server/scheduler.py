@@ -357,7 +357,9 @@ class Scheduler:
         cfg = self.config
         level, name = ticket.level, ticket.level.name.lower()
         queue = self._queues[level]
-        mine = queue.depth(ticket.principal)
+        # Held tickets (a paused connection's) are not counted: the caller's other connections must not be
+        # refused, with slots free, behind calls that wait on a peer that is not reading.
+        mine = queue.depth(ticket.principal, self._paused > 0)
         if mine >= cfg.principal_queue_limit:
             self._reject(
                 ticket,

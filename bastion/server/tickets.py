@@ -154,9 +154,12 @@ class LevelQueue:
         self.window_start: float | None = None
         self.window_count = 0
 
-    def depth(self, principal: str) -> int:
+    def depth(self, principal: str, skip_held: bool = False) -> int:
+        """``principal``'s waiting tickets; with ``skip_held``, those not held (O(its tickets))."""
         fifo = self.fifos.get(principal)
-        return len(fifo) if fifo is not None else 0
+        if fifo is None:
+            return 0
+        return len(fifo) if not skip_held else sum(1 for t in fifo if not held(t))
 
     def push(self, ticket: Ticket) -> None:
         fifo = self.fifos.get(ticket.principal)

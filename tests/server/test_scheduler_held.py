@@ -149,3 +149,23 @@ def test_held_jobs_do_not_make_codel_shed_others_and_still_expire() -> None:
         assert jobs.rejected == {"late": Status.DEADLINE_EXCEEDED}
 
     run(main)
+
+
+def test_held_jobs_do_not_count_against_their_principals_queue_limit() -> None:
+    """A connection that stopped reading with its principal's whole queue share waiting: every call the same
+    principal made on another connection was refused "too many calls queued", with every slot free (review)."""
+
+    async def test() -> None:
+        j = Jobs(principal_queue_limit=4, max_concurrency=1)
+        a = Owner(j.scheduler)
+        j.submit("busy")  # holds the one slot
+        for i in range(4):
+            j.submit(f"a{i}", owner=a)  # connection A of principal p, queued behind it
+        a.pause()  # A's peer stops reading
+        j.gate.release()  # the slot frees
+        await settle()
+        j.submit("b0", principal="p")  # connection B of the same principal
+        await settle()
+        assert "b0" in j.ran and "b0" not in j.rejected, (j.ran, j.rejected)
+
+    run(test)
