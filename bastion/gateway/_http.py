@@ -16,6 +16,7 @@ from typing import Any
 from starlette.requests import HTTPConnection, Request
 
 from bastion.exceptions import CallError, InvalidArgument, Unauthenticated
+from bastion.gateway.jsonrpc import json_writable
 from bastion.status import Status
 
 __all__ = [
@@ -83,7 +84,7 @@ def http_status(status: Status) -> int:
 def error_body(exc: CallError) -> dict[str, Any]:
     """A /v1 error answer: ``{"error": {status, code, message[, details][, retry_after]}}``."""
     error: dict[str, Any] = {"status": exc.status.name, "code": int(exc.status), "message": exc.message}
-    if exc.details:
+    if exc.details and json_writable(exc.details):  # else without them, as jsonrpc.error_object sends it
         error["details"] = exc.details
     if exc.retry_after is not None:
         error["retry_after"] = exc.retry_after

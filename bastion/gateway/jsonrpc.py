@@ -228,14 +228,14 @@ def error_code(status: Status) -> int:
 def error_object(exc: CallError) -> dict[str, Any]:
     """The JSON-RPC error object for a failed call."""
     data: dict[str, Any] = {"status": exc.status.name, "code": int(exc.status)}
-    if exc.details and _writable(exc.details):  # else sent without them, as the native protocol does
+    if exc.details and json_writable(exc.details):  # else sent without them, as the native protocol does
         data["details"] = exc.details
     if exc.retry_after is not None:
         data["retry_after"] = exc.retry_after
     return {"code": error_code(exc.status), "message": exc.message, "data": data}
 
 
-def _writable(details: Any) -> bool:
+def json_writable(details: Any) -> bool:
     """Whether JSON can carry an error's ``details`` (a handler's own: MessagePack carries maps keyed by
     arrays, which JSON does not)."""
     try:

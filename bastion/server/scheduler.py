@@ -322,8 +322,8 @@ class Scheduler:
             return
         self._paused -= 1
         if self._queued and not self._nudged:
-            self._nudged = True
             asyncio.get_running_loop().call_soon(self._nudge)
+            self._nudged = True  # (after: were call_soon to raise, later resumes would still nudge)
 
     def _nudge(self) -> None:
         self._nudged = False

@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,6 +169,14 @@ def test_an_error_whose_details_json_cannot_carry_is_sent_without_them(served: S
         assert answer[0]["error"]["data"]["status"] == "INVALID_ARGUMENT", answer[0]
         assert answer[0]["error"]["message"] == "nope" and "details" not in answer[0]["error"]["data"]
         assert len(base64.b64decode(answer[1]["result"]["value"])) == VALUE, round
+    request = urllib.request.Request(
+        served.gateway_url + "/v1/poison/refuses", b"{}", {"Authorization": f"Bearer {served.token}"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:  # /v1 too (it was a 500 INTERNAL)
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 400
+    error = json.loads(refused.value.read())["error"]
+    assert error["status"] == "INVALID_ARGUMENT" and error["message"] == "nope" and "details" not in error
 
 
 def _text_frame(payload: bytes) -> bytes:
