@@ -14,49 +14,16 @@ call expired queued (DEADLINE_EXCEEDED).
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-from collections.abc import Callable
 from typing import Any
-
-import msgspec
 
 from bastion import Server, Service
 from bastion.config import ServerLimits
 from bastion.server.scheduler import Scheduler, SchedulerConfig
+from tests.adversity.test_slow_reader_slots import connect, frame, read_message, until
 
-HELLO, WELCOME, CALL, RESULT = 1, 2, 3, 4
+CALL, RESULT = 3, 4
 CALLS = 200
-
-
-def frame(message: object) -> bytes:
-    body = msgspec.msgpack.encode(message)
-    return len(body).to_bytes(4, "big") + body
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
-
-
-async def read_message(reader: asyncio.StreamReader) -> Any:
-    length = int.from_bytes(await reader.readexactly(4), "big")
-    return msgspec.msgpack.decode(await reader.readexactly(length))
-
-
-async def connect(port: int, source: str, *, rcvbuf: int | None = None) -> tuple[Any, asyncio.StreamWriter]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf is not None:  # before connect: the window it advertises stays small
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.bind((source, 0))
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    writer.write(frame([HELLO, 1, "raw/1", None, 16, 1 << 20, {}]))
-    assert (await read_message(reader))[0] == WELCOME
-    return reader, writer
 
 
 def make_service() -> Service:
